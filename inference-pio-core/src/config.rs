@@ -1,0 +1,438 @@
+//! `inference-pio.toml`: host settings and per-plugin sections (profile, optimization
+//! overrides, resource limits, security level, sampling defaults).
+//!
+//! Unknown keys and out-of-range values are errors naming the file, the key and the reason.
+//! Profiles expand to concrete [`OptimizationSettings`] that the engine honours.
+
+use crate::types::{DType, DeviceRequest, SamplingOverrides};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A configuration problem, naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// How far a plugin is trusted. Only `low` is enforced by this host version; see
+/// [`SecurityLevel::check_supported`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecurityLevel {
+    /// In-process, no checks, fastest.
+    #[default]
+    Low,
+    /// In-process with file-access validation, memory budget, CPU thread cap.
+    Medium,
+    /// Worker process with rlimits, cgroups, landlock, no network.
+    High,
+    /// `high` plus seccomp, a pinned plugin hash and kill-on-breach.
+    Maximum,
+}
+
+impl SecurityLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+            Self::Maximum => "maximum",
+        }
+    }
+
+    /// The levels this host enforces today. Asking for a stronger level than the host can
+    /// guarantee is refused rather than silently downgraded.
+    pub fn check_supported(self) -> Result<(), String> {
+        match self {
+            Self::Low => Ok(()),
+            other => Err(format!(
+                "security level `{}` is not enforced by this version of inference-pio \
+                 (only `low`: in-process, no isolation); refusing to pretend",
+                other.as_str()
+            )),
+        }
+    }
+}
+
+/// Per-plugin resource limits (the seed's `ResourceLimits`). `None` means unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceLimits {
+    pub cpu_percent: Option<f64>,
+    pub memory_gb: Option<f64>,
+    pub gpu_memory_gb: Option<f64>,
+    pub disk_space_gb: Option<f64>,
+    pub network_bandwidth_mbps: Option<f64>,
+}
+
+impl ResourceLimits {
+    /// Range checks; returns (key, reason) of the first bad value.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let positive = [
+            ("cpu_percent", self.cpu_percent),
+            ("memory_gb", self.memory_gb),
+            ("gpu_memory_gb", self.gpu_memory_gb),
+            ("disk_space_gb", self.disk_space_gb),
+        ];
+        for (key, value) in positive {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err((key.into(), format!("must be a positive number, got {v}")));
+            }
+        }
+        if let Some(v) = self.cpu_percent
+            && v > 100.0 * 4096.0
+        {
+            return Err(("cpu_percent".into(), format!("{v} is more than any machine has")));
+        }
+        if let Some(v) = self.network_bandwidth_mbps
+            && !(v.is_finite() && v >= 0.0)
+        {
+            return Err((
+                "network_bandwidth_mbps".into(),
+                format!("must be zero or positive, got {v}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Which limits `level` can enforce. At `low` (in-process) only the memory budgets are
+    /// enforced (a model whose weights do not fit is refused before loading); the others need
+    /// a worker process, so setting them is an error rather than a promise not kept.
+    pub fn check_enforceable(&self, level: SecurityLevel) -> Result<(), (String, String)> {
+        if level == SecurityLevel::Low {
+            let unenforced = [
+                ("cpu_percent", self.cpu_percent.is_some()),
+                ("disk_space_gb", self.disk_space_gb.is_some()),
+                ("network_bandwidth_mbps", self.network_bandwidth_mbps.is_some()),
+            ];
+            for (key, set) in unenforced {
+                if set {
+                    return Err((
+                        key.into(),
+                        "cannot be enforced at security level `low` (in-process plugins); \
+                         only memory_gb and gpu_memory_gb are enforced there"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Merge: values set in `tighter` replace ours.
+    pub fn merged_with(&self, tighter: &ResourceLimits) -> ResourceLimits {
+        ResourceLimits {
+            cpu_percent: tighter.cpu_percent.or(self.cpu_percent),
+            memory_gb: tighter.memory_gb.or(self.memory_gb),
+            gpu_memory_gb: tighter.gpu_memory_gb.or(self.gpu_memory_gb),
+            disk_space_gb: tighter.disk_space_gb.or(self.disk_space_gb),
+            network_bandwidth_mbps: tighter.network_bandwidth_mbps.or(self.network_bandwidth_mbps),
+        }
+    }
+}
+
+/// Named bundles of optimization settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    #[default]
+    Balanced,
+    Performance,
+    MemoryEfficient,
+    Accuracy,
+}
+
+impl Profile {
+    /// The concrete settings a profile stands for.
+    pub fn settings(self) -> OptimizationSettings {
+        match self {
+            // bf16 on GPU, f32 on CPU; long prompts prefilled in 512-token chunks.
+            Profile::Balanced => OptimizationSettings {
+                dtype: None,
+                prefill_chunk_tokens: 512,
+                max_context_tokens: None,
+            },
+            // Whole prompt in one pass: fastest prefill, highest peak activation memory.
+            Profile::Performance => OptimizationSettings {
+                dtype: None,
+                prefill_chunk_tokens: 0,
+                max_context_tokens: None,
+            },
+            // bf16 everywhere, small prefill chunks, KV cache capped at 8,192 tokens.
+            Profile::MemoryEfficient => OptimizationSettings {
+                dtype: Some(DType::Bf16),
+                prefill_chunk_tokens: 128,
+                max_context_tokens: Some(8192),
+            },
+            // f32 everywhere: the reference numerics.
+            Profile::Accuracy => OptimizationSettings {
+                dtype: Some(DType::F32),
+                prefill_chunk_tokens: 0,
+                max_context_tokens: None,
+            },
+        }
+    }
+}
+
+/// Settings the engine honours. Every key here changes what the engine does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizationSettings {
+    /// Weights and activations; `None`: bf16 on CUDA, f32 on CPU.
+    pub dtype: Option<DType>,
+    /// Prompts longer than this are prefilled in chunks of this many tokens (0: one pass).
+    pub prefill_chunk_tokens: u32,
+    /// Caps the KV cache (and so prompt + generation) below the model's own context.
+    pub max_context_tokens: Option<u32>,
+}
+
+impl Default for OptimizationSettings {
+    fn default() -> Self {
+        Profile::default().settings()
+    }
+}
+
+impl OptimizationSettings {
+    pub const KEYS: [&'static str; 3] = ["dtype", "prefill_chunk_tokens", "max_context_tokens"];
+}
+
+/// The `[host]` table.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    /// Extra plugin directories (relative paths are relative to the config file).
+    #[serde(default)]
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Default `--device`.
+    pub device: Option<String>,
+    /// Where plugins may keep caches; default: the per-user cache directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Seconds a plugin may take to answer the metadata probe during discovery.
+    pub probe_timeout_s: Option<f64>,
+}
+
+/// A `[plugins.<id>]` table as written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSection {
+    pub profile: Option<Profile>,
+    pub security: Option<SecurityLevel>,
+    /// Overrides the profile's dtype.
+    pub dtype: Option<DType>,
+    pub prefill_chunk_tokens: Option<u32>,
+    pub max_context_tokens: Option<u32>,
+    #[serde(default)]
+    pub limits: ResourceLimits,
+    /// Sampling defaults for this plugin's models.
+    #[serde(default)]
+    pub sampling: SamplingOverrides,
+}
+
+impl PluginSection {
+    /// The profile with this section's overrides applied.
+    pub fn optimization(&self) -> OptimizationSettings {
+        let mut settings = self.profile.unwrap_or_default().settings();
+        if let Some(dtype) = self.dtype {
+            settings.dtype = Some(dtype);
+        }
+        if let Some(chunk) = self.prefill_chunk_tokens {
+            settings.prefill_chunk_tokens = chunk;
+        }
+        if let Some(max) = self.max_context_tokens {
+            settings.max_context_tokens = Some(max);
+        }
+        settings
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    #[serde(default)]
+    pub host: HostSection,
+    /// Keyed by plugin id.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginSection>,
+    /// Where it was read from (not in the file).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
+}
+
+impl HostConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages and to resolve
+    /// relative plugin directories.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: HostConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        config.path = Some(path.to_path_buf());
+        let base = path.parent().unwrap_or(Path::new("."));
+        for dir in &mut config.host.plugin_dirs {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn invalid(&self, key: String, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone().unwrap_or_default(),
+            key,
+            reason,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(device) = &self.host.device {
+            device
+                .parse::<DeviceRequest>()
+                .map_err(|reason| self.invalid("host.device".into(), reason))?;
+        }
+        if let Some(t) = self.host.probe_timeout_s
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err(self.invalid("host.probe_timeout_s".into(), format!("must be positive, got {t}")));
+        }
+        for (id, section) in &self.plugins {
+            let prefix = format!("plugins.{id}");
+            section
+                .limits
+                .validate()
+                .map_err(|(key, reason)| self.invalid(format!("{prefix}.limits.{key}"), reason))?;
+            let level = section.security.unwrap_or_default();
+            level
+                .check_supported()
+                .map_err(|reason| self.invalid(format!("{prefix}.security"), reason))?;
+            section
+                .limits
+                .check_enforceable(level)
+                .map_err(|(key, reason)| self.invalid(format!("{prefix}.limits.{key}"), reason))?;
+            if section.max_context_tokens == Some(0) {
+                return Err(self.invalid(format!("{prefix}.max_context_tokens"), "must be at least 1".into()));
+            }
+            validate_sampling(&section.sampling)
+                .map_err(|(key, reason)| self.invalid(format!("{prefix}.sampling.{key}"), reason))?;
+        }
+        Ok(())
+    }
+
+    /// The section for `plugin_id`, or the defaults.
+    pub fn plugin(&self, plugin_id: &str) -> PluginSection {
+        self.plugins.get(plugin_id).cloned().unwrap_or_default()
+    }
+}
+
+/// Range checks for sampling values; returns (key, reason).
+pub fn validate_sampling(s: &SamplingOverrides) -> Result<(), (String, String)> {
+    if let Some(t) = s.temperature
+        && !(t.is_finite() && t >= 0.0)
+    {
+        return Err(("temperature".into(), format!("must be >= 0, got {t}")));
+    }
+    if let Some(p) = s.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(("top_p".into(), format!("must be in (0, 1], got {p}")));
+    }
+    if let Some(p) = s.min_p
+        && !(0.0..=1.0).contains(&p)
+    {
+        return Err(("min_p".into(), format!("must be in [0, 1], got {p}")));
+    }
+    if let Some(r) = s.repetition_penalty
+        && !(r.is_finite() && r > 0.0)
+    {
+        return Err(("repetition_penalty".into(), format!("must be > 0, got {r}")));
+    }
+    if s.max_new_tokens == Some(0) {
+        return Err(("max_new_tokens".into(), "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<HostConfig, ConfigError> {
+        HostConfig::parse(text, Path::new("/etc/inference-pio.toml"))
+    }
+
+    #[test]
+    fn profiles_expand_and_overrides_win() {
+        let config = parse(
+            "[plugins.qwen]\nprofile = \"memory-efficient\"\nprefill_chunk_tokens = 64\n",
+        )
+        .expect("valid");
+        let settings = config.plugin("qwen").optimization();
+        assert_eq!(settings.dtype, Some(DType::Bf16));
+        assert_eq!(settings.prefill_chunk_tokens, 64);
+        assert_eq!(settings.max_context_tokens, Some(8192));
+        assert_eq!(config.plugin("other").optimization(), Profile::Balanced.settings());
+    }
+
+    #[test]
+    fn unknown_keys_name_file_and_key() {
+        let err = parse("[plugins.qwen]\nturbo = true\n").expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("/etc/inference-pio.toml") && msg.contains("turbo"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected_with_key() {
+        let err = parse("[plugins.qwen.limits]\nmemory_gb = -1\n").expect_err("negative");
+        assert!(err.to_string().contains("plugins.qwen.limits.memory_gb"), "{err}");
+        let err = parse("[plugins.qwen.sampling]\ntop_p = 1.5\n").expect_err("top_p");
+        assert!(err.to_string().contains("plugins.qwen.sampling.top_p"), "{err}");
+        let err = parse("[host]\ndevice = \"tpu\"\n").expect_err("device");
+        assert!(err.to_string().contains("host.device"), "{err}");
+        let err = parse("[plugins.qwen]\nprofile = \"fast\"\n").expect_err("profile");
+        assert!(err.to_string().contains("fast"), "{err}");
+    }
+
+    #[test]
+    fn unenforceable_settings_are_refused() {
+        let err = parse("[plugins.qwen]\nsecurity = \"high\"\n").expect_err("high");
+        assert!(err.to_string().contains("not enforced"), "{err}");
+        let err = parse("[plugins.qwen.limits]\nnetwork_bandwidth_mbps = 10\n").expect_err("net");
+        assert!(err.to_string().contains("network_bandwidth_mbps"), "{err}");
+        parse("[plugins.qwen.limits]\nmemory_gb = 8\ngpu_memory_gb = 20\n").expect("memory limits");
+    }
+
+    #[test]
+    fn relative_plugin_dirs_resolve_against_the_file() {
+        let config = parse("[host]\nplugin_dirs = [\"plugins\", \"/abs\"]\n").expect("valid");
+        assert_eq!(
+            config.host.plugin_dirs,
+            vec![PathBuf::from("/etc/plugins"), PathBuf::from("/abs")]
+        );
+    }
+}

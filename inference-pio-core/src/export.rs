@@ -1,0 +1,238 @@
+//! Plugin-side glue: implement [`Plugin`] and call [`export_plugin!`]; the macro builds the
+//! root module, turns JSON into typed values and back, and runs every call under
+//! `catch_unwind`. After a panic the plugin is *poisoned*: every later call answers
+//! [`ErrorKind::Poisoned`], because its state can no longer be trusted.
+
+use crate::abi::{ErrorKind, PluginError, PluginResult, TokenSink};
+use crate::types::{
+    ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions,
+    ModelInfo, PluginMetadata, PluginSettings, PromptInput, ScoreRequest, ScoreResponse, Support,
+    UpdateOutcome,
+};
+use abi_stable::std_types::{RResult, RStr, RString};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Streams generated tokens; returns `false` to cancel.
+pub type TokenCallback<'a> = dyn FnMut(u32, &str) -> bool + 'a;
+
+/// What a plugin implements. See [`crate::abi`] for the threading contract: all methods may be
+/// called concurrently.
+pub trait Plugin: Send + Sync + 'static {
+    fn metadata(&self) -> PluginMetadata;
+    /// Whether a model with this HF `config.json` can be loaded, and if not, why.
+    fn supports_config(&self, config: &serde_json::Value) -> Support;
+    fn initialize(&self, settings: PluginSettings) -> Result<(), PluginError>;
+    fn load_model(&self, model_dir: &Path, options: LoadOptions) -> Result<ModelInfo, PluginError>;
+    fn infer(
+        &self,
+        model: u64,
+        request: InferRequest,
+        on_token: &mut TokenCallback<'_>,
+    ) -> Result<InferResponse, PluginError>;
+    fn score(&self, model: u64, request: ScoreRequest) -> Result<ScoreResponse, PluginError>;
+    fn update_config(&self, update: ConfigUpdate) -> Result<UpdateOutcome, PluginError>;
+    fn cleanup(&self, model: u64) -> Result<(), PluginError>;
+
+    /// A plain prompt, no chat template.
+    fn generate_text(
+        &self,
+        model: u64,
+        request: GenerateTextRequest,
+        on_token: &mut TokenCallback<'_>,
+    ) -> Result<InferResponse, PluginError> {
+        let request = InferRequest {
+            input: PromptInput::Text(request.prompt),
+            sampling: request.sampling,
+            stop: request.stop,
+        };
+        self.infer(model, request, on_token)
+    }
+
+    /// A conversation through the model's chat template.
+    fn chat_completion(
+        &self,
+        model: u64,
+        request: ChatRequest,
+        on_token: &mut TokenCallback<'_>,
+    ) -> Result<InferResponse, PluginError> {
+        let request = InferRequest {
+            input: PromptInput::Chat {
+                messages: request.messages,
+                tools: request.tools,
+            },
+            sampling: request.sampling,
+            stop: request.stop,
+        };
+        self.infer(model, request, on_token)
+    }
+}
+
+/// Per-library state behind the exported functions. Not for direct use: [`export_plugin!`]
+/// declares one.
+pub struct Exported<P: Plugin> {
+    plugin: std::sync::OnceLock<P>,
+    make: fn() -> P,
+    poisoned: AtomicBool,
+}
+
+fn decode<T: DeserializeOwned>(what: &str, json: RStr<'_>) -> Result<T, PluginError> {
+    serde_json::from_str(json.as_str())
+        .map_err(|e| PluginError::invalid(format!("malformed {what} JSON: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<RString, PluginError> {
+    serde_json::to_string(value)
+        .map(RString::from)
+        .map_err(|e| PluginError::internal(format!("cannot encode response: {e}")))
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+impl<P: Plugin> Exported<P> {
+    pub const fn new(make: fn() -> P) -> Self {
+        Self {
+            plugin: std::sync::OnceLock::new(),
+            make,
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` on the plugin, catching panics and poisoning on one.
+    pub fn call<T>(&self, f: impl FnOnce(&P) -> Result<T, PluginError>) -> PluginResult<T> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return RResult::RErr(PluginError::new(
+                ErrorKind::Poisoned,
+                "the plugin panicked earlier and refuses further calls",
+            ));
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| f(self.plugin.get_or_init(self.make))));
+        match result {
+            Ok(Ok(value)) => RResult::ROk(value),
+            Ok(Err(e)) => RResult::RErr(e),
+            Err(payload) => {
+                self.poisoned.store(true, Ordering::SeqCst);
+                RResult::RErr(PluginError::new(
+                    ErrorKind::Poisoned,
+                    format!("plugin panicked: {}", panic_message(payload.as_ref())),
+                ))
+            }
+        }
+    }
+
+    pub fn metadata(&self) -> PluginResult<RString> {
+        self.call(|p| encode(&p.metadata()))
+    }
+    pub fn supports_config(&self, config_json: RStr<'_>) -> PluginResult<RString> {
+        self.call(|p| {
+            let config: serde_json::Value = decode("config.json", config_json)?;
+            encode(&p.supports_config(&config))
+        })
+    }
+    pub fn initialize(&self, settings_json: RStr<'_>) -> PluginResult<()> {
+        self.call(|p| p.initialize(decode("settings", settings_json)?))
+    }
+    pub fn load_model(&self, model_dir: RStr<'_>, options_json: RStr<'_>) -> PluginResult<RString> {
+        self.call(|p| {
+            let info = p.load_model(Path::new(model_dir.as_str()), decode("load options", options_json)?)?;
+            encode(&info)
+        })
+    }
+    fn streaming<R: DeserializeOwned>(
+        &self,
+        what: &str,
+        request_json: RStr<'_>,
+        mut sink: TokenSink<'_>,
+        run: impl FnOnce(&P, R, &mut TokenCallback<'_>) -> Result<InferResponse, PluginError>,
+    ) -> PluginResult<RString> {
+        self.call(|p| {
+            let request = decode(what, request_json)?;
+            let mut on_token = |id: u32, text: &str| sink.emit(id, text);
+            encode(&run(p, request, &mut on_token)?)
+        })
+    }
+    pub fn infer(&self, model: u64, request_json: RStr<'_>, sink: TokenSink<'_>) -> PluginResult<RString> {
+        self.streaming("infer request", request_json, sink, |p, r, cb| p.infer(model, r, cb))
+    }
+    pub fn generate_text(&self, model: u64, request_json: RStr<'_>, sink: TokenSink<'_>) -> PluginResult<RString> {
+        self.streaming("generate_text request", request_json, sink, |p, r, cb| {
+            p.generate_text(model, r, cb)
+        })
+    }
+    pub fn chat_completion(&self, model: u64, request_json: RStr<'_>, sink: TokenSink<'_>) -> PluginResult<RString> {
+        self.streaming("chat request", request_json, sink, |p, r, cb| {
+            p.chat_completion(model, r, cb)
+        })
+    }
+    pub fn score(&self, model: u64, request_json: RStr<'_>) -> PluginResult<RString> {
+        self.call(|p| encode(&p.score(model, decode("score request", request_json)?)?))
+    }
+    pub fn update_config(&self, update_json: RStr<'_>) -> PluginResult<RString> {
+        self.call(|p| encode(&p.update_config(decode("config update", update_json)?)?))
+    }
+    pub fn cleanup(&self, model: u64) -> PluginResult<()> {
+        self.call(|p| p.cleanup(model))
+    }
+}
+
+/// Exports a [`Plugin`] as this library's root module. `$make` is a `fn() -> P` that builds
+/// the plugin on first use.
+///
+/// ```ignore
+/// inference_pio_core::export_plugin!(MyPlugin, MyPlugin::new);
+/// ```
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty, $make:expr) => {
+        static __INFERENCE_PIO_EXPORTED: $crate::export::Exported<$plugin> =
+            $crate::export::Exported::new($make);
+
+        mod __inference_pio_exports {
+            use super::__INFERENCE_PIO_EXPORTED as E;
+            use $crate::__abi_stable::std_types::{RStr, RString};
+            use $crate::abi::{PluginResult, TokenSink};
+
+            pub extern "C" fn metadata() -> PluginResult<RString> { E.metadata() }
+            pub extern "C" fn supports_config(c: RStr<'_>) -> PluginResult<RString> { E.supports_config(c) }
+            pub extern "C" fn initialize(s: RStr<'_>) -> PluginResult<()> { E.initialize(s) }
+            pub extern "C" fn load_model(d: RStr<'_>, o: RStr<'_>) -> PluginResult<RString> { E.load_model(d, o) }
+            pub extern "C" fn infer(m: u64, r: RStr<'_>, s: TokenSink<'_>) -> PluginResult<RString> { E.infer(m, r, s) }
+            pub extern "C" fn generate_text(m: u64, r: RStr<'_>, s: TokenSink<'_>) -> PluginResult<RString> { E.generate_text(m, r, s) }
+            pub extern "C" fn chat_completion(m: u64, r: RStr<'_>, s: TokenSink<'_>) -> PluginResult<RString> { E.chat_completion(m, r, s) }
+            pub extern "C" fn score(m: u64, r: RStr<'_>) -> PluginResult<RString> { E.score(m, r) }
+            pub extern "C" fn update_config(u: RStr<'_>) -> PluginResult<RString> { E.update_config(u) }
+            pub extern "C" fn cleanup(m: u64) -> PluginResult<()> { E.cleanup(m) }
+
+            #[$crate::__abi_stable::export_root_module]
+            pub fn inference_pio_root_module() -> $crate::abi::PluginModuleRef {
+                use $crate::__abi_stable::prefix_type::PrefixTypeTrait;
+                $crate::abi::PluginModule {
+                    abi_major: $crate::abi::ABI_MAJOR,
+                    abi_minor: $crate::abi::ABI_MINOR,
+                    metadata,
+                    supports_config,
+                    initialize,
+                    load_model,
+                    infer,
+                    generate_text,
+                    chat_completion,
+                    score,
+                    update_config,
+                    cleanup,
+                }
+                .leak_into_prefix()
+            }
+        }
+    };
+}

@@ -1,0 +1,349 @@
+//! The serde types that cross the plugin boundary as JSON, and travel unchanged over the
+//! worker-process socket at the higher security levels.
+//!
+//! Reference: the OpenAI chat-completions request shape (messages, tools, sampling fields) and
+//! transformers' `GenerationConfig` (sampling semantics).
+
+use crate::config::{OptimizationSettings, ResourceLimits, SecurityLevel};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Where a plugin's tensors live; chosen at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "index")]
+pub enum DeviceRequest {
+    /// CUDA device 0 when the plugin has CUDA and a device answers, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(u32),
+}
+
+impl std::str::FromStr for DeviceRequest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<u32>) {
+                Some(Ok(index)) => Ok(Self::Cuda(index)),
+                _ => Err(format!("unknown device `{s}` (expected auto, cpu, cuda or cuda:N)")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Numeric type of weights and activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 | DType::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "float16" => Ok(Self::F16),
+            _ => Err(format!("unknown dtype `{s}` (expected f32, bf16 or f16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+        })
+    }
+}
+
+/// What a plugin says about itself; returned by `metadata`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginMetadata {
+    /// Stable identifier used on the command line and in the config file.
+    pub id: String,
+    pub version: String,
+    pub description: String,
+    /// HF `architectures` values this plugin loads (e.g. `Qwen3ForCausalLM`).
+    pub architectures: Vec<String>,
+    pub primary_model: PrimaryModel,
+    /// e.g. `["text"]`, later `["text", "image"]`.
+    pub modalities: Vec<String>,
+    /// Features the plugin implements (e.g. `streaming`, `chat-template`, `kv-cache`).
+    pub capabilities: Vec<String>,
+    /// Optimization settings the plugin honours (the keys of `OptimizationSettings`).
+    pub optimizations: Vec<String>,
+    /// Tensor backends compiled in (e.g. `cpu`, `cuda`).
+    pub backends: Vec<String>,
+    pub build: BuildInfo,
+}
+
+/// The model a plugin is primarily built for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrimaryModel {
+    pub name: String,
+    pub parameter_count: u64,
+    /// Bytes of weights in the model's native dtype.
+    pub memory_bytes: u64,
+}
+
+/// How the plugin was built.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BuildInfo {
+    pub rustc: String,
+    pub burn: String,
+    pub abi_major: u32,
+    pub abi_minor: u32,
+}
+
+/// Answer of `supports_config`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Support {
+    pub supported: bool,
+    /// Why not (or a note on how), for error messages.
+    pub reason: String,
+}
+
+/// Plugin-wide settings handed to `initialize`, from the host's config file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PluginSettings {
+    pub security: SecurityLevel,
+    pub limits: ResourceLimits,
+    pub optimization: OptimizationSettings,
+    /// Default sampling for requests that leave fields unset (over the model's own
+    /// `generation_config.json`).
+    pub sampling_defaults: SamplingOverrides,
+    /// A directory the plugin may write caches into (compiled kernels, autotune results).
+    pub cache_dir: Option<String>,
+}
+
+/// Per-load options.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadOptions {
+    pub device: DeviceRequest,
+    /// Overrides the profile's dtype.
+    pub dtype: Option<DType>,
+}
+
+/// Returned by `load_model`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Pass to `infer`, `score`, `cleanup`.
+    pub handle: u64,
+    pub architecture: String,
+    pub parameter_count: u64,
+    /// Bytes the weights occupy on the device, in `dtype`.
+    pub weight_bytes: u64,
+    pub dtype: DType,
+    /// The device actually used (`cpu`, `cuda:0`).
+    pub device: String,
+    pub max_context: u64,
+    pub vocab_size: u64,
+    pub has_chat_template: bool,
+    /// Sampling defaults read from the model's `generation_config.json`.
+    pub generation_defaults: SamplingOverrides,
+    pub load_seconds: f64,
+}
+
+/// Sampling fields that may be left unset (then: the request's default chain).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f32>,
+    pub top_k: Option<u32>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub max_new_tokens: Option<u32>,
+}
+
+/// Sampling of one request. `greedy` wins over every other field.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    #[serde(default)]
+    pub greedy: bool,
+    #[serde(default, flatten)]
+    pub values: SamplingOverrides,
+    pub seed: Option<u64>,
+}
+
+/// One chat message, in the OpenAI / transformers shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: String,
+    /// Assistant tool calls, passed to the chat template as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.to_string(),
+            content: content.to_string(),
+            tool_calls: None,
+            name: None,
+        }
+    }
+}
+
+/// What to generate from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptInput {
+    /// Raw text, tokenized without a chat template.
+    Text(String),
+    /// Token ids, used as they are.
+    TokenIds(Vec<u32>),
+    /// A conversation rendered with the model's chat template (generation prompt added).
+    Chat {
+        messages: Vec<ChatMessage>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tools: Option<serde_json::Value>,
+    },
+}
+
+/// One generation request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InferRequest {
+    pub input: PromptInput,
+    #[serde(default)]
+    pub sampling: SamplingParams,
+    /// Extra stop strings (generation also stops on every EOS id of the model).
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+/// `generate_text` request: a plain prompt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerateTextRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub sampling: SamplingParams,
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+/// `chat_completion` request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<serde_json::Value>,
+    #[serde(default)]
+    pub sampling: SamplingParams,
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token was produced.
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// `max_new_tokens` was reached.
+    Length,
+    /// The context window is full.
+    ContextFull,
+    /// The caller's sink asked to stop.
+    Cancelled,
+}
+
+/// Wall-clock timings of one request, in seconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    /// Prompt processing up to the first sampled token.
+    pub time_to_first_token_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub total_s: f64,
+}
+
+/// Result of a generation request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InferResponse {
+    /// The prompt as token ids (after the chat template, if any).
+    pub prompt_token_ids: Vec<u32>,
+    /// The new tokens only.
+    pub token_ids: Vec<u32>,
+    /// The decoded new tokens (stop string removed).
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
+
+/// One forward pass over a sequence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRequest {
+    pub input: PromptInput,
+    /// Return the full per-position logits (one row per input token, full vocabulary).
+    #[serde(default)]
+    pub return_logits: bool,
+}
+
+/// Result of `score`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreResponse {
+    pub token_ids: Vec<u32>,
+    /// exp(mean negative log-likelihood of tokens 1..n given their prefix); `None` for one token.
+    pub perplexity: Option<f64>,
+    /// Mean negative log-likelihood in nats.
+    pub mean_nll: Option<f64>,
+    /// `[n_tokens][vocab]` when requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits: Option<Vec<Vec<f32>>>,
+}
+
+/// A runtime configuration update (`update_config`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigUpdate {
+    pub sampling_defaults: Option<SamplingOverrides>,
+    pub limits: Option<ResourceLimits>,
+    pub optimization: Option<OptimizationSettings>,
+    pub security: Option<SecurityLevel>,
+}
+
+/// What `update_config` applied and what it refused, with reasons.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateOutcome {
+    pub applied: Vec<String>,
+    /// setting -> reason it cannot change while running.
+    pub refused: BTreeMap<String, String>,
+}

@@ -1,0 +1,514 @@
+//! The command line: `plugins list|info`, `run`, `chat`, `score`.
+
+use crate::discovery::{Discovery, ProbeOutcome, plugin_dirs};
+use crate::selection::{Selected, read_model_config, select};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use inference_pio_core::config::{HostConfig, validate_sampling};
+use inference_pio_core::types::{
+    ChatMessage, DType, DeviceRequest, InferRequest, LoadOptions, ModelInfo, PluginSettings,
+    PromptInput, SamplingOverrides, SamplingParams, ScoreRequest,
+};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Environment variable naming the config file.
+pub const CONFIG_ENV: &str = "INFERENCE_PIO_CONFIG";
+
+#[derive(Parser, Debug)]
+#[command(name = "inference-pio", version, about = "Run Hugging Face models through dynamically loaded plugins")]
+pub struct Cli {
+    /// Config file (default: $INFERENCE_PIO_CONFIG, else ./inference-pio.toml if present).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Extra plugin directory (repeatable); searched before the others.
+    #[arg(long = "plugin-dir", global = true)]
+    pub plugin_dirs: Vec<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Inspect discovered plugins.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+    /// Generate from a prompt, streaming text to stdout.
+    Run(RunArgs),
+    /// Interactive multi-turn chat with the model's own chat template.
+    Chat(ChatArgs),
+    /// One forward pass: perplexity, and with --json the per-position logits.
+    Score(ScoreArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginsCommand {
+    /// Every plugin file found, accepted or rejected (with the reason).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One plugin's metadata and the settings in force for it.
+    Info {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face model directory (config.json, weights, tokenizer).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Plugin id; default: chosen from config.json `architectures`.
+    #[arg(long)]
+    pub plugin: Option<String>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<DeviceRequest>,
+    /// f32, bf16 or f16 (default: from the plugin's profile).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+}
+
+#[derive(Args, Debug, Clone)]
+#[group(id = "prompt_source", required = true, multiple = false)]
+pub struct PromptArgs {
+    /// Prompt text. Sent through the model's chat template as one user turn, unless --raw.
+    #[arg(long, group = "prompt_source")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, used as they are.
+    #[arg(long, group = "prompt_source", value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Always take the most likely token.
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"])]
+    pub greedy: bool,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Seed for sampling (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub max_new_tokens: Option<u32>,
+    /// Extra stop string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> anyhow::Result<SamplingParams> {
+        let values = SamplingOverrides {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+        };
+        validate_sampling(&values).map_err(|(key, reason)| anyhow::anyhow!("--{}: {reason}", key.replace('_', "-")))?;
+        Ok(SamplingParams { greedy: self.greedy, values, seed: self.seed })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Use --prompt as raw text, without the chat template.
+    #[arg(long, requires = "prompt")]
+    pub raw: bool,
+    /// System prompt for the chat template.
+    #[arg(long, requires = "prompt", conflicts_with = "raw")]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object (token_ids, text, finish_reason, timings) instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Print JSON with the full per-position logits.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Host-wide context: config file and discovered plugins.
+pub struct Host {
+    pub config: HostConfig,
+    pub discovery: Discovery,
+}
+
+impl Host {
+    pub fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let config = load_config(cli.config.as_deref())?;
+        let exe = std::env::current_exe().context("cannot locate the inference-pio executable")?;
+        let dirs = plugin_dirs(&cli.plugin_dirs, &config.host.plugin_dirs, Some(&exe));
+        let timeout = Duration::from_secs_f64(config.host.probe_timeout_s.unwrap_or(60.0));
+        let discovery = Discovery::run(dirs, &exe, timeout);
+        Ok(Self { config, discovery })
+    }
+
+    /// Selects, initializes and loads; returns the plugin and the model info.
+    pub fn load(&self, args: &ModelArgs, progress: bool) -> anyhow::Result<(Selected, ModelInfo)> {
+        let model_config = read_model_config(&args.model)?;
+        let selected = select(&self.discovery, &model_config, args.plugin.as_deref())?;
+        let section = self.config.plugin(&selected.id);
+        let settings = PluginSettings {
+            security: section.security.unwrap_or_default(),
+            limits: section.limits.clone(),
+            optimization: section.optimization(),
+            sampling_defaults: section.sampling.clone(),
+            cache_dir: self.cache_dir().map(|p| p.to_string_lossy().into_owned()),
+        };
+        selected
+            .plugin
+            .initialize(&settings)
+            .with_context(|| format!("plugin `{}` failed to initialize", selected.id))?;
+        let device = match args.device {
+            Some(d) => d,
+            None => match &self.config.host.device {
+                Some(d) => d.parse().map_err(anyhow::Error::msg)?,
+                None => DeviceRequest::Auto,
+            },
+        };
+        let options = LoadOptions { device, dtype: args.dtype };
+        let bar = progress.then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.set_message(format!("loading {} with {}", args.model.display(), selected.id));
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar
+        });
+        let info = selected.plugin.load_model(&args.model, &options);
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        let info = info.with_context(|| format!("plugin `{}` could not load {}", selected.id, args.model.display()))?;
+        Ok((selected, info))
+    }
+
+    fn cache_dir(&self) -> Option<PathBuf> {
+        self.config.host.cache_dir.clone().or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|base| base.join("inference-pio"))
+        })
+    }
+}
+
+fn load_config(explicit: Option<&Path>) -> anyhow::Result<HostConfig> {
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
+    match path {
+        Some(path) => Ok(HostConfig::load(&path)?),
+        None => {
+            let local = PathBuf::from("inference-pio.toml");
+            if local.is_file() { Ok(HostConfig::load(&local)?) } else { Ok(HostConfig::default()) }
+        }
+    }
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Plugins { command } => plugins(&cli, command),
+        Command::Run(args) => run(&cli, args),
+        Command::Chat(args) => chat(&cli, args),
+        Command::Score(args) => score(&cli, args),
+    }
+}
+
+fn plugins(cli: &Cli, command: &PluginsCommand) -> anyhow::Result<()> {
+    let host = Host::new(cli)?;
+    match command {
+        PluginsCommand::List { json } => {
+            if *json {
+                let value = serde_json::json!({
+                    "plugin_dirs": host.discovery.dirs,
+                    "plugins": host.discovery.records.iter().filter(|r| r.metadata().is_some()).map(|r| {
+                        let mut v = serde_json::to_value(r.metadata()).unwrap_or_default();
+                        v["path"] = serde_json::json!(r.path);
+                        v
+                    }).collect::<Vec<_>>(),
+                    "rejected": host.discovery.records.iter().filter_map(|r| match &r.outcome {
+                        ProbeOutcome::Rejected(reason) => Some(serde_json::json!({"path": r.path, "reason": reason})),
+                        ProbeOutcome::Accepted(_) => None,
+                    }).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                if host.discovery.records.is_empty() {
+                    println!("no plugin files found in: {}", host.discovery.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
+                }
+                for record in &host.discovery.records {
+                    match &record.outcome {
+                        ProbeOutcome::Accepted(m) => println!(
+                            "{:<28} {:<8} {:<40} {}",
+                            m.id, m.version, m.architectures.join(","), record.path.display()
+                        ),
+                        ProbeOutcome::Rejected(reason) => {
+                            println!("{:<28} {:<8} {}: {}", "(rejected)", "", record.path.display(), reason)
+                        }
+                    }
+                }
+            }
+        }
+        PluginsCommand::Info { id, json } => {
+            let record = host.discovery.find(id).ok_or_else(|| {
+                let rejected: Vec<String> = host
+                    .discovery
+                    .records
+                    .iter()
+                    .filter_map(|r| match &r.outcome {
+                        ProbeOutcome::Rejected(reason) => Some(format!("{} ({reason})", r.path.display())),
+                        ProbeOutcome::Accepted(_) => None,
+                    })
+                    .collect();
+                let accepted: Vec<String> = host.discovery.accepted().map(|(_, m)| m.id.clone()).collect();
+                anyhow::anyhow!(
+                    "no plugin with id `{id}`; available: {}{}",
+                    if accepted.is_empty() { "none".into() } else { accepted.join(", ") },
+                    if rejected.is_empty() { String::new() } else { format!("; rejected files: {}", rejected.join("; ")) }
+                )
+            })?;
+            let section = host.config.plugin(id);
+            let meta = record.metadata().context("accepted record without metadata")?;
+            let settings = serde_json::json!({
+                "profile": section.profile.unwrap_or_default(),
+                "optimization": section.optimization(),
+                "security": section.security.unwrap_or_default(),
+                "limits": section.limits,
+                "sampling_defaults": section.sampling,
+            });
+            if *json {
+                let mut value = serde_json::to_value(meta)?;
+                value["path"] = serde_json::json!(record.path);
+                value["settings"] = settings;
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("id:            {}", meta.id);
+                println!("version:       {}", meta.version);
+                println!("path:          {}", record.path.display());
+                println!("description:   {}", meta.description);
+                println!("architectures: {}", meta.architectures.join(", "));
+                println!(
+                    "primary model: {} ({:.2} B parameters, {:.2} GB)",
+                    meta.primary_model.name,
+                    meta.primary_model.parameter_count as f64 / 1e9,
+                    meta.primary_model.memory_bytes as f64 / 1e9
+                );
+                println!("modalities:    {}", meta.modalities.join(", "));
+                println!("capabilities:  {}", meta.capabilities.join(", "));
+                println!("optimizations: {}", meta.optimizations.join(", "));
+                println!("backends:      {}", meta.backends.join(", "));
+                println!(
+                    "build:         rustc {}, burn {}, ABI {}.{}",
+                    meta.build.rustc, meta.build.burn, meta.build.abi_major, meta.build.abi_minor
+                );
+                println!("settings:      {}", serde_json::to_string(&settings)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, info: &ModelInfo) -> anyhow::Result<PromptInput> {
+    if let Some(ids) = &prompt.prompt_ids {
+        if ids.is_empty() {
+            bail!("--prompt-ids is empty");
+        }
+        return Ok(PromptInput::TokenIds(ids.clone()));
+    }
+    let text = prompt.prompt.clone().context("one of --prompt or --prompt-ids is required")?;
+    if raw || !info.has_chat_template {
+        return Ok(PromptInput::Text(text));
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(ChatMessage::new("system", system));
+    }
+    messages.push(ChatMessage::new("user", &text));
+    Ok(PromptInput::Chat { messages, tools: None })
+}
+
+fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
+    // Check what can be checked before any plugin is loaded.
+    let sampling = args.sampling.params()?;
+    read_model_config(&args.model.model)?;
+    let host = Host::new(cli)?;
+    let (selected, info) = host.load(&args.model, false)?;
+    let request = InferRequest {
+        input: prompt_input(&args.prompt, args.raw, args.system.as_deref(), &info)?,
+        sampling,
+        stop: args.sampling.stop.clone(),
+    };
+    let stdout = std::io::stdout();
+    let stream = !args.json;
+    let mut on_token = |_id: u32, text: &str| {
+        if stream {
+            let mut out = stdout.lock();
+            // A closed stdout (e.g. `| head`) cancels generation.
+            out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_ok()
+        } else {
+            true
+        }
+    };
+    let response = selected.plugin.infer(info.handle, &request, &mut on_token);
+    let cleanup = selected.plugin.cleanup(info.handle);
+    let response = response.with_context(|| format!("plugin `{}` failed", selected.id))?;
+    cleanup.with_context(|| format!("plugin `{}` failed to clean up", selected.id))?;
+    if args.json {
+        let value = serde_json::json!({
+            "plugin": selected.id,
+            "model": info,
+            "prompt_token_ids": response.prompt_token_ids,
+            "token_ids": response.token_ids,
+            "text": response.text,
+            "finish_reason": response.finish_reason,
+            "timings": response.timings,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!();
+        let t = &response.timings;
+        eprintln!(
+            "[{} prompt tokens, {} new, finish: {:?}, first token {:.2} s, {:.1} tok/s decode]",
+            t.prompt_tokens, t.generated_tokens, response.finish_reason, t.time_to_first_token_s, t.decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
+    let sampling = args.sampling.params()?;
+    read_model_config(&args.model.model)?;
+    let host = Host::new(cli)?;
+    let (selected, info) = host.load(&args.model, true)?;
+    if !info.has_chat_template {
+        bail!("{} has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)", args.model.model.display());
+    }
+    eprintln!(
+        "{} on {} ({}, {:.2} B parameters). Type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
+        selected.id, info.device, info.dtype, info.parameter_count as f64 / 1e9
+    );
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(ChatMessage::new("system", system));
+    }
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush().ok();
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::new("user", text));
+        let request = InferRequest {
+            input: PromptInput::Chat { messages: messages.clone(), tools: None },
+            sampling: sampling.clone(),
+            stop: args.sampling.stop.clone(),
+        };
+        let stdout = std::io::stdout();
+        let mut on_token = |_id: u32, t: &str| {
+            let mut out = stdout.lock();
+            out.write_all(t.as_bytes()).and_then(|_| out.flush()).is_ok()
+        };
+        match selected.plugin.infer(info.handle, &request, &mut on_token) {
+            Ok(response) => {
+                println!();
+                messages.push(ChatMessage::new("assistant", &response.text));
+            }
+            Err(e) => {
+                messages.pop();
+                eprintln!("\nerror: {e}");
+                if !selected.plugin.is_usable() {
+                    bail!("plugin `{}` is unusable after a panic", selected.id);
+                }
+            }
+        }
+    }
+    selected.plugin.cleanup(info.handle)?;
+    Ok(())
+}
+
+fn score(cli: &Cli, args: &ScoreArgs) -> anyhow::Result<()> {
+    read_model_config(&args.model.model)?;
+    let host = Host::new(cli)?;
+    let (selected, info) = host.load(&args.model, false)?;
+    let input = match (&args.prompt.prompt_ids, &args.prompt.prompt) {
+        (Some(ids), _) => PromptInput::TokenIds(ids.clone()),
+        (None, Some(text)) => PromptInput::Text(text.clone()),
+        (None, None) => bail!("one of --prompt or --prompt-ids is required"),
+    };
+    let request = ScoreRequest { input, return_logits: args.json };
+    let response = selected.plugin.score(info.handle, &request);
+    selected.plugin.cleanup(info.handle)?;
+    let response = response.with_context(|| format!("plugin `{}` failed", selected.id))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&response)?);
+    } else {
+        match response.perplexity {
+            Some(ppl) => println!(
+                "{} tokens, perplexity {:.4} (mean NLL {:.4} nats)",
+                response.token_ids.len(),
+                ppl,
+                response.mean_nll.unwrap_or(f64::NAN)
+            ),
+            None => println!("{} token: perplexity needs at least 2 tokens", response.token_ids.len()),
+        }
+    }
+    Ok(())
+}

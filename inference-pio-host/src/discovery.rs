@@ -1,0 +1,242 @@
+//! Finding plugin files and checking each one in a throw-away process.
+//!
+//! Directories, in order: `--plugin-dir` (repeatable), `INFERENCE_PIO_PLUGIN_DIR`
+//! (`:`-separated), `[host] plugin_dirs` of the config file, `plugins/` next to the executable,
+//! and — when the executable sits in a cargo target directory (`target/debug`,
+//! `target/release`) — that directory itself, so `cargo build` makes the workspace's own
+//! plugins visible with no copying.
+//!
+//! Every candidate file is *probed* by re-executing this binary (`inference-pio __probe FILE`)
+//! so that a library that crashes, aborts or hangs while loading or answering `metadata` only
+//! takes the probe down: listing never crashes because of one bad file.
+
+use crate::plugin::LoadedPlugin;
+use inference_pio_core::types::PluginMetadata;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Environment variable with extra plugin directories.
+pub const PLUGIN_DIR_ENV: &str = "INFERENCE_PIO_PLUGIN_DIR";
+
+/// The platform's shared-library suffix.
+pub const LIBRARY_SUFFIX: &str = std::env::consts::DLL_SUFFIX;
+
+/// Where plugins are looked for, in priority order, without duplicates.
+pub fn plugin_dirs(cli_dirs: &[PathBuf], config_dirs: &[PathBuf], exe: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = cli_dirs.to_vec();
+    if let Some(env) = std::env::var_os(PLUGIN_DIR_ENV) {
+        dirs.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
+    }
+    dirs.extend(config_dirs.iter().cloned());
+    if let Some(exe_dir) = exe.and_then(Path::parent) {
+        dirs.push(exe_dir.join("plugins"));
+        if is_cargo_profile_dir(exe_dir) {
+            dirs.push(exe_dir.to_path_buf());
+        }
+    }
+    let mut seen = BTreeSet::new();
+    dirs.retain(|d| seen.insert(d.canonicalize().unwrap_or_else(|_| d.clone())));
+    dirs
+}
+
+/// `target/<profile>` holds a `.fingerprint` directory that cargo maintains.
+fn is_cargo_profile_dir(dir: &Path) -> bool {
+    dir.join(".fingerprint").is_dir()
+}
+
+/// Shared-library files directly inside `dirs` (sorted, per directory).
+pub fn candidate_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let mut here: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.to_string_lossy().ends_with(LIBRARY_SUFFIX))
+            .collect();
+        here.sort();
+        files.extend(here);
+    }
+    files
+}
+
+/// What the probe found out about one file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeOutcome {
+    Accepted(Box<PluginMetadata>),
+    Rejected(String),
+}
+
+/// One discovered file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PluginRecord {
+    pub path: PathBuf,
+    #[serde(flatten)]
+    pub outcome: ProbeOutcome,
+}
+
+impl PluginRecord {
+    pub fn metadata(&self) -> Option<&PluginMetadata> {
+        match &self.outcome {
+            ProbeOutcome::Accepted(m) => Some(m),
+            ProbeOutcome::Rejected(_) => None,
+        }
+    }
+}
+
+/// All plugins found, accepted and rejected.
+#[derive(Clone, Debug, Default)]
+pub struct Discovery {
+    pub dirs: Vec<PathBuf>,
+    pub records: Vec<PluginRecord>,
+}
+
+impl Discovery {
+    /// Probes every candidate in `dirs` (in parallel) with `probe_exe __probe FILE`.
+    pub fn run(dirs: Vec<PathBuf>, probe_exe: &Path, timeout: Duration) -> Self {
+        let files = candidate_files(&dirs);
+        let records = std::thread::scope(|scope| {
+            let handles: Vec<_> = files
+                .iter()
+                .map(|file| scope.spawn(move || probe_file(probe_exe, file, timeout)))
+                .collect();
+            files
+                .iter()
+                .zip(handles)
+                .map(|(file, handle)| PluginRecord {
+                    path: file.clone(),
+                    outcome: handle
+                        .join()
+                        .unwrap_or_else(|_| ProbeOutcome::Rejected("probe thread panicked".into())),
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut discovery = Self { dirs, records };
+        discovery.reject_duplicate_ids();
+        discovery
+    }
+
+    /// Two accepted files with the same id: the first (by directory priority) wins.
+    fn reject_duplicate_ids(&mut self) {
+        let mut seen: std::collections::BTreeMap<String, PathBuf> = Default::default();
+        for record in &mut self.records {
+            if let ProbeOutcome::Accepted(meta) = &record.outcome {
+                if let Some(first) = seen.get(&meta.id) {
+                    record.outcome = ProbeOutcome::Rejected(format!(
+                        "duplicate plugin id `{}` (already provided by {})",
+                        meta.id,
+                        first.display()
+                    ));
+                } else {
+                    seen.insert(meta.id.clone(), record.path.clone());
+                }
+            }
+        }
+    }
+
+    pub fn accepted(&self) -> impl Iterator<Item = (&PathBuf, &PluginMetadata)> {
+        self.records.iter().filter_map(|r| r.metadata().map(|m| (&r.path, m)))
+    }
+
+    pub fn find(&self, id: &str) -> Option<&PluginRecord> {
+        self.records.iter().find(|r| r.metadata().is_some_and(|m| m.id == id))
+    }
+}
+
+/// Checks the file's first bytes before handing it to the dynamic loader.
+fn check_header(path: &Path) -> Result<(), String> {
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let read = file.read(&mut magic).map_err(|e| format!("cannot read: {e}"))?;
+    if cfg!(target_os = "linux") && (read < 4 || magic != *b"\x7fELF") {
+        return Err("not a shared library (no ELF header)".to_string());
+    }
+    Ok(())
+}
+
+/// Probes one file in a child process; never fails, never panics.
+pub fn probe_file(probe_exe: &Path, path: &Path, timeout: Duration) -> ProbeOutcome {
+    if let Err(reason) = check_header(path) {
+        return ProbeOutcome::Rejected(reason);
+    }
+    let child = Command::new(probe_exe)
+        .arg("__probe")
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return ProbeOutcome::Rejected(format!("cannot start probe process: {e}")),
+    };
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return ProbeOutcome::Rejected(format!(
+                    "did not answer the metadata probe within {:.0} s (hung while loading?)",
+                    timeout.as_secs_f64()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return ProbeOutcome::Rejected(format!("probe process failed: {e}")),
+        }
+    };
+    let mut stdout = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut stdout);
+    }
+    if let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{'))
+        && let Ok(outcome) = serde_json::from_str::<ProbeOutcome>(line)
+    {
+        return outcome;
+    }
+    ProbeOutcome::Rejected(describe_exit(status))
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            let name = match signal {
+                libc::SIGABRT => "SIGABRT (abort)",
+                libc::SIGSEGV => "SIGSEGV (segmentation fault)",
+                libc::SIGBUS => "SIGBUS (bus error)",
+                libc::SIGILL => "SIGILL (illegal instruction)",
+                libc::SIGKILL => "SIGKILL",
+                libc::SIGFPE => "SIGFPE",
+                _ => "a signal",
+            };
+            return format!("crashed while loading or answering metadata: killed by {name} ({signal})");
+        }
+    }
+    format!("probe process exited with {status} without an answer")
+}
+
+/// The child side of the probe: load, check, ask for metadata, print one JSON line.
+pub fn probe_main(path: &Path) -> i32 {
+    let outcome = match LoadedPlugin::open(path) {
+        Err(reason) => ProbeOutcome::Rejected(reason),
+        Ok(plugin) => match plugin.metadata() {
+            Ok(meta) => ProbeOutcome::Accepted(Box::new(meta)),
+            Err(e) => ProbeOutcome::Rejected(format!("metadata() failed: {e}")),
+        },
+    };
+    match serde_json::to_string(&outcome) {
+        Ok(line) => {
+            println!("{line}");
+            0
+        }
+        Err(_) => 1,
+    }
+}

@@ -1,0 +1,14 @@
+//! `inference-pio`: run Hugging Face models through dynamically loaded plugins.
+
+fn main() {
+    // The discovery probe re-executes this binary; it must not go through clap or print
+    // anything but its one JSON line.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 3 && args[1] == "__probe" {
+        std::process::exit(inference_pio_host::discovery::probe_main(std::path::Path::new(&args[2])));
+    }
+    if let Err(error) = inference_pio_host::cli::main() {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}

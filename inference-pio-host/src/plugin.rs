@@ -1,0 +1,172 @@
+//! A plugin library loaded into this process, behind a safe, typed wrapper.
+//!
+//! Loading goes through `abi_stable` (`lib_header_from_path` + `init_root_module`), which
+//! checks the library's abi_stable version and the layout of every type in the root module;
+//! then [`ABI_MAJOR`] is compared. Libraries are never unloaded. A plugin that answers
+//! [`ErrorKind::Poisoned`] once (it panicked) is marked unusable and not called again.
+
+use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
+use abi_stable::std_types::{RResult, RStr, RString};
+use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError, PluginModuleRef, TokenSink};
+use inference_pio_core::types::{
+    ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata,
+    PluginSettings, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A loaded plugin library.
+pub struct LoadedPlugin {
+    path: PathBuf,
+    module: PluginModuleRef,
+    unusable: AtomicBool,
+}
+
+/// Why a file is not a usable plugin, in one line.
+pub fn describe_load_error(error: &LibraryError) -> String {
+    let one_line = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    match error {
+        LibraryError::OpenError(e) => one_line(format!("cannot be loaded as a shared library: {e}")),
+        LibraryError::GetSymbolError(_) => {
+            "not an Inference-PIO plugin: it exports no abi_stable root module".to_string()
+        }
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
+            "incompatible plugin interface version: the host expects {expected_version}, the plugin was built against {actual_version}"
+        ),
+        LibraryError::AbiInstability(e) => {
+            let text = one_line(e.to_string());
+            let short: String = text.chars().take(300).collect();
+            format!("fails the abi_stable layout check: {short}")
+        }
+        other => one_line(format!("cannot load plugin: {other}")),
+    }
+}
+
+impl LoadedPlugin {
+    /// Loads `path` and checks it. Runs the library's initialisers in this process: use
+    /// [`crate::discovery`] (a separate process) for files that have not been probed.
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let header = lib_header_from_path(path).map_err(|e| describe_load_error(&e))?;
+        let module = header
+            .init_root_module::<PluginModuleRef>()
+            .map_err(|e| describe_load_error(&e))?;
+        let major = module.abi_major();
+        if major != ABI_MAJOR {
+            return Err(format!(
+                "ABI major version {major}, this host speaks {ABI_MAJOR}; rebuild the plugin against inference-pio-core {}",
+                PluginModuleRef::VERSION_STRINGS.version
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            module,
+            unusable: AtomicBool::new(false),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_usable(&self) -> bool {
+        !self.unusable.load(Ordering::SeqCst)
+    }
+
+    fn check<T>(&self, result: RResult<T, PluginError>) -> Result<T, PluginError> {
+        match result {
+            RResult::ROk(v) => Ok(v),
+            RResult::RErr(e) => {
+                if e.kind == ErrorKind::Poisoned {
+                    self.unusable.store(true, Ordering::SeqCst);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn guard(&self) -> Result<(), PluginError> {
+        if self.is_usable() {
+            Ok(())
+        } else {
+            Err(PluginError::new(
+                ErrorKind::Poisoned,
+                format!("plugin {} is marked unusable after a panic", self.path.display()),
+            ))
+        }
+    }
+
+    fn json<T: DeserializeOwned>(&self, text: RString) -> Result<T, PluginError> {
+        serde_json::from_str(text.as_str()).map_err(|e| {
+            PluginError::internal(format!("plugin {} returned malformed JSON: {e}", self.path.display()))
+        })
+    }
+
+    fn to_json<T: Serialize>(value: &T) -> Result<String, PluginError> {
+        serde_json::to_string(value).map_err(|e| PluginError::internal(e.to_string()))
+    }
+
+    pub fn metadata(&self) -> Result<PluginMetadata, PluginError> {
+        self.guard()?;
+        let text = self.check((self.module.metadata())())?;
+        self.json(text)
+    }
+
+    pub fn supports_config(&self, config_json: &str) -> Result<Support, PluginError> {
+        self.guard()?;
+        let text = self.check((self.module.supports_config())(RStr::from(config_json)))?;
+        self.json(text)
+    }
+
+    pub fn initialize(&self, settings: &PluginSettings) -> Result<(), PluginError> {
+        self.guard()?;
+        let json = Self::to_json(settings)?;
+        self.check((self.module.initialize())(RStr::from(json.as_str())))
+    }
+
+    pub fn load_model(&self, dir: &Path, options: &LoadOptions) -> Result<ModelInfo, PluginError> {
+        self.guard()?;
+        let dir = dir.to_str().ok_or_else(|| {
+            PluginError::invalid(format!("model path {} is not valid UTF-8", dir.display()))
+        })?;
+        let json = Self::to_json(options)?;
+        let text = self.check((self.module.load_model())(RStr::from(dir), RStr::from(json.as_str())))?;
+        self.json(text)
+    }
+
+    /// Runs a request; `on_token` gets each new token and its text delta, and returns `false`
+    /// to cancel.
+    pub fn infer(
+        &self,
+        model: u64,
+        request: &InferRequest,
+        on_token: &mut dyn FnMut(u32, &str) -> bool,
+    ) -> Result<InferResponse, PluginError> {
+        self.guard()?;
+        let json = Self::to_json(request)?;
+        let mut callback: &mut dyn FnMut(u32, &str) -> bool = on_token;
+        let sink = TokenSink::from_closure(&mut callback);
+        let text = self.check((self.module.infer())(model, RStr::from(json.as_str()), sink))?;
+        self.json(text)
+    }
+
+    pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {
+        self.guard()?;
+        let json = Self::to_json(request)?;
+        let text = self.check((self.module.score())(model, RStr::from(json.as_str())))?;
+        self.json(text)
+    }
+
+    pub fn update_config(&self, update: &ConfigUpdate) -> Result<UpdateOutcome, PluginError> {
+        self.guard()?;
+        let json = Self::to_json(update)?;
+        let text = self.check((self.module.update_config())(RStr::from(json.as_str())))?;
+        self.json(text)
+    }
+
+    pub fn cleanup(&self, model: u64) -> Result<(), PluginError> {
+        self.guard()?;
+        self.check((self.module.cleanup())(model))
+    }
+}

@@ -1,0 +1,237 @@
+//! End-to-end: the real `inference-pio` binary with the workspace's real plugins and the
+//! hostile test plugins (built by `cargo build --workspace`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_inference-pio");
+
+fn target_dir() -> PathBuf {
+    Path::new(BIN).parent().expect("bin dir").to_path_buf()
+}
+
+/// A hostile test plugin's library, which `cargo build --workspace` puts beside the binary.
+fn test_plugin(name: &str) -> PathBuf {
+    let path = target_dir().join(format!("libpio_test_plugin_{name}{}", std::env::consts::DLL_SUFFIX));
+    assert!(path.is_file(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/qwen3-4b-instruct-2507/tests/fixtures")
+        .join(name)
+}
+
+fn inference_pio(args: &[&str], dir: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("INFERENCE_PIO_PLUGIN_DIR")
+        .env_remove("INFERENCE_PIO_CONFIG")
+        .output()
+        .expect("run inference-pio")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A plugin directory with the hostile plugins, a garbage `.so` and a truncated plugin.
+fn hostile_plugin_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["panicking", "aborting", "wrong_abi"] {
+        let src = test_plugin(name);
+        std::fs::copy(&src, dir.path().join(src.file_name().expect("name"))).expect("copy");
+    }
+    std::fs::write(dir.path().join("libgarbage.so"), b"this is not a shared library").expect("write");
+    let real = std::fs::read(test_plugin("panicking")).expect("read");
+    std::fs::write(dir.path().join("libtruncated.so"), &real[..real.len() / 3]).expect("write");
+    std::fs::write(dir.path().join("README.txt"), b"not a library name").expect("write");
+    dir
+}
+
+fn rejected_reason<'a>(list: &'a serde_json::Value, file: &str) -> &'a str {
+    list["rejected"]
+        .as_array()
+        .expect("rejected")
+        .iter()
+        .find(|r| r["path"].as_str().is_some_and(|p| p.ends_with(file)))
+        .and_then(|r| r["reason"].as_str())
+        .unwrap_or_else(|| panic!("{file} not listed as rejected in {list:#}"))
+}
+
+#[test]
+fn plugins_list_shows_workspace_plugins_and_rejects_bad_files() {
+    let plugins = hostile_plugin_dir();
+    let cwd = tempfile::tempdir().expect("cwd");
+    let out = inference_pio(&["plugins", "list", "--json", "--plugin-dir", plugins.path().to_str().expect("utf8")], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let accepted = list["plugins"].as_array().expect("plugins");
+    let qwen = accepted.iter().find(|p| p["id"] == "qwen3-4b-instruct-2507").expect("qwen3 plugin listed");
+    assert_eq!(qwen["architectures"], serde_json::json!(["Qwen3ForCausalLM"]));
+    assert_eq!(qwen["build"]["burn"], "0.22.1");
+    assert!(qwen["primary_model"]["parameter_count"].as_u64().expect("count") > 4_000_000_000);
+    assert!(qwen["backends"].as_array().expect("backends").iter().any(|b| b == "cuda"));
+    assert!(accepted.iter().any(|p| p["id"] == "test-panicking"));
+
+    assert!(rejected_reason(&list, "libgarbage.so").contains("no ELF header"));
+    let truncated = rejected_reason(&list, "libtruncated.so");
+    assert!(truncated.contains("cannot be loaded as a shared library"), "{truncated}");
+    let wrong = rejected_reason(&list, "libpio_test_plugin_wrong_abi.so");
+    assert!(wrong.contains("ABI major version 2"), "{wrong}");
+    let aborting = rejected_reason(&list, "libpio_test_plugin_aborting.so");
+    assert!(aborting.contains("SIGABRT"), "{aborting}");
+    assert!(!stdout(&out).contains("README.txt"));
+}
+
+#[test]
+fn plugins_info_shows_metadata_and_settings_in_force() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    std::fs::write(
+        cwd.path().join("inference-pio.toml"),
+        "[plugins.qwen3-4b-instruct-2507]\nprofile = \"accuracy\"\n[plugins.qwen3-4b-instruct-2507.limits]\nmemory_gb = 12\n",
+    )
+    .expect("config");
+    let out = inference_pio(&["plugins", "info", "qwen3-4b-instruct-2507", "--json"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(info["settings"]["optimization"]["dtype"], "f32");
+    assert_eq!(info["settings"]["limits"]["memory_gb"], 12.0);
+    assert_eq!(info["settings"]["security"], "low");
+    let out = inference_pio(&["plugins", "info", "no-such-plugin"], cwd.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no plugin with id `no-such-plugin`"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_config_files_name_file_key_and_reason() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    std::fs::write(cwd.path().join("inference-pio.toml"), "[plugins.x.limits]\ngpu_memory_gb = -4\n").expect("config");
+    let out = inference_pio(&["plugins", "list"], cwd.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("inference-pio.toml") && err.contains("plugins.x.limits.gpu_memory_gb") && err.contains("positive"), "{err}");
+}
+
+#[test]
+fn run_errors_name_the_problem() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let out = inference_pio(&["run", "--model", "/definitely/not/here", "--prompt", "hi"], cwd.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("model directory /definitely/not/here does not exist"), "{}", stderr(&out));
+
+    let model = tempfile::tempdir().expect("model");
+    let out = inference_pio(&["run", "--model", model.path().to_str().expect("utf8"), "--prompt", "hi"], cwd.path());
+    assert!(stderr(&out).contains("config.json"), "{}", stderr(&out));
+
+    std::fs::write(model.path().join("config.json"), r#"{"architectures": ["MambaForCausalLM"]}"#).expect("write");
+    let out = inference_pio(&["run", "--model", model.path().to_str().expect("utf8"), "--prompt", "hi"], cwd.path());
+    let err = stderr(&out);
+    assert!(err.contains("no plugin handles architecture MambaForCausalLM") && err.contains("qwen3-4b-instruct-2507"), "{err}");
+
+    let b = fixture("qwen3-tiny-b");
+    let out = inference_pio(&["run", "--model", b.to_str().expect("utf8"), "--prompt", "hi", "--greedy", "--temperature", "0.5"], cwd.path());
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    assert!(stderr(&out).contains("--temperature"), "{}", stderr(&out));
+    let out = inference_pio(&["run", "--model", b.to_str().expect("utf8"), "--prompt", "hi", "--prompt-ids", "1,2"], cwd.path());
+    assert_eq!(out.status.code(), Some(2));
+    let out = inference_pio(&["run", "--model", b.to_str().expect("utf8"), "--prompt-ids", "1,2", "--top-p", "3"], cwd.path());
+    assert!(stderr(&out).contains("--top-p"), "{}", stderr(&out));
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(&format!("{name}.reference.json"))).expect("fixture");
+    serde_json::from_str(&text).expect("json")
+}
+
+fn csv(ids: &serde_json::Value) -> String {
+    ids.as_array().expect("ids").iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn run_and_score_reproduce_transformers() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture("qwen3-tiny-c");
+    let model = model.to_str().expect("utf8");
+    for prompt in reference("qwen3-tiny-c")["prompts"].as_array().expect("prompts") {
+        let ids = csv(&prompt["ids"]);
+        let out = inference_pio(
+            &["run", "--model", model, "--prompt-ids", &ids, "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"],
+            cwd.path(),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        assert_eq!(result["token_ids"], prompt["greedy"]);
+        assert_eq!(result["finish_reason"], "length");
+        assert!(result["timings"]["decode_tokens_per_s"].as_f64().expect("timing") > 0.0);
+
+        let out = inference_pio(&["score", "--model", model, "--prompt-ids", &ids, "--json", "--dtype", "f32"], cwd.path());
+        assert!(out.status.success(), "{}", stderr(&out));
+        let score: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        let got = score["logits"].as_array().expect("logits");
+        let want = prompt["logits"].as_array().expect("logits");
+        assert_eq!(got.len(), want.len());
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (g, w) in got.iter().zip(want) {
+            for (a, b) in g.as_array().expect("row").iter().zip(w.as_array().expect("row")) {
+                let (a, b) = (a.as_f64().expect("f"), b.as_f64().expect("f"));
+                num += (a - b).powi(2);
+                den += b * b;
+            }
+        }
+        assert!((num / den).sqrt() <= 1e-4);
+    }
+}
+
+#[test]
+fn run_streams_chat_text_and_chat_holds_a_conversation() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture("qwen3-tiny-a");
+    let model = model.to_str().expect("utf8");
+    let out = inference_pio(&["run", "--model", model, "--prompt", "What is 2+2?", "--greedy", "--max-new-tokens", "8", "--json"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    // The chat template was applied: same prompt ids as transformers' apply_chat_template.
+    let chat_prompt = &reference("qwen3-tiny-a")["prompts"][3];
+    assert_eq!(result["prompt_token_ids"], chat_prompt["ids"]);
+    let want: Vec<_> = chat_prompt["greedy"].as_array().expect("ids")[..8].to_vec();
+    assert_eq!(result["token_ids"], serde_json::Value::Array(want));
+
+    let mut child = Command::new(BIN)
+        .args(["chat", "--model", model, "--greedy", "--max-new-tokens", "6", "--system", "You are terse."])
+        .current_dir(cwd.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn chat");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"Hello!\nAnd again?\n/exit\n").expect("write");
+    }
+    let out = child.wait_with_output().expect("chat");
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Two assistant turns, each on its own line.
+    assert_eq!(stdout(&out).lines().count(), 2, "{:?}", stdout(&out));
+    assert_eq!(stderr(&out).matches("> ").count(), 3);
+}
+
+#[test]
+fn a_panicking_plugin_is_an_error_not_a_crash() {
+    let plugins = hostile_plugin_dir();
+    let model = tempfile::tempdir().expect("model");
+    std::fs::write(model.path().join("config.json"), r#"{"architectures": ["PioTesttestpanickingForCausalLM"]}"#).expect("write");
+    let out = inference_pio(
+        &["run", "--plugin-dir", plugins.path().to_str().expect("utf8"), "--model", model.path().to_str().expect("utf8"), "--prompt-ids", "1,2"],
+        model.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("plugin panicked: test plugin panics in infer"), "{}", stderr(&out));
+}

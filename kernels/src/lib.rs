@@ -1,0 +1,9 @@
+//! Inference-PIO compute kernels on burn tensors.
+//!
+//! Each operation exists here once, as a function on burn tensors that works on every
+//! backend (the CPU/flex reference path). Fused CubeCL versions for CUDA are added beside
+//! their reference and tested against it on the device.
+
+pub mod reference;
+
+pub use reference::{apply_rotary, rms_norm, rotate_half, swiglu};

@@ -1,0 +1,173 @@
+//! The model's own chat template (`tokenizer_config.json` `chat_template`, `chat_template.jinja`
+//! or `chat_template.json`) rendered with `minijinja` the way transformers'
+//! `apply_chat_template` renders it with jinja2: `trim_blocks` and `lstrip_blocks` on, Python
+//! string methods, `raise_exception`, and a `tojson` that writes `json.dumps` spacing.
+
+use crate::error::EngineError;
+use inference_pio_core::types::ChatMessage;
+use minijinja::{Environment, Error, ErrorKind, Value};
+use serde_json::Value as Json;
+use std::path::Path;
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn special_token(config: &Json, key: &str) -> String {
+    match config.get(key) {
+        Some(Json::String(s)) => s.clone(),
+        Some(Json::Object(o)) => o.get("content").and_then(Json::as_str).unwrap_or_default().to_string(),
+        _ => String::new(),
+    }
+}
+
+fn template_from(value: &Json) -> Option<String> {
+    match value {
+        Json::String(s) => Some(s.clone()),
+        // A list of named templates: take "default".
+        Json::Array(items) => items
+            .iter()
+            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Json::as_str)
+            .map(String::from),
+        _ => None,
+    }
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)` formatting.
+fn write_py_json(value: &Json, indent: Option<usize>, level: usize, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match value {
+        Json::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                write_py_json(item, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Json::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, v)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&Json::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_py_json(v, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_py_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+impl ChatTemplate {
+    /// Finds the template of a model directory; `Ok(None)` when it has none.
+    pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, EngineError> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Json = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| EngineError::Template(format!("cannot read {}: {e}", config_path.display())))?;
+            serde_json::from_str(&text)
+                .map_err(|e| EngineError::Template(format!("{} is not valid JSON: {e}", config_path.display())))?
+        } else {
+            Json::Null
+        };
+        let mut source = config.get("chat_template").and_then(template_from);
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            source = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::Template(format!("cannot read {}: {e}", jinja.display())))?);
+        }
+        let json_path = dir.join("chat_template.json");
+        if source.is_none() && json_path.is_file() {
+            let text = std::fs::read_to_string(&json_path).map_err(|e| EngineError::Template(format!("cannot read {}: {e}", json_path.display())))?;
+            let value: Json = serde_json::from_str(&text).map_err(|e| EngineError::Template(format!("{} is not valid JSON: {e}", json_path.display())))?;
+            source = value.get("chat_template").and_then(template_from);
+        }
+        match source {
+            None => Ok(None),
+            Some(source) => Self::new(source, special_token(&config, "bos_token"), special_token(&config, "eos_token")).map(Some),
+        }
+    }
+
+    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, EngineError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, message))
+        });
+        env.add_template_owned("chat", source)
+            .map_err(|e| EngineError::Template(format!("cannot parse: {e}")))?;
+        Ok(Self { env, bos_token, eos_token })
+    }
+
+    /// Renders a conversation (with `tools` as the OpenAI-style list, if any).
+    pub fn render(&self, messages: &[ChatMessage], tools: Option<&Json>, add_generation_prompt: bool) -> Result<String, EngineError> {
+        if messages.is_empty() {
+            return Err(EngineError::InvalidRequest("a chat needs at least one message".into()));
+        }
+        let template = self.env.get_template("chat").map_err(|e| EngineError::Template(e.to_string()))?;
+        let ctx = minijinja::context! {
+            messages => Value::from_serialize(messages),
+            tools => tools.map(Value::from_serialize),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone(),
+            eos_token => self.eos_token.clone(),
+        };
+        template
+            .render(ctx)
+            .map_err(|e| EngineError::Template(format!("rendering failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tojson_uses_python_spacing() {
+        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}".into(), String::new(), String::new()).expect("template");
+        let mut env_ctx = serde_json::Map::new();
+        env_ctx.insert("x".into(), serde_json::json!({"b": [1, "é"], "a": {}}));
+        let tmpl = t.env.get_template("chat").expect("get");
+        let out = tmpl.render(Value::from_serialize(&env_ctx)).expect("render");
+        assert_eq!(out, "{\"b\": [1, \"é\"], \"a\": {}}|{\n  \"b\": [\n    1,\n    \"é\"\n  ],\n  \"a\": {}\n}");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t = ChatTemplate::new("{{ raise_exception('no system role') }}".into(), String::new(), String::new()).expect("template");
+        let err = t.render(&[ChatMessage::new("user", "hi")], None, true).expect_err("raise");
+        assert!(err.to_string().contains("no system role"), "{err}");
+    }
+}

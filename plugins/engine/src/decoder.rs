@@ -1,0 +1,267 @@
+//! The decoder-only transformer shared by every dense model: embeddings, N pre-norm blocks
+//! of grouped-query attention (optional per-head QK-norm, optional q/k/v bias, rotary
+//! embeddings, full or partial) and a SwiGLU MLP, a final RMSNorm and the LM head (tied or
+//! not). References: transformers `modeling_llama.py` / `modeling_qwen3.py`
+//! (`Qwen3Attention`, `Qwen3MLP`, `Qwen3DecoderLayer`, `eager_attention_forward`).
+
+use crate::error::EngineError;
+use crate::hf_config::DecoderConfig;
+use crate::kv_cache::KvCache;
+use crate::rope;
+use crate::weights::{Checkpoint, burn_dtype};
+use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData, activation::softmax};
+use inference_pio_core::types::DType;
+use inference_pio_kernels::{apply_rotary, rms_norm, swiglu};
+
+/// What differs between dense decoder families, beyond what `config.json` says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderSpec {
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+struct Linear {
+    /// HF `[out, in]` layout, used through a transposed view.
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
+        let weight = ckpt.load(&format!("{prefix}.weight"), [out, inp], device, dtype)?;
+        let bias = if bias { Some(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    /// `x [rows, in] -> [rows, out]`.
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let y = x.matmul(self.weight.clone().transpose());
+        match &self.bias {
+            Some(b) => y.add(b.clone().unsqueeze()),
+            None => y,
+        }
+    }
+}
+
+struct Block {
+    input_norm: Tensor<1>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor<1>>,
+    k_norm: Option<Tensor<1>>,
+    post_norm: Tensor<1>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Which positions get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position of each row (generation).
+    Last,
+    /// Every position (scoring).
+    All,
+}
+
+/// A loaded dense decoder.
+pub struct Decoder {
+    pub config: DecoderConfig,
+    pub spec: DecoderSpec,
+    pub dtype: DType,
+    pub device: Device,
+    embed: Tensor<2>,
+    blocks: Vec<Block>,
+    norm: Tensor<1>,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Tensor<2>>,
+    inv_freq: Vec<f32>,
+}
+
+/// Names and shapes of every tensor a decoder with this config needs.
+pub fn expected_tensors(c: &DecoderConfig, spec: &DecoderSpec) -> Vec<(String, Vec<usize>)> {
+    let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
+    let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        if c.attention_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        if spec.qk_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![d]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![d]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+    }
+    out
+}
+
+/// Bytes the weights take in `dtype`.
+pub fn weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType) -> u64 {
+    expected_tensors(c, spec)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum::<u64>()
+        * dtype.size_bytes()
+}
+
+impl Decoder {
+    /// Checks every tensor's presence, dtype and shape, then loads them.
+    pub fn load(config: DecoderConfig, spec: DecoderSpec, ckpt: &Checkpoint, device: &Device, dtype: DType) -> Result<Self, EngineError> {
+        if config.hidden_act != "silu" {
+            return Err(EngineError::Unsupported(format!("hidden_act `{}` is not supported (only silu)", config.hidden_act)));
+        }
+        for (name, shape) in expected_tensors(&config, &spec) {
+            ckpt.check(&name, &shape)?;
+        }
+        let c = &config;
+        let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let bias = c.attention_bias;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            blocks.push(Block {
+                input_norm: ckpt.load(&format!("{p}.input_layernorm.weight"), [h], device, dtype)?,
+                q: Linear::load(ckpt, &format!("{p}.self_attn.q_proj"), q, h, bias, device, dtype)?,
+                k: Linear::load(ckpt, &format!("{p}.self_attn.k_proj"), kv, h, bias, device, dtype)?,
+                v: Linear::load(ckpt, &format!("{p}.self_attn.v_proj"), kv, h, bias, device, dtype)?,
+                o: Linear::load(ckpt, &format!("{p}.self_attn.o_proj"), h, q, false, device, dtype)?,
+                q_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.q_norm.weight"), [d], device, dtype)).transpose()?,
+                k_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.k_norm.weight"), [d], device, dtype)).transpose()?,
+                post_norm: ckpt.load(&format!("{p}.post_attention_layernorm.weight"), [h], device, dtype)?,
+                gate: Linear::load(ckpt, &format!("{p}.mlp.gate_proj"), i, h, false, device, dtype)?,
+                up: Linear::load(ckpt, &format!("{p}.mlp.up_proj"), i, h, false, device, dtype)?,
+                down: Linear::load(ckpt, &format!("{p}.mlp.down_proj"), h, i, false, device, dtype)?,
+            });
+        }
+        let embed = ckpt.load("model.embed_tokens.weight", [c.vocab_size, h], device, dtype)?;
+        let norm = ckpt.load("model.norm.weight", [h], device, dtype)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)?)
+        };
+        let inv_freq = rope::inverse_frequencies(&c.rope, c.rotary_dim());
+        Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq })
+    }
+
+    /// A fresh cache for rows with these left pads.
+    pub fn new_cache(&self, pads: Vec<usize>, capacity: usize) -> KvCache {
+        KvCache::new(self.blocks.len(), pads, capacity)
+    }
+
+    /// Runs `tokens` (`[batch][t]`, equal lengths, left-padded rows as the cache says)
+    /// after what `cache` holds; returns f32 logits `[batch, t or 1, vocab]`.
+    pub fn forward(&self, tokens: &[Vec<u32>], cache: &mut KvCache, logits: Logits) -> Result<Tensor<3>, EngineError> {
+        let batch = tokens.len();
+        let t = tokens.first().map_or(0, Vec::len);
+        if batch == 0 || t == 0 || tokens.iter().any(|r| r.len() != t) || batch != cache.batch() {
+            return Err(EngineError::InvalidRequest("forward needs a non-empty rectangular batch matching the cache".into()));
+        }
+        let c = &self.config;
+        if let Some(&bad) = tokens.iter().flatten().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
+        }
+        let start = cache.len();
+        if start + t > cache.capacity() {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence of {} tokens exceeds the context of {} tokens",
+                start + t,
+                cache.capacity()
+            )));
+        }
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let group = nh / nkv;
+        let bdt = burn_dtype(self.dtype);
+
+        let ids: Vec<i64> = tokens.iter().flatten().map(|&id| id as i64).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [batch * t]), &self.device);
+        let mut x = self.embed.clone().select(0, ids).reshape([batch, t, h]);
+
+        let pads = cache.pads().to_vec();
+        let positions: Vec<Vec<usize>> = pads
+            .iter()
+            .map(|&pad| (start..start + t).map(|slot| slot.saturating_sub(pad)).collect())
+            .collect();
+        let (cos, sin) = rope::cos_sin(&self.inv_freq, &positions, &self.device, bdt);
+        let total = start + t;
+        let mask = self.attention_mask(&pads, start, t, total);
+        let scale = (d as f64).powf(-0.5);
+
+        for (l, block) in self.blocks.iter().enumerate() {
+            let residual = x.clone();
+            let normed = rms_norm(x, &block.input_norm, c.rms_norm_eps).reshape([batch * t, h]);
+            let q = block.q.forward(normed.clone()).reshape([batch, t, nh, d]);
+            let k = block.k.forward(normed.clone()).reshape([batch, t, nkv, d]);
+            let v = block.v.forward(normed).reshape([batch, t, nkv, d]);
+            let q = match &block.q_norm { Some(w) => rms_norm(q, w, c.rms_norm_eps), None => q };
+            let k = match &block.k_norm { Some(w) => rms_norm(k, w, c.rms_norm_eps), None => k };
+            let q = apply_rotary(q.swap_dims(1, 2), &cos, &sin);
+            let k = apply_rotary(k.swap_dims(1, 2), &cos, &sin);
+            let v = v.swap_dims(1, 2);
+            let (k_all, v_all) = cache.append(l, k, v);
+
+            // Grouped-query attention without copying keys: the `group` query heads that
+            // share a key head are stacked along the token axis.
+            let q = q.reshape([batch, nkv, group * t, d]);
+            let scores = q.matmul(k_all.transpose()).mul_scalar(scale);
+            let scores = scores.cast(BurnDType::F32).reshape([batch, nkv, group, t, total]);
+            let scores = match &mask { Some(m) => scores.add(m.clone()), None => scores };
+            let probs = softmax(scores, 4).cast(bdt).reshape([batch, nkv, group * t, total]);
+            let attn = probs.matmul(v_all).reshape([batch, nh, t, d]).swap_dims(1, 2).reshape([batch * t, nh * d]);
+            x = residual.add(block.o.forward(attn).reshape([batch, t, h]));
+
+            let residual = x.clone();
+            let normed = rms_norm(x, &block.post_norm, c.rms_norm_eps).reshape([batch * t, h]);
+            let mlp = block.down.forward(swiglu(block.gate.forward(normed.clone()), block.up.forward(normed)));
+            x = residual.add(mlp.reshape([batch, t, h]));
+        }
+        cache.advance(t);
+
+        let x = match logits {
+            Logits::Last => x.narrow(1, t - 1, 1),
+            Logits::All => x,
+        };
+        let rows = x.dims()[1];
+        let x = rms_norm(x, &self.norm, c.rms_norm_eps).reshape([batch * rows, h]);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let out = x.matmul(head.clone().transpose()).reshape([batch, rows, c.vocab_size]);
+        Ok(if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) })
+    }
+
+    /// Additive mask `[batch, 1, 1, t, total]`: query `i` (slot `start + i`) sees slots
+    /// `pad..=start + i`. `None` when nothing is masked (one new token, no padding).
+    fn attention_mask(&self, pads: &[usize], start: usize, t: usize, total: usize) -> Option<Tensor<5>> {
+        if t == 1 && pads.iter().all(|&p| p == 0) {
+            return None;
+        }
+        const NEG: f32 = -1.0e9;
+        let mut values = Vec::with_capacity(pads.len() * t * total);
+        for &pad in pads {
+            for i in 0..t {
+                let last = start + i;
+                values.extend((0..total).map(|s| if s >= pad && s <= last { 0.0 } else { NEG }));
+            }
+        }
+        Some(Tensor::from_data(TensorData::new(values, [pads.len(), 1, 1, t, total]), (&self.device, BurnDType::F32)))
+    }
+}

@@ -1,0 +1,274 @@
+//! Hugging Face `config.json` for decoder-only transformers (Llama / Qwen2 / Qwen3 family),
+//! as read by `transformers.PretrainedConfig`, including both the hub keys (`rope_theta`,
+//! `rope_scaling`, `partial_rotary_factor`) and the transformers-5 `rope_parameters` table.
+
+use crate::error::EngineError;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+
+/// How rotary frequencies are scaled for long context.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The rotary embedding parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    /// Fraction of each head's channels that rotate (GLM, Phi: < 1).
+    pub partial_rotary_factor: f64,
+    pub scaling: RopeScaling,
+}
+
+/// The fields of `config.json` the engine uses, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderConfig {
+    pub architectures: Vec<String>,
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub hidden_act: String,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// `torch_dtype` / `dtype` as written (`bfloat16`, `float32`, ...).
+    pub torch_dtype: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    model_type: String,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    partial_rotary_factor: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+/// Token ids given as a number, a list, or null.
+pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
+    match value {
+        Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn required(name: &str, value: Option<usize>) -> Result<usize, EngineError> {
+    match value {
+        Some(v) if v > 0 => Ok(v),
+        Some(_) => Err(EngineError::Config(format!("`{name}` must be positive"))),
+        None => Err(EngineError::Config(format!("`{name}` is missing"))),
+    }
+}
+
+fn f64_field(table: &Value, key: &str) -> Option<f64> {
+    table.get(key).and_then(Value::as_f64)
+}
+
+fn parse_scaling(table: Option<&Value>) -> Result<RopeScaling, EngineError> {
+    let Some(table) = table.filter(|t| t.is_object()) else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = table
+        .get("rope_type")
+        .or_else(|| table.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let factor = || {
+        f64_field(table, "factor")
+            .filter(|f| *f > 0.0)
+            .ok_or_else(|| EngineError::Config(format!("rope scaling `{kind}` needs a positive `factor`")))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear { factor: factor()? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: factor()?,
+            low_freq_factor: f64_field(table, "low_freq_factor").unwrap_or(1.0),
+            high_freq_factor: f64_field(table, "high_freq_factor").unwrap_or(4.0),
+            original_max_position_embeddings: f64_field(table, "original_max_position_embeddings").unwrap_or(8192.0),
+        }),
+        other => Err(EngineError::Unsupported(format!(
+            "rope scaling type `{other}` is not implemented (supported: default, linear, llama3)"
+        ))),
+    }
+}
+
+impl DecoderConfig {
+    pub fn from_file(path: &Path) -> Result<Self, EngineError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EngineError::Io(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_json_str(&text).map_err(|e| e.context(&path.display().to_string()))
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self, EngineError> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| EngineError::Config(format!("not valid JSON: {e}")))?;
+        Self::from_value(&value)
+    }
+
+    pub fn from_value(value: &Value) -> Result<Self, EngineError> {
+        let raw: Raw = serde_json::from_value(value.clone())
+            .map_err(|e| EngineError::Config(format!("unexpected field type: {e}")))?;
+        let hidden_size = required("hidden_size", raw.hidden_size)?;
+        let num_attention_heads = required("num_attention_heads", raw.num_attention_heads)?;
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(EngineError::Config(format!(
+                "num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
+            )));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => required("head_dim", Some(d))?,
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => return Err(EngineError::Config("hidden_size is not a multiple of num_attention_heads and head_dim is missing".into())),
+        };
+        // transformers 5 keeps theta, scaling and partial rotary together in `rope_parameters`.
+        let params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
+        let theta = params
+            .and_then(|p| f64_field(p, "rope_theta"))
+            .or(raw.rope_theta)
+            .unwrap_or(10_000.0);
+        let partial = params
+            .and_then(|p| f64_field(p, "partial_rotary_factor"))
+            .or(raw.partial_rotary_factor)
+            .unwrap_or(1.0);
+        if !(partial > 0.0 && partial <= 1.0) {
+            return Err(EngineError::Config(format!("partial_rotary_factor must be in (0, 1], got {partial}")));
+        }
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+            return Err(EngineError::Config(format!("rotary dimension {rotary_dim} must be even and positive")));
+        }
+        let scaling = parse_scaling(params.or(raw.rope_scaling.as_ref()))?;
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        Ok(Self {
+            architectures: raw.architectures,
+            model_type: raw.model_type,
+            vocab_size: required("vocab_size", raw.vocab_size)?,
+            hidden_size,
+            intermediate_size: required("intermediate_size", raw.intermediate_size)?,
+            num_hidden_layers: required("num_hidden_layers", raw.num_hidden_layers)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps,
+            rope: RopeConfig { theta, partial_rotary_factor: partial, scaling },
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: raw.attention_bias.unwrap_or(false),
+            hidden_act: raw.hidden_act.unwrap_or_else(|| "silu".into()),
+            bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            pad_token_id: token_ids(raw.pad_token_id.as_ref()).first().copied(),
+            torch_dtype: raw.torch_dtype.or(raw.dtype),
+        })
+    }
+
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim as f64 * self.rope.partial_rotary_factor) as usize
+    }
+
+    /// Parameters of a dense decoder with this config (`qk_norm`: per-head q/k norms).
+    pub fn parameter_count(&self, qk_norm: bool) -> u64 {
+        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let norms = 2 * h + if qk_norm { 2 * self.head_dim as u64 } else { 0 };
+        let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + norms;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers as u64 * layer + h + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QWEN3_4B: &str = include_str!("../testdata/qwen3-4b-config.json");
+
+    #[test]
+    fn reads_the_real_qwen3_4b_config() {
+        let c = DecoderConfig::from_json_str(QWEN3_4B).expect("config");
+        assert_eq!(c.head_dim, 128);
+        assert_eq!(c.rope.theta, 5_000_000.0);
+        assert_eq!(c.rope.scaling, RopeScaling::None);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.eos_token_ids, vec![151645]);
+        // Qwen3-4B: 4.02 B parameters.
+        let params = c.parameter_count(true);
+        assert!((4_000_000_000..4_050_000_000).contains(&params), "{params}");
+    }
+
+    #[test]
+    fn accepts_transformers5_rope_parameters() {
+        let text = r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "head_dim": 8,
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0, "partial_rotary_factor": 0.5}}"#;
+        let c = DecoderConfig::from_json_str(text).expect("config");
+        assert_eq!(c.rope.theta, 1000.0);
+        assert_eq!(c.rope.scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(c.rotary_dim(), 4);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let err = DecoderConfig::from_json_str(r#"{"vocab_size": 10}"#).expect_err("missing");
+        assert!(err.to_string().contains("hidden_size"), "{err}");
+        let err = DecoderConfig::from_json_str(
+            r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 3, "num_key_value_heads": 2}"#,
+        )
+        .expect_err("heads");
+        assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+        let err = DecoderConfig::from_json_str(
+            r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#,
+        )
+        .expect_err("yarn");
+        assert!(err.to_string().contains("yarn"), "{err}");
+    }
+}

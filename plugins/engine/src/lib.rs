@@ -1,0 +1,28 @@
+//! The Inference-PIO engine: what model plugins are built on.
+//!
+//! HF config parsing ([`hf_config`]), safetensors loading ([`weights`]), the dense decoder
+//! ([`decoder`]: RMSNorm, RoPE, grouped-query attention with optional QK-norm, SwiGLU, tied
+//! embeddings) over a KV cache ([`kv_cache`]), sampling ([`sampling`]), the generation loop
+//! ([`generate`]), tokenizer and streaming detokenizer ([`tokenizer`]), the model's chat
+//! template ([`chat_template`]) and the plugin export glue ([`plugin`], [`export_model!`]).
+//! Tensors come from burn; the device (CPU via flex, or CUDA) is chosen at run time.
+
+pub mod chat_template;
+pub mod decoder;
+pub mod error;
+pub mod generate;
+pub mod hf_config;
+pub mod kv_cache;
+pub mod plugin;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use decoder::DecoderSpec;
+pub use error::EngineError;
+pub use hf_config::DecoderConfig;
+pub use plugin::ModelFamily;
+
+#[doc(hidden)]
+pub use inference_pio_core as __core;

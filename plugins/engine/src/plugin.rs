@@ -1,0 +1,312 @@
+//! The plugin export glue every model crate uses: a [`ModelFamily`] describes the model, and
+//! [`export_model!`](crate::export_model) turns it into an Inference-PIO plugin (metadata,
+//! selection by `architectures`, device and dtype choice, the memory budget check, loading,
+//! generation, scoring, live config updates).
+
+use crate::decoder::{Decoder, DecoderSpec, weight_bytes};
+use crate::error::EngineError;
+use crate::generate::{Engine, GenerationDefaults};
+use crate::hf_config::DecoderConfig;
+use crate::chat_template::ChatTemplate;
+use crate::tokenizer::TextTokenizer;
+use crate::weights::Checkpoint;
+use burn::tensor::Device;
+use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError};
+use inference_pio_core::config::{OptimizationSettings, SecurityLevel};
+use inference_pio_core::export::{Plugin, TokenCallback};
+use inference_pio_core::types::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+/// Everything a dense model crate says about its model.
+pub struct ModelFamily {
+    /// Plugin id (`qwen3-4b-instruct-2507`).
+    pub id: &'static str,
+    pub version: &'static str,
+    pub description: &'static str,
+    /// HF `architectures` handled.
+    pub architectures: &'static [&'static str],
+    pub primary_model_name: &'static str,
+    /// The primary model's real `config.json` (for its parameter count and size).
+    pub primary_config_json: &'static str,
+    /// Model-specific layer choices.
+    pub spec: fn(&DecoderConfig) -> DecoderSpec,
+}
+
+const BURN_VERSION: &str = "0.22.1";
+
+/// Picks the device: `auto` is CUDA 0 when an NVIDIA driver is present, else the CPU.
+pub fn choose_device(request: DeviceRequest) -> (Device, String) {
+    let cuda_present = Path::new("/proc/driver/nvidia/version").exists() || Path::new("/dev/nvidia0").exists();
+    match request {
+        DeviceRequest::Cpu => (Device::flex(), "cpu".into()),
+        DeviceRequest::Cuda(i) => (Device::cuda(i as usize), format!("cuda:{i}")),
+        DeviceRequest::Auto if cuda_present => (Device::cuda(0usize), "cuda:0".into()),
+        DeviceRequest::Auto => (Device::flex(), "cpu".into()),
+    }
+}
+
+/// Loads a model directory with a family's spec. Checks the memory budget before reading
+/// any weight data.
+pub fn load_engine(
+    family: &ModelFamily,
+    dir: &Path,
+    options: &LoadOptions,
+    settings: &PluginSettings,
+) -> Result<(Engine, ModelInfo), EngineError> {
+    let started = Instant::now();
+    let config = DecoderConfig::from_file(&dir.join("config.json"))?;
+    if !config.architectures.iter().any(|a| family.architectures.contains(&a.as_str())) {
+        return Err(EngineError::Unsupported(format!(
+            "architecture {:?} is not handled by plugin `{}` (handles {:?})",
+            config.architectures, family.id, family.architectures
+        )));
+    }
+    let spec = (family.spec)(&config);
+    let (device, device_name) = choose_device(options.device);
+    let on_gpu = device_name.starts_with("cuda");
+    let dtype = options
+        .dtype
+        .or(settings.optimization.dtype)
+        .unwrap_or(if on_gpu { DType::Bf16 } else { DType::F32 });
+    let bytes = weight_bytes(&config, &spec, dtype);
+    let (limit, which) = if on_gpu {
+        (settings.limits.gpu_memory_gb, "gpu_memory_gb")
+    } else {
+        (settings.limits.memory_gb, "memory_gb")
+    };
+    if let Some(limit_gb) = limit
+        && bytes as f64 > limit_gb * 1e9
+    {
+        return Err(EngineError::ResourceLimit(format!(
+            "the weights need {:.3} GB in {dtype} on {device_name}, more than the {which} limit of {limit_gb} GB",
+            bytes as f64 / 1e9
+        )));
+    }
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let template = ChatTemplate::from_model_dir(dir)?;
+    let generation = GenerationDefaults::from_model_dir(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
+    let c = &decoder.config;
+    let eos_token_ids = if generation.eos_token_ids.is_empty() { c.eos_token_ids.clone() } else { generation.eos_token_ids.clone() };
+    let max_context = settings
+        .optimization
+        .max_context_tokens
+        .map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));
+    let info = ModelInfo {
+        handle: 0,
+        architecture: c.architectures.first().cloned().unwrap_or_default(),
+        parameter_count: c.parameter_count(decoder.spec.qk_norm),
+        weight_bytes: bytes,
+        dtype,
+        device: device_name,
+        max_context: max_context as u64,
+        vocab_size: c.vocab_size as u64,
+        has_chat_template: template.is_some(),
+        generation_defaults: generation.values.clone(),
+        load_seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((Engine { decoder, tokenizer, template, generation, eos_token_ids, max_context }, info))
+}
+
+/// A [`ModelFamily`] served as a plugin.
+pub struct EnginePlugin {
+    family: &'static ModelFamily,
+    settings: RwLock<PluginSettings>,
+    models: RwLock<HashMap<u64, (Arc<Engine>, ModelInfo)>>,
+    next_handle: AtomicU64,
+}
+
+impl EnginePlugin {
+    pub fn new(family: &'static ModelFamily) -> Self {
+        Self {
+            family,
+            settings: RwLock::new(PluginSettings::default()),
+            models: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn settings(&self) -> PluginSettings {
+        self.settings.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn model(&self, handle: u64) -> Result<Arc<Engine>, PluginError> {
+        self.models
+            .read()
+            .map_err(|_| PluginError::internal("model table lock poisoned"))?
+            .get(&handle)
+            .map(|(e, _)| e.clone())
+            .ok_or_else(|| PluginError::new(ErrorKind::UnknownModel, format!("no model with handle {handle}")))
+    }
+}
+
+fn as_plugin_error(e: EngineError) -> PluginError {
+    e.into()
+}
+
+impl Plugin for EnginePlugin {
+    fn metadata(&self) -> PluginMetadata {
+        let f = self.family;
+        let (params, bytes) = match DecoderConfig::from_json_str(f.primary_config_json) {
+            Ok(c) => {
+                let spec = (f.spec)(&c);
+                let native = match c.torch_dtype.as_deref() {
+                    Some("float32") => DType::F32,
+                    Some("float16") => DType::F16,
+                    _ => DType::Bf16,
+                };
+                (c.parameter_count(spec.qk_norm), weight_bytes(&c, &spec, native))
+            }
+            Err(_) => (0, 0),
+        };
+        PluginMetadata {
+            id: f.id.into(),
+            version: f.version.into(),
+            description: f.description.into(),
+            architectures: f.architectures.iter().map(|s| s.to_string()).collect(),
+            primary_model: PrimaryModel { name: f.primary_model_name.into(), parameter_count: params, memory_bytes: bytes },
+            modalities: vec!["text".into()],
+            capabilities: ["streaming", "cancellation", "chat-template", "kv-cache", "score", "batched-forward", "chunked-prefill"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            optimizations: OptimizationSettings::KEYS.iter().map(|s| s.to_string()).collect(),
+            backends: vec!["cpu".into(), "cuda".into()],
+            build: BuildInfo {
+                rustc: option_env!("INFERENCE_PIO_RUSTC_VERSION").unwrap_or("unknown").into(),
+                burn: BURN_VERSION.into(),
+                abi_major: ABI_MAJOR,
+                abi_minor: ABI_MINOR,
+            },
+        }
+    }
+
+    fn supports_config(&self, config: &serde_json::Value) -> Support {
+        let archs: Vec<String> = config
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        if !archs.iter().any(|a| self.family.architectures.contains(&a.as_str())) {
+            return Support { supported: false, reason: format!("architectures {archs:?} not in {:?}", self.family.architectures) };
+        }
+        match DecoderConfig::from_value(config) {
+            Ok(_) => Support { supported: true, reason: String::new() },
+            Err(e) => Support { supported: false, reason: e.to_string() },
+        }
+    }
+
+    fn initialize(&self, settings: PluginSettings) -> Result<(), PluginError> {
+        settings.security.check_supported().map_err(PluginError::invalid)?;
+        settings.limits.validate().map_err(|(k, r)| PluginError::invalid(format!("limits.{k}: {r}")))?;
+        settings
+            .limits
+            .check_enforceable(settings.security)
+            .map_err(|(k, r)| PluginError::invalid(format!("limits.{k}: {r}")))?;
+        *self.settings.write().map_err(|_| PluginError::internal("settings lock poisoned"))? = settings;
+        Ok(())
+    }
+
+    fn load_model(&self, model_dir: &Path, options: LoadOptions) -> Result<ModelInfo, PluginError> {
+        let (engine, mut info) = load_engine(self.family, model_dir, &options, &self.settings()).map_err(as_plugin_error)?;
+        info.handle = self.next_handle.fetch_add(1, Ordering::SeqCst);
+        self.models
+            .write()
+            .map_err(|_| PluginError::internal("model table lock poisoned"))?
+            .insert(info.handle, (Arc::new(engine), info.clone()));
+        Ok(info)
+    }
+
+    fn infer(&self, model: u64, request: InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
+        let engine = self.model(model)?;
+        let settings = self.settings();
+        engine
+            .generate(&request.input, &request.sampling, &request.stop, &settings.sampling_defaults, &settings.optimization, on_token)
+            .map_err(as_plugin_error)
+    }
+
+    fn score(&self, model: u64, request: ScoreRequest) -> Result<ScoreResponse, PluginError> {
+        self.model(model)?.score(&request.input, request.return_logits).map_err(as_plugin_error)
+    }
+
+    fn update_config(&self, update: ConfigUpdate) -> Result<UpdateOutcome, PluginError> {
+        let mut outcome = UpdateOutcome::default();
+        let mut settings = self.settings.write().map_err(|_| PluginError::internal("settings lock poisoned"))?;
+        let models = self.models.read().map_err(|_| PluginError::internal("model table lock poisoned"))?;
+        if let Some(sampling) = update.sampling_defaults {
+            match inference_pio_core::config::validate_sampling(&sampling) {
+                Ok(()) => {
+                    settings.sampling_defaults = sampling;
+                    outcome.applied.push("sampling_defaults".into());
+                }
+                Err((k, r)) => {
+                    outcome.refused.insert(format!("sampling_defaults.{k}"), r);
+                }
+            }
+        }
+        if let Some(limits) = update.limits {
+            let merged = settings.limits.merged_with(&limits);
+            let loosens = |new: Option<f64>, old: Option<f64>| matches!((new, old), (Some(n), Some(o)) if n > o) || (new.is_none() && old.is_some());
+            let largest_cpu = models.values().filter(|(_, i)| i.device == "cpu").map(|(_, i)| i.weight_bytes).max().unwrap_or(0);
+            let largest_gpu = models.values().filter(|(_, i)| i.device != "cpu").map(|(_, i)| i.weight_bytes).max().unwrap_or(0);
+            if let Err((k, r)) = merged.validate().and_then(|_| merged.check_enforceable(settings.security)) {
+                outcome.refused.insert(format!("limits.{k}"), r);
+            } else if loosens(merged.memory_gb, settings.limits.memory_gb) || loosens(merged.gpu_memory_gb, settings.limits.gpu_memory_gb) {
+                outcome.refused.insert("limits".into(), "limits can only tighten while running; restart to loosen them".into());
+            } else if merged.memory_gb.is_some_and(|l| largest_cpu as f64 > l * 1e9) || merged.gpu_memory_gb.is_some_and(|l| largest_gpu as f64 > l * 1e9) {
+                outcome.refused.insert("limits".into(), "a loaded model already uses more than the new limit; clean it up first".into());
+            } else {
+                settings.limits = merged;
+                outcome.applied.push("limits".into());
+            }
+        }
+        if let Some(opt) = update.optimization {
+            if opt.dtype != settings.optimization.dtype && !models.is_empty() {
+                outcome.refused.insert("optimization.dtype".into(), "applies when a model is loaded; clean up and reload".into());
+            } else if opt.max_context_tokens != settings.optimization.max_context_tokens && !models.is_empty() {
+                outcome.refused.insert("optimization.max_context_tokens".into(), "sizes the KV cache at load; clean up and reload".into());
+            } else if opt.max_context_tokens == Some(0) {
+                outcome.refused.insert("optimization.max_context_tokens".into(), "must be at least 1".into());
+            } else {
+                settings.optimization = opt;
+                outcome.applied.push("optimization".into());
+            }
+        }
+        if let Some(level) = update.security
+            && level != settings.security
+        {
+            outcome.refused.insert("security".into(), "the security level is fixed when the plugin starts".into());
+        }
+        let _: SecurityLevel = settings.security;
+        Ok(outcome)
+    }
+
+    fn cleanup(&self, model: u64) -> Result<(), PluginError> {
+        self.models
+            .write()
+            .map_err(|_| PluginError::internal("model table lock poisoned"))?
+            .remove(&model)
+            .map(|_| ())
+            .ok_or_else(|| PluginError::new(ErrorKind::UnknownModel, format!("no model with handle {model}")))
+    }
+}
+
+/// Exports a `static` [`ModelFamily`] as this crate's plugin.
+///
+/// ```ignore
+/// pub static FAMILY: ModelFamily = ModelFamily { /* ... */ };
+/// inference_pio_engine::export_model!(FAMILY);
+/// ```
+#[macro_export]
+macro_rules! export_model {
+    ($family:path) => {
+        $crate::__core::export_plugin!($crate::plugin::EnginePlugin, || {
+            $crate::plugin::EnginePlugin::new(&$family)
+        });
+    };
+}

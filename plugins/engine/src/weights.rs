@@ -1,0 +1,238 @@
+//! Safetensors checkpoints: a single `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, memory-mapped, every header validated (the `safetensors`
+//! crate checks offsets against the file length), every tensor's dtype and shape checked
+//! before it is copied to the device. Format: <https://huggingface.co/docs/safetensors>.
+
+use crate::error::EngineError;
+use burn::tensor::{DType as BurnDType, Device, Tensor, TensorData};
+use inference_pio_core::types::DType;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors, tensor::Metadata};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// An opened checkpoint.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    /// tensor name -> shard index
+    names: HashMap<String, usize>,
+}
+
+fn open_shard(path: &Path) -> Result<Shard, EngineError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| EngineError::Weights(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: the map is read-only and private to this process; the checkpoint files are not
+    // expected to change while loaded (as with every mmap-based loader: transformers,
+    // llama.cpp). Every access is bounds-checked against the validated header below.
+    let mmap = unsafe { Mmap::map(&file) }
+        .map_err(|e| EngineError::Weights(format!("cannot map {}: {e}", path.display())))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        EngineError::Weights(format!("{} is not a valid safetensors file: {e}", path.display()))
+    })?;
+    Ok(Shard { path: path.to_path_buf(), data_start: 8 + header_len, metadata, mmap })
+}
+
+fn convert(bytes: &[u8], from: Dtype, to: DType) -> Vec<u8> {
+    use half::{bf16, f16};
+    let values: Box<dyn Iterator<Item = f32> + '_> = match from {
+        Dtype::F32 => Box::new(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        Dtype::BF16 => Box::new(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        _ => Box::new(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+    };
+    match to {
+        DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
+        DType::Bf16 => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+        DType::F16 => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+/// The burn dtype for ours.
+pub fn burn_dtype(dtype: DType) -> BurnDType {
+    match dtype {
+        DType::F32 => BurnDType::F32,
+        DType::Bf16 => BurnDType::BF16,
+        DType::F16 => BurnDType::F16,
+    }
+}
+
+impl Checkpoint {
+    /// Opens the weights of a model directory.
+    pub fn open(dir: &Path) -> Result<Self, EngineError> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut shards = Vec::new();
+        let mut names = HashMap::new();
+        if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| EngineError::Weights(format!("cannot read {}: {e}", index_path.display())))?;
+            let index: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| EngineError::Weights(format!("{} is not valid JSON: {e}", index_path.display())))?;
+            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                EngineError::Weights(format!("{} has no `weight_map` object", index_path.display()))
+            })?;
+            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            files.sort();
+            files.dedup();
+            for file in &files {
+                if file.contains('/') || file.contains("..") {
+                    return Err(EngineError::Weights(format!("{}: shard name `{file}` leaves the model directory", index_path.display())));
+                }
+                let shard = open_shard(&dir.join(file))?;
+                let shard_index = shards.len();
+                for name in shard.metadata.tensors().keys() {
+                    names.insert(name.clone(), shard_index);
+                }
+                shards.push(shard);
+            }
+            for (name, file) in map {
+                if !names.contains_key(name) {
+                    return Err(EngineError::Weights(format!(
+                        "tensor `{name}` is listed in {} for {} but that shard does not contain it",
+                        index_path.display(),
+                        file.as_str().unwrap_or("?")
+                    )));
+                }
+            }
+        } else if single.is_file() {
+            let shard = open_shard(&single)?;
+            for name in shard.metadata.tensors().keys() {
+                names.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        } else {
+            return Err(EngineError::Weights(format!(
+                "no model.safetensors or model.safetensors.index.json in {}",
+                dir.display()
+            )));
+        }
+        Ok(Self { shards, names })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
+    fn entry(&self, name: &str) -> Result<(&Shard, &safetensors::tensor::TensorInfo), EngineError> {
+        let shard = self
+            .names
+            .get(name)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` is missing from the checkpoint")))?;
+        let info = shard
+            .metadata
+            .info(name)
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` is missing from {}", shard.path.display())))?;
+        Ok((shard, info))
+    }
+
+    /// Checks that `name` exists with `shape` and a floating dtype we load.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<(), EngineError> {
+        let (shard, info) = self.entry(name)?;
+        if !matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(EngineError::Weights(format!(
+                "tensor `{name}` in {} has dtype {:?}; supported: F32, BF16, F16",
+                shard.path.display(),
+                info.dtype
+            )));
+        }
+        if info.shape != shape {
+            return Err(EngineError::Weights(format!(
+                "tensor `{name}` in {} has shape {:?} but the config implies {:?}",
+                shard.path.display(),
+                info.shape,
+                shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`.
+    pub fn load<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device, dtype: DType) -> Result<Tensor<D>, EngineError> {
+        self.check(name, &shape)?;
+        let (shard, info) = self.entry(name)?;
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` lies outside {}", shard.path.display())))?;
+        let native = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::BF16 => DType::Bf16,
+            _ => DType::F16,
+        };
+        let owned = if native == dtype { bytes.to_vec() } else { convert(bytes, info.dtype, dtype) };
+        let data = TensorData::from_bytes_vec(owned, shape, burn_dtype(dtype));
+        Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, bytes: &[u8]) {
+        std::fs::write(path, bytes).expect("write");
+    }
+
+    fn header(json: &str) -> Vec<u8> {
+        let mut out = (json.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(json.as_bytes());
+        out
+    }
+
+    #[test]
+    fn missing_truncated_and_garbage_files_are_clear_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Checkpoint::open(dir.path()).err().expect("missing");
+        assert!(err.to_string().contains("no model.safetensors"), "{err}");
+
+        let mut bytes = header(r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#);
+        bytes.extend_from_slice(&[0u8; 8]); // 8 of 16 data bytes: truncated
+        write(&dir.path().join("model.safetensors"), &bytes);
+        let err = Checkpoint::open(dir.path()).err().expect("truncated");
+        assert!(err.to_string().contains("not a valid safetensors"), "{err}");
+
+        write(&dir.path().join("model.safetensors"), b"garbage");
+        let err = Checkpoint::open(dir.path()).err().expect("garbage");
+        assert!(err.to_string().contains("not a valid safetensors"), "{err}");
+
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        write(&dir.path().join("model.safetensors"), &huge);
+        assert!(Checkpoint::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn shape_and_dtype_are_checked_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = header(
+            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"i":{"dtype":"I64","shape":[1],"data_offsets":[16,24]}}"#,
+        );
+        for v in [1.0f32, 2.0, 3.0, 4.0] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes.extend_from_slice(&7i64.to_le_bytes());
+        write(&dir.path().join("model.safetensors"), &bytes);
+        let ckpt = Checkpoint::open(dir.path()).expect("open");
+        let err = ckpt.check("w", &[4, 1]).expect_err("shape");
+        assert!(err.to_string().contains("`w`") && err.to_string().contains("[4, 1]"), "{err}");
+        let err = ckpt.check("i", &[1]).expect_err("dtype");
+        assert!(err.to_string().contains("I64"), "{err}");
+        let err = ckpt.check("nope", &[1]).expect_err("missing");
+        assert!(err.to_string().contains("`nope`"), "{err}");
+        let t: Tensor<2> = ckpt.load("w", [2, 2], &Device::flex(), DType::Bf16).expect("load");
+        let values = t.into_data().convert::<f32>().to_vec::<f32>().expect("values");
+        assert_eq!(values, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+}

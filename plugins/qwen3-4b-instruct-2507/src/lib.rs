@@ -1,0 +1,21 @@
+//! Qwen3 dense models (`Qwen3ForCausalLM`, transformers `modeling_qwen3.py`): a Llama-style
+//! decoder whose queries and keys are RMS-normalised per head before RoPE. Everything else is
+//! the shared engine.
+
+use inference_pio_engine::{DecoderConfig, DecoderSpec, ModelFamily};
+
+fn spec(_config: &DecoderConfig) -> DecoderSpec {
+    DecoderSpec { qk_norm: true }
+}
+
+pub static FAMILY: ModelFamily = ModelFamily {
+    id: "qwen3-4b-instruct-2507",
+    version: env!("CARGO_PKG_VERSION"),
+    description: "Qwen3 dense decoder (per-head QK-norm, GQA, RoPE); primary model Qwen3-4B-Instruct-2507",
+    architectures: &["Qwen3ForCausalLM"],
+    primary_model_name: "Qwen/Qwen3-4B-Instruct-2507",
+    primary_config_json: include_str!("../primary/config.json"),
+    spec,
+};
+
+inference_pio_engine::export_model!(FAMILY);

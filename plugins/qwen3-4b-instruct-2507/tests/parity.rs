@@ -1,0 +1,215 @@
+//! Parity with transformers (fixtures from tests/fixtures/make_fixtures.py) and the engine's
+//! own invariants, on tiny random-weight Qwen3 checkpoints, on the CPU.
+
+use inference_pio_core::types::{ChatMessage, DType, DeviceRequest, LoadOptions, PluginSettings, PromptInput, SamplingParams};
+use inference_pio_engine::decoder::Logits;
+use inference_pio_engine::generate::{Engine, RowRequest};
+use inference_pio_engine::plugin::load_engine;
+use inference_pio_engine::sampling::SamplingConfig;
+use qwen3_4b_instruct_2507::FAMILY;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn load(name: &str, dtype: DType) -> Engine {
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype) };
+    let mut settings = PluginSettings::default();
+    settings.optimization.prefill_chunk_tokens = 0;
+    load_engine(&FAMILY, &fixtures().join(name), &options, &settings).expect("load").0
+}
+
+fn reference(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(format!("{name}.reference.json"))).expect("fixture");
+    serde_json::from_str(&text).expect("json")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn greedy(engine: &Engine, prompt: &[u32], n: u32) -> Vec<u32> {
+    let params = SamplingParams { greedy: true, values: Default::default(), seed: None };
+    let mut params = params;
+    params.values.max_new_tokens = Some(n);
+    let response = engine
+        .generate(&PromptInput::TokenIds(prompt.to_vec()), &params, &[], &Default::default(), &Default::default(), &mut |_, _| true)
+        .expect("generate");
+    response.token_ids
+}
+
+fn all_logits(engine: &Engine, prompt: &[u32]) -> Vec<Vec<f32>> {
+    engine.score(&PromptInput::TokenIds(prompt.to_vec()), true).expect("score").logits.expect("logits")
+}
+
+#[test]
+fn f32_logits_and_greedy_tokens_match_transformers() {
+    for name in ["qwen3-tiny-b", "qwen3-tiny-c"] {
+        let engine = load(name, DType::F32);
+        for prompt in reference(name)["prompts"].as_array().expect("prompts") {
+            let input = ids(&prompt["ids"]);
+            let got = all_logits(&engine, &input);
+            let want = prompt["logits"].as_array().expect("logits");
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                let w: Vec<f32> = w.as_array().expect("row").iter().map(|x| x.as_f64().expect("f") as f32).collect();
+                let err = rel_l2(g, &w);
+                assert!(err <= 1e-4, "{name}, prompt of {} tokens: relative L2 {err}", input.len());
+            }
+            assert_eq!(greedy(&engine, &input, 16), ids(&prompt["greedy"]), "{name}, prompt of {} tokens", input.len());
+        }
+    }
+}
+
+#[test]
+fn full_vocabulary_model_matches_transformers() {
+    let engine = load("qwen3-tiny-a", DType::F32);
+    for prompt in reference("qwen3-tiny-a")["prompts"].as_array().expect("prompts") {
+        let input = ids(&prompt["ids"]);
+        let bytes = std::fs::read(fixtures().join(prompt["last_logits_file"].as_str().expect("file"))).expect("row");
+        let want: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let got = all_logits(&engine, &input);
+        let err = rel_l2(got.last().expect("row"), &want);
+        assert!(err <= 1e-4, "prompt of {} tokens: relative L2 {err}", input.len());
+        assert_eq!(greedy(&engine, &input, 16), ids(&prompt["greedy"]));
+    }
+}
+
+#[test]
+fn bf16_logits_are_within_bf16_tolerance() {
+    for name in ["qwen3-tiny-b", "qwen3-tiny-c"] {
+        let engine = load(name, DType::Bf16);
+        for prompt in reference(name)["prompts"].as_array().expect("prompts") {
+            let input = ids(&prompt["ids"]);
+            let got = all_logits(&engine, &input);
+            for (g, w) in got.iter().zip(prompt["logits"].as_array().expect("logits")) {
+                let w: Vec<f32> = w.as_array().expect("row").iter().map(|x| x.as_f64().expect("f") as f32).collect();
+                let err = rel_l2(g, &w);
+                assert!(err <= 2e-2, "{name} bf16, prompt of {} tokens: relative L2 {err}", input.len());
+            }
+        }
+    }
+}
+
+#[test]
+fn incremental_decode_equals_the_full_forward_pass() {
+    let engine = load("qwen3-tiny-b", DType::F32);
+    let prompt: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    let full = all_logits(&engine, &prompt);
+    let mut cache = engine.decoder.new_cache(vec![0], 256);
+    // Prefill 7 tokens, then one at a time.
+    let mut rows = Vec::new();
+    let first = engine.decoder.forward(&[prompt[..7].to_vec()], &mut cache, Logits::All).expect("prefill");
+    let values = first.into_data().convert::<f32>().to_vec::<f32>().expect("values");
+    rows.extend(values.chunks(512).map(<[f32]>::to_vec));
+    for &id in &prompt[7..] {
+        let step = engine.decoder.forward(&[vec![id]], &mut cache, Logits::Last).expect("step");
+        rows.push(step.into_data().convert::<f32>().to_vec::<f32>().expect("values"));
+    }
+    for (i, (a, b)) in rows.iter().zip(&full).enumerate() {
+        let err = rel_l2(a, b);
+        assert!(err <= 1e-5, "position {i}: relative L2 {err}");
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_one_pass() {
+    let engine = load("qwen3-tiny-c", DType::F32);
+    let prompt: Vec<u32> = (0..30).map(|i| (i * 13 + 5) % 380 + 3).collect();
+    let one_pass = greedy(&engine, &prompt, 12);
+    let mut optimization = inference_pio_core::config::OptimizationSettings::default();
+    optimization.prefill_chunk_tokens = 7;
+    let request = RowRequest { prompt: prompt.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 12, stop: vec![] };
+    let mut timings = Default::default();
+    let chunked = engine.generate_rows(vec![request], &optimization, &mut |_, _, _| true, &mut timings).expect("generate");
+    assert_eq!(chunked[0].new_ids, one_pass);
+}
+
+#[test]
+fn a_left_padded_batch_equals_one_by_one() {
+    let engine = load("qwen3-tiny-b", DType::F32);
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 200, 31], (0..19).map(|i| (i * 29 + 7) % 500 + 3).collect(), vec![77]];
+    let requests = prompts
+        .iter()
+        .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 10, stop: vec![] })
+        .collect();
+    let mut timings = Default::default();
+    let batched = engine.generate_rows(requests, &Default::default(), &mut |_, _, _| true, &mut timings).expect("batch");
+    for (prompt, result) in prompts.iter().zip(&batched) {
+        assert_eq!(result.new_ids, greedy(&engine, prompt, 10), "prompt {prompt:?}");
+    }
+}
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    let engine = load("qwen3-tiny-a", DType::F32);
+    let text = std::fs::read_to_string(fixtures().join("tokenizer.reference.json")).expect("fixture");
+    let reference: Value = serde_json::from_str(&text).expect("json");
+    for case in reference["tokenizer"].as_array().expect("cases") {
+        let s = case["text"].as_str().expect("text");
+        let encoded = engine.tokenizer.encode(s, true).expect("encode");
+        assert_eq!(encoded, ids(&case["ids"]), "encode {s:?}");
+        assert_eq!(engine.tokenizer.decode(&encoded, false).expect("decode"), case["decoded"].as_str().expect("decoded"));
+    }
+    let template = engine.template.as_ref().expect("template");
+    for case in reference["chat_template"].as_array().expect("cases") {
+        let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).expect("messages");
+        let tools = case.get("tools");
+        let agp = case["add_generation_prompt"].as_bool().expect("bool");
+        let rendered = template.render(&messages, tools, agp).expect("render");
+        assert_eq!(rendered, case["rendered"].as_str().expect("rendered"), "conversation {messages:?}");
+    }
+}
+
+#[test]
+fn streamed_text_equals_the_final_text() {
+    let engine = load("qwen3-tiny-a", DType::F32);
+    let mut streamed = String::new();
+    let mut params = SamplingParams { greedy: true, ..Default::default() };
+    params.values.max_new_tokens = Some(20);
+    let input = PromptInput::Chat { messages: vec![ChatMessage::new("user", "Say something")], tools: None };
+    let response = engine
+        .generate(&input, &params, &[], &Default::default(), &Default::default(), &mut |_, t| {
+            streamed.push_str(t);
+            true
+        })
+        .expect("generate");
+    assert_eq!(streamed, response.text);
+    assert_eq!(response.token_ids.len(), 20);
+    // Cancelling after three tokens stops generation.
+    let mut seen = 0;
+    let response = engine
+        .generate(&input, &params, &[], &Default::default(), &Default::default(), &mut |_, _| {
+            seen += 1;
+            seen < 3
+        })
+        .expect("generate");
+    assert_eq!(response.token_ids.len(), 3);
+    assert_eq!(response.finish_reason, inference_pio_core::types::FinishReason::Cancelled);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let engine = load("qwen3-tiny-b", DType::F32);
+    let run = |seed| {
+        let mut params = SamplingParams { greedy: false, seed: Some(seed), ..Default::default() };
+        params.values.temperature = Some(1.5);
+        params.values.top_k = Some(50);
+        params.values.max_new_tokens = Some(12);
+        engine
+            .generate(&PromptInput::TokenIds(vec![5, 6, 7]), &params, &[], &Default::default(), &Default::default(), &mut |_, _| true)
+            .expect("generate")
+            .token_ids
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
