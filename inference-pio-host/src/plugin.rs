@@ -28,8 +28,8 @@ pub struct LoadedPlugin {
 pub fn describe_load_error(error: &LibraryError) -> String {
     let one_line = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
     match error {
-        LibraryError::OpenError(e) => one_line(format!("cannot be loaded as a shared library: {e}")),
-        LibraryError::GetSymbolError(_) => {
+        LibraryError::OpenError { err, .. } => one_line(format!("cannot be loaded as a shared library: {err}")),
+        LibraryError::GetSymbolError { .. } => {
             "not an Inference-PIO plugin: it exports no abi_stable root module".to_string()
         }
         LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(

@@ -56,7 +56,7 @@ mod tests {
     }
 
     fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
-        x.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data")
+        x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
     }
 
     #[test]

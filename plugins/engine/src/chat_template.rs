@@ -119,8 +119,12 @@ impl ChatTemplate {
 
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, EngineError> {
         let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| EngineError::Template(e.to_string()))?;
+        env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
@@ -138,8 +142,8 @@ impl ChatTemplate {
         }
         let template = self.env.get_template("chat").map_err(|e| EngineError::Template(e.to_string()))?;
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            tools => tools.map(Value::from_serialize),
+            messages => Value::from(minijinja::value::Serde(messages)),
+            tools => tools.map(|t| Value::from(minijinja::value::Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
@@ -160,7 +164,7 @@ mod tests {
         let mut env_ctx = serde_json::Map::new();
         env_ctx.insert("x".into(), serde_json::json!({"b": [1, "é"], "a": {}}));
         let tmpl = t.env.get_template("chat").expect("get");
-        let out = tmpl.render(Value::from_serialize(&env_ctx)).expect("render");
+        let out = tmpl.render(Value::from(minijinja::value::Serde(&env_ctx))).expect("render");
         assert_eq!(out, "{\"b\": [1, \"é\"], \"a\": {}}|{\n  \"b\": [\n    1,\n    \"é\"\n  ],\n  \"a\": {}\n}");
     }
 

@@ -165,7 +165,7 @@ impl Engine {
             .narrow(1, rows - 1, 1)
             .into_data()
             .convert::<f32>()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
         Ok((0..batch).map(|b| values[b * vocab..(b + 1) * vocab].to_vec()).collect())
     }
@@ -321,7 +321,7 @@ impl Engine {
         let values = logits
             .into_data()
             .convert::<f32>()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
         let rows: Vec<&[f32]> = values.chunks(vocab).collect();
         let (perplexity, mean_nll) = if ids.len() > 1 {

@@ -232,7 +232,7 @@ mod tests {
         let err = ckpt.check("nope", &[1]).expect_err("missing");
         assert!(err.to_string().contains("`nope`"), "{err}");
         let t: Tensor<2> = ckpt.load("w", [2, 2], &Device::flex(), DType::Bf16).expect("load");
-        let values = t.into_data().convert::<f32>().to_vec::<f32>().expect("values");
+        let values = t.into_data().convert::<f32>().try_to_vec::<f32>().expect("values");
         assert_eq!(values, vec![1.0, 2.0, 3.0, 4.0]);
     }
 }

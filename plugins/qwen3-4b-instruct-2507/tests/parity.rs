@@ -109,11 +109,11 @@ fn incremental_decode_equals_the_full_forward_pass() {
     // Prefill 7 tokens, then one at a time.
     let mut rows = Vec::new();
     let first = engine.decoder.forward(&[prompt[..7].to_vec()], &mut cache, Logits::All).expect("prefill");
-    let values = first.into_data().convert::<f32>().to_vec::<f32>().expect("values");
+    let values = first.into_data().convert::<f32>().try_to_vec::<f32>().expect("values");
     rows.extend(values.chunks(512).map(<[f32]>::to_vec));
     for &id in &prompt[7..] {
         let step = engine.decoder.forward(&[vec![id]], &mut cache, Logits::Last).expect("step");
-        rows.push(step.into_data().convert::<f32>().to_vec::<f32>().expect("values"));
+        rows.push(step.into_data().convert::<f32>().try_to_vec::<f32>().expect("values"));
     }
     for (i, (a, b)) in rows.iter().zip(&full).enumerate() {
         let err = rel_l2(a, b);

@@ -1,12 +1,45 @@
 //! Test plugin: loads a "model" fine, then panics inside `infer` (and in `load_model` for a
 //! directory named `panic-on-load`). The host must turn this into an error and keep running.
 
-use inference_pio_core::abi::PluginError;
+use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, PluginError};
 use inference_pio_core::export::{Plugin, TokenCallback};
 use inference_pio_core::types::*;
 use std::path::Path;
 
-include!("../../common.rs");
+
+fn test_metadata(id: &str, description: &str) -> PluginMetadata {
+    PluginMetadata {
+        id: id.to_string(),
+        version: "0.0.1".to_string(),
+        description: description.to_string(),
+        architectures: vec![format!("PioTest{}ForCausalLM", id.replace('-', ""))],
+        primary_model: PrimaryModel { name: "none".into(), parameter_count: 0, memory_bytes: 0 },
+        modalities: vec!["text".into()],
+        capabilities: vec![],
+        optimizations: vec![],
+        backends: vec!["cpu".into()],
+        build: BuildInfo { rustc: "n/a".into(), burn: "n/a".into(), abi_major: ABI_MAJOR, abi_minor: ABI_MINOR },
+    }
+}
+
+fn echo_response(request: &InferRequest) -> InferResponse {
+    let ids = match &request.input {
+        PromptInput::TokenIds(ids) => ids.clone(),
+        _ => vec![],
+    };
+    InferResponse {
+        prompt_token_ids: ids.clone(),
+        token_ids: ids,
+        text: String::new(),
+        finish_reason: FinishReason::Length,
+        timings: Timings::default(),
+    }
+}
+
+fn unsupported<T>() -> Result<T, PluginError> {
+    Err(PluginError::invalid("test plugin"))
+}
+
 
 pub struct Panicking;
 
