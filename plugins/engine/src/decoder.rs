@@ -96,6 +96,7 @@ pub fn expected_tensors(c: &DecoderConfig, spec: &DecoderSpec) -> Vec<(String, V
             out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
             out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
             out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
         }
         if spec.qk_norm {
             out.push((format!("{p}.self_attn.q_norm.weight"), vec![d]));
@@ -143,7 +144,7 @@ impl Decoder {
                 q: Linear::load(ckpt, &format!("{p}.self_attn.q_proj"), q, h, bias, device, dtype)?,
                 k: Linear::load(ckpt, &format!("{p}.self_attn.k_proj"), kv, h, bias, device, dtype)?,
                 v: Linear::load(ckpt, &format!("{p}.self_attn.v_proj"), kv, h, bias, device, dtype)?,
-                o: Linear::load(ckpt, &format!("{p}.self_attn.o_proj"), h, q, false, device, dtype)?,
+                o: Linear::load(ckpt, &format!("{p}.self_attn.o_proj"), h, q, bias, device, dtype)?,
                 q_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.q_norm.weight"), [d], device, dtype)).transpose()?,
                 k_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.k_norm.weight"), [d], device, dtype)).transpose()?,
                 post_norm: ckpt.load(&format!("{p}.post_attention_layernorm.weight"), [h], device, dtype)?,

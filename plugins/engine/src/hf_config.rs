@@ -216,7 +216,7 @@ impl DecoderConfig {
         let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
         let q = (self.num_attention_heads * self.head_dim) as u64;
         let kv = (self.num_key_value_heads * self.head_dim) as u64;
-        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let bias = if self.attention_bias { q + 2 * kv + h } else { 0 };
         let norms = 2 * h + if qk_norm { 2 * self.head_dim as u64 } else { 0 };
         let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + norms;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
