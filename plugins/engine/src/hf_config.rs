@@ -179,7 +179,7 @@ impl DecoderConfig {
             return Err(EngineError::Config(format!("partial_rotary_factor must be in (0, 1], got {partial}")));
         }
         let rotary_dim = (head_dim as f64 * partial) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(EngineError::Config(format!("rotary dimension {rotary_dim} must be even and positive")));
         }
         let scaling = parse_scaling(params.or(raw.rope_scaling.as_ref()))?;

@@ -64,7 +64,7 @@ fn unsupported_dtype_is_named() {
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
     header["model.norm.weight"]["dtype"] = "I16".into();
     let mut text = header.to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

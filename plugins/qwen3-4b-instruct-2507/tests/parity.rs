@@ -131,8 +131,7 @@ fn chunked_prefill_equals_one_pass() {
     let engine = load("qwen3-tiny-c", DType::F32);
     let prompt: Vec<u32> = (0..30).map(|i| (i * 13 + 5) % 380 + 3).collect();
     let one_pass = greedy(&engine, &prompt, 12);
-    let mut optimization = inference_pio_core::config::OptimizationSettings::default();
-    optimization.prefill_chunk_tokens = 7;
+    let optimization = inference_pio_core::config::OptimizationSettings { prefill_chunk_tokens: 7, ..Default::default() };
     let request = RowRequest { prompt: prompt.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 12, stop: vec![] };
     let mut timings = Default::default();
     let chunked = engine.generate_rows(vec![request], &optimization, &mut |_, _, _| true, &mut timings).expect("generate");
