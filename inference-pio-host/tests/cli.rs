@@ -121,6 +121,33 @@ fn bad_config_files_name_file_key_and_reason() {
 }
 
 #[test]
+fn profiles_and_limits_from_the_config_file_are_honoured() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture("qwen3-tiny-a");
+    let model = model.to_str().expect("utf8");
+    let config = cwd.path().join("inference-pio.toml");
+    std::fs::write(&config, "[plugins.qwen3-4b-instruct-2507]\nprofile = \"memory-efficient\"\nmax_context_tokens = 20\n").expect("config");
+    let out = inference_pio(&["run", "--model", model, "--prompt-ids", "1,2,3", "--max-new-tokens", "40", "--greedy", "--json"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(result["model"]["dtype"], "bf16", "memory-efficient profile means bf16");
+    assert_eq!(result["model"]["max_context"], 20);
+    assert_eq!(result["finish_reason"], "context_full");
+    assert_eq!(result["token_ids"].as_array().expect("ids").len(), 17);
+
+    std::fs::write(&config, "[plugins.qwen3-4b-instruct-2507.limits]\nmemory_gb = 0.001\n").expect("config");
+    let out = inference_pio(&["run", "--model", model, "--prompt-ids", "1,2,3", "--dtype", "f32"], cwd.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("0.010 GB in f32") && err.contains("memory_gb limit of 0.001 GB"), "{err}");
+
+    std::fs::write(&config, "[plugins.qwen3-4b-instruct-2507]\nsecurity = \"maximum\"\n").expect("config");
+    let out = inference_pio(&["run", "--model", model, "--prompt-ids", "1,2,3"], cwd.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("security level `maximum` is not enforced"), "{}", stderr(&out));
+}
+
+#[test]
 fn run_errors_name_the_problem() {
     let cwd = tempfile::tempdir().expect("cwd");
     let out = inference_pio(&["run", "--model", "/definitely/not/here", "--prompt", "hi"], cwd.path());

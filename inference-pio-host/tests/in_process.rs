@@ -52,3 +52,54 @@ fn wrong_abi_and_non_plugins_are_refused_with_reasons() {
     let err = LoadedPlugin::open(&fake).err().expect("garbage");
     assert!(err.contains("cannot be loaded as a shared library"), "{err}");
 }
+
+#[test]
+fn update_config_applies_live_settings_and_refuses_the_rest() {
+    use inference_pio_core::config::SecurityLevel;
+    use inference_pio_core::types::{ConfigUpdate, DType, DeviceRequest, SamplingOverrides, SamplingParams};
+    let qwen = LoadedPlugin::open(&lib("qwen3_4b_instruct_2507")).expect("open");
+    let mut settings = PluginSettings::default();
+    settings.limits.memory_gb = Some(4.0);
+    qwen.initialize(&settings).expect("init");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-b");
+    let info = qwen
+        .load_model(&model, &LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32) })
+        .expect("load");
+    let request = InferRequest {
+        input: PromptInput::TokenIds(vec![5, 6, 7]),
+        sampling: SamplingParams { greedy: true, ..Default::default() },
+        stop: vec![],
+    };
+
+    let mut optimization = inference_pio_core::config::Profile::Accuracy.settings();
+    optimization.dtype = Some(DType::Bf16);
+    let mut limits = settings.limits.clone();
+    limits.memory_gb = Some(64.0);
+    let update = ConfigUpdate {
+        sampling_defaults: Some(SamplingOverrides { max_new_tokens: Some(3), ..Default::default() }),
+        limits: Some(limits),
+        optimization: Some(optimization),
+        security: Some(SecurityLevel::High),
+    };
+    let outcome = qwen.update_config(&update).expect("update");
+    assert_eq!(outcome.applied, vec!["sampling_defaults".to_string()]);
+    assert!(outcome.refused["limits"].contains("only tighten"), "{outcome:?}");
+    assert!(outcome.refused["optimization.dtype"].contains("reload"), "{outcome:?}");
+    assert!(outcome.refused["security"].contains("fixed"), "{outcome:?}");
+    // The new default is in force for the next request.
+    let response = qwen.infer(info.handle, &request, &mut |_, _| true).expect("infer");
+    assert_eq!(response.token_ids.len(), 3);
+
+    // Tightening is applied; below the loaded model's size it is refused.
+    let tighter = |gb: f64| ConfigUpdate {
+        limits: Some(inference_pio_core::config::ResourceLimits { memory_gb: Some(gb), ..Default::default() }),
+        ..Default::default()
+    };
+    assert_eq!(qwen.update_config(&tighter(2.0)).expect("update").applied, vec!["limits".to_string()]);
+    let outcome = qwen.update_config(&tighter(0.00001)).expect("update");
+    assert!(outcome.refused["limits"].contains("already uses more"), "{outcome:?}");
+
+    qwen.cleanup(info.handle).expect("cleanup");
+    let err = qwen.infer(info.handle, &request, &mut |_, _| true).expect_err("cleaned up");
+    assert_eq!(err.kind, ErrorKind::UnknownModel);
+}
