@@ -28,8 +28,8 @@ PY
 done
 # Qwen3-4B shapes, random weights.
 CK=/tmp/qwen3-4b-random
-time python3 benches/peers/transformers_qwen3.py --make-checkpoint $CK --config plugins/qwen3-4b-instruct-2507/primary/config.json --tokenizer-dir $FIX/qwen3-tokenizer
-python3 benches/peers/transformers_qwen3.py --model $CK --prompt-tokens 128 --new-tokens 32 --out $OUT/peer_eager.json
+time python3 benches/peers/transformers_qwen3.py --device cuda --make-checkpoint $CK --config plugins/qwen3-4b-instruct-2507/primary/config.json --tokenizer-dir $FIX/qwen3-tokenizer
+python3 benches/peers/transformers_qwen3.py --device cuda --model $CK --prompt-tokens 128 --new-tokens 32 --out $OUT/peer_eager.json
 IDS=$(python3 -c "print(','.join(str(1000 + (i * 7919) % 20000) for i in range(128)))")
 for rep in 1 2; do
   /usr/bin/time -v $PIO run --plugin-dir .gpu/bin --model $CK --prompt-ids "$IDS" --json --device cuda --dtype bf16 --greedy --max-new-tokens 32 > $OUT/pio_run_$rep.json 2> $OUT/pio_time_$rep.txt

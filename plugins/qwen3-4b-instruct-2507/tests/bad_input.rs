@@ -118,3 +118,45 @@ fn prompts_longer_than_the_context_and_bad_ids_are_refused() {
     assert!(response.token_ids.len() <= 5, "{:?}", response.token_ids);
     assert_eq!(response.finish_reason, inference_pio_core::types::FinishReason::ContextFull);
 }
+
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    use safetensors::SafeTensors;
+    let single = fixture("qwen3-tiny-b");
+    let bytes = std::fs::read(single.join("model.safetensors")).expect("read");
+    let tensors = SafeTensors::deserialize(&bytes).expect("parse");
+    let dir = copy_of("qwen3-tiny-b");
+    std::fs::remove_file(dir.path().join("model.safetensors")).expect("remove");
+    let mut names: Vec<String> = tensors.names().iter().map(|s| s.to_string()).collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+            part.iter().map(|n| (n.clone(), tensors.tensor(n).expect("tensor"))).collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join(file)).expect("write shard");
+        for n in part {
+            weight_map.insert(n.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).expect("index");
+    let sharded = try_load(dir.path(), &PluginSettings::default()).expect("sharded load");
+    let whole = try_load(&single, &PluginSettings::default()).expect("single load");
+    let prompt = PromptInput::TokenIds(vec![5, 17, 200, 3, 99]);
+    let a = sharded.score(&prompt, true).expect("score").logits.expect("logits");
+    let b = whole.score(&prompt, true).expect("score").logits.expect("logits");
+    assert_eq!(a, b);
+
+    // An index that names a tensor its shard lacks is refused by name.
+    weight_map_insert_missing(dir.path());
+    let err = try_load(dir.path(), &PluginSettings::default()).err().expect("bad index");
+    assert!(err.contains("`model.layers.99.mlp.up_proj.weight`"), "{err}");
+}
+
+fn weight_map_insert_missing(dir: &Path) {
+    let path = dir.join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    index["weight_map"]["model.layers.99.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors".into();
+    std::fs::write(path, index.to_string()).expect("write");
+}

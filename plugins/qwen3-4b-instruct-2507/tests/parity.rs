@@ -217,3 +217,31 @@ fn seeded_sampling_is_reproducible() {
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));
 }
+
+#[test]
+fn stop_strings_end_generation_and_are_not_streamed() {
+    let engine = load("qwen3-tiny-a", DType::F32);
+    let mut params = SamplingParams { greedy: true, ..Default::default() };
+    params.values.max_new_tokens = Some(24);
+    let input = PromptInput::TokenIds(vec![785, 6722, 315, 9625, 374]);
+    let free = engine
+        .generate(&input, &params, &[], &Default::default(), &Default::default(), &mut |_, _| true)
+        .expect("generate");
+    // Stop at a piece of the middle of the free-running text.
+    let chars: Vec<char> = free.text.chars().collect();
+    assert!(chars.len() > 8, "{:?}", free.text);
+    let start = chars.len() / 2;
+    let stop: String = chars[start..start + 3].iter().collect();
+    let expected: String = free.text[..free.text.find(&stop).expect("stop occurs")].to_string();
+    let mut streamed = String::new();
+    let stopped = engine
+        .generate(&input, &params, &[stop.clone()], &Default::default(), &Default::default(), &mut |_, t| {
+            streamed.push_str(t);
+            true
+        })
+        .expect("generate");
+    assert_eq!(stopped.finish_reason, inference_pio_core::types::FinishReason::Stop);
+    assert_eq!(stopped.text, expected);
+    assert_eq!(streamed, expected, "nothing of the stop string was streamed");
+    assert!(stopped.token_ids.len() < free.token_ids.len());
+}
