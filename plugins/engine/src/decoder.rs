@@ -204,7 +204,8 @@ impl Decoder {
             .map(|&pad| (start..start + t).map(|slot| slot.saturating_sub(pad)).collect())
             .collect();
         let (cos, sin) = rope::cos_sin(&self.inv_freq, &positions, &self.device, bdt);
-        let total = start + t;
+        // Attention runs over every allocated slot; those not yet written are masked.
+        let total = cache.slots_for(t);
         let mask = self.attention_mask(&pads, start, t, total);
         let scale = (d as f64).powf(-0.5);
 
@@ -250,9 +251,10 @@ impl Decoder {
     }
 
     /// Additive mask `[batch, 1, 1, t, total]`: query `i` (slot `start + i`) sees slots
-    /// `pad..=start + i`. `None` when nothing is masked (one new token, no padding).
+    /// `pad..=start + i`. `None` when nothing is masked (one new token filling the last
+    /// allocated slot, no padding).
     fn attention_mask(&self, pads: &[usize], start: usize, t: usize, total: usize) -> Option<Tensor<5>> {
-        if t == 1 && pads.iter().all(|&p| p == 0) {
+        if t == 1 && start + 1 == total && pads.iter().all(|&p| p == 0) {
             return None;
         }
         const NEG: f32 = -1.0e9;

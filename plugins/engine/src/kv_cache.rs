@@ -1,11 +1,16 @@
 //! The key/value cache of a batch of sequences that advance together.
 //!
 //! Rows are left-padded to a common length; `pads[b]` slots at the start of row `b` hold no
-//! token and are masked out of attention. Each layer keeps `[batch, kv_heads, len, head_dim]`
-//! keys and values, grown as tokens arrive. (Addressing by fixed-size blocks for paged
-//! attention and prefix sharing replaces this layout behind the same interface.)
+//! token and are masked out of attention. Each layer keeps `[batch, kv_heads, slots,
+//! head_dim]` keys and values, where `slots` grows in whole blocks of [`BLOCK_TOKENS`] and new
+//! tokens are written in place: attention sees the same shapes for a whole block (one set of
+//! compiled, autotuned kernels instead of one per step), and unused slots are masked. Paged
+//! attention with prefix sharing replaces this layout behind the same interface.
 
 use burn::tensor::Tensor;
+
+/// Slots are allocated in blocks of this many tokens.
+pub const BLOCK_TOKENS: usize = 256;
 
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
@@ -41,14 +46,35 @@ impl KvCache {
         self.pads.len()
     }
 
-    /// Appends this step's keys and values for `layer`; returns everything cached so far.
+    /// Slots allocated once `tokens` more are stored: whole blocks, at most the capacity.
+    pub fn slots_for(&self, tokens: usize) -> usize {
+        (self.len + tokens).div_ceil(BLOCK_TOKENS).saturating_mul(BLOCK_TOKENS).min(self.capacity).max(self.len + tokens)
+    }
+
+    /// Writes this step's keys and values for `layer` at slots `len..len + t`; returns the
+    /// whole allocated storage (`slots_for(t)` slots, those past `len + t` unused).
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let (k_all, v_all) = match self.layers[layer].take() {
-            None => (k, v),
-            Some((k_old, v_old)) => (Tensor::cat(vec![k_old, k], 2), Tensor::cat(vec![v_old, v], 2)),
+        let [batch, heads, t, dim] = k.dims();
+        let slots = self.slots_for(t);
+        let (mut k_store, mut v_store) = match self.layers[layer].take() {
+            Some((ks, vs)) if ks.dims()[2] == slots => (ks, vs),
+            old => {
+                let device = k.device();
+                let zeros = || Tensor::<4>::zeros([batch, heads, slots, dim], (&device, k.dtype()));
+                let (mut ks, mut vs) = (zeros(), zeros());
+                if let Some((ko, vo)) = old {
+                    let kept = ko.dims()[2].min(slots);
+                    ks = ks.slice_assign([0..batch, 0..heads, 0..kept, 0..dim], ko.narrow(2, 0, kept));
+                    vs = vs.slice_assign([0..batch, 0..heads, 0..kept, 0..dim], vo.narrow(2, 0, kept));
+                }
+                (ks, vs)
+            }
         };
-        self.layers[layer] = Some((k_all.clone(), v_all.clone()));
-        (k_all, v_all)
+        let range = [0..batch, 0..heads, self.len..self.len + t, 0..dim];
+        k_store = k_store.slice_assign(range.clone(), k);
+        v_store = v_store.slice_assign(range, v);
+        self.layers[layer] = Some((k_store.clone(), v_store.clone()));
+        (k_store, v_store)
     }
 
     /// Marks `tokens` more slots as filled (after every layer appended them).
