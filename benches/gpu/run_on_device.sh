@@ -29,10 +29,10 @@ done
 # Qwen3-4B shapes, random weights.
 CK=/tmp/qwen3-4b-random
 time python3 benches/peers/transformers_qwen3.py --device cuda --make-checkpoint $CK --config plugins/qwen3-4b-instruct-2507/primary/config.json --tokenizer-dir $FIX/qwen3-tokenizer
-python3 benches/peers/transformers_qwen3.py --device cuda --model $CK --prompt-tokens 128 --new-tokens 32 --out $OUT/peer_eager.json
 IDS=$(python3 -c "print(','.join(str(1000 + (i * 7919) % 20000) for i in range(128)))")
-for rep in 1 2; do
-  /usr/bin/time -v $PIO run --plugin-dir .gpu/bin --model $CK --prompt-ids "$IDS" --json --device cuda --dtype bf16 --greedy --max-new-tokens 32 > $OUT/pio_run_$rep.json 2> $OUT/pio_time_$rep.txt
-  python3 -c "import json;d=json.load(open('$OUT/pio_run_$rep.json'));print('inference-pio run $rep', json.dumps(d['timings']), 'load', d['model']['load_seconds'])"
-  grep -E 'Elapsed|Maximum resident' $OUT/pio_time_$rep.txt
-done
+# inference-pio first (bounded, so the peer still runs), streaming: its stderr summary line
+# carries time to first token and decode tok/s.
+start=$(date +%s)
+timeout 400 $PIO run --plugin-dir .gpu/bin --model $CK --prompt-ids "$IDS" --device cuda --dtype bf16 --greedy --max-new-tokens 32 > $OUT/pio_stream.txt 2> $OUT/pio_stderr.txt
+echo "inference-pio exit $? after $(( $(date +%s) - start )) s"; tail -3 $OUT/pio_stderr.txt
+python3 benches/peers/transformers_qwen3.py --device cuda --model $CK --prompt-tokens 128 --new-tokens 32 --out $OUT/peer_eager.json

@@ -235,7 +235,7 @@ fn stop_strings_end_generation_and_are_not_streamed() {
     let expected: String = free.text[..free.text.find(&stop).expect("stop occurs")].to_string();
     let mut streamed = String::new();
     let stopped = engine
-        .generate(&input, &params, &[stop.clone()], &Default::default(), &Default::default(), &mut |_, t| {
+        .generate(&input, &params, std::slice::from_ref(&stop), &Default::default(), &Default::default(), &mut |_, t| {
             streamed.push_str(t);
             true
         })
