@@ -12,7 +12,7 @@ use crate::tokenizer::TextTokenizer;
 use crate::weights::Checkpoint;
 use burn::tensor::Device;
 use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError};
-use inference_pio_core::config::{OptimizationSettings, SecurityLevel};
+use inference_pio_core::config::OptimizationSettings;
 use inference_pio_core::export::{Plugin, TokenCallback};
 use inference_pio_core::types::*;
 use std::collections::HashMap;
@@ -38,14 +38,18 @@ pub struct ModelFamily {
 
 const BURN_VERSION: &str = "0.22.1";
 
-/// Picks the device: `auto` is CUDA 0 when an NVIDIA driver is present, else the CPU.
-pub fn choose_device(request: DeviceRequest) -> (Device, String) {
+/// Picks the device: `auto` is CUDA 0 when an NVIDIA driver is present, else the CPU. Asking
+/// for CUDA on a machine without the driver is an error rather than a crash inside CUDA.
+pub fn choose_device(request: DeviceRequest) -> Result<(Device, String), EngineError> {
     let cuda_present = Path::new("/proc/driver/nvidia/version").exists() || Path::new("/dev/nvidia0").exists();
     match request {
-        DeviceRequest::Cpu => (Device::flex(), "cpu".into()),
-        DeviceRequest::Cuda(i) => (Device::cuda(i as usize), format!("cuda:{i}")),
-        DeviceRequest::Auto if cuda_present => (Device::cuda(0usize), "cuda:0".into()),
-        DeviceRequest::Auto => (Device::flex(), "cpu".into()),
+        DeviceRequest::Cpu => Ok((Device::flex(), "cpu".into())),
+        DeviceRequest::Cuda(i) if cuda_present => Ok((Device::cuda(i as usize), format!("cuda:{i}"))),
+        DeviceRequest::Cuda(i) => Err(EngineError::Unsupported(format!(
+            "cuda:{i} requested but no NVIDIA driver is present on this machine (no /dev/nvidia0); use --device cpu or auto"
+        ))),
+        DeviceRequest::Auto if cuda_present => Ok((Device::cuda(0usize), "cuda:0".into())),
+        DeviceRequest::Auto => Ok((Device::flex(), "cpu".into())),
     }
 }
 
@@ -66,7 +70,7 @@ pub fn load_engine(
         )));
     }
     let spec = (family.spec)(&config);
-    let (device, device_name) = choose_device(options.device);
+    let (device, device_name) = choose_device(options.device)?;
     let on_gpu = device_name.starts_with("cuda");
     let dtype = options
         .dtype
@@ -282,7 +286,6 @@ impl Plugin for EnginePlugin {
         {
             outcome.refused.insert("security".into(), "the security level is fixed when the plugin starts".into());
         }
-        let _: SecurityLevel = settings.security;
         Ok(outcome)
     }
 

@@ -160,3 +160,13 @@ fn weight_map_insert_missing(dir: &Path) {
     index["weight_map"]["model.layers.99.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors".into();
     std::fs::write(path, index.to_string()).expect("write");
 }
+
+#[test]
+fn cuda_without_a_driver_is_a_clear_error() {
+    if Path::new("/dev/nvidia0").exists() || Path::new("/proc/driver/nvidia/version").exists() {
+        return; // a GPU machine: nothing to check here
+    }
+    let options = LoadOptions { device: DeviceRequest::Cuda(0), dtype: None };
+    let err = load_engine(&FAMILY, &fixture("qwen3-tiny-b"), &options, &PluginSettings::default()).err().expect("no driver");
+    assert!(err.to_string().contains("no NVIDIA driver"), "{err}");
+}
