@@ -169,12 +169,20 @@ pub fn probe_file(probe_exe: &Path, path: &Path, timeout: Duration) -> ProbeOutc
         .arg(path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn();
     let mut child = match child {
         Ok(c) => c,
         Err(e) => return ProbeOutcome::Rejected(format!("cannot start probe process: {e}")),
     };
+    // Drain stdout while waiting, so a chatty library cannot stall the probe on a full pipe.
+    let reader = child.stdout.take().map(|mut out| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = out.read_to_string(&mut text);
+            text
+        })
+    });
     let start = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -191,10 +199,7 @@ pub fn probe_file(probe_exe: &Path, path: &Path, timeout: Duration) -> ProbeOutc
             Err(e) => return ProbeOutcome::Rejected(format!("probe process failed: {e}")),
         }
     };
-    let mut stdout = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_string(&mut stdout);
-    }
+    let stdout = reader.and_then(|r| r.join().ok()).unwrap_or_default();
     if let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{'))
         && let Ok(outcome) = serde_json::from_str::<ProbeOutcome>(line)
     {
