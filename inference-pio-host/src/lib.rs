@@ -3,5 +3,6 @@
 
 pub mod cli;
 pub mod discovery;
+pub mod models;
 pub mod plugin;
 pub mod selection;

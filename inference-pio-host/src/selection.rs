@@ -1,5 +1,6 @@
-//! Choosing the plugin for a model directory from its `config.json` `architectures` (and
-//! each candidate's own `supports_config`).
+//! Choosing the plugin for a model from its `config.json` `architectures` (and each
+//! candidate's own `supports_config`). A GGUF file has no `config.json`: its metadata is
+//! turned into the equivalent one (`inference_pio_formats::gguf::hf::config`).
 
 use crate::discovery::Discovery;
 use crate::plugin::LoadedPlugin;
@@ -11,13 +12,50 @@ pub struct ModelConfig {
     pub architectures: Vec<String>,
 }
 
-/// Reads `DIR/config.json`, with errors that say what is wrong.
+/// Most metadata a GGUF file may carry before its tensor table ends (SmolLM2's is 2 MB).
+const GGUF_METADATA_LIMIT: u64 = 256 << 20;
+
+/// The config of a GGUF file, from its metadata.
+fn read_gguf_config(path: &Path) -> anyhow::Result<ModelConfig> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let len = file.metadata().map_err(|e| anyhow::anyhow!("cannot stat {}: {e}", path.display()))?.len();
+    let mut prefix = Vec::new();
+    file.take(len.min(GGUF_METADATA_LIMIT))
+        .read_to_end(&mut prefix)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let gguf = inference_pio_formats::gguf::Gguf::parse_prefix(&prefix, len).map_err(|e| {
+        if len > GGUF_METADATA_LIMIT && e.to_string().contains("truncated") {
+            anyhow::anyhow!("{}: GGUF metadata larger than {} MiB", path.display(), GGUF_METADATA_LIMIT >> 20)
+        } else {
+            anyhow::anyhow!("{} is not a valid GGUF file: {e}", path.display())
+        }
+    })?;
+    let value = inference_pio_formats::gguf::hf::config(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let architectures = value["architectures"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    Ok(ModelConfig { text: value.to_string(), architectures })
+}
+
+/// Whether a file starts with the GGUF magic.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == inference_pio_formats::gguf::MAGIC
+}
+
+/// Reads `DIR/config.json` (or a GGUF file's metadata), with errors that say what is wrong.
 pub fn read_model_config(dir: &Path) -> anyhow::Result<ModelConfig> {
     if !dir.exists() {
         anyhow::bail!("model directory {} does not exist", dir.display());
     }
-    if !dir.is_dir() {
-        anyhow::bail!("model path {} is not a directory", dir.display());
+    if dir.is_file() {
+        if is_gguf(dir) {
+            return read_gguf_config(dir);
+        }
+        anyhow::bail!("model path {} is neither a directory nor a GGUF file", dir.display());
     }
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path)

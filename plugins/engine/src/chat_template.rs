@@ -117,6 +117,25 @@ impl ChatTemplate {
         }
     }
 
+    /// The template a GGUF file carries (`tokenizer.chat_template`), with its BOS/EOS tokens;
+    /// `Ok(None)` when it has none.
+    pub fn from_gguf(file: &inference_pio_formats::gguf::Gguf) -> Result<Option<Self>, EngineError> {
+        let err = |e: inference_pio_formats::FormatError| EngineError::Template(format!("GGUF metadata: {e}"));
+        let Some(source) = file.get_str("tokenizer.chat_template").map_err(err)? else {
+            return Ok(None);
+        };
+        let tokens = file.get_strings("tokenizer.ggml.tokens").map_err(err)?.unwrap_or_default();
+        let token = |key: &str| -> Result<String, EngineError> {
+            Ok(file
+                .get_u64(key)
+                .map_err(err)?
+                .and_then(|id| tokens.get(id as usize))
+                .map(|t| t.to_string())
+                .unwrap_or_default())
+        };
+        Self::new(source.to_string(), token("tokenizer.ggml.bos_token_id")?, token("tokenizer.ggml.eos_token_id")?).map(Some)
+    }
+
     pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, EngineError> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()

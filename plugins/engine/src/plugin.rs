@@ -9,7 +9,8 @@ use crate::generate::{Engine, GenerationDefaults};
 use crate::hf_config::DecoderConfig;
 use crate::chat_template::ChatTemplate;
 use crate::tokenizer::TextTokenizer;
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, GgufFile, is_gguf};
+use inference_pio_formats::gguf;
 use burn::tensor::Device;
 use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError};
 use inference_pio_core::config::OptimizationSettings;
@@ -53,8 +54,8 @@ pub fn choose_device(request: DeviceRequest) -> Result<(Device, String), EngineE
     }
 }
 
-/// Loads a model directory with a family's spec. Checks the memory budget before reading
-/// any weight data.
+/// Loads a model — a Hugging Face directory, or one GGUF file — with a family's spec. Checks
+/// the memory budget before reading any weight data.
 pub fn load_engine(
     family: &ModelFamily,
     dir: &Path,
@@ -62,7 +63,14 @@ pub fn load_engine(
     settings: &PluginSettings,
 ) -> Result<(Engine, ModelInfo), EngineError> {
     let started = Instant::now();
-    let config = DecoderConfig::from_file(&dir.join("config.json"))?;
+    let gguf = if is_gguf(dir) { Some(GgufFile::open(dir)?) } else { None };
+    let config = match &gguf {
+        Some(g) => DecoderConfig::from_value(
+            &gguf::hf::config(&g.file).map_err(|e| EngineError::Config(format!("{}: {e}", dir.display())))?,
+        )
+        .map_err(|e| e.context(&dir.display().to_string()))?,
+        None => DecoderConfig::from_file(&dir.join("config.json"))?,
+    };
     if !config.architectures.iter().any(|a| family.architectures.contains(&a.as_str())) {
         return Err(EngineError::Unsupported(format!(
             "architecture {:?} is not handled by plugin `{}` (handles {:?})",
@@ -90,10 +98,20 @@ pub fn load_engine(
             bytes as f64 / 1e9
         )));
     }
-    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
-    let template = ChatTemplate::from_model_dir(dir)?;
-    let generation = GenerationDefaults::from_model_dir(dir)?;
-    let ckpt = Checkpoint::open(dir)?;
+    let (tokenizer, template, generation, ckpt) = match gguf {
+        Some(g) => (
+            TextTokenizer::from_gguf(&g.file)?,
+            ChatTemplate::from_gguf(&g.file)?,
+            GenerationDefaults::default(),
+            Checkpoint::open_gguf(g, (config.num_attention_heads, config.num_key_value_heads))?,
+        ),
+        None => (
+            TextTokenizer::from_file(&dir.join("tokenizer.json"))?,
+            ChatTemplate::from_model_dir(dir)?,
+            GenerationDefaults::from_model_dir(dir)?,
+            Checkpoint::open(dir)?,
+        ),
+    };
     let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
     let c = &decoder.config;
     let eos_token_ids = if generation.eos_token_ids.is_empty() { c.eos_token_ids.clone() } else { generation.eos_token_ids.clone() };

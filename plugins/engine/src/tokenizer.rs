@@ -1,11 +1,51 @@
-//! Text <-> token ids with the `tokenizers` crate (`tokenizer.json`), and incremental,
+//! Text <-> token ids with the `tokenizers` crate (`tokenizer.json`, or rebuilt from a GGUF
+//! file's `tokenizer.ggml.*` metadata as `transformers.integrations.gguf` rebuilds it), and incremental,
 //! UTF-8-safe detokenization for streaming (the prefix/read-offset scheme of Hugging Face
 //! text-generation-inference: text is released only once it no longer ends in a partial
 //! character).
 
 use crate::error::EngineError;
+use inference_pio_formats::gguf::Gguf;
 use std::path::Path;
 use tokenizers::Tokenizer;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+/// GPT-2's byte -> printable character table (`bytes_to_unicode` in `convert_slow_tokenizer`).
+fn bytes_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..=255u32 {
+        let printable = (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).unwrap_or('\0')
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap_or('\0')
+        };
+    }
+    table
+}
+
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The split regex a GGUF `tokenizer.ggml.pre` names (transformers' `GGUF_PRE_TOKENIZER_SPLITS`,
+/// the entries for the families the engine serves); `None`: GPT-2's own byte-level split.
+fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
+    match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => Some(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_SPLIT),
+        _ => None,
+    }
+}
+
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -18,6 +58,112 @@ impl TextTokenizer {
         }
         let inner = Tokenizer::from_file(path)
             .map_err(|e| EngineError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
+        Ok(Self { inner })
+    }
+
+    /// Rebuilds the tokenizer a GGUF file describes. Byte-level BPE (`tokenizer.ggml.model =
+    /// "gpt2"`) as transformers' `byte_level_tokenizer` + `add_gguf_special_tokens` +
+    /// `set_split_regex` build it: vocabulary respelled into GPT-2's byte alphabet where needed,
+    /// the file's merges, control tokens as special tokens, user-defined ones as added tokens,
+    /// BOS/EOS added when `tokenizer.ggml.add_bos_token` / `add_eos_token` say so.
+    pub fn from_gguf(file: &Gguf) -> Result<Self, EngineError> {
+        let err = |e: inference_pio_formats::FormatError| EngineError::Tokenizer(format!("GGUF metadata: {e}"));
+        let model = file.get_str("tokenizer.ggml.model").map_err(err)?.ok_or_else(|| {
+            EngineError::Tokenizer("the GGUF file has no `tokenizer.ggml.model`, so it carries no tokenizer".into())
+        })?;
+        if model != "gpt2" {
+            return Err(EngineError::Unsupported(format!(
+                "GGUF tokenizer model `{model}` is not supported (supported: gpt2, byte-level BPE)"
+            )));
+        }
+        let tokens = file
+            .get_strings("tokenizer.ggml.tokens")
+            .map_err(err)?
+            .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.tokens` is missing".into()))?;
+        let merges = file
+            .get_strings("tokenizer.ggml.merges")
+            .map_err(err)?
+            .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.merges` is missing".into()))?;
+        let types = file.get_ints("tokenizer.ggml.token_type").map_err(err)?.unwrap_or_default();
+        let spelling = bytes_to_unicode();
+        let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
+        let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let spelled = if in_alphabet(t) { t.to_string() } else { t.bytes().map(|b| spelling[b as usize]).collect() };
+                (spelled, i as u32)
+            })
+            .collect();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| EngineError::Tokenizer(format!("GGUF merge `{m}` is not two tokens separated by a space")))
+            })
+            .collect::<Result<_, _>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix(String::new())
+            .build()
+            .map_err(|e| EngineError::Tokenizer(format!("cannot build the GGUF BPE model: {e}")))?;
+        let mut inner = Tokenizer::new(bpe);
+        let pre = file.get_str("tokenizer.ggml.pre").map_err(err)?.unwrap_or("default");
+        match pre_tokenizer_split(pre) {
+            Some(regex) => {
+                let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| EngineError::Tokenizer(format!("split regex: {e}")))?;
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+            }
+            None => {
+                let prefix = file.get_bool("tokenizer.ggml.add_space_prefix").map_err(err)?.unwrap_or(false);
+                inner.with_pre_tokenizer(Some(ByteLevel::new(prefix, true, true)));
+            }
+        }
+        inner.with_decoder(Some(ByteLevel::default()));
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(t, ty)| **ty == TOKEN_TYPE_CONTROL && in_alphabet(t))
+            .map(|(t, _)| AddedToken::from(t.to_string(), true).normalized(false))
+            .collect();
+        inner.add_special_tokens(&special);
+        let user: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(t, ty)| **ty == TOKEN_TYPE_USER_DEFINED && in_alphabet(t))
+            .map(|(t, _)| AddedToken::from(t.to_string(), false).normalized(false))
+            .collect();
+        inner.add_tokens(&user);
+        let token_of = |key: &str| -> Result<Option<(String, u32)>, EngineError> {
+            Ok(file
+                .get_u64(key)
+                .map_err(err)?
+                .and_then(|id| tokens.get(id as usize).map(|t| (t.to_string(), id as u32))))
+        };
+        let add_bos = file.get_bool("tokenizer.ggml.add_bos_token").map_err(err)?.unwrap_or(false);
+        let add_eos = file.get_bool("tokenizer.ggml.add_eos_token").map_err(err)?.unwrap_or(false);
+        let bos = token_of("tokenizer.ggml.bos_token_id")?.filter(|_| add_bos);
+        let eos = token_of("tokenizer.ggml.eos_token_id")?.filter(|_| add_eos);
+        if bos.is_some() || eos.is_some() {
+            let b = bos.as_ref().map(|(t, _)| format!("{t}:0 ")).unwrap_or_default();
+            let e = eos.as_ref().map(|(t, _)| format!(" {t}:0")).unwrap_or_default();
+            let b1 = bos.as_ref().map(|(t, _)| format!(" {t}:1")).unwrap_or_default();
+            let e1 = eos.as_ref().map(|(t, _)| format!(" {t}:1")).unwrap_or_default();
+            let single = format!("{b}$A:0{e}");
+            let pair = format!("{single}{b1} $B:1{e1}");
+            let processor = TemplateProcessing::builder()
+                .try_single(single)
+                .and_then(|t| t.try_pair(pair))
+                .map_err(|e| EngineError::Tokenizer(format!("post-processor: {e}")))?
+                .special_tokens(bos.into_iter().chain(eos).collect::<Vec<_>>())
+                .build()
+                .map_err(|e| EngineError::Tokenizer(format!("post-processor: {e}")))?;
+            inner.with_post_processor(Some(processor));
+        }
         Ok(Self { inner })
     }
 

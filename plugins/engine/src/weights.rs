@@ -1,13 +1,17 @@
-//! Safetensors checkpoints: a single `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`, memory-mapped, every header validated (the `safetensors`
-//! crate checks offsets against the file length), every tensor's dtype and shape checked
-//! before it is copied to the device. Format: <https://huggingface.co/docs/safetensors>.
+//! Checkpoints: safetensors (a single `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`; <https://huggingface.co/docs/safetensors>) or one GGUF file
+//! (llama.cpp's container, dequantized on load, tensor names mapped to Hugging Face's as
+//! `transformers.integrations.gguf` maps them). Files are memory-mapped, every header is
+//! validated by `inference-pio-formats`, and every tensor's dtype and shape are checked before
+//! it is copied to the device.
 
 use crate::error::EngineError;
 use burn::tensor::{DType as BurnDType, Device, Tensor, TensorData};
 use inference_pio_core::types::DType;
 use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors, tensor::Metadata};
+use inference_pio_formats::gguf::{self, Gguf};
+use inference_pio_formats::safetensors_header::{self, Metadata};
+use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -18,25 +22,75 @@ struct Shard {
     metadata: Metadata,
 }
 
+/// A GGUF file opened as a checkpoint.
+struct GgufWeights {
+    path: PathBuf,
+    mmap: Mmap,
+    file: Gguf,
+    /// HF tensor name -> index into `file.tensors`
+    names: HashMap<String, usize>,
+    /// (query heads, key/value heads) when Q/K rows must be un-permuted.
+    unpermute: Option<(usize, usize)>,
+}
+
 /// An opened checkpoint.
 pub struct Checkpoint {
     shards: Vec<Shard>,
     /// tensor name -> shard index
     names: HashMap<String, usize>,
+    gguf: Option<GgufWeights>,
+}
+
+/// Maps a file read-only.
+pub fn map_file(path: &Path) -> Result<Mmap, EngineError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| EngineError::Weights(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: the map is read-only and private to this process; model files are not expected
+    // to change while loaded (as with every mmap-based loader: transformers, llama.cpp).
+    // Every access is bounds-checked against the validated header.
+    unsafe { Mmap::map(&file) }.map_err(|e| EngineError::Weights(format!("cannot map {}: {e}", path.display())))
+}
+
+/// Whether `path` is a GGUF file (by its magic).
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && magic == gguf::MAGIC
+}
+
+/// A mapped, parsed GGUF file.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub mmap: Mmap,
+    pub file: Gguf,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self, EngineError> {
+        let mmap = map_file(path)?;
+        let file = Gguf::parse(&mmap)
+            .map_err(|e| EngineError::Weights(format!("{} is not a valid GGUF file: {e}", path.display())))?;
+        Ok(Self { path: path.to_path_buf(), mmap, file })
+    }
 }
 
 fn open_shard(path: &Path) -> Result<Shard, EngineError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| EngineError::Weights(format!("cannot open {}: {e}", path.display())))?;
-    // SAFETY: the map is read-only and private to this process; the checkpoint files are not
-    // expected to change while loaded (as with every mmap-based loader: transformers,
-    // llama.cpp). Every access is bounds-checked against the validated header below.
-    let mmap = unsafe { Mmap::map(&file) }
-        .map_err(|e| EngineError::Weights(format!("cannot map {}: {e}", path.display())))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+    let mmap = map_file(path)?;
+    let header = safetensors_header::parse(&mmap).map_err(|e| {
         EngineError::Weights(format!("{} is not a valid safetensors file: {e}", path.display()))
     })?;
-    Ok(Shard { path: path.to_path_buf(), data_start: 8 + header_len, metadata, mmap })
+    Ok(Shard { path: path.to_path_buf(), data_start: header.data_start, metadata: header.metadata, mmap })
+}
+
+fn from_f32(values: Vec<f32>, to: DType) -> Vec<u8> {
+    use half::{bf16, f16};
+    match to {
+        DType::F32 => values.into_iter().flat_map(f32::to_le_bytes).collect(),
+        DType::Bf16 => values.into_iter().flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+        DType::F16 => values.into_iter().flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
+    }
 }
 
 fn convert(bytes: &[u8], from: Dtype, to: DType) -> Vec<u8> {
@@ -112,15 +166,90 @@ impl Checkpoint {
                 dir.display()
             )));
         }
-        Ok(Self { shards, names })
+        Ok(Self { shards, names, gguf: None })
+    }
+
+    /// Opens a GGUF file as a checkpoint with Hugging Face tensor names. `heads` is
+    /// (query heads, key/value heads), used to undo llama.cpp's Q/K row permutation where the
+    /// architecture had it applied.
+    pub fn open_gguf(opened: GgufFile, heads: (usize, usize)) -> Result<Self, EngineError> {
+        let GgufFile { path, mmap, file } = opened;
+        let arch = file.architecture().map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
+        let unpermute = gguf::hf::permutes_qk(arch).then_some(heads);
+        let mut names = HashMap::new();
+        for (i, t) in file.tensors.iter().enumerate() {
+            if let Some(hf) = gguf::hf::tensor_name(&t.name) {
+                names.insert(hf, i);
+            }
+        }
+        Ok(Self { shards: Vec::new(), names: HashMap::new(), gguf: Some(GgufWeights { path, mmap, file, names, unpermute }) })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains_key(name)
+        match &self.gguf {
+            Some(g) => g.names.contains_key(name),
+            None => self.names.contains_key(name),
+        }
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.names.keys().map(String::as_str)
+    pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.gguf {
+            Some(g) => Box::new(g.names.keys().map(String::as_str)),
+            None => Box::new(self.names.keys().map(String::as_str)),
+        }
+    }
+
+    fn gguf_entry<'a>(g: &'a GgufWeights, name: &str) -> Result<&'a gguf::TensorInfo, EngineError> {
+        g.names
+            .get(name)
+            .map(|&i| &g.file.tensors[i])
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` is missing from {}", g.path.display())))
+    }
+
+    fn check_gguf(g: &GgufWeights, name: &str, shape: &[usize]) -> Result<(), EngineError> {
+        let info = Self::gguf_entry(g, name)?;
+        if !info.ggml_type.is_supported() {
+            return Err(EngineError::Weights(format!(
+                "tensor `{}` (`{name}`) in {} has GGML type {}; supported: {}",
+                info.name,
+                g.path.display(),
+                info.ggml_type.name,
+                gguf::SUPPORTED_TYPES
+            )));
+        }
+        if info.shape() != shape {
+            return Err(EngineError::Weights(format!(
+                "tensor `{}` (`{name}`) in {} has shape {:?} but the config implies {:?}",
+                info.name,
+                g.path.display(),
+                info.shape(),
+                shape
+            )));
+        }
+        Ok(())
+    }
+
+    fn load_gguf(g: &GgufWeights, name: &str, shape: &[usize], dtype: DType) -> Result<Vec<u8>, EngineError> {
+        Self::check_gguf(g, name, shape)?;
+        let info = Self::gguf_entry(g, name)?;
+        let wrap = |e: inference_pio_formats::FormatError| EngineError::Weights(format!("{}: {e}", g.path.display()));
+        let data = g.file.tensor_bytes(&g.mmap, info).map_err(wrap)?;
+        let mut values = gguf::dequantize(info, data).map_err(wrap)?;
+        if let Some((heads, kv_heads)) = g.unpermute
+            && shape.len() == 2
+        {
+            let heads = if name.ends_with("self_attn.q_proj.weight") {
+                Some(heads)
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                Some(kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                values = gguf::hf::unpermute_rows(&values, shape[0], shape[1], h).map_err(wrap)?;
+            }
+        }
+        Ok(from_f32(values, dtype))
     }
 
     fn entry(&self, name: &str) -> Result<(&Shard, &safetensors::tensor::TensorInfo), EngineError> {
@@ -138,6 +267,9 @@ impl Checkpoint {
 
     /// Checks that `name` exists with `shape` and a floating dtype we load.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<(), EngineError> {
+        if let Some(g) = &self.gguf {
+            return Self::check_gguf(g, name, shape);
+        }
         let (shard, info) = self.entry(name)?;
         if !matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
             return Err(EngineError::Weights(format!(
@@ -159,6 +291,11 @@ impl Checkpoint {
 
     /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`.
     pub fn load<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device, dtype: DType) -> Result<Tensor<D>, EngineError> {
+        if let Some(g) = &self.gguf {
+            let owned = Self::load_gguf(g, name, &shape, dtype)?;
+            let data = TensorData::from_bytes_vec(owned, shape, burn_dtype(dtype));
+            return Ok(Tensor::from_data(data, (device, burn_dtype(dtype))));
+        }
         self.check(name, &shape)?;
         let (shard, info) = self.entry(name)?;
         let (start, end) = info.data_offsets;

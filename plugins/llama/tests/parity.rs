@@ -1,0 +1,161 @@
+//! Parity with transformers (fixtures from tests/fixtures/make_fixtures.py), on the CPU:
+//! tiny random-weight Llama GGUF files with every tensor type the engine reads, and the real
+//! SmolLM2-135M-Instruct Q4_1 GGUF (the built-in default model, fetched by
+//! `inference-pio models fetch`; CI fetches it before the tests).
+
+use inference_pio_core::types::{ChatMessage, DType, DeviceRequest, LoadOptions, PluginSettings, PromptInput, SamplingParams};
+use inference_pio_engine::generate::Engine;
+use inference_pio_engine::plugin::load_engine;
+use llama::FAMILY;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn load(path: &Path) -> Engine {
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32) };
+    let mut settings = PluginSettings::default();
+    settings.optimization.prefill_chunk_tokens = 0;
+    load_engine(&FAMILY, path, &options, &settings).expect("load").0
+}
+
+fn reference(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join(format!("{name}.reference.json"))).expect("fixture");
+    serde_json::from_str(&text).expect("json")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn greedy(engine: &Engine, prompt: &[u32], n: u32) -> Vec<u32> {
+    let mut params = SamplingParams { greedy: true, values: Default::default(), seed: None };
+    params.values.max_new_tokens = Some(n);
+    engine
+        .generate(&PromptInput::TokenIds(prompt.to_vec()), &params, &[], &Default::default(), &Default::default(), &mut |_, _| true)
+        .expect("generate")
+        .token_ids
+}
+
+fn all_logits(engine: &Engine, prompt: &[u32]) -> Vec<Vec<f32>> {
+    engine.score(&PromptInput::TokenIds(prompt.to_vec()), true).expect("score").logits.expect("logits")
+}
+
+#[test]
+fn tiny_gguf_models_match_transformers() {
+    for name in ["llama-tiny-tied", "llama-tiny-untied"] {
+        let engine = load(&fixtures().join(format!("{name}.gguf")));
+        let reference = reference(name);
+        for prompt in reference["prompts"].as_array().expect("prompts") {
+            let input = ids(&prompt["ids"]);
+            let got = all_logits(&engine, &input);
+            let want = prompt["logits"].as_array().expect("logits");
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                let w: Vec<f32> = w.as_array().expect("row").iter().map(|x| x.as_f64().expect("f") as f32).collect();
+                let err = rel_l2(g, &w);
+                assert!(err <= 1e-4, "{name}, prompt of {} tokens: relative L2 {err}", input.len());
+            }
+            assert_eq!(greedy(&engine, &input, 16), ids(&prompt["greedy"]), "{name}, prompt of {} tokens", input.len());
+        }
+        for case in reference["tokenizer"].as_array().expect("tokenizer") {
+            let text = case["text"].as_str().expect("text");
+            assert_eq!(engine.tokenizer.encode(text, true).expect("encode"), ids(&case["ids"]), "{name}: {text:?}");
+        }
+    }
+}
+
+#[test]
+fn tiny_gguf_chat_template_comes_from_the_file() {
+    let engine = load(&fixtures().join("llama-tiny-tied.gguf"));
+    let template = engine.template.as_ref().expect("template");
+    let text = template.render(&[ChatMessage::new("user", "hi")], None, true).expect("render");
+    assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+}
+
+/// Where `inference-pio models fetch smollm2-135m-instruct` puts the default model
+/// (`INFERENCE_PIO_SMOLLM2_GGUF` overrides).
+fn smollm2_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("INFERENCE_PIO_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .expect("HOME or XDG_CACHE_HOME");
+    cache.join("inference-pio/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn smollm2() -> Engine {
+    let path = smollm2_path();
+    assert!(
+        path.is_file(),
+        "{} is missing: run `./target/debug/inference-pio models fetch smollm2-135m-instruct` first (the README's test command does)",
+        path.display()
+    );
+    load(&path)
+}
+
+#[test]
+fn smollm2_tokenizer_and_chat_template_match_transformers() {
+    let engine = smollm2();
+    let reference = reference("smollm2");
+    for case in reference["tokenizer"].as_array().expect("tokenizer") {
+        let text = case["text"].as_str().expect("text");
+        let got = engine.tokenizer.encode(text, true).expect("encode");
+        assert_eq!(got, ids(&case["ids"]), "{text:?}");
+        assert_eq!(engine.tokenizer.decode(&got, false).expect("decode"), text, "round trip of {text:?}");
+    }
+    let template = engine.template.as_ref().expect("template");
+    for case in reference["chat_template"].as_array().expect("renders") {
+        let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).expect("messages");
+        assert_eq!(template.render(&messages, None, true).expect("render"), case["text"].as_str().expect("text"));
+    }
+    assert_eq!(engine.eos_token_ids, vec![reference["eos_token_id"].as_u64().expect("eos") as u32]);
+}
+
+#[test]
+fn smollm2_logits_and_greedy_tokens_match_transformers() {
+    let engine = smollm2();
+    for prompt in reference("smollm2")["prompts"].as_array().expect("prompts") {
+        let input = ids(&prompt["ids"]);
+        let bytes = std::fs::read(fixtures().join(prompt["last_logits_file"].as_str().expect("file"))).expect("row");
+        let want: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let got = all_logits(&engine, &input);
+        let err = rel_l2(got.last().expect("row"), &want);
+        assert!(err <= 1e-4, "{:?}: relative L2 {err}", prompt["text"]);
+        // The reference generated 24 tokens for the chat prompt (it stops at EOS), 16 otherwise.
+        let n = if prompt["kind"] == "chat" { 24 } else { 16 };
+        assert_eq!(greedy(&engine, &input, n), ids(&prompt["greedy"]), "{:?}", prompt["text"]);
+    }
+}
+
+#[test]
+fn malformed_gguf_files_are_named_errors() {
+    let dir = std::env::temp_dir().join(format!("pio-llama-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let good = std::fs::read(fixtures().join("llama-tiny-tied.gguf")).expect("fixture");
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32) };
+    let settings = PluginSettings::default();
+    let try_load = |bytes: &[u8]| {
+        let path = dir.join("model.gguf");
+        std::fs::write(&path, bytes).expect("write");
+        load_engine(&FAMILY, &path, &options, &settings).err().expect("must fail").to_string()
+    };
+    let e = try_load(&good[..good.len() / 2]);
+    assert!(e.contains("not a valid GGUF file") && e.contains("past the end"), "{e}");
+    let mut count = good.clone();
+    count[8..16].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    let e = try_load(&count);
+    assert!(e.contains("tensor count"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,879 @@
+//! GGUF, llama.cpp's model container (spec: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>).
+//!
+//! Layout (little-endian): magic `GGUF`, `u32` version (2 or 3), `u64` tensor count, `u64`
+//! metadata count; the metadata key/value pairs (typed, arrays included); the tensor table
+//! (name, dimensions innermost first, GGML type, offset into the data section); padding to
+//! `general.alignment` (default 32); the tensor data.
+//!
+//! The parser works on a borrowed byte slice (a memory map) and never trusts a count: every
+//! length is checked against the bytes that remain before anything is allocated, every
+//! dimension product is checked for overflow, and every tensor's data range must lie inside
+//! the file. [`dequantize`] turns F32, F16, BF16, Q8_0, Q4_0 and Q4_1 data into `f32`
+//! (ggml's `dequantize_row_*`); other types are named in the error.
+//!
+//! [`hf`] maps GGUF metadata and tensor names to the Hugging Face equivalents, as
+//! `transformers.integrations.gguf` does when it loads a GGUF file.
+
+use crate::FormatError;
+use std::collections::BTreeMap;
+
+pub const MAGIC: [u8; 4] = *b"GGUF";
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// ggml's `GGML_MAX_DIMS`.
+pub const MAX_DIMS: u32 = 4;
+/// Nested arrays deeper than this are refused (the format allows them; no model uses them).
+const MAX_ARRAY_DEPTH: usize = 3;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// Any integer type that fits in a `u64` without a sign change.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v.into()),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    fn type_name(&self) -> &'static str {
+        match self {
+            Value::U8(_) => "uint8",
+            Value::I8(_) => "int8",
+            Value::U16(_) => "uint16",
+            Value::I16(_) => "int16",
+            Value::U32(_) => "uint32",
+            Value::I32(_) => "int32",
+            Value::U64(_) => "uint64",
+            Value::I64(_) => "int64",
+            Value::F32(_) => "float32",
+            Value::F64(_) => "float64",
+            Value::Bool(_) => "bool",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+        }
+    }
+}
+
+/// A GGML tensor type: its id, name and block geometry (ggml's `type_traits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GgmlType {
+    pub id: u32,
+    pub name: &'static str,
+    /// Elements per block.
+    pub block_size: u64,
+    /// Bytes per block.
+    pub type_size: u64,
+}
+
+impl GgmlType {
+    pub const F32: u32 = 0;
+    pub const F16: u32 = 1;
+    pub const Q4_0: u32 = 2;
+    pub const Q4_1: u32 = 3;
+    pub const Q8_0: u32 = 8;
+    pub const BF16: u32 = 30;
+
+    /// The type with this id, if ggml defines it.
+    pub fn from_id(id: u32) -> Option<Self> {
+        let (name, block_size, type_size) = match id {
+            0 => ("F32", 1, 4),
+            1 => ("F16", 1, 2),
+            2 => ("Q4_0", 32, 18),
+            3 => ("Q4_1", 32, 20),
+            6 => ("Q5_0", 32, 22),
+            7 => ("Q5_1", 32, 24),
+            8 => ("Q8_0", 32, 34),
+            9 => ("Q8_1", 32, 36),
+            10 => ("Q2_K", 256, 84),
+            11 => ("Q3_K", 256, 110),
+            12 => ("Q4_K", 256, 144),
+            13 => ("Q5_K", 256, 176),
+            14 => ("Q6_K", 256, 210),
+            15 => ("Q8_K", 256, 292),
+            16 => ("IQ2_XXS", 256, 66),
+            17 => ("IQ2_XS", 256, 74),
+            18 => ("IQ3_XXS", 256, 98),
+            19 => ("IQ1_S", 256, 50),
+            20 => ("IQ4_NL", 32, 18),
+            21 => ("IQ3_S", 256, 110),
+            22 => ("IQ2_S", 256, 82),
+            23 => ("IQ4_XS", 256, 136),
+            24 => ("I8", 1, 1),
+            25 => ("I16", 1, 2),
+            26 => ("I32", 1, 4),
+            27 => ("I64", 1, 8),
+            28 => ("F64", 1, 8),
+            29 => ("IQ1_M", 256, 56),
+            30 => ("BF16", 1, 2),
+            34 => ("TQ1_0", 256, 54),
+            35 => ("TQ2_0", 256, 66),
+            39 => ("MXFP4", 32, 17),
+            _ => return None,
+        };
+        Some(Self { id, name, block_size, type_size })
+    }
+
+    /// Whether [`dequantize`] reads this type.
+    pub fn is_supported(&self) -> bool {
+        matches!(self.id, Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0 | Self::Q4_1)
+    }
+}
+
+/// The types [`dequantize`] reads, for error messages.
+pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
+
+/// One entry of the tensor table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGML order: `dims[0]` is the innermost (contiguous) dimension.
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+    pub n_elements: u64,
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    /// The shape in row-major (PyTorch / safetensors) order: the GGML dimensions reversed.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// A parsed GGUF file (metadata and tensor table; the data stay in the caller's bytes).
+#[derive(Clone, Debug)]
+pub struct Gguf {
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    pub alignment: u64,
+    /// Absolute file offset of the data section.
+    pub data_offset: u64,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], FormatError> {
+        if n > self.remaining() {
+            return Err(FormatError(format!(
+                "truncated: {what} needs {n} bytes at offset {} but the file has {} left",
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let out = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], FormatError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, FormatError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A count of items each at least `min_item_bytes` long: refused when the rest of the
+    /// file could not hold that many.
+    fn count(&mut self, what: &str, min_item_bytes: usize) -> Result<usize, FormatError> {
+        let n = self.u64(what)?;
+        let fits = (self.remaining() / min_item_bytes.max(1)) as u64;
+        if n > fits {
+            return Err(FormatError(format!(
+                "{what} is {n}, but the {} bytes left in the file can hold at most {fits}",
+                self.remaining()
+            )));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, FormatError> {
+        let len = self.count(&format!("length of {what}"), 1)?;
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| FormatError(format!("{what} is not valid UTF-8")))
+    }
+
+    fn value(&mut self, type_id: u32, what: &str, depth: usize) -> Result<Value, FormatError> {
+        Ok(match type_id {
+            0 => Value::U8(self.array::<1>(what)?[0]),
+            1 => Value::I8(i8::from_le_bytes(self.array(what)?)),
+            2 => Value::U16(u16::from_le_bytes(self.array(what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(what)?)),
+            4 => Value::U32(self.u32(what)?),
+            5 => Value::I32(i32::from_le_bytes(self.array(what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(what)?)),
+            7 => match self.array::<1>(what)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(FormatError(format!("{what}: bool byte {b} is neither 0 nor 1"))),
+            },
+            8 => Value::String(self.string(what)?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(FormatError(format!("{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                }
+                let item_type = self.u32(what)?;
+                let min = match item_type {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    other => return Err(FormatError(format!("{what}: unknown metadata value type {other} in array"))),
+                };
+                let n = self.count(&format!("element count of {what}"), min)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(item_type, what, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(i64::from_le_bytes(self.array(what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(what)?)),
+            other => return Err(FormatError(format!("{what}: unknown metadata value type {other}"))),
+        })
+    }
+}
+
+impl Gguf {
+    /// Parses and validates the header, metadata and tensor table of `bytes` (the whole file).
+    pub fn parse(bytes: &[u8]) -> Result<Self, FormatError> {
+        Self::parse_prefix(bytes, bytes.len() as u64)
+    }
+
+    /// As [`parse`](Self::parse), from the first bytes of a file of `file_len` bytes (enough
+    /// to hold the metadata and tensor table; tensor ranges are checked against `file_len`).
+    pub fn parse_prefix(bytes: &[u8], file_len: u64) -> Result<Self, FormatError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let magic = r.array::<4>("magic")?;
+        if magic != MAGIC {
+            return Err(FormatError(format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
+        }
+        let version = r.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(FormatError(format!("GGUF version {version} is not supported (2 and 3 are)")));
+        }
+        // A tensor entry takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset)
+        // bytes; a metadata entry at least 8 (key length) + 4 (type) + 1 (value).
+        let tensor_count = r.count("tensor count", 24)?;
+        let kv_count = r.count("metadata count", 13)?;
+        let mut metadata = BTreeMap::new();
+        for i in 0..kv_count {
+            let key = r.string(&format!("metadata key #{i}"))?;
+            let type_id = r.u32(&format!("type of `{key}`"))?;
+            let value = r.value(type_id, &format!("metadata `{key}`"), 0)?;
+            if metadata.insert(key.clone(), value).is_some() {
+                return Err(FormatError(format!("metadata key `{key}` appears twice")));
+            }
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(v) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
+                _ => return Err(FormatError(format!("general.alignment {v:?} is not a power of two up to 1 MiB"))),
+            },
+        };
+        let mut tensors = Vec::with_capacity(tensor_count);
+        let mut names = std::collections::HashSet::new();
+        for i in 0..tensor_count {
+            let name = r.string(&format!("name of tensor #{i}"))?;
+            let n_dims = r.u32(&format!("dimension count of `{name}`"))?;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(FormatError(format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(r.u64(&format!("dimensions of `{name}`"))?);
+            }
+            let type_id = r.u32(&format!("type of `{name}`"))?;
+            let offset = r.u64(&format!("offset of `{name}`"))?;
+            let ggml_type = GgmlType::from_id(type_id)
+                .ok_or_else(|| FormatError(format!("tensor `{name}` has unknown GGML type id {type_id}")))?;
+            let n_elements = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| FormatError(format!("tensor `{name}`: dimensions {dims:?} overflow")))?;
+            if dims.contains(&0) {
+                return Err(FormatError(format!("tensor `{name}` has a zero dimension {dims:?}")));
+            }
+            if dims[0] % ggml_type.block_size != 0 {
+                return Err(FormatError(format!(
+                    "tensor `{name}`: innermost dimension {} is not a multiple of the {} block size {}",
+                    dims[0], ggml_type.name, ggml_type.block_size
+                )));
+            }
+            let n_bytes = (n_elements / ggml_type.block_size)
+                .checked_mul(ggml_type.type_size)
+                .ok_or_else(|| FormatError(format!("tensor `{name}`: byte size overflows")))?;
+            if offset % alignment != 0 {
+                return Err(FormatError(format!("tensor `{name}`: offset {offset} is not aligned to {alignment}")));
+            }
+            if !names.insert(name.clone()) {
+                return Err(FormatError(format!("tensor `{name}` appears twice")));
+            }
+            tensors.push(TensorInfo { name, dims, ggml_type, offset, n_elements, n_bytes });
+        }
+        let table_end = r.pos as u64;
+        let data_offset = table_end.div_ceil(alignment) * alignment;
+        for t in &tensors {
+            let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes));
+            match end {
+                Some(end) if end <= file_len => {}
+                _ => {
+                    return Err(FormatError(format!(
+                        "tensor `{}` ({} bytes at data offset {}) lies past the end of the {file_len}-byte file",
+                        t.name, t.n_bytes, t.offset
+                    )));
+                }
+            }
+        }
+        Ok(Self { version, metadata, tensors, alignment, data_offset })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    fn typed<'a, T>(&'a self, key: &str, want: &str, f: impl Fn(&'a Value) -> Option<T>) -> Result<Option<T>, FormatError> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => f(v)
+                .map(Some)
+                .ok_or_else(|| FormatError(format!("metadata `{key}` is a {}, expected {want}", v.type_name()))),
+        }
+    }
+
+    pub fn get_u64(&self, key: &str) -> Result<Option<u64>, FormatError> {
+        self.typed(key, "an unsigned integer", Value::as_u64)
+    }
+
+    pub fn get_f64(&self, key: &str) -> Result<Option<f64>, FormatError> {
+        self.typed(key, "a number", Value::as_f64)
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<Option<&str>, FormatError> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(FormatError(format!("metadata `{key}` is a {}, expected a string", v.type_name()))),
+        }
+    }
+
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>, FormatError> {
+        self.typed(key, "a bool", Value::as_bool)
+    }
+
+    /// An array of strings (`tokenizer.ggml.tokens`, `tokenizer.ggml.merges`).
+    pub fn get_strings(&self, key: &str) -> Result<Option<Vec<&str>>, FormatError> {
+        self.typed(key, "an array of strings", |v| v.as_array()?.iter().map(Value::as_str).collect())
+    }
+
+    /// An array of integers (`tokenizer.ggml.token_type`).
+    pub fn get_ints(&self, key: &str) -> Result<Option<Vec<i64>>, FormatError> {
+        self.typed(key, "an array of integers", |v| {
+            v.as_array()?
+                .iter()
+                .map(|x| match *x {
+                    Value::I32(i) => Some(i64::from(i)),
+                    Value::I64(i) => Some(i),
+                    Value::I8(i) => Some(i64::from(i)),
+                    Value::I16(i) => Some(i64::from(i)),
+                    _ => x.as_u64().and_then(|u| i64::try_from(u).ok()),
+                })
+                .collect()
+        })
+    }
+
+    /// `general.architecture`, required by the format.
+    pub fn architecture(&self) -> Result<&str, FormatError> {
+        self.get_str("general.architecture")?
+            .ok_or_else(|| FormatError::new("metadata `general.architecture` is missing"))
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw bytes of a tensor of this file (`file` is the same bytes given to [`parse`](Self::parse)).
+    pub fn tensor_bytes<'a>(&self, file: &'a [u8], info: &TensorInfo) -> Result<&'a [u8], FormatError> {
+        let start = self.data_offset.checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(info.n_bytes));
+        match (start, end) {
+            (Some(s), Some(e)) if e <= file.len() as u64 => Ok(&file[s as usize..e as usize]),
+            _ => Err(FormatError(format!("tensor `{}` lies outside the file", info.name))),
+        }
+    }
+}
+
+fn f16_at(b: &[u8]) -> f32 {
+    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Dequantizes a tensor's data to `f32` in GGML element order (ggml `dequantize_row_*`).
+pub fn dequantize(info: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, FormatError> {
+    let t = info.ggml_type;
+    if !t.is_supported() {
+        return Err(FormatError(format!(
+            "tensor `{}` has GGML type {}, which is not supported (supported: {SUPPORTED_TYPES})",
+            info.name, t.name
+        )));
+    }
+    if data.len() as u64 != info.n_bytes {
+        return Err(FormatError(format!("tensor `{}`: {} data bytes, expected {}", info.name, data.len(), info.n_bytes)));
+    }
+    let mut out = Vec::with_capacity(info.n_elements as usize);
+    match t.id {
+        GgmlType::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        GgmlType::F16 => out.extend(data.chunks_exact(2).map(f16_at)),
+        GgmlType::BF16 => out.extend(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::Q8_0 => {
+            // block_q8_0 { f16 d; int8 qs[32]; }: x = d * q
+            for block in data.chunks_exact(34) {
+                let d = f16_at(&block[0..2]);
+                out.extend(block[2..].iter().map(|&q| d * f32::from(q as i8)));
+            }
+        }
+        GgmlType::Q4_0 => {
+            // block_q4_0 { f16 d; u8 qs[16]; }: x[j] = d * (lo(qs[j]) - 8), x[j+16] = d * (hi(qs[j]) - 8)
+            for block in data.chunks_exact(18) {
+                let d = f16_at(&block[0..2]);
+                let qs = &block[2..];
+                out.extend(qs.iter().map(|&q| d * (f32::from(q & 0x0f) - 8.0)));
+                out.extend(qs.iter().map(|&q| d * (f32::from(q >> 4) - 8.0)));
+            }
+        }
+        GgmlType::Q4_1 => {
+            // block_q4_1 { f16 d; f16 m; u8 qs[16]; }: x[j] = d * lo(qs[j]) + m, x[j+16] = d * hi(qs[j]) + m
+            for block in data.chunks_exact(20) {
+                let d = f16_at(&block[0..2]);
+                let m = f16_at(&block[2..4]);
+                let qs = &block[4..];
+                out.extend(qs.iter().map(|&q| d * f32::from(q & 0x0f) + m));
+                out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
+            }
+        }
+        _ => unreachable!("checked by is_supported"),
+    }
+    Ok(out)
+}
+
+/// Hugging Face names and config for GGUF files (`transformers.integrations.gguf`).
+pub mod hf {
+    use super::Gguf;
+    use crate::FormatError;
+    use serde_json::{Map, Value as Json, json};
+
+    /// The HF `architectures` entry for a GGUF `general.architecture`.
+    pub fn architecture_class(arch: &str) -> Option<&'static str> {
+        Some(match arch {
+            "llama" => "LlamaForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
+            _ => return None,
+        })
+    }
+
+    /// Architectures whose Q and K projection rows llama.cpp's converter permuted (from
+    /// HF's rotate-half layout to interleaved pairs); loading must undo it.
+    pub fn permutes_qk(arch: &str) -> bool {
+        arch == "llama"
+    }
+
+    /// The HF tensor name for a GGUF tensor name, `None` for tensors HF has no parameter
+    /// for (`rope_freqs.weight`, llama 3's precomputed RoPE factors).
+    pub fn tensor_name(gguf_name: &str) -> Option<String> {
+        let fixed = match gguf_name {
+            "token_embd.weight" => Some("model.embed_tokens.weight"),
+            "output_norm.weight" => Some("model.norm.weight"),
+            "output.weight" => Some("lm_head.weight"),
+            _ => None,
+        };
+        if let Some(name) = fixed {
+            return Some(name.to_string());
+        }
+        let rest = gguf_name.strip_prefix("blk.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        layer.parse::<usize>().ok()?;
+        let (module, suffix) = rest.rsplit_once('.')?;
+        if suffix != "weight" && suffix != "bias" {
+            return None;
+        }
+        let hf = match module {
+            "attn_norm" => "input_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            "ffn_norm" => "post_attention_layernorm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        };
+        Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+    }
+
+    /// Undoes llama.cpp's Q/K row permutation (`LlamaModel.permute` in
+    /// `convert_hf_to_gguf.py`; transformers' `_reverse_permute_weights`) on a row-major
+    /// `[rows, cols]` matrix whose rows are `heads` heads of `rows / heads` channels.
+    pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, FormatError> {
+        if heads == 0 || rows % (2 * heads) != 0 || values.len() != rows * cols {
+            return Err(FormatError(format!("cannot un-permute a [{rows}, {cols}] projection into {heads} heads")));
+        }
+        let half = rows / heads / 2;
+        let mut out = vec![0.0; values.len()];
+        // GGUF row (h, i, j) with j in {0,1}, i < half holds HF row (h, j, i).
+        for h in 0..heads {
+            for i in 0..half {
+                for j in 0..2 {
+                    let src = (h * half + i) * 2 + j;
+                    let dst = (h * 2 + j) * half + i;
+                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A transformers-style `config.json` for the model a GGUF file holds.
+    pub fn config(file: &Gguf) -> Result<Json, FormatError> {
+        let arch = file.architecture()?;
+        let class = architecture_class(arch).ok_or_else(|| {
+            FormatError(format!("GGUF architecture `{arch}` is not supported (supported: llama, qwen2, qwen3)"))
+        })?;
+        let key = |name: &str| format!("{arch}.{name}");
+        let need = |name: &str| -> Result<u64, FormatError> {
+            file.get_u64(&key(name))?.ok_or_else(|| FormatError(format!("metadata `{}` is missing", key(name))))
+        };
+        let hidden = need("embedding_length")?;
+        let heads = need("attention.head_count")?;
+        let vocab = match file.get_u64(&key("vocab_size"))? {
+            Some(v) => v,
+            None => file
+                .get_strings("tokenizer.ggml.tokens")?
+                .map(|t| t.len() as u64)
+                .ok_or_else(|| FormatError(format!("neither `{}` nor `tokenizer.ggml.tokens` is present", key("vocab_size"))))?,
+        };
+        let mut c = Map::new();
+        c.insert("architectures".into(), json!([class]));
+        c.insert("model_type".into(), json!(arch));
+        c.insert("vocab_size".into(), json!(vocab));
+        c.insert("hidden_size".into(), json!(hidden));
+        c.insert("intermediate_size".into(), json!(need("feed_forward_length")?));
+        c.insert("num_hidden_layers".into(), json!(need("block_count")?));
+        c.insert("num_attention_heads".into(), json!(heads));
+        c.insert("num_key_value_heads".into(), json!(file.get_u64(&key("attention.head_count_kv"))?.unwrap_or(heads)));
+        let head_dim = match file.get_u64(&key("attention.key_length"))? {
+            Some(d) => d,
+            None if heads > 0 => hidden / heads,
+            None => 0,
+        };
+        c.insert("head_dim".into(), json!(head_dim));
+        if let Some(rope_dim) = file.get_u64(&key("rope.dimension_count"))?
+            && head_dim > 0
+            && rope_dim != head_dim
+        {
+            c.insert("partial_rotary_factor".into(), json!(rope_dim as f64 / head_dim as f64));
+        }
+        if let Some(n) = file.get_u64(&key("context_length"))? {
+            c.insert("max_position_embeddings".into(), json!(n));
+        }
+        if let Some(eps) = file.get_f64(&key("attention.layer_norm_rms_epsilon"))? {
+            c.insert("rms_norm_eps".into(), json!(eps));
+        }
+        if let Some(theta) = file.get_f64(&key("rope.freq_base"))? {
+            c.insert("rope_theta".into(), json!(theta));
+        }
+        match file.get_str(&key("rope.scaling.type"))? {
+            None | Some("none") => {}
+            Some(kind) => {
+                let factor = file.get_f64(&key("rope.scaling.factor"))?;
+                c.insert("rope_scaling".into(), json!({ "rope_type": kind, "factor": factor }));
+            }
+        }
+        let tied = file.tensor("output.weight").is_none();
+        c.insert("tie_word_embeddings".into(), json!(tied));
+        let bias = file.tensor("blk.0.attn_q.bias").is_some();
+        if arch == "llama" {
+            c.insert("attention_bias".into(), json!(bias));
+        }
+        c.insert("hidden_act".into(), json!("silu"));
+        for (ours, theirs) in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")] {
+            if let Some(id) = file.get_u64(&format!("tokenizer.ggml.{theirs}"))? {
+                c.insert(ours.into(), json!(id));
+            }
+        }
+        c.insert("torch_dtype".into(), json!("float32"));
+        Ok(Json::Object(c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF writer for tests: metadata entries and tensors given as raw bytes.
+    pub(crate) struct Writer {
+        kv: Vec<u8>,
+        kv_count: u64,
+        tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+    }
+
+    impl Writer {
+        pub fn new() -> Self {
+            Self { kv: Vec::new(), kv_count: 0, tensors: Vec::new() }
+        }
+        fn key(&mut self, k: &str, type_id: u32) {
+            self.kv.extend((k.len() as u64).to_le_bytes());
+            self.kv.extend(k.as_bytes());
+            self.kv.extend(type_id.to_le_bytes());
+            self.kv_count += 1;
+        }
+        pub fn u32(mut self, k: &str, v: u32) -> Self {
+            self.key(k, 4);
+            self.kv.extend(v.to_le_bytes());
+            self
+        }
+        pub fn string(mut self, k: &str, v: &str) -> Self {
+            self.key(k, 8);
+            self.kv.extend((v.len() as u64).to_le_bytes());
+            self.kv.extend(v.as_bytes());
+            self
+        }
+        pub fn tensor(mut self, name: &str, dims: &[u64], type_id: u32, data: Vec<u8>) -> Self {
+            self.tensors.push((name.into(), dims.to_vec(), type_id, data));
+            self
+        }
+        pub fn build(self) -> Vec<u8> {
+            let mut out = b"GGUF".to_vec();
+            out.extend(3u32.to_le_bytes());
+            out.extend((self.tensors.len() as u64).to_le_bytes());
+            out.extend(self.kv_count.to_le_bytes());
+            out.extend(&self.kv);
+            let mut offset = 0u64;
+            let mut offsets = Vec::new();
+            for (name, dims, type_id, data) in &self.tensors {
+                out.extend((name.len() as u64).to_le_bytes());
+                out.extend(name.as_bytes());
+                out.extend((dims.len() as u32).to_le_bytes());
+                for d in dims {
+                    out.extend(d.to_le_bytes());
+                }
+                out.extend(type_id.to_le_bytes());
+                out.extend(offset.to_le_bytes());
+                offsets.push(offset);
+                offset += (data.len() as u64).div_ceil(32) * 32;
+            }
+            while out.len() % 32 != 0 {
+                out.push(0);
+            }
+            let start = out.len();
+            for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
+                out.resize(start + off as usize, 0);
+                out.extend(data);
+            }
+            out
+        }
+    }
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn parses_metadata_and_tensors() {
+        let bytes = Writer::new()
+            .string("general.architecture", "llama")
+            .u32("llama.block_count", 2)
+            .tensor("a", &[4, 2], GgmlType::F32, f32_bytes(&[1., 2., 3., 4., 5., 6., 7., 8.]))
+            .tensor("b", &[2], GgmlType::F32, f32_bytes(&[9., 10.]))
+            .build();
+        let g = Gguf::parse(&bytes).expect("parse");
+        assert_eq!(g.architecture().expect("arch"), "llama");
+        assert_eq!(g.get_u64("llama.block_count").expect("u64"), Some(2));
+        let a = g.tensor("a").expect("a").clone();
+        assert_eq!(a.shape(), vec![2, 4]);
+        let values = dequantize(&a, g.tensor_bytes(&bytes, &a).expect("bytes")).expect("dequantize");
+        assert_eq!(values, vec![1., 2., 3., 4., 5., 6., 7., 8.]);
+        let b = g.tensor("b").expect("b").clone();
+        assert_eq!(dequantize(&b, g.tensor_bytes(&bytes, &b).expect("bytes")).expect("b"), vec![9., 10.]);
+        assert!(g.get_str("llama.block_count").is_err());
+    }
+
+    #[test]
+    fn quantized_blocks_follow_ggml() {
+        let d = half::f16::from_f32(0.5).to_le_bytes();
+        let m = half::f16::from_f32(-1.0).to_le_bytes();
+        // Q8_0: one block of 32, values q * d.
+        let mut q8 = d.to_vec();
+        q8.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        // Q4_0: nibbles, low first: x[j] = (lo - 8) d, x[j+16] = (hi - 8) d.
+        let mut q40 = d.to_vec();
+        q40.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        // Q4_1: x = q d + m.
+        let mut q41 = d.to_vec();
+        q41.extend(m);
+        q41.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let bytes = Writer::new()
+            .string("general.architecture", "llama")
+            .tensor("q8", &[32], GgmlType::Q8_0, q8)
+            .tensor("q40", &[32], GgmlType::Q4_0, q40)
+            .tensor("q41", &[32], GgmlType::Q4_1, q41)
+            .tensor("f16", &[2], GgmlType::F16, [half::f16::from_f32(1.5).to_le_bytes(), half::f16::from_f32(-2.0).to_le_bytes()].concat())
+            .tensor("bf16", &[2], GgmlType::BF16, [half::bf16::from_f32(0.25).to_le_bytes(), half::bf16::from_f32(3.0).to_le_bytes()].concat())
+            .build();
+        let g = Gguf::parse(&bytes).expect("parse");
+        let get = |n: &str| {
+            let t = g.tensor(n).expect("tensor").clone();
+            dequantize(&t, g.tensor_bytes(&bytes, &t).expect("bytes")).expect("dequantize")
+        };
+        assert_eq!(get("q8"), (0..32).map(|i| (i as f32 - 16.0) * 0.5).collect::<Vec<_>>());
+        let expect40: Vec<f32> = (0..16).map(|j| (j as f32 - 8.0) * 0.5).chain((0..16).map(|j| (15 - j) as f32 * 0.5 - 4.0)).collect();
+        assert_eq!(get("q40"), expect40);
+        let expect41: Vec<f32> = (0..16).map(|j| j as f32 * 0.5 - 1.0).chain((0..16).map(|j| (15 - j) as f32 * 0.5 - 1.0)).collect();
+        assert_eq!(get("q41"), expect41);
+        assert_eq!(get("f16"), vec![1.5, -2.0]);
+        assert_eq!(get("bf16"), vec![0.25, 3.0]);
+    }
+
+    #[test]
+    fn malformed_files_are_named_errors() {
+        let good = Writer::new()
+            .string("general.architecture", "llama")
+            .tensor("a", &[4], GgmlType::F32, f32_bytes(&[1., 2., 3., 4.]))
+            .build();
+        let err = |bytes: &[u8]| Gguf::parse(bytes).expect_err("must fail").to_string();
+        assert!(err(b"GGML\x03\0\0\0").contains("not a GGUF file"));
+        assert!(err(b"GG").contains("truncated"));
+        let mut v1 = good.clone();
+        v1[4] = 1;
+        assert!(err(&v1).contains("version 1"));
+        // Absurd tensor count: refused before any allocation.
+        let mut counts = good.clone();
+        counts[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(err(&counts).contains("tensor count"), "{}", err(&counts));
+        let mut kvs = good.clone();
+        kvs[16..24].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(err(&kvs).contains("metadata count"));
+        // Truncated data section.
+        assert!(err(&good[..good.len() - 1]).contains("past the end"));
+        // Unknown tensor type and unsupported (but known) type.
+        let unknown = Writer::new().tensor("x", &[4], 77, vec![0; 16]).build();
+        assert!(err(&unknown).contains("unknown GGML type id 77"));
+        let q4k = Writer::new().tensor("k", &[256], 12, vec![0; 144]).build();
+        let g = Gguf::parse(&q4k).expect("Q4_K parses");
+        let t = g.tensor("k").expect("k").clone();
+        let e = dequantize(&t, g.tensor_bytes(&q4k, &t).expect("bytes")).expect_err("Q4_K").to_string();
+        assert!(e.contains("Q4_K") && e.contains("not supported"), "{e}");
+        // Overflowing dimension product.
+        let huge = Writer::new().tensor("h", &[1 << 32, 1 << 32, 1 << 32], 0, vec![]).build();
+        assert!(err(&huge).contains("overflow"));
+        // Offset past the end.
+        let mut far = good.clone();
+        // header 24 + metadata (8 + 20 + 4 + 8 + 5) + tensor entry up to its offset (8 + 1 + 4 + 8 + 4)
+        let pos = 24 + 45 + 25;
+        assert_eq!(far[pos..pos + 8], 0u64.to_le_bytes());
+        far[pos..pos + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(err(&far).contains("past the end"));
+        // Not-a-multiple-of-block dimension.
+        let odd = Writer::new().tensor("o", &[33], GgmlType::Q8_0, vec![0; 68]).build();
+        assert!(err(&odd).contains("block size"));
+    }
+
+    #[test]
+    fn names_and_unpermute_match_transformers() {
+        assert_eq!(hf::tensor_name("blk.3.attn_q.weight").as_deref(), Some("model.layers.3.self_attn.q_proj.weight"));
+        assert_eq!(hf::tensor_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
+        assert_eq!(hf::tensor_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf::tensor_name("rope_freqs.weight"), None);
+        assert_eq!(hf::tensor_name("blk.x.attn_q.weight"), None);
+        // llama.cpp permute: w.reshape(heads, 2, half, cols).swapaxes(1, 2); un-permuting undoes it.
+        let (heads, half, cols) = (2, 3, 2);
+        let rows = heads * 2 * half;
+        let hf_rows: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut permuted = vec![0.0; rows * cols];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..half {
+                    let src = (h * 2 + j) * half + i;
+                    let dst = (h * half + i) * 2 + j;
+                    permuted[dst * cols..(dst + 1) * cols].copy_from_slice(&hf_rows[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(hf::unpermute_rows(&permuted, rows, cols, heads).expect("unpermute"), hf_rows);
+        assert!(hf::unpermute_rows(&permuted, rows, cols, 5).is_err());
+    }
+}
