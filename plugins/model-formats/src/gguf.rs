@@ -589,7 +589,7 @@ pub mod hf {
     /// `convert_hf_to_gguf.py`; transformers' `_reverse_permute_weights`) on a row-major
     /// `[rows, cols]` matrix whose rows are `heads` heads of `rows / heads` channels.
     pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, FormatError> {
-        if heads == 0 || rows % (2 * heads) != 0 || values.len() != rows * cols {
+        if heads == 0 || !rows.is_multiple_of(2 * heads) || values.len() != rows * cols {
             return Err(FormatError(format!("cannot un-permute a [{rows}, {cols}] projection into {heads} heads")));
         }
         let half = rows / heads / 2;
@@ -736,7 +736,7 @@ mod tests {
                 offsets.push(offset);
                 offset += (data.len() as u64).div_ceil(32) * 32;
             }
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
             let start = out.len();
