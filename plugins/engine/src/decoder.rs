@@ -1,23 +1,48 @@
-//! The decoder-only transformer shared by every dense model: embeddings, N pre-norm blocks
-//! of grouped-query attention (optional per-head QK-norm, optional q/k/v bias, rotary
-//! embeddings, full or partial) and a SwiGLU MLP, a final RMSNorm and the LM head (tied or
-//! not). References: transformers `modeling_llama.py` / `modeling_qwen3.py`
-//! (`Qwen3Attention`, `Qwen3MLP`, `Qwen3DecoderLayer`, `eager_attention_forward`).
+//! The decoder-only transformer shared by every model: embeddings, N pre-norm blocks of
+//! grouped-query attention (optional per-head QK-norm, optional q/k/v and o bias, rotary
+//! embeddings, full or partial) and a feed-forward block — a SwiGLU MLP, or a mixture of
+//! experts ([`crate::moe`]) — a final RMSNorm and the LM head (tied or not). References:
+//! transformers `modeling_llama.py` / `modeling_qwen3.py` (`Qwen3Attention`, `Qwen3MLP`,
+//! `Qwen3DecoderLayer`, `eager_attention_forward`), `modeling_qwen3_moe.py`,
+//! `modeling_glm4_moe.py`.
 
 use crate::error::EngineError;
 use crate::hf_config::DecoderConfig;
 use crate::kv_cache::KvCache;
+use crate::moe::{Mlp, MoeBlock, MoeSpec, moe_tensors};
 use crate::rope;
 use crate::weights::{Checkpoint, burn_dtype};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData, activation::softmax};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::{apply_rotary, rms_norm, swiglu};
+use inference_pio_kernels::{apply_rotary, rms_norm};
 
-/// What differs between dense decoder families, beyond what `config.json` says.
+/// What differs between decoder families, beyond what the engine reads from `config.json`
+/// itself. A model crate builds it from the config (its own keys are in
+/// [`DecoderConfig::raw`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderSpec {
-    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3, GLM-4.5 with `use_qk_norm`).
     pub qk_norm: bool,
+    /// Whether `o_proj` has a bias (Llama / Qwen: when `attention_bias`; GLM: never).
+    pub o_proj_bias: bool,
+    /// Mixture-of-experts layers, if the model has them.
+    pub moe: Option<MoeSpec>,
+}
+
+impl DecoderSpec {
+    /// A dense decoder whose q/k/v/o biases all follow `attention_bias`.
+    pub fn dense(config: &DecoderConfig, qk_norm: bool) -> Self {
+        Self { qk_norm, o_proj_bias: config.attention_bias, moe: None }
+    }
+
+    fn is_sparse(&self, layer: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| m.sparse_layers.get(layer).copied().unwrap_or(false))
+    }
+}
+
+enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeBlock),
 }
 
 struct Linear {
@@ -52,9 +77,7 @@ struct Block {
     q_norm: Option<Tensor<1>>,
     k_norm: Option<Tensor<1>>,
     post_norm: Tensor<1>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    mlp: FeedForward,
 }
 
 /// Which positions get logits.
@@ -96,6 +119,8 @@ pub fn expected_tensors(c: &DecoderConfig, spec: &DecoderSpec) -> Vec<(String, V
             out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
             out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
             out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        if spec.o_proj_bias {
             out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
         }
         if spec.qk_norm {
@@ -103,9 +128,10 @@ pub fn expected_tensors(c: &DecoderConfig, spec: &DecoderSpec) -> Vec<(String, V
             out.push((format!("{p}.self_attn.k_norm.weight"), vec![d]));
         }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        match &spec.moe {
+            Some(moe) if spec.is_sparse(l) => out.extend(moe_tensors(moe, &format!("{p}.mlp"), h)),
+            _ => out.extend(Mlp::tensors(&format!("{p}.mlp"), h, i)),
+        }
     }
     out.push(("model.norm.weight".to_string(), vec![h]));
     if !c.tie_word_embeddings {
@@ -114,13 +140,14 @@ pub fn expected_tensors(c: &DecoderConfig, spec: &DecoderSpec) -> Vec<(String, V
     out
 }
 
+/// Parameters of a decoder with this config and spec.
+pub fn parameter_count(c: &DecoderConfig, spec: &DecoderSpec) -> u64 {
+    expected_tensors(c, spec).iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum()
+}
+
 /// Bytes the weights take in `dtype`.
 pub fn weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType) -> u64 {
-    expected_tensors(c, spec)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64)
-        .sum::<u64>()
-        * dtype.size_bytes()
+    parameter_count(c, spec) * dtype.size_bytes()
 }
 
 impl Decoder {
@@ -136,21 +163,26 @@ impl Decoder {
         let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         let bias = c.attention_bias;
+        if let Some(moe) = &spec.moe {
+            moe.validate(c.num_hidden_layers)?;
+        }
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            let mlp = match &spec.moe {
+                Some(moe) if spec.is_sparse(l) => FeedForward::Moe(MoeBlock::load(moe, ckpt, &format!("{p}.mlp"), h, device, dtype)?),
+                _ => FeedForward::Dense(Mlp::load(ckpt, &format!("{p}.mlp"), h, i, device, dtype)?),
+            };
             blocks.push(Block {
                 input_norm: ckpt.load(&format!("{p}.input_layernorm.weight"), [h], device, dtype)?,
                 q: Linear::load(ckpt, &format!("{p}.self_attn.q_proj"), q, h, bias, device, dtype)?,
                 k: Linear::load(ckpt, &format!("{p}.self_attn.k_proj"), kv, h, bias, device, dtype)?,
                 v: Linear::load(ckpt, &format!("{p}.self_attn.v_proj"), kv, h, bias, device, dtype)?,
-                o: Linear::load(ckpt, &format!("{p}.self_attn.o_proj"), h, q, bias, device, dtype)?,
+                o: Linear::load(ckpt, &format!("{p}.self_attn.o_proj"), h, q, spec.o_proj_bias, device, dtype)?,
                 q_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.q_norm.weight"), [d], device, dtype)).transpose()?,
                 k_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.k_norm.weight"), [d], device, dtype)).transpose()?,
                 post_norm: ckpt.load(&format!("{p}.post_attention_layernorm.weight"), [h], device, dtype)?,
-                gate: Linear::load(ckpt, &format!("{p}.mlp.gate_proj"), i, h, false, device, dtype)?,
-                up: Linear::load(ckpt, &format!("{p}.mlp.up_proj"), i, h, false, device, dtype)?,
-                down: Linear::load(ckpt, &format!("{p}.mlp.down_proj"), h, i, false, device, dtype)?,
+                mlp,
             });
         }
         let embed = ckpt.load("model.embed_tokens.weight", [c.vocab_size, h], device, dtype)?;
@@ -234,7 +266,10 @@ impl Decoder {
 
             let residual = x.clone();
             let normed = rms_norm(x, &block.post_norm, c.rms_norm_eps).reshape([batch * t, h]);
-            let mlp = block.down.forward(swiglu(block.gate.forward(normed.clone()), block.up.forward(normed)));
+            let mlp = match &block.mlp {
+                FeedForward::Dense(mlp) => mlp.forward(normed),
+                FeedForward::Moe(moe) => moe.forward(normed)?,
+            };
             x = residual.add(mlp.reshape([batch, t, h]));
         }
         cache.advance(t);

@@ -55,6 +55,8 @@ pub struct DecoderConfig {
     pub pad_token_id: Option<u32>,
     /// `torch_dtype` / `dtype` as written (`bfloat16`, `float32`, ...).
     pub torch_dtype: Option<String>,
+    /// The whole `config.json`, for the keys only one family uses (its model crate reads them).
+    pub raw: Value,
 }
 
 #[derive(Deserialize)]
@@ -204,23 +206,68 @@ impl DecoderConfig {
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
             pad_token_id: token_ids(raw.pad_token_id.as_ref()).first().copied(),
             torch_dtype: raw.torch_dtype.or(raw.dtype),
+            raw: value.clone(),
         })
+    }
+
+    /// A non-negative integer key of the raw config (`None` when absent or null).
+    pub fn get_usize(&self, key: &str) -> Result<Option<usize>, EngineError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| EngineError::Config(format!("`{key}` must be a non-negative integer, got {v}"))),
+        }
+    }
+
+    /// A required non-negative integer key.
+    pub fn need_usize(&self, key: &str) -> Result<usize, EngineError> {
+        self.get_usize(key)?.ok_or_else(|| EngineError::Config(format!("`{key}` is missing")))
+    }
+
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>, EngineError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| EngineError::Config(format!("`{key}` must be true or false, got {v}"))),
+        }
+    }
+
+    pub fn get_f64(&self, key: &str) -> Result<Option<f64>, EngineError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| EngineError::Config(format!("`{key}` must be a number, got {v}"))),
+        }
+    }
+
+    /// A list of non-negative integers (`mlp_only_layers`); absent = empty.
+    pub fn get_usize_list(&self, key: &str) -> Result<Vec<usize>, EngineError> {
+        match self.raw.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| EngineError::Config(format!("`{key}` must list integers, got {v}"))))
+                .collect(),
+            Some(v) => Err(EngineError::Config(format!("`{key}` must be a list, got {v}"))),
+        }
+    }
+
+    /// `value` with `defaults` (a JSON object) filled in for keys it does not have: the
+    /// model family's config-class defaults (transformers' `PretrainedConfig` subclasses).
+    pub fn with_defaults(value: &Value, defaults: &str) -> Result<Value, EngineError> {
+        let mut merged = value.clone();
+        let defaults: Value = serde_json::from_str(defaults)
+            .map_err(|e| EngineError::Config(format!("the plugin's config defaults are not valid JSON: {e}")))?;
+        if let (Some(target), Some(defaults)) = (merged.as_object_mut(), defaults.as_object()) {
+            for (k, v) in defaults {
+                target.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        Ok(merged)
     }
 
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.rope.partial_rotary_factor) as usize
-    }
-
-    /// Parameters of a dense decoder with this config (`qk_norm`: per-head q/k norms).
-    pub fn parameter_count(&self, qk_norm: bool) -> u64 {
-        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
-        let q = (self.num_attention_heads * self.head_dim) as u64;
-        let kv = (self.num_key_value_heads * self.head_dim) as u64;
-        let bias = if self.attention_bias { q + 2 * kv + h } else { 0 };
-        let norms = 2 * h + if qk_norm { 2 * self.head_dim as u64 } else { 0 };
-        let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + norms;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers as u64 * layer + h + head
     }
 }
 
@@ -239,7 +286,7 @@ mod tests {
         assert!(c.tie_word_embeddings);
         assert_eq!(c.eos_token_ids, vec![151645]);
         // Qwen3-4B: 4.02 B parameters.
-        let params = c.parameter_count(true);
+        let params = crate::decoder::parameter_count(&c, &crate::DecoderSpec::dense(&c, true));
         assert!((4_000_000_000..4_050_000_000).contains(&params), "{params}");
     }
 

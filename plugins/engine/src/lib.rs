@@ -1,8 +1,8 @@
 //! The Inference-PIO engine: what model plugins are built on.
 //!
 //! HF config parsing ([`hf_config`]), safetensors loading ([`weights`]), the dense decoder
-//! ([`decoder`]: RMSNorm, RoPE, grouped-query attention with optional QK-norm, SwiGLU, tied
-//! embeddings) over a KV cache ([`kv_cache`]), sampling ([`sampling`]), the generation loop
+//! ([`decoder`]: RMSNorm, RoPE, grouped-query attention with optional QK-norm, SwiGLU or
+//! mixture-of-experts feed-forward ([`moe`]), tied embeddings) over a KV cache ([`kv_cache`]), sampling ([`sampling`]), the generation loop
 //! ([`generate`]), tokenizer and streaming detokenizer ([`tokenizer`]), the model's chat
 //! template ([`chat_template`]) and the plugin export glue ([`plugin`], [`export_model!`]).
 //! Tensors come from burn; the device (CPU via flex, or CUDA) is chosen at run time.
@@ -13,15 +13,18 @@ pub mod error;
 pub mod generate;
 pub mod hf_config;
 pub mod kv_cache;
+pub mod moe;
 pub mod plugin;
 pub mod rope;
 pub mod sampling;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
 pub use decoder::DecoderSpec;
 pub use error::EngineError;
 pub use hf_config::DecoderConfig;
+pub use moe::{MoeSpec, Router};
 pub use plugin::ModelFamily;
 
 #[doc(hidden)]

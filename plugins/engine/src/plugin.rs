@@ -3,7 +3,7 @@
 //! selection by `architectures`, device and dtype choice, the memory budget check, loading,
 //! generation, scoring, live config updates).
 
-use crate::decoder::{Decoder, DecoderSpec, weight_bytes};
+use crate::decoder::{Decoder, DecoderSpec, parameter_count, weight_bytes};
 use crate::error::EngineError;
 use crate::generate::{Engine, GenerationDefaults};
 use crate::hf_config::DecoderConfig;
@@ -33,11 +33,21 @@ pub struct ModelFamily {
     pub primary_model_name: &'static str,
     /// The primary model's real `config.json` (for its parameter count and size).
     pub primary_config_json: &'static str,
-    /// Model-specific layer choices.
-    pub spec: fn(&DecoderConfig) -> DecoderSpec,
+    /// Defaults for keys absent from `config.json` (a JSON object; `"{}"` for none): the
+    /// family's transformers config-class defaults that differ from the engine's.
+    pub config_defaults: &'static str,
+    /// Model-specific layer choices, from the config (an error names a bad key).
+    pub spec: fn(&DecoderConfig) -> Result<DecoderSpec, EngineError>,
 }
 
 const BURN_VERSION: &str = "0.22.1";
+
+impl ModelFamily {
+    /// Parses a `config.json` value with this family's defaults.
+    pub fn config(&self, value: &serde_json::Value) -> Result<DecoderConfig, EngineError> {
+        DecoderConfig::from_value(&DecoderConfig::with_defaults(value, self.config_defaults)?)
+    }
+}
 
 /// Picks the device: `auto` is CUDA 0 when an NVIDIA driver is present, else the CPU. Asking
 /// for CUDA on a machine without the driver is an error rather than a crash inside CUDA.
@@ -64,20 +74,22 @@ pub fn load_engine(
 ) -> Result<(Engine, ModelInfo), EngineError> {
     let started = Instant::now();
     let gguf = if is_gguf(dir) { Some(GgufFile::open(dir)?) } else { None };
-    let config = match &gguf {
-        Some(g) => DecoderConfig::from_value(
-            &gguf::hf::config(&g.file).map_err(|e| EngineError::Config(format!("{}: {e}", dir.display())))?,
-        )
-        .map_err(|e| e.context(&dir.display().to_string()))?,
-        None => DecoderConfig::from_file(&dir.join("config.json"))?,
+    let raw = match &gguf {
+        Some(g) => gguf::hf::config(&g.file).map_err(|e| EngineError::Config(format!("{}: {e}", dir.display())))?,
+        None => {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", path.display())))?;
+            serde_json::from_str(&text).map_err(|e| EngineError::Config(format!("{}: not valid JSON: {e}", path.display())))?
+        }
     };
+    let config = family.config(&raw).map_err(|e| e.context(&dir.display().to_string()))?;
     if !config.architectures.iter().any(|a| family.architectures.contains(&a.as_str())) {
         return Err(EngineError::Unsupported(format!(
             "architecture {:?} is not handled by plugin `{}` (handles {:?})",
             config.architectures, family.id, family.architectures
         )));
     }
-    let spec = (family.spec)(&config);
+    let spec = (family.spec)(&config)?;
     let (device, device_name) = choose_device(options.device)?;
     let on_gpu = device_name.starts_with("cuda");
     let dtype = options
@@ -122,7 +134,7 @@ pub fn load_engine(
     let info = ModelInfo {
         handle: 0,
         architecture: c.architectures.first().cloned().unwrap_or_default(),
-        parameter_count: c.parameter_count(decoder.spec.qk_norm),
+        parameter_count: parameter_count(c, &decoder.spec),
         weight_bytes: bytes,
         dtype,
         device: device_name,
@@ -174,15 +186,18 @@ fn as_plugin_error(e: EngineError) -> PluginError {
 impl Plugin for EnginePlugin {
     fn metadata(&self) -> PluginMetadata {
         let f = self.family;
-        let (params, bytes) = match DecoderConfig::from_json_str(f.primary_config_json) {
-            Ok(c) => {
-                let spec = (f.spec)(&c);
+        let primary = serde_json::from_str(f.primary_config_json)
+            .map_err(|e| EngineError::Config(e.to_string()))
+            .and_then(|v| f.config(&v))
+            .and_then(|c| (f.spec)(&c).map(|s| (c, s)));
+        let (params, bytes) = match primary {
+            Ok((c, spec)) => {
                 let native = match c.torch_dtype.as_deref() {
                     Some("float32") => DType::F32,
                     Some("float16") => DType::F16,
                     _ => DType::Bf16,
                 };
-                (c.parameter_count(spec.qk_norm), weight_bytes(&c, &spec, native))
+                (parameter_count(&c, &spec), weight_bytes(&c, &spec, native))
             }
             Err(_) => (0, 0),
         };
@@ -217,7 +232,7 @@ impl Plugin for EnginePlugin {
         if !archs.iter().any(|a| self.family.architectures.contains(&a.as_str())) {
             return Support { supported: false, reason: format!("architectures {archs:?} not in {:?}", self.family.architectures) };
         }
-        match DecoderConfig::from_value(config) {
+        match self.family.config(config).and_then(|c| (self.family.spec)(&c)) {
             Ok(_) => Support { supported: true, reason: String::new() },
             Err(e) => Support { supported: false, reason: e.to_string() },
         }

@@ -4,10 +4,10 @@
 //! directories and GGUF files (`general.architecture = "llama"`, e.g. SmolLM2), whose Q/K rows
 //! the engine un-permutes as transformers does.
 
-use inference_pio_engine::{DecoderConfig, DecoderSpec, ModelFamily};
+use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily};
 
-fn spec(_config: &DecoderConfig) -> DecoderSpec {
-    DecoderSpec { qk_norm: false }
+fn spec(config: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
+    Ok(DecoderSpec::dense(config, false))
 }
 
 pub static FAMILY: ModelFamily = ModelFamily {
@@ -17,6 +17,7 @@ pub static FAMILY: ModelFamily = ModelFamily {
     architectures: &["LlamaForCausalLM"],
     primary_model_name: "HuggingFaceTB/SmolLM2-135M-Instruct",
     primary_config_json: include_str!("../primary/config.json"),
+    config_defaults: "{}",
     spec,
 };
 

@@ -2,10 +2,10 @@
 //! decoder whose queries and keys are RMS-normalised per head before RoPE. Everything else is
 //! the shared engine.
 
-use inference_pio_engine::{DecoderConfig, DecoderSpec, ModelFamily};
+use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily};
 
-fn spec(_config: &DecoderConfig) -> DecoderSpec {
-    DecoderSpec { qk_norm: true }
+fn spec(config: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
+    Ok(DecoderSpec::dense(config, true))
 }
 
 pub static FAMILY: ModelFamily = ModelFamily {
@@ -15,6 +15,7 @@ pub static FAMILY: ModelFamily = ModelFamily {
     architectures: &["Qwen3ForCausalLM"],
     primary_model_name: "Qwen/Qwen3-4B-Instruct-2507",
     primary_config_json: include_str!("../primary/config.json"),
+    config_defaults: "{}",
     spec,
 };
 

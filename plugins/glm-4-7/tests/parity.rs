@@ -1,0 +1,53 @@
+//! Parity with transformers on tiny random-weight GLM-4.x MoE checkpoints (fixtures from
+//! tests/fixtures/make_fixtures.py), on the CPU: QK-norm, attention bias, partial rotary,
+//! a score-correction bias and group limits that change expert choices, multi-token-prediction
+//! tensors in the checkpoint; and a hub-style config without QK-norm or `partial_rotary_factor`.
+
+use inference_pio_engine::testing::{check_fixture, reference};
+use glm_4_7::FAMILY;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+#[test]
+fn qk_norm_bias_groups_and_mtp_tensors_match_transformers() {
+    // The fixture is only a test of routing if the bias and the group limit change choices.
+    let r = reference(&fixtures(), "glm4moe-tiny-a");
+    assert!(r["routing_changes"]["bias"].as_u64().unwrap_or(0) > 0, "the correction bias changes no choice");
+    assert!(r["routing_changes"]["group_limit"].as_u64().unwrap_or(0) > 0, "the group limit changes no choice");
+    let ckpt = inference_pio_engine::weights::Checkpoint::open(&fixtures().join("glm4moe-tiny-a")).expect("open");
+    assert!(ckpt.contains("model.layers.3.eh_proj.weight"), "the fixture carries the MTP layer");
+    check_fixture(&FAMILY, &fixtures(), "glm4moe-tiny-a", true);
+}
+
+#[test]
+fn hub_config_without_qk_norm_uses_the_glm_rotary_default() {
+    let config = std::fs::read_to_string(fixtures().join("glm4moe-tiny-b/config.json")).expect("config");
+    assert!(!config.contains("partial_rotary_factor"), "the fixture must rely on the default");
+    check_fixture(&FAMILY, &fixtures(), "glm4moe-tiny-b", true);
+}
+
+#[test]
+fn bad_moe_configs_are_refused_with_the_key() {
+    use inference_pio_core::export::Plugin;
+    let plugin = inference_pio_engine::plugin::EnginePlugin::new(&FAMILY);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("glm4moe-tiny-a/config.json")).expect("config")).expect("json");
+    config["n_group"] = serde_json::json!(3);
+    let support = plugin.supports_config(&config);
+    assert!(support.supported, "supports_config checks keys, not ratios: {}", support.reason);
+    config.as_object_mut().expect("object").remove("moe_intermediate_size");
+    let support = plugin.supports_config(&config);
+    assert!(!support.supported && support.reason.contains("moe_intermediate_size"), "{}", support.reason);
+}
+
+#[test]
+fn the_real_config_describes_glm_4_7() {
+    use inference_pio_core::export::Plugin;
+    let meta = inference_pio_engine::plugin::EnginePlugin::new(&FAMILY).metadata();
+    // GLM-4.7: 355 B parameters in the decoder (the MTP layer adds the rest of the 358 B).
+    let p = meta.primary_model.parameter_count;
+    assert!((350_000_000_000..360_000_000_000).contains(&p), "{p}");
+}
