@@ -150,6 +150,10 @@ pub struct LoadOptions {
     pub device: DeviceRequest,
     /// Overrides the profile's dtype.
     pub dtype: Option<DType>,
+    /// Benchmarking: ignore the checkpoint and generate deterministic random weights with this
+    /// seed on the device, from `config.json` alone (real-size models without their weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_weights: Option<u64>,
 }
 
 /// Returned by `load_model`.
@@ -302,10 +306,25 @@ pub struct InferResponse {
     pub prompt_token_ids: Vec<u32>,
     /// The new tokens only.
     pub token_ids: Vec<u32>,
-    /// The decoded new tokens (stop string removed).
+    /// The decoded new tokens (stop string removed); for models whose output carries
+    /// reasoning or tool calls, the answer text only (what was streamed).
     pub text: String,
+    /// The model's reasoning (`<think>…</think>`), when its format has one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reasoning: String,
+    /// Tool calls the model made, parsed from its output format.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
     pub finish_reason: FinishReason,
     pub timings: Timings,
+}
+
+/// A tool call parsed from model output, in the OpenAI shape (`arguments` already typed by
+/// the tool's JSON schema).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One forward pass over a sequence.

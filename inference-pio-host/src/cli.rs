@@ -95,6 +95,10 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 (default: from the plugin's profile).
     #[arg(long)]
     pub dtype: Option<DType>,
+    /// Benchmarking: ignore the weights and generate deterministic random ones (this seed,
+    /// default 0) on the device; the model directory needs only config.json and the tokenizer.
+    #[arg(long, num_args = 0..=1, default_missing_value = "0", value_name = "SEED")]
+    pub random_weights: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -250,7 +254,7 @@ impl Host {
                 None => DeviceRequest::Auto,
             },
         };
-        let options = LoadOptions { device, dtype: args.dtype };
+        let options = LoadOptions { device, dtype: args.dtype, random_weights: args.random_weights };
         let bar = progress.then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(
@@ -490,12 +494,15 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             "prompt_token_ids": response.prompt_token_ids,
             "token_ids": response.token_ids,
             "text": response.text,
+            "reasoning": response.reasoning,
+            "tool_calls": response.tool_calls,
             "finish_reason": response.finish_reason,
             "timings": response.timings,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!();
+        print_structured(&response);
         let t = &response.timings;
         eprintln!(
             "[{} prompt tokens, {} new, finish: {:?}, first token {:.2} s, {:.1} tok/s decode]",
@@ -503,6 +510,17 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// After the streamed answer: the model's tool calls (stdout, one JSON object a line) and its
+/// reasoning (stderr), which are not streamed.
+fn print_structured(response: &inference_pio_core::types::InferResponse) {
+    for call in &response.tool_calls {
+        println!("[tool call] {}", serde_json::json!({"name": call.name, "arguments": call.arguments}));
+    }
+    if !response.reasoning.is_empty() {
+        eprintln!("[reasoning] {}", response.reasoning.trim());
+    }
 }
 
 fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
@@ -555,7 +573,18 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
         match selected.plugin.infer(info.handle, &request, &mut on_token) {
             Ok(response) => {
                 println!();
-                messages.push(ChatMessage::new("assistant", &response.text));
+                print_structured(&response);
+                let mut reply = ChatMessage::new("assistant", &response.text);
+                if !response.tool_calls.is_empty() {
+                    // The OpenAI shape the chat templates render in the history.
+                    let calls: Vec<_> = response
+                        .tool_calls
+                        .iter()
+                        .map(|c| serde_json::json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                        .collect();
+                    reply.tool_calls = Some(serde_json::Value::Array(calls));
+                }
+                messages.push(reply);
             }
             Err(e) => {
                 messages.pop();

@@ -353,3 +353,25 @@ fn the_default_model_answers_the_readme_question() {
     assert_eq!(result["text"], "The capital of France is Paris.");
     assert_eq!(result["finish_reason"], "eos");
 }
+
+#[test]
+fn random_weights_are_deterministic_per_seed() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture("qwen3-tiny-b");
+    let run = |seed: &str| {
+        let out = inference_pio(
+            &["run", "--model", model.to_str().expect("utf8"), "--random-weights", seed, "--prompt-ids", "5,6,7,8", "--greedy", "--max-new-tokens", "6", "--json", "--device", "cpu"],
+            cwd.path(),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        v["token_ids"].clone()
+    };
+    let (a, b, c) = (run("7"), run("7"), run("8"));
+    assert_eq!(a, b, "same seed, same weights");
+    assert_ne!(a, c, "another seed, other weights");
+    // The real checkpoint's answer differs from the random one's.
+    let out = inference_pio(&["run", "--model", model.to_str().expect("utf8"), "--prompt-ids", "5,6,7,8", "--greedy", "--max-new-tokens", "6", "--json", "--device", "cpu"], cwd.path());
+    let real: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_ne!(real["token_ids"], a);
+}

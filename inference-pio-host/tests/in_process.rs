@@ -63,7 +63,7 @@ fn update_config_applies_live_settings_and_refuses_the_rest() {
     qwen.initialize(&settings).expect("init");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-b");
     let info = qwen
-        .load_model(&model, &LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32) })
+        .load_model(&model, &LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None })
         .expect("load");
     let request = InferRequest {
         input: PromptInput::TokenIds(vec![5, 6, 7]),

@@ -146,6 +146,12 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
+        // jinja2's `iterable` is Python's `iter()`: strings, lists and mappings are, `None` is
+        // not (minijinja's treats none as an empty sequence, and Qwen3-Coder's template then
+        // takes the length of a missing tool list).
+        env.add_test("iterable", |v: Value| {
+            matches!(v.kind(), minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Map | minijinja::value::ValueKind::String | minijinja::value::ValueKind::Iterable | minijinja::value::ValueKind::Bytes)
+        });
         env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, message))
         });

@@ -11,8 +11,9 @@ use crate::sampling::{Sampler, SamplingConfig};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
 use burn::tensor::Tensor;
 use inference_pio_core::config::OptimizationSettings;
+use inference_pio_chat_output::{OutputEvent, OutputFormat, OutputParser, ParsedOutput};
 use inference_pio_core::types::{
-    FinishReason, InferResponse, PromptInput, SamplingOverrides, SamplingParams, ScoreResponse, Timings,
+    FinishReason, InferResponse, PromptInput, SamplingOverrides, SamplingParams, ScoreResponse, Timings, ToolCall,
 };
 use std::path::Path;
 use std::time::Instant;
@@ -62,6 +63,8 @@ pub struct Engine {
     pub eos_token_ids: Vec<u32>,
     /// Context cap in tokens (model limit, possibly lowered by the profile).
     pub max_context: usize,
+    /// How the model writes reasoning and tool calls (the family's).
+    pub output_format: OutputFormat,
 }
 
 /// Per-row state of a running generation.
@@ -75,6 +78,9 @@ struct Row {
     finish: Option<FinishReason>,
     max_new: usize,
     stop: Vec<String>,
+    /// Splits the text into answer, reasoning and tool calls (`None`: plain text).
+    parser: Option<Box<dyn OutputParser>>,
+    parsed: ParsedOutput,
 }
 
 /// One generation request after defaults are resolved.
@@ -83,13 +89,37 @@ pub struct RowRequest {
     pub sampling: SamplingConfig,
     pub max_new_tokens: usize,
     pub stop: Vec<String>,
+    /// The request's tools (OpenAI shape), which type the parsed tool-call arguments.
+    pub tools: Option<serde_json::Value>,
 }
 
 /// Result of one row.
 pub struct RowResult {
     pub new_ids: Vec<u32>,
+    /// The answer text (all of it for plain-text models).
     pub text: String,
+    pub reasoning: String,
+    pub tool_calls: Vec<ToolCall>,
     pub finish: FinishReason,
+}
+
+/// Passes a text delta through an output parser: reasoning and tool calls are collected in
+/// `parsed`, the answer text is returned for streaming; `finished` flushes what the parser
+/// still holds (a tag prefix, an unterminated block).
+fn stream_through(parser: &mut dyn OutputParser, parsed: &mut ParsedOutput, delta: &str, finished: bool) -> String {
+    let mut events = parser.push(delta);
+    if finished {
+        events.extend(parser.finish());
+    }
+    let content: String = events
+        .iter()
+        .filter_map(|e| match e {
+            OutputEvent::Content(c) => Some(c.as_str()),
+            _ => None,
+        })
+        .collect();
+    parsed.extend(events);
+    content
 }
 
 /// Bytes of `text` that may be streamed now: everything except a tail that could still
@@ -202,6 +232,9 @@ impl Engine {
                 finish: None,
                 max_new: r.max_new_tokens,
                 stop: r.stop,
+                parser: (self.output_format != OutputFormat::Plain)
+                    .then(|| inference_pio_chat_output::parser(self.output_format, r.tools.as_ref())),
+                parsed: ParsedOutput::default(),
             })
             .collect();
         let mut cache = self.decoder.new_cache(pads, self.max_context);
@@ -253,7 +286,15 @@ impl Engine {
                 }
                 let until = if row.finish.is_some() { row.text.len() } else { streamable_len(&row.text, &row.stop) };
                 let delta = if until > row.emitted { &row.text[row.emitted..until] } else { "" };
-                if !on_token(b, id, delta) {
+                let finished = row.finish.is_some();
+                let keep_going = match row.parser.as_mut() {
+                    None => on_token(b, id, delta),
+                    Some(parser) => {
+                        let content = stream_through(parser.as_mut(), &mut row.parsed, delta, finished);
+                        on_token(b, id, &content)
+                    }
+                };
+                if !keep_going {
                     cancelled = true;
                 }
                 row.emitted = row.emitted.max(until);
@@ -261,6 +302,12 @@ impl Engine {
             if cancelled {
                 for row in rows.iter_mut().filter(|r| r.finish.is_none()) {
                     row.finish = Some(FinishReason::Cancelled);
+                    // What the parser still holds is kept in the result (not streamed: the
+                    // consumer asked to stop).
+                    if let Some(parser) = row.parser.as_mut() {
+                        let held = parser.finish();
+                        row.parsed.extend(held);
+                    }
                 }
             }
             if rows.iter().all(|r| r.finish.is_some()) {
@@ -280,7 +327,17 @@ impl Engine {
         timings.total_s = started.elapsed().as_secs_f64();
         Ok(rows
             .into_iter()
-            .map(|r| RowResult { new_ids: r.new_ids, text: r.text, finish: r.finish.unwrap_or(FinishReason::Length) })
+            .map(|r| {
+                let (text, reasoning, tool_calls) = match r.parser {
+                    None => (r.text, String::new(), Vec::new()),
+                    Some(_) => (
+                        r.parsed.content,
+                        r.parsed.reasoning,
+                        r.parsed.tool_calls.into_iter().map(|c| ToolCall { name: c.name, arguments: c.arguments }).collect(),
+                    ),
+                };
+                RowResult { new_ids: r.new_ids, text, reasoning, tool_calls, finish: r.finish.unwrap_or(FinishReason::Length) }
+            })
             .collect())
     }
 
@@ -299,7 +356,11 @@ impl Engine {
         }
         let prompt = self.prompt_ids(input)?;
         let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
-        let request = RowRequest { prompt: prompt.clone(), sampling, max_new_tokens: max_new, stop: stop.to_vec() };
+        let tools = match input {
+            PromptInput::Chat { tools, .. } => tools.clone(),
+            _ => None,
+        };
+        let request = RowRequest { prompt: prompt.clone(), sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools };
         let mut timings = Timings::default();
         let mut results = self.generate_rows(vec![request], optimization, &mut |_, id, text| on_token(id, text), &mut timings)?;
         let result = results.remove(0);
@@ -307,6 +368,8 @@ impl Engine {
             prompt_token_ids: prompt,
             token_ids: result.new_ids,
             text: result.text,
+            reasoning: result.reasoning,
+            tool_calls: result.tool_calls,
             finish_reason: result.finish,
             timings,
         })
@@ -347,7 +410,42 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::streamable_len;
+    use super::{ParsedOutput, stream_through, streamable_len};
+
+    #[test]
+    fn tool_calls_and_reasoning_never_stream_and_are_collected() {
+        use inference_pio_chat_output::{OutputFormat, parser};
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]);
+        let text = "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
+        // Token-sized pieces, as the stream decoder releases them.
+        let pieces: Vec<String> = text.chars().collect::<Vec<_>>().chunks(3).map(|c| c.iter().collect()).collect();
+        let mut p = parser(OutputFormat::Qwen3Coder, Some(&tools));
+        let mut parsed = ParsedOutput::default();
+        let mut streamed = String::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            let out = stream_through(p.as_mut(), &mut parsed, piece, i + 1 == pieces.len());
+            assert!(!out.contains('<'), "a tag leaked: {out:?}");
+            streamed.push_str(&out);
+        }
+        assert_eq!(streamed, parsed.content);
+        assert_eq!(parsed.content.trim(), "Checking.");
+        assert_eq!(parsed.tool_calls.len(), 1);
+        assert_eq!(parsed.tool_calls[0].name, "get_weather");
+        assert_eq!(parsed.tool_calls[0].arguments["days"], serde_json::json!(3));
+        // GLM: reasoning is collected, the answer streams; an unterminated block is flushed
+        // as text when generation ends.
+        let mut p = parser(OutputFormat::Glm4 { starts_in_reasoning: false }, None);
+        let mut parsed = ParsedOutput::default();
+        let mut streamed = String::new();
+        let pieces = ["\n<thi", "nk>Let me see", ".</think>\nThe answer", " is 4. <tool_c", "all>broken"];
+        for (i, piece) in pieces.iter().enumerate() {
+            streamed.push_str(&stream_through(p.as_mut(), &mut parsed, piece, i + 1 == pieces.len()));
+        }
+        assert_eq!(parsed.reasoning, "Let me see.");
+        assert_eq!(streamed, parsed.content);
+        assert!(streamed.trim_start().starts_with("The answer is 4.") && streamed.ends_with("<tool_call>broken"), "{streamed:?}");
+    }
 
     #[test]
     fn text_that_may_become_a_stop_string_is_held_back() {

@@ -25,6 +25,7 @@ pub use decoder::DecoderSpec;
 pub use error::EngineError;
 pub use hf_config::DecoderConfig;
 pub use moe::{MoeSpec, Router};
+pub use inference_pio_chat_output::OutputFormat;
 pub use plugin::ModelFamily;
 
 #[doc(hidden)]

@@ -10,6 +10,7 @@ use crate::hf_config::DecoderConfig;
 use crate::chat_template::ChatTemplate;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::{Checkpoint, GgufFile, is_gguf};
+use inference_pio_chat_output::OutputFormat;
 use inference_pio_formats::gguf;
 use burn::tensor::Device;
 use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError};
@@ -36,6 +37,9 @@ pub struct ModelFamily {
     /// Defaults for keys absent from `config.json` (a JSON object; `"{}"` for none): the
     /// family's transformers config-class defaults that differ from the engine's.
     pub config_defaults: &'static str,
+    /// How the model's output carries reasoning and tool calls (`OutputFormat::Plain`: it
+    /// does not; the text is the answer).
+    pub output_format: OutputFormat,
     /// Model-specific layer choices, from the config (an error names a bad key).
     pub spec: fn(&DecoderConfig) -> Result<DecoderSpec, EngineError>,
 }
@@ -110,6 +114,9 @@ pub fn load_engine(
             bytes as f64 / 1e9
         )));
     }
+    if gguf.is_some() && options.random_weights.is_some() {
+        return Err(EngineError::InvalidRequest("--random-weights takes a model directory (config.json), not a GGUF file".into()));
+    }
     let (tokenizer, template, generation, ckpt) = match gguf {
         Some(g) => (
             TextTokenizer::from_gguf(&g.file)?,
@@ -121,7 +128,10 @@ pub fn load_engine(
             TextTokenizer::from_file(&dir.join("tokenizer.json"))?,
             ChatTemplate::from_model_dir(dir)?,
             GenerationDefaults::from_model_dir(dir)?,
-            Checkpoint::open(dir)?,
+            match options.random_weights {
+                Some(seed) => Checkpoint::random(seed),
+                None => Checkpoint::open(dir)?,
+            },
         ),
     };
     let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
@@ -144,7 +154,7 @@ pub fn load_engine(
         generation_defaults: generation.values.clone(),
         load_seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((Engine { decoder, tokenizer, template, generation, eos_token_ids, max_context }, info))
+    Ok((Engine { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format: family.output_format }, info))
 }
 
 /// A [`ModelFamily`] served as a plugin.

@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// Loads `path` with `family` on the CPU in `dtype`, prompts in one pass.
 pub fn load_cpu(family: &ModelFamily, path: &Path, dtype: DType) -> Engine {
-    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype) };
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype), random_weights: None };
     let mut settings = PluginSettings::default();
     settings.optimization.prefill_chunk_tokens = 0;
     match load_engine(family, path, &options, &settings) {
@@ -125,5 +125,23 @@ pub fn check_fixture(family: &ModelFamily, dir: &Path, name: &str, bf16: bool) {
                 per_position.join(" ")
             );
         }
+    }
+}
+
+/// Checks the chat template of `model_dir` renders every conversation of a
+/// `make_chat_template_fixtures.py` reference exactly as transformers did.
+pub fn check_chat_template(family: &ModelFamily, model_dir: &Path, reference_path: &Path) {
+    let text = std::fs::read_to_string(reference_path).unwrap_or_else(|e| panic!("cannot read {}: {e}", reference_path.display()));
+    let reference: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON: {e}"));
+    let engine = load_cpu(family, model_dir, DType::F32);
+    let template = engine.template.as_ref().unwrap_or_else(|| panic!("{} has no chat template", model_dir.display()));
+    let renders = reference["renders"].as_array().cloned().unwrap_or_default();
+    assert!(!renders.is_empty(), "no renders in {}", reference_path.display());
+    for case in renders {
+        let messages: Vec<inference_pio_core::types::ChatMessage> =
+            serde_json::from_value(case["messages"].clone()).unwrap_or_else(|e| panic!("messages: {e}"));
+        let tools = case.get("tools").filter(|t| !t.is_null());
+        let got = template.render(&messages, tools, true).unwrap_or_else(|e| panic!("render: {e}"));
+        assert_eq!(got, case["text"].as_str().unwrap_or_default(), "conversation {messages:?}");
     }
 }

@@ -6,7 +6,7 @@
 //! it is copied to the device.
 
 use crate::error::EngineError;
-use burn::tensor::{DType as BurnDType, Device, Tensor, TensorData};
+use burn::tensor::{DType as BurnDType, Device, Distribution, Tensor, TensorData};
 use inference_pio_core::types::DType;
 use memmap2::Mmap;
 use inference_pio_formats::gguf::{self, Gguf};
@@ -39,6 +39,13 @@ pub struct Checkpoint {
     /// tensor name -> shard index
     names: HashMap<String, usize>,
     gguf: Option<GgufWeights>,
+    /// Benchmarking: every tensor generated from this seed instead of read.
+    random: Option<u64>,
+}
+
+/// A stable per-tensor seed (FNV-1a of the name, mixed with the run's seed).
+fn tensor_seed(seed: u64, name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Maps a file read-only.
@@ -166,7 +173,14 @@ impl Checkpoint {
                 dir.display()
             )));
         }
-        Ok(Self { shards, names, gguf: None })
+        Ok(Self { shards, names, gguf: None, random: None })
+    }
+
+    /// A checkpoint whose tensors are generated on the device, deterministically from `seed`
+    /// and each tensor's name: norms ~ N(1, 0.02), everything else ~ N(0, 0.02) (transformers'
+    /// `initializer_range`). For benchmarking real shapes without their weights.
+    pub fn random(seed: u64) -> Self {
+        Self { shards: Vec::new(), names: HashMap::new(), gguf: None, random: Some(seed) }
     }
 
     /// Opens a GGUF file as a checkpoint with Hugging Face tensor names. `heads` is
@@ -182,7 +196,7 @@ impl Checkpoint {
                 names.insert(hf, i);
             }
         }
-        Ok(Self { shards: Vec::new(), names: HashMap::new(), gguf: Some(GgufWeights { path, mmap, file, names, unpermute }) })
+        Ok(Self { shards: Vec::new(), names: HashMap::new(), gguf: Some(GgufWeights { path, mmap, file, names, unpermute }), random: None })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -267,6 +281,9 @@ impl Checkpoint {
 
     /// Checks that `name` exists with `shape` and a floating dtype we load.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<(), EngineError> {
+        if self.random.is_some() {
+            return Ok(());
+        }
         if let Some(g) = &self.gguf {
             return Self::check_gguf(g, name, shape);
         }
@@ -291,6 +308,12 @@ impl Checkpoint {
 
     /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`.
     pub fn load<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device, dtype: DType) -> Result<Tensor<D>, EngineError> {
+        if let Some(seed) = self.random {
+            let norm = name.contains("norm.weight") || name.ends_with("norm.weight");
+            let distribution = Distribution::Normal(if norm { 1.0 } else { 0.0 }, 0.02);
+            device.seed(tensor_seed(seed, name));
+            return Ok(Tensor::random(shape, distribution, (device, burn_dtype(dtype))));
+        }
         if let Some(g) = &self.gguf {
             let owned = Self::load_gguf(g, name, &shape, dtype)?;
             let data = TensorData::from_bytes_vec(owned, shape, burn_dtype(dtype));

@@ -7,7 +7,7 @@
 //! (`num_nextn_predict_layers`, stored as `model.layers.{num_hidden_layers}...`) are not part
 //! of the decoder and are left unread.
 
-use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, MoeSpec, Router};
+use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, OutputFormat, MoeSpec, Router};
 
 fn spec(c: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
     let moe_intermediate = c.need_usize("moe_intermediate_size")?;
@@ -44,6 +44,7 @@ pub static FAMILY: ModelFamily = ModelFamily {
     primary_config_json: include_str!("../primary/config.json"),
     // Glm4MoeConfig's default that differs from the engine's (full rotary).
     config_defaults: r#"{"partial_rotary_factor": 0.5}"#,
+    output_format: OutputFormat::Glm4 { starts_in_reasoning: false },
     spec,
 };
 

@@ -51,3 +51,8 @@ fn the_real_config_describes_glm_4_7() {
     let p = meta.primary_model.parameter_count;
     assert!((350_000_000_000..360_000_000_000).contains(&p), "{p}");
 }
+
+#[test]
+fn the_glm_chat_template_renders_tools_and_calls_like_transformers() {
+    inference_pio_engine::testing::check_chat_template(&FAMILY, &fixtures().join("glm4moe-tiny-a"), &fixtures().join("chat_template.reference.json"));
+}

@@ -4,7 +4,7 @@
 //! directories and GGUF files (`general.architecture = "llama"`, e.g. SmolLM2), whose Q/K rows
 //! the engine un-permutes as transformers does.
 
-use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily};
+use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, OutputFormat};
 
 fn spec(config: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
     Ok(DecoderSpec::dense(config, false))
@@ -18,6 +18,7 @@ pub static FAMILY: ModelFamily = ModelFamily {
     primary_model_name: "HuggingFaceTB/SmolLM2-135M-Instruct",
     primary_config_json: include_str!("../primary/config.json"),
     config_defaults: "{}",
+    output_format: OutputFormat::Plain,
     spec,
 };
 

@@ -15,7 +15,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(path: &Path) -> Engine {
-    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32) };
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
     let mut settings = PluginSettings::default();
     settings.optimization.prefill_chunk_tokens = 0;
     load_engine(&FAMILY, path, &options, &settings).expect("load").0
@@ -144,7 +144,7 @@ fn malformed_gguf_files_are_named_errors() {
     let dir = std::env::temp_dir().join(format!("pio-llama-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let good = std::fs::read(fixtures().join("llama-tiny-tied.gguf")).expect("fixture");
-    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32) };
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
     let settings = PluginSettings::default();
     let try_load = |bytes: &[u8]| {
         let path = dir.join("model.gguf");

@@ -2,7 +2,7 @@
 //! decoder whose queries and keys are RMS-normalised per head before RoPE. Everything else is
 //! the shared engine.
 
-use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily};
+use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, OutputFormat};
 
 fn spec(config: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
     Ok(DecoderSpec::dense(config, true))
@@ -16,6 +16,7 @@ pub static FAMILY: ModelFamily = ModelFamily {
     primary_model_name: "Qwen/Qwen3-4B-Instruct-2507",
     primary_config_json: include_str!("../primary/config.json"),
     config_defaults: "{}",
+    output_format: OutputFormat::Plain,
     spec,
 };
 

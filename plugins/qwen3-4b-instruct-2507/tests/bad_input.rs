@@ -21,7 +21,7 @@ fn copy_of(name: &str) -> tempfile::TempDir {
 }
 
 fn try_load(dir: &Path, settings: &PluginSettings) -> Result<inference_pio_engine::generate::Engine, String> {
-    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32) };
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
     load_engine(&FAMILY, dir, &options, settings).map(|(e, _)| e).map_err(|e| e.to_string())
 }
 
@@ -166,7 +166,7 @@ fn cuda_without_a_driver_is_a_clear_error() {
     if Path::new("/dev/nvidia0").exists() || Path::new("/proc/driver/nvidia/version").exists() {
         return; // a GPU machine: nothing to check here
     }
-    let options = LoadOptions { device: DeviceRequest::Cuda(0), dtype: None };
+    let options = LoadOptions { device: DeviceRequest::Cuda(0), dtype: None, random_weights: None };
     let err = load_engine(&FAMILY, &fixture("qwen3-tiny-b"), &options, &PluginSettings::default()).err().expect("no driver");
     assert!(err.to_string().contains("no NVIDIA driver"), "{err}");
 }

@@ -15,7 +15,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(name: &str, dtype: DType) -> Engine {
-    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype) };
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype), random_weights: None };
     let mut settings = PluginSettings::default();
     settings.optimization.prefill_chunk_tokens = 0;
     load_engine(&FAMILY, &fixtures().join(name), &options, &settings).expect("load").0
@@ -132,7 +132,7 @@ fn chunked_prefill_equals_one_pass() {
     let prompt: Vec<u32> = (0..30).map(|i| (i * 13 + 5) % 380 + 3).collect();
     let one_pass = greedy(&engine, &prompt, 12);
     let optimization = inference_pio_core::config::OptimizationSettings { prefill_chunk_tokens: 7, ..Default::default() };
-    let request = RowRequest { prompt: prompt.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 12, stop: vec![] };
+    let request = RowRequest { prompt: prompt.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 12, stop: vec![], tools: None };
     let mut timings = Default::default();
     let chunked = engine.generate_rows(vec![request], &optimization, &mut |_, _, _| true, &mut timings).expect("generate");
     assert_eq!(chunked[0].new_ids, one_pass);
@@ -144,7 +144,7 @@ fn a_left_padded_batch_equals_one_by_one() {
     let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 200, 31], (0..19).map(|i| (i * 29 + 7) % 500 + 3).collect(), vec![77]];
     let requests = prompts
         .iter()
-        .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 10, stop: vec![] })
+        .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 10, stop: vec![], tools: None })
         .collect();
     let mut timings = Default::default();
     let batched = engine.generate_rows(requests, &Default::default(), &mut |_, _, _| true, &mut timings).expect("batch");

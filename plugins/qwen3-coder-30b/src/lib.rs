@@ -4,7 +4,7 @@
 //! `mlp_only_layers`. What is specific to the family is reading those keys; routing, experts,
 //! attention and generation are the shared engine's.
 
-use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, MoeSpec, Router};
+use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, OutputFormat, MoeSpec, Router};
 
 fn spec(c: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
     // Hub configs say `num_experts`; transformers 5 writes `num_local_experts`.
@@ -43,6 +43,7 @@ pub static FAMILY: ModelFamily = ModelFamily {
     primary_model_name: "Qwen/Qwen3-Coder-30B-A3B-Instruct",
     primary_config_json: include_str!("../primary/config.json"),
     config_defaults: "{}",
+    output_format: OutputFormat::Qwen3Coder,
     spec,
 };
 

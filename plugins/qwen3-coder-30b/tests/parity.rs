@@ -42,7 +42,7 @@ fn incremental_decode_and_batches_equal_the_full_pass() {
     let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 200, 31], prompt.clone(), vec![77]];
     let requests = prompts
         .iter()
-        .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 8, stop: vec![] })
+        .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 8, stop: vec![], tools: None })
         .collect();
     let mut timings = Default::default();
     let batched = engine.generate_rows(requests, &Default::default(), &mut |_, _, _| true, &mut timings).expect("batch");
@@ -57,4 +57,9 @@ fn the_real_config_describes_the_30b_model() {
     let meta = inference_pio_engine::plugin::EnginePlugin::new(&FAMILY).metadata();
     // Qwen3-Coder-30B-A3B: 30.5 B parameters.
     assert!((30_000_000_000..31_000_000_000).contains(&meta.primary_model.parameter_count), "{}", meta.primary_model.parameter_count);
+}
+
+#[test]
+fn the_coder_chat_template_renders_tools_and_calls_like_transformers() {
+    inference_pio_engine::testing::check_chat_template(&FAMILY, &fixtures().join("qwen3moe-tiny-a"), &fixtures().join("chat_template.reference.json"));
 }

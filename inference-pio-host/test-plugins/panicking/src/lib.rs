@@ -31,6 +31,8 @@ fn echo_response(request: &InferRequest) -> InferResponse {
         prompt_token_ids: ids.clone(),
         token_ids: ids,
         text: String::new(),
+        reasoning: String::new(),
+        tool_calls: Vec::new(),
         finish_reason: FinishReason::Length,
         timings: Timings::default(),
     }
