@@ -296,6 +296,10 @@ pub struct Timings {
     pub time_to_first_token_s: f64,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
+    /// Decode rate over the second half of the decode steps only: past first-use kernel
+    /// compilation and autotuning, the rate a long generation settles at.
+    #[serde(default)]
+    pub steady_decode_tokens_per_s: f64,
     pub total_s: f64,
 }
 

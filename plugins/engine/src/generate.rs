@@ -258,6 +258,7 @@ impl Engine {
         timings.prefill_tokens_per_s = (longest * rows.len()) as f64 / timings.time_to_first_token_s.max(1e-9);
         let decode_start = Instant::now();
         let mut decode_steps = 0usize;
+        let mut step_ends: Vec<Instant> = Vec::new();
 
         loop {
             let mut cancelled = false;
@@ -317,6 +318,12 @@ impl Engine {
             let next: Vec<Vec<u32>> = rows.iter().map(|r| vec![*r.history.last().unwrap_or(&pad_id)]).collect();
             logits = Self::last_logits(self.decoder.forward(&next, &mut cache, Logits::Last)?)?;
             decode_steps += 1;
+            step_ends.push(Instant::now());
+        }
+        let half = step_ends.len() / 2;
+        if half > 0 {
+            let span = step_ends[step_ends.len() - 1].duration_since(step_ends[half - 1]).as_secs_f64();
+            timings.steady_decode_tokens_per_s = ((step_ends.len() - half) * rows.len()) as f64 / span.max(1e-9);
         }
         timings.generated_tokens = rows.iter().map(|r| r.new_ids.len() as u64).sum();
         timings.decode_tokens_per_s = if decode_steps > 0 {

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call for the MoE plugins: GPU parity of the tiny Qwen3-MoE fixtures (f32), then
+# Qwen3-Coder-30B-A3B shapes with random bf16 weights (--random-weights, real config.json),
+# inference-pio first, transformers eager second, same GPU, same call.
+# Expects .gpu/inference-pio.xz and .gpu/libqwen3_coder_30b.so.xz (carried).
+set -uo pipefail
+mkdir -p .gpu/bin && xz -dc .gpu/inference-pio.xz > .gpu/bin/inference-pio && xz -dc .gpu/libqwen3_coder_30b.so.xz > .gpu/bin/libqwen3_coder_30b.so
+chmod +x .gpu/bin/inference-pio
+PIO=".gpu/bin/inference-pio"
+PD="--plugin-dir .gpu/bin"
+export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+FIX=plugins/qwen3-coder-30b/tests/fixtures
+for m in qwen3moe-tiny-a qwen3moe-tiny-b; do
+  python3 - "$FIX/$m.reference.json" > /tmp/prompts.txt <<'PY'
+import json,sys
+for p in json.load(open(sys.argv[1]))["prompts"]: print(",".join(map(str,p["ids"])))
+PY
+  i=0
+  while read -r ids; do
+    timeout 120 $PIO score $PD --model $FIX/$m --prompt-ids "$ids" --json --device cuda --dtype f32 > /tmp/score.$m.f32.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
+    timeout 120 $PIO run $PD --model $FIX/$m --prompt-ids "$ids" --json --device cuda --dtype f32 --greedy --max-new-tokens 16 > /tmp/run.$m.f32.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
+    i=$((i+1))
+  done < /tmp/prompts.txt
+  echo "== $m f32" | tee -a $OUT/parity.txt
+  python3 benches/gpu/parity_check.py $FIX/$m.reference.json /tmp/score.$m.f32.json f32 /tmp/run.$m.f32.json 2>&1 | tee -a $OUT/parity.txt
+done
+# Qwen3-Coder-30B-A3B, random weights on the device.
+CK=/tmp/qwen3-coder-30b && mkdir -p $CK
+cp plugins/qwen3-coder-30b/primary/config.json $CK/
+cp -L $FIX/qwen3-coder-tokenizer/tokenizer.json $FIX/qwen3-coder-tokenizer/tokenizer_config.json $CK/
+IDS=$(python3 -c "print(','.join(str(1000 + (i * 7919) % 20000) for i in range(128)))")
+start=$(date +%s)
+timeout ${PIO_TIMEOUT:-330} $PIO run $PD --model $CK --random-weights --prompt-ids "$IDS" --device cuda --dtype bf16 --greedy --max-new-tokens ${NEW_TOKENS:-48} --json > $OUT/pio_qwen3_coder_30b.json 2> $OUT/pio_stderr.txt
+echo "inference-pio exit $? after $(( $(date +%s) - start )) s"; tail -5 $OUT/pio_stderr.txt
+python3 -c "import json; d=json.load(open('$OUT/pio_qwen3_coder_30b.json')); print(json.dumps(d['timings']))" 2>/dev/null
+timeout ${PEER_TIMEOUT:-200} python3 benches/peers/transformers_moe.py --config plugins/qwen3-coder-30b/primary/config.json --prompt-tokens 128 2048 --new-tokens 32 --out $OUT/peer_qwen3_coder_30b_eager.json 2>&1 | tail -15

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Peer benchmark: transformers eager on a random-weight mixture-of-experts model built on the
+GPU from a real config.json (Qwen3-MoE or GLM-4.x MoE), with the token ids inference-pio gets
+(benches/src/main.rs), in the same device call. Batch 1, bf16.
+
+    python3 transformers_moe.py --config plugins/qwen3-coder-30b/primary/config.json --out peer.json
+"""
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+def prompt_ids(n):
+    return [1000 + (i * 7919) % 20000 for i in range(n)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 2048])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    cfg = json.load(open(a.config))
+    config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")})
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config).eval()
+    torch.set_default_dtype(torch.float32)
+    build_s = time.perf_counter() - t
+    res = {"peer": "transformers", "mode": "eager", "build_s": build_s, "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "transformers": __import__("transformers").__version__, "config": a.config}
+    with torch.no_grad():
+        for n in a.prompt_tokens:
+            ids = torch.tensor([prompt_ids(n)], device="cuda")
+            model(ids, logits_to_keep=1)  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            torch.cuda.synchronize()
+            res[f"prefill_{n}_tokens_per_s"] = n / (time.perf_counter() - t)
+        ids = torch.tensor([prompt_ids(a.prompt_tokens[0])], device="cuda")
+
+        def generate(n):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        generate(2)
+        first = generate(1)
+        total = generate(a.new_tokens)
+    res["decode_tokens_per_s"] = (a.new_tokens - 1) / (total - first)
+    res["time_to_first_token_s"] = first
+    res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out:
+        open(a.out, "w").write(text)
+
+
+if __name__ == "__main__":
+    main()
