@@ -41,8 +41,8 @@ impl DecoderSpec {
 }
 
 enum FeedForward {
-    Dense(Mlp),
-    Moe(MoeBlock),
+    Dense(Box<Mlp>),
+    Moe(Box<MoeBlock>),
 }
 
 struct Linear {
@@ -170,8 +170,8 @@ impl Decoder {
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let mlp = match &spec.moe {
-                Some(moe) if spec.is_sparse(l) => FeedForward::Moe(MoeBlock::load(moe, ckpt, &format!("{p}.mlp"), h, device, dtype)?),
-                _ => FeedForward::Dense(Mlp::load(ckpt, &format!("{p}.mlp"), h, i, device, dtype)?),
+                Some(moe) if spec.is_sparse(l) => FeedForward::Moe(Box::new(MoeBlock::load(moe, ckpt, &format!("{p}.mlp"), h, device, dtype)?)),
+                _ => FeedForward::Dense(Box::new(Mlp::load(ckpt, &format!("{p}.mlp"), h, i, device, dtype)?)),
             };
             blocks.push(Block {
                 input_norm: ckpt.load(&format!("{p}.input_layernorm.weight"), [h], device, dtype)?,
