@@ -132,3 +132,9 @@ fn malformed_gguf_files_are_named_errors() {
     assert!(e.contains("tensor count"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_plain_llama_safetensors_directory_matches_transformers() {
+    // GQA, untied head, llama3 RoPE scaling: the plugin serves HF directories as well as GGUF.
+    inference_pio_engine::testing::check_fixture(&FAMILY, &fixtures(), "llama-tiny-hf", false);
+}
