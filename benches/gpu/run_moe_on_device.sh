@@ -32,7 +32,7 @@ CK=/tmp/qwen3-coder-30b && mkdir -p $CK
 cp plugins/qwen3-coder-30b/primary/config.json $CK/
 cp -L $FIX/qwen3-coder-tokenizer/tokenizer.json $FIX/qwen3-coder-tokenizer/tokenizer_config.json $CK/
 # The peer first, so a slow inference-pio start cannot crowd it out of the call.
-timeout ${PEER_TIMEOUT:-200} python3 benches/peers/transformers_moe.py --config plugins/qwen3-coder-30b/primary/config.json --prompt-tokens 128 2048 --new-tokens 32 --out $OUT/peer_qwen3_coder_30b_eager.json 2>&1 | tail -15
+[ -n "${SKIP_PEER:-}" ] || timeout ${PEER_TIMEOUT:-200} python3 benches/peers/transformers_moe.py --config plugins/qwen3-coder-30b/primary/config.json --prompt-tokens 128 2048 --new-tokens 32 --out $OUT/peer_qwen3_coder_30b_eager.json 2>&1 | tail -15
 IDS=$(python3 -c "print(','.join(str(1000 + (i * 7919) % 20000) for i in range(128)))")
 start=$(date +%s)
 timeout ${PIO_TIMEOUT:-330} $PIO run $PD --model $CK --random-weights --prompt-ids "$IDS" --device cuda --dtype bf16 --greedy --max-new-tokens ${NEW_TOKENS:-48} --json > $OUT/pio_qwen3_coder_30b.json 2> $OUT/pio_stderr.txt

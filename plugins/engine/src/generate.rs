@@ -249,10 +249,12 @@ impl Engine {
         while offset < longest {
             let end = (offset + chunk).min(longest);
             let part: Vec<Vec<u32>> = padded.iter().map(|p| p[offset..end].to_vec()).collect();
+            crate::progress::log(|| format!("prefill tokens {offset}..{end} of {longest}"));
             logits = Some(self.decoder.forward(&part, &mut cache, Logits::Last)?);
             offset = end;
         }
         let mut logits = Self::last_logits(logits.ok_or_else(|| EngineError::InvalidRequest("empty prompt".into()))?)?;
+        crate::progress::log(|| "prefill done, first logits on the host".to_string());
         timings.prompt_tokens = rows.iter().map(|r| r.history.len() as u64).sum();
         timings.time_to_first_token_s = started.elapsed().as_secs_f64();
         timings.prefill_tokens_per_s = (longest * rows.len()) as f64 / timings.time_to_first_token_s.max(1e-9);
@@ -319,6 +321,11 @@ impl Engine {
             logits = Self::last_logits(self.decoder.forward(&next, &mut cache, Logits::Last)?)?;
             decode_steps += 1;
             step_ends.push(Instant::now());
+            if crate::progress::enabled() && (decode_steps <= 3 || decode_steps.is_power_of_two()) {
+                let n = step_ends.len();
+                let step = if n >= 2 { step_ends[n - 1].duration_since(step_ends[n - 2]) } else { step_ends[0].duration_since(decode_start) };
+                crate::progress::log(|| format!("decode step {decode_steps}: {:.1} ms", step.as_secs_f64() * 1e3));
+            }
         }
         let half = step_ends.len() / 2;
         if half > 0 {

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod hf_config;
 pub mod kv_cache;
 pub mod moe;
+pub mod progress;
 pub mod plugin;
 pub mod rope;
 pub mod sampling;

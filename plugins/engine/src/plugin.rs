@@ -134,7 +134,9 @@ pub fn load_engine(
             },
         ),
     };
+    crate::progress::log(|| format!("loading {} weights ({:.2} GB in {dtype}) on {device_name}", if options.random_weights.is_some() { "random" } else { "checkpoint" }, bytes as f64 / 1e9));
     let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
+    crate::progress::log(|| "weights loaded".to_string());
     let c = &decoder.config;
     let eos_token_ids = if generation.eos_token_ids.is_empty() { c.eos_token_ids.clone() } else { generation.eos_token_ids.clone() };
     let max_context = settings
