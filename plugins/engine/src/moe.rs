@@ -10,7 +10,8 @@
 //!
 //! Routing decisions are taken on the host from the router's f32 scores (tokens x experts,
 //! small), so selection is exact `torch.topk` semantics and the expert loop only visits
-//! experts that received tokens.
+//! experts that received tokens. Each expert's rows are padded to a power of two (results of
+//! the padding dropped) so that the matmul shapes stay few.
 
 use crate::error::EngineError;
 use crate::weights::Checkpoint;
@@ -245,8 +246,16 @@ impl MoeBlock {
                 continue;
             }
             let n = token_rows.len();
+            // The expert runs on a power-of-two number of rows (the first row repeated, the
+            // extra results dropped), so a prefill meets a handful of matmul shapes instead of
+            // one per token count: every new shape costs a kernel compile and autotune on CUDA.
+            let bucket = n.next_power_of_two();
+            let mut gather_rows = token_rows.clone();
+            gather_rows.resize(bucket, token_rows[0]);
+            let gather = Tensor::<1, Int>::from_data(TensorData::new(gather_rows, [bucket]), &device);
+            let h = self.experts[expert].forward(x.clone().select(0, gather));
+            let h = if bucket > n { h.narrow(0, 0, n) } else { h };
             let index = Tensor::<1, Int>::from_data(TensorData::new(token_rows, [n]), &device);
-            let h = self.experts[expert].forward(x.clone().select(0, index.clone()));
             let w = Tensor::<2>::from_data(TensorData::new(weights, [n, 1]), (&device, BurnDType::F32)).cast(dtype);
             out = out.select_assign(0, index, h.mul(w), IndexingUpdateOp::Add);
         }
