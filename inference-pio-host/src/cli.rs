@@ -166,6 +166,11 @@ pub struct RunArgs {
     pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Tools the model may call: a JSON file with the OpenAI-style list
+    /// (`[{"type": "function", "function": {"name": …, "parameters": {…}}}]`), rendered by the
+    /// chat template; the model's calls come back typed by these schemas.
+    #[arg(long, requires = "prompt", conflicts_with = "raw")]
+    pub tools: Option<PathBuf>,
     /// Print one JSON object (token_ids, text, finish_reason, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
@@ -178,6 +183,9 @@ pub struct ChatArgs {
     /// System prompt.
     #[arg(long)]
     pub system: Option<String>,
+    /// Tools the model may call (a JSON file with the OpenAI-style list), as for `run`.
+    #[arg(long)]
+    pub tools: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -428,7 +436,24 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, info: &ModelInfo) -> anyhow::Result<PromptInput> {
+/// Reads a `--tools` file: a JSON list of OpenAI-style tools, each naming its function.
+fn read_tools(path: Option<&Path>) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --tools file {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("--tools file {} is not JSON", path.display()))?;
+    let Some(list) = value.as_array() else {
+        bail!("--tools file {} must hold a JSON list of tools", path.display());
+    };
+    for (i, tool) in list.iter().enumerate() {
+        let name = tool.get("function").unwrap_or(tool).get("name").and_then(|n| n.as_str());
+        if name.is_none_or(str::is_empty) {
+            bail!("--tools file {}: tool #{i} has no function name", path.display());
+        }
+    }
+    Ok(Some(value))
+}
+
+fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, tools: Option<serde_json::Value>, info: &ModelInfo) -> anyhow::Result<PromptInput> {
     if let Some(ids) = &prompt.prompt_ids {
         if ids.is_empty() {
             bail!("--prompt-ids is empty");
@@ -437,6 +462,9 @@ fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, info: &Mod
     }
     let text = prompt.prompt.clone().context("one of --prompt or --prompt-ids is required")?;
     if raw || !info.has_chat_template {
+        if tools.is_some() {
+            bail!("--tools needs the model's chat template (this model has none)");
+        }
         return Ok(PromptInput::Text(text));
     }
     let mut messages = Vec::new();
@@ -444,7 +472,7 @@ fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, info: &Mod
         messages.push(ChatMessage::new("system", system));
     }
     messages.push(ChatMessage::new("user", &text));
-    Ok(PromptInput::Chat { messages, tools: None })
+    Ok(PromptInput::Chat { messages, tools })
 }
 
 /// Checks `--model` before any plugin is loaded: an existing path must be a readable model; a
@@ -465,10 +493,11 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     // Check what can be checked before any plugin is loaded.
     let sampling = args.sampling.params()?;
     precheck_model(args.model.model.as_deref())?;
+    let tools = read_tools(args.tools.as_deref())?;
     let host = Host::new(cli)?;
     let (selected, info) = host.load(&args.model, false)?;
     let request = InferRequest {
-        input: prompt_input(&args.prompt, args.raw, args.system.as_deref(), &info)?,
+        input: prompt_input(&args.prompt, args.raw, args.system.as_deref(), tools, &info)?,
         sampling,
         stop: args.sampling.stop.clone(),
     };
@@ -526,6 +555,7 @@ fn print_structured(response: &inference_pio_core::types::InferResponse) {
 fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
     let sampling = args.sampling.params()?;
     precheck_model(args.model.model.as_deref())?;
+    let tools = read_tools(args.tools.as_deref())?;
     let host = Host::new(cli)?;
     let (selected, info) = host.load(&args.model, true)?;
     if !info.has_chat_template {
@@ -561,7 +591,7 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
         }
         messages.push(ChatMessage::new("user", text));
         let request = InferRequest {
-            input: PromptInput::Chat { messages: messages.clone(), tools: None },
+            input: PromptInput::Chat { messages: messages.clone(), tools: tools.clone() },
             sampling: sampling.clone(),
             stop: args.sampling.stop.clone(),
         };

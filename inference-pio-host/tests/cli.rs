@@ -375,3 +375,35 @@ fn random_weights_are_deterministic_per_seed() {
     let real: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
     assert_ne!(real["token_ids"], a);
 }
+
+#[test]
+fn tools_reach_the_chat_template_and_bad_tool_files_are_named() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    // Full-vocabulary Qwen3 fixture (its template renders tools); the tool list is the one of the
+    // Qwen3-Coder chat-template fixture.
+    let model = fixture("qwen3-tiny-a");
+    let chat_fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/qwen3-coder-30b/tests/fixtures/chat_template.reference.json");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(chat_fixture).expect("ref")).expect("json");
+    let case = &reference["renders"][0];
+    let tools = cwd.path().join("tools.json");
+    std::fs::write(&tools, case["tools"].to_string()).expect("write");
+    let question = case["messages"][0]["content"].as_str().expect("question");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--model", model.to_str().expect("utf8"), "--prompt", question, "--max-new-tokens", "1", "--greedy", "--json"];
+        args.extend_from_slice(extra);
+        inference_pio(&args, cwd.path())
+    };
+    let with = run(&["--tools", tools.to_str().expect("utf8")]);
+    assert!(with.status.success(), "{}", stderr(&with));
+    let without = run(&[]);
+    let ids = |o: &Output| serde_json::from_str::<serde_json::Value>(&stdout(o)).expect("json")["prompt_token_ids"].as_array().map_or(0, Vec::len);
+    // The template wrote the tool list into the prompt.
+    assert!(ids(&with) > ids(&without) + 100, "{} vs {}", ids(&with), ids(&without));
+    std::fs::write(&tools, r#"[{"type": "function", "function": {"parameters": {}}}]"#).expect("write");
+    let bad = run(&["--tools", tools.to_str().expect("utf8")]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("tool #0 has no function name"), "{}", stderr(&bad));
+    std::fs::write(&tools, "{").expect("write");
+    let bad = run(&["--tools", tools.to_str().expect("utf8")]);
+    assert!(stderr(&bad).contains("is not JSON"), "{}", stderr(&bad));
+}
