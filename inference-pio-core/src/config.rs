@@ -57,10 +57,10 @@ impl SecurityLevel {
     /// guarantee is refused rather than silently downgraded.
     pub fn check_supported(self) -> Result<(), String> {
         match self {
-            Self::Low => Ok(()),
+            Self::Low | Self::Medium => Ok(()),
             other => Err(format!(
                 "security level `{}` is not enforced by this version of inference-pio \
-                 (only `low`: in-process, no isolation); refusing to pretend",
+                 (only `low` and `medium`: in-process; worker processes come with `high`); refusing to pretend",
                 other.as_str()
             )),
         }
@@ -114,6 +114,18 @@ impl ResourceLimits {
     /// enforced (a model whose weights do not fit is refused before loading); the others need
     /// a worker process, so setting them is an error rather than a promise not kept.
     pub fn check_enforceable(&self, level: SecurityLevel) -> Result<(), (String, String)> {
+        if level == SecurityLevel::Medium {
+            for (key, set) in [("disk_space_gb", self.disk_space_gb.is_some()), ("network_bandwidth_mbps", self.network_bandwidth_mbps.is_some())] {
+                if set {
+                    return Err((
+                        key.into(),
+                        "cannot be enforced at security level `medium` (in-process plugins); \
+                         memory_gb, gpu_memory_gb and cpu_percent (a thread cap) are"
+                            .into(),
+                    ));
+                }
+            }
+        }
         if level == SecurityLevel::Low {
             let unenforced = [
                 ("cpu_percent", self.cpu_percent.is_some()),

@@ -142,6 +142,11 @@ pub struct PluginSettings {
     pub sampling_defaults: SamplingOverrides,
     /// A directory the plugin may write caches into (compiled kernels, autotune results).
     pub cache_dir: Option<String>,
+    /// Security level `medium` and up: the only files and directories the plugin may open
+    /// (its own library, the model, the cache directory); every open goes through
+    /// [`crate::file_access::validate_file_access`]. `None`: no restriction (`low`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_paths: Option<Vec<String>>,
 }
 
 /// Per-load options.
@@ -161,6 +166,9 @@ pub struct LoadOptions {
 pub struct ModelInfo {
     /// Pass to `infer`, `score`, `cleanup`.
     pub handle: u64,
+    /// CPU threads the plugin computes with, when `limits.cpu_percent` capped them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_threads: Option<u32>,
     pub architecture: String,
     pub parameter_count: u64,
     /// Bytes the weights occupy on the device, in `dtype`.

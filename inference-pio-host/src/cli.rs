@@ -244,12 +244,22 @@ impl Host {
         let model_config = read_model_config(&model_path)?;
         let selected = select(&self.discovery, &model_config, args.plugin.as_deref())?;
         let section = self.config.plugin(&selected.id);
+        let security = section.security.unwrap_or_default();
+        let cache_dir = self.cache_dir().map(|p| p.to_string_lossy().into_owned());
+        // `medium` and up: the plugin may open its own library, the model and the cache only.
+        let allowed_paths = (security != inference_pio_core::config::SecurityLevel::Low).then(|| {
+            [Some(selected.path.to_string_lossy().into_owned()), Some(model_path.to_string_lossy().into_owned()), cache_dir.clone()]
+                .into_iter()
+                .flatten()
+                .collect()
+        });
         let settings = PluginSettings {
-            security: section.security.unwrap_or_default(),
+            security,
             limits: section.limits.clone(),
             optimization: section.optimization(),
             sampling_defaults: section.sampling.clone(),
-            cache_dir: self.cache_dir().map(|p| p.to_string_lossy().into_owned()),
+            cache_dir,
+            allowed_paths,
         };
         selected
             .plugin

@@ -407,3 +407,36 @@ fn tools_reach_the_chat_template_and_bad_tool_files_are_named() {
     let bad = run(&["--tools", tools.to_str().expect("utf8")]);
     assert!(stderr(&bad).contains("is not JSON"), "{}", stderr(&bad));
 }
+
+#[test]
+fn security_level_medium_confines_file_access_and_caps_threads() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let config = cwd.path().join("inference-pio.toml");
+    std::fs::write(&config, "[plugins.llama]\nsecurity = \"medium\"\n[plugins.llama.limits]\ncpu_percent = 50\n").expect("config");
+    let gguf = llama_fixture("llama-tiny-tied.gguf");
+    let out = inference_pio(&["run", "--model", gguf.to_str().expect("utf8"), "--prompt-ids", "5,6", "--max-new-tokens", "2", "--json"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(v["model"]["cpu_threads"], serde_json::json!((cores / 2).max(1)));
+    // A model directory whose tokenizer is a symlink to a file outside it is refused.
+    std::fs::write(&config, "[plugins.qwen3-4b-instruct-2507]\nsecurity = \"medium\"\n").expect("config");
+    let model = fixture("qwen3-tiny-b");
+    let out = inference_pio(&["run", "--model", model.to_str().expect("utf8"), "--prompt-ids", "5,6", "--max-new-tokens", "2"], cwd.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("tokenizer.json") && err.contains("outside the paths this plugin may open"), "{err}");
+    // The same directory copied whole (no link out) loads.
+    let copy = cwd.path().join("qwen3-copy");
+    std::fs::create_dir_all(&copy).expect("dir");
+    for entry in std::fs::read_dir(&model).expect("dir").flatten() {
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).expect("copy");
+    }
+    let out = inference_pio(&["run", "--model", copy.to_str().expect("utf8"), "--prompt-ids", "5,6", "--max-new-tokens", "2"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Limits `medium` cannot enforce are refused by name.
+    std::fs::write(&config, "[plugins.llama]\nsecurity = \"medium\"\n[plugins.llama.limits]\ndisk_space_gb = 1\n").expect("config");
+    let out = inference_pio(&["run", "--model", gguf.to_str().expect("utf8"), "--prompt-ids", "5,6", "--max-new-tokens", "2"], cwd.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("disk_space_gb") && stderr(&out).contains("`medium`"), "{}", stderr(&out));
+}

@@ -77,6 +77,9 @@ pub fn load_engine(
     settings: &PluginSettings,
 ) -> Result<(Engine, ModelInfo), EngineError> {
     let started = Instant::now();
+    if let Some(allowed) = &settings.allowed_paths {
+        check_file_access(dir, allowed)?;
+    }
     let gguf = if is_gguf(dir) { Some(GgufFile::open(dir)?) } else { None };
     let raw = match &gguf {
         Some(g) => gguf::hf::config(&g.file).map_err(|e| EngineError::Config(format!("{}: {e}", dir.display())))?,
@@ -145,6 +148,7 @@ pub fn load_engine(
         .map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));
     let info = ModelInfo {
         handle: 0,
+        cpu_threads: None,
         architecture: c.architectures.first().cloned().unwrap_or_default(),
         parameter_count: parameter_count(c, &decoder.spec),
         weight_bytes: bytes,
@@ -159,9 +163,67 @@ pub fn load_engine(
     Ok((Engine { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format: family.output_format }, info))
 }
 
+/// Security level `medium`: every file loading will open, validated against the host's
+/// allowlist before any is read (`inference_pio_core::file_access`). These are all the files
+/// the engine reads from a model: the GGUF file itself, or the directory's config, generation
+/// config, tokenizer, chat template and weights (the shards an index names included).
+fn check_file_access(model: &Path, allowed: &[String]) -> Result<(), EngineError> {
+    use inference_pio_core::file_access::validate_file_access;
+    let check = |p: &Path| validate_file_access(p, allowed).map(|_| ()).map_err(EngineError::ResourceLimit);
+    if model.is_file() {
+        return check(model);
+    }
+    check(model)?;
+    let names = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+    ];
+    for name in names {
+        let path = model.join(name);
+        if path.exists() || path.is_symlink() {
+            check(&path)?;
+        }
+    }
+    let index = model.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", index.display())))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("{} is not valid JSON: {e}", index.display())))?;
+        if let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) {
+            for file in map.values().filter_map(|v| v.as_str()) {
+                check(&model.join(file))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Caps the plugin's compute threads (burn-flex runs on this library's rayon pool) at
+/// `cpu_percent` of the cores, rounded down, at least one. Returns the thread count.
+fn cap_cpu_threads(cpu_percent: f64) -> Result<u32, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = ((cores as f64 * cpu_percent / 100.0).floor() as usize).clamp(1, cores);
+    match rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+        Ok(()) => Ok(threads as u32),
+        // Already built (an earlier initialize in this process): fine if it has that size.
+        Err(_) if rayon::current_num_threads() == threads => Ok(threads as u32),
+        Err(_) => Err(format!(
+            "cpu_percent {cpu_percent} asks for {threads} of {cores} threads, but this plugin's thread pool already runs {}; restart to change it",
+            rayon::current_num_threads()
+        )),
+    }
+}
+
 /// A [`ModelFamily`] served as a plugin.
 pub struct EnginePlugin {
     family: &'static ModelFamily,
+    cpu_threads: RwLock<Option<u32>>,
     settings: RwLock<PluginSettings>,
     models: RwLock<HashMap<u64, (Arc<Engine>, ModelInfo)>>,
     next_handle: AtomicU64,
@@ -171,6 +233,7 @@ impl EnginePlugin {
     pub fn new(family: &'static ModelFamily) -> Self {
         Self {
             family,
+            cpu_threads: RwLock::new(None),
             settings: RwLock::new(PluginSettings::default()),
             models: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -257,6 +320,10 @@ impl Plugin for EnginePlugin {
             .limits
             .check_enforceable(settings.security)
             .map_err(|(k, r)| PluginError::invalid(format!("limits.{k}: {r}")))?;
+        if let Some(percent) = settings.limits.cpu_percent {
+            let threads = cap_cpu_threads(percent).map_err(|r| PluginError::invalid(format!("limits.cpu_percent: {r}")))?;
+            *self.cpu_threads.write().map_err(|_| PluginError::internal("lock poisoned"))? = Some(threads);
+        }
         *self.settings.write().map_err(|_| PluginError::internal("settings lock poisoned"))? = settings;
         Ok(())
     }
@@ -264,6 +331,7 @@ impl Plugin for EnginePlugin {
     fn load_model(&self, model_dir: &Path, options: LoadOptions) -> Result<ModelInfo, PluginError> {
         let (engine, mut info) = load_engine(self.family, model_dir, &options, &self.settings()).map_err(as_plugin_error)?;
         info.handle = self.next_handle.fetch_add(1, Ordering::SeqCst);
+        info.cpu_threads = self.cpu_threads.read().map(|t| *t).unwrap_or(None);
         self.models
             .write()
             .map_err(|_| PluginError::internal("model table lock poisoned"))?

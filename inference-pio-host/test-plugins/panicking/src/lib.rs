@@ -61,6 +61,7 @@ impl Plugin for Panicking {
         }
         Ok(ModelInfo {
             handle: 1,
+            cpu_threads: None,
             architecture: "PioTesttestpanickingForCausalLM".into(),
             parameter_count: 0,
             weight_bytes: 0,
