@@ -19,7 +19,7 @@ rows = [
     ("peak RSS (MiB)", pio["peak_rss_mib"], peer["peak_rss_mib"]),
 ]
 result = {
-    "benchmark": "qwen3-small random weights, batch 1, f32",
+    "benchmark": __import__("os").environ.get("BENCH_NAME", "qwen3-small random weights, batch 1, f32"),
     "date": pio["date"], "commit": pio["commit"], "command": command, "machine": pio["machine"],
     "device": pio["device"], "prompt_tokens": pio["prompt_tokens"], "new_tokens": pio["new_tokens"],
     "inference_pio": pio, "transformers": peer,

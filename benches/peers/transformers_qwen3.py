@@ -13,7 +13,7 @@ import resource
 import time
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 
 def prompt_ids(n):
@@ -39,8 +39,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench(model_dir, prompt_tokens, new_tokens, batch, device, dtype):
-    model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+def bench(model_dir, prompt_tokens, new_tokens, batch, device, dtype, gguf=None):
+    if gguf:
+        # A GGUF file (dequantized by transformers), e.g. the built-in default model.
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=dtype)
+        model = model.to(device).eval()
+    else:
+        model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     ids = torch.tensor([prompt_ids(prompt_tokens)] * batch, device=device)
     res = {}
 
@@ -79,6 +84,7 @@ if __name__ == "__main__":
     ap.add_argument("--config")
     ap.add_argument("--tokenizer-dir")
     ap.add_argument("--model")
+    ap.add_argument("--gguf", help="benchmark this GGUF file instead of --model")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
@@ -90,7 +96,7 @@ if __name__ == "__main__":
         make_checkpoint(a.make_checkpoint, a.config, a.tokenizer_dir, a.device)
     else:
         dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-        r = bench(a.model, a.prompt_tokens, a.new_tokens, a.batch, a.device, dtype)
+        r = bench(a.model, a.prompt_tokens, a.new_tokens, a.batch, a.device, dtype, gguf=a.gguf)
         name = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
         r.update(device=name, torch=torch.__version__, dtype=a.dtype, prompt_tokens=a.prompt_tokens,
                  new_tokens=a.new_tokens, batch=a.batch, mode="eager", peer="transformers")
