@@ -15,22 +15,31 @@ pub struct ModelConfig {
 /// Most metadata a GGUF file may carry before its tensor table ends (SmolLM2's is 2 MB).
 const GGUF_METADATA_LIMIT: u64 = 256 << 20;
 
-/// The config of a GGUF file, from its metadata.
+/// The config of a GGUF file, from its metadata. Reads only the file's head: 1 MiB first,
+/// doubled while the metadata runs past it, up to [`GGUF_METADATA_LIMIT`].
 fn read_gguf_config(path: &Path) -> anyhow::Result<ModelConfig> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let mut file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     let len = file.metadata().map_err(|e| anyhow::anyhow!("cannot stat {}: {e}", path.display()))?.len();
     let mut prefix = Vec::new();
-    file.take(len.min(GGUF_METADATA_LIMIT))
-        .read_to_end(&mut prefix)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    let gguf = inference_pio_formats::gguf::Gguf::parse_prefix(&prefix, len).map_err(|e| {
-        if len > GGUF_METADATA_LIMIT && e.to_string().contains("truncated") {
-            anyhow::anyhow!("{}: GGUF metadata larger than {} MiB", path.display(), GGUF_METADATA_LIMIT >> 20)
-        } else {
-            anyhow::anyhow!("{} is not a valid GGUF file: {e}", path.display())
+    let mut want = (1u64 << 20).min(len);
+    let gguf = loop {
+        let missing = want - prefix.len() as u64;
+        (&mut file)
+            .take(missing)
+            .read_to_end(&mut prefix)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        match inference_pio_formats::gguf::Gguf::parse_prefix(&prefix, len) {
+            Ok(g) => break g,
+            Err(e) if e.to_string().contains("truncated") && want < len.min(GGUF_METADATA_LIMIT) => {
+                want = (want * 2).min(len).min(GGUF_METADATA_LIMIT);
+            }
+            Err(e) if e.to_string().contains("truncated") && len > GGUF_METADATA_LIMIT => {
+                anyhow::bail!("{}: GGUF metadata larger than {} MiB", path.display(), GGUF_METADATA_LIMIT >> 20)
+            }
+            Err(e) => anyhow::bail!("{} is not a valid GGUF file: {e}", path.display()),
         }
-    })?;
+    };
     let value = inference_pio_formats::gguf::hf::config(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let architectures = value["architectures"]
         .as_array()

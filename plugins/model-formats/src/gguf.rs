@@ -208,6 +208,8 @@ pub struct Gguf {
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Length of the whole file (`bytes` may be only its head).
+    file_len: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -246,10 +248,16 @@ impl<'a> Reader<'a> {
     /// file could not hold that many.
     fn count(&mut self, what: &str, min_item_bytes: usize) -> Result<usize, FormatError> {
         let n = self.u64(what)?;
-        let fits = (self.remaining() / min_item_bytes.max(1)) as u64;
+        let left_in_file = self.file_len.saturating_sub(self.pos as u64);
+        let fits = left_in_file / min_item_bytes.max(1) as u64;
         if n > fits {
+            return Err(FormatError(format!("{what} is {n}, but the {left_in_file} bytes left in the file can hold at most {fits}")));
+        }
+        let fits_here = (self.remaining() / min_item_bytes.max(1)) as u64;
+        if n > fits_here {
+            // Plausible for the file, but past the head we were given: the caller reads more.
             return Err(FormatError(format!(
-                "{what} is {n}, but the {} bytes left in the file can hold at most {fits}",
+                "truncated: {what} is {n}, more than the {} bytes read so far can hold",
                 self.remaining()
             )));
         }
@@ -314,7 +322,7 @@ impl Gguf {
     /// As [`parse`](Self::parse), from the first bytes of a file of `file_len` bytes (enough
     /// to hold the metadata and tensor table; tensor ranges are checked against `file_len`).
     pub fn parse_prefix(bytes: &[u8], file_len: u64) -> Result<Self, FormatError> {
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader { bytes, pos: 0, file_len: file_len.max(bytes.len() as u64) };
         let magic = r.array::<4>("magic")?;
         if magic != MAGIC {
             return Err(FormatError(format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
@@ -875,5 +883,77 @@ mod tests {
         }
         assert_eq!(hf::unpermute_rows(&permuted, rows, cols, heads).expect("unpermute"), hf_rows);
         assert!(hf::unpermute_rows(&permuted, rows, cols, 5).is_err());
+    }
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::tests_support::small_file;
+    use super::*;
+
+    #[test]
+    fn a_short_head_asks_for_more_and_a_long_enough_one_parses() {
+        let bytes = small_file();
+        let full = Gguf::parse(&bytes).expect("whole file");
+        // A head that ends inside the metadata or tensor table is "truncated" (read more), never
+        // another error; one that holds them parses to the same file.
+        let mut parsed_from = None;
+        for cut in 0..full.data_offset as usize {
+            match Gguf::parse_prefix(&bytes[..cut], bytes.len() as u64) {
+                Ok(g) => {
+                    assert_eq!(g.tensors, full.tensors, "cut {cut}");
+                    parsed_from.get_or_insert(cut);
+                }
+                Err(e) => {
+                    assert!(parsed_from.is_none(), "cut {cut} fails after a shorter head parsed");
+                    assert!(e.to_string().contains("truncated"), "cut {cut}: {e}");
+                }
+            }
+        }
+        assert!(parsed_from.is_some_and(|c| c > 300), "the table ends well past the start");
+        let head = Gguf::parse_prefix(&bytes[..full.data_offset as usize], bytes.len() as u64).expect("head");
+        assert_eq!(head.tensors, full.tensors);
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    /// A file with a string array (counts checked against the head) and two tensors.
+    pub fn small_file() -> Vec<u8> {
+        let mut kv = Vec::new();
+        let key = |kv: &mut Vec<u8>, k: &str, t: u32| {
+            kv.extend((k.len() as u64).to_le_bytes());
+            kv.extend(k.as_bytes());
+            kv.extend(t.to_le_bytes());
+        };
+        key(&mut kv, "general.architecture", 8);
+        kv.extend(5u64.to_le_bytes());
+        kv.extend(b"llama");
+        key(&mut kv, "tokenizer.ggml.tokens", 9);
+        kv.extend(8u32.to_le_bytes());
+        kv.extend(40u64.to_le_bytes());
+        for i in 0..40 {
+            let t = format!("tok{i}");
+            kv.extend((t.len() as u64).to_le_bytes());
+            kv.extend(t.as_bytes());
+        }
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend(2u64.to_le_bytes());
+        out.extend(2u64.to_le_bytes());
+        out.extend(&kv);
+        for (i, name) in ["a", "b"].iter().enumerate() {
+            out.extend((name.len() as u64).to_le_bytes());
+            out.extend(name.as_bytes());
+            out.extend(1u32.to_le_bytes());
+            out.extend(8u64.to_le_bytes());
+            out.extend(0u32.to_le_bytes());
+            out.extend((i as u64 * 32).to_le_bytes());
+        }
+        while !out.len().is_multiple_of(32) {
+            out.push(0);
+        }
+        out.extend(vec![0u8; 64]);
+        out
     }
 }
