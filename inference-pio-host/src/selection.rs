@@ -48,20 +48,13 @@ fn read_gguf_config(path: &Path) -> anyhow::Result<ModelConfig> {
     Ok(ModelConfig { text: value.to_string(), architectures })
 }
 
-/// Whether a file starts with the GGUF magic.
-pub fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == inference_pio_formats::gguf::MAGIC
-}
-
 /// Reads `DIR/config.json` (or a GGUF file's metadata), with errors that say what is wrong.
 pub fn read_model_config(dir: &Path) -> anyhow::Result<ModelConfig> {
     if !dir.exists() {
         anyhow::bail!("model directory {} does not exist", dir.display());
     }
     if dir.is_file() {
-        if is_gguf(dir) {
+        if inference_pio_formats::gguf::is_gguf_file(dir) {
             return read_gguf_config(dir);
         }
         anyhow::bail!("model path {} is neither a directory nor a GGUF file", dir.display());

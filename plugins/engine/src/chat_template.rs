@@ -124,14 +124,8 @@ impl ChatTemplate {
         let Some(source) = file.get_str("tokenizer.chat_template").map_err(err)? else {
             return Ok(None);
         };
-        let tokens = file.get_strings("tokenizer.ggml.tokens").map_err(err)?.unwrap_or_default();
         let token = |key: &str| -> Result<String, EngineError> {
-            Ok(file
-                .get_u64(key)
-                .map_err(err)?
-                .and_then(|id| tokens.get(id as usize))
-                .map(|t| t.to_string())
-                .unwrap_or_default())
+            Ok(file.special_token(key).map_err(err)?.map(|(t, _)| t.to_string()).unwrap_or_default())
         };
         Self::new(source.to_string(), token("tokenizer.ggml.bos_token_id")?, token("tokenizer.ggml.eos_token_id")?).map(Some)
     }

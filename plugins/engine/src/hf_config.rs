@@ -139,10 +139,11 @@ fn parse_scaling(table: Option<&Value>) -> Result<RopeScaling, EngineError> {
 }
 
 impl DecoderConfig {
-    pub fn from_file(path: &Path) -> Result<Self, EngineError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| EngineError::Io(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_json_str(&text).map_err(|e| e.context(&path.display().to_string()))
+    /// A `config.json` file as JSON (parse it with [`crate::ModelFamily::config`], which adds
+    /// the family's defaults).
+    pub fn read_json(path: &Path) -> Result<Value, EngineError> {
+        let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| EngineError::Config(format!("{}: not valid JSON: {e}", path.display())))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self, EngineError> {
@@ -210,15 +211,18 @@ impl DecoderConfig {
         })
     }
 
-    /// A non-negative integer key of the raw config (`None` when absent or null).
-    pub fn get_usize(&self, key: &str) -> Result<Option<usize>, EngineError> {
+    /// A key of the raw config read by `read` (`None` when absent or null); a value `read`
+    /// refuses is an error saying what was `expected`.
+    fn get_typed<T>(&self, key: &str, expected: &str, read: impl Fn(&Value) -> Option<T>) -> Result<Option<T>, EngineError> {
         match self.raw.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| EngineError::Config(format!("`{key}` must be a non-negative integer, got {v}"))),
+            Some(v) => read(v).map(Some).ok_or_else(|| EngineError::Config(format!("`{key}` must be {expected}, got {v}"))),
         }
+    }
+
+    /// A non-negative integer key of the raw config (`None` when absent or null).
+    pub fn get_usize(&self, key: &str) -> Result<Option<usize>, EngineError> {
+        self.get_typed(key, "a non-negative integer", |v| v.as_u64().map(|n| n as usize))
     }
 
     /// A required non-negative integer key.
@@ -227,29 +231,19 @@ impl DecoderConfig {
     }
 
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>, EngineError> {
-        match self.raw.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| EngineError::Config(format!("`{key}` must be true or false, got {v}"))),
-        }
+        self.get_typed(key, "true or false", Value::as_bool)
     }
 
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>, EngineError> {
-        match self.raw.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| EngineError::Config(format!("`{key}` must be a number, got {v}"))),
-        }
+        self.get_typed(key, "a number", Value::as_f64)
     }
 
     /// A list of non-negative integers (`mlp_only_layers`); absent = empty.
     pub fn get_usize_list(&self, key: &str) -> Result<Vec<usize>, EngineError> {
-        match self.raw.get(key) {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| EngineError::Config(format!("`{key}` must list integers, got {v}"))))
-                .collect(),
-            Some(v) => Err(EngineError::Config(format!("`{key}` must be a list, got {v}"))),
-        }
+        let list = self.get_typed(key, "a list of non-negative integers", |v| {
+            v.as_array()?.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>()
+        })?;
+        Ok(list.unwrap_or_default())
     }
 
     /// `value` with `defaults` (a JSON object) filled in for keys it does not have: the

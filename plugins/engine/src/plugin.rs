@@ -9,7 +9,7 @@ use crate::generate::{Engine, GenerationDefaults};
 use crate::hf_config::DecoderConfig;
 use crate::chat_template::ChatTemplate;
 use crate::tokenizer::TextTokenizer;
-use crate::weights::{Checkpoint, GgufFile, is_gguf};
+use crate::weights::{Checkpoint, GgufFile};
 use inference_pio_chat_output::OutputFormat;
 use inference_pio_formats::gguf;
 use burn::tensor::Device;
@@ -80,14 +80,10 @@ pub fn load_engine(
     if let Some(allowed) = &settings.allowed_paths {
         check_file_access(dir, allowed)?;
     }
-    let gguf = if is_gguf(dir) { Some(GgufFile::open(dir)?) } else { None };
+    let gguf = if gguf::is_gguf_file(dir) { Some(GgufFile::open(dir)?) } else { None };
     let raw = match &gguf {
         Some(g) => gguf::hf::config(&g.file).map_err(|e| EngineError::Config(format!("{}: {e}", dir.display())))?,
-        None => {
-            let path = dir.join("config.json");
-            let text = std::fs::read_to_string(&path).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", path.display())))?;
-            serde_json::from_str(&text).map_err(|e| EngineError::Config(format!("{}: not valid JSON: {e}", path.display())))?
-        }
+        None => DecoderConfig::read_json(&dir.join("config.json"))?,
     };
     let config = family.config(&raw).map_err(|e| e.context(&dir.display().to_string()))?;
     if !config.architectures.iter().any(|a| family.architectures.contains(&a.as_str())) {
@@ -192,13 +188,8 @@ fn check_file_access(model: &Path, allowed: &[String]) -> Result<(), EngineError
     }
     let index = model.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| EngineError::Io(format!("cannot read {}: {e}", index.display())))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("{} is not valid JSON: {e}", index.display())))?;
-        if let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) {
-            for file in map.values().filter_map(|v| v.as_str()) {
-                check(&model.join(file))?;
-            }
+        for file in crate::weights::index_shard_files(&index)? {
+            check(&model.join(file))?;
         }
     }
     Ok(())

@@ -124,25 +124,20 @@ impl TextTokenizer {
             }
         }
         inner.with_decoder(Some(ByteLevel::default()));
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(t, ty)| **ty == TOKEN_TYPE_CONTROL && in_alphabet(t))
-            .map(|(t, _)| AddedToken::from(t.to_string(), true).normalized(false))
-            .collect();
-        inner.add_special_tokens(&special);
-        let user: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(t, ty)| **ty == TOKEN_TYPE_USER_DEFINED && in_alphabet(t))
-            .map(|(t, _)| AddedToken::from(t.to_string(), false).normalized(false))
-            .collect();
-        inner.add_tokens(&user);
+        // Control tokens become special tokens, user-defined ones plain added tokens; both
+        // only when spelled in the byte alphabet (anything else is a llama.cpp mislabel).
+        let added = |token_type: i64, special: bool| -> Vec<AddedToken> {
+            tokens
+                .iter()
+                .zip(types.iter())
+                .filter(|(t, ty)| **ty == token_type && in_alphabet(t))
+                .map(|(t, _)| AddedToken::from(t.to_string(), special).normalized(false))
+                .collect()
+        };
+        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
+        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
         let token_of = |key: &str| -> Result<Option<(String, u32)>, EngineError> {
-            Ok(file
-                .get_u64(key)
-                .map_err(err)?
-                .and_then(|id| tokens.get(id as usize).map(|t| (t.to_string(), id as u32))))
+            Ok(file.special_token(key).map_err(err)?.map(|(t, id)| (t.to_string(), id)))
         };
         let add_bos = file.get_bool("tokenizer.ggml.add_bos_token").map_err(err)?.unwrap_or(false);
         let add_eos = file.get_bool("tokenizer.ggml.add_eos_token").map_err(err)?.unwrap_or(false);

@@ -35,12 +35,18 @@ struct GgufWeights {
 
 /// An opened checkpoint.
 pub struct Checkpoint {
-    shards: Vec<Shard>,
-    /// tensor name -> shard index
-    names: HashMap<String, usize>,
-    gguf: Option<GgufWeights>,
+    source: Source,
+}
+
+enum Source {
+    Safetensors {
+        shards: Vec<Shard>,
+        /// tensor name -> shard index
+        names: HashMap<String, usize>,
+    },
+    Gguf(GgufWeights),
     /// Benchmarking: every tensor generated from this seed instead of read.
-    random: Option<u64>,
+    Random(u64),
 }
 
 /// A stable per-tensor seed (FNV-1a of the name, mixed with the run's seed).
@@ -56,15 +62,6 @@ pub fn map_file(path: &Path) -> Result<Mmap, EngineError> {
     // to change while loaded (as with every mmap-based loader: transformers, llama.cpp).
     // Every access is bounds-checked against the validated header.
     unsafe { Mmap::map(&file) }.map_err(|e| EngineError::Weights(format!("cannot map {}: {e}", path.display())))
-}
-
-/// Whether `path` is a GGUF file (by its magic).
-pub fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    path.is_file()
-        && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
-        && magic == gguf::MAGIC
 }
 
 /// A mapped, parsed GGUF file.
@@ -91,27 +88,49 @@ fn open_shard(path: &Path) -> Result<Shard, EngineError> {
     Ok(Shard { path: path.to_path_buf(), data_start: header.data_start, metadata: header.metadata, mmap })
 }
 
-fn from_f32(values: Vec<f32>, to: DType) -> Vec<u8> {
+/// Little-endian bytes of `values` in `to`.
+fn encode(values: impl Iterator<Item = f32>, to: DType) -> Vec<u8> {
     use half::{bf16, f16};
-    match to {
-        DType::F32 => values.into_iter().flat_map(f32::to_le_bytes).collect(),
-        DType::Bf16 => values.into_iter().flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
-        DType::F16 => values.into_iter().flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
-    }
-}
-
-fn convert(bytes: &[u8], from: Dtype, to: DType) -> Vec<u8> {
-    use half::{bf16, f16};
-    let values: Box<dyn Iterator<Item = f32> + '_> = match from {
-        Dtype::F32 => Box::new(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        Dtype::BF16 => Box::new(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-        _ => Box::new(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-    };
     match to {
         DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
         DType::Bf16 => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
         DType::F16 => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
     }
+}
+
+fn convert(bytes: &[u8], from: Dtype, to: DType) -> Vec<u8> {
+    use half::{bf16, f16};
+    match from {
+        Dtype::F32 => encode(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])), to),
+        Dtype::BF16 => encode(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()), to),
+        _ => encode(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()), to),
+    }
+}
+
+/// The shard files `model.safetensors.index.json` names (sorted, each once), refusing names
+/// that leave the model directory.
+pub fn index_shard_files(index_path: &Path) -> Result<Vec<String>, EngineError> {
+    Ok(read_index(index_path)?.0)
+}
+
+/// The index's shard files and its `weight_map` (tensor name -> file).
+fn read_index(index_path: &Path) -> Result<(Vec<String>, serde_json::Map<String, serde_json::Value>), EngineError> {
+    let text = std::fs::read_to_string(index_path)
+        .map_err(|e| EngineError::Weights(format!("cannot read {}: {e}", index_path.display())))?;
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::Weights(format!("{} is not valid JSON: {e}", index_path.display())))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .cloned()
+        .ok_or_else(|| EngineError::Weights(format!("{} has no `weight_map` object", index_path.display())))?;
+    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    files.sort();
+    files.dedup();
+    if let Some(file) = files.iter().find(|f| f.contains('/') || f.contains("..")) {
+        return Err(EngineError::Weights(format!("{}: shard name `{file}` leaves the model directory", index_path.display())));
+    }
+    Ok((files, map))
 }
 
 /// The burn dtype for ours.
@@ -131,20 +150,8 @@ impl Checkpoint {
         let mut shards = Vec::new();
         let mut names = HashMap::new();
         if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| EngineError::Weights(format!("cannot read {}: {e}", index_path.display())))?;
-            let index: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| EngineError::Weights(format!("{} is not valid JSON: {e}", index_path.display())))?;
-            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                EngineError::Weights(format!("{} has no `weight_map` object", index_path.display()))
-            })?;
-            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
-            files.sort();
-            files.dedup();
+            let (files, map) = read_index(&index_path)?;
             for file in &files {
-                if file.contains('/') || file.contains("..") {
-                    return Err(EngineError::Weights(format!("{}: shard name `{file}` leaves the model directory", index_path.display())));
-                }
                 let shard = open_shard(&dir.join(file))?;
                 let shard_index = shards.len();
                 for name in shard.metadata.tensors().keys() {
@@ -152,7 +159,7 @@ impl Checkpoint {
                 }
                 shards.push(shard);
             }
-            for (name, file) in map {
+            for (name, file) in &map {
                 if !names.contains_key(name) {
                     return Err(EngineError::Weights(format!(
                         "tensor `{name}` is listed in {} for {} but that shard does not contain it",
@@ -173,14 +180,14 @@ impl Checkpoint {
                 dir.display()
             )));
         }
-        Ok(Self { shards, names, gguf: None, random: None })
+        Ok(Self { source: Source::Safetensors { shards, names } })
     }
 
     /// A checkpoint whose tensors are generated on the device, deterministically from `seed`
     /// and each tensor's name: norms ~ N(1, 0.02), everything else ~ N(0, 0.02) (transformers'
     /// `initializer_range`). For benchmarking real shapes without their weights.
     pub fn random(seed: u64) -> Self {
-        Self { shards: Vec::new(), names: HashMap::new(), gguf: None, random: Some(seed) }
+        Self { source: Source::Random(seed) }
     }
 
     /// Opens a GGUF file as a checkpoint with Hugging Face tensor names. `heads` is
@@ -196,20 +203,24 @@ impl Checkpoint {
                 names.insert(hf, i);
             }
         }
-        Ok(Self { shards: Vec::new(), names: HashMap::new(), gguf: Some(GgufWeights { path, mmap, file, names, unpermute }), random: None })
+        Ok(Self { source: Source::Gguf(GgufWeights { path, mmap, file, names, unpermute }) })
     }
 
+    /// Whether the checkpoint holds `name` (random weights hold every name).
     pub fn contains(&self, name: &str) -> bool {
-        match &self.gguf {
-            Some(g) => g.names.contains_key(name),
-            None => self.names.contains_key(name),
+        match &self.source {
+            Source::Safetensors { names, .. } => names.contains_key(name),
+            Source::Gguf(g) => g.names.contains_key(name),
+            Source::Random(_) => true,
         }
     }
 
+    /// The tensor names stored (none for random weights).
     pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
-        match &self.gguf {
-            Some(g) => Box::new(g.names.keys().map(String::as_str)),
-            None => Box::new(self.names.keys().map(String::as_str)),
+        match &self.source {
+            Source::Safetensors { names, .. } => Box::new(names.keys().map(String::as_str)),
+            Source::Gguf(g) => Box::new(g.names.keys().map(String::as_str)),
+            Source::Random(_) => Box::new(std::iter::empty()),
         }
     }
 
@@ -263,14 +274,13 @@ impl Checkpoint {
                 values = gguf::hf::unpermute_rows(&values, shape[0], shape[1], h).map_err(wrap)?;
             }
         }
-        Ok(from_f32(values, dtype))
+        Ok(encode(values.into_iter(), dtype))
     }
 
-    fn entry(&self, name: &str) -> Result<(&Shard, &safetensors::tensor::TensorInfo), EngineError> {
-        let shard = self
-            .names
+    fn entry<'a>(shards: &'a [Shard], names: &HashMap<String, usize>, name: &str) -> Result<(&'a Shard, &'a safetensors::tensor::TensorInfo), EngineError> {
+        let shard = names
             .get(name)
-            .map(|&i| &self.shards[i])
+            .map(|&i| &shards[i])
             .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` is missing from the checkpoint")))?;
         let info = shard
             .metadata
@@ -281,13 +291,15 @@ impl Checkpoint {
 
     /// Checks that `name` exists with `shape` and a floating dtype we load.
     pub fn check(&self, name: &str, shape: &[usize]) -> Result<(), EngineError> {
-        if self.random.is_some() {
-            return Ok(());
+        match &self.source {
+            Source::Random(_) => Ok(()),
+            Source::Gguf(g) => Self::check_gguf(g, name, shape),
+            Source::Safetensors { shards, names } => Self::check_safetensors(shards, names, name, shape),
         }
-        if let Some(g) = &self.gguf {
-            return Self::check_gguf(g, name, shape);
-        }
-        let (shard, info) = self.entry(name)?;
+    }
+
+    fn check_safetensors(shards: &[Shard], names: &HashMap<String, usize>, name: &str, shape: &[usize]) -> Result<(), EngineError> {
+        let (shard, info) = Self::entry(shards, names, name)?;
         if !matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
             return Err(EngineError::Weights(format!(
                 "tensor `{name}` in {} has dtype {:?}; supported: F32, BF16, F16",
@@ -308,30 +320,30 @@ impl Checkpoint {
 
     /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`.
     pub fn load<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device, dtype: DType) -> Result<Tensor<D>, EngineError> {
-        if let Some(seed) = self.random {
-            let norm = name.contains("norm.weight") || name.ends_with("norm.weight");
-            let distribution = Distribution::Normal(if norm { 1.0 } else { 0.0 }, 0.02);
-            device.seed(tensor_seed(seed, name));
-            return Ok(Tensor::random(shape, distribution, (device, burn_dtype(dtype))));
-        }
-        if let Some(g) = &self.gguf {
-            let owned = Self::load_gguf(g, name, &shape, dtype)?;
-            let data = TensorData::from_bytes_vec(owned, shape, burn_dtype(dtype));
-            return Ok(Tensor::from_data(data, (device, burn_dtype(dtype))));
-        }
-        self.check(name, &shape)?;
-        let (shard, info) = self.entry(name)?;
-        let (start, end) = info.data_offsets;
-        let bytes = shard
-            .mmap
-            .get(shard.data_start + start..shard.data_start + end)
-            .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` lies outside {}", shard.path.display())))?;
-        let native = match info.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::BF16 => DType::Bf16,
-            _ => DType::F16,
+        let owned = match &self.source {
+            Source::Random(seed) => {
+                let norm = name.contains("norm.weight");
+                let distribution = Distribution::Normal(if norm { 1.0 } else { 0.0 }, 0.02);
+                device.seed(tensor_seed(*seed, name));
+                return Ok(Tensor::random(shape, distribution, (device, burn_dtype(dtype))));
+            }
+            Source::Gguf(g) => Self::load_gguf(g, name, &shape, dtype)?,
+            Source::Safetensors { shards, names } => {
+                Self::check_safetensors(shards, names, name, &shape)?;
+                let (shard, info) = Self::entry(shards, names, name)?;
+                let (start, end) = info.data_offsets;
+                let bytes = shard
+                    .mmap
+                    .get(shard.data_start + start..shard.data_start + end)
+                    .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` lies outside {}", shard.path.display())))?;
+                let native = match info.dtype {
+                    Dtype::F32 => DType::F32,
+                    Dtype::BF16 => DType::Bf16,
+                    _ => DType::F16,
+                };
+                if native == dtype { bytes.to_vec() } else { convert(bytes, info.dtype, dtype) }
+            }
         };
-        let owned = if native == dtype { bytes.to_vec() } else { convert(bytes, info.dtype, dtype) };
         let data = TensorData::from_bytes_vec(owned, shape, burn_dtype(dtype));
         Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
     }

@@ -24,6 +24,13 @@ pub const MAX_DIMS: u32 = 4;
 /// Nested arrays deeper than this are refused (the format allows them; no model uses them).
 const MAX_ARRAY_DEPTH: usize = 3;
 
+/// Whether the file at `path` starts with the GGUF magic.
+pub fn is_gguf_file(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file() && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == MAGIC
+}
+
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -460,6 +467,19 @@ impl Gguf {
                 })
                 .collect()
         })
+    }
+
+    /// The token a `tokenizer.ggml.*_token_id` key names, with its id (`None` when the key is
+    /// absent or the id is past the vocabulary).
+    pub fn special_token(&self, id_key: &str) -> Result<Option<(&str, u32)>, FormatError> {
+        let Some(id) = self.get_u64(id_key)? else { return Ok(None) };
+        let token = self
+            .metadata
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .and_then(|t| t.get(usize::try_from(id).ok()?))
+            .and_then(Value::as_str);
+        Ok(token.and_then(|t| u32::try_from(id).ok().map(|id| (t, id))))
     }
 
     /// `general.architecture`, required by the format.
