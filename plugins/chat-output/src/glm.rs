@@ -48,17 +48,12 @@ pub(crate) fn parse_block(body: &str, tools: &Tools) -> Option<Vec<ToolCall>> {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_support::{check, tools};
-    use crate::{OutputEvent, OutputFormat, ParsedOutput, ToolCall};
-    use serde_json::{Value, json};
+    use crate::test_support::{call, check, tools};
+    use crate::{OutputEvent, OutputFormat, ParsedOutput};
+    use serde_json::json;
 
     const F: OutputFormat = OutputFormat::Glm4 { starts_in_reasoning: false };
     const R: OutputFormat = OutputFormat::Glm4 { starts_in_reasoning: true };
-
-    fn call(name: &str, args: Value) -> ToolCall {
-        let Value::Object(arguments) = args else { panic!("arguments must be an object") };
-        ToolCall { name: name.to_owned(), arguments }
-    }
 
     fn weather(city: &str, days: &str) -> String {
         format!(

@@ -98,17 +98,11 @@ fn parse_function(body: &str, name: &str, tools: &Tools) -> (Map<String, serde_j
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::test_support::{check, tools};
+    use crate::test_support::{call, check, tools};
     use crate::{OutputFormat, ParsedOutput};
-    use serde_json::{Value, json};
+    use serde_json::json;
 
     const F: OutputFormat = OutputFormat::Qwen3Coder;
-
-    fn call(name: &str, args: Value) -> ToolCall {
-        let Value::Object(arguments) = args else { panic!("arguments must be an object") };
-        ToolCall { name: name.to_owned(), arguments }
-    }
 
     fn weather(city: &str, days: &str) -> String {
         format!(

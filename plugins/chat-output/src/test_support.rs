@@ -2,7 +2,13 @@
 
 use serde_json::{Value, json};
 
-use crate::{OutputEvent, OutputFormat, ParsedOutput, THINK_CLOSE, THINK_OPEN, TOOL_OPEN, parse, parser};
+use crate::{OutputEvent, OutputFormat, ParsedOutput, THINK_CLOSE, THINK_OPEN, TOOL_OPEN, ToolCall, parse, parser};
+
+/// A tool call with `args` (a JSON object) as its arguments.
+pub(crate) fn call(name: &str, args: Value) -> ToolCall {
+    let Value::Object(arguments) = args else { panic!("arguments must be an object") };
+    ToolCall { name: name.to_owned(), arguments }
+}
 
 /// A tools list covering every schema type the converters know.
 pub(crate) fn tools() -> Value {

@@ -26,20 +26,21 @@ pub fn reference(dir: &Path, name: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
-/// A JSON list of token ids.
+/// A JSON list of token ids (anything else in the fixture is a panic, not an empty list).
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect()).unwrap_or_default()
+    let list = v.as_array().unwrap_or_else(|| panic!("expected a list of token ids, got {v}"));
+    list.iter().map(|x| x.as_u64().unwrap_or_else(|| panic!("not a token id: {x}")) as u32).collect()
 }
 
-/// A JSON list of lists of numbers, flattened.
+/// A JSON list of rows of numbers.
 pub fn matrix(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .map(|rows| {
-            rows.iter()
-                .map(|r| r.as_array().map(|r| r.iter().filter_map(|x| x.as_f64().map(|x| x as f32)).collect()).unwrap_or_default())
-                .collect()
+    let rows = v.as_array().unwrap_or_else(|| panic!("expected a list of rows, got {v}"));
+    rows.iter()
+        .map(|r| {
+            let row = r.as_array().unwrap_or_else(|| panic!("expected a row of numbers, got {r}"));
+            row.iter().map(|x| x.as_f64().unwrap_or_else(|| panic!("not a number: {x}")) as f32).collect()
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// `|got - want| / |want|`.
@@ -78,10 +79,14 @@ pub fn all_logits(engine: &Engine, prompt: &[u32]) -> Vec<Vec<f32>> {
 /// f32 run while ours stays within 0.03). A prompt where our bf16 run flips one itself also
 /// passes when ours is no further from the f32 run than 1.5x transformers' own bf16 run is.
 pub fn check_fixture(family: &ModelFamily, dir: &Path, name: &str, bf16: bool) {
-    let reference = reference(dir, name);
+    check_model(family, &dir.join(name), &reference(dir, name), name, bf16);
+}
+
+/// [`check_fixture`] for a model at `model` (a directory or a GGUF file) and its reference.
+pub fn check_model(family: &ModelFamily, model: &Path, reference: &Value, name: &str, bf16: bool) {
     let prompts = reference["prompts"].as_array().cloned().unwrap_or_default();
     assert!(!prompts.is_empty(), "{name}: no prompts in the fixture");
-    let mut engine = load_cpu(family, &dir.join(name), DType::F32);
+    let mut engine = load_cpu(family, model, DType::F32);
     // The fixtures' greedy runs have EOS switched off (`generation_config.eos_token_id = None`).
     engine.eos_token_ids.clear();
     for prompt in &prompts {
@@ -97,7 +102,7 @@ pub fn check_fixture(family: &ModelFamily, dir: &Path, name: &str, bf16: bool) {
         assert_eq!(greedy(&engine, &input, want_greedy.len() as u32), want_greedy, "{name}, prompt of {} tokens", input.len());
     }
     if bf16 {
-        let engine = load_cpu(family, &dir.join(name), DType::Bf16);
+        let engine = load_cpu(family, model, DType::Bf16);
         for prompt in &prompts {
             let input = ids(&prompt["ids"]);
             let rows = all_logits(&engine, &input);

@@ -26,20 +26,10 @@ fn reference(name: &str) -> Value {
 #[test]
 fn tiny_gguf_models_match_transformers() {
     for name in ["llama-tiny-tied", "llama-tiny-untied"] {
-        let engine = load(&fixtures().join(format!("{name}.gguf")));
+        let model = fixtures().join(format!("{name}.gguf"));
         let reference = reference(name);
-        for prompt in reference["prompts"].as_array().expect("prompts") {
-            let input = ids(&prompt["ids"]);
-            let got = all_logits(&engine, &input);
-            let want = prompt["logits"].as_array().expect("logits");
-            assert_eq!(got.len(), want.len());
-            for (g, w) in got.iter().zip(want) {
-                let w: Vec<f32> = w.as_array().expect("row").iter().map(|x| x.as_f64().expect("f") as f32).collect();
-                let err = rel_l2(g, &w);
-                assert!(err <= 1e-4, "{name}, prompt of {} tokens: relative L2 {err}", input.len());
-            }
-            assert_eq!(greedy(&engine, &input, 16), ids(&prompt["greedy"]), "{name}, prompt of {} tokens", input.len());
-        }
+        inference_pio_engine::testing::check_model(&FAMILY, &model, &reference, name, false);
+        let engine = load(&model);
         for case in reference["tokenizer"].as_array().expect("tokenizer") {
             let text = case["text"].as_str().expect("text");
             assert_eq!(engine.tokenizer.encode(text, true).expect("encode"), ids(&case["ids"]), "{name}: {text:?}");

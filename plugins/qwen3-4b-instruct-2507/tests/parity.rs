@@ -1,10 +1,10 @@
 //! Parity with transformers (fixtures from tests/fixtures/make_fixtures.py) and the engine's
 //! own invariants, on tiny random-weight Qwen3 checkpoints, on the CPU.
 
-use inference_pio_core::types::{ChatMessage, DType, DeviceRequest, LoadOptions, PluginSettings, PromptInput, SamplingParams};
+use inference_pio_core::types::{ChatMessage, DType, PromptInput, SamplingParams};
 use inference_pio_engine::decoder::Logits;
 use inference_pio_engine::generate::{Engine, RowRequest};
-use inference_pio_engine::plugin::load_engine;
+use inference_pio_engine::testing::{all_logits, greedy, ids, load_cpu, rel_l2};
 use inference_pio_engine::sampling::SamplingConfig;
 use qwen3_4b_instruct_2507::FAMILY;
 use serde_json::Value;
@@ -15,40 +15,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(name: &str, dtype: DType) -> Engine {
-    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype), random_weights: None };
-    let mut settings = PluginSettings::default();
-    settings.optimization.prefill_chunk_tokens = 0;
-    load_engine(&FAMILY, &fixtures().join(name), &options, &settings).expect("load").0
+    load_cpu(&FAMILY, &fixtures().join(name), dtype)
 }
 
 fn reference(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join(format!("{name}.reference.json"))).expect("fixture");
-    serde_json::from_str(&text).expect("json")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
-fn greedy(engine: &Engine, prompt: &[u32], n: u32) -> Vec<u32> {
-    let params = SamplingParams { greedy: true, values: Default::default(), seed: None };
-    let mut params = params;
-    params.values.max_new_tokens = Some(n);
-    let response = engine
-        .generate(&PromptInput::TokenIds(prompt.to_vec()), &params, &[], &Default::default(), &Default::default(), &mut |_, _| true)
-        .expect("generate");
-    response.token_ids
-}
-
-fn all_logits(engine: &Engine, prompt: &[u32]) -> Vec<Vec<f32>> {
-    engine.score(&PromptInput::TokenIds(prompt.to_vec()), true).expect("score").logits.expect("logits")
+    inference_pio_engine::testing::reference(&fixtures(), name)
 }
 
 #[test]
