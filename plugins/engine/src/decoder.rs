@@ -271,6 +271,9 @@ impl Decoder {
                 FeedForward::Moe(moe) => moe.forward(normed)?,
             };
             x = residual.add(mlp.reshape([batch, t, h]));
+            if crate::progress::enabled() && (l < 2 || l + 1 == self.blocks.len()) {
+                crate::progress::log(|| format!("layer {l} queued ({} x {t} tokens)", batch));
+            }
         }
         cache.advance(t);
 

@@ -4,7 +4,7 @@
 //! ([`decoder`]: RMSNorm, RoPE, grouped-query attention with optional QK-norm, SwiGLU or
 //! mixture-of-experts feed-forward ([`moe`]), tied embeddings) over a KV cache ([`kv_cache`]), sampling ([`sampling`]), the generation loop
 //! ([`generate`]), tokenizer and streaming detokenizer ([`tokenizer`]), the model's chat
-//! template ([`chat_template`]) and the plugin export glue ([`plugin`], [`export_model!`]).
+//! template ([`chat_template`]), where compiled GPU kernels are cached ([`kernel_cache`]) and the plugin export glue ([`plugin`], [`export_model!`]).
 //! Tensors come from burn; the device (CPU via flex, or CUDA) is chosen at run time.
 
 pub mod chat_template;
@@ -12,6 +12,7 @@ pub mod decoder;
 pub mod error;
 pub mod generate;
 pub mod hf_config;
+pub mod kernel_cache;
 pub mod kv_cache;
 pub mod moe;
 pub mod progress;

@@ -3,19 +3,20 @@
 //! - routing ([`Router`]): softmax top-k (transformers `Qwen3MoeTopKRouter`, Mixtral), and
 //!   sigmoid scoring with a score-correction bias and group-limited top-k (DeepSeek-V3,
 //!   transformers `Glm4MoeTopkRouter`);
-//! - the experts ([`MoeBlock`]): each expert runs only on the tokens routed to it — the rows
-//!   are gathered, run through that expert's SwiGLU MLP as one matrix product per projection,
-//!   weighted and scatter-added back (transformers `Qwen3MoeExperts` / `Glm4MoeExperts`) —
-//!   plus optional always-on shared experts (`Glm4MoeMoE.shared_experts`).
+//! - the experts ([`MoeBlock`]): each expert runs only on the tokens routed to it
+//!   (transformers `Qwen3MoeExperts` / `Glm4MoeExperts`), plus optional always-on shared
+//!   experts (`Glm4MoeMoE.shared_experts`). Every layer's experts are stacked into one tensor
+//!   per projection, so the experts run as one batched matmul per projection: with few tokens
+//!   (decode) over the chosen experts' gathered weights, with many (prefill) over each
+//!   expert's gathered rows (gather, grouped matmul, gather back, weighted sum).
 //!
-//! Routing decisions are taken on the host from the router's f32 scores (tokens x experts,
-//! small), so selection is exact `torch.topk` semantics and the expert loop only visits
-//! experts that received tokens. Each expert's rows are padded to a power of two (results of
-//! the padding dropped) so that the matmul shapes stay few.
+//! Routing is decided on the device from the router's f32 scores, so decode takes no host
+//! round trip per layer; only the many-token path reads the decisions back to place rows.
 
 use crate::error::EngineError;
 use crate::weights::Checkpoint;
-use burn::tensor::{DType as BurnDType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
 
 /// How a token's experts and their weights are chosen.
@@ -29,6 +30,15 @@ pub enum Router {
     /// weighted by their uncorrected scores, renormalised when `norm_topk_prob`, then scaled
     /// by `routed_scaling_factor` (DeepSeek-V3, GLM-4.5/4.6/4.7).
     SigmoidGrouped { n_group: usize, topk_group: usize, norm_topk_prob: bool, routed_scaling_factor: f64 },
+}
+
+impl Router {
+    /// Whether router logits are computed in f32 whatever the model's dtype (transformers'
+    /// `Glm4MoeTopkRouter` casts to f32; `Qwen3MoeTopKRouter` multiplies in the model's dtype
+    /// and takes the softmax in f32).
+    fn logits_in_f32(&self) -> bool {
+        matches!(self, Router::SigmoidGrouped { .. })
+    }
 }
 
 /// The mixture-of-experts part of a decoder.
@@ -82,56 +92,41 @@ impl MoeSpec {
     }
 }
 
-/// Indices of the `k` largest values, largest first (ties: lower index first).
-fn top_k(values: &[f32], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    order.truncate(k);
-    order
-}
-
-/// One token's routing: `(expert, weight)` pairs from its router logits (`router_logits`,
-/// one per expert) and, for the sigmoid router, the score-correction bias.
-pub fn route(router: &Router, top: usize, router_logits: &[f32], bias: Option<&[f32]>) -> Vec<(usize, f32)> {
+/// One routing decision per token from the router's f32 logits `[tokens, experts]`, taken on
+/// the device (no host round trip): the chosen experts `[tokens, top_k]` and their f32
+/// weights `[tokens, top_k]`. `bias` is the sigmoid router's score-correction bias `[1,
+/// experts]`. Exactly tied scores may be broken differently from `torch.topk` (a group tied
+/// with the last one kept is kept too).
+pub fn route(router: &Router, top_k: usize, logits: Tensor<2>, bias: Option<&Tensor<2>>) -> (Tensor<2, Int>, Tensor<2>) {
     match *router {
         Router::SoftmaxTopK { norm_topk_prob } => {
-            let max = router_logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exp: Vec<f32> = router_logits.iter().map(|&l| (l - max).exp()).collect();
-            let sum: f32 = exp.iter().sum();
-            let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
-            let chosen = top_k(&probs, top);
-            let total: f32 = chosen.iter().map(|&e| probs[e]).sum();
-            chosen
-                .into_iter()
-                .map(|e| (e, if norm_topk_prob { probs[e] / total } else { probs[e] }))
-                .collect()
+            let (weights, experts) = softmax(logits, 1).topk_with_indices(top_k, 1);
+            let weights = if norm_topk_prob { weights.clone().div(weights.sum_dim(1)) } else { weights };
+            (experts, weights)
         }
         Router::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
-            let scores: Vec<f32> = router_logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
-            let choice: Vec<f32> = match bias {
-                Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+            let [tokens, n_experts] = logits.dims();
+            let per_group = n_experts / n_group;
+            let scores = sigmoid(logits);
+            let choice = match bias {
+                Some(b) => scores.clone().add(b.clone()),
                 None => scores.clone(),
             };
-            let per_group = scores.len() / n_group;
-            let group_scores: Vec<f32> = choice
-                .chunks(per_group)
-                .map(|g| top_k(g, 2).iter().map(|&i| g[i]).sum())
-                .collect();
-            let groups = top_k(&group_scores, topk_group);
-            let masked: Vec<f32> = choice
-                .iter()
-                .enumerate()
-                .map(|(e, &c)| if groups.contains(&(e / per_group)) { c } else { f32::NEG_INFINITY })
-                .collect();
-            let chosen = top_k(&masked, top);
-            let total: f32 = chosen.iter().map(|&e| scores[e]).sum::<f32>() + 1e-20;
-            chosen
-                .into_iter()
-                .map(|e| {
-                    let w = if norm_topk_prob { scores[e] / total } else { scores[e] };
-                    (e, w * routed_scaling_factor as f32)
-                })
-                .collect()
+            // A group's score is the sum of its two best; groups below the `topk_group`-th
+            // best are dropped.
+            let group_scores = choice.clone().reshape([tokens, n_group, per_group]).topk(2, 2).sum_dim(2).reshape([tokens, n_group]);
+            let last_kept = group_scores.clone().topk(topk_group, 1).min_dim(1).repeat_dim(1, n_group);
+            let dropped = group_scores
+                .lower(last_kept)
+                .float()
+                .reshape([tokens, n_group, 1])
+                .repeat_dim(2, per_group)
+                .reshape([tokens, n_experts])
+                .greater_elem(0.5);
+            let (_, experts) = choice.mask_fill(dropped, f32::NEG_INFINITY).topk_with_indices(top_k, 1);
+            let weights = scores.gather(1, experts.clone());
+            let weights = if norm_topk_prob { weights.clone().div(weights.sum_dim(1).add_scalar(1e-20)) } else { weights };
+            (experts, weights.mul_scalar(routed_scaling_factor))
         }
     }
 }
@@ -169,14 +164,21 @@ impl Mlp {
     }
 }
 
-/// One layer's mixture of experts.
+/// One layer's mixture of experts. The experts' weights are stacked per layer, HF `[out,
+/// in]` layout inside: `gate_up [experts, 2 * inner, hidden]` (each expert's gate rows, then
+/// its up rows) and `down [experts, hidden, inner]`.
 pub struct MoeBlock {
     router: Router,
     top_k: usize,
-    /// `[experts, hidden]`, always f32 (routing is decided in f32, as transformers does).
+    num_experts: usize,
+    inner: usize,
+    /// `[experts, hidden]`, f32 or the model's dtype ([`Router::logits_in_f32`]); routing
+    /// itself is decided in f32.
     gate: Tensor<2>,
-    bias: Option<Vec<f32>>,
-    experts: Vec<Mlp>,
+    /// `[1, experts]`, f32.
+    bias: Option<Tensor<2>>,
+    gate_up: Tensor<3>,
+    down: Tensor<3>,
     shared: Option<Mlp>,
 }
 
@@ -197,72 +199,109 @@ pub fn moe_tensors(spec: &MoeSpec, prefix: &str, hidden: usize) -> Vec<(String, 
 
 impl MoeBlock {
     pub fn load(spec: &MoeSpec, ckpt: &Checkpoint, prefix: &str, hidden: usize, device: &Device, dtype: DType) -> Result<Self, EngineError> {
-        let gate = ckpt.load(&format!("{prefix}.gate.weight"), [spec.num_experts, hidden], device, DType::F32)?;
+        let (n, inner) = (spec.num_experts, spec.expert_intermediate);
+        let gate_dtype = if spec.router.logits_in_f32() { DType::F32 } else { dtype };
+        let gate = ckpt.load(&format!("{prefix}.gate.weight"), [n, hidden], device, gate_dtype)?;
         let bias = match spec.router {
             Router::SigmoidGrouped { .. } => {
-                let t: Tensor<1> = ckpt.load(&format!("{prefix}.gate.e_score_correction_bias"), [spec.num_experts], device, DType::F32)?;
-                Some(
-                    t.into_data()
-                        .convert::<f32>()
-                        .try_into_vec::<f32>()
-                        .map_err(|e| EngineError::Weights(format!("{prefix}.gate.e_score_correction_bias: {e:?}")))?,
-                )
+                let b: Tensor<1> = ckpt.load(&format!("{prefix}.gate.e_score_correction_bias"), [n], device, DType::F32)?;
+                Some(b.reshape([1, n]))
             }
             Router::SoftmaxTopK { .. } => None,
         };
-        let experts = (0..spec.num_experts)
-            .map(|e| Mlp::load(ckpt, &format!("{prefix}.experts.{e}"), hidden, spec.expert_intermediate, device, dtype))
-            .collect::<Result<Vec<_>, _>>()?;
+        let expert = |e: usize, proj: &str| format!("{prefix}.experts.{e}.{proj}.weight");
+        let gate_up_names: Vec<String> = (0..n).flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")]).collect();
+        let gate_up = ckpt.load_stacked(&gate_up_names, [inner, hidden], device, dtype)?.reshape([n, 2 * inner, hidden]);
+        let down_names: Vec<String> = (0..n).map(|e| expert(e, "down_proj")).collect();
+        let down = ckpt.load_stacked(&down_names, [hidden, inner], device, dtype)?;
         let shared = spec
             .shared_intermediate
             .map(|inner| Mlp::load(ckpt, &format!("{prefix}.shared_experts"), hidden, inner, device, dtype))
             .transpose()?;
-        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, gate, bias, experts, shared })
+        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, num_experts: n, inner, gate, bias, gate_up, down, shared })
     }
 
     /// `x [rows, hidden] -> [rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
         let [rows, hidden] = x.dims();
-        let device = x.device();
-        let dtype = x.dtype();
-        let logits = x.clone().cast(BurnDType::F32).matmul(self.gate.clone().transpose());
-        let logits = logits
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| EngineError::Device(format!("router logits: {e:?}")))?;
-        let n_experts = self.experts.len();
-        // Per expert: the rows routed to it and their weights.
-        let mut assigned: Vec<(Vec<i64>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_experts];
-        for (row, token_logits) in logits.chunks(n_experts).enumerate() {
-            for (expert, weight) in route(&self.router, self.top_k, token_logits, self.bias.as_deref()) {
-                assigned[expert].0.push(row as i64);
-                assigned[expert].1.push(weight);
-            }
-        }
-        let mut out = Tensor::<2>::zeros([rows, hidden], (&device, dtype));
-        for (expert, (token_rows, weights)) in assigned.into_iter().enumerate() {
-            if token_rows.is_empty() {
-                continue;
-            }
-            let n = token_rows.len();
-            // The expert runs on a power-of-two number of rows (the first row repeated, the
-            // extra results dropped), so a prefill meets a handful of matmul shapes instead of
-            // one per token count: every new shape costs a kernel compile and autotune on CUDA.
-            let bucket = n.next_power_of_two();
-            let mut gather_rows = token_rows.clone();
-            gather_rows.resize(bucket, token_rows[0]);
-            let gather = Tensor::<1, Int>::from_data(TensorData::new(gather_rows, [bucket]), &device);
-            let h = self.experts[expert].forward(x.clone().select(0, gather));
-            let h = if bucket > n { h.narrow(0, 0, n) } else { h };
-            let index = Tensor::<1, Int>::from_data(TensorData::new(token_rows, [n]), &device);
-            let w = Tensor::<2>::from_data(TensorData::new(weights, [n, 1]), (&device, BurnDType::F32)).cast(dtype);
-            out = out.select_assign(0, index, h.mul(w), IndexingUpdateOp::Add);
-        }
+        let k = self.top_k;
+        let logits = if self.router.logits_in_f32() {
+            x.clone().cast(BurnDType::F32).matmul(self.gate.clone().transpose())
+        } else {
+            x.clone().matmul(self.gate.clone().transpose()).cast(BurnDType::F32)
+        };
+        let (experts, weights) = route(&self.router, k, logits, self.bias.as_ref());
+        // Few rows: copy the chosen experts' weights (3 x rows x top_k expert matrices moved);
+        // many: run every expert once over a batch of its rows (all experts read once).
+        let per_slot = if 3 * rows * k <= self.num_experts {
+            self.by_gathered_weights(x.clone(), experts)
+        } else {
+            self.by_expert_batches(x.clone(), experts)?
+        };
+        let weights = weights.cast(x.dtype()).reshape([rows, k, 1]);
+        let out = per_slot.reshape([rows, k, hidden]).mul(weights).sum_dim(1).reshape([rows, hidden]);
         Ok(match &self.shared {
             Some(shared) => out.add(shared.forward(x)),
             None => out,
         })
+    }
+
+    /// `x [rows, 2 * inner] -> [.., inner]`: SwiGLU over the gate and up halves.
+    fn activate(&self, gate_up: Tensor<3>) -> Tensor<3> {
+        let i = self.inner;
+        inference_pio_kernels::swiglu(gate_up.clone().narrow(2, 0, i), gate_up.narrow(2, i, i))
+    }
+
+    /// Each (token, expert) pair as one batch entry with that expert's weights gathered:
+    /// `[rows * top_k, hidden]`, token-major. No host round trip.
+    fn by_gathered_weights(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Tensor<2> {
+        let [rows, hidden] = x.dims();
+        let slots = rows * self.top_k;
+        let experts = experts.reshape([slots]);
+        let x = x.reshape([rows, 1, hidden]).repeat_dim(1, self.top_k).reshape([slots, 1, hidden]);
+        let gate_up = self.gate_up.clone().select(0, experts.clone());
+        let act = self.activate(x.matmul(gate_up.transpose()));
+        let down = self.down.clone().select(0, experts);
+        act.matmul(down.transpose()).reshape([slots, hidden])
+    }
+
+    /// Every expert over its routed rows at once: rows are gathered into `[experts, capacity,
+    /// hidden]` (capacity = the busiest expert's count rounded up to a power of two, so a
+    /// prefill meets few matmul shapes), run as one batched matmul per projection, and read
+    /// back per (token, expert) pair: `[rows * top_k, hidden]`, token-major. The placement is
+    /// computed on the host from the routing decisions (one small read).
+    fn by_expert_batches(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<Tensor<2>, EngineError> {
+        let [rows, hidden] = x.dims();
+        let (n, k) = (self.num_experts, self.top_k);
+        let device = x.device();
+        let chosen = experts
+            .reshape([rows * k])
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| EngineError::Device(format!("routing decisions: {e:?}")))?;
+        let mut counts = vec![0usize; n];
+        for &e in &chosen {
+            let slot = usize::try_from(e).ok().filter(|&e| e < n).ok_or_else(|| EngineError::Device(format!("router chose expert {e} of {n}")))?;
+            counts[slot] += 1;
+        }
+        let capacity = counts.iter().copied().max().unwrap_or(1).max(1).next_power_of_two();
+        let mut gather = vec![0i64; n * capacity];
+        let mut combine = Vec::with_capacity(rows * k);
+        let mut filled = vec![0usize; n];
+        for (slot, &e) in chosen.iter().enumerate() {
+            let e = e as usize;
+            let at = e * capacity + filled[e];
+            filled[e] += 1;
+            gather[at] = (slot / k) as i64;
+            combine.push(at as i64);
+        }
+        let gather = Tensor::<1, Int>::from_data(TensorData::new(gather, [n * capacity]), &device);
+        let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
+        let xs = x.select(0, gather).reshape([n, capacity, hidden]);
+        let act = self.activate(xs.matmul(self.gate_up.clone().transpose()));
+        let out = act.matmul(self.down.clone().transpose()).reshape([n * capacity, hidden]);
+        Ok(out.select(0, combine))
     }
 }
 
@@ -270,16 +309,106 @@ impl MoeBlock {
 mod tests {
     use super::*;
 
+    // The host reference the device routing is checked against (transformers' semantics).
+    /// Indices of the `k` largest values, largest first (ties: lower index first).
+    fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..values.len()).collect();
+        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+        order.truncate(k);
+        order
+    }
+
+    /// One token's routing: `(expert, weight)` pairs from its router logits (`router_logits`,
+    /// one per expert) and, for the sigmoid router, the score-correction bias.
+    fn route_reference(router: &Router, top: usize, router_logits: &[f32], bias: Option<&[f32]>) -> Vec<(usize, f32)> {
+        match *router {
+            Router::SoftmaxTopK { norm_topk_prob } => {
+                let max = router_logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exp: Vec<f32> = router_logits.iter().map(|&l| (l - max).exp()).collect();
+                let sum: f32 = exp.iter().sum();
+                let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
+                let chosen = top_k(&probs, top);
+                let total: f32 = chosen.iter().map(|&e| probs[e]).sum();
+                chosen
+                    .into_iter()
+                    .map(|e| (e, if norm_topk_prob { probs[e] / total } else { probs[e] }))
+                    .collect()
+            }
+            Router::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
+                let scores: Vec<f32> = router_logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+                let choice: Vec<f32> = match bias {
+                    Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+                    None => scores.clone(),
+                };
+                let per_group = scores.len() / n_group;
+                let group_scores: Vec<f32> = choice
+                    .chunks(per_group)
+                    .map(|g| top_k(g, 2).iter().map(|&i| g[i]).sum())
+                    .collect();
+                let groups = top_k(&group_scores, topk_group);
+                let masked: Vec<f32> = choice
+                    .iter()
+                    .enumerate()
+                    .map(|(e, &c)| if groups.contains(&(e / per_group)) { c } else { f32::NEG_INFINITY })
+                    .collect();
+                let chosen = top_k(&masked, top);
+                let total: f32 = chosen.iter().map(|&e| scores[e]).sum::<f32>() + 1e-20;
+                chosen
+                    .into_iter()
+                    .map(|e| {
+                        let w = if norm_topk_prob { scores[e] / total } else { scores[e] };
+                        (e, w * routed_scaling_factor as f32)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The device routing of each row of `logits` (`experts` per row) on the CPU backend,
+    /// as `(expert, weight)` pairs sorted by expert.
+    fn route_on_device(router: &Router, top: usize, logits: &[f32], experts: usize, bias: Option<&[f32]>) -> Vec<Vec<(usize, f32)>> {
+        let device = Device::flex();
+        let rows = logits.len() / experts;
+        let logits = Tensor::<2>::from_data(TensorData::new(logits.to_vec(), [rows, experts]), (&device, BurnDType::F32));
+        let bias = bias.map(|b| Tensor::<2>::from_data(TensorData::new(b.to_vec(), [1, experts]), (&device, BurnDType::F32)));
+        let (chosen, weights) = route(router, top, logits, bias.as_ref());
+        let chosen = chosen.into_data().convert::<i64>().try_into_vec::<i64>().expect("experts");
+        let weights = weights.into_data().convert::<f32>().try_into_vec::<f32>().expect("weights");
+        chosen
+            .chunks(top)
+            .zip(weights.chunks(top))
+            .map(|(e, w)| {
+                let mut pairs: Vec<(usize, f32)> = e.iter().map(|&e| e as usize).zip(w.iter().copied()).collect();
+                pairs.sort_by_key(|p| p.0);
+                pairs
+            })
+            .collect()
+    }
+
+    /// Device routing equals the reference on every row: same experts, weights within 1e-6.
+    fn assert_same_routing(router: &Router, top: usize, logits: &[f32], experts: usize, bias: Option<&[f32]>) {
+        let device = route_on_device(router, top, logits, experts, bias);
+        for (row, (got, token_logits)) in device.iter().zip(logits.chunks(experts)).enumerate() {
+            let mut want = route_reference(router, top, token_logits, bias);
+            want.sort_by_key(|p| p.0);
+            let same = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.0 == w.0 && (g.1 - w.1).abs() < 1e-6);
+            assert!(same, "row {row}: device {got:?}, reference {want:?}");
+        }
+    }
+
     #[test]
     fn softmax_router_picks_the_largest_and_renormalises() {
         let logits = [0.0, 2.0, 1.0, -1.0];
-        let r = route(&Router::SoftmaxTopK { norm_topk_prob: true }, 2, &logits, None);
+        let router = Router::SoftmaxTopK { norm_topk_prob: true };
+        let r = route_reference(&router, 2, &logits, None);
         assert_eq!(r.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2]);
         let e = std::f32::consts::E;
         assert!((r[0].1 - e / (e + 1.0)).abs() < 1e-6 && (r[0].1 + r[1].1 - 1.0).abs() < 1e-6);
-        let raw = route(&Router::SoftmaxTopK { norm_topk_prob: false }, 2, &logits, None);
+        let raw = route_reference(&Router::SoftmaxTopK { norm_topk_prob: false }, 2, &logits, None);
         let z: f32 = logits.iter().map(|l: &f32| l.exp()).sum();
         assert!((raw[0].1 - 2f32.exp() / z).abs() < 1e-6);
+        assert_same_routing(&router, 2, &logits, 4, None);
+        assert_same_routing(&Router::SoftmaxTopK { norm_topk_prob: false }, 2, &logits, 4, None);
     }
 
     #[test]
@@ -287,16 +416,35 @@ mod tests {
         // Four experts in two groups. Expert 3 has the best raw score but its group loses.
         let logits = [1.0, 0.9, -3.0, 2.0];
         let router = Router::SigmoidGrouped { n_group: 2, topk_group: 1, norm_topk_prob: false, routed_scaling_factor: 2.0 };
-        let r = route(&router, 2, &logits, Some(&[0.0, 0.0, 0.0, 0.0]));
+        let r = route_reference(&router, 2, &logits, Some(&[0.0, 0.0, 0.0, 0.0]));
         assert_eq!(r.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 1]);
         let s = |l: f32| 1.0 / (1.0 + (-l).exp());
         assert!((r[0].1 - 2.0 * s(1.0)).abs() < 1e-6);
+        assert_same_routing(&router, 2, &logits, 4, Some(&[0.0, 0.0, 0.0, 0.0]));
         // A bias moves the choice (and the group) without changing the weights' source.
-        let r = route(&router, 2, &logits, Some(&[0.0, 0.0, 5.0, 0.0]));
+        let r = route_reference(&router, 2, &logits, Some(&[0.0, 0.0, 5.0, 0.0]));
         assert_eq!(r.iter().map(|p| p.0).collect::<Vec<_>>(), vec![2, 3]);
         assert!((r[0].1 - 2.0 * s(-3.0)).abs() < 1e-6);
+        assert_same_routing(&router, 2, &logits, 4, Some(&[0.0, 0.0, 5.0, 0.0]));
         let norm = Router::SigmoidGrouped { n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 1.0 };
-        let r = route(&norm, 3, &logits, None);
+        let r = route_reference(&norm, 3, &logits, None);
         assert!((r.iter().map(|p| p.1).sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_same_routing(&norm, 3, &logits, 4, None);
+    }
+
+    #[test]
+    fn device_routing_matches_the_reference_on_random_scores() {
+        // A fixed LCG: 64 tokens x 32 experts, 8 groups of which 3 are kept, top 6.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
+        };
+        let logits: Vec<f32> = (0..64 * 32).map(|_| next()).collect();
+        let bias: Vec<f32> = (0..32).map(|_| next() * 0.3).collect();
+        let grouped = Router::SigmoidGrouped { n_group: 8, topk_group: 3, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+        assert_same_routing(&grouped, 6, &logits, 32, Some(&bias));
+        assert_same_routing(&Router::SoftmaxTopK { norm_topk_prob: true }, 6, &logits, 32, None);
+        assert_same_routing(&Router::SoftmaxTopK { norm_topk_prob: false }, 4, &logits, 32, None);
     }
 }

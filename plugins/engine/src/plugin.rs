@@ -95,6 +95,11 @@ pub fn load_engine(
     let spec = (family.spec)(&config)?;
     let (device, device_name) = choose_device(options.device)?;
     let on_gpu = device_name.starts_with("cuda");
+    if on_gpu {
+        // Before the device's first use: CubeCL reads its configuration once.
+        let cache = crate::kernel_cache::configure(settings.cache_dir.as_deref().map(Path::new));
+        crate::progress::log(|| format!("kernel and autotune cache: {}", cache.map_or("none".into(), |p| p.display().to_string())));
+    }
     let dtype = options
         .dtype
         .or(settings.optimization.dtype)

@@ -320,16 +320,45 @@ impl Checkpoint {
 
     /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`.
     pub fn load<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device, dtype: DType) -> Result<Tensor<D>, EngineError> {
-        let owned = match &self.source {
-            Source::Random(seed) => {
-                let norm = name.contains("norm.weight");
-                let distribution = Distribution::Normal(if norm { 1.0 } else { 0.0 }, 0.02);
-                device.seed(tensor_seed(*seed, name));
-                return Ok(Tensor::random(shape, distribution, (device, burn_dtype(dtype))));
-            }
-            Source::Gguf(g) => Self::load_gguf(g, name, &shape, dtype)?,
+        if let Source::Random(seed) = &self.source {
+            return Ok(Self::random_tensor(*seed, name, shape, device, dtype));
+        }
+        let data = TensorData::from_bytes_vec(self.host_bytes(name, &shape, dtype)?, shape, burn_dtype(dtype));
+        Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
+    }
+
+    /// Loads the tensors `names`, each of `shape`, stacked along a new first axis into one
+    /// `[names.len(), shape[0], shape[1]]` tensor (a layer's experts, say), uploaded at once.
+    /// A random checkpoint draws the whole stack at once, seeded by the first name.
+    pub fn load_stacked(&self, names: &[String], shape: [usize; 2], device: &Device, dtype: DType) -> Result<Tensor<3>, EngineError> {
+        let stacked = [names.len(), shape[0], shape[1]];
+        if let Source::Random(seed) = &self.source {
+            let first = names.first().map_or("", String::as_str);
+            return Ok(Self::random_tensor(*seed, &format!("{first} (stack of {})", names.len()), stacked, device, dtype));
+        }
+        let mut bytes = Vec::with_capacity(names.len() * shape[0] * shape[1] * dtype.size_bytes() as usize);
+        for name in names {
+            bytes.extend_from_slice(&self.host_bytes(name, &shape, dtype)?);
+        }
+        let data = TensorData::from_bytes_vec(bytes, stacked, burn_dtype(dtype));
+        Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
+    }
+
+    /// Deterministic values for `name`: normal(0, 0.02), norms normal(1, 0.02).
+    fn random_tensor<const D: usize>(seed: u64, name: &str, shape: [usize; D], device: &Device, dtype: DType) -> Tensor<D> {
+        let norm = name.contains("norm.weight");
+        let distribution = Distribution::Normal(if norm { 1.0 } else { 0.0 }, 0.02);
+        device.seed(tensor_seed(seed, name));
+        Tensor::random(shape, distribution, (device, burn_dtype(dtype)))
+    }
+
+    /// `name`'s values as little-endian `dtype` bytes, after checking its shape.
+    fn host_bytes(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Vec<u8>, EngineError> {
+        match &self.source {
+            Source::Random(_) => Err(EngineError::Weights(format!("tensor `{name}`: a random checkpoint has no stored bytes"))),
+            Source::Gguf(g) => Self::load_gguf(g, name, shape, dtype),
             Source::Safetensors { shards, names } => {
-                Self::check_safetensors(shards, names, name, &shape)?;
+                Self::check_safetensors(shards, names, name, shape)?;
                 let (shard, info) = Self::entry(shards, names, name)?;
                 let (start, end) = info.data_offsets;
                 let bytes = shard
@@ -341,11 +370,9 @@ impl Checkpoint {
                     Dtype::BF16 => DType::Bf16,
                     _ => DType::F16,
                 };
-                if native == dtype { bytes.to_vec() } else { convert(bytes, info.dtype, dtype) }
+                Ok(if native == dtype { bytes.to_vec() } else { convert(bytes, info.dtype, dtype) })
             }
-        };
-        let data = TensorData::from_bytes_vec(owned, shape, burn_dtype(dtype));
-        Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
+        }
     }
 }
 
