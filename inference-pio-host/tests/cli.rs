@@ -144,7 +144,8 @@ fn profiles_and_limits_from_the_config_file_are_honoured() {
     std::fs::write(&config, "[plugins.qwen3-4b-instruct-2507]\nsecurity = \"maximum\"\n").expect("config");
     let out = inference_pio(&["run", "--model", model, "--prompt-ids", "1,2,3"], cwd.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("security level `maximum` is not enforced"), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("plugins.qwen3-4b-instruct-2507.sha256") && err.contains("needs the plugin file's sha256 pinned"), "{err}");
 }
 
 #[test]
