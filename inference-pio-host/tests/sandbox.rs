@@ -212,3 +212,24 @@ fn a_maximum_plugin_whose_hash_differs_never_starts() {
     let err = WorkerPlugin::start(cfg).err().expect("refused");
     assert!(err.contains("sha256 mismatch") && err.contains(&sha256_file(&tampered).expect("hash")), "{err}");
 }
+
+#[test]
+fn a_missing_mechanism_refuses_the_level_unless_degrading_is_allowed() {
+    // gpu_memory_gb needs NVML: on a machine without the NVIDIA driver the level is refused by
+    // name, and with allow_degraded it runs and says what is missing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = ResourceLimits { gpu_memory_gb: Some(1.0), ..Default::default() };
+    let strict = config(SecurityLevel::High, limits, dir.path());
+    match WorkerPlugin::start(strict.clone()) {
+        Ok(worker) => assert!(active(&worker, "gpu memory watchdog"), "a strict start must have every required mechanism"),
+        Err(refusal) => {
+            assert!(refusal.contains("security level `high` cannot be enforced") && refusal.contains("gpu memory watchdog (NVML is not available"), "{refusal}");
+            assert!(refusal.contains("allow_degraded = true"), "{refusal}");
+            let worker = WorkerPlugin::start(WorkerConfig { allow_degraded: true, ..strict }).expect("degraded start");
+            let enforcement = worker.enforcement().expect("enforcement");
+            assert_eq!(enforcement.degraded.len(), 1, "{enforcement:?}");
+            assert!(enforcement.degraded[0].starts_with("gpu memory watchdog"), "{enforcement:?}");
+            assert!(!active(&worker, "gpu memory watchdog"));
+        }
+    }
+}
