@@ -33,7 +33,8 @@ pub const ABI_MINOR: u32 = 0;
 
 /// What went wrong, coarsely, so the host can react without parsing messages.
 #[repr(u8)]
-#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// A request, option or configuration was malformed or out of range.
     InvalidInput = 0,

@@ -27,9 +27,10 @@ pub enum ConfigError {
     },
 }
 
-/// How far a plugin is trusted. Only `low` is enforced by this host version; see
-/// [`SecurityLevel::check_supported`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How far a plugin is trusted. `low` and `medium` run the plugin in the host's process;
+/// `high` and `maximum` in a sandboxed worker process (see the host's `sandbox` and `worker`
+/// modules).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SecurityLevel {
     /// In-process, no checks, fastest.
@@ -53,17 +54,16 @@ impl SecurityLevel {
         }
     }
 
-    /// The levels this host enforces today. Asking for a stronger level than the host can
-    /// guarantee is refused rather than silently downgraded.
+    /// Kept for plugins built against the earlier seam, which refused levels this host did not
+    /// enforce: every level is enforced now (`high`/`maximum` by the host's worker process,
+    /// around the plugin), so every level is accepted.
     pub fn check_supported(self) -> Result<(), String> {
-        match self {
-            Self::Low | Self::Medium => Ok(()),
-            other => Err(format!(
-                "security level `{}` is not enforced by this version of inference-pio \
-                 (only `low` and `medium`: in-process; worker processes come with `high`); refusing to pretend",
-                other.as_str()
-            )),
-        }
+        Ok(())
+    }
+
+    /// Whether plugins at this level run in a worker process.
+    pub fn uses_worker(self) -> bool {
+        matches!(self, Self::High | Self::Maximum)
     }
 }
 
@@ -112,8 +112,22 @@ impl ResourceLimits {
 
     /// Which limits `level` can enforce. At `low` (in-process) only the memory budgets are
     /// enforced (a model whose weights do not fit is refused before loading); the others need
-    /// a worker process, so setting them is an error rather than a promise not kept.
+    /// a worker process, so setting them is an error rather than a promise not kept. The
+    /// worker levels enforce all of them, the network as "none at all".
     pub fn check_enforceable(&self, level: SecurityLevel) -> Result<(), (String, String)> {
+        if level.uses_worker()
+            && let Some(mbps) = self.network_bandwidth_mbps
+            && mbps > 0.0
+        {
+            return Err((
+                "network_bandwidth_mbps".into(),
+                format!(
+                    "{mbps} Mbit/s cannot be honoured at security level `{}`: its worker has no network at all \
+                     (only 0 is accepted)",
+                    level.as_str()
+                ),
+            ));
+        }
         if level == SecurityLevel::Medium {
             for (key, set) in [("disk_space_gb", self.disk_space_gb.is_some()), ("network_bandwidth_mbps", self.network_bandwidth_mbps.is_some())] {
                 if set {
@@ -250,6 +264,16 @@ pub struct PluginSection {
     pub max_context_tokens: Option<u32>,
     #[serde(default)]
     pub limits: ResourceLimits,
+    /// `high`/`maximum`: run anyway (with a warning naming them) when the kernel lacks some of
+    /// the level's mechanisms (landlock, cgroup controllers, NVML). Default: refuse the level.
+    #[serde(default)]
+    pub allow_degraded: bool,
+    /// The plugin file's sha256 (hex). Required at `maximum`; checked before the plugin is
+    /// loaded at every level where it is set.
+    pub sha256: Option<String>,
+    /// `high`/`maximum`: seconds the worker may stay silent (no token, no answer) during a
+    /// call before it is killed as hung (default 600).
+    pub timeout_s: Option<f64>,
     /// Sampling defaults for this plugin's models.
     #[serde(default)]
     pub sampling: SamplingOverrides,
@@ -340,9 +364,32 @@ impl HostConfig {
                 .validate()
                 .map_err(|(key, reason)| self.invalid(format!("{prefix}.limits.{key}"), reason))?;
             let level = section.security.unwrap_or_default();
-            level
-                .check_supported()
-                .map_err(|reason| self.invalid(format!("{prefix}.security"), reason))?;
+            if let Some(hash) = &section.sha256
+                && !(hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(self.invalid(format!("{prefix}.sha256"), format!("must be 64 hex digits, got `{hash}`")));
+            }
+            if level == SecurityLevel::Maximum && section.sha256.is_none() {
+                return Err(self.invalid(
+                    format!("{prefix}.sha256"),
+                    "security level `maximum` needs the plugin file's sha256 pinned (`sha256sum` of the library)".into(),
+                ));
+            }
+            if let Some(t) = section.timeout_s
+                && !(t.is_finite() && t > 0.0)
+            {
+                return Err(self.invalid(format!("{prefix}.timeout_s"), format!("must be positive, got {t}")));
+            }
+            if !level.uses_worker() {
+                for (key, set) in [("allow_degraded", section.allow_degraded), ("timeout_s", section.timeout_s.is_some())] {
+                    if set {
+                        return Err(self.invalid(
+                            format!("{prefix}.{key}"),
+                            format!("only means something at security levels `high` and `maximum` (worker process), not `{}`", level.as_str()),
+                        ));
+                    }
+                }
+            }
             section
                 .limits
                 .check_enforceable(level)
@@ -432,8 +479,16 @@ mod tests {
 
     #[test]
     fn unenforceable_settings_are_refused() {
-        let err = parse("[plugins.qwen]\nsecurity = \"high\"\n").expect_err("high");
-        assert!(err.to_string().contains("not enforced"), "{err}");
+        let err = parse("[plugins.qwen]\nsecurity = \"maximum\"\n").expect_err("maximum without a hash");
+        assert!(err.to_string().contains("plugins.qwen.sha256"), "{err}");
+        let err = parse("[plugins.qwen]\nsecurity = \"high\"\n[plugins.qwen.limits]\nnetwork_bandwidth_mbps = 5\n").expect_err("net at high");
+        assert!(err.to_string().contains("no network at all"), "{err}");
+        parse("[plugins.qwen]\nsecurity = \"high\"\n[plugins.qwen.limits]\nnetwork_bandwidth_mbps = 0\ndisk_space_gb = 1\ncpu_percent = 50\n")
+            .expect("high enforces every limit, the network as none");
+        let err = parse("[plugins.qwen]\nsecurity = \"medium\"\ntimeout_s = 3\n").expect_err("timeout in-process");
+        assert!(err.to_string().contains("plugins.qwen.timeout_s"), "{err}");
+        let err = parse("[plugins.qwen]\nsecurity = \"maximum\"\nsha256 = \"abc\"\n").expect_err("short hash");
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
         let err = parse("[plugins.qwen.limits]\nnetwork_bandwidth_mbps = 10\n").expect_err("net");
         assert!(err.to_string().contains("network_bandwidth_mbps"), "{err}");
         parse("[plugins.qwen.limits]\nmemory_gb = 8\ngpu_memory_gb = 20\n").expect("memory limits");

@@ -1,11 +1,14 @@
 //! The command line: `plugins list|info`, `models list|fetch`, `run`, `chat`, `score`.
 
 use crate::discovery::{Discovery, ProbeOutcome, plugin_dirs};
+use crate::handle::PluginHandle;
 use crate::models;
+use crate::plugin::LoadedPlugin;
+use crate::worker::{self, WorkerConfig, WorkerPlugin};
 use crate::selection::{Selected, read_model_config, select};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use inference_pio_core::config::{HostConfig, validate_sampling};
+use inference_pio_core::config::{HostConfig, SecurityLevel, validate_sampling};
 use inference_pio_core::types::{
     ChatMessage, DType, DeviceRequest, InferRequest, LoadOptions, ModelInfo, PluginSettings,
     PromptInput, SamplingOverrides, SamplingParams, ScoreRequest,
@@ -205,6 +208,8 @@ pub struct ScoreArgs {
 pub struct Host {
     pub config: HostConfig,
     pub discovery: Discovery,
+    /// This executable, re-executed for probes and workers.
+    pub exe: PathBuf,
 }
 
 impl Host {
@@ -214,7 +219,34 @@ impl Host {
         let dirs = plugin_dirs(&cli.plugin_dirs, &config.host.plugin_dirs, Some(&exe));
         let timeout = Duration::from_secs_f64(config.host.probe_timeout_s.unwrap_or(60.0));
         let discovery = Discovery::run(dirs, &exe, timeout);
-        Ok(Self { config, discovery })
+        Ok(Self { config, discovery, exe })
+    }
+
+    /// Opens plugin `id` from `path` at its configured security level: in this process at
+    /// `low`/`medium`, in a sandboxed worker (allowed to read `model`) at `high`/`maximum`.
+    /// A pinned sha256 is checked first, before any of the library's code runs here.
+    pub fn open_plugin(&self, id: &str, path: &Path, model: Option<&Path>) -> Result<PluginHandle, String> {
+        let section = self.config.plugin(id);
+        let level = section.security.unwrap_or_default();
+        if level.uses_worker() {
+            let config = WorkerConfig {
+                exe: self.exe.clone(),
+                id: id.to_string(),
+                plugin: path.to_path_buf(),
+                level,
+                limits: section.limits.clone(),
+                allow_degraded: section.allow_degraded,
+                sha256: section.sha256.clone(),
+                timeout: Duration::from_secs_f64(section.timeout_s.unwrap_or(worker::DEFAULT_TIMEOUT_S)),
+                model: model.map(Path::to_path_buf),
+            };
+            WorkerPlugin::start(config).map(|w| PluginHandle::Worker(Box::new(w)))
+        } else {
+            if let Some(expected) = &section.sha256 {
+                worker::check_sha256(path, expected)?;
+            }
+            LoadedPlugin::open(path).map(PluginHandle::InProcess)
+        }
     }
 
     /// The model path `--model` means: an existing path as it is, else a built-in model's
@@ -238,7 +270,8 @@ impl Host {
     pub fn load(&self, args: &ModelArgs, progress: bool) -> anyhow::Result<(Selected, ModelInfo)> {
         let model_path = self.resolve_model(args.model.as_deref(), progress)?;
         let model_config = read_model_config(&model_path)?;
-        let selected = select(&self.discovery, &model_config, args.plugin.as_deref())?;
+        let open = |id: &str, path: &Path| self.open_plugin(id, path, Some(&model_path));
+        let selected = select(&self.discovery, &model_config, args.plugin.as_deref(), &open)?;
         let section = self.config.plugin(&selected.id);
         let security = section.security.unwrap_or_default();
         let cache_dir = self.cache_dir().map(|p| p.to_string_lossy().into_owned());
@@ -328,7 +361,8 @@ pub fn main() -> anyhow::Result<()> {
 
 fn models_command(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
     let config = load_config(cli.config.as_deref())?;
-    let host = Host { config, discovery: Discovery::default() };
+    let exe = std::env::current_exe().context("cannot locate the inference-pio executable")?;
+    let host = Host { config, discovery: Discovery::default(), exe };
     let cache = host.models_cache()?;
     match command {
         ModelsCommand::List => {
@@ -403,12 +437,18 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> anyhow::Result<()> {
             })?;
             let section = host.config.plugin(id);
             let meta = record.metadata().context("accepted record without metadata")?;
+            let level = section.security.unwrap_or_default();
+            let enforcement = enforcement_in_force(&host, id, &record.path, level);
             let settings = serde_json::json!({
                 "profile": section.profile.unwrap_or_default(),
                 "optimization": section.optimization(),
-                "security": section.security.unwrap_or_default(),
+                "security": level,
+                "allow_degraded": section.allow_degraded,
+                "sha256": section.sha256,
+                "timeout_s": level.uses_worker().then(|| section.timeout_s.unwrap_or(worker::DEFAULT_TIMEOUT_S)),
                 "limits": section.limits,
                 "sampling_defaults": section.sampling,
+                "enforcement": enforcement,
             });
             if *json {
                 let mut value = serde_json::to_value(meta)?;
@@ -435,11 +475,67 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> anyhow::Result<()> {
                     "build:         rustc {}, burn {}, ABI {}.{}",
                     meta.build.rustc, meta.build.burn, meta.build.abi_major, meta.build.abi_minor
                 );
+                println!("security:      {}{}", level.as_str(), if level.uses_worker() { " (sandboxed worker process)" } else { " (in-process)" });
+                println!("limits:        {}", serde_json::to_string(&section.limits)?);
+                match &enforcement {
+                    Enforcement::Refused { refused } => println!("in force:      REFUSED on this machine: {refused}"),
+                    Enforcement::InForce { mechanisms, degraded } => {
+                        for m in mechanisms {
+                            let state = if m.active { "on " } else if m.required { "MISSING" } else { "off" };
+                            println!("  [{state}] {}: {}", m.name, m.detail);
+                        }
+                        if !degraded.is_empty() {
+                            println!("  DEGRADED (allow_degraded = true): missing {}", degraded.join("; "));
+                        }
+                    }
+                }
                 println!("settings:      {}", serde_json::to_string(&settings)?);
             }
         }
     }
     Ok(())
+}
+
+/// What `plugins info` reports as in force for a plugin.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Enforcement {
+    InForce { mechanisms: Vec<crate::sandbox::Mechanism>, degraded: Vec<String> },
+    Refused { refused: String },
+}
+
+/// The mechanisms in force at `level`: for the worker levels, those a real worker reports
+/// after applying its sandbox (a worker is started for this, the plugin opened, then stopped).
+fn enforcement_in_force(host: &Host, id: &str, path: &Path, level: SecurityLevel) -> Enforcement {
+    use crate::sandbox::Mechanism;
+    let section = host.config.plugin(id);
+    if level.uses_worker() {
+        return match host.open_plugin(id, path, None) {
+            Ok(handle) => match handle.enforcement() {
+                Some(e) => Enforcement::InForce { mechanisms: e.mechanisms, degraded: e.degraded },
+                None => Enforcement::Refused { refused: "the worker reported nothing".into() },
+            },
+            Err(refused) => Enforcement::Refused { refused },
+        };
+    }
+    let optional = |name: &str, detail: String| Mechanism { name: name.into(), active: true, detail, required: false };
+    let mut mechanisms = vec![optional("in-process", "the plugin runs inside the host process: no isolation".into())];
+    if let Some(expected) = &section.sha256 {
+        mechanisms.push(match worker::check_sha256(path, expected) {
+            Ok(()) => Mechanism::active("pinned sha256", format!("{expected} checked before the library is opened")),
+            Err(e) => return Enforcement::Refused { refused: e },
+        });
+    }
+    if section.limits.memory_gb.is_some() || section.limits.gpu_memory_gb.is_some() {
+        mechanisms.push(optional("memory budget", "a model whose weights exceed memory_gb / gpu_memory_gb is refused before loading".into()));
+    }
+    if level == SecurityLevel::Medium {
+        mechanisms.push(optional("file allowlist", "model files are checked by validate_file_access (plugin, model, cache directory); binds plugins that route their opens through it".into()));
+        if let Some(p) = section.limits.cpu_percent {
+            mechanisms.push(optional("cpu thread cap", format!("compute threads capped at {p} % of the cores")));
+        }
+    }
+    Enforcement::InForce { mechanisms, degraded: Vec::new() }
 }
 
 /// Reads a `--tools` file: a JSON list of OpenAI-style tools, each naming its function.

@@ -8,7 +8,11 @@
 //!
 //! Every candidate file is *probed* by re-executing this binary (`inference-pio __probe FILE`)
 //! so that a library that crashes, aborts or hangs while loading or answering `metadata` only
-//! takes the probe down: listing never crashes because of one bad file.
+//! takes the probe down: listing never crashes because of one bad file. The probe jails itself
+//! before it opens the file (where the kernel allows): its own empty network namespace, a
+//! landlock ruleset that allows reading but no write anywhere, the seccomp deny-list of level
+//! `maximum`, no core dumps. So code of a file that is not yet trusted (or whose pinned hash
+//! will not match) runs only there, unable to write or connect.
 
 use crate::plugin::LoadedPlugin;
 use inference_pio_core::types::PluginMetadata;
@@ -228,8 +232,28 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     format!("probe process exited with {status} without an answer")
 }
 
-/// The child side of the probe: load, check, ask for metadata, print one JSON line.
+/// The probe's jail (best effort: discovery lists plugins; the levels' own sandboxes are
+/// checked strictly when a plugin is used).
+fn jail_probe() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() } as u32;
+    let spec = crate::sandbox::SandboxSpec {
+        level: inference_pio_core::config::SecurityLevel::Maximum,
+        parent_pid: parent,
+        read_only: vec![PathBuf::from("/")],
+        read_write: Vec::new(),
+        devices: Vec::new(),
+        cgroup_procs: Vec::new(),
+        file_size_bytes: 0,
+        open_files: 256,
+        seccomp: true,
+    };
+    let _ = crate::sandbox::apply(&spec);
+}
+
+/// The child side of the probe: jail, load, check, ask for metadata, print one JSON line.
 pub fn probe_main(path: &Path) -> i32 {
+    jail_probe();
     let outcome = match LoadedPlugin::open(path) {
         Err(reason) => ProbeOutcome::Rejected(reason),
         Ok(plugin) => match plugin.metadata() {

@@ -1,8 +1,13 @@
 //! The `inference-pio` host as a library: plugin discovery and probing, in-process loading
-//! behind a safe wrapper, selection by HF `architectures`, and the CLI commands.
+//! behind a safe wrapper, sandboxed worker processes for the higher security levels,
+//! selection by HF `architectures`, and the CLI commands.
 
+pub mod cgroup;
 pub mod cli;
 pub mod discovery;
+pub mod handle;
 pub mod models;
 pub mod plugin;
+pub mod sandbox;
 pub mod selection;
+pub mod worker;

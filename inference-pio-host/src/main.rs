@@ -7,6 +7,10 @@ fn main() {
     if args.len() == 3 && args[1] == "__probe" {
         std::process::exit(inference_pio_host::discovery::probe_main(std::path::Path::new(&args[2])));
     }
+    // Security levels `high`/`maximum`: the worker process speaks the socket protocol only.
+    if args.len() == 2 && args[1] == "__worker" {
+        std::process::exit(inference_pio_host::worker::worker_main());
+    }
     if let Err(error) = inference_pio_host::cli::main() {
         eprintln!("error: {error:#}");
         std::process::exit(1);

@@ -3,8 +3,11 @@
 //! turned into the equivalent one (`inference_pio_formats::gguf::hf::config`).
 
 use crate::discovery::Discovery;
-use crate::plugin::LoadedPlugin;
+use crate::handle::PluginHandle;
 use std::path::{Path, PathBuf};
+
+/// Opens a plugin file (id, path) at the level its config section asks for.
+pub type Opener<'a> = dyn Fn(&str, &Path) -> Result<PluginHandle, String> + 'a;
 
 /// A model directory's `config.json`, read and checked.
 pub struct ModelConfig {
@@ -75,22 +78,22 @@ pub fn read_model_config(dir: &Path) -> anyhow::Result<ModelConfig> {
     Ok(ModelConfig { text, architectures })
 }
 
-/// The chosen plugin, loaded into this process.
+/// The chosen plugin, in this process or in its worker.
 pub struct Selected {
     pub id: String,
     pub path: PathBuf,
-    pub plugin: LoadedPlugin,
+    pub plugin: PluginHandle,
 }
 
-/// Picks by `--plugin ID`, or by architecture + `supports_config`.
-pub fn select(discovery: &Discovery, model: &ModelConfig, plugin_id: Option<&str>) -> anyhow::Result<Selected> {
+/// Picks by `--plugin ID`, or by architecture + `supports_config`; `open` loads each
+/// candidate at its security level (a worker process at `high` and `maximum`).
+pub fn select(discovery: &Discovery, model: &ModelConfig, plugin_id: Option<&str>, open: &Opener<'_>) -> anyhow::Result<Selected> {
     if let Some(id) = plugin_id {
         let record = discovery.find(id).ok_or_else(|| {
             let known: Vec<_> = discovery.accepted().map(|(_, m)| m.id.clone()).collect();
             anyhow::anyhow!("no plugin with id `{id}` (available: {})", list_or_none(&known))
         })?;
-        let plugin = LoadedPlugin::open(&record.path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", record.path.display()))?;
+        let plugin = open(id, &record.path).map_err(|e| anyhow::anyhow!("{}: {e}", record.path.display()))?;
         let support = plugin.supports_config(&model.text)?;
         if !support.supported {
             anyhow::bail!("plugin `{id}` cannot load this model: {}", support.reason);
@@ -115,7 +118,7 @@ pub fn select(discovery: &Discovery, model: &ModelConfig, plugin_id: Option<&str
     let mut supported = Vec::new();
     let mut refusals = Vec::new();
     for (path, meta) in by_arch {
-        let plugin = match LoadedPlugin::open(path) {
+        let plugin = match open(&meta.id, path) {
             Ok(p) => p,
             Err(e) => {
                 refusals.push(format!("{}: {e}", meta.id));

@@ -144,7 +144,8 @@ fn profiles_and_limits_from_the_config_file_are_honoured() {
     std::fs::write(&config, "[plugins.qwen3-4b-instruct-2507]\nsecurity = \"maximum\"\n").expect("config");
     let out = inference_pio(&["run", "--model", model, "--prompt-ids", "1,2,3"], cwd.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("security level `maximum` is not enforced"), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("plugins.qwen3-4b-instruct-2507.sha256") && err.contains("needs the plugin file's sha256 pinned"), "{err}");
 }
 
 #[test]
@@ -439,4 +440,81 @@ fn security_level_medium_confines_file_access_and_caps_threads() {
     let out = inference_pio(&["run", "--model", gguf.to_str().expect("utf8"), "--prompt-ids", "5,6", "--max-new-tokens", "2"], cwd.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("disk_space_gb") && stderr(&out).contains("`medium`"), "{}", stderr(&out));
+}
+
+/// `inference-pio` with `PIO_TEST_MARKER_DIR` set: the hostile plugin's library constructor
+/// leaves a file there whenever its code runs somewhere that may write it.
+fn inference_pio_marked(args: &[&str], dir: &Path, marker: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("INFERENCE_PIO_PLUGIN_DIR")
+        .env_remove("INFERENCE_PIO_CONFIG")
+        .env("PIO_TEST_MARKER_DIR", marker)
+        .output()
+        .expect("run inference-pio")
+}
+
+#[test]
+fn worker_levels_show_what_is_in_force_run_and_refuse_a_tampered_maximum_plugin() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = cwd.path().join("model");
+    std::fs::create_dir(&model).expect("model");
+    std::fs::write(model.join("config.json"), r#"{"architectures": ["PioTestHostileForCausalLM"]}"#).expect("config.json");
+    let model = model.to_str().expect("utf8");
+    let config = cwd.path().join("inference-pio.toml");
+
+    std::fs::write(&config, "[plugins.test-hostile]\nsecurity = \"high\"\ntimeout_s = 5\n[plugins.test-hostile.limits]\nmemory_gb = 1\n").expect("config");
+    let out = inference_pio(&["plugins", "info", "test-hostile", "--json"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(info["settings"]["security"], "high");
+    assert_eq!(info["settings"]["limits"]["memory_gb"], 1.0);
+    assert_eq!(info["settings"]["timeout_s"], 5.0);
+    let mechanisms = info["settings"]["enforcement"]["mechanisms"].as_array().unwrap_or_else(|| panic!("{info:#}"));
+    for name in ["die with the host", "rlimits", "network namespace", "landlock", "no_new_privs", "cgroup pids.max"] {
+        let m = mechanisms.iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} missing in {info:#}"));
+        // What the worker reports is what the strict start accepted: nothing required is off.
+        assert!(m["active"] == true || m["required"] == false, "{m}");
+    }
+    assert!(mechanisms.iter().any(|m| m["name"] == "memory watchdog" || m["name"] == "cgroup memory.max"), "{info:#}");
+    let text = stdout(&inference_pio(&["plugins", "info", "test-hostile"], cwd.path()));
+    assert!(text.contains("security:      high (sandboxed worker process)") && text.contains("[on ] landlock"), "{text}");
+
+    let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "stream:3"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("tok tok tok \n"), "{}", stdout(&out));
+    let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "segv"], cwd.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("died: killed by SIGSEGV (segmentation fault)"), "{}", stderr(&out));
+
+    // A network allowance cannot be honoured by a worker without network.
+    std::fs::write(&config, "[plugins.test-hostile]\nsecurity = \"high\"\n[plugins.test-hostile.limits]\nnetwork_bandwidth_mbps = 10\n").expect("config");
+    let out = inference_pio(&["plugins", "info", "test-hostile"], cwd.path());
+    assert!(!out.status.success() && stderr(&out).contains("plugins.test-hostile.limits.network_bandwidth_mbps"), "{}", stderr(&out));
+
+    // maximum with a pinned hash that the file in the plugin directory no longer has.
+    let original = test_plugin("hostile");
+    let pinned = inference_pio_host::worker::sha256_file(&original).expect("hash");
+    let plugins = tempfile::tempdir().expect("plugins");
+    let mut bytes = std::fs::read(&original).expect("read");
+    bytes.extend_from_slice(b"tampered");
+    std::fs::write(plugins.path().join("libpio_test_plugin_hostile.so"), bytes).expect("write");
+    let markers = tempfile::tempdir().expect("markers");
+    std::fs::write(&config, format!("[plugins.test-hostile]\nsecurity = \"maximum\"\nsha256 = \"{pinned}\"\n")).expect("config");
+    let dir = plugins.path().to_str().expect("utf8");
+    let out = inference_pio_marked(&["run", "--plugin-dir", dir, "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "echo"], cwd.path(), markers.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("sha256 mismatch") && stderr(&out).contains(&pinned), "{}", stderr(&out));
+    let out = inference_pio_marked(&["plugins", "info", "test-hostile", "--plugin-dir", dir, "--json"], cwd.path(), markers.path());
+    let info: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert!(info["settings"]["enforcement"]["refused"].as_str().is_some_and(|r| r.contains("sha256 mismatch")), "{info:#}");
+    // Its constructor never ran where it could write: not in the host, not in a worker (the
+    // discovery probe that read its metadata is jailed read-only).
+    assert_eq!(std::fs::read_dir(markers.path()).expect("markers").count(), 0);
+    // Control: at `low` the same file runs in the host process and the marker appears.
+    std::fs::write(&config, "").expect("config");
+    let out = inference_pio_marked(&["run", "--plugin-dir", dir, "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "echo"], cwd.path(), markers.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(markers.path()).expect("markers").count(), 1);
 }

@@ -1,0 +1,940 @@
+//! Security levels `high` and `maximum`: the plugin runs in a worker process — this binary
+//! re-executed as `inference-pio __worker` — and the host supervises it.
+//!
+//! Protocol (version [`PROTOCOL_VERSION`]), over a Unix socket pair whose worker end is the
+//! worker's stdin: frames of a little-endian `u32` length and a JSON document. The host sends
+//! [`ToWorker::Setup`] (plugin, pinned hash, sandbox); the worker applies the sandbox, answers
+//! [`FromWorker::Hello`] (protocol version, ABI major, the mechanisms in force); the host checks
+//! them against the level and sends [`ToWorker::Open`], and only then does the worker check the
+//! plugin file's sha256 and open the library. Calls mirror the in-process ones
+//! ([`Call`]); `infer` streams [`FromWorker::Token`] frames before its [`FromWorker::Reply`];
+//! the host answers a sink's "stop" with [`ToWorker::Cancel`].
+//!
+//! Supervision: a watchdog thread reads the worker's memory and CPU from `/proc`, its GPU
+//! memory through NVML and its scratch directory's size, and kills it with a named reason on
+//! a breach; a call that hears nothing for `timeout_s` kills it as hung. A dead worker (panic,
+//! abort, segfault, OOM kill, breach, hang) fails the call in flight with an error naming what
+//! happened, and the next call starts a new worker, replaying `initialize` and the loaded
+//! models.
+//!
+//! Reference: the in-process wrapper [`crate::plugin::LoadedPlugin`], whose calls this
+//! mirrors; Chromium's and Firefox's utility-process model (broker restarts a crashed worker).
+
+use crate::cgroup::{self, WorkerCgroup};
+use crate::plugin::LoadedPlugin;
+use crate::sandbox::{self, Mechanism, SandboxSpec};
+use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError};
+use inference_pio_core::config::{ResourceLimits, SecurityLevel};
+use inference_pio_core::types::{
+    ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
+    ScoreRequest, ScoreResponse, Support, UpdateOutcome,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Bumped on any incompatible change of the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted (a logits matrix of a long prompt fits).
+const MAX_FRAME: usize = 1 << 30;
+/// Default `timeout_s`.
+pub const DEFAULT_TIMEOUT_S: f64 = 600.0;
+/// RLIMIT_FSIZE when `disk_space_gb` is not set.
+const DEFAULT_FILE_SIZE: u64 = 8 << 30;
+/// RLIMIT_NOFILE.
+const OPEN_FILES: u64 = 1024;
+
+/// The worker's setup.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerSetup {
+    pub protocol: u32,
+    pub plugin: PathBuf,
+    pub sha256: Option<String>,
+    pub sandbox: SandboxSpec,
+}
+
+/// One call, mirroring [`LoadedPlugin`]'s methods.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Call {
+    Metadata,
+    SupportsConfig(String),
+    Initialize(PluginSettings),
+    LoadModel { dir: PathBuf, options: LoadOptions },
+    Infer { model: u64, request: InferRequest },
+    Score { model: u64, request: ScoreRequest },
+    UpdateConfig(ConfigUpdate),
+    Cleanup(u64),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToWorker {
+    Setup(Box<WorkerSetup>),
+    Open,
+    Call(Call),
+    Cancel,
+    Shutdown,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WireError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FromWorker {
+    Hello { protocol: u32, abi_major: u32, pid: u32, mechanisms: Vec<Mechanism> },
+    Token { id: u32, text: String },
+    Reply(Result<serde_json::Value, WireError>),
+    /// The sandbox could not be applied; the worker exits.
+    Fatal(String),
+}
+
+fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> std::io::Result<()> {
+    let body = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("frame too large"))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame)
+}
+
+fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<T> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("frame of {len} bytes is larger than {MAX_FRAME}")));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    serde_json::from_slice(&body).map_err(|e| std::io::Error::other(format!("malformed frame: {e}")))
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, String> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Refuses `path` unless its sha256 is `expected`.
+pub fn check_sha256(path: &Path, expected: &str) -> Result<(), String> {
+    let actual = sha256_file(path)?;
+    if actual.eq_ignore_ascii_case(expected) {
+        Ok(())
+    } else {
+        Err(format!(
+            "sha256 mismatch for {}: the config pins {expected}, the file has {actual}; refusing to load it",
+            path.display()
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker side.
+
+/// `inference-pio __worker`: serve one plugin over the socket on stdin. Returns the exit code.
+pub fn worker_main() -> i32 {
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else { return 70 };
+    let mut stream = UnixStream::from(fd);
+    match serve(&mut stream) {
+        Ok(()) => 0,
+        Err(message) => {
+            let _ = write_frame(&mut stream, &FromWorker::Fatal(message.clone()));
+            eprintln!("inference-pio worker: {message}");
+            71
+        }
+    }
+}
+
+fn serve(stream: &mut UnixStream) -> Result<(), String> {
+    let setup = match read_frame::<ToWorker>(stream).map_err(|e| format!("no setup message: {e}"))? {
+        ToWorker::Setup(setup) => setup,
+        other => return Err(format!("expected the setup message, got {other:?}")),
+    };
+    if setup.protocol != PROTOCOL_VERSION {
+        return Err(format!("host speaks worker protocol {}, this worker {PROTOCOL_VERSION}", setup.protocol));
+    }
+    let mechanisms = sandbox::apply(&setup.sandbox)?;
+    let hello = FromWorker::Hello { protocol: PROTOCOL_VERSION, abi_major: ABI_MAJOR, pid: std::process::id(), mechanisms };
+    write_frame(stream, &hello).map_err(|e| format!("cannot greet the host: {e}"))?;
+    match read_frame::<ToWorker>(stream) {
+        Ok(ToWorker::Open) => {}
+        Ok(ToWorker::Shutdown) | Err(_) => return Ok(()),
+        Ok(other) => return Err(format!("expected open, got {other:?}")),
+    }
+    // Checked again here, on the file the worker is about to map, before any plugin code.
+    let opened = match &setup.sha256 {
+        Some(expected) => check_sha256(&setup.plugin, expected),
+        None => Ok(()),
+    }
+    .and_then(|()| LoadedPlugin::open(&setup.plugin));
+    let plugin = match opened {
+        Ok(plugin) => {
+            write_frame(stream, &FromWorker::Reply(Ok(serde_json::Value::Null))).map_err(|e| e.to_string())?;
+            plugin
+        }
+        Err(message) => {
+            let reply = FromWorker::Reply(Err(WireError { kind: ErrorKind::Unsupported, message }));
+            write_frame(stream, &reply).map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+    };
+
+    // Reader thread: calls go to the main thread, `Cancel` raises the flag the sink reads.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (calls_tx, calls_rx) = std::sync::mpsc::channel::<Call>();
+    let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
+    let cancel_flag = Arc::clone(&cancel);
+    std::thread::spawn(move || {
+        loop {
+            match read_frame::<ToWorker>(&mut reader) {
+                Ok(ToWorker::Call(call)) => {
+                    if calls_tx.send(call).is_err() {
+                        break;
+                    }
+                }
+                Ok(ToWorker::Cancel) => cancel_flag.store(true, Ordering::SeqCst),
+                Ok(_) | Err(_) => break,
+            }
+        }
+    });
+    for call in calls_rx {
+        cancel.store(false, Ordering::SeqCst);
+        let reply = run_call(&plugin, call, stream, &cancel);
+        write_frame(stream, &FromWorker::Reply(reply)).map_err(|e| format!("cannot answer the host: {e}"))?;
+    }
+    Ok(())
+}
+
+fn run_call(plugin: &LoadedPlugin, call: Call, stream: &mut UnixStream, cancel: &AtomicBool) -> Result<serde_json::Value, WireError> {
+    fn value<T: Serialize>(result: Result<T, PluginError>) -> Result<serde_json::Value, WireError> {
+        match result {
+            Ok(v) => serde_json::to_value(v).map_err(|e| WireError { kind: ErrorKind::Internal, message: e.to_string() }),
+            Err(e) => Err(WireError { kind: e.kind, message: e.message.to_string() }),
+        }
+    }
+    match call {
+        Call::Metadata => value(plugin.metadata()),
+        Call::SupportsConfig(text) => value(plugin.supports_config(&text)),
+        Call::Initialize(settings) => value(plugin.initialize(&settings)),
+        Call::LoadModel { dir, options } => value(plugin.load_model(&dir, &options)),
+        Call::Infer { model, request } => {
+            let mut writer = match stream.try_clone() {
+                Ok(w) => w,
+                Err(e) => return Err(WireError { kind: ErrorKind::Internal, message: e.to_string() }),
+            };
+            let mut on_token = |id: u32, text: &str| {
+                if cancel.load(Ordering::SeqCst) {
+                    return false;
+                }
+                write_frame(&mut writer, &FromWorker::Token { id, text: text.to_string() }).is_ok()
+            };
+            value(plugin.infer(model, &request, &mut on_token))
+        }
+        Call::Score { model, request } => value(plugin.score(model, &request)),
+        Call::UpdateConfig(update) => value(plugin.update_config(&update)),
+        Call::Cleanup(model) => value(plugin.cleanup(model)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side.
+
+/// Everything needed to start (and restart) one plugin's worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// The `inference-pio` executable (re-executed as `__worker`).
+    pub exe: PathBuf,
+    pub id: String,
+    pub plugin: PathBuf,
+    pub level: SecurityLevel,
+    pub limits: ResourceLimits,
+    pub allow_degraded: bool,
+    pub sha256: Option<String>,
+    pub timeout: Duration,
+    /// The model file or directory the plugin may read (none for `plugins info`).
+    pub model: Option<PathBuf>,
+}
+
+/// The mechanisms a worker of this config has in force, and which of them are missing.
+#[derive(Clone, Debug, Serialize)]
+pub struct Enforcement {
+    pub level: SecurityLevel,
+    pub mechanisms: Vec<Mechanism>,
+    /// Names of required mechanisms not in force (the level runs degraded, by permission).
+    pub degraded: Vec<String>,
+}
+
+/// Why the last worker ended, filled in by whoever saw it (watchdog, timeout).
+type KillReason = Arc<Mutex<Option<String>>>;
+
+struct Worker {
+    child: Child,
+    stream: UnixStream,
+    kill_reason: KillReason,
+    stop_watchdog: Arc<AtomicBool>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+    // Dropped after the child is reaped: kills leftovers and removes the groups.
+    cgroup: WorkerCgroup,
+    scratch: tempfile::TempDir,
+}
+
+/// The settings as this worker sees them: its scratch directory replaces the host's cache
+/// directory (the only place it may write), also in the file allowlist.
+fn localize(settings: &PluginSettings, scratch: &Path) -> PluginSettings {
+    let mut local = settings.clone();
+    let scratch = scratch.to_string_lossy().into_owned();
+    if let Some(allowed) = &mut local.allowed_paths {
+        allowed.retain(|p| Some(p) != settings.cache_dir.as_ref());
+        allowed.push(scratch.clone());
+    }
+    local.cache_dir = Some(scratch);
+    local
+}
+
+impl Worker {
+    fn kill(&mut self, reason: Option<String>) {
+        if let Some(reason) = reason
+            && let Ok(mut slot) = self.kill_reason.lock()
+            && slot.is_none()
+        {
+            *slot = Some(reason);
+        }
+        kill_group(self.child.id());
+    }
+
+    /// Reaps the worker and says how it ended.
+    fn death(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                _ => {
+                    kill_group(self.child.id());
+                    break self.child.wait().ok();
+                }
+            }
+        };
+        self.stop_watchdog.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.watchdog.take() {
+            let _ = handle.join();
+        }
+        kill_group(self.child.id());
+        if let Some(reason) = self.kill_reason.lock().ok().and_then(|r| r.clone()) {
+            return reason;
+        }
+        if self.cgroup.oom_kills() > 0 {
+            return "killed by the kernel's OOM killer: the cgroup memory limit (memory_gb) was reached".into();
+        }
+        match status {
+            Some(status) => describe_status(status),
+            None => "the worker could not be reaped".into(),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = write_frame(&mut self.stream, &ToWorker::Shutdown);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        kill_group(self.child.id());
+        let _ = self.child.wait();
+        self.stop_watchdog.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.watchdog.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn kill_group(pid: u32) {
+    // SAFETY: kill takes a process-group id and a signal; the group is the worker's own
+    // (spawned with process_group(0)), so nothing else is signalled.
+    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+}
+
+/// How a worker process ended, in words.
+pub fn describe_status(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(signal) = status.signal() {
+        let name = match signal {
+            libc::SIGABRT => "aborted (SIGABRT)".to_string(),
+            libc::SIGSEGV => "killed by SIGSEGV (segmentation fault)".to_string(),
+            libc::SIGBUS => "killed by SIGBUS (bus error)".to_string(),
+            libc::SIGILL => "killed by SIGILL (illegal instruction)".to_string(),
+            libc::SIGFPE => "killed by SIGFPE (arithmetic fault)".to_string(),
+            libc::SIGKILL => "killed by SIGKILL".to_string(),
+            libc::SIGSYS => "killed by SIGSYS (forbidden system call)".to_string(),
+            libc::SIGXCPU => "killed by SIGXCPU (CPU time limit)".to_string(),
+            other => format!("killed by signal {other}"),
+        };
+        return name;
+    }
+    match status.code() {
+        Some(code) => format!("exited with status {code}"),
+        None => format!("ended: {status}"),
+    }
+}
+
+/// A plugin running in a supervised worker process.
+pub struct WorkerPlugin {
+    config: WorkerConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    worker: Option<Worker>,
+    enforcement: Option<Enforcement>,
+    settings: Option<PluginSettings>,
+    /// (host handle, dir, options, handle in the current worker).
+    models: Vec<(u64, PathBuf, LoadOptions, Option<u64>)>,
+    restarts: u32,
+}
+
+fn internal(message: impl Into<String>) -> PluginError {
+    PluginError::internal(message)
+}
+
+impl WorkerPlugin {
+    /// Starts the worker: hash check, sandbox, handshake, library opened. Fails (killing the
+    /// worker) when a required mechanism is missing and the config does not allow degrading.
+    pub fn start(config: WorkerConfig) -> Result<Self, String> {
+        let this = Self { config, state: Mutex::new(State::default()) };
+        {
+            let mut state = this.state.lock().map_err(|_| "worker state poisoned".to_string())?;
+            let (worker, enforcement) = this.spawn()?;
+            state.worker = Some(worker);
+            state.enforcement = Some(enforcement);
+        }
+        Ok(this)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// The mechanisms in force for the current (last) worker.
+    pub fn enforcement(&self) -> Option<Enforcement> {
+        self.state.lock().ok().and_then(|s| s.enforcement.clone())
+    }
+
+    /// How many times the worker was restarted after dying.
+    pub fn restarts(&self) -> u32 {
+        self.state.lock().map(|s| s.restarts).unwrap_or(0)
+    }
+
+    /// The current worker's scratch directory (its only writable place).
+    pub fn scratch_dir(&self) -> Option<PathBuf> {
+        self.state.lock().ok().and_then(|s| s.worker.as_ref().map(|w| w.scratch.path().to_path_buf()))
+    }
+
+    /// How often the current worker's cpu cgroup throttled it (`None` without one).
+    pub fn cpu_throttled(&self) -> Option<u64> {
+        self.state.lock().ok().and_then(|s| s.worker.as_ref().and_then(|w| w.cgroup.cpu_throttled()))
+    }
+
+    /// The current worker's pid.
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.state.lock().ok().and_then(|s| s.worker.as_ref().map(|w| w.child.id()))
+    }
+
+    fn spawn(&self) -> Result<(Worker, Enforcement), String> {
+        let c = &self.config;
+        if let Some(expected) = &c.sha256 {
+            check_sha256(&c.plugin, expected)?;
+        } else if c.level == SecurityLevel::Maximum {
+            return Err("security level `maximum` needs the plugin's sha256 pinned in the config".into());
+        }
+        let mut host_mechanisms = Vec::new();
+        if let Some(expected) = &c.sha256 {
+            host_mechanisms.push(Mechanism::active("pinned sha256", format!("{expected} checked by the host before starting the worker and by the worker before opening the library")));
+        }
+        let scratch = tempfile::Builder::new()
+            .prefix(&format!("inference-pio-{}-scratch-", c.id))
+            .tempdir()
+            .map_err(|e| format!("cannot create the worker's scratch directory: {e}"))?;
+        let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        let wanted = cgroup::Wanted {
+            memory_bytes: c.limits.memory_gb.map(|gb| {
+                // At `maximum` the watchdog kills at the limit; the kernel's limit is the backstop.
+                let factor = if c.level == SecurityLevel::Maximum { 2.0 } else { 1.0 };
+                (gb * factor * 1e9) as u64
+            }),
+            // At `maximum` a CPU breach kills (watchdog); at `high` the kernel throttles.
+            cpu_cores: c.limits.cpu_percent.filter(|_| c.level == SecurityLevel::High).map(|p| p / 100.0 * ncpu),
+        };
+        let cgroup = WorkerCgroup::create(&wanted);
+        host_mechanisms.extend(cgroup.mechanisms.iter().cloned().map(|mut m| {
+            // Without a memory cgroup, memory_gb is still enforced by the watchdog.
+            if m.name == "cgroup memory.max" {
+                m.required = false;
+            }
+            m
+        }));
+        let memory_cgroup = cgroup.mechanisms.iter().any(|m| m.name == "cgroup memory.max" && m.active);
+        let watch = WatchPlan::new(c, ncpu, scratch.path(), memory_cgroup);
+        host_mechanisms.extend(watch.mechanisms.iter().cloned());
+
+        let mut read_only = sandbox::system_read_only_paths();
+        read_only.push(c.plugin.clone());
+        if let Some(model) = &c.model {
+            read_only.push(model.clone());
+        }
+        let sandbox_spec = SandboxSpec {
+            level: c.level,
+            parent_pid: std::process::id(),
+            read_only,
+            read_write: vec![scratch.path().to_path_buf()],
+            devices: sandbox::nvidia_devices(),
+            cgroup_procs: cgroup.procs_files(),
+            file_size_bytes: c.limits.disk_space_gb.map(|gb| (gb * 1e9) as u64).unwrap_or(DEFAULT_FILE_SIZE),
+            open_files: OPEN_FILES,
+            seccomp: c.level == SecurityLevel::Maximum,
+        };
+        let (host_end, worker_end) = UnixStream::pair().map_err(|e| format!("cannot create the worker socket: {e}"))?;
+        let worker_stdout = std::io::stderr().as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(&c.exe)
+            .arg("__worker")
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(worker_end)))
+            .stdout(Stdio::from(worker_stdout))
+            .stderr(Stdio::inherit())
+            .env("CUDA_CACHE_PATH", scratch.path().join("cuda-cache"))
+            .env("TMPDIR", scratch.path())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start the worker process {}: {e}", c.exe.display()))?;
+        let kill_reason: KillReason = Arc::new(Mutex::new(None));
+        let stop_watchdog = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker {
+            child,
+            stream: host_end,
+            kill_reason: Arc::clone(&kill_reason),
+            stop_watchdog: Arc::clone(&stop_watchdog),
+            watchdog: None,
+            cgroup,
+            scratch,
+        };
+        let handshake_timeout = Duration::from_secs(30);
+        let _ = worker.stream.set_read_timeout(Some(handshake_timeout));
+        let setup = WorkerSetup { protocol: PROTOCOL_VERSION, plugin: c.plugin.clone(), sha256: c.sha256.clone(), sandbox: sandbox_spec };
+        write_frame(&mut worker.stream, &ToWorker::Setup(Box::new(setup))).map_err(|e| format!("cannot send the worker its setup: {e}"))?;
+        let mechanisms = match read_frame::<FromWorker>(&mut worker.stream) {
+            Ok(FromWorker::Hello { protocol, abi_major, mechanisms, .. }) => {
+                if protocol != PROTOCOL_VERSION || abi_major != ABI_MAJOR {
+                    return Err(format!("worker speaks protocol {protocol} / ABI {abi_major}, the host {PROTOCOL_VERSION} / {ABI_MAJOR}"));
+                }
+                mechanisms
+            }
+            Ok(FromWorker::Fatal(message)) => return Err(format!("the worker could not apply its sandbox: {message}")),
+            Ok(other) => return Err(format!("unexpected first message from the worker: {other:?}")),
+            Err(e) => return Err(format!("the worker did not complete the handshake: {e} ({})", worker.death())),
+        };
+        let mut all = mechanisms;
+        all.extend(host_mechanisms);
+        let degraded: Vec<String> = all.iter().filter(|m| m.required && !m.active).map(|m| format!("{} ({})", m.name, m.detail)).collect();
+        let enforcement = Enforcement { level: c.level, mechanisms: all, degraded: degraded.clone() };
+        if !degraded.is_empty() {
+            if !c.allow_degraded {
+                return Err(format!(
+                    "security level `{}` cannot be enforced for plugin `{}` on this machine: missing {}; refusing (set `allow_degraded = true` in [plugins.{}] to run without them)",
+                    c.level.as_str(),
+                    c.id,
+                    degraded.join("; "),
+                    c.id
+                ));
+            }
+            eprintln!(
+                "warning: plugin `{}` runs at security level `{}` DEGRADED (allow_degraded = true): missing {}",
+                c.id,
+                c.level.as_str(),
+                degraded.join("; ")
+            );
+        }
+        write_frame(&mut worker.stream, &ToWorker::Open).map_err(|e| format!("cannot ask the worker to open the plugin: {e}"))?;
+        match read_frame::<FromWorker>(&mut worker.stream) {
+            Ok(FromWorker::Reply(Ok(_))) => {}
+            Ok(FromWorker::Reply(Err(e))) => return Err(e.message),
+            Ok(other) => return Err(format!("unexpected answer to open: {other:?}")),
+            Err(e) => return Err(format!("the worker died opening the plugin: {} ({e})", worker.death())),
+        }
+        let pid = worker.child.id();
+        worker.watchdog = Some(std::thread::spawn(move || watch.run(pid, &kill_reason, &stop_watchdog)));
+        Ok((worker, enforcement))
+    }
+
+    /// A live worker with the plugin initialised and the models loaded again, after a death.
+    fn ensure_worker(&self, state: &mut State) -> Result<(), PluginError> {
+        if state.worker.is_some() {
+            return Ok(());
+        }
+        let (worker, enforcement) = self.spawn().map_err(|e| internal(format!("cannot restart the worker of `{}`: {e}", self.config.id)))?;
+        state.worker = Some(worker);
+        state.enforcement = Some(enforcement);
+        state.restarts += 1;
+        if let Some(settings) = state.settings.clone() {
+            let local = localize(&settings, state.worker.as_ref().map(|w| w.scratch.path()).unwrap_or(Path::new("/")));
+            self.exchange(state, &Call::Initialize(local), &mut |_, _| true)?;
+        }
+        for i in 0..state.models.len() {
+            let (_, dir, options, _) = state.models[i].clone();
+            let info: ModelInfo = decode(self.exchange(state, &Call::LoadModel { dir, options }, &mut |_, _| true)?)?;
+            state.models[i].3 = Some(info.handle);
+        }
+        Ok(())
+    }
+
+    /// Sends one call and waits for its reply, streaming tokens. A dead or hung worker is
+    /// reaped and the error names what happened.
+    fn exchange(&self, state: &mut State, call: &Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
+        let timeout = self.config.timeout;
+        let Some(worker) = state.worker.as_mut() else { return Err(internal("no worker")) };
+        let _ = worker.stream.set_read_timeout(Some(timeout));
+        let mut outcome = write_frame(&mut worker.stream, &ToWorker::Call(call.clone())).err().map(|e| Err(e.to_string()));
+        let mut cancelled = false;
+        while outcome.is_none() {
+            match read_frame::<FromWorker>(&mut worker.stream) {
+                Ok(FromWorker::Token { id, text }) => {
+                    if !cancelled && !on_token(id, &text) {
+                        cancelled = true;
+                        let _ = write_frame(&mut worker.stream, &ToWorker::Cancel);
+                    }
+                }
+                Ok(FromWorker::Reply(reply)) => outcome = Some(Ok(reply)),
+                Ok(other) => outcome = Some(Err(format!("unexpected message {other:?}"))),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    worker.kill(Some(format!("timed out: no answer for {:.1} s (timeout_s), the worker was killed as hung", timeout.as_secs_f64())));
+                    outcome = Some(Err(e.to_string()));
+                }
+                Err(e) => outcome = Some(Err(e.to_string())),
+            }
+        }
+        match outcome.unwrap_or_else(|| Err(String::new())) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if e.kind == ErrorKind::Poisoned {
+                    // A fresh process for the next request: the panicked one's state is suspect.
+                    if let Some(mut worker) = state.worker.take() {
+                        worker.kill(None);
+                        let _ = worker.death();
+                    }
+                }
+                Err(PluginError::new(e.kind, e.message))
+            }
+            Err(io) => {
+                let mut worker = state.worker.take().ok_or_else(|| internal("no worker"))?;
+                let how = worker.death();
+                drop(worker);
+                let kind = if how.contains("limit") { ErrorKind::ResourceLimit } else { ErrorKind::Internal };
+                let detail = if io.is_empty() { String::new() } else { format!(" [{io}]") };
+                Err(PluginError::new(
+                    kind,
+                    format!("the worker of plugin `{}` died: {how}; it is restarted for the next request{detail}", self.config.id),
+                ))
+            }
+        }
+    }
+
+    fn call(&self, call: Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        self.ensure_worker(&mut state)?;
+        self.exchange(&mut state, &call, on_token)
+    }
+
+    fn model_handle(state: &State, host: u64) -> Result<u64, PluginError> {
+        state
+            .models
+            .iter()
+            .find(|m| m.0 == host)
+            .and_then(|m| m.3)
+            .ok_or_else(|| PluginError::new(ErrorKind::UnknownModel, format!("model handle {host} is not loaded")))
+    }
+
+    pub fn metadata(&self) -> Result<PluginMetadata, PluginError> {
+        decode(self.call(Call::Metadata, &mut |_, _| true)?)
+    }
+
+    pub fn supports_config(&self, config_json: &str) -> Result<Support, PluginError> {
+        decode(self.call(Call::SupportsConfig(config_json.to_string()), &mut |_, _| true)?)
+    }
+
+    pub fn initialize(&self, settings: &PluginSettings) -> Result<(), PluginError> {
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        self.ensure_worker(&mut state)?;
+        let local = localize(settings, state.worker.as_ref().map(|w| w.scratch.path()).unwrap_or(Path::new("/")));
+        self.exchange(&mut state, &Call::Initialize(local), &mut |_, _| true)?;
+        state.settings = Some(settings.clone());
+        Ok(())
+    }
+
+    pub fn load_model(&self, dir: &Path, options: &LoadOptions) -> Result<ModelInfo, PluginError> {
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        self.ensure_worker(&mut state)?;
+        let call = Call::LoadModel { dir: dir.to_path_buf(), options: options.clone() };
+        let info: ModelInfo = decode(self.exchange(&mut state, &call, &mut |_, _| true)?)?;
+        state.models.push((info.handle, dir.to_path_buf(), options.clone(), Some(info.handle)));
+        Ok(info)
+    }
+
+    pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<InferResponse, PluginError> {
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        self.ensure_worker(&mut state)?;
+        let handle = Self::model_handle(&state, model)?;
+        decode(self.exchange(&mut state, &Call::Infer { model: handle, request: request.clone() }, on_token)?)
+    }
+
+    pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        self.ensure_worker(&mut state)?;
+        let handle = Self::model_handle(&state, model)?;
+        decode(self.exchange(&mut state, &Call::Score { model: handle, request: request.clone() }, &mut |_, _| true)?)
+    }
+
+    pub fn update_config(&self, update: &ConfigUpdate) -> Result<UpdateOutcome, PluginError> {
+        decode(self.call(Call::UpdateConfig(update.clone()), &mut |_, _| true)?)
+    }
+
+    pub fn cleanup(&self, model: u64) -> Result<(), PluginError> {
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        let Some(position) = state.models.iter().position(|m| m.0 == model) else {
+            return Err(PluginError::new(ErrorKind::UnknownModel, format!("model handle {model} is not loaded")));
+        };
+        let (_, _, _, current) = state.models.remove(position);
+        match (current, state.worker.is_some()) {
+            (Some(handle), true) => self.exchange(&mut state, &Call::Cleanup(handle), &mut |_, _| true).map(|_| ()),
+            // No worker: nothing is loaded anywhere.
+            _ => Ok(()),
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, PluginError> {
+    serde_json::from_value(value).map_err(|e| internal(format!("the worker answered malformed JSON: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------
+// Watchdog.
+
+/// What the watchdog checks for one worker.
+struct WatchPlan {
+    memory_bytes: Option<u64>,
+    /// At `maximum` only: kill above this share of the machine.
+    cpu_cores: Option<f64>,
+    cpu_percent: f64,
+    disk_bytes: Option<u64>,
+    scratch: PathBuf,
+    gpu_bytes: Option<u64>,
+    nvml: Option<nvml_wrapper::Nvml>,
+    mechanisms: Vec<Mechanism>,
+}
+
+/// CPU use is averaged over this window before a breach kills.
+const CPU_WINDOW: Duration = Duration::from_secs(2);
+
+impl WatchPlan {
+    /// At `high` a memory cgroup enforces `memory_gb` (the kernel OOM-kills); the watchdog
+    /// does where there is none, and always at `maximum` (kill at the limit, the cgroup at
+    /// twice the limit as a backstop).
+    fn new(c: &WorkerConfig, ncpu: f64, scratch: &Path, memory_cgroup: bool) -> Self {
+        let mut mechanisms = Vec::new();
+        let watch_memory = c.level == SecurityLevel::Maximum || !memory_cgroup;
+        let memory_bytes = c.limits.memory_gb.filter(|_| watch_memory).map(|gb| (gb * 1e9) as u64);
+        if let Some(gb) = c.limits.memory_gb.filter(|_| watch_memory) {
+            mechanisms.push(Mechanism::active("memory watchdog", format!("the host kills the worker when its resident memory (with its children) exceeds {gb} GB, read from /proc every 10 ms")));
+        }
+        let cpu_cores = c.limits.cpu_percent.filter(|_| c.level == SecurityLevel::Maximum).map(|p| p / 100.0 * ncpu);
+        if let Some(p) = c.limits.cpu_percent {
+            if c.level == SecurityLevel::Maximum {
+                mechanisms.push(Mechanism::active("cpu watchdog", format!("the host kills the worker when it uses more than {p} % of the machine's {ncpu} cores over {} s", CPU_WINDOW.as_secs())));
+            }
+            mechanisms.push(Mechanism { name: "cpu thread cap".into(), active: true, detail: format!("the plugin is told to compute with at most {p} % of the cores (cooperative)"), required: false });
+        }
+        let disk_bytes = c.limits.disk_space_gb.map(|gb| (gb * 1e9) as u64);
+        if let Some(gb) = c.limits.disk_space_gb {
+            mechanisms.push(Mechanism::active("disk watchdog", format!("the host kills the worker when its scratch directory holds more than {gb} GB; RLIMIT_FSIZE caps each file; landlock allows writes nowhere else")));
+        }
+        let gpu_bytes = c.limits.gpu_memory_gb.map(|gb| (gb * 1e9) as u64);
+        let mut nvml = None;
+        if let Some(gb) = c.limits.gpu_memory_gb {
+            match nvml_wrapper::Nvml::init() {
+                Ok(n) => {
+                    nvml = Some(n);
+                    mechanisms.push(Mechanism::active("gpu memory watchdog", format!("the host kills the worker when NVML reports more than {gb} GB of GPU memory used by it")));
+                }
+                Err(e) => mechanisms.push(Mechanism::missing("gpu memory watchdog", format!("NVML is not available ({e}): GPU memory of the worker cannot be watched"))),
+            }
+        }
+        Self { memory_bytes, cpu_cores, cpu_percent: c.limits.cpu_percent.unwrap_or(0.0), disk_bytes, scratch: scratch.to_path_buf(), gpu_bytes, nvml, mechanisms }
+    }
+
+    fn run(self, pid: u32, reason: &KillReason, stop: &AtomicBool) {
+        let ticks = {
+            // SAFETY: sysconf takes a constant and has no preconditions.
+            let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+            if t > 0 { t as f64 } else { 100.0 }
+        };
+        let mut cpu_samples: std::collections::VecDeque<(Instant, f64)> = Default::default();
+        let mut tick = 0u64;
+        let kill = |why: String| {
+            if let Ok(mut slot) = reason.lock()
+                && slot.is_none()
+            {
+                *slot = Some(why);
+            }
+            kill_group(pid);
+        };
+        while !stop.load(Ordering::SeqCst) {
+            tick += 1;
+            if let Some(limit) = self.memory_bytes {
+                let rss = tree_rss_bytes(pid);
+                if rss > limit {
+                    kill(format!("killed by the host: memory limit {:.3} GB exceeded (resident {:.3} GB)", limit as f64 / 1e9, rss as f64 / 1e9));
+                    break;
+                }
+            }
+            if let Some(cores) = self.cpu_cores
+                && let Some(cpu) = cpu_seconds(pid, ticks)
+            {
+                let now = Instant::now();
+                cpu_samples.push_back((now, cpu));
+                while cpu_samples.len() > 2 && now.duration_since(cpu_samples[1].0) >= CPU_WINDOW {
+                    cpu_samples.pop_front();
+                }
+                if let Some(&(t0, c0)) = cpu_samples.front() {
+                    let span = now.duration_since(t0).as_secs_f64();
+                    if span >= CPU_WINDOW.as_secs_f64() && (cpu - c0) / span > cores * 1.05 {
+                        kill(format!(
+                            "killed by the host: CPU limit exceeded ({:.0} % of the machine over {:.1} s, limit cpu_percent = {})",
+                            (cpu - c0) / span / cores * self.cpu_percent,
+                            span,
+                            self.cpu_percent
+                        ));
+                        break;
+                    }
+                }
+            }
+            if tick.is_multiple_of(20) {
+                if let Some(limit) = self.disk_bytes {
+                    let used = dir_bytes(&self.scratch);
+                    if used > limit {
+                        kill(format!("killed by the host: disk limit {:.3} GB exceeded (scratch holds {:.3} GB)", limit as f64 / 1e9, used as f64 / 1e9));
+                        break;
+                    }
+                }
+                if let (Some(limit), Some(nvml)) = (self.gpu_bytes, &self.nvml) {
+                    let used = gpu_bytes(nvml, pid);
+                    if used > limit {
+                        kill(format!("killed by the host: GPU memory limit {:.3} GB exceeded (NVML: {:.3} GB)", limit as f64 / 1e9, used as f64 / 1e9));
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for task in tasks.filter_map(Result::ok) {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// Resident memory of `pid` and its descendants.
+fn tree_rss_bytes(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![pid];
+    let mut seen = 0;
+    while let Some(p) = stack.pop() {
+        seen += 1;
+        if seen > 4096 {
+            break;
+        }
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/statm"))
+            && let Some(pages) = text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok())
+        {
+            total += pages * 4096;
+        }
+        stack.extend(children(p));
+    }
+    total
+}
+
+/// utime + stime of `pid` (all threads) and its reaped children, in seconds.
+fn cpu_seconds(pid: u32, ticks: f64) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14..17 of stat(5), counted after the command name: utime, stime, cutime, cstime.
+    let sum: f64 = fields.get(11..15)?.iter().filter_map(|f| f.parse::<f64>().ok()).sum();
+    Some(sum / ticks)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.filter_map(Result::ok) {
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => stack.push(entry.path()),
+                Ok(m) => {
+                    use std::os::unix::fs::MetadataExt;
+                    total += m.blocks() * 512;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn gpu_bytes(nvml: &nvml_wrapper::Nvml, pid: u32) -> u64 {
+    let mut total = 0;
+    let count = nvml.device_count().unwrap_or(0);
+    for index in 0..count {
+        let Ok(device) = nvml.device_by_index(index) else { continue };
+        for process in device.running_compute_processes().unwrap_or_default() {
+            if process.pid == pid
+                && let nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) = process.used_gpu_memory
+            {
+                total += bytes;
+            }
+        }
+    }
+    total
+}

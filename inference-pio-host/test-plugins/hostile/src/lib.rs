@@ -1,0 +1,225 @@
+//! Test plugin for the attack suite of security levels `high` and `maximum`. A request's
+//! prompt text names one attack; the response text says how the attempt ended (`ok…` or
+//! `err:ERRNO`), so the tests can assert the specific denial:
+//!
+//! `read:PATH`, `write:PATH:BYTES`, `connect:ADDR`, `fork` (fork until refused),
+//! `alloc:MB` (touch memory, 8 MiB at a time), `spin:SECONDS`, `panic`, `abort`, `segv`,
+//! `hang`, `ptrace`, `stream:N` (N tokens, for the overhead benchmark), `echo`.
+//!
+//! Its library constructor writes a marker file into `$PIO_TEST_MARKER_DIR` when that is set,
+//! so a test can tell whether any of its code ran.
+
+use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, PluginError};
+use inference_pio_core::export::{Plugin, TokenCallback};
+use inference_pio_core::types::*;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+extern "C" fn constructor() {
+    if let Some(dir) = std::env::var_os("PIO_TEST_MARKER_DIR") {
+        let _ = std::fs::write(Path::new(&dir).join(format!("constructor-ran-{}", std::process::id())), b"ran");
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+fn errno_name(e: &std::io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc::EACCES) => "EACCES",
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::ENETUNREACH) => "ENETUNREACH",
+        Some(libc::EAGAIN) => "EAGAIN",
+        Some(libc::EFBIG) => "EFBIG",
+        Some(libc::ENOENT) => "ENOENT",
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED",
+        Some(libc::EROFS) => "EROFS",
+        Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT",
+        Some(n) => return format!("err:errno {n}"),
+        None => return format!("err:{e}"),
+    };
+    format!("err:{name}")
+}
+
+fn attack(command: &str, on_token: &mut TokenCallback<'_>) -> String {
+    let (verb, arg) = command.split_once(':').unwrap_or((command, ""));
+    match verb {
+        "echo" => "ok".into(),
+        "read" => match std::fs::read(arg) {
+            Ok(bytes) => format!("ok:{} bytes", bytes.len()),
+            Err(e) => errno_name(&e),
+        },
+        "write" => {
+            let (path, bytes) = arg.rsplit_once(':').unwrap_or((arg, "1"));
+            let bytes: usize = bytes.parse().unwrap_or(1);
+            let result = std::fs::File::create(path).and_then(|mut f| f.write_all(&vec![7u8; bytes]));
+            match result {
+                Ok(()) => format!("ok:{bytes} bytes"),
+                Err(e) => errno_name(&e),
+            }
+        }
+        "connect" => match arg.parse::<std::net::SocketAddr>() {
+            Ok(addr) => match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(_) => "ok:connected".into(),
+                Err(e) => errno_name(&e),
+            },
+            Err(e) => format!("bad address: {e}"),
+        },
+        "fork" => fork_until_refused(),
+        "alloc" => {
+            let mb: usize = arg.parse().unwrap_or(1024);
+            let mut chunks: Vec<Vec<u8>> = Vec::new();
+            while chunks.len() * 8 < mb {
+                chunks.push(vec![1u8; 8 << 20]);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            format!("ok:{} MiB resident", chunks.len() * 8)
+        }
+        "spin" => {
+            let seconds: f64 = arg.parse().unwrap_or(1.0);
+            let start = Instant::now();
+            let mut x = 0u64;
+            while start.elapsed().as_secs_f64() < seconds {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            let mut usage = zeroed_rusage();
+            // SAFETY: `usage` is a valid, writable rusage.
+            unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+            let cpu = usage.ru_utime.tv_sec as f64 + usage.ru_utime.tv_usec as f64 / 1e6 + usage.ru_stime.tv_sec as f64 + usage.ru_stime.tv_usec as f64 / 1e6;
+            format!("ok:cpu={cpu:.3} wall={:.3} ({})", start.elapsed().as_secs_f64(), x % 2)
+        }
+        "panic" => panic!("hostile plugin panics on request"),
+        "abort" => std::process::abort(),
+        "segv" => {
+            // SAFETY: restoring the default disposition (Rust's runtime installs a handler for
+            // stack overflows) and raising a signal pass no memory; the default action kills us.
+            unsafe {
+                libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+                libc::raise(libc::SIGSEGV);
+            }
+            "err:still alive after SIGSEGV".into()
+        }
+        "hang" => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        "ptrace" => {
+            // SAFETY: PTRACE_TRACEME takes no pointers.
+            let r = unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+            if r == 0 { "ok:traced".into() } else { errno_name(&std::io::Error::last_os_error()) }
+        }
+        "stream" => {
+            let n: u32 = arg.parse().unwrap_or(16);
+            for i in 0..n {
+                if !on_token(i, "tok ") {
+                    return format!("cancelled after {i}");
+                }
+            }
+            format!("ok:{n} tokens")
+        }
+        other => format!("unknown attack `{other}`"),
+    }
+}
+
+fn zeroed_rusage() -> libc::rusage {
+    // SAFETY: rusage is plain integers; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Forks children that wait, until the kernel refuses; then reaps them.
+fn fork_until_refused() -> String {
+    let mut children = Vec::new();
+    let outcome = loop {
+        if children.len() >= 4096 {
+            break "ok:4096 forks, never refused".to_string();
+        }
+        // SAFETY: the child only calls async-signal-safe functions (pause, _exit).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            loop {
+                // SAFETY: pause is async-signal-safe.
+                unsafe { libc::pause() };
+            }
+        }
+        if pid < 0 {
+            break format!("{} after {} forks", errno_name(&std::io::Error::last_os_error()), children.len());
+        }
+        children.push(pid);
+    };
+    for pid in children {
+        // SAFETY: our own child processes.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+    outcome
+}
+
+pub struct Hostile;
+
+impl Plugin for Hostile {
+    fn metadata(&self) -> PluginMetadata {
+        PluginMetadata {
+            id: "test-hostile".into(),
+            version: "0.0.1".into(),
+            description: "hostile test plugin: every request is an attack".into(),
+            architectures: vec!["PioTestHostileForCausalLM".into()],
+            primary_model: PrimaryModel { name: "none".into(), parameter_count: 0, memory_bytes: 0 },
+            modalities: vec!["text".into()],
+            capabilities: vec!["streaming".into()],
+            optimizations: vec![],
+            backends: vec!["cpu".into()],
+            build: BuildInfo { rustc: "n/a".into(), burn: "n/a".into(), abi_major: ABI_MAJOR, abi_minor: ABI_MINOR },
+        }
+    }
+    fn supports_config(&self, _config: &serde_json::Value) -> Support {
+        Support { supported: true, reason: String::new() }
+    }
+    fn initialize(&self, _settings: PluginSettings) -> Result<(), PluginError> {
+        Ok(())
+    }
+    fn load_model(&self, _dir: &Path, _options: LoadOptions) -> Result<ModelInfo, PluginError> {
+        Ok(ModelInfo {
+            handle: 7,
+            cpu_threads: None,
+            architecture: "PioTestHostileForCausalLM".into(),
+            parameter_count: 0,
+            weight_bytes: 0,
+            dtype: DType::F32,
+            device: "cpu".into(),
+            max_context: 1 << 20,
+            vocab_size: 16,
+            has_chat_template: false,
+            generation_defaults: SamplingOverrides::default(),
+            load_seconds: 0.0,
+        })
+    }
+    fn infer(&self, _m: u64, request: InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
+        let PromptInput::Text(command) = &request.input else {
+            return Err(PluginError::invalid("the hostile plugin takes a text prompt naming the attack"));
+        };
+        let text = attack(command, on_token);
+        Ok(InferResponse {
+            prompt_token_ids: vec![],
+            token_ids: vec![],
+            text,
+            reasoning: String::new(),
+            tool_calls: Vec::new(),
+            finish_reason: FinishReason::Length,
+            timings: Timings::default(),
+        })
+    }
+    fn score(&self, _m: u64, _r: ScoreRequest) -> Result<ScoreResponse, PluginError> {
+        Err(PluginError::invalid("test plugin"))
+    }
+    fn update_config(&self, _u: ConfigUpdate) -> Result<UpdateOutcome, PluginError> {
+        Ok(UpdateOutcome::default())
+    }
+    fn cleanup(&self, _m: u64) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+inference_pio_core::export_plugin!(Hostile, || Hostile);

@@ -1,0 +1,235 @@
+//! The attack suite of security levels `high` and `maximum`: the hostile test plugin
+//! (`test-plugins/hostile`, built by `cargo build --workspace`) runs in a real worker process
+//! and every attack must end in its specific denial (errno, kill reason). Mechanisms the
+//! kernel lacks must be reported missing and refuse the level; the containment assertions
+//! then cover the mechanisms reported in force.
+
+use inference_pio_core::ErrorKind;
+use inference_pio_core::config::{ResourceLimits, SecurityLevel};
+use inference_pio_core::types::{InferRequest, LoadOptions, PluginSettings, PromptInput};
+use inference_pio_host::worker::{WorkerConfig, WorkerPlugin, sha256_file};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_inference-pio");
+
+fn hostile() -> PathBuf {
+    let path = Path::new(BIN).parent().expect("dir").join(format!("libpio_test_plugin_hostile{}", std::env::consts::DLL_SUFFIX));
+    assert!(path.is_file(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+fn config(level: SecurityLevel, limits: ResourceLimits, model: &Path) -> WorkerConfig {
+    WorkerConfig {
+        exe: PathBuf::from(BIN),
+        id: "test-hostile".into(),
+        plugin: hostile(),
+        level,
+        limits,
+        allow_degraded: false,
+        sha256: (level == SecurityLevel::Maximum).then(|| sha256_file(&hostile()).expect("hash")),
+        timeout: Duration::from_secs(20),
+        model: Some(model.to_path_buf()),
+    }
+}
+
+/// Starts the worker strictly; where the machine lacks a required mechanism, asserts the
+/// refusal names it and starts again with `allow_degraded`.
+fn start(config: WorkerConfig) -> (WorkerPlugin, u64) {
+    let worker = match WorkerPlugin::start(config.clone()) {
+        Ok(w) => w,
+        Err(refusal) => {
+            assert!(refusal.contains("cannot be enforced") && refusal.contains("missing"), "{refusal}");
+            eprintln!("level refused on this machine, as it must be: {refusal}");
+            WorkerPlugin::start(WorkerConfig { allow_degraded: true, ..config }).expect("degraded start")
+        }
+    };
+    for m in worker.enforcement().expect("enforcement").mechanisms {
+        eprintln!("[{}] {}: {}", if m.active { "on" } else { "MISSING" }, m.name, m.detail);
+    }
+    worker.initialize(&PluginSettings::default()).expect("initialize");
+    let model = worker.load_model(Path::new("/nonexistent-model"), &LoadOptions::default()).expect("load");
+    (worker, model.handle)
+}
+
+fn active(worker: &WorkerPlugin, name: &str) -> bool {
+    let enforcement = worker.enforcement().expect("enforcement");
+    let m = enforcement.mechanisms.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("mechanism {name} not reported: {enforcement:?}"));
+    if !m.active {
+        assert!(enforcement.degraded.iter().any(|d| d.starts_with(name)), "missing {name} must be reported as degrading: {enforcement:?}");
+    }
+    m.active
+}
+
+fn attack(worker: &WorkerPlugin, model: u64, command: &str) -> Result<String, inference_pio_core::PluginError> {
+    let request = InferRequest { input: PromptInput::Text(command.into()), sampling: Default::default(), stop: vec![] };
+    worker.infer(model, &request, &mut |_, _| true).map(|r| r.text)
+}
+
+fn ok(worker: &WorkerPlugin, model: u64, command: &str) -> String {
+    attack(worker, model, command).unwrap_or_else(|e| panic!("{command}: {e}"))
+}
+
+#[test]
+fn high_contains_file_network_process_and_disk_attacks() {
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let model = dirs.path().join("model");
+    std::fs::create_dir(&model).expect("model dir");
+    std::fs::write(model.join("config.json"), "{}").expect("model file");
+    let secret = dirs.path().join("secret.txt");
+    std::fs::write(&secret, "do not read").expect("secret");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let limits = ResourceLimits { disk_space_gb: Some(0.001), ..Default::default() };
+    let (worker, m) = start(config(SecurityLevel::High, limits, &model));
+    let scratch = worker.scratch_dir().expect("scratch");
+
+    assert!(active(&worker, "die with the host"));
+    assert!(active(&worker, "rlimits"));
+    if active(&worker, "landlock") {
+        assert_eq!(ok(&worker, m, &format!("read:{}", secret.display())), "err:EACCES");
+        assert_eq!(ok(&worker, m, "read:/etc/hostname"), "err:EACCES");
+        assert_eq!(ok(&worker, m, &format!("read:{}", model.join("config.json").display())), "ok:2 bytes");
+        assert_eq!(ok(&worker, m, &format!("write:{}:10", dirs.path().join("planted").display())), "err:EACCES");
+        assert!(!dirs.path().join("planted").exists());
+        assert_eq!(ok(&worker, m, &format!("write:{}:10", model.join("planted").display())), "err:EACCES");
+    }
+    assert_eq!(ok(&worker, m, &format!("write:{}:1000", scratch.join("ok.bin").display())), "ok:1000 bytes");
+    // disk_space_gb = 0.001: RLIMIT_FSIZE refuses a 2 MB file with EFBIG (and no SIGXFSZ death).
+    assert_eq!(ok(&worker, m, &format!("write:{}:2000000", scratch.join("big.bin").display())), "err:EFBIG");
+    if active(&worker, "network namespace") {
+        assert_eq!(ok(&worker, m, &format!("connect:127.0.0.1:{port}")), "err:ENETUNREACH");
+    }
+    if active(&worker, "cgroup pids.max") {
+        let forks = ok(&worker, m, "fork");
+        let n: u64 = forks.strip_prefix("err:EAGAIN after ").and_then(|r| r.strip_suffix(" forks")).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{forks}"));
+        assert!(n < inference_pio_host::cgroup::PIDS_MAX, "{forks}");
+    }
+    // The worker survived all of it and still answers.
+    assert_eq!(ok(&worker, m, "echo"), "ok");
+    assert_eq!(worker.restarts(), 0);
+}
+
+#[test]
+fn maximum_denies_syscalls_and_non_unix_sockets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let (worker, m) = start(config(SecurityLevel::Maximum, ResourceLimits::default(), dir.path()));
+    assert!(active(&worker, "pinned sha256"));
+    if active(&worker, "seccomp") {
+        // seccomp answers before the network namespace could: socket(AF_INET) is EPERM.
+        assert_eq!(ok(&worker, m, &format!("connect:127.0.0.1:{port}")), "err:EPERM");
+        assert_eq!(ok(&worker, m, "ptrace"), "err:EPERM");
+    }
+    assert_eq!(ok(&worker, m, "echo"), "ok");
+}
+
+#[test]
+fn crashes_and_hangs_are_named_and_the_next_request_gets_a_new_worker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(SecurityLevel::High, ResourceLimits::default(), dir.path());
+    cfg.timeout = Duration::from_millis(1500);
+    let (worker, m) = start(cfg.clone());
+    let (bystander, b) = start(cfg);
+    let cases = [
+        ("panic", "plugin panicked: hostile plugin panics on request"),
+        ("abort", "aborted (SIGABRT)"),
+        ("segv", "killed by SIGSEGV (segmentation fault)"),
+        ("hang", "timed out: no answer for 1.5 s"),
+    ];
+    for (i, (command, expected)) in cases.iter().enumerate() {
+        let first = worker.worker_pid();
+        let err = attack(&worker, m, command).expect_err(command);
+        assert!(err.message.contains(expected), "{command}: {err}");
+        if *command == "panic" {
+            assert_eq!(err.kind, ErrorKind::Poisoned);
+        } else {
+            assert!(err.message.contains("restarted for the next request"), "{err}");
+        }
+        // The next request is served by a new worker process, with the model loaded again.
+        assert_eq!(ok(&worker, m, "echo"), "ok");
+        assert_ne!(worker.worker_pid(), first);
+        assert_eq!(worker.restarts(), i as u32 + 1);
+        // Another plugin's worker is untouched.
+        assert_eq!(ok(&bystander, b, "echo"), "ok");
+    }
+    assert_eq!(bystander.restarts(), 0);
+}
+
+#[test]
+fn memory_breach_kills_the_worker_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = ResourceLimits { memory_gb: Some(0.25), ..Default::default() };
+    // maximum: the host's watchdog kills at the limit.
+    let (worker, m) = start(config(SecurityLevel::Maximum, limits.clone(), dir.path()));
+    let err = attack(&worker, m, "alloc:2000").expect_err("killed");
+    assert!(err.message.contains("killed by the host: memory limit 0.250 GB exceeded"), "{err}");
+    assert_eq!(err.kind, ErrorKind::ResourceLimit);
+    assert_eq!(ok(&worker, m, "alloc:64"), "ok:64 MiB resident");
+    // high: a memory cgroup where there is one (the kernel OOM-kills), else the watchdog.
+    let (worker, m) = start(config(SecurityLevel::High, limits, dir.path()));
+    let err = attack(&worker, m, "alloc:2000").expect_err("killed");
+    if active(&worker, "cgroup memory.max") {
+        assert!(err.message.contains("killed by the kernel's OOM killer"), "{err}");
+    } else {
+        assert!(err.message.contains("killed by the host: memory limit 0.250 GB exceeded"), "{err}");
+    }
+    assert_eq!(ok(&worker, m, "echo"), "ok");
+}
+
+#[test]
+fn cpu_limit_throttles_at_high_and_kills_at_maximum() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    // A quarter of one core.
+    let percent = 25.0 / ncpu;
+    let limits = ResourceLimits { cpu_percent: Some(percent), ..Default::default() };
+    let (worker, m) = start(config(SecurityLevel::High, limits.clone(), dir.path()));
+    if active(&worker, "cgroup cpu.max") {
+        let text = ok(&worker, m, "spin:1.2");
+        let cpu: f64 = text.split("cpu=").nth(1).and_then(|r| r.split(' ').next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{text}"));
+        assert!(cpu < 0.6, "a spinning thread got {cpu} s of CPU in 1.2 s under a 0.25-core quota: {text}");
+        assert!(worker.cpu_throttled().expect("cpu cgroup") > 0);
+    }
+    let (worker, m) = start(config(SecurityLevel::Maximum, limits, dir.path()));
+    let started = Instant::now();
+    let err = attack(&worker, m, "spin:30").expect_err("killed");
+    assert!(err.message.contains("killed by the host: CPU limit exceeded"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(ok(&worker, m, "echo"), "ok");
+}
+
+#[test]
+fn a_maximum_plugin_whose_hash_differs_never_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tampered = dir.path().join("libpio_test_plugin_hostile.so");
+    let mut bytes = std::fs::read(hostile()).expect("read");
+    bytes.extend_from_slice(b"tampered");
+    std::fs::write(&tampered, bytes).expect("write");
+    let mut cfg = config(SecurityLevel::Maximum, ResourceLimits::default(), dir.path());
+    cfg.plugin = tampered.clone();
+    let err = WorkerPlugin::start(cfg).err().expect("refused");
+    assert!(err.contains("sha256 mismatch") && err.contains(&sha256_file(&tampered).expect("hash")), "{err}");
+}
+
+#[test]
+fn a_missing_mechanism_refuses_the_level_unless_degrading_is_allowed() {
+    // gpu_memory_gb needs NVML: on a machine without the NVIDIA driver the level is refused by
+    // name, and with allow_degraded it runs and says what is missing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = ResourceLimits { gpu_memory_gb: Some(1.0), ..Default::default() };
+    let strict = config(SecurityLevel::High, limits, dir.path());
+    match WorkerPlugin::start(strict.clone()) {
+        Ok(worker) => assert!(active(&worker, "gpu memory watchdog"), "a strict start must have every required mechanism"),
+        Err(refusal) => {
+            assert!(refusal.contains("security level `high` cannot be enforced") && refusal.contains("gpu memory watchdog (NVML is not available"), "{refusal}");
+            assert!(refusal.contains("allow_degraded = true"), "{refusal}");
+            let worker = WorkerPlugin::start(WorkerConfig { allow_degraded: true, ..strict }).expect("degraded start");
+            let enforcement = worker.enforcement().expect("enforcement");
+            assert_eq!(enforcement.degraded.len(), 1, "{enforcement:?}");
+            assert!(enforcement.degraded[0].starts_with("gpu memory watchdog"), "{enforcement:?}");
+            assert!(!active(&worker, "gpu memory watchdog"));
+        }
+    }
+}
