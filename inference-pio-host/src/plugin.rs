@@ -66,6 +66,13 @@ impl LoadedPlugin {
         })
     }
 
+    /// The same plugin, named `path` in messages (it was opened through another path, such
+    /// as a descriptor's `/proc/self/fd/N`).
+    pub fn named(mut self, path: &Path) -> Self {
+        self.path = path.to_path_buf();
+        self
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -123,8 +123,13 @@ fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<T>
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String, String> {
-    use sha2::Digest;
     let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    sha256_of(&mut file, path)
+}
+
+/// sha256 of what `file` (named `path` in messages) holds from its current offset, hex.
+fn sha256_of(file: &mut std::fs::File, path: &Path) -> Result<String, String> {
+    use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -139,7 +144,10 @@ pub fn sha256_file(path: &Path) -> Result<String, String> {
 
 /// Refuses `path` unless its sha256 is `expected`.
 pub fn check_sha256(path: &Path, expected: &str) -> Result<(), String> {
-    let actual = sha256_file(path)?;
+    check_digest(path, &sha256_file(path)?, expected)
+}
+
+fn check_digest(path: &Path, actual: &str, expected: &str) -> Result<(), String> {
     if actual.eq_ignore_ascii_case(expected) {
         Ok(())
     } else {
@@ -152,6 +160,19 @@ pub fn check_sha256(path: &Path, expected: &str) -> Result<(), String> {
 
 // ---------------------------------------------------------------------------------------
 // Worker side.
+
+/// Opens `path`, checks the sha256 of the open file and loads the library from that same
+/// descriptor.
+fn open_pinned(path: &Path, expected: &str) -> Result<LoadedPlugin, String> {
+    use std::os::fd::AsRawFd;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    check_digest(path, &sha256_of(&mut file, path)?, expected)?;
+    let by_descriptor = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let plugin = LoadedPlugin::open(&by_descriptor)?.named(path);
+    // The mapping keeps the file alive; the descriptor is kept too, so the number is never reused.
+    std::mem::forget(file);
+    Ok(plugin)
+}
 
 /// `inference-pio __worker`: serve one plugin over the socket on stdin. Returns the exit code.
 pub fn worker_main() -> i32 {
@@ -183,12 +204,14 @@ fn serve(stream: &mut UnixStream) -> Result<(), String> {
         Ok(ToWorker::Shutdown) | Err(_) => return Ok(()),
         Ok(other) => return Err(format!("expected open, got {other:?}")),
     }
-    // Checked again here, on the file the worker is about to map, before any plugin code.
+    // Checked again here, on the very file the worker maps, before any plugin code: the
+    // library is hashed through an open descriptor and loaded through that descriptor
+    // (`/proc/self/fd/N`), so swapping the file at its path after the check changes nothing.
+    // The descriptor stays open for the worker's life.
     let opened = match &setup.sha256 {
-        Some(expected) => check_sha256(&setup.plugin, expected),
-        None => Ok(()),
-    }
-    .and_then(|()| LoadedPlugin::open(&setup.plugin));
+        Some(expected) => open_pinned(&setup.plugin, expected),
+        None => LoadedPlugin::open(&setup.plugin),
+    };
     let plugin = match opened {
         Ok(plugin) => {
             write_frame(stream, &FromWorker::Reply(Ok(serde_json::Value::Null))).map_err(|e| e.to_string())?;
@@ -476,7 +499,7 @@ impl WorkerPlugin {
         }
         let mut host_mechanisms = Vec::new();
         if let Some(expected) = &c.sha256 {
-            host_mechanisms.push(Mechanism::active("pinned sha256", format!("{expected} checked by the host before starting the worker and by the worker before opening the library")));
+            host_mechanisms.push(Mechanism::active("pinned sha256", format!("{expected} checked by the host before starting the worker and by the worker on the descriptor it loads the library from")));
         }
         let scratch = tempfile::Builder::new()
             .prefix(&format!("inference-pio-{}-scratch-", c.id))
