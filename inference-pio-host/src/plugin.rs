@@ -66,11 +66,21 @@ impl LoadedPlugin {
         })
     }
 
-    /// The same plugin, named `path` in messages (it was opened through another path, such
-    /// as a descriptor's `/proc/self/fd/N`).
-    pub fn named(mut self, path: &Path) -> Self {
-        self.path = path.to_path_buf();
-        self
+    /// [`LoadedPlugin::open`], with the file's sha256 checked first when one is pinned: the
+    /// library is hashed through an open descriptor and loaded through that same descriptor
+    /// (`/proc/self/fd/N`), so a file swapped at its path after the check is not the one
+    /// loaded. The descriptor stays open for the process's life.
+    pub fn open_pinned(path: &Path, sha256: Option<&str>) -> Result<Self, String> {
+        use std::os::fd::AsRawFd;
+        let Some(expected) = sha256 else { return Self::open(path) };
+        let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        crate::digest::check_digest(path, &crate::digest::sha256_of(&mut file, path)?, expected)?;
+        let mut plugin = Self::open(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+        plugin.path = path.to_path_buf();
+        // Libraries are never unloaded: keeping the descriptor open means its number, and so
+        // the name the library was opened under, is never reused.
+        std::mem::forget(file);
+        Ok(plugin)
     }
 
     pub fn path(&self) -> &Path {

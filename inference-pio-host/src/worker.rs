@@ -121,58 +121,8 @@ fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<T>
     serde_json::from_slice(&body).map_err(|e| std::io::Error::other(format!("malformed frame: {e}")))
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String, String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    sha256_of(&mut file, path)
-}
-
-/// sha256 of what `file` (named `path` in messages) holds from its current offset, hex.
-fn sha256_of(file: &mut std::fs::File, path: &Path) -> Result<String, String> {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Refuses `path` unless its sha256 is `expected`.
-pub fn check_sha256(path: &Path, expected: &str) -> Result<(), String> {
-    check_digest(path, &sha256_file(path)?, expected)
-}
-
-fn check_digest(path: &Path, actual: &str, expected: &str) -> Result<(), String> {
-    if actual.eq_ignore_ascii_case(expected) {
-        Ok(())
-    } else {
-        Err(format!(
-            "sha256 mismatch for {}: the config pins {expected}, the file has {actual}; refusing to load it",
-            path.display()
-        ))
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Worker side.
-
-/// Opens `path`, checks the sha256 of the open file and loads the library from that same
-/// descriptor.
-fn open_pinned(path: &Path, expected: &str) -> Result<LoadedPlugin, String> {
-    use std::os::fd::AsRawFd;
-    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    check_digest(path, &sha256_of(&mut file, path)?, expected)?;
-    let by_descriptor = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    let plugin = LoadedPlugin::open(&by_descriptor)?.named(path);
-    // The mapping keeps the file alive; the descriptor is kept too, so the number is never reused.
-    std::mem::forget(file);
-    Ok(plugin)
-}
 
 /// `inference-pio __worker`: serve one plugin over the socket on stdin. Returns the exit code.
 pub fn worker_main() -> i32 {
@@ -208,10 +158,7 @@ fn serve(stream: &mut UnixStream) -> Result<(), String> {
     // library is hashed through an open descriptor and loaded through that descriptor
     // (`/proc/self/fd/N`), so swapping the file at its path after the check changes nothing.
     // The descriptor stays open for the worker's life.
-    let opened = match &setup.sha256 {
-        Some(expected) => open_pinned(&setup.plugin, expected),
-        None => LoadedPlugin::open(&setup.plugin),
-    };
+    let opened = LoadedPlugin::open_pinned(&setup.plugin, setup.sha256.as_deref());
     let plugin = match opened {
         Ok(plugin) => {
             write_frame(stream, &FromWorker::Reply(Ok(serde_json::Value::Null))).map_err(|e| e.to_string())?;
@@ -493,7 +440,7 @@ impl WorkerPlugin {
     fn spawn(&self) -> Result<(Worker, Enforcement), String> {
         let c = &self.config;
         if let Some(expected) = &c.sha256 {
-            check_sha256(&c.plugin, expected)?;
+            crate::digest::check_sha256(&c.plugin, expected)?;
         } else if c.level == SecurityLevel::Maximum {
             return Err("security level `maximum` needs the plugin's sha256 pinned in the config".into());
         }

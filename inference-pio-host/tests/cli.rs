@@ -501,7 +501,7 @@ fn worker_levels_show_what_is_in_force_run_and_refuse_a_tampered_maximum_plugin(
 
     // maximum with a pinned hash that the file in the plugin directory no longer has.
     let original = test_plugin("hostile");
-    let pinned = inference_pio_host::worker::sha256_file(&original).expect("hash");
+    let pinned = inference_pio_host::digest::sha256_file(&original).expect("hash");
     let plugins = tempfile::tempdir().expect("plugins");
     let mut bytes = std::fs::read(&original).expect("read");
     bytes.extend_from_slice(b"tampered");
