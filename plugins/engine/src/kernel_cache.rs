@@ -5,9 +5,10 @@
 //! re-tunes every matmul shape (about 20 candidates, 1-3 s each), which dominated the time to
 //! first token on the GPU. The plugin points CubeCL at `<cache_dir>/cubecl` (the host's cache
 //! directory, `~/.cache/inference-pio` by default) before the first CUDA device is made, so a
-//! second start reuses both. A `cubecl.toml` or `CUBECL_*` variables the operator set still
-//! win: only the defaults (`target/environment` below the working directory's Cargo
-//! workspace, kernels not cached) are replaced.
+//! later start can reuse both, and switches kernel caching on. A location the operator set
+//! (`environment.path` in a `cubecl.toml`, other `CUBECL_*` settings) is kept: only the
+//! default location (`target/environment` below the working directory's Cargo workspace) is
+//! replaced.
 
 use cubecl_runtime::config::cache::CacheConfig;
 use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};

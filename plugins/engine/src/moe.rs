@@ -170,8 +170,6 @@ impl Mlp {
 pub struct MoeBlock {
     router: Router,
     top_k: usize,
-    num_experts: usize,
-    inner: usize,
     /// `[experts, hidden]`, f32 or the model's dtype ([`Router::logits_in_f32`]); routing
     /// itself is decided in f32.
     gate: Tensor<2>,
@@ -218,7 +216,16 @@ impl MoeBlock {
             .shared_intermediate
             .map(|inner| Mlp::load(ckpt, &format!("{prefix}.shared_experts"), hidden, inner, device, dtype))
             .transpose()?;
-        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, num_experts: n, inner, gate, bias, gate_up, down, shared })
+        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, gate, bias, gate_up, down, shared })
+    }
+
+    fn num_experts(&self) -> usize {
+        self.gate_up.dims()[0]
+    }
+
+    /// Each routed expert's hidden width.
+    fn inner(&self) -> usize {
+        self.down.dims()[2]
     }
 
     /// `x [rows, hidden] -> [rows, hidden]`.
@@ -233,7 +240,7 @@ impl MoeBlock {
         let (experts, weights) = route(&self.router, k, logits, self.bias.as_ref());
         // Few rows: copy the chosen experts' weights (3 x rows x top_k expert matrices moved);
         // many: run every expert once over a batch of its rows (all experts read once).
-        let per_slot = if 3 * rows * k <= self.num_experts {
+        let per_slot = if 3 * rows * k <= self.num_experts() {
             self.by_gathered_weights(x.clone(), experts)
         } else {
             self.by_expert_batches(x.clone(), experts)?
@@ -246,9 +253,9 @@ impl MoeBlock {
         })
     }
 
-    /// `x [rows, 2 * inner] -> [.., inner]`: SwiGLU over the gate and up halves.
+    /// `[batch, rows, 2 * inner] -> [batch, rows, inner]`: SwiGLU over the gate and up halves.
     fn activate(&self, gate_up: Tensor<3>) -> Tensor<3> {
-        let i = self.inner;
+        let i = self.inner();
         inference_pio_kernels::swiglu(gate_up.clone().narrow(2, 0, i), gate_up.narrow(2, i, i))
     }
 
@@ -272,7 +279,7 @@ impl MoeBlock {
     /// computed on the host from the routing decisions (one small read).
     fn by_expert_batches(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<Tensor<2>, EngineError> {
         let [rows, hidden] = x.dims();
-        let (n, k) = (self.num_experts, self.top_k);
+        let (n, k) = (self.num_experts(), self.top_k);
         let device = x.device();
         let chosen = experts
             .reshape([rows * k])

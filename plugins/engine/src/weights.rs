@@ -7,6 +7,7 @@
 
 use crate::error::EngineError;
 use burn::tensor::{DType as BurnDType, Device, Distribution, Tensor, TensorData};
+use std::borrow::Cow;
 use inference_pio_core::types::DType;
 use memmap2::Mmap;
 use inference_pio_formats::gguf::{self, Gguf};
@@ -323,7 +324,7 @@ impl Checkpoint {
         if let Source::Random(seed) = &self.source {
             return Ok(Self::random_tensor(*seed, name, shape, device, dtype));
         }
-        let data = TensorData::from_bytes_vec(self.host_bytes(name, &shape, dtype)?, shape, burn_dtype(dtype));
+        let data = TensorData::from_bytes_vec(self.host_bytes(name, &shape, dtype)?.into_owned(), shape, burn_dtype(dtype));
         Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
     }
 
@@ -352,11 +353,12 @@ impl Checkpoint {
         Tensor::random(shape, distribution, (device, burn_dtype(dtype)))
     }
 
-    /// `name`'s values as little-endian `dtype` bytes, after checking its shape.
-    fn host_bytes(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Vec<u8>, EngineError> {
+    /// `name`'s values as little-endian `dtype` bytes, after checking its shape: borrowed
+    /// from the mapped file when it already holds them in `dtype`, converted otherwise.
+    fn host_bytes(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Cow<'_, [u8]>, EngineError> {
         match &self.source {
             Source::Random(_) => Err(EngineError::Weights(format!("tensor `{name}`: a random checkpoint has no stored bytes"))),
-            Source::Gguf(g) => Self::load_gguf(g, name, shape, dtype),
+            Source::Gguf(g) => Self::load_gguf(g, name, shape, dtype).map(Cow::Owned),
             Source::Safetensors { shards, names } => {
                 Self::check_safetensors(shards, names, name, shape)?;
                 let (shard, info) = Self::entry(shards, names, name)?;
@@ -370,7 +372,7 @@ impl Checkpoint {
                     Dtype::BF16 => DType::Bf16,
                     _ => DType::F16,
                 };
-                Ok(if native == dtype { bytes.to_vec() } else { convert(bytes, info.dtype, dtype) })
+                Ok(if native == dtype { Cow::Borrowed(bytes) } else { Cow::Owned(convert(bytes, info.dtype, dtype)) })
             }
         }
     }
