@@ -6,34 +6,14 @@
 #    and one run, whose tokens must equal the in-process run's.
 # Expects .gpu/inference-pio.xz, .gpu/libqwen3_coder_30b.so.xz, .gpu/libglm_4_7.so.xz (carried).
 set -uo pipefail
-mkdir -p .gpu/bin
-for f in inference-pio libqwen3_coder_30b.so libglm_4_7.so; do xz -dc .gpu/$f.xz > .gpu/bin/$f; done
-chmod +x .gpu/bin/inference-pio
-PIO=".gpu/bin/inference-pio"
-PD="--plugin-dir .gpu/bin"
+source benches/gpu/lib.sh
+unpack_gpu_binaries inference-pio libqwen3_coder_30b.so libglm_4_7.so
 export XDG_CACHE_HOME=/tmp/xdg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-check() { # fixture_dir model
-  local fix=$1 m=$2
-  python3 - "$fix/$m.reference.json" > /tmp/prompts.txt <<'PY'
-import json,sys
-for p in json.load(open(sys.argv[1]))["prompts"]: print(",".join(map(str,p["ids"])))
-PY
-  for dt in f32 bf16; do
-    local i=0
-    while read -r ids; do
-      timeout 60 $PIO score $PD --model $fix/$m --prompt-ids "$ids" --json --device cuda --dtype $dt > /tmp/score.$m.$dt.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
-      timeout 60 $PIO run $PD --model $fix/$m --prompt-ids "$ids" --json --device cuda --dtype $dt --greedy --max-new-tokens 16 > /tmp/run.$m.$dt.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
-      i=$((i+1))
-    done < /tmp/prompts.txt
-    echo "== $m $dt" | tee -a $OUT/parity.txt
-    python3 benches/gpu/parity_check.py $fix/$m.reference.json /tmp/score.$m.$dt.json $dt /tmp/run.$m.$dt.json 2>&1 | tee -a $OUT/parity.txt
-  done
-}
 Q=plugins/qwen3-coder-30b/tests/fixtures
 G=plugins/glm-4-7/tests/fixtures
-for m in qwen3moe-tiny-a qwen3moe-tiny-b; do check $Q $m; done
-for m in glm4moe-tiny-a glm4moe-tiny-b; do check $G $m; done
+for m in qwen3moe-tiny-a qwen3moe-tiny-b; do gpu_parity $Q $m f32 bf16; done
+for m in glm4moe-tiny-a glm4moe-tiny-b; do gpu_parity $G $m f32 bf16; done
 echo "check phase used $SECONDS s"
 # Security level high on the GPU.
 cat > /tmp/high.toml <<'EOF'

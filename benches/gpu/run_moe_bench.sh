@@ -7,16 +7,11 @@
 # Env: PIO_TIMEOUT (s, first run), PEER_TIMEOUT, NEW_TOKENS, BUDGET (s for the whole script).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
-mkdir -p .gpu/bin && xz -dc .gpu/inference-pio.xz > .gpu/bin/inference-pio && xz -dc .gpu/libqwen3_coder_30b.so.xz > .gpu/bin/libqwen3_coder_30b.so
-chmod +x .gpu/bin/inference-pio
-PIO=".gpu/bin/inference-pio"
-PD="--plugin-dir .gpu/bin"
+source benches/gpu/lib.sh
+unpack_gpu_binaries inference-pio libqwen3_coder_30b.so
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_LOG=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-FIX=plugins/qwen3-coder-30b/tests/fixtures
-CK=/tmp/qwen3-coder-30b && mkdir -p $CK
-cp plugins/qwen3-coder-30b/primary/config.json $CK/
-cp -L $FIX/qwen3-coder-tokenizer/tokenizer.json $FIX/qwen3-coder-tokenizer/tokenizer_config.json $CK/
+CK=$(qwen3_coder_30b_dir)
 ids() { python3 -c "print(','.join(str(1000 + (i * 7919) % 20000) for i in range($1)))"; }
 pio() { # name prompt_tokens new_tokens timeout
   local start=$(date +%s)

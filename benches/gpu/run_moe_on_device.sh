@@ -4,10 +4,8 @@
 # inference-pio first, transformers eager second, same GPU, same call.
 # Expects .gpu/inference-pio.xz and .gpu/libqwen3_coder_30b.so.xz (carried).
 set -uo pipefail
-mkdir -p .gpu/bin && xz -dc .gpu/inference-pio.xz > .gpu/bin/inference-pio && xz -dc .gpu/libqwen3_coder_30b.so.xz > .gpu/bin/libqwen3_coder_30b.so
-chmod +x .gpu/bin/inference-pio
-PIO=".gpu/bin/inference-pio"
-PD="--plugin-dir .gpu/bin"
+source benches/gpu/lib.sh
+unpack_gpu_binaries inference-pio libqwen3_coder_30b.so
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
 # CUBECL_LOGS=1: CubeCL's compilation and autotune logs (kernel names, tuning results) into $OUT.
 if [ -n "${CUBECL_LOGS:-}" ]; then
@@ -21,24 +19,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 FIX=plugins/qwen3-coder-30b/tests/fixtures
 # PHASE=30b skips the tiny-fixture parity (each CLI start recompiles every kernel: ~100 s).
 [ "${PHASE:-all}" = "30b" ] && MODELS="" || MODELS="qwen3moe-tiny-a qwen3moe-tiny-b"
-for m in $MODELS; do
-  python3 - "$FIX/$m.reference.json" > /tmp/prompts.txt <<'PY'
-import json,sys
-for p in json.load(open(sys.argv[1]))["prompts"]: print(",".join(map(str,p["ids"])))
-PY
-  i=0
-  while read -r ids; do
-    timeout 120 $PIO score $PD --model $FIX/$m --prompt-ids "$ids" --json --device cuda --dtype f32 > /tmp/score.$m.f32.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
-    timeout 120 $PIO run $PD --model $FIX/$m --prompt-ids "$ids" --json --device cuda --dtype f32 --greedy --max-new-tokens 16 > /tmp/run.$m.f32.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
-    i=$((i+1))
-  done < /tmp/prompts.txt
-  echo "== $m f32" | tee -a $OUT/parity.txt
-  python3 benches/gpu/parity_check.py $FIX/$m.reference.json /tmp/score.$m.f32.json f32 /tmp/run.$m.f32.json 2>&1 | tee -a $OUT/parity.txt
-done
+for m in $MODELS; do gpu_parity $FIX $m f32; done
 # Qwen3-Coder-30B-A3B, random weights on the device.
-CK=/tmp/qwen3-coder-30b && mkdir -p $CK
-cp plugins/qwen3-coder-30b/primary/config.json $CK/
-cp -L $FIX/qwen3-coder-tokenizer/tokenizer.json $FIX/qwen3-coder-tokenizer/tokenizer_config.json $CK/
+CK=$(qwen3_coder_30b_dir)
 # The peer first, so a slow inference-pio start cannot crowd it out of the call.
 [ -n "${SKIP_PEER:-}" ] || timeout ${PEER_TIMEOUT:-200} python3 benches/peers/transformers_moe.py --config plugins/qwen3-coder-30b/primary/config.json --prompt-tokens 128 2048 --new-tokens 32 --out $OUT/peer_qwen3_coder_30b_eager.json 2>&1 | tail -15
 IDS=$(python3 -c "print(','.join(str(1000 + (i * 7919) % 20000) for i in range(128)))")

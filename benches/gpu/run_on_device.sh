@@ -3,29 +3,14 @@
 # random bf16 weights, inference-pio side by side with transformers eager.
 # Expects .gpu/inference-pio.xz and .gpu/libqwen3_4b_instruct_2507.so.xz (carried).
 set -uo pipefail
-mkdir -p .gpu/bin && xz -dc .gpu/inference-pio.xz > .gpu/bin/inference-pio && xz -dc .gpu/libqwen3_4b_instruct_2507.so.xz > .gpu/bin/libqwen3_4b_instruct_2507.so
-chmod +x .gpu/bin/inference-pio
-PIO=.gpu/bin/inference-pio
+source benches/gpu/lib.sh
+unpack_gpu_binaries inference-pio libqwen3_4b_instruct_2507.so
 FIX=plugins/qwen3-4b-instruct-2507/tests/fixtures
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 $PIO plugins list --plugin-dir .gpu/bin
 PHASE=${1:-all}
 [ "$PHASE" = "4b" ] && MODELS="" || MODELS="qwen3-tiny-b qwen3-tiny-c"
-for m in $MODELS; do
-  for dt in f32 bf16; do
-    python3 - "$FIX/$m.reference.json" > /tmp/prompts.txt <<'PY'
-import json,sys
-for p in json.load(open(sys.argv[1]))["prompts"]: print(",".join(map(str,p["ids"])))
-PY
-    i=0
-    while read -r ids; do
-      $PIO score --plugin-dir .gpu/bin --model $FIX/$m --prompt-ids "$ids" --json --device cuda --dtype $dt > /tmp/score.$m.$dt.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
-      $PIO run --plugin-dir .gpu/bin --model $FIX/$m --prompt-ids "$ids" --json --device cuda --dtype $dt --greedy --max-new-tokens 16 > /tmp/run.$m.$dt.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
-      i=$((i+1))
-    done < /tmp/prompts.txt
-    echo "== $m $dt"; python3 benches/gpu/parity_check.py $FIX/$m.reference.json /tmp/score.$m.$dt.json $dt /tmp/run.$m.$dt.json 2>&1 | tee -a $OUT/parity.txt
-  done
-done
+for m in $MODELS; do gpu_parity $FIX $m f32 bf16; done
 # Qwen3-4B shapes, random weights.
 CK=/tmp/qwen3-4b-random
 time python3 benches/peers/transformers_qwen3.py --device cuda --make-checkpoint $CK --config plugins/qwen3-4b-instruct-2507/primary/config.json --tokenizer-dir $FIX/qwen3-tokenizer

@@ -1,0 +1,43 @@
+# Shared by the device scripts (source it from the repository root).
+# PIO: the unpacked host binary; PD: its plugin directory argument.
+PIO=.gpu/bin/inference-pio
+PD="--plugin-dir .gpu/bin"
+
+# unpack_gpu_binaries NAME...: .gpu/NAME.xz (carried, xz-compressed) -> .gpu/bin/NAME.
+unpack_gpu_binaries() {
+  mkdir -p .gpu/bin
+  for f in "$@"; do xz -dc ".gpu/$f.xz" > ".gpu/bin/$f"; done
+  chmod +x "$PIO"
+}
+
+# gpu_parity FIXTURE_DIR MODEL DTYPE...: each prompt of MODEL's committed transformers
+# reference through `score` and `run` on CUDA, compared by parity_check.py (logits at every
+# position, greedy tokens); the lines go to stdout and $OUT/parity.txt.
+gpu_parity() {
+  local fix=$1 m=$2 dt ids i
+  shift 2
+  python3 - "$fix/$m.reference.json" > /tmp/prompts.txt <<'PY'
+import json,sys
+for p in json.load(open(sys.argv[1]))["prompts"]: print(",".join(map(str,p["ids"])))
+PY
+  for dt in "$@"; do
+    i=0
+    while read -r ids; do
+      timeout 120 $PIO score $PD --model "$fix/$m" --prompt-ids "$ids" --json --device cuda --dtype $dt > /tmp/score.$m.$dt.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
+      timeout 120 $PIO run $PD --model "$fix/$m" --prompt-ids "$ids" --json --device cuda --dtype $dt --greedy --max-new-tokens 16 > /tmp/run.$m.$dt.json.$i 2>/tmp/err.txt || cat /tmp/err.txt
+      i=$((i+1))
+    done < /tmp/prompts.txt
+    echo "== $m $dt" | tee -a $OUT/parity.txt
+    python3 benches/gpu/parity_check.py "$fix/$m.reference.json" /tmp/score.$m.$dt.json $dt /tmp/run.$m.$dt.json 2>&1 | tee -a $OUT/parity.txt
+  done
+}
+
+# qwen3_coder_30b_dir: a model directory with the real Qwen3-Coder-30B-A3B config.json and
+# tokenizer and no weights (runs use --random-weights); prints its path.
+qwen3_coder_30b_dir() {
+  local fix=plugins/qwen3-coder-30b/tests/fixtures ck=/tmp/qwen3-coder-30b
+  mkdir -p $ck
+  cp plugins/qwen3-coder-30b/primary/config.json $ck/
+  cp -L $fix/qwen3-coder-tokenizer/tokenizer.json $fix/qwen3-coder-tokenizer/tokenizer_config.json $ck/
+  echo $ck
+}
