@@ -259,7 +259,7 @@ impl Engine {
         timings.time_to_first_token_s = started.elapsed().as_secs_f64();
         timings.prefill_tokens_per_s = (longest * rows.len()) as f64 / timings.time_to_first_token_s.max(1e-9);
         let decode_start = Instant::now();
-        let mut decode_steps = 0usize;
+        // When each decode step ended (its count is the number of steps).
         let mut step_ends: Vec<Instant> = Vec::new();
 
         loop {
@@ -319,18 +319,18 @@ impl Engine {
             // Finished rows keep stepping (their output is ignored) so the batch stays rectangular.
             let next: Vec<Vec<u32>> = rows.iter().map(|r| vec![*r.history.last().unwrap_or(&pad_id)]).collect();
             logits = Self::last_logits(self.decoder.forward(&next, &mut cache, Logits::Last)?)?;
-            decode_steps += 1;
             step_ends.push(Instant::now());
-            if crate::progress::enabled() && (decode_steps <= 3 || decode_steps.is_power_of_two()) {
-                let n = step_ends.len();
+            let n = step_ends.len();
+            if crate::progress::enabled() && (n <= 3 || n.is_power_of_two()) {
                 let step = if n >= 2 { step_ends[n - 1].duration_since(step_ends[n - 2]) } else { step_ends[0].duration_since(decode_start) };
-                crate::progress::log(|| format!("decode step {decode_steps}: {:.1} ms", step.as_secs_f64() * 1e3));
+                crate::progress::log(|| format!("decode step {n}: {:.1} ms", step.as_secs_f64() * 1e3));
             }
         }
-        let half = step_ends.len() / 2;
+        let decode_steps = step_ends.len();
+        let half = decode_steps / 2;
         if half > 0 {
-            let span = step_ends[step_ends.len() - 1].duration_since(step_ends[half - 1]).as_secs_f64();
-            timings.steady_decode_tokens_per_s = ((step_ends.len() - half) * rows.len()) as f64 / span.max(1e-9);
+            let span = step_ends[decode_steps - 1].duration_since(step_ends[half - 1]).as_secs_f64();
+            timings.steady_decode_tokens_per_s = ((decode_steps - half) * rows.len()) as f64 / span.max(1e-9);
         }
         timings.generated_tokens = rows.iter().map(|r| r.new_ids.len() as u64).sum();
         timings.decode_tokens_per_s = if decode_steps > 0 {
