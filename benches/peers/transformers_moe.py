@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""Peer benchmark: transformers eager on a random-weight mixture-of-experts model built on the
-GPU from a real config.json (Qwen3-MoE or GLM-4.x MoE), with the token ids inference-pio gets
+"""Peer benchmark: transformers on a random-weight model built on the GPU from a real
+config.json (dense Qwen3, Qwen3-MoE or GLM-4.x MoE), with the token ids inference-pio gets
 (benches/src/main.rs), in the same device call. Batch 1, bf16.
+
+--mode eager: dynamic cache, eager forward. --mode static: a StaticCache of one fixed length for
+every generate call (so the decode step compiles once) and transformers' automatic
+torch.compile of the decode forward, as `cache_implementation="static"` does.
 
     python3 transformers_moe.py --config plugins/qwen3-coder-30b/primary/config.json --out peer.json
 """
@@ -22,6 +26,7 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 2048])
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--mode", choices=["eager", "static"], default="eager")
     ap.add_argument("--out")
     a = ap.parse_args()
     cfg = json.load(open(a.config))
@@ -33,7 +38,7 @@ def main():
         model = AutoModelForCausalLM.from_config(config).eval()
     torch.set_default_dtype(torch.float32)
     build_s = time.perf_counter() - t
-    res = {"peer": "transformers", "mode": "eager", "build_s": build_s, "device": torch.cuda.get_device_name(),
+    res = {"peer": "transformers", "mode": a.mode, "build_s": build_s, "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "transformers": __import__("transformers").__version__, "config": a.config}
     with torch.no_grad():
         for n in a.prompt_tokens:
@@ -47,13 +52,20 @@ def main():
         ids = torch.tensor([prompt_ids(a.prompt_tokens[0])], device="cuda")
 
         def generate(n):
+            extra = {}
+            if a.mode == "static":
+                from transformers import StaticCache
+                extra["past_key_values"] = StaticCache(config=model.config, max_cache_len=ids.shape[1] + a.new_tokens + 8)
             torch.cuda.synchronize()
             t = time.perf_counter()
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **extra)
             torch.cuda.synchronize()
             return time.perf_counter() - t
 
-        generate(2)
+        t = time.perf_counter()
+        generate(3)  # warm-up (static: compiles the decode step)
+        res["warmup_s"] = time.perf_counter() - t
+        generate(3)
         first = generate(1)
         total = generate(a.new_tokens)
     res["decode_tokens_per_s"] = (a.new_tokens - 1) / (total - first)

@@ -192,24 +192,28 @@ impl Profile {
                 dtype: None,
                 prefill_chunk_tokens: 512,
                 max_context_tokens: None,
+                cuda_graphs: true,
             },
             // Whole prompt in one pass: fastest prefill, highest peak activation memory.
             Profile::Performance => OptimizationSettings {
                 dtype: None,
                 prefill_chunk_tokens: 0,
                 max_context_tokens: None,
+                cuda_graphs: true,
             },
             // bf16 everywhere, small prefill chunks, KV cache capped at 8,192 tokens.
             Profile::MemoryEfficient => OptimizationSettings {
                 dtype: Some(DType::Bf16),
                 prefill_chunk_tokens: 128,
                 max_context_tokens: Some(8192),
+                cuda_graphs: true,
             },
             // f32 everywhere: the reference numerics.
             Profile::Accuracy => OptimizationSettings {
                 dtype: Some(DType::F32),
                 prefill_chunk_tokens: 0,
                 max_context_tokens: None,
+                cuda_graphs: true,
             },
         }
     }
@@ -225,6 +229,16 @@ pub struct OptimizationSettings {
     pub prefill_chunk_tokens: u32,
     /// Caps the KV cache (and so prompt + generation) below the model's own context.
     pub max_context_tokens: Option<u32>,
+    /// Decode steps read their inputs from device buffers refreshed in place; on CUDA each
+    /// step is recorded once as a CUDA graph (per 256-slot block of the KV cache) and
+    /// replayed, which removes the host's kernel queuing. `false`: every step is queued
+    /// from the host (the eager path). Numerics are the same either way.
+    #[serde(default = "default_true")]
+    pub cuda_graphs: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for OptimizationSettings {
@@ -234,7 +248,7 @@ impl Default for OptimizationSettings {
 }
 
 impl OptimizationSettings {
-    pub const KEYS: [&'static str; 3] = ["dtype", "prefill_chunk_tokens", "max_context_tokens"];
+    pub const KEYS: [&'static str; 4] = ["dtype", "prefill_chunk_tokens", "max_context_tokens", "cuda_graphs"];
 }
 
 /// The `[host]` table.
@@ -262,6 +276,8 @@ pub struct PluginSection {
     pub dtype: Option<DType>,
     pub prefill_chunk_tokens: Option<u32>,
     pub max_context_tokens: Option<u32>,
+    /// Overrides the profile's `cuda_graphs`.
+    pub cuda_graphs: Option<bool>,
     #[serde(default)]
     pub limits: ResourceLimits,
     /// `high`/`maximum`: run anyway (with a warning naming them) when the kernel lacks some of
@@ -291,6 +307,9 @@ impl PluginSection {
         }
         if let Some(max) = self.max_context_tokens {
             settings.max_context_tokens = Some(max);
+        }
+        if let Some(graphs) = self.cuda_graphs {
+            settings.cuda_graphs = graphs;
         }
         settings
     }

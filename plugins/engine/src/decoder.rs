@@ -16,6 +16,30 @@ use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData, activati
 use inference_pio_core::types::DType;
 use inference_pio_kernels::{apply_rotary, rms_norm};
 
+/// The additive attention mask of a slot a query may not see.
+const MASKED: f32 = -1.0e9;
+
+/// The inputs of [`Decoder::device_step`], kept on the device between steps (see
+/// [`crate::decode_graph`], which owns and refreshes them).
+pub struct DeviceStep {
+    pub cache: KvCache,
+    /// Allocated cache slots the step attends over (the cache's storage).
+    pub slots: usize,
+    /// `[batch]`: this step's token per row.
+    pub tokens: Tensor<1, Int>,
+    /// `[batch]`: each row's rotary position (its slot minus its padding).
+    pub positions: Tensor<1, Int>,
+    /// `[1]`: the cache slot this step writes.
+    pub slot: Tensor<1, Int>,
+    /// `[batch, 1]`: each row's left padding.
+    pub pads: Tensor<2, Int>,
+    /// `[1, slots]`: `0..slots`.
+    pub slot_ids: Tensor<2, Int>,
+    /// `[slots, rotary_dim]` from [`Decoder::rope_table`].
+    pub cos_table: Tensor<2>,
+    pub sin_table: Tensor<2>,
+}
+
 /// What differs between decoder families, beyond what the engine reads from `config.json`
 /// itself. A model crate builds it from the config (its own keys are in
 /// [`DecoderConfig::raw`]).
@@ -221,14 +245,12 @@ impl Decoder {
                 cache.capacity()
             )));
         }
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let group = nh / nkv;
+        let h = c.hidden_size;
         let bdt = burn_dtype(self.dtype);
 
         let ids: Vec<i64> = tokens.iter().flatten().map(|&id| id as i64).collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [batch * t]), &self.device);
-        let mut x = self.embed.clone().select(0, ids).reshape([batch, t, h]);
+        let x = self.embed.clone().select(0, ids).reshape([batch, t, h]);
 
         let pads = cache.pads().to_vec();
         let positions: Vec<Vec<usize>> = pads
@@ -239,8 +261,30 @@ impl Decoder {
         // Attention runs over every allocated slot; those not yet written are masked.
         let total = cache.slots_for(t);
         let mask = self.attention_mask(&pads, start, t, total);
-        let scale = (d as f64).powf(-0.5);
+        let x = self.blocks_forward(x, &cos, &sin, mask.as_ref(), &mut |l, k, v| Ok(cache.append(l, k, v)))?;
+        cache.advance(t);
+        Ok(self.logits(x, logits))
+    }
 
+    /// The whole block stack over `x [batch, t, hidden]`. `store(layer, k, v)` writes this
+    /// step's keys and values (`[batch, kv_heads, t, head_dim]`, after RoPE) to the cache and
+    /// returns every allocated slot; `mask` (`[batch, 1, 1, t, slots]`, additive) hides the
+    /// slots a query may not see.
+    fn blocks_forward(
+        &self,
+        mut x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: Option<&Tensor<5>>,
+        store: &mut dyn FnMut(usize, Tensor<4>, Tensor<4>) -> Result<(Tensor<4>, Tensor<4>), EngineError>,
+    ) -> Result<Tensor<3>, EngineError> {
+        let c = &self.config;
+        let [batch, t, h] = x.dims();
+        let d = c.head_dim;
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let group = nh / nkv;
+        let bdt = burn_dtype(self.dtype);
+        let scale = (d as f64).powf(-0.5);
         for (l, block) in self.blocks.iter().enumerate() {
             let residual = x.clone();
             let normed = rms_norm(x, &block.input_norm, c.rms_norm_eps).reshape([batch * t, h]);
@@ -249,17 +293,18 @@ impl Decoder {
             let v = block.v.forward(normed).reshape([batch, t, nkv, d]);
             let q = match &block.q_norm { Some(w) => rms_norm(q, w, c.rms_norm_eps), None => q };
             let k = match &block.k_norm { Some(w) => rms_norm(k, w, c.rms_norm_eps), None => k };
-            let q = apply_rotary(q.swap_dims(1, 2), &cos, &sin);
-            let k = apply_rotary(k.swap_dims(1, 2), &cos, &sin);
+            let q = apply_rotary(q.swap_dims(1, 2), cos, sin);
+            let k = apply_rotary(k.swap_dims(1, 2), cos, sin);
             let v = v.swap_dims(1, 2);
-            let (k_all, v_all) = cache.append(l, k, v);
+            let (k_all, v_all) = store(l, k, v)?;
+            let total = k_all.dims()[2];
 
             // Grouped-query attention without copying keys: the `group` query heads that
             // share a key head are stacked along the token axis.
             let q = q.reshape([batch, nkv, group * t, d]);
             let scores = q.matmul(k_all.transpose()).mul_scalar(scale);
             let scores = scores.cast(BurnDType::F32).reshape([batch, nkv, group, t, total]);
-            let scores = match &mask { Some(m) => scores.add(m.clone()), None => scores };
+            let scores = match mask { Some(m) => scores.add(m.clone()), None => scores };
             let probs = softmax(scores, 4).cast(bdt).reshape([batch, nkv, group * t, total]);
             let attn = probs.matmul(v_all).reshape([batch, nh, t, d]).swap_dims(1, 2).reshape([batch * t, nh * d]);
             x = residual.add(block.o.forward(attn).reshape([batch, t, h]));
@@ -275,8 +320,13 @@ impl Decoder {
                 crate::progress::log(|| format!("layer {l} queued ({} x {t} tokens)", batch));
             }
         }
-        cache.advance(t);
+        Ok(x)
+    }
 
+    /// Final norm and LM head; f32 logits `[batch, t or 1, vocab]`.
+    fn logits(&self, x: Tensor<3>, logits: Logits) -> Tensor<3> {
+        let c = &self.config;
+        let [batch, t, h] = x.dims();
         let x = match logits {
             Logits::Last => x.narrow(1, t - 1, 1),
             Logits::All => x,
@@ -285,7 +335,56 @@ impl Decoder {
         let x = rms_norm(x, &self.norm, c.rms_norm_eps).reshape([batch * rows, h]);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let out = x.matmul(head.clone().transpose()).reshape([batch, rows, c.vocab_size]);
-        Ok(if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) })
+        if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) }
+    }
+
+    /// Whether a one-token step of `batch` rows runs without reading anything back to the
+    /// host (mixture-of-experts layers place many rows by reading their routing decisions),
+    /// which capturing it as a CUDA graph requires.
+    pub fn step_stays_on_device(&self, batch: usize) -> bool {
+        self.blocks.iter().all(|b| match &b.mlp {
+            FeedForward::Dense(_) => true,
+            FeedForward::Moe(moe) => moe.routes_on_device(batch),
+        })
+    }
+
+    /// The rotary `cos`/`sin` of positions `0..slots`, `[slots, rotary_dim]` in the model's
+    /// dtype: the same values [`rope::cos_sin`] gives a step at those positions.
+    pub fn rope_table(&self, slots: usize) -> (Tensor<2>, Tensor<2>) {
+        let rot = self.inv_freq.len() * 2;
+        let (cos, sin) = rope::cos_sin(&self.inv_freq, &[(0..slots).collect()], &self.device, burn_dtype(self.dtype));
+        (cos.reshape([slots, rot]), sin.reshape([slots, rot]))
+    }
+
+    /// One decode step whose inputs all live on the device ([`DeviceStep`]), so it can be
+    /// recorded once and replayed: the token ids, each row's position and the slot written
+    /// change between replays without the host touching the step. The cache must already
+    /// hold `inputs.slots` allocated slots. Returns f32 logits `[batch, 1, vocab]`.
+    pub fn device_step(&self, inputs: &mut DeviceStep) -> Result<Tensor<3>, EngineError> {
+        let c = &self.config;
+        let batch = inputs.cache.batch();
+        let slots = inputs.slots;
+        let rot = self.inv_freq.len() * 2;
+        let x = self.embed.clone().select(0, inputs.tokens.clone()).reshape([batch, 1, c.hidden_size]);
+        let cos = inputs.cos_table.clone().select(0, inputs.positions.clone()).reshape([batch, 1, 1, rot]);
+        let sin = inputs.sin_table.clone().select(0, inputs.positions.clone()).reshape([batch, 1, 1, rot]);
+        // Query at `slot` sees slots `pad..=slot` of its row.
+        let seen = inputs
+            .slot_ids
+            .clone()
+            .expand([batch, slots])
+            .greater_equal(inputs.pads.clone().expand([batch, slots]))
+            .bool_and(inputs.slot_ids.clone().expand([batch, slots]).lower_equal(inputs.slot.clone().reshape([1, 1]).expand([batch, slots])));
+        let mask = Tensor::<2>::zeros([batch, slots], (&self.device, BurnDType::F32))
+            .mask_fill(seen.bool_not(), MASKED)
+            .reshape([batch, 1, 1, 1, slots]);
+        let (cache, slot) = (&mut inputs.cache, &inputs.slot);
+        let x = self.blocks_forward(x, &cos, &sin, Some(&mask), &mut |l, k, v| {
+            cache
+                .write_at(l, k, v, slot)
+                .ok_or_else(|| EngineError::InvalidRequest("a device-resident decode step needs a prefilled cache".into()))
+        })?;
+        Ok(self.logits(x, Logits::Last))
     }
 
     /// Additive mask `[batch, 1, 1, t, total]`: query `i` (slot `start + i`) sees slots
@@ -295,12 +394,11 @@ impl Decoder {
         if t == 1 && start + 1 == total && pads.iter().all(|&p| p == 0) {
             return None;
         }
-        const NEG: f32 = -1.0e9;
         let mut values = Vec::with_capacity(pads.len() * t * total);
         for &pad in pads {
             for i in 0..t {
                 let last = start + i;
-                values.extend((0..total).map(|s| if s >= pad && s <= last { 0.0 } else { NEG }));
+                values.extend((0..total).map(|s| if s >= pad && s <= last { 0.0 } else { MASKED }));
             }
         }
         Some(Tensor::from_data(TensorData::new(values, [pads.len(), 1, 1, t, total]), (&self.device, BurnDType::F32)))

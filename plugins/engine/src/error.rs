@@ -2,7 +2,7 @@
 
 use inference_pio_core::{ErrorKind, PluginError};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{0}")]
     Io(String),

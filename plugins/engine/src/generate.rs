@@ -4,6 +4,7 @@
 //! Semantics follow transformers' `GenerationMixin.generate` and `generation_config.json`.
 
 use crate::chat_template::ChatTemplate;
+use crate::decode_graph::DecodeSteps;
 use crate::decoder::{Decoder, Logits};
 use crate::error::EngineError;
 use crate::hf_config::token_ids;
@@ -259,6 +260,8 @@ impl Engine {
         timings.time_to_first_token_s = started.elapsed().as_secs_f64();
         timings.prefill_tokens_per_s = (longest * rows.len()) as f64 / timings.time_to_first_token_s.max(1e-9);
         let decode_start = Instant::now();
+        let mut steps = DecodeSteps::new(&self.decoder, cache, optimization.cuda_graphs);
+        crate::progress::log(|| format!("decode steps: {:?}", steps.mode()));
         // When each decode step ended (its count is the number of steps).
         let mut step_ends: Vec<Instant> = Vec::new();
 
@@ -284,7 +287,7 @@ impl Engine {
                     row.finish = Some(FinishReason::Length);
                 }
                 // The sequence (prompt + generated) never exceeds the context.
-                if row.finish.is_none() && cache.len() + 1 >= cache.capacity() {
+                if row.finish.is_none() && steps.len() + 1 >= steps.capacity() {
                     row.finish = Some(FinishReason::ContextFull);
                 }
                 let until = if row.finish.is_some() { row.text.len() } else { streamable_len(&row.text, &row.stop) };
@@ -317,8 +320,8 @@ impl Engine {
                 break;
             }
             // Finished rows keep stepping (their output is ignored) so the batch stays rectangular.
-            let next: Vec<Vec<u32>> = rows.iter().map(|r| vec![*r.history.last().unwrap_or(&pad_id)]).collect();
-            logits = Self::last_logits(self.decoder.forward(&next, &mut cache, Logits::Last)?)?;
+            let next: Vec<u32> = rows.iter().map(|r| *r.history.last().unwrap_or(&pad_id)).collect();
+            logits = Self::last_logits(steps.step(&next)?)?;
             step_ends.push(Instant::now());
             let n = step_ends.len();
             if crate::progress::enabled() && (n <= 3 || n.is_power_of_two()) {
@@ -326,6 +329,7 @@ impl Engine {
                 crate::progress::log(|| format!("decode step {n}: {:.1} ms", step.as_secs_f64() * 1e3));
             }
         }
+        crate::progress::log(|| format!("decode steps done: {:?}", steps.counts));
         let decode_steps = step_ends.len();
         let half = decode_steps / 2;
         if half > 0 {

@@ -7,7 +7,7 @@
 //! compiled, autotuned kernels instead of one per step), and unused slots are masked. Paged
 //! attention with prefix sharing replaces this layout behind the same interface.
 
-use burn::tensor::Tensor;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
 /// Slots are allocated in blocks of this many tokens.
 pub const BLOCK_TOKENS: usize = 256;
@@ -75,6 +75,31 @@ impl KvCache {
         v_store = v_store.slice_assign(range, v);
         self.layers[layer] = Some((k_store.clone(), v_store.clone()));
         (k_store, v_store)
+    }
+
+    /// Slots allocated now (0 before the first append).
+    pub fn storage_slots(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Writes one token's keys and values for `layer` at the slot held in `slot` (`[1]`, on
+    /// the device) into the storage already allocated, in place; returns the whole storage.
+    /// The step that calls this must not need more slots ([`Self::storage_slots`] ==
+    /// [`Self::slots_for`]`(1)`): it is the device-resident decode step of
+    /// [`crate::decode_graph`], whose slot index changes between replays without the host.
+    /// `None` when the layer has no storage yet (nothing was prefilled).
+    pub fn write_at(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>, slot: &Tensor<1, Int>) -> Option<(Tensor<4>, Tensor<4>)> {
+        let (k_store, v_store) = self.layers.get_mut(layer)?.take()?;
+        let k_store = k_store.select_assign(2, slot.clone(), k, IndexingUpdateOp::Assign);
+        let v_store = v_store.select_assign(2, slot.clone(), v, IndexingUpdateOp::Assign);
+        self.layers[layer] = Some((k_store.clone(), v_store.clone()));
+        Some((k_store, v_store))
+    }
+
+    /// Whether every layer's storage is uniquely owned by the cache, so that writes land in
+    /// place (what a captured graph, which replays against fixed buffers, relies on).
+    pub fn storage_is_unique(&self) -> bool {
+        self.layers.iter().flatten().all(|(k, v)| k.can_mut() && v.can_mut())
     }
 
     /// Marks `tokens` more slots as filled (after every layer appended them).

@@ -8,6 +8,7 @@
 //! Tensors come from burn; the device (CPU via flex, or CUDA) is chosen at run time.
 
 pub mod chat_template;
+pub mod decode_graph;
 pub mod decoder;
 pub mod error;
 pub mod generate;

@@ -219,6 +219,13 @@ impl MoeBlock {
         Ok(Self { router: spec.router.clone(), top_k: spec.top_k, gate, bias, gate_up, down, shared })
     }
 
+    /// Whether `rows` tokens take the gathered-weights path, which never reads routing
+    /// decisions back to the host (few tokens: the chosen experts' weights are gathered);
+    /// more tokens are batched per expert, placed by the host.
+    pub fn routes_on_device(&self, rows: usize) -> bool {
+        3 * rows * self.top_k <= self.num_experts()
+    }
+
     fn num_experts(&self) -> usize {
         self.gate_up.dims()[0]
     }
@@ -240,7 +247,7 @@ impl MoeBlock {
         let (experts, weights) = route(&self.router, k, logits, self.bias.as_ref());
         // Few rows: copy the chosen experts' weights (3 x rows x top_k expert matrices moved);
         // many: run every expert once over a batch of its rows (all experts read once).
-        let per_slot = if 3 * rows * k <= self.num_experts() {
+        let per_slot = if self.routes_on_device(rows) {
             self.by_gathered_weights(x.clone(), experts)
         } else {
             self.by_expert_batches(x.clone(), experts)?

@@ -2,6 +2,8 @@
 //! model crate): load a model on the CPU, read a fixture's reference JSON, compare logits by
 //! relative L2, generate greedily, score every position.
 
+use crate::decode_graph::{DecodeSteps, StepCounts};
+use crate::decoder::Logits;
 use crate::generate::Engine;
 use crate::plugin::{ModelFamily, load_engine};
 use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, PluginSettings, PromptInput, SamplingParams};
@@ -68,6 +70,38 @@ pub fn all_logits(engine: &Engine, prompt: &[u32]) -> Vec<Vec<f32>> {
         .unwrap_or_else(|e| panic!("score: {e}"))
         .logits
         .unwrap_or_default()
+}
+
+/// Decode steps on device-resident inputs (the step a CUDA graph records) give the eager
+/// step's logits bit for bit: `prompts` are left-padded into one batch and prefilled into two
+/// caches, then `steps` greedy steps run both ways, fed the eager run's tokens. Prompts
+/// ending just before a [`crate::kv_cache::BLOCK_TOKENS`] boundary make a step grow the
+/// cache, which runs eagerly, and the steps after it attend over the wider storage. Returns
+/// what the device-resident path did.
+pub fn check_device_steps(engine: &Engine, prompts: &[Vec<u32>], steps: usize) -> StepCounts {
+    let decoder = &engine.decoder;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let padded: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied()).collect()).collect();
+    let capacity = longest + steps + 1;
+    let mut eager = decoder.new_cache(pads.clone(), capacity);
+    let mut device = decoder.new_cache(pads, capacity);
+    let read = |t: burn::tensor::Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_else(|e| panic!("logits: {e:?}"));
+    let first = read(decoder.forward(&padded, &mut eager, Logits::Last).unwrap_or_else(|e| panic!("prefill: {e}")));
+    let again = read(decoder.forward(&padded, &mut device, Logits::Last).unwrap_or_else(|e| panic!("prefill: {e}")));
+    assert_eq!(first, again, "two prefills of the same batch differ");
+    let mut device = DecodeSteps::new(decoder, device, true);
+    let vocab = decoder.config.vocab_size;
+    let argmax = |row: &[f32]| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32;
+    let mut logits = first;
+    for step in 0..steps {
+        let next: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
+        let rows: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+        logits = read(decoder.forward(&rows, &mut eager, Logits::Last).unwrap_or_else(|e| panic!("eager step {step}: {e}")));
+        let got = read(device.step(&next).unwrap_or_else(|e| panic!("device step {step}: {e}")));
+        assert!(got == logits, "step {step} (slot {}): the device-resident step's logits differ from the eager step's", eager.len() - 1);
+    }
+    device.counts.clone()
 }
 
 /// The standard parity check of a fixture made by a `make_fixtures.py`: for every prompt,

@@ -56,3 +56,14 @@ fn the_real_config_describes_glm_4_7() {
 fn the_glm_chat_template_renders_tools_and_calls_like_transformers() {
     inference_pio_engine::testing::check_chat_template(&FAMILY, &fixtures().join("glm4moe-tiny-a"), &fixtures().join("chat_template.reference.json"));
 }
+
+#[test]
+fn device_resident_decode_steps_equal_eager_steps() {
+    use inference_pio_core::types::DType;
+    use inference_pio_engine::testing::{check_device_steps, load_cpu};
+    // Partial rotary, group-limited sigmoid routing with a correction bias, shared experts.
+    let engine = load_cpu(&FAMILY, &fixtures().join("glm4moe-tiny-a"), DType::F32);
+    let prompt: Vec<u32> = (0..17).map(|i| (i * 29 + 7) % 500 + 3).collect();
+    let counts = check_device_steps(&engine, &[prompt], 6);
+    assert_eq!(counts.device, 6, "{counts:?}");
+}

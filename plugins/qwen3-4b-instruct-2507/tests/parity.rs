@@ -216,3 +216,19 @@ fn stop_strings_end_generation_and_are_not_streamed() {
     assert_eq!(streamed, expected, "nothing of the stop string was streamed");
     assert!(stopped.token_ids.len() < free.token_ids.len());
 }
+
+#[test]
+fn device_resident_decode_steps_equal_eager_steps() {
+    use inference_pio_engine::testing::check_device_steps;
+    let engine = load("qwen3-tiny-b", DType::F32);
+    // Two padded rows; the longer ends 4 slots before the first block boundary, so the 5th
+    // step grows the cache and the steps after it run over the wider storage.
+    let long: Vec<u32> = (0..252).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    let short: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % 500 + 3).collect();
+    let counts = check_device_steps(&engine, &[long, short], 9);
+    assert_eq!((counts.device, counts.eager), (8, 1), "{counts:?}");
+    // bf16 takes the same path with casts in it.
+    let engine = load("qwen3-tiny-b", DType::Bf16);
+    let counts = check_device_steps(&engine, &[vec![5, 9, 200, 31]], 4);
+    assert_eq!(counts.device, 4, "{counts:?}");
+}

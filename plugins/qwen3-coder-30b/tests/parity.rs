@@ -63,3 +63,16 @@ fn the_real_config_describes_the_30b_model() {
 fn the_coder_chat_template_renders_tools_and_calls_like_transformers() {
     inference_pio_engine::testing::check_chat_template(&FAMILY, &fixtures().join("qwen3moe-tiny-a"), &fixtures().join("chat_template.reference.json"));
 }
+
+#[test]
+fn device_resident_decode_steps_equal_eager_steps() {
+    use inference_pio_engine::testing::check_device_steps;
+    let engine = load_cpu(&FAMILY, &fixtures().join("qwen3moe-tiny-a"), DType::F32);
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    // One row routes on the device (2 of 8 experts gathered), so the step can be recorded.
+    let counts = check_device_steps(&engine, std::slice::from_ref(&prompt), 6);
+    assert_eq!(counts.device, 6, "{counts:?}");
+    // Two rows are placed per expert by the host: the steps stay eager, and equal.
+    let counts = check_device_steps(&engine, &[prompt, vec![5, 9, 200]], 3);
+    assert_eq!((counts.device, counts.eager), (0, 3), "{counts:?}");
+}
