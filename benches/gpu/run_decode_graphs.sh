@@ -7,6 +7,8 @@
 # references (the captured path on the GPU, f32 and bf16).
 # Usage: run_decode_graphs.sh 4b|30b. Carried: .gpu/inference-pio.xz and the plugin's .so.xz.
 # Writes $OUT/{device.txt,parity.txt,pio_*.json,pio_*_stderr.txt,peer_*.json,summary.json}.
+# Env: BUDGET (s for this script), TINY_DTYPES (default "f32 bf16"), WARM (1: a second,
+# warm-cache run with graphs), PEERS (default "eager static"), NEW_TOKENS, PROMPT.
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 source benches/gpu/lib.sh
@@ -20,7 +22,7 @@ esac
 unpack_gpu_binaries inference-pio $SO
 export XDG_CACHE_HOME=/tmp/xdg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-for m in $TINY; do gpu_parity $P/tests/fixtures $m f32 bf16; done
+for m in $TINY; do gpu_parity $P/tests/fixtures $m ${TINY_DTYPES:-f32 bf16}; done
 echo "parity phase used $SECONDS s"
 CK=/tmp/model-$1
 mkdir -p $CK
@@ -38,7 +40,7 @@ pio() { # name config new_tokens timeout
 }
 NEW=${NEW_TOKENS:-64}
 pio graphs /tmp/none.toml $NEW 240     # cold: kernels compiled into the cache
-pio graphs_warm /tmp/none.toml $NEW 120
+[ "${WARM:-1}" = 1 ] && pio graphs_warm /tmp/none.toml $NEW 120
 pio eager /tmp/eager.toml $NEW 150
 python3 - $OUT <<'PY' | tee $OUT/summary.json
 import json, sys
@@ -53,7 +55,7 @@ print(json.dumps({
   "graphs_cold": g and g["timings"], "graphs_warm": w and w["timings"], "eager": e and e["timings"],
 }, indent=1))
 PY
-for mode in eager static; do
+for mode in ${PEERS:-eager static}; do
   left=$(( BUDGET - SECONDS ))
   [ $left -lt 60 ] && { echo "no time left for the $mode peer"; break; }
   timeout $(( left - 10 )) python3 benches/peers/transformers_moe.py --mode $mode --config $P/primary/config.json --prompt-tokens ${PROMPT:-128} 2048 --new-tokens 32 --out $OUT/peer_$mode.json 2>&1 | tail -3

@@ -4,6 +4,8 @@
 //! backend (the CPU/flex reference path). Fused CubeCL versions for CUDA are added beside
 //! their reference and tested against it on the device.
 
+pub mod linear;
 pub mod reference;
 
+pub use linear::{batched_linear, linear};
 pub use reference::{apply_rotary, rms_norm, rotate_half, swiglu};

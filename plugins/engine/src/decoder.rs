@@ -14,7 +14,7 @@ use crate::rope;
 use crate::weights::{Checkpoint, burn_dtype};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData, activation::softmax};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::{apply_rotary, rms_norm};
+use inference_pio_kernels::{apply_rotary, linear, rms_norm};
 
 /// The additive attention mask of a slot a query may not see.
 const MASKED: f32 = -1.0e9;
@@ -84,7 +84,7 @@ impl Linear {
 
     /// `x [rows, in] -> [rows, out]`.
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = x.matmul(self.weight.clone().transpose());
+        let y = linear(x, &self.weight);
         match &self.bias {
             Some(b) => y.add(b.clone().unsqueeze()),
             None => y,
@@ -334,7 +334,7 @@ impl Decoder {
         let rows = x.dims()[1];
         let x = rms_norm(x, &self.norm, c.rms_norm_eps).reshape([batch * rows, h]);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let out = x.matmul(head.clone().transpose()).reshape([batch, rows, c.vocab_size]);
+        let out = linear(x, head).reshape([batch, rows, c.vocab_size]);
         if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) }
     }
 

@@ -18,6 +18,7 @@ use crate::weights::Checkpoint;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
+use inference_pio_kernels::{batched_linear, linear};
 
 /// How a token's experts and their weights are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -149,9 +150,9 @@ impl Mlp {
 
     /// `x [rows, hidden] -> [rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gate = x.clone().matmul(self.gate.clone().transpose());
-        let up = x.matmul(self.up.clone().transpose());
-        inference_pio_kernels::swiglu(gate, up).matmul(self.down.clone().transpose())
+        let gate = linear(x.clone(), &self.gate);
+        let up = linear(x, &self.up);
+        linear(inference_pio_kernels::swiglu(gate, up), &self.down)
     }
 
     /// Names and shapes of an MLP's tensors.
@@ -240,9 +241,9 @@ impl MoeBlock {
         let [rows, hidden] = x.dims();
         let k = self.top_k;
         let logits = if self.router.logits_in_f32() {
-            x.clone().cast(BurnDType::F32).matmul(self.gate.clone().transpose())
+            linear(x.clone().cast(BurnDType::F32), &self.gate)
         } else {
-            x.clone().matmul(self.gate.clone().transpose()).cast(BurnDType::F32)
+            linear(x.clone(), &self.gate).cast(BurnDType::F32)
         };
         let (experts, weights) = route(&self.router, k, logits, self.bias.as_ref());
         // Few rows: copy the chosen experts' weights (3 x rows x top_k expert matrices moved);
@@ -274,9 +275,9 @@ impl MoeBlock {
         let experts = experts.reshape([slots]);
         let x = x.reshape([rows, 1, hidden]).repeat_dim(1, self.top_k).reshape([slots, 1, hidden]);
         let gate_up = self.gate_up.clone().select(0, experts.clone());
-        let act = self.activate(x.matmul(gate_up.transpose()));
+        let act = self.activate(batched_linear(x, gate_up));
         let down = self.down.clone().select(0, experts);
-        act.matmul(down.transpose()).reshape([slots, hidden])
+        batched_linear(act, down).reshape([slots, hidden])
     }
 
     /// Every expert over its routed rows at once: rows are gathered into `[experts, capacity,
