@@ -8,7 +8,8 @@
 # Usage: run_decode_graphs.sh 4b|30b. Carried: .gpu/inference-pio.xz and the plugin's .so.xz.
 # Writes $OUT/{device.txt,parity.txt,pio_*.json,pio_*_stderr.txt,peer_*.json,summary.json}.
 # Env: BUDGET (s for this script), TINY_DTYPES (default "f32 bf16"), WARM (1: a second,
-# warm-cache run with graphs), PEERS (default "eager static"), NEW_TOKENS, PROMPT.
+# warm-cache run with graphs), PEERS (default "eager static"), NEW_TOKENS, PROMPT,
+# TINY_MODELS (the fixtures checked; default all of the model's).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 source benches/gpu/lib.sh
@@ -19,6 +20,7 @@ case ${1:-} in
        TOK=$P/tests/fixtures/qwen3-coder-tokenizer TINY="qwen3moe-tiny-a qwen3moe-tiny-b" ;;
   *) echo "usage: $0 4b|30b" >&2; exit 2 ;;
 esac
+TINY=${TINY_MODELS-$TINY}
 unpack_gpu_binaries inference-pio $SO
 export XDG_CACHE_HOME=/tmp/xdg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt

@@ -1,61 +1,64 @@
-//! Micro-benchmark on CUDA: the decode step's matrix-vector products (Qwen3-4B shapes, bf16,
-//! weight in HF `[out, in]` layout), each way burn can express them, timed as CUDA-graph
-//! replays so host queuing is out of the figure. `cargo run --example decode_ops -p
-//! inference-pio-kernels` on a machine with CUDA; prints one line per shape and variant.
+//! Micro-benchmark on CUDA: one-row linear layers (batch-1 decode, Qwen3-4B shapes, bf16)
+//! in each form burn can express them, timed as CUDA-graph replays so host queuing is out of
+//! the figure. Every iteration's output is summed into the graph's result, so none is elided.
+//! `decode_ops` on a machine with CUDA (`decode_ops cpu` checks the forms on the CPU);
+//! results in `benches/results/gpu-h200-2026-12-01-graphs.md`.
 
-use burn::tensor::{DType, Device, Distribution, Tensor, capture};
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData, capture};
 use std::time::Instant;
 
-const ITERS: usize = 20;
+const ITERS: usize = 10;
 const REPLAYS: usize = 5;
 
-fn time_graph(device: &Device, mut op: impl FnMut() -> Tensor<2>) -> (f64, bool) {
-    let mut graph = capture(device, move || {
-        let mut out = op();
+fn time_graph(device: &Device, op: &dyn Fn() -> Tensor<2>) -> Result<f64, String> {
+    let mut graph = capture(device, || {
+        let mut acc = op();
         for _ in 1..ITERS {
-            out = op();
+            acc = acc.add(op());
         }
-        out
+        acc
     });
-    let hardware = graph.is_hardware();
-    // SAFETY: the closure owns every tensor it reads (moved clones); replays and the read
-    // below run on this thread's stream.
-    let _ = unsafe { graph.replay() }.clone().into_data();
+    if !graph.is_hardware() {
+        return Err("no hardware graph".into());
+    }
+    // SAFETY: the closure only reads tensors owned by the caller's frame, which outlives the
+    // graph; replays and the reads below run on this thread's stream.
+    let _ = values(unsafe { graph.replay() }.clone())?;
     let t = Instant::now();
     for _ in 0..REPLAYS {
         // SAFETY: as above.
         let _ = unsafe { graph.replay() };
     }
     // SAFETY: as above.
-    let _ = unsafe { graph.replay() }.clone().into_data();
-    (t.elapsed().as_secs_f64() / ((REPLAYS + 1) * ITERS) as f64, hardware)
+    let _ = values(unsafe { graph.replay() }.clone())?;
+    Ok(t.elapsed().as_secs_f64() / ((REPLAYS + 1) * ITERS) as f64)
 }
 
-fn values(t: Tensor<2>) -> Result<Vec<f32>, String> {
+fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
     let data = t.cast(DType::F32).try_into_data().map_err(|e| format!("{e:?}"))?;
     data.convert::<f32>().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))
 }
 
+/// A contiguous copy (through the host: setup only).
+fn contiguous<const D: usize>(t: Tensor<D>, device: &Device) -> Tensor<D> {
+    let dtype = t.dtype();
+    let data: TensorData = t.cast(DType::F32).into_data();
+    Tensor::<D>::from_data(data, device).cast(dtype)
+}
+
+fn f32(t: Tensor<2>) -> Tensor<2> {
+    t.cast(DType::F32)
+}
+
 fn main() {
     let device = if std::env::args().any(|a| a == "cpu") { Device::flex() } else { Device::cuda(0usize) };
-    // Eager (queued from the host) for comparison with the replays below.
-    {
-        let w: Tensor<2> = Tensor::<2>::zeros([9728, 2560], (&device, DType::BF16));
-        let x: Tensor<2> = Tensor::<2>::ones([1, 2560], (&device, DType::BF16));
-        match values(x.clone().matmul(w.clone().transpose())) {
-            Ok(v) => println!("zeros/ones matmul: {} values, first {:?}", v.len(), v.first()),
-            Err(e) => println!("zeros/ones matmul failed: {e}"),
-        }
-        let t = Instant::now();
-        for _ in 0..50 {
-            let _ = x.clone().matmul(w.clone().transpose());
-        }
-        let _ = values(x.clone());
-        println!("eager 2560 -> 9728 matmul, 50 queued: {:.1} us each", t.elapsed().as_secs_f64() / 50.0 * 1e6);
-    }
-    for (k, n) in [(2560usize, 4096usize), (2560, 9728), (9728, 2560), (2560, 151936)] {
+    for (k, n) in [(2560usize, 9728usize), (9728, 2560), (2560, 151936)] {
         let w: Tensor<2> = Tensor::<2>::random([n, k], Distribution::Uniform(-0.05, 0.05), &device).cast(DType::BF16);
         let x: Tensor<2> = Tensor::<2>::random([1, k], Distribution::Uniform(-1.0, 1.0), &device).cast(DType::BF16);
+        // [in, out] copy, and per split s the [s, out, in/s] copy.
+        let wt = contiguous(w.clone().transpose(), &device);
+        let split = |s: usize| contiguous(w.clone().reshape([n, s, k / s]).swap_dims(0, 1), &device);
+        let (ws8, ws32) = (split(8), split(32));
         let bytes = (n * k * 2) as f64;
         let reference = match values(x.clone().matmul(w.clone().transpose())) {
             Ok(v) => v,
@@ -64,24 +67,39 @@ fn main() {
                 continue;
             }
         };
-        let variants: [(&str, Box<dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<2>>); 3] = [
-            ("x.matmul(w.T)", Box::new(|x: Tensor<2>, w: Tensor<2>| x.matmul(w.transpose()))),
-            ("w.matmul(x.T).T", Box::new(|x: Tensor<2>, w: Tensor<2>| w.matmul(x.transpose()).transpose())),
-            ("(x*w).sum_dim(1)", Box::new(|x: Tensor<2>, w: Tensor<2>| w.mul(x).cast(DType::F32).sum_dim(1).cast(DType::BF16).transpose())),
+        let prod = || f32(w.clone()).mul(f32(x.clone()));
+        let prod_t = || f32(wt.clone()).mul(f32(x.clone()).transpose());
+        let splitk = |ws: &Tensor<3>, s: usize| {
+            let xs = x.clone().reshape([1, s, k / s]).swap_dims(0, 1);
+            xs.matmul(ws.clone().transpose()).cast(DType::F32).sum_dim(0).reshape([1, n])
+        };
+        let variants: Vec<(&str, Box<dyn Fn() -> Tensor<2> + '_>)> = vec![
+            ("x.matmul(w.T)", Box::new(|| x.clone().matmul(w.clone().transpose()))),
+            ("w.matmul(x.T).T", Box::new(|| w.clone().matmul(x.clone().transpose()).reshape([1, n]))),
+            ("x.matmul(wt) [in,out]", Box::new(|| x.clone().matmul(wt.clone()))),
+            ("sum [out,in] axis 1", Box::new(|| prod().sum_dim(1).reshape([1, n]))),
+            ("sum2 [out*16,in/16]", Box::new(|| prod().reshape([n * 16, k / 16]).sum_dim(1).reshape([n, 16]).sum_dim(1).reshape([1, n]))),
+            ("sum2 [out*64,in/64]", Box::new(|| prod().reshape([n * 64, k / 64]).sum_dim(1).reshape([n, 64]).sum_dim(1).reshape([1, n]))),
+            ("sum [in,out] axis 0", Box::new(|| prod_t().sum_dim(0))),
+            ("sum2 [16,in/16,out]", Box::new(|| prod_t().reshape([16, k / 16, n]).sum_dim(1).sum_dim(0).reshape([1, n]))),
+            ("sum2 [64,in/64,out]", Box::new(|| prod_t().reshape([64, k / 64, n]).sum_dim(1).sum_dim(0).reshape([1, n]))),
+            ("split-k bmm s=8", Box::new(|| splitk(&ws8, 8))),
+            ("split-k bmm s=32", Box::new(|| splitk(&ws32, 32))),
         ];
-        for (name, f) in variants {
-            let got = match values(f(x.clone(), w.clone())) {
+        for (name, f) in &variants {
+            let got = match values(f()) {
                 Ok(v) => v,
                 Err(e) => {
-                    println!("{k:>5} -> {n:>6} {name:<18} failed: {e}");
+                    println!("{k:>5} -> {n:>6} {name:<24} failed: {}", e.lines().last().unwrap_or_default());
                     continue;
                 }
             };
             let err = got.iter().zip(&reference).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt()
                 / reference.iter().map(|b| b * b).sum::<f32>().sqrt();
-            let (xc, wc) = (x.clone(), w.clone());
-            let (s, hw) = time_graph(&device, move || f(xc.clone(), wc.clone()));
-            println!("{k:>5} -> {n:>6} {name:<18} {:8.1} us {:7.0} GB/s  rel {err:.1e}  graph {hw}", s * 1e6, bytes / s / 1e9);
+            match time_graph(&device, f.as_ref()) {
+                Ok(s) => println!("{k:>5} -> {n:>6} {name:<24} {:8.1} us {:6.0} GB/s  rel {err:.1e}", s * 1e6, bytes / s / 1e9),
+                Err(e) => println!("{k:>5} -> {n:>6} {name:<24} rel {err:.1e}, not timed: {}", e.lines().last().unwrap_or_default()),
+            }
         }
     }
 }

@@ -7,5 +7,5 @@
 pub mod linear;
 pub mod reference;
 
-pub use linear::{batched_linear, linear};
+pub use linear::{batched_linear, linear, split_parts, split_stacked, split_weight, with_cpu_split};
 pub use reference::{apply_rotary, rms_norm, rotate_half, swiglu};

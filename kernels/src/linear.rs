@@ -1,55 +1,96 @@
 //! Linear layers with the weight in Hugging Face's `[out, in]` layout, as
-//! `torch.nn.functional.linear` computes them: `y = x · wᵀ`, accumulated in f32.
+//! `torch.nn.functional.linear` computes them: `y = x · wᵀ`.
 //!
-//! One row (a batch-1 decode step) is a matrix-vector product, which is bound by reading the
-//! weight once. Without autotuning, CubeCL's matmul launches its default tiled kernel for it,
-//! which reaches about 110 GB/s on an H200 (2560 -> 9728 bf16 in 311 µs,
-//! `benches/results/gpu-h200-2026-12-01-graphs.md`). On such devices one row is computed as a
-//! broadcast product and a row sum instead: `w * x` in f32 (exact products, as a bf16 GEMM
-//! with f32 accumulation has), summed over `in`. That
-//! reads the weight once at full bandwidth (and writes and reads an f32 product, so about five
-//! times the weight's bytes move, still several times faster than the tiled kernel). The CPU
-//! (burn-flex) keeps its matmul, which is already a matrix-vector kernel there.
+//! On GPUs the weight is kept split along `in` into `parts` column blocks, `[parts, out, in /
+//! parts]`, and `y = Σ_p x_p · w_pᵀ` runs as one batched matmul over the blocks followed by an
+//! f32 sum (split-K). Without autotuning, CubeCL's matmul launches one fixed tiled kernel, and
+//! for a single row (a batch-1 decode step) that kernel is starved of parallelism: 2560 -> 9728
+//! in bf16 takes 182 µs (273 GB/s) on an H200 and 9728 -> 2560 takes 735 µs, while the same
+//! products split into blocks of about 300 columns take 40 µs and 49 µs (1,237 and 1,007 GB/s),
+//! `benches/results/gpu-h200-2026-12-01-graphs.md`. Many rows (prefill) pay an extra f32 sum
+//! over `parts` partial outputs. On the CPU (burn-flex) `parts` is 1 and this is the plain
+//! matmul on the transposed `[out, in]` view.
 
 use burn::tensor::{DType, Device, Tensor};
+use std::cell::Cell;
 
-/// Whether `rows` rows on `device` take the product-and-sum form.
-fn by_reduce(rows: usize, device: &Device) -> bool {
-    rows == 1 && *device != Device::flex()
+/// Column blocks of at least this many `in` channels.
+const MIN_BLOCK: usize = 256;
+const MAX_PARTS: usize = 64;
+
+thread_local! {
+    /// Up to how many blocks weights loaded on the CPU are split ([`with_cpu_split`]).
+    static CPU_PARTS: Cell<usize> = const { Cell::new(1) };
 }
 
-/// `x [rows, in] · w [out, in]ᵀ -> [rows, out]`.
-pub fn linear(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    if by_reduce(x.dims()[0], &x.device()) {
-        linear_by_reduce(x, w)
-    } else {
-        x.matmul(w.clone().transpose())
+/// Runs `f` with weights loaded on the CPU on this thread split as on a GPU, into up to
+/// `parts` blocks whatever their width: the GPU layout's tests, on a machine without one.
+pub fn with_cpu_split<R>(parts: usize, f: impl FnOnce() -> R) -> R {
+    let before = CPU_PARTS.replace(parts.max(1));
+    let out = f();
+    CPU_PARTS.set(before);
+    out
+}
+
+/// How many column blocks a weight with `inp` input channels is split into on `device`: the
+/// largest power of two up to 64 that divides `inp` into blocks of at least 256 (1 on the CPU,
+/// unless [`with_cpu_split`] says otherwise).
+pub fn split_parts(inp: usize, device: &Device) -> usize {
+    if *device == Device::flex() {
+        let most = CPU_PARTS.get();
+        let mut parts = 1;
+        while parts * 2 <= most && inp % (parts * 2) == 0 {
+            parts *= 2;
+        }
+        return parts;
     }
-}
-
-/// [`linear`] of one row as a broadcast product summed in f32: `x [1, in]`.
-pub fn linear_by_reduce(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    let dtype = x.dtype();
-    let [rows, _] = x.dims();
-    let out = w.dims()[0];
-    let y = w.clone().cast(DType::F32).mul(x.cast(DType::F32)).sum_dim(1).reshape([rows, out]);
-    if dtype == DType::F32 { y } else { y.cast(dtype) }
-}
-
-/// Per batch entry `b`: `x[b] [rows, in] · w[b] [out, in]ᵀ -> [batch, rows, out]`.
-pub fn batched_linear(x: Tensor<3>, w: Tensor<3>) -> Tensor<3> {
-    if by_reduce(x.dims()[1], &x.device()) {
-        batched_linear_by_reduce(x, w)
-    } else {
-        x.matmul(w.transpose())
+    let mut parts = 1;
+    while parts * 2 <= MAX_PARTS && inp % (parts * 2) == 0 && inp / (parts * 2) >= MIN_BLOCK {
+        parts *= 2;
     }
+    parts
 }
 
-/// [`batched_linear`] of one row per entry (`x [batch, 1, in]`) as a product summed in f32.
-pub fn batched_linear_by_reduce(x: Tensor<3>, w: Tensor<3>) -> Tensor<3> {
-    let dtype = x.dtype();
-    let [batch, out, _] = w.dims();
-    let y = w.cast(DType::F32).mul(x.cast(DType::F32)).sum_dim(2).reshape([batch, 1, out]);
+/// `w [out, in] -> [parts, out, in / parts]`, block `p` holding columns `p * in / parts ..`
+/// (a contiguous copy; `parts` 1 is a view).
+pub fn split_weight(w: Tensor<2>, parts: usize) -> Tensor<3> {
+    let [out, inp] = w.dims();
+    if parts <= 1 {
+        return w.reshape([1, out, inp]);
+    }
+    let block = inp / parts;
+    Tensor::stack((0..parts).map(|p| w.clone().narrow(1, p * block, block)).collect(), 0)
+}
+
+/// [`split_weight`] for a stack of weights: `[batch, out, in] -> [batch, parts, out, in / parts]`.
+pub fn split_stacked(w: Tensor<3>, parts: usize) -> Tensor<4> {
+    let [batch, out, inp] = w.dims();
+    if parts <= 1 {
+        return w.reshape([batch, 1, out, inp]);
+    }
+    let block = inp / parts;
+    Tensor::stack((0..parts).map(|p| w.clone().narrow(2, p * block, block)).collect(), 1)
+}
+
+/// `x [rows, in] · wᵀ -> [rows, out]`, `w` from [`split_weight`].
+pub fn linear(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
+    let [rows, inp] = x.dims();
+    let [_, out, _] = w.dims();
+    batched_linear(x.reshape([1, rows, inp]), w.clone().unsqueeze_dim(0)).reshape([rows, out])
+}
+
+/// Per batch entry `b`: `x[b] [rows, in] · w[b]ᵀ -> [batch, rows, out]`, `w` from
+/// [`split_stacked`] (`[batch, parts, out, in / parts]`).
+pub fn batched_linear(x: Tensor<3>, w: Tensor<4>) -> Tensor<3> {
+    let [batch, rows, _] = x.dims();
+    let [_, parts, out, block] = w.dims();
+    if parts == 1 {
+        return x.matmul(w.reshape([batch, out, block]).transpose());
+    }
+    let xs = x.reshape([batch, rows, parts, block]).swap_dims(1, 2).reshape([batch * parts, rows, block]);
+    let partial = xs.matmul(w.reshape([batch * parts, out, block]).transpose()).reshape([batch, parts, rows, out]);
+    let dtype = partial.dtype();
+    let y = partial.cast(DType::F32).sum_dim(1).reshape([batch, rows, out]);
     if dtype == DType::F32 { y } else { y.cast(dtype) }
 }
 
@@ -63,27 +104,53 @@ mod tests {
     }
 
     fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
         let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
         (num / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
     }
 
     #[test]
-    fn the_product_and_sum_form_equals_the_matmul() {
+    fn split_weights_give_the_plain_product() {
         let d = Device::flex();
-        let w: Tensor<2> = Tensor::random([48, 40], Distribution::Uniform(-1.0, 1.0), &d);
-        let x: Tensor<2> = Tensor::random([1, 40], Distribution::Uniform(-1.0, 1.0), &d);
-        let want = values(x.clone().matmul(w.clone().transpose()));
-        let got = values(linear_by_reduce(x.clone(), &w));
-        assert_eq!(got.len(), 48);
-        assert!(rel_l2(&got, &want) < 1e-6, "{got:?} vs {want:?}");
-        // bf16 in, bf16 out, within bf16 rounding of the f32 result.
-        let got = values(linear_by_reduce(x.clone().cast(DType::BF16), &w.clone().cast(DType::BF16)));
-        assert!(rel_l2(&got, &want) < 1e-2, "bf16: {}", rel_l2(&got, &want));
-        // Batched: three entries, each its own weight.
-        let ws: Tensor<3> = Tensor::random([3, 16, 24], Distribution::Uniform(-1.0, 1.0), &d);
-        let xs: Tensor<3> = Tensor::random([3, 1, 24], Distribution::Uniform(-1.0, 1.0), &d);
+        let w: Tensor<2> = Tensor::random([48, 64], Distribution::Uniform(-1.0, 1.0), &d);
+        for rows in [1, 5] {
+            let x: Tensor<2> = Tensor::random([rows, 64], Distribution::Uniform(-1.0, 1.0), &d);
+            let want = values(x.clone().matmul(w.clone().transpose()));
+            for parts in [1, 2, 8] {
+                let got = values(linear(x.clone(), &split_weight(w.clone(), parts)));
+                assert!(rel_l2(&got, &want) < 1e-6, "rows {rows}, parts {parts}");
+            }
+            // bf16 in and out: within bf16 rounding of the f32 product.
+            let got = values(linear(x.clone().cast(DType::BF16), &split_weight(w.clone().cast(DType::BF16), 8)));
+            assert!(rel_l2(&got, &want) < 1e-2, "bf16, rows {rows}: {}", rel_l2(&got, &want));
+        }
+        // A stack: each entry its own weight and rows.
+        let ws: Tensor<3> = Tensor::random([3, 16, 32], Distribution::Uniform(-1.0, 1.0), &d);
+        let xs: Tensor<3> = Tensor::random([3, 2, 32], Distribution::Uniform(-1.0, 1.0), &d);
         let want = values(xs.clone().matmul(ws.clone().transpose()));
-        let got = values(batched_linear_by_reduce(xs, ws));
-        assert!(rel_l2(&got, &want) < 1e-6);
+        for parts in [1, 4] {
+            let got = values(batched_linear(xs.clone(), split_stacked(ws.clone(), parts)));
+            assert!(rel_l2(&got, &want) < 1e-6, "stack, parts {parts}");
+        }
+    }
+
+    #[test]
+    fn split_blocks_hold_consecutive_columns() {
+        let d = Device::flex();
+        let w: Tensor<2> = Tensor::from_data(burn::tensor::TensorData::new((0..8).map(|v| v as f32).collect::<Vec<_>>(), [2, 4]), &d);
+        // [[0,1,2,3],[4,5,6,7]] -> block 0 [[0,1],[4,5]], block 1 [[2,3],[6,7]].
+        assert_eq!(values(split_weight(w, 2)), vec![0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn parts_follow_the_input_width_on_gpus_and_are_one_on_the_cpu() {
+        assert_eq!(split_parts(9728, &Device::flex()), 1);
+        let gpu = Device::cuda(0usize);
+        // Constructing a device handle does not touch the driver.
+        assert_eq!(split_parts(2560, &gpu), 8);
+        assert_eq!(split_parts(9728, &gpu), 32);
+        assert_eq!(split_parts(4096, &gpu), 16);
+        assert_eq!(split_parts(768, &gpu), 2);
+        assert_eq!(split_parts(100, &gpu), 1);
     }
 }

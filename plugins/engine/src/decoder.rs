@@ -14,7 +14,7 @@ use crate::rope;
 use crate::weights::{Checkpoint, burn_dtype};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData, activation::softmax};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::{apply_rotary, linear, rms_norm};
+use inference_pio_kernels::{apply_rotary, linear, rms_norm, split_parts, split_weight};
 
 /// The additive attention mask of a slot a query may not see.
 const MASKED: f32 = -1.0e9;
@@ -70,14 +70,16 @@ enum FeedForward {
 }
 
 struct Linear {
-    /// HF `[out, in]` layout, used through a transposed view.
-    weight: Tensor<2>,
+    /// HF `[out, in]` layout split into column blocks, `[parts, out, in / parts]`
+    /// ([`inference_pio_kernels::split_weight`]; one block on the CPU).
+    weight: Tensor<3>,
     bias: Option<Tensor<1>>,
 }
 
 impl Linear {
     fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
         let weight = ckpt.load(&format!("{prefix}.weight"), [out, inp], device, dtype)?;
+        let weight = split_weight(weight, split_parts(inp, device));
         let bias = if bias { Some(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?) } else { None };
         Ok(Self { weight, bias })
     }
@@ -122,8 +124,9 @@ pub struct Decoder {
     embed: Tensor<2>,
     blocks: Vec<Block>,
     norm: Tensor<1>,
-    /// `None` when tied to the embeddings.
-    lm_head: Option<Tensor<2>>,
+    /// `[parts, vocab, hidden / parts]` ([`split_weight`]): `lm_head.weight`, or a split copy
+    /// of the embeddings when tied (on the CPU, one block: a view of them).
+    lm_head: Tensor<3>,
     inv_freq: Vec<f32>,
 }
 
@@ -211,11 +214,8 @@ impl Decoder {
         }
         let embed = ckpt.load("model.embed_tokens.weight", [c.vocab_size, h], device, dtype)?;
         let norm = ckpt.load("model.norm.weight", [h], device, dtype)?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)?)
-        };
+        let head = if c.tie_word_embeddings { embed.clone() } else { ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)? };
+        let lm_head = split_weight(head, split_parts(h, device));
         let inv_freq = rope::inverse_frequencies(&c.rope, c.rotary_dim());
         Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq })
     }
@@ -333,8 +333,7 @@ impl Decoder {
         };
         let rows = x.dims()[1];
         let x = rms_norm(x, &self.norm, c.rms_norm_eps).reshape([batch * rows, h]);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let out = linear(x, head).reshape([batch, rows, c.vocab_size]);
+        let out = linear(x, &self.lm_head).reshape([batch, rows, c.vocab_size]);
         if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) }
     }
 

@@ -18,7 +18,7 @@ use crate::weights::Checkpoint;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::{batched_linear, linear};
+use inference_pio_kernels::{batched_linear, linear, split_parts, split_stacked, split_weight};
 
 /// How a token's experts and their weights are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -132,19 +132,20 @@ pub fn route(router: &Router, top_k: usize, logits: Tensor<2>, bias: Option<&Ten
     }
 }
 
-/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights in HF `[out, in]` layout.
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights in HF `[out, in]` layout split into
+/// column blocks ([`split_weight`]).
 pub struct Mlp {
-    gate: Tensor<2>,
-    up: Tensor<2>,
-    down: Tensor<2>,
+    gate: Tensor<3>,
+    up: Tensor<3>,
+    down: Tensor<3>,
 }
 
 impl Mlp {
     pub fn load(ckpt: &Checkpoint, prefix: &str, hidden: usize, inner: usize, device: &Device, dtype: DType) -> Result<Self, EngineError> {
         Ok(Self {
-            gate: ckpt.load(&format!("{prefix}.gate_proj.weight"), [inner, hidden], device, dtype)?,
-            up: ckpt.load(&format!("{prefix}.up_proj.weight"), [inner, hidden], device, dtype)?,
-            down: ckpt.load(&format!("{prefix}.down_proj.weight"), [hidden, inner], device, dtype)?,
+            gate: split_weight(ckpt.load(&format!("{prefix}.gate_proj.weight"), [inner, hidden], device, dtype)?, split_parts(hidden, device)),
+            up: split_weight(ckpt.load(&format!("{prefix}.up_proj.weight"), [inner, hidden], device, dtype)?, split_parts(hidden, device)),
+            down: split_weight(ckpt.load(&format!("{prefix}.down_proj.weight"), [hidden, inner], device, dtype)?, split_parts(inner, device)),
         })
     }
 
@@ -166,8 +167,9 @@ impl Mlp {
 }
 
 /// One layer's mixture of experts. The experts' weights are stacked per layer, HF `[out,
-/// in]` layout inside: `gate_up [experts, 2 * inner, hidden]` (each expert's gate rows, then
-/// its up rows) and `down [experts, hidden, inner]`.
+/// in]` layout inside, split into column blocks ([`split_stacked`]): `gate_up [experts, parts,
+/// 2 * inner, hidden / parts]` (each expert's gate rows, then its up rows) and `down [experts,
+/// parts, hidden, inner / parts]`.
 pub struct MoeBlock {
     router: Router,
     top_k: usize,
@@ -176,8 +178,8 @@ pub struct MoeBlock {
     gate: Tensor<2>,
     /// `[1, experts]`, f32.
     bias: Option<Tensor<2>>,
-    gate_up: Tensor<3>,
-    down: Tensor<3>,
+    gate_up: Tensor<4>,
+    down: Tensor<4>,
     shared: Option<Mlp>,
 }
 
@@ -211,8 +213,9 @@ impl MoeBlock {
         let expert = |e: usize, proj: &str| format!("{prefix}.experts.{e}.{proj}.weight");
         let gate_up_names: Vec<String> = (0..n).flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")]).collect();
         let gate_up = ckpt.load_stacked(&gate_up_names, [inner, hidden], device, dtype)?.reshape([n, 2 * inner, hidden]);
+        let gate_up = split_stacked(gate_up, split_parts(hidden, device));
         let down_names: Vec<String> = (0..n).map(|e| expert(e, "down_proj")).collect();
-        let down = ckpt.load_stacked(&down_names, [hidden, inner], device, dtype)?;
+        let down = split_stacked(ckpt.load_stacked(&down_names, [hidden, inner], device, dtype)?, split_parts(inner, device));
         let shared = spec
             .shared_intermediate
             .map(|inner| Mlp::load(ckpt, &format!("{prefix}.shared_experts"), hidden, inner, device, dtype))
@@ -233,7 +236,8 @@ impl MoeBlock {
 
     /// Each routed expert's hidden width.
     fn inner(&self) -> usize {
-        self.down.dims()[2]
+        let [_, parts, _, block] = self.down.dims();
+        parts * block
     }
 
     /// `x [rows, hidden] -> [rows, hidden]`.
@@ -241,9 +245,9 @@ impl MoeBlock {
         let [rows, hidden] = x.dims();
         let k = self.top_k;
         let logits = if self.router.logits_in_f32() {
-            linear(x.clone().cast(BurnDType::F32), &self.gate)
+            x.clone().cast(BurnDType::F32).matmul(self.gate.clone().transpose())
         } else {
-            linear(x.clone(), &self.gate).cast(BurnDType::F32)
+            x.clone().matmul(self.gate.clone().transpose()).cast(BurnDType::F32)
         };
         let (experts, weights) = route(&self.router, k, logits, self.bias.as_ref());
         // Few rows: copy the chosen experts' weights (3 x rows x top_k expert matrices moved);
@@ -314,8 +318,8 @@ impl MoeBlock {
         let gather = Tensor::<1, Int>::from_data(TensorData::new(gather, [n * capacity]), &device);
         let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
         let xs = x.select(0, gather).reshape([n, capacity, hidden]);
-        let act = self.activate(xs.matmul(self.gate_up.clone().transpose()));
-        let out = act.matmul(self.down.clone().transpose()).reshape([n * capacity, hidden]);
+        let act = self.activate(batched_linear(xs, self.gate_up.clone()));
+        let out = batched_linear(act, self.down.clone()).reshape([n * capacity, hidden]);
         Ok(out.select(0, combine))
     }
 }

@@ -3,6 +3,9 @@
 //! relative L2, generate greedily, score every position.
 
 use crate::decode_graph::{DecodeSteps, StepCounts};
+/// Loads on the CPU with weights split into column blocks as on a GPU (see
+/// `inference_pio_kernels::linear`), so the GPU layout's code path has CPU parity tests.
+pub use inference_pio_kernels::with_cpu_split;
 use crate::decoder::Logits;
 use crate::generate::Engine;
 use crate::plugin::{ModelFamily, load_engine};

@@ -67,3 +67,13 @@ fn device_resident_decode_steps_equal_eager_steps() {
     let counts = check_device_steps(&engine, &[prompt], 6);
     assert_eq!(counts.device, 6, "{counts:?}");
 }
+
+#[test]
+fn the_gpu_weight_layout_matches_transformers_too() {
+    // Every linear and expert weight split into column blocks as on a GPU (split-K products,
+    // gathered and per-expert batched experts), checked against the same references.
+    inference_pio_engine::testing::with_cpu_split(4, || {
+        check_fixture(&FAMILY, &fixtures(), "glm4moe-tiny-a", false);
+        check_fixture(&FAMILY, &fixtures(), "glm4moe-tiny-b", false);
+    });
+}

@@ -232,3 +232,11 @@ fn device_resident_decode_steps_equal_eager_steps() {
     let counts = check_device_steps(&engine, &[vec![5, 9, 200, 31]], 4);
     assert_eq!(counts.device, 4, "{counts:?}");
 }
+
+#[test]
+fn the_gpu_weight_layout_matches_transformers_too() {
+    // Every linear (and the tied head) split into column blocks as on a GPU (split-K products).
+    inference_pio_engine::testing::with_cpu_split(4, || {
+        inference_pio_engine::testing::check_fixture(&FAMILY, &fixtures(), "qwen3-tiny-b", false);
+    });
+}
