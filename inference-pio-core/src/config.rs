@@ -474,7 +474,10 @@ mod tests {
         assert_eq!(settings.dtype, Some(DType::Bf16));
         assert_eq!(settings.prefill_chunk_tokens, 64);
         assert_eq!(settings.max_context_tokens, Some(8192));
+        assert!(settings.cuda_graphs, "profiles capture decode steps");
         assert_eq!(config.plugin("other").optimization(), Profile::Balanced.settings());
+        let off = parse("[plugins.qwen]\ncuda_graphs = false\n").expect("valid");
+        assert!(!off.plugin("qwen").optimization().cuda_graphs);
     }
 
     #[test]

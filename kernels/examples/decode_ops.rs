@@ -46,6 +46,9 @@ fn contiguous<const D: usize>(t: Tensor<D>, device: &Device) -> Tensor<D> {
     Tensor::<D>::from_data(data, device).cast(dtype)
 }
 
+/// One named form of the product.
+type Form<'a> = (&'static str, Box<dyn Fn() -> Tensor<2> + 'a>);
+
 fn f32(t: Tensor<2>) -> Tensor<2> {
     t.cast(DType::F32)
 }
@@ -73,7 +76,7 @@ fn main() {
             let xs = x.clone().reshape([1, s, k / s]).swap_dims(0, 1);
             xs.matmul(ws.clone().transpose()).cast(DType::F32).sum_dim(0).reshape([1, n])
         };
-        let variants: Vec<(&str, Box<dyn Fn() -> Tensor<2> + '_>)> = vec![
+        let variants: Vec<Form<'_>> = vec![
             ("x.matmul(w.T)", Box::new(|| x.clone().matmul(w.clone().transpose()))),
             ("w.matmul(x.T).T", Box::new(|| w.clone().matmul(x.clone().transpose()).reshape([1, n]))),
             ("x.matmul(wt) [in,out]", Box::new(|| x.clone().matmul(wt.clone()))),

@@ -39,13 +39,13 @@ pub fn split_parts(inp: usize, device: &Device) -> usize {
     if *device == Device::flex() {
         let most = CPU_PARTS.get();
         let mut parts = 1;
-        while parts * 2 <= most && inp % (parts * 2) == 0 {
+        while parts * 2 <= most && inp.is_multiple_of(parts * 2) {
             parts *= 2;
         }
         return parts;
     }
     let mut parts = 1;
-    while parts * 2 <= MAX_PARTS && inp % (parts * 2) == 0 && inp / (parts * 2) >= MIN_BLOCK {
+    while parts * 2 <= MAX_PARTS && inp.is_multiple_of(parts * 2) && inp / (parts * 2) >= MIN_BLOCK {
         parts *= 2;
     }
     parts

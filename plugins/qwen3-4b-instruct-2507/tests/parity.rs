@@ -240,3 +240,20 @@ fn the_gpu_weight_layout_matches_transformers_too() {
         inference_pio_engine::testing::check_fixture(&FAMILY, &fixtures(), "qwen3-tiny-b", false);
     });
 }
+
+#[test]
+fn decode_steps_with_and_without_cuda_graphs_generate_the_same_tokens() {
+    let engine = load("qwen3-tiny-b", DType::F32);
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 200, 31], (0..19).map(|i| (i * 29 + 7) % 500 + 3).collect()];
+    let run = |cuda_graphs: bool| {
+        let optimization = inference_pio_core::config::OptimizationSettings { cuda_graphs, ..Default::default() };
+        let requests = prompts
+            .iter()
+            .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 12, stop: vec![], tools: None })
+            .collect();
+        let mut timings = Default::default();
+        let rows = engine.generate_rows(requests, &optimization, &mut |_, _, _| true, &mut timings).expect("generate");
+        rows.into_iter().map(|r| r.new_ids).collect::<Vec<_>>()
+    };
+    assert_eq!(run(true), run(false));
+}
