@@ -186,14 +186,81 @@ impl<P: Plugin> Exported<P> {
     }
 }
 
+/// The ELF section holding a plugin's declaration ([`plugin_note`]).
+pub const NOTE_SECTION: &str = ".inference_pio";
+/// First bytes of a declaration.
+pub const NOTE_MAGIC: [u8; 8] = *b"PIO-PLG\0";
+/// The longest plugin id a declaration holds.
+pub const NOTE_MAX_ID: usize = 64;
+/// Bytes of a declaration: magic, ABI major and minor (u32 little-endian), id length (u32),
+/// the id padded with zeros.
+pub const NOTE_LEN: usize = 8 + 12 + NOTE_MAX_ID;
+
+/// The plugin's declaration, which [`export_plugin!`]`(id = "...", ...)` stores in the
+/// [`NOTE_SECTION`] section of the library: the host reads it from the file without loading
+/// it, so that a pinned sha256 is checked before any of the library's code runs (loading a
+/// library runs its constructors). Evaluated at compile time; an id longer than
+/// [`NOTE_MAX_ID`] bytes fails the build.
+pub const fn plugin_note(id: &str) -> [u8; NOTE_LEN] {
+    let id = id.as_bytes();
+    assert!(!id.is_empty() && id.len() <= NOTE_MAX_ID, "a plugin id has 1 to 64 bytes");
+    let mut out = [0u8; NOTE_LEN];
+    let mut i = 0;
+    while i < 8 {
+        out[i] = NOTE_MAGIC[i];
+        i += 1;
+    }
+    let fields = [crate::abi::ABI_MAJOR, crate::abi::ABI_MINOR, id.len() as u32];
+    let mut f = 0;
+    while f < 3 {
+        let bytes = fields[f].to_le_bytes();
+        let mut b = 0;
+        while b < 4 {
+            out[8 + 4 * f + b] = bytes[b];
+            b += 1;
+        }
+        f += 1;
+    }
+    let mut i = 0;
+    while i < id.len() {
+        out[20 + i] = id[i];
+        i += 1;
+    }
+    out
+}
+
+/// A declaration read back: (ABI major, ABI minor, plugin id).
+pub fn parse_plugin_note(bytes: &[u8]) -> Result<(u32, u32, String), String> {
+    if bytes.len() < NOTE_LEN || bytes[..8] != NOTE_MAGIC {
+        return Err(format!("the {NOTE_SECTION} section is not a plugin declaration"));
+    }
+    let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let len = word(16) as usize;
+    if len == 0 || len > NOTE_MAX_ID {
+        return Err(format!("the {NOTE_SECTION} section declares an id of {len} bytes"));
+    }
+    let id = std::str::from_utf8(&bytes[20..20 + len]).map_err(|_| format!("the {NOTE_SECTION} section's id is not UTF-8"))?;
+    Ok((word(8), word(12), id.to_string()))
+}
+
 /// Exports a [`Plugin`] as this library's root module. `$make` is a `fn() -> P` that builds
-/// the plugin on first use.
+/// the plugin on first use. With `id = "..."` (the id its metadata answers) the library also
+/// carries its declaration ([`plugin_note`]), so the host can check a pinned sha256 before
+/// loading it.
 ///
 /// ```ignore
-/// inference_pio_core::export_plugin!(MyPlugin, MyPlugin::new);
+/// inference_pio_core::export_plugin!(id = "my-model", MyPlugin, MyPlugin::new);
 /// ```
 #[macro_export]
 macro_rules! export_plugin {
+    (id = $id:expr, $plugin:ty, $make:expr) => {
+        // SAFETY: a plain byte array in its own section; nothing refers to it by address, and
+        // no other item of this library uses that section name.
+        #[cfg_attr(target_os = "linux", unsafe(link_section = ".inference_pio"))]
+        #[used]
+        static __INFERENCE_PIO_NOTE: [u8; $crate::export::NOTE_LEN] = $crate::export::plugin_note($id);
+        $crate::export_plugin!($plugin, $make);
+    };
     ($plugin:ty, $make:expr) => {
         static __INFERENCE_PIO_EXPORTED: $crate::export::Exported<$plugin> =
             $crate::export::Exported::new($make);
@@ -235,4 +302,23 @@ macro_rules! export_plugin {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_declaration_reads_back_and_junk_is_refused() {
+        let note = plugin_note("qwen3-coder-30b");
+        let (major, minor, id) = parse_plugin_note(&note).expect("valid");
+        assert_eq!((major, minor, id.as_str()), (crate::abi::ABI_MAJOR, crate::abi::ABI_MINOR, "qwen3-coder-30b"));
+        assert!(parse_plugin_note(&note[..10]).is_err());
+        let mut bad = note;
+        bad[0] = b'X';
+        assert!(parse_plugin_note(&bad).expect_err("bad magic").contains("not a plugin declaration"));
+        let mut long = note;
+        long[16] = 200;
+        assert!(parse_plugin_note(&long).expect_err("too long").contains("200 bytes"));
+    }
 }

@@ -218,7 +218,8 @@ impl Host {
         let exe = std::env::current_exe().context("cannot locate the inference-pio executable")?;
         let dirs = plugin_dirs(&cli.plugin_dirs, &config.host.plugin_dirs, Some(&exe));
         let timeout = Duration::from_secs_f64(config.host.probe_timeout_s.unwrap_or(60.0));
-        let discovery = Discovery::run(dirs, &exe, timeout);
+        let pins = config.plugins.iter().filter_map(|(id, section)| Some((id.clone(), section.sha256.clone()?))).collect();
+        let discovery = Discovery::run(dirs, &exe, timeout, &pins);
         Ok(Self { config, discovery, exe })
     }
 

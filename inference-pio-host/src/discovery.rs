@@ -11,11 +11,20 @@
 //! takes the probe down: listing never crashes because of one bad file. The probe jails itself
 //! before it opens the file (where the kernel allows): its own empty network namespace, a
 //! landlock ruleset that allows reading but no write anywhere, the seccomp deny-list of level
-//! `maximum`, no core dumps. So code of a file that is not yet trusted (or whose pinned hash
-//! will not match) runs only there, unable to write or connect.
+//! `maximum`, no core dumps. So code of a file that is not yet trusted runs only there, unable
+//! to write or connect.
+//!
+//! Before the probe, the file's declaration is read without loading it (the
+//! `.inference_pio` ELF section that `export_plugin!(id = ...)` writes): a file declaring an
+//! id whose sha256 the config pins is hashed first and, when it does not match, refused
+//! before any of its code runs, in the probe or anywhere. A file's probe must then answer the
+//! id it declares. Files without a declaration are probed as before.
 
 use crate::plugin::LoadedPlugin;
+use inference_pio_core::abi::ABI_MAJOR;
+use inference_pio_core::export::{NOTE_SECTION, parse_plugin_note};
 use inference_pio_core::types::PluginMetadata;
+use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -101,13 +110,14 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// Probes every candidate in `dirs` (in parallel) with `probe_exe __probe FILE`.
-    pub fn run(dirs: Vec<PathBuf>, probe_exe: &Path, timeout: Duration) -> Self {
+    /// Probes every candidate in `dirs` (in parallel) with `probe_exe __probe FILE`. `pins`:
+    /// plugin id -> the sha256 the config pins for it.
+    pub fn run(dirs: Vec<PathBuf>, probe_exe: &Path, timeout: Duration, pins: &BTreeMap<String, String>) -> Self {
         let files = candidate_files(&dirs);
         let records = std::thread::scope(|scope| {
             let handles: Vec<_> = files
                 .iter()
-                .map(|file| scope.spawn(move || probe_file(probe_exe, file, timeout)))
+                .map(|file| scope.spawn(move || probe_file(probe_exe, file, timeout, pins)))
                 .collect();
             files
                 .iter()
@@ -163,11 +173,49 @@ fn check_header(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Probes one file in a child process; never fails, never panics.
-pub fn probe_file(probe_exe: &Path, path: &Path, timeout: Duration) -> ProbeOutcome {
+/// The plugin id a library declares in its `.inference_pio` section
+/// (`inference_pio_core::export::plugin_note`), read from the file without loading it; `None`
+/// when it declares none.
+pub fn declared_id(path: &Path) -> Result<Option<String>, String> {
+    use object::{Object, ObjectSection};
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(|e| format!("not a readable shared library: {e}"))?;
+    let Some(section) = elf.section_by_name(NOTE_SECTION) else { return Ok(None) };
+    let data = section.data().map_err(|e| format!("cannot read its {NOTE_SECTION} section: {e}"))?;
+    let (major, _, id) = parse_plugin_note(data)?;
+    if major != ABI_MAJOR {
+        return Err(format!("declares plugin ABI {major}; this host speaks ABI {ABI_MAJOR}"));
+    }
+    Ok(Some(id))
+}
+
+/// Probes one file in a child process (after its declaration and pinned hash, see the module
+/// header); never fails, never panics.
+pub fn probe_file(probe_exe: &Path, path: &Path, timeout: Duration, pins: &BTreeMap<String, String>) -> ProbeOutcome {
     if let Err(reason) = check_header(path) {
         return ProbeOutcome::Rejected(reason);
     }
+    let declared = match declared_id(path) {
+        Ok(declared) => declared,
+        Err(reason) => return ProbeOutcome::Rejected(reason),
+    };
+    if let Some(expected) = declared.as_ref().and_then(|id| pins.get(id))
+        && let Err(reason) = crate::digest::check_sha256(path, expected)
+    {
+        return ProbeOutcome::Rejected(format!("{reason} (checked before any of its code ran)"));
+    }
+    match run_probe(probe_exe, path, timeout) {
+        ProbeOutcome::Accepted(meta) if declared.as_ref().is_some_and(|d| *d != meta.id) => ProbeOutcome::Rejected(format!(
+            "declares plugin id `{}` in its {NOTE_SECTION} section but its metadata answers `{}`",
+            declared.unwrap_or_default(),
+            meta.id
+        )),
+        outcome => outcome,
+    }
+}
+
+fn run_probe(probe_exe: &Path, path: &Path, timeout: Duration) -> ProbeOutcome {
     let child = Command::new(probe_exe)
         .arg("__probe")
         .arg(path)

@@ -408,16 +408,19 @@ impl Plugin for EnginePlugin {
     }
 }
 
-/// Exports a `static` [`ModelFamily`] as this crate's plugin.
+/// Exports a `static` [`ModelFamily`] as this crate's plugin; `$id` is its `id` (a `const`),
+/// also stored in the library's declaration so the host can check a pinned sha256 before
+/// loading it (`inference_pio_core::export::plugin_note`).
 ///
 /// ```ignore
-/// pub static FAMILY: ModelFamily = ModelFamily { /* ... */ };
-/// inference_pio_engine::export_model!(FAMILY);
+/// pub const ID: &str = "my-model";
+/// pub static FAMILY: ModelFamily = ModelFamily { id: ID, /* ... */ };
+/// inference_pio_engine::export_model!(FAMILY, ID);
 /// ```
 #[macro_export]
 macro_rules! export_model {
-    ($family:path) => {
-        $crate::__core::export_plugin!($crate::plugin::EnginePlugin, || {
+    ($family:path, $id:expr) => {
+        $crate::__core::export_plugin!(id = $id, $crate::plugin::EnginePlugin, || {
             $crate::plugin::EnginePlugin::new(&$family)
         });
     };

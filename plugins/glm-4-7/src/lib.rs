@@ -9,6 +9,9 @@
 
 use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, OutputFormat, MoeSpec, Router};
 
+/// The plugin id (`[plugins.glm-4-7]` in the host config).
+pub const ID: &str = "glm-4-7";
+
 fn spec(c: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
     let moe_intermediate = c.need_usize("moe_intermediate_size")?;
     let shared = c.get_usize("n_shared_experts")?.unwrap_or(1);
@@ -36,7 +39,7 @@ fn spec(c: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
 }
 
 pub static FAMILY: ModelFamily = ModelFamily {
-    id: "glm-4-7",
+    id: ID,
     version: env!("CARGO_PKG_VERSION"),
     description: "GLM-4.x mixture-of-experts decoder (sigmoid group-limited routing, shared experts, partial RoPE); primary model GLM-4.7",
     architectures: &["Glm4MoeForCausalLM"],
@@ -48,4 +51,4 @@ pub static FAMILY: ModelFamily = ModelFamily {
     spec,
 };
 
-inference_pio_engine::export_model!(FAMILY);
+inference_pio_engine::export_model!(FAMILY, ID);

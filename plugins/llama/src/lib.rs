@@ -6,12 +6,15 @@
 
 use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, OutputFormat};
 
+/// The plugin id (`[plugins.llama]` in the host config).
+pub const ID: &str = "llama";
+
 fn spec(config: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
     Ok(DecoderSpec::dense(config, false))
 }
 
 pub static FAMILY: ModelFamily = ModelFamily {
-    id: "llama",
+    id: ID,
     version: env!("CARGO_PKG_VERSION"),
     description: "Llama decoder (GQA, RoPE, SwiGLU) from safetensors or GGUF; primary model SmolLM2-135M-Instruct",
     architectures: &["LlamaForCausalLM"],
@@ -22,4 +25,4 @@ pub static FAMILY: ModelFamily = ModelFamily {
     spec,
 };
 
-inference_pio_engine::export_model!(FAMILY);
+inference_pio_engine::export_model!(FAMILY, ID);

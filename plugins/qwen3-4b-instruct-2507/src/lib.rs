@@ -4,12 +4,15 @@
 
 use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, OutputFormat};
 
+/// The plugin id (`[plugins.qwen3-4b-instruct-2507]` in the host config).
+pub const ID: &str = "qwen3-4b-instruct-2507";
+
 fn spec(config: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
     Ok(DecoderSpec::dense(config, true))
 }
 
 pub static FAMILY: ModelFamily = ModelFamily {
-    id: "qwen3-4b-instruct-2507",
+    id: ID,
     version: env!("CARGO_PKG_VERSION"),
     description: "Qwen3 dense decoder (per-head QK-norm, GQA, RoPE); primary model Qwen3-4B-Instruct-2507",
     architectures: &["Qwen3ForCausalLM"],
@@ -20,4 +23,4 @@ pub static FAMILY: ModelFamily = ModelFamily {
     spec,
 };
 
-inference_pio_engine::export_model!(FAMILY);
+inference_pio_engine::export_model!(FAMILY, ID);

@@ -6,6 +6,9 @@
 
 use inference_pio_engine::{DecoderConfig, DecoderSpec, EngineError, ModelFamily, OutputFormat, MoeSpec, Router};
 
+/// The plugin id (`[plugins.qwen3-coder-30b]` in the host config).
+pub const ID: &str = "qwen3-coder-30b";
+
 fn spec(c: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
     // Hub configs say `num_experts`; transformers 5 writes `num_local_experts`.
     let num_experts = match c.get_usize("num_experts")? {
@@ -36,7 +39,7 @@ fn spec(c: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
 }
 
 pub static FAMILY: ModelFamily = ModelFamily {
-    id: "qwen3-coder-30b",
+    id: ID,
     version: env!("CARGO_PKG_VERSION"),
     description: "Qwen3 mixture-of-experts decoder (softmax top-k routing, QK-norm, GQA); primary model Qwen3-Coder-30B-A3B-Instruct",
     architectures: &["Qwen3MoeForCausalLM"],
@@ -47,4 +50,4 @@ pub static FAMILY: ModelFamily = ModelFamily {
     spec,
 };
 
-inference_pio_engine::export_model!(FAMILY);
+inference_pio_engine::export_model!(FAMILY, ID);

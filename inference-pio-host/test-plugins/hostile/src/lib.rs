@@ -222,4 +222,4 @@ impl Plugin for Hostile {
     }
 }
 
-inference_pio_core::export_plugin!(Hostile, || Hostile);
+inference_pio_core::export_plugin!(id = "test-hostile", Hostile, || Hostile);
