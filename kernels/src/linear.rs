@@ -87,7 +87,13 @@ pub fn batched_linear(x: Tensor<3>, w: Tensor<4>) -> Tensor<3> {
     if parts == 1 {
         return x.matmul(w.reshape([batch, out, block]).transpose());
     }
-    let xs = x.reshape([batch, rows, parts, block]).swap_dims(1, 2).reshape([batch * parts, rows, block]);
+    // One row per entry (decode): `[batch, 1, parts * block]` already lies in `[batch *
+    // parts, 1, block]` order, so no copy is queued.
+    let xs = if rows == 1 {
+        x.reshape([batch * parts, 1, block])
+    } else {
+        x.reshape([batch, rows, parts, block]).swap_dims(1, 2).reshape([batch * parts, rows, block])
+    };
     let partial = xs.matmul(w.reshape([batch * parts, out, block]).transpose()).reshape([batch, parts, rows, out]);
     let dtype = partial.dtype();
     let y = partial.cast(DType::F32).sum_dim(1).reshape([batch, rows, out]);
