@@ -36,16 +36,9 @@ pub fn with_cpu_split<R>(parts: usize, f: impl FnOnce() -> R) -> R {
 /// largest power of two up to 64 that divides `inp` into blocks of at least 256 (1 on the CPU,
 /// unless [`with_cpu_split`] says otherwise).
 pub fn split_parts(inp: usize, device: &Device) -> usize {
-    if *device == Device::flex() {
-        let most = CPU_PARTS.get();
-        let mut parts = 1;
-        while parts * 2 <= most && inp.is_multiple_of(parts * 2) {
-            parts *= 2;
-        }
-        return parts;
-    }
+    let (most, min_block) = if *device == Device::flex() { (CPU_PARTS.get(), 1) } else { (MAX_PARTS, MIN_BLOCK) };
     let mut parts = 1;
-    while parts * 2 <= MAX_PARTS && inp.is_multiple_of(parts * 2) && inp / (parts * 2) >= MIN_BLOCK {
+    while parts * 2 <= most && inp.is_multiple_of(parts * 2) && inp / (parts * 2) >= min_block {
         parts *= 2;
     }
     parts
@@ -55,11 +48,7 @@ pub fn split_parts(inp: usize, device: &Device) -> usize {
 /// (a contiguous copy; `parts` 1 is a view).
 pub fn split_weight(w: Tensor<2>, parts: usize) -> Tensor<3> {
     let [out, inp] = w.dims();
-    if parts <= 1 {
-        return w.reshape([1, out, inp]);
-    }
-    let block = inp / parts;
-    Tensor::stack((0..parts).map(|p| w.clone().narrow(1, p * block, block)).collect(), 0)
+    split_stacked(w.reshape([1, out, inp]), parts).reshape([parts.max(1), out, inp / parts.max(1)])
 }
 
 /// [`split_weight`] for a stack of weights: `[batch, out, in] -> [batch, parts, out, in / parts]`.

@@ -82,21 +82,20 @@ impl<'a> DecodeSteps<'a> {
             StepMode::Device
         };
         let pads: Vec<i64> = cache.pads().iter().map(|&p| p as i64).collect();
-        let int = |values: Vec<i64>, n: usize| Tensor::<1, Int>::from_data(TensorData::new(values, [n]), device);
         let empty = Tensor::<2>::zeros([1, 1], device);
         let state = DeviceStep {
             slots: 0,
-            tokens: int(vec![0; batch], batch),
-            positions: int(vec![0; batch], batch),
-            slot: int(vec![0], 1),
-            pads: int(pads, batch).reshape([batch, 1]),
+            tokens: int_tensor(vec![0; batch], device),
+            positions: int_tensor(vec![0; batch], device),
+            slot: int_tensor(vec![0], device),
+            pads: int_tensor(pads, device).reshape([batch, 1]),
             // Placeholders until the first step sizes them.
-            slot_ids: int(vec![0], 1).reshape([1, 1]),
+            slot_ids: int_tensor(vec![0], device).reshape([1, 1]),
             cos_table: empty.clone(),
             sin_table: empty,
             cache,
         };
-        let rows = int((0..batch as i64).collect(), batch);
+        let rows = int_tensor((0..batch as i64).collect(), device);
         Self { decoder, mode, graph: None, state: Rc::new(RefCell::new(state)), rows, counts: StepCounts::default() }
     }
 
@@ -120,62 +119,53 @@ impl<'a> DecodeSteps<'a> {
     /// One token per row after what the cache holds; f32 logits `[batch, 1, vocab]`.
     pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor<3>, EngineError> {
         let decoder = self.decoder;
-        let mut guard = self.state.borrow_mut();
-        let state = &mut *guard;
-        let grows = state.cache.storage_slots() != state.cache.slots_for(1);
-        if self.mode == StepMode::Eager || grows {
-            // The storage is about to be replaced: a graph recorded over it is worthless.
-            self.graph = None;
-            let rows: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
-            self.counts.eager += 1;
-            return decoder.forward(&rows, &mut state.cache, Logits::Last);
-        }
-        let (batch, vocab) = (state.cache.batch(), decoder.config.vocab_size);
-        if tokens.len() != batch {
-            return Err(EngineError::InvalidRequest(format!("a decode step of {} tokens for {batch} rows", tokens.len())));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
-            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary (size {vocab})")));
-        }
-        let (len, slots) = (state.cache.len(), state.cache.storage_slots());
-        let positions: Vec<i64> = state.cache.pads().iter().map(|&pad| len.saturating_sub(pad) as i64).collect();
-        if state.slots != slots {
-            self.graph = None;
-            let (cos, sin) = decoder.rope_table(slots);
-            state.cos_table = cos;
-            state.sin_table = sin;
-            state.slot_ids = Tensor::<1, Int>::arange(0..slots as i64, &decoder.device).reshape([1, slots]);
-            state.slots = slots;
-        }
-        // A replay reads the buffers it was recorded with, so these writes must land in
-        // them rather than in copies.
-        if self.mode == StepMode::Captured && !state.inputs_are_unique() {
-            self.graph = None;
-            self.mode = StepMode::Device;
-            self.counts.failed_captures += 1;
-            crate::progress::log(|| "decode steps run uncaptured: a step input is shared, so it cannot be refreshed in place".into());
-        }
-        let device = &decoder.device;
-        let int = |values: Vec<i64>| {
-            let n = values.len();
-            Tensor::<1, Int>::from_data(TensorData::new(values, [n]), device)
+        let shared = {
+            let mut guard = self.state.borrow_mut();
+            let state = &mut *guard;
+            let grows = state.cache.storage_slots() != state.cache.slots_for(1);
+            if self.mode == StepMode::Eager || grows {
+                // The storage is about to be replaced: a graph recorded over it is worthless.
+                self.graph = None;
+                let rows: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
+                self.counts.eager += 1;
+                return decoder.forward(&rows, &mut state.cache, Logits::Last);
+            }
+            let (batch, vocab) = (state.cache.batch(), decoder.config.vocab_size);
+            if tokens.len() != batch {
+                return Err(EngineError::InvalidRequest(format!("a decode step of {} tokens for {batch} rows", tokens.len())));
+            }
+            if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
+                return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary (size {vocab})")));
+            }
+            let slots = state.cache.storage_slots();
+            if state.slots != slots {
+                self.graph = None;
+                let (cos, sin) = decoder.rope_table(slots);
+                state.cos_table = cos;
+                state.sin_table = sin;
+                state.slot_ids = Tensor::<1, Int>::arange(0..slots as i64, &decoder.device).reshape([1, slots]);
+                state.slots = slots;
+            }
+            // A replay reads the buffers it was recorded with, so the refreshes below must
+            // land in them rather than in copies.
+            self.mode == StepMode::Captured && !state.inputs_are_unique()
         };
-        let ids = int(tokens.iter().map(|&t| t as i64).collect());
-        let rows = self.rows.clone();
-        state.tokens.inplace(|t| t.select_assign(0, rows.clone(), ids, IndexingUpdateOp::Assign));
-        state.positions.inplace(|t| t.select_assign(0, rows, int(positions), IndexingUpdateOp::Assign));
-        let first = Tensor::<1, Int>::zeros([1], device);
-        state.slot.inplace(|t| t.select_assign(0, first, int(vec![len as i64]), IndexingUpdateOp::Assign));
-
-        let out = if self.mode == StepMode::Captured {
-            drop(guard);
-            self.replay()?
-        } else {
-            self.counts.device += 1;
-            let out = decoder.device_step(state)?;
-            drop(guard);
-            out
-        };
+        if shared {
+            self.fall_back("a step input is shared, so it cannot be refreshed in place");
+        }
+        {
+            let mut guard = self.state.borrow_mut();
+            let state = &mut *guard;
+            let len = state.cache.len();
+            let positions = state.cache.pads().iter().map(|&pad| len.saturating_sub(pad) as i64).collect();
+            let device = &decoder.device;
+            let ids = int_tensor(tokens.iter().map(|&t| t as i64).collect(), device);
+            let (rows, first) = (self.rows.clone(), self.rows.clone().narrow(0, 0, 1));
+            state.tokens.inplace(|t| t.select_assign(0, rows.clone(), ids, IndexingUpdateOp::Assign));
+            state.positions.inplace(|t| t.select_assign(0, rows, int_tensor(positions, device), IndexingUpdateOp::Assign));
+            state.slot.inplace(|t| t.select_assign(0, first, int_tensor(vec![len as i64], device), IndexingUpdateOp::Assign));
+        }
+        let out = if self.mode == StepMode::Captured { self.replay()? } else { self.device_step_now()? };
         self.state.borrow_mut().cache.advance(1);
         Ok(out)
     }
@@ -190,10 +180,7 @@ impl<'a> DecodeSteps<'a> {
             self.counts.captures += 1;
             if !graph.is_hardware() {
                 // burn would re-run the closure on replay; run the step ourselves, uncaptured.
-                self.graph = None;
-                self.mode = StepMode::Device;
-                self.counts.failed_captures += 1;
-                crate::progress::log(|| "decode steps run uncaptured: the CUDA graph capture failed".into());
+                self.fall_back("the CUDA graph capture failed");
                 return self.device_step_now();
             }
             self.graph = Some(graph);
@@ -219,6 +206,20 @@ impl<'a> DecodeSteps<'a> {
         self.counts.device += 1;
         self.decoder.device_step(&mut self.state.borrow_mut())
     }
+
+    /// Steps run uncaptured from now on, for `why`.
+    fn fall_back(&mut self, why: &str) {
+        self.graph = None;
+        self.mode = StepMode::Device;
+        self.counts.failed_captures += 1;
+        crate::progress::log(|| format!("decode steps run uncaptured: {why}"));
+    }
+}
+
+/// `values` as a `[len]` integer tensor on `device`.
+fn int_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
+    let n = values.len();
+    Tensor::<1, Int>::from_data(TensorData::new(values, [n]), device)
 }
 
 impl DeviceStep {

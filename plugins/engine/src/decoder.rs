@@ -78,8 +78,7 @@ struct Linear {
 
 impl Linear {
     fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
-        let weight = ckpt.load(&format!("{prefix}.weight"), [out, inp], device, dtype)?;
-        let weight = split_weight(weight, split_parts(inp, device));
+        let weight = ckpt.load_linear(&format!("{prefix}.weight"), [out, inp], device, dtype)?;
         let bias = if bias { Some(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?) } else { None };
         Ok(Self { weight, bias })
     }

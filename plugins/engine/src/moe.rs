@@ -18,7 +18,7 @@ use crate::weights::Checkpoint;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::{batched_linear, linear, split_parts, split_stacked, split_weight};
+use inference_pio_kernels::{batched_linear, linear, split_parts, split_stacked};
 
 /// How a token's experts and their weights are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -133,7 +133,7 @@ pub fn route(router: &Router, top_k: usize, logits: Tensor<2>, bias: Option<&Ten
 }
 
 /// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights in HF `[out, in]` layout split into
-/// column blocks ([`split_weight`]).
+/// column blocks ([`Checkpoint::load_linear`]).
 pub struct Mlp {
     gate: Tensor<3>,
     up: Tensor<3>,
@@ -143,9 +143,9 @@ pub struct Mlp {
 impl Mlp {
     pub fn load(ckpt: &Checkpoint, prefix: &str, hidden: usize, inner: usize, device: &Device, dtype: DType) -> Result<Self, EngineError> {
         Ok(Self {
-            gate: split_weight(ckpt.load(&format!("{prefix}.gate_proj.weight"), [inner, hidden], device, dtype)?, split_parts(hidden, device)),
-            up: split_weight(ckpt.load(&format!("{prefix}.up_proj.weight"), [inner, hidden], device, dtype)?, split_parts(hidden, device)),
-            down: split_weight(ckpt.load(&format!("{prefix}.down_proj.weight"), [hidden, inner], device, dtype)?, split_parts(inner, device)),
+            gate: ckpt.load_linear(&format!("{prefix}.gate_proj.weight"), [inner, hidden], device, dtype)?,
+            up: ckpt.load_linear(&format!("{prefix}.up_proj.weight"), [inner, hidden], device, dtype)?,
+            down: ckpt.load_linear(&format!("{prefix}.down_proj.weight"), [hidden, inner], device, dtype)?,
         })
     }
 

@@ -27,7 +27,8 @@ pub struct Sampler {
     rng: StdRng,
 }
 
-fn argmax(values: &[f32]) -> u32 {
+/// Index of the largest value (the first of equals).
+pub(crate) fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in values.iter().enumerate() {
         if *v > values[best] {

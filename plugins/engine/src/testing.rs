@@ -95,10 +95,9 @@ pub fn check_device_steps(engine: &Engine, prompts: &[Vec<u32>], steps: usize) -
     assert_eq!(first, again, "two prefills of the same batch differ");
     let mut device = DecodeSteps::new(decoder, device, true);
     let vocab = decoder.config.vocab_size;
-    let argmax = |row: &[f32]| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32;
     let mut logits = first;
     for step in 0..steps {
-        let next: Vec<u32> = logits.chunks(vocab).map(argmax).collect();
+        let next: Vec<u32> = logits.chunks(vocab).map(crate::sampling::argmax).collect();
         let rows: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
         logits = read(decoder.forward(&rows, &mut eager, Logits::Last).unwrap_or_else(|e| panic!("eager step {step}: {e}")));
         let got = read(device.step(&next).unwrap_or_else(|e| panic!("device step {step}: {e}")));

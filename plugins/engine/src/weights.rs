@@ -9,6 +9,7 @@ use crate::error::EngineError;
 use burn::tensor::{DType as BurnDType, Device, Distribution, Tensor, TensorData};
 use std::borrow::Cow;
 use inference_pio_core::types::DType;
+use inference_pio_kernels::{split_parts, split_weight};
 use memmap2::Mmap;
 use inference_pio_formats::gguf::{self, Gguf};
 use inference_pio_formats::safetensors_header::{self, Metadata};
@@ -326,6 +327,13 @@ impl Checkpoint {
         }
         let data = TensorData::from_bytes_vec(self.host_bytes(name, &shape, dtype)?.into_owned(), shape, burn_dtype(dtype));
         Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
+    }
+
+    /// Loads the linear weight `name` (`[out, in]`, HF layout) split into the column blocks
+    /// the device multiplies fastest (`inference_pio_kernels::split_weight`, `[parts, out, in
+    /// / parts]`; one block on the CPU).
+    pub fn load_linear(&self, name: &str, [out, inp]: [usize; 2], device: &Device, dtype: DType) -> Result<Tensor<3>, EngineError> {
+        Ok(split_weight(self.load(name, [out, inp], device, dtype)?, split_parts(inp, device)))
     }
 
     /// Loads the tensors `names`, each of `shape`, stacked along a new first axis into one
