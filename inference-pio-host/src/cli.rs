@@ -299,7 +299,6 @@ impl Host {
                 None => DeviceRequest::Auto,
             },
         };
-        let device = worker_device(device, &selected.id, security)?;
         let options = LoadOptions { device, dtype: args.dtype, random_weights: args.random_weights };
         let bar = progress.then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
@@ -331,29 +330,6 @@ impl Host {
                 .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
                 .map(|base| base.join("inference-pio"))
         })
-    }
-}
-
-/// The device a plugin at `level` may use. Inside the worker sandbox of `high`/`maximum` the
-/// CUDA driver does not initialise yet (on the H200 it failed with
-/// `CUDA_ERROR_OPERATING_SYSTEM`, the network namespace ruled out:
-/// `benches/results/gpu-h200-2026-12-01-checks/`), so CUDA is refused by name there and `auto`
-/// means the CPU, said once on stderr.
-fn worker_device(device: DeviceRequest, id: &str, level: SecurityLevel) -> anyhow::Result<DeviceRequest> {
-    if !level.uses_worker() {
-        return Ok(device);
-    }
-    match device {
-        DeviceRequest::Cuda(i) => anyhow::bail!(
-            "plugin `{id}` runs at security level `{}` (sandboxed worker process), where CUDA is not supported yet \
-             (the driver does not initialise inside the sandbox): cuda:{i} refused; use --device cpu, or security `medium` for the GPU",
-            level.as_str()
-        ),
-        DeviceRequest::Auto => {
-            eprintln!("note: plugin `{id}` runs on the CPU: CUDA is not supported inside the `{}` sandbox yet", level.as_str());
-            Ok(DeviceRequest::Cpu)
-        }
-        DeviceRequest::Cpu => Ok(DeviceRequest::Cpu),
     }
 }
 

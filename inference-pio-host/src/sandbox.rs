@@ -63,6 +63,7 @@ pub fn system_read_only_paths() -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = [
         "/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
         "/sys/devices/system/cpu", "/sys/fs/cgroup", "/proc/self", "/proc/cpuinfo", "/proc/meminfo",
+        "/proc/sys/vm/mmap_min_addr",
         "/dev/null", "/dev/zero", "/dev/urandom", "/opt/cuda", "/usr/local/cuda",
         "/proc/driver/nvidia", "/sys/bus/pci", "/sys/devices",
     ]
@@ -173,6 +174,14 @@ fn network_namespace() -> Mechanism {
     Mechanism::missing(NAME, format!("unshare(CLONE_NEWNET) failed ({first}), also with CLONE_NEWUSER ({})", errno_text()))
 }
 
+/// Files beneath these the worker may write (not create): its own threads' names,
+/// `/proc/self/task/TID/comm`, which `pthread_setname_np` writes for a thread other than the
+/// caller. The CUDA driver names its threads so and fails `cuInit` with
+/// `CUDA_ERROR_OPERATING_SYSTEM` when it cannot (strace on the H200:
+/// `benches/results/gpu-h200-2026-12-01-sandbox/`). `/proc/self` resolves to the worker's own
+/// directory when the rule is made, so no other process is reachable through it.
+const THREAD_NAMES: &[&str] = &["/proc/self/task"];
+
 fn landlock_rules(spec: &SandboxSpec) -> Result<Mechanism, String> {
     use landlock::{ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, path_beneath_rules};
     const NAME: &str = "landlock";
@@ -188,10 +197,17 @@ fn landlock_rules(spec: &SandboxSpec) -> Result<Mechanism, String> {
         .and_then(|r| r.add_rules(path_beneath_rules(&read_only, AccessFs::from_read(abi))))
         .and_then(|r| r.add_rules(path_beneath_rules(&read_write, AccessFs::from_all(abi))))
         .and_then(|r| r.add_rules(path_beneath_rules(&devices, device_access)))
+        .and_then(|r| r.add_rules(path_beneath_rules(THREAD_NAMES, AccessFs::WriteFile | AccessFs::Truncate)))
         .and_then(|r| r.restrict_self())
         .map_err(|e| format!("landlock: {e}"))?;
     let show = |paths: &[PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-    let allowed = format!("read-only: {}; read-write: {}; devices: {}", show(&read_only), show(&read_write), if devices.is_empty() { "none".into() } else { show(&devices) });
+    let allowed = format!(
+        "read-only: {}; read-write: {}; devices: {}; write: {} (thread names)",
+        show(&read_only),
+        show(&read_write),
+        if devices.is_empty() { "none".into() } else { show(&devices) },
+        THREAD_NAMES.join(", ")
+    );
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => Mechanism::active(NAME, format!("filesystem allowlist fully enforced ({allowed})")),
         RulesetStatus::PartiallyEnforced => Mechanism::active(NAME, format!("filesystem allowlist enforced with this kernel's older landlock ABI ({allowed})")),

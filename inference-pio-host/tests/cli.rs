@@ -488,12 +488,8 @@ fn worker_levels_show_what_is_in_force_run_and_refuse_a_tampered_maximum_plugin(
     let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "stream:3"], cwd.path());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("tok tok tok \n"), "{}", stdout(&out));
-    // CUDA does not initialise inside the sandbox yet: refused by name, `auto` means the CPU.
-    let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "echo", "--device", "cuda"], cwd.path());
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("CUDA is not supported yet") && stderr(&out).contains("cuda:0 refused"), "{}", stderr(&out));
-    let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "echo"], cwd.path());
-    assert!(out.status.success() && stderr(&out).contains("runs on the CPU"), "{}", stderr(&out));
+    // The worker may write its own threads' names (the CUDA driver's need), and says so.
+    assert!(text.contains("write: /proc/self/task (thread names)"), "{text}");
     let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "segv"], cwd.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("died: killed by SIGSEGV (segmentation fault)"), "{}", stderr(&out));

@@ -94,6 +94,10 @@ fn high_contains_file_network_process_and_disk_attacks() {
         assert_eq!(ok(&worker, m, &format!("write:{}:10", dirs.path().join("planted").display())), "err:EACCES");
         assert!(!dirs.path().join("planted").exists());
         assert_eq!(ok(&worker, m, &format!("write:{}:10", model.join("planted").display())), "err:EACCES");
+        // Its own threads' names can be written (the CUDA driver needs it), another
+        // process's files in /proc cannot (an invalid value: EINVAL if it ever got through).
+        assert_eq!(ok(&worker, m, "name-thread"), "ok");
+        assert_eq!(ok(&worker, m, "write:/proc/1/oom_score_adj:1"), "err:EACCES");
     }
     assert_eq!(ok(&worker, m, &format!("write:{}:1000", scratch.join("ok.bin").display())), "ok:1000 bytes");
     // disk_space_gb = 0.001: RLIMIT_FSIZE refuses a 2 MB file with EFBIG (and no SIGXFSZ death).

@@ -5,6 +5,7 @@
 //! their reference and tested against it on the device.
 
 pub mod linear;
+pub mod matvec;
 pub mod reference;
 
 pub use linear::{batched_linear, linear, split_parts, split_stacked, split_weight, with_cpu_split};

@@ -9,7 +9,9 @@
 //! products split into blocks of about 300 columns take 40 µs and 49 µs (1,237 and 1,007 GB/s),
 //! `benches/results/gpu-h200-2026-12-01-graphs.md`. Many rows (prefill) pay an extra f32 sum
 //! over `parts` partial outputs. On the CPU (burn-flex) `parts` is 1 and this is the plain
-//! matmul on the transposed `[out, in]` view.
+//! matmul on the transposed `[out, in]` view. On CubeCL devices, one-row products (batch-1
+//! decode) run through our own kernel instead ([`crate::matvec`]), which reads the split
+//! layout in place.
 
 use burn::tensor::{DType, Device, Tensor};
 use std::cell::Cell;
@@ -64,6 +66,9 @@ pub fn split_stacked(w: Tensor<3>, parts: usize) -> Tensor<4> {
 /// `x [rows, in] · wᵀ -> [rows, out]`, `w` from [`split_weight`].
 pub fn linear(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
     let [rows, inp] = x.dims();
+    if x.dtype() == w.dtype() && crate::matvec::dense_kernel_applies(rows, &x.device()) {
+        return crate::matvec::split_matvec(x, w);
+    }
     let [_, out, _] = w.dims();
     batched_linear(x.reshape([1, rows, inp]), w.clone().unsqueeze_dim(0)).reshape([rows, out])
 }

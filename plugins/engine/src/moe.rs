@@ -18,7 +18,7 @@ use crate::weights::Checkpoint;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::{batched_linear, linear, split_parts, split_stacked};
+use inference_pio_kernels::{batched_linear, linear, matvec, split_parts, split_stacked};
 
 /// How a token's experts and their weights are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -277,6 +277,12 @@ impl MoeBlock {
         let [rows, hidden] = x.dims();
         let slots = rows * self.top_k;
         let experts = experts.reshape([slots]);
+        if x.dtype() == self.gate_up.dtype() && matvec::gathered_kernel_applies(slots, &x.device()) {
+            // Our kernel reads the chosen experts' weights in place (no gathered copy).
+            let gate_up = matvec::gathered_split_matvec(x, &self.gate_up, experts.clone());
+            let act = self.activate(gate_up.unsqueeze_dim(1)).squeeze_dim(1);
+            return matvec::gathered_split_matvec(act, &self.down, experts);
+        }
         let x = x.reshape([rows, 1, hidden]).repeat_dim(1, self.top_k).reshape([slots, 1, hidden]);
         let gate_up = self.gate_up.clone().select(0, experts.clone());
         let act = self.activate(batched_linear(x, gate_up));

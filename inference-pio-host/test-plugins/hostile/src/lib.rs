@@ -60,6 +60,21 @@ fn attack(command: &str, on_token: &mut TokenCallback<'_>) -> String {
                 Err(e) => errno_name(&e),
             }
         }
+        // What the CUDA driver does at cuInit: name another thread, which writes
+        // /proc/self/task/TID/comm.
+        "name-thread" => {
+            use std::os::unix::thread::JoinHandleExt;
+            let (done, wait) = std::sync::mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let _ = wait.recv();
+            });
+            // SAFETY: the thread is alive until `done` is dropped below; the name is a
+            // NUL-terminated string of at most 15 bytes, as pthread_setname_np requires.
+            let rc = unsafe { libc::pthread_setname_np(thread.as_pthread_t(), c"pio-named".as_ptr()) };
+            drop(done);
+            let _ = thread.join();
+            if rc == 0 { "ok".into() } else { errno_name(&std::io::Error::from_raw_os_error(rc)) }
+        }
         "connect" => match arg.parse::<std::net::SocketAddr>() {
             Ok(addr) => match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
                 Ok(_) => "ok:connected".into(),

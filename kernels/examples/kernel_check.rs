@@ -1,0 +1,147 @@
+//! The CubeCL kernels against their reference versions, on CUDA, and timed there: the split
+//! matrix-vector kernel (`inference_pio_kernels::matvec`) on the decode shapes of Qwen3-4B
+//! and Qwen3-Coder-30B-A3B (dense rows and gathered experts), in f32 and bf16, against
+//! `matvec_reference` (the gathered weights through `batched_linear`, the engine's path
+//! before the kernel). Timings are CUDA-graph replays of ten products. Exits non-zero when a
+//! result is outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16
+//! 1e-2 (bf16 output rounding).
+//! `kernel_check` on a machine with CUDA.
+
+use burn::tensor::{DType, Device, Distribution, Int, Tensor, capture};
+use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
+use inference_pio_kernels::{batched_linear, split_parts, split_stacked};
+use std::time::Instant;
+
+const ITERS: usize = 10;
+const REPLAYS: usize = 5;
+
+fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
+    let data = t.cast(DType::F32).try_into_data().map_err(|e| format!("{e:?}"))?;
+    data.convert::<f32>().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Seconds per product, from CUDA-graph replays of `ITERS` products summed.
+fn time_graph(device: &Device, op: &dyn Fn() -> Tensor<2>) -> Result<f64, String> {
+    let mut graph = capture(device, || {
+        let mut acc = op().cast(DType::F32);
+        for _ in 1..ITERS {
+            acc = acc.add(op().cast(DType::F32));
+        }
+        acc
+    });
+    if !graph.is_hardware() {
+        return Err("no hardware graph".into());
+    }
+    // SAFETY: the closure reads tensors owned by the caller's frame, which outlives the
+    // graph; replays and reads run on this thread's stream.
+    let _ = values(unsafe { graph.replay() }.clone())?;
+    let t = Instant::now();
+    for _ in 0..REPLAYS {
+        // SAFETY: as above.
+        let _ = unsafe { graph.replay() };
+    }
+    // SAFETY: as above.
+    let _ = values(unsafe { graph.replay() }.clone())?;
+    Ok(t.elapsed().as_secs_f64() / ((REPLAYS + 1) * ITERS) as f64)
+}
+
+struct Case {
+    name: &'static str,
+    experts: usize,
+    out: usize,
+    inp: usize,
+    rows: usize,
+    /// Input rows: each repeated `rows / x_rows` times (one token over its chosen experts).
+    x_rows: usize,
+}
+
+fn main() {
+    let device = Device::cuda(0usize);
+    let cases = [
+        Case { name: "4B q/k/v-like 2560->4096", experts: 1, out: 4096, inp: 2560, rows: 1, x_rows: 1 },
+        Case { name: "4B gate/up 2560->9728", experts: 1, out: 9728, inp: 2560, rows: 1, x_rows: 1 },
+        Case { name: "4B down 9728->2560", experts: 1, out: 2560, inp: 9728, rows: 1, x_rows: 1 },
+        Case { name: "4B head 2560->151936", experts: 1, out: 151936, inp: 2560, rows: 1, x_rows: 1 },
+        Case { name: "4B gate/up, 8 rows", experts: 1, out: 9728, inp: 2560, rows: 8, x_rows: 8 },
+        Case { name: "4B gate/up, 2 rows", experts: 1, out: 9728, inp: 2560, rows: 2, x_rows: 2 },
+        Case { name: "tiny dense 64->96, 5 rows", experts: 1, out: 96, inp: 64, rows: 5, x_rows: 5 },
+        Case { name: "30B expert gate_up 2048->1536, 8 of 128", experts: 128, out: 1536, inp: 2048, rows: 8, x_rows: 1 },
+        Case { name: "30B expert gate_up, 2 tokens", experts: 128, out: 1536, inp: 2048, rows: 16, x_rows: 2 },
+        Case { name: "30B expert gate_up, 5 tokens", experts: 128, out: 1536, inp: 2048, rows: 40, x_rows: 5 },
+        Case { name: "tiny expert 64->32, 5 tokens of 8 experts, top 2", experts: 8, out: 32, inp: 64, rows: 10, x_rows: 5 },
+        Case { name: "30B expert down 768->2048, 8 of 128", experts: 128, out: 2048, inp: 768, rows: 8, x_rows: 8 },
+        Case { name: "30B head 2048->151936", experts: 1, out: 151936, inp: 2048, rows: 1, x_rows: 1 },
+    ];
+    let mut failed = 0;
+    for case in &cases {
+        for dtype in [DType::F32, DType::BF16] {
+            let parts = split_parts(case.inp, &device);
+            let w = Tensor::<3>::random([case.experts, case.out, case.inp], Distribution::Uniform(-0.05, 0.05), &device).cast(dtype);
+            let w = split_stacked(w, parts);
+            let x = Tensor::<2>::random([case.x_rows, case.inp], Distribution::Uniform(-1.0, 1.0), &device).cast(dtype);
+            // As the router makes them: the top-k of random logits, token-major.
+            let experts = if case.experts > 1 {
+                let k = case.rows / case.x_rows;
+                let logits = Tensor::<2>::random([case.x_rows, case.experts], Distribution::Uniform(-1.0, 1.0), &device);
+                logits.topk_with_indices(k, 1).1.reshape([case.rows])
+            } else {
+                Tensor::<1, Int>::zeros([case.rows], &device)
+            };
+            let reference = || matvec_reference(x.clone(), &w, experts.clone());
+            let kernel = || {
+                if case.experts == 1 {
+                    split_matvec(x.clone(), &w.clone().reshape([parts, case.out, case.inp / parts]))
+                } else {
+                    gathered_split_matvec(x.clone(), &w, experts.clone())
+                }
+            };
+            // The engine's path before the kernel: split-K as a batched matmul and an f32 sum.
+            let dense = || {
+                let w = w.clone().reshape([1, parts, case.out, case.inp / parts]);
+                batched_linear(x.clone().unsqueeze_dim(0), w).squeeze_dim(0)
+            };
+            let (got, want) = match (values(kernel()), values(reference())) {
+                (Ok(g), Ok(w)) => (g, w),
+                (g, w) => {
+                    println!("{} {dtype:?}: failed to run: kernel {:?} reference {:?}", case.name, g.err(), w.err());
+                    failed += 1;
+                    continue;
+                }
+            };
+            let err = rel_l2(&got, &want);
+            // The reference's f32 matmul runs in TF32 on the H200 (about 3e-4 from exact f32).
+            let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
+            let ok = err <= tol;
+            if !ok {
+                failed += 1;
+            }
+            let bytes = (case.rows.min(case.experts) * case.out * case.inp * dtype.size()) as f64;
+            let timing = |op: &dyn Fn() -> Tensor<2>| match time_graph(&device, op) {
+                Ok(s) => format!("{:7.1} µs {:6.0} GB/s", s * 1e6, bytes / s / 1e9),
+                Err(e) => format!("({e})"),
+            };
+            let old = if case.experts == 1 { timing(&dense) } else { timing(&reference) };
+            println!(
+                "{:42} {:5} parts {:2}: rel L2 {:.2e} {} | kernel {} | before {}",
+                case.name,
+                format!("{dtype:?}"),
+                parts,
+                err,
+                if ok { "ok" } else { "FAIL" },
+                timing(&kernel),
+                old
+            );
+        }
+    }
+    if failed > 0 {
+        println!("{failed} checks failed");
+        std::process::exit(1);
+    }
+    println!("all checks passed");
+}

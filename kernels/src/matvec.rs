@@ -1,0 +1,193 @@
+//! Decode-time products with few rows as our own CubeCL kernel: `y[s] = x[s] · W[e(s)]ᵀ`,
+//! where `W` is a linear weight in the split `[parts, out, in / parts]` layout of
+//! [`crate::linear`] (or a stack of them, one per expert, `[experts, parts, out, in /
+//! parts]`, with `e(s)` the expert routed to row `s`). One plane (warp) computes one output
+//! channel of one row: its lanes stride over `in` in 16-byte vectors, accumulate in f32 and
+//! sum across the plane. The weight is read once, in place: no gathered copy of the chosen
+//! experts, no partial products to sum, no casts (what `batched_linear` queues as four
+//! kernels, `benches/results/gpu-h200-2026-12-01-graphs.md`). The form is the classic
+//! "one warp per row" GEMV (e.g. llama.cpp's `mul_mat_vec`, vLLM's fused-MoE decode path).
+//!
+//! The reference version on every backend is [`crate::linear::batched_linear`] over the
+//! selected weights ([`matvec_reference`]); the kernel runs on CubeCL devices only and is
+//! checked against it on the device (`kernels/examples/kernel_check.rs`).
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{DType, Device, Int, Shape, Tensor};
+use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+
+/// Output channels per cube (one plane each).
+const ROWS_PER_CUBE: u32 = 8;
+/// Lanes of an NVIDIA plane (warp); the kernel strides by the runtime `PLANE_DIM`.
+const PLANE: u32 = 32;
+/// Up to this many rows of a dense product run through the kernel; more go to the batched
+/// split-K matmul, which reuses each weight block across rows: on the H200, 2560 -> 9728 in
+/// bf16 took 26 µs by the kernel and 40 µs split-K for one row, but 136 µs against 45 µs for
+/// eight (`benches/results/gpu-h200-2026-12-01-matvec/kernel_check.txt`).
+pub const DENSE_MAX_ROWS: usize = 1;
+/// Up to this many (token, expert) rows of a mixture-of-experts product run through the
+/// kernel: each row reads its own expert, so rows share no weights and the kernel wins at any
+/// count it is used for (5 tokens x 8 experts: 67 µs against 596 µs gathered).
+pub const GATHERED_MAX_ROWS: usize = 64;
+
+/// Output shape of a product with a split weight `[.., parts, out, in / parts]`: `[rows,
+/// out]`, `rows` the first dimension of `rows` (the input, or the experts chosen per row).
+pub fn matvec_shape(rows: &Shape, w: &Shape) -> Shape {
+    let rank = w.num_dims();
+    Shape::new([rows[0], w[rank - 2]])
+}
+
+/// The products as backend operations (CubeCL runtimes only).
+#[backend_extension(Cube, Fusion)]
+pub trait MatvecOps: Backend {
+    /// `x [rows, in] · wᵀ -> [rows, out]`, `w [parts, out, in / parts]`.
+    #[fusion(dtype = x, shape = matvec_shape(x, w))]
+    fn split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Row `s` of the output, `[slots, out]`, is row `s / (slots / rows)` of `x [rows, in]`
+    /// times expert `experts[s]` of `w [experts, parts, out, in / parts]` (`experts [slots]`).
+    #[fusion(dtype = x, shape = matvec_shape(experts, w))]
+    fn gathered_split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>, experts: IntTensor<Self>) -> FloatTensor<Self>;
+}
+
+impl MatvecOps for CubeBackend {
+    fn split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        launch(x, w, None)
+    }
+
+    fn gathered_split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>, experts: IntTensor<Self>) -> FloatTensor<Self> {
+        // The kernel reads the indices as a plain buffer, so in their memory order.
+        launch(x, w, Some(into_contiguous(experts)))
+    }
+}
+
+/// The kernel, apart from burn's names (`Tensor`, `Int` are CubeCL's here).
+mod device {
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::num_traits::Zero;
+    use burn_cubecl::cubecl::prelude::*;
+
+    #[cube(launch_unchecked)]
+    pub fn split_matvec_kernel<E: Float, I: Int, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        w: &Tensor<Vector<E, N>>,
+        experts: ComptimeOption<&[I]>,
+        out: &mut Tensor<E>,
+        parts: usize,
+        x_share: usize,
+        #[define(E, I)] _dtypes: [ElemType; 2],
+    ) {
+        // Rows vary fastest across cubes, so the rows of one weight block run side by side
+        // and read it through L2 once.
+        let row = CUBE_POS_X as usize;
+        let channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        let channels = out.shape(1);
+        // The whole plane leaves together (the channel depends on the plane only).
+        if channel >= channels {
+            terminate!();
+        }
+        let expert: ComptimeOption<usize> = experts.as_ref().map(|e| usize::cast_from(e[row]));
+        let stack = expert.unwrap_or(0usize);
+        // Shapes count elements, indices count vectors.
+        let block = w.shape(w.rank() - 1) / w.vector_size();
+        let lane = UNIT_POS_X as usize;
+        let step = PLANE_DIM as usize;
+        let mut acc = Vector::<f32, N>::zero();
+        for part in 0..parts {
+            let w_row = ((stack * parts + part) * channels + channel) * block;
+            let x_row = (row / x_share * parts + part) * block;
+            let mut v = lane;
+            while v < block {
+                acc += Vector::cast_from(x[x_row + v]) * Vector::cast_from(w[w_row + v]);
+                v += step;
+            }
+        }
+        let total = plane_sum(Vector::vector_sum(acc));
+        if lane == 0 {
+            out[row * channels + channel] = E::cast_from(total);
+        }
+    }
+}
+
+fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTensor {
+    let x = into_contiguous(x);
+    let w = into_contiguous(w);
+    let wshape = w.meta.shape().clone();
+    let rank = wshape.num_dims();
+    let (parts, channels, block) = (wshape[rank - 3], wshape[rank - 2], wshape[rank - 1]);
+    let x_rows = x.meta.shape()[0];
+    let rows = experts.as_ref().map_or(x_rows, |e| e.meta.shape()[0]);
+    assert!(x_rows > 0 && rows.is_multiple_of(x_rows), "matvec: {rows} output rows for {x_rows} input rows");
+    let x_share = rows / x_rows;
+    let dtype = x.dtype;
+    // Contiguous: the kernel writes rows `channels` apart (CubeCL may pitch the rows of a
+    // tensor it allocates, which a first one-row test cannot see).
+    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, channels]), dtype);
+    // 16-byte vectors where the block width allows.
+    let most = (16 / dtype.size()).max(1);
+    let vector = [8usize, 4, 2, 1].into_iter().find(|&v| v <= most && block.is_multiple_of(v)).unwrap_or(1);
+    let cube_dim = CubeDim::new_2d(PLANE, ROWS_PER_CUBE);
+    let cube_count = CubeCount::Static(rows as u32, (channels as u32).div_ceil(ROWS_PER_CUBE), 1);
+    let int_dtype = experts.as_ref().map_or(DType::I32, |e| e.dtype);
+    let client = out.client.clone();
+    // SAFETY: every index the kernel reads is in bounds: `row < rows` (the grid's y),
+    // `channel < channels` (checked), `v < block`, `part < parts`, and an expert index comes
+    // from the router, which picks among the `experts` stacked in `w`.
+    unsafe {
+        device::split_matvec_kernel::launch_unchecked(
+            &client,
+            cube_count,
+            cube_dim,
+            vector,
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            experts.map(|e| e.into_buffer_arg()).into(),
+            out.clone().into_tensor_arg(),
+            parts,
+            x_share,
+            [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
+        )
+    };
+    out
+}
+
+/// Whether [`split_matvec`] runs for a dense product of `rows` rows on `device`: CubeCL
+/// devices, up to [`DENSE_MAX_ROWS`] rows.
+pub fn dense_kernel_applies(rows: usize, device: &Device) -> bool {
+    rows <= DENSE_MAX_ROWS && *device != Device::flex()
+}
+
+/// Whether [`gathered_split_matvec`] runs for `rows` (token, expert) rows on `device`: CubeCL
+/// devices, up to [`GATHERED_MAX_ROWS`] rows.
+pub fn gathered_kernel_applies(rows: usize, device: &Device) -> bool {
+    rows <= GATHERED_MAX_ROWS && *device != Device::flex()
+}
+
+/// `x [rows, in] · wᵀ -> [rows, out]` for `w [parts, out, in / parts]` by the kernel.
+pub fn split_matvec(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::split_matvec(x.into_dispatch(), w.clone().into_dispatch()))
+}
+
+/// Row `s` of `x [rows, in]`, repeated `slots / rows` times, times expert `experts[s]` of
+/// `w [experts, parts, out, in / parts]` by the kernel: `[slots, out]`.
+pub fn gathered_split_matvec(x: Tensor<2>, w: &Tensor<4>, experts: Tensor<1, Int>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::gathered_split_matvec(x.into_dispatch(), w.clone().into_dispatch(), experts.into_dispatch()))
+}
+
+/// What [`gathered_split_matvec`] computes, with burn operations (every backend): the rows
+/// repeated, the chosen experts' weights gathered, then [`crate::batched_linear`] one row per
+/// entry.
+pub fn matvec_reference(x: Tensor<2>, w: &Tensor<4>, experts: Tensor<1, Int>) -> Tensor<2> {
+    let [rows, inp] = x.dims();
+    let [slots] = experts.dims();
+    let [_, _, out, _] = w.dims();
+    let x = x.reshape([rows, 1, inp]).repeat_dim(1, slots / rows).reshape([slots, 1, inp]);
+    let chosen = w.clone().select(0, experts);
+    crate::batched_linear(x, chosen).reshape([slots, out])
+}
