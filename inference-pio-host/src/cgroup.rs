@@ -107,7 +107,22 @@ fn v2_group(controller: &str, name: &str) -> Result<PathBuf, String> {
     }
     let enabled = std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
     if !enabled.split_whitespace().any(|c| c == controller) {
-        write(&base.join("cgroup.subtree_control"), &format!("+{controller}"))?;
+        write(&base.join("cgroup.subtree_control"), &format!("+{controller}")).map_err(|e| {
+            let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
+            if procs.lines().any(|p| !p.trim().is_empty()) {
+                // The no-internal-processes rule: a group with members of its own cannot give a
+                // controller to child groups (EBUSY).
+                format!(
+                    "cgroup v2 at {} delegates `{controller}` but has {} process(es) of its own, so it cannot enable it for child groups \
+                     (cgroup v2's no-internal-processes rule); start the host in an empty delegated group, e.g. `systemd-run --scope -p Delegate=yes inference-pio ...` \
+                     ({e})",
+                    base.display(),
+                    procs.lines().filter(|p| !p.trim().is_empty()).count()
+                )
+            } else {
+                e
+            }
+        })?;
     }
     let dir = base.join(name);
     if !dir.is_dir() {

@@ -178,7 +178,7 @@ fn network_namespace() -> Mechanism {
 /// `/proc/self/task/TID/comm`, which `pthread_setname_np` writes for a thread other than the
 /// caller. The CUDA driver names its threads so and fails `cuInit` with
 /// `CUDA_ERROR_OPERATING_SYSTEM` when it cannot (strace on the H200:
-/// `benches/results/gpu-h200-2026-12-01-sandbox/`). `/proc/self` resolves to the worker's own
+/// `benches/results/gpu-h200-2026-12-01-matvec/strace_cuinit_in_sandbox_excerpt.txt`). `/proc/self` resolves to the worker's own
 /// directory when the rule is made, so no other process is reachable through it.
 const THREAD_NAMES: &[&str] = &["/proc/self/task"];
 

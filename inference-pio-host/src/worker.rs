@@ -625,7 +625,8 @@ impl WorkerPlugin {
                 let how = worker.death();
                 drop(worker);
                 let kind = if how.contains("limit") { ErrorKind::ResourceLimit } else { ErrorKind::Internal };
-                let detail = if io.is_empty() { String::new() } else { format!(" [{io}]") };
+                // When the host killed it, the broken connection is only the consequence.
+                let detail = if io.is_empty() || how.starts_with("killed by the host") { String::new() } else { format!(" (connection: {io})") };
                 Err(PluginError::new(
                     kind,
                     format!("the worker of plugin `{}` died: {how}; it is restarted for the next request{detail}", self.config.id),

@@ -191,3 +191,51 @@ pub fn matvec_reference(x: Tensor<2>, w: &Tensor<4>, experts: Tensor<1, Int>) ->
     let chosen = w.clone().select(0, experts);
     crate::batched_linear(x, chosen).reshape([slots, out])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData};
+
+    fn values(x: Tensor<2>) -> Vec<f32> {
+        x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
+    }
+
+    #[test]
+    fn the_reference_multiplies_each_row_by_its_expert() {
+        let d = Device::flex();
+        let (experts, out, inp) = (4, 6, 8);
+        let w: Tensor<3> = Tensor::random([experts, out, inp], Distribution::Uniform(-1.0, 1.0), &d);
+        let x: Tensor<2> = Tensor::random([2, inp], Distribution::Uniform(-1.0, 1.0), &d);
+        // Two tokens, two experts each: rows (token 0, expert 3), (0, 1), (1, 0), (1, 3).
+        let chosen = [3i64, 1, 0, 3];
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(chosen.to_vec(), [4]), &d);
+        let xs = values(x.clone());
+        let ws = values(w.clone().reshape([experts * out, inp]));
+        let want: Vec<f32> = (0..4)
+            .flat_map(|s| {
+                let (token, e) = (s / 2, chosen[s] as usize);
+                let (xs, ws) = (&xs, &ws);
+                (0..out).map(move |o| (0..inp).map(|i| xs[token * inp + i] * ws[(e * out + o) * inp + i]).sum::<f32>())
+            })
+            .collect();
+        for parts in [1, 2] {
+            let got = values(matvec_reference(x.clone(), &crate::split_stacked(w.clone(), parts), ids.clone()));
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "parts {parts}: {g} vs {w}");
+            }
+        }
+        assert_eq!(matvec_shape(&Shape::new([4]), &Shape::new([experts, 2, out, inp / 2])), Shape::new([4, out]));
+    }
+
+    #[test]
+    fn the_kernel_is_for_cubecl_devices_and_few_rows() {
+        assert!(!dense_kernel_applies(1, &Device::flex()));
+        assert!(!gathered_kernel_applies(8, &Device::flex()));
+        // Constructing a device handle does not touch the driver.
+        let gpu = Device::cuda(0usize);
+        assert!(dense_kernel_applies(1, &gpu) && !dense_kernel_applies(2, &gpu));
+        assert!(gathered_kernel_applies(GATHERED_MAX_ROWS, &gpu) && !gathered_kernel_applies(GATHERED_MAX_ROWS + 1, &gpu));
+    }
+}
