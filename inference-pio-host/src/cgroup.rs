@@ -5,12 +5,15 @@
 //! controller's cgroup v1 hierarchy, when it is mounted and writable (as root). A controller
 //! available in neither is reported as a missing mechanism, never faked. The host creates the
 //! group and writes the limits; the worker moves itself in before it runs any plugin code;
-//! the host kills whatever is left in the group and removes it when the worker is gone.
+//! the host kills whatever is left in the group and removes it when the worker is gone. In v2
+//! a group with processes cannot hand controllers to child groups, so a host that is alone
+//! in a delegated group moves itself into the leaf `inference-pio-host` first.
 //!
 //! Reference: the kernel's cgroup-v2.rst and cgroup-v1 (memory.txt, pids.txt, sched-bwc.rst).
 
 use crate::sandbox::Mechanism;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Processes and threads a worker may have at once.
@@ -91,39 +94,75 @@ fn write(path: &Path, value: &str) -> Result<(), String> {
     std::fs::write(path, value).map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
 }
 
+/// Where the host's worker groups are made in the v2 hierarchy: the group the host started
+/// in, found once (the host may move itself into a leaf below it, see [`v2_group`]).
+fn v2_base() -> Result<PathBuf, String> {
+    static BASE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let mount = mounts().into_iter().find(|m| m.v2).ok_or("no cgroup2 filesystem is mounted")?;
+        let own = own_cgroups()
+            .into_iter()
+            .find(|(c, _)| c.is_empty())
+            .map(|(_, p)| p)
+            .ok_or("this process has no cgroup v2 membership")?;
+        Ok(join(&mount.point, &own))
+    })
+    .clone()
+}
+
+/// The leaf the host moves itself into when it is alone in a delegated group.
+pub const HOST_LEAF: &str = "inference-pio-host";
+
+/// Enables `controller` for the children of `base`. A group with processes of its own cannot
+/// (cgroup v2's no-internal-processes rule, EBUSY). When the host is the only process there
+/// (a delegated scope started for it, e.g. `systemd-run --scope -p Delegate=yes`), it moves
+/// itself into the leaf [`HOST_LEAF`] and enables the controller; otherwise the group is not
+/// the host's to rearrange and the reason is returned.
+fn enable_for_children(base: &Path, controller: &str) -> Result<(), String> {
+    let control = base.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&control).unwrap_or_default();
+    if enabled.split_whitespace().any(|c| c == controller) {
+        return Ok(());
+    }
+    let value = format!("+{controller}");
+    let busy = match std::fs::write(&control, &value) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => e,
+        Err(e) => return Err(format!("cannot write {value:?} to {}: {e}", control.display())),
+    };
+    let first = format!("cannot write {value:?} to {}: {busy}", control.display());
+    let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
+    let members: Vec<&str> = procs.lines().map(str::trim).filter(|p| !p.is_empty()).collect();
+    let me = std::process::id().to_string();
+    if members.is_empty() {
+        return Err(first);
+    }
+    if members != [me.as_str()] {
+        return Err(format!(
+            "cgroup v2 at {} delegates `{controller}` but has {} process(es) besides the host, so it cannot enable it for child groups \
+             (cgroup v2's no-internal-processes rule); start the host in an empty delegated group, e.g. `systemd-run --scope -p Delegate=yes inference-pio ...` \
+             ({first})",
+            base.display(),
+            members.iter().filter(|p| **p != me).count()
+        ));
+    }
+    let leaf = base.join(HOST_LEAF);
+    if !leaf.is_dir() {
+        std::fs::create_dir(&leaf).map_err(|e| format!("cannot create {}: {e}", leaf.display()))?;
+    }
+    write(&leaf.join("cgroup.procs"), &me)?;
+    write(&control, &value)
+}
+
 /// The v2 group directory for a controller, creating it (and enabling the controller for
 /// children of the host's group) when the host's group delegates it.
 fn v2_group(controller: &str, name: &str) -> Result<PathBuf, String> {
-    let mount = mounts().into_iter().find(|m| m.v2).ok_or("no cgroup2 filesystem is mounted")?;
-    let own = own_cgroups()
-        .into_iter()
-        .find(|(c, _)| c.is_empty())
-        .map(|(_, p)| p)
-        .ok_or("this process has no cgroup v2 membership")?;
-    let base = join(&mount.point, &own);
+    let base = v2_base()?;
     let available = std::fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
     if !available.split_whitespace().any(|c| c == controller) {
         return Err(format!("cgroup v2 at {} does not delegate the `{controller}` controller (cgroup.controllers: `{}`)", base.display(), available.trim()));
     }
-    let enabled = std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
-    if !enabled.split_whitespace().any(|c| c == controller) {
-        write(&base.join("cgroup.subtree_control"), &format!("+{controller}")).map_err(|e| {
-            let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
-            if procs.lines().any(|p| !p.trim().is_empty()) {
-                // The no-internal-processes rule: a group with members of its own cannot give a
-                // controller to child groups (EBUSY).
-                format!(
-                    "cgroup v2 at {} delegates `{controller}` but has {} process(es) of its own, so it cannot enable it for child groups \
-                     (cgroup v2's no-internal-processes rule); start the host in an empty delegated group, e.g. `systemd-run --scope -p Delegate=yes inference-pio ...` \
-                     ({e})",
-                    base.display(),
-                    procs.lines().filter(|p| !p.trim().is_empty()).count()
-                )
-            } else {
-                e
-            }
-        })?;
-    }
+    enable_for_children(&base, controller)?;
     let dir = base.join(name);
     if !dir.is_dir() {
         std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
