@@ -1,13 +1,19 @@
-//! The CubeCL kernels against their reference versions, on CUDA, and timed there: the split
-//! matrix-vector kernel (`inference_pio_kernels::matvec`) on the decode shapes of Qwen3-4B
-//! and Qwen3-Coder-30B-A3B (dense rows and gathered experts), in f32 and bf16, against
-//! `matvec_reference` (the gathered weights through `batched_linear`, the engine's path
-//! before the kernel). Timings are CUDA-graph replays of ten products. Exits non-zero when a
-//! result is outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16
-//! 1e-2 (bf16 output rounding).
-//! `kernel_check` on a machine with CUDA.
+//! The CubeCL kernels against their reference versions, on CUDA, and timed there:
+//! - the split matrix-vector kernel (`inference_pio_kernels::matvec`) on the decode shapes of
+//!   Qwen3-4B and Qwen3-Coder-30B-A3B (dense rows and gathered experts), against
+//!   `matvec_reference` (the gathered weights through `batched_linear`, the engine's path
+//!   before the kernel);
+//! - the decode-attention kernel (`inference_pio_kernels::attention::decode_attention`)
+//!   against `gqa_attention`, over strided cache blocks with and without a mask.
+//!
+//! f32 and bf16; timings are CUDA-graph replays of ten calls. Exits non-zero when a result is
+//! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
+//! products and 2e-2 for attention (the reference rounds scores and probabilities to bf16).
+//! `kernel_check` on a machine with CUDA; `kernel_check attention` runs the attention checks
+//! only.
 
-use burn::tensor::{DType, Device, Distribution, Int, Tensor, capture};
+use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, capture};
+use inference_pio_kernels::attention::{decode_attention, gqa_attention};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked};
 use std::time::Instant;
@@ -79,7 +85,9 @@ fn main() {
         Case { name: "30B head 2048->151936", experts: 1, out: 151936, inp: 2048, rows: 1, x_rows: 1 },
     ];
     let mut failed = 0;
-    for case in &cases {
+    // `kernel_check attention`: the attention checks only.
+    let only_attention = std::env::args().any(|a| a == "attention");
+    for case in cases.iter().filter(|_| !only_attention) {
         for dtype in [DType::F32, DType::BF16] {
             let parts = split_parts(case.inp, &device);
             let w = Tensor::<3>::random([case.experts, case.out, case.inp], Distribution::Uniform(-0.05, 0.05), &device).cast(dtype);
@@ -139,9 +147,64 @@ fn main() {
             );
         }
     }
+    failed += check_attention(&device);
     if failed > 0 {
         println!("{failed} checks failed");
         std::process::exit(1);
     }
     println!("all checks passed");
+}
+
+/// The decode-attention kernel against `gqa_attention` (the reference the engine runs): one query token per row
+/// over a cache block whose keys are a view of a larger storage (strided), with the first
+/// `hidden` slots masked and, where `open` is false, the slots after `seen` too.
+fn check_attention(device: &Device) -> usize {
+    let mut failed = 0;
+    // (name, rows, heads, kv heads, head dim, slots, storage slots, seen)
+    let cases = [
+        ("4B attention, 256 slots, 100 seen", 1, 32, 8, 128, 256, 512, 100),
+        ("4B attention, 256 slots, all seen", 1, 32, 8, 128, 256, 256, 256),
+        ("30B attention, 2 rows, 256 slots", 2, 32, 4, 128, 256, 256, 200),
+        ("tiny attention, 7 slots", 2, 4, 2, 16, 7, 9, 5),
+    ];
+    for (name, rows, heads, kv, dim, slots, storage, seen) in cases {
+        for dtype in [DType::F32, DType::BF16] {
+            let q = Tensor::<4>::random([rows, heads, 1, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let k_store = Tensor::<4>::random([rows, kv, storage, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let v_store = Tensor::<4>::random([rows, kv, storage, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let (k, v) = (k_store.narrow(2, 0, slots), v_store.narrow(2, 0, slots));
+            let mask = (seen < slots).then(|| {
+                let values: Vec<f32> = (0..rows * slots).map(|i| if i % slots < seen { 0.0 } else { -1.0e9 }).collect();
+                Tensor::<5>::from_data(TensorData::new(values, [rows, 1, 1, 1, slots]), device)
+            });
+            let scale = (dim as f64).powf(-0.5);
+            let kernel = || match decode_attention(q.clone(), &k, &v, mask.as_ref(), scale) {
+                Some(out) => out.reshape([rows * heads, dim]),
+                None => panic!("{name}: the decode-attention kernel does not apply"),
+            };
+            let reference = || gqa_attention(q.clone(), &k, &v, mask.as_ref(), scale).reshape([rows * heads, dim]);
+            let (got, want) = match (values(kernel()), values(reference())) {
+                (Ok(g), Ok(w)) => (g, w),
+                (g, w) => {
+                    println!("{name} {dtype:?}: failed to run: kernel {:?} reference {:?}", g.err(), w.err());
+                    failed += 1;
+                    continue;
+                }
+            };
+            let err = rel_l2(&got, &want);
+            // The reference rounds its scores and probabilities to the dtype; the kernel keeps
+            // them in f32.
+            let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };
+            let ok = err <= tol;
+            if !ok {
+                failed += 1;
+            }
+            let timing = |op: &dyn Fn() -> Tensor<2>| match time_graph(device, op) {
+                Ok(s) => format!("{:7.1} µs", s * 1e6),
+                Err(e) => format!("({e})"),
+            };
+            println!("{name:42} {:5}: rel L2 {err:.2e} {} | kernel {} | before {}", format!("{dtype:?}"), if ok { "ok" } else { "FAIL" }, timing(&kernel), timing(&reference));
+        }
+    }
+    failed
 }

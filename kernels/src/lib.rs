@@ -4,6 +4,7 @@
 //! backend (the CPU/flex reference path). Fused CubeCL versions for CUDA are added beside
 //! their reference and tested against it on the device.
 
+pub mod attention;
 pub mod linear;
 pub mod matvec;
 pub mod reference;

@@ -12,8 +12,9 @@ use crate::kv_cache::KvCache;
 use crate::moe::{Mlp, MoeBlock, MoeSpec, moe_tensors};
 use crate::rope;
 use crate::weights::{Checkpoint, burn_dtype};
-use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData, activation::softmax};
+use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
+use inference_pio_kernels::attention::gqa_attention;
 use inference_pio_kernels::{apply_rotary, linear, rms_norm, split_parts, split_weight};
 
 /// The additive attention mask of a slot a query may not see.
@@ -281,8 +282,6 @@ impl Decoder {
         let [batch, t, h] = x.dims();
         let d = c.head_dim;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let group = nh / nkv;
-        let bdt = burn_dtype(self.dtype);
         let scale = (d as f64).powf(-0.5);
         for (l, block) in self.blocks.iter().enumerate() {
             let residual = x.clone();
@@ -296,16 +295,7 @@ impl Decoder {
             let k = apply_rotary(k.swap_dims(1, 2), cos, sin);
             let v = v.swap_dims(1, 2);
             let (k_all, v_all) = store(l, k, v)?;
-            let total = k_all.dims()[2];
-
-            // Grouped-query attention without copying keys: the `group` query heads that
-            // share a key head are stacked along the token axis.
-            let q = q.reshape([batch, nkv, group * t, d]);
-            let scores = q.matmul(k_all.transpose()).mul_scalar(scale);
-            let scores = scores.cast(BurnDType::F32).reshape([batch, nkv, group, t, total]);
-            let scores = match mask { Some(m) => scores.add(m.clone()), None => scores };
-            let probs = softmax(scores, 4).cast(bdt).reshape([batch, nkv, group * t, total]);
-            let attn = probs.matmul(v_all).reshape([batch, nh, t, d]).swap_dims(1, 2).reshape([batch * t, nh * d]);
+            let attn = gqa_attention(q, &k_all, &v_all, mask, scale).swap_dims(1, 2).reshape([batch * t, nh * d]);
             x = residual.add(block.o.forward(attn).reshape([batch, t, h]));
 
             let residual = x.clone();
