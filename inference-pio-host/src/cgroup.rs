@@ -90,8 +90,12 @@ type Setting = (&'static str, &'static str, String);
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
+fn write_failed(path: &Path, value: &str, e: std::io::Error) -> String {
+    format!("cannot write {value:?} to {}: {e}", path.display())
+}
+
 fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
+    std::fs::write(path, value).map_err(|e| write_failed(path, value, e))
 }
 
 /// Where the host's worker groups are made in the v2 hierarchy: the group the host started
@@ -125,12 +129,11 @@ fn enable_for_children(base: &Path, controller: &str) -> Result<(), String> {
         return Ok(());
     }
     let value = format!("+{controller}");
-    let busy = match std::fs::write(&control, &value) {
+    let first = match std::fs::write(&control, &value) {
         Ok(()) => return Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => e,
-        Err(e) => return Err(format!("cannot write {value:?} to {}: {e}", control.display())),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => write_failed(&control, &value, e),
+        Err(e) => return Err(write_failed(&control, &value, e)),
     };
-    let first = format!("cannot write {value:?} to {}: {busy}", control.display());
     let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
     let members: Vec<&str> = procs.lines().map(str::trim).filter(|p| !p.is_empty()).collect();
     let me = std::process::id().to_string();

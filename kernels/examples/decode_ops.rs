@@ -4,40 +4,10 @@
 //! `decode_ops` on a machine with CUDA (`decode_ops cpu` checks the forms on the CPU);
 //! results in `benches/results/gpu-h200-2026-12-01-graphs.md`.
 
-use burn::tensor::{DType, Device, Distribution, Tensor, TensorData, capture};
-use std::time::Instant;
+mod common;
 
-const ITERS: usize = 10;
-const REPLAYS: usize = 5;
-
-fn time_graph(device: &Device, op: &dyn Fn() -> Tensor<2>) -> Result<f64, String> {
-    let mut graph = capture(device, || {
-        let mut acc = op();
-        for _ in 1..ITERS {
-            acc = acc.add(op());
-        }
-        acc
-    });
-    if !graph.is_hardware() {
-        return Err("no hardware graph".into());
-    }
-    // SAFETY: the closure only reads tensors owned by the caller's frame, which outlives the
-    // graph; replays and the reads below run on this thread's stream.
-    let _ = values(unsafe { graph.replay() }.clone())?;
-    let t = Instant::now();
-    for _ in 0..REPLAYS {
-        // SAFETY: as above.
-        let _ = unsafe { graph.replay() };
-    }
-    // SAFETY: as above.
-    let _ = values(unsafe { graph.replay() }.clone())?;
-    Ok(t.elapsed().as_secs_f64() / ((REPLAYS + 1) * ITERS) as f64)
-}
-
-fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
-    let data = t.cast(DType::F32).try_into_data().map_err(|e| format!("{e:?}"))?;
-    data.convert::<f32>().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))
-}
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+use common::{time_graph, values};
 
 /// A contiguous copy (through the host: setup only).
 fn contiguous<const D: usize>(t: Tensor<D>, device: &Device) -> Tensor<D> {

@@ -12,19 +12,13 @@
 //! `kernel_check` on a machine with CUDA; `kernel_check attention` runs the attention checks
 //! only.
 
-use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, capture};
+mod common;
+
+use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
+use common::{time_graph, values};
 use inference_pio_kernels::attention::{decode_attention, gqa_attention};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked};
-use std::time::Instant;
-
-const ITERS: usize = 10;
-const REPLAYS: usize = 5;
-
-fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
-    let data = t.cast(DType::F32).try_into_data().map_err(|e| format!("{e:?}"))?;
-    data.convert::<f32>().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))
-}
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
@@ -32,29 +26,35 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// Seconds per product, from CUDA-graph replays of `ITERS` products summed.
-fn time_graph(device: &Device, op: &dyn Fn() -> Tensor<2>) -> Result<f64, String> {
-    let mut graph = capture(device, || {
-        let mut acc = op().cast(DType::F32);
-        for _ in 1..ITERS {
-            acc = acc.add(op().cast(DType::F32));
+/// One check: `kernel` against `reference` within `tol` relative L2, then `kernel` and
+/// `before` (the path the kernel replaces) timed; `bytes` moved per call gives a rate. Prints
+/// one line headed `label`; returns whether the check failed.
+fn check(
+    device: &Device,
+    label: &str,
+    tol: f64,
+    bytes: Option<f64>,
+    kernel: &dyn Fn() -> Tensor<2>,
+    reference: &dyn Fn() -> Tensor<2>,
+    before: &dyn Fn() -> Tensor<2>,
+) -> bool {
+    let (got, want) = match (values(kernel()), values(reference())) {
+        (Ok(g), Ok(w)) => (g, w),
+        (g, w) => {
+            println!("{label}: failed to run: kernel {:?} reference {:?}", g.err(), w.err());
+            return true;
         }
-        acc
-    });
-    if !graph.is_hardware() {
-        return Err("no hardware graph".into());
-    }
-    // SAFETY: the closure reads tensors owned by the caller's frame, which outlives the
-    // graph; replays and reads run on this thread's stream.
-    let _ = values(unsafe { graph.replay() }.clone())?;
-    let t = Instant::now();
-    for _ in 0..REPLAYS {
-        // SAFETY: as above.
-        let _ = unsafe { graph.replay() };
-    }
-    // SAFETY: as above.
-    let _ = values(unsafe { graph.replay() }.clone())?;
-    Ok(t.elapsed().as_secs_f64() / ((REPLAYS + 1) * ITERS) as f64)
+    };
+    let err = rel_l2(&got, &want);
+    let ok = err <= tol;
+    // Each call's output is summed in f32, as the checks compare it.
+    let timing = |op: &dyn Fn() -> Tensor<2>| match (time_graph(device, &|| op().cast(DType::F32)), bytes) {
+        (Ok(s), Some(bytes)) => format!("{:7.1} µs {:6.0} GB/s", s * 1e6, bytes / s / 1e9),
+        (Ok(s), None) => format!("{:7.1} µs", s * 1e6),
+        (Err(e), _) => format!("({e})"),
+    };
+    println!("{label}: rel L2 {err:.2e} {} | kernel {} | before {}", if ok { "ok" } else { "FAIL" }, timing(kernel), timing(before));
+    !ok
 }
 
 struct Case {
@@ -114,37 +114,12 @@ fn main() {
                 let w = w.clone().reshape([1, parts, case.out, case.inp / parts]);
                 batched_linear(x.clone().unsqueeze_dim(0), w).squeeze_dim(0)
             };
-            let (got, want) = match (values(kernel()), values(reference())) {
-                (Ok(g), Ok(w)) => (g, w),
-                (g, w) => {
-                    println!("{} {dtype:?}: failed to run: kernel {:?} reference {:?}", case.name, g.err(), w.err());
-                    failed += 1;
-                    continue;
-                }
-            };
-            let err = rel_l2(&got, &want);
             // The reference's f32 matmul runs in TF32 on the H200 (about 3e-4 from exact f32).
             let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
-            let ok = err <= tol;
-            if !ok {
-                failed += 1;
-            }
             let bytes = (case.rows.min(case.experts) * case.out * case.inp * dtype.size()) as f64;
-            let timing = |op: &dyn Fn() -> Tensor<2>| match time_graph(&device, op) {
-                Ok(s) => format!("{:7.1} µs {:6.0} GB/s", s * 1e6, bytes / s / 1e9),
-                Err(e) => format!("({e})"),
-            };
-            let old = if case.experts == 1 { timing(&dense) } else { timing(&reference) };
-            println!(
-                "{:42} {:5} parts {:2}: rel L2 {:.2e} {} | kernel {} | before {}",
-                case.name,
-                format!("{dtype:?}"),
-                parts,
-                err,
-                if ok { "ok" } else { "FAIL" },
-                timing(&kernel),
-                old
-            );
+            let label = format!("{:42} {:5} parts {:2}", case.name, format!("{dtype:?}"), parts);
+            let before: &dyn Fn() -> Tensor<2> = if case.experts == 1 { &dense } else { &reference };
+            failed += usize::from(check(&device, &label, tol, Some(bytes), &kernel, &reference, before));
         }
     }
     failed += check_attention(&device);
@@ -155,9 +130,9 @@ fn main() {
     println!("all checks passed");
 }
 
-/// The decode-attention kernel against `gqa_attention` (the reference the engine runs): one query token per row
-/// over a cache block whose keys are a view of a larger storage (strided), with the first
-/// `hidden` slots masked and, where `open` is false, the slots after `seen` too.
+/// The decode-attention kernel against `gqa_attention` (the reference the engine runs): one
+/// query token per row over a cache block whose keys are a view of a larger storage
+/// (strided), the slots after the first `seen` masked (none when `seen` is all of them).
 fn check_attention(device: &Device) -> usize {
     let mut failed = 0;
     // (name, rows, heads, kv heads, head dim, slots, storage slots, seen)
@@ -183,27 +158,11 @@ fn check_attention(device: &Device) -> usize {
                 None => panic!("{name}: the decode-attention kernel does not apply"),
             };
             let reference = || gqa_attention(q.clone(), &k, &v, mask.as_ref(), scale).reshape([rows * heads, dim]);
-            let (got, want) = match (values(kernel()), values(reference())) {
-                (Ok(g), Ok(w)) => (g, w),
-                (g, w) => {
-                    println!("{name} {dtype:?}: failed to run: kernel {:?} reference {:?}", g.err(), w.err());
-                    failed += 1;
-                    continue;
-                }
-            };
-            let err = rel_l2(&got, &want);
             // The reference rounds its scores and probabilities to the dtype; the kernel keeps
             // them in f32.
             let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };
-            let ok = err <= tol;
-            if !ok {
-                failed += 1;
-            }
-            let timing = |op: &dyn Fn() -> Tensor<2>| match time_graph(device, op) {
-                Ok(s) => format!("{:7.1} µs", s * 1e6),
-                Err(e) => format!("({e})"),
-            };
-            println!("{name:42} {:5}: rel L2 {err:.2e} {} | kernel {} | before {}", format!("{dtype:?}"), if ok { "ok" } else { "FAIL" }, timing(&kernel), timing(&reference));
+            let label = format!("{name:42} {:5}", format!("{dtype:?}"));
+            failed += usize::from(check(device, &label, tol, None, &kernel, &reference, &reference));
         }
     }
     failed

@@ -23,14 +23,13 @@ use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use crate::launch::{PLANE, vector_width};
 
 /// Planes (warps) per cube; each takes every `PLANES`-th slot. Each slot's score is a
 /// reduction across the plane followed by the softmax update, a chain of dependent steps, so
 /// the slots are spread over many planes: with 4 the kernel took 44 µs over 256 slots of the
 /// 4B shapes on the H200, slower than the reference's 37 µs.
 const PLANES: usize = 16;
-/// Lanes of an NVIDIA plane; a head's channels must fit in one vector per lane.
-const PLANE: usize = 32;
 
 /// The decode attention as a backend operation (CubeCL runtimes only).
 #[backend_extension(Cube, Fusion)]
@@ -177,12 +176,6 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, mask: Option<CubeTensor>,
 fn last_axis_contiguous(t: CubeTensor) -> CubeTensor {
     let rank = t.meta.num_dims();
     if t.meta.strides()[rank - 1] == 1 { t } else { into_contiguous(t) }
-}
-
-/// 16-byte vectors when the head's channels divide into them.
-fn vector_width(head_dim: usize, dtype: DType) -> usize {
-    let most = (16 / dtype.size()).max(1);
-    [8usize, 4, 2, 1].into_iter().find(|&v| v <= most && head_dim.is_multiple_of(v)).unwrap_or(1)
 }
 
 /// Whether [`decode_attention`] can run for `t` query tokens per row of `head_dim` channels

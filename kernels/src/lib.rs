@@ -5,6 +5,7 @@
 //! their reference and tested against it on the device.
 
 pub mod attention;
+mod launch;
 pub mod linear;
 pub mod matvec;
 pub mod reference;

@@ -21,11 +21,10 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
+use crate::launch::{PLANE, vector_width};
 
 /// Output channels per cube (one plane each).
 const ROWS_PER_CUBE: u32 = 8;
-/// Lanes of an NVIDIA plane (warp); the kernel strides by the runtime `PLANE_DIM`.
-const PLANE: u32 = 32;
 /// Up to this many rows of a dense product run through the kernel; more go to the batched
 /// split-K matmul, which reuses each weight block across rows: on the H200, 2560 -> 9728 in
 /// bf16 took 26 µs by the kernel and 40 µs split-K for one row, but 136 µs against 45 µs for
@@ -129,10 +128,8 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
     // Contiguous: the kernel writes rows `channels` apart (CubeCL may pitch the rows of a
     // tensor it allocates, which a first one-row test cannot see).
     let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, channels]), dtype);
-    // 16-byte vectors where the block width allows.
-    let most = (16 / dtype.size()).max(1);
-    let vector = [8usize, 4, 2, 1].into_iter().find(|&v| v <= most && block.is_multiple_of(v)).unwrap_or(1);
-    let cube_dim = CubeDim::new_2d(PLANE, ROWS_PER_CUBE);
+    let vector = vector_width(block, dtype);
+    let cube_dim = CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE);
     let cube_count = CubeCount::Static(rows as u32, (channels as u32).div_ceil(ROWS_PER_CUBE), 1);
     let int_dtype = experts.as_ref().map_or(DType::I32, |e| e.dtype);
     let client = out.client.clone();
