@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Peer benchmark: transformers on a random-weight model built on the GPU from a real
 config.json (dense Qwen3, Qwen3-MoE or GLM-4.x MoE), with the token ids inference-pio gets
-(benches/src/main.rs), in the same device call. Batch 1, bf16.
+(benches/src/main.rs), in the same device call, bf16. Prefill at each --prompt-tokens; decode at
+batch 1 and at each --batches size (every row the same prompt, as `pio-bench --batch`).
 
 --mode eager: dynamic cache, eager forward. --mode static: a StaticCache of one fixed length for
 every generate call (so the decode step compiles once) and transformers' automatic
@@ -26,6 +27,7 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 2048])
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="*", default=[], help="further decode batch sizes")
     ap.add_argument("--mode", choices=["eager", "static"], default="eager")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -49,9 +51,10 @@ def main():
             model(ids, logits_to_keep=1)
             torch.cuda.synchronize()
             res[f"prefill_{n}_tokens_per_s"] = n / (time.perf_counter() - t)
-        ids = torch.tensor([prompt_ids(a.prompt_tokens[0])], device="cuda")
+            res[f"peak_gpu_mib_prefill_{n}"] = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
 
-        def generate(n):
+        def generate(ids, n):
             extra = {}
             if a.mode == "static":
                 from transformers import StaticCache
@@ -62,15 +65,23 @@ def main():
             torch.cuda.synchronize()
             return time.perf_counter() - t
 
-        t = time.perf_counter()
-        generate(3)  # warm-up (static: compiles the decode step)
-        res["warmup_s"] = time.perf_counter() - t
-        generate(3)
-        first = generate(1)
-        total = generate(a.new_tokens)
-    res["decode_tokens_per_s"] = (a.new_tokens - 1) / (total - first)
-    res["time_to_first_token_s"] = first
-    res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        for batch in [1] + [b for b in a.batches if b != 1]:
+            ids = torch.tensor([prompt_ids(a.prompt_tokens[0])] * batch, device="cuda")
+            t = time.perf_counter()
+            generate(ids, 3)  # warm-up (static: compiles the decode step)
+            warmup = time.perf_counter() - t
+            generate(ids, 3)
+            first = generate(ids, 1)
+            total = generate(ids, a.new_tokens)
+            rate = batch * (a.new_tokens - 1) / (total - first)
+            res[f"decode_batch_{batch}_tokens_per_s"] = rate
+            res[f"peak_gpu_mib_batch_{batch}"] = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+            if batch == 1:
+                res["warmup_s"] = warmup
+                res["decode_tokens_per_s"] = rate
+                res["time_to_first_token_s"] = first
+    res["peak_gpu_mib"] = max(v for k, v in res.items() if k.startswith("peak_gpu_mib_"))
     text = json.dumps(res, indent=1)
     print(text)
     if a.out:

@@ -29,7 +29,7 @@ use core::marker::PhantomData;
 /// Incompatible changes bump this; the host refuses a plugin with another major version.
 pub const ABI_MAJOR: u32 = 1;
 /// Appended fields bump this; a host accepts plugins with any minor version.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 
 /// What went wrong, coarsely, so the host can react without parsing messages.
 #[repr(u8)]
@@ -157,7 +157,8 @@ impl<'a> TokenSink<'a> {
 }
 
 /// The root module every plugin exports. Fields may only be appended (after `cleanup`),
-/// bumping [`ABI_MINOR`].
+/// bumping [`ABI_MINOR`]; an appended field is optional (`missing_field(option)`), so a host
+/// reads it as `None` from a plugin built before it existed.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModuleRef)))]
@@ -190,6 +191,12 @@ pub struct PluginModule {
     /// Frees a loaded model and its device memory.
     #[sabi(last_prefix_field)]
     pub cleanup: extern "C" fn(model: u64) -> PluginResult<()>,
+    /// ABI 1.1. Takes JSON [`crate::types::BatchInferRequest`] and runs its requests together
+    /// as one batch (one forward pass per step for all rows); not streamed. JSON
+    /// [`crate::types::BatchInferResponse`]. Absent from 1.0 plugins: the host then runs the
+    /// requests one after another through `infer`.
+    #[sabi(missing_field(option))]
+    pub infer_batch: extern "C" fn(model: u64, request_json: RStr<'_>) -> PluginResult<RString>,
 }
 
 impl RootModule for PluginModuleRef {

@@ -5,7 +5,7 @@
 
 use crate::abi::{ErrorKind, PluginError, PluginResult, TokenSink};
 use crate::types::{
-    ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions,
+    BatchInferRequest, BatchInferResponse, ChatRequest, Timings, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions,
     ModelInfo, PluginMetadata, PluginSettings, PromptInput, ScoreRequest, ScoreResponse, Support,
     UpdateOutcome,
 };
@@ -36,6 +36,12 @@ pub trait Plugin: Send + Sync + 'static {
     fn score(&self, model: u64, request: ScoreRequest) -> Result<ScoreResponse, PluginError>;
     fn update_config(&self, update: ConfigUpdate) -> Result<UpdateOutcome, PluginError>;
     fn cleanup(&self, model: u64) -> Result<(), PluginError>;
+
+    /// Several requests as one batch. This default runs them one after another through
+    /// [`Plugin::infer`] (same results, no batching); plugins that batch override it.
+    fn infer_batch(&self, model: u64, request: BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
+        infer_one_by_one(request.requests, |one| self.infer(model, one, &mut |_, _| true))
+    }
 
     /// A plain prompt, no chat template.
     fn generate_text(
@@ -69,6 +75,39 @@ pub trait Plugin: Send + Sync + 'static {
         };
         self.infer(model, request, on_token)
     }
+}
+
+/// A batch run as single requests, one after another (a plugin without batching, or a host
+/// talking to a plugin older than `infer_batch`).
+pub fn infer_one_by_one<R>(
+    requests: impl IntoIterator<Item = R>,
+    mut infer: impl FnMut(R) -> Result<InferResponse, PluginError>,
+) -> Result<BatchInferResponse, PluginError> {
+    let responses = requests.into_iter().map(&mut infer).collect::<Result<Vec<_>, _>>()?;
+    Ok(BatchInferResponse { timings: sequential_timings(&responses), responses })
+}
+
+/// Timings of requests that ran one after another: counts and times add up, rates are
+/// tokens over the summed times.
+pub fn sequential_timings(responses: &[InferResponse]) -> Timings {
+    let mut t = Timings::default();
+    let mut prefill_s = 0.0;
+    let mut decode_s = 0.0;
+    for r in responses {
+        let x = &r.timings;
+        t.prompt_tokens += x.prompt_tokens;
+        t.generated_tokens += x.generated_tokens;
+        t.time_to_first_token_s += x.time_to_first_token_s;
+        t.total_s += x.total_s;
+        prefill_s += x.time_to_first_token_s;
+        decode_s += (x.total_s - x.time_to_first_token_s).max(0.0);
+    }
+    let rate = |tokens: u64, s: f64| if s > 0.0 { tokens as f64 / s } else { 0.0 };
+    t.prefill_tokens_per_s = rate(t.prompt_tokens, prefill_s);
+    let decoded = t.generated_tokens.saturating_sub(responses.len() as u64);
+    t.decode_tokens_per_s = rate(decoded, decode_s);
+    t.steady_decode_tokens_per_s = t.decode_tokens_per_s;
+    t
 }
 
 /// Per-library state behind the exported functions. Not for direct use: [`export_plugin!`]
@@ -173,6 +212,13 @@ impl<P: Plugin> Exported<P> {
     pub fn chat_completion(&self, model: u64, request_json: RStr<'_>, sink: TokenSink<'_>) -> PluginResult<RString> {
         self.streaming("chat request", request_json, sink, |p, r, cb| {
             p.chat_completion(model, r, cb)
+        })
+    }
+    pub fn infer_batch(&self, model: u64, request_json: RStr<'_>) -> PluginResult<RString> {
+        self.call(|p| {
+            let request: BatchInferRequest = decode("batch request", request_json)?;
+            request.validate().map_err(PluginError::invalid)?;
+            encode(&p.infer_batch(model, request)?)
         })
     }
     pub fn score(&self, model: u64, request_json: RStr<'_>) -> PluginResult<RString> {
@@ -280,6 +326,7 @@ macro_rules! export_plugin {
             pub extern "C" fn score(m: u64, r: RStr<'_>) -> PluginResult<RString> { E.score(m, r) }
             pub extern "C" fn update_config(u: RStr<'_>) -> PluginResult<RString> { E.update_config(u) }
             pub extern "C" fn cleanup(m: u64) -> PluginResult<()> { E.cleanup(m) }
+            pub extern "C" fn infer_batch(m: u64, r: RStr<'_>) -> PluginResult<RString> { E.infer_batch(m, r) }
 
             #[$crate::__abi_stable::export_root_module]
             pub fn inference_pio_root_module() -> $crate::abi::PluginModuleRef {
@@ -297,6 +344,7 @@ macro_rules! export_plugin {
                     score,
                     update_config,
                     cleanup,
+                    infer_batch,
                 }
                 .leak_into_prefix()
             }
@@ -307,6 +355,39 @@ macro_rules! export_plugin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn response(prompt: u64, generated: u64, ttft: f64, total: f64) -> InferResponse {
+        InferResponse {
+            prompt_token_ids: vec![],
+            token_ids: vec![],
+            text: String::new(),
+            reasoning: String::new(),
+            tool_calls: vec![],
+            finish_reason: crate::types::FinishReason::Length,
+            timings: Timings { prompt_tokens: prompt, generated_tokens: generated, time_to_first_token_s: ttft, total_s: total, ..Timings::default() },
+        }
+    }
+
+    #[test]
+    fn one_by_one_batches_add_up_and_batch_sizes_are_checked() {
+        let batch = infer_one_by_one([(10, 5, 1.0, 3.0), (30, 9, 1.0, 5.0)], |(p, g, t, s)| Ok(response(p, g, t, s))).expect("batch");
+        assert_eq!(batch.responses.len(), 2);
+        let t = &batch.timings;
+        assert_eq!((t.prompt_tokens, t.generated_tokens), (40, 14));
+        assert_eq!((t.time_to_first_token_s, t.total_s), (2.0, 8.0));
+        assert_eq!(t.prefill_tokens_per_s, 20.0);
+        // 14 tokens, of which the first of each request came with its prefill: 12 over 6 s.
+        assert_eq!(t.decode_tokens_per_s, 2.0);
+        let failed = infer_one_by_one([1, 2, 3], |i| if i == 2 { Err(PluginError::invalid("row two")) } else { Ok(response(1, 1, 1.0, 1.0)) });
+        assert_eq!(failed.expect_err("fails").message.as_str(), "row two");
+
+        let request = |n| crate::types::BatchInferRequest {
+            requests: vec![crate::types::InferRequest { input: PromptInput::TokenIds(vec![1]), sampling: Default::default(), stop: vec![] }; n],
+        };
+        assert!(request(0).validate().expect_err("empty").contains("at least one"));
+        assert!(request(1).validate().is_ok() && request(crate::types::MAX_BATCH_REQUESTS).validate().is_ok());
+        assert!(request(257).validate().expect_err("too many").contains("257 requests"));
+    }
 
     #[test]
     fn a_declaration_reads_back_and_junk_is_refused() {

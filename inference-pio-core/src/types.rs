@@ -257,6 +257,40 @@ pub struct InferRequest {
     pub stop: Vec<String>,
 }
 
+/// The most requests one `infer_batch` call takes.
+pub const MAX_BATCH_REQUESTS: usize = 256;
+
+/// Several generation requests run together as one batch (`infer_batch`): prompts are
+/// left-padded to the longest, and every decode step computes all rows at once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchInferRequest {
+    /// 1 to [`MAX_BATCH_REQUESTS`] requests; each keeps its own sampling and stop strings.
+    pub requests: Vec<InferRequest>,
+}
+
+impl BatchInferRequest {
+    /// The batch size is in range.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.requests.len() {
+            0 => Err("a batch needs at least one request".into()),
+            n if n > MAX_BATCH_REQUESTS => Err(format!("a batch of {n} requests is more than the {MAX_BATCH_REQUESTS} allowed")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Result of `infer_batch`: one response per request, in order.
+///
+/// Each response's `timings` are the batch's (the rows shared every step), except
+/// `prompt_tokens` and `generated_tokens`, which are the row's own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchInferResponse {
+    pub responses: Vec<InferResponse>,
+    /// The whole batch: token counts summed over rows, rates in tokens of all rows per second.
+    pub timings: Timings,
+}
+
 /// `generate_text` request: a plain prompt.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenerateTextRequest {

@@ -10,8 +10,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use inference_pio_core::config::{HostConfig, SecurityLevel, validate_sampling};
 use inference_pio_core::types::{
-    ChatMessage, DType, DeviceRequest, InferRequest, LoadOptions, ModelInfo, PluginSettings,
-    PromptInput, SamplingOverrides, SamplingParams, ScoreRequest,
+    BatchInferRequest, ChatMessage, DType, DeviceRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginSettings,
+    PromptInput, SamplingOverrides, SamplingParams, ScoreRequest, Timings,
 };
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -177,6 +177,15 @@ pub struct RunArgs {
     /// Print one JSON object (token_ids, text, finish_reason, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Run N copies of the request together as one batch (the plugin's `infer_batch`: every
+    /// decode step computes all rows at once); the rows' texts are printed when all finish.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=inference_pio_core::types::MAX_BATCH_REQUESTS as i64))]
+    pub batch: u32,
+    /// Run the request N times in this process, one after another (benchmarking: the first
+    /// run builds and tunes the kernels, later ones are warm); the JSON gains `runs`, every
+    /// run's timings, and reports the last run.
+    #[arg(long, default_value_t = 1, requires = "json", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
 }
 
 #[derive(Args, Debug)]
@@ -602,7 +611,7 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         stop: args.sampling.stop.clone(),
     };
     let stdout = std::io::stdout();
-    let stream = !args.json;
+    let stream = !args.json && args.batch == 1;
     let mut on_token = |_id: u32, text: &str| {
         if stream {
             let mut out = stdout.lock();
@@ -612,12 +621,36 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             true
         }
     };
-    let response = selected.plugin.infer(info.handle, &request, &mut on_token);
+    // Every run's rows (one row unless --batch) and batch timings.
+    let mut runs: Vec<(Vec<InferResponse>, Timings)> = Vec::new();
+    let mut failure = None;
+    for _ in 0..args.repeat {
+        let result = if args.batch == 1 {
+            selected.plugin.infer(info.handle, &request, &mut on_token).map(|r| {
+                let timings = r.timings.clone();
+                (vec![r], timings)
+            })
+        } else {
+            let batch = BatchInferRequest { requests: vec![request.clone(); args.batch as usize] };
+            selected.plugin.infer_batch(info.handle, &batch).map(|r| (r.responses, r.timings))
+        };
+        match result {
+            Ok(run) => runs.push(run),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
     let cleanup = selected.plugin.cleanup(info.handle);
-    let response = response.with_context(|| format!("plugin `{}` failed", selected.id))?;
+    if let Some(e) = failure {
+        return Err(e).with_context(|| format!("plugin `{}` failed", selected.id));
+    }
     cleanup.with_context(|| format!("plugin `{}` failed to clean up", selected.id))?;
+    let (rows, timings) = runs.last().cloned().context("no run finished")?;
+    let response = rows.first().context("the plugin answered no rows")?;
     if args.json {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "plugin": selected.id,
             "model": info,
             "prompt_token_ids": response.prompt_token_ids,
@@ -626,13 +659,38 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             "reasoning": response.reasoning,
             "tool_calls": response.tool_calls,
             "finish_reason": response.finish_reason,
-            "timings": response.timings,
+            "timings": timings,
+            "batch": args.batch,
         });
+        if args.batch > 1 {
+            value["rows"] = rows
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "token_ids": r.token_ids,
+                        "text": r.text,
+                        "reasoning": r.reasoning,
+                        "tool_calls": r.tool_calls,
+                        "finish_reason": r.finish_reason,
+                    })
+                })
+                .collect();
+        }
+        if args.repeat > 1 {
+            value["runs"] = runs.iter().map(|(_, t)| serde_json::to_value(t)).collect::<Result<_, _>>()?;
+        }
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!();
-        print_structured(&response);
-        let t = &response.timings;
+        if args.batch == 1 {
+            println!();
+            print_structured(response);
+        } else {
+            for (i, row) in rows.iter().enumerate() {
+                println!("[row {i}] {}", row.text);
+                print_structured(row);
+            }
+        }
+        let t = &timings;
         eprintln!(
             "[{} prompt tokens, {} new, finish: {:?}, first token {:.2} s, {:.1} tok/s decode]",
             t.prompt_tokens, t.generated_tokens, response.finish_reason, t.time_to_first_token_s, t.decode_tokens_per_s

@@ -5,7 +5,7 @@ use crate::plugin::LoadedPlugin;
 use crate::worker::{Enforcement, WorkerPlugin};
 use inference_pio_core::abi::PluginError;
 use inference_pio_core::types::{
-    ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
+    BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
     ScoreRequest, ScoreResponse, Support, UpdateOutcome,
 };
 use std::path::Path;
@@ -56,6 +56,10 @@ impl PluginHandle {
     }
     pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<InferResponse, PluginError> {
         both!(self, p => p.infer(model, request, on_token))
+    }
+    /// Several requests as one batch, not streamed.
+    pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
+        both!(self, p => p.infer_batch(model, request))
     }
     pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {
         both!(self, p => p.score(model, request))

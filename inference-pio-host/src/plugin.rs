@@ -9,7 +9,7 @@ use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
 use abi_stable::std_types::{RResult, RStr, RString};
 use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError, PluginModuleRef, TokenSink};
 use inference_pio_core::types::{
-    ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata,
+    BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata,
     PluginSettings, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
 };
 use serde::Serialize;
@@ -166,6 +166,30 @@ impl LoadedPlugin {
         let sink = TokenSink::from_closure(&mut callback);
         let text = self.check((self.module.infer())(model, RStr::from(json.as_str()), sink))?;
         self.json(text)
+    }
+
+    /// Runs several requests as one batch (not streamed). A plugin built before ABI 1.1 has
+    /// no `infer_batch`: its requests then run one after another through `infer`.
+    pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
+        self.guard()?;
+        request.validate().map_err(PluginError::invalid)?;
+        match self.module.infer_batch() {
+            Some(infer_batch) => {
+                let json = Self::to_json(request)?;
+                let text = self.check(infer_batch(model, RStr::from(json.as_str())))?;
+                let response: BatchInferResponse = self.json(text)?;
+                if response.responses.len() != request.requests.len() {
+                    return Err(PluginError::internal(format!(
+                        "plugin {} answered {} of a batch of {} requests",
+                        self.path.display(),
+                        response.responses.len(),
+                        request.requests.len()
+                    )));
+                }
+                Ok(response)
+            }
+            None => inference_pio_core::export::infer_one_by_one(&request.requests, |one| self.infer(model, one, &mut |_, _| true)),
+        }
     }
 
     pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {

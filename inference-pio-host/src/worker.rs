@@ -26,7 +26,7 @@ use crate::sandbox::{self, Mechanism, SandboxSpec};
 use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError};
 use inference_pio_core::config::{ResourceLimits, SecurityLevel};
 use inference_pio_core::types::{
-    ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
+    BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
     ScoreRequest, ScoreResponse, Support, UpdateOutcome,
 };
 use serde::de::DeserializeOwned;
@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted (a logits matrix of a long prompt fits).
 const MAX_FRAME: usize = 1 << 30;
 /// Default `timeout_s`.
@@ -69,6 +69,7 @@ pub enum Call {
     Initialize(PluginSettings),
     LoadModel { dir: PathBuf, options: LoadOptions },
     Infer { model: u64, request: InferRequest },
+    InferBatch { model: u64, request: BatchInferRequest },
     Score { model: u64, request: ScoreRequest },
     UpdateConfig(ConfigUpdate),
     Cleanup(u64),
@@ -222,6 +223,7 @@ fn run_call(plugin: &LoadedPlugin, call: Call, stream: &mut UnixStream, cancel: 
             };
             value(plugin.infer(model, &request, &mut on_token))
         }
+        Call::InferBatch { model, request } => value(plugin.infer_batch(model, &request)),
         Call::Score { model, request } => value(plugin.score(model, &request)),
         Call::UpdateConfig(update) => value(plugin.update_config(&update)),
         Call::Cleanup(model) => value(plugin.cleanup(model)),
@@ -683,6 +685,13 @@ impl WorkerPlugin {
         decode(self.exchange(&mut state, &Call::Infer { model: handle, request: request.clone() }, on_token)?)
     }
 
+    pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        self.ensure_worker(&mut state)?;
+        let handle = Self::model_handle(&state, model)?;
+        decode(self.exchange(&mut state, &Call::InferBatch { model: handle, request: request.clone() }, &mut |_, _| true)?)
+    }
+
     pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {
         let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
         self.ensure_worker(&mut state)?;
@@ -894,7 +903,8 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
-fn gpu_bytes(nvml: &nvml_wrapper::Nvml, pid: u32) -> u64 {
+/// GPU memory NVML reports in use by process `pid`, summed over devices (0 when none).
+pub fn gpu_bytes(nvml: &nvml_wrapper::Nvml, pid: u32) -> u64 {
     let mut total = 0;
     let count = nvml.device_count().unwrap_or(0);
     for index in 0..count {

@@ -224,6 +224,48 @@ fn run_and_score_reproduce_transformers() {
 }
 
 #[test]
+fn a_batch_run_equals_single_runs_and_repeats_report_every_run() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture("qwen3-tiny-c");
+    let model = model.to_str().expect("utf8");
+    let reference = reference("qwen3-tiny-c");
+    let prompt = &reference["prompts"][0];
+    let ids = csv(&prompt["ids"]);
+    let base = ["run", "--model", model, "--prompt-ids", &ids, "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"];
+    let out = inference_pio(&[&base[..], &["--batch", "3"]].concat(), cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(result["batch"], 3);
+    let rows = result["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert_eq!(row["token_ids"], prompt["greedy"], "a batched row differs from transformers' greedy tokens");
+    }
+    let generated = prompt["greedy"].as_array().expect("ids").len() as u64;
+    assert_eq!(result["timings"]["generated_tokens"], 3 * generated);
+    assert_eq!(result["timings"]["prompt_tokens"], 3 * prompt["ids"].as_array().expect("ids").len() as u64);
+
+    let out = inference_pio(&[&base[..], &["--repeat", "2"]].concat(), cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(result["token_ids"], prompt["greedy"]);
+    let runs = result["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|t| t["generated_tokens"] == generated && t["time_to_first_token_s"].as_f64().expect("ttft") > 0.0));
+
+    // Out of range is refused by the command line, before any plugin loads.
+    let out = inference_pio(&[&base[..], &["--batch", "0"]].concat(), cwd.path());
+    assert!(!out.status.success() && stderr(&out).contains("--batch"), "{}", stderr(&out));
+    let out = inference_pio(&[&base[..], &["--batch", "257"]].concat(), cwd.path());
+    assert!(!out.status.success() && stderr(&out).contains("257"), "{}", stderr(&out));
+    // Without --json a batch prints each row.
+    let out = inference_pio(&["run", "--model", model, "--prompt-ids", &ids, "--greedy", "--max-new-tokens", "4", "--batch", "2", "--dtype", "f32"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("[row 0] ") && text.contains("[row 1] "), "{text}");
+}
+
+#[test]
 fn run_streams_chat_text_and_chat_holds_a_conversation() {
     let cwd = tempfile::tempdir().expect("cwd");
     let model = fixture("qwen3-tiny-a");
@@ -488,6 +530,11 @@ fn worker_levels_show_what_is_in_force_run_and_refuse_a_tampered_maximum_plugin(
     let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "stream:3"], cwd.path());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("tok tok tok \n"), "{}", stdout(&out));
+    // A batch reaches the worker; this plugin has no batching, so the ABI's default runs the
+    // rows one by one inside it.
+    let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "stream:2", "--batch", "2"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "[row 0] ok:2 tokens\n[row 1] ok:2 tokens\n");
     // The worker may write its own threads' names (the CUDA driver's need), and says so.
     assert!(text.contains("write: /proc/self/task (thread names)"), "{text}");
     let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "segv"], cwd.path());

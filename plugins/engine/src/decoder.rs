@@ -84,6 +84,19 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// Several projections of the same input as one (`q`, `k`, `v`): their weights
+    /// concatenated along `out`, so one matrix product (one kernel) computes them all; the
+    /// caller splits the output at the parts' widths.
+    fn load_fused(ckpt: &Checkpoint, prefixes: &[String], outs: &[usize], inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
+        let parts = prefixes
+            .iter()
+            .zip(outs)
+            .map(|(p, &out)| Self::load(ckpt, p, out, inp, bias, device, dtype))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bias = bias.then(|| Tensor::cat(parts.iter().filter_map(|l| l.bias.clone()).collect(), 0));
+        Ok(Self { weight: Tensor::cat(parts.into_iter().map(|l| l.weight).collect(), 1), bias })
+    }
+
     /// `x [rows, in] -> [rows, out]`.
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let y = linear(x, &self.weight);
@@ -96,9 +109,8 @@ impl Linear {
 
 struct Block {
     input_norm: Tensor<1>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` fused ([`Linear::load_fused`]): `[q | k | v]` out.
+    qkv: Linear,
     o: Linear,
     q_norm: Option<Tensor<1>>,
     k_norm: Option<Tensor<1>>,
@@ -202,9 +214,15 @@ impl Decoder {
             };
             blocks.push(Block {
                 input_norm: ckpt.load(&format!("{p}.input_layernorm.weight"), [h], device, dtype)?,
-                q: Linear::load(ckpt, &format!("{p}.self_attn.q_proj"), q, h, bias, device, dtype)?,
-                k: Linear::load(ckpt, &format!("{p}.self_attn.k_proj"), kv, h, bias, device, dtype)?,
-                v: Linear::load(ckpt, &format!("{p}.self_attn.v_proj"), kv, h, bias, device, dtype)?,
+                qkv: Linear::load_fused(
+                    ckpt,
+                    &["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}")),
+                    &[q, kv, kv],
+                    h,
+                    bias,
+                    device,
+                    dtype,
+                )?,
                 o: Linear::load(ckpt, &format!("{p}.self_attn.o_proj"), h, q, spec.o_proj_bias, device, dtype)?,
                 q_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.q_norm.weight"), [d], device, dtype)).transpose()?,
                 k_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.k_norm.weight"), [d], device, dtype)).transpose()?,
@@ -286,9 +304,11 @@ impl Decoder {
         for (l, block) in self.blocks.iter().enumerate() {
             let residual = x.clone();
             let normed = rms_norm(x, &block.input_norm, c.rms_norm_eps).reshape([batch * t, h]);
-            let q = block.q.forward(normed.clone()).reshape([batch, t, nh, d]);
-            let k = block.k.forward(normed.clone()).reshape([batch, t, nkv, d]);
-            let v = block.v.forward(normed).reshape([batch, t, nkv, d]);
+            // Heads `[q.., k.., v..]`, split as views.
+            let qkv = block.qkv.forward(normed).reshape([batch, t, nh + 2 * nkv, d]);
+            let q = qkv.clone().narrow(2, 0, nh);
+            let k = qkv.clone().narrow(2, nh, nkv);
+            let v = qkv.narrow(2, nh + nkv, nkv);
             let q = match &block.q_norm { Some(w) => rms_norm(q, w, c.rms_norm_eps), None => q };
             let k = match &block.k_norm { Some(w) => rms_norm(k, w, c.rms_norm_eps), None => k };
             let q = apply_rotary(q.swap_dims(1, 2), cos, sin);

@@ -14,7 +14,7 @@ use burn::tensor::Tensor;
 use inference_pio_core::config::OptimizationSettings;
 use inference_pio_chat_output::{OutputEvent, OutputFormat, OutputParser, ParsedOutput};
 use inference_pio_core::types::{
-    FinishReason, InferResponse, PromptInput, SamplingOverrides, SamplingParams, ScoreResponse, Timings, ToolCall,
+    BatchInferResponse, FinishReason, InferRequest, InferResponse, PromptInput, SamplingOverrides, SamplingParams, ScoreResponse, Timings, ToolCall,
 };
 use std::path::Path;
 use std::time::Instant;
@@ -359,6 +359,38 @@ impl Engine {
             .collect())
     }
 
+    /// A request with defaults resolved (prompt tokenized, sampling chosen).
+    fn row_request(
+        &self,
+        input: &PromptInput,
+        params: &SamplingParams,
+        stop: &[String],
+        host_defaults: &SamplingOverrides,
+    ) -> Result<RowRequest, EngineError> {
+        if stop.iter().any(String::is_empty) {
+            return Err(EngineError::InvalidRequest("stop strings must not be empty".into()));
+        }
+        let prompt = self.prompt_ids(input)?;
+        let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
+        let tools = match input {
+            PromptInput::Chat { tools, .. } => tools.clone(),
+            _ => None,
+        };
+        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools })
+    }
+
+    fn response(prompt: Vec<u32>, result: RowResult, timings: Timings) -> InferResponse {
+        InferResponse {
+            prompt_token_ids: prompt,
+            token_ids: result.new_ids,
+            text: result.text,
+            reasoning: result.reasoning,
+            tool_calls: result.tool_calls,
+            finish_reason: result.finish,
+            timings,
+        }
+    }
+
     /// One request, streamed.
     pub fn generate(
         &self,
@@ -369,28 +401,47 @@ impl Engine {
         optimization: &OptimizationSettings,
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<InferResponse, EngineError> {
-        if stop.iter().any(String::is_empty) {
-            return Err(EngineError::InvalidRequest("stop strings must not be empty".into()));
-        }
-        let prompt = self.prompt_ids(input)?;
-        let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
-        let tools = match input {
-            PromptInput::Chat { tools, .. } => tools.clone(),
-            _ => None,
-        };
-        let request = RowRequest { prompt: prompt.clone(), sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools };
+        let request = self.row_request(input, params, stop, host_defaults)?;
+        let prompt = request.prompt.clone();
         let mut timings = Timings::default();
         let mut results = self.generate_rows(vec![request], optimization, &mut |_, id, text| on_token(id, text), &mut timings)?;
-        let result = results.remove(0);
-        Ok(InferResponse {
-            prompt_token_ids: prompt,
-            token_ids: result.new_ids,
-            text: result.text,
-            reasoning: result.reasoning,
-            tool_calls: result.tool_calls,
-            finish_reason: result.finish,
-            timings,
-        })
+        Ok(Self::response(prompt, results.remove(0), timings))
+    }
+
+    /// Several requests as one batch (left-padded rows, one forward pass per step), not
+    /// streamed. A bad request fails the batch, naming its position.
+    pub fn generate_batch(
+        &self,
+        requests: &[InferRequest],
+        host_defaults: &SamplingOverrides,
+        optimization: &OptimizationSettings,
+    ) -> Result<BatchInferResponse, EngineError> {
+        let rows = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                self.row_request(&r.input, &r.sampling, &r.stop, host_defaults).map_err(|e| match e {
+                    EngineError::InvalidRequest(m) => EngineError::InvalidRequest(format!("request {i} of the batch: {m}")),
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt.clone()).collect();
+        let mut timings = Timings::default();
+        let results = self.generate_rows(rows, optimization, &mut |_, _, _| true, &mut timings)?;
+        let responses = prompts
+            .into_iter()
+            .zip(results)
+            .map(|(prompt, result)| {
+                let row_timings = Timings {
+                    prompt_tokens: prompt.len() as u64,
+                    generated_tokens: result.new_ids.len() as u64,
+                    ..timings.clone()
+                };
+                Self::response(prompt, result, row_timings)
+            })
+            .collect();
+        Ok(BatchInferResponse { responses, timings })
     }
 
     /// One forward pass over the whole sequence: perplexity and optionally all logits.

@@ -135,24 +135,29 @@ pub fn route(router: &Router, top_k: usize, logits: Tensor<2>, bias: Option<&Ten
 /// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights in HF `[out, in]` layout split into
 /// column blocks ([`Checkpoint::load_linear`]).
 pub struct Mlp {
-    gate: Tensor<3>,
-    up: Tensor<3>,
+    /// `gate_proj` and `up_proj` concatenated along `out` (`[parts, 2 * inner, hidden /
+    /// parts]`), one matrix product for both.
+    gate_up: Tensor<3>,
+    inner: usize,
     down: Tensor<3>,
 }
 
 impl Mlp {
     pub fn load(ckpt: &Checkpoint, prefix: &str, hidden: usize, inner: usize, device: &Device, dtype: DType) -> Result<Self, EngineError> {
+        let gate = ckpt.load_linear(&format!("{prefix}.gate_proj.weight"), [inner, hidden], device, dtype)?;
+        let up = ckpt.load_linear(&format!("{prefix}.up_proj.weight"), [inner, hidden], device, dtype)?;
         Ok(Self {
-            gate: ckpt.load_linear(&format!("{prefix}.gate_proj.weight"), [inner, hidden], device, dtype)?,
-            up: ckpt.load_linear(&format!("{prefix}.up_proj.weight"), [inner, hidden], device, dtype)?,
+            gate_up: Tensor::cat(vec![gate, up], 1),
+            inner,
             down: ckpt.load_linear(&format!("{prefix}.down_proj.weight"), [hidden, inner], device, dtype)?,
         })
     }
 
     /// `x [rows, hidden] -> [rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gate = linear(x.clone(), &self.gate);
-        let up = linear(x, &self.up);
+        let gate_up = linear(x, &self.gate_up);
+        let gate = gate_up.clone().narrow(1, 0, self.inner);
+        let up = gate_up.narrow(1, self.inner, self.inner);
         linear(inference_pio_kernels::swiglu(gate, up), &self.down)
     }
 

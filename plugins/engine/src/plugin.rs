@@ -279,7 +279,7 @@ impl Plugin for EnginePlugin {
             architectures: f.architectures.iter().map(|s| s.to_string()).collect(),
             primary_model: PrimaryModel { name: f.primary_model_name.into(), parameter_count: params, memory_bytes: bytes },
             modalities: vec!["text".into()],
-            capabilities: ["streaming", "cancellation", "chat-template", "kv-cache", "score", "batched-forward", "chunked-prefill"]
+            capabilities: ["streaming", "cancellation", "chat-template", "kv-cache", "score", "batched-forward", "infer-batch", "chunked-prefill"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -340,6 +340,14 @@ impl Plugin for EnginePlugin {
         let settings = self.settings();
         engine
             .generate(&request.input, &request.sampling, &request.stop, &settings.sampling_defaults, &settings.optimization, on_token)
+            .map_err(as_plugin_error)
+    }
+
+    fn infer_batch(&self, model: u64, request: BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
+        let engine = self.model(model)?;
+        let settings = self.settings();
+        engine
+            .generate_batch(&request.requests, &settings.sampling_defaults, &settings.optimization)
             .map_err(as_plugin_error)
     }
 

@@ -33,6 +33,7 @@ pub fn root_module() -> PluginModuleRef {
         score,
         update_config,
         cleanup,
+        infer_batch: score,
     }
     .leak_into_prefix()
 }
