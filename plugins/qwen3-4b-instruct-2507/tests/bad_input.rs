@@ -1,6 +1,6 @@
 //! Bad model directories and requests get errors that name the problem, never a panic.
 
-use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, PluginSettings, PromptInput, SamplingParams};
+use inference_pio_core::types::{DType, DeviceRequest, InferRequest, LoadOptions, PluginSettings, PromptInput, SamplingParams};
 use inference_pio_engine::plugin::load_engine;
 use qwen3_4b_instruct_2507::FAMILY;
 use std::path::{Path, PathBuf};
@@ -117,6 +117,21 @@ fn prompts_longer_than_the_context_and_bad_ids_are_refused() {
         .expect("generate");
     assert!(response.token_ids.len() <= 5, "{:?}", response.token_ids);
     assert_eq!(response.finish_reason, inference_pio_core::types::FinishReason::ContextFull);
+    // In a batch, the bad request is named by its position, and the others are not run.
+    let request = |ids: Vec<u32>| InferRequest { input: PromptInput::TokenIds(ids), sampling: params.clone(), stop: vec![] };
+    let err = engine
+        .generate_batch(&[request(vec![5, 6]), request(vec![5, 9999])], &Default::default(), &Default::default())
+        .expect_err("bad id in row 1")
+        .to_string();
+    assert!(err.contains("request 1 of the batch") && err.contains("9999"), "{err}");
+    // Rows of different lengths each stop at the context.
+    let batch = engine
+        .generate_batch(&[request(vec![5, 6, 7]), request(vec![5])], &Default::default(), &Default::default())
+        .expect("batch");
+    assert_eq!(batch.responses.len(), 2);
+    assert_eq!(batch.responses[0].token_ids, response.token_ids, "a padded batch row differs from the single run");
+    assert!(batch.responses.iter().all(|r| r.finish_reason == inference_pio_core::types::FinishReason::ContextFull));
+    assert_eq!(batch.timings.generated_tokens, batch.responses.iter().map(|r| r.token_ids.len() as u64).sum::<u64>());
 }
 
 #[test]
