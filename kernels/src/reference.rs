@@ -7,8 +7,9 @@ use burn::tensor::{DType, Tensor, activation::silu};
 
 /// RMS normalisation over the last dimension: `weight * (x / sqrt(mean(x²) + eps))`, with the
 /// statistics computed in f32 whatever the input dtype, the result cast back to the input
-/// dtype before the weight is applied (as transformers does).
-pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps: f64) -> Tensor<D> {
+/// dtype before the weight is applied (as transformers does). `weight` broadcasts over the
+/// leading axes: `[last]`, or e.g. `[heads, last]` for one weight per head.
+pub fn rms_norm<const D: usize, const W: usize>(x: Tensor<D>, weight: &Tensor<W>, eps: f64) -> Tensor<D> {
     let dtype = x.dtype();
     let x32 = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
     let variance = x32.clone().powi_scalar(2).mean_dim(D - 1);

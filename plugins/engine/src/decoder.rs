@@ -112,8 +112,9 @@ struct Block {
     /// `q_proj`, `k_proj` and `v_proj` fused ([`Linear::load_fused`]): `[q | k | v]` out.
     qkv: Linear,
     o: Linear,
-    q_norm: Option<Tensor<1>>,
-    k_norm: Option<Tensor<1>>,
+    /// `q_norm` once per query head, then `k_norm` once per key head, `[heads + kv_heads,
+    /// head_dim]`: the QK-norm of queries and keys runs as one normalisation.
+    qk_norm: Option<Tensor<2>>,
     post_norm: Tensor<1>,
     mlp: FeedForward,
 }
@@ -224,8 +225,15 @@ impl Decoder {
                     dtype,
                 )?,
                 o: Linear::load(ckpt, &format!("{p}.self_attn.o_proj"), h, q, spec.o_proj_bias, device, dtype)?,
-                q_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.q_norm.weight"), [d], device, dtype)).transpose()?,
-                k_norm: spec.qk_norm.then(|| ckpt.load(&format!("{p}.self_attn.k_norm.weight"), [d], device, dtype)).transpose()?,
+                qk_norm: if spec.qk_norm {
+                    let per_head = |name: &str, heads: usize| -> Result<Tensor<2>, EngineError> {
+                        let w: Tensor<1> = ckpt.load(&format!("{p}.self_attn.{name}.weight"), [d], device, dtype)?;
+                        Ok(w.reshape([1, d]).repeat_dim(0, heads))
+                    };
+                    Some(Tensor::cat(vec![per_head("q_norm", c.num_attention_heads)?, per_head("k_norm", c.num_key_value_heads)?], 0))
+                } else {
+                    None
+                },
                 post_norm: ckpt.load(&format!("{p}.post_attention_layernorm.weight"), [h], device, dtype)?,
                 mlp,
             });
@@ -304,16 +312,15 @@ impl Decoder {
         for (l, block) in self.blocks.iter().enumerate() {
             let residual = x.clone();
             let normed = rms_norm(x, &block.input_norm, c.rms_norm_eps).reshape([batch * t, h]);
-            // Heads `[q.., k.., v..]`, split as views.
+            // Heads `[q.., k.., v..]`. Queries and keys get their QK-norm and rotary
+            // embedding together (one normalisation, one rotation), then split as views.
             let qkv = block.qkv.forward(normed).reshape([batch, t, nh + 2 * nkv, d]);
-            let q = qkv.clone().narrow(2, 0, nh);
-            let k = qkv.clone().narrow(2, nh, nkv);
-            let v = qkv.narrow(2, nh + nkv, nkv);
-            let q = match &block.q_norm { Some(w) => rms_norm(q, w, c.rms_norm_eps), None => q };
-            let k = match &block.k_norm { Some(w) => rms_norm(k, w, c.rms_norm_eps), None => k };
-            let q = apply_rotary(q.swap_dims(1, 2), cos, sin);
-            let k = apply_rotary(k.swap_dims(1, 2), cos, sin);
-            let v = v.swap_dims(1, 2);
+            let qk = qkv.clone().narrow(2, 0, nh + nkv);
+            let qk = match &block.qk_norm { Some(w) => rms_norm(qk, w, c.rms_norm_eps), None => qk };
+            let qk = apply_rotary(qk.swap_dims(1, 2), cos, sin);
+            let q = qk.clone().narrow(1, 0, nh);
+            let k = qk.narrow(1, nh, nkv);
+            let v = qkv.narrow(2, nh + nkv, nkv).swap_dims(1, 2);
             let (k_all, v_all) = store(l, k, v)?;
             let attn = gqa_attention(q, &k_all, &v_all, mask, scale).swap_dims(1, 2).reshape([batch * t, nh * d]);
             x = residual.add(block.o.forward(attn).reshape([batch, t, h]));
