@@ -5,8 +5,9 @@
 # warm), peak GPU memory sampled through NVML — then transformers on the same shapes in the same
 # call (eager: prefill 512/2048, decode batch 1/8/32; static cache + compile: batch 1), then
 # CubeCL's per-kernel profile of eager 4B decode steps (benches/gpu/profile_4b_eager.sh).
-# Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so}.xz.
-# Writes $OUT/{device.txt,pio_*.json,pio_*_stderr.txt,peer_*.json,profile/}.
+# Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so}.xz, and optionally
+# .gpu/kernel_check.xz (then its checks and timings run first, including the fused projections).
+# Writes $OUT/{device.txt,kernel_check.txt,pio_*.json,pio_*_stderr.txt,peer_*.json,profile/}.
 # Env: BUDGET (s), CASES (default "b1 b8 b32 p512 p2048"), PEERS (default "eager static"),
 # PROFILE (1: run the profile at the end, default 1).
 set -uo pipefail
@@ -16,6 +17,11 @@ unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so
 chmod +x .gpu/bin/pio-bench
 export XDG_CACHE_HOME=/tmp/xdg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+if [ -f .gpu/kernel_check.xz ]; then
+  xz -dc .gpu/kernel_check.xz > .gpu/bin/kernel_check && chmod +x .gpu/bin/kernel_check
+  timeout 120 .gpu/bin/kernel_check > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $?"
+  grep -E "fused|FAIL|checks" $OUT/kernel_check.txt
+fi
 P=plugins/qwen3-4b-instruct-2507
 CK=/tmp/m4b
 mkdir -p $CK

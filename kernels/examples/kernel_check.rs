@@ -73,6 +73,10 @@ fn main() {
         Case { name: "4B q/k/v-like 2560->4096", experts: 1, out: 4096, inp: 2560, rows: 1, x_rows: 1 },
         Case { name: "4B gate/up 2560->9728", experts: 1, out: 9728, inp: 2560, rows: 1, x_rows: 1 },
         Case { name: "4B down 9728->2560", experts: 1, out: 2560, inp: 9728, rows: 1, x_rows: 1 },
+        // The decoder's fused projections: q|k|v, and gate|up.
+        Case { name: "4B fused q/k/v 2560->6144", experts: 1, out: 6144, inp: 2560, rows: 1, x_rows: 1 },
+        Case { name: "4B fused gate/up 2560->19456", experts: 1, out: 19456, inp: 2560, rows: 1, x_rows: 1 },
+        Case { name: "4B fused gate/up, 32 rows", experts: 1, out: 19456, inp: 2560, rows: 32, x_rows: 32 },
         Case { name: "4B head 2560->151936", experts: 1, out: 151936, inp: 2560, rows: 1, x_rows: 1 },
         Case { name: "4B gate/up, 8 rows", experts: 1, out: 9728, inp: 2560, rows: 8, x_rows: 8 },
         Case { name: "4B gate/up, 2 rows", experts: 1, out: 9728, inp: 2560, rows: 2, x_rows: 2 },
