@@ -3,11 +3,10 @@
 PIO=.gpu/bin/inference-pio
 PD="--plugin-dir .gpu/bin"
 
-# unpack_gpu_binaries NAME...: .gpu/NAME.xz (carried, xz-compressed) -> .gpu/bin/NAME.
+# unpack_gpu_binaries NAME...: .gpu/NAME.xz (carried, xz-compressed) -> .gpu/bin/NAME, executable.
 unpack_gpu_binaries() {
   mkdir -p .gpu/bin
-  for f in "$@"; do xz -dc ".gpu/$f.xz" > ".gpu/bin/$f"; done
-  chmod +x "$PIO"
+  for f in "$@"; do xz -dc ".gpu/$f.xz" > ".gpu/bin/$f" && chmod +x ".gpu/bin/$f"; done
 }
 
 # gpu_parity FIXTURE_DIR MODEL DTYPE...: each prompt of MODEL's committed transformers

@@ -10,7 +10,6 @@ set -uo pipefail
 ROOT_OUT=$OUT
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio kernel_check
-chmod +x .gpu/bin/kernel_check
 mkdir -p $ROOT_OUT/kernels $ROOT_OUT/4b
 timeout 150 .gpu/bin/kernel_check ${CHECKS:-} 2>&1 | tee $ROOT_OUT/kernels/kernel_check.txt | grep -v "^\[" | grep -E "attention|FAIL|passed|failed" ; echo "kernel_check exit ${PIPESTATUS[0]} at $SECONDS s"
 OUT=$ROOT_OUT/4b WARM=0 BUDGET=$(( ${BUDGET:-560} - SECONDS )) NEW_TOKENS=64 TINY_DTYPES="${TINY_DTYPES:-f32 bf16}" TINY_MODELS=qwen3-tiny-b PEERS="${PEERS:-eager static}" bash benches/gpu/run_decode_graphs.sh 4b 2>&1 | tee $ROOT_OUT/4b/log.txt | grep -v '^  \|^ "' | grep -v "layer .* queued" | tail -30

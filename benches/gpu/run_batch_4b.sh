@@ -14,11 +14,10 @@ set -uo pipefail
 BUDGET=${BUDGET:-575}
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so
-chmod +x .gpu/bin/pio-bench
 export XDG_CACHE_HOME=/tmp/xdg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 if [ -f .gpu/kernel_check.xz ]; then
-  xz -dc .gpu/kernel_check.xz > .gpu/bin/kernel_check && chmod +x .gpu/bin/kernel_check
+  unpack_gpu_binaries kernel_check
   timeout 120 .gpu/bin/kernel_check > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $?"
   grep -E "fused|FAIL|checks" $OUT/kernel_check.txt
 fi

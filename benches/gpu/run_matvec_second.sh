@@ -9,7 +9,6 @@ set -uo pipefail
 ROOT_OUT=$OUT
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio libqwen3_coder_30b.so kernel_check
-chmod +x .gpu/bin/kernel_check
 mkdir -p $ROOT_OUT/kernels $ROOT_OUT/sandbox $ROOT_OUT/30b
 export XDG_CACHE_HOME=/tmp/xdg
 timeout 150 .gpu/bin/kernel_check 2>&1 | tee $ROOT_OUT/kernels/kernel_check.txt | grep -v "^\[" ; echo "kernel_check exit ${PIPESTATUS[0]} at $SECONDS s"

@@ -15,7 +15,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -73,12 +73,12 @@ fn peak_rss_of_children_kib() -> i64 {
 fn watch_gpu_memory(pid: u32, done: Arc<AtomicBool>) -> std::thread::JoinHandle<Option<u64>> {
     std::thread::spawn(move || {
         let nvml = nvml_wrapper::Nvml::init().ok()?;
-        let peak = AtomicU64::new(0);
+        let mut peak = 0;
         while !done.load(Ordering::SeqCst) {
-            peak.fetch_max(inference_pio_host::worker::gpu_bytes(&nvml, pid), Ordering::SeqCst);
+            peak = peak.max(inference_pio_host::worker::gpu_bytes(&nvml, pid));
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(peak.load(Ordering::SeqCst))
+        Some(peak)
     })
 }
 

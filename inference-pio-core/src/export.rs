@@ -5,9 +5,9 @@
 
 use crate::abi::{ErrorKind, PluginError, PluginResult, TokenSink};
 use crate::types::{
-    BatchInferRequest, BatchInferResponse, ChatRequest, Timings, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions,
+    BatchInferRequest, BatchInferResponse, ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions,
     ModelInfo, PluginMetadata, PluginSettings, PromptInput, ScoreRequest, ScoreResponse, Support,
-    UpdateOutcome,
+    Timings, UpdateOutcome,
 };
 use abi_stable::std_types::{RResult, RStr, RString};
 use serde::Serialize;
@@ -91,7 +91,6 @@ pub fn infer_one_by_one<R>(
 /// tokens over the summed times.
 pub fn sequential_timings(responses: &[InferResponse]) -> Timings {
     let mut t = Timings::default();
-    let mut prefill_s = 0.0;
     let mut decode_s = 0.0;
     for r in responses {
         let x = &r.timings;
@@ -99,11 +98,10 @@ pub fn sequential_timings(responses: &[InferResponse]) -> Timings {
         t.generated_tokens += x.generated_tokens;
         t.time_to_first_token_s += x.time_to_first_token_s;
         t.total_s += x.total_s;
-        prefill_s += x.time_to_first_token_s;
         decode_s += (x.total_s - x.time_to_first_token_s).max(0.0);
     }
     let rate = |tokens: u64, s: f64| if s > 0.0 { tokens as f64 / s } else { 0.0 };
-    t.prefill_tokens_per_s = rate(t.prompt_tokens, prefill_s);
+    t.prefill_tokens_per_s = rate(t.prompt_tokens, t.time_to_first_token_s);
     let decoded = t.generated_tokens.saturating_sub(responses.len() as u64);
     t.decode_tokens_per_s = rate(decoded, decode_s);
     t.steady_decode_tokens_per_s = t.decode_tokens_per_s;

@@ -10,5 +10,5 @@ pub mod linear;
 pub mod matvec;
 pub mod reference;
 
-pub use linear::{batched_linear, linear, split_parts, split_stacked, split_weight, with_cpu_split};
-pub use reference::{apply_rotary, rms_norm, rotate_half, swiglu};
+pub use linear::{batched_linear, concat_outputs, linear, split_parts, split_stacked, split_weight, with_cpu_split};
+pub use reference::{apply_rotary, rms_norm, rotate_half, swiglu, swiglu_halves};

@@ -53,6 +53,13 @@ pub fn split_weight(w: Tensor<2>, parts: usize) -> Tensor<3> {
     split_stacked(w.reshape([1, out, inp]), parts).reshape([parts.max(1), out, inp / parts.max(1)])
 }
 
+/// The split weights of several projections of one input (`[parts, out_i, in / parts]`, the
+/// same `parts`) as one `[parts, sum of out_i, in / parts]`: one product computes them all,
+/// its output columns in the order given.
+pub fn concat_outputs(weights: Vec<Tensor<3>>) -> Tensor<3> {
+    Tensor::cat(weights, 1)
+}
+
 /// [`split_weight`] for a stack of weights: `[batch, out, in] -> [batch, parts, out, in / parts]`.
 pub fn split_stacked(w: Tensor<3>, parts: usize) -> Tensor<4> {
     let [batch, out, inp] = w.dims();

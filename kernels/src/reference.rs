@@ -47,6 +47,13 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     silu(gate).mul(up)
 }
 
+/// [`swiglu`] of one projection whose last axis holds the gate, then the up half (`gate_proj`
+/// and `up_proj` computed as one): `[.., 2 * inner] -> [.., inner]`.
+pub fn swiglu_halves<const D: usize>(gate_up: Tensor<D>) -> Tensor<D> {
+    let inner = gate_up.dims()[D - 1] / 2;
+    swiglu(gate_up.clone().narrow(D - 1, 0, inner), gate_up.narrow(D - 1, inner, inner))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +118,11 @@ mod tests {
         let want = [0.0, silu(1.0) * 2.0, silu(-2.0) * 3.0];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+        // The same from one [gate | up] row.
+        let halves = values(swiglu_halves(t(vec![0.0, 1.0, -2.0, 5.0, 2.0, 3.0], [1, 6])));
+        for (g, w) in halves.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{halves:?}");
         }
     }
 }

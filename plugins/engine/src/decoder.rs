@@ -15,7 +15,7 @@ use crate::weights::{Checkpoint, burn_dtype};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
 use inference_pio_kernels::attention::gqa_attention;
-use inference_pio_kernels::{apply_rotary, linear, rms_norm, split_parts, split_weight};
+use inference_pio_kernels::{apply_rotary, concat_outputs, linear, rms_norm, split_parts, split_weight};
 
 /// The additive attention mask of a slot a query may not see.
 const MASKED: f32 = -1.0e9;
@@ -94,7 +94,7 @@ impl Linear {
             .map(|(p, &out)| Self::load(ckpt, p, out, inp, bias, device, dtype))
             .collect::<Result<Vec<_>, _>>()?;
         let bias = bias.then(|| Tensor::cat(parts.iter().filter_map(|l| l.bias.clone()).collect(), 0));
-        Ok(Self { weight: Tensor::cat(parts.into_iter().map(|l| l.weight).collect(), 1), bias })
+        Ok(Self { weight: concat_outputs(parts.into_iter().map(|l| l.weight).collect()), bias })
     }
 
     /// `x [rows, in] -> [rows, out]`.

@@ -18,7 +18,7 @@ use crate::weights::Checkpoint;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::{batched_linear, linear, matvec, split_parts, split_stacked};
+use inference_pio_kernels::{batched_linear, concat_outputs, linear, matvec, split_parts, split_stacked, swiglu_halves};
 
 /// How a token's experts and their weights are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -138,7 +138,6 @@ pub struct Mlp {
     /// `gate_proj` and `up_proj` concatenated along `out` (`[parts, 2 * inner, hidden /
     /// parts]`), one matrix product for both.
     gate_up: Tensor<3>,
-    inner: usize,
     down: Tensor<3>,
 }
 
@@ -147,18 +146,14 @@ impl Mlp {
         let gate = ckpt.load_linear(&format!("{prefix}.gate_proj.weight"), [inner, hidden], device, dtype)?;
         let up = ckpt.load_linear(&format!("{prefix}.up_proj.weight"), [inner, hidden], device, dtype)?;
         Ok(Self {
-            gate_up: Tensor::cat(vec![gate, up], 1),
-            inner,
+            gate_up: concat_outputs(vec![gate, up]),
             down: ckpt.load_linear(&format!("{prefix}.down_proj.weight"), [hidden, inner], device, dtype)?,
         })
     }
 
     /// `x [rows, hidden] -> [rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gate_up = linear(x, &self.gate_up);
-        let gate = gate_up.clone().narrow(1, 0, self.inner);
-        let up = gate_up.narrow(1, self.inner, self.inner);
-        linear(inference_pio_kernels::swiglu(gate, up), &self.down)
+        linear(swiglu_halves(linear(x, &self.gate_up)), &self.down)
     }
 
     /// Names and shapes of an MLP's tensors.
@@ -239,12 +234,6 @@ impl MoeBlock {
         self.gate_up.dims()[0]
     }
 
-    /// Each routed expert's hidden width.
-    fn inner(&self) -> usize {
-        let [_, parts, _, block] = self.down.dims();
-        parts * block
-    }
-
     /// `x [rows, hidden] -> [rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
         let [rows, hidden] = x.dims();
@@ -270,12 +259,6 @@ impl MoeBlock {
         })
     }
 
-    /// `[batch, rows, 2 * inner] -> [batch, rows, inner]`: SwiGLU over the gate and up halves.
-    fn activate(&self, gate_up: Tensor<3>) -> Tensor<3> {
-        let i = self.inner();
-        inference_pio_kernels::swiglu(gate_up.clone().narrow(2, 0, i), gate_up.narrow(2, i, i))
-    }
-
     /// Each (token, expert) pair as one batch entry with that expert's weights gathered:
     /// `[rows * top_k, hidden]`, token-major. No host round trip.
     fn by_gathered_weights(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Tensor<2> {
@@ -285,12 +268,12 @@ impl MoeBlock {
         if x.dtype() == self.gate_up.dtype() && matvec::gathered_kernel_applies(slots, &x.device()) {
             // Our kernel reads the chosen experts' weights in place (no gathered copy).
             let gate_up = matvec::gathered_split_matvec(x, &self.gate_up, experts.clone());
-            let act = self.activate(gate_up.unsqueeze_dim(1)).squeeze_dim(1);
+            let act = swiglu_halves(gate_up);
             return matvec::gathered_split_matvec(act, &self.down, experts);
         }
         let x = x.reshape([rows, 1, hidden]).repeat_dim(1, self.top_k).reshape([slots, 1, hidden]);
         let gate_up = self.gate_up.clone().select(0, experts.clone());
-        let act = self.activate(batched_linear(x, gate_up));
+        let act = swiglu_halves(batched_linear(x, gate_up));
         let down = self.down.clone().select(0, experts);
         batched_linear(act, down).reshape([slots, hidden])
     }
@@ -329,7 +312,7 @@ impl MoeBlock {
         let gather = Tensor::<1, Int>::from_data(TensorData::new(gather, [n * capacity]), &device);
         let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
         let xs = x.select(0, gather).reshape([n, capacity, hidden]);
-        let act = self.activate(batched_linear(xs, self.gate_up.clone()));
+        let act = swiglu_halves(batched_linear(xs, self.gate_up.clone()));
         let out = batched_linear(act, self.down.clone()).reshape([n * capacity, hidden]);
         Ok(out.select(0, combine))
     }
