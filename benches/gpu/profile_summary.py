@@ -4,7 +4,8 @@ launch): the launches of the last decode step, grouped by kernel, largest total 
 step is found as the period of the launch sequence after the last random-weight kernel (the
 decode steps repeat it exactly).
 
-    python3 profile_summary.py profile.log
+    python3 profile_summary.py profile.log          # the last decode step
+    python3 profile_summary.py profile.log --all    # every launch after the weights (prefill)
 """
 import collections
 import re
@@ -29,24 +30,30 @@ def launches(path):
         yield micros(parts[0]), name
 
 
-def main(path, probe=200):
+def summarise(title, launched, top=20):
+    total, count = collections.Counter(), collections.Counter()
+    for t, n in launched:
+        total[n] += t
+        count[n] += 1
+    print(f"{title}: {len(launched)} launches, {sum(total.values()) / 1e3:.2f} ms (profiled, each launch synchronised)")
+    for n, t in total.most_common(top):
+        print(f"{t / 1e3:9.3f} ms {count[n]:5d} x {t / count[n]:8.1f} us  {n}")
+
+
+def main(path, everything=False, probe=200):
     rows = list(launches(path))
     start = max((i for i, (_, n) in enumerate(rows) if "Prng" in n), default=-1) + 1
+    if everything:
+        summarise("every launch after the weights", rows[start:], top=30)
+        return
     names = [n for _, n in rows[start:]]
     tail = names[-probe:]
     period = next((p for p in range(probe, len(names) - probe) if names[-probe - p:-p] == tail), None)
     if period is None:
         print("no repeating decode step in the log")
         return
-    last = rows[-period:]
-    total, count = collections.Counter(), collections.Counter()
-    for t, n in last:
-        total[n] += t
-        count[n] += 1
-    print(f"last decode step: {len(last)} launches, {sum(total.values()) / 1e3:.2f} ms (profiled, each launch synchronised)")
-    for n, t in total.most_common(20):
-        print(f"{t / 1e3:9.3f} ms {count[n]:5d} x {t / count[n]:8.1f} us  {n}")
+    summarise("last decode step", rows[-period:])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], everything="--all" in sys.argv[2:])

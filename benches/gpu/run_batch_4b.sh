@@ -7,21 +7,31 @@
 # CubeCL's per-kernel profile of eager 4B decode steps (benches/gpu/profile_4b_eager.sh).
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so}.xz, and optionally
 # .gpu/kernel_check.xz (then its checks and timings run first, including the fused projections).
-# Writes $OUT/{device.txt,kernel_check.txt,pio_*.json,pio_*_stderr.txt,peer_*.json,profile/}.
-# Env: BUDGET (s), CASES (default "b1 b8 b32 p512 p2048"), PEERS (default "eager static"),
-# PROFILE (1: run the profile at the end, default 1).
+# Writes $OUT/{device.txt,kernel_check.txt,parity.txt,pio_*.json,pio_*_stderr.txt,peer_*.json,
+# profile/}.
+# Env: BUDGET (s), CASES (default "b1 b8 b32 p512 p2048"), PEERS (default "eager static"; empty: none),
+# PROFILE (1: run the profile at the end, default 1), PARITY (1: the tiny fixture's parity
+# first, default 1), KERNEL_CHECK (arguments for kernel_check, e.g. "elementwise"; "none" skips it).
 set -uo pipefail
 BUDGET=${BUDGET:-575}
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so
 export XDG_CACHE_HOME=/tmp/xdg
+# pio-bench starts the host as a user would; the host finds the plugin through this variable.
+export INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-if [ -f .gpu/kernel_check.xz ]; then
+if [ -f .gpu/kernel_check.xz ] && [ "${KERNEL_CHECK:-}" != none ]; then
   unpack_gpu_binaries kernel_check
-  timeout 120 .gpu/bin/kernel_check > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $?"
-  grep -E "fused|FAIL|checks" $OUT/kernel_check.txt
+  timeout 150 .gpu/bin/kernel_check ${KERNEL_CHECK:-} > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $?"
+  grep -E "fused|rms_norm|qk-norm|swiglu|FAIL|checks" $OUT/kernel_check.txt
 fi
 P=plugins/qwen3-4b-instruct-2507
+# The tiny Qwen3 fixture through the CLI on CUDA against the committed transformers reference
+# (f32 and bf16), so the kernels in the decoder are checked end to end before they are timed.
+if [ "${PARITY:-1}" = 1 ]; then
+  gpu_parity $P/tests/fixtures qwen3-tiny-b f32 bf16
+  echo "parity phase done at $SECONDS s"
+fi
 CK=/tmp/m4b
 mkdir -p $CK
 cp $P/primary/config.json $CK/
@@ -51,7 +61,7 @@ for c in ${CASES:-b1 b8 b32 p512 p2048}; do
     p2048) bench p2048 2048 2 1 3 1 ;;
   esac
 done
-for mode in ${PEERS:-eager static}; do
+for mode in ${PEERS-eager static}; do
   left=$(( BUDGET - SECONDS - ( ${PROFILE:-1} == 1 ? 150 : 0 ) ))
   [ $left -lt 60 ] && { echo "no time left for the $mode peer"; break; }
   batches=""; [ $mode = eager ] && batches="--batches 8 32"

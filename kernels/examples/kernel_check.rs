@@ -4,13 +4,19 @@
 //!   `matvec_reference` (the gathered weights through `batched_linear`, the engine's path
 //!   before the kernel);
 //! - the decode-attention kernel (`inference_pio_kernels::attention::decode_attention`)
-//!   against `gqa_attention`, over strided cache blocks with and without a mask.
+//!   against `gqa_attention`, over strided cache blocks with and without a mask;
+//! - the fused RMSNorm, residual add + RMSNorm (`inference_pio_kernels::norm`) and SwiGLU
+//!   (`inference_pio_kernels::activation`) kernels against the burn operations they replace,
+//!   on Qwen3-4B's hidden, QK-norm (a strided view of the fused q|k|v output, one weight per
+//!   head) and MLP shapes at 1, 32 and 2,048 rows; the fused QK-norm + rotary embedding
+//!   (`inference_pio_kernels::rotary`) against the normalisation, transpose and rotation.
 //!
 //! f32 and bf16; timings are CUDA-graph replays of ten calls. Exits non-zero when a result is
 //! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
-//! products and 2e-2 for attention (the reference rounds scores and probabilities to bf16).
+//! products and 2e-2 for attention (the reference rounds scores and probabilities to bf16);
+//! the elementwise kernels 1e-4 in f32 and 1e-2 in bf16.
 //! `kernel_check` on a machine with CUDA; `kernel_check attention` runs the attention checks
-//! only.
+//! only, `kernel_check elementwise` the normalisation and SwiGLU checks only.
 
 mod common;
 
@@ -18,6 +24,10 @@ use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
 use common::{time_graph, values};
 use inference_pio_kernels::attention::{decode_attention, gqa_attention};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
+use inference_pio_kernels::activation::fused_swiglu_halves;
+use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_rms_norm};
+use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
+use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked};
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -91,7 +101,8 @@ fn main() {
     let mut failed = 0;
     // `kernel_check attention`: the attention checks only.
     let only_attention = std::env::args().any(|a| a == "attention");
-    for case in cases.iter().filter(|_| !only_attention) {
+    let only_elementwise = std::env::args().any(|a| a == "elementwise");
+    for case in cases.iter().filter(|_| !only_attention && !only_elementwise) {
         for dtype in [DType::F32, DType::BF16] {
             let parts = split_parts(case.inp, &device);
             let w = Tensor::<3>::random([case.experts, case.out, case.inp], Distribution::Uniform(-0.05, 0.05), &device).cast(dtype);
@@ -126,7 +137,12 @@ fn main() {
             failed += usize::from(check(&device, &label, tol, Some(bytes), &kernel, &reference, before));
         }
     }
-    failed += check_attention(&device);
+    if !only_elementwise {
+        failed += check_attention(&device);
+    }
+    if !only_attention {
+        failed += check_elementwise(&device);
+    }
     if failed > 0 {
         println!("{failed} checks failed");
         std::process::exit(1);
@@ -167,6 +183,64 @@ fn check_attention(device: &Device) -> usize {
             let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };
             let label = format!("{name:42} {:5}", format!("{dtype:?}"));
             failed += usize::from(check(device, &label, tol, None, &kernel, &reference, &reference));
+        }
+    }
+    failed
+}
+
+/// The normalisation and SwiGLU kernels against the burn operations the engine ran before
+/// them (the references), which are also the "before" timings.
+fn check_elementwise(device: &Device) -> usize {
+    let mut failed = 0;
+    let eps = 1e-6;
+    let (hidden, heads, kv, dim, inner) = (2560, 32, 8, 128, 9728);
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
+        let random = |shape: [usize; 2], low: f64, high: f64| Tensor::<2>::random(shape, Distribution::Uniform(low, high), device).cast(dtype);
+        let weight = random([1, hidden], 0.5, 1.5).reshape([hidden]);
+        let head_weights = random([heads + kv, dim], 0.5, 1.5);
+        for rows in [1, 32, 2048] {
+            let tag = format!("{:5} {rows:4} rows", format!("{dtype:?}"));
+            let bytes = |elements: usize| Some((elements * dtype.size()) as f64);
+            // The final norm: x read once, written once.
+            let x = random([rows, hidden], -2.0, 2.0);
+            let kernel = || fused_rms_norm(x.clone(), &weight, eps);
+            let reference = || rms_norm(x.clone(), &weight, eps);
+            failed += usize::from(check(device, &format!("rms_norm {hidden:18} {tag}"), tol, bytes(2 * rows * hidden), &kernel, &reference, &reference));
+            // The residual add with the norm after it: two reads, two writes.
+            let y = random([rows, hidden], -2.0, 2.0);
+            let both = |(sum, normed): (Tensor<2>, Tensor<2>)| Tensor::cat(vec![sum, normed], 1);
+            let kernel = || both(fused_add_rms_norm(x.clone(), y.clone(), &weight, eps));
+            let reference = || both(add_rms_norm_reference(x.clone(), y.clone(), &weight, eps));
+            failed += usize::from(check(device, &format!("add + rms_norm {hidden:12} {tag}"), tol, bytes(4 * rows * hidden), &kernel, &reference, &reference));
+            // QK-norm: queries and keys, a view inside the fused q|k|v output.
+            let qkv_view = |batch: usize, tokens: usize| {
+                let qkv = random([rows, (heads + 2 * kv) * dim], -2.0, 2.0).reshape([batch, tokens, heads + 2 * kv, dim]);
+                qkv.narrow(2, 0, heads + kv)
+            };
+            let qk = qkv_view(1, rows);
+            let flat = |t: Tensor<4>| t.reshape([rows * (heads + kv), dim]);
+            let kernel = || flat(fused_rms_norm(qk.clone(), &head_weights, eps));
+            let reference = || flat(rms_norm(qk.clone(), &head_weights, eps));
+            failed += usize::from(check(device, &format!("qk-norm {:3} heads x {dim:7} {tag}", heads + kv), tol, bytes(2 * rows * (heads + kv) * dim), &kernel, &reference, &reference));
+            // QK-norm and rotary embedding in one kernel: the tokens of one row (prefill) and
+            // one token of each row (batched decode), full and partial (half) rotation.
+            for (batch, tokens, rotary) in [(1, rows, dim), (rows, 1, dim), (1, rows, dim / 2)] {
+                let qk = qkv_view(batch, tokens);
+                let angles = Tensor::<4>::random([batch, 1, tokens, rotary / 2], Distribution::Uniform(0.0, 100.0), device);
+                let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+                let (cos, sin) = (angles.clone().cos().cast(dtype), angles.sin().cast(dtype));
+                let flat = |t: Tensor<4>| t.reshape([rows * (heads + kv), dim]);
+                let kernel = || flat(fused_qk_norm_rotary(qk.clone(), &head_weights, &cos, &sin, eps));
+                let reference = || flat(qk_norm_rotary_reference(qk.clone(), &head_weights, &cos, &sin, eps));
+                let label = format!("qk-norm + rope {batch:4} x {tokens:4} rot {rotary:3} {tag}");
+                failed += usize::from(check(device, &label, tol, bytes(2 * rows * (heads + kv) * dim), &kernel, &reference, &reference));
+            }
+            // SwiGLU over the fused gate|up output: 2 * inner read, inner written.
+            let gate_up = random([rows, 2 * inner], -4.0, 4.0);
+            let kernel = || fused_swiglu_halves(gate_up.clone());
+            let reference = || swiglu_halves(gate_up.clone());
+            failed += usize::from(check(device, &format!("swiglu {:20} {tag}", 2 * inner), tol, bytes(3 * rows * inner), &kernel, &reference, &reference));
         }
     }
     failed

@@ -186,11 +186,11 @@ pub fn decode_kernel_applies(t: usize, head_dim: usize, dtype: DType, device: &D
 }
 
 /// [`gqa_attention`] for one query token per row by our kernel; `None` where it does not
-/// apply ([`decode_kernel_applies`], or `k` and `v` of different shapes). Not used by the
-/// engine yet: on the H200 its first form (4 planes per cube) took 44 µs over 256 slots of the
-/// Qwen3-4B shapes against the reference's 37 µs, and the 4B decode step went from 11.7 to
-/// 12.8 ms with it (`benches/results/gpu-h200-2026-12-01-matvec.md`). The 16-plane form here
-/// has not been measured.
+/// apply ([`decode_kernel_applies`], or `k` and `v` of different shapes). The engine's decode
+/// steps use it: on the H200 this 16-plane form took 14.7 µs over 256 slots of the Qwen3-4B
+/// shapes in bf16 against the reference's 35.9 µs (CUDA-graph replays,
+/// `benches/results/gpu-h200-2026-12-02-fused/kernel_check.txt`); the first form (4 planes per
+/// cube) had taken 44 µs against 37 and was left out.
 pub fn decode_attention(q: Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: Option<&Tensor<5>>, scale: f64) -> Option<Tensor<4>> {
     let [batch, heads, t, d] = q.dims();
     let total = k.dims()[2];

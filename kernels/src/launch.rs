@@ -12,6 +12,29 @@ pub(crate) fn vector_width(len: usize, dtype: DType) -> usize {
     [8usize, 4, 2, 1].into_iter().find(|&v| v <= most && len.is_multiple_of(v)).unwrap_or(1)
 }
 
+/// Device-side helpers the kernels share.
+pub(crate) mod device {
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::prelude::*;
+
+    /// Vector index of the first element of row `row` of `t`, the rows being every axis but
+    /// the last (which is contiguous), laid out by `t`'s strides: a view need not be copied.
+    #[cube]
+    pub fn row_start<E: Float, N: Size>(t: &Tensor<Vector<E, N>>, row: usize) -> usize {
+        let rank = t.rank();
+        let mut rest = row;
+        let mut offset = 0usize;
+        for i in 1..rank {
+            let d = rank - 1 - i;
+            let dim = t.shape(d);
+            offset += (rest % dim) * t.stride(d);
+            rest /= dim;
+        }
+        // Strides count elements, indices count vectors.
+        offset / t.vector_size()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

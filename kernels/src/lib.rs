@@ -2,13 +2,20 @@
 //!
 //! Each operation exists here once, as a function on burn tensors that works on every
 //! backend (the CPU/flex reference path). Fused CubeCL versions for CUDA are added beside
-//! their reference and tested against it on the device.
+//! their reference and tested against it on the device; the functions exported at the top
+//! pick the kernel on CubeCL devices and the reference elsewhere.
 
+pub mod activation;
 pub mod attention;
 mod launch;
 pub mod linear;
 pub mod matvec;
+pub mod norm;
 pub mod reference;
+pub mod rotary;
 
+pub use activation::swiglu_halves;
 pub use linear::{batched_linear, concat_outputs, linear, split_parts, split_stacked, split_weight, with_cpu_split};
-pub use reference::{apply_rotary, rms_norm, rotate_half, swiglu, swiglu_halves};
+pub use norm::{add_rms_norm, rms_norm};
+pub use reference::{apply_rotary, rotate_half, swiglu};
+pub use rotary::qk_norm_rotary;

@@ -14,8 +14,8 @@ use crate::rope;
 use crate::weights::{Checkpoint, burn_dtype};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::attention::gqa_attention;
-use inference_pio_kernels::{apply_rotary, concat_outputs, linear, rms_norm, split_parts, split_weight};
+use inference_pio_kernels::attention::{decode_attention, gqa_attention};
+use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight};
 
 /// The additive attention mask of a slot a query may not see.
 const MASKED: f32 = -1.0e9;
@@ -309,34 +309,46 @@ impl Decoder {
         let d = c.head_dim;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let scale = (d as f64).powf(-0.5);
+        // The last block output not yet added to the residual stream: each add runs together
+        // with the normalisation after it (one kernel on the GPU).
+        let mut pending: Option<Tensor<3>> = None;
         for (l, block) in self.blocks.iter().enumerate() {
-            let residual = x.clone();
-            let normed = rms_norm(x, &block.input_norm, c.rms_norm_eps).reshape([batch * t, h]);
+            let (residual, normed) = match pending.take() {
+                Some(y) => add_rms_norm(x, y, &block.input_norm, c.rms_norm_eps),
+                None => (x.clone(), rms_norm(x, &block.input_norm, c.rms_norm_eps)),
+            };
+            let normed = normed.reshape([batch * t, h]);
             // Heads `[q.., k.., v..]`. Queries and keys get their QK-norm and rotary
             // embedding together (one normalisation, one rotation), then split as views.
             let qkv = block.qkv.forward(normed).reshape([batch, t, nh + 2 * nkv, d]);
             let qk = qkv.clone().narrow(2, 0, nh + nkv);
-            let qk = match &block.qk_norm { Some(w) => rms_norm(qk, w, c.rms_norm_eps), None => qk };
-            let qk = apply_rotary(qk.swap_dims(1, 2), cos, sin);
+            let qk = match &block.qk_norm {
+                Some(w) => qk_norm_rotary(qk, w, cos, sin, c.rms_norm_eps),
+                None => apply_rotary(qk.swap_dims(1, 2), cos, sin),
+            };
             let q = qk.clone().narrow(1, 0, nh);
             let k = qk.narrow(1, nh, nkv);
             let v = qkv.narrow(2, nh + nkv, nkv).swap_dims(1, 2);
             let (k_all, v_all) = store(l, k, v)?;
-            let attn = gqa_attention(q, &k_all, &v_all, mask, scale).swap_dims(1, 2).reshape([batch * t, nh * d]);
-            x = residual.add(block.o.forward(attn).reshape([batch, t, h]));
-
-            let residual = x.clone();
-            let normed = rms_norm(x, &block.post_norm, c.rms_norm_eps).reshape([batch * t, h]);
+            // One query token per row (decode) runs through our kernel on the GPU.
+            let attn = decode_attention(q.clone(), &k_all, &v_all, mask, scale).unwrap_or_else(|| gqa_attention(q, &k_all, &v_all, mask, scale));
+            let attn = attn.swap_dims(1, 2).reshape([batch * t, nh * d]);
+            let (residual, normed) = add_rms_norm(residual, block.o.forward(attn).reshape([batch, t, h]), &block.post_norm, c.rms_norm_eps);
+            let normed = normed.reshape([batch * t, h]);
             let mlp = match &block.mlp {
                 FeedForward::Dense(mlp) => mlp.forward(normed),
                 FeedForward::Moe(moe) => moe.forward(normed)?,
             };
-            x = residual.add(mlp.reshape([batch, t, h]));
+            x = residual;
+            pending = Some(mlp.reshape([batch, t, h]));
             if crate::progress::enabled() && (l < 2 || l + 1 == self.blocks.len()) {
                 crate::progress::log(|| format!("layer {l} queued ({} x {t} tokens)", batch));
             }
         }
-        Ok(x)
+        Ok(match pending {
+            Some(y) => x.add(y),
+            None => x,
+        })
     }
 
     /// Final norm and LM head; f32 logits `[batch, t or 1, vocab]`.

@@ -1,0 +1,325 @@
+//! RMS normalisation (`Qwen3RMSNorm` / `LlamaRMSNorm` in transformers; Zhang & Sennrich 2019,
+//! arXiv:1910.07467) and the decoder's residual add before it, each as one CubeCL kernel:
+//! - `rms_norm(x, weight)`: one plane (warp) per row sums the squares in f32, then writes
+//!   `weight * dtype(x / sqrt(mean + eps))`; the rows may be a strided view (the query and key
+//!   heads inside a fused q|k|v projection) and the weight one row per group of rows (the
+//!   per-head QK-norm weights);
+//! - `add_rms_norm(residual, y, weight)`: the sum `residual + y` (rounded to the dtype, as
+//!   transformers adds in bf16) written out as the new residual stream, and its normalisation,
+//!   from one read of each input.
+//!
+//! burn's operations take about eight kernels for a normalisation (cast, square, mean, add,
+//! square root, reciprocal, two products, cast back) and one more for the add. The rounding
+//! points are those of [`crate::reference::rms_norm`], the reference on every backend, which
+//! the kernels are checked against on the device (`kernels/examples/kernel_check.rs`).
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{Device, Tensor};
+use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+use crate::launch::{PLANE, vector_width};
+
+/// Rows per cube (one plane each).
+const ROWS_PER_CUBE: u32 = 8;
+
+/// The normalisations as backend operations (CubeCL runtimes only).
+#[backend_extension(Cube, Fusion)]
+pub trait NormOps: Backend {
+    /// `x [.., n]` normalised over its last axis; row `r` (all axes but the last flattened)
+    /// is scaled by row `r % groups` of `weight [groups, n]`.
+    #[fusion(dtype = x, shape = x)]
+    fn fused_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+
+    /// `(residual + y, rms_norm(residual + y))` for `residual, y [.., n]`, `weight [1, n]`.
+    #[fusion(meta = |residual, _y, _weight, _eps| (residual.clone(), residual.clone()))]
+    fn fused_add_rms_norm(
+        residual: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl NormOps for CubeBackend {
+    fn fused_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        launch(x, None, weight, eps).1
+    }
+
+    fn fused_add_rms_norm(
+        residual: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (sum, normed) = launch(residual, Some(y), weight, eps);
+        (sum.expect("the add variant writes the sum"), normed)
+    }
+}
+
+/// The kernels, apart from burn's names (`Tensor` is CubeCL's here).
+mod device {
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::num_traits::Zero;
+    use burn_cubecl::cubecl::prelude::*;
+    use crate::launch::device::row_start;
+
+    /// The second pass over a row whose mean square is known: `out = weight * dtype(src *
+    /// inv)`, the normalised value rounded to the dtype before the weight (transformers'
+    /// order).
+    #[cube]
+    fn scale_row<E: Float, N: Size>(
+        src: &Tensor<Vector<E, N>>,
+        src_start: usize,
+        weight: &Tensor<Vector<E, N>>,
+        w_start: usize,
+        out: &mut Tensor<Vector<E, N>>,
+        out_start: usize,
+        vectors: usize,
+        inv: f32,
+    ) {
+        let mut v = UNIT_POS_X as usize;
+        while v < vectors {
+            let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(src[src_start + v]) * Vector::new(inv));
+            let scaled = Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(weight[w_start + v]);
+            out[out_start + v] = Vector::cast_from(scaled);
+            v += PLANE_DIM as usize;
+        }
+    }
+
+    /// `1 / sqrt(mean + eps)` from one lane's partial sum of squares, summed over the plane.
+    #[cube]
+    fn inverse_rms(partial: f32, n: usize, eps: f32) -> f32 {
+        let mean = plane_sum(partial) / f32::cast_from(n);
+        f32::new(1.0) / (mean + eps).sqrt()
+    }
+
+    #[cube(launch_unchecked)]
+    pub fn rms_norm_kernel<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        weight: &Tensor<Vector<E, N>>,
+        out: &mut Tensor<Vector<E, N>>,
+        rows: usize,
+        eps: f32,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        // The whole plane leaves together (the row depends on the plane only).
+        let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        if row >= rows {
+            terminate!();
+        }
+        let n = x.shape(x.rank() - 1);
+        let vectors = n / x.vector_size();
+        let start = row_start(x, row);
+        let mut acc = Vector::<f32, N>::zero();
+        let mut v = UNIT_POS_X as usize;
+        while v < vectors {
+            let value = Vector::<f32, N>::cast_from(x[start + v]);
+            acc += value * value;
+            v += PLANE_DIM as usize;
+        }
+        let inv = inverse_rms(Vector::vector_sum(acc), n, eps);
+        let w_start = (row % weight.shape(0)) * weight.stride(0) / weight.vector_size();
+        scale_row(x, start, weight, w_start, out, row * vectors, vectors, inv);
+    }
+
+    #[cube(launch_unchecked)]
+    pub fn add_rms_norm_kernel<E: Float, N: Size>(
+        residual: &Tensor<Vector<E, N>>,
+        y: &Tensor<Vector<E, N>>,
+        weight: &Tensor<Vector<E, N>>,
+        sum: &mut Tensor<Vector<E, N>>,
+        out: &mut Tensor<Vector<E, N>>,
+        rows: usize,
+        eps: f32,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        if row >= rows {
+            terminate!();
+        }
+        let n = residual.shape(residual.rank() - 1);
+        let vectors = n / residual.vector_size();
+        let (r_start, y_start) = (row_start(residual, row), row_start(y, row));
+        let s_start = row * vectors;
+        let mut acc = Vector::<f32, N>::zero();
+        let mut v = UNIT_POS_X as usize;
+        while v < vectors {
+            // Rounded to the dtype first: the residual stream is stored in it.
+            let total = Vector::<E, N>::cast_from(
+                Vector::<f32, N>::cast_from(residual[r_start + v]) + Vector::<f32, N>::cast_from(y[y_start + v]),
+            );
+            sum[s_start + v] = total;
+            let value = Vector::<f32, N>::cast_from(total);
+            acc += value * value;
+            v += PLANE_DIM as usize;
+        }
+        let inv = inverse_rms(Vector::vector_sum(acc), n, eps);
+        // The sum again from the inputs (still in cache), rounded as it was stored.
+        let mut v = UNIT_POS_X as usize;
+        while v < vectors {
+            let total = Vector::<E, N>::cast_from(
+                Vector::<f32, N>::cast_from(residual[r_start + v]) + Vector::<f32, N>::cast_from(y[y_start + v]),
+            );
+            let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(total) * Vector::new(inv));
+            out[s_start + v] = Vector::cast_from(Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(weight[v]));
+            v += PLANE_DIM as usize;
+        }
+    }
+}
+
+fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, eps: f64) -> (Option<CubeTensor>, CubeTensor) {
+    let shape = x.meta.shape().clone();
+    let rank = shape.num_dims();
+    let n = shape[rank - 1];
+    let rows = shape.num_elements() / n.max(1);
+    let dtype = x.dtype;
+    assert_eq!(weight.dtype, dtype, "rms_norm: the weight's dtype differs from the input's");
+    assert_eq!(weight.meta.shape()[1], n, "rms_norm: the weight's width differs from the input's");
+    // The kernels index rows through strides but need each row's elements contiguous.
+    let contiguous_rows = |t: CubeTensor| if t.meta.strides()[rank - 1] == 1 { t } else { into_contiguous(t) };
+    let x = contiguous_rows(x);
+    let y = y.map(contiguous_rows);
+    let weight = into_contiguous(weight);
+    let mut vector = vector_width(n, dtype);
+    // Every row must start on a whole vector.
+    let aligned = |t: &CubeTensor, vector: usize| t.meta.strides()[..rank - 1].iter().all(|s| s % vector == 0);
+    while vector > 1 && !(aligned(&x, vector) && y.as_ref().is_none_or(|y| aligned(y, vector))) {
+        vector /= 2;
+    }
+    let client = x.client.clone();
+    let alloc = || empty_device_contiguous_dtype(client.clone(), x.device.clone(), shape.clone(), dtype);
+    let out = alloc();
+    let cube_dim = CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE);
+    let cube_count = CubeCount::Static((rows as u32).div_ceil(ROWS_PER_CUBE), 1, 1);
+    let storage = dtype_to_storage_type(dtype);
+    match y {
+        None => {
+            // SAFETY: a row `row < rows` (checked) starts at its strided offset and spans `n`
+            // contiguous elements of `x` and of the contiguous `out`; the weight row is
+            // `row % groups < groups`, `n` wide (asserted).
+            unsafe {
+                device::rms_norm_kernel::launch_unchecked(
+                    &client,
+                    cube_count,
+                    cube_dim,
+                    vector,
+                    x.into_tensor_arg(),
+                    weight.into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    rows,
+                    eps as f32,
+                    storage,
+                )
+            };
+            (None, out)
+        }
+        Some(y) => {
+            assert_eq!(y.meta.shape(), &shape, "add_rms_norm: the addend's shape differs from the residual's");
+            let sum = alloc();
+            // SAFETY: as above, for `residual`, `y` (the same shape, asserted), `sum` and `out`
+            // (contiguous, that shape), and the weight's first row.
+            unsafe {
+                device::add_rms_norm_kernel::launch_unchecked(
+                    &client,
+                    cube_count,
+                    cube_dim,
+                    vector,
+                    x.into_tensor_arg(),
+                    y.into_tensor_arg(),
+                    weight.into_tensor_arg(),
+                    sum.clone().into_tensor_arg(),
+                    out.clone().into_tensor_arg(),
+                    rows,
+                    eps as f32,
+                    storage,
+                )
+            };
+            (Some(sum), out)
+        }
+    }
+}
+
+/// Whether the kernels run on `device`: CubeCL devices (the reference runs elsewhere).
+pub fn kernels_apply(device: &Device) -> bool {
+    *device != Device::flex()
+}
+
+/// `weight` as the kernels' `[groups, n]`: a `[n]` weight is one group.
+fn weight_rows<const W: usize>(weight: &Tensor<W>) -> Tensor<2> {
+    let dims = weight.dims();
+    let n = dims[W - 1];
+    weight.clone().reshape([dims.iter().product::<usize>() / n.max(1), n])
+}
+
+/// [`crate::reference::rms_norm`] by the kernel (CubeCL devices only). `weight` is `[n]`, or
+/// `[groups, n]` with its groups repeating over the rows, innermost first (one weight per
+/// head of `x [.., heads, n]`).
+pub fn fused_rms_norm<const D: usize, const W: usize>(x: Tensor<D>, weight: &Tensor<W>, eps: f64) -> Tensor<D> {
+    let w = weight_rows(weight);
+    Tensor::from_dispatch(Dispatch::fused_rms_norm(x.into_dispatch(), w.into_dispatch(), eps))
+}
+
+/// `(residual + y, rms_norm(residual + y))` by the kernel (CubeCL devices only).
+pub fn fused_add_rms_norm<const D: usize>(residual: Tensor<D>, y: Tensor<D>, weight: &Tensor<1>, eps: f64) -> (Tensor<D>, Tensor<D>) {
+    let w = weight_rows(weight);
+    let (sum, normed) = Dispatch::fused_add_rms_norm(residual.into_dispatch(), y.into_dispatch(), w.into_dispatch(), eps);
+    (Tensor::from_dispatch(sum), Tensor::from_dispatch(normed))
+}
+
+/// RMS normalisation over the last axis (see [`crate::reference::rms_norm`]): the kernel on
+/// CubeCL devices, the reference elsewhere.
+pub fn rms_norm<const D: usize, const W: usize>(x: Tensor<D>, weight: &Tensor<W>, eps: f64) -> Tensor<D> {
+    if kernels_apply(&x.device()) && weight.dims()[W - 1] == x.dims()[D - 1] {
+        fused_rms_norm(x, weight, eps)
+    } else {
+        crate::reference::rms_norm(x, weight, eps)
+    }
+}
+
+/// The residual add and the normalisation after it: `(residual + y, rms_norm(residual + y))`,
+/// by one kernel on CubeCL devices.
+pub fn add_rms_norm<const D: usize>(residual: Tensor<D>, y: Tensor<D>, weight: &Tensor<1>, eps: f64) -> (Tensor<D>, Tensor<D>) {
+    if kernels_apply(&residual.device()) {
+        fused_add_rms_norm(residual, y, weight, eps)
+    } else {
+        add_rms_norm_reference(residual, y, weight, eps)
+    }
+}
+
+/// What [`add_rms_norm`] computes, with burn operations (every backend).
+pub fn add_rms_norm_reference<const D: usize>(residual: Tensor<D>, y: Tensor<D>, weight: &Tensor<1>, eps: f64) -> (Tensor<D>, Tensor<D>) {
+    let sum = residual.add(y);
+    let normed = crate::reference::rms_norm(sum.clone(), weight, eps);
+    (sum, normed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{DType, Distribution};
+
+    fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+        x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
+    }
+
+    #[test]
+    fn on_the_cpu_the_add_then_norm_is_the_reference_pair() {
+        let d = Device::flex();
+        assert!(!kernels_apply(&d));
+        let r: Tensor<3> = Tensor::random([2, 3, 8], Distribution::Uniform(-1.0, 1.0), &d);
+        let y: Tensor<3> = Tensor::random([2, 3, 8], Distribution::Uniform(-1.0, 1.0), &d);
+        let w: Tensor<1> = Tensor::random([8], Distribution::Uniform(0.5, 1.5), &d);
+        let (sum, normed) = add_rms_norm(r.clone(), y.clone(), &w, 1e-6);
+        assert_eq!(values(sum.clone()), values(r.add(y)));
+        assert_eq!(values(normed), values(crate::reference::rms_norm(sum, &w, 1e-6)));
+        // A per-group weight flattens to the kernels' [groups, n].
+        let heads: Tensor<2> = Tensor::random([3, 8], Distribution::Uniform(0.5, 1.5), &d);
+        assert_eq!(weight_rows(&heads).dims(), [3, 8]);
+        assert_eq!(weight_rows(&w).dims(), [1, 8]);
+    }
+}

@@ -1,0 +1,229 @@
+//! Qwen3's QK-norm and rotary embedding of queries and keys as one CubeCL kernel: transformers'
+//! `Qwen3Attention` normalises each head (`q_norm`, `k_norm`, `Qwen3RMSNorm`), moves the heads
+//! before the tokens and applies `apply_rotary_pos_emb` (RoFormer, arXiv:2104.09864, in the
+//! half-split convention, partial rotary allowed). One plane (warp) per (row, token, head)
+//! reads the head once from the fused q|k|v output (a strided view), sums its squares in f32,
+//! and writes the rotated head to `[batch, heads, tokens, head_dim]`, rounding to the dtype
+//! where transformers rounds in bf16: the normalised value, the weight's product, `x * cos`,
+//! `rotate_half(x) * sin` and their sum.
+//!
+//! burn's operations take about twenty kernels for this (the normalisation's eight, the
+//! rotation's halves, negation, concatenation, two products and the sum). The reference on
+//! every backend is [`qk_norm_rotary_reference`], which the kernel is checked against on the
+//! device (`kernels/examples/kernel_check.rs`).
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{Shape, Tensor};
+use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+use crate::launch::{PLANE, vector_width};
+
+/// Heads per cube (one plane each).
+const HEADS_PER_CUBE: u32 = 8;
+
+/// `[batch, tokens, heads, head_dim] -> [batch, heads, tokens, head_dim]`.
+pub fn heads_first(qk: &Shape) -> Shape {
+    Shape::new([qk[0], qk[2], qk[1], qk[3]])
+}
+
+/// The fused normalisation and rotation as a backend operation (CubeCL runtimes only).
+#[backend_extension(Cube, Fusion)]
+pub trait RotaryOps: Backend {
+    /// `qk [batch, tokens, heads, head_dim]`, `weight [heads, head_dim]`, `cos`/`sin`
+    /// `[batch, 1, tokens, rotary_dim]` -> `[batch, heads, tokens, head_dim]`.
+    #[fusion(dtype = qk, shape = heads_first(qk))]
+    fn fused_qk_norm_rotary(
+        qk: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+}
+
+impl RotaryOps for CubeBackend {
+    fn fused_qk_norm_rotary(
+        qk: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        launch(qk, weight, cos, sin, eps)
+    }
+}
+
+/// The kernel, apart from burn's names (`Tensor` is CubeCL's here).
+mod device {
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::num_traits::Zero;
+    use burn_cubecl::cubecl::prelude::*;
+    use crate::launch::device::row_start;
+
+    /// Vector `v` of a head normalised and scaled, rounded as transformers rounds.
+    #[cube]
+    fn normed<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        start: usize,
+        weight: &Tensor<Vector<E, N>>,
+        w_start: usize,
+        v: usize,
+        inv: f32,
+    ) -> Vector<f32, N> {
+        let n = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(x[start + v]) * Vector::new(inv));
+        let scaled = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(n) * Vector::<f32, N>::cast_from(weight[w_start + v]));
+        Vector::cast_from(scaled)
+    }
+
+    #[cube(launch_unchecked)]
+    pub fn qk_norm_rotary_kernel<E: Float, N: Size>(
+        qk: &Tensor<Vector<E, N>>,
+        weight: &Tensor<Vector<E, N>>,
+        cos: &Tensor<Vector<E, N>>,
+        sin: &Tensor<Vector<E, N>>,
+        out: &mut Tensor<Vector<E, N>>,
+        rows: usize,
+        eps: f32,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        // The whole plane leaves together (the row depends on the plane only).
+        let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        if row >= rows {
+            terminate!();
+        }
+        let (tokens, heads) = (qk.shape(1), qk.shape(2));
+        let head = row % heads;
+        let token = (row / heads) % tokens;
+        let batch = row / (heads * tokens);
+        let dim = qk.shape(3);
+        let vectors = dim / qk.vector_size();
+        let rotary = cos.shape(3) / cos.vector_size();
+        let half = rotary / 2;
+        let start = row_start(qk, row);
+        let w_start = head * weight.stride(0) / weight.vector_size();
+        let angle_start = (batch * tokens + token) * rotary;
+        let out_start = ((batch * heads + head) * tokens + token) * vectors;
+        let mut acc = Vector::<f32, N>::zero();
+        let mut v = UNIT_POS_X as usize;
+        while v < vectors {
+            let value = Vector::<f32, N>::cast_from(qk[start + v]);
+            acc += value * value;
+            v += PLANE_DIM as usize;
+        }
+        let mean = plane_sum(Vector::vector_sum(acc)) / f32::cast_from(dim);
+        let inv = f32::new(1.0) / (mean + eps).sqrt();
+        let mut v = UNIT_POS_X as usize;
+        while v < vectors {
+            let x = normed(qk, start, weight, w_start, v, inv);
+            if v < rotary {
+                // rotate_half: the first half pairs with -(second half), the second with the
+                // first.
+                let first = v < half;
+                let partner = (v + half) % rotary;
+                let p = normed(qk, start, weight, w_start, partner, inv);
+                let c = Vector::<f32, N>::cast_from(cos[angle_start + v]);
+                let s = Vector::<f32, N>::cast_from(sin[angle_start + v]);
+                let xc = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(x * c));
+                let ps = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(p * s));
+                let sign = Vector::<f32, N>::new(select(first, f32::new(-1.0), f32::new(1.0)));
+                out[out_start + v] = Vector::cast_from(xc + sign * ps);
+            } else {
+                out[out_start + v] = Vector::cast_from(x);
+            }
+            v += PLANE_DIM as usize;
+        }
+    }
+}
+
+fn launch(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, eps: f64) -> CubeTensor {
+    let shape = qk.meta.shape().clone();
+    assert_eq!(shape.num_dims(), 4, "qk_norm_rotary: queries and keys are [batch, tokens, heads, head_dim]");
+    let (batch, tokens, heads, dim) = (shape[0], shape[1], shape[2], shape[3]);
+    let dtype = qk.dtype;
+    let cos_shape = cos.meta.shape().clone();
+    let rotary = cos_shape[3];
+    assert!(
+        cos_shape[0] == batch && cos_shape[2] == tokens && rotary <= dim && rotary.is_multiple_of(2),
+        "qk_norm_rotary: angles {cos_shape:?} for queries and keys {shape:?}"
+    );
+    assert_eq!(sin.meta.shape(), &cos_shape, "qk_norm_rotary: sin and cos differ in shape");
+    assert_eq!(weight.meta.shape(), &Shape::new([heads, dim]), "qk_norm_rotary: one weight row per head");
+    assert!(weight.dtype == dtype && cos.dtype == dtype && sin.dtype == dtype, "qk_norm_rotary: mixed dtypes");
+    let qk = if qk.meta.strides()[3] == 1 { qk } else { into_contiguous(qk) };
+    let (weight, cos, sin) = (into_contiguous(weight), into_contiguous(cos), into_contiguous(sin));
+    // Vectors may not straddle the halves of the rotated part, nor a row's start.
+    let mut vector = vector_width(rotary / 2, dtype).min(vector_width(dim, dtype));
+    while vector > 1 && !qk.meta.strides()[..3].iter().all(|s| s % vector == 0) {
+        vector /= 2;
+    }
+    let rows = batch * tokens * heads;
+    let out = empty_device_contiguous_dtype(qk.client.clone(), qk.device.clone(), heads_first(&shape), dtype);
+    let client = out.client.clone();
+    let cube_count = CubeCount::Static((rows as u32).div_ceil(HEADS_PER_CUBE), 1, 1);
+    // SAFETY: a row `row < rows` (checked) reads its head's `dim` contiguous elements from its
+    // strided start, weight row `head < heads` (asserted `[heads, dim]`), angles of its
+    // (batch, token) within `cos`/`sin` (asserted shapes), and writes its slot of the
+    // contiguous `[batch, heads, tokens, dim]` output; a partner vector stays within the
+    // rotated part (`rotary` even, vectors dividing its half).
+    unsafe {
+        device::qk_norm_rotary_kernel::launch_unchecked(
+            &client,
+            cube_count,
+            CubeDim::new_2d(PLANE as u32, HEADS_PER_CUBE),
+            vector,
+            qk.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rows,
+            eps as f32,
+            dtype_to_storage_type(dtype),
+        )
+    };
+    out
+}
+
+/// The kernel (CubeCL devices only): `qk [batch, tokens, heads, head_dim]` (a view is
+/// fine) normalised per head by `weight [heads, head_dim]`, then rotated by `cos`/`sin`
+/// `[batch, 1, tokens, rotary_dim]`: `[batch, heads, tokens, head_dim]`.
+pub fn fused_qk_norm_rotary(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64) -> Tensor<4> {
+    Tensor::from_dispatch(Dispatch::fused_qk_norm_rotary(
+        qk.into_dispatch(),
+        weight.clone().into_dispatch(),
+        cos.clone().into_dispatch(),
+        sin.clone().into_dispatch(),
+        eps,
+    ))
+}
+
+/// What the kernel computes, with burn operations (every backend): [`crate::reference::rms_norm`]
+/// per head, the heads moved before the tokens, [`crate::reference::apply_rotary`].
+pub fn qk_norm_rotary_reference(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64) -> Tensor<4> {
+    crate::reference::apply_rotary(crate::reference::rms_norm(qk, weight, eps).swap_dims(1, 2), cos, sin)
+}
+
+/// QK-norm and rotary embedding of queries and keys together: the kernel on CubeCL devices,
+/// the reference elsewhere.
+pub fn qk_norm_rotary(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64) -> Tensor<4> {
+    if crate::norm::kernels_apply(&qk.device()) {
+        fused_qk_norm_rotary(qk, weight, cos, sin, eps)
+    } else {
+        qk_norm_rotary_reference(qk, weight, cos, sin, eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_move_before_tokens() {
+        assert_eq!(heads_first(&Shape::new([2, 5, 40, 128])), Shape::new([2, 40, 5, 128]));
+    }
+}
