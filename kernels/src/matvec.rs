@@ -2,8 +2,9 @@
 //! where `W` is a linear weight in the split `[parts, out, in / parts]` layout of
 //! [`crate::linear`] (or a stack of them, one per expert, `[experts, parts, out, in /
 //! parts]`, with `e(s)` the expert routed to row `s`). One plane (warp) computes one output
-//! channel of one row: its lanes stride over `in` in 16-byte vectors, accumulate in f32 and
-//! sum across the plane. The weight is read once, in place: no gathered copy of the chosen
+//! channel of one row: its lanes stride over `in` in 16-byte vectors, four loads in flight
+//! per lane, accumulate in f32 and sum across the plane. The weight is read once, in place:
+//! no gathered copy of the chosen
 //! experts, no partial products to sum, no casts (what `batched_linear` queues as four
 //! kernels, `benches/results/gpu-h200-2026-12-01-graphs.md`). The form is the classic
 //! "one warp per row" GEMV (e.g. llama.cpp's `mul_mat_vec`, vLLM's fused-MoE decode path).
@@ -72,6 +73,22 @@ mod device {
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
 
+    /// One product term: `x`'s vector `u` of the row times the weight's vector `u` of the
+    /// channel, `u` counting over the whole `parts * block` row (part `u / block`).
+    #[cube]
+    fn term<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        w: &Tensor<Vector<E, N>>,
+        x_base: usize,
+        w_base: usize,
+        part_stride: usize,
+        block: usize,
+        u: usize,
+    ) -> Vector<f32, N> {
+        let w_at = w_base + (u / block) * part_stride + u % block;
+        Vector::cast_from(x[x_base + u]) * Vector::cast_from(w[w_at])
+    }
+
     #[cube(launch_unchecked)]
     pub fn split_matvec_kernel<E: Float, I: Int, N: Size>(
         x: &Tensor<Vector<E, N>>,
@@ -95,21 +112,32 @@ mod device {
         let stack = expert.unwrap_or(0usize);
         // Shapes count elements, indices count vectors.
         let block = w.shape(w.rank() - 1) / w.vector_size();
-        let lane = UNIT_POS_X as usize;
+        let total = parts * block;
+        let x_base = row / x_share * total;
+        let part_stride = channels * block;
+        let w_base = (stack * parts * channels + channel) * block;
         let step = PLANE_DIM as usize;
-        let mut acc = Vector::<f32, N>::zero();
-        for part in 0..parts {
-            let w_row = ((stack * parts + part) * channels + channel) * block;
-            let x_row = (row / x_share * parts + part) * block;
-            let mut v = lane;
-            while v < block {
-                acc += Vector::cast_from(x[x_row + v]) * Vector::cast_from(w[w_row + v]);
-                v += step;
-            }
+        // Four independent loads per lane in flight: a plane's one row of the weight is only
+        // `total / 32` vectors per lane, too few to hide memory latency one at a time.
+        let mut acc0 = Vector::<f32, N>::zero();
+        let mut acc1 = Vector::<f32, N>::zero();
+        let mut acc2 = Vector::<f32, N>::zero();
+        let mut acc3 = Vector::<f32, N>::zero();
+        let mut u = UNIT_POS_X as usize;
+        while u + 3 * step < total {
+            acc0 += term(x, w, x_base, w_base, part_stride, block, u);
+            acc1 += term(x, w, x_base, w_base, part_stride, block, u + step);
+            acc2 += term(x, w, x_base, w_base, part_stride, block, u + 2 * step);
+            acc3 += term(x, w, x_base, w_base, part_stride, block, u + 3 * step);
+            u += 4 * step;
         }
-        let total = plane_sum(Vector::vector_sum(acc));
-        if lane == 0 {
-            out[row * channels + channel] = E::cast_from(total);
+        while u < total {
+            acc0 += term(x, w, x_base, w_base, part_stride, block, u);
+            u += step;
+        }
+        let total_sum = plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)));
+        if UNIT_POS_X == 0 {
+            out[row * channels + channel] = E::cast_from(total_sum);
         }
     }
 }
