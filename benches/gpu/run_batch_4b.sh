@@ -5,7 +5,9 @@
 # warm), peak GPU memory sampled through NVML — then transformers on the same shapes in the same
 # call (eager: prefill 512/2048, decode batch 1/8/32; static cache + compile: batch 1), then
 # CubeCL's per-kernel profile of eager 4B decode steps (benches/gpu/profile_4b_eager.sh).
-# Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so}.xz, and optionally
+# Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so}.xz, .gpu/COMMIT (the commit
+# they were built from, `git describe --always --dirty`; the device's copy of the repository
+# may not know it), and optionally
 # .gpu/kernel_check.xz (then its checks and timings run first, including the fused projections).
 # Writes $OUT/{device.txt,kernel_check.txt,parity.txt,pio_*.json,pio_*_stderr.txt,peer_*.json,
 # profile/}.
@@ -42,6 +44,7 @@ bench() { # name prompt_tokens new_tokens batch runs processes
   local start=$SECONDS
   timeout $left .gpu/bin/pio-bench --host $PIO --model $CK --random-weights --prompt-tokens $2 --new-tokens $3 \
     --batch $4 --runs $5 --processes $6 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
+    --commit "$(cat .gpu/COMMIT 2>/dev/null || git rev-parse --short HEAD)" \
     --out $OUT/pio_$1.json 2> $OUT/pio_$1_stderr.txt
   echo "pio-bench $1: exit $? after $(( SECONDS - start )) s"
   python3 - $OUT/pio_$1.json <<'PY' 2>/dev/null || tail -3 $OUT/pio_$1_stderr.txt

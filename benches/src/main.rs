@@ -59,6 +59,10 @@ struct Args {
     /// Free-form label of the machine (e.g. "2-core x86-64 CI VM").
     #[arg(long, default_value = "unknown")]
     machine: String,
+    /// The commit the binaries were built from, when the benchmark runs outside that checkout
+    /// (a copy on another machine); default: `git rev-parse --short HEAD` here.
+    #[arg(long)]
+    commit: Option<String>,
 }
 
 fn peak_rss_of_children_kib() -> i64 {
@@ -172,7 +176,7 @@ fn main() -> anyhow::Result<()> {
         "device": args.device,
         "dtype": args.dtype,
         "date": command_output(&["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-        "commit": command_output(&["git", "rev-parse", "--short", "HEAD"]),
+        "commit": args.commit.clone().unwrap_or_else(|| command_output(&["git", "rev-parse", "--short", "HEAD"])),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "model": args.model,
         "random_weights": args.random_weights,
