@@ -3,7 +3,10 @@
 p512,p2048}.json from pio-bench and peer_{eager,static}.json from transformers_moe.py, all from
 the same call) into BASE.json, the side-by-side table, and BASE.png.
 
-    python3 benches/gpu/plot_batch.py FOLDER BASE "COMMAND"
+    python3 benches/gpu/plot_batch.py FOLDER BASE "COMMAND" [COMMIT]
+
+COMMIT overrides the commit pio-bench recorded (runs before pio-bench had --commit recorded
+the device copy's checkout, not the binaries').
 """
 import json
 import os
@@ -15,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 folder, base, command = sys.argv[1], sys.argv[2], sys.argv[3]
+commit_override = sys.argv[4] if len(sys.argv) > 4 else None
 
 
 def load(name):
@@ -40,7 +44,9 @@ memory = [
     for label, case, key in [("batch 1", "b1", "peak_gpu_mib_batch_1"), ("batch 32", "b32", "peak_gpu_mib_batch_32"),
                              ("prefill 2048", "p2048", "peak_gpu_mib_prefill_2048")]
 ]
-any_pio = next(p for p in pio.values() if p)
+any_pio = dict(next(p for p in pio.values() if p))
+if commit_override:
+    any_pio["commit"] = commit_override
 record = {
     "benchmark": "Qwen3-4B-Instruct-2507 config, random bf16 weights, inference-pio (pio-bench) beside transformers",
     "date": any_pio["date"], "commit": any_pio["commit"], "machine": any_pio["machine"], "command": command,

@@ -15,8 +15,11 @@
 //! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
 //! products and 2e-2 for attention (the reference rounds scores and probabilities to bf16);
 //! the elementwise kernels 1e-4 in f32 and 1e-2 in bf16.
-//! `kernel_check` on a machine with CUDA; `kernel_check attention` runs the attention checks
-//! only, `kernel_check elementwise` the normalisation and SwiGLU checks only.
+//! - the weight layouts for many rows (batched decode, prefill): the split `[parts, out, in /
+//!   parts]` layout's split-K product against the plain product on the HF `[out, in]` layout,
+//!   and split-K over strided views of the `[out, in]` layout (no split copy).
+//! `kernel_check` on a machine with CUDA runs every group; `kernel_check matvec attention
+//! elementwise layouts` (any of them) runs those only.
 
 mod common;
 
@@ -99,10 +102,11 @@ fn main() {
         Case { name: "30B head 2048->151936", experts: 1, out: 151936, inp: 2048, rows: 1, x_rows: 1 },
     ];
     let mut failed = 0;
-    // `kernel_check attention`: the attention checks only.
-    let only_attention = std::env::args().any(|a| a == "attention");
-    let only_elementwise = std::env::args().any(|a| a == "elementwise");
-    for case in cases.iter().filter(|_| !only_attention && !only_elementwise) {
+    // `kernel_check [matvec] [attention] [elementwise] [layouts]`: those groups only (all
+    // without arguments).
+    let chosen: Vec<String> = std::env::args().skip(1).collect();
+    let runs = |group: &str| chosen.is_empty() || chosen.iter().any(|a| a == group);
+    for case in cases.iter().filter(|_| runs("matvec")) {
         for dtype in [DType::F32, DType::BF16] {
             let parts = split_parts(case.inp, &device);
             let w = Tensor::<3>::random([case.experts, case.out, case.inp], Distribution::Uniform(-0.05, 0.05), &device).cast(dtype);
@@ -137,11 +141,14 @@ fn main() {
             failed += usize::from(check(&device, &label, tol, Some(bytes), &kernel, &reference, before));
         }
     }
-    if !only_elementwise {
+    if runs("attention") {
         failed += check_attention(&device);
     }
-    if !only_attention {
+    if runs("elementwise") {
         failed += check_elementwise(&device);
+    }
+    if runs("layouts") {
+        failed += check_layouts(&device);
     }
     if failed > 0 {
         println!("{failed} checks failed");
@@ -241,6 +248,37 @@ fn check_elementwise(device: &Device) -> usize {
             let kernel = || fused_swiglu_halves(gate_up.clone());
             let reference = || swiglu_halves(gate_up.clone());
             failed += usize::from(check(device, &format!("swiglu {:20} {tag}", 2 * inner), tol, bytes(3 * rows * inner), &kernel, &reference, &reference));
+        }
+    }
+    failed
+}
+
+/// Many-row products in bf16 on the layouts the engine could keep: the split layout's split-K
+/// product (the engine's path for more than one row), the plain matmul on the HF `[out, in]`
+/// layout (transposed view), and split-K over strided column views of `[out, in]`.
+fn check_layouts(device: &Device) -> usize {
+    let mut failed = 0;
+    let dtype = DType::BF16;
+    for (name, out, inp) in [("gate|up 2560->19456", 19456, 2560), ("down 9728->2560", 2560, 9728)] {
+        let w = Tensor::<2>::random([out, inp], Distribution::Uniform(-0.05, 0.05), device).cast(dtype);
+        let parts = split_parts(inp, device);
+        let block = inp / parts;
+        let split = inference_pio_kernels::split_weight(w.clone(), parts);
+        for rows in [8, 32, 512, 2048] {
+            let x = Tensor::<2>::random([rows, inp], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let split_k = || batched_linear(x.clone().unsqueeze_dim(0), split.clone().unsqueeze_dim(0)).squeeze_dim(0);
+            let plain = || x.clone().matmul(w.clone().transpose());
+            let strided = || {
+                let views = w.clone().reshape([out, parts, block]).swap_dims(0, 1);
+                let xs = x.clone().reshape([rows, parts, block]).swap_dims(0, 1);
+                let partial = xs.matmul(views.transpose());
+                partial.cast(DType::F32).sum_dim(0).reshape([rows, out]).cast(dtype)
+            };
+            let bytes = Some((out * inp * dtype.size()) as f64);
+            let label = format!("layout {name:22} {rows:5} rows, plain [out,in] vs split-K ({parts} parts)");
+            failed += usize::from(check(device, &label, 1e-2, bytes, &plain, &split_k, &split_k));
+            let label = format!("layout {name:22} {rows:5} rows, split-K on [out,in] views vs plain");
+            failed += usize::from(check(device, &label, 1e-2, bytes, &strided, &plain, &plain));
         }
     }
     failed
