@@ -1,6 +1,6 @@
 //! RMS normalisation (`Qwen3RMSNorm` / `LlamaRMSNorm` in transformers; Zhang & Sennrich 2019,
 //! arXiv:1910.07467) and the decoder's residual add before it, each as one CubeCL kernel:
-//! - `rms_norm(x, weight)`: one plane (warp) per row sums the squares in f32, then writes
+//! - `rms_norm(x, weight)`: one cube (eight planes) per row sums the squares in f32, then writes
 //!   `weight * dtype(x / sqrt(mean + eps))`; the rows may be a strided view (the query and key
 //!   heads inside a fused q|k|v projection) and the weight one row per group of rows (the
 //!   per-head QK-norm weights);
@@ -24,8 +24,10 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use crate::launch::{PLANE, vector_width};
 
-/// Rows per cube (one plane each).
-const ROWS_PER_CUBE: u32 = 8;
+/// Planes (warps) per row: one cube of 256 units per row. A decode step normalises one row of
+/// 2,560 values, which one plane took about 10 µs to read twice (ten dependent 16-byte loads
+/// per lane and pass); eight planes share it.
+const PLANES_PER_ROW: u32 = 8;
 
 /// The normalisations as backend operations (CubeCL runtimes only).
 #[backend_extension(Cube, Fusion)]
@@ -82,20 +84,31 @@ mod device {
         vectors: usize,
         inv: f32,
     ) {
-        let mut v = UNIT_POS_X as usize;
+        let mut v = UNIT_POS as usize;
         while v < vectors {
             let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(src[src_start + v]) * Vector::new(inv));
             let scaled = Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(weight[w_start + v]);
             out[out_start + v] = Vector::cast_from(scaled);
-            v += PLANE_DIM as usize;
+            v += CUBE_DIM as usize;
         }
     }
 
-    /// `1 / sqrt(mean + eps)` from one lane's partial sum of squares, summed over the plane.
+    /// `1 / sqrt(mean + eps)` from one unit's partial sum of squares, summed over its plane
+    /// and then over the cube's planes (every unit of the cube gets the result).
     #[cube]
     fn inverse_rms(partial: f32, n: usize, eps: f32) -> f32 {
-        let mean = plane_sum(partial) / f32::cast_from(n);
-        f32::new(1.0) / (mean + eps).sqrt()
+        let planes = CUBE_DIM_Y as usize;
+        let mut sums = Shared::<[f32]>::new_slice(crate::norm::PLANES_PER_ROW as usize);
+        let plane_total = plane_sum(partial);
+        if UNIT_POS_X == 0 {
+            sums[UNIT_POS_Y as usize] = plane_total;
+        }
+        sync_cube();
+        let mut total = f32::new(0.0);
+        for p in 0..planes {
+            total += sums[p];
+        }
+        f32::new(1.0) / (total / f32::cast_from(n) + eps).sqrt()
     }
 
     #[cube(launch_unchecked)]
@@ -107,8 +120,8 @@ mod device {
         eps: f32,
         #[define(E)] _dtype: ElemType,
     ) {
-        // The whole plane leaves together (the row depends on the plane only).
-        let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        // The whole cube leaves together (one cube per row).
+        let row = CUBE_POS_X as usize;
         if row >= rows {
             terminate!();
         }
@@ -116,11 +129,11 @@ mod device {
         let vectors = n / x.vector_size();
         let start = row_start(x, row);
         let mut acc = Vector::<f32, N>::zero();
-        let mut v = UNIT_POS_X as usize;
+        let mut v = UNIT_POS as usize;
         while v < vectors {
             let value = Vector::<f32, N>::cast_from(x[start + v]);
             acc += value * value;
-            v += PLANE_DIM as usize;
+            v += CUBE_DIM as usize;
         }
         let inv = inverse_rms(Vector::vector_sum(acc), n, eps);
         let w_start = (row % weight.shape(0)) * weight.stride(0) / weight.vector_size();
@@ -138,7 +151,7 @@ mod device {
         eps: f32,
         #[define(E)] _dtype: ElemType,
     ) {
-        let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        let row = CUBE_POS_X as usize;
         if row >= rows {
             terminate!();
         }
@@ -147,7 +160,7 @@ mod device {
         let (r_start, y_start) = (row_start(residual, row), row_start(y, row));
         let s_start = row * vectors;
         let mut acc = Vector::<f32, N>::zero();
-        let mut v = UNIT_POS_X as usize;
+        let mut v = UNIT_POS as usize;
         while v < vectors {
             // Rounded to the dtype first: the residual stream is stored in it.
             let total = Vector::<E, N>::cast_from(
@@ -156,18 +169,18 @@ mod device {
             sum[s_start + v] = total;
             let value = Vector::<f32, N>::cast_from(total);
             acc += value * value;
-            v += PLANE_DIM as usize;
+            v += CUBE_DIM as usize;
         }
         let inv = inverse_rms(Vector::vector_sum(acc), n, eps);
         // The sum again from the inputs (still in cache), rounded as it was stored.
-        let mut v = UNIT_POS_X as usize;
+        let mut v = UNIT_POS as usize;
         while v < vectors {
             let total = Vector::<E, N>::cast_from(
                 Vector::<f32, N>::cast_from(residual[r_start + v]) + Vector::<f32, N>::cast_from(y[y_start + v]),
             );
             let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(total) * Vector::new(inv));
             out[s_start + v] = Vector::cast_from(Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(weight[v]));
-            v += PLANE_DIM as usize;
+            v += CUBE_DIM as usize;
         }
     }
 }
@@ -194,8 +207,8 @@ fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, eps: f64) ->
     let client = x.client.clone();
     let alloc = || empty_device_contiguous_dtype(client.clone(), x.device.clone(), shape.clone(), dtype);
     let out = alloc();
-    let cube_dim = CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE);
-    let cube_count = CubeCount::Static((rows as u32).div_ceil(ROWS_PER_CUBE), 1, 1);
+    let cube_dim = CubeDim::new_2d(PLANE as u32, PLANES_PER_ROW);
+    let cube_count = CubeCount::Static(rows as u32, 1, 1);
     let storage = dtype_to_storage_type(dtype);
     match y {
         None => {
