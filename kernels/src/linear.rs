@@ -9,9 +9,13 @@
 //! products split into blocks of about 300 columns take 40 µs and 49 µs (1,237 and 1,007 GB/s),
 //! `benches/results/gpu-h200-2026-12-01-graphs.md`. Many rows (prefill) pay an extra f32 sum
 //! over `parts` partial outputs. On the CPU (burn-flex) `parts` is 1 and this is the plain
-//! matmul on the transposed `[out, in]` view. On CubeCL devices, one-row products (batch-1
-//! decode) run through our own kernel instead ([`crate::matvec`]), which reads the split
-//! layout in place.
+//! matmul on the transposed `[out, in]` view. On CubeCL devices, products of one or two rows
+//! (decode at batch 1 and 2) run through our own kernel instead ([`crate::matvec`]), which
+//! reads the split layout in place. For prefill neither layout helps much: CubeCL's untuned
+//! matmul multiplies 2,048 rows by 2560 -> 19456 in 5.2 ms on the plain `[out, in]` layout and
+//! 6.5 ms split-K (about 40 and 31 TFLOP/s on an H200,
+//! `benches/results/gpu-h200-2026-12-02-final/kernel_check.txt`), where cuBLAS would take
+//! about 0.3 ms.
 
 use burn::tensor::{DType, Device, Tensor};
 use std::cell::Cell;

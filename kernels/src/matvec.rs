@@ -28,12 +28,13 @@ use crate::launch::{PLANE, vector_width};
 const ROWS_PER_CUBE: u32 = 8;
 /// Up to this many rows of a dense product run through the kernel; more go to the batched
 /// split-K matmul, which reuses each weight block across rows: on the H200, 2560 -> 9728 in
-/// bf16 took 26 µs by the kernel and 40 µs split-K for one row, but 136 µs against 45 µs for
-/// eight (`benches/results/gpu-h200-2026-12-01-matvec/kernel_check.txt`).
-pub const DENSE_MAX_ROWS: usize = 1;
+/// bf16 took 19.0 µs by the kernel (four loads in flight per lane; 26 µs with one) and 40.7 µs
+/// split-K for one row, 27.7 µs against 42.1 µs for two, but 85.1 µs against 44.8 µs for
+/// eight (`benches/results/gpu-h200-2026-12-02-final/kernel_check.txt`).
+pub const DENSE_MAX_ROWS: usize = 2;
 /// Up to this many (token, expert) rows of a mixture-of-experts product run through the
 /// kernel: each row reads its own expert, so rows share no weights and the kernel wins at any
-/// count it is used for (5 tokens x 8 experts: 67 µs against 596 µs gathered).
+/// count it is used for (5 tokens x 8 experts: 63.9 µs against 599.4 µs gathered).
 pub const GATHERED_MAX_ROWS: usize = 64;
 
 /// Output shape of a product with a split weight `[.., parts, out, in / parts]`: `[rows,
@@ -260,7 +261,7 @@ mod tests {
         assert!(!gathered_kernel_applies(8, &Device::flex()));
         // Constructing a device handle does not touch the driver.
         let gpu = Device::cuda(0usize);
-        assert!(dense_kernel_applies(1, &gpu) && !dense_kernel_applies(2, &gpu));
+        assert!(dense_kernel_applies(DENSE_MAX_ROWS, &gpu) && !dense_kernel_applies(DENSE_MAX_ROWS + 1, &gpu));
         assert!(gathered_kernel_applies(GATHERED_MAX_ROWS, &gpu) && !gathered_kernel_applies(GATHERED_MAX_ROWS + 1, &gpu));
     }
 }
