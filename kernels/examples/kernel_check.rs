@@ -9,15 +9,16 @@
 //!   (`inference_pio_kernels::activation`) kernels against the burn operations they replace,
 //!   on Qwen3-4B's hidden, QK-norm (a strided view of the fused q|k|v output, one weight per
 //!   head) and MLP shapes at 1, 32 and 2,048 rows; the fused QK-norm + rotary embedding
-//!   (`inference_pio_kernels::rotary`) against the normalisation, transpose and rotation.
+//!   (`inference_pio_kernels::rotary`) against the normalisation, transpose and rotation;
+//! - the weight layouts for many rows (batched decode, prefill): the split `[parts, out, in /
+//!   parts]` layout's split-K product against the plain product on the HF `[out, in]` layout,
+//!   and split-K over strided views of the `[out, in]` layout (no split copy).
 //!
 //! f32 and bf16; timings are CUDA-graph replays of ten calls. Exits non-zero when a result is
 //! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
 //! products and 2e-2 for attention (the reference rounds scores and probabilities to bf16);
 //! the elementwise kernels 1e-4 in f32 and 1e-2 in bf16.
-//! - the weight layouts for many rows (batched decode, prefill): the split `[parts, out, in /
-//!   parts]` layout's split-K product against the plain product on the HF `[out, in]` layout,
-//!   and split-K over strided views of the `[out, in]` layout (no split copy).
+//!
 //! `kernel_check` on a machine with CUDA runs every group; `kernel_check matvec attention
 //! elementwise layouts` (any of them) runs those only.
 
