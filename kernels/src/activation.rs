@@ -11,11 +11,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Shape, Tensor};
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use crate::launch::vector_width;
+use crate::launch::{is_cubecl, last_axis_contiguous, row_vector_width, vector_width};
 
 /// Units per cube.
 const UNITS_PER_CUBE: u32 = 256;
@@ -76,12 +75,9 @@ fn launch(gate_up: CubeTensor) -> CubeTensor {
     let width = shape[rank - 1];
     assert!(width.is_multiple_of(2), "swiglu_halves: an odd width {width} has no halves");
     let inner = width / 2;
-    let gate_up = if gate_up.meta.strides()[rank - 1] == 1 { gate_up } else { into_contiguous(gate_up) };
+    let gate_up = last_axis_contiguous(gate_up);
     let dtype = gate_up.dtype;
-    let mut vector = vector_width(inner, dtype);
-    while vector > 1 && !gate_up.meta.strides()[..rank - 1].iter().all(|s| s % vector == 0) {
-        vector /= 2;
-    }
+    let vector = row_vector_width(vector_width(inner, dtype), &[&gate_up]);
     let out_shape = halves_shape(&shape);
     let units = out_shape.num_elements() / vector;
     let out = empty_device_contiguous_dtype(gate_up.client.clone(), gate_up.device.clone(), out_shape, dtype);
@@ -112,7 +108,7 @@ pub fn fused_swiglu_halves<const D: usize>(gate_up: Tensor<D>) -> Tensor<D> {
 /// `silu(gate) * up` of one `[gate | up]` projection: the kernel on CubeCL devices, the
 /// reference elsewhere.
 pub fn swiglu_halves<const D: usize>(gate_up: Tensor<D>) -> Tensor<D> {
-    if crate::norm::kernels_apply(&gate_up.device()) {
+    if is_cubecl(&gate_up.device()) {
         fused_swiglu_halves(gate_up)
     } else {
         crate::reference::swiglu_halves(gate_up)

@@ -23,7 +23,7 @@ use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use crate::launch::{PLANE, vector_width};
+use crate::launch::{PLANE, is_cubecl, last_axis_contiguous, vector_width};
 
 /// Planes (warps) per cube; each takes every `PLANES`-th slot. Each slot's score is a
 /// reduction across the plane followed by the softmax update, a chain of dependent steps, so
@@ -171,18 +171,11 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, mask: Option<CubeTensor>,
     out
 }
 
-/// `t` itself when its last axis is contiguous (the kernel reads any other strides), else a
-/// contiguous copy.
-fn last_axis_contiguous(t: CubeTensor) -> CubeTensor {
-    let rank = t.meta.num_dims();
-    if t.meta.strides()[rank - 1] == 1 { t } else { into_contiguous(t) }
-}
-
 /// Whether [`decode_attention`] can run for `t` query tokens per row of `head_dim` channels
 /// in `dtype` on `device`: one token, a CubeCL device, and a head that fits one vector per
 /// lane.
 pub fn decode_kernel_applies(t: usize, head_dim: usize, dtype: DType, device: &Device) -> bool {
-    t == 1 && *device != Device::flex() && head_dim / vector_width(head_dim, dtype) <= PLANE
+    t == 1 && is_cubecl(device) && head_dim / vector_width(head_dim, dtype) <= PLANE
 }
 
 /// [`gqa_attention`] for one query token per row by our kernel; `None` where it does not

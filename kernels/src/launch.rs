@@ -1,6 +1,8 @@
 //! What the launches of our CubeCL kernels share.
 
-use burn::tensor::DType;
+use burn::tensor::{DType, Device};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
 
 /// Lanes of an NVIDIA plane (warp). Kernels that stride by it read the runtime `PLANE_DIM`.
 pub(crate) const PLANE: usize = 32;
@@ -10,6 +12,33 @@ pub(crate) const PLANE: usize = 32;
 pub(crate) fn vector_width(len: usize, dtype: DType) -> usize {
     let most = (16 / dtype.size()).max(1);
     [8usize, 4, 2, 1].into_iter().find(|&v| v <= most && len.is_multiple_of(v)).unwrap_or(1)
+}
+
+/// Whether our CubeCL kernels can run on `device`: every device but the CPU (burn-flex), where
+/// the reference versions run.
+pub(crate) fn is_cubecl(device: &Device) -> bool {
+    *device != Device::flex()
+}
+
+/// `t` itself when its last axis is contiguous (the kernels read any other strides), else a
+/// contiguous copy.
+pub(crate) fn last_axis_contiguous(t: CubeTensor) -> CubeTensor {
+    let rank = t.meta.num_dims();
+    if t.meta.strides()[rank - 1] == 1 { t } else { into_contiguous(t) }
+}
+
+/// The widest vector up to `widest` elements at which every row (all axes but the last) of
+/// each of `tensors` starts on a whole vector, halving from `widest`.
+pub(crate) fn row_vector_width(widest: usize, tensors: &[&CubeTensor]) -> usize {
+    let aligned = |t: &CubeTensor, vector: usize| {
+        let strides = t.meta.strides();
+        strides[..strides.len() - 1].iter().all(|s| s % vector == 0)
+    };
+    let mut vector = widest;
+    while vector > 1 && !tensors.iter().all(|t| aligned(t, vector)) {
+        vector /= 2;
+    }
+    vector
 }
 
 /// Device-side helpers the kernels share.

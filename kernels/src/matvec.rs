@@ -4,9 +4,8 @@
 //! parts]`, with `e(s)` the expert routed to row `s`). One plane (warp) computes one output
 //! channel of one row: its lanes stride over `in` in 16-byte vectors, four loads in flight
 //! per lane, accumulate in f32 and sum across the plane. The weight is read once, in place:
-//! no gathered copy of the chosen
-//! experts, no partial products to sum, no casts (what `batched_linear` queues as four
-//! kernels, `benches/results/gpu-h200-2026-12-01-graphs.md`). The form is the classic
+//! no gathered copy of the chosen experts, no partial products to sum, no casts (what
+//! `batched_linear` queues as four kernels, `benches/results/gpu-h200-2026-12-01-graphs.md`). The form is the classic
 //! "one warp per row" GEMV (e.g. llama.cpp's `mul_mat_vec`, vLLM's fused-MoE decode path).
 //!
 //! The reference version on every backend is [`crate::linear::batched_linear`] over the
@@ -22,7 +21,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use crate::launch::{PLANE, vector_width};
+use crate::launch::{PLANE, is_cubecl, vector_width};
 
 /// Output channels per cube (one plane each).
 const ROWS_PER_CUBE: u32 = 8;
@@ -186,13 +185,13 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
 /// Whether [`split_matvec`] runs for a dense product of `rows` rows on `device`: CubeCL
 /// devices, up to [`DENSE_MAX_ROWS`] rows.
 pub fn dense_kernel_applies(rows: usize, device: &Device) -> bool {
-    rows <= DENSE_MAX_ROWS && *device != Device::flex()
+    rows <= DENSE_MAX_ROWS && is_cubecl(device)
 }
 
 /// Whether [`gathered_split_matvec`] runs for `rows` (token, expert) rows on `device`: CubeCL
 /// devices, up to [`GATHERED_MAX_ROWS`] rows.
 pub fn gathered_kernel_applies(rows: usize, device: &Device) -> bool {
-    rows <= GATHERED_MAX_ROWS && *device != Device::flex()
+    rows <= GATHERED_MAX_ROWS && is_cubecl(device)
 }
 
 /// `x [rows, in] · wᵀ -> [rows, out]` for `w [parts, out, in / parts]` by the kernel.

@@ -16,13 +16,13 @@
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use crate::launch::{PLANE, vector_width};
+use crate::launch::{PLANE, is_cubecl, last_axis_contiguous, row_vector_width, vector_width};
 
 /// Planes (warps) per row: one cube of 256 units per row. A decode step normalises one row of
 /// 2,560 values, which one plane took about 10 µs to read twice (ten dependent 16-byte loads
@@ -64,15 +64,22 @@ impl NormOps for CubeBackend {
 }
 
 /// The kernels, apart from burn's names (`Tensor` is CubeCL's here).
-mod device {
+pub(crate) mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
     use crate::launch::device::row_start;
 
-    /// The second pass over a row whose mean square is known: `out = weight * dtype(src *
-    /// inv)`, the normalised value rounded to the dtype before the weight (transformers'
-    /// order).
+    /// One vector normalised and scaled as transformers rounds: `dtype(weight * dtype(value *
+    /// inv))`, the normalised value rounded to the dtype before the weight.
+    #[cube]
+    pub fn normalised<E: Float, N: Size>(value: Vector<f32, N>, inv: f32, weight: Vector<E, N>) -> Vector<E, N> {
+        let normed = Vector::<E, N>::cast_from(value * Vector::new(inv));
+        Vector::cast_from(Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(weight))
+    }
+
+    /// The second pass over a row whose mean square is known: [`normalised`] vector by
+    /// vector.
     #[cube]
     fn scale_row<E: Float, N: Size>(
         src: &Tensor<Vector<E, N>>,
@@ -86,9 +93,7 @@ mod device {
     ) {
         let mut v = UNIT_POS as usize;
         while v < vectors {
-            let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(src[src_start + v]) * Vector::new(inv));
-            let scaled = Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(weight[w_start + v]);
-            out[out_start + v] = Vector::cast_from(scaled);
+            out[out_start + v] = normalised(Vector::cast_from(src[src_start + v]), inv, weight[w_start + v]);
             v += CUBE_DIM as usize;
         }
     }
@@ -178,8 +183,7 @@ mod device {
             let total = Vector::<E, N>::cast_from(
                 Vector::<f32, N>::cast_from(residual[r_start + v]) + Vector::<f32, N>::cast_from(y[y_start + v]),
             );
-            let normed = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(total) * Vector::new(inv));
-            out[s_start + v] = Vector::cast_from(Vector::<f32, N>::cast_from(normed) * Vector::<f32, N>::cast_from(weight[v]));
+            out[s_start + v] = normalised(Vector::cast_from(total), inv, weight[v]);
             v += CUBE_DIM as usize;
         }
     }
@@ -194,16 +198,14 @@ fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, eps: f64) ->
     assert_eq!(weight.dtype, dtype, "rms_norm: the weight's dtype differs from the input's");
     assert_eq!(weight.meta.shape()[1], n, "rms_norm: the weight's width differs from the input's");
     // The kernels index rows through strides but need each row's elements contiguous.
-    let contiguous_rows = |t: CubeTensor| if t.meta.strides()[rank - 1] == 1 { t } else { into_contiguous(t) };
-    let x = contiguous_rows(x);
-    let y = y.map(contiguous_rows);
+    let x = last_axis_contiguous(x);
+    let y = y.map(last_axis_contiguous);
     let weight = into_contiguous(weight);
-    let mut vector = vector_width(n, dtype);
-    // Every row must start on a whole vector.
-    let aligned = |t: &CubeTensor, vector: usize| t.meta.strides()[..rank - 1].iter().all(|s| s % vector == 0);
-    while vector > 1 && !(aligned(&x, vector) && y.as_ref().is_none_or(|y| aligned(y, vector))) {
-        vector /= 2;
-    }
+    let widest = vector_width(n, dtype);
+    let vector = match &y {
+        Some(y) => row_vector_width(widest, &[&x, y]),
+        None => row_vector_width(widest, &[&x]),
+    };
     let client = x.client.clone();
     let alloc = || empty_device_contiguous_dtype(client.clone(), x.device.clone(), shape.clone(), dtype);
     let out = alloc();
@@ -257,11 +259,6 @@ fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, eps: f64) ->
     }
 }
 
-/// Whether the kernels run on `device`: CubeCL devices (the reference runs elsewhere).
-pub fn kernels_apply(device: &Device) -> bool {
-    *device != Device::flex()
-}
-
 /// `weight` as the kernels' `[groups, n]`: a `[n]` weight is one group.
 fn weight_rows<const W: usize>(weight: &Tensor<W>) -> Tensor<2> {
     let dims = weight.dims();
@@ -287,7 +284,7 @@ pub fn fused_add_rms_norm<const D: usize>(residual: Tensor<D>, y: Tensor<D>, wei
 /// RMS normalisation over the last axis (see [`crate::reference::rms_norm`]): the kernel on
 /// CubeCL devices, the reference elsewhere.
 pub fn rms_norm<const D: usize, const W: usize>(x: Tensor<D>, weight: &Tensor<W>, eps: f64) -> Tensor<D> {
-    if kernels_apply(&x.device()) && weight.dims()[W - 1] == x.dims()[D - 1] {
+    if is_cubecl(&x.device()) && weight.dims()[W - 1] == x.dims()[D - 1] {
         fused_rms_norm(x, weight, eps)
     } else {
         crate::reference::rms_norm(x, weight, eps)
@@ -297,7 +294,7 @@ pub fn rms_norm<const D: usize, const W: usize>(x: Tensor<D>, weight: &Tensor<W>
 /// The residual add and the normalisation after it: `(residual + y, rms_norm(residual + y))`,
 /// by one kernel on CubeCL devices.
 pub fn add_rms_norm<const D: usize>(residual: Tensor<D>, y: Tensor<D>, weight: &Tensor<1>, eps: f64) -> (Tensor<D>, Tensor<D>) {
-    if kernels_apply(&residual.device()) {
+    if is_cubecl(&residual.device()) {
         fused_add_rms_norm(residual, y, weight, eps)
     } else {
         add_rms_norm_reference(residual, y, weight, eps)
@@ -314,7 +311,7 @@ pub fn add_rms_norm_reference<const D: usize>(residual: Tensor<D>, y: Tensor<D>,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{DType, Distribution};
+    use burn::tensor::{DType, Device, Distribution};
 
     fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
         x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
@@ -323,7 +320,7 @@ mod tests {
     #[test]
     fn on_the_cpu_the_add_then_norm_is_the_reference_pair() {
         let d = Device::flex();
-        assert!(!kernels_apply(&d));
+        assert!(!is_cubecl(&d));
         let r: Tensor<3> = Tensor::random([2, 3, 8], Distribution::Uniform(-1.0, 1.0), &d);
         let y: Tensor<3> = Tensor::random([2, 3, 8], Distribution::Uniform(-1.0, 1.0), &d);
         let w: Tensor<1> = Tensor::random([8], Distribution::Uniform(0.5, 1.5), &d);

@@ -21,7 +21,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use crate::launch::{PLANE, vector_width};
+use crate::launch::{PLANE, is_cubecl, last_axis_contiguous, row_vector_width, vector_width};
 
 /// Heads per cube (one plane each).
 const HEADS_PER_CUBE: u32 = 8;
@@ -64,8 +64,9 @@ mod device {
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
     use crate::launch::device::row_start;
+    use crate::norm::device::normalised;
 
-    /// Vector `v` of a head normalised and scaled, rounded as transformers rounds.
+    /// Vector `v` of a head normalised and scaled ([`normalised`]), in f32.
     #[cube]
     fn normed<E: Float, N: Size>(
         x: &Tensor<Vector<E, N>>,
@@ -75,9 +76,7 @@ mod device {
         v: usize,
         inv: f32,
     ) -> Vector<f32, N> {
-        let n = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(x[start + v]) * Vector::new(inv));
-        let scaled = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(n) * Vector::<f32, N>::cast_from(weight[w_start + v]));
-        Vector::cast_from(scaled)
+        Vector::cast_from(normalised(Vector::cast_from(x[start + v]), inv, weight[w_start + v]))
     }
 
     #[cube(launch_unchecked)]
@@ -154,13 +153,10 @@ fn launch(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, 
     assert_eq!(sin.meta.shape(), &cos_shape, "qk_norm_rotary: sin and cos differ in shape");
     assert_eq!(weight.meta.shape(), &Shape::new([heads, dim]), "qk_norm_rotary: one weight row per head");
     assert!(weight.dtype == dtype && cos.dtype == dtype && sin.dtype == dtype, "qk_norm_rotary: mixed dtypes");
-    let qk = if qk.meta.strides()[3] == 1 { qk } else { into_contiguous(qk) };
+    let qk = last_axis_contiguous(qk);
     let (weight, cos, sin) = (into_contiguous(weight), into_contiguous(cos), into_contiguous(sin));
     // Vectors may not straddle the halves of the rotated part, nor a row's start.
-    let mut vector = vector_width(rotary / 2, dtype).min(vector_width(dim, dtype));
-    while vector > 1 && !qk.meta.strides()[..3].iter().all(|s| s % vector == 0) {
-        vector /= 2;
-    }
+    let vector = row_vector_width(vector_width(rotary / 2, dtype).min(vector_width(dim, dtype)), &[&qk]);
     let rows = batch * tokens * heads;
     let out = empty_device_contiguous_dtype(qk.client.clone(), qk.device.clone(), heads_first(&shape), dtype);
     let client = out.client.clone();
@@ -211,7 +207,7 @@ pub fn qk_norm_rotary_reference(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<
 /// QK-norm and rotary embedding of queries and keys together: the kernel on CubeCL devices,
 /// the reference elsewhere.
 pub fn qk_norm_rotary(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64) -> Tensor<4> {
-    if crate::norm::kernels_apply(&qk.device()) {
+    if is_cubecl(&qk.device()) {
         fused_qk_norm_rotary(qk, weight, cos, sin, eps)
     } else {
         qk_norm_rotary_reference(qk, weight, cos, sin, eps)
