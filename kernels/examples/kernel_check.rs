@@ -106,6 +106,11 @@ fn main() {
     // `kernel_check [matvec] [attention] [elementwise] [layouts]`: those groups only (all
     // without arguments).
     let chosen: Vec<String> = std::env::args().skip(1).collect();
+    const GROUPS: [&str; 4] = ["matvec", "attention", "elementwise", "layouts"];
+    if let Some(unknown) = chosen.iter().find(|a| !GROUPS.contains(&a.as_str())) {
+        eprintln!("kernel_check: unknown group `{unknown}`; the groups are {}", GROUPS.join(", "));
+        std::process::exit(2);
+    }
     let runs = |group: &str| chosen.is_empty() || chosen.iter().any(|a| a == group);
     for case in cases.iter().filter(|_| runs("matvec")) {
         for dtype in [DType::F32, DType::BF16] {
