@@ -9,6 +9,19 @@ unpack_gpu_binaries() {
   for f in "$@"; do xz -dc ".gpu/$f.xz" > ".gpu/bin/$f" && chmod +x ".gpu/bin/$f"; done
 }
 
+# ensure_cublas: cuBLAS (opened at run time by inference-pio-kernels under the names
+# libcublas.so and libcublas.so.13) on the loader's path: the system's if it has one, else the
+# first libcublas.so.13 under the CUDA installations or Python's packages (PyTorch's wheel).
+ensure_cublas() {
+  if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13 '; then
+    local lib
+    lib=$(find /usr/local/cuda*/ /opt/cuda* $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
+      -name 'libcublas.so.13*' 2>/dev/null | head -1)
+    [ -n "$lib" ] && export LD_LIBRARY_PATH=$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
+  echo "cuBLAS: $(ldconfig -p 2>/dev/null | grep -m1 'libcublas\.so\.13 ' | sed 's/.*=> //')${LD_LIBRARY_PATH:+ LD_LIBRARY_PATH=$LD_LIBRARY_PATH}"
+}
+
 # gpu_parity FIXTURE_DIR MODEL DTYPE...: each prompt of MODEL's committed transformers
 # reference through `score` and `run` on CUDA, compared by parity_check.py (logits at every
 # position, greedy tokens); the lines go to stdout and $OUT/parity.txt.

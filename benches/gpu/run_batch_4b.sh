@@ -13,19 +13,21 @@
 # profile/}.
 # Env: BUDGET (s), CASES (default "b1 b8 b32 p512 p2048"), PEERS (default "eager static"; empty: none),
 # PROFILE (1: run the profile at the end, default 1), PARITY (1: the tiny fixture's parity
-# first, default 1), KERNEL_CHECK (arguments for kernel_check, e.g. "elementwise"; "none" skips it).
+# first, default 1), KERNEL_CHECK (arguments for kernel_check, e.g. "elementwise"; "none" skips it),
+# KERNEL_CHECK_TIMEOUT (s, default 150).
 set -uo pipefail
 BUDGET=${BUDGET:-575}
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so
 export XDG_CACHE_HOME=/tmp/xdg
+ensure_cublas
 # pio-bench starts the host as a user would; the host finds the plugin through this variable.
 export INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 if [ -f .gpu/kernel_check.xz ] && [ "${KERNEL_CHECK:-}" != none ]; then
   unpack_gpu_binaries kernel_check
-  timeout 150 .gpu/bin/kernel_check ${KERNEL_CHECK:-} > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $?"
-  grep -E "fused|rms_norm|qk-norm|swiglu|FAIL|checks" $OUT/kernel_check.txt
+  timeout ${KERNEL_CHECK_TIMEOUT:-150} .gpu/bin/kernel_check ${KERNEL_CHECK:-} > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $?"
+  grep -E "fused|cublas|softmax|FAIL|checks" $OUT/kernel_check.txt
 fi
 P=plugins/qwen3-4b-instruct-2507
 # The tiny Qwen3 fixture through the CLI on CUDA against the committed transformers reference

@@ -4,15 +4,18 @@
 //!   `matvec_reference` (the gathered weights through `batched_linear`, the engine's path
 //!   before the kernel);
 //! - the decode-attention kernel (`inference_pio_kernels::attention::decode_attention`)
-//!   against `gqa_attention`, over strided cache blocks with and without a mask;
+//!   against `gqa_attention`, over strided cache blocks with and without a mask; prefill's
+//!   scaled, masked softmax (`inference_pio_kernels::softmax`) against burn's operations;
 //! - the fused RMSNorm, residual add + RMSNorm (`inference_pio_kernels::norm`) and SwiGLU
 //!   (`inference_pio_kernels::activation`) kernels against the burn operations they replace,
 //!   on Qwen3-4B's hidden, QK-norm (a strided view of the fused q|k|v output, one weight per
 //!   head) and MLP shapes at 1, 32 and 2,048 rows; the fused QK-norm + rotary embedding
 //!   (`inference_pio_kernels::rotary`) against the normalisation, transpose and rotation;
-//! - the weight layouts for many rows (batched decode, prefill): the split `[parts, out, in /
-//!   parts]` layout's split-K product against the plain product on the HF `[out, in]` layout,
-//!   and split-K over strided views of the `[out, in]` layout (no split copy).
+//! - the many-row products through cuBLAS (`inference_pio_kernels::cublas`; linear layers on
+//!   the `[out, in]` weight read in place, prefill attention's batched products over a cache
+//!   view) against burn's (CubeCL's) matmul. (The weight-layout comparison of 2026-12-02,
+//!   which settled that CubeCL's matmul was the prefill gap whatever the layout, is in git
+//!   history and `benches/results/gpu-h200-2026-12-02-final/kernel_check.txt`.)
 //!
 //! f32 and bf16; timings are CUDA-graph replays of ten calls. Exits non-zero when a result is
 //! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
@@ -20,7 +23,9 @@
 //! the elementwise kernels 1e-4 in f32 and 1e-2 in bf16.
 //!
 //! `kernel_check` on a machine with CUDA runs every group; `kernel_check matvec attention
-//! elementwise layouts` (any of them) runs those only.
+//! elementwise cublas` (any of them) runs those only. With cuBLAS loadable the engine keeps
+//! weights unsplit (`split_parts` is 1), so the matvec group then checks the kernel on the
+//! plain layout and times it against the cuBLAS product.
 
 mod common;
 
@@ -32,6 +37,7 @@ use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_rms_norm};
 use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
+use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked};
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -40,14 +46,24 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// What one call does, for a rate beside its time.
+#[derive(Clone, Copy)]
+enum Work {
+    None,
+    /// Bytes moved.
+    Bytes(f64),
+    /// Floating-point operations.
+    Flops(f64),
+}
+
 /// One check: `kernel` against `reference` within `tol` relative L2, then `kernel` and
-/// `before` (the path the kernel replaces) timed; `bytes` moved per call gives a rate. Prints
-/// one line headed `label`; returns whether the check failed.
+/// `before` (the path the kernel replaces) timed; `work` per call gives a rate. Prints one
+/// line headed `label`; returns whether the check failed.
 fn check(
     device: &Device,
     label: &str,
     tol: f64,
-    bytes: Option<f64>,
+    work: Work,
     kernel: &dyn Fn() -> Tensor<2>,
     reference: &dyn Fn() -> Tensor<2>,
     before: &dyn Fn() -> Tensor<2>,
@@ -62,9 +78,10 @@ fn check(
     let err = rel_l2(&got, &want);
     let ok = err <= tol;
     // Each call's output is summed in f32, as the checks compare it.
-    let timing = |op: &dyn Fn() -> Tensor<2>| match (time_graph(device, &|| op().cast(DType::F32)), bytes) {
-        (Ok(s), Some(bytes)) => format!("{:7.1} µs {:6.0} GB/s", s * 1e6, bytes / s / 1e9),
-        (Ok(s), None) => format!("{:7.1} µs", s * 1e6),
+    let timing = |op: &dyn Fn() -> Tensor<2>| match (time_graph(device, &|| op().cast(DType::F32)), work) {
+        (Ok(s), Work::Bytes(bytes)) => format!("{:7.1} µs {:6.0} GB/s", s * 1e6, bytes / s / 1e9),
+        (Ok(s), Work::Flops(flops)) => format!("{:7.1} µs {:6.1} TFLOP/s", s * 1e6, flops / s / 1e12),
+        (Ok(s), Work::None) => format!("{:7.1} µs", s * 1e6),
         (Err(e), _) => format!("({e})"),
     };
     println!("{label}: rel L2 {err:.2e} {} | kernel {} | before {}", if ok { "ok" } else { "FAIL" }, timing(kernel), timing(before));
@@ -103,10 +120,10 @@ fn main() {
         Case { name: "30B head 2048->151936", experts: 1, out: 151936, inp: 2048, rows: 1, x_rows: 1 },
     ];
     let mut failed = 0;
-    // `kernel_check [matvec] [attention] [elementwise] [layouts]`: those groups only (all
+    // `kernel_check [matvec] [attention] [elementwise] [cublas]`: those groups only (all
     // without arguments).
     let chosen: Vec<String> = std::env::args().skip(1).collect();
-    const GROUPS: [&str; 4] = ["matvec", "attention", "elementwise", "layouts"];
+    const GROUPS: [&str; 4] = ["matvec", "attention", "elementwise", "cublas"];
     if let Some(unknown) = chosen.iter().find(|a| !GROUPS.contains(&a.as_str())) {
         eprintln!("kernel_check: unknown group `{unknown}`; the groups are {}", GROUPS.join(", "));
         std::process::exit(2);
@@ -144,7 +161,7 @@ fn main() {
             let bytes = (case.rows.min(case.experts) * case.out * case.inp * dtype.size()) as f64;
             let label = format!("{:42} {:5} parts {:2}", case.name, format!("{dtype:?}"), parts);
             let before: &dyn Fn() -> Tensor<2> = if case.experts == 1 { &dense } else { &reference };
-            failed += usize::from(check(&device, &label, tol, Some(bytes), &kernel, &reference, before));
+            failed += usize::from(check(&device, &label, tol, Work::Bytes(bytes), &kernel, &reference, before));
         }
     }
     if runs("attention") {
@@ -153,8 +170,8 @@ fn main() {
     if runs("elementwise") {
         failed += check_elementwise(&device);
     }
-    if runs("layouts") {
-        failed += check_layouts(&device);
+    if runs("cublas") {
+        failed += check_cublas(&device);
     }
     if failed > 0 {
         println!("{failed} checks failed");
@@ -195,7 +212,29 @@ fn check_attention(device: &Device) -> usize {
             // them in f32.
             let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };
             let label = format!("{name:42} {:5}", format!("{dtype:?}"));
-            failed += usize::from(check(device, &label, tol, None, &kernel, &reference, &reference));
+            failed += usize::from(check(device, &label, tol, Work::None, &kernel, &reference, &reference));
+        }
+    }
+    // Prefill's scaled, masked softmax (`inference_pio_kernels::softmax`) against the burn
+    // operations it replaces: causal masks, the second batch entry left-padded by 3.
+    for (batch, kv, group, t) in [(2, 2, 2, 7), (1, 8, 4, 512), (1, 8, 4, 2048)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let scores = Tensor::<4>::random([batch, kv, group * t, t], Distribution::Uniform(-30.0, 30.0), device).cast(dtype);
+            let values: Vec<f32> = (0..batch * t * t)
+                .map(|i| {
+                    let (b, q, s) = (i / (t * t), (i / t) % t, i % t);
+                    if s <= q && s >= 3 * b { 0.0 } else { -1.0e9 }
+                })
+                .collect();
+            let mask = Tensor::<5>::from_data(TensorData::new(values, [batch, 1, 1, t, t]), device);
+            let scale = 128f64.powf(-0.5);
+            let flat = |x: Tensor<4>| x.reshape([batch * kv * group * t, t]);
+            let kernel = || flat(fused_scaled_masked_softmax(scores.clone(), &mask, scale, t));
+            let reference = || flat(scaled_masked_softmax_reference(scores.clone(), Some(&mask), scale, t));
+            let tol = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
+            let bytes = Work::Bytes((2 * batch * kv * group * t * t * dtype.size()) as f64);
+            let label = format!("softmax {batch} x {kv} x {group} x {t:5} tokens {:5}", format!("{dtype:?}"));
+            failed += usize::from(check(device, &label, tol, bytes, &kernel, &reference, &reference));
         }
     }
     failed
@@ -214,7 +253,7 @@ fn check_elementwise(device: &Device) -> usize {
         let head_weights = random([heads + kv, dim], 0.5, 1.5);
         for rows in [1, 32, 2048] {
             let tag = format!("{:5} {rows:4} rows", format!("{dtype:?}"));
-            let bytes = |elements: usize| Some((elements * dtype.size()) as f64);
+            let bytes = |elements: usize| Work::Bytes((elements * dtype.size()) as f64);
             // The final norm: x read once, written once.
             let x = random([rows, hidden], -2.0, 2.0);
             let kernel = || fused_rms_norm(x.clone(), &weight, eps);
@@ -259,32 +298,54 @@ fn check_elementwise(device: &Device) -> usize {
     failed
 }
 
-/// Many-row products in bf16 on the layouts the engine could keep: the split layout's split-K
-/// product (the engine's path for more than one row), the plain matmul on the HF `[out, in]`
-/// layout (transposed view), and split-K over strided column views of `[out, in]`.
-fn check_layouts(device: &Device) -> usize {
+/// The many-row products through cuBLAS (`inference_pio_kernels::cublas`) against burn's
+/// matmul (CubeCL's, the path before): linear layers on the HF `[out, in]` weight read in
+/// place (a transposed view) at batched-decode and prefill row counts, and prefill
+/// attention's two batched products with the keys and values a view of a larger cache.
+fn check_cublas(device: &Device) -> usize {
     let mut failed = 0;
-    let dtype = DType::BF16;
-    for (name, out, inp) in [("gate|up 2560->19456", 19456, 2560), ("down 9728->2560", 2560, 9728)] {
-        let w = Tensor::<2>::random([out, inp], Distribution::Uniform(-0.05, 0.05), device).cast(dtype);
-        let parts = split_parts(inp, device);
-        let block = inp / parts;
-        let split = inference_pio_kernels::split_weight(w.clone(), parts);
-        for rows in [8, 32, 512, 2048] {
-            let x = Tensor::<2>::random([rows, inp], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
-            let split_k = || batched_linear(x.clone().unsqueeze_dim(0), split.clone().unsqueeze_dim(0)).squeeze_dim(0);
-            let plain = || x.clone().matmul(w.clone().transpose());
-            let strided = || {
-                let views = w.clone().reshape([out, parts, block]).swap_dims(0, 1);
-                let xs = x.clone().reshape([rows, parts, block]).swap_dims(0, 1);
-                let partial = xs.matmul(views.transpose());
-                partial.cast(DType::F32).sum_dim(0).reshape([rows, out]).cast(dtype)
+    if !inference_pio_kernels::cublas::available(device) {
+        println!("cublas: the cuBLAS library is not loadable here; nothing to check");
+        return 1;
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        // CubeCL's f32 matmul runs in TF32 on the H200, cuBLAS's here in full f32.
+        let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
+        let tag = format!("{dtype:?}");
+        for (name, out, inp) in [("fused q/k/v 2560->6144", 6144, 2560), ("gate|up 2560->19456", 19456, 2560), ("down 9728->2560", 2560, 9728), ("head 2560->151936", 151936, 2560)] {
+            let w = Tensor::<2>::random([out, inp], Distribution::Uniform(-0.05, 0.05), device).cast(dtype);
+            let w3 = w.clone().reshape([1, out, inp]);
+            for rows in [3, 8, 32, 512, 2048] {
+                if out > 100_000 && rows > 32 {
+                    continue;
+                }
+                let x = Tensor::<2>::random([rows, inp], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+                let kernel = || inference_pio_kernels::linear(x.clone(), &w3);
+                let reference = || x.clone().matmul(w.clone().transpose());
+                let flops = Work::Flops((2 * rows * out * inp) as f64);
+                let label = format!("cublas linear {name:24} {rows:5} rows {tag:5}");
+                failed += usize::from(check(device, &label, tol, flops, &kernel, &reference, &reference));
+            }
+        }
+        // Prefill attention at Qwen3-4B's heads: 8 key heads of 4 queries, 128 channels,
+        // keys and values the first `t` slots of a 4,096-slot cache.
+        let (kv, group, dim, capacity) = (8, 4, 128, 4096);
+        for t in [512, 2048] {
+            let cache = |seed: f64| Tensor::<4>::random([1, kv, capacity, dim], Distribution::Uniform(-seed, seed), device).cast(dtype);
+            let (k, v) = (cache(1.0).narrow(2, 0, t), cache(1.0).narrow(2, 0, t));
+            let q = Tensor::<4>::random([1, kv, group * t, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let flat = |x: Tensor<4>| {
+                let [a, b, c, d] = x.dims();
+                x.reshape([a * b * c, d])
             };
-            let bytes = Some((out * inp * dtype.size()) as f64);
-            let label = format!("layout {name:22} {rows:5} rows, plain [out,in] vs split-K ({parts} parts)");
-            failed += usize::from(check(device, &label, 1e-2, bytes, &plain, &split_k, &split_k));
-            let label = format!("layout {name:22} {rows:5} rows, split-K on [out,in] views vs plain");
-            failed += usize::from(check(device, &label, 1e-2, bytes, &strided, &plain, &plain));
+            let scores = || flat(inference_pio_kernels::batched_matmul(q.clone(), k.clone().transpose()));
+            let scores_ref = || flat(q.clone().matmul(k.clone().transpose()));
+            let flops = Work::Flops((2 * kv * group * t * t * dim) as f64);
+            failed += usize::from(check(device, &format!("cublas attention q·kᵀ {t:5} tokens {tag:5}"), tol, flops, &scores, &scores_ref, &scores_ref));
+            let probs = Tensor::<4>::random([1, kv, group * t, t], Distribution::Uniform(0.0, 1.0 / t as f64), device).cast(dtype);
+            let mixed = || flat(inference_pio_kernels::batched_matmul(probs.clone(), v.clone()));
+            let mixed_ref = || flat(probs.clone().matmul(v.clone()));
+            failed += usize::from(check(device, &format!("cublas attention p·v  {t:5} tokens {tag:5}"), tol, flops, &mixed, &mixed_ref, &mixed_ref));
         }
     }
     failed

@@ -16,7 +16,6 @@
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
@@ -201,22 +200,18 @@ pub fn decode_attention(q: Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: Option
 
 /// Attention of `q [batch, heads, t, head_dim]` over `k`/`v [batch, kv_heads, total,
 /// head_dim]` with an additive f32 `mask [batch, 1, 1, t, total]` (`None`: nothing hidden):
-/// `[batch, heads, t, head_dim]` in `q`'s dtype, with burn operations (every backend).
+/// `[batch, heads, t, head_dim]` in `q`'s dtype (every backend): two batched products
+/// ([`crate::batched_matmul`], cuBLAS where available) around the scaled, masked softmax
+/// ([`crate::softmax`], one kernel on CubeCL devices).
 pub fn gqa_attention(q: Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: Option<&Tensor<5>>, scale: f64) -> Tensor<4> {
     let [batch, heads, t, d] = q.dims();
-    let [_, kv_heads, total, _] = k.dims();
+    let kv_heads = k.dims()[1];
     let group = heads / kv_heads;
-    let dtype = q.dtype();
     // The `group` query heads that share a key head, stacked along the token axis.
     let q = q.reshape([batch, kv_heads, group * t, d]);
-    let scores = q.matmul(k.clone().transpose()).mul_scalar(scale);
-    let scores = scores.cast(DType::F32).reshape([batch, kv_heads, group, t, total]);
-    let scores = match mask {
-        Some(m) => scores.add(m.clone()),
-        None => scores,
-    };
-    let probs = softmax(scores, 4).cast(dtype).reshape([batch, kv_heads, group * t, total]);
-    probs.matmul(v.clone()).reshape([batch, heads, t, d])
+    let scores = crate::batched_matmul(q, k.clone().transpose());
+    let probs = crate::softmax::scaled_masked_softmax(scores, mask, scale, t);
+    crate::batched_matmul(probs, v.clone()).reshape([batch, heads, t, d])
 }
 
 #[cfg(test)]

@@ -7,15 +7,17 @@
 
 pub mod activation;
 pub mod attention;
+pub mod cublas;
 mod launch;
 pub mod linear;
 pub mod matvec;
 pub mod norm;
 pub mod reference;
 pub mod rotary;
+pub mod softmax;
 
 pub use activation::swiglu_halves;
-pub use linear::{batched_linear, concat_outputs, linear, split_parts, split_stacked, split_weight, with_cpu_split};
+pub use linear::{batched_linear, batched_matmul, concat_outputs, linear, split_parts, split_stacked, split_weight, with_cpu_split};
 pub use norm::{add_rms_norm, rms_norm};
 pub use reference::{apply_rotary, rotate_half, swiglu};
 pub use rotary::qk_norm_rotary;

@@ -15,7 +15,10 @@
 //! matmul multiplies 2,048 rows by 2560 -> 19456 in 5.2 ms on the plain `[out, in]` layout and
 //! 6.5 ms split-K (about 40 and 31 TFLOP/s on an H200,
 //! `benches/results/gpu-h200-2026-12-02-final/kernel_check.txt`), where cuBLAS would take
-//! about 0.3 ms.
+//! about 0.3 ms. So where cuBLAS is loadable ([`crate::cublas::available`]) weights are not
+//! split (`parts` 1, the plain `[out, in]` layout) and every product of more than two rows
+//! runs through cuBLAS on the weight in place; the split layout and CubeCL's matmul remain
+//! the path without it.
 
 use burn::tensor::{DType, Device, Tensor};
 use std::cell::Cell;
@@ -39,9 +42,12 @@ pub fn with_cpu_split<R>(parts: usize, f: impl FnOnce() -> R) -> R {
 }
 
 /// How many column blocks a weight with `inp` input channels is split into on `device`: the
-/// largest power of two up to 64 that divides `inp` into blocks of at least 256 (1 on the CPU,
-/// unless [`with_cpu_split`] says otherwise).
+/// largest power of two up to 64 that divides `inp` into blocks of at least 256 on GPUs
+/// without cuBLAS; 1 with it, and on the CPU unless [`with_cpu_split`] says otherwise.
 pub fn split_parts(inp: usize, device: &Device) -> usize {
+    if crate::cublas::available(device) {
+        return 1;
+    }
     let (most, min_block) = if *device == Device::flex() { (CPU_PARTS.get(), 1) } else { (MAX_PARTS, MIN_BLOCK) };
     let mut parts = 1;
     while parts * 2 <= most && inp.is_multiple_of(parts * 2) && inp / (parts * 2) >= min_block {
@@ -80,8 +86,31 @@ pub fn linear(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
     if x.dtype() == w.dtype() && crate::matvec::dense_kernel_applies(rows, &x.device()) {
         return crate::matvec::split_matvec(x, w);
     }
-    let [_, out, _] = w.dims();
+    let [parts, out, _] = w.dims();
+    if parts == 1 && cublas_applies(&x, w.dtype()) {
+        // The weight's transpose as a view: cuBLAS reads `[out, in]` in place.
+        return crate::cublas::matmul(x.reshape([1, rows, inp]), w.clone().swap_dims(1, 2)).reshape([rows, out]);
+    }
     batched_linear(x.reshape([1, rows, inp]), w.clone().unsqueeze_dim(0)).reshape([rows, out])
+}
+
+/// Whether a product of `x` with a weight of `w_dtype` goes through cuBLAS.
+fn cublas_applies<const D: usize>(x: &Tensor<D>, w_dtype: DType) -> bool {
+    x.dtype() == w_dtype && crate::cublas::supports(w_dtype) && crate::cublas::available(&x.device())
+}
+
+/// `a · b` per leading index (`[.., m, k] · [.., k, n]`, the same leading dimensions):
+/// through cuBLAS where it is available, else burn's matmul.
+pub fn batched_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    let (ad, bd) = (a.dims(), b.dims());
+    if D < 3 || ad[..D - 2] != bd[..D - 2] || !cublas_applies(&a, b.dtype()) {
+        return a.matmul(b);
+    }
+    let batch: usize = ad[..D - 2].iter().product();
+    let (m, k, n) = (ad[D - 2], ad[D - 1], bd[D - 1]);
+    let mut out = ad;
+    out[D - 1] = n;
+    crate::cublas::matmul(a.reshape([batch, m, k]), b.reshape([batch, k, n])).reshape(out)
 }
 
 /// Per batch entry `b`: `x[b] [rows, in] · w[b]ᵀ -> [batch, rows, out]`, `w` from
@@ -90,7 +119,11 @@ pub fn batched_linear(x: Tensor<3>, w: Tensor<4>) -> Tensor<3> {
     let [batch, rows, _] = x.dims();
     let [_, parts, out, block] = w.dims();
     if parts == 1 {
-        return x.matmul(w.reshape([batch, out, block]).transpose());
+        let w = w.reshape([batch, out, block]).swap_dims(1, 2);
+        if cublas_applies(&x, w.dtype()) {
+            return crate::cublas::matmul(x, w);
+        }
+        return x.matmul(w);
     }
     // One row per entry (decode): `[batch, 1, parts * block]` already lies in `[batch *
     // parts, 1, block]` order, so no copy is queued.

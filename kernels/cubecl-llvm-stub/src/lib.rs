@@ -98,8 +98,9 @@ pub struct NvptxModule {
     pub io: Vec<BufferIOAttr>,
 }
 
-/// Compiled kernel artifact.
+/// Compiled kernel artifact (non-exhaustive, as the real one has other targets: cubecl-cuda matches it with a fallback arm).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum PlironArtifact {
     NvptxCode(NvptxModule),
 }
