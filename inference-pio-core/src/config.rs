@@ -187,10 +187,12 @@ impl Profile {
     /// The concrete settings a profile stands for.
     pub fn settings(self) -> OptimizationSettings {
         match self {
-            // bf16 on GPU, f32 on CPU; long prompts prefilled in 512-token chunks.
+            // bf16 on GPU, f32 on CPU; prompts over 2,048 tokens prefilled in 2,048-token chunks
+            // (a 2,048-token prefill in 512-token chunks queued four times the kernels; on the
+            // H200 the host's queuing, not the GPU, set its time: benches/results/gpu-h200-2026-12-02-cublas.md).
             Profile::Balanced => OptimizationSettings {
                 dtype: None,
-                prefill_chunk_tokens: 512,
+                prefill_chunk_tokens: 2048,
                 max_context_tokens: None,
                 cuda_graphs: true,
             },

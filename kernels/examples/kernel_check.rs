@@ -217,7 +217,7 @@ fn check_attention(device: &Device) -> usize {
     }
     // Prefill's scaled, masked softmax (`inference_pio_kernels::softmax`) against the burn
     // operations it replaces: causal masks, the second batch entry left-padded by 3.
-    for (batch, kv, group, t) in [(2, 2, 2, 7), (1, 8, 4, 512), (1, 8, 4, 2048)] {
+    for (batch, kv, group, t) in [(2usize, 2usize, 2usize, 7usize), (1, 8, 4, 512), (1, 8, 4, 2048)] {
         for dtype in [DType::F32, DType::BF16] {
             let scores = Tensor::<4>::random([batch, kv, group * t, t], Distribution::Uniform(-30.0, 30.0), device).cast(dtype);
             let values: Vec<f32> = (0..batch * t * t)
@@ -312,10 +312,10 @@ fn check_cublas(device: &Device) -> usize {
         // CubeCL's f32 matmul runs in TF32 on the H200, cuBLAS's here in full f32.
         let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
         let tag = format!("{dtype:?}");
-        for (name, out, inp) in [("fused q/k/v 2560->6144", 6144, 2560), ("gate|up 2560->19456", 19456, 2560), ("down 9728->2560", 2560, 9728), ("head 2560->151936", 151936, 2560)] {
+        for (name, out, inp) in [("fused q/k/v 2560->6144", 6144usize, 2560usize), ("gate|up 2560->19456", 19456, 2560), ("down 9728->2560", 2560, 9728), ("head 2560->151936", 151936, 2560)] {
             let w = Tensor::<2>::random([out, inp], Distribution::Uniform(-0.05, 0.05), device).cast(dtype);
             let w3 = w.clone().reshape([1, out, inp]);
-            for rows in [3, 8, 32, 512, 2048] {
+            for rows in [3usize, 8, 32, 512, 2048] {
                 if out > 100_000 && rows > 32 {
                     continue;
                 }
@@ -329,8 +329,8 @@ fn check_cublas(device: &Device) -> usize {
         }
         // Prefill attention at Qwen3-4B's heads: 8 key heads of 4 queries, 128 channels,
         // keys and values the first `t` slots of a 4,096-slot cache.
-        let (kv, group, dim, capacity) = (8, 4, 128, 4096);
-        for t in [512, 2048] {
+        let (kv, group, dim, capacity) = (8usize, 4usize, 128usize, 4096usize);
+        for t in [512usize, 2048] {
             let cache = |seed: f64| Tensor::<4>::random([1, kv, capacity, dim], Distribution::Uniform(-seed, seed), device).cast(dtype);
             let (k, v) = (cache(1.0).narrow(2, 0, t), cache(1.0).narrow(2, 0, t));
             let q = Tensor::<4>::random([1, kv, group * t, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);

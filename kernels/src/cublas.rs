@@ -67,15 +67,19 @@ fn data_type(dtype: DType) -> Option<cublas::cudaDataType> {
     }
 }
 
-/// Output shape of `a [batch, m, k] · b [batch, k, n]`: `[batch, m, n]`.
+/// Output shape of `a [.., m, k] · b [.., k, n]`: `[.., m, n]`.
 pub fn product_shape(a: &Shape, b: &Shape) -> Shape {
-    Shape::new([a[0], a[1], b[2]])
+    let (ra, rb) = (a.num_dims(), b.num_dims());
+    let mut dims: Vec<usize> = (0..ra).map(|i| a[i]).collect();
+    dims[ra - 1] = b[rb - 1];
+    Shape::from(dims)
 }
 
 /// The product as a backend operation (CubeCL runtimes only).
 #[backend_extension(Cube, Fusion)]
 pub trait CublasOps: Backend {
-    /// `a [batch, m, k] · b [batch, k, n] -> [batch, m, n]`, contiguous, in `a`'s dtype.
+    /// `a [.., m, k] · b [.., k, n] -> [.., m, n]` (the same leading dimensions), contiguous,
+    /// in `a`'s dtype.
     #[fusion(dtype = a, shape = product_shape(a, b))]
     fn cublas_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
@@ -97,8 +101,10 @@ impl CublasOps for CubeBackend {
     }
 }
 
-/// `a [batch, m, k] · b [batch, k, n]` by cuBLAS (`a`, `b` of one float dtype, equal batch).
-pub fn matmul(a: Tensor<3>, b: Tensor<3>) -> Tensor<3> {
+/// `a [.., m, k] · b [.., k, n]` by cuBLAS (`a`, `b` of one float dtype, the same leading
+/// dimensions, at least rank 3). Leading dimensions whose strides chain (a view such as keys
+/// narrowed from a larger cache) are read in place as one batch.
+pub fn matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(Dispatch::cublas_matmul(a.into_dispatch(), b.into_dispatch()))
 }
 
@@ -112,7 +118,8 @@ struct Operand {
 }
 
 impl Operand {
-    /// Reads `t` in place when one of its matrix axes is contiguous, else from a copy.
+    /// Reads `t` in place when its leading dimensions chain and one of its matrix axes is
+    /// contiguous, else from a copy.
     fn new(t: CubeTensor) -> Self {
         match Self::layout(&t) {
             Some((row_major, ld, batch_stride)) => Self { tensor: t, row_major, ld, batch_stride },
@@ -125,8 +132,23 @@ impl Operand {
     }
 
     fn layout(t: &CubeTensor) -> Option<(bool, usize, usize)> {
-        let s = t.meta.strides();
-        matrix_layout(dims3(t), [s[0], s[1], s[2]])
+        let (dims, strides) = (t.meta.shape(), t.meta.strides());
+        let n = dims.num_dims();
+        let (lead, lead_strides): (Vec<usize>, Vec<usize>) = (0..n - 2).map(|i| (dims[i], strides[i])).unzip();
+        let (batch, batch_stride) = flatten_batch(&lead, &lead_strides)?;
+        matrix_layout([batch, dims[n - 2], dims[n - 1]], [batch_stride, strides[n - 2], strides[n - 1]])
+    }
+}
+
+/// The leading dimensions as one batch `(count, stride)` when their strides chain (each one
+/// the next one's extent apart; size-1 dimensions ignored), else `None`.
+fn flatten_batch(dims: &[usize], strides: &[usize]) -> Option<(usize, usize)> {
+    let kept: Vec<(usize, usize)> = dims.iter().zip(strides).filter(|(d, _)| **d != 1).map(|(d, s)| (*d, *s)).collect();
+    let Some(&(_, innermost)) = kept.last() else { return Some((1, 0)) };
+    if kept.windows(2).all(|w| w[0].1 == w[1].0 * w[1].1) {
+        Some((kept.iter().map(|(d, _)| d).product(), innermost))
+    } else {
+        None
     }
 }
 
@@ -151,9 +173,11 @@ fn matrix_layout([batch, rows, cols]: [usize; 3], [s0, s1, s2]: [usize; 3]) -> O
     None
 }
 
+/// `[batch, rows, cols]` of `t`, its leading dimensions counted as one batch.
 fn dims3(t: &CubeTensor) -> [usize; 3] {
     let s = t.meta.shape();
-    [s[0], s[1], s[2]]
+    let n = s.num_dims();
+    [(0..n - 2).map(|i| s[i]).product(), s[n - 2], s[n - 1]]
 }
 
 /// One cuBLAS handle per CUDA context, with its own workspace, and the stream it was last
@@ -195,7 +219,11 @@ fn launch(a: CubeTensor, b: CubeTensor) -> Result<CubeTensor, String> {
     if b_batch != batch || k2 != k {
         return Err(format!("shapes [{batch}, {m}, {k}] and [{b_batch}, {k2}, {n}] do not multiply"));
     }
-    let out = empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::new([batch, m, n]), dtype);
+    if a.meta.shape().num_dims() != b.meta.shape().num_dims() || a.meta.shape().num_dims() < 3 {
+        return Err("operands of different ranks, or below rank 3".into());
+    }
+    let out_shape = product_shape(a.meta.shape(), b.meta.shape());
+    let out = empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape, dtype);
     if batch * m * n == 0 {
         return Ok(out);
     }
@@ -317,9 +345,21 @@ mod tests {
     }
 
     #[test]
+    fn leading_dimensions_are_one_batch_when_their_strides_chain() {
+        // Keys `[1, 8 heads, 512 of 4096 slots, 128]`: heads 4096 * 128 apart.
+        assert_eq!(flatten_batch(&[1, 8], &[8 * 4096 * 128, 4096 * 128]), Some((8, 4096 * 128)));
+        // Two batch entries of 8 heads, contiguous.
+        assert_eq!(flatten_batch(&[2, 8], &[8 * 640, 640]), Some((16, 640)));
+        // Heads of one entry not adjacent to the next entry's: copied first.
+        assert_eq!(flatten_batch(&[2, 8], &[9 * 640, 640]), None);
+        assert_eq!(flatten_batch(&[], &[]), Some((1, 0)));
+    }
+
+    #[test]
     fn the_cpu_never_takes_the_cublas_path() {
         assert!(!available(&Device::flex()));
         assert!(supports(DType::BF16) && supports(DType::F32) && !supports(DType::F64));
         assert_eq!(product_shape(&Shape::new([2, 3, 4]), &Shape::new([2, 4, 5])), Shape::new([2, 3, 5]));
+        assert_eq!(product_shape(&Shape::new([1, 8, 3, 4]), &Shape::new([1, 8, 4, 5])), Shape::new([1, 8, 3, 5]));
     }
 }

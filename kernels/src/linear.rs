@@ -106,11 +106,7 @@ pub fn batched_matmul<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
     if D < 3 || ad[..D - 2] != bd[..D - 2] || !cublas_applies(&a, b.dtype()) {
         return a.matmul(b);
     }
-    let batch: usize = ad[..D - 2].iter().product();
-    let (m, k, n) = (ad[D - 2], ad[D - 1], bd[D - 1]);
-    let mut out = ad;
-    out[D - 1] = n;
-    crate::cublas::matmul(a.reshape([batch, m, k]), b.reshape([batch, k, n])).reshape(out)
+    crate::cublas::matmul(a, b)
 }
 
 /// Per batch entry `b`: `x[b] [rows, in] · w[b]ᵀ -> [batch, rows, out]`, `w` from

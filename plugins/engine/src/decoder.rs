@@ -421,13 +421,16 @@ impl Decoder {
         if t == 1 && start + 1 == total && pads.iter().all(|&p| p == 0) {
             return None;
         }
-        let mut values = Vec::with_capacity(pads.len() * t * total);
-        for &pad in pads {
-            for i in 0..t {
-                let last = start + i;
-                values.extend((0..total).map(|s| if s >= pad && s <= last { 0.0 } else { MASKED }));
-            }
-        }
-        Some(Tensor::from_data(TensorData::new(values, [pads.len(), 1, 1, t, total]), (&self.device, BurnDType::F32)))
+        // Built on the device: a 2,048-token prompt's mask is 16 MB of f32 that the host would
+        // otherwise fill and upload.
+        let batch = pads.len();
+        let shape = [batch, t, total];
+        let ints = |values: Vec<i64>, dims: [usize; 3]| Tensor::<3, Int>::from_data(TensorData::new(values, dims), &self.device).expand(shape);
+        let slot = ints((0..total as i64).collect(), [1, 1, total]);
+        let last = ints((start as i64..(start + t) as i64).collect(), [1, t, 1]);
+        let pad = ints(pads.iter().map(|&p| p as i64).collect(), [batch, 1, 1]);
+        let seen = slot.clone().greater_equal(pad).bool_and(slot.lower_equal(last));
+        let mask = Tensor::<3>::zeros(shape, (&self.device, BurnDType::F32)).mask_fill(seen.bool_not(), MASKED);
+        Some(mask.reshape([batch, 1, 1, t, total]))
     }
 }
