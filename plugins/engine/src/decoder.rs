@@ -72,7 +72,7 @@ enum FeedForward {
 
 struct Linear {
     /// HF `[out, in]` layout split into column blocks, `[parts, out, in / parts]`
-    /// ([`inference_pio_kernels::split_weight`]; one block on the CPU).
+    /// ([`inference_pio_kernels::split_weight`]; one block on the CPU and where cuBLAS runs).
     weight: Tensor<3>,
     bias: Option<Tensor<1>>,
 }

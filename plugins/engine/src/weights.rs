@@ -331,7 +331,7 @@ impl Checkpoint {
 
     /// Loads the linear weight `name` (`[out, in]`, HF layout) split into the column blocks
     /// the device multiplies fastest (`inference_pio_kernels::split_weight`, `[parts, out, in
-    /// / parts]`; one block on the CPU).
+    /// / parts]`; one block on the CPU and where cuBLAS runs).
     pub fn load_linear(&self, name: &str, [out, inp]: [usize; 2], device: &Device, dtype: DType) -> Result<Tensor<3>, EngineError> {
         Ok(split_weight(self.load(name, [out, inp], device, dtype)?, split_parts(inp, device)))
     }
