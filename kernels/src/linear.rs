@@ -48,7 +48,7 @@ pub fn split_parts(inp: usize, device: &Device) -> usize {
     if crate::cublas::available(device) {
         return 1;
     }
-    let (most, min_block) = if *device == Device::flex() { (CPU_PARTS.get(), 1) } else { (MAX_PARTS, MIN_BLOCK) };
+    let (most, min_block) = if crate::launch::is_cubecl(device) { (MAX_PARTS, MIN_BLOCK) } else { (CPU_PARTS.get(), 1) };
     let mut parts = 1;
     while parts * 2 <= most && inp.is_multiple_of(parts * 2) && inp / (parts * 2) >= min_block {
         parts *= 2;
@@ -86,11 +86,7 @@ pub fn linear(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
     if x.dtype() == w.dtype() && crate::matvec::dense_kernel_applies(rows, &x.device()) {
         return crate::matvec::split_matvec(x, w);
     }
-    let [parts, out, _] = w.dims();
-    if parts == 1 && cublas_applies(&x, w.dtype()) {
-        // The weight's transpose as a view: cuBLAS reads `[out, in]` in place.
-        return crate::cublas::matmul(x.reshape([1, rows, inp]), w.clone().swap_dims(1, 2)).reshape([rows, out]);
-    }
+    let [_, out, _] = w.dims();
     batched_linear(x.reshape([1, rows, inp]), w.clone().unsqueeze_dim(0)).reshape([rows, out])
 }
 
@@ -115,6 +111,7 @@ pub fn batched_linear(x: Tensor<3>, w: Tensor<4>) -> Tensor<3> {
     let [batch, rows, _] = x.dims();
     let [_, parts, out, block] = w.dims();
     if parts == 1 {
+        // The weight's transpose as a view: cuBLAS reads `[out, in]` in place.
         let w = w.reshape([batch, out, block]).swap_dims(1, 2);
         if cublas_applies(&x, w.dtype()) {
             return crate::cublas::matmul(x, w);
