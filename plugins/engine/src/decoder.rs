@@ -396,15 +396,8 @@ impl Decoder {
         let cos = inputs.cos_table.clone().select(0, inputs.positions.clone()).reshape([batch, 1, 1, rot]);
         let sin = inputs.sin_table.clone().select(0, inputs.positions.clone()).reshape([batch, 1, 1, rot]);
         // Query at `slot` sees slots `pad..=slot` of its row.
-        let seen = inputs
-            .slot_ids
-            .clone()
-            .expand([batch, slots])
-            .greater_equal(inputs.pads.clone().expand([batch, slots]))
-            .bool_and(inputs.slot_ids.clone().expand([batch, slots]).lower_equal(inputs.slot.clone().reshape([1, 1]).expand([batch, slots])));
-        let mask = Tensor::<2>::zeros([batch, slots], (&self.device, BurnDType::F32))
-            .mask_fill(seen.bool_not(), MASKED)
-            .reshape([batch, 1, 1, 1, slots]);
+        let last = inputs.slot.clone().reshape([1, 1]);
+        let mask = self.additive_mask(inputs.slot_ids.clone(), inputs.pads.clone(), last, [batch, slots]).reshape([batch, 1, 1, 1, slots]);
         let (cache, slot) = (&mut inputs.cache, &inputs.slot);
         let x = self.blocks_forward(x, &cos, &sin, Some(&mask), &mut |l, k, v| {
             cache
@@ -425,12 +418,18 @@ impl Decoder {
         // otherwise fill and upload.
         let batch = pads.len();
         let shape = [batch, t, total];
-        let ints = |values: Vec<i64>, dims: [usize; 3]| Tensor::<3, Int>::from_data(TensorData::new(values, dims), &self.device).expand(shape);
+        let ints = |values: Vec<i64>, dims: [usize; 3]| Tensor::<3, Int>::from_data(TensorData::new(values, dims), &self.device);
         let slot = ints((0..total as i64).collect(), [1, 1, total]);
         let last = ints((start as i64..(start + t) as i64).collect(), [1, t, 1]);
         let pad = ints(pads.iter().map(|&p| p as i64).collect(), [batch, 1, 1]);
-        let seen = slot.clone().greater_equal(pad).bool_and(slot.lower_equal(last));
-        let mask = Tensor::<3>::zeros(shape, (&self.device, BurnDType::F32)).mask_fill(seen.bool_not(), MASKED);
-        Some(mask.reshape([batch, 1, 1, t, total]))
+        Some(self.additive_mask(slot, pad, last, shape).reshape([batch, 1, 1, t, total]))
+    }
+
+    /// The additive mask over `shape` (the three broadcast to it): 0 where `pad <= slot <=
+    /// last`, [`MASKED`] elsewhere.
+    fn additive_mask<const D: usize>(&self, slot: Tensor<D, Int>, pad: Tensor<D, Int>, last: Tensor<D, Int>, shape: [usize; D]) -> Tensor<D> {
+        let slot = slot.expand(shape);
+        let seen = slot.clone().greater_equal(pad.expand(shape)).bool_and(slot.lower_equal(last.expand(shape)));
+        Tensor::<D>::zeros(shape, (&self.device, BurnDType::F32)).mask_fill(seen.bool_not(), MASKED)
     }
 }
