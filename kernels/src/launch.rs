@@ -46,6 +46,30 @@ pub(crate) mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
 
+    /// `value` combined over the cube of `planes` planes (`max`: the maximum, else the sum):
+    /// over each plane, then over the planes through shared memory. Every unit of the cube
+    /// gets the result; the shared buffer is free again when it returns.
+    #[cube]
+    pub fn cube_reduce(value: f32, #[comptime] planes: usize, #[comptime] max: bool) -> f32 {
+        let mut parts = Shared::<[f32]>::new_slice(planes);
+        let plane = if max { plane_max(value) } else { plane_sum(value) };
+        if UNIT_POS_X == 0 {
+            parts[UNIT_POS_Y as usize] = plane;
+        }
+        sync_cube();
+        let mut total = parts[0];
+        for p in 1..CUBE_DIM_Y as usize {
+            if max {
+                total = f32::max(total, parts[p]);
+            } else {
+                total += parts[p];
+            }
+        }
+        // Every unit has read the parts before any reuses the buffer.
+        sync_cube();
+        total
+    }
+
     /// Vector index of the first element of row `row` of `t`, the rows being every axis but
     /// the last (which is contiguous), laid out by `t`'s strides: a view need not be copied.
     #[cube]

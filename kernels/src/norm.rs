@@ -68,7 +68,7 @@ pub(crate) mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
-    use crate::launch::device::row_start;
+    use crate::launch::device::{cube_reduce, row_start};
 
     /// One vector normalised and scaled as transformers rounds: `dtype(weight * dtype(value *
     /// inv))`, the normalised value rounded to the dtype before the weight.
@@ -102,17 +102,7 @@ pub(crate) mod device {
     /// and then over the cube's planes (every unit of the cube gets the result).
     #[cube]
     fn inverse_rms(partial: f32, n: usize, eps: f32) -> f32 {
-        let planes = CUBE_DIM_Y as usize;
-        let mut sums = Shared::<[f32]>::new_slice(crate::norm::PLANES_PER_ROW as usize);
-        let plane_total = plane_sum(partial);
-        if UNIT_POS_X == 0 {
-            sums[UNIT_POS_Y as usize] = plane_total;
-        }
-        sync_cube();
-        let mut total = f32::new(0.0);
-        for p in 0..planes {
-            total += sums[p];
-        }
+        let total = cube_reduce(partial, crate::norm::PLANES_PER_ROW as usize, false);
         f32::new(1.0) / (total / f32::cast_from(n) + eps).sqrt()
     }
 

@@ -56,6 +56,9 @@ impl SoftmaxOps for CubeBackend {
 mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
+    use crate::launch::device::cube_reduce;
+
+    const PLANES: usize = crate::softmax::PLANES_PER_ROW as usize;
 
     /// The score at `s` of a row as transformers forms it: rounded to the dtype after the
     /// scale, then in f32 plus the mask.
@@ -63,28 +66,6 @@ mod device {
     fn score<E: Float>(scores: &Tensor<E>, start: usize, mask: &Tensor<f32>, m_start: usize, s: usize, scale: f32) -> f32 {
         let scaled = E::cast_from(f32::cast_from(scores[start + s]) * scale);
         f32::cast_from(scaled) + mask[m_start + s]
-    }
-
-    /// `value` combined over the cube: the plane's maximum or sum, then the planes'.
-    #[cube]
-    fn cube_reduce(value: f32, #[comptime] max: bool) -> f32 {
-        let mut parts = Shared::<[f32]>::new_slice(crate::softmax::PLANES_PER_ROW as usize);
-        let plane = if max { plane_max(value) } else { plane_sum(value) };
-        if UNIT_POS_X == 0 {
-            parts[UNIT_POS_Y as usize] = plane;
-        }
-        sync_cube();
-        let mut total = parts[0];
-        for p in 1..CUBE_DIM_Y as usize {
-            if max {
-                total = f32::max(total, parts[p]);
-            } else {
-                total += parts[p];
-            }
-        }
-        // Every unit has read the parts before any reuses the buffer.
-        sync_cube();
-        total
     }
 
     #[cube(launch_unchecked)]
@@ -113,14 +94,14 @@ mod device {
             most = f32::max(most, score(scores, start, mask, m_start, s, scale));
             s += step;
         }
-        let most = cube_reduce(most, true);
+        let most = cube_reduce(most, PLANES, true);
         let mut sum = f32::new(0.0);
         let mut s = UNIT_POS as usize;
         while s < slots {
             sum += (score(scores, start, mask, m_start, s, scale) - most).exp();
             s += step;
         }
-        let inv = f32::new(1.0) / cube_reduce(sum, false);
+        let inv = f32::new(1.0) / cube_reduce(sum, PLANES, false);
         let o_start = row * slots;
         let mut s = UNIT_POS as usize;
         while s < slots {
