@@ -29,7 +29,7 @@ use core::marker::PhantomData;
 /// Incompatible changes bump this; the host refuses a plugin with another major version.
 pub const ABI_MAJOR: u32 = 1;
 /// Appended fields bump this; a host accepts plugins with any minor version.
-pub const ABI_MINOR: u32 = 1;
+pub const ABI_MINOR: u32 = 2;
 
 /// What went wrong, coarsely, so the host can react without parsing messages.
 #[repr(u8)]
@@ -197,6 +197,9 @@ pub struct PluginModule {
     /// requests one after another through `infer`.
     #[sabi(missing_field(option))]
     pub infer_batch: extern "C" fn(model: u64, request_json: RStr<'_>) -> PluginResult<RString>,
+    /// ABI 1.2: the model's scheduler counters ([`crate::types::SchedulerStats`] as JSON).
+    #[sabi(missing_field(option))]
+    pub stats: extern "C" fn(model: u64) -> PluginResult<RString>,
 }
 
 impl RootModule for PluginModuleRef {

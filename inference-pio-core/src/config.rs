@@ -195,6 +195,7 @@ impl Profile {
                 prefill_chunk_tokens: 2048,
                 max_context_tokens: None,
                 cuda_graphs: true,
+                ..ServingSettings::DEFAULT.into_settings()
             },
             // Whole prompt in one pass: fastest prefill, highest peak activation memory.
             Profile::Performance => OptimizationSettings {
@@ -202,6 +203,7 @@ impl Profile {
                 prefill_chunk_tokens: 0,
                 max_context_tokens: None,
                 cuda_graphs: true,
+                ..ServingSettings::DEFAULT.into_settings()
             },
             // bf16 everywhere, small prefill chunks, KV cache capped at 8,192 tokens.
             Profile::MemoryEfficient => OptimizationSettings {
@@ -209,6 +211,7 @@ impl Profile {
                 prefill_chunk_tokens: 128,
                 max_context_tokens: Some(8192),
                 cuda_graphs: true,
+                ..ServingSettings { max_num_seqs: 32, ..ServingSettings::DEFAULT }.into_settings()
             },
             // f32 everywhere: the reference numerics.
             Profile::Accuracy => OptimizationSettings {
@@ -216,6 +219,7 @@ impl Profile {
                 prefill_chunk_tokens: 0,
                 max_context_tokens: None,
                 cuda_graphs: true,
+                ..ServingSettings::DEFAULT.into_settings()
             },
         }
     }
@@ -231,12 +235,81 @@ pub struct OptimizationSettings {
     pub prefill_chunk_tokens: u32,
     /// Caps the KV cache (and so prompt + generation) below the model's own context.
     pub max_context_tokens: Option<u32>,
-    /// Decode steps read their inputs from device buffers refreshed in place; on CUDA each
-    /// step is recorded once as a CUDA graph (per 256-slot block of the KV cache) and
-    /// replayed, which removes the host's kernel queuing. `false`: every step is queued
-    /// from the host (the eager path). Numerics are the same either way.
+    /// Steps of decode rows only read their inputs from device buffers refreshed in place;
+    /// on CUDA each shape (rows padded to 1, 2, 4 ... 256; context gathered in 256-slot
+    /// steps) is recorded once as a CUDA graph and replayed, which removes the host's kernel
+    /// queuing. `false`: every step is queued from the host. Numerics are the same either way.
     #[serde(default = "default_true")]
     pub cuda_graphs: bool,
+    /// Sequences the scheduler steps together at most (running decodes plus prefilling
+    /// prompts); later requests wait.
+    #[serde(default = "default_max_num_seqs")]
+    pub max_num_seqs: u32,
+    /// Tokens one scheduler step computes at most: one per running decode, then chunks of
+    /// waiting prompts filling what is left (chunked prefill).
+    #[serde(default = "default_max_num_batched_tokens")]
+    pub max_num_batched_tokens: u32,
+    /// The paged KV cache's size in GB (decimal). `None`: on CUDA a share
+    /// (`gpu_memory_utilization`) of the GPU memory left after the weights, on the CPU 1 GB;
+    /// both capped at what `max_num_seqs` full contexts need and at `limits.gpu_memory_gb` /
+    /// `memory_gb` minus the weights.
+    #[serde(default)]
+    pub kv_cache_gb: Option<f64>,
+    /// CUDA, when `kv_cache_gb` is unset: the share of the GPU memory free after the weights
+    /// that the KV cache takes (vLLM's `gpu_memory_utilization`, here of what is free).
+    #[serde(default)]
+    pub gpu_memory_utilization: Option<f64>,
+    /// Full KV blocks are kept by content hash and reused by later requests with the same
+    /// prefix (a shared system prompt is prefilled once). `false`: every prompt is computed.
+    #[serde(default = "default_true")]
+    pub prefix_caching: bool,
+    /// Tokens per KV-cache block (a power of two, 1 to 256).
+    #[serde(default = "default_kv_block_tokens")]
+    pub kv_block_tokens: u32,
+}
+
+/// The serving (scheduler and KV cache) part of [`OptimizationSettings`], as the profiles set it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ServingSettings {
+    pub max_num_seqs: u32,
+    pub max_num_batched_tokens: u32,
+    pub prefix_caching: bool,
+    pub kv_block_tokens: u32,
+}
+
+impl ServingSettings {
+    /// vLLM's defaults for one GPU: 256 sequences, a 2,048-token step budget (its chunked
+    /// prefill default), prefix caching on; blocks of 16 tokens.
+    pub const DEFAULT: Self = Self { max_num_seqs: 256, max_num_batched_tokens: 2048, prefix_caching: true, kv_block_tokens: 16 };
+
+    /// Full settings with these serving values (the rest as the balanced profile's, to be
+    /// overridden with struct update syntax).
+    pub const fn into_settings(self) -> OptimizationSettings {
+        OptimizationSettings {
+            dtype: None,
+            prefill_chunk_tokens: 2048,
+            max_context_tokens: None,
+            cuda_graphs: true,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            kv_cache_gb: None,
+            gpu_memory_utilization: None,
+            prefix_caching: self.prefix_caching,
+            kv_block_tokens: self.kv_block_tokens,
+        }
+    }
+}
+
+fn default_max_num_seqs() -> u32 {
+    ServingSettings::DEFAULT.max_num_seqs
+}
+
+fn default_max_num_batched_tokens() -> u32 {
+    ServingSettings::DEFAULT.max_num_batched_tokens
+}
+
+fn default_kv_block_tokens() -> u32 {
+    ServingSettings::DEFAULT.kv_block_tokens
 }
 
 fn default_true() -> bool {
@@ -250,7 +323,77 @@ impl Default for OptimizationSettings {
 }
 
 impl OptimizationSettings {
-    pub const KEYS: [&'static str; 4] = ["dtype", "prefill_chunk_tokens", "max_context_tokens", "cuda_graphs"];
+    pub const KEYS: [&'static str; 10] = [
+        "dtype",
+        "prefill_chunk_tokens",
+        "max_context_tokens",
+        "cuda_graphs",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "kv_cache_gb",
+        "gpu_memory_utilization",
+        "prefix_caching",
+        "kv_block_tokens",
+    ];
+
+    /// Values that cannot work; returns (key, reason).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, r: String| Err((k.to_string(), r));
+
+        if self.max_context_tokens == Some(0) {
+            return bad("max_context_tokens", "must be at least 1".into());
+        }
+        if self.max_num_seqs == 0 || self.max_num_seqs > 4096 {
+            return bad("max_num_seqs", format!("must be 1 to 4096, got {}", self.max_num_seqs));
+        }
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            return bad(
+                "max_num_batched_tokens",
+                format!(
+                    "{} is less than max_num_seqs ({}): a step must hold one token of every running sequence",
+                    self.max_num_batched_tokens, self.max_num_seqs
+                ),
+            );
+        }
+        if !(self.kv_block_tokens.is_power_of_two() && self.kv_block_tokens <= 256) {
+            return bad("kv_block_tokens", format!("must be a power of two from 1 to 256, got {}", self.kv_block_tokens));
+        }
+        if let Some(gb) = self.kv_cache_gb
+            && !(gb.is_finite() && gb > 0.0)
+        {
+            return bad("kv_cache_gb", format!("must be positive, got {gb}"));
+        }
+        if let Some(u) = self.gpu_memory_utilization {
+            if !(u.is_finite() && u > 0.0 && u <= 1.0) {
+                return bad("gpu_memory_utilization", format!("must be in (0, 1], got {u}"));
+            }
+            if self.kv_cache_gb.is_some() {
+                return bad("gpu_memory_utilization", "set either kv_cache_gb or gpu_memory_utilization, not both".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys that size the KV cache at load, so cannot change while a model is loaded.
+    pub fn load_time_keys_changed(&self, other: &Self) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.dtype != other.dtype {
+            changed.push("dtype");
+        }
+        if self.max_context_tokens != other.max_context_tokens {
+            changed.push("max_context_tokens");
+        }
+        if self.kv_cache_gb != other.kv_cache_gb {
+            changed.push("kv_cache_gb");
+        }
+        if self.gpu_memory_utilization != other.gpu_memory_utilization {
+            changed.push("gpu_memory_utilization");
+        }
+        if self.kv_block_tokens != other.kv_block_tokens {
+            changed.push("kv_block_tokens");
+        }
+        changed
+    }
 }
 
 /// The `[host]` table.
@@ -280,6 +423,13 @@ pub struct PluginSection {
     pub max_context_tokens: Option<u32>,
     /// Overrides the profile's `cuda_graphs`.
     pub cuda_graphs: Option<bool>,
+    /// Override the profile's scheduler and KV-cache settings (see [`OptimizationSettings`]).
+    pub max_num_seqs: Option<u32>,
+    pub max_num_batched_tokens: Option<u32>,
+    pub kv_cache_gb: Option<f64>,
+    pub gpu_memory_utilization: Option<f64>,
+    pub prefix_caching: Option<bool>,
+    pub kv_block_tokens: Option<u32>,
     #[serde(default)]
     pub limits: ResourceLimits,
     /// `high`/`maximum`: run anyway (with a warning naming them) when the kernel lacks some of
@@ -312,6 +462,24 @@ impl PluginSection {
         }
         if let Some(graphs) = self.cuda_graphs {
             settings.cuda_graphs = graphs;
+        }
+        if let Some(n) = self.max_num_seqs {
+            settings.max_num_seqs = n;
+        }
+        if let Some(n) = self.max_num_batched_tokens {
+            settings.max_num_batched_tokens = n;
+        }
+        if self.kv_cache_gb.is_some() {
+            settings.kv_cache_gb = self.kv_cache_gb;
+        }
+        if self.gpu_memory_utilization.is_some() {
+            settings.gpu_memory_utilization = self.gpu_memory_utilization;
+        }
+        if let Some(on) = self.prefix_caching {
+            settings.prefix_caching = on;
+        }
+        if let Some(n) = self.kv_block_tokens {
+            settings.kv_block_tokens = n;
         }
         settings
     }
@@ -415,9 +583,10 @@ impl HostConfig {
                 .limits
                 .check_enforceable(level)
                 .map_err(|(key, reason)| self.invalid(format!("{prefix}.limits.{key}"), reason))?;
-            if section.max_context_tokens == Some(0) {
-                return Err(self.invalid(format!("{prefix}.max_context_tokens"), "must be at least 1".into()));
-            }
+            section
+                .optimization()
+                .validate()
+                .map_err(|(key, reason)| self.invalid(format!("{prefix}.{key}"), reason))?;
             validate_sampling(&section.sampling)
                 .map_err(|(key, reason)| self.invalid(format!("{prefix}.sampling.{key}"), reason))?;
         }
@@ -476,10 +645,33 @@ mod tests {
         assert_eq!(settings.dtype, Some(DType::Bf16));
         assert_eq!(settings.prefill_chunk_tokens, 64);
         assert_eq!(settings.max_context_tokens, Some(8192));
-        assert!(settings.cuda_graphs, "profiles capture decode steps");
+        assert_eq!(settings.max_num_seqs, 32);
+        assert!(settings.cuda_graphs, "profiles record decode steps");
         assert_eq!(config.plugin("other").optimization(), Profile::Balanced.settings());
         let off = parse("[plugins.qwen]\ncuda_graphs = false\n").expect("valid");
         assert!(!off.plugin("qwen").optimization().cuda_graphs);
+        let serving = parse(
+            "[plugins.qwen]\nmax_num_seqs = 8\nmax_num_batched_tokens = 64\nkv_cache_gb = 2.5\nprefix_caching = false\nkv_block_tokens = 32\n",
+        )
+        .expect("valid");
+        let s = serving.plugin("qwen").optimization();
+        assert_eq!((s.max_num_seqs, s.max_num_batched_tokens, s.kv_cache_gb, s.prefix_caching, s.kv_block_tokens), (8, 64, Some(2.5), false, 32));
+    }
+
+    #[test]
+    fn serving_settings_that_cannot_work_are_rejected_with_key() {
+        for (text, key) in [
+            ("max_num_seqs = 0", "max_num_seqs"),
+            ("max_num_seqs = 64\nmax_num_batched_tokens = 32", "max_num_batched_tokens"),
+            ("kv_block_tokens = 24", "kv_block_tokens"),
+            ("kv_cache_gb = 0", "kv_cache_gb"),
+            ("gpu_memory_utilization = 1.5", "gpu_memory_utilization"),
+            ("kv_cache_gb = 1\ngpu_memory_utilization = 0.5", "gpu_memory_utilization"),
+            ("max_context_tokens = 0", "max_context_tokens"),
+        ] {
+            let err = parse(&format!("[plugins.qwen]\n{text}\n")).expect_err(text);
+            assert!(err.to_string().contains(&format!("plugins.qwen.{key}")), "{text}: {err}");
+        }
     }
 
     #[test]

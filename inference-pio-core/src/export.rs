@@ -6,7 +6,7 @@
 use crate::abi::{ErrorKind, PluginError, PluginResult, TokenSink};
 use crate::types::{
     BatchInferRequest, BatchInferResponse, ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions,
-    ModelInfo, PluginMetadata, PluginSettings, PromptInput, ScoreRequest, ScoreResponse, Support,
+    ModelInfo, PluginMetadata, PluginSettings, PromptInput, ScoreRequest, SchedulerStats, ScoreResponse, Support,
     Timings, UpdateOutcome,
 };
 use abi_stable::std_types::{RResult, RStr, RString};
@@ -41,6 +41,12 @@ pub trait Plugin: Send + Sync + 'static {
     /// [`Plugin::infer`] (same results, no batching); plugins that batch override it.
     fn infer_batch(&self, model: u64, request: BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
         infer_one_by_one(request.requests, |one| self.infer(model, one, &mut |_, _| true))
+    }
+
+    /// The model's scheduler counters (ABI 1.2). This default: unsupported.
+    fn stats(&self, model: u64) -> Result<SchedulerStats, PluginError> {
+        let _ = model;
+        Err(PluginError::new(ErrorKind::Unsupported, "this plugin keeps no scheduler counters"))
     }
 
     /// A plain prompt, no chat template.
@@ -219,6 +225,9 @@ impl<P: Plugin> Exported<P> {
             encode(&p.infer_batch(model, request)?)
         })
     }
+    pub fn stats(&self, model: u64) -> PluginResult<RString> {
+        self.call(|p| encode(&p.stats(model)?))
+    }
     pub fn score(&self, model: u64, request_json: RStr<'_>) -> PluginResult<RString> {
         self.call(|p| encode(&p.score(model, decode("score request", request_json)?)?))
     }
@@ -325,6 +334,7 @@ macro_rules! export_plugin {
             pub extern "C" fn update_config(u: RStr<'_>) -> PluginResult<RString> { E.update_config(u) }
             pub extern "C" fn cleanup(m: u64) -> PluginResult<()> { E.cleanup(m) }
             pub extern "C" fn infer_batch(m: u64, r: RStr<'_>) -> PluginResult<RString> { E.infer_batch(m, r) }
+            pub extern "C" fn stats(m: u64) -> PluginResult<RString> { E.stats(m) }
 
             #[$crate::__abi_stable::export_root_module]
             pub fn inference_pio_root_module() -> $crate::abi::PluginModuleRef {
@@ -343,6 +353,7 @@ macro_rules! export_plugin {
                     update_config,
                     cleanup,
                     infer_batch,
+                    stats,
                 }
                 .leak_into_prefix()
             }

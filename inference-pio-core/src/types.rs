@@ -182,6 +182,16 @@ pub struct ModelInfo {
     /// Sampling defaults read from the model's `generation_config.json`.
     pub generation_defaults: SamplingOverrides,
     pub load_seconds: f64,
+    /// The paged KV cache preallocated at load: blocks, tokens per block, bytes, and what
+    /// sized it.
+    #[serde(default)]
+    pub kv_cache_blocks: u64,
+    #[serde(default)]
+    pub kv_block_tokens: u64,
+    #[serde(default)]
+    pub kv_cache_bytes: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kv_cache_sized_by: String,
 }
 
 /// Sampling fields that may be left unset (then: the request's default chain).
@@ -204,6 +214,10 @@ pub struct SamplingParams {
     #[serde(default, flatten)]
     pub values: SamplingOverrides,
     pub seed: Option<u64>,
+    /// EOS ids do not end generation: it runs to `max_new_tokens` (vLLM's `ignore_eos`;
+    /// benchmarks).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
 }
 
 /// One chat message, in the OpenAI / transformers shape.
@@ -343,6 +357,40 @@ pub struct Timings {
     #[serde(default)]
     pub steady_decode_tokens_per_s: f64,
     pub total_s: f64,
+    /// Prompt tokens taken from the prefix cache instead of being computed.
+    #[serde(default)]
+    pub cached_prompt_tokens: u64,
+    /// The paged KV cache when the request ended: blocks in use (all sequences) and in all.
+    #[serde(default)]
+    pub kv_blocks_used: u64,
+    #[serde(default)]
+    pub kv_blocks_total: u64,
+}
+
+/// A loaded model's scheduler counters (ABI 1.2 `stats`): the server's `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerStats {
+    /// Sequences being stepped, and waiting for admission.
+    pub running: u64,
+    pub waiting: u64,
+    /// Sequences whose blocks were freed to make room, to be recomputed.
+    pub preemptions: u64,
+    pub kv_blocks_used: u64,
+    pub kv_blocks_total: u64,
+    pub kv_block_tokens: u64,
+    /// Full blocks holding a known prefix (free or in use).
+    pub kv_blocks_cached: u64,
+    /// Admissions that looked up the prefix cache, the prompt tokens they covered, and those
+    /// found there (not computed).
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_query_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+    /// Tokens computed as prompts (recomputation included) and as decode rows.
+    pub prompt_tokens_computed: u64,
+    pub decode_tokens_computed: u64,
+    /// Scheduler steps run, and requests finished (any reason).
+    pub steps: u64,
+    pub requests_finished: u64,
 }
 
 /// Result of a generation request.

@@ -113,6 +113,11 @@ pub struct PromptArgs {
     /// Prompt as comma-separated token ids, used as they are.
     #[arg(long, group = "prompt_source", value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
+    /// `run` only: many prompts, submitted together (continuous batching; benchmarking). One
+    /// per line: a JSON list of token ids, or a JSON string (text, through the chat template
+    /// unless --raw). At most 256.
+    #[arg(long, group = "prompt_source")]
+    pub prompts_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -138,6 +143,9 @@ pub struct SamplingArgs {
     /// Extra stop string (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
+    /// Generate to --max-new-tokens even past the model's EOS (benchmarking).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 impl SamplingArgs {
@@ -151,7 +159,7 @@ impl SamplingArgs {
             max_new_tokens: self.max_new_tokens,
         };
         validate_sampling(&values).map_err(|(key, reason)| anyhow::anyhow!("--{}: {reason}", key.replace('_', "-")))?;
-        Ok(SamplingParams { greedy: self.greedy, values, seed: self.seed })
+        Ok(SamplingParams { greedy: self.greedy, values, seed: self.seed, ignore_eos: self.ignore_eos })
     }
 }
 
@@ -162,7 +170,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub prompt: PromptArgs,
     /// Use --prompt as raw text, without the chat template.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, requires = "prompt_source")]
     pub raw: bool,
     /// System prompt for the chat template.
     #[arg(long, requires = "prompt", conflicts_with = "raw")]
@@ -563,6 +571,9 @@ fn read_tools(path: Option<&Path>) -> anyhow::Result<Option<serde_json::Value>> 
 }
 
 fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, tools: Option<serde_json::Value>, info: &ModelInfo) -> anyhow::Result<PromptInput> {
+    if prompt.prompts_file.is_some() {
+        bail!("--prompts-file is for `run` only");
+    }
     if let Some(ids) = &prompt.prompt_ids {
         if ids.is_empty() {
             bail!("--prompt-ids is empty");
@@ -584,6 +595,36 @@ fn prompt_input(prompt: &PromptArgs, raw: bool, system: Option<&str>, tools: Opt
     Ok(PromptInput::Chat { messages, tools })
 }
 
+/// One line of a `--prompts-file`.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum PromptLine {
+    Ids(Vec<u32>),
+    Text(String),
+}
+
+/// The prompts of a `--prompts-file` (1 to 256, none empty), naming the line of a bad one.
+fn read_prompts_file(path: &Path) -> anyhow::Result<Vec<PromptLine>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --prompts-file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let prompt: PromptLine = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: expected a JSON list of token ids or a JSON string", path.display(), i + 1))?;
+        match &prompt {
+            PromptLine::Ids(ids) if ids.is_empty() => bail!("{} line {}: the prompt is empty", path.display(), i + 1),
+            PromptLine::Text(t) if t.is_empty() => bail!("{} line {}: the prompt is empty", path.display(), i + 1),
+            _ => {}
+        }
+        out.push(prompt);
+    }
+    let max = inference_pio_core::types::MAX_BATCH_REQUESTS;
+    match out.len() {
+        0 => bail!("--prompts-file {} holds no prompt", path.display()),
+        n if n > max => bail!("--prompts-file {} holds {n} prompts, more than the {max} one batch takes", path.display()),
+        _ => Ok(out),
+    }
+}
+
 /// Checks `--model` before any plugin is loaded: an existing path must be a readable model; a
 /// missing one must name a built-in model.
 fn precheck_model(model: Option<&Path>) -> anyhow::Result<()> {
@@ -603,15 +644,35 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let sampling = args.sampling.params()?;
     precheck_model(args.model.model.as_deref())?;
     let tools = read_tools(args.tools.as_deref())?;
+    if args.prompt.prompts_file.is_some() && args.batch > 1 {
+        bail!("--batch copies one prompt; --prompts-file already gives the batch");
+    }
     let host = Host::new(cli)?;
     let (selected, info) = host.load(&args.model, false)?;
-    let request = InferRequest {
-        input: prompt_input(&args.prompt, args.raw, args.system.as_deref(), tools, &info)?,
-        sampling,
-        stop: args.sampling.stop.clone(),
+    let stop = args.sampling.stop.clone();
+    // Several prompts (--prompts-file), or one (copied --batch times).
+    let requests: Vec<InferRequest> = match &args.prompt.prompts_file {
+        Some(path) => read_prompts_file(path)?
+            .into_iter()
+            .map(|p| -> anyhow::Result<InferRequest> {
+                let input = match p {
+                    PromptLine::Ids(ids) => PromptInput::TokenIds(ids),
+                    PromptLine::Text(text) => {
+                        let one = PromptArgs { prompt: Some(text), prompt_ids: None, prompts_file: None };
+                        prompt_input(&one, args.raw, args.system.as_deref(), tools.clone(), &info)?
+                    }
+                };
+                Ok(InferRequest { input, sampling: sampling.clone(), stop: stop.clone() })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None => {
+            let input = prompt_input(&args.prompt, args.raw, args.system.as_deref(), tools, &info)?;
+            vec![InferRequest { input, sampling, stop }; args.batch as usize]
+        }
     };
+    let request = requests[0].clone();
     let stdout = std::io::stdout();
-    let stream = !args.json && args.batch == 1;
+    let stream = !args.json && requests.len() == 1;
     let mut on_token = |_id: u32, text: &str| {
         if stream {
             let mut out = stdout.lock();
@@ -625,13 +686,13 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     let mut runs: Vec<(Vec<InferResponse>, Timings)> = Vec::new();
     let mut failure = None;
     for _ in 0..args.repeat {
-        let result = if args.batch == 1 {
+        let result = if requests.len() == 1 {
             selected.plugin.infer(info.handle, &request, &mut on_token).map(|r| {
                 let timings = r.timings.clone();
                 (vec![r], timings)
             })
         } else {
-            let batch = BatchInferRequest { requests: vec![request.clone(); args.batch as usize] };
+            let batch = BatchInferRequest { requests: requests.clone() };
             selected.plugin.infer_batch(info.handle, &batch).map(|r| (r.responses, r.timings))
         };
         match result {
@@ -642,6 +703,8 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // The scheduler's counters after the runs (plugins before ABI 1.2 have none).
+    let stats = if failure.is_none() { selected.plugin.stats(info.handle).ok() } else { None };
     let cleanup = selected.plugin.cleanup(info.handle);
     if let Some(e) = failure {
         return Err(e).with_context(|| format!("plugin `{}` failed", selected.id));
@@ -660,9 +723,10 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
             "tool_calls": response.tool_calls,
             "finish_reason": response.finish_reason,
             "timings": timings,
-            "batch": args.batch,
+            "batch": requests.len(),
+            "stats": stats,
         });
-        if args.batch > 1 {
+        if requests.len() > 1 {
             value["rows"] = rows
                 .iter()
                 .map(|r| {
@@ -672,6 +736,8 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
                         "reasoning": r.reasoning,
                         "tool_calls": r.tool_calls,
                         "finish_reason": r.finish_reason,
+                        "prompt_tokens": r.prompt_token_ids.len(),
+                        "timings": r.timings,
                     })
                 })
                 .collect();
@@ -681,7 +747,7 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         }
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        if args.batch == 1 {
+        if requests.len() == 1 {
             println!();
             print_structured(response);
         } else {

@@ -6,7 +6,7 @@ use crate::worker::{Enforcement, WorkerPlugin};
 use inference_pio_core::abi::PluginError;
 use inference_pio_core::types::{
     BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
-    ScoreRequest, ScoreResponse, Support, UpdateOutcome,
+    SchedulerStats, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
 };
 use std::path::Path;
 
@@ -63,6 +63,10 @@ impl PluginHandle {
     }
     pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {
         both!(self, p => p.score(model, request))
+    }
+    /// The model's scheduler counters (ABI 1.2).
+    pub fn stats(&self, model: u64) -> Result<SchedulerStats, PluginError> {
+        both!(self, p => p.stats(model))
     }
     pub fn update_config(&self, update: &ConfigUpdate) -> Result<UpdateOutcome, PluginError> {
         both!(self, p => p.update_config(update))

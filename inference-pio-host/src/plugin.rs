@@ -10,7 +10,7 @@ use abi_stable::std_types::{RResult, RStr, RString};
 use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError, PluginModuleRef, TokenSink};
 use inference_pio_core::types::{
     BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata,
-    PluginSettings, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
+    PluginSettings, SchedulerStats, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -189,6 +189,22 @@ impl LoadedPlugin {
                 Ok(response)
             }
             None => inference_pio_core::export::infer_one_by_one(&request.requests, |one| self.infer(model, one, &mut |_, _| true)),
+        }
+    }
+
+    /// The model's scheduler counters; a plugin built before ABI 1.2 has none (an
+    /// `unsupported` error saying so).
+    pub fn stats(&self, model: u64) -> Result<SchedulerStats, PluginError> {
+        self.guard()?;
+        match self.module.stats() {
+            Some(stats) => {
+                let text = self.check(stats(model))?;
+                self.json(text)
+            }
+            None => Err(PluginError::new(
+                inference_pio_core::abi::ErrorKind::Unsupported,
+                format!("plugin {} predates ABI 1.2 and reports no scheduler counters", self.path.display()),
+            )),
         }
     }
 

@@ -27,7 +27,7 @@ use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError};
 use inference_pio_core::config::{ResourceLimits, SecurityLevel};
 use inference_pio_core::types::{
     BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
-    ScoreRequest, ScoreResponse, Support, UpdateOutcome,
+    SchedulerStats, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted (a logits matrix of a long prompt fits).
 const MAX_FRAME: usize = 1 << 30;
 /// Default `timeout_s`.
@@ -71,6 +71,7 @@ pub enum Call {
     Infer { model: u64, request: InferRequest },
     InferBatch { model: u64, request: BatchInferRequest },
     Score { model: u64, request: ScoreRequest },
+    Stats { model: u64 },
     UpdateConfig(ConfigUpdate),
     Cleanup(u64),
 }
@@ -225,6 +226,7 @@ fn run_call(plugin: &LoadedPlugin, call: Call, stream: &mut UnixStream, cancel: 
         }
         Call::InferBatch { model, request } => value(plugin.infer_batch(model, &request)),
         Call::Score { model, request } => value(plugin.score(model, &request)),
+        Call::Stats { model } => value(plugin.stats(model)),
         Call::UpdateConfig(update) => value(plugin.update_config(&update)),
         Call::Cleanup(model) => value(plugin.cleanup(model)),
     }
@@ -690,6 +692,13 @@ impl WorkerPlugin {
         self.ensure_worker(&mut state)?;
         let handle = Self::model_handle(&state, model)?;
         decode(self.exchange(&mut state, &Call::InferBatch { model: handle, request: request.clone() }, &mut |_, _| true)?)
+    }
+
+    pub fn stats(&self, model: u64) -> Result<SchedulerStats, PluginError> {
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        self.ensure_worker(&mut state)?;
+        let handle = Self::model_handle(&state, model)?;
+        decode(self.exchange(&mut state, &Call::Stats { model: handle }, &mut |_, _| true)?)
     }
 
     pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {

@@ -363,3 +363,16 @@ mod tests {
         assert_eq!(product_shape(&Shape::new([1, 8, 3, 4]), &Shape::new([1, 8, 4, 5])), Shape::new([1, 8, 3, 5]));
     }
 }
+
+/// Free and total bytes of CUDA device `ordinal` (`cuMemGetInfo` through cudarc's run-time
+/// loaded driver); `None` without a driver or device.
+pub fn device_memory(ordinal: usize) -> Option<(u64, u64)> {
+    // cudarc panics when the driver library cannot be loaded; that is an answer here, not a
+    // failure.
+    std::panic::catch_unwind(|| {
+        let ctx = cudarc::driver::CudaContext::new(ordinal).ok()?;
+        ctx.mem_get_info().ok().map(|(free, total)| (free as u64, total as u64))
+    })
+    .ok()
+    .flatten()
+}

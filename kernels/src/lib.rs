@@ -12,6 +12,7 @@ mod launch;
 pub mod linear;
 pub mod matvec;
 pub mod norm;
+pub mod paged;
 pub mod reference;
 pub mod rotary;
 pub mod softmax;

@@ -5,40 +5,82 @@
 //! transformers `modeling_llama.py` / `modeling_qwen3.py` (`Qwen3Attention`, `Qwen3MLP`,
 //! `Qwen3DecoderLayer`, `eager_attention_forward`), `modeling_qwen3_moe.py`,
 //! `modeling_glm4_moe.py`.
+//!
+//! A forward pass computes one scheduler step: a flat batch of tokens from many sequences
+//! ([`StepBatch`]), whose keys and values go to a paged KV cache ([`KvPool`]) and whose
+//! attention reads each sequence's blocks ([`inference_pio_kernels::paged`]).
 
 use crate::error::EngineError;
 use crate::hf_config::DecoderConfig;
-use crate::kv_cache::KvCache;
 use crate::moe::{Mlp, MoeBlock, MoeSpec, moe_tensors};
 use crate::rope;
 use crate::weights::{Checkpoint, burn_dtype};
-use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType as BurnDType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::attention::{decode_attention, gqa_attention};
+use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
 use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight};
 
-/// The additive attention mask of a slot a query may not see.
-const MASKED: f32 = -1.0e9;
+/// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepBatch {
+    pub tokens: Vec<u32>,
+    /// Each token's position in its sequence (its rotary angle).
+    pub positions: Vec<usize>,
+    /// The cache slot each token's keys and values go to.
+    pub slots: Vec<usize>,
+    /// One per sequence, in the order of `tokens`; decode rows (one token) first.
+    pub spans: Vec<Span>,
+    /// Indices into `tokens` whose logits are wanted, in the order returned.
+    pub logit_rows: Vec<usize>,
+}
 
-/// The inputs of [`Decoder::device_step`], kept on the device between steps (see
-/// [`crate::decode_graph`], which owns and refreshes them).
-pub struct DeviceStep {
-    pub cache: KvCache,
-    /// Allocated cache slots the step attends over (the cache's storage).
-    pub slots: usize,
-    /// `[batch]`: this step's token per row.
+/// The paged KV cache's tensors: per layer, keys and values `[(blocks + 1) * block_tokens,
+/// kv_heads, head_dim]` in the model's dtype, preallocated at load. The extra last block is
+/// scratch, never handed to a sequence: the padding rows of a fixed-shape (CUDA-graph) decode
+/// step write and read there.
+pub struct KvPool {
+    layers: Vec<Option<(Tensor<3>, Tensor<3>)>>,
+    block_tokens: usize,
+    blocks: usize,
+}
+
+impl KvPool {
+    /// Bytes one block takes over all layers.
+    pub fn block_bytes(config: &DecoderConfig, dtype: DType, block_tokens: usize) -> u64 {
+        (config.num_hidden_layers * 2 * block_tokens * config.num_key_value_heads * config.head_dim) as u64 * dtype.size_bytes()
+    }
+
+    /// Blocks sequences may use (the scratch block not counted).
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    /// The first slot of the scratch block.
+    pub fn scratch_slot(&self) -> usize {
+        self.blocks * self.block_tokens
+    }
+
+    /// Whether every layer's tensors are uniquely owned, so that writes land in place (what a
+    /// recorded CUDA graph, which replays against fixed buffers, relies on).
+    pub fn is_unique(&self) -> bool {
+        self.layers.iter().flatten().all(|(k, v)| k.can_mut() && v.can_mut())
+    }
+}
+
+/// One step's inputs, on the device: token ids `[t]`, rotary `cos`/`sin` `[1, 1, t,
+/// rotary_dim]`, the cache slot of each token `[t]`, attention's layout, and the rows whose
+/// logits are wanted (`None`: every row).
+pub struct StepTensors {
     pub tokens: Tensor<1, Int>,
-    /// `[batch]`: each row's rotary position (its slot minus its padding).
-    pub positions: Tensor<1, Int>,
-    /// `[1]`: the cache slot this step writes.
-    pub slot: Tensor<1, Int>,
-    /// `[batch, 1]`: each row's left padding.
-    pub pads: Tensor<2, Int>,
-    /// `[1, slots]`: `0..slots`.
-    pub slot_ids: Tensor<2, Int>,
-    /// `[slots, rotary_dim]` from [`Decoder::rope_table`].
-    pub cos_table: Tensor<2>,
-    pub sin_table: Tensor<2>,
+    pub cos: Tensor<4>,
+    pub sin: Tensor<4>,
+    pub slots: Tensor<1, Int>,
+    pub layout: PagedLayout,
+    pub logit_rows: Option<Tensor<1, Int>>,
 }
 
 /// What differs between decoder families, beyond what the engine reads from `config.json`
@@ -117,15 +159,6 @@ struct Block {
     qk_norm: Option<Tensor<2>>,
     post_norm: Tensor<1>,
     mlp: FeedForward,
-}
-
-/// Which positions get logits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last position of each row (generation).
-    Last,
-    /// Every position (scoring).
-    All,
 }
 
 /// A loaded dense decoder.
@@ -246,69 +279,71 @@ impl Decoder {
         Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq })
     }
 
-    /// A fresh cache for rows with these left pads.
-    pub fn new_cache(&self, pads: Vec<usize>, capacity: usize) -> KvCache {
-        KvCache::new(self.blocks.len(), pads, capacity)
+    /// A KV pool of `blocks` blocks of `block_tokens` tokens, zeroed.
+    pub fn new_kv_pool(&self, blocks: usize, block_tokens: usize) -> KvPool {
+        let c = &self.config;
+        let shape = [(blocks + 1) * block_tokens, c.num_key_value_heads, c.head_dim];
+        let zeros = || Tensor::<3>::zeros(shape, (&self.device, burn_dtype(self.dtype)));
+        KvPool { layers: (0..self.blocks.len()).map(|_| Some((zeros(), zeros()))).collect(), block_tokens, blocks }
     }
 
-    /// Runs `tokens` (`[batch][t]`, equal lengths, left-padded rows as the cache says)
-    /// after what `cache` holds; returns f32 logits `[batch, t or 1, vocab]`.
-    pub fn forward(&self, tokens: &[Vec<u32>], cache: &mut KvCache, logits: Logits) -> Result<Tensor<3>, EngineError> {
-        let batch = tokens.len();
-        let t = tokens.first().map_or(0, Vec::len);
-        if batch == 0 || t == 0 || tokens.iter().any(|r| r.len() != t) || batch != cache.batch() {
-            return Err(EngineError::InvalidRequest("forward needs a non-empty rectangular batch matching the cache".into()));
-        }
+    /// Computes one step: writes its keys and values to `kv` and returns the f32 logits of
+    /// `batch.logit_rows`, `[rows, vocab]`.
+    pub fn forward(&self, batch: &StepBatch, kv: &mut KvPool) -> Result<Tensor<2>, EngineError> {
         let c = &self.config;
-        if let Some(&bad) = tokens.iter().flatten().find(|&&id| id as usize >= c.vocab_size) {
+        let t = batch.tokens.len();
+        let queries: usize = batch.spans.iter().map(|s| s.queries).sum();
+        if t == 0 || batch.positions.len() != t || batch.slots.len() != t || queries != t {
+            return Err(EngineError::InvalidRequest("a step needs tokens, positions, slots and spans that agree".into()));
+        }
+        if let Some(&bad) = batch.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
         }
-        let start = cache.len();
-        if start + t > cache.capacity() {
-            return Err(EngineError::InvalidRequest(format!(
-                "sequence of {} tokens exceeds the context of {} tokens",
-                start + t,
-                cache.capacity()
-            )));
+        let pool_slots = kv.blocks * kv.block_tokens;
+        if let Some(&bad) = batch.slots.iter().find(|&&s| s >= pool_slots) {
+            return Err(EngineError::InvalidRequest(format!("cache slot {bad} is outside the pool of {pool_slots} slots")));
         }
-        let h = c.hidden_size;
-        let bdt = burn_dtype(self.dtype);
-
-        let ids: Vec<i64> = tokens.iter().flatten().map(|&id| id as i64).collect();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [batch * t]), &self.device);
-        let x = self.embed.clone().select(0, ids).reshape([batch, t, h]);
-
-        let pads = cache.pads().to_vec();
-        let positions: Vec<Vec<usize>> = pads
-            .iter()
-            .map(|&pad| (start..start + t).map(|slot| slot.saturating_sub(pad)).collect())
-            .collect();
-        let (cos, sin) = rope::cos_sin(&self.inv_freq, &positions, &self.device, bdt);
-        // Attention runs over every allocated slot; those not yet written are masked.
-        let total = cache.slots_for(t);
-        let mask = self.attention_mask(&pads, start, t, total);
-        let x = self.blocks_forward(x, &cos, &sin, mask.as_ref(), &mut |l, k, v| Ok(cache.append(l, k, v)))?;
-        cache.advance(t);
-        Ok(self.logits(x, logits))
+        if batch.spans.iter().any(|s| s.blocks.len() * kv.block_tokens < s.context || s.queries > s.context) {
+            return Err(EngineError::InvalidRequest("a sequence's blocks do not cover its context".into()));
+        }
+        let device = &self.device;
+        let ints = |values: Vec<i64>| {
+            let n = values.len();
+            Tensor::<1, Int>::from_data(TensorData::new(values, [n]), device)
+        };
+        let (cos, sin) = rope::cos_sin(&self.inv_freq, std::slice::from_ref(&batch.positions), device, burn_dtype(self.dtype));
+        // A step that wants no logits (a prompt chunk before the last) still computes one row.
+        let wanted = if batch.logit_rows.is_empty() { vec![t - 1] } else { batch.logit_rows.clone() };
+        if let Some(&bad) = wanted.iter().find(|&&r| r >= t) {
+            return Err(EngineError::InvalidRequest(format!("logits asked of row {bad} of a {t}-token step")));
+        }
+        let all = wanted.len() == t && wanted.iter().enumerate().all(|(i, &r)| i == r);
+        let inputs = StepTensors {
+            tokens: ints(batch.tokens.iter().map(|&id| id as i64).collect()),
+            cos,
+            sin,
+            slots: ints(batch.slots.iter().map(|&s| s as i64).collect()),
+            layout: PagedLayout::new(&batch.spans, kv.block_tokens, &c.distinct_windows(), device),
+            logit_rows: (!all).then(|| ints(wanted.iter().map(|&r| r as i64).collect())),
+        };
+        let logits = self.forward_tensors(&inputs, kv)?;
+        if batch.logit_rows.is_empty() {
+            return Ok(Tensor::<2>::zeros([0, c.vocab_size], (device, BurnDType::F32)));
+        }
+        Ok(logits)
     }
 
-    /// The whole block stack over `x [batch, t, hidden]`. `store(layer, k, v)` writes this
-    /// step's keys and values (`[batch, kv_heads, t, head_dim]`, after RoPE) to the cache and
-    /// returns every allocated slot; `mask` (`[batch, 1, 1, t, slots]`, additive) hides the
-    /// slots a query may not see.
-    fn blocks_forward(
-        &self,
-        mut x: Tensor<3>,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        mask: Option<&Tensor<5>>,
-        store: &mut dyn FnMut(usize, Tensor<4>, Tensor<4>) -> Result<(Tensor<4>, Tensor<4>), EngineError>,
-    ) -> Result<Tensor<3>, EngineError> {
+    /// [`Self::forward`] on inputs already on the device (what a recorded decode step reads):
+    /// f32 logits `[rows, vocab]`. Reads nothing back to the host (mixture-of-experts layers
+    /// excepted, see [`Self::step_stays_on_device`]).
+    pub fn forward_tensors(&self, inputs: &StepTensors, kv: &mut KvPool) -> Result<Tensor<2>, EngineError> {
         let c = &self.config;
-        let [batch, t, h] = x.dims();
-        let d = c.head_dim;
+        let t = inputs.tokens.dims()[0];
+        let (h, d) = (c.hidden_size, c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let scale = (d as f64).powf(-0.5);
+        let (cos, sin, slots, layout) = (&inputs.cos, &inputs.sin, &inputs.slots, &inputs.layout);
+        let mut x = self.embed.clone().select(0, inputs.tokens.clone()).reshape([1, t, h]);
         // The last block output not yet added to the residual stream: each add runs together
         // with the normalisation after it (one kernel on the GPU).
         let mut pending: Option<Tensor<3>> = None;
@@ -317,119 +352,76 @@ impl Decoder {
                 Some(y) => add_rms_norm(x, y, &block.input_norm, c.rms_norm_eps),
                 None => (x.clone(), rms_norm(x, &block.input_norm, c.rms_norm_eps)),
             };
-            let normed = normed.reshape([batch * t, h]);
+            let normed = normed.reshape([t, h]);
             // Heads `[q.., k.., v..]`. Queries and keys get their QK-norm and rotary
             // embedding together (one normalisation, one rotation), then split as views.
-            let qkv = block.qkv.forward(normed).reshape([batch, t, nh + 2 * nkv, d]);
+            let qkv = block.qkv.forward(normed).reshape([1, t, nh + 2 * nkv, d]);
             let qk = qkv.clone().narrow(2, 0, nh + nkv);
             let qk = match &block.qk_norm {
                 Some(w) => qk_norm_rotary(qk, w, cos, sin, c.rms_norm_eps),
                 None => apply_rotary(qk.swap_dims(1, 2), cos, sin),
             };
-            let q = qk.clone().narrow(1, 0, nh);
-            let k = qk.narrow(1, nh, nkv);
-            let v = qkv.narrow(2, nh + nkv, nkv).swap_dims(1, 2);
-            let (k_all, v_all) = store(l, k, v)?;
-            // One query token per row (decode) runs through our kernel on the GPU.
-            let attn = decode_attention(q.clone(), &k_all, &v_all, mask, scale).unwrap_or_else(|| gqa_attention(q, &k_all, &v_all, mask, scale));
-            let attn = attn.swap_dims(1, 2).reshape([batch * t, nh * d]);
-            let (residual, normed) = add_rms_norm(residual, block.o.forward(attn).reshape([batch, t, h]), &block.post_norm, c.rms_norm_eps);
-            let normed = normed.reshape([batch * t, h]);
+            let q = qk.clone().narrow(1, 0, nh).swap_dims(1, 2).reshape([t, nh, d]);
+            let k = qk.narrow(1, nh, nkv).swap_dims(1, 2).reshape([t, nkv, d]);
+            let v = qkv.narrow(2, nh + nkv, nkv).reshape([t, nkv, d]);
+            let (k_pool, v_pool) = kv.layers[l]
+                .take()
+                .ok_or_else(|| EngineError::Device(format!("KV pool layer {l} was lost by an earlier failed step")))?;
+            let k_pool = k_pool.select_assign(0, slots.clone(), k, IndexingUpdateOp::Assign);
+            let v_pool = v_pool.select_assign(0, slots.clone(), v, IndexingUpdateOp::Assign);
+            let attn = paged_attention(q, &k_pool, &v_pool, layout, c.layer_windows[l], scale);
+            kv.layers[l] = Some((k_pool, v_pool));
+            let attn = attn.reshape([t, nh * d]);
+            let (residual, normed) = add_rms_norm(residual, block.o.forward(attn).reshape([1, t, h]), &block.post_norm, c.rms_norm_eps);
+            let normed = normed.reshape([t, h]);
             let mlp = match &block.mlp {
                 FeedForward::Dense(mlp) => mlp.forward(normed),
                 FeedForward::Moe(moe) => moe.forward(normed)?,
             };
             x = residual;
-            pending = Some(mlp.reshape([batch, t, h]));
+            pending = Some(mlp.reshape([1, t, h]));
             if crate::progress::enabled() && (l < 2 || l + 1 == self.blocks.len()) {
-                crate::progress::log(|| format!("layer {l} queued ({} x {t} tokens)", batch));
+                crate::progress::log(|| format!("layer {l} queued ({t} tokens)"));
             }
         }
-        Ok(match pending {
+        let x = match pending {
             Some(y) => x.add(y),
             None => x,
-        })
+        };
+        let x = match &inputs.logit_rows {
+            None => x,
+            Some(rows) => {
+                let n = rows.dims()[0];
+                x.reshape([t, h]).select(0, rows.clone()).reshape([1, n, h])
+            }
+        };
+        Ok(self.logits(x))
     }
 
-    /// Final norm and LM head; f32 logits `[batch, t or 1, vocab]`.
-    fn logits(&self, x: Tensor<3>, logits: Logits) -> Tensor<3> {
+    /// Final norm and LM head over `x [1, rows, hidden]`: f32 logits `[rows, vocab]`.
+    fn logits(&self, x: Tensor<3>) -> Tensor<2> {
         let c = &self.config;
-        let [batch, t, h] = x.dims();
-        let x = match logits {
-            Logits::Last => x.narrow(1, t - 1, 1),
-            Logits::All => x,
-        };
-        let rows = x.dims()[1];
-        let x = rms_norm(x, &self.norm, c.rms_norm_eps).reshape([batch * rows, h]);
-        let out = linear(x, &self.lm_head).reshape([batch, rows, c.vocab_size]);
+        let [_, rows, h] = x.dims();
+        let x = rms_norm(x, &self.norm, c.rms_norm_eps).reshape([rows, h]);
+        let out = linear(x, &self.lm_head);
         if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) }
     }
 
-    /// Whether a one-token step of `batch` rows runs without reading anything back to the
+    /// Whether a one-token step of `rows` rows runs without reading anything back to the
     /// host (mixture-of-experts layers place many rows by reading their routing decisions),
-    /// which capturing it as a CUDA graph requires.
-    pub fn step_stays_on_device(&self, batch: usize) -> bool {
+    /// which recording it as a CUDA graph requires.
+    pub fn step_stays_on_device(&self, rows: usize) -> bool {
         self.blocks.iter().all(|b| match &b.mlp {
             FeedForward::Dense(_) => true,
-            FeedForward::Moe(moe) => moe.routes_on_device(batch),
+            FeedForward::Moe(moe) => moe.routes_on_device(rows),
         })
     }
 
-    /// The rotary `cos`/`sin` of positions `0..slots`, `[slots, rotary_dim]` in the model's
-    /// dtype: the same values [`rope::cos_sin`] gives a step at those positions.
-    pub fn rope_table(&self, slots: usize) -> (Tensor<2>, Tensor<2>) {
+    /// The rotary `cos`/`sin` of positions `0..positions`, `[positions, rotary_dim]` in the
+    /// model's dtype: the values [`rope::cos_sin`] gives a step at those positions.
+    pub fn rope_table(&self, positions: usize) -> (Tensor<2>, Tensor<2>) {
         let rot = self.inv_freq.len() * 2;
-        let (cos, sin) = rope::cos_sin(&self.inv_freq, &[(0..slots).collect()], &self.device, burn_dtype(self.dtype));
-        (cos.reshape([slots, rot]), sin.reshape([slots, rot]))
-    }
-
-    /// One decode step whose inputs all live on the device ([`DeviceStep`]), so it can be
-    /// recorded once and replayed: the token ids, each row's position and the slot written
-    /// change between replays without the host touching the step. The cache must already
-    /// hold `inputs.slots` allocated slots. Returns f32 logits `[batch, 1, vocab]`.
-    pub fn device_step(&self, inputs: &mut DeviceStep) -> Result<Tensor<3>, EngineError> {
-        let c = &self.config;
-        let batch = inputs.cache.batch();
-        let slots = inputs.slots;
-        let rot = self.inv_freq.len() * 2;
-        let x = self.embed.clone().select(0, inputs.tokens.clone()).reshape([batch, 1, c.hidden_size]);
-        let cos = inputs.cos_table.clone().select(0, inputs.positions.clone()).reshape([batch, 1, 1, rot]);
-        let sin = inputs.sin_table.clone().select(0, inputs.positions.clone()).reshape([batch, 1, 1, rot]);
-        // Query at `slot` sees slots `pad..=slot` of its row.
-        let last = inputs.slot.clone().reshape([1, 1]);
-        let mask = self.additive_mask(inputs.slot_ids.clone(), inputs.pads.clone(), last, [batch, slots]).reshape([batch, 1, 1, 1, slots]);
-        let (cache, slot) = (&mut inputs.cache, &inputs.slot);
-        let x = self.blocks_forward(x, &cos, &sin, Some(&mask), &mut |l, k, v| {
-            cache
-                .write_at(l, k, v, slot)
-                .ok_or_else(|| EngineError::InvalidRequest("a device-resident decode step needs a prefilled cache".into()))
-        })?;
-        Ok(self.logits(x, Logits::Last))
-    }
-
-    /// Additive mask `[batch, 1, 1, t, total]`: query `i` (slot `start + i`) sees slots
-    /// `pad..=start + i`. `None` when nothing is masked (one new token filling the last
-    /// allocated slot, no padding).
-    fn attention_mask(&self, pads: &[usize], start: usize, t: usize, total: usize) -> Option<Tensor<5>> {
-        if t == 1 && start + 1 == total && pads.iter().all(|&p| p == 0) {
-            return None;
-        }
-        // Built on the device: a 2,048-token prompt's mask is 16 MB of f32 that the host would
-        // otherwise fill and upload.
-        let batch = pads.len();
-        let shape = [batch, t, total];
-        let ints = |values: Vec<i64>, dims: [usize; 3]| Tensor::<3, Int>::from_data(TensorData::new(values, dims), &self.device);
-        let slot = ints((0..total as i64).collect(), [1, 1, total]);
-        let last = ints((start as i64..(start + t) as i64).collect(), [1, t, 1]);
-        let pad = ints(pads.iter().map(|&p| p as i64).collect(), [batch, 1, 1]);
-        Some(self.additive_mask(slot, pad, last, shape).reshape([batch, 1, 1, t, total]))
-    }
-
-    /// The additive mask over `shape` (the three broadcast to it): 0 where `pad <= slot <=
-    /// last`, [`MASKED`] elsewhere.
-    fn additive_mask<const D: usize>(&self, slot: Tensor<D, Int>, pad: Tensor<D, Int>, last: Tensor<D, Int>, shape: [usize; D]) -> Tensor<D> {
-        let slot = slot.expand(shape);
-        let seen = slot.clone().greater_equal(pad.expand(shape)).bool_and(slot.lower_equal(last.expand(shape)));
-        Tensor::<D>::zeros(shape, (&self.device, BurnDType::F32)).mask_fill(seen.bool_not(), MASKED)
+        let (cos, sin) = rope::cos_sin(&self.inv_freq, &[(0..positions).collect()], &self.device, burn_dtype(self.dtype));
+        (cos.reshape([positions, rot]), sin.reshape([positions, rot]))
     }
 }

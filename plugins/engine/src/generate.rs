@@ -1,22 +1,27 @@
-//! A loaded model ready to serve: decoder + tokenizer + chat template + generation defaults,
-//! and the generation loop (chunked prefill, decode, sampling, EOS ids and stop strings,
-//! streaming text, cancellation) over a batch of left-padded rows, plus scoring.
-//! Semantics follow transformers' `GenerationMixin.generate` and `generation_config.json`.
+//! A loaded model ready to serve: decoder + tokenizer + chat template + generation defaults
+//! ([`Model`]), and the requests' entry points ([`Engine`]: generate, batch, score), which
+//! resolve each request's defaults and hand it to the model's step loop
+//! ([`crate::serve`]: continuous batching over a paged KV cache). Semantics follow
+//! transformers' `GenerationMixin.generate` and `generation_config.json`.
 
 use crate::chat_template::ChatTemplate;
-use crate::decode_graph::DecodeSteps;
-use crate::decoder::{Decoder, Logits};
+use crate::decoder::Decoder;
 use crate::error::EngineError;
 use crate::hf_config::token_ids;
-use crate::sampling::{Sampler, SamplingConfig};
-use crate::tokenizer::{StreamDecoder, TextTokenizer};
-use burn::tensor::Tensor;
+use crate::sampling::SamplingConfig;
+use crate::serve::{Event, Finished, StepLoop, Submission, Work, decode_rates};
+use crate::tokenizer::TextTokenizer;
+use inference_pio_chat_output::OutputFormat;
 use inference_pio_core::config::OptimizationSettings;
-use inference_pio_chat_output::{OutputEvent, OutputFormat, OutputParser, ParsedOutput};
 use inference_pio_core::types::{
-    BatchInferResponse, FinishReason, InferRequest, InferResponse, PromptInput, SamplingOverrides, SamplingParams, ScoreResponse, Timings, ToolCall,
+    BatchInferResponse, FinishReason, InferRequest, InferResponse, PromptInput, SamplingOverrides, SamplingParams, SchedulerStats, ScoreResponse, Timings,
+    ToolCall,
 };
+use std::ops::Deref;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// When neither request, host config nor `generation_config.json` says.
@@ -56,7 +61,7 @@ impl GenerationDefaults {
 }
 
 /// A model with everything needed to answer requests.
-pub struct Engine {
+pub struct Model {
     pub decoder: Decoder,
     pub tokenizer: TextTokenizer,
     pub template: Option<ChatTemplate>,
@@ -68,23 +73,8 @@ pub struct Engine {
     pub output_format: OutputFormat,
 }
 
-/// Per-row state of a running generation.
-struct Row {
-    sampler: Sampler,
-    history: Vec<u32>,
-    new_ids: Vec<u32>,
-    text: String,
-    emitted: usize,
-    stream: StreamDecoder,
-    finish: Option<FinishReason>,
-    max_new: usize,
-    stop: Vec<String>,
-    /// Splits the text into answer, reasoning and tool calls (`None`: plain text).
-    parser: Option<Box<dyn OutputParser>>,
-    parsed: ParsedOutput,
-}
-
 /// One generation request after defaults are resolved.
+#[derive(Clone, Debug)]
 pub struct RowRequest {
     pub prompt: Vec<u32>,
     pub sampling: SamplingConfig,
@@ -92,9 +82,24 @@ pub struct RowRequest {
     pub stop: Vec<String>,
     /// The request's tools (OpenAI shape), which type the parsed tool-call arguments.
     pub tools: Option<serde_json::Value>,
+    /// EOS ids do not end the sequence (vLLM's `ignore_eos`; the fixtures' greedy runs).
+    pub ignore_eos: bool,
+}
+
+impl RowRequest {
+    /// Greedy, `max_new_tokens` at most, no stop strings.
+    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
+        Self { prompt, sampling: SamplingConfig::greedy(), max_new_tokens, stop: Vec::new(), tools: None, ignore_eos: false }
+    }
+
+    pub fn ignoring_eos(mut self) -> Self {
+        self.ignore_eos = true;
+        self
+    }
 }
 
 /// Result of one row.
+#[derive(Clone, Debug, PartialEq)]
 pub struct RowResult {
     pub new_ids: Vec<u32>,
     /// The answer text (all of it for plain-text models).
@@ -104,40 +109,7 @@ pub struct RowResult {
     pub finish: FinishReason,
 }
 
-/// Passes a text delta through an output parser: reasoning and tool calls are collected in
-/// `parsed`, the answer text is returned for streaming; `finished` flushes what the parser
-/// still holds (a tag prefix, an unterminated block).
-fn stream_through(parser: &mut dyn OutputParser, parsed: &mut ParsedOutput, delta: &str, finished: bool) -> String {
-    let mut events = parser.push(delta);
-    if finished {
-        events.extend(parser.finish());
-    }
-    let content: String = events
-        .iter()
-        .filter_map(|e| match e {
-            OutputEvent::Content(c) => Some(c.as_str()),
-            _ => None,
-        })
-        .collect();
-    parsed.extend(events);
-    content
-}
-
-/// Bytes of `text` that may be streamed now: everything except a tail that could still
-/// become a stop string.
-fn streamable_len(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for stop in stops {
-        for (i, _) in stop.char_indices().skip(1) {
-            if text.ends_with(&stop[..i]) {
-                hold = hold.max(i);
-            }
-        }
-    }
-    text.len() - hold
-}
-
-impl Engine {
+impl Model {
     /// Token ids of a prompt (chat template applied for chats).
     pub fn prompt_ids(&self, input: &PromptInput) -> Result<Vec<u32>, EngineError> {
         let ids = match input {
@@ -190,177 +162,8 @@ impl Engine {
         (config, max_new)
     }
 
-    fn last_logits(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, EngineError> {
-        let [batch, rows, vocab] = logits.dims();
-        let values = logits
-            .narrow(1, rows - 1, 1)
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
-        Ok((0..batch).map(|b| values[b * vocab..(b + 1) * vocab].to_vec()).collect())
-    }
-
-    /// Generates for several prompts at once (left-padded into one batch). `on_token(row,
-    /// id, text)` streams; returning `false` cancels every row.
-    pub fn generate_rows(
-        &self,
-        requests: Vec<RowRequest>,
-        optimization: &OptimizationSettings,
-        on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
-        timings: &mut Timings,
-    ) -> Result<Vec<RowResult>, EngineError> {
-        let started = Instant::now();
-        let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-        if requests.is_empty() || longest == 0 {
-            return Err(EngineError::InvalidRequest("nothing to generate from".into()));
-        }
-        let pads: Vec<usize> = requests.iter().map(|r| longest - r.prompt.len()).collect();
-        let pad_id = self.decoder.config.pad_token_id.or(self.eos_token_ids.first().copied()).unwrap_or(0);
-        let padded: Vec<Vec<u32>> = requests
-            .iter()
-            .map(|r| std::iter::repeat_n(pad_id, longest - r.prompt.len()).chain(r.prompt.iter().copied()).collect())
-            .collect();
-        let mut rows: Vec<Row> = requests
-            .into_iter()
-            .map(|r| Row {
-                sampler: Sampler::new(r.sampling),
-                history: r.prompt,
-                new_ids: Vec::new(),
-                text: String::new(),
-                emitted: 0,
-                stream: StreamDecoder::default(),
-                finish: None,
-                max_new: r.max_new_tokens,
-                stop: r.stop,
-                parser: (self.output_format != OutputFormat::Plain)
-                    .then(|| inference_pio_chat_output::parser(self.output_format, r.tools.as_ref())),
-                parsed: ParsedOutput::default(),
-            })
-            .collect();
-        let mut cache = self.decoder.new_cache(pads, self.max_context);
-
-        // Prefill, in chunks if the profile says so.
-        let chunk = match optimization.prefill_chunk_tokens as usize {
-            0 => longest,
-            n => n,
-        };
-        let mut logits = None;
-        let mut offset = 0;
-        while offset < longest {
-            let end = (offset + chunk).min(longest);
-            let part: Vec<Vec<u32>> = padded.iter().map(|p| p[offset..end].to_vec()).collect();
-            crate::progress::log(|| format!("prefill tokens {offset}..{end} of {longest}"));
-            logits = Some(self.decoder.forward(&part, &mut cache, Logits::Last)?);
-            offset = end;
-        }
-        let mut logits = Self::last_logits(logits.ok_or_else(|| EngineError::InvalidRequest("empty prompt".into()))?)?;
-        crate::progress::log(|| "prefill done, first logits on the host".to_string());
-        timings.prompt_tokens = rows.iter().map(|r| r.history.len() as u64).sum();
-        timings.time_to_first_token_s = started.elapsed().as_secs_f64();
-        timings.prefill_tokens_per_s = (longest * rows.len()) as f64 / timings.time_to_first_token_s.max(1e-9);
-        let decode_start = Instant::now();
-        let mut steps = DecodeSteps::new(&self.decoder, cache, optimization.cuda_graphs);
-        crate::progress::log(|| format!("decode steps: {:?}", steps.mode()));
-        // When each decode step ended (its count is the number of steps).
-        let mut step_ends: Vec<Instant> = Vec::new();
-
-        loop {
-            let mut cancelled = false;
-            for (b, row) in rows.iter_mut().enumerate() {
-                if row.finish.is_some() {
-                    continue;
-                }
-                let id = row.sampler.sample(&mut logits[b], &row.history);
-                row.history.push(id);
-                row.new_ids.push(id);
-                if self.eos_token_ids.contains(&id) {
-                    row.finish = Some(FinishReason::Eos);
-                } else {
-                    row.text.push_str(&row.stream.push(&self.tokenizer, id)?);
-                    if let Some(pos) = row.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
-                        row.text.truncate(pos);
-                        row.finish = Some(FinishReason::Stop);
-                    }
-                }
-                if row.finish.is_none() && row.new_ids.len() >= row.max_new {
-                    row.finish = Some(FinishReason::Length);
-                }
-                // The sequence (prompt + generated) never exceeds the context.
-                if row.finish.is_none() && steps.len() + 1 >= steps.capacity() {
-                    row.finish = Some(FinishReason::ContextFull);
-                }
-                let until = if row.finish.is_some() { row.text.len() } else { streamable_len(&row.text, &row.stop) };
-                let delta = if until > row.emitted { &row.text[row.emitted..until] } else { "" };
-                let finished = row.finish.is_some();
-                let keep_going = match row.parser.as_mut() {
-                    None => on_token(b, id, delta),
-                    Some(parser) => {
-                        let content = stream_through(parser.as_mut(), &mut row.parsed, delta, finished);
-                        on_token(b, id, &content)
-                    }
-                };
-                if !keep_going {
-                    cancelled = true;
-                }
-                row.emitted = row.emitted.max(until);
-            }
-            if cancelled {
-                for row in rows.iter_mut().filter(|r| r.finish.is_none()) {
-                    row.finish = Some(FinishReason::Cancelled);
-                    // What the parser still holds is kept in the result (not streamed: the
-                    // consumer asked to stop).
-                    if let Some(parser) = row.parser.as_mut() {
-                        let held = parser.finish();
-                        row.parsed.extend(held);
-                    }
-                }
-            }
-            if rows.iter().all(|r| r.finish.is_some()) {
-                break;
-            }
-            // Finished rows keep stepping (their output is ignored) so the batch stays rectangular.
-            let next: Vec<u32> = rows.iter().map(|r| *r.history.last().unwrap_or(&pad_id)).collect();
-            logits = Self::last_logits(steps.step(&next)?)?;
-            step_ends.push(Instant::now());
-            let n = step_ends.len();
-            if crate::progress::enabled() && (n <= 3 || n.is_power_of_two()) {
-                let step = if n >= 2 { step_ends[n - 1].duration_since(step_ends[n - 2]) } else { step_ends[0].duration_since(decode_start) };
-                crate::progress::log(|| format!("decode step {n}: {:.1} ms", step.as_secs_f64() * 1e3));
-            }
-        }
-        crate::progress::log(|| format!("decode steps done: {:?}", steps.counts));
-        let decode_steps = step_ends.len();
-        let half = decode_steps / 2;
-        if half > 0 {
-            let span = step_ends[decode_steps - 1].duration_since(step_ends[half - 1]).as_secs_f64();
-            timings.steady_decode_tokens_per_s = ((decode_steps - half) * rows.len()) as f64 / span.max(1e-9);
-        }
-        timings.generated_tokens = rows.iter().map(|r| r.new_ids.len() as u64).sum();
-        timings.decode_tokens_per_s = if decode_steps > 0 {
-            (decode_steps * rows.len()) as f64 / decode_start.elapsed().as_secs_f64().max(1e-9)
-        } else {
-            0.0
-        };
-        timings.total_s = started.elapsed().as_secs_f64();
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let (text, reasoning, tool_calls) = match r.parser {
-                    None => (r.text, String::new(), Vec::new()),
-                    Some(_) => (
-                        r.parsed.content,
-                        r.parsed.reasoning,
-                        r.parsed.tool_calls.into_iter().map(|c| ToolCall { name: c.name, arguments: c.arguments }).collect(),
-                    ),
-                };
-                RowResult { new_ids: r.new_ids, text, reasoning, tool_calls, finish: r.finish.unwrap_or(FinishReason::Length) }
-            })
-            .collect())
-    }
-
     /// A request with defaults resolved (prompt tokenized, sampling chosen).
-    fn row_request(
+    pub fn row_request(
         &self,
         input: &PromptInput,
         params: &SamplingParams,
@@ -376,19 +179,170 @@ impl Engine {
             PromptInput::Chat { tools, .. } => tools.clone(),
             _ => None,
         };
-        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools })
+        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos })
+    }
+}
+
+/// A loaded model and its step loop: what the plugin serves. Dereferences to the [`Model`].
+pub struct Engine {
+    model: Arc<Model>,
+    steps: StepLoop,
+}
+
+impl Deref for Engine {
+    type Target = Model;
+    fn deref(&self) -> &Model {
+        &self.model
+    }
+}
+
+/// A submitted request's events, and its cancel flag.
+struct Pending {
+    events: Receiver<(usize, Event)>,
+    cancels: Vec<Arc<AtomicBool>>,
+}
+
+fn response(prompt: Vec<u32>, result: RowResult, timings: Timings) -> InferResponse {
+    InferResponse {
+        prompt_token_ids: prompt,
+        token_ids: result.new_ids,
+        text: result.text,
+        reasoning: result.reasoning,
+        tool_calls: result.tool_calls,
+        finish_reason: result.finish,
+        timings,
+    }
+}
+
+fn chunk_of(optimization: &OptimizationSettings) -> usize {
+    optimization.prefill_chunk_tokens as usize
+}
+
+impl Engine {
+    /// Starts the step loop of `model` over `pool` with these settings.
+    pub fn start(model: Model, pool: crate::decoder::KvPool, optimization: &OptimizationSettings) -> Result<Self, EngineError> {
+        let model = Arc::new(model);
+        let steps = StepLoop::start(Arc::clone(&model), pool, optimization)?;
+        Ok(Self { model, steps })
     }
 
-    fn response(prompt: Vec<u32>, result: RowResult, timings: Timings) -> InferResponse {
-        InferResponse {
-            prompt_token_ids: prompt,
-            token_ids: result.new_ids,
-            text: result.text,
-            reasoning: result.reasoning,
-            tool_calls: result.tool_calls,
-            finish_reason: result.finish,
-            timings,
+    /// The scheduler's counters.
+    pub fn stats(&self) -> SchedulerStats {
+        self.steps.stats()
+    }
+
+    /// Applies the settings that may change while serving (sequence and token caps, prefix
+    /// caching).
+    pub fn configure(&self, optimization: &OptimizationSettings) {
+        self.steps.configure(optimization);
+    }
+
+    /// What the device-resident decode steps did (direct runs, CUDA-graph captures, replays).
+    pub fn graph_counts(&self) -> crate::serve::graph::StepCounts {
+        self.steps.graph_counts()
+    }
+
+    /// Tokens per KV block and blocks in the pool.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (self.steps.block_tokens(), self.steps.blocks())
+    }
+
+    fn submit(&self, works: Vec<Work>, chunk: usize, salt: &[u8]) -> Result<Pending, EngineError> {
+        let (tx, rx) = channel();
+        let mut cancels = Vec::with_capacity(works.len());
+        for (tag, work) in works.into_iter().enumerate() {
+            let cancel = Arc::new(AtomicBool::new(false));
+            cancels.push(Arc::clone(&cancel));
+            self.steps.submit(Submission { work, chunk, salt: salt.to_vec(), events: tx.clone(), tag, cancel })?;
         }
+        Ok(Pending { events: rx, cancels })
+    }
+
+    /// Runs requests together (each joins the running batch as the scheduler admits it);
+    /// `on_token(row, id, text)` streams, and returning `false` cancels that row. A row that
+    /// fails fails the call, naming its position when there are several.
+    pub fn generate_rows(
+        &self,
+        requests: Vec<RowRequest>,
+        optimization: &OptimizationSettings,
+        on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
+        timings: &mut Timings,
+    ) -> Result<Vec<RowResult>, EngineError> {
+        let finished = self.run_rows(requests, optimization, &[], on_token)?;
+        *timings = batch_timings(&finished);
+        Ok(finished.into_iter().map(|f| f.result).collect())
+    }
+
+    /// The events of `requests` until every one has ended.
+    fn run_rows(
+        &self,
+        requests: Vec<RowRequest>,
+        optimization: &OptimizationSettings,
+        salt: &[u8],
+        on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
+    ) -> Result<Vec<Finished>, EngineError> {
+        if requests.is_empty() {
+            return Err(EngineError::InvalidRequest("nothing to generate from".into()));
+        }
+        let rows = requests.len();
+        let pending = self.submit(requests.into_iter().map(Work::Generate).collect(), chunk_of(optimization), salt)?;
+        // What each row's consumer took: after a cancel, the row's result is what was
+        // delivered (the loop may have run ahead by a step).
+        let mut delivered: Vec<(Vec<u32>, String, bool)> = vec![(Vec::new(), String::new(), false); rows];
+        let mut results: Vec<Option<Result<Finished, EngineError>>> = (0..rows).map(|_| None).collect();
+        let mut left = rows;
+        while left > 0 {
+            let Ok((row, event)) = pending.events.recv() else {
+                return Err(EngineError::Device("the model's step loop stopped while requests were running".into()));
+            };
+            match event {
+                Event::Token { id, text } => {
+                    let d = &mut delivered[row];
+                    if d.2 {
+                        continue;
+                    }
+                    d.0.push(id);
+                    d.1.push_str(&text);
+                    if !on_token(row, id, &text) {
+                        d.2 = true;
+                        pending.cancels[row].store(true, Ordering::Relaxed);
+                    }
+                }
+                Event::Done(outcome) => {
+                    let outcome = (*outcome).map(|mut f| {
+                        let (ids, text, cancelled) = &delivered[row];
+                        if *cancelled && f.result.new_ids.len() > ids.len() {
+                            f.result.new_ids.truncate(ids.len());
+                            f.result.text = text.clone();
+                            f.result.finish = FinishReason::Cancelled;
+                            f.token_times.truncate(ids.len());
+                            f.timings.generated_tokens = ids.len() as u64;
+                        } else if *cancelled {
+                            f.result.finish = match f.result.finish {
+                                FinishReason::Cancelled | FinishReason::Length => FinishReason::Cancelled,
+                                other if f.result.new_ids.len() == ids.len() => other,
+                                _ => FinishReason::Cancelled,
+                            };
+                        }
+                        f
+                    });
+                    results[row] = Some(outcome);
+                    left -= 1;
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(rows);
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Some(Ok(f)) => out.push(f),
+                Some(Err(EngineError::InvalidRequest(m))) if rows > 1 => {
+                    return Err(EngineError::InvalidRequest(format!("request {i} of the batch: {m}")));
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(EngineError::Device("a request ended without a result".into())),
+            }
+        }
+        Ok(out)
     }
 
     /// One request, streamed.
@@ -403,13 +357,13 @@ impl Engine {
     ) -> Result<InferResponse, EngineError> {
         let request = self.row_request(input, params, stop, host_defaults)?;
         let prompt = request.prompt.clone();
-        let mut timings = Timings::default();
-        let mut results = self.generate_rows(vec![request], optimization, &mut |_, id, text| on_token(id, text), &mut timings)?;
-        Ok(Self::response(prompt, results.remove(0), timings))
+        let mut finished = self.run_rows(vec![request], optimization, &[], &mut |_, id, text| on_token(id, text))?;
+        let f = finished.remove(0);
+        Ok(response(prompt, f.result, f.timings))
     }
 
-    /// Several requests as one batch (left-padded rows, one forward pass per step), not
-    /// streamed. A bad request fails the batch, naming its position.
+    /// Several requests submitted together (continuous batching runs them as one batch while
+    /// they all fit), not streamed. A bad request fails the batch, naming its position.
     pub fn generate_batch(
         &self,
         requests: &[InferRequest],
@@ -427,35 +381,27 @@ impl Engine {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt.clone()).collect();
-        let mut timings = Timings::default();
-        let results = self.generate_rows(rows, optimization, &mut |_, _, _| true, &mut timings)?;
-        let responses = prompts
-            .into_iter()
-            .zip(results)
-            .map(|(prompt, result)| {
-                let row_timings = Timings {
-                    prompt_tokens: prompt.len() as u64,
-                    generated_tokens: result.new_ids.len() as u64,
-                    ..timings.clone()
-                };
-                Self::response(prompt, result, row_timings)
-            })
-            .collect();
+        let finished = self.run_rows(rows, optimization, &[], &mut |_, _, _| true)?;
+        let timings = batch_timings(&finished);
+        let responses = prompts.into_iter().zip(finished).map(|(prompt, f)| response(prompt, f.result, f.timings)).collect();
         Ok(BatchInferResponse { responses, timings })
     }
 
-    /// One forward pass over the whole sequence: perplexity and optionally all logits.
+    /// Logits at every prompt position: perplexity and optionally all logits.
     pub fn score(&self, input: &PromptInput, return_logits: bool) -> Result<ScoreResponse, EngineError> {
         let ids = self.prompt_ids(input)?;
-        let mut cache = self.decoder.new_cache(vec![0], self.max_context);
-        let logits = self.decoder.forward(std::slice::from_ref(&ids), &mut cache, Logits::All)?;
-        let vocab = self.decoder.config.vocab_size;
-        let values = logits
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
-        let rows: Vec<&[f32]> = values.chunks(vocab).collect();
+        let pending = self.submit(vec![Work::Score(ids.clone())], 0, &[])?;
+        let finished = loop {
+            match pending.events.recv() {
+                Ok((_, Event::Done(outcome))) => break (*outcome)?,
+                Ok(_) => continue,
+                Err(_) => return Err(EngineError::Device("the model's step loop stopped while scoring".into())),
+            }
+        };
+        let rows = finished.logits;
+        if rows.len() != ids.len() {
+            return Err(EngineError::Device(format!("scoring returned {} rows of logits for {} tokens", rows.len(), ids.len())));
+        }
         let (perplexity, mean_nll) = if ids.len() > 1 {
             let mut nll = 0.0f64;
             for (row, &next) in rows.iter().zip(&ids[1..]) {
@@ -468,59 +414,30 @@ impl Engine {
         } else {
             (None, None)
         };
-        Ok(ScoreResponse {
-            logits: return_logits.then(|| rows.iter().map(|r| r.to_vec()).collect()),
-            token_ids: ids,
-            perplexity,
-            mean_nll,
-        })
+        Ok(ScoreResponse { logits: return_logits.then_some(rows), token_ids: ids, perplexity, mean_nll })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{ParsedOutput, stream_through, streamable_len};
-
-    #[test]
-    fn tool_calls_and_reasoning_never_stream_and_are_collected() {
-        use inference_pio_chat_output::{OutputFormat, parser};
-        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]);
-        let text = "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
-        // Token-sized pieces, as the stream decoder releases them.
-        let pieces: Vec<String> = text.chars().collect::<Vec<_>>().chunks(3).map(|c| c.iter().collect()).collect();
-        let mut p = parser(OutputFormat::Qwen3Coder, Some(&tools));
-        let mut parsed = ParsedOutput::default();
-        let mut streamed = String::new();
-        for (i, piece) in pieces.iter().enumerate() {
-            let out = stream_through(p.as_mut(), &mut parsed, piece, i + 1 == pieces.len());
-            assert!(!out.contains('<'), "a tag leaked: {out:?}");
-            streamed.push_str(&out);
-        }
-        assert_eq!(streamed, parsed.content);
-        assert_eq!(parsed.content.trim(), "Checking.");
-        assert_eq!(parsed.tool_calls.len(), 1);
-        assert_eq!(parsed.tool_calls[0].name, "get_weather");
-        assert_eq!(parsed.tool_calls[0].arguments["days"], serde_json::json!(3));
-        // GLM: reasoning is collected, the answer streams; an unterminated block is flushed
-        // as text when generation ends.
-        let mut p = parser(OutputFormat::Glm4 { starts_in_reasoning: false }, None);
-        let mut parsed = ParsedOutput::default();
-        let mut streamed = String::new();
-        let pieces = ["\n<thi", "nk>Let me see", ".</think>\nThe answer", " is 4. <tool_c", "all>broken"];
-        for (i, piece) in pieces.iter().enumerate() {
-            streamed.push_str(&stream_through(p.as_mut(), &mut parsed, piece, i + 1 == pieces.len()));
-        }
-        assert_eq!(parsed.reasoning, "Let me see.");
-        assert_eq!(streamed, parsed.content);
-        assert!(streamed.trim_start().starts_with("The answer is 4.") && streamed.ends_with("<tool_call>broken"), "{streamed:?}");
+/// A batch's timings: its prompts and tokens summed, time to first token when every row had
+/// its first, decode rates over all rows' later tokens.
+fn batch_timings(rows: &[Finished]) -> Timings {
+    let mut t = Timings::default();
+    let Some(start) = rows.iter().map(|f| f.submitted).min() else { return t };
+    for f in rows {
+        t.prompt_tokens += f.timings.prompt_tokens;
+        t.generated_tokens += f.timings.generated_tokens;
+        t.cached_prompt_tokens += f.timings.cached_prompt_tokens;
+        t.kv_blocks_used = t.kv_blocks_used.max(f.timings.kv_blocks_used);
+        t.kv_blocks_total = f.timings.kv_blocks_total;
     }
-
-    #[test]
-    fn text_that_may_become_a_stop_string_is_held_back() {
-        let stops = vec!["</end>".to_string()];
-        assert_eq!(streamable_len("hello </e", &stops), 6);
-        assert_eq!(streamable_len("hello", &stops), 5);
-        assert_eq!(streamable_len("a<", &stops), 1);
+    let firsts: Vec<Instant> = rows.iter().filter_map(|f| f.token_times.first().copied()).collect();
+    if let Some(&last_first) = firsts.iter().max() {
+        t.time_to_first_token_s = last_first.duration_since(start).as_secs_f64();
+        t.prefill_tokens_per_s = t.prompt_tokens as f64 / t.time_to_first_token_s.max(1e-9);
     }
+    let mut times: Vec<Instant> = rows.iter().flat_map(|f| f.token_times.iter().copied()).collect();
+    times.sort();
+    decode_rates(&mut t, &times, firsts.len().max(1));
+    t.total_s = rows.iter().map(|f| f.submitted + std::time::Duration::from_secs_f64(f.timings.total_s)).max().map_or(0.0, |e| e.duration_since(start).as_secs_f64());
+    t
 }

@@ -55,6 +55,10 @@ pub struct DecoderConfig {
     pub pad_token_id: Option<u32>,
     /// `torch_dtype` / `dtype` as written (`bfloat16`, `float32`, ...).
     pub torch_dtype: Option<String>,
+    /// Per layer, the sliding attention window (`None`: full causal attention). transformers'
+    /// Qwen3 config: `sliding_window` when `use_sliding_window`, on the layers `layer_types`
+    /// marks `sliding_attention` (without `layer_types`: layers from `max_window_layers` on).
+    pub layer_windows: Vec<Option<usize>>,
     /// The whole `config.json`, for the keys only one family uses (its model crate reads them).
     pub raw: Value,
 }
@@ -187,13 +191,15 @@ impl DecoderConfig {
         }
         let scaling = parse_scaling(params.or(raw.rope_scaling.as_ref()))?;
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        let num_hidden_layers = required("num_hidden_layers", raw.num_hidden_layers)?;
+        let layer_windows = layer_windows(value, num_hidden_layers)?;
         Ok(Self {
             architectures: raw.architectures,
             model_type: raw.model_type,
             vocab_size: required("vocab_size", raw.vocab_size)?,
             hidden_size,
             intermediate_size: required("intermediate_size", raw.intermediate_size)?,
-            num_hidden_layers: required("num_hidden_layers", raw.num_hidden_layers)?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -207,8 +213,20 @@ impl DecoderConfig {
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
             pad_token_id: token_ids(raw.pad_token_id.as_ref()).first().copied(),
             torch_dtype: raw.torch_dtype.or(raw.dtype),
+            layer_windows,
             raw: value.clone(),
         })
+    }
+
+    /// The distinct attention windows the layers use (`None`: full attention).
+    pub fn distinct_windows(&self) -> Vec<Option<usize>> {
+        let mut out: Vec<Option<usize>> = Vec::new();
+        for w in &self.layer_windows {
+            if !out.contains(w) {
+                out.push(*w);
+            }
+        }
+        out
     }
 
     /// A key of the raw config read by `read` (`None` when absent or null); a value `read`
@@ -265,6 +283,45 @@ impl DecoderConfig {
     }
 }
 
+/// [`DecoderConfig::layer_windows`] from `config.json`.
+fn layer_windows(value: &Value, layers: usize) -> Result<Vec<Option<usize>>, EngineError> {
+    let bad = |key: &str, v: &Value, expected: &str| EngineError::Config(format!("`{key}` must be {expected}, got {v}"));
+    let get = |key: &str| value.get(key).filter(|v| !v.is_null());
+    let enabled = match get("use_sliding_window") {
+        None => false,
+        Some(v) => v.as_bool().ok_or_else(|| bad("use_sliding_window", v, "true or false"))?,
+    };
+    let window = match get("sliding_window") {
+        Some(v) if enabled => {
+            let w = v.as_u64().filter(|&w| w > 0).ok_or_else(|| bad("sliding_window", v, "a positive integer"))?;
+            Some(w as usize)
+        }
+        _ => None,
+    };
+    match get("layer_types") {
+        Some(v) => {
+            let list = v.as_array().ok_or_else(|| bad("layer_types", v, "a list"))?;
+            if list.len() != layers {
+                return Err(EngineError::Config(format!("`layer_types` has {} entries for {layers} layers", list.len())));
+            }
+            list.iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention") => Ok(None),
+                    Some("sliding_attention") => Ok(window),
+                    _ => Err(bad("layer_types", t, "\"full_attention\" or \"sliding_attention\"")),
+                })
+                .collect()
+        }
+        None => {
+            let first = match get("max_window_layers") {
+                None => 28,
+                Some(v) => v.as_u64().ok_or_else(|| bad("max_window_layers", v, "a non-negative integer"))? as usize,
+            };
+            Ok((0..layers).map(|l| if l >= first { window } else { None }).collect())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +368,30 @@ mod tests {
         )
         .expect_err("yarn");
         assert!(err.to_string().contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn sliding_windows_follow_transformers_qwen3_config() {
+        let base = serde_json::json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2});
+        let with = |extra: serde_json::Value| {
+            let mut v = base.clone();
+            for (k, x) in extra.as_object().expect("object") {
+                v[k] = x.clone();
+            }
+            DecoderConfig::from_value(&v)
+        };
+        assert_eq!(with(serde_json::json!({})).expect("ok").layer_windows, vec![None; 3]);
+        // Off unless use_sliding_window (Qwen3-4B ships sliding_window: null, use false).
+        assert_eq!(with(serde_json::json!({"sliding_window": 4})).expect("ok").layer_windows, vec![None; 3]);
+        let on = with(serde_json::json!({"sliding_window": 4, "use_sliding_window": true, "max_window_layers": 1})).expect("ok");
+        assert_eq!(on.layer_windows, vec![None, Some(4), Some(4)]);
+        assert_eq!(on.distinct_windows(), vec![None, Some(4)]);
+        let typed = serde_json::json!({"sliding_window": 4, "use_sliding_window": true,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]});
+        assert_eq!(with(typed).expect("ok").layer_windows, vec![Some(4), None, Some(4)]);
+        let err = with(serde_json::json!({"layer_types": ["full_attention"]})).expect_err("wrong length");
+        assert!(err.to_string().contains("layer_types"), "{err}");
+        let err = with(serde_json::json!({"layer_types": ["full_attention", "x", "full_attention"]})).expect_err("bad type");
+        assert!(err.to_string().contains("sliding_attention"), "{err}");
     }
 }

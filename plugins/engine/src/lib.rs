@@ -2,24 +2,25 @@
 //!
 //! HF config parsing ([`hf_config`]), safetensors loading ([`weights`]), the dense decoder
 //! ([`decoder`]: RMSNorm, RoPE, grouped-query attention with optional QK-norm, SwiGLU or
-//! mixture-of-experts feed-forward ([`moe`]), tied embeddings) over a KV cache ([`kv_cache`]), sampling ([`sampling`]), the generation loop
+//! mixture-of-experts feed-forward ([`moe`]), tied embeddings) over a paged KV cache, the
+//! serving core ([`serve`]: block pool with prefix caching, continuous-batching scheduler,
+//! step loop, per-sequence output), sampling ([`sampling`]), the request entry points
 //! ([`generate`]), tokenizer and streaming detokenizer ([`tokenizer`]), the model's chat
 //! template ([`chat_template`]), where compiled GPU kernels are cached ([`kernel_cache`]) and the plugin export glue ([`plugin`], [`export_model!`]).
 //! Tensors come from burn; the device (CPU via flex, or CUDA) is chosen at run time.
 
 pub mod chat_template;
-pub mod decode_graph;
 pub mod decoder;
 pub mod error;
 pub mod generate;
 pub mod hf_config;
 pub mod kernel_cache;
-pub mod kv_cache;
 pub mod moe;
 pub mod progress;
 pub mod plugin;
 pub mod rope;
 pub mod sampling;
+pub mod serve;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

@@ -3,9 +3,9 @@
 //! selection by `architectures`, device and dtype choice, the memory budget check, loading,
 //! generation, scoring, live config updates).
 
-use crate::decoder::{Decoder, DecoderSpec, parameter_count, weight_bytes};
+use crate::decoder::{Decoder, DecoderSpec, KvPool, parameter_count, weight_bytes};
 use crate::error::EngineError;
-use crate::generate::{Engine, GenerationDefaults};
+use crate::generate::{Engine, GenerationDefaults, Model};
 use crate::hf_config::DecoderConfig;
 use crate::chat_template::ChatTemplate;
 use crate::tokenizer::TextTokenizer;
@@ -77,6 +77,7 @@ pub fn load_engine(
     settings: &PluginSettings,
 ) -> Result<(Engine, ModelInfo), EngineError> {
     let started = Instant::now();
+    settings.optimization.validate().map_err(|(k, r)| EngineError::Config(format!("{k}: {r}")))?;
     if let Some(allowed) = &settings.allowed_paths {
         check_file_access(dir, allowed)?;
     }
@@ -147,6 +148,18 @@ pub fn load_engine(
         .optimization
         .max_context_tokens
         .map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));
+    // The paged KV cache, preallocated now from its budget.
+    let optimization = &settings.optimization;
+    let block_tokens = optimization.kv_block_tokens as usize;
+    let block_bytes = KvPool::block_bytes(c, dtype, block_tokens);
+    let device_free = match (on_gpu, options.device) {
+        (false, _) => None,
+        (true, DeviceRequest::Cuda(i)) => inference_pio_kernels::cublas::device_memory(i as usize).map(|(free, _)| free),
+        (true, _) => inference_pio_kernels::cublas::device_memory(0).map(|(free, _)| free),
+    };
+    let (blocks, sized_by) = crate::serve::kv_cache_blocks(optimization, block_bytes, bytes, limit, device_free, max_context)?;
+    crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
+    let pool = decoder.new_kv_pool(blocks, block_tokens);
     let info = ModelInfo {
         handle: 0,
         cpu_threads: None,
@@ -160,8 +173,13 @@ pub fn load_engine(
         has_chat_template: template.is_some(),
         generation_defaults: generation.values.clone(),
         load_seconds: started.elapsed().as_secs_f64(),
+        kv_cache_blocks: blocks as u64,
+        kv_block_tokens: block_tokens as u64,
+        kv_cache_bytes: blocks as u64 * block_bytes,
+        kv_cache_sized_by: sized_by,
     };
-    Ok((Engine { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format: family.output_format }, info))
+    let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format: family.output_format };
+    Ok((Engine::start(model, pool, optimization)?, info))
 }
 
 /// Security level `medium`: every file loading will open, validated against the host's
@@ -279,7 +297,20 @@ impl Plugin for EnginePlugin {
             architectures: f.architectures.iter().map(|s| s.to_string()).collect(),
             primary_model: PrimaryModel { name: f.primary_model_name.into(), parameter_count: params, memory_bytes: bytes },
             modalities: vec!["text".into()],
-            capabilities: ["streaming", "cancellation", "chat-template", "kv-cache", "score", "batched-forward", "infer-batch", "chunked-prefill"]
+            capabilities: [
+                "streaming",
+                "cancellation",
+                "chat-template",
+                "kv-cache",
+                "score",
+                "batched-forward",
+                "infer-batch",
+                "chunked-prefill",
+                "continuous-batching",
+                "paged-kv-cache",
+                "prefix-caching",
+                "stats",
+            ]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -351,6 +382,10 @@ impl Plugin for EnginePlugin {
             .map_err(as_plugin_error)
     }
 
+    fn stats(&self, model: u64) -> Result<SchedulerStats, PluginError> {
+        Ok(self.model(model)?.stats())
+    }
+
     fn score(&self, model: u64, request: ScoreRequest) -> Result<ScoreResponse, PluginError> {
         self.model(model)?.score(&request.input, request.return_logits).map_err(as_plugin_error)
     }
@@ -387,13 +422,15 @@ impl Plugin for EnginePlugin {
             }
         }
         if let Some(opt) = update.optimization {
-            if opt.dtype != settings.optimization.dtype && !models.is_empty() {
-                outcome.refused.insert("optimization.dtype".into(), "applies when a model is loaded; clean up and reload".into());
-            } else if opt.max_context_tokens != settings.optimization.max_context_tokens && !models.is_empty() {
-                outcome.refused.insert("optimization.max_context_tokens".into(), "sizes the KV cache at load; clean up and reload".into());
-            } else if opt.max_context_tokens == Some(0) {
-                outcome.refused.insert("optimization.max_context_tokens".into(), "must be at least 1".into());
+            let changed = opt.load_time_keys_changed(&settings.optimization);
+            if let Err((k, r)) = opt.validate() {
+                outcome.refused.insert(format!("optimization.{k}"), r);
+            } else if let Some(key) = changed.first().filter(|_| !models.is_empty()) {
+                outcome.refused.insert(format!("optimization.{key}"), "sizes the model or its KV cache at load; clean up and reload".into());
             } else {
+                for (engine, _) in models.values() {
+                    engine.configure(&opt);
+                }
                 settings.optimization = opt;
                 outcome.applied.push("optimization".into());
             }

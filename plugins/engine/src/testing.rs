@@ -2,12 +2,12 @@
 //! model crate): load a model on the CPU, read a fixture's reference JSON, compare logits by
 //! relative L2, generate greedily, score every position.
 
-use crate::decode_graph::{DecodeSteps, StepCounts};
 /// Loads on the CPU with weights split into column blocks as on a GPU (see
 /// `inference_pio_kernels::linear`), so the GPU layout's code path has CPU parity tests.
 pub use inference_pio_kernels::with_cpu_split;
-use crate::decoder::Logits;
-use crate::generate::Engine;
+use crate::decoder::StepBatch;
+use crate::generate::{Engine, RowRequest};
+use inference_pio_kernels::paged::{Span, slot_of};
 use crate::plugin::{ModelFamily, load_engine};
 use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, PluginSettings, PromptInput, SamplingParams};
 use serde_json::Value;
@@ -15,9 +15,15 @@ use std::path::Path;
 
 /// Loads `path` with `family` on the CPU in `dtype`, prompts in one pass.
 pub fn load_cpu(family: &ModelFamily, path: &Path, dtype: DType) -> Engine {
+    load_cpu_with(family, path, dtype, |_| {})
+}
+
+/// [`load_cpu`] with plugin settings changed by `change` (after prompts are set to one pass).
+pub fn load_cpu_with(family: &ModelFamily, path: &Path, dtype: DType, change: impl FnOnce(&mut PluginSettings)) -> Engine {
     let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype), random_weights: None };
     let mut settings = PluginSettings::default();
     settings.optimization.prefill_chunk_tokens = 0;
+    change(&mut settings);
     match load_engine(family, path, &options, &settings) {
         Ok((engine, _)) => engine,
         Err(e) => panic!("cannot load {}: {e}", path.display()),
@@ -58,12 +64,21 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 
 /// `n` greedy tokens after `prompt` (stopping early only at the model's EOS).
 pub fn greedy(engine: &Engine, prompt: &[u32], n: u32) -> Vec<u32> {
-    let mut params = SamplingParams { greedy: true, values: Default::default(), seed: None };
+    let mut params = SamplingParams { greedy: true, ..Default::default() };
     params.values.max_new_tokens = Some(n);
     engine
         .generate(&PromptInput::TokenIds(prompt.to_vec()), &params, &[], &Default::default(), &Default::default(), &mut |_, _| true)
         .unwrap_or_else(|e| panic!("generate: {e}"))
         .token_ids
+}
+
+/// `n` greedy tokens after `prompt`, EOS ids included like any other token.
+pub fn greedy_ignoring_eos(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let request = RowRequest::greedy(prompt.to_vec(), n).ignoring_eos();
+    let rows = engine
+        .generate_rows(vec![request], &Default::default(), &mut |_, _, _| true, &mut Default::default())
+        .unwrap_or_else(|e| panic!("generate: {e}"));
+    rows.into_iter().next().map(|r| r.new_ids).unwrap_or_default()
 }
 
 /// f32 logits at every position of `prompt`.
@@ -75,35 +90,50 @@ pub fn all_logits(engine: &Engine, prompt: &[u32]) -> Vec<Vec<f32>> {
         .unwrap_or_default()
 }
 
-/// Decode steps on device-resident inputs (the step a CUDA graph records) give the eager
-/// step's logits bit for bit: `prompts` are left-padded into one batch and prefilled into two
-/// caches, then `steps` greedy steps run both ways, fed the eager run's tokens. Prompts
-/// ending just before a [`crate::kv_cache::BLOCK_TOKENS`] boundary make a step grow the
-/// cache, which runs eagerly, and the steps after it attend over the wider storage. Returns
-/// what the device-resident path did.
-pub fn check_device_steps(engine: &Engine, prompts: &[Vec<u32>], steps: usize) -> StepCounts {
+/// f32 logits at every position of `prompt`, computed incrementally straight through the
+/// decoder over a private paged cache (blocks of `block_tokens`, laid out in reverse order):
+/// the first `prefill` tokens in one pass, then one token per step.
+pub fn incremental_logits(engine: &Engine, prompt: &[u32], prefill: usize, block_tokens: usize) -> Vec<Vec<f32>> {
     let decoder = &engine.decoder;
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-    let padded: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(0, longest - p.len()).chain(p.iter().copied()).collect()).collect();
-    let capacity = longest + steps + 1;
-    let mut eager = decoder.new_cache(pads.clone(), capacity);
-    let mut device = decoder.new_cache(pads, capacity);
-    let read = |t: burn::tensor::Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_else(|e| panic!("logits: {e:?}"));
-    let first = read(decoder.forward(&padded, &mut eager, Logits::Last).unwrap_or_else(|e| panic!("prefill: {e}")));
-    let again = read(decoder.forward(&padded, &mut device, Logits::Last).unwrap_or_else(|e| panic!("prefill: {e}")));
-    assert_eq!(first, again, "two prefills of the same batch differ");
-    let mut device = DecodeSteps::new(decoder, device, true);
+    let blocks = prompt.len().div_ceil(block_tokens);
+    let mut pool = decoder.new_kv_pool(blocks, block_tokens);
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let vocab = decoder.config.vocab_size;
-    let mut logits = first;
-    for step in 0..steps {
-        let next: Vec<u32> = logits.chunks(vocab).map(crate::sampling::argmax).collect();
-        let rows: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
-        logits = read(decoder.forward(&rows, &mut eager, Logits::Last).unwrap_or_else(|e| panic!("eager step {step}: {e}")));
-        let got = read(device.step(&next).unwrap_or_else(|e| panic!("device step {step}: {e}")));
-        assert!(got == logits, "step {step} (slot {}): the device-resident step's logits differ from the eager step's", eager.len() - 1);
+    let mut rows = Vec::new();
+    let mut start = 0;
+    while start < prompt.len() {
+        let end = if start == 0 { prefill.max(1) } else { start + 1 }.min(prompt.len());
+        let n = end - start;
+        let batch = StepBatch {
+            tokens: prompt[start..end].to_vec(),
+            positions: (start..end).collect(),
+            slots: (start..end).map(|p| slot_of(&table, block_tokens, p)).collect(),
+            spans: vec![Span { queries: n, context: end, blocks: table.clone() }],
+            logit_rows: (0..n).collect(),
+        };
+        let logits = decoder.forward(&batch, &mut pool).unwrap_or_else(|e| panic!("step at {start}: {e}"));
+        let values = logits.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_else(|e| panic!("logits: {e:?}"));
+        rows.extend(values.chunks(vocab).map(<[f32]>::to_vec));
+        start = end;
     }
-    device.counts.clone()
+    rows
+}
+
+/// Submits greedy requests for `prompts` (each `max_new` tokens, EOS ignored) together and
+/// checks that each row gets the tokens it gets alone.
+pub fn check_rows_equal_alone(engine: &Engine, prompts: &[Vec<u32>], max_new: usize) {
+    let requests: Vec<RowRequest> = prompts.iter().map(|p| RowRequest::greedy(p.clone(), max_new).ignoring_eos()).collect();
+    let mut timings = Default::default();
+    let together = engine
+        .generate_rows(requests.clone(), &Default::default(), &mut |_, _, _| true, &mut timings)
+        .unwrap_or_else(|e| panic!("together: {e}"));
+    for (request, row) in requests.into_iter().zip(together) {
+        let prompt = request.prompt.clone();
+        let alone = engine
+            .generate_rows(vec![request], &Default::default(), &mut |_, _, _| true, &mut Default::default())
+            .unwrap_or_else(|e| panic!("alone: {e}"));
+        assert_eq!(row.new_ids, alone[0].new_ids, "prompt {prompt:?}: together vs alone");
+    }
 }
 
 /// The standard parity check of a fixture made by a `make_fixtures.py`: for every prompt,
@@ -124,9 +154,7 @@ pub fn check_fixture(family: &ModelFamily, dir: &Path, name: &str, bf16: bool) {
 pub fn check_model(family: &ModelFamily, model: &Path, reference: &Value, name: &str, bf16: bool) {
     let prompts = reference["prompts"].as_array().cloned().unwrap_or_default();
     assert!(!prompts.is_empty(), "{name}: no prompts in the fixture");
-    let mut engine = load_cpu(family, model, DType::F32);
-    // The fixtures' greedy runs have EOS switched off (`generation_config.eos_token_id = None`).
-    engine.eos_token_ids.clear();
+    let engine = load_cpu(family, model, DType::F32);
     for prompt in &prompts {
         let input = ids(&prompt["ids"]);
         let got = all_logits(&engine, &input);
@@ -136,8 +164,9 @@ pub fn check_model(family: &ModelFamily, model: &Path, reference: &Value, name: 
             let err = rel_l2(g, w);
             assert!(err <= 1e-4, "{name}, prompt of {} tokens, position {pos}: relative L2 {err}", input.len());
         }
+        // The fixtures' greedy runs have EOS switched off (`generation_config.eos_token_id = None`).
         let want_greedy = ids(&prompt["greedy"]);
-        assert_eq!(greedy(&engine, &input, want_greedy.len() as u32), want_greedy, "{name}, prompt of {} tokens", input.len());
+        assert_eq!(greedy_ignoring_eos(&engine, &input, want_greedy.len()), want_greedy, "{name}, prompt of {} tokens", input.len());
     }
     if bf16 {
         let engine = load_cpu(family, model, DType::Bf16);

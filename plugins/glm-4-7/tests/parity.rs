@@ -58,14 +58,18 @@ fn the_glm_chat_template_renders_tools_and_calls_like_transformers() {
 }
 
 #[test]
-fn device_resident_decode_steps_equal_eager_steps() {
+fn incremental_decode_and_concurrent_rows_equal_the_full_pass() {
     use inference_pio_core::types::DType;
-    use inference_pio_engine::testing::{check_device_steps, load_cpu};
+    use inference_pio_engine::testing::{all_logits, check_rows_equal_alone, incremental_logits, load_cpu, rel_l2};
     // Partial rotary, group-limited sigmoid routing with a correction bias, shared experts.
     let engine = load_cpu(&FAMILY, &fixtures().join("glm4moe-tiny-a"), DType::F32);
     let prompt: Vec<u32> = (0..17).map(|i| (i * 29 + 7) % 500 + 3).collect();
-    let counts = check_device_steps(&engine, &[prompt], 6);
-    assert_eq!(counts.device, 6, "{counts:?}");
+    let full = all_logits(&engine, &prompt);
+    let rows = incremental_logits(&engine, &prompt, 5, 4);
+    for (i, (a, b)) in rows.iter().zip(&full).enumerate() {
+        assert!(rel_l2(a, b) <= 1e-5, "position {i}");
+    }
+    check_rows_equal_alone(&engine, &[prompt, vec![5, 9, 200]], 6);
 }
 
 #[test]

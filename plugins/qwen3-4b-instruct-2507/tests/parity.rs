@@ -2,10 +2,8 @@
 //! own invariants, on tiny random-weight Qwen3 checkpoints, on the CPU.
 
 use inference_pio_core::types::{ChatMessage, DType, PromptInput, SamplingParams};
-use inference_pio_engine::decoder::Logits;
 use inference_pio_engine::generate::{Engine, RowRequest};
-use inference_pio_engine::testing::{all_logits, greedy, ids, load_cpu, rel_l2};
-use inference_pio_engine::sampling::SamplingConfig;
+use inference_pio_engine::testing::{all_logits, check_rows_equal_alone, greedy, ids, incremental_logits, load_cpu, rel_l2};
 use qwen3_4b_instruct_2507::FAMILY;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -16,6 +14,15 @@ fn fixtures() -> PathBuf {
 
 fn load(name: &str, dtype: DType) -> Engine {
     load_cpu(&FAMILY, &fixtures().join(name), dtype)
+}
+
+/// `name` on the CPU in f32 with these plugin settings.
+fn load_with(name: &str, settings: impl FnOnce(&mut inference_pio_core::types::PluginSettings)) -> Engine {
+    inference_pio_engine::testing::load_cpu_with(&FAMILY, &fixtures().join(name), DType::F32, settings)
+}
+
+fn chunking(tokens: u32) -> inference_pio_core::config::OptimizationSettings {
+    inference_pio_core::config::OptimizationSettings { prefill_chunk_tokens: tokens, ..Default::default() }
 }
 
 fn reference(name: &str) -> Value {
@@ -81,16 +88,9 @@ fn incremental_decode_equals_the_full_forward_pass() {
     let engine = load("qwen3-tiny-b", DType::F32);
     let prompt: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 500 + 3).collect();
     let full = all_logits(&engine, &prompt);
-    let mut cache = engine.decoder.new_cache(vec![0], 256);
-    // Prefill 7 tokens, then one at a time.
-    let mut rows = Vec::new();
-    let first = engine.decoder.forward(&[prompt[..7].to_vec()], &mut cache, Logits::All).expect("prefill");
-    let values = first.into_data().convert::<f32>().try_to_vec::<f32>().expect("values");
-    rows.extend(values.chunks(512).map(<[f32]>::to_vec));
-    for &id in &prompt[7..] {
-        let step = engine.decoder.forward(&[vec![id]], &mut cache, Logits::Last).expect("step");
-        rows.push(step.into_data().convert::<f32>().try_to_vec::<f32>().expect("values"));
-    }
+    // Prefill 7 tokens, then one at a time, over blocks of 4 tokens in scattered order.
+    let rows = incremental_logits(&engine, &prompt, 7, 4);
+    assert_eq!(rows.len(), full.len());
     for (i, (a, b)) in rows.iter().zip(&full).enumerate() {
         let err = rel_l2(a, b);
         assert!(err <= 1e-5, "position {i}: relative L2 {err}");
@@ -99,29 +99,26 @@ fn incremental_decode_equals_the_full_forward_pass() {
 
 #[test]
 fn chunked_prefill_equals_one_pass() {
-    let engine = load("qwen3-tiny-c", DType::F32);
     let prompt: Vec<u32> = (0..30).map(|i| (i * 13 + 5) % 380 + 3).collect();
-    let one_pass = greedy(&engine, &prompt, 12);
-    let optimization = inference_pio_core::config::OptimizationSettings { prefill_chunk_tokens: 7, ..Default::default() };
-    let request = RowRequest { prompt: prompt.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 12, stop: vec![], tools: None };
+    let one_pass = greedy(&load("qwen3-tiny-c", DType::F32), &prompt, 12);
+    let engine = load_with("qwen3-tiny-c", |s| s.optimization.prefill_chunk_tokens = 7);
     let mut timings = Default::default();
-    let chunked = engine.generate_rows(vec![request], &optimization, &mut |_, _, _| true, &mut timings).expect("generate");
+    let chunked = engine
+        .generate_rows(vec![RowRequest::greedy(prompt.clone(), 12)], &chunking(7), &mut |_, _, _| true, &mut timings)
+        .expect("generate");
     assert_eq!(chunked[0].new_ids, one_pass);
+    // Scoring in chunks gives the one-pass logits.
+    let full = all_logits(&load("qwen3-tiny-c", DType::F32), &prompt);
+    for (i, (a, b)) in all_logits(&engine, &prompt).iter().zip(&full).enumerate() {
+        assert!(rel_l2(a, b) <= 1e-5, "position {i}");
+    }
 }
 
 #[test]
-fn a_left_padded_batch_equals_one_by_one() {
+fn concurrent_rows_equal_one_by_one() {
     let engine = load("qwen3-tiny-b", DType::F32);
     let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 200, 31], (0..19).map(|i| (i * 29 + 7) % 500 + 3).collect(), vec![77]];
-    let requests = prompts
-        .iter()
-        .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 10, stop: vec![], tools: None })
-        .collect();
-    let mut timings = Default::default();
-    let batched = engine.generate_rows(requests, &Default::default(), &mut |_, _, _| true, &mut timings).expect("batch");
-    for (prompt, result) in prompts.iter().zip(&batched) {
-        assert_eq!(result.new_ids, greedy(&engine, prompt, 10), "prompt {prompt:?}");
-    }
+    check_rows_equal_alone(&engine, &prompts, 10);
 }
 
 #[test]
@@ -218,22 +215,6 @@ fn stop_strings_end_generation_and_are_not_streamed() {
 }
 
 #[test]
-fn device_resident_decode_steps_equal_eager_steps() {
-    use inference_pio_engine::testing::check_device_steps;
-    let engine = load("qwen3-tiny-b", DType::F32);
-    // Two padded rows; the longer ends 4 slots before the first block boundary, so the 5th
-    // step grows the cache and the steps after it run over the wider storage.
-    let long: Vec<u32> = (0..252).map(|i| (i * 37 + 11) % 500 + 3).collect();
-    let short: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % 500 + 3).collect();
-    let counts = check_device_steps(&engine, &[long, short], 9);
-    assert_eq!((counts.device, counts.eager), (8, 1), "{counts:?}");
-    // bf16 takes the same path with casts in it.
-    let engine = load("qwen3-tiny-b", DType::Bf16);
-    let counts = check_device_steps(&engine, &[vec![5, 9, 200, 31]], 4);
-    assert_eq!(counts.device, 4, "{counts:?}");
-}
-
-#[test]
 fn the_gpu_weight_layout_matches_transformers_too() {
     // Every linear (and the tied head) split into column blocks as on a GPU (split-K products).
     inference_pio_engine::testing::with_cpu_split(4, || {
@@ -241,19 +222,18 @@ fn the_gpu_weight_layout_matches_transformers_too() {
     });
 }
 
+
 #[test]
-fn decode_steps_with_and_without_cuda_graphs_generate_the_same_tokens() {
-    let engine = load("qwen3-tiny-b", DType::F32);
-    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 200, 31], (0..19).map(|i| (i * 29 + 7) % 500 + 3).collect()];
-    let run = |cuda_graphs: bool| {
-        let optimization = inference_pio_core::config::OptimizationSettings { cuda_graphs, ..Default::default() };
-        let requests = prompts
-            .iter()
-            .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 12, stop: vec![], tools: None })
-            .collect();
-        let mut timings = Default::default();
-        let rows = engine.generate_rows(requests, &optimization, &mut |_, _, _| true, &mut timings).expect("generate");
-        rows.into_iter().map(|r| r.new_ids).collect::<Vec<_>>()
-    };
-    assert_eq!(run(true), run(false));
+fn sliding_window_attention_matches_transformers() {
+    // Layers 1 and 2 attend to the last 5 tokens only (use_sliding_window, max_window_layers 1).
+    inference_pio_engine::testing::check_fixture(&FAMILY, &fixtures(), "qwen3-tiny-sw", true);
+    let engine = load("qwen3-tiny-sw", DType::F32);
+    assert_eq!(engine.decoder.config.layer_windows, vec![None, Some(5), Some(5)]);
+    // Decode steps and concurrent rows see the same window.
+    let prompt: Vec<u32> = (0..23).map(|i| (i * 41 + 3) % 500 + 3).collect();
+    let full = all_logits(&engine, &prompt);
+    for (i, (a, b)) in incremental_logits(&engine, &prompt, 3, 4).iter().zip(&full).enumerate() {
+        assert!(rel_l2(a, b) <= 1e-5, "position {i}");
+    }
+    check_rows_equal_alone(&engine, &[prompt, vec![7, 8, 9]], 12);
 }

@@ -3,10 +3,7 @@
 //! renormalised and raw top-k weights, `decoder_sparse_step` 2.
 
 use inference_pio_core::types::DType;
-use inference_pio_engine::decoder::Logits;
-use inference_pio_engine::generate::RowRequest;
-use inference_pio_engine::sampling::SamplingConfig;
-use inference_pio_engine::testing::{all_logits, check_fixture, greedy, load_cpu, rel_l2};
+use inference_pio_engine::testing::{all_logits, check_fixture, check_rows_equal_alone, incremental_logits, load_cpu, rel_l2};
 use qwen3_coder_30b::FAMILY;
 use std::path::{Path, PathBuf};
 
@@ -29,26 +26,12 @@ fn incremental_decode_and_batches_equal_the_full_pass() {
     let engine = load_cpu(&FAMILY, &fixtures().join("qwen3moe-tiny-a"), DType::F32);
     let prompt: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 500 + 3).collect();
     let full = all_logits(&engine, &prompt);
-    let mut cache = engine.decoder.new_cache(vec![0], 256);
-    let first = engine.decoder.forward(&[prompt[..6].to_vec()], &mut cache, Logits::All).expect("prefill");
-    let mut rows: Vec<Vec<f32>> = first.into_data().convert::<f32>().try_to_vec::<f32>().expect("values").chunks(512).map(<[f32]>::to_vec).collect();
-    for &id in &prompt[6..] {
-        let step = engine.decoder.forward(&[vec![id]], &mut cache, Logits::Last).expect("step");
-        rows.push(step.into_data().convert::<f32>().try_to_vec::<f32>().expect("values"));
-    }
+    let rows = incremental_logits(&engine, &prompt, 6, 4);
+    assert_eq!(rows.len(), full.len());
     for (i, (a, b)) in rows.iter().zip(&full).enumerate() {
         assert!(rel_l2(a, b) <= 1e-5, "position {i}");
     }
-    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 200, 31], prompt.clone(), vec![77]];
-    let requests = prompts
-        .iter()
-        .map(|p| RowRequest { prompt: p.clone(), sampling: SamplingConfig::greedy(), max_new_tokens: 8, stop: vec![], tools: None })
-        .collect();
-    let mut timings = Default::default();
-    let batched = engine.generate_rows(requests, &Default::default(), &mut |_, _, _| true, &mut timings).expect("batch");
-    for (p, r) in prompts.iter().zip(&batched) {
-        assert_eq!(r.new_ids, greedy(&engine, p, 8), "prompt {p:?}");
-    }
+    check_rows_equal_alone(&engine, &[vec![5, 9, 200, 31], prompt.clone(), vec![77]], 8);
 }
 
 #[test]
@@ -62,19 +45,6 @@ fn the_real_config_describes_the_30b_model() {
 #[test]
 fn the_coder_chat_template_renders_tools_and_calls_like_transformers() {
     inference_pio_engine::testing::check_chat_template(&FAMILY, &fixtures().join("qwen3moe-tiny-a"), &fixtures().join("chat_template.reference.json"));
-}
-
-#[test]
-fn device_resident_decode_steps_equal_eager_steps() {
-    use inference_pio_engine::testing::check_device_steps;
-    let engine = load_cpu(&FAMILY, &fixtures().join("qwen3moe-tiny-a"), DType::F32);
-    let prompt: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 500 + 3).collect();
-    // One row routes on the device (2 of 8 experts gathered), so the step can be recorded.
-    let counts = check_device_steps(&engine, std::slice::from_ref(&prompt), 6);
-    assert_eq!(counts.device, 6, "{counts:?}");
-    // Two rows are placed per expert by the host: the steps stay eager, and equal.
-    let counts = check_device_steps(&engine, &[prompt, vec![5, 9, 200]], 3);
-    assert_eq!((counts.device, counts.eager), (0, 3), "{counts:?}");
 }
 
 #[test]

@@ -209,6 +209,10 @@ impl Plugin for Hostile {
             has_chat_template: false,
             generation_defaults: SamplingOverrides::default(),
             load_seconds: 0.0,
+            kv_cache_blocks: 0,
+            kv_block_tokens: 0,
+            kv_cache_bytes: 0,
+            kv_cache_sized_by: String::new(),
         })
     }
     fn infer(&self, _m: u64, request: InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {

@@ -17,6 +17,7 @@ extern "C" fn infer(_: u64, _: RStr<'_>, _: TokenSink<'_>) -> PluginResult<RStri
 extern "C" fn score(_: u64, _: RStr<'_>) -> PluginResult<RString> { refuse() }
 extern "C" fn update_config(_: RStr<'_>) -> PluginResult<RString> { refuse() }
 extern "C" fn cleanup(_: u64) -> PluginResult<()> { refuse() }
+extern "C" fn stats(_: u64) -> PluginResult<RString> { refuse() }
 
 #[export_root_module]
 pub fn root_module() -> PluginModuleRef {
@@ -34,6 +35,7 @@ pub fn root_module() -> PluginModuleRef {
         update_config,
         cleanup,
         infer_batch: score,
+        stats,
     }
     .leak_into_prefix()
 }

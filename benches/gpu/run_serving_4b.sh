@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# One device call for the serving core (continuous batching over the paged KV cache): the
+# sliding-window fixture made by transformers (CPU), tiny-model parity on CUDA through the CLI,
+# then Qwen3-4B (real config, random bf16 weights saved as a checkpoint all peers load) —
+# batch-1 and batch-32 decode, the offline throughput workload (256 requests x 512 random
+# prompt tokens, 128 new tokens, submitted at once) and the shared-prefix workload (64 requests
+# sharing a 2,048-token system prompt + 64 distinct tokens, 32 new) with prefix caching on and
+# off — beside transformers' continuous batching (`generate_batch`) and, when its build
+# (started at the beginning, in the background) is done in time, llama.cpp's batched-bench on
+# the same checkpoint as GGUF BF16.
+# Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz, .gpu/COMMIT, .gpu/peers/.
+# Writes $OUT/{log.txt,results.json,sw/*} (sw: the qwen3-tiny-sw fixture to commit).
+# Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers").
+set -uo pipefail
+BUDGET=${BUDGET:-570}
+STAGES=${STAGES:-fixture parity ours peers}
+source benches/gpu/lib.sh
+unpack_gpu_binaries inference-pio libqwen3_4b_instruct_2507.so
+export XDG_CACHE_HOME=/tmp/xdg
+exec > >(tee -a $OUT/log.txt) 2>&1
+ensure_cublas
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+[ -f .gpu/peers/build_llamacpp.sh ] && [[ " $STAGES " == *" peers "* ]] && bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
+P=plugins/qwen3-4b-instruct-2507
+ID=qwen3-4b-instruct-2507
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+left() { echo $(( BUDGET - SECONDS )); }
+
+if has fixture; then
+  (cd $P/tests/fixtures && python3 make_fixtures.py --only qwen3-tiny-sw) 2>&1 | tail -3
+  mkdir -p $OUT/sw
+  cp $P/tests/fixtures/qwen3-tiny-sw/{config.json,generation_config.json,model.safetensors} $P/tests/fixtures/qwen3-tiny-sw.reference.json $OUT/sw/
+  echo "fixture done at $SECONDS s"
+fi
+if has parity; then
+  gpu_parity $P/tests/fixtures qwen3-tiny-b f32 bf16
+  [ -f $P/tests/fixtures/qwen3-tiny-sw.reference.json ] && gpu_parity $P/tests/fixtures qwen3-tiny-sw f32 bf16
+  echo "parity done at $SECONDS s"
+fi
+
+CK=/tmp/q4b
+if has ours || has peers; then
+  [ -f $CK/model.safetensors.index.json ] || [ -f $CK/model.safetensors ] || \
+    python3 benches/gpu/make_random_checkpoint.py $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $CK 2>&1 | tail -1
+  python3 - <<'PY'
+import json, random
+r = random.Random(0)
+with open("/tmp/offline.jsonl", "w") as f:
+    for _ in range(256):
+        f.write(json.dumps([r.randrange(100, 151000) for _ in range(512)]) + "\n")
+system = [r.randrange(100, 151000) for _ in range(2048)]
+with open("/tmp/prefix.jsonl", "w") as f:
+    for _ in range(64):
+        f.write(json.dumps(system + [r.randrange(100, 151000) for _ in range(64)]) + "\n")
+with open("/tmp/b1.txt", "w") as f:
+    f.write(",".join(str(r.randrange(100, 151000)) for _ in range(128)))
+PY
+  printf '[plugins.%s]\nmax_num_batched_tokens = 8192\n' $ID > /tmp/serve.toml
+  printf '[plugins.%s]\nmax_num_batched_tokens = 8192\nprefix_caching = false\n' $ID > /tmp/nocache.toml
+  echo "checkpoint and prompts ready at $SECONDS s"
+fi
+ours() { # name config args...
+  local name=$1 config=$2; shift 2
+  local t=$(( $(left) - 60 )); [ $t -lt 20 ] && { echo "no time for $name"; return; }
+  local start=$SECONDS
+  timeout $t $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
+    > /tmp/ours_$name.json 2> /tmp/ours_$name.err
+  echo "ours $name: exit $? after $(( SECONDS - start )) s"; tail -2 /tmp/ours_$name.err
+}
+if has ours; then
+  ours b1 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 256 --repeat 3
+  ours b32 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 128 --batch 32 --repeat 2
+  ours offline /tmp/nocache.toml --prompts-file /tmp/offline.jsonl --max-new-tokens 128 --repeat 2
+  ours prefix_off /tmp/nocache.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32
+  ours prefix_on /tmp/serve.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32
+fi
+if has peers; then
+  t=$(( $(left) - 40 ))
+  [ $t -gt 60 ] && timeout $t python3 benches/gpu/peer_transformers_cb.py $CK /tmp/offline.jsonl 128 /tmp/peer_transformers.json 2>&1 | tail -3
+  echo "transformers done at $SECONDS s"
+  if [ -f /tmp/llama.cpp.started ]; then
+    while [ ! -f /tmp/llama.cpp.done ] && [ $(left) -gt 150 ]; do sleep 5; done
+    if [ "$(cat /tmp/llama.cpp.done 2>/dev/null)" = 0 ]; then
+      [ -f /tmp/q4b.gguf ] || PYTHONPATH=/tmp/llama.cpp/gguf-py timeout $(( $(left) - 90 )) python3 /tmp/llama.cpp/convert_hf_to_gguf.py $CK --outtype bf16 --outfile /tmp/q4b.gguf 2>&1 | tail -2
+      B=/tmp/llama.cpp/build/bin
+      [ -f /tmp/q4b.gguf ] && timeout $(( $(left) - 30 )) $B/llama-batched-bench -m /tmp/q4b.gguf -ngl 99 -fa on -c 170000 -b 8192 -ub 2048 \
+        -npp 512 -ntg 128 -npl 256 > /tmp/llama_batched.txt 2>&1; tail -6 /tmp/llama_batched.txt
+      [ -f /tmp/q4b.gguf ] && [ $(left) -gt 60 ] && timeout $(( $(left) - 20 )) $B/llama-bench -m /tmp/q4b.gguf -ngl 99 -fa 1 -p 0 -n 128 > /tmp/llama_bench.txt 2>&1; tail -4 /tmp/llama_bench.txt
+    else
+      echo "llama.cpp build not done (status $(cat /tmp/llama.cpp.done 2>/dev/null || echo running)) at $SECONDS s"
+    fi
+  fi
+fi
+python3 - "$(cat .gpu/COMMIT 2>/dev/null || echo unknown)" <<'PY'
+import glob, json, os, re, sys
+out = {"commit": sys.argv[1], "device": open(os.environ["OUT"] + "/device.txt").read().strip()}
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else None
+for path in sorted(glob.glob("/tmp/ours_*.json")):
+    name = path[len("/tmp/ours_"):-5]
+    try:
+        d = json.load(open(path))
+    except Exception as e:
+        out[name] = {"error": str(e)}
+        continue
+    t = d["timings"]
+    rows = d.get("rows") or [{"timings": t, "token_ids": d["token_ids"]}]
+    ttft = [r["timings"]["time_to_first_token_s"] for r in rows]
+    gen = sum(len(r["token_ids"]) for r in rows)
+    prompt = t["prompt_tokens"]
+    out[name] = {
+        "requests": len(rows), "prompt_tokens": prompt, "output_tokens": gen, "total_s": t["total_s"],
+        "output_tokens_per_s": gen / t["total_s"], "total_tokens_per_s": (gen + prompt) / t["total_s"],
+        "mean_ttft_s": sum(ttft) / len(ttft), "p99_ttft_s": pct(ttft, 99),
+        "decode_tokens_per_s": t["decode_tokens_per_s"], "steady_decode_tokens_per_s": t["steady_decode_tokens_per_s"],
+        "cached_prompt_tokens": t.get("cached_prompt_tokens"), "kv_cache_bytes": d["model"].get("kv_cache_bytes"),
+        "kv_cache_blocks": d["model"].get("kv_cache_blocks"), "kv_blocks_used_at_end": t.get("kv_blocks_used"),
+        "stats": d.get("stats"), "runs": d.get("runs"),
+    }
+if os.path.exists("/tmp/peer_transformers.json"):
+    out["peer_transformers"] = json.load(open("/tmp/peer_transformers.json"))
+for f in ("/tmp/llama_batched.txt", "/tmp/llama_bench.txt"):
+    if os.path.exists(f):
+        out["peer_" + os.path.basename(f)[:-4]] = [l for l in open(f).read().splitlines() if l.startswith("|")]
+json.dump(out, open(os.environ["OUT"] + "/results.json", "w"), indent=1)
+print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("stats", "runs")} if isinstance(v, dict) else v for k, v in out.items()}, indent=1)[:6000])
+PY
+echo "done at $SECONDS s"

@@ -1,0 +1,275 @@
+//! Decode steps whose inputs live on the device, recorded once per shape as a CUDA graph and
+//! replayed (vLLM's `CUDAGraphRunner`: batch-size buckets, padded inputs, static buffers
+//! refreshed in place; NVIDIA CUDA Programming Guide, "CUDA Graphs"; burn's
+//! `burn::tensor::capture`).
+//!
+//! Queuing one decode step's hundreds of small kernels costs the host more time than the GPU
+//! needs to run them. A step of decode rows only (one token per sequence) has a shape fixed
+//! by two numbers: its rows, padded up to a bucket (1, 2, 4, ... 256), and the width of
+//! context attention gathers, padded up to a multiple of 256 slots. Everything that changes
+//! between steps — the tokens, their positions, the slots they write, the slots each row
+//! reads and its mask — is written in place into device tensors the graph was recorded
+//! against, and padding rows write and read the pool's scratch block. A new shape records a
+//! new graph. On the CPU the same device-resident step runs directly, so CPU tests check it
+//! against the host-built step.
+
+use crate::decoder::{KvPool, StepTensors};
+use crate::error::EngineError;
+use crate::generate::Model;
+use burn::tensor::{Device, Graph, IndexingUpdateOp, Int, Tensor, TensorData, capture};
+use inference_pio_kernels::paged::{PagedLayout, mask_values, slot_of};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Row counts a recorded step is padded to.
+const ROW_BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+/// Gathered context is padded to a multiple of this many slots.
+const WIDTH_STEP: usize = 256;
+
+type StepFn = Box<dyn FnMut() -> Result<Tensor<2>, EngineError>>;
+
+/// One decode row: its token, position (= the slot index in its sequence) and blocks.
+pub struct DecodeRow<'a> {
+    pub token: u32,
+    pub position: usize,
+    pub blocks: &'a [u32],
+}
+
+/// What the device-resident steps did (for the log and the tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepCounts {
+    /// Run directly (CPU, or after a failed capture).
+    pub direct: usize,
+    pub captures: usize,
+    pub replays: usize,
+    pub failed_captures: usize,
+}
+
+/// The device tensors of one shape.
+struct Inputs {
+    rows: usize,
+    width: usize,
+    tokens: Tensor<1, Int>,
+    positions: Tensor<1, Int>,
+    slots: Tensor<1, Int>,
+    gather: Tensor<1, Int>,
+    /// Per window, the rows' masks `[rows * width]` (reshaped for attention).
+    masks: Vec<(Option<usize>, Tensor<1>)>,
+    /// `0..rows` and `0..rows * width`: the indices refreshed in place.
+    all_rows: Tensor<1, Int>,
+    all_gathered: Tensor<1, Int>,
+}
+
+/// The pool and the inputs a recorded step touches, shared with its closure.
+struct Shared {
+    pool: Rc<RefCell<KvPool>>,
+    inputs: Inputs,
+}
+
+pub struct DecodeGraphs {
+    model: Arc<Model>,
+    windows: Vec<Option<usize>>,
+    /// Rotary tables over every position, `[max_context, rotary_dim]`.
+    cos_table: Tensor<2>,
+    sin_table: Tensor<2>,
+    records: bool,
+    /// Declared before `shared`: the graph (which replays against its buffers) goes first.
+    graph: Option<Graph<Result<Tensor<2>, EngineError>, StepFn>>,
+    shared: Option<Rc<RefCell<Shared>>>,
+    pub counts: StepCounts,
+}
+
+fn ints(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
+    let n = values.len();
+    Tensor::<1, Int>::from_data(TensorData::new(values, [n]), device)
+}
+
+/// The padded shape of a step of `rows` rows over contexts of at most `context` tokens.
+pub fn bucket(rows: usize, context: usize) -> Option<(usize, usize)> {
+    let rows = *ROW_BUCKETS.iter().find(|&&b| b >= rows)?;
+    Some((rows, context.div_ceil(WIDTH_STEP).max(1) * WIDTH_STEP))
+}
+
+impl DecodeGraphs {
+    pub fn new(model: Arc<Model>) -> Self {
+        let device = model.decoder.device.clone();
+        let (cos_table, sin_table) = model.decoder.rope_table(model.max_context.max(1));
+        let windows = model.decoder.config.distinct_windows();
+        Self { records: device != Device::flex(), model, windows, cos_table, sin_table, graph: None, shared: None, counts: StepCounts::default() }
+    }
+
+    /// Whether a decode step of `rows` rows can run here (a bucket exists, and the model
+    /// routes that many rows without reading back to the host).
+    pub fn applies(&self, rows: usize) -> bool {
+        bucket(rows, 1).is_some_and(|(padded, _)| self.model.decoder.step_stays_on_device(padded))
+    }
+
+    /// Runs one decode step for `rows` (a bucket must exist: [`Self::applies`]); f32 logits
+    /// `[padded rows, vocab]`, the first `rows.len()` rows being the real ones.
+    pub fn step(&mut self, rows: &[DecodeRow<'_>], pool: &Rc<RefCell<KvPool>>) -> Result<Tensor<2>, EngineError> {
+        let context = rows.iter().map(|r| r.position + 1).max().unwrap_or(1);
+        let (padded, width) = bucket(rows.len(), context).ok_or_else(|| EngineError::InvalidRequest(format!("no decode bucket for {} rows", rows.len())))?;
+        let device = self.model.decoder.device.clone();
+        let (block_tokens, scratch) = {
+            let p = pool.borrow();
+            (p.block_tokens(), p.scratch_slot())
+        };
+        let same_shape = self.shared.as_ref().is_some_and(|s| {
+            let s = s.borrow();
+            s.inputs.rows == padded && s.inputs.width == width && Rc::ptr_eq(&s.pool, pool)
+        });
+        if !same_shape {
+            self.graph = None;
+            self.shared = Some(Rc::new(RefCell::new(Shared { pool: Rc::clone(pool), inputs: self.new_inputs(padded, width, &device) })));
+        }
+        // The step's values, padded.
+        let mut tokens = vec![0i64; padded];
+        let mut positions = vec![0i64; padded];
+        let mut slots = vec![scratch as i64; padded];
+        let mut gather = vec![scratch as i64; padded * width];
+        let mut contexts = vec![1usize; padded];
+        for (i, r) in rows.iter().enumerate() {
+            tokens[i] = r.token as i64;
+            positions[i] = r.position as i64;
+            slots[i] = slot_of(r.blocks, block_tokens, r.position) as i64;
+            for j in 0..=r.position {
+                gather[i * width + j] = slot_of(r.blocks, block_tokens, j) as i64;
+            }
+            contexts[i] = r.position + 1;
+        }
+        let Some(shared) = self.shared.clone() else {
+            return Err(EngineError::Device("decode step inputs missing".into()));
+        };
+        if self.graph.is_some() && !shared.borrow().is_unique() {
+            // A refresh would land in a copy the graph never reads: record anew.
+            self.graph = None;
+            self.counts.failed_captures += 1;
+        }
+        {
+            let mut s = shared.borrow_mut();
+            let inputs = &mut s.inputs;
+            let (all_rows, all_gathered) = (inputs.all_rows.clone(), inputs.all_gathered.clone());
+            let refresh = |t: &mut Tensor<1, Int>, idx: &Tensor<1, Int>, values: Vec<i64>| {
+                let new = ints(values, &device);
+                t.inplace(|t| t.select_assign(0, idx.clone(), new, IndexingUpdateOp::Assign));
+            };
+            refresh(&mut inputs.tokens, &all_rows, tokens);
+            refresh(&mut inputs.positions, &all_rows, positions);
+            refresh(&mut inputs.slots, &all_rows, slots);
+            refresh(&mut inputs.gather, &all_gathered, gather);
+            for (w, mask) in inputs.masks.iter_mut() {
+                let values: Vec<f32> = contexts.iter().flat_map(|&c| mask_values(1, c, width, *w)).collect();
+                let new = Tensor::<1>::from_data(TensorData::new(values, [padded * width]), (&device, burn::tensor::DType::F32));
+                let idx = all_gathered.clone();
+                mask.inplace(|m| m.select_assign(0, idx, new, IndexingUpdateOp::Assign));
+            }
+        }
+        if !self.records {
+            self.counts.direct += 1;
+            return self.run_direct(&shared);
+        }
+        if self.graph.is_none() {
+            if !shared.borrow().is_unique() {
+                self.counts.failed_captures += 1;
+                self.counts.direct += 1;
+                return self.run_direct(&shared);
+            }
+            let model = Arc::clone(&self.model);
+            let (cos_table, sin_table) = (self.cos_table.clone(), self.sin_table.clone());
+            let captured = Rc::clone(&shared);
+            let step: StepFn = Box::new(move || {
+                let s = captured.borrow();
+                let inputs = step_tensors(&s.inputs, &cos_table, &sin_table, block_tokens);
+                let mut pool = s.pool.borrow_mut();
+                model.decoder.forward_tensors(&inputs, &mut pool)
+            });
+            crate::progress::log(|| format!("recording the decode step: {padded} rows over {width} slots"));
+            let graph = capture(&device, step);
+            self.counts.captures += 1;
+            if !graph.is_hardware() {
+                // burn would re-run the closure on replay; run the step ourselves instead.
+                self.counts.failed_captures += 1;
+                self.counts.direct += 1;
+                return self.run_direct(&shared);
+            }
+            self.graph = Some(graph);
+        }
+        let Some(graph) = self.graph.as_mut() else {
+            return self.run_direct(&shared);
+        };
+        // SAFETY: `Graph::replay` requires every buffer the recorded step touched to be alive,
+        // unused by anything else during the replay, and refreshed on the recording stream.
+        // The step reads the model's weights (held by the closure's `Arc<Model>`), the pool and
+        // the inputs (held by the closure's `Rc<Shared>`, the pool uniquely owned when it was
+        // recorded and written in place since) and the rotary tables (owned by the closure);
+        // intermediates are retained by the graph. The graph is dropped before a new shape's
+        // inputs replace these (`step` clears it first; it is declared before `shared`). This
+        // type is not `Send`: the refreshes, the replay and the logits' read all happen on the
+        // step loop's thread, the stream it recorded on.
+        let out = unsafe { graph.replay() };
+        self.counts.replays += 1;
+        out.clone()
+    }
+
+    fn run_direct(&self, shared: &Rc<RefCell<Shared>>) -> Result<Tensor<2>, EngineError> {
+        let s = shared.borrow();
+        let inputs = step_tensors(&s.inputs, &self.cos_table, &self.sin_table, s.pool.borrow().block_tokens());
+        let mut pool = s.pool.borrow_mut();
+        self.model.decoder.forward_tensors(&inputs, &mut pool)
+    }
+
+    fn new_inputs(&self, rows: usize, width: usize, device: &Device) -> Inputs {
+        let zeros = |n: usize| ints(vec![0; n], device);
+        Inputs {
+            rows,
+            width,
+            tokens: zeros(rows),
+            positions: zeros(rows),
+            slots: zeros(rows),
+            gather: zeros(rows * width),
+            masks: self
+                .windows
+                .iter()
+                .map(|&w| (w, Tensor::<1>::zeros([rows * width], (device, burn::tensor::DType::F32))))
+                .collect(),
+            all_rows: ints((0..rows as i64).collect(), device),
+            all_gathered: ints((0..(rows * width) as i64).collect(), device),
+        }
+    }
+}
+
+impl Shared {
+    /// Whether the pool and every input are uniquely owned, so refreshes land in place.
+    fn is_unique(&self) -> bool {
+        let i = &self.inputs;
+        self.pool.borrow().is_unique()
+            && i.tokens.can_mut()
+            && i.positions.can_mut()
+            && i.slots.can_mut()
+            && i.gather.can_mut()
+            && i.masks.iter().all(|(_, m)| m.can_mut())
+    }
+}
+
+/// The decoder's inputs from the device tensors (views and selects only: recordable).
+fn step_tensors(inputs: &Inputs, cos_table: &Tensor<2>, sin_table: &Tensor<2>, block_tokens: usize) -> StepTensors {
+    let rows = inputs.rows;
+    let rot = cos_table.dims()[1];
+    let cos = cos_table.clone().select(0, inputs.positions.clone()).reshape([1, 1, rows, rot]);
+    let sin = sin_table.clone().select(0, inputs.positions.clone()).reshape([1, 1, rows, rot]);
+    StepTensors {
+        tokens: inputs.tokens.clone(),
+        cos,
+        sin,
+        slots: inputs.slots.clone(),
+        layout: PagedLayout::decode(
+            rows,
+            inputs.width,
+            inputs.gather.clone(),
+            inputs.masks.iter().map(|(w, m)| (*w, m.clone().reshape([rows, 1, 1, 1, inputs.width]))).collect(),
+            block_tokens,
+        ),
+        logit_rows: None,
+    }
+}

@@ -1,0 +1,507 @@
+//! The serving core: one step loop per loaded model, on its own thread, stepping every live
+//! request together over a paged KV cache (vLLM v1's `EngineCore`; SGLang's and mistral.rs's
+//! schedulers are the same design).
+//!
+//! Callers on any thread submit a request and get its events (tokens with their text, then
+//! the result) on a channel; the loop admits requests, asks the [`scheduler`] for a step,
+//! builds the step's flat batch ([`runner`]), runs the decoder once, samples each sequence
+//! with its own parameters ([`output`]) and sends the tokens. A caller whose consumer stops
+//! sets the request's cancel flag, and the loop frees the sequence's blocks at its next step.
+//! `run`, `--batch`, `score` and the parity tests all go through here.
+
+pub mod block_pool;
+pub mod graph;
+pub mod output;
+pub mod runner;
+pub mod scheduler;
+
+use crate::decoder::KvPool;
+use crate::error::EngineError;
+use crate::generate::{Model, RowRequest, RowResult};
+use block_pool::BlockPool;
+use inference_pio_core::config::OptimizationSettings;
+use inference_pio_core::types::{FinishReason, SchedulerStats, Timings};
+use output::Output;
+use scheduler::{Limits, Scheduled, Scheduler, SeqState};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// What a request asks of the loop.
+pub enum Work {
+    Generate(RowRequest),
+    /// Logits at every prompt position (no generation, no prefix reuse).
+    Score(Vec<u32>),
+}
+
+/// One request handed to the loop.
+pub struct Submission {
+    pub work: Work,
+    /// Prompt tokens per step at most (0: the whole prompt in one step).
+    pub chunk: usize,
+    /// Keys the prefix cache separates requests by (a tenant's salt).
+    pub salt: Vec<u8>,
+    /// Where the request's events go, tagged with `tag`.
+    pub events: Sender<(usize, Event)>,
+    pub tag: usize,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// What a request is told.
+pub enum Event {
+    /// A new token and the text that may be streamed with it.
+    Token { id: u32, text: String },
+    /// The end: the result, or why the request failed.
+    Done(Box<Result<Finished, EngineError>>),
+}
+
+/// A request's result.
+pub struct Finished {
+    pub result: RowResult,
+    /// Scoring: the f32 logits of every prompt position.
+    pub logits: Vec<Vec<f32>>,
+    pub timings: Timings,
+    /// When the request was submitted, got its first token, and each token after.
+    pub submitted: Instant,
+    pub token_times: Vec<Instant>,
+}
+
+/// The loop's settings that may change while it runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct StepSettings {
+    limits: Limits,
+    prefix_caching: bool,
+    cuda_graphs: bool,
+}
+
+/// A model's step loop, stopped when dropped (after the requests in flight end).
+pub struct StepLoop {
+    submit: Mutex<Option<Sender<Submission>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<Mutex<SchedulerStats>>,
+    graph_counts: Arc<Mutex<graph::StepCounts>>,
+    settings: Arc<Mutex<StepSettings>>,
+    block_tokens: usize,
+    blocks: usize,
+}
+
+/// Blocks the KV cache gets: `kv_cache_gb`, else (CUDA) `gpu_memory_utilization` (default
+/// 0.9) of the device memory free after the weights, else (CPU) 0.5 GB; never above the
+/// plugin's memory limit less the weights, nor above `max_num_seqs` full contexts.
+pub fn kv_cache_blocks(
+    settings: &OptimizationSettings,
+    block_bytes: u64,
+    weight_bytes: u64,
+    limit_gb: Option<f64>,
+    device_free: Option<u64>,
+    max_context: usize,
+) -> Result<(usize, String), EngineError> {
+    let bt = settings.kv_block_tokens as usize;
+    let (mut budget, mut why) = match (settings.kv_cache_gb, device_free) {
+        (Some(gb), _) => ((gb * 1e9) as u64, format!("kv_cache_gb = {gb}")),
+        (None, Some(free)) => {
+            let share = settings.gpu_memory_utilization.unwrap_or(0.9);
+            ((free as f64 * share) as u64, format!("{share} of the {:.2} GB free after the weights", free as f64 / 1e9))
+        }
+        (None, None) => (500_000_000, "the CPU default of 0.5 GB (kv_cache_gb)".to_string()),
+    };
+    if let Some(limit) = limit_gb {
+        let left = ((limit * 1e9) as u64).saturating_sub(weight_bytes);
+        if left < budget {
+            budget = left;
+            why = format!("the memory limit of {limit} GB less {:.3} GB of weights", weight_bytes as f64 / 1e9);
+        }
+    }
+    let useful = settings.max_num_seqs as usize * max_context.div_ceil(bt);
+    let blocks = ((budget / block_bytes.max(1)) as usize).min(useful);
+    if blocks == 0 {
+        return Err(EngineError::ResourceLimit(format!(
+            "the KV cache gets no block: {why} holds no {block_bytes}-byte block of {bt} tokens"
+        )));
+    }
+    Ok((blocks, why))
+}
+
+impl StepLoop {
+    /// Starts the loop for `model` over a pool of `pool.blocks()` blocks.
+    pub fn start(model: Arc<Model>, pool: KvPool, settings: &OptimizationSettings) -> Result<Self, EngineError> {
+        let (blocks, block_tokens) = (pool.blocks(), pool.block_tokens());
+        let step = StepSettings {
+            limits: Limits { max_num_seqs: settings.max_num_seqs as usize, max_num_batched_tokens: settings.max_num_batched_tokens as usize },
+            prefix_caching: settings.prefix_caching,
+            cuda_graphs: settings.cuda_graphs,
+        };
+        let stats = Arc::new(Mutex::new(SchedulerStats {
+            kv_blocks_total: blocks as u64,
+            kv_block_tokens: block_tokens as u64,
+            ..Default::default()
+        }));
+        let shared = Arc::new(Mutex::new(step));
+        let (tx, rx) = channel();
+        let (loop_stats, loop_settings) = (Arc::clone(&stats), Arc::clone(&shared));
+        let graph_counts = Arc::new(Mutex::new(graph::StepCounts::default()));
+        let loop_counts = Arc::clone(&graph_counts);
+        let thread = std::thread::Builder::new()
+            .name("inference-pio-steps".into())
+            .spawn(move || {
+                // Built on the loop's thread: the recorded decode steps and the pool they
+                // share are not `Send`.
+                let state = LoopState {
+                    scheduler: Scheduler::new(BlockPool::new(blocks, block_tokens, step.prefix_caching), step.limits),
+                    graphs: graph::DecodeGraphs::new(Arc::clone(&model)),
+                    model,
+                    pool: Rc::new(RefCell::new(pool)),
+                    live: HashMap::new(),
+                    stats: loop_stats,
+                    settings: loop_settings,
+                    next_id: AtomicU64::new(1),
+                    cuda_graphs: step.cuda_graphs,
+                    graph_counts: loop_counts,
+                };
+                state.run(rx)
+            })
+            .map_err(|e| EngineError::Device(format!("cannot start the step loop thread: {e}")))?;
+        Ok(Self {
+            submit: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            stats,
+            graph_counts,
+            settings: shared,
+            block_tokens,
+            blocks,
+        })
+    }
+
+    pub fn submit(&self, submission: Submission) -> Result<(), EngineError> {
+        let guard = self.submit.lock().map_err(|_| EngineError::Device("the step loop's queue lock is poisoned".into()))?;
+        let tx = guard.as_ref().ok_or_else(|| EngineError::Device("the model is being unloaded".into()))?;
+        tx.send(submission).map_err(|_| EngineError::Device("the model's step loop has stopped (an earlier failure)".into()))
+    }
+
+    /// Applies the settings that may change while serving.
+    pub fn configure(&self, settings: &OptimizationSettings) {
+        if let Ok(mut s) = self.settings.lock() {
+            s.limits = Limits { max_num_seqs: settings.max_num_seqs as usize, max_num_batched_tokens: settings.max_num_batched_tokens as usize };
+            s.prefix_caching = settings.prefix_caching;
+            s.cuda_graphs = settings.cuda_graphs;
+        }
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Counts of the device-resident decode steps (direct, recorded, replayed).
+    pub fn graph_counts(&self) -> graph::StepCounts {
+        self.graph_counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+}
+
+impl Drop for StepLoop {
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.submit.lock() {
+            tx.take();
+        }
+        if let Ok(mut thread) = self.thread.lock()
+            && let Some(handle) = thread.take()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A request inside the loop.
+struct Live {
+    /// `None` for scoring.
+    output: Option<Output>,
+    prompt_len: usize,
+    events: Sender<(usize, Event)>,
+    tag: usize,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+    token_times: Vec<Instant>,
+    /// Scoring: logits by position.
+    logits: Vec<Option<Vec<f32>>>,
+    cached_tokens: usize,
+}
+
+struct LoopState {
+    model: Arc<Model>,
+    pool: Rc<RefCell<KvPool>>,
+    graphs: graph::DecodeGraphs,
+    cuda_graphs: bool,
+    graph_counts: Arc<Mutex<graph::StepCounts>>,
+    scheduler: Scheduler,
+    live: HashMap<u64, Live>,
+    stats: Arc<Mutex<SchedulerStats>>,
+    settings: Arc<Mutex<StepSettings>>,
+    next_id: AtomicU64,
+}
+
+impl LoopState {
+    fn run(mut self, rx: Receiver<Submission>) {
+        loop {
+            if self.scheduler.is_idle() {
+                match rx.recv() {
+                    Ok(s) => self.admit(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.admit(s);
+            }
+            self.apply_settings();
+            self.drop_cancelled();
+            if self.scheduler.is_idle() {
+                continue;
+            }
+            let work = self.scheduler.schedule();
+            if work.is_empty() {
+                // Nothing fits (cannot happen for admitted requests, which each fit the pool
+                // alone); fail rather than spin.
+                self.fail_all(&EngineError::ResourceLimit("the scheduler could not place any request in the KV cache".into()));
+                continue;
+            }
+            if let Err(e) = self.step(&work) {
+                for w in &work {
+                    self.end(w.id, Err(e.clone()));
+                }
+            }
+            if let Ok(mut s) = self.stats.lock() {
+                s.steps += 1;
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn apply_settings(&mut self) {
+        if let Ok(s) = self.settings.lock() {
+            self.scheduler.limits = s.limits;
+            self.scheduler.pool.set_prefix_caching(s.prefix_caching);
+            self.cuda_graphs = s.cuda_graphs;
+        }
+    }
+
+    /// Checks that the request can ever fit, then queues it.
+    fn admit(&mut self, s: Submission) {
+        let model = &self.model;
+        let (prompt, output, reuse, most) = match &s.work {
+            Work::Generate(r) => {
+                // The cache holds at most every token but the last sampled one.
+                let most = (r.prompt.len() + r.max_new_tokens).saturating_sub(1).min(model.max_context.saturating_sub(1)).max(r.prompt.len());
+                (r.prompt.clone(), Some(Output::new(r, model.output_format)), true, most)
+            }
+            Work::Score(ids) => (ids.clone(), None, false, ids.len()),
+        };
+        let needed = self.scheduler.blocks_for(most);
+        let total = self.scheduler.pool.total();
+        if needed > total {
+            let bt = self.scheduler.pool.block_tokens();
+            let e = EngineError::ResourceLimit(format!(
+                "the request needs up to {most} tokens of KV cache ({needed} blocks of {bt}: prompt {} + max_new_tokens), \
+                 but the whole cache holds {} tokens ({total} blocks); shorten it or raise kv_cache_gb",
+                prompt.len(),
+                total * bt
+            ));
+            let _ = s.events.send((s.tag, Event::Done(Box::new(Err(e)))));
+            return;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let prompt_len = prompt.len();
+        self.scheduler.add(SeqState::new(id, prompt, s.chunk, reuse, s.salt));
+        self.live.insert(
+            id,
+            Live {
+                output,
+                prompt_len,
+                events: s.events,
+                tag: s.tag,
+                cancel: s.cancel,
+                submitted: Instant::now(),
+                token_times: Vec::new(),
+                logits: if reuse { Vec::new() } else { vec![None; prompt_len] },
+                cached_tokens: 0,
+            },
+        );
+    }
+
+    fn drop_cancelled(&mut self) {
+        let cancelled: Vec<u64> = self.live.iter().filter(|(_, l)| l.cancel.load(Ordering::Relaxed)).map(|(&id, _)| id).collect();
+        for id in cancelled {
+            if let Some(out) = self.live.get_mut(&id).and_then(|l| l.output.as_mut()) {
+                out.cancel();
+            }
+            self.finish(id);
+        }
+    }
+
+    fn fail_all(&mut self, e: &EngineError) {
+        for id in self.scheduler.ids() {
+            self.end(id, Err(e.clone()));
+        }
+    }
+
+    /// Runs one step and hands out its tokens.
+    fn step(&mut self, work: &[Scheduled]) -> Result<(), EngineError> {
+        let scores = |id: u64| self.live.get(&id).is_some_and(|l| l.output.is_none());
+        let block_tokens = self.pool.borrow().block_tokens();
+        // Decode rows only: the device-resident step (recorded as a CUDA graph on CUDA).
+        let decode_only = work.iter().all(|w| w.len == 1 && w.start > 0 && !scores(w.id));
+        let (logits, logit_ranges) = if self.cuda_graphs && decode_only && self.graphs.applies(work.len()) {
+            let rows: Vec<graph::DecodeRow<'_>> = work
+                .iter()
+                .filter_map(|w| self.scheduler.seq(w.id).map(|s| graph::DecodeRow { token: s.tokens[w.start], position: w.start, blocks: &s.blocks }))
+                .collect();
+            if rows.len() != work.len() {
+                return Err(EngineError::Device("a scheduled sequence is missing".into()));
+            }
+            let logits = self.graphs.step(&rows, &self.pool);
+            if let Ok(mut c) = self.graph_counts.lock() {
+                *c = self.graphs.counts.clone();
+            }
+            let logits = logits?;
+            let ranges = (0..work.len()).map(|i| Some(i..i + 1)).collect::<Vec<_>>();
+            (logits.narrow(0, 0, work.len()), ranges)
+        } else {
+            let batch = runner::step_batch(&self.scheduler, work, block_tokens, scores);
+            (self.model.decoder.forward(&batch.batch, &mut self.pool.borrow_mut())?, batch.logit_ranges)
+        };
+        let vocab = self.model.decoder.config.vocab_size;
+        let values = logits
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
+        self.scheduler.computed(work);
+        let now = Instant::now();
+        for (w, rows) in work.iter().zip(&logit_ranges) {
+            let Some(rows) = rows else { continue };
+            let Some(live) = self.live.get_mut(&w.id) else { continue };
+            if live.output.is_none() {
+                // Scoring: keep every position's logits; done once the prompt is computed.
+                for (i, r) in rows.clone().enumerate() {
+                    if let Some(slot) = live.logits.get_mut(w.start + i) {
+                        *slot = Some(values[r * vocab..(r + 1) * vocab].to_vec());
+                    }
+                }
+                if w.start + w.len == live.prompt_len {
+                    self.finish(w.id);
+                }
+                continue;
+            }
+            let r = rows.end - 1;
+            let mut row = values[r * vocab..(r + 1) * vocab].to_vec();
+            let Some(seq) = self.scheduler.seq(w.id) else { continue };
+            if live.token_times.is_empty() {
+                live.cached_tokens = seq.cached_tokens;
+            }
+            let Some(out) = live.output.as_mut() else { continue };
+            let id = out.sample(&mut row, &seq.tokens);
+            let length = seq.tokens.len() + 1;
+            let text = out.push(&self.model.tokenizer, &self.model.eos_token_ids, id, length, self.model.max_context)?;
+            live.token_times.push(now);
+            let finished = out.finish.is_some();
+            let delivered = live.events.send((live.tag, Event::Token { id, text })).is_ok();
+            self.scheduler.push_token(w.id, id);
+            if !delivered {
+                out.cancel();
+            }
+            if finished || !delivered {
+                self.finish(w.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a request normally (finished, cancelled).
+    fn finish(&mut self, id: u64) {
+        let (used, total) = (self.scheduler.pool.used(), self.scheduler.pool.total());
+        let Some(live) = self.live.get_mut(&id) else {
+            self.scheduler.remove(id);
+            return;
+        };
+        let result = match live.output.take() {
+            Some(out) => out.into_result(),
+            None => RowResult { new_ids: Vec::new(), text: String::new(), reasoning: String::new(), tool_calls: Vec::new(), finish: FinishReason::Length },
+        };
+        let logits: Vec<Vec<f32>> = std::mem::take(&mut live.logits).into_iter().flatten().collect();
+        let mut timings = request_timings(live.submitted, &live.token_times, live.prompt_len, result.new_ids.len());
+        timings.cached_prompt_tokens = live.cached_tokens as u64;
+        timings.kv_blocks_used = used as u64;
+        timings.kv_blocks_total = total as u64;
+        let done = Finished { result, logits, timings, submitted: live.submitted, token_times: std::mem::take(&mut live.token_times) };
+        self.end(id, Ok(done));
+    }
+
+    fn end(&mut self, id: u64, outcome: Result<Finished, EngineError>) {
+        self.scheduler.remove(id);
+        if let Some(live) = self.live.remove(&id) {
+            if let Ok(mut s) = self.stats.lock() {
+                s.requests_finished += 1;
+            }
+            // Counters first: a caller reading them after its result sees its blocks freed.
+            self.publish_stats();
+            let _ = live.events.send((live.tag, Event::Done(Box::new(outcome))));
+        }
+    }
+
+    fn publish_stats(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            let c = &self.scheduler.counters;
+            let pool = &self.scheduler.pool;
+            s.running = self.scheduler.running() as u64;
+            s.waiting = self.scheduler.waiting() as u64;
+            s.preemptions = c.preemptions;
+            s.kv_blocks_used = pool.used() as u64;
+            s.kv_blocks_total = pool.total() as u64;
+            s.kv_block_tokens = pool.block_tokens() as u64;
+            s.kv_blocks_cached = pool.cached_blocks() as u64;
+            s.prefix_cache_queries = c.prefix_queries;
+            s.prefix_cache_query_tokens = c.prefix_query_tokens;
+            s.prefix_cache_hit_tokens = c.prefix_hit_tokens;
+            s.prompt_tokens_computed = c.prefilled_tokens;
+            s.decode_tokens_computed = c.decoded_tokens;
+        }
+    }
+}
+
+/// One request's timings from when it was submitted and when each token came.
+pub fn request_timings(submitted: Instant, tokens: &[Instant], prompt_tokens: usize, generated: usize) -> Timings {
+    let end = Instant::now();
+    let mut t = Timings { prompt_tokens: prompt_tokens as u64, generated_tokens: generated as u64, total_s: end.duration_since(submitted).as_secs_f64(), ..Timings::default() };
+    if let Some(&first) = tokens.first() {
+        t.time_to_first_token_s = first.duration_since(submitted).as_secs_f64();
+        t.prefill_tokens_per_s = prompt_tokens as f64 / t.time_to_first_token_s.max(1e-9);
+    }
+    decode_rates(&mut t, tokens, 1);
+    t
+}
+
+/// Decode rates from token arrival times (sorted) of `rows` sequences: all tokens after the
+/// first of each row, and the second half alone (past first-use kernel compilation).
+pub fn decode_rates(t: &mut Timings, times: &[Instant], rows: usize) {
+    let n = times.len();
+    if n <= rows {
+        return;
+    }
+    let span = times[n - 1].duration_since(times[rows - 1]).as_secs_f64();
+    t.decode_tokens_per_s = (n - rows) as f64 / span.max(1e-9);
+    let half = n / 2;
+    if half >= 1 && n - half >= 2 {
+        let span = times[n - 1].duration_since(times[half - 1]).as_secs_f64();
+        t.steady_decode_tokens_per_s = (n - half) as f64 / span.max(1e-9);
+    }
+}

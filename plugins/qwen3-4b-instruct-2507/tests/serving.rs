@@ -1,0 +1,257 @@
+//! The serving core on tiny Qwen3 checkpoints, on the CPU: requests submitted concurrently
+//! (joining while others decode, finishing early, each with its own sampling settings) get
+//! the tokens they get alone; the prefix cache, eviction, preemption by recomputation,
+//! cancellation and the refusal of requests that can never fit.
+
+use inference_pio_core::types::{DType, FinishReason, PluginSettings, PromptInput, SamplingParams};
+use inference_pio_engine::generate::{Engine, RowRequest, RowResult};
+use inference_pio_engine::sampling::SamplingConfig;
+use inference_pio_engine::testing::{all_logits, load_cpu_with, rel_l2};
+use qwen3_4b_instruct_2507::FAMILY;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn load(change: impl FnOnce(&mut PluginSettings)) -> Engine {
+    load_model("qwen3-tiny-b", DType::F32, change)
+}
+
+fn load_model(name: &str, dtype: DType, change: impl FnOnce(&mut PluginSettings)) -> Engine {
+    load_cpu_with(&FAMILY, &fixture(name), dtype, |s| {
+        s.optimization.kv_block_tokens = 4;
+        change(s);
+    })
+}
+
+/// Bytes of one 4-token block of qwen3-tiny-b in f32: 3 layers x (k, v) x 4 x 2 heads x 16.
+const BLOCK_BYTES: f64 = (3 * 2 * 4 * 2 * 16 * 4) as f64;
+
+fn prompt(len: usize, seed: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 37 + seed * 101 + 11) % 500 + 3) as u32).collect()
+}
+
+fn run(engine: &Engine, request: RowRequest) -> RowResult {
+    let mut rows = engine
+        .generate_rows(vec![request], &Default::default(), &mut |_, _, _| true, &mut Default::default())
+        .expect("generate");
+    rows.remove(0)
+}
+
+fn sampled(prompt: Vec<u32>, max_new: usize, seed: u64) -> RowRequest {
+    let sampling = SamplingConfig { greedy: false, temperature: 1.3, top_k: 40, top_p: 0.95, min_p: 0.0, repetition_penalty: 1.1, seed };
+    RowRequest { sampling, ..RowRequest::greedy(prompt, max_new) }
+}
+
+#[test]
+fn requests_joining_mid_decode_get_the_tokens_they_get_alone() {
+    // A small step budget: prompts are chunked, and prefill chunks share steps with decodes.
+    let engine = load(|s| {
+        s.optimization.max_num_batched_tokens = 16;
+        s.optimization.max_num_seqs = 8;
+        s.optimization.prefill_chunk_tokens = 8;
+    });
+    let first = RowRequest::greedy(prompt(21, 0), 30).ignoring_eos();
+    let joiners = vec![
+        RowRequest::greedy(prompt(3, 1), 4).ignoring_eos(),
+        sampled(prompt(40, 2), 12, 7),
+        RowRequest { stop: vec![], ..RowRequest::greedy(prompt(9, 3), 20).ignoring_eos() },
+        sampled(prompt(1, 4), 25, 9),
+    ];
+    let alone_first = run(&engine, first.clone());
+    let alone: Vec<RowResult> = joiners.iter().map(|r| run(&engine, r.clone())).collect();
+
+    let (started_tx, started_rx) = mpsc::channel();
+    let together = std::thread::scope(|scope| {
+        let first_run = scope.spawn(|| {
+            let mut seen = 0;
+            let mut rows = engine
+                .generate_rows(
+                    vec![first.clone()],
+                    &Default::default(),
+                    &mut |_, _, _| {
+                        seen += 1;
+                        if seen == 3 {
+                            let _ = started_tx.send(());
+                        }
+                        true
+                    },
+                    &mut Default::default(),
+                )
+                .expect("first");
+            rows.remove(0)
+        });
+        started_rx.recv().expect("the first request decodes");
+        // Each joiner from its own thread, as the host's concurrent `infer` calls do.
+        let handles: Vec<_> = joiners.iter().map(|r| scope.spawn(|| run(&engine, r.clone()))).collect();
+        let joined: Vec<RowResult> = handles.into_iter().map(|h| h.join().expect("joiner")).collect();
+        (first_run.join().expect("first"), joined)
+    });
+    assert_eq!(together.0.new_ids, alone_first.new_ids, "the first request");
+    for (i, (got, want)) in together.1.iter().zip(&alone).enumerate() {
+        assert_eq!(got.new_ids, want.new_ids, "joiner {i}");
+        assert_eq!(got.finish, FinishReason::Length);
+    }
+    let stats = engine.stats();
+    assert_eq!((stats.running, stats.waiting, stats.kv_blocks_used), (0, 0, 0), "{stats:?}");
+    assert!(stats.decode_tokens_computed > 0 && stats.prompt_tokens_computed > 0, "{stats:?}");
+}
+
+#[test]
+fn scoring_while_others_decode_gives_the_logits_of_scoring_alone() {
+    let engine = load(|s| {
+        s.optimization.max_num_batched_tokens = 8;
+        s.optimization.max_num_seqs = 4;
+    });
+    let text = prompt(30, 5);
+    let alone = all_logits(&engine, &text);
+    let (under_load, _) = std::thread::scope(|scope| {
+        let busy = scope.spawn(|| run(&engine, RowRequest::greedy(prompt(12, 6), 40).ignoring_eos()));
+        (all_logits(&engine, &text), busy.join().expect("busy"))
+    });
+    assert_eq!(under_load.len(), alone.len());
+    for (i, (a, b)) in under_load.iter().zip(&alone).enumerate() {
+        assert!(rel_l2(a, b) <= 1e-4, "position {i}");
+    }
+}
+
+#[test]
+fn a_shared_system_prompt_is_prefilled_once_and_hits_equal_misses() {
+    let system = prompt(20, 7);
+    let with_tail = |t: u32| -> Vec<u32> { system.iter().copied().chain([t, t + 1, t + 2]).collect() };
+    let requests: Vec<RowRequest> = (0..4).map(|i| RowRequest::greedy(with_tail(30 + 10 * i), 6).ignoring_eos()).collect();
+    let cached = load(|_| {});
+    let uncached = load(|s| s.optimization.prefix_caching = false);
+    let mut computed = Vec::new();
+    for r in &requests {
+        let before = cached.stats().prompt_tokens_computed;
+        let hit = run(&cached, r.clone());
+        computed.push(cached.stats().prompt_tokens_computed - before);
+        assert_eq!(hit.new_ids, run(&uncached, r.clone()).new_ids, "a prefix-cache hit differs from a miss");
+    }
+    // The first request computes its 23 prompt tokens; the others find the system prompt's
+    // 5 full blocks (20 tokens) and compute their 3-token tails.
+    assert_eq!(computed, vec![23, 3, 3, 3]);
+    let stats = cached.stats();
+    assert_eq!(stats.prefix_cache_hit_tokens, 60, "{stats:?}");
+    assert_eq!(uncached.stats().prefix_cache_hit_tokens, 0);
+    // Through the request API too: the cached prompt tokens are reported.
+    let mut params = SamplingParams { greedy: true, ..Default::default() };
+    params.values.max_new_tokens = Some(2);
+    let response = cached
+        .generate(&PromptInput::TokenIds(with_tail(200)), &params, &[], &Default::default(), &Default::default(), &mut |_, _| true)
+        .expect("generate");
+    assert_eq!(response.timings.cached_prompt_tokens, 20);
+    assert_eq!(response.timings.kv_blocks_total, cached.kv_blocks().1 as u64);
+}
+
+#[test]
+fn eviction_under_pressure_keeps_results_correct() {
+    // 16 blocks: room for about two requests' prefixes at a time.
+    let small = load(|s| s.optimization.kv_cache_gb = Some(16.0 * BLOCK_BYTES / 1e9));
+    assert_eq!(small.kv_blocks().1, 16);
+    let reference = load(|s| s.optimization.prefix_caching = false);
+    let requests: Vec<RowRequest> = (0..6).map(|i| RowRequest::greedy(prompt(25, 20 + i), 5).ignoring_eos()).collect();
+    // Twice over: the second round's prefixes were evicted by the first round's later ones.
+    for round in 0..2 {
+        for (i, r) in requests.iter().enumerate() {
+            assert_eq!(run(&small, r.clone()).new_ids, run(&reference, r.clone()).new_ids, "round {round}, request {i}");
+        }
+    }
+    assert_eq!(small.stats().prefix_cache_hit_tokens, 0, "everything was evicted before its reuse");
+}
+
+#[test]
+fn too_small_a_cache_preempts_and_still_finishes_every_request_as_alone() {
+    // 12 blocks of 4 (48 tokens) for four requests that each grow to 26 tokens (7 blocks).
+    let small = load(|s| {
+        s.optimization.kv_cache_gb = Some(12.0 * BLOCK_BYTES / 1e9);
+        s.optimization.prefix_caching = false;
+    });
+    let requests: Vec<RowRequest> = (0..4).map(|i| RowRequest::greedy(prompt(8, 40 + i), 18).ignoring_eos()).collect();
+    let alone: Vec<Vec<u32>> = requests.iter().map(|r| run(&small, r.clone()).new_ids).collect();
+    let together = small
+        .generate_rows(requests, &Default::default(), &mut |_, _, _| true, &mut Default::default())
+        .expect("together");
+    for (i, (got, want)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(&got.new_ids, want, "request {i}");
+    }
+    let stats = small.stats();
+    assert!(stats.preemptions > 0, "{stats:?}");
+    assert_eq!(stats.kv_blocks_used, 0);
+}
+
+#[test]
+fn cancelling_mid_decode_frees_the_blocks() {
+    let engine = load(|_| {});
+    let mut params = SamplingParams { greedy: true, ..Default::default() };
+    params.values.max_new_tokens = Some(60);
+    let mut seen = 0;
+    let response = engine
+        .generate(&PromptInput::TokenIds(prompt(30, 9)), &params, &[], &Default::default(), &Default::default(), &mut |_, _| {
+            seen += 1;
+            seen < 4
+        })
+        .expect("generate");
+    assert_eq!(response.finish_reason, FinishReason::Cancelled);
+    assert_eq!(response.token_ids.len(), 4);
+    let stats = engine.stats();
+    assert_eq!((stats.kv_blocks_used, stats.running, stats.waiting), (0, 0, 0), "{stats:?}");
+}
+
+#[test]
+fn a_request_that_can_never_fit_is_refused_naming_the_sizes() {
+    let small = load(|s| s.optimization.kv_cache_gb = Some(8.0 * BLOCK_BYTES / 1e9));
+    let err = small
+        .generate_rows(vec![RowRequest::greedy(prompt(20, 1), 40)], &Default::default(), &mut |_, _, _| true, &mut Default::default())
+        .expect_err("59 tokens cannot fit 32");
+    let message = err.to_string();
+    assert!(message.contains("59 tokens") && message.contains("32 tokens") && message.contains("kv_cache_gb"), "{message}");
+    // One that fits still runs.
+    assert_eq!(run(&small, RowRequest::greedy(prompt(20, 1), 5).ignoring_eos()).new_ids.len(), 5);
+}
+
+#[test]
+fn settings_that_cannot_work_are_refused_with_the_key() {
+    use inference_pio_core::types::{DeviceRequest, LoadOptions};
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
+    let bad = |change: fn(&mut PluginSettings)| {
+        let mut s = PluginSettings::default();
+        change(&mut s);
+        match inference_pio_engine::plugin::load_engine(&FAMILY, &fixture("qwen3-tiny-b"), &options, &s) {
+            Ok(_) => panic!("loaded with bad settings"),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert!(bad(|s| s.optimization.max_num_seqs = 0).contains("max_num_seqs"));
+    assert!(bad(|s| s.optimization.max_num_batched_tokens = 4).contains("max_num_batched_tokens"));
+    assert!(bad(|s| s.optimization.kv_block_tokens = 12).contains("kv_block_tokens"));
+    assert!(bad(|s| s.optimization.kv_cache_gb = Some(1e-9)).contains("no block"));
+}
+
+#[test]
+fn device_resident_decode_steps_equal_host_built_steps() {
+    // The step a CUDA graph records (padded rows, context gathered in 256-slot widths, inputs
+    // refreshed in place) runs directly on the CPU; it must give the host-built step's tokens.
+    // qwen3-tiny-c's context of 512 lets the longest row cross from a 256- to a 512-slot width.
+    for dtype in [DType::F32, DType::Bf16] {
+        let on = load_model("qwen3-tiny-c", dtype, |s| s.optimization.cuda_graphs = true);
+        let off = load_model("qwen3-tiny-c", dtype, |s| s.optimization.cuda_graphs = false);
+        let requests: Vec<RowRequest> =
+            [(250, 1), (40, 2), (3, 3)].iter().map(|&(n, seed)| RowRequest::greedy(prompt(n, seed).iter().map(|t| t % 380).collect(), 12).ignoring_eos()).collect();
+        let run_all = |engine: &Engine| -> Vec<Vec<u32>> {
+            engine
+                .generate_rows(requests.clone(), &Default::default(), &mut |_, _, _| true, &mut Default::default())
+                .expect("generate")
+                .into_iter()
+                .map(|r| r.new_ids)
+                .collect()
+        };
+        assert_eq!(run_all(&on), run_all(&off), "{dtype:?}");
+        let counts = on.graph_counts();
+        assert!(counts.direct >= 10, "{counts:?}");
+        assert_eq!(off.graph_counts().direct, 0);
+    }
+}
