@@ -219,11 +219,14 @@ fn chunk_of(optimization: &OptimizationSettings) -> usize {
 }
 
 impl Engine {
-    /// Starts the step loop of `model` over `pool` with these settings.
-    pub fn start(model: Model, pool: crate::decoder::KvPool, optimization: &OptimizationSettings) -> Result<Self, EngineError> {
-        let model = Arc::new(model);
-        let steps = StepLoop::start(Arc::clone(&model), pool, optimization)?;
-        Ok(Self { model, steps })
+    /// Starts the model's step loop, whose thread first runs `build` (loads the weights and
+    /// allocates the KV pool: all of the model's device work happens on that thread).
+    pub fn start<T: Send + 'static>(
+        build: impl FnOnce() -> Result<crate::serve::Built<T>, EngineError> + Send + 'static,
+        optimization: &OptimizationSettings,
+    ) -> Result<(Self, T), EngineError> {
+        let (steps, model, extra) = StepLoop::start(build, optimization)?;
+        Ok((Self { model, steps }, extra))
     }
 
     /// The scheduler's counters.

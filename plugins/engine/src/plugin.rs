@@ -140,46 +140,53 @@ pub fn load_engine(
         ),
     };
     crate::progress::log(|| format!("loading {} weights ({:.2} GB in {dtype}) on {device_name}", if options.random_weights.is_some() { "random" } else { "checkpoint" }, bytes as f64 / 1e9));
-    let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
-    crate::progress::log(|| "weights loaded".to_string());
-    let c = &decoder.config;
-    let eos_token_ids = if generation.eos_token_ids.is_empty() { c.eos_token_ids.clone() } else { generation.eos_token_ids.clone() };
-    let max_context = settings
-        .optimization
-        .max_context_tokens
-        .map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));
-    // The paged KV cache, preallocated now from its budget.
-    let optimization = &settings.optimization;
-    let block_tokens = optimization.kv_block_tokens as usize;
-    let block_bytes = KvPool::block_bytes(c, dtype, block_tokens);
-    let device_free = match (on_gpu, options.device) {
-        (false, _) => None,
-        (true, DeviceRequest::Cuda(i)) => inference_pio_kernels::cublas::device_memory(i as usize).map(|(free, _)| free),
-        (true, _) => inference_pio_kernels::cublas::device_memory(0).map(|(free, _)| free),
+    let optimization = settings.optimization.clone();
+    let max_context_setting = settings.optimization.max_context_tokens;
+    let output_format = family.output_format;
+    let requested = options.device;
+    // The weights and the KV pool are made on the model's step-loop thread, which does all
+    // of its device work from then on.
+    let build = move || -> Result<crate::serve::Built<(usize, usize, u64, String)>, EngineError> {
+        let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
+        crate::progress::log(|| "weights loaded".to_string());
+        let c = &decoder.config;
+        let eos_token_ids = if generation.eos_token_ids.is_empty() { c.eos_token_ids.clone() } else { generation.eos_token_ids.clone() };
+        let max_context = max_context_setting.map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));
+        // The paged KV cache, preallocated now from its budget.
+        let block_tokens = optimization.kv_block_tokens as usize;
+        let block_bytes = KvPool::block_bytes(c, dtype, block_tokens);
+        let device_free = match (on_gpu, requested) {
+            (false, _) => None,
+            (true, DeviceRequest::Cuda(i)) => inference_pio_kernels::cublas::device_memory(i as usize).map(|(free, _)| free),
+            (true, _) => inference_pio_kernels::cublas::device_memory(0).map(|(free, _)| free),
+        };
+        let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, max_context)?;
+        crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
+        let pool = decoder.new_kv_pool(blocks, block_tokens);
+        let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format };
+        Ok((model, pool, (blocks, block_tokens, blocks as u64 * block_bytes, sized_by)))
     };
-    let (blocks, sized_by) = crate::serve::kv_cache_blocks(optimization, block_bytes, bytes, limit, device_free, max_context)?;
-    crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
-    let pool = decoder.new_kv_pool(blocks, block_tokens);
+    let (engine, (blocks, block_tokens, kv_bytes, sized_by)) = Engine::start(build, &settings.optimization)?;
+    let c = &engine.decoder.config;
     let info = ModelInfo {
         handle: 0,
         cpu_threads: None,
         architecture: c.architectures.first().cloned().unwrap_or_default(),
-        parameter_count: parameter_count(c, &decoder.spec),
+        parameter_count: parameter_count(c, &engine.decoder.spec),
         weight_bytes: bytes,
         dtype,
         device: device_name,
-        max_context: max_context as u64,
+        max_context: engine.max_context as u64,
         vocab_size: c.vocab_size as u64,
-        has_chat_template: template.is_some(),
-        generation_defaults: generation.values.clone(),
+        has_chat_template: engine.template.is_some(),
+        generation_defaults: engine.generation.values.clone(),
         load_seconds: started.elapsed().as_secs_f64(),
         kv_cache_blocks: blocks as u64,
         kv_block_tokens: block_tokens as u64,
-        kv_cache_bytes: blocks as u64 * block_bytes,
+        kv_cache_bytes: kv_bytes,
         kv_cache_sized_by: sized_by,
     };
-    let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format: family.output_format };
-    Ok((Engine::start(model, pool, optimization)?, info))
+    Ok((engine, info))
 }
 
 /// Security level `medium`: every file loading will open, validated against the host's

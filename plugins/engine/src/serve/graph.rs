@@ -74,6 +74,8 @@ pub struct DecodeGraphs {
     cos_table: Tensor<2>,
     sin_table: Tensor<2>,
     records: bool,
+    /// A capture failed: steps run directly from then on.
+    given_up: bool,
     /// Declared before `shared`: the graph (which replays against its buffers) goes first.
     graph: Option<Graph<Result<Tensor<2>, EngineError>, StepFn>>,
     shared: Option<Rc<RefCell<Shared>>>,
@@ -96,7 +98,17 @@ impl DecodeGraphs {
         let device = model.decoder.device.clone();
         let (cos_table, sin_table) = model.decoder.rope_table(model.max_context.max(1));
         let windows = model.decoder.config.distinct_windows();
-        Self { records: device != Device::flex(), model, windows, cos_table, sin_table, graph: None, shared: None, counts: StepCounts::default() }
+        Self {
+            records: device != Device::flex(),
+            given_up: false,
+            model,
+            windows,
+            cos_table,
+            sin_table,
+            graph: None,
+            shared: None,
+            counts: StepCounts::default(),
+        }
     }
 
     /// Whether a decode step of `rows` rows can run here (a bucket exists, and the model
@@ -165,7 +177,7 @@ impl DecodeGraphs {
                 mask.inplace(|m| m.select_assign(0, idx, new, IndexingUpdateOp::Assign));
             }
         }
-        if !self.records {
+        if !self.records || self.given_up {
             self.counts.direct += 1;
             return self.run_direct(&shared);
         }
@@ -188,7 +200,10 @@ impl DecodeGraphs {
             let graph = capture(&device, step);
             self.counts.captures += 1;
             if !graph.is_hardware() {
-                // burn would re-run the closure on replay; run the step ourselves instead.
+                // burn would re-run the closure on replay; run the steps ourselves from now on.
+                self.given_up = true;
+                crate::progress::log(|| "the CUDA graph capture failed: decode steps run uncaptured".to_string());
+                eprintln!("inference-pio: recording a decode step as a CUDA graph failed; decode steps run uncaptured");
                 self.counts.failed_captures += 1;
                 self.counts.direct += 1;
                 return self.run_direct(&shared);

@@ -127,34 +127,51 @@ pub fn kv_cache_blocks(
     Ok((blocks, why))
 }
 
+/// What a step loop's builder makes on the loop's thread: the model and its KV pool.
+pub type Built<T> = (Model, KvPool, T);
+
 impl StepLoop {
-    /// Starts the loop for `model` over a pool of `pool.blocks()` blocks.
-    pub fn start(model: Arc<Model>, pool: KvPool, settings: &OptimizationSettings) -> Result<Self, EngineError> {
-        let (blocks, block_tokens) = (pool.blocks(), pool.block_tokens());
+    /// Starts the loop thread, which first runs `build` (loading the weights and allocating
+    /// the KV pool there: every device operation of the model then happens on that thread,
+    /// one CUDA stream, which recording CUDA graphs needs), then serves. Returns the model
+    /// and what `build` returned beside it, once it has.
+    pub fn start<T: Send + 'static>(
+        build: impl FnOnce() -> Result<Built<T>, EngineError> + Send + 'static,
+        settings: &OptimizationSettings,
+    ) -> Result<(Self, Arc<Model>, T), EngineError> {
         let step = StepSettings {
             limits: Limits { max_num_seqs: settings.max_num_seqs as usize, max_num_batched_tokens: settings.max_num_batched_tokens as usize },
             prefix_caching: settings.prefix_caching,
             cuda_graphs: settings.cuda_graphs,
         };
-        let stats = Arc::new(Mutex::new(SchedulerStats {
-            kv_blocks_total: blocks as u64,
-            kv_block_tokens: block_tokens as u64,
-            ..Default::default()
-        }));
+        let stats = Arc::new(Mutex::new(SchedulerStats::default()));
         let shared = Arc::new(Mutex::new(step));
         let (tx, rx) = channel();
+        let (built_tx, built_rx) = channel::<Result<(Arc<Model>, T, usize, usize), EngineError>>();
         let (loop_stats, loop_settings) = (Arc::clone(&stats), Arc::clone(&shared));
         let graph_counts = Arc::new(Mutex::new(graph::StepCounts::default()));
         let loop_counts = Arc::clone(&graph_counts);
         let thread = std::thread::Builder::new()
             .name("inference-pio-steps".into())
             .spawn(move || {
-                // Built on the loop's thread: the recorded decode steps and the pool they
-                // share are not `Send`.
+                let (model, pool, extra) = match build() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let model = Arc::new(model);
+                let (blocks, block_tokens) = (pool.blocks(), pool.block_tokens());
+                if let Ok(mut s) = loop_stats.lock() {
+                    s.kv_blocks_total = blocks as u64;
+                    s.kv_block_tokens = block_tokens as u64;
+                }
+                // The recorded decode steps and the pool they share are not `Send`: made here.
                 let state = LoopState {
                     scheduler: Scheduler::new(BlockPool::new(blocks, block_tokens, step.prefix_caching), step.limits),
                     graphs: graph::DecodeGraphs::new(Arc::clone(&model)),
-                    model,
+                    model: Arc::clone(&model),
                     pool: Rc::new(RefCell::new(pool)),
                     live: HashMap::new(),
                     stats: loop_stats,
@@ -163,10 +180,24 @@ impl StepLoop {
                     cuda_graphs: step.cuda_graphs,
                     graph_counts: loop_counts,
                 };
+                if built_tx.send(Ok((model, extra, blocks, block_tokens))).is_err() {
+                    return;
+                }
                 state.run(rx)
             })
             .map_err(|e| EngineError::Device(format!("cannot start the step loop thread: {e}")))?;
-        Ok(Self {
+        let (model, extra, blocks, block_tokens) = match built_rx.recv() {
+            Ok(Ok(built)) => built,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(EngineError::Device("the model's loader thread ended without a model (it panicked)".into()));
+            }
+        };
+        let this = Self {
             submit: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             stats,
@@ -174,7 +205,8 @@ impl StepLoop {
             settings: shared,
             block_tokens,
             blocks,
-        })
+        };
+        Ok((this, model, extra))
     }
 
     pub fn submit(&self, submission: Submission) -> Result<(), EngineError> {
