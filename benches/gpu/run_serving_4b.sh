@@ -63,9 +63,10 @@ ours() { # name config args...
   local name=$1 config=$2; shift 2
   local t=$(( $(left) - 60 )); [ $t -lt 20 ] && { echo "no time for $name"; return; }
   local start=$SECONDS
-  timeout $t $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
+  ${PIO_LOG:+env INFERENCE_PIO_LOG=1} timeout $t $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
     > /tmp/ours_$name.json 2> /tmp/ours_$name.err
   echo "ours $name: exit $? after $(( SECONDS - start )) s"; tail -2 /tmp/ours_$name.err
+  grep -a -m4 -i "graph\|panick\|recording\|decode steps" /tmp/ours_$name.err
 }
 if has ours; then
   ours b1 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 256 --repeat 3
