@@ -13,8 +13,203 @@
 //! [`crate::attention::gqa_attention`] (transformers' `eager_attention_forward`): all decode
 //! rows together as one batch padded to the longest of them, then each prefill chunk alone.
 //! The flat batch must list decode rows first, so the outputs concatenate in order.
+//!
+//! On CubeCL devices the decode rows run through our kernel instead
+//! ([`paged_decode_attention`]): one cube per (row, query head) reads each key and value
+//! straight from the pool at the slot the row's table names (no gathered copy), with the
+//! online softmax of [`crate::attention`]'s decode kernel (planes over slots, merged through
+//! shared memory, f32 inside), skipping masked slots. Checked on the device against the
+//! reference through the engine's parity runs (`benches/gpu/run_serving_4b.sh`).
 
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use crate::launch::{PLANE, last_axis_contiguous, vector_width};
+
+/// Planes per cube, each taking every `PLANES`-th slot (as the contiguous decode kernel).
+const PLANES: usize = 16;
+
+/// The paged decode attention as a backend operation (CubeCL runtimes only).
+#[backend_extension(Cube, Fusion)]
+pub trait PagedDecodeOps: Backend {
+    /// `q [rows, heads, head_dim]`, pools `k`/`v [slots, kv_heads, head_dim]`, `slots [rows *
+    /// width]` (the pool slot of each row's `width` keys), additive f32 `mask [rows, width]`:
+    /// `[rows, heads, head_dim]`.
+    #[fusion(dtype = q, shape = q)]
+    fn paged_decode_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+}
+
+impl PagedDecodeOps for CubeBackend {
+    fn paged_decode_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        launch(q, k, v, slots, mask, scale)
+    }
+}
+
+/// The kernel, apart from burn's names (`Tensor`, `Int` are CubeCL's here).
+mod device {
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::num_traits::Zero;
+    use burn_cubecl::cubecl::prelude::*;
+
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_kernel<E: Float, I: Int, N: Size>(
+        q: &Tensor<Vector<E, N>>,
+        k: &Tensor<Vector<E, N>>,
+        v: &Tensor<Vector<E, N>>,
+        slots: &[I],
+        mask: &Tensor<f32>,
+        out: &mut Tensor<Vector<E, N>>,
+        scale: f32,
+        group: usize,
+        width: usize,
+        #[comptime] planes: usize,
+        #[define(E, I)] _dtypes: [ElemType; 2],
+    ) {
+        let head = CUBE_POS_X as usize;
+        let row = CUBE_POS_Y as usize;
+        let lane = UNIT_POS_X as usize;
+        let plane = UNIT_POS_Y as usize;
+        let heads = q.shape(1);
+        let per_head = q.shape(2) / q.vector_size();
+        let kv = head / group;
+        // Lanes past the head's width read its last vector and count for nothing.
+        let on = f32::cast_from(lane < per_head);
+        let at = min(lane, per_head - 1);
+        let vs = k.vector_size();
+        let k_slot = k.stride(0) / vs;
+        let k_head = kv * (k.stride(1) / vs) + at;
+        let v_slot = v.stride(0) / vs;
+        let v_head = kv * (v.stride(1) / vs) + at;
+        let q_vec = Vector::<f32, N>::cast_from(q[(row * heads + head) * per_head + at]) * Vector::new(on * scale);
+
+        let mut best = f32::new(-1.0e30);
+        let mut total = f32::new(0.0);
+        let mut acc = Vector::<f32, N>::zero();
+        let mut s = plane;
+        while s < width {
+            let hidden = mask[row * width + s];
+            // Every lane of a plane takes the same slot: the branch is uniform per plane.
+            if hidden > f32::new(-1.0e8) {
+                let slot = usize::cast_from(slots[row * width + s]);
+                let key = Vector::<f32, N>::cast_from(k[slot * k_slot + k_head]);
+                let score = plane_sum(Vector::vector_sum(key * q_vec)) + hidden;
+                let next = max(best, score);
+                let carry = (best - next).exp();
+                let p = (score - next).exp();
+                total = total * carry + p;
+                let value = Vector::<f32, N>::cast_from(v[slot * v_slot + v_head]);
+                acc = acc * Vector::new(carry) + value * Vector::new(p);
+                best = next;
+            }
+            s += planes;
+        }
+
+        let mut bests = Shared::<[f32]>::new_slice(planes);
+        let mut totals = Shared::<[f32]>::new_slice(planes);
+        let mut accs = Shared::<[Vector<f32, N>]>::new_slice(planes * 32usize);
+        if lane == 0 {
+            bests[plane] = best;
+            totals[plane] = total;
+        }
+        accs[plane * 32usize + lane] = acc;
+        sync_cube();
+        if plane == 0 && lane < per_head {
+            let mut top = bests[0usize];
+            for p in 1usize..planes {
+                top = max(top, bests[p]);
+            }
+            let mut sum = f32::new(0.0);
+            let mut merged = Vector::<f32, N>::zero();
+            for p in 0usize..planes {
+                let w = (bests[p] - top).exp();
+                sum += totals[p] * w;
+                merged += accs[p * 32usize + lane] * Vector::new(w);
+            }
+            out[(row * heads + head) * per_head + lane] = Vector::cast_from(merged / Vector::new(sum));
+        }
+    }
+}
+
+fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, slots: CubeTensor, mask: CubeTensor, scale: f32) -> CubeTensor {
+    let q = into_contiguous(q);
+    let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
+    let (slots, mask) = (into_contiguous(slots), into_contiguous(mask));
+    let shape = q.meta.shape().clone();
+    let (rows, heads, head_dim) = (shape[0], shape[1], shape[2]);
+    let kv_heads = k.meta.shape()[1];
+    let width = mask.meta.shape()[1];
+    let dtype = q.dtype;
+    let int_dtype = slots.dtype;
+    let out = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape, dtype);
+    let vector = vector_width(head_dim, dtype);
+    let client = out.client.clone();
+    // SAFETY: `row < rows` and `head < heads` (the grid), lanes read at most the head's last
+    // vector, `s < width` indexes the `rows x width` mask and slot table (checked by
+    // `paged_decode_attention`), every slot in the table is a slot of the pool (the engine
+    // writes table entries from its block tables, padding with its scratch block), and
+    // `kv = head / group < kv_heads`.
+    unsafe {
+        device::paged_decode_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(heads as u32, rows as u32, 1),
+            CubeDim::new_2d(PLANE as u32, PLANES as u32),
+            vector,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            slots.into_buffer_arg(),
+            mask.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            scale,
+            heads / kv_heads,
+            width,
+            PLANES,
+            [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
+        )
+    };
+    out
+}
+
+/// Decode rows' attention by the kernel: `q [rows, heads, d]` over the pools through `slots
+/// [rows * width]` with `mask [rows, 1, 1, 1, width]`; `None` where the kernel does not apply
+/// (see [`crate::attention::decode_kernel_applies`]).
+pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, slots: &Tensor<1, Int>, mask: &Tensor<5>, scale: f64) -> Option<Tensor<3>> {
+    let [rows, _, d] = q.dims();
+    let width = mask.dims()[4];
+    if !crate::attention::decode_kernel_applies(1, d, q.dtype(), &q.device()) || k.dims() != v.dims() || slots.dims()[0] != rows * width {
+        return None;
+    }
+    let out = Dispatch::paged_decode_attention(
+        q.into_dispatch(),
+        k.clone().into_dispatch(),
+        v.clone().into_dispatch(),
+        slots.clone().into_dispatch(),
+        mask.clone().reshape([rows, width]).into_dispatch(),
+        scale as f32,
+    );
+    Some(Tensor::<3>::from_dispatch(out))
+}
 
 /// The additive mask of a key a query may not see.
 const MASKED: f32 = -1.0e9;
@@ -145,12 +340,18 @@ pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &Page
     let mut at = 0;
     if let Some(slots) = &layout.decode_slots {
         let (rows, width) = (layout.decode_rows, layout.decode_width);
-        let keys = gather(k, slots, rows, width);
-        let values = gather(v, slots, rows, width);
-        let queries = q.clone().narrow(0, 0, rows).reshape([rows, heads, 1, d]);
         let mask = pick(&layout.decode_masks, window);
-        let out = crate::attention::gqa_attention(queries, &keys, &values, Some(mask), scale);
-        parts.push(out.reshape([rows, heads, d]));
+        let queries = q.clone().narrow(0, 0, rows);
+        let out = match paged_decode_attention(queries.clone(), k, v, slots, mask, scale) {
+            Some(out) => out,
+            None => {
+                let keys = gather(k, slots, rows, width);
+                let values = gather(v, slots, rows, width);
+                let out = crate::attention::gqa_attention(queries.reshape([rows, heads, 1, d]), &keys, &values, Some(mask), scale);
+                out.reshape([rows, heads, d])
+            }
+        };
+        parts.push(out);
         at = rows;
     }
     for chunk in &layout.chunks {
