@@ -35,6 +35,13 @@ use crate::launch::{PLANE, last_axis_contiguous, vector_width};
 /// Planes per cube, each taking every `PLANES`-th slot (as the contiguous decode kernel).
 const PLANES: usize = 16;
 
+/// Decode rows from which the kernel runs instead of the gather + GQA reference. On the H200
+/// (Qwen3-4B, bf16, CUDA graphs; benches/results/gpu-h200-2026-12-02-serving.md) the kernel
+/// took steady decode from 798 to 927 tok/s at 256 rows, but from 1,417 to 1,318 at 32 rows
+/// and from 146 to 93 at one row: one cube per (row, head) is too little parallelism for a
+/// few rows, where reading each slot's index and mask before its key lengthens the chain.
+const KERNEL_MIN_ROWS: usize = 128;
+
 /// The paged decode attention as a backend operation (CubeCL runtimes only).
 #[backend_extension(Cube, Fusion)]
 pub trait PagedDecodeOps: Backend {
@@ -193,11 +200,15 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, slots: CubeTensor, mask: 
 
 /// Decode rows' attention by the kernel: `q [rows, heads, d]` over the pools through `slots
 /// [rows * width]` with `mask [rows, 1, 1, 1, width]`; `None` where the kernel does not apply
-/// (see [`crate::attention::decode_kernel_applies`]).
+/// (fewer than [`KERNEL_MIN_ROWS`] rows, see [`crate::attention::decode_kernel_applies`]).
 pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, slots: &Tensor<1, Int>, mask: &Tensor<5>, scale: f64) -> Option<Tensor<3>> {
     let [rows, _, d] = q.dims();
     let width = mask.dims()[4];
-    if !crate::attention::decode_kernel_applies(1, d, q.dtype(), &q.device()) || k.dims() != v.dims() || slots.dims()[0] != rows * width {
+    if rows < KERNEL_MIN_ROWS
+        || !crate::attention::decode_kernel_applies(1, d, q.dtype(), &q.device())
+        || k.dims() != v.dims()
+        || slots.dims()[0] != rows * width
+    {
         return None;
     }
     let out = Dispatch::paged_decode_attention(

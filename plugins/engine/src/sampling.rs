@@ -44,6 +44,12 @@ impl Sampler {
         Self { config, rng }
     }
 
+    /// Whether [`Self::sample`] is the plain argmax of the logits.
+    pub fn is_plain_greedy(&self) -> bool {
+        let c = &self.config;
+        (c.greedy || c.temperature == 0.0) && c.repetition_penalty == 1.0
+    }
+
     /// Picks a token; `history` is the prompt and everything generated (for the penalty).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let c = &self.config;

@@ -412,11 +412,27 @@ impl LoopState {
             (self.model.decoder.forward(&batch.batch, &mut self.pool.borrow_mut())?, batch.logit_ranges)
         };
         let vocab = self.model.decoder.config.vocab_size;
-        let values = logits
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
+        // When every row that wants logits is greedy without a repetition penalty, the next
+        // tokens are picked on the device and only they come back (not `rows x vocab` f32).
+        let device_argmax = logit_ranges.iter().zip(work).filter(|(r, _)| r.is_some()).all(|(_, w)| {
+            self.live.get(&w.id).and_then(|l| l.output.as_ref()).is_some_and(Output::is_plain_greedy)
+        }) && logit_ranges.iter().any(Option::is_some);
+        let (values, picked) = if device_argmax {
+            let ids = logits
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .map_err(|e| EngineError::Device(format!("cannot read the picked tokens: {e:?}")))?;
+            (Vec::new(), ids.into_iter().map(|id| id as u32).collect::<Vec<u32>>())
+        } else {
+            let values = logits
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
+            (values, Vec::new())
+        };
         self.scheduler.computed(work);
         let now = Instant::now();
         for (w, rows) in work.iter().zip(&logit_ranges) {
@@ -435,13 +451,15 @@ impl LoopState {
                 continue;
             }
             let r = rows.end - 1;
-            let mut row = values[r * vocab..(r + 1) * vocab].to_vec();
             let Some(seq) = self.scheduler.seq(w.id) else { continue };
             if live.token_times.is_empty() {
                 live.cached_tokens = seq.cached_tokens;
             }
             let Some(out) = live.output.as_mut() else { continue };
-            let id = out.sample(&mut row, &seq.tokens);
+            let id = match picked.get(r) {
+                Some(&id) => id,
+                None => out.sample(&mut values[r * vocab..(r + 1) * vocab].to_vec(), &seq.tokens),
+            };
             let length = seq.tokens.len() + 1;
             let text = out.push(&self.model.tokenizer, &self.model.eos_token_ids, id, length, self.model.max_context)?;
             live.token_times.push(now);

@@ -75,6 +75,12 @@ impl Output {
         }
     }
 
+    /// Whether the next token is the plain argmax of the logits (greedy, no repetition
+    /// penalty), so it can be picked on the device.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.sampler.is_plain_greedy()
+    }
+
     /// Samples the next token from `logits` after `history` (prompt and tokens so far).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.sampler.sample(logits, history)
