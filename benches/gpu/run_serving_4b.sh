@@ -10,7 +10,8 @@
 # the same checkpoint as GGUF BF16.
 # Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz, .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/{log.txt,results.json,sw/*} (sw: the qwen3-tiny-sw fixture to commit).
-# Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers").
+# Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers"), OURS (which of
+# our runs, default "b1 b32 offline prefix_off prefix_on"), PIO_LOG (1: phase log).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-fixture parity ours peers}
@@ -61,7 +62,8 @@ PY
 fi
 ours() { # name config args...
   local name=$1 config=$2; shift 2
-  local t=$(( $(left) - 60 )); [ $t -lt 20 ] && { echo "no time for $name"; return; }
+  [[ " ${OURS:-b1 b32 offline prefix_off prefix_on} " == *" $name "* ]] || return
+  local t=$(( $(left) - 15 )); [ $t -lt 20 ] && { echo "no time for $name"; return; }
   local start=$SECONDS
   ${PIO_LOG:+env INFERENCE_PIO_LOG=1} timeout $t $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
     > /tmp/ours_$name.json 2> /tmp/ours_$name.err
