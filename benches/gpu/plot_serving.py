@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Plot of the serving calls (benches/gpu/run_serving_4b.sh results): offline output
+throughput of ours per call beside transformers' continuous batching and llama.cpp's
+batched-bench (same checkpoint, same H200 lease), and the shared-prefix workload's mean time
+to first token with prefix caching on and off.
+
+    python3 plot_serving.py RESULTS_DIR OUT.png
+"""
+import json
+import os
+import re
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+d = sys.argv[1]
+calls = [("call 2: gather attention", "results-call2.json"), ("call 3: + paged kernel", "results-call3-paged-kernel.json"),
+         ("call 4: + device argmax", "results-call4-device-argmax.json")]
+runs = [(name, json.load(open(os.path.join(d, f)))) for name, f in calls]
+c2 = runs[0][1]
+row = c2["peer_llama_batched"][-1]
+cells = [c.strip() for c in row.strip("|").split("|")]
+llama_out = 256 * 128 / float(cells[8])
+labels = [n for n, _ in runs] + ["transformers generate_batch", "llama.cpp batched-bench"]
+values = [r["offline"]["output_tokens_per_s"] for _, r in runs] + [c2["peer_transformers"]["output_tokens_per_s"], llama_out]
+fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+bars = a.barh(labels, values, color=["#4a7"] * len(runs) + ["#999", "#c74"])
+a.bar_label(bars, fmt="%.0f")
+a.set_xlabel("output tokens/s (256 requests x 512 prompt, 128 new)")
+a.set_title("Offline throughput, Qwen3-4B bf16, H200")
+names = [n for n, _ in runs]
+on = [r["prefix_on"]["mean_ttft_s"] for _, r in runs]
+off = [r["prefix_off"]["mean_ttft_s"] for _, r in runs]
+y = range(len(names))
+b.barh([i + 0.2 for i in y], off, height=0.4, label="prefix caching off", color="#999")
+b.barh([i - 0.2 for i in y], on, height=0.4, label="prefix caching on", color="#4a7")
+b.set_yticks(list(y), names)
+b.set_xlabel("mean time to first token, s (64 x (2,048 shared + 64) tokens)")
+b.set_title("Shared-prefix workload")
+b.legend()
+fig.suptitle(f"inference-pio serving core, commit {runs[-1][1]['commit']}, 2026-12-02", fontsize=10)
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+print("wrote", sys.argv[2])
