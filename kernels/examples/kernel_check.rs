@@ -3,8 +3,9 @@
 //!   Qwen3-4B and Qwen3-Coder-30B-A3B (dense rows and gathered experts), against
 //!   `matvec_reference` (the gathered weights through `batched_linear`, the engine's path
 //!   before the kernel);
-//! - the decode-attention kernel (`inference_pio_kernels::attention::decode_attention`)
-//!   against `gqa_attention`, over strided cache blocks with and without a mask; prefill's
+//! - the paged decode-attention kernel (`inference_pio_kernels::paged::paged_decode_attention`)
+//!   against the gathered keys and values through `gqa_attention`, over a pool in shuffled
+//!   blocks, with padding, a partly seen context and a sliding window; prefill's
 //!   scaled, masked softmax (`inference_pio_kernels::softmax`) against burn's operations;
 //! - the fused RMSNorm, residual add + RMSNorm (`inference_pio_kernels::norm`) and SwiGLU
 //!   (`inference_pio_kernels::activation`) kernels against the burn operations they replace,
@@ -31,7 +32,8 @@ mod common;
 
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
 use common::{time_graph, values};
-use inference_pio_kernels::attention::{decode_attention, gqa_attention};
+use inference_pio_kernels::attention::gqa_attention;
+use inference_pio_kernels::paged::{mask_values, paged_decode_attention};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_rms_norm};
@@ -180,34 +182,50 @@ fn main() {
     println!("all checks passed");
 }
 
-/// The decode-attention kernel against `gqa_attention` (the reference the engine runs): one
-/// query token per row over a cache block whose keys are a view of a larger storage
-/// (strided), the slots after the first `seen` masked (none when `seen` is all of them).
+/// The paged decode-attention kernel against `gqa_attention` over the gathered keys and
+/// values (the reference the engine runs below the kernel's row threshold): one query token
+/// per row over a pool whose blocks of 16 slots are handed out in shuffled order, each row
+/// seeing `seen` tokens of a `width`-slot table (the rest padding), optionally in a window.
 fn check_attention(device: &Device) -> usize {
     let mut failed = 0;
-    // (name, rows, heads, kv heads, head dim, slots, storage slots, seen)
+    let bt = 16usize;
+    // (name, rows, heads, kv heads, head dim, width, seen, window)
     let cases = [
-        ("4B attention, 256 slots, 100 seen", 1, 32, 8, 128, 256, 512, 100),
-        ("4B attention, 256 slots, all seen", 1, 32, 8, 128, 256, 256, 256),
-        ("30B attention, 2 rows, 256 slots", 2, 32, 4, 128, 256, 256, 200),
-        ("tiny attention, 7 slots", 2, 4, 2, 16, 7, 9, 5),
+        ("4B paged attention, 1 row, 100 of 256", 1, 32, 8, 128, 256, 100, None),
+        ("4B paged attention, 32 rows, 256 of 256", 32, 32, 8, 128, 256, 256, None),
+        ("4B paged attention, 256 rows, 600 of 768", 256, 32, 8, 128, 768, 600, None),
+        ("30B paged attention, 2 rows, window 64", 2, 32, 4, 128, 256, 200, Some(64)),
+        ("tiny paged attention, 7 of 16", 2, 4, 2, 16, 16, 7, None),
     ];
-    for (name, rows, heads, kv, dim, slots, storage, seen) in cases {
+    for (name, rows, heads, kv, dim, width, seen, window) in cases {
+        let blocks = rows * width / bt + 3;
+        // Block b of row r is pool block order[r * width / bt + b].
+        let mut order: Vec<usize> = (0..blocks).collect();
+        order.reverse();
+        order.rotate_left(blocks / 3);
+        let table: Vec<i64> = (0..rows * width)
+            .map(|i| {
+                let (r, j) = (i / width, i % width);
+                (order[r * width / bt + j / bt] * bt + j % bt) as i64
+            })
+            .collect();
+        let slots = Tensor::<1, Int>::from_data(TensorData::new(table, [rows * width]), device);
+        let masks: Vec<f32> = (0..rows).flat_map(|_| mask_values(1, seen, width, window)).collect();
+        let mask = Tensor::<5>::from_data(TensorData::new(masks, [rows, 1, 1, 1, width]), device);
         for dtype in [DType::F32, DType::BF16] {
-            let q = Tensor::<4>::random([rows, heads, 1, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
-            let k_store = Tensor::<4>::random([rows, kv, storage, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
-            let v_store = Tensor::<4>::random([rows, kv, storage, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
-            let (k, v) = (k_store.narrow(2, 0, slots), v_store.narrow(2, 0, slots));
-            let mask = (seen < slots).then(|| {
-                let values: Vec<f32> = (0..rows * slots).map(|i| if i % slots < seen { 0.0 } else { -1.0e9 }).collect();
-                Tensor::<5>::from_data(TensorData::new(values, [rows, 1, 1, 1, slots]), device)
-            });
+            let q = Tensor::<3>::random([rows, heads, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let k = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let v = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let scale = (dim as f64).powf(-0.5);
-            let kernel = || match decode_attention(q.clone(), &k, &v, mask.as_ref(), scale) {
+            let kernel = || match paged_decode_attention(q.clone(), &k, &v, &slots, &mask, scale) {
                 Some(out) => out.reshape([rows * heads, dim]),
-                None => panic!("{name}: the decode-attention kernel does not apply"),
+                None => panic!("{name}: the paged decode-attention kernel does not apply"),
             };
-            let reference = || gqa_attention(q.clone(), &k, &v, mask.as_ref(), scale).reshape([rows * heads, dim]);
+            let gathered = |pool: &Tensor<3>| pool.clone().select(0, slots.clone()).reshape([rows, width, kv, dim]).swap_dims(1, 2);
+            let reference = || {
+                let q4 = q.clone().reshape([rows, heads, 1, dim]);
+                gqa_attention(q4, &gathered(&k), &gathered(&v), Some(&mask), scale).reshape([rows * heads, dim])
+            };
             // The reference rounds its scores and probabilities to the dtype; the kernel keeps
             // them in f32.
             let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };

@@ -14,12 +14,14 @@
 //! rows together as one batch padded to the longest of them, then each prefill chunk alone.
 //! The flat batch must list decode rows first, so the outputs concatenate in order.
 //!
-//! On CubeCL devices the decode rows run through our kernel instead
-//! ([`paged_decode_attention`]): one cube per (row, query head) reads each key and value
-//! straight from the pool at the slot the row's table names (no gathered copy), with the
-//! online softmax of [`crate::attention`]'s decode kernel (planes over slots, merged through
-//! shared memory, f32 inside), skipping masked slots. Checked on the device against the
-//! reference through the engine's parity runs (`benches/gpu/run_serving_4b.sh`).
+//! On CubeCL devices, from [`KERNEL_MIN_ROWS`] decode rows, they run through our kernel
+//! instead ([`paged_decode_attention`]): one cube per (row, query head) reads each key and
+//! value straight from the pool at the slot the row's table names (no gathered copy), with an
+//! online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867; the single-pass form of
+//! flash-decoding, Dao et al. 2023): planes (warps) take every `PLANES`-th slot, are merged
+//! through shared memory, f32 inside, masked slots skipped. Checked on the device against the
+//! reference by `kernels/examples/kernel_check.rs` (group `attention`) and end to end by the
+//! engine's parity runs (`benches/gpu/run_serving_4b.sh`).
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -40,7 +42,7 @@ const PLANES: usize = 16;
 /// took steady decode from 798 to 927 tok/s at 256 rows, but from 1,417 to 1,318 at 32 rows
 /// and from 146 to 93 at one row: one cube per (row, head) is too little parallelism for a
 /// few rows, where reading each slot's index and mask before its key lengthens the chain.
-const KERNEL_MIN_ROWS: usize = 128;
+pub const KERNEL_MIN_ROWS: usize = 128;
 
 /// The paged decode attention as a backend operation (CubeCL runtimes only).
 #[backend_extension(Cube, Fusion)]
@@ -200,15 +202,12 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, slots: CubeTensor, mask: 
 
 /// Decode rows' attention by the kernel: `q [rows, heads, d]` over the pools through `slots
 /// [rows * width]` with `mask [rows, 1, 1, 1, width]`; `None` where the kernel does not apply
-/// (fewer than [`KERNEL_MIN_ROWS`] rows, see [`crate::attention::decode_kernel_applies`]).
+/// (see [`crate::attention::decode_kernel_applies`]). [`paged_attention`] calls it from
+/// [`KERNEL_MIN_ROWS`] rows.
 pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, slots: &Tensor<1, Int>, mask: &Tensor<5>, scale: f64) -> Option<Tensor<3>> {
     let [rows, _, d] = q.dims();
     let width = mask.dims()[4];
-    if rows < KERNEL_MIN_ROWS
-        || !crate::attention::decode_kernel_applies(1, d, q.dtype(), &q.device())
-        || k.dims() != v.dims()
-        || slots.dims()[0] != rows * width
-    {
+    if !crate::attention::decode_kernel_applies(1, d, q.dtype(), &q.device()) || k.dims() != v.dims() || slots.dims()[0] != rows * width {
         return None;
     }
     let out = Dispatch::paged_decode_attention(
@@ -353,7 +352,8 @@ pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &Page
         let (rows, width) = (layout.decode_rows, layout.decode_width);
         let mask = pick(&layout.decode_masks, window);
         let queries = q.clone().narrow(0, 0, rows);
-        let out = match paged_decode_attention(queries.clone(), k, v, slots, mask, scale) {
+        let kernel = if rows >= KERNEL_MIN_ROWS { paged_decode_attention(queries.clone(), k, v, slots, mask, scale) } else { None };
+        let out = match kernel {
             Some(out) => out,
             None => {
                 let keys = gather(k, slots, rows, width);
