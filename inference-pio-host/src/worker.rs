@@ -81,7 +81,7 @@ pub enum Call {
 pub enum ToWorker {
     Setup(Box<WorkerSetup>),
     Open,
-    Call(Call),
+    Call(Box<Call>),
     Cancel,
     Shutdown,
 }
@@ -182,7 +182,7 @@ fn serve(stream: &mut UnixStream) -> Result<(), String> {
         loop {
             match read_frame::<ToWorker>(&mut reader) {
                 Ok(ToWorker::Call(call)) => {
-                    if calls_tx.send(call).is_err() {
+                    if calls_tx.send(*call).is_err() {
                         break;
                     }
                 }
@@ -593,7 +593,7 @@ impl WorkerPlugin {
         let timeout = self.config.timeout;
         let Some(worker) = state.worker.as_mut() else { return Err(internal("no worker")) };
         let _ = worker.stream.set_read_timeout(Some(timeout));
-        let mut outcome = write_frame(&mut worker.stream, &ToWorker::Call(call.clone())).err().map(|e| Err(e.to_string()));
+        let mut outcome = write_frame(&mut worker.stream, &ToWorker::Call(Box::new(call.clone()))).err().map(|e| Err(e.to_string()));
         let mut cancelled = false;
         while outcome.is_none() {
             match read_frame::<FromWorker>(&mut worker.stream) {

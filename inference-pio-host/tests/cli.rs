@@ -266,6 +266,53 @@ fn a_batch_run_equals_single_runs_and_repeats_report_every_run() {
 }
 
 #[test]
+fn a_prompts_file_runs_distinct_requests_together_and_reports_the_scheduler() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture("qwen3-tiny-c");
+    let model = model.to_str().expect("utf8");
+    let reference = reference("qwen3-tiny-c");
+    let prompts = reference["prompts"].as_array().expect("prompts");
+    let file = cwd.path().join("prompts.jsonl");
+    let lines: Vec<String> = prompts.iter().map(|p| p["ids"].to_string()).collect();
+    std::fs::write(&file, lines.join("\n") + "\n").expect("write");
+    let file = file.to_str().expect("utf8");
+    let base = ["run", "--model", model, "--prompts-file", file, "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"];
+    let out = inference_pio(&base, cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let rows = result["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), prompts.len());
+    for (row, prompt) in rows.iter().zip(prompts) {
+        assert_eq!(row["token_ids"], prompt["greedy"], "a row of the file differs from transformers' greedy tokens");
+        assert_eq!(row["prompt_tokens"], prompt["ids"].as_array().expect("ids").len());
+        assert!(row["timings"]["time_to_first_token_s"].as_f64().expect("ttft") > 0.0);
+    }
+    // The scheduler's counters (ABI 1.2) and the KV cache's size.
+    assert_eq!(result["stats"]["requests_finished"], prompts.len() as u64);
+    assert_eq!(result["stats"]["kv_blocks_used"], 0);
+    assert!(result["stats"]["kv_blocks_total"].as_u64().expect("blocks") > 0);
+    assert_eq!(result["model"]["kv_cache_blocks"], result["stats"]["kv_blocks_total"]);
+    // --ignore-eos runs a row that stops at EOS on to --max-new-tokens.
+    let short = prompts.iter().find(|p| p["greedy"].as_array().expect("ids").len() < 16);
+    if let Some(prompt) = short {
+        let ids = csv(&prompt["ids"]);
+        let run = ["run", "--model", model, "--prompt-ids", &ids, "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"];
+        let out = inference_pio(&[&run[..], &["--ignore-eos"]].concat(), cwd.path());
+        assert!(out.status.success(), "{}", stderr(&out));
+        let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        assert_eq!(result["token_ids"].as_array().expect("ids").len(), 16);
+        assert_eq!(result["finish_reason"], "length");
+    }
+    // A bad line is named; --batch with a file is refused.
+    let bad = cwd.path().join("bad.jsonl");
+    std::fs::write(&bad, "[1, 2]\n{\"x\": 1}\n").expect("write");
+    let out = inference_pio(&["run", "--model", model, "--prompts-file", bad.to_str().expect("utf8"), "--json"], cwd.path());
+    assert!(!out.status.success() && stderr(&out).contains("line 2"), "{}", stderr(&out));
+    let out = inference_pio(&[&base[..], &["--batch", "2"]].concat(), cwd.path());
+    assert!(!out.status.success() && stderr(&out).contains("--prompts-file"), "{}", stderr(&out));
+}
+
+#[test]
 fn run_streams_chat_text_and_chat_holds_a_conversation() {
     let cwd = tempfile::tempdir().expect("cwd");
     let model = fixture("qwen3-tiny-a");

@@ -324,6 +324,19 @@ fn new_context(device: CubeDevice) -> Result<Context, String> {
     Ok(Context { device, context, handle, workspace, stream: std::ptr::null_mut() })
 }
 
+/// Free and total bytes of CUDA device `ordinal` (`cuMemGetInfo` through cudarc's run-time
+/// loaded driver); `None` without a driver or device.
+pub fn device_memory(ordinal: usize) -> Option<(u64, u64)> {
+    // cudarc panics when the driver library cannot be loaded; that is an answer here, not a
+    // failure.
+    std::panic::catch_unwind(|| {
+        let ctx = cudarc::driver::CudaContext::new(ordinal).ok()?;
+        ctx.mem_get_info().ok().map(|(free, total)| (free as u64, total as u64))
+    })
+    .ok()
+    .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,15 +377,3 @@ mod tests {
     }
 }
 
-/// Free and total bytes of CUDA device `ordinal` (`cuMemGetInfo` through cudarc's run-time
-/// loaded driver); `None` without a driver or device.
-pub fn device_memory(ordinal: usize) -> Option<(u64, u64)> {
-    // cudarc panics when the driver library cannot be loaded; that is an answer here, not a
-    // failure.
-    std::panic::catch_unwind(|| {
-        let ctx = cudarc::driver::CudaContext::new(ordinal).ok()?;
-        ctx.mem_get_info().ok().map(|(free, total)| (free as u64, total as u64))
-    })
-    .ok()
-    .flatten()
-}

@@ -54,10 +54,10 @@ fn requests_joining_mid_decode_get_the_tokens_they_get_alone() {
         s.optimization.prefill_chunk_tokens = 8;
     });
     let first = RowRequest::greedy(prompt(21, 0), 30).ignoring_eos();
-    let joiners = vec![
+    let joiners = [
         RowRequest::greedy(prompt(3, 1), 4).ignoring_eos(),
         sampled(prompt(40, 2), 12, 7),
-        RowRequest { stop: vec![], ..RowRequest::greedy(prompt(9, 3), 20).ignoring_eos() },
+        RowRequest { stop: vec!["never-produced".into()], ..RowRequest::greedy(prompt(9, 3), 20).ignoring_eos() },
         sampled(prompt(1, 4), 25, 9),
     ];
     let alone_first = run(&engine, first.clone());
