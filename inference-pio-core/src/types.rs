@@ -274,8 +274,8 @@ pub struct InferRequest {
 /// The most requests one `infer_batch` call takes.
 pub const MAX_BATCH_REQUESTS: usize = 256;
 
-/// Several generation requests run together as one batch (`infer_batch`): prompts are
-/// left-padded to the longest, and every decode step computes all rows at once.
+/// Several generation requests submitted together (`infer_batch`): the engine's scheduler
+/// runs them in its continuous batch, every step computing all the rows it admitted.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchInferRequest {
