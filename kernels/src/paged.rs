@@ -11,7 +11,8 @@
 //! reads, and its masks) and used by every layer; [`paged_attention`] is the operation. Its
 //! reference, on every backend, gathers each sequence's slots and runs
 //! [`crate::attention::gqa_attention`] (transformers' `eager_attention_forward`): all decode
-//! rows together as one batch padded to the longest of them, then each prefill chunk alone.
+//! rows together as one batch padded to the longest of them, then the prefill chunks, each
+//! run of consecutive chunks of one shape (query tokens and context) as one batch.
 //! The flat batch must list decode rows first, so the outputs concatenate in order.
 //!
 //! On CubeCL devices, from [`KERNEL_MIN_ROWS`] decode rows, they run through our kernel
@@ -244,13 +245,17 @@ pub struct PagedLayout {
     decode_slots: Option<Tensor<1, Int>>,
     /// Per window (`None` = full causal), the decode rows' mask `[rows, 1, 1, 1, width]`.
     decode_masks: Vec<(Option<usize>, Tensor<5>)>,
-    /// Prefill chunks: (queries, context, `[context]` slots, masks per window `[1, 1, 1,
-    /// queries, context]`).
+    /// Prefill chunks, consecutive ones of one shape (queries and context) together.
     chunks: Vec<Chunk>,
 }
 
+/// `count` prefill chunks of `queries` query tokens over `context` keys each: their `[count
+/// * context]` slots and per window the masks `[count, 1, 1, queries, context]` (the same
+/// causal mask for each: the shapes are equal).
 struct Chunk {
+    count: usize,
     queries: usize,
+    context: usize,
     slots: Tensor<1, Int>,
     masks: Vec<(Option<usize>, Tensor<5>)>,
 }
@@ -301,17 +306,31 @@ impl PagedLayout {
                 })
                 .collect()
         };
-        let chunks = spans[decode_rows..]
-            .iter()
-            .map(|s| Chunk {
-                queries: s.queries,
-                slots: ints(gather(s, s.context), device),
+        // Consecutive chunks of one shape run as one batch (one attention per group, not per
+        // chunk: a step admitting many cache hits has many short chunks of one shape).
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let rest = &spans[decode_rows..];
+        let mut i = 0;
+        while i < rest.len() {
+            let (queries, context) = (rest[i].queries, rest[i].context);
+            let count = rest[i..].iter().take_while(|s| s.queries == queries && s.context == context).count();
+            let group = &rest[i..i + count];
+            chunks.push(Chunk {
+                count,
+                queries,
+                context,
+                slots: ints(group.iter().flat_map(|s| gather(s, context)).collect(), device),
                 masks: windows
                     .iter()
-                    .map(|&w| (w, f32_tensor(mask_values(s.queries, s.context, s.context, w), [1, 1, 1, s.queries, s.context])))
+                    .map(|&w| {
+                        let one = mask_values(queries, context, context, w);
+                        let values: Vec<f32> = (0..count).flat_map(|_| one.iter().copied()).collect();
+                        (w, f32_tensor(values, [count, 1, 1, queries, context]))
+                    })
                     .collect(),
-            })
-            .collect();
+            });
+            i += count;
+        }
         Self { block_tokens, decode_rows, decode_width, decode_slots, decode_masks, chunks }
     }
 
@@ -366,14 +385,13 @@ pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &Page
         at = rows;
     }
     for chunk in &layout.chunks {
-        let n = chunk.queries;
-        let context = chunk.slots.dims()[0];
-        let keys = gather(k, &chunk.slots, 1, context);
-        let values = gather(v, &chunk.slots, 1, context);
-        let queries = q.clone().narrow(0, at, n).reshape([1, n, heads, d]).swap_dims(1, 2);
+        let (n, qn, context) = (chunk.count, chunk.queries, chunk.context);
+        let keys = gather(k, &chunk.slots, n, context);
+        let values = gather(v, &chunk.slots, n, context);
+        let queries = q.clone().narrow(0, at, n * qn).reshape([n, qn, heads, d]).swap_dims(1, 2);
         let out = crate::attention::gqa_attention(queries, &keys, &values, Some(pick(&chunk.masks, window)), scale);
-        parts.push(out.swap_dims(1, 2).reshape([n, heads, d]));
-        at += n;
+        parts.push(out.swap_dims(1, 2).reshape([n * qn, heads, d]));
+        at += n * qn;
     }
     assert_eq!(at, tokens, "the layout covers {at} query tokens, the step has {tokens}");
     if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(parts, 0) }
@@ -416,13 +434,17 @@ mod tests {
     fn scattered_blocks_give_the_attention_of_contiguous_keys() {
         let device = Device::flex();
         let (heads, kv_heads, d, bt) = (4, 2, 16, 4);
-        // Two decode rows and one prefill chunk of 5 queries over 11 tokens, blocks shuffled.
+        // Two decode rows, then prefill chunks: 5 queries over 11 tokens, two of 3 over 7 (one
+        // group of one shape), one of 3 over 3; blocks shuffled.
         let spans = vec![
             Span { queries: 1, context: 6, blocks: vec![7, 2] },
             Span { queries: 1, context: 9, blocks: vec![0, 5, 9] },
             Span { queries: 5, context: 11, blocks: vec![3, 8, 1] },
+            Span { queries: 3, context: 7, blocks: vec![10, 4] },
+            Span { queries: 3, context: 7, blocks: vec![6, 11] },
+            Span { queries: 3, context: 3, blocks: vec![12] },
         ];
-        let pool_slots = 10 * bt;
+        let pool_slots = 13 * bt;
         let kp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
         let vp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
         let tokens: usize = spans.iter().map(|s| s.queries).sum();
