@@ -249,9 +249,9 @@ pub struct PagedLayout {
     chunks: Vec<Chunk>,
 }
 
-/// `count` prefill chunks of `queries` query tokens over `context` keys each: their `[count
-/// * context]` slots and per window the masks `[count, 1, 1, queries, context]` (the same
-/// causal mask for each: the shapes are equal).
+/// `count` prefill chunks of `queries` query tokens over `context` keys each: their slots,
+/// `count` times `context` of them, and per window the masks `[count, 1, 1, queries,
+/// context]` (the same causal mask for each: the shapes are equal).
 struct Chunk {
     count: usize,
     queries: usize,
