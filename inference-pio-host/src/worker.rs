@@ -7,8 +7,11 @@
 //! [`FromWorker::Hello`] (protocol version, ABI major, the mechanisms in force); the host checks
 //! them against the level and sends [`ToWorker::Open`], and only then does the worker check the
 //! plugin file's sha256 and open the library. Calls mirror the in-process ones
-//! ([`Call`]); `infer` streams [`FromWorker::Token`] frames before its [`FromWorker::Reply`];
-//! the host answers a sink's "stop" with [`ToWorker::Cancel`].
+//! ([`Call`]) and are multiplexed: each carries a request id, the worker runs each on its own
+//! thread (the engine batches concurrent requests), `infer` streams [`FromWorker::Token`]
+//! frames tagged with its id before its [`FromWorker::Reply`], and the host answers a sink's
+//! "stop" with [`ToWorker::Cancel`] for that id. A host thread reads every frame and hands it
+//! to the call waiting for that id.
 //!
 //! Supervision: a watchdog thread reads the worker's memory and CPU from `/proc`, its GPU
 //! memory through NVML and its scratch directory's size, and kills it with a named reason on
@@ -41,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted (a logits matrix of a long prompt fits).
 const MAX_FRAME: usize = 1 << 30;
 /// Default `timeout_s`.
@@ -81,8 +84,8 @@ pub enum Call {
 pub enum ToWorker {
     Setup(Box<WorkerSetup>),
     Open,
-    Call(Box<Call>),
-    Cancel,
+    Call { id: u64, call: Box<Call> },
+    Cancel(u64),
     Shutdown,
 }
 
@@ -96,8 +99,8 @@ pub struct WireError {
 #[serde(rename_all = "snake_case")]
 pub enum FromWorker {
     Hello { protocol: u32, abi_major: u32, pid: u32, mechanisms: Vec<Mechanism> },
-    Token { id: u32, text: String },
-    Reply(Result<serde_json::Value, WireError>),
+    Token { id: u64, token: u32, text: String },
+    Reply { id: u64, result: Result<serde_json::Value, WireError> },
     /// The sandbox could not be applied; the worker exits.
     Fatal(String),
 }
@@ -163,43 +166,50 @@ fn serve(stream: &mut UnixStream) -> Result<(), String> {
     let opened = LoadedPlugin::open_pinned(&setup.plugin, setup.sha256.as_deref());
     let plugin = match opened {
         Ok(plugin) => {
-            write_frame(stream, &FromWorker::Reply(Ok(serde_json::Value::Null))).map_err(|e| e.to_string())?;
+            write_frame(stream, &FromWorker::Reply { id: 0, result: Ok(serde_json::Value::Null) }).map_err(|e| e.to_string())?;
             plugin
         }
         Err(message) => {
-            let reply = FromWorker::Reply(Err(WireError { kind: ErrorKind::Unsupported, message }));
+            let reply = FromWorker::Reply { id: 0, result: Err(WireError { kind: ErrorKind::Unsupported, message }) };
             write_frame(stream, &reply).map_err(|e| e.to_string())?;
             return Ok(());
         }
     };
 
-    // Reader thread: calls go to the main thread, `Cancel` raises the flag the sink reads.
-    let cancel = Arc::new(AtomicBool::new(false));
-    let (calls_tx, calls_rx) = std::sync::mpsc::channel::<Call>();
-    let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
-    let cancel_flag = Arc::clone(&cancel);
-    std::thread::spawn(move || {
-        loop {
-            match read_frame::<ToWorker>(&mut reader) {
-                Ok(ToWorker::Call(call)) => {
-                    if calls_tx.send(*call).is_err() {
-                        break;
-                    }
+    // Each call on its own thread; replies and tokens share one writer; `Cancel` raises the
+    // flag that call's sink reads.
+    let plugin = Arc::new(plugin);
+    let writer = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
+    let cancels: Arc<Mutex<std::collections::HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    loop {
+        match read_frame::<ToWorker>(stream) {
+            Ok(ToWorker::Call { id, call }) => {
+                let flag = Arc::new(AtomicBool::new(false));
+                if let Ok(mut c) = cancels.lock() {
+                    c.insert(id, Arc::clone(&flag));
                 }
-                Ok(ToWorker::Cancel) => cancel_flag.store(true, Ordering::SeqCst),
-                Ok(_) | Err(_) => break,
+                let (plugin, writer, cancels) = (Arc::clone(&plugin), Arc::clone(&writer), Arc::clone(&cancels));
+                std::thread::spawn(move || {
+                    let result = run_call(&plugin, *call, id, &writer, &flag);
+                    if let Ok(mut c) = cancels.lock() {
+                        c.remove(&id);
+                    }
+                    if let Ok(mut w) = writer.lock() {
+                        let _ = write_frame(&mut *w, &FromWorker::Reply { id, result });
+                    }
+                });
             }
+            Ok(ToWorker::Cancel(id)) => {
+                if let Some(flag) = cancels.lock().ok().and_then(|c| c.get(&id).cloned()) {
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok(_) | Err(_) => return Ok(()),
         }
-    });
-    for call in calls_rx {
-        cancel.store(false, Ordering::SeqCst);
-        let reply = run_call(&plugin, call, stream, &cancel);
-        write_frame(stream, &FromWorker::Reply(reply)).map_err(|e| format!("cannot answer the host: {e}"))?;
     }
-    Ok(())
 }
 
-fn run_call(plugin: &LoadedPlugin, call: Call, stream: &mut UnixStream, cancel: &AtomicBool) -> Result<serde_json::Value, WireError> {
+fn run_call(plugin: &LoadedPlugin, call: Call, call_id: u64, writer: &Mutex<UnixStream>, cancel: &AtomicBool) -> Result<serde_json::Value, WireError> {
     fn value<T: Serialize>(result: Result<T, PluginError>) -> Result<serde_json::Value, WireError> {
         match result {
             Ok(v) => serde_json::to_value(v).map_err(|e| WireError { kind: ErrorKind::Internal, message: e.to_string() }),
@@ -212,15 +222,12 @@ fn run_call(plugin: &LoadedPlugin, call: Call, stream: &mut UnixStream, cancel: 
         Call::Initialize(settings) => value(plugin.initialize(&settings)),
         Call::LoadModel { dir, options } => value(plugin.load_model(&dir, &options)),
         Call::Infer { model, request } => {
-            let mut writer = match stream.try_clone() {
-                Ok(w) => w,
-                Err(e) => return Err(WireError { kind: ErrorKind::Internal, message: e.to_string() }),
-            };
-            let mut on_token = |id: u32, text: &str| {
+            let mut on_token = |token: u32, text: &str| {
                 if cancel.load(Ordering::SeqCst) {
                     return false;
                 }
-                write_frame(&mut writer, &FromWorker::Token { id, text: text.to_string() }).is_ok()
+                let frame = FromWorker::Token { id: call_id, token, text: text.to_string() };
+                writer.lock().map(|mut w| write_frame(&mut *w, &frame).is_ok()).unwrap_or(false)
             };
             value(plugin.infer(model, &request, &mut on_token))
         }
@@ -263,9 +270,18 @@ pub struct Enforcement {
 /// Why the last worker ended, filled in by whoever saw it (watchdog, timeout).
 type KillReason = Arc<Mutex<Option<String>>>;
 
+/// Where the reader thread hands each frame: the waiting call's channel, by request id.
+type Routes = Arc<Mutex<std::collections::HashMap<u64, std::sync::mpsc::Sender<FromWorker>>>>;
+
 struct Worker {
     child: Child,
-    stream: UnixStream,
+    /// Writes (calls, cancels); the reader thread holds its own clone for reading.
+    stream: Arc<Mutex<UnixStream>>,
+    routes: Routes,
+    next_id: u64,
+    /// Which worker of this plugin this is (counts restarts), so a call that saw its worker
+    /// die knows whether the one in place now is another.
+    generation: u64,
     kill_reason: KillReason,
     stop_watchdog: Arc<AtomicBool>,
     watchdog: Option<std::thread::JoinHandle<()>>,
@@ -331,8 +347,10 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = write_frame(&mut self.stream, &ToWorker::Shutdown);
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Ok(mut stream) = self.stream.lock() {
+            let _ = write_frame(&mut *stream, &ToWorker::Shutdown);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
         let deadline = Instant::now() + Duration::from_millis(500);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -392,6 +410,27 @@ struct State {
     /// (host handle, dir, options, handle in the current worker).
     models: Vec<(u64, PathBuf, LoadOptions, Option<u64>)>,
     restarts: u32,
+    /// Workers started so far (the next one's generation).
+    generations: u64,
+    /// How the last worker that died ended, for the other calls that were waiting on it.
+    last_death: Option<(u64, String)>,
+}
+
+/// A call sent to the worker, waiting for its frames.
+struct Sent {
+    id: u64,
+    events: std::sync::mpsc::Receiver<FromWorker>,
+    stream: Arc<Mutex<UnixStream>>,
+    pid: u32,
+    kill_reason: KillReason,
+    generation: u64,
+}
+
+/// How a call ended: the worker's reply, or the connection lost (the worker died or was
+/// killed), with what the connection said.
+enum Waited {
+    Reply(Result<serde_json::Value, WireError>),
+    Lost(String),
 }
 
 fn internal(message: impl Into<String>) -> PluginError {
@@ -405,7 +444,8 @@ impl WorkerPlugin {
         let this = Self { config, state: Mutex::new(State::default()) };
         {
             let mut state = this.state.lock().map_err(|_| "worker state poisoned".to_string())?;
-            let (worker, enforcement) = this.spawn()?;
+            state.generations = 1;
+            let (worker, enforcement) = this.spawn(1)?;
             state.worker = Some(worker);
             state.enforcement = Some(enforcement);
         }
@@ -441,7 +481,7 @@ impl WorkerPlugin {
         self.state.lock().ok().and_then(|s| s.worker.as_ref().map(|w| w.child.id()))
     }
 
-    fn spawn(&self) -> Result<(Worker, Enforcement), String> {
+    fn spawn(&self, generation: u64) -> Result<(Worker, Enforcement), String> {
         let c = &self.config;
         if let Some(expected) = &c.sha256 {
             crate::digest::check_sha256(&c.plugin, expected)?;
@@ -509,9 +549,15 @@ impl WorkerPlugin {
             .map_err(|e| format!("cannot start the worker process {}: {e}", c.exe.display()))?;
         let kill_reason: KillReason = Arc::new(Mutex::new(None));
         let stop_watchdog = Arc::new(AtomicBool::new(false));
+        let mut hs = host_end;
+        let writer = hs.try_clone().map_err(|e| format!("cannot share the worker's socket: {e}"))?;
+        let routes: Routes = Arc::default();
         let mut worker = Worker {
             child,
-            stream: host_end,
+            stream: Arc::new(Mutex::new(writer)),
+            routes: Arc::clone(&routes),
+            next_id: 1,
+            generation,
             kill_reason: Arc::clone(&kill_reason),
             stop_watchdog: Arc::clone(&stop_watchdog),
             watchdog: None,
@@ -519,10 +565,10 @@ impl WorkerPlugin {
             scratch,
         };
         let handshake_timeout = Duration::from_secs(30);
-        let _ = worker.stream.set_read_timeout(Some(handshake_timeout));
+        let _ = hs.set_read_timeout(Some(handshake_timeout));
         let setup = WorkerSetup { protocol: PROTOCOL_VERSION, plugin: c.plugin.clone(), sha256: c.sha256.clone(), sandbox: sandbox_spec };
-        write_frame(&mut worker.stream, &ToWorker::Setup(Box::new(setup))).map_err(|e| format!("cannot send the worker its setup: {e}"))?;
-        let mechanisms = match read_frame::<FromWorker>(&mut worker.stream) {
+        write_frame(&mut hs, &ToWorker::Setup(Box::new(setup))).map_err(|e| format!("cannot send the worker its setup: {e}"))?;
+        let mechanisms = match read_frame::<FromWorker>(&mut hs) {
             Ok(FromWorker::Hello { protocol, abi_major, mechanisms, .. }) => {
                 if protocol != PROTOCOL_VERSION || abi_major != ABI_MAJOR {
                     return Err(format!("worker speaks protocol {protocol} / ABI {abi_major}, the host {PROTOCOL_VERSION} / {ABI_MAJOR}"));
@@ -554,13 +600,31 @@ impl WorkerPlugin {
                 degraded.join("; ")
             );
         }
-        write_frame(&mut worker.stream, &ToWorker::Open).map_err(|e| format!("cannot ask the worker to open the plugin: {e}"))?;
-        match read_frame::<FromWorker>(&mut worker.stream) {
-            Ok(FromWorker::Reply(Ok(_))) => {}
-            Ok(FromWorker::Reply(Err(e))) => return Err(e.message),
+        write_frame(&mut hs, &ToWorker::Open).map_err(|e| format!("cannot ask the worker to open the plugin: {e}"))?;
+        match read_frame::<FromWorker>(&mut hs) {
+            Ok(FromWorker::Reply { result: Ok(_), .. }) => {}
+            Ok(FromWorker::Reply { result: Err(e), .. }) => return Err(e.message),
             Ok(other) => return Err(format!("unexpected answer to open: {other:?}")),
             Err(e) => return Err(format!("the worker died opening the plugin: {} ({e})", worker.death())),
         }
+        // From here on a reader thread takes every frame to the call waiting for its id; when
+        // the connection ends it drops every waiting call's channel.
+        let _ = hs.set_read_timeout(None);
+        std::thread::spawn(move || {
+            loop {
+                let (id, frame) = match read_frame::<FromWorker>(&mut hs) {
+                    Ok(frame @ FromWorker::Token { id, .. }) | Ok(frame @ FromWorker::Reply { id, .. }) => (id, frame),
+                    Ok(_) | Err(_) => break,
+                };
+                let route = routes.lock().ok().and_then(|r| r.get(&id).cloned());
+                if let Some(tx) = route {
+                    let _ = tx.send(frame);
+                }
+            }
+            if let Ok(mut r) = routes.lock() {
+                r.clear();
+            }
+        });
         let pid = worker.child.id();
         worker.watchdog = Some(std::thread::spawn(move || watch.run(pid, &kill_reason, &stop_watchdog)));
         Ok((worker, enforcement))
@@ -571,7 +635,8 @@ impl WorkerPlugin {
         if state.worker.is_some() {
             return Ok(());
         }
-        let (worker, enforcement) = self.spawn().map_err(|e| internal(format!("cannot restart the worker of `{}`: {e}", self.config.id)))?;
+        state.generations += 1;
+        let (worker, enforcement) = self.spawn(state.generations).map_err(|e| internal(format!("cannot restart the worker of `{}`: {e}", self.config.id)))?;
         state.worker = Some(worker);
         state.enforcement = Some(enforcement);
         state.restarts += 1;
@@ -587,47 +652,96 @@ impl WorkerPlugin {
         Ok(())
     }
 
-    /// Sends one call and waits for its reply, streaming tokens. A dead or hung worker is
-    /// reaped and the error names what happened.
-    fn exchange(&self, state: &mut State, call: &Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
-        let timeout = self.config.timeout;
+    /// Sends one call to the current worker and registers where its frames go.
+    fn send(&self, state: &mut State, call: &Call) -> Result<Sent, PluginError> {
         let Some(worker) = state.worker.as_mut() else { return Err(internal("no worker")) };
-        let _ = worker.stream.set_read_timeout(Some(timeout));
-        let mut outcome = write_frame(&mut worker.stream, &ToWorker::Call(Box::new(call.clone()))).err().map(|e| Err(e.to_string()));
+        let id = worker.next_id;
+        worker.next_id += 1;
+        let (tx, events) = std::sync::mpsc::channel();
+        if let Ok(mut routes) = worker.routes.lock() {
+            routes.insert(id, tx);
+        }
+        let sent = Sent {
+            id,
+            events,
+            stream: Arc::clone(&worker.stream),
+            pid: worker.child.id(),
+            kill_reason: Arc::clone(&worker.kill_reason),
+            generation: worker.generation,
+        };
+        // A failed write means the connection is gone; the reader then drops the route and
+        // the wait reports the worker's end.
+        if let Ok(mut stream) = sent.stream.lock() {
+            let _ = write_frame(&mut *stream, &ToWorker::Call { id, call: Box::new(call.clone()) });
+        }
+        Ok(sent)
+    }
+
+    /// Waits for a sent call's reply, streaming its tokens; a call silent for `timeout_s`
+    /// kills the worker as hung (the wait then sees the connection end).
+    fn wait(&self, sent: &Sent, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Waited {
+        let timeout = self.config.timeout;
         let mut cancelled = false;
-        while outcome.is_none() {
-            match read_frame::<FromWorker>(&mut worker.stream) {
-                Ok(FromWorker::Token { id, text }) => {
-                    if !cancelled && !on_token(id, &text) {
+        loop {
+            match sent.events.recv_timeout(timeout) {
+                Ok(FromWorker::Token { token, text, .. }) => {
+                    if !cancelled && !on_token(token, &text) {
                         cancelled = true;
-                        let _ = write_frame(&mut worker.stream, &ToWorker::Cancel);
+                        if let Ok(mut stream) = sent.stream.lock() {
+                            let _ = write_frame(&mut *stream, &ToWorker::Cancel(sent.id));
+                        }
                     }
                 }
-                Ok(FromWorker::Reply(reply)) => outcome = Some(Ok(reply)),
-                Ok(other) => outcome = Some(Err(format!("unexpected message {other:?}"))),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    worker.kill(Some(format!("timed out: no answer for {:.1} s (timeout_s), the worker was killed as hung", timeout.as_secs_f64())));
-                    outcome = Some(Err(e.to_string()));
+                Ok(FromWorker::Reply { result, .. }) => return Waited::Reply(result),
+                Ok(other) => return Waited::Lost(format!("unexpected message {other:?}")),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(mut slot) = sent.kill_reason.lock()
+                        && slot.is_none()
+                    {
+                        *slot = Some(format!("timed out: no answer for {:.1} s (timeout_s), the worker was killed as hung", timeout.as_secs_f64()));
+                    }
+                    kill_group(sent.pid);
                 }
-                Err(e) => outcome = Some(Err(e.to_string())),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Waited::Lost(String::new()),
             }
         }
-        match outcome.unwrap_or_else(|| Err(String::new())) {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                if e.kind == ErrorKind::Poisoned {
+    }
+
+    /// The outcome of a call: its reply, or an error naming how the worker ended (reaped here
+    /// by the first call that saw it die; a poisoned worker is replaced too).
+    fn settle(&self, state: &mut State, sent: &Sent, waited: Waited) -> Result<serde_json::Value, PluginError> {
+        if let Some(worker) = state.worker.as_ref()
+            && let Ok(mut routes) = worker.routes.lock()
+        {
+            routes.remove(&sent.id);
+        }
+        let current = state.worker.as_ref().is_some_and(|w| w.generation == sent.generation);
+        match waited {
+            Waited::Reply(Ok(value)) => Ok(value),
+            Waited::Reply(Err(e)) => {
+                if e.kind == ErrorKind::Poisoned && current {
                     // A fresh process for the next request: the panicked one's state is suspect.
                     if let Some(mut worker) = state.worker.take() {
                         worker.kill(None);
-                        let _ = worker.death();
+                        let how = worker.death();
+                        state.last_death = Some((sent.generation, how));
                     }
                 }
                 Err(PluginError::new(e.kind, e.message))
             }
-            Err(io) => {
-                let mut worker = state.worker.take().ok_or_else(|| internal("no worker"))?;
-                let how = worker.death();
-                drop(worker);
+            Waited::Lost(io) => {
+                let how = if current {
+                    let mut worker = state.worker.take().ok_or_else(|| internal("no worker"))?;
+                    let how = worker.death();
+                    drop(worker);
+                    state.last_death = Some((sent.generation, how.clone()));
+                    how
+                } else {
+                    match &state.last_death {
+                        Some((generation, how)) if *generation == sent.generation => how.clone(),
+                        _ => "it ended".to_string(),
+                    }
+                };
                 let kind = if how.contains("limit") { ErrorKind::ResourceLimit } else { ErrorKind::Internal };
                 // When the host killed it, the broken connection is only the consequence.
                 let detail = if io.is_empty() || how.starts_with("killed by the host") { String::new() } else { format!(" (connection: {io})") };
@@ -637,6 +751,28 @@ impl WorkerPlugin {
                 ))
             }
         }
+    }
+
+    /// Sends one call and waits for its reply with the state held (the calls that change
+    /// what the worker holds: initialize, load, cleanup, ...).
+    fn exchange(&self, state: &mut State, call: &Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
+        let sent = self.send(state, call)?;
+        let waited = self.wait(&sent, on_token);
+        self.settle(state, &sent, waited)
+    }
+
+    /// A call on a loaded model that may run beside others (infer, batch, score, stats): the
+    /// state is held only to send it and to settle its outcome, not while it runs.
+    fn concurrent(&self, model: u64, make: impl FnOnce(u64) -> Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
+        let sent = {
+            let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+            self.ensure_worker(&mut state)?;
+            let handle = Self::model_handle(&state, model)?;
+            self.send(&mut state, &make(handle))?
+        };
+        let waited = self.wait(&sent, on_token);
+        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
+        self.settle(&mut state, &sent, waited)
     }
 
     fn call(&self, call: Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
@@ -681,31 +817,19 @@ impl WorkerPlugin {
     }
 
     pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<InferResponse, PluginError> {
-        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
-        self.ensure_worker(&mut state)?;
-        let handle = Self::model_handle(&state, model)?;
-        decode(self.exchange(&mut state, &Call::Infer { model: handle, request: request.clone() }, on_token)?)
+        decode(self.concurrent(model, |handle| Call::Infer { model: handle, request: request.clone() }, on_token)?)
     }
 
     pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
-        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
-        self.ensure_worker(&mut state)?;
-        let handle = Self::model_handle(&state, model)?;
-        decode(self.exchange(&mut state, &Call::InferBatch { model: handle, request: request.clone() }, &mut |_, _| true)?)
+        decode(self.concurrent(model, |handle| Call::InferBatch { model: handle, request: request.clone() }, &mut |_, _| true)?)
     }
 
     pub fn stats(&self, model: u64) -> Result<SchedulerStats, PluginError> {
-        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
-        self.ensure_worker(&mut state)?;
-        let handle = Self::model_handle(&state, model)?;
-        decode(self.exchange(&mut state, &Call::Stats { model: handle }, &mut |_, _| true)?)
+        decode(self.concurrent(model, |handle| Call::Stats { model: handle }, &mut |_, _| true)?)
     }
 
     pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {
-        let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
-        self.ensure_worker(&mut state)?;
-        let handle = Self::model_handle(&state, model)?;
-        decode(self.exchange(&mut state, &Call::Score { model: handle, request: request.clone() }, &mut |_, _| true)?)
+        decode(self.concurrent(model, |handle| Call::Score { model: handle, request: request.clone() }, &mut |_, _| true)?)
     }
 
     pub fn update_config(&self, update: &ConfigUpdate) -> Result<UpdateOutcome, PluginError> {

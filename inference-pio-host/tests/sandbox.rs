@@ -238,3 +238,42 @@ fn a_missing_mechanism_refuses_the_level_unless_degrading_is_allowed() {
         }
     }
 }
+
+#[test]
+fn concurrent_calls_through_the_worker_are_multiplexed_and_cancelled_by_id() {
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let model = dirs.path().join("model");
+    std::fs::create_dir(&model).expect("model dir");
+    let (worker, handle) = start(config(SecurityLevel::High, ResourceLimits::default(), &model));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (answered_tx, answered_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        // A long stream that stops only once a second call, sent while it streams, has been
+        // answered: one call at a time on the socket would deadlock here (and time out).
+        let worker = &worker;
+        let streaming = scope.spawn(move || {
+            let request = InferRequest { input: PromptInput::Text("stream:100000000".into()), sampling: Default::default(), stop: vec![] };
+            let mut seen = 0u32;
+            let mut other = None;
+            let response = worker.infer(handle, &request, &mut |_, _| {
+                seen += 1;
+                if seen == 1 {
+                    let _ = started_tx.send(());
+                    other = Some(answered_rx.recv_timeout(Duration::from_secs(20)).is_ok());
+                    return other == Some(true);
+                }
+                false
+            });
+            (response.map(|r| r.text), other)
+        });
+        started_rx.recv_timeout(Duration::from_secs(20)).expect("the stream started");
+        assert_eq!(ok(worker, handle, "echo"), "ok", "a call beside a streaming one");
+        answered_tx.send(()).expect("tell the stream");
+        let (text, other) = streaming.join().expect("stream thread");
+        assert_eq!(other, Some(true), "the second call was answered while the first streamed");
+        let text = text.expect("the cancelled stream answers");
+        assert!(text.starts_with("cancelled after"), "{text}");
+    });
+    // The worker serves on.
+    assert_eq!(ok(&worker, handle, "echo"), "ok");
+}
