@@ -313,6 +313,38 @@ fn a_prompts_file_runs_distinct_requests_together_and_reports_the_scheduler() {
 }
 
 #[test]
+fn a_real_model_serves_a_batch_from_a_high_level_worker() {
+    // The engine (its step-loop thread, the paged KV pool) inside the sandboxed worker: the
+    // rows of a prompts file equal transformers' greedy tokens, and the counters come back.
+    let cwd = tempfile::tempdir().expect("cwd");
+    // A copy with the tokenizer inside the model directory (the fixture links to a shared
+    // one, outside what the worker may open).
+    let model = cwd.path().join("qwen3-tiny-c");
+    std::fs::create_dir(&model).expect("model dir");
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("qwen3-tiny-c").join(f), model.join(f)).expect("copy");
+    }
+    let model = model.to_str().expect("utf8");
+    let reference = reference("qwen3-tiny-c");
+    let prompts = reference["prompts"].as_array().expect("prompts");
+    let file = cwd.path().join("prompts.jsonl");
+    let lines: Vec<String> = prompts.iter().map(|p| p["ids"].to_string()).collect();
+    std::fs::write(&file, lines.join("\n")).expect("write");
+    // Where this machine lacks a mechanism of the level, run degraded (the sandbox tests
+    // cover the refusal); this test is about the engine working inside the worker.
+    std::fs::write(cwd.path().join("inference-pio.toml"), "[plugins.qwen3-4b-instruct-2507]\nsecurity = \"high\"\nallow_degraded = true\n")
+        .expect("config");
+    let args = ["run", "--model", model, "--prompts-file", file.to_str().expect("utf8"), "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"];
+    let out = inference_pio(&args, cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    for (row, prompt) in result["rows"].as_array().expect("rows").iter().zip(prompts) {
+        assert_eq!(row["token_ids"], prompt["greedy"], "a row served by the worker differs from transformers");
+    }
+    assert_eq!(result["stats"]["requests_finished"], prompts.len() as u64);
+}
+
+#[test]
 fn run_streams_chat_text_and_chat_holds_a_conversation() {
     let cwd = tempfile::tempdir().expect("cwd");
     let model = fixture("qwen3-tiny-a");
