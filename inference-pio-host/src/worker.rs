@@ -278,6 +278,8 @@ struct Worker {
     /// Writes (calls, cancels); the reader thread holds its own clone for reading.
     stream: Arc<Mutex<UnixStream>>,
     routes: Routes,
+    /// When the reader last heard anything from the worker (any call's frame).
+    last_heard: Arc<Mutex<Instant>>,
     next_id: u64,
     /// Which worker of this plugin this is (counts restarts), so a call that saw its worker
     /// die knows whether the one in place now is another.
@@ -421,6 +423,7 @@ struct Sent {
     id: u64,
     events: std::sync::mpsc::Receiver<FromWorker>,
     stream: Arc<Mutex<UnixStream>>,
+    last_heard: Arc<Mutex<Instant>>,
     pid: u32,
     kill_reason: KillReason,
     generation: u64,
@@ -552,10 +555,13 @@ impl WorkerPlugin {
         let mut hs = host_end;
         let writer = hs.try_clone().map_err(|e| format!("cannot share the worker's socket: {e}"))?;
         let routes: Routes = Arc::default();
+        let last_heard = Arc::new(Mutex::new(Instant::now()));
+        let heard = Arc::clone(&last_heard);
         let mut worker = Worker {
             child,
             stream: Arc::new(Mutex::new(writer)),
             routes: Arc::clone(&routes),
+            last_heard,
             next_id: 1,
             generation,
             kill_reason: Arc::clone(&kill_reason),
@@ -616,6 +622,9 @@ impl WorkerPlugin {
                     Ok(frame @ FromWorker::Token { id, .. }) | Ok(frame @ FromWorker::Reply { id, .. }) => (id, frame),
                     Ok(_) | Err(_) => break,
                 };
+                if let Ok(mut at) = heard.lock() {
+                    *at = Instant::now();
+                }
                 let route = routes.lock().ok().and_then(|r| r.get(&id).cloned());
                 if let Some(tx) = route {
                     let _ = tx.send(frame);
@@ -665,6 +674,7 @@ impl WorkerPlugin {
             id,
             events,
             stream: Arc::clone(&worker.stream),
+            last_heard: Arc::clone(&worker.last_heard),
             pid: worker.child.id(),
             kill_reason: Arc::clone(&worker.kill_reason),
             generation: worker.generation,
@@ -677,8 +687,9 @@ impl WorkerPlugin {
         Ok(sent)
     }
 
-    /// Waits for a sent call's reply, streaming its tokens; a call silent for `timeout_s`
-    /// kills the worker as hung (the wait then sees the connection end).
+    /// Waits for a sent call's reply, streaming its tokens. When this call and the whole
+    /// worker have been silent for `timeout_s`, the worker is killed as hung (the wait then
+    /// sees the connection end); a call only queued behind others that are streaming waits on.
     fn wait(&self, sent: &Sent, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Waited {
         let timeout = self.config.timeout;
         let mut cancelled = false;
@@ -695,6 +706,10 @@ impl WorkerPlugin {
                 Ok(FromWorker::Reply { result, .. }) => return Waited::Reply(result),
                 Ok(other) => return Waited::Lost(format!("unexpected message {other:?}")),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let worker_silent = sent.last_heard.lock().map_or(true, |at| at.elapsed() >= timeout);
+                    if !worker_silent {
+                        continue;
+                    }
                     if let Ok(mut slot) = sent.kill_reason.lock()
                         && slot.is_none()
                     {
