@@ -238,7 +238,6 @@ pub struct Span {
 
 /// Slot indices and masks for one step, shared by every layer.
 pub struct PagedLayout {
-    block_tokens: usize,
     /// Decode rows (`queries == 1`): how many, the padded width, `[rows * width]` slots.
     decode_rows: usize,
     decode_width: usize,
@@ -331,18 +330,14 @@ impl PagedLayout {
             });
             i += count;
         }
-        Self { block_tokens, decode_rows, decode_width, decode_slots, decode_masks, chunks }
+        Self { decode_rows, decode_width, decode_slots, decode_masks, chunks }
     }
 
     /// Decode rows only, from tensors already on the device: `slots [rows * width]` (each
     /// row's gathered slots, padded) and per window the mask `[rows, 1, 1, 1, width]` (see
     /// [`mask_values`]). What a recorded decode step reads, refreshed in place between replays.
-    pub fn decode(rows: usize, width: usize, slots: Tensor<1, Int>, masks: Vec<(Option<usize>, Tensor<5>)>, block_tokens: usize) -> Self {
-        Self { block_tokens, decode_rows: rows, decode_width: width, decode_slots: Some(slots), decode_masks: masks, chunks: Vec::new() }
-    }
-
-    pub fn block_tokens(&self) -> usize {
-        self.block_tokens
+    pub fn decode(rows: usize, width: usize, slots: Tensor<1, Int>, masks: Vec<(Option<usize>, Tensor<5>)>) -> Self {
+        Self { decode_rows: rows, decode_width: width, decode_slots: Some(slots), decode_masks: masks, chunks: Vec::new() }
     }
 }
 

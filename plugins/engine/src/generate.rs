@@ -320,12 +320,6 @@ impl Engine {
                             f.result.finish = FinishReason::Cancelled;
                             f.token_times.truncate(ids.len());
                             f.timings.generated_tokens = ids.len() as u64;
-                        } else if *cancelled {
-                            f.result.finish = match f.result.finish {
-                                FinishReason::Cancelled | FinishReason::Length => FinishReason::Cancelled,
-                                other if f.result.new_ids.len() == ids.len() => other,
-                                _ => FinishReason::Cancelled,
-                            };
                         }
                         f
                     });

@@ -190,12 +190,7 @@ impl DecodeGraphs {
             let model = Arc::clone(&self.model);
             let (cos_table, sin_table) = (self.cos_table.clone(), self.sin_table.clone());
             let captured = Rc::clone(&shared);
-            let step: StepFn = Box::new(move || {
-                let s = captured.borrow();
-                let inputs = step_tensors(&s.inputs, &cos_table, &sin_table, block_tokens);
-                let mut pool = s.pool.borrow_mut();
-                model.decoder.forward_tensors(&inputs, &mut pool)
-            });
+            let step: StepFn = Box::new(move || run_step(&model, &captured, &cos_table, &sin_table));
             crate::progress::log(|| format!("recording the decode step: {padded} rows over {width} slots"));
             let graph = capture(&device, step);
             self.counts.captures += 1;
@@ -228,10 +223,7 @@ impl DecodeGraphs {
     }
 
     fn run_direct(&self, shared: &Rc<RefCell<Shared>>) -> Result<Tensor<2>, EngineError> {
-        let s = shared.borrow();
-        let inputs = step_tensors(&s.inputs, &self.cos_table, &self.sin_table, s.pool.borrow().block_tokens());
-        let mut pool = s.pool.borrow_mut();
-        self.model.decoder.forward_tensors(&inputs, &mut pool)
+        run_step(&self.model, shared, &self.cos_table, &self.sin_table)
     }
 
     fn new_inputs(&self, rows: usize, width: usize, device: &Device) -> Inputs {
@@ -267,8 +259,16 @@ impl Shared {
     }
 }
 
+/// The device-resident step itself: what is recorded, and what runs directly.
+fn run_step(model: &Model, shared: &RefCell<Shared>, cos_table: &Tensor<2>, sin_table: &Tensor<2>) -> Result<Tensor<2>, EngineError> {
+    let s = shared.borrow();
+    let inputs = step_tensors(&s.inputs, cos_table, sin_table);
+    let mut pool = s.pool.borrow_mut();
+    model.decoder.forward_tensors(&inputs, &mut pool)
+}
+
 /// The decoder's inputs from the device tensors (views and selects only: recordable).
-fn step_tensors(inputs: &Inputs, cos_table: &Tensor<2>, sin_table: &Tensor<2>, block_tokens: usize) -> StepTensors {
+fn step_tensors(inputs: &Inputs, cos_table: &Tensor<2>, sin_table: &Tensor<2>) -> StepTensors {
     let rows = inputs.rows;
     let rot = cos_table.dims()[1];
     let cos = cos_table.clone().select(0, inputs.positions.clone()).reshape([1, 1, rows, rot]);
@@ -283,7 +283,6 @@ fn step_tensors(inputs: &Inputs, cos_table: &Tensor<2>, sin_table: &Tensor<2>, b
             inputs.width,
             inputs.gather.clone(),
             inputs.masks.iter().map(|(w, m)| (*w, m.clone().reshape([rows, 1, 1, 1, inputs.width]))).collect(),
-            block_tokens,
         ),
         logit_rows: None,
     }

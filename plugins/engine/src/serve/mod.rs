@@ -26,7 +26,7 @@ use scheduler::{Limits, Scheduled, Scheduler, SeqState};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -80,6 +80,16 @@ struct StepSettings {
     limits: Limits,
     prefix_caching: bool,
     cuda_graphs: bool,
+}
+
+impl StepSettings {
+    fn of(settings: &OptimizationSettings) -> Self {
+        Self {
+            limits: Limits { max_num_seqs: settings.max_num_seqs as usize, max_num_batched_tokens: settings.max_num_batched_tokens as usize },
+            prefix_caching: settings.prefix_caching,
+            cuda_graphs: settings.cuda_graphs,
+        }
+    }
 }
 
 /// A model's step loop, stopped when dropped (after the requests in flight end).
@@ -142,11 +152,7 @@ impl StepLoop {
         build: impl FnOnce() -> Result<Built<T>, EngineError> + Send + 'static,
         settings: &OptimizationSettings,
     ) -> Result<(Self, Arc<Model>, T), EngineError> {
-        let step = StepSettings {
-            limits: Limits { max_num_seqs: settings.max_num_seqs as usize, max_num_batched_tokens: settings.max_num_batched_tokens as usize },
-            prefix_caching: settings.prefix_caching,
-            cuda_graphs: settings.cuda_graphs,
-        };
+        let step = StepSettings::of(settings);
         let stats = Arc::new(Mutex::new(SchedulerStats::default()));
         let shared = Arc::new(Mutex::new(step));
         let (tx, rx) = channel();
@@ -179,7 +185,7 @@ impl StepLoop {
                     live: HashMap::new(),
                     stats: loop_stats,
                     settings: loop_settings,
-                    next_id: AtomicU64::new(1),
+                    next_id: 1,
                     cuda_graphs: step.cuda_graphs,
                     graph_counts: loop_counts,
                 };
@@ -221,9 +227,7 @@ impl StepLoop {
     /// Applies the settings that may change while serving.
     pub fn configure(&self, settings: &OptimizationSettings) {
         if let Ok(mut s) = self.settings.lock() {
-            s.limits = Limits { max_num_seqs: settings.max_num_seqs as usize, max_num_batched_tokens: settings.max_num_batched_tokens as usize };
-            s.prefix_caching = settings.prefix_caching;
-            s.cuda_graphs = settings.cuda_graphs;
+            *s = StepSettings::of(settings);
         }
     }
 
@@ -283,7 +287,7 @@ struct LoopState {
     live: HashMap<u64, Live>,
     stats: Arc<Mutex<SchedulerStats>>,
     settings: Arc<Mutex<StepSettings>>,
-    next_id: AtomicU64,
+    next_id: u64,
 }
 
 impl LoopState {
@@ -354,7 +358,8 @@ impl LoopState {
             let _ = s.events.send((s.tag, Event::Done(Box::new(Err(e)))));
             return;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id;
+        self.next_id += 1;
         let prompt_len = prompt.len();
         self.scheduler.add(SeqState::new(id, prompt, s.chunk, reuse, s.salt));
         self.live.insert(

@@ -128,10 +128,6 @@ impl Output {
         }
     }
 
-    pub fn generated(&self) -> usize {
-        self.new_ids.len()
-    }
-
     pub fn into_result(self) -> RowResult {
         let (text, reasoning, tool_calls) = match self.parser {
             None => (self.text, String::new(), Vec::new()),

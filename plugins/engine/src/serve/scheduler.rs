@@ -106,10 +106,6 @@ impl Scheduler {
         self.seqs.get(&id)
     }
 
-    pub fn seq_mut(&mut self, id: u64) -> Option<&mut SeqState> {
-        self.seqs.get_mut(&id)
-    }
-
     pub fn running(&self) -> usize {
         self.running.len()
     }
