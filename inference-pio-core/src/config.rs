@@ -411,6 +411,9 @@ pub struct HostSection {
     pub probe_timeout_s: Option<f64>,
 }
 
+/// The uid and gid of a worker started by a root host when the config names none (`nobody`).
+pub const DEFAULT_WORKER_ID: u32 = 65534;
+
 /// A `[plugins.<id>]` table as written.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -442,6 +445,11 @@ pub struct PluginSection {
     /// `high`/`maximum`: seconds the worker may stay silent (no token, no answer) during a
     /// call before it is killed as hung (default 600).
     pub timeout_s: Option<f64>,
+    /// `high`/`maximum` on a host running as root: the uid and gid the worker runs as
+    /// (default [`DEFAULT_WORKER_ID`], `nobody`); never 0. A host that is not root runs its
+    /// workers as its own uid.
+    pub worker_uid: Option<u32>,
+    pub worker_gid: Option<u32>,
     /// Sampling defaults for this plugin's models.
     #[serde(default)]
     pub sampling: SamplingOverrides,
@@ -569,8 +577,18 @@ impl HostConfig {
             {
                 return Err(self.invalid(format!("{prefix}.timeout_s"), format!("must be positive, got {t}")));
             }
+            for (key, id) in [("worker_uid", section.worker_uid), ("worker_gid", section.worker_gid)] {
+                if id == Some(0) {
+                    return Err(self.invalid(format!("{prefix}.{key}"), "must not be 0 (root): the worker runs unprivileged".into()));
+                }
+            }
             if !level.uses_worker() {
-                for (key, set) in [("allow_degraded", section.allow_degraded), ("timeout_s", section.timeout_s.is_some())] {
+                for (key, set) in [
+                    ("allow_degraded", section.allow_degraded),
+                    ("timeout_s", section.timeout_s.is_some()),
+                    ("worker_uid", section.worker_uid.is_some()),
+                    ("worker_gid", section.worker_gid.is_some()),
+                ] {
                     if set {
                         return Err(self.invalid(
                             format!("{prefix}.{key}"),
@@ -691,6 +709,18 @@ mod tests {
         assert!(err.to_string().contains("host.device"), "{err}");
         let err = parse("[plugins.qwen]\nprofile = \"fast\"\n").expect_err("profile");
         assert!(err.to_string().contains("fast"), "{err}");
+    }
+
+    #[test]
+    fn worker_ids_are_never_root_and_only_for_workers() {
+        let err = parse("[plugins.qwen]\nsecurity = \"high\"\nworker_uid = 0\n").expect_err("root uid");
+        assert!(err.to_string().contains("plugins.qwen.worker_uid") && err.to_string().contains("root"), "{err}");
+        let err = parse("[plugins.qwen]\nsecurity = \"high\"\nworker_gid = 0\n").expect_err("root gid");
+        assert!(err.to_string().contains("plugins.qwen.worker_gid"), "{err}");
+        let err = parse("[plugins.qwen]\nsecurity = \"medium\"\nworker_uid = 1000\n").expect_err("in-process");
+        assert!(err.to_string().contains("plugins.qwen.worker_uid"), "{err}");
+        let ok = parse("[plugins.qwen]\nsecurity = \"high\"\nworker_uid = 1000\nworker_gid = 1000\n").expect("worker ids");
+        assert_eq!(ok.plugin("qwen").worker_uid, Some(1000));
     }
 
     #[test]

@@ -33,7 +33,9 @@ fn main() -> anyhow::Result<()> {
             allow_degraded: true,
             sha256: Some(sha256_file(&plugin).map_err(anyhow::Error::msg)?),
             timeout: Duration::from_secs(60),
-            model: Some(PathBuf::from("/tmp")),
+            model: None,
+            worker_uid: None,
+            worker_gid: None,
         };
         let worker = PluginHandle::Worker(Box::new(WorkerPlugin::start(config).map_err(anyhow::Error::msg)?));
         measure(&format!("worker ({})", level.as_str()), &worker, tokens, requests)?;

@@ -257,6 +257,8 @@ impl Host {
                 sha256: section.sha256.clone(),
                 timeout: Duration::from_secs_f64(section.timeout_s.unwrap_or(worker::DEFAULT_TIMEOUT_S)),
                 model: model.map(Path::to_path_buf),
+                worker_uid: section.worker_uid,
+                worker_gid: section.worker_gid,
             };
             WorkerPlugin::start(config).map(|w| PluginHandle::Worker(Box::new(w)))
         } else {

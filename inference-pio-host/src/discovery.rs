@@ -294,7 +294,8 @@ fn jail_probe() {
         cgroup_procs: Vec::new(),
         file_size_bytes: 0,
         open_files: 256,
-        seccomp: true,
+        jail: None,
+        seccomp: Some(crate::sandbox::SeccompMode::DenyList),
     };
     let _ = crate::sandbox::apply(&spec);
 }

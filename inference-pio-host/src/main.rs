@@ -11,6 +11,9 @@ fn main() {
     if args.len() == 2 && args[1] == "__worker" {
         std::process::exit(inference_pio_host::worker::worker_main());
     }
+    // Log lines (a sandboxed plugin's labelled output among them) go to stderr as they are.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).without_time().with_target(false).with_level(false).with_env_filter(filter).init();
     if let Err(error) = inference_pio_host::cli::main() {
         eprintln!("error: {error:#}");
         std::process::exit(1);

@@ -27,7 +27,7 @@ use crate::cgroup::{self, WorkerCgroup};
 use crate::plugin::LoadedPlugin;
 use crate::sandbox::{self, Mechanism, SandboxSpec};
 use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError};
-use inference_pio_core::config::{ResourceLimits, SecurityLevel};
+use inference_pio_core::config::{DEFAULT_WORKER_ID, ResourceLimits, SecurityLevel};
 use inference_pio_core::types::{
     BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
     SchedulerStats, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
@@ -35,7 +35,6 @@ use inference_pio_core::types::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -131,7 +130,10 @@ fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<T>
 
 /// `inference-pio __worker`: serve one plugin over the socket on stdin. Returns the exit code.
 pub fn worker_main() -> i32 {
-    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else { return 70 };
+    // The socket stays descriptor 0: the sandbox closes every descriptor above 2.
+    // SAFETY: descriptor 0 is the socket the host passed as stdin; nothing else in this
+    // process owns it (standard input is never read here), so this is its only owner.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(0) };
     let mut stream = UnixStream::from(fd);
     match serve(&mut stream) {
         Ok(()) => 0,
@@ -256,6 +258,111 @@ pub struct WorkerConfig {
     pub timeout: Duration,
     /// The model file or directory the plugin may read (none for `plugins info`).
     pub model: Option<PathBuf>,
+    /// The ids the worker runs as when the host is root (default
+    /// [`inference_pio_core::config::DEFAULT_WORKER_ID`]).
+    pub worker_uid: Option<u32>,
+    pub worker_gid: Option<u32>,
+}
+
+/// Environment variables a worker inherits (by name, or by prefix when ending in `*`); the
+/// host's others (credentials, tokens, whatever its operator exported) are withheld.
+pub const WORKER_ENV: &[&str] = &[
+    "PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ", "RUST_BACKTRACE", "RUST_LOG", "CUDA_*", "NVIDIA_*", "CUBECL_*", "BURN_*", "INFERENCE_PIO_*", "PIO_*",
+];
+
+fn passes_to_worker(name: &str) -> bool {
+    WORKER_ENV.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == *p,
+    })
+}
+
+/// The longest line of plugin output logged as one line (longer ones are split).
+const MAX_OUTPUT_LINE: usize = 4096;
+
+/// Reads one of the worker's output pipes and logs each line as `[plugin ID] …` through
+/// `tracing`, with control characters escaped (a plugin cannot forge the host's own lines
+/// or move the cursor). Ends when every process of the worker has closed the pipe.
+fn label_output(id: String, pipe: std::io::PipeReader) {
+    use std::io::BufRead;
+    let emit = |line: &[u8]| {
+        let text = String::from_utf8_lossy(line);
+        let clean: String = text.chars().flat_map(|c| if c.is_control() && c != '\t' { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+        tracing::info!("[plugin {id}] {clean}");
+    };
+    let mut reader = std::io::BufReader::with_capacity(MAX_OUTPUT_LINE, pipe);
+    let mut line = Vec::new();
+    loop {
+        let (complete, used) = match reader.fill_buf() {
+            Ok([]) => break,
+            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    line.extend_from_slice(&buf[..i]);
+                    (true, i + 1)
+                }
+                None => {
+                    line.extend_from_slice(buf);
+                    (line.len() >= MAX_OUTPUT_LINE, buf.len())
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        reader.consume(used);
+        if complete {
+            emit(&line);
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        emit(&line);
+    }
+}
+
+/// Whether `uid`/`gid` may read `path` by its mode bits (and enter it, for a directory).
+fn readable_by(meta: &std::fs::Metadata, uid: u32, gid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let need = if meta.is_dir() { 0o5 } else { 0o4 };
+    let mode = meta.mode();
+    let bits = if meta.uid() == uid {
+        mode >> 6
+    } else if meta.gid() == gid {
+        mode >> 3
+    } else {
+        mode
+    };
+    bits & need == need
+}
+
+/// A root host's worker runs as another uid: the plugin file and the model (the directory
+/// and the files in it) must be readable by it, or the load fails deep in the plugin.
+/// Refuses with what to change instead.
+fn check_readable(path: &Path, what: &str, uid: u32, gid: u32, id: &str) -> Result<(), String> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let mut unreadable: Vec<PathBuf> = Vec::new();
+    if !readable_by(&meta, uid, gid) {
+        unreadable.push(path.to_path_buf());
+    }
+    if meta.is_dir()
+        && let Ok(entries) = std::fs::read_dir(path)
+    {
+        for entry in entries.filter_map(Result::ok) {
+            if let Ok(m) = std::fs::metadata(entry.path())
+                && !readable_by(&m, uid, gid)
+            {
+                unreadable.push(entry.path());
+            }
+        }
+    }
+    if unreadable.is_empty() {
+        return Ok(());
+    }
+    unreadable.truncate(4);
+    Err(format!(
+        "the {what} {} is not readable by the worker's uid {uid} / gid {gid} (the jail runs plugin `{id}` unprivileged): {} — make it readable (e.g. `chmod -R o+rX`) or set `worker_uid`/`worker_gid` in [plugins.{id}] to its owner",
+        path.display(),
+        unreadable.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    ))
 }
 
 /// The mechanisms a worker of this config has in force, and which of them are missing.
@@ -290,6 +397,8 @@ struct Worker {
     // Dropped after the child is reaped: kills leftovers and removes the groups.
     cgroup: WorkerCgroup,
     scratch: tempfile::TempDir,
+    /// The empty directory the worker's new root is mounted on (in its namespace only).
+    _root_dir: tempfile::TempDir,
 }
 
 /// The settings as this worker sees them: its scratch directory replaces the host's cache
@@ -367,6 +476,11 @@ impl Drop for Worker {
             let _ = handle.join();
         }
     }
+}
+
+/// `path` with symlinks resolved, made absolute; as given when it does not exist.
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().or_else(|_| std::path::absolute(path)).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn kill_group(pid: u32) {
@@ -521,9 +635,31 @@ impl WorkerPlugin {
         let watch = WatchPlan::new(c, ncpu, scratch.path(), memory_cgroup);
         host_mechanisms.extend(watch.mechanisms.iter().cloned());
 
+        // SAFETY: geteuid has no preconditions.
+        let host_root = unsafe { libc::geteuid() } == 0;
+        let uid = c.worker_uid.unwrap_or(DEFAULT_WORKER_ID);
+        let gid = c.worker_gid.unwrap_or(DEFAULT_WORKER_ID);
+        let plugin = canonical(&c.plugin);
+        let model = c.model.as_deref().map(canonical);
+        if host_root {
+            check_readable(&plugin, "plugin file", uid, gid, &c.id)?;
+            if let Some(model) = &model {
+                check_readable(model, "model", uid, gid, &c.id)?;
+            }
+            // The scratch directory is the worker's to write.
+            std::os::unix::fs::chown(scratch.path(), Some(uid), Some(gid)).map_err(|e| format!("cannot give the scratch directory to uid {uid}: {e}"))?;
+        }
+        let root_dir = tempfile::Builder::new()
+            .prefix(&format!("inference-pio-{}-root-", c.id))
+            .tempdir()
+            .map_err(|e| format!("cannot create the worker's root mount point: {e}"))?;
         let mut read_only = sandbox::system_read_only_paths();
-        read_only.push(c.plugin.clone());
-        if let Some(model) = &c.model {
+        // The loader's extra directories (cuBLAS from a Python wheel, say).
+        if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+            read_only.extend(std::env::split_paths(&paths).filter(|p| p.is_absolute() && p.exists()).map(|p| canonical(&p)));
+        }
+        read_only.push(plugin.clone());
+        if let Some(model) = &model {
             read_only.push(model.clone());
         }
         let sandbox_spec = SandboxSpec {
@@ -535,21 +671,45 @@ impl WorkerPlugin {
             cgroup_procs: cgroup.procs_files(),
             file_size_bytes: c.limits.disk_space_gb.map(|gb| (gb * 1e9) as u64).unwrap_or(DEFAULT_FILE_SIZE),
             open_files: OPEN_FILES,
-            seccomp: c.level == SecurityLevel::Maximum,
+            jail: Some(sandbox::JailSpec { root_dir: root_dir.path().to_path_buf(), uid, gid }),
+            seccomp: Some(if c.level == SecurityLevel::Maximum { sandbox::SeccompMode::AllowList } else { sandbox::SeccompMode::DenyList }),
         };
+        let passed: Vec<(String, std::ffi::OsString)> = std::env::vars_os()
+            .filter_map(|(k, v)| k.into_string().ok().filter(|k| passes_to_worker(k)).map(|k| (k, v)))
+            .collect();
+        host_mechanisms.push(Mechanism::active(
+            "environment",
+            format!(
+                "the worker gets only {} (of the host's: {}), HOME/TMPDIR = its scratch directory",
+                WORKER_ENV.join(", "),
+                if passed.is_empty() { "none".to_string() } else { passed.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ") }
+            ),
+        ));
         let (host_end, worker_end) = UnixStream::pair().map_err(|e| format!("cannot create the worker socket: {e}"))?;
-        let worker_stdout = std::io::stderr().as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+        let (out_read, out_write) = std::io::pipe().map_err(|e| format!("cannot create the worker's output pipe: {e}"))?;
+        let (err_read, err_write) = std::io::pipe().map_err(|e| format!("cannot create the worker's output pipe: {e}"))?;
         use std::os::unix::process::CommandExt;
         let child = Command::new(&c.exe)
             .arg("__worker")
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(worker_end)))
-            .stdout(Stdio::from(worker_stdout))
-            .stderr(Stdio::inherit())
+            .stdout(Stdio::from(out_write))
+            .stderr(Stdio::from(err_write))
+            .env_clear()
+            .envs(passed)
             .env("CUDA_CACHE_PATH", scratch.path().join("cuda-cache"))
             .env("TMPDIR", scratch.path())
+            .env("HOME", scratch.path())
             .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot start the worker process {}: {e}", c.exe.display()))?;
+        for pipe in [out_read, err_read] {
+            let id = c.id.clone();
+            std::thread::spawn(move || label_output(id, pipe));
+        }
+        host_mechanisms.push(Mechanism::active(
+            "plugin output",
+            format!("the worker's stdout and stderr are pipes the host reads: each line is logged as `[plugin {}] …` (control characters escaped), never written to the host's own", c.id),
+        ));
         let kill_reason: KillReason = Arc::new(Mutex::new(None));
         let stop_watchdog = Arc::new(AtomicBool::new(false));
         let mut hs = host_end;
@@ -569,10 +729,11 @@ impl WorkerPlugin {
             watchdog: None,
             cgroup,
             scratch,
+            _root_dir: root_dir,
         };
         let handshake_timeout = Duration::from_secs(30);
         let _ = hs.set_read_timeout(Some(handshake_timeout));
-        let setup = WorkerSetup { protocol: PROTOCOL_VERSION, plugin: c.plugin.clone(), sha256: c.sha256.clone(), sandbox: sandbox_spec };
+        let setup = WorkerSetup { protocol: PROTOCOL_VERSION, plugin, sha256: c.sha256.clone(), sandbox: sandbox_spec };
         write_frame(&mut hs, &ToWorker::Setup(Box::new(setup))).map_err(|e| format!("cannot send the worker its setup: {e}"))?;
         let mechanisms = match read_frame::<FromWorker>(&mut hs) {
             Ok(FromWorker::Hello { protocol, abi_major, mechanisms, .. }) => {
@@ -825,9 +986,11 @@ impl WorkerPlugin {
     pub fn load_model(&self, dir: &Path, options: &LoadOptions) -> Result<ModelInfo, PluginError> {
         let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
         self.ensure_worker(&mut state)?;
-        let call = Call::LoadModel { dir: dir.to_path_buf(), options: options.clone() };
+        // The worker sees the model at its canonical path (that is where the jail binds it).
+        let dir = canonical(dir);
+        let call = Call::LoadModel { dir: dir.clone(), options: options.clone() };
         let info: ModelInfo = decode(self.exchange(&mut state, &call, &mut |_, _| true)?)?;
-        state.models.push((info.handle, dir.to_path_buf(), options.clone(), Some(info.handle)));
+        state.models.push((info.handle, dir, options.clone(), Some(info.handle)));
         Ok(info)
     }
 
@@ -1002,34 +1165,43 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Resident memory of `pid` and its descendants.
-fn tree_rss_bytes(pid: u32) -> u64 {
-    let mut total = 0;
+/// `pid` and its descendants (the worker's relay, its jail's reaper, the worker and what it
+/// started), at most 4096.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
     let mut stack = vec![pid];
-    let mut seen = 0;
     while let Some(p) = stack.pop() {
-        seen += 1;
-        if seen > 4096 {
+        if out.len() >= 4096 {
             break;
         }
-        if let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/statm"))
-            && let Some(pages) = text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok())
-        {
-            total += pages * 4096;
-        }
+        out.push(p);
         stack.extend(children(p));
     }
-    total
+    out
 }
 
-/// utime + stime of `pid` (all threads) and its reaped children, in seconds.
+/// Resident memory of `pid` and its descendants.
+fn tree_rss_bytes(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/statm")).ok())
+        .filter_map(|text| text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .sum()
+}
+
+/// utime + stime of `pid` and its descendants (all threads) and their reaped children, in
+/// seconds; `None` when `pid` is gone.
 fn cpu_seconds(pid: u32, ticks: f64) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &text[text.rfind(')')? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14..17 of stat(5), counted after the command name: utime, stime, cutime, cstime.
-    let sum: f64 = fields.get(11..15)?.iter().filter_map(|f| f.parse::<f64>().ok()).sum();
-    Some(sum / ticks)
+    let one = |p: u32| -> Option<f64> {
+        let text = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let after = &text[text.rfind(')')? + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // Fields 14..17 of stat(5), counted after the command name: utime, stime, cutime, cstime.
+        Some(fields.get(11..15)?.iter().filter_map(|f| f.parse::<f64>().ok()).sum())
+    };
+    one(pid)?;
+    Some(tree(pid).into_iter().filter_map(one).sum::<f64>() / ticks)
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -1051,14 +1223,16 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
-/// GPU memory NVML reports in use by process `pid`, summed over devices (0 when none).
+/// GPU memory NVML reports in use by process `pid` and its descendants, summed over devices
+/// (0 when none).
 pub fn gpu_bytes(nvml: &nvml_wrapper::Nvml, pid: u32) -> u64 {
     let mut total = 0;
+    let pids = tree(pid);
     let count = nvml.device_count().unwrap_or(0);
     for index in 0..count {
         let Ok(device) = nvml.device_by_index(index) else { continue };
         for process in device.running_compute_processes().unwrap_or_default() {
-            if process.pid == pid
+            if pids.contains(&process.pid)
                 && let nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) = process.used_gpu_memory
             {
                 total += bytes;

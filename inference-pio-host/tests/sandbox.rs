@@ -21,6 +21,9 @@ fn hostile() -> PathBuf {
 }
 
 fn config(level: SecurityLevel, limits: ResourceLimits, model: &Path) -> WorkerConfig {
+    // A root host's worker runs as `nobody`: the model must be readable by it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(model, std::fs::Permissions::from_mode(0o755)).expect("chmod model");
     WorkerConfig {
         exe: PathBuf::from(BIN),
         id: "test-hostile".into(),
@@ -31,6 +34,8 @@ fn config(level: SecurityLevel, limits: ResourceLimits, model: &Path) -> WorkerC
         sha256: (level == SecurityLevel::Maximum).then(|| sha256_file(&hostile()).expect("hash")),
         timeout: Duration::from_secs(20),
         model: Some(model.to_path_buf()),
+        worker_uid: None,
+        worker_gid: None,
     }
 }
 
@@ -87,13 +92,20 @@ fn high_contains_file_network_process_and_disk_attacks() {
 
     assert!(active(&worker, "die with the host"));
     assert!(active(&worker, "rlimits"));
-    if active(&worker, "landlock") {
-        assert_eq!(ok(&worker, m, &format!("read:{}", secret.display())), "err:EACCES");
-        assert_eq!(ok(&worker, m, "read:/etc/hostname"), "err:EACCES");
+    let jailed = active(&worker, "mount namespace");
+    if jailed || active(&worker, "landlock") {
+        // Outside the view (the jail: not there at all; landlock alone: not allowed).
+        let denied = if jailed { "err:ENOENT" } else { "err:EACCES" };
+        assert_eq!(ok(&worker, m, &format!("read:{}", secret.display())), denied);
+        assert_eq!(ok(&worker, m, "read:/etc/hostname"), denied);
         assert_eq!(ok(&worker, m, &format!("read:{}", model.join("config.json").display())), "ok:2 bytes");
-        assert_eq!(ok(&worker, m, &format!("write:{}:10", dirs.path().join("planted").display())), "err:EACCES");
+        // (In the jail the directory exists, on the read-only root, as the model's parent.)
+        assert_eq!(ok(&worker, m, &format!("write:{}:10", dirs.path().join("planted").display())), if jailed { "err:EROFS" } else { denied });
         assert!(!dirs.path().join("planted").exists());
-        assert_eq!(ok(&worker, m, &format!("write:{}:10", model.join("planted").display())), "err:EACCES");
+        // The model is read-only (a read-only bind in the jail).
+        let planted = ok(&worker, m, &format!("write:{}:10", model.join("planted").display()));
+        assert!(planted == "err:EROFS" || planted == "err:EACCES", "{planted}");
+        assert!(!model.join("planted").exists());
         // Its own threads' names can be written (the CUDA driver needs it), another
         // process's files in /proc cannot (an invalid value: EINVAL if it ever got through).
         assert_eq!(ok(&worker, m, "name-thread"), "ok");
@@ -102,7 +114,11 @@ fn high_contains_file_network_process_and_disk_attacks() {
     assert_eq!(ok(&worker, m, &format!("write:{}:1000", scratch.join("ok.bin").display())), "ok:1000 bytes");
     // disk_space_gb = 0.001: RLIMIT_FSIZE refuses a 2 MB file with EFBIG (and no SIGXFSZ death).
     assert_eq!(ok(&worker, m, &format!("write:{}:2000000", scratch.join("big.bin").display())), "err:EFBIG");
-    if active(&worker, "network namespace") {
+    // `high`'s seccomp deny-list refuses the socket itself; without it the empty network
+    // namespace has no route.
+    if active(&worker, "seccomp") {
+        assert_eq!(ok(&worker, m, &format!("connect:127.0.0.1:{port}")), "err:EPERM");
+    } else if active(&worker, "network namespace") {
         assert_eq!(ok(&worker, m, &format!("connect:127.0.0.1:{port}")), "err:ENETUNREACH");
     }
     if active(&worker, "cgroup pids.max") {
@@ -128,6 +144,84 @@ fn maximum_denies_syscalls_and_non_unix_sockets() {
         assert_eq!(ok(&worker, m, "ptrace"), "err:EPERM");
     }
     assert_eq!(ok(&worker, m, "echo"), "ok");
+}
+
+/// What a plugin with bad intent tries from inside `infer` against the machine and its host
+/// (issue: "The worker jail holds against a root host"), at `high` and at `maximum`. Each
+/// attempt ends in its specific error; the host, the decoy process and the listeners
+/// survive; the same worker serves the next request.
+#[test]
+fn the_jail_holds_signals_sockets_exec_ids_modules_and_proc() {
+    use std::os::linux::net::SocketAddrExt;
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let model = dirs.path().join("model");
+    std::fs::create_dir(&model).expect("model dir");
+    // A decoy process of the machine, a pathname and an abstract UNIX socket listening
+    // outside the allowlist.
+    let mut decoy = std::process::Command::new("sleep").arg("600").spawn().expect("decoy");
+    let socket_path = dirs.path().join("control.sock");
+    let pathname = std::os::unix::net::UnixListener::bind(&socket_path).expect("pathname listener");
+    let abstract_name = format!("pio-jail-test-{}", std::process::id());
+    let abstract_addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).expect("abstract name");
+    let abstract_listener = std::os::unix::net::UnixListener::bind_addr(&abstract_addr).expect("abstract listener");
+    pathname.set_nonblocking(true).expect("nonblocking");
+    abstract_listener.set_nonblocking(true).expect("nonblocking");
+    let host_root = std::fs::read_to_string("/proc/self/status").unwrap_or_default().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+
+    for level in [SecurityLevel::High, SecurityLevel::Maximum] {
+        let (worker, m) = start(config(level, ResourceLimits::default(), &model));
+        let seccomp_allowlist = level == SecurityLevel::Maximum && active(&worker, "seccomp");
+        let enforcement = worker.enforcement().expect("enforcement");
+        // Without user namespaces a root host drops to the worker's uid with setresuid (not
+        // a degradation).
+        let userns = enforcement.mechanisms.iter().any(|m| m.name == "user namespace" && m.active);
+        let scoped = enforcement.mechanisms.iter().any(|m| m.name == "landlock" && m.active && m.detail.contains("scoped:"));
+        // Denied by the allowlist at `maximum`, else by what `high` has.
+        let expect = |high: &str| if seccomp_allowlist { "err:EPERM".to_string() } else { high.to_string() };
+
+        if host_root {
+            assert!(active(&worker, "unprivileged uid"), "{enforcement:?}");
+            assert_eq!(ok(&worker, m, "ids"), "ok:uid=65534 gid=65534 CapEff=0000000000000000 CapBnd=0000000000000000", "{level:?}");
+        }
+        assert!(active(&worker, "capabilities"), "{enforcement:?}");
+        assert!(active(&worker, "descriptors"), "{enforcement:?}");
+        if active(&worker, "pid namespace") {
+            // Alone in its PID namespace: its reaper (1) and itself (2).
+            assert_eq!(ok(&worker, m, "proc-pids"), "ok:1,2", "{level:?}");
+            // Its parent is the reaper, outside its landlock domain (an init process would
+            // ignore the signal anyway).
+            assert_eq!(ok(&worker, m, "kill-parent"), if scoped || seccomp_allowlist { "err:EPERM" } else { "ok" }, "{level:?}");
+            // The host and the decoy do not exist in its namespace.
+            assert_eq!(ok(&worker, m, &format!("kill:{}", std::process::id())), expect("err:ESRCH"), "{level:?}");
+            assert_eq!(ok(&worker, m, &format!("kill:{}", decoy.id())), expect("err:ESRCH"), "{level:?}");
+            // Shown alone above, so kill(-1) may be sent: nobody it may signal.
+            assert_eq!(ok(&worker, m, "kill:-1"), expect("err:ESRCH"), "{level:?}");
+        }
+        if active(&worker, "mount namespace") {
+            assert_eq!(ok(&worker, m, &format!("unix-connect:{}", socket_path.display())), expect("err:ENOENT"), "{level:?}");
+            assert_eq!(ok(&worker, m, "read:/proc/1/environ"), "err:EACCES", "{level:?}");
+        }
+        if active(&worker, "network namespace") {
+            // Abstract sockets belong to a network namespace.
+            assert_eq!(ok(&worker, m, &format!("abstract-connect:{abstract_name}")), expect("err:ECONNREFUSED"), "{level:?}");
+        }
+        if active(&worker, "seccomp") {
+            assert_eq!(ok(&worker, m, "exec:/bin/sh"), "err:EPERM", "{level:?}");
+            assert_eq!(ok(&worker, m, "init-module"), "err:EPERM", "{level:?}");
+            assert_eq!(ok(&worker, m, "finit-module"), "err:EPERM", "{level:?}");
+        }
+        // setuid(0): root does not exist in its user namespace (EINVAL); without one, no
+        // capability allows it (EPERM).
+        assert_eq!(ok(&worker, m, "setuid:0"), expect(if userns { "err:EINVAL" } else { "err:EPERM" }), "{level:?}");
+        // The same worker serves on.
+        assert_eq!(ok(&worker, m, "echo"), "ok");
+        assert_eq!(worker.restarts(), 0, "{level:?}");
+    }
+    // Everything outside survived and nothing reached the listeners.
+    assert!(decoy.try_wait().expect("decoy").is_none(), "the decoy process was killed");
+    assert!(pathname.accept().is_err() && abstract_listener.accept().is_err(), "a worker reached a listener");
+    let _ = decoy.kill();
+    let _ = decoy.wait();
 }
 
 #[test]

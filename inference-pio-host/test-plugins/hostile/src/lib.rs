@@ -4,7 +4,11 @@
 //!
 //! `read:PATH`, `write:PATH:BYTES`, `connect:ADDR`, `fork` (fork until refused),
 //! `alloc:MB` (touch memory, 8 MiB at a time), `spin:SECONDS`, `panic`, `abort`, `segv`,
-//! `hang`, `ptrace`, `stream:N` (N tokens, for the overhead benchmark), `echo`.
+//! `hang`, `ptrace`, `stream:N` (N tokens, for the overhead benchmark), `echo`; and against
+//! the jail: `kill:PID` (SIGKILL; `-1` for every process it may signal), `kill-parent`,
+//! `proc-pids` (the pids /proc lists), `unix-connect:PATH`, `abstract-connect:NAME`,
+//! `exec:PATH` (runs `PATH -c id`), `print:TEXT` (to stdout and stderr), `setuid:UID`,
+//! `init-module`, `finit-module`, `ids` (uid, gid and effective capabilities).
 //!
 //! Its library constructor writes a marker file into `$PIO_TEST_MARKER_DIR` when that is set,
 //! so a test can tell whether any of its code ran.
@@ -37,6 +41,10 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ECONNREFUSED) => "ECONNREFUSED",
         Some(libc::EROFS) => "EROFS",
         Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT",
+        Some(libc::ESRCH) => "ESRCH",
+        Some(libc::ENOSYS) => "ENOSYS",
+        Some(libc::EBADF) => "EBADF",
+        Some(libc::EINVAL) => "EINVAL",
         Some(n) => return format!("err:errno {n}"),
         None => return format!("err:{e}"),
     };
@@ -133,8 +141,76 @@ fn attack(command: &str, on_token: &mut TokenCallback<'_>) -> String {
             }
             format!("ok:{n} tokens")
         }
+        "kill" => match arg.parse::<i32>() {
+            Ok(pid) => errno_of(
+                // SAFETY: kill takes integers.
+                unsafe { libc::kill(pid, libc::SIGKILL) },
+            ),
+            Err(e) => format!("bad pid: {e}"),
+        },
+        "kill-parent" => errno_of(
+            // SAFETY: getppid and kill take integers.
+            unsafe { libc::kill(libc::getppid(), libc::SIGKILL) },
+        ),
+        "proc-pids" => match std::fs::read_dir("/proc") {
+            Ok(entries) => {
+                let mut pids: Vec<u32> = entries.filter_map(Result::ok).filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok())).collect();
+                pids.sort_unstable();
+                format!("ok:{}", pids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            }
+            Err(e) => errno_name(&e),
+        },
+        "unix-connect" => match std::os::unix::net::UnixStream::connect(arg) {
+            Ok(mut stream) => {
+                let mut got = String::new();
+                let _ = std::io::Read::read_to_string(&mut stream, &mut got);
+                format!("ok:connected, read `{got}`")
+            }
+            Err(e) => errno_name(&e),
+        },
+        "abstract-connect" => {
+            use std::os::linux::net::SocketAddrExt;
+            match std::os::unix::net::SocketAddr::from_abstract_name(arg.as_bytes()).and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a)) {
+                Ok(_) => "ok:connected".into(),
+                Err(e) => errno_name(&e),
+            }
+        }
+        "exec" => match std::process::Command::new(arg).args(["-c", "id"]).output() {
+            Ok(out) => format!("ok:ran: {}", String::from_utf8_lossy(&out.stdout).trim()),
+            Err(e) => errno_name(&e),
+        },
+        "print" => {
+            println!("{arg}");
+            eprintln!("{arg}");
+            let _ = std::io::stdout().flush();
+            "ok".into()
+        }
+        "setuid" => errno_of(
+            // SAFETY: setuid takes an integer.
+            unsafe { libc::setuid(arg.parse().unwrap_or(0)) },
+        ),
+        "init-module" => errno_of(
+            // SAFETY: init_module with an empty image: the kernel reads nothing past length 0.
+            unsafe { libc::syscall(libc::SYS_init_module, std::ptr::null::<u8>(), 0usize, c"".as_ptr()) } as i32,
+        ),
+        "finit-module" => errno_of(
+            // SAFETY: finit_module on descriptor 0 (our socket, not a module) with no params.
+            unsafe { libc::syscall(libc::SYS_finit_module, 0, c"".as_ptr(), 0) } as i32,
+        ),
+        "ids" => {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            let field = |n: &str| status.lines().find_map(|l| l.strip_prefix(n)).map(|v| v.split_whitespace().next().unwrap_or("").to_string()).unwrap_or_default();
+            // SAFETY: getuid/getgid have no preconditions.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            format!("ok:uid={uid} gid={gid} CapEff={} CapBnd={}", field("CapEff:"), field("CapBnd:"))
+        }
         other => format!("unknown attack `{other}`"),
     }
+}
+
+/// `ok` for a call that returned 0, else the errno's name.
+fn errno_of(rc: i32) -> String {
+    if rc == 0 { "ok".into() } else { errno_name(&std::io::Error::last_os_error()) }
 }
 
 fn zeroed_rusage() -> libc::rusage {

@@ -1,15 +1,23 @@
 //! The worker process's sandbox for security levels `high` and `maximum`, applied by the
-//! worker to itself before it opens the plugin library: die with the host, rlimits, its own
-//! network namespace, a landlock filesystem allowlist, `no_new_privs`, and at `maximum` a
-//! seccomp deny-list. Every mechanism is reported as applied or not, with the kernel's
-//! reason; the host decides whether a missing one refuses the level.
+//! worker to itself before it opens the plugin library: die with the host, rlimits, the jail
+//! ([`jail`]: user, PID, mount, IPC, UTS and network namespaces, a pivot_root view of the
+//! allowed paths, an unprivileged uid, no capabilities), landlock (filesystem allowlist plus
+//! its signal and abstract-socket scopes) as a second layer, only the protocol socket and the
+//! output pipes left open, `no_new_privs`, and seccomp ([`seccomp`]: a deny-list at `high`,
+//! an allowlist at `maximum`). Every mechanism is reported as applied or not, with the
+//! kernel's reason; the host decides whether a missing one refuses the level.
 //!
 //! References: landlock(7) and the `landlock` crate's sandboxer example; seccomp(2) through
 //! `seccompiler` (Firecracker's filter compiler); setrlimit(2), prctl(2), unshare(2).
 
+pub mod jail;
+pub mod seccomp;
+
+pub use jail::JailSpec;
+pub use seccomp::SeccompMode;
+
 use inference_pio_core::config::SecurityLevel;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// One enforcement mechanism, as reported by the worker or set up by the host.
@@ -53,8 +61,11 @@ pub struct SandboxSpec {
     pub file_size_bytes: u64,
     /// RLIMIT_NOFILE.
     pub open_files: u64,
-    /// Apply the seccomp deny-list (level `maximum`).
-    pub seccomp: bool,
+    /// Namespaces, filesystem view and ids (`None`: the process keeps the host's, as the
+    /// discovery probe does).
+    pub jail: Option<JailSpec>,
+    /// Which seccomp filter, if any.
+    pub seccomp: Option<SeccompMode>,
 }
 
 /// Paths every worker reads: the dynamic loader's libraries and cache, CPU topology for
@@ -91,7 +102,7 @@ pub fn nvidia_devices() -> Vec<PathBuf> {
     devices
 }
 
-fn errno_text() -> String {
+pub(crate) fn errno_text() -> String {
     std::io::Error::last_os_error().to_string()
 }
 
@@ -143,8 +154,22 @@ pub fn apply(spec: &SandboxSpec) -> Result<Vec<Mechanism>, String> {
     }
     report.push(Mechanism::active("rlimits", applied.join(", ")));
 
-    report.push(network_namespace());
+    match &spec.jail {
+        // Returns in the worker only (the processes that hold the jail end as it ends).
+        Some(jail) => jail::enter(spec, jail, &mut report)?,
+        None => report.push(network_namespace()),
+    }
     report.push(landlock_rules(spec)?);
+
+    if spec.jail.is_some() {
+        jail::close_other_descriptors(&[]);
+        // SAFETY: fcntl(F_GETFD) only asks whether a descriptor number is open.
+        let open: Vec<i32> = (0..spec.open_files.min(4096) as i32).filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).collect();
+        report.push(Mechanism::active(
+            "descriptors",
+            format!("open: {open:?} (0: the host's socket; 1 and 2: pipes the host reads and labels); every other descriptor closed before the plugin is opened"),
+        ));
+    }
 
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integers only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -152,14 +177,14 @@ pub fn apply(spec: &SandboxSpec) -> Result<Vec<Mechanism>, String> {
     }
     report.push(Mechanism::active("no_new_privs", "setuid binaries and file capabilities cannot raise privileges"));
 
-    if spec.seccomp {
-        report.push(seccomp_deny_list()?);
+    if let Some(mode) = spec.seccomp {
+        report.push(seccomp::apply(mode)?);
     }
     Ok(report)
 }
 
 /// A new, empty network namespace (only a loopback that is down): no route anywhere. As
-/// root directly; otherwise inside a new user namespace.
+/// root directly; otherwise inside a new user namespace. For processes without the jail.
 fn network_namespace() -> Mechanism {
     const NAME: &str = "network namespace";
     // SAFETY: unshare takes flags only.
@@ -183,89 +208,62 @@ fn network_namespace() -> Mechanism {
 const THREAD_NAMES: &[&str] = &["/proc/self/task"];
 
 fn landlock_rules(spec: &SandboxSpec) -> Result<Mechanism, String> {
-    use landlock::{ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, path_beneath_rules};
+    use landlock::{ABI, Access, AccessFs, LandlockStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules};
     const NAME: &str = "landlock";
-    let abi = ABI::V5;
+    // The newest ABI this crate knows; the kernel's older one is used where it has one
+    // (best effort), and the status says which.
+    let abi = ABI::V10;
     let existing = |paths: &[PathBuf]| paths.iter().filter(|p| p.exists()).cloned().collect::<Vec<_>>();
-    let read_only = existing(&spec.read_only);
+    let mut read_only = existing(&spec.read_only);
+    // In the jail /proc is a fresh one of the worker's own PID namespace: listing it shows
+    // only the worker's processes (other processes' files stay closed by their owners).
+    if spec.jail.is_some() {
+        read_only.push(PathBuf::from("/proc"));
+    }
     let read_write = existing(&spec.read_write);
     let devices = existing(&spec.devices);
+    // Nothing may be executed (the worker never execs; mapping a library is not execution
+    // to landlock).
+    let read = AccessFs::ReadFile | AccessFs::ReadDir;
+    let write = AccessFs::from_all(abi) & !AccessFs::Execute;
     let device_access = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.scope(Scope::from_all(abi)))
         .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(path_beneath_rules(&read_only, AccessFs::from_read(abi))))
-        .and_then(|r| r.add_rules(path_beneath_rules(&read_write, AccessFs::from_all(abi))))
+        .and_then(|r| r.add_rules(path_beneath_rules(&read_only, read)))
+        .and_then(|r| r.add_rules(path_beneath_rules(&read_write, write)))
         .and_then(|r| r.add_rules(path_beneath_rules(&devices, device_access)))
         .and_then(|r| r.add_rules(path_beneath_rules(THREAD_NAMES, AccessFs::WriteFile | AccessFs::Truncate)))
         .and_then(|r| r.restrict_self())
         .map_err(|e| format!("landlock: {e}"))?;
     let show = |paths: &[PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
     let allowed = format!(
-        "read-only: {}; read-write: {}; devices: {}; write: {} (thread names)",
+        "read-only: {}; read-write: {}; devices: {}; write: {} (thread names); nothing executable",
         show(&read_only),
         show(&read_write),
         if devices.is_empty() { "none".into() } else { show(&devices) },
         THREAD_NAMES.join(", ")
     );
+    let version = match status.landlock {
+        LandlockStatus::Available { effective_abi, kernel_abi } => {
+            format!("ABI {}{}", effective_abi as i32, kernel_abi.map(|k| format!(" (the kernel has {k})")).unwrap_or_default())
+        }
+        other => format!("{other:?}"),
+    };
+    let scopes = if abi_at_least(&status.landlock, ABI::V6) {
+        "; scoped: no signal to, and no abstract UNIX socket of, any process outside the sandbox"
+    } else {
+        "; this kernel's landlock has no scopes (signals and abstract sockets are left to the namespaces)"
+    };
     Ok(match status.ruleset {
-        RulesetStatus::FullyEnforced => Mechanism::active(NAME, format!("filesystem allowlist fully enforced ({allowed})")),
-        RulesetStatus::PartiallyEnforced => Mechanism::active(NAME, format!("filesystem allowlist enforced with this kernel's older landlock ABI ({allowed})")),
+        RulesetStatus::FullyEnforced => Mechanism::active(NAME, format!("{version}: filesystem allowlist fully enforced ({allowed}){scopes}")),
+        RulesetStatus::PartiallyEnforced => Mechanism::active(NAME, format!("{version}: filesystem allowlist enforced with this kernel's older landlock ({allowed}){scopes}")),
         RulesetStatus::NotEnforced => Mechanism::missing(NAME, format!("the kernel does not enforce landlock ({:?})", status.landlock)),
     })
 }
 
-/// System calls the worker never needs; each answers EPERM.
-const DENIED_SYSCALLS: &[(i64, &str)] = &[
-    (libc::SYS_ptrace, "ptrace"),
-    (libc::SYS_process_vm_readv, "process_vm_readv"),
-    (libc::SYS_process_vm_writev, "process_vm_writev"),
-    (libc::SYS_mount, "mount"),
-    (libc::SYS_umount2, "umount2"),
-    (libc::SYS_pivot_root, "pivot_root"),
-    (libc::SYS_chroot, "chroot"),
-    (libc::SYS_bpf, "bpf"),
-    (libc::SYS_perf_event_open, "perf_event_open"),
-    (libc::SYS_userfaultfd, "userfaultfd"),
-    (libc::SYS_kexec_load, "kexec_load"),
-    (libc::SYS_init_module, "init_module"),
-    (libc::SYS_finit_module, "finit_module"),
-    (libc::SYS_delete_module, "delete_module"),
-    (libc::SYS_reboot, "reboot"),
-    (libc::SYS_swapon, "swapon"),
-    (libc::SYS_swapoff, "swapoff"),
-    (libc::SYS_setns, "setns"),
-    (libc::SYS_unshare, "unshare"),
-    (libc::SYS_keyctl, "keyctl"),
-    (libc::SYS_add_key, "add_key"),
-    (libc::SYS_request_key, "request_key"),
-    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
-    (libc::SYS_io_uring_setup, "io_uring_setup"),
-    (libc::SYS_acct, "acct"),
-    (libc::SYS_settimeofday, "settimeofday"),
-];
-
-fn seccomp_deny_list() -> Result<Mechanism, String> {
-    use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (nr, _) in DENIED_SYSCALLS {
-        rules.insert(*nr, Vec::new());
-    }
-    // Sockets: only AF_UNIX (the host connection is one already).
-    let not_unix = || -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-        Ok(vec![SeccompRule::new(vec![SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?])?])
-    };
-    rules.insert(libc::SYS_socket, not_unix().map_err(|e| format!("seccomp rule: {e}"))?);
-    rules.insert(libc::SYS_socketpair, not_unix().map_err(|e| format!("seccomp rule: {e}"))?);
-    let arch = std::env::consts::ARCH.try_into().map_err(|e| format!("seccomp: {e:?}"))?;
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch)
-        .map_err(|e| format!("seccomp filter: {e}"))?;
-    let program: seccompiler::BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| format!("seccomp filter: {e}"))?;
-    match seccompiler::apply_filter_all_threads(&program) {
-        Ok(()) => {
-            let names: Vec<&str> = DENIED_SYSCALLS.iter().map(|(_, n)| *n).collect();
-            Ok(Mechanism::active("seccomp", format!("EPERM for {} and for sockets other than AF_UNIX", names.join(", "))))
-        }
-        Err(e) => Ok(Mechanism::missing("seccomp", format!("the kernel refused the filter: {e}"))),
-    }
+fn abi_at_least(status: &landlock::LandlockStatus, abi: landlock::ABI) -> bool {
+    matches!(status, landlock::LandlockStatus::Available { effective_abi, .. } if *effective_abi >= abi)
 }
+
