@@ -10,7 +10,7 @@ use inference_pio_host::handle::PluginHandle;
 use inference_pio_host::plugin::LoadedPlugin;
 use inference_pio_host::digest::sha256_file;
 use inference_pio_host::worker::{WorkerConfig, WorkerPlugin};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn main() -> anyhow::Result<()> {

@@ -402,12 +402,16 @@ struct Worker {
 }
 
 /// The settings as this worker sees them: its scratch directory replaces the host's cache
-/// directory (the only place it may write), also in the file allowlist.
+/// directory (the only place it may write), also in the file allowlist, whose paths are
+/// canonical (the jail binds them there, and the worker's working directory is its root).
 fn localize(settings: &PluginSettings, scratch: &Path) -> PluginSettings {
     let mut local = settings.clone();
     let scratch = scratch.to_string_lossy().into_owned();
     if let Some(allowed) = &mut local.allowed_paths {
         allowed.retain(|p| Some(p) != settings.cache_dir.as_ref());
+        for p in allowed.iter_mut() {
+            *p = canonical(Path::new(p.as_str())).to_string_lossy().into_owned();
+        }
         allowed.push(scratch.clone());
     }
     local.cache_dir = Some(scratch);

@@ -313,9 +313,10 @@ fn a_prompts_file_runs_distinct_requests_together_and_reports_the_scheduler() {
 }
 
 #[test]
-fn a_real_model_serves_a_batch_from_a_high_level_worker() {
-    // The engine (its step-loop thread, the paged KV pool) inside the sandboxed worker: the
-    // rows of a prompts file equal transformers' greedy tokens, and the counters come back.
+fn a_real_model_serves_a_batch_from_a_jailed_worker_at_high_and_maximum() {
+    // The engine (its step-loop thread, the paged KV pool) inside the jailed worker, at
+    // `high` (seccomp deny-list) and `maximum` (the recorded allowlist): the rows of a
+    // prompts file equal transformers' greedy tokens, and the counters come back.
     let cwd = tempfile::tempdir().expect("cwd");
     // A copy with the tokenizer inside the model directory (the fixture links to a shared
     // one, outside what the worker may open).
@@ -330,18 +331,25 @@ fn a_real_model_serves_a_batch_from_a_high_level_worker() {
     let file = cwd.path().join("prompts.jsonl");
     let lines: Vec<String> = prompts.iter().map(|p| p["ids"].to_string()).collect();
     std::fs::write(&file, lines.join("\n")).expect("write");
-    // Where this machine lacks a mechanism of the level, run degraded (the sandbox tests
-    // cover the refusal); this test is about the engine working inside the worker.
-    std::fs::write(cwd.path().join("inference-pio.toml"), "[plugins.qwen3-4b-instruct-2507]\nsecurity = \"high\"\nallow_degraded = true\n")
+    let library = Path::new(BIN).parent().expect("dir").join(format!("libqwen3_4b_instruct_2507{}", std::env::consts::DLL_SUFFIX));
+    let sha = inference_pio_host::digest::sha256_file(&library).expect("hash");
+    for level in ["high", "maximum"] {
+        // Where this machine lacks a mechanism of the level, run degraded (the sandbox tests
+        // cover the refusal); this test is about the engine working inside the worker.
+        std::fs::write(
+            cwd.path().join("inference-pio.toml"),
+            format!("[plugins.qwen3-4b-instruct-2507]\nsecurity = \"{level}\"\nallow_degraded = true\nsha256 = \"{sha}\"\n"),
+        )
         .expect("config");
-    let args = ["run", "--model", model, "--prompts-file", file.to_str().expect("utf8"), "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"];
-    let out = inference_pio(&args, cwd.path());
-    assert!(out.status.success(), "{}", stderr(&out));
-    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
-    for (row, prompt) in result["rows"].as_array().expect("rows").iter().zip(prompts) {
-        assert_eq!(row["token_ids"], prompt["greedy"], "a row served by the worker differs from transformers");
+        let args = ["run", "--model", model, "--prompts-file", file.to_str().expect("utf8"), "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"];
+        let out = inference_pio(&args, cwd.path());
+        assert!(out.status.success(), "{level}: {}", stderr(&out));
+        let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        for (row, prompt) in result["rows"].as_array().expect("rows").iter().zip(prompts) {
+            assert_eq!(row["token_ids"], prompt["greedy"], "{level}: a row served by the worker differs from transformers");
+        }
+        assert_eq!(result["stats"]["requests_finished"], prompts.len() as u64);
     }
-    assert_eq!(result["stats"]["requests_finished"], prompts.len() as u64);
 }
 
 #[test]
@@ -597,7 +605,25 @@ fn worker_levels_show_what_is_in_force_run_and_refuse_a_tampered_maximum_plugin(
     assert_eq!(info["settings"]["limits"]["memory_gb"], 1.0);
     assert_eq!(info["settings"]["timeout_s"], 5.0);
     let mechanisms = info["settings"]["enforcement"]["mechanisms"].as_array().unwrap_or_else(|| panic!("{info:#}"));
-    for name in ["die with the host", "rlimits", "network namespace", "landlock", "no_new_privs", "cgroup pids.max"] {
+    for name in [
+        "die with the host",
+        "rlimits",
+        "user namespace",
+        "pid namespace",
+        "mount namespace",
+        "ipc namespace",
+        "uts namespace",
+        "network namespace",
+        "unprivileged uid",
+        "capabilities",
+        "landlock",
+        "descriptors",
+        "no_new_privs",
+        "seccomp",
+        "cgroup pids.max",
+        "environment",
+        "plugin output",
+    ] {
         let m = mechanisms.iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} missing in {info:#}"));
         // What the worker reports is what the strict start accepted: nothing required is off.
         assert!(m["active"] == true || m["required"] == false, "{m}");
@@ -616,6 +642,14 @@ fn worker_levels_show_what_is_in_force_run_and_refuse_a_tampered_maximum_plugin(
     assert_eq!(stdout(&out), "[row 0] ok:2 tokens\n[row 1] ok:2 tokens\n");
     // The worker may write its own threads' names (the CUDA driver's need), and says so.
     assert!(text.contains("write: /proc/self/task (thread names)"), "{text}");
+    // What the plugin writes to its stdout and stderr reaches the host's stderr only as
+    // labelled lines (control characters escaped), never the host's stdout.
+    let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "print:PIO-MARKER-7\rforged"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("PIO-MARKER-7"), "{}", stdout(&out));
+    let err = stderr(&out);
+    let labelled: Vec<&str> = err.lines().filter(|l| l.contains("PIO-MARKER-7")).collect();
+    assert_eq!(labelled, vec!["[plugin test-hostile] PIO-MARKER-7\\rforged"; 2], "{}", stderr(&out));
     let out = inference_pio(&["run", "--model", model, "--plugin", "test-hostile", "--raw", "--prompt", "segv"], cwd.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("died: killed by SIGSEGV (segmentation fault)"), "{}", stderr(&out));

@@ -163,7 +163,7 @@ fn attempt(mode: Mode, uid: u32, gid: u32, root: bool, jail: &JailSpec, binds: &
             reap(worker, status)
         }
         drop(status);
-        return worker_setup(report);
+        worker_setup(report)
     } else {
         let child = pid as libc::pid_t;
         drop(go_read);
