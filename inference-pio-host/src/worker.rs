@@ -660,7 +660,8 @@ impl WorkerPlugin {
         let mut read_only = sandbox::system_read_only_paths();
         // The loader's extra directories (cuBLAS from a Python wheel, say).
         if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
-            read_only.extend(std::env::split_paths(&paths).filter(|p| p.is_absolute() && p.exists()).map(|p| canonical(&p)));
+            // As named: the jail binds each at its canonical path and recreates the links.
+            read_only.extend(std::env::split_paths(&paths).filter(|p| p.is_absolute() && p.exists()));
         }
         read_only.push(plugin.clone());
         if let Some(model) = &model {

@@ -67,6 +67,14 @@ struct Bind {
     kind: Kind,
 }
 
+/// What the view holds: bind mounts (at canonical paths) and the symbolic links that lead
+/// to them from the paths as the host named them (`/usr/local/cuda` →
+/// `/etc/alternatives/cuda` → `/usr/local/cuda-13.0`), recreated where no bind covers them.
+struct View {
+    binds: Vec<Bind>,
+    links: Vec<(PathBuf, PathBuf)>,
+}
+
 fn c_path(path: &Path) -> Result<CString, String> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| format!("path {} contains a NUL byte", path.display()))
 }
@@ -86,11 +94,11 @@ pub(super) fn enter(spec: &SandboxSpec, jail: &JailSpec, report: &mut Vec<Mechan
     if uid == 0 || gid == 0 {
         return Err("the worker's uid and gid must not be 0".into());
     }
-    let binds = view_binds(spec);
+    let view = view_plan(spec);
     let modes: &[Mode] = if root { &[Mode::UserNamespace, Mode::RootSetuid] } else { &[Mode::UserNamespace] };
     let mut refusals = Vec::new();
     for &mode in modes {
-        match attempt(mode, uid, gid, root, jail, &binds, report) {
+        match attempt(mode, uid, gid, root, jail, &view, report) {
             Ok(()) => {
                 if mode == Mode::RootSetuid {
                     report.push(Mechanism {
@@ -126,7 +134,7 @@ const FAILED: u8 = b'F';
 
 /// One try at `mode`. `Ok` in the worker; `Err` (in the relay) when the jail could not be
 /// made this way; the relay and the reaper of a jail that was made never return.
-fn attempt(mode: Mode, uid: u32, gid: u32, root: bool, jail: &JailSpec, binds: &[Bind], report: &mut Vec<Mechanism>) -> Result<(), String> {
+fn attempt(mode: Mode, uid: u32, gid: u32, root: bool, jail: &JailSpec, view: &View, report: &mut Vec<Mechanism>) -> Result<(), String> {
     let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
     if mode == Mode::UserNamespace {
         flags |= libc::CLONE_NEWUSER;
@@ -144,7 +152,7 @@ fn attempt(mode: Mode, uid: u32, gid: u32, root: bool, jail: &JailSpec, binds: &
         drop(go_write);
         drop(status_read);
         let mut status = std::fs::File::from(OwnedFd::from(status_write));
-        if let Err(why) = reaper_setup(mode, uid, gid, root, jail, binds, go_read, report) {
+        if let Err(why) = reaper_setup(mode, uid, gid, root, jail, view, go_read, report) {
             // Before the worker exists: tell the relay, which tries the next mode or reports.
             let mut message = vec![FAILED];
             message.extend_from_slice(why.as_bytes());
@@ -241,7 +249,7 @@ fn end_as(status: i32) -> ! {
 /// The jail's init process, before the worker exists: wait for the relay, build the view,
 /// drop privileges. Reports what it put in force.
 #[allow(clippy::too_many_arguments)]
-fn reaper_setup(mode: Mode, uid: u32, gid: u32, root: bool, jail: &JailSpec, binds: &[Bind], mut go: std::io::PipeReader, report: &mut Vec<Mechanism>) -> Result<(), String> {
+fn reaper_setup(mode: Mode, uid: u32, gid: u32, root: bool, jail: &JailSpec, view: &View, mut go: std::io::PipeReader, report: &mut Vec<Mechanism>) -> Result<(), String> {
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
     check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) }, || "prctl(PR_SET_PDEATHSIG)".into())?;
     let mut byte = [0u8; 1];
@@ -258,9 +266,9 @@ fn reaper_setup(mode: Mode, uid: u32, gid: u32, root: bool, jail: &JailSpec, bin
 
     // Sources are opened while this process still has the host's ids (a model under
     // /root is reachable), then bound through /proc/self/fd after the switch.
-    let sources = open_sources(binds)?;
+    let sources = open_sources(&view.binds)?;
     set_ids(uid, gid, root)?;
-    let view = build_view(&jail.root_dir, binds, &sources)?;
+    let view = build_view(&jail.root_dir, view, &sources)?;
     drop(sources);
     let name = HOSTNAME.as_bytes();
     // SAFETY: the pointer and length describe `name`.
@@ -368,17 +376,30 @@ fn write_id_maps(child: libc::pid_t, uid: u32, gid: u32, root: bool) -> Result<(
     write("gid_map", &format!("{gid} {gid} 1\n"))
 }
 
-/// The paths of the view: the spec's, with those under `/proc` left out (a fresh procfs
-/// holds them), device nodes bound as devices, sorted so that parents come first.
-fn view_binds(spec: &SandboxSpec) -> Vec<Bind> {
+/// The view of the spec's paths: each bound at its canonical path (those under `/proc` left
+/// out: a fresh procfs holds them; device nodes bound as devices), parents first, with the
+/// symbolic links that lead there from the path as given.
+fn view_plan(spec: &SandboxSpec) -> View {
     let mut binds: Vec<Bind> = Vec::new();
+    let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut add = |path: &PathBuf, kind: Kind| {
         if path.starts_with("/proc") || !path.is_absolute() || std::fs::symlink_metadata(path).is_err() {
             return;
         }
+        // Follow the chain of links from the path as named (at most 16, as the kernel).
+        let mut at = path.clone();
+        for _ in 0..16 {
+            let Ok(target) = std::fs::read_link(&at) else { break };
+            let next = if target.is_absolute() { target.clone() } else { at.parent().map(|p| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).join(&target)).unwrap_or(target.clone()) };
+            if !links.iter().any(|(l, _)| *l == at) {
+                links.push((at.clone(), target));
+            }
+            at = next;
+        }
+        let Ok(path) = path.canonicalize() else { return };
         let kind = if path.starts_with("/dev") { Kind::Device } else { kind };
-        binds.retain(|b| b.path != *path);
-        binds.push(Bind { path: path.clone(), kind });
+        binds.retain(|b| b.path != path);
+        binds.push(Bind { path, kind });
     };
     for p in &spec.read_only {
         add(p, Kind::ReadOnly);
@@ -397,7 +418,7 @@ fn view_binds(spec: &SandboxSpec) -> Vec<Bind> {
             kept.push(b);
         }
     }
-    kept
+    View { binds: kept, links }
 }
 
 /// An open source of the view and whether it is a directory (both known before the ids
@@ -488,7 +509,8 @@ fn mount(source: Option<&str>, target: &Path, fstype: Option<&str>, flags: libc:
 
 /// Builds the view on a tmpfs at `root` and enters it with pivot_root. Returns what it
 /// holds, in words.
-fn build_view(root: &Path, binds: &[Bind], sources: &[Source]) -> Result<String, String> {
+fn build_view(root: &Path, view: &View, sources: &[Source]) -> Result<String, String> {
+    let binds = &view.binds;
     // Nothing done here may reach the host's mount namespace.
     mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
     mount(Some("tmpfs"), root, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755,size=1m"))?;
@@ -515,6 +537,17 @@ fn build_view(root: &Path, binds: &[Bind], sources: &[Source]) -> Result<String,
             set_mount_attrs(&inside(&bind.path), set, clear, kind == Kind::ReadOnly)?;
         }
     }
+    // The links that lead to the binds, where no bind already holds them.
+    for (link, target) in &view.links {
+        let at = inside(link);
+        if std::fs::symlink_metadata(&at).is_ok() {
+            continue;
+        }
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+        }
+        std::os::unix::fs::symlink(target, &at).map_err(|e| format!("symlink {} -> {}: {e}", link.display(), target.display()))?;
+    }
     let dev = root.join("dev");
     std::fs::create_dir_all(&dev).map_err(|e| format!("mkdir {}: {e}", dev.display()))?;
     for (link, to) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
@@ -538,11 +571,13 @@ fn build_view(root: &Path, binds: &[Bind], sources: &[Source]) -> Result<String,
         check(libc::chdir(c"/".as_ptr()), || "chdir /".into())?;
     }
     let show = |kind: Kind| binds.iter().filter(|b| b.kind == kind).map(|b| b.path.display().to_string()).collect::<Vec<_>>().join(", ");
+    let links = view.links.iter().map(|(l, t)| format!("{} -> {}", l.display(), t.display())).collect::<Vec<_>>().join(", ");
     Ok(format!(
-        "pivot_root into a read-only tmpfs holding only: read-only {}; read-write {}; devices {}; a fresh /proc of its PID namespace",
+        "pivot_root into a read-only tmpfs holding only: read-only {}; read-write {}; devices {}; links {}; a fresh /proc of its PID namespace",
         show(Kind::ReadOnly),
         show(Kind::ReadWrite),
-        show(Kind::Device)
+        show(Kind::Device),
+        if links.is_empty() { "none".to_string() } else { links }
     ))
 }
 
@@ -636,4 +671,46 @@ fn identity_report(uid: u32, gid: u32) -> Vec<Mechanism> {
             Mechanism::missing("capabilities", format!("not every set could be emptied: {caps}"))
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(read_only: Vec<PathBuf>, read_write: Vec<PathBuf>) -> SandboxSpec {
+        SandboxSpec {
+            level: inference_pio_core::config::SecurityLevel::High,
+            parent_pid: 0,
+            read_only,
+            read_write,
+            devices: Vec::new(),
+            cgroup_procs: Vec::new(),
+            file_size_bytes: 0,
+            open_files: 0,
+            jail: None,
+            seccomp: None,
+        }
+    }
+
+    #[test]
+    fn the_view_binds_canonical_paths_and_keeps_the_links_that_lead_there() {
+        // /usr/local/cuda -> /etc/alternatives/cuda -> /usr/local/cuda-13.0, in small.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().canonicalize().expect("canonical");
+        let real = base.join("cuda-13.0");
+        std::fs::create_dir_all(real.join("include")).expect("mkdir");
+        std::fs::create_dir(base.join("alternatives")).expect("mkdir");
+        std::os::unix::fs::symlink(&real, base.join("alternatives/cuda")).expect("link");
+        std::os::unix::fs::symlink("alternatives/cuda", base.join("cuda")).expect("relative link");
+        let scratch = base.join("scratch");
+        std::fs::create_dir(&scratch).expect("mkdir");
+        let view = view_plan(&spec(vec![base.join("cuda"), real.join("include"), PathBuf::from("/proc/self"), base.join("missing")], vec![scratch.clone()]));
+        let binds: Vec<(&Path, Kind)> = view.binds.iter().map(|b| (b.path.as_path(), b.kind)).collect();
+        // The include directory is inside the bound installation; /proc and missing paths are left out.
+        assert_eq!(binds, vec![(real.as_path(), Kind::ReadOnly), (scratch.as_path(), Kind::ReadWrite)]);
+        assert_eq!(
+            view.links,
+            vec![(base.join("cuda"), PathBuf::from("alternatives/cuda")), (base.join("alternatives/cuda"), real.clone())]
+        );
+    }
 }
