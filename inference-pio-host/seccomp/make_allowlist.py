@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes allowlist.txt (the seccomp allowlist of security level `maximum`) from the recorded
 worker system calls (recorded/*.txt, made by record_cpu.sh and, on the GPU machine, by
-benches/gpu/record_worker_syscalls.sh) plus the runtime's own needs listed below, minus the
+benches/gpu/record_worker_syscalls.sh; cuda-maximum-refused.txt holds the calls strace saw the
+allowlist refuse (EPERM) in a jailed CUDA worker, benches/gpu/run_jail_checks.sh) plus the runtime's own needs listed below, minus the
 calls the worker makes only before its filter is installed (the jail's setup) and those the
 filter refuses on purpose."""
 import pathlib

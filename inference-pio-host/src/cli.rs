@@ -3,6 +3,7 @@
 use crate::discovery::{Discovery, ProbeOutcome, plugin_dirs};
 use crate::handle::PluginHandle;
 use crate::models;
+use crate::server;
 use crate::plugin::LoadedPlugin;
 use crate::worker::{self, WorkerConfig, WorkerPlugin};
 use crate::selection::{Selected, read_model_config, select};
@@ -51,6 +52,48 @@ pub enum Command {
     Chat(ChatArgs),
     /// One forward pass: perplexity, and with --json the per-position logits.
     Score(ScoreArgs),
+    /// An OpenAI-compatible HTTP server (chat completions, completions, models, health,
+    /// metrics) over one or more models.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// A model to serve (repeatable): a Hugging Face model directory, a GGUF file or a
+    /// built-in model's name. Default: the built-in `smollm2-135m-instruct`.
+    #[arg(long = "model")]
+    pub models: Vec<PathBuf>,
+    /// The name clients send in `model`, one per --model in order (default: the directory's
+    /// or file's name).
+    #[arg(long = "served-model-name")]
+    pub served_model_names: Vec<String>,
+    /// Plugin id for every model; default: chosen from each config.json `architectures`.
+    #[arg(long)]
+    pub plugin: Option<String>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<DeviceRequest>,
+    /// f32, bf16 or f16 (default: from the plugin's profile).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Benchmarking: random weights (this seed, default 0).
+    #[arg(long, num_args = 0..=1, default_missing_value = "0", value_name = "SEED")]
+    pub random_weights: Option<u64>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Accepted API keys, one per line (`#` comments); clients send `Authorization: Bearer KEY`.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without API keys.
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    /// Requests admitted at once; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -373,6 +416,81 @@ pub fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(&cli, args),
         Command::Chat(args) => chat(&cli, args),
         Command::Score(args) => score(&cli, args),
+        Command::Serve(args) => serve(&cli, args),
+    }
+}
+
+/// The keys of an API key file: one per line, blank lines and `#` comments skipped.
+fn read_api_keys(path: &Path) -> anyhow::Result<std::collections::HashSet<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the API key file {}", path.display()))?;
+    let keys: std::collections::HashSet<String> = text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    if keys.is_empty() {
+        anyhow::bail!("the API key file {} holds no key", path.display());
+    }
+    if let Some(short) = keys.iter().find(|k| k.len() < 16) {
+        anyhow::bail!("API key `{}…` in {} is shorter than 16 characters", short.chars().take(4).collect::<String>(), path.display());
+    }
+    Ok(keys)
+}
+
+fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+    let address: std::net::IpAddr = args.host.parse().with_context(|| format!("--host `{}` is not an IP address", args.host))?;
+    let api_keys = args.api_key_file.as_deref().map(read_api_keys).transpose()?;
+    if api_keys.is_none() && !address.is_loopback() && !args.allow_unauthenticated {
+        anyhow::bail!("refusing to listen on {address} without API keys: give --api-key-file, listen on a loopback address, or pass --allow-unauthenticated");
+    }
+    if args.max_queue == 0 {
+        anyhow::bail!("--max-queue must be at least 1");
+    }
+    let models = if args.models.is_empty() { vec![PathBuf::from(models::DEFAULT_MODEL)] } else { args.models.clone() };
+    if !args.served_model_names.is_empty() && args.served_model_names.len() != models.len() {
+        anyhow::bail!("--served-model-name was given {} times for {} models", args.served_model_names.len(), models.len());
+    }
+    let host = Host::new(cli)?;
+    let mut served = Vec::new();
+    for (i, model) in models.iter().enumerate() {
+        precheck_model(Some(model))?;
+        let model_args = ModelArgs { model: Some(model.clone()), plugin: args.plugin.clone(), device: args.device, dtype: args.dtype, random_weights: args.random_weights };
+        let (selected, info) = host.load(&model_args, false)?;
+        let name = args.served_model_names.get(i).cloned().unwrap_or_else(|| {
+            let path = model.as_path();
+            let trimmed = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+            trimmed.strip_suffix(".gguf").map(str::to_string).unwrap_or(trimmed)
+        });
+        if served.iter().any(|s: &server::ServedModel| s.name == name) {
+            anyhow::bail!("two models are served as `{name}`: name them with --served-model-name");
+        }
+        tracing::info!("serving {} as `{name}` with plugin `{}` on {}", model.display(), selected.id, info.device);
+        served.push(server::ServedModel { name, plugin_id: selected.id.clone(), plugin: std::sync::Arc::new(selected.plugin), info });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((address, args.port)).await.with_context(|| format!("cannot listen on {address}:{}", args.port))?;
+        let local = listener.local_addr()?;
+        tracing::info!("listening on http://{local}{}", if api_keys.is_some() { " (API keys required)" } else { "" });
+        let app = server::router(server::ServerOptions { models: served, api_keys, max_queue: args.max_queue });
+        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("the server failed")?;
+        tracing::info!("shut down");
+        anyhow::Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM: stop accepting; running requests finish.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
     }
 }
 

@@ -1,6 +1,6 @@
 //! The `inference-pio` host as a library: plugin discovery and probing, in-process loading
 //! behind a safe wrapper, sandboxed worker processes for the higher security levels,
-//! selection by HF `architectures`, and the CLI commands.
+//! selection by HF `architectures`, the CLI commands and the OpenAI-compatible server.
 
 pub mod cgroup;
 pub mod cli;
@@ -11,4 +11,5 @@ pub mod models;
 pub mod plugin;
 pub mod sandbox;
 pub mod selection;
+pub mod server;
 pub mod worker;

@@ -1,0 +1,692 @@
+//! `inference-pio serve`: an OpenAI-compatible HTTP server (axum + tokio) in front of the
+//! engines of one or more loaded models. Each request becomes one `infer` call on its own
+//! blocking thread; concurrent calls meet in the model's continuous-batching scheduler and
+//! stream back through their own sinks.
+//!
+//! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (both with `stream`,
+//! server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`,
+//! `GET /metrics` (Prometheus text). Errors use OpenAI's shape
+//! (`{"error": {"message", "type", "param", "code"}}`).
+//!
+//! What a request gets here: the `model` field routes (unknown: 404); API keys (Bearer, from
+//! `--api-key-file`; without one the server binds to loopback only unless
+//! `--allow-unauthenticated`); a bounded queue (`--max-queue`: 503 with `Retry-After` when
+//! full); a client that goes away (stream or not) cancels its request at the next token;
+//! settings the engine does not implement (`n` > 1, `logprobs`, penalties, `response_format`
+//! other than text, images) are refused by name, never ignored.
+//!
+//! References: the OpenAI API reference (chat completions, completions, models, errors,
+//! streaming chunks); vLLM's `entrypoints/openai/serving_chat.py` (SSE framing, `usage`,
+//! `stream_options.include_usage`); llama.cpp's `tools/server`.
+
+use crate::handle::PluginHandle;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use inference_pio_core::abi::ErrorKind;
+use inference_pio_core::types::{ChatMessage, FinishReason, InferRequest, InferResponse, ModelInfo, PromptInput, SamplingOverrides, SamplingParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// One loaded model as the server routes to it.
+pub struct ServedModel {
+    /// The name clients send in `model`.
+    pub name: String,
+    pub plugin_id: String,
+    pub plugin: Arc<PluginHandle>,
+    pub info: ModelInfo,
+}
+
+/// How the server runs.
+pub struct ServerOptions {
+    pub models: Vec<ServedModel>,
+    /// Accepted Bearer keys (`None`: no authentication).
+    pub api_keys: Option<HashSet<String>>,
+    /// Requests admitted at once (queued in the engines or running); more get 503.
+    pub max_queue: usize,
+}
+
+struct AppState {
+    models: Vec<Arc<ServedModel>>,
+    api_keys: Option<HashSet<String>>,
+    queue: Arc<tokio::sync::Semaphore>,
+    max_queue: usize,
+    next_id: AtomicU64,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Metrics {
+    requests_ok: AtomicU64,
+    requests_error: AtomicU64,
+    requests_rejected: AtomicU64,
+    requests_cancelled: AtomicU64,
+    prompt_tokens: AtomicU64,
+    generation_tokens: AtomicU64,
+}
+
+/// An error in OpenAI's shape.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param, retry_after: None }
+    }
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, retry_after: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// Builds the router (used by `serve` and by tests).
+pub fn router(options: ServerOptions) -> Router {
+    let state = Arc::new(AppState {
+        models: options.models.into_iter().map(Arc::new).collect(),
+        api_keys: options.api_keys,
+        queue: Arc::new(tokio::sync::Semaphore::new(options.max_queue)),
+        max_queue: options.max_queue,
+        next_id: AtomicU64::new(1),
+        metrics: Metrics::default(),
+    });
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(keys) = &state.api_keys {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(key) if keys.contains(key.trim()) => {}
+            Some(_) => return ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid API key").into_response(),
+            None => return ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing API key: send `Authorization: Bearer KEY`").into_response(),
+        }
+    }
+    next.run(request).await
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let data: Vec<Value> = state
+        .models
+        .iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": now_s(), "owned_by": "inference-pio", "max_model_len": m.info.max_context, "plugin": m.plugin_id}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, value: u64, labels: &str| {
+        out.push_str(&format!("# HELP inference_pio:{name} {help}\n# TYPE inference_pio:{name} counter\ninference_pio:{name}{labels} {value}\n"));
+    };
+    counter("request_success_total", "Requests answered in full.", m.requests_ok.load(Ordering::Relaxed), "");
+    counter("request_failure_total", "Requests that failed in the engine.", m.requests_error.load(Ordering::Relaxed), "");
+    counter("request_rejected_total", "Requests refused before the engine (queue full).", m.requests_rejected.load(Ordering::Relaxed), "");
+    counter("request_cancelled_total", "Requests whose client went away.", m.requests_cancelled.load(Ordering::Relaxed), "");
+    counter("prompt_tokens_total", "Prompt tokens of answered requests.", m.prompt_tokens.load(Ordering::Relaxed), "");
+    counter("generation_tokens_total", "Generated tokens of answered requests.", m.generation_tokens.load(Ordering::Relaxed), "");
+    for model in &state.models {
+        let (plugin, handle) = (Arc::clone(&model.plugin), model.info.handle);
+        let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || plugin.stats(handle)).await else { continue };
+        let labels = format!("{{model_name=\"{}\"}}", model.name);
+        let gauge = |name: &str, help: &str, value: f64| format!("# HELP inference_pio:{name} {help}\n# TYPE inference_pio:{name} gauge\ninference_pio:{name}{labels} {value}\n");
+        out.push_str(&gauge("num_requests_running", "Sequences in the running batch.", stats.running as f64));
+        out.push_str(&gauge("num_requests_waiting", "Sequences waiting for admission.", stats.waiting as f64));
+        let usage = if stats.kv_blocks_total > 0 { stats.kv_blocks_used as f64 / stats.kv_blocks_total as f64 } else { 0.0 };
+        out.push_str(&gauge("kv_cache_usage_perc", "Share of KV-cache blocks in use.", usage));
+        out.push_str(&gauge("num_preemptions", "Sequences preempted so far.", stats.preemptions as f64));
+        out.push_str(&gauge("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_query_tokens as f64));
+        out.push_str(&gauge("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hit_tokens as f64));
+        out.push_str(&gauge("prompt_tokens_computed", "Prompt tokens the engine computed (cache hits excluded).", stats.prompt_tokens_computed as f64));
+        out.push_str(&gauge("generation_tokens_computed", "Tokens the engine decoded.", stats.decode_tokens_computed as f64));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Deserialize)]
+struct Sampling {
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    /// Accepted and logged (OpenAI's end-user id).
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    model: String,
+    messages: Vec<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    response_format: Option<Value>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    model: String,
+    prompt: Value,
+    echo: Option<bool>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed request body: {e}"), None))
+}
+
+impl Sampling {
+    /// The engine's parameters; a setting it does not implement is refused by name.
+    fn params(&self, info: &ModelInfo) -> Result<(SamplingParams, Vec<String>), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad("`n` other than 1 is not supported: send one request per completion", Some("n")));
+        }
+        for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::bad(format!("`{name}` is not supported (use `repetition_penalty`)"), None));
+            }
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == json!(false))) || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::bad("`logprobs` is not supported yet", Some("logprobs")));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if let Some(n) = max_tokens
+            && (n == 0 || n as u64 > info.max_context)
+        {
+            return Err(ApiError::bad(format!("`max_tokens` = {n} must be between 1 and the model's context of {} tokens", info.max_context), Some("max_tokens")));
+        }
+        let temperature = self.temperature;
+        if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+            return Err(ApiError::bad("`temperature` must be between 0 and 2", Some("temperature")));
+        }
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return Err(ApiError::bad("`top_p` must be in (0, 1]", Some("top_p")));
+        }
+        let params = SamplingParams {
+            greedy: temperature == Some(0.0),
+            values: SamplingOverrides {
+                temperature: temperature.filter(|t| *t > 0.0),
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                max_new_tokens: max_tokens,
+            },
+            seed: self.seed,
+            ignore_eos: false,
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 16 || stop.iter().any(String::is_empty) {
+            return Err(ApiError::bad("`stop` takes at most 16 non-empty strings", Some("stop")));
+        }
+        Ok((params, stop))
+    }
+}
+
+/// A chat message's text: a string, or a list of text parts.
+fn message(value: &Value) -> Result<ChatMessage, ApiError> {
+    let role = value.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::bad("every message needs a `role` string", Some("messages")))?;
+    if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
+        return Err(ApiError::bad(format!("unknown message role `{role}`"), Some("messages")));
+    }
+    let content = match value.get("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    (kind, _) => return Err(ApiError::bad(format!("message content part `{}` is not supported by this server (text only)", kind.unwrap_or("?")), Some("messages"))),
+                }
+            }
+            text
+        }
+        Some(_) => return Err(ApiError::bad("message `content` must be a string or a list of parts", Some("messages"))),
+    };
+    let mut m = ChatMessage::new(if role == "developer" { "system" } else { role }, &content);
+    m.tool_calls = value.get("tool_calls").filter(|v| !v.is_null()).cloned();
+    m.name = value.get("name").and_then(Value::as_str).map(str::to_string);
+    Ok(m)
+}
+
+fn find_model(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+    state
+        .models
+        .iter()
+        .find(|m| m.name == name)
+        .cloned()
+        .ok_or_else(|| ApiError { status: StatusCode::NOT_FOUND, message: format!("the model `{name}` does not exist"), kind: "invalid_request_error", param: Some("model"), retry_after: None })
+}
+
+/// Sets the flag when the request's handler is dropped (the client went away).
+struct CancelOnDrop(Arc<AtomicBool>);
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn finish_reason(response: &InferResponse) -> &'static str {
+    if !response.tool_calls.is_empty() {
+        return "tool_calls";
+    }
+    match response.finish_reason {
+        FinishReason::Length | FinishReason::ContextFull => "length",
+        _ => "stop",
+    }
+}
+
+fn usage(response: &InferResponse) -> Value {
+    let (p, c) = (response.prompt_token_ids.len(), response.token_ids.len());
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+}
+
+fn engine_error(e: &inference_pio_core::abi::PluginError) -> ApiError {
+    match e.kind {
+        ErrorKind::InvalidInput | ErrorKind::Unsupported => ApiError::bad(e.message.clone(), None),
+        ErrorKind::ResourceLimit => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.message.clone()),
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.message.clone()),
+    }
+}
+
+/// What a streaming request's engine thread sends to the response.
+enum Piece {
+    Text(String),
+    Done(Result<InferResponse, ApiError>),
+}
+
+/// Runs one request on a blocking thread; `on_text` gets each token's text and returns
+/// whether to go on.
+async fn generate(state: &Arc<AppState>, model: &Arc<ServedModel>, request: InferRequest, cancel: Arc<AtomicBool>, stream: Option<tokio::sync::mpsc::UnboundedSender<Piece>>) -> Result<InferResponse, ApiError> {
+    let plugin = Arc::clone(&model.plugin);
+    let handle = model.info.handle;
+    let flag = Arc::clone(&cancel);
+    let sender = stream.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        plugin.infer(handle, &request, &mut |_, text| {
+            if flag.load(Ordering::SeqCst) {
+                return false;
+            }
+            match &sender {
+                Some(tx) => tx.send(Piece::Text(text.to_string())).is_ok(),
+                None => true,
+            }
+        })
+    })
+    .await;
+    match joined {
+        Ok(Ok(response)) => {
+            if response.finish_reason == FinishReason::Cancelled || cancel.load(Ordering::SeqCst) {
+                state.metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            } else {
+                state.metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            state.metrics.prompt_tokens.fetch_add(response.prompt_token_ids.len() as u64, Ordering::Relaxed);
+            state.metrics.generation_tokens.fetch_add(response.token_ids.len() as u64, Ordering::Relaxed);
+            Ok(response)
+        }
+        Ok(Err(e)) => {
+            state.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+            Err(engine_error(&e))
+        }
+        Err(e) => {
+            state.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("the request's thread failed: {e}")))
+        }
+    }
+}
+
+fn admit(state: &Arc<AppState>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    Arc::clone(&state.queue).try_acquire_owned().map_err(|_| {
+        state.metrics.requests_rejected.fetch_add(1, Ordering::Relaxed);
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("the server is at its limit of {} requests at once; retry later", state.max_queue),
+            kind: "server_overloaded",
+            param: None,
+            retry_after: Some(1),
+        }
+    })
+}
+
+/// The two endpoints' shared path: one request, answered whole or streamed as SSE chunks
+/// built by `chunk(delta_text, finish_reason)`.
+#[allow(clippy::too_many_arguments)]
+async fn respond(
+    state: Arc<AppState>,
+    model: Arc<ServedModel>,
+    request: InferRequest,
+    stream: bool,
+    include_usage: bool,
+    id: String,
+    whole: impl FnOnce(&InferResponse) -> Value + Send + 'static,
+    chunk: impl Fn(Option<&str>, Option<&InferResponse>) -> Value + Send + 'static,
+) -> Response {
+    let permit = match admit(&state) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let model_name = model.name.clone();
+    if !stream {
+        // Dropped with this future if the client goes away first: the engine then stops.
+        let guard = CancelOnDrop(Arc::clone(&cancel));
+        let result = generate(&state, &model, request, Arc::clone(&cancel), None).await;
+        drop(permit);
+        drop(guard);
+        return match result {
+            Ok(response) => {
+                log_request(&id, &model_name, &response, started);
+                axum::Json(whole(&response)).into_response()
+            }
+            Err(e) => e.into_response(),
+        };
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
+    let done = tx.clone();
+    let task_state = Arc::clone(&state);
+    let flag = Arc::clone(&cancel);
+    tokio::spawn(async move {
+        let result = generate(&task_state, &model, request, flag, Some(tx)).await;
+        drop(permit);
+        let _ = done.send(Piece::Done(result));
+    });
+    let events = async_stream(move |out| async move {
+        // Cancels the engine's sequence if the client goes away (the stream is dropped).
+        let _guard = CancelOnDrop(cancel);
+        let _ = out.send(chunk(Some(""), None).to_string());
+        while let Some(piece) = rx.recv().await {
+            match piece {
+                Piece::Text(text) => {
+                    if out.send(chunk(Some(&text), None).to_string()).is_err() {
+                        return;
+                    }
+                }
+                Piece::Done(Ok(response)) => {
+                    log_request(&id, &model_name, &response, started);
+                    let mut last = chunk(None, Some(&response));
+                    if !include_usage {
+                        if let Some(o) = last.as_object_mut() {
+                            o.remove("usage");
+                        }
+                        let _ = out.send(last.to_string());
+                    } else {
+                        let usage_value = last.get("usage").cloned();
+                        if let Some(o) = last.as_object_mut() {
+                            o.remove("usage");
+                        }
+                        let _ = out.send(last.to_string());
+                        let mut tail = chunk(None, None);
+                        if let Some(o) = tail.as_object_mut() {
+                            o.insert("choices".into(), json!([]));
+                            o.insert("usage".into(), usage_value.unwrap_or(Value::Null));
+                        }
+                        let _ = out.send(tail.to_string());
+                    }
+                    break;
+                }
+                Piece::Done(Err(e)) => {
+                    let _ = out.send(json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status.as_u16()}}).to_string());
+                    break;
+                }
+            }
+        }
+        let _ = out.send("[DONE]".to_string());
+    });
+    Sse::new(events).into_response()
+}
+
+/// A stream of SSE events fed by `body` through a channel (ends when `body` returns).
+fn async_stream<F, Fut>(body: F) -> impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::UnboundedSender<String>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let task = tokio::spawn(body(tx));
+    let abort = AbortOnDrop(task);
+    futures_util::stream::unfold((rx, abort), |(mut rx, abort)| async move {
+        let data = rx.recv().await?;
+        Some((Ok(Event::default().data(data)), (rx, abort)))
+    })
+}
+
+/// Aborts the producing task when the response stream is dropped (the client left).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn log_request(id: &str, model: &str, response: &InferResponse, started: Instant) {
+    tracing::info!(
+        "request {id} model={model} prompt_tokens={} completion_tokens={} finish={:?} ttft_s={:.3} total_s={:.3}",
+        response.prompt_token_ids.len(),
+        response.token_ids.len(),
+        response.finish_reason,
+        response.timings.time_to_first_token_s,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let body: ChatBody = match parse(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let model = match find_model(&state, &body.model) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(format) = &body.response_format
+        && format.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return ApiError::bad("`response_format` other than `text` is not supported yet", Some("response_format")).into_response();
+    }
+    if body.tool_choice.as_ref().is_some_and(|c| c != "auto") {
+        return ApiError::bad("`tool_choice` other than `auto` is not supported yet", Some("tool_choice")).into_response();
+    }
+    if body.messages.is_empty() {
+        return ApiError::bad("`messages` must not be empty", Some("messages")).into_response();
+    }
+    let messages = match body.messages.iter().map(message).collect::<Result<Vec<_>, _>>() {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let (sampling, stop) = match body.sampling.params(&model.info) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let _ = &body.sampling.user;
+    let request = InferRequest { input: PromptInput::Chat { messages, tools: body.tools.clone() }, sampling, stop };
+    let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+    let created = now_s();
+    let name = model.name.clone();
+    let (id1, id2, name1, name2) = (id.clone(), id.clone(), name.clone(), name);
+    let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    respond(
+        Arc::clone(&state),
+        model,
+        request,
+        body.sampling.stream,
+        include_usage,
+        id,
+        move |r| {
+            let mut message = json!({"role": "assistant", "content": r.text});
+            if !r.reasoning.is_empty() {
+                message["reasoning_content"] = json!(r.reasoning);
+            }
+            if !r.tool_calls.is_empty() {
+                message["tool_calls"] = tool_calls(r);
+            }
+            json!({"id": id1, "object": "chat.completion", "created": created, "model": name1,
+                   "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(r), "logprobs": null}],
+                   "usage": usage(r)})
+        },
+        move |text, done| {
+            let (delta, finish, usage_value) = match (text, done) {
+                (Some(""), None) => (json!({"role": "assistant", "content": ""}), Value::Null, Value::Null),
+                (Some(t), _) => (json!({"content": t}), Value::Null, Value::Null),
+                (None, Some(r)) => {
+                    let mut delta = json!({});
+                    if !r.tool_calls.is_empty() {
+                        delta["tool_calls"] = tool_calls(r);
+                    }
+                    if !r.reasoning.is_empty() {
+                        delta["reasoning_content"] = json!(r.reasoning);
+                    }
+                    (delta, json!(finish_reason(r)), usage(r))
+                }
+                (None, None) => (json!({}), Value::Null, Value::Null),
+            };
+            json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": name2,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}], "usage": usage_value})
+        },
+    )
+    .await
+}
+
+fn tool_calls(r: &InferResponse) -> Value {
+    Value::Array(
+        r.tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                json!({"index": i, "id": format!("call_{i}"), "type": "function",
+                       "function": {"name": c.name, "arguments": Value::Object(c.arguments.clone()).to_string()}})
+            })
+            .collect(),
+    )
+}
+
+async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let body: CompletionBody = match parse(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let model = match find_model(&state, &body.model) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    if body.echo == Some(true) {
+        return ApiError::bad("`echo` is not supported", Some("echo")).into_response();
+    }
+    let input = match &body.prompt {
+        Value::String(s) => PromptInput::Text(s.clone()),
+        Value::Array(items) if !items.is_empty() && items.iter().all(|v| v.as_u64().is_some_and(|n| n <= u32::MAX as u64)) => {
+            PromptInput::TokenIds(items.iter().filter_map(Value::as_u64).map(|n| n as u32).collect())
+        }
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => PromptInput::Text(items[0].as_str().unwrap_or_default().to_string()),
+        _ => return ApiError::bad("`prompt` must be a string or a list of token ids (one prompt per request)", Some("prompt")).into_response(),
+    };
+    let (sampling, stop) = match body.sampling.params(&model.info) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let request = InferRequest { input, sampling, stop };
+    let id = format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
+    let created = now_s();
+    let (id1, id2, name1, name2) = (id.clone(), id.clone(), model.name.clone(), model.name.clone());
+    let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    respond(
+        Arc::clone(&state),
+        model,
+        request,
+        body.sampling.stream,
+        include_usage,
+        id,
+        move |r| {
+            json!({"id": id1, "object": "text_completion", "created": created, "model": name1,
+                   "choices": [{"index": 0, "text": r.text, "finish_reason": finish_reason(r), "logprobs": null}], "usage": usage(r)})
+        },
+        move |text, done| {
+            let (text, finish, usage_value) = match (text, done) {
+                (Some(t), _) => (t.to_string(), Value::Null, Value::Null),
+                (None, Some(r)) => (String::new(), json!(finish_reason(r)), usage(r)),
+                (None, None) => (String::new(), Value::Null, Value::Null),
+            };
+            json!({"id": id2, "object": "text_completion", "created": created, "model": name2,
+                   "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": usage_value})
+        },
+    )
+    .await
+}

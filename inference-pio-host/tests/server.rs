@@ -1,0 +1,278 @@
+//! `inference-pio serve` end to end: the real binary serving the tiny Qwen3 fixture on a free
+//! loopback port, driven over HTTP as an OpenAI client would (chat and completions, whole and
+//! streamed, models, metrics), with concurrent clients, a client that leaves mid-stream,
+//! overload, API keys and bad requests.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_inference-pio");
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-a")
+}
+
+/// A running server; killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    _cwd: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(extra: &[&str]) -> Server {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--model", model.to_str().expect("utf8"), "--served-model-name", "tiny", "--port", "0"])
+        .args(extra)
+        .current_dir(cwd.path())
+        .env_remove("INFERENCE_PIO_CONFIG")
+        .env_remove("INFERENCE_PIO_PLUGIN_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(at) = line.split("listening on ").nth(1) {
+                let _ = tx.send(at.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let base = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not start listening");
+    Server { child, base, _cwd: cwd }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build().into()
+}
+
+/// POSTs JSON text; returns the status and the body as JSON (or as a string).
+fn post(server: &Server, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let mut request = agent().post(&format!("{}{path}", server.base)).header("content-type", "application/json");
+    if let Some(key) = key {
+        request = request.header("authorization", &format!("Bearer {key}"));
+    }
+    let mut response = request.send(body).expect("request");
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn get(server: &Server, path: &str) -> (u16, String) {
+    let mut response = agent().get(&format!("{}{path}", server.base)).call().expect("request");
+    (response.status().as_u16(), response.body_mut().read_to_string().expect("body"))
+}
+
+/// The `data:` payloads of a streamed answer.
+fn stream(server: &Server, path: &str, body: &Value) -> Vec<String> {
+    let mut response = agent().post(&format!("{}{path}", server.base)).header("content-type", "application/json").send(body.to_string()).expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.body_mut().read_to_string().expect("body");
+    text.lines().filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn streamed_text(events: &[String]) -> (String, Value) {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let mut text = String::new();
+    let mut usage = Value::Null;
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e).expect("chunk json");
+        if let Some(t) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(t) = chunk["choices"][0]["text"].as_str() {
+            text.push_str(t);
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+    }
+    (text, usage)
+}
+
+/// The metric `name`'s value in /metrics.
+fn metric(server: &Server, name: &str) -> f64 {
+    let (_, text) = get(server, "/metrics");
+    text.lines().find(|l| l.starts_with(&format!("inference_pio:{name}"))).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(-1.0)
+}
+
+#[test]
+fn chat_and_completions_match_run_whole_streamed_and_concurrent() {
+    let server = start(&[]);
+    let (status, models) = get(&server, "/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).expect("json");
+    assert_eq!(models["data"][0]["id"], "tiny");
+    assert_eq!(get(&server, "/health"), (200, "ok".to_string()));
+
+    // The same greedy request through `inference-pio run`.
+    let out = Command::new(BIN)
+        .args(["run", "--model", fixture().to_str().expect("utf8"), "--prompt", "What is 2+2?", "--greedy", "--max-new-tokens", "12", "--json"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run: Value = serde_json::from_slice(&out.stdout).expect("run json");
+
+    let (status, answer) = post(&server, "/v1/chat/completions", &chat("What is 2+2?", 12).to_string(), None);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(answer["choices"][0]["message"]["content"], run["text"], "the server's answer differs from `run`'s");
+    assert_eq!(answer["usage"]["prompt_tokens"], run["prompt_token_ids"].as_array().expect("ids").len());
+    assert_eq!(answer["usage"]["completion_tokens"], 12);
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+
+    // Streamed: the deltas add up to the same text; usage comes last when asked for.
+    let mut body = chat("What is 2+2?", 12);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = stream(&server, "/v1/chat/completions", &body);
+    let (text, usage) = streamed_text(&events);
+    assert_eq!(text, run["text"].as_str().expect("text"));
+    assert_eq!(usage, answer["usage"]);
+
+    // Completions from token ids and from text.
+    let (status, completion) = post(&server, "/v1/completions", &json!({"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 5, "temperature": 0}).to_string(), None);
+    assert_eq!(status, 200, "{completion}");
+    assert_eq!(completion["object"], "text_completion");
+    assert_eq!(completion["usage"]["completion_tokens"], 5);
+    let streamed = stream(&server, "/v1/completions", &json!({"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 5, "temperature": 0, "stream": true}));
+    assert_eq!(streamed_text(&streamed).0, completion["choices"][0]["text"].as_str().expect("text"));
+
+    // 16 concurrent clients, streamed and not, each given what it gets alone.
+    let prompts: Vec<String> = (0..16).map(|i| format!("Count to {i}, please.")).collect();
+    let alone: Vec<Value> = prompts.iter().map(|p| post(&server, "/v1/chat/completions", &chat(p, 10).to_string(), None).1["choices"][0]["message"]["content"].clone()).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let server = &server;
+                scope.spawn(move || {
+                    if i % 2 == 0 {
+                        post(server, "/v1/chat/completions", &chat(p, 10).to_string(), None).1["choices"][0]["message"]["content"].clone()
+                    } else {
+                        let mut body = chat(p, 10);
+                        body["stream"] = json!(true);
+                        Value::String(streamed_text(&stream(server, "/v1/chat/completions", &body)).0)
+                    }
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.join().expect("client"), alone[i], "client {i}");
+        }
+    });
+    assert!(metric(&server, "request_success_total") >= 36.0);
+    assert_eq!(metric(&server, "num_requests_running{model_name=\"tiny\"}"), 0.0);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_stays_up() {
+    let server = start(&[]);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/chat/completions", "{\"model\": \"tiny\", \"messages\": [".into(), 400, "malformed"),
+        ("/v1/chat/completions", json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).to_string(), 404, "`nope` does not exist"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": 5}).to_string(), 400, "malformed"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": []}).to_string(), 400, "must not be empty"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}).to_string(), 400, "unknown message role"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(), 400, "`n`"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000000}).to_string(), 400, "max_tokens"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}).to_string(), 400, "presence_penalty"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true}).to_string(), 400, "logprobs"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(), 400, "image_url"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string(), 400, "malformed"),
+        ("/v1/completions", json!({"model": "tiny", "prompt": {"a": 1}}).to_string(), 400, "prompt"),
+        ("/v1/nothing", "{}".into(), 404, "no such endpoint"),
+    ];
+    for (path, body, status, needle) in cases {
+        let (got, answer) = post(&server, path, &body, None);
+        assert_eq!(got, status, "{path} {body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_else(|| panic!("not OpenAI's error shape: {answer}"));
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    // A body past the limit.
+    let huge = format!("{{\"model\": \"tiny\", \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}", "x".repeat(5 << 20));
+    let (got, _) = post(&server, "/v1/chat/completions", &huge, None);
+    assert_eq!(got, 413);
+    // Still serving.
+    let (status, answer) = post(&server, "/v1/chat/completions", &chat("hello", 3).to_string(), None);
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_frees_its_request_and_a_full_queue_answers_503() {
+    let server = start(&["--max-queue", "1"]);
+    // Read the first events of a long stream, then hang up.
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut socket = std::net::TcpStream::connect(&address).expect("connect");
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 3000, "temperature": 0, "stream": true}).to_string();
+    write!(socket, "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).expect("send");
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while seen.windows(6).filter(|w| w == b"data: ").count() < 3 {
+        let n = socket.read(&mut buffer).expect("read");
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    // Running now, it holds the only place in the queue: another request is refused at once.
+    let mut response = agent().post(&format!("{}/v1/chat/completions", server.base)).send(chat("hi", 2).to_string()).expect("request");
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let text = response.body_mut().read_to_string().expect("body");
+    assert!(text.contains("limit of 1 requests"), "{text}");
+    drop(socket);
+    // The engine stops it within a step or so: cancelled, nothing running, no KV block held.
+    let started = Instant::now();
+    while metric(&server, "request_cancelled_total") < 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the abandoned stream was not cancelled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(&server, "num_requests_running{model_name=\"tiny\"}"), 0.0);
+    assert_eq!(metric(&server, "kv_cache_usage_perc{model_name=\"tiny\"}"), 0.0);
+    // The place is free again.
+    let (status, answer) = post(&server, "/v1/chat/completions", &chat("hi", 2).to_string(), None);
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[test]
+fn api_keys_are_required_when_given_and_open_addresses_need_them() {
+    let dir = tempfile::tempdir().expect("dir");
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# tenants\nsk-tenant-a-0123456789abcdef\n").expect("keys");
+    let server = start(&["--api-key-file", keys.to_str().expect("utf8")]);
+    let body = chat("hi", 2).to_string();
+    let (status, answer) = post(&server, "/v1/chat/completions", &body, None);
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer["error"]["message"].as_str().expect("message").contains("missing API key"));
+    assert_eq!(post(&server, "/v1/chat/completions", &body, Some("sk-wrong-0123456789abcdef")).0, 401);
+    assert_eq!(post(&server, "/v1/chat/completions", &body, Some("sk-tenant-a-0123456789abcdef")).0, 200);
+    // Health stays open (load balancers probe it).
+    assert_eq!(get(&server, "/health").0, 200);
+
+    // An open address without keys is refused at start; a short key is refused by name.
+    let out = Command::new(BIN).args(["serve", "--model", fixture().to_str().expect("utf8"), "--host", "0.0.0.0", "--port", "0"]).output().expect("serve");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without API keys"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&keys, "short\n").expect("keys");
+    let out = Command::new(BIN).args(["serve", "--model", fixture().to_str().expect("utf8"), "--api-key-file", keys.to_str().expect("utf8"), "--port", "0"]).output().expect("serve");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("shorter than 16"), "{}", String::from_utf8_lossy(&out.stderr));
+}
