@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
             model: None,
             worker_uid: None,
             worker_gid: None,
+            cache_dir: None,
         };
         let worker = PluginHandle::Worker(Box::new(WorkerPlugin::start(config).map_err(anyhow::Error::msg)?));
         measure(&format!("worker ({})", level.as_str()), &worker, tokens, requests)?;

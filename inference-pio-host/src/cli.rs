@@ -302,6 +302,8 @@ impl Host {
                 model: model.map(Path::to_path_buf),
                 worker_uid: section.worker_uid,
                 worker_gid: section.worker_gid,
+                // Compiled kernels survive the worker, as they survive an in-process run.
+                cache_dir: self.cache_dir().map(|d| d.join("workers").join(id)),
             };
             WorkerPlugin::start(config).map(|w| PluginHandle::Worker(Box::new(w)))
         } else {

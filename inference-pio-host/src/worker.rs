@@ -262,6 +262,11 @@ pub struct WorkerConfig {
     /// [`inference_pio_core::config::DEFAULT_WORKER_ID`]).
     pub worker_uid: Option<u32>,
     pub worker_gid: Option<u32>,
+    /// A directory of this plugin's own that outlives its workers (compiled GPU kernels, the
+    /// CUDA JIT cache), its cache directory instead of the throw-away scratch directory;
+    /// created for the worker's uid, bound read-write into the jail, counted by the disk
+    /// watchdog. `None`: the scratch directory serves as the cache (nothing is reused).
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Environment variables a worker inherits (by name, or by prefix when ending in `*`); the
@@ -397,12 +402,14 @@ struct Worker {
     // Dropped after the child is reaped: kills leftovers and removes the groups.
     cgroup: WorkerCgroup,
     scratch: tempfile::TempDir,
+    /// The plugin's persistent cache directory, else the scratch directory.
+    cache: PathBuf,
     /// The empty directory the worker's new root is mounted on (in its namespace only).
     _root_dir: tempfile::TempDir,
 }
 
-/// The settings as this worker sees them: its scratch directory replaces the host's cache
-/// directory (the only place it may write), also in the file allowlist, whose paths are
+/// The settings as this worker sees them: its own cache directory (or scratch directory)
+/// replaces the host's (the only places it may write), also in the file allowlist, whose paths are
 /// canonical (the jail binds them there, and the worker's working directory is its root).
 fn localize(settings: &PluginSettings, scratch: &Path) -> PluginSettings {
     let mut local = settings.clone();
@@ -480,6 +487,17 @@ impl Drop for Worker {
             let _ = handle.join();
         }
     }
+}
+
+/// Gives `dir` and everything beneath it (not following links) to `uid`/`gid`.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(dir)?.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 /// `path` with symlinks resolved, made absolute; as given when it does not exist.
@@ -636,7 +654,16 @@ impl WorkerPlugin {
             m
         }));
         let memory_cgroup = cgroup.mechanisms.iter().any(|m| m.name == "cgroup memory.max" && m.active);
-        let watch = WatchPlan::new(c, ncpu, scratch.path(), memory_cgroup);
+        let cache = match &c.cache_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the plugin's cache directory {}: {e}", dir.display()))?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("cannot restrict {}: {e}", dir.display()))?;
+                canonical(dir)
+            }
+            None => scratch.path().to_path_buf(),
+        };
+        let watch = WatchPlan::new(c, ncpu, &[scratch.path().to_path_buf(), cache.clone()], memory_cgroup);
         host_mechanisms.extend(watch.mechanisms.iter().cloned());
 
         // SAFETY: geteuid has no preconditions.
@@ -652,6 +679,7 @@ impl WorkerPlugin {
             }
             // The scratch directory is the worker's to write.
             std::os::unix::fs::chown(scratch.path(), Some(uid), Some(gid)).map_err(|e| format!("cannot give the scratch directory to uid {uid}: {e}"))?;
+            chown_tree(&cache, uid, gid).map_err(|e| format!("cannot give the cache directory {} to uid {uid}: {e}", cache.display()))?;
         }
         let root_dir = tempfile::Builder::new()
             .prefix(&format!("inference-pio-{}-root-", c.id))
@@ -671,7 +699,7 @@ impl WorkerPlugin {
             level: c.level,
             parent_pid: std::process::id(),
             read_only,
-            read_write: vec![scratch.path().to_path_buf()],
+            read_write: if cache == scratch.path() { vec![cache.clone()] } else { vec![scratch.path().to_path_buf(), cache.clone()] },
             devices: sandbox::nvidia_devices(),
             cgroup_procs: cgroup.procs_files(),
             file_size_bytes: c.limits.disk_space_gb.map(|gb| (gb * 1e9) as u64).unwrap_or(DEFAULT_FILE_SIZE),
@@ -701,7 +729,7 @@ impl WorkerPlugin {
             .stderr(Stdio::from(err_write))
             .env_clear()
             .envs(passed)
-            .env("CUDA_CACHE_PATH", scratch.path().join("cuda-cache"))
+            .env("CUDA_CACHE_PATH", cache.join("cuda-cache"))
             .env("TMPDIR", scratch.path())
             .env("HOME", scratch.path())
             .process_group(0)
@@ -734,6 +762,7 @@ impl WorkerPlugin {
             watchdog: None,
             cgroup,
             scratch,
+            cache,
             _root_dir: root_dir,
         };
         let handshake_timeout = Duration::from_secs(30);
@@ -816,7 +845,7 @@ impl WorkerPlugin {
         state.enforcement = Some(enforcement);
         state.restarts += 1;
         if let Some(settings) = state.settings.clone() {
-            let local = localize(&settings, state.worker.as_ref().map(|w| w.scratch.path()).unwrap_or(Path::new("/")));
+            let local = localize(&settings, state.worker.as_ref().map(|w| w.cache.as_path()).unwrap_or(Path::new("/")));
             self.exchange(state, &Call::Initialize(local), &mut |_, _| true)?;
         }
         for i in 0..state.models.len() {
@@ -982,7 +1011,7 @@ impl WorkerPlugin {
     pub fn initialize(&self, settings: &PluginSettings) -> Result<(), PluginError> {
         let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
         self.ensure_worker(&mut state)?;
-        let local = localize(settings, state.worker.as_ref().map(|w| w.scratch.path()).unwrap_or(Path::new("/")));
+        let local = localize(settings, state.worker.as_ref().map(|w| w.cache.as_path()).unwrap_or(Path::new("/")));
         self.exchange(&mut state, &Call::Initialize(local), &mut |_, _| true)?;
         state.settings = Some(settings.clone());
         Ok(())
@@ -1047,7 +1076,8 @@ struct WatchPlan {
     cpu_cores: Option<f64>,
     cpu_percent: f64,
     disk_bytes: Option<u64>,
-    scratch: PathBuf,
+    /// The directories the disk limit counts (scratch and cache).
+    writable: Vec<PathBuf>,
     gpu_bytes: Option<u64>,
     nvml: Option<nvml_wrapper::Nvml>,
     mechanisms: Vec<Mechanism>,
@@ -1060,7 +1090,7 @@ impl WatchPlan {
     /// At `high` a memory cgroup enforces `memory_gb` (the kernel OOM-kills); the watchdog
     /// does where there is none, and always at `maximum` (kill at the limit, the cgroup at
     /// twice the limit as a backstop).
-    fn new(c: &WorkerConfig, ncpu: f64, scratch: &Path, memory_cgroup: bool) -> Self {
+    fn new(c: &WorkerConfig, ncpu: f64, writable: &[PathBuf], memory_cgroup: bool) -> Self {
         let mut mechanisms = Vec::new();
         let watch_memory = c.level == SecurityLevel::Maximum || !memory_cgroup;
         let memory_bytes = c.limits.memory_gb.filter(|_| watch_memory).map(|gb| (gb * 1e9) as u64);
@@ -1076,7 +1106,7 @@ impl WatchPlan {
         }
         let disk_bytes = c.limits.disk_space_gb.map(|gb| (gb * 1e9) as u64);
         if let Some(gb) = c.limits.disk_space_gb {
-            mechanisms.push(Mechanism::active("disk watchdog", format!("the host kills the worker when its scratch directory holds more than {gb} GB; RLIMIT_FSIZE caps each file; landlock allows writes nowhere else")));
+            mechanisms.push(Mechanism::active("disk watchdog", format!("the host kills the worker when its scratch and cache directories hold more than {gb} GB; RLIMIT_FSIZE caps each file; nothing else is writable")));
         }
         let gpu_bytes = c.limits.gpu_memory_gb.map(|gb| (gb * 1e9) as u64);
         let mut nvml = None;
@@ -1089,7 +1119,7 @@ impl WatchPlan {
                 Err(e) => mechanisms.push(Mechanism::missing("gpu memory watchdog", format!("NVML is not available ({e}): GPU memory of the worker cannot be watched"))),
             }
         }
-        Self { memory_bytes, cpu_cores, cpu_percent: c.limits.cpu_percent.unwrap_or(0.0), disk_bytes, scratch: scratch.to_path_buf(), gpu_bytes, nvml, mechanisms }
+        Self { memory_bytes, cpu_cores, cpu_percent: c.limits.cpu_percent.unwrap_or(0.0), disk_bytes, writable: writable.to_vec(), gpu_bytes, nvml, mechanisms }
     }
 
     fn run(self, pid: u32, reason: &KillReason, stop: &AtomicBool) {
@@ -1140,9 +1170,11 @@ impl WatchPlan {
             }
             if tick.is_multiple_of(20) {
                 if let Some(limit) = self.disk_bytes {
-                    let used = dir_bytes(&self.scratch);
+                    let mut dirs = self.writable.clone();
+                    dirs.dedup();
+                    let used: u64 = dirs.iter().map(|d| dir_bytes(d)).sum();
                     if used > limit {
-                        kill(format!("killed by the host: disk limit {:.3} GB exceeded (scratch holds {:.3} GB)", limit as f64 / 1e9, used as f64 / 1e9));
+                        kill(format!("killed by the host: disk limit {:.3} GB exceeded (scratch and cache hold {:.3} GB)", limit as f64 / 1e9, used as f64 / 1e9));
                         break;
                     }
                 }
