@@ -450,6 +450,10 @@ pub struct PluginSection {
     /// workers as its own uid.
     pub worker_uid: Option<u32>,
     pub worker_gid: Option<u32>,
+    /// `high`/`maximum`: jail the worker in a user namespace (default true). `false` (for
+    /// kernels hardened against user namespaces): a root host makes the other namespaces as
+    /// root and drops to `worker_uid` with setresuid; a host that is not root cannot jail.
+    pub user_namespace: Option<bool>,
     /// Sampling defaults for this plugin's models.
     #[serde(default)]
     pub sampling: SamplingOverrides,
@@ -588,6 +592,7 @@ impl HostConfig {
                     ("timeout_s", section.timeout_s.is_some()),
                     ("worker_uid", section.worker_uid.is_some()),
                     ("worker_gid", section.worker_gid.is_some()),
+                    ("user_namespace", section.user_namespace.is_some()),
                 ] {
                     if set {
                         return Err(self.invalid(

@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
             worker_uid: None,
             worker_gid: None,
             cache_dir: None,
+            user_namespace: true,
         };
         let worker = PluginHandle::Worker(Box::new(WorkerPlugin::start(config).map_err(anyhow::Error::msg)?));
         measure(&format!("worker ({})", level.as_str()), &worker, tokens, requests)?;

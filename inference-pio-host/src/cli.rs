@@ -304,6 +304,7 @@ impl Host {
                 worker_gid: section.worker_gid,
                 // Compiled kernels survive the worker, as they survive an in-process run.
                 cache_dir: self.cache_dir().map(|d| d.join("workers").join(id)),
+                user_namespace: section.user_namespace.unwrap_or(true),
             };
             WorkerPlugin::start(config).map(|w| PluginHandle::Worker(Box::new(w)))
         } else {

@@ -267,6 +267,8 @@ pub struct WorkerConfig {
     /// created for the worker's uid, bound read-write into the jail, counted by the disk
     /// watchdog. `None`: the scratch directory serves as the cache (nothing is reused).
     pub cache_dir: Option<PathBuf>,
+    /// Jail in a user namespace (default true); see `user_namespace` in the config.
+    pub user_namespace: bool,
 }
 
 /// Environment variables a worker inherits (by name, or by prefix when ending in `*`); the
@@ -704,7 +706,7 @@ impl WorkerPlugin {
             cgroup_procs: cgroup.procs_files(),
             file_size_bytes: c.limits.disk_space_gb.map(|gb| (gb * 1e9) as u64).unwrap_or(DEFAULT_FILE_SIZE),
             open_files: OPEN_FILES,
-            jail: Some(sandbox::JailSpec { root_dir: root_dir.path().to_path_buf(), uid, gid }),
+            jail: Some(sandbox::JailSpec { root_dir: root_dir.path().to_path_buf(), uid, gid, user_namespace: c.user_namespace }),
             seccomp: Some(if c.level == SecurityLevel::Maximum { sandbox::SeccompMode::AllowList } else { sandbox::SeccompMode::DenyList }),
         };
         let passed: Vec<(String, std::ffi::OsString)> = std::env::vars_os()

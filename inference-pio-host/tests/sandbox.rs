@@ -37,6 +37,7 @@ fn config(level: SecurityLevel, limits: ResourceLimits, model: &Path) -> WorkerC
         worker_uid: None,
         worker_gid: None,
         cache_dir: None,
+        user_namespace: true,
     }
 }
 
@@ -224,6 +225,36 @@ fn the_jail_holds_signals_sockets_exec_ids_modules_and_proc() {
     assert!(pathname.accept().is_err() && abstract_listener.accept().is_err(), "a worker reached a listener");
     let _ = decoy.kill();
     let _ = decoy.wait();
+}
+
+/// `user_namespace = false` (for kernels hardened against user namespaces): a root host
+/// still jails the worker (PID, mount, network, … namespaces made as root) and drops it to
+/// the worker's uid with setresuid; a host that is not root cannot, and the level is refused.
+#[test]
+fn without_user_namespaces_a_root_host_drops_the_worker_with_setuid() {
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let model = dirs.path().join("model");
+    std::fs::create_dir(&model).expect("model dir");
+    let cfg = WorkerConfig { user_namespace: false, ..config(SecurityLevel::High, ResourceLimits::default(), &model) };
+    let host_root = std::fs::read_to_string("/proc/self/status").unwrap_or_default().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !host_root {
+        let refusal = WorkerPlugin::start(cfg).err().expect("refused");
+        assert!(refusal.contains("user namespace") && refusal.contains("user_namespace = false"), "{refusal}");
+        return;
+    }
+    let (worker, m) = start(cfg);
+    let enforcement = worker.enforcement().expect("enforcement");
+    let user = enforcement.mechanisms.iter().find(|m| m.name == "user namespace").expect("reported");
+    assert!(!user.active && !user.required && user.detail.contains("user_namespace = false"), "{user:?}");
+    assert!(active(&worker, "setuid"));
+    assert!(active(&worker, "unprivileged uid") && active(&worker, "capabilities") && active(&worker, "pid namespace") && active(&worker, "mount namespace"));
+    assert_eq!(ok(&worker, m, "ids"), "ok:uid=65534 gid=65534 CapEff=0000000000000000 CapBnd=0000000000000000");
+    assert_eq!(ok(&worker, m, "proc-pids"), "ok:1,2");
+    // Root exists here (no user namespace), but no capability allows becoming it.
+    assert_eq!(ok(&worker, m, "setuid:0"), "err:EPERM");
+    assert_eq!(ok(&worker, m, &format!("kill:{}", std::process::id())), "err:ESRCH");
+    assert_eq!(ok(&worker, m, "read:/etc/passwd"), "err:ENOENT");
+    assert_eq!(ok(&worker, m, "echo"), "ok");
 }
 
 #[test]

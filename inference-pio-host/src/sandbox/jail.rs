@@ -40,6 +40,8 @@ pub struct JailSpec {
     /// The ids the worker runs as when the host is root (never 0).
     pub uid: u32,
     pub gid: u32,
+    /// Try a user namespace first (the default); `false`: only the root host's setresuid mode.
+    pub user_namespace: bool,
 }
 
 /// The hostname inside the UTS namespace.
@@ -95,8 +97,16 @@ pub(super) fn enter(spec: &SandboxSpec, jail: &JailSpec, report: &mut Vec<Mechan
         return Err("the worker's uid and gid must not be 0".into());
     }
     let view = view_plan(spec);
-    let modes: &[Mode] = if root { &[Mode::UserNamespace, Mode::RootSetuid] } else { &[Mode::UserNamespace] };
+    let modes: &[Mode] = match (root, jail.user_namespace) {
+        (true, true) => &[Mode::UserNamespace, Mode::RootSetuid],
+        (true, false) => &[Mode::RootSetuid],
+        (false, true) => &[Mode::UserNamespace],
+        (false, false) => &[],
+    };
     let mut refusals = Vec::new();
+    if !jail.user_namespace {
+        refusals.push("user_namespace = false in the config".to_string());
+    }
     for &mode in modes {
         match attempt(mode, uid, gid, root, jail, &view, report) {
             Ok(()) => {
