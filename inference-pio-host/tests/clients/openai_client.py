@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""`inference-pio serve` through the official `openai` Python client (CI runs this after the
+Rust tests: `.ci/run` installs the client). Starts the server on a free loopback port with the
+tiny Qwen3 fixture and checks: models.list; chat whole and streamed (with usage) equal to
+`inference-pio run`'s greedy answer; completions from token ids; the client's own error types
+for an unknown model (404) and an unsupported setting (400); SIGTERM ends it with status 0.
+
+Usage: openai_client.py PATH/TO/inference-pio
+"""
+import json
+import pathlib
+import subprocess
+import sys
+import threading
+
+import openai
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+FIXTURE = ROOT / "plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-a"
+
+
+def main():
+    binary = sys.argv[1]
+    server = subprocess.Popen([binary, "serve", "--model", str(FIXTURE), "--served-model-name", "tiny", "--port", "0"],
+                              stderr=subprocess.PIPE, text=True)
+    base = None
+    try:
+        for line in server.stderr:
+            if "listening on " in line:
+                base = line.split("listening on ")[1].split()[0]
+                break
+        assert base, "the server did not start"
+        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+
+        run = json.loads(subprocess.run([binary, "run", "--model", str(FIXTURE), "--prompt", "What is 2+2?", "--greedy",
+                                         "--max-new-tokens", "12", "--json"], check=True, capture_output=True, text=True).stdout)
+        messages = [{"role": "user", "content": "What is 2+2?"}]
+        answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        assert answer.choices[0].message.content == run["text"], (answer, run["text"])
+        assert answer.usage.completion_tokens == 12 and answer.choices[0].finish_reason == "length"
+
+        pieces, usage = [], None
+        for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+            if chunk.usage:
+                usage = chunk.usage
+        assert "".join(pieces) == run["text"], (pieces, run["text"])
+        assert usage is not None and usage.total_tokens == answer.usage.total_tokens
+
+        completion = client.completions.create(model="tiny", prompt=[1, 2, 3, 4], max_tokens=5, temperature=0)
+        assert completion.usage.completion_tokens == 5 and isinstance(completion.choices[0].text, str)
+
+        try:
+            client.chat.completions.create(model="nope", messages=messages)
+            raise AssertionError("an unknown model was accepted")
+        except openai.NotFoundError as e:
+            assert "nope" in str(e)
+        try:
+            client.chat.completions.create(model="tiny", messages=messages, n=2)
+            raise AssertionError("n=2 was accepted")
+        except openai.BadRequestError as e:
+            assert "`n`" in str(e)
+        # SIGTERM: a graceful shutdown exits 0.
+        server.terminate()
+        assert server.wait(timeout=30) == 0, f"exit status {server.returncode} after SIGTERM"
+        print("openai client: models, chat (whole and streamed), completions, errors and SIGTERM ok")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
