@@ -5,7 +5,8 @@
 //!
 //! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (both with `stream`,
 //! server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`,
-//! `GET /metrics` (Prometheus text). Errors use OpenAI's shape
+//! `GET /metrics` (Prometheus text, with histograms of time to first token, inter-token
+//! latency and end-to-end latency). Errors use OpenAI's shape
 //! (`{"error": {"message", "type", "param", "code"}}`).
 //!
 //! What a request gets here: the `model` field routes (unknown: 404); API keys (Bearer, from
@@ -75,6 +76,43 @@ struct Metrics {
     requests_cancelled: AtomicU64,
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
+    time_to_first_token: Histogram,
+    inter_token_latency: Histogram,
+    e2e_latency: Histogram,
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets (vLLM's, shortened).
+const BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+
+/// A Prometheus histogram: counts per bucket, the sum and the count.
+#[derive(Default)]
+struct Histogram(std::sync::Mutex<(Vec<u64>, f64, u64)>);
+
+impl Histogram {
+    fn observe(&self, seconds: f64) {
+        if let Ok(mut h) = self.0.lock() {
+            if h.0.is_empty() {
+                h.0 = vec![0; BUCKETS.len()];
+            }
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                if seconds <= *bound {
+                    h.0[i] += 1;
+                }
+            }
+            h.1 += seconds;
+            h.2 += 1;
+        }
+    }
+
+    fn render(&self, name: &str, help: &str) -> String {
+        let (buckets, sum, count) = self.0.lock().map(|h| h.clone()).unwrap_or_default();
+        let mut out = format!("# HELP inference_pio:{name} {help}\n# TYPE inference_pio:{name} histogram\n");
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            out.push_str(&format!("inference_pio:{name}_bucket{{le=\"{bound}\"}} {}\n", buckets.get(i).copied().unwrap_or(0)));
+        }
+        out.push_str(&format!("inference_pio:{name}_bucket{{le=\"+Inf\"}} {count}\ninference_pio:{name}_sum {sum}\ninference_pio:{name}_count {count}\n"));
+        out
+    }
 }
 
 /// An error in OpenAI's shape.
@@ -167,6 +205,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     counter("request_cancelled_total", "Requests whose client went away.", m.requests_cancelled.load(Ordering::Relaxed), "");
     counter("prompt_tokens_total", "Prompt tokens of answered requests.", m.prompt_tokens.load(Ordering::Relaxed), "");
     counter("generation_tokens_total", "Generated tokens of answered requests.", m.generation_tokens.load(Ordering::Relaxed), "");
+    out.push_str(&m.time_to_first_token.render("time_to_first_token_seconds", "Time from the request's arrival to its first token."));
+    out.push_str(&m.inter_token_latency.render("inter_token_latency_seconds", "Time between a request's consecutive tokens."));
+    out.push_str(&m.e2e_latency.render("e2e_request_latency_seconds", "Time from the request's arrival to its last token."));
     for model in &state.models {
         let (plugin, handle) = (Arc::clone(&model.plugin), model.info.handle);
         let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || plugin.stats(handle)).await else { continue };
@@ -379,8 +420,17 @@ async fn generate(state: &Arc<AppState>, model: &Arc<ServedModel>, request: Infe
     let handle = model.info.handle;
     let flag = Arc::clone(&cancel);
     let sender = stream.clone();
+    let timing = Arc::clone(state);
+    let arrived = Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
-        plugin.infer(handle, &request, &mut |_, text| {
+        let mut last: Option<Instant> = None;
+        let response = plugin.infer(handle, &request, &mut |_, text| {
+            let now = Instant::now();
+            match last {
+                None => timing.metrics.time_to_first_token.observe(now.duration_since(arrived).as_secs_f64()),
+                Some(before) => timing.metrics.inter_token_latency.observe(now.duration_since(before).as_secs_f64()),
+            }
+            last = Some(now);
             if flag.load(Ordering::SeqCst) {
                 return false;
             }
@@ -388,7 +438,9 @@ async fn generate(state: &Arc<AppState>, model: &Arc<ServedModel>, request: Infe
                 Some(tx) => tx.send(Piece::Text(text.to_string())).is_ok(),
                 None => true,
             }
-        })
+        });
+        timing.metrics.e2e_latency.observe(arrived.elapsed().as_secs_f64());
+        response
     })
     .await;
     match joined {
