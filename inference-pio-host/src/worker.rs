@@ -1251,10 +1251,9 @@ fn dir_bytes(dir: &Path) -> u64 {
         for entry in entries.filter_map(Result::ok) {
             match entry.metadata() {
                 Ok(m) if m.is_dir() => stack.push(entry.path()),
-                Ok(m) => {
-                    use std::os::unix::fs::MetadataExt;
-                    total += m.blocks() * 512;
-                }
+                // Files' lengths, as RLIMIT_FSIZE counts them (a file cut at that limit is not
+                // over the disk limit because its last block is partly empty).
+                Ok(m) => total += m.len(),
                 Err(_) => {}
             }
         }
