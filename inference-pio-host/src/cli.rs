@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// Requests admitted at once; more get 503 with Retry-After.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
+    /// The longest a request may run, in seconds (a request may ask for less with the
+    /// `timeout_s` extension); past it the request is stopped and answered 504.
+    #[arg(long, default_value_t = 600.0)]
+    pub request_timeout_s: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -445,6 +449,9 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
+    if !(args.request_timeout_s.is_finite() && args.request_timeout_s > 0.0) {
+        anyhow::bail!("--request-timeout-s must be positive, got {}", args.request_timeout_s);
+    }
     let models = if args.models.is_empty() { vec![PathBuf::from(models::DEFAULT_MODEL)] } else { args.models.clone() };
     if !args.served_model_names.is_empty() && args.served_model_names.len() != models.len() {
         anyhow::bail!("--served-model-name was given {} times for {} models", args.served_model_names.len(), models.len());
@@ -471,7 +478,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind((address, args.port)).await.with_context(|| format!("cannot listen on {address}:{}", args.port))?;
         let local = listener.local_addr()?;
         tracing::info!("listening on http://{local}{}", if api_keys.is_some() { " (API keys required)" } else { "" });
-        let app = server::router(server::ServerOptions { models: served, api_keys, max_queue: args.max_queue });
+        let app = server::router(server::ServerOptions { models: served, api_keys, max_queue: args.max_queue, request_timeout_s: args.request_timeout_s });
         axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("the server failed")?;
         tracing::info!("shut down");
         anyhow::Ok(())

@@ -57,6 +57,8 @@ pub struct ServerOptions {
     pub api_keys: Option<HashSet<String>>,
     /// Requests admitted at once (queued in the engines or running); more get 503.
     pub max_queue: usize,
+    /// The longest a request may run (seconds); a request may ask for less (`timeout_s`).
+    pub request_timeout_s: f64,
 }
 
 struct AppState {
@@ -64,6 +66,7 @@ struct AppState {
     api_keys: Option<HashSet<String>>,
     queue: Arc<tokio::sync::Semaphore>,
     max_queue: usize,
+    request_timeout_s: f64,
     next_id: AtomicU64,
     metrics: Metrics,
 }
@@ -151,6 +154,7 @@ pub fn router(options: ServerOptions) -> Router {
         api_keys: options.api_keys,
         queue: Arc::new(tokio::sync::Semaphore::new(options.max_queue)),
         max_queue: options.max_queue,
+        request_timeout_s: options.request_timeout_s,
         next_id: AtomicU64::new(1),
         metrics: Metrics::default(),
     });
@@ -262,6 +266,8 @@ struct Sampling {
     stream_options: Option<StreamOptions>,
     /// Accepted and logged (OpenAI's end-user id).
     user: Option<String>,
+    /// Extension: this request's deadline in seconds (at most the server's).
+    timeout_s: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -289,6 +295,15 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 }
 
 impl Sampling {
+    /// The request's deadline: its own `timeout_s`, at most the server's.
+    fn timeout(&self, server: f64) -> Result<f64, ApiError> {
+        match self.timeout_s {
+            None => Ok(server),
+            Some(t) if t > 0.0 && t <= server => Ok(t),
+            Some(t) => Err(ApiError::bad(format!("`timeout_s` = {t} must be positive and at most the server's {server} s"), Some("timeout_s"))),
+        }
+    }
+
     /// The engine's parameters; a setting it does not implement is refused by name.
     fn params(&self, info: &ModelInfo) -> Result<(SamplingParams, Vec<String>), ApiError> {
         if self.n.is_some_and(|n| n != 1) {
@@ -415,7 +430,17 @@ enum Piece {
 
 /// Runs one request on a blocking thread; `on_text` gets each token's text and returns
 /// whether to go on.
-async fn generate(state: &Arc<AppState>, model: &Arc<ServedModel>, request: InferRequest, cancel: Arc<AtomicBool>, stream: Option<tokio::sync::mpsc::UnboundedSender<Piece>>) -> Result<InferResponse, ApiError> {
+async fn generate(
+    state: &Arc<AppState>,
+    model: &Arc<ServedModel>,
+    request: InferRequest,
+    timeout_s: f64,
+    cancel: Arc<AtomicBool>,
+    stream: Option<tokio::sync::mpsc::UnboundedSender<Piece>>,
+) -> Result<InferResponse, ApiError> {
+    let deadline = Instant::now() + std::time::Duration::from_secs_f64(timeout_s);
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let late = Arc::clone(&timed_out);
     let plugin = Arc::clone(&model.plugin);
     let handle = model.info.handle;
     let flag = Arc::clone(&cancel);
@@ -434,6 +459,10 @@ async fn generate(state: &Arc<AppState>, model: &Arc<ServedModel>, request: Infe
             if flag.load(Ordering::SeqCst) {
                 return false;
             }
+            if now > deadline {
+                late.store(true, Ordering::SeqCst);
+                return false;
+            }
             match &sender {
                 Some(tx) => tx.send(Piece::Text(text.to_string())).is_ok(),
                 None => true,
@@ -443,6 +472,10 @@ async fn generate(state: &Arc<AppState>, model: &Arc<ServedModel>, request: Infe
         response
     })
     .await;
+    if timed_out.load(Ordering::SeqCst) {
+        state.metrics.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", format!("the request ran past its deadline of {timeout_s} s and was stopped")));
+    }
     match joined {
         Ok(Ok(response)) => {
             if response.finish_reason == FinishReason::Cancelled || cancel.load(Ordering::SeqCst) {
@@ -487,6 +520,7 @@ async fn respond(
     request: InferRequest,
     stream: bool,
     include_usage: bool,
+    timeout_s: f64,
     id: String,
     whole: impl FnOnce(&InferResponse) -> Value + Send + 'static,
     chunk: impl Fn(Option<&str>, Option<&InferResponse>) -> Value + Send + 'static,
@@ -501,7 +535,7 @@ async fn respond(
     if !stream {
         // Dropped with this future if the client goes away first: the engine then stops.
         let guard = CancelOnDrop(Arc::clone(&cancel));
-        let result = generate(&state, &model, request, Arc::clone(&cancel), None).await;
+        let result = generate(&state, &model, request, timeout_s, Arc::clone(&cancel), None).await;
         drop(permit);
         drop(guard);
         return match result {
@@ -517,7 +551,7 @@ async fn respond(
     let task_state = Arc::clone(&state);
     let flag = Arc::clone(&cancel);
     tokio::spawn(async move {
-        let result = generate(&task_state, &model, request, flag, Some(tx)).await;
+        let result = generate(&task_state, &model, request, timeout_s, flag, Some(tx)).await;
         drop(permit);
         let _ = done.send(Piece::Done(result));
     });
@@ -635,12 +669,17 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
     let name = model.name.clone();
     let (id1, id2, name1, name2) = (id.clone(), id.clone(), name.clone(), name);
     let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let timeout_s = match body.sampling.timeout(state.request_timeout_s) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     respond(
         Arc::clone(&state),
         model,
         request,
         body.sampling.stream,
         include_usage,
+        timeout_s,
         id,
         move |r| {
             let mut message = json!({"role": "assistant", "content": r.text});
@@ -719,12 +758,17 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
     let created = now_s();
     let (id1, id2, name1, name2) = (id.clone(), id.clone(), model.name.clone(), model.name.clone());
     let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let timeout_s = match body.sampling.timeout(state.request_timeout_s) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     respond(
         Arc::clone(&state),
         model,
         request,
         body.sampling.stream,
         include_usage,
+        timeout_s,
         id,
         move |r| {
             json!({"id": id1, "object": "text_completion", "created": created, "model": name1,

@@ -213,6 +213,12 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         let message = answer["error"]["message"].as_str().unwrap_or_else(|| panic!("not OpenAI's error shape: {answer}"));
         assert!(message.contains(needle), "{body}: {message}");
     }
+    // A deadline: the request is stopped and answered 504; one past the server's is refused.
+    let (got, answer) = post(&server, "/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 3000, "temperature": 0, "timeout_s": 0.05}).to_string(), None);
+    assert_eq!(got, 504, "{answer}");
+    assert!(answer["error"]["message"].as_str().expect("message").contains("deadline of 0.05 s"), "{answer}");
+    let (got, _) = post(&server, "/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "timeout_s": 100000}).to_string(), None);
+    assert_eq!(got, 400);
     // A body past the limit.
     let huge = format!("{{\"model\": \"tiny\", \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}", "x".repeat(5 << 20));
     let (got, _) = post(&server, "/v1/chat/completions", &huge, None);
