@@ -411,6 +411,25 @@ pub struct HostSection {
     pub probe_timeout_s: Option<f64>,
 }
 
+/// The `[server]` table: defaults for `inference-pio serve` (its flags override them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on (default 127.0.0.1).
+    pub host: Option<String>,
+    /// Port (default 8000; 0: any free port).
+    pub port: Option<u16>,
+    /// File of accepted API keys, one per line (relative paths: relative to this file).
+    pub api_key_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without API keys.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+    /// Requests admitted at once (default 256).
+    pub max_queue: Option<usize>,
+    /// The longest a request may run, in seconds (default 600).
+    pub request_timeout_s: Option<f64>,
+}
+
 /// The uid and gid of a worker started by a root host when the config names none (`nobody`).
 pub const DEFAULT_WORKER_ID: u32 = 65534;
 
@@ -503,6 +522,8 @@ impl PluginSection {
 pub struct HostConfig {
     #[serde(default)]
     pub host: HostSection,
+    #[serde(default)]
+    pub server: ServerSection,
     /// Keyed by plugin id.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginSection>,
@@ -535,6 +556,11 @@ impl HostConfig {
                 *dir = base.join(&*dir);
             }
         }
+        if let Some(file) = &mut config.server.api_key_file
+            && file.is_relative()
+        {
+            *file = base.join(&*file);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -557,6 +583,19 @@ impl HostConfig {
             && !(t.is_finite() && t > 0.0)
         {
             return Err(self.invalid("host.probe_timeout_s".into(), format!("must be positive, got {t}")));
+        }
+        if let Some(host) = &self.server.host
+            && host.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(self.invalid("server.host".into(), format!("`{host}` is not an IP address")));
+        }
+        if self.server.max_queue == Some(0) {
+            return Err(self.invalid("server.max_queue".into(), "must be at least 1".into()));
+        }
+        if let Some(t) = self.server.request_timeout_s
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err(self.invalid("server.request_timeout_s".into(), format!("must be positive, got {t}")));
         }
         for (id, section) in &self.plugins {
             let prefix = format!("plugins.{id}");
@@ -714,6 +753,22 @@ mod tests {
         assert!(err.to_string().contains("host.device"), "{err}");
         let err = parse("[plugins.qwen]\nprofile = \"fast\"\n").expect_err("profile");
         assert!(err.to_string().contains("fast"), "{err}");
+    }
+
+    #[test]
+    fn the_server_section_is_read_and_checked() {
+        let config = parse("[server]\nhost = \"0.0.0.0\"\nport = 9000\napi_key_file = \"keys\"\nmax_queue = 8\nrequest_timeout_s = 30\n").expect("valid");
+        assert_eq!(config.server.port, Some(9000));
+        assert!(config.server.api_key_file.as_deref().is_some_and(|p| p.is_absolute() && p.ends_with("keys")));
+        for (text, key) in [
+            ("[server]\nhost = \"localhost:80\"\n", "server.host"),
+            ("[server]\nmax_queue = 0\n", "server.max_queue"),
+            ("[server]\nrequest_timeout_s = -1\n", "server.request_timeout_s"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        assert!(parse("[server]\nprot = 1\n").is_err(), "unknown keys are refused");
     }
 
     #[test]

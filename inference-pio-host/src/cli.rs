@@ -79,25 +79,27 @@ pub struct ServeArgs {
     /// Benchmarking: random weights (this seed, default 0).
     #[arg(long, num_args = 0..=1, default_missing_value = "0", value_name = "SEED")]
     pub random_weights: Option<u64>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on (0: any free port, printed at start).
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
+    /// Address to listen on (default: `[server] host`, else 127.0.0.1).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on (0: any free port, printed at start; default: `[server] port`, else 8000).
+    #[arg(long)]
+    pub port: Option<u16>,
     /// Accepted API keys, one per line (`#` comments); clients send `Authorization: Bearer KEY`.
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
     /// Listen on a non-loopback address without API keys.
     #[arg(long)]
     pub allow_unauthenticated: bool,
-    /// Requests admitted at once; more get 503 with Retry-After.
-    #[arg(long, default_value_t = 256)]
-    pub max_queue: usize,
+    /// Requests admitted at once; more get 503 with Retry-After (default: `[server]
+    /// max_queue`, else 256).
+    #[arg(long)]
+    pub max_queue: Option<usize>,
     /// The longest a request may run, in seconds (a request may ask for less with the
-    /// `timeout_s` extension); past it the request is stopped and answered 504.
-    #[arg(long, default_value_t = 600.0)]
-    pub request_timeout_s: f64,
+    /// `timeout_s` extension); past it the request is stopped and answered 504 (default:
+    /// `[server] request_timeout_s`, else 600).
+    #[arg(long)]
+    pub request_timeout_s: Option<f64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -441,16 +443,24 @@ fn read_api_keys(path: &Path) -> anyhow::Result<std::collections::HashSet<String
 }
 
 fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
-    let address: std::net::IpAddr = args.host.parse().with_context(|| format!("--host `{}` is not an IP address", args.host))?;
-    let api_keys = args.api_key_file.as_deref().map(read_api_keys).transpose()?;
-    if api_keys.is_none() && !address.is_loopback() && !args.allow_unauthenticated {
+    // Flags override the config file's [server] table.
+    let defaults = load_config(cli.config.as_deref())?.server;
+    let host_text = args.host.clone().or(defaults.host).unwrap_or_else(|| "127.0.0.1".into());
+    let address: std::net::IpAddr = host_text.parse().with_context(|| format!("--host `{host_text}` is not an IP address"))?;
+    let port = args.port.or(defaults.port).unwrap_or(8000);
+    let max_queue = args.max_queue.or(defaults.max_queue).unwrap_or(256);
+    let request_timeout_s = args.request_timeout_s.or(defaults.request_timeout_s).unwrap_or(600.0);
+    let key_file = args.api_key_file.clone().or(defaults.api_key_file);
+    let allow_unauthenticated = args.allow_unauthenticated || defaults.allow_unauthenticated;
+    let api_keys = key_file.as_deref().map(read_api_keys).transpose()?;
+    if api_keys.is_none() && !address.is_loopback() && !allow_unauthenticated {
         anyhow::bail!("refusing to listen on {address} without API keys: give --api-key-file, listen on a loopback address, or pass --allow-unauthenticated");
     }
-    if args.max_queue == 0 {
+    if max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
-    if !(args.request_timeout_s.is_finite() && args.request_timeout_s > 0.0) {
-        anyhow::bail!("--request-timeout-s must be positive, got {}", args.request_timeout_s);
+    if !(request_timeout_s.is_finite() && request_timeout_s > 0.0) {
+        anyhow::bail!("--request-timeout-s must be positive, got {request_timeout_s}");
     }
     let models = if args.models.is_empty() { vec![PathBuf::from(models::DEFAULT_MODEL)] } else { args.models.clone() };
     if !args.served_model_names.is_empty() && args.served_model_names.len() != models.len() {
@@ -475,10 +485,10 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((address, args.port)).await.with_context(|| format!("cannot listen on {address}:{}", args.port))?;
+        let listener = tokio::net::TcpListener::bind((address, port)).await.with_context(|| format!("cannot listen on {address}:{port}"))?;
         let local = listener.local_addr()?;
         tracing::info!("listening on http://{local}{}", if api_keys.is_some() { " (API keys required)" } else { "" });
-        let app = server::router(server::ServerOptions { models: served, api_keys, max_queue: args.max_queue, request_timeout_s: args.request_timeout_s });
+        let app = server::router(server::ServerOptions { models: served, api_keys, max_queue, request_timeout_s });
         axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("the server failed")?;
         tracing::info!("shut down");
         anyhow::Ok(())

@@ -30,7 +30,11 @@ impl Drop for Server {
 }
 
 fn start(extra: &[&str]) -> Server {
-    let cwd = tempfile::tempdir().expect("cwd");
+    start_in(tempfile::tempdir().expect("cwd"), extra)
+}
+
+/// Starts the server in `cwd` (where an `inference-pio.toml` may wait).
+fn start_in(cwd: tempfile::TempDir, extra: &[&str]) -> Server {
     let model = fixture();
     let mut child = Command::new(BIN)
         .args(["serve", "--model", model.to_str().expect("utf8"), "--served-model-name", "tiny", "--port", "0"])
@@ -277,6 +281,15 @@ fn api_keys_are_required_when_given_and_open_addresses_need_them() {
     assert_eq!(post(&server, "/v1/chat/completions", &body, Some("sk-tenant-a-0123456789abcdef")).0, 200);
     // Health stays open (load balancers probe it).
     assert_eq!(get(&server, "/health").0, 200);
+
+    // The config file's [server] table gives the same defaults (flags override it).
+    let cwd = tempfile::tempdir().expect("cwd");
+    std::fs::write(keys.parent().expect("dir").join("more-keys"), "sk-tenant-b-0123456789abcdef\n").expect("keys");
+    std::fs::write(cwd.path().join("inference-pio.toml"), format!("[server]\napi_key_file = \"{}\"\n", dir.path().join("more-keys").display())).expect("config");
+    let configured = start_in(cwd, &[]);
+    assert_eq!(post(&configured, "/v1/chat/completions", &body, None).0, 401);
+    assert_eq!(post(&configured, "/v1/chat/completions", &body, Some("sk-tenant-b-0123456789abcdef")).0, 200);
+    drop(configured);
 
     // An open address without keys is refused at start; a short key is refused by name.
     let out = Command::new(BIN).args(["serve", "--model", fixture().to_str().expect("utf8"), "--host", "0.0.0.0", "--port", "0"]).output().expect("serve");
