@@ -67,18 +67,9 @@ pub struct ServeArgs {
     /// or file's name).
     #[arg(long = "served-model-name")]
     pub served_model_names: Vec<String>,
-    /// Plugin id for every model; default: chosen from each config.json `architectures`.
-    #[arg(long)]
-    pub plugin: Option<String>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long)]
-    pub device: Option<DeviceRequest>,
-    /// f32, bf16 or f16 (default: from the plugin's profile).
-    #[arg(long)]
-    pub dtype: Option<DType>,
-    /// Benchmarking: random weights (this seed, default 0).
-    #[arg(long, num_args = 0..=1, default_missing_value = "0", value_name = "SEED")]
-    pub random_weights: Option<u64>,
+    /// How every model is loaded.
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Address to listen on (default: `[server] host`, else 127.0.0.1).
     #[arg(long)]
     pub host: Option<String>,
@@ -138,6 +129,14 @@ pub struct ModelArgs {
     /// the cache directory on first use.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// How a model is loaded: by which plugin, on which device, in which dtype (`run`, `chat`,
+/// `score` and, for every model, `serve`).
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
     /// Plugin id; default: chosen from config.json `architectures`.
     #[arg(long)]
     pub plugin: Option<String>,
@@ -340,7 +339,8 @@ impl Host {
         let model_path = self.resolve_model(args.model.as_deref(), progress)?;
         let model_config = read_model_config(&model_path)?;
         let open = |id: &str, path: &Path| self.open_plugin(id, path, Some(&model_path));
-        let selected = select(&self.discovery, &model_config, args.plugin.as_deref(), &open)?;
+        let load = &args.load;
+        let selected = select(&self.discovery, &model_config, load.plugin.as_deref(), &open)?;
         let section = self.config.plugin(&selected.id);
         let security = section.security.unwrap_or_default();
         let cache_dir = self.cache_dir().map(|p| p.to_string_lossy().into_owned());
@@ -363,14 +363,14 @@ impl Host {
             .plugin
             .initialize(&settings)
             .with_context(|| format!("plugin `{}` failed to initialize", selected.id))?;
-        let device = match args.device {
+        let device = match load.device {
             Some(d) => d,
             None => match &self.config.host.device {
                 Some(d) => d.parse().map_err(anyhow::Error::msg)?,
                 None => DeviceRequest::Auto,
             },
         };
-        let options = LoadOptions { device, dtype: args.dtype, random_weights: args.random_weights };
+        let options = LoadOptions { device, dtype: load.dtype, random_weights: load.random_weights };
         let bar = progress.then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(
@@ -443,8 +443,9 @@ fn read_api_keys(path: &Path) -> anyhow::Result<std::collections::HashSet<String
 }
 
 fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+    let host = Host::new(cli)?;
     // Flags override the config file's [server] table.
-    let defaults = load_config(cli.config.as_deref())?.server;
+    let defaults = host.config.server.clone();
     let host_text = args.host.clone().or(defaults.host).unwrap_or_else(|| "127.0.0.1".into());
     let address: std::net::IpAddr = host_text.parse().with_context(|| format!("--host `{host_text}` is not an IP address"))?;
     let port = args.port.or(defaults.port).unwrap_or(8000);
@@ -466,11 +467,10 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     if !args.served_model_names.is_empty() && args.served_model_names.len() != models.len() {
         anyhow::bail!("--served-model-name was given {} times for {} models", args.served_model_names.len(), models.len());
     }
-    let host = Host::new(cli)?;
     let mut served = Vec::new();
     for (i, model) in models.iter().enumerate() {
         precheck_model(Some(model))?;
-        let model_args = ModelArgs { model: Some(model.clone()), plugin: args.plugin.clone(), device: args.device, dtype: args.dtype, random_weights: args.random_weights };
+        let model_args = ModelArgs { model: Some(model.clone()), load: args.load.clone() };
         let (selected, info) = host.load(&model_args, false)?;
         let name = args.served_model_names.get(i).cloned().unwrap_or_else(|| {
             let path = model.as_path();
