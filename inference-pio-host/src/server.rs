@@ -136,10 +136,16 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// OpenAI's error object (the response body, and a stream's error event).
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}})
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}});
-        let mut response = (self.status, axum::Json(body)).into_response();
+        let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
@@ -169,7 +175,18 @@ pub fn router(options: ServerOptions) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_declared_oversize))
         .with_state(state)
+}
+
+/// A body whose declared length is past [`MAX_BODY_BYTES`] is refused before any of it is
+/// read (the body limit still stops a longer body sent without a length).
+async fn refuse_declared_oversize(request: Request, next: Next) -> Response {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the request body is larger than {MAX_BODY_BYTES} bytes")).into_response();
+    }
+    next.run(request).await
 }
 
 async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
@@ -264,7 +281,7 @@ struct Sampling {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
-    /// Accepted and logged (OpenAI's end-user id).
+    /// OpenAI's end-user id: logged with the request.
     user: Option<String>,
     /// Extension: this request's deadline in seconds (at most the server's).
     timeout_s: Option<f64>,
@@ -294,14 +311,24 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed request body: {e}"), None))
 }
 
+/// How a request is answered, apart from what the engine computes.
+struct Delivery {
+    stream: bool,
+    include_usage: bool,
+    /// The deadline in seconds: the request's own `timeout_s`, at most the server's.
+    timeout_s: f64,
+    /// OpenAI's end-user id, logged with the request.
+    user: Option<String>,
+}
+
 impl Sampling {
-    /// The request's deadline: its own `timeout_s`, at most the server's.
-    fn timeout(&self, server: f64) -> Result<f64, ApiError> {
-        match self.timeout_s {
-            None => Ok(server),
-            Some(t) if t > 0.0 && t <= server => Ok(t),
-            Some(t) => Err(ApiError::bad(format!("`timeout_s` = {t} must be positive and at most the server's {server} s"), Some("timeout_s"))),
-        }
+    fn delivery(&self, server_timeout_s: f64) -> Result<Delivery, ApiError> {
+        let timeout_s = match self.timeout_s {
+            None => server_timeout_s,
+            Some(t) if t > 0.0 && t <= server_timeout_s => t,
+            Some(t) => return Err(ApiError::bad(format!("`timeout_s` = {t} must be positive and at most the server's {server_timeout_s} s"), Some("timeout_s"))),
+        };
+        Ok(Delivery { stream: self.stream, include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage), timeout_s, user: self.user.clone() })
     }
 
     /// The engine's parameters; a setting it does not implement is refused by name.
@@ -428,8 +455,8 @@ enum Piece {
     Done(Result<InferResponse, ApiError>),
 }
 
-/// Runs one request on a blocking thread; `on_text` gets each token's text and returns
-/// whether to go on.
+/// Runs one request on a blocking thread, sending each token's text to `stream` (when
+/// streaming) and stopping at the next token once `cancel` is raised or the deadline passes.
 async fn generate(
     state: &Arc<AppState>,
     model: &Arc<ServedModel>,
@@ -444,7 +471,6 @@ async fn generate(
     let plugin = Arc::clone(&model.plugin);
     let handle = model.info.handle;
     let flag = Arc::clone(&cancel);
-    let sender = stream.clone();
     let timing = Arc::clone(state);
     let arrived = Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
@@ -463,7 +489,7 @@ async fn generate(
                 late.store(true, Ordering::SeqCst);
                 return false;
             }
-            match &sender {
+            match &stream {
                 Some(tx) => tx.send(Piece::Text(text.to_string())).is_ok(),
                 None => true,
             }
@@ -511,40 +537,45 @@ fn admit(state: &Arc<AppState>) -> Result<tokio::sync::OwnedSemaphorePermit, Api
     })
 }
 
-/// The two endpoints' shared path: one request, answered whole or streamed as SSE chunks
-/// built by `chunk(delta_text, finish_reason)`.
-#[allow(clippy::too_many_arguments)]
+/// What every answer names: its id, creation time and model.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+/// One streamed chunk: the opening one, a token's text, or the last one.
+enum Chunk<'a> {
+    Start,
+    Text(&'a str),
+    Finish(&'a InferResponse),
+}
+
+/// The two endpoints' shared path: one request, answered whole (`whole`) or streamed as SSE
+/// chunks (`chunk`), each in its endpoint's shape.
 async fn respond(
     state: Arc<AppState>,
     model: Arc<ServedModel>,
     request: InferRequest,
-    stream: bool,
-    include_usage: bool,
-    timeout_s: f64,
-    id: String,
-    whole: impl FnOnce(&InferResponse) -> Value + Send + 'static,
-    chunk: impl Fn(Option<&str>, Option<&InferResponse>) -> Value + Send + 'static,
-) -> Response {
-    let permit = match admit(&state) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
+    delivery: Delivery,
+    id_prefix: &str,
+    whole: impl FnOnce(&Meta, &InferResponse) -> Value + Send + 'static,
+    chunk: impl Fn(&Meta, Chunk<'_>) -> Value + Send + 'static,
+) -> Result<Response, ApiError> {
+    let permit = admit(&state)?;
+    let meta = Meta { id: format!("{id_prefix}-{}", state.next_id.fetch_add(1, Ordering::Relaxed)), created: now_s(), model: model.name.clone() };
     let cancel = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let model_name = model.name.clone();
+    let Delivery { stream, include_usage, timeout_s, user } = delivery;
     if !stream {
         // Dropped with this future if the client goes away first: the engine then stops.
         let guard = CancelOnDrop(Arc::clone(&cancel));
         let result = generate(&state, &model, request, timeout_s, Arc::clone(&cancel), None).await;
         drop(permit);
         drop(guard);
-        return match result {
-            Ok(response) => {
-                log_request(&id, &model_name, &response, started);
-                axum::Json(whole(&response)).into_response()
-            }
-            Err(e) => e.into_response(),
-        };
+        let response = result?;
+        log_request(&meta, user.as_deref(), &response, started);
+        return Ok(axum::Json(whole(&meta, &response)).into_response());
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
     let done = tx.clone();
@@ -558,46 +589,35 @@ async fn respond(
     let events = async_stream(move |out| async move {
         // Cancels the engine's sequence if the client goes away (the stream is dropped).
         let _guard = CancelOnDrop(cancel);
-        let _ = out.send(chunk(Some(""), None).to_string());
+        let _ = out.send(chunk(&meta, Chunk::Start).to_string());
         while let Some(piece) = rx.recv().await {
             match piece {
                 Piece::Text(text) => {
-                    if out.send(chunk(Some(&text), None).to_string()).is_err() {
+                    if out.send(chunk(&meta, Chunk::Text(&text)).to_string()).is_err() {
                         return;
                     }
                 }
                 Piece::Done(Ok(response)) => {
-                    log_request(&id, &model_name, &response, started);
-                    let mut last = chunk(None, Some(&response));
-                    if !include_usage {
-                        if let Some(o) = last.as_object_mut() {
-                            o.remove("usage");
-                        }
+                    log_request(&meta, user.as_deref(), &response, started);
+                    let mut last = chunk(&meta, Chunk::Finish(&response));
+                    let _ = out.send(last.to_string());
+                    // OpenAI's usage chunk: no choices, the usage.
+                    if include_usage {
+                        last["choices"] = json!([]);
+                        last["usage"] = usage(&response);
                         let _ = out.send(last.to_string());
-                    } else {
-                        let usage_value = last.get("usage").cloned();
-                        if let Some(o) = last.as_object_mut() {
-                            o.remove("usage");
-                        }
-                        let _ = out.send(last.to_string());
-                        let mut tail = chunk(None, None);
-                        if let Some(o) = tail.as_object_mut() {
-                            o.insert("choices".into(), json!([]));
-                            o.insert("usage".into(), usage_value.unwrap_or(Value::Null));
-                        }
-                        let _ = out.send(tail.to_string());
                     }
                     break;
                 }
                 Piece::Done(Err(e)) => {
-                    let _ = out.send(json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status.as_u16()}}).to_string());
+                    let _ = out.send(e.body().to_string());
                     break;
                 }
             }
         }
         let _ = out.send("[DONE]".to_string());
     });
-    Sse::new(events).into_response()
+    Ok(Sse::new(events).into_response())
 }
 
 /// A stream of SSE events fed by `body` through a channel (ends when `body` returns).
@@ -623,9 +643,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn log_request(id: &str, model: &str, response: &InferResponse, started: Instant) {
+fn log_request(meta: &Meta, user: Option<&str>, response: &InferResponse, started: Instant) {
     tracing::info!(
-        "request {id} model={model} prompt_tokens={} completion_tokens={} finish={:?} ttft_s={:.3} total_s={:.3}",
+        "request {} model={} user={} prompt_tokens={} completion_tokens={} finish={:?} ttft_s={:.3} total_s={:.3}",
+        meta.id,
+        meta.model,
+        user.unwrap_or("-"),
         response.prompt_token_ids.len(),
         response.token_ids.len(),
         response.finish_reason,
@@ -634,54 +657,31 @@ fn log_request(id: &str, model: &str, response: &InferResponse, started: Instant
     );
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let body: ChatBody = match parse(&body) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let model = match find_model(&state, &body.model) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: ChatBody = parse(&body)?;
+    let model = find_model(&state, &body.model)?;
     if let Some(format) = &body.response_format
         && format.get("type").and_then(Value::as_str) != Some("text")
     {
-        return ApiError::bad("`response_format` other than `text` is not supported yet", Some("response_format")).into_response();
+        return Err(ApiError::bad("`response_format` other than `text` is not supported yet", Some("response_format")));
     }
     if body.tool_choice.as_ref().is_some_and(|c| c != "auto") {
-        return ApiError::bad("`tool_choice` other than `auto` is not supported yet", Some("tool_choice")).into_response();
+        return Err(ApiError::bad("`tool_choice` other than `auto` is not supported yet", Some("tool_choice")));
     }
     if body.messages.is_empty() {
-        return ApiError::bad("`messages` must not be empty", Some("messages")).into_response();
+        return Err(ApiError::bad("`messages` must not be empty", Some("messages")));
     }
-    let messages = match body.messages.iter().map(message).collect::<Result<Vec<_>, _>>() {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
-    let (sampling, stop) = match body.sampling.params(&model.info) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
-    let _ = &body.sampling.user;
-    let request = InferRequest { input: PromptInput::Chat { messages, tools: body.tools.clone() }, sampling, stop };
-    let id = format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
-    let created = now_s();
-    let name = model.name.clone();
-    let (id1, id2, name1, name2) = (id.clone(), id.clone(), name.clone(), name);
-    let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let timeout_s = match body.sampling.timeout(state.request_timeout_s) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+    let messages = body.messages.iter().map(message).collect::<Result<Vec<_>, _>>()?;
+    let (sampling, stop) = body.sampling.params(&model.info)?;
+    let delivery = body.sampling.delivery(state.request_timeout_s)?;
+    let request = InferRequest { input: PromptInput::Chat { messages, tools: body.tools }, sampling, stop };
     respond(
         Arc::clone(&state),
         model,
         request,
-        body.sampling.stream,
-        include_usage,
-        timeout_s,
-        id,
-        move |r| {
+        delivery,
+        "chatcmpl",
+        |meta, r| {
             let mut message = json!({"role": "assistant", "content": r.text});
             if !r.reasoning.is_empty() {
                 message["reasoning_content"] = json!(r.reasoning);
@@ -689,15 +689,15 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
             if !r.tool_calls.is_empty() {
                 message["tool_calls"] = tool_calls(r);
             }
-            json!({"id": id1, "object": "chat.completion", "created": created, "model": name1,
+            json!({"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(r), "logprobs": null}],
                    "usage": usage(r)})
         },
-        move |text, done| {
-            let (delta, finish, usage_value) = match (text, done) {
-                (Some(""), None) => (json!({"role": "assistant", "content": ""}), Value::Null, Value::Null),
-                (Some(t), _) => (json!({"content": t}), Value::Null, Value::Null),
-                (None, Some(r)) => {
+        |meta, chunk| {
+            let (delta, finish) = match chunk {
+                Chunk::Start => (json!({"role": "assistant", "content": ""}), Value::Null),
+                Chunk::Text(t) => (json!({"content": t}), Value::Null),
+                Chunk::Finish(r) => {
                     let mut delta = json!({});
                     if !r.tool_calls.is_empty() {
                         delta["tool_calls"] = tool_calls(r);
@@ -705,12 +705,11 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
                     if !r.reasoning.is_empty() {
                         delta["reasoning_content"] = json!(r.reasoning);
                     }
-                    (delta, json!(finish_reason(r)), usage(r))
+                    (delta, json!(finish_reason(r)))
                 }
-                (None, None) => (json!({}), Value::Null, Value::Null),
             };
-            json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": name2,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}], "usage": usage_value})
+            json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}], "usage": null})
         },
     )
     .await
@@ -729,17 +728,11 @@ fn tool_calls(r: &InferResponse) -> Value {
     )
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let body: CompletionBody = match parse(&body) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let model = match find_model(&state, &body.model) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
+async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: CompletionBody = parse(&body)?;
+    let model = find_model(&state, &body.model)?;
     if body.echo == Some(true) {
-        return ApiError::bad("`echo` is not supported", Some("echo")).into_response();
+        return Err(ApiError::bad("`echo` is not supported", Some("echo")));
     }
     let input = match &body.prompt {
         Value::String(s) => PromptInput::Text(s.clone()),
@@ -747,41 +740,28 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
             PromptInput::TokenIds(items.iter().filter_map(Value::as_u64).map(|n| n as u32).collect())
         }
         Value::Array(items) if items.len() == 1 && items[0].is_string() => PromptInput::Text(items[0].as_str().unwrap_or_default().to_string()),
-        _ => return ApiError::bad("`prompt` must be a string or a list of token ids (one prompt per request)", Some("prompt")).into_response(),
+        _ => return Err(ApiError::bad("`prompt` must be a string or a list of token ids (one prompt per request)", Some("prompt"))),
     };
-    let (sampling, stop) = match body.sampling.params(&model.info) {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
-    };
-    let request = InferRequest { input, sampling, stop };
-    let id = format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed));
-    let created = now_s();
-    let (id1, id2, name1, name2) = (id.clone(), id.clone(), model.name.clone(), model.name.clone());
-    let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let timeout_s = match body.sampling.timeout(state.request_timeout_s) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+    let (sampling, stop) = body.sampling.params(&model.info)?;
+    let delivery = body.sampling.delivery(state.request_timeout_s)?;
     respond(
         Arc::clone(&state),
         model,
-        request,
-        body.sampling.stream,
-        include_usage,
-        timeout_s,
-        id,
-        move |r| {
-            json!({"id": id1, "object": "text_completion", "created": created, "model": name1,
+        InferRequest { input, sampling, stop },
+        delivery,
+        "cmpl",
+        |meta, r| {
+            json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
                    "choices": [{"index": 0, "text": r.text, "finish_reason": finish_reason(r), "logprobs": null}], "usage": usage(r)})
         },
-        move |text, done| {
-            let (text, finish, usage_value) = match (text, done) {
-                (Some(t), _) => (t.to_string(), Value::Null, Value::Null),
-                (None, Some(r)) => (String::new(), json!(finish_reason(r)), usage(r)),
-                (None, None) => (String::new(), Value::Null, Value::Null),
+        |meta, chunk| {
+            let (text, finish) = match chunk {
+                Chunk::Start => ("", Value::Null),
+                Chunk::Text(t) => (t, Value::Null),
+                Chunk::Finish(r) => ("", json!(finish_reason(r))),
             };
-            json!({"id": id2, "object": "text_completion", "created": created, "model": name2,
-                   "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": usage_value})
+            json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+                   "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": null})
         },
     )
     .await
