@@ -1093,6 +1093,9 @@ impl WatchPlan {
     /// does where there is none, and always at `maximum` (kill at the limit, the cgroup at
     /// twice the limit as a backstop).
     fn new(c: &WorkerConfig, ncpu: f64, writable: &[PathBuf], memory_cgroup: bool) -> Self {
+        // The scratch directory doubles as the cache when the plugin has none: count it once.
+        let mut writable = writable.to_vec();
+        writable.dedup();
         let mut mechanisms = Vec::new();
         let watch_memory = c.level == SecurityLevel::Maximum || !memory_cgroup;
         let memory_bytes = c.limits.memory_gb.filter(|_| watch_memory).map(|gb| (gb * 1e9) as u64);
@@ -1121,7 +1124,7 @@ impl WatchPlan {
                 Err(e) => mechanisms.push(Mechanism::missing("gpu memory watchdog", format!("NVML is not available ({e}): GPU memory of the worker cannot be watched"))),
             }
         }
-        Self { memory_bytes, cpu_cores, cpu_percent: c.limits.cpu_percent.unwrap_or(0.0), disk_bytes, writable: writable.to_vec(), gpu_bytes, nvml, mechanisms }
+        Self { memory_bytes, cpu_cores, cpu_percent: c.limits.cpu_percent.unwrap_or(0.0), disk_bytes, writable, gpu_bytes, nvml, mechanisms }
     }
 
     fn run(self, pid: u32, reason: &KillReason, stop: &AtomicBool) {
@@ -1142,15 +1145,17 @@ impl WatchPlan {
         };
         while !stop.load(Ordering::SeqCst) {
             tick += 1;
+            // The worker's processes, read once per tick for both watchdogs.
+            let pids = if self.memory_bytes.is_some() || self.cpu_cores.is_some() { tree(pid) } else { Vec::new() };
             if let Some(limit) = self.memory_bytes {
-                let rss = tree_rss_bytes(pid);
+                let rss = tree_rss_bytes(&pids);
                 if rss > limit {
                     kill(format!("killed by the host: memory limit {:.3} GB exceeded (resident {:.3} GB)", limit as f64 / 1e9, rss as f64 / 1e9));
                     break;
                 }
             }
             if let Some(cores) = self.cpu_cores
-                && let Some(cpu) = cpu_seconds(pid, ticks)
+                && let Some(cpu) = cpu_seconds(&pids, ticks)
             {
                 let now = Instant::now();
                 cpu_samples.push_back((now, cpu));
@@ -1172,9 +1177,7 @@ impl WatchPlan {
             }
             if tick.is_multiple_of(20) {
                 if let Some(limit) = self.disk_bytes {
-                    let mut dirs = self.writable.clone();
-                    dirs.dedup();
-                    let used: u64 = dirs.iter().map(|d| dir_bytes(d)).sum();
+                    let used: u64 = self.writable.iter().map(|d| dir_bytes(d)).sum();
                     if used > limit {
                         kill(format!("killed by the host: disk limit {:.3} GB exceeded (scratch and cache hold {:.3} GB)", limit as f64 / 1e9, used as f64 / 1e9));
                         break;
@@ -1219,28 +1222,28 @@ fn tree(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Resident memory of `pid` and its descendants.
-fn tree_rss_bytes(pid: u32) -> u64 {
-    tree(pid)
-        .into_iter()
+/// Resident memory of these processes (a [`tree`]).
+fn tree_rss_bytes(pids: &[u32]) -> u64 {
+    pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/statm")).ok())
         .filter_map(|text| text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
         .map(|pages| pages * 4096)
         .sum()
 }
 
-/// utime + stime of `pid` and its descendants (all threads) and their reaped children, in
-/// seconds; `None` when `pid` is gone.
-fn cpu_seconds(pid: u32, ticks: f64) -> Option<f64> {
-    let one = |p: u32| -> Option<f64> {
+/// utime + stime of these processes (a [`tree`]: all threads) and their reaped children, in
+/// seconds; `None` when the first, the worker's own, is gone.
+fn cpu_seconds(pids: &[u32], ticks: f64) -> Option<f64> {
+    let one = |p: &u32| -> Option<f64> {
         let text = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
         let after = &text[text.rfind(')')? + 2..];
         let fields: Vec<&str> = after.split_whitespace().collect();
         // Fields 14..17 of stat(5), counted after the command name: utime, stime, cutime, cstime.
         Some(fields.get(11..15)?.iter().filter_map(|f| f.parse::<f64>().ok()).sum())
     };
-    one(pid)?;
-    Some(tree(pid).into_iter().filter_map(one).sum::<f64>() / ticks)
+    let mut each = pids.iter().map(one);
+    let first = each.next()??;
+    Some((first + each.flatten().sum::<f64>()) / ticks)
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
