@@ -6,15 +6,14 @@
 # inference-pio-host/seccomp/worker_syscalls.py keeps the calls of the worker processes.
 # Also records what the jail depends on here: kernel, user namespaces, a fresh /proc inside
 # them, landlock, NVIDIA device nodes.
-# Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz, .gpu/strace/ (strace 6.1 and
-# its libraries from the build machine, run through their own loader).
+# Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz, .gpu/strace/ (see
+# benches/gpu/strace_carried.sh).
 set -uo pipefail
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio libqwen3_4b_instruct_2507.so
 export XDG_CACHE_HOME=/tmp/xdg
 exec > >(tee -a $OUT/log.txt) 2>&1
 ensure_cublas
-ST() { .gpu/strace/ld-linux-x86-64.so.2 --library-path .gpu/strace .gpu/strace/strace "$@"; }
 {
   uname -a; id; cat /proc/sys/user/max_user_namespaces /proc/sys/kernel/unprivileged_userns_clone 2>&1
   unshare --user --map-root-user --pid --fork --mount --mount-proc sh -c 'id; ls /proc | head -3' 2>&1
@@ -32,7 +31,7 @@ printf '[1,2,3]\n[4,5,6,7,8]\n[9,10]\n' > /tmp/p3.jsonl
 python3 -c "
 import random; r=random.Random(0)
 open('/tmp/p16.jsonl','w').write(''.join(str([r.randrange(100,151000) for _ in range(64)])+'\n' for _ in range(16)))"
-run() { local name=$1; shift; timeout 200 bash -c 'ST() { .gpu/strace/ld-linux-x86-64.so.2 --library-path .gpu/strace .gpu/strace/strace "$@"; }; ST -f -qq -o '$OUT/$name'.trace "$@"' _ "$@" > $OUT/$name.out 2>&1; echo "$name exit $? at $SECONDS s"; tail -n 2 $OUT/$name.out; }
+run() { local name=$1; shift; timeout 200 benches/gpu/strace_carried.sh -f -qq -o $OUT/$name.trace "$@" > $OUT/$name.out 2>&1; echo "$name exit $? at $SECONDS s"; tail -n 2 $OUT/$name.out; }
 run tiny_run $PIO --config /tmp/high.toml run $PD --model /tmp/tiny --prompt-ids 1,2,3,4 --device cuda --dtype f32 --greedy --max-new-tokens 16
 run tiny_batch $PIO --config /tmp/high.toml run $PD --model /tmp/tiny --prompts-file /tmp/p3.jsonl --device cuda --dtype f32 --max-new-tokens 8 --json
 run tiny_score $PIO --config /tmp/high.toml score $PD --model /tmp/tiny --prompt-ids 1,2,3,4,5 --device cuda --dtype f32 --json

@@ -83,11 +83,10 @@ for level in low maximum; do run b16_$level $level --model /tmp/q4b --random-wei
 summary
 
 M strace
-ST() { .gpu/strace/ld-linux-x86-64.so.2 --library-path .gpu/strace .gpu/strace/strace "$@"; }
 mkdir -p /tmp/traces
-timeout 150 bash -c "$(declare -f ST); ST -f -qq -o /tmp/traces/max.trace $PIO --config /tmp/maximum.toml run $PD --model /tmp/q4b --random-weights --prompt-ids 1,2,3,4,5,6,7,8 --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 48 > /dev/null 2>&1"; echo "strace maximum exit $?"
+timeout 150 benches/gpu/strace_carried.sh -f -qq -o /tmp/traces/max.trace $PIO --config /tmp/maximum.toml run $PD --model /tmp/q4b --random-weights --prompt-ids 1,2,3,4,5,6,7,8 --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 48 > /dev/null 2>&1; echo "strace maximum exit $?"
 grep -h "= -1 EPERM" /tmp/traces/max.trace | sed -E 's/^[0-9]+ +//; s/\(.*//' | sort | uniq -c > $OUT/refused.txt; echo "refused at maximum:"; cat $OUT/refused.txt
-timeout 120 bash -c "$(declare -f ST); ST -f -qq -o /tmp/traces/high.trace $PIO --config /tmp/high.toml run $PD --model /tmp/q4b --random-weights --prompt-ids 1,2,3,4,5,6,7,8 --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 48 > /dev/null 2>&1"; echo "strace high exit $?"
+timeout 120 benches/gpu/strace_carried.sh -f -qq -o /tmp/traces/high.trace $PIO --config /tmp/high.toml run $PD --model /tmp/q4b --random-weights --prompt-ids 1,2,3,4,5,6,7,8 --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 48 > /dev/null 2>&1; echo "strace high exit $?"
 python3 inference-pio-host/seccomp/worker_syscalls.py /tmp/traces/high.trace > $OUT/cuda_jailed.txt
 wc -l < $OUT/cuda_jailed.txt; tr '\n' ' ' < $OUT/cuda_jailed.txt; echo
 echo "used $SECONDS s"
