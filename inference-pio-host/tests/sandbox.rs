@@ -60,6 +60,11 @@ fn start(config: WorkerConfig) -> (WorkerPlugin, u64) {
     (worker, model.handle)
 }
 
+/// Whether this test process runs as root (effective uid 0), as the host's own check sees it.
+fn host_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").unwrap_or_default().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
 fn active(worker: &WorkerPlugin, name: &str) -> bool {
     let enforcement = worker.enforcement().expect("enforcement");
     let m = enforcement.mechanisms.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("mechanism {name} not reported: {enforcement:?}"));
@@ -168,7 +173,7 @@ fn the_jail_holds_signals_sockets_exec_ids_modules_and_proc() {
     let abstract_listener = std::os::unix::net::UnixListener::bind_addr(&abstract_addr).expect("abstract listener");
     pathname.set_nonblocking(true).expect("nonblocking");
     abstract_listener.set_nonblocking(true).expect("nonblocking");
-    let host_root = std::fs::read_to_string("/proc/self/status").unwrap_or_default().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let host_root = host_is_root();
 
     for level in [SecurityLevel::High, SecurityLevel::Maximum] {
         let (worker, m) = start(config(level, ResourceLimits::default(), &model));
@@ -236,7 +241,7 @@ fn without_user_namespaces_a_root_host_drops_the_worker_with_setuid() {
     let model = dirs.path().join("model");
     std::fs::create_dir(&model).expect("model dir");
     let cfg = WorkerConfig { user_namespace: false, ..config(SecurityLevel::High, ResourceLimits::default(), &model) };
-    let host_root = std::fs::read_to_string("/proc/self/status").unwrap_or_default().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let host_root = host_is_root();
     if !host_root {
         let refusal = WorkerPlugin::start(cfg).err().expect("refused");
         assert!(refusal.contains("user namespace") && refusal.contains("user_namespace = false"), "{refusal}");
