@@ -29,7 +29,7 @@ use core::marker::PhantomData;
 /// Incompatible changes bump this; the host refuses a plugin with another major version.
 pub const ABI_MAJOR: u32 = 1;
 /// Appended fields bump this; a host accepts plugins with any minor version.
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;
 
 /// What went wrong, coarsely, so the host can react without parsing messages.
 #[repr(u8)]

@@ -428,6 +428,9 @@ pub struct ServerSection {
     pub max_queue: Option<usize>,
     /// The longest a request may run, in seconds (default 600).
     pub request_timeout_s: Option<f64>,
+    /// After SIGTERM or ctrl-c, how long running requests may take to finish before the
+    /// server exits anyway, in seconds (default 30).
+    pub drain_timeout_s: Option<f64>,
 }
 
 /// The uid and gid of a worker started by a root host when the config names none (`nobody`).
@@ -591,6 +594,11 @@ impl HostConfig {
         }
         if self.server.max_queue == Some(0) {
             return Err(self.invalid("server.max_queue".into(), "must be at least 1".into()));
+        }
+        if let Some(t) = self.server.drain_timeout_s
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(self.invalid("server.drain_timeout_s".into(), format!("must be zero or more, got {t}")));
         }
         if let Some(t) = self.server.request_timeout_s
             && !(t.is_finite() && t > 0.0)
@@ -757,13 +765,15 @@ mod tests {
 
     #[test]
     fn the_server_section_is_read_and_checked() {
-        let config = parse("[server]\nhost = \"0.0.0.0\"\nport = 9000\napi_key_file = \"keys\"\nmax_queue = 8\nrequest_timeout_s = 30\n").expect("valid");
+        let config = parse("[server]\nhost = \"0.0.0.0\"\nport = 9000\napi_key_file = \"keys\"\nmax_queue = 8\nrequest_timeout_s = 30\ndrain_timeout_s = 5\n").expect("valid");
         assert_eq!(config.server.port, Some(9000));
+        assert_eq!(config.server.drain_timeout_s, Some(5.0));
         assert!(config.server.api_key_file.as_deref().is_some_and(|p| p.is_absolute() && p.ends_with("keys")));
         for (text, key) in [
             ("[server]\nhost = \"localhost:80\"\n", "server.host"),
             ("[server]\nmax_queue = 0\n", "server.max_queue"),
             ("[server]\nrequest_timeout_s = -1\n", "server.request_timeout_s"),
+            ("[server]\ndrain_timeout_s = -1\n", "server.drain_timeout_s"),
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.to_string().contains(key), "{err}");

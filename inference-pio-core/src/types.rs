@@ -269,6 +269,12 @@ pub struct InferRequest {
     /// Extra stop strings (generation also stops on every EOS id of the model).
     #[serde(default)]
     pub stop: Vec<String>,
+    /// ABI 1.3: a key the prefix cache is partitioned by. Requests with different salts never
+    /// share cached blocks (the server derives one per API key, so one tenant can neither hit
+    /// nor probe another's cached prompts); empty: the shared cache. The host refuses to send
+    /// a salt to a plugin older than 1.3, which would ignore it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cache_salt: String,
 }
 
 /// The most requests one `infer_batch` call takes.

@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// `[server] request_timeout_s`, else 600).
     #[arg(long)]
     pub request_timeout_s: Option<f64>,
+    /// After SIGTERM or ctrl-c the server stops accepting and lets running requests finish
+    /// for this many seconds, then exits (default: `[server] drain_timeout_s`, else 30).
+    #[arg(long)]
+    pub drain_timeout_s: Option<f64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -430,16 +434,9 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 /// The keys of an API key file: one per line, blank lines and `#` comments skipped.
-fn read_api_keys(path: &Path) -> anyhow::Result<std::collections::HashSet<String>> {
+fn read_api_keys(path: &Path) -> anyhow::Result<server::tenants::Tenants> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the API key file {}", path.display()))?;
-    let keys: std::collections::HashSet<String> = text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(str::to_string).collect();
-    if keys.is_empty() {
-        anyhow::bail!("the API key file {} holds no key", path.display());
-    }
-    if let Some(short) = keys.iter().find(|k| k.len() < 16) {
-        anyhow::bail!("API key `{}…` in {} is shorter than 16 characters", short.chars().take(4).collect::<String>(), path.display());
-    }
-    Ok(keys)
+    server::tenants::Tenants::parse(&text, &format!("the API key file {}", path.display())).map_err(anyhow::Error::msg)
 }
 
 fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
@@ -462,6 +459,10 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     }
     if !(request_timeout_s.is_finite() && request_timeout_s > 0.0) {
         anyhow::bail!("--request-timeout-s must be positive, got {request_timeout_s}");
+    }
+    let drain_timeout_s = args.drain_timeout_s.or(defaults.drain_timeout_s).unwrap_or(30.0);
+    if !(drain_timeout_s.is_finite() && drain_timeout_s >= 0.0) {
+        anyhow::bail!("--drain-timeout-s must be zero or more, got {drain_timeout_s}");
     }
     let models = if args.models.is_empty() { vec![PathBuf::from(models::DEFAULT_MODEL)] } else { args.models.clone() };
     if !args.served_model_names.is_empty() && args.served_model_names.len() != models.len() {
@@ -489,10 +490,30 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         tracing::info!("listening on http://{local}{}", if api_keys.is_some() { " (API keys required)" } else { "" });
         let app = server::router(server::ServerOptions { models: served, api_keys, max_queue, request_timeout_s });
-        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("the server failed")?;
-        tracing::info!("shut down");
+        // The signal stops accepting; the drain clock starts with it.
+        let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+        let signal = async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new connections; running requests have {drain_timeout_s} s to finish");
+            let _ = stopping.send(true);
+        };
+        let drain = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_secs_f64(drain_timeout_s)).await;
+        };
+        let serving = std::future::IntoFuture::into_future(axum::serve(listener, app).with_graceful_shutdown(signal));
+        tokio::select! {
+            served = serving => {
+                served.context("the server failed")?;
+                tracing::info!("shut down");
+            }
+            () = drain => tracing::warn!("shut down at the drain timeout of {drain_timeout_s} s: the requests still running are cancelled"),
+        }
         anyhow::Ok(())
-    })
+    })?;
+    // Dropping the connections cancelled their requests, which stop at their next token.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM: stop accepting; running requests finish.
@@ -802,12 +823,12 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
                         prompt_input(&one, args.raw, args.system.as_deref(), tools.clone(), &info)?
                     }
                 };
-                Ok(InferRequest { input, sampling: sampling.clone(), stop: stop.clone() })
+                Ok(InferRequest { input, sampling: sampling.clone(), stop: stop.clone(), cache_salt: String::new() })
             })
             .collect::<anyhow::Result<_>>()?,
         None => {
             let input = prompt_input(&args.prompt, args.raw, args.system.as_deref(), tools, &info)?;
-            vec![InferRequest { input, sampling, stop }; args.batch as usize]
+            vec![InferRequest { input, sampling, stop, cache_salt: String::new() }; args.batch as usize]
         }
     };
     let request = requests[0].clone();
@@ -958,6 +979,7 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
             input: PromptInput::Chat { messages: messages.clone(), tools: tools.clone() },
             sampling: sampling.clone(),
             stop: args.sampling.stop.clone(),
+            cache_salt: String::new(),
         };
         let stdout = std::io::stdout();
         let mut on_token = |_id: u32, t: &str| {

@@ -114,6 +114,19 @@ impl LoadedPlugin {
         }
     }
 
+    /// A plugin built before ABI 1.3 would ignore a request's prefix-cache salt (and share
+    /// one tenant's cached prompts with another): such requests are refused, not sent.
+    fn check_salt(&self, requests: &[InferRequest]) -> Result<(), PluginError> {
+        let minor = self.module.abi_minor();
+        if minor < 3 && requests.iter().any(|r| !r.cache_salt.is_empty()) {
+            return Err(PluginError::new(
+                ErrorKind::Unsupported,
+                format!("plugin {} predates ABI 1.3 (it is 1.{minor}) and cannot keep tenants' prefix caches apart; rebuild it", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
     fn json<T: DeserializeOwned>(&self, text: RString) -> Result<T, PluginError> {
         serde_json::from_str(text.as_str()).map_err(|e| {
             PluginError::internal(format!("plugin {} returned malformed JSON: {e}", self.path.display()))
@@ -161,6 +174,7 @@ impl LoadedPlugin {
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<InferResponse, PluginError> {
         self.guard()?;
+        self.check_salt(std::slice::from_ref(request))?;
         let json = Self::to_json(request)?;
         let mut callback: &mut dyn FnMut(u32, &str) -> bool = on_token;
         let sink = TokenSink::from_closure(&mut callback);
@@ -173,6 +187,7 @@ impl LoadedPlugin {
     pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
         self.guard()?;
         request.validate().map_err(PluginError::invalid)?;
+        self.check_salt(&request.requests)?;
         match self.module.infer_batch() {
             Some(infer_batch) => {
                 let json = Self::to_json(request)?;

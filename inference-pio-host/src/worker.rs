@@ -385,7 +385,9 @@ pub struct Enforcement {
 type KillReason = Arc<Mutex<Option<String>>>;
 
 /// Where the reader thread hands each frame: the waiting call's channel, by request id.
-type Routes = Arc<Mutex<std::collections::HashMap<u64, std::sync::mpsc::Sender<FromWorker>>>>;
+/// `None` once the connection has ended: a call sent after that (to a worker that died while
+/// idle) gets no route, so its wait sees the end at once instead of waiting forever.
+type Routes = Arc<Mutex<Option<std::collections::HashMap<u64, std::sync::mpsc::Sender<FromWorker>>>>>;
 
 struct Worker {
     child: Child,
@@ -749,7 +751,7 @@ impl WorkerPlugin {
         let stop_watchdog = Arc::new(AtomicBool::new(false));
         let mut hs = host_end;
         let writer = hs.try_clone().map_err(|e| format!("cannot share the worker's socket: {e}"))?;
-        let routes: Routes = Arc::default();
+        let routes: Routes = Arc::new(Mutex::new(Some(Default::default())));
         let last_heard = Arc::new(Mutex::new(Instant::now()));
         let heard = Arc::clone(&last_heard);
         let mut worker = Worker {
@@ -822,13 +824,13 @@ impl WorkerPlugin {
                 if let Ok(mut at) = heard.lock() {
                     *at = Instant::now();
                 }
-                let route = routes.lock().ok().and_then(|r| r.get(&id).cloned());
+                let route = routes.lock().ok().and_then(|r| r.as_ref().and_then(|r| r.get(&id).cloned()));
                 if let Some(tx) = route {
                     let _ = tx.send(frame);
                 }
             }
             if let Ok(mut r) = routes.lock() {
-                r.clear();
+                *r = None;
             }
         });
         let pid = worker.child.id();
@@ -864,7 +866,9 @@ impl WorkerPlugin {
         let id = worker.next_id;
         worker.next_id += 1;
         let (tx, events) = std::sync::mpsc::channel();
-        if let Ok(mut routes) = worker.routes.lock() {
+        if let Ok(mut routes) = worker.routes.lock()
+            && let Some(routes) = routes.as_mut()
+        {
             routes.insert(id, tx);
         }
         let sent = Sent {
@@ -876,8 +880,8 @@ impl WorkerPlugin {
             kill_reason: Arc::clone(&worker.kill_reason),
             generation: worker.generation,
         };
-        // A failed write means the connection is gone; the reader then drops the route and
-        // the wait reports the worker's end.
+        // A failed write means the connection is gone: the reader then drops the route (or
+        // already has, and none was made) and the wait reports the worker's end.
         if let Ok(mut stream) = sent.stream.lock() {
             let _ = write_frame(&mut *stream, &ToWorker::Call { id, call: Box::new(call.clone()) });
         }
@@ -924,6 +928,7 @@ impl WorkerPlugin {
     fn settle(&self, state: &mut State, sent: &Sent, waited: Waited) -> Result<serde_json::Value, PluginError> {
         if let Some(worker) = state.worker.as_ref()
             && let Ok(mut routes) = worker.routes.lock()
+            && let Some(routes) = routes.as_mut()
         {
             routes.remove(&sent.id);
         }

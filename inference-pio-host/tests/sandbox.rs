@@ -75,7 +75,7 @@ fn active(worker: &WorkerPlugin, name: &str) -> bool {
 }
 
 fn attack(worker: &WorkerPlugin, model: u64, command: &str) -> Result<String, inference_pio_core::PluginError> {
-    let request = InferRequest { input: PromptInput::Text(command.into()), sampling: Default::default(), stop: vec![] };
+    let request = InferRequest { input: PromptInput::Text(command.into()), sampling: Default::default(), stop: vec![], cache_salt: String::new() };
     worker.infer(model, &request, &mut |_, _| true).map(|r| r.text)
 }
 
@@ -119,8 +119,6 @@ fn high_contains_file_network_process_and_disk_attacks() {
         assert_eq!(ok(&worker, m, "write:/proc/1/oom_score_adj:1"), "err:EACCES");
     }
     assert_eq!(ok(&worker, m, &format!("write:{}:1000", scratch.join("ok.bin").display())), "ok:1000 bytes");
-    // disk_space_gb = 0.001: RLIMIT_FSIZE refuses a 2 MB file with EFBIG (and no SIGXFSZ death).
-    assert_eq!(ok(&worker, m, &format!("write:{}:2000000", scratch.join("big.bin").display())), "err:EFBIG");
     // `high`'s seccomp deny-list refuses the socket itself; without it the empty network
     // namespace has no route.
     if active(&worker, "seccomp") {
@@ -136,6 +134,23 @@ fn high_contains_file_network_process_and_disk_attacks() {
     // The worker survived all of it and still answers.
     assert_eq!(ok(&worker, m, "echo"), "ok");
     assert_eq!(worker.restarts(), 0);
+
+    // Last, because it ends this worker: disk_space_gb = 0.001, so RLIMIT_FSIZE stops a 2 MB
+    // file at 1 MB with EFBIG (and no SIGXFSZ death). That 1 MB beside `ok.bin` is over the
+    // limit, so the disk watchdog kills the worker at its next check, and says why.
+    assert_eq!(ok(&worker, m, &format!("write:{}:2000000", scratch.join("big.bin").display())), "err:EFBIG");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let killed = loop {
+        match attack(&worker, m, "echo") {
+            Err(e) => break e.to_string(),
+            Ok(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Ok(_) => panic!("the worker outlived its disk limit"),
+        }
+    };
+    assert!(killed.contains("killed by the host: disk limit 0.001 GB exceeded"), "{killed}");
+    // A fresh worker (with a fresh scratch directory) answers the next request.
+    assert_eq!(ok(&worker, m, "echo"), "ok");
+    assert_eq!(worker.restarts(), 1);
 }
 
 #[test]
@@ -384,7 +399,7 @@ fn concurrent_calls_through_the_worker_are_multiplexed_and_cancelled_by_id() {
         // answered: one call at a time on the socket would deadlock here (and time out).
         let worker = &worker;
         let streaming = scope.spawn(move || {
-            let request = InferRequest { input: PromptInput::Text("stream:100000000".into()), sampling: Default::default(), stop: vec![] };
+            let request = InferRequest { input: PromptInput::Text("stream:100000000".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new() };
             let mut seen = 0u32;
             let mut other = None;
             let response = worker.infer(handle, &request, &mut |_, _| {

@@ -84,12 +84,14 @@ pub struct RowRequest {
     pub tools: Option<serde_json::Value>,
     /// EOS ids do not end the sequence (vLLM's `ignore_eos`; the fixtures' greedy runs).
     pub ignore_eos: bool,
+    /// The prefix-cache partition (a tenant's salt); empty: the shared cache.
+    pub cache_salt: Vec<u8>,
 }
 
 impl RowRequest {
     /// Greedy, `max_new_tokens` at most, no stop strings.
     pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
-        Self { prompt, sampling: SamplingConfig::greedy(), max_new_tokens, stop: Vec::new(), tools: None, ignore_eos: false }
+        Self { prompt, sampling: SamplingConfig::greedy(), max_new_tokens, stop: Vec::new(), tools: None, ignore_eos: false, cache_salt: Vec::new() }
     }
 
     pub fn ignoring_eos(mut self) -> Self {
@@ -179,7 +181,7 @@ impl Model {
             PromptInput::Chat { tools, .. } => tools.clone(),
             _ => None,
         };
-        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos })
+        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: Vec::new() })
     }
 }
 
@@ -250,13 +252,17 @@ impl Engine {
         (self.steps.block_tokens(), self.steps.blocks())
     }
 
-    fn submit(&self, works: Vec<Work>, chunk: usize, salt: &[u8]) -> Result<Pending, EngineError> {
+    fn submit(&self, works: Vec<Work>, chunk: usize) -> Result<Pending, EngineError> {
         let (tx, rx) = channel();
         let mut cancels = Vec::with_capacity(works.len());
         for (tag, work) in works.into_iter().enumerate() {
             let cancel = Arc::new(AtomicBool::new(false));
             cancels.push(Arc::clone(&cancel));
-            self.steps.submit(Submission { work, chunk, salt: salt.to_vec(), events: tx.clone(), tag, cancel })?;
+            let salt = match &work {
+                Work::Generate(r) => r.cache_salt.clone(),
+                Work::Score(_) => Vec::new(),
+            };
+            self.steps.submit(Submission { work, chunk, salt, events: tx.clone(), tag, cancel })?;
         }
         Ok(Pending { events: rx, cancels })
     }
@@ -271,7 +277,7 @@ impl Engine {
         on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
         timings: &mut Timings,
     ) -> Result<Vec<RowResult>, EngineError> {
-        let finished = self.run_rows(requests, optimization, &[], on_token)?;
+        let finished = self.run_rows(requests, optimization, on_token)?;
         *timings = batch_timings(&finished);
         Ok(finished.into_iter().map(|f| f.result).collect())
     }
@@ -281,14 +287,13 @@ impl Engine {
         &self,
         requests: Vec<RowRequest>,
         optimization: &OptimizationSettings,
-        salt: &[u8],
         on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
     ) -> Result<Vec<Finished>, EngineError> {
         if requests.is_empty() {
             return Err(EngineError::InvalidRequest("nothing to generate from".into()));
         }
         let rows = requests.len();
-        let pending = self.submit(requests.into_iter().map(Work::Generate).collect(), chunk_of(optimization), salt)?;
+        let pending = self.submit(requests.into_iter().map(Work::Generate).collect(), chunk_of(optimization))?;
         // What each row's consumer took: after a cancel, the row's result is what was
         // delivered (the loop may have run ahead by a step).
         let mut delivered: Vec<(Vec<u32>, String, bool)> = vec![(Vec::new(), String::new(), false); rows];
@@ -353,8 +358,29 @@ impl Engine {
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<InferResponse, EngineError> {
         let request = self.row_request(input, params, stop, host_defaults)?;
+        self.generate_row(request, optimization, on_token)
+    }
+
+    /// One request, as the ABI carries it (its prefix-cache salt included), streamed.
+    pub fn generate_request(
+        &self,
+        request: &InferRequest,
+        host_defaults: &SamplingOverrides,
+        optimization: &OptimizationSettings,
+        on_token: &mut dyn FnMut(u32, &str) -> bool,
+    ) -> Result<InferResponse, EngineError> {
+        let row = self.row_request(&request.input, &request.sampling, &request.stop, host_defaults)?;
+        self.generate_row(RowRequest { cache_salt: request.cache_salt.as_bytes().to_vec(), ..row }, optimization, on_token)
+    }
+
+    fn generate_row(
+        &self,
+        request: RowRequest,
+        optimization: &OptimizationSettings,
+        on_token: &mut dyn FnMut(u32, &str) -> bool,
+    ) -> Result<InferResponse, EngineError> {
         let prompt = request.prompt.clone();
-        let mut finished = self.run_rows(vec![request], optimization, &[], &mut |_, id, text| on_token(id, text))?;
+        let mut finished = self.run_rows(vec![request], optimization, &mut |_, id, text| on_token(id, text))?;
         let f = finished.remove(0);
         Ok(response(prompt, f.result, f.timings))
     }
@@ -371,14 +397,16 @@ impl Engine {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                self.row_request(&r.input, &r.sampling, &r.stop, host_defaults).map_err(|e| match e {
+                self.row_request(&r.input, &r.sampling, &r.stop, host_defaults)
+                    .map(|row| RowRequest { cache_salt: r.cache_salt.as_bytes().to_vec(), ..row })
+                    .map_err(|e| match e {
                     EngineError::InvalidRequest(m) => EngineError::InvalidRequest(format!("request {i} of the batch: {m}")),
                     other => other,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt.clone()).collect();
-        let finished = self.run_rows(rows, optimization, &[], &mut |_, _, _| true)?;
+        let finished = self.run_rows(rows, optimization, &mut |_, _, _| true)?;
         let timings = batch_timings(&finished);
         let responses = prompts.into_iter().zip(finished).map(|(prompt, f)| response(prompt, f.result, f.timings)).collect();
         Ok(BatchInferResponse { responses, timings })
@@ -387,7 +415,7 @@ impl Engine {
     /// Logits at every prompt position: perplexity and optionally all logits.
     pub fn score(&self, input: &PromptInput, return_logits: bool) -> Result<ScoreResponse, EngineError> {
         let ids = self.prompt_ids(input)?;
-        let pending = self.submit(vec![Work::Score(ids.clone())], 0, &[])?;
+        let pending = self.submit(vec![Work::Score(ids.clone())], 0)?;
         let finished = loop {
             match pending.events.recv() {
                 Ok((_, Event::Done(outcome))) => break (*outcome)?,

@@ -377,7 +377,7 @@ impl Plugin for EnginePlugin {
         let engine = self.model(model)?;
         let settings = self.settings();
         engine
-            .generate(&request.input, &request.sampling, &request.stop, &settings.sampling_defaults, &settings.optimization, on_token)
+            .generate_request(&request, &settings.sampling_defaults, &settings.optimization, on_token)
             .map_err(as_plugin_error)
     }
 

@@ -11,8 +11,9 @@
 //!
 //! What a request gets here: the `model` field routes (unknown: 404); API keys (Bearer, from
 //! `--api-key-file`; without one the server binds to loopback only unless
-//! `--allow-unauthenticated`); a bounded queue (`--max-queue`: 503 with `Retry-After` when
-//! full); a client that goes away (stream or not) cancels its request at the next token;
+//! `--allow-unauthenticated`), each a tenant with its own limits (429 with `Retry-After`) and
+//! its own prefix-cache partition ([`tenants`]); a bounded queue (`--max-queue`: 503 with
+//! `Retry-After` when full); a client that goes away (stream or not) cancels its request at the next token;
 //! settings the engine does not implement (`n` > 1, `logprobs`, penalties, `response_format`
 //! other than text, images) are refused by name, never ignored.
 //!
@@ -20,8 +21,10 @@
 //! streaming chunks); vLLM's `entrypoints/openai/serving_chat.py` (SSE framing, `usage`,
 //! `stream_options.include_usage`); llama.cpp's `tools/server`.
 
+pub mod tenants;
+
 use crate::handle::PluginHandle;
-use axum::Router;
+use axum::{Extension, Router};
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -33,8 +36,8 @@ use inference_pio_core::abi::ErrorKind;
 use inference_pio_core::types::{ChatMessage, FinishReason, InferRequest, InferResponse, ModelInfo, PromptInput, SamplingOverrides, SamplingParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::HashSet;
 use std::sync::Arc;
+use tenants::{Tenant, Tenants};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,8 +56,8 @@ pub struct ServedModel {
 /// How the server runs.
 pub struct ServerOptions {
     pub models: Vec<ServedModel>,
-    /// Accepted Bearer keys (`None`: no authentication).
-    pub api_keys: Option<HashSet<String>>,
+    /// Accepted Bearer keys and their tenants (`None`: no authentication, one shared tenant).
+    pub api_keys: Option<Tenants>,
     /// Requests admitted at once (queued in the engines or running); more get 503.
     pub max_queue: usize,
     /// The longest a request may run (seconds); a request may ask for less (`timeout_s`).
@@ -63,7 +66,7 @@ pub struct ServerOptions {
 
 struct AppState {
     models: Vec<Arc<ServedModel>>,
-    api_keys: Option<HashSet<String>>,
+    api_keys: Option<Tenants>,
     queue: Arc<tokio::sync::Semaphore>,
     max_queue: usize,
     request_timeout_s: f64,
@@ -76,6 +79,7 @@ struct Metrics {
     requests_ok: AtomicU64,
     requests_error: AtomicU64,
     requests_rejected: AtomicU64,
+    requests_rate_limited: AtomicU64,
     requests_cancelled: AtomicU64,
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
@@ -189,12 +193,15 @@ async fn refuse_declared_oversize(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+/// Checks the Bearer key and hands its tenant to the handler (as a request extension).
+async fn authenticate(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
     if let Some(keys) = &state.api_keys {
         let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(key) if keys.contains(key.trim()) => {}
-            Some(_) => return ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid API key").into_response(),
+        match given.and_then(|key| keys.find(key.trim())) {
+            Some(tenant) => {
+                request.extensions_mut().insert(tenant);
+            }
+            None if given.is_some() => return ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid API key").into_response(),
             None => return ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing API key: send `Authorization: Bearer KEY`").into_response(),
         }
     }
@@ -223,6 +230,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     counter("request_success_total", "Requests answered in full.", m.requests_ok.load(Ordering::Relaxed), "");
     counter("request_failure_total", "Requests that failed in the engine.", m.requests_error.load(Ordering::Relaxed), "");
     counter("request_rejected_total", "Requests refused before the engine (queue full).", m.requests_rejected.load(Ordering::Relaxed), "");
+    counter("request_rate_limited_total", "Requests refused because their API key was over a limit (429).", m.requests_rate_limited.load(Ordering::Relaxed), "");
     counter("request_cancelled_total", "Requests whose client went away.", m.requests_cancelled.load(Ordering::Relaxed), "");
     counter("prompt_tokens_total", "Prompt tokens of answered requests.", m.prompt_tokens.load(Ordering::Relaxed), "");
     counter("generation_tokens_total", "Generated tokens of answered requests.", m.generation_tokens.load(Ordering::Relaxed), "");
@@ -285,6 +293,10 @@ struct Sampling {
     user: Option<String>,
     /// Extension: this request's deadline in seconds (at most the server's).
     timeout_s: Option<f64>,
+    /// Extension (as vLLM's and llama-server's): generate `max_tokens` tokens even past an
+    /// end-of-sequence token (benchmarks).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Deserialize)]
@@ -319,20 +331,24 @@ struct Delivery {
     timeout_s: f64,
     /// OpenAI's end-user id, logged with the request.
     user: Option<String>,
+    /// The API key's tenant (limits, prefix-cache partition); `None` without keys.
+    tenant: Option<Arc<Tenant>>,
 }
 
 impl Sampling {
-    fn delivery(&self, server_timeout_s: f64) -> Result<Delivery, ApiError> {
+    fn delivery(&self, server_timeout_s: f64, tenant: Option<Arc<Tenant>>) -> Result<Delivery, ApiError> {
         let timeout_s = match self.timeout_s {
             None => server_timeout_s,
             Some(t) if t > 0.0 && t <= server_timeout_s => t,
             Some(t) => return Err(ApiError::bad(format!("`timeout_s` = {t} must be positive and at most the server's {server_timeout_s} s"), Some("timeout_s"))),
         };
-        Ok(Delivery { stream: self.stream, include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage), timeout_s, user: self.user.clone() })
+        Ok(Delivery { stream: self.stream, include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage), timeout_s, user: self.user.clone(), tenant })
     }
 
-    /// The engine's parameters; a setting it does not implement is refused by name.
-    fn params(&self, info: &ModelInfo) -> Result<(SamplingParams, Vec<String>), ApiError> {
+    /// The engine's parameters; a setting it does not implement is refused by name. A
+    /// tenant's `max_tokens` limit caps what the request may ask for (and what it gets when
+    /// it does not say).
+    fn params(&self, info: &ModelInfo, tenant: Option<&Tenant>) -> Result<(SamplingParams, Vec<String>), ApiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad("`n` other than 1 is not supported: send one request per completion", Some("n")));
         }
@@ -344,11 +360,20 @@ impl Sampling {
         if self.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == json!(false))) || self.top_logprobs.is_some_and(|n| n > 0) {
             return Err(ApiError::bad("`logprobs` is not supported yet", Some("logprobs")));
         }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        let mut max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(n) = max_tokens
             && (n == 0 || n as u64 > info.max_context)
         {
             return Err(ApiError::bad(format!("`max_tokens` = {n} must be between 1 and the model's context of {} tokens", info.max_context), Some("max_tokens")));
+        }
+        if let Some((limit, t)) = tenant.and_then(|t| t.limits.max_tokens.map(|l| (l, t))) {
+            match max_tokens {
+                Some(n) if n > limit => {
+                    return Err(ApiError::bad(format!("`max_tokens` = {n} is past API key `{}`'s limit of {limit}", t.id), Some("max_tokens")));
+                }
+                Some(_) => {}
+                None => max_tokens = Some(limit),
+            }
         }
         let temperature = self.temperature;
         if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
@@ -368,7 +393,7 @@ impl Sampling {
                 max_new_tokens: max_tokens,
             },
             seed: self.seed,
-            ignore_eos: false,
+            ignore_eos: self.ignore_eos,
         };
         let stop = match &self.stop {
             None => Vec::new(),
@@ -460,6 +485,7 @@ enum Piece {
 async fn generate(
     state: &Arc<AppState>,
     model: &Arc<ServedModel>,
+    tenant: Option<&Arc<Tenant>>,
     request: InferRequest,
     timeout_s: f64,
     cancel: Arc<AtomicBool>,
@@ -511,6 +537,9 @@ async fn generate(
             }
             state.metrics.prompt_tokens.fetch_add(response.prompt_token_ids.len() as u64, Ordering::Relaxed);
             state.metrics.generation_tokens.fetch_add(response.token_ids.len() as u64, Ordering::Relaxed);
+            if let Some(t) = tenant {
+                t.record((response.prompt_token_ids.len() + response.token_ids.len()) as u64, Instant::now());
+            }
             Ok(response)
         }
         Ok(Err(e)) => {
@@ -562,28 +591,37 @@ async fn respond(
     whole: impl FnOnce(&Meta, &InferResponse) -> Value + Send + 'static,
     chunk: impl Fn(&Meta, Chunk<'_>) -> Value + Send + 'static,
 ) -> Result<Response, ApiError> {
+    let Delivery { stream, include_usage, timeout_s, user, tenant } = delivery;
+    // The key's limits first (429: this client should slow down), then the server's (503).
+    let admitted = match &tenant {
+        Some(t) => Some(t.admit(Instant::now()).map_err(|over| {
+            state.metrics.requests_rate_limited.fetch_add(1, Ordering::Relaxed);
+            ApiError { status: StatusCode::TOO_MANY_REQUESTS, message: over.message, kind: "rate_limit_exceeded", param: None, retry_after: Some(over.retry_after_s) }
+        })?),
+        None => None,
+    };
     let permit = admit(&state)?;
     let meta = Meta { id: format!("{id_prefix}-{}", state.next_id.fetch_add(1, Ordering::Relaxed)), created: now_s(), model: model.name.clone() };
     let cancel = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let Delivery { stream, include_usage, timeout_s, user } = delivery;
     if !stream {
         // Dropped with this future if the client goes away first: the engine then stops.
         let guard = CancelOnDrop(Arc::clone(&cancel));
-        let result = generate(&state, &model, request, timeout_s, Arc::clone(&cancel), None).await;
-        drop(permit);
+        let result = generate(&state, &model, tenant.as_ref(), request, timeout_s, Arc::clone(&cancel), None).await;
+        drop((permit, admitted));
         drop(guard);
         let response = result?;
-        log_request(&meta, user.as_deref(), &response, started);
+        log_request(&meta, tenant.as_ref().map(|t| t.id.as_str()), user.as_deref(), &response, started);
         return Ok(axum::Json(whole(&meta, &response)).into_response());
     }
+    let key_id = tenant.as_ref().map(|t| t.id.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
     let done = tx.clone();
     let task_state = Arc::clone(&state);
     let flag = Arc::clone(&cancel);
     tokio::spawn(async move {
-        let result = generate(&task_state, &model, request, timeout_s, flag, Some(tx)).await;
-        drop(permit);
+        let result = generate(&task_state, &model, tenant.as_ref(), request, timeout_s, flag, Some(tx)).await;
+        drop((permit, admitted));
         let _ = done.send(Piece::Done(result));
     });
     let events = async_stream(move |out| async move {
@@ -598,7 +636,7 @@ async fn respond(
                     }
                 }
                 Piece::Done(Ok(response)) => {
-                    log_request(&meta, user.as_deref(), &response, started);
+                    log_request(&meta, key_id.as_deref(), user.as_deref(), &response, started);
                     let mut last = chunk(&meta, Chunk::Finish(&response));
                     let _ = out.send(last.to_string());
                     // OpenAI's usage chunk: no choices, the usage.
@@ -643,11 +681,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn log_request(meta: &Meta, user: Option<&str>, response: &InferResponse, started: Instant) {
+fn log_request(meta: &Meta, key: Option<&str>, user: Option<&str>, response: &InferResponse, started: Instant) {
     tracing::info!(
-        "request {} model={} user={} prompt_tokens={} completion_tokens={} finish={:?} ttft_s={:.3} total_s={:.3}",
+        "request {} model={} key={} user={} prompt_tokens={} completion_tokens={} finish={:?} ttft_s={:.3} total_s={:.3}",
         meta.id,
         meta.model,
+        key.unwrap_or("-"),
         user.unwrap_or("-"),
         response.prompt_token_ids.len(),
         response.token_ids.len(),
@@ -657,7 +696,8 @@ fn log_request(meta: &Meta, user: Option<&str>, response: &InferResponse, starte
     );
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Extension<Arc<Tenant>>>, body: Bytes) -> Result<Response, ApiError> {
+    let tenant = tenant.map(|Extension(t)| t);
     let body: ChatBody = parse(&body)?;
     let model = find_model(&state, &body.model)?;
     if let Some(format) = &body.response_format
@@ -672,9 +712,10 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
         return Err(ApiError::bad("`messages` must not be empty", Some("messages")));
     }
     let messages = body.messages.iter().map(message).collect::<Result<Vec<_>, _>>()?;
-    let (sampling, stop) = body.sampling.params(&model.info)?;
-    let delivery = body.sampling.delivery(state.request_timeout_s)?;
-    let request = InferRequest { input: PromptInput::Chat { messages, tools: body.tools }, sampling, stop };
+    let (sampling, stop) = body.sampling.params(&model.info, tenant.as_deref())?;
+    let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
+    let delivery = body.sampling.delivery(state.request_timeout_s, tenant)?;
+    let request = InferRequest { input: PromptInput::Chat { messages, tools: body.tools }, sampling, stop, cache_salt };
     respond(
         Arc::clone(&state),
         model,
@@ -728,7 +769,8 @@ fn tool_calls(r: &InferResponse) -> Value {
     )
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extension<Arc<Tenant>>>, body: Bytes) -> Result<Response, ApiError> {
+    let tenant = tenant.map(|Extension(t)| t);
     let body: CompletionBody = parse(&body)?;
     let model = find_model(&state, &body.model)?;
     if body.echo == Some(true) {
@@ -742,12 +784,13 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<
         Value::Array(items) if items.len() == 1 && items[0].is_string() => PromptInput::Text(items[0].as_str().unwrap_or_default().to_string()),
         _ => return Err(ApiError::bad("`prompt` must be a string or a list of token ids (one prompt per request)", Some("prompt"))),
     };
-    let (sampling, stop) = body.sampling.params(&model.info)?;
-    let delivery = body.sampling.delivery(state.request_timeout_s)?;
+    let (sampling, stop) = body.sampling.params(&model.info, tenant.as_deref())?;
+    let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
+    let delivery = body.sampling.delivery(state.request_timeout_s, tenant)?;
     respond(
         Arc::clone(&state),
         model,
-        InferRequest { input, sampling, stop },
+        InferRequest { input, sampling, stop, cache_salt },
         delivery,
         "cmpl",
         |meta, r| {
