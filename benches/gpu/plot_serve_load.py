@@ -65,7 +65,7 @@ for i, l in enumerate(labels):
     xs = [j + i * width for j in range(len(workloads))]
     axes[0].bar(xs, [by[(l, w)]["output_throughput"] if (l, w) in by else 0 for w in workloads], width, label=l)
     axes[1].bar(xs, [(by[(l, w)]["ttft_ms"]["p99"] or 0) if (l, w) in by else 0 for w in workloads], width, label=l)
-    pts = [(by[(l, w)]["output_throughput"], by[(l, w)]["itl_ms"]["mean"]) for w in workloads if (l, w) in by and by[(l, w)]["itl_ms"]["mean"]]
+    pts = sorted((by[(l, w)]["output_throughput"], by[(l, w)]["itl_ms"]["mean"]) for w in workloads if (l, w) in by and by[(l, w)]["itl_ms"]["mean"])
     axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=l)
 for ax, title in zip(axes[:2], ["output tokens/s", "p99 time to first token (ms)"]):
     ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(workloads))])
@@ -77,7 +77,7 @@ axes[2].set_xlabel("output tokens/s")
 axes[2].set_ylabel("mean inter-token latency (ms)")
 axes[2].set_title("latency against throughput")
 axes[2].legend()
-fig.suptitle(f"Qwen3-4B bf16 (random weights), 512-token prompts, 128 output tokens — {summary.get('device', '')}, binaries {summary.get('commit', '?')}")
+fig.suptitle(f"Qwen3-4B bf16 (random weights), random 512-token prompts (prefix: 1,024 shared + 64), 128 output tokens — {summary.get('device', '')}, binaries {summary.get('commit', '?')}")
 fig.tight_layout()
 fig.savefig(base + ".png", dpi=110)
 print("wrote", base + ".json", base + ".png")

@@ -371,6 +371,10 @@ pub struct Timings {
     pub kv_blocks_used: u64,
     #[serde(default)]
     pub kv_blocks_total: u64,
+    /// From submission until the scheduler first gave the request a place in a step (its
+    /// time waiting for admission); 0 from plugins that do not report it.
+    #[serde(default)]
+    pub queued_s: f64,
 }
 
 /// A loaded model's scheduler counters (ABI 1.2 `stats`): the server's `/metrics`.

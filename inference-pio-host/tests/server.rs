@@ -188,6 +188,7 @@ fn chat_and_completions_match_run_whole_streamed_and_concurrent() {
     // Every answered request observed its latencies (TTFT once per request, ITL per later token).
     assert!(metric(&server, "time_to_first_token_seconds_count") >= 132.0);
     assert!(metric(&server, "e2e_request_latency_seconds_count") >= 132.0);
+    assert!(metric(&server, "request_queue_time_seconds_count") >= 132.0);
     assert!(metric(&server, "inter_token_latency_seconds_count") >= 132.0 * 4.0);
     assert_eq!(metric(&server, "num_requests_running{model_name=\"tiny\"}"), 0.0);
 }

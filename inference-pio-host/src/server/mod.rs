@@ -86,6 +86,7 @@ struct Metrics {
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
     e2e_latency: Histogram,
+    queue_time: Histogram,
 }
 
 /// Upper bounds (seconds) of the latency histograms' buckets (vLLM's, shortened).
@@ -237,6 +238,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     out.push_str(&m.time_to_first_token.render("time_to_first_token_seconds", "Time from the request's arrival to its first token."));
     out.push_str(&m.inter_token_latency.render("inter_token_latency_seconds", "Time between a request's consecutive tokens."));
     out.push_str(&m.e2e_latency.render("e2e_request_latency_seconds", "Time from the request's arrival to its last token."));
+    out.push_str(&m.queue_time.render("request_queue_time_seconds", "Time a request waited in the engine's queue before its first step."));
     for model in &state.models {
         let (plugin, handle) = (Arc::clone(&model.plugin), model.info.handle);
         let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || plugin.stats(handle)).await else { continue };
@@ -535,6 +537,7 @@ async fn generate(
             } else {
                 state.metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
             }
+            state.metrics.queue_time.observe(response.timings.queued_s);
             state.metrics.prompt_tokens.fetch_add(response.prompt_token_ids.len() as u64, Ordering::Relaxed);
             state.metrics.generation_tokens.fetch_add(response.token_ids.len() as u64, Ordering::Relaxed);
             if let Some(t) = tenant {

@@ -3,7 +3,7 @@
 //! the tokens they get alone; the prefix cache, eviction, preemption by recomputation,
 //! cancellation and the refusal of requests that can never fit.
 
-use inference_pio_core::types::{DType, FinishReason, PluginSettings, PromptInput, SamplingParams};
+use inference_pio_core::types::{DType, FinishReason, InferRequest, PluginSettings, PromptInput, SamplingOverrides, SamplingParams};
 use inference_pio_engine::generate::{Engine, RowRequest, RowResult};
 use inference_pio_engine::sampling::SamplingConfig;
 use inference_pio_engine::testing::{all_logits, load_cpu_with, rel_l2};
@@ -263,4 +263,18 @@ fn many_greedy_rows_pick_their_tokens_on_the_device_as_alone() {
     let engine = load(|_| {});
     let prompts: Vec<Vec<u32>> = (0..70).map(|i| prompt(3 + i % 7, 100 + i)).collect();
     inference_pio_engine::testing::check_rows_equal_alone(&engine, &prompts, 4);
+}
+
+#[test]
+fn a_request_waiting_for_a_place_reports_its_queue_time() {
+    // One sequence at a time: the second request waits for the first to finish.
+    let engine = load(|s| s.optimization.max_num_seqs = 1);
+    let params = SamplingParams { greedy: true, ignore_eos: true, values: SamplingOverrides { max_new_tokens: Some(24), ..Default::default() }, ..Default::default() };
+    let request = |seed| InferRequest { input: PromptInput::TokenIds(prompt(12, seed)), sampling: params.clone(), stop: vec![], cache_salt: String::new() };
+    let batch = engine.generate_batch(&[request(1), request(2)], &Default::default(), &Default::default()).expect("batch");
+    let (first, second) = (&batch.responses[0].timings, &batch.responses[1].timings);
+    assert!(first.queued_s < first.time_to_first_token_s, "{first:?}");
+    // It waited for the whole of the first (which it was submitted with).
+    assert!(second.queued_s >= first.total_s * 0.9, "second waited {} s, the first ran {} s", second.queued_s, first.total_s);
+    assert!(second.time_to_first_token_s >= second.queued_s, "{second:?}");
 }

@@ -271,6 +271,8 @@ struct Live {
     tag: usize,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
+    /// When a step first computed part of it (the end of its wait for admission).
+    scheduled: Option<Instant>,
     token_times: Vec<Instant>,
     /// Scoring: logits by position.
     logits: Vec<Option<Vec<f32>>>,
@@ -308,6 +310,12 @@ impl LoopState {
                 continue;
             }
             let work = self.scheduler.schedule();
+            let now = Instant::now();
+            for w in &work {
+                if let Some(live) = self.live.get_mut(&w.id) {
+                    live.scheduled.get_or_insert(now);
+                }
+            }
             if work.is_empty() {
                 // Nothing fits (cannot happen for admitted requests, which each fit the pool
                 // alone); fail rather than spin.
@@ -371,6 +379,7 @@ impl LoopState {
                 tag: s.tag,
                 cancel: s.cancel,
                 submitted: Instant::now(),
+                scheduled: None,
                 token_times: Vec::new(),
                 logits: if reuse { Vec::new() } else { vec![None; prompt_len] },
                 cached_tokens: 0,
@@ -506,6 +515,7 @@ impl LoopState {
         timings.cached_prompt_tokens = live.cached_tokens as u64;
         timings.kv_blocks_used = used as u64;
         timings.kv_blocks_total = total as u64;
+        timings.queued_s = live.scheduled.map_or(0.0, |at| at.duration_since(live.submitted).as_secs_f64());
         let done = Finished { result, logits, timings, submitted: live.submitted, token_times: std::mem::take(&mut live.token_times) };
         self.end(id, Ok(done));
     }
