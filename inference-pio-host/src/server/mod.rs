@@ -21,6 +21,7 @@
 //! streaming chunks); vLLM's `entrypoints/openai/serving_chat.py` (SSE framing, `usage`,
 //! `stream_options.include_usage`); llama.cpp's `tools/server`.
 
+pub mod request;
 pub mod tenants;
 
 use crate::handle::PluginHandle;
@@ -34,9 +35,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use inference_pio_core::abi::ErrorKind;
 use inference_pio_core::types::{ChatMessage, FinishReason, InferRequest, InferResponse, ModelInfo, PromptInput, SamplingOverrides, SamplingParams};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
+use request::{BadRequest, ChatBody, CompletionBody, Prompt, Sampling};
 use tenants::{Tenant, Tenants};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -257,72 +258,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// `stop`: one string or a list.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// The sampling fields both endpoints share.
-#[derive(Deserialize)]
-struct Sampling {
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<u32>,
-    min_p: Option<f32>,
-    repetition_penalty: Option<f32>,
-    seed: Option<u64>,
-    stop: Option<Stop>,
-    n: Option<u32>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    logprobs: Option<Value>,
-    top_logprobs: Option<u32>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    /// OpenAI's end-user id: logged with the request.
-    user: Option<String>,
-    /// Extension: this request's deadline in seconds (at most the server's).
-    timeout_s: Option<f64>,
-    /// Extension (as vLLM's and llama-server's): generate `max_tokens` tokens even past an
-    /// end-of-sequence token (benchmarks).
-    #[serde(default)]
-    ignore_eos: bool,
-}
-
-#[derive(Deserialize)]
-struct ChatBody {
-    model: String,
-    messages: Vec<Value>,
-    tools: Option<Value>,
-    tool_choice: Option<Value>,
-    response_format: Option<Value>,
-    #[serde(flatten)]
-    sampling: Sampling,
-}
-
-#[derive(Deserialize)]
-struct CompletionBody {
-    model: String,
-    prompt: Value,
-    echo: Option<bool>,
-    #[serde(flatten)]
-    sampling: Sampling,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed request body: {e}"), None))
+impl From<BadRequest> for ApiError {
+    fn from(e: BadRequest) -> Self {
+        ApiError::bad(e.message, e.param)
+    }
 }
 
 /// How a request is answered, apart from what the engine computes.
@@ -337,103 +276,35 @@ struct Delivery {
     tenant: Option<Arc<Tenant>>,
 }
 
-impl Sampling {
-    fn delivery(&self, server_timeout_s: f64, tenant: Option<Arc<Tenant>>) -> Result<Delivery, ApiError> {
-        let timeout_s = match self.timeout_s {
-            None => server_timeout_s,
-            Some(t) if t > 0.0 && t <= server_timeout_s => t,
-            Some(t) => return Err(ApiError::bad(format!("`timeout_s` = {t} must be positive and at most the server's {server_timeout_s} s"), Some("timeout_s"))),
-        };
-        Ok(Delivery { stream: self.stream, include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage), timeout_s, user: self.user.clone(), tenant })
-    }
-
-    /// The engine's parameters; a setting it does not implement is refused by name. A
-    /// tenant's `max_tokens` limit caps what the request may ask for (and what it gets when
-    /// it does not say).
-    fn params(&self, info: &ModelInfo, tenant: Option<&Tenant>) -> Result<(SamplingParams, Vec<String>), ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad("`n` other than 1 is not supported: send one request per completion", Some("n")));
-        }
-        for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::bad(format!("`{name}` is not supported (use `repetition_penalty`)"), None));
-            }
-        }
-        if self.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == json!(false))) || self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(ApiError::bad("`logprobs` is not supported yet", Some("logprobs")));
-        }
-        let mut max_tokens = self.max_completion_tokens.or(self.max_tokens);
-        if let Some(n) = max_tokens
-            && (n == 0 || n as u64 > info.max_context)
-        {
-            return Err(ApiError::bad(format!("`max_tokens` = {n} must be between 1 and the model's context of {} tokens", info.max_context), Some("max_tokens")));
-        }
-        if let Some((limit, t)) = tenant.and_then(|t| t.limits.max_tokens.map(|l| (l, t))) {
-            match max_tokens {
-                Some(n) if n > limit => {
-                    return Err(ApiError::bad(format!("`max_tokens` = {n} is past API key `{}`'s limit of {limit}", t.id), Some("max_tokens")));
-                }
-                Some(_) => {}
-                None => max_tokens = Some(limit),
-            }
-        }
-        let temperature = self.temperature;
-        if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-            return Err(ApiError::bad("`temperature` must be between 0 and 2", Some("temperature")));
-        }
-        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return Err(ApiError::bad("`top_p` must be in (0, 1]", Some("top_p")));
-        }
-        let params = SamplingParams {
-            greedy: temperature == Some(0.0),
-            values: SamplingOverrides {
-                temperature: temperature.filter(|t| *t > 0.0),
-                top_k: self.top_k,
-                top_p: self.top_p,
-                min_p: self.min_p,
-                repetition_penalty: self.repetition_penalty,
-                max_new_tokens: max_tokens,
-            },
-            seed: self.seed,
-            ignore_eos: self.ignore_eos,
-        };
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) => v.clone(),
-        };
-        if stop.len() > 16 || stop.iter().any(String::is_empty) {
-            return Err(ApiError::bad("`stop` takes at most 16 non-empty strings", Some("stop")));
-        }
-        Ok((params, stop))
-    }
+fn delivery(sampling: &Sampling, server_timeout_s: f64, tenant: Option<Arc<Tenant>>) -> Result<Delivery, ApiError> {
+    Ok(Delivery {
+        stream: sampling.stream,
+        include_usage: sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        timeout_s: sampling.timeout(server_timeout_s)?,
+        user: sampling.user.clone(),
+        tenant,
+    })
 }
 
-/// A chat message's text: a string, or a list of text parts.
-fn message(value: &Value) -> Result<ChatMessage, ApiError> {
-    let role = value.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::bad("every message needs a `role` string", Some("messages")))?;
-    if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
-        return Err(ApiError::bad(format!("unknown message role `{role}`"), Some("messages")));
-    }
-    let content = match value.get("content") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for part in parts {
-                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => text.push_str(t),
-                    (kind, _) => return Err(ApiError::bad(format!("message content part `{}` is not supported by this server (text only)", kind.unwrap_or("?")), Some("messages"))),
-                }
-            }
-            text
-        }
-        Some(_) => return Err(ApiError::bad("message `content` must be a string or a list of parts", Some("messages"))),
+/// The engine's parameters and stop strings (checked in [`request`]), with the tenant's
+/// `max_tokens` limit applied.
+fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Result<(SamplingParams, Vec<String>), ApiError> {
+    let key_limit = tenant.and_then(|t| t.limits.max_tokens.map(|l| (l, t.id.as_str())));
+    let c = sampling.check(info.max_context, key_limit)?;
+    let params = SamplingParams {
+        greedy: c.greedy,
+        values: SamplingOverrides {
+            temperature: c.temperature,
+            top_k: c.top_k,
+            top_p: c.top_p,
+            min_p: c.min_p,
+            repetition_penalty: c.repetition_penalty,
+            max_new_tokens: c.max_tokens,
+        },
+        seed: c.seed,
+        ignore_eos: c.ignore_eos,
     };
-    let mut m = ChatMessage::new(if role == "developer" { "system" } else { role }, &content);
-    m.tool_calls = value.get("tool_calls").filter(|v| !v.is_null()).cloned();
-    m.name = value.get("name").and_then(Value::as_str).map(str::to_string);
-    Ok(m)
+    Ok((params, c.stop))
 }
 
 fn find_model(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
@@ -701,23 +572,21 @@ fn log_request(meta: &Meta, key: Option<&str>, user: Option<&str>, response: &In
 
 async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Extension<Arc<Tenant>>>, body: Bytes) -> Result<Response, ApiError> {
     let tenant = tenant.map(|Extension(t)| t);
-    let body: ChatBody = parse(&body)?;
+    let body: ChatBody = request::parse(&body)?;
     let model = find_model(&state, &body.model)?;
-    if let Some(format) = &body.response_format
-        && format.get("type").and_then(Value::as_str) != Some("text")
-    {
-        return Err(ApiError::bad("`response_format` other than `text` is not supported yet", Some("response_format")));
-    }
-    if body.tool_choice.as_ref().is_some_and(|c| c != "auto") {
-        return Err(ApiError::bad("`tool_choice` other than `auto` is not supported yet", Some("tool_choice")));
-    }
-    if body.messages.is_empty() {
-        return Err(ApiError::bad("`messages` must not be empty", Some("messages")));
-    }
-    let messages = body.messages.iter().map(message).collect::<Result<Vec<_>, _>>()?;
-    let (sampling, stop) = body.sampling.params(&model.info, tenant.as_deref())?;
+    let messages = body
+        .messages()?
+        .into_iter()
+        .map(|m| {
+            let mut message = ChatMessage::new(m.role, &m.content);
+            message.tool_calls = m.tool_calls;
+            message.name = m.name;
+            message
+        })
+        .collect();
+    let (sampling, stop) = params(&body.sampling, &model.info, tenant.as_deref())?;
     let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
-    let delivery = body.sampling.delivery(state.request_timeout_s, tenant)?;
+    let delivery = delivery(&body.sampling, state.request_timeout_s, tenant)?;
     let request = InferRequest { input: PromptInput::Chat { messages, tools: body.tools }, sampling, stop, cache_salt };
     respond(
         Arc::clone(&state),
@@ -774,22 +643,15 @@ fn tool_calls(r: &InferResponse) -> Value {
 
 async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extension<Arc<Tenant>>>, body: Bytes) -> Result<Response, ApiError> {
     let tenant = tenant.map(|Extension(t)| t);
-    let body: CompletionBody = parse(&body)?;
+    let body: CompletionBody = request::parse(&body)?;
     let model = find_model(&state, &body.model)?;
-    if body.echo == Some(true) {
-        return Err(ApiError::bad("`echo` is not supported", Some("echo")));
-    }
-    let input = match &body.prompt {
-        Value::String(s) => PromptInput::Text(s.clone()),
-        Value::Array(items) if !items.is_empty() && items.iter().all(|v| v.as_u64().is_some_and(|n| n <= u32::MAX as u64)) => {
-            PromptInput::TokenIds(items.iter().filter_map(Value::as_u64).map(|n| n as u32).collect())
-        }
-        Value::Array(items) if items.len() == 1 && items[0].is_string() => PromptInput::Text(items[0].as_str().unwrap_or_default().to_string()),
-        _ => return Err(ApiError::bad("`prompt` must be a string or a list of token ids (one prompt per request)", Some("prompt"))),
+    let input = match body.prompt()? {
+        Prompt::Text(text) => PromptInput::Text(text),
+        Prompt::TokenIds(ids) => PromptInput::TokenIds(ids),
     };
-    let (sampling, stop) = body.sampling.params(&model.info, tenant.as_deref())?;
+    let (sampling, stop) = params(&body.sampling, &model.info, tenant.as_deref())?;
     let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
-    let delivery = body.sampling.delivery(state.request_timeout_s, tenant)?;
+    let delivery = delivery(&body.sampling, state.request_timeout_s, tenant)?;
     respond(
         Arc::clone(&state),
         model,

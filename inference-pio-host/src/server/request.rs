@@ -1,0 +1,306 @@
+//! The OpenAI request bodies as they arrive, and every check on them that needs no engine:
+//! what `/v1/chat/completions` and `/v1/completions` accept, what they refuse (with the
+//! parameter named), and the plain values the server then hands to the engine.
+//!
+//! Depends on serde and serde_json only, so the fuzz target (`inference-pio-host/fuzz`,
+//! `openai_request`) builds this very file on its own.
+//!
+//! Reference: the OpenAI API reference (chat completions and completions request bodies).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A request the server refuses (400), naming the parameter where there is one.
+#[derive(Debug, PartialEq)]
+pub struct BadRequest {
+    pub message: String,
+    pub param: Option<&'static str>,
+}
+
+fn bad(message: impl Into<String>, param: Option<&'static str>) -> BadRequest {
+    BadRequest { message: message.into(), param }
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Deserialize)]
+pub struct Sampling {
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    pub n: Option<u32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// OpenAI's end-user id: logged with the request.
+    pub user: Option<String>,
+    /// Extension: this request's deadline in seconds (at most the server's).
+    pub timeout_s: Option<f64>,
+    /// Extension (as vLLM's and llama-server's): generate `max_tokens` tokens even past an
+    /// end-of-sequence token (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Deserialize)]
+pub struct ChatBody {
+    pub model: String,
+    pub messages: Vec<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub response_format: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionBody {
+    pub model: String,
+    pub prompt: Value,
+    pub echo: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// A body as JSON of type `T`.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, BadRequest> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("malformed request body: {e}"), None))
+}
+
+/// The sampling settings once checked, in the engine's terms.
+#[derive(Debug, PartialEq)]
+pub struct Checked {
+    /// `temperature` 0.
+    pub greedy: bool,
+    /// Positive temperatures only (0 is `greedy`).
+    pub temperature: Option<f32>,
+    pub top_k: Option<u32>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub max_tokens: Option<u32>,
+    pub seed: Option<u64>,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+}
+
+impl Sampling {
+    /// The request's deadline: its own `timeout_s`, at most the server's.
+    pub fn timeout(&self, server_timeout_s: f64) -> Result<f64, BadRequest> {
+        match self.timeout_s {
+            None => Ok(server_timeout_s),
+            Some(t) if t > 0.0 && t <= server_timeout_s => Ok(t),
+            Some(t) => Err(bad(format!("`timeout_s` = {t} must be positive and at most the server's {server_timeout_s} s"), Some("timeout_s"))),
+        }
+    }
+
+    /// Checks the settings against the model's context and the key's `max_tokens` limit
+    /// (`(limit, key id)`), which also caps a request that does not say. A setting the
+    /// engine does not implement is refused by name.
+    pub fn check(&self, max_context: u64, key_limit: Option<(u32, &str)>) -> Result<Checked, BadRequest> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(bad("`n` other than 1 is not supported: send one request per completion", Some("n")));
+        }
+        for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(bad(format!("`{name}` is not supported (use `repetition_penalty`)"), None));
+            }
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == Value::Bool(false))) || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(bad("`logprobs` is not supported yet", Some("logprobs")));
+        }
+        let mut max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if let Some(n) = max_tokens
+            && (n == 0 || n as u64 > max_context)
+        {
+            return Err(bad(format!("`max_tokens` = {n} must be between 1 and the model's context of {max_context} tokens"), Some("max_tokens")));
+        }
+        if let Some((limit, key)) = key_limit {
+            match max_tokens {
+                Some(n) if n > limit => return Err(bad(format!("`max_tokens` = {n} is past API key `{key}`'s limit of {limit}"), Some("max_tokens"))),
+                Some(_) => {}
+                None => max_tokens = Some(limit),
+            }
+        }
+        let temperature = self.temperature;
+        if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+            return Err(bad("`temperature` must be between 0 and 2", Some("temperature")));
+        }
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return Err(bad("`top_p` must be in (0, 1]", Some("top_p")));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 16 || stop.iter().any(String::is_empty) {
+            return Err(bad("`stop` takes at most 16 non-empty strings", Some("stop")));
+        }
+        Ok(Checked {
+            greedy: temperature == Some(0.0),
+            temperature: temperature.filter(|t| *t > 0.0),
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            max_tokens,
+            seed: self.seed,
+            ignore_eos: self.ignore_eos,
+            stop,
+        })
+    }
+}
+
+/// A chat message as the chat template takes it.
+#[derive(Debug, PartialEq)]
+pub struct Message {
+    /// `system`, `user`, `assistant` or `tool` (`developer` is `system`).
+    pub role: &'static str,
+    pub content: String,
+    pub tool_calls: Option<Value>,
+    pub name: Option<String>,
+}
+
+impl ChatBody {
+    /// The settings a chat request may not use yet, and its messages (text content only).
+    pub fn messages(&self) -> Result<Vec<Message>, BadRequest> {
+        if let Some(format) = &self.response_format
+            && format.get("type").and_then(Value::as_str) != Some("text")
+        {
+            return Err(bad("`response_format` other than `text` is not supported yet", Some("response_format")));
+        }
+        if self.tool_choice.as_ref().is_some_and(|c| c != "auto") {
+            return Err(bad("`tool_choice` other than `auto` is not supported yet", Some("tool_choice")));
+        }
+        if self.messages.is_empty() {
+            return Err(bad("`messages` must not be empty", Some("messages")));
+        }
+        self.messages.iter().map(message).collect()
+    }
+}
+
+/// A chat message's text: a string, or a list of text parts.
+fn message(value: &Value) -> Result<Message, BadRequest> {
+    let role = match value.get("role").and_then(Value::as_str) {
+        Some("system" | "developer") => "system",
+        Some("user") => "user",
+        Some("assistant") => "assistant",
+        Some("tool") => "tool",
+        Some(other) => return Err(bad(format!("unknown message role `{other}`"), Some("messages"))),
+        None => return Err(bad("every message needs a `role` string", Some("messages"))),
+    };
+    let content = match value.get("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    (kind, _) => return Err(bad(format!("message content part `{}` is not supported by this server (text only)", kind.unwrap_or("?")), Some("messages"))),
+                }
+            }
+            text
+        }
+        Some(_) => return Err(bad("message `content` must be a string or a list of parts", Some("messages"))),
+    };
+    Ok(Message {
+        role,
+        content,
+        tool_calls: value.get("tool_calls").filter(|v| !v.is_null()).cloned(),
+        name: value.get("name").and_then(Value::as_str).map(str::to_string),
+    })
+}
+
+/// A completion's prompt: text, or token ids.
+#[derive(Debug, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    TokenIds(Vec<u32>),
+}
+
+impl CompletionBody {
+    /// The prompt (one per request), refusing `echo`.
+    pub fn prompt(&self) -> Result<Prompt, BadRequest> {
+        if self.echo == Some(true) {
+            return Err(bad("`echo` is not supported", Some("echo")));
+        }
+        match &self.prompt {
+            Value::String(s) => Ok(Prompt::Text(s.clone())),
+            Value::Array(items) if !items.is_empty() && items.iter().all(|v| v.as_u64().is_some_and(|n| n <= u32::MAX as u64)) => {
+                Ok(Prompt::TokenIds(items.iter().filter_map(Value::as_u64).map(|n| n as u32).collect()))
+            }
+            Value::Array(items) if items.len() == 1 && items[0].is_string() => Ok(Prompt::Text(items[0].as_str().unwrap_or_default().to_string())),
+            _ => Err(bad("`prompt` must be a string or a list of token ids (one prompt per request)", Some("prompt"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_bodies_are_checked_by_name() {
+        let body: ChatBody = parse(br#"{"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "stop": "x", "temperature": 0}"#).expect("parses");
+        let messages = body.messages().expect("messages");
+        assert_eq!(messages, vec![Message { role: "system", content: "ab".into(), tool_calls: None, name: None }]);
+        let checked = body.sampling.check(100, None).expect("checks");
+        assert!(checked.greedy && checked.temperature.is_none());
+        assert_eq!(checked.stop, vec!["x".to_string()]);
+        for (text, param) in [
+            (r#"{"model": "m", "messages": [], "n": 2}"#, Some("n")),
+            (r#"{"model": "m", "messages": [], "max_tokens": 101}"#, Some("max_tokens")),
+            (r#"{"model": "m", "messages": [], "top_p": 0}"#, Some("top_p")),
+            (r#"{"model": "m", "messages": [], "stop": ["", "a"]}"#, Some("stop")),
+            (r#"{"model": "m", "messages": [], "logprobs": true}"#, Some("logprobs")),
+        ] {
+            let body: ChatBody = parse(text.as_bytes()).expect(text);
+            assert_eq!(body.sampling.check(100, None).expect_err(text).param, param, "{text}");
+        }
+        let body: ChatBody = parse(br#"{"model": "m", "messages": [{"role": "robot"}]}"#).expect("parses");
+        assert!(body.messages().expect_err("role").message.contains("unknown message role `robot`"));
+        assert!(parse::<ChatBody>(b"{\"model\": 3}").err().expect("a wrong type is refused").message.starts_with("malformed request body"));
+    }
+
+    #[test]
+    fn a_key_limit_caps_max_tokens() {
+        let body: ChatBody = parse(br#"{"model": "m", "messages": []}"#).expect("parses");
+        assert_eq!(body.sampling.check(100, Some((8, "k"))).expect("capped").max_tokens, Some(8));
+        let body: ChatBody = parse(br#"{"model": "m", "messages": [], "max_tokens": 9}"#).expect("parses");
+        assert!(body.sampling.check(100, Some((8, "k"))).expect_err("past").message.contains("past API key `k`'s limit of 8"));
+    }
+
+    #[test]
+    fn completion_prompts_are_text_or_token_ids() {
+        let prompt = |v: &str| parse::<CompletionBody>(format!(r#"{{"model": "m", "prompt": {v}}}"#).as_bytes()).expect(v).prompt();
+        assert_eq!(prompt(r#""hi""#), Ok(Prompt::Text("hi".into())));
+        assert_eq!(prompt("[1, 2]"), Ok(Prompt::TokenIds(vec![1, 2])));
+        assert_eq!(prompt(r#"["hi"]"#), Ok(Prompt::Text("hi".into())));
+        assert!(prompt("[]").is_err() && prompt("[4294967296]").is_err() && prompt(r#"["a", "b"]"#).is_err());
+    }
+}
