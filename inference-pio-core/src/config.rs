@@ -694,6 +694,13 @@ pub fn validate_sampling(s: &SamplingOverrides) -> Result<(), (String, String)> 
     if s.max_new_tokens == Some(0) {
         return Err(("max_new_tokens".into(), "must be at least 1".into()));
     }
+    for (key, value) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        if let Some(p) = value
+            && !(-2.0..=2.0).contains(&p)
+        {
+            return Err((key.into(), format!("must be in [-2, 2], got {p}")));
+        }
+    }
     Ok(())
 }
 

@@ -204,6 +204,14 @@ pub struct SamplingOverrides {
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub max_new_tokens: Option<u32>,
+    /// OpenAI's penalties on the generated tokens (vLLM's semantics): each logit minus
+    /// `presence_penalty` if its token was generated at all, minus `frequency_penalty` times
+    /// how often. In [-2, 2]; 0 or unset: none. A plugin built before them refuses a request
+    /// that sets them (an unknown field), never ignores them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
 }
 
 /// Sampling of one request. `greedy` wins over every other field.

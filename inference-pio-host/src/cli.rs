@@ -175,7 +175,7 @@ pub struct PromptArgs {
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Always take the most likely token.
-    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"])]
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"])]
     pub greedy: bool,
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -187,6 +187,12 @@ pub struct SamplingArgs {
     pub min_p: Option<f32>,
     #[arg(long)]
     pub repetition_penalty: Option<f32>,
+    /// Subtracted from the logit of every token already generated, in [-2, 2] (OpenAI's).
+    #[arg(long)]
+    pub presence_penalty: Option<f32>,
+    /// Subtracted from a token's logit once per time it was generated, in [-2, 2] (OpenAI's).
+    #[arg(long)]
+    pub frequency_penalty: Option<f32>,
     /// Seed for sampling (default: random).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -209,6 +215,8 @@ impl SamplingArgs {
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
             max_new_tokens: self.max_new_tokens,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
         };
         validate_sampling(&values).map_err(|(key, reason)| anyhow::anyhow!("--{}: {reason}", key.replace('_', "-")))?;
         Ok(SamplingParams { greedy: self.greedy, values, seed: self.seed, ignore_eos: self.ignore_eos })

@@ -204,7 +204,7 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}).to_string(), 400, "unknown message role"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(), 400, "`n`"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000000}).to_string(), 400, "max_tokens"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}).to_string(), 400, "presence_penalty"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}).to_string(), 400, "presence_penalty"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true}).to_string(), 400, "logprobs"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(), 400, "image_url"),
@@ -478,4 +478,30 @@ fn a_soak_of_mixed_requests_has_no_errors_and_stable_memory() {
     assert!(started.elapsed() < Duration::from_secs(60), "the soak took {:?}", started.elapsed());
     assert_eq!(metric(&server, "request_failure_total"), 0.0);
     assert!(end <= warm + 32 * 1024, "the server's RSS grew from {warm} KiB to {end} KiB over 320 requests");
+}
+
+#[test]
+fn presence_and_frequency_penalties_reach_the_engine_as_run_applies_them() {
+    let server = start(&[]);
+    let body = |penalty: f64| json!({"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 30, "temperature": 0, "frequency_penalty": penalty, "presence_penalty": penalty / 2.0}).to_string();
+    let (status, plain) = post(&server, "/v1/chat/completions", &body(0.0), None);
+    assert_eq!(status, 200, "{plain}");
+    let (status, penalised) = post(&server, "/v1/chat/completions", &body(2.0), None);
+    assert_eq!(status, 200, "{penalised}");
+    let text = |v: &Value| v["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+    // Greedy decoding of the tiny fixture repeats itself; the penalties break the repeats.
+    assert_ne!(text(&plain), text(&penalised));
+    let out = Command::new(BIN)
+        .args(["run", "--model", fixture().to_str().expect("utf8"), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "30"])
+        .args(["--frequency-penalty", "2", "--presence-penalty", "1", "--json"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run: Value = serde_json::from_slice(&out.stdout).expect("run json");
+    assert_eq!(text(&penalised), run["text"].as_str().expect("text"), "the server and `run` apply the penalties alike");
+    // Out of range is refused by name, at the server and at `run`.
+    let (status, answer) = post(&server, "/v1/chat/completions", &body(2.5), None);
+    assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("frequency_penalty")), "{answer}");
+    let out = Command::new(BIN).args(["run", "--model", fixture().to_str().expect("utf8"), "--prompt", "Hi", "--presence-penalty", "3"]).output().expect("run");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--presence-penalty: must be in [-2, 2]"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -22,6 +22,9 @@ fn holds(c: &Checked, most: u64) {
     assert!(c.stop.len() <= 16 && c.stop.iter().all(|s| !s.is_empty()), "{c:?}");
     assert!(c.temperature.is_none_or(|t| t > 0.0 && t <= 2.0), "{c:?}");
     assert!(c.top_p.is_none_or(|p| p > 0.0 && p <= 1.0), "{c:?}");
+    assert!(c.presence_penalty.is_none_or(|p| (-2.0..=2.0).contains(&p) && p != 0.0), "{c:?}");
+    assert!(c.frequency_penalty.is_none_or(|p| (-2.0..=2.0).contains(&p) && p != 0.0), "{c:?}");
+    assert!(c.repetition_penalty.is_none_or(|r| r > 0.0 && r.is_finite()), "{c:?}");
 }
 
 fn check(sampling: &Sampling) {

@@ -300,6 +300,8 @@ fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Res
             min_p: c.min_p,
             repetition_penalty: c.repetition_penalty,
             max_new_tokens: c.max_tokens,
+            presence_penalty: c.presence_penalty,
+            frequency_penalty: c.frequency_penalty,
         },
         seed: c.seed,
         ignore_eos: c.ignore_eos,

@@ -101,6 +101,8 @@ pub struct Checked {
     pub top_p: Option<f32>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
     pub max_tokens: Option<u32>,
     pub seed: Option<u64>,
     pub ignore_eos: bool,
@@ -125,9 +127,12 @@ impl Sampling {
             return Err(bad("`n` other than 1 is not supported: send one request per completion", Some("n")));
         }
         for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(bad(format!("`{name}` is not supported (use `repetition_penalty`)"), None));
+            if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+                return Err(bad(format!("`{name}` must be between -2 and 2"), Some(if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" })));
             }
+        }
+        if self.repetition_penalty.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err(bad("`repetition_penalty` must be positive", Some("repetition_penalty")));
         }
         if self.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == Value::Bool(false))) || self.top_logprobs.is_some_and(|n| n > 0) {
             return Err(bad("`logprobs` is not supported yet", Some("logprobs")));
@@ -167,6 +172,8 @@ impl Sampling {
             top_p: self.top_p,
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty.filter(|p| *p != 0.0),
+            frequency_penalty: self.frequency_penalty.filter(|p| *p != 0.0),
             max_tokens,
             seed: self.seed,
             ignore_eos: self.ignore_eos,
@@ -278,6 +285,9 @@ mod tests {
             (r#"{"model": "m", "messages": [], "top_p": 0}"#, Some("top_p")),
             (r#"{"model": "m", "messages": [], "stop": ["", "a"]}"#, Some("stop")),
             (r#"{"model": "m", "messages": [], "logprobs": true}"#, Some("logprobs")),
+            (r#"{"model": "m", "messages": [], "presence_penalty": 2.5}"#, Some("presence_penalty")),
+            (r#"{"model": "m", "messages": [], "frequency_penalty": -3}"#, Some("frequency_penalty")),
+            (r#"{"model": "m", "messages": [], "repetition_penalty": 0}"#, Some("repetition_penalty")),
         ] {
             let body: ChatBody = parse(text.as_bytes()).expect(text);
             assert_eq!(body.sampling.check(100, None).expect_err(text).param, param, "{text}");

@@ -54,6 +54,7 @@ impl GenerationDefaults {
                 min_p: f("min_p"),
                 repetition_penalty: f("repetition_penalty"),
                 max_new_tokens: v.get("max_new_tokens").and_then(serde_json::Value::as_u64).map(|x| x as u32),
+                ..Default::default()
             },
             eos_token_ids: token_ids(v.get("eos_token_id")),
         })
@@ -159,6 +160,8 @@ impl Model {
             top_p: pick_f(r.top_p, host.top_p, g.top_p, 1.0),
             min_p: pick_f(r.min_p, host.min_p, g.min_p, 0.0),
             repetition_penalty: pick_f(r.repetition_penalty, host.repetition_penalty, g.repetition_penalty, 1.0),
+            presence_penalty: pick_f(r.presence_penalty, host.presence_penalty, None, 0.0),
+            frequency_penalty: pick_f(r.frequency_penalty, host.frequency_penalty, None, 0.0),
             seed: params.seed.unwrap_or_else(rand::random),
         };
         (config, max_new)

@@ -41,7 +41,7 @@ fn run(engine: &Engine, request: RowRequest) -> RowResult {
 }
 
 fn sampled(prompt: Vec<u32>, max_new: usize, seed: u64) -> RowRequest {
-    let sampling = SamplingConfig { greedy: false, temperature: 1.3, top_k: 40, top_p: 0.95, min_p: 0.0, repetition_penalty: 1.1, seed };
+    let sampling = SamplingConfig { greedy: false, temperature: 1.3, top_k: 40, top_p: 0.95, min_p: 0.0, repetition_penalty: 1.1, presence_penalty: 0.0, frequency_penalty: 0.0, seed };
     RowRequest { sampling, ..RowRequest::greedy(prompt, max_new) }
 }
 

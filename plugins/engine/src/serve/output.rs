@@ -83,7 +83,7 @@ impl Output {
 
     /// Samples the next token from `logits` after `history` (prompt and tokens so far).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        self.sampler.sample(logits, history)
+        self.sampler.sample(logits, history, self.new_ids.len())
     }
 
     /// Takes token `id`; `length` is the sequence's length with it. Returns the text that
