@@ -202,7 +202,7 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         ("/v1/chat/completions", json!({"model": "tiny", "messages": 5}).to_string(), 400, "malformed"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": []}).to_string(), 400, "must not be empty"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}).to_string(), 400, "unknown message role"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(), 400, "`n`"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(), 400, "`n`"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000000}).to_string(), 400, "max_tokens"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}).to_string(), 400, "presence_penalty"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true}).to_string(), 400, "logprobs"),
@@ -504,4 +504,53 @@ fn presence_and_frequency_penalties_reach_the_engine_as_run_applies_them() {
     assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("frequency_penalty")), "{answer}");
     let out = Command::new(BIN).args(["run", "--model", fixture().to_str().expect("utf8"), "--prompt", "Hi", "--presence-penalty", "3"]).output().expect("run");
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--presence-penalty: must be in [-2, 2]"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn n_choices_are_each_what_a_single_request_with_its_seed_gets() {
+    let server = start(&[]);
+    let body = |n: u32, seed: u64, stream: bool| {
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8, "temperature": 1.0,
+               "seed": seed, "n": n, "stream": stream, "stream_options": {"include_usage": true}})
+    };
+    let (status, answer) = post(&server, "/v1/chat/completions", &body(3, 40, false).to_string(), None);
+    assert_eq!(status, 200, "{answer}");
+    let choices = answer["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3);
+    let mut total = 0;
+    let mut prompt = 0;
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        let (_, alone) = post(&server, "/v1/chat/completions", &body(1, 40 + i as u64, false).to_string(), None);
+        assert_eq!(choice["message"]["content"], alone["choices"][0]["message"]["content"], "choice {i}");
+        total += alone["usage"]["completion_tokens"].as_u64().expect("tokens");
+        prompt = alone["usage"]["prompt_tokens"].as_u64().expect("prompt");
+    }
+    // The prompt counted once, the completions summed.
+    assert_eq!(answer["usage"]["completion_tokens"], total);
+    assert_eq!(answer["usage"]["prompt_tokens"], prompt);
+    // Streamed: each choice's deltas add up to its whole text; usage covers all of them.
+    let events = stream(&server, "/v1/chat/completions", &body(3, 40, true));
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut texts = vec![String::new(); 3];
+    let mut usage = Value::Null;
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e).expect("chunk");
+        if let Some(choice) = chunk["choices"].as_array().and_then(|c| c.first()) {
+            let i = choice["index"].as_u64().expect("index") as usize;
+            texts[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        } else {
+            usage = chunk["usage"].clone();
+        }
+    }
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(text, choices[i]["message"]["content"].as_str().expect("content"), "streamed choice {i}");
+    }
+    assert_eq!(usage, answer["usage"]);
+    // Completions too; past the limit is a 400.
+    let (status, completion) = post(&server, "/v1/completions", &json!({"model": "tiny", "prompt": "Once", "max_tokens": 4, "n": 2, "temperature": 0}).to_string(), None);
+    assert_eq!(status, 200, "{completion}");
+    assert_eq!(completion["choices"][0]["text"], completion["choices"][1]["text"], "greedy choices are equal");
+    let (status, answer) = post(&server, "/v1/chat/completions", &body(17, 1, false).to_string(), None);
+    assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("n")), "{answer}");
 }

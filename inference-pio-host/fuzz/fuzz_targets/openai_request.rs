@@ -19,6 +19,7 @@ const SERVER_TIMEOUT_S: f64 = 600.0;
 
 fn holds(c: &Checked, most: u64) {
     assert!(c.max_tokens.is_none_or(|n| n >= 1 && n as u64 <= most), "{c:?}");
+    assert!((1..=request::MAX_CHOICES).contains(&c.n), "{c:?}");
     assert!(c.stop.len() <= 16 && c.stop.iter().all(|s| !s.is_empty()), "{c:?}");
     assert!(c.temperature.is_none_or(|t| t > 0.0 && t <= 2.0), "{c:?}");
     assert!(c.top_p.is_none_or(|p| p > 0.0 && p <= 1.0), "{c:?}");

@@ -286,9 +286,9 @@ fn delivery(sampling: &Sampling, server_timeout_s: f64, tenant: Option<Arc<Tenan
     })
 }
 
-/// The engine's parameters and stop strings (checked in [`request`]), with the tenant's
-/// `max_tokens` limit applied.
-fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Result<(SamplingParams, Vec<String>), ApiError> {
+/// The engine's parameters, stop strings and number of choices (checked in [`request`]),
+/// with the tenant's `max_tokens` limit applied.
+fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Result<(SamplingParams, Vec<String>, u32), ApiError> {
     let key_limit = tenant.and_then(|t| t.limits.max_tokens.map(|l| (l, t.id.as_str())));
     let c = sampling.check(info.max_context, key_limit)?;
     let params = SamplingParams {
@@ -306,7 +306,20 @@ fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Res
         seed: c.seed,
         ignore_eos: c.ignore_eos,
     };
-    Ok((params, c.stop))
+    Ok((params, c.stop, c.n))
+}
+
+/// The engine requests of `n` choices: the same prompt (its blocks shared through the prefix
+/// cache), choice `i` seeded with `seed + i` when a seed is given (so each choice is what a
+/// single request with that seed gets), else each with its own random seed.
+fn choices(request: InferRequest, n: u32) -> Vec<InferRequest> {
+    (0..n as u64)
+        .map(|i| {
+            let mut r = request.clone();
+            r.sampling.seed = request.sampling.seed.map(|s| s.wrapping_add(i));
+            r
+        })
+        .collect()
 }
 
 fn find_model(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
@@ -336,8 +349,10 @@ fn finish_reason(response: &InferResponse) -> &'static str {
     }
 }
 
-fn usage(response: &InferResponse) -> Value {
-    let (p, c) = (response.prompt_token_ids.len(), response.token_ids.len());
+/// OpenAI's usage of an answer's choices: the prompt counted once, the completions summed.
+fn usage(responses: &[InferResponse]) -> Value {
+    let p = responses.first().map_or(0, |r| r.prompt_token_ids.len());
+    let c: usize = responses.iter().map(|r| r.token_ids.len()).sum();
     json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
 }
 
@@ -351,8 +366,10 @@ fn engine_error(e: &inference_pio_core::abi::PluginError) -> ApiError {
 
 /// What a streaming request's engine thread sends to the response.
 enum Piece {
-    Text(String),
-    Done(Result<InferResponse, ApiError>),
+    /// A token's text of choice `.0`.
+    Text(usize, String),
+    /// Choice `.0` ended.
+    Done(usize, Result<InferResponse, ApiError>),
 }
 
 /// Runs one request on a blocking thread, sending each token's text to `stream` (when
@@ -364,7 +381,7 @@ async fn generate(
     request: InferRequest,
     timeout_s: f64,
     cancel: Arc<AtomicBool>,
-    stream: Option<tokio::sync::mpsc::UnboundedSender<Piece>>,
+    stream: Option<(usize, tokio::sync::mpsc::UnboundedSender<Piece>)>,
 ) -> Result<InferResponse, ApiError> {
     let deadline = Instant::now() + std::time::Duration::from_secs_f64(timeout_s);
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -391,7 +408,7 @@ async fn generate(
                 return false;
             }
             match &stream {
-                Some(tx) => tx.send(Piece::Text(text.to_string())).is_ok(),
+                Some((choice, tx)) => tx.send(Piece::Text(*choice, text.to_string())).is_ok(),
                 None => true,
             }
         });
@@ -429,8 +446,9 @@ async fn generate(
     }
 }
 
-fn admit(state: &Arc<AppState>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    Arc::clone(&state.queue).try_acquire_owned().map_err(|_| {
+/// Places in the server's queue for a request's `n` choices (each runs as a sequence).
+fn admit(state: &Arc<AppState>, n: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    Arc::clone(&state.queue).try_acquire_many_owned(n as u32).map_err(|_| {
         state.metrics.requests_rejected.fetch_add(1, Ordering::Relaxed);
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -456,18 +474,23 @@ enum Chunk<'a> {
     Finish(&'a InferResponse),
 }
 
-/// The two endpoints' shared path: one request, answered whole (`whole`) or streamed as SSE
-/// chunks (`chunk`), each in its endpoint's shape.
+/// The two endpoints' shared path: one request of `requests.len()` choices (OpenAI's `n`,
+/// each its own sequence in the engine's batch), answered whole (`whole`) or streamed as SSE
+/// chunks (`chunk`, which names the choice), each in its endpoint's shape.
 async fn respond(
     state: Arc<AppState>,
     model: Arc<ServedModel>,
-    request: InferRequest,
+    requests: Vec<InferRequest>,
     delivery: Delivery,
     id_prefix: &str,
-    whole: impl FnOnce(&Meta, &InferResponse) -> Value + Send + 'static,
-    chunk: impl Fn(&Meta, Chunk<'_>) -> Value + Send + 'static,
+    whole: impl FnOnce(&Meta, &[InferResponse]) -> Value + Send + 'static,
+    chunk: impl Fn(&Meta, usize, Chunk<'_>) -> Value + Send + 'static,
 ) -> Result<Response, ApiError> {
     let Delivery { stream, include_usage, timeout_s, user, tenant } = delivery;
+    let n = requests.len();
+    if n > state.max_queue {
+        return Err(ApiError::bad(format!("`n` = {n} is more than this server admits at once ({})", state.max_queue), Some("n")));
+    }
     // The key's limits first (429: this client should slow down), then the server's (503).
     let admitted = match &tenant {
         Some(t) => Some(t.admit(Instant::now()).map_err(|over| {
@@ -476,54 +499,69 @@ async fn respond(
         })?),
         None => None,
     };
-    let permit = admit(&state)?;
+    let permit = admit(&state, n)?;
     let meta = Meta { id: format!("{id_prefix}-{}", state.next_id.fetch_add(1, Ordering::Relaxed)), created: now_s(), model: model.name.clone() };
     let cancel = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let key_id = tenant.as_ref().map(|t| t.id.clone());
     if !stream {
         // Dropped with this future if the client goes away first: the engine then stops.
         let guard = CancelOnDrop(Arc::clone(&cancel));
-        let result = generate(&state, &model, tenant.as_ref(), request, timeout_s, Arc::clone(&cancel), None).await;
+        let results = futures_util::future::join_all(
+            requests.into_iter().map(|request| generate(&state, &model, tenant.as_ref(), request, timeout_s, Arc::clone(&cancel), None)),
+        )
+        .await;
         drop((permit, admitted));
         drop(guard);
-        let response = result?;
-        log_request(&meta, tenant.as_ref().map(|t| t.id.as_str()), user.as_deref(), &response, started);
-        return Ok(axum::Json(whole(&meta, &response)).into_response());
+        let responses = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        for (i, response) in responses.iter().enumerate() {
+            log_request(&meta, i, key_id.as_deref(), user.as_deref(), response, started);
+        }
+        return Ok(axum::Json(whole(&meta, &responses)).into_response());
     }
-    let key_id = tenant.as_ref().map(|t| t.id.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
-    let done = tx.clone();
-    let task_state = Arc::clone(&state);
-    let flag = Arc::clone(&cancel);
-    tokio::spawn(async move {
-        let result = generate(&task_state, &model, tenant.as_ref(), request, timeout_s, flag, Some(tx)).await;
-        drop((permit, admitted));
-        let _ = done.send(Piece::Done(result));
-    });
+    // The places are given back when the last choice ends.
+    let held = Arc::new((permit, admitted));
+    for (i, request) in requests.into_iter().enumerate() {
+        let (task_state, model, tenant, flag, tx, held) = (Arc::clone(&state), Arc::clone(&model), tenant.clone(), Arc::clone(&cancel), tx.clone(), Arc::clone(&held));
+        tokio::spawn(async move {
+            let result = generate(&task_state, &model, tenant.as_ref(), request, timeout_s, flag, Some((i, tx.clone()))).await;
+            drop(held);
+            let _ = tx.send(Piece::Done(i, result));
+        });
+    }
+    drop((tx, held));
     let events = async_stream(move |out| async move {
-        // Cancels the engine's sequence if the client goes away (the stream is dropped).
+        // Cancels the engine's sequences if the client goes away (the stream is dropped).
         let _guard = CancelOnDrop(cancel);
-        let _ = out.send(chunk(&meta, Chunk::Start).to_string());
+        for i in 0..n {
+            let _ = out.send(chunk(&meta, i, Chunk::Start).to_string());
+        }
+        let mut finished: Vec<Option<InferResponse>> = (0..n).map(|_| None).collect();
         while let Some(piece) = rx.recv().await {
             match piece {
-                Piece::Text(text) => {
-                    if out.send(chunk(&meta, Chunk::Text(&text)).to_string()).is_err() {
+                Piece::Text(i, text) => {
+                    if out.send(chunk(&meta, i, Chunk::Text(&text)).to_string()).is_err() {
                         return;
                     }
                 }
-                Piece::Done(Ok(response)) => {
-                    log_request(&meta, key_id.as_deref(), user.as_deref(), &response, started);
-                    let mut last = chunk(&meta, Chunk::Finish(&response));
-                    let _ = out.send(last.to_string());
-                    // OpenAI's usage chunk: no choices, the usage.
-                    if include_usage {
-                        last["choices"] = json!([]);
-                        last["usage"] = usage(&response);
-                        let _ = out.send(last.to_string());
+                Piece::Done(i, Ok(response)) => {
+                    log_request(&meta, i, key_id.as_deref(), user.as_deref(), &response, started);
+                    let _ = out.send(chunk(&meta, i, Chunk::Finish(&response)).to_string());
+                    finished[i] = Some(response);
+                    if finished.iter().all(Option::is_some) {
+                        // OpenAI's usage chunk: no choices, the usage of all of them.
+                        if include_usage {
+                            let responses: Vec<InferResponse> = finished.into_iter().flatten().collect();
+                            let mut last = chunk(&meta, 0, Chunk::Finish(&responses[0]));
+                            last["choices"] = json!([]);
+                            last["usage"] = usage(&responses);
+                            let _ = out.send(last.to_string());
+                        }
+                        break;
                     }
-                    break;
                 }
-                Piece::Done(Err(e)) => {
+                Piece::Done(_, Err(e)) => {
                     let _ = out.send(e.body().to_string());
                     break;
                 }
@@ -557,10 +595,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn log_request(meta: &Meta, key: Option<&str>, user: Option<&str>, response: &InferResponse, started: Instant) {
+fn log_request(meta: &Meta, choice: usize, key: Option<&str>, user: Option<&str>, response: &InferResponse, started: Instant) {
     tracing::info!(
-        "request {} model={} key={} user={} prompt_tokens={} completion_tokens={} finish={:?} ttft_s={:.3} total_s={:.3}",
+        "request {}{} model={} key={} user={} prompt_tokens={} completion_tokens={} finish={:?} ttft_s={:.3} total_s={:.3}",
         meta.id,
+        if choice > 0 { format!(" choice {choice}") } else { String::new() },
         meta.model,
         key.unwrap_or("-"),
         user.unwrap_or("-"),
@@ -586,29 +625,35 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
             message
         })
         .collect();
-    let (sampling, stop) = params(&body.sampling, &model.info, tenant.as_deref())?;
+    let (sampling, stop, n) = params(&body.sampling, &model.info, tenant.as_deref())?;
     let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
     let delivery = delivery(&body.sampling, state.request_timeout_s, tenant)?;
     let request = InferRequest { input: PromptInput::Chat { messages, tools: body.tools }, sampling, stop, cache_salt };
     respond(
         Arc::clone(&state),
         model,
-        request,
+        choices(request, n),
         delivery,
         "chatcmpl",
-        |meta, r| {
-            let mut message = json!({"role": "assistant", "content": r.text});
-            if !r.reasoning.is_empty() {
-                message["reasoning_content"] = json!(r.reasoning);
-            }
-            if !r.tool_calls.is_empty() {
-                message["tool_calls"] = tool_calls(r);
-            }
+        |meta, responses| {
+            let choices: Vec<Value> = responses
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let mut message = json!({"role": "assistant", "content": r.text});
+                    if !r.reasoning.is_empty() {
+                        message["reasoning_content"] = json!(r.reasoning);
+                    }
+                    if !r.tool_calls.is_empty() {
+                        message["tool_calls"] = tool_calls(r);
+                    }
+                    json!({"index": i, "message": message, "finish_reason": finish_reason(r), "logprobs": null})
+                })
+                .collect();
             json!({"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-                   "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(r), "logprobs": null}],
-                   "usage": usage(r)})
+                   "choices": choices, "usage": usage(responses)})
         },
-        |meta, chunk| {
+        |meta, i, chunk| {
             let (delta, finish) = match chunk {
                 Chunk::Start => (json!({"role": "assistant", "content": ""}), Value::Null),
                 Chunk::Text(t) => (json!({"content": t}), Value::Null),
@@ -624,7 +669,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
                 }
             };
             json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}], "usage": null})
+                   "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": null}], "usage": null})
         },
     )
     .await
@@ -651,27 +696,29 @@ async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extensio
         Prompt::Text(text) => PromptInput::Text(text),
         Prompt::TokenIds(ids) => PromptInput::TokenIds(ids),
     };
-    let (sampling, stop) = params(&body.sampling, &model.info, tenant.as_deref())?;
+    let (sampling, stop, n) = params(&body.sampling, &model.info, tenant.as_deref())?;
     let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
     let delivery = delivery(&body.sampling, state.request_timeout_s, tenant)?;
     respond(
         Arc::clone(&state),
         model,
-        InferRequest { input, sampling, stop, cache_salt },
+        choices(InferRequest { input, sampling, stop, cache_salt }, n),
         delivery,
         "cmpl",
-        |meta, r| {
+        |meta, responses| {
+            let choices: Vec<Value> =
+                responses.iter().enumerate().map(|(i, r)| json!({"index": i, "text": r.text, "finish_reason": finish_reason(r), "logprobs": null})).collect();
             json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                   "choices": [{"index": 0, "text": r.text, "finish_reason": finish_reason(r), "logprobs": null}], "usage": usage(r)})
+                   "choices": choices, "usage": usage(responses)})
         },
-        |meta, chunk| {
+        |meta, i, chunk| {
             let (text, finish) = match chunk {
                 Chunk::Start => ("", Value::Null),
                 Chunk::Text(t) => (t, Value::Null),
                 Chunk::Finish(r) => ("", json!(finish_reason(r))),
             };
             json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                   "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": null})
+                   "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": null}], "usage": null})
         },
     )
     .await

@@ -10,6 +10,9 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+/// The most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: u32 = 16;
+
 /// A request the server refuses (400), naming the parameter where there is one.
 #[derive(Debug, PartialEq)]
 pub struct BadRequest {
@@ -107,6 +110,8 @@ pub struct Checked {
     pub seed: Option<u64>,
     pub ignore_eos: bool,
     pub stop: Vec<String>,
+    /// Choices to generate (OpenAI's `n`), 1 to [`MAX_CHOICES`].
+    pub n: u32,
 }
 
 impl Sampling {
@@ -123,8 +128,9 @@ impl Sampling {
     /// (`(limit, key id)`), which also caps a request that does not say. A setting the
     /// engine does not implement is refused by name.
     pub fn check(&self, max_context: u64, key_limit: Option<(u32, &str)>) -> Result<Checked, BadRequest> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(bad("`n` other than 1 is not supported: send one request per completion", Some("n")));
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(bad(format!("`n` must be between 1 and {MAX_CHOICES}"), Some("n")));
         }
         for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
@@ -178,6 +184,7 @@ impl Sampling {
             seed: self.seed,
             ignore_eos: self.ignore_eos,
             stop,
+            n,
         })
     }
 }
@@ -280,7 +287,8 @@ mod tests {
         assert!(checked.greedy && checked.temperature.is_none());
         assert_eq!(checked.stop, vec!["x".to_string()]);
         for (text, param) in [
-            (r#"{"model": "m", "messages": [], "n": 2}"#, Some("n")),
+            (r#"{"model": "m", "messages": [], "n": 17}"#, Some("n")),
+            (r#"{"model": "m", "messages": [], "n": 0}"#, Some("n")),
             (r#"{"model": "m", "messages": [], "max_tokens": 101}"#, Some("max_tokens")),
             (r#"{"model": "m", "messages": [], "top_p": 0}"#, Some("top_p")),
             (r#"{"model": "m", "messages": [], "stop": ["", "a"]}"#, Some("stop")),

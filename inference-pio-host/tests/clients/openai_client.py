@@ -60,15 +60,23 @@ def main():
             raise AssertionError("an unknown model was accepted")
         except openai.NotFoundError as e:
             assert "nope" in str(e)
+        # n choices with a seed: choice i is what a single request seeded seed + i gets.
+        several = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1.0, seed=3, n=2,
+                                                 frequency_penalty=0.5)
+        assert [c.index for c in several.choices] == [0, 1], several
+        for i, choice in enumerate(several.choices):
+            alone = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1.0, seed=3 + i,
+                                                   frequency_penalty=0.5)
+            assert choice.message.content == alone.choices[0].message.content, (i, choice, alone)
         try:
-            client.chat.completions.create(model="tiny", messages=messages, n=2)
-            raise AssertionError("n=2 was accepted")
+            client.chat.completions.create(model="tiny", messages=messages, n=17)
+            raise AssertionError("n=17 was accepted")
         except openai.BadRequestError as e:
             assert "`n`" in str(e)
         # SIGTERM: a graceful shutdown exits 0.
         server.terminate()
         assert server.wait(timeout=30) == 0, f"exit status {server.returncode} after SIGTERM"
-        print("openai client: models, chat (whole and streamed), completions, errors and SIGTERM ok")
+        print("openai client: models, chat (whole, streamed, n choices, penalties), completions, errors and SIGTERM ok")
     finally:
         server.terminate()
         server.wait(timeout=30)
