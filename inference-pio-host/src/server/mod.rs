@@ -13,9 +13,9 @@
 //! `--api-key-file`; without one the server binds to loopback only unless
 //! `--allow-unauthenticated`), each a tenant with its own limits (429 with `Retry-After`) and
 //! its own prefix-cache partition ([`tenants`]); a bounded queue (`--max-queue`: 503 with
-//! `Retry-After` when full); a client that goes away (stream or not) cancels its request at the next token;
-//! settings the engine does not implement (`n` > 1, `logprobs`, penalties, `response_format`
-//! other than text, images) are refused by name, never ignored.
+//! `Retry-After` when full); a client that goes away (stream or not) cancels its request at
+//! the next token; settings the engine does not implement (`logprobs`, `response_format`
+//! other than text, `tool_choice` other than auto, images) are refused by name, never ignored.
 //!
 //! References: the OpenAI API reference (chat completions, completions, models, errors,
 //! streaming chunks); vLLM's `entrypoints/openai/serving_chat.py` (SSE framing, `usage`,
@@ -307,6 +307,15 @@ fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Res
         ignore_eos: c.ignore_eos,
     };
     Ok((params, c.stop, c.n))
+}
+
+/// One API request as the engine runs it: the requests of its `n` choices (the tenant's
+/// prefix-cache salt and `max_tokens` limit applied) and how it is answered.
+fn engine_requests(state: &AppState, info: &ModelInfo, tenant: Option<Arc<Tenant>>, sampling: &Sampling, input: PromptInput) -> Result<(Vec<InferRequest>, Delivery), ApiError> {
+    let (params, stop, n) = params(sampling, info, tenant.as_deref())?;
+    let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
+    let delivery = delivery(sampling, state.request_timeout_s, tenant)?;
+    Ok((choices(InferRequest { input, sampling: params, stop, cache_salt }, n), delivery))
 }
 
 /// The engine requests of `n` choices: the same prompt (its blocks shared through the prefix
@@ -625,14 +634,12 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
             message
         })
         .collect();
-    let (sampling, stop, n) = params(&body.sampling, &model.info, tenant.as_deref())?;
-    let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
-    let delivery = delivery(&body.sampling, state.request_timeout_s, tenant)?;
-    let request = InferRequest { input: PromptInput::Chat { messages, tools: body.tools }, sampling, stop, cache_salt };
+    let input = PromptInput::Chat { messages, tools: body.tools };
+    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input)?;
     respond(
         Arc::clone(&state),
         model,
-        choices(request, n),
+        requests,
         delivery,
         "chatcmpl",
         |meta, responses| {
@@ -696,13 +703,11 @@ async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extensio
         Prompt::Text(text) => PromptInput::Text(text),
         Prompt::TokenIds(ids) => PromptInput::TokenIds(ids),
     };
-    let (sampling, stop, n) = params(&body.sampling, &model.info, tenant.as_deref())?;
-    let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
-    let delivery = delivery(&body.sampling, state.request_timeout_s, tenant)?;
+    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input)?;
     respond(
         Arc::clone(&state),
         model,
-        choices(InferRequest { input, sampling, stop, cache_salt }, n),
+        requests,
         delivery,
         "cmpl",
         |meta, responses| {

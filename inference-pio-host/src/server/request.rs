@@ -134,7 +134,7 @@ impl Sampling {
         }
         for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-                return Err(bad(format!("`{name}` must be between -2 and 2"), Some(if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" })));
+                return Err(bad(format!("`{name}` must be between -2 and 2"), Some(name)));
             }
         }
         if self.repetition_penalty.is_some_and(|r| !(r.is_finite() && r > 0.0)) {

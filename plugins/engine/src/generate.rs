@@ -167,14 +167,10 @@ impl Model {
         (config, max_new)
     }
 
-    /// A request with defaults resolved (prompt tokenized, sampling chosen).
-    pub fn row_request(
-        &self,
-        input: &PromptInput,
-        params: &SamplingParams,
-        stop: &[String],
-        host_defaults: &SamplingOverrides,
-    ) -> Result<RowRequest, EngineError> {
+    /// A request with defaults resolved (prompt tokenized, sampling chosen, its prefix-cache
+    /// salt kept).
+    pub fn row_request(&self, request: &InferRequest, host_defaults: &SamplingOverrides) -> Result<RowRequest, EngineError> {
+        let InferRequest { input, sampling: params, stop, cache_salt } = request;
         if stop.iter().any(String::is_empty) {
             return Err(EngineError::InvalidRequest("stop strings must not be empty".into()));
         }
@@ -184,7 +180,7 @@ impl Model {
             PromptInput::Chat { tools, .. } => tools.clone(),
             _ => None,
         };
-        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: Vec::new() })
+        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: cache_salt.as_bytes().to_vec() })
     }
 }
 
@@ -350,7 +346,8 @@ impl Engine {
         Ok(out)
     }
 
-    /// One request, streamed.
+    /// One request in the shared prefix cache, streamed ([`Self::generate_request`] without a
+    /// salt).
     pub fn generate(
         &self,
         input: &PromptInput,
@@ -360,8 +357,8 @@ impl Engine {
         optimization: &OptimizationSettings,
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<InferResponse, EngineError> {
-        let request = self.row_request(input, params, stop, host_defaults)?;
-        self.generate_row(request, optimization, on_token)
+        let request = InferRequest { input: input.clone(), sampling: params.clone(), stop: stop.to_vec(), cache_salt: String::new() };
+        self.generate_request(&request, host_defaults, optimization, on_token)
     }
 
     /// One request, as the ABI carries it (its prefix-cache salt included), streamed.
@@ -372,16 +369,7 @@ impl Engine {
         optimization: &OptimizationSettings,
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<InferResponse, EngineError> {
-        let row = self.row_request(&request.input, &request.sampling, &request.stop, host_defaults)?;
-        self.generate_row(RowRequest { cache_salt: request.cache_salt.as_bytes().to_vec(), ..row }, optimization, on_token)
-    }
-
-    fn generate_row(
-        &self,
-        request: RowRequest,
-        optimization: &OptimizationSettings,
-        on_token: &mut dyn FnMut(u32, &str) -> bool,
-    ) -> Result<InferResponse, EngineError> {
+        let request = self.row_request(request, host_defaults)?;
         let prompt = request.prompt.clone();
         let mut finished = self.run_rows(vec![request], optimization, &mut |_, id, text| on_token(id, text))?;
         let f = finished.remove(0);
@@ -400,9 +388,7 @@ impl Engine {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                self.row_request(&r.input, &r.sampling, &r.stop, host_defaults)
-                    .map(|row| RowRequest { cache_salt: r.cache_salt.as_bytes().to_vec(), ..row })
-                    .map_err(|e| match e {
+                self.row_request(r, host_defaults).map_err(|e| match e {
                     EngineError::InvalidRequest(m) => EngineError::InvalidRequest(format!("request {i} of the batch: {m}")),
                     other => other,
                 })
