@@ -74,8 +74,8 @@ if has ours; then
   ours b1 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 256 --repeat 3
   ours b32 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 128 --batch 32 --repeat 2
   ours offline /tmp/nocache.toml --prompts-file /tmp/offline.jsonl --max-new-tokens 128 --repeat 2
-  ours prefix_off /tmp/nocache.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32
-  ours prefix_on /tmp/serve.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32
+  ours prefix_off /tmp/nocache.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32 --repeat 2
+  ours prefix_on /tmp/serve.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32 --repeat 2
 fi
 if has peers; then
   t=$(( $(left) - 40 ))

@@ -51,7 +51,6 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// What one call does, for a rate beside its time.
 #[derive(Clone, Copy)]
 enum Work {
-    None,
     /// Bytes moved.
     Bytes(f64),
     /// Floating-point operations.
@@ -83,7 +82,6 @@ fn check(
     let timing = |op: &dyn Fn() -> Tensor<2>| match (time_graph(device, &|| op().cast(DType::F32)), work) {
         (Ok(s), Work::Bytes(bytes)) => format!("{:7.1} µs {:6.0} GB/s", s * 1e6, bytes / s / 1e9),
         (Ok(s), Work::Flops(flops)) => format!("{:7.1} µs {:6.1} TFLOP/s", s * 1e6, flops / s / 1e12),
-        (Ok(s), Work::None) => format!("{:7.1} µs", s * 1e6),
         (Err(e), _) => format!("({e})"),
     };
     println!("{label}: rel L2 {err:.2e} {} | kernel {} | before {}", if ok { "ok" } else { "FAIL" }, timing(kernel), timing(before));
@@ -183,41 +181,44 @@ fn main() {
 }
 
 /// The paged decode-attention kernel against `gqa_attention` over the gathered keys and
-/// values (the reference the engine runs below the kernel's row threshold): one query token
-/// per row over a pool whose blocks of 16 slots are handed out in shuffled order, each row
-/// seeing `seen` tokens of a `width`-slot table (the rest padding), optionally in a window.
+/// values (the reference the engine runs where the kernel does not apply): one query token
+/// per row over a pool whose blocks of 16 slots are handed out in shuffled order, row `r`
+/// seeing `seen - r % 3` tokens of a `width`-slot table (the rest padding), optionally in a
+/// window; the row counts cover both the split context (few rows) and one cube per row.
 fn check_attention(device: &Device) -> usize {
     let mut failed = 0;
     let bt = 16usize;
     // (name, rows, heads, kv heads, head dim, width, seen, window)
     let cases = [
         ("4B paged attention, 1 row, 100 of 256", 1, 32, 8, 128, 256, 100, None),
+        ("4B paged attention, 1 row, 3000 of 3072", 1, 32, 8, 128, 3072, 3000, None),
         ("4B paged attention, 32 rows, 256 of 256", 32, 32, 8, 128, 256, 256, None),
         ("4B paged attention, 256 rows, 600 of 768", 256, 32, 8, 128, 768, 600, None),
         ("30B paged attention, 2 rows, window 64", 2, 32, 4, 128, 256, 200, Some(64)),
+        ("GLM paged attention, 8 rows, 12 per key head", 8, 96, 8, 128, 512, 500, None),
         ("tiny paged attention, 7 of 16", 2, 4, 2, 16, 16, 7, None),
     ];
     for (name, rows, heads, kv, dim, width, seen, window) in cases {
-        let blocks = rows * width / bt + 3;
-        // Block b of row r is pool block order[r * width / bt + b].
+        let max_blocks = width / bt;
+        let blocks = rows * max_blocks + 3;
+        // Block b of row r is pool block order[r * max_blocks + b].
         let mut order: Vec<usize> = (0..blocks).collect();
         order.reverse();
         order.rotate_left(blocks / 3);
-        let table: Vec<i64> = (0..rows * width)
-            .map(|i| {
-                let (r, j) = (i / width, i % width);
-                (order[r * width / bt + j / bt] * bt + j % bt) as i64
-            })
-            .collect();
-        let slots = Tensor::<1, Int>::from_data(TensorData::new(table, [rows * width]), device);
-        let masks: Vec<f32> = (0..rows).flat_map(|_| mask_values(1, seen, width, window)).collect();
+        let table: Vec<i64> = (0..rows * max_blocks).map(|i| order[i] as i64).collect();
+        let table = Tensor::<2, Int>::from_data(TensorData::new(table, [rows, max_blocks]), device);
+        let lens: Vec<i64> = (0..rows).map(|r: usize| usize::saturating_sub(seen, r % 3).max(1) as i64).collect();
+        let slots: Vec<i64> = (0..rows * width).map(|i| (order[i / bt] * bt + i % bt) as i64).collect();
+        let slots = Tensor::<1, Int>::from_data(TensorData::new(slots, [rows * width]), device);
+        let masks: Vec<f32> = lens.iter().flat_map(|&l| mask_values(1, l as usize, width, window)).collect();
         let mask = Tensor::<5>::from_data(TensorData::new(masks, [rows, 1, 1, 1, width]), device);
+        let lens = Tensor::<1, Int>::from_data(TensorData::new(lens, [rows]), device);
         for dtype in [DType::F32, DType::BF16] {
             let q = Tensor::<3>::random([rows, heads, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let k = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let v = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let scale = (dim as f64).powf(-0.5);
-            let kernel = || match paged_decode_attention(q.clone(), &k, &v, &slots, &mask, scale) {
+            let kernel = || match paged_decode_attention(q.clone(), &k, &v, &table, &lens, bt, window, scale) {
                 Some(out) => out.reshape([rows * heads, dim]),
                 None => panic!("{name}: the paged decode-attention kernel does not apply"),
             };
@@ -227,10 +228,11 @@ fn check_attention(device: &Device) -> usize {
                 gqa_attention(q4, &gathered(&k), &gathered(&v), Some(&mask), scale).reshape([rows * heads, dim])
             };
             // The reference rounds its scores and probabilities to the dtype; the kernel keeps
-            // them in f32.
+            // them in f32. Bytes: the keys and values each row sees, once.
             let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };
-            let label = format!("{name:42} {:5}", format!("{dtype:?}"));
-            failed += usize::from(check(device, &label, tol, Work::None, &kernel, &reference, &reference));
+            let label = format!("{name:46} {:5}", format!("{dtype:?}"));
+            let bytes = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * dim * 2 * dtype.size()) as f64;
+            failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &reference));
         }
     }
     // Prefill's scaled, masked softmax (`inference_pio_kernels::softmax`) against the burn

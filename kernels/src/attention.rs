@@ -5,18 +5,9 @@
 //! [`gqa_attention`] is the reference on every backend: the `group` query heads that share a
 //! key head are stacked along the token axis, so keys are never repeated. The decode kernel
 //! for one query token per row on CubeCL devices reads the paged KV cache and lives in
-//! [`crate::paged`] (it replaced the kernel over a contiguous cache that was here);
-//! [`decode_kernel_applies`] says where it can run.
+//! [`crate::paged`] (it replaced the kernel over a contiguous cache that was here).
 
-use burn::tensor::{DType, Device, Tensor};
-use crate::launch::{PLANE, is_cubecl, vector_width};
-
-/// Whether the decode kernel ([`crate::paged::paged_decode_attention`]) can run for `t` query
-/// tokens per row of `head_dim` channels in `dtype` on `device`: one token, a CubeCL device,
-/// and a head that fits one vector per lane.
-pub fn decode_kernel_applies(t: usize, head_dim: usize, dtype: DType, device: &Device) -> bool {
-    t == 1 && is_cubecl(device) && head_dim / vector_width(head_dim, dtype) <= PLANE
-}
+use burn::tensor::Tensor;
 
 /// Attention of `q [batch, heads, t, head_dim]` over `k`/`v [batch, kv_heads, total,
 /// head_dim]` with an additive f32 `mask [batch, 1, 1, t, total]` (`None`: nothing hidden):
@@ -37,7 +28,7 @@ pub fn gqa_attention(q: Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: Option<&T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, TensorData};
+    use burn::tensor::{DType, Device, Distribution, TensorData};
 
     fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
         x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
@@ -66,16 +57,5 @@ mod tests {
                 assert!((got[h * dim + c] - want).abs() < 1e-5, "head {h} channel {c}: {} vs {want}", got[h * dim + c]);
             }
         }
-    }
-
-    #[test]
-    fn the_kernel_is_for_one_token_on_cubecl_devices() {
-        let gpu = Device::cuda(0usize);
-        assert!(decode_kernel_applies(1, 128, DType::BF16, &gpu));
-        assert!(decode_kernel_applies(1, 128, DType::F32, &gpu));
-        assert!(!decode_kernel_applies(2, 128, DType::BF16, &gpu));
-        assert!(!decode_kernel_applies(1, 128, DType::BF16, &Device::flex()));
-        // f32 heads of 256 channels need two vectors per lane: the reference runs.
-        assert!(!decode_kernel_applies(1, 256, DType::F32, &gpu));
     }
 }

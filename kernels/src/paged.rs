@@ -15,50 +15,66 @@
 //! run of consecutive chunks of one shape (query tokens and context) as one batch.
 //! The flat batch must list decode rows first, so the outputs concatenate in order.
 //!
-//! On CubeCL devices, from [`KERNEL_MIN_ROWS`] decode rows, they run through our kernel
-//! instead ([`paged_decode_attention`]): one cube per (row, query head) reads each key and
-//! value straight from the pool at the slot the row's table names (no gathered copy), with an
-//! online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867; the single-pass form of
-//! flash-decoding, Dao et al. 2023): planes (warps) take every `PLANES`-th slot, are merged
-//! through shared memory, f32 inside, masked slots skipped. Checked on the device against the
-//! reference by `kernels/examples/kernel_check.rs` (group `attention`) and end to end by the
-//! engine's parity runs (`benches/gpu/run_serving_4b.sh`).
+//! On CubeCL devices decode rows run through our kernel instead ([`paged_decode_attention`]),
+//! after flash-decoding (Dao et al. 2023) and vLLM's paged attention v2: one cube per (row,
+//! key head, split of the context) serves all the query heads of that key head (each key and
+//! value read once, not once per query head), reads the keys straight from the pool through
+//! the row's block table (no gathered copy), and hides nothing through a mask: a row sees the
+//! keys below its context length, within its window. Its planes (warps) take every
+//! `PLANES`-th key with an online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867), f32
+//! inside, merged through shared memory; when a step has too few rows to fill the device, the
+//! context is split over several cubes whose partial results a second kernel merges. Checked
+//! on the device against the reference by `kernels/examples/kernel_check.rs` (group
+//! `attention`) and end to end by the engine's parity runs (`benches/gpu/run_serving_4b.sh`).
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use crate::launch::{PLANE, last_axis_contiguous, vector_width};
+use crate::launch::{PLANE, is_cubecl, last_axis_contiguous};
 
-/// Planes per cube, each taking every `PLANES`-th slot (as the contiguous decode kernel).
-const PLANES: usize = 16;
+/// Planes per cube of the decode kernel, each taking every `PLANES`-th key of the cube's range.
+const PLANES: usize = 4;
+/// Cubes a decode launch aims for (twice the 132 multiprocessors of an H100/H200): a step with
+/// fewer (rows x key heads) than this splits each row's context over several cubes.
+const TARGET_CUBES: usize = 264;
+/// The fewest keys one split covers.
+const SPLIT_MIN_KEYS: usize = 32;
 
-/// Decode rows from which the kernel runs instead of the gather + GQA reference. On the H200
-/// (Qwen3-4B, bf16, CUDA graphs; benches/results/gpu-h200-2026-12-02-serving.md) the kernel
-/// took steady decode from 798 to 927 tok/s at 256 rows, but from 1,417 to 1,318 at 32 rows
-/// and from 146 to 93 at one row: one cube per (row, head) is too little parallelism for a
-/// few rows, where reading each slot's index and mask before its key lengthens the chain.
-pub const KERNEL_MIN_ROWS: usize = 128;
+/// How many cubes share one row's context of `width` keys, for `rows x kv_heads` cubes.
+pub fn decode_splits(rows: usize, kv_heads: usize, width: usize) -> usize {
+    TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(SPLIT_MIN_KEYS)).max(1)
+}
+
+/// Elements per vector the decode kernel reads a head in: the fewest that fit the head in one
+/// plane's lanes (one vector each), at most 16 bytes; `None` when none does.
+pub fn decode_vector(head_dim: usize, dtype: DType) -> Option<usize> {
+    let most = (16 / dtype.size()).max(1);
+    [1usize, 2, 4, 8].into_iter().find(|&v| v <= most && head_dim.is_multiple_of(v) && head_dim / v <= PLANE)
+}
 
 /// The paged decode attention as a backend operation (CubeCL runtimes only).
 #[backend_extension(Cube, Fusion)]
 pub trait PagedDecodeOps: Backend {
-    /// `q [rows, heads, head_dim]`, pools `k`/`v [slots, kv_heads, head_dim]`, `slots [rows *
-    /// width]` (the pool slot of each row's `width` keys), additive f32 `mask [rows, width]`:
-    /// `[rows, heads, head_dim]`.
+    /// `q [rows, heads, head_dim]`, pools `k`/`v [slots, kv_heads, head_dim]`, `table [rows,
+    /// max_blocks]` (each row's blocks, padded), `lens [rows]` (keys each row sees: its query
+    /// sits at `len - 1`), `window` (0: none): `[rows, heads, head_dim]`.
     #[fusion(dtype = q, shape = q)]
+    #[allow(clippy::too_many_arguments)]
     fn paged_decode_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        slots: IntTensor<Self>,
-        mask: FloatTensor<Self>,
+        table: IntTensor<Self>,
+        lens: IntTensor<Self>,
         scale: f32,
+        block_tokens: usize,
+        window: usize,
     ) -> FloatTensor<Self>;
 }
 
@@ -67,157 +83,279 @@ impl PagedDecodeOps for CubeBackend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        slots: IntTensor<Self>,
-        mask: FloatTensor<Self>,
+        table: IntTensor<Self>,
+        lens: IntTensor<Self>,
         scale: f32,
+        block_tokens: usize,
+        window: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, slots, mask, scale)
+        launch(q, k, v, table, lens, scale, block_tokens, window)
     }
 }
 
-/// The kernel, apart from burn's names (`Tensor`, `Int` are CubeCL's here).
+/// The kernels, apart from burn's names (`Tensor`, `Int` are CubeCL's here).
 mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
 
+    /// One cube per (key head, row, split): the `group` query heads of key head `CUBE_POS_X`
+    /// of row `CUBE_POS_Y` over keys `[split * chunk, (split + 1) * chunk)` of the row's
+    /// visible range. Lanes hold one vector of the head each; planes take every `planes`-th
+    /// key. `split`: write the unnormalised partial (`part_acc`, and `part_ml`: running max and
+    /// sum) for [`merge_splits_kernel`], else the normalised output.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_kernel<E: Float, I: Int, N: Size>(
         q: &Tensor<Vector<E, N>>,
         k: &Tensor<Vector<E, N>>,
         v: &Tensor<Vector<E, N>>,
-        slots: &[I],
-        mask: &Tensor<f32>,
+        table: &[I],
+        lens: &[I],
         out: &mut Tensor<Vector<E, N>>,
+        part_acc: &mut [Vector<f32, N>],
+        part_ml: &mut [f32],
         scale: f32,
-        group: usize,
-        width: usize,
+        max_blocks: usize,
+        block_tokens: usize,
+        window: usize,
+        chunk: usize,
+        #[comptime] group: usize,
         #[comptime] planes: usize,
+        #[comptime] split: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
-        let head = CUBE_POS_X as usize;
+        let kvh = CUBE_POS_X as usize;
         let row = CUBE_POS_Y as usize;
+        let part = CUBE_POS_Z as usize;
         let lane = UNIT_POS_X as usize;
         let plane = UNIT_POS_Y as usize;
+        let rows = q.shape(0);
         let heads = q.shape(1);
         let per_head = q.shape(2) / q.vector_size();
-        let kv = head / group;
         // Lanes past the head's width read its last vector and count for nothing.
         let on = f32::cast_from(lane < per_head);
         let at = min(lane, per_head - 1);
         let vs = k.vector_size();
         let k_slot = k.stride(0) / vs;
-        let k_head = kv * (k.stride(1) / vs) + at;
+        let k_head = kvh * (k.stride(1) / vs) + at;
         let v_slot = v.stride(0) / vs;
-        let v_head = kv * (v.stride(1) / vs) + at;
-        let q_vec = Vector::<f32, N>::cast_from(q[(row * heads + head) * per_head + at]) * Vector::new(on * scale);
+        let v_head = kvh * (v.stride(1) / vs) + at;
 
-        let mut best = f32::new(-1.0e30);
-        let mut total = f32::new(0.0);
-        let mut acc = Vector::<f32, N>::zero();
-        let mut s = plane;
-        while s < width {
-            let hidden = mask[row * width + s];
-            // Every lane of a plane takes the same slot: the branch is uniform per plane.
-            if hidden > f32::new(-1.0e8) {
-                let slot = usize::cast_from(slots[row * width + s]);
-                let key = Vector::<f32, N>::cast_from(k[slot * k_slot + k_head]);
-                let score = plane_sum(Vector::vector_sum(key * q_vec)) + hidden;
-                let next = max(best, score);
-                let carry = (best - next).exp();
+        let len = usize::cast_from(lens[row]);
+        let mut first = 0usize;
+        if window > 0 && len > window {
+            first = len - window;
+        }
+        let start = max(first, part * chunk);
+        let end = min(len, (part + 1) * chunk);
+
+        let mut qs = Array::<Vector<f32, N>>::new(group);
+        let mut best = Array::<f32>::new(group);
+        let mut total = Array::<f32>::new(group);
+        let mut acc = Array::<Vector<f32, N>>::new(group);
+        #[unroll]
+        for g in 0..group {
+            let h = kvh * group + g;
+            qs[g] = Vector::<f32, N>::cast_from(q[(row * heads + h) * per_head + at]) * Vector::new(on * scale);
+            best[g] = f32::new(-1.0e30);
+            total[g] = f32::new(0.0);
+            acc[g] = Vector::<f32, N>::zero();
+        }
+        let mut s = start + plane;
+        while s < end {
+            let block = usize::cast_from(table[row * max_blocks + s / block_tokens]);
+            let slot = block * block_tokens + s % block_tokens;
+            let key = Vector::<f32, N>::cast_from(k[slot * k_slot + k_head]);
+            let value = Vector::<f32, N>::cast_from(v[slot * v_slot + v_head]);
+            #[unroll]
+            for g in 0..group {
+                let score = plane_sum(Vector::vector_sum(key * qs[g]));
+                let next = max(best[g], score);
+                let carry = (best[g] - next).exp();
                 let p = (score - next).exp();
-                total = total * carry + p;
-                let value = Vector::<f32, N>::cast_from(v[slot * v_slot + v_head]);
-                acc = acc * Vector::new(carry) + value * Vector::new(p);
-                best = next;
+                total[g] = total[g] * carry + p;
+                acc[g] = acc[g] * Vector::new(carry) + value * Vector::new(p);
+                best[g] = next;
             }
             s += planes;
         }
 
-        let mut bests = Shared::<[f32]>::new_slice(planes);
-        let mut totals = Shared::<[f32]>::new_slice(planes);
-        let mut accs = Shared::<[Vector<f32, N>]>::new_slice(planes * 32usize);
-        if lane == 0 {
-            bests[plane] = best;
-            totals[plane] = total;
+        let mut bests = Shared::<[f32]>::new_slice(planes * group);
+        let mut totals = Shared::<[f32]>::new_slice(planes * group);
+        let mut accs = Shared::<[Vector<f32, N>]>::new_slice(planes * group * 32usize);
+        #[unroll]
+        for g in 0..group {
+            if lane == 0 {
+                bests[plane * group + g] = best[g];
+                totals[plane * group + g] = total[g];
+            }
+            accs[(plane * group + g) * 32usize + lane] = acc[g];
         }
-        accs[plane * 32usize + lane] = acc;
         sync_cube();
-        if plane == 0 && lane < per_head {
-            let mut top = bests[0usize];
+        // Plane p merges heads p, p + planes, ...
+        let mut g = plane;
+        while g < group {
+            let mut top = bests[g];
             for p in 1usize..planes {
-                top = max(top, bests[p]);
+                top = max(top, bests[p * group + g]);
             }
             let mut sum = f32::new(0.0);
             let mut merged = Vector::<f32, N>::zero();
             for p in 0usize..planes {
-                let w = (bests[p] - top).exp();
-                sum += totals[p] * w;
-                merged += accs[p * 32usize + lane] * Vector::new(w);
+                let w = (bests[p * group + g] - top).exp();
+                sum += totals[p * group + g] * w;
+                merged += accs[(p * group + g) * 32usize + lane] * Vector::new(w);
             }
-            out[(row * heads + head) * per_head + lane] = Vector::cast_from(merged / Vector::new(sum));
+            let h = kvh * group + g;
+            if split {
+                let at_part = (part * rows + row) * heads + h;
+                if lane < per_head {
+                    part_acc[at_part * per_head + lane] = merged;
+                }
+                if lane == 0 {
+                    part_ml[2 * at_part] = top;
+                    part_ml[2 * at_part + 1] = sum;
+                }
+            } else if lane < per_head {
+                out[(row * heads + h) * per_head + lane] = Vector::cast_from(merged / Vector::new(max(sum, f32::new(1.0e-30))));
+            }
+            g += planes;
+        }
+    }
+
+    /// One cube per (query head, row): the `splits` partial results of
+    /// [`paged_decode_kernel`] rescaled to their common maximum and normalised.
+    #[cube(launch_unchecked)]
+    pub fn merge_splits_kernel<E: Float, N: Size>(
+        part_acc: &[Vector<f32, N>],
+        part_ml: &[f32],
+        out: &mut Tensor<Vector<E, N>>,
+        splits: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let h = CUBE_POS_X as usize;
+        let row = CUBE_POS_Y as usize;
+        let lane = UNIT_POS_X as usize;
+        let rows = out.shape(0);
+        let heads = out.shape(1);
+        let per_head = out.shape(2) / out.vector_size();
+        if lane < per_head {
+            let mut top = f32::new(-1.0e30);
+            for s in 0..splits {
+                top = max(top, part_ml[2 * ((s * rows + row) * heads + h)]);
+            }
+            let mut sum = f32::new(0.0);
+            let mut merged = Vector::<f32, N>::zero();
+            for s in 0..splits {
+                let i = (s * rows + row) * heads + h;
+                let w = (part_ml[2 * i] - top).exp();
+                sum += part_ml[2 * i + 1] * w;
+                merged += part_acc[i * per_head + lane] * Vector::new(w);
+            }
+            out[(row * heads + h) * per_head + lane] = Vector::cast_from(merged / Vector::new(max(sum, f32::new(1.0e-30))));
         }
     }
 }
 
-fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, slots: CubeTensor, mask: CubeTensor, scale: f32) -> CubeTensor {
+#[allow(clippy::too_many_arguments)]
+fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize) -> CubeTensor {
     let q = into_contiguous(q);
     let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
-    let (slots, mask) = (into_contiguous(slots), into_contiguous(mask));
+    let (table, lens) = (into_contiguous(table), into_contiguous(lens));
     let shape = q.meta.shape().clone();
     let (rows, heads, head_dim) = (shape[0], shape[1], shape[2]);
     let kv_heads = k.meta.shape()[1];
-    let width = mask.meta.shape()[1];
+    let group = heads / kv_heads;
+    let max_blocks = table.meta.shape()[1];
+    let width = max_blocks * block_tokens;
     let dtype = q.dtype;
-    let int_dtype = slots.dtype;
-    let out = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape, dtype);
-    let vector = vector_width(head_dim, dtype);
+    let int_dtype = table.dtype;
+    let vector = decode_vector(head_dim, dtype).unwrap_or(1);
+    let splits = decode_splits(rows, kv_heads, width);
+    let chunk = width.div_ceil(splits);
+    let out = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape.clone(), dtype);
+    let split = splits > 1;
+    let part_len = if split { splits * rows * heads } else { 1 };
+    let part_acc = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [part_len * if split { head_dim } else { vector }].into(), DType::F32);
+    let part_ml = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [2 * part_len].into(), DType::F32);
     let client = out.client.clone();
-    // SAFETY: `row < rows` and `head < heads` (the grid), lanes read at most the head's last
-    // vector, `s < width` indexes the `rows x width` mask and slot table (checked by
-    // `paged_decode_attention`), every slot in the table is a slot of the pool (the engine
-    // writes table entries from its block tables, padding with its scratch block), and
-    // `kv = head / group < kv_heads`.
+    // SAFETY: the grid is `kv_heads x rows x splits`; heads `kvh * group + g < heads`; lanes
+    // read at most the head's last vector; a row reads keys below its `len`, which the engine
+    // keeps within the blocks its table names (`len <= max_blocks * block_tokens`, the table
+    // padded with the pool's scratch block), and every table entry is a block of the pool;
+    // partial results are indexed below `splits * rows * heads` (times the head's vectors).
     unsafe {
         device::paged_decode_kernel::launch_unchecked(
             &client,
-            CubeCount::Static(heads as u32, rows as u32, 1),
+            CubeCount::Static(kv_heads as u32, rows as u32, splits as u32),
             CubeDim::new_2d(PLANE as u32, PLANES as u32),
             vector,
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
-            slots.into_buffer_arg(),
-            mask.into_tensor_arg(),
+            table.into_buffer_arg(),
+            lens.into_buffer_arg(),
             out.clone().into_tensor_arg(),
+            part_acc.clone().into_buffer_arg(),
+            part_ml.clone().into_buffer_arg(),
             scale,
-            heads / kv_heads,
-            width,
+            max_blocks,
+            block_tokens,
+            window,
+            chunk,
+            group,
             PLANES,
+            split,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
+    if split {
+        // SAFETY: the grid is `heads x rows`; the partials were written for every (split, row,
+        // head) by the launch above, on the same stream.
+        unsafe {
+            device::merge_splits_kernel::launch_unchecked(
+                &client,
+                CubeCount::Static(heads as u32, rows as u32, 1),
+                CubeDim::new_1d(PLANE as u32),
+                vector,
+                part_acc.into_buffer_arg(),
+                part_ml.into_buffer_arg(),
+                out.clone().into_tensor_arg(),
+                splits,
+                dtype_to_storage_type(dtype),
+            )
+        };
+    }
     out
 }
 
-/// Decode rows' attention by the kernel: `q [rows, heads, d]` over the pools through `slots
-/// [rows * width]` with `mask [rows, 1, 1, 1, width]`; `None` where the kernel does not apply
-/// (see [`crate::attention::decode_kernel_applies`]). [`paged_attention`] calls it from
-/// [`KERNEL_MIN_ROWS`] rows.
-pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, slots: &Tensor<1, Int>, mask: &Tensor<5>, scale: f64) -> Option<Tensor<3>> {
-    let [rows, _, d] = q.dims();
-    let width = mask.dims()[4];
-    if !crate::attention::decode_kernel_applies(1, d, q.dtype(), &q.device()) || k.dims() != v.dims() || slots.dims()[0] != rows * width {
+/// Whether the decode kernel can run for heads of `head_dim` channels in `dtype` on `device`
+/// (a CubeCL device, a head that fits one vector per lane, and query heads a whole multiple of
+/// key heads).
+pub fn decode_kernel_applies(heads: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> bool {
+    is_cubecl(device) && kv_heads > 0 && heads.is_multiple_of(kv_heads) && decode_vector(head_dim, dtype).is_some()
+}
+
+/// Decode rows' attention by the kernel: `q [rows, heads, d]` over the pools through `table
+/// [rows, max_blocks]` and `lens [rows]` (see [`PagedDecodeOps::paged_decode_attention`]);
+/// `None` where the kernel does not apply ([`decode_kernel_applies`]).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+    let [rows, heads, d] = q.dims();
+    let kv_heads = k.dims()[1];
+    if !decode_kernel_applies(heads, kv_heads, d, q.dtype(), &q.device()) || k.dims() != v.dims() || table.dims()[0] != rows || lens.dims()[0] != rows {
         return None;
     }
     let out = Dispatch::paged_decode_attention(
         q.into_dispatch(),
         k.clone().into_dispatch(),
         v.clone().into_dispatch(),
-        slots.clone().into_dispatch(),
-        mask.clone().reshape([rows, width]).into_dispatch(),
+        table.clone().into_dispatch(),
+        lens.clone().into_dispatch(),
         scale as f32,
+        block_tokens,
+        window.unwrap_or(0),
     );
     Some(Tensor::<3>::from_dispatch(out))
 }
@@ -236,16 +374,21 @@ pub struct Span {
     pub blocks: Vec<u32>,
 }
 
-/// Slot indices and masks for one step, shared by every layer.
+/// What attention reads for one step, shared by every layer.
 pub struct PagedLayout {
-    /// Decode rows (`queries == 1`): how many, the padded width, `[rows * width]` slots.
-    decode_rows: usize,
-    decode_width: usize,
-    decode_slots: Option<Tensor<1, Int>>,
-    /// Per window (`None` = full causal), the decode rows' mask `[rows, 1, 1, 1, width]`.
-    decode_masks: Vec<(Option<usize>, Tensor<5>)>,
+    block_tokens: usize,
+    /// The decode rows (`queries == 1`), if any.
+    decode: Option<DecodeRows>,
     /// Prefill chunks, consecutive ones of one shape (queries and context) together.
     chunks: Vec<Chunk>,
+}
+
+/// The decode rows of a step: each row's blocks, `table [rows, max_blocks]` (padded), and the
+/// keys it sees, `lens [rows]` (its query sits at `len - 1`; a window hides what lies
+/// further back).
+pub struct DecodeRows {
+    pub table: Tensor<2, Int>,
+    pub lens: Tensor<1, Int>,
 }
 
 /// `count` prefill chunks of `queries` query tokens over `context` keys each: their slots,
@@ -288,23 +431,21 @@ impl PagedLayout {
     pub fn new(spans: &[Span], block_tokens: usize, windows: &[Option<usize>], device: &Device) -> Self {
         let decode_rows = spans.iter().take_while(|s| s.queries == 1).count();
         let decode = &spans[..decode_rows];
-        let decode_width = decode.iter().map(|s| s.context).max().unwrap_or(0);
+        let decode = (decode_rows > 0).then(|| {
+            let max_blocks = decode.iter().map(|s| s.context.div_ceil(block_tokens)).max().unwrap_or(1).max(1);
+            let table: Vec<i64> = decode
+                .iter()
+                .flat_map(|s| (0..max_blocks).map(|b| s.blocks.get(b).map_or(0, |&id| i64::from(id))))
+                .collect();
+            DecodeRows {
+                table: Tensor::<2, Int>::from_data(TensorData::new(table, [decode_rows, max_blocks]), device),
+                lens: ints(decode.iter().map(|s| s.context as i64).collect(), device),
+            }
+        });
         let gather = |s: &Span, width: usize| -> Vec<i64> {
             (0..width).map(|i| if i < s.context { slot_of(&s.blocks, block_tokens, i) as i64 } else { 0 }).collect()
         };
-        let decode_slots = (decode_rows > 0).then(|| ints(decode.iter().flat_map(|s| gather(s, decode_width)).collect(), device));
         let f32_tensor = |values: Vec<f32>, dims: [usize; 5]| Tensor::<5>::from_data(TensorData::new(values, dims), (device, DType::F32));
-        let decode_masks = if decode_rows == 0 {
-            Vec::new()
-        } else {
-            windows
-                .iter()
-                .map(|&w| {
-                    let values = decode.iter().flat_map(|s| mask_values(1, s.context, decode_width, w)).collect();
-                    (w, f32_tensor(values, [decode_rows, 1, 1, 1, decode_width]))
-                })
-                .collect()
-        };
         // Consecutive chunks of one shape run as one batch (one attention per group, not per
         // chunk: a step admitting many cache hits has many short chunks of one shape).
         let mut chunks: Vec<Chunk> = Vec::new();
@@ -330,14 +471,35 @@ impl PagedLayout {
             });
             i += count;
         }
-        Self { decode_rows, decode_width, decode_slots, decode_masks, chunks }
+        Self { block_tokens, decode, chunks }
     }
 
-    /// Decode rows only, from tensors already on the device: `slots [rows * width]` (each
-    /// row's gathered slots, padded) and per window the mask `[rows, 1, 1, 1, width]` (see
-    /// [`mask_values`]). What a recorded decode step reads, refreshed in place between replays.
-    pub fn decode(rows: usize, width: usize, slots: Tensor<1, Int>, masks: Vec<(Option<usize>, Tensor<5>)>) -> Self {
-        Self { decode_rows: rows, decode_width: width, decode_slots: Some(slots), decode_masks: masks, chunks: Vec::new() }
+    /// Decode rows only, from tensors already on the device (what a recorded decode step
+    /// reads, refreshed in place between replays).
+    pub fn decode(block_tokens: usize, rows: DecodeRows) -> Self {
+        Self { block_tokens, decode: Some(rows), chunks: Vec::new() }
+    }
+}
+
+impl DecodeRows {
+    /// The reference's inputs, computed on the device from the table and lengths: the slot of
+    /// each of a row's `max_blocks * block_tokens` keys `[rows * width]`, and the additive mask
+    /// `[rows, 1, 1, 1, width]` hiding keys at or past its length and, with a window, those
+    /// the window leaves behind (see [`mask_values`]).
+    fn gathered(&self, block_tokens: usize, window: Option<usize>) -> (Tensor<1, Int>, Tensor<5>, usize) {
+        let [rows, max_blocks] = self.table.dims();
+        let width = max_blocks * block_tokens;
+        let device = self.table.device();
+        let bt = block_tokens as i64;
+        let keys = Tensor::<1, Int>::arange(0..width as i64, &device).reshape([1, width]).expand([rows, width]);
+        let slots = self.table.clone().gather(1, keys.clone().div_scalar(bt)).mul_scalar(bt).add(keys.clone().remainder_scalar(bt));
+        let lens = self.lens.clone().reshape([rows, 1]).expand([rows, width]);
+        let mut hidden: Tensor<2, Bool> = keys.clone().greater_equal(lens.clone());
+        if let Some(w) = window {
+            hidden = hidden.bool_or(keys.add_scalar(w as i64).lower_equal(lens.sub_scalar(1)));
+        }
+        let mask = Tensor::<2>::zeros([rows, width], (&device, DType::F32)).mask_fill(hidden, MASKED);
+        (slots.reshape([rows * width]), mask.reshape([rows, 1, 1, 1, width]), width)
     }
 }
 
@@ -362,17 +524,16 @@ pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &Page
     let [tokens, heads, d] = q.dims();
     let mut parts = Vec::with_capacity(1 + layout.chunks.len());
     let mut at = 0;
-    if let Some(slots) = &layout.decode_slots {
-        let (rows, width) = (layout.decode_rows, layout.decode_width);
-        let mask = pick(&layout.decode_masks, window);
+    if let Some(decode) = &layout.decode {
+        let rows = decode.lens.dims()[0];
         let queries = q.clone().narrow(0, 0, rows);
-        let kernel = if rows >= KERNEL_MIN_ROWS { paged_decode_attention(queries.clone(), k, v, slots, mask, scale) } else { None };
-        let out = match kernel {
+        let out = match paged_decode_attention(queries.clone(), k, v, &decode.table, &decode.lens, layout.block_tokens, window, scale) {
             Some(out) => out,
             None => {
-                let keys = gather(k, slots, rows, width);
-                let values = gather(v, slots, rows, width);
-                let out = crate::attention::gqa_attention(queries.reshape([rows, heads, 1, d]), &keys, &values, Some(mask), scale);
+                let (slots, mask, width) = decode.gathered(layout.block_tokens, window);
+                let keys = gather(k, &slots, rows, width);
+                let values = gather(v, &slots, rows, width);
+                let out = crate::attention::gqa_attention(queries.reshape([rows, heads, 1, d]), &keys, &values, Some(&mask), scale);
                 out.reshape([rows, heads, d])
             }
         };
@@ -423,6 +584,27 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn the_decode_kernel_fits_a_head_in_one_plane_and_splits_short_batches() {
+        let gpu = Device::cuda(0usize);
+        assert_eq!(decode_vector(128, DType::BF16), Some(4));
+        assert_eq!(decode_vector(128, DType::F32), Some(4));
+        assert_eq!(decode_vector(256, DType::BF16), Some(8));
+        assert_eq!(decode_vector(16, DType::F32), Some(1));
+        // f32 heads of 256 channels need two 16-byte vectors per lane: the reference runs.
+        assert_eq!(decode_vector(256, DType::F32), None);
+        assert!(decode_kernel_applies(32, 8, 128, DType::BF16, &gpu));
+        assert!(!decode_kernel_applies(32, 8, 128, DType::BF16, &Device::flex()));
+        assert!(!decode_kernel_applies(30, 8, 128, DType::BF16, &gpu));
+        assert!(!decode_kernel_applies(32, 8, 256, DType::F32, &gpu));
+        // One row of 8 key heads over 768 keys: 24 splits of 32 keys (192 cubes); 256 rows
+        // fill the device unsplit; a short context is never split below 32 keys a cube.
+        assert_eq!(decode_splits(1, 8, 768), 24);
+        assert_eq!(decode_splits(32, 8, 768), 2);
+        assert_eq!(decode_splits(256, 8, 768), 1);
+        assert_eq!(decode_splits(1, 8, 48), 2);
     }
 
     #[test]

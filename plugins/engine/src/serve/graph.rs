@@ -5,11 +5,11 @@
 //!
 //! Queuing one decode step's hundreds of small kernels costs the host more time than the GPU
 //! needs to run them. A step of decode rows only (one token per sequence) has a shape fixed
-//! by two numbers: its rows, padded up to a bucket (1, 2, 4, ... 256), and the width of
-//! context attention gathers, padded up to a multiple of 256 slots. Everything that changes
-//! between steps — the tokens, their positions, the slots they write, the slots each row
-//! reads and its mask — is written in place into device tensors the graph was recorded
-//! against, and padding rows write and read the pool's scratch block. A new shape records a
+//! by two numbers: its rows, padded up to a bucket (1, 2, 4, ... 256), and the context its
+//! block tables cover, padded up to a multiple of 256 slots. Everything that changes between
+//! steps — the tokens, their positions, the slots they write, each row's block table and
+//! context length — is written in place into device tensors the graph was recorded against,
+//! and padding rows write and read the pool's scratch block. A new shape records a
 //! new graph. On the CPU the same device-resident step runs directly, so CPU tests check it
 //! against the host-built step.
 
@@ -17,14 +17,14 @@ use crate::decoder::{KvPool, StepTensors};
 use crate::error::EngineError;
 use crate::generate::Model;
 use burn::tensor::{Device, Graph, IndexingUpdateOp, Int, Tensor, TensorData, capture};
-use inference_pio_kernels::paged::{PagedLayout, mask_values, slot_of};
+use inference_pio_kernels::paged::{DecodeRows, PagedLayout, slot_of};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
 /// Row counts a recorded step is padded to.
 const ROW_BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
-/// Gathered context is padded to a multiple of this many slots.
+/// The context block tables cover is padded to a multiple of this many slots.
 const WIDTH_STEP: usize = 256;
 
 type StepFn = Box<dyn FnMut() -> Result<Tensor<2>, EngineError>>;
@@ -53,12 +53,14 @@ struct Inputs {
     tokens: Tensor<1, Int>,
     positions: Tensor<1, Int>,
     slots: Tensor<1, Int>,
-    gather: Tensor<1, Int>,
-    /// Per window, the rows' masks `[rows * width]` (reshaped for attention).
-    masks: Vec<(Option<usize>, Tensor<1>)>,
-    /// `0..rows` and `0..rows * width`: the indices refreshed in place.
+    /// Each row's blocks, `[rows * ceil(width / block_tokens)]` (reshaped for attention), and
+    /// context length `[rows]`.
+    table: Tensor<1, Int>,
+    lens: Tensor<1, Int>,
+    block_tokens: usize,
+    /// `0..rows` and `0..rows * width / block_tokens`: the indices refreshed in place.
     all_rows: Tensor<1, Int>,
-    all_gathered: Tensor<1, Int>,
+    all_table: Tensor<1, Int>,
 }
 
 /// The pool and the inputs a recorded step touches, shared with its closure.
@@ -69,7 +71,6 @@ struct Shared {
 
 pub struct DecodeGraphs {
     model: Arc<Model>,
-    windows: Vec<Option<usize>>,
     /// Rotary tables over every position, `[max_context, rotary_dim]`.
     cos_table: Tensor<2>,
     sin_table: Tensor<2>,
@@ -97,12 +98,10 @@ impl DecodeGraphs {
     pub fn new(model: Arc<Model>) -> Self {
         let device = model.decoder.device.clone();
         let (cos_table, sin_table) = model.decoder.rope_table(model.max_context.max(1));
-        let windows = model.decoder.config.distinct_windows();
         Self {
             records: device != Device::flex(),
             given_up: false,
             model,
-            windows,
             cos_table,
             sin_table,
             graph: None,
@@ -133,22 +132,23 @@ impl DecodeGraphs {
         });
         if !same_shape {
             self.graph = None;
-            self.shared = Some(Rc::new(RefCell::new(Shared { pool: Rc::clone(pool), inputs: self.new_inputs(padded, width, &device) })));
+            self.shared = Some(Rc::new(RefCell::new(Shared { pool: Rc::clone(pool), inputs: Self::new_inputs(padded, width, block_tokens, &device) })));
         }
         // The step's values, padded.
         let mut tokens = vec![0i64; padded];
         let mut positions = vec![0i64; padded];
         let mut slots = vec![scratch as i64; padded];
-        let mut gather = vec![scratch as i64; padded * width];
-        let mut contexts = vec![1usize; padded];
+        let max_blocks = width.div_ceil(block_tokens);
+        let mut table = vec![(scratch / block_tokens) as i64; padded * max_blocks];
+        let mut lens = vec![1i64; padded];
         for (i, r) in rows.iter().enumerate() {
             tokens[i] = r.token as i64;
             positions[i] = r.position as i64;
             slots[i] = slot_of(r.blocks, block_tokens, r.position) as i64;
-            for j in 0..=r.position {
-                gather[i * width + j] = slot_of(r.blocks, block_tokens, j) as i64;
+            for (b, &id) in r.blocks.iter().take(max_blocks).enumerate() {
+                table[i * max_blocks + b] = i64::from(id);
             }
-            contexts[i] = r.position + 1;
+            lens[i] = r.position as i64 + 1;
         }
         let Some(shared) = self.shared.clone() else {
             return Err(EngineError::Device("decode step inputs missing".into()));
@@ -161,7 +161,7 @@ impl DecodeGraphs {
         {
             let mut s = shared.borrow_mut();
             let inputs = &mut s.inputs;
-            let (all_rows, all_gathered) = (inputs.all_rows.clone(), inputs.all_gathered.clone());
+            let (all_rows, all_table) = (inputs.all_rows.clone(), inputs.all_table.clone());
             let refresh = |t: &mut Tensor<1, Int>, idx: &Tensor<1, Int>, values: Vec<i64>| {
                 let new = ints(values, &device);
                 t.inplace(|t| t.select_assign(0, idx.clone(), new, IndexingUpdateOp::Assign));
@@ -169,13 +169,8 @@ impl DecodeGraphs {
             refresh(&mut inputs.tokens, &all_rows, tokens);
             refresh(&mut inputs.positions, &all_rows, positions);
             refresh(&mut inputs.slots, &all_rows, slots);
-            refresh(&mut inputs.gather, &all_gathered, gather);
-            for (w, mask) in inputs.masks.iter_mut() {
-                let values: Vec<f32> = contexts.iter().flat_map(|&c| mask_values(1, c, width, *w)).collect();
-                let new = Tensor::<1>::from_data(TensorData::new(values, [padded * width]), (&device, burn::tensor::DType::F32));
-                let idx = all_gathered.clone();
-                mask.inplace(|m| m.select_assign(0, idx, new, IndexingUpdateOp::Assign));
-            }
+            refresh(&mut inputs.table, &all_table, table);
+            refresh(&mut inputs.lens, &all_rows, lens);
         }
         if !self.records || self.given_up {
             self.counts.direct += 1;
@@ -226,22 +221,20 @@ impl DecodeGraphs {
         run_step(&self.model, shared, &self.cos_table, &self.sin_table)
     }
 
-    fn new_inputs(&self, rows: usize, width: usize, device: &Device) -> Inputs {
+    fn new_inputs(rows: usize, width: usize, block_tokens: usize, device: &Device) -> Inputs {
         let zeros = |n: usize| ints(vec![0; n], device);
+        let table = rows * width.div_ceil(block_tokens);
         Inputs {
             rows,
             width,
             tokens: zeros(rows),
             positions: zeros(rows),
             slots: zeros(rows),
-            gather: zeros(rows * width),
-            masks: self
-                .windows
-                .iter()
-                .map(|&w| (w, Tensor::<1>::zeros([rows * width], (device, burn::tensor::DType::F32))))
-                .collect(),
+            table: zeros(table),
+            lens: ints(vec![1; rows], device),
+            block_tokens,
             all_rows: ints((0..rows as i64).collect(), device),
-            all_gathered: ints((0..(rows * width) as i64).collect(), device),
+            all_table: ints((0..table as i64).collect(), device),
         }
     }
 }
@@ -254,8 +247,8 @@ impl Shared {
             && i.tokens.can_mut()
             && i.positions.can_mut()
             && i.slots.can_mut()
-            && i.gather.can_mut()
-            && i.masks.iter().all(|(_, m)| m.can_mut())
+            && i.table.can_mut()
+            && i.lens.can_mut()
     }
 }
 
@@ -279,10 +272,8 @@ fn step_tensors(inputs: &Inputs, cos_table: &Tensor<2>, sin_table: &Tensor<2>) -
         sin,
         slots: inputs.slots.clone(),
         layout: PagedLayout::decode(
-            rows,
-            inputs.width,
-            inputs.gather.clone(),
-            inputs.masks.iter().map(|(w, m)| (*w, m.clone().reshape([rows, 1, 1, 1, inputs.width]))).collect(),
+            inputs.block_tokens,
+            DecodeRows { table: inputs.table.clone().reshape([rows, inputs.width.div_ceil(inputs.block_tokens)]), lens: inputs.lens.clone() },
         ),
         logit_rows: None,
     }
