@@ -5,7 +5,11 @@
 //! (`max_num_seqs`). Running sequences go first — decode rows before unfinished prompts — then
 //! waiting prompts are admitted in arrival order (FCFS) with chunks filling what is left of
 //! the budget (chunked prefill), after taking back the longest prefix of full blocks already
-//! in the cache. When a running sequence needs a block and none is free, the most recently
+//! in the cache. A waiting prompt whose next block is being computed in this very step by
+//! another sequence (requests sharing a system prompt, arriving together) waits for the next
+//! step, where that block is in the cache, instead of computing it a second time (SGLang's
+//! cache-aware scheduling does the same; vLLM v1 computes it twice). When a running sequence
+//! needs a block and none is free, the most recently
 //! admitted sequence not yet scheduled this step is preempted: its blocks are freed and it
 //! goes back to the front of the queue with every token so far, to be recomputed.
 
@@ -165,6 +169,15 @@ impl Scheduler {
         self.counters.preemptions += 1;
     }
 
+    /// The hashes of the full blocks `id` fills by computing `tokens[start..start + n]`.
+    fn filled_hashes(&mut self, id: u64, start: usize, n: usize) -> Vec<BlockHash> {
+        let bt = self.pool.block_tokens();
+        let Some(seq) = self.seqs.get_mut(&id) else { return Vec::new() };
+        seq.extend_hashes(bt);
+        let (first, end) = (start / bt, ((start + n) / bt).min(seq.hashes.len()));
+        seq.hashes.get(first..end).map(<[BlockHash]>::to_vec).unwrap_or_default()
+    }
+
     /// Takes back the longest cached prefix of full blocks (leaving at least the last prompt
     /// token to compute, whose logits are needed).
     fn reuse_prefix(&mut self, id: u64) {
@@ -199,6 +212,8 @@ impl Scheduler {
         let mut out: Vec<Scheduled> = Vec::new();
         let mut done: HashSet<u64> = HashSet::new();
         let mut preempted = false;
+        // Blocks this step computes, by hash.
+        let mut in_flight: HashSet<BlockHash> = HashSet::new();
         // Decode rows first, then unfinished prompts, each in admission order.
         let mut order: Vec<u64> = self.running.clone();
         order.sort_by_key(|id| self.seqs.get(id).is_none_or(|s| s.tokens.len() - s.computed > 1));
@@ -237,6 +252,9 @@ impl Scheduler {
                 continue;
             }
             done.insert(id);
+            if self.pool.prefix_caching() {
+                in_flight.extend(self.filled_hashes(id, start, n));
+            }
             out.push(Scheduled { id, start, len: n });
             budget -= n;
         }
@@ -248,6 +266,14 @@ impl Scheduler {
                     self.waiting.pop_front();
                     continue;
                 };
+                let usable = (seq.tokens.len() - 1) / self.pool.block_tokens();
+                if seq.reuse_prefix && seq.blocks.len() < usable && seq.hashes.get(seq.blocks.len()).is_some_and(|h| in_flight.contains(h)) {
+                    // Its next block is computed this step: take it from the cache next step.
+                    if let Some(seq) = self.seqs.get_mut(&id) {
+                        Self::free_blocks(&mut self.pool, seq);
+                    }
+                    break;
+                }
                 let need = seq.tokens.len() - seq.computed;
                 let n = if seq.chunk > 0 {
                     need.min(seq.chunk).min(budget)
@@ -267,6 +293,9 @@ impl Scheduler {
                 }
                 self.waiting.pop_front();
                 self.running.push(id);
+                if self.pool.prefix_caching() {
+                    in_flight.extend(self.filled_hashes(id, start, n));
+                }
                 out.push(Scheduled { id, start, len: n });
                 budget = budget.saturating_sub(n);
             }
@@ -392,6 +421,29 @@ mod tests {
         s.add(SeqState::new(4, prompt(100), 0, false, vec![]));
         let step = s.schedule();
         assert!(step.contains(&Scheduled { id: 4, start: 0, len: 11 }), "{step:?}");
+    }
+
+    #[test]
+    fn prompts_sharing_a_prefix_that_arrive_together_compute_it_once() {
+        let mut s = scheduler(64, 4, 8, 64);
+        let prompt = |tail: u32| -> Vec<u32> { (0..10).chain([tail]).collect() };
+        for id in 1..=3 {
+            s.add(SeqState::new(id, prompt(100 + id as u32), 0, true, vec![]));
+        }
+        // The first computes the shared blocks; the others wait a step for them.
+        let step = s.schedule();
+        assert_eq!(step, vec![Scheduled { id: 1, start: 0, len: 11 }]);
+        s.computed(&step);
+        let step = s.schedule();
+        assert!(step.contains(&Scheduled { id: 2, start: 8, len: 3 }) && step.contains(&Scheduled { id: 3, start: 8, len: 3 }), "{step:?}");
+        assert_eq!(s.counters.prefix_hit_tokens, 16);
+        assert_eq!(s.counters.prefilled_tokens, 11);
+        // With prefix caching off nobody waits.
+        let mut s = Scheduler::new(BlockPool::new(64, 4, false), Limits { max_num_seqs: 8, max_num_batched_tokens: 64 });
+        for id in 1..=3 {
+            s.add(SeqState::new(id, prompt(100 + id as u32), 0, true, vec![]));
+        }
+        assert_eq!(s.schedule().len(), 3);
     }
 
     #[test]
