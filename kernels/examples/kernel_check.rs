@@ -36,6 +36,7 @@ use inference_pio_kernels::attention::gqa_attention;
 use inference_pio_kernels::paged::{mask_values, paged_decode_attention};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
+use inference_pio_kernels::argmax::fused_row_argmax;
 use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_rms_norm};
 use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
@@ -264,6 +265,32 @@ fn check_attention(device: &Device) -> usize {
 /// them (the references), which are also the "before" timings.
 fn check_elementwise(device: &Device) -> usize {
     let mut failed = 0;
+    // Greedy decoding's token pick (`inference_pio_kernels::argmax`) over Qwen3's vocabulary:
+    // the index must hold the row's largest value and be the first that does (bf16 rows have
+    // many equal values), checked on the host; timed against burn's argmax.
+    for rows in [1usize, 256] {
+        for dtype in [DType::F32, DType::BF16] {
+            let vocab = 151_936;
+            let logits = Tensor::<2>::random([rows, vocab], Distribution::Uniform(-10.0, 10.0), device).cast(dtype);
+            let (Ok(ids), Ok(host)) = (values(fused_row_argmax(logits.clone()).float().reshape([rows, 1])), values(logits.clone())) else {
+                println!("argmax {rows} rows {dtype:?}: FAIL (cannot read back)");
+                failed += 1;
+                continue;
+            };
+            let bad = (0..rows)
+                .filter(|&r| {
+                    let row = &host[r * vocab..(r + 1) * vocab];
+                    let top = row.iter().cloned().fold(f32::MIN, f32::max);
+                    row.iter().position(|&x| x == top) != Some(ids[r] as usize)
+                })
+                .count();
+            let time = |op: &dyn Fn() -> Tensor<2>| time_graph(device, op).map_or_else(|e| format!("({e})"), |s| format!("{:7.1} µs", s * 1e6));
+            let kernel = time(&|| fused_row_argmax(logits.clone()).float().reshape([rows, 1]));
+            let burn = time(&|| logits.clone().argmax(1).float());
+            println!("argmax {rows:3} rows x {vocab} {dtype:?}: {} | kernel {kernel} | burn {burn}", if bad == 0 { "ok" } else { "FAIL" });
+            failed += usize::from(bad > 0);
+        }
+    }
     let eps = 1e-6;
     let (hidden, heads, kv, dim, inner) = (2560, 32, 8, 128, 9728);
     for dtype in [DType::F32, DType::BF16] {

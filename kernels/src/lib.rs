@@ -6,6 +6,7 @@
 //! pick the kernel on CubeCL devices and the reference elsewhere.
 
 pub mod activation;
+pub mod argmax;
 pub mod attention;
 pub mod cublas;
 mod launch;

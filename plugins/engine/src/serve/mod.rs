@@ -32,9 +32,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// Rows of logits from which greedy steps pick their tokens on the device (see `step`).
-const DEVICE_ARGMAX_MIN_ROWS: usize = 64;
-
 /// What a request asks of the loop.
 pub enum Work {
     Generate(RowRequest),
@@ -429,20 +426,16 @@ impl LoopState {
             (self.model.decoder.forward(&batch.batch, &mut self.pool.borrow_mut())?, batch.logit_ranges)
         };
         let vocab = self.model.decoder.config.vocab_size;
-        // When many rows want logits and every one is greedy without a repetition penalty, the
-        // next tokens are picked on the device and only they come back, not `rows x vocab`
-        // f32: on the H200 (Qwen3-4B, 256 rows) offline throughput went from 820 to 1,772
-        // output tokens/s. For one row burn's argmax (a serial scan of the vocabulary per
-        // row) was slower than reading the row back (batch-1 decode 146 -> 105 tok/s), hence
-        // the threshold (between those two measurements; not tuned).
-        let rows_with_logits = logit_ranges.iter().flatten().map(|r| r.len()).sum::<usize>();
-        let device_argmax = rows_with_logits >= DEVICE_ARGMAX_MIN_ROWS
+        // When every row that wants logits is greedy without a repetition penalty, the next
+        // tokens are picked where the logits are and only they come back, not `rows x vocab`
+        // f32 (our argmax kernel on CubeCL devices): on the H200 (Qwen3-4B, 256 rows, with
+        // burn's argmax) offline throughput went from 820 to 1,772 output tokens/s.
+        let device_argmax = logit_ranges.iter().any(Option::is_some)
             && logit_ranges.iter().zip(work).filter(|(r, _)| r.is_some()).all(|(_, w)| {
                 self.live.get(&w.id).and_then(|l| l.output.as_ref()).is_some_and(Output::is_plain_greedy)
             });
         let (values, picked) = if device_argmax {
-            let ids = logits
-                .argmax(1)
+            let ids = inference_pio_kernels::argmax::row_argmax(logits)
                 .into_data()
                 .convert::<i64>()
                 .try_to_vec::<i64>()
