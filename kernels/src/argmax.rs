@@ -141,7 +141,7 @@ mod tests {
     fn the_reference_takes_the_first_of_equal_values() {
         let values = vec![0.5f32, 2.0, -1.0, 2.0, 1.0, 0.0, 3.0, 3.0];
         let logits = Tensor::<2>::from_data(TensorData::new(values, [2, 4]), &Device::flex());
-        let ids = row_argmax(logits).into_data().convert::<i64>().to_vec::<i64>().expect("ids");
+        let ids = row_argmax(logits).into_data().convert::<i64>().try_to_vec::<i64>().expect("ids");
         assert_eq!(ids, vec![1, 2]);
     }
 }
