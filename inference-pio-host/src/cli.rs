@@ -476,27 +476,52 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     if !args.served_model_names.is_empty() && args.served_model_names.len() != models.len() {
         anyhow::bail!("--served-model-name was given {} times for {} models", args.served_model_names.len(), models.len());
     }
-    let mut served = Vec::new();
+    // Names and cheap checks first: a clash or a missing file is an error before anything
+    // listens or loads.
+    let mut names: Vec<String> = Vec::new();
     for (i, model) in models.iter().enumerate() {
         precheck_model(Some(model))?;
-        let model_args = ModelArgs { model: Some(model.clone()), load: args.load.clone() };
-        let (selected, info) = host.load(&model_args, false)?;
         let name = args.served_model_names.get(i).cloned().unwrap_or_else(|| {
             let path = model.as_path();
             let trimmed = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
             trimmed.strip_suffix(".gguf").map(str::to_string).unwrap_or(trimmed)
         });
-        if served.iter().any(|s: &server::ServedModel| s.name == name) {
+        if names.contains(&name) {
             anyhow::bail!("two models are served as `{name}`: name them with --served-model-name");
         }
-        tracing::info!("serving {} as `{name}` with plugin `{}` on {}", model.display(), selected.id, info.device);
-        served.push(server::ServedModel { name, plugin_id: selected.id.clone(), plugin: std::sync::Arc::new(selected.plugin), info });
+        names.push(name);
     }
+    let load = args.load.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((address, port)).await.with_context(|| format!("cannot listen on {address}:{port}"))?;
         let local = listener.local_addr()?;
         tracing::info!("listening on http://{local}{}", if api_keys.is_some() { " (API keys required)" } else { "" });
+        // The server answers from the start (`/health` 503) while the models load on a thread
+        // of their own; a model that fails to load stops the server with its error.
+        let served = server::ServedModels::loading();
+        let (load_failed, mut load_failure) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        let loading = std::sync::Arc::clone(&served);
+        std::thread::Builder::new()
+            .name("model-loader".into())
+            .spawn(move || {
+                let loaded = models.iter().zip(&names).try_for_each(|(model, name)| -> anyhow::Result<()> {
+                    let (selected, info) = host.load(&ModelArgs { model: Some(model.clone()), load: load.clone() }, false)?;
+                    tracing::info!("serving {} as `{name}` with plugin `{}` on {}", model.display(), selected.id, info.device);
+                    loading.add(server::ServedModel { name: name.clone(), plugin_id: selected.id.clone(), plugin: std::sync::Arc::new(selected.plugin), info });
+                    Ok(())
+                });
+                match loaded {
+                    Ok(()) => {
+                        loading.loaded();
+                        tracing::info!("every model is loaded");
+                    }
+                    Err(e) => {
+                        let _ = load_failed.send(e);
+                    }
+                }
+            })
+            .context("cannot start the model-loading thread")?;
         let app = server::router(server::ServerOptions { models: served, api_keys, max_queue, request_timeout_s });
         // The signal stops accepting; the drain clock starts with it.
         let (stopping, mut stopped) = tokio::sync::watch::channel(false);
@@ -516,6 +541,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
                 tracing::info!("shut down");
             }
             () = drain => tracing::warn!("shut down at the drain timeout of {drain_timeout_s} s: the requests still running are cancelled"),
+            Ok(e) = &mut load_failure => return Err(e.context("a model could not be loaded: the server stops")),
         }
         anyhow::Ok(())
     })?;

@@ -1,7 +1,7 @@
 //! `inference-pio serve` end to end: the real binary serving the tiny Qwen3 fixture on a free
 //! loopback port, driven over HTTP as an OpenAI client would (chat and completions, whole and
 //! streamed, models, metrics), with concurrent clients, a client that leaves mid-stream,
-//! overload, API keys and bad requests.
+//! overload, API keys and bad requests; and a server that listens while its models load.
 
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,11 +33,24 @@ fn start(extra: &[&str]) -> Server {
     start_in(tempfile::tempdir().expect("cwd"), extra)
 }
 
-/// Starts the server in `cwd` (where an `inference-pio.toml` may wait).
+/// Starts the server in `cwd` (where an `inference-pio.toml` may wait) and waits until its
+/// model is loaded (`/health` 200).
 fn start_in(cwd: tempfile::TempDir, extra: &[&str]) -> Server {
-    let model = fixture();
+    let server = listening(cwd, &["--model", fixture().to_str().expect("utf8"), "--served-model-name", "tiny"], extra);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while get(&server, "/health").0 != 200 {
+        assert!(Instant::now() < deadline, "the model did not load in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// Starts `serve` with `models` in `cwd`; returns once it listens (models may still load).
+fn listening(cwd: tempfile::TempDir, models: &[&str], extra: &[&str]) -> Server {
     let mut child = Command::new(BIN)
-        .args(["serve", "--model", model.to_str().expect("utf8"), "--served-model-name", "tiny", "--port", "0"])
+        .arg("serve")
+        .args(models)
+        .args(["--port", "0"])
         .args(extra)
         .current_dir(cwd.path())
         .env_remove("INFERENCE_PIO_CONFIG")
@@ -553,4 +566,54 @@ fn n_choices_are_each_what_a_single_request_with_its_seed_gets() {
     assert_eq!(completion["choices"][0]["text"], completion["choices"][1]["text"], "greedy choices are equal");
     let (status, answer) = post(&server, "/v1/chat/completions", &body(17, 1, false).to_string(), None);
     assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("n")), "{answer}");
+}
+
+#[test]
+fn health_is_503_while_the_models_load_and_requests_are_told_to_retry() {
+    // The hostile test plugin loads a directory holding `load-delay-ms` that slowly.
+    let model = tempfile::tempdir().expect("model dir");
+    std::fs::write(model.path().join("config.json"), r#"{"architectures": ["PioTestHostileForCausalLM"]}"#).expect("config");
+    std::fs::write(model.path().join("load-delay-ms"), "1500").expect("delay");
+    let server = listening(
+        tempfile::tempdir().expect("cwd"),
+        &["--model", model.path().to_str().expect("utf8"), "--served-model-name", "slow", "--plugin", "test-hostile"],
+        &[],
+    );
+    let request = json!({"model": "slow", "prompt": "echo", "max_tokens": 4}).to_string();
+    let started = Instant::now();
+    let mut response = agent().get(&format!("{}/health", server.base)).call().expect("health");
+    assert_eq!(response.status().as_u16(), 503, "{}", response.body_mut().read_to_string().unwrap_or_default());
+    assert!(response.headers().get("retry-after").is_some());
+    let mut response = agent().post(&format!("{}/v1/completions", server.base)).header("content-type", "application/json").send(&request).expect("request");
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().get("retry-after").is_some());
+    let body: Value = serde_json::from_str(&response.body_mut().read_to_string().expect("body")).expect("json");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("loading")), "{body}");
+    assert_eq!(get(&server, "/v1/models").0, 200);
+    // Then it loads, and answers.
+    while get(&server, "/health").0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the slow model never loaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1000), "loaded before its delay");
+    let (status, body) = post(&server, "/v1/completions", &request, None);
+    assert_eq!(status, 200, "{body}");
+    let (_, models) = get(&server, "/v1/models");
+    assert!(models.contains("\"slow\""), "{models}");
+}
+
+#[test]
+fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
+    let model = tempfile::tempdir().expect("model dir");
+    std::fs::write(model.path().join("config.json"), r#"{"architectures": ["PioTestHostileForCausalLM"]}"#).expect("config");
+    std::fs::write(model.path().join("load-delay-ms"), "not a number").expect("delay");
+    let output = Command::new(BIN)
+        .args(["serve", "--model", model.path().to_str().expect("utf8"), "--plugin", "test-hostile", "--port", "0"])
+        .env_remove("INFERENCE_PIO_CONFIG")
+        .env_remove("INFERENCE_PIO_PLUGIN_DIR")
+        .output()
+        .expect("serve");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("load-delay-ms") && stderr.contains("could not be loaded"), "{stderr}");
 }

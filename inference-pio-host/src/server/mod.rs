@@ -4,7 +4,8 @@
 //! stream back through their own sinks.
 //!
 //! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (both with `stream`,
-//! server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`,
+//! server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health` (503 while
+//! the models load: the server listens from the start, as vLLM's and llama-server's do),
 //! `GET /metrics` (Prometheus text, with histograms of time to first token, inter-token
 //! latency and end-to-end latency). Errors use OpenAI's shape
 //! (`{"error": {"message", "type", "param", "code"}}`).
@@ -54,9 +55,52 @@ pub struct ServedModel {
     pub info: ModelInfo,
 }
 
+/// The models a server routes to, added as they finish loading.
+pub struct ServedModels {
+    models: std::sync::RwLock<Vec<Arc<ServedModel>>>,
+    loading: AtomicBool,
+}
+
+impl ServedModels {
+    /// None yet: models are loading (`/health` answers 503 until [`Self::loaded`]).
+    pub fn loading() -> Arc<Self> {
+        Arc::new(Self { models: std::sync::RwLock::new(Vec::new()), loading: AtomicBool::new(true) })
+    }
+
+    /// These models, all loaded.
+    pub fn ready(models: Vec<ServedModel>) -> Arc<Self> {
+        let all = Self::loading();
+        for m in models {
+            all.add(m);
+        }
+        all.loaded();
+        all
+    }
+
+    /// One more model, routed to from now on.
+    pub fn add(&self, model: ServedModel) {
+        if let Ok(mut models) = self.models.write() {
+            models.push(Arc::new(model));
+        }
+    }
+
+    /// Every model is loaded.
+    pub fn loaded(&self) {
+        self.loading.store(false, Ordering::SeqCst);
+    }
+
+    fn is_loading(&self) -> bool {
+        self.loading.load(Ordering::SeqCst)
+    }
+
+    fn all(&self) -> Vec<Arc<ServedModel>> {
+        self.models.read().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
 /// How the server runs.
 pub struct ServerOptions {
-    pub models: Vec<ServedModel>,
+    pub models: Arc<ServedModels>,
     /// Accepted Bearer keys and their tenants (`None`: no authentication, one shared tenant).
     pub api_keys: Option<Tenants>,
     /// Requests admitted at once (queued in the engines or running); more get 503.
@@ -66,7 +110,7 @@ pub struct ServerOptions {
 }
 
 struct AppState {
-    models: Vec<Arc<ServedModel>>,
+    models: Arc<ServedModels>,
     api_keys: Option<Tenants>,
     queue: Arc<tokio::sync::Semaphore>,
     max_queue: usize,
@@ -162,7 +206,7 @@ impl IntoResponse for ApiError {
 /// Builds the router (used by `serve` and by tests).
 pub fn router(options: ServerOptions) -> Router {
     let state = Arc::new(AppState {
-        models: options.models.into_iter().map(Arc::new).collect(),
+        models: options.models,
         api_keys: options.api_keys,
         queue: Arc::new(tokio::sync::Semaphore::new(options.max_queue)),
         max_queue: options.max_queue,
@@ -177,7 +221,7 @@ pub fn router(options: ServerOptions) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate));
     Router::new()
         .merge(v1)
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -214,9 +258,24 @@ fn now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// 200 `ok` once every model is loaded; 503 before.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.models.is_loading() {
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(LOADING_RETRY_AFTER_S));
+        response
+    } else {
+        "ok".into_response()
+    }
+}
+
+/// `Retry-After` (seconds) of an answer given while models load.
+const LOADING_RETRY_AFTER_S: u32 = 5;
+
 async fn models(State(state): State<Arc<AppState>>) -> Response {
     let data: Vec<Value> = state
         .models
+        .all()
         .iter()
         .map(|m| json!({"id": m.name, "object": "model", "created": now_s(), "owned_by": "inference-pio", "max_model_len": m.info.max_context, "plugin": m.plugin_id}))
         .collect();
@@ -240,7 +299,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     out.push_str(&m.inter_token_latency.render("inter_token_latency_seconds", "Time between a request's consecutive tokens."));
     out.push_str(&m.e2e_latency.render("e2e_request_latency_seconds", "Time from the request's arrival to its last token."));
     out.push_str(&m.queue_time.render("request_queue_time_seconds", "Time a request waited in the engine's queue before its first step."));
-    for model in &state.models {
+    for model in state.models.all() {
         let (plugin, handle) = (Arc::clone(&model.plugin), model.info.handle);
         let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || plugin.stats(handle)).await else { continue };
         let labels = format!("{{model_name=\"{}\"}}", model.name);
@@ -332,12 +391,19 @@ fn choices(request: InferRequest, n: u32) -> Vec<InferRequest> {
 }
 
 fn find_model(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
-    state
-        .models
-        .iter()
-        .find(|m| m.name == name)
-        .cloned()
-        .ok_or_else(|| ApiError { status: StatusCode::NOT_FOUND, message: format!("the model `{name}` does not exist"), kind: "invalid_request_error", param: Some("model"), retry_after: None })
+    if let Some(model) = state.models.all().into_iter().find(|m| m.name == name) {
+        return Ok(model);
+    }
+    if state.models.is_loading() {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("the model `{name}` is not loaded yet: the server is still loading its models"),
+            kind: "server_loading",
+            param: Some("model"),
+            retry_after: Some(LOADING_RETRY_AFTER_S),
+        });
+    }
+    Err(ApiError { status: StatusCode::NOT_FOUND, message: format!("the model `{name}` does not exist"), kind: "invalid_request_error", param: Some("model"), retry_after: None })
 }
 
 /// Sets the flag when the request's handler is dropped (the client went away).

@@ -12,6 +12,9 @@ import pathlib
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 
 import openai
 
@@ -31,6 +34,16 @@ def main():
                 break
         assert base, "the server did not start"
         threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        # It listens while the model loads (/health 503), then answers 200.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=5).status == 200:
+                    break
+            except urllib.error.HTTPError as e:
+                assert e.code == 503, e
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.02)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
 
         assert [m.id for m in client.models.list().data] == ["tiny"]

@@ -11,7 +11,8 @@
 //! `init-module`, `finit-module`, `ids` (uid, gid and effective capabilities).
 //!
 //! Its library constructor writes a marker file into `$PIO_TEST_MARKER_DIR` when that is set,
-//! so a test can tell whether any of its code ran.
+//! so a test can tell whether any of its code ran. Loading a model directory that holds a file
+//! `load-delay-ms` takes that many milliseconds (a slow load, for the server's readiness).
 
 use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, PluginError};
 use inference_pio_core::export::{Plugin, TokenCallback};
@@ -271,7 +272,11 @@ impl Plugin for Hostile {
     fn initialize(&self, _settings: PluginSettings) -> Result<(), PluginError> {
         Ok(())
     }
-    fn load_model(&self, _dir: &Path, _options: LoadOptions) -> Result<ModelInfo, PluginError> {
+    fn load_model(&self, dir: &Path, _options: LoadOptions) -> Result<ModelInfo, PluginError> {
+        if let Ok(text) = std::fs::read_to_string(dir.join("load-delay-ms")) {
+            let ms = text.trim().parse::<u64>().map_err(|e| PluginError::invalid(format!("load-delay-ms: {e}")))?;
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         Ok(ModelInfo {
             handle: 7,
             cpu_threads: None,
