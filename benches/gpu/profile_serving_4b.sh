@@ -5,7 +5,8 @@
 # submitted together), each summarised per kernel for its last decode step by
 # benches/gpu/profile_summary.py. Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz.
 # Writes $OUT/profile_ROWS.txt. Env: ROWS (default "1 32 256"), PROMPT_TOKENS (default 256),
-# NEW_TOKENS (default 5).
+# NEW_TOKENS (default 5), ALL (1: summarise every launch after the weights instead: a prefill
+# step, e.g. ROWS=16 PROMPT_TOKENS=512 NEW_TOKENS=1 for one 8,192-token step of 16 chunks).
 set -u
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio libqwen3_4b_instruct_2507.so
@@ -26,5 +27,5 @@ PY
     --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens ${NEW_TOKENS:-5} > /tmp/run_$rows.json 2> /tmp/run_$rows.err
   echo "== rows $rows: exit $? after $(( SECONDS - start )) s"; tail -2 /tmp/run_$rows.err
   rm -f cubecl.toml
-  python3 benches/gpu/profile_summary.py /tmp/profile_$rows.log | head -28 | tee $OUT/profile_$rows.txt
+  python3 benches/gpu/profile_summary.py /tmp/profile_$rows.log $([ "${ALL:-0}" = 1 ] && echo --all) | head -28 | tee $OUT/profile_$rows.txt
 done

@@ -20,8 +20,9 @@
 //! key head, split of the context) serves all the query heads of that key head (each key and
 //! value read once, not once per query head), reads the keys straight from the pool through
 //! the row's block table (no gathered copy), and hides nothing through a mask: a row sees the
-//! keys below its context length, within its window. Its planes (warps) take every
-//! `PLANES`-th key with an online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867), f32
+//! keys below its context length, within its window. Its planes (warps) take tiles of
+//! `TILE` consecutive keys in turn (all of a tile's loads issued before its arithmetic) with an
+//! online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867), f32
 //! inside, merged through shared memory; when a step has too few rows to fill the device, the
 //! context is split over several cubes whose partial results a second kernel merges. Checked
 //! on the device against the reference by `kernels/examples/kernel_check.rs` (group
@@ -38,8 +39,10 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use crate::launch::{PLANE, is_cubecl, last_axis_contiguous};
 
-/// Planes per cube of the decode kernel, each taking every `PLANES`-th key of the cube's range.
+/// Planes per cube of the decode kernel, taking tiles of the cube's keys in turn.
 const PLANES: usize = 4;
+/// Consecutive keys a plane takes at a time (see the kernel).
+const TILE: usize = 8;
 /// Cubes a decode launch aims for (twice the 132 multiprocessors of an H100/H200): a step with
 /// fewer (rows x key heads) than this splits each row's context over several cubes.
 const TARGET_CUBES: usize = 264;
@@ -101,8 +104,8 @@ mod device {
 
     /// One cube per (key head, row, split): the `group` query heads of key head `CUBE_POS_X`
     /// of row `CUBE_POS_Y` over keys `[split * chunk, (split + 1) * chunk)` of the row's
-    /// visible range. Lanes hold one vector of the head each; planes take every `planes`-th
-    /// key. `split`: write the unnormalised partial (`part_acc`, and `part_ml`: running max and
+    /// visible range. Lanes hold one vector of the head each; planes take tiles of `tile`
+    /// keys in turn. `split`: write the unnormalised partial (`part_acc`, and `part_ml`: running max and
     /// sum) for [`merge_splits_kernel`], else the normalised output.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
@@ -122,6 +125,7 @@ mod device {
         chunk: usize,
         #[comptime] group: usize,
         #[comptime] planes: usize,
+        #[comptime] tile: usize,
         #[comptime] split: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
@@ -162,23 +166,52 @@ mod device {
             total[g] = f32::new(0.0);
             acc[g] = Vector::<f32, N>::zero();
         }
-        let mut s = start + plane;
-        while s < end {
-            let block = usize::cast_from(table[row * max_blocks + s / block_tokens]);
-            let slot = block * block_tokens + s % block_tokens;
-            let key = Vector::<f32, N>::cast_from(k[slot * k_slot + k_head]);
-            let value = Vector::<f32, N>::cast_from(v[slot * v_slot + v_head]);
+        // Planes take tiles of `tile` consecutive keys, interleaved. Each lane of the first
+        // `tile` finds one key's slot (one table read for the tile), the plane shares them,
+        // and every key and value of the tile is loaded before any is used: a tile costs two
+        // memory round trips, not two per key.
+        let mut base = start + plane * tile;
+        while base < end {
+            let mine = min(base + min(lane, tile - 1), end - 1);
+            let my_slot = u32::cast_from(table[row * max_blocks + mine / block_tokens]) * u32::cast_from(block_tokens) + u32::cast_from(mine % block_tokens);
+            let mut keys = Array::<Vector<E, N>>::new(tile);
+            let mut values = Array::<Vector<E, N>>::new(tile);
+            #[unroll]
+            for t in 0..tile {
+                let slot = usize::cast_from(plane_shuffle(my_slot, u32::cast_from(t)));
+                keys[t] = k[slot * k_slot + k_head];
+                values[t] = v[slot * v_slot + v_head];
+            }
+            // Per head: the tile's scores, one rescale of the running sum to the new maximum.
             #[unroll]
             for g in 0..group {
-                let score = plane_sum(Vector::vector_sum(key * qs[g]));
-                let next = max(best[g], score);
-                let carry = (best[g] - next).exp();
-                let p = (score - next).exp();
-                total[g] = total[g] * carry + p;
-                acc[g] = acc[g] * Vector::new(carry) + value * Vector::new(p);
-                best[g] = next;
+                let mut scores = Array::<f32>::new(tile);
+                let mut top = best[g];
+                #[unroll]
+                for t in 0..tile {
+                    let score = plane_sum(Vector::vector_sum(Vector::<f32, N>::cast_from(keys[t]) * qs[g]));
+                    // Keys past the range count for nothing (the branch is uniform per plane).
+                    let mut seen = f32::new(-1.0e30);
+                    if base + t < end {
+                        seen = score;
+                    }
+                    scores[t] = seen;
+                    top = max(top, seen);
+                }
+                let carry = (best[g] - top).exp();
+                let mut sum = total[g] * carry;
+                let mut mixed = acc[g] * Vector::new(carry);
+                #[unroll]
+                for t in 0..tile {
+                    let p = (scores[t] - top).exp();
+                    sum += p;
+                    mixed += Vector::<f32, N>::cast_from(values[t]) * Vector::new(p);
+                }
+                best[g] = top;
+                total[g] = sum;
+                acc[g] = mixed;
             }
-            s += planes;
+            base += planes * tile;
         }
 
         let mut bests = Shared::<[f32]>::new_slice(planes * group);
@@ -306,6 +339,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
             chunk,
             group,
             PLANES,
+            TILE,
             split,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
