@@ -617,3 +617,32 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("load-delay-ms") && stderr.contains("could not be loaded"), "{stderr}");
 }
+
+#[test]
+fn tool_choice_none_leaves_the_tools_out_of_the_prompt_and_required_is_refused_by_name() {
+    let server = start(&[]);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let ask = |extra: Value| {
+        let mut body = chat("What is the weather in Paris?", 6);
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let (status, answer) = post(&server, "/v1/chat/completions", &body.to_string(), None);
+        assert_eq!(status, 200, "{answer}");
+        (answer["usage"]["prompt_tokens"].as_u64().expect("usage"), answer["choices"][0]["message"]["content"].clone())
+    };
+    let plain = ask(json!({}));
+    let offered = ask(json!({"tools": tools, "tool_choice": "auto"}));
+    let none = ask(json!({"tools": tools, "tool_choice": "none"}));
+    assert!(offered.0 > plain.0, "the tools are in the prompt with `auto`: {} vs {} tokens", offered.0, plain.0);
+    assert_eq!(none, plain, "`none` renders the prompt without the tools");
+    for choice in [json!("required"), json!({"type": "function", "function": {"name": "get_weather"}})] {
+        let mut body = chat("hi", 4);
+        body["tools"] = tools.clone();
+        body["tool_choice"] = choice;
+        let (status, error) = post(&server, "/v1/chat/completions", &body.to_string(), None);
+        assert_eq!(status, 400, "{error}");
+        assert_eq!(error["error"]["param"], "tool_choice", "{error}");
+    }
+}

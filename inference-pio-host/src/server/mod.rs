@@ -16,7 +16,8 @@
 //! its own prefix-cache partition ([`tenants`]); a bounded queue (`--max-queue`: 503 with
 //! `Retry-After` when full); a client that goes away (stream or not) cancels its request at
 //! the next token; settings the engine does not implement (`logprobs`, `response_format`
-//! other than text, `tool_choice` other than auto, images) are refused by name, never ignored.
+//! other than text, `tool_choice` `required` or a named function, images) are refused by name,
+//! never ignored; `tool_choice: "none"` renders the prompt without the tools.
 //!
 //! References: the OpenAI API reference (chat completions, completions, models, errors,
 //! streaming chunks); vLLM's `entrypoints/openai/serving_chat.py` (SSE framing, `usage`,
@@ -700,7 +701,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
             message
         })
         .collect();
-    let input = PromptInput::Chat { messages, tools: body.tools };
+    let input = PromptInput::Chat { messages, tools: body.offered_tools() };
     let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input)?;
     respond(
         Arc::clone(&state),

@@ -207,13 +207,21 @@ impl ChatBody {
         {
             return Err(bad("`response_format` other than `text` is not supported yet", Some("response_format")));
         }
-        if self.tool_choice.as_ref().is_some_and(|c| c != "auto") {
-            return Err(bad("`tool_choice` other than `auto` is not supported yet", Some("tool_choice")));
+        if self.tool_choice.as_ref().is_some_and(|c| c != "auto" && c != "none") {
+            return Err(bad("`tool_choice` `required` or a named function is not supported yet (it needs constrained decoding): use `auto` or `none`", Some("tool_choice")));
         }
         if self.messages.is_empty() {
             return Err(bad("`messages` must not be empty", Some("messages")));
         }
         self.messages.iter().map(message).collect()
+    }
+}
+
+impl ChatBody {
+    /// The tools the prompt offers: none with `tool_choice: "none"` (the model is not told of
+    /// tools it may not call), else `tools` as given.
+    pub fn offered_tools(&self) -> Option<Value> {
+        if self.tool_choice.as_ref().is_some_and(|c| c == "none") { None } else { self.tools.clone() }
     }
 }
 
