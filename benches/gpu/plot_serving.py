@@ -4,7 +4,10 @@ throughput of ours per call beside transformers' continuous batching and llama.c
 batched-bench (same checkpoint, same H200 lease), and the shared-prefix workload's mean time
 to first token with prefix caching on and off.
 
-    python3 plot_serving.py RESULTS_DIR OUT.png
+    python3 plot_serving.py RESULTS_DIR OUT.png [LABEL=FILE ...]
+
+Without LABEL=FILE pairs it plots the calls of 2026-12-02 (`gpu-h200-2026-12-02-serving/`).
+The peers come from the first file that has them.
 """
 import json
 import os
@@ -17,10 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 d = sys.argv[1]
-calls = [("call 2: gather attention", "results-call2.json"), ("call 3: + paged kernel", "results-call3-paged-kernel.json"),
-         ("call 4: + device argmax", "results-call4-device-argmax.json")]
+calls = [tuple(a.split("=", 1)) for a in sys.argv[3:]] or [
+    ("call 2: gather attention", "results-call2.json"), ("call 3: + paged kernel", "results-call3-paged-kernel.json"),
+    ("call 4: + device argmax", "results-call4-device-argmax.json")]
 runs = [(name, json.load(open(os.path.join(d, f)))) for name, f in calls]
-c2 = runs[0][1]
+c2 = next(r for _, r in runs if "peer_llama_batched" in r and "peer_transformers" in r)
 row = c2["peer_llama_batched"][-1]
 cells = [c.strip() for c in row.strip("|").split("|")]
 llama_out = 256 * 128 / float(cells[8])
@@ -41,7 +45,7 @@ b.set_yticks(list(y), names)
 b.set_xlabel("mean time to first token, s (64 x (2,048 shared + 64) tokens)")
 b.set_title("Shared-prefix workload")
 b.legend()
-fig.suptitle(f"inference-pio serving core, commit {runs[-1][1]['commit']}, 2026-12-02", fontsize=10)
+fig.suptitle(f"inference-pio serving core, commit {runs[-1][1]['commit']}, {os.environ.get('PLOT_DATE', '2026-12-02')}", fontsize=10)
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 print("wrote", sys.argv[2])
