@@ -11,7 +11,9 @@
 # Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz, .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/{log.txt,results.json,sw/*} (sw: the qwen3-tiny-sw fixture to commit).
 # Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers"), OURS (which of
-# our runs, default "b1 b32 offline prefix_off prefix_on"), PIO_LOG (1: phase log).
+# our runs, default "b1 b32 offline prefix_off prefix_on"), PEERS (default "transformers
+# llama"; llama.cpp runs only if its build was started, i.e. with the peers stage), PIO_LOG (1:
+# phase log).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-fixture parity ours peers}
@@ -79,7 +81,7 @@ if has ours; then
 fi
 if has peers; then
   t=$(( $(left) - 40 ))
-  [ $t -gt 60 ] && timeout $t python3 benches/gpu/peer_transformers_cb.py $CK /tmp/offline.jsonl 128 /tmp/peer_transformers.json 2>&1 | tail -3
+  [ $t -gt 60 ] && [[ " ${PEERS:-transformers llama} " == *" transformers "* ]] && timeout $t python3 benches/gpu/peer_transformers_cb.py $CK /tmp/offline.jsonl 128 /tmp/peer_transformers.json 2>&1 | tail -3
   echo "transformers done at $SECONDS s"
   if [ -f /tmp/llama.cpp.started ]; then
     while [ ! -f /tmp/llama.cpp.done ] && [ $(left) -gt 150 ]; do sleep 5; done
