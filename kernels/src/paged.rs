@@ -38,6 +38,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use crate::launch::{PLANE, is_cubecl, last_axis_contiguous};
+use std::cell::RefCell;
 
 /// Planes per cube of the decode kernel, taking tiles of the cube's keys in turn.
 const PLANES: usize = 4;
@@ -423,7 +424,13 @@ pub struct PagedLayout {
 pub struct DecodeRows {
     pub table: Tensor<2, Int>,
     pub lens: Tensor<1, Int>,
+    /// The reference's inputs ([`Self::gathered`]), made by the first layer that needs them
+    /// and kept for the step's other layers: the slots once, a mask per window.
+    reference: RefCell<Option<ReferenceInputs>>,
 }
+
+/// A step's gathered slots `[rows * width]` and, per window, the decode rows' mask.
+type ReferenceInputs = (Tensor<1, Int>, Vec<(Option<usize>, Tensor<5>)>);
 
 /// `count` prefill chunks of `queries` query tokens over `context` keys each: their slots,
 /// `count` times `context` of them, and per window the masks `[count, 1, 1, queries,
@@ -471,10 +478,10 @@ impl PagedLayout {
                 .iter()
                 .flat_map(|s| (0..max_blocks).map(|b| s.blocks.get(b).map_or(0, |&id| i64::from(id))))
                 .collect();
-            DecodeRows {
-                table: Tensor::<2, Int>::from_data(TensorData::new(table, [decode_rows, max_blocks]), device),
-                lens: ints(decode.iter().map(|s| s.context as i64).collect(), device),
-            }
+            DecodeRows::new(
+                Tensor::<2, Int>::from_data(TensorData::new(table, [decode_rows, max_blocks]), device),
+                ints(decode.iter().map(|s| s.context as i64).collect(), device),
+            )
         });
         let gather = |s: &Span, width: usize| -> Vec<i64> {
             (0..width).map(|i| if i < s.context { slot_of(&s.blocks, block_tokens, i) as i64 } else { 0 }).collect()
@@ -516,24 +523,37 @@ impl PagedLayout {
 }
 
 impl DecodeRows {
-    /// The reference's inputs, computed on the device from the table and lengths: the slot of
-    /// each of a row's `max_blocks * block_tokens` keys `[rows * width]`, and the additive mask
-    /// `[rows, 1, 1, 1, width]` hiding keys at or past its length and, with a window, those
-    /// the window leaves behind (see [`mask_values`]).
+    pub fn new(table: Tensor<2, Int>, lens: Tensor<1, Int>) -> Self {
+        Self { table, lens, reference: RefCell::new(None) }
+    }
+
+    /// The reference's inputs, computed on the device from the table and lengths once per
+    /// step (and window): the slot of each of a row's `max_blocks * block_tokens` keys `[rows
+    /// * width]`, and the additive mask `[rows, 1, 1, 1, width]` hiding keys at or past its
+    /// length and, with a window, those the window leaves behind (see [`mask_values`]).
     fn gathered(&self, block_tokens: usize, window: Option<usize>) -> (Tensor<1, Int>, Tensor<5>, usize) {
         let [rows, max_blocks] = self.table.dims();
         let width = max_blocks * block_tokens;
         let device = self.table.device();
         let bt = block_tokens as i64;
-        let keys = Tensor::<1, Int>::arange(0..width as i64, &device).reshape([1, width]).expand([rows, width]);
-        let slots = self.table.clone().gather(1, keys.clone().div_scalar(bt)).mul_scalar(bt).add(keys.clone().remainder_scalar(bt));
-        let lens = self.lens.clone().reshape([rows, 1]).expand([rows, width]);
-        let mut hidden: Tensor<2, Bool> = keys.clone().greater_equal(lens.clone());
-        if let Some(w) = window {
-            hidden = hidden.bool_or(keys.add_scalar(w as i64).lower_equal(lens.sub_scalar(1)));
+        let keys = || Tensor::<1, Int>::arange(0..width as i64, &device).reshape([1, width]).expand([rows, width]);
+        let mut cache = self.reference.borrow_mut();
+        let (slots, masks) = cache.get_or_insert_with(|| {
+            let keys = keys();
+            let slots = self.table.clone().gather(1, keys.clone().div_scalar(bt)).mul_scalar(bt).add(keys.remainder_scalar(bt));
+            (slots.reshape([rows * width]), Vec::new())
+        });
+        if !masks.iter().any(|(w, _)| *w == window) {
+            let keys = keys();
+            let lens = self.lens.clone().reshape([rows, 1]).expand([rows, width]);
+            let mut hidden: Tensor<2, Bool> = keys.clone().greater_equal(lens.clone());
+            if let Some(w) = window {
+                hidden = hidden.bool_or(keys.add_scalar(w as i64).lower_equal(lens.sub_scalar(1)));
+            }
+            let mask = Tensor::<2>::zeros([rows, width], (&device, DType::F32)).mask_fill(hidden, MASKED);
+            masks.push((window, mask.reshape([rows, 1, 1, 1, width])));
         }
-        let mask = Tensor::<2>::zeros([rows, width], (&device, DType::F32)).mask_fill(hidden, MASKED);
-        (slots.reshape([rows * width]), mask.reshape([rows, 1, 1, 1, width]), width)
+        (slots.clone(), pick(masks, window).clone(), width)
     }
 }
 

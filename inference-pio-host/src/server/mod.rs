@@ -68,16 +68,6 @@ impl ServedModels {
         Arc::new(Self { models: std::sync::RwLock::new(Vec::new()), loading: AtomicBool::new(true) })
     }
 
-    /// These models, all loaded.
-    pub fn ready(models: Vec<ServedModel>) -> Arc<Self> {
-        let all = Self::loading();
-        for m in models {
-            all.add(m);
-        }
-        all.loaded();
-        all
-    }
-
     /// One more model, routed to from now on.
     pub fn add(&self, model: ServedModel) {
         if let Ok(mut models) = self.models.write() {

@@ -273,7 +273,7 @@ fn step_tensors(inputs: &Inputs, cos_table: &Tensor<2>, sin_table: &Tensor<2>) -
         slots: inputs.slots.clone(),
         layout: PagedLayout::decode(
             inputs.block_tokens,
-            DecodeRows { table: inputs.table.clone().reshape([rows, inputs.width.div_ceil(inputs.block_tokens)]), lens: inputs.lens.clone() },
+            DecodeRows::new(inputs.table.clone().reshape([rows, inputs.width.div_ceil(inputs.block_tokens)]), inputs.lens.clone()),
         ),
         logit_rows: None,
     }
