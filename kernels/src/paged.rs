@@ -21,7 +21,8 @@
 //! value read once, not once per query head), reads the keys straight from the pool through
 //! the row's block table (no gathered copy), and hides nothing through a mask: a row sees the
 //! keys below its context length, within its window. Its planes (warps) take tiles of
-//! `TILE` consecutive keys in turn (all of a tile's loads issued before its arithmetic) with an
+//! `TILE` consecutive keys in turn while the grid is small (all of a tile's loads issued before
+//! its arithmetic; one key at a time once the grid alone hides the latency) with an
 //! online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867), f32
 //! inside, merged through shared memory; when a step has too few rows to fill the device, the
 //! context is split over several cubes whose partial results a second kernel merges. Checked
@@ -42,8 +43,13 @@ use std::cell::RefCell;
 
 /// Planes per cube of the decode kernel, taking tiles of the cube's keys in turn.
 const PLANES: usize = 4;
-/// Consecutive keys a plane takes at a time (see the kernel).
+/// Consecutive keys a plane takes at a time (see the kernel) while the grid is small.
 const TILE: usize = 8;
+/// Cubes from which a plane takes one key at a time: with this many cubes in flight the
+/// device hides the two dependent reads of a key (table entry, then key) on its own, and the
+/// tile's registers only cost occupancy (H200, 2026-12-03: 8-key tiles made the 32-row step
+/// 3x faster and the 256-row step ~20 % slower).
+const UNTILED_FROM_CUBES: usize = 4 * TARGET_CUBES;
 /// Cubes a decode launch aims for (twice the 132 multiprocessors of an H100/H200): a step with
 /// fewer (rows x key heads) than this splits each row's context over several cubes.
 const TARGET_CUBES: usize = 264;
@@ -53,6 +59,11 @@ const SPLIT_MIN_KEYS: usize = 32;
 /// How many cubes share one row's context of `width` keys, for `rows x kv_heads` cubes.
 pub fn decode_splits(rows: usize, kv_heads: usize, width: usize) -> usize {
     TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(SPLIT_MIN_KEYS)).max(1)
+}
+
+/// Keys a plane takes at a time for a grid of `cubes` cubes.
+pub fn decode_tile(cubes: usize) -> usize {
+    if cubes >= UNTILED_FROM_CUBES { 1 } else { TILE }
 }
 
 /// Elements per vector the decode kernel reads a head in: the fewest that fit the head in one
@@ -340,7 +351,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
             chunk,
             group,
             PLANES,
-            TILE,
+            decode_tile(kv_heads * rows * splits),
             split,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
@@ -659,6 +670,11 @@ mod tests {
         assert_eq!(decode_splits(32, 8, 768), 2);
         assert_eq!(decode_splits(256, 8, 768), 1);
         assert_eq!(decode_splits(1, 8, 48), 2);
+        // Tiles while the grid is small (a 32-row step of 8 key heads, 2 splits), one key at
+        // a time from 1,056 cubes (132 rows unsplit).
+        assert_eq!(decode_tile(8 * 24), 8);
+        assert_eq!(decode_tile(32 * 8 * 2), 8);
+        assert_eq!(decode_tile(256 * 8), 1);
     }
 
     #[test]
