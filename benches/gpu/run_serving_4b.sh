@@ -23,7 +23,11 @@ export XDG_CACHE_HOME=/tmp/xdg
 exec > >(tee -a $OUT/log.txt) 2>&1
 ensure_cublas
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-[ -f .gpu/peers/build_llamacpp.sh ] && [[ " $STAGES " == *" peers "* ]] && bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
+# llama.cpp's build gets the cores from 6 up and our runs cores 0-5: a build on every core
+# halved our host-bound batch-1 decode in the 2026-12-03 peers call (serving-peers.md).
+CORES=$(nproc)
+OURS_CPUS=0-5
+[ -f .gpu/peers/build_llamacpp.sh ] && [[ " $STAGES " == *" peers "* ]] && taskset -c 6-$(( CORES - 1 )) bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
 P=plugins/qwen3-4b-instruct-2507
 ID=qwen3-4b-instruct-2507
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -67,7 +71,7 @@ ours() { # name config args...
   [[ " ${OURS:-b1 b32 offline prefix_off prefix_on} " == *" $name "* ]] || return
   local t=$(( $(left) - 15 )); [ $t -lt 20 ] && { echo "no time for $name"; return; }
   local start=$SECONDS
-  ${PIO_LOG:+env INFERENCE_PIO_LOG=1} timeout $t $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
+  ${PIO_LOG:+env INFERENCE_PIO_LOG=1} timeout $t taskset -c $OURS_CPUS $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
     > /tmp/ours_$name.json 2> /tmp/ours_$name.err
   echo "ours $name: exit $? after $(( SECONDS - start )) s"; tail -2 /tmp/ours_$name.err
   grep -a -m4 -i "graph\|panick\|recording\|decode steps" /tmp/ours_$name.err
