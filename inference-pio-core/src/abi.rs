@@ -29,7 +29,7 @@ use core::marker::PhantomData;
 /// Incompatible changes bump this; the host refuses a plugin with another major version.
 pub const ABI_MAJOR: u32 = 1;
 /// Appended fields bump this; a host accepts plugins with any minor version.
-pub const ABI_MINOR: u32 = 3;
+pub const ABI_MINOR: u32 = 4;
 
 /// What went wrong, coarsely, so the host can react without parsing messages.
 #[repr(u8)]
@@ -156,6 +156,45 @@ impl<'a> TokenSink<'a> {
     }
 }
 
+/// ABI 1.4: receives streamed tokens with what each carries beside its answer text (reasoning,
+/// completed tool calls, log-probabilities) as [`crate::types::TokenDetail`] JSON, empty when
+/// the token carries nothing more. Returning `false` cancels the request.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct TokenEventSink<'a> {
+    context: *mut c_void,
+    on_token: unsafe extern "C" fn(context: *mut c_void, token_id: u32, text: RStr<'_>, detail_json: RStr<'_>) -> bool,
+    _borrow: PhantomData<&'a mut ()>,
+}
+
+type DynEventSink<'a> = dyn FnMut(u32, &str, &str) -> bool + 'a;
+
+unsafe extern "C" fn call_event_closure(context: *mut c_void, token_id: u32, text: RStr<'_>, detail_json: RStr<'_>) -> bool {
+    // SAFETY: `context` was made in `TokenEventSink::from_closure` from a
+    // `&mut &mut DynEventSink` that the sink's lifetime keeps alive and exclusively borrowed.
+    let closure = unsafe { &mut *(context as *mut &mut DynEventSink<'_>) };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| closure(token_id, text.as_str(), detail_json.as_str()))).unwrap_or(false)
+}
+
+impl<'a> TokenEventSink<'a> {
+    /// Wraps `closure`; it receives each new token id, its answer text delta and its detail
+    /// JSON (empty: nothing more).
+    pub fn from_closure(closure: &'a mut &'a mut DynEventSink<'a>) -> Self {
+        Self {
+            context: closure as *mut &mut DynEventSink<'a> as *mut c_void,
+            on_token: call_event_closure,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Sends one token; `false` means the receiver asks to stop.
+    pub fn emit(&mut self, token_id: u32, text: &str, detail_json: &str) -> bool {
+        // SAFETY: `context` and `on_token` were paired by `from_closure`, and `'a` keeps the
+        // context alive for as long as this sink exists.
+        unsafe { (self.on_token)(self.context, token_id, RStr::from(text), RStr::from(detail_json)) }
+    }
+}
+
 /// The root module every plugin exports. Fields may only be appended (after `cleanup`),
 /// bumping [`ABI_MINOR`]; an appended field is optional (`missing_field(option)`), so a host
 /// reads it as `None` from a plugin built before it existed.
@@ -200,6 +239,11 @@ pub struct PluginModule {
     /// ABI 1.2: the model's scheduler counters ([`crate::types::SchedulerStats`] as JSON).
     #[sabi(missing_field(option))]
     pub stats: extern "C" fn(model: u64) -> PluginResult<RString>,
+    /// ABI 1.4: `infer` whose sink also receives each token's [`crate::types::TokenDetail`]
+    /// (streamed reasoning and tool calls, log-probabilities). Absent from older plugins: the
+    /// host then calls `infer` and refuses the 1.4 request fields (`logprobs`, `constraint`).
+    #[sabi(missing_field(option))]
+    pub infer_events: extern "C" fn(model: u64, request_json: RStr<'_>, sink: TokenEventSink<'_>) -> PluginResult<RString>,
 }
 
 impl RootModule for PluginModuleRef {

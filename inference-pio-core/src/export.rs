@@ -3,11 +3,11 @@
 //! `catch_unwind`. After a panic the plugin is *poisoned*: every later call answers
 //! [`ErrorKind::Poisoned`], because its state can no longer be trusted.
 
-use crate::abi::{ErrorKind, PluginError, PluginResult, TokenSink};
+use crate::abi::{ErrorKind, PluginError, PluginResult, TokenEventSink, TokenSink};
 use crate::types::{
     BatchInferRequest, BatchInferResponse, ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions,
     ModelInfo, PluginMetadata, PluginSettings, PromptInput, ScoreRequest, SchedulerStats, ScoreResponse, Support,
-    Timings, UpdateOutcome,
+    Timings, TokenDetail, UpdateOutcome,
 };
 use abi_stable::std_types::{RResult, RStr, RString};
 use serde::Serialize;
@@ -16,8 +16,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Streams generated tokens; returns `false` to cancel.
-pub type TokenCallback<'a> = dyn FnMut(u32, &str) -> bool + 'a;
+/// Streams generated tokens (id, answer text delta, what else the token carries); returns
+/// `false` to cancel.
+pub type TokenCallback<'a> = dyn FnMut(u32, &str, &TokenDetail) -> bool + 'a;
 
 /// What a plugin implements. See [`crate::abi`] for the threading contract: all methods may be
 /// called concurrently.
@@ -40,7 +41,7 @@ pub trait Plugin: Send + Sync + 'static {
     /// Several requests as one batch. This default runs them one after another through
     /// [`Plugin::infer`] (same results, no batching); plugins that batch override it.
     fn infer_batch(&self, model: u64, request: BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
-        infer_one_by_one(request.requests, |one| self.infer(model, one, &mut |_, _| true))
+        infer_one_by_one(request.requests, |one| self.infer(model, one, &mut |_, _, _| true))
     }
 
     /// The model's scheduler counters (ABI 1.2). This default: unsupported.
@@ -60,7 +61,7 @@ pub trait Plugin: Send + Sync + 'static {
             input: PromptInput::Text(request.prompt),
             sampling: request.sampling,
             stop: request.stop,
-            cache_salt: String::new(),
+            cache_salt: String::new(), logprobs: None, constraint: None,
         };
         self.infer(model, request, on_token)
     }
@@ -79,7 +80,7 @@ pub trait Plugin: Send + Sync + 'static {
             },
             sampling: request.sampling,
             stop: request.stop,
-            cache_salt: String::new(),
+            cache_salt: String::new(), logprobs: None, constraint: None,
         };
         self.infer(model, request, on_token)
     }
@@ -203,8 +204,18 @@ impl<P: Plugin> Exported<P> {
     ) -> PluginResult<RString> {
         self.call(|p| {
             let request = decode(what, request_json)?;
-            let mut on_token = |id: u32, text: &str| sink.emit(id, text);
+            let mut on_token = |id: u32, text: &str, _: &TokenDetail| sink.emit(id, text);
             encode(&run(p, request, &mut on_token)?)
+        })
+    }
+    pub fn infer_events(&self, model: u64, request_json: RStr<'_>, mut sink: TokenEventSink<'_>) -> PluginResult<RString> {
+        self.call(|p| {
+            let request = decode("infer request", request_json)?;
+            let mut on_token = |id: u32, text: &str, detail: &TokenDetail| {
+                let json = if detail.is_empty() { String::new() } else { serde_json::to_string(detail).unwrap_or_default() };
+                sink.emit(id, text, &json)
+            };
+            encode(&p.infer(model, request, &mut on_token)?)
         })
     }
     pub fn infer(&self, model: u64, request_json: RStr<'_>, sink: TokenSink<'_>) -> PluginResult<RString> {
@@ -323,7 +334,7 @@ macro_rules! export_plugin {
         mod __inference_pio_exports {
             use super::__INFERENCE_PIO_EXPORTED as E;
             use $crate::__abi_stable::std_types::{RStr, RString};
-            use $crate::abi::{PluginResult, TokenSink};
+            use $crate::abi::{PluginResult, TokenEventSink, TokenSink};
 
             pub extern "C" fn metadata() -> PluginResult<RString> { E.metadata() }
             pub extern "C" fn supports_config(c: RStr<'_>) -> PluginResult<RString> { E.supports_config(c) }
@@ -337,6 +348,7 @@ macro_rules! export_plugin {
             pub extern "C" fn cleanup(m: u64) -> PluginResult<()> { E.cleanup(m) }
             pub extern "C" fn infer_batch(m: u64, r: RStr<'_>) -> PluginResult<RString> { E.infer_batch(m, r) }
             pub extern "C" fn stats(m: u64) -> PluginResult<RString> { E.stats(m) }
+            pub extern "C" fn infer_events(m: u64, r: RStr<'_>, s: TokenEventSink<'_>) -> PluginResult<RString> { E.infer_events(m, r, s) }
 
             #[$crate::__abi_stable::export_root_module]
             pub fn inference_pio_root_module() -> $crate::abi::PluginModuleRef {
@@ -356,6 +368,7 @@ macro_rules! export_plugin {
                     cleanup,
                     infer_batch,
                     stats,
+                    infer_events,
                 }
                 .leak_into_prefix()
             }
@@ -376,6 +389,7 @@ mod tests {
             tool_calls: vec![],
             finish_reason: crate::types::FinishReason::Length,
             timings: Timings { prompt_tokens: prompt, generated_tokens: generated, time_to_first_token_s: ttft, total_s: total, ..Timings::default() },
+            logprobs: vec![],
         }
     }
 
@@ -393,7 +407,7 @@ mod tests {
         assert_eq!(failed.expect_err("fails").message.as_str(), "row two");
 
         let request = |n| crate::types::BatchInferRequest {
-            requests: vec![crate::types::InferRequest { input: PromptInput::TokenIds(vec![1]), sampling: Default::default(), stop: vec![], cache_salt: String::new() }; n],
+            requests: vec![crate::types::InferRequest { input: PromptInput::TokenIds(vec![1]), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None }; n],
         };
         assert!(request(0).validate().expect_err("empty").contains("at least one"));
         assert!(request(1).validate().is_ok() && request(crate::types::MAX_BATCH_REQUESTS).validate().is_ok());

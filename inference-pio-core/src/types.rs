@@ -283,6 +283,71 @@ pub struct InferRequest {
     /// a salt to a plugin older than 1.3, which would ignore it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cache_salt: String,
+    /// ABI 1.4: report each generated token's log-probability and, for `Some(k)`, the `k` most
+    /// likely tokens at its position (at most [`MAX_TOP_LOGPROBS`]). The host refuses it for a
+    /// plugin older than 1.4, which would ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+    /// ABI 1.4: constrain the output to a JSON value (`json_object`), one matching a JSON
+    /// schema (`json_schema`) or a Lark grammar (`grammar`), by masking the tokens that would
+    /// leave it (constrained decoding). The host refuses it for a plugin older than 1.4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// The most alternatives a request may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// What generated text must match (`InferRequest::constraint`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum OutputConstraint {
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON value valid against `schema` (a JSON Schema document).
+    JsonSchema { schema: serde_json::Value },
+    /// A grammar in llguidance's Lark dialect.
+    Grammar { lark: String },
+}
+
+/// ABI 1.4: what a streamed token carries beside its id and answer text. Empty for most
+/// tokens; the text of the answer itself stays the sink's `text`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenDetail {
+    /// Reasoning text this token released (models that write reasoning).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reasoning: String,
+    /// Tool calls this token completed, in order (the parser releases a call whole, once it
+    /// parses, never half-parsed text).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The token's log-probability, when the request asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+impl TokenDetail {
+    pub fn is_empty(&self) -> bool {
+        self.reasoning.is_empty() && self.tool_calls.is_empty() && self.logprobs.is_none()
+    }
+}
+
+/// One generated token's log-probability under the model (the log-softmax of its raw logits,
+/// before penalties, temperature or truncation: vLLM's default `raw_logprobs`), and the most
+/// likely tokens at its position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    pub token: TokenLogprob,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TokenLogprob>,
+}
+
+/// A token, its text (decoded alone) and its log-probability.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
 }
 
 /// The most requests one `infer_batch` call takes.
@@ -429,6 +494,9 @@ pub struct InferResponse {
     pub tool_calls: Vec<ToolCall>,
     pub finish_reason: FinishReason,
     pub timings: Timings,
+    /// ABI 1.4: per generated token, when the request asked for log-probabilities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// A tool call parsed from model output, in the OpenAI shape (`arguments` already typed by

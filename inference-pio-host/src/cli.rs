@@ -857,18 +857,18 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
                         prompt_input(&one, args.raw, args.system.as_deref(), tools.clone(), &info)?
                     }
                 };
-                Ok(InferRequest { input, sampling: sampling.clone(), stop: stop.clone(), cache_salt: String::new() })
+                Ok(InferRequest { input, sampling: sampling.clone(), stop: stop.clone(), cache_salt: String::new(), logprobs: None, constraint: None })
             })
             .collect::<anyhow::Result<_>>()?,
         None => {
             let input = prompt_input(&args.prompt, args.raw, args.system.as_deref(), tools, &info)?;
-            vec![InferRequest { input, sampling, stop, cache_salt: String::new() }; args.batch as usize]
+            vec![InferRequest { input, sampling, stop, cache_salt: String::new(), logprobs: None, constraint: None }; args.batch as usize]
         }
     };
     let request = requests[0].clone();
     let stdout = std::io::stdout();
     let stream = !args.json && requests.len() == 1;
-    let mut on_token = |_id: u32, text: &str| {
+    let mut on_token = |_id: u32, text: &str, _: &inference_pio_core::types::TokenDetail| {
         if stream {
             let mut out = stdout.lock();
             // A closed stdout (e.g. `| head`) cancels generation.
@@ -1013,10 +1013,10 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
             input: PromptInput::Chat { messages: messages.clone(), tools: tools.clone() },
             sampling: sampling.clone(),
             stop: args.sampling.stop.clone(),
-            cache_salt: String::new(),
+            cache_salt: String::new(), logprobs: None, constraint: None,
         };
         let stdout = std::io::stdout();
-        let mut on_token = |_id: u32, t: &str| {
+        let mut on_token = |_id: u32, t: &str, _: &inference_pio_core::types::TokenDetail| {
             let mut out = stdout.lock();
             out.write_all(t.as_bytes()).and_then(|_| out.flush()).is_ok()
         };

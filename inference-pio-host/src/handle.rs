@@ -4,6 +4,7 @@
 use crate::plugin::LoadedPlugin;
 use crate::worker::{Enforcement, WorkerPlugin};
 use inference_pio_core::abi::PluginError;
+use inference_pio_core::export::TokenCallback;
 use inference_pio_core::types::{
     BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
     SchedulerStats, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
@@ -54,7 +55,7 @@ impl PluginHandle {
     pub fn load_model(&self, dir: &Path, options: &LoadOptions) -> Result<ModelInfo, PluginError> {
         both!(self, p => p.load_model(dir, options))
     }
-    pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<InferResponse, PluginError> {
+    pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
         both!(self, p => p.infer(model, request, on_token))
     }
     /// Several requests as one batch, not streamed.

@@ -7,10 +7,11 @@
 
 use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
 use abi_stable::std_types::{RResult, RStr, RString};
-use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError, PluginModuleRef, TokenSink};
+use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError, PluginModuleRef, TokenEventSink, TokenSink};
+use inference_pio_core::export::TokenCallback;
 use inference_pio_core::types::{
     BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata,
-    PluginSettings, SchedulerStats, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
+    PluginSettings, SchedulerStats, ScoreRequest, ScoreResponse, Support, TokenDetail, UpdateOutcome,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -165,20 +166,48 @@ impl LoadedPlugin {
         self.json(text)
     }
 
-    /// Runs a request; `on_token` gets each new token and its text delta, and returns `false`
-    /// to cancel.
-    pub fn infer(
-        &self,
-        model: u64,
-        request: &InferRequest,
-        on_token: &mut dyn FnMut(u32, &str) -> bool,
-    ) -> Result<InferResponse, PluginError> {
+    /// Runs a request; `on_token` gets each new token, its text delta and what else it
+    /// carries (ABI 1.4 `infer_events`; from an older plugin, nothing), and returns `false` to
+    /// cancel. A request asking for 1.4 features (log-probabilities, an output constraint) is
+    /// refused for an older plugin, which would ignore them.
+    pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
         self.guard()?;
         self.check_salt(std::slice::from_ref(request))?;
         let json = Self::to_json(request)?;
-        let mut callback: &mut dyn FnMut(u32, &str) -> bool = on_token;
-        let sink = TokenSink::from_closure(&mut callback);
-        let text = self.check((self.module.infer())(model, RStr::from(json.as_str()), sink))?;
+        let Some(infer_events) = self.module.infer_events() else {
+            let minor = self.module.abi_minor();
+            let wanted = [(request.logprobs.is_some(), "log-probabilities"), (request.constraint.is_some(), "constrained decoding (response_format)")];
+            if let Some((_, what)) = wanted.iter().find(|(on, _)| *on) {
+                return Err(PluginError::new(
+                    ErrorKind::Unsupported,
+                    format!("plugin {} predates ABI 1.4 (it is 1.{minor}) and cannot do {what}; rebuild it", self.path.display()),
+                ));
+            }
+            let mut plain = |id: u32, text: &str| on_token(id, text, &TokenDetail::default());
+            let mut callback: &mut dyn FnMut(u32, &str) -> bool = &mut plain;
+            let sink = TokenSink::from_closure(&mut callback);
+            let text = self.check((self.module.infer())(model, RStr::from(json.as_str()), sink))?;
+            return self.json(text);
+        };
+        let bad_detail = std::cell::RefCell::new(None);
+        let mut events = |id: u32, text: &str, detail: &str| {
+            if detail.is_empty() {
+                return on_token(id, text, &TokenDetail::default());
+            }
+            match serde_json::from_str::<TokenDetail>(detail) {
+                Ok(d) => on_token(id, text, &d),
+                Err(e) => {
+                    *bad_detail.borrow_mut() = Some(e.to_string());
+                    false
+                }
+            }
+        };
+        let mut callback: &mut dyn FnMut(u32, &str, &str) -> bool = &mut events;
+        let sink = TokenEventSink::from_closure(&mut callback);
+        let text = self.check(infer_events(model, RStr::from(json.as_str()), sink))?;
+        if let Some(e) = bad_detail.take() {
+            return Err(PluginError::internal(format!("plugin {} streamed a malformed token detail: {e}", self.path.display())));
+        }
         self.json(text)
     }
 
@@ -203,7 +232,7 @@ impl LoadedPlugin {
                 }
                 Ok(response)
             }
-            None => inference_pio_core::export::infer_one_by_one(&request.requests, |one| self.infer(model, one, &mut |_, _| true)),
+            None => inference_pio_core::export::infer_one_by_one(&request.requests, |one| self.infer(model, one, &mut |_, _, _| true)),
         }
     }
 

@@ -27,10 +27,11 @@ use crate::cgroup::{self, WorkerCgroup};
 use crate::plugin::LoadedPlugin;
 use crate::sandbox::{self, Mechanism, SandboxSpec};
 use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError};
+use inference_pio_core::export::TokenCallback;
 use inference_pio_core::config::{DEFAULT_WORKER_ID, ResourceLimits, SecurityLevel};
 use inference_pio_core::types::{
     BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
-    SchedulerStats, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
+    SchedulerStats, ScoreRequest, ScoreResponse, Support, TokenDetail, UpdateOutcome,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -98,7 +99,14 @@ pub struct WireError {
 #[serde(rename_all = "snake_case")]
 pub enum FromWorker {
     Hello { protocol: u32, abi_major: u32, pid: u32, mechanisms: Vec<Mechanism> },
-    Token { id: u64, token: u32, text: String },
+    Token {
+        id: u64,
+        token: u32,
+        text: String,
+        /// What else the token carries (ABI 1.4), when anything.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<TokenDetail>,
+    },
     Reply { id: u64, result: Result<serde_json::Value, WireError> },
     /// The sandbox could not be applied; the worker exits.
     Fatal(String),
@@ -224,11 +232,12 @@ fn run_call(plugin: &LoadedPlugin, call: Call, call_id: u64, writer: &Mutex<Unix
         Call::Initialize(settings) => value(plugin.initialize(&settings)),
         Call::LoadModel { dir, options } => value(plugin.load_model(&dir, &options)),
         Call::Infer { model, request } => {
-            let mut on_token = |token: u32, text: &str| {
+            let mut on_token = |token: u32, text: &str, detail: &TokenDetail| {
                 if cancel.load(Ordering::SeqCst) {
                     return false;
                 }
-                let frame = FromWorker::Token { id: call_id, token, text: text.to_string() };
+                let detail = (!detail.is_empty()).then(|| detail.clone());
+                let frame = FromWorker::Token { id: call_id, token, text: text.to_string(), detail };
                 writer.lock().map(|mut w| write_frame(&mut *w, &frame).is_ok()).unwrap_or(false)
             };
             value(plugin.infer(model, &request, &mut on_token))
@@ -850,11 +859,11 @@ impl WorkerPlugin {
         state.restarts += 1;
         if let Some(settings) = state.settings.clone() {
             let local = localize(&settings, state.worker.as_ref().map(|w| w.cache.as_path()).unwrap_or(Path::new("/")));
-            self.exchange(state, &Call::Initialize(local), &mut |_, _| true)?;
+            self.exchange(state, &Call::Initialize(local), &mut |_, _, _| true)?;
         }
         for i in 0..state.models.len() {
             let (_, dir, options, _) = state.models[i].clone();
-            let info: ModelInfo = decode(self.exchange(state, &Call::LoadModel { dir, options }, &mut |_, _| true)?)?;
+            let info: ModelInfo = decode(self.exchange(state, &Call::LoadModel { dir, options }, &mut |_, _, _| true)?)?;
             state.models[i].3 = Some(info.handle);
         }
         Ok(())
@@ -891,13 +900,13 @@ impl WorkerPlugin {
     /// Waits for a sent call's reply, streaming its tokens. When this call and the whole
     /// worker have been silent for `timeout_s`, the worker is killed as hung (the wait then
     /// sees the connection end); a call only queued behind others that are streaming waits on.
-    fn wait(&self, sent: &Sent, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Waited {
+    fn wait(&self, sent: &Sent, on_token: &mut TokenCallback<'_>) -> Waited {
         let timeout = self.config.timeout;
         let mut cancelled = false;
         loop {
             match sent.events.recv_timeout(timeout) {
-                Ok(FromWorker::Token { token, text, .. }) => {
-                    if !cancelled && !on_token(token, &text) {
+                Ok(FromWorker::Token { token, text, detail, .. }) => {
+                    if !cancelled && !on_token(token, &text, &detail.unwrap_or_default()) {
                         cancelled = true;
                         if let Ok(mut stream) = sent.stream.lock() {
                             let _ = write_frame(&mut *stream, &ToWorker::Cancel(sent.id));
@@ -972,7 +981,7 @@ impl WorkerPlugin {
 
     /// Sends one call and waits for its reply with the state held (the calls that change
     /// what the worker holds: initialize, load, cleanup, ...).
-    fn exchange(&self, state: &mut State, call: &Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
+    fn exchange(&self, state: &mut State, call: &Call, on_token: &mut TokenCallback<'_>) -> Result<serde_json::Value, PluginError> {
         let sent = self.send(state, call)?;
         let waited = self.wait(&sent, on_token);
         self.settle(state, &sent, waited)
@@ -980,7 +989,7 @@ impl WorkerPlugin {
 
     /// A call on a loaded model that may run beside others (infer, batch, score, stats): the
     /// state is held only to send it and to settle its outcome, not while it runs.
-    fn concurrent(&self, model: u64, make: impl FnOnce(u64) -> Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
+    fn concurrent(&self, model: u64, make: impl FnOnce(u64) -> Call, on_token: &mut TokenCallback<'_>) -> Result<serde_json::Value, PluginError> {
         let sent = {
             let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
             self.ensure_worker(&mut state)?;
@@ -992,7 +1001,7 @@ impl WorkerPlugin {
         self.settle(&mut state, &sent, waited)
     }
 
-    fn call(&self, call: Call, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<serde_json::Value, PluginError> {
+    fn call(&self, call: Call, on_token: &mut TokenCallback<'_>) -> Result<serde_json::Value, PluginError> {
         let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
         self.ensure_worker(&mut state)?;
         self.exchange(&mut state, &call, on_token)
@@ -1008,18 +1017,18 @@ impl WorkerPlugin {
     }
 
     pub fn metadata(&self) -> Result<PluginMetadata, PluginError> {
-        decode(self.call(Call::Metadata, &mut |_, _| true)?)
+        decode(self.call(Call::Metadata, &mut |_, _, _| true)?)
     }
 
     pub fn supports_config(&self, config_json: &str) -> Result<Support, PluginError> {
-        decode(self.call(Call::SupportsConfig(config_json.to_string()), &mut |_, _| true)?)
+        decode(self.call(Call::SupportsConfig(config_json.to_string()), &mut |_, _, _| true)?)
     }
 
     pub fn initialize(&self, settings: &PluginSettings) -> Result<(), PluginError> {
         let mut state = self.state.lock().map_err(|_| internal("worker state poisoned"))?;
         self.ensure_worker(&mut state)?;
         let local = localize(settings, state.worker.as_ref().map(|w| w.cache.as_path()).unwrap_or(Path::new("/")));
-        self.exchange(&mut state, &Call::Initialize(local), &mut |_, _| true)?;
+        self.exchange(&mut state, &Call::Initialize(local), &mut |_, _, _| true)?;
         state.settings = Some(settings.clone());
         Ok(())
     }
@@ -1030,29 +1039,29 @@ impl WorkerPlugin {
         // The worker sees the model at its canonical path (that is where the jail binds it).
         let dir = canonical(dir);
         let call = Call::LoadModel { dir: dir.clone(), options: options.clone() };
-        let info: ModelInfo = decode(self.exchange(&mut state, &call, &mut |_, _| true)?)?;
+        let info: ModelInfo = decode(self.exchange(&mut state, &call, &mut |_, _, _| true)?)?;
         state.models.push((info.handle, dir, options.clone(), Some(info.handle)));
         Ok(info)
     }
 
-    pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut dyn FnMut(u32, &str) -> bool) -> Result<InferResponse, PluginError> {
+    pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
         decode(self.concurrent(model, |handle| Call::Infer { model: handle, request: request.clone() }, on_token)?)
     }
 
     pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
-        decode(self.concurrent(model, |handle| Call::InferBatch { model: handle, request: request.clone() }, &mut |_, _| true)?)
+        decode(self.concurrent(model, |handle| Call::InferBatch { model: handle, request: request.clone() }, &mut |_, _, _| true)?)
     }
 
     pub fn stats(&self, model: u64) -> Result<SchedulerStats, PluginError> {
-        decode(self.concurrent(model, |handle| Call::Stats { model: handle }, &mut |_, _| true)?)
+        decode(self.concurrent(model, |handle| Call::Stats { model: handle }, &mut |_, _, _| true)?)
     }
 
     pub fn score(&self, model: u64, request: &ScoreRequest) -> Result<ScoreResponse, PluginError> {
-        decode(self.concurrent(model, |handle| Call::Score { model: handle, request: request.clone() }, &mut |_, _| true)?)
+        decode(self.concurrent(model, |handle| Call::Score { model: handle, request: request.clone() }, &mut |_, _, _| true)?)
     }
 
     pub fn update_config(&self, update: &ConfigUpdate) -> Result<UpdateOutcome, PluginError> {
-        decode(self.call(Call::UpdateConfig(update.clone()), &mut |_, _| true)?)
+        decode(self.call(Call::UpdateConfig(update.clone()), &mut |_, _, _| true)?)
     }
 
     pub fn cleanup(&self, model: u64) -> Result<(), PluginError> {
@@ -1062,7 +1071,7 @@ impl WorkerPlugin {
         };
         let (_, _, _, current) = state.models.remove(position);
         match (current, state.worker.is_some()) {
-            (Some(handle), true) => self.exchange(&mut state, &Call::Cleanup(handle), &mut |_, _| true).map(|_| ()),
+            (Some(handle), true) => self.exchange(&mut state, &Call::Cleanup(handle), &mut |_, _, _| true).map(|_| ()),
             // No worker: nothing is loaded anywhere.
             _ => Ok(()),
         }

@@ -75,7 +75,7 @@ fn active(worker: &WorkerPlugin, name: &str) -> bool {
 }
 
 fn attack(worker: &WorkerPlugin, model: u64, command: &str) -> Result<String, inference_pio_core::PluginError> {
-    let request = InferRequest { input: PromptInput::Text(command.into()), sampling: Default::default(), stop: vec![], cache_salt: String::new() };
+    let request = InferRequest { input: PromptInput::Text(command.into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
     worker.infer(model, &request, &mut |_, _| true).map(|r| r.text)
 }
 
@@ -399,7 +399,7 @@ fn concurrent_calls_through_the_worker_are_multiplexed_and_cancelled_by_id() {
         // answered: one call at a time on the socket would deadlock here (and time out).
         let worker = &worker;
         let streaming = scope.spawn(move || {
-            let request = InferRequest { input: PromptInput::Text("stream:100000000".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new() };
+            let request = InferRequest { input: PromptInput::Text("stream:100000000".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
             let mut seen = 0u32;
             let mut other = None;
             let response = worker.infer(handle, &request, &mut |_, _| {

@@ -26,6 +26,7 @@ fn holds(c: &Checked, most: u64) {
     assert!(c.presence_penalty.is_none_or(|p| (-2.0..=2.0).contains(&p) && p != 0.0), "{c:?}");
     assert!(c.frequency_penalty.is_none_or(|p| (-2.0..=2.0).contains(&p) && p != 0.0), "{c:?}");
     assert!(c.repetition_penalty.is_none_or(|r| r > 0.0 && r.is_finite()), "{c:?}");
+    assert!(c.logprobs.is_none_or(|k| k <= request::MAX_TOP_LOGPROBS), "{c:?}");
 }
 
 fn check(sampling: &Sampling) {

@@ -36,10 +36,13 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use inference_pio_core::abi::ErrorKind;
-use inference_pio_core::types::{ChatMessage, FinishReason, InferRequest, InferResponse, ModelInfo, PromptInput, SamplingOverrides, SamplingParams};
+use inference_pio_core::types::{
+    ChatMessage, FinishReason, InferRequest, InferResponse, ModelInfo, OutputConstraint, PromptInput, SamplingOverrides, SamplingParams, TokenDetail,
+    TokenLogprob, TokenLogprobs, ToolCall,
+};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use request::{BadRequest, ChatBody, CompletionBody, Prompt, Sampling};
+use request::{BadRequest, ChatBody, CompletionBody, Format, Prompt, Sampling};
 use tenants::{Tenant, Tenants};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -338,7 +341,7 @@ fn delivery(sampling: &Sampling, server_timeout_s: f64, tenant: Option<Arc<Tenan
 
 /// The engine's parameters, stop strings and number of choices (checked in [`request`]),
 /// with the tenant's `max_tokens` limit applied.
-fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Result<(SamplingParams, Vec<String>, u32), ApiError> {
+fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Result<(SamplingParams, Vec<String>, u32, Option<u32>), ApiError> {
     let key_limit = tenant.and_then(|t| t.limits.max_tokens.map(|l| (l, t.id.as_str())));
     let c = sampling.check(info.max_context, key_limit)?;
     let params = SamplingParams {
@@ -356,16 +359,23 @@ fn params(sampling: &Sampling, info: &ModelInfo, tenant: Option<&Tenant>) -> Res
         seed: c.seed,
         ignore_eos: c.ignore_eos,
     };
-    Ok((params, c.stop, c.n))
+    Ok((params, c.stop, c.n, c.logprobs))
 }
 
 /// One API request as the engine runs it: the requests of its `n` choices (the tenant's
 /// prefix-cache salt and `max_tokens` limit applied) and how it is answered.
-fn engine_requests(state: &AppState, info: &ModelInfo, tenant: Option<Arc<Tenant>>, sampling: &Sampling, input: PromptInput) -> Result<(Vec<InferRequest>, Delivery), ApiError> {
-    let (params, stop, n) = params(sampling, info, tenant.as_deref())?;
+fn engine_requests(
+    state: &AppState,
+    info: &ModelInfo,
+    tenant: Option<Arc<Tenant>>,
+    sampling: &Sampling,
+    input: PromptInput,
+    constraint: Option<OutputConstraint>,
+) -> Result<(Vec<InferRequest>, Delivery), ApiError> {
+    let (params, stop, n, logprobs) = params(sampling, info, tenant.as_deref())?;
     let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
     let delivery = delivery(sampling, state.request_timeout_s, tenant)?;
-    Ok((choices(InferRequest { input, sampling: params, stop, cache_salt }, n), delivery))
+    Ok((choices(InferRequest { input, sampling: params, stop, cache_salt, logprobs, constraint }, n), delivery))
 }
 
 /// The engine requests of `n` choices: the same prompt (its blocks shared through the prefix
@@ -432,8 +442,8 @@ fn engine_error(e: &inference_pio_core::abi::PluginError) -> ApiError {
 
 /// What a streaming request's engine thread sends to the response.
 enum Piece {
-    /// A token's text of choice `.0`.
-    Text(usize, String),
+    /// A token of choice `.0`: its answer text and what else it carries.
+    Token(usize, String, TokenDetail),
     /// Choice `.0` ended.
     Done(usize, Result<InferResponse, ApiError>),
 }
@@ -459,7 +469,7 @@ async fn generate(
     let arrived = Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
         let mut last: Option<Instant> = None;
-        let response = plugin.infer(handle, &request, &mut |_, text| {
+        let response = plugin.infer(handle, &request, &mut |_, text, detail| {
             let now = Instant::now();
             match last {
                 None => timing.metrics.time_to_first_token.observe(now.duration_since(arrived).as_secs_f64()),
@@ -474,7 +484,7 @@ async fn generate(
                 return false;
             }
             match &stream {
-                Some((choice, tx)) => tx.send(Piece::Text(*choice, text.to_string())).is_ok(),
+                Some((choice, tx)) => tx.send(Piece::Token(*choice, text.to_string(), detail.clone())).is_ok(),
                 None => true,
             }
         });
@@ -533,11 +543,13 @@ struct Meta {
     model: String,
 }
 
-/// One streamed chunk: the opening one, a token's text, or the last one.
+/// One streamed chunk: the opening one, a token (its text, what else it carries, and how many
+/// tool calls the choice streamed before it), or the last one (with the tool calls and
+/// reasoning not streamed yet: all of them from a plugin before ABI 1.4).
 enum Chunk<'a> {
     Start,
-    Text(&'a str),
-    Finish(&'a InferResponse),
+    Token { text: &'a str, detail: &'a TokenDetail, calls_before: usize, text_before: usize },
+    Finish { response: &'a InferResponse, calls_streamed: usize, reasoning_streamed: usize },
 }
 
 /// The two endpoints' shared path: one request of `requests.len()` choices (OpenAI's `n`,
@@ -604,22 +616,30 @@ async fn respond(
             let _ = out.send(chunk(&meta, i, Chunk::Start).to_string());
         }
         let mut finished: Vec<Option<InferResponse>> = (0..n).map(|_| None).collect();
+        // Per choice: tool calls and reasoning bytes streamed so far.
+        let mut streamed = vec![(0usize, 0usize); n];
+        let mut text_streamed = vec![0usize; n];
         while let Some(piece) = rx.recv().await {
             match piece {
-                Piece::Text(i, text) => {
-                    if out.send(chunk(&meta, i, Chunk::Text(&text)).to_string()).is_err() {
+                Piece::Token(i, text, detail) => {
+                    let (calls_before, text_before) = (streamed[i].0, text_streamed[i]);
+                    streamed[i].0 += detail.tool_calls.len();
+                    streamed[i].1 += detail.reasoning.len();
+                    text_streamed[i] += text.len();
+                    if out.send(chunk(&meta, i, Chunk::Token { text: &text, detail: &detail, calls_before, text_before }).to_string()).is_err() {
                         return;
                     }
                 }
                 Piece::Done(i, Ok(response)) => {
                     log_request(&meta, i, key_id.as_deref(), user.as_deref(), &response, started);
-                    let _ = out.send(chunk(&meta, i, Chunk::Finish(&response)).to_string());
+                    let (calls_streamed, reasoning_streamed) = streamed[i];
+                    let _ = out.send(chunk(&meta, i, Chunk::Finish { response: &response, calls_streamed, reasoning_streamed }).to_string());
                     finished[i] = Some(response);
                     if finished.iter().all(Option::is_some) {
                         // OpenAI's usage chunk: no choices, the usage of all of them.
                         if include_usage {
                             let responses: Vec<InferResponse> = finished.into_iter().flatten().collect();
-                            let mut last = chunk(&meta, 0, Chunk::Finish(&responses[0]));
+                            let mut last = chunk(&meta, 0, Chunk::Finish { response: &responses[0], calls_streamed: 0, reasoning_streamed: 0 });
                             last["choices"] = json!([]);
                             last["usage"] = usage(&responses);
                             let _ = out.send(last.to_string());
@@ -692,7 +712,11 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
         })
         .collect();
     let input = PromptInput::Chat { messages, tools: body.offered_tools() };
-    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input)?;
+    let constraint = body.format()?.map(|f| match f {
+        Format::JsonObject => OutputConstraint::JsonObject,
+        Format::JsonSchema(schema) => OutputConstraint::JsonSchema { schema },
+    });
+    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input, constraint)?;
     respond(
         Arc::clone(&state),
         model,
@@ -709,47 +733,109 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
                         message["reasoning_content"] = json!(r.reasoning);
                     }
                     if !r.tool_calls.is_empty() {
-                        message["tool_calls"] = tool_calls(r);
+                        message["tool_calls"] = tool_calls(&r.tool_calls, 0);
                     }
-                    json!({"index": i, "message": message, "finish_reason": finish_reason(r), "logprobs": null})
+                    json!({"index": i, "message": message, "finish_reason": finish_reason(r), "logprobs": chat_logprobs(&r.logprobs)})
                 })
                 .collect();
             json!({"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
                    "choices": choices, "usage": usage(responses)})
         },
         |meta, i, chunk| {
-            let (delta, finish) = match chunk {
-                Chunk::Start => (json!({"role": "assistant", "content": ""}), Value::Null),
-                Chunk::Text(t) => (json!({"content": t}), Value::Null),
-                Chunk::Finish(r) => {
+            let (delta, finish, logprobs) = match chunk {
+                Chunk::Start => (json!({"role": "assistant", "content": ""}), Value::Null, Value::Null),
+                Chunk::Token { text, detail, calls_before, .. } => {
                     let mut delta = json!({});
-                    if !r.tool_calls.is_empty() {
-                        delta["tool_calls"] = tool_calls(r);
+                    if !text.is_empty() || (detail.reasoning.is_empty() && detail.tool_calls.is_empty()) {
+                        delta["content"] = json!(text);
                     }
-                    if !r.reasoning.is_empty() {
-                        delta["reasoning_content"] = json!(r.reasoning);
+                    if !detail.reasoning.is_empty() {
+                        delta["reasoning_content"] = json!(detail.reasoning);
                     }
-                    (delta, json!(finish_reason(r)))
+                    if !detail.tool_calls.is_empty() {
+                        delta["tool_calls"] = tool_calls(&detail.tool_calls, calls_before);
+                    }
+                    (delta, Value::Null, chat_logprobs(detail.logprobs.as_slice()))
+                }
+                Chunk::Finish { response: r, calls_streamed, reasoning_streamed } => {
+                    let mut delta = json!({});
+                    if r.tool_calls.len() > calls_streamed {
+                        delta["tool_calls"] = tool_calls(&r.tool_calls[calls_streamed..], calls_streamed);
+                    }
+                    if r.reasoning.len() > reasoning_streamed && r.reasoning.is_char_boundary(reasoning_streamed) {
+                        delta["reasoning_content"] = json!(r.reasoning[reasoning_streamed..]);
+                    }
+                    (delta, json!(finish_reason(r)), Value::Null)
                 }
             };
             json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-                   "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": null}], "usage": null})
+                   "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}], "usage": null})
         },
     )
     .await
 }
 
-fn tool_calls(r: &InferResponse) -> Value {
+/// Tool calls in OpenAI's shape, numbered from `first` (their place among the choice's
+/// calls): each whole, with its id, name and arguments (the parser releases a call only once
+/// it parses).
+fn tool_calls(calls: &[ToolCall], first: usize) -> Value {
     Value::Array(
-        r.tool_calls
+        calls
             .iter()
             .enumerate()
-            .map(|(i, c)| {
+            .map(|(k, c)| {
+                let i = first + k;
                 json!({"index": i, "id": format!("call_{i}"), "type": "function",
                        "function": {"name": c.name, "arguments": Value::Object(c.arguments.clone()).to_string()}})
             })
             .collect(),
     )
+}
+
+/// A token and its alternatives in the chat shape (`{token, logprob, bytes}`).
+fn logprob_entry(t: &TokenLogprob) -> Value {
+    json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes()})
+}
+
+/// Chat `logprobs`: `{"content": [...]}` per token, `null` when none were asked for.
+fn chat_logprobs(tokens: &[TokenLogprobs]) -> Value {
+    if tokens.is_empty() {
+        return Value::Null;
+    }
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|l| {
+            let mut entry = logprob_entry(&l.token);
+            entry["top_logprobs"] = Value::Array(l.top.iter().map(logprob_entry).collect());
+            entry
+        })
+        .collect();
+    json!({"content": content})
+}
+
+/// Completions `logprobs` (the legacy shape): tokens, their log-probabilities, a map of the
+/// alternatives per token and each token's offset in the text; `null` when none were asked
+/// for.
+fn completion_logprobs(tokens: &[TokenLogprobs], offset: usize) -> Value {
+    if tokens.is_empty() {
+        return Value::Null;
+    }
+    let mut at = offset;
+    let mut offsets = Vec::with_capacity(tokens.len());
+    for l in tokens {
+        offsets.push(at);
+        at += l.token.text.len();
+    }
+    let top: Vec<Value> = tokens
+        .iter()
+        .map(|l| Value::Object(l.top.iter().map(|t| (t.text.clone(), json!(t.logprob))).collect()))
+        .collect();
+    json!({
+        "tokens": tokens.iter().map(|l| l.token.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|l| l.token.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extension<Arc<Tenant>>>, body: Bytes) -> Result<Response, ApiError> {
@@ -760,7 +846,7 @@ async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extensio
         Prompt::Text(text) => PromptInput::Text(text),
         Prompt::TokenIds(ids) => PromptInput::TokenIds(ids),
     };
-    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input)?;
+    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input, None)?;
     respond(
         Arc::clone(&state),
         model,
@@ -768,19 +854,22 @@ async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extensio
         delivery,
         "cmpl",
         |meta, responses| {
-            let choices: Vec<Value> =
-                responses.iter().enumerate().map(|(i, r)| json!({"index": i, "text": r.text, "finish_reason": finish_reason(r), "logprobs": null})).collect();
+            let choices: Vec<Value> = responses
+                .iter()
+                .enumerate()
+                .map(|(i, r)| json!({"index": i, "text": r.text, "finish_reason": finish_reason(r), "logprobs": completion_logprobs(&r.logprobs, 0)}))
+                .collect();
             json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
                    "choices": choices, "usage": usage(responses)})
         },
         |meta, i, chunk| {
-            let (text, finish) = match chunk {
-                Chunk::Start => ("", Value::Null),
-                Chunk::Text(t) => (t, Value::Null),
-                Chunk::Finish(r) => ("", json!(finish_reason(r))),
+            let (text, finish, logprobs) = match chunk {
+                Chunk::Start => ("", Value::Null, Value::Null),
+                Chunk::Token { text, detail, text_before, .. } => (text, Value::Null, completion_logprobs(detail.logprobs.as_slice(), text_before)),
+                Chunk::Finish { response: r, .. } => ("", json!(finish_reason(r)), Value::Null),
             };
             json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                   "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": null}], "usage": null})
+                   "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}], "usage": null})
         },
     )
     .await

@@ -12,6 +12,19 @@ use serde_json::Value;
 
 /// The most choices (`n`) one request may ask for.
 pub const MAX_CHOICES: u32 = 16;
+/// The most alternatives per token `top_logprobs` (chat) or `logprobs` (completions) may ask
+/// for (OpenAI's limits: 20 and 5).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
+
+/// What a chat answer must be (`response_format`), for constrained decoding.
+#[derive(Debug, PartialEq)]
+pub enum Format {
+    /// Any JSON object (`json_object`).
+    JsonObject,
+    /// A JSON value valid against this schema (`json_schema`).
+    JsonSchema(Value),
+}
 
 /// A request the server refuses (400), naming the parameter where there is one.
 #[derive(Debug, PartialEq)]
@@ -112,6 +125,8 @@ pub struct Checked {
     pub stop: Vec<String>,
     /// Choices to generate (OpenAI's `n`), 1 to [`MAX_CHOICES`].
     pub n: u32,
+    /// Log-probabilities wanted: `Some(k)` with `k` alternatives per token.
+    pub logprobs: Option<u32>,
 }
 
 impl Sampling {
@@ -140,8 +155,24 @@ impl Sampling {
         if self.repetition_penalty.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
             return Err(bad("`repetition_penalty` must be positive", Some("repetition_penalty")));
         }
-        if self.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == Value::Bool(false))) || self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(bad("`logprobs` is not supported yet", Some("logprobs")));
+        // Chat: `logprobs: true` with `top_logprobs` alternatives (0 to 20); completions:
+        // `logprobs: k` alternatives (0 to 5).
+        let logprobs = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(self.top_logprobs.unwrap_or(0)),
+            Some(Value::Number(k)) => match k.as_u64().filter(|&k| k <= MAX_COMPLETION_LOGPROBS as u64) {
+                Some(k) => Some(k as u32),
+                None => return Err(bad(format!("`logprobs` must be a boolean, or (completions) an integer from 0 to {MAX_COMPLETION_LOGPROBS}"), Some("logprobs"))),
+            },
+            Some(_) => return Err(bad("`logprobs` must be a boolean, or (completions) an integer", Some("logprobs"))),
+        };
+        if let Some(k) = self.top_logprobs {
+            if k > MAX_TOP_LOGPROBS {
+                return Err(bad(format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}"), Some("top_logprobs")));
+            }
+            if self.logprobs != Some(Value::Bool(true)) {
+                return Err(bad("`top_logprobs` needs `logprobs: true`", Some("top_logprobs")));
+            }
         }
         let mut max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(n) = max_tokens
@@ -185,6 +216,7 @@ impl Sampling {
             ignore_eos: self.ignore_eos,
             stop,
             n,
+            logprobs,
         })
     }
 }
@@ -200,13 +232,26 @@ pub struct Message {
 }
 
 impl ChatBody {
+    /// What `response_format` asks of the answer: nothing (`text` or absent), any JSON object,
+    /// or a value matching a JSON schema (`{"type": "json_schema", "json_schema": {"name",
+    /// "schema", "strict"}}`; the schema is enforced whether or not `strict` is set).
+    pub fn format(&self) -> Result<Option<Format>, BadRequest> {
+        let Some(format) = self.response_format.as_ref().filter(|f| !f.is_null()) else { return Ok(None) };
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Format::JsonObject)),
+            Some("json_schema") => match format.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(schema) if schema.is_object() || schema.is_boolean() => Ok(Some(Format::JsonSchema(schema.clone()))),
+                _ => Err(bad("`response_format.json_schema.schema` must be a JSON schema object", Some("response_format"))),
+            },
+            Some(other) => Err(bad(format!("`response_format` type `{other}` is not one of text, json_object, json_schema"), Some("response_format"))),
+            None => Err(bad("`response_format` needs a `type`", Some("response_format"))),
+        }
+    }
+
     /// The settings a chat request may not use yet, and its messages (text content only).
     pub fn messages(&self) -> Result<Vec<Message>, BadRequest> {
-        if let Some(format) = &self.response_format
-            && format.get("type").and_then(Value::as_str) != Some("text")
-        {
-            return Err(bad("`response_format` other than `text` is not supported yet", Some("response_format")));
-        }
+        self.format()?;
         if self.tool_choice.as_ref().is_some_and(|c| c != "auto" && c != "none") {
             return Err(bad("`tool_choice` `required` or a named function is not supported yet (it needs constrained decoding): use `auto` or `none`", Some("tool_choice")));
         }
@@ -300,13 +345,31 @@ mod tests {
             (r#"{"model": "m", "messages": [], "max_tokens": 101}"#, Some("max_tokens")),
             (r#"{"model": "m", "messages": [], "top_p": 0}"#, Some("top_p")),
             (r#"{"model": "m", "messages": [], "stop": ["", "a"]}"#, Some("stop")),
-            (r#"{"model": "m", "messages": [], "logprobs": true}"#, Some("logprobs")),
+            (r#"{"model": "m", "messages": [], "logprobs": "yes"}"#, Some("logprobs")),
+            (r#"{"model": "m", "messages": [], "logprobs": 6}"#, Some("logprobs")),
+            (r#"{"model": "m", "messages": [], "top_logprobs": 2}"#, Some("top_logprobs")),
+            (r#"{"model": "m", "messages": [], "logprobs": true, "top_logprobs": 21}"#, Some("top_logprobs")),
             (r#"{"model": "m", "messages": [], "presence_penalty": 2.5}"#, Some("presence_penalty")),
             (r#"{"model": "m", "messages": [], "frequency_penalty": -3}"#, Some("frequency_penalty")),
             (r#"{"model": "m", "messages": [], "repetition_penalty": 0}"#, Some("repetition_penalty")),
         ] {
             let body: ChatBody = parse(text.as_bytes()).expect(text);
             assert_eq!(body.sampling.check(100, None).expect_err(text).param, param, "{text}");
+        }
+        let logprobs = |text: &str| parse::<ChatBody>(text.as_bytes()).expect(text).sampling.check(100, None).expect(text).logprobs;
+        assert_eq!(logprobs(r#"{"model": "m", "messages": [], "logprobs": true, "top_logprobs": 3}"#), Some(3));
+        assert_eq!(logprobs(r#"{"model": "m", "messages": [], "logprobs": true}"#), Some(0));
+        assert_eq!(logprobs(r#"{"model": "m", "messages": [], "logprobs": 2}"#), Some(2));
+        assert_eq!(logprobs(r#"{"model": "m", "messages": [], "logprobs": false}"#), None);
+        let format = |f: &str| parse::<ChatBody>(format!(r#"{{"model": "m", "messages": [], "response_format": {f}}}"#).as_bytes()).expect(f).format();
+        assert_eq!(format(r#"{"type": "text"}"#), Ok(None));
+        assert_eq!(format(r#"{"type": "json_object"}"#), Ok(Some(Format::JsonObject)));
+        assert_eq!(
+            format(r#"{"type": "json_schema", "json_schema": {"name": "x", "strict": true, "schema": {"type": "object"}}}"#),
+            Ok(Some(Format::JsonSchema(serde_json::json!({"type": "object"}))))
+        );
+        for f in [r#"{"type": "json_schema", "json_schema": {"name": "x"}}"#, r#"{"type": "yaml"}"#, r#"{}"#] {
+            assert_eq!(format(f).expect_err(f).param, Some("response_format"), "{f}");
         }
         let body: ChatBody = parse(br#"{"model": "m", "messages": [{"role": "robot"}]}"#).expect("parses");
         assert!(body.messages().expect_err("role").message.contains("unknown message role `robot`"));

@@ -5,6 +5,7 @@
 //! transformers' `GenerationMixin.generate` and `generation_config.json`.
 
 use crate::chat_template::ChatTemplate;
+use crate::constrain::{GrammarCompiler, RowConstraint};
 use crate::decoder::Decoder;
 use crate::error::EngineError;
 use crate::hf_config::token_ids;
@@ -14,14 +15,14 @@ use crate::tokenizer::TextTokenizer;
 use inference_pio_chat_output::OutputFormat;
 use inference_pio_core::config::OptimizationSettings;
 use inference_pio_core::types::{
-    BatchInferResponse, FinishReason, InferRequest, InferResponse, PromptInput, SamplingOverrides, SamplingParams, SchedulerStats, ScoreResponse, Timings,
-    ToolCall,
+    BatchInferResponse, FinishReason, InferRequest, InferResponse, MAX_TOP_LOGPROBS, OutputConstraint, PromptInput, SamplingOverrides, SamplingParams,
+    SchedulerStats, ScoreResponse, Timings, TokenDetail, TokenLogprobs, ToolCall,
 };
 use std::ops::Deref;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// When neither request, host config nor `generation_config.json` says.
@@ -72,6 +73,8 @@ pub struct Model {
     pub max_context: usize,
     /// How the model writes reasoning and tool calls (the family's).
     pub output_format: OutputFormat,
+    /// The vocabulary as the grammar engine sees it, built by the first constrained request.
+    pub grammar: OnceLock<Result<GrammarCompiler, String>>,
 }
 
 /// One generation request after defaults are resolved.
@@ -87,12 +90,16 @@ pub struct RowRequest {
     pub ignore_eos: bool,
     /// The prefix-cache partition (a tenant's salt); empty: the shared cache.
     pub cache_salt: Vec<u8>,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<u32>,
+    /// The grammar the output must match, compiled.
+    pub constraint: Option<RowConstraint>,
 }
 
 impl RowRequest {
     /// Greedy, `max_new_tokens` at most, no stop strings.
     pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
-        Self { prompt, sampling: SamplingConfig::greedy(), max_new_tokens, stop: Vec::new(), tools: None, ignore_eos: false, cache_salt: Vec::new() }
+        Self { prompt, sampling: SamplingConfig::greedy(), max_new_tokens, stop: Vec::new(), tools: None, ignore_eos: false, cache_salt: Vec::new(), logprobs: None, constraint: None }
     }
 
     pub fn ignoring_eos(mut self) -> Self {
@@ -110,6 +117,8 @@ pub struct RowResult {
     pub reasoning: String,
     pub tool_calls: Vec<ToolCall>,
     pub finish: FinishReason,
+    /// Per generated token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 impl Model {
@@ -170,17 +179,33 @@ impl Model {
     /// A request with defaults resolved (prompt tokenized, sampling chosen, its prefix-cache
     /// salt kept).
     pub fn row_request(&self, request: &InferRequest, host_defaults: &SamplingOverrides) -> Result<RowRequest, EngineError> {
-        let InferRequest { input, sampling: params, stop, cache_salt } = request;
+        let InferRequest { input, sampling: params, stop, cache_salt, logprobs, constraint } = request;
         if stop.iter().any(String::is_empty) {
             return Err(EngineError::InvalidRequest("stop strings must not be empty".into()));
         }
+        if let Some(n) = logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::InvalidRequest(format!("top_logprobs is {n}, over the limit of {MAX_TOP_LOGPROBS}")));
+        }
+        let constraint = constraint.as_ref().map(|c| self.compile_constraint(c)).transpose()?;
         let prompt = self.prompt_ids(input)?;
         let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
         let tools = match input {
             PromptInput::Chat { tools, .. } => tools.clone(),
             _ => None,
         };
-        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: cache_salt.as_bytes().to_vec() })
+        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: cache_salt.as_bytes().to_vec(), logprobs: *logprobs, constraint })
+    }
+
+    /// Compiles a request's output constraint against the model's vocabulary (built once).
+    pub fn compile_constraint(&self, constraint: &OutputConstraint) -> Result<RowConstraint, EngineError> {
+        let compiler = self.grammar.get_or_init(|| {
+            let eos = self.eos_token_ids.first().copied().unwrap_or(0);
+            GrammarCompiler::new(&self.tokenizer, self.decoder.config.vocab_size, eos).map_err(|e| e.to_string())
+        });
+        match compiler {
+            Ok(c) => c.compile(constraint),
+            Err(e) => Err(EngineError::Unsupported(format!("constrained decoding is unavailable for this model: {e}"))),
+        }
     }
 }
 
@@ -212,6 +237,7 @@ fn response(prompt: Vec<u32>, result: RowResult, timings: Timings) -> InferRespo
         tool_calls: result.tool_calls,
         finish_reason: result.finish,
         timings,
+        logprobs: result.logprobs,
     }
 }
 
@@ -276,7 +302,7 @@ impl Engine {
         on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
         timings: &mut Timings,
     ) -> Result<Vec<RowResult>, EngineError> {
-        let finished = self.run_rows(requests, optimization, on_token)?;
+        let finished = self.run_rows(requests, optimization, &mut |row, id, text, _| on_token(row, id, text))?;
         *timings = batch_timings(&finished);
         Ok(finished.into_iter().map(|f| f.result).collect())
     }
@@ -286,7 +312,7 @@ impl Engine {
         &self,
         requests: Vec<RowRequest>,
         optimization: &OptimizationSettings,
-        on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
+        on_token: &mut dyn FnMut(usize, u32, &str, &TokenDetail) -> bool,
     ) -> Result<Vec<Finished>, EngineError> {
         if requests.is_empty() {
             return Err(EngineError::InvalidRequest("nothing to generate from".into()));
@@ -303,14 +329,14 @@ impl Engine {
                 return Err(EngineError::Device("the model's step loop stopped while requests were running".into()));
             };
             match event {
-                Event::Token { id, text } => {
+                Event::Token { id, text, detail } => {
                     let d = &mut delivered[row];
                     if d.2 {
                         continue;
                     }
                     d.0.push(id);
                     d.1.push_str(&text);
-                    if !on_token(row, id, &text) {
+                    if !on_token(row, id, &text, &detail) {
                         d.2 = true;
                         pending.cancels[row].store(true, Ordering::Relaxed);
                     }
@@ -322,6 +348,7 @@ impl Engine {
                             f.result.new_ids.truncate(ids.len());
                             f.result.text = text.clone();
                             f.result.finish = FinishReason::Cancelled;
+                            f.result.logprobs.truncate(ids.len());
                             f.token_times.truncate(ids.len());
                             f.timings.generated_tokens = ids.len() as u64;
                         }
@@ -357,21 +384,22 @@ impl Engine {
         optimization: &OptimizationSettings,
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<InferResponse, EngineError> {
-        let request = InferRequest { input: input.clone(), sampling: params.clone(), stop: stop.to_vec(), cache_salt: String::new() };
-        self.generate_request(&request, host_defaults, optimization, on_token)
+        let request = InferRequest { input: input.clone(), sampling: params.clone(), stop: stop.to_vec(), cache_salt: String::new(), logprobs: None, constraint: None };
+        self.generate_request(&request, host_defaults, optimization, &mut |id, text, _| on_token(id, text))
     }
 
-    /// One request, as the ABI carries it (its prefix-cache salt included), streamed.
+    /// One request, as the ABI carries it (its prefix-cache salt included), streamed with
+    /// what each token carries beside its answer text (reasoning, tool calls, log-probabilities).
     pub fn generate_request(
         &self,
         request: &InferRequest,
         host_defaults: &SamplingOverrides,
         optimization: &OptimizationSettings,
-        on_token: &mut dyn FnMut(u32, &str) -> bool,
+        on_token: &mut dyn FnMut(u32, &str, &TokenDetail) -> bool,
     ) -> Result<InferResponse, EngineError> {
         let request = self.row_request(request, host_defaults)?;
         let prompt = request.prompt.clone();
-        let mut finished = self.run_rows(vec![request], optimization, &mut |_, id, text| on_token(id, text))?;
+        let mut finished = self.run_rows(vec![request], optimization, &mut |_, id, text, detail| on_token(id, text, detail))?;
         let f = finished.remove(0);
         Ok(response(prompt, f.result, f.timings))
     }
@@ -395,7 +423,7 @@ impl Engine {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let prompts: Vec<Vec<u32>> = rows.iter().map(|r| r.prompt.clone()).collect();
-        let finished = self.run_rows(rows, optimization, &mut |_, _, _| true)?;
+        let finished = self.run_rows(rows, optimization, &mut |_, _, _, _| true)?;
         let timings = batch_timings(&finished);
         let responses = prompts.into_iter().zip(finished).map(|(prompt, f)| response(prompt, f.result, f.timings)).collect();
         Ok(BatchInferResponse { responses, timings })

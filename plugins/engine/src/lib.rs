@@ -10,6 +10,7 @@
 //! Tensors come from burn; the device (CPU via flex, or CUDA) is chosen at run time.
 
 pub mod chat_template;
+pub mod constrain;
 pub mod decoder;
 pub mod error;
 pub mod generate;

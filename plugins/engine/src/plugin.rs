@@ -163,7 +163,7 @@ pub fn load_engine(
         let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, max_context)?;
         crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
         let pool = decoder.new_kv_pool(blocks, block_tokens);
-        let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format };
+        let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default() };
         Ok((model, pool, (blocks, block_tokens, blocks as u64 * block_bytes, sized_by)))
     };
     let (engine, (blocks, block_tokens, kv_bytes, sized_by)) = Engine::start(build, &settings.optimization)?;

@@ -188,6 +188,12 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The tokenizer as `tokenizer.json` would hold it (also for one rebuilt from GGUF).
+    pub fn to_json(&self) -> Result<serde_json::Value, EngineError> {
+        let text = self.inner.to_string(false).map_err(|e| EngineError::Tokenizer(format!("cannot serialise the tokenizer: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| EngineError::Tokenizer(format!("cannot serialise the tokenizer: {e}")))
+    }
 }
 
 /// Turns a growing list of token ids into text deltas.

@@ -136,7 +136,7 @@ fn attack(command: &str, on_token: &mut TokenCallback<'_>) -> String {
         "stream" => {
             let n: u32 = arg.parse().unwrap_or(16);
             for i in 0..n {
-                if !on_token(i, "tok ") {
+                if !on_token(i, "tok ", &Default::default()) {
                     return format!("cancelled after {i}");
                 }
             }
@@ -309,6 +309,7 @@ impl Plugin for Hostile {
             tool_calls: Vec::new(),
             finish_reason: FinishReason::Length,
             timings: Timings::default(),
+            logprobs: Vec::new(),
         })
     }
     fn score(&self, _m: u64, _r: ScoreRequest) -> Result<ScoreResponse, PluginError> {

@@ -35,6 +35,7 @@ fn echo_response(request: &InferRequest) -> InferResponse {
         tool_calls: Vec::new(),
         finish_reason: FinishReason::Length,
         timings: Timings::default(),
+            logprobs: Vec::new(),
     }
 }
 
@@ -79,7 +80,7 @@ impl Plugin for Panicking {
         })
     }
     fn infer(&self, _m: u64, request: InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
-        on_token(1, "partial ");
+        on_token(1, "partial ", &Default::default());
         if request.stop.iter().any(|s| s == "no-panic") {
             return Ok(echo_response(&request));
         }

@@ -1,7 +1,7 @@
 //! Test plugin: a well-formed root module that declares the next ABI major version. The host
 //! must refuse it before calling anything else.
 
-use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, PluginError, PluginModule, PluginModuleRef, PluginResult, TokenSink};
+use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, PluginError, PluginModule, PluginModuleRef, PluginResult, TokenEventSink, TokenSink};
 use inference_pio_core::__abi_stable::export_root_module;
 use inference_pio_core::__abi_stable::prefix_type::PrefixTypeTrait;
 use inference_pio_core::__abi_stable::std_types::{RResult, RStr, RString};
@@ -18,6 +18,7 @@ extern "C" fn score(_: u64, _: RStr<'_>) -> PluginResult<RString> { refuse() }
 extern "C" fn update_config(_: RStr<'_>) -> PluginResult<RString> { refuse() }
 extern "C" fn cleanup(_: u64) -> PluginResult<()> { refuse() }
 extern "C" fn stats(_: u64) -> PluginResult<RString> { refuse() }
+extern "C" fn infer_events(_: u64, _: RStr<'_>, _: TokenEventSink<'_>) -> PluginResult<RString> { refuse() }
 
 #[export_root_module]
 pub fn root_module() -> PluginModuleRef {
@@ -36,6 +37,7 @@ pub fn root_module() -> PluginModuleRef {
         cleanup,
         infer_batch: score,
         stats,
+        infer_events,
     }
     .leak_into_prefix()
 }

@@ -20,7 +20,7 @@ use crate::error::EngineError;
 use crate::generate::{Model, RowRequest, RowResult};
 use block_pool::BlockPool;
 use inference_pio_core::config::OptimizationSettings;
-use inference_pio_core::types::{FinishReason, SchedulerStats, Timings};
+use inference_pio_core::types::{FinishReason, SchedulerStats, Timings, TokenDetail};
 use output::Output;
 use scheduler::{Limits, Scheduled, Scheduler, SeqState};
 use std::cell::RefCell;
@@ -54,8 +54,8 @@ pub struct Submission {
 
 /// What a request is told.
 pub enum Event {
-    /// A new token and the text that may be streamed with it.
-    Token { id: u32, text: String },
+    /// A new token, the text that may be streamed with it, and what else it carries.
+    Token { id: u32, text: String, detail: TokenDetail },
     /// The end: the result, or why the request failed.
     Done(Box<Result<Finished, EngineError>>),
 }
@@ -434,6 +434,16 @@ impl LoopState {
             && logit_ranges.iter().zip(work).filter(|(r, _)| r.is_some()).all(|(_, w)| {
                 self.live.get(&w.id).and_then(|l| l.output.as_ref()).is_some_and(Output::is_plain_greedy)
             });
+        // The grammar masks of constrained rows, computed while the device runs the step (the
+        // read-back below waits for it).
+        let mut failed = Vec::new();
+        for (w, rows) in work.iter().zip(&logit_ranges) {
+            if let (Some(_), Some(out)) = (rows, self.live.get_mut(&w.id).and_then(|l| l.output.as_mut()))
+                && let Err(e) = out.prepare_mask()
+            {
+                failed.push((w.id, e));
+            }
+        }
         let (values, picked) = if device_argmax {
             let ids = inference_pio_kernels::argmax::row_argmax(logits)
                 .into_data()
@@ -453,6 +463,9 @@ impl LoopState {
         let now = Instant::now();
         for (w, rows) in work.iter().zip(&logit_ranges) {
             let Some(rows) = rows else { continue };
+            if failed.iter().any(|(id, _)| *id == w.id) {
+                continue;
+            }
             let Some(live) = self.live.get_mut(&w.id) else { continue };
             if live.output.is_none() {
                 // Scoring: keep every position's logits; done once the prompt is computed.
@@ -472,15 +485,25 @@ impl LoopState {
                 live.cached_tokens = seq.cached_tokens;
             }
             let Some(out) = live.output.as_mut() else { continue };
-            let id = match picked.get(r) {
-                Some(&id) => id,
-                None => out.sample(&mut values[r * vocab..(r + 1) * vocab].to_vec(), &seq.tokens),
+            let eos = &self.model.eos_token_ids;
+            let picked = match picked.get(r) {
+                Some(&id) => Ok((id, None)),
+                None => out.sample(&values[r * vocab..(r + 1) * vocab], &seq.tokens, &self.model.tokenizer, eos),
             };
-            let length = seq.tokens.len() + 1;
-            let text = out.push(&self.model.tokenizer, &self.model.eos_token_ids, id, length, self.model.max_context)?;
+            // A grammar that fails (its step budget) fails its own request, not the batch.
+            let pushed = picked.and_then(|(id, logprobs)| {
+                out.push(&self.model.tokenizer, eos, id, logprobs, seq.tokens.len() + 1, self.model.max_context).map(|p| (id, p))
+            });
+            let (id, (text, detail)) = match pushed {
+                Ok(p) => p,
+                Err(e) => {
+                    failed.push((w.id, e));
+                    continue;
+                }
+            };
             live.token_times.push(now);
             let finished = out.finish.is_some();
-            let delivered = live.events.send((live.tag, Event::Token { id, text })).is_ok();
+            let delivered = live.events.send((live.tag, Event::Token { id, text, detail })).is_ok();
             self.scheduler.push_token(w.id, id);
             if !delivered {
                 out.cancel();
@@ -488,6 +511,9 @@ impl LoopState {
             if finished || !delivered {
                 self.finish(w.id);
             }
+        }
+        for (id, e) in failed {
+            self.end(id, Err(e));
         }
         Ok(())
     }
@@ -501,7 +527,7 @@ impl LoopState {
         };
         let result = match live.output.take() {
             Some(out) => out.into_result(),
-            None => RowResult { new_ids: Vec::new(), text: String::new(), reasoning: String::new(), tool_calls: Vec::new(), finish: FinishReason::Length },
+            None => RowResult { new_ids: Vec::new(), text: String::new(), reasoning: String::new(), tool_calls: Vec::new(), finish: FinishReason::Length, logprobs: Vec::new() },
         };
         let logits: Vec<Vec<f32>> = std::mem::take(&mut live.logits).into_iter().flatten().collect();
         let mut timings = request_timings(live.submitted, &live.token_times, live.prompt_len, result.new_ids.len());
