@@ -51,9 +51,9 @@ fn measure(name: &str, plugin: &PluginHandle, tokens: u32, requests: u32) -> any
     let request = |text: String| InferRequest { input: PromptInput::Text(text), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
     let stream = request(format!("stream:{tokens}"));
     let mut seen = 0u32;
-    plugin.infer(model, &stream, &mut |_, _| true)?; // warm-up
+    plugin.infer(model, &stream, &mut |_, _, _| true)?; // warm-up
     let start = Instant::now();
-    plugin.infer(model, &stream, &mut |_, _| {
+    plugin.infer(model, &stream, &mut |_, _, _| {
         seen += 1;
         true
     })?;
@@ -62,7 +62,7 @@ fn measure(name: &str, plugin: &PluginHandle, tokens: u32, requests: u32) -> any
     let echo = request("echo".into());
     let start = Instant::now();
     for _ in 0..requests {
-        plugin.infer(model, &echo, &mut |_, _| true)?;
+        plugin.infer(model, &echo, &mut |_, _, _| true)?;
     }
     let per_request = start.elapsed().as_secs_f64() / f64::from(requests) * 1e6;
     println!("| {name} | {per_token:.3} | {per_request:.1} |");

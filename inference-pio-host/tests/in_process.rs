@@ -23,14 +23,14 @@ fn a_panic_marks_only_that_plugin_unusable() {
 
     // A call that does not panic works and streams.
     let mut streamed = Vec::new();
-    let ok = panicking.infer(info.handle, &request("no-panic"), &mut |id, text| {
+    let ok = panicking.infer(info.handle, &request("no-panic"), &mut |id, text, _| {
         streamed.push((id, text.to_string()));
         true
     });
     assert_eq!(ok.expect("infer").token_ids, vec![1, 2]);
     assert_eq!(streamed, vec![(1, "partial ".to_string())]);
 
-    let err = panicking.infer(info.handle, &request("x"), &mut |_, _| true).expect_err("panics");
+    let err = panicking.infer(info.handle, &request("x"), &mut |_, _, _| true).expect_err("panics");
     assert_eq!(err.kind, ErrorKind::Poisoned);
     assert!(err.message.contains("test plugin panics in infer"), "{err}");
     assert!(!panicking.is_usable());
@@ -88,7 +88,7 @@ fn update_config_applies_live_settings_and_refuses_the_rest() {
     assert!(outcome.refused["optimization.dtype"].contains("reload"), "{outcome:?}");
     assert!(outcome.refused["security"].contains("fixed"), "{outcome:?}");
     // The new default is in force for the next request.
-    let response = qwen.infer(info.handle, &request, &mut |_, _| true).expect("infer");
+    let response = qwen.infer(info.handle, &request, &mut |_, _, _| true).expect("infer");
     assert_eq!(response.token_ids.len(), 3);
 
     // Tightening is applied; below the loaded model's size it is refused.
@@ -101,6 +101,6 @@ fn update_config_applies_live_settings_and_refuses_the_rest() {
     assert!(outcome.refused["limits"].contains("already uses more"), "{outcome:?}");
 
     qwen.cleanup(info.handle).expect("cleanup");
-    let err = qwen.infer(info.handle, &request, &mut |_, _| true).expect_err("cleaned up");
+    let err = qwen.infer(info.handle, &request, &mut |_, _, _| true).expect_err("cleaned up");
     assert_eq!(err.kind, ErrorKind::UnknownModel);
 }

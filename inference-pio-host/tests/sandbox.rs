@@ -76,7 +76,7 @@ fn active(worker: &WorkerPlugin, name: &str) -> bool {
 
 fn attack(worker: &WorkerPlugin, model: u64, command: &str) -> Result<String, inference_pio_core::PluginError> {
     let request = InferRequest { input: PromptInput::Text(command.into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
-    worker.infer(model, &request, &mut |_, _| true).map(|r| r.text)
+    worker.infer(model, &request, &mut |_, _, _| true).map(|r| r.text)
 }
 
 fn ok(worker: &WorkerPlugin, model: u64, command: &str) -> String {
@@ -402,7 +402,7 @@ fn concurrent_calls_through_the_worker_are_multiplexed_and_cancelled_by_id() {
             let request = InferRequest { input: PromptInput::Text("stream:100000000".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
             let mut seen = 0u32;
             let mut other = None;
-            let response = worker.infer(handle, &request, &mut |_, _| {
+            let response = worker.infer(handle, &request, &mut |_, _, _| {
                 seen += 1;
                 if seen == 1 {
                     let _ = started_tx.send(());
@@ -421,6 +421,13 @@ fn concurrent_calls_through_the_worker_are_multiplexed_and_cancelled_by_id() {
         let text = text.expect("the cancelled stream answers");
         assert!(text.starts_with("cancelled after"), "{text}");
     });
-    // The worker serves on.
+    // The worker serves on, and each token's detail (ABI 1.4) crosses the socket with it.
     assert_eq!(ok(&worker, handle, "echo"), "ok");
+    let request = InferRequest { input: PromptInput::Text("detail".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
+    let mut details = Vec::new();
+    worker.infer(handle, &request, &mut |id, _, detail| {
+        details.push((id, detail.reasoning.clone(), detail.logprobs.as_ref().map(|l| (l.token.text.clone(), l.token.logprob))));
+        true
+    }).expect("detail");
+    assert_eq!(details, (0..3u32).map(|i| (i, format!("r{i}"), Some((format!("t{i}"), -(i as f32))))).collect::<Vec<_>>());
 }

@@ -218,8 +218,8 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0}).to_string(), 400, "`n`"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000000}).to_string(), 400, "max_tokens"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}).to_string(), 400, "presence_penalty"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true}).to_string(), 400, "logprobs"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string(), 400, "response_format"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}).to_string(), 400, "logprobs"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}).to_string(), 400, "response_format"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(), 400, "image_url"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string(), 400, "malformed"),
         ("/v1/completions", json!({"model": "tiny", "prompt": {"a": 1}}).to_string(), 400, "prompt"),
@@ -645,4 +645,88 @@ fn tool_choice_none_leaves_the_tools_out_of_the_prompt_and_required_is_refused_b
         assert_eq!(status, 400, "{error}");
         assert_eq!(error["error"]["param"], "tool_choice", "{error}");
     }
+}
+
+#[test]
+fn logprobs_come_whole_and_streamed_and_json_schema_answers_validate() {
+    let server = start(&[]);
+    // Chat: greedy, so each token is the most likely of its alternatives.
+    let mut body = chat("Hello there", 8);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let (status, whole) = post(&server, "/v1/chat/completions", &body.to_string(), None);
+    assert_eq!(status, 200, "{whole}");
+    let content = whole["choices"][0]["logprobs"]["content"].as_array().expect("logprobs content").clone();
+    assert_eq!(content.len() as u64, whole["usage"]["completion_tokens"].as_u64().expect("usage"));
+    for entry in &content {
+        let top = entry["top_logprobs"].as_array().expect("top");
+        assert_eq!(top.len(), 3, "{entry}");
+        let lp = entry["logprob"].as_f64().expect("logprob");
+        assert!(lp <= 0.0 && top.windows(2).all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()), "{entry}");
+        assert_eq!(top[0]["token"], entry["token"], "greedy takes the most likely token: {entry}");
+        assert_eq!(top[0]["logprob"], entry["logprob"]);
+        assert!(entry["bytes"].is_array());
+    }
+    body["stream"] = json!(true);
+    let events = stream(&server, "/v1/chat/completions", &body);
+    let streamed: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, content, "the stream carries each token's log-probabilities");
+    // Completions: the legacy shape.
+    let (status, done) = post(&server, "/v1/completions", &json!({"model": "tiny", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "logprobs": 2}).to_string(), None);
+    assert_eq!(status, 200, "{done}");
+    let l = &done["choices"][0]["logprobs"];
+    assert_eq!(l["tokens"].as_array().map(Vec::len), Some(5), "{l}");
+    assert_eq!(l["token_logprobs"].as_array().map(Vec::len), Some(5), "{l}");
+    assert!(l["top_logprobs"].as_array().expect("top").iter().all(|m| m.as_object().is_some_and(|m| (1..=2).contains(&m.len()))), "{l}");
+    // Without them: null, as OpenAI answers.
+    let (_, plain) = post(&server, "/v1/chat/completions", &chat("Hello there", 4).to_string(), None);
+    assert!(plain["choices"][0]["logprobs"].is_null());
+
+    // response_format: the random tiny model writes whatever its weights say, yet every answer
+    // is valid against the schema (constrained decoding), whole and streamed.
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["ok", "n"], "additionalProperties": false});
+    for (i, prompt) in ["Give me JSON", "Hello there", "Say something"].iter().enumerate() {
+        let mut body = chat(prompt, 40);
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "answer", "strict": true, "schema": schema}});
+        if i == 2 {
+            body["stream"] = json!(true);
+        }
+        let text = if i == 2 {
+            streamed_text(&stream(&server, "/v1/chat/completions", &body)).0
+        } else {
+            let (status, answer) = post(&server, "/v1/chat/completions", &body.to_string(), None);
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["choices"][0]["finish_reason"], "stop", "the grammar ends the answer: {answer}");
+            answer["choices"][0]["message"]["content"].as_str().expect("content").to_string()
+        };
+        let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"));
+        assert!(value["ok"].is_boolean() && value["n"].as_u64().is_some_and(|n| n <= 99), "{value}");
+        assert_eq!(value.as_object().map(|o| o.len()), Some(2), "{value}");
+    }
+    let mut body = chat("Hello", 20);
+    body["response_format"] = json!({"type": "json_object"});
+    let (status, answer) = post(&server, "/v1/chat/completions", &body.to_string(), None);
+    assert_eq!(status, 200, "{answer}");
+    let text = answer["choices"][0]["message"]["content"].as_str().expect("content");
+    if answer["choices"][0]["finish_reason"] == "stop" {
+        assert!(serde_json::from_str::<Value>(text).expect("json").is_object(), "{text}");
+    } else {
+        assert!(text.starts_with('{'), "{text}");
+    }
+    // Past the grammar budget, or not a grammar: 400 naming it, and the server stays up.
+    let mut body = chat("Hello", 4);
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "big", "schema": {"type": "object", "description": "x".repeat(70_000)}}});
+    let (status, error) = post(&server, "/v1/chat/completions", &body.to_string(), None);
+    assert_eq!(status, 400, "{error}");
+    assert!(error["error"]["message"].as_str().expect("message").contains("grammar budget"), "{error}");
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "wat"}}});
+    let (status, error) = post(&server, "/v1/chat/completions", &body.to_string(), None);
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(get(&server, "/health").0, 200);
 }

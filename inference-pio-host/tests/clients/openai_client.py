@@ -2,7 +2,8 @@
 """`inference-pio serve` through the official `openai` Python client (CI runs this after the
 Rust tests: `.ci/run` installs the client). Starts the server on a free loopback port with the
 tiny Qwen3 fixture and checks: models.list; chat whole and streamed (with usage) equal to
-`inference-pio run`'s greedy answer; completions from token ids; the client's own error types
+`inference-pio run`'s greedy answer; log-probabilities whole and streamed; a `json_schema`
+answer that parses and validates; completions from token ids; the client's own error types
 for an unknown model (404) and an unsupported setting (400); SIGTERM ends it with status 0.
 
 Usage: openai_client.py PATH/TO/inference-pio
@@ -86,10 +87,34 @@ def main():
             raise AssertionError("n=17 was accepted")
         except openai.BadRequestError as e:
             assert "`n`" in str(e)
+        # Log-probabilities, whole and streamed: greedy tokens are the most likely of theirs.
+        scored = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                logprobs=True, top_logprobs=2)
+        content = scored.choices[0].logprobs.content
+        assert len(content) == 6 and all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token
+                                         and t.logprob <= 0 for t in content), content
+        streamed = [t for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                                 logprobs=True, top_logprobs=2, stream=True)
+                    if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.content]
+        assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content], (streamed, content)
+        # json_schema (strict): the random tiny model's answer parses and validates.
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                  "required": ["ok", "n"], "additionalProperties": False}
+        shaped = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0,
+                                                response_format={"type": "json_schema",
+                                                                 "json_schema": {"name": "answer", "strict": True, "schema": schema}})
+        value = json.loads(shaped.choices[0].message.content)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 0 <= value["n"] <= 9, value
+        try:
+            client.chat.completions.create(model="tiny", messages=messages, response_format={"type": "json_schema",
+                                           "json_schema": {"name": "big", "schema": {"type": "object", "description": "x" * 70000}}})
+            raise AssertionError("a schema past the grammar budget was accepted")
+        except openai.BadRequestError as e:
+            assert "grammar budget" in str(e)
         # SIGTERM: a graceful shutdown exits 0.
         server.terminate()
         assert server.wait(timeout=30) == 0, f"exit status {server.returncode} after SIGTERM"
-        print("openai client: models, chat (whole, streamed, n choices, penalties), completions, errors and SIGTERM ok")
+        print("openai client: models, chat (whole, streamed, n choices, penalties, logprobs, json_schema), completions, errors and SIGTERM ok")
     finally:
         server.terminate()
         server.wait(timeout=30)

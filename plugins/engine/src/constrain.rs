@@ -39,6 +39,18 @@ fn limits() -> ParserLimits {
     }
 }
 
+/// JSON is written as Python's `json.dumps` writes it (`", "` and `": "`, no other
+/// whitespace) unless the schema's `x-guidance` says otherwise: free whitespace lets a model
+/// pad its answer without end (vLLM offers the same as `disable-any-whitespace`).
+fn compact(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(object) = schema.as_object_mut() {
+        object
+            .entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
+    }
+    schema
+}
+
 /// The model's vocabulary as llguidance sees it (each token's bytes), built on first use.
 pub struct GrammarCompiler {
     factory: ParserFactory,
@@ -63,7 +75,7 @@ impl GrammarCompiler {
     /// Compiles `constraint` within the budgets; errors name the budget or the grammar's fault.
     pub fn compile(&self, constraint: &OutputConstraint) -> Result<RowConstraint, EngineError> {
         let grammar = match constraint {
-            OutputConstraint::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
+            OutputConstraint::JsonObject => TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"}))),
             OutputConstraint::JsonSchema { schema } => {
                 let size = schema.to_string().len();
                 if size > MAX_GRAMMAR_BYTES {
@@ -74,7 +86,7 @@ impl GrammarCompiler {
                 if !schema.is_object() && !schema.is_boolean() {
                     return Err(EngineError::InvalidRequest("the JSON schema must be an object".into()));
                 }
-                TopLevelGrammar::from_json_schema(schema.clone())
+                TopLevelGrammar::from_json_schema(compact(schema.clone()))
             }
             OutputConstraint::Grammar { lark } => {
                 if lark.len() > MAX_GRAMMAR_BYTES {
@@ -230,11 +242,11 @@ mod tests {
         let tok = qwen_tokenizer();
         let compiler = GrammarCompiler::new(&tok, tok.vocab_size(), EOS[0]).expect("compiler");
         let huge = serde_json::json!({"type": "object", "description": "x".repeat(MAX_GRAMMAR_BYTES)});
-        let e = compiler.compile(&OutputConstraint::JsonSchema { schema: huge }).err().expect("too big").to_string();
+        let e = compiler.compile(&OutputConstraint::JsonSchema { schema: huge }).expect_err("too big").to_string();
         assert!(e.contains("grammar budget of 65536 bytes"), "{e}");
-        let e = compiler.compile(&OutputConstraint::JsonSchema { schema: serde_json::json!({"type": "wat"}) }).err().expect("bad").to_string();
+        let e = compiler.compile(&OutputConstraint::JsonSchema { schema: serde_json::json!({"type": "wat"}) }).expect_err("bad").to_string();
         assert!(e.contains("does not compile"), "{e}");
-        let e = compiler.compile(&OutputConstraint::Grammar { lark: "start: missing_rule".into() }).err().expect("bad lark").to_string();
+        let e = compiler.compile(&OutputConstraint::Grammar { lark: "start: missing_rule".into() }).expect_err("bad lark").to_string();
         assert!(e.contains("grammar"), "{e}");
         // A short schema whose string pattern needs an exponential automaton compiles at once
         // (the automaton is built lazily), and each mask stays within llguidance's step fuel:

@@ -93,7 +93,7 @@ pub struct RowRequest {
     /// Report each token's log-probability and this many alternatives.
     pub logprobs: Option<u32>,
     /// The grammar the output must match, compiled.
-    pub constraint: Option<RowConstraint>,
+    pub constraint: Option<Box<RowConstraint>>,
 }
 
 impl RowRequest {
@@ -186,7 +186,7 @@ impl Model {
         if let Some(n) = logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
             return Err(EngineError::InvalidRequest(format!("top_logprobs is {n}, over the limit of {MAX_TOP_LOGPROBS}")));
         }
-        let constraint = constraint.as_ref().map(|c| self.compile_constraint(c)).transpose()?;
+        let constraint = constraint.as_ref().map(|c| self.compile_constraint(c).map(Box::new)).transpose()?;
         let prompt = self.prompt_ids(input)?;
         let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
         let tools = match input {

@@ -142,6 +142,23 @@ fn attack(command: &str, on_token: &mut TokenCallback<'_>) -> String {
             }
             format!("ok:{n} tokens")
         }
+        "detail" => {
+            // Three tokens, each carrying reasoning and a log-probability (ABI 1.4 detail).
+            for i in 0..3u32 {
+                let detail = inference_pio_core::types::TokenDetail {
+                    reasoning: format!("r{i}"),
+                    logprobs: Some(inference_pio_core::types::TokenLogprobs {
+                        token: inference_pio_core::types::TokenLogprob { id: i, text: format!("t{i}"), logprob: -(i as f32) },
+                        top: Vec::new(),
+                    }),
+                    ..Default::default()
+                };
+                if !on_token(i, "tok ", &detail) {
+                    return format!("cancelled after {i}");
+                }
+            }
+            "ok:3 tokens".into()
+        }
         "kill" => match arg.parse::<i32>() {
             Ok(pid) => errno_of(
                 // SAFETY: kill takes integers.

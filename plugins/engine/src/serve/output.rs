@@ -29,7 +29,7 @@ pub struct Output {
     /// Alternatives to report per token (`None`: no log-probabilities).
     logprobs: Option<u32>,
     token_logprobs: Vec<TokenLogprobs>,
-    constraint: Option<RowConstraint>,
+    constraint: Option<Box<RowConstraint>>,
     /// The grammar is complete: the sequence ends with the token that completed it.
     grammar_done: bool,
 }
