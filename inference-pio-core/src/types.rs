@@ -308,6 +308,13 @@ pub enum OutputConstraint {
     JsonSchema { schema: serde_json::Value },
     /// A grammar in llguidance's Lark dialect.
     Grammar { lark: String },
+    /// Tool calls only, in the model's own tool-call format, of the request's tools (OpenAI's
+    /// `tool_choice: "required"`: one or more calls) or exactly one call of `function` (a named
+    /// `tool_choice`). Refused for models without a tool-call format.
+    ToolCalls {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        function: Option<String>,
+    },
 }
 
 /// ABI 1.4: what a streamed token carries beside its id and answer text. Empty for most

@@ -619,7 +619,7 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
 }
 
 #[test]
-fn tool_choice_none_leaves_the_tools_out_of_the_prompt_and_required_is_refused_by_name() {
+fn tool_choice_none_leaves_the_tools_out_of_the_prompt_and_a_model_without_a_call_format_refuses_required() {
     let server = start(&[]);
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
@@ -637,14 +637,136 @@ fn tool_choice_none_leaves_the_tools_out_of_the_prompt_and_required_is_refused_b
     let none = ask(json!({"tools": tools, "tool_choice": "none"}));
     assert!(offered.0 > plain.0, "the tools are in the prompt with `auto`: {} vs {} tokens", offered.0, plain.0);
     assert_eq!(none, plain, "`none` renders the prompt without the tools");
-    for choice in [json!("required"), json!({"type": "function", "function": {"name": "get_weather"}})] {
+    // This model writes no tool-call format, so `required` and a named function cannot be
+    // enforced: refused, naming why. So is a choice that names no offered tool.
+    for (choice, needle) in [
+        (json!("required"), "no tool-call format"),
+        (json!({"type": "function", "function": {"name": "get_weather"}}), "no tool-call format"),
+        (json!({"type": "function", "function": {"name": "get_time"}}), "not among `tools`"),
+        (json!("sometimes"), "must be"),
+    ] {
         let mut body = chat("hi", 4);
         body["tools"] = tools.clone();
         body["tool_choice"] = choice;
         let (status, error) = post(&server, "/v1/chat/completions", &body.to_string(), None);
         assert_eq!(status, 400, "{error}");
-        assert_eq!(error["error"]["param"], "tool_choice", "{error}");
+        assert!(error["error"]["message"].as_str().expect("message").contains(needle), "{error}");
     }
+}
+
+/// The tiny Qwen3-MoE fixture with Qwen3's whole vocabulary (its 512-row embedding and head
+/// grown to 151,936 rows of small pseudo-random bf16 values) and a 4,096-token context, so
+/// that chat prompts and the tool-call tags (ids past 151,000) fit it.
+fn full_vocabulary_moe(dir: &Path) {
+    const VOCAB: usize = 151_936;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/qwen3-coder-30b/tests/fixtures/qwen3moe-tiny-a");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(fixture.join("config.json")).expect("config")).expect("json");
+    config["vocab_size"] = json!(VOCAB);
+    config["max_position_embeddings"] = json!(4096);
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("write config");
+    for file in ["generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(file), dir.join(file)).expect(file);
+    }
+    let bytes = std::fs::read(fixture.join("model.safetensors")).expect("weights");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + header_len]).expect("header");
+    let data = &bytes[8 + header_len..];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut out_header = serde_json::Map::new();
+    let mut out_data = Vec::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets: Vec<usize> = info["data_offsets"].as_array().expect("offsets").iter().map(|o| o.as_u64().expect("offset") as usize).collect();
+        let mut tensor = data[offsets[0]..offsets[1]].to_vec();
+        let mut shape: Vec<u64> = info["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim")).collect();
+        if name.ends_with("embed_tokens.weight") || name == "lm_head.weight" {
+            let row = tensor.len() / shape[0] as usize;
+            while tensor.len() < VOCAB * row {
+                // xorshift, scaled to about +-0.03, as bf16 (the high half of an f32).
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let v = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.06;
+                tensor.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
+            }
+            shape[0] = VOCAB as u64;
+        }
+        let start = out_data.len();
+        out_data.extend_from_slice(&tensor);
+        out_header.insert(name.clone(), json!({"dtype": info["dtype"], "shape": shape, "data_offsets": [start, out_data.len()]}));
+    }
+    let header = Value::Object(out_header).to_string().into_bytes();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&header);
+    file.extend_from_slice(&out_data);
+    std::fs::write(dir.join("model.safetensors"), file).expect("write weights");
+}
+
+#[test]
+fn tool_choice_required_and_named_make_the_model_call_tools_in_its_own_format() {
+    // The tiny Qwen3-MoE fixture (random weights) is served by the Qwen3-Coder plugin, whose
+    // models write `<tool_call><function=…>` calls.
+    let coder = tempfile::tempdir().expect("model dir");
+    full_vocabulary_moe(coder.path());
+    let server = listening(tempfile::tempdir().expect("cwd"), &["--model", coder.path().to_str().expect("utf8"), "--served-model-name", "coder"], &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while get(&server, "/health").0 != 200 {
+        assert!(Instant::now() < deadline, "the model did not load in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tools = json!([
+        {"type": "function", "function": {"name": "set_alarm", "parameters": {"type": "object",
+            "properties": {"hour": {"type": "integer"}, "loud": {"type": "boolean"}, "day": {"enum": ["mon", "tue"]}}, "required": ["hour", "day"]}}},
+        {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
+    ]);
+    let body = |choice: Value, stream: bool| {
+        json!({"model": "coder", "messages": [{"role": "user", "content": "Wake me up"}], "tools": tools, "tool_choice": choice,
+               "max_tokens": 1200, "temperature": 0, "stream": stream})
+    };
+    // Whatever the random weights prefer, the answer is calls of the offered tools with
+    // arguments their schemas allow.
+    let check = |call: &Value| {
+        let name = call["function"]["name"].as_str().expect("name");
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().expect("arguments")).expect("arguments are JSON");
+        match name {
+            "set_alarm" => {
+                assert!(args["hour"].is_i64() && (args["day"] == "mon" || args["day"] == "tue"), "{args}");
+                assert!(args.get("loud").is_none_or(Value::is_boolean), "{args}");
+            }
+            "ping" => assert_eq!(args, json!({})),
+            other => panic!("a call of {other}"),
+        }
+        name.to_string()
+    };
+    let (status, answer) = post(&server, "/v1/chat/completions", &body(json!("required"), false).to_string(), None);
+    assert_eq!(status, 200, "{answer}");
+    let calls = answer["choices"][0]["message"]["tool_calls"].as_array().expect("tool calls").clone();
+    assert!(!calls.is_empty() && answer["choices"][0]["finish_reason"] == "tool_calls", "{answer}");
+    calls.iter().for_each(|c| {
+        check(c);
+    });
+    let (status, answer) = post(&server, "/v1/chat/completions", &body(json!({"type": "function", "function": {"name": "set_alarm"}}), false).to_string(), None);
+    assert_eq!(status, 200, "{answer}");
+    let calls = answer["choices"][0]["message"]["tool_calls"].as_array().expect("tool calls").clone();
+    assert_eq!(calls.len(), 1, "{answer}");
+    assert_eq!(check(&calls[0]), "set_alarm");
+    // Streamed: the call arrives as a `tool_calls` delta (id, name, whole arguments), then the
+    // finish reason.
+    let events = stream(&server, "/v1/chat/completions", &body(json!({"type": "function", "function": {"name": "set_alarm"}}), true));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk")).collect();
+    let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array()).flatten().collect();
+    assert_eq!(deltas.len(), 1, "{events:?}");
+    assert_eq!((deltas[0]["index"].as_u64(), deltas[0]["id"].as_str()), (Some(0), Some("call_0")));
+    assert_eq!(check(deltas[0]), "set_alarm");
+    assert_eq!(deltas[0]["function"]["arguments"], calls[0]["function"]["arguments"], "streamed as answered whole");
+    assert_eq!(chunks.last().expect("last")["choices"][0]["finish_reason"], "tool_calls");
+    // A named function and a response_format do not combine.
+    let mut both = body(json!("required"), false);
+    both["response_format"] = json!({"type": "json_object"});
+    let (status, error) = post(&server, "/v1/chat/completions", &both.to_string(), None);
+    assert_eq!((status, error["error"]["param"].as_str()), (400, Some("response_format")), "{error}");
 }
 
 #[test]

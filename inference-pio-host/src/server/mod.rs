@@ -42,7 +42,7 @@ use inference_pio_core::types::{
 };
 use serde_json::{Value, json};
 use std::sync::Arc;
-use request::{BadRequest, ChatBody, CompletionBody, Format, Prompt, Sampling};
+use request::{BadRequest, ChatBody, CompletionBody, Format, Prompt, Sampling, ToolChoice};
 use tenants::{Tenant, Tenants};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -712,10 +712,13 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
         })
         .collect();
     let input = PromptInput::Chat { messages, tools: body.offered_tools() };
-    let constraint = body.format()?.map(|f| match f {
-        Format::JsonObject => OutputConstraint::JsonObject,
-        Format::JsonSchema(schema) => OutputConstraint::JsonSchema { schema },
-    });
+    let constraint = match (body.format()?, body.tool_choice()?) {
+        (Some(Format::JsonObject), _) => Some(OutputConstraint::JsonObject),
+        (Some(Format::JsonSchema(schema)), _) => Some(OutputConstraint::JsonSchema { schema }),
+        (None, ToolChoice::Required) => Some(OutputConstraint::ToolCalls { function: None }),
+        (None, ToolChoice::Function(name)) => Some(OutputConstraint::ToolCalls { function: Some(name) }),
+        (None, ToolChoice::Auto | ToolChoice::None) => None,
+    };
     let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input, constraint)?;
     respond(
         Arc::clone(&state),

@@ -17,6 +17,19 @@ pub const MAX_CHOICES: u32 = 16;
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
+/// Whether and which tools the answer must call (`tool_choice`).
+#[derive(Debug, PartialEq)]
+pub enum ToolChoice {
+    /// The model decides.
+    Auto,
+    /// No tools: the prompt does not offer them.
+    None,
+    /// One or more calls (constrained decoding).
+    Required,
+    /// One call of this function (constrained decoding).
+    Function(String),
+}
+
 /// What a chat answer must be (`response_format`), for constrained decoding.
 #[derive(Debug, PartialEq)]
 pub enum Format {
@@ -249,12 +262,45 @@ impl ChatBody {
         }
     }
 
-    /// The settings a chat request may not use yet, and its messages (text content only).
+    /// `tool_choice`: `auto` (or absent), `none`, `required`, or `{"type": "function",
+    /// "function": {"name": ..}}` naming one of `tools`. The last two need `tools` and exclude a
+    /// `response_format`.
+    pub fn tool_choice(&self) -> Result<ToolChoice, BadRequest> {
+        let choice = match &self.tool_choice {
+            None | Some(Value::Null) => return Ok(ToolChoice::Auto),
+            Some(Value::String(s)) if s == "auto" => return Ok(ToolChoice::Auto),
+            Some(Value::String(s)) if s == "none" => return Ok(ToolChoice::None),
+            Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+            Some(v) if v.get("type").and_then(Value::as_str) == Some("function") => match v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+                Some(name) => ToolChoice::Function(name.to_string()),
+                None => return Err(bad("a named `tool_choice` needs `function.name`", Some("tool_choice"))),
+            },
+            Some(_) => return Err(bad("`tool_choice` must be `auto`, `none`, `required` or `{\"type\": \"function\", \"function\": {\"name\": ..}}`", Some("tool_choice"))),
+        };
+        let names: Vec<&str> = self
+            .tools
+            .as_ref()
+            .and_then(Value::as_array)
+            .map(|t| t.iter().filter_map(|t| t.get("function").unwrap_or(t).get("name").and_then(Value::as_str)).collect())
+            .unwrap_or_default();
+        if names.is_empty() {
+            return Err(bad("`tool_choice` `required` or a named function needs `tools`", Some("tool_choice")));
+        }
+        if let ToolChoice::Function(name) = &choice
+            && !names.contains(&name.as_str())
+        {
+            return Err(bad(format!("`tool_choice` names function `{name}`, which is not among `tools`"), Some("tool_choice")));
+        }
+        if self.format()?.is_some() {
+            return Err(bad("`response_format` cannot be combined with `tool_choice` `required` or a named function", Some("response_format")));
+        }
+        Ok(choice)
+    }
+
+    /// The settings a chat request may not use, and its messages (text content only).
     pub fn messages(&self) -> Result<Vec<Message>, BadRequest> {
         self.format()?;
-        if self.tool_choice.as_ref().is_some_and(|c| c != "auto" && c != "none") {
-            return Err(bad("`tool_choice` `required` or a named function is not supported yet (it needs constrained decoding): use `auto` or `none`", Some("tool_choice")));
-        }
+        self.tool_choice()?;
         if self.messages.is_empty() {
             return Err(bad("`messages` must not be empty", Some("messages")));
         }
@@ -266,7 +312,7 @@ impl ChatBody {
     /// The tools the prompt offers: none with `tool_choice: "none"` (the model is not told of
     /// tools it may not call), else `tools` as given.
     pub fn offered_tools(&self) -> Option<Value> {
-        if self.tool_choice.as_ref().is_some_and(|c| c == "none") { None } else { self.tools.clone() }
+        if self.tool_choice() == Ok(ToolChoice::None) { None } else { self.tools.clone() }
     }
 }
 

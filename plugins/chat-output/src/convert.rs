@@ -33,6 +33,17 @@ impl Tools {
         Self { list }
     }
 
+    /// The tools' names, in order.
+    pub(crate) fn names(&self) -> Vec<&str> {
+        self.list.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// `parameters.required` of the first tool called `name`.
+    pub(crate) fn required(&self, name: &str) -> Vec<&str> {
+        let Some((_, Some(parameters))) = self.list.iter().find(|(n, _)| n == name) else { return Vec::new() };
+        parameters.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+    }
+
     /// `parameters.properties` of the first tool called `name` (vLLM's `find_tool_properties`).
     pub(crate) fn properties(&self, name: &str) -> Option<&Map<String, Value>> {
         let (_, parameters) = self.list.iter().find(|(n, _)| n == name)?;

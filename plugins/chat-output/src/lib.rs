@@ -45,12 +45,14 @@ use serde_json::{Map, Value};
 
 mod convert;
 mod glm;
+mod grammar;
 mod pylit;
 mod qwen;
 #[cfg(test)]
 mod test_support;
 
 use convert::Tools;
+pub use grammar::tool_call_grammar;
 
 const TOOL_OPEN: &str = "<tool_call>";
 const TOOL_CLOSE: &str = "</tool_call>";

@@ -88,6 +88,9 @@ impl GrammarCompiler {
                 }
                 TopLevelGrammar::from_json_schema(compact(schema.clone()))
             }
+            OutputConstraint::ToolCalls { .. } => {
+                return Err(EngineError::InvalidRequest("a tool-call constraint is compiled from the model's tool-call format (Model::compile_constraint)".into()));
+            }
             OutputConstraint::Grammar { lark } => {
                 if lark.len() > MAX_GRAMMAR_BYTES {
                     return Err(EngineError::InvalidRequest(format!(
@@ -261,5 +264,74 @@ mod tests {
             }
         }
         assert!(start.elapsed() < COMPILE_BUDGET, "{:?}", start.elapsed());
+    }
+
+    /// Walks `text` token by token through the constraint: every token allowed, and the grammar
+    /// complete at the end (stopped, or only an end allowed).
+    fn walk(c: &mut RowConstraint, tok: &TextTokenizer, text: &str) -> Result<(), String> {
+        let vocab = tok.vocab_size();
+        let mut done = false;
+        for t in tok.encode(text, false).expect("encode") {
+            if done {
+                return Err("the grammar ended before the text".into());
+            }
+            let logits = allowed(c, vocab);
+            if !logits[t as usize].is_finite() {
+                return Err(format!("token {t} ({:?}) masked", tok.decode(&[t], false)));
+            }
+            done = c.commit(t, &EOS).map_err(|e| e.to_string())?;
+        }
+        if done || allowed(c, vocab)[EOS[0] as usize].is_finite() { Ok(()) } else { Err("the grammar is not complete".into()) }
+    }
+
+    #[test]
+    fn tool_choice_grammars_take_the_calls_their_parsers_read_and_nothing_else() {
+        use inference_pio_chat_output::{OutputFormat, parse, tool_call_grammar};
+        let tok = qwen_tokenizer();
+        let compiler = GrammarCompiler::new(&tok, tok.vocab_size(), EOS[0]).expect("compiler");
+        let tools = serde_json::json!([
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f"]}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
+        ]);
+        let grammar = |format, function: Option<&str>| {
+            let lark = tool_call_grammar(format, Some(&tools), function).expect("grammar");
+            compiler.compile(&OutputConstraint::Grammar { lark: lark.clone() }).unwrap_or_else(|e| panic!("{e}\n{lark}"))
+        };
+        let qwen = "<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco, CA\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>";
+        let ping = "<tool_call>\n<function=ping>\n</function>\n</tool_call>";
+        for (function, text, ok) in [
+            (None, qwen.to_string(), true),
+            (None, format!("{qwen}\n{ping}"), true),
+            (Some("get_weather"), qwen.to_string(), true),
+            (Some("ping"), qwen.to_string(), false),
+            (None, "Sure, let me check.".to_string(), false),
+            (None, qwen.replace("<parameter=city>\nSan Francisco, CA\n</parameter>\n", ""), false), // city is required
+            (None, qwen.replace("\n3\n", "\nthree\n"), false),                                    // days is an integer
+            (None, qwen.replace("get_weather", "get_time"), false),
+        ] {
+            let mut c = grammar(OutputFormat::Qwen3Coder, function);
+            assert_eq!(walk(&mut c, &tok, &text).is_ok(), ok, "{function:?} {text:?}: {:?}", walk(&mut grammar(OutputFormat::Qwen3Coder, function), &tok, &text));
+            if ok {
+                let parsed = parse(OutputFormat::Qwen3Coder, Some(&tools), &text);
+                assert_eq!(parsed.tool_calls[0].name, "get_weather");
+                assert_eq!(parsed.tool_calls[0].arguments["days"], serde_json::json!(3));
+                assert_eq!(parsed.tool_calls[0].arguments["city"], serde_json::json!("San Francisco, CA"));
+            }
+        }
+        let glm = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>unit</arg_key>\n<arg_value>c</arg_value>\n</tool_call>";
+        let mut c = grammar(OutputFormat::Glm4 { starts_in_reasoning: false }, None);
+        walk(&mut c, &tok, glm).expect("a GLM call");
+        let mut c = grammar(OutputFormat::Glm4 { starts_in_reasoning: false }, None);
+        walk(&mut c, &tok, &format!("<think>Paris, then.</think>\n{glm}")).expect("reasoning, then the call");
+        let mut c = grammar(OutputFormat::Glm4 { starts_in_reasoning: false }, None);
+        assert!(walk(&mut c, &tok, &glm.replace("<arg_value>c<", "<arg_value>kelvin<")).is_err(), "an enum outside its values");
+        let parsed = parse(OutputFormat::Glm4 { starts_in_reasoning: false }, Some(&tools), glm);
+        assert_eq!((parsed.tool_calls[0].name.as_str(), &parsed.tool_calls[0].arguments["unit"]), ("get_weather", &serde_json::json!("c")));
+
+        let e = tool_call_grammar(OutputFormat::Plain, Some(&tools), None).expect_err("plain");
+        assert!(e.contains("no tool-call format"), "{e}");
+        assert!(tool_call_grammar(OutputFormat::Qwen3Coder, Some(&tools), Some("nope")).expect_err("unknown").contains("`nope`"));
+        assert!(tool_call_grammar(OutputFormat::Qwen3Coder, None, None).expect_err("no tools").contains("needs `tools`"));
     }
 }

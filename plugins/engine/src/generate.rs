@@ -186,18 +186,29 @@ impl Model {
         if let Some(n) = logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
             return Err(EngineError::InvalidRequest(format!("top_logprobs is {n}, over the limit of {MAX_TOP_LOGPROBS}")));
         }
-        let constraint = constraint.as_ref().map(|c| self.compile_constraint(c).map(Box::new)).transpose()?;
-        let prompt = self.prompt_ids(input)?;
-        let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
         let tools = match input {
             PromptInput::Chat { tools, .. } => tools.clone(),
             _ => None,
         };
+        let constraint = constraint.as_ref().map(|c| self.compile_constraint(c, tools.as_ref()).map(Box::new)).transpose()?;
+        let prompt = self.prompt_ids(input)?;
+        let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
         Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: cache_salt.as_bytes().to_vec(), logprobs: *logprobs, constraint })
     }
 
-    /// Compiles a request's output constraint against the model's vocabulary (built once).
-    pub fn compile_constraint(&self, constraint: &OutputConstraint) -> Result<RowConstraint, EngineError> {
+    /// Compiles a request's output constraint against the model's vocabulary (built once);
+    /// `tools`: the request's, for [`OutputConstraint::ToolCalls`] (a grammar of the model's
+    /// tool-call format).
+    pub fn compile_constraint(&self, constraint: &OutputConstraint, tools: Option<&serde_json::Value>) -> Result<RowConstraint, EngineError> {
+        let grammar;
+        let constraint = match constraint {
+            OutputConstraint::ToolCalls { function } => {
+                let lark = inference_pio_chat_output::tool_call_grammar(self.output_format, tools, function.as_deref()).map_err(EngineError::InvalidRequest)?;
+                grammar = OutputConstraint::Grammar { lark };
+                &grammar
+            }
+            other => other,
+        };
         let compiler = self.grammar.get_or_init(|| {
             let eos = self.eos_token_ids.first().copied().unwrap_or(0);
             GrammarCompiler::new(&self.tokenizer, self.decoder.config.vocab_size, eos).map_err(|e| e.to_string())
