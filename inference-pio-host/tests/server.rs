@@ -752,15 +752,18 @@ fn tool_choice_required_and_named_make_the_model_call_tools_in_its_own_format() 
     let calls = answer["choices"][0]["message"]["tool_calls"].as_array().expect("tool calls").clone();
     assert_eq!(calls.len(), 1, "{answer}");
     assert_eq!(check(&calls[0]), "set_alarm");
-    // Streamed: the call arrives as a `tool_calls` delta (id, name, whole arguments), then the
-    // finish reason.
+    // Streamed as OpenAI streams calls: a delta with the index, id and name (arguments ""),
+    // then the arguments in fragments, one per argument, which add up to the whole answer's;
+    // then the finish reason.
     let events = stream(&server, "/v1/chat/completions", &body(json!({"type": "function", "function": {"name": "set_alarm"}}), true));
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk")).collect();
     let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array()).flatten().collect();
-    assert_eq!(deltas.len(), 1, "{events:?}");
-    assert_eq!((deltas[0]["index"].as_u64(), deltas[0]["id"].as_str()), (Some(0), Some("call_0")));
-    assert_eq!(check(deltas[0]), "set_alarm");
-    assert_eq!(deltas[0]["function"]["arguments"], calls[0]["function"]["arguments"], "streamed as answered whole");
+    assert!(deltas.len() >= 3, "a start and at least the two required arguments: {events:?}");
+    assert_eq!((deltas[0]["index"].as_u64(), deltas[0]["id"].as_str(), deltas[0]["function"]["name"].as_str()), (Some(0), Some("call_0"), Some("set_alarm")));
+    assert_eq!(deltas[0]["function"]["arguments"], "");
+    assert!(deltas[1..].iter().all(|d| d["index"] == 0 && d.get("id").is_none() && d["function"].get("name").is_none()), "{deltas:?}");
+    let arguments: String = deltas.iter().map(|d| d["function"]["arguments"].as_str().expect("fragment")).collect();
+    assert_eq!(arguments, calls[0]["function"]["arguments"].as_str().expect("whole"), "the fragments add up to the whole answer's arguments");
     assert_eq!(chunks.last().expect("last")["choices"][0]["finish_reason"], "tool_calls");
     // A named function and a response_format do not combine.
     let mut both = body(json!("required"), false);

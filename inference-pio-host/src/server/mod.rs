@@ -549,6 +549,10 @@ struct Meta {
 enum Chunk<'a> {
     Start,
     Token { text: &'a str, detail: &'a TokenDetail, calls_before: usize, text_before: usize },
+    /// A tool call's first delta (its index among the choice's calls, id and name), then its
+    /// arguments in fragments (one per argument), as OpenAI streams them.
+    CallStart { index: usize, name: &'a str },
+    CallArguments { index: usize, fragment: &'a str },
     Finish { response: &'a InferResponse, calls_streamed: usize, reasoning_streamed: usize },
 }
 
@@ -621,12 +625,26 @@ async fn respond(
         let mut text_streamed = vec![0usize; n];
         while let Some(piece) = rx.recv().await {
             match piece {
-                Piece::Token(i, text, detail) => {
+                Piece::Token(i, text, mut detail) => {
                     let (calls_before, text_before) = (streamed[i].0, text_streamed[i]);
-                    streamed[i].0 += detail.tool_calls.len();
+                    let calls = std::mem::take(&mut detail.tool_calls);
+                    streamed[i].0 += calls.len();
                     streamed[i].1 += detail.reasoning.len();
                     text_streamed[i] += text.len();
-                    if out.send(chunk(&meta, i, Chunk::Token { text: &text, detail: &detail, calls_before, text_before }).to_string()).is_err() {
+                    let mut sent = Vec::new();
+                    // The token's text, reasoning and log-probabilities (a token that only
+                    // completes calls has none of them).
+                    if calls.is_empty() || !text.is_empty() || !detail.is_empty() {
+                        sent.push(chunk(&meta, i, Chunk::Token { text: &text, detail: &detail, calls_before, text_before }));
+                    }
+                    for (k, call) in calls.iter().enumerate() {
+                        let index = calls_before + k;
+                        sent.push(chunk(&meta, i, Chunk::CallStart { index, name: &call.name }));
+                        for fragment in argument_fragments(call) {
+                            sent.push(chunk(&meta, i, Chunk::CallArguments { index, fragment: &fragment }));
+                        }
+                    }
+                    if sent.into_iter().any(|c| out.send(c.to_string()).is_err()) {
                         return;
                     }
                 }
@@ -760,6 +778,12 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
                     }
                     (delta, Value::Null, chat_logprobs(detail.logprobs.as_slice()))
                 }
+                Chunk::CallStart { index, name } => (
+                    json!({"tool_calls": [{"index": index, "id": format!("call_{index}"), "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                    Value::Null,
+                    Value::Null,
+                ),
+                Chunk::CallArguments { index, fragment } => (json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}), Value::Null, Value::Null),
                 Chunk::Finish { response: r, calls_streamed, reasoning_streamed } => {
                     let mut delta = json!({});
                     if r.tool_calls.len() > calls_streamed {
@@ -793,6 +817,22 @@ fn tool_calls(calls: &[ToolCall], first: usize) -> Value {
             })
             .collect(),
     )
+}
+
+/// A call's arguments (the JSON text of `arguments`) in fragments, one per argument, whose
+/// concatenation is the whole text: `{"a":1`, `,"b":2`, `}`.
+fn argument_fragments(call: &ToolCall) -> Vec<String> {
+    if call.arguments.is_empty() {
+        return vec!["{}".to_string()];
+    }
+    let mut fragments: Vec<String> = call
+        .arguments
+        .iter()
+        .enumerate()
+        .map(|(k, (key, value))| format!("{}{}:{}", if k == 0 { "{" } else { "," }, Value::String(key.clone()), value))
+        .collect();
+    fragments.push("}".to_string());
+    fragments
 }
 
 /// A token and its alternatives in the chat shape (`{token, logprob, bytes}`).
@@ -869,6 +909,8 @@ async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extensio
             let (text, finish, logprobs) = match chunk {
                 Chunk::Start => ("", Value::Null, Value::Null),
                 Chunk::Token { text, detail, text_before, .. } => (text, Value::Null, completion_logprobs(detail.logprobs.as_slice(), text_before)),
+                // Completions carry text only: a call the model wrote is not part of it.
+                Chunk::CallStart { .. } | Chunk::CallArguments { .. } => ("", Value::Null, Value::Null),
                 Chunk::Finish { response: r, .. } => ("", json!(finish_reason(r)), Value::Null),
             };
             json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
