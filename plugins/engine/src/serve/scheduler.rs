@@ -13,7 +13,7 @@
 //! admitted sequence not yet scheduled this step is preempted: its blocks are freed and it
 //! goes back to the front of the queue with every token so far, to be recomputed.
 
-use super::block_pool::{BlockHash, BlockId, BlockPool, block_hashes};
+use super::block_pool::{BlockHash, BlockId, BlockPool, block_hash};
 use std::collections::{HashMap, HashSet, VecDeque};
 
 /// A sequence as the scheduler sees it.
@@ -44,11 +44,13 @@ impl SeqState {
         Self { id, tokens, computed: 0, blocks: Vec::new(), hashes: Vec::new(), registered: 0, salt, chunk, reuse_prefix, cached_tokens: 0 }
     }
 
+    /// Hashes the full blocks not hashed yet, chained on the last known hash (each block is
+    /// hashed once in a sequence's life, not the whole prefix again per new block).
     fn extend_hashes(&mut self, block_tokens: usize) {
         let full = self.tokens.len() / block_tokens;
-        if self.hashes.len() < full {
-            let all = block_hashes(&self.tokens[..full * block_tokens], block_tokens, &self.salt);
-            self.hashes = all;
+        for b in self.hashes.len()..full {
+            let hash = block_hash(self.hashes.last().copied(), &self.tokens[b * block_tokens..(b + 1) * block_tokens], &self.salt);
+            self.hashes.push(hash);
         }
     }
 }
@@ -338,6 +340,18 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_grow_one_block_at_a_time_and_equal_the_whole_chain() {
+        let tokens: Vec<u32> = (0..70).map(|i| i * 7 % 13).collect();
+        let mut seq = SeqState::new(1, tokens[..5].to_vec(), 8, true, b"salt".to_vec());
+        for &t in &tokens[5..] {
+            seq.tokens.push(t);
+            seq.extend_hashes(4);
+        }
+        assert_eq!(seq.hashes, super::super::block_pool::block_hashes(&tokens[..68], 4, b"salt"));
+        assert_eq!(seq.hashes.len(), 17);
+    }
 
     fn scheduler(blocks: usize, bt: usize, seqs: usize, tokens: usize) -> Scheduler {
         Scheduler::new(BlockPool::new(blocks, bt, true), Limits { max_num_seqs: seqs, max_num_batched_tokens: tokens })
