@@ -110,6 +110,35 @@ pub enum PluginsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The conformance suite: every call the host makes, checked on a plugin (an id, or a
+    /// plugin file anywhere) with a model it supports; one line per check, exit 1 if any fails.
+    Check {
+        /// A plugin id, or the path of a plugin file.
+        plugin: String,
+        /// A model directory (or GGUF file) the plugin supports.
+        #[arg(long)]
+        model: PathBuf,
+        /// The security levels to run the suite at, in order (`high`/`maximum`: through the
+        /// sandboxed worker).
+        #[arg(long, value_delimiter = ',', default_value = "low,high", value_parser = parse_level)]
+        security: Vec<SecurityLevel>,
+        /// Device to load the model on (auto, cpu, cuda, cuda:N).
+        #[arg(long)]
+        device: Option<DeviceRequest>,
+        /// The checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_level(s: &str) -> Result<SecurityLevel, String> {
+    match s {
+        "low" => Ok(SecurityLevel::Low),
+        "medium" => Ok(SecurityLevel::Medium),
+        "high" => Ok(SecurityLevel::High),
+        "maximum" => Ok(SecurityLevel::Maximum),
+        _ => Err(format!("unknown security level `{s}` (low, medium, high, maximum)")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -304,8 +333,12 @@ impl Host {
     /// `low`/`medium`, in a sandboxed worker (allowed to read `model`) at `high`/`maximum`.
     /// A pinned sha256 is checked first, before any of the library's code runs here.
     pub fn open_plugin(&self, id: &str, path: &Path, model: Option<&Path>) -> Result<PluginHandle, String> {
+        self.open_plugin_at(id, path, model, self.config.plugin(id).security.unwrap_or_default())
+    }
+
+    /// [`Self::open_plugin`] at `level` instead of the configured one.
+    pub fn open_plugin_at(&self, id: &str, path: &Path, model: Option<&Path>, level: SecurityLevel) -> Result<PluginHandle, String> {
         let section = self.config.plugin(id);
-        let level = section.security.unwrap_or_default();
         if level.uses_worker() {
             let config = WorkerConfig {
                 exe: self.exe.clone(),
@@ -353,24 +386,8 @@ impl Host {
         let open = |id: &str, path: &Path| self.open_plugin(id, path, Some(&model_path));
         let load = &args.load;
         let selected = select(&self.discovery, &model_config, load.plugin.as_deref(), &open)?;
-        let section = self.config.plugin(&selected.id);
-        let security = section.security.unwrap_or_default();
-        let cache_dir = self.cache_dir().map(|p| p.to_string_lossy().into_owned());
-        // `medium` and up: the plugin may open its own library, the model and the cache only.
-        let allowed_paths = (security != inference_pio_core::config::SecurityLevel::Low).then(|| {
-            [Some(selected.path.to_string_lossy().into_owned()), Some(model_path.to_string_lossy().into_owned()), cache_dir.clone()]
-                .into_iter()
-                .flatten()
-                .collect()
-        });
-        let settings = PluginSettings {
-            security,
-            limits: section.limits.clone(),
-            optimization: section.optimization(),
-            sampling_defaults: section.sampling.clone(),
-            cache_dir,
-            allowed_paths,
-        };
+        let security = self.config.plugin(&selected.id).security.unwrap_or_default();
+        let settings = self.settings(&selected.id, security, &selected.path, &model_path);
         selected
             .plugin
             .initialize(&settings)
@@ -399,6 +416,27 @@ impl Host {
         }
         let info = info.with_context(|| format!("plugin `{}` could not load {}", selected.id, model_path.display()))?;
         Ok((selected, info))
+    }
+
+    /// What `initialize` gets for plugin `id` (at `path`) at `security`, serving `model_path`.
+    pub fn settings(&self, id: &str, security: SecurityLevel, path: &Path, model_path: &Path) -> PluginSettings {
+        let section = self.config.plugin(id);
+        let cache_dir = self.cache_dir().map(|p| p.to_string_lossy().into_owned());
+        // `medium` and up: the plugin may open its own library, the model and the cache only.
+        let allowed_paths = (security != SecurityLevel::Low).then(|| {
+            [Some(path.to_string_lossy().into_owned()), Some(model_path.to_string_lossy().into_owned()), cache_dir.clone()]
+                .into_iter()
+                .flatten()
+                .collect()
+        });
+        PluginSettings {
+            security,
+            limits: section.limits.clone(),
+            optimization: section.optimization(),
+            sampling_defaults: section.sampling.clone(),
+            cache_dir,
+            allowed_paths,
+        }
     }
 
     /// The cache directory, required (built-in models live there).
@@ -592,9 +630,54 @@ fn models_command(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `plugins check`: the conformance suite at each level asked for.
+fn check_plugin(host: &Host, plugin: &str, model: &Path, levels: &[SecurityLevel], device: Option<DeviceRequest>, json: bool) -> anyhow::Result<()> {
+    let model = host.resolve_model(Some(model), !json)?;
+    let (id, path) = if Path::new(plugin).is_file() {
+        let timeout = Duration::from_secs_f64(host.config.host.probe_timeout_s.unwrap_or(60.0));
+        let pins = host.config.plugins.iter().filter_map(|(id, s)| Some((id.clone(), s.sha256.clone()?))).collect();
+        match crate::discovery::probe_file(&host.exe, Path::new(plugin), timeout, &pins) {
+            ProbeOutcome::Accepted(m) => (m.id.clone(), PathBuf::from(plugin)),
+            ProbeOutcome::Rejected(reason) => anyhow::bail!("{plugin} is not a loadable plugin: {reason}"),
+        }
+    } else {
+        let record = host.discovery.find(plugin).ok_or_else(|| anyhow::anyhow!("no plugin with id `{plugin}` (nor a file of that name)"))?;
+        (plugin.to_string(), record.path.clone())
+    };
+    let options = LoadOptions { device: device.unwrap_or_default(), dtype: None, random_weights: None };
+    let mut failed = 0;
+    let mut report = Vec::new();
+    for &level in levels {
+        let settings = host.settings(&id, level, &path, &model);
+        let checks = match host.open_plugin_at(&id, &path, Some(&model), level) {
+            Ok(handle) => crate::conformance::run(&handle, level, &model, &settings, &options),
+            Err(e) => vec![crate::conformance::Check { name: "open", passed: false, detail: e }],
+        };
+        failed += checks.iter().filter(|c| !c.passed).count();
+        if !json {
+            println!("{id} ({}) at security level {}, model {}:", path.display(), level.as_str(), model.display());
+            for c in &checks {
+                println!("  {} {:<16} {}", if c.passed { "ok  " } else { "FAIL" }, c.name, c.detail);
+            }
+        }
+        report.push(serde_json::json!({"security": level.as_str(), "checks": checks}));
+    }
+    let total: usize = report.iter().map(|r| r["checks"].as_array().map_or(0, Vec::len)).sum();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"plugin": id, "path": path, "model": model, "levels": report, "failed": failed}))?);
+    } else {
+        println!("{total} checks: {} passed, {failed} failed", total - failed);
+    }
+    if failed > 0 {
+        anyhow::bail!("plugin `{id}` failed {failed} of {total} conformance checks");
+    }
+    Ok(())
+}
+
 fn plugins(cli: &Cli, command: &PluginsCommand) -> anyhow::Result<()> {
     let host = Host::new(cli)?;
     match command {
+        PluginsCommand::Check { plugin, model, security, device, json } => check_plugin(&host, plugin, model, security, *device, *json)?,
         PluginsCommand::List { json } => {
             if *json {
                 let value = serde_json::json!({

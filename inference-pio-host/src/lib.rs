@@ -1,9 +1,11 @@
 //! The `inference-pio` host as a library: plugin discovery and probing, in-process loading
 //! behind a safe wrapper, sandboxed worker processes for the higher security levels,
-//! selection by HF `architectures`, the CLI commands and the OpenAI-compatible server.
+//! selection by HF `architectures`, the CLI commands, the conformance suite every plugin
+//! passes and the OpenAI-compatible server.
 
 pub mod cgroup;
 pub mod cli;
+pub mod conformance;
 pub mod digest;
 pub mod discovery;
 pub mod handle;

@@ -1044,8 +1044,29 @@ impl WorkerPlugin {
         Ok(info)
     }
 
+    /// A cancelled request's answer is what the consumer took: the worker sees the cancel a
+    /// token or more later (it travels as a frame), so the tokens it made meanwhile are cut,
+    /// as the engine cuts them in process.
     pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
-        decode(self.concurrent(model, |handle| Call::Infer { model: handle, request: request.clone() }, on_token)?)
+        let (mut taken, mut text, mut stopped) = (0usize, String::new(), false);
+        let mut counting = |id: u32, t: &str, detail: &TokenDetail| {
+            if stopped {
+                return false;
+            }
+            taken += 1;
+            text.push_str(t);
+            stopped = !on_token(id, t, detail);
+            !stopped
+        };
+        let mut response: InferResponse = decode(self.concurrent(model, |handle| Call::Infer { model: handle, request: request.clone() }, &mut counting)?)?;
+        if stopped && response.token_ids.len() > taken {
+            response.token_ids.truncate(taken);
+            response.logprobs.truncate(taken);
+            response.text = text;
+            response.finish_reason = inference_pio_core::types::FinishReason::Cancelled;
+            response.timings.generated_tokens = taken as u64;
+        }
+        Ok(response)
     }
 
     pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
