@@ -144,7 +144,7 @@ mod tests {
     use super::*;
 
     fn values(t: Tensor<4>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")
+        t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32")
     }
 
     #[test]
