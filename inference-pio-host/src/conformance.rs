@@ -4,8 +4,9 @@
 //! panics or misbehaves fails its check, not the suite.
 //!
 //! Checks: metadata complete and consistent with `supports_config`; `initialize`; `load_model`
-//! and what it reports; text generation and chat completion with the streamed text equal to
-//! the final text and token ids as input giving the same tokens; cancellation within a step;
+//! and what it reports; the ABI's `generate_text` and `chat_completion` agreeing with `infer`
+//! of the same input, each with the streamed text equal to the final text, and token ids as
+//! input giving the same tokens; cancellation within a step;
 //! concurrent requests each equal to their single run; bad requests (no prompt, ids outside
 //! the vocabulary, a prompt past the context) refused with errors and the plugin still
 //! serving; `update_config` applying what it claims and refusing the rest; `cleanup` making
@@ -15,7 +16,7 @@ use crate::handle::PluginHandle;
 use inference_pio_core::abi::{ABI_MAJOR, ErrorKind};
 use inference_pio_core::config::{OptimizationSettings, SecurityLevel};
 use inference_pio_core::types::{
-    ChatMessage, ConfigUpdate, FinishReason, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginSettings, PromptInput, SamplingOverrides, SamplingParams,
+    ChatMessage, ChatRequest, ConfigUpdate, FinishReason, GenerateTextRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginSettings, PromptInput, SamplingOverrides, SamplingParams,
 };
 use std::path::Path;
 
@@ -164,8 +165,22 @@ pub fn run(plugin: &PluginHandle, level: SecurityLevel, model_dir: &Path, settin
 fn generation_checks(s: &mut Suite<'_>, info: &ModelInfo) {
     let plugin = s.plugin;
     let model = info.handle;
-    let text_request = greedy(PromptInput::Text("The quick brown fox".into()), Some(NEW_TOKENS));
+    const PROMPT: &str = "The quick brown fox";
+    let text_request = greedy(PromptInput::Text(PROMPT.into()), Some(NEW_TOKENS));
     let text = streamed(plugin, model, &text_request);
+    // The ABI's own entry point for a plain prompt, against `infer` of the same text.
+    let sampling = text_request.sampling.clone();
+    let abi = {
+        let (mut ids, mut t) = (Vec::new(), String::new());
+        plugin
+            .generate_text(model, &GenerateTextRequest { prompt: PROMPT.into(), sampling: sampling.clone(), stop: Vec::new() }, &mut |id, piece, _| {
+                ids.push(id);
+                t.push_str(piece);
+                true
+            })
+            .map(|r| (r, ids, t))
+            .map_err(|e| e.to_string())
+    };
     let ok = s.record(
         "generate_text",
         text.as_ref().map_err(String::clone).and_then(|(r, ids, t)| {
@@ -178,7 +193,11 @@ fn generation_checks(s: &mut Suite<'_>, info: &ModelInfo) {
             if *t != r.text {
                 return Err(format!("streamed text {t:?} differs from the answer's {:?}", r.text));
             }
-            Ok(format!("{} tokens, streamed text equals the final text", r.token_ids.len()))
+            let (a, a_ids, a_text) = abi.as_ref().map_err(|e| format!("generate_text: {e}"))?;
+            if a.token_ids != r.token_ids || *a_ids != a.token_ids || *a_text != a.text {
+                return Err(format!("generate_text gave {:?} (streamed {a_ids:?}), infer gave {:?}", a.token_ids, r.token_ids));
+            }
+            Ok(format!("{} tokens through generate_text and infer alike, streamed text equals the final text", r.token_ids.len()))
         }),
     );
     if ok && let Ok((r, _, _)) = &text {
@@ -191,11 +210,27 @@ fn generation_checks(s: &mut Suite<'_>, info: &ModelInfo) {
         );
     }
     if info.has_chat_template {
-        let chat = greedy(PromptInput::Chat { messages: vec![ChatMessage::new("user", "Hello, who are you?")], tools: None }, Some(NEW_TOKENS));
+        let messages = vec![ChatMessage::new("user", "Hello, who are you?")];
+        let chat = greedy(PromptInput::Chat { messages: messages.clone(), tools: None }, Some(NEW_TOKENS));
+        let request = ChatRequest { messages, tools: None, sampling: chat.sampling.clone(), stop: Vec::new() };
+        let mut t = String::new();
+        let abi = plugin
+            .chat_completion(model, &request, &mut |_, piece, _| {
+                t.push_str(piece);
+                true
+            })
+            .map_err(|e| format!("chat_completion: {e}"));
         s.record(
             "chat_completion",
-            streamed(plugin, model, &chat).and_then(|(r, _, t)| {
-                if t == r.text { Ok(format!("{} tokens through the chat template, streamed text equals the final text", r.token_ids.len())) } else { Err(format!("streamed {t:?}, answered {:?}", r.text)) }
+            abi.and_then(|a| {
+                let (r, _, _) = streamed(plugin, model, &chat)?;
+                if t != a.text {
+                    return Err(format!("streamed {t:?}, answered {:?}", a.text));
+                }
+                if a.token_ids != r.token_ids {
+                    return Err(format!("chat_completion gave {:?}, infer of the same chat {:?}", a.token_ids, r.token_ids));
+                }
+                Ok(format!("{} tokens through chat_completion and infer alike (the chat template), streamed text equals the final text", a.token_ids.len()))
             }),
         );
     } else {

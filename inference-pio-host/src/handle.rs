@@ -6,7 +6,7 @@ use crate::worker::{Enforcement, WorkerPlugin};
 use inference_pio_core::abi::PluginError;
 use inference_pio_core::export::TokenCallback;
 use inference_pio_core::types::{
-    BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
+    BatchInferRequest, BatchInferResponse, ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
     SchedulerStats, ScoreRequest, ScoreResponse, Support, UpdateOutcome,
 };
 use std::path::Path;
@@ -57,6 +57,14 @@ impl PluginHandle {
     }
     pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
         both!(self, p => p.infer(model, request, on_token))
+    }
+    /// The ABI's `generate_text`: a plain prompt, streamed.
+    pub fn generate_text(&self, model: u64, request: &GenerateTextRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
+        both!(self, p => p.generate_text(model, request, on_token))
+    }
+    /// The ABI's `chat_completion`: messages through the chat template, streamed.
+    pub fn chat_completion(&self, model: u64, request: &ChatRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
+        both!(self, p => p.chat_completion(model, request, on_token))
     }
     /// Several requests as one batch, not streamed.
     pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {

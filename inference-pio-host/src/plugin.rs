@@ -10,7 +10,7 @@ use abi_stable::std_types::{RResult, RStr, RString};
 use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError, PluginModuleRef, TokenEventSink, TokenSink};
 use inference_pio_core::export::TokenCallback;
 use inference_pio_core::types::{
-    BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata,
+    BatchInferRequest, BatchInferResponse, ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata,
     PluginSettings, SchedulerStats, ScoreRequest, ScoreResponse, Support, TokenDetail, UpdateOutcome,
 };
 use serde::Serialize;
@@ -208,6 +208,29 @@ impl LoadedPlugin {
         if let Some(e) = bad_detail.take() {
             return Err(PluginError::internal(format!("plugin {} streamed a malformed token detail: {e}", self.path.display())));
         }
+        self.json(text)
+    }
+
+    /// The ABI's `generate_text` (a plain prompt, no chat template), streamed (text only: the
+    /// entry point predates token details).
+    pub fn generate_text(&self, model: u64, request: &GenerateTextRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
+        self.guard()?;
+        let json = Self::to_json(request)?;
+        let mut plain = |id: u32, text: &str| on_token(id, text, &TokenDetail::default());
+        let mut callback: &mut dyn FnMut(u32, &str) -> bool = &mut plain;
+        let sink = TokenSink::from_closure(&mut callback);
+        let text = self.check((self.module.generate_text())(model, RStr::from(json.as_str()), sink))?;
+        self.json(text)
+    }
+
+    /// The ABI's `chat_completion` (messages through the model's chat template), streamed.
+    pub fn chat_completion(&self, model: u64, request: &ChatRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
+        self.guard()?;
+        let json = Self::to_json(request)?;
+        let mut plain = |id: u32, text: &str| on_token(id, text, &TokenDetail::default());
+        let mut callback: &mut dyn FnMut(u32, &str) -> bool = &mut plain;
+        let sink = TokenSink::from_closure(&mut callback);
+        let text = self.check((self.module.chat_completion())(model, RStr::from(json.as_str()), sink))?;
         self.json(text)
     }
 

@@ -30,7 +30,7 @@ use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError};
 use inference_pio_core::export::TokenCallback;
 use inference_pio_core::config::{DEFAULT_WORKER_ID, ResourceLimits, SecurityLevel};
 use inference_pio_core::types::{
-    BatchInferRequest, BatchInferResponse, ConfigUpdate, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
+    BatchInferRequest, BatchInferResponse, ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata, PluginSettings,
     SchedulerStats, ScoreRequest, ScoreResponse, Support, TokenDetail, UpdateOutcome,
 };
 use serde::de::DeserializeOwned;
@@ -72,6 +72,8 @@ pub enum Call {
     Initialize(PluginSettings),
     LoadModel { dir: PathBuf, options: LoadOptions },
     Infer { model: u64, request: InferRequest },
+    GenerateText { model: u64, request: GenerateTextRequest },
+    ChatCompletion { model: u64, request: ChatRequest },
     InferBatch { model: u64, request: BatchInferRequest },
     Score { model: u64, request: ScoreRequest },
     Stats { model: u64 },
@@ -231,7 +233,7 @@ fn run_call(plugin: &LoadedPlugin, call: Call, call_id: u64, writer: &Mutex<Unix
         Call::SupportsConfig(text) => value(plugin.supports_config(&text)),
         Call::Initialize(settings) => value(plugin.initialize(&settings)),
         Call::LoadModel { dir, options } => value(plugin.load_model(&dir, &options)),
-        Call::Infer { model, request } => {
+        Call::Infer { .. } | Call::GenerateText { .. } | Call::ChatCompletion { .. } => {
             let mut on_token = |token: u32, text: &str, detail: &TokenDetail| {
                 if cancel.load(Ordering::SeqCst) {
                     return false;
@@ -240,7 +242,12 @@ fn run_call(plugin: &LoadedPlugin, call: Call, call_id: u64, writer: &Mutex<Unix
                 let frame = FromWorker::Token { id: call_id, token, text: text.to_string(), detail };
                 writer.lock().map(|mut w| write_frame(&mut *w, &frame).is_ok()).unwrap_or(false)
             };
-            value(plugin.infer(model, &request, &mut on_token))
+            match call {
+                Call::Infer { model, request } => value(plugin.infer(model, &request, &mut on_token)),
+                Call::GenerateText { model, request } => value(plugin.generate_text(model, &request, &mut on_token)),
+                Call::ChatCompletion { model, request } => value(plugin.chat_completion(model, &request, &mut on_token)),
+                _ => unreachable!("matched above"),
+            }
         }
         Call::InferBatch { model, request } => value(plugin.infer_batch(model, &request)),
         Call::Score { model, request } => value(plugin.score(model, &request)),
@@ -1071,6 +1078,16 @@ impl WorkerPlugin {
 
     pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
         decode(self.concurrent(model, |handle| Call::InferBatch { model: handle, request: request.clone() }, &mut |_, _, _| true)?)
+    }
+
+    /// The ABI's `generate_text` (a plain prompt), streamed.
+    pub fn generate_text(&self, model: u64, request: &GenerateTextRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
+        decode(self.concurrent(model, |handle| Call::GenerateText { model: handle, request: request.clone() }, on_token)?)
+    }
+
+    /// The ABI's `chat_completion` (messages through the chat template), streamed.
+    pub fn chat_completion(&self, model: u64, request: &ChatRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
+        decode(self.concurrent(model, |handle| Call::ChatCompletion { model: handle, request: request.clone() }, on_token)?)
     }
 
     pub fn stats(&self, model: u64) -> Result<SchedulerStats, PluginError> {
