@@ -621,7 +621,7 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
 }
 
 #[test]
-fn tool_choice_none_leaves_the_tools_out_of_the_prompt_and_a_model_without_a_call_format_refuses_required() {
+fn tool_choice_none_leaves_the_tools_out_of_the_prompt_and_bad_choices_are_refused_by_name() {
     let server = start(&[]);
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
@@ -639,11 +639,8 @@ fn tool_choice_none_leaves_the_tools_out_of_the_prompt_and_a_model_without_a_cal
     let none = ask(json!({"tools": tools, "tool_choice": "none"}));
     assert!(offered.0 > plain.0, "the tools are in the prompt with `auto`: {} vs {} tokens", offered.0, plain.0);
     assert_eq!(none, plain, "`none` renders the prompt without the tools");
-    // This model writes no tool-call format, so `required` and a named function cannot be
-    // enforced: refused, naming why. So is a choice that names no offered tool.
+    // A choice that names no offered tool, or is not a choice, is refused by name.
     for (choice, needle) in [
-        (json!("required"), "no tool-call format"),
-        (json!({"type": "function", "function": {"name": "get_weather"}}), "no tool-call format"),
         (json!({"type": "function", "function": {"name": "get_time"}}), "not among `tools`"),
         (json!("sometimes"), "must be"),
     ] {
@@ -806,4 +803,27 @@ fn logprobs_come_whole_and_streamed_and_json_schema_answers_validate() {
     let (status, error) = post(&server, "/v1/chat/completions", &body.to_string(), None);
     assert_eq!(status, 400, "{error}");
     assert_eq!(get(&server, "/health").0, 200);
+}
+
+#[test]
+fn tool_choice_required_on_qwen3_dense_gives_hermes_json_calls() {
+    // Qwen3 dense models write Hermes calls (`<tool_call>{"name": .., "arguments": {..}}`). The
+    // arguments follow the schema exactly (a random model would otherwise write digits without
+    // end: the hour is bounded).
+    let server = start(&[]);
+    let tools = json!([{"type": "function", "function": {"name": "set_alarm", "parameters": {"type": "object",
+        "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}, "day": {"enum": ["mon", "tue"]}}, "required": ["hour", "day"]}}}]);
+    for choice in [json!("required"), json!({"type": "function", "function": {"name": "set_alarm"}})] {
+        let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "Wake me up"}], "tools": tools, "tool_choice": choice,
+                          "max_tokens": 600, "temperature": 0});
+        let (status, answer) = post(&server, "/v1/chat/completions", &body.to_string(), None);
+        assert_eq!(status, 200, "{answer}");
+        let calls = answer["choices"][0]["message"]["tool_calls"].as_array().expect("tool calls").clone();
+        assert!(!calls.is_empty() && answer["choices"][0]["finish_reason"] == "tool_calls", "{answer}");
+        for call in &calls {
+            assert_eq!(call["function"]["name"], "set_alarm");
+            let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().expect("arguments")).expect("JSON arguments");
+            assert!(args["hour"].as_i64().is_some_and(|h| (0..=23).contains(&h)) && (args["day"] == "mon" || args["day"] == "tue"), "{args}");
+        }
+    }
 }

@@ -33,6 +33,11 @@ impl Tools {
         Self { list }
     }
 
+    /// `parameters` (a JSON schema) of the first tool called `name`.
+    pub(crate) fn parameters(&self, name: &str) -> Option<&Value> {
+        self.list.iter().find(|(n, _)| n == name)?.1.as_ref()
+    }
+
     /// The tools' names, in order.
     pub(crate) fn names(&self) -> Vec<&str> {
         self.list.iter().map(|(n, _)| n.as_str()).collect()

@@ -3,7 +3,9 @@
 //! tools) and a named `tool_choice` (one call of that function) ask, enforced by constrained
 //! decoding, as vLLM builds a structural grammar from the tools for the same choices.
 //!
-//! Each function's parameters come in its schema's order, each at most once, the required ones
+//! Hermes (Qwen3 dense): each call is `<tool_call>\n` + a JSON object (`name` the function,
+//! `arguments` valid against its parameters schema) + `\n</tool_call>`. The XML formats below:
+//! each function's parameters come in its schema's order, each at most once, the required ones
 //! always; values are typed by their schema where the format writes them bare (Qwen3-Coder's
 //! `<parameter=K>` and GLM's `<arg_value>`): `integer`, `number` and `boolean` as their JSON
 //! spelling, `enum`s of strings as one of the listed strings, anything else as free text up to
@@ -35,6 +37,21 @@ pub fn tool_call_grammar(format: OutputFormat, tools: Option<&Value>, function: 
     let mut rules = Vec::new();
     let mut calls = Vec::new();
     for (i, name) in names.iter().enumerate() {
+        if format == OutputFormat::Hermes {
+            // The whole call is one JSON object: `name` this function, `arguments` its schema.
+            let parameters = tools.parameters(name).cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            let schema = serde_json::json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+                "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
+            });
+            let call = format!("c{i}");
+            rules.push(format!("{call}: \"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""));
+            calls.push(call);
+            continue;
+        }
         let properties = tools.properties(name).cloned().unwrap_or_default();
         let required = tools.required(name);
         let mut body = String::new();
@@ -43,7 +60,7 @@ pub fn tool_call_grammar(format: OutputFormat, tools: Option<&Value>, function: 
             let (open_key, close_key_open_value, close_value) = match format {
                 OutputFormat::Qwen3Coder => (format!("<parameter={key}>\n"), String::new(), "\n</parameter>\n"),
                 OutputFormat::Glm4 { .. } => (format!("<arg_key>{key}</arg_key>\n"), "<arg_value>".to_string(), "</arg_value>\n"),
-                OutputFormat::Plain => return Err("no tool-call format".into()),
+                OutputFormat::Plain | OutputFormat::Hermes => return Err("no tool-call format".into()),
             };
             let (expr, text_rule) = value_rule(schema, close_value, &format!("t{i}_{j}"));
             rules.push(format!("{value}: {} {expr}", lark_string(&format!("{open_key}{close_key_open_value}"))));
@@ -58,7 +75,7 @@ pub fn tool_call_grammar(format: OutputFormat, tools: Option<&Value>, function: 
                 lark_string("</function>\n</tool_call>")
             ),
             OutputFormat::Glm4 { .. } => format!("{call}: {} {body} {}", lark_string(&format!("<tool_call>{name}\n")), lark_string("</tool_call>")),
-            OutputFormat::Plain => return Err("no tool-call format".into()),
+            OutputFormat::Plain | OutputFormat::Hermes => return Err("no tool-call format".into()),
         };
         rules.push(text);
         calls.push(call);

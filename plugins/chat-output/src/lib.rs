@@ -9,6 +9,7 @@
 //! - Qwen3-Coder XML tool calls: vLLM's `qwen3coder_tool_parser.py`
 //!   (`vllm/tool_parsers/qwen3coder_tool_parser.py`, formerly under
 //!   `vllm/entrypoints/openai/tool_parsers/`), its `_convert_param_value` in particular.
+//! - Hermes JSON tool calls (Qwen2.5 / Qwen3 dense): vLLM's `hermes_tool_parser.py`.
 //! - GLM-4.5/4.6 tool calls: vLLM's `glm4_moe_tool_parser.py` (`_is_string_type`,
 //!   `_deserialize`, `func_arg_regex`), and the GLM-4.5/4.6 reasoning parser
 //!   `vllm/reasoning/glm4_moe_reasoning_parser.py` (`<think>…</think>`).
@@ -46,6 +47,7 @@ use serde_json::{Map, Value};
 mod convert;
 mod glm;
 mod grammar;
+mod hermes;
 mod pylit;
 mod qwen;
 #[cfg(test)]
@@ -88,6 +90,9 @@ pub enum OutputFormat {
     Plain,
     /// `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>…</function></tool_call>`.
     Qwen3Coder,
+    /// `<tool_call>{"name": NAME, "arguments": {…}}</tool_call>` (Hermes; Qwen2.5 and Qwen3
+    /// dense instruct models).
+    Hermes,
     /// `<think>…</think>` reasoning and
     /// `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>…</tool_call>`.
     /// `starts_in_reasoning`: the prompt ended with `<think>`, so the text starts as reasoning.
@@ -109,6 +114,7 @@ pub fn parser(format: OutputFormat, tools: Option<&Value>) -> Box<dyn OutputPars
     match format {
         OutputFormat::Plain => Box::new(PlainParser),
         OutputFormat::Qwen3Coder => Box::new(TaggedParser::new(Dialect::Qwen3Coder, false, Tools::new(tools))),
+        OutputFormat::Hermes => Box::new(TaggedParser::new(Dialect::Hermes, false, Tools::new(tools))),
         OutputFormat::Glm4 { starts_in_reasoning } => {
             Box::new(TaggedParser::new(Dialect::Glm4, starts_in_reasoning, Tools::new(tools)))
         }
@@ -170,6 +176,7 @@ impl OutputParser for PlainParser {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dialect {
     Qwen3Coder,
+    Hermes,
     Glm4,
 }
 
@@ -237,7 +244,7 @@ impl TaggedParser {
 
     fn content_tags(&self) -> &'static [&'static str] {
         match self.dialect {
-            Dialect::Qwen3Coder => &[TOOL_OPEN],
+            Dialect::Qwen3Coder | Dialect::Hermes => &[TOOL_OPEN],
             Dialect::Glm4 => &[TOOL_OPEN, THINK_OPEN, THINK_CLOSE],
         }
     }
@@ -302,6 +309,7 @@ impl TaggedParser {
         let calls = if closed {
             match self.dialect {
                 Dialect::Qwen3Coder => qwen::parse_block(body, &self.tools),
+                Dialect::Hermes => hermes::parse_block(body),
                 Dialect::Glm4 => glm::parse_block(body, &self.tools),
             }
         } else {

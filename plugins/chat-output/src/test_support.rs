@@ -33,7 +33,7 @@ pub(crate) fn tools() -> Value {
 fn tags(format: OutputFormat) -> &'static [&'static str] {
     match format {
         OutputFormat::Plain => &[],
-        OutputFormat::Qwen3Coder => &[TOOL_OPEN],
+        OutputFormat::Qwen3Coder | OutputFormat::Hermes => &[TOOL_OPEN],
         OutputFormat::Glm4 { .. } => &[TOOL_OPEN, THINK_OPEN, THINK_CLOSE],
     }
 }

@@ -329,6 +329,23 @@ mod tests {
         let parsed = parse(OutputFormat::Glm4 { starts_in_reasoning: false }, Some(&tools), glm);
         assert_eq!((parsed.tool_calls[0].name.as_str(), &parsed.tool_calls[0].arguments["unit"]), ("get_weather", &serde_json::json!("c")));
 
+        // Hermes (Qwen3 dense): a JSON object per call, its arguments valid against the schema.
+        let hermes = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 3}}\n</tool_call>";
+        for (function, text, ok) in [
+            (None, hermes.to_string(), true),
+            (Some("get_weather"), hermes.to_string(), true),
+            (None, format!("{hermes}\n<tool_call>\n{{\"name\": \"ping\", \"arguments\": {{}}}}\n</tool_call>"), true),
+            (Some("ping"), hermes.to_string(), false),
+            (None, hermes.replace("3}", "\"three\"}"), false),
+            (None, hermes.replace("\"city\": \"Paris\", ", ""), false),
+            (None, "I will call it.".to_string(), false),
+        ] {
+            let mut c = grammar(OutputFormat::Hermes, function);
+            assert_eq!(walk(&mut c, &tok, &text).is_ok(), ok, "{function:?} {text:?}: {:?}", walk(&mut grammar(OutputFormat::Hermes, function), &tok, &text));
+        }
+        let parsed = parse(OutputFormat::Hermes, Some(&tools), hermes);
+        assert_eq!((parsed.tool_calls[0].name.as_str(), &parsed.tool_calls[0].arguments["days"]), ("get_weather", &serde_json::json!(3)));
+
         let e = tool_call_grammar(OutputFormat::Plain, Some(&tools), None).expect_err("plain");
         assert!(e.contains("no tool-call format"), "{e}");
         assert!(tool_call_grammar(OutputFormat::Qwen3Coder, Some(&tools), Some("nope")).expect_err("unknown").contains("`nope`"));

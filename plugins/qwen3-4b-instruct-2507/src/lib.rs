@@ -19,7 +19,7 @@ pub static FAMILY: ModelFamily = ModelFamily {
     primary_model_name: "Qwen/Qwen3-4B-Instruct-2507",
     primary_config_json: include_str!("../primary/config.json"),
     config_defaults: "{}",
-    output_format: OutputFormat::Plain,
+    output_format: OutputFormat::Hermes,
     spec,
 };
 
