@@ -58,11 +58,9 @@ fn streamed(plugin: &PluginHandle, model: u64, request: &InferRequest) -> Result
     Ok((response, ids, text))
 }
 
-/// This process's resident memory in bytes (Linux `/proc/self/statm`).
-fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+/// This process's resident memory in bytes.
+fn rss_bytes() -> u64 {
+    crate::worker::tree_rss_bytes(&[std::process::id()])
 }
 
 struct Suite<'a> {
@@ -337,14 +335,14 @@ fn cleanup_check(s: &mut Suite<'_>, level: SecurityLevel, model_dir: &Path, opti
             return Ok("the handle is unknown after cleanup (the model's memory lives in the worker process)".into());
         }
         // Memory: load and clean up again; this process may not keep growing.
-        let before = rss_bytes().unwrap_or(0);
+        let before = rss_bytes();
         let mut weights = 0;
         for _ in 0..3 {
             let info = plugin.load_model(model_dir, options).map_err(|e| format!("reload: {e}"))?;
             weights = info.weight_bytes + info.kv_cache_bytes;
             plugin.cleanup(info.handle).map_err(|e| format!("cleanup: {e}"))?;
         }
-        let grown = rss_bytes().unwrap_or(0).saturating_sub(before);
+        let grown = rss_bytes().saturating_sub(before);
         let allowed = LEAK_FLOOR_BYTES.max(weights / 2);
         if grown > allowed {
             return Err(format!("the process grew {:.1} MiB over 3 load/cleanup cycles (allowed {:.1} MiB)", grown as f64 / 1048576.0, allowed as f64 / 1048576.0));

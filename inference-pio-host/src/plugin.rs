@@ -7,7 +7,7 @@
 
 use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
 use abi_stable::std_types::{RResult, RStr, RString};
-use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError, PluginModuleRef, TokenEventSink, TokenSink};
+use inference_pio_core::abi::{ABI_MAJOR, ErrorKind, PluginError, PluginModuleRef, PluginResult, TokenEventSink, TokenSink};
 use inference_pio_core::export::TokenCallback;
 use inference_pio_core::types::{
     BatchInferRequest, BatchInferResponse, ChatRequest, ConfigUpdate, GenerateTextRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginMetadata,
@@ -183,11 +183,7 @@ impl LoadedPlugin {
                     format!("plugin {} predates ABI 1.4 (it is 1.{minor}) and cannot do {what}; rebuild it", self.path.display()),
                 ));
             }
-            let mut plain = |id: u32, text: &str| on_token(id, text, &TokenDetail::default());
-            let mut callback: &mut dyn FnMut(u32, &str) -> bool = &mut plain;
-            let sink = TokenSink::from_closure(&mut callback);
-            let text = self.check((self.module.infer())(model, RStr::from(json.as_str()), sink))?;
-            return self.json(text);
+            return self.streamed(self.module.infer(), model, &json, on_token);
         };
         let bad_detail = std::cell::RefCell::new(None);
         let mut events = |id: u32, text: &str, detail: &str| {
@@ -215,22 +211,28 @@ impl LoadedPlugin {
     /// entry point predates token details).
     pub fn generate_text(&self, model: u64, request: &GenerateTextRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
         self.guard()?;
-        let json = Self::to_json(request)?;
-        let mut plain = |id: u32, text: &str| on_token(id, text, &TokenDetail::default());
-        let mut callback: &mut dyn FnMut(u32, &str) -> bool = &mut plain;
-        let sink = TokenSink::from_closure(&mut callback);
-        let text = self.check((self.module.generate_text())(model, RStr::from(json.as_str()), sink))?;
-        self.json(text)
+        self.streamed(self.module.generate_text(), model, &Self::to_json(request)?, on_token)
     }
 
     /// The ABI's `chat_completion` (messages through the model's chat template), streamed.
     pub fn chat_completion(&self, model: u64, request: &ChatRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
         self.guard()?;
-        let json = Self::to_json(request)?;
+        self.streamed(self.module.chat_completion(), model, &Self::to_json(request)?, on_token)
+    }
+
+    /// Calls one of the text-only streaming entry points (`infer` before 1.4, `generate_text`,
+    /// `chat_completion`) with `json`; its tokens reach `on_token` with no detail.
+    fn streamed(
+        &self,
+        entry: extern "C" fn(u64, RStr<'_>, TokenSink<'_>) -> PluginResult<RString>,
+        model: u64,
+        json: &str,
+        on_token: &mut TokenCallback<'_>,
+    ) -> Result<InferResponse, PluginError> {
         let mut plain = |id: u32, text: &str| on_token(id, text, &TokenDetail::default());
         let mut callback: &mut dyn FnMut(u32, &str) -> bool = &mut plain;
         let sink = TokenSink::from_closure(&mut callback);
-        let text = self.check((self.module.chat_completion())(model, RStr::from(json.as_str()), sink))?;
+        let text = self.check(entry(model, RStr::from(json), sink))?;
         self.json(text)
     }
 

@@ -228,27 +228,23 @@ fn run_call(plugin: &LoadedPlugin, call: Call, call_id: u64, writer: &Mutex<Unix
             Err(e) => Err(WireError { kind: e.kind, message: e.message.to_string() }),
         }
     }
+    // Streamed calls send each token as a frame; a cancel frame stops the stream.
+    let mut on_token = |token: u32, text: &str, detail: &TokenDetail| {
+        if cancel.load(Ordering::SeqCst) {
+            return false;
+        }
+        let detail = (!detail.is_empty()).then(|| detail.clone());
+        let frame = FromWorker::Token { id: call_id, token, text: text.to_string(), detail };
+        writer.lock().map(|mut w| write_frame(&mut *w, &frame).is_ok()).unwrap_or(false)
+    };
     match call {
         Call::Metadata => value(plugin.metadata()),
         Call::SupportsConfig(text) => value(plugin.supports_config(&text)),
         Call::Initialize(settings) => value(plugin.initialize(&settings)),
         Call::LoadModel { dir, options } => value(plugin.load_model(&dir, &options)),
-        Call::Infer { .. } | Call::GenerateText { .. } | Call::ChatCompletion { .. } => {
-            let mut on_token = |token: u32, text: &str, detail: &TokenDetail| {
-                if cancel.load(Ordering::SeqCst) {
-                    return false;
-                }
-                let detail = (!detail.is_empty()).then(|| detail.clone());
-                let frame = FromWorker::Token { id: call_id, token, text: text.to_string(), detail };
-                writer.lock().map(|mut w| write_frame(&mut *w, &frame).is_ok()).unwrap_or(false)
-            };
-            match call {
-                Call::Infer { model, request } => value(plugin.infer(model, &request, &mut on_token)),
-                Call::GenerateText { model, request } => value(plugin.generate_text(model, &request, &mut on_token)),
-                Call::ChatCompletion { model, request } => value(plugin.chat_completion(model, &request, &mut on_token)),
-                _ => unreachable!("matched above"),
-            }
-        }
+        Call::Infer { model, request } => value(plugin.infer(model, &request, &mut on_token)),
+        Call::GenerateText { model, request } => value(plugin.generate_text(model, &request, &mut on_token)),
+        Call::ChatCompletion { model, request } => value(plugin.chat_completion(model, &request, &mut on_token)),
         Call::InferBatch { model, request } => value(plugin.infer_batch(model, &request)),
         Call::Score { model, request } => value(plugin.score(model, &request)),
         Call::Stats { model } => value(plugin.stats(model)),
@@ -1274,8 +1270,8 @@ fn tree(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Resident memory of these processes (a [`tree`]).
-fn tree_rss_bytes(pids: &[u32]) -> u64 {
+/// Resident memory of these processes (a [`tree`], or any pids).
+pub(crate) fn tree_rss_bytes(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/statm")).ok())
         .filter_map(|text| text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))

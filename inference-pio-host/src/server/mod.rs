@@ -620,17 +620,16 @@ async fn respond(
             let _ = out.send(chunk(&meta, i, Chunk::Start).to_string());
         }
         let mut finished: Vec<Option<InferResponse>> = (0..n).map(|_| None).collect();
-        // Per choice: tool calls and reasoning bytes streamed so far.
-        let mut streamed = vec![(0usize, 0usize); n];
-        let mut text_streamed = vec![0usize; n];
+        // Per choice, streamed so far: tool calls, reasoning bytes and answer bytes.
+        let mut streamed = vec![(0usize, 0usize, 0usize); n];
         while let Some(piece) = rx.recv().await {
             match piece {
                 Piece::Token(i, text, mut detail) => {
-                    let (calls_before, text_before) = (streamed[i].0, text_streamed[i]);
+                    let (calls_before, _, text_before) = streamed[i];
                     let calls = std::mem::take(&mut detail.tool_calls);
                     streamed[i].0 += calls.len();
                     streamed[i].1 += detail.reasoning.len();
-                    text_streamed[i] += text.len();
+                    streamed[i].2 += text.len();
                     let mut sent = Vec::new();
                     // The token's text, reasoning and log-probabilities (a token that only
                     // completes calls has none of them).
@@ -650,7 +649,7 @@ async fn respond(
                 }
                 Piece::Done(i, Ok(response)) => {
                     log_request(&meta, i, key_id.as_deref(), user.as_deref(), &response, started);
-                    let (calls_streamed, reasoning_streamed) = streamed[i];
+                    let (calls_streamed, reasoning_streamed, _) = streamed[i];
                     let _ = out.send(chunk(&meta, i, Chunk::Finish { response: &response, calls_streamed, reasoning_streamed }).to_string());
                     finished[i] = Some(response);
                     if finished.iter().all(Option::is_some) {

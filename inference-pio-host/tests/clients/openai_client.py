@@ -56,24 +56,31 @@ def full_vocabulary_moe(directory):
 
 
 def start(binary, model, name):
+    """`serve` of `model` as `name` on a free port, once its model is loaded: (process, base URL).
+    The server listens while the model loads (/health 503), then answers 200."""
     server = subprocess.Popen([binary, "serve", "--model", str(model), "--served-model-name", name, "--port", "0"],
                               stderr=subprocess.PIPE, text=True)
-    base = None
-    for line in server.stderr:
-        if "listening on " in line:
-            base = line.split("listening on ")[1].split()[0]
-            break
-    assert base, "the server did not start"
-    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if urllib.request.urlopen(f"{base}/health", timeout=5).status == 200:
-                return server, base
-        except urllib.error.HTTPError as e:
-            assert e.code == 503, e
-        assert time.monotonic() < deadline, "the model did not load"
-        time.sleep(0.02)
+    try:
+        base = None
+        for line in server.stderr:
+            if "listening on " in line:
+                base = line.split("listening on ")[1].split()[0]
+                break
+        assert base, "the server did not start"
+        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=5).status == 200:
+                    return server, base
+            except urllib.error.HTTPError as e:
+                assert e.code == 503, e
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.02)
+    except BaseException:
+        server.terminate()
+        server.wait(timeout=30)
+        raise
 
 
 def tool_calls(binary):
@@ -116,26 +123,8 @@ def tool_calls(binary):
 
 def main():
     binary = sys.argv[1]
-    server = subprocess.Popen([binary, "serve", "--model", str(FIXTURE), "--served-model-name", "tiny", "--port", "0"],
-                              stderr=subprocess.PIPE, text=True)
-    base = None
+    server, base = start(binary, FIXTURE, "tiny")
     try:
-        for line in server.stderr:
-            if "listening on " in line:
-                base = line.split("listening on ")[1].split()[0]
-                break
-        assert base, "the server did not start"
-        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-        # It listens while the model loads (/health 503), then answers 200.
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{base}/health", timeout=5).status == 200:
-                    break
-            except urllib.error.HTTPError as e:
-                assert e.code == 503, e
-            assert time.monotonic() < deadline, "the model did not load"
-            time.sleep(0.02)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
 
         assert [m.id for m in client.models.list().data] == ["tiny"]

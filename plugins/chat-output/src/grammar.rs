@@ -22,9 +22,24 @@ pub const MAX_CALLS: usize = 16;
 /// The Lark grammar of one or more calls (`function: None`) or exactly one call of `function`,
 /// of the tools `tools` (OpenAI's list) in `format`. Errors name what is missing.
 pub fn tool_call_grammar(format: OutputFormat, tools: Option<&Value>, function: Option<&str>) -> Result<String, String> {
-    if format == OutputFormat::Plain {
-        return Err("this model writes no tool-call format the engine parses, so `tool_choice` `required` or a named function cannot be enforced".into());
-    }
+    let layout = match format {
+        OutputFormat::Plain => {
+            return Err("this model writes no tool-call format the engine parses, so `tool_choice` `required` or a named function cannot be enforced".into());
+        }
+        OutputFormat::Hermes => Layout::Json,
+        OutputFormat::Qwen3Coder => Layout::Tagged {
+            call_open: |name| format!("<tool_call>\n<function={name}>\n"),
+            call_close: "</function>\n</tool_call>",
+            arg_open: |key| format!("<parameter={key}>\n"),
+            arg_close: "\n</parameter>\n",
+        },
+        OutputFormat::Glm4 { .. } => Layout::Tagged {
+            call_open: |name| format!("<tool_call>{name}\n"),
+            call_close: "</tool_call>",
+            arg_open: |key| format!("<arg_key>{key}</arg_key>\n<arg_value>"),
+            arg_close: "</arg_value>\n",
+        },
+    };
     let tools = Tools::new(tools);
     if tools.names().is_empty() {
         return Err("`tool_choice` needs `tools`".into());
@@ -37,47 +52,34 @@ pub fn tool_call_grammar(format: OutputFormat, tools: Option<&Value>, function: 
     let mut rules = Vec::new();
     let mut calls = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        if format == OutputFormat::Hermes {
-            // The whole call is one JSON object: `name` this function, `arguments` its schema.
-            let parameters = tools.parameters(name).cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
-            let schema = serde_json::json!({
-                "type": "object",
-                "properties": {"name": {"const": name}, "arguments": parameters},
-                "required": ["name", "arguments"],
-                "additionalProperties": false,
-                "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
-            });
-            let call = format!("c{i}");
-            rules.push(format!("{call}: \"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""));
-            calls.push(call);
-            continue;
-        }
-        let properties = tools.properties(name).cloned().unwrap_or_default();
-        let required = tools.required(name);
-        let mut body = String::new();
-        for (j, (key, schema)) in properties.iter().enumerate() {
-            let value = format!("v{i}_{j}");
-            let (open_key, close_key_open_value, close_value) = match format {
-                OutputFormat::Qwen3Coder => (format!("<parameter={key}>\n"), String::new(), "\n</parameter>\n"),
-                OutputFormat::Glm4 { .. } => (format!("<arg_key>{key}</arg_key>\n"), "<arg_value>".to_string(), "</arg_value>\n"),
-                OutputFormat::Plain | OutputFormat::Hermes => return Err("no tool-call format".into()),
-            };
-            let (expr, text_rule) = value_rule(schema, close_value, &format!("t{i}_{j}"));
-            rules.push(format!("{value}: {} {expr}", lark_string(&format!("{open_key}{close_key_open_value}"))));
-            rules.extend(text_rule);
-            body.push_str(&format!(" {value}{}", if required.contains(&key.as_str()) { "" } else { "?" }));
-        }
         let call = format!("c{i}");
-        let text = match format {
-            OutputFormat::Qwen3Coder => format!(
-                "{call}: {} {body} {}",
-                lark_string(&format!("<tool_call>\n<function={name}>\n")),
-                lark_string("</function>\n</tool_call>")
-            ),
-            OutputFormat::Glm4 { .. } => format!("{call}: {} {body} {}", lark_string(&format!("<tool_call>{name}\n")), lark_string("</tool_call>")),
-            OutputFormat::Plain | OutputFormat::Hermes => return Err("no tool-call format".into()),
-        };
-        rules.push(text);
+        match layout {
+            Layout::Json => {
+                // The whole call is one JSON object: `name` this function, `arguments` its schema.
+                let parameters = tools.parameters(name).cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+                let schema = serde_json::json!({
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "arguments": parameters},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": false,
+                    "x-guidance": compact_json_options(),
+                });
+                rules.push(format!("{call}: \"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""));
+            }
+            Layout::Tagged { call_open, call_close, arg_open, arg_close } => {
+                let properties = tools.properties(name).cloned().unwrap_or_default();
+                let required = tools.required(name);
+                let mut body = String::new();
+                for (j, (key, schema)) in properties.iter().enumerate() {
+                    let value = format!("v{i}_{j}");
+                    let (expr, text_rule) = value_rule(schema, arg_close, &format!("t{i}_{j}"));
+                    rules.push(format!("{value}: {} {expr}", lark_string(&arg_open(key))));
+                    rules.extend(text_rule);
+                    body.push_str(&format!(" {value}{}", if required.contains(&key.as_str()) { "" } else { "?" }));
+                }
+                rules.push(format!("{call}: {} {body} {}", lark_string(&call_open(name)), lark_string(call_close)));
+            }
+        }
         calls.push(call);
     }
     let one = calls.join(" | ");
@@ -91,6 +93,21 @@ pub fn tool_call_grammar(format: OutputFormat, tools: Option<&Value>, function: 
         None => format!("calls: call (\"\\n\" call){{0,{}}}\ncall: {one}", MAX_CALLS - 1),
     };
     Ok(format!("{start}\n{calls_rule}\n{}\n", rules.join("\n")))
+}
+
+/// llguidance's JSON options for generated JSON (a schema's `x-guidance`): written as Python's
+/// `json.dumps` writes it (`", "` and `": "`, no other whitespace), since free whitespace lets
+/// a model pad its answer without end (vLLM offers the same as `disable-any-whitespace`).
+pub fn compact_json_options() -> Value {
+    serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+}
+
+/// How a format writes a call: one JSON object, or tags around the name and each argument
+/// (whose value is written bare).
+#[derive(Clone, Copy)]
+enum Layout {
+    Json,
+    Tagged { call_open: fn(&str) -> String, call_close: &'static str, arg_open: fn(&str) -> String, arg_close: &'static str },
 }
 
 /// A value of `schema` written bare, then `close`: the expression, and the lazy free-text

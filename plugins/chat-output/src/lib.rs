@@ -54,7 +54,7 @@ mod qwen;
 mod test_support;
 
 use convert::Tools;
-pub use grammar::tool_call_grammar;
+pub use grammar::{compact_json_options, tool_call_grammar};
 
 const TOOL_OPEN: &str = "<tool_call>";
 const TOOL_CLOSE: &str = "</tool_call>";

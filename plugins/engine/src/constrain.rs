@@ -39,14 +39,11 @@ fn limits() -> ParserLimits {
     }
 }
 
-/// JSON is written as Python's `json.dumps` writes it (`", "` and `": "`, no other
-/// whitespace) unless the schema's `x-guidance` says otherwise: free whitespace lets a model
-/// pad its answer without end (vLLM offers the same as `disable-any-whitespace`).
+/// JSON is written compactly ([`inference_pio_chat_output::compact_json_options`], as the
+/// tool-call grammars write it) unless the schema's `x-guidance` says otherwise.
 fn compact(mut schema: serde_json::Value) -> serde_json::Value {
     if let Some(object) = schema.as_object_mut() {
-        object
-            .entry("x-guidance")
-            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
+        object.entry("x-guidance").or_insert_with(inference_pio_chat_output::compact_json_options);
     }
     schema
 }
