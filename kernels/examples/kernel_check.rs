@@ -41,7 +41,8 @@ use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fu
 use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, scaled_masked_softmax_reference};
-use inference_pio_kernels::{batched_linear, split_parts, split_stacked};
+use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_slots};
+use burn::tensor::IndexingUpdateOp;
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
@@ -167,6 +168,7 @@ fn main() {
     }
     if runs("attention") {
         failed += check_attention(&device);
+        failed += check_kv_write(&device);
     }
     if runs("elementwise") {
         failed += check_elementwise(&device);
@@ -257,6 +259,30 @@ fn check_attention(device: &Device) -> usize {
             let label = format!("softmax {batch} x {kv} x {group} x {t:5} tokens {:5}", format!("{dtype:?}"));
             failed += usize::from(check(device, &label, tol, bytes, &kernel, &reference, &reference));
         }
+    }
+    failed
+}
+
+/// The KV pool write (`inference_pio_kernels::kv_write`) against burn's `select_assign` (the
+/// path before it), exactly: a step's keys (a view inside a fused q|k|v output, as the decoder
+/// passes them) into scattered slots of a pool. Both timings include a copy of the pool (the
+/// check keeps its input, so neither writes in place): 32 MiB in bf16.
+fn check_kv_write(device: &Device) -> usize {
+    let mut failed = 0;
+    let (slots, heads, kv, dim) = (16_384usize, 32usize, 8usize, 128usize);
+    for (tokens, dtype) in [(1usize, DType::BF16), (256, DType::BF16), (8192, DType::BF16), (37, DType::F32)] {
+        let pool = Tensor::<3>::random([slots, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+        let qkv = Tensor::<3>::random([tokens, heads + 2 * kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+        let k = qkv.narrow(1, heads, kv);
+        // Distinct slots spread over the pool (7,919 is odd, so i -> 7,919 i mod 2^14 is one-to-one).
+        let idx: Vec<i64> = (0..tokens).map(|i| ((i * 7919 + 13) % slots) as i64).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [tokens]), device);
+        let flat = |t: Tensor<3>| t.reshape([slots * kv, dim]);
+        let kernel = || flat(write_kv_slots(pool.clone(), idx.clone(), k.clone()));
+        let reference = || flat(pool.clone().select_assign(0, idx.clone(), k.clone(), IndexingUpdateOp::Assign));
+        let label = format!("kv write {tokens:5} tokens x {kv} x {dim} {:5} into {slots}", format!("{dtype:?}"));
+        let bytes = (2 * tokens * kv * dim * dtype.size()) as f64;
+        failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &kernel, &reference, &reference));
     }
     failed
 }

@@ -1,7 +1,9 @@
 //! Reference implementations, written to match Hugging Face transformers' numerics:
 //! `Qwen3RMSNorm` / `LlamaRMSNorm` (normalise in f32, cast back, scale), `rotate_half` /
 //! `apply_rotary_pos_emb` (RoFormer, arXiv:2104.09864, in the HF half-split convention) and
-//! the SwiGLU gate (Shazeer 2020, arXiv:2002.05202).
+//! the SwiGLU gate (Shazeer 2020, arXiv:2002.05202); for vision towers, `nn.LayerNorm` (Ba et
+//! al. 2016, arXiv:1607.06450) and both forms of GELU (Hendrycks & Gimpel 2016,
+//! arXiv:1606.08415): torch's exact `nn.GELU()` and `gelu_pytorch_tanh`.
 
 use burn::tensor::{DType, Tensor, activation::silu};
 
@@ -54,6 +56,36 @@ pub fn swiglu_halves<const D: usize>(gate_up: Tensor<D>) -> Tensor<D> {
     swiglu(gate_up.clone().narrow(D - 1, 0, inner), gate_up.narrow(D - 1, inner, inner))
 }
 
+/// `nn.LayerNorm` over the last axis: `(x - mean) / sqrt(var + eps) * weight + bias`, all in
+/// f32 (as torch computes it for bf16 inputs too), rounded to the input dtype at the end.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Tensor<D> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let centered = x.clone().sub(x.mean_dim(D - 1));
+    let variance = centered.clone().powi_scalar(2).mean_dim(D - 1);
+    let normed = centered.mul(variance.add_scalar(eps).sqrt().recip());
+    let y = normed.mul(weight.clone().cast(DType::F32).unsqueeze()).add(bias.clone().cast(DType::F32).unsqueeze());
+    y.cast(dtype)
+}
+
+/// torch's exact GELU (`nn.GELU()`): `x / 2 * (1 + erf(x / sqrt(2)))`, in f32.
+pub fn gelu_erf<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let y = x.clone().mul(x.mul_scalar(std::f64::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0)).mul_scalar(0.5);
+    y.cast(dtype)
+}
+
+/// GELU's tanh form (`gelu_pytorch_tanh`, `nn.GELU(approximate="tanh")`): `x / 2 * (1 +
+/// tanh(sqrt(2 / pi) * (x + 0.044715 x³)))`, in f32.
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let inner = x.clone().add(x.clone().powi_scalar(3).mul_scalar(0.044_715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    let y = x.mul(inner.tanh().add_scalar(1.0)).mul_scalar(0.5);
+    y.cast(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +97,30 @@ mod tests {
 
     fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
         x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
+    }
+
+    #[test]
+    fn layer_norm_and_both_gelus_match_their_formulas() {
+        let x = t(vec![1.0, -2.0, 3.0, 0.5, 0.0, 4.0], [2, 3]);
+        let (w, b) = (t(vec![1.0, 0.5, 2.0], [3]), t(vec![0.1, -0.2, 0.0], [3]));
+        let got = values(layer_norm(x.clone(), &w, &b, 1e-6));
+        for (r, row) in [[1.0f64, -2.0, 3.0], [0.5, 0.0, 4.0]].iter().enumerate() {
+            let mean = row.iter().sum::<f64>() / 3.0;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 3.0;
+            for c in 0..3 {
+                let want = (row[c] - mean) / (var + 1e-6).sqrt() * [1.0, 0.5, 2.0][c] + [0.1, -0.2, 0.0][c];
+                assert!((f64::from(got[r * 3 + c]) - want).abs() < 1e-5, "{got:?}");
+            }
+        }
+        // torch.nn.functional.gelu of these values, exact and tanh forms.
+        let x = t(vec![-3.0, -1.0, 0.0, 0.5, 2.0], [5]);
+        let exact = [-0.004_049_71, -0.158_655_25, 0.0, 0.345_731_14, 1.954_499_7];
+        let tanh = [-0.003_637_39, -0.158_808_01, 0.0, 0.345_714_28, 1.954_597_7];
+        for (got, want) in [(values(gelu_erf(x.clone())), exact), (values(gelu_tanh(x)), tanh)] {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+            }
+        }
     }
 
     #[test]

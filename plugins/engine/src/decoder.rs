@@ -14,11 +14,12 @@ use crate::error::EngineError;
 use crate::hf_config::DecoderConfig;
 use crate::moe::{Mlp, MoeBlock, MoeSpec, moe_tensors};
 use crate::rope;
+use crate::vision::{VisionSpec, VisionTower, vision_tensors};
 use crate::weights::{Checkpoint, burn_dtype};
 use burn::tensor::{DType as BurnDType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
-use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight};
+use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight, write_kv_slots};
 
 /// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,6 +33,22 @@ pub struct StepBatch {
     pub spans: Vec<Span>,
     /// Indices into `tokens` whose logits are wanted, in the order returned.
     pub logit_rows: Vec<usize>,
+    /// Multimodal rotary positions (`[temporal, height, width]` per token; a text token has
+    /// its position on all three) for models with M-RoPE; empty: `positions`.
+    pub mrope: Vec<[usize; 3]>,
+}
+
+/// Image features placed into a step (a vision-language model's prefill): the rows of the
+/// step that are image tokens get `embeds` in place of their token embeddings, and
+/// `deepstack[l]` added to their hidden states after decoder layer `l` (DeepStack).
+#[derive(Clone)]
+pub struct StepVision {
+    /// Step rows `[n]`.
+    pub rows: Tensor<1, Int>,
+    /// `[n, hidden]`.
+    pub embeds: Tensor<2>,
+    /// `[n, hidden]` per layer from the first.
+    pub deepstack: Vec<Tensor<2>>,
 }
 
 /// The paged KV cache's tensors: per layer, keys and values `[(blocks + 1) * block_tokens,
@@ -81,6 +98,7 @@ pub struct StepTensors {
     pub slots: Tensor<1, Int>,
     pub layout: PagedLayout,
     pub logit_rows: Option<Tensor<1, Int>>,
+    pub vision: Option<StepVision>,
 }
 
 /// What differs between decoder families, beyond what the engine reads from `config.json`
@@ -94,12 +112,19 @@ pub struct DecoderSpec {
     pub o_proj_bias: bool,
     /// Mixture-of-experts layers, if the model has them.
     pub moe: Option<MoeSpec>,
+    /// Where the text decoder's weights live: `{prefix}.embed_tokens`, `{prefix}.layers.N`,
+    /// `{prefix}.norm` (`model`; Qwen3-VL: `model.language_model`).
+    pub prefix: String,
+    /// Interleaved multimodal RoPE's `mrope_section` (Qwen3-VL), if the model has it.
+    pub mrope_section: Option<[usize; 3]>,
+    /// The vision tower, for a vision-language model.
+    pub vision: Option<VisionSpec>,
 }
 
 impl DecoderSpec {
     /// A dense decoder whose q/k/v/o biases all follow `attention_bias`.
     pub fn dense(config: &DecoderConfig, qk_norm: bool) -> Self {
-        Self { qk_norm, o_proj_bias: config.attention_bias, moe: None }
+        Self { qk_norm, o_proj_bias: config.attention_bias, moe: None, prefix: "model".into(), mrope_section: None, vision: None }
     }
 
     fn is_sparse(&self, layer: usize) -> bool {
@@ -112,7 +137,7 @@ enum FeedForward {
     Moe(Box<MoeBlock>),
 }
 
-struct Linear {
+pub(crate) struct Linear {
     /// HF `[out, in]` layout split into column blocks, `[parts, out, in / parts]`
     /// ([`inference_pio_kernels::split_weight`]; one block on the CPU and where cuBLAS runs).
     weight: Tensor<3>,
@@ -120,7 +145,7 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
+    pub(crate) fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
         let weight = ckpt.load_linear(&format!("{prefix}.weight"), [out, inp], device, dtype)?;
         let bias = if bias { Some(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?) } else { None };
         Ok(Self { weight, bias })
@@ -139,8 +164,14 @@ impl Linear {
         Ok(Self { weight: concat_outputs(parts.into_iter().map(|l| l.weight).collect()), bias })
     }
 
+    /// A weight already loaded (`[out, in]`), split for the device as [`Self::load`] does.
+    pub(crate) fn from_parts(weight: Tensor<2>, bias: Option<Tensor<1>>, device: &Device) -> Self {
+        let inp = weight.dims()[1];
+        Self { weight: split_weight(weight, split_parts(inp, device)), bias }
+    }
+
     /// `x [rows, in] -> [rows, out]`.
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let y = linear(x, &self.weight);
         match &self.bias {
             Some(b) => y.add(b.clone().unsqueeze()),
@@ -174,15 +205,18 @@ pub struct Decoder {
     /// of the embeddings when tied (on the CPU, one block: a view of them).
     lm_head: Tensor<3>,
     inv_freq: Vec<f32>,
+    /// The vision tower of a vision-language model.
+    pub vision: Option<VisionTower>,
 }
 
 /// Names and shapes of every tensor a decoder with this config needs.
 pub fn expected_tensors(c: &DecoderConfig, spec: &DecoderSpec) -> Vec<(String, Vec<usize>)> {
     let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
     let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    let m = &spec.prefix;
+    let mut out = vec![(format!("{m}.embed_tokens.weight"), vec![c.vocab_size, h])];
     for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
+        let p = format!("{m}.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
         out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
         out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
@@ -206,9 +240,12 @@ pub fn expected_tensors(c: &DecoderConfig, spec: &DecoderSpec) -> Vec<(String, V
             _ => out.extend(Mlp::tensors(&format!("{p}.mlp"), h, i)),
         }
     }
-    out.push(("model.norm.weight".to_string(), vec![h]));
+    out.push((format!("{m}.norm.weight"), vec![h]));
     if !c.tie_word_embeddings {
         out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+    }
+    if let Some(v) = &spec.vision {
+        out.extend(vision_tensors(&v.config, &v.prefix));
     }
     out
 }
@@ -232,6 +269,12 @@ impl Decoder {
         for (name, shape) in expected_tensors(&config, &spec) {
             ckpt.check(&name, &shape)?;
         }
+        if let Some(section) = spec.mrope_section
+            && 2 * section.iter().sum::<usize>() != config.rotary_dim()
+        {
+            return Err(EngineError::Config(format!("mrope_section {section:?} must add up to half the rotary dimension {}", config.rotary_dim())));
+        }
+        let m = spec.prefix.clone();
         let c = &config;
         let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
@@ -241,7 +284,7 @@ impl Decoder {
         }
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+            let p = format!("{m}.layers.{l}");
             let mlp = match &spec.moe {
                 Some(moe) if spec.is_sparse(l) => FeedForward::Moe(Box::new(MoeBlock::load(moe, ckpt, &format!("{p}.mlp"), h, device, dtype)?)),
                 _ => FeedForward::Dense(Box::new(Mlp::load(ckpt, &format!("{p}.mlp"), h, i, device, dtype)?)),
@@ -271,12 +314,24 @@ impl Decoder {
                 mlp,
             });
         }
-        let embed = ckpt.load("model.embed_tokens.weight", [c.vocab_size, h], device, dtype)?;
-        let norm = ckpt.load("model.norm.weight", [h], device, dtype)?;
+        let embed = ckpt.load(&format!("{m}.embed_tokens.weight"), [c.vocab_size, h], device, dtype)?;
+        let norm = ckpt.load(&format!("{m}.norm.weight"), [h], device, dtype)?;
         let head = if c.tie_word_embeddings { embed.clone() } else { ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)? };
         let lm_head = split_weight(head, split_parts(h, device));
         let inv_freq = rope::inverse_frequencies(&c.rope, c.rotary_dim());
-        Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq })
+        let vision = match &spec.vision {
+            Some(v) => {
+                if v.config.out_hidden_size != h {
+                    return Err(EngineError::Config(format!("vision_config.out_hidden_size {} differs from the text hidden_size {h}", v.config.out_hidden_size)));
+                }
+                if v.config.deepstack_visual_indexes.len() > c.num_hidden_layers {
+                    return Err(EngineError::Config("more DeepStack features than text decoder layers".into()));
+                }
+                Some(VisionTower::load(v.config.clone(), ckpt, &v.prefix, device, dtype)?)
+            }
+            None => None,
+        };
+        Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq, vision })
     }
 
     /// A KV pool of `blocks` blocks of `block_tokens` tokens, zeroed.
@@ -290,6 +345,11 @@ impl Decoder {
     /// Computes one step: writes its keys and values to `kv` and returns the f32 logits of
     /// `batch.logit_rows`, `[rows, vocab]`.
     pub fn forward(&self, batch: &StepBatch, kv: &mut KvPool) -> Result<Tensor<2>, EngineError> {
+        self.forward_with(batch, None, kv)
+    }
+
+    /// [`Self::forward`] with image features placed into the step's image rows.
+    pub fn forward_with(&self, batch: &StepBatch, vision: Option<StepVision>, kv: &mut KvPool) -> Result<Tensor<2>, EngineError> {
         let c = &self.config;
         let t = batch.tokens.len();
         let queries: usize = batch.spans.iter().map(|s| s.queries).sum();
@@ -311,7 +371,17 @@ impl Decoder {
             let n = values.len();
             Tensor::<1, Int>::from_data(TensorData::new(values, [n]), device)
         };
-        let (cos, sin) = rope::cos_sin(&self.inv_freq, std::slice::from_ref(&batch.positions), device, burn_dtype(self.dtype));
+        let (cos, sin) = match (self.spec.mrope_section, batch.mrope.is_empty()) {
+            (_, true) => rope::cos_sin(&self.inv_freq, std::slice::from_ref(&batch.positions), device, burn_dtype(self.dtype)),
+            (Some(section), false) if batch.mrope.len() == t => rope::mrope_cos_sin(&self.inv_freq, &batch.mrope, section, device, burn_dtype(self.dtype)),
+            _ => return Err(EngineError::InvalidRequest("multimodal positions for a model without M-RoPE, or not one per token".into())),
+        };
+        if let Some(v) = &vision {
+            let n = v.rows.dims()[0];
+            if v.embeds.dims() != [n, c.hidden_size] || v.deepstack.len() > self.blocks.len() || v.deepstack.iter().any(|d| d.dims() != [n, c.hidden_size]) {
+                return Err(EngineError::InvalidRequest("image features do not fit the step".into()));
+            }
+        }
         // A step that wants no logits (a prompt chunk before the last) still computes one row.
         let wanted = if batch.logit_rows.is_empty() { vec![t - 1] } else { batch.logit_rows.clone() };
         if let Some(&bad) = wanted.iter().find(|&&r| r >= t) {
@@ -325,6 +395,7 @@ impl Decoder {
             slots: ints(batch.slots.iter().map(|&s| s as i64).collect()),
             layout: PagedLayout::new(&batch.spans, kv.block_tokens, &c.distinct_windows(), device),
             logit_rows: (!all).then(|| ints(wanted.iter().map(|&r| r as i64).collect())),
+            vision,
         };
         let logits = self.forward_tensors(&inputs, kv)?;
         if batch.logit_rows.is_empty() {
@@ -343,7 +414,11 @@ impl Decoder {
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let scale = (d as f64).powf(-0.5);
         let (cos, sin, slots, layout) = (&inputs.cos, &inputs.sin, &inputs.slots, &inputs.layout);
-        let mut x = self.embed.clone().select(0, inputs.tokens.clone()).reshape([1, t, h]);
+        let mut x = self.embed.clone().select(0, inputs.tokens.clone());
+        if let Some(v) = &inputs.vision {
+            x = x.select_assign(0, v.rows.clone(), v.embeds.clone(), IndexingUpdateOp::Assign);
+        }
+        let mut x = x.reshape([1, t, h]);
         // The last block output not yet added to the residual stream: each add runs together
         // with the normalisation after it (one kernel on the GPU).
         let mut pending: Option<Tensor<3>> = None;
@@ -367,8 +442,8 @@ impl Decoder {
             let (k_pool, v_pool) = kv.layers[l]
                 .take()
                 .ok_or_else(|| EngineError::Device(format!("KV pool layer {l} was lost by an earlier failed step")))?;
-            let k_pool = k_pool.select_assign(0, slots.clone(), k, IndexingUpdateOp::Assign);
-            let v_pool = v_pool.select_assign(0, slots.clone(), v, IndexingUpdateOp::Assign);
+            let k_pool = write_kv_slots(k_pool, slots.clone(), k);
+            let v_pool = write_kv_slots(v_pool, slots.clone(), v);
             let attn = paged_attention(q, &k_pool, &v_pool, layout, c.layer_windows[l], scale);
             kv.layers[l] = Some((k_pool, v_pool));
             let attn = attn.reshape([t, nh * d]);
@@ -380,6 +455,13 @@ impl Decoder {
             };
             x = residual;
             pending = Some(mlp.reshape([1, t, h]));
+            // DeepStack: this layer's image features join the image rows' hidden states.
+            if let Some(v) = &inputs.vision
+                && let Some(features) = v.deepstack.get(l)
+            {
+                let y = pending.take().map_or(x.clone(), |y| x.clone().add(y)).reshape([t, h]);
+                x = y.select_assign(0, v.rows.clone(), features.clone(), IndexingUpdateOp::Add).reshape([1, t, h]);
+            }
             if crate::progress::enabled() && (l < 2 || l + 1 == self.blocks.len()) {
                 crate::progress::log(|| format!("layer {l} queued ({t} tokens)"));
             }

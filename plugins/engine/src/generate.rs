@@ -9,6 +9,9 @@ use crate::constrain::{GrammarCompiler, RowConstraint};
 use crate::decoder::Decoder;
 use crate::error::EngineError;
 use crate::hf_config::token_ids;
+use crate::multimodal::PromptMedia;
+use crate::vision::PatchGrid;
+use inference_pio_image_input::{ImageProcessor, Patches};
 use crate::sampling::SamplingConfig;
 use crate::serve::{Event, Finished, StepLoop, Submission, Work, decode_rates};
 use crate::tokenizer::TextTokenizer;
@@ -75,6 +78,8 @@ pub struct Model {
     pub output_format: OutputFormat,
     /// The vocabulary as the grammar engine sees it, built by the first constrained request.
     pub grammar: OnceLock<Result<GrammarCompiler, String>>,
+    /// A vision-language model's image processor (`preprocessor_config.json`).
+    pub image_processor: Option<ImageProcessor>,
 }
 
 /// One generation request after defaults are resolved.
@@ -94,12 +99,14 @@ pub struct RowRequest {
     pub logprobs: Option<u32>,
     /// The grammar the output must match, compiled.
     pub constraint: Option<Box<RowConstraint>>,
+    /// The prompt's images (a vision-language model's).
+    pub media: Option<Arc<PromptMedia>>,
 }
 
 impl RowRequest {
     /// Greedy, `max_new_tokens` at most, no stop strings.
     pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
-        Self { prompt, sampling: SamplingConfig::greedy(), max_new_tokens, stop: Vec::new(), tools: None, ignore_eos: false, cache_salt: Vec::new(), logprobs: None, constraint: None }
+        Self { prompt, sampling: SamplingConfig::greedy(), max_new_tokens, stop: Vec::new(), tools: None, ignore_eos: false, cache_salt: Vec::new(), logprobs: None, constraint: None, media: None }
     }
 
     pub fn ignoring_eos(mut self) -> Self {
@@ -122,6 +129,30 @@ pub struct RowResult {
 }
 
 impl Model {
+    /// An image (`height` rows of `width` RGB8 pixels) as the vision tower takes it.
+    pub fn image_patches(&self, rgb: &[u8], width: usize, height: usize) -> Result<Patches, EngineError> {
+        let processor = self.image_processor.as_ref().ok_or_else(|| EngineError::InvalidRequest("this model does not take images".into()))?;
+        processor.preprocess(rgb, width, height).map_err(|e| EngineError::InvalidRequest(e.to_string()))
+    }
+
+    /// `images` (in prompt order) placed on the prompt's image tokens, with the prompt's
+    /// multimodal positions ([`PromptMedia::new`]).
+    pub fn prompt_media(&self, prompt: &[u32], images: Vec<Patches>) -> Result<Arc<PromptMedia>, EngineError> {
+        let spec = self.decoder.spec.vision.as_ref().ok_or_else(|| EngineError::InvalidRequest("this model does not take images".into()))?;
+        let width = spec.config.patch_values();
+        let images = images
+            .into_iter()
+            .map(|p| {
+                if p.patch_width != width || p.values.len() != p.grid_thw.iter().product::<usize>() * width {
+                    return Err(EngineError::InvalidRequest(format!("image patches of {} values do not fit the vision tower's {width}", p.patch_width)));
+                }
+                let [t, h, w] = p.grid_thw;
+                Ok((p.values, PatchGrid { t, h, w }))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(PromptMedia::new(prompt, spec.image_token_id, spec.config.spatial_merge_size, images)?))
+    }
+
     /// Token ids of a prompt (chat template applied for chats).
     pub fn prompt_ids(&self, input: &PromptInput) -> Result<Vec<u32>, EngineError> {
         let ids = match input {
@@ -193,7 +224,7 @@ impl Model {
         let constraint = constraint.as_ref().map(|c| self.compile_constraint(c, tools.as_ref()).map(Box::new)).transpose()?;
         let prompt = self.prompt_ids(input)?;
         let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
-        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: cache_salt.as_bytes().to_vec(), logprobs: *logprobs, constraint })
+        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: cache_salt.as_bytes().to_vec(), logprobs: *logprobs, constraint, media: None })
     }
 
     /// Compiles a request's output constraint against the model's vocabulary (built once);
@@ -296,7 +327,7 @@ impl Engine {
             cancels.push(Arc::clone(&cancel));
             let salt = match &work {
                 Work::Generate(r) => r.cache_salt.clone(),
-                Work::Score(_) => Vec::new(),
+                Work::Score { .. } => Vec::new(),
             };
             self.steps.submit(Submission { work, chunk, salt, events: tx.clone(), tag, cancel })?;
         }
@@ -442,8 +473,12 @@ impl Engine {
 
     /// Logits at every prompt position: perplexity and optionally all logits.
     pub fn score(&self, input: &PromptInput, return_logits: bool) -> Result<ScoreResponse, EngineError> {
-        let ids = self.prompt_ids(input)?;
-        let pending = self.submit(vec![Work::Score(ids.clone())], 0)?;
+        self.score_ids(self.prompt_ids(input)?, None, return_logits)
+    }
+
+    /// [`Self::score`] of token ids, with the prompt's images when it has some.
+    pub fn score_ids(&self, ids: Vec<u32>, media: Option<Arc<PromptMedia>>, return_logits: bool) -> Result<ScoreResponse, EngineError> {
+        let pending = self.submit(vec![Work::Score { ids: ids.clone(), media }], 0)?;
         let finished = loop {
             match pending.events.recv() {
                 Ok((_, Event::Done(outcome))) => break (*outcome)?,

@@ -157,6 +157,7 @@ impl DecoderConfig {
     }
 
     pub fn from_value(value: &Value) -> Result<Self, EngineError> {
+        let value = &text_config_view(value);
         let raw: Raw = serde_json::from_value(value.clone())
             .map_err(|e| EngineError::Config(format!("unexpected field type: {e}")))?;
         let hidden_size = required("hidden_size", raw.hidden_size)?;
@@ -278,9 +279,50 @@ impl DecoderConfig {
         Ok(merged)
     }
 
+    /// The interleaved multimodal RoPE's `mrope_section` (Qwen3-VL: in `rope_scaling` or
+    /// `rope_parameters`), `None` when the config has none. Qwen2-VL's contiguous sections
+    /// (`mrope_interleaved` false) are refused by name.
+    pub fn mrope_section(&self) -> Result<Option<[usize; 3]>, EngineError> {
+        let table = ["rope_parameters", "rope_scaling"].iter().find_map(|k| self.raw.get(*k).filter(|t| t.get("mrope_section").is_some()));
+        let Some(table) = table else { return Ok(None) };
+        let section = table["mrope_section"]
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|v| <[usize; 3]>::try_from(v).ok())
+            .ok_or_else(|| EngineError::Config(format!("`mrope_section` must be three non-negative integers, got {}", table["mrope_section"])))?;
+        if table.get("mrope_interleaved").and_then(Value::as_bool) != Some(true) {
+            return Err(EngineError::Unsupported("contiguous M-RoPE sections (Qwen2-VL; `mrope_interleaved` not true) are not implemented; only Qwen3-VL's interleaved layout".into()));
+        }
+        if 2 * section.iter().sum::<usize>() != self.rotary_dim() {
+            return Err(EngineError::Config(format!("mrope_section {section:?} must add up to half the rotary dimension {}", self.rotary_dim())));
+        }
+        Ok(Some(section))
+    }
+
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.rope.partial_rotary_factor) as usize
     }
+}
+
+/// A vision-language model's `config.json` (`text_config` beside `vision_config`, as
+/// transformers' composite configs are) seen as its text decoder's: the `text_config` keys,
+/// with the top level's other keys where `text_config` lacks them (`tie_word_embeddings`,
+/// the image token ids, `vision_config`) and the top level's `architectures` and
+/// `model_type`. Any other config is returned as it is.
+pub fn text_config_view(value: &Value) -> Value {
+    let (Some(top), Some(text)) = (value.as_object(), value.get("text_config").and_then(Value::as_object)) else {
+        return value.clone();
+    };
+    let mut merged = text.clone();
+    for (k, v) in top {
+        if k == "text_config" {
+            continue;
+        }
+        if k == "architectures" || k == "model_type" || !merged.contains_key(k) {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    Value::Object(merged)
 }
 
 /// [`DecoderConfig::layer_windows`] from `config.json`.
@@ -339,6 +381,23 @@ mod tests {
         // Qwen3-4B: 4.02 B parameters.
         let params = crate::decoder::parameter_count(&c, &crate::DecoderSpec::dense(&c, true));
         assert!((4_000_000_000..4_050_000_000).contains(&params), "{params}");
+    }
+
+    #[test]
+    fn reads_the_text_side_of_the_real_qwen3_vl_2b_config() {
+        let c = DecoderConfig::from_json_str(include_str!("../testdata/qwen3-vl-2b-config.json")).expect("config");
+        assert_eq!(c.architectures, vec!["Qwen3VLForConditionalGeneration".to_string()]);
+        assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (2048, 28, 16, 8, 128));
+        assert_eq!((c.rope.theta, c.eos_token_ids.clone(), c.tie_word_embeddings), (5_000_000.0, vec![151645], true));
+        assert_eq!(c.mrope_section().expect("section"), Some([24, 20, 20]));
+        assert_eq!(c.raw["vision_config"]["depth"], 24);
+        assert_eq!(c.get_usize("image_token_id").expect("id"), Some(151655));
+        // A plain config has no sections; Qwen2-VL's contiguous ones are refused by name.
+        assert_eq!(DecoderConfig::from_json_str(QWEN3_4B).expect("config").mrope_section().expect("none"), None);
+        let mut v: Value = serde_json::from_str(include_str!("../testdata/qwen3-vl-2b-config.json")).expect("json");
+        v["text_config"]["rope_scaling"]["mrope_interleaved"] = false.into();
+        let err = DecoderConfig::from_value(&v).expect("config").mrope_section().expect_err("contiguous");
+        assert!(err.to_string().contains("mrope_interleaved"), "{err}");
     }
 
     #[test]

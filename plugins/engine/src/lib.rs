@@ -6,7 +6,7 @@
 //! serving core ([`serve`]: block pool with prefix caching, continuous-batching scheduler,
 //! step loop, per-sequence output), sampling ([`sampling`]), the request entry points
 //! ([`generate`]), tokenizer and streaming detokenizer ([`tokenizer`]), the model's chat
-//! template ([`chat_template`]), where compiled GPU kernels are cached ([`kernel_cache`]) and the plugin export glue ([`plugin`], [`export_model!`]).
+//! template ([`chat_template`]), the vision tower of vision-language models ([`vision`]), where compiled GPU kernels are cached ([`kernel_cache`]) and the plugin export glue ([`plugin`], [`export_model!`]).
 //! Tensors come from burn; the device (CPU via flex, or CUDA) is chosen at run time.
 
 pub mod chat_template;
@@ -17,6 +17,7 @@ pub mod generate;
 pub mod hf_config;
 pub mod kernel_cache;
 pub mod moe;
+pub mod multimodal;
 pub mod progress;
 pub mod plugin;
 pub mod rope;
@@ -24,6 +25,7 @@ pub mod sampling;
 pub mod serve;
 pub mod testing;
 pub mod tokenizer;
+pub mod vision;
 pub mod weights;
 
 pub use decoder::DecoderSpec;

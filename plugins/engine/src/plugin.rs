@@ -12,6 +12,7 @@ use crate::tokenizer::TextTokenizer;
 use crate::weights::{Checkpoint, GgufFile};
 use inference_pio_chat_output::OutputFormat;
 use inference_pio_formats::gguf;
+use inference_pio_image_input::ImageProcessor;
 use burn::tensor::Device;
 use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError};
 use inference_pio_core::config::OptimizationSettings;
@@ -51,6 +52,31 @@ impl ModelFamily {
     pub fn config(&self, value: &serde_json::Value) -> Result<DecoderConfig, EngineError> {
         DecoderConfig::from_value(&DecoderConfig::with_defaults(value, self.config_defaults)?)
     }
+}
+
+/// A vision-language model's image processor: its directory's `preprocessor_config.json`
+/// (Qwen3-VL's defaults where it has none), checked against the vision tower's patch shape.
+fn image_processor(dir: &Path, vision: &crate::vision::VisionConfig) -> Result<ImageProcessor, EngineError> {
+    let path = dir.join("preprocessor_config.json");
+    let config = if path.is_file() { DecoderConfig::read_json(&path)? } else { serde_json::json!({}) };
+    let p = ImageProcessor::from_config(&config).map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+    if (p.patch_size, p.temporal_patch_size, p.merge_size) != (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size) {
+        return Err(EngineError::Config(format!(
+            "{}: patches of {}x{} over {} frames merged {}x{} do not match the vision tower's {}x{} over {} merged {}x{}",
+            path.display(),
+            p.patch_size,
+            p.patch_size,
+            p.temporal_patch_size,
+            p.merge_size,
+            p.merge_size,
+            vision.patch_size,
+            vision.patch_size,
+            vision.temporal_patch_size,
+            vision.spatial_merge_size,
+            vision.spatial_merge_size
+        )));
+    }
+    Ok(p)
 }
 
 /// Picks the device: `auto` is CUDA 0 when an NVIDIA driver is present, else the CPU. Asking
@@ -94,6 +120,10 @@ pub fn load_engine(
         )));
     }
     let spec = (family.spec)(&config)?;
+    let image_processor = match &spec.vision {
+        Some(v) => Some(image_processor(dir, &v.config)?),
+        None => None,
+    };
     let (device, device_name) = choose_device(options.device)?;
     let on_gpu = device_name.starts_with("cuda");
     if on_gpu {
@@ -163,7 +193,7 @@ pub fn load_engine(
         let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, max_context)?;
         crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
         let pool = decoder.new_kv_pool(blocks, block_tokens);
-        let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default() };
+        let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default(), image_processor };
         Ok((model, pool, (blocks, block_tokens, blocks as u64 * block_bytes, sized_by)))
     };
     let (engine, (blocks, block_tokens, kv_bytes, sized_by)) = Engine::start(build, &settings.optimization)?;

@@ -110,6 +110,7 @@ pub fn incremental_logits(engine: &Engine, prompt: &[u32], prefill: usize, block
             slots: (start..end).map(|p| slot_of(&table, block_tokens, p)).collect(),
             spans: vec![Span { queries: n, context: end, blocks: table.clone() }],
             logit_rows: (0..n).collect(),
+            mrope: Vec::new(),
         };
         let logits = decoder.forward(&batch, &mut pool).unwrap_or_else(|e| panic!("step at {start}: {e}"));
         let values = logits.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_else(|e| panic!("logits: {e:?}"));

@@ -35,6 +35,7 @@ fn spec(c: &DecoderConfig) -> Result<DecoderSpec, EngineError> {
             },
             sparse_layers: (0..c.num_hidden_layers).map(|l| l >= first_dense).collect(),
         }),
+        ..DecoderSpec::dense(c, false)
     })
 }
 

@@ -5,9 +5,13 @@
 //! chosen by `smart_resize` (multiples of patch x merge, within the pixel budget), Pillow-exact
 //! antialiased bicubic resampling of the 8-bit pixels ([`resample`]), rescale and normalise,
 //! and the patches flattened in the order of the vision tower's Conv3d patch embedding, with
-//! the image's `grid_thw`. Works on RGB8 pixels: decoding files is the caller's.
+//! the image's `grid_thw`; and image files (PNG, JPEG, WebP) into those RGB8 pixels, within
+//! limits ([`decode`]).
 
+pub mod decode;
 pub mod resample;
+
+pub use decode::{DecodeLimits, Rgb8, decode_image};
 
 /// What went wrong with an image, named.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -16,6 +20,14 @@ pub enum ImageError {
     Size { width: usize, height: usize, reason: String },
     #[error("{got} bytes of RGB8 pixels for a {width}x{height} image (want {want})")]
     Pixels { width: usize, height: usize, got: usize, want: usize },
+    #[error("preprocessor_config.json: {0}")]
+    Config(String),
+    #[error("image too large: {0}")]
+    TooLarge(String),
+    #[error("unsupported image: {0}")]
+    Format(String),
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
 }
 
 /// The processor's settings (`preprocessor_config.json`).
@@ -39,6 +51,51 @@ impl ImageProcessor {
     /// Qwen3-VL-2B-Instruct's `preprocessor_config.json`.
     pub fn qwen3_vl() -> Self {
         Self { patch_size: 16, temporal_patch_size: 2, merge_size: 2, min_pixels: 65_536, max_pixels: 16_777_216, mean: [0.5; 3], std: [0.5; 3] }
+    }
+
+    /// The settings of a `preprocessor_config.json` (absent keys: Qwen3-VL's); `size`'s
+    /// `shortest_edge` / `longest_edge` are pixel counts, as transformers reads them for this
+    /// processor (`min_pixels` / `max_pixels` where those are given).
+    pub fn from_config(config: &serde_json::Value) -> Result<Self, ImageError> {
+        let d = Self::qwen3_vl();
+        let count = |keys: &[(&str, Option<&str>)], default: usize| -> Result<usize, ImageError> {
+            for (key, inner) in keys {
+                let v = match inner {
+                    Some(i) => config.get(key).and_then(|s| s.get(i)),
+                    None => config.get(key),
+                };
+                if let Some(v) = v.filter(|v| !v.is_null()) {
+                    return v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| ImageError::Config(format!("`{key}` must be a positive integer, got {v}")));
+                }
+            }
+            Ok(default)
+        };
+        let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3], ImageError> {
+            match config.get(key).filter(|v| !v.is_null()) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| a.iter().map(|x| x.as_f64().map(|f| f as f32)).collect::<Option<Vec<_>>>())
+                    .and_then(|v| <[f32; 3]>::try_from(v).ok())
+                    .ok_or_else(|| ImageError::Config(format!("`{key}` must be three numbers, got {v}"))),
+            }
+        };
+        let p = Self {
+            patch_size: count(&[("patch_size", None)], d.patch_size)?,
+            temporal_patch_size: count(&[("temporal_patch_size", None)], d.temporal_patch_size)?,
+            merge_size: count(&[("merge_size", None)], d.merge_size)?,
+            min_pixels: count(&[("min_pixels", None), ("size", Some("shortest_edge"))], d.min_pixels)?,
+            max_pixels: count(&[("max_pixels", None), ("size", Some("longest_edge"))], d.max_pixels)?,
+            mean: triple("image_mean", d.mean)?,
+            std: triple("image_std", d.std)?,
+        };
+        if p.min_pixels > p.max_pixels {
+            return Err(ImageError::Config(format!("min_pixels {} is over max_pixels {}", p.min_pixels, p.max_pixels)));
+        }
+        if p.std.contains(&0.0) {
+            return Err(ImageError::Config("image_std has a zero".into()));
+        }
+        Ok(p)
     }
 
     /// The side every resized dimension is a multiple of.
@@ -133,6 +190,21 @@ impl Patches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_real_preprocessor_config_reads_and_bad_ones_are_named() {
+        let real = serde_json::json!({"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+            "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"});
+        assert_eq!(ImageProcessor::from_config(&real), Ok(ImageProcessor::qwen3_vl()));
+        let tiny = serde_json::json!({"min_pixels": 1024, "max_pixels": 4096, "patch_size": 8});
+        let p = ImageProcessor::from_config(&tiny).expect("tiny");
+        assert_eq!((p.patch_size, p.min_pixels, p.max_pixels, p.factor()), (8, 1024, 4096, 16));
+        let bad = |v: serde_json::Value| ImageProcessor::from_config(&v).expect_err("bad").to_string();
+        assert!(bad(serde_json::json!({"patch_size": 0})).contains("`patch_size` must be a positive integer"));
+        assert!(bad(serde_json::json!({"image_std": [0.5, 0.5]})).contains("`image_std` must be three numbers"));
+        assert!(bad(serde_json::json!({"min_pixels": 10, "max_pixels": 5})).contains("over max_pixels"));
+    }
 
     #[test]
     fn smart_resize_keeps_multiples_of_32_within_the_budget() {

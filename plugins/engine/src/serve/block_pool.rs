@@ -15,18 +15,17 @@ use std::collections::{BTreeMap, HashMap};
 pub type BlockId = u32;
 pub type BlockHash = u128;
 
-/// The hash of a full block after `parent` (`None` for the first block, which takes the
-/// `extra` keys: a salt separates tenants' caches).
+/// The hash of a full block after `parent` (`None` for the first block) with its `extra`
+/// keys: the first block takes the tenant salt, which separates tenants' caches (every later
+/// block chains it), and any block the keys of the images whose tokens fall in it.
 pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32], extra: &[u8]) -> BlockHash {
     let mut h = Sha256::new();
     match parent {
         Some(p) => h.update(p.to_le_bytes()),
-        None => {
-            h.update(b"root");
-            h.update((extra.len() as u64).to_le_bytes());
-            h.update(extra);
-        }
+        None => h.update(b"root"),
     }
+    h.update((extra.len() as u64).to_le_bytes());
+    h.update(extra);
     for t in tokens {
         h.update(t.to_le_bytes());
     }
@@ -36,11 +35,11 @@ pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32], extra: &[u8]) -> Bl
     u128::from_le_bytes(out)
 }
 
-/// The chained hashes of every full block of `tokens`.
-pub fn block_hashes(tokens: &[u32], block_tokens: usize, extra: &[u8]) -> Vec<BlockHash> {
+/// The chained hashes of every full block of `tokens`, the first keyed by `salt`.
+pub fn block_hashes(tokens: &[u32], block_tokens: usize, salt: &[u8]) -> Vec<BlockHash> {
     let mut out: Vec<BlockHash> = Vec::with_capacity(tokens.len() / block_tokens);
     for chunk in tokens.chunks_exact(block_tokens) {
-        out.push(block_hash(out.last().copied(), chunk, extra));
+        out.push(block_hash(out.last().copied(), chunk, if out.is_empty() { salt } else { &[] }));
     }
     out
 }

@@ -33,6 +33,8 @@ type StepFn = Box<dyn FnMut() -> Result<Tensor<2>, EngineError>>;
 pub struct DecodeRow<'a> {
     pub token: u32,
     pub position: usize,
+    /// Its rotary position (`position`, or where multimodal positions put it).
+    pub rope_position: usize,
     pub blocks: &'a [u32],
 }
 
@@ -143,7 +145,7 @@ impl DecodeGraphs {
         let mut lens = vec![1i64; padded];
         for (i, r) in rows.iter().enumerate() {
             tokens[i] = r.token as i64;
-            positions[i] = r.position as i64;
+            positions[i] = r.rope_position as i64;
             slots[i] = slot_of(r.blocks, block_tokens, r.position) as i64;
             for (b, &id) in r.blocks.iter().take(max_blocks).enumerate() {
                 table[i * max_blocks + b] = i64::from(id);
@@ -276,5 +278,6 @@ fn step_tensors(inputs: &Inputs, cos_table: &Tensor<2>, sin_table: &Tensor<2>) -
             DecodeRows::new(inputs.table.clone().reshape([rows, inputs.width.div_ceil(inputs.block_tokens)]), inputs.lens.clone()),
         ),
         logit_rows: None,
+        vision: None,
     }
 }

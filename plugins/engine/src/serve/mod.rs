@@ -15,8 +15,11 @@ pub mod output;
 pub mod runner;
 pub mod scheduler;
 
-use crate::decoder::KvPool;
+use crate::decoder::{KvPool, StepVision};
 use crate::error::EngineError;
+use crate::multimodal::PromptMedia;
+use crate::vision::ImageFeatures;
+use burn::tensor::{Int, Tensor, TensorData};
 use crate::generate::{Model, RowRequest, RowResult};
 use block_pool::BlockPool;
 use inference_pio_core::config::OptimizationSettings;
@@ -36,7 +39,7 @@ use std::time::Instant;
 pub enum Work {
     Generate(RowRequest),
     /// Logits at every prompt position (no generation, no prefix reuse).
-    Score(Vec<u32>),
+    Score { ids: Vec<u32>, media: Option<Arc<PromptMedia>> },
 }
 
 /// One request handed to the loop.
@@ -274,6 +277,9 @@ struct Live {
     /// Scoring: logits by position.
     logits: Vec<Option<Vec<f32>>>,
     cached_tokens: usize,
+    /// The prompt's images, encoded by the first step that needs each (kept until the
+    /// request ends, so a chunked or preempted prompt encodes each image once).
+    features: Vec<Option<ImageFeatures>>,
 }
 
 struct LoopState {
@@ -342,14 +348,20 @@ impl LoopState {
     /// Checks that the request can ever fit, then queues it.
     fn admit(&mut self, s: Submission) {
         let model = &self.model;
-        let (prompt, output, reuse, most) = match &s.work {
+        let (prompt, output, reuse, most, media) = match &s.work {
             Work::Generate(r) => {
                 // The cache holds at most every token but the last sampled one.
                 let most = (r.prompt.len() + r.max_new_tokens).saturating_sub(1).min(model.max_context.saturating_sub(1)).max(r.prompt.len());
-                (r.prompt.clone(), Some(Output::new(r, model.output_format)), true, most)
+                (r.prompt.clone(), Some(Output::new(r, model.output_format)), true, most, r.media.clone())
             }
-            Work::Score(ids) => (ids.clone(), None, false, ids.len()),
+            Work::Score { ids, media } => (ids.clone(), None, false, ids.len(), media.clone()),
         };
+        if media.is_some() && model.decoder.vision.is_none() {
+            let e = EngineError::InvalidRequest("this model does not take images".into());
+            let _ = s.events.send((s.tag, Event::Done(Box::new(Err(e)))));
+            return;
+        }
+        let images = media.as_ref().map_or(0, |m| m.images.len());
         let needed = self.scheduler.blocks_for(most);
         let total = self.scheduler.pool.total();
         if needed > total {
@@ -366,7 +378,7 @@ impl LoopState {
         let id = self.next_id;
         self.next_id += 1;
         let prompt_len = prompt.len();
-        self.scheduler.add(SeqState::new(id, prompt, s.chunk, reuse, s.salt));
+        self.scheduler.add(SeqState::new(id, prompt, s.chunk, reuse, s.salt).with_media(media));
         self.live.insert(
             id,
             Live {
@@ -380,6 +392,7 @@ impl LoopState {
                 token_times: Vec::new(),
                 logits: if reuse { Vec::new() } else { vec![None; prompt_len] },
                 cached_tokens: 0,
+                features: vec![None; images],
             },
         );
     }
@@ -404,12 +417,21 @@ impl LoopState {
     fn step(&mut self, work: &[Scheduled]) -> Result<(), EngineError> {
         let scores = |id: u64| self.live.get(&id).is_some_and(|l| l.output.is_none());
         let block_tokens = self.pool.borrow().block_tokens();
-        // Decode rows only: the device-resident step (recorded as a CUDA graph on CUDA).
-        let decode_only = work.iter().all(|w| w.len == 1 && w.start > 0 && !scores(w.id));
+        // Decode rows only (text: no image token, one rotary position): the device-resident
+        // step (recorded as a CUDA graph on CUDA).
+        let text_row = |w: &Scheduled| self.scheduler.seq(w.id).is_some_and(|s| s.media.as_ref().is_none_or(|m| m.text_from(w.start)));
+        let decode_only = work.iter().all(|w| w.len == 1 && w.start > 0 && !scores(w.id) && text_row(w));
         let (logits, logit_ranges) = if self.cuda_graphs && decode_only && self.graphs.applies(work.len()) {
             let rows: Vec<graph::DecodeRow<'_>> = work
                 .iter()
-                .filter_map(|w| self.scheduler.seq(w.id).map(|s| graph::DecodeRow { token: s.tokens[w.start], position: w.start, blocks: &s.blocks }))
+                .filter_map(|w| {
+                    self.scheduler.seq(w.id).map(|s| graph::DecodeRow {
+                        token: s.tokens[w.start],
+                        position: w.start,
+                        rope_position: s.media.as_ref().map_or(w.start, |m| m.rope_position(w.start)[0]),
+                        blocks: &s.blocks,
+                    })
+                })
                 .collect();
             if rows.len() != work.len() {
                 return Err(EngineError::Device("a scheduled sequence is missing".into()));
@@ -423,7 +445,8 @@ impl LoopState {
             (logits.narrow(0, 0, work.len()), ranges)
         } else {
             let batch = runner::step_batch(&self.scheduler, work, block_tokens, scores);
-            (self.model.decoder.forward(&batch.batch, &mut self.pool.borrow_mut())?, batch.logit_ranges)
+            let vision = self.step_vision(work)?;
+            (self.model.decoder.forward_with(&batch.batch, vision, &mut self.pool.borrow_mut())?, batch.logit_ranges)
         };
         let vocab = self.model.decoder.config.vocab_size;
         // When every row that wants logits is greedy without a repetition penalty, the next
@@ -516,6 +539,50 @@ impl LoopState {
             self.end(id, Err(e));
         }
         Ok(())
+    }
+
+    /// The image features of this step's image tokens (encoding each image the first time a
+    /// step reaches it), in the rows [`runner::step_batch`] gives them; `None` when the step
+    /// has none.
+    fn step_vision(&mut self, work: &[Scheduled]) -> Result<Option<StepVision>, EngineError> {
+        let Some(tower) = &self.model.decoder.vision else { return Ok(None) };
+        let (mut rows, mut embeds) = (Vec::new(), Vec::new());
+        let mut deepstack: Vec<Vec<Tensor<2>>> = Vec::new();
+        let mut first_row = 0;
+        for w in work {
+            let base = first_row;
+            first_row += w.len;
+            let Some(media) = self.scheduler.seq(w.id).and_then(|s| s.media.clone()) else { continue };
+            let Some(live) = self.live.get_mut(&w.id) else { continue };
+            let step = w.start..w.start + w.len;
+            for (i, image) in media.images.iter().enumerate() {
+                let (from, to) = (image.start.max(step.start), image.range().end.min(step.end));
+                if from >= to {
+                    continue;
+                }
+                let slot = live.features.get_mut(i).ok_or_else(|| EngineError::Device("an image's feature slot is missing".into()))?;
+                let features = match slot {
+                    Some(f) => f,
+                    empty => empty.insert(tower.encode(&image.pixels, image.grid)?),
+                };
+                rows.extend((from..to).map(|p| (base + p - w.start) as i64));
+                let (offset, n) = (from - image.start, to - from);
+                embeds.push(features.embeds.clone().narrow(0, offset, n));
+                deepstack.resize_with(features.deepstack.len(), Vec::new);
+                for (layer, f) in features.deepstack.iter().enumerate() {
+                    deepstack[layer].push(f.clone().narrow(0, offset, n));
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let n = rows.len();
+        Ok(Some(StepVision {
+            rows: Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &self.model.decoder.device),
+            embeds: Tensor::cat(embeds, 0),
+            deepstack: deepstack.into_iter().map(|parts| Tensor::cat(parts, 0)).collect(),
+        }))
     }
 
     /// Ends a request normally (finished, cancelled).

@@ -26,10 +26,19 @@ pub fn step_batch(scheduler: &Scheduler, work: &[Scheduled], block_tokens: usize
             continue;
         };
         let first_row = batch.tokens.len();
+        if seq.media.is_some() && batch.mrope.len() < first_row {
+            // The first sequence with images: the rows before it are text.
+            batch.mrope = batch.positions.iter().map(|&p| [p; 3]).collect();
+        }
         for pos in w.start..w.start + w.len {
             batch.tokens.push(seq.tokens[pos]);
             batch.positions.push(pos);
             batch.slots.push(slot_of(&seq.blocks, block_tokens, pos));
+            match &seq.media {
+                Some(m) => batch.mrope.push(m.rope_position(pos)),
+                None if !batch.mrope.is_empty() => batch.mrope.push([pos; 3]),
+                None => {}
+            }
         }
         batch.spans.push(Span { queries: w.len, context: w.start + w.len, blocks: seq.blocks.clone() });
         let rows = if scores(w.id) {

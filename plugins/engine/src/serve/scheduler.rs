@@ -14,7 +14,9 @@
 //! goes back to the front of the queue with every token so far, to be recomputed.
 
 use super::block_pool::{BlockHash, BlockId, BlockPool, block_hash};
+use crate::multimodal::PromptMedia;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 /// A sequence as the scheduler sees it.
 pub struct SeqState {
@@ -29,8 +31,10 @@ pub struct SeqState {
     hashes: Vec<BlockHash>,
     /// Blocks registered as holding their hash.
     registered: usize,
-    /// Keys the first block's hash takes (tenant salt, image hashes).
+    /// Keys the first block's hash takes (the tenant salt).
     pub salt: Vec<u8>,
+    /// The prompt's images (their blocks' hashes take the images' content hashes).
+    pub media: Option<Arc<PromptMedia>>,
     /// Prompt tokens per step at most; 0: the whole remaining prompt in one step.
     pub chunk: usize,
     /// May reuse cached prefix blocks (false when every position's logits are wanted).
@@ -41,7 +45,12 @@ pub struct SeqState {
 
 impl SeqState {
     pub fn new(id: u64, tokens: Vec<u32>, chunk: usize, reuse_prefix: bool, salt: Vec<u8>) -> Self {
-        Self { id, tokens, computed: 0, blocks: Vec::new(), hashes: Vec::new(), registered: 0, salt, chunk, reuse_prefix, cached_tokens: 0 }
+        Self { id, tokens, computed: 0, blocks: Vec::new(), hashes: Vec::new(), registered: 0, salt, media: None, chunk, reuse_prefix, cached_tokens: 0 }
+    }
+
+    pub fn with_media(mut self, media: Option<Arc<PromptMedia>>) -> Self {
+        self.media = media;
+        self
     }
 
     /// Hashes the full blocks not hashed yet, chained on the last known hash (each block is
@@ -49,7 +58,11 @@ impl SeqState {
     fn extend_hashes(&mut self, block_tokens: usize) {
         let full = self.tokens.len() / block_tokens;
         for b in self.hashes.len()..full {
-            let hash = block_hash(self.hashes.last().copied(), &self.tokens[b * block_tokens..(b + 1) * block_tokens], &self.salt);
+            let mut extra = if b == 0 { self.salt.clone() } else { Vec::new() };
+            if let Some(m) = &self.media {
+                extra.extend(m.block_keys(b, block_tokens));
+            }
+            let hash = block_hash(self.hashes.last().copied(), &self.tokens[b * block_tokens..(b + 1) * block_tokens], &extra);
             self.hashes.push(hash);
         }
     }
