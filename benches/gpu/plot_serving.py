@@ -7,7 +7,8 @@ to first token with prefix caching on and off.
     python3 plot_serving.py RESULTS_DIR OUT.png [LABEL=FILE ...]
 
 Without LABEL=FILE pairs it plots the calls of 2026-12-02 (`gpu-h200-2026-12-02-serving/`).
-The peers come from the first file that has them.
+The peers come from the first file that has them, or from PEERS_FROM=FILE (not plotted as a
+call of ours).
 """
 import json
 import os
@@ -24,7 +25,9 @@ calls = [tuple(a.split("=", 1)) for a in sys.argv[3:]] or [
     ("call 2: gather attention", "results-call2.json"), ("call 3: + paged kernel", "results-call3-paged-kernel.json"),
     ("call 4: + device argmax", "results-call4-device-argmax.json")]
 runs = [(name, json.load(open(os.path.join(d, f)))) for name, f in calls]
-c2 = next(r for _, r in runs if "peer_llama_batched" in r and "peer_transformers" in r)
+# PEERS_FROM=FILE: take the peers from that call without plotting its own runs.
+peer_file = os.environ.get("PEERS_FROM")
+c2 = json.load(open(os.path.join(d, peer_file))) if peer_file else next(r for _, r in runs if "peer_llama_batched" in r and "peer_transformers" in r)
 row = c2["peer_llama_batched"][-1]
 cells = [c.strip() for c in row.strip("|").split("|")]
 llama_out = 256 * 128 / float(cells[8])
@@ -36,8 +39,9 @@ a.bar_label(bars, fmt="%.0f")
 a.set_xlabel("output tokens/s (256 requests x 512 prompt, 128 new)")
 a.set_title("Offline throughput, Qwen3-4B bf16, H200")
 names = [n for n, _ in runs]
-on = [r["prefix_on"]["mean_ttft_s"] for _, r in runs]
-off = [r["prefix_off"]["mean_ttft_s"] for _, r in runs]
+# A call without the shared-prefix runs shows no bars there.
+on = [r.get("prefix_on", {}).get("mean_ttft_s", 0) for _, r in runs]
+off = [r.get("prefix_off", {}).get("mean_ttft_s", 0) for _, r in runs]
 y = range(len(names))
 b.barh([i + 0.2 for i in y], off, height=0.4, label="prefix caching off", color="#999")
 b.barh([i - 0.2 for i in y], on, height=0.4, label="prefix caching on", color="#4a7")
