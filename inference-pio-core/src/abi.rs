@@ -28,8 +28,11 @@ use core::marker::PhantomData;
 
 /// Incompatible changes bump this; the host refuses a plugin with another major version.
 pub const ABI_MAJOR: u32 = 1;
-/// Appended fields bump this; a host accepts plugins with any minor version.
-pub const ABI_MINOR: u32 = 4;
+/// Appended fields bump this (of the root module, or of the JSON requests, which a plugin
+/// built before them would ignore); a host accepts plugins with any minor version and refuses
+/// to send a request field to a plugin older than it. 1.5: images (`InferRequest::images`,
+/// `ChatMessage::parts`).
+pub const ABI_MINOR: u32 = 5;
 
 /// What went wrong, coarsely, so the host can react without parsing messages.
 #[repr(u8)]

@@ -61,7 +61,7 @@ pub trait Plugin: Send + Sync + 'static {
             input: PromptInput::Text(request.prompt),
             sampling: request.sampling,
             stop: request.stop,
-            cache_salt: String::new(), logprobs: None, constraint: None,
+            cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new(),
         };
         self.infer(model, request, on_token)
     }
@@ -80,7 +80,7 @@ pub trait Plugin: Send + Sync + 'static {
             },
             sampling: request.sampling,
             stop: request.stop,
-            cache_salt: String::new(), logprobs: None, constraint: None,
+            cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new(),
         };
         self.infer(model, request, on_token)
     }
@@ -407,7 +407,7 @@ mod tests {
         assert_eq!(failed.expect_err("fails").message.as_str(), "row two");
 
         let request = |n| crate::types::BatchInferRequest {
-            requests: vec![crate::types::InferRequest { input: PromptInput::TokenIds(vec![1]), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None }; n],
+            requests: vec![crate::types::InferRequest { input: PromptInput::TokenIds(vec![1]), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() }; n],
         };
         assert!(request(0).validate().expect_err("empty").contains("at least one"));
         assert!(request(1).validate().is_ok() && request(crate::types::MAX_BATCH_REQUESTS).validate().is_ok());

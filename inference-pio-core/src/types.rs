@@ -239,6 +239,11 @@ pub struct ChatMessage {
     pub tool_calls: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// ABI 1.5: the content as ordered parts, text and images (OpenAI's content-part list),
+    /// for models that take images; `content` then holds the text parts joined. An image part
+    /// names one of [`InferRequest::images`]. Empty: `content` is the whole message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<ContentPart>,
 }
 
 impl ChatMessage {
@@ -248,7 +253,54 @@ impl ChatMessage {
             content: content.to_string(),
             tool_calls: None,
             name: None,
+            parts: Vec::new(),
         }
+    }
+
+    /// A message of ordered text and image parts (`content`: the text parts joined).
+    pub fn with_parts(role: &str, parts: Vec<ContentPart>) -> Self {
+        let content = parts
+            .iter()
+            .filter_map(|p| match p {
+                ContentPart::Text { text } => Some(text.as_str()),
+                ContentPart::Image { .. } => None,
+            })
+            .collect::<String>();
+        Self { parts, ..Self::new(role, &content) }
+    }
+}
+
+/// One part of a chat message's content (ABI 1.5).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ContentPart {
+    Text { text: String },
+    /// `InferRequest::images[image]`.
+    Image { image: u32 },
+}
+
+/// An image file (PNG, JPEG or WebP) as its bytes; base64 in JSON.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ImageData(pub Vec<u8>);
+
+impl std::fmt::Debug for ImageData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ImageData({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for ImageData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for ImageData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).map(ImageData).map_err(|e| serde::de::Error::custom(format!("an image is not valid base64: {e}")))
     }
 }
 
@@ -293,6 +345,10 @@ pub struct InferRequest {
     /// leave it (constrained decoding). The host refuses it for a plugin older than 1.4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<OutputConstraint>,
+    /// ABI 1.5: the images the prompt's chat messages name in their image parts. The host
+    /// refuses them for a plugin older than 1.5, which would ignore them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageData>,
 }
 
 /// The most alternatives a request may ask for per token (OpenAI's limit).

@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
 fn measure(name: &str, plugin: &PluginHandle, tokens: u32, requests: u32) -> anyhow::Result<()> {
     plugin.initialize(&PluginSettings::default())?;
     let model = plugin.load_model(Path::new("/tmp"), &LoadOptions::default())?.handle;
-    let request = |text: String| InferRequest { input: PromptInput::Text(text), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
+    let request = |text: String| InferRequest { input: PromptInput::Text(text), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() };
     let stream = request(format!("stream:{tokens}"));
     let mut seen = 0u32;
     plugin.infer(model, &stream, &mut |_, _, _| true)?; // warm-up

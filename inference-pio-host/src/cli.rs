@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use inference_pio_core::config::{HostConfig, SecurityLevel, validate_sampling};
 use inference_pio_core::types::{
-    BatchInferRequest, ChatMessage, DType, DeviceRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginSettings,
+    BatchInferRequest, ChatMessage, ContentPart, DType, DeviceRequest, ImageData, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginSettings,
     PromptInput, SamplingOverrides, SamplingParams, ScoreRequest, Timings,
 };
 use std::io::{BufRead, Write};
@@ -271,6 +271,10 @@ pub struct RunArgs {
     /// chat template; the model's calls come back typed by these schemas.
     #[arg(long, requires = "prompt", conflicts_with = "raw")]
     pub tools: Option<PathBuf>,
+    /// An image file (PNG, JPEG or WebP) the model sees before the prompt's text, in the same
+    /// user turn (repeatable; vision-language models only).
+    #[arg(long = "image", value_name = "FILE", requires = "prompt", conflicts_with = "raw")]
+    pub images: Vec<PathBuf>,
     /// Print one JSON object (token_ids, text, finish_reason, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
@@ -940,12 +944,21 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
                         prompt_input(&one, args.raw, args.system.as_deref(), tools.clone(), &info)?
                     }
                 };
-                Ok(InferRequest { input, sampling: sampling.clone(), stop: stop.clone(), cache_salt: String::new(), logprobs: None, constraint: None })
+                Ok(InferRequest { input, sampling: sampling.clone(), stop: stop.clone(), cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() })
             })
             .collect::<anyhow::Result<_>>()?,
         None => {
-            let input = prompt_input(&args.prompt, args.raw, args.system.as_deref(), tools, &info)?;
-            vec![InferRequest { input, sampling, stop, cache_salt: String::new(), logprobs: None, constraint: None }; args.batch as usize]
+            let mut input = prompt_input(&args.prompt, args.raw, args.system.as_deref(), tools, &info)?;
+            let images = args.images.iter().map(|p| read_image(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            if let PromptInput::Chat { messages, .. } = &mut input
+                && let Some(user) = messages.last_mut()
+                && !images.is_empty()
+            {
+                let mut parts: Vec<ContentPart> = (0..images.len() as u32).map(|image| ContentPart::Image { image }).collect();
+                parts.push(ContentPart::Text { text: user.content.clone() });
+                *user = ChatMessage { parts, ..user.clone() };
+            }
+            vec![InferRequest { input, sampling, stop, cache_salt: String::new(), logprobs: None, constraint: None, images }; args.batch as usize]
         }
     };
     let request = requests[0].clone();
@@ -1043,6 +1056,18 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The largest image file `--image` and `/image` read.
+const MAX_IMAGE_FILE_BYTES: u64 = 20_000_000;
+
+/// An image file's bytes (the plugin decodes them), refused by name when missing or too large.
+fn read_image(path: &Path) -> anyhow::Result<ImageData> {
+    let size = std::fs::metadata(path).with_context(|| format!("cannot read image {}", path.display()))?.len();
+    if size > MAX_IMAGE_FILE_BYTES {
+        bail!("image {} is {size} bytes, over the limit of {MAX_IMAGE_FILE_BYTES}", path.display());
+    }
+    Ok(ImageData(std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?))
+}
+
 /// After the streamed answer: the model's tool calls (stdout, one JSON object a line) and its
 /// reasoning (stderr), which are not streamed.
 fn print_structured(response: &inference_pio_core::types::InferResponse) {
@@ -1064,10 +1089,13 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
         bail!("the model has no chat template (tokenizer_config.json `chat_template`, chat_template.jinja, or GGUF `tokenizer.chat_template`)");
     }
     eprintln!(
-        "{} on {} ({}, {:.2} B parameters). Type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
+        "{} on {} ({}, {:.2} B parameters). Type a message; /image FILE shows the model an image with your next message, /reset clears the conversation, /exit or Ctrl-D quits.",
         selected.id, info.device, info.dtype, info.parameter_count as f64 / 1e9
     );
     let mut messages: Vec<ChatMessage> = Vec::new();
+    // Every image of the conversation (messages name them by index), and those waiting for
+    // the next message.
+    let (mut images, mut pending): (Vec<ImageData>, Vec<u32>) = (Vec::new(), Vec::new());
     if let Some(system) = &args.system {
         messages.push(ChatMessage::new("system", system));
     }
@@ -1086,17 +1114,37 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
             "/exit" | "/quit" => break,
             "/reset" => {
                 messages.retain(|m| m.role == "system");
+                (images, pending) = (Vec::new(), Vec::new());
                 eprintln!("(conversation cleared)");
                 continue;
             }
             _ => {}
         }
-        messages.push(ChatMessage::new("user", text));
+        if let Some(path) = text.strip_prefix("/image ") {
+            match read_image(Path::new(path.trim())) {
+                Ok(image) => {
+                    pending.push(images.len() as u32);
+                    images.push(image);
+                    eprintln!("(image {} attached to your next message)", path.trim());
+                }
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            continue;
+        }
+        // The images this message brings, dropped again if it fails.
+        let images_before = images.len() - pending.len();
+        if pending.is_empty() {
+            messages.push(ChatMessage::new("user", text));
+        } else {
+            let mut parts: Vec<ContentPart> = pending.drain(..).map(|image| ContentPart::Image { image }).collect();
+            parts.push(ContentPart::Text { text: text.to_string() });
+            messages.push(ChatMessage::with_parts("user", parts));
+        }
         let request = InferRequest {
             input: PromptInput::Chat { messages: messages.clone(), tools: tools.clone() },
             sampling: sampling.clone(),
             stop: args.sampling.stop.clone(),
-            cache_salt: String::new(), logprobs: None, constraint: None,
+            cache_salt: String::new(), logprobs: None, constraint: None, images: images.clone(),
         };
         let stdout = std::io::stdout();
         let mut on_token = |_id: u32, t: &str, _: &inference_pio_core::types::TokenDetail| {
@@ -1121,6 +1169,7 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 messages.pop();
+                images.truncate(images_before);
                 eprintln!("\nerror: {e}");
                 if !selected.plugin.is_usable() {
                     bail!("plugin `{}` is unusable after a panic", selected.id);

@@ -42,6 +42,7 @@ fn greedy(input: PromptInput, new_tokens: Option<u32>) -> InferRequest {
         cache_salt: String::new(),
         logprobs: None,
         constraint: None,
+        images: Vec::new(),
     }
 }
 

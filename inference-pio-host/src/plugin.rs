@@ -116,13 +116,20 @@ impl LoadedPlugin {
     }
 
     /// A plugin built before ABI 1.3 would ignore a request's prefix-cache salt (and share
-    /// one tenant's cached prompts with another): such requests are refused, not sent.
+    /// one tenant's cached prompts with another), one before 1.5 its images: such requests
+    /// are refused, not sent.
     fn check_salt(&self, requests: &[InferRequest]) -> Result<(), PluginError> {
         let minor = self.module.abi_minor();
         if minor < 3 && requests.iter().any(|r| !r.cache_salt.is_empty()) {
             return Err(PluginError::new(
                 ErrorKind::Unsupported,
                 format!("plugin {} predates ABI 1.3 (it is 1.{minor}) and cannot keep tenants' prefix caches apart; rebuild it", self.path.display()),
+            ));
+        }
+        if minor < 5 && requests.iter().any(|r| !r.images.is_empty()) {
+            return Err(PluginError::new(
+                ErrorKind::Unsupported,
+                format!("plugin {} predates ABI 1.5 (it is 1.{minor}) and cannot take images; rebuild it", self.path.display()),
             ));
         }
         Ok(())

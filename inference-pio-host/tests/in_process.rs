@@ -19,7 +19,7 @@ fn a_panic_marks_only_that_plugin_unusable() {
     let qwen = LoadedPlugin::open(&lib("qwen3_4b_instruct_2507")).expect("open");
     panicking.initialize(&PluginSettings::default()).expect("init");
     let info = panicking.load_model(Path::new("/tmp/anything"), &LoadOptions::default()).expect("load");
-    let request = |stop: &str| InferRequest { input: PromptInput::TokenIds(vec![1, 2]), sampling: Default::default(), stop: vec![stop.to_string()], cache_salt: String::new(), logprobs: None, constraint: None };
+    let request = |stop: &str| InferRequest { input: PromptInput::TokenIds(vec![1, 2]), sampling: Default::default(), stop: vec![stop.to_string()], cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() };
 
     // A call that does not panic works and streams.
     let mut streamed = Vec::new();
@@ -69,7 +69,7 @@ fn update_config_applies_live_settings_and_refuses_the_rest() {
         input: PromptInput::TokenIds(vec![5, 6, 7]),
         sampling: SamplingParams { greedy: true, ..Default::default() },
         stop: vec![],
-        cache_salt: String::new(), logprobs: None, constraint: None,
+        cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new(),
     };
 
     let mut optimization = inference_pio_core::config::Profile::Accuracy.settings();

@@ -75,7 +75,7 @@ fn active(worker: &WorkerPlugin, name: &str) -> bool {
 }
 
 fn attack(worker: &WorkerPlugin, model: u64, command: &str) -> Result<String, inference_pio_core::PluginError> {
-    let request = InferRequest { input: PromptInput::Text(command.into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
+    let request = InferRequest { input: PromptInput::Text(command.into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() };
     worker.infer(model, &request, &mut |_, _, _| true).map(|r| r.text)
 }
 
@@ -399,7 +399,7 @@ fn concurrent_calls_through_the_worker_are_multiplexed_and_cancelled_by_id() {
         // answered: one call at a time on the socket would deadlock here (and time out).
         let worker = &worker;
         let streaming = scope.spawn(move || {
-            let request = InferRequest { input: PromptInput::Text("stream:100000000".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
+            let request = InferRequest { input: PromptInput::Text("stream:100000000".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() };
             let mut seen = 0u32;
             let mut other = None;
             let response = worker.infer(handle, &request, &mut |_, _, _| {
@@ -423,7 +423,7 @@ fn concurrent_calls_through_the_worker_are_multiplexed_and_cancelled_by_id() {
     });
     // The worker serves on, and each token's detail (ABI 1.4) crosses the socket with it.
     assert_eq!(ok(&worker, handle, "echo"), "ok");
-    let request = InferRequest { input: PromptInput::Text("detail".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
+    let request = InferRequest { input: PromptInput::Text("detail".into()), sampling: Default::default(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() };
     let mut details = Vec::new();
     worker.infer(handle, &request, &mut |id, _, detail| {
         details.push((id, detail.reasoning.clone(), detail.logprobs.as_ref().map(|l| (l.token.text.clone(), l.token.logprob))));

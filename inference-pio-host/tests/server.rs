@@ -827,3 +827,61 @@ fn tool_choice_required_on_qwen3_dense_gives_hermes_json_calls() {
         }
     }
 }
+
+/// The tiny Qwen3-VL fixture's one-image chat: a `data:` URL image part gives the answer
+/// `run --image` gives for the same file and prompt (transformers' tokens, checked in
+/// tests/images.rs); an `http(s)` URL, a local path, video and a malformed data URL are
+/// refused by name; the text-only model refuses images.
+#[test]
+fn image_url_parts_reach_the_vision_model_and_what_cannot_is_named() {
+    use base64::Engine as _;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/qwen3-vl-2b/tests/fixtures");
+    let model = fixtures.join("vl-tiny-a");
+    let image = fixtures.join("image-40x56.png");
+    let cwd = tempfile::tempdir().expect("cwd");
+    let run = Command::new(BIN)
+        .args(["run", "--model", model.to_str().expect("utf8"), "--image", image.to_str().expect("utf8"), "--prompt", "What is this?"])
+        .args(["--greedy", "--ignore-eos", "--max-new-tokens", "8", "--json", "--device", "cpu", "--dtype", "f32"])
+        .current_dir(cwd.path())
+        .env_remove("INFERENCE_PIO_CONFIG")
+        .env_remove("INFERENCE_PIO_PLUGIN_DIR")
+        .output()
+        .expect("run");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let want: Value = serde_json::from_slice(&run.stdout).expect("json");
+
+    let server = listening(tempfile::tempdir().expect("cwd"), &["--model", model.to_str().expect("utf8"), "--served-model-name", "vl", "--device", "cpu", "--dtype", "f32"], &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while get(&server, "/health").0 != 200 {
+        assert!(Instant::now() < deadline, "the model did not load in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&image).expect("png"));
+    let ask = |part: Value| {
+        let body = json!({"model": "vl", "max_tokens": 8, "temperature": 0, "ignore_eos": true,
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]}]});
+        post(&server, "/v1/chat/completions", &body.to_string(), None)
+    };
+    let (status, body) = ask(json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{data}")}}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], want["text"]);
+    assert_eq!(body["usage"]["prompt_tokens"], json!(want["prompt_token_ids"].as_array().expect("ids").len()));
+    for (part, says) in [
+        (json!({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}), "not fetched by this server"),
+        (json!({"type": "image_url", "image_url": {"url": "/etc/passwd"}}), "local image paths are not read"),
+        (json!({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}), "must be `data:image/<format>;base64"),
+        (json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}), "does not decode"),
+        (json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}), "not a PNG, JPEG or WebP"),
+        (json!({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}), "video input is not supported"),
+    ] {
+        let (status, body) = ask(part);
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains(says)), "{says}: {body}");
+    }
+    drop(server);
+    let server = start(&[]);
+    let (status, body) = post(&server, "/v1/chat/completions", &json!({"model": "tiny", "max_tokens": 4,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{data}")}}]}]}).to_string(), None);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("does not take images")), "{body}");
+}

@@ -37,7 +37,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use inference_pio_core::abi::ErrorKind;
 use inference_pio_core::types::{
-    ChatMessage, FinishReason, InferRequest, InferResponse, ModelInfo, OutputConstraint, PromptInput, SamplingOverrides, SamplingParams, TokenDetail,
+    ChatMessage, FinishReason, ImageData, InferRequest, InferResponse, ModelInfo, OutputConstraint, PromptInput, SamplingOverrides, SamplingParams, TokenDetail,
     TokenLogprob, TokenLogprobs, ToolCall,
 };
 use serde_json::{Value, json};
@@ -371,11 +371,12 @@ fn engine_requests(
     sampling: &Sampling,
     input: PromptInput,
     constraint: Option<OutputConstraint>,
+    images: Vec<ImageData>,
 ) -> Result<(Vec<InferRequest>, Delivery), ApiError> {
     let (params, stop, n, logprobs) = params(sampling, info, tenant.as_deref())?;
     let cache_salt = tenant.as_ref().map(|t| t.cache_salt()).unwrap_or_default();
     let delivery = delivery(sampling, state.request_timeout_s, tenant)?;
-    Ok((choices(InferRequest { input, sampling: params, stop, cache_salt, logprobs, constraint }, n), delivery))
+    Ok((choices(InferRequest { input, sampling: params, stop, cache_salt, logprobs, constraint, images }, n), delivery))
 }
 
 /// The engine requests of `n` choices: the same prompt (its blocks shared through the prefix
@@ -718,13 +719,14 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
     let tenant = tenant.map(|Extension(t)| t);
     let body: ChatBody = request::parse(&body)?;
     let model = find_model(&state, &body.model)?;
-    let messages = body
-        .messages()?
+    let (messages, images) = body.messages()?;
+    let messages = messages
         .into_iter()
         .map(|m| {
             let mut message = ChatMessage::new(m.role, &m.content);
             message.tool_calls = m.tool_calls;
             message.name = m.name;
+            message.parts = m.parts;
             message
         })
         .collect();
@@ -736,7 +738,8 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
         (None, ToolChoice::Function(name)) => Some(OutputConstraint::ToolCalls { function: Some(name) }),
         (None, ToolChoice::Auto | ToolChoice::None) => None,
     };
-    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input, constraint)?;
+    let images = images.into_iter().map(ImageData).collect();
+    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input, constraint, images)?;
     respond(
         Arc::clone(&state),
         model,
@@ -888,7 +891,7 @@ async fn completions(State(state): State<Arc<AppState>>, tenant: Option<Extensio
         Prompt::Text(text) => PromptInput::Text(text),
         Prompt::TokenIds(ids) => PromptInput::TokenIds(ids),
     };
-    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input, None)?;
+    let (requests, delivery) = engine_requests(&state, &model.info, tenant, &body.sampling, input, None, Vec::new())?;
     respond(
         Arc::clone(&state),
         model,

@@ -9,6 +9,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
+use inference_pio_core::types::ContentPart;
 
 /// The most choices (`n`) one request may ask for.
 pub const MAX_CHOICES: u32 = 16;
@@ -242,7 +243,13 @@ pub struct Message {
     pub content: String,
     pub tool_calls: Option<Value>,
     pub name: Option<String>,
+    /// The content's parts in order when it has images (each names one of the request's
+    /// images); empty otherwise.
+    pub parts: Vec<ContentPart>,
 }
+
+/// The largest image a request may carry inline (decoded bytes).
+pub const MAX_IMAGE_BYTES: usize = 20_000_000;
 
 impl ChatBody {
     /// What `response_format` asks of the answer: nothing (`text` or absent), any JSON object,
@@ -297,14 +304,17 @@ impl ChatBody {
         Ok(choice)
     }
 
-    /// The settings a chat request may not use, and its messages (text content only).
-    pub fn messages(&self) -> Result<Vec<Message>, BadRequest> {
+    /// The settings a chat request may not use, and its messages with the images their
+    /// `image_url` parts carry (`data:` URLs), in order.
+    pub fn messages(&self) -> Result<(Vec<Message>, Vec<Vec<u8>>), BadRequest> {
         self.format()?;
         self.tool_choice()?;
         if self.messages.is_empty() {
             return Err(bad("`messages` must not be empty", Some("messages")));
         }
-        self.messages.iter().map(message).collect()
+        let mut images = Vec::new();
+        let messages = self.messages.iter().map(|m| message(m, &mut images)).collect::<Result<_, _>>()?;
+        Ok((messages, images))
     }
 }
 
@@ -316,8 +326,30 @@ impl ChatBody {
     }
 }
 
-/// A chat message's text: a string, or a list of text parts.
-fn message(value: &Value) -> Result<Message, BadRequest> {
+/// An `image_url` part's image: the bytes of a `data:` URL (`data:image/...;base64,...`). An
+/// `http(s)` URL is refused (this server fetches nothing), as is a local path.
+fn image_url(part: &Value) -> Result<Vec<u8>, BadRequest> {
+    use base64::Engine as _;
+    let url = part.get("image_url").and_then(|u| u.get("url").or(Some(u))).and_then(Value::as_str).ok_or_else(|| bad("an `image_url` part needs `image_url.url`", Some("messages")))?;
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(bad("image URLs over http(s) are not fetched by this server; send the image inline as a `data:image/...;base64,` URL", Some("messages")));
+    }
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(bad("local image paths are not read by this server; send the image inline as a `data:image/...;base64,` URL", Some("messages")));
+    };
+    let (kind, data) = rest.split_once(',').ok_or_else(|| bad("a `data:` URL needs a `,` before its data", Some("messages")))?;
+    if !kind.starts_with("image/") || !kind.ends_with(";base64") {
+        return Err(bad(format!("a `data:` image URL must be `data:image/<format>;base64,...`, not `data:{kind},...`"), Some("messages")));
+    }
+    if data.len() / 4 * 3 > MAX_IMAGE_BYTES {
+        return Err(bad(format!("an image is over {MAX_IMAGE_BYTES} bytes"), Some("messages")));
+    }
+    base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|e| bad(format!("an image's base64 data does not decode: {e}"), Some("messages")))
+}
+
+/// A chat message: its text (a string, or a list of text parts) and, with `image_url` parts,
+/// its parts in order, the images appended to `images`.
+fn message(value: &Value, images: &mut Vec<Vec<u8>>) -> Result<Message, BadRequest> {
     let role = match value.get("role").and_then(Value::as_str) {
         Some("system" | "developer") => "system",
         Some("user") => "user",
@@ -326,26 +358,42 @@ fn message(value: &Value) -> Result<Message, BadRequest> {
         Some(other) => return Err(bad(format!("unknown message role `{other}`"), Some("messages"))),
         None => return Err(bad("every message needs a `role` string", Some("messages"))),
     };
+    let (mut parts, mut has_image) = (Vec::new(), false);
     let content = match value.get("content") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => {
+        Some(Value::Array(list)) => {
             let mut text = String::new();
-            for part in parts {
+            for part in list {
                 match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => text.push_str(t),
-                    (kind, _) => return Err(bad(format!("message content part `{}` is not supported by this server (text only)", kind.unwrap_or("?")), Some("messages"))),
+                    (Some("text"), Some(t)) => {
+                        text.push_str(t);
+                        parts.push(ContentPart::Text { text: t.to_string() });
+                    }
+                    (Some("image_url"), _) => {
+                        parts.push(ContentPart::Image { image: images.len() as u32 });
+                        images.push(image_url(part)?);
+                        has_image = true;
+                    }
+                    (Some(kind @ ("video_url" | "video" | "input_video")), _) => {
+                        return Err(bad(format!("message content part `{kind}`: video input is not supported"), Some("messages")));
+                    }
+                    (kind, _) => return Err(bad(format!("message content part `{}` is not supported by this server (text and image_url)", kind.unwrap_or("?")), Some("messages"))),
                 }
             }
             text
         }
         Some(_) => return Err(bad("message `content` must be a string or a list of parts", Some("messages"))),
     };
+    if !has_image {
+        parts.clear();
+    }
     Ok(Message {
         role,
         content,
         tool_calls: value.get("tool_calls").filter(|v| !v.is_null()).cloned(),
         name: value.get("name").and_then(Value::as_str).map(str::to_string),
+        parts,
     })
 }
 
@@ -381,7 +429,7 @@ mod tests {
     fn chat_bodies_are_checked_by_name() {
         let body: ChatBody = parse(br#"{"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "stop": "x", "temperature": 0}"#).expect("parses");
         let messages = body.messages().expect("messages");
-        assert_eq!(messages, vec![Message { role: "system", content: "ab".into(), tool_calls: None, name: None }]);
+        assert_eq!(messages, (vec![Message { role: "system", content: "ab".into(), tool_calls: None, name: None, parts: Vec::new() }], Vec::new()));
         let checked = body.sampling.check(100, None).expect("checks");
         assert!(checked.greedy && checked.temperature.is_none());
         assert_eq!(checked.stop, vec!["x".to_string()]);

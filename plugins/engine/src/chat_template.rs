@@ -4,7 +4,7 @@
 //! string methods, `raise_exception`, and a `tojson` that writes `json.dumps` spacing.
 
 use crate::error::EngineError;
-use inference_pio_core::types::ChatMessage;
+use inference_pio_core::types::{ChatMessage, ContentPart};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde_json::Value as Json;
 use std::path::Path;
@@ -160,8 +160,33 @@ impl ChatTemplate {
             return Err(EngineError::InvalidRequest("a chat needs at least one message".into()));
         }
         let template = self.env.get_template("chat").map_err(|e| EngineError::Template(e.to_string()))?;
+        // A message with image parts reaches the template with its content as transformers'
+        // processors pass it: a list of `{"type": "text", "text": ..}` and `{"type": "image"}`.
+        let messages: Vec<Json> = messages
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or(Json::Null);
+                if m.parts.iter().any(|p| matches!(p, ContentPart::Image { .. }))
+                    && let Some(o) = v.as_object_mut()
+                {
+                    let parts = m
+                        .parts
+                        .iter()
+                        .map(|p| match p {
+                            ContentPart::Text { text } => serde_json::json!({"type": "text", "text": text}),
+                            ContentPart::Image { .. } => serde_json::json!({"type": "image"}),
+                        })
+                        .collect();
+                    o.insert("content".into(), Json::Array(parts));
+                }
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("parts");
+                }
+                v
+            })
+            .collect();
         let ctx = minijinja::context! {
-            messages => Value::from(minijinja::value::Serde(messages)),
+            messages => Value::from(minijinja::value::Serde(&messages)),
             tools => tools.map(|t| Value::from(minijinja::value::Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone(),

@@ -11,14 +11,14 @@ use crate::error::EngineError;
 use crate::hf_config::token_ids;
 use crate::multimodal::PromptMedia;
 use crate::vision::PatchGrid;
-use inference_pio_image_input::{ImageProcessor, Patches};
+use inference_pio_image_input::{DecodeLimits, ImageProcessor, Patches, decode_image};
 use crate::sampling::SamplingConfig;
 use crate::serve::{Event, Finished, StepLoop, Submission, Work, decode_rates};
 use crate::tokenizer::TextTokenizer;
 use inference_pio_chat_output::OutputFormat;
 use inference_pio_core::config::OptimizationSettings;
 use inference_pio_core::types::{
-    BatchInferResponse, FinishReason, InferRequest, InferResponse, MAX_TOP_LOGPROBS, OutputConstraint, PromptInput, SamplingOverrides, SamplingParams,
+    BatchInferResponse, ContentPart, FinishReason, ImageData, InferRequest, InferResponse, MAX_TOP_LOGPROBS, OutputConstraint, PromptInput, SamplingOverrides, SamplingParams,
     SchedulerStats, ScoreResponse, Timings, TokenDetail, TokenLogprobs, ToolCall,
 };
 use std::ops::Deref;
@@ -153,6 +153,66 @@ impl Model {
         Ok(Arc::new(PromptMedia::new(prompt, spec.image_token_id, spec.config.spatial_merge_size, images)?))
     }
 
+    /// A prompt's token ids and, when its chat messages have image parts, its images: each
+    /// decoded ([`decode_image`]) and prepared by the model's image processor, the chat
+    /// template's `<|image_pad|>` for it expanded to the image's tokens (as transformers'
+    /// processor does) and the images placed on them ([`Self::prompt_media`]). Every image of
+    /// the request must be named by exactly one image part.
+    pub fn prompt_with_images(&self, input: &PromptInput, images: &[ImageData]) -> Result<(Vec<u32>, Option<Arc<PromptMedia>>), EngineError> {
+        let order: Vec<u32> = match input {
+            PromptInput::Chat { messages, .. } => messages
+                .iter()
+                .flat_map(|m| m.parts.iter())
+                .filter_map(|p| match p {
+                    ContentPart::Image { image } => Some(*image),
+                    ContentPart::Text { .. } => None,
+                })
+                .collect(),
+            _ if images.is_empty() => Vec::new(),
+            _ => return Err(EngineError::InvalidRequest("images go in a chat message's image parts; a text or token-id prompt cannot place them".into())),
+        };
+        if order.is_empty() && images.is_empty() {
+            return Ok((self.prompt_ids(input)?, None));
+        }
+        let spec = self.decoder.spec.vision.as_ref().ok_or_else(|| EngineError::InvalidRequest("this model does not take images".into()))?;
+        for (i, _) in images.iter().enumerate() {
+            match order.iter().filter(|&&o| o as usize == i).count() {
+                1 => {}
+                0 => return Err(EngineError::InvalidRequest(format!("image {i} of the request is not placed by any message part"))),
+                n => return Err(EngineError::InvalidRequest(format!("image {i} is placed {n} times; send it once per place"))),
+            }
+        }
+        if let Some(&bad) = order.iter().find(|&&o| o as usize >= images.len()) {
+            return Err(EngineError::InvalidRequest(format!("a message part names image {bad}, but the request has {} image(s)", images.len())));
+        }
+        let patches = order
+            .iter()
+            .map(|&i| {
+                let rgb = decode_image(&images[i as usize].0, &DecodeLimits::default()).map_err(|e| EngineError::InvalidRequest(format!("image {i}: {e}")))?;
+                self.image_patches(&rgb.pixels, rgb.width, rgb.height).map_err(|e| EngineError::InvalidRequest(format!("image {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let merge = spec.config.spatial_merge_size;
+        let rendered = self.prompt_ids(input)?;
+        let placed = rendered.iter().filter(|&&t| t == spec.image_token_id).count();
+        if placed != patches.len() {
+            return Err(EngineError::InvalidRequest(format!("the chat template placed {placed} image token(s) for {} image(s)", patches.len())));
+        }
+        let mut next = patches.iter().peekable();
+        let mut prompt = Vec::with_capacity(rendered.len() + patches.iter().map(|p| p.tokens(merge)).sum::<usize>());
+        for &t in &rendered {
+            match next.next_if(|_| t == spec.image_token_id) {
+                Some(p) => prompt.extend(std::iter::repeat_n(t, p.tokens(merge))),
+                None => prompt.push(t),
+            }
+        }
+        if prompt.len() > self.max_context {
+            return Err(EngineError::InvalidRequest(format!("the prompt with its images is {} tokens, over the context of {}", prompt.len(), self.max_context)));
+        }
+        let media = self.prompt_media(&prompt, patches)?;
+        Ok((prompt, Some(media)))
+    }
+
     /// Token ids of a prompt (chat template applied for chats).
     pub fn prompt_ids(&self, input: &PromptInput) -> Result<Vec<u32>, EngineError> {
         let ids = match input {
@@ -210,7 +270,7 @@ impl Model {
     /// A request with defaults resolved (prompt tokenized, sampling chosen, its prefix-cache
     /// salt kept).
     pub fn row_request(&self, request: &InferRequest, host_defaults: &SamplingOverrides) -> Result<RowRequest, EngineError> {
-        let InferRequest { input, sampling: params, stop, cache_salt, logprobs, constraint } = request;
+        let InferRequest { input, sampling: params, stop, cache_salt, logprobs, constraint, images } = request;
         if stop.iter().any(String::is_empty) {
             return Err(EngineError::InvalidRequest("stop strings must not be empty".into()));
         }
@@ -222,9 +282,9 @@ impl Model {
             _ => None,
         };
         let constraint = constraint.as_ref().map(|c| self.compile_constraint(c, tools.as_ref()).map(Box::new)).transpose()?;
-        let prompt = self.prompt_ids(input)?;
+        let (prompt, media) = self.prompt_with_images(input, images)?;
         let (sampling, max_new) = self.resolve_sampling(params, host_defaults);
-        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: cache_salt.as_bytes().to_vec(), logprobs: *logprobs, constraint, media: None })
+        Ok(RowRequest { prompt, sampling, max_new_tokens: max_new, stop: stop.to_vec(), tools, ignore_eos: params.ignore_eos, cache_salt: cache_salt.as_bytes().to_vec(), logprobs: *logprobs, constraint, media })
     }
 
     /// Compiles a request's output constraint against the model's vocabulary (built once);
@@ -426,7 +486,7 @@ impl Engine {
         optimization: &OptimizationSettings,
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<InferResponse, EngineError> {
-        let request = InferRequest { input: input.clone(), sampling: params.clone(), stop: stop.to_vec(), cache_salt: String::new(), logprobs: None, constraint: None };
+        let request = InferRequest { input: input.clone(), sampling: params.clone(), stop: stop.to_vec(), cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() };
         self.generate_request(&request, host_defaults, optimization, &mut |id, text, _| on_token(id, text))
     }
 

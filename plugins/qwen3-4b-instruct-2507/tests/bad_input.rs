@@ -118,7 +118,7 @@ fn prompts_longer_than_the_context_and_bad_ids_are_refused() {
     assert!(response.token_ids.len() <= 5, "{:?}", response.token_ids);
     assert_eq!(response.finish_reason, inference_pio_core::types::FinishReason::ContextFull);
     // In a batch, the bad request is named by its position, and the others are not run.
-    let request = |ids: Vec<u32>| InferRequest { input: PromptInput::TokenIds(ids), sampling: params.clone(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
+    let request = |ids: Vec<u32>| InferRequest { input: PromptInput::TokenIds(ids), sampling: params.clone(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() };
     let err = engine
         .generate_batch(&[request(vec![5, 6]), request(vec![5, 9999])], &Default::default(), &Default::default())
         .expect_err("bad id in row 1")

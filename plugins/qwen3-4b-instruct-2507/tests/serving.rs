@@ -271,7 +271,7 @@ fn a_request_waiting_for_a_place_reports_its_queue_time() {
     // One sequence at a time: the second request waits for the first to finish.
     let engine = load(|s| s.optimization.max_num_seqs = 1);
     let params = SamplingParams { greedy: true, ignore_eos: true, values: SamplingOverrides { max_new_tokens: Some(48), ..Default::default() }, ..Default::default() };
-    let request = |seed| InferRequest { input: PromptInput::TokenIds(prompt(12, seed)), sampling: params.clone(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None };
+    let request = |seed| InferRequest { input: PromptInput::TokenIds(prompt(12, seed)), sampling: params.clone(), stop: vec![], cache_salt: String::new(), logprobs: None, constraint: None, images: Vec::new() };
     let batch = engine.generate_batch(&[request(1), request(2)], &Default::default(), &Default::default()).expect("batch");
     let (first, second) = (&batch.responses[0].timings, &batch.responses[1].timings);
     assert!(first.queued_s < first.time_to_first_token_s, "{first:?}");
