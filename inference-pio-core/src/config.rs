@@ -431,6 +431,11 @@ pub struct ServerSection {
     /// After SIGTERM or ctrl-c, how long running requests may take to finish before the
     /// server exits anyway, in seconds (default 30).
     pub drain_timeout_s: Option<f64>,
+    /// Directories whose image files a chat request may name by path (an `image_url` of
+    /// `file:///...` or an absolute path); none by default, when only inline `data:` URLs
+    /// are taken.
+    #[serde(default)]
+    pub image_dirs: Vec<PathBuf>,
 }
 
 /// The uid and gid of a worker started by a root host when the config names none (`nobody`).

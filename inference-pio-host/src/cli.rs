@@ -95,6 +95,11 @@ pub struct ServeArgs {
     /// for this many seconds, then exits (default: `[server] drain_timeout_s`, else 30).
     #[arg(long)]
     pub drain_timeout_s: Option<f64>,
+    /// A directory whose image files chat requests may name by path (`image_url` `file://`
+    /// or an absolute path; repeatable; default: `[server] image_dirs`, else none: inline
+    /// `data:` URLs only).
+    #[arg(long = "image-dir", value_name = "DIR")]
+    pub image_dirs: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -510,6 +515,11 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     if !(request_timeout_s.is_finite() && request_timeout_s > 0.0) {
         anyhow::bail!("--request-timeout-s must be positive, got {request_timeout_s}");
     }
+    let image_dirs = if args.image_dirs.is_empty() { defaults.image_dirs.clone() } else { args.image_dirs.clone() };
+    let image_dirs = image_dirs
+        .iter()
+        .map(|d| d.canonicalize().with_context(|| format!("image directory {} cannot be opened", d.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let drain_timeout_s = args.drain_timeout_s.or(defaults.drain_timeout_s).unwrap_or(30.0);
     if !(drain_timeout_s.is_finite() && drain_timeout_s >= 0.0) {
         anyhow::bail!("--drain-timeout-s must be zero or more, got {drain_timeout_s}");
@@ -564,7 +574,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
                 }
             })
             .context("cannot start the model-loading thread")?;
-        let app = server::router(server::ServerOptions { models: served, api_keys, max_queue, request_timeout_s });
+        let app = server::router(server::ServerOptions { models: served, api_keys, max_queue, request_timeout_s, image_dirs });
         // The signal stops accepting; the drain clock starts with it.
         let (stopping, mut stopped) = tokio::sync::watch::channel(false);
         let signal = async move {

@@ -828,10 +828,11 @@ fn tool_choice_required_on_qwen3_dense_gives_hermes_json_calls() {
     }
 }
 
-/// The tiny Qwen3-VL fixture's one-image chat: a `data:` URL image part gives the answer
-/// `run --image` gives for the same file and prompt (transformers' tokens, checked in
-/// tests/images.rs); an `http(s)` URL, a local path, video and a malformed data URL are
-/// refused by name; the text-only model refuses images.
+/// The tiny Qwen3-VL fixture's one-image chat: a `data:` URL image part, and a path inside
+/// the `--image-dir`, give the answer `run --image` gives for the same file and prompt
+/// (transformers' tokens, checked in tests/images.rs); an `http(s)` URL, a path outside the
+/// allowed directory, video and malformed data are refused by name; the text-only model
+/// refuses images.
 #[test]
 fn image_url_parts_reach_the_vision_model_and_what_cannot_is_named() {
     use base64::Engine as _;
@@ -850,7 +851,11 @@ fn image_url_parts_reach_the_vision_model_and_what_cannot_is_named() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let want: Value = serde_json::from_slice(&run.stdout).expect("json");
 
-    let server = listening(tempfile::tempdir().expect("cwd"), &["--model", model.to_str().expect("utf8"), "--served-model-name", "vl", "--device", "cpu", "--dtype", "f32"], &[]);
+    let server = listening(
+        tempfile::tempdir().expect("cwd"),
+        &["--model", model.to_str().expect("utf8"), "--served-model-name", "vl", "--device", "cpu", "--dtype", "f32"],
+        &["--image-dir", fixtures.to_str().expect("utf8")],
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     while get(&server, "/health").0 != 200 {
         assert!(Instant::now() < deadline, "the model did not load in time");
@@ -866,9 +871,13 @@ fn image_url_parts_reach_the_vision_model_and_what_cannot_is_named() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], want["text"]);
     assert_eq!(body["usage"]["prompt_tokens"], json!(want["prompt_token_ids"].as_array().expect("ids").len()));
+    let (status, body) = ask(json!({"type": "image_url", "image_url": {"url": format!("file://{}", image.display())}}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], want["text"]);
     for (part, says) in [
         (json!({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}), "not fetched by this server"),
-        (json!({"type": "image_url", "image_url": {"url": "/etc/passwd"}}), "local image paths are not read"),
+        (json!({"type": "image_url", "image_url": {"url": "/etc/passwd"}}), "outside the directories this server reads images from"),
+        (json!({"type": "image_url", "image_url": {"url": format!("{}/../../src/lib.rs", fixtures.display())}}), "outside the directories"),
         (json!({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}), "must be `data:image/<format>;base64"),
         (json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}), "does not decode"),
         (json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}), "not a PNG, JPEG or WebP"),

@@ -15,9 +15,10 @@
 //! `--allow-unauthenticated`), each a tenant with its own limits (429 with `Retry-After`) and
 //! its own prefix-cache partition ([`tenants`]); a bounded queue (`--max-queue`: 503 with
 //! `Retry-After` when full); a client that goes away (stream or not) cancels its request at
-//! the next token; settings the engine does not implement (`logprobs`, `response_format`
-//! other than text, `tool_choice` `required` or a named function, images) are refused by name,
-//! never ignored; `tool_choice: "none"` renders the prompt without the tools.
+//! the next token; image parts come inline as `data:` URLs or as paths inside the directories
+//! the operator allows (`--image-dir`; an `http(s)` URL or any other path is refused by name,
+//! as is video); settings the engine does not implement are refused by name, never ignored;
+//! `tool_choice: "none"` renders the prompt without the tools.
 //!
 //! References: the OpenAI API reference (chat completions, completions, models, errors,
 //! streaming chunks); vLLM's `entrypoints/openai/serving_chat.py` (SSE framing, `usage`,
@@ -101,6 +102,8 @@ pub struct ServerOptions {
     pub max_queue: usize,
     /// The longest a request may run (seconds); a request may ask for less (`timeout_s`).
     pub request_timeout_s: f64,
+    /// Directories (canonical) whose image files requests may name by path.
+    pub image_dirs: Vec<std::path::PathBuf>,
 }
 
 struct AppState {
@@ -109,6 +112,7 @@ struct AppState {
     queue: Arc<tokio::sync::Semaphore>,
     max_queue: usize,
     request_timeout_s: f64,
+    image_dirs: Vec<std::path::PathBuf>,
     next_id: AtomicU64,
     metrics: Metrics,
 }
@@ -205,6 +209,7 @@ pub fn router(options: ServerOptions) -> Router {
         queue: Arc::new(tokio::sync::Semaphore::new(options.max_queue)),
         max_queue: options.max_queue,
         request_timeout_s: options.request_timeout_s,
+        image_dirs: options.image_dirs,
         next_id: AtomicU64::new(1),
         metrics: Metrics::default(),
     });
@@ -719,7 +724,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
     let tenant = tenant.map(|Extension(t)| t);
     let body: ChatBody = request::parse(&body)?;
     let model = find_model(&state, &body.model)?;
-    let (messages, images) = body.messages()?;
+    let (messages, images) = body.messages(&state.image_dirs)?;
     let messages = messages
         .into_iter()
         .map(|m| {

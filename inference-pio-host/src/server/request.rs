@@ -306,14 +306,14 @@ impl ChatBody {
 
     /// The settings a chat request may not use, and its messages with the images their
     /// `image_url` parts carry (`data:` URLs), in order.
-    pub fn messages(&self) -> Result<(Vec<Message>, Vec<Vec<u8>>), BadRequest> {
+    pub fn messages(&self, image_dirs: &[std::path::PathBuf]) -> Result<(Vec<Message>, Vec<Vec<u8>>), BadRequest> {
         self.format()?;
         self.tool_choice()?;
         if self.messages.is_empty() {
             return Err(bad("`messages` must not be empty", Some("messages")));
         }
         let mut images = Vec::new();
-        let messages = self.messages.iter().map(|m| message(m, &mut images)).collect::<Result<_, _>>()?;
+        let messages = self.messages.iter().map(|m| message(m, &mut images, image_dirs)).collect::<Result<_, _>>()?;
         Ok((messages, images))
     }
 }
@@ -326,16 +326,18 @@ impl ChatBody {
     }
 }
 
-/// An `image_url` part's image: the bytes of a `data:` URL (`data:image/...;base64,...`). An
-/// `http(s)` URL is refused (this server fetches nothing), as is a local path.
-fn image_url(part: &Value) -> Result<Vec<u8>, BadRequest> {
+/// An `image_url` part's image: the bytes of a `data:` URL (`data:image/...;base64,...`), or
+/// of a file inside one of `image_dirs` (`file:///...` or an absolute path, resolved with its
+/// links before the check). An `http(s)` URL is refused (this server fetches nothing), as is
+/// any other path.
+fn image_url(part: &Value, image_dirs: &[std::path::PathBuf]) -> Result<Vec<u8>, BadRequest> {
     use base64::Engine as _;
     let url = part.get("image_url").and_then(|u| u.get("url").or(Some(u))).and_then(Value::as_str).ok_or_else(|| bad("an `image_url` part needs `image_url.url`", Some("messages")))?;
     if url.starts_with("http://") || url.starts_with("https://") {
         return Err(bad("image URLs over http(s) are not fetched by this server; send the image inline as a `data:image/...;base64,` URL", Some("messages")));
     }
     let Some(rest) = url.strip_prefix("data:") else {
-        return Err(bad("local image paths are not read by this server; send the image inline as a `data:image/...;base64,` URL", Some("messages")));
+        return local_image(url.strip_prefix("file://").unwrap_or(url), image_dirs);
     };
     let (kind, data) = rest.split_once(',').ok_or_else(|| bad("a `data:` URL needs a `,` before its data", Some("messages")))?;
     if !kind.starts_with("image/") || !kind.ends_with(";base64") {
@@ -347,9 +349,25 @@ fn image_url(part: &Value) -> Result<Vec<u8>, BadRequest> {
     base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|e| bad(format!("an image's base64 data does not decode: {e}"), Some("messages")))
 }
 
+/// A local image file named by a request, read only inside the allowed directories.
+fn local_image(path: &str, image_dirs: &[std::path::PathBuf]) -> Result<Vec<u8>, BadRequest> {
+    if image_dirs.is_empty() {
+        return Err(bad("local image paths are not read by this server (it allows no image directory); send the image inline as a `data:image/...;base64,` URL", Some("messages")));
+    }
+    let resolved = std::path::Path::new(path).canonicalize().map_err(|_| bad(format!("image `{path}` cannot be read"), Some("messages")))?;
+    if !image_dirs.iter().any(|d| resolved.starts_with(d)) {
+        return Err(bad(format!("image `{path}` is outside the directories this server reads images from"), Some("messages")));
+    }
+    let size = std::fs::metadata(&resolved).map_err(|_| bad(format!("image `{path}` cannot be read"), Some("messages")))?.len();
+    if size > MAX_IMAGE_BYTES as u64 {
+        return Err(bad(format!("image `{path}` is {size} bytes, over {MAX_IMAGE_BYTES}"), Some("messages")));
+    }
+    std::fs::read(&resolved).map_err(|_| bad(format!("image `{path}` cannot be read"), Some("messages")))
+}
+
 /// A chat message: its text (a string, or a list of text parts) and, with `image_url` parts,
 /// its parts in order, the images appended to `images`.
-fn message(value: &Value, images: &mut Vec<Vec<u8>>) -> Result<Message, BadRequest> {
+fn message(value: &Value, images: &mut Vec<Vec<u8>>, image_dirs: &[std::path::PathBuf]) -> Result<Message, BadRequest> {
     let role = match value.get("role").and_then(Value::as_str) {
         Some("system" | "developer") => "system",
         Some("user") => "user",
@@ -372,7 +390,7 @@ fn message(value: &Value, images: &mut Vec<Vec<u8>>) -> Result<Message, BadReque
                     }
                     (Some("image_url"), _) => {
                         parts.push(ContentPart::Image { image: images.len() as u32 });
-                        images.push(image_url(part)?);
+                        images.push(image_url(part, image_dirs)?);
                         has_image = true;
                     }
                     (Some(kind @ ("video_url" | "video" | "input_video")), _) => {
@@ -428,7 +446,7 @@ mod tests {
     #[test]
     fn chat_bodies_are_checked_by_name() {
         let body: ChatBody = parse(br#"{"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "stop": "x", "temperature": 0}"#).expect("parses");
-        let messages = body.messages().expect("messages");
+        let messages = body.messages(&[]).expect("messages");
         assert_eq!(messages, (vec![Message { role: "system", content: "ab".into(), tool_calls: None, name: None, parts: Vec::new() }], Vec::new()));
         let checked = body.sampling.check(100, None).expect("checks");
         assert!(checked.greedy && checked.temperature.is_none());
@@ -466,7 +484,10 @@ mod tests {
             assert_eq!(format(f).expect_err(f).param, Some("response_format"), "{f}");
         }
         let body: ChatBody = parse(br#"{"model": "m", "messages": [{"role": "robot"}]}"#).expect("parses");
-        assert!(body.messages().expect_err("role").message.contains("unknown message role `robot`"));
+        assert!(body.messages(&[]).expect_err("role").message.contains("unknown message role `robot`"));
+        // A local image path with no allowed directory.
+        let body: ChatBody = parse(br#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///tmp/x.png"}}]}]}"#).expect("parses");
+        assert!(body.messages(&[]).expect_err("path").message.contains("allows no image directory"));
         assert!(parse::<ChatBody>(b"{\"model\": 3}").err().expect("a wrong type is refused").message.starts_with("malformed request body"));
     }
 
