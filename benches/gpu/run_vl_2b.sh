@@ -37,6 +37,11 @@ CK=/tmp/vl2b
 mkdir -p $CK
 cp plugins/qwen3-vl-2b/primary/{config.json,preprocessor_config.json,chat_template.json} $CK/
 cp -L plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer/{tokenizer.json,tokenizer_config.json} $CK/
+# The config alone (no weights) loads with --random-weights and answers an image prompt.
+timeout 120 $PIO run $PD --model $CK --random-weights --image $F/image-48x80.png --prompt "What is this?" --device cuda \
+  --greedy --ignore-eos --max-new-tokens 8 --json > /tmp/rw.json 2> /tmp/rw.err
+echo "random-weights run: exit $? $(python3 -c 'import json; d=json.load(open("/tmp/rw.json")); print(len(d["prompt_token_ids"]), "prompt tokens,", len(d["token_ids"]), "new")' 2>&1)"
+tail -2 /tmp/rw.err
 python3 - $CK <<'PY'
 import sys, torch
 from PIL import Image
