@@ -74,7 +74,8 @@ peak() { # name cmd...
   local sampler=$!
   "$@"; local rc=$?
   kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
-  echo "$name: exit $rc, peak GPU memory $(sort -n /tmp/mem.$name | tail -1) MiB"
+  # (Not to stdout: the caller's redirection of this call would take it.)
+  echo "$name: exit $rc, peak GPU memory $(sort -n /tmp/mem.$name | tail -1) MiB" >> /tmp/peaks.txt
 }
 for side in 448 1344; do
   t=$(( $(left) - 200 )); [ $t -lt 30 ] && { echo "no time for ours $side"; continue; }
@@ -131,6 +132,7 @@ for side in (448, 1344):
     print(side, r, flush=True)
 json.dump(out, open("/tmp/peer_transformers.json", "w"))
 PY
+cat /tmp/peaks.txt
 python3 - "$(cat .gpu/COMMIT 2>/dev/null || echo unknown)" <<'PY'
 import json, os, sys
 out = {"commit": sys.argv[1], "device": open(os.environ["OUT"] + "/device.txt").read().strip()}
