@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Plot of a Qwen3-VL device call (benches/gpu/run_vl_2b.sh results.json): time to first token
+of a one-image prompt at 448x448 and 1344x1344 and decode tokens/s after it, ours beside
+transformers eager in the same call.
+
+    python3 plot_vl.py RESULTS.json OUT.png
+"""
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+r = json.load(open(sys.argv[1]))
+sides = ["448", "1344"]
+peer = r["peer_transformers"]
+fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+x = range(len(sides))
+ours_ttft = [r[f"ours{s}"]["ttft_s"] * 1e3 for s in sides]
+theirs_ttft = [peer[s]["ttft_s"] * 1e3 for s in sides]
+theirs_vision = [peer[s]["vision_s"] * 1e3 for s in sides]
+a.bar([i - 0.2 for i in x], ours_ttft, 0.4, label="inference-pio", color="#4a7")
+a.bar([i + 0.2 for i in x], theirs_ttft, 0.4, label="transformers eager", color="#999")
+a.bar([i + 0.2 for i in x], theirs_vision, 0.4, label="of which its vision tower", color="#777", hatch="//", fill=False)
+for i, (o, t) in enumerate(zip(ours_ttft, theirs_ttft)):
+    a.text(i - 0.2, o, f"{o:.0f}", ha="center", va="bottom")
+    a.text(i + 0.2, t, f"{t:.0f}", ha="center", va="bottom")
+a.set_xticks(list(x), [f"{s}x{s} ({peer[s]['image_tokens']} image tokens)" for s in sides])
+a.set_ylabel("time to first token, ms (warm)")
+a.set_title("One-image prompt: time to first token")
+a.legend()
+ours_dec = [r[f"ours{s}"]["steady_decode_tokens_per_s"] for s in sides]
+theirs_dec = [peer[s]["decode_tokens_per_s"] for s in sides]
+b.bar([i - 0.2 for i in x], ours_dec, 0.4, label="inference-pio (steady)", color="#4a7")
+b.bar([i + 0.2 for i in x], theirs_dec, 0.4, label="transformers eager", color="#999")
+for i, (o, t) in enumerate(zip(ours_dec, theirs_dec)):
+    b.text(i - 0.2, o, f"{o:.0f}", ha="center", va="bottom")
+    b.text(i + 0.2, t, f"{t:.0f}", ha="center", va="bottom")
+b.set_xticks(list(x), [f"after {s}x{s}" for s in sides])
+b.set_ylabel("decode tokens/s, batch 1")
+b.set_title("Decode after the image")
+b.legend()
+fig.suptitle(f"Qwen3-VL-2B config, random bf16 weights, H200; commit {r['commit']}, {os.environ.get('PLOT_DATE', '')}", fontsize=10)
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+print("wrote", sys.argv[2])
