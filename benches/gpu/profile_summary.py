@@ -6,6 +6,7 @@ decode steps repeat it exactly).
 
     python3 profile_summary.py profile.log          # the last decode step
     python3 profile_summary.py profile.log --all    # every launch after the weights (prefill)
+    python3 profile_summary.py profile.log --all --last-run    # the last of repeated runs (--repeat 3)
 """
 import collections
 import re
@@ -40,11 +41,22 @@ def summarise(title, launched, top=20):
         print(f"{t / 1e3:9.3f} ms {count[n]:5d} x {t / count[n]:8.1f} us  {n}")
 
 
-def main(path, everything=False, probe=200):
+def main(path, everything=False, probe=200, last_run=False):
     rows = list(launches(path))
     start = max((i for i, (_, n) in enumerate(rows) if "Prng" in n), default=-1) + 1
     if everything:
-        summarise("every launch after the weights", rows[start:], top=30)
+        after = rows[start:]
+        if last_run:
+            # The longest tail that repeats just before itself: the last run (the first run
+            # is longer, with the autotuner's trial launches).
+            names = [n for _, n in after]
+            period = next((p for p in range(len(names) // 2, 0, -1) if names[-p:] == names[-2 * p:-p]), None)
+            if period is None:
+                print("no repeated run in the log")
+                return
+            summarise("the last run", after[-period:], top=30)
+        else:
+            summarise("every launch after the weights", after, top=30)
         return
     names = [n for _, n in rows[start:]]
     tail = names[-probe:]
@@ -56,4 +68,4 @@ def main(path, everything=False, probe=200):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], everything="--all" in sys.argv[2:])
+    main(sys.argv[1], everything="--all" in sys.argv[2:], last_run="--last-run" in sys.argv[2:])

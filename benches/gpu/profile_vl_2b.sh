@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: CubeCL's kernel profile (each launch timed, `[profiling.logger] level =
 # "basic"`) of a one-image prompt on Qwen3-VL-2B's real config (random bf16 weights), eager
-# (no CUDA graphs), one new token: the vision tower and the prefill, summarised per kernel by
-# benches/gpu/profile_summary.py --all. cuBLAS products are not CubeCL launches and do not
+# (no CUDA graphs), one new token, run three times: the last run's vision tower and prefill,
+# summarised per kernel by benches/gpu/profile_summary.py --all --last-run. cuBLAS products are not CubeCL launches and do not
 # appear; the wall time of the request is printed beside the kernels' total.
 # Carried: .gpu/{inference-pio,libqwen3_vl_2b.so}.xz. Writes $OUT/profile_SIDE.txt.
 # Env: SIDES (default "1344").
@@ -24,9 +24,9 @@ Image.fromarray(np.stack([x * 255 // s, y * 255 // s, (x + y) * 127 // s % 256],
   printf '[profiling.logger]\nlevel = "basic"\nfile = "/tmp/profile_%s.log"\n' $side > cubecl.toml
   start=$SECONDS
   XDG_CACHE_HOME=/tmp/xdg timeout 200 $PIO --config /tmp/eager.toml run $PD --model $CK --random-weights --image /tmp/img$side.png \
-    --prompt "Describe this image." --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 1 --json > /tmp/run_$side.json 2> /tmp/run_$side.err
+    --prompt "Describe this image." --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 1 --json --repeat 3 > /tmp/run_$side.json 2> /tmp/run_$side.err
   echo "== $side: exit $? after $(( SECONDS - start )) s"; tail -2 /tmp/run_$side.err
   rm -f cubecl.toml
-  python3 -c "import json; t=json.load(open('/tmp/run_$side.json'))['timings']; print('time to first token', t['time_to_first_token_s'], 's (cold: kernels compiled on the way)')" | tee $OUT/profile_$side.txt
-  python3 benches/gpu/profile_summary.py /tmp/profile_$side.log --all | head -32 | tee -a $OUT/profile_$side.txt
+  python3 -c "import json; t=json.load(open('/tmp/run_$side.json'))['timings']; print('time to first token (warm, last run)', t['time_to_first_token_s'], 's')" | tee $OUT/profile_$side.txt
+  python3 benches/gpu/profile_summary.py /tmp/profile_$side.log --all --last-run | head -32 | tee -a $OUT/profile_$side.txt
 done

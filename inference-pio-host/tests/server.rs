@@ -222,7 +222,7 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}).to_string(), 400, "presence_penalty"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}).to_string(), 400, "logprobs"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}).to_string(), 400, "response_format"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(), 400, "image_url"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).to_string(), 400, "local image paths are not read"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string(), 400, "malformed"),
         ("/v1/completions", json!({"model": "tiny", "prompt": {"a": 1}}).to_string(), 400, "prompt"),
         ("/v1/nothing", "{}".into(), 404, "no such endpoint"),
@@ -240,11 +240,11 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     let (got, _) = post(&server, "/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "timeout_s": 100000}).to_string(), None);
     assert_eq!(got, 400);
     // A body past the limit is refused from its declared length, before any of it is sent.
-    // (Over a raw socket: a client still writing 5 MiB when the server answers and closes may
+    // (Over a raw socket: a client still writing 33 MiB when the server answers and closes may
     // see its connection reset before it reads the answer.)
     let address = server.base.trim_start_matches("http://").to_string();
     let mut socket = std::net::TcpStream::connect(&address).expect("connect");
-    write!(socket, "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", 5 << 20).expect("send");
+    write!(socket, "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", 33 << 20).expect("send");
     socket.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     let mut answer = Vec::new();
     let mut buffer = [0u8; 4096];

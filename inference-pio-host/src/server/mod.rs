@@ -48,8 +48,9 @@ use tenants::{Tenant, Tenants};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// The largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// The largest request body accepted: room for an inline image of
+/// [`request::MAX_IMAGE_BYTES`] in base64.
+pub const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// One loaded model as the server routes to it.
 pub struct ServedModel {
