@@ -40,7 +40,7 @@ use inference_pio_kernels::argmax::fused_row_argmax;
 use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_rms_norm};
 use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
-use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, scaled_masked_softmax_reference};
+use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_slots};
 use burn::tensor::IndexingUpdateOp;
 
@@ -259,6 +259,16 @@ fn check_attention(device: &Device) -> usize {
             let label = format!("softmax {batch} x {kv} x {group} x {t:5} tokens {:5}", format!("{dtype:?}"));
             failed += usize::from(check(device, &label, tol, bytes, &kernel, &reference, &reference));
         }
+    }
+    // Unmasked (a vision tower's full attention within an image): Qwen3-VL's 16 heads over a
+    // 448-pixel image's 784 patches and a 1344-pixel image's 7,056.
+    for patches in [784usize, 7056] {
+        let scores = Tensor::<4>::random([1, 16, patches, patches], Distribution::Uniform(-30.0, 30.0), device).cast(DType::BF16);
+        let flat = |x: Tensor<4>| x.reshape([16 * patches, patches]);
+        let kernel = || flat(fused_scaled_softmax(scores.clone(), 0.125));
+        let reference = || flat(scaled_masked_softmax_reference(scores.clone(), None, 0.125, patches));
+        let bytes = Work::Bytes((2 * 16 * patches * patches * 2) as f64);
+        failed += usize::from(check(device, &format!("unmasked softmax 16 x {patches:5}² BF16"), 1e-2, bytes, &kernel, &reference, &reference));
     }
     failed
 }
