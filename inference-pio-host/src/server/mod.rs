@@ -38,7 +38,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use inference_pio_core::abi::ErrorKind;
 use inference_pio_core::types::{
-    ChatMessage, FinishReason, ImageData, InferRequest, InferResponse, ModelInfo, OutputConstraint, PromptInput, SamplingOverrides, SamplingParams, TokenDetail,
+    ChatMessage, ContentPart, FinishReason, ImageData, InferRequest, InferResponse, ModelInfo, OutputConstraint, PromptInput, SamplingOverrides, SamplingParams, TokenDetail,
     TokenLogprob, TokenLogprobs, ToolCall,
 };
 use serde_json::{Value, json};
@@ -732,7 +732,14 @@ async fn chat_completions(State(state): State<Arc<AppState>>, tenant: Option<Ext
             let mut message = ChatMessage::new(m.role, &m.content);
             message.tool_calls = m.tool_calls;
             message.name = m.name;
-            message.parts = m.parts;
+            message.parts = m
+                .parts
+                .into_iter()
+                .map(|p| match p {
+                    request::Part::Text(text) => ContentPart::Text { text },
+                    request::Part::Image(image) => ContentPart::Image { image },
+                })
+                .collect();
             message
         })
         .collect();

@@ -9,7 +9,6 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use inference_pio_core::types::ContentPart;
 
 /// The most choices (`n`) one request may ask for.
 pub const MAX_CHOICES: u32 = 16;
@@ -245,7 +244,16 @@ pub struct Message {
     pub name: Option<String>,
     /// The content's parts in order when it has images (each names one of the request's
     /// images); empty otherwise.
-    pub parts: Vec<ContentPart>,
+    pub parts: Vec<Part>,
+}
+
+/// One part of a message's content (the engine's `ContentPart`; this file is also compiled
+/// alone by the fuzz target, without the plugin ABI).
+#[derive(Debug, PartialEq)]
+pub enum Part {
+    Text(String),
+    /// The request's image of this index.
+    Image(u32),
 }
 
 /// The largest image a request may carry inline (decoded bytes).
@@ -386,10 +394,10 @@ fn message(value: &Value, images: &mut Vec<Vec<u8>>, image_dirs: &[std::path::Pa
                 match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => {
                         text.push_str(t);
-                        parts.push(ContentPart::Text { text: t.to_string() });
+                        parts.push(Part::Text(t.to_string()));
                     }
                     (Some("image_url"), _) => {
-                        parts.push(ContentPart::Image { image: images.len() as u32 });
+                        parts.push(Part::Image(images.len() as u32));
                         images.push(image_url(part, image_dirs)?);
                         has_image = true;
                     }
