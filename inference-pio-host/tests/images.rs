@@ -92,3 +92,41 @@ fn images_are_refused_by_name_where_they_cannot_go() {
     let out = inference_pio(&["run", "--model", model, "--image", image, "--prompt", "hi", "--raw"], cwd.path(), b"");
     assert_eq!(out.status.code(), Some(2), "clap usage error");
 }
+
+/// A copy of a fixture directory with its symlinks resolved (the worker's jail binds the
+/// model directory alone, so links out of it would dangle there), readable by `nobody`.
+fn resolved_copy(from: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(from).expect("fixture dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+#[test]
+fn images_reach_a_plugin_jailed_at_maximum_security() {
+    // The host reads the file; the sandboxed worker decodes it (untrusted bytes meet only the
+    // jailed plugin) and answers with transformers' tokens.
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = resolved_copy(&vl_fixtures().join("vl-tiny-a"));
+    let library = Path::new(BIN).parent().expect("dir").join(format!("libqwen3_vl_2b{}", std::env::consts::DLL_SUFFIX));
+    let sha = inference_pio_host::digest::sha256_file(&library).expect("hash");
+    std::fs::write(
+        cwd.path().join("inference-pio.toml"),
+        format!("[plugins.qwen3-vl-2b]\nsecurity = \"maximum\"\nallow_degraded = true\nsha256 = \"{sha}\"\n"),
+    )
+    .expect("config");
+    let image = vl_fixtures().join("image-40x56.png");
+    let mut args = vec!["run", "--model", model.path().to_str().expect("utf8"), "--image", image.to_str().expect("utf8"), "--prompt", "What is this?", "--json"];
+    args.extend(GREEDY);
+    args.push("f32");
+    let out = inference_pio(&args, cwd.path(), b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(result["token_ids"], one_image_case()["greedy"]);
+}

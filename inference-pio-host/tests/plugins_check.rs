@@ -72,6 +72,11 @@ fn qwen3_coder_passes_the_conformance_suite() {
 }
 
 #[test]
+fn qwen3_vl_passes_the_conformance_suite() {
+    passes("qwen3-vl-2b", "plugins/qwen3-vl-2b/tests/fixtures/vl-tiny-a");
+}
+
+#[test]
 fn glm_passes_the_conformance_suite() {
     passes("glm-4-7", "plugins/glm-4-7/tests/fixtures/glm4moe-tiny-a");
 }
