@@ -9,14 +9,16 @@
 //! input giving the same tokens; cancellation within a step;
 //! concurrent requests each equal to their single run; bad requests (no prompt, ids outside
 //! the vocabulary, a prompt past the context) refused with errors and the plugin still
-//! serving; `update_config` applying what it claims and refusing the rest; `cleanup` making
-//! the handle unknown and giving memory back over load/cleanup cycles.
+//! serving; images answered by a plugin whose metadata lists the `image` modality and refused
+//! by any other (never answered as if unseen), a corrupt image refused by both;
+//! `update_config` applying what it claims and refusing the rest; `cleanup` making the handle
+//! unknown and giving memory back over load/cleanup cycles.
 
 use crate::handle::PluginHandle;
 use inference_pio_core::abi::{ABI_MAJOR, ErrorKind};
 use inference_pio_core::config::{OptimizationSettings, SecurityLevel};
 use inference_pio_core::types::{
-    ChatMessage, ChatRequest, ConfigUpdate, FinishReason, GenerateTextRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginSettings, PromptInput, SamplingOverrides, SamplingParams,
+    ChatMessage, ChatRequest, ConfigUpdate, ContentPart, ImageData, FinishReason, GenerateTextRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PluginSettings, PromptInput, SamplingOverrides, SamplingParams,
 };
 use std::path::Path;
 
@@ -154,8 +156,10 @@ pub fn run(plugin: &PluginHandle, level: SecurityLevel, model_dir: &Path, settin
         }
     };
     let model = info.handle;
+    let takes_images = metadata.as_ref().is_ok_and(|m| m.modalities.iter().any(|x| x == "image"));
     generation_checks(&mut s, &info);
     bad_request_checks(&mut s, &info);
+    image_check(&mut s, &info, takes_images);
     update_config_check(&mut s, &info);
     cleanup_check(&mut s, level, model_dir, options, model);
     s.checks
@@ -298,6 +302,42 @@ fn bad_request_checks(s: &mut Suite<'_>, info: &ModelInfo) {
             (true, Err(e)) => Err(format!("the plugin no longer serves after the bad requests: {e}")),
         },
     );
+}
+
+/// A 48x32 PNG (109 bytes) the image check sends.
+const PROBE_PNG: &[u8] = include_bytes!("conformance_probe.png");
+
+/// Images: answered with tokens by a plugin that lists the `image` modality, refused with an
+/// error by one that does not (an older plugin is refused by the host itself); a truncated
+/// image refused by both; the plugin serving on after them.
+fn image_check(s: &mut Suite<'_>, info: &ModelInfo, takes_images: bool) {
+    let plugin = s.plugin;
+    let model = info.handle;
+    let request = |bytes: &[u8]| {
+        let parts = vec![ContentPart::Image { image: 0 }, ContentPart::Text { text: "What is this?".into() }];
+        let chat = PromptInput::Chat { messages: vec![ChatMessage::with_parts("user", parts)], tools: None };
+        InferRequest { images: vec![ImageData(bytes.to_vec())], ..greedy(chat, Some(NEW_TOKENS)) }
+    };
+    let whole = plugin.infer(model, &request(PROBE_PNG), &mut |_, _, _| true);
+    let truncated = plugin.infer(model, &request(&PROBE_PNG[..60]), &mut |_, _, _| true);
+    let still = streamed(plugin, model, &greedy(PromptInput::Text("Hello".into()), Some(2)));
+    let poisoned = |r: &Result<InferResponse, inference_pio_core::abi::PluginError>| matches!(r, Err(e) if e.kind == ErrorKind::Poisoned);
+    let outcome = if poisoned(&whole) || poisoned(&truncated) {
+        Err("the plugin panicked on an image request".to_string())
+    } else if let Err(e) = still {
+        Err(format!("the plugin no longer serves after the image requests: {e}"))
+    } else if truncated.is_ok() {
+        Err("a truncated PNG was accepted".to_string())
+    } else {
+        match (takes_images, whole) {
+            (true, Ok(r)) if !r.token_ids.is_empty() => Ok(format!("answered an image prompt of {} tokens; refused a truncated PNG", r.prompt_token_ids.len())),
+            (true, Ok(_)) => Err("answered an image prompt with no tokens".to_string()),
+            (true, Err(e)) => Err(format!("lists the image modality but refused a PNG: {e}")),
+            (false, Ok(_)) => Err("does not list the image modality but answered an image prompt (as if it saw nothing?)".to_string()),
+            (false, Err(e)) => Ok(format!("refused an image (no image modality): {e}")),
+        }
+    };
+    s.record("images", outcome);
 }
 
 fn update_config_check(s: &mut Suite<'_>, info: &ModelInfo) {

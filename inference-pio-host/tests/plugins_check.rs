@@ -51,7 +51,7 @@ fn passes(id: &str, fixture_dir: &str) {
         assert!(out.contains(&format!("at security level {level}")), "{out}");
     }
     assert!(!out.contains("FAIL"), "{out}");
-    assert!(out.contains("24 checks: 24 passed, 0 failed"), "{out}");
+    assert!(out.contains("26 checks: 26 passed, 0 failed"), "{out}");
 }
 
 #[test]
@@ -68,7 +68,7 @@ fn qwen3_coder_passes_the_conformance_suite() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(model.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let (ok, out) = check("qwen3-coder-30b", model.path());
-    assert!(ok && out.contains("24 checks: 24 passed, 0 failed"), "{out}");
+    assert!(ok && out.contains("26 checks: 26 passed, 0 failed"), "{out}");
 }
 
 #[test]

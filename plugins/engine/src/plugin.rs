@@ -316,6 +316,7 @@ impl Plugin for EnginePlugin {
             .map_err(|e| EngineError::Config(e.to_string()))
             .and_then(|v| f.config(&v))
             .and_then(|c| (f.spec)(&c).map(|s| (c, s)));
+        let takes_images = primary.as_ref().is_ok_and(|(_, spec)| spec.vision.is_some());
         let (params, bytes) = match primary {
             Ok((c, spec)) => {
                 let native = match c.torch_dtype.as_deref() {
@@ -333,7 +334,7 @@ impl Plugin for EnginePlugin {
             description: f.description.into(),
             architectures: f.architectures.iter().map(|s| s.to_string()).collect(),
             primary_model: PrimaryModel { name: f.primary_model_name.into(), parameter_count: params, memory_bytes: bytes },
-            modalities: vec!["text".into()],
+            modalities: if takes_images { vec!["text".into(), "image".into()] } else { vec!["text".into()] },
             capabilities: [
                 "streaming",
                 "cancellation",
