@@ -89,8 +89,21 @@ fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error
 }
 
 impl ChatTemplate {
-    /// Finds the template of a model directory; `Ok(None)` when it has none.
+    /// Finds the template of a model directory, as transformers' tokenizer does:
+    /// `chat_template.jinja`, else `tokenizer_config.json`'s, else `chat_template.json`;
+    /// `Ok(None)` when it has none.
     pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, EngineError> {
+        Self::find(dir, false)
+    }
+
+    /// The template a vision-language model's processor applies (transformers'
+    /// `ProcessorMixin`): `chat_template.jinja` or the processor's `chat_template.json` before
+    /// `tokenizer_config.json`'s, which may be a text-only one.
+    pub fn for_processor(dir: &Path) -> Result<Option<Self>, EngineError> {
+        Self::find(dir, true)
+    }
+
+    fn find(dir: &Path, processor_first: bool) -> Result<Option<Self>, EngineError> {
         let config_path = dir.join("tokenizer_config.json");
         let config: Json = if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path)
@@ -106,10 +119,12 @@ impl ChatTemplate {
             source = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::Template(format!("cannot read {}: {e}", jinja.display())))?);
         }
         let json_path = dir.join("chat_template.json");
-        if source.is_none() && json_path.is_file() {
+        if (source.is_none() || (processor_first && !jinja.is_file())) && json_path.is_file() {
             let text = std::fs::read_to_string(&json_path).map_err(|e| EngineError::Template(format!("cannot read {}: {e}", json_path.display())))?;
             let value: Json = serde_json::from_str(&text).map_err(|e| EngineError::Template(format!("{} is not valid JSON: {e}", json_path.display())))?;
-            source = value.get("chat_template").and_then(template_from);
+            if let Some(processor) = value.get("chat_template").and_then(template_from) {
+                source = Some(processor);
+            }
         }
         match source {
             None => Ok(None),
@@ -210,6 +225,19 @@ mod tests {
         let tmpl = t.env.get_template("chat").expect("get");
         let out = tmpl.render(Value::from(minijinja::value::Serde(&env_ctx))).expect("render");
         assert_eq!(out, "{\"b\": [1, \"é\"], \"a\": {}}|{\n  \"b\": [\n    1,\n    \"é\"\n  ],\n  \"a\": {}\n}");
+    }
+
+    #[test]
+    fn a_processor_takes_chat_template_json_before_the_tokenizer_config() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "text"}"#).expect("write");
+        std::fs::write(dir.path().join("chat_template.json"), r#"{"chat_template": "vision"}"#).expect("write");
+        let render = |t: Option<ChatTemplate>| t.expect("a template").render(&[ChatMessage::new("user", "hi")], None, true).expect("render");
+        assert_eq!(render(ChatTemplate::from_model_dir(dir.path()).expect("tokenizer")), "text");
+        assert_eq!(render(ChatTemplate::for_processor(dir.path()).expect("processor")), "vision");
+        std::fs::write(dir.path().join("chat_template.jinja"), "jinja").expect("write");
+        assert_eq!(render(ChatTemplate::from_model_dir(dir.path()).expect("tokenizer")), "jinja");
+        assert_eq!(render(ChatTemplate::for_processor(dir.path()).expect("processor")), "jinja");
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub fn load_engine(
         ),
         None => (
             TextTokenizer::from_file(&dir.join("tokenizer.json"))?,
-            ChatTemplate::from_model_dir(dir)?,
+            if spec.vision.is_some() { ChatTemplate::for_processor(dir)? } else { ChatTemplate::from_model_dir(dir)? },
             GenerationDefaults::from_model_dir(dir)?,
             match options.random_weights {
                 Some(seed) => Checkpoint::random(seed),
