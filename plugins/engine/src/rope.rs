@@ -43,19 +43,22 @@ pub fn inverse_frequencies(rope: &RopeConfig, rotary_dim: usize) -> Vec<f32> {
 pub fn cos_sin(inv_freq: &[f32], positions: &[Vec<usize>], device: &Device, dtype: DType) -> (Tensor<4>, Tensor<4>) {
     let batch = positions.len();
     let tokens = positions.first().map_or(0, Vec::len);
-    let rotary_dim = inv_freq.len() * 2;
-    let mut cos = Vec::with_capacity(batch * tokens * rotary_dim);
-    let mut sin = Vec::with_capacity(batch * tokens * rotary_dim);
-    for row in positions {
-        for &p in row {
-            let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
+    let angles = positions.iter().flatten().map(|&p| inv_freq.iter().map(|f| p as f32 * f).collect());
+    cos_sin_of_angles(angles, [batch, 1, tokens, inv_freq.len() * 2], device, dtype)
+}
+
+/// `cos` and `sin` of each token's angles (`rotary_dim / 2` of them, in f32), each repeated
+/// over both halves (the `rotate_half` layout), as `shape` (`[.., tokens, rotary_dim]`)
+/// tensors in `dtype`: what every rotary embedding here builds its tables from.
+pub fn cos_sin_of_angles(angles: impl Iterator<Item = Vec<f32>>, shape: [usize; 4], device: &Device, dtype: DType) -> (Tensor<4>, Tensor<4>) {
+    let len = shape.iter().product();
+    let (mut cos, mut sin) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    for row in angles {
+        for _ in 0..2 {
+            cos.extend(row.iter().map(|a| a.cos()));
+            sin.extend(row.iter().map(|a| a.sin()));
         }
     }
-    let shape = [batch, 1, tokens, rotary_dim];
     let make = |v: Vec<f32>| {
         let t = Tensor::<4>::from_data(TensorData::new(v, shape), (device, DType::F32));
         if dtype == DType::F32 { t } else { t.cast(dtype) }
@@ -81,22 +84,8 @@ pub fn mrope_row(slot: usize, section: [usize; 3]) -> usize {
 /// [`mrope_row`] picks, duplicated over both halves as [`cos_sin`] does. A token with the same
 /// position in all three rows (text) gets exactly [`cos_sin`]'s values.
 pub fn mrope_cos_sin(inv_freq: &[f32], positions: &[[usize; 3]], section: [usize; 3], device: &Device, dtype: DType) -> (Tensor<4>, Tensor<4>) {
-    let rotary_dim = inv_freq.len() * 2;
-    let mut cos = Vec::with_capacity(positions.len() * rotary_dim);
-    let mut sin = Vec::with_capacity(positions.len() * rotary_dim);
-    for p in positions {
-        let angles: Vec<f32> = inv_freq.iter().enumerate().map(|(j, f)| p[mrope_row(j, section)] as f32 * f).collect();
-        for _ in 0..2 {
-            cos.extend(angles.iter().map(|a| a.cos()));
-            sin.extend(angles.iter().map(|a| a.sin()));
-        }
-    }
-    let shape = [1, 1, positions.len(), rotary_dim];
-    let make = |v: Vec<f32>| {
-        let t = Tensor::<4>::from_data(TensorData::new(v, shape), (device, DType::F32));
-        if dtype == DType::F32 { t } else { t.cast(dtype) }
-    };
-    (make(cos), make(sin))
+    let angles = positions.iter().map(|p| inv_freq.iter().enumerate().map(|(j, f)| p[mrope_row(j, section)] as f32 * f).collect());
+    cos_sin_of_angles(angles, [1, 1, positions.len(), inv_freq.len() * 2], device, dtype)
 }
 
 /// One stretch of a multimodal prompt, for [`mrope_positions`].

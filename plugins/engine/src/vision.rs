@@ -21,6 +21,7 @@
 
 use crate::decoder::Linear;
 use crate::error::EngineError;
+use crate::rope::cos_sin_of_angles;
 use crate::weights::Checkpoint;
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
@@ -432,20 +433,11 @@ impl VisionTower {
     /// the patch's row over the first quarter of the head, of its column over the second, the
     /// half repeated.
     fn rotary(&self, grid: PatchGrid) -> (Tensor<4>, Tensor<4>) {
-        let d = self.config.head_dim();
-        let n = grid.patches();
-        let (mut cos, mut sin) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
-        for _ in 0..grid.t {
-            for (row, col) in merge_block_order(grid.h, grid.w, self.config.spatial_merge_size) {
-                let angles: Vec<f32> = self.inv_freq.iter().map(|f| row as f32 * f).chain(self.inv_freq.iter().map(|f| col as f32 * f)).collect();
-                for _ in 0..2 {
-                    cos.extend(angles.iter().map(|a| a.cos()));
-                    sin.extend(angles.iter().map(|a| a.sin()));
-                }
-            }
-        }
-        let make = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, d]), (&self.device, BurnDType::F32));
-        (make(cos), make(sin))
+        let merge = self.config.spatial_merge_size;
+        let angles = (0..grid.t).flat_map(|_| merge_block_order(grid.h, grid.w, merge)).map(|(row, col)| {
+            self.inv_freq.iter().map(|f| row as f32 * f).chain(self.inv_freq.iter().map(|f| col as f32 * f)).collect()
+        });
+        cos_sin_of_angles(angles, [1, 1, grid.patches(), self.config.head_dim()], &self.device, BurnDType::F32)
     }
 
     fn block(&self, block: &Block, x: Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<2> {
