@@ -964,9 +964,7 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
                 && let Some(user) = messages.last_mut()
                 && !images.is_empty()
             {
-                let mut parts: Vec<ContentPart> = (0..images.len() as u32).map(|image| ContentPart::Image { image }).collect();
-                parts.push(ContentPart::Text { text: user.content.clone() });
-                *user = ChatMessage { parts, ..user.clone() };
+                *user = ChatMessage { parts: images_then_text(0..images.len() as u32, &user.content), ..user.clone() };
             }
             vec![InferRequest { input, sampling, stop, cache_salt: String::new(), logprobs: None, constraint: None, images }; args.batch as usize]
         }
@@ -1066,16 +1064,21 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The largest image file `--image` and `/image` read.
-const MAX_IMAGE_FILE_BYTES: u64 = 20_000_000;
-
-/// An image file's bytes (the plugin decodes them), refused by name when missing or too large.
+/// An image file's bytes (the plugin decodes them), refused by name when missing or larger
+/// than the server's limit for an image.
 fn read_image(path: &Path) -> anyhow::Result<ImageData> {
+    let most = server::request::MAX_IMAGE_BYTES;
     let size = std::fs::metadata(path).with_context(|| format!("cannot read image {}", path.display()))?.len();
-    if size > MAX_IMAGE_FILE_BYTES {
-        bail!("image {} is {size} bytes, over the limit of {MAX_IMAGE_FILE_BYTES}", path.display());
+    if size > most as u64 {
+        bail!("image {} is {size} bytes, over the limit of {most}", path.display());
     }
     Ok(ImageData(std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?))
+}
+
+/// A user turn's content parts: the images (by index into the request's images), then the
+/// text, as `run --image` and chat's `/image` place them.
+fn images_then_text(images: impl Iterator<Item = u32>, text: &str) -> Vec<ContentPart> {
+    images.map(|image| ContentPart::Image { image }).chain([ContentPart::Text { text: text.to_string() }]).collect()
 }
 
 /// After the streamed answer: the model's tool calls (stdout, one JSON object a line) and its
@@ -1146,9 +1149,7 @@ fn chat(cli: &Cli, args: &ChatArgs) -> anyhow::Result<()> {
         if pending.is_empty() {
             messages.push(ChatMessage::new("user", text));
         } else {
-            let mut parts: Vec<ContentPart> = pending.drain(..).map(|image| ContentPart::Image { image }).collect();
-            parts.push(ContentPart::Text { text: text.to_string() });
-            messages.push(ChatMessage::with_parts("user", parts));
+            messages.push(ChatMessage::with_parts("user", images_then_text(pending.drain(..), text)));
         }
         let request = InferRequest {
             input: PromptInput::Chat { messages: messages.clone(), tools: tools.clone() },

@@ -118,7 +118,7 @@ impl LoadedPlugin {
     /// A plugin built before ABI 1.3 would ignore a request's prefix-cache salt (and share
     /// one tenant's cached prompts with another), one before 1.5 its images: such requests
     /// are refused, not sent.
-    fn check_salt(&self, requests: &[InferRequest]) -> Result<(), PluginError> {
+    fn check_request_fields(&self, requests: &[InferRequest]) -> Result<(), PluginError> {
         let minor = self.module.abi_minor();
         if minor < 3 && requests.iter().any(|r| !r.cache_salt.is_empty()) {
             return Err(PluginError::new(
@@ -179,7 +179,7 @@ impl LoadedPlugin {
     /// refused for an older plugin, which would ignore them.
     pub fn infer(&self, model: u64, request: &InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {
         self.guard()?;
-        self.check_salt(std::slice::from_ref(request))?;
+        self.check_request_fields(std::slice::from_ref(request))?;
         let json = Self::to_json(request)?;
         let Some(infer_events) = self.module.infer_events() else {
             let minor = self.module.abi_minor();
@@ -248,7 +248,7 @@ impl LoadedPlugin {
     pub fn infer_batch(&self, model: u64, request: &BatchInferRequest) -> Result<BatchInferResponse, PluginError> {
         self.guard()?;
         request.validate().map_err(PluginError::invalid)?;
-        self.check_salt(&request.requests)?;
+        self.check_request_fields(&request.requests)?;
         match self.module.infer_batch() {
             Some(infer_batch) => {
                 let json = Self::to_json(request)?;

@@ -362,15 +362,16 @@ fn local_image(path: &str, image_dirs: &[std::path::PathBuf]) -> Result<Vec<u8>,
     if image_dirs.is_empty() {
         return Err(bad("local image paths are not read by this server (it allows no image directory); send the image inline as a `data:image/...;base64,` URL", Some("messages")));
     }
-    let resolved = std::path::Path::new(path).canonicalize().map_err(|_| bad(format!("image `{path}` cannot be read"), Some("messages")))?;
+    let unreadable = |_| bad(format!("image `{path}` cannot be read"), Some("messages"));
+    let resolved = std::path::Path::new(path).canonicalize().map_err(unreadable)?;
     if !image_dirs.iter().any(|d| resolved.starts_with(d)) {
         return Err(bad(format!("image `{path}` is outside the directories this server reads images from"), Some("messages")));
     }
-    let size = std::fs::metadata(&resolved).map_err(|_| bad(format!("image `{path}` cannot be read"), Some("messages")))?.len();
+    let size = std::fs::metadata(&resolved).map_err(unreadable)?.len();
     if size > MAX_IMAGE_BYTES as u64 {
         return Err(bad(format!("image `{path}` is {size} bytes, over {MAX_IMAGE_BYTES}"), Some("messages")));
     }
-    std::fs::read(&resolved).map_err(|_| bad(format!("image `{path}` cannot be read"), Some("messages")))
+    std::fs::read(&resolved).map_err(unreadable)
 }
 
 /// A chat message: its text (a string, or a list of text parts) and, with `image_url` parts,
@@ -384,7 +385,7 @@ fn message(value: &Value, images: &mut Vec<Vec<u8>>, image_dirs: &[std::path::Pa
         Some(other) => return Err(bad(format!("unknown message role `{other}`"), Some("messages"))),
         None => return Err(bad("every message needs a `role` string", Some("messages"))),
     };
-    let (mut parts, mut has_image) = (Vec::new(), false);
+    let mut parts = Vec::new();
     let content = match value.get("content") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),
@@ -399,7 +400,6 @@ fn message(value: &Value, images: &mut Vec<Vec<u8>>, image_dirs: &[std::path::Pa
                     (Some("image_url"), _) => {
                         parts.push(Part::Image(images.len() as u32));
                         images.push(image_url(part, image_dirs)?);
-                        has_image = true;
                     }
                     (Some(kind @ ("video_url" | "video" | "input_video")), _) => {
                         return Err(bad(format!("message content part `{kind}`: video input is not supported"), Some("messages")));
@@ -411,7 +411,7 @@ fn message(value: &Value, images: &mut Vec<Vec<u8>>, image_dirs: &[std::path::Pa
         }
         Some(_) => return Err(bad("message `content` must be a string or a list of parts", Some("messages"))),
     };
-    if !has_image {
+    if !parts.iter().any(|p| matches!(p, Part::Image(_))) {
         parts.clear();
     }
     Ok(Message {
