@@ -19,26 +19,24 @@ sides = ["448", "1344"]
 peer = r["peer_transformers"]
 fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
 x = range(len(sides))
-ours_ttft = [r[f"ours{s}"]["ttft_s"] * 1e3 for s in sides]
-theirs_ttft = [peer[s]["ttft_s"] * 1e3 for s in sides]
-theirs_vision = [peer[s]["vision_s"] * 1e3 for s in sides]
-a.bar([i - 0.2 for i in x], ours_ttft, 0.4, label="inference-pio", color="#4a7")
-a.bar([i + 0.2 for i in x], theirs_ttft, 0.4, label="transformers eager", color="#999")
-a.bar([i + 0.2 for i in x], theirs_vision, 0.4, label="of which its vision tower", color="#777", hatch="//", fill=False)
-for i, (o, t) in enumerate(zip(ours_ttft, theirs_ttft)):
-    a.text(i - 0.2, o, f"{o:.0f}", ha="center", va="bottom")
-    a.text(i + 0.2, t, f"{t:.0f}", ha="center", va="bottom")
+
+
+def pair(ax, ours, theirs, ours_label):
+    """Ours beside transformers at each image size, each bar labelled with its value."""
+    ax.bar([i - 0.2 for i in x], ours, 0.4, label=ours_label, color="#4a7")
+    ax.bar([i + 0.2 for i in x], theirs, 0.4, label="transformers eager", color="#999")
+    for i, (o, t) in enumerate(zip(ours, theirs)):
+        ax.text(i - 0.2, o, f"{o:.0f}", ha="center", va="bottom")
+        ax.text(i + 0.2, t, f"{t:.0f}", ha="center", va="bottom")
+
+
+pair(a, [r[f"ours{s}"]["ttft_s"] * 1e3 for s in sides], [peer[s]["ttft_s"] * 1e3 for s in sides], "inference-pio")
+a.bar([i + 0.2 for i in x], [peer[s]["vision_s"] * 1e3 for s in sides], 0.4, label="of which its vision tower", color="#777", hatch="//", fill=False)
 a.set_xticks(list(x), [f"{s}x{s} ({peer[s]['image_tokens']} image tokens)" for s in sides])
 a.set_ylabel("time to first token, ms (warm)")
 a.set_title("One-image prompt: time to first token")
 a.legend()
-ours_dec = [r[f"ours{s}"]["steady_decode_tokens_per_s"] for s in sides]
-theirs_dec = [peer[s]["decode_tokens_per_s"] for s in sides]
-b.bar([i - 0.2 for i in x], ours_dec, 0.4, label="inference-pio (steady)", color="#4a7")
-b.bar([i + 0.2 for i in x], theirs_dec, 0.4, label="transformers eager", color="#999")
-for i, (o, t) in enumerate(zip(ours_dec, theirs_dec)):
-    b.text(i - 0.2, o, f"{o:.0f}", ha="center", va="bottom")
-    b.text(i + 0.2, t, f"{t:.0f}", ha="center", va="bottom")
+pair(b, [r[f"ours{s}"]["steady_decode_tokens_per_s"] for s in sides], [peer[s]["decode_tokens_per_s"] for s in sides], "inference-pio (steady)")
 b.set_xticks(list(x), [f"after {s}x{s}" for s in sides])
 b.set_ylabel("decode tokens/s, batch 1")
 b.set_title("Decode after the image")

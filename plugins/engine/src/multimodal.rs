@@ -115,7 +115,8 @@ impl PromptMedia {
     /// Whether every token from sequence index `i` on is text (the step may treat it as a
     /// plain decode row at position `rope_position(i)[0]`).
     pub fn text_from(&self, i: usize) -> bool {
-        self.images.iter().all(|im| im.range().end <= i) && self.rope_position(i).iter().all(|&p| p == self.rope_position(i)[0])
+        let [t, h, w] = self.rope_position(i);
+        self.images.iter().all(|im| im.range().end <= i) && t == h && t == w
     }
 
     /// The extra prefix-cache key bytes of block `b` (`block_tokens` tokens): the hash and
