@@ -53,3 +53,16 @@ qwen3_coder_30b_dir() {
   cp -L $fix/qwen3-coder-tokenizer/tokenizer.json $fix/qwen3-coder-tokenizer/tokenizer_config.json $ck/
   echo $ck
 }
+
+# qwen3_vl_2b_dir DIR: DIR as a Qwen3-VL-2B-Instruct directory without weights (runs use
+# --random-weights, or a checkpoint saved into it): the real config, preprocessor config and
+# chat template, with Qwen3's tokenizer (the same 151,936 tokens, vision tokens included).
+# Qwen3's tokenizer_config.json carries the text-only chat template; it is dropped so that
+# binaries from before the processor-template precedence (b8232ee and older) use the VL one.
+qwen3_vl_2b_dir() {
+  local ck=$1
+  mkdir -p $ck
+  cp plugins/qwen3-vl-2b/primary/{config.json,preprocessor_config.json,chat_template.json} $ck/
+  cp -L plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer/{tokenizer.json,tokenizer_config.json} $ck/
+  python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c.pop('chat_template', None); json.dump(c, open(p, 'w'))" $ck/tokenizer_config.json
+}

@@ -10,10 +10,7 @@ set -u
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio libqwen3_vl_2b.so
 ensure_cublas
-CK=/tmp/vlp; mkdir -p $CK; P=plugins/qwen3-vl-2b
-cp $P/primary/{config.json,preprocessor_config.json,chat_template.json} $CK/
-cp -L plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer/{tokenizer.json,tokenizer_config.json} $CK/
-python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c.pop('chat_template', None); json.dump(c, open(p, 'w'))" $CK/tokenizer_config.json
+CK=/tmp/vlp; qwen3_vl_2b_dir $CK
 printf '[plugins.qwen3-vl-2b]\ncuda_graphs = false\nkv_cache_gb = 8\nprefix_caching = false\n' > /tmp/eager.toml
 for side in ${SIDES:-1344}; do
   python3 -c "

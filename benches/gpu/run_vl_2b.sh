@@ -34,12 +34,7 @@ done
 
 echo "== Qwen3-VL-2B real config, random bf16 weights (at $SECONDS s)"
 CK=/tmp/vl2b
-mkdir -p $CK
-cp plugins/qwen3-vl-2b/primary/{config.json,preprocessor_config.json,chat_template.json} $CK/
-cp -L plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer/{tokenizer.json,tokenizer_config.json} $CK/
-# Qwen3-VL's tokenizer is Qwen3's (the same 151,936 tokens, vision tokens included); its
-# tokenizer_config.json carries the VL chat template, which chat_template.json gives here.
-python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c.pop('chat_template', None); json.dump(c, open(p, 'w'))" $CK/tokenizer_config.json
+qwen3_vl_2b_dir $CK
 # The config alone (no weights) loads with --random-weights and answers an image prompt.
 timeout 120 $PIO run $PD --model $CK --random-weights --image $F/image-48x80.png --prompt "What is this?" --device cuda \
   --greedy --ignore-eos --max-new-tokens 8 --json > /tmp/rw.json 2> /tmp/rw.err
