@@ -199,6 +199,8 @@ fn check_attention(device: &Device) -> usize {
         ("4B paged attention, 256 rows, 600 of 768", 256, 32, 8, 128, 768, 600, None),
         ("30B paged attention, 2 rows, window 64", 2, 32, 4, 128, 256, 200, Some(64)),
         ("GLM paged attention, 8 rows, 12 per key head", 8, 96, 8, 128, 512, 500, None),
+        ("30B paged attention, 256 rows, 600 of 768", 256, 32, 4, 128, 768, 600, None),
+        ("VL-2B paged attention, 64 rows, 2 per key head", 64, 16, 8, 128, 1024, 900, None),
         ("tiny paged attention, 7 of 16", 2, 4, 2, 16, 16, 7, None),
     ];
     for (name, rows, heads, kv, dim, width, seen, window) in cases {

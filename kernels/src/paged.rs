@@ -20,11 +20,12 @@
 //! key head, split of the context) serves all the query heads of that key head (each key and
 //! value read once, not once per query head), reads the keys straight from the pool through
 //! the row's block table (no gathered copy), and hides nothing through a mask: a row sees the
-//! keys below its context length, within its window. Its planes (warps) take tiles of
-//! `TILE` consecutive keys in turn while the grid is small (all of a tile's loads issued before
-//! its arithmetic; one key at a time once the grid alone hides the latency) with an
-//! online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867), f32
-//! inside, merged through shared memory; when a step has too few rows to fill the device, the
+//! keys below its context length, within its window. Its planes (warps) take tiles of 32
+//! consecutive keys in turn: groups of four lanes score a key each (one load instruction reads
+//! whole 64-byte runs of eight keys, and a score needs two shuffles, not five), the tile moves
+//! an online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867; f32 inside) once, and all
+//! lanes then add the tile's values, several keys side by side; planes merge through shared
+//! memory. When a step has too few rows to fill the device, the
 //! context is split over several cubes whose partial results a second kernel merges. Checked
 //! on the device against the reference by `kernels/examples/kernel_check.rs` (group
 //! `attention`) and end to end by the engine's parity runs (`benches/gpu/run_serving_4b.sh`).
@@ -43,34 +44,38 @@ use std::cell::RefCell;
 
 /// Planes per cube of the decode kernel, taking tiles of the cube's keys in turn.
 const PLANES: usize = 4;
-/// Consecutive keys a plane takes at a time (see the kernel) while the grid is small.
-const TILE: usize = 8;
-/// Cubes from which a plane takes one key at a time: with this many cubes in flight the
-/// device hides the two dependent reads of a key (table entry, then key) on its own, and the
-/// tile's registers only cost occupancy (H200, 2026-12-03: 8-key tiles made the 32-row step
-/// 3x faster and the 256-row step ~20 % slower).
-const UNTILED_FROM_CUBES: usize = 4 * TARGET_CUBES;
+/// Keys a plane takes at a time: one tile of [`PLANE`] keys, scored by groups of lanes and
+/// then summed into the values by all lanes.
+const TILE: usize = PLANE;
 /// Cubes a decode launch aims for (twice the 132 multiprocessors of an H100/H200): a step with
 /// fewer (rows x key heads) than this splits each row's context over several cubes.
 const TARGET_CUBES: usize = 264;
-/// The fewest keys one split covers.
-const SPLIT_MIN_KEYS: usize = 32;
+/// The fewest keys one split covers: two planes' tiles.
+const SPLIT_MIN_KEYS: usize = 2 * TILE;
+/// The most f32 registers a lane spends on its heads' output accumulators (query heads per
+/// key head x vector width): past it the vector narrows, so a wide GQA group (GLM's 12) keeps
+/// its accumulators in registers.
+const ACCUMULATOR_REGISTERS: usize = 48;
+/// Lanes that share one key's scores (each reads a quarter of the head, 16-byte vectors side by
+/// side, so a load instruction reads whole 64-byte runs of 8 keys).
+const LANES_PER_KEY: usize = 4;
 
 /// How many cubes share one row's context of `width` keys, for `rows x kv_heads` cubes.
 pub fn decode_splits(rows: usize, kv_heads: usize, width: usize) -> usize {
     TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(SPLIT_MIN_KEYS)).max(1)
 }
 
-/// Keys a plane takes at a time for a grid of `cubes` cubes.
-pub fn decode_tile(cubes: usize) -> usize {
-    if cubes >= UNTILED_FROM_CUBES { 1 } else { TILE }
-}
-
-/// Elements per vector the decode kernel reads a head in: the fewest that fit the head in one
-/// plane's lanes (one vector each), at most 16 bytes; `None` when none does.
-pub fn decode_vector(head_dim: usize, dtype: DType) -> Option<usize> {
+/// Elements per vector the decode kernel reads a head in, for `group` query heads per key
+/// head: the widest of at most 16 bytes whose vectors per head divide a plane (so a plane's
+/// value pass covers whole keys), narrowed while the accumulators would pass
+/// [`ACCUMULATOR_REGISTERS`]; `None` when no width fits the head in one plane.
+pub fn decode_vector(head_dim: usize, group: usize, dtype: DType) -> Option<usize> {
     let most = (16 / dtype.size()).max(1);
-    [1usize, 2, 4, 8].into_iter().find(|&v| v <= most && head_dim.is_multiple_of(v) && head_dim / v <= PLANE)
+    let fits: Vec<usize> = [8usize, 4, 2, 1]
+        .into_iter()
+        .filter(|&v| v <= most && head_dim.is_multiple_of(v) && head_dim / v <= PLANE && PLANE.is_multiple_of(head_dim / v))
+        .collect();
+    fits.iter().copied().find(|&v| group * v <= ACCUMULATOR_REGISTERS).or(fits.first().copied())
 }
 
 /// The paged decode attention as a backend operation (CubeCL runtimes only).
@@ -116,9 +121,18 @@ mod device {
 
     /// One cube per (key head, row, split): the `group` query heads of key head `CUBE_POS_X`
     /// of row `CUBE_POS_Y` over keys `[split * chunk, (split + 1) * chunk)` of the row's
-    /// visible range. Lanes hold one vector of the head each; planes take tiles of `tile`
-    /// keys in turn. `split`: write the unnormalised partial (`part_acc`, and `part_ml`: running max and
-    /// sum) for [`merge_splits_kernel`], else the normalised output.
+    /// visible range. The queries, scaled, sit in shared memory. Planes take tiles of 32
+    /// consecutive keys in turn, in two passes:
+    /// - scores: groups of `lpk` lanes score one key each (each lane a `1 / lpk` share of the
+    ///   head, its vectors side by side with its neighbours', so one load instruction reads
+    ///   whole runs of `32 / lpk` keys), `lpk` passes for the tile; the tile's maximum moves
+    ///   the running one once (an online softmax, f32);
+    /// - values: lanes hold one vector of the head each, `32 / per_head` keys side by side, and
+    ///   add each key's value times its probability, shuffled from the lane that scored it.
+    ///
+    /// Keys past the range are clamped to the last one (a valid slot) with probability 0, so
+    /// no lane branches. `split`: write the unnormalised partial (`part_acc`, and `part_ml`:
+    /// running max and sum) for [`merge_splits_kernel`], else the normalised output.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_kernel<E: Float, I: Int, N: Size>(
@@ -137,10 +151,16 @@ mod device {
         chunk: usize,
         #[comptime] group: usize,
         #[comptime] planes: usize,
-        #[comptime] tile: usize,
+        #[comptime] per_head: usize,
+        #[comptime] lpk: usize,
         #[comptime] split: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
+        // Keys scored per pass, vectors each scoring lane reads, keys side by side in a value
+        // pass.
+        let kps = comptime!(32 / lpk);
+        let cpl = comptime!(per_head / lpk);
+        let kpp = comptime!(32 / per_head);
         let kvh = CUBE_POS_X as usize;
         let row = CUBE_POS_Y as usize;
         let part = CUBE_POS_Z as usize;
@@ -148,15 +168,11 @@ mod device {
         let plane = UNIT_POS_Y as usize;
         let rows = q.shape(0);
         let heads = q.shape(1);
-        let per_head = q.shape(2) / q.vector_size();
-        // Lanes past the head's width read its last vector and count for nothing.
-        let on = f32::cast_from(lane < per_head);
-        let at = min(lane, per_head - 1);
         let vs = k.vector_size();
         let k_slot = k.stride(0) / vs;
-        let k_head = kvh * (k.stride(1) / vs) + at;
+        let k_head = kvh * (k.stride(1) / vs);
         let v_slot = v.stride(0) / vs;
-        let v_head = kvh * (v.stride(1) / vs) + at;
+        let v_head = kvh * (v.stride(1) / vs);
 
         let len = usize::cast_from(lens[row]);
         let mut first = 0usize;
@@ -166,76 +182,143 @@ mod device {
         let start = max(first, part * chunk);
         let end = min(len, (part + 1) * chunk);
 
-        let mut qs = Array::<Vector<f32, N>>::new(group);
+        let mut qs = Shared::<[Vector<f32, N>]>::new_slice(group * per_head);
+        let mut i = UNIT_POS as usize;
+        while i < group * per_head {
+            let g = i / per_head;
+            qs[i] = Vector::<f32, N>::cast_from(q[(row * heads + kvh * group + g) * per_head + i % per_head]) * Vector::new(scale);
+            i += 32usize * planes;
+        }
+        sync_cube();
+
+        let sub = lane % lpk;
+        let kin = lane / lpk;
+        let half = lane / per_head;
+        let chan = lane % per_head;
         let mut best = Array::<f32>::new(group);
-        let mut total = Array::<f32>::new(group);
+        let mut sums = Array::<f32>::new(group);
         let mut acc = Array::<Vector<f32, N>>::new(group);
         #[unroll]
         for g in 0..group {
-            let h = kvh * group + g;
-            qs[g] = Vector::<f32, N>::cast_from(q[(row * heads + h) * per_head + at]) * Vector::new(on * scale);
             best[g] = f32::new(-1.0e30);
-            total[g] = f32::new(0.0);
+            sums[g] = f32::new(0.0);
             acc[g] = Vector::<f32, N>::zero();
         }
-        // Planes take tiles of `tile` consecutive keys, interleaved. Each lane of the first
-        // `tile` finds one key's slot (one table read for the tile), the plane shares them,
-        // and every key and value of the tile is loaded before any is used: a tile costs two
-        // memory round trips, not two per key.
-        let mut base = start + plane * tile;
+        // The tile's probabilities, `[pass][head]`, and the slot of each pass's key.
+        let mut probs = Array::<f32>::new(lpk * group);
+        let mut slots = Array::<u32>::new(lpk);
+        let mut base = start + plane * 32usize;
         while base < end {
-            let mine = min(base + min(lane, tile - 1), end - 1);
-            let my_slot = u32::cast_from(table[row * max_blocks + mine / block_tokens]) * u32::cast_from(block_tokens) + u32::cast_from(mine % block_tokens);
-            let mut keys = Array::<Vector<E, N>>::new(tile);
-            let mut values = Array::<Vector<E, N>>::new(tile);
-            #[unroll]
-            for t in 0..tile {
-                let slot = usize::cast_from(plane_shuffle(my_slot, u32::cast_from(t)));
-                keys[t] = k[slot * k_slot + k_head];
-                values[t] = v[slot * v_slot + v_head];
-            }
-            // Per head: the tile's scores, one rescale of the running sum to the new maximum.
+            let mut top = Array::<f32>::new(group);
             #[unroll]
             for g in 0..group {
-                let mut scores = Array::<f32>::new(tile);
-                let mut top = best[g];
-                #[unroll]
-                for t in 0..tile {
-                    let score = plane_sum(Vector::vector_sum(Vector::<f32, N>::cast_from(keys[t]) * qs[g]));
-                    // Keys past the range count for nothing (the branch is uniform per plane).
-                    let mut seen = f32::new(-1.0e30);
-                    if base + t < end {
-                        seen = score;
-                    }
-                    scores[t] = seen;
-                    top = max(top, seen);
-                }
-                let carry = (best[g] - top).exp();
-                let mut sum = total[g] * carry;
-                let mut mixed = acc[g] * Vector::new(carry);
-                #[unroll]
-                for t in 0..tile {
-                    let p = (scores[t] - top).exp();
-                    sum += p;
-                    mixed += Vector::<f32, N>::cast_from(values[t]) * Vector::new(p);
-                }
-                best[g] = top;
-                total[g] = sum;
-                acc[g] = mixed;
+                top[g] = best[g];
             }
-            base += planes * tile;
+            #[unroll]
+            for s in 0..lpk {
+                let key = base + s * kps + kin;
+                let at = min(key, end - 1);
+                let slot = u32::cast_from(table[row * max_blocks + at / block_tokens]) * u32::cast_from(block_tokens) + u32::cast_from(at % block_tokens);
+                slots[s] = slot;
+                let mut dots = Array::<f32>::new(group);
+                #[unroll]
+                for g in 0..group {
+                    dots[g] = f32::new(0.0);
+                }
+                #[unroll]
+                for j in 0..cpl {
+                    let c = j * lpk + sub;
+                    let kv = Vector::<f32, N>::cast_from(k[usize::cast_from(slot) * k_slot + k_head + c]);
+                    #[unroll]
+                    for g in 0..group {
+                        dots[g] += Vector::vector_sum(qs[g * per_head + c] * kv);
+                    }
+                }
+                #[unroll]
+                for g in 0..group {
+                    let mut d = dots[g];
+                    if comptime!(lpk > 1) {
+                        d += plane_shuffle_xor(d, 1u32);
+                    }
+                    if comptime!(lpk > 2) {
+                        d += plane_shuffle_xor(d, 2u32);
+                    }
+                    if comptime!(lpk > 4) {
+                        d += plane_shuffle_xor(d, 4u32);
+                    }
+                    if key >= end {
+                        d = f32::new(-1.0e30);
+                    }
+                    probs[s * group + g] = d;
+                    top[g] = max(top[g], d);
+                }
+            }
+            #[unroll]
+            for g in 0..group {
+                let t = plane_max(top[g]);
+                let carry = (best[g] - t).exp();
+                let mut local = f32::new(0.0);
+                #[unroll]
+                for s in 0..lpk {
+                    let e = (probs[s * group + g] - t).exp();
+                    probs[s * group + g] = e;
+                    local += e;
+                }
+                // Each key's probability sits in all `lpk` lanes that scored it: count it once.
+                if sub != 0 {
+                    local = f32::new(0.0);
+                }
+                sums[g] = sums[g] * carry + local;
+                acc[g] = acc[g] * Vector::new(carry);
+                best[g] = t;
+            }
+            #[unroll]
+            for i in 0..per_head {
+                // Key `i * kpp + half` of the tile: scored in pass `s` by lane `src`.
+                let s = i * kpp / kps;
+                let src = u32::cast_from(((i * kpp + half) % kps) * lpk);
+                let slot = usize::cast_from(plane_shuffle(slots[s], src));
+                let value = Vector::<f32, N>::cast_from(v[slot * v_slot + v_head + chan]);
+                #[unroll]
+                for g in 0..group {
+                    let p = plane_shuffle(probs[s * group + g], src);
+                    acc[g] += value * Vector::new(p);
+                }
+            }
+            base += planes * 32usize;
         }
 
         let mut bests = Shared::<[f32]>::new_slice(planes * group);
         let mut totals = Shared::<[f32]>::new_slice(planes * group);
-        let mut accs = Shared::<[Vector<f32, N>]>::new_slice(planes * group * 32usize);
+        let mut accs = Shared::<[Vector<f32, N>]>::new_slice(planes * group * per_head);
         #[unroll]
         for g in 0..group {
+            // The keys side by side in the value passes: fold them onto the first `per_head`
+            // lanes.
+            let mut a = acc[g];
+            if comptime!(per_head <= 16) {
+                a += plane_shuffle_xor(a, 16u32);
+            }
+            if comptime!(per_head <= 8) {
+                a += plane_shuffle_xor(a, 8u32);
+            }
+            if comptime!(per_head <= 4) {
+                a += plane_shuffle_xor(a, 4u32);
+            }
+            if comptime!(per_head <= 2) {
+                a += plane_shuffle_xor(a, 2u32);
+            }
+            if comptime!(per_head <= 1) {
+                a += plane_shuffle_xor(a, 1u32);
+            }
+            let total = plane_sum(sums[g]);
             if lane == 0 {
                 bests[plane * group + g] = best[g];
-                totals[plane * group + g] = total[g];
+                totals[plane * group + g] = total;
             }
-            accs[(plane * group + g) * 32usize + lane] = acc[g];
+            if lane < per_head {
+                accs[(plane * group + g) * per_head + lane] = a;
+            }
         }
         sync_cube();
         // Plane p merges heads p, p + planes, ...
@@ -250,7 +333,7 @@ mod device {
             for p in 0usize..planes {
                 let w = (bests[p * group + g] - top).exp();
                 sum += totals[p * group + g] * w;
-                merged += accs[(p * group + g) * 32usize + lane] * Vector::new(w);
+                merged += accs[(p * group + g) * per_head + chan] * Vector::new(w);
             }
             let h = kvh * group + g;
             if split {
@@ -316,7 +399,8 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
     let width = max_blocks * block_tokens;
     let dtype = q.dtype;
     let int_dtype = table.dtype;
-    let vector = decode_vector(head_dim, dtype).unwrap_or(1);
+    let vector = decode_vector(head_dim, group, dtype).unwrap_or(1);
+    let per_head = head_dim / vector;
     let splits = decode_splits(rows, kv_heads, width);
     let chunk = width.div_ceil(splits);
     let out = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape.clone(), dtype);
@@ -351,7 +435,8 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
             chunk,
             group,
             PLANES,
-            decode_tile(kv_heads * rows * splits),
+            per_head,
+            LANES_PER_KEY.min(per_head),
             split,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
@@ -380,7 +465,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
 /// (a CubeCL device, a head that fits one vector per lane, and query heads a whole multiple of
 /// key heads).
 pub fn decode_kernel_applies(heads: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> bool {
-    is_cubecl(device) && kv_heads > 0 && heads.is_multiple_of(kv_heads) && decode_vector(head_dim, dtype).is_some()
+    is_cubecl(device) && kv_heads > 0 && heads.is_multiple_of(kv_heads) && decode_vector(head_dim, heads / kv_heads.max(1), dtype).is_some()
 }
 
 /// Decode rows' attention by the kernel: `q [rows, heads, d]` over the pools through `table
@@ -654,27 +739,29 @@ mod tests {
     #[test]
     fn the_decode_kernel_fits_a_head_in_one_plane_and_splits_short_batches() {
         let gpu = Device::cuda(0usize);
-        assert_eq!(decode_vector(128, DType::BF16), Some(4));
-        assert_eq!(decode_vector(128, DType::F32), Some(4));
-        assert_eq!(decode_vector(256, DType::BF16), Some(8));
-        assert_eq!(decode_vector(16, DType::F32), Some(1));
+        // Qwen3-4B's heads (4 query heads a key head) in 16-byte vectors, 16 lanes a key in the
+        // value pass; GLM's 12 and the 30B's 8 narrow to 8 bytes for their accumulators.
+        assert_eq!(decode_vector(128, 4, DType::BF16), Some(8));
+        assert_eq!(decode_vector(128, 4, DType::F32), Some(4));
+        assert_eq!(decode_vector(128, 8, DType::BF16), Some(4));
+        assert_eq!(decode_vector(128, 12, DType::BF16), Some(4));
+        assert_eq!(decode_vector(256, 4, DType::BF16), Some(8));
+        assert_eq!(decode_vector(16, 2, DType::F32), Some(4));
+        // Vectors per head must divide a plane: 96 channels never do in 16-byte vectors.
+        assert_eq!(decode_vector(96, 4, DType::BF16), None);
         // f32 heads of 256 channels need two 16-byte vectors per lane: the reference runs.
-        assert_eq!(decode_vector(256, DType::F32), None);
+        assert_eq!(decode_vector(256, 4, DType::F32), None);
         assert!(decode_kernel_applies(32, 8, 128, DType::BF16, &gpu));
         assert!(!decode_kernel_applies(32, 8, 128, DType::BF16, &Device::flex()));
         assert!(!decode_kernel_applies(30, 8, 128, DType::BF16, &gpu));
         assert!(!decode_kernel_applies(32, 8, 256, DType::F32, &gpu));
-        // One row of 8 key heads over 768 keys: 24 splits of 32 keys (192 cubes); 256 rows
-        // fill the device unsplit; a short context is never split below 32 keys a cube.
-        assert_eq!(decode_splits(1, 8, 768), 24);
+        // One row of 8 key heads over 768 keys: 12 splits of 64 keys (96 cubes); 256 rows
+        // fill the device unsplit; a short context is never split below 64 keys a cube.
+        assert_eq!(decode_splits(1, 8, 768), 12);
         assert_eq!(decode_splits(32, 8, 768), 2);
         assert_eq!(decode_splits(256, 8, 768), 1);
-        assert_eq!(decode_splits(1, 8, 48), 2);
-        // Tiles while the grid is small (a 32-row step of 8 key heads, 2 splits), one key at
-        // a time from 1,056 cubes (132 rows unsplit).
-        assert_eq!(decode_tile(8 * 24), 8);
-        assert_eq!(decode_tile(32 * 8 * 2), 8);
-        assert_eq!(decode_tile(256 * 8), 1);
+        assert_eq!(decode_splits(1, 8, 48), 1);
+        assert_eq!(decode_splits(1, 8, 3072), 33);
     }
 
     #[test]
