@@ -60,6 +60,14 @@ const ACCUMULATOR_REGISTERS: usize = 48;
 /// side, so a load instruction reads whole 64-byte runs of 8 keys).
 const LANES_PER_KEY: usize = 4;
 
+/// Score passes a plane makes over its tile (each pass scores `32 / lpk` keys, `lpk` lanes a
+/// key): a tile of 32 keys, or of 16 for more than 4 query heads per key head, whose
+/// accumulators and probabilities leave fewer registers for a whole tile's keys and values in
+/// flight (H200, 2026-12-04: 32-key tiles spilled at 8 and 12 heads a key head).
+pub fn decode_passes(group: usize, lpk: usize) -> usize {
+    if group > 4 { (lpk / 2).max(1) } else { lpk }
+}
+
 /// How many cubes share one row's context of `width` keys, for `rows x kv_heads` cubes.
 pub fn decode_splits(rows: usize, kv_heads: usize, width: usize) -> usize {
     TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(SPLIT_MIN_KEYS)).max(1)
@@ -153,6 +161,7 @@ mod device {
         #[comptime] planes: usize,
         #[comptime] per_head: usize,
         #[comptime] lpk: usize,
+        #[comptime] passes: usize,
         #[comptime] split: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
@@ -161,6 +170,9 @@ mod device {
         let kps = comptime!(32 / lpk);
         let cpl = comptime!(per_head / lpk);
         let kpp = comptime!(32 / per_head);
+        // Keys a plane takes at a time, and the value passes over them.
+        let tile = comptime!(passes * 32 / lpk);
+        let vpasses = comptime!(passes * 32 / lpk / (32 / per_head));
         let kvh = CUBE_POS_X as usize;
         let row = CUBE_POS_Y as usize;
         let part = CUBE_POS_Z as usize;
@@ -205,21 +217,34 @@ mod device {
             acc[g] = Vector::<f32, N>::zero();
         }
         // The tile's probabilities, `[pass][head]`, and the slot of each pass's key.
-        let mut probs = Array::<f32>::new(lpk * group);
-        let mut slots = Array::<u32>::new(lpk);
-        let mut base = start + plane * 32usize;
+        let mut probs = Array::<f32>::new(passes * group);
+        let mut slots = Array::<u32>::new(passes);
+        let mut base = start + plane * tile;
         while base < end {
+            // Every load of a pass is issued before any is used: the tile's table entries, then
+            // all its keys (`passes * cpl` vectors a lane), then, after the scores, all its values
+            // (`vpasses` vectors a lane), so each lane has its whole share of the tile in
+            // flight at once.
+            #[unroll]
+            for s in 0..passes {
+                let at = min(base + s * kps + kin, end - 1);
+                slots[s] = u32::cast_from(table[row * max_blocks + at / block_tokens]) * u32::cast_from(block_tokens) + u32::cast_from(at % block_tokens);
+            }
+            let mut keys = Array::<Vector<E, N>>::new(passes * cpl);
+            #[unroll]
+            for s in 0..passes {
+                #[unroll]
+                for j in 0..cpl {
+                    keys[s * cpl + j] = k[usize::cast_from(slots[s]) * k_slot + k_head + j * lpk + sub];
+                }
+            }
             let mut top = Array::<f32>::new(group);
             #[unroll]
             for g in 0..group {
                 top[g] = best[g];
             }
             #[unroll]
-            for s in 0..lpk {
-                let key = base + s * kps + kin;
-                let at = min(key, end - 1);
-                let slot = u32::cast_from(table[row * max_blocks + at / block_tokens]) * u32::cast_from(block_tokens) + u32::cast_from(at % block_tokens);
-                slots[s] = slot;
+            for s in 0..passes {
                 let mut dots = Array::<f32>::new(group);
                 #[unroll]
                 for g in 0..group {
@@ -227,13 +252,13 @@ mod device {
                 }
                 #[unroll]
                 for j in 0..cpl {
-                    let c = j * lpk + sub;
-                    let kv = Vector::<f32, N>::cast_from(k[usize::cast_from(slot) * k_slot + k_head + c]);
+                    let kv = Vector::<f32, N>::cast_from(keys[s * cpl + j]);
                     #[unroll]
                     for g in 0..group {
-                        dots[g] += Vector::vector_sum(qs[g * per_head + c] * kv);
+                        dots[g] += Vector::vector_sum(qs[g * per_head + j * lpk + sub] * kv);
                     }
                 }
+                let live = base + s * kps + kin < end;
                 #[unroll]
                 for g in 0..group {
                     let mut d = dots[g];
@@ -246,12 +271,20 @@ mod device {
                     if comptime!(lpk > 4) {
                         d += plane_shuffle_xor(d, 4u32);
                     }
-                    if key >= end {
+                    if !live {
                         d = f32::new(-1.0e30);
                     }
                     probs[s * group + g] = d;
                     top[g] = max(top[g], d);
                 }
+            }
+            // Key `i * kpp + half` of the tile, scored in pass `i * kpp / kps` by lane `src`.
+            let mut values = Array::<Vector<E, N>>::new(vpasses);
+            #[unroll]
+            for i in 0..vpasses {
+                let src = u32::cast_from(((i * kpp + half) % kps) * lpk);
+                let slot = usize::cast_from(plane_shuffle(slots[i * kpp / kps], src));
+                values[i] = v[slot * v_slot + v_head + chan];
             }
             #[unroll]
             for g in 0..group {
@@ -259,7 +292,7 @@ mod device {
                 let carry = (best[g] - t).exp();
                 let mut local = f32::new(0.0);
                 #[unroll]
-                for s in 0..lpk {
+                for s in 0..passes {
                     let e = (probs[s * group + g] - t).exp();
                     probs[s * group + g] = e;
                     local += e;
@@ -269,23 +302,20 @@ mod device {
                     local = f32::new(0.0);
                 }
                 sums[g] = sums[g] * carry + local;
-                acc[g] = acc[g] * Vector::new(carry);
+                acc[g] *= Vector::new(carry);
                 best[g] = t;
             }
             #[unroll]
-            for i in 0..per_head {
-                // Key `i * kpp + half` of the tile: scored in pass `s` by lane `src`.
-                let s = i * kpp / kps;
+            for i in 0..vpasses {
                 let src = u32::cast_from(((i * kpp + half) % kps) * lpk);
-                let slot = usize::cast_from(plane_shuffle(slots[s], src));
-                let value = Vector::<f32, N>::cast_from(v[slot * v_slot + v_head + chan]);
+                let value = Vector::<f32, N>::cast_from(values[i]);
                 #[unroll]
                 for g in 0..group {
-                    let p = plane_shuffle(probs[s * group + g], src);
+                    let p = plane_shuffle(probs[i * kpp / kps * group + g], src);
                     acc[g] += value * Vector::new(p);
                 }
             }
-            base += planes * 32usize;
+            base += planes * tile;
         }
 
         let mut bests = Shared::<[f32]>::new_slice(planes * group);
@@ -401,6 +431,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
     let int_dtype = table.dtype;
     let vector = decode_vector(head_dim, group, dtype).unwrap_or(1);
     let per_head = head_dim / vector;
+    let lpk = LANES_PER_KEY.min(per_head);
     let splits = decode_splits(rows, kv_heads, width);
     let chunk = width.div_ceil(splits);
     let out = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape.clone(), dtype);
@@ -436,7 +467,8 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
             group,
             PLANES,
             per_head,
-            LANES_PER_KEY.min(per_head),
+            lpk,
+            decode_passes(group, lpk),
             split,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
