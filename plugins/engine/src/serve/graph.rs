@@ -16,7 +16,7 @@
 use crate::decoder::{KvPool, StepTensors};
 use crate::error::EngineError;
 use crate::generate::Model;
-use burn::tensor::{Device, Graph, IndexingUpdateOp, Int, Tensor, TensorData, capture};
+use burn::tensor::{Device, Graph, Int, Tensor, TensorData, capture};
 use inference_pio_kernels::paged::{DecodeRows, PagedLayout, slot_of};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -60,9 +60,6 @@ struct Inputs {
     table: Tensor<1, Int>,
     lens: Tensor<1, Int>,
     block_tokens: usize,
-    /// `0..rows` and `0..rows * width / block_tokens`: the indices refreshed in place.
-    all_rows: Tensor<1, Int>,
-    all_table: Tensor<1, Int>,
 }
 
 /// The pool and the inputs a recorded step touches, shared with its closure.
@@ -163,16 +160,19 @@ impl DecodeGraphs {
         {
             let mut s = shared.borrow_mut();
             let inputs = &mut s.inputs;
-            let (all_rows, all_table) = (inputs.all_rows.clone(), inputs.all_table.clone());
-            let refresh = |t: &mut Tensor<1, Int>, idx: &Tensor<1, Int>, values: Vec<i64>| {
+            // A whole-range slice assignment: one unit per element, in place. (burn's
+            // `select_assign` over a 1-D tensor runs one unit that loops over every index:
+            // refreshing a 256-row table of 48 blocks a row took milliseconds a step.)
+            let refresh = |t: &mut Tensor<1, Int>, values: Vec<i64>| {
+                let n = values.len();
                 let new = ints(values, &device);
-                t.inplace(|t| t.select_assign(0, idx.clone(), new, IndexingUpdateOp::Assign));
+                t.inplace(|t| t.slice_assign([0..n], new));
             };
-            refresh(&mut inputs.tokens, &all_rows, tokens);
-            refresh(&mut inputs.positions, &all_rows, positions);
-            refresh(&mut inputs.slots, &all_rows, slots);
-            refresh(&mut inputs.table, &all_table, table);
-            refresh(&mut inputs.lens, &all_rows, lens);
+            refresh(&mut inputs.tokens, tokens);
+            refresh(&mut inputs.positions, positions);
+            refresh(&mut inputs.slots, slots);
+            refresh(&mut inputs.table, table);
+            refresh(&mut inputs.lens, lens);
         }
         if !self.records || self.given_up {
             self.counts.direct += 1;
@@ -235,8 +235,6 @@ impl DecodeGraphs {
             table: zeros(table),
             lens: ints(vec![1; rows], device),
             block_tokens,
-            all_rows: ints((0..rows as i64).collect(), device),
-            all_table: ints((0..table as i64).collect(), device),
         }
     }
 }
