@@ -33,7 +33,7 @@ mod common;
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
-use inference_pio_kernels::paged::{mask_values, paged_decode_attention};
+use inference_pio_kernels::paged::{mask_values, paged_decode_attention, paged_decode_attention_in_passes};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
@@ -238,6 +238,18 @@ fn check_attention(device: &Device) -> usize {
             let label = format!("{name:46} {:5}", format!("{dtype:?}"));
             let bytes = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * dim * 2 * dtype.size()) as f64;
             failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &reference));
+            // The tile sizes the kernel can take (score passes of `32 / 4` keys each), the
+            // default above; bf16 only.
+            if dtype == DType::BF16 {
+                for passes in [4usize, 2, 1] {
+                    let tiled = || match paged_decode_attention_in_passes(q.clone(), &k, &v, &table, &lens, bt, window, scale, Some(passes)) {
+                        Some(out) => out.reshape([rows * heads, dim]),
+                        None => panic!("{name}: the paged decode-attention kernel does not apply"),
+                    };
+                    let label = format!("{name:46} BF16  {passes} passes");
+                    failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &tiled, &reference, &kernel));
+                }
+            }
         }
     }
     // Prefill's scaled, masked softmax (`inference_pio_kernels::softmax`) against the burn

@@ -91,7 +91,8 @@ pub fn decode_vector(head_dim: usize, group: usize, dtype: DType) -> Option<usiz
 pub trait PagedDecodeOps: Backend {
     /// `q [rows, heads, head_dim]`, pools `k`/`v [slots, kv_heads, head_dim]`, `table [rows,
     /// max_blocks]` (each row's blocks, padded), `lens [rows]` (keys each row sees: its query
-    /// sits at `len - 1`), `window` (0: none): `[rows, heads, head_dim]`.
+    /// sits at `len - 1`), `window` (0: none), `passes` (score passes a plane makes over its
+    /// tile, see [`decode_passes`]; 0: that choice): `[rows, heads, head_dim]`.
     #[fusion(dtype = q, shape = q)]
     #[allow(clippy::too_many_arguments)]
     fn paged_decode_attention(
@@ -103,6 +104,7 @@ pub trait PagedDecodeOps: Backend {
         scale: f32,
         block_tokens: usize,
         window: usize,
+        passes: usize,
     ) -> FloatTensor<Self>;
 }
 
@@ -116,8 +118,9 @@ impl PagedDecodeOps for CubeBackend {
         scale: f32,
         block_tokens: usize,
         window: usize,
+        passes: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, table, lens, scale, block_tokens, window)
+        launch(q, k, v, table, lens, scale, block_tokens, window, passes)
     }
 }
 
@@ -417,7 +420,8 @@ mod device {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize) -> CubeTensor {
+#[allow(clippy::too_many_arguments)]
+fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize) -> CubeTensor {
     let q = into_contiguous(q);
     let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
     let (table, lens) = (into_contiguous(table), into_contiguous(lens));
@@ -432,6 +436,8 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
     let vector = decode_vector(head_dim, group, dtype).unwrap_or(1);
     let per_head = head_dim / vector;
     let lpk = LANES_PER_KEY.min(per_head);
+    // A power of two from 1 to `lpk` (`lpk` is one), so the tile splits into whole passes.
+    let passes = if passes == 0 { decode_passes(group, lpk) } else { 1 << passes.min(lpk).ilog2() };
     let splits = decode_splits(rows, kv_heads, width);
     let chunk = width.div_ceil(splits);
     let out = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape.clone(), dtype);
@@ -468,7 +474,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
             PLANES,
             per_head,
             lpk,
-            decode_passes(group, lpk),
+            passes,
             split,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
@@ -505,6 +511,14 @@ pub fn decode_kernel_applies(heads: usize, kv_heads: usize, head_dim: usize, dty
 /// `None` where the kernel does not apply ([`decode_kernel_applies`]).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+    paged_decode_attention_in_passes(q, k, v, table, lens, block_tokens, window, scale, None)
+}
+
+/// [`paged_decode_attention`] with the score passes per tile chosen (`None`: [`decode_passes`];
+/// else rounded down to a power of two of at most the lanes a key): for measuring the tile
+/// size (`kernels/examples/kernel_check.rs`).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_attention_in_passes(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64, passes: Option<usize>) -> Option<Tensor<3>> {
     let [rows, heads, d] = q.dims();
     let kv_heads = k.dims()[1];
     if !decode_kernel_applies(heads, kv_heads, d, q.dtype(), &q.device()) || k.dims() != v.dims() || table.dims()[0] != rows || lens.dims()[0] != rows {
@@ -519,6 +533,7 @@ pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table:
         scale as f32,
         block_tokens,
         window.unwrap_or(0),
+        passes.unwrap_or(0).max(usize::from(passes.is_some())),
     );
     Some(Tensor::<3>::from_dispatch(out))
 }
