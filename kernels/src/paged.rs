@@ -21,7 +21,7 @@
 //! value read once, not once per query head), reads the keys straight from the pool through
 //! the row's block table (no gathered copy), and hides nothing through a mask: a row sees the
 //! keys below its context length, within its window. Its planes (warps) take tiles of 32
-//! consecutive keys in turn: groups of four lanes score a key each (one load instruction reads
+//! consecutive keys (8 for GQA groups over 4) in turn: groups of four lanes score a key each (one load instruction reads
 //! whole 64-byte runs of eight keys, and a score needs two shuffles, not five), the tile moves
 //! an online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867; f32 inside) once, and all
 //! lanes then add the tile's values, several keys side by side; planes merge through shared
@@ -61,11 +61,14 @@ const ACCUMULATOR_REGISTERS: usize = 48;
 const LANES_PER_KEY: usize = 4;
 
 /// Score passes a plane makes over its tile (each pass scores `32 / lpk` keys, `lpk` lanes a
-/// key): a tile of 32 keys, or of 16 for more than 4 query heads per key head, whose
-/// accumulators and probabilities leave fewer registers for a whole tile's keys and values in
-/// flight (H200, 2026-12-04: 32-key tiles spilled at 8 and 12 heads a key head).
+/// key): four (a tile of 32 keys) up to 4 query heads per key head, one (8 keys) above, whose
+/// accumulators and probabilities leave fewer registers for a tile's keys and values in
+/// flight. H200, 2026-12-04 (`kernel_check attention`, bf16, 1 / 2 / 4 passes): Qwen3-4B at
+/// 256 rows x 600 keys 305 / 355 / 311 µs and Qwen3-VL-2B at 64 rows 84 / 96 / 79 µs; the
+/// 30B's 8 heads a key head at 256 rows 390 / 850 / 1,087 µs and GLM's 12 at 8 rows
+/// 48 / 146 / 196 µs.
 pub fn decode_passes(group: usize, lpk: usize) -> usize {
-    if group > 4 { (lpk / 2).max(1) } else { lpk }
+    if group > 4 { 1 } else { lpk }
 }
 
 /// How many cubes share one row's context of `width` keys, for `rows x kv_heads` cubes.
@@ -132,11 +135,12 @@ mod device {
 
     /// One cube per (key head, row, split): the `group` query heads of key head `CUBE_POS_X`
     /// of row `CUBE_POS_Y` over keys `[split * chunk, (split + 1) * chunk)` of the row's
-    /// visible range. The queries, scaled, sit in shared memory. Planes take tiles of 32
-    /// consecutive keys in turn, in two passes:
+    /// visible range. The queries, scaled, sit in shared memory. Planes take tiles of
+    /// `passes * 32 / lpk` consecutive keys in turn, every load of a tile issued before any is
+    /// used, in two steps:
     /// - scores: groups of `lpk` lanes score one key each (each lane a `1 / lpk` share of the
     ///   head, its vectors side by side with its neighbours', so one load instruction reads
-    ///   whole runs of `32 / lpk` keys), `lpk` passes for the tile; the tile's maximum moves
+    ///   whole runs of `32 / lpk` keys), `passes` times for the tile; the tile's maximum moves
     ///   the running one once (an online softmax, f32);
     /// - values: lanes hold one vector of the head each, `32 / per_head` keys side by side, and
     ///   add each key's value times its probability, shuffled from the lane that scored it.
@@ -419,7 +423,6 @@ mod device {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[allow(clippy::too_many_arguments)]
 fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize) -> CubeTensor {
     let q = into_contiguous(q);
@@ -809,6 +812,13 @@ mod tests {
         assert_eq!(decode_splits(256, 8, 768), 1);
         assert_eq!(decode_splits(1, 8, 48), 1);
         assert_eq!(decode_splits(1, 8, 3072), 33);
+        // Tiles of 32 keys (four passes of 8, four lanes a key) up to 4 heads a key head, of
+        // 8 keys above; a head of 2 vectors scores each key with 2 lanes.
+        assert_eq!(decode_passes(4, 4), 4);
+        assert_eq!(decode_passes(2, 4), 4);
+        assert_eq!(decode_passes(8, 4), 1);
+        assert_eq!(decode_passes(12, 4), 1);
+        assert_eq!(decode_passes(2, 2), 2);
     }
 
     #[test]

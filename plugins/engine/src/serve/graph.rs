@@ -16,7 +16,7 @@
 use crate::decoder::{KvPool, StepTensors};
 use crate::error::EngineError;
 use crate::generate::Model;
-use burn::tensor::{Device, Graph, Int, Tensor, TensorData, capture};
+use burn::tensor::{Device, Graph, Int, Tensor, TensorData, capture, s};
 use inference_pio_kernels::paged::{DecodeRows, PagedLayout, slot_of};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -166,7 +166,7 @@ impl DecodeGraphs {
             let refresh = |t: &mut Tensor<1, Int>, values: Vec<i64>| {
                 let n = values.len();
                 let new = ints(values, &device);
-                t.inplace(|t| t.slice_assign([0..n], new));
+                t.inplace(|t| t.slice_assign(s![0..n], new));
             };
             refresh(&mut inputs.tokens, tokens);
             refresh(&mut inputs.positions, positions);
