@@ -80,11 +80,8 @@ fn check(
     };
     let err = rel_l2(&got, &want);
     let ok = err <= tol;
-    // Each call's output is reduced over its rows (one read of it) before the timed graph
-    // accumulates it: accumulating whole outputs cast to f32 cost several times the traffic of
-    // a kernel whose output is as large as its input (the softmax checks read 80–90 GB/s for
-    // every version that way, H200, 2026-12-04).
-    let timing = |op: &dyn Fn() -> Tensor<2>| match (time_graph(device, &|| op().sum_dim(0).cast(DType::F32)), work) {
+    // Each call's output is summed in f32, as the checks compare it.
+    let timing = |op: &dyn Fn() -> Tensor<2>| match (time_graph(device, &|| op().cast(DType::F32)), work) {
         (Ok(s), Work::Bytes(bytes)) => format!("{:7.1} µs {:6.0} GB/s", s * 1e6, bytes / s / 1e9),
         (Ok(s), Work::Flops(flops)) => format!("{:7.1} µs {:6.1} TFLOP/s", s * 1e6, flops / s / 1e12),
         (Err(e), _) => format!("({e})"),
