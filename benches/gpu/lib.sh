@@ -44,6 +44,27 @@ PY
   done
 }
 
+# qwen3_4b_dir: a model directory with Qwen3-4B-Instruct-2507's real config.json and
+# tokenizer and no weights (runs use --random-weights); prints its path.
+qwen3_4b_dir() {
+  local p=plugins/qwen3-4b-instruct-2507 ck=/tmp/m4b
+  mkdir -p $ck
+  cp $p/primary/config.json $ck/
+  cp -L $p/tests/fixtures/qwen3-tokenizer/tokenizer.json $p/tests/fixtures/qwen3-tokenizer/tokenizer_config.json $ck/
+  echo $ck
+}
+
+# random_prompts ROWS TOKENS: ROWS lines of TOKENS random Qwen3 token ids each (JSON arrays,
+# `run --prompts-file`), seeded by ROWS, on stdout.
+random_prompts() {
+  python3 - "$1" "$2" <<'PY'
+import json, random, sys
+r = random.Random(int(sys.argv[1]))
+for _ in range(int(sys.argv[1])):
+    print(json.dumps([r.randrange(100, 151000) for _ in range(int(sys.argv[2]))]))
+PY
+}
+
 # qwen3_coder_30b_dir: a model directory with the real Qwen3-Coder-30B-A3B config.json and
 # tokenizer and no weights (runs use --random-weights); prints its path.
 qwen3_coder_30b_dir() {

@@ -15,16 +15,10 @@ unpack_gpu_binaries inference-pio libqwen3_4b_instruct_2507.so
 ensure_cublas
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $NCU"
-CK=/tmp/m4b; mkdir -p $CK; P=plugins/qwen3-4b-instruct-2507
-cp $P/primary/config.json $CK/; cp -L $P/tests/fixtures/qwen3-tokenizer/tokenizer.json $P/tests/fixtures/qwen3-tokenizer/tokenizer_config.json $CK/
+CK=$(qwen3_4b_dir)
 rows=${ROWS:-256}
 printf '[plugins.qwen3-4b-instruct-2507]\ncuda_graphs = false\nmax_num_batched_tokens = %d\nkv_cache_gb = 40\n' $(( rows * ${PROMPT_TOKENS:-512} )) > /tmp/eager.toml
-python3 - $rows ${PROMPT_TOKENS:-512} > /tmp/p.jsonl <<'PY'
-import json, random, sys
-r = random.Random(int(sys.argv[1]))
-for _ in range(int(sys.argv[1])):
-    print(json.dumps([r.randrange(100, 151000) for _ in range(int(sys.argv[2]))]))
-PY
+random_prompts $rows ${PROMPT_TOKENS:-512} > /tmp/p.jsonl
 start=$SECONDS
 XDG_CACHE_HOME=/tmp/xdg timeout ${NCU_TIMEOUT:-300} $NCU --csv --metrics gpu__time_duration.sum --clock-control none --cache-control none \
   --log-file /tmp/ncu.csv $PIO --config /tmp/eager.toml run $PD --model $CK --random-weights --prompts-file /tmp/p.jsonl \

@@ -11,16 +11,10 @@ set -u
 source benches/gpu/lib.sh
 unpack_gpu_binaries inference-pio libqwen3_4b_instruct_2507.so
 ensure_cublas
-CK=/tmp/m4b; mkdir -p $CK; P=plugins/qwen3-4b-instruct-2507
-cp $P/primary/config.json $CK/; cp -L $P/tests/fixtures/qwen3-tokenizer/tokenizer.json $P/tests/fixtures/qwen3-tokenizer/tokenizer_config.json $CK/
+CK=$(qwen3_4b_dir)
 printf '[plugins.qwen3-4b-instruct-2507]\ncuda_graphs = false\nmax_num_batched_tokens = 8192\n' > /tmp/eager.toml
 for rows in ${ROWS:-1 32 256}; do
-  python3 - $rows ${PROMPT_TOKENS:-256} > /tmp/p$rows.jsonl <<'PY'
-import json, random, sys
-r = random.Random(int(sys.argv[1]))
-for _ in range(int(sys.argv[1])):
-    print(json.dumps([r.randrange(100, 151000) for _ in range(int(sys.argv[2]))]))
-PY
+  random_prompts $rows ${PROMPT_TOKENS:-256} > /tmp/p$rows.jsonl
   printf '[profiling.logger]\nlevel = "basic"\nfile = "/tmp/profile_%s.log"\n' $rows > cubecl.toml
   start=$SECONDS
   XDG_CACHE_HOME=/tmp/xdg timeout 200 $PIO --config /tmp/eager.toml run $PD --model $CK --random-weights --prompts-file /tmp/p$rows.jsonl \
