@@ -21,12 +21,13 @@
 //! value read once, not once per query head), reads the keys straight from the pool through
 //! the row's block table (no gathered copy), and hides nothing through a mask: a row sees the
 //! keys below its context length, within its window. Its planes (warps) take tiles of 32
-//! consecutive keys (8 for GQA groups over 4) in turn: groups of four lanes score a key each (one load instruction reads
-//! whole 64-byte runs of eight keys, and a score needs two shuffles, not five), the tile moves
-//! an online softmax (Milakov & Gimelshein 2018, arXiv:1805.02867; f32 inside) once, and all
-//! lanes then add the tile's values, several keys side by side; planes merge through shared
-//! memory. When a step has too few rows to fill the device, the
-//! context is split over several cubes whose partial results a second kernel merges. Checked
+//! consecutive keys (8 for GQA groups over 4) in turn: groups of four lanes score a key each
+//! (one load instruction reads whole 64-byte runs of eight keys, and a score needs two
+//! shuffles, not five), the tile moves an online softmax (Milakov & Gimelshein 2018,
+//! arXiv:1805.02867; f32 inside) once, and all lanes then add the tile's values, several keys
+//! side by side; planes merge through shared memory. When a step has too few rows to fill the
+//! device, the context is split over several cubes whose partial results a second kernel
+//! merges. Checked
 //! on the device against the reference by `kernels/examples/kernel_check.rs` (group
 //! `attention`) and end to end by the engine's parity runs (`benches/gpu/run_serving_4b.sh`).
 
@@ -44,8 +45,9 @@ use std::cell::RefCell;
 
 /// Planes per cube of the decode kernel, taking tiles of the cube's keys in turn.
 const PLANES: usize = 4;
-/// Keys a plane takes at a time: one tile of [`PLANE`] keys, scored by groups of lanes and
-/// then summed into the values by all lanes.
+/// The most keys a plane takes at a time (a tile: [`decode_passes`] score passes of
+/// `PLANE / LANES_PER_KEY` keys), scored by groups of lanes and then summed into the values
+/// by all lanes.
 const TILE: usize = PLANE;
 /// Cubes a decode launch aims for (twice the 132 multiprocessors of an H100/H200): a step with
 /// fewer (rows x key heads) than this splits each row's context over several cubes.
@@ -57,8 +59,10 @@ const SPLIT_MIN_KEYS: usize = 2 * TILE;
 /// its accumulators in registers.
 const ACCUMULATOR_REGISTERS: usize = 48;
 /// Lanes that share one key's scores (each reads a quarter of the head, 16-byte vectors side by
-/// side, so a load instruction reads whole 64-byte runs of 8 keys).
+/// side, so a load instruction reads whole 64-byte runs of 8 keys). At most 4: the kernel's
+/// score reduction shuffles across 1 and 2 lanes.
 const LANES_PER_KEY: usize = 4;
+const _: () = assert!(LANES_PER_KEY <= 4 && LANES_PER_KEY.is_power_of_two());
 
 /// Score passes a plane makes over its tile (each pass scores `32 / lpk` keys, `lpk` lanes a
 /// key): four (a tile of 32 keys) up to 4 query heads per key head, one (8 keys) above, whose
@@ -178,8 +182,8 @@ mod device {
         let cpl = comptime!(per_head / lpk);
         let kpp = comptime!(32 / per_head);
         // Keys a plane takes at a time, and the value passes over them.
-        let tile = comptime!(passes * 32 / lpk);
-        let vpasses = comptime!(passes * 32 / lpk / (32 / per_head));
+        let tile = comptime!(passes * kps);
+        let vpasses = comptime!(tile / kpp);
         let kvh = CUBE_POS_X as usize;
         let row = CUBE_POS_Y as usize;
         let part = CUBE_POS_Z as usize;
@@ -274,9 +278,6 @@ mod device {
                     }
                     if comptime!(lpk > 2) {
                         d += plane_shuffle_xor(d, 2u32);
-                    }
-                    if comptime!(lpk > 4) {
-                        d += plane_shuffle_xor(d, 4u32);
                     }
                     if !live {
                         d = f32::new(-1.0e30);
@@ -536,7 +537,7 @@ pub fn paged_decode_attention_in_passes(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<
         scale as f32,
         block_tokens,
         window.unwrap_or(0),
-        passes.unwrap_or(0).max(usize::from(passes.is_some())),
+        passes.map_or(0, |p| p.max(1)),
     );
     Some(Tensor::<3>::from_dispatch(out))
 }
