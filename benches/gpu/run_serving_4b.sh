@@ -11,7 +11,7 @@
 # Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz, .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/{log.txt,results.json,sw/*} (sw: the qwen3-tiny-sw fixture to commit).
 # Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers"), OURS (which of
-# our runs, default "b1 b32 offline prefix_off prefix_on"), PEERS (default "transformers
+# our runs, default "b1 b32 offline offline_sync prefix_off prefix_on"), PEERS (default "transformers
 # llama"; llama.cpp runs only if its build was started, i.e. with the peers stage), PIO_LOG (1:
 # phase log).
 set -uo pipefail
@@ -64,22 +64,34 @@ with open("/tmp/b1.txt", "w") as f:
 PY
   printf '[plugins.%s]\nmax_num_batched_tokens = 8192\n' $ID > /tmp/serve.toml
   printf '[plugins.%s]\nmax_num_batched_tokens = 8192\nprefix_caching = false\n' $ID > /tmp/nocache.toml
+  printf '[plugins.%s]\nmax_num_batched_tokens = 8192\nprefix_caching = false\nasync_scheduling = false\n' $ID > /tmp/nocache_sync.toml
   echo "checkpoint and prompts ready at $SECONDS s"
 fi
 ours() { # name config args...
   local name=$1 config=$2; shift 2
-  [[ " ${OURS:-b1 b32 offline prefix_off prefix_on} " == *" $name "* ]] || return
+  [[ " ${OURS:-b1 b32 offline offline_sync prefix_off prefix_on} " == *" $name "* ]] || return
   local t=$(( $(left) - 15 )); [ $t -lt 20 ] && { echo "no time for $name"; return; }
   local start=$SECONDS
   ${PIO_LOG:+env INFERENCE_PIO_LOG=1} timeout $t taskset -c $OURS_CPUS $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
     > /tmp/ours_$name.json 2> /tmp/ours_$name.err
   echo "ours $name: exit $? after $(( SECONDS - start )) s"; tail -2 /tmp/ours_$name.err
   grep -a -m4 -i "graph\|panick\|recording\|decode steps" /tmp/ours_$name.err
+  grep -a "steps:" /tmp/ours_$name.err | tail -3
 }
 if has ours; then
   ours b1 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 256 --repeat 3
   ours b32 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 128 --batch 32 --repeat 2
   ours offline /tmp/nocache.toml --prompts-file /tmp/offline.jsonl --max-new-tokens 128 --repeat 2
+  # The same workload with every step read back before the next is scheduled (A/B), and
+  # whether the two picked the same tokens.
+  ours offline_sync /tmp/nocache_sync.toml --prompts-file /tmp/offline.jsonl --max-new-tokens 128 --repeat 2
+  [ -f /tmp/ours_offline.json ] && [ -f /tmp/ours_offline_sync.json ] && python3 - <<'PY'
+import json
+a, b = (json.load(open(f"/tmp/ours_{n}.json")) for n in ("offline", "offline_sync"))
+ra, rb = a.get("rows") or [], b.get("rows") or []
+same = sum(x["token_ids"] == y["token_ids"] for x, y in zip(ra, rb))
+print(f"offline async vs sync: {same} of {len(ra)} requests with identical tokens")
+PY
   ours prefix_off /tmp/nocache.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32 --repeat 2
   ours prefix_on /tmp/serve.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32 --repeat 2
 fi

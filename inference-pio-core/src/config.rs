@@ -241,6 +241,13 @@ pub struct OptimizationSettings {
     /// queuing. `false`: every step is queued from the host. Numerics are the same either way.
     #[serde(default = "default_true")]
     pub cuda_graphs: bool,
+    /// A decode step whose tokens are all picked greedily on the device is queued before the
+    /// step ahead of it has been read back: its tokens are gathered from that step's picks on
+    /// the device, and the host reads, detokenises and streams the earlier step while the GPU
+    /// runs this one (vLLM's async scheduling). `false`: every step is read back before the
+    /// next is scheduled. The tokens are the same either way.
+    #[serde(default = "default_true")]
+    pub async_scheduling: bool,
     /// Sequences the scheduler steps together at most (running decodes plus prefilling
     /// prompts); later requests wait.
     #[serde(default = "default_max_num_seqs")]
@@ -290,6 +297,7 @@ impl ServingSettings {
             prefill_chunk_tokens: 2048,
             max_context_tokens: None,
             cuda_graphs: true,
+            async_scheduling: true,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             kv_cache_gb: None,
@@ -323,11 +331,12 @@ impl Default for OptimizationSettings {
 }
 
 impl OptimizationSettings {
-    pub const KEYS: [&'static str; 10] = [
+    pub const KEYS: [&'static str; 11] = [
         "dtype",
         "prefill_chunk_tokens",
         "max_context_tokens",
         "cuda_graphs",
+        "async_scheduling",
         "max_num_seqs",
         "max_num_batched_tokens",
         "kv_cache_gb",
@@ -453,6 +462,8 @@ pub struct PluginSection {
     pub max_context_tokens: Option<u32>,
     /// Overrides the profile's `cuda_graphs`.
     pub cuda_graphs: Option<bool>,
+    /// Overrides the profile's `async_scheduling`.
+    pub async_scheduling: Option<bool>,
     /// Override the profile's scheduler and KV-cache settings (see [`OptimizationSettings`]).
     pub max_num_seqs: Option<u32>,
     pub max_num_batched_tokens: Option<u32>,
@@ -501,6 +512,9 @@ impl PluginSection {
         }
         if let Some(graphs) = self.cuda_graphs {
             settings.cuda_graphs = graphs;
+        }
+        if let Some(on) = self.async_scheduling {
+            settings.async_scheduling = on;
         }
         if let Some(n) = self.max_num_seqs {
             settings.max_num_seqs = n;
@@ -732,6 +746,9 @@ mod tests {
         assert_eq!(config.plugin("other").optimization(), Profile::Balanced.settings());
         let off = parse("[plugins.qwen]\ncuda_graphs = false\n").expect("valid");
         assert!(!off.plugin("qwen").optimization().cuda_graphs);
+        assert!(settings.async_scheduling, "profiles queue greedy decode steps ahead");
+        let sync = parse("[plugins.qwen]\nasync_scheduling = false\n").expect("valid");
+        assert!(!sync.plugin("qwen").optimization().async_scheduling);
         let serving = parse(
             "[plugins.qwen]\nmax_num_seqs = 8\nmax_num_batched_tokens = 64\nkv_cache_gb = 2.5\nprefix_caching = false\nkv_block_tokens = 32\n",
         )

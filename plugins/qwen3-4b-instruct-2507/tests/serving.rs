@@ -257,6 +257,48 @@ fn device_resident_decode_steps_equal_host_built_steps() {
 }
 
 #[test]
+fn decode_steps_queued_before_the_last_is_read_back_give_the_same_tokens() {
+    // With `async_scheduling` a greedy decode step is queued with its tokens gathered from the
+    // previous step's picks on the device, before those are read back. Rows end at different
+    // steps (by length, which is known ahead, and by their consumer stopping, which is not),
+    // so the chained steps' rows change; the tokens must be those of the step-by-step loop.
+    let on = load(|s| s.optimization.async_scheduling = true);
+    let off = load(|s| s.optimization.async_scheduling = false);
+    let requests: Vec<RowRequest> = (0..6).map(|i| RowRequest::greedy(prompt(3 + 5 * i, 40 + i), 5 + 4 * i).ignoring_eos()).collect();
+    let run_all = |engine: &Engine| -> Vec<Vec<u32>> {
+        let mut seen = [0usize; 6];
+        engine
+            .generate_rows(
+                requests.clone(),
+                &Default::default(),
+                &mut |row, _, _| {
+                    seen[row] += 1;
+                    // Row 4's consumer stops after 7 tokens.
+                    !(row == 4 && seen[row] == 7)
+                },
+                &mut Default::default(),
+            )
+            .expect("generate")
+            .into_iter()
+            .map(|r| r.new_ids)
+            .collect()
+    };
+    let (chained, stepped) = (run_all(&on), run_all(&off));
+    assert_eq!(chained, stepped);
+    assert_eq!(chained.iter().map(Vec::len).collect::<Vec<_>>(), vec![5, 9, 13, 17, 7, 25]);
+    let counts = on.graph_counts();
+    assert!(counts.chained >= 15, "{counts:?}");
+    assert_eq!(off.graph_counts().chained, 0);
+    // Every block is back, and what the cache holds was computed from real tokens: a request
+    // repeating row 5's prompt and tokens finds them and continues as the first did.
+    assert_eq!(on.stats().kv_blocks_used, 0);
+    let again: Vec<u32> = requests[5].prompt.iter().chain(&chained[5][..20]).copied().collect();
+    let hit = run(&on, RowRequest::greedy(again, 5).ignoring_eos());
+    assert_eq!(hit.new_ids, chained[5][20..25]);
+    assert!(on.stats().prefix_cache_hit_tokens >= 40, "{:?}", on.stats());
+}
+
+#[test]
 fn many_greedy_rows_pick_their_tokens_on_the_device_as_alone() {
     // Plain greedy steps take the argmax where the logits are (our kernel on CubeCL devices,
     // burn's on the CPU) and read back only the ids: 70 rows together (a bucket of 128 when

@@ -29,9 +29,18 @@ const WIDTH_STEP: usize = 256;
 
 type StepFn = Box<dyn FnMut() -> Result<Tensor<2>, EngineError>>;
 
+/// Where a decode row's token comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowToken {
+    /// Known on the host.
+    Host(u32),
+    /// Row `n` of the ids the previous step picked on the device (still being read back).
+    Previous(usize),
+}
+
 /// One decode row: its token, position (= the slot index in its sequence) and blocks.
 pub struct DecodeRow<'a> {
-    pub token: u32,
+    pub token: RowToken,
     pub position: usize,
     /// Its rotary position (`position`, or where multimodal positions put it).
     pub rope_position: usize,
@@ -46,6 +55,9 @@ pub struct StepCounts {
     pub captures: usize,
     pub replays: usize,
     pub failed_captures: usize,
+    /// Steps whose tokens came from the previous step's picks on the device (queued before
+    /// those were read back).
+    pub chained: usize,
 }
 
 /// The device tensors of one shape.
@@ -116,8 +128,10 @@ impl DecodeGraphs {
     }
 
     /// Runs one decode step for `rows` (a bucket must exist: [`Self::applies`]); f32 logits
-    /// `[padded rows, vocab]`, the first `rows.len()` rows being the real ones.
-    pub fn step(&mut self, rows: &[DecodeRow<'_>], pool: &Rc<RefCell<KvPool>>) -> Result<Tensor<2>, EngineError> {
+    /// `[padded rows, vocab]`, the first `rows.len()` rows being the real ones. Rows are all
+    /// [`RowToken::Host`], or all [`RowToken::Previous`] with `previous` the ids the step before
+    /// picked (gathered on the device).
+    pub fn step(&mut self, rows: &[DecodeRow<'_>], pool: &Rc<RefCell<KvPool>>, previous: Option<&Tensor<1, Int>>) -> Result<Tensor<2>, EngineError> {
         let context = rows.iter().map(|r| r.position + 1).max().unwrap_or(1);
         let (padded, width) = bucket(rows.len(), context).ok_or_else(|| EngineError::InvalidRequest(format!("no decode bucket for {} rows", rows.len())))?;
         let device = self.model.decoder.device.clone();
@@ -135,13 +149,22 @@ impl DecodeGraphs {
         }
         // The step's values, padded.
         let mut tokens = vec![0i64; padded];
+        // Rows of `previous` to gather the tokens from (padding rows: row 0).
+        let mut sources = vec![0i64; padded];
+        let chained = rows.iter().all(|r| matches!(r.token, RowToken::Previous(_)));
+        if chained && previous.is_none() || !chained && rows.iter().any(|r| matches!(r.token, RowToken::Previous(_))) {
+            return Err(EngineError::Device("a decode step mixes tokens known on the host and on the device, or lacks the previous picks".into()));
+        }
         let mut positions = vec![0i64; padded];
         let mut slots = vec![scratch as i64; padded];
         let max_blocks = width.div_ceil(block_tokens);
         let mut table = vec![(scratch / block_tokens) as i64; padded * max_blocks];
         let mut lens = vec![1i64; padded];
         for (i, r) in rows.iter().enumerate() {
-            tokens[i] = r.token as i64;
+            match r.token {
+                RowToken::Host(t) => tokens[i] = i64::from(t),
+                RowToken::Previous(row) => sources[i] = row as i64,
+            }
             positions[i] = r.rope_position as i64;
             slots[i] = slot_of(r.blocks, block_tokens, r.position) as i64;
             for (b, &id) in r.blocks.iter().take(max_blocks).enumerate() {
@@ -168,7 +191,15 @@ impl DecodeGraphs {
                 let new = ints(values, &device);
                 t.inplace(|t| t.slice_assign(s![0..n], new));
             };
-            refresh(&mut inputs.tokens, tokens);
+            match previous.filter(|_| chained) {
+                Some(previous) => {
+                    let gathered = previous.clone().select(0, ints(sources, &device));
+                    let gathered = if gathered.dtype() == inputs.tokens.dtype() { gathered } else { gathered.cast(inputs.tokens.dtype()) };
+                    inputs.tokens.inplace(|t| t.slice_assign(s![0..padded], gathered));
+                    self.counts.chained += 1;
+                }
+                None => refresh(&mut inputs.tokens, tokens),
+            }
             refresh(&mut inputs.positions, positions);
             refresh(&mut inputs.slots, slots);
             refresh(&mut inputs.table, table);

@@ -80,6 +80,7 @@ struct StepSettings {
     limits: Limits,
     prefix_caching: bool,
     cuda_graphs: bool,
+    async_scheduling: bool,
 }
 
 impl StepSettings {
@@ -88,6 +89,7 @@ impl StepSettings {
             limits: Limits { max_num_seqs: settings.max_num_seqs as usize, max_num_batched_tokens: settings.max_num_batched_tokens as usize },
             prefix_caching: settings.prefix_caching,
             cuda_graphs: settings.cuda_graphs,
+            async_scheduling: settings.async_scheduling,
         }
     }
 }
@@ -187,6 +189,9 @@ impl StepLoop {
                     settings: loop_settings,
                     next_id: 1,
                     cuda_graphs: step.cuda_graphs,
+                    async_scheduling: step.async_scheduling,
+                    in_flight: None,
+                    clock: StepClock::default(),
                     graph_counts: loop_counts,
                 };
                 if built_tx.send(Ok((model, extra, blocks, block_tokens))).is_err() {
@@ -282,11 +287,59 @@ struct Live {
     features: Vec<Option<ImageFeatures>>,
 }
 
+/// With `INFERENCE_PIO_LOG`: every 256 steps, the mean time a step took and how much of it
+/// the loop spent waiting for the device's results (the rest is host work: a loop that waits
+/// little is bound by the host, not the GPU).
+#[derive(Default)]
+struct StepClock {
+    since: Option<Instant>,
+    steps: u32,
+    waiting: std::time::Duration,
+}
+
+impl StepClock {
+    const EVERY: u32 = 256;
+
+    fn waited(&mut self, d: std::time::Duration) {
+        self.waiting += d;
+    }
+
+    fn step(&mut self) {
+        if !crate::progress::enabled() {
+            return;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        self.steps += 1;
+        if self.steps == Self::EVERY {
+            let (wall, wait) = (since.elapsed().as_secs_f64() * 1e3, self.waiting.as_secs_f64() * 1e3);
+            let n = f64::from(self.steps);
+            crate::progress::log(|| format!("steps: {:.2} ms a step, {:.2} ms of it waiting for the device", wall / n, wait / n));
+            *self = Self { since: Some(Instant::now()), ..Self::default() };
+        }
+    }
+}
+
+/// A decode step queued on the device whose picks are still being read back.
+struct InFlight {
+    work: Vec<Scheduled>,
+    /// Each sequence's row in `picked`.
+    rows: HashMap<u64, usize>,
+    /// The ids picked on the device, `[rows]` (the next step's tokens are gathered from them).
+    picked: Tensor<1, Int>,
+    read: inference_pio_kernels::readback::PendingRead,
+    /// Rows whose grammar failed while the step was queued.
+    failed: Vec<(u64, EngineError)>,
+}
+
 struct LoopState {
     model: Arc<Model>,
     pool: Rc<RefCell<KvPool>>,
     graphs: graph::DecodeGraphs,
     cuda_graphs: bool,
+    async_scheduling: bool,
+    /// A decode step queued on the device and not read back yet.
+    in_flight: Option<InFlight>,
+    clock: StepClock,
     graph_counts: Arc<Mutex<graph::StepCounts>>,
     scheduler: Scheduler,
     live: HashMap<u64, Live>,
@@ -298,7 +351,7 @@ struct LoopState {
 impl LoopState {
     fn run(mut self, rx: Receiver<Submission>) {
         loop {
-            if self.scheduler.is_idle() {
+            if self.scheduler.is_idle() && self.in_flight.is_none() {
                 match rx.recv() {
                     Ok(s) => self.admit(s),
                     Err(_) => return,
@@ -310,22 +363,36 @@ impl LoopState {
             self.apply_settings();
             self.drop_cancelled();
             if self.scheduler.is_idle() {
+                if let Some(flight) = self.in_flight.take() {
+                    self.complete(flight);
+                }
                 continue;
             }
-            let work = self.scheduler.schedule();
+            // With a step in flight, this one is scheduled before that one's tokens are known
+            // (its sequences hold placeholders for them).
+            let mut work = self.scheduler.schedule();
+            if work.is_empty() {
+                if let Some(flight) = self.in_flight.take() {
+                    // Every running sequence ends with the step in flight.
+                    self.complete(flight);
+                    continue;
+                }
+                // Nothing fits (cannot happen for admitted requests, which each fit the pool
+                // alone); fail rather than spin.
+                self.fail_all(&EngineError::ResourceLimit("the scheduler could not place any request in the KV cache".into()));
+                continue;
+            }
             let now = Instant::now();
             for w in &work {
                 if let Some(live) = self.live.get_mut(&w.id) {
                     live.scheduled.get_or_insert(now);
                 }
             }
-            if work.is_empty() {
-                // Nothing fits (cannot happen for admitted requests, which each fit the pool
-                // alone); fail rather than spin.
-                self.fail_all(&EngineError::ResourceLimit("the scheduler could not place any request in the KV cache".into()));
-                continue;
-            }
-            if let Err(e) = self.step(&work) {
+            let result = self.step(&mut work);
+            if let Err(e) = result {
+                if let Some(flight) = self.in_flight.take() {
+                    self.complete(flight);
+                }
                 for w in &work {
                     self.end(w.id, Err(e.clone()));
                 }
@@ -333,6 +400,7 @@ impl LoopState {
             if let Ok(mut s) = self.stats.lock() {
                 s.steps += 1;
             }
+            self.clock.step();
             self.publish_stats();
         }
     }
@@ -342,6 +410,7 @@ impl LoopState {
             self.scheduler.limits = s.limits;
             self.scheduler.pool.set_prefix_caching(s.prefix_caching);
             self.cuda_graphs = s.cuda_graphs;
+            self.async_scheduling = s.async_scheduling;
         }
     }
 
@@ -413,20 +482,56 @@ impl LoopState {
         }
     }
 
-    /// Runs one step and hands out its tokens.
-    fn step(&mut self, work: &[Scheduled]) -> Result<(), EngineError> {
+    /// Whether `work` can be queued behind the step in flight: decode rows only, each
+    /// continuing a row of that step (its token is that step's pick, on the device), all
+    /// greedy, as one recorded decode step.
+    fn follows(&self, work: &[Scheduled], flight: &InFlight) -> bool {
+        self.cuda_graphs
+            && self.async_scheduling
+            && self.graphs.applies(work.len())
+            && work.iter().all(|w| {
+                w.len == 1
+                    && flight.rows.contains_key(&w.id)
+                    && self.scheduler.seq(w.id).is_some_and(|s| {
+                        s.pending == 1 && w.start + 1 == s.tokens.len() && s.media.as_ref().is_none_or(|m| m.text_from(w.start))
+                    })
+                    && self.live.get(&w.id).and_then(|l| l.output.as_ref()).is_some_and(Output::is_plain_greedy)
+            })
+    }
+
+    /// Runs one step and hands out its tokens; or, for a greedy decode step when
+    /// `async_scheduling` is on, queues it and leaves it in flight (its tokens are handed out
+    /// after the next step is queued). Sequences that end meanwhile leave `work`.
+    fn step(&mut self, work: &mut Vec<Scheduled>) -> Result<(), EngineError> {
+        let chained = self.in_flight.as_ref().is_some_and(|f| self.follows(work, f));
+        if !chained {
+            // This step needs the tokens of the one in flight on the host.
+            if let Some(flight) = self.in_flight.take() {
+                self.complete(flight);
+                work.retain(|w| self.scheduler.seq(w.id).is_some());
+                if work.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        let work: &[Scheduled] = work;
         let scores = |id: u64| self.live.get(&id).is_some_and(|l| l.output.is_none());
         let block_tokens = self.pool.borrow().block_tokens();
         // Decode rows only (text: no image token, one rotary position): the device-resident
         // step (recorded as a CUDA graph on CUDA).
         let text_row = |w: &Scheduled| self.scheduler.seq(w.id).is_some_and(|s| s.media.as_ref().is_none_or(|m| m.text_from(w.start)));
         let decode_only = work.iter().all(|w| w.len == 1 && w.start > 0 && !scores(w.id) && text_row(w));
-        let (logits, logit_ranges) = if self.cuda_graphs && decode_only && self.graphs.applies(work.len()) {
+        let (logits, logit_ranges) = if chained || self.cuda_graphs && decode_only && self.graphs.applies(work.len()) {
+            let flight = self.in_flight.as_ref().filter(|_| chained);
             let rows: Vec<graph::DecodeRow<'_>> = work
                 .iter()
                 .filter_map(|w| {
+                    let token = match flight {
+                        Some(f) => graph::RowToken::Previous(*f.rows.get(&w.id)?),
+                        None => graph::RowToken::Host(self.scheduler.seq(w.id)?.tokens[w.start]),
+                    };
                     self.scheduler.seq(w.id).map(|s| graph::DecodeRow {
-                        token: s.tokens[w.start],
+                        token,
                         position: w.start,
                         rope_position: s.media.as_ref().map_or(w.start, |m| m.rope_position(w.start)[0]),
                         blocks: &s.blocks,
@@ -436,7 +541,7 @@ impl LoopState {
             if rows.len() != work.len() {
                 return Err(EngineError::Device("a scheduled sequence is missing".into()));
             }
-            let logits = self.graphs.step(&rows, &self.pool);
+            let logits = self.graphs.step(&rows, &self.pool, flight.map(|f| &f.picked));
             if let Ok(mut c) = self.graph_counts.lock() {
                 *c = self.graphs.counts.clone();
             }
@@ -467,6 +572,27 @@ impl LoopState {
                 failed.push((w.id, e));
             }
         }
+        if device_argmax && self.async_scheduling && (chained || self.cuda_graphs && decode_only) {
+            // Queued, not waited for: the next step may be queued behind it.
+            let picked = inference_pio_kernels::argmax::row_argmax(logits);
+            let read = inference_pio_kernels::readback::start_read(picked.clone());
+            let flight = InFlight { work: work.to_vec(), rows: work.iter().enumerate().map(|(i, w)| (w.id, i)).collect(), picked, read, failed };
+            self.scheduler.computed(work);
+            // Each sequence that goes on after this step gets a placeholder for its pick.
+            for w in work {
+                let (Some(live), Some(seq)) = (self.live.get(&w.id), self.scheduler.seq(w.id)) else { continue };
+                let length = seq.tokens.len() + 1;
+                if live.output.as_ref().is_some_and(|o| !o.ends_by_length(length - live.prompt_len, length, self.model.max_context)) {
+                    self.scheduler.push_placeholder(w.id);
+                }
+            }
+            let previous = self.in_flight.replace(flight);
+            if let Some(previous) = previous {
+                self.complete(previous);
+            }
+            return Ok(());
+        }
+        let reading = Instant::now();
         let (values, picked) = if device_argmax {
             let ids = inference_pio_kernels::argmax::row_argmax(logits)
                 .into_data()
@@ -482,6 +608,7 @@ impl LoopState {
                 .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
             (values, Vec::new())
         };
+        self.clock.waited(reading.elapsed());
         self.scheduler.computed(work);
         let now = Instant::now();
         for (w, rows) in work.iter().zip(&logit_ranges) {
@@ -539,6 +666,67 @@ impl LoopState {
             self.end(id, Err(e));
         }
         Ok(())
+    }
+
+    /// Reads back a step left in flight and hands out its tokens (filling the placeholders
+    /// the sequences hold for them).
+    fn complete(&mut self, flight: InFlight) {
+        let InFlight { work, rows, read, mut failed, .. } = flight;
+        let reading = Instant::now();
+        let read = read.wait();
+        self.clock.waited(reading.elapsed());
+        let picked = match read {
+            Ok(ids) => ids,
+            Err(e) => {
+                let e = EngineError::Device(format!("cannot read the picked tokens: {e}"));
+                for w in &work {
+                    self.end(w.id, Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        for w in &work {
+            if failed.iter().any(|(id, _)| *id == w.id) {
+                continue;
+            }
+            let (Some(&row), Some(live)) = (rows.get(&w.id), self.live.get_mut(&w.id)) else { continue };
+            let Some(&id) = picked.get(row) else { continue };
+            let id = id as u32;
+            let position = w.start + 1;
+            if !self.scheduler.set_token(w.id, position, id) {
+                // No placeholder: its last token (or it is gone).
+                if self.scheduler.seq(w.id).is_some_and(|s| s.tokens.len() == position) {
+                    self.scheduler.push_token(w.id, id);
+                } else {
+                    continue;
+                }
+            }
+            if live.token_times.is_empty() {
+                live.cached_tokens = self.scheduler.seq(w.id).map_or(0, |s| s.cached_tokens);
+            }
+            let Some(out) = live.output.as_mut() else { continue };
+            let eos = &self.model.eos_token_ids;
+            let (text, detail) = match out.push(&self.model.tokenizer, eos, id, None, position + 1, self.model.max_context) {
+                Ok(p) => p,
+                Err(e) => {
+                    failed.push((w.id, e));
+                    continue;
+                }
+            };
+            live.token_times.push(now);
+            let finished = out.finish.is_some();
+            let delivered = live.events.send((live.tag, Event::Token { id, text, detail })).is_ok();
+            if !delivered {
+                out.cancel();
+            }
+            if finished || !delivered {
+                self.finish(w.id);
+            }
+        }
+        for (id, e) in failed {
+            self.end(id, Err(e));
+        }
     }
 
     /// The image features of this step's image tokens (encoding each image the first time a

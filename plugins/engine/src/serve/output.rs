@@ -116,6 +116,12 @@ impl Output {
         self.sampler.is_plain_greedy() && self.logprobs.is_none() && self.constraint.is_none()
     }
 
+    /// Whether the sequence ends by its length limits once it has `generated` new tokens and
+    /// `length` tokens in all, whatever that last token is (`max_new_tokens`, the context).
+    pub fn ends_by_length(&self, generated: usize, length: usize, max_context: usize) -> bool {
+        generated >= self.max_new || length >= max_context
+    }
+
     /// Computes the grammar's mask for the next token ahead of [`Self::sample`] (while the
     /// device computes the logits); nothing for an unconstrained sequence.
     pub fn prepare_mask(&mut self) -> Result<(), EngineError> {

@@ -41,11 +41,15 @@ pub struct SeqState {
     pub reuse_prefix: bool,
     /// Prompt tokens taken from the prefix cache at the last admission.
     pub cached_tokens: usize,
+    /// Trailing entries of `tokens` not known yet: placeholders for tokens a step still in
+    /// flight picks on the device ([`Scheduler::push_placeholder`]). Blocks holding one are
+    /// neither hashed nor cached until [`Scheduler::set_token`] fills it.
+    pub pending: usize,
 }
 
 impl SeqState {
     pub fn new(id: u64, tokens: Vec<u32>, chunk: usize, reuse_prefix: bool, salt: Vec<u8>) -> Self {
-        Self { id, tokens, computed: 0, blocks: Vec::new(), hashes: Vec::new(), registered: 0, salt, media: None, chunk, reuse_prefix, cached_tokens: 0 }
+        Self { id, tokens, computed: 0, blocks: Vec::new(), hashes: Vec::new(), registered: 0, salt, media: None, chunk, reuse_prefix, cached_tokens: 0, pending: 0 }
     }
 
     pub fn with_media(mut self, media: Option<Arc<PromptMedia>>) -> Self {
@@ -56,7 +60,7 @@ impl SeqState {
     /// Hashes the full blocks not hashed yet, chained on the last known hash (each block is
     /// hashed once in a sequence's life, not the whole prefix again per new block).
     fn extend_hashes(&mut self, block_tokens: usize) {
-        let full = self.tokens.len() / block_tokens;
+        let full = (self.tokens.len() - self.pending) / block_tokens;
         for b in self.hashes.len()..full {
             let mut extra = if b == 0 { self.salt.clone() } else { Vec::new() };
             if let Some(m) = &self.media {
@@ -241,6 +245,10 @@ impl Scheduler {
             }
             let Some(seq) = self.seqs.get(&id) else { continue };
             let need = seq.tokens.len() - seq.computed;
+            if need == 0 {
+                // Its last step picks its last token (a step in flight): nothing to compute.
+                continue;
+            }
             let cap = if seq.chunk == 0 { need } else { seq.chunk };
             let n = need.min(cap).min(budget);
             let start = seq.computed;
@@ -347,6 +355,27 @@ impl Scheduler {
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.tokens.push(token);
         }
+    }
+
+    /// Appends a placeholder for the token a step in flight picks for `id` on the device, so
+    /// that the next step can be scheduled (and queued) before it is known.
+    pub fn push_placeholder(&mut self, id: u64) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.tokens.push(0);
+            seq.pending += 1;
+        }
+    }
+
+    /// Fills the first placeholder of `id`, at `position`, with the token picked there; false
+    /// when `id` has no placeholder there (it is gone, or the token was never a placeholder).
+    pub fn set_token(&mut self, id: u64, position: usize, token: u32) -> bool {
+        let Some(seq) = self.seqs.get_mut(&id) else { return false };
+        if seq.pending == 0 || position != seq.tokens.len() - seq.pending {
+            return false;
+        }
+        seq.tokens[position] = token;
+        seq.pending -= 1;
+        true
     }
 }
 
@@ -496,6 +525,36 @@ mod tests {
         assert_eq!(s.pool.used(), 0);
         // No step ever asked for more blocks than exist (the pool would have refused).
         assert!(steps.iter().all(|w| w.len() <= 4));
+    }
+
+    #[test]
+    fn placeholders_schedule_the_next_step_but_are_never_cached() {
+        let mut s = scheduler(16, 4, 8, 64);
+        s.add(SeqState::new(1, vec![1, 2, 3], 0, true, vec![]));
+        let step = s.schedule();
+        s.computed(&step);
+        // The step in flight picks token 3's successor: the next step is scheduled already.
+        s.push_placeholder(1);
+        let next = s.schedule();
+        assert_eq!(next, vec![Scheduled { id: 1, start: 3, len: 1 }]);
+        s.computed(&next);
+        // The first block (tokens 0..4) ends with the placeholder: not cached yet.
+        assert_eq!(s.pool.cached_blocks(), 0);
+        assert!(!s.set_token(1, 2, 9), "position 2 is no placeholder");
+        assert!(s.set_token(1, 3, 4));
+        s.push_token(1, 5);
+        let step = s.schedule();
+        s.computed(&step);
+        assert_eq!(s.pool.cached_blocks(), 1);
+        // A second request with the same first block finds it, holding the real token.
+        s.add(SeqState::new(2, vec![1, 2, 3, 4, 6], 0, true, vec![]));
+        let step = s.schedule();
+        assert!(step.contains(&Scheduled { id: 2, start: 4, len: 1 }), "{step:?}");
+        // A sequence whose last token is being picked by its last step has nothing to compute.
+        s.add(SeqState::new(3, vec![7, 7], 0, true, vec![]));
+        let step = s.schedule();
+        s.computed(&step);
+        assert!(!s.schedule().iter().any(|w| w.id == 3));
     }
 
     #[test]
