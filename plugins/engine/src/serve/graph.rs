@@ -92,6 +92,8 @@ pub struct DecodeGraphs {
     graph: Option<Graph<Result<Tensor<2>, EngineError>, StepFn>>,
     shared: Option<Rc<RefCell<Shared>>>,
     pub counts: StepCounts,
+    /// With `INFERENCE_PIO_LOG`: time spent refreshing the inputs, and queuing the step.
+    pub timing: [std::time::Duration; 2],
 }
 
 fn ints(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
@@ -118,6 +120,7 @@ impl DecodeGraphs {
             graph: None,
             shared: None,
             counts: StepCounts::default(),
+            timing: Default::default(),
         }
     }
 
@@ -175,6 +178,7 @@ impl DecodeGraphs {
         let Some(shared) = self.shared.clone() else {
             return Err(EngineError::Device("decode step inputs missing".into()));
         };
+        let started = crate::progress::enabled().then(std::time::Instant::now);
         if self.graph.is_some() && !shared.borrow().is_unique() {
             // A refresh would land in a copy the graph never reads: record anew.
             self.graph = None;
@@ -205,6 +209,19 @@ impl DecodeGraphs {
             refresh(&mut inputs.table, table);
             refresh(&mut inputs.lens, lens);
         }
+        let refreshed = started.map(|t| {
+            self.timing[0] += t.elapsed();
+            std::time::Instant::now()
+        });
+        let out = self.run(&shared, padded, width, &device);
+        if let Some(t) = refreshed {
+            self.timing[1] += t.elapsed();
+        }
+        out
+    }
+
+    /// Runs the step on its refreshed inputs: replayed, recorded or directly.
+    fn run(&mut self, shared: &Rc<RefCell<Shared>>, padded: usize, width: usize, device: &Device) -> Result<Tensor<2>, EngineError> {
         if !self.records || self.given_up {
             self.counts.direct += 1;
             return self.run_direct(&shared);

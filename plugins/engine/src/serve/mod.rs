@@ -287,34 +287,66 @@ struct Live {
     features: Vec<Option<ImageFeatures>>,
 }
 
-/// With `INFERENCE_PIO_LOG`: every 256 steps, the mean time a step took and how much of it
-/// the loop spent waiting for the device's results (the rest is host work: a loop that waits
-/// little is bound by the host, not the GPU).
+/// Where the step loop's time goes.
+#[derive(Clone, Copy)]
+enum Phase {
+    /// Taking submissions, cancellations, settings, counters.
+    Other,
+    Schedule,
+    /// Building and queuing the step (a recorded step: refreshing its inputs, replaying it).
+    Launch,
+    /// Queuing the picks and their read.
+    Pick,
+    /// Waiting for the device's results.
+    Wait,
+    /// Sampling, detokenising, stop checks and streaming each row's token.
+    Tokens,
+}
+
+/// With `INFERENCE_PIO_LOG`: every 64 steps, the mean time a step took and how it was spent
+/// (a loop that waits little for the device is bound by the host, not the GPU).
 #[derive(Default)]
 struct StepClock {
     since: Option<Instant>,
+    last: Option<Instant>,
     steps: u32,
-    waiting: std::time::Duration,
+    phases: [std::time::Duration; 6],
 }
 
 impl StepClock {
-    const EVERY: u32 = 256;
+    const EVERY: u32 = 64;
+    const NAMES: [&'static str; 6] = ["other", "schedule", "launch", "pick", "wait", "tokens"];
 
-    fn waited(&mut self, d: std::time::Duration) {
-        self.waiting += d;
-    }
-
-    fn step(&mut self) {
+    /// Counts the time since the last mark as `phase`.
+    fn mark(&mut self, phase: Phase) {
         if !crate::progress::enabled() {
             return;
         }
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            self.phases[phase as usize] += now.duration_since(last);
+        }
+        self.last = Some(now);
+    }
+
+    /// Ends a step; `graph`: the recorded steps' refresh and queuing times (taken).
+    fn step(&mut self, graph: &mut [std::time::Duration; 2]) {
+        if !crate::progress::enabled() {
+            return;
+        }
+        self.mark(Phase::Other);
         let since = *self.since.get_or_insert_with(Instant::now);
         self.steps += 1;
         if self.steps == Self::EVERY {
-            let (wall, wait) = (since.elapsed().as_secs_f64() * 1e3, self.waiting.as_secs_f64() * 1e3);
             let n = f64::from(self.steps);
-            crate::progress::log(|| format!("steps: {:.2} ms a step, {:.2} ms of it waiting for the device", wall / n, wait / n));
-            *self = Self { since: Some(Instant::now()), ..Self::default() };
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n;
+            let wall = since.elapsed();
+            let parts: Vec<String> = Self::NAMES.iter().zip(self.phases).map(|(name, d)| format!("{name} {:.2}", ms(d))).collect();
+            let [refresh, replay] = std::mem::take(graph);
+            crate::progress::log(|| {
+                format!("steps: {:.2} ms a step ({}; of launch: refresh {:.2}, replay {:.2})", ms(wall), parts.join(", "), ms(refresh), ms(replay))
+            });
+            *self = Self { since: Some(Instant::now()), last: self.last, ..Self::default() };
         }
     }
 }
@@ -370,7 +402,9 @@ impl LoopState {
             }
             // With a step in flight, this one is scheduled before that one's tokens are known
             // (its sequences hold placeholders for them).
+            self.clock.mark(Phase::Other);
             let mut work = self.scheduler.schedule();
+            self.clock.mark(Phase::Schedule);
             if work.is_empty() {
                 if let Some(flight) = self.in_flight.take() {
                     // Every running sequence ends with the step in flight.
@@ -400,7 +434,7 @@ impl LoopState {
             if let Ok(mut s) = self.stats.lock() {
                 s.steps += 1;
             }
-            self.clock.step();
+            self.clock.step(&mut self.graphs.timing);
             self.publish_stats();
         }
     }
@@ -572,10 +606,12 @@ impl LoopState {
                 failed.push((w.id, e));
             }
         }
+        self.clock.mark(Phase::Launch);
         if device_argmax && self.async_scheduling && (chained || self.cuda_graphs && decode_only) {
             // Queued, not waited for: the next step may be queued behind it.
             let picked = inference_pio_kernels::argmax::row_argmax(logits);
             let read = inference_pio_kernels::readback::start_read(picked.clone());
+            self.clock.mark(Phase::Pick);
             let flight = InFlight { work: work.to_vec(), rows: work.iter().enumerate().map(|(i, w)| (w.id, i)).collect(), picked, read, failed };
             self.scheduler.computed(work);
             // Each sequence that goes on after this step gets a placeholder for its pick.
@@ -592,7 +628,6 @@ impl LoopState {
             }
             return Ok(());
         }
-        let reading = Instant::now();
         let (values, picked) = if device_argmax {
             let ids = inference_pio_kernels::argmax::row_argmax(logits)
                 .into_data()
@@ -608,7 +643,7 @@ impl LoopState {
                 .map_err(|e| EngineError::Device(format!("cannot read logits: {e:?}")))?;
             (values, Vec::new())
         };
-        self.clock.waited(reading.elapsed());
+        self.clock.mark(Phase::Wait);
         self.scheduler.computed(work);
         let now = Instant::now();
         for (w, rows) in work.iter().zip(&logit_ranges) {
@@ -665,6 +700,7 @@ impl LoopState {
         for (id, e) in failed {
             self.end(id, Err(e));
         }
+        self.clock.mark(Phase::Tokens);
         Ok(())
     }
 
@@ -672,9 +708,9 @@ impl LoopState {
     /// the sequences hold for them).
     fn complete(&mut self, flight: InFlight) {
         let InFlight { work, rows, read, mut failed, .. } = flight;
-        let reading = Instant::now();
+        self.clock.mark(Phase::Other);
         let read = read.wait();
-        self.clock.waited(reading.elapsed());
+        self.clock.mark(Phase::Wait);
         let picked = match read {
             Ok(ids) => ids,
             Err(e) => {
@@ -727,6 +763,7 @@ impl LoopState {
         for (id, e) in failed {
             self.end(id, Err(e));
         }
+        self.clock.mark(Phase::Tokens);
     }
 
     /// The image features of this step's image tokens (encoding each image the first time a
