@@ -12,7 +12,7 @@
 # Writes $OUT/{log.txt,results.json,sw/*} (sw: the qwen3-tiny-sw fixture to commit).
 # Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers"), OURS (which of
 # our runs, default "b1 b32 offline offline_sync prefix_off prefix_on"), PEERS (default "transformers
-# llama"; llama.cpp runs only if its build was started, i.e. with the peers stage), PIO_LOG (1:
+# llama"; llama.cpp runs only if its build was started, i.e. with the peers stage), PIO_LOG (1 or "steps":
 # phase log).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
@@ -72,7 +72,7 @@ ours() { # name config args...
   [[ " ${OURS:-b1 b32 offline offline_sync prefix_off prefix_on} " == *" $name "* ]] || return
   local t=$(( $(left) - 15 )); [ $t -lt 20 ] && { echo "no time for $name"; return; }
   local start=$SECONDS
-  ${PIO_LOG:+env INFERENCE_PIO_LOG=1} timeout $t taskset -c $OURS_CPUS $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
+  ${PIO_LOG:+env INFERENCE_PIO_LOG=$PIO_LOG} timeout $t taskset -c $OURS_CPUS $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
     > /tmp/ours_$name.json 2> /tmp/ours_$name.err
   echo "ours $name: exit $? after $(( SECONDS - start )) s"; tail -2 /tmp/ours_$name.err
   grep -a -m4 -i "graph\|panick\|recording\|decode steps" /tmp/ours_$name.err

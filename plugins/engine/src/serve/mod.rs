@@ -303,18 +303,24 @@ enum Phase {
     Tokens,
 }
 
-/// With `INFERENCE_PIO_LOG`: every 64 steps, the mean time a step took and how it was spent
-/// (a loop that waits little for the device is bound by the host, not the GPU).
+/// With `INFERENCE_PIO_LOG`: every 64 steps (every step with `INFERENCE_PIO_LOG=steps`), the
+/// mean time a step took, its rows and tokens, and how the time was spent (a loop that waits
+/// little for the device is bound by the host, not the GPU).
 #[derive(Default)]
 struct StepClock {
     since: Option<Instant>,
     last: Option<Instant>,
     steps: u32,
+    rows: usize,
+    tokens: usize,
     phases: [std::time::Duration; 6],
 }
 
 impl StepClock {
-    const EVERY: u32 = 64;
+    fn every() -> u32 {
+        static EVERY: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        *EVERY.get_or_init(|| if std::env::var("INFERENCE_PIO_LOG").is_ok_and(|v| v == "steps") { 1 } else { 64 })
+    }
     const NAMES: [&'static str; 6] = ["other", "schedule", "launch", "pick", "wait", "tokens"];
 
     /// Counts the time since the last mark as `phase`.
@@ -330,21 +336,31 @@ impl StepClock {
     }
 
     /// Ends a step; `graph`: the recorded steps' refresh and queuing times (taken).
-    fn step(&mut self, graph: &mut [std::time::Duration; 2]) {
+    fn step(&mut self, graph: &mut [std::time::Duration; 2], work: &[Scheduled]) {
         if !crate::progress::enabled() {
             return;
         }
         self.mark(Phase::Other);
         let since = *self.since.get_or_insert_with(Instant::now);
         self.steps += 1;
-        if self.steps == Self::EVERY {
+        self.rows += work.len();
+        self.tokens += work.iter().map(|w| w.len).sum::<usize>();
+        if self.steps == Self::every() {
             let n = f64::from(self.steps);
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n;
             let wall = since.elapsed();
             let parts: Vec<String> = Self::NAMES.iter().zip(self.phases).map(|(name, d)| format!("{name} {:.2}", ms(d))).collect();
             let [refresh, replay] = std::mem::take(graph);
             crate::progress::log(|| {
-                format!("steps: {:.2} ms a step ({}; of launch: refresh {:.2}, replay {:.2})", ms(wall), parts.join(", "), ms(refresh), ms(replay))
+                format!(
+                    "steps: {:.2} ms a step of {:.0} rows, {:.0} tokens ({}; of launch: refresh {:.2}, replay {:.2})",
+                    ms(wall),
+                    self.rows as f64 / n,
+                    self.tokens as f64 / n,
+                    parts.join(", "),
+                    ms(refresh),
+                    ms(replay)
+                )
             });
             *self = Self { since: Some(Instant::now()), last: self.last, ..Self::default() };
         }
@@ -434,7 +450,7 @@ impl LoopState {
             if let Ok(mut s) = self.stats.lock() {
                 s.steps += 1;
             }
-            self.clock.step(&mut self.graphs.timing);
+            self.clock.step(&mut self.graphs.timing, &work);
             self.publish_stats();
         }
     }
