@@ -10,7 +10,7 @@
 //! steps — the tokens, their positions, the slots they write, each row's block table and
 //! context length — is written in place into device tensors the graph was recorded against,
 //! and padding rows write and read the pool's scratch block. A new shape records a
-//! new graph. On the CPU the same device-resident step runs directly, so CPU tests check it
+//! new graph; the last eight shapes' graphs are kept, each with its own input buffers. On the CPU the same device-resident step runs directly, so CPU tests check it
 //! against the host-built step.
 
 use crate::decoder::{KvPool, StepTensors};
@@ -74,6 +74,18 @@ struct Inputs {
     block_tokens: usize,
 }
 
+/// Recorded shapes kept besides the one in use (least recently used dropped first): a batch
+/// whose rows shrink as requests end, or grow as they join, moves between buckets, and
+/// recording a step anew took ~200 ms on the H200 (Qwen3-4B), several times a run.
+const KEPT_SHAPES: usize = 7;
+
+/// A recorded step not in use, with its inputs.
+struct Kept {
+    /// Declared before `shared`: the graph (which replays against its buffers) goes first.
+    graph: Graph<Result<Tensor<2>, EngineError>, StepFn>,
+    shared: Rc<RefCell<Shared>>,
+}
+
 /// The pool and the inputs a recorded step touches, shared with its closure.
 struct Shared {
     pool: Rc<RefCell<KvPool>>,
@@ -91,6 +103,8 @@ pub struct DecodeGraphs {
     /// Declared before `shared`: the graph (which replays against its buffers) goes first.
     graph: Option<Graph<Result<Tensor<2>, EngineError>, StepFn>>,
     shared: Option<Rc<RefCell<Shared>>>,
+    /// Other shapes' recordings, oldest first.
+    kept: Vec<Kept>,
     pub counts: StepCounts,
     /// With `INFERENCE_PIO_LOG`: time spent refreshing the inputs, and queuing the step.
     pub timing: [std::time::Duration; 2],
@@ -119,6 +133,7 @@ impl DecodeGraphs {
             sin_table,
             graph: None,
             shared: None,
+            kept: Vec::new(),
             counts: StepCounts::default(),
             timing: Default::default(),
         }
@@ -147,8 +162,28 @@ impl DecodeGraphs {
             s.inputs.rows == padded && s.inputs.width == width && Rc::ptr_eq(&s.pool, pool)
         });
         if !same_shape {
-            self.graph = None;
-            self.shared = Some(Rc::new(RefCell::new(Shared { pool: Rc::clone(pool), inputs: Self::new_inputs(padded, width, block_tokens, &device) })));
+            // Keep this shape's recording for later; take the wanted shape's if it is kept.
+            if let (Some(graph), Some(shared)) = (self.graph.take(), self.shared.take()) {
+                self.kept.push(Kept { graph, shared });
+                if self.kept.len() > KEPT_SHAPES {
+                    // The least recently used (the graph goes before its buffers).
+                    self.kept.remove(0);
+                }
+            }
+            let wanted = self.kept.iter().position(|k| {
+                let s = k.shared.borrow();
+                s.inputs.rows == padded && s.inputs.width == width && Rc::ptr_eq(&s.pool, pool)
+            });
+            match wanted {
+                Some(i) => {
+                    let k = self.kept.remove(i);
+                    self.graph = Some(k.graph);
+                    self.shared = Some(k.shared);
+                }
+                None => {
+                    self.shared = Some(Rc::new(RefCell::new(Shared { pool: Rc::clone(pool), inputs: Self::new_inputs(padded, width, block_tokens, &device) })));
+                }
+            }
         }
         // The step's values, padded.
         let mut tokens = vec![0i64; padded];
@@ -258,8 +293,8 @@ impl DecodeGraphs {
         // The step reads the model's weights (held by the closure's `Arc<Model>`), the pool and
         // the inputs (held by the closure's `Rc<Shared>`, the pool uniquely owned when it was
         // recorded and written in place since) and the rotary tables (owned by the closure);
-        // intermediates are retained by the graph. The graph is dropped before a new shape's
-        // inputs replace these (`step` clears it first; it is declared before `shared`). This
+        // intermediates are retained by the graph. A graph is kept or dropped together with
+        // its own inputs, the graph first (`Kept`, and `graph` declared before `shared`). This
         // type is not `Send`: the refreshes, the replay and the logits' read all happen on the
         // step loop's thread, the stream it recorded on.
         let out = unsafe { graph.replay() };
