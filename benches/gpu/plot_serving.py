@@ -8,7 +8,7 @@ to first token with prefix caching on and off.
 
 Without LABEL=FILE pairs it plots the calls of 2026-12-02 (`gpu-h200-2026-12-02-serving/`).
 The peers come from the first file that has them, or from PEERS_FROM=FILE (not plotted as a
-call of ours).
+call of ours); TRANSFORMERS_LABEL and LLAMA_LABEL name their bars.
 """
 import json
 import os
@@ -31,7 +31,9 @@ c2 = json.load(open(os.path.join(d, peer_file))) if peer_file else next(r for _,
 row = c2["peer_llama_batched"][-1]
 cells = [c.strip() for c in row.strip("|").split("|")]
 llama_out = 256 * 128 / float(cells[8])
-labels = [n for n, _ in runs] + ["transformers generate_batch", "llama.cpp batched-bench"]
+# TRANSFORMERS_LABEL / LLAMA_LABEL: the peers' bar labels (say where they come from when it is
+# not the plotted calls).
+labels = [n for n, _ in runs] + [os.environ.get("TRANSFORMERS_LABEL", "transformers generate_batch"), os.environ.get("LLAMA_LABEL", "llama.cpp batched-bench")]
 values = [r["offline"]["output_tokens_per_s"] for _, r in runs] + [c2["peer_transformers"]["output_tokens_per_s"], llama_out]
 fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
 bars = a.barh(labels, values, color=["#4a7"] * len(runs) + ["#999", "#c74"])

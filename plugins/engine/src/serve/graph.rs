@@ -259,20 +259,20 @@ impl DecodeGraphs {
     fn run(&mut self, shared: &Rc<RefCell<Shared>>, padded: usize, width: usize, device: &Device) -> Result<Tensor<2>, EngineError> {
         if !self.records || self.given_up {
             self.counts.direct += 1;
-            return self.run_direct(&shared);
+            return self.run_direct(shared);
         }
         if self.graph.is_none() {
             if !shared.borrow().is_unique() {
                 self.counts.failed_captures += 1;
                 self.counts.direct += 1;
-                return self.run_direct(&shared);
+                return self.run_direct(shared);
             }
             let model = Arc::clone(&self.model);
             let (cos_table, sin_table) = (self.cos_table.clone(), self.sin_table.clone());
-            let captured = Rc::clone(&shared);
+            let captured = Rc::clone(shared);
             let step: StepFn = Box::new(move || run_step(&model, &captured, &cos_table, &sin_table));
             crate::progress::log(|| format!("recording the decode step: {padded} rows over {width} slots"));
-            let graph = capture(&device, step);
+            let graph = capture(device, step);
             self.counts.captures += 1;
             if !graph.is_hardware() {
                 // burn would re-run the closure on replay; run the steps ourselves from now on.
@@ -281,12 +281,12 @@ impl DecodeGraphs {
                 eprintln!("inference-pio: recording a decode step as a CUDA graph failed; decode steps run uncaptured");
                 self.counts.failed_captures += 1;
                 self.counts.direct += 1;
-                return self.run_direct(&shared);
+                return self.run_direct(shared);
             }
             self.graph = Some(graph);
         }
         let Some(graph) = self.graph.as_mut() else {
-            return self.run_direct(&shared);
+            return self.run_direct(shared);
         };
         // SAFETY: `Graph::replay` requires every buffer the recorded step touched to be alive,
         // unused by anything else during the replay, and refreshed on the recording stream.

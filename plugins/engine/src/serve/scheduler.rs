@@ -213,7 +213,7 @@ impl Scheduler {
         let usable = (seq.tokens.len() - 1) / bt;
         self.counters.prefix_queries += 1;
         self.counters.prefix_query_tokens += seq.tokens.len() as u64;
-        for &h in &seq.hashes[..usable] {
+        for &h in seq.hashes.iter().take(usable) {
             match self.pool.take_cached(h) {
                 Some(b) => seq.blocks.push(b),
                 None => break,
