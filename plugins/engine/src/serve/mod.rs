@@ -8,6 +8,13 @@
 //! with its own parameters ([`output`]) and sends the tokens. A caller whose consumer stops
 //! sets the request's cancel flag, and the loop frees the sequence's blocks at its next step.
 //! `run`, `--batch`, `score` and the parity tests all go through here.
+//!
+//! Async scheduling (vLLM v1's `async_scheduling`): a step whose rows are all greedy decode
+//! rows picks its tokens on the device and is left in flight; the loop schedules the next step
+//! with placeholder tokens and, when it continues the same rows, queues it with its tokens
+//! gathered from the picks on the device, and only then reads back, detokenises and streams the
+//! step before, while the GPU runs the new one. Any other step first reads back the one in
+//! flight. The tokens are the same either way (`async_scheduling = false` turns it off).
 
 pub mod block_pool;
 pub mod graph;
