@@ -80,6 +80,9 @@ ours() { # name config args...
 }
 if has ours; then
   ours b1 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 256 --repeat 3
+  # Not in the default list: batch 1 over a long generation (contexts to 2,176 tokens, so the
+  # recorded step's width grows several times).
+  ours b1_long /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 2048 --repeat 2
   ours b32 /tmp/serve.toml --prompt-ids "$(cat /tmp/b1.txt)" --max-new-tokens 128 --batch 32 --repeat 2
   ours offline /tmp/nocache.toml --prompts-file /tmp/offline.jsonl --max-new-tokens 128 --repeat 2
   # The same workload with every step read back before the next is scheduled (A/B), and

@@ -195,6 +195,8 @@ fn check_attention(device: &Device) -> usize {
     let cases = [
         ("4B paged attention, 1 row, 100 of 256", 1, 32, 8, 128, 256, 100, None),
         ("4B paged attention, 1 row, 3000 of 3072", 1, 32, 8, 128, 3072, 3000, None),
+        ("4B paged attention, 1 row, 300 of 4096 (a wide padded table)", 1, 32, 8, 128, 4096, 300, None),
+        ("30B paged attention, 1 row, window 64, 1000 of 2048", 1, 32, 4, 128, 2048, 1000, Some(64)),
         ("4B paged attention, 32 rows, 256 of 256", 32, 32, 8, 128, 256, 256, None),
         ("4B paged attention, 256 rows, 600 of 768", 256, 32, 8, 128, 768, 600, None),
         ("30B paged attention, 2 rows, window 64", 2, 32, 4, 128, 256, 200, Some(64)),

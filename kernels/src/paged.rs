@@ -75,7 +75,8 @@ pub fn decode_passes(group: usize, lpk: usize) -> usize {
     if group > 4 { 1 } else { lpk }
 }
 
-/// How many cubes share one row's context of `width` keys, for `rows x kv_heads` cubes.
+/// How many cubes share one row's context, for `rows x kv_heads` cubes and a table of `width`
+/// slots (each split takes an equal share of the row's own visible keys).
 pub fn decode_splits(rows: usize, kv_heads: usize, width: usize) -> usize {
     TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(SPLIT_MIN_KEYS)).max(1)
 }
@@ -138,8 +139,8 @@ mod device {
     use burn_cubecl::cubecl::prelude::*;
 
     /// One cube per (key head, row, split): the `group` query heads of key head `CUBE_POS_X`
-    /// of row `CUBE_POS_Y` over keys `[split * chunk, (split + 1) * chunk)` of the row's
-    /// visible range. The queries, scaled, sit in shared memory. Planes take tiles of
+    /// of row `CUBE_POS_Y` over split `CUBE_POS_Z`'s share (`1 / splits`, rounded up) of the
+    /// row's visible range. The queries, scaled, sit in shared memory. Planes take tiles of
     /// `passes * 32 / lpk` consecutive keys in turn, every load of a tile issued before any is
     /// used, in two steps:
     /// - scores: groups of `lpk` lanes score one key each (each lane a `1 / lpk` share of the
@@ -167,7 +168,7 @@ mod device {
         max_blocks: usize,
         block_tokens: usize,
         window: usize,
-        chunk: usize,
+        splits: usize,
         #[comptime] group: usize,
         #[comptime] planes: usize,
         #[comptime] per_head: usize,
@@ -202,8 +203,11 @@ mod device {
         if window > 0 && len > window {
             first = len - window;
         }
-        let start = max(first, part * chunk);
-        let end = min(len, (part + 1) * chunk);
+        // This split's share of the row's own visible keys (not of the padded table, so a
+        // recorded step padded to a wide table keeps every split busy).
+        let chunk = (len - first + splits - 1) / splits;
+        let start = first + part * chunk;
+        let end = min(len, start + chunk);
 
         let mut qs = Shared::<[Vector<f32, N>]>::new_slice(group * per_head);
         let mut i = UNIT_POS as usize;
@@ -443,7 +447,6 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
     // A power of two from 1 to `lpk` (`lpk` is one), so the tile splits into whole passes.
     let passes = if passes == 0 { decode_passes(group, lpk) } else { 1 << passes.min(lpk).ilog2() };
     let splits = decode_splits(rows, kv_heads, width);
-    let chunk = width.div_ceil(splits);
     let out = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape.clone(), dtype);
     let split = splits > 1;
     let part_len = if split { splits * rows * heads } else { 1 };
@@ -473,7 +476,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
             max_blocks,
             block_tokens,
             window,
-            chunk,
+            splits,
             group,
             PLANES,
             per_head,

@@ -6,12 +6,14 @@
 //! Queuing one decode step's hundreds of small kernels costs the host more time than the GPU
 //! needs to run them. A step of decode rows only (one token per sequence) has a shape fixed
 //! by two numbers: its rows, padded up to a bucket (1, 2, 4, ... 256), and the context its
-//! block tables cover, padded up to a multiple of 256 slots. Everything that changes between
-//! steps — the tokens, their positions, the slots they write, each row's block table and
-//! context length — is written in place into device tensors the graph was recorded against,
-//! and padding rows write and read the pool's scratch block. A new shape records a
-//! new graph; the last eight shapes' graphs are kept, each with its own input buffers. On the CPU the same device-resident step runs directly, so CPU tests check it
-//! against the host-built step.
+//! block tables cover, padded up to 256 slots times a power of two (recording a step took
+//! ~200 ms at 256 rows on the H200; the decode kernel splits each row's own context, so the
+//! padding costs only table entries). Everything that changes between steps — the tokens,
+//! their positions, the slots they write, each row's block table and context length — is
+//! written in place into device tensors the graph was recorded against, and padding rows
+//! write and read the pool's scratch block. A new shape records a new graph; the last eight
+//! shapes' graphs are kept, each with its own input buffers. On the CPU the same
+//! device-resident step runs directly, so CPU tests check it against the host-built step.
 
 use crate::decoder::{KvPool, StepTensors};
 use crate::error::EngineError;
@@ -115,10 +117,15 @@ fn ints(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
     Tensor::<1, Int>::from_data(TensorData::new(values, [n]), device)
 }
 
-/// The padded shape of a step of `rows` rows over contexts of at most `context` tokens.
-pub fn bucket(rows: usize, context: usize) -> Option<(usize, usize)> {
+/// The padded shape of a step of `rows` rows over contexts of at most `context` tokens, for a
+/// model of `max_context` tokens: rows up to a bucket; the context up to 256 slots times a
+/// power of two (so a growing context is recorded anew at 256, 512, 1,024 ... slots, not every
+/// 256), at most the model's context rounded up to 256.
+pub fn bucket(rows: usize, context: usize, max_context: usize) -> Option<(usize, usize)> {
     let rows = *ROW_BUCKETS.iter().find(|&&b| b >= rows)?;
-    Some((rows, context.div_ceil(WIDTH_STEP).max(1) * WIDTH_STEP))
+    let steps = context.div_ceil(WIDTH_STEP).max(1).next_power_of_two();
+    let most = max_context.div_ceil(WIDTH_STEP).max(1);
+    Some((rows, steps.min(most).max(context.div_ceil(WIDTH_STEP)) * WIDTH_STEP))
 }
 
 impl DecodeGraphs {
@@ -142,7 +149,7 @@ impl DecodeGraphs {
     /// Whether a decode step of `rows` rows can run here (a bucket exists, and the model
     /// routes that many rows without reading back to the host).
     pub fn applies(&self, rows: usize) -> bool {
-        bucket(rows, 1).is_some_and(|(padded, _)| self.model.decoder.step_stays_on_device(padded))
+        bucket(rows, 1, 1).is_some_and(|(padded, _)| self.model.decoder.step_stays_on_device(padded))
     }
 
     /// Runs one decode step for `rows` (a bucket must exist: [`Self::applies`]); f32 logits
@@ -151,7 +158,7 @@ impl DecodeGraphs {
     /// picked (gathered on the device).
     pub fn step(&mut self, rows: &[DecodeRow<'_>], pool: &Rc<RefCell<KvPool>>, previous: Option<&Tensor<1, Int>>) -> Result<Tensor<2>, EngineError> {
         let context = rows.iter().map(|r| r.position + 1).max().unwrap_or(1);
-        let (padded, width) = bucket(rows.len(), context).ok_or_else(|| EngineError::InvalidRequest(format!("no decode bucket for {} rows", rows.len())))?;
+        let (padded, width) = bucket(rows.len(), context, self.model.max_context).ok_or_else(|| EngineError::InvalidRequest(format!("no decode bucket for {} rows", rows.len())))?;
         let device = self.model.decoder.device.clone();
         let (block_tokens, scratch) = {
             let p = pool.borrow();
@@ -360,5 +367,22 @@ fn step_tensors(inputs: &Inputs, cos_table: &Tensor<2>, sin_table: &Tensor<2>) -
         ),
         logit_rows: None,
         vision: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket;
+
+    #[test]
+    fn widths_grow_by_doubling_up_to_the_model_context() {
+        assert_eq!(bucket(3, 100, 40960), Some((4, 256)));
+        assert_eq!(bucket(1, 257, 40960), Some((1, 512)));
+        assert_eq!(bucket(200, 1025, 40960), Some((256, 2048)));
+        assert_eq!(bucket(1, 5000, 40960), Some((1, 8192)));
+        // Capped at the context rounded up to 256 slots (40,960), never below the need.
+        assert_eq!(bucket(1, 33_000, 40960), Some((1, 40960)));
+        assert_eq!(bucket(1, 600, 500), Some((1, 768)));
+        assert_eq!(bucket(257, 10, 40960), None);
     }
 }
