@@ -299,6 +299,55 @@ fn decode_steps_queued_before_the_last_is_read_back_give_the_same_tokens() {
 }
 
 #[test]
+fn a_mixed_load_under_preemption_gives_the_same_results_with_async_scheduling_on_and_off() {
+    // Twelve requests of varied prompts and lengths, greedy and sampled, some whose consumer
+    // stops early, through a small step budget, a cap of five sequences (the rest join as
+    // others end) and a cache too small for all of them (preemption, with placeholders in
+    // flight), prefix caching on: the chained steps must change nothing.
+    let engine = |on: bool| {
+        load(move |s| {
+            s.optimization.async_scheduling = on;
+            s.optimization.max_num_batched_tokens = 24;
+            s.optimization.max_num_seqs = 5;
+            s.optimization.prefill_chunk_tokens = 8;
+            s.optimization.kv_cache_gb = Some(20.0 * BLOCK_BYTES / 1e9);
+        })
+    };
+    let requests: Vec<RowRequest> = (0..12)
+        .map(|i| {
+            let p = prompt(1 + (i * 7) % 30, 200 + i);
+            let n = 3 + (i * 5) % 17;
+            if i % 4 == 3 { sampled(p, n, 11 + i as u64) } else { RowRequest::greedy(p, n).ignoring_eos() }
+        })
+        .collect();
+    let run_all = |engine: &Engine| -> (Vec<Vec<u32>>, u64) {
+        let mut seen = [0usize; 12];
+        let rows = engine
+            .generate_rows(
+                requests.clone(),
+                &Default::default(),
+                &mut |row, _, _| {
+                    seen[row] += 1;
+                    // Rows 2 and 7 are stopped by their consumers after 4 tokens.
+                    !((row == 2 || row == 7) && seen[row] == 4)
+                },
+                &mut Default::default(),
+            )
+            .expect("generate");
+        let stats = engine.stats();
+        assert_eq!(stats.kv_blocks_used, 0, "{stats:?}");
+        (rows.into_iter().map(|r| r.new_ids).collect(), stats.preemptions)
+    };
+    let (on, off) = (engine(true), engine(false));
+    let ((chained, preempted_on), (stepped, preempted_off)) = (run_all(&on), run_all(&off));
+    assert_eq!(chained, stepped);
+    assert!(preempted_on > 0 && preempted_off > 0, "{preempted_on} / {preempted_off} preemptions");
+    assert!(on.graph_counts().chained > 0, "{:?}", on.graph_counts());
+    // Again on the same engines: the cached prefixes (real tokens only) give the same again.
+    assert_eq!(run_all(&on).0, chained);
+}
+
+#[test]
 fn many_greedy_rows_pick_their_tokens_on_the_device_as_alone() {
     // Plain greedy steps take the argmax where the logits are (our kernel on CubeCL devices,
     // burn's on the CPU) and read back only the ids: 70 rows together (a bucket of 128 when
