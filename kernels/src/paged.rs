@@ -205,7 +205,8 @@ mod device {
         }
         // This split's share of the row's own visible keys (not of the padded table, so a
         // recorded step padded to a wide table keeps every split busy).
-        let chunk = (len - first + splits - 1) / splits;
+        // `ceil(span / splits)`; the span is at least one key (`len >= 1`, a window >= 1).
+        let chunk = (len - first - 1) / splits + 1;
         let start = first + part * chunk;
         let end = min(len, start + chunk);
 
