@@ -164,10 +164,7 @@ impl DecodeGraphs {
             let p = pool.borrow();
             (p.block_tokens(), p.scratch_slot())
         };
-        let same_shape = self.shared.as_ref().is_some_and(|s| {
-            let s = s.borrow();
-            s.inputs.rows == padded && s.inputs.width == width && Rc::ptr_eq(&s.pool, pool)
-        });
+        let same_shape = self.shared.as_ref().is_some_and(|s| s.borrow().has_shape(padded, width, pool));
         if !same_shape {
             // Keep this shape's recording for later; take the wanted shape's if it is kept.
             if let (Some(graph), Some(shared)) = (self.graph.take(), self.shared.take()) {
@@ -177,10 +174,7 @@ impl DecodeGraphs {
                     self.kept.remove(0);
                 }
             }
-            let wanted = self.kept.iter().position(|k| {
-                let s = k.shared.borrow();
-                s.inputs.rows == padded && s.inputs.width == width && Rc::ptr_eq(&s.pool, pool)
-            });
+            let wanted = self.kept.iter().position(|k| k.shared.borrow().has_shape(padded, width, pool));
             match wanted {
                 Some(i) => {
                     let k = self.kept.remove(i);
@@ -330,6 +324,12 @@ impl DecodeGraphs {
 }
 
 impl Shared {
+    /// Whether these are the inputs of a step of `rows` (padded) rows over `width` slots of
+    /// `pool`.
+    fn has_shape(&self, rows: usize, width: usize, pool: &Rc<RefCell<KvPool>>) -> bool {
+        self.inputs.rows == rows && self.inputs.width == width && Rc::ptr_eq(&self.pool, pool)
+    }
+
     /// Whether the pool and every input are uniquely owned, so refreshes land in place.
     fn is_unique(&self) -> bool {
         let i = &self.inputs;

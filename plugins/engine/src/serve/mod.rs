@@ -689,9 +689,6 @@ impl LoopState {
             }
             let r = rows.end - 1;
             let Some(seq) = self.scheduler.seq(w.id) else { continue };
-            if live.token_times.is_empty() {
-                live.cached_tokens = seq.cached_tokens;
-            }
             let Some(out) = live.output.as_mut() else { continue };
             let eos = &self.model.eos_token_ids;
             let picked = match picked.get(r) {
@@ -709,22 +706,32 @@ impl LoopState {
                     continue;
                 }
             };
-            live.token_times.push(now);
-            let finished = out.finish.is_some();
-            let delivered = live.events.send((live.tag, Event::Token { id, text, detail })).is_ok();
             self.scheduler.push_token(w.id, id);
-            if !delivered {
-                out.cancel();
-            }
-            if finished || !delivered {
-                self.finish(w.id);
-            }
+            self.deliver(w.id, id, text, detail, now);
         }
         for (id, e) in failed {
             self.end(id, Err(e));
         }
         self.clock.mark(Phase::Tokens);
         Ok(())
+    }
+
+    /// Streams the token just pushed to sequence `id`'s output, at `at`, and ends the request
+    /// when that token finished it or its consumer has gone.
+    fn deliver(&mut self, id: u64, token: u32, text: String, detail: TokenDetail, at: Instant) {
+        let Some(live) = self.live.get_mut(&id) else { return };
+        if live.token_times.is_empty() {
+            live.cached_tokens = self.scheduler.seq(id).map_or(0, |s| s.cached_tokens);
+        }
+        live.token_times.push(at);
+        let delivered = live.events.send((live.tag, Event::Token { id: token, text, detail })).is_ok();
+        let Some(out) = live.output.as_mut() else { return };
+        if !delivered {
+            out.cancel();
+        }
+        if out.finish.is_some() {
+            self.finish(id);
+        }
     }
 
     /// Reads back a step left in flight and hands out its tokens (filling the placeholders
@@ -761,9 +768,6 @@ impl LoopState {
                     continue;
                 }
             }
-            if live.token_times.is_empty() {
-                live.cached_tokens = self.scheduler.seq(w.id).map_or(0, |s| s.cached_tokens);
-            }
             let Some(out) = live.output.as_mut() else { continue };
             let eos = &self.model.eos_token_ids;
             let (text, detail) = match out.push(&self.model.tokenizer, eos, id, None, position + 1, self.model.max_context) {
@@ -773,15 +777,7 @@ impl LoopState {
                     continue;
                 }
             };
-            live.token_times.push(now);
-            let finished = out.finish.is_some();
-            let delivered = live.events.send((live.tag, Event::Token { id, text, detail })).is_ok();
-            if !delivered {
-                out.cancel();
-            }
-            if finished || !delivered {
-                self.finish(w.id);
-            }
+            self.deliver(w.id, id, text, detail, now);
         }
         for (id, e) in failed {
             self.end(id, Err(e));
