@@ -225,12 +225,32 @@ impl Profile {
     }
 }
 
+/// How a model's linear weights are stored in memory (`quantization`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// Every weight in `dtype`: a GGUF file's quantized blocks are dequantized at load.
+    None,
+    /// Symmetric int8 per output channel, made at load from the checkpoint's values (a GGUF
+    /// file's dequantized ones included).
+    Int8,
+    /// Asymmetric int4 in groups of 128 input channels (32 where 128 does not divide a row),
+    /// made at load from the checkpoint's values.
+    Int4,
+}
+
 /// Settings the engine honours. Every key here changes what the engine does.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizationSettings {
     /// Weights and activations; `None`: bf16 on CUDA, f32 on CPU.
     pub dtype: Option<DType>,
+    /// Linear weights stored quantized, dequantized in the products' kernels. `None`: as the
+    /// checkpoint stores them (a GGUF file's quantized blocks are kept quantized, others in
+    /// `dtype`). Embeddings, norms, routers, experts, the vision tower and the LM head stay
+    /// in `dtype` unless the file stores them quantized.
+    #[serde(default)]
+    pub quantization: Option<Quantization>,
     /// Prompts longer than this are prefilled in chunks of this many tokens (0: one pass).
     pub prefill_chunk_tokens: u32,
     /// Caps the KV cache (and so prompt + generation) below the model's own context.
@@ -294,6 +314,7 @@ impl ServingSettings {
     pub const fn into_settings(self) -> OptimizationSettings {
         OptimizationSettings {
             dtype: None,
+            quantization: None,
             prefill_chunk_tokens: 2048,
             max_context_tokens: None,
             cuda_graphs: true,
@@ -331,8 +352,9 @@ impl Default for OptimizationSettings {
 }
 
 impl OptimizationSettings {
-    pub const KEYS: [&'static str; 11] = [
+    pub const KEYS: [&'static str; 12] = [
         "dtype",
+        "quantization",
         "prefill_chunk_tokens",
         "max_context_tokens",
         "cuda_graphs",
@@ -388,6 +410,9 @@ impl OptimizationSettings {
         let mut changed = Vec::new();
         if self.dtype != other.dtype {
             changed.push("dtype");
+        }
+        if self.quantization != other.quantization {
+            changed.push("quantization");
         }
         if self.max_context_tokens != other.max_context_tokens {
             changed.push("max_context_tokens");
@@ -458,6 +483,8 @@ pub struct PluginSection {
     pub security: Option<SecurityLevel>,
     /// Overrides the profile's dtype.
     pub dtype: Option<DType>,
+    /// Overrides the profile's `quantization`.
+    pub quantization: Option<Quantization>,
     pub prefill_chunk_tokens: Option<u32>,
     pub max_context_tokens: Option<u32>,
     /// Overrides the profile's `cuda_graphs`.
@@ -503,6 +530,9 @@ impl PluginSection {
         let mut settings = self.profile.unwrap_or_default().settings();
         if let Some(dtype) = self.dtype {
             settings.dtype = Some(dtype);
+        }
+        if let Some(q) = self.quantization {
+            settings.quantization = Some(q);
         }
         if let Some(chunk) = self.prefill_chunk_tokens {
             settings.prefill_chunk_tokens = chunk;

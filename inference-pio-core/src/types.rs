@@ -192,6 +192,10 @@ pub struct ModelInfo {
     pub kv_cache_bytes: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kv_cache_sized_by: String,
+    /// How the linear weights are stored when any is quantized (`int4 (groups of 128): 252
+    /// of 253 linear weights`); empty when none is.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub quantization: String,
 }
 
 /// Sampling fields that may be left unset (then: the request's default chain).

@@ -15,6 +15,7 @@ pub mod linear;
 pub mod matvec;
 pub mod norm;
 pub mod paged;
+pub mod quant;
 pub mod readback;
 pub mod reference;
 pub mod rotary;

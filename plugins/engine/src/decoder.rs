@@ -15,8 +15,10 @@ use crate::hf_config::DecoderConfig;
 use crate::moe::{Mlp, MoeBlock, MoeSpec, moe_tensors};
 use crate::rope;
 use crate::vision::{VisionSpec, VisionTower, vision_tensors};
-use crate::weights::{Checkpoint, burn_dtype};
+use crate::weights::{Checkpoint, StoredLinear, burn_dtype};
+use inference_pio_kernels::quant::{QuantizedLinear, QuantizedMatrix};
 use burn::tensor::{DType as BurnDType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use inference_pio_core::config::Quantization;
 use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
 use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight, write_kv_slots};
@@ -137,47 +139,115 @@ enum FeedForward {
     Moe(Box<MoeBlock>),
 }
 
-pub(crate) struct Linear {
+/// A linear layer's weight as placed on the device.
+enum Weight {
     /// HF `[out, in]` layout split into column blocks, `[parts, out, in / parts]`
     /// ([`inference_pio_kernels::split_weight`]; one block on the CPU and where cuBLAS runs).
-    weight: Tensor<3>,
+    Dense(Tensor<3>),
+    /// Integer codes in groups with scales and offsets ([`inference_pio_kernels::quant`]).
+    Quantized(QuantizedLinear),
+}
+
+impl Weight {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Weight::Dense(w) => linear(x, w),
+            Weight::Quantized(q) => q.forward(x),
+        }
+    }
+}
+
+/// A linear layer `y = x · wᵀ + b`, its weight dense or quantized
+/// ([`Checkpoint::load_linear_stored`]).
+pub(crate) struct Linear {
+    /// Usually one weight. Projections fused along `out` whose weights are stored
+    /// differently (a GGUF file's q in Q4_K beside its v in Q6_K) stay separate, their outputs
+    /// side by side.
+    weights: Vec<Weight>,
     bias: Option<Tensor<1>>,
 }
 
 impl Linear {
     pub(crate) fn load(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
-        let weight = ckpt.load_linear(&format!("{prefix}.weight"), [out, inp], device, dtype)?;
-        let bias = if bias { Some(ckpt.load(&format!("{prefix}.bias"), [out], device, dtype)?) } else { None };
-        Ok(Self { weight, bias })
+        Self::load_fused(ckpt, &[prefix.to_string()], &[out], inp, bias, device, dtype)
     }
 
     /// Several projections of the same input as one (`q`, `k`, `v`): their weights
     /// concatenated along `out`, so one matrix product (one kernel) computes them all; the
     /// caller splits the output at the parts' widths.
-    fn load_fused(ckpt: &Checkpoint, prefixes: &[String], outs: &[usize], inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
-        let parts = prefixes
-            .iter()
-            .zip(outs)
-            .map(|(p, &out)| Self::load(ckpt, p, out, inp, bias, device, dtype))
-            .collect::<Result<Vec<_>, _>>()?;
-        let bias = bias.then(|| Tensor::cat(parts.iter().filter_map(|l| l.bias.clone()).collect(), 0));
-        Ok(Self { weight: concat_outputs(parts.into_iter().map(|l| l.weight).collect()), bias })
+    pub(crate) fn load_fused(ckpt: &Checkpoint, prefixes: &[String], outs: &[usize], inp: usize, bias: bool, device: &Device, dtype: DType) -> Result<Self, EngineError> {
+        let mut stored = Vec::with_capacity(prefixes.len());
+        let mut biases = Vec::new();
+        for (p, &out) in prefixes.iter().zip(outs) {
+            stored.push(ckpt.load_linear_stored(&format!("{p}.weight"), [out, inp], device, dtype)?);
+            if bias {
+                biases.push(ckpt.load::<1>(&format!("{p}.bias"), [out], device, dtype)?);
+            }
+        }
+        let bias = bias.then(|| Tensor::cat(biases, 0));
+        Ok(Self { weights: place(stored, device), bias })
     }
 
     /// A weight already loaded (`[out, in]`), split for the device as [`Self::load`] does.
     pub(crate) fn from_parts(weight: Tensor<2>, bias: Option<Tensor<1>>, device: &Device) -> Self {
         let inp = weight.dims()[1];
-        Self { weight: split_weight(weight, split_parts(inp, device)), bias }
+        Self { weights: vec![Weight::Dense(split_weight(weight, split_parts(inp, device)))], bias }
     }
 
     /// `x [rows, in] -> [rows, out]`.
     pub(crate) fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = linear(x, &self.weight);
+        let y = match self.weights.as_slice() {
+            [w] => w.forward(x),
+            ws => Tensor::cat(ws.iter().map(|w| w.forward(x.clone())).collect(), 1),
+        };
         match &self.bias {
             Some(b) => y.add(b.clone().unsqueeze()),
             None => y,
         }
     }
+}
+
+/// Places loaded weights, joining neighbours stored alike: dense ones into one split weight,
+/// quantized ones of the same layout into one quantized weight.
+fn place(stored: Vec<StoredLinear>, device: &Device) -> Vec<Weight> {
+    let mut out: Vec<Weight> = Vec::new();
+    let mut dense: Vec<Tensor<2>> = Vec::new();
+    let mut quantized: Vec<QuantizedMatrix> = Vec::new();
+    let flush_dense = |dense: &mut Vec<Tensor<2>>, out: &mut Vec<Weight>| {
+        if !dense.is_empty() {
+            let inp = dense[0].dims()[1];
+            let parts = split_parts(inp, device);
+            out.push(Weight::Dense(concat_outputs(dense.drain(..).map(|w| split_weight(w, parts)).collect())));
+        }
+    };
+    let flush_quantized = |quantized: &mut Vec<QuantizedMatrix>, out: &mut Vec<Weight>| {
+        if quantized.is_empty() {
+            return;
+        }
+        let parts: Vec<QuantizedMatrix> = std::mem::take(quantized);
+        match QuantizedMatrix::concat_rows(&parts) {
+            Some(joined) => out.push(Weight::Quantized(QuantizedLinear::new(joined, device))),
+            None => out.extend(parts.into_iter().map(|m| Weight::Quantized(QuantizedLinear::new(m, device)))),
+        }
+    };
+    for s in stored {
+        match s {
+            StoredLinear::Dense(w) => {
+                flush_quantized(&mut quantized, &mut out);
+                dense.push(w);
+            }
+            StoredLinear::Quantized(m) => {
+                flush_dense(&mut dense, &mut out);
+                if quantized.last().is_some_and(|l| (l.bits, l.group) != (m.bits, m.group)) {
+                    flush_quantized(&mut quantized, &mut out);
+                }
+                quantized.push(m);
+            }
+        }
+    }
+    flush_dense(&mut dense, &mut out);
+    flush_quantized(&mut quantized, &mut out);
+    out
 }
 
 struct Block {
@@ -258,6 +328,26 @@ pub fn parameter_count(c: &DecoderConfig, spec: &DecoderSpec) -> u64 {
 /// Bytes the weights take in `dtype`.
 pub fn weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType) -> u64 {
     parameter_count(c, spec) * dtype.size_bytes()
+}
+
+/// About the bytes the weights take with their decoder's linear weights quantized at load as
+/// `quantization` asks (int8: a byte per weight plus a scale and offset per row; int4: half a
+/// byte plus both per 128): what the memory limits are checked against before loading. A
+/// GGUF file's own quantization is not counted (its dense size is an upper bound).
+pub fn stored_weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType, quantization: Option<Quantization>) -> u64 {
+    let dense = weight_bytes(c, spec, dtype);
+    let per_weight = match quantization {
+        Some(Quantization::Int8) => 1.0,
+        Some(Quantization::Int4) => 0.5 + 8.0 / 128.0,
+        _ => return dense,
+    };
+    let layers = format!("{}.layers.", spec.prefix);
+    let linear: u64 = expected_tensors(c, spec)
+        .iter()
+        .filter(|(name, shape)| name.starts_with(&layers) && name.ends_with("_proj.weight") && shape.len() == 2 && !name.contains(".experts."))
+        .map(|(_, shape)| (shape[0] * shape[1]) as u64)
+        .sum();
+    dense - linear * dtype.size_bytes() + (linear as f64 * per_weight) as u64
 }
 
 impl Decoder {

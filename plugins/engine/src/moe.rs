@@ -14,11 +14,12 @@
 //! round trip per layer; only the many-token path reads the decisions back to place rows.
 
 use crate::error::EngineError;
+use crate::decoder::Linear;
 use crate::weights::Checkpoint;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
-use inference_pio_kernels::{batched_linear, concat_outputs, linear, matvec, split_parts, split_stacked, swiglu_halves};
+use inference_pio_kernels::{batched_linear, matvec, split_parts, split_stacked, swiglu_halves};
 
 /// How a token's experts and their weights are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -132,28 +133,26 @@ pub fn route(router: &Router, top_k: usize, logits: Tensor<2>, bias: Option<&Ten
     }
 }
 
-/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`, weights in HF `[out, in]` layout split into
-/// column blocks ([`Checkpoint::load_linear`]).
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`, its weights dense or quantized as the
+/// checkpoint stores them ([`Checkpoint::load_linear_stored`]).
 pub struct Mlp {
-    /// `gate_proj` and `up_proj` concatenated along `out` (`[parts, 2 * inner, hidden /
-    /// parts]`), one matrix product for both.
-    gate_up: Tensor<3>,
-    down: Tensor<3>,
+    /// `gate_proj` and `up_proj` concatenated along `out`, one matrix product for both.
+    gate_up: Linear,
+    down: Linear,
 }
 
 impl Mlp {
     pub fn load(ckpt: &Checkpoint, prefix: &str, hidden: usize, inner: usize, device: &Device, dtype: DType) -> Result<Self, EngineError> {
-        let gate = ckpt.load_linear(&format!("{prefix}.gate_proj.weight"), [inner, hidden], device, dtype)?;
-        let up = ckpt.load_linear(&format!("{prefix}.up_proj.weight"), [inner, hidden], device, dtype)?;
+        let gate_up = [format!("{prefix}.gate_proj"), format!("{prefix}.up_proj")];
         Ok(Self {
-            gate_up: concat_outputs(vec![gate, up]),
-            down: ckpt.load_linear(&format!("{prefix}.down_proj.weight"), [hidden, inner], device, dtype)?,
+            gate_up: Linear::load_fused(ckpt, &gate_up, &[inner, inner], hidden, false, device, dtype)?,
+            down: Linear::load(ckpt, &format!("{prefix}.down_proj"), hidden, inner, false, device, dtype)?,
         })
     }
 
     /// `x [rows, hidden] -> [rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        linear(swiglu_halves(linear(x, &self.gate_up)), &self.down)
+        self.down.forward(swiglu_halves(self.gate_up.forward(x)))
     }
 
     /// Names and shapes of an MLP's tensors.

@@ -3,7 +3,7 @@
 //! selection by `architectures`, device and dtype choice, the memory budget check, loading,
 //! generation, scoring, live config updates).
 
-use crate::decoder::{Decoder, DecoderSpec, KvPool, parameter_count, weight_bytes};
+use crate::decoder::{Decoder, DecoderSpec, KvPool, parameter_count, stored_weight_bytes, weight_bytes};
 use crate::error::EngineError;
 use crate::generate::{Engine, GenerationDefaults, Model};
 use crate::hf_config::DecoderConfig;
@@ -135,7 +135,9 @@ pub fn load_engine(
         .dtype
         .or(settings.optimization.dtype)
         .unwrap_or(if on_gpu { DType::Bf16 } else { DType::F32 });
-    let bytes = weight_bytes(&config, &spec, dtype);
+    let quantization = settings.optimization.quantization;
+    let dense_bytes = weight_bytes(&config, &spec, dtype);
+    let bytes = stored_weight_bytes(&config, &spec, dtype, quantization);
     let (limit, which) = if on_gpu {
         (settings.limits.gpu_memory_gb, "gpu_memory_gb")
     } else {
@@ -152,7 +154,7 @@ pub fn load_engine(
     if gguf.is_some() && options.random_weights.is_some() {
         return Err(EngineError::InvalidRequest("--random-weights takes a model directory (config.json), not a GGUF file".into()));
     }
-    let (tokenizer, template, generation, ckpt) = match gguf {
+    let (tokenizer, template, generation, mut ckpt) = match gguf {
         Some(g) => (
             TextTokenizer::from_gguf(&g.file)?,
             ChatTemplate::from_gguf(&g.file)?,
@@ -176,9 +178,13 @@ pub fn load_engine(
     let requested = options.device;
     // The weights and the KV pool are made on the model's step-loop thread, which does all
     // of its device work from then on.
-    let build = move || -> Result<crate::serve::Built<(usize, usize, u64, String)>, EngineError> {
+    let build = move || -> Result<crate::serve::Built<(usize, usize, u64, String, u64, String)>, EngineError> {
+        ckpt.set_quantization(quantization);
         let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
-        crate::progress::log(|| "weights loaded".to_string());
+        let tally = ckpt.linear_tally();
+        let bytes = dense_bytes - tally.quantized_dense_bytes + tally.quantized_bytes;
+        let stored = quantization_summary(&tally);
+        crate::progress::log(|| format!("weights loaded ({:.2} GB{})", bytes as f64 / 1e9, if stored.is_empty() { String::new() } else { format!("; {stored}") }));
         let c = &decoder.config;
         let eos_token_ids = if generation.eos_token_ids.is_empty() { c.eos_token_ids.clone() } else { generation.eos_token_ids.clone() };
         let max_context = max_context_setting.map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));
@@ -194,9 +200,9 @@ pub fn load_engine(
         crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
         let pool = decoder.new_kv_pool(blocks, block_tokens);
         let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default(), image_processor };
-        Ok((model, pool, (blocks, block_tokens, blocks as u64 * block_bytes, sized_by)))
+        Ok((model, pool, (blocks, block_tokens, blocks as u64 * block_bytes, sized_by, bytes, stored)))
     };
-    let (engine, (blocks, block_tokens, kv_bytes, sized_by)) = Engine::start(build, &settings.optimization)?;
+    let (engine, (blocks, block_tokens, kv_bytes, sized_by, bytes, stored)) = Engine::start(build, &settings.optimization)?;
     let c = &engine.decoder.config;
     let info = ModelInfo {
         handle: 0,
@@ -215,8 +221,26 @@ pub fn load_engine(
         kv_block_tokens: block_tokens as u64,
         kv_cache_bytes: kv_bytes,
         kv_cache_sized_by: sized_by,
+        quantization: stored,
     };
     Ok((engine, info))
+}
+
+/// What [`ModelInfo::quantization`] says of the linear weights loaded: empty when none is
+/// quantized, else the layout (`int4 in groups of 128`, or `mixed` for a GGUF file's several
+/// block types) and how many of the linear weights.
+fn quantization_summary(t: &crate::weights::LinearTally) -> String {
+    let Some((bits, group)) = t.layout else {
+        return String::new();
+    };
+    let layout = if t.mixed { "mixed 4- and 8-bit groups".to_string() } else { format!("int{bits} in groups of {group}") };
+    format!(
+        "{layout}: {} of {} linear weights, {:.3} GB (from {:.3} GB)",
+        t.quantized,
+        t.quantized + t.dense,
+        t.quantized_bytes as f64 / 1e9,
+        t.quantized_dense_bytes as f64 / 1e9
+    )
 }
 
 /// Security level `medium`: every file loading will open, validated against the host's

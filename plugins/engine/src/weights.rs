@@ -1,7 +1,8 @@
 //! Checkpoints: safetensors (a single `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`; <https://huggingface.co/docs/safetensors>) or one GGUF file
-//! (llama.cpp's container, dequantized on load, tensor names mapped to Hugging Face's as
-//! `transformers.integrations.gguf` maps them). Files are memory-mapped, every header is
+//! (llama.cpp's container, tensor names mapped to Hugging Face's as
+//! `transformers.integrations.gguf` maps them; its quantized blocks are kept quantized for the
+//! linear layers, [`inference_pio_kernels::quant`], and dequantized for everything else). Files are memory-mapped, every header is
 //! validated by `inference-pio-formats`, and every tensor's dtype and shape are checked before
 //! it is copied to the device.
 
@@ -9,6 +10,8 @@ use crate::error::EngineError;
 use burn::tensor::{DType as BurnDType, Device, Distribution, Tensor, TensorData};
 use std::borrow::Cow;
 use inference_pio_core::types::DType;
+use inference_pio_core::config::Quantization;
+use inference_pio_kernels::quant::QuantizedMatrix;
 use inference_pio_kernels::{split_parts, split_weight};
 use memmap2::Mmap;
 use inference_pio_formats::gguf::{self, Gguf};
@@ -38,6 +41,30 @@ struct GgufWeights {
 /// An opened checkpoint.
 pub struct Checkpoint {
     source: Source,
+    /// How [`Checkpoint::load_linear_stored`] stores linear weights.
+    quantization: Option<Quantization>,
+    /// Linear weights loaded quantized and dense so far, and the bytes each kind takes.
+    tally: std::cell::Cell<LinearTally>,
+}
+
+/// What [`Checkpoint::load_linear_stored`] has loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearTally {
+    pub quantized: usize,
+    pub dense: usize,
+    /// Bytes the quantized weights take, and what they would take in the model's dtype.
+    pub quantized_bytes: u64,
+    pub quantized_dense_bytes: u64,
+    /// Bits and group of the last quantized weight, and whether all agreed.
+    pub layout: Option<(u32, usize)>,
+    pub mixed: bool,
+}
+
+/// A linear weight as loaded, before it is placed: dense on the device, or quantized in host
+/// memory (placed by [`inference_pio_kernels::quant::QuantizedLinear::new`], after fused projections are joined).
+pub enum StoredLinear {
+    Dense(Tensor<2>),
+    Quantized(QuantizedMatrix),
 }
 
 enum Source {
@@ -182,14 +209,14 @@ impl Checkpoint {
                 dir.display()
             )));
         }
-        Ok(Self { source: Source::Safetensors { shards, names } })
+        Ok(Self::from_source(Source::Safetensors { shards, names }))
     }
 
     /// A checkpoint whose tensors are generated on the device, deterministically from `seed`
     /// and each tensor's name: norms ~ N(1, 0.02), everything else ~ N(0, 0.02) (transformers'
     /// `initializer_range`). For benchmarking real shapes without their weights.
     pub fn random(seed: u64) -> Self {
-        Self { source: Source::Random(seed) }
+        Self::from_source(Source::Random(seed))
     }
 
     /// Opens a GGUF file as a checkpoint with Hugging Face tensor names. `heads` is
@@ -205,7 +232,130 @@ impl Checkpoint {
                 names.insert(hf, i);
             }
         }
-        Ok(Self { source: Source::Gguf(GgufWeights { path, mmap, file, names, unpermute }) })
+        Ok(Self::from_source(Source::Gguf(GgufWeights { path, mmap, file, names, unpermute })))
+    }
+
+    fn from_source(source: Source) -> Self {
+        Self { source, quantization: None, tally: Default::default() }
+    }
+
+    /// Linear weights loaded by [`Self::load_linear_stored`] from now on are stored as
+    /// `quantization` says (`None`: as the file stores them).
+    pub fn set_quantization(&mut self, quantization: Option<Quantization>) {
+        self.quantization = quantization;
+    }
+
+    /// What [`Self::load_linear_stored`] has loaded so far.
+    pub fn linear_tally(&self) -> LinearTally {
+        self.tally.get()
+    }
+
+    /// Loads the linear weight `name` (`[out, in]`, HF layout) stored as the checkpoint's
+    /// quantization says: unset, a GGUF file's quantized blocks kept as they are and other
+    /// weights dense; `int8` or `int4`, made from the weight's values whatever the file
+    /// stores (int4 in groups of 128, or 32 where 128 does not divide the row; a row that
+    /// neither divides stays dense); `none`, dense in `dtype` on `device`.
+    pub fn load_linear_stored(&self, name: &str, [out, inp]: [usize; 2], device: &Device, dtype: DType) -> Result<StoredLinear, EngineError> {
+        let mut quantized = None;
+        if let Source::Gguf(g) = &self.source
+            && self.quantization.is_none()
+        {
+            quantized = Self::gguf_quantized(g, name, [out, inp])?;
+        }
+        if quantized.is_none() {
+            let group = match self.quantization {
+                Some(Quantization::Int8) if inp.is_multiple_of(4) => Some(inp),
+                Some(Quantization::Int4) => [128, 32].into_iter().find(|g| inp.is_multiple_of(*g)),
+                _ => None,
+            };
+            if let Some(group) = group {
+                let values = self.f32_values(name, [out, inp], device)?;
+                let made = if group == inp && self.quantization == Some(Quantization::Int8) {
+                    QuantizedMatrix::quantize_int8(&values, out, inp)
+                } else {
+                    QuantizedMatrix::quantize_int4(&values, out, inp, group)
+                };
+                quantized = Some(made.map_err(|e| EngineError::Weights(format!("tensor `{name}`: {e}")))?);
+            }
+        }
+        let mut tally = self.tally.get();
+        let stored = match quantized {
+            Some(m) => {
+                tally.quantized += 1;
+                tally.quantized_bytes += m.bytes();
+                tally.quantized_dense_bytes += (out * inp) as u64 * dtype.size_bytes();
+                tally.mixed |= tally.layout.is_some_and(|l| l != (m.bits, m.group));
+                tally.layout = Some((m.bits, m.group));
+                StoredLinear::Quantized(m)
+            }
+            None => {
+                tally.dense += 1;
+                StoredLinear::Dense(self.load(name, [out, inp], device, dtype)?)
+            }
+        };
+        self.tally.set(tally);
+        Ok(stored)
+    }
+
+    /// `name`'s values as f32 in host memory (random weights: drawn on `device`, read back).
+    fn f32_values(&self, name: &str, shape: [usize; 2], device: &Device) -> Result<Vec<f32>, EngineError> {
+        let bytes = match &self.source {
+            Source::Random(seed) => {
+                let t: Tensor<2> = Self::random_tensor(*seed, name, shape, device, DType::F32);
+                return t
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .map_err(|e| EngineError::Device(format!("reading back `{name}`: {e:?}")));
+            }
+            _ => self.host_bytes(name, &shape, DType::F32)?,
+        };
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// A GGUF tensor stored in quantized blocks, as affine groups in HF row order; `None`
+    /// for a float tensor.
+    fn gguf_quantized(g: &GgufWeights, name: &str, [out, inp]: [usize; 2]) -> Result<Option<QuantizedMatrix>, EngineError> {
+        Self::check_gguf(g, name, &[out, inp])?;
+        let info = Self::gguf_entry(g, name)?;
+        let wrap = |e: inference_pio_formats::FormatError| EngineError::Weights(format!("{}: {e}", g.path.display()));
+        let data = g.file.tensor_bytes(&g.mmap, info).map_err(wrap)?;
+        let Some(a) = gguf::affine_groups(info, data).map_err(wrap)? else {
+            return Ok(None);
+        };
+        let bad = |e: inference_pio_kernels::quant::QuantError| EngineError::Weights(format!("tensor `{}` (`{name}`) in {}: {e}", info.name, g.path.display()));
+        let m = QuantizedMatrix::from_codes(out, inp, a.bits, a.group, &a.codes, a.scales, a.mins).map_err(bad)?;
+        match Self::unpermute_heads(g, name) {
+            Some(heads) => {
+                if heads == 0 || !out.is_multiple_of(2 * heads) {
+                    return Err(EngineError::Weights(format!("cannot un-permute `{name}` [{out}, {inp}] into {heads} heads")));
+                }
+                // GGUF row (h, i, j), j in {0, 1}, i < half, holds HF row (h, j, i).
+                let half = out / heads / 2;
+                let mut order = vec![0; out];
+                for h in 0..heads {
+                    for i in 0..half {
+                        for j in 0..2 {
+                            order[(h * 2 + j) * half + i] = (h * half + i) * 2 + j;
+                        }
+                    }
+                }
+                m.permute_rows(&order).map(Some).map_err(bad)
+            }
+            None => Ok(Some(m)),
+        }
+    }
+
+    /// The heads whose Q/K rows llama.cpp's converter permuted in `name`, if it did.
+    fn unpermute_heads(g: &GgufWeights, name: &str) -> Option<usize> {
+        let (heads, kv_heads) = g.unpermute?;
+        if name.ends_with("self_attn.q_proj.weight") {
+            Some(heads)
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            Some(kv_heads)
+        } else {
+            None
+        }
     }
 
     /// Whether the checkpoint holds `name` (random weights hold every name).
@@ -262,19 +412,10 @@ impl Checkpoint {
         let wrap = |e: inference_pio_formats::FormatError| EngineError::Weights(format!("{}: {e}", g.path.display()));
         let data = g.file.tensor_bytes(&g.mmap, info).map_err(wrap)?;
         let mut values = gguf::dequantize(info, data).map_err(wrap)?;
-        if let Some((heads, kv_heads)) = g.unpermute
-            && shape.len() == 2
+        if shape.len() == 2
+            && let Some(h) = Self::unpermute_heads(g, name)
         {
-            let heads = if name.ends_with("self_attn.q_proj.weight") {
-                Some(heads)
-            } else if name.ends_with("self_attn.k_proj.weight") {
-                Some(kv_heads)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
-                values = gguf::hf::unpermute_rows(&values, shape[0], shape[1], h).map_err(wrap)?;
-            }
+            values = gguf::hf::unpermute_rows(&values, shape[0], shape[1], h).map_err(wrap)?;
         }
         Ok(encode(values.into_iter(), dtype))
     }

@@ -8,8 +8,11 @@
 //! The parser works on a borrowed byte slice (a memory map) and never trusts a count: every
 //! length is checked against the bytes that remain before anything is allocated, every
 //! dimension product is checked for overflow, and every tensor's data range must lie inside
-//! the file. [`dequantize`] turns F32, F16, BF16, Q8_0, Q4_0 and Q4_1 data into `f32`
-//! (ggml's `dequantize_row_*`); other types are named in the error.
+//! the file. [`dequantize`] turns F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K data
+//! into `f32` (ggml's `dequantize_row_*`); other types are named in the error. The quantized
+//! ones all reduce to [`AffineGroups`] ([`affine_groups`]): runs of 16 or 32 consecutive
+//! elements sharing a scale and an offset over small unsigned codes, which a consumer can keep
+//! quantized instead of expanding.
 //!
 //! [`hf`] maps GGUF metadata and tensor names to the Hugging Face equivalents, as
 //! `transformers.integrations.gguf` does when it loads a GGUF file.
@@ -130,6 +133,10 @@ impl GgmlType {
     pub const Q4_0: u32 = 2;
     pub const Q4_1: u32 = 3;
     pub const Q8_0: u32 = 8;
+    pub const Q2_K: u32 = 10;
+    pub const Q4_K: u32 = 12;
+    pub const Q5_K: u32 = 13;
+    pub const Q6_K: u32 = 14;
     pub const BF16: u32 = 30;
 
     /// The type with this id, if ggml defines it.
@@ -174,12 +181,15 @@ impl GgmlType {
 
     /// Whether [`dequantize`] reads this type.
     pub fn is_supported(&self) -> bool {
-        matches!(self.id, Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0 | Self::Q4_1)
+        matches!(
+            self.id,
+            Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q4_K | Self::Q5_K | Self::Q6_K
+        )
     }
 }
 
 /// The types [`dequantize`] reads, for error messages.
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
+pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K";
 
 /// One entry of the tensor table.
 #[derive(Clone, Debug, PartialEq)]
@@ -507,8 +517,38 @@ fn f16_at(b: &[u8]) -> f32 {
     half::f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
-/// Dequantizes a tensor's data to `f32` in GGML element order (ggml `dequantize_row_*`).
-pub fn dequantize(info: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, FormatError> {
+/// A quantized tensor's values as groups of consecutive elements sharing a scale and an
+/// offset: element `i` is `scales[i / group] * codes[i] as f32 + mins[i / group]` (ggml's
+/// `dequantize_row_*` reduced to one form; exact for every type listed, given finite f16
+/// fields, up to the sign of a zero).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AffineGroups {
+    /// Bits a code is stored in: 4 (Q4_0, Q4_1, Q4_K) or 8 (Q8_0, Q5_K, Q6_K: codes of 8, 5 and 6 bits).
+    pub bits: u32,
+    /// Elements per group: 32 (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K) or 16 (Q6_K).
+    pub group: usize,
+    /// One code per element in GGML element order, each below 2^bits (unsigned).
+    pub codes: Vec<u8>,
+    /// One scale per group.
+    pub scales: Vec<f32>,
+    /// One offset per group.
+    pub mins: Vec<f32>,
+}
+
+impl AffineGroups {
+    /// The values, `scale * code + min` per element (a product then a sum, no fused multiply-add).
+    pub fn values(&self) -> Vec<f32> {
+        self.codes
+            .chunks(self.group.max(1))
+            .zip(self.scales.iter().zip(&self.mins))
+            .flat_map(|(codes, (&scale, &min))| codes.iter().map(move |&c| scale * f32::from(c) + min))
+            .collect()
+    }
+}
+
+/// Checks that `info`'s type is one [`dequantize`] reads and that `data` holds exactly its
+/// blocks; returns the number of blocks.
+fn check_data(info: &TensorInfo, data: &[u8]) -> Result<usize, FormatError> {
     let t = info.ggml_type;
     if !t.is_supported() {
         return Err(FormatError(format!(
@@ -519,40 +559,137 @@ pub fn dequantize(info: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, FormatErro
     if data.len() as u64 != info.n_bytes {
         return Err(FormatError(format!("tensor `{}`: {} data bytes, expected {}", info.name, data.len(), info.n_bytes)));
     }
-    let mut out = Vec::with_capacity(info.n_elements as usize);
-    match t.id {
-        GgmlType::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        GgmlType::F16 => out.extend(data.chunks_exact(2).map(f16_at)),
-        GgmlType::BF16 => out.extend(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-        GgmlType::Q8_0 => {
-            // block_q8_0 { f16 d; int8 qs[32]; }: x = d * q
-            for block in data.chunks_exact(34) {
+    let blocks = info.n_elements / t.block_size;
+    if !info.n_elements.is_multiple_of(t.block_size) || blocks.checked_mul(t.type_size) != Some(info.n_bytes) {
+        return Err(FormatError(format!(
+            "tensor `{}`: {} elements of {} do not take {} bytes",
+            info.name, info.n_elements, t.name, info.n_bytes
+        )));
+    }
+    usize::try_from(blocks).map_err(|_| FormatError(format!("tensor `{}`: too many blocks", info.name)))
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) of a Q4_K or
+/// Q5_K block, packed in 12 bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// A quantized tensor's data as [`AffineGroups`] (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, after
+/// ggml-common.h and ggml-quants.c); `None` for F32, F16 and BF16, which have no groups.
+/// Errors name the tensor for an unsupported type or a wrong byte count.
+pub fn affine_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<AffineGroups>, FormatError> {
+    let n_blocks = check_data(info, data)?;
+    let t = info.ggml_type;
+    let (bits, group) = match t.id {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return Ok(None),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => (4, 32),
+        GgmlType::Q8_0 | GgmlType::Q5_K => (8, 32),
+        GgmlType::Q6_K => (8, 16),
+        _ => unreachable!("checked by is_supported"),
+    };
+    let n = n_blocks * t.block_size as usize;
+    let mut codes = Vec::with_capacity(n);
+    let mut scales = Vec::with_capacity(n / group);
+    let mut mins = Vec::with_capacity(n / group);
+    for block in data.chunks_exact(t.type_size as usize) {
+        match t.id {
+            GgmlType::Q8_0 => {
+                // block_q8_0 { f16 d; i8 qs[32]; }: x = d * q = d * (q + 128) - 128 d
                 let d = f16_at(&block[0..2]);
-                out.extend(block[2..].iter().map(|&q| d * f32::from(q as i8)));
+                codes.extend(block[2..].iter().map(|&q| q ^ 0x80));
+                scales.push(d);
+                mins.push(-128.0 * d);
             }
-        }
-        GgmlType::Q4_0 => {
-            // block_q4_0 { f16 d; u8 qs[16]; }: x[j] = d * (lo(qs[j]) - 8), x[j+16] = d * (hi(qs[j]) - 8)
-            for block in data.chunks_exact(18) {
+            GgmlType::Q4_0 => {
+                // block_q4_0 { f16 d; u8 qs[16]; }: x[j] = d * (lo(qs[j]) - 8), x[j+16] = d * (hi(qs[j]) - 8)
                 let d = f16_at(&block[0..2]);
                 let qs = &block[2..];
-                out.extend(qs.iter().map(|&q| d * (f32::from(q & 0x0f) - 8.0)));
-                out.extend(qs.iter().map(|&q| d * (f32::from(q >> 4) - 8.0)));
+                codes.extend(qs.iter().map(|&q| q & 0x0f));
+                codes.extend(qs.iter().map(|&q| q >> 4));
+                scales.push(d);
+                mins.push(-8.0 * d);
             }
-        }
-        GgmlType::Q4_1 => {
-            // block_q4_1 { f16 d; f16 m; u8 qs[16]; }: x[j] = d * lo(qs[j]) + m, x[j+16] = d * hi(qs[j]) + m
-            for block in data.chunks_exact(20) {
-                let d = f16_at(&block[0..2]);
-                let m = f16_at(&block[2..4]);
+            GgmlType::Q4_1 => {
+                // block_q4_1 { f16 d; f16 m; u8 qs[16]; }: x[j] = d * lo(qs[j]) + m, x[j+16] = d * hi(qs[j]) + m
                 let qs = &block[4..];
-                out.extend(qs.iter().map(|&q| d * f32::from(q & 0x0f) + m));
-                out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
+                codes.extend(qs.iter().map(|&q| q & 0x0f));
+                codes.extend(qs.iter().map(|&q| q >> 4));
+                scales.push(f16_at(&block[0..2]));
+                mins.push(f16_at(&block[2..4]));
             }
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                // block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }
+                // block_q5_K { f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }
+                // Per 64 elements j: 32 low nibbles of qs[32j..] (sub-block 2j), then 32 high
+                // nibbles (2j + 1); x = d * sc * q - dmin * m. Q5_K adds 16 to q where bit 2j
+                // (low) or 2j + 1 (high) of qh[l] is set.
+                let d = f16_at(&block[0..2]);
+                let dmin = f16_at(&block[2..4]);
+                let packed = &block[4..16];
+                let (qh, qs) = if t.id == GgmlType::Q5_K { (Some(&block[16..48]), &block[48..]) } else { (None, &block[16..]) };
+                for j in 0..4 {
+                    let ql = &qs[32 * j..32 * j + 32];
+                    for (half, shift) in [(0, 0), (1, 4)] {
+                        let (sc, m) = scale_min_k4(2 * j + half, packed);
+                        scales.push(d * f32::from(sc));
+                        mins.push(-(dmin * f32::from(m)));
+                        let high_bit = 1u8 << (2 * j + half);
+                        codes.extend(ql.iter().enumerate().map(|(l, &q)| {
+                            let high = qh.is_some_and(|qh| qh[l] & high_bit != 0);
+                            ((q >> shift) & 0x0f) + if high { 16 } else { 0 }
+                        }));
+                    }
+                }
+            }
+            GgmlType::Q6_K => {
+                // block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; }: per 128 elements n,
+                // element 32k + l (k < 4, l < 32) takes the low (k < 2) or high nibble of
+                // ql[64n + 32(k % 2) + l] and bits 2k, 2k + 1 of qh[32n + l] as bits 4, 5;
+                // x = d * scales[i / 16] * (q - 32).
+                let (ql, rest) = block.split_at(128);
+                let (qh, rest) = rest.split_at(64);
+                let (sc, d) = rest.split_at(16);
+                let d = f16_at(d);
+                for n in 0..2 {
+                    for k in 0..4 {
+                        let low = &ql[64 * n + 32 * (k % 2)..][..32];
+                        let nibble_shift = if k < 2 { 0 } else { 4 };
+                        codes.extend(
+                            low.iter()
+                                .zip(&qh[32 * n..32 * n + 32])
+                                .map(|(&lo, &hi)| ((lo >> nibble_shift) & 0x0f) | (((hi >> (2 * k)) & 3) << 4)),
+                        );
+                    }
+                }
+                for &s in sc {
+                    let scale = d * f32::from(s as i8);
+                    scales.push(scale);
+                    mins.push(-32.0 * scale);
+                }
+            }
+            _ => unreachable!("checked by is_supported"),
         }
-        _ => unreachable!("checked by is_supported"),
     }
-    Ok(out)
+    Ok(Some(AffineGroups { bits, group, codes, scales, mins }))
+}
+
+/// Dequantizes a tensor's data to `f32` in GGML element order (ggml `dequantize_row_*`):
+/// F32, F16 and BF16 directly, the quantized types through [`affine_groups`].
+pub fn dequantize(info: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, FormatError> {
+    if let Some(groups) = affine_groups(info, data)? {
+        return Ok(groups.values());
+    }
+    Ok(match info.ggml_type.id {
+        GgmlType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        GgmlType::F16 => data.chunks_exact(2).map(f16_at).collect(),
+        GgmlType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => unreachable!("affine_groups covers every other supported type"),
+    })
 }
 
 /// Hugging Face names and config for GGUF files (`transformers.integrations.gguf`).
@@ -836,6 +973,63 @@ mod tests {
         assert_eq!(get("bf16"), vec![0.25, 3.0]);
     }
 
+    /// gguf-py's numpy dequantization (an implementation independent of this one) of two
+    /// random blocks per type: `tests/fixtures/kquant-<TYPE>.bin` holds the block bytes then the
+    /// reference `f32` values (written by `tests/fixtures/make_kquant_fixtures.py`).
+    #[test]
+    fn every_quantized_type_matches_gguf_py() {
+        let fixtures: [(u32, u32, usize, &[u8]); 6] = [
+            (GgmlType::Q8_0, 8, 32, include_bytes!("../tests/fixtures/kquant-Q8_0.bin")),
+            (GgmlType::Q4_0, 4, 32, include_bytes!("../tests/fixtures/kquant-Q4_0.bin")),
+            (GgmlType::Q4_1, 4, 32, include_bytes!("../tests/fixtures/kquant-Q4_1.bin")),
+            (GgmlType::Q4_K, 4, 32, include_bytes!("../tests/fixtures/kquant-Q4_K.bin")),
+            (GgmlType::Q5_K, 8, 32, include_bytes!("../tests/fixtures/kquant-Q5_K.bin")),
+            (GgmlType::Q6_K, 8, 16, include_bytes!("../tests/fixtures/kquant-Q6_K.bin")),
+        ];
+        for (id, bits, group, file) in fixtures {
+            let t = GgmlType::from_id(id).expect("type");
+            assert!(t.is_supported() && SUPPORTED_TYPES.contains(t.name), "{}", t.name);
+            let n = 2 * t.block_size;
+            let n_bytes = 2 * t.type_size;
+            assert_eq!(file.len() as u64, n_bytes + 4 * n, "{} fixture size", t.name);
+            let (data, reference) = file.split_at(n_bytes as usize);
+            let reference: Vec<f32> = reference.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            assert!(reference.iter().all(|v| v.is_finite()) && reference.iter().any(|&v| v != 0.0), "{}", t.name);
+            let info = TensorInfo { name: format!("t_{}", t.name), dims: vec![n], ggml_type: t, offset: 0, n_elements: n, n_bytes };
+
+            let g = affine_groups(&info, data).expect("affine_groups").expect("quantized");
+            assert_eq!((g.bits, g.group), (bits, group), "{}", t.name);
+            assert_eq!(g.codes.len() as u64, n, "{}", t.name);
+            assert_eq!(g.scales.len(), g.codes.len() / group, "{}", t.name);
+            assert_eq!(g.mins.len(), g.scales.len(), "{}", t.name);
+            let code_bits = match t.name {
+                "Q5_K" => 5,
+                "Q6_K" => 6,
+                _ => bits,
+            };
+            assert!(g.codes.iter().all(|&c| u32::from(c) < 1 << code_bits), "{}: codes past {code_bits} bits", t.name);
+            // Random bytes reach the top code bit (Q5_K's qh bit, Q6_K's two qh bits).
+            assert!(g.codes.iter().any(|&c| u32::from(c) >= 1 << (code_bits - 1)), "{}", t.name);
+
+            let rebuilt: Vec<f32> =
+                g.codes.iter().enumerate().map(|(i, &c)| g.scales[i / group] * f32::from(c) + g.mins[i / group]).collect();
+            let values = dequantize(&info, data).expect("dequantize");
+            assert_eq!(values, rebuilt, "{}: dequantize is the affine reconstruction", t.name);
+            for (i, (&ours, &theirs)) in values.iter().zip(&reference).enumerate() {
+                // Exact, up to the sign of a zero (`d * (8 - 8)` is -0 for a negative d).
+                assert!(ours == theirs, "{} element {i}: {ours} vs gguf-py {theirs}", t.name);
+            }
+
+            // A byte count off by one is an error naming the tensor.
+            let e = affine_groups(&info, &data[1..]).expect_err("short").to_string();
+            assert!(e.contains(&info.name) && e.contains("bytes"), "{e}");
+            assert!(dequantize(&info, &data[1..]).is_err());
+        }
+        // The float types have no groups.
+        let f = TensorInfo { name: "f".into(), dims: vec![2], ggml_type: GgmlType::from_id(GgmlType::F16).expect("F16"), offset: 0, n_elements: 2, n_bytes: 4 };
+        assert_eq!(affine_groups(&f, &[0; 4]).expect("F16"), None);
+    }
+
     #[test]
     fn malformed_files_are_named_errors() {
         let good = Writer::new()
@@ -860,11 +1054,13 @@ mod tests {
         // Unknown tensor type and unsupported (but known) type.
         let unknown = Writer::new().tensor("x", &[4], 77, vec![0; 16]).build();
         assert!(err(&unknown).contains("unknown GGML type id 77"));
-        let q4k = Writer::new().tensor("k", &[256], 12, vec![0; 144]).build();
-        let g = Gguf::parse(&q4k).expect("Q4_K parses");
+        let q2k = Writer::new().tensor("k", &[256], GgmlType::Q2_K, vec![0; 84]).build();
+        let g = Gguf::parse(&q2k).expect("Q2_K parses");
         let t = g.tensor("k").expect("k").clone();
-        let e = dequantize(&t, g.tensor_bytes(&q4k, &t).expect("bytes")).expect_err("Q4_K").to_string();
-        assert!(e.contains("Q4_K") && e.contains("not supported"), "{e}");
+        let e = dequantize(&t, g.tensor_bytes(&q2k, &t).expect("bytes")).expect_err("Q2_K").to_string();
+        assert!(e.contains("Q2_K") && e.contains("not supported"), "{e}");
+        let e = affine_groups(&t, g.tensor_bytes(&q2k, &t).expect("bytes")).expect_err("Q2_K").to_string();
+        assert!(e.contains("`k`") && e.contains("Q2_K") && e.contains("not supported"), "{e}");
         // Overflowing dimension product.
         let huge = Writer::new().tensor("h", &[1 << 32, 1 << 32, 1 << 32], 0, vec![]).build();
         assert!(err(&huge).contains("overflow"));

@@ -3,7 +3,7 @@
 //!
 //! - [`gguf`]: llama.cpp's GGUF (<https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>):
 //!   header, typed metadata, tensor table, alignment, and dequantization of F32, F16, BF16,
-//!   Q8_0, Q4_0 and Q4_1 blocks; plus the mapping of its metadata and tensor names to the
+//!   Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K blocks; plus the mapping of its metadata and tensor names to the
 //!   Hugging Face config and names (`transformers.integrations.gguf`).
 //! - [`safetensors_header`]: the safetensors header (<https://huggingface.co/docs/safetensors>),
 //!   checked against the file length, with shapes whose element counts cannot overflow.

@@ -77,6 +77,7 @@ impl Plugin for Panicking {
             kv_block_tokens: 0,
             kv_cache_bytes: 0,
             kv_cache_sized_by: String::new(),
+            quantization: String::new(),
         })
     }
     fn infer(&self, _m: u64, request: InferRequest, on_token: &mut TokenCallback<'_>) -> Result<InferResponse, PluginError> {

@@ -1,0 +1,718 @@
+//! Weight-only quantized linear layers: a `[out, in]` weight kept as integer codes in groups
+//! of consecutive input channels, each group with an f32 scale and offset, `w = scale · code +
+//! min`. Every format the engine loads reduces to this one form without loss: GGUF's `Q8_0`,
+//! `Q4_0`, `Q4_1`, `Q4_K`, `Q5_K` and `Q6_K` blocks (llama.cpp `ggml-quants.c`,
+//! `dequantize_row_*`; the 5- and 6-bit codes stored in 8 bits), and what the engine makes at
+//! load from a bf16/f32 checkpoint: symmetric int8 per output channel (as LLM.int8's and
+//! vLLM's W8A16 weights) and asymmetric int4 in groups of 128 with a zero point (GPTQ's / AWQ's
+//! layout, round-to-nearest here).
+//!
+//! Codes are packed little-endian into `u32` words along each row (4-bit: element `8w + k` in
+//! bits `4k..4k + 4` of word `w`; 8-bit: element `4w + k` in byte `k`), so a word never spans
+//! two groups. On the CPU the weight stays in host memory and [`QuantizedMatrix::matmul`]
+//! multiplies it (f32 activations, each group dequantized in registers and split over
+//! rayon's threads). On CubeCL devices the codes, scales and offsets are device buffers: a
+//! product of up to [`QUANT_MAX_ROWS`] rows runs through our matrix-vector kernel, which reads
+//! the packed codes once and dequantizes in registers (the structure of [`crate::matvec`]);
+//! more rows dequantize the weight to the activations' dtype and multiply it by cuBLAS (as
+//! vLLM's and llama.cpp's dequantize-then-GEMM paths for prefill).
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use rayon::prelude::*;
+use std::sync::Arc;
+use crate::launch::{PLANE, is_cubecl};
+
+/// Up to this many rows of a product run through the matrix-vector kernel; more dequantize
+/// the weight for cuBLAS.
+pub const QUANT_MAX_ROWS: usize = 4;
+/// Output channels per cube (one plane each).
+const CHANNELS_PER_CUBE: u32 = 8;
+
+/// Why a quantized matrix cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantError(pub String);
+
+impl std::fmt::Display for QuantError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for QuantError {}
+
+/// A quantized `[rows, cols]` matrix (HF `[out, in]`) in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// Bits per code: 4 or 8.
+    pub bits: u32,
+    /// Consecutive elements of a row sharing a scale and an offset.
+    pub group: usize,
+    /// `rows * cols * bits / 32` packed words, row-major.
+    pub codes: Vec<u32>,
+    /// `[rows, cols / group]`.
+    pub scales: Vec<f32>,
+    /// `[rows, cols / group]`.
+    pub mins: Vec<f32>,
+}
+
+impl QuantizedMatrix {
+    /// Packs one code per element (row-major, each below `2^bits`) with per-group scales and
+    /// offsets (`[rows, cols / group]`).
+    pub fn from_codes(rows: usize, cols: usize, bits: u32, group: usize, codes: &[u8], scales: Vec<f32>, mins: Vec<f32>) -> Result<Self, QuantError> {
+        if bits != 4 && bits != 8 {
+            return Err(QuantError(format!("{bits}-bit codes are not supported (4 or 8)")));
+        }
+        let per_word = 32 / bits as usize;
+        if group == 0 || !group.is_multiple_of(per_word) || !cols.is_multiple_of(group) {
+            return Err(QuantError(format!("groups of {group} do not tile rows of {cols} in whole {bits}-bit words")));
+        }
+        let groups = rows * (cols / group);
+        if codes.len() != rows * cols || scales.len() != groups || mins.len() != groups {
+            return Err(QuantError(format!(
+                "a [{rows}, {cols}] matrix in groups of {group} needs {} codes and {groups} scales and offsets, got {}, {} and {}",
+                rows * cols,
+                codes.len(),
+                scales.len(),
+                mins.len()
+            )));
+        }
+        let mask = (1u32 << bits) - 1;
+        if let Some(bad) = codes.iter().find(|&&c| u32::from(c) > mask) {
+            return Err(QuantError(format!("code {bad} does not fit in {bits} bits")));
+        }
+        let packed = codes
+            .chunks_exact(per_word)
+            .map(|word| word.iter().enumerate().fold(0u32, |acc, (k, &c)| acc | (u32::from(c) << (k as u32 * bits))))
+            .collect();
+        Ok(Self { rows, cols, bits, group, codes: packed, scales, mins })
+    }
+
+    /// Symmetric int8 per output channel: `scale = max|w| / 127`, codes `round(w / scale) +
+    /// 128` (offset `-128 · scale`).
+    pub fn quantize_int8(values: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        Self::check_values(values, rows, cols)?;
+        let mut codes = Vec::with_capacity(values.len());
+        let mut scales = Vec::with_capacity(rows);
+        for row in values.chunks_exact(cols.max(1)) {
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            codes.extend(row.iter().map(|v| ((v / scale).round().clamp(-127.0, 127.0) + 128.0) as u8));
+            scales.push(scale);
+        }
+        let mins = scales.iter().map(|s| -128.0 * s).collect();
+        Self::from_codes(rows, cols, 8, cols, &codes, scales, mins)
+    }
+
+    /// Asymmetric int4 in groups of `group` input channels: per group `scale = (max - min) /
+    /// 15`, codes `round((w - min) / scale)` (a zero point folded into the offset `min`).
+    pub fn quantize_int4(values: &[f32], rows: usize, cols: usize, group: usize) -> Result<Self, QuantError> {
+        Self::check_values(values, rows, cols)?;
+        if group == 0 || !cols.is_multiple_of(group) {
+            return Err(QuantError(format!("groups of {group} do not tile rows of {cols}")));
+        }
+        let mut codes = Vec::with_capacity(values.len());
+        let mut scales = Vec::with_capacity(values.len() / group);
+        let mut mins = Vec::with_capacity(values.len() / group);
+        for chunk in values.chunks_exact(group) {
+            let (lo, hi) = chunk.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
+            codes.extend(chunk.iter().map(|v| ((v - lo) / scale).round().clamp(0.0, 15.0) as u8));
+            scales.push(scale);
+            mins.push(lo);
+        }
+        Self::from_codes(rows, cols, 4, group, &codes, scales, mins)
+    }
+
+    fn check_values(values: &[f32], rows: usize, cols: usize) -> Result<(), QuantError> {
+        if values.len() != rows * cols {
+            return Err(QuantError(format!("{} values for a [{rows}, {cols}] matrix", values.len())));
+        }
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(QuantError("a weight that is not finite cannot be quantized".into()));
+        }
+        Ok(())
+    }
+
+    fn per_word(&self) -> usize {
+        32 / self.bits as usize
+    }
+
+    /// Packed words per row.
+    pub fn words_per_row(&self) -> usize {
+        self.cols / self.per_word()
+    }
+
+    /// Groups per row.
+    pub fn groups_per_row(&self) -> usize {
+        self.cols / self.group
+    }
+
+    /// The code of element `col` of row `row`.
+    pub fn code(&self, row: usize, col: usize) -> u32 {
+        let per_word = self.per_word();
+        let word = self.codes[row * self.words_per_row() + col / per_word];
+        (word >> ((col % per_word) as u32 * self.bits)) & ((1 << self.bits) - 1)
+    }
+
+    /// Row `row`'s values, f32, into `out` (`cols` long).
+    fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let (per_word, bits, mask) = (self.per_word(), self.bits, (1u32 << self.bits) - 1);
+        let words = &self.codes[row * self.words_per_row()..(row + 1) * self.words_per_row()];
+        let groups = self.groups_per_row();
+        for (g, chunk) in out.chunks_exact_mut(self.group).enumerate() {
+            let (scale, min) = (self.scales[row * groups + g], self.mins[row * groups + g]);
+            let first = g * self.group / per_word;
+            for (w, vals) in chunk.chunks_exact_mut(per_word).enumerate() {
+                let word = words[first + w];
+                for (k, v) in vals.iter_mut().enumerate() {
+                    *v = scale * ((word >> (k as u32 * bits)) & mask) as f32 + min;
+                }
+            }
+        }
+    }
+
+    /// Every value, f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        out.par_chunks_mut(self.cols.max(1)).enumerate().for_each(|(r, row)| self.dequantize_row(r, row));
+        out
+    }
+
+    /// The rows in the order `order` gives (row `i` of the result is row `order[i]`).
+    pub fn permute_rows(&self, order: &[usize]) -> Result<Self, QuantError> {
+        if order.len() != self.rows || order.iter().any(|&r| r >= self.rows) {
+            return Err(QuantError(format!("a row order of {} entries for {} rows", order.len(), self.rows)));
+        }
+        let (w, g) = (self.words_per_row(), self.groups_per_row());
+        Ok(Self {
+            codes: order.iter().flat_map(|&r| self.codes[r * w..(r + 1) * w].iter().copied()).collect(),
+            scales: order.iter().flat_map(|&r| self.scales[r * g..(r + 1) * g].iter().copied()).collect(),
+            mins: order.iter().flat_map(|&r| self.mins[r * g..(r + 1) * g].iter().copied()).collect(),
+            ..self.clone()
+        })
+    }
+
+    /// Several matrices of the same columns, bits and groups stacked along rows (a fused
+    /// q/k/v or gate/up projection); `None` when they differ.
+    pub fn concat_rows(parts: &[Self]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.cols != first.cols || p.bits != first.bits || p.group != first.group) {
+            return None;
+        }
+        Some(Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            codes: parts.iter().flat_map(|p| p.codes.iter().copied()).collect(),
+            scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
+            mins: parts.iter().flat_map(|p| p.mins.iter().copied()).collect(),
+            ..first.clone()
+        })
+    }
+
+    /// Bytes the codes, scales and offsets take.
+    pub fn bytes(&self) -> u64 {
+        (self.codes.len() * 4 + (self.scales.len() + self.mins.len()) * 4) as u64
+    }
+
+    /// `x [n, cols] · Wᵀ -> [n, rows]`, f32, row-major. Each group of a row is dequantized
+    /// once into registers and multiplied by every input row; output channels are split over
+    /// rayon's threads.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "matmul: {} inputs for {n} rows of {}", x.len(), self.cols);
+        let mut out_t = vec![0f32; self.rows * n];
+        let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1)).clamp(1, 256);
+        out_t.par_chunks_mut(chunk * n).enumerate().for_each(|(c, block)| {
+            let mut w = vec![0f32; self.cols];
+            for (i, ys) in block.chunks_exact_mut(n).enumerate() {
+                self.dequantize_row(c * chunk + i, &mut w);
+                for (j, y) in ys.iter_mut().enumerate() {
+                    *y = dot(&x[j * self.cols..(j + 1) * self.cols], &w);
+                }
+            }
+        });
+        // `out_t` is `[rows, n]`; the product is `[n, rows]`.
+        let mut out = vec![0f32; n * self.rows];
+        for (r, ys) in out_t.chunks_exact(n).enumerate() {
+            for (j, &y) in ys.iter().enumerate() {
+                out[j * self.rows + r] = y;
+            }
+        }
+        out
+    }
+}
+
+/// A dot product in eight independent f32 lanes (the compiler vectorises it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A quantized linear weight placed on a device.
+#[derive(Clone)]
+pub struct QuantizedLinear {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u32,
+    pub group: usize,
+    bytes: u64,
+    storage: Storage,
+}
+
+#[derive(Clone)]
+enum Storage {
+    /// The CPU: host memory, multiplied by [`QuantizedMatrix::matmul`].
+    Host(Arc<QuantizedMatrix>),
+    /// CubeCL devices: codes `[rows, words]` (u32), scales and offsets `[rows, groups]` (f32).
+    Device { codes: Tensor<2, Int>, scales: Tensor<2>, mins: Tensor<2> },
+}
+
+impl QuantizedLinear {
+    /// `matrix` on `device`.
+    pub fn new(matrix: QuantizedMatrix, device: &Device) -> Self {
+        let (rows, cols, bits, group, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.bytes());
+        let storage = if is_cubecl(device) {
+            let (words, groups) = (matrix.words_per_row(), matrix.groups_per_row());
+            let f32s = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [rows, groups]), (device, DType::F32));
+            Storage::Device {
+                codes: Tensor::from_data(TensorData::new(matrix.codes, [rows, words]), (device, DType::U32)),
+                scales: f32s(matrix.scales),
+                mins: f32s(matrix.mins),
+            }
+        } else {
+            Storage::Host(Arc::new(matrix))
+        };
+        Self { rows, cols, bits, group, bytes, storage }
+    }
+
+    /// Bytes the weight takes on its device.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// `x [n, cols] · Wᵀ -> [n, rows]` in `x`'s dtype.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let [n, cols] = x.dims();
+        assert_eq!(cols, self.cols, "a quantized [{}, {}] weight times rows of {cols}", self.rows, self.cols);
+        let dtype = x.dtype();
+        match &self.storage {
+            Storage::Host(m) => {
+                let device = x.device();
+                let xs = x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 activations");
+                let y = Tensor::<2>::from_data(TensorData::new(m.matmul(&xs, n), [n, self.rows]), (&device, DType::F32));
+                if dtype == DType::F32 { y } else { y.cast(dtype) }
+            }
+            Storage::Device { codes, scales, mins } => {
+                if n <= QUANT_MAX_ROWS && kernel_supports(dtype) {
+                    let out = Dispatch::quant_matvec(
+                        x.into_dispatch(),
+                        codes.clone().into_dispatch(),
+                        scales.clone().into_dispatch(),
+                        mins.clone().into_dispatch(),
+                        self.bits,
+                        self.group,
+                    );
+                    return Tensor::from_dispatch(out);
+                }
+                let w = self.dequantize(dtype);
+                crate::linear::batched_linear(x.reshape([1, n, cols]), w.reshape([1, 1, self.rows, cols])).reshape([n, self.rows])
+            }
+        }
+    }
+
+    /// The weight as a dense `[rows, cols]` tensor of `dtype` on its device.
+    pub fn dequantize(&self, dtype: DType) -> Tensor<2> {
+        match &self.storage {
+            Storage::Host(m) => {
+                let device = Device::flex();
+                let w = Tensor::<2>::from_data(TensorData::new(m.dequantize(), [self.rows, self.cols]), (&device, DType::F32));
+                if dtype == DType::F32 { w } else { w.cast(dtype) }
+            }
+            Storage::Device { codes, scales, mins } => Tensor::from_dispatch(Dispatch::quant_dequantize(
+                codes.clone().into_dispatch(),
+                scales.clone().into_dispatch(),
+                mins.clone().into_dispatch(),
+                self.bits,
+                self.group,
+                dtype,
+            )),
+        }
+    }
+}
+
+/// Activations the kernel reads: bf16, f16 and f32.
+fn kernel_supports(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
+}
+
+/// `[rows, words] -> [rows, words * 32 / bits]`.
+pub fn dequantized_shape(codes: &Shape, bits: u32) -> Shape {
+    Shape::new([codes[0], codes[1] * (32 / bits as usize)])
+}
+
+/// The quantized products as backend operations (CubeCL runtimes only).
+#[backend_extension(Cube, Fusion)]
+pub trait QuantOps: Backend {
+    /// `x [n, cols] · Wᵀ -> [n, rows]` for `W` given by `codes [rows, cols * bits / 32]`
+    /// (u32), `scales`/`mins [rows, cols / group]` (f32).
+    #[fusion(dtype = x, shape = Shape::new([x[0], codes[0]]))]
+    fn quant_matvec(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self>;
+
+    /// `W` as a dense `[rows, cols]` tensor of `dtype`.
+    #[fusion(dtype = *dtype, shape = dequantized_shape(codes, *bits))]
+    fn quant_dequantize(codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize, dtype: DType) -> FloatTensor<Self>;
+}
+
+impl QuantOps for CubeBackend {
+    fn quant_matvec(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self> {
+        launch_matvec(x, codes, scales, mins, bits, group)
+    }
+
+    fn quant_dequantize(codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize, dtype: DType) -> FloatTensor<Self> {
+        launch_dequantize(codes, scales, mins, bits, group, dtype)
+    }
+}
+
+/// The kernels, apart from burn's names.
+mod device {
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::num_traits::Zero;
+    use burn_cubecl::cubecl::prelude::*;
+
+    /// One word's share of a product: its `32 / bits` codes dequantized (`scale · code +
+    /// min`) times the matching activations, read as `32 / bits / xvec` vectors from `x_at`.
+    #[cube]
+    fn word_term<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        codes: &[u32],
+        scales: &[f32],
+        mins: &[f32],
+        x_at: usize,
+        code_at: usize,
+        group_at: usize,
+        #[comptime] bits: u32,
+        #[comptime] xvec: usize,
+    ) -> Vector<f32, N> {
+        let word = codes[code_at];
+        let scale = Vector::<f32, N>::new(scales[group_at]);
+        let min = Vector::<f32, N>::new(mins[group_at]);
+        let mask = Vector::<u32, N>::new(comptime!((1u32 << bits) - 1));
+        let per_word = comptime!(32 / bits as usize);
+        let mut acc = Vector::<f32, N>::zero();
+        #[unroll]
+        for j in 0..comptime!(per_word / xvec) {
+            let mut shifts = Vector::<u32, N>::new(0u32);
+            #[unroll]
+            for i in 0..xvec {
+                shifts.insert(i, comptime!(((j * xvec + i) as u32) * bits));
+            }
+            let code = (Vector::<u32, N>::new(word) >> shifts) & mask;
+            let w = Vector::<f32, N>::cast_from(code) * scale + min;
+            acc += Vector::<f32, N>::cast_from(x[x_at + j]) * w;
+        }
+        acc
+    }
+
+    /// One plane per output channel of one row: its lanes stride over the row's packed words,
+    /// four in flight per lane, and sum across the plane.
+    #[cube(launch_unchecked)]
+    pub fn quant_matvec_kernel<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        codes: &[u32],
+        scales: &[f32],
+        mins: &[f32],
+        out: &mut Tensor<E>,
+        words: usize,
+        groups: usize,
+        #[comptime] bits: u32,
+        #[comptime] group: usize,
+        #[comptime] xvec: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let row = CUBE_POS_X as usize;
+        let channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        let channels = out.shape(1);
+        if channel >= channels {
+            terminate!();
+        }
+        let per_word = comptime!(32 / bits as usize);
+        let words_per_group = comptime!(group / per_word);
+        let vecs = comptime!(per_word / xvec);
+        let x_base = row * words * vecs;
+        let c_base = channel * words;
+        let g_base = channel * groups;
+        let step = PLANE_DIM as usize;
+        let mut acc0 = Vector::<f32, N>::zero();
+        let mut acc1 = Vector::<f32, N>::zero();
+        let mut acc2 = Vector::<f32, N>::zero();
+        let mut acc3 = Vector::<f32, N>::zero();
+        let mut w = UNIT_POS_X as usize;
+        while w + 3 * step < words {
+            acc0 += word_term(x, codes, scales, mins, x_base + w * vecs, c_base + w, g_base + w / words_per_group, bits, xvec);
+            let w1 = w + step;
+            acc1 += word_term(x, codes, scales, mins, x_base + w1 * vecs, c_base + w1, g_base + w1 / words_per_group, bits, xvec);
+            let w2 = w + 2 * step;
+            acc2 += word_term(x, codes, scales, mins, x_base + w2 * vecs, c_base + w2, g_base + w2 / words_per_group, bits, xvec);
+            let w3 = w + 3 * step;
+            acc3 += word_term(x, codes, scales, mins, x_base + w3 * vecs, c_base + w3, g_base + w3 / words_per_group, bits, xvec);
+            w += 4 * step;
+        }
+        while w < words {
+            acc0 += word_term(x, codes, scales, mins, x_base + w * vecs, c_base + w, g_base + w / words_per_group, bits, xvec);
+            w += step;
+        }
+        let total = plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)));
+        if UNIT_POS_X == 0 {
+            out[row * channels + channel] = E::cast_from(total);
+        }
+    }
+
+    /// One unit per packed word: its `32 / bits` values written to the dense `[rows, cols]`
+    /// output.
+    #[cube(launch_unchecked)]
+    pub fn quant_dequantize_kernel<E: Float>(
+        codes: &[u32],
+        scales: &[f32],
+        mins: &[f32],
+        out: &mut Tensor<E>,
+        words_total: usize,
+        words: usize,
+        groups: usize,
+        #[comptime] bits: u32,
+        #[comptime] group: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let at = ABSOLUTE_POS;
+        if at >= words_total {
+            terminate!();
+        }
+        let per_word = comptime!(32 / bits as usize);
+        let row = at / words;
+        let w = at % words;
+        let g = row * groups + w / comptime!(group / per_word);
+        let (scale, min) = (scales[g], mins[g]);
+        let word = codes[at];
+        let mask = comptime!((1u32 << bits) - 1);
+        let cols = out.shape(1);
+        #[unroll]
+        for k in 0..per_word {
+            let code = (word >> comptime!(k as u32 * bits)) & mask;
+            out[row * cols + w * per_word + k] = E::cast_from(f32::cast_from(code) * scale + min);
+        }
+    }
+}
+
+fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize) -> CubeTensor {
+    let x = into_contiguous(x);
+    let (codes, scales, mins) = (into_contiguous(codes), into_contiguous(scales), into_contiguous(mins));
+    let (rows, words) = (codes.meta.shape()[0], codes.meta.shape()[1]);
+    let groups = scales.meta.shape()[1];
+    let n = x.meta.shape()[0];
+    let per_word = 32 / bits as usize;
+    assert_eq!(x.meta.shape()[1], words * per_word, "quantized matvec: activations and weight disagree");
+    let dtype = x.dtype;
+    // Activations as vectors of at most 16 bytes that divide a word's codes.
+    let xvec = (16 / dtype.size()).clamp(1, per_word);
+    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, rows]), dtype);
+    let client = out.client.clone();
+    let cube_dim = CubeDim::new_2d(PLANE as u32, CHANNELS_PER_CUBE);
+    let cube_count = CubeCount::Static(n as u32, (rows as u32).div_ceil(CHANNELS_PER_CUBE), 1);
+    // SAFETY: `row < n` (the grid's x), `channel < rows` (checked in the kernel), a word `w <
+    // words` of its channel's row, its group `w / (group / per_word) < groups` (`group`
+    // divides the row into whole words, checked when the matrix was built), and the
+    // activations' vectors `row * words * vecs + w * vecs + j < n * cols / xvec`.
+    unsafe {
+        device::quant_matvec_kernel::launch_unchecked(
+            &client,
+            cube_count,
+            cube_dim,
+            xvec,
+            x.into_tensor_arg(),
+            codes.into_buffer_arg(),
+            scales.into_buffer_arg(),
+            mins.into_buffer_arg(),
+            out.clone().into_tensor_arg(),
+            words,
+            groups,
+            bits,
+            group,
+            xvec,
+            dtype_to_storage_type(dtype),
+        )
+    };
+    out
+}
+
+fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize, dtype: DType) -> CubeTensor {
+    let (codes, scales, mins) = (into_contiguous(codes), into_contiguous(scales), into_contiguous(mins));
+    let (rows, words) = (codes.meta.shape()[0], codes.meta.shape()[1]);
+    let groups = scales.meta.shape()[1];
+    let cols = words * (32 / bits as usize);
+    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([rows, cols]), dtype);
+    let client = out.client.clone();
+    let total = rows * words;
+    let units = 256u32;
+    // SAFETY: one unit per word, `at < rows * words` checked; its row's group index is below
+    // `groups` and its `32 / bits` outputs lie in its row.
+    unsafe {
+        device::quant_dequantize_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static((total as u32).div_ceil(units), 1, 1),
+            CubeDim::new_1d(units),
+            codes.into_buffer_arg(),
+            scales.into_buffer_arg(),
+            mins.into_buffer_arg(),
+            out.clone().into_tensor_arg(),
+            total,
+            words,
+            groups,
+            bits,
+            group,
+            dtype_to_storage_type(dtype),
+        )
+    };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn dense_matmul(x: &[f32], n: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        (0..n).flat_map(|j| (0..rows).map(move |r| (0..cols).map(|c| x[j * cols + c] * w[r * cols + c]).sum::<f32>())).collect()
+    }
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+        (num / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
+    }
+
+    #[test]
+    fn codes_pack_little_endian_along_rows() {
+        // 4-bit: element 8w + k in bits 4k.. of word w.
+        let codes: Vec<u8> = (0..16).map(|i| i as u8).collect();
+        let m = QuantizedMatrix::from_codes(1, 16, 4, 8, &codes, vec![1.0, 1.0], vec![0.0, 0.0]).expect("packs");
+        assert_eq!(m.codes, vec![0x7654_3210, 0xfedc_ba98]);
+        for c in 0..16 {
+            assert_eq!(m.code(0, c), c as u32);
+        }
+        let m = QuantizedMatrix::from_codes(2, 4, 8, 4, &[1, 2, 3, 4, 250, 6, 7, 8], vec![0.5, 2.0], vec![-1.0, 1.0]).expect("packs");
+        assert_eq!(m.codes, vec![0x0403_0201, 0x0807_06fa]);
+        assert_eq!(m.dequantize(), vec![-0.5, 0.0, 0.5, 1.0, 501.0, 13.0, 15.0, 17.0]);
+    }
+
+    #[test]
+    fn bad_shapes_and_codes_are_errors() {
+        let e = QuantizedMatrix::from_codes(1, 12, 4, 12, &[0; 12], vec![1.0], vec![0.0]).expect_err("group not in words");
+        assert!(e.0.contains("groups of 12"), "{e}");
+        let e = QuantizedMatrix::from_codes(1, 8, 4, 8, &[16; 8], vec![1.0], vec![0.0]).expect_err("too wide");
+        assert!(e.0.contains("16"), "{e}");
+        let e = QuantizedMatrix::from_codes(1, 8, 3, 8, &[0; 8], vec![1.0], vec![0.0]).expect_err("3 bits");
+        assert!(e.0.contains("3-bit"), "{e}");
+        assert!(QuantizedMatrix::quantize_int8(&[f32::NAN; 4], 1, 4).is_err());
+        assert!(QuantizedMatrix::quantize_int4(&[0.0; 8], 1, 8, 3).is_err());
+    }
+
+    #[test]
+    fn quantizing_keeps_every_weight_within_half_a_step() {
+        let (rows, cols) = (6, 256);
+        let w = random(rows * cols, 1);
+        let q8 = QuantizedMatrix::quantize_int8(&w, rows, cols).expect("int8");
+        for (r, (row, back)) in w.chunks(cols).zip(q8.dequantize().chunks(cols)).enumerate() {
+            let step = q8.scales[r];
+            assert!(row.iter().zip(back).all(|(a, b)| (a - b).abs() <= 0.5 * step + 1e-6), "int8 row {r}");
+        }
+        let q4 = QuantizedMatrix::quantize_int4(&w, rows, cols, 128).expect("int4");
+        let back = q4.dequantize();
+        for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+            let step = q4.scales[i / 128];
+            assert!((a - b).abs() <= 0.5 * step + 1e-6, "int4 element {i}: {a} vs {b}");
+        }
+        // A group's extremes come back exactly (the offset is its minimum, the top code its maximum).
+        let lo = w[..128].iter().copied().fold(f32::INFINITY, f32::min);
+        assert_eq!(back[..128].iter().copied().fold(f32::INFINITY, f32::min), lo);
+        assert_eq!(q8.bytes(), (rows * cols + 8 * rows) as u64);
+        assert_eq!(q4.bytes(), (rows * cols / 2 + 8 * rows * 2) as u64);
+    }
+
+    #[test]
+    fn the_cpu_product_is_the_product_with_the_dequantized_weight() {
+        let (rows, cols) = (37, 96);
+        let w = random(rows * cols, 2);
+        for m in [QuantizedMatrix::quantize_int8(&w, rows, cols).expect("int8"), QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4")] {
+            let dense = m.dequantize();
+            for n in [1, 3] {
+                let x = random(n * cols, 3 + n as u64);
+                let got = m.matmul(&x, n);
+                let want = dense_matmul(&x, n, &dense, rows, cols);
+                assert!(rel_l2(&got, &want) < 1e-6, "bits {} rows {n}: {}", m.bits, rel_l2(&got, &want));
+                // And close to the unquantized product.
+                let exact = dense_matmul(&x, n, &w, rows, cols);
+                assert!(rel_l2(&got, &exact) < if m.bits == 8 { 0.01 } else { 0.1 }, "bits {}: {}", m.bits, rel_l2(&got, &exact));
+            }
+        }
+    }
+
+    #[test]
+    fn permuted_and_concatenated_rows_are_those_rows() {
+        let (rows, cols) = (4, 32);
+        let w = random(rows * cols, 4);
+        let m = QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4");
+        let dense = m.dequantize();
+        let p = m.permute_rows(&[2, 0, 3, 1]).expect("order");
+        let pd = p.dequantize();
+        for (i, &r) in [2, 0, 3, 1].iter().enumerate() {
+            assert_eq!(pd[i * cols..(i + 1) * cols], dense[r * cols..(r + 1) * cols]);
+        }
+        assert!(m.permute_rows(&[0, 1]).is_err());
+        let both = QuantizedMatrix::concat_rows(&[m.clone(), p]).expect("same layout");
+        assert_eq!(both.rows, 8);
+        assert_eq!(both.dequantize()[..rows * cols], dense[..]);
+        let q8 = QuantizedMatrix::quantize_int8(&w, rows, cols).expect("int8");
+        assert!(QuantizedMatrix::concat_rows(&[m, q8]).is_none());
+    }
+
+    #[test]
+    fn the_linear_on_the_cpu_multiplies_in_the_activations_dtype() {
+        let (rows, cols) = (10, 64);
+        let w = random(rows * cols, 5);
+        let m = QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4");
+        let dense = m.dequantize();
+        let d = Device::flex();
+        let lin = QuantizedLinear::new(m, &d);
+        let xs = random(2 * cols, 6);
+        let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [2, cols]), &d);
+        let got = lin.forward(x.clone()).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        assert!(rel_l2(&got, &dense_matmul(&xs, 2, &dense, rows, cols)) < 1e-6);
+        let y = lin.forward(x.cast(DType::BF16));
+        assert_eq!(y.dtype(), DType::BF16);
+        assert_eq!(y.dims(), [2, rows]);
+        let back = lin.dequantize(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        assert_eq!(back, dense);
+    }
+}
