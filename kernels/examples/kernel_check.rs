@@ -18,13 +18,19 @@
 //!   which settled that CubeCL's matmul was the prefill gap whatever the layout, is in git
 //!   history and `benches/results/gpu-h200-2026-12-02-final/kernel_check.txt`.)
 //!
+//! - the quantized products (`inference_pio_kernels::quant`): the matrix-vector kernel (1, 2
+//!   and 4 rows) and the dequantize-then-cuBLAS path (32 and 512 rows) for int8 per channel,
+//!   int4 in groups of 128 and GGUF-like groups (4-bit in 32, 8-bit in 16) on Qwen3-4B's
+//!   shapes, against the dequantized weight's dense product, timed beside the bf16 weight's
+//!   product; the rate is the quantized bytes read per second.
+//!
 //! f32 and bf16; timings are CUDA-graph replays of ten calls. Exits non-zero when a result is
 //! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
 //! products and 2e-2 for attention (the reference rounds scores and probabilities to bf16);
 //! the elementwise kernels 1e-4 in f32 and 1e-2 in bf16.
 //!
 //! `kernel_check` on a machine with CUDA runs every group; `kernel_check matvec attention
-//! elementwise cublas` (any of them) runs those only. With cuBLAS loadable the engine keeps
+//! elementwise cublas quant` (any of them) runs those only. With cuBLAS loadable the engine keeps
 //! weights unsplit (`split_parts` is 1), so the matvec group then checks the kernel on the
 //! plain layout and times it against the cuBLAS product.
 
@@ -125,7 +131,7 @@ fn main() {
     // `kernel_check [matvec] [attention] [elementwise] [cublas]`: those groups only (all
     // without arguments).
     let chosen: Vec<String> = std::env::args().skip(1).collect();
-    const GROUPS: [&str; 4] = ["matvec", "attention", "elementwise", "cublas"];
+    const GROUPS: [&str; 5] = ["matvec", "attention", "elementwise", "cublas", "quant"];
     if let Some(unknown) = chosen.iter().find(|a| !GROUPS.contains(&a.as_str())) {
         eprintln!("kernel_check: unknown group `{unknown}`; the groups are {}", GROUPS.join(", "));
         std::process::exit(2);
@@ -175,6 +181,9 @@ fn main() {
     }
     if runs("cublas") {
         failed += check_cublas(&device);
+    }
+    if runs("quant") {
+        failed += check_quant(&device);
     }
     if failed > 0 {
         println!("{failed} checks failed");
@@ -445,6 +454,59 @@ fn check_cublas(device: &Device) -> usize {
             let mixed = || flat(inference_pio_kernels::batched_matmul(probs.clone(), v.clone()));
             let mixed_ref = || flat(probs.clone().matmul(v.clone()));
             failed += usize::from(check(device, &format!("cublas attention p·v  {t:5} tokens {tag:5}"), tol, flops, &mixed, &mixed_ref, &mixed_ref));
+        }
+    }
+    failed
+}
+
+/// The quantized products against the dense product of their dequantized weights.
+fn check_quant(device: &Device) -> usize {
+    use inference_pio_kernels::quant::{QuantizedLinear, QuantizedMatrix};
+    let mut failed = 0;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect()
+    };
+    let shapes = [("4B fused q/k/v 2560->6144", 6144usize, 2560usize), ("4B fused gate/up 2560->19456", 19456, 2560), ("4B down 9728->2560", 2560, 9728)];
+    for (name, out, inp) in shapes {
+        let values = random(out * inp);
+        let dense_w = Tensor::<2>::from_data(TensorData::new(values.clone(), [out, inp]), device);
+        let layouts = [
+            ("int8/channel", QuantizedMatrix::quantize_int8(&values, out, inp)),
+            ("int4/128", QuantizedMatrix::quantize_int4(&values, out, inp, 128)),
+            ("int4/32", QuantizedMatrix::quantize_int4(&values, out, inp, 32)),
+        ];
+        for (tag, m) in layouts {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    println!("quant {name} {tag}: cannot quantize: {e}");
+                    failed += 1;
+                    continue;
+                }
+            };
+            let bytes = m.bytes() as f64;
+            let deq = Tensor::<2>::from_data(TensorData::new(m.dequantize(), [out, inp]), device);
+            let q = QuantizedLinear::new(m, device);
+            for dtype in [DType::F32, DType::BF16] {
+                let w = deq.clone().cast(dtype);
+                let plain = dense_w.clone().cast(dtype).reshape([1, out, inp]);
+                for rows in [1usize, 2, 4, 32, 512] {
+                    let x = Tensor::<2>::random([rows, inp], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+                    let kernel = || q.forward(x.clone());
+                    let reference = || batched_linear(x.clone().unsqueeze_dim(0), w.clone().reshape([1, 1, out, inp])).squeeze_dim(0);
+                    // The same product with the unquantized weight in `dtype`, as the engine runs it.
+                    let before = || inference_pio_kernels::linear(x.clone(), &plain);
+                    let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
+                    let label = format!("quant {name:28} {tag:12} {rows:4} rows {:5}", format!("{dtype:?}"));
+                    failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &before));
+                }
+            }
         }
     }
     failed

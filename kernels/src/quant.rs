@@ -87,11 +87,11 @@ impl QuantizedMatrix {
             )));
         }
         let mask = (1u32 << bits) - 1;
-        if let Some(bad) = codes.iter().find(|&&c| u32::from(c) > mask) {
+        if let Some(bad) = codes.par_iter().find_any(|&&c| u32::from(c) > mask) {
             return Err(QuantError(format!("code {bad} does not fit in {bits} bits")));
         }
         let packed = codes
-            .chunks_exact(per_word)
+            .par_chunks_exact(per_word)
             .map(|word| word.iter().enumerate().fold(0u32, |acc, (k, &c)| acc | (u32::from(c) << (k as u32 * bits))))
             .collect();
         Ok(Self { rows, cols, bits, group, codes: packed, scales, mins })
@@ -101,16 +101,16 @@ impl QuantizedMatrix {
     /// 128` (offset `-128 · scale`).
     pub fn quantize_int8(values: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
         Self::check_values(values, rows, cols)?;
-        let mut codes = Vec::with_capacity(values.len());
-        let mut scales = Vec::with_capacity(rows);
-        for row in values.chunks_exact(cols.max(1)) {
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-            codes.extend(row.iter().map(|v| ((v / scale).round().clamp(-127.0, 127.0) + 128.0) as u8));
-            scales.push(scale);
-        }
+        let (codes, scales): (Vec<Vec<u8>>, Vec<f32>) = values
+            .par_chunks(cols.max(1))
+            .map(|row| {
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                (row.iter().map(|v| ((v / scale).round().clamp(-127.0, 127.0) + 128.0) as u8).collect(), scale)
+            })
+            .unzip();
         let mins = scales.iter().map(|s| -128.0 * s).collect();
-        Self::from_codes(rows, cols, 8, cols, &codes, scales, mins)
+        Self::from_codes(rows, cols, 8, cols, &codes.concat(), scales, mins)
     }
 
     /// Asymmetric int4 in groups of `group` input channels: per group `scale = (max - min) /
@@ -120,17 +120,15 @@ impl QuantizedMatrix {
         if group == 0 || !cols.is_multiple_of(group) {
             return Err(QuantError(format!("groups of {group} do not tile rows of {cols}")));
         }
-        let mut codes = Vec::with_capacity(values.len());
-        let mut scales = Vec::with_capacity(values.len() / group);
-        let mut mins = Vec::with_capacity(values.len() / group);
-        for chunk in values.chunks_exact(group) {
-            let (lo, hi) = chunk.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-            let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
-            codes.extend(chunk.iter().map(|v| ((v - lo) / scale).round().clamp(0.0, 15.0) as u8));
-            scales.push(scale);
-            mins.push(lo);
-        }
-        Self::from_codes(rows, cols, 4, group, &codes, scales, mins)
+        let (codes, (scales, mins)): (Vec<Vec<u8>>, (Vec<f32>, Vec<f32>)) = values
+            .par_chunks(group)
+            .map(|chunk| {
+                let (lo, hi) = chunk.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
+                (chunk.iter().map(|v| ((v - lo) / scale).round().clamp(0.0, 15.0) as u8).collect(), (scale, lo))
+            })
+            .unzip();
+        Self::from_codes(rows, cols, 4, group, &codes.concat(), scales, mins)
     }
 
     fn check_values(values: &[f32], rows: usize, cols: usize) -> Result<(), QuantError> {
