@@ -20,7 +20,7 @@ set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-prepare kernels ours peers}
 source benches/gpu/lib.sh
-unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so
+for f in inference-pio pio-bench libqwen3_4b_instruct_2507.so; do [ -f .gpu/$f.xz ] && unpack_gpu_binaries $f; done
 export XDG_CACHE_HOME=/tmp/xdg
 export INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 exec > >(tee -a $OUT/log.txt) 2>&1

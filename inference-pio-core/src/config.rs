@@ -246,8 +246,9 @@ pub struct OptimizationSettings {
     /// Weights and activations; `None`: bf16 on CUDA, f32 on CPU.
     pub dtype: Option<DType>,
     /// Linear weights stored quantized, dequantized in the products' kernels. `None`: as the
-    /// checkpoint stores them (a GGUF file's quantized blocks are kept quantized, others in
-    /// `dtype`). Embeddings, norms, routers, experts, the vision tower and the LM head stay
+    /// checkpoint stores them (on the CPU a GGUF file's quantized blocks are kept quantized; on
+    /// CUDA they are dequantized until the GPU kernels have been run on a GPU; other
+    /// checkpoints in `dtype`). Embeddings, norms, routers, experts, the vision tower and the LM head stay
     /// in `dtype` unless the file stores them quantized.
     #[serde(default)]
     pub quantization: Option<Quantization>,

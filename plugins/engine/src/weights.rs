@@ -251,14 +251,18 @@ impl Checkpoint {
     }
 
     /// Loads the linear weight `name` (`[out, in]`, HF layout) stored as the checkpoint's
-    /// quantization says: unset, a GGUF file's quantized blocks kept as they are and other
-    /// weights dense; `int8` or `int4`, made from the weight's values whatever the file
+    /// quantization says: unset, a GGUF file's quantized blocks kept as they are on the CPU
+    /// (dequantized on CUDA for now) and other weights dense; `int8` or `int4`, made from the weight's values whatever the file
     /// stores (int4 in groups of 128, or 32 where 128 does not divide the row; a row that
     /// neither divides stays dense); `none`, dense in `dtype` on `device`.
     pub fn load_linear_stored(&self, name: &str, [out, inp]: [usize; 2], device: &Device, dtype: DType) -> Result<StoredLinear, EngineError> {
         let mut quantized = None;
+        // Unset: kept as stored on the CPU. On CUDA the quantized kernels have not yet run on
+        // a GPU (no device was lent since they were written), so there a GGUF file is
+        // dequantized unless `quantization` asks otherwise.
         if let Source::Gguf(g) = &self.source
             && self.quantization.is_none()
+            && *device == Device::flex()
         {
             quantized = Self::gguf_quantized(g, name, [out, inp])?;
         }
