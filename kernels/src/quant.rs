@@ -179,6 +179,17 @@ impl QuantizedMatrix {
         }
     }
 
+    /// The values of rows `rows` (each below `self.rows`), f32, one after another.
+    pub fn dequantize_rows(&self, rows: impl Iterator<Item = usize>) -> Vec<f32> {
+        let mut out = Vec::new();
+        for r in rows {
+            let start = out.len();
+            out.resize(start + self.cols, 0.0);
+            self.dequantize_row(r, &mut out[start..]);
+        }
+        out
+    }
+
     /// Every value, f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
@@ -249,8 +260,15 @@ impl QuantizedMatrix {
                 let mut w = vec![0f32; self.cols];
                 for (i, ys) in block.chunks_exact_mut(n).enumerate() {
                     self.dequantize_row(c * chunk + i, &mut w);
-                    for (j, y) in ys.iter_mut().enumerate() {
-                        *y = simd::dot(&x[j * self.cols..(j + 1) * self.cols], &w);
+                    // Four input rows per pass over the weight row.
+                    let row = |j: usize| &x[j * self.cols..(j + 1) * self.cols];
+                    let mut j = 0;
+                    while j + 4 <= n {
+                        ys[j..j + 4].copy_from_slice(&simd::dot4(&w, [row(j), row(j + 1), row(j + 2), row(j + 3)]));
+                        j += 4;
+                    }
+                    for (k, y) in ys[j..].iter_mut().enumerate() {
+                        *y = simd::dot(row(j + k), &w);
                     }
                 }
             });
@@ -325,6 +343,7 @@ mod simd {
         if m.bits == 4 { row_dot_body::<4, 8>(m, row, x, sums) } else { row_dot_body::<8, 4>(m, row, x, sums) }
     }
 
+    /// `Σ a · b` in sixteen lanes (inlined into the callers compiled for AVX2 as well).
     #[inline(always)]
     fn dot_body(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0f32; 16];
@@ -339,50 +358,81 @@ mod simd {
     }
 
     /// [`row_dot_body`] with AVX2 and FMA: eight codes per 256-bit vector (a 4-bit word, or
-    /// two 8-bit words widened), four accumulators, scaled per group in vector form.
+    /// two 8-bit words widened), `code · x` scaled by its group's scale into four
+    /// accumulators that live across groups.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn row_dot_avx2(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
-        use std::arch::x86_64::*;
-        let wpr = m.words_per_row();
-        let words = &m.codes[row * wpr..(row + 1) * wpr];
         let groups = m.groups_per_row();
-        let (scales, mins) = (&m.scales[row * groups..(row + 1) * groups], &m.mins[row * groups..(row + 1) * groups]);
-        let vecs_per_group = m.group / 8;
-        if !m.group.is_multiple_of(8) || x.len() != m.cols || sums.len() != groups {
+        if x.len() != m.cols || sums.len() != groups || !m.group.is_multiple_of(8) {
             return row_dot_any(m, row, x, sums);
         }
+        let codes = if m.bits == 4 { row_codes_avx2::<4>(m, row, x) } else { row_codes_avx2::<8>(m, row, x) };
+        codes + dot_body(&m.mins[row * groups..(row + 1) * groups], sums)
+    }
+
+    /// `Σ_g scale_g · Σ_{k in g} code_k · x_k` over row `row` (`x` of `cols`, groups of a
+    /// multiple of 8: checked by the caller).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn row_codes_avx2<const BITS: u32>(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let wpr = m.words_per_row();
+        let groups = m.groups_per_row();
+        let words = &m.codes[row * wpr..(row + 1) * wpr];
+        let scales = &m.scales[row * groups..(row + 1) * groups];
+        let vectors_per_group = m.group / 8;
+        assert!(words.len() * 32 / BITS as usize == x.len() && x.len() == groups * m.group, "a row of another width");
+        let (wp, xp) = (words.as_ptr(), x.as_ptr());
         let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
         let nibble = _mm256_set1_epi32(0xf);
-        let codes_at = |v: usize| -> __m256 {
-            let i = if m.bits == 4 {
-                _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(words[v] as i32), shifts), nibble)
-            } else {
-                let pair = (u64::from(words[2 * v + 1]) << 32) | u64::from(words[2 * v]);
-                _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(pair as i64))
-            };
-            _mm256_cvtepi32_ps(i)
-        };
-        let mut total = _mm256_setzero_ps();
-        let mut offsets = 0f32;
-        for g in 0..groups {
-            let first = g * vecs_per_group;
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for v in 0..vecs_per_group {
-                let at = (first + v) * 8;
-                // SAFETY: `at + 8 <= cols == x.len()`: the group's vectors lie inside the row,
-                // checked above (`group` a multiple of 8 dividing `cols`).
-                let xs = unsafe { _mm256_loadu_ps(x.as_ptr().add(at)) };
-                acc[v % 4] = _mm256_fmadd_ps(codes_at(first + v), xs, acc[v % 4]);
+        // Vector `v`'s eight `code · x` products added to `acc` (a macro, not a closure:
+        // closures are not compiled for the function's features).
+        macro_rules! step {
+            ($v:expr, $acc:ident) => {{
+                let v: usize = $v;
+                // SAFETY: `v < cols / 8`: its words lie in the row (`words.len() * 32 / BITS
+                // == cols`) and its activations `v * 8 .. v * 8 + 8` in `x` (`x.len() ==
+                // cols`), both asserted above.
+                let (codes, xs) = unsafe {
+                    let codes = if BITS == 4 {
+                        _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*wp.add(v) as i32), shifts), nibble)
+                    } else {
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(wp.add(2 * v) as *const __m128i))
+                    };
+                    (codes, _mm256_loadu_ps(xp.add(v * 8)))
+                };
+                $acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), xs, $acc);
+            }};
+        }
+        // Per group, two partial sums of `code · x`, then scaled into one of two totals.
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut g = 0;
+        while g < groups {
+            let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let first = g * vectors_per_group;
+            let end = first + vectors_per_group;
+            let mut v = first;
+            while v + 2 <= end {
+                step!(v, p);
+                step!(v + 1, q);
+                v += 2;
             }
-            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            total = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), sum, total);
-            offsets += mins[g] * sums[g];
+            if v < end {
+                step!(v, p);
+            }
+            let scale = _mm256_set1_ps(scales[g]);
+            if g % 2 == 0 {
+                a0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a0);
+            } else {
+                a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a1);
+            }
+            g += 1;
         }
         let mut lanes = [0f32; 8];
         // SAFETY: `lanes` holds eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
-        lanes.iter().sum::<f32>() + offsets
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
+        lanes.iter().sum()
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -407,6 +457,48 @@ mod simd {
             return unsafe { row_dot_avx2(m, row, x, sums) };
         }
         row_dot_any(m, row, x, sums)
+    }
+
+    /// `w · x[k]` for four rows `x` of `w`'s length: `w` read once.
+    pub(super) fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && x.iter().all(|r| r.len() == w.len()) {
+            // SAFETY: AVX2 and FMA were detected at run time; the rows have `w`'s length.
+            return unsafe { dot4_avx2(w, x) };
+        }
+        x.map(|r| dot_body(r, w))
+    }
+
+    /// [`dot4`] with AVX2 and FMA: one accumulator per row, each weight vector loaded once.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot4_avx2(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        use std::arch::x86_64::*;
+        let n = w.len();
+        let vectors = n / 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let (mut a0, mut a1, mut a2, mut a3) = (acc[0], acc[1], acc[2], acc[3]);
+        for v in 0..vectors {
+            // SAFETY: `v * 8 + 8 <= n`, the length of `w` and of every row (checked by the
+            // caller).
+            unsafe {
+                let wv = _mm256_loadu_ps(w.as_ptr().add(v * 8));
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[0].as_ptr().add(v * 8)), a0);
+                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[1].as_ptr().add(v * 8)), a1);
+                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[2].as_ptr().add(v * 8)), a2);
+                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[3].as_ptr().add(v * 8)), a3);
+            }
+        }
+        acc = [a0, a1, a2, a3];
+        let mut out = [0f32; 4];
+        for (k, a) in acc.iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds eight f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+            let tail: f32 = w[vectors * 8..].iter().zip(&x[k][vectors * 8..]).map(|(a, b)| a * b).sum();
+            out[k] = lanes.iter().sum::<f32>() + tail;
+        }
+        out
     }
 
     /// `Σ a · b`.
@@ -440,6 +532,16 @@ enum Storage {
 }
 
 impl QuantizedLinear {
+    /// `matrix` on `device`; on the CPU the weight is shared with the caller's other users
+    /// (the tied LM head and the embedding lookup of one table).
+    pub fn shared(matrix: Arc<QuantizedMatrix>, device: &Device) -> Self {
+        if is_cubecl(device) {
+            return Self::new(Arc::unwrap_or_clone(matrix), device);
+        }
+        let (rows, cols, bits, group, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.bytes());
+        Self { rows, cols, bits, group, bytes, storage: Storage::Host(matrix) }
+    }
+
     /// `matrix` on `device`.
     pub fn new(matrix: QuantizedMatrix, device: &Device) -> Self {
         let (rows, cols, bits, group, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.bytes());
@@ -823,7 +925,7 @@ mod tests {
         let w = random(rows * cols, 2);
         for m in [QuantizedMatrix::quantize_int8(&w, rows, cols).expect("int8"), QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4")] {
             let dense = m.dequantize();
-            for n in [1, 3] {
+            for n in [1, 3, 9] {
                 let x = random(n * cols, 3 + n as u64);
                 let got = m.matmul(&x, n);
                 let want = dense_matmul(&x, n, &dense, rows, cols);

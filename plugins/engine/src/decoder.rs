@@ -139,6 +139,32 @@ enum FeedForward {
     Moe(Box<MoeBlock>),
 }
 
+/// The token embeddings.
+enum Embedding {
+    /// `[vocab, hidden]` in the model's dtype.
+    Dense(Tensor<2>),
+    /// A GGUF file's quantized table kept as stored (CPU only): the rows a step needs are
+    /// dequantized when looked up.
+    Quantized(std::sync::Arc<QuantizedMatrix>),
+}
+
+impl Embedding {
+    /// The rows of `tokens`, `[t, hidden]` in `dtype`.
+    fn lookup(&self, tokens: &Tensor<1, Int>, dtype: BurnDType) -> Tensor<2> {
+        match self {
+            Embedding::Dense(table) => table.clone().select(0, tokens.clone()),
+            Embedding::Quantized(table) => {
+                let device = tokens.device();
+                // Token ids were checked against the vocabulary when the step was built.
+                let ids = tokens.clone().into_data().convert::<i64>().try_to_vec::<i64>().unwrap_or_default();
+                let rows = table.dequantize_rows(ids.iter().map(|&id| id.clamp(0, table.rows as i64 - 1) as usize));
+                let x = Tensor::<2>::from_data(TensorData::new(rows, [ids.len(), table.cols]), (&device, BurnDType::F32));
+                if dtype == BurnDType::F32 { x } else { x.cast(dtype) }
+            }
+        }
+    }
+}
+
 /// A linear layer's weight as placed on the device.
 enum Weight {
     /// HF `[out, in]` layout split into column blocks, `[parts, out, in / parts]`
@@ -268,12 +294,13 @@ pub struct Decoder {
     pub spec: DecoderSpec,
     pub dtype: DType,
     pub device: Device,
-    embed: Tensor<2>,
+    embed: Embedding,
     blocks: Vec<Block>,
     norm: Tensor<1>,
-    /// `[parts, vocab, hidden / parts]` ([`split_weight`]): `lm_head.weight`, or a split copy
+    /// `lm_head.weight`, or (tied) the embeddings: a split copy of the dense table (on the CPU,
+    /// one block: a view of it), or the same quantized rows.
     /// of the embeddings when tied (on the CPU, one block: a view of them).
-    lm_head: Tensor<3>,
+    lm_head: Linear,
     inv_freq: Vec<f32>,
     /// The vision tower of a vision-language model.
     pub vision: Option<VisionTower>,
@@ -404,10 +431,33 @@ impl Decoder {
                 mlp,
             });
         }
-        let embed = ckpt.load(&format!("{m}.embed_tokens.weight"), [c.vocab_size, h], device, dtype)?;
+        let embed_name = format!("{m}.embed_tokens.weight");
+        let (embed, lm_head) = match ckpt.load_stored_quantized(&embed_name, [c.vocab_size, h], device)? {
+            // The file's quantized table, kept: looked up row by row, and (tied) the LM head.
+            Some(table) => {
+                ckpt.count_quantized(&table, dtype);
+                let table = std::sync::Arc::new(table);
+                let head = if c.tie_word_embeddings { Some(Linear { weights: vec![Weight::Quantized(QuantizedLinear::shared(table.clone(), device))], bias: None }) } else { None };
+                (Embedding::Quantized(table), head)
+            }
+            None => {
+                let table = ckpt.load(&embed_name, [c.vocab_size, h], device, dtype)?;
+                let head = c.tie_word_embeddings.then(|| Linear::from_parts(table.clone(), None, device));
+                (Embedding::Dense(table), head)
+            }
+        };
+        let lm_head = match lm_head {
+            Some(head) => head,
+            // Untied: the file's quantized blocks when kept as stored, else dense.
+            None => match ckpt.load_stored_quantized("lm_head.weight", [c.vocab_size, h], device)? {
+                Some(q) => {
+                    ckpt.count_quantized(&q, dtype);
+                    Linear { weights: vec![Weight::Quantized(QuantizedLinear::new(q, device))], bias: None }
+                }
+                None => Linear::from_parts(ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)?, None, device),
+            },
+        };
         let norm = ckpt.load(&format!("{m}.norm.weight"), [h], device, dtype)?;
-        let head = if c.tie_word_embeddings { embed.clone() } else { ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)? };
-        let lm_head = split_weight(head, split_parts(h, device));
         let inv_freq = rope::inverse_frequencies(&c.rope, c.rotary_dim());
         let vision = match &spec.vision {
             Some(v) => {
@@ -504,7 +554,7 @@ impl Decoder {
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let scale = (d as f64).powf(-0.5);
         let (cos, sin, slots, layout) = (&inputs.cos, &inputs.sin, &inputs.slots, &inputs.layout);
-        let mut x = self.embed.clone().select(0, inputs.tokens.clone());
+        let mut x = self.embed.lookup(&inputs.tokens, burn_dtype(self.dtype));
         if let Some(v) = &inputs.vision {
             x = x.select_assign(0, v.rows.clone(), v.embeds.clone(), IndexingUpdateOp::Assign);
         }
@@ -575,7 +625,7 @@ impl Decoder {
         let c = &self.config;
         let [_, rows, h] = x.dims();
         let x = rms_norm(x, &self.norm, c.rms_norm_eps).reshape([rows, h]);
-        let out = linear(x, &self.lm_head);
+        let out = self.lm_head.forward(x);
         if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) }
     }
 

@@ -256,16 +256,7 @@ impl Checkpoint {
     /// stores (int4 in groups of 128, or 32 where 128 does not divide the row; a row that
     /// neither divides stays dense); `none`, dense in `dtype` on `device`.
     pub fn load_linear_stored(&self, name: &str, [out, inp]: [usize; 2], device: &Device, dtype: DType) -> Result<StoredLinear, EngineError> {
-        let mut quantized = None;
-        // Unset: kept as stored on the CPU. On CUDA the quantized kernels have not yet run on
-        // a GPU (no device was lent since they were written), so there a GGUF file is
-        // dequantized unless `quantization` asks otherwise.
-        if let Source::Gguf(g) = &self.source
-            && self.quantization.is_none()
-            && *device == Device::flex()
-        {
-            quantized = Self::gguf_quantized(g, name, [out, inp])?;
-        }
+        let mut quantized = self.load_stored_quantized(name, [out, inp], device)?;
         if quantized.is_none() {
             let group = match self.quantization {
                 Some(Quantization::Int8) if inp.is_multiple_of(4) => Some(inp),
@@ -282,23 +273,42 @@ impl Checkpoint {
                 quantized = Some(made.map_err(|e| EngineError::Weights(format!("tensor `{name}`: {e}")))?);
             }
         }
-        let mut tally = self.tally.get();
-        let stored = match quantized {
+        Ok(match quantized {
             Some(m) => {
-                tally.quantized += 1;
-                tally.quantized_bytes += m.bytes();
-                tally.quantized_dense_bytes += (out * inp) as u64 * dtype.size_bytes();
-                tally.mixed |= tally.layout.is_some_and(|l| l != (m.bits, m.group));
-                tally.layout = Some((m.bits, m.group));
+                self.count_quantized(&m, dtype);
                 StoredLinear::Quantized(m)
             }
             None => {
+                let mut tally = self.tally.get();
                 tally.dense += 1;
+                self.tally.set(tally);
                 StoredLinear::Dense(self.load(name, [out, inp], device, dtype)?)
             }
-        };
+        })
+    }
+
+    /// Counts `m` among the quantized weights loaded ([`Self::linear_tally`]), in place of
+    /// its dense size in `dtype`.
+    pub fn count_quantized(&self, m: &QuantizedMatrix, dtype: DType) {
+        let mut tally = self.tally.get();
+        tally.quantized += 1;
+        tally.quantized_bytes += m.bytes();
+        tally.quantized_dense_bytes += (m.rows * m.cols) as u64 * dtype.size_bytes();
+        tally.mixed |= tally.layout.is_some_and(|l| l != (m.bits, m.group));
+        tally.layout = Some((m.bits, m.group));
         self.tally.set(tally);
-        Ok(stored)
+    }
+
+    /// `name` (`[out, in]`) as the file's own quantized blocks, when they are kept as stored:
+    /// a GGUF file with `quantization` unset, on the CPU. On CUDA the quantized kernels have
+    /// not yet run on a GPU (no device was lent since they were written), so there a GGUF file
+    /// is dequantized unless `quantization` asks otherwise. `None` for a float tensor, or when
+    /// the blocks are not kept. Not counted in [`Self::linear_tally`].
+    pub fn load_stored_quantized(&self, name: &str, [out, inp]: [usize; 2], device: &Device) -> Result<Option<QuantizedMatrix>, EngineError> {
+        match &self.source {
+            Source::Gguf(g) if self.quantization.is_none() && *device == Device::flex() => Self::gguf_quantized(g, name, [out, inp]),
+            _ => Ok(None),
+        }
     }
 
     /// `name`'s values as f32 in host memory (random weights: drawn on `device`, read back).
