@@ -10,8 +10,11 @@
 //! Codes are packed little-endian into `u32` words along each row (4-bit: element `8w + k` in
 //! bits `4k..4k + 4` of word `w`; 8-bit: element `4w + k` in byte `k`), so a word never spans
 //! two groups. On the CPU the weight stays in host memory and [`QuantizedMatrix::matmul`]
-//! multiplies it (f32 activations, each group dequantized in registers and split over
-//! rayon's threads). On CubeCL devices the codes, scales and offsets are device buffers: a
+//! multiplies it over rayon's threads: decode rows of f32 activations against codes converted
+//! in registers; of bf16/f16 activations as 16-bit activation blocks against the codes in
+//! integer multiply-adds (llama.cpp's `ggml_vec_dot_q4_1_q8_1` structure with 16-bit instead
+//! of 8-bit activations, see [`ActivationBlocks`]); prefill rows in f32 against each weight
+//! row dequantized once. On CubeCL devices the codes, scales and offsets are device buffers: a
 //! product of up to [`QUANT_MAX_ROWS`] rows runs through our matrix-vector kernel, which reads
 //! the packed codes once and dequantizes in registers (the structure of [`crate::matvec`]);
 //! more rows dequantize the weight to the activations' dtype and multiply it by cuBLAS (as
@@ -120,15 +123,18 @@ impl QuantizedMatrix {
         if group == 0 || !cols.is_multiple_of(group) {
             return Err(QuantError(format!("groups of {group} do not tile rows of {cols}")));
         }
-        let (codes, (scales, mins)): (Vec<Vec<u8>>, (Vec<f32>, Vec<f32>)) = values
+        // Per group: its codes, scale and offset.
+        let groups: Vec<(Vec<u8>, f32, f32)> = values
             .par_chunks(group)
             .map(|chunk| {
                 let (lo, hi) = chunk.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
                 let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
-                (chunk.iter().map(|v| ((v - lo) / scale).round().clamp(0.0, 15.0) as u8).collect(), (scale, lo))
+                (chunk.iter().map(|v| ((v - lo) / scale).round().clamp(0.0, 15.0) as u8).collect(), scale, lo)
             })
-            .unzip();
-        Self::from_codes(rows, cols, 4, group, &codes.concat(), scales, mins)
+            .collect();
+        let codes: Vec<u8> = groups.iter().flat_map(|g| g.0.iter().copied()).collect();
+        let (scales, mins) = groups.iter().map(|g| (g.1, g.2)).unzip();
+        Self::from_codes(rows, cols, 4, group, &codes, scales, mins)
     }
 
     fn check_values(values: &[f32], rows: usize, cols: usize) -> Result<(), QuantError> {
@@ -233,12 +239,15 @@ impl QuantizedMatrix {
     }
 
     /// `x [n, cols] · Wᵀ -> [n, rows]`, f32, row-major, output channels split over rayon's
-    /// threads. Up to [`CPU_FUSED_ROWS`] rows (decode) read the packed codes directly: per
-    /// group `y += scale · Σ code · x + min · Σ x`, the codes unpacked in registers and the
-    /// sums of `x` per group computed once. More rows (prefill) dequantize each weight row once
-    /// and multiply it by every input row. On x86-64 with AVX2 and FMA the loops are compiled
-    /// for them (chosen at run time); elsewhere for the baseline target.
-    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+    /// threads. Up to [`CPU_FUSED_ROWS`] rows (decode) read the packed codes directly, per
+    /// group `y += scale · Σ code · x + min · Σ x` with the sums of `x` per group computed
+    /// once; `activations` says how `Σ code · x` is formed: in f32 with the codes converted in
+    /// registers ([`CpuActivations::F32`]), or against [`ActivationBlocks`] in 32-bit integer
+    /// multiply-adds ([`CpuActivations::Blocks16`]). More rows (prefill), and rows or groups
+    /// that do not split into 16-bit units, dequantize each weight row once and multiply it by
+    /// every input row in f32. On x86-64 with AVX2 and FMA the loops are compiled for them
+    /// (chosen at run time); elsewhere for the baseline target.
+    pub fn matmul(&self, x: &[f32], n: usize, activations: CpuActivations) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "matmul: {} inputs for {n} rows of {}", x.len(), self.cols);
         let mut out_t = vec![0f32; self.rows * n];
         let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1)).clamp(1, 256);
@@ -246,12 +255,17 @@ impl QuantizedMatrix {
             // Σ x per group of each input row: `[n, groups]`.
             let groups = self.groups_per_row();
             let sums: Vec<f32> = x.chunks_exact(self.group).map(|g| g.iter().sum()).collect();
+            let blocks: Option<Vec<ActivationBlocks>> = (activations == CpuActivations::Blocks16 && self.takes_activation_blocks())
+                .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
             out_t.par_chunks_mut(chunk * n).enumerate().for_each(|(c, block)| {
                 for (i, ys) in block.chunks_exact_mut(n).enumerate() {
                     let row = c * chunk + i;
                     for (j, y) in ys.iter_mut().enumerate() {
-                        let xs = &x[j * self.cols..(j + 1) * self.cols];
-                        *y = simd::row_dot(self, row, xs, &sums[j * groups..(j + 1) * groups]);
+                        let sums = &sums[j * groups..(j + 1) * groups];
+                        *y = match &blocks {
+                            Some(blocks) => simd::row_dot_i16(self, row, &blocks[j], sums),
+                            None => simd::row_dot(self, row, &x[j * self.cols..(j + 1) * self.cols], sums),
+                        };
                     }
                 }
             });
@@ -287,10 +301,75 @@ impl QuantizedMatrix {
 /// Up to this many input rows, [`QuantizedMatrix::matmul`] reads the codes in place.
 pub const CPU_FUSED_ROWS: usize = 4;
 
+/// Activations per 16-bit block scale.
+pub const ACTIVATION_BLOCK: usize = 32;
+
+/// How the CPU's fused product takes its activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuActivations {
+    /// As they are, in f32: the product of the dequantized weight, summed in another order.
+    F32,
+    /// Rounded to [`ActivationBlocks`]: a relative error near 2^-16 of each block's largest
+    /// value, far below that of bf16/f16 activations (2^-8 / 2^-11 of each value), so
+    /// [`QuantizedLinear::forward`] takes it for those and keeps f32 activations exact.
+    Blocks16,
+}
+
+impl QuantizedMatrix {
+    /// Whether the fused CPU product can take its activations as [`ActivationBlocks`]: rows
+    /// of whole blocks, and groups of whole 16-code units (32 for 4-bit codes, whose unit is a
+    /// block's 16 bytes).
+    fn takes_activation_blocks(&self) -> bool {
+        let unit = if self.bits == 4 { 32 } else { 16 };
+        self.cols.is_multiple_of(ACTIVATION_BLOCK) && self.group.is_multiple_of(unit)
+    }
+}
+
+/// One row of activations as 16-bit integers with one f32 scale per block of
+/// [`ACTIVATION_BLOCK`] (`x ≈ scale · q`, `q` in ±32767, rounded to nearest): the integer
+/// form of llama.cpp's `block_q8_1` activations (`quantize_row_q8_1`) at twice the bits, so
+/// that codes and activations meet in 16-bit integer multiply-adds (`pmaddwd`, sixteen
+/// products per instruction) while the rounding stays near f32's (a relative error below
+/// 2^-16 of each block's largest value, against 2^-8 at 8 bits). For 4-bit codes each block
+/// is stored as its even elements then its odd ones, the order a block's 16 code bytes give
+/// when split into low and high nibbles.
+#[derive(Clone, Debug)]
+pub struct ActivationBlocks {
+    pub q: Vec<i16>,
+    pub scales: Vec<f32>,
+}
+
+impl ActivationBlocks {
+    /// `x` (a multiple of [`ACTIVATION_BLOCK`] long) for codes of `bits` bits.
+    pub fn new(x: &[f32], bits: u32) -> Self {
+        let mut q = vec![0i16; x.len()];
+        let mut scales = Vec::with_capacity(x.len() / ACTIVATION_BLOCK);
+        for (xb, qb) in x.chunks_exact(ACTIVATION_BLOCK).zip(q.chunks_exact_mut(ACTIVATION_BLOCK)) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 32767.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let quant = |v: f32| (v * inv).round_ties_even().clamp(-32767.0, 32767.0) as i16;
+            if bits == 4 {
+                let half = ACTIVATION_BLOCK / 2;
+                for k in 0..half {
+                    qb[k] = quant(xb[2 * k]);
+                    qb[half + k] = quant(xb[2 * k + 1]);
+                }
+            } else {
+                for (o, &v) in qb.iter_mut().zip(xb) {
+                    *o = quant(v);
+                }
+            }
+            scales.push(scale);
+        }
+        Self { q, scales }
+    }
+}
+
 /// The CPU loops, written so that the compiler vectorises them, and compiled twice on x86-64:
 /// for the baseline target and for AVX2 + FMA, picked at run time.
 mod simd {
-    use super::QuantizedMatrix;
+    use super::{ActivationBlocks, QuantizedMatrix};
 
     /// `acc += code · x` lane by lane over one packed word's `PER` codes of `BITS` bits.
     #[inline(always)]
@@ -341,6 +420,133 @@ mod simd {
     #[inline(always)]
     pub(super) fn row_dot_any(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
         if m.bits == 4 { row_dot_body::<4, 8>(m, row, x, sums) } else { row_dot_body::<8, 4>(m, row, x, sums) }
+    }
+
+    /// Row `row` of `m` times one row of [`ActivationBlocks`] (checked by the caller:
+    /// `m.takes_activation_blocks()`), `sums` the f32 sums of the activations per group:
+    /// per unit of `UNIT` codes an exact integer `Σ code · q`, scaled by the unit's group
+    /// scale and block scale, plus `Σ min · sums`.
+    #[inline(always)]
+    fn row_dot_i16_body<const BITS: u32, const UNIT: usize>(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
+        let wpr = m.words_per_row();
+        let words = &m.codes[row * wpr..(row + 1) * wpr];
+        let groups = m.groups_per_row();
+        let (scales, mins) = (&m.scales[row * groups..(row + 1) * groups], &m.mins[row * groups..(row + 1) * groups]);
+        let units_per_group = m.group / UNIT;
+        let words_per_unit = UNIT * BITS as usize / 32;
+        let mut total = 0f32;
+        for (u, (unit_words, q)) in words.chunks_exact(words_per_unit).zip(a.q.chunks_exact(UNIT)).enumerate() {
+            let mut isum = 0i32;
+            if BITS == 4 {
+                // Byte `b` of the unit holds elements `2b` (low nibble) and `2b + 1`; `q` holds
+                // the block's even elements, then its odd ones.
+                let half = UNIT / 2;
+                for (b, qe) in q[..half].iter().enumerate() {
+                    let byte = (unit_words[b / 4] >> (8 * (b % 4))) & 0xff;
+                    isum += (byte & 0xf) as i32 * *qe as i32 + (byte >> 4) as i32 * q[half + b] as i32;
+                }
+            } else {
+                for (k, &qk) in q.iter().enumerate() {
+                    isum += ((unit_words[k / 4] >> (8 * (k % 4))) & 0xff) as i32 * qk as i32;
+                }
+            }
+            total += isum as f32 * (scales[u / units_per_group] * a.scales[u * UNIT / super::ACTIVATION_BLOCK]);
+        }
+        total + mins.iter().zip(sums).map(|(m, s)| m * s).sum::<f32>()
+    }
+
+    /// [`row_dot_i16_body`] for `m`'s code width and group, for the baseline target.
+    pub(super) fn row_dot_i16_any(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
+        match (m.bits, m.group.is_multiple_of(32)) {
+            (4, _) => row_dot_i16_body::<4, 32>(m, row, a, sums),
+            (_, true) => row_dot_i16_body::<8, 32>(m, row, a, sums),
+            _ => row_dot_i16_body::<8, 16>(m, row, a, sums),
+        }
+    }
+
+    /// [`row_dot_i16_body`] with AVX2: a unit's codes widened to 16 bits (4-bit ones split
+    /// into low and high nibbles), `pmaddwd` against the activations into eight 32-bit sums,
+    /// converted and scaled into one of four f32 accumulators.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn row_dot_i16_avx2<const BITS: u32, const UNIT: usize>(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let wpr = m.words_per_row();
+        let groups = m.groups_per_row();
+        let words = &m.codes[row * wpr..(row + 1) * wpr];
+        let scales = &m.scales[row * groups..(row + 1) * groups];
+        let units = m.cols / UNIT;
+        let units_per_group = m.group / UNIT;
+        assert!(
+            words.len() * 4 == units * UNIT * BITS as usize / 8 && a.q.len() == m.cols && a.scales.len() * super::ACTIVATION_BLOCK == m.cols,
+            "a row of another width"
+        );
+        let (bytes, qp) = (words.as_ptr() as *const u8, a.q.as_ptr());
+        let nibble = _mm256_set1_epi16(0xf);
+        // Four accumulators in rotation (each unit adds to the one least recently written).
+        let (mut a0, mut a1, mut a2, mut a3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut u = 0;
+        for &scale in scales {
+            for _ in 0..units_per_group {
+                // SAFETY: `u < units`: the unit's `UNIT * BITS / 8` code bytes lie in the row's
+                // words and its `UNIT` activations in `q` (lengths asserted above); unaligned
+                // loads; x86-64 is little-endian, so the words' bytes are the packed order.
+                let isum = unsafe {
+                    if BITS == 4 {
+                        let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(bytes.add(u * 16) as *const __m128i));
+                        let lo = _mm256_and_si256(w, nibble);
+                        let hi = _mm256_srli_epi16(w, 4);
+                        let qe = _mm256_loadu_si256(qp.add(u * 32) as *const __m256i);
+                        let qo = _mm256_loadu_si256(qp.add(u * 32 + 16) as *const __m256i);
+                        _mm256_add_epi32(_mm256_madd_epi16(lo, qe), _mm256_madd_epi16(hi, qo))
+                    } else if UNIT == 32 {
+                        let c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(bytes.add(u * 32) as *const __m128i));
+                        let c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(bytes.add(u * 32 + 16) as *const __m128i));
+                        let q0 = _mm256_loadu_si256(qp.add(u * 32) as *const __m256i);
+                        let q1 = _mm256_loadu_si256(qp.add(u * 32 + 16) as *const __m256i);
+                        _mm256_add_epi32(_mm256_madd_epi16(c0, q0), _mm256_madd_epi16(c1, q1))
+                    } else {
+                        let c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(bytes.add(u * 16) as *const __m128i));
+                        _mm256_madd_epi16(c0, _mm256_loadu_si256(qp.add(u * 16) as *const __m256i))
+                    }
+                };
+                let f = _mm256_set1_ps(scale * a.scales[u * UNIT / super::ACTIVATION_BLOCK]);
+                let next = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), f, a0);
+                (a0, a1, a2, a3) = (a1, a2, a3, next);
+                u += 1;
+            }
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) };
+        lanes.iter().sum::<f32>() + dot_body(&m.mins[row * groups..(row + 1) * groups], sums)
+    }
+
+    /// Row `row` of `m` times `x`, `sums` the sums of `x` per group of `m`.
+    pub(super) fn row_dot(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (detected at run time), the only requirement
+            // of calling a function compiled for them.
+            return unsafe { row_dot_avx2(m, row, x, sums) };
+        }
+        row_dot_any(m, row, x, sums)
+    }
+
+    /// Row `row` of `m` times one row of [`ActivationBlocks`].
+    pub(super) fn row_dot_i16(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+            return unsafe {
+                match (m.bits, m.group.is_multiple_of(32)) {
+                    (4, _) => row_dot_i16_avx2::<4, 32>(m, row, a, sums),
+                    (_, true) => row_dot_i16_avx2::<8, 32>(m, row, a, sums),
+                    _ => row_dot_i16_avx2::<8, 16>(m, row, a, sums),
+                }
+            };
+        }
+        row_dot_i16_any(m, row, a, sums)
     }
 
     /// `Σ a · b` in sixteen lanes (inlined into the callers compiled for AVX2 as well).
@@ -448,17 +654,6 @@ mod simd {
         *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
     }
 
-    /// Row `row` of `m` times `x`, `sums` the sums of `x` per group of `m`.
-    pub(super) fn row_dot(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU has AVX2 and FMA (detected at run time), the only requirement
-            // of calling a function compiled for them.
-            return unsafe { row_dot_avx2(m, row, x, sums) };
-        }
-        row_dot_any(m, row, x, sums)
-    }
-
     /// `w · x[k]` for four rows `x` of `w`'s length: `w` read once.
     pub(super) fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
@@ -505,7 +700,7 @@ mod simd {
     pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
-            // SAFETY: as in `row_dot`: AVX2 and FMA were detected at run time.
+            // SAFETY: as in `row_dot_i16`: AVX2 and FMA were detected at run time.
             return unsafe { dot_avx2(a, b) };
         }
         dot_body(a, b)
@@ -527,8 +722,17 @@ pub struct QuantizedLinear {
 enum Storage {
     /// The CPU: host memory, multiplied by [`QuantizedMatrix::matmul`].
     Host(Arc<QuantizedMatrix>),
-    /// CubeCL devices: codes `[rows, words]` (u32), scales and offsets `[rows, groups]` (f32).
-    Device { codes: Tensor<2, Int>, scales: Tensor<2>, mins: Tensor<2> },
+    /// CubeCL devices (boxed: three tensor handles are large beside an `Arc`).
+    Device(Box<DeviceCodes>),
+}
+
+/// A quantized weight's device buffers: codes `[rows, words]` (u32), scales and offsets
+/// `[rows, groups]` (f32).
+#[derive(Clone)]
+struct DeviceCodes {
+    codes: Tensor<2, Int>,
+    scales: Tensor<2>,
+    mins: Tensor<2>,
 }
 
 impl QuantizedLinear {
@@ -548,11 +752,11 @@ impl QuantizedLinear {
         let storage = if is_cubecl(device) {
             let (words, groups) = (matrix.words_per_row(), matrix.groups_per_row());
             let f32s = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [rows, groups]), (device, DType::F32));
-            Storage::Device {
+            Storage::Device(Box::new(DeviceCodes {
                 codes: Tensor::from_data(TensorData::new(matrix.codes, [rows, words]), (device, DType::U32)),
                 scales: f32s(matrix.scales),
                 mins: f32s(matrix.mins),
-            }
+            }))
         } else {
             Storage::Host(Arc::new(matrix))
         };
@@ -573,10 +777,13 @@ impl QuantizedLinear {
             Storage::Host(m) => {
                 let device = x.device();
                 let xs = x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 activations");
-                let y = Tensor::<2>::from_data(TensorData::new(m.matmul(&xs, n), [n, self.rows]), (&device, DType::F32));
+                // Activations of 16 bits or fewer lose nothing measurable as 16-bit blocks.
+                let activations = if dtype == DType::F32 { CpuActivations::F32 } else { CpuActivations::Blocks16 };
+                let y = Tensor::<2>::from_data(TensorData::new(m.matmul(&xs, n, activations), [n, self.rows]), (&device, DType::F32));
                 if dtype == DType::F32 { y } else { y.cast(dtype) }
             }
-            Storage::Device { codes, scales, mins } => {
+            Storage::Device(d) => {
+                let DeviceCodes { codes, scales, mins } = d.as_ref();
                 if n <= QUANT_MAX_ROWS && kernel_supports(dtype) {
                     let out = Dispatch::quant_matvec(
                         x.into_dispatch(),
@@ -602,10 +809,10 @@ impl QuantizedLinear {
                 let w = Tensor::<2>::from_data(TensorData::new(m.dequantize(), [self.rows, self.cols]), (&device, DType::F32));
                 if dtype == DType::F32 { w } else { w.cast(dtype) }
             }
-            Storage::Device { codes, scales, mins } => Tensor::from_dispatch(Dispatch::quant_dequantize(
-                codes.clone().into_dispatch(),
-                scales.clone().into_dispatch(),
-                mins.clone().into_dispatch(),
+            Storage::Device(d) => Tensor::from_dispatch(Dispatch::quant_dequantize(
+                d.codes.clone().into_dispatch(),
+                d.scales.clone().into_dispatch(),
+                d.mins.clone().into_dispatch(),
                 self.bits,
                 self.group,
                 dtype,
@@ -927,9 +1134,13 @@ mod tests {
             let dense = m.dequantize();
             for n in [1, 3, 9] {
                 let x = random(n * cols, 3 + n as u64);
-                let got = m.matmul(&x, n);
+                let got = m.matmul(&x, n, CpuActivations::F32);
+                let rounded = m.matmul(&x, n, CpuActivations::Blocks16);
                 let want = dense_matmul(&x, n, &dense, rows, cols);
                 assert!(rel_l2(&got, &want) < 1e-6, "bits {} rows {n}: {}", m.bits, rel_l2(&got, &want));
+                // Up to CPU_FUSED_ROWS rows, 16-bit activation blocks round the activations.
+                let bound = if n <= CPU_FUSED_ROWS { 5e-5 } else { 1e-6 };
+                assert!(rel_l2(&rounded, &want) < bound, "bits {} rows {n}: {}", m.bits, rel_l2(&rounded, &want));
                 // And close to the unquantized product.
                 let exact = dense_matmul(&x, n, &w, rows, cols);
                 assert!(rel_l2(&got, &exact) < if m.bits == 8 { 0.01 } else { 0.1 }, "bits {}: {}", m.bits, rel_l2(&got, &exact));
@@ -955,6 +1166,53 @@ mod tests {
                 assert!((dispatched - want).abs() <= 1e-4 * want.abs().max(1.0), "bits {bits} group {group}: {dispatched} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn activation_blocks_round_each_value_to_a_sixteen_bit_step_of_its_block() {
+        let mut x = random(64, 21);
+        x[40] = 100.0; // an outlier coarsens its own block only
+        for bits in [4, 8] {
+            let a = ActivationBlocks::new(&x, bits);
+            assert_eq!((a.q.len(), a.scales.len()), (64, 2));
+            assert_eq!(a.scales[1], 100.0 / 32767.0);
+            for (i, &v) in x.iter().enumerate() {
+                let (b, k) = (i / 32, i % 32);
+                // 4-bit blocks hold the even elements, then the odd ones.
+                let slot = if bits == 4 { b * 32 + k / 2 + (k % 2) * 16 } else { i };
+                let back = a.scales[b] * a.q[slot] as f32;
+                assert!((back - v).abs() <= 0.5 * a.scales[b] * (1.0 + 1e-6), "bits {bits} element {i}: {back} vs {v}");
+            }
+        }
+        assert!(ActivationBlocks::new(&[0.0; 32], 8).q.iter().all(|&q| q == 0));
+    }
+
+    #[test]
+    fn the_sixteen_bit_activation_loops_are_the_f32_product_to_rounding() {
+        let cols = 256;
+        let mut x = random(cols, 31);
+        x[77] = -40.0;
+        for (bits, group) in [(4, 32), (4, 128), (8, 16), (8, 32), (8, 256)] {
+            let codes: Vec<u8> = random(3 * cols, 32 + group as u64).iter().map(|v| (((v + 1.0) * 127.99) as u32 % (1u32 << bits)) as u8).collect();
+            let groups = 3 * cols / group;
+            let m = QuantizedMatrix::from_codes(3, cols, bits, group, &codes, random(groups, 33), random(groups, 34)).expect("packs");
+            assert!(m.takes_activation_blocks());
+            let sums: Vec<f32> = x.chunks(group).map(|g| g.iter().sum()).collect();
+            let a = ActivationBlocks::new(&x, bits);
+            let dense = m.dequantize();
+            for row in 0..3 {
+                let w = &dense[row * cols..(row + 1) * cols];
+                let want: f32 = w.iter().zip(&x).map(|(w, x)| w * x).sum();
+                let size: f32 = w.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
+                for (name, got) in [("portable", simd::row_dot_i16_any(&m, row, &a, &sums)), ("dispatched", simd::row_dot_i16(&m, row, &a, &sums))] {
+                    assert!((got - want).abs() <= 5e-5 * size, "{name} bits {bits} group {group}: {got} vs {want} (size {size})");
+                }
+            }
+        }
+        // Rows or groups that do not split into units take the f32 loop.
+        let m = QuantizedMatrix::from_codes(1, 40, 8, 8, &[1; 40], vec![1.0; 5], vec![0.0; 5]).expect("packs");
+        assert!(!m.takes_activation_blocks());
+        assert_eq!(m.matmul(&[1.0; 40], 1, CpuActivations::Blocks16), vec![40.0]);
     }
 
     #[test]

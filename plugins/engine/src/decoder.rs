@@ -139,7 +139,8 @@ enum FeedForward {
     Moe(Box<MoeBlock>),
 }
 
-/// The token embeddings.
+/// The token embeddings (one per model: the variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
 enum Embedding {
     /// `[vocab, hidden]` in the model's dtype.
     Dense(Tensor<2>),

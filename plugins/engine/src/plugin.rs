@@ -178,7 +178,7 @@ pub fn load_engine(
     let requested = options.device;
     // The weights and the KV pool are made on the model's step-loop thread, which does all
     // of its device work from then on.
-    let build = move || -> Result<crate::serve::Built<(usize, usize, u64, String, u64, String)>, EngineError> {
+    let build = move || -> Result<crate::serve::Built<Loaded>, EngineError> {
         ckpt.set_quantization(quantization);
         let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
         let tally = ckpt.linear_tally();
@@ -200,9 +200,10 @@ pub fn load_engine(
         crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
         let pool = decoder.new_kv_pool(blocks, block_tokens);
         let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default(), image_processor };
-        Ok((model, pool, (blocks, block_tokens, blocks as u64 * block_bytes, sized_by, bytes, stored)))
+        let kv_bytes = blocks as u64 * block_bytes;
+        Ok((model, pool, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }))
     };
-    let (engine, (blocks, block_tokens, kv_bytes, sized_by, bytes, stored)) = Engine::start(build, &settings.optimization)?;
+    let (engine, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }) = Engine::start(build, &settings.optimization)?;
     let c = &engine.decoder.config;
     let info = ModelInfo {
         handle: 0,
@@ -224,6 +225,17 @@ pub fn load_engine(
         quantization: stored,
     };
     Ok((engine, info))
+}
+
+/// What the step-loop thread's load reports back: the KV cache's blocks, tokens per block,
+/// bytes and what sized it; the weights' bytes and their quantization summary.
+struct Loaded {
+    blocks: usize,
+    block_tokens: usize,
+    kv_bytes: u64,
+    sized_by: String,
+    bytes: u64,
+    stored: String,
 }
 
 /// What [`ModelInfo::quantization`] says of the linear weights loaded: empty when none is

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# CPU benchmark of the built-in default model from its GGUF (SmolLM2-135M-Instruct Q4_1), side
+# by side with the pinned llama.cpp peer on the same cores in one run: inference-pio with the
+# 4-bit blocks kept (the default) and dequantized to f32 (`quantization = "none"`), and
+# `llama-bench -t THREADS` on the same file. Prompt and generation lengths match llama-bench's
+# (`-p PROMPT -n NEW`): our prefill figure is the prompt of a run, our decode figure the new
+# tokens after it (llama-bench's tg starts from an empty context). Writes
+# benches/results/cpu-DATE-quantized-smollm2.{json,png}.
+# Needs: cargo build; ./target/debug/inference-pio models fetch; a CPU build of llama.cpp
+# (LLAMA_BIN, default /tmp/llama-cpu/build/bin: `bash ../shared/peers/build_llamacpp.sh --cpu
+# --wait /tmp/llama-cpu`, ~10 min on 2 cores); python3 with matplotlib.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+GGUF=$(./target/debug/inference-pio models fetch)
+PROMPT=${PROMPT:-32}
+NEW=${NEW:-128}
+THREADS=${THREADS:-$(nproc)}
+LLAMA_BIN=${LLAMA_BIN:-/tmp/llama-cpu/build/bin}
+DATE=$(date -u +%F)
+BASE=benches/results/cpu-$DATE-quantized-smollm2
+MACHINE="$(nproc)-core $(uname -m) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+printf '[plugins.llama]\nquantization = "none"\n' > /tmp/q_none.toml
+: > /tmp/q_stored.toml
+for mode in stored none; do
+  target/debug/pio-bench --host target/debug/inference-pio --config /tmp/q_$mode.toml --model "$GGUF" \
+    --prompt-tokens "$PROMPT" --new-tokens "$NEW" --device cpu --dtype f32 --processes 3 \
+    --machine "$MACHINE" --out /tmp/pio_$mode.json
+done
+"$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$NEW" -r 3 -o json > /tmp/llama_bench.json
+/usr/bin/time -f '%M' -o /tmp/llama_rss.txt "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p 0 -n "$NEW" -r 1 -o json > /dev/null
+python3 - "$BASE" "bash benches/cpu/run_cpu_bench_quantized.sh" "$MACHINE" "$THREADS" <<'PY'
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+base, command, machine, threads = sys.argv[1:5]
+pio = {m: json.load(open(f"/tmp/pio_{m}.json")) for m in ("stored", "none")}
+peer = json.load(open("/tmp/llama_bench.json"))
+pp = next(r for r in peer if r["n_prompt"] > 0 and r["n_gen"] == 0)
+tg = next(r for r in peer if r["n_gen"] > 0 and r["n_prompt"] == 0)
+llama_rss = int(open("/tmp/llama_rss.txt").read().split()[-1]) / 1024
+rows = [
+    ("prefill tok/s", [pio["stored"]["median_prefill_tokens_per_s"], pio["none"]["median_prefill_tokens_per_s"], pp["avg_ts"]]),
+    ("decode tok/s", [pio["stored"]["median_decode_tokens_per_s"], pio["none"]["median_decode_tokens_per_s"], tg["avg_ts"]]),
+    ("peak RSS (MiB)", [pio["stored"]["peak_rss_mib"], pio["none"]["peak_rss_mib"], llama_rss]),
+]
+names = ["inference-pio Q4_1 kept", "inference-pio dequantized f32", f"llama.cpp -t {threads}"]
+result = {
+    "benchmark": "SmolLM2-135M-Instruct Q4_1 GGUF on the CPU, batch 1",
+    "date": pio["stored"]["date"], "commit": pio["stored"]["commit"], "command": command, "machine": machine,
+    "threads": int(threads), "llama_cpp": {"build_commit": pp.get("build_commit"), "pp": pp, "tg": tg, "peak_rss_mib": llama_rss},
+    "inference_pio": pio,
+    "table": [{"metric": m, **dict(zip(names, v))} for m, v in rows],
+}
+json.dump(result, open(base + ".json", "w"), indent=1)
+fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.8))
+for ax, (metric, values) in zip(axes, rows):
+    ax.bar(range(3), values, color=["#1f77b4", "#9ecae1", "#ff7f0e"])
+    ax.set_xticks(range(3), ["ours Q4_1", "ours f32", "llama.cpp"])
+    ax.set_title(metric)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
+fig.suptitle(f"{result['benchmark']} - {machine} - {result['date']} @ {result['commit']}", fontsize=9)
+fig.tight_layout()
+fig.savefig(base + ".png", dpi=100)
+for m, v in rows:
+    print(f"{m:18s} " + "   ".join(f"{n} {x:9.2f}" for n, x in zip(names, v)))
+PY
