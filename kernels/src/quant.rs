@@ -1246,9 +1246,13 @@ mod tests {
         let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [2, cols]), &d);
         let got = lin.forward(x.clone()).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
         assert!(rel_l2(&got, &dense_matmul(&xs, 2, &dense, rows, cols)) < 1e-6);
-        let y = lin.forward(x.cast(DType::BF16));
+        let y = lin.forward(x.clone().cast(DType::BF16));
         assert_eq!(y.dtype(), DType::BF16);
         assert_eq!(y.dims(), [2, rows]);
+        // bf16 activations go through the 16-bit blocks: the product to bf16's rounding.
+        let xb = x.cast(DType::BF16).cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        let yb = y.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        assert!(rel_l2(&yb, &dense_matmul(&xb, 2, &dense, rows, cols)) < 8e-3);
         let back = lin.dequantize(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
         assert_eq!(back, dense);
     }
