@@ -196,6 +196,13 @@ impl QuantizedMatrix {
         out
     }
 
+    /// The values of rows `rows` (within `0..self.rows`), f32, row-major, over rayon's threads.
+    pub fn dequantize_range(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let mut out = vec![0.0; rows.len() * self.cols];
+        out.par_chunks_mut(self.cols.max(1)).enumerate().for_each(|(i, row)| self.dequantize_row(rows.start + i, row));
+        out
+    }
+
     /// Every value, f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
@@ -774,6 +781,24 @@ impl QuantizedLinear {
         assert_eq!(cols, self.cols, "a quantized [{}, {}] weight times rows of {cols}", self.rows, self.cols);
         let dtype = x.dtype();
         match &self.storage {
+            Storage::Host(m) if n > CPU_FUSED_ROWS => {
+                // Prompt rows: slices of about 8 MB of weight rows dequantized (f32) and
+                // multiplied by the backend's matrix product, as a dense weight would be.
+                let device = x.device();
+                let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) }.reshape([1, n, cols]);
+                let slice = ((2 << 20) / cols.max(1)).clamp(1, self.rows.max(1));
+                let parts: Vec<Tensor<2>> = (0..self.rows)
+                    .step_by(slice)
+                    .map(|start| {
+                        let end = (start + slice).min(self.rows);
+                        let w = m.dequantize_range(start..end);
+                        let w = Tensor::<2>::from_data(TensorData::new(w, [end - start, cols]), (&device, DType::F32));
+                        crate::linear::batched_linear(x.clone(), w.reshape([1, 1, end - start, cols])).reshape([n, end - start])
+                    })
+                    .collect();
+                let y = if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(parts, 1) };
+                if dtype == DType::F32 { y } else { y.cast(dtype) }
+            }
             Storage::Host(m) => {
                 let device = x.device();
                 let xs = x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 activations");
@@ -1255,5 +1280,19 @@ mod tests {
         assert!(rel_l2(&yb, &dense_matmul(&xb, 2, &dense, rows, cols)) < 8e-3);
         let back = lin.dequantize(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
         assert_eq!(back, dense);
+        // Prompt rows: the dense product of the dequantized weight, in slices of rows when the
+        // weight is larger than one slice (4,100 rows of 1,024).
+        let x7 = random(7 * cols, 7);
+        let got = lin.forward(Tensor::<2>::from_data(TensorData::new(x7.clone(), [7, cols]), &d));
+        let got = got.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        assert!(rel_l2(&got, &dense_matmul(&x7, 7, &dense, rows, cols)) < 1e-6);
+        let (big_rows, big_cols) = (4100, 1024);
+        let big = QuantizedMatrix::quantize_int4(&random(big_rows * big_cols, 8), big_rows, big_cols, 128).expect("int4");
+        let big_dense = big.dequantize();
+        let xb = random(5 * big_cols, 9);
+        let got = QuantizedLinear::new(big, &d).forward(Tensor::<2>::from_data(TensorData::new(xb.clone(), [5, big_cols]), &d));
+        assert_eq!(got.dims(), [5, big_rows]);
+        let got = got.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        assert!(rel_l2(&got, &dense_matmul(&xb, 5, &big_dense, big_rows, big_cols)) < 1e-5);
     }
 }
