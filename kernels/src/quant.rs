@@ -13,8 +13,8 @@
 //! multiplies it over rayon's threads: decode rows of f32 activations against codes converted
 //! in registers; of bf16/f16 activations as 16-bit activation blocks against the codes in
 //! integer multiply-adds (llama.cpp's `ggml_vec_dot_q4_1_q8_1` structure with 16-bit instead
-//! of 8-bit activations, see [`ActivationBlocks`]); prefill rows in f32 against each weight
-//! row dequantized once. On CubeCL devices the codes, scales and offsets are device buffers: a
+//! of 8-bit activations, see [`ActivationBlocks`]). [`QuantizedLinear::forward`] sends
+//! prompt rows through the backend's matrix product against slices of dequantized rows. On CubeCL devices the codes, scales and offsets are device buffers: a
 //! product of up to [`QUANT_MAX_ROWS`] rows runs through our matrix-vector kernel, which reads
 //! the packed codes once and dequantizes in registers (the structure of [`crate::matvec`]);
 //! more rows dequantize the weight to the activations' dtype and multiply it by cuBLAS (as
