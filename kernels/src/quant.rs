@@ -205,9 +205,7 @@ impl QuantizedMatrix {
 
     /// Every value, f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.rows * self.cols];
-        out.par_chunks_mut(self.cols.max(1)).enumerate().for_each(|(r, row)| self.dequantize_row(r, row));
-        out
+        self.dequantize_range(0..self.rows)
     }
 
     /// The rows in the order `order` gives (row `i` of the result is row `order[i]`).
@@ -245,55 +243,37 @@ impl QuantizedMatrix {
         (self.codes.len() * 4 + (self.scales.len() + self.mins.len()) * 4) as u64
     }
 
-    /// `x [n, cols] · Wᵀ -> [n, rows]`, f32, row-major, output channels split over rayon's
-    /// threads. Up to [`CPU_FUSED_ROWS`] rows (decode) read the packed codes directly, per
-    /// group `y += scale · Σ code · x + min · Σ x` with the sums of `x` per group computed
-    /// once; `activations` says how `Σ code · x` is formed: in f32 with the codes converted in
-    /// registers ([`CpuActivations::F32`]), or against [`ActivationBlocks`] in 32-bit integer
-    /// multiply-adds ([`CpuActivations::Blocks16`]). More rows (prefill), and rows or groups
-    /// that do not split into 16-bit units, dequantize each weight row once and multiply it by
-    /// every input row in f32. On x86-64 with AVX2 and FMA the loops are compiled for them
+    /// `x [n, cols] · Wᵀ -> [n, rows]` for `n` up to [`CPU_FUSED_ROWS`] (decode; more rows go
+    /// through [`QuantizedLinear::forward`]'s matrix product), f32, row-major, output channels
+    /// split over rayon's threads. The packed codes are read directly, per group `y += scale ·
+    /// Σ code · x + min · Σ x` with the sums of `x` per group computed once; `activations`
+    /// says how `Σ code · x` is formed: in f32 with the codes converted in registers
+    /// ([`CpuActivations::F32`]), or against [`ActivationBlocks`] in 32-bit integer
+    /// multiply-adds ([`CpuActivations::Blocks16`], where rows and groups split into 16-bit
+    /// units; f32 otherwise). On x86-64 with AVX2 and FMA the loops are compiled for them
     /// (chosen at run time); elsewhere for the baseline target.
     pub fn matmul(&self, x: &[f32], n: usize, activations: CpuActivations) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "matmul: {} inputs for {n} rows of {}", x.len(), self.cols);
+        assert!(n <= CPU_FUSED_ROWS, "matmul: {n} rows, more than the {CPU_FUSED_ROWS} it reads the codes for");
         let mut out_t = vec![0f32; self.rows * n];
         let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1)).clamp(1, 256);
-        if n <= CPU_FUSED_ROWS {
-            // Σ x per group of each input row: `[n, groups]`.
-            let groups = self.groups_per_row();
-            let sums: Vec<f32> = x.chunks_exact(self.group).map(|g| g.iter().sum()).collect();
-            let blocks: Option<Vec<ActivationBlocks>> = (activations == CpuActivations::Blocks16 && self.takes_activation_blocks())
-                .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
-            out_t.par_chunks_mut(chunk * n).enumerate().for_each(|(c, block)| {
-                for (i, ys) in block.chunks_exact_mut(n).enumerate() {
-                    let row = c * chunk + i;
-                    for (j, y) in ys.iter_mut().enumerate() {
-                        let sums = &sums[j * groups..(j + 1) * groups];
-                        *y = match &blocks {
-                            Some(blocks) => simd::row_dot_i16(self, row, &blocks[j], sums),
-                            None => simd::row_dot(self, row, &x[j * self.cols..(j + 1) * self.cols], sums),
-                        };
-                    }
+        // Σ x per group of each input row: `[n, groups]`.
+        let groups = self.groups_per_row();
+        let sums: Vec<f32> = x.chunks_exact(self.group).map(|g| g.iter().sum()).collect();
+        let blocks: Option<Vec<ActivationBlocks>> = (activations == CpuActivations::Blocks16 && self.takes_activation_blocks())
+            .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
+        out_t.par_chunks_mut(chunk * n.max(1)).enumerate().for_each(|(c, block)| {
+            for (i, ys) in block.chunks_exact_mut(n.max(1)).enumerate() {
+                let row = c * chunk + i;
+                for (j, y) in ys.iter_mut().enumerate() {
+                    let sums = &sums[j * groups..(j + 1) * groups];
+                    *y = match &blocks {
+                        Some(blocks) => simd::row_dot_i16(self, row, &blocks[j], sums),
+                        None => simd::row_dot(self, row, &x[j * self.cols..(j + 1) * self.cols], sums),
+                    };
                 }
-            });
-        } else {
-            out_t.par_chunks_mut(chunk * n).enumerate().for_each(|(c, block)| {
-                let mut w = vec![0f32; self.cols];
-                for (i, ys) in block.chunks_exact_mut(n).enumerate() {
-                    self.dequantize_row(c * chunk + i, &mut w);
-                    // Four input rows per pass over the weight row.
-                    let row = |j: usize| &x[j * self.cols..(j + 1) * self.cols];
-                    let mut j = 0;
-                    while j + 4 <= n {
-                        ys[j..j + 4].copy_from_slice(&simd::dot4(&w, [row(j), row(j + 1), row(j + 2), row(j + 3)]));
-                        j += 4;
-                    }
-                    for (k, y) in ys[j..].iter_mut().enumerate() {
-                        *y = simd::dot(row(j + k), &w);
-                    }
-                }
-            });
-        }
+            }
+        });
         // `out_t` is `[rows, n]`; the product is `[n, rows]`.
         let mut out = vec![0f32; n * self.rows];
         for (r, ys) in out_t.chunks_exact(n).enumerate() {
@@ -649,68 +629,10 @@ mod simd {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        dot_body(a, b)
-    }
-
-    #[cfg(target_arch = "x86_64")]
     fn has_avx2() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
-    }
-
-    /// `w · x[k]` for four rows `x` of `w`'s length: `w` read once.
-    pub(super) fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() && x.iter().all(|r| r.len() == w.len()) {
-            // SAFETY: AVX2 and FMA were detected at run time; the rows have `w`'s length.
-            return unsafe { dot4_avx2(w, x) };
-        }
-        x.map(|r| dot_body(r, w))
-    }
-
-    /// [`dot4`] with AVX2 and FMA: one accumulator per row, each weight vector loaded once.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn dot4_avx2(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-        use std::arch::x86_64::*;
-        let n = w.len();
-        let vectors = n / 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let (mut a0, mut a1, mut a2, mut a3) = (acc[0], acc[1], acc[2], acc[3]);
-        for v in 0..vectors {
-            // SAFETY: `v * 8 + 8 <= n`, the length of `w` and of every row (checked by the
-            // caller).
-            unsafe {
-                let wv = _mm256_loadu_ps(w.as_ptr().add(v * 8));
-                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[0].as_ptr().add(v * 8)), a0);
-                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[1].as_ptr().add(v * 8)), a1);
-                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[2].as_ptr().add(v * 8)), a2);
-                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[3].as_ptr().add(v * 8)), a3);
-            }
-        }
-        acc = [a0, a1, a2, a3];
-        let mut out = [0f32; 4];
-        for (k, a) in acc.iter().enumerate() {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds eight f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
-            let tail: f32 = w[vectors * 8..].iter().zip(&x[k][vectors * 8..]).map(|(a, b)| a * b).sum();
-            out[k] = lanes.iter().sum::<f32>() + tail;
-        }
-        out
-    }
-
-    /// `Σ a · b`.
-    pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: as in `row_dot_i16`: AVX2 and FMA were detected at run time.
-            return unsafe { dot_avx2(a, b) };
-        }
-        dot_body(a, b)
     }
 }
 
@@ -1159,8 +1081,15 @@ mod tests {
             let dense = m.dequantize();
             for n in [1, 3, 9] {
                 let x = random(n * cols, 3 + n as u64);
-                let got = m.matmul(&x, n, CpuActivations::F32);
-                let rounded = m.matmul(&x, n, CpuActivations::Blocks16);
+                // Rows beyond CPU_FUSED_ROWS go through the linear's matrix product.
+                let prompt = |x: &[f32]| {
+                    let d = Device::flex();
+                    let y = QuantizedLinear::new(m.clone(), &d).forward(Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, cols]), &d));
+                    y.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32")
+                };
+                let product = |a| if n <= CPU_FUSED_ROWS { m.matmul(&x, n, a) } else { prompt(&x) };
+                let got = product(CpuActivations::F32);
+                let rounded = product(CpuActivations::Blocks16);
                 let want = dense_matmul(&x, n, &dense, rows, cols);
                 assert!(rel_l2(&got, &want) < 1e-6, "bits {} rows {n}: {}", m.bits, rel_l2(&got, &want));
                 // Up to CPU_FUSED_ROWS rows, 16-bit activation blocks round the activations.

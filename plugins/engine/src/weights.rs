@@ -341,19 +341,7 @@ impl Checkpoint {
         let m = QuantizedMatrix::from_codes(out, inp, a.bits, a.group, &a.codes, a.scales, a.mins).map_err(bad)?;
         match Self::unpermute_heads(g, name) {
             Some(heads) => {
-                if heads == 0 || !out.is_multiple_of(2 * heads) {
-                    return Err(EngineError::Weights(format!("cannot un-permute `{name}` [{out}, {inp}] into {heads} heads")));
-                }
-                // GGUF row (h, i, j), j in {0, 1}, i < half, holds HF row (h, j, i).
-                let half = out / heads / 2;
-                let mut order = vec![0; out];
-                for h in 0..heads {
-                    for i in 0..half {
-                        for j in 0..2 {
-                            order[(h * 2 + j) * half + i] = (h * half + i) * 2 + j;
-                        }
-                    }
-                }
+                let order = gguf::hf::unpermute_order(out, inp, heads).map_err(wrap)?;
                 m.permute_rows(&order).map(Some).map_err(bad)
             }
             None => Ok(Some(m)),

@@ -9,6 +9,9 @@ use inference_pio_engine::plugin::load_engine;
 use inference_pio_engine::testing::{all_logits, greedy, ids, load_cpu, rel_l2};
 use llama::FAMILY;
 use serde_json::Value;
+
+mod common;
+use common::smollm2_path;
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
@@ -45,27 +48,8 @@ fn tiny_gguf_chat_template_comes_from_the_file() {
     assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
 }
 
-/// Where `inference-pio models fetch smollm2-135m-instruct` puts the default model
-/// (`INFERENCE_PIO_SMOLLM2_GGUF` overrides).
-fn smollm2_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("INFERENCE_PIO_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("HOME or XDG_CACHE_HOME");
-    cache.join("inference-pio/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 fn smollm2() -> Engine {
-    let path = smollm2_path();
-    assert!(
-        path.is_file(),
-        "{} is missing: run `./target/debug/inference-pio models fetch smollm2-135m-instruct` first (the README's test command does)",
-        path.display()
-    );
-    load(&path)
+    load(&smollm2_path())
 }
 
 #[test]

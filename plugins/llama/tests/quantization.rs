@@ -9,26 +9,18 @@
 //! twice what was measured (README, "Quantized weights", has the numbers); a wrong code, scale
 //! or offset anywhere moves them by orders of magnitude.
 
+mod common;
+
 use inference_pio_core::config::Quantization;
 use inference_pio_core::types::DType;
 use inference_pio_engine::generate::Engine;
 use inference_pio_engine::testing::{all_logits, divergence, incremental_logits, load_cpu_with, Divergence};
 use llama::FAMILY;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn smollm2_path() -> PathBuf {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("HOME or XDG_CACHE_HOME");
-    let path = cache.join("inference-pio/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run `./target/debug/inference-pio models fetch smollm2-135m-instruct` first (the README's test command does)", path.display());
-    path
-}
+use std::path::Path;
 
 fn load(quantization: Option<Quantization>) -> Engine {
-    load_cpu_with(&FAMILY, &smollm2_path(), DType::F32, |s| s.optimization.quantization = quantization)
+    load_cpu_with(&FAMILY, &common::smollm2_path(), DType::F32, |s| s.optimization.quantization = quantization)
 }
 
 fn texts(engine: &Engine) -> Vec<Vec<u32>> {

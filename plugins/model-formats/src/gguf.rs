@@ -754,22 +754,30 @@ pub mod hf {
     /// `convert_hf_to_gguf.py`; transformers' `_reverse_permute_weights`) on a row-major
     /// `[rows, cols]` matrix whose rows are `heads` heads of `rows / heads` channels.
     pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, FormatError> {
-        if heads == 0 || !rows.is_multiple_of(2 * heads) || values.len() != rows * cols {
+        if values.len() != rows * cols {
+            return Err(FormatError(format!("cannot un-permute a [{rows}, {cols}] projection of {} values", values.len())));
+        }
+        let order = unpermute_order(rows, cols, heads)?;
+        Ok(order.iter().flat_map(|&src| values[src * cols..(src + 1) * cols].iter().copied()).collect())
+    }
+
+    /// The row order [`unpermute_rows`] applies to a `[rows, cols]` projection of `heads`
+    /// heads: HF row `dst` is GGUF row `order[dst]`.
+    pub fn unpermute_order(rows: usize, cols: usize, heads: usize) -> Result<Vec<usize>, FormatError> {
+        if heads == 0 || !rows.is_multiple_of(2 * heads) {
             return Err(FormatError(format!("cannot un-permute a [{rows}, {cols}] projection into {heads} heads")));
         }
         let half = rows / heads / 2;
-        let mut out = vec![0.0; values.len()];
+        let mut order = vec![0; rows];
         // GGUF row (h, i, j) with j in {0,1}, i < half holds HF row (h, j, i).
         for h in 0..heads {
             for i in 0..half {
                 for j in 0..2 {
-                    let src = (h * half + i) * 2 + j;
-                    let dst = (h * 2 + j) * half + i;
-                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                    order[(h * 2 + j) * half + i] = (h * half + i) * 2 + j;
                 }
             }
         }
-        Ok(out)
+        Ok(order)
     }
 
     /// A transformers-style `config.json` for the model a GGUF file holds.
