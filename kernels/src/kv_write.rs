@@ -14,7 +14,7 @@
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::{DType, Device, Int, IndexingUpdateOp, Tensor, TensorData};
+use burn::tensor::{Int, IndexingUpdateOp, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
@@ -124,18 +124,6 @@ pub fn write_kv_slots(pool: Tensor<3>, slots: Tensor<1, Int>, values: Tensor<3>)
     }
 }
 
-/// A zeroed KV pool buffer of `shape` and `dtype` on `device`. On the CPU an f32 buffer is
-/// taken from the allocator's zeroed pages (`calloc`): the pages become resident only when a
-/// block is written, so an idle pool costs address space, not memory (burn-flex's `zeros`
-/// writes every byte: a 0.5 GB pool was 0.44 GB of the default model's resident memory).
-pub fn zeroed_kv_buffer(shape: [usize; 3], dtype: DType, device: &Device) -> Tensor<3> {
-    if !is_cubecl(device) && dtype == DType::F32 {
-        let n = shape.iter().product::<usize>();
-        return Tensor::from_data(TensorData::new(vec![0f32; n], shape), (device, DType::F32));
-    }
-    Tensor::zeros(shape, (device, dtype))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,10 +132,7 @@ mod tests {
     #[test]
     fn tokens_land_in_their_slots_and_nothing_else_moves() {
         let device = Device::flex();
-        let pool = zeroed_kv_buffer([6, 2, 4], DType::F32, &device);
-        assert_eq!((pool.dims(), pool.dtype()), ([6, 2, 4], DType::F32));
-        assert!(pool.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32").iter().all(|&v| v == 0.0));
-        assert_eq!(zeroed_kv_buffer([2, 1, 4], DType::BF16, &device).dtype(), DType::BF16);
+        let pool = Tensor::<3>::zeros([6, 2, 4], &device);
         let values = Tensor::<3>::from_data(TensorData::new((1..=24).map(|x| x as f32).collect::<Vec<_>>(), [3, 2, 4]), &device);
         let slots = Tensor::<1, Int>::from_data(TensorData::new(vec![4i64, 0, 2], [3]), &device);
         let out: Vec<f32> = write_kv_slots(pool, slots, values).into_data().try_to_vec::<f32>().expect("f32");
