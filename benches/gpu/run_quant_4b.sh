@@ -14,7 +14,8 @@
 # .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/{log.txt,device.txt,kernel_check.txt,pio_*.json,score_kl.json,results.json}.
 # Env: BUDGET (s, default 570), STAGES (default "prepare kernels ours peers"; "convert": the
-# GGUF conversions without measuring llama.cpp), MODES (default
+# GGUF conversions without measuring llama.cpp; "gguf": our engine on the converted Q4_K_M
+# file, its blocks kept and dequantized, after a call that converted it), MODES (default
 # "bf16 int8 int4"), CASES (default "b1 b32 p2048").
 set -uo pipefail
 BUDGET=${BUDGET:-570}
@@ -51,13 +52,15 @@ if has kernels && [ -f .gpu/kernel_check.xz ]; then
 fi
 
 CK=$(qwen3_4b_dir)
-for mode in ${MODES:-bf16 int8 int4}; do
-  if [ $mode = bf16 ]; then printf '[plugins.%s]\n' $ID; else printf '[plugins.%s]\nquantization = "%s"\n' $ID $mode; fi > /tmp/q_$mode.toml
+for mode in ${MODES:-bf16 int8 int4} gguf gguf_none; do
+  if [ $mode = gguf_none ]; then printf '[plugins.%s]\nquantization = "none"\n' $ID
+  elif [ $mode = bf16 ] || [ $mode = gguf ]; then printf '[plugins.%s]\n' $ID; else printf '[plugins.%s]\nquantization = "%s"\n' $ID $mode; fi > /tmp/q_$mode.toml
 done
-bench() { # mode case prompt_tokens new_tokens batch runs
+MODEL_ARGS="--model $CK --random-weights"
+bench() { # mode case prompt_tokens new_tokens batch runs (the model: $MODEL_ARGS)
   local t=$(( $(left) - 30 )); [ $t -lt 30 ] && { echo "no time for $1 $2"; return; }
   local start=$SECONDS
-  timeout $t taskset -c 0-5 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$1.toml --model $CK --random-weights --prompt-tokens $3 --new-tokens $4 \
+  timeout $t taskset -c 0-5 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$1.toml $MODEL_ARGS --prompt-tokens $3 --new-tokens $4 \
     --batch $5 --runs $6 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
     --commit "$(cat .gpu/COMMIT 2>/dev/null || echo unknown)" --out $OUT/pio_$1_$2.json 2> $OUT/pio_$1_$2_stderr.txt
   echo "pio-bench $1 $2: exit $? after $(( SECONDS - start )) s"
@@ -131,6 +134,46 @@ if has convert || has peers; then
   fi
 fi
 
+# Our engine on llama.cpp's own Q4_K_M file: its blocks kept (unset) and dequantized to bf16
+# ("none"), and the divergence of the kept from the dequantized on the same prompt.
+if has gguf && [ -f /tmp/q4b.Q4_K_M.gguf ]; then
+  MODEL_ARGS="--model /tmp/q4b.Q4_K_M.gguf"
+  [ -f /tmp/kl_ids.txt ] || python3 -c "import random; r=random.Random(7); print(','.join(str(r.randrange(100, 151000)) for _ in range(256)))" > /tmp/kl_ids.txt
+  for mode in gguf gguf_none; do
+    for c in ${CASES:-b1 b32 p2048}; do
+      case $c in
+        b1) bench $mode b1 128 256 1 2 ;;
+        b32) bench $mode b32 128 128 32 2 ;;
+        p2048) bench $mode p2048 2048 1 1 3 ;;
+      esac
+    done
+    t=$(( $(left) - 30 ))
+    [ $t -gt 30 ] && timeout $t taskset -c 0-5 $PIO score $PD --config /tmp/q_$mode.toml --model /tmp/q4b.Q4_K_M.gguf --device cuda --dtype bf16 \
+      --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_$mode.json 2> /tmp/score_$mode.err || tail -2 /tmp/score_$mode.err
+    grep -a -m2 "quantiz" /tmp/score_$mode.err
+  done
+  python3 - <<'PY' | tee $OUT/score_kl_gguf.json
+import json, math, os
+def rows(mode):
+    p = f"/tmp/score_{mode}.json"
+    if not os.path.exists(p) or os.path.getsize(p) == 0:
+        return None
+    d = json.load(open(p))
+    return d.get("logits") or (d.get("rows") or [{}])[0].get("logits")
+ref, got = rows("gguf_none"), rows("gguf")
+if ref and got:
+    kls, agree = [], 0
+    for r, g in zip(ref, got):
+        mr, mg = max(r), max(g)
+        lr = [v - mr - math.log(sum(math.exp(x - mr) for x in r)) for v in r]
+        lg = [v - mg - math.log(sum(math.exp(x - mg) for x in g)) for v in g]
+        kls.append(sum(math.exp(a) * (a - b) for a, b in zip(lr, lg)))
+        agree += max(range(len(r)), key=r.__getitem__) == max(range(len(g)), key=g.__getitem__)
+    print(json.dumps({"gguf_kept_vs_dequantized": {"positions": len(kls), "mean_kl": sum(kls) / len(kls), "max_kl": max(kls), "top1_agreement": agree / len(kls)}}, indent=1))
+PY
+  echo "gguf done at $SECONDS s"
+fi
+
 python3 - "$(cat .gpu/COMMIT 2>/dev/null || echo unknown)" <<'PY'
 import glob, json, os, sys
 o = os.environ["OUT"]
@@ -140,11 +183,12 @@ for path in sorted(glob.glob(o + "/pio_*.json")):
         out[os.path.basename(path)[4:-5]] = json.load(open(path))
     except Exception as e:
         out[os.path.basename(path)[4:-5]] = {"error": str(e)}
-if os.path.exists(o + "/score_kl.json"):
-    try:
-        out["divergence_from_bf16"] = json.load(open(o + "/score_kl.json"))
-    except Exception:
-        pass
+for name, key in (("score_kl.json", "divergence_from_bf16"), ("score_kl_gguf.json", "divergence_gguf")):
+    if os.path.exists(o + "/" + name):
+        try:
+            out[key] = json.load(open(o + "/" + name))
+        except Exception:
+            pass
 for f in sorted(glob.glob("/tmp/llama_b*.txt")):
     out["peer_" + os.path.basename(f)[:-4]] = [l for l in open(f).read().splitlines() if l.startswith("|")]
 json.dump(out, open(o + "/results.json", "w"), indent=1)

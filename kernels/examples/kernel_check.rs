@@ -459,6 +459,23 @@ fn check_cublas(device: &Device) -> usize {
     failed
 }
 
+/// A `[rows, cols]` matrix of `bits`-bit codes in groups of `group`, codes, scales and offsets
+/// drawn from `random` (values in ±0.05).
+fn gguf_like(
+    random: &mut impl FnMut(usize) -> Vec<f32>,
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    group: usize,
+) -> Result<inference_pio_kernels::quant::QuantizedMatrix, inference_pio_kernels::quant::QuantError> {
+    let top = ((1u32 << bits) - 1) as f32;
+    let codes: Vec<u8> = random(rows * cols).into_iter().map(|v| ((v + 0.05) * 10.0 * top).round().clamp(0.0, top) as u8).collect();
+    let groups = rows * (cols / group);
+    let scales = random(groups).into_iter().map(|v| v * 0.2 / top).collect();
+    let mins = random(groups).into_iter().map(|v| v * 0.5).collect();
+    inference_pio_kernels::quant::QuantizedMatrix::from_codes(rows, cols, bits, group, &codes, scales, mins)
+}
+
 /// The quantized products against the dense product of their dequantized weights.
 fn check_quant(device: &Device) -> usize {
     use inference_pio_kernels::quant::{QuantizedLinear, QuantizedMatrix};
@@ -480,6 +497,11 @@ fn check_quant(device: &Device) -> usize {
             ("int8/channel", QuantizedMatrix::quantize_int8(&values, out, inp)),
             ("int4/128", QuantizedMatrix::quantize_int4(&values, out, inp, 128)),
             ("int4/32", QuantizedMatrix::quantize_int4(&values, out, inp, 32)),
+            // The layouts GGUF blocks keep: Q8_0 (8 bits in 32s), Q6_K (8-bit codes in 16s),
+            // Q4_K (4 bits in 32s), with scales and offsets of both signs.
+            ("gguf 8/32", gguf_like(&mut random, out, inp, 8, 32)),
+            ("gguf 8/16", gguf_like(&mut random, out, inp, 8, 16)),
+            ("gguf 4/32", gguf_like(&mut random, out, inp, 4, 32)),
         ];
         for (tag, m) in layouts {
             let m = match m {

@@ -144,7 +144,7 @@ enum FeedForward {
 enum Embedding {
     /// `[vocab, hidden]` in the model's dtype.
     Dense(Tensor<2>),
-    /// A GGUF file's quantized table kept as stored (CPU only): the rows a step needs are
+    /// A GGUF file's quantized table kept as stored (on the CPU): the rows a step needs are
     /// dequantized when looked up.
     Quantized(std::sync::Arc<QuantizedMatrix>),
 }
@@ -434,12 +434,24 @@ impl Decoder {
         }
         let embed_name = format!("{m}.embed_tokens.weight");
         let (embed, lm_head) = match ckpt.load_stored_quantized(&embed_name, [c.vocab_size, h], device)? {
-            // The file's quantized table, kept: looked up row by row, and (tied) the LM head.
-            Some(table) => {
+            // The file's quantized table, kept: on the CPU looked up row by row, and (tied)
+            // the LM head.
+            Some(table) if *device == Device::flex() => {
                 ckpt.count_quantized(&table, dtype);
                 let table = std::sync::Arc::new(table);
                 let head = if c.tie_word_embeddings { Some(Linear { weights: vec![Weight::Quantized(QuantizedLinear::shared(table.clone(), device))], bias: None }) } else { None };
                 (Embedding::Quantized(table), head)
+            }
+            // On a GPU the lookup stays a device gather (a recorded decode step reads its token
+            // ids on the device), so the table is dense there; a tied LM head keeps the codes.
+            Some(table) => {
+                let head = if c.tie_word_embeddings {
+                    ckpt.count_quantized(&table, dtype);
+                    Some(Linear { weights: vec![Weight::Quantized(QuantizedLinear::new(table, device))], bias: None })
+                } else {
+                    None
+                };
+                (Embedding::Dense(ckpt.load(&embed_name, [c.vocab_size, h], device, dtype)?), head)
             }
             None => {
                 let table = ckpt.load(&embed_name, [c.vocab_size, h], device, dtype)?;

@@ -251,8 +251,8 @@ impl Checkpoint {
     }
 
     /// Loads the linear weight `name` (`[out, in]`, HF layout) stored as the checkpoint's
-    /// quantization says: unset, a GGUF file's quantized blocks kept as they are on the CPU
-    /// (dequantized on CUDA for now) and other weights dense; `int8` or `int4`, made from the weight's values whatever the file
+    /// quantization says: unset, a GGUF file's quantized blocks kept as they are and other
+    /// weights dense; `int8` or `int4`, made from the weight's values whatever the file
     /// stores (int4 in groups of 128, or 32 where 128 does not divide the row; a row that
     /// neither divides stays dense); `none`, dense in `dtype` on `device`.
     pub fn load_linear_stored(&self, name: &str, [out, inp]: [usize; 2], device: &Device, dtype: DType) -> Result<StoredLinear, EngineError> {
@@ -300,13 +300,11 @@ impl Checkpoint {
     }
 
     /// `name` (`[out, in]`) as the file's own quantized blocks, when they are kept as stored:
-    /// a GGUF file with `quantization` unset, on the CPU. On CUDA the quantized kernels have
-    /// not yet run on a GPU (no device was lent since they were written), so there a GGUF file
-    /// is dequantized unless `quantization` asks otherwise. `None` for a float tensor, or when
-    /// the blocks are not kept. Not counted in [`Self::linear_tally`].
-    pub fn load_stored_quantized(&self, name: &str, [out, inp]: [usize; 2], device: &Device) -> Result<Option<QuantizedMatrix>, EngineError> {
+    /// a GGUF file with `quantization` unset, on any device. `None` for a float tensor, or
+    /// when the blocks are not kept. Not counted in [`Self::linear_tally`].
+    pub fn load_stored_quantized(&self, name: &str, [out, inp]: [usize; 2], _device: &Device) -> Result<Option<QuantizedMatrix>, EngineError> {
         match &self.source {
-            Source::Gguf(g) if self.quantization.is_none() && *device == Device::flex() => Self::gguf_quantized(g, name, [out, inp]),
+            Source::Gguf(g) if self.quantization.is_none() => Self::gguf_quantized(g, name, [out, inp]),
             _ => Ok(None),
         }
     }
