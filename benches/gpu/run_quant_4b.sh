@@ -77,6 +77,7 @@ if has ours; then
     for c in ${CASES:-b1 b32 p2048}; do
       case $c in
         b1) bench $mode b1 128 256 1 2 ;;
+        b8) bench $mode b8 128 128 8 2 ;;
         b32) bench $mode b32 128 128 32 2 ;;
         p2048) bench $mode p2048 2048 1 1 3 ;;
       esac
@@ -143,6 +144,7 @@ if has gguf && [ -f /tmp/q4b.Q4_K_M.gguf ]; then
     for c in ${CASES:-b1 b32 p2048}; do
       case $c in
         b1) bench $mode b1 128 256 1 2 ;;
+        b8) bench $mode b8 128 128 8 2 ;;
         b32) bench $mode b32 128 128 32 2 ;;
         p2048) bench $mode p2048 2048 1 1 3 ;;
       esac

@@ -518,7 +518,7 @@ fn check_quant(device: &Device) -> usize {
             for dtype in [DType::F32, DType::BF16] {
                 let w = deq.clone().cast(dtype);
                 let plain = dense_w.clone().cast(dtype).reshape([1, out, inp]);
-                for rows in [1usize, 2, 4, 32, 512] {
+                for rows in [1usize, 2, 4, 8, 32, 512] {
                     let x = Tensor::<2>::random([rows, inp], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
                     let kernel = || q.forward(x.clone());
                     let reference = || batched_linear(x.clone().unsqueeze_dim(0), w.clone().reshape([1, 1, out, inp])).squeeze_dim(0);

@@ -35,7 +35,7 @@ use crate::launch::{PLANE, is_cubecl};
 
 /// Up to this many rows of a product run through the matrix-vector kernel; more dequantize
 /// the weight for cuBLAS.
-pub const QUANT_MAX_ROWS: usize = 4;
+pub const QUANT_MAX_ROWS: usize = 8;
 /// Output channels per cube (one plane each).
 const CHANNELS_PER_CUBE: u32 = 8;
 
@@ -681,10 +681,11 @@ impl QuantizedLinear {
         let storage = if is_cubecl(device) {
             let (words, groups) = (matrix.words_per_row(), matrix.groups_per_row());
             let f32s = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [rows, groups]), (device, DType::F32));
+            let (codes, mins) = device_codes(&matrix);
             Storage::Device(Box::new(DeviceCodes {
-                codes: Tensor::from_data(TensorData::new(matrix.codes, [rows, words]), (device, DType::U32)),
+                codes: Tensor::from_data(TensorData::new(codes, [rows, words]), (device, DType::U32)),
                 scales: f32s(matrix.scales),
-                mins: f32s(matrix.mins),
+                mins: f32s(mins),
             }))
         } else {
             Storage::Host(Arc::new(matrix))
@@ -731,7 +732,7 @@ impl QuantizedLinear {
             }
             Storage::Device(d) => {
                 let DeviceCodes { codes, scales, mins } = d.as_ref();
-                if n <= QUANT_MAX_ROWS && kernel_supports(dtype) {
+                if device_kernel_applies(n, cols, self.bits, self.group) && kernel_supports(dtype) {
                     let out = Dispatch::quant_matvec(
                         x.into_dispatch(),
                         codes.clone().into_dispatch(),
@@ -804,99 +805,165 @@ impl QuantOps for CubeBackend {
 /// The kernels, apart from burn's names.
 mod device {
     use burn_cubecl::cubecl;
-    use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
 
-    /// One word's share of a product: its `32 / bits` codes dequantized (`scale · code +
-    /// min`) times the matching activations, read as `32 / bits / xvec` vectors from `x_at`.
-    #[cube]
-    fn word_term<E: Float, N: Size>(
-        x: &Tensor<Vector<E, N>>,
-        codes: &[u32],
-        scales: &[f32],
-        mins: &[f32],
-        x_at: usize,
-        code_at: usize,
-        group_at: usize,
-        #[comptime] bits: u32,
-        #[comptime] xvec: usize,
-    ) -> Vector<f32, N> {
-        let word = codes[code_at];
-        let scale = Vector::<f32, N>::new(scales[group_at]);
-        let min = Vector::<f32, N>::new(mins[group_at]);
-        let mask = Vector::<u32, N>::new(comptime!((1u32 << bits) - 1));
-        let per_word = comptime!(32 / bits as usize);
-        let mut acc = Vector::<f32, N>::zero();
-        #[unroll]
-        for j in 0..comptime!(per_word / xvec) {
-            let mut shifts = Vector::<u32, N>::new(0u32);
-            #[unroll]
-            for i in 0..xvec {
-                shifts.insert(i, comptime!(((j * xvec + i) as u32) * bits));
-            }
-            let code = (Vector::<u32, N>::new(word) >> shifts) & mask;
-            let w = Vector::<f32, N>::cast_from(code) * scale + min;
-            acc += Vector::<f32, N>::cast_from(x[x_at + j]) * w;
+    /// Activation rows as [`super::DeviceActivations`]: one unit per block of 32 values.
+    #[cube(launch_unchecked)]
+    pub fn quantize_activations_kernel<E: Float>(
+        x: &Tensor<E>,
+        hi: &mut [i32],
+        lo: &mut [i32],
+        scales: &mut [f32],
+        sums: &mut [f32],
+        blocks_total: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let b = ABSOLUTE_POS;
+        if b >= blocks_total {
+            terminate!();
         }
-        acc
+        let base = b * 32;
+        let mut amax = 0f32;
+        let mut s0 = 0f32;
+        let mut s1 = 0f32;
+        #[unroll]
+        for i in 0..16usize {
+            let v = f32::cast_from(x[base + i]);
+            s0 += v;
+            amax = f32::max(amax, f32::abs(v));
+        }
+        #[unroll]
+        for i in 16..32usize {
+            let v = f32::cast_from(x[base + i]);
+            s1 += v;
+            amax = f32::max(amax, f32::abs(v));
+        }
+        let scale = amax / 32639.0;
+        let inv = select(amax > 0.0, 32639.0 / amax, 0.0);
+        #[unroll]
+        for w in 0..8usize {
+            let mut h = 0i32;
+            let mut l = 0i32;
+            #[unroll]
+            for k in 0..4usize {
+                let q = i32::cast_from(f32::round(f32::cast_from(x[base + w * 4 + k]) * inv));
+                let qh = (q + 128) >> 8;
+                let ql = q - qh * 256;
+                h |= (qh & 255) << comptime!(8 * k as i32);
+                l |= (ql & 255) << comptime!(8 * k as i32);
+            }
+            hi[b * 8 + w] = h;
+            lo[b * 8 + w] = l;
+        }
+        scales[b] = scale;
+        sums[b * 2] = s0;
+        sums[b * 2 + 1] = s1;
     }
 
-    /// One plane per output channel of one row: its lanes stride over the row's packed words,
-    /// four in flight per lane, and sum across the plane.
+    /// One plane per output channel, all of the activation rows (`nrows`) at once: each lane
+    /// takes 16-byte chunks of the channel's codes (32 4-bit or 16 8-bit codes, within one
+    /// group and one activation block), multiplies them by the rows' activation bytes in
+    /// `dp4a`s (high and low halves of the 16-bit activations), scales the exact integer sum
+    /// by the group's and the block's scales, then adds `Σ min · Σ x` per 16 inputs.
     #[cube(launch_unchecked)]
     pub fn quant_matvec_kernel<E: Float, N: Size>(
-        x: &Tensor<Vector<E, N>>,
-        codes: &[u32],
+        hi: &[Vector<i32, N>],
+        lo: &[Vector<i32, N>],
+        xscales: &[f32],
+        xsums: &[f32],
+        codes: &[Vector<u32, N>],
         scales: &[f32],
         mins: &[f32],
         out: &mut Tensor<E>,
-        words: usize,
+        cols: usize,
         groups: usize,
         #[comptime] bits: u32,
         #[comptime] group: usize,
-        #[comptime] xvec: usize,
+        #[comptime] nrows: usize,
         #[define(E)] _dtype: ElemType,
     ) {
-        let row = CUBE_POS_X as usize;
-        let channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        let channel = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
         let channels = out.shape(1);
         if channel >= channels {
             terminate!();
         }
-        let per_word = comptime!(32 / bits as usize);
-        let words_per_group = comptime!(group / per_word);
-        let vecs = comptime!(per_word / xvec);
-        let x_base = row * words * vecs;
-        let c_base = channel * words;
-        let g_base = channel * groups;
+        // Codes per 16-byte chunk; activation words (4 values) per chunk.
+        let per_chunk = comptime!(128 / bits as usize);
+        let xwords = comptime!(per_chunk / 4);
+        let chunks = cols / per_chunk;
+        let row_words = cols / 4;
+        let row_blocks = cols / 32;
+        let mut acc = Array::<f32>::new(nrows);
+        #[unroll]
+        for r in 0..nrows {
+            acc[r] = 0.0;
+        }
         let step = PLANE_DIM as usize;
-        let mut acc0 = Vector::<f32, N>::zero();
-        let mut acc1 = Vector::<f32, N>::zero();
-        let mut acc2 = Vector::<f32, N>::zero();
-        let mut acc3 = Vector::<f32, N>::zero();
-        let mut w = UNIT_POS_X as usize;
-        while w + 3 * step < words {
-            acc0 += word_term(x, codes, scales, mins, x_base + w * vecs, c_base + w, g_base + w / words_per_group, bits, xvec);
-            let w1 = w + step;
-            acc1 += word_term(x, codes, scales, mins, x_base + w1 * vecs, c_base + w1, g_base + w1 / words_per_group, bits, xvec);
-            let w2 = w + 2 * step;
-            acc2 += word_term(x, codes, scales, mins, x_base + w2 * vecs, c_base + w2, g_base + w2 / words_per_group, bits, xvec);
-            let w3 = w + 3 * step;
-            acc3 += word_term(x, codes, scales, mins, x_base + w3 * vecs, c_base + w3, g_base + w3 / words_per_group, bits, xvec);
-            w += 4 * step;
+        let mut c = UNIT_POS_X as usize;
+        while c < chunks {
+            let wv = codes[channel * chunks + c];
+            let start = c * per_chunk;
+            let gs = scales[channel * groups + start / group];
+            // Vectors of activation words: 4 words each.
+            let xv = start / 16;
+            #[unroll]
+            for r in 0..nrows {
+                let mut ih = 0i32;
+                let mut il = 0i32;
+                let at = r * (row_words / 4) + xv;
+                #[unroll]
+                for v in 0..comptime!(xwords / 4) {
+                    let h = hi[at + v];
+                    let l = lo[at + v];
+                    if comptime!(bits == 4) {
+                        // Chunk word k holds codes 8k..8k+3 in its low nibbles and 8k+4..8k+7
+                        // in its high ones; activation vector v covers codes 16v..16v+15.
+                        #[unroll]
+                        for j in 0..2usize {
+                            let word = i32::reinterpret(wv.extract(comptime!(v * 2 + j)));
+                            let low = word & 0x0F0F0F0F;
+                            let high = (word >> 4) & 0x0F0F0F0F;
+                            ih = dp4a(low, h.extract(comptime!(j * 2)), ih);
+                            ih = dp4a(high, h.extract(comptime!(j * 2 + 1)), ih);
+                            il = dp4a(low, l.extract(comptime!(j * 2)), il);
+                            il = dp4a(high, l.extract(comptime!(j * 2 + 1)), il);
+                        }
+                    } else {
+                        #[unroll]
+                        for k in 0..4usize {
+                            let word = i32::reinterpret(wv.extract(k));
+                            ih = dp4a(word, h.extract(k), ih);
+                            il = dp4a(word, l.extract(k), il);
+                        }
+                    }
+                }
+                let dot = f32::cast_from(ih * 256 + il);
+                acc[r] += gs * xscales[r * row_blocks + start / 32] * dot;
+            }
+            c += step;
         }
-        while w < words {
-            acc0 += word_term(x, codes, scales, mins, x_base + w * vecs, c_base + w, g_base + w / words_per_group, bits, xvec);
-            w += step;
+        // Offsets: min of each 16 inputs' group times their activations' sum.
+        let sixteens = cols / 16;
+        let mut t = UNIT_POS_X as usize;
+        while t < sixteens {
+            let m = mins[channel * groups + (t * 16) / group];
+            #[unroll]
+            for r in 0..nrows {
+                acc[r] += m * xsums[r * sixteens + t];
+            }
+            t += step;
         }
-        let total = plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)));
-        if UNIT_POS_X == 0 {
-            out[row * channels + channel] = E::cast_from(total);
+        #[unroll]
+        for r in 0..nrows {
+            let total = plane_sum(acc[r]);
+            if UNIT_POS_X == 0 {
+                out[r * channels + channel] = E::cast_from(total);
+            }
         }
     }
 
-    /// One unit per packed word: its `32 / bits` values written to the dense `[rows, cols]`
-    /// output.
+    /// One unit per packed word (the device order, [`super::device_codes`]): its `32 / bits`
+    /// values written to the dense `[rows, cols]` output.
     #[cube(launch_unchecked)]
     pub fn quant_dequantize_kernel<E: Float>(
         codes: &[u32],
@@ -920,55 +987,126 @@ mod device {
         let g = row * groups + w / comptime!(group / per_word);
         let (scale, min) = (scales[g], mins[g]);
         let word = codes[at];
-        let mask = comptime!((1u32 << bits) - 1);
         let cols = out.shape(1);
         #[unroll]
         for k in 0..per_word {
-            let code = (word >> comptime!(k as u32 * bits)) & mask;
-            out[row * cols + w * per_word + k] = E::cast_from(f32::cast_from(code) * scale + min);
+            let code = if comptime!(bits == 4) {
+                // Byte j: code j in its low nibble, code j + 4 in its high one.
+                f32::cast_from((word >> comptime!(((k % 4) * 8 + (k / 4) * 4) as u32)) & 15)
+            } else {
+                // Signed bytes (code - 128).
+                f32::cast_from((i32::reinterpret(word) << comptime!((24 - 8 * k) as i32)) >> 24)
+            };
+            out[row * cols + w * per_word + k] = E::cast_from(code * scale + min);
         }
     }
 }
 
-fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize) -> CubeTensor {
+/// Activation rows quantized for the matrix-vector kernel: 16-bit integers per block of 32
+/// values (`x ≈ scale · q`, `q = round(x · 32639 / amax)`, so that `q = 256 · h + l` splits
+/// into signed bytes `h` and `l`) stored as packed high bytes and low bytes, one f32 scale
+/// per block and the f32 sums of `x` per 16 values.
+struct DeviceActivations {
+    hi: CubeTensor,
+    lo: CubeTensor,
+    scales: CubeTensor,
+    sums: CubeTensor,
+}
+
+fn quantize_activations(x: CubeTensor) -> DeviceActivations {
     let x = into_contiguous(x);
+    let (n, cols) = (x.meta.shape()[0], x.meta.shape()[1]);
+    let alloc = |len: usize, dtype: DType| empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, len]), dtype);
+    let acts = DeviceActivations { hi: alloc(cols / 4, DType::I32), lo: alloc(cols / 4, DType::I32), scales: alloc(cols / 32, DType::F32), sums: alloc(cols / 16, DType::F32) };
+    let blocks = n * cols / 32;
+    let units = 128u32;
+    let client = x.client.clone();
+    let dtype = x.dtype;
+    // SAFETY: one unit per 32-value block, `b < n * cols / 32` checked: it reads `x[32b ..
+    // 32b + 32]` and writes words `8b .. 8b + 8`, scale `b` and sums `2b, 2b + 1`, all within
+    // the buffers allocated above for `cols` a multiple of 32 (checked by the caller).
+    unsafe {
+        device::quantize_activations_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static((blocks as u32).div_ceil(units), 1, 1),
+            CubeDim::new_1d(units),
+            x.into_tensor_arg(),
+            acts.hi.clone().into_buffer_arg(),
+            acts.lo.clone().into_buffer_arg(),
+            acts.scales.clone().into_buffer_arg(),
+            acts.sums.clone().into_buffer_arg(),
+            blocks,
+            dtype_to_storage_type(dtype),
+        )
+    };
+    acts
+}
+
+fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize) -> CubeTensor {
     let (codes, scales, mins) = (into_contiguous(codes), into_contiguous(scales), into_contiguous(mins));
     let (rows, words) = (codes.meta.shape()[0], codes.meta.shape()[1]);
     let groups = scales.meta.shape()[1];
-    let n = x.meta.shape()[0];
-    let per_word = 32 / bits as usize;
-    assert_eq!(x.meta.shape()[1], words * per_word, "quantized matvec: activations and weight disagree");
+    let (n, cols) = (x.meta.shape()[0], x.meta.shape()[1]);
+    assert_eq!(cols, words * (32 / bits as usize), "quantized matvec: activations and weight disagree");
+    assert!(device_kernel_applies(n, cols, bits, group), "quantized matvec: {n} rows of {cols} in {bits}-bit groups of {group}");
     let dtype = x.dtype;
-    // Activations as vectors of at most 16 bytes that divide a word's codes.
-    let xvec = (16 / dtype.size()).clamp(1, per_word);
-    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([n, rows]), dtype);
+    let acts = quantize_activations(x);
+    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
     let client = out.client.clone();
     let cube_dim = CubeDim::new_2d(PLANE as u32, CHANNELS_PER_CUBE);
-    let cube_count = CubeCount::Static(n as u32, (rows as u32).div_ceil(CHANNELS_PER_CUBE), 1);
-    // SAFETY: `row < n` (the grid's x), `channel < rows` (checked in the kernel), a word `w <
-    // words` of its channel's row, its group `w / (group / per_word) < groups` (`group`
-    // divides the row into whole words, checked when the matrix was built), and the
-    // activations' vectors `row * words * vecs + w * vecs + j < n * cols / xvec`.
+    let cube_count = CubeCount::Static((rows as u32).div_ceil(CHANNELS_PER_CUBE), 1, 1);
+    // SAFETY: `channel < rows` (checked in the kernel); chunk `c < cols / per_chunk` of its
+    // row's codes (`words` a multiple of 4: `cols` of 32); a chunk's group `start / group <
+    // groups` and block `start / 32 < cols / 32`; activation vectors `r * cols / 16 + start /
+    // 16 + v < n * cols / 16`; sums `r * cols / 16 + t < n * cols / 16`; `r < n`.
     unsafe {
         device::quant_matvec_kernel::launch_unchecked(
             &client,
             cube_count,
             cube_dim,
-            xvec,
-            x.into_tensor_arg(),
+            4,
+            acts.hi.into_buffer_arg(),
+            acts.lo.into_buffer_arg(),
+            acts.scales.into_buffer_arg(),
+            acts.sums.into_buffer_arg(),
             codes.into_buffer_arg(),
             scales.into_buffer_arg(),
             mins.into_buffer_arg(),
             out.clone().into_tensor_arg(),
-            words,
+            cols,
             groups,
             bits,
             group,
-            xvec,
+            n,
             dtype_to_storage_type(dtype),
         )
     };
     out
+}
+
+/// Whether the matrix-vector kernel takes `n` rows of `cols` against `bits`-bit codes in
+/// groups of `group`: up to [`QUANT_MAX_ROWS`] rows of whole 32-value activation blocks,
+/// groups of whole 16-byte chunks.
+pub fn device_kernel_applies(n: usize, cols: usize, bits: u32, group: usize) -> bool {
+    (1..=QUANT_MAX_ROWS).contains(&n) && cols.is_multiple_of(32) && group.is_multiple_of(128 / bits as usize)
+}
+
+/// Codes, scales and offsets in the device kernels' order: 4-bit words with byte `j` holding
+/// code `j` in its low nibble and code `j + 4` in its high one (so that masking the word's low
+/// or high nibbles gives four codes in consecutive bytes for `dp4a`), 8-bit codes as signed
+/// bytes `code - 128` with the offsets raised by `128 · scale`.
+pub fn device_codes(m: &QuantizedMatrix) -> (Vec<u32>, Vec<f32>) {
+    if m.bits == 4 {
+        let codes = m
+            .codes
+            .par_iter()
+            .map(|&w| (0..4u32).fold(0u32, |acc, j| acc | (((w >> (4 * j)) & 15) << (8 * j)) | (((w >> (4 * (j + 4))) & 15) << (8 * j + 4))))
+            .collect();
+        (codes, m.mins.clone())
+    } else {
+        let codes = m.codes.par_iter().map(|&w| w ^ 0x8080_8080).collect();
+        (codes, m.mins.iter().zip(&m.scales).map(|(m, s)| m + 128.0 * s).collect())
+    }
 }
 
 fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize, dtype: DType) -> CubeTensor {
@@ -1023,6 +1161,125 @@ mod tests {
     fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
         let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
         (num / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
+    }
+
+    /// The device kernels' arithmetic, step for step on the host: activations quantized as
+    /// `quantize_activations_kernel` does, the codes in [`device_codes`]'s order multiplied
+    /// in `dp4a`s as `quant_matvec_kernel` does, and the dense weight as
+    /// `quant_dequantize_kernel` writes it.
+    mod device_arithmetic {
+        use super::super::{QuantizedMatrix, device_codes};
+
+        fn dp4a(a: i32, b: i32, c: i32) -> i32 {
+            a.to_le_bytes().into_iter().zip(b.to_le_bytes()).fold(c, |acc, (a, b)| acc + (a as i8 as i32) * (b as i8 as i32))
+        }
+
+        /// `(hi, lo, scales, sums)` of one row.
+        fn quantize_row(x: &[f32]) -> (Vec<i32>, Vec<i32>, Vec<f32>, Vec<f32>) {
+            let (mut hi, mut lo, mut scales, mut sums) = (vec![], vec![], vec![], vec![]);
+            for b in x.chunks_exact(32) {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let inv = if amax > 0.0 { 32639.0 / amax } else { 0.0 };
+                for w in b.chunks_exact(4) {
+                    let (mut h, mut l) = (0i32, 0i32);
+                    for (k, v) in w.iter().enumerate() {
+                        let q = (v * inv).round() as i32;
+                        let qh = (q + 128) >> 8;
+                        let ql = q - qh * 256;
+                        assert!((-128..128).contains(&qh) && (-128..128).contains(&ql), "{q} splits into {qh}, {ql}");
+                        h |= (qh & 255) << (8 * k);
+                        l |= (ql & 255) << (8 * k);
+                    }
+                    hi.push(h);
+                    lo.push(l);
+                }
+                scales.push(amax / 32639.0);
+                sums.push(b[..16].iter().sum());
+                sums.push(b[16..].iter().sum());
+            }
+            (hi, lo, scales, sums)
+        }
+
+        pub fn matvec(m: &QuantizedMatrix, x: &[f32]) -> Vec<f32> {
+            let (codes, mins) = device_codes(m);
+            let (hi, lo, xs, sums) = quantize_row(x);
+            let per_chunk = 128 / m.bits as usize;
+            let (words, groups) = (m.words_per_row(), m.groups_per_row());
+            (0..m.rows)
+                .map(|ch| {
+                    let mut acc = 0f32;
+                    for c in 0..m.cols / per_chunk {
+                        let wv = &codes[ch * words + 4 * c..ch * words + 4 * c + 4];
+                        let start = c * per_chunk;
+                        let (h, l) = (&hi[start / 4..], &lo[start / 4..]);
+                        let (mut ih, mut il) = (0i32, 0i32);
+                        if m.bits == 4 {
+                            for (k, &w) in wv.iter().enumerate() {
+                                let w = w as i32;
+                                let (low, high) = (w & 0x0F0F_0F0F, (w >> 4) & 0x0F0F_0F0F);
+                                ih = dp4a(high, h[2 * k + 1], dp4a(low, h[2 * k], ih));
+                                il = dp4a(high, l[2 * k + 1], dp4a(low, l[2 * k], il));
+                            }
+                        } else {
+                            for (k, &w) in wv.iter().enumerate() {
+                                ih = dp4a(w as i32, h[k], ih);
+                                il = dp4a(w as i32, l[k], il);
+                            }
+                        }
+                        acc += m.scales[ch * groups + start / m.group] * xs[start / 32] * (ih * 256 + il) as f32;
+                    }
+                    for t in 0..m.cols / 16 {
+                        acc += mins[ch * groups + t * 16 / m.group] * sums[t];
+                    }
+                    acc
+                })
+                .collect()
+        }
+
+        pub fn dequantize(m: &QuantizedMatrix) -> Vec<f32> {
+            let (codes, mins) = device_codes(m);
+            let per_word = 32 / m.bits as usize;
+            let (words, groups) = (m.words_per_row(), m.groups_per_row());
+            let mut out = vec![0f32; m.rows * m.cols];
+            for (at, &word) in codes.iter().enumerate() {
+                let (row, w) = (at / words, at % words);
+                let g = row * groups + w / (m.group / per_word);
+                for k in 0..per_word {
+                    let code = if m.bits == 4 { ((word >> ((k % 4) * 8 + (k / 4) * 4)) & 15) as f32 } else { (((word as i32) << (24 - 8 * k)) >> 24) as f32 };
+                    out[row * m.cols + w * per_word + k] = code * m.scales[g] + mins[g];
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn the_device_arithmetic_is_the_dequantized_product_to_activation_rounding() {
+        let (rows, cols) = (24, 256);
+        let w = random(rows * cols, 11);
+        let x = random(cols, 12);
+        let mut layouts = vec![
+            QuantizedMatrix::quantize_int8(&w, rows, cols).expect("int8"),
+            QuantizedMatrix::quantize_int4(&w, rows, cols, 128).expect("int4/128"),
+            QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4/32"),
+        ];
+        // GGUF-like: 8-bit codes in 16s and 32s with offsets of both signs, every code used.
+        for group in [16, 32] {
+            let codes: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 256) as u8).collect();
+            let scales = random(rows * cols / group, 13).iter().map(|v| v * 0.01).collect();
+            let mins = random(rows * cols / group, 14);
+            layouts.push(QuantizedMatrix::from_codes(rows, cols, 8, group, &codes, scales, mins).expect("8-bit"));
+        }
+        for m in layouts {
+            let dense = m.dequantize();
+            // The same values (8-bit offsets raised by 128 steps round in f32).
+            let back = device_arithmetic::dequantize(&m);
+            assert!(rel_l2(&back, &dense) < 1e-6, "{}-bit groups of {}: the device order dequantizes ({})", m.bits, m.group, rel_l2(&back, &dense));
+            let want = dense_matmul(&x, 1, &dense, rows, cols);
+            let got = device_arithmetic::matvec(&m, &x);
+            // 16-bit activation blocks: a relative error near 2^-16.
+            assert!(rel_l2(&got, &want) < 5e-5, "{}-bit groups of {}: {}", m.bits, m.group, rel_l2(&got, &want));
+        }
     }
 
     #[test]
