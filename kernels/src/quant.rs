@@ -14,11 +14,15 @@
 //! in registers; of bf16/f16 activations as 16-bit activation blocks against the codes in
 //! integer multiply-adds (llama.cpp's `ggml_vec_dot_q4_1_q8_1` structure with 16-bit instead
 //! of 8-bit activations, see [`ActivationBlocks`]). [`QuantizedLinear::forward`] sends
-//! prompt rows through the backend's matrix product against slices of dequantized rows. On CubeCL devices the codes, scales and offsets are device buffers: a
-//! product of up to [`QUANT_MAX_ROWS`] rows runs through our matrix-vector kernel, which reads
-//! the packed codes once and dequantizes in registers (the structure of [`crate::matvec`]);
-//! more rows dequantize the weight to the activations' dtype and multiply it by cuBLAS (as
-//! vLLM's and llama.cpp's dequantize-then-GEMM paths for prefill).
+//! prompt rows through the backend's matrix product against slices of dequantized rows.
+//!
+//! On CubeCL devices the codes (in a device order, [`device_codes`]), scales and offsets are
+//! device buffers. A product of up to [`QUANT_MAX_ROWS`] rows quantizes its activations to
+//! 16-bit integers per block of 32 (split into high and low signed bytes) and multiplies them by
+//! the codes in `dp4a` integer dot products, reading the codes once for all rows (the structure
+//! of llama.cpp's `mul_mat_vec_q` with 16-bit instead of 8-bit activations); more rows
+//! dequantize the weight to the activations' dtype and multiply it by cuBLAS (as vLLM's and
+//! llama.cpp's dequantize-then-GEMM paths for prefill).
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -864,7 +868,8 @@ mod device {
     /// takes 16-byte chunks of the channel's codes (32 4-bit or 16 8-bit codes, within one
     /// group and one activation block), multiplies them by the rows' activation bytes in
     /// `dp4a`s (high and low halves of the 16-bit activations), scales the exact integer sum
-    /// by the group's and the block's scales, then adds `Σ min · Σ x` per 16 inputs.
+    /// by the group's and the block's scales and adds the group's offset times the chunk's
+    /// activation sum.
     #[cube(launch_unchecked)]
     pub fn quant_matvec_kernel<E: Float, N: Size>(
         hi: &[Vector<i32, N>],
@@ -893,6 +898,7 @@ mod device {
         let chunks = cols / per_chunk;
         let row_words = cols / 4;
         let row_blocks = cols / 32;
+        let sixteens = cols / 16;
         let mut acc = Array::<f32>::new(nrows);
         #[unroll]
         for r in 0..nrows {
@@ -904,6 +910,7 @@ mod device {
             let wv = codes[channel * chunks + c];
             let start = c * per_chunk;
             let gs = scales[channel * groups + start / group];
+            let gm = mins[channel * groups + start / group];
             // Vectors of activation words: 4 words each.
             let xv = start / 16;
             #[unroll]
@@ -938,20 +945,14 @@ mod device {
                     }
                 }
                 let dot = f32::cast_from(ih * 256 + il);
-                acc[r] += gs * xscales[r * row_blocks + start / 32] * dot;
+                // The chunk's offset times its activations' sum (a chunk lies in one group).
+                let mut xsum = xsums[r * sixteens + start / 16];
+                if comptime!(bits == 4) {
+                    xsum += xsums[r * sixteens + start / 16 + 1];
+                }
+                acc[r] += gs * xscales[r * row_blocks + start / 32] * dot + gm * xsum;
             }
             c += step;
-        }
-        // Offsets: min of each 16 inputs' group times their activations' sum.
-        let sixteens = cols / 16;
-        let mut t = UNIT_POS_X as usize;
-        while t < sixteens {
-            let m = mins[channel * groups + (t * 16) / group];
-            #[unroll]
-            for r in 0..nrows {
-                acc[r] += m * xsums[r * sixteens + t];
-            }
-            t += step;
         }
         #[unroll]
         for r in 0..nrows {
@@ -1058,7 +1059,8 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
     // SAFETY: `channel < rows` (checked in the kernel); chunk `c < cols / per_chunk` of its
     // row's codes (`words` a multiple of 4: `cols` of 32); a chunk's group `start / group <
     // groups` and block `start / 32 < cols / 32`; activation vectors `r * cols / 16 + start /
-    // 16 + v < n * cols / 16`; sums `r * cols / 16 + t < n * cols / 16`; `r < n`.
+    // 16 + v < n * cols / 16`; sums `r * cols / 16 + start / 16 (+ 1 for a 32-code chunk) <
+    // n * cols / 16`; `r < n`.
     unsafe {
         device::quant_matvec_kernel::launch_unchecked(
             &client,
@@ -1226,10 +1228,9 @@ mod tests {
                                 il = dp4a(w as i32, l[k], il);
                             }
                         }
-                        acc += m.scales[ch * groups + start / m.group] * xs[start / 32] * (ih * 256 + il) as f32;
-                    }
-                    for t in 0..m.cols / 16 {
-                        acc += mins[ch * groups + t * 16 / m.group] * sums[t];
+                        let xsum = if m.bits == 4 { sums[start / 16] + sums[start / 16 + 1] } else { sums[start / 16] };
+                        let g = ch * groups + start / m.group;
+                        acc += m.scales[g] * xs[start / 32] * (ih * 256 + il) as f32 + mins[g] * xsum;
                     }
                     acc
                 })
