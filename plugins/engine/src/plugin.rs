@@ -154,6 +154,7 @@ pub fn load_engine(
     if gguf.is_some() && options.random_weights.is_some() {
         return Err(EngineError::InvalidRequest("--random-weights takes a model directory (config.json), not a GGUF file".into()));
     }
+    let from_gguf = gguf.is_some();
     let (tokenizer, template, generation, mut ckpt) = match gguf {
         Some(g) => (
             TextTokenizer::from_gguf(&g.file)?,
@@ -171,6 +172,10 @@ pub fn load_engine(
             },
         ),
     };
+    if options.random_weights.is_none() && !from_gguf {
+        let layout = inference_pio_formats::packed::layout(&raw).map_err(|e| EngineError::Config(format!("{}: {e}", dir.join("config.json").display())))?;
+        ckpt.set_packed_layout(layout);
+    }
     crate::progress::log(|| format!("loading {} weights ({:.2} GB in {dtype}) on {device_name}", if options.random_weights.is_some() { "random" } else { "checkpoint" }, bytes as f64 / 1e9));
     let optimization = settings.optimization.clone();
     let max_context_setting = settings.optimization.max_context_tokens;

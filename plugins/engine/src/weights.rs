@@ -15,6 +15,7 @@ use inference_pio_kernels::quant::QuantizedMatrix;
 use inference_pio_kernels::{split_parts, split_weight};
 use memmap2::Mmap;
 use inference_pio_formats::gguf::{self, Gguf};
+use inference_pio_formats::packed;
 use inference_pio_formats::safetensors_header::{self, Metadata};
 use safetensors::Dtype;
 use std::collections::HashMap;
@@ -45,6 +46,8 @@ pub struct Checkpoint {
     quantization: Option<Quantization>,
     /// Linear weights loaded quantized and dense so far, and the bytes each kind takes.
     tally: std::cell::Cell<LinearTally>,
+    /// GPTQ / AWQ packing of the safetensors' linear weights (`quantization_config`).
+    packed: Option<packed::Layout>,
 }
 
 /// What [`Checkpoint::load_linear_stored`] has loaded.
@@ -236,7 +239,50 @@ impl Checkpoint {
     }
 
     fn from_source(source: Source) -> Self {
-        Self { source, quantization: None, tally: Default::default() }
+        Self { source, quantization: None, tally: Default::default(), packed: None }
+    }
+
+    /// Reads `X.weight` of a safetensors checkpoint from GPTQ's or AWQ's `X.qweight`,
+    /// `X.qzeros`, `X.scales` (and GPTQ's `X.g_idx`) where those are stored, as `layout` (the
+    /// model's `quantization_config`) packs them.
+    pub fn set_packed_layout(&mut self, layout: Option<packed::Layout>) {
+        self.packed = layout;
+    }
+
+    /// `X` when `name` is `X.weight` stored packed as `X.qweight` etc.
+    fn packed_prefix<'a>(&self, name: &'a str) -> Option<&'a str> {
+        let Source::Safetensors { names, .. } = &self.source else { return None };
+        let prefix = name.strip_suffix(".weight")?;
+        (self.packed.is_some() && names.contains_key(&format!("{prefix}.qweight"))).then_some(prefix)
+    }
+
+    /// A stored tensor's bytes and header entry, its dtype one of `dtypes`.
+    fn raw<'a>(shards: &'a [Shard], names: &HashMap<String, usize>, name: &str, dtypes: &[Dtype]) -> Result<(&'a [u8], &'a safetensors::tensor::TensorInfo), EngineError> {
+        let (shard, info) = Self::entry(shards, names, name)?;
+        if !dtypes.contains(&info.dtype) {
+            return Err(EngineError::Weights(format!("tensor `{name}` in {} has dtype {:?}; expected {dtypes:?}", shard.path.display(), info.dtype)));
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` lies outside {}", shard.path.display())))?;
+        Ok((bytes, info))
+    }
+
+    /// The packed weight `prefix` (`[out, in]`) unpacked.
+    fn unpack(&self, prefix: &str, shape: [usize; 2]) -> Result<packed::Unpacked, EngineError> {
+        let (Source::Safetensors { shards, names }, Some(layout)) = (&self.source, &self.packed) else {
+            return Err(EngineError::Weights(format!("`{prefix}` is not a packed weight")));
+        };
+        let (qweight, qw) = Self::raw(shards, names, &format!("{prefix}.qweight"), &[Dtype::I32])?;
+        let (qzeros, qz) = Self::raw(shards, names, &format!("{prefix}.qzeros"), &[Dtype::I32])?;
+        let (scales, sc) = Self::raw(shards, names, &format!("{prefix}.scales"), &[Dtype::F16, Dtype::BF16, Dtype::F32])?;
+        let scale_values = convert(scales, sc.dtype, DType::F32).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let g_idx_name = format!("{prefix}.g_idx");
+        let g_idx = if names.contains_key(&g_idx_name) { Some(Self::raw(shards, names, &g_idx_name, &[Dtype::I32])?.0) } else { None };
+        let p = packed::Packed { qweight, qweight_shape: &qw.shape, qzeros, qzeros_shape: &qz.shape, scales: scale_values, scales_shape: &sc.shape, g_idx };
+        layout.unpack(&p, shape).map_err(|e| EngineError::Weights(format!("packed weight `{prefix}`: {e}")))
     }
 
     /// Linear weights loaded by [`Self::load_linear_stored`] from now on are stored as
@@ -299,12 +345,20 @@ impl Checkpoint {
         self.tally.set(tally);
     }
 
-    /// `name` (`[out, in]`) as the file's own quantized blocks, when they are kept as stored:
-    /// a GGUF file with `quantization` unset, on any device. `None` for a float tensor, or
-    /// when the blocks are not kept. Not counted in [`Self::linear_tally`].
+    /// `name` (`[out, in]`) as the file's own quantized blocks, when they are kept as stored
+    /// (`quantization` unset): a GGUF file's, or a GPTQ/AWQ weight's whose groups are runs of
+    /// consecutive inputs, on any device. `None` for a float tensor, or when the blocks are not
+    /// kept. Not counted in [`Self::linear_tally`].
     pub fn load_stored_quantized(&self, name: &str, [out, inp]: [usize; 2], _device: &Device) -> Result<Option<QuantizedMatrix>, EngineError> {
         match &self.source {
             Source::Gguf(g) if self.quantization.is_none() => Self::gguf_quantized(g, name, [out, inp]),
+            Source::Safetensors { .. } if self.quantization.is_none() && let Some(prefix) = self.packed_prefix(name) => match self.unpack(prefix, [out, inp])? {
+                packed::Unpacked::Groups(a) => QuantizedMatrix::from_codes(out, inp, a.bits, a.group, &a.codes, a.scales, a.mins)
+                    .map(Some)
+                    .map_err(|e| EngineError::Weights(format!("packed weight `{prefix}`: {e}"))),
+                // Act-order groups: dense in the model's dtype.
+                packed::Unpacked::Dense(_) => Ok(None),
+            },
             _ => Ok(None),
         }
     }
@@ -361,7 +415,7 @@ impl Checkpoint {
     /// Whether the checkpoint holds `name` (random weights hold every name).
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
-            Source::Safetensors { names, .. } => names.contains_key(name),
+            Source::Safetensors { names, .. } => names.contains_key(name) || self.packed_prefix(name).is_some(),
             Source::Gguf(g) => g.names.contains_key(name),
             Source::Random(_) => true,
         }
@@ -437,7 +491,19 @@ impl Checkpoint {
         match &self.source {
             Source::Random(_) => Ok(()),
             Source::Gguf(g) => Self::check_gguf(g, name, shape),
-            Source::Safetensors { shards, names } => Self::check_safetensors(shards, names, name, shape),
+            Source::Safetensors { shards, names } => match (self.packed_prefix(name), self.packed, shape) {
+                (Some(prefix), Some(layout), &[out, inp]) => {
+                    let want = layout.shapes([out, inp]).map_err(|e| EngineError::Weights(format!("packed weight `{prefix}`: {e}")))?;
+                    for (part, want) in ["qweight", "qzeros", "scales"].into_iter().zip(want) {
+                        let (_, info) = Self::entry(shards, names, &format!("{prefix}.{part}"))?;
+                        if info.shape != want {
+                            return Err(EngineError::Weights(format!("tensor `{prefix}.{part}` has shape {:?} but the config implies {want:?}", info.shape)));
+                        }
+                    }
+                    Ok(())
+                }
+                _ => Self::check_safetensors(shards, names, name, shape),
+            },
         }
     }
 
@@ -508,6 +574,9 @@ impl Checkpoint {
         match &self.source {
             Source::Random(_) => Err(EngineError::Weights(format!("tensor `{name}`: a random checkpoint has no stored bytes"))),
             Source::Gguf(g) => Self::load_gguf(g, name, shape, dtype).map(Cow::Owned),
+            Source::Safetensors { .. } if let (Some(prefix), &[out, inp]) = (self.packed_prefix(name), shape) => {
+                Ok(Cow::Owned(encode(self.unpack(prefix, [out, inp])?.values().into_iter(), dtype)))
+            }
             Source::Safetensors { shards, names } => {
                 Self::check_safetensors(shards, names, name, shape)?;
                 let (shard, info) = Self::entry(shards, names, name)?;

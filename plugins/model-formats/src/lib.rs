@@ -5,10 +5,13 @@
 //!   header, typed metadata, tensor table, alignment, and dequantization of F32, F16, BF16,
 //!   Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K blocks; plus the mapping of its metadata and tensor names to the
 //!   Hugging Face config and names (`transformers.integrations.gguf`).
+//! - [`packed`]: GPTQ and AWQ packed 4/8-bit linear weights in safetensors checkpoints,
+//!   unpacked to the same affine groups as GGUF's blocks.
 //! - [`safetensors_header`]: the safetensors header (<https://huggingface.co/docs/safetensors>),
 //!   checked against the file length, with shapes whose element counts cannot overflow.
 
 pub mod gguf;
+pub mod packed;
 pub mod safetensors_header;
 
 /// A malformed or unsupported file, with what is wrong.

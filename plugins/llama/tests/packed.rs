@@ -1,0 +1,88 @@
+//! GPTQ and AWQ checkpoints (`tests/fixtures/make_packed_fixtures.py`): the tiny Llama with
+//! every linear layer packed as AutoGPTQ / GPTQModel and AutoAWQ write them, beside a dense
+//! twin holding the same weights dequantized in f32 as transformers' kernels compute them. The
+//! packed model, its groups kept as codes, gives the twin's logits (prompt and decode paths)
+//! and greedy tokens; act-order GPTQ, whose groups are not runs of inputs, loads dense.
+
+use inference_pio_core::config::Quantization;
+use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, PluginSettings};
+use inference_pio_engine::generate::Engine;
+use inference_pio_engine::plugin::load_engine;
+use inference_pio_engine::testing::{all_logits, greedy_ignoring_eos, incremental_logits, rel_l2};
+use llama::FAMILY;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// The engine and what it says it stored.
+fn load(name: &str, quantization: Option<Quantization>) -> (Engine, String) {
+    let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
+    let mut settings = PluginSettings::default();
+    settings.optimization.prefill_chunk_tokens = 0;
+    settings.optimization.quantization = quantization;
+    match load_engine(&FAMILY, &fixture(name), &options, &settings) {
+        Ok((engine, info)) => (engine, info.quantization),
+        Err(e) => panic!("cannot load {name}: {e}"),
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![vec![5], vec![40, 80, 120, 9, 200, 17], (0..19).map(|i| (i * 37 + 11) % 320).collect()]
+}
+
+/// `got` and `want` agree at every position of every prompt within `bound` relative L2.
+fn check_close(label: &str, got: &[Vec<f32>], want: &[Vec<f32>], bound: f64) {
+    assert_eq!(got.len(), want.len(), "{label}: positions");
+    for (p, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = rel_l2(g, w);
+        assert!(e < bound, "{label}, position {p}: relative L2 {e:.2e} (bound {bound:.0e})");
+    }
+}
+
+fn check_against_twin(name: &str, stored: &str) {
+    let (packed, said) = load(name, None);
+    assert!(said.starts_with(stored), "{name}: stored as `{said}`, expected `{stored}…`");
+    let (twin, _) = load(&format!("{name}-dense"), None);
+    for ids in prompts() {
+        let want = all_logits(&twin, &ids);
+        // Prompt rows: the dequantized rows' product; exact to f32 summation order.
+        check_close(&format!("{name} prompt of {}", ids.len()), &all_logits(&packed, &ids), &want, 1e-5);
+        // One row per step: the codes multiplied in place.
+        check_close(&format!("{name} decode of {}", ids.len()), &incremental_logits(&packed, &ids, 1, 16), &want, 1e-5);
+        assert_eq!(greedy_ignoring_eos(&packed, &ids, 8), greedy_ignoring_eos(&twin, &ids, 8), "{name}: greedy tokens after {ids:?}");
+    }
+}
+
+#[test]
+fn gptq_four_bit_weights_stay_packed_and_match_their_dense_twin() {
+    check_against_twin("llama-tiny-gptq4", "int4 in groups of 32: 14 of 14 linear weights");
+}
+
+#[test]
+fn awq_four_bit_weights_stay_packed_and_match_their_dense_twin() {
+    check_against_twin("llama-tiny-awq", "int4 in groups of 32: 14 of 14 linear weights");
+}
+
+#[test]
+fn act_order_gptq_loads_dense_and_matches_its_twin() {
+    // Groups scattered over the inputs are not runs of codes: dequantized at load.
+    check_against_twin("llama-tiny-gptq8-actorder", "");
+}
+
+#[test]
+fn packed_weights_follow_the_quantization_setting() {
+    let ids: Vec<u32> = (0..12).map(|i| (i * 29 + 3) % 320).collect();
+    let (twin, _) = load("llama-tiny-gptq4-dense", None);
+    let want = all_logits(&twin, &ids);
+    // `int8`: made from the unpacked values.
+    let (int8, said) = load("llama-tiny-gptq4", Some(Quantization::Int8));
+    assert!(said.contains("14 of 14 linear weights"), "int8 from packed weights: `{said}`");
+    // (int8 per channel of this tiny model's large random weights: 7e-2 measured.)
+    check_close("int8 from GPTQ", &all_logits(&int8, &ids), &want, 0.15);
+    // `none`: dequantized to the model's dtype, the twin exactly.
+    let (none, said) = load("llama-tiny-gptq4", Some(Quantization::None));
+    assert_eq!(said, "", "`none` stores every weight dense");
+    check_close("GPTQ dequantized", &all_logits(&none, &ids), &want, 1e-6);
+}
