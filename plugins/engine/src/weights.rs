@@ -46,7 +46,8 @@ pub struct Checkpoint {
     quantization: Option<Quantization>,
     /// Linear weights loaded quantized and dense so far, and the bytes each kind takes.
     tally: std::cell::Cell<LinearTally>,
-    /// GPTQ / AWQ packing of the safetensors' linear weights (`quantization_config`).
+    /// GPTQ / AWQ packing or FP8 blocks of the safetensors' linear weights
+    /// (`quantization_config`).
     packed: Option<packed::Layout>,
 }
 
@@ -244,7 +245,8 @@ impl Checkpoint {
 
     /// Reads `X.weight` of a safetensors checkpoint from GPTQ's or AWQ's `X.qweight`,
     /// `X.qzeros`, `X.scales` (and GPTQ's `X.g_idx`) where those are stored, as `layout` (the
-    /// model's `quantization_config`) packs them.
+    /// model's `quantization_config`) packs them; or, for FP8, an F8_E4M3 `X.weight` times its
+    /// `X.weight_scale_inv` blocks (dequantized to the model's dtype at load).
     pub fn set_packed_layout(&mut self, layout: Option<packed::Layout>) {
         self.packed = layout;
     }
@@ -254,6 +256,35 @@ impl Checkpoint {
         let Source::Safetensors { names, .. } = &self.source else { return None };
         let prefix = name.strip_suffix(".weight")?;
         (self.packed.is_some() && names.contains_key(&format!("{prefix}.qweight"))).then_some(prefix)
+    }
+
+    /// `name`'s block scales (`X.weight_scale_inv`) when `name` is an FP8 weight `X.weight` of
+    /// a checkpoint whose `quantization_config` says FP8.
+    fn fp8_scales(&self, name: &str) -> Option<(String, packed::Layout)> {
+        let (Source::Safetensors { shards, names }, Some(layout)) = (&self.source, self.packed) else { return None };
+        let packed::Method::Fp8 { .. } = layout.method else { return None };
+        let (_, info) = Self::entry(shards, names, name).ok()?;
+        let scales = format!("{}.weight_scale_inv", name.strip_suffix(".weight")?);
+        (info.dtype == Dtype::F8_E4M3 && names.contains_key(&scales)).then_some((scales, layout))
+    }
+
+    /// The FP8 weight `name` (`[out, in]`) times its block scales, checked against its shape.
+    fn fp8_values(&self, name: &str, scales: &str, layout: packed::Layout, [out, inp]: [usize; 2], check_only: bool) -> Result<Vec<f32>, EngineError> {
+        let Source::Safetensors { shards, names } = &self.source else { return Ok(Vec::new()) };
+        let (weight, wi) = Self::raw(shards, names, name, &[Dtype::F8_E4M3])?;
+        let (scale_bytes, si) = Self::raw(shards, names, scales, &[Dtype::F32, Dtype::BF16, Dtype::F16])?;
+        let want = layout.fp8_scale_shape([out, inp]).map(Vec::from).unwrap_or_default();
+        if wi.shape != [out, inp] || si.shape != want {
+            return Err(EngineError::Weights(format!(
+                "FP8 weight `{name}` has shape {:?} and scales {:?}, but the config implies [{out}, {inp}] and {want:?}",
+                wi.shape, si.shape
+            )));
+        }
+        if check_only {
+            return Ok(Vec::new());
+        }
+        let scale_values: Vec<f32> = convert(scale_bytes, si.dtype, DType::F32).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        layout.dequantize_fp8(weight, &scale_values, [out, inp]).map_err(|e| EngineError::Weights(format!("FP8 weight `{name}`: {e}")))
     }
 
     /// A stored tensor's bytes and header entry, its dtype one of `dtypes`.
@@ -502,7 +533,10 @@ impl Checkpoint {
                     }
                     Ok(())
                 }
-                _ => Self::check_safetensors(shards, names, name, shape),
+                _ => match (self.fp8_scales(name), shape) {
+                    (Some((scales, layout)), &[out, inp]) => self.fp8_values(name, &scales, layout, [out, inp], true).map(|_| ()),
+                    _ => Self::check_safetensors(shards, names, name, shape),
+                },
             },
         }
     }
@@ -576,6 +610,9 @@ impl Checkpoint {
             Source::Gguf(g) => Self::load_gguf(g, name, shape, dtype).map(Cow::Owned),
             Source::Safetensors { .. } if let (Some(prefix), &[out, inp]) = (self.packed_prefix(name), shape) => {
                 Ok(Cow::Owned(encode(self.unpack(prefix, [out, inp])?.values().into_iter(), dtype)))
+            }
+            Source::Safetensors { .. } if let (Some((scales, layout)), &[out, inp]) = (self.fp8_scales(name), shape) => {
+                Ok(Cow::Owned(encode(self.fp8_values(name, &scales, layout, [out, inp], false)?.into_iter(), dtype)))
             }
             Source::Safetensors { shards, names } => {
                 Self::check_safetensors(shards, names, name, shape)?;

@@ -2,7 +2,8 @@
 //! every linear layer packed as AutoGPTQ / GPTQModel and AutoAWQ write them, beside a dense
 //! twin holding the same weights dequantized in f32 as transformers' kernels compute them. The
 //! packed model, its groups kept as codes, gives the twin's logits (prompt and decode paths)
-//! and greedy tokens; act-order GPTQ, whose groups are not runs of inputs, loads dense.
+//! and greedy tokens; act-order GPTQ, whose groups are not runs of inputs, and FP8 E4M3
+//! weights with block scales (Qwen's FP8 checkpoints' layout) load dense.
 
 use inference_pio_core::config::Quantization;
 use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, PluginSettings};
@@ -69,6 +70,11 @@ fn awq_four_bit_weights_stay_packed_and_match_their_dense_twin() {
 fn act_order_gptq_loads_dense_and_matches_its_twin() {
     // Groups scattered over the inputs are not runs of codes: dequantized at load.
     check_against_twin("llama-tiny-gptq8-actorder", "");
+}
+
+#[test]
+fn fp8_block_scaled_weights_load_dense_and_match_their_twin() {
+    check_against_twin("llama-tiny-fp8", "");
 }
 
 #[test]

@@ -14,9 +14,14 @@
 //!   `qzeros` `[groups, out / 8]` the same way; `scales` `[groups, out]`; groups of consecutive
 //!   inputs. `w[o, i] = scale[i / group, o] · (q − z)`.
 //!
-//! Both reduce to [`AffineGroups`] over `[out, in]` rows (`scale · code − scale · zero`) when
-//! each group is a run of consecutive inputs; GPTQ's act-order (`desc_act`) puts an input's
-//! group anywhere, and is given back as dense values.
+//! - FP8 (`quant_method = "fp8"`, `fmt = "e4m3"`, Qwen's and DeepSeek's checkpoints): `weight`
+//!   `[out, in]` in F8_E4M3 and `weight_scale_inv` `[⌈out / bo⌉, ⌈in / bi⌉]` for blocks of
+//!   `weight_block_size = [bo, bi]`, which *multiplies*: `w = fp8 · scale_inv[o / bo, i / bi]`
+//!   (transformers `integrations/finegrained_fp8.py`).
+//!
+//! GPTQ and AWQ reduce to [`AffineGroups`] over `[out, in]` rows (`scale · code − scale ·
+//! zero`) when each group is a run of consecutive inputs; GPTQ's act-order (`desc_act`) puts
+//! an input's group anywhere, and is given back as dense values, as FP8 blocks are.
 
 use crate::FormatError;
 use crate::gguf::AffineGroups;
@@ -29,6 +34,8 @@ pub enum Method {
     Gptq { zero_offset: u32 },
     /// AWQ's GEMM layout.
     Awq,
+    /// FP8 E4M3 weights with a scale per block of `[rows, columns]`.
+    Fp8 { block: [usize; 2] },
 }
 
 /// A checkpoint's packed-weight layout.
@@ -85,6 +92,20 @@ pub fn layout(config: &Value) -> Result<Option<Layout>, FormatError> {
             }
             Method::Gptq { zero_offset }
         }
+        "fp8" => {
+            let fmt = q.get("fmt").and_then(Value::as_str).unwrap_or("e4m3");
+            if fmt != "e4m3" {
+                return Err(FormatError(format!("FP8 format `{fmt}` is not supported (e4m3)")));
+            }
+            let block = match q.get("weight_block_size") {
+                Some(Value::Array(b)) => match b.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>().as_deref() {
+                    Some(&[r, c]) if r > 0 && c > 0 => [r as usize, c as usize],
+                    _ => return Err(FormatError(format!("quantization_config.weight_block_size {b:?} is not two positive sizes"))),
+                },
+                _ => return Err(FormatError("FP8 without `weight_block_size` (per-tensor scales) is not supported".into())),
+            };
+            return Ok(Some(Layout { method: Method::Fp8 { block }, bits: 8, group: None }));
+        }
         "awq" => {
             let version = q.get("version").and_then(Value::as_str).unwrap_or("gemm");
             if !version.eq_ignore_ascii_case("gemm") {
@@ -100,11 +121,21 @@ pub fn layout(config: &Value) -> Result<Option<Layout>, FormatError> {
         }
         other => {
             return Err(FormatError(format!(
-                "quantization_config.quant_method `{other}` is not supported (gptq, awq; or a GGUF file, or `quantization` at load)"
+                "quantization_config.quant_method `{other}` is not supported (gptq, awq, fp8; or a GGUF file, or `quantization` at load)"
             )));
         }
     };
     Ok(Some(Layout { method, bits: bits as u32, group }))
+}
+
+/// An E4M3 byte's value (OCP FP8: bias 7, subnormals, no infinities, `S.1111.111` is NaN).
+pub fn e4m3(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (i32::from((b >> 3) & 15), f32::from(b & 7));
+    if e == 15 && m == 7.0 {
+        return f32::NAN;
+    }
+    sign * if e == 0 { m / 8.0 * 2f32.powi(-6) } else { (1.0 + m / 8.0) * 2f32.powi(e - 7) }
 }
 
 /// One packed linear weight's tensors, as stored: little-endian I32 words, and scales as f32.
@@ -141,12 +172,45 @@ impl Layout {
             Method::Gptq { .. } if inp.is_multiple_of(per) => [[inp / per, out], [groups, out / per], [groups, out]],
             Method::Gptq { .. } => return Err(FormatError(format!("{inp} inputs do not pack in {}-bit words", self.bits))),
             Method::Awq => [[inp, out / per], [groups, out / per], [groups, out]],
+            Method::Fp8 { .. } => return Err(FormatError("FP8 weights are not packed in words".into())),
         })
+    }
+
+    /// `[⌈out / bo⌉, ⌈in / bi⌉]`: the shape of an FP8 weight's `weight_scale_inv`.
+    pub fn fp8_scale_shape(&self, [out, inp]: [usize; 2]) -> Option<[usize; 2]> {
+        match self.method {
+            Method::Fp8 { block: [bo, bi] } => Some([out.div_ceil(bo), inp.div_ceil(bi)]),
+            _ => None,
+        }
+    }
+
+    /// An FP8 weight `[out, in]` (one E4M3 byte per value) times its block scales.
+    pub fn dequantize_fp8(&self, weight: &[u8], scale_inv: &[f32], [out, inp]: [usize; 2]) -> Result<Vec<f32>, FormatError> {
+        let (Method::Fp8 { block: [bo, bi] }, Some([so, si])) = (self.method, self.fp8_scale_shape([out, inp])) else {
+            return Err(FormatError("not an FP8 layout".into()));
+        };
+        if weight.len() != out * inp || scale_inv.len() != so * si {
+            return Err(FormatError(format!(
+                "an FP8 [{out}, {inp}] weight needs {} bytes and {} scales, got {} and {}",
+                out * inp,
+                so * si,
+                weight.len(),
+                scale_inv.len()
+            )));
+        }
+        Ok(weight
+            .chunks_exact(inp.max(1))
+            .enumerate()
+            .flat_map(|(o, row)| row.iter().enumerate().map(move |(i, &b)| e4m3(b) * scale_inv[(o / bo) * si + i / bi]))
+            .collect())
     }
 
     /// Unpacks one `[out, in]` weight, its shapes checked against [`Self::shapes`].
     pub fn unpack(&self, p: &Packed<'_>, [out, inp]: [usize; 2]) -> Result<Unpacked, FormatError> {
         let [qw, qz, sc] = self.shapes([out, inp])?;
+        let (Method::Gptq { .. } | Method::Awq) = self.method else {
+            return Err(FormatError("FP8 weights are not packed in words".into()));
+        };
         for (what, got, want) in [("qweight", p.qweight_shape, qw), ("qzeros", p.qzeros_shape, qz), ("scales", p.scales_shape, sc)] {
             if got != want {
                 return Err(FormatError(format!("`{what}` has shape {got:?}, expected {want:?} for a [{out}, {inp}] weight")));
@@ -168,7 +232,7 @@ impl Layout {
                 Box::new(move |o, i| (qweight[(i / per) * out + o] >> ((i % per) * bits)) & mask),
                 Box::new(move |g, o| ((qzeros[g * (out / per) + o / per] >> ((o % per) * bits)) & mask) + zero_offset),
             ),
-            Method::Awq => (
+            _ => (
                 Box::new(move |o, i| (qweight[i * (out / per) + o / per] >> (4 * AWQ_NIBBLE[o % per])) & mask),
                 Box::new(move |g, o| (qzeros[g * (out / per) + o / per] >> (4 * AWQ_NIBBLE[o % per])) & mask),
             ),
@@ -238,7 +302,9 @@ mod tests {
         assert_eq!(layout(&awq).expect("awq").map(|l| l.method), Some(Method::Awq));
         assert_eq!(layout(&json!({})).expect("none"), None);
         for (bad, says) in [
-            (json!({"quantization_config": {"quant_method": "fp8"}}), "fp8"),
+            (json!({"quantization_config": {"quant_method": "bitsandbytes"}}), "bitsandbytes"),
+            (json!({"quantization_config": {"quant_method": "fp8"}}), "weight_block_size"),
+            (json!({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}}), "e5m2"),
             (json!({"quantization_config": {"quant_method": "gptq", "bits": 3}}), "3-bit"),
             (json!({"quantization_config": {"quant_method": "awq", "version": "gemv"}}), "gemv"),
             (json!({"quantization_config": {"quant_method": "gptq", "group_size": 0}}), "group_size"),
@@ -286,6 +352,22 @@ mod tests {
         }
         let e = awq.unpack(&Packed { qweight_shape: &[inp, out], ..packed }, [out, inp]).expect_err("shape");
         assert!(e.0.contains("qweight"), "{e}");
+    }
+
+    #[test]
+    fn fp8_bytes_and_block_scales_dequantize() {
+        // E4M3: 0x38 = 1.0, 0x40 = 2.0, 0xC0 = -2.0, 0x7E = 448 (the largest), 0x01 = 2^-9
+        // (the smallest subnormal), 0x7F NaN.
+        for (b, v) in [(0x38u8, 1.0f32), (0x40, 2.0), (0xC0, -2.0), (0x7E, 448.0), (0x01, 2f32.powi(-9)), (0x00, 0.0), (0x3C, 1.5)] {
+            assert_eq!(e4m3(b), v, "{b:#04x}");
+        }
+        assert!(e4m3(0x7F).is_nan() && e4m3(0xFF).is_nan());
+        let l = layout(&json!({"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [2, 2]}})).expect("fp8").expect("some");
+        // A [3, 3] weight in 2x2 blocks: scales [2, 2], the last row and column partial.
+        assert_eq!(l.fp8_scale_shape([3, 3]), Some([2, 2]));
+        let w = l.dequantize_fp8(&[0x38; 9], &[1.0, 2.0, 3.0, 4.0], [3, 3]).expect("dequantize");
+        assert_eq!(w, vec![1.0, 1.0, 2.0, 1.0, 1.0, 2.0, 3.0, 3.0, 4.0]);
+        assert!(l.dequantize_fp8(&[0x38; 8], &[1.0; 4], [3, 3]).is_err());
     }
 
     #[test]
