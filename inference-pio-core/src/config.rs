@@ -246,12 +246,16 @@ pub struct OptimizationSettings {
     /// Weights and activations; `None`: bf16 on CUDA, f32 on CPU.
     pub dtype: Option<DType>,
     /// Linear weights stored quantized, dequantized in the products' kernels. `None`: as the
-    /// checkpoint stores them (on the CPU a GGUF file's quantized blocks are kept quantized; on
-    /// CUDA they are dequantized until the GPU kernels have been run on a GPU; other
-    /// checkpoints in `dtype`). Embeddings, norms, routers, experts, the vision tower and the LM head stay
-    /// in `dtype` unless the file stores them quantized.
+    /// checkpoint stores them (a GGUF file's quantized blocks and GPTQ/AWQ codes kept; other
+    /// checkpoints in `dtype`). Embeddings, norms, routers, experts and the vision tower stay
+    /// in `dtype` unless the file stores them quantized; the LM head too unless
+    /// [`Self::quantize_lm_head`].
     #[serde(default)]
     pub quantization: Option<Quantization>,
+    /// With `quantization` `int8` or `int4`: the LM head is quantized as well (a tied head gets
+    /// its own quantized copy; the embedding lookup stays in `dtype`). Refused otherwise.
+    #[serde(default)]
+    pub quantize_lm_head: bool,
     /// Prompts longer than this are prefilled in chunks of this many tokens (0: one pass).
     pub prefill_chunk_tokens: u32,
     /// Caps the KV cache (and so prompt + generation) below the model's own context.
@@ -316,6 +320,7 @@ impl ServingSettings {
         OptimizationSettings {
             dtype: None,
             quantization: None,
+            quantize_lm_head: false,
             prefill_chunk_tokens: 2048,
             max_context_tokens: None,
             cuda_graphs: true,
@@ -353,9 +358,10 @@ impl Default for OptimizationSettings {
 }
 
 impl OptimizationSettings {
-    pub const KEYS: [&'static str; 12] = [
+    pub const KEYS: [&'static str; 13] = [
         "dtype",
         "quantization",
+        "quantize_lm_head",
         "prefill_chunk_tokens",
         "max_context_tokens",
         "cuda_graphs",
@@ -374,6 +380,9 @@ impl OptimizationSettings {
 
         if self.max_context_tokens == Some(0) {
             return bad("max_context_tokens", "must be at least 1".into());
+        }
+        if self.quantize_lm_head && !matches!(self.quantization, Some(Quantization::Int8 | Quantization::Int4)) {
+            return bad("quantize_lm_head", "needs quantization = \"int8\" or \"int4\" (the head is quantized as the other linear weights are)".into());
         }
         if self.max_num_seqs == 0 || self.max_num_seqs > 4096 {
             return bad("max_num_seqs", format!("must be 1 to 4096, got {}", self.max_num_seqs));
@@ -414,6 +423,9 @@ impl OptimizationSettings {
         }
         if self.quantization != other.quantization {
             changed.push("quantization");
+        }
+        if self.quantize_lm_head != other.quantize_lm_head {
+            changed.push("quantize_lm_head");
         }
         if self.max_context_tokens != other.max_context_tokens {
             changed.push("max_context_tokens");
@@ -486,6 +498,8 @@ pub struct PluginSection {
     pub dtype: Option<DType>,
     /// Overrides the profile's `quantization`.
     pub quantization: Option<Quantization>,
+    /// Overrides the profile's `quantize_lm_head`.
+    pub quantize_lm_head: Option<bool>,
     pub prefill_chunk_tokens: Option<u32>,
     pub max_context_tokens: Option<u32>,
     /// Overrides the profile's `cuda_graphs`.
@@ -534,6 +548,9 @@ impl PluginSection {
         }
         if let Some(q) = self.quantization {
             settings.quantization = Some(q);
+        }
+        if let Some(head) = self.quantize_lm_head {
+            settings.quantize_lm_head = head;
         }
         if let Some(chunk) = self.prefill_chunk_tokens {
             settings.prefill_chunk_tokens = chunk;

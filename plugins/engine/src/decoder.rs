@@ -362,7 +362,7 @@ pub fn weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType) -> u64 
 /// `quantization` asks (int8: a byte per weight plus a scale and offset per row; int4: half a
 /// byte plus both per 128): what the memory limits are checked against before loading. A
 /// GGUF file's own quantization is not counted (its dense size is an upper bound).
-pub fn stored_weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType, quantization: Option<Quantization>) -> u64 {
+pub fn stored_weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType, quantization: Option<Quantization>, quantize_lm_head: bool) -> u64 {
     let dense = weight_bytes(c, spec, dtype);
     let per_weight = match quantization {
         Some(Quantization::Int8) => 1.0,
@@ -375,7 +375,14 @@ pub fn stored_weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType, 
         .filter(|(name, shape)| name.starts_with(&layers) && name.ends_with("_proj.weight") && shape.len() == 2 && !name.contains(".experts."))
         .map(|(_, shape)| (shape[0] * shape[1]) as u64)
         .sum();
-    dense - linear * dtype.size_bytes() + (linear as f64 * per_weight) as u64
+    let head = (c.vocab_size * c.hidden_size) as u64;
+    let head_change = match (quantize_lm_head, c.tie_word_embeddings) {
+        (false, _) => 0.0,
+        // A quantized copy beside the dense lookup table.
+        (true, true) => head as f64 * per_weight,
+        (true, false) => head as f64 * per_weight - (head * dtype.size_bytes()) as f64,
+    };
+    ((dense - linear * dtype.size_bytes()) as f64 + linear as f64 * per_weight + head_change) as u64
 }
 
 impl Decoder {
@@ -469,6 +476,14 @@ impl Decoder {
                 }
                 None => Linear::from_parts(ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)?, None, device),
             },
+        };
+        // `quantize_lm_head`: the head quantized as the other linear weights are (a tied
+        // head from the embedding table's values, the lookup staying dense).
+        let lm_head = if ckpt.quantizes_lm_head() {
+            let prefix = if c.tie_word_embeddings { format!("{m}.embed_tokens") } else { "lm_head".to_string() };
+            Linear::load(ckpt, &prefix, c.vocab_size, h, false, device, dtype)?
+        } else {
+            lm_head
         };
         let norm = ckpt.load(&format!("{m}.norm.weight"), [h], device, dtype)?;
         let inv_freq = rope::inverse_frequencies(&c.rope, c.rotary_dim());

@@ -137,7 +137,8 @@ pub fn load_engine(
         .unwrap_or(if on_gpu { DType::Bf16 } else { DType::F32 });
     let quantization = settings.optimization.quantization;
     let dense_bytes = weight_bytes(&config, &spec, dtype);
-    let bytes = stored_weight_bytes(&config, &spec, dtype, quantization);
+    let quantize_lm_head = settings.optimization.quantize_lm_head;
+    let bytes = stored_weight_bytes(&config, &spec, dtype, quantization, quantize_lm_head);
     let (limit, which) = if on_gpu {
         (settings.limits.gpu_memory_gb, "gpu_memory_gb")
     } else {
@@ -185,6 +186,7 @@ pub fn load_engine(
     // of its device work from then on.
     let build = move || -> Result<crate::serve::Built<Loaded>, EngineError> {
         ckpt.set_quantization(quantization);
+        ckpt.set_quantize_lm_head(quantize_lm_head);
         let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
         let tally = ckpt.linear_tally();
         let bytes = dense_bytes - tally.quantized_dense_bytes + tally.quantized_bytes;

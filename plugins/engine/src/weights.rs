@@ -46,6 +46,8 @@ pub struct Checkpoint {
     quantization: Option<Quantization>,
     /// Linear weights loaded quantized and dense so far, and the bytes each kind takes.
     tally: std::cell::Cell<LinearTally>,
+    /// The LM head quantized as `quantization` says (`quantize_lm_head`).
+    quantize_lm_head: bool,
     /// GPTQ / AWQ packing or FP8 blocks of the safetensors' linear weights
     /// (`quantization_config`).
     packed: Option<packed::Layout>,
@@ -240,7 +242,7 @@ impl Checkpoint {
     }
 
     fn from_source(source: Source) -> Self {
-        Self { source, quantization: None, tally: Default::default(), packed: None }
+        Self { source, quantization: None, tally: Default::default(), quantize_lm_head: false, packed: None }
     }
 
     /// Reads `X.weight` of a safetensors checkpoint from GPTQ's or AWQ's `X.qweight`,
@@ -320,6 +322,16 @@ impl Checkpoint {
     /// `quantization` says (`None`: as the file stores them).
     pub fn set_quantization(&mut self, quantization: Option<Quantization>) {
         self.quantization = quantization;
+    }
+
+    /// Whether the decoder loads its LM head through [`Self::load_linear_stored`] too.
+    pub fn set_quantize_lm_head(&mut self, yes: bool) {
+        self.quantize_lm_head = yes;
+    }
+
+    /// See [`Self::set_quantize_lm_head`].
+    pub fn quantizes_lm_head(&self) -> bool {
+        self.quantize_lm_head
     }
 
     /// What [`Self::load_linear_stored`] has loaded so far.
