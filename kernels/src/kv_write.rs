@@ -14,7 +14,7 @@
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::{Int, IndexingUpdateOp, Tensor};
+use burn::tensor::{DType, Device, Int, IndexingUpdateOp, Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
@@ -124,6 +124,52 @@ pub fn write_kv_slots(pool: Tensor<3>, slots: Tensor<1, Int>, values: Tensor<3>)
     }
 }
 
+/// Anonymous memory from the kernel (`mmap`), zero-filled and resident only once written,
+/// handed to burn as a tensor's storage; unmapped when the tensor is dropped.
+struct ZeroPages(memmap2::MmapMut);
+
+impl burn_std::AllocationController for ZeroPages {
+    fn alloc_align(&self) -> usize {
+        // Mappings start on a page.
+        4096
+    }
+
+    fn property(&self) -> burn_std::AllocationProperty {
+        burn_std::AllocationProperty::Other
+    }
+
+    unsafe fn memory_mut(&mut self, _policy: burn_std::AccessPolicy) -> Result<&mut [std::mem::MaybeUninit<u8>], burn_std::AccessError> {
+        let bytes: &mut [u8] = &mut self.0;
+        // SAFETY: `MaybeUninit<u8>` has `u8`'s layout, and every byte of the mapping is
+        // initialized (zero pages, then what was written); the caller may only write
+        // initialized bytes (the trait's contract), so the mapping stays initialized.
+        Ok(unsafe { &mut *(bytes as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) })
+    }
+
+    fn memory(&self, _policy: burn_std::AccessPolicy) -> Result<&[std::mem::MaybeUninit<u8>], burn_std::AccessError> {
+        let bytes: &[u8] = &self.0;
+        // SAFETY: as in `memory_mut`: same layout, and a shared view of initialized bytes.
+        Ok(unsafe { &*(bytes as *const [u8] as *const [std::mem::MaybeUninit<u8>]) })
+    }
+}
+
+/// A zeroed KV pool buffer of `shape` and `dtype` on `device`. On the CPU it lives in
+/// anonymous memory whose pages become resident only when a block is written, so an idle
+/// pool costs address space, not memory (burn-flex's `zeros` writes every byte: the default
+/// 0.5 GB pool was 0.44 GB of the built-in model's resident memory), and it is returned to the
+/// system when the pool is dropped. On GPUs, and if the mapping fails, `zeros`.
+pub fn zeroed_kv_buffer(shape: [usize; 3], dtype: DType, device: &Device) -> Tensor<3> {
+    if !is_cubecl(device) {
+        let len = shape.iter().product::<usize>() * dtype.size();
+        if let Ok(map) = memmap2::MmapMut::map_anon(len.max(1)) {
+            // SAFETY: the mapping holds `len.max(1)` initialized (zero) bytes, at least `len`.
+            let bytes = unsafe { burn_std::Bytes::from_controller(Box::new(ZeroPages(map)), len) };
+            return Tensor::from_data(TensorData::from_bytes(bytes, shape, dtype), (device, dtype));
+        }
+    }
+    Tensor::zeros(shape, (device, dtype))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,7 +178,12 @@ mod tests {
     #[test]
     fn tokens_land_in_their_slots_and_nothing_else_moves() {
         let device = Device::flex();
-        let pool = Tensor::<3>::zeros([6, 2, 4], &device);
+        let pool = zeroed_kv_buffer([6, 2, 4], DType::F32, &device);
+        assert_eq!((pool.dims(), pool.dtype()), ([6, 2, 4], DType::F32));
+        assert!(pool.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32").iter().all(|&v| v == 0.0));
+        let half = zeroed_kv_buffer([2, 1, 4], DType::BF16, &device);
+        assert_eq!(half.dtype(), DType::BF16);
+        assert!(half.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32").iter().all(|&v| v == 0.0));
         let values = Tensor::<3>::from_data(TensorData::new((1..=24).map(|x| x as f32).collect::<Vec<_>>(), [3, 2, 4]), &device);
         let slots = Tensor::<1, Int>::from_data(TensorData::new(vec![4i64, 0, 2], [3]), &device);
         let out: Vec<f32> = write_kv_slots(pool, slots, values).into_data().try_to_vec::<f32>().expect("f32");

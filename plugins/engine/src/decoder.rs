@@ -21,7 +21,7 @@ use burn::tensor::{DType as BurnDType, Device, IndexingUpdateOp, Int, Tensor, Te
 use inference_pio_core::config::Quantization;
 use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
-use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight, write_kv_slots};
+use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight, write_kv_slots, zeroed_kv_buffer};
 
 /// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -506,7 +506,7 @@ impl Decoder {
     pub fn new_kv_pool(&self, blocks: usize, block_tokens: usize) -> KvPool {
         let c = &self.config;
         let shape = [(blocks + 1) * block_tokens, c.num_key_value_heads, c.head_dim];
-        let zeros = || Tensor::<3>::zeros(shape, (&self.device, burn_dtype(self.dtype)));
+        let zeros = || zeroed_kv_buffer(shape, burn_dtype(self.dtype), &self.device);
         KvPool { layers: (0..self.blocks.len()).map(|_| Some((zeros(), zeros()))).collect(), block_tokens, blocks }
     }
 
