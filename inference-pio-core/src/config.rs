@@ -252,6 +252,10 @@ pub struct OptimizationSettings {
     /// [`Self::quantize_lm_head`].
     #[serde(default)]
     pub quantization: Option<Quantization>,
+    /// CPU compute threads of the plugin's process (its thread pool, sized once per process;
+    /// `limits.cpu_percent` caps it further). `None`: one per core.
+    #[serde(default)]
+    pub threads: Option<u32>,
     /// With `quantization` `int8` or `int4`: the LM head is quantized as well (a tied head gets
     /// its own quantized copy; the embedding lookup stays in `dtype`). Refused otherwise.
     #[serde(default)]
@@ -321,6 +325,7 @@ impl ServingSettings {
             dtype: None,
             quantization: None,
             quantize_lm_head: false,
+            threads: None,
             prefill_chunk_tokens: 2048,
             max_context_tokens: None,
             cuda_graphs: true,
@@ -358,10 +363,11 @@ impl Default for OptimizationSettings {
 }
 
 impl OptimizationSettings {
-    pub const KEYS: [&'static str; 13] = [
+    pub const KEYS: [&'static str; 14] = [
         "dtype",
         "quantization",
         "quantize_lm_head",
+        "threads",
         "prefill_chunk_tokens",
         "max_context_tokens",
         "cuda_graphs",
@@ -380,6 +386,11 @@ impl OptimizationSettings {
 
         if self.max_context_tokens == Some(0) {
             return bad("max_context_tokens", "must be at least 1".into());
+        }
+        if let Some(t) = self.threads
+            && !(1..=4096).contains(&t)
+        {
+            return bad("threads", format!("must be 1 to 4096, got {t}"));
         }
         if self.quantize_lm_head && !matches!(self.quantization, Some(Quantization::Int8 | Quantization::Int4)) {
             return bad("quantize_lm_head", "needs quantization = \"int8\" or \"int4\" (the head is quantized as the other linear weights are)".into());
@@ -426,6 +437,9 @@ impl OptimizationSettings {
         }
         if self.quantize_lm_head != other.quantize_lm_head {
             changed.push("quantize_lm_head");
+        }
+        if self.threads != other.threads {
+            changed.push("threads");
         }
         if self.max_context_tokens != other.max_context_tokens {
             changed.push("max_context_tokens");
@@ -500,6 +514,8 @@ pub struct PluginSection {
     pub quantization: Option<Quantization>,
     /// Overrides the profile's `quantize_lm_head`.
     pub quantize_lm_head: Option<bool>,
+    /// Sets `threads`.
+    pub threads: Option<u32>,
     pub prefill_chunk_tokens: Option<u32>,
     pub max_context_tokens: Option<u32>,
     /// Overrides the profile's `cuda_graphs`.
@@ -551,6 +567,9 @@ impl PluginSection {
         }
         if let Some(head) = self.quantize_lm_head {
             settings.quantize_lm_head = head;
+        }
+        if let Some(t) = self.threads {
+            settings.threads = Some(t);
         }
         if let Some(chunk) = self.prefill_chunk_tokens {
             settings.prefill_chunk_tokens = chunk;

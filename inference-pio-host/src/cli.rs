@@ -30,6 +30,10 @@ pub struct Cli {
     /// Extra plugin directory (repeatable); searched before the others.
     #[arg(long = "plugin-dir", global = true)]
     pub plugin_dirs: Vec<PathBuf>,
+    /// CPU compute threads of the plugin that serves the model (every plugin's `threads`
+    /// setting; `limits.cpu_percent` still caps it). Default: one per core.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Option<u32>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -325,6 +329,8 @@ pub struct Host {
     pub discovery: Discovery,
     /// This executable, re-executed for probes and workers.
     pub exe: PathBuf,
+    /// `--threads`: every plugin's `threads` setting.
+    pub threads: Option<u32>,
 }
 
 impl Host {
@@ -335,7 +341,7 @@ impl Host {
         let timeout = Duration::from_secs_f64(config.host.probe_timeout_s.unwrap_or(60.0));
         let pins = config.plugins.iter().filter_map(|(id, section)| Some((id.clone(), section.sha256.clone()?))).collect();
         let discovery = Discovery::run(dirs, &exe, timeout, &pins);
-        Ok(Self { config, discovery, exe })
+        Ok(Self { config, discovery, exe, threads: cli.threads })
     }
 
     /// Opens plugin `id` from `path` at its configured security level: in this process at
@@ -441,7 +447,13 @@ impl Host {
         PluginSettings {
             security,
             limits: section.limits.clone(),
-            optimization: section.optimization(),
+            optimization: {
+                let mut o = section.optimization();
+                if let Some(threads) = self.threads {
+                    o.threads = Some(threads);
+                }
+                o
+            },
             sampling_defaults: section.sampling.clone(),
             cache_dir,
             allowed_paths,
@@ -624,7 +636,7 @@ async fn shutdown_signal() {
 fn models_command(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
     let config = load_config(cli.config.as_deref())?;
     let exe = std::env::current_exe().context("cannot locate the inference-pio executable")?;
-    let host = Host { config, discovery: Discovery::default(), exe };
+    let host = Host { config, discovery: Discovery::default(), exe, threads: cli.threads };
     let cache = host.models_cache()?;
     match command {
         ModelsCommand::List => {

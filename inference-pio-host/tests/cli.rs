@@ -690,3 +690,32 @@ fn worker_levels_show_what_is_in_force_run_and_refuse_a_tampered_maximum_plugin(
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read_dir(markers.path()).expect("markers").count(), 1);
 }
+
+#[test]
+fn threads_size_the_plugins_compute_pool_and_bad_counts_are_refused() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture("qwen3-tiny-c");
+    let model = model.to_str().expect("utf8");
+    let base = ["run", "--model", model, "--prompt-ids", "1,2,3", "--greedy", "--max-new-tokens", "6", "--json", "--device", "cpu", "--dtype", "f32"];
+    let plain = inference_pio(&base, cwd.path());
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let one = Command::new(BIN)
+        .args(base)
+        .args(["--threads", "1"])
+        .current_dir(cwd.path())
+        .env_remove("INFERENCE_PIO_PLUGIN_DIR")
+        .env_remove("INFERENCE_PIO_CONFIG")
+        .env("INFERENCE_PIO_LOG", "1")
+        .output()
+        .expect("run inference-pio");
+    assert!(one.status.success(), "{}", stderr(&one));
+    assert!(stderr(&one).contains("compute threads: 1"), "{}", stderr(&one));
+    let ids = |o: &Output| serde_json::from_str::<serde_json::Value>(&stdout(o)).expect("json")["token_ids"].clone();
+    assert_eq!(ids(&one), ids(&plain), "one thread computes the same tokens");
+    // Out of range: refused by the command line, and by the plugin from a config file.
+    let out = inference_pio(&[&base[..], &["--threads", "0"]].concat(), cwd.path());
+    assert!(!out.status.success() && stderr(&out).contains("threads"), "{}", stderr(&out));
+    std::fs::write(cwd.path().join("inference-pio.toml"), "[plugins.qwen3-4b-instruct-2507]\nthreads = 5000\n").expect("config");
+    let out = inference_pio(&base, cwd.path());
+    assert!(!out.status.success() && stderr(&out).contains("threads") && stderr(&out).contains("5000"), "{}", stderr(&out));
+}

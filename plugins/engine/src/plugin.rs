@@ -298,17 +298,30 @@ fn check_file_access(model: &Path, allowed: &[String]) -> Result<(), EngineError
     Ok(())
 }
 
-/// Caps the plugin's compute threads (burn-flex runs on this library's rayon pool) at
-/// `cpu_percent` of the cores, rounded down, at least one. Returns the thread count.
-fn cap_cpu_threads(cpu_percent: f64) -> Result<u32, String> {
+/// Sizes the plugin's compute threads (burn-flex runs on this library's rayon pool): the
+/// `threads` setting, capped at `cpu_percent` of the cores (rounded down, at least one).
+/// Returns the thread count and what set it, or `None` when neither is set.
+fn size_cpu_threads(threads: Option<u32>, cpu_percent: Option<f64>) -> Result<Option<u32>, String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = ((cores as f64 * cpu_percent / 100.0).floor() as usize).clamp(1, cores);
-    match rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
-        Ok(()) => Ok(threads as u32),
+    let cap = cpu_percent.map(|p| ((cores as f64 * p / 100.0).floor() as usize).clamp(1, cores));
+    let wanted = match (threads.map(|t| t as usize), cap) {
+        (None, None) => return Ok(None),
+        (Some(t), None) => t,
+        (None, Some(c)) => c,
+        (Some(t), Some(c)) => t.min(c),
+    };
+    let why = match (threads, cpu_percent) {
+        (Some(t), Some(p)) => format!("threads {t} capped by cpu_percent {p}"),
+        (Some(t), None) => format!("threads {t}"),
+        (None, Some(p)) => format!("cpu_percent {p} of {cores} cores"),
+        (None, None) => String::new(),
+    };
+    match rayon::ThreadPoolBuilder::new().num_threads(wanted).build_global() {
+        Ok(()) => Ok(Some(wanted as u32)),
         // Already built (an earlier initialize in this process): fine if it has that size.
-        Err(_) if rayon::current_num_threads() == threads => Ok(threads as u32),
+        Err(_) if rayon::current_num_threads() == wanted => Ok(Some(wanted as u32)),
         Err(_) => Err(format!(
-            "cpu_percent {cpu_percent} asks for {threads} of {cores} threads, but this plugin's thread pool already runs {}; restart to change it",
+            "{why} asks for {wanted} threads, but this plugin's thread pool already runs {}; restart to change it",
             rayon::current_num_threads()
         )),
     }
@@ -428,8 +441,10 @@ impl Plugin for EnginePlugin {
             .limits
             .check_enforceable(settings.security)
             .map_err(|(k, r)| PluginError::invalid(format!("limits.{k}: {r}")))?;
-        if let Some(percent) = settings.limits.cpu_percent {
-            let threads = cap_cpu_threads(percent).map_err(|r| PluginError::invalid(format!("limits.cpu_percent: {r}")))?;
+        settings.optimization.validate().map_err(|(k, r)| PluginError::invalid(format!("{k}: {r}")))?;
+        let key = if settings.optimization.threads.is_some() { "threads" } else { "limits.cpu_percent" };
+        if let Some(threads) = size_cpu_threads(settings.optimization.threads, settings.limits.cpu_percent).map_err(|r| PluginError::invalid(format!("{key}: {r}")))? {
+            crate::progress::log(|| format!("compute threads: {threads}"));
             *self.cpu_threads.write().map_err(|_| PluginError::internal("lock poisoned"))? = Some(threads);
         }
         *self.settings.write().map_err(|_| PluginError::internal("settings lock poisoned"))? = settings;
