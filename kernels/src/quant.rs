@@ -684,10 +684,15 @@ impl QuantizedLinear {
         let (rows, cols, bits, group, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.bytes());
         let storage = if is_cubecl(device) {
             let (words, groups) = (matrix.words_per_row(), matrix.groups_per_row());
-            let f32s = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [rows, groups]), (device, DType::F32));
+            // Uploaded flat, then viewed as rows. A 2-D upload gets pitched rows where a row's
+            // bytes are not a multiple of their alignment (CubeCL's `optimal_align`: the next
+            // power of two, at most 512 bytes on CUDA): a 4-bit row of 2,560 inputs (1,280 bytes)
+            // is padded to 1,536, and the kernels' `into_contiguous` then copied the whole weight
+            // on every product.
+            let f32s = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [rows * groups]), (device, DType::F32)).reshape([rows, groups]);
             let (codes, mins) = device_codes(&matrix);
             Storage::Device(Box::new(DeviceCodes {
-                codes: Tensor::from_data(TensorData::new(codes, [rows, words]), (device, DType::U32)),
+                codes: Tensor::<1, Int>::from_data(TensorData::new(codes, [rows * words]), (device, DType::U32)).reshape([rows, words]),
                 scales: f32s(matrix.scales),
                 mins: f32s(mins),
             }))
