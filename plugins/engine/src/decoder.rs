@@ -462,12 +462,19 @@ impl Decoder {
             }
             None => {
                 let table = ckpt.load(&embed_name, [c.vocab_size, h], device, dtype)?;
-                let head = c.tie_word_embeddings.then(|| Linear::from_parts(table.clone(), None, device));
+                let head = match (c.tie_word_embeddings, ckpt.quantizes_lm_head()) {
+                    (false, _) => None,
+                    // `quantize_lm_head`: quantized from the table's values, the lookup dense.
+                    (true, true) => Some(Linear::load(ckpt, &format!("{m}.embed_tokens"), c.vocab_size, h, false, device, dtype)?),
+                    (true, false) => Some(Linear::from_parts(table.clone(), None, device)),
+                };
                 (Embedding::Dense(table), head)
             }
         };
         let lm_head = match lm_head {
             Some(head) => head,
+            // `quantize_lm_head`: quantized as the other linear weights are.
+            None if ckpt.quantizes_lm_head() => Linear::load(ckpt, "lm_head", c.vocab_size, h, false, device, dtype)?,
             // Untied: the file's quantized blocks when kept as stored, else dense.
             None => match ckpt.load_stored_quantized("lm_head.weight", [c.vocab_size, h], device)? {
                 Some(q) => {
@@ -476,14 +483,6 @@ impl Decoder {
                 }
                 None => Linear::from_parts(ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)?, None, device),
             },
-        };
-        // `quantize_lm_head`: the head quantized as the other linear weights are (a tied
-        // head from the embedding table's values, the lookup staying dense).
-        let lm_head = if ckpt.quantizes_lm_head() {
-            let prefix = if c.tie_word_embeddings { format!("{m}.embed_tokens") } else { "lm_head".to_string() };
-            Linear::load(ckpt, &prefix, c.vocab_size, h, false, device, dtype)?
-        } else {
-            lm_head
         };
         let norm = ckpt.load(&format!("{m}.norm.weight"), [h], device, dtype)?;
         let inv_freq = rope::inverse_frequencies(&c.rope, c.rotary_dim());
