@@ -71,22 +71,26 @@ keys = ["batch", "prompt_tokens", "median_prefill_tokens_per_s", "median_steady_
 print(json.dumps({k: d.get(k) for k in keys}))
 PY
 }
-if has ours; then
-  python3 -c "import random; r=random.Random(7); print(','.join(str(r.randrange(100, 151000)) for _ in range(96)))" > /tmp/kl_ids.txt
-  for mode in ${MODES:-bf16 int8 int4}; do
-    for c in ${CASES:-b1 b32 p2048}; do
-      case $c in
-        b1) bench $mode b1 128 256 1 2 ;;
-        b8) bench $mode b8 128 128 8 2 ;;
-        b32) bench $mode b32 128 128 32 2 ;;
-        p2048) bench $mode p2048 2048 1 1 3 ;;
-      esac
-    done
-    t=$(( $(left) - 30 ))
-    [ $t -gt 30 ] && timeout $t taskset -c 0-5 $PIO score $PD --config /tmp/q_$mode.toml --model $CK --random-weights --device cuda --dtype bf16 \
-      --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_$mode.json 2> /tmp/score_$mode.err || tail -2 /tmp/score_$mode.err
-    grep -a -m2 "quantiz" /tmp/score_$mode.err
+# measure MODE: each of CASES through pio-bench, then `score` over the KL prompt into
+# /tmp/score_MODE.json (the model: $MODEL_ARGS).
+measure() {
+  local mode=$1 c t
+  [ -f /tmp/kl_ids.txt ] || python3 -c "import random; r=random.Random(7); print(','.join(str(r.randrange(100, 151000)) for _ in range(96)))" > /tmp/kl_ids.txt
+  for c in ${CASES:-b1 b32 p2048}; do
+    case $c in
+      b1) bench $mode b1 128 256 1 2 ;;
+      b8) bench $mode b8 128 128 8 2 ;;
+      b32) bench $mode b32 128 128 32 2 ;;
+      p2048) bench $mode p2048 2048 1 1 3 ;;
+    esac
   done
+  t=$(( $(left) - 30 ))
+  [ $t -gt 30 ] && timeout $t taskset -c 0-5 $PIO score $PD --config /tmp/q_$mode.toml $MODEL_ARGS --device cuda --dtype bf16 \
+    --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_$mode.json 2> /tmp/score_$mode.err || tail -2 /tmp/score_$mode.err
+  grep -a -m2 "quantiz" /tmp/score_$mode.err
+}
+if has ours; then
+  for mode in ${MODES:-bf16 int8 int4}; do measure $mode; done
   # KL of each quantized mode from bf16 (numpy; a pure-Python loop over the logits outran a call).
   { echo "{"; sep=""; for mode in int8 int4; do
       [ -s /tmp/score_$mode.json ] && { printf '%s"%s": %s\n' "$sep" $mode "$(timeout 120 python3 benches/gpu/kl_from_scores.py /tmp/score_bf16.json /tmp/score_$mode.json)"; sep=","; }
@@ -119,21 +123,7 @@ fi
 # ("none"), and the divergence of the kept from the dequantized on the same prompt.
 if has gguf && [ -f /tmp/q4b.Q4_K_M.gguf ]; then
   MODEL_ARGS="--model /tmp/q4b.Q4_K_M.gguf"
-  [ -f /tmp/kl_ids.txt ] || python3 -c "import random; r=random.Random(7); print(','.join(str(r.randrange(100, 151000)) for _ in range(96)))" > /tmp/kl_ids.txt
-  for mode in gguf gguf_none; do
-    for c in ${CASES:-b1 b32 p2048}; do
-      case $c in
-        b1) bench $mode b1 128 256 1 2 ;;
-        b8) bench $mode b8 128 128 8 2 ;;
-        b32) bench $mode b32 128 128 32 2 ;;
-        p2048) bench $mode p2048 2048 1 1 3 ;;
-      esac
-    done
-    t=$(( $(left) - 30 ))
-    [ $t -gt 30 ] && timeout $t taskset -c 0-5 $PIO score $PD --config /tmp/q_$mode.toml --model /tmp/q4b.Q4_K_M.gguf --device cuda --dtype bf16 \
-      --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_$mode.json 2> /tmp/score_$mode.err || tail -2 /tmp/score_$mode.err
-    grep -a -m2 "quantiz" /tmp/score_$mode.err
-  done
+  for mode in gguf gguf_none; do measure $mode; done
   echo "{\"gguf_kept_vs_dequantized\": $(timeout 120 python3 benches/gpu/kl_from_scores.py /tmp/score_gguf_none.json /tmp/score_gguf.json)}" | tee $OUT/score_kl_gguf.json
   echo "gguf done at $SECONDS s"
 fi
