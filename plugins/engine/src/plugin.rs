@@ -303,18 +303,12 @@ fn check_file_access(model: &Path, allowed: &[String]) -> Result<(), EngineError
 /// Returns the thread count and what set it, or `None` when neither is set.
 fn size_cpu_threads(threads: Option<u32>, cpu_percent: Option<f64>) -> Result<Option<u32>, String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cap = cpu_percent.map(|p| ((cores as f64 * p / 100.0).floor() as usize).clamp(1, cores));
-    let wanted = match (threads.map(|t| t as usize), cap) {
+    let cap = |p: f64| ((cores as f64 * p / 100.0).floor() as usize).clamp(1, cores);
+    let (wanted, why) = match (threads, cpu_percent) {
         (None, None) => return Ok(None),
-        (Some(t), None) => t,
-        (None, Some(c)) => c,
-        (Some(t), Some(c)) => t.min(c),
-    };
-    let why = match (threads, cpu_percent) {
-        (Some(t), Some(p)) => format!("threads {t} capped by cpu_percent {p}"),
-        (Some(t), None) => format!("threads {t}"),
-        (None, Some(p)) => format!("cpu_percent {p} of {cores} cores"),
-        (None, None) => String::new(),
+        (Some(t), None) => (t as usize, format!("threads {t}")),
+        (None, Some(p)) => (cap(p), format!("cpu_percent {p} of {cores} cores")),
+        (Some(t), Some(p)) => ((t as usize).min(cap(p)), format!("threads {t} capped by cpu_percent {p}")),
     };
     match rayon::ThreadPoolBuilder::new().num_threads(wanted).build_global() {
         Ok(()) => Ok(Some(wanted as u32)),
