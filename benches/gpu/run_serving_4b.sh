@@ -12,7 +12,7 @@
 # Writes $OUT/{log.txt,results.json,sw/*} (sw: the qwen3-tiny-sw fixture to commit).
 # Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers"), OURS (which of
 # our runs, default "b1 b32 offline offline_sync prefix_off prefix_on"), PEERS (default "transformers
-# llama"; llama.cpp runs only if its build was started, i.e. with the peers stage), PIO_LOG (1 or "steps":
+# llama"; llama.cpp runs only if its build was started, i.e. with the peers stage), PIO_LOG (default 1, or "steps":
 # phase log).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
@@ -65,6 +65,7 @@ PY
   printf '[plugins.%s]\nmax_num_batched_tokens = 8192\n' $ID > /tmp/serve.toml
   printf '[plugins.%s]\nmax_num_batched_tokens = 8192\nprefix_caching = false\n' $ID > /tmp/nocache.toml
   printf '[plugins.%s]\nmax_num_batched_tokens = 8192\nprefix_caching = false\nasync_scheduling = false\n' $ID > /tmp/nocache_sync.toml
+  printf '[plugins.%s]\nmax_num_batched_tokens = 16384\nprefix_caching = false\n' $ID > /tmp/nocache16k.toml
   echo "checkpoint and prompts ready at $SECONDS s"
 fi
 ours() { # name config args...
@@ -72,9 +73,11 @@ ours() { # name config args...
   [[ " ${OURS:-b1 b32 offline offline_sync prefix_off prefix_on} " == *" $name "* ]] || return
   local t=$(( $(left) - 15 )); [ $t -lt 20 ] && { echo "no time for $name"; return; }
   local start=$SECONDS
-  ${PIO_LOG:+env INFERENCE_PIO_LOG=$PIO_LOG} timeout $t taskset -c $OURS_CPUS $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
+  RUST_BACKTRACE=1 INFERENCE_PIO_LOG=${PIO_LOG:-1} timeout $t taskset -c $OURS_CPUS $PIO run $PD --config $config --model $CK --device cuda --dtype bf16 --greedy --ignore-eos --json "$@" \
     > /tmp/ours_$name.json 2> /tmp/ours_$name.err
   echo "ours $name: exit $? after $(( SECONDS - start )) s"; tail -2 /tmp/ours_$name.err
+  grep -a -m2 -A4 "panicked" /tmp/ours_$name.err
+  grep -a -m1 "KV cache:" /tmp/ours_$name.err
   grep -a -m4 -i "graph\|panick\|recording\|decode steps" /tmp/ours_$name.err
   grep -a "steps:" /tmp/ours_$name.err | tail -3
 }
@@ -95,15 +98,14 @@ ra, rb = a.get("rows") or [], b.get("rows") or []
 same = sum(x["token_ids"] == y["token_ids"] for x, y in zip(ra, rb))
 print(f"offline async vs sync: {same} of {len(ra)} requests with identical tokens")
 PY
+  # Not in the default list: the offline workload with twice the step's token budget.
+  ours offline_16k /tmp/nocache16k.toml --prompts-file /tmp/offline.jsonl --max-new-tokens 128 --repeat 2
   ours prefix_off /tmp/nocache.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32 --repeat 2
   ours prefix_on /tmp/serve.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32 --repeat 2
 fi
 if has peers; then
-  t=$(( $(left) - 40 ))
-  [ $t -gt 60 ] && [[ " ${PEERS:-transformers llama} " == *" transformers "* ]] && timeout $t python3 benches/gpu/peer_transformers_cb.py $CK /tmp/offline.jsonl 128 /tmp/peer_transformers.json 2>&1 | tail -3
-  echo "transformers done at $SECONDS s"
   if [ -f /tmp/llama.cpp.started ]; then
-    while [ ! -f /tmp/llama.cpp.done ] && [ $(left) -gt 150 ]; do sleep 5; done
+    while [ ! -f /tmp/llama.cpp.done ] && [ $(left) -gt 120 ]; do sleep 5; done
     if [ "$(cat /tmp/llama.cpp.done 2>/dev/null)" = 0 ]; then
       [ -f /tmp/q4b.gguf ] || PYTHONPATH=/tmp/llama.cpp/gguf-py timeout $(( $(left) - 90 )) python3 /tmp/llama.cpp/convert_hf_to_gguf.py $CK --outtype bf16 --outfile /tmp/q4b.gguf 2>&1 | tail -2
       B=/tmp/llama.cpp/build/bin
@@ -114,6 +116,10 @@ if has peers; then
       echo "llama.cpp build not done (status $(cat /tmp/llama.cpp.done 2>/dev/null || echo running)) at $SECONDS s"
     fi
   fi
+  # transformers after llama.cpp: the slower peer gets what time is left.
+  t=$(( $(left) - 40 ))
+  [ $t -gt 60 ] && [[ " ${PEERS:-transformers llama} " == *" transformers "* ]] && timeout $t python3 benches/gpu/peer_transformers_cb.py $CK /tmp/offline.jsonl 128 /tmp/peer_transformers.json 2>&1 | tail -3
+  echo "transformers done at $SECONDS s"
 fi
 python3 - "$(cat .gpu/COMMIT 2>/dev/null || echo unknown)" <<'PY'
 import glob, json, os, re, sys

@@ -716,6 +716,27 @@ fn pick(masks: &[(Option<usize>, Tensor<5>)], window: Option<usize>) -> &Tensor<
         .unwrap_or_else(|| panic!("the step's layout was built without window {window:?}"))
 }
 
+/// The most attention scores (query rows x keys, over all heads) one prefill launch
+/// materialises: 2^26, 128 MiB in bf16. An 8,192-token step of four 2,048-token prompts of
+/// Qwen3-4B (32 heads) would otherwise hold 4 x 32 x 2,048² scores, 1 GiB in bf16 per copy,
+/// which ran an 80 GB H100 out of memory beside a KV cache sized to 0.9 of what was free.
+pub const MAX_SCORES: usize = 1 << 26;
+
+/// How a chunk of `count` sequences, each `queries` rows over `context` keys, is cut so that
+/// no launch holds more than `max_scores` scores ([`MAX_SCORES`] in use): (sequences a piece, query rows a piece).
+/// Whole sequences while one fits; else one sequence's rows in as few pieces as fit.
+pub fn score_pieces(count: usize, queries: usize, context: usize, heads: usize, max_scores: usize) -> (usize, usize) {
+    let per_seq = heads * queries * context;
+    if per_seq <= max_scores {
+        ((max_scores / per_seq.max(1)).clamp(1, count.max(1)), queries)
+    } else {
+        let rows = (max_scores / (heads * context).max(1)).max(1);
+        // Even pieces: as few as the cap allows, of near-equal size.
+        let pieces = queries.div_ceil(rows);
+        (1, queries.div_ceil(pieces))
+    }
+}
+
 /// Gathers `slots` from a pool `[pool_slots, kv_heads, d]` as `[batch, kv_heads, width, d]`.
 fn gather(pool: &Tensor<3>, slots: &Tensor<1, Int>, batch: usize, width: usize) -> Tensor<4> {
     let [_, kv_heads, d] = pool.dims();
@@ -726,6 +747,11 @@ fn gather(pool: &Tensor<3>, slots: &Tensor<1, Int>, batch: usize, width: usize) 
 /// each prefill chunk, as [`PagedLayout`] was built) over the pools `k`/`v [slots, kv_heads,
 /// head_dim]` (this step's keys already written): `[tokens, heads, head_dim]`.
 pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES)
+}
+
+/// [`paged_attention`] with at most `max_scores` scores materialised a launch.
+fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize) -> Tensor<3> {
     let [tokens, heads, d] = q.dims();
     let mut parts = Vec::with_capacity(1 + layout.chunks.len());
     let mut at = 0;
@@ -750,7 +776,32 @@ pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &Page
         let keys = gather(k, &chunk.slots, n, context);
         let values = gather(v, &chunk.slots, n, context);
         let queries = q.clone().narrow(0, at, n * qn).reshape([n, qn, heads, d]).swap_dims(1, 2);
-        let out = crate::attention::gqa_attention(queries, &keys, &values, Some(pick(&chunk.masks, window)), scale);
+        let mask = pick(&chunk.masks, window);
+        // The scores are materialised: pieces of whole sequences, or of one sequence's query
+        // rows, keep each launch's within `MAX_SCORES` (rows are independent, so the result is
+        // the same as one launch).
+        let (seqs, rows) = score_pieces(n, qn, context, heads, max_scores);
+        let mut out = Vec::new();
+        for s in (0..n).step_by(seqs) {
+            let ns = seqs.min(n - s);
+            let (keys, values) = (keys.clone().narrow(0, s, ns), values.clone().narrow(0, s, ns));
+            for r in (0..qn).step_by(rows) {
+                let nr = rows.min(qn - r);
+                let piece = queries.clone().narrow(0, s, ns).narrow(2, r, nr);
+                let piece_mask = mask.clone().narrow(0, s, ns).narrow(3, r, nr);
+                out.push(crate::attention::gqa_attention(piece, &keys, &values, Some(&piece_mask), scale));
+            }
+        }
+        // Pieces back in the chunk's order: sequences, then query rows within each.
+        let out = if out.len() == 1 {
+            out.remove(0)
+        } else if rows == qn {
+            Tensor::cat(out, 0)
+        } else {
+            let per_seq = qn.div_ceil(rows);
+            let seqs: Vec<Tensor<4>> = out.chunks(per_seq).map(|p| Tensor::cat(p.to_vec(), 2)).collect();
+            Tensor::cat(seqs, 0)
+        };
         parts.push(out.swap_dims(1, 2).reshape([n * qn, heads, d]));
         at += n * qn;
     }
@@ -846,9 +897,11 @@ mod tests {
         let tokens: usize = spans.iter().map(|s| s.queries).sum();
         let q: Tensor<3> = Tensor::random([tokens, heads, d], Distribution::Uniform(-1.0, 1.0), &device);
         let (kv, vv, qv) = (values(kp.clone()), values(vp.clone()), values(q.clone()));
-        for window in [None, Some(3)] {
+        // Unlimited, and capped so that chunks run in pieces of sequences (the two 3 x 7
+        // chunks: 84 scores each over 4 heads) and of query rows (5 x 11 x 4 = 220 > 100).
+        for (window, cap) in [(None, MAX_SCORES), (Some(3), MAX_SCORES), (None, 100), (Some(3), 100)] {
             let layout = PagedLayout::new(&spans, bt, &[None, Some(3)], &device);
-            let got = values(paged_attention(q.clone(), &kp, &vp, &layout, window, 0.25));
+            let got = values(paged_attention_within(q.clone(), &kp, &vp, &layout, window, 0.25, cap));
             let mut at = 0;
             for s in &spans {
                 // The sequence's keys and values, contiguous.
@@ -862,10 +915,25 @@ mod tests {
                 let want = dense(qs, &ks, &vs, s.queries, s.context, heads, kv_heads, d, window);
                 let have = &got[at * heads * d..(at + s.queries) * heads * d];
                 for (a, b) in have.iter().zip(&want) {
-                    assert!((a - b).abs() < 1e-5, "window {window:?}, span {s:?}: {a} vs {b}");
+                    assert!((a - b).abs() < 1e-5, "window {window:?}, cap {cap}, span {s:?}: {a} vs {b}");
                 }
                 at += s.queries;
             }
         }
+    }
+
+    #[test]
+    fn prefill_scores_are_cut_into_pieces_under_the_cap() {
+        // Sixteen 512-token prompts of Qwen3-4B (32 heads): 8.4M scores each, 8 a piece.
+        assert_eq!(score_pieces(16, 512, 512, 32, MAX_SCORES), (8, 512));
+        // Four 2,112-token prompts: 143M scores each, so each runs in three pieces of rows.
+        assert_eq!(score_pieces(4, 2112, 2112, 32, MAX_SCORES), (1, 704));
+        // Small chunks run whole.
+        assert_eq!(score_pieces(3, 5, 11, 4, MAX_SCORES), (3, 5));
+        // The test above's cap of 100: sequences of 84 scores one at a time, 220 in 3 pieces.
+        assert_eq!(score_pieces(2, 3, 7, 4, 100), (1, 3));
+        assert_eq!(score_pieces(1, 5, 11, 4, 100), (1, 2));
+        // Never a piece of nothing, even when one row is over the cap.
+        assert_eq!(score_pieces(1, 3, 1000, 32, 100), (1, 1));
     }
 }

@@ -203,7 +203,8 @@ pub fn load_engine(
             (true, DeviceRequest::Cuda(i)) => inference_pio_kernels::cublas::device_memory(i as usize).map(|(free, _)| free),
             (true, _) => inference_pio_kernels::cublas::device_memory(0).map(|(free, _)| free),
         };
-        let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, max_context)?;
+        let reserve = crate::serve::step_reserve_bytes(c, dtype.size_bytes(), &optimization);
+        let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, reserve, max_context)?;
         crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
         let pool = decoder.new_kv_pool(blocks, block_tokens);
         let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default(), image_processor };

@@ -79,7 +79,7 @@ struct Inputs {
 /// Recorded shapes kept besides the one in use (least recently used dropped first): a batch
 /// whose rows shrink as requests end, or grow as they join, moves between buckets, and
 /// recording a step anew took ~200 ms on the H200 (Qwen3-4B), several times a run.
-const KEPT_SHAPES: usize = 7;
+pub(crate) const KEPT_SHAPES: usize = 7;
 
 /// A recorded step not in use, with its inputs.
 struct Kept {

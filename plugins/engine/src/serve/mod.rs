@@ -112,15 +112,42 @@ pub struct StepLoop {
     blocks: usize,
 }
 
+/// Device memory a model needs beside its weights and KV cache, estimated from its shapes
+/// (vLLM measures the same with a profiling step before sizing its cache): the largest
+/// step's activations (`max_num_batched_tokens` tokens, each with its residual, normalised,
+/// q/k/v, gate/up and SwiGLU rows in the model's dtype), its attention scores (at most
+/// [`inference_pio_kernels::paged::MAX_SCORES`] a launch, scores and probabilities), the
+/// logits of `max_num_seqs` rows (f32 and the dtype), and the recorded decode steps kept on
+/// CUDA (`graph::KEPT_SHAPES` + 1 of them, each retaining every layer's intermediates for up
+/// to 256 rows).
+pub fn step_reserve_bytes(c: &crate::hf_config::DecoderConfig, dtype_bytes: u64, settings: &OptimizationSettings) -> u64 {
+    let (h, d) = (c.hidden_size as u64, c.head_dim as u64);
+    let heads = (c.num_attention_heads + 2 * c.num_key_value_heads) as u64;
+    let per_token = dtype_bytes * (4 * h + 2 * heads * d + 3 * c.intermediate_size as u64);
+    let rows = u64::from(settings.max_num_seqs);
+    let logits = rows * c.vocab_size as u64 * (4 + dtype_bytes);
+    let step = u64::from(settings.max_num_batched_tokens) * per_token + 2 * inference_pio_kernels::paged::MAX_SCORES as u64 * dtype_bytes + logits;
+    let graphs = if settings.cuda_graphs {
+        let graph_rows = rows.min(256);
+        (graph::KEPT_SHAPES as u64 + 1) * (c.num_hidden_layers as u64 * graph_rows * per_token + graph_rows * c.vocab_size as u64 * (4 + dtype_bytes))
+    } else {
+        0
+    };
+    step + graphs
+}
+
 /// Blocks the KV cache gets: `kv_cache_gb`, else (CUDA) `gpu_memory_utilization` (default
-/// 0.9) of the device memory free after the weights, else (CPU) 0.5 GB; never above the
-/// plugin's memory limit less the weights, nor above `max_num_seqs` full contexts.
+/// 0.9) of the device memory free after the weights, less what the steps need beside it
+/// (`reserve`, [`step_reserve_bytes`]), else (CPU) 0.5 GB; never above the plugin's memory
+/// limit less the weights, nor above `max_num_seqs` full contexts.
+#[allow(clippy::too_many_arguments)]
 pub fn kv_cache_blocks(
     settings: &OptimizationSettings,
     block_bytes: u64,
     weight_bytes: u64,
     limit_gb: Option<f64>,
     device_free: Option<u64>,
+    reserve: u64,
     max_context: usize,
 ) -> Result<(usize, String), EngineError> {
     let bt = settings.kv_block_tokens as usize;
@@ -128,7 +155,13 @@ pub fn kv_cache_blocks(
         (Some(gb), _) => ((gb * 1e9) as u64, format!("kv_cache_gb = {gb}")),
         (None, Some(free)) => {
             let share = settings.gpu_memory_utilization.unwrap_or(0.9);
-            ((free as f64 * share) as u64, format!("{share} of the {:.2} GB free after the weights", free as f64 / 1e9))
+            let shared = (free as f64 * share) as u64;
+            let left = free.saturating_sub(reserve);
+            if left < shared {
+                (left, format!("the {:.2} GB free after the weights less {:.2} GB for the steps' activations", free as f64 / 1e9, reserve as f64 / 1e9))
+            } else {
+                (shared, format!("{share} of the {:.2} GB free after the weights", free as f64 / 1e9))
+            }
         }
         (None, None) => (500_000_000, "the CPU default of 0.5 GB (kv_cache_gb)".to_string()),
     };
@@ -907,5 +940,54 @@ pub fn decode_rates(t: &mut Timings, times: &[Instant], rows: usize) {
     if half >= 1 && n - half >= 2 {
         let span = times[n - 1].duration_since(times[half - 1]).as_secs_f64();
         t.steady_decode_tokens_per_s = (n - half) as f64 / span.max(1e-9);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hf_config::DecoderConfig;
+
+    /// Qwen3-4B-Instruct-2507's `config.json`.
+    fn qwen3_4b() -> DecoderConfig {
+        DecoderConfig::from_json_str(include_str!("../../testdata/qwen3-4b-config.json")).expect("config")
+    }
+
+    #[test]
+    fn the_step_reserve_counts_the_largest_step_and_the_kept_graphs() {
+        let settings = OptimizationSettings { max_num_batched_tokens: 8192, max_num_seqs: 256, cuda_graphs: true, ..Default::default() };
+        let c = qwen3_4b();
+        // 103,424 bytes of activations a token (bf16); 8,192 tokens, two 128 MiB score
+        // buffers, 256 rows of logits; eight kept graphs of 256 rows over 36 layers.
+        let per_token = 2 * (4 * 2560 + 2 * 48 * 128 + 3 * 9728);
+        assert_eq!(per_token, 103_424);
+        let logits = 256 * 151_936 * 6;
+        let step = 8192 * per_token + 2 * (1 << 26) * 2 + logits;
+        let graphs = 8 * (36 * 256 * per_token + logits);
+        assert_eq!(step_reserve_bytes(&c, 2, &settings), step + graphs);
+        let eager = OptimizationSettings { cuda_graphs: false, ..settings.clone() };
+        assert_eq!(step_reserve_bytes(&c, 2, &eager), step);
+    }
+
+    #[test]
+    fn the_kv_cache_leaves_the_steps_their_reserve() {
+        let settings = OptimizationSettings { kv_block_tokens: 16, max_num_seqs: 256, ..Default::default() };
+        let gb = 1_000_000_000u64;
+        let block = 1_000_000;
+        // Much free: 0.9 of it (the reserve fits in the other tenth).
+        let (blocks, why) = kv_cache_blocks(&settings, block, 8 * gb, None, Some(135 * gb), 11 * gb, 262_144).expect("blocks");
+        assert_eq!(blocks as u64, 135 * gb * 9 / 10 / block);
+        assert!(why.contains("0.9 of the 135.00 GB"), "{why}");
+        // Less free (an 80 GB card): the reserve binds.
+        let (blocks, why) = kv_cache_blocks(&settings, block, 8 * gb, None, Some(73 * gb), 11 * gb, 262_144).expect("blocks");
+        assert_eq!(blocks as u64, 62 * gb / block);
+        assert!(why.contains("less 11.00 GB for the steps' activations"), "{why}");
+        // `kv_cache_gb` is taken as given.
+        let fixed = OptimizationSettings { kv_cache_gb: Some(40.0), ..settings.clone() };
+        let (blocks, _) = kv_cache_blocks(&fixed, block, 8 * gb, None, Some(73 * gb), 11 * gb, 262_144).expect("blocks");
+        assert_eq!(blocks as u64, 40 * gb / block);
+        // A reserve larger than what is free leaves no block: an error naming the sizes.
+        let err = kv_cache_blocks(&settings, block, 8 * gb, None, Some(10 * gb), 11 * gb, 262_144).expect_err("no room");
+        assert!(err.to_string().contains("10.00 GB free after the weights less 11.00 GB"), "{err}");
     }
 }
