@@ -88,7 +88,7 @@ measure() {
   # The divergence is measured on the saved checkpoint when there is one (every mode reads
   # the same weights from it), else on the random draw.
   local kl_args=$MODEL_ARGS
-  [[ "$MODEL_ARGS" == *--random-weights* ]] && [ -f $SAVED/model.safetensors.index.json ] && kl_args="--model $SAVED"
+  [[ "$MODEL_ARGS" == *--random-weights* ]] && { [ -f $SAVED/model.safetensors.index.json ] || [ -f $SAVED/model.safetensors ]; } && kl_args="--model $SAVED"
   [ $t -gt 30 ] && timeout $t taskset -c 0-5 $PIO score $PD --config /tmp/q_$mode.toml $kl_args --device cuda --dtype bf16 \
     --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_$mode.json 2> /tmp/score_$mode.err || tail -2 /tmp/score_$mode.err
   grep -a -m2 "quantiz" /tmp/score_$mode.err
