@@ -59,6 +59,34 @@ pub enum Command {
     /// An OpenAI-compatible HTTP server (chat completions, completions, models, health,
     /// metrics) over one or more models.
     Serve(ServeArgs),
+    /// The benchmark suite (speed, throughput, memory, power) on any plugin and model:
+    /// DIR/report.json and a self-contained DIR/report.html; exit 1 if memory leaks.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Suites, comma-separated: speed, throughput, memory, power, or all.
+    #[arg(long = "suite", value_delimiter = ',', default_value = "all")]
+    pub suites: Vec<String>,
+    /// Directory the report is written to (created if missing).
+    #[arg(long, default_value = "bench-report")]
+    pub out: PathBuf,
+    /// Small sizes everywhere (prompts of 20-100 tokens, 16 new tokens, 2 s of load): proves
+    /// the command and the report on a tiny model in seconds.
+    #[arg(long)]
+    pub quick: bool,
+    /// Runs of each speed case; the median is reported (default 3, 1 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: Option<u32>,
+    /// Sustained load: requests a second (default 2, 4 with --quick).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Sustained load: seconds (default 30, 2 with --quick).
+    #[arg(long)]
+    pub duration: Option<f64>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -497,7 +525,42 @@ pub fn main() -> anyhow::Result<()> {
         Command::Chat(args) => chat(&cli, args),
         Command::Score(args) => score(&cli, args),
         Command::Serve(args) => serve(&cli, args),
+        Command::Bench(args) => bench(&cli, args),
     }
+}
+
+fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
+    let mut suites = Vec::new();
+    for name in &args.suites {
+        for suite in crate::bench::parse_suites(name.trim()).map_err(|e| anyhow::anyhow!("--suite: {e}"))? {
+            if !suites.contains(&suite) {
+                suites.push(suite);
+            }
+        }
+    }
+    for (flag, value) in [("--rate", args.rate), ("--duration", args.duration)] {
+        if let Some(v) = value
+            && !(v.is_finite() && v > 0.0)
+        {
+            bail!("{flag} must be a positive number of {}, not {v}", if flag == "--rate" { "requests a second" } else { "seconds" });
+        }
+    }
+    let host = Host::new(cli)?;
+    let plan = crate::bench::Plan::new(suites, args.quick, args.runs.map(|r| r as usize), args.rate, args.duration);
+    let load = &args.model.load;
+    let run = crate::bench::BenchArgs {
+        model: args.model.model.as_deref(),
+        plugin: load.plugin.as_deref(),
+        device: load.device,
+        dtype: load.dtype,
+        random_weights: load.random_weights,
+        out: args.out.clone(),
+        plan,
+    };
+    if !crate::bench::run(&host, &run)? {
+        bail!("a benchmark check failed (memory grew from one load/cleanup cycle to the next); see {}", args.out.join("report.html").display());
+    }
+    Ok(())
 }
 
 /// The keys of an API key file: one per line, blank lines and `#` comments skipped.

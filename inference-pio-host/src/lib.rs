@@ -3,6 +3,8 @@
 //! selection by HF `architectures`, the CLI commands, the conformance suite every plugin
 //! passes and the OpenAI-compatible server.
 
+pub mod bench;
+pub mod bench_report;
 pub mod cgroup;
 pub mod cli;
 pub mod conformance;

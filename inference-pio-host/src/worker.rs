@@ -1280,8 +1280,8 @@ pub(crate) fn tree_rss_bytes(pids: &[u32]) -> u64 {
 }
 
 /// utime + stime of these processes (a [`tree`]: all threads) and their reaped children, in
-/// seconds; `None` when the first, the worker's own, is gone.
-fn cpu_seconds(pids: &[u32], ticks: f64) -> Option<f64> {
+/// seconds (`ticks`: `sysconf(_SC_CLK_TCK)`); `None` when the first, the worker's own, is gone.
+pub(crate) fn cpu_seconds(pids: &[u32], ticks: f64) -> Option<f64> {
     let one = |p: &u32| -> Option<f64> {
         let text = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
         let after = &text[text.rfind(')')? + 2..];

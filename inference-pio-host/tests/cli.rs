@@ -719,3 +719,78 @@ fn threads_size_the_plugins_compute_pool_and_bad_counts_are_refused() {
     let out = inference_pio(&base, cwd.path());
     assert!(!out.status.success() && stderr(&out).contains("threads") && stderr(&out).contains("5000"), "{}", stderr(&out));
 }
+
+#[test]
+fn bench_writes_a_complete_report_in_process_and_through_the_worker() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    // A copy with the tokenizer inside the model directory (the fixture links to a shared
+    // one, outside what the worker may open).
+    let model = cwd.path().join("llama-tiny-hf");
+    std::fs::create_dir(&model).expect("model dir");
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(llama_fixture("llama-tiny-hf").join(f), model.join(f)).expect("copy");
+    }
+    let model = model.to_str().expect("utf8");
+    let report_dir = cwd.path().join("report");
+    let report_arg = report_dir.to_str().expect("utf8");
+    let out = inference_pio(&["bench", "--model", model, "--suite", "all", "--quick", "--duration", "1", "--device", "cpu", "--out", report_arg], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = |name: &str| std::fs::read_to_string(report_dir.join(name)).expect("report file");
+    let report: serde_json::Value = serde_json::from_str(&read("report.json")).expect("json");
+    assert_eq!(report["plugin"]["id"], "llama");
+    assert_eq!(report["passed"], true);
+    for key in ["date", "commit", "command"] {
+        assert!(report[key].as_str().is_some_and(|s| !s.is_empty()), "{key} missing");
+    }
+    assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c >= 1));
+    assert_eq!(report["model"]["info"]["device"], "cpu");
+    let suites = &report["suites"];
+    // Speed: three prompt lengths and two generation lengths, each measured.
+    let cases = suites["speed"]["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 5, "{cases:?}");
+    for c in cases {
+        assert!(c["time_to_first_token_s"].as_f64().is_some_and(|t| t > 0.0), "{c}");
+        assert!(c["decode_tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{c}");
+    }
+    // Throughput: every part, with tokens produced.
+    let t = &suites["throughput"];
+    assert!(t["sequential"]["output_tokens_per_s"].as_f64().is_some_and(|x| x > 0.0));
+    assert_eq!(t["batch"].as_array().expect("batch").len(), 2);
+    assert_eq!(t["concurrent"][0]["requests"], 4);
+    assert!(t["sustained"]["requests"].as_u64().is_some_and(|n| n >= 1));
+    assert!(t["sustained"]["p99_latency_s"].as_f64().is_some_and(|x| x > 0.0));
+    // Power: CPU time was read while generating.
+    assert!(suites["power"]["generating"]["cpu_cores_busy"].as_f64().is_some_and(|x| x > 0.0), "{}", suites["power"]);
+    // Memory: every stage, resident memory in each, a peak at least the loaded model's.
+    let m = &suites["memory"];
+    assert_eq!(m["process"], "host (in process)");
+    let stages = m["stages"].as_array().expect("stages");
+    let names: Vec<&str> = stages.iter().filter_map(|s| s["stage"].as_str()).collect();
+    assert_eq!(names, ["baseline", "after initialize", "after load_model", "peak", "after cleanup", "after a second cycle"]);
+    assert!(stages.iter().all(|s| s["resident_bytes"].as_u64().is_some_and(|b| b > 0)));
+    assert!(stages[3]["resident_bytes"].as_u64() >= stages[2]["resident_bytes"].as_u64());
+    assert_eq!(m["leak_check"]["passed"], true);
+    let html = read("report.html");
+    for section in ["<h2>Speed</h2>", "<h2>Throughput</h2>", "<h2>Memory</h2>", "<h2>Power</h2>"] {
+        assert!(html.contains(section), "{section} missing from the page");
+    }
+    assert!(html.matches("<svg").count() >= 5, "the plots");
+
+    // Through the jailed worker: the memory is the worker's.
+    let library = target_dir().join(format!("libllama{}", std::env::consts::DLL_SUFFIX));
+    let sha = inference_pio_host::digest::sha256_file(&library).expect("hash");
+    std::fs::write(cwd.path().join("inference-pio.toml"), format!("[plugins.llama]\nsecurity = \"high\"\nallow_degraded = true\nsha256 = \"{sha}\"\n")).expect("config");
+    let out = inference_pio(&["bench", "--model", model, "--suite", "memory", "--quick", "--device", "cpu", "--out", report_arg], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&read("report.json")).expect("json");
+    assert_eq!(report["suites"]["memory"]["process"], "worker");
+    assert_eq!(report["plugin"]["security"], "high");
+    assert!(report["suites"].get("speed").is_none(), "only the suites asked for");
+
+    // Suites the product does not have yet are refused by name, as are unknown ones.
+    for (suite, said) in [("accuracy", "the `accuracy` suite is not built yet"), ("sped", "unknown suite `sped`")] {
+        let out = inference_pio(&["bench", "--model", model, "--suite", suite, "--out", report_arg], cwd.path());
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(said), "{}", stderr(&out));
+    }
+}

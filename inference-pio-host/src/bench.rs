@@ -1,0 +1,709 @@
+//! `inference-pio bench`: the benchmark suite every plugin gets, through the calls the host
+//! makes (in this process, or through the sandboxed worker at `high`/`maximum`), on any
+//! plugin and model. One run writes `DIR/report.json` (machine, GPU, driver, commit, command,
+//! every setting, every measurement) and `DIR/report.html`, a self-contained page with the
+//! same tables and SVG plots drawn by `plotters`.
+//!
+//! Suites (vLLM's `benchmark_latency` / `benchmark_throughput` / `benchmark_serving` are the
+//! models for the first two):
+//! - `speed`: time to first token, prefill and decode rates for prompts of 20, 50, 100, 512
+//!   and 2,048 tokens, and decode over 128 and 512 new tokens (medians over `--runs`);
+//! - `throughput`: sequential requests, batches (`infer_batch`) of 1, 8, 32 and 64 rows,
+//!   16 and 64 concurrent requests (one thread each, meeting in the plugin's scheduler), and
+//!   sustained load (a fixed request rate for a fixed time; p50/p99 latency per window);
+//! - `memory`: resident memory of the process holding the model (this one, or the worker)
+//!   and its GPU memory (NVML) at baseline, after `initialize`, after `load_model`, at the
+//!   peak of the run, after `cleanup`, and after a second load/cleanup cycle: memory that
+//!   grows from one cycle to the next is a leak and fails the run (exit 1);
+//! - `power`: CPU utilisation (`/proc`) idle and while generating; GPU power and energy
+//!   (NVML) and CPU package energy (RAPL, where readable); tokens per joule.
+//!
+//! Nothing here is a pass/fail timing: the numbers are recorded, not judged (the leak check
+//! excepted). `--quick` shrinks every size so that CI proves the command on a tiny model.
+
+use crate::cli::Host;
+use crate::handle::PluginHandle;
+use crate::selection::{read_model_config, select};
+use anyhow::{Context, bail};
+use inference_pio_core::types::{BatchInferRequest, DType, DeviceRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PromptInput, SamplingOverrides, SamplingParams};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A suite of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Suite {
+    Speed,
+    Throughput,
+    Memory,
+    Power,
+}
+
+impl Suite {
+    pub const ALL: [Suite; 4] = [Suite::Speed, Suite::Throughput, Suite::Memory, Suite::Power];
+}
+
+/// `--suite` values: a suite's name, or `all`. The optimization-impact and accuracy suites of
+/// the product's plan are refused by name until they exist (a flag that did nothing would
+/// report a suite that never ran).
+pub fn parse_suites(s: &str) -> Result<Vec<Suite>, String> {
+    match s {
+        "all" => Ok(Suite::ALL.to_vec()),
+        "speed" => Ok(vec![Suite::Speed]),
+        "throughput" => Ok(vec![Suite::Throughput]),
+        "memory" => Ok(vec![Suite::Memory]),
+        "power" => Ok(vec![Suite::Power]),
+        "optimization" | "accuracy" => Err(format!("the `{s}` suite is not built yet (suites: speed, throughput, memory, power, all)")),
+        _ => Err(format!("unknown suite `{s}` (speed, throughput, memory, power, all)")),
+    }
+}
+
+/// What one `bench` run measures and with what sizes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub suites: Vec<Suite>,
+    /// Runs of each speed case (the median is reported).
+    pub runs: usize,
+    pub prompt_lengths: Vec<usize>,
+    /// New tokens of the prompt-length cases.
+    pub new_tokens: usize,
+    /// Decode lengths of the generation cases (100-token prompt).
+    pub generation_lengths: Vec<usize>,
+    pub sequential_requests: usize,
+    pub batch_sizes: Vec<usize>,
+    pub concurrency: Vec<usize>,
+    /// Sustained load: requests a second, for this many seconds, each of `sustained_new_tokens`.
+    pub rate: f64,
+    pub duration_s: f64,
+    pub sustained_new_tokens: usize,
+    /// Seconds of idle measured by the power suite.
+    pub idle_s: f64,
+}
+
+impl Plan {
+    pub fn new(suites: Vec<Suite>, quick: bool, runs: Option<usize>, rate: Option<f64>, duration_s: Option<f64>) -> Self {
+        if quick {
+            Plan {
+                suites,
+                runs: runs.unwrap_or(1),
+                prompt_lengths: vec![20, 50, 100],
+                new_tokens: 16,
+                generation_lengths: vec![16, 32],
+                sequential_requests: 3,
+                batch_sizes: vec![1, 4],
+                concurrency: vec![4],
+                rate: rate.unwrap_or(4.0),
+                duration_s: duration_s.unwrap_or(2.0),
+                sustained_new_tokens: 8,
+                idle_s: 0.5,
+            }
+        } else {
+            Plan {
+                suites,
+                runs: runs.unwrap_or(3),
+                prompt_lengths: vec![20, 50, 100, 512, 2048],
+                new_tokens: 128,
+                generation_lengths: vec![128, 512],
+                sequential_requests: 8,
+                batch_sizes: vec![1, 8, 32, 64],
+                concurrency: vec![16, 64],
+                rate: rate.unwrap_or(2.0),
+                duration_s: duration_s.unwrap_or(30.0),
+                sustained_new_tokens: 64,
+                idle_s: 3.0,
+            }
+        }
+    }
+
+    fn has(&self, s: Suite) -> bool {
+        self.suites.contains(&s)
+    }
+}
+
+/// Deterministic prompt ids for benchmarking: `len` ids drawn (a fixed LCG, `seed`) from the
+/// middle three quarters of the vocabulary, away from the special tokens models keep at
+/// either end.
+pub fn prompt_ids(len: usize, vocab: u64, seed: u64) -> Vec<u32> {
+    let (lo, hi) = (vocab / 8, (vocab * 7 / 8).max(vocab / 8 + 1));
+    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (lo + (state >> 33) % (hi - lo)) as u32
+        })
+        .collect()
+}
+
+/// One greedy request of `prompt` ids (seeded) and `new` tokens to model `handle`.
+fn infer_on(plugin: &PluginHandle, handle: u64, vocab: u64, prompt: usize, new: usize, seed: u64) -> anyhow::Result<InferResponse> {
+    let req = request(prompt_ids(prompt, vocab, seed), new);
+    plugin.infer(handle, &req, &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn request(ids: Vec<u32>, new_tokens: usize) -> InferRequest {
+    InferRequest {
+        input: PromptInput::TokenIds(ids),
+        sampling: SamplingParams {
+            greedy: true,
+            values: SamplingOverrides { max_new_tokens: Some(new_tokens as u32), ..Default::default() },
+            seed: None,
+            ignore_eos: true,
+        },
+        stop: Vec::new(),
+        cache_salt: String::new(),
+        logprobs: None,
+        constraint: None,
+        images: Vec::new(),
+    }
+}
+
+/// The value at quantile `q` (0..=1) of `xs`, nearest rank; 0 for none.
+pub fn quantile(xs: &[f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
+}
+
+fn median(xs: &[f64]) -> f64 {
+    quantile(xs, 0.5)
+}
+
+/// Resident memory and GPU memory of one process, sampled in the background for its peak.
+struct Watch {
+    pid: u32,
+    nvml: Option<Arc<nvml_wrapper::Nvml>>,
+    peak: Arc<Mutex<(u64, u64)>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    fn start(pid: u32, nvml: Option<Arc<nvml_wrapper::Nvml>>) -> Self {
+        let peak = Arc::new(Mutex::new((0, 0)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s, n) = (peak.clone(), stop.clone(), nvml.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let now = sample(pid, n.as_deref());
+                if let Ok(mut m) = p.lock() {
+                    *m = (m.0.max(now.0), m.1.max(now.1));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Watch { pid, nvml, peak, stop, thread: Some(thread) }
+    }
+
+    fn now(&self) -> (u64, u64) {
+        sample(self.pid, self.nvml.as_deref())
+    }
+
+    fn peak(&self) -> (u64, u64) {
+        let now = self.now();
+        self.peak.lock().map(|m| (m.0.max(now.0), m.1.max(now.1))).unwrap_or(now)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// (resident bytes of `pid`, GPU bytes NVML attributes to `pid`).
+fn sample(pid: u32, nvml: Option<&nvml_wrapper::Nvml>) -> (u64, u64) {
+    (crate::worker::tree_rss_bytes(&[pid]), nvml.map_or(0, |n| crate::worker::gpu_bytes(n, pid)))
+}
+
+/// CPU seconds (user + system, with reaped children) `pid` has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then_some(())?;
+    crate::worker::cpu_seconds(&[pid], ticks as f64)
+}
+
+/// The CPU package energy counter (RAPL, microjoules) and its wrap-around range, if readable.
+fn rapl_uj() -> Option<(u64, u64)> {
+    let base = Path::new("/sys/class/powercap/intel-rapl:0");
+    let read = |f: &str| std::fs::read_to_string(base.join(f)).ok()?.trim().parse::<u64>().ok();
+    Some((read("energy_uj")?, read("max_energy_range_uj").unwrap_or(u64::MAX)))
+}
+
+/// GPU power and energy readings of one device through NVML.
+struct GpuPower {
+    nvml: Arc<nvml_wrapper::Nvml>,
+    index: u32,
+}
+
+impl GpuPower {
+    fn watts(&self) -> Option<f64> {
+        self.nvml.device_by_index(self.index).ok()?.power_usage().ok().map(|mw| f64::from(mw) / 1e3)
+    }
+    fn energy_j(&self) -> Option<f64> {
+        self.nvml.device_by_index(self.index).ok()?.total_energy_consumption().ok().map(|mj| mj as f64 / 1e3)
+    }
+}
+
+/// Everything a run needs: the plugin, the model's handle and shape, the plan.
+struct Bench<'a> {
+    plugin: &'a PluginHandle,
+    handle: u64,
+    info: ModelInfo,
+    plan: &'a Plan,
+    bar: indicatif::ProgressBar,
+}
+
+impl Bench<'_> {
+    fn fits(&self, prompt: usize, new: usize) -> bool {
+        (prompt + new) as u64 <= self.info.max_context
+    }
+
+    fn infer(&self, prompt: usize, new: usize, seed: u64) -> anyhow::Result<InferResponse> {
+        infer_on(self.plugin, self.handle, self.info.vocab_size, prompt, new, seed)
+    }
+
+    fn step(&self, what: String) {
+        self.bar.set_message(what);
+        self.bar.inc(1);
+    }
+
+    fn speed(&self) -> anyhow::Result<Value> {
+        let p = self.plan;
+        // A first request builds and tunes the kernels; it is not reported.
+        self.step("speed: warm-up".into());
+        self.infer(p.prompt_lengths[0].min(16), 4, 999)?;
+        let mut cases = Vec::new();
+        let mut run_case = |kind: &str, prompt: usize, new: usize| -> anyhow::Result<()> {
+            if !self.fits(prompt, new) {
+                cases.push(json!({"kind": kind, "prompt_tokens": prompt, "new_tokens": new, "skipped": format!("past the model's context of {}", self.info.max_context)}));
+                return Ok(());
+            }
+            let (mut ttft, mut prefill, mut decode, mut steady) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for r in 0..p.runs {
+                self.step(format!("speed: {prompt}-token prompt, {new} new tokens, run {}", r + 1));
+                // Every case and run its own prompt: none is a prefix-cache hit of another.
+                let t = self.infer(prompt, new, (prompt * 31 + new * 1009 + r) as u64)?.timings;
+                ttft.push(t.time_to_first_token_s);
+                prefill.push(t.prefill_tokens_per_s);
+                decode.push(t.decode_tokens_per_s);
+                steady.push(t.steady_decode_tokens_per_s);
+            }
+            cases.push(json!({
+                "kind": kind, "prompt_tokens": prompt, "new_tokens": new, "runs": p.runs,
+                "time_to_first_token_s": median(&ttft), "prefill_tokens_per_s": median(&prefill),
+                "decode_tokens_per_s": median(&decode), "steady_decode_tokens_per_s": median(&steady),
+            }));
+            Ok(())
+        };
+        for &prompt in &p.prompt_lengths {
+            run_case("prompt", prompt, p.new_tokens)?;
+        }
+        for &new in &p.generation_lengths {
+            run_case("generation", 100.min(p.prompt_lengths.iter().copied().max().unwrap_or(100)), new)?;
+        }
+        Ok(json!({ "cases": cases }))
+    }
+
+    fn throughput(&self) -> anyhow::Result<Value> {
+        let p = self.plan;
+        let (prompt, new) = (100, p.new_tokens);
+        if !self.fits(prompt, new) {
+            bail!("the throughput suite's {prompt}-token prompts with {new} new tokens do not fit the model's context of {}", self.info.max_context);
+        }
+        // Sequential: one request after another.
+        self.step("throughput: sequential".into());
+        let start = Instant::now();
+        let mut generated = 0;
+        for i in 0..p.sequential_requests {
+            generated += self.infer(prompt, new, 5000 + i as u64)?.token_ids.len();
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let sequential = json!({"requests": p.sequential_requests, "prompt_tokens": prompt, "new_tokens": new, "wall_s": wall,
+            "output_tokens_per_s": generated as f64 / wall, "requests_per_s": p.sequential_requests as f64 / wall});
+        // Batches through `infer_batch`.
+        let mut batches = Vec::new();
+        for &rows in &p.batch_sizes {
+            self.step(format!("throughput: batch of {rows}"));
+            let requests = (0..rows).map(|i| request(prompt_ids(prompt, self.info.vocab_size, 6000 + i as u64), new)).collect();
+            let start = Instant::now();
+            let out = self.plugin.infer_batch(self.handle, &BatchInferRequest { requests }).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let wall = start.elapsed().as_secs_f64();
+            let generated: usize = out.responses.iter().map(|r| r.token_ids.len()).sum();
+            batches.push(json!({"rows": rows, "wall_s": wall, "output_tokens_per_s": generated as f64 / wall,
+                "steady_decode_tokens_per_s": out.timings.steady_decode_tokens_per_s}));
+        }
+        // Concurrent requests, each on its own thread, released together.
+        let mut concurrent = Vec::new();
+        for &n in &p.concurrency {
+            self.step(format!("throughput: {n} concurrent requests"));
+            let (wall, results) = self.together(n, prompt, new, 7000)?;
+            let generated: usize = results.iter().map(|r| r.token_ids.len()).sum();
+            let ttft: Vec<f64> = results.iter().map(|r| r.timings.time_to_first_token_s + r.timings.queued_s).collect();
+            concurrent.push(json!({"requests": n, "wall_s": wall, "output_tokens_per_s": generated as f64 / wall,
+                "mean_time_to_first_token_s": ttft.iter().sum::<f64>() / ttft.len().max(1) as f64, "p99_time_to_first_token_s": quantile(&ttft, 0.99)}));
+        }
+        self.step(format!("throughput: sustained {} requests/s for {} s", p.rate, p.duration_s));
+        let sustained = self.sustained()?;
+        Ok(json!({"sequential": sequential, "batch": batches, "concurrent": concurrent, "sustained": sustained}))
+    }
+
+    /// `n` requests submitted at once from `n` threads: the wall time and the responses.
+    fn together(&self, n: usize, prompt: usize, new: usize, seed: u64) -> anyhow::Result<(f64, Vec<InferResponse>)> {
+        let barrier = std::sync::Barrier::new(n + 1);
+        let (wall, results) = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..n)
+                .map(|i| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        self.infer(prompt, new, seed + i as u64)
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let start = Instant::now();
+            let results: Vec<anyhow::Result<InferResponse>> = threads.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a request thread panicked")))).collect();
+            (start.elapsed().as_secs_f64(), results)
+        });
+        Ok((wall, results.into_iter().collect::<anyhow::Result<Vec<_>>>()?))
+    }
+
+    /// Requests at a fixed rate for a fixed time; latency percentiles per tenth of the run.
+    fn sustained(&self) -> anyhow::Result<Value> {
+        let p = self.plan;
+        let count = ((p.rate * p.duration_s).round() as usize).clamp(1, 1024);
+        let (prompt, new) = (100, p.sustained_new_tokens);
+        let start = Instant::now();
+        let samples: Vec<anyhow::Result<(f64, f64, f64, usize)>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..count)
+                .map(|i| {
+                    let at = Duration::from_secs_f64(i as f64 / p.rate);
+                    scope.spawn(move || {
+                        if let Some(wait) = at.checked_sub(start.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                        let sent = start.elapsed().as_secs_f64();
+                        let r = self.infer(prompt, new, 8000 + i as u64)?;
+                        let latency = start.elapsed().as_secs_f64() - sent;
+                        Ok((sent, latency, r.timings.queued_s + r.timings.time_to_first_token_s, r.token_ids.len()))
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a request thread panicked")))).collect()
+        });
+        let samples = samples.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+        let wall = start.elapsed().as_secs_f64();
+        let window = (p.duration_s / 10.0).max(1e-3);
+        let mut windows = Vec::new();
+        for w in 0..10 {
+            let (from, to) = (w as f64 * window, (w + 1) as f64 * window);
+            let lat: Vec<f64> = samples.iter().filter(|s| s.0 >= from && (s.0 < to || w == 9)).map(|s| s.1).collect();
+            if !lat.is_empty() {
+                windows.push(json!({"from_s": (from * 1e3).round() / 1e3, "requests": lat.len(), "p50_latency_s": quantile(&lat, 0.5), "p99_latency_s": quantile(&lat, 0.99)}));
+            }
+        }
+        let latency: Vec<f64> = samples.iter().map(|s| s.1).collect();
+        let ttft: Vec<f64> = samples.iter().map(|s| s.2).collect();
+        let generated: usize = samples.iter().map(|s| s.3).sum();
+        Ok(json!({"rate_requests_per_s": p.rate, "duration_s": p.duration_s, "requests": count, "prompt_tokens": prompt, "new_tokens": new,
+            "wall_s": wall, "output_tokens_per_s": generated as f64 / wall,
+            "p50_latency_s": quantile(&latency, 0.5), "p99_latency_s": quantile(&latency, 0.99),
+            "p50_time_to_first_token_s": quantile(&ttft, 0.5), "p99_time_to_first_token_s": quantile(&ttft, 0.99), "windows": windows}))
+    }
+
+    fn power(&self, pid: u32, gpu: Option<&GpuPower>) -> anyhow::Result<Value> {
+        let p = self.plan;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // One phase: wall time, CPU seconds of the model's process, GPU power samples and
+        // energy, RAPL energy.
+        let phase = |work: &dyn Fn() -> anyhow::Result<usize>| -> anyhow::Result<Value> {
+            let (cpu0, rapl0, gpu_e0) = (cpu_seconds(pid), rapl_uj(), gpu.and_then(GpuPower::energy_j));
+            let watts = Arc::new(Mutex::new(Vec::new()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let start = Instant::now();
+            let tokens = std::thread::scope(|scope| {
+                if let Some(g) = gpu {
+                    let (w, s) = (watts.clone(), stop.clone());
+                    scope.spawn(move || {
+                        while !s.load(Ordering::Relaxed) {
+                            if let (Some(x), Ok(mut v)) = (g.watts(), w.lock()) {
+                                v.push(x);
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    });
+                }
+                let out = work();
+                stop.store(true, Ordering::Relaxed);
+                out
+            })?;
+            let wall = start.elapsed().as_secs_f64();
+            let cpu = cpu0.zip(cpu_seconds(pid)).map(|(a, b)| b - a);
+            let rapl_j = rapl0.zip(rapl_uj()).map(|((a, range), (b, _))| (if b >= a { b - a } else { b + range - a }) as f64 / 1e6);
+            let gpu_j = gpu_e0.zip(gpu.and_then(GpuPower::energy_j)).map(|(a, b)| b - a);
+            let w = watts.lock().map(|v| v.clone()).unwrap_or_default();
+            let joules = gpu_j.or(rapl_j);
+            Ok(json!({
+                "wall_s": wall, "generated_tokens": tokens,
+                "cpu_utilisation_percent": cpu.map(|c| c / wall / cores * 100.0), "cpu_cores_busy": cpu.map(|c| c / wall),
+                "gpu_mean_watts": (!w.is_empty()).then(|| w.iter().sum::<f64>() / w.len() as f64),
+                "gpu_energy_j": gpu_j, "cpu_package_energy_j": rapl_j,
+                "tokens_per_joule": joules.filter(|&j| j > 0.0 && tokens > 0).map(|j| tokens as f64 / j),
+                "energy_source": if gpu_j.is_some() { "GPU (NVML)" } else if rapl_j.is_some() { "CPU package (RAPL)" } else { "none readable" },
+            }))
+        };
+        self.step("power: idle".into());
+        let idle = phase(&|| {
+            std::thread::sleep(Duration::from_secs_f64(p.idle_s));
+            Ok(0)
+        })?;
+        self.step("power: generating".into());
+        let new = p.generation_lengths.iter().copied().max().unwrap_or(p.new_tokens);
+        let busy = phase(&|| Ok(self.infer(100.min(self.info.max_context as usize / 2), new.min(self.info.max_context as usize / 2), 9000)?.token_ids.len()))?;
+        Ok(json!({"idle": idle, "generating": busy, "cores": cores}))
+    }
+}
+
+/// The machine: CPU, cores, memory, kernel, and the GPUs NVML sees.
+fn machine(nvml: Option<&nvml_wrapper::Nvml>) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1))).map(str::trim).unwrap_or("unknown");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: u64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|r| r.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let gpus: Vec<Value> = nvml
+        .map(|n| {
+            (0..n.device_count().unwrap_or(0))
+                .filter_map(|i| {
+                    let d = n.device_by_index(i).ok()?;
+                    Some(json!({"index": i, "name": d.name().ok(), "memory_bytes": d.memory_info().ok().map(|m| m.total)}))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu, "cores": std::thread::available_parallelism().map_or(1, |n| n.get()), "memory_bytes": mem_kb * 1024,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "gpus": gpus, "driver": nvml.and_then(|n| n.sys_driver_version().ok()),
+    })
+}
+
+/// The commit of the checkout the command runs in (`INFERENCE_PIO_COMMIT` when set, for
+/// binaries carried elsewhere), else `unknown`.
+fn commit() -> String {
+    if let Ok(c) = std::env::var("INFERENCE_PIO_COMMIT") {
+        return c;
+    }
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (Howard Hinnant's civil-from-days).
+pub fn utc_timestamp(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// What `inference-pio bench` was given.
+pub struct BenchArgs<'a> {
+    pub model: Option<&'a Path>,
+    pub plugin: Option<&'a str>,
+    pub device: Option<DeviceRequest>,
+    pub dtype: Option<DType>,
+    pub random_weights: Option<u64>,
+    pub out: PathBuf,
+    pub plan: Plan,
+}
+
+/// Runs the planned suites and writes the report; an error when the run could not be made,
+/// `Ok(false)` when it was made and a check in it failed (a memory leak).
+pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
+    let plan = &args.plan;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create the report directory {}", args.out.display()))?;
+    let nvml = nvml_wrapper::Nvml::init().ok().map(Arc::new);
+    let mut memory = Vec::new();
+    let self_pid = std::process::id();
+    let stage = |memory: &mut Vec<(String, u64, u64)>, name: &str, pid: u32| {
+        let (rss, gpu) = sample(pid, nvml.as_deref());
+        memory.push((name.to_string(), rss, gpu));
+    };
+    stage(&mut memory, "baseline", self_pid);
+    let model_path = host.resolve_model(args.model, true)?;
+    let model_config = read_model_config(&model_path)?;
+    let open = |id: &str, path: &Path| host.open_plugin(id, path, Some(&model_path));
+    let selected = select(&host.discovery, &model_config, args.plugin, &open)?;
+    let security = host.config.plugin(&selected.id).security.unwrap_or_default();
+    let settings = host.settings(&selected.id, security, &selected.path, &model_path);
+    let plugin = &selected.plugin;
+    plugin.initialize(&settings).with_context(|| format!("plugin `{}` failed to initialize", selected.id))?;
+    let metadata = plugin.metadata().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The process that holds the model: a worker at `high`/`maximum`, else this one.
+    let pid = match plugin {
+        PluginHandle::Worker(w) => w.worker_pid().unwrap_or(self_pid),
+        PluginHandle::InProcess(_) => self_pid,
+    };
+    stage(&mut memory, "after initialize", pid);
+    let device = match args.device {
+        Some(d) => d,
+        None => host.config.host.device.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?.unwrap_or(DeviceRequest::Auto),
+    };
+    let options = LoadOptions { device, dtype: args.dtype, random_weights: args.random_weights };
+    let load = || plugin.load_model(&model_path, &options).with_context(|| format!("plugin `{}` could not load {}", selected.id, model_path.display()));
+    let info = load()?;
+    stage(&mut memory, "after load_model", pid);
+    let watch = Watch::start(pid, nvml.clone());
+    let steps = plan.suites.iter().map(|s| match s {
+        Suite::Speed => 1 + plan.runs * (plan.prompt_lengths.len() + plan.generation_lengths.len()),
+        Suite::Throughput => 2 + plan.batch_sizes.len() + plan.concurrency.len(),
+        Suite::Memory => 3,
+        Suite::Power => 2,
+    });
+    let bar = indicatif::ProgressBar::new(steps.sum::<usize>() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let bench = Bench { plugin, handle: info.handle, info: info.clone(), plan, bar };
+    let gpu_index = info.device.strip_prefix("cuda:").and_then(|i| i.parse().ok()).or_else(|| (info.device == "cuda").then_some(0));
+    let gpu = nvml.clone().zip(gpu_index).map(|(nvml, index)| GpuPower { nvml, index });
+    let mut suites = serde_json::Map::new();
+    let started = Instant::now();
+    if plan.has(Suite::Speed) {
+        suites.insert("speed".into(), bench.speed()?);
+    }
+    if plan.has(Suite::Throughput) {
+        suites.insert("throughput".into(), bench.throughput()?);
+    }
+    if plan.has(Suite::Power) {
+        suites.insert("power".into(), bench.power(pid, gpu.as_ref())?);
+    }
+    let mut passed = true;
+    if plan.has(Suite::Memory) {
+        // A short workflow of its own, so that the peak is a full request's even alone.
+        bench.step("memory: a full request".into());
+        bench.infer(100.min(info.max_context as usize / 2), 16.min(info.max_context as usize / 2), 4242)?;
+        let (rss, gpu_bytes) = watch.peak();
+        memory.push(("peak".into(), rss, gpu_bytes));
+        bench.step("memory: cleanup".into());
+        plugin.cleanup(info.handle).map_err(|e| anyhow::anyhow!("cleanup: {e}"))?;
+        stage(&mut memory, "after cleanup", pid);
+        // A second cycle: what stays after it beyond the first cycle's is a leak.
+        bench.step("memory: a second load/cleanup cycle".into());
+        let again = load()?;
+        infer_on(plugin, again.handle, info.vocab_size, 100.min(info.max_context as usize / 2), 16.min(info.max_context as usize / 2), 4242)?;
+        plugin.cleanup(again.handle).map_err(|e| anyhow::anyhow!("cleanup: {e}"))?;
+        stage(&mut memory, "after a second cycle", pid);
+        let (first, second) = (&memory[memory.len() - 2], &memory[memory.len() - 1]);
+        let floor = LEAK_FLOOR_BYTES.max(info.weight_bytes / 10);
+        let rss_growth = second.1.saturating_sub(first.1);
+        let gpu_growth = second.2.saturating_sub(first.2);
+        let leaked = rss_growth > floor || gpu_growth > floor;
+        passed &= !leaked;
+        suites.insert(
+            "memory".into(),
+            json!({
+                "process": if pid == self_pid { "host (in process)" } else { "worker" },
+                "stages": memory.iter().map(|(name, rss, gpu)| json!({"stage": name, "resident_bytes": rss, "gpu_bytes": gpu})).collect::<Vec<_>>(),
+                "leak_check": {"resident_growth_bytes": rss_growth, "gpu_growth_bytes": gpu_growth, "allowed_bytes": floor, "passed": !leaked},
+                "gpu_memory_readable": nvml.is_some(),
+            }),
+        );
+    } else {
+        plugin.cleanup(info.handle).map_err(|e| anyhow::anyhow!("cleanup: {e}"))?;
+    }
+    bench.bar.finish_and_clear();
+    drop(watch);
+    let report = json!({
+        "tool": "inference-pio bench", "version": env!("CARGO_PKG_VERSION"),
+        "date": utc_timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())),
+        "commit": commit(), "command": std::env::args().collect::<Vec<_>>().join(" "), "machine": machine(nvml.as_deref()),
+        "plugin": {"id": selected.id, "version": metadata.version, "path": selected.path, "security": settings.security},
+        "model": {"path": model_path, "info": info}, "load_options": options, "settings": settings.optimization, "plan": plan,
+        "wall_s": started.elapsed().as_secs_f64(), "passed": passed, "suites": suites,
+    });
+    let json_path = args.out.join("report.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", json_path.display()))?;
+    let html_path = args.out.join("report.html");
+    std::fs::write(&html_path, crate::bench_report::html(&report)).with_context(|| format!("cannot write {}", html_path.display()))?;
+    eprintln!("wrote {} and {}", json_path.display(), html_path.display());
+    Ok(passed)
+}
+
+/// Growth of resident or GPU memory from one load/cleanup cycle to the next that is called a
+/// leak: at least this many bytes (or a tenth of the weights, if more).
+pub const LEAK_FLOOR_BYTES: u64 = 64 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suites_parse_and_unbuilt_ones_are_refused_by_name() {
+        assert_eq!(parse_suites("all").expect("all"), Suite::ALL.to_vec());
+        assert_eq!(parse_suites("memory").expect("memory"), vec![Suite::Memory]);
+        assert!(parse_suites("accuracy").expect_err("not built").contains("not built yet"));
+        assert!(parse_suites("spede").expect_err("unknown").contains("unknown suite `spede`"));
+    }
+
+    #[test]
+    fn prompt_ids_are_deterministic_and_inside_the_vocabulary() {
+        let a = prompt_ids(500, 1000, 7);
+        assert_eq!(a, prompt_ids(500, 1000, 7));
+        assert_ne!(a, prompt_ids(500, 1000, 8));
+        assert!(a.iter().all(|&id| (125..875).contains(&id)), "{a:?}");
+        // A tiny vocabulary still gets ids.
+        assert!(prompt_ids(10, 4, 1).iter().all(|&id| id < 4));
+    }
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let xs = [5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(quantile(&xs, 0.5), 3.0);
+        assert_eq!(quantile(&xs, 0.99), 5.0);
+        assert_eq!(quantile(&xs, 0.0), 1.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_796_469_296), "2026-12-05T11:14:56Z");
+    }
+
+    #[test]
+    fn the_cpu_time_of_this_process_is_read_from_proc() {
+        let before = cpu_seconds(std::process::id()).expect("readable");
+        // 100 ms of busy work: at least several clock ticks (10 ms each) of CPU time.
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        let after = cpu_seconds(std::process::id()).expect("readable");
+        assert!(after - before >= 0.05, "{before} -> {after}");
+    }
+}
