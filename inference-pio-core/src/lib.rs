@@ -12,6 +12,7 @@ pub mod abi;
 pub mod config;
 pub mod export;
 pub mod file_access;
+pub mod metrics;
 pub mod types;
 
 pub use abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError, PluginModule, PluginModuleRef};

@@ -16,7 +16,12 @@
 //!   peak of the run, after `cleanup`, and after a second load/cleanup cycle: memory that
 //!   grows from one cycle to the next is a leak and fails the run (exit 1);
 //! - `power`: CPU utilisation (`/proc`) idle and while generating; GPU power and energy
-//!   (NVML) and CPU package energy (RAPL, where readable); tokens per joule.
+//!   (NVML) and CPU package energy (RAPL, where readable); tokens per joule;
+//! - `optimization`: the model reloaded per [`Variant`] (the most exact mode, the baseline,
+//!   each reported optimization switched off, the other weight modes, all off), each measured
+//!   for speed, memory and its divergence from the most exact mode (KL and top-1 agreement
+//!   over the evaluation texts, as llama.cpp's `llama-perplexity --kl-divergence`);
+//! - `accuracy`: the chosen settings against the most exact mode, and perplexity.
 //!
 //! Nothing here is a pass/fail timing: the numbers are recorded, not judged (the leak check
 //! excepted). `--quick` shrinks every size so that CI proves the command on a tiny model.
@@ -25,7 +30,10 @@ use crate::cli::Host;
 use crate::handle::PluginHandle;
 use crate::selection::{read_model_config, select};
 use anyhow::{Context, bail};
-use inference_pio_core::types::{BatchInferRequest, DType, DeviceRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PromptInput, SamplingOverrides, SamplingParams};
+use inference_pio_core::config::{OptimizationSettings, Quantization};
+use inference_pio_core::types::{
+    BatchInferRequest, ConfigUpdate, DType, DeviceRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PromptInput, SamplingOverrides, SamplingParams, ScoreRequest, ScoreResponse,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -41,15 +49,15 @@ pub enum Suite {
     Throughput,
     Memory,
     Power,
+    Optimization,
+    Accuracy,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 4] = [Suite::Speed, Suite::Throughput, Suite::Memory, Suite::Power];
+    pub const ALL: [Suite; 6] = [Suite::Speed, Suite::Throughput, Suite::Memory, Suite::Power, Suite::Optimization, Suite::Accuracy];
 }
 
-/// `--suite` values: a suite's name, or `all`. The optimization-impact and accuracy suites of
-/// the product's plan are refused by name until they exist (a flag that did nothing would
-/// report a suite that never ran).
+/// `--suite` values: a suite's name, or `all`.
 pub fn parse_suites(s: &str) -> Result<Vec<Suite>, String> {
     match s {
         "all" => Ok(Suite::ALL.to_vec()),
@@ -57,8 +65,9 @@ pub fn parse_suites(s: &str) -> Result<Vec<Suite>, String> {
         "throughput" => Ok(vec![Suite::Throughput]),
         "memory" => Ok(vec![Suite::Memory]),
         "power" => Ok(vec![Suite::Power]),
-        "optimization" | "accuracy" => Err(format!("the `{s}` suite is not built yet (suites: speed, throughput, memory, power, all)")),
-        _ => Err(format!("unknown suite `{s}` (speed, throughput, memory, power, all)")),
+        "optimization" => Ok(vec![Suite::Optimization]),
+        "accuracy" => Ok(vec![Suite::Accuracy]),
+        _ => Err(format!("unknown suite `{s}` (speed, throughput, memory, power, optimization, accuracy, all)")),
     }
 }
 
@@ -255,6 +264,144 @@ impl GpuPower {
     }
 }
 
+/// `n` calls of `f` (given 0..n), each on its own thread, released together: the wall time
+/// from their release until the last returned, and their responses.
+fn together<F>(n: usize, f: F) -> anyhow::Result<(f64, Vec<InferResponse>)>
+where
+    F: Fn(usize) -> anyhow::Result<InferResponse> + Sync,
+{
+    let barrier = std::sync::Barrier::new(n + 1);
+    let (wall, results) = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                let (barrier, f) = (&barrier, &f);
+                scope.spawn(move || {
+                    barrier.wait();
+                    f(i)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let results: Vec<anyhow::Result<InferResponse>> = threads.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a request thread panicked")))).collect();
+        (start.elapsed().as_secs_f64(), results)
+    });
+    Ok((wall, results.into_iter().collect::<anyhow::Result<Vec<_>>>()?))
+}
+
+/// The evaluation texts (`eval-texts.json`, written for this repository: prose, code, a chat
+/// turn and a list), teacher-forced by the accuracy and optimization-impact suites.
+pub fn eval_texts() -> Vec<String> {
+    let parsed: Value = serde_json::from_str(include_str!("eval-texts.json")).unwrap_or(Value::Null);
+    parsed["texts"].as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(String::from)).collect()).unwrap_or_default()
+}
+
+/// One way of running the model that the optimization-impact suite measures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant {
+    pub name: String,
+    pub settings: OptimizationSettings,
+    /// The load's dtype (`None`: the plugin's default for the device).
+    pub dtype: Option<DType>,
+}
+
+/// Optimizations of the product's plan that are no setting of a plugin unless it reports
+/// them: each variant measures them as they are built in.
+const BUILT_IN: [(&str, &str); 3] = [
+    ("fused kernels", "always on: no setting switches them off"),
+    ("cuBLAS", "always used on CUDA for the dense products: no setting"),
+    ("KV-cache dtype", "the cache is kept in the model's dtype: no setting yet"),
+];
+
+/// The variants measured, in order: the most exact mode (f32, every weight dequantized where
+/// the plugin reports `quantization`), which the others are compared with; the baseline (the
+/// settings in force); each optimization the plugin reports and the baseline has on, switched
+/// off alone; each other quantization mode; and all the switches off together.
+pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported: &[String], quantized_checkpoint: bool) -> Vec<Variant> {
+    let has = |key: &str| reported.iter().any(|r| r == key);
+    let mut exact = baseline.clone();
+    exact.dtype = Some(DType::F32);
+    if has("quantization") {
+        exact.quantization = Some(Quantization::None);
+        exact.quantize_lm_head = false;
+    }
+    let mut out = vec![
+        Variant { name: "most exact (f32, weights dequantized)".into(), settings: exact, dtype: Some(DType::F32) },
+        Variant { name: "baseline".into(), settings: baseline.clone(), dtype },
+    ];
+    type Switch = (&'static str, &'static str, fn(&OptimizationSettings) -> bool, fn(&mut OptimizationSettings));
+    let switches: [Switch; 4] = [
+        ("cuda_graphs", "CUDA graphs off", |s| s.cuda_graphs, |s| s.cuda_graphs = false),
+        ("async_scheduling", "async scheduling off", |s| s.async_scheduling, |s| s.async_scheduling = false),
+        ("prefix_caching", "prefix caching off", |s| s.prefix_caching, |s| s.prefix_caching = false),
+        ("prefill_chunk_tokens", "chunked prefill off", |s| s.prefill_chunk_tokens > 0, |s| s.prefill_chunk_tokens = 0),
+    ];
+    let mut all_off = baseline.clone();
+    let mut switched = 0;
+    for (key, name, on, off) in switches {
+        if has(key) && on(baseline) {
+            let mut v = baseline.clone();
+            off(&mut v);
+            off(&mut all_off);
+            switched += 1;
+            out.push(Variant { name: name.into(), settings: v, dtype });
+        }
+    }
+    if has("quantization") {
+        let mut modes = vec![(Quantization::Int8, "int8 weights"), (Quantization::Int4, "int4 weights")];
+        if quantized_checkpoint {
+            modes.push((Quantization::None, "checkpoint's quantized weights dequantized"));
+        }
+        for (q, name) in modes {
+            if baseline.quantization != Some(q) {
+                let mut v = baseline.clone();
+                v.quantization = Some(q);
+                v.quantize_lm_head = false;
+                out.push(Variant { name: name.into(), settings: v, dtype });
+            }
+        }
+    }
+    if switched > 1 {
+        out.push(Variant { name: "all switches off".into(), settings: all_off, dtype });
+    }
+    out
+}
+
+/// Perplexity over several scored texts together: exp of the mean negative log-likelihood
+/// of every predicted token.
+pub fn pooled_perplexity(scores: &[ScoreResponse]) -> Option<f64> {
+    let (mut nll, mut tokens) = (0.0, 0usize);
+    for s in scores {
+        if let Some(m) = s.mean_nll {
+            let n = s.token_ids.len().saturating_sub(1);
+            nll += m * n as f64;
+            tokens += n;
+        }
+    }
+    (tokens > 0).then(|| (nll / tokens as f64).exp())
+}
+
+/// The divergence of `got` from `reference` over every position of every text; an error when
+/// the texts were tokenized differently or logits are missing.
+pub fn texts_divergence(reference: &[ScoreResponse], got: &[ScoreResponse]) -> Result<inference_pio_core::metrics::Divergence, String> {
+    if reference.len() != got.len() {
+        return Err(format!("{} texts scored against {}", got.len(), reference.len()));
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for (r, g) in reference.iter().zip(got) {
+        if r.token_ids != g.token_ids {
+            return Err("the texts were tokenized differently".into());
+        }
+        let (Some(rl), Some(gl)) = (&r.logits, &g.logits) else { return Err("the plugin returned no logits".into()) };
+        if rl.len() != gl.len() {
+            return Err(format!("{} logit rows against {}", gl.len(), rl.len()));
+        }
+        a.extend(rl.iter().cloned());
+        b.extend(gl.iter().cloned());
+    }
+    Ok(inference_pio_core::metrics::divergence(&a, &b))
+}
+
 /// Everything a run needs: the plugin, the model's handle and shape, the plan.
 struct Bench<'a> {
     plugin: &'a PluginHandle,
@@ -262,6 +409,11 @@ struct Bench<'a> {
     info: ModelInfo,
     plan: &'a Plan,
     bar: indicatif::ProgressBar,
+    /// What variants reload: the model and the load options, the process holding it.
+    model_path: &'a Path,
+    options: LoadOptions,
+    pid: u32,
+    nvml: Option<Arc<nvml_wrapper::Nvml>>,
 }
 
 impl Bench<'_> {
@@ -360,23 +512,7 @@ impl Bench<'_> {
 
     /// `n` requests submitted at once from `n` threads: the wall time and the responses.
     fn together(&self, n: usize, prompt: usize, new: usize, seed: u64) -> anyhow::Result<(f64, Vec<InferResponse>)> {
-        let barrier = std::sync::Barrier::new(n + 1);
-        let (wall, results) = std::thread::scope(|scope| {
-            let threads: Vec<_> = (0..n)
-                .map(|i| {
-                    let barrier = &barrier;
-                    scope.spawn(move || {
-                        barrier.wait();
-                        self.infer(prompt, new, seed + i as u64)
-                    })
-                })
-                .collect();
-            barrier.wait();
-            let start = Instant::now();
-            let results: Vec<anyhow::Result<InferResponse>> = threads.into_iter().map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a request thread panicked")))).collect();
-            (start.elapsed().as_secs_f64(), results)
-        });
-        Ok((wall, results.into_iter().collect::<anyhow::Result<Vec<_>>>()?))
+        together(n, |i| self.infer(prompt, new, seed + i as u64))
     }
 
     /// Requests at a fixed rate for a fixed time; latency percentiles per tenth of the run.
@@ -420,6 +556,99 @@ impl Bench<'_> {
             "wall_s": wall, "output_tokens_per_s": generated as f64 / wall,
             "p50_latency_s": quantile(&latency, 0.5), "p99_latency_s": quantile(&latency, 0.99),
             "p50_time_to_first_token_s": quantile(&ttft, 0.5), "p99_time_to_first_token_s": quantile(&ttft, 0.99), "windows": windows}))
+    }
+
+    /// Loads the model as `v` says, measures it (a single request, concurrent requests
+    /// sharing half their prompt, peak memory, the evaluation texts scored) and cleans up;
+    /// the texts' scores come back for the divergence. A variant the plugin refuses or fails
+    /// to load is reported as such, not measured.
+    fn variant(&self, v: &Variant, texts: &[String]) -> anyhow::Result<(Value, Vec<ScoreResponse>)> {
+        self.step(format!("optimization: {}", v.name));
+        let update = ConfigUpdate { optimization: Some(v.settings.clone()), ..Default::default() };
+        let outcome = self.plugin.update_config(&update).map_err(|e| anyhow::anyhow!("update_config: {e}"))?;
+        if !outcome.refused.is_empty() {
+            return Ok((json!({"variant": v.name, "refused": outcome.refused}), Vec::new()));
+        }
+        let watch = Watch::start(self.pid, self.nvml.clone());
+        let options = LoadOptions { dtype: v.dtype, ..self.options.clone() };
+        let info = match self.plugin.load_model(self.model_path, &options) {
+            Ok(info) => info,
+            Err(e) => return Ok((json!({"variant": v.name, "settings": v.settings, "load_error": e.to_string()}), Vec::new())),
+        };
+        let (h, vocab, ctx) = (info.handle, info.vocab_size, info.max_context as usize);
+        let (prompt, new) = (100.min(ctx / 2), self.plan.new_tokens.min(ctx / 4).max(1));
+        let measured = (|| -> anyhow::Result<(Value, Vec<ScoreResponse>)> {
+            infer_on(self.plugin, h, vocab, 16.min(prompt), 4.min(new), 424_242)?;
+            // Prompts sharing their first half: the single request primes it, the concurrent
+            // ones can take it from the prefix cache.
+            let prefix = prompt_ids(prompt / 2, vocab, 31_337);
+            let with_tail = |i: usize| {
+                let mut ids = prefix.clone();
+                ids.extend(prompt_ids(prompt - prompt / 2, vocab, 40_000 + i as u64));
+                ids
+            };
+            let run = |i: usize| self.plugin.infer(h, &request(with_tail(i), new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
+            let single = run(0)?.timings;
+            let n = self.plan.concurrency.first().copied().unwrap_or(4);
+            let (wall, results) = together(n, |i| run(i + 1))?;
+            let generated: usize = results.iter().map(|r| r.token_ids.len()).sum();
+            let ttft: Vec<f64> = results.iter().map(|r| r.timings.time_to_first_token_s + r.timings.queued_s).collect();
+            let score = |input: PromptInput| self.plugin.score(h, &ScoreRequest { input, return_logits: true }).map_err(|e| e.to_string());
+            let scored: Result<Vec<ScoreResponse>, String> = texts.iter().map(|t| score(PromptInput::Text(t.clone()))).collect();
+            // A model whose tokenizer gives ids past its own vocabulary (a test model) cannot
+            // score the texts: it is evaluated on fixed random ids instead, and the report says so.
+            let (scores, evaluated_on, score_error) = match scored {
+                Ok(s) => (s, "the evaluation texts", None),
+                Err(text_error) => {
+                    let ids: Result<Vec<ScoreResponse>, String> = (0..texts.len().max(1)).map(|i| score(PromptInput::TokenIds(prompt_ids(64.min(ctx), vocab, 50_000 + i as u64)))).collect();
+                    match ids {
+                        Ok(s) => (s, "fixed random token ids (the texts did not score)", Some(text_error)),
+                        Err(e) => (Vec::new(), "nothing", Some(format!("{text_error}; random ids: {e}"))),
+                    }
+                }
+            };
+            let (rss, gpu) = watch.peak();
+            Ok((
+                json!({
+                    "evaluated_on": evaluated_on, "score_error": score_error,
+                    "variant": v.name, "settings": v.settings, "dtype": info.dtype, "quantization": info.quantization,
+                    "weight_bytes": info.weight_bytes, "kv_cache_bytes": info.kv_cache_bytes,
+                    "time_to_first_token_s": single.time_to_first_token_s, "decode_tokens_per_s": single.decode_tokens_per_s,
+                    "concurrent_requests": n, "concurrent_output_tokens_per_s": generated as f64 / wall,
+                    "concurrent_mean_time_to_first_token_s": ttft.iter().sum::<f64>() / ttft.len().max(1) as f64,
+                    "peak_resident_bytes": rss, "peak_gpu_bytes": gpu, "perplexity": pooled_perplexity(&scores),
+                }),
+                scores,
+            ))
+        })();
+        self.plugin.cleanup(h).map_err(|e| anyhow::anyhow!("cleanup: {e}"))?;
+        measured
+    }
+
+    /// Runs `variants` in order (the first is the reference the others' divergence is taken
+    /// from), then puts the settings in force back.
+    fn variants(&self, variants: &[Variant], baseline: &OptimizationSettings) -> anyhow::Result<Vec<Value>> {
+        let texts = eval_texts();
+        let mut reference: Option<Vec<ScoreResponse>> = None;
+        let mut rows = Vec::new();
+        for (i, v) in variants.iter().enumerate() {
+            let (mut row, scores) = self.variant(v, &texts)?;
+            if i == 0 {
+                // The reference itself (what it is compared with is itself).
+                reference = (!scores.is_empty()).then_some(scores);
+            } else if !scores.is_empty() {
+                row["divergence_from_most_exact"] = match reference.as_deref().map(|r| texts_divergence(r, &scores)) {
+                    Some(Ok(d)) => json!(d),
+                    Some(Err(e)) => json!({"error": e}),
+                    None => json!({"error": "the most exact variant did not run"}),
+                };
+            }
+            rows.push(row);
+        }
+        self.plugin
+            .update_config(&ConfigUpdate { optimization: Some(baseline.clone()), ..Default::default() })
+            .map_err(|e| anyhow::anyhow!("update_config: {e}"))?;
+        Ok(rows)
     }
 
     fn power(&self, pid: u32, gpu: Option<&GpuPower>) -> anyhow::Result<Value> {
@@ -578,15 +807,19 @@ pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
     let info = load()?;
     stage(&mut memory, "after load_model", pid);
     let watch = Watch::start(pid, nvml.clone());
+    let all_variants = variants(&settings.optimization, args.dtype, &metadata.optimizations, !info.quantization.is_empty());
     let steps = plan.suites.iter().map(|s| match s {
         Suite::Speed => 1 + plan.runs * (plan.prompt_lengths.len() + plan.generation_lengths.len()),
         Suite::Throughput => 2 + plan.batch_sizes.len() + plan.concurrency.len(),
         Suite::Memory => 3,
         Suite::Power => 2,
+        Suite::Optimization => all_variants.len(),
+        Suite::Accuracy if plan.has(Suite::Optimization) => 0,
+        Suite::Accuracy => 2,
     });
     let bar = indicatif::ProgressBar::new(steps.sum::<usize>() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-    let bench = Bench { plugin, handle: info.handle, info: info.clone(), plan, bar };
+    let bench = Bench { plugin, handle: info.handle, info: info.clone(), plan, bar, model_path: &model_path, options: options.clone(), pid, nvml: nvml.clone() };
     let gpu_index = info.device.strip_prefix("cuda:").and_then(|i| i.parse().ok()).or_else(|| (info.device == "cuda").then_some(0));
     let gpu = nvml.clone().zip(gpu_index).map(|(nvml, index)| GpuPower { nvml, index });
     let mut suites = serde_json::Map::new();
@@ -634,6 +867,34 @@ pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
     } else {
         plugin.cleanup(info.handle).map_err(|e| anyhow::anyhow!("cleanup: {e}"))?;
     }
+    // Variants: each loads the model its own way, measures it and cleans up.
+    let texts = eval_texts().len();
+    let accuracy = |rows: &[Value]| {
+        json!({
+            "most_exact": rows.first().map(|r| r["variant"].clone()), "chosen": rows.get(1).map(|r| r["variant"].clone()),
+            "divergence_of_chosen": rows.get(1).map(|r| r["divergence_from_most_exact"].clone()),
+            "perplexity_chosen": rows.get(1).map(|r| r["perplexity"].clone()), "perplexity_most_exact": rows.first().map(|r| r["perplexity"].clone()),
+            "texts": texts,
+            "note": "the chosen settings against the same model in f32 with every weight dequantized, over the committed evaluation texts; \
+                     a transformers reference is compared by the plugins' own parity tests, not here",
+        })
+    };
+    if plan.has(Suite::Optimization) {
+        let rows = bench.variants(&all_variants, &settings.optimization)?;
+        if plan.has(Suite::Accuracy) {
+            suites.insert("accuracy".into(), accuracy(&rows));
+        }
+        suites.insert(
+            "optimization".into(),
+            json!({
+                "variants": rows, "reported_settings": metadata.optimizations, "texts": texts,
+                "built_in": BUILT_IN.iter().map(|(what, why)| json!({"optimization": what, "why_not_switched": why})).collect::<Vec<_>>(),
+            }),
+        );
+    } else if plan.has(Suite::Accuracy) {
+        let rows = bench.variants(&all_variants[..2], &settings.optimization)?;
+        suites.insert("accuracy".into(), accuracy(&rows));
+    }
     bench.bar.finish_and_clear();
     drop(watch);
     let report = json!({
@@ -661,11 +922,75 @@ mod tests {
     use super::*;
 
     #[test]
-    fn suites_parse_and_unbuilt_ones_are_refused_by_name() {
+    fn suites_parse_and_unknown_ones_are_refused_by_name() {
         assert_eq!(parse_suites("all").expect("all"), Suite::ALL.to_vec());
         assert_eq!(parse_suites("memory").expect("memory"), vec![Suite::Memory]);
-        assert!(parse_suites("accuracy").expect_err("not built").contains("not built yet"));
+        assert_eq!(parse_suites("accuracy").expect("accuracy"), vec![Suite::Accuracy]);
         assert!(parse_suites("spede").expect_err("unknown").contains("unknown suite `spede`"));
+    }
+
+    #[test]
+    fn variants_switch_off_what_the_plugin_reports_and_the_baseline_has_on() {
+        let keys: Vec<String> = OptimizationSettings::KEYS.iter().map(|k| k.to_string()).collect();
+        let baseline = OptimizationSettings::default();
+        let v = variants(&baseline, None, &keys, false);
+        let names: Vec<&str> = v.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "most exact (f32, weights dequantized)",
+                "baseline",
+                "CUDA graphs off",
+                "async scheduling off",
+                "prefix caching off",
+                "chunked prefill off",
+                "int8 weights",
+                "int4 weights",
+                "all switches off"
+            ]
+        );
+        assert_eq!((v[0].dtype, v[0].settings.quantization), (Some(DType::F32), Some(Quantization::None)));
+        assert_eq!(v[1].settings, baseline);
+        // Each switch changes exactly its own key.
+        assert_eq!(v[4].settings, OptimizationSettings { prefix_caching: false, ..baseline.clone() });
+        let all = &v[8].settings;
+        assert!(!all.cuda_graphs && !all.async_scheduling && !all.prefix_caching && all.prefill_chunk_tokens == 0);
+        // A plugin reporting only prefix caching gets that switch alone, no "all off", and a
+        // quantized checkpoint adds its dequantized variant.
+        let v = variants(&baseline, Some(DType::Bf16), &["prefix_caching".to_string()], true);
+        let names: Vec<&str> = v.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["most exact (f32, weights dequantized)", "baseline", "prefix caching off"]);
+        assert_eq!(v[2].dtype, Some(DType::Bf16));
+        let v = variants(&baseline, None, &keys, true);
+        assert!(v.iter().any(|v| v.settings.quantization == Some(Quantization::None) && v.name.contains("dequantized") && v.dtype.is_none()));
+    }
+
+    fn scored(ids: Vec<u32>, nll: Option<f64>, logits: Vec<Vec<f32>>) -> ScoreResponse {
+        ScoreResponse { token_ids: ids, perplexity: nll.map(f64::exp), mean_nll: nll, logits: Some(logits) }
+    }
+
+    #[test]
+    fn perplexity_pools_every_predicted_token_and_divergence_needs_the_same_tokens() {
+        // 3 predicted tokens at 1.0 nats and 1 at 2.0: exp(5/4).
+        let a = [scored(vec![1, 2, 3, 4], Some(1.0), vec![vec![1.0, 0.0]; 4]), scored(vec![5, 6], Some(2.0), vec![vec![0.0, 1.0]; 2])];
+        assert!((pooled_perplexity(&a).expect("some") - (1.25f64).exp()).abs() < 1e-12);
+        assert_eq!(pooled_perplexity(&[]), None);
+        let same = texts_divergence(&a, &a).expect("divergence");
+        assert_eq!((same.positions, same.mean_kl, same.top1_agreement), (6, 0.0, 1.0));
+        // One text's picks flipped: 4 of 6 positions agree.
+        let b = [a[0].clone(), scored(vec![5, 6], Some(2.0), vec![vec![1.0, 0.0]; 2])];
+        let d = texts_divergence(&a, &b).expect("divergence");
+        assert!((d.top1_agreement - 4.0 / 6.0).abs() < 1e-12 && d.mean_kl > 0.0, "{d:?}");
+        let other_tokens = [a[0].clone(), scored(vec![5, 7], Some(2.0), vec![vec![0.0, 1.0]; 2])];
+        assert!(texts_divergence(&a, &other_tokens).expect_err("different tokens").contains("tokenized differently"));
+        assert!(texts_divergence(&a, &a[..1]).is_err());
+    }
+
+    #[test]
+    fn the_evaluation_texts_are_committed() {
+        let texts = eval_texts();
+        assert_eq!(texts.len(), 4);
+        assert!(texts.iter().all(|t| t.len() > 100));
     }
 
     #[test]

@@ -224,6 +224,63 @@ pub fn html(report: &Value) -> String {
         let names: Vec<String> = stages.iter().enumerate().map(|(i, s)| format!("{i}: {}", s["stage"].as_str().unwrap_or("?"))).collect();
         body.push_str(&line_chart("Memory by stage", &names.join(", "), "MiB", &[("resident".into(), indexed("resident_bytes")), ("GPU".into(), indexed("gpu_bytes"))]));
     }
+    if let Some(o) = suites.get("optimization") {
+        body.push_str("<h2>Optimization impact</h2><p>Each variant loads the model its own way and is measured the same way: \
+            a single request, concurrent requests sharing half their prompt, peak memory, and the evaluation texts teacher-forced \
+            against the first (most exact) variant.</p>");
+        let rows: Vec<Value> = array(o, "variants")
+            .iter()
+            .map(|r| {
+                let mut flat = r.clone();
+                let d = &r["divergence_from_most_exact"];
+                flat["mean_kl"] = d["mean_kl"].clone();
+                flat["top1_agreement"] = d["top1_agreement"].clone();
+                let notes: Vec<String> = ["refused", "load_error", "score_error"]
+                    .iter()
+                    .filter(|k| !r[**k].is_null())
+                    .map(|k| format!("{k}: {}", r[*k].as_str().map_or_else(|| r[*k].to_string(), String::from)))
+                    .chain(d["error"].as_str().map(|e| format!("divergence: {e}")))
+                    .collect();
+                flat["notes"] = Value::String(notes.join("; "));
+                flat
+            })
+            .collect();
+        body.push_str(&table(
+            &rows,
+            &[
+                ("variant", "variant"),
+                ("dtype", "dtype"),
+                ("quantization", "stored quantized"),
+                ("weight_bytes", "weights (bytes)"),
+                ("time_to_first_token_s", "TTFT (s)"),
+                ("decode_tokens_per_s", "decode tok/s"),
+                ("concurrent_output_tokens_per_s", "concurrent output tok/s"),
+                ("concurrent_mean_time_to_first_token_s", "concurrent mean TTFT (s)"),
+                ("peak_resident_bytes", "peak resident (bytes)"),
+                ("peak_gpu_bytes", "peak GPU (bytes)"),
+                ("perplexity", "perplexity"),
+                ("mean_kl", "mean KL (nats)"),
+                ("top1_agreement", "top-1 agreement"),
+                ("evaluated_on", "evaluated on"),
+                ("notes", "notes"),
+            ],
+        ));
+        body.push_str(&table(array(o, "built_in"), &[("optimization", "not switched"), ("why_not_switched", "why")]));
+        let names: Vec<String> = rows.iter().enumerate().map(|(i, r)| format!("{i}: {}", r["variant"].as_str().unwrap_or("?"))).collect();
+        let indexed = |key: &str| rows.iter().enumerate().filter_map(|(i, r)| Some((i as f64, num(r, key)?))).collect::<Vec<_>>();
+        body.push_str(&line_chart(
+            "Speed by variant",
+            &names.join(", "),
+            "tokens/s",
+            &[("decode (single request)".into(), indexed("decode_tokens_per_s")), ("concurrent output".into(), indexed("concurrent_output_tokens_per_s"))],
+        ));
+        body.push_str(&line_chart("Divergence from the most exact variant", &names.join(", "), "mean KL (nats)", &[("mean KL".into(), indexed("mean_kl"))]));
+    }
+    if let Some(a) = suites.get("accuracy") {
+        body.push_str("<h2>Accuracy</h2>");
+        body.push_str(&fields(a));
+        body.push_str(&fields(&a["divergence_of_chosen"]));
+    }
     if let Some(p) = suites.get("power") {
         body.push_str("<h2>Power</h2><h3>Idle</h3>");
         body.push_str(&fields(&p["idle"]));

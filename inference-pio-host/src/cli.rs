@@ -59,8 +59,9 @@ pub enum Command {
     /// An OpenAI-compatible HTTP server (chat completions, completions, models, health,
     /// metrics) over one or more models.
     Serve(ServeArgs),
-    /// The benchmark suite (speed, throughput, memory, power) on any plugin and model:
-    /// DIR/report.json and a self-contained DIR/report.html; exit 1 if memory leaks.
+    /// The benchmark suite (speed, throughput, memory, power, optimization impact, accuracy)
+    /// on any plugin and model: DIR/report.json and a self-contained DIR/report.html; exit 1
+    /// if memory leaks.
     Bench(BenchArgs),
 }
 
@@ -68,7 +69,7 @@ pub enum Command {
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Suites, comma-separated: speed, throughput, memory, power, or all.
+    /// Suites, comma-separated: speed, throughput, memory, power, optimization, accuracy, or all.
     #[arg(long = "suite", value_delimiter = ',', default_value = "all")]
     pub suites: Vec<String>,
     /// Directory the report is written to (created if missing).

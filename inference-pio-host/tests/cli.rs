@@ -770,11 +770,30 @@ fn bench_writes_a_complete_report_in_process_and_through_the_worker() {
     assert!(stages.iter().all(|s| s["resident_bytes"].as_u64().is_some_and(|b| b > 0)));
     assert!(stages[3]["resident_bytes"].as_u64() >= stages[2]["resident_bytes"].as_u64());
     assert_eq!(m["leak_check"]["passed"], true);
+    // Optimization impact: every variant measured; switches leave the tokens' distributions
+    // alone, int8 moves them a little and int4 more (this tiny model's texts tokenize past its
+    // 320-token vocabulary, so it is evaluated on fixed random ids, and the report says so).
+    let rows = suites["optimization"]["variants"].as_array().expect("variants");
+    let row = |name: &str| rows.iter().find(|r| r["variant"] == name).unwrap_or_else(|| panic!("no variant {name}: {rows:?}"));
+    assert_eq!(rows.len(), 9, "{rows:?}");
+    for r in rows {
+        assert!(r["decode_tokens_per_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+        assert!(r["evaluated_on"].as_str().is_some_and(|e| e.starts_with("fixed random token ids")), "{r}");
+    }
+    let kl = |name: &str| row(name)["divergence_from_most_exact"]["mean_kl"].as_f64().unwrap_or(f64::NAN);
+    assert_eq!(kl("prefix caching off"), 0.0);
+    assert_eq!(kl("all switches off"), 0.0);
+    assert!(kl("int8 weights") > 0.0 && kl("int8 weights") < 0.05, "{}", kl("int8 weights"));
+    assert!(kl("int4 weights") > kl("int8 weights"));
+    assert!(row("int8 weights")["weight_bytes"].as_u64() < row("baseline")["weight_bytes"].as_u64());
+    // Accuracy: the chosen settings against the most exact ones.
+    assert_eq!(suites["accuracy"]["chosen"], "baseline");
+    assert!(suites["accuracy"]["perplexity_chosen"].as_f64().is_some_and(|p| p > 1.0));
     let html = read("report.html");
-    for section in ["<h2>Speed</h2>", "<h2>Throughput</h2>", "<h2>Memory</h2>", "<h2>Power</h2>"] {
+    for section in ["<h2>Speed</h2>", "<h2>Throughput</h2>", "<h2>Memory</h2>", "<h2>Power</h2>", "<h2>Optimization impact</h2>", "<h2>Accuracy</h2>"] {
         assert!(html.contains(section), "{section} missing from the page");
     }
-    assert!(html.matches("<svg").count() >= 5, "the plots");
+    assert!(html.matches("<svg").count() >= 7, "the plots");
 
     // Through the jailed worker: the memory is the worker's.
     let library = target_dir().join(format!("libllama{}", std::env::consts::DLL_SUFFIX));
@@ -787,9 +806,9 @@ fn bench_writes_a_complete_report_in_process_and_through_the_worker() {
     assert_eq!(report["plugin"]["security"], "high");
     assert!(report["suites"].get("speed").is_none(), "only the suites asked for");
 
-    // Suites the product does not have yet are refused by name, as are unknown ones.
-    for (suite, said) in [("accuracy", "the `accuracy` suite is not built yet"), ("sped", "unknown suite `sped`")] {
-        let out = inference_pio(&["bench", "--model", model, "--suite", suite, "--out", report_arg], cwd.path());
+    // Unknown suites and rates that cannot work are refused by name.
+    for (args, said) in [(["--suite", "sped"], "unknown suite `sped`"), (["--rate", "0"], "--rate must be a positive number")] {
+        let out = inference_pio(&[&["bench", "--model", model, "--out", report_arg][..], &args[..]].concat(), cwd.path());
         assert!(!out.status.success());
         assert!(stderr(&out).contains(said), "{}", stderr(&out));
     }

@@ -219,34 +219,6 @@ pub fn check_chat_template(family: &ModelFamily, model_dir: &Path, reference_pat
     }
 }
 
-/// How far next-token distributions move from a reference's, position by position (as
-/// llama.cpp's `llama-perplexity --kl-divergence` reports them): the mean and largest
-/// `KL(reference || got)` in nats, and the share of positions whose most likely token agrees.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Divergence {
-    pub mean_kl: f64,
-    pub max_kl: f64,
-    pub top1_agreement: f64,
-    pub positions: usize,
-}
-
-/// [`Divergence`] of `got` from `reference`, logits `[positions][vocab]`.
-pub fn divergence(reference: &[Vec<f32>], got: &[Vec<f32>]) -> Divergence {
-    assert_eq!(reference.len(), got.len(), "positions");
-    let log_softmax = |row: &[f32]| -> Vec<f64> {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-        row.iter().map(|&v| v as f64 - log_sum).collect()
-    };
-    let argmax = |row: &[f32]| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
-    let (mut sum, mut max, mut agree) = (0.0, 0f64, 0usize);
-    for (r, g) in reference.iter().zip(got) {
-        let (lr, lg) = (log_softmax(r), log_softmax(g));
-        let kl: f64 = lr.iter().zip(&lg).map(|(a, b)| a.exp() * (a - b)).sum();
-        sum += kl;
-        max = max.max(kl);
-        agree += usize::from(argmax(r) == argmax(g));
-    }
-    let n = reference.len().max(1);
-    Divergence { mean_kl: sum / n as f64, max_kl: max, top1_agreement: agree as f64 / n as f64, positions: reference.len() }
-}
+/// The divergence of one model's next-token distributions from another's (shared with
+/// `inference-pio bench`, which has no tensors).
+pub use inference_pio_core::metrics::{Divergence, divergence};

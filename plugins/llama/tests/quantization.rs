@@ -1,7 +1,7 @@
 //! Weight quantization on the real SmolLM2-135M-Instruct (the built-in default model, a Q4_1
 //! GGUF; CI fetches it before the tests), on the CPU. Each way of storing the linear weights
 //! is measured against the file's values dequantized to f32 (`quantization = "none"`) over
-//! the committed texts of `tests/fixtures/kl-texts.json`, teacher-forced: the mean and
+//! the committed evaluation texts (`inference-pio-host/src/eval-texts.json`, which `inference-pio bench` scores too), teacher-forced: the mean and
 //! largest KL divergence of the next-token distributions and the top-1 agreement, as
 //! llama.cpp's `llama-perplexity --kl-divergence` reports them
 //! (`inference_pio_engine::testing::divergence`), for the prompt path (all positions in one
@@ -24,8 +24,8 @@ fn load(quantization: Option<Quantization>) -> Engine {
 }
 
 fn texts(engine: &Engine) -> Vec<Vec<u32>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kl-texts.json");
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("kl-texts.json")).expect("json");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../inference-pio-host/src/eval-texts.json");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("eval-texts.json")).expect("json");
     json["texts"]
         .as_array()
         .expect("texts")
