@@ -1,0 +1,71 @@
+//! Micro-benchmark on the CPU: the fused quantized product of one decode row
+//! (`QuantizedMatrix::matmul`, the codes read in place) over SmolLM2-135M's linear shapes
+//! (4-bit codes in groups of 32, as its Q4_1 GGUF), f32 activations and 16-bit activation
+//! blocks, against the f32 dense product of the same weight through the same rayon pool.
+//! Reports µs per product, weights per ns and the code bytes read per second.
+//! `cargo run --example cpu_matvec [--release]`; results in `benches/results/`.
+
+use inference_pio_kernels::quant::{CpuActivations, QuantizedMatrix};
+use std::time::Instant;
+
+/// A deterministic 4-bit matrix of `rows x cols` in groups of 32.
+fn matrix(rows: usize, cols: usize) -> QuantizedMatrix {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) as u32
+    };
+    let groups = cols / 32;
+    QuantizedMatrix {
+        rows,
+        cols,
+        bits: 4,
+        group: 32,
+        codes: (0..rows * cols / 8).map(|_| next()).collect(),
+        scales: (0..rows * groups).map(|i| 0.01 + (i % 7) as f32 * 1e-3).collect(),
+        mins: (0..rows * groups).map(|i| -0.08 + (i % 5) as f32 * 1e-3).collect(),
+    }
+}
+
+/// Median µs of `runs` calls of `f`.
+fn time(runs: usize, mut f: impl FnMut() -> f32) -> f64 {
+    let mut sink = 0.0;
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            sink += f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    std::hint::black_box(sink);
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}
+
+fn main() {
+    println!("threads: {}", rayon::current_num_threads());
+    // (what, rows, cols): q/k/v fused, o, gate/up fused, down, LM head (SmolLM2-135M).
+    let shapes = [("q/k/v 576->960", 960, 576), ("o 576->576", 576, 576), ("gate/up 576->3072", 3072, 576), ("down 1536->576", 576, 1536), ("head 576->49152", 49152, 576)];
+    let mut per_token = [0.0f64; 2];
+    for (what, rows, cols) in shapes {
+        let m = matrix(rows, cols);
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let runs = if rows > 10_000 { 50 } else { 400 };
+        let f32_us = time(runs, || m.matmul(&x, 1, CpuActivations::F32)[0]);
+        let i16_us = time(runs, || m.matmul(&x, 1, CpuActivations::Blocks16)[0]);
+        let weights = (rows * cols) as f64;
+        let bytes = weights / 2.0 + (rows * cols / 32 * 8) as f64;
+        // Per token: 30 layers of the four layer products, one head.
+        let times = if what.starts_with("head") { 1.0 } else { 30.0 };
+        per_token[0] += f32_us * times;
+        per_token[1] += i16_us * times;
+        println!(
+            "{what:<20} f32 acts {f32_us:8.1} µs ({:5.2} weights/ns, {:5.2} GB/s) | 16-bit blocks {i16_us:8.1} µs ({:5.2} weights/ns, {:5.2} GB/s)",
+            weights / f32_us / 1e3,
+            bytes / f32_us / 1e3,
+            weights / i16_us / 1e3,
+            bytes / i16_us / 1e3
+        );
+    }
+    println!("per token (30 layers + head): f32 acts {:.2} ms, 16-bit blocks {:.2} ms", per_token[0] / 1e3, per_token[1] / 1e3);
+}
