@@ -17,7 +17,7 @@ NEW=${NEW:-128}
 THREADS=${THREADS:-$(nproc)}
 LLAMA_BIN=${LLAMA_BIN:-/tmp/llama-cpu/build/bin}
 DATE=$(date -u +%F)
-BASE=benches/results/cpu-$DATE-quantized-smollm2
+BASE=${BASE:-benches/results/cpu-$DATE-quantized-smollm2}
 MACHINE="$(nproc)-core $(uname -m) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 printf '[plugins.llama]\nquantization = "none"\n' > /tmp/q_none.toml
 : > /tmp/q_stored.toml
