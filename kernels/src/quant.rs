@@ -247,7 +247,8 @@ impl QuantizedMatrix {
         (self.codes.len() * 4 + (self.scales.len() + self.mins.len()) * 4) as u64
     }
 
-    /// `x [n, cols] · Wᵀ -> [n, rows]` for `n` up to [`CPU_FUSED_ROWS`] (decode; more rows go
+    /// `x [n, cols] · Wᵀ -> [n, rows]` for `n` up to [`Self::fused_row_limit`] (decode rows and,
+    /// for f32 activations of 4-bit codes, short prompts; more rows go
     /// through [`QuantizedLinear::forward`]'s matrix product), f32, row-major, output channels
     /// split over rayon's threads. The packed codes are read directly, per group `y += scale ·
     /// Σ code · x + min · Σ x` with the sums of `x` per group computed once; `activations`
@@ -258,7 +259,8 @@ impl QuantizedMatrix {
     /// (chosen at run time); elsewhere for the baseline target.
     pub fn matmul(&self, x: &[f32], n: usize, activations: CpuActivations) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "matmul: {} inputs for {n} rows of {}", x.len(), self.cols);
-        assert!(n <= CPU_FUSED_ROWS, "matmul: {n} rows, more than the {CPU_FUSED_ROWS} it reads the codes for");
+        let limit = self.fused_row_limit(activations);
+        assert!(n <= limit, "matmul: {n} rows, more than the {limit} it reads the codes for");
         let mut out_t = vec![0f32; self.rows * n];
         let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1)).clamp(1, 256);
         // Σ x per group of each input row: `[n, groups]`.
@@ -268,9 +270,25 @@ impl QuantizedMatrix {
             .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
         // f32 activations of 4-bit codes: reordered once for every row's split-nibble loop.
         let split: Option<Vec<f32>> = (blocks.is_none() && self.bits == 4 && self.group.is_multiple_of(32)).then(|| split_nibble_order(x));
+        let split_rows: Vec<&[f32]> = split.as_deref().map(|s| s.chunks_exact(self.cols).collect()).unwrap_or_default();
+        let sum_rows: Vec<&[f32]> = sums.chunks_exact(groups).collect();
         out_t.par_chunks_mut(chunk * n.max(1)).enumerate().for_each(|(c, block)| {
             for (i, ys) in block.chunks_exact_mut(n.max(1)).enumerate() {
                 let row = c * chunk + i;
+                // Several rows of reordered activations, in passes of up to four: each unit of
+                // codes widened once for the pass.
+                if n > 1 && !split_rows.is_empty() {
+                    let passes = ys.chunks_mut(4).enumerate().all(|(k, out)| {
+                        let (splits, sums) = (&split_rows[4 * k..4 * k + out.len()], &sum_rows[4 * k..4 * k + out.len()]);
+                        match out {
+                            [y] => simd::row_dot_split4(self, row, splits[0], sums[0]).map(|v| *y = v).is_some(),
+                            _ => simd::row_dot_split4_rows(self, row, splits, sums, out),
+                        }
+                    });
+                    if passes {
+                        continue;
+                    }
+                }
                 for (j, y) in ys.iter_mut().enumerate() {
                     let sums = &sums[j * groups..(j + 1) * groups];
                     let xs = &x[j * self.cols..(j + 1) * self.cols];
@@ -306,8 +324,23 @@ pub fn split_nibble_order(x: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Up to this many input rows, [`QuantizedMatrix::matmul`] reads the codes in place.
+/// Up to this many input rows, [`QuantizedMatrix::matmul`] reads the codes in place (more
+/// for f32 activations of 4-bit codes: [`QuantizedMatrix::fused_row_limit`]).
 pub const CPU_FUSED_ROWS: usize = 4;
+
+/// f32 activations of 4-bit codes in groups of whole 32s on an AVX2 CPU: up to this many
+/// rows read the codes in place, four rows a pass. On the 2-core EPYC (SmolLM2's gate/up,
+/// `cpu_matvec`) that took 158-207 µs a row at 8-32 rows against 283-699 µs for dequantized
+/// slices through the matrix product, whose dequantization only pays for itself over many rows.
+pub const CPU_FUSED_ROWS_SPLIT4: usize = 64;
+
+impl QuantizedMatrix {
+    /// The most input rows [`Self::matmul`] takes with these activations (more go through the
+    /// linear's matrix product of dequantized slices).
+    pub fn fused_row_limit(&self, activations: CpuActivations) -> usize {
+        if activations == CpuActivations::F32 && self.bits == 4 && self.group.is_multiple_of(32) && simd::has_avx2() { CPU_FUSED_ROWS_SPLIT4 } else { CPU_FUSED_ROWS }
+    }
+}
 
 /// Activations per 16-bit block scale.
 pub const ACTIVATION_BLOCK: usize = 32;
@@ -705,6 +738,90 @@ mod simd {
         lanes.iter().sum()
     }
 
+    /// [`row_codes4_split_avx2`] against `N` rows of reordered activations at once: each
+    /// unit's codes are widened and converted once and multiplied into every row's sum
+    /// (batched decode rows, short prompts).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn row_codes4_split_avx2_rows<const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
+        use std::arch::x86_64::*;
+        let wpr = m.words_per_row();
+        let groups = m.groups_per_row();
+        let words = &m.codes[row * wpr..(row + 1) * wpr];
+        let scales = &m.scales[row * groups..(row + 1) * groups];
+        let units_per_group = m.group / 32;
+        assert!(
+            splits.iter().all(|s| words.len() * 8 == s.len()) && words.len() * 8 == groups * m.group && m.group.is_multiple_of(32),
+            "a row of another width"
+        );
+        let mut bytes = words.as_ptr() as *const u8;
+        let mut xp: [*const f32; N] = splits.map(<[f32]>::as_ptr);
+        let low = _mm_set1_epi8(0x0f);
+        let mut totals = [_mm256_setzero_ps(); N];
+        for &scale in scales {
+            let mut acc = [_mm256_setzero_ps(); N];
+            for _ in 0..units_per_group {
+                // SAFETY: one unit of 32 codes per iteration, `cols / 32` in all: its 16 code
+                // bytes lie in the row (`words.len() * 8 == cols`) and its 32 activations in
+                // each of the `N` reordered rows (each `cols` long), all asserted above;
+                // unaligned loads; x86-64 is little-endian.
+                unsafe {
+                    let b = _mm_loadu_si128(bytes as *const __m128i);
+                    let even = _mm_and_si128(b, low);
+                    let odd = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+                    let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(even));
+                    let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(even, even)));
+                    let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(odd));
+                    let c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(odd, odd)));
+                    for j in 0..N {
+                        let x = xp[j];
+                        let lo = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x.add(8)), _mm256_mul_ps(c0, _mm256_loadu_ps(x)));
+                        let hi = _mm256_fmadd_ps(c3, _mm256_loadu_ps(x.add(24)), _mm256_mul_ps(c2, _mm256_loadu_ps(x.add(16))));
+                        acc[j] = _mm256_add_ps(acc[j], _mm256_add_ps(lo, hi));
+                        xp[j] = x.add(32);
+                    }
+                    bytes = bytes.add(16);
+                }
+            }
+            let scale = _mm256_set1_ps(scale);
+            for j in 0..N {
+                totals[j] = _mm256_fmadd_ps(acc[j], scale, totals[j]);
+            }
+        }
+        let mut out = [0f32; N];
+        for j in 0..N {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds eight f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), totals[j]) };
+            out[j] = lanes.iter().sum();
+        }
+        out
+    }
+
+    /// Row `row` of a 4-bit `m` (groups of a multiple of 32) times 2 to 4 rows of reordered
+    /// activations (`splits`, with `sums` their per-group sums), written to `out`; `false`
+    /// (nothing written) without AVX2 or for another count of rows.
+    pub(super) fn row_dot_split4_rows(m: &QuantizedMatrix, row: usize, splits: &[&[f32]], sums: &[&[f32]], out: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && splits.len() == out.len() && sums.len() == out.len() {
+            let groups = m.groups_per_row();
+            let mins = &m.mins[row * groups..(row + 1) * groups];
+            // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+            let codes: &[f32] = &match *splits {
+                [a, b] => unsafe { row_codes4_split_avx2_rows::<2>(m, row, [a, b]) }.to_vec(),
+                [a, b, c] => unsafe { row_codes4_split_avx2_rows::<3>(m, row, [a, b, c]) }.to_vec(),
+                [a, b, c, d] => unsafe { row_codes4_split_avx2_rows::<4>(m, row, [a, b, c, d]) }.to_vec(),
+                _ => return false,
+            };
+            for ((o, c), s) in out.iter_mut().zip(codes).zip(sums) {
+                *o = c + dot_body(mins, s);
+            }
+            return true;
+        }
+        let _ = (m, row, splits, sums, out);
+        false
+    }
+
     /// Row `row` of a 4-bit `m` (groups of a multiple of 32) times activations reordered by
     /// [`super::split_nibble_order`]; `None` where the CPU lacks AVX2 (the caller then takes
     /// [`row_dot`] with the activations in order).
@@ -720,8 +837,13 @@ mod simd {
         None
     }
 
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) fn has_avx2() -> bool {
+        false
+    }
+
     #[cfg(target_arch = "x86_64")]
-    fn has_avx2() -> bool {
+    pub(super) fn has_avx2() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
@@ -800,8 +922,9 @@ impl QuantizedLinear {
         let [n, cols] = x.dims();
         assert_eq!(cols, self.cols, "a quantized [{}, {}] weight times rows of {cols}", self.rows, self.cols);
         let dtype = x.dtype();
+        let activations = if dtype == DType::F32 { CpuActivations::F32 } else { CpuActivations::Blocks16 };
         match &self.storage {
-            Storage::Host(m) if n > CPU_FUSED_ROWS => {
+            Storage::Host(m) if n > m.fused_row_limit(activations) => {
                 // Prompt rows: slices of about 8 MB of weight rows dequantized (f32) and
                 // multiplied by the backend's matrix product, as a dense weight would be.
                 let device = x.device();
@@ -823,7 +946,6 @@ impl QuantizedLinear {
                 let device = x.device();
                 let xs = x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 activations");
                 // Activations of 16 bits or fewer lose nothing measurable as 16-bit blocks.
-                let activations = if dtype == DType::F32 { CpuActivations::F32 } else { CpuActivations::Blocks16 };
                 let y = Tensor::<2>::from_data(TensorData::new(m.matmul(&xs, n, activations), [n, self.rows]), (&device, DType::F32));
                 if dtype == DType::F32 { y } else { y.cast(dtype) }
             }
@@ -1430,9 +1552,11 @@ mod tests {
         let w = random(rows * cols, 2);
         for m in [QuantizedMatrix::quantize_int8(&w, rows, cols).expect("int8"), QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4")] {
             let dense = m.dequantize();
-            for n in [1, 3, 9] {
+            for n in [1, 3, 9, 70] {
                 let x = random(n * cols, 3 + n as u64);
-                // Rows beyond CPU_FUSED_ROWS go through the linear's matrix product.
+                // Rows beyond CPU_FUSED_ROWS go through the linear, which reads the codes in
+                // place up to the matrix's fused_row_limit (64 for f32 activations of 4-bit
+                // codes on AVX2) and multiplies dequantized slices above it.
                 let prompt = |x: &[f32]| {
                     let d = Device::flex();
                     let y = QuantizedLinear::new(m.clone(), &d).forward(Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, cols]), &d));
@@ -1470,9 +1594,24 @@ mod tests {
                 assert!((portable - want).abs() <= 1e-4 * want.abs().max(1.0), "bits {bits} group {group}: {portable} vs {want}");
                 assert!((dispatched - want).abs() <= 1e-4 * want.abs().max(1.0), "bits {bits} group {group}: {dispatched} vs {want}");
                 if bits == 4 {
-                    // The split-nibble loop, over the reordered activations (None without AVX2).
+                    // The split-nibble loops, over the reordered activations (None without AVX2).
                     if let Some(split) = simd::row_dot_split4(&m, row, &split_nibble_order(&x), &sums) {
                         assert!((split - want).abs() <= 1e-4 * want.abs().max(1.0), "split, group {group}: {split} vs {want}");
+                    }
+                    // 2 to 4 activation rows at once: `x` and scaled copies of it.
+                    for count in 2..=4 {
+                        let rows: Vec<Vec<f32>> = (0..count).map(|k| x.iter().map(|v| v * (1.0 + k as f32)).collect()).collect();
+                        let splits: Vec<Vec<f32>> = rows.iter().map(|r| split_nibble_order(r)).collect();
+                        let row_sums: Vec<Vec<f32>> = rows.iter().map(|r| r.chunks(group).map(|g| g.iter().sum()).collect()).collect();
+                        let mut out = vec![0f32; count];
+                        let split_refs: Vec<&[f32]> = splits.iter().map(Vec::as_slice).collect();
+                        let sum_refs: Vec<&[f32]> = row_sums.iter().map(Vec::as_slice).collect();
+                        if simd::row_dot_split4_rows(&m, row, &split_refs, &sum_refs, &mut out) {
+                            for (k, got) in out.iter().enumerate() {
+                                let want = want * (1.0 + k as f32);
+                                assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{count} rows, group {group}, row {k}: {got} vs {want}");
+                            }
+                        }
                     }
                 }
             }

@@ -38,8 +38,8 @@ fn logits(engine: &Engine, texts: &[Vec<u32>]) -> Vec<Vec<f32>> {
     texts.iter().flat_map(|ids| all_logits(engine, ids)).collect()
 }
 
-/// The same positions one token per step, as decode computes them (the products of one row
-/// read the codes in place; a prompt's many rows dequantize each weight row).
+/// The same positions one token per step, as decode computes them (one row at a time through
+/// the products that read the codes in place).
 fn decode_logits(engine: &Engine, texts: &[Vec<u32>]) -> Vec<Vec<f32>> {
     texts.iter().flat_map(|ids| incremental_logits(engine, ids, 1, 16)).collect()
 }
@@ -52,8 +52,8 @@ fn each_weight_storage_stays_within_its_measured_divergence_of_the_dequantized_m
     drop(reference);
     // (setting, path, largest mean KL, largest single KL, least top-1 agreement)
     let cases: [(Option<Quantization>, &str, f64, f64, f64); 5] = [
-        // The file's own Q4_1 blocks, kept: the same values (prompt rows through the same
-        // dense product; decode rows summed in another order).
+        // The file's own Q4_1 blocks, kept: the same values (prompt rows of up to 64 tokens and
+        // decode rows read the codes in place, summed in another order).
         (None, "prefill", 1e-9, 1e-8, 1.0),
         (None, "decode", 1e-9, 1e-8, 1.0),
         (Some(Quantization::Int8), "prefill", 7e-3, 0.12, 0.93),
