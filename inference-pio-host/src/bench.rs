@@ -699,7 +699,16 @@ impl Bench<'_> {
         })?;
         self.step("power: generating".into());
         let new = p.generation_lengths.iter().copied().max().unwrap_or(p.new_tokens);
-        let busy = phase(&|| Ok(self.infer(100.min(self.info.max_context as usize / 2), new.min(self.info.max_context as usize / 2), 9000)?.token_ids.len()))?;
+        // Requests one after another for at least as long as the idle phase: CPU time is read
+        // in clock ticks (10 ms), too coarse for one short request of a small model.
+        let busy = phase(&|| {
+            let (start, mut tokens, mut seed) = (Instant::now(), 0, 9000);
+            while tokens == 0 || start.elapsed().as_secs_f64() < p.idle_s {
+                tokens += self.infer(100.min(self.info.max_context as usize / 2), new.min(self.info.max_context as usize / 2), seed)?.token_ids.len();
+                seed += 1;
+            }
+            Ok(tokens)
+        })?;
         Ok(json!({"idle": idle, "generating": busy, "cores": cores}))
     }
 }
@@ -1022,13 +1031,17 @@ mod tests {
     #[test]
     fn the_cpu_time_of_this_process_is_read_from_proc() {
         let before = cpu_seconds(std::process::id()).expect("readable");
-        // 100 ms of busy work: at least several clock ticks (10 ms each) of CPU time.
+        // Busy work until 50 ms of CPU time show (several 10 ms clock ticks), or 10 s of wall
+        // time on a machine too loaded to schedule this thread (then the reading is wrong).
         let start = Instant::now();
         let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(100) {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        let mut after = before;
+        while after - before < 0.05 && start.elapsed() < Duration::from_secs(10) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+            }
+            after = cpu_seconds(std::process::id()).expect("readable");
         }
-        let after = cpu_seconds(std::process::id()).expect("readable");
-        assert!(after - before >= 0.05, "{before} -> {after}");
+        assert!(after - before >= 0.05, "CPU time {before} -> {after} s over {:?} of busy work", start.elapsed());
     }
 }
