@@ -682,6 +682,30 @@ mod simd {
         lanes.iter().sum()
     }
 
+    /// One unit of 32 4-bit codes, the 16 bytes at `bytes`, as four vectors of f32 in
+    /// [`super::split_nibble_order`]'s order: the low nibbles (even codes) of bytes 0-7 and
+    /// 8-15, then the high nibbles (odd codes) of bytes 0-7 and 8-15.
+    ///
+    /// # Safety
+    /// 16 bytes are readable at `bytes`, and the CPU has AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn unit_codes4(bytes: *const u8) -> [std::arch::x86_64::__m256; 4] {
+        use std::arch::x86_64::*;
+        let low = _mm_set1_epi8(0x0f);
+        // SAFETY: the caller guarantees 16 readable bytes (an unaligned load).
+        let b = unsafe { _mm_loadu_si128(bytes as *const __m128i) };
+        let even = _mm_and_si128(b, low);
+        let odd = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(even)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(even, even))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(odd)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(odd, odd))),
+        ]
+    }
+
     /// `Σ_g scale_g · Σ_{k in g} code_k · x_k` over a 4-bit row (groups of a multiple of
     /// 32, checked by the caller), `split` being the activations reordered per 32 by
     /// [`super::split_nibble_order`]: each 16 bytes of codes (32 codes) give their even codes
@@ -699,7 +723,6 @@ mod simd {
         let units_per_group = m.group / 32;
         assert!(words.len() * 8 == split.len() && split.len() == groups * m.group && m.group.is_multiple_of(32), "a row of another width");
         let (mut bytes, mut xp) = (words.as_ptr() as *const u8, split.as_ptr());
-        let low = _mm_set1_epi8(0x0f);
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for (g, &scale) in scales.iter().enumerate() {
             let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -710,13 +733,7 @@ mod simd {
                 // unaligned loads; x86-64 is little-endian, so byte `j` holds codes `2j` (low
                 // nibble) and `2j + 1`.
                 unsafe {
-                    let b = _mm_loadu_si128(bytes as *const __m128i);
-                    let even = _mm_and_si128(b, low);
-                    let odd = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-                    let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(even));
-                    let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(even, even)));
-                    let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(odd));
-                    let c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(odd, odd)));
+                    let [c0, c1, c2, c3] = unit_codes4(bytes);
                     p = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xp), p);
                     q = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xp.add(8)), q);
                     p = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xp.add(16)), p);
@@ -756,7 +773,6 @@ mod simd {
         );
         let mut bytes = words.as_ptr() as *const u8;
         let mut xp: [*const f32; N] = splits.map(<[f32]>::as_ptr);
-        let low = _mm_set1_epi8(0x0f);
         let mut totals = [_mm256_setzero_ps(); N];
         for &scale in scales {
             let mut acc = [_mm256_setzero_ps(); N];
@@ -766,13 +782,7 @@ mod simd {
                 // each of the `N` reordered rows (each `cols` long), all asserted above;
                 // unaligned loads; x86-64 is little-endian.
                 unsafe {
-                    let b = _mm_loadu_si128(bytes as *const __m128i);
-                    let even = _mm_and_si128(b, low);
-                    let odd = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-                    let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(even));
-                    let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(even, even)));
-                    let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(odd));
-                    let c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(odd, odd)));
+                    let [c0, c1, c2, c3] = unit_codes4(bytes);
                     for j in 0..N {
                         let x = xp[j];
                         let lo = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x.add(8)), _mm256_mul_ps(c0, _mm256_loadu_ps(x)));
