@@ -270,8 +270,11 @@ impl QuantizedMatrix {
             .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
         // f32 activations of 4-bit codes: reordered once for every row's split-nibble loop.
         let split: Option<Vec<f32>> = (blocks.is_none() && self.bits == 4 && self.group.is_multiple_of(32)).then(|| split_nibble_order(x));
-        let split_rows: Vec<&[f32]> = split.as_deref().map(|s| s.chunks_exact(self.cols).collect()).unwrap_or_default();
-        let sum_rows: Vec<&[f32]> = sums.chunks_exact(groups).collect();
+        // Per input row, for the several-row passes (a single decode row needs neither list).
+        let (split_rows, sum_rows): (Vec<&[f32]>, Vec<&[f32]>) = match &split {
+            Some(s) if n > 1 => (s.chunks_exact(self.cols).collect(), sums.chunks_exact(groups).collect()),
+            _ => (Vec::new(), Vec::new()),
+        };
         out_t.par_chunks_mut(chunk * n.max(1)).enumerate().for_each(|(c, block)| {
             for (i, ys) in block.chunks_exact_mut(n.max(1)).enumerate() {
                 let row = c * chunk + i;
