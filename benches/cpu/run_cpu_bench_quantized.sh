@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU benchmark of the built-in default model from its GGUF (SmolLM2-135M-Instruct Q4_1), side
 # by side with the pinned llama.cpp peer on the same cores in one run: inference-pio with the
-# 4-bit blocks kept (the default) and dequantized to f32 (`quantization = "none"`), and
+# 4-bit blocks kept (the default), kept with 8-bit activations in the products
+# (`quant_activations = "int8"`, llama.cpp's own), and dequantized to f32 (`quantization = "none"`), and
 # `llama-bench -t THREADS` on the same file. Prompt and generation lengths match llama-bench's
 # (`-p PROMPT -n NEW`): our prefill figure is the prompt of a run, our decode figure the new
 # tokens after it (llama-bench's tg starts from an empty context). Writes
@@ -21,7 +22,8 @@ BASE=${BASE:-benches/results/cpu-$DATE-quantized-smollm2}
 MACHINE="$(nproc)-core $(uname -m) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 printf '[plugins.llama]\nquantization = "none"\n' > /tmp/q_none.toml
 : > /tmp/q_stored.toml
-for mode in stored none; do
+printf '[plugins.llama]\nquant_activations = "int8"\n' > /tmp/q_int8.toml
+for mode in stored int8 none; do
   target/debug/pio-bench --host target/debug/inference-pio --config /tmp/q_$mode.toml --model "$GGUF" \
     --prompt-tokens "$PROMPT" --new-tokens "$NEW" --device cpu --dtype f32 --processes 3 \
     --machine "$MACHINE" --out /tmp/pio_$mode.json
@@ -34,17 +36,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 base, command, machine, threads = sys.argv[1:5]
-pio = {m: json.load(open(f"/tmp/pio_{m}.json")) for m in ("stored", "none")}
+pio = {m: json.load(open(f"/tmp/pio_{m}.json")) for m in ("stored", "int8", "none")}
 peer = json.load(open("/tmp/llama_bench.json"))
 pp = next(r for r in peer if r["n_prompt"] > 0 and r["n_gen"] == 0)
 tg = next(r for r in peer if r["n_gen"] > 0 and r["n_prompt"] == 0)
 llama_rss = int(open("/tmp/llama_rss.txt").read().split()[-1]) / 1024
 rows = [
-    ("prefill tok/s", [pio["stored"]["median_prefill_tokens_per_s"], pio["none"]["median_prefill_tokens_per_s"], pp["avg_ts"]]),
-    ("decode tok/s", [pio["stored"]["median_decode_tokens_per_s"], pio["none"]["median_decode_tokens_per_s"], tg["avg_ts"]]),
-    ("peak RSS (MiB)", [pio["stored"]["peak_rss_mib"], pio["none"]["peak_rss_mib"], llama_rss]),
+    (metric, [pio[m][key] for m in ("stored", "int8", "none")] + [peer_value])
+    for metric, key, peer_value in [
+        ("prefill tok/s", "median_prefill_tokens_per_s", pp["avg_ts"]),
+        ("decode tok/s", "median_decode_tokens_per_s", tg["avg_ts"]),
+        ("peak RSS (MiB)", "peak_rss_mib", llama_rss),
+    ]
 ]
-names = ["inference-pio Q4_1 kept", "inference-pio dequantized f32", f"llama.cpp -t {threads}"]
+names = ["inference-pio Q4_1 kept", "inference-pio Q4_1 kept, int8 activations", "inference-pio dequantized f32", f"llama.cpp -t {threads}"]
 result = {
     "benchmark": "SmolLM2-135M-Instruct Q4_1 GGUF on the CPU, batch 1",
     "date": pio["stored"]["date"], "commit": pio["stored"]["commit"], "command": command, "machine": machine,
@@ -55,8 +60,8 @@ result = {
 json.dump(result, open(base + ".json", "w"), indent=1)
 fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.8))
 for ax, (metric, values) in zip(axes, rows):
-    ax.bar(range(3), values, color=["#1f77b4", "#9ecae1", "#ff7f0e"])
-    ax.set_xticks(range(3), ["ours Q4_1", "ours f32", "llama.cpp"])
+    ax.bar(range(4), values, color=["#1f77b4", "#6baed6", "#c6dbef", "#ff7f0e"])
+    ax.set_xticks(range(4), ["ours Q4_1", "ours Q4_1\nint8 acts", "ours f32", "llama.cpp"])
     ax.set_title(metric)
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")

@@ -213,9 +213,10 @@ impl Profile {
                 cuda_graphs: true,
                 ..ServingSettings { max_num_seqs: 32, ..ServingSettings::DEFAULT }.into_settings()
             },
-            // f32 everywhere: the reference numerics.
+            // f32 everywhere, products of quantized weights too: the reference numerics.
             Profile::Accuracy => OptimizationSettings {
                 dtype: Some(DType::F32),
+                quant_activations: Some(QuantActivations::Exact),
                 prefill_chunk_tokens: 0,
                 max_context_tokens: None,
                 cuda_graphs: true,
@@ -239,6 +240,27 @@ pub enum Quantization {
     Int4,
 }
 
+/// How products of quantized weights take their activations (`quant_activations`): the
+/// weight's integer codes meet the activations either as they are or rounded per block of 32
+/// to integers, which turns the products into integer multiply-adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantActivations {
+    /// Unrounded: on the CPU f32 activations against codes converted in registers (the
+    /// product of the dequantized weight; the CPU's default for f32 activations); on CUDA
+    /// the weight dequantized for every product and multiplied by cuBLAS.
+    Exact,
+    /// 16-bit integers per block of 32 (a relative error near 2^-16 of each block's largest
+    /// value; SmolLM2-135M: mean KL 5e-7 from exact): CUDA's default (its `dp4a` kernel up to
+    /// 8 rows) and the CPU's for bf16/f16 activations.
+    Int16,
+    /// 8-bit integers per block of 32 (llama.cpp's `Q8_1` activations, which its CPU
+    /// products of quantized weights always take): 32 products an instruction, the fastest
+    /// CPU products, but near 2^-8 of each block's largest value (SmolLM2-135M: mean KL
+    /// 0.015 from exact, top-1 agreement 0.91; int8 weights cost 0.0034). CPU only.
+    Int8,
+}
+
 /// Settings the engine honours. Every key here changes what the engine does.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -260,6 +282,11 @@ pub struct OptimizationSettings {
     /// its own quantized copy; the embedding lookup stays in `dtype`). Refused otherwise.
     #[serde(default)]
     pub quantize_lm_head: bool,
+    /// How products of quantized weights take their activations. `None`: `exact` for f32
+    /// activations on the CPU, else `int16` (the accuracy profile: `exact`). `int8` is
+    /// refused on CUDA.
+    #[serde(default)]
+    pub quant_activations: Option<QuantActivations>,
     /// Prompts longer than this are prefilled in chunks of this many tokens (0: one pass).
     pub prefill_chunk_tokens: u32,
     /// Caps the KV cache (and so prompt + generation) below the model's own context.
@@ -325,6 +352,7 @@ impl ServingSettings {
             dtype: None,
             quantization: None,
             quantize_lm_head: false,
+            quant_activations: None,
             threads: None,
             prefill_chunk_tokens: 2048,
             max_context_tokens: None,
@@ -363,10 +391,11 @@ impl Default for OptimizationSettings {
 }
 
 impl OptimizationSettings {
-    pub const KEYS: [&'static str; 14] = [
+    pub const KEYS: [&'static str; 15] = [
         "dtype",
         "quantization",
         "quantize_lm_head",
+        "quant_activations",
         "threads",
         "prefill_chunk_tokens",
         "max_context_tokens",
@@ -437,6 +466,9 @@ impl OptimizationSettings {
         }
         if self.quantize_lm_head != other.quantize_lm_head {
             changed.push("quantize_lm_head");
+        }
+        if self.quant_activations != other.quant_activations {
+            changed.push("quant_activations");
         }
         if self.threads != other.threads {
             changed.push("threads");
@@ -514,6 +546,8 @@ pub struct PluginSection {
     pub quantization: Option<Quantization>,
     /// Overrides the profile's `quantize_lm_head`.
     pub quantize_lm_head: Option<bool>,
+    #[serde(default)]
+    pub quant_activations: Option<QuantActivations>,
     /// Sets `threads`.
     pub threads: Option<u32>,
     pub prefill_chunk_tokens: Option<u32>,
@@ -567,6 +601,9 @@ impl PluginSection {
         }
         if let Some(head) = self.quantize_lm_head {
             settings.quantize_lm_head = head;
+        }
+        if self.quant_activations.is_some() {
+            settings.quant_activations = self.quant_activations;
         }
         if let Some(t) = self.threads {
             settings.threads = Some(t);

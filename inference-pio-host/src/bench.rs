@@ -30,7 +30,7 @@ use crate::cli::Host;
 use crate::handle::PluginHandle;
 use crate::selection::{read_model_config, select};
 use anyhow::{Context, bail};
-use inference_pio_core::config::{OptimizationSettings, Quantization};
+use inference_pio_core::config::{OptimizationSettings, QuantActivations, Quantization};
 use inference_pio_core::types::{
     BatchInferRequest, ConfigUpdate, DType, DeviceRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PromptInput, SamplingOverrides, SamplingParams, ScoreRequest, ScoreResponse,
 };
@@ -316,14 +316,18 @@ const BUILT_IN: [(&str, &str); 3] = [
 /// The variants measured, in order: the most exact mode (f32, every weight dequantized where
 /// the plugin reports `quantization`), which the others are compared with; the baseline (the
 /// settings in force); each optimization the plugin reports and the baseline has on, switched
-/// off alone; each other quantization mode; and all the switches off together.
-pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported: &[String], quantized_checkpoint: bool) -> Vec<Variant> {
+/// off alone; each other quantization mode; on the CPU the quantized products' 8-bit
+/// activations; and all the switches off together.
+pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported: &[String], quantized_checkpoint: bool, cpu: bool) -> Vec<Variant> {
     let has = |key: &str| reported.iter().any(|r| r == key);
     let mut exact = baseline.clone();
     exact.dtype = Some(DType::F32);
     if has("quantization") {
         exact.quantization = Some(Quantization::None);
         exact.quantize_lm_head = false;
+    }
+    if has("quant_activations") {
+        exact.quant_activations = Some(QuantActivations::Exact);
     }
     let mut out = vec![
         Variant { name: "most exact (f32, weights dequantized)".into(), settings: exact, dtype: Some(DType::F32) },
@@ -360,6 +364,12 @@ pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported:
                 out.push(Variant { name: name.into(), settings: v, dtype });
             }
         }
+    }
+    // Quantized weights in use on the CPU: their products with 8-bit activations.
+    if has("quant_activations") && cpu && quantized_checkpoint && baseline.quant_activations != Some(QuantActivations::Int8) {
+        let mut v = baseline.clone();
+        v.quant_activations = Some(QuantActivations::Int8);
+        out.push(Variant { name: "8-bit activations in quantized products".into(), settings: v, dtype });
     }
     if switched > 1 {
         out.push(Variant { name: "all switches off".into(), settings: all_off, dtype });
@@ -771,6 +781,11 @@ pub fn utc_timestamp(secs: u64) -> String {
 /// What `inference-pio bench` was given.
 pub struct BenchArgs<'a> {
     pub model: Option<&'a Path>,
+    /// Further models whose memory stages join the memory suite's table, each through the
+    /// plugin its `config.json` (or GGUF file) names.
+    pub memory_models: &'a [PathBuf],
+    /// A transformers reference (`NAME.reference.json`) the accuracy suite compares with.
+    pub reference: Option<&'a Path>,
     pub plugin: Option<&'a str>,
     pub device: Option<DeviceRequest>,
     pub dtype: Option<DType>,
@@ -779,10 +794,147 @@ pub struct BenchArgs<'a> {
     pub plan: Plan,
 }
 
+/// A transformers reference as the plugins' fixture scripts write it (`NAME.reference.json`):
+/// prompts of token ids, each with the last position's logits (inline as `logits`, or in a
+/// little-endian f32 file `last_logits_file` beside the JSON) and its greedy continuation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    pub source: String,
+    pub prompts: Vec<ReferencePrompt>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReferencePrompt {
+    pub ids: Vec<u32>,
+    pub last_logits: Vec<f32>,
+    pub greedy: Vec<u32>,
+}
+
+/// Reads a [`Reference`]; errors name the file and what is missing.
+pub fn read_reference(path: &Path) -> anyhow::Result<Reference> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the reference {}", path.display()))?;
+    let json: Value = serde_json::from_str(&text).with_context(|| format!("the reference {} is not JSON", path.display()))?;
+    let bad = |what: String| anyhow::anyhow!("the reference {}: {what}", path.display());
+    let ids = |v: &Value, key: &str, i: usize| -> anyhow::Result<Vec<u32>> {
+        v[key].as_array().ok_or_else(|| bad(format!("prompt {i} has no `{key}` list")))?.iter().map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| bad(format!("prompt {i}: `{key}` holds a value that is not a token id")))).collect()
+    };
+    let prompts = json["prompts"].as_array().filter(|p| !p.is_empty()).ok_or_else(|| bad("no `prompts`".into()))?;
+    let prompts = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let last_logits: Vec<f32> = match (p["logits"].as_array(), p["last_logits_file"].as_str()) {
+                (Some(rows), _) => rows.last().and_then(Value::as_array).ok_or_else(|| bad(format!("prompt {i}: `logits` holds no rows")))?.iter().map(|x| x.as_f64().map(|x| x as f32).ok_or_else(|| bad(format!("prompt {i}: a logit that is not a number")))).collect::<anyhow::Result<_>>()?,
+                (None, Some(file)) => {
+                    let file = path.parent().unwrap_or(Path::new(".")).join(file);
+                    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+                    if bytes.len() % 4 != 0 {
+                        return Err(bad(format!("{} is not whole f32 values", file.display())));
+                    }
+                    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+                }
+                (None, None) => return Err(bad(format!("prompt {i} has neither `logits` nor `last_logits_file`"))),
+            };
+            Ok(ReferencePrompt { ids: ids(p, "ids", i)?, last_logits, greedy: ids(p, "greedy", i)? })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Reference { source: json["source"].as_str().unwrap_or("unnamed").to_string(), prompts })
+}
+
+/// `‖a - b‖ / ‖b‖`.
+pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (diff, norm) = a.iter().zip(b).fold((0f64, 0f64), |(d, n), (&x, &y)| (d + f64::from(x - y).powi(2), n + f64::from(y).powi(2)));
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// The memory suite's stages as JSON, its leak check (growth from the first cycle's cleanup
+/// to the second's beyond max(64 MiB, a tenth of the weights)), and whether that passed.
+fn memory_stages(memory: &[(String, u64, u64)], weight_bytes: u64) -> (Value, Value, bool) {
+    let stages = memory.iter().map(|(name, rss, gpu)| json!({"stage": name, "resident_bytes": rss, "gpu_bytes": gpu})).collect::<Vec<_>>();
+    let (first, second) = match memory {
+        [.., a, b] => (a, b),
+        _ => return (Value::Array(stages), json!({"passed": true}), true),
+    };
+    let floor = LEAK_FLOOR_BYTES.max(weight_bytes / 10);
+    let rss_growth = second.1.saturating_sub(first.1);
+    let gpu_growth = second.2.saturating_sub(first.2);
+    let leaked = rss_growth > floor || gpu_growth > floor;
+    (Value::Array(stages), json!({"resident_growth_bytes": rss_growth, "gpu_growth_bytes": gpu_growth, "allowed_bytes": floor, "passed": !leaked}), !leaked)
+}
+
+/// One plugin's row of the memory table: resident and GPU bytes after load, at the peak,
+/// after cleanup and after a second load/cleanup cycle.
+fn plugin_memory_row(plugin: &str, model: &Path, process: &str, memory: &[(String, u64, u64)], weight_bytes: u64, passed: bool) -> Value {
+    let at = |stage: &str| memory.iter().find(|(name, ..)| name == stage).map(|&(_, rss, gpu)| (rss, gpu));
+    let mut row = json!({"plugin": plugin, "model": model.display().to_string(), "process": process, "weight_bytes": weight_bytes, "leak_check_passed": passed});
+    for (stage, key) in [("baseline", "baseline"), ("after load_model", "after_load"), ("peak", "peak"), ("after cleanup", "after_cleanup"), ("after a second cycle", "after_second_cycle")] {
+        if let Some((rss, gpu)) = at(stage) {
+            row[format!("{key}_resident_bytes")] = json!(rss);
+            row[format!("{key}_gpu_bytes")] = json!(gpu);
+        }
+    }
+    row
+}
+
+/// The memory suite alone on `model` through the plugin its config names (a further row of
+/// the table): the stages, a request, cleanup and a second cycle, as for the benchmarked
+/// model; the plugin is closed afterwards (a worker ends).
+fn memory_of_model(host: &Host, model: &Path, options: &LoadOptions, nvml: Option<Arc<nvml_wrapper::Nvml>>) -> anyhow::Result<(Value, bool)> {
+    let self_pid = std::process::id();
+    let model_path = host.resolve_model(Some(model), true)?;
+    let model_config = read_model_config(&model_path)?;
+    let open = |id: &str, path: &Path| host.open_plugin(id, path, Some(&model_path));
+    let selected = select(&host.discovery, &model_config, None, &open)?;
+    let security = host.config.plugin(&selected.id).security.unwrap_or_default();
+    let settings = host.settings(&selected.id, security, &selected.path, &model_path);
+    let plugin = &selected.plugin;
+    let mut memory = Vec::new();
+    let stage = |memory: &mut Vec<(String, u64, u64)>, name: &str, pid: u32| {
+        let (rss, gpu) = sample(pid, nvml.as_deref());
+        memory.push((name.to_string(), rss, gpu));
+    };
+    stage(&mut memory, "baseline", self_pid);
+    plugin.initialize(&settings).with_context(|| format!("plugin `{}` failed to initialize", selected.id))?;
+    let pid = match plugin {
+        PluginHandle::Worker(w) => w.worker_pid().unwrap_or(self_pid),
+        PluginHandle::InProcess(_) => self_pid,
+    };
+    let load = || plugin.load_model(&model_path, options).with_context(|| format!("plugin `{}` could not load {}", selected.id, model_path.display()));
+    let cycle = |memory: &mut Vec<(String, u64, u64)>, first: bool| -> anyhow::Result<u64> {
+        let watch = first.then(|| Watch::start(pid, nvml.clone()));
+        let info = load()?;
+        if first {
+            stage(memory, "after load_model", pid);
+        }
+        let (prompt, new) = (100.min(info.max_context as usize / 2), 16.min(info.max_context as usize / 2));
+        infer_on(plugin, info.handle, info.vocab_size, prompt, new, 4242)?;
+        if let Some(watch) = watch {
+            let (rss, gpu) = watch.peak();
+            memory.push(("peak".into(), rss, gpu));
+        }
+        plugin.cleanup(info.handle).map_err(|e| anyhow::anyhow!("cleanup: {e}"))?;
+        stage(memory, if first { "after cleanup" } else { "after a second cycle" }, pid);
+        Ok(info.weight_bytes)
+    };
+    let weight_bytes = cycle(&mut memory, true)?;
+    cycle(&mut memory, false)?;
+    let process = if pid == self_pid { "host (in process)" } else { "worker" };
+    let (_, _, passed) = memory_stages(&memory, weight_bytes);
+    Ok((plugin_memory_row(&selected.id, &model_path, process, &memory, weight_bytes, passed), passed))
+}
+
 /// Runs the planned suites and writes the report; an error when the run could not be made,
 /// `Ok(false)` when it was made and a check in it failed (a memory leak).
 pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
     let plan = &args.plan;
+    if !args.memory_models.is_empty() && !plan.has(Suite::Memory) {
+        anyhow::bail!("--memory-model adds rows to the memory suite's table: run it with --suite memory (or all)");
+    }
+    let reference = match args.reference {
+        Some(_) if !plan.has(Suite::Accuracy) => anyhow::bail!("--reference is compared by the accuracy suite: run it with --suite accuracy (or all)"),
+        Some(path) => Some(read_reference(path)?),
+        None => None,
+    };
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create the report directory {}", args.out.display()))?;
     let nvml = nvml_wrapper::Nvml::init().ok().map(Arc::new);
     let mut memory = Vec::new();
@@ -816,15 +968,15 @@ pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
     let info = load()?;
     stage(&mut memory, "after load_model", pid);
     let watch = Watch::start(pid, nvml.clone());
-    let all_variants = variants(&settings.optimization, args.dtype, &metadata.optimizations, !info.quantization.is_empty());
+    let all_variants = variants(&settings.optimization, args.dtype, &metadata.optimizations, !info.quantization.is_empty(), info.device == "cpu");
     let steps = plan.suites.iter().map(|s| match s {
         Suite::Speed => 1 + plan.runs * (plan.prompt_lengths.len() + plan.generation_lengths.len()),
         Suite::Throughput => 2 + plan.batch_sizes.len() + plan.concurrency.len(),
-        Suite::Memory => 3,
+        Suite::Memory => 3 + args.memory_models.len(),
         Suite::Power => 2,
         Suite::Optimization => all_variants.len(),
-        Suite::Accuracy if plan.has(Suite::Optimization) => 0,
-        Suite::Accuracy => 2,
+        Suite::Accuracy if plan.has(Suite::Optimization) => usize::from(args.reference.is_some()),
+        Suite::Accuracy => 2 + usize::from(args.reference.is_some()),
     });
     let bar = indicatif::ProgressBar::new(steps.sum::<usize>() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
@@ -842,6 +994,32 @@ pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
     if plan.has(Suite::Power) {
         suites.insert("power".into(), bench.power(pid, gpu.as_ref())?);
     }
+    // The loaded model against a transformers reference: each prompt's last logits and greedy tokens.
+    let against_reference = match &reference {
+        Some(r) => {
+            bench.step("accuracy: against the transformers reference".into());
+            let mut rows = Vec::new();
+            for (i, p) in r.prompts.iter().enumerate() {
+                let scored = plugin.score(info.handle, &ScoreRequest { input: PromptInput::TokenIds(p.ids.clone()), return_logits: true }).map_err(|e| anyhow::anyhow!("reference prompt {i}: {e}"))?;
+                let last = scored.logits.as_ref().and_then(|l| l.last()).ok_or_else(|| anyhow::anyhow!("reference prompt {i}: the plugin returned no logits"))?;
+                let generated = plugin.infer(info.handle, &request(p.ids.clone(), p.greedy.len()), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("reference prompt {i}: {e}"))?;
+                let same = generated.token_ids.iter().zip(&p.greedy).take_while(|(a, b)| a == b).count();
+                rows.push(json!({
+                    "prompt_tokens": p.ids.len(), "vocabulary": last.len(), "reference_vocabulary": p.last_logits.len(),
+                    "last_logits_relative_l2": (last.len() == p.last_logits.len()).then(|| relative_l2(last, &p.last_logits)),
+                    "greedy_tokens": p.greedy.len(), "greedy_tokens_matching": same,
+                }));
+            }
+            let worst = rows.iter().filter_map(|r| r["last_logits_relative_l2"].as_f64()).fold(0f64, f64::max);
+            let all_greedy = rows.iter().all(|r| r["greedy_tokens_matching"] == r["greedy_tokens"]);
+            Some(json!({
+                "file": args.reference.map(|p| p.display().to_string()), "source": r.source, "prompts": rows,
+                "largest_last_logits_relative_l2": worst, "greedy_identical": all_greedy, "dtype": info.dtype,
+                "note": "the product's own bound is 1e-4 relative L2 in f32 with identical greedy tokens; other dtypes and quantized weights differ by their rounding",
+            }))
+        }
+        None => None,
+    };
     let mut passed = true;
     if plan.has(Suite::Memory) {
         // A short workflow of its own, so that the peak is a full request's even alone.
@@ -858,19 +1036,21 @@ pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
         infer_on(plugin, again.handle, info.vocab_size, 100.min(info.max_context as usize / 2), 16.min(info.max_context as usize / 2), 4242)?;
         plugin.cleanup(again.handle).map_err(|e| anyhow::anyhow!("cleanup: {e}"))?;
         stage(&mut memory, "after a second cycle", pid);
-        let (first, second) = (&memory[memory.len() - 2], &memory[memory.len() - 1]);
-        let floor = LEAK_FLOOR_BYTES.max(info.weight_bytes / 10);
-        let rss_growth = second.1.saturating_sub(first.1);
-        let gpu_growth = second.2.saturating_sub(first.2);
-        let leaked = rss_growth > floor || gpu_growth > floor;
-        passed &= !leaked;
+        let process = if pid == self_pid { "host (in process)" } else { "worker" };
+        let (stages, leak_check, ok) = memory_stages(&memory, info.weight_bytes);
+        passed &= ok;
+        // One row per plugin: this one's, then each further model's through its own plugin.
+        let mut plugins = vec![plugin_memory_row(&selected.id, &model_path, process, &memory, info.weight_bytes, ok)];
+        for extra in args.memory_models {
+            bench.step(format!("memory: {}", extra.display()));
+            let (row, ok) = memory_of_model(host, extra, &options, nvml.clone())?;
+            passed &= ok;
+            plugins.push(row);
+        }
         suites.insert(
             "memory".into(),
             json!({
-                "process": if pid == self_pid { "host (in process)" } else { "worker" },
-                "stages": memory.iter().map(|(name, rss, gpu)| json!({"stage": name, "resident_bytes": rss, "gpu_bytes": gpu})).collect::<Vec<_>>(),
-                "leak_check": {"resident_growth_bytes": rss_growth, "gpu_growth_bytes": gpu_growth, "allowed_bytes": floor, "passed": !leaked},
-                "gpu_memory_readable": nvml.is_some(),
+                "process": process, "stages": stages, "leak_check": leak_check, "gpu_memory_readable": nvml.is_some(), "plugins": plugins,
             }),
         );
     } else {
@@ -880,12 +1060,13 @@ pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
     let texts = eval_texts().len();
     let accuracy = |rows: &[Value]| {
         json!({
+            "transformers_reference": against_reference,
             "most_exact": rows.first().map(|r| r["variant"].clone()), "chosen": rows.get(1).map(|r| r["variant"].clone()),
             "divergence_of_chosen": rows.get(1).map(|r| r["divergence_from_most_exact"].clone()),
             "perplexity_chosen": rows.get(1).map(|r| r["perplexity"].clone()), "perplexity_most_exact": rows.first().map(|r| r["perplexity"].clone()),
             "texts": texts,
             "note": "the chosen settings against the same model in f32 with every weight dequantized, over the committed evaluation texts; \
-                     a transformers reference is compared by the plugins' own parity tests, not here",
+                     with --reference, the loaded model against a transformers reference (the plugins' fixtures)",
         })
     };
     if plan.has(Suite::Optimization) {
@@ -942,7 +1123,7 @@ mod tests {
     fn variants_switch_off_what_the_plugin_reports_and_the_baseline_has_on() {
         let keys: Vec<String> = OptimizationSettings::KEYS.iter().map(|k| k.to_string()).collect();
         let baseline = OptimizationSettings::default();
-        let v = variants(&baseline, None, &keys, false);
+        let v = variants(&baseline, None, &keys, false, false);
         let names: Vec<&str> = v.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(
             names,
@@ -966,12 +1147,39 @@ mod tests {
         assert!(!all.cuda_graphs && !all.async_scheduling && !all.prefix_caching && all.prefill_chunk_tokens == 0);
         // A plugin reporting only prefix caching gets that switch alone, no "all off", and a
         // quantized checkpoint adds its dequantized variant.
-        let v = variants(&baseline, Some(DType::Bf16), &["prefix_caching".to_string()], true);
+        let v = variants(&baseline, Some(DType::Bf16), &["prefix_caching".to_string()], true, true);
         let names: Vec<&str> = v.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["most exact (f32, weights dequantized)", "baseline", "prefix caching off"]);
         assert_eq!(v[2].dtype, Some(DType::Bf16));
-        let v = variants(&baseline, None, &keys, true);
+        let v = variants(&baseline, None, &keys, true, false);
         assert!(v.iter().any(|v| v.settings.quantization == Some(Quantization::None) && v.name.contains("dequantized") && v.dtype.is_none()));
+        assert_eq!(v[0].settings.quant_activations, Some(QuantActivations::Exact));
+        // On the CPU the quantized products' 8-bit activations are a variant too (CUDA refuses them).
+        let v = variants(&baseline, None, &keys, true, true);
+        let int8 = v.iter().find(|v| v.name.starts_with("8-bit activations")).expect("an 8-bit activations variant");
+        assert_eq!(int8.settings, OptimizationSettings { quant_activations: Some(QuantActivations::Int8), ..baseline.clone() });
+    }
+
+    #[test]
+    fn references_read_inline_and_filed_logits_and_name_what_is_missing() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("a.last.f32"), [1.0f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).expect("f32 file");
+        let path = dir.path().join("a.reference.json");
+        let json = r#"{"source": "transformers 5", "prompts": [
+            {"ids": [1, 2], "logits": [[0.5, 0.25, 0.0]], "greedy": [3, 4]},
+            {"ids": [5], "last_logits_file": "a.last.f32", "greedy": [6]}]}"#;
+        std::fs::write(&path, json).expect("json");
+        let r = read_reference(&path).expect("reads");
+        assert_eq!(r.source, "transformers 5");
+        assert_eq!(r.prompts[0], ReferencePrompt { ids: vec![1, 2], last_logits: vec![0.5, 0.25, 0.0], greedy: vec![3, 4] });
+        assert_eq!(r.prompts[1].last_logits, vec![1.0, -2.0]);
+        std::fs::write(&path, r#"{"prompts": [{"ids": [1], "greedy": [2]}]}"#).expect("json");
+        let e = read_reference(&path).expect_err("no logits").to_string();
+        assert!(e.contains("prompt 0 has neither `logits` nor `last_logits_file`"), "{e}");
+        std::fs::write(&path, r#"{"prompts": [{"ids": [-1], "logits": [[0]], "greedy": []}]}"#).expect("json");
+        assert!(read_reference(&path).expect_err("bad id").to_string().contains("not a token id"));
+        assert!((relative_l2(&[1.0, 1.0], &[1.0, 0.0]) - 1.0).abs() < 1e-12);
+        assert_eq!(relative_l2(&[3.0], &[3.0]), 0.0);
     }
 
     fn scored(ids: Vec<u32>, nll: Option<f64>, logits: Vec<Vec<f32>>) -> ScoreResponse {

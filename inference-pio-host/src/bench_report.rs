@@ -223,6 +223,28 @@ pub fn html(report: &Value) -> String {
         let indexed = |key: &str| stages.iter().enumerate().filter_map(|(i, s)| Some((i as f64, num(s, key)? / (1 << 20) as f64))).collect::<Vec<_>>();
         let names: Vec<String> = stages.iter().enumerate().map(|(i, s)| format!("{i}: {}", s["stage"].as_str().unwrap_or("?"))).collect();
         body.push_str(&line_chart("Memory by stage", &names.join(", "), "MiB", &[("resident".into(), indexed("resident_bytes")), ("GPU".into(), indexed("gpu_bytes"))]));
+        let plugins = array(m, "plugins");
+        if !plugins.is_empty() {
+            body.push_str("<h3>Across plugins</h3><p>Each plugin on its model, measured alike: resident memory of the process that holds \
+                the model and its GPU memory, after load, at the peak of a request, after cleanup and after a second load/cleanup cycle.</p>");
+            body.push_str(&table(
+                plugins,
+                &[
+                    ("plugin", "plugin"),
+                    ("model", "model"),
+                    ("process", "process"),
+                    ("weight_bytes", "weights (bytes)"),
+                    ("after_load_resident_bytes", "resident after load"),
+                    ("peak_resident_bytes", "resident peak"),
+                    ("after_cleanup_resident_bytes", "resident after cleanup"),
+                    ("after_second_cycle_resident_bytes", "resident after a second cycle"),
+                    ("after_load_gpu_bytes", "GPU after load"),
+                    ("peak_gpu_bytes", "GPU peak"),
+                    ("after_cleanup_gpu_bytes", "GPU after cleanup"),
+                    ("leak_check_passed", "leak check passed"),
+                ],
+            ));
+        }
     }
     if let Some(o) = suites.get("optimization") {
         body.push_str("<h2>Optimization impact</h2><p>Each variant loads the model its own way and is measured the same way: \
@@ -280,6 +302,20 @@ pub fn html(report: &Value) -> String {
         body.push_str("<h2>Accuracy</h2>");
         body.push_str(&fields(a));
         body.push_str(&fields(&a["divergence_of_chosen"]));
+        let r = &a["transformers_reference"];
+        if r.is_object() {
+            body.push_str("<h3>Against the transformers reference</h3>");
+            body.push_str(&fields(r));
+            body.push_str(&table(
+                array(r, "prompts"),
+                &[
+                    ("prompt_tokens", "prompt tokens"),
+                    ("last_logits_relative_l2", "last logits, relative L2"),
+                    ("greedy_tokens", "greedy tokens"),
+                    ("greedy_tokens_matching", "matching"),
+                ],
+            ));
+        }
     }
     if let Some(p) = suites.get("power") {
         body.push_str("<h2>Power</h2><h3>Idle</h3>");
@@ -329,12 +365,16 @@ mod tests {
             "passed": false, "commit": "abc1234", "plugin": {"id": "llama"}, "model": {"info": {"device": "cpu"}},
             "suites": {
                 "speed": {"cases": [{"kind": "prompt", "prompt_tokens": 20, "new_tokens": 16, "time_to_first_token_s": 0.01, "decode_tokens_per_s": 50.0}]},
-                "memory": {"stages": [{"stage": "baseline", "resident_bytes": 1048576, "gpu_bytes": 0}], "leak_check": {"passed": false}},
+                "memory": {
+                    "stages": [{"stage": "baseline", "resident_bytes": 1048576, "gpu_bytes": 0}], "leak_check": {"passed": false},
+                    "plugins": [{"plugin": "llama", "model": "m", "peak_resident_bytes": 2097152}, {"plugin": "glm-4-7", "model": "g", "peak_resident_bytes": 3145728}],
+                },
             }
         });
         let page = html(&report);
         assert!(page.starts_with("<!DOCTYPE html>"));
         assert!(page.contains("<h2>Speed</h2>") && page.contains("<h2>Memory</h2>"));
+        assert!(page.contains("<h3>Across plugins</h3>") && page.contains("glm-4-7") && page.contains("resident peak"));
         assert!(!page.contains("<h2>Power</h2>"), "no suite that did not run");
         assert!(page.contains("A check failed"));
         assert!(page.contains("abc1234"));

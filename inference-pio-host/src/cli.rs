@@ -88,6 +88,16 @@ pub struct BenchArgs {
     /// Sustained load: seconds (default 30, 2 with --quick).
     #[arg(long)]
     pub duration: Option<f64>,
+    /// A further model (repeatable; a directory, GGUF file or built-in name) whose memory
+    /// stages join the memory suite's table, loaded by the plugin its config names with the
+    /// same device, dtype and --random-weights: one table across the installed plugins.
+    #[arg(long = "memory-model")]
+    pub memory_models: Vec<PathBuf>,
+    /// A transformers reference for the accuracy suite (`NAME.reference.json`, as the plugins'
+    /// `make_fixtures.py` write it: prompt ids, last-position logits, greedy tokens): the
+    /// loaded model's last logits (relative L2) and greedy tokens against it.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -551,6 +561,8 @@ fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     let load = &args.model.load;
     let run = crate::bench::BenchArgs {
         model: args.model.model.as_deref(),
+        memory_models: &args.memory_models,
+        reference: args.reference.as_deref(),
         plugin: load.plugin.as_deref(),
         device: load.device,
         dtype: load.dtype,

@@ -733,7 +733,9 @@ fn bench_writes_a_complete_report_in_process_and_through_the_worker() {
     let model = model.to_str().expect("utf8");
     let report_dir = cwd.path().join("report");
     let report_arg = report_dir.to_str().expect("utf8");
-    let out = inference_pio(&["bench", "--model", model, "--suite", "all", "--quick", "--duration", "1", "--device", "cpu", "--out", report_arg], cwd.path());
+    let reference = llama_fixture("llama-tiny-hf.reference.json");
+    let reference = reference.to_str().expect("utf8");
+    let out = inference_pio(&["bench", "--model", model, "--suite", "all", "--quick", "--duration", "1", "--device", "cpu", "--reference", reference, "--out", report_arg], cwd.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let read = |name: &str| std::fs::read_to_string(report_dir.join(name)).expect("report file");
     let report: serde_json::Value = serde_json::from_str(&read("report.json")).expect("json");
@@ -789,6 +791,11 @@ fn bench_writes_a_complete_report_in_process_and_through_the_worker() {
     // Accuracy: the chosen settings against the most exact ones.
     assert_eq!(suites["accuracy"]["chosen"], "baseline");
     assert!(suites["accuracy"]["perplexity_chosen"].as_f64().is_some_and(|p| p > 1.0));
+    // Against the committed transformers reference: f32, within the product's bound.
+    let r = &suites["accuracy"]["transformers_reference"];
+    assert_eq!(r["prompts"].as_array().map(Vec::len), Some(3), "{r}");
+    assert!(r["largest_last_logits_relative_l2"].as_f64().is_some_and(|e| e < 1e-4), "{r}");
+    assert_eq!(r["greedy_identical"], true, "{r}");
     let html = read("report.html");
     for section in ["<h2>Speed</h2>", "<h2>Throughput</h2>", "<h2>Memory</h2>", "<h2>Power</h2>", "<h2>Optimization impact</h2>", "<h2>Accuracy</h2>"] {
         assert!(html.contains(section), "{section} missing from the page");
@@ -799,16 +806,30 @@ fn bench_writes_a_complete_report_in_process_and_through_the_worker() {
     let library = target_dir().join(format!("libllama{}", std::env::consts::DLL_SUFFIX));
     let sha = inference_pio_host::digest::sha256_file(&library).expect("hash");
     std::fs::write(cwd.path().join("inference-pio.toml"), format!("[plugins.llama]\nsecurity = \"high\"\nallow_degraded = true\nsha256 = \"{sha}\"\n")).expect("config");
-    let out = inference_pio(&["bench", "--model", model, "--suite", "memory", "--quick", "--device", "cpu", "--out", report_arg], cwd.path());
+    // With a GLM model beside it: one memory table across the two plugins (GLM in process).
+    let glm = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/glm-4-7/tests/fixtures/glm4moe-tiny-a");
+    let glm = glm.to_str().expect("utf8");
+    let out = inference_pio(&["bench", "--model", model, "--suite", "memory", "--memory-model", glm, "--quick", "--device", "cpu", "--out", report_arg], cwd.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_str(&read("report.json")).expect("json");
     assert_eq!(report["suites"]["memory"]["process"], "worker");
     assert_eq!(report["plugin"]["security"], "high");
     assert!(report["suites"].get("speed").is_none(), "only the suites asked for");
+    let table = report["suites"]["memory"]["plugins"].as_array().expect("the table across plugins");
+    let rows: Vec<(&str, &str)> = table.iter().map(|r| (r["plugin"].as_str().unwrap_or("?"), r["process"].as_str().unwrap_or("?"))).collect();
+    assert_eq!(rows, [("llama", "worker"), ("glm-4-7", "host (in process)")]);
+    for r in table {
+        assert!(r["peak_resident_bytes"].as_u64().is_some_and(|b| b > 0) && r["leak_check_passed"] == true, "{r}");
+        assert!(r["after_load_resident_bytes"].as_u64() <= r["peak_resident_bytes"].as_u64(), "{r}");
+    }
+    assert!(read("report.html").contains("<h3>Across plugins</h3>"));
 
     // Unknown suites and rates that cannot work are refused by name.
-    for (args, said) in [(["--suite", "sped"], "unknown suite `sped`"), (["--rate", "0"], "--rate must be a positive number")] {
-        let out = inference_pio(&[&["bench", "--model", model, "--out", report_arg][..], &args[..]].concat(), cwd.path());
+    let no_memory = ["--suite", "speed", "--memory-model", glm];
+    let no_accuracy = ["--suite", "speed", "--reference", reference];
+    let not_json = ["--suite", "accuracy", "--reference", model];
+    for (args, said) in [(&["--suite", "sped"][..], "unknown suite `sped`"), (&["--rate", "0"][..], "--rate must be a positive number"), (&no_memory[..], "--memory-model adds rows to the memory suite"), (&no_accuracy[..], "--reference is compared by the accuracy suite"), (&not_json[..], "cannot read the reference")] {
+        let out = inference_pio(&[&["bench", "--model", model, "--out", report_arg][..], args].concat(), cwd.path());
         assert!(!out.status.success());
         assert!(stderr(&out).contains(said), "{}", stderr(&out));
     }

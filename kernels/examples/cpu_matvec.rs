@@ -1,11 +1,11 @@
 //! Micro-benchmark on the CPU: the fused quantized product of one decode row
 //! (`QuantizedMatrix::matmul`, the codes read in place) over SmolLM2-135M's linear shapes
-//! (4-bit codes in groups of 32, as its Q4_1 GGUF), f32 activations and 16-bit activation
-//! blocks, and four rows at once (f32), through the same rayon pool.
+//! (4-bit codes in groups of 32, as its Q4_1 GGUF), f32 activations, 16-bit and 8-bit activation
+//! blocks, and four rows at once (f32, 8-bit blocks), through the same rayon pool.
 //! Reports µs per product, weights per ns and the code bytes read per second.
 //! `cargo run --example cpu_matvec [--release]`; results in `benches/results/`.
 
-use inference_pio_kernels::quant::{CpuActivations, QuantizedMatrix};
+use inference_pio_kernels::quant::{Activations, QuantizedMatrix};
 use std::time::Instant;
 
 /// A deterministic 4-bit matrix of `rows x cols` in groups of 32.
@@ -46,17 +46,21 @@ fn main() {
     println!("threads: {}", rayon::current_num_threads());
     // (what, rows, cols): q/k/v fused, o, gate/up fused, down, LM head (SmolLM2-135M).
     let shapes = [("q/k/v 576->960", 960, 576), ("o 576->576", 576, 576), ("gate/up 576->3072", 3072, 576), ("down 1536->576", 576, 1536), ("head 576->49152", 49152, 576)];
-    let mut per_token = [0.0f64; 3];
+    let mut per_token = [0.0f64; 5];
     for (what, rows, cols) in shapes {
         let m = matrix(rows, cols);
         let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let runs = if rows > 10_000 { 50 } else { 400 };
-        let f32_us = time(runs, || m.matmul(&x, 1, CpuActivations::F32)[0]);
-        let i16_us = time(runs, || m.matmul(&x, 1, CpuActivations::Blocks16)[0]);
+        let f32_us = time(runs, || m.matmul(&x, 1, Activations::F32)[0]);
+        let i16_us = time(runs, || m.matmul(&x, 1, Activations::Blocks16)[0]);
+        let i8_us = time(runs, || m.matmul(&x, 1, Activations::Blocks8)[0]);
         // Four rows at once (batched decode, short prompts): µs per row.
         let x4: Vec<f32> = (0..4).flat_map(|k| x.iter().map(move |v| v * (1.0 + k as f32))).collect();
-        let f32_4_us = time(runs, || m.matmul(&x4, 4, CpuActivations::F32)[0]) / 4.0;
+        let f32_4_us = time(runs, || m.matmul(&x4, 4, Activations::F32)[0]) / 4.0;
+        let i8_4_us = time(runs, || m.matmul(&x4, 4, Activations::Blocks8)[0]) / 4.0;
         per_token[2] += f32_4_us * if what.starts_with("head") { 1.0 } else { 30.0 };
+        per_token[3] += i8_us * if what.starts_with("head") { 1.0 } else { 30.0 };
+        per_token[4] += i8_4_us * if what.starts_with("head") { 1.0 } else { 30.0 };
         let weights = (rows * cols) as f64;
         let bytes = weights / 2.0 + (rows * cols / 32 * 8) as f64;
         // Per token: 30 layers of the four layer products, one head.
@@ -64,11 +68,12 @@ fn main() {
         per_token[0] += f32_us * times;
         per_token[1] += i16_us * times;
         println!(
-            "{what:<20} f32 acts {f32_us:8.1} µs ({:5.2} weights/ns, {:5.2} GB/s) | 16-bit blocks {i16_us:8.1} µs ({:5.2} weights/ns, {:5.2} GB/s) | f32, 4 rows {f32_4_us:8.1} µs a row",
+            "{what:<20} f32 acts {f32_us:8.1} µs ({:5.2} weights/ns, {:5.2} GB/s) | 16-bit blocks {i16_us:8.1} µs ({:5.2} weights/ns, {:5.2} GB/s) | f32, 4 rows {f32_4_us:8.1} µs a row | 8-bit blocks {i8_us:8.1} µs ({:5.2} weights/ns), 4 rows {i8_4_us:8.1} µs a row",
             weights / f32_us / 1e3,
             bytes / f32_us / 1e3,
             weights / i16_us / 1e3,
-            bytes / i16_us / 1e3
+            bytes / i16_us / 1e3,
+            weights / i8_us / 1e3
         );
     }
     // Prompt rows: the fused product in passes of four rows against the linear's prompt path
@@ -76,22 +81,26 @@ fn main() {
     let device = burn::tensor::Device::flex();
     for (what, rows, cols) in [("gate/up 576->3072", 3072, 576), ("head 576->49152", 49152, 576)] {
         let m = matrix(rows, cols);
-        let linear = inference_pio_kernels::quant::QuantizedLinear::new(m.clone(), &device);
+        // 16-bit blocks read the codes in place for at most 4 rows: more take dequantized slices.
+        let linear = inference_pio_kernels::quant::QuantizedLinear::new(m.clone(), &device).with_activations(Activations::Blocks16);
         for n in [8usize, 16, 32] {
             let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let runs = if rows > 10_000 { 10 } else { 50 };
-            let fused = time(runs, || x.chunks(4 * cols).map(|c| m.matmul(c, c.len() / cols, CpuActivations::F32)[0]).sum()) / n as f64;
+            let fused = time(runs, || x.chunks(4 * cols).map(|c| m.matmul(c, c.len() / cols, Activations::F32)[0]).sum()) / n as f64;
+            let fused8 = time(runs, || m.matmul(&x, n, Activations::Blocks8)[0]) / n as f64;
             let prompt = time(runs, || {
                 let t = burn::tensor::Tensor::<2>::from_data(burn::tensor::TensorData::new(x.clone(), [n, cols]), &device);
                 linear.forward(t).into_data().convert::<f32>().as_slice::<f32>().map_or(0.0, |v| v[0])
             }) / n as f64;
-            println!("{what:<20} {n:2} rows: fused in fours {fused:8.1} µs a row | dequantized slices {prompt:8.1} µs a row");
+            println!("{what:<20} {n:2} rows: fused in fours {fused:8.1} µs a row | 8-bit blocks {fused8:8.1} µs a row | dequantized slices {prompt:8.1} µs a row");
         }
     }
     println!(
-        "per token (30 layers + head): f32 acts {:.2} ms, 16-bit blocks {:.2} ms, f32 in rows of 4 {:.2} ms",
+        "per token (30 layers + head): f32 acts {:.2} ms, 16-bit blocks {:.2} ms, f32 in rows of 4 {:.2} ms, 8-bit blocks {:.2} ms, 8-bit blocks in rows of 4 {:.2} ms",
         per_token[0] / 1e3,
         per_token[1] / 1e3,
-        per_token[2] / 1e3
+        per_token[2] / 1e3,
+        per_token[3] / 1e3,
+        per_token[4] / 1e3
     );
 }

@@ -253,11 +253,11 @@ impl QuantizedMatrix {
     /// split over rayon's threads. The packed codes are read directly, per group `y += scale ·
     /// Σ code · x + min · Σ x` with the sums of `x` per group computed once; `activations`
     /// says how `Σ code · x` is formed: in f32 with the codes converted in registers
-    /// ([`CpuActivations::F32`]), or against [`ActivationBlocks`] in 32-bit integer
-    /// multiply-adds ([`CpuActivations::Blocks16`], where rows and groups split into 16-bit
+    /// ([`Activations::F32`]), or against [`ActivationBlocks`] in 32-bit integer
+    /// multiply-adds ([`Activations::Blocks16`], where rows and groups split into 16-bit
     /// units; f32 otherwise). On x86-64 with AVX2 and FMA the loops are compiled for them
     /// (chosen at run time); elsewhere for the baseline target.
-    pub fn matmul(&self, x: &[f32], n: usize, activations: CpuActivations) -> Vec<f32> {
+    pub fn matmul(&self, x: &[f32], n: usize, activations: Activations) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "matmul: {} inputs for {n} rows of {}", x.len(), self.cols);
         let limit = self.fused_row_limit(activations);
         assert!(n <= limit, "matmul: {n} rows, more than the {limit} it reads the codes for");
@@ -266,16 +266,42 @@ impl QuantizedMatrix {
         // Σ x per group of each input row: `[n, groups]`.
         let groups = self.groups_per_row();
         let sums: Vec<f32> = x.chunks_exact(self.group).map(|g| g.iter().sum()).collect();
-        let blocks: Option<Vec<ActivationBlocks>> = (activations == CpuActivations::Blocks16 && self.takes_activation_blocks())
+        let blocks8: Option<Vec<ActivationBlocks8>> = (activations == Activations::Blocks8 && self.takes_activation_blocks8())
+            .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks8::new(row, self.bits)).collect());
+        // 8-bit blocks where the groups allow them, else 16-bit ones.
+        let blocks: Option<Vec<ActivationBlocks>> = (activations != Activations::F32 && blocks8.is_none() && self.takes_activation_blocks())
             .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
+        let (blocks8_rows, sums_rows8): (Vec<&ActivationBlocks8>, Vec<&[f32]>) = match &blocks8 {
+            Some(b) => (b.iter().collect(), sums.chunks_exact(groups).collect()),
+            None => (Vec::new(), Vec::new()),
+        };
         // f32 activations of 4-bit codes: reordered once for every row's split-nibble loop.
-        let split: Option<Vec<f32>> = (blocks.is_none() && self.bits == 4 && self.group.is_multiple_of(32)).then(|| split_nibble_order(x));
+        let split: Option<Vec<f32>> = (blocks.is_none() && blocks8.is_none() && self.bits == 4 && self.group.is_multiple_of(32)).then(|| split_nibble_order(x));
         // Per input row, for the several-row passes (a single decode row needs neither list).
         let (split_rows, sum_rows): (Vec<&[f32]>, Vec<&[f32]>) = match &split {
             Some(s) if n > 1 => (s.chunks_exact(self.cols).collect(), sums.chunks_exact(groups).collect()),
             _ => (Vec::new(), Vec::new()),
         };
         out_t.par_chunks_mut(chunk * n.max(1)).enumerate().for_each(|(c, block)| {
+            if !blocks8_rows.is_empty() {
+                // The chunk's output rows against passes of up to four activation rows.
+                let first = c * chunk;
+                if n <= 4 {
+                    simd::rows_dot_i8(self, first, &blocks8_rows, &sums_rows8, block);
+                } else {
+                    let count = block.len() / n;
+                    let mut part = vec![0f32; count * 4];
+                    for k in (0..n).step_by(4) {
+                        let width = 4.min(n - k);
+                        let part = &mut part[..count * width];
+                        simd::rows_dot_i8(self, first, &blocks8_rows[k..k + width], &sums_rows8[k..k + width], part);
+                        for (ys, p) in block.chunks_exact_mut(n).zip(part.chunks_exact(width)) {
+                            ys[k..k + width].copy_from_slice(p);
+                        }
+                    }
+                }
+                return;
+            }
             for (i, ys) in block.chunks_exact_mut(n.max(1)).enumerate() {
                 let row = c * chunk + i;
                 // Several rows of reordered activations, in passes of up to four: each unit of
@@ -340,23 +366,39 @@ pub const CPU_FUSED_ROWS_SPLIT4: usize = 64;
 impl QuantizedMatrix {
     /// The most input rows [`Self::matmul`] takes with these activations (more go through the
     /// linear's matrix product of dequantized slices).
-    pub fn fused_row_limit(&self, activations: CpuActivations) -> usize {
-        if activations == CpuActivations::F32 && self.bits == 4 && self.group.is_multiple_of(32) && simd::has_avx2() { CPU_FUSED_ROWS_SPLIT4 } else { CPU_FUSED_ROWS }
+    pub fn fused_row_limit(&self, activations: Activations) -> usize {
+        let many = simd::has_avx2()
+            && match activations {
+                Activations::F32 => self.bits == 4 && self.group.is_multiple_of(32),
+                Activations::Blocks8 => self.takes_activation_blocks8(),
+                Activations::Blocks16 => false,
+            };
+        if many { CPU_FUSED_ROWS_SPLIT4 } else { CPU_FUSED_ROWS }
     }
 }
 
 /// Activations per 16-bit block scale.
 pub const ACTIVATION_BLOCK: usize = 32;
 
-/// How the CPU's fused product takes its activations.
+/// How a product of quantized weights takes its activations ([`QuantizedLinear::with_activations`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CpuActivations {
-    /// As they are, in f32: the product of the dequantized weight, summed in another order.
+pub enum Activations {
+    /// As they are, in f32: the product of the dequantized weight, summed in another order
+    /// (on CubeCL devices the weight is dequantized and multiplied by cuBLAS).
     F32,
     /// Rounded to [`ActivationBlocks`]: a relative error near 2^-16 of each block's largest
-    /// value, far below that of bf16/f16 activations (2^-8 / 2^-11 of each value), so
-    /// [`QuantizedLinear::forward`] takes it for those and keeps f32 activations exact.
+    /// value, far below that of bf16/f16 activations (2^-8 / 2^-11 of each value); on
+    /// CubeCL devices the `dp4a` kernel's activations (their default).
     Blocks16,
+    /// Rounded to [`ActivationBlocks8`] (llama.cpp's `Q8_1` activations, what its CPU
+    /// products of quantized weights always take): a relative error near 2^-8 of each
+    /// block's largest value, and 8-bit integer multiply-adds (`pmaddubsw`, 32 products an
+    /// instruction): the fastest CPU product of 4- and 8-bit codes in groups of whole 32s
+    /// (others take [`Self::Blocks16`]), at a cost in accuracy: on SmolLM2-135M a mean KL of
+    /// 0.0145 from the exact product, four times that of int8 weights
+    /// (`plugins/llama/tests/quantization.rs`). CPU only (on CubeCL devices the kernel takes
+    /// [`Self::Blocks16`]).
+    Blocks8,
 }
 
 impl QuantizedMatrix {
@@ -366,6 +408,12 @@ impl QuantizedMatrix {
     fn takes_activation_blocks(&self) -> bool {
         let unit = if self.bits == 4 { 32 } else { 16 };
         self.cols.is_multiple_of(ACTIVATION_BLOCK) && self.group.is_multiple_of(unit)
+    }
+
+    /// Whether the fused CPU product can take its activations as [`ActivationBlocks8`]:
+    /// groups of whole blocks (a block's codes share one group scale).
+    fn takes_activation_blocks8(&self) -> bool {
+        self.group.is_multiple_of(ACTIVATION_BLOCK)
     }
 }
 
@@ -410,10 +458,214 @@ impl ActivationBlocks {
     }
 }
 
+/// One row of activations as 8-bit integers with one f32 scale per block of
+/// [`ACTIVATION_BLOCK`] (`x ≈ scale · q`, `q` in ±127, rounded to nearest, `scale = max|x| /
+/// 127`), llama.cpp's `block_q8_1` (`quantize_row_q8_1`), and each block's `Σ q` for 8-bit
+/// codes stored with an offset of 128. For 4-bit codes each block is stored as its even
+/// elements then its odd ones (as [`ActivationBlocks`]).
+#[derive(Clone, Debug)]
+pub struct ActivationBlocks8 {
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub sums: Vec<i32>,
+}
+
+impl ActivationBlocks8 {
+    /// `x` (a multiple of [`ACTIVATION_BLOCK`] long) for codes of `bits` bits.
+    pub fn new(x: &[f32], bits: u32) -> Self {
+        let blocks = x.len() / ACTIVATION_BLOCK;
+        let mut q = vec![0i8; x.len()];
+        let (mut scales, mut sums) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        for (xb, qb) in x.chunks_exact(ACTIVATION_BLOCK).zip(q.chunks_exact_mut(ACTIVATION_BLOCK)) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            // Round half to even by the f32 adder (1.5 · 2^23 leaves no fraction bits below
+            // it): `round_ties_even` is a call to `rintf` on the baseline x86-64 target, which
+            // has no rounding instruction, and took 1.5 % of a decode.
+            const SHIFT: f32 = 12_582_912.0;
+            let quant = |v: f32| (((v * inv).clamp(-127.0, 127.0) + SHIFT) - SHIFT) as i8;
+            if bits == 4 {
+                let half = ACTIVATION_BLOCK / 2;
+                for k in 0..half {
+                    qb[k] = quant(xb[2 * k]);
+                    qb[half + k] = quant(xb[2 * k + 1]);
+                }
+            } else {
+                for (o, &v) in qb.iter_mut().zip(xb) {
+                    *o = quant(v);
+                }
+            }
+            scales.push(scale);
+            sums.push(qb.iter().map(|&v| i32::from(v)).sum());
+        }
+        Self { q, scales, sums }
+    }
+}
+
 /// The CPU loops, written so that the compiler vectorises them, and compiled twice on x86-64:
 /// for the baseline target and for AVX2 + FMA, picked at run time.
 mod simd {
-    use super::{ActivationBlocks, QuantizedMatrix};
+    use super::{ACTIVATION_BLOCK, ActivationBlocks, ActivationBlocks8, QuantizedMatrix};
+
+    /// Row `row` of `m` (4- or 8-bit codes in groups of whole 32s: checked by the caller,
+    /// `m.takes_activation_blocks8()`) times one row of [`ActivationBlocks8`], `sums` the f32
+    /// sums of the activations per group: per block an exact integer `Σ code · q` (8-bit codes
+    /// as `Σ (code - 128) · q + 128 · Σ q`), scaled by the group's and the block's scales,
+    /// plus `Σ min · sums`.
+    pub(super) fn row_dot_i8_any(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks8, sums: &[f32]) -> f32 {
+        let wpr = m.words_per_row();
+        let words = &m.codes[row * wpr..(row + 1) * wpr];
+        let groups = m.groups_per_row();
+        let (scales, mins) = (&m.scales[row * groups..(row + 1) * groups], &m.mins[row * groups..(row + 1) * groups]);
+        let blocks_per_group = m.group / ACTIVATION_BLOCK;
+        let words_per_block = ACTIVATION_BLOCK * m.bits as usize / 32;
+        let mut total = 0f32;
+        for (b, (block_words, q)) in words.chunks_exact(words_per_block).zip(a.q.chunks_exact(ACTIVATION_BLOCK)).enumerate() {
+            let byte = |i: usize| ((block_words[i / 4] >> (8 * (i % 4))) & 0xff) as i32;
+            let isum: i32 = if m.bits == 4 {
+                let half = ACTIVATION_BLOCK / 2;
+                (0..half).map(|i| (byte(i) & 0xf) * i32::from(q[i]) + (byte(i) >> 4) * i32::from(q[half + i])).sum()
+            } else {
+                (0..ACTIVATION_BLOCK).map(|i| (byte(i) - 128) * i32::from(q[i])).sum::<i32>() + 128 * a.sums[b]
+            };
+            total += isum as f32 * (scales[b / blocks_per_group] * a.scales[b]);
+        }
+        total + mins.iter().zip(sums).map(|(m, s)| m * s).sum::<f32>()
+    }
+
+    /// One block of 32 codes at `bytes`, ready for [`block_i8`]: 4-bit codes as 32 bytes,
+    /// the low nibbles (even codes) then the high ones (odd codes), twice; 8-bit codes less
+    /// 128, as their magnitudes and themselves (the sign trick of `pmaddubsw`, whose first
+    /// operand is unsigned).
+    ///
+    /// # Safety
+    /// `BITS * 4` bytes are readable at `bytes`, and the CPU has AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block_codes<const BITS: u32>(bytes: *const u8) -> [std::arch::x86_64::__m256i; 2] {
+        use std::arch::x86_64::*;
+        if BITS == 4 {
+            // SAFETY: the caller guarantees 16 readable bytes (an unaligned load).
+            let b = unsafe { _mm_loadu_si128(bytes as *const __m128i) };
+            let codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0f));
+            [codes, codes]
+        } else {
+            // SAFETY: the caller guarantees 32 readable bytes (an unaligned load).
+            let c = _mm256_xor_si256(unsafe { _mm256_loadu_si256(bytes as *const __m256i) }, _mm256_set1_epi8(-128));
+            [_mm256_sign_epi8(c, c), c]
+        }
+    }
+
+    /// `Σ code · q` of one block of [`block_codes`] against its 32 activations `q` (4-bit:
+    /// even then odd), as eight 32-bit lanes; for 8-bit codes the block's `128 · Σ q` is the
+    /// caller's.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn block_i8<const BITS: u32>(codes: [std::arch::x86_64::__m256i; 2], q: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let pairs = if BITS == 4 { _mm256_maddubs_epi16(codes[0], q) } else { _mm256_maddubs_epi16(codes[0], _mm256_sign_epi8(q, codes[1])) };
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    /// [`row_dot_i8_any`] with AVX2 for output rows `first .. first + out.len() / N` against
+    /// `N` rows of activation blocks at once (each block's codes loaded once for every
+    /// activation row), into `out` (`[rows, N]`): `Σ code · q` per block in `pmaddubsw` +
+    /// `pmaddwd`, converted and scaled into one f32 accumulator per activation row. The
+    /// matrix's shape is read once per call, not per row (two integer divisions a row cost
+    /// as much as a short row's products).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn rows_i8_avx2<const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let groups = m.groups_per_row();
+        let blocks = m.cols / ACTIVATION_BLOCK;
+        let blocks_per_group = m.group / ACTIVATION_BLOCK;
+        let block_bytes = ACTIVATION_BLOCK * BITS as usize / 8;
+        let row_bytes = blocks * block_bytes;
+        let count = out.len() / N;
+        assert!(
+            m.bits == BITS
+                && out.len() == count * N
+                && blocks_per_group * ACTIVATION_BLOCK == m.group
+                && blocks * ACTIVATION_BLOCK == m.cols
+                && (first + count) * row_bytes <= m.codes.len() * 4
+                && (first + count) * groups <= m.scales.len().min(m.mins.len())
+                && acts.iter().all(|a| a.q.len() == m.cols && a.scales.len() == blocks && a.sums.len() == blocks)
+                && sums.iter().all(|s| s.len() == groups),
+            "rows of another width"
+        );
+        let codes = m.codes.as_ptr() as *const u8;
+        let qp: [*const i8; N] = acts.map(|a| a.q.as_ptr());
+        let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+        for (r, ((ys, row_scales), row_mins)) in out.chunks_exact_mut(N).zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+            // SAFETY: row `first + r` lies in the matrix (asserted above): its `row_bytes` code bytes start here.
+            let row_codes = unsafe { codes.add((first + r) * row_bytes) };
+            // Two accumulators per activation row, for even and odd blocks (one would chain
+            // every block's multiply-add on the last).
+            let mut acc = [[_mm256_setzero_ps(); N]; 2];
+            let mut b = 0;
+            for &scale in row_scales {
+                for _ in 0..blocks_per_group {
+                    // SAFETY: `b < blocks`: the block's `block_bytes` code bytes lie in the row
+                    // and its 32 activations in each `q` (`cols` long); unaligned loads;
+                    // x86-64 is little-endian, so the words' bytes are the packed order.
+                    let c = unsafe { block_codes::<BITS>(row_codes.add(b * block_bytes)) };
+                    for j in 0..N {
+                        // SAFETY: as above.
+                        let q = unsafe { _mm256_loadu_si256(qp[j].add(b * ACTIVATION_BLOCK) as *const __m256i) };
+                        let mut isum = block_i8::<BITS>(c, q);
+                        if BITS == 8 {
+                            isum = _mm256_add_epi32(isum, _mm256_setr_epi32(128 * acts[j].sums[b], 0, 0, 0, 0, 0, 0, 0));
+                        }
+                        let acc = &mut acc[b & 1][j];
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale * acts[j].scales[b]), *acc);
+                    }
+                    b += 1;
+                }
+            }
+            for j in 0..N {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds eight f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0][j], acc[1][j])) };
+                ys[j] = lanes.iter().sum::<f32>() + dot_body(row_mins, sums[j]);
+            }
+        }
+    }
+
+    /// Output rows `first .. first + out.len() / acts.len()` of `m` times 1 to 4 rows of
+    /// [`ActivationBlocks8`] (`sums` their per-group f32 sums), into `out` (`[rows,
+    /// acts.len()]`).
+    pub(super) fn rows_dot_i8(m: &QuantizedMatrix, first: usize, acts: &[&ActivationBlocks8], sums: &[&[f32]], out: &mut [f32]) {
+        let n = acts.len();
+        assert!((1..=4).contains(&n) && sums.len() == n && out.len().is_multiple_of(n), "rows_dot_i8: 1 to 4 activation rows, each with its sums");
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            macro_rules! pass {
+                ($bits:literal) => {
+                    // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+                    unsafe {
+                        match (acts, sums) {
+                            (&[a], &[s]) => rows_i8_avx2::<$bits, 1>(m, first, [a], [s], out),
+                            (&[a, b], &[s, t]) => rows_i8_avx2::<$bits, 2>(m, first, [a, b], [s, t], out),
+                            (&[a, b, c], &[s, t, u]) => rows_i8_avx2::<$bits, 3>(m, first, [a, b, c], [s, t, u], out),
+                            (&[a, b, c, d], &[s, t, u, v]) => rows_i8_avx2::<$bits, 4>(m, first, [a, b, c, d], [s, t, u, v], out),
+                            _ => unreachable!("asserted above"),
+                        }
+                    }
+                };
+            }
+            if m.bits == 4 { pass!(4) } else { pass!(8) }
+            return;
+        }
+        for (r, ys) in out.chunks_exact_mut(n).enumerate() {
+            for ((y, a), s) in ys.iter_mut().zip(acts).zip(sums) {
+                *y = row_dot_i8_any(m, first + r, a, s);
+            }
+        }
+    }
 
     /// `acc += code · x` lane by lane over one packed word's `PER` codes of `BITS` bits.
     #[inline(always)]
@@ -872,6 +1124,9 @@ pub struct QuantizedLinear {
     pub group: usize,
     bytes: u64,
     storage: Storage,
+    /// `None`: the default, [`Activations::F32`] for f32 activations on the CPU, else
+    /// [`Activations::Blocks16`].
+    activations: Option<Activations>,
 }
 
 #[derive(Clone)]
@@ -899,7 +1154,7 @@ impl QuantizedLinear {
             return Self::new(Arc::unwrap_or_clone(matrix), device);
         }
         let (rows, cols, bits, group, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.bytes());
-        Self { rows, cols, bits, group, bytes, storage: Storage::Host(matrix) }
+        Self { rows, cols, bits, group, bytes, storage: Storage::Host(matrix), activations: None }
     }
 
     /// `matrix` on `device`.
@@ -922,7 +1177,24 @@ impl QuantizedLinear {
         } else {
             Storage::Host(Arc::new(matrix))
         };
-        Self { rows, cols, bits, group, bytes, storage }
+        Self { rows, cols, bits, group, bytes, storage, activations: None }
+    }
+
+    /// The weight with its products taking `activations`. Placed weights start with the
+    /// default: on the CPU f32 activations exact ([`Activations::F32`]) and others as 16-bit
+    /// blocks; on CubeCL devices the kernel's 16-bit blocks, which also stand for
+    /// [`Activations::Blocks8`] there.
+    pub fn with_activations(self, activations: Activations) -> Self {
+        Self { activations: Some(activations), ..self }
+    }
+
+    /// How the weight's products take activations of `dtype`.
+    pub fn activations(&self, dtype: DType) -> Activations {
+        match (self.activations, &self.storage) {
+            (Some(a), _) => a,
+            (None, Storage::Host(_)) if dtype == DType::F32 => Activations::F32,
+            (None, _) => Activations::Blocks16,
+        }
     }
 
     /// Bytes the weight takes on its device.
@@ -935,7 +1207,7 @@ impl QuantizedLinear {
         let [n, cols] = x.dims();
         assert_eq!(cols, self.cols, "a quantized [{}, {}] weight times rows of {cols}", self.rows, self.cols);
         let dtype = x.dtype();
-        let activations = if dtype == DType::F32 { CpuActivations::F32 } else { CpuActivations::Blocks16 };
+        let activations = self.activations(dtype);
         match &self.storage {
             Storage::Host(m) if n > m.fused_row_limit(activations) => {
                 // Prompt rows: slices of about 8 MB of weight rows dequantized (f32) and
@@ -958,13 +1230,12 @@ impl QuantizedLinear {
             Storage::Host(m) => {
                 let device = x.device();
                 let xs = x.cast(DType::F32).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 activations");
-                // Activations of 16 bits or fewer lose nothing measurable as 16-bit blocks.
                 let y = Tensor::<2>::from_data(TensorData::new(m.matmul(&xs, n, activations), [n, self.rows]), (&device, DType::F32));
                 if dtype == DType::F32 { y } else { y.cast(dtype) }
             }
             Storage::Device(d) => {
                 let DeviceCodes { codes, scales, mins } = d.as_ref();
-                if device_kernel_applies(n, cols, self.bits, self.group) && kernel_supports(dtype) {
+                if activations != Activations::F32 && device_kernel_applies(n, cols, self.bits, self.group) && kernel_supports(dtype) {
                     let out = Dispatch::quant_matvec(
                         x.into_dispatch(),
                         codes.clone().into_dispatch(),
@@ -1570,16 +1841,21 @@ mod tests {
                 // Rows beyond CPU_FUSED_ROWS go through the linear, which reads the codes in
                 // place up to the matrix's fused_row_limit (64 for f32 activations of 4-bit
                 // codes on AVX2) and multiplies dequantized slices above it.
-                let prompt = |x: &[f32]| {
+                let prompt = |x: &[f32], a| {
                     let d = Device::flex();
-                    let y = QuantizedLinear::new(m.clone(), &d).forward(Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, cols]), &d));
+                    let y = QuantizedLinear::new(m.clone(), &d).with_activations(a).forward(Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, cols]), &d));
                     y.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32")
                 };
-                let product = |a| if n <= CPU_FUSED_ROWS { m.matmul(&x, n, a) } else { prompt(&x) };
-                let got = product(CpuActivations::F32);
-                let rounded = product(CpuActivations::Blocks16);
+                let product = |a| if n <= CPU_FUSED_ROWS { m.matmul(&x, n, a) } else { prompt(&x, a) };
+                let got = product(Activations::F32);
+                let rounded = product(Activations::Blocks16);
                 let want = dense_matmul(&x, n, &dense, rows, cols);
                 assert!(rel_l2(&got, &want) < 1e-6, "bits {} rows {n}: {}", m.bits, rel_l2(&got, &want));
+                // 8-bit activation blocks, rows up to the limit read the codes in place.
+                let limit = m.fused_row_limit(Activations::Blocks8);
+                let coarse = if n <= limit { m.matmul(&x, n, Activations::Blocks8) } else { prompt(&x, Activations::Blocks8) };
+                let bound = if n <= limit { 2e-2 } else { 1e-6 };
+                assert!(rel_l2(&coarse, &want) < bound, "8-bit blocks, bits {} rows {n}: {}", m.bits, rel_l2(&coarse, &want));
                 // Up to CPU_FUSED_ROWS rows, 16-bit activation blocks round the activations.
                 let bound = if n <= CPU_FUSED_ROWS { 5e-5 } else { 1e-6 };
                 assert!(rel_l2(&rounded, &want) < bound, "bits {} rows {n}: {}", m.bits, rel_l2(&rounded, &want));
@@ -1686,7 +1962,87 @@ mod tests {
         // Rows or groups that do not split into units take the f32 loop.
         let m = QuantizedMatrix::from_codes(1, 40, 8, 8, &[1; 40], vec![1.0; 5], vec![0.0; 5]).expect("packs");
         assert!(!m.takes_activation_blocks());
-        assert_eq!(m.matmul(&[1.0; 40], 1, CpuActivations::Blocks16), vec![40.0]);
+        assert_eq!(m.matmul(&[1.0; 40], 1, Activations::Blocks16), vec![40.0]);
+    }
+
+    #[test]
+    fn eight_bit_activation_blocks_round_each_value_to_a_step_of_its_block() {
+        let mut x = random(64, 41);
+        x[40] = 100.0; // an outlier coarsens its own block only
+        for bits in [4, 8] {
+            let a = ActivationBlocks8::new(&x, bits);
+            assert_eq!((a.q.len(), a.scales.len(), a.sums.len()), (64, 2, 2));
+            assert_eq!(a.scales[1], 100.0 / 127.0);
+            for b in 0..2 {
+                assert_eq!(a.sums[b], a.q[b * 32..(b + 1) * 32].iter().map(|&q| i32::from(q)).sum::<i32>());
+            }
+            for (i, &v) in x.iter().enumerate() {
+                let (b, k) = (i / 32, i % 32);
+                let slot = if bits == 4 { b * 32 + k / 2 + (k % 2) * 16 } else { i };
+                let back = a.scales[b] * f32::from(a.q[slot]);
+                assert!((back - v).abs() <= 0.5 * a.scales[b] * (1.0 + 1e-6), "bits {bits} element {i}: {back} vs {v}");
+            }
+        }
+        assert!(ActivationBlocks8::new(&[0.0; 32], 4).q.iter().all(|&q| q == 0));
+    }
+
+    #[test]
+    fn the_eight_bit_activation_loops_are_the_product_of_the_rounded_activations() {
+        let cols = 256;
+        let mut x = random(4 * cols, 51);
+        x[77] = -40.0;
+        // Codes over the whole range (8-bit ones past 128 either way, the sign trick's edge).
+        for (bits, group) in [(4, 32), (4, 128), (8, 32), (8, 256)] {
+            let mut codes: Vec<u8> = random(3 * cols, 52 + group as u64).iter().map(|v| (((v + 1.0) * 127.99) as u32 % (1u32 << bits)) as u8).collect();
+            let top = ((1u32 << bits) - 1) as u8;
+            codes[..4].copy_from_slice(&[0, top, 0, top]);
+            let groups = 3 * cols / group;
+            let m = QuantizedMatrix::from_codes(3, cols, bits, group, &codes, random(groups, 53), random(groups, 54)).expect("packs");
+            assert!(m.takes_activation_blocks8());
+            let dense = m.dequantize();
+            let rows: Vec<&[f32]> = x.chunks(cols).collect();
+            let blocks: Vec<ActivationBlocks8> = rows.iter().map(|r| ActivationBlocks8::new(r, bits)).collect();
+            let sums: Vec<Vec<f32>> = rows.iter().map(|r| r.chunks(group).map(|g| g.iter().sum()).collect()).collect();
+            for row in 0..3 {
+                let w = &dense[row * cols..(row + 1) * cols];
+                for count in 1..=4 {
+                    // Rows `row..3` at once, this row's products first.
+                    let mut all = vec![0f32; (3 - row) * count];
+                    let refs: Vec<&ActivationBlocks8> = blocks[..count].iter().collect();
+                    let sum_refs: Vec<&[f32]> = sums[..count].iter().map(Vec::as_slice).collect();
+                    simd::rows_dot_i8(&m, row, &refs, &sum_refs, &mut all);
+                    let out = &all[..count];
+                    for j in 0..count {
+                        // The codes times the rounded activations, plus the offsets times the
+                        // exact sums: what the loops compute, summed in another order.
+                        let a = &blocks[j];
+                        let rounded: Vec<f32> = (0..cols)
+                            .map(|i| {
+                                let (b, k) = (i / 32, i % 32);
+                                let slot = if bits == 4 { b * 32 + k / 2 + (k % 2) * 16 } else { i };
+                                a.scales[b] * f32::from(a.q[slot])
+                            })
+                            .collect();
+                        let g = m.groups_per_row();
+                        let codes_part: f32 = (0..cols).map(|i| (w[i] - m.mins[row * g + i / group]) * rounded[i]).sum();
+                        let offsets: f32 = (0..g).map(|k| m.mins[row * g + k] * sums[j][k]).sum();
+                        let want = codes_part + offsets;
+                        let size: f32 = w.iter().zip(rows[j]).map(|(w, x)| (w * x).abs()).sum();
+                        let portable = simd::row_dot_i8_any(&m, row, a, &sums[j]);
+                        for (name, got) in [("portable", portable), ("dispatched", out[j])] {
+                            assert!((got - want).abs() <= 1e-5 * size, "{name} bits {bits} group {group} rows {count}: {got} vs {want}");
+                        }
+                        // And near the f32 product: 8-bit activations lose about 2^-8 of a block's largest value.
+                        let exact: f32 = w.iter().zip(rows[j]).map(|(w, x)| w * x).sum();
+                        assert!((out[j] - exact).abs() <= 1e-2 * size, "bits {bits} group {group}: {} vs {exact}", out[j]);
+                    }
+                }
+            }
+        }
+        // Groups that do not hold whole blocks take 16-bit blocks.
+        let m = QuantizedMatrix::from_codes(1, 48, 8, 16, &[1; 48], vec![1.0; 3], vec![0.0; 3]).expect("packs");
+        assert!(!m.takes_activation_blocks8());
+        assert_eq!(m.matmul(&[1.0; 48], 1, Activations::Blocks8), vec![48.0]);
     }
 
     #[test]
@@ -1715,7 +2071,9 @@ mod tests {
         let m = QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4");
         let dense = m.dequantize();
         let d = Device::flex();
+        // The CPU's default: f32 activations exact, others in 16-bit blocks.
         let lin = QuantizedLinear::new(m, &d);
+        assert_eq!((lin.activations(DType::F32), lin.activations(DType::BF16)), (Activations::F32, Activations::Blocks16));
         let xs = random(2 * cols, 6);
         let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [2, cols]), &d);
         let got = lin.forward(x.clone()).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");

@@ -212,7 +212,7 @@ impl Linear {
             }
         }
         let bias = bias.then(|| Tensor::cat(biases, 0));
-        Ok(Self { weights: place(stored, device), bias })
+        Ok(Self { weights: place(ckpt, stored, device), bias })
     }
 
     /// A weight already loaded (`[out, in]`), split for the device as [`Self::load`] does.
@@ -236,7 +236,7 @@ impl Linear {
 
 /// Places loaded weights, joining neighbours stored alike: dense ones into one split weight,
 /// quantized ones of the same layout into one quantized weight.
-fn place(stored: Vec<StoredLinear>, device: &Device) -> Vec<Weight> {
+fn place(ckpt: &Checkpoint, stored: Vec<StoredLinear>, device: &Device) -> Vec<Weight> {
     let mut out: Vec<Weight> = Vec::new();
     let mut dense: Vec<Tensor<2>> = Vec::new();
     let mut quantized: Vec<QuantizedMatrix> = Vec::new();
@@ -253,8 +253,8 @@ fn place(stored: Vec<StoredLinear>, device: &Device) -> Vec<Weight> {
         }
         let parts: Vec<QuantizedMatrix> = std::mem::take(quantized);
         match QuantizedMatrix::concat_rows(&parts) {
-            Some(joined) => out.push(Weight::Quantized(QuantizedLinear::new(joined, device))),
-            None => out.extend(parts.into_iter().map(|m| Weight::Quantized(QuantizedLinear::new(m, device)))),
+            Some(joined) => out.push(Weight::Quantized(ckpt.place_quantized(joined, device))),
+            None => out.extend(parts.into_iter().map(|m| Weight::Quantized(ckpt.place_quantized(m, device)))),
         }
     };
     for s in stored {
@@ -446,7 +446,7 @@ impl Decoder {
             Some(table) if *device == Device::flex() => {
                 ckpt.count_quantized(&table, dtype);
                 let table = std::sync::Arc::new(table);
-                let head = if c.tie_word_embeddings { Some(Linear { weights: vec![Weight::Quantized(QuantizedLinear::shared(table.clone(), device))], bias: None }) } else { None };
+                let head = if c.tie_word_embeddings { Some(Linear { weights: vec![Weight::Quantized(ckpt.place_shared_quantized(table.clone(), device))], bias: None }) } else { None };
                 (Embedding::Quantized(table), head)
             }
             // On a GPU the lookup stays a device gather (a recorded decode step reads its token
@@ -454,7 +454,7 @@ impl Decoder {
             Some(table) => {
                 let head = if c.tie_word_embeddings {
                     ckpt.count_quantized(&table, dtype);
-                    Some(Linear { weights: vec![Weight::Quantized(QuantizedLinear::new(table, device))], bias: None })
+                    Some(Linear { weights: vec![Weight::Quantized(ckpt.place_quantized(table, device))], bias: None })
                 } else {
                     None
                 };
@@ -479,7 +479,7 @@ impl Decoder {
             None => match ckpt.load_stored_quantized("lm_head.weight", [c.vocab_size, h], device)? {
                 Some(q) => {
                     ckpt.count_quantized(&q, dtype);
-                    Linear { weights: vec![Weight::Quantized(QuantizedLinear::new(q, device))], bias: None }
+                    Linear { weights: vec![Weight::Quantized(ckpt.place_quantized(q, device))], bias: None }
                 }
                 None => Linear::from_parts(ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)?, None, device),
             },

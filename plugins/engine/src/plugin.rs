@@ -15,7 +15,8 @@ use inference_pio_formats::gguf;
 use inference_pio_image_input::ImageProcessor;
 use burn::tensor::Device;
 use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError};
-use inference_pio_core::config::OptimizationSettings;
+use inference_pio_core::config::{OptimizationSettings, QuantActivations};
+use inference_pio_kernels::quant::Activations;
 use inference_pio_core::export::{Plugin, TokenCallback};
 use inference_pio_core::types::*;
 use std::collections::HashMap;
@@ -136,6 +137,19 @@ pub fn load_engine(
         .or(settings.optimization.dtype)
         .unwrap_or(if on_gpu { DType::Bf16 } else { DType::F32 });
     let quantization = settings.optimization.quantization;
+    // Products of quantized weights: unless set, exact f32 activations on the CPU, 16-bit
+    // blocks for others and in the CUDA kernel.
+    let activations = match settings.optimization.quant_activations {
+        None => None,
+        Some(QuantActivations::Int8) if on_gpu => {
+            return Err(EngineError::Config(format!(
+                "quant_activations = \"int8\" is implemented for the CPU's products only; on {device_name} use \"int16\" (its default) or \"exact\""
+            )));
+        }
+        Some(QuantActivations::Exact) => Some(Activations::F32),
+        Some(QuantActivations::Int16) => Some(Activations::Blocks16),
+        Some(QuantActivations::Int8) => Some(Activations::Blocks8),
+    };
     let dense_bytes = weight_bytes(&config, &spec, dtype);
     let quantize_lm_head = settings.optimization.quantize_lm_head;
     let bytes = stored_weight_bytes(&config, &spec, dtype, quantization, quantize_lm_head);
@@ -187,6 +201,7 @@ pub fn load_engine(
     let build = move || -> Result<crate::serve::Built<Loaded>, EngineError> {
         ckpt.set_quantization(quantization);
         ckpt.set_quantize_lm_head(quantize_lm_head);
+        ckpt.set_activations(activations);
         let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
         let tally = ckpt.linear_tally();
         let bytes = dense_bytes - tally.quantized_dense_bytes + tally.quantized_bytes;

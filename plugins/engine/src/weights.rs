@@ -11,7 +11,7 @@ use burn::tensor::{DType as BurnDType, Device, Distribution, Tensor, TensorData}
 use std::borrow::Cow;
 use inference_pio_core::types::DType;
 use inference_pio_core::config::Quantization;
-use inference_pio_kernels::quant::QuantizedMatrix;
+use inference_pio_kernels::quant::{Activations, QuantizedLinear, QuantizedMatrix};
 use inference_pio_kernels::{split_parts, split_weight};
 use memmap2::Mmap;
 use inference_pio_formats::gguf::{self, Gguf};
@@ -48,6 +48,9 @@ pub struct Checkpoint {
     tally: std::cell::Cell<LinearTally>,
     /// The LM head quantized as `quantization` says (`quantize_lm_head`).
     quantize_lm_head: bool,
+    /// How the quantized linear weights' products take their activations
+    /// (`quant_activations`); `None`: their device's default.
+    activations: Option<Activations>,
     /// GPTQ / AWQ packing or FP8 blocks of the safetensors' linear weights
     /// (`quantization_config`).
     packed: Option<packed::Layout>,
@@ -242,7 +245,7 @@ impl Checkpoint {
     }
 
     fn from_source(source: Source) -> Self {
-        Self { source, quantization: None, tally: Default::default(), quantize_lm_head: false, packed: None }
+        Self { source, quantization: None, tally: Default::default(), quantize_lm_head: false, activations: None, packed: None }
     }
 
     /// Reads `X.weight` of a safetensors checkpoint from GPTQ's or AWQ's `X.qweight`,
@@ -327,6 +330,30 @@ impl Checkpoint {
     /// Whether the decoder loads its LM head through [`Self::load_linear_stored`] too.
     pub fn set_quantize_lm_head(&mut self, yes: bool) {
         self.quantize_lm_head = yes;
+    }
+
+    /// How the products of quantized linear weights placed from now on take their
+    /// activations (`None`: their device's default).
+    pub fn set_activations(&mut self, activations: Option<Activations>) {
+        self.activations = activations;
+    }
+
+    /// `matrix` placed on `device` as a linear weight, with this checkpoint's activations.
+    pub fn place_quantized(&self, matrix: QuantizedMatrix, device: &Device) -> QuantizedLinear {
+        self.with_activations(QuantizedLinear::new(matrix, device))
+    }
+
+    /// [`Self::place_quantized`] of a matrix shared with the caller (on the CPU: a tied LM
+    /// head and the embedding lookup of one table).
+    pub fn place_shared_quantized(&self, matrix: std::sync::Arc<QuantizedMatrix>, device: &Device) -> QuantizedLinear {
+        self.with_activations(QuantizedLinear::shared(matrix, device))
+    }
+
+    fn with_activations(&self, linear: QuantizedLinear) -> QuantizedLinear {
+        match self.activations {
+            Some(a) => linear.with_activations(a),
+            None => linear,
+        }
     }
 
     /// See [`Self::set_quantize_lm_head`].
