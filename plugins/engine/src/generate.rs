@@ -349,12 +349,14 @@ fn chunk_of(optimization: &OptimizationSettings) -> usize {
 
 impl Engine {
     /// Starts the model's step loop, whose thread first runs `build` (loads the weights and
-    /// allocates the KV pool: all of the model's device work happens on that thread).
+    /// allocates the KV pool: all of the model's device work happens on that thread); `cpu`:
+    /// the model runs on the CPU (see [`StepLoop::start`]).
     pub fn start<T: Send + 'static>(
         build: impl FnOnce() -> Result<crate::serve::Built<T>, EngineError> + Send + 'static,
         optimization: &OptimizationSettings,
+        cpu: bool,
     ) -> Result<(Self, T), EngineError> {
-        let (steps, model, extra) = StepLoop::start(build, optimization)?;
+        let (steps, model, extra) = StepLoop::start(build, optimization, cpu)?;
         Ok((Self { model, steps }, extra))
     }
 

@@ -226,7 +226,7 @@ pub fn load_engine(
         let kv_bytes = blocks as u64 * block_bytes;
         Ok((model, pool, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }))
     };
-    let (engine, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }) = Engine::start(build, &settings.optimization)?;
+    let (engine, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }) = Engine::start(build, &settings.optimization, !on_gpu)?;
     let c = &engine.decoder.config;
     let info = ModelInfo {
         handle: 0,

@@ -190,9 +190,16 @@ impl StepLoop {
     /// the KV pool there: every device operation of the model then happens on that thread,
     /// one CUDA stream, which recording CUDA graphs needs), then serves. Returns the model
     /// and what `build` returned beside it, once it has.
+    ///
+    /// On the CPU the loop runs as one of the threads of a compute pool of its own (rayon's,
+    /// as many threads as the process's pool): its products split their rows between that
+    /// thread and the others. Outside a pool the loop's thread handed every product to the
+    /// pool's threads and slept until they finished, while they spun between products beside
+    /// it: two threads on two cores decoded 1.33x as fast as one.
     pub fn start<T: Send + 'static>(
         build: impl FnOnce() -> Result<Built<T>, EngineError> + Send + 'static,
         settings: &OptimizationSettings,
+        cpu: bool,
     ) -> Result<(Self, Arc<Model>, T), EngineError> {
         let step = StepSettings::of(settings);
         let stats = Arc::new(Mutex::new(SchedulerStats::default()));
@@ -202,9 +209,7 @@ impl StepLoop {
         let (loop_stats, loop_settings) = (Arc::clone(&stats), Arc::clone(&shared));
         let graph_counts = Arc::new(Mutex::new(graph::StepCounts::default()));
         let loop_counts = Arc::clone(&graph_counts);
-        let thread = std::thread::Builder::new()
-            .name("inference-pio-steps".into())
-            .spawn(move || {
+        let run = move || {
                 let (model, pool, extra) = match build() {
                     Ok(b) => b,
                     Err(e) => {
@@ -238,6 +243,16 @@ impl StepLoop {
                     return;
                 }
                 state.run(rx)
+        };
+        let thread = std::thread::Builder::new()
+            .name("inference-pio-steps".into())
+            .spawn(move || {
+                let threads = rayon::current_num_threads();
+                let pool = cpu.then(|| rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("inference-pio-cpu-{i}")).build().ok()).flatten();
+                match pool {
+                    Some(pool) => pool.install(run),
+                    None => run(),
+                }
             })
             .map_err(|e| EngineError::Device(format!("cannot start the step loop thread: {e}")))?;
         let (model, extra, blocks, block_tokens) = match built_rx.recv() {
