@@ -302,6 +302,17 @@ impl QuantizedMatrix {
                 }
                 return;
             }
+            // One decode row of reordered activations (4-bit codes) or in order (8-bit codes in
+            // groups of whole 16s): the chunk's rows in one call.
+            if n == 1 && blocks.is_none() {
+                let done = match &split {
+                    Some(split) => simd::rows_dot_split4(self, c * chunk, split, &sums, block),
+                    None => simd::rows_dot_codes8(self, c * chunk, x, &sums, block),
+                };
+                if done {
+                    return;
+                }
+            }
             for (i, ys) in block.chunks_exact_mut(n.max(1)).enumerate() {
                 let row = c * chunk + i;
                 // Several rows of reordered activations, in passes of up to four: each unit of
@@ -1084,6 +1095,151 @@ mod simd {
             return true;
         }
         let _ = (m, row, splits, sums, out);
+        false
+    }
+
+    /// [`row_codes4_split_avx2`] plus the offsets' term for output rows `first .. first +
+    /// out.len()` of a 4-bit `m` (groups of whole 32s) against one row of activations
+    /// reordered by [`super::split_nibble_order`], the matrix's shape read once per call (per
+    /// row, its integer divisions cost as much as a short row's products).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn rows_split4_avx2(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let groups = m.groups_per_row();
+        let units_per_group = m.group / 32;
+        let row_bytes = m.cols / 2;
+        let count = out.len();
+        assert!(
+            m.bits == 4
+                && m.group.is_multiple_of(32)
+                && split.len() == m.cols
+                && sums.len() == groups
+                && (first + count) * row_bytes <= m.codes.len() * 4
+                && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+            "rows of another width"
+        );
+        let codes = m.codes.as_ptr() as *const u8;
+        let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+        for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+            // SAFETY: row `first + r` lies in the matrix (asserted above): its `row_bytes`
+            // code bytes start here.
+            let mut bytes = unsafe { codes.add((first + r) * row_bytes) };
+            let mut xp = split.as_ptr();
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for (g, &scale) in row_scales.iter().enumerate() {
+                let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for _ in 0..units_per_group {
+                    // SAFETY: one unit of 32 codes per iteration, `cols / 32` in the row: its
+                    // 16 code bytes lie in the row and its 32 activations in `split` (`cols`
+                    // long); unaligned loads; x86-64 is little-endian.
+                    unsafe {
+                        let [c0, c1, c2, c3] = unit_codes4(bytes);
+                        p = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xp), p);
+                        q = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xp.add(8)), q);
+                        p = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xp.add(16)), p);
+                        q = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xp.add(24)), q);
+                        bytes = bytes.add(16);
+                        xp = xp.add(32);
+                    }
+                }
+                let scale = _mm256_set1_ps(scale);
+                if g % 2 == 0 {
+                    a0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a0);
+                } else {
+                    a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a1);
+                }
+            }
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds eight f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
+            *y = lanes.iter().sum::<f32>() + dot_body(row_mins, sums);
+        }
+    }
+
+    /// `Σ_g scale_g · Σ_{k in g} code_k · x_k + Σ_g min_g · sums_g` for output rows `first ..
+    /// first + out.len()` of an 8-bit `m` (groups of whole 16s) against one row `x`, sixteen
+    /// codes a step widened to f32 in registers, the matrix's shape read once per call.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn rows_codes8_avx2(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let groups = m.groups_per_row();
+        let steps_per_group = m.group / 16;
+        let row_bytes = m.cols;
+        let count = out.len();
+        assert!(
+            m.bits == 8
+                && m.group.is_multiple_of(16)
+                && x.len() == m.cols
+                && sums.len() == groups
+                && (first + count) * row_bytes <= m.codes.len() * 4
+                && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+            "rows of another width"
+        );
+        let codes = m.codes.as_ptr() as *const u8;
+        let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+        for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+            // SAFETY: row `first + r` lies in the matrix (asserted above): its `cols` code
+            // bytes start here.
+            let mut bytes = unsafe { codes.add((first + r) * row_bytes) };
+            let mut xp = x.as_ptr();
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for (g, &scale) in row_scales.iter().enumerate() {
+                let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for _ in 0..steps_per_group {
+                    // SAFETY: sixteen codes per iteration, `cols / 16` in the row: their bytes
+                    // lie in the row and their activations in `x` (`cols` long); unaligned
+                    // loads; x86-64 is little-endian, so the words' bytes are the packed order.
+                    unsafe {
+                        let b = _mm_loadu_si128(bytes as *const __m128i);
+                        let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                        let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b)));
+                        p = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp), p);
+                        q = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp.add(8)), q);
+                        bytes = bytes.add(16);
+                        xp = xp.add(16);
+                    }
+                }
+                let scale = _mm256_set1_ps(scale);
+                if g % 2 == 0 {
+                    a0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a0);
+                } else {
+                    a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a1);
+                }
+            }
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds eight f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
+            *y = lanes.iter().sum::<f32>() + dot_body(row_mins, sums);
+        }
+    }
+
+    /// Output rows `first .. first + out.len()` of an 8-bit `m` times one row `x` (`sums` its
+    /// per-group sums), into `out`; `false` (nothing written) without AVX2 or for groups that
+    /// are not whole 16s.
+    pub(super) fn rows_dot_codes8(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && m.bits == 8 && m.group.is_multiple_of(16) {
+            // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+            unsafe { rows_codes8_avx2(m, first, x, sums, out) };
+            return true;
+        }
+        let _ = (m, first, x, sums, out);
+        false
+    }
+
+    /// Output rows `first .. first + out.len()` of a 4-bit `m` (groups of whole 32s) times
+    /// one row of activations reordered by [`super::split_nibble_order`] (`sums` its per-group
+    /// sums), into `out`; `false` (nothing written) without AVX2.
+    pub(super) fn rows_dot_split4(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+            unsafe { rows_split4_avx2(m, first, split, sums, out) };
+            return true;
+        }
+        let _ = (m, first, split, sums, out);
         false
     }
 
@@ -1880,12 +2036,25 @@ mod tests {
                 let want: f32 = dense[row * cols..(row + 1) * cols].iter().zip(&x).map(|(w, x)| w * x).sum();
                 let portable = simd::row_dot_any(&m, row, &x, &sums);
                 let dispatched = simd::row_dot(&m, row, &x, &sums);
+                if bits == 8 {
+                    // Rows `row..3` in one call, this row's first (groups of whole 16s).
+                    let mut rows_out = vec![0f32; 3 - row];
+                    if simd::rows_dot_codes8(&m, row, &x, &sums, &mut rows_out) {
+                        assert!((rows_out[0] - want).abs() <= 1e-4 * want.abs().max(1.0), "8-bit rows from {row}, group {group}: {} vs {want}", rows_out[0]);
+                    }
+                }
                 assert!((portable - want).abs() <= 1e-4 * want.abs().max(1.0), "bits {bits} group {group}: {portable} vs {want}");
                 assert!((dispatched - want).abs() <= 1e-4 * want.abs().max(1.0), "bits {bits} group {group}: {dispatched} vs {want}");
                 if bits == 4 {
                     // The split-nibble loops, over the reordered activations (None without AVX2).
                     if let Some(split) = simd::row_dot_split4(&m, row, &split_nibble_order(&x), &sums) {
                         assert!((split - want).abs() <= 1e-4 * want.abs().max(1.0), "split, group {group}: {split} vs {want}");
+                    }
+                    // Rows `row..3` in one call, this row's first.
+                    let mut rows_out = vec![0f32; 3 - row];
+                    if simd::rows_dot_split4(&m, row, &split_nibble_order(&x), &sums, &mut rows_out) {
+                        let got = rows_out[0];
+                        assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "rows from {row}, group {group}: {got} vs {want}");
                     }
                     // 2 to 4 activation rows at once: `x` and scaled copies of it.
                     for count in 2..=4 {
