@@ -15,6 +15,11 @@
 //! run of consecutive chunks of one shape (query tokens and context) as one batch.
 //! The flat batch must list decode rows first, so the outputs concatenate in order.
 //!
+//! On the CPU, decode rows of f32 pools run through [`cpu_decode_attention`]: each (row, query
+//! head) scores its keys straight from the pools' memory through the row's block table and
+//! takes their softmax-weighted values, over rayon's threads (no gathered copy, mask or matrix
+//! products: through burn's operations those cost more than the arithmetic at decode sizes).
+//!
 //! On CubeCL devices decode rows run through our kernel instead ([`paged_decode_attention`]),
 //! after flash-decoding (Dao et al. 2023) and vLLM's paged attention v2: one cube per (row,
 //! key head, split of the context) serves all the query heads of that key head (each key and
@@ -578,7 +583,13 @@ pub struct DecodeRows {
     /// The reference's inputs ([`Self::gathered`]), made by the first layer that needs them
     /// and kept for the step's other layers: the slots once, a mask per window.
     reference: RefCell<Option<ReferenceInputs>>,
+    /// The table and lengths on the host for [`cpu_decode_attention`], read by the first
+    /// layer: (table `[rows * max_blocks]`, lengths, max_blocks).
+    host: RefCell<Option<HostTable>>,
 }
+
+/// Decode rows' block table `[rows * max_blocks]`, lengths and `max_blocks`, on the host.
+type HostTable = (Vec<usize>, Vec<usize>, usize);
 
 /// A step's gathered slots `[rows * width]` and, per window, the decode rows' mask.
 type ReferenceInputs = (Tensor<1, Int>, Vec<(Option<usize>, Tensor<5>)>);
@@ -676,7 +687,7 @@ impl PagedLayout {
 
 impl DecodeRows {
     pub fn new(table: Tensor<2, Int>, lens: Tensor<1, Int>) -> Self {
-        Self { table, lens, reference: RefCell::new(None) }
+        Self { table, lens, reference: RefCell::new(None), host: RefCell::new(None) }
     }
 
     /// The reference's inputs, computed on the device from the table and lengths once per
@@ -738,6 +749,86 @@ pub fn score_pieces(count: usize, queries: usize, context: usize, heads: usize, 
     }
 }
 
+/// `f` of an f32 tensor's memory on the CPU (contiguous), without a copy; `None` for other
+/// tensors.
+fn with_flex_f32<R>(t: &Tensor<3>, f: impl FnOnce(&[f32]) -> Option<R>) -> Option<R> {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    match t.clone().into_dispatch().kind {
+        DispatchTensorKind::Flex(BackendTensor::Float(tensor)) => f(tensor.as_slice::<f32>()?),
+        _ => None,
+    }
+}
+
+/// Decode rows' attention on the CPU, read straight from f32 pools `k`/`v [slots, kv_heads,
+/// d]` through the rows' block tables: per (row, query head) the scores of the keys the row
+/// sees (below its length, within `window`), their softmax in f32, and the weighted sum of
+/// the values, over rayon's threads. `None` (the caller takes the gathered reference) off the
+/// CPU, for other dtypes, or where a block lies outside the pool.
+fn cpu_decode_attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, rows: &DecodeRows, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+    let device = q.device();
+    if is_cubecl(&device) || q.dtype() != DType::F32 {
+        return None;
+    }
+    let [_, heads, d] = q.dims();
+    let [slots, kv_heads, dk] = k.dims();
+    if dk != d || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || block_tokens == 0 {
+        return None;
+    }
+    with_flex_f32(k, |keys| with_flex_f32(v, |values| cpu_decode_over(q, keys, values, rows, [slots, kv_heads, d], block_tokens, window, scale)))
+}
+
+/// [`cpu_decode_attention`] over the pools' memory.
+#[allow(clippy::too_many_arguments)]
+fn cpu_decode_over(q: &Tensor<3>, keys: &[f32], values: &[f32], rows: &DecodeRows, [slots, kv_heads, d]: [usize; 3], block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+    let device = q.device();
+    let [n, heads, _] = q.dims();
+    if keys.len() != slots * kv_heads * d || values.len() != keys.len() {
+        return None;
+    }
+    let mut host = rows.host.borrow_mut();
+    if host.is_none() {
+        let ints = |t: Tensor<2, Int>| t.into_data().convert::<i64>().try_into_vec::<i64>().ok();
+        let [_, max_blocks] = rows.table.dims();
+        let table = ints(rows.table.clone())?;
+        let lens = ints(rows.lens.clone().reshape([1, n]))?;
+        let to_usize = |v: Vec<i64>| v.into_iter().map(|x| usize::try_from(x).ok()).collect::<Option<Vec<usize>>>();
+        *host = Some((to_usize(table)?, to_usize(lens)?, max_blocks));
+    }
+    let (table, lens, max_blocks) = host.as_ref()?;
+    let max_blocks = *max_blocks;
+    // Every block a row reads must lie in the pool.
+    let pool_blocks = slots / block_tokens;
+    let fits = lens.iter().enumerate().all(|(r, &len)| len <= max_blocks * block_tokens && table[r * max_blocks..r * max_blocks + len.div_ceil(block_tokens)].iter().all(|&b| b < pool_blocks));
+    if lens.len() != n || table.len() != n * max_blocks || !fits {
+        return None;
+    }
+    let queries = q.clone().into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
+    let group = heads / kv_heads;
+    let scale = scale as f32;
+    let mut out = vec![0f32; n * heads * d];
+    use rayon::prelude::*;
+    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+        let (r, h) = (i / heads, i % heads);
+        let kvh = h / group;
+        let len = lens[r];
+        let first = window.map_or(0, |w| len.saturating_sub(w));
+        let qv = &queries[i * d..(i + 1) * d];
+        // Where key `j`'s head `kvh` starts in a pool.
+        let at = |j: usize| (table[r * max_blocks + j / block_tokens] * block_tokens + j % block_tokens) * kv_heads * d + kvh * d;
+        let scores: Vec<f32> = (first..len).map(|j| keys[at(j)..at(j) + d].iter().zip(qv).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+        let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        for (j, w) in (first..len).zip(&weights) {
+            let w = w / total;
+            for (o, x) in o.iter_mut().zip(&values[at(j)..at(j) + d]) {
+                *o += w * x;
+            }
+        }
+    });
+    Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
+}
+
 /// Gathers `slots` from a pool `[pool_slots, kv_heads, d]` as `[batch, kv_heads, width, d]`.
 fn gather(pool: &Tensor<3>, slots: &Tensor<1, Int>, batch: usize, width: usize) -> Tensor<4> {
     let [_, kv_heads, d] = pool.dims();
@@ -759,7 +850,8 @@ fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &P
     if let Some(decode) = &layout.decode {
         let rows = decode.lens.dims()[0];
         let queries = q.clone().narrow(0, 0, rows);
-        let out = match paged_decode_attention(queries.clone(), k, v, &decode.table, &decode.lens, layout.block_tokens, window, scale) {
+        let on_device = paged_decode_attention(queries.clone(), k, v, &decode.table, &decode.lens, layout.block_tokens, window, scale);
+        let out = match on_device.or_else(|| cpu_decode_attention(&queries, k, v, decode, layout.block_tokens, window, scale)) {
             Some(out) => out,
             None => {
                 let (slots, mask, width) = decode.gathered(layout.block_tokens, window);
@@ -900,9 +992,15 @@ mod tests {
         let (kv, vv, qv) = (values(kp.clone()), values(vp.clone()), values(q.clone()));
         // Unlimited, and capped so that chunks run in pieces of sequences (the two 3 x 7
         // chunks: 84 scores each over 4 heads) and of query rows (5 x 11 x 4 = 220 > 100).
-        for (window, cap) in [(None, MAX_SCORES), (Some(3), MAX_SCORES), (None, 100), (Some(3), 100)] {
+        // f32 pools: decode rows read the pools in place (`cpu_decode_attention`); bf16 ones
+        // take the gathered reference, to bf16's rounding.
+        for (window, cap, dtype) in [(None, MAX_SCORES, DType::F32), (Some(3), MAX_SCORES, DType::F32), (None, 100, DType::F32), (Some(3), 100, DType::F32), (Some(3), MAX_SCORES, DType::BF16)] {
             let layout = PagedLayout::new(&spans, bt, &[None, Some(3)], &device);
-            let got = values(paged_attention_within(q.clone(), &kp, &vp, &layout, window, 0.25, cap));
+            let decode = layout.decode.as_ref().expect("decode rows");
+            let fast = cpu_decode_attention(&q.clone().narrow(0, 0, 2).cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), decode, bt, window, 0.25);
+            assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 pools only");
+            let tolerance = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
+            let got = values(paged_attention_within(q.clone().cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), &layout, window, 0.25, cap).cast(DType::F32));
             let mut at = 0;
             for s in &spans {
                 // The sequence's keys and values, contiguous.
@@ -916,7 +1014,7 @@ mod tests {
                 let want = dense(qs, &ks, &vs, s.queries, s.context, heads, kv_heads, d, window);
                 let have = &got[at * heads * d..(at + s.queries) * heads * d];
                 for (a, b) in have.iter().zip(&want) {
-                    assert!((a - b).abs() < 1e-5, "window {window:?}, cap {cap}, span {s:?}: {a} vs {b}");
+                    assert!((a - b).abs() < tolerance, "window {window:?}, cap {cap}, {dtype:?}, span {s:?}: {a} vs {b}");
                 }
                 at += s.queries;
             }
