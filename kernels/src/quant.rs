@@ -614,9 +614,12 @@ mod simd {
         for (r, ((ys, row_scales), row_mins)) in out.chunks_exact_mut(N).zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
             // SAFETY: row `first + r` lies in the matrix (asserted above): its `row_bytes` code bytes start here.
             let row_codes = unsafe { codes.add((first + r) * row_bytes) };
-            // Two accumulators per activation row, for even and odd blocks (one would chain
-            // every block's multiply-add on the last).
-            let mut acc = [[_mm256_setzero_ps(); N]; 2];
+            // One or two rows: two accumulators per row, taking blocks in turn (one would chain
+            // every block's multiply-add on the last), swapped by name after each block
+            // (indexed by the block's parity they were kept in memory, a store and reload per
+            // block). Three or four rows chain independently already, and twice their
+            // accumulators would not fit in the sixteen vector registers.
+            let (mut acc, mut other) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
             let mut b = 0;
             for &scale in row_scales {
                 for _ in 0..blocks_per_group {
@@ -631,8 +634,10 @@ mod simd {
                         if BITS == 8 {
                             isum = _mm256_add_epi32(isum, _mm256_setr_epi32(128 * acts[j].sums[b], 0, 0, 0, 0, 0, 0, 0));
                         }
-                        let acc = &mut acc[b & 1][j];
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale * acts[j].scales[b]), *acc);
+                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale * acts[j].scales[b]), acc[j]);
+                    }
+                    if N <= 2 {
+                        std::mem::swap(&mut acc, &mut other);
                     }
                     b += 1;
                 }
@@ -640,7 +645,7 @@ mod simd {
             for j in 0..N {
                 let mut lanes = [0f32; 8];
                 // SAFETY: `lanes` holds eight f32.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0][j], acc[1][j])) };
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[j], other[j])) };
                 ys[j] = lanes.iter().sum::<f32>() + dot_body(row_mins, sums[j]);
             }
         }
