@@ -876,29 +876,46 @@ fn plugin_memory_row(plugin: &str, model: &Path, process: &str, memory: &[(Strin
     row
 }
 
+/// A model's plugin, opened and initialized for it.
+struct Opened {
+    model_path: PathBuf,
+    selected: crate::selection::Selected,
+    settings: inference_pio_core::types::PluginSettings,
+    /// The process that holds the model: a worker at `high`/`maximum`, else this one.
+    pid: u32,
+}
+
+/// Resolves `model`, picks its plugin (`plugin`, or by its config), and initializes it with
+/// the config file's settings for it.
+fn open_model(host: &Host, model: Option<&Path>, plugin: Option<&str>) -> anyhow::Result<Opened> {
+    let model_path = host.resolve_model(model, true)?;
+    let model_config = read_model_config(&model_path)?;
+    let open = |id: &str, path: &Path| host.open_plugin(id, path, Some(&model_path));
+    let selected = select(&host.discovery, &model_config, plugin, &open)?;
+    let security = host.config.plugin(&selected.id).security.unwrap_or_default();
+    let settings = host.settings(&selected.id, security, &selected.path, &model_path);
+    selected.plugin.initialize(&settings).with_context(|| format!("plugin `{}` failed to initialize", selected.id))?;
+    let self_pid = std::process::id();
+    let pid = match &selected.plugin {
+        PluginHandle::Worker(w) => w.worker_pid().unwrap_or(self_pid),
+        PluginHandle::InProcess(_) => self_pid,
+    };
+    Ok(Opened { model_path, selected, settings, pid })
+}
+
 /// The memory suite alone on `model` through the plugin its config names (a further row of
 /// the table): the stages, a request, cleanup and a second cycle, as for the benchmarked
 /// model; the plugin is closed afterwards (a worker ends).
 fn memory_of_model(host: &Host, model: &Path, options: &LoadOptions, nvml: Option<Arc<nvml_wrapper::Nvml>>) -> anyhow::Result<(Value, bool)> {
     let self_pid = std::process::id();
-    let model_path = host.resolve_model(Some(model), true)?;
-    let model_config = read_model_config(&model_path)?;
-    let open = |id: &str, path: &Path| host.open_plugin(id, path, Some(&model_path));
-    let selected = select(&host.discovery, &model_config, None, &open)?;
-    let security = host.config.plugin(&selected.id).security.unwrap_or_default();
-    let settings = host.settings(&selected.id, security, &selected.path, &model_path);
-    let plugin = &selected.plugin;
     let mut memory = Vec::new();
     let stage = |memory: &mut Vec<(String, u64, u64)>, name: &str, pid: u32| {
         let (rss, gpu) = sample(pid, nvml.as_deref());
         memory.push((name.to_string(), rss, gpu));
     };
     stage(&mut memory, "baseline", self_pid);
-    plugin.initialize(&settings).with_context(|| format!("plugin `{}` failed to initialize", selected.id))?;
-    let pid = match plugin {
-        PluginHandle::Worker(w) => w.worker_pid().unwrap_or(self_pid),
-        PluginHandle::InProcess(_) => self_pid,
-    };
+    let Opened { model_path, selected, pid, .. } = open_model(host, Some(model), None)?;
+    let plugin = &selected.plugin;
     let load = || plugin.load_model(&model_path, options).with_context(|| format!("plugin `{}` could not load {}", selected.id, model_path.display()));
     let cycle = |memory: &mut Vec<(String, u64, u64)>, first: bool| -> anyhow::Result<u64> {
         let watch = first.then(|| Watch::start(pid, nvml.clone()));
@@ -944,20 +961,9 @@ pub fn run(host: &Host, args: &BenchArgs<'_>) -> anyhow::Result<bool> {
         memory.push((name.to_string(), rss, gpu));
     };
     stage(&mut memory, "baseline", self_pid);
-    let model_path = host.resolve_model(args.model, true)?;
-    let model_config = read_model_config(&model_path)?;
-    let open = |id: &str, path: &Path| host.open_plugin(id, path, Some(&model_path));
-    let selected = select(&host.discovery, &model_config, args.plugin, &open)?;
-    let security = host.config.plugin(&selected.id).security.unwrap_or_default();
-    let settings = host.settings(&selected.id, security, &selected.path, &model_path);
+    let Opened { model_path, selected, settings, pid } = open_model(host, args.model, args.plugin)?;
     let plugin = &selected.plugin;
-    plugin.initialize(&settings).with_context(|| format!("plugin `{}` failed to initialize", selected.id))?;
     let metadata = plugin.metadata().map_err(|e| anyhow::anyhow!("{e}"))?;
-    // The process that holds the model: a worker at `high`/`maximum`, else this one.
-    let pid = match plugin {
-        PluginHandle::Worker(w) => w.worker_pid().unwrap_or(self_pid),
-        PluginHandle::InProcess(_) => self_pid,
-    };
     stage(&mut memory, "after initialize", pid);
     let device = match args.device {
         Some(d) => d,

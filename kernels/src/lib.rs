@@ -27,3 +27,19 @@ pub use linear::{batched_linear, batched_matmul, concat_outputs, linear, split_p
 pub use norm::{add_rms_norm, rms_norm};
 pub use reference::{apply_rotary, rotate_half, swiglu};
 pub use rotary::qk_norm_rotary;
+
+/// `Σ a · b` in sixteen independent lanes, which the compiler vectorises (a single running
+/// sum chains every add on the last: as the attention scores' dot product it was 7 % of a CPU
+/// decode). Inlined, so callers compiled for AVX2 get it compiled for AVX2 too.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..16 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}

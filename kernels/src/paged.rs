@@ -815,9 +815,11 @@ fn cpu_decode_over(q: &Tensor<3>, keys: &[f32], values: &[f32], rows: &DecodeRow
         let qv = &queries[i * d..(i + 1) * d];
         // Where key `j`'s head `kvh` starts in a pool.
         let at = |j: usize| (table[r * max_blocks + j / block_tokens] * block_tokens + j % block_tokens) * kv_heads * d + kvh * d;
-        let scores: Vec<f32> = (first..len).map(|j| dot(&keys[at(j)..at(j) + d], qv) * scale).collect();
-        let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
+        let mut weights: Vec<f32> = (first..len).map(|j| crate::dot(&keys[at(j)..at(j) + d], qv) * scale).collect();
+        let top = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for w in &mut weights {
+            *w = (*w - top).exp();
+        }
         let total: f32 = weights.iter().sum();
         for (j, w) in (first..len).zip(&weights) {
             let w = w / total;
@@ -827,20 +829,6 @@ fn cpu_decode_over(q: &Tensor<3>, keys: &[f32], values: &[f32], rows: &DecodeRow
         }
     });
     Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
-}
-
-/// `Σ a · b` in eight independent lanes (a single running sum chains every add on the last
-/// and is not vectorised: it was 7 % of a CPU decode).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            lanes[k] += x[k] * y[k];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Gathers `slots` from a pool `[pool_slots, kv_heads, d]` as `[batch, kv_heads, width, d]`.

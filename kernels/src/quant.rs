@@ -271,30 +271,26 @@ impl QuantizedMatrix {
         // 8-bit blocks where the groups allow them, else 16-bit ones.
         let blocks: Option<Vec<ActivationBlocks>> = (activations != Activations::F32 && blocks8.is_none() && self.takes_activation_blocks())
             .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
-        let (blocks8_rows, sums_rows8): (Vec<&ActivationBlocks8>, Vec<&[f32]>) = match &blocks8 {
-            Some(b) => (b.iter().collect(), sums.chunks_exact(groups).collect()),
-            None => (Vec::new(), Vec::new()),
-        };
+        let blocks8_rows: Vec<&ActivationBlocks8> = blocks8.iter().flatten().collect();
         // f32 activations of 4-bit codes: reordered once for every row's split-nibble loop.
         let split: Option<Vec<f32>> = (blocks.is_none() && blocks8.is_none() && self.bits == 4 && self.group.is_multiple_of(32)).then(|| split_nibble_order(x));
-        // Per input row, for the several-row passes (a single decode row needs neither list).
-        let (split_rows, sum_rows): (Vec<&[f32]>, Vec<&[f32]>) = match &split {
-            Some(s) if n > 1 => (s.chunks_exact(self.cols).collect(), sums.chunks_exact(groups).collect()),
-            _ => (Vec::new(), Vec::new()),
-        };
+        // Per input row, for the several-row passes of reordered activations (a single decode
+        // row needs neither list) and for the 8-bit blocks.
+        let split_rows: Vec<&[f32]> = split.iter().filter(|_| n > 1).flat_map(|s| s.chunks_exact(self.cols)).collect();
+        let sum_rows: Vec<&[f32]> = if split_rows.is_empty() && blocks8_rows.is_empty() { Vec::new() } else { sums.chunks_exact(groups).collect() };
         out_t.par_chunks_mut(chunk * n.max(1)).enumerate().for_each(|(c, block)| {
             if !blocks8_rows.is_empty() {
                 // The chunk's output rows against passes of up to four activation rows.
                 let first = c * chunk;
                 if n <= 4 {
-                    simd::rows_dot_i8(self, first, &blocks8_rows, &sums_rows8, block);
+                    simd::rows_dot_i8(self, first, &blocks8_rows, &sum_rows, block);
                 } else {
                     let count = block.len() / n;
                     let mut part = vec![0f32; count * 4];
                     for k in (0..n).step_by(4) {
                         let width = 4.min(n - k);
                         let part = &mut part[..count * width];
-                        simd::rows_dot_i8(self, first, &blocks8_rows[k..k + width], &sums_rows8[k..k + width], part);
+                        simd::rows_dot_i8(self, first, &blocks8_rows[k..k + width], &sum_rows[k..k + width], part);
                         for (ys, p) in block.chunks_exact_mut(n).zip(part.chunks_exact(width)) {
                             ys[k..k + width].copy_from_slice(p);
                         }
@@ -643,10 +639,7 @@ mod simd {
                 }
             }
             for j in 0..N {
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` holds eight f32.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[j], other[j])) };
-                ys[j] = lanes.iter().sum::<f32>() + dot_body(row_mins, sums[j]);
+                ys[j] = hsum(_mm256_add_ps(acc[j], other[j])) + crate::dot(row_mins, sums[j]);
             }
         }
     }
@@ -681,6 +674,17 @@ mod simd {
                 *y = row_dot_i8_any(m, first + r, a, s);
             }
         }
+    }
+
+    /// The sum of a vector's eight lanes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes.iter().sum()
     }
 
     /// `acc += code · x` lane by lane over one packed word's `PER` codes of `BITS` bits.
@@ -828,10 +832,7 @@ mod simd {
                 u += 1;
             }
         }
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) };
-        lanes.iter().sum::<f32>() + dot_body(&m.mins[row * groups..(row + 1) * groups], sums)
+        hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + crate::dot(&m.mins[row * groups..(row + 1) * groups], sums)
     }
 
     /// Row `row` of `m` times `x`, `sums` the sums of `x` per group of `m`.
@@ -861,19 +862,6 @@ mod simd {
         row_dot_i16_any(m, row, a, sums)
     }
 
-    /// `Σ a · b` in sixteen lanes (inlined into the callers compiled for AVX2 as well).
-    #[inline(always)]
-    fn dot_body(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; 16];
-        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-        let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-        for (x, y) in ca.zip(cb) {
-            for k in 0..16 {
-                acc[k] += x[k] * y[k];
-            }
-        }
-        acc.iter().sum::<f32>() + tail
-    }
 
     /// [`row_dot_body`] with AVX2 and FMA: eight codes per 256-bit vector (a 4-bit word, or
     /// two 8-bit words widened), `code · x` scaled by its group's scale into four
@@ -886,7 +874,7 @@ mod simd {
             return row_dot_any(m, row, x, sums);
         }
         let codes = if m.bits == 4 { row_codes_avx2::<4>(m, row, x) } else { row_codes_avx2::<8>(m, row, x) };
-        codes + dot_body(&m.mins[row * groups..(row + 1) * groups], sums)
+        codes + crate::dot(&m.mins[row * groups..(row + 1) * groups], sums)
     }
 
     /// `Σ_g scale_g · Σ_{k in g} code_k · x_k` over row `row` (`x` of `cols`, groups of a
@@ -947,10 +935,7 @@ mod simd {
             }
             g += 1;
         }
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
-        lanes.iter().sum()
+        hsum(_mm256_add_ps(a0, a1))
     }
 
     /// One unit of 32 4-bit codes, the 16 bytes at `bytes`, as four vectors of f32 in
@@ -977,56 +962,7 @@ mod simd {
         ]
     }
 
-    /// `Σ_g scale_g · Σ_{k in g} code_k · x_k` over a 4-bit row (groups of a multiple of
-    /// 32, checked by the caller), `split` being the activations reordered per 32 by
-    /// [`super::split_nibble_order`]: each 16 bytes of codes (32 codes) give their even codes
-    /// as the low nibbles and their odd codes as the high ones, which meet activations in that
-    /// order, so no code is shifted into its lane one by one (variable shifts and broadcasts
-    /// cost twice as much on the AMD EPYC this was measured on).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn row_codes4_split_avx2(m: &QuantizedMatrix, row: usize, split: &[f32]) -> f32 {
-        use std::arch::x86_64::*;
-        let wpr = m.words_per_row();
-        let groups = m.groups_per_row();
-        let words = &m.codes[row * wpr..(row + 1) * wpr];
-        let scales = &m.scales[row * groups..(row + 1) * groups];
-        let units_per_group = m.group / 32;
-        assert!(words.len() * 8 == split.len() && split.len() == groups * m.group && m.group.is_multiple_of(32), "a row of another width");
-        let (mut bytes, mut xp) = (words.as_ptr() as *const u8, split.as_ptr());
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (g, &scale) in scales.iter().enumerate() {
-            let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for _ in 0..units_per_group {
-                // SAFETY: one unit of 32 codes per iteration, `cols / 32` in all: its 16 code
-                // bytes lie in the row's words (`words.len() * 8 == cols`) and its 32
-                // activations in `split` (`split.len() == cols`), both asserted above;
-                // unaligned loads; x86-64 is little-endian, so byte `j` holds codes `2j` (low
-                // nibble) and `2j + 1`.
-                unsafe {
-                    let [c0, c1, c2, c3] = unit_codes4(bytes);
-                    p = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xp), p);
-                    q = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xp.add(8)), q);
-                    p = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xp.add(16)), p);
-                    q = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xp.add(24)), q);
-                    bytes = bytes.add(16);
-                    xp = xp.add(32);
-                }
-            }
-            let scale = _mm256_set1_ps(scale);
-            if g % 2 == 0 {
-                a0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a0);
-            } else {
-                a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a1);
-            }
-        }
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
-        lanes.iter().sum()
-    }
-
-    /// [`row_codes4_split_avx2`] against `N` rows of reordered activations at once: each
+    /// [`rows_split4_avx2`]'s product against `N` rows of reordered activations at once: each
     /// unit's codes are widened and converted once and multiplied into every row's sum
     /// (batched decode rows, short prompts).
     #[cfg(target_arch = "x86_64")]
@@ -1071,10 +1007,7 @@ mod simd {
         }
         let mut out = [0f32; N];
         for j in 0..N {
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds eight f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), totals[j]) };
-            out[j] = lanes.iter().sum();
+            out[j] = hsum(totals[j]);
         }
         out
     }
@@ -1095,7 +1028,7 @@ mod simd {
                 _ => return false,
             };
             for ((o, c), s) in out.iter_mut().zip(codes).zip(sums) {
-                *o = c + dot_body(mins, s);
+                *o = c + crate::dot(mins, s);
             }
             return true;
         }
@@ -1103,10 +1036,14 @@ mod simd {
         false
     }
 
-    /// [`row_codes4_split_avx2`] plus the offsets' term for output rows `first .. first +
-    /// out.len()` of a 4-bit `m` (groups of whole 32s) against one row of activations
-    /// reordered by [`super::split_nibble_order`], the matrix's shape read once per call (per
-    /// row, its integer divisions cost as much as a short row's products).
+    /// `Σ_g scale_g · Σ_{k in g} code_k · x_k + Σ_g min_g · sums_g` for output rows `first ..
+    /// first + out.len()` of a 4-bit `m` (groups of whole 32s), `split` being one row of
+    /// activations reordered per 32 by [`super::split_nibble_order`]: each 16 bytes of codes
+    /// (32 codes) give their even codes as the low nibbles and their odd codes as the high
+    /// ones, which meet activations in that order, so no code is shifted into its lane one by
+    /// one (variable shifts and broadcasts cost twice as much on the AMD EPYC this was measured
+    /// on). The matrix's shape is read once per call (per row, its integer divisions cost as
+    /// much as a short row's products).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn rows_split4_avx2(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
@@ -1155,10 +1092,7 @@ mod simd {
                     a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a1);
                 }
             }
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds eight f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
-            *y = lanes.iter().sum::<f32>() + dot_body(row_mins, sums);
+            *y = hsum(_mm256_add_ps(a0, a1)) + crate::dot(row_mins, sums);
         }
     }
 
@@ -1213,10 +1147,7 @@ mod simd {
                     a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a1);
                 }
             }
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds eight f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
-            *y = lanes.iter().sum::<f32>() + dot_body(row_mins, sums);
+            *y = hsum(_mm256_add_ps(a0, a1)) + crate::dot(row_mins, sums);
         }
     }
 
@@ -1252,15 +1183,8 @@ mod simd {
     /// [`super::split_nibble_order`]; `None` where the CPU lacks AVX2 (the caller then takes
     /// [`row_dot`] with the activations in order).
     pub(super) fn row_dot_split4(m: &QuantizedMatrix, row: usize, split: &[f32], sums: &[f32]) -> Option<f32> {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            let groups = m.groups_per_row();
-            // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-            let codes = unsafe { row_codes4_split_avx2(m, row, split) };
-            return Some(codes + dot_body(&m.mins[row * groups..(row + 1) * groups], sums));
-        }
-        let _ = (m, row, split, sums);
-        None
+        let mut out = [0f32];
+        rows_dot_split4(m, row, split, sums, &mut out).then_some(out[0])
     }
 
     #[cfg(not(target_arch = "x86_64"))]
