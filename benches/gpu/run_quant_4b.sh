@@ -16,7 +16,8 @@
 # Env: BUDGET (s, default 570), STAGES (default "prepare kernels ours peers"; "convert": the
 # GGUF conversions without measuring llama.cpp; "gguf": our engine on the converted Q4_K_M
 # file, its blocks kept and dequantized, after a call that converted it), MODES (default
-# "bf16 int8 int4"), CASES (default "b1 b32 p2048").
+# "bf16 int8 int4"; also "int4exact": int4 weights with `quant_activations = "exact"`, i.e.
+# dequantized and multiplied by cuBLAS), CASES (default "b1 b32 p2048"; "none": only the KL).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-prepare kernels ours peers}
@@ -52,8 +53,9 @@ if has kernels && [ -f .gpu/kernel_check.xz ]; then
 fi
 
 CK=$(qwen3_4b_dir)
-for mode in ${MODES:-bf16 int8 int4} gguf gguf_none; do
+for mode in ${MODES:-bf16 int8 int4} int4exact gguf gguf_none; do
   if [ $mode = gguf_none ]; then printf '[plugins.%s]\nquantization = "none"\n' $ID
+  elif [ $mode = int4exact ]; then printf '[plugins.%s]\nquantization = "int4"\nquant_activations = "exact"\n' $ID
   elif [ $mode = bf16 ] || [ $mode = gguf ]; then printf '[plugins.%s]\n' $ID; else printf '[plugins.%s]\nquantization = "%s"\n' $ID $mode; fi > /tmp/q_$mode.toml
 done
 MODEL_ARGS="--model $CK --random-weights"
@@ -96,7 +98,7 @@ measure() {
 if has ours; then
   for mode in ${MODES:-bf16 int8 int4}; do measure $mode; done
   # KL of each quantized mode from bf16 (numpy; a pure-Python loop over the logits outran a call).
-  { echo "{"; sep=""; for mode in int8 int4; do
+  { echo "{"; sep=""; for mode in int8 int4 int4exact; do
       [ -s /tmp/score_$mode.json ] && { printf '%s"%s": %s\n' "$sep" $mode "$(timeout 120 python3 benches/gpu/kl_from_scores.py /tmp/score_bf16.json /tmp/score_$mode.json)"; sep=","; }
     done; echo "}"; } | tee $OUT/score_kl.json
   echo "ours done at $SECONDS s"

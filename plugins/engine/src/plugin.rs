@@ -166,6 +166,24 @@ pub fn load_engine(
             bytes as f64 / 1e9
         )));
     }
+    // Weights larger than the whole card fail at once, by name, instead of part-way through
+    // the load with an allocation error (the total, not the free memory: memory an earlier
+    // model of this process left in the allocator's pools is reused, not lost).
+    if on_gpu {
+        let ordinal = match options.device {
+            DeviceRequest::Cuda(i) => i as usize,
+            _ => 0,
+        };
+        if let Some((_, total)) = inference_pio_kernels::cublas::device_memory(ordinal)
+            && bytes > total
+        {
+            return Err(EngineError::ResourceLimit(format!(
+                "the weights need {:.3} GB in {dtype} on {device_name}, more than the device's {:.3} GB",
+                bytes as f64 / 1e9,
+                total as f64 / 1e9
+            )));
+        }
+    }
     if gguf.is_some() && options.random_weights.is_some() {
         return Err(EngineError::InvalidRequest("--random-weights takes a model directory (config.json), not a GGUF file".into()));
     }
