@@ -436,6 +436,11 @@ impl Bench<'_> {
     }
 
     fn step(&self, what: String) {
+        // Without a terminal the bar draws nothing: each step is a log line instead, so a
+        // run that fails in a log file says where.
+        if self.bar.is_hidden() {
+            tracing::info!("bench step {}: {what}", self.bar.position() + 1);
+        }
         self.bar.set_message(what);
         self.bar.inc(1);
     }

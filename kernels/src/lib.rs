@@ -13,6 +13,7 @@ pub mod kv_write;
 mod launch;
 pub mod linear;
 pub mod matvec;
+pub mod memory;
 pub mod norm;
 pub mod paged;
 pub mod quant;

@@ -21,6 +21,7 @@ use burn::tensor::{DType as BurnDType, Device, IndexingUpdateOp, Int, Tensor, Te
 use inference_pio_core::config::Quantization;
 use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
+use inference_pio_kernels::memory::outside_pools;
 use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight, write_kv_slots, zeroed_kv_buffer};
 
 /// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
@@ -505,8 +506,13 @@ impl Decoder {
     pub fn new_kv_pool(&self, blocks: usize, block_tokens: usize) -> KvPool {
         let c = &self.config;
         let shape = [(blocks + 1) * block_tokens, c.num_key_value_heads, c.head_dim];
-        let zeros = || zeroed_kv_buffer(shape, burn_dtype(self.dtype), &self.device);
-        KvPool { layers: (0..self.blocks.len()).map(|_| Some((zeros(), zeros()))).collect(), block_tokens, blocks }
+        let (dtype, device, count) = (burn_dtype(self.dtype), self.device.clone(), self.blocks.len());
+        // Device allocations of their own, outside the activations' pools (`memory`).
+        let layers = outside_pools(&self.device, move || {
+            let zeros = || zeroed_kv_buffer(shape, dtype, &device);
+            (0..count).map(|_| Some((zeros(), zeros()))).collect()
+        });
+        KvPool { layers, block_tokens, blocks }
     }
 
     /// Computes one step: writes its keys and values to `kv` and returns the f32 logits of

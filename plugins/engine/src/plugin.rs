@@ -220,7 +220,12 @@ pub fn load_engine(
         ckpt.set_quantization(quantization);
         ckpt.set_quantize_lm_head(quantize_lm_head);
         ckpt.set_activations(activations);
-        let decoder = Decoder::load(config, spec, &ckpt, &device, dtype)?;
+        // The weights (and the KV pool, `Decoder::new_kv_pool`) get device allocations of
+        // their own, outside the pools the steps' activations use
+        // (`inference_pio_kernels::memory`).
+        let on = device.clone();
+        let (decoder, ckpt) = inference_pio_kernels::memory::outside_pools(&device, move || (Decoder::load(config, spec, &ckpt, &on, dtype), ckpt));
+        let decoder = decoder?;
         let tally = ckpt.linear_tally();
         let bytes = dense_bytes - tally.quantized_dense_bytes + tally.quantized_bytes;
         let stored = quantization_summary(&tally);

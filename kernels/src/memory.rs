@@ -1,0 +1,49 @@
+//! Long-lived device buffers outside CubeCL's memory pools (CubeCL `Client::
+//! memory_dedicated_allocation`; vLLM allocates its KV cache the same way, apart from the
+//! activations' allocator).
+//!
+//! CubeCL's default ("adaptive") pools carve every allocation from pages sized after the largest
+//! allocation served so far. A model's KV pool is the largest of all (one buffer per layer for
+//! keys and one for values, 1.77 GB each for Qwen3-4B on an H200), so inside the pools every
+//! later activation page was that size, and a step that outgrew its pages asked the driver for
+//! another 1.77 GB where a few MB would have done: `inference-pio bench` on the H200 ran out of
+//! memory with 13 GB left beside the cache. Weights and the KV pool made inside
+//! [`outside_pools`] get their own device allocations instead, which neither shape the pools'
+//! pages nor stay reserved after the model is dropped (the next model, e.g. another variant of
+//! the benchmark's optimization suite, finds the memory free again).
+
+use burn::backend::DispatchDevice;
+use burn::tensor::Device;
+use burn_cubecl::CubeDevice;
+use cubecl_cuda::CudaRuntime;
+use cubecl_runtime::runtime::Runtime;
+
+/// Runs `make` with every device allocation it makes on `device` given its own device
+/// allocation outside CubeCL's pools, waiting for the device before it returns (so that
+/// buffers whose creation was queued, e.g. by the fusion backend, are allocated inside the
+/// window). On other devices (the CPU) it just runs `make`.
+pub fn outside_pools<R: Send>(device: &Device, make: impl FnOnce() -> R + Send) -> R {
+    let DispatchDevice::Cube(CubeDevice::Cuda(cuda)) = device.as_dispatch() else {
+        return make();
+    };
+    let client = CudaRuntime::client(cuda);
+    client.memory_dedicated_allocation((), |()| {
+        let made = make();
+        // An error here resurfaces at the model's first step, which reports it.
+        let _ = device.sync();
+        made
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Tensor;
+
+    #[test]
+    fn on_the_cpu_the_closure_just_runs() {
+        let device = Device::flex();
+        let t: Tensor<1> = outside_pools(&device, || Tensor::ones([4], &device));
+        assert_eq!(t.into_data().try_to_vec::<f32>().expect("f32"), vec![1.0; 4]);
+    }
+}
