@@ -11,7 +11,8 @@
 # .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/{log.txt,device.txt,peers.json} and $OUT/bench-{4b,30b}/report.{json,html}.
 # Env: BUDGET (s, default 570), STAGES (default "prepare 4b 30b peers"), ARGS_4B / ARGS_30B
-# (extra `bench` arguments, default none / "--quick"), BENCH_CONFIG (a config file for both).
+# (extra `bench` arguments, default none / "--quick"), BENCH_CONFIG (a config file for both),
+# SUITE (default all).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-prepare 4b 30b peers}
@@ -45,7 +46,7 @@ suite() {
   local t=$(( $(left) - 20 )); [ $t -lt 60 ] && { echo "no time for bench $name"; return; }
   local start=$SECONDS
   mkdir -p $OUT/bench-$name
-  INFERENCE_PIO_LOG=1 timeout $t taskset -c 0-5 $PIO bench $PD ${BENCH_CONFIG:+--config $BENCH_CONFIG} --model $dir --random-weights --device cuda --dtype bf16 --suite all --out $OUT/bench-$name "$@" \
+  INFERENCE_PIO_LOG=1 timeout $t taskset -c 0-5 $PIO bench $PD ${BENCH_CONFIG:+--config $BENCH_CONFIG} --model $dir --random-weights --device cuda --dtype bf16 --suite ${SUITE:-all} --out $OUT/bench-$name "$@" \
     > /tmp/bench_$name.out 2> /tmp/bench_$name.err
   echo "bench $name: exit $? after $(( SECONDS - start )) s"
   grep -a -v "^\s*$" /tmp/bench_$name.err > $OUT/bench-$name/stderr.txt
