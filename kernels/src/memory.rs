@@ -1,6 +1,5 @@
-//! Long-lived device buffers outside CubeCL's memory pools (CubeCL `Client::
-//! memory_dedicated_allocation`; vLLM allocates its KV cache the same way, apart from the
-//! activations' allocator).
+//! Long-lived device buffers outside CubeCL's memory pools (CubeCL 0.11
+//! `Client::memory_dedicated_allocation`, `MemoryAllocationMode::Dedicated`).
 //!
 //! CubeCL's default ("adaptive") pools carve every allocation from pages sized after the largest
 //! allocation served so far. A model's KV pool is the largest of all (one buffer per layer for
