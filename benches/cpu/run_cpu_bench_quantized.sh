@@ -9,7 +9,9 @@
 # benches/results/cpu-DATE-quantized-smollm2.{json,png}.
 # Needs: cargo build; ./target/debug/inference-pio models fetch; a CPU build of llama.cpp
 # (LLAMA_BIN, default /tmp/llama-cpu/build/bin: `bash ../shared/peers/build_llamacpp.sh --cpu
-# --wait /tmp/llama-cpu`, ~10 min on 2 cores); python3 with matplotlib.
+# --wait /tmp/llama-cpu`, ~10 min on 2 cores; on a VM that lists AMX but faults on it, llama-bench
+# dies with SIGILL in `tinygemm_kernel_amx`: reconfigure with CMAKE_C_FLAGS and CMAKE_CXX_FLAGS
+# "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" and rebuild `llama-bench`); python3 with matplotlib.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 GGUF=$(./target/debug/inference-pio models fetch)
