@@ -87,3 +87,18 @@ qwen3_vl_2b_dir() {
   cp -L plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer/{tokenizer.json,tokenizer_config.json} $ck/
   python3 -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c.pop('chat_template', None); json.dump(c, open(p, 'w'))" $ck/tokenizer_config.json
 }
+
+# prepare_peers CONFIG TOKENIZER_DIR SAVED [cpu]: in the background, on cores 6 and up,
+# llama.cpp's build (unless already started; .gpu/peers/ carried) and a random bf16 checkpoint of
+# CONFIG saved in SAVED (unless there; /tmp/ckpt.done then holds its exit status). With "cpu" the
+# checkpoint is drawn on the CPU, so that it does not share the GPU with what runs meanwhile.
+prepare_peers() {
+  local cores=$(nproc)
+  if [ ! -f /tmp/llama.cpp.started ] && [ -f .gpu/peers/build_llamacpp.sh ]; then
+    taskset -c 6-$(( cores - 1 )) bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
+  fi
+  if [ ! -f $3/model.safetensors.index.json ] && [ ! -f $3/model.safetensors ]; then
+    ( [ "${4:-}" = cpu ] && export CUDA_VISIBLE_DEVICES=
+      taskset -c 6-$(( cores - 1 )) python3 benches/gpu/make_random_checkpoint.py $1 $2 $3 > /tmp/ckpt.log 2>&1; echo $? > /tmp/ckpt.done ) &
+  fi
+}

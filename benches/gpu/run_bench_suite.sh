@@ -22,7 +22,6 @@ export XDG_CACHE_HOME=/tmp/xdg
 exec > >(tee -a $OUT/log.txt) 2>&1
 ensure_cublas
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-CORES=$(nproc)
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - SECONDS )); }
 P=plugins/qwen3-4b-instruct-2507
@@ -30,15 +29,8 @@ SAVED=/tmp/q4b
 B=/tmp/llama.cpp/build/bin
 export INFERENCE_PIO_COMMIT=$(cat .gpu/COMMIT 2>/dev/null || echo unknown)
 
-if has prepare; then
-  if [ ! -f /tmp/llama.cpp.started ] && [ -f .gpu/peers/build_llamacpp.sh ]; then
-    taskset -c 6-$(( CORES - 1 )) bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
-  fi
-  # Drawn on the CPU (cores 6 and up), so that it does not share the GPU with the suites.
-  if [ ! -f $SAVED/model.safetensors.index.json ] && [ ! -f $SAVED/model.safetensors ]; then
-    (CUDA_VISIBLE_DEVICES= taskset -c 6-$(( CORES - 1 )) python3 benches/gpu/make_random_checkpoint.py $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $SAVED > /tmp/ckpt.log 2>&1; echo $? > /tmp/ckpt.done) &
-  fi
-fi
+# The checkpoint is drawn on the CPU, so that it does not share the GPU with the suites.
+has prepare && prepare_peers $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $SAVED cpu
 
 # suite NAME DIR ARGS...: `bench --suite all` on DIR (random weights) into $OUT/bench-NAME.
 suite() {

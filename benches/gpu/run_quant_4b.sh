@@ -28,7 +28,6 @@ export INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 exec > >(tee -a $OUT/log.txt) 2>&1
 ensure_cublas
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-CORES=$(nproc)
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - SECONDS )); }
 P=plugins/qwen3-4b-instruct-2507
@@ -36,15 +35,8 @@ ID=qwen3-4b-instruct-2507
 SAVED=/tmp/q4b
 B=/tmp/llama.cpp/build/bin
 
-if has prepare; then
-  if [ ! -f /tmp/llama.cpp.started ] && [ -f .gpu/peers/build_llamacpp.sh ]; then
-    taskset -c 6-$(( CORES - 1 )) bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
-  fi
-  # The saved checkpoint llama.cpp converts (our runs draw the same config's weights on the device).
-  if [ ! -f $SAVED/model.safetensors.index.json ] && [ ! -f $SAVED/model.safetensors ]; then
-    (taskset -c 6-$(( CORES - 1 )) python3 benches/gpu/make_random_checkpoint.py $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $SAVED > /tmp/ckpt.log 2>&1; echo $? > /tmp/ckpt.done) &
-  fi
-fi
+# The saved checkpoint llama.cpp converts (our runs draw the same config's weights on the device).
+has prepare && prepare_peers $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $SAVED
 
 if has kernels && [ -f .gpu/kernel_check.xz ]; then
   unpack_gpu_binaries kernel_check

@@ -166,23 +166,23 @@ pub fn load_engine(
             bytes as f64 / 1e9
         )));
     }
+    // The CUDA device's memory (free, total) as the thread that asks sees it; `None` on the CPU.
+    let gpu_ordinal = match options.device {
+        DeviceRequest::Cuda(i) => i as usize,
+        _ => 0,
+    };
+    let gpu_memory = move || if on_gpu { inference_pio_kernels::cublas::device_memory(gpu_ordinal) } else { None };
     // Weights larger than the whole card fail at once, by name, instead of part-way through
     // the load with an allocation error (the total, not the free memory: memory an earlier
     // model of this process left in the allocator's pools is reused, not lost).
-    if on_gpu {
-        let ordinal = match options.device {
-            DeviceRequest::Cuda(i) => i as usize,
-            _ => 0,
-        };
-        if let Some((_, total)) = inference_pio_kernels::cublas::device_memory(ordinal)
-            && bytes > total
-        {
-            return Err(EngineError::ResourceLimit(format!(
-                "the weights need {:.3} GB in {dtype} on {device_name}, more than the device's {:.3} GB",
-                bytes as f64 / 1e9,
-                total as f64 / 1e9
-            )));
-        }
+    if let Some((_, total)) = gpu_memory()
+        && bytes > total
+    {
+        return Err(EngineError::ResourceLimit(format!(
+            "the weights need {:.3} GB in {dtype} on {device_name}, more than the device's {:.3} GB",
+            bytes as f64 / 1e9,
+            total as f64 / 1e9
+        )));
     }
     if gguf.is_some() && options.random_weights.is_some() {
         return Err(EngineError::InvalidRequest("--random-weights takes a model directory (config.json), not a GGUF file".into()));
@@ -213,7 +213,6 @@ pub fn load_engine(
     let optimization = settings.optimization.clone();
     let max_context_setting = settings.optimization.max_context_tokens;
     let output_format = family.output_format;
-    let requested = options.device;
     // The weights and the KV pool are made on the model's step-loop thread, which does all
     // of its device work from then on.
     let build = move || -> Result<crate::serve::Built<Loaded>, EngineError> {
@@ -236,11 +235,7 @@ pub fn load_engine(
         // The paged KV cache, preallocated now from its budget.
         let block_tokens = optimization.kv_block_tokens as usize;
         let block_bytes = KvPool::block_bytes(c, dtype, block_tokens);
-        let device_free = match (on_gpu, requested) {
-            (false, _) => None,
-            (true, DeviceRequest::Cuda(i)) => inference_pio_kernels::cublas::device_memory(i as usize).map(|(free, _)| free),
-            (true, _) => inference_pio_kernels::cublas::device_memory(0).map(|(free, _)| free),
-        };
+        let device_free = gpu_memory().map(|(free, _)| free);
         let reserve = crate::serve::step_reserve_bytes(c, dtype.size_bytes(), &optimization);
         let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, reserve, max_context)?;
         crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
