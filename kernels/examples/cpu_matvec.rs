@@ -2,7 +2,9 @@
 //! (`QuantizedMatrix::matmul`, the codes read in place) over SmolLM2-135M's linear shapes
 //! (4-bit codes in groups of 32, as its Q4_1 GGUF), f32 activations, 16-bit and 8-bit activation
 //! blocks, and four rows at once (f32, 8-bit blocks), through the same rayon pool.
-//! Reports µs per product, weights per ns and the code bytes read per second.
+//! Reports µs per product, weights per ns and the code bytes read per second; first the
+//! f32-activation loops with AVX-512 against AVX2 only, where the CPU has AVX-512
+//! (`--widths-only`: just that).
 //! `cargo run --example cpu_matvec [--release]`; results in `benches/results/`.
 
 use inference_pio_kernels::quant::{Activations, QuantizedMatrix};
@@ -10,6 +12,11 @@ use std::time::Instant;
 
 /// A deterministic 4-bit matrix of `rows x cols` in groups of 32.
 fn matrix(rows: usize, cols: usize) -> QuantizedMatrix {
+    matrix_bits(rows, cols, 4)
+}
+
+/// A deterministic matrix of `bits`-bit codes (4 or 8), `rows x cols` in groups of 32.
+fn matrix_bits(rows: usize, cols: usize, bits: u32) -> QuantizedMatrix {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
@@ -19,9 +26,9 @@ fn matrix(rows: usize, cols: usize) -> QuantizedMatrix {
     QuantizedMatrix {
         rows,
         cols,
-        bits: 4,
+        bits,
         group: 32,
-        codes: (0..rows * cols / 8).map(|_| next()).collect(),
+        codes: (0..rows * cols * bits as usize / 32).map(|_| next()).collect(),
         scales: (0..rows * groups).map(|i| 0.01 + (i % 7) as f32 * 1e-3).collect(),
         mins: (0..rows * groups).map(|i| -0.08 + (i % 5) as f32 * 1e-3).collect(),
     }
@@ -42,8 +49,69 @@ fn time(runs: usize, mut f: impl FnMut() -> f32) -> f64 {
     times[runs / 2]
 }
 
+/// The f32-activation loops (the default CPU path) with AVX-512 and with AVX2 only, over
+/// SmolLM2-135M's Q4_1 layer products and its Q8_0 LM head, one and four rows: medians of
+/// several alternating rounds, so a noisy machine shifts both alike.
+fn vector_widths() {
+    if !inference_pio_kernels::quant::uses_avx512() {
+        println!("AVX-512: not on this CPU (the AVX2 loops run)");
+        return;
+    }
+    let shapes = [("q/k/v 576->960", 960, 576, 4), ("o 576->576", 576, 576, 4), ("gate/up 576->3072", 3072, 576, 4), ("down 1536->576", 576, 1536, 4), ("head Q8 576->49152", 49152, 576, 8)];
+    let mut token = [[0.0f64; 2]; 2];
+    for (what, rows, cols, bits) in shapes {
+        let m = matrix_bits(rows, cols, bits);
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let x4: Vec<f32> = (0..4).flat_map(|k| x.iter().map(move |v| v * (1.0 + k as f32))).collect();
+        let runs = if rows > 10_000 { 20 } else { 200 };
+        // [wide?][rows 1 / 4]: medians over five rounds.
+        let mut rounds = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+        for _ in 0..5 {
+            for (w, wide) in [(0, false), (1, true)] {
+                inference_pio_kernels::quant::use_avx512(wide);
+                rounds[w][0].push(time(runs, || m.matmul(&x, 1, Activations::F32)[0]));
+                rounds[w][1].push(time(runs, || m.matmul(&x4, 4, Activations::F32)[0]) / 4.0);
+            }
+        }
+        inference_pio_kernels::quant::use_avx512(true);
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let us: Vec<[f64; 2]> = rounds.iter_mut().map(|[a, b]| [med(a), med(b)]).collect();
+        let times = if what.starts_with("head") { 1.0 } else { 30.0 };
+        for w in 0..2 {
+            for r in 0..2 {
+                token[w][r] += us[w][r] * times;
+            }
+        }
+        println!(
+            "{what:<20} f32 acts, 1 row: AVX2 {:8.1} µs, AVX-512 {:8.1} µs ({:.2}x) | 4 rows: AVX2 {:8.1}, AVX-512 {:8.1} µs a row ({:.2}x)",
+            us[0][0],
+            us[1][0],
+            us[0][0] / us[1][0],
+            us[0][1],
+            us[1][1],
+            us[0][1] / us[1][1]
+        );
+    }
+    println!(
+        "per token (30 layers + Q8 head), f32 acts: 1 row AVX2 {:.2} ms, AVX-512 {:.2} ms ({:.2}x); 4 rows AVX2 {:.2}, AVX-512 {:.2} ms a row ({:.2}x)",
+        token[0][0] / 1e3,
+        token[1][0] / 1e3,
+        token[0][0] / token[1][0],
+        token[0][1] / 1e3,
+        token[1][1] / 1e3,
+        token[0][1] / token[1][1]
+    );
+}
+
 fn main() {
     println!("threads: {}", rayon::current_num_threads());
+    vector_widths();
+    if std::env::args().any(|a| a == "--widths-only") {
+        return;
+    }
     // (what, rows, cols): q/k/v fused, o, gate/up fused, down, LM head (SmolLM2-135M).
     let shapes = [("q/k/v 576->960", 960, 576), ("o 576->576", 576, 576), ("gate/up 576->3072", 3072, 576), ("down 1536->576", 576, 1536), ("head 576->49152", 49152, 576)];
     let mut per_token = [0.0f64; 5];

@@ -510,6 +510,26 @@ impl ActivationBlocks8 {
     }
 }
 
+/// Whether the CPU's f32-activation loops may take their AVX-512 versions (where the CPU has
+/// AVX-512F; on by default). [`use_avx512`] sets it.
+static AVX512_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lets (`true`, the default) or stops the CPU products' f32-activation loops from using
+/// AVX-512 where the CPU has it, for the whole process: the AVX2 loops then run, as on a CPU
+/// without it. For side-by-side measurements (`kernels/examples/cpu_matvec.rs`) and tests;
+/// results differ only in the order of additions.
+pub fn use_avx512(allowed: bool) {
+    AVX512_ALLOWED.store(allowed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the CPU products' f32-activation loops run their AVX-512 versions now.
+pub fn uses_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return simd::has_avx2() && simd::has_avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The CPU loops, written so that the compiler vectorises them, and compiled twice on x86-64:
 /// for the baseline target and for AVX2 + FMA, picked at run time.
 mod simd {
@@ -1020,8 +1040,12 @@ mod simd {
         if has_avx2() && splits.len() == out.len() && sums.len() == out.len() {
             let groups = m.groups_per_row();
             let mins = &m.mins[row * groups..(row + 1) * groups];
-            // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+            let wide = has_avx512();
+            // SAFETY: the CPU has AVX2 and FMA, and AVX-512F where `wide` (detected at run time).
             let codes: &[f32] = &match *splits {
+                [a, b] if wide => unsafe { avx512::row_codes4_split_rows::<2>(m, row, [a, b]) }.to_vec(),
+                [a, b, c] if wide => unsafe { avx512::row_codes4_split_rows::<3>(m, row, [a, b, c]) }.to_vec(),
+                [a, b, c, d] if wide => unsafe { avx512::row_codes4_split_rows::<4>(m, row, [a, b, c, d]) }.to_vec(),
                 [a, b] => unsafe { row_codes4_split_avx2_rows::<2>(m, row, [a, b]) }.to_vec(),
                 [a, b, c] => unsafe { row_codes4_split_avx2_rows::<3>(m, row, [a, b, c]) }.to_vec(),
                 [a, b, c, d] => unsafe { row_codes4_split_avx2_rows::<4>(m, row, [a, b, c, d]) }.to_vec(),
@@ -1151,12 +1175,203 @@ mod simd {
         }
     }
 
+    /// The f32-activation loops again with AVX-512 (F): sixteen lanes, so each unit of 32
+    /// 4-bit codes is two conversions and two multiply-adds instead of four of each, and each
+    /// sixteen 8-bit codes one. Same sums as the AVX2 loops, in a different order of
+    /// additions. Chosen at run time where the CPU has AVX-512F ([`super::use_avx512`]).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) mod avx512 {
+        use super::QuantizedMatrix;
+        use std::arch::x86_64::*;
+
+        /// One unit of 32 4-bit codes, the 16 bytes at `bytes`, as two vectors of f32 in
+        /// [`super::super::split_nibble_order`]'s order: the low nibbles (even codes), then
+        /// the high ones (odd codes).
+        ///
+        /// # Safety
+        /// 16 bytes are readable at `bytes`, and the CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn unit_codes4(bytes: *const u8) -> [__m512; 2] {
+            let low = _mm_set1_epi8(0x0f);
+            // SAFETY: the caller guarantees 16 readable bytes (an unaligned load).
+            let b = unsafe { _mm_loadu_si128(bytes as *const __m128i) };
+            let even = _mm_and_si128(b, low);
+            let odd = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+            [_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(even)), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(odd))]
+        }
+
+        /// [`super::rows_split4_avx2`] with sixteen lanes.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked here).
+        #[target_feature(enable = "avx512f")]
+        pub(in super::super) unsafe fn rows_split4(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
+            let groups = m.groups_per_row();
+            let units_per_group = m.group / 32;
+            let row_bytes = m.cols / 2;
+            let count = out.len();
+            assert!(
+                m.bits == 4
+                    && m.group.is_multiple_of(32)
+                    && split.len() == m.cols
+                    && sums.len() == groups
+                    && (first + count) * row_bytes <= m.codes.len() * 4
+                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                "rows of another width"
+            );
+            let codes = m.codes.as_ptr() as *const u8;
+            let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+            for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+                // SAFETY: row `first + r` lies in the matrix (asserted above): its
+                // `row_bytes` code bytes start here.
+                let mut bytes = unsafe { codes.add((first + r) * row_bytes) };
+                let mut xp = split.as_ptr();
+                let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for (g, &scale) in row_scales.iter().enumerate() {
+                    let (mut p, mut q) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    for _ in 0..units_per_group {
+                        // SAFETY: one unit of 32 codes per iteration, `cols / 32` in the row:
+                        // its 16 code bytes lie in the row and its 32 activations in `split`
+                        // (`cols` long); unaligned loads; x86-64 is little-endian.
+                        unsafe {
+                            let [c0, c1] = unit_codes4(bytes);
+                            p = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xp), p);
+                            q = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xp.add(16)), q);
+                            bytes = bytes.add(16);
+                            xp = xp.add(32);
+                        }
+                    }
+                    let scale = _mm512_set1_ps(scale);
+                    if g % 2 == 0 {
+                        a0 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a0);
+                    } else {
+                        a1 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a1);
+                    }
+                }
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + crate::dot(row_mins, sums);
+            }
+        }
+
+        /// [`super::row_codes4_split_avx2_rows`] with sixteen lanes.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked here).
+        #[target_feature(enable = "avx512f")]
+        pub(in super::super) unsafe fn row_codes4_split_rows<const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
+            let wpr = m.words_per_row();
+            let groups = m.groups_per_row();
+            let words = &m.codes[row * wpr..(row + 1) * wpr];
+            let scales = &m.scales[row * groups..(row + 1) * groups];
+            let units_per_group = m.group / 32;
+            assert!(
+                splits.iter().all(|s| words.len() * 8 == s.len()) && words.len() * 8 == groups * m.group && m.group.is_multiple_of(32),
+                "a row of another width"
+            );
+            let mut bytes = words.as_ptr() as *const u8;
+            let mut xp: [*const f32; N] = splits.map(<[f32]>::as_ptr);
+            let mut totals = [_mm512_setzero_ps(); N];
+            for &scale in scales {
+                let mut acc = [_mm512_setzero_ps(); N];
+                for _ in 0..units_per_group {
+                    // SAFETY: one unit of 32 codes per iteration, `cols / 32` in all: its 16
+                    // code bytes lie in the row and its 32 activations in each of the `N`
+                    // reordered rows (each `cols` long), all asserted above; unaligned loads.
+                    unsafe {
+                        let [c0, c1] = unit_codes4(bytes);
+                        for j in 0..N {
+                            let x = xp[j];
+                            acc[j] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x.add(16)), _mm512_fmadd_ps(c0, _mm512_loadu_ps(x), acc[j]));
+                            xp[j] = x.add(32);
+                        }
+                        bytes = bytes.add(16);
+                    }
+                }
+                let scale = _mm512_set1_ps(scale);
+                for j in 0..N {
+                    totals[j] = _mm512_fmadd_ps(acc[j], scale, totals[j]);
+                }
+            }
+            totals.map(|t| _mm512_reduce_add_ps(t))
+        }
+
+        /// [`super::rows_codes8_avx2`] with sixteen lanes: sixteen codes a step, one
+        /// conversion and one multiply-add.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked here).
+        #[target_feature(enable = "avx512f")]
+        pub(in super::super) unsafe fn rows_codes8(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+            let groups = m.groups_per_row();
+            let steps_per_group = m.group / 16;
+            let row_bytes = m.cols;
+            let count = out.len();
+            assert!(
+                m.bits == 8
+                    && m.group.is_multiple_of(16)
+                    && x.len() == m.cols
+                    && sums.len() == groups
+                    && (first + count) * row_bytes <= m.codes.len() * 4
+                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                "rows of another width"
+            );
+            let codes = m.codes.as_ptr() as *const u8;
+            let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+            for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+                // SAFETY: row `first + r` lies in the matrix (asserted above): its `cols`
+                // code bytes start here.
+                let mut bytes = unsafe { codes.add((first + r) * row_bytes) };
+                let mut xp = x.as_ptr();
+                let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for (g, &scale) in row_scales.iter().enumerate() {
+                    let (mut p, mut q) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    let mut step = 0;
+                    while step + 2 <= steps_per_group {
+                        // SAFETY: two steps of sixteen codes, within the group's
+                        // `steps_per_group`: their bytes lie in the row and their activations
+                        // in `x` (`cols` long); unaligned loads.
+                        unsafe {
+                            let b0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes as *const __m128i)));
+                            let b1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.add(16) as *const __m128i)));
+                            p = _mm512_fmadd_ps(b0, _mm512_loadu_ps(xp), p);
+                            q = _mm512_fmadd_ps(b1, _mm512_loadu_ps(xp.add(16)), q);
+                            bytes = bytes.add(32);
+                            xp = xp.add(32);
+                        }
+                        step += 2;
+                    }
+                    if step < steps_per_group {
+                        // SAFETY: the group's last step of sixteen codes, as above.
+                        unsafe {
+                            let b0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes as *const __m128i)));
+                            p = _mm512_fmadd_ps(b0, _mm512_loadu_ps(xp), p);
+                            bytes = bytes.add(16);
+                            xp = xp.add(16);
+                        }
+                    }
+                    let scale = _mm512_set1_ps(scale);
+                    if g % 2 == 0 {
+                        a0 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a0);
+                    } else {
+                        a1 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a1);
+                    }
+                }
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + crate::dot(row_mins, sums);
+            }
+        }
+    }
+
     /// Output rows `first .. first + out.len()` of an 8-bit `m` times one row `x` (`sums` its
     /// per-group sums), into `out`; `false` (nothing written) without AVX2 or for groups that
     /// are not whole 16s.
     pub(super) fn rows_dot_codes8(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) -> bool {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() && m.bits == 8 && m.group.is_multiple_of(16) {
+            if has_avx512() {
+                // SAFETY: the CPU has AVX-512F (detected at run time).
+                unsafe { avx512::rows_codes8(m, first, x, sums, out) };
+                return true;
+            }
             // SAFETY: the CPU has AVX2 and FMA (detected at run time).
             unsafe { rows_codes8_avx2(m, first, x, sums, out) };
             return true;
@@ -1171,6 +1386,11 @@ mod simd {
     pub(super) fn rows_dot_split4(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) -> bool {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
+            if has_avx512() {
+                // SAFETY: the CPU has AVX-512F (detected at run time).
+                unsafe { avx512::rows_split4(m, first, split, sums, out) };
+                return true;
+            }
             // SAFETY: the CPU has AVX2 and FMA (detected at run time).
             unsafe { rows_split4_avx2(m, first, split, sums, out) };
             return true;
@@ -1190,6 +1410,16 @@ mod simd {
     #[cfg(not(target_arch = "x86_64"))]
     pub(super) fn has_avx2() -> bool {
         false
+    }
+
+    /// Whether the f32-activation loops take their AVX-512 versions: the CPU has AVX-512F
+    /// and [`super::use_avx512`] has not turned them off.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn has_avx512() -> bool {
+        use std::sync::OnceLock;
+        use std::sync::atomic::Ordering;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        super::AVX512_ALLOWED.load(Ordering::Relaxed) && *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1953,9 +2183,23 @@ mod tests {
 
     #[test]
     fn the_vector_loops_give_the_portable_loops_sums() {
-        let cols = 256;
+        // Each loop's AVX-512 version (where the CPU has it) and its AVX2 version; the switch
+        // is process-wide, and both versions are correct, so tests beside this one are not
+        // disturbed. The widths cover groups of one, several and an odd count of steps.
+        for wide in [true, false] {
+            use_avx512(wide);
+            vector_loops_match(256);
+            vector_loops_match(288);
+        }
+        use_avx512(true);
+    }
+
+    fn vector_loops_match(cols: usize) {
         let x = random(cols, 11);
-        for (bits, group) in [(4, 32), (4, 128), (8, 16), (8, 256)] {
+        for (bits, group) in [(4, 32), (4, 128), (8, 16), (8, 256), (8, 48)] {
+            if !cols.is_multiple_of(group) {
+                continue;
+            }
             let codes: Vec<u8> = random(3 * cols, 12 + group as u64).iter().map(|v| (((v + 1.0) * 127.99) as u32 % (1u32 << bits)) as u8).collect();
             let groups = 3 * cols / group;
             let m = QuantizedMatrix::from_codes(3, cols, bits, group, &codes, random(groups, 13), random(groups, 14)).expect("packs");
