@@ -439,6 +439,10 @@ impl Decoder {
                 post_norm: ckpt.load(&format!("{p}.post_attention_layernorm.weight"), [h], device, dtype)?,
                 mlp,
             });
+            // The layer's conversion temporaries (a fused projection's parts, a GGUF slice's
+            // codes) leave free pages between the weights that stay; handing them back per
+            // layer keeps the load's peak resident memory near the loaded weights.
+            crate::weights::return_free_heap_pages();
         }
         let embed_name = format!("{m}.embed_tokens.weight");
         let (embed, lm_head) = match ckpt.load_stored_quantized(&embed_name, [c.vocab_size, h], device)? {

@@ -225,6 +225,9 @@ pub fn load_engine(
         let on = device.clone();
         let (decoder, ckpt) = inference_pio_kernels::memory::outside_pools(&device, move || (Decoder::load(config, spec, &ckpt, &on, dtype), ckpt));
         let decoder = decoder?;
+        // The load's temporaries (each tensor's values before conversion) are freed by now,
+        // but the allocator keeps their pages.
+        crate::weights::return_free_heap_pages();
         let tally = ckpt.linear_tally();
         let bytes = dense_bytes - tally.quantized_dense_bytes + tally.quantized_bytes;
         let stored = quantization_summary(&tally);
