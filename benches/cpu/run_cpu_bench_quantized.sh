@@ -25,38 +25,52 @@ MACHINE="$(nproc)-core $(uname -m) $(grep -m1 'model name' /proc/cpuinfo | cut -
 printf '[plugins.llama]\nquantization = "none"\n' > /tmp/q_none.toml
 : > /tmp/q_stored.toml
 printf '[plugins.llama]\nquant_activations = "int8"\n' > /tmp/q_int8.toml
-for mode in stored int8 none; do
-  target/debug/pio-bench --host target/debug/inference-pio --config /tmp/q_$mode.toml --model "$GGUF" \
-    --prompt-tokens "$PROMPT" --new-tokens "$NEW" --device cpu --dtype f32 --processes 3 \
-    --machine "$MACHINE" --out /tmp/pio_$mode.json
+# Rounds alternate every mode and the peer (one process / one llama-bench repetition each), so
+# a shared VM whose speed drifts over minutes (2x between phases on the 2026-12-06 Xeon VM)
+# moves all of them alike; the table takes each one's median over the rounds.
+ROUNDS=${ROUNDS:-3}
+for r in $(seq "$ROUNDS"); do
+  for mode in stored int8 none; do
+    target/debug/pio-bench --host target/debug/inference-pio --config /tmp/q_$mode.toml --model "$GGUF" \
+      --prompt-tokens "$PROMPT" --new-tokens "$NEW" --device cpu --dtype f32 --processes 1 \
+      --machine "$MACHINE" --out /tmp/pio_${mode}_$r.json
+  done
+  "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$NEW" -r 1 -o json > /tmp/llama_bench_$r.json
 done
-"$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PROMPT" -n "$NEW" -r 3 -o json > /tmp/llama_bench.json
 /usr/bin/time -f '%M' -o /tmp/llama_rss.txt "$LLAMA_BIN/llama-bench" -m "$GGUF" -t "$THREADS" -p 0 -n "$NEW" -r 1 -o json > /dev/null
-python3 - "$BASE" "bash benches/cpu/run_cpu_bench_quantized.sh" "$MACHINE" "$THREADS" <<'PY'
-import json, sys
+python3 - "$BASE" "bash benches/cpu/run_cpu_bench_quantized.sh" "$MACHINE" "$THREADS" "$ROUNDS" <<'PY'
+import json, statistics, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-base, command, machine, threads = sys.argv[1:5]
-pio = {m: json.load(open(f"/tmp/pio_{m}.json")) for m in ("stored", "int8", "none")}
-peer = json.load(open("/tmp/llama_bench.json"))
-pp = next(r for r in peer if r["n_prompt"] > 0 and r["n_gen"] == 0)
-tg = next(r for r in peer if r["n_gen"] > 0 and r["n_prompt"] == 0)
+base, command, machine, threads, rounds = sys.argv[1:6]
+rounds = range(1, int(rounds) + 1)
+runs = {m: [json.load(open(f"/tmp/pio_{m}_{r}.json")) for r in rounds] for m in ("stored", "int8", "none")}
+peers = [json.load(open(f"/tmp/llama_bench_{r}.json")) for r in rounds]
+pps = [next(x for x in p if x["n_prompt"] > 0 and x["n_gen"] == 0) for p in peers]
+tgs = [next(x for x in p if x["n_gen"] > 0 and x["n_prompt"] == 0) for p in peers]
+pp, tg = pps[0], tgs[0]
 llama_rss = int(open("/tmp/llama_rss.txt").read().split()[-1]) / 1024
+med = statistics.median
+pio = {m: {**runs[m][0], "rounds": runs[m], **{k: med(x[k] for x in runs[m]) for k in ("median_prefill_tokens_per_s", "median_decode_tokens_per_s", "peak_rss_mib")}} for m in runs}
 rows = [
     (metric, [pio[m][key] for m in ("stored", "int8", "none")] + [peer_value])
     for metric, key, peer_value in [
-        ("prefill tok/s", "median_prefill_tokens_per_s", pp["avg_ts"]),
-        ("decode tok/s", "median_decode_tokens_per_s", tg["avg_ts"]),
+        ("prefill tok/s", "median_prefill_tokens_per_s", med(x["avg_ts"] for x in pps)),
+        ("decode tok/s", "median_decode_tokens_per_s", med(x["avg_ts"] for x in tgs)),
         ("peak RSS (MiB)", "peak_rss_mib", llama_rss),
     ]
 ]
+# Per round, ours over the peer's (the same minutes of the machine).
+ratios = {m: {"prefill": [x["median_prefill_tokens_per_s"] / p["avg_ts"] for x, p in zip(runs[m], pps)],
+              "decode": [x["median_decode_tokens_per_s"] / t["avg_ts"] for x, t in zip(runs[m], tgs)]} for m in runs}
 names = ["inference-pio Q4_1 kept", "inference-pio Q4_1 kept, int8 activations", "inference-pio dequantized f32", f"llama.cpp -t {threads}"]
 result = {
     "benchmark": "SmolLM2-135M-Instruct Q4_1 GGUF on the CPU, batch 1",
     "date": pio["stored"]["date"], "commit": pio["stored"]["commit"], "command": command, "machine": machine,
-    "threads": int(threads), "llama_cpp": {"build_commit": pp.get("build_commit"), "pp": pp, "tg": tg, "peak_rss_mib": llama_rss},
-    "inference_pio": pio,
+    "threads": int(threads), "rounds": len(rounds),
+    "llama_cpp": {"build_commit": pp.get("build_commit"), "pp": pps, "tg": tgs, "peak_rss_mib": llama_rss},
+    "inference_pio": pio, "ratios_per_round": ratios,
     "table": [{"metric": m, **dict(zip(names, v))} for m, v in rows],
 }
 json.dump(result, open(base + ".json", "w"), indent=1)
@@ -72,4 +86,6 @@ fig.tight_layout()
 fig.savefig(base + ".png", dpi=100)
 for m, v in rows:
     print(f"{m:18s} " + "   ".join(f"{n} {x:9.2f}" for n, x in zip(names, v)))
+for m, r in ratios.items():
+    print(f"{m:7s} over llama.cpp per round: prefill " + " ".join(f"{x:.2f}" for x in r["prefill"]) + ", decode " + " ".join(f"{x:.2f}" for x in r["decode"]))
 PY

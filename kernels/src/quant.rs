@@ -261,6 +261,9 @@ impl QuantizedMatrix {
         assert_eq!(x.len(), n * self.cols, "matmul: {} inputs for {n} rows of {}", x.len(), self.cols);
         let limit = self.fused_row_limit(activations);
         assert!(n <= limit, "matmul: {n} rows, more than the {limit} it reads the codes for");
+        if activations == Activations::F32 && n > CPU_FUSED_ROWS && self.takes_tiles() {
+            return self.matmul_tiled(x, n);
+        }
         let mut out_t = vec![0f32; self.rows * n];
         let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1)).clamp(1, 256);
         // Σ x per group of each input row: `[n, groups]`.
@@ -348,6 +351,54 @@ impl QuantizedMatrix {
     }
 }
 
+impl QuantizedMatrix {
+    /// Whether products of more than [`CPU_FUSED_ROWS`] rows of f32 activations take
+    /// [`Self::matmul_tiled`]: on a CPU with AVX-512F, for rows of whole 16s and 4-bit codes
+    /// in groups of whole 32s or 8-bit codes in groups of whole 16s.
+    fn takes_tiles(&self) -> bool {
+        self.takes_tiles_shape() && uses_avx512()
+    }
+
+    /// Whether the matrix's shape suits [`Self::matmul_tiled`] (whatever the CPU).
+    fn takes_tiles_shape(&self) -> bool {
+        self.cols.is_multiple_of(16) && ((self.bits == 4 && self.group.is_multiple_of(32)) || (self.bits == 8 && self.group.is_multiple_of(16)))
+    }
+
+    /// [`Self::matmul`] of `n` rows of f32 activations in dequantized tiles: each rayon task
+    /// dequantizes up to [`CPU_TILE_ROWS`] weight rows once and multiplies them by every
+    /// activation row, four by four (`simd::avx512::rows_tiled`). The sums are those of the
+    /// dequantized weight, in another order of additions.
+    fn matmul_tiled(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let cols = self.cols;
+        let mut xs = if self.bits == 4 { split_nibble_order(x) } else { x.to_vec() };
+        xs.resize(n.div_ceil(4) * 4 * cols, 0.0);
+        // Enough tasks for every thread to take several; whole fours of rows each.
+        let threads = rayon::current_num_threads().max(1);
+        let task = self.rows.div_ceil(4 * threads).div_ceil(4).clamp(1, CPU_TILE_ROWS / 4) * 4;
+        let mut out_t = vec![0f32; self.rows * n];
+        out_t.par_chunks_mut(task * n).enumerate().for_each(|(c, block)| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `takes_tiles` (the caller's check) found AVX-512F.
+            unsafe {
+                simd::avx512::rows_tiled(self, &xs, n, c * task, block)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (c, block);
+        });
+        let mut out = vec![0f32; n * self.rows];
+        for (r, ys) in out_t.chunks_exact(n).enumerate() {
+            for (j, &y) in ys.iter().enumerate() {
+                out[j * self.rows + r] = y;
+            }
+        }
+        out
+    }
+}
+
+/// The most weight rows one task of [`QuantizedMatrix::matmul_tiled`] dequantizes into its
+/// tile (64 rows of SmolLM2's 1,536 inputs: 384 KB, within a core's L2).
+pub const CPU_TILE_ROWS: usize = 64;
+
 /// Activations reordered for 4-bit codes read 16 bytes at a time: within each 32, the even
 /// positions, then the odd ones (`[x0, x2, … x30, x1, x3, … x31]`), the order in which a
 /// unit's low and high nibbles hold its codes. `x.len()` is a multiple of 32 (whole groups).
@@ -374,6 +425,9 @@ impl QuantizedMatrix {
     /// The most input rows [`Self::matmul`] takes with these activations (more go through the
     /// linear's matrix product of dequantized slices).
     pub fn fused_row_limit(&self, activations: Activations) -> usize {
+        if activations == Activations::F32 && self.takes_tiles() {
+            return usize::MAX;
+        }
         let many = simd::has_avx2()
             && match activations {
                 Activations::F32 => self.bits == 4 && self.group.is_multiple_of(32),
@@ -1359,6 +1413,141 @@ mod simd {
                 *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + crate::dot(row_mins, sums);
             }
         }
+
+        /// Dequantizes rows `first .. first + count` of `m` into `tile` (`count` rows of
+        /// `cols` f32, the rest of `tile` untouched): 4-bit codes (groups of whole 32s) in
+        /// [`super::super::split_nibble_order`]'s order, so the activations they meet must be
+        /// reordered alike; 8-bit codes (groups of whole 16s) in order.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked here).
+        #[target_feature(enable = "avx512f")]
+        unsafe fn dequantize_tile(m: &QuantizedMatrix, first: usize, count: usize, tile: &mut [f32]) {
+            let (cols, groups) = (m.cols, m.groups_per_row());
+            let row_bytes = cols * m.bits as usize / 8;
+            assert!(
+                ((m.bits == 4 && m.group.is_multiple_of(32)) || (m.bits == 8 && m.group.is_multiple_of(16)))
+                    && tile.len() >= count * cols
+                    && (first + count) * row_bytes <= m.codes.len() * 4
+                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                "a tile of another width"
+            );
+            let codes = m.codes.as_ptr() as *const u8;
+            for r in 0..count {
+                let row = first + r;
+                // SAFETY: row `row` lies in the matrix (asserted above).
+                let mut bytes = unsafe { codes.add(row * row_bytes) };
+                let mut out = tile[r * cols..(r + 1) * cols].as_mut_ptr();
+                for g in 0..groups {
+                    let (scale, min) = (_mm512_set1_ps(m.scales[row * groups + g]), _mm512_set1_ps(m.mins[row * groups + g]));
+                    // SAFETY: each step reads the group's next code bytes (in the row) and
+                    // writes as many values (in the tile's row, `cols` long): `group` of
+                    // each per group; unaligned loads and stores.
+                    unsafe {
+                        if m.bits == 4 {
+                            for _ in 0..m.group / 32 {
+                                let [c0, c1] = unit_codes4(bytes);
+                                _mm512_storeu_ps(out, _mm512_fmadd_ps(c0, scale, min));
+                                _mm512_storeu_ps(out.add(16), _mm512_fmadd_ps(c1, scale, min));
+                                bytes = bytes.add(16);
+                                out = out.add(32);
+                            }
+                        } else {
+                            for _ in 0..m.group / 16 {
+                                let c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes as *const __m128i)));
+                                _mm512_storeu_ps(out, _mm512_fmadd_ps(c, scale, min));
+                                bytes = bytes.add(16);
+                                out = out.add(16);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// The sixteen dot products of four weight rows at `w` and four activation rows at
+        /// `x` (each `cols` long, rows `cols` apart, `cols` a multiple of 16): `[w row][x row]`.
+        ///
+        /// # Safety
+        /// Four rows of `cols` f32 are readable at `w` and at `x`, and the CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn dots_4x4(w: *const f32, x: *const f32, cols: usize) -> [[f32; 4]; 4] {
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            let mut k = 0;
+            while k < cols {
+                // SAFETY: `k + 16 <= cols` (a multiple of 16) in each of the four rows of
+                // either (the caller's guarantee); unaligned loads.
+                unsafe {
+                    let wv = [_mm512_loadu_ps(w.add(k)), _mm512_loadu_ps(w.add(cols + k)), _mm512_loadu_ps(w.add(2 * cols + k)), _mm512_loadu_ps(w.add(3 * cols + k))];
+                    for j in 0..4 {
+                        let xv = _mm512_loadu_ps(x.add(j * cols + k));
+                        for i in 0..4 {
+                            acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
+                        }
+                    }
+                }
+                k += 16;
+            }
+            acc.map(|row| row.map(|a| _mm512_reduce_add_ps(a)))
+        }
+
+        /// Output rows `first .. first + out.len() / n` of `m` (`out` being `[rows, n]`)
+        /// against `n` activation rows `x` (reordered per 32 for 4-bit codes, as
+        /// [`dequantize_tile`]; zero rows appended up to a multiple of four): the rows'
+        /// weights are dequantized once into a tile, and every four of them meet every four
+        /// activation rows in sixteen vector accumulators. Prompt rows: the codes' conversion
+        /// is paid once for all of them, not once per pass of four rows.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked here).
+        #[target_feature(enable = "avx512f")]
+        pub(in super::super) unsafe fn rows_tiled(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32]) {
+            let cols = m.cols;
+            let count = out.len() / n.max(1);
+            let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
+            assert!(n > 0 && out.len() == count * n && cols.is_multiple_of(16) && x.len() == n4 * cols, "a tiled product of another shape");
+            // Each thread's tile is kept between calls: a fresh one of a few hundred KB is
+            // a fresh map of the allocator's and a page fault per 4 KB, which cost more than
+            // the products (3x on SmolLM2's gate/up at 32 rows). Rows past `count` hold
+            // whatever they held: their dots are dropped.
+            thread_local! {
+                static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            TILE.with_borrow_mut(|tile| {
+                if tile.len() < count4 * cols {
+                    tile.resize(count4 * cols, 0.0);
+                }
+                // SAFETY: AVX-512F, as this function requires.
+                unsafe { tiled_rows(m, x, n, first, out, tile) }
+            });
+        }
+
+        /// [`rows_tiled`] with a tile of at least `count4 * cols` f32.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked by the caller and here).
+        #[target_feature(enable = "avx512f")]
+        unsafe fn tiled_rows(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32], tile: &mut [f32]) {
+            let cols = m.cols;
+            let count = out.len() / n;
+            let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
+            assert!(tile.len() >= count4 * cols && x.len() == n4 * cols, "a tile of another size");
+            // SAFETY: AVX-512F, as this function requires; `dequantize_tile` checks the rest.
+            unsafe { dequantize_tile(m, first, count, tile) };
+            for i in (0..count4).step_by(4) {
+                for j in (0..n4).step_by(4) {
+                    // SAFETY: rows `i .. i + 4` of the tile (`count4` rows) and `j .. j + 4`
+                    // of `x` (`n4` rows), each `cols` long, a multiple of 16 (asserted).
+                    let d = unsafe { dots_4x4(tile.as_ptr().add(i * cols), x.as_ptr().add(j * cols), cols) };
+                    for (a, row) in d.iter().enumerate().take(count - i.min(count)) {
+                        for (b, &v) in row.iter().enumerate().take(n - j) {
+                            out[(i + a) * n + j + b] = v;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Output rows `first .. first + out.len()` of an 8-bit `m` times one row `x` (`sums` its
@@ -2166,6 +2355,13 @@ mod tests {
                 let rounded = product(Activations::Blocks16);
                 let want = dense_matmul(&x, n, &dense, rows, cols);
                 assert!(rel_l2(&got, &want) < 1e-6, "bits {} rows {n}: {}", m.bits, rel_l2(&got, &want));
+                // The dequantized tiles (what prompt rows of f32 activations take on an
+                // AVX-512 CPU), called directly: whichever way `use_avx512` is set meanwhile.
+                #[cfg(target_arch = "x86_64")]
+                if simd::has_avx2() && std::arch::is_x86_feature_detected!("avx512f") && m.takes_tiles_shape() {
+                    let tiled = m.matmul_tiled(&x, n);
+                    assert!(rel_l2(&tiled, &want) < 1e-6, "tiles, bits {} rows {n}: {}", m.bits, rel_l2(&tiled, &want));
+                }
                 // 8-bit activation blocks, rows up to the limit read the codes in place.
                 let limit = m.fused_row_limit(Activations::Blocks8);
                 let coarse = if n <= limit { m.matmul(&x, n, Activations::Blocks8) } else { prompt(&x, Activations::Blocks8) };
