@@ -1480,10 +1480,10 @@ mod simd {
                 // either (the caller's guarantee); unaligned loads.
                 unsafe {
                     let wv = [_mm512_loadu_ps(w.add(k)), _mm512_loadu_ps(w.add(cols + k)), _mm512_loadu_ps(w.add(2 * cols + k)), _mm512_loadu_ps(w.add(3 * cols + k))];
-                    for j in 0..4 {
-                        let xv = _mm512_loadu_ps(x.add(j * cols + k));
-                        for i in 0..4 {
-                            acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
+                    let xv = [_mm512_loadu_ps(x.add(k)), _mm512_loadu_ps(x.add(cols + k)), _mm512_loadu_ps(x.add(2 * cols + k)), _mm512_loadu_ps(x.add(3 * cols + k))];
+                    for (acc_w, &w) in acc.iter_mut().zip(&wv) {
+                        for (a, &xj) in acc_w.iter_mut().zip(&xv) {
+                            *a = _mm512_fmadd_ps(w, xj, *a);
                         }
                     }
                 }
