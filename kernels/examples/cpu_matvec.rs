@@ -3,7 +3,8 @@
 //! (4-bit codes in groups of 32, as its Q4_1 GGUF), f32 activations, 16-bit and 8-bit activation
 //! blocks, and four rows at once (f32, 8-bit blocks), through the same rayon pool.
 //! Reports µs per product, weights per ns and the code bytes read per second; first the
-//! f32-activation loops with AVX-512 against AVX2 only, where the CPU has AVX-512
+//! f32-activation loops with AVX-512 against AVX2 only, and the 8-bit-activation loop with
+//! AVX-512 VNNI against AVX2, where the CPU has them
 //! (`--widths-only`: just that).
 //! `cargo run --example cpu_matvec [--release]`; results in `benches/results/`.
 
@@ -58,19 +59,20 @@ fn vector_widths() {
         return;
     }
     let shapes = [("q/k/v 576->960", 960, 576, 4), ("o 576->576", 576, 576, 4), ("gate/up 576->3072", 3072, 576, 4), ("down 1536->576", 576, 1536, 4), ("head Q8 576->49152", 49152, 576, 8)];
-    let mut token = [[0.0f64; 2]; 2];
+    let mut token = [[0.0f64; 3]; 2];
     for (what, rows, cols, bits) in shapes {
         let m = matrix_bits(rows, cols, bits);
         let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let x4: Vec<f32> = (0..4).flat_map(|k| x.iter().map(move |v| v * (1.0 + k as f32))).collect();
         let runs = if rows > 10_000 { 20 } else { 200 };
-        // [wide?][rows 1 / 4]: medians over five rounds.
-        let mut rounds = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+        // [wide?][f32 rows 1 / 4, 8-bit activations 1 row]: medians over five rounds.
+        let mut rounds = [[Vec::new(), Vec::new(), Vec::new()], [Vec::new(), Vec::new(), Vec::new()]];
         for _ in 0..5 {
             for (w, wide) in [(0, false), (1, true)] {
                 inference_pio_kernels::quant::use_avx512(wide);
                 rounds[w][0].push(time(runs, || m.matmul(&x, 1, Activations::F32)[0]));
                 rounds[w][1].push(time(runs, || m.matmul(&x4, 4, Activations::F32)[0]) / 4.0);
+                rounds[w][2].push(time(runs, || m.matmul(&x, 1, Activations::Blocks8)[0]));
             }
         }
         inference_pio_kernels::quant::use_avx512(true);
@@ -78,31 +80,37 @@ fn vector_widths() {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let us: Vec<[f64; 2]> = rounds.iter_mut().map(|[a, b]| [med(a), med(b)]).collect();
+        let us: Vec<[f64; 3]> = rounds.iter_mut().map(|[a, b, c]| [med(a), med(b), med(c)]).collect();
         let times = if what.starts_with("head") { 1.0 } else { 30.0 };
         for w in 0..2 {
-            for r in 0..2 {
+            for r in 0..3 {
                 token[w][r] += us[w][r] * times;
             }
         }
         println!(
-            "{what:<20} f32 acts, 1 row: AVX2 {:8.1} µs, AVX-512 {:8.1} µs ({:.2}x) | 4 rows: AVX2 {:8.1}, AVX-512 {:8.1} µs a row ({:.2}x)",
+            "{what:<20} f32 acts, 1 row: AVX2 {:8.1} µs, AVX-512 {:8.1} µs ({:.2}x) | 4 rows: AVX2 {:8.1}, AVX-512 {:8.1} µs a row ({:.2}x) | 8-bit acts, 1 row: AVX2 {:8.1}, VNNI {:8.1} µs ({:.2}x)",
             us[0][0],
             us[1][0],
             us[0][0] / us[1][0],
             us[0][1],
             us[1][1],
-            us[0][1] / us[1][1]
+            us[0][1] / us[1][1],
+            us[0][2],
+            us[1][2],
+            us[0][2] / us[1][2]
         );
     }
     println!(
-        "per token (30 layers + Q8 head), f32 acts: 1 row AVX2 {:.2} ms, AVX-512 {:.2} ms ({:.2}x); 4 rows AVX2 {:.2}, AVX-512 {:.2} ms a row ({:.2}x)",
+        "per token (30 layers + Q8 head): f32 acts, 1 row AVX2 {:.2} ms, AVX-512 {:.2} ms ({:.2}x); 4 rows AVX2 {:.2}, AVX-512 {:.2} ms a row ({:.2}x); 8-bit acts, 1 row AVX2 {:.2} ms, VNNI {:.2} ms ({:.2}x)",
         token[0][0] / 1e3,
         token[1][0] / 1e3,
         token[0][0] / token[1][0],
         token[0][1] / 1e3,
         token[1][1] / 1e3,
-        token[0][1] / token[1][1]
+        token[0][1] / token[1][1],
+        token[0][2] / 1e3,
+        token[1][2] / 1e3,
+        token[0][2] / token[1][2]
     );
 }
 

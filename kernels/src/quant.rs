@@ -718,12 +718,121 @@ mod simd {
         }
     }
 
+    /// The 8-bit-activation loop of one activation row again with AVX-512 VNNI: two blocks of
+    /// 32 a step, their codes (unsigned bytes: 4-bit ones split into low and high nibbles, the
+    /// activations' order; 8-bit ones as stored, offset by 128) against the activations in
+    /// one `vpdpbusd`, which sums four unsigned-by-signed products into each 32-bit lane
+    /// without the 16-bit saturation of `pmaddubsw` (so 8-bit codes need no sign trick), then
+    /// one conversion and one multiply-add for both blocks. Chosen at run time where the CPU
+    /// has AVX-512 F, BW and VNNI ([`super::use_avx512`]).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) mod vnni {
+        use super::{ACTIVATION_BLOCK, ActivationBlocks8, QuantizedMatrix};
+        use std::arch::x86_64::*;
+
+        /// Two consecutive blocks' codes at `bytes` as 64 unsigned bytes, each block's in
+        /// its activations' order.
+        ///
+        /// # Safety
+        /// `BITS * 8` bytes are readable at `bytes`, and the CPU has AVX-512 F and BW.
+        #[target_feature(enable = "avx512f,avx512bw")]
+        #[inline]
+        unsafe fn pair_codes<const BITS: u32>(bytes: *const u8) -> __m512i {
+            if BITS == 4 {
+                // SAFETY: the caller guarantees 32 readable bytes (an unaligned load).
+                let y = unsafe { _mm256_loadu_si256(bytes as *const __m256i) };
+                let low = _mm256_set1_epi8(0x0f);
+                let lo = _mm256_and_si256(y, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(y, 4), low);
+                // [b0 low, b1 low, b0 high, b1 high] -> [b0 low, b0 high, b1 low, b1 high].
+                let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                _mm512_shuffle_i64x2(z, z, 0b11_01_10_00)
+            } else {
+                // SAFETY: the caller guarantees 64 readable bytes (an unaligned load).
+                unsafe { _mm512_loadu_epi8(bytes as *const i8) }
+            }
+        }
+
+        /// [`super::rows_i8_avx2`] for one activation row: output rows `first .. first +
+        /// out.len()` of `m`.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 F, BW and VNNI (the shapes are checked here).
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        pub(in super::super) unsafe fn rows_i8<const BITS: u32>(m: &QuantizedMatrix, first: usize, a: &ActivationBlocks8, sums: &[f32], out: &mut [f32]) {
+            let groups = m.groups_per_row();
+            let blocks = m.cols / ACTIVATION_BLOCK;
+            let blocks_per_group = m.group / ACTIVATION_BLOCK;
+            let block_bytes = ACTIVATION_BLOCK * BITS as usize / 8;
+            let row_bytes = blocks * block_bytes;
+            let count = out.len();
+            assert!(
+                m.bits == BITS
+                    && blocks_per_group * ACTIVATION_BLOCK == m.group
+                    && blocks * ACTIVATION_BLOCK == m.cols
+                    && (first + count) * row_bytes <= m.codes.len() * 4
+                    && (first + count) * groups <= m.scales.len().min(m.mins.len())
+                    && a.q.len() == m.cols
+                    && a.scales.len() == blocks
+                    && sums.len() == groups,
+                "rows of another width"
+            );
+            let codes = m.codes.as_ptr() as *const u8;
+            let q = a.q.as_ptr();
+            let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+            for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+                // SAFETY: row `first + r` lies in the matrix (asserted above): its `row_bytes`
+                // code bytes start here.
+                let row_codes = unsafe { codes.add((first + r) * row_bytes) };
+                let (mut acc, mut other) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut b = 0;
+                while b + 2 <= blocks {
+                    // SAFETY: blocks `b` and `b + 1` lie in the row (`b + 2 <= blocks`): their
+                    // `2 * block_bytes` code bytes and their 64 activations in `q` (`cols`
+                    // long); unaligned loads.
+                    let (c, qv) = unsafe { (pair_codes::<BITS>(row_codes.add(b * block_bytes)), _mm512_loadu_epi8(q.add(b * ACTIVATION_BLOCK))) };
+                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, qv);
+                    let (s0, s1) = (row_scales[b / blocks_per_group] * a.scales[b], row_scales[(b + 1) / blocks_per_group] * a.scales[b + 1]);
+                    let scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
+                    std::mem::swap(&mut acc, &mut other);
+                    b += 2;
+                }
+                let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc, other));
+                if b < blocks {
+                    // An odd last block, in scalars.
+                    // SAFETY: block `b` lies in the row: its `block_bytes` code bytes.
+                    let bytes = unsafe { std::slice::from_raw_parts(row_codes.add(b * block_bytes), block_bytes) };
+                    let qb = &a.q[b * ACTIVATION_BLOCK..(b + 1) * ACTIVATION_BLOCK];
+                    let isum: i32 = if BITS == 4 {
+                        let half = ACTIVATION_BLOCK / 2;
+                        bytes.iter().enumerate().map(|(i, &c)| i32::from(c & 0x0f) * i32::from(qb[i]) + i32::from(c >> 4) * i32::from(qb[half + i])).sum()
+                    } else {
+                        bytes.iter().zip(qb).map(|(&c, &v)| i32::from(c) * i32::from(v)).sum()
+                    };
+                    total += isum as f32 * (row_scales[b / blocks_per_group] * a.scales[b]);
+                }
+                *y = total + crate::dot(row_mins, sums);
+            }
+        }
+    }
+
     /// Output rows `first .. first + out.len() / acts.len()` of `m` times 1 to 4 rows of
     /// [`ActivationBlocks8`] (`sums` their per-group f32 sums), into `out` (`[rows,
     /// acts.len()]`).
     pub(super) fn rows_dot_i8(m: &QuantizedMatrix, first: usize, acts: &[&ActivationBlocks8], sums: &[&[f32]], out: &mut [f32]) {
         let n = acts.len();
         assert!((1..=4).contains(&n) && sums.len() == n && out.len().is_multiple_of(n), "rows_dot_i8: 1 to 4 activation rows, each with its sums");
+        #[cfg(target_arch = "x86_64")]
+        if let (&[a], &[s]) = (acts, sums)
+            && has_vnni()
+        {
+            // SAFETY: the CPU has AVX-512 F, BW and VNNI (detected at run time).
+            unsafe {
+                if m.bits == 4 { vnni::rows_i8::<4>(m, first, a, s, out) } else { vnni::rows_i8::<8>(m, first, a, s, out) }
+            }
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             macro_rules! pass {
@@ -1609,6 +1718,17 @@ mod simd {
         use std::sync::atomic::Ordering;
         static HAS: OnceLock<bool> = OnceLock::new();
         super::AVX512_ALLOWED.load(Ordering::Relaxed) && *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+
+    /// Whether the one-row 8-bit-activation loop takes its VNNI version: the CPU has AVX-512
+    /// F, BW and VNNI and [`super::use_avx512`] has not turned AVX-512 off.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn has_vnni() -> bool {
+        use std::sync::OnceLock;
+        use std::sync::atomic::Ordering;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        super::AVX512_ALLOWED.load(Ordering::Relaxed)
+            && *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vnni"))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -2526,11 +2646,28 @@ mod tests {
 
     #[test]
     fn the_eight_bit_activation_loops_are_the_product_of_the_rounded_activations() {
-        let cols = 256;
+        // The AVX-512 VNNI loop (one activation row, where the CPU has it) and the AVX2 ones;
+        // 288 columns are an odd count of blocks (the VNNI loop takes blocks in pairs).
+        for wide in [true, false] {
+            use_avx512(wide);
+            eight_bit_loops_match(256);
+            eight_bit_loops_match(288);
+        }
+        use_avx512(true);
+        // Groups that do not hold whole blocks take 16-bit blocks.
+        let m = QuantizedMatrix::from_codes(1, 48, 8, 16, &[1; 48], vec![1.0; 3], vec![0.0; 3]).expect("packs");
+        assert!(!m.takes_activation_blocks8());
+        assert_eq!(m.matmul(&[1.0; 48], 1, Activations::Blocks8), vec![48.0]);
+    }
+
+    fn eight_bit_loops_match(cols: usize) {
         let mut x = random(4 * cols, 51);
         x[77] = -40.0;
         // Codes over the whole range (8-bit ones past 128 either way, the sign trick's edge).
-        for (bits, group) in [(4, 32), (4, 128), (8, 32), (8, 256)] {
+        for (bits, group) in [(4, 32), (4, 128), (8, 32), (8, 256), (8, 96)] {
+            if !cols.is_multiple_of(group) {
+                continue;
+            }
             let mut codes: Vec<u8> = random(3 * cols, 52 + group as u64).iter().map(|v| (((v + 1.0) * 127.99) as u32 % (1u32 << bits)) as u8).collect();
             let top = ((1u32 << bits) - 1) as u8;
             codes[..4].copy_from_slice(&[0, top, 0, top]);
@@ -2577,10 +2714,6 @@ mod tests {
                 }
             }
         }
-        // Groups that do not hold whole blocks take 16-bit blocks.
-        let m = QuantizedMatrix::from_codes(1, 48, 8, 16, &[1; 48], vec![1.0; 3], vec![0.0; 3]).expect("packs");
-        assert!(!m.takes_activation_blocks8());
-        assert_eq!(m.matmul(&[1.0; 48], 1, Activations::Blocks8), vec![48.0]);
     }
 
     #[test]
