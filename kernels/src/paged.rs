@@ -804,31 +804,108 @@ fn cpu_decode_over(q: &Tensor<3>, keys: &[f32], values: &[f32], rows: &DecodeRow
     }
     let queries = q.clone().into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
     let group = heads / kv_heads;
-    let scale = scale as f32;
     let mut out = vec![0f32; n * heads * d];
     use rayon::prelude::*;
-    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-        let (r, h) = (i / heads, i % heads);
-        let kvh = h / group;
+    // One task per (row, key head): the group's query heads are side by side in `queries` and
+    // `out`, and each key and value is read once for all of them.
+    out.par_chunks_mut(group * d).enumerate().for_each(|(i, o)| {
+        let (r, kvh) = (i / kv_heads, i % kv_heads);
         let len = lens[r];
-        let first = window.map_or(0, |w| len.saturating_sub(w));
-        let qv = &queries[i * d..(i + 1) * d];
-        // Where key `j`'s head `kvh` starts in a pool.
-        let at = |j: usize| (table[r * max_blocks + j / block_tokens] * block_tokens + j % block_tokens) * kv_heads * d + kvh * d;
-        let mut weights: Vec<f32> = (first..len).map(|j| crate::dot(&keys[at(j)..at(j) + d], qv) * scale).collect();
-        let top = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for w in &mut weights {
-            *w = (*w - top).exp();
+        let task = GroupTask {
+            keys,
+            values,
+            queries: &queries[i * group * d..(i + 1) * group * d],
+            table: &table[r * max_blocks..(r + 1) * max_blocks],
+            first: window.map_or(0, |w| len.saturating_sub(w)),
+            len,
+            block_tokens,
+            kv_heads,
+            kvh,
+            d,
+            scale: scale as f32,
+        };
+        attend_group(&task, o);
+    });
+    Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
+}
+
+/// One (row, key head) of [`cpu_decode_over`]: the keys and values it reads through the row's
+/// block table and the `queries.len() / d` query heads that share them.
+struct GroupTask<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    queries: &'a [f32],
+    table: &'a [usize],
+    first: usize,
+    len: usize,
+    block_tokens: usize,
+    kv_heads: usize,
+    kvh: usize,
+    d: usize,
+    scale: f32,
+}
+
+/// [`GroupTask`]'s attention into `out` (its query heads' outputs side by side), compiled
+/// for AVX2 + FMA where the CPU has them (the loops vectorise to the target) and for the
+/// baseline otherwise.
+fn attend_group(task: &GroupTask<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu_has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(task: &GroupTask<'_>, out: &mut [f32]) {
+            attend_group_body(task, out)
         }
-        let total: f32 = weights.iter().sum();
-        for (j, w) in (first..len).zip(&weights) {
-            let w = w / total;
-            for (o, x) in o.iter_mut().zip(&values[at(j)..at(j) + d]) {
-                *o += w * x;
+        // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+        unsafe { avx2(task, out) };
+        return;
+    }
+    attend_group_body(task, out)
+}
+
+/// The scores of every key against each query head (a per-thread buffer, kept between
+/// calls), their softmax, and the weighted values: transformers' eager attention for one
+/// row, in f32.
+#[inline(always)]
+fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32]) {
+    thread_local! {
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let GroupTask { keys, values, queries, table, first, len, block_tokens, kv_heads, kvh, d, scale } = *task;
+    let group = queries.len() / d;
+    let width = len - first.min(len);
+    // Where key `j`'s head `kvh` starts in a pool.
+    let at = |j: usize| (table[j / block_tokens] * block_tokens + j % block_tokens) * kv_heads * d + kvh * d;
+    SCORES.with_borrow_mut(|scores| {
+        scores.clear();
+        scores.resize(group * width, 0.0);
+        for (k, j) in (first..len).enumerate() {
+            let key = &keys[at(j)..at(j) + d];
+            for (g, q) in queries.chunks_exact(d).enumerate() {
+                scores[g * width + k] = crate::dot(key, q) * scale;
+            }
+        }
+        for w in scores.chunks_exact_mut(width.max(1)) {
+            let top = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0;
+            for v in w.iter_mut() {
+                *v = (*v - top).exp();
+                total += *v;
+            }
+            for v in w.iter_mut() {
+                *v /= total;
+            }
+        }
+        out.fill(0.0);
+        for (k, j) in (first..len).enumerate() {
+            let value = &values[at(j)..at(j) + d];
+            for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                let w = scores[g * width + k];
+                for (o, x) in o.iter_mut().zip(value) {
+                    *o += w * x;
+                }
             }
         }
     });
-    Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
 }
 
 /// Gathers `slots` from a pool `[pool_slots, kv_heads, d]` as `[batch, kv_heads, width, d]`.

@@ -576,6 +576,12 @@ pub fn use_avx512(allowed: bool) {
     AVX512_ALLOWED.store(allowed, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether the CPU has AVX2 and FMA (detected once), for the crate's other CPU loops.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn cpu_has_avx2() -> bool {
+    simd::has_avx2()
+}
+
 /// Whether the CPU products' f32-activation loops run their AVX-512 versions now.
 pub fn uses_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
