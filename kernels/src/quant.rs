@@ -261,7 +261,9 @@ impl QuantizedMatrix {
         assert_eq!(x.len(), n * self.cols, "matmul: {} inputs for {n} rows of {}", x.len(), self.cols);
         let limit = self.fused_row_limit(activations);
         assert!(n <= limit, "matmul: {n} rows, more than the {limit} it reads the codes for");
-        if activations == Activations::F32 && n > CPU_FUSED_ROWS && self.takes_tiles() {
+        // Prompt rows, and several rows of 8-bit codes (which have no loop of their own for
+        // several rows: each row would read the codes again in the portable loop).
+        if activations == Activations::F32 && (n > CPU_FUSED_ROWS || (n > 1 && self.bits == 8)) && self.takes_tiles() {
             return self.matmul_tiled(x, n);
         }
         let mut out_t = vec![0f32; self.rows * n];
@@ -352,9 +354,9 @@ impl QuantizedMatrix {
 }
 
 impl QuantizedMatrix {
-    /// Whether products of more than [`CPU_FUSED_ROWS`] rows of f32 activations take
-    /// [`Self::matmul_tiled`]: on a CPU with AVX-512F, for rows of whole 16s and 4-bit codes
-    /// in groups of whole 32s or 8-bit codes in groups of whole 16s.
+    /// Whether products of more than [`CPU_FUSED_ROWS`] rows of f32 activations (of 8-bit
+    /// codes: more than one) take [`Self::matmul_tiled`]: on a CPU with AVX-512F, for rows of
+    /// whole 16s and 4-bit codes in groups of whole 32s or 8-bit codes in groups of whole 16s.
     fn takes_tiles(&self) -> bool {
         self.takes_tiles_shape() && uses_avx512()
     }
