@@ -238,6 +238,10 @@ pub fn load_engine(
         // The paged KV cache, preallocated now from its budget.
         let block_tokens = optimization.kv_block_tokens as usize;
         let block_bytes = KvPool::block_bytes(c, dtype, block_tokens);
+        // Memory an earlier model of this process left reserved in CubeCL's allocator (its
+        // KV pool, its activation pages) is returned to the driver first, so that it counts
+        // as free.
+        inference_pio_kernels::memory::release_free_memory(&device);
         let device_free = gpu_memory().map(|(free, _)| free);
         let reserve = crate::serve::step_reserve_bytes(c, dtype.size_bytes(), &optimization);
         let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, reserve, max_context)?;
@@ -571,12 +575,21 @@ impl Plugin for EnginePlugin {
     }
 
     fn cleanup(&self, model: u64) -> Result<(), PluginError> {
-        self.models
+        let (engine, _) = self
+            .models
             .write()
             .map_err(|_| PluginError::internal("model table lock poisoned"))?
             .remove(&model)
-            .map(|_| ())
-            .ok_or_else(|| PluginError::new(ErrorKind::UnknownModel, format!("no model with handle {model}")))
+            .ok_or_else(|| PluginError::new(ErrorKind::UnknownModel, format!("no model with handle {model}")))?;
+        let device = engine.decoder.device.clone();
+        // The last handle (no request in flight) drops the model here: its step loop joins,
+        // and its device memory goes back to the driver.
+        let dropped = Arc::strong_count(&engine) == 1;
+        drop(engine);
+        if dropped {
+            inference_pio_kernels::memory::release_free_memory(&device);
+        }
+        Ok(())
     }
 }
 

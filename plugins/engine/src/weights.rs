@@ -470,8 +470,10 @@ impl Checkpoint {
         let bytes = match &self.source {
             Source::Random(seed) => {
                 let t: Tensor<2> = Self::random_tensor(*seed, name, shape, device, DType::F32);
+                // A device failure (out of memory) is an error of this load, not a panic.
                 return t
-                    .into_data()
+                    .try_into_data()
+                    .map_err(|e| EngineError::Device(format!("reading back `{name}` from the device: {e}")))?
                     .convert::<f32>()
                     .try_to_vec::<f32>()
                     .map_err(|e| EngineError::Device(format!("reading back `{name}`: {e:?}")));
