@@ -5,8 +5,9 @@
 # machine: llama.cpp (`llama-bench` for the speed suite's prompt lengths and generation
 # lengths, `llama-batched-bench` for the throughput suite's batch sizes) on the saved Qwen3-4B
 # checkpoint converted to GGUF BF16, and transformers (eager, bf16) at batch 1.
-# The llama.cpp build (background, cores 6 and up) and the saved checkpoint are made by the
-# `prepare` stage and kept in /tmp, so a later call on the same held machine can run `peers`.
+# The llama.cpp build (background, cores 6 and up) and the saved checkpoint (drawn on the GPU
+# before the suites) are made by the `prepare` stage and kept in /tmp, so a later call on the
+# same held machine can run `peers`.
 # Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so,libqwen3_coder_30b.so}.xz,
 # .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/{log.txt,device.txt,peers.json} and $OUT/bench-{4b,30b}/report.{json,html}.
@@ -29,8 +30,14 @@ SAVED=/tmp/q4b
 B=/tmp/llama.cpp/build/bin
 export INFERENCE_PIO_COMMIT=$(cat .gpu/COMMIT 2>/dev/null || echo unknown)
 
-# The checkpoint is drawn on the CPU, so that it does not share the GPU with the suites.
-has prepare && prepare_peers $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $SAVED cpu
+# The checkpoint is drawn on the GPU and saved before the suites start (drawn on the CPU beside
+# the llama.cpp build it was not done 7 minutes later, on the 2026-12-06 H100); the build goes
+# on in the background on cores 6 and up while the suites run on 0-5.
+if has prepare; then
+  prepare_peers $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $SAVED
+  while [ ! -f /tmp/ckpt.done ] && [ ! -f $SAVED/model.safetensors.index.json ] && [ $(left) -gt 120 ]; do sleep 2; done
+  echo "checkpoint: status $(cat /tmp/ckpt.done 2>/dev/null || echo unfinished) at $SECONDS s"
+fi
 
 # suite NAME DIR ARGS...: `bench --suite all` on DIR (random weights) into $OUT/bench-NAME.
 suite() {
