@@ -5,7 +5,7 @@
 //! Reports µs per product, weights per ns and the code bytes read per second; first the
 //! f32-activation loops with AVX-512 against AVX2 only, and the 8-bit-activation loop with
 //! AVX-512 VNNI against AVX2, where the CPU has them
-//! (`--widths-only`: just that).
+//! (`--widths-only`: just that; `--avx2`: the rest with AVX-512 off).
 //! `cargo run --example cpu_matvec [--release]`; results in `benches/results/`.
 
 use inference_pio_kernels::quant::{Activations, QuantizedMatrix};
@@ -117,6 +117,11 @@ fn vector_widths() {
 fn main() {
     println!("threads: {}", rayon::current_num_threads());
     vector_widths();
+    if std::env::args().any(|a| a == "--avx2") {
+        // The rest as on a CPU without AVX-512.
+        inference_pio_kernels::quant::use_avx512(false);
+        println!("AVX-512 off from here");
+    }
     if std::env::args().any(|a| a == "--widths-only") {
         return;
     }

@@ -355,10 +355,14 @@ impl QuantizedMatrix {
 
 impl QuantizedMatrix {
     /// Whether products of more than [`CPU_FUSED_ROWS`] rows of f32 activations (of 8-bit
-    /// codes: more than one) take [`Self::matmul_tiled`]: on a CPU with AVX-512F, for rows of
-    /// whole 16s and 4-bit codes in groups of whole 32s or 8-bit codes in groups of whole 16s.
+    /// codes: more than one) take [`Self::matmul_tiled`]: on an x86-64 CPU with AVX2 and FMA
+    /// (AVX-512F loops where it has them), for rows of whole 16s and 4-bit codes in groups of
+    /// whole 32s or 8-bit codes in groups of whole 16s.
     fn takes_tiles(&self) -> bool {
-        self.takes_tiles_shape() && uses_avx512()
+        #[cfg(target_arch = "x86_64")]
+        return self.takes_tiles_shape() && simd::has_avx2();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 
     /// Whether the matrix's shape suits [`Self::matmul_tiled`] (whatever the CPU).
@@ -368,7 +372,8 @@ impl QuantizedMatrix {
 
     /// [`Self::matmul`] of `n` rows of f32 activations in dequantized tiles: each rayon task
     /// dequantizes up to [`CPU_TILE_ROWS`] weight rows once and multiplies them by every
-    /// activation row, four by four (`simd::avx512::rows_tiled`). The sums are those of the
+    /// activation row (`simd::avx512::rows_tiled`, four weight rows by four activation rows;
+    /// `simd::avx2_tiles::rows_tiled`, two by four). The sums are those of the
     /// dequantized weight, in another order of additions.
     fn matmul_tiled(&self, x: &[f32], n: usize) -> Vec<f32> {
         let cols = self.cols;
@@ -378,11 +383,16 @@ impl QuantizedMatrix {
         let threads = rayon::current_num_threads().max(1);
         let task = self.rows.div_ceil(4 * threads).div_ceil(4).clamp(1, CPU_TILE_ROWS / 4) * 4;
         let mut out_t = vec![0f32; self.rows * n];
+        let wide = uses_avx512();
         out_t.par_chunks_mut(task * n).enumerate().for_each(|(c, block)| {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `takes_tiles` (the caller's check) found AVX-512F.
+            // SAFETY: `takes_tiles` (the caller's check) found AVX2 and FMA, and `wide` AVX-512F.
             unsafe {
-                simd::avx512::rows_tiled(self, &xs, n, c * task, block)
+                if wide {
+                    simd::avx512::rows_tiled(self, &xs, n, c * task, block)
+                } else {
+                    simd::avx2_tiles::rows_tiled(self, &xs, n, c * task, block)
+                }
             };
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (c, block);
@@ -722,6 +732,139 @@ mod simd {
             }
             for j in 0..N {
                 ys[j] = hsum(_mm256_add_ps(acc[j], other[j])) + crate::dot(row_mins, sums[j]);
+            }
+        }
+    }
+
+    /// The dequantized tiles of [`avx512`]'s `rows_tiled` for CPUs with AVX2 + FMA only: eight
+    /// lanes, and dots of four activation rows by two weight rows at a time (eight
+    /// accumulators: sixteen vector registers hold them with their operands).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) mod avx2_tiles {
+        use super::QuantizedMatrix;
+        use std::arch::x86_64::*;
+
+        /// `avx512::dequantize_tile` with eight lanes (the same layout).
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and FMA (the shapes are checked here).
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn dequantize_tile(m: &QuantizedMatrix, first: usize, count: usize, tile: &mut [f32]) {
+            let (cols, groups) = (m.cols, m.groups_per_row());
+            let row_bytes = cols * m.bits as usize / 8;
+            assert!(
+                ((m.bits == 4 && m.group.is_multiple_of(32)) || (m.bits == 8 && m.group.is_multiple_of(16)))
+                    && tile.len() >= count * cols
+                    && (first + count) * row_bytes <= m.codes.len() * 4
+                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                "a tile of another width"
+            );
+            let codes = m.codes.as_ptr() as *const u8;
+            for r in 0..count {
+                let row = first + r;
+                // SAFETY: row `row` lies in the matrix (asserted above).
+                let mut bytes = unsafe { codes.add(row * row_bytes) };
+                let mut out = tile[r * cols..(r + 1) * cols].as_mut_ptr();
+                for g in 0..groups {
+                    let (scale, min) = (_mm256_set1_ps(m.scales[row * groups + g]), _mm256_set1_ps(m.mins[row * groups + g]));
+                    // SAFETY: each step reads the group's next code bytes (in the row) and
+                    // writes as many values (in the tile's row); unaligned loads and stores.
+                    unsafe {
+                        if m.bits == 4 {
+                            for _ in 0..m.group / 32 {
+                                for (k, c) in super::unit_codes4(bytes).into_iter().enumerate() {
+                                    _mm256_storeu_ps(out.add(8 * k), _mm256_fmadd_ps(c, scale, min));
+                                }
+                                bytes = bytes.add(16);
+                                out = out.add(32);
+                            }
+                        } else {
+                            for _ in 0..m.group / 16 {
+                                let b = _mm_loadu_si128(bytes as *const __m128i);
+                                let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                                let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b)));
+                                _mm256_storeu_ps(out, _mm256_fmadd_ps(lo, scale, min));
+                                _mm256_storeu_ps(out.add(8), _mm256_fmadd_ps(hi, scale, min));
+                                bytes = bytes.add(16);
+                                out = out.add(16);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// The eight dot products of two weight rows at `w` and four activation rows at `x`
+        /// (rows `cols` apart, `cols` a multiple of 8): `[w row][x row]`.
+        ///
+        /// # Safety
+        /// Two rows of `cols` f32 are readable at `w`, four at `x`, and the CPU has AVX2 + FMA.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn dots_2x4(w: *const f32, x: *const f32, cols: usize) -> [[f32; 4]; 2] {
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            let mut k = 0;
+            while k < cols {
+                // SAFETY: `k + 8 <= cols` in each row (the caller's guarantee); unaligned loads.
+                unsafe {
+                    let wv = [_mm256_loadu_ps(w.add(k)), _mm256_loadu_ps(w.add(cols + k))];
+                    let xv = [_mm256_loadu_ps(x.add(k)), _mm256_loadu_ps(x.add(cols + k)), _mm256_loadu_ps(x.add(2 * cols + k)), _mm256_loadu_ps(x.add(3 * cols + k))];
+                    for (acc_w, &w) in acc.iter_mut().zip(&wv) {
+                        for (a, &xj) in acc_w.iter_mut().zip(&xv) {
+                            *a = _mm256_fmadd_ps(w, xj, *a);
+                        }
+                    }
+                }
+                k += 8;
+            }
+            acc.map(|row| row.map(|a| super::hsum(a)))
+        }
+
+        /// `avx512::rows_tiled` with eight lanes.
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and FMA (the shapes are checked here).
+        #[target_feature(enable = "avx2,fma")]
+        pub(in super::super) unsafe fn rows_tiled(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32]) {
+            let cols = m.cols;
+            let count = out.len() / n.max(1);
+            let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
+            assert!(n > 0 && out.len() == count * n && cols.is_multiple_of(16) && x.len() == n4 * cols, "a tiled product of another shape");
+            thread_local! {
+                static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            TILE.with_borrow_mut(|tile| {
+                if tile.len() < count4 * cols {
+                    tile.resize(count4 * cols, 0.0);
+                }
+                // SAFETY: AVX2 and FMA, as this function requires.
+                unsafe { tiled_rows(m, x, n, first, out, tile) }
+            });
+        }
+
+        /// [`rows_tiled`] with a tile of at least `count4 * cols` f32.
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and FMA (the shapes are checked by the caller and here).
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn tiled_rows(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32], tile: &mut [f32]) {
+            let cols = m.cols;
+            let count = out.len() / n;
+            let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
+            assert!(tile.len() >= count4 * cols && x.len() == n4 * cols, "a tile of another size");
+            // SAFETY: AVX2 and FMA, as this function requires; `dequantize_tile` checks the rest.
+            unsafe { dequantize_tile(m, first, count, tile) };
+            for i in (0..count4).step_by(2) {
+                for j in (0..n4).step_by(4) {
+                    // SAFETY: rows `i .. i + 2` of the tile (`count4` rows, `i` even) and `j ..
+                    // j + 4` of `x` (`n4` rows), each `cols` long, a multiple of 16.
+                    let d = unsafe { dots_2x4(tile.as_ptr().add(i * cols), x.as_ptr().add(j * cols), cols) };
+                    for (a, row) in d.iter().enumerate().take(count - i.min(count)) {
+                        for (b, &v) in row.iter().enumerate().take(n - j) {
+                            out[(i + a) * n + j + b] = v;
+                        }
+                    }
+                }
             }
         }
     }
@@ -2483,12 +2626,17 @@ mod tests {
                 let rounded = product(Activations::Blocks16);
                 let want = dense_matmul(&x, n, &dense, rows, cols);
                 assert!(rel_l2(&got, &want) < 1e-6, "bits {} rows {n}: {}", m.bits, rel_l2(&got, &want));
-                // The dequantized tiles (what prompt rows of f32 activations take on an
-                // AVX-512 CPU), called directly: whichever way `use_avx512` is set meanwhile.
+                // The dequantized tiles (what prompt rows of f32 activations take on an x86-64
+                // CPU with AVX2), called directly, with AVX2 and with AVX-512 loops where the
+                // CPU has them (the switch is process-wide: a test beside this one may flip it,
+                // and both are correct).
                 #[cfg(target_arch = "x86_64")]
-                if simd::has_avx2() && std::arch::is_x86_feature_detected!("avx512f") && m.takes_tiles_shape() {
-                    let tiled = m.matmul_tiled(&x, n);
-                    assert!(rel_l2(&tiled, &want) < 1e-6, "tiles, bits {} rows {n}: {}", m.bits, rel_l2(&tiled, &want));
+                if simd::has_avx2() && m.takes_tiles_shape() {
+                    for wide in [false, true] {
+                        use_avx512(wide);
+                        let tiled = m.matmul_tiled(&x, n);
+                        assert!(rel_l2(&tiled, &want) < 1e-6, "tiles (AVX-512 {wide}), bits {} rows {n}: {}", m.bits, rel_l2(&tiled, &want));
+                    }
                 }
                 // 8-bit activation blocks, rows up to the limit read the codes in place.
                 let limit = m.fused_row_limit(Activations::Blocks8);
