@@ -13,8 +13,13 @@
 //! multiplies it over rayon's threads: decode rows of f32 activations against codes converted
 //! in registers; of bf16/f16 activations as 16-bit activation blocks against the codes in
 //! integer multiply-adds (llama.cpp's `ggml_vec_dot_q4_1_q8_1` structure with 16-bit instead
-//! of 8-bit activations, see [`ActivationBlocks`]). [`QuantizedLinear::forward`] sends
-//! prompt rows through the backend's matrix product against slices of dequantized rows.
+//! of 8-bit activations, see [`ActivationBlocks`]). Prompt rows of f32 activations are
+//! multiplied in dequantized tiles on x86-64 CPUs with AVX2 ([`QuantizedMatrix::matmul`]'s
+//! tiled path: a block of weight rows dequantized once per task, then register-blocked dot
+//! products with every activation row, as a GEMM micro-kernel); elsewhere
+//! [`QuantizedLinear::forward`] sends them through the backend's matrix product against slices
+//! of dequantized rows. The x86-64 loops come in AVX-512 (VNNI for 8-bit activations), AVX2 +
+//! FMA and portable versions, chosen at run time ([`use_avx512`]).
 //!
 //! On CubeCL devices the codes (in a device order, [`device_codes`]), scales and offsets are
 //! device buffers. A product of up to [`QUANT_MAX_ROWS`] rows quantizes its activations to
