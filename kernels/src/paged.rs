@@ -807,14 +807,19 @@ fn cpu_decode_over(q: &Tensor<3>, keys: &[f32], values: &[f32], rows: &DecodeRow
     let mut out = vec![0f32; n * heads * d];
     use rayon::prelude::*;
     // One task per (row, key head): the group's query heads are side by side in `queries` and
-    // `out`, and each key and value is read once for all of them.
-    out.par_chunks_mut(group * d).enumerate().for_each(|(i, o)| {
-        let (r, kvh) = (i / kv_heads, i % kv_heads);
+    // `out`, and each key and value is read once for all of them. With too few such tasks to
+    // keep every thread busy (one decode row of a model with 3 key heads on 2 threads), one
+    // task per query head instead.
+    let per_task = if n * kv_heads >= 2 * rayon::current_num_threads() { group } else { 1 };
+    let tasks_per_row = heads / per_task;
+    out.par_chunks_mut(per_task * d).enumerate().for_each(|(i, o)| {
+        let r = i / tasks_per_row;
+        let kvh = (i % tasks_per_row) * per_task / group;
         let len = lens[r];
         let task = GroupTask {
             keys,
             values,
-            queries: &queries[i * group * d..(i + 1) * group * d],
+            queries: &queries[i * per_task * d..(i + 1) * per_task * d],
             table: &table[r * max_blocks..(r + 1) * max_blocks],
             first: window.map_or(0, |w| len.saturating_sub(w)),
             len,
