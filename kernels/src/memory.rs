@@ -39,13 +39,15 @@ pub fn outside_pools<R: Send>(device: &Device, make: impl FnOnce() -> R + Send) 
 /// pools' free pages. After a model is dropped its KV pool and activation pages stayed
 /// reserved, so the driver's free memory, from which the next load sizes its KV cache, missed
 /// them: on an H100 the benchmark's second load of Qwen3-4B found 0.28 GB free after its
-/// weights and refused to load. CubeCL waits on the device itself before it releases; it
-/// refuses (and this skips) while a stream records a CUDA graph, whose capture a wait would
-/// abort. On other devices it does nothing.
+/// weights and refused to load. The device is synced first (as [`outside_pools`] does), so
+/// that frees still queued by the fusion backend, such as those of a step loop's tensors
+/// dropped as its thread ended, are done before CubeCL releases; CubeCL refuses the release
+/// (and this skips it) while a stream records a CUDA graph. On other devices it does nothing.
 pub fn release_free_memory(device: &Device) {
     let DispatchDevice::Cube(CubeDevice::Cuda(cuda)) = device.as_dispatch() else {
         return;
     };
+    let _ = device.sync();
     let _ = CudaRuntime::client(cuda).memory_cleanup();
 }
 
