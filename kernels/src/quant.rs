@@ -874,8 +874,8 @@ mod simd {
         }
     }
 
-    /// The 8-bit-activation loop of one activation row again with AVX-512 VNNI: two blocks of
-    /// 32 a step, their codes (unsigned bytes: 4-bit ones split into low and high nibbles, the
+    /// The 8-bit-activation loop of one to four activation rows again with AVX-512 VNNI: two
+    /// blocks of 32 a step, their codes (unsigned bytes: 4-bit ones split into low and high nibbles, the
     /// activations' order; 8-bit ones as stored, offset by 128) against the activations in
     /// one `vpdpbusd`, which sums four unsigned-by-signed products into each 32-bit lane
     /// without the 16-bit saturation of `pmaddubsw` (so 8-bit codes need no sign trick), then
@@ -909,66 +909,73 @@ mod simd {
             }
         }
 
-        /// [`super::rows_i8_avx2`] for one activation row: output rows `first .. first +
-        /// out.len()` of `m`.
+        /// [`super::rows_i8_avx2`] with VNNI: output rows `first .. first + out.len() / N` of
+        /// `m` against `N` rows of activation blocks (each pair of blocks' codes loaded once
+        /// for all of them), into `out` (`[rows, N]`).
         ///
         /// # Safety
         /// The CPU has AVX-512 F, BW and VNNI (the shapes are checked here).
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-        pub(in super::super) unsafe fn rows_i8<const BITS: u32>(m: &QuantizedMatrix, first: usize, a: &ActivationBlocks8, sums: &[f32], out: &mut [f32]) {
+        pub(in super::super) unsafe fn rows_i8<const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
             let groups = m.groups_per_row();
             let blocks = m.cols / ACTIVATION_BLOCK;
             let blocks_per_group = m.group / ACTIVATION_BLOCK;
             let block_bytes = ACTIVATION_BLOCK * BITS as usize / 8;
             let row_bytes = blocks * block_bytes;
-            let count = out.len();
+            let count = out.len() / N;
             assert!(
                 m.bits == BITS
+                    && out.len() == count * N
                     && blocks_per_group * ACTIVATION_BLOCK == m.group
                     && blocks * ACTIVATION_BLOCK == m.cols
                     && (first + count) * row_bytes <= m.codes.len() * 4
                     && (first + count) * groups <= m.scales.len().min(m.mins.len())
-                    && a.q.len() == m.cols
-                    && a.scales.len() == blocks
-                    && sums.len() == groups,
+                    && acts.iter().all(|a| a.q.len() == m.cols && a.scales.len() == blocks)
+                    && sums.iter().all(|s| s.len() == groups),
                 "rows of another width"
             );
             let codes = m.codes.as_ptr() as *const u8;
-            let q = a.q.as_ptr();
+            let qp: [*const i8; N] = acts.map(|a| a.q.as_ptr());
             let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
-            for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+            for (r, ((ys, row_scales), row_mins)) in out.chunks_exact_mut(N).zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
                 // SAFETY: row `first + r` lies in the matrix (asserted above): its `row_bytes`
                 // code bytes start here.
                 let row_codes = unsafe { codes.add((first + r) * row_bytes) };
-                let (mut acc, mut other) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut acc = [_mm512_setzero_ps(); N];
                 let mut b = 0;
                 while b + 2 <= blocks {
                     // SAFETY: blocks `b` and `b + 1` lie in the row (`b + 2 <= blocks`): their
-                    // `2 * block_bytes` code bytes and their 64 activations in `q` (`cols`
-                    // long); unaligned loads.
-                    let (c, qv) = unsafe { (pair_codes::<BITS>(row_codes.add(b * block_bytes)), _mm512_loadu_epi8(q.add(b * ACTIVATION_BLOCK))) };
-                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, qv);
-                    let (s0, s1) = (row_scales[b / blocks_per_group] * a.scales[b], row_scales[(b + 1) / blocks_per_group] * a.scales[b + 1]);
-                    let scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
-                    std::mem::swap(&mut acc, &mut other);
+                    // `2 * block_bytes` code bytes, and their 64 activations in each `q`
+                    // (`cols` long); unaligned loads.
+                    let c = unsafe { pair_codes::<BITS>(row_codes.add(b * block_bytes)) };
+                    let (w0, w1) = (row_scales[b / blocks_per_group], row_scales[(b + 1) / blocks_per_group]);
+                    for j in 0..N {
+                        // SAFETY: as above.
+                        let qv = unsafe { _mm512_loadu_epi8(qp[j].add(b * ACTIVATION_BLOCK)) };
+                        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, qv);
+                        let scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(w0 * acts[j].scales[b]), _mm512_set1_ps(w1 * acts[j].scales[b + 1]));
+                        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[j]);
+                    }
                     b += 2;
                 }
-                let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc, other));
-                if b < blocks {
-                    // An odd last block, in scalars.
-                    // SAFETY: block `b` lies in the row: its `block_bytes` code bytes.
-                    let bytes = unsafe { std::slice::from_raw_parts(row_codes.add(b * block_bytes), block_bytes) };
-                    let qb = &a.q[b * ACTIVATION_BLOCK..(b + 1) * ACTIVATION_BLOCK];
-                    let isum: i32 = if BITS == 4 {
-                        let half = ACTIVATION_BLOCK / 2;
-                        bytes.iter().enumerate().map(|(i, &c)| i32::from(c & 0x0f) * i32::from(qb[i]) + i32::from(c >> 4) * i32::from(qb[half + i])).sum()
-                    } else {
-                        bytes.iter().zip(qb).map(|(&c, &v)| i32::from(c) * i32::from(v)).sum()
-                    };
-                    total += isum as f32 * (row_scales[b / blocks_per_group] * a.scales[b]);
+                for j in 0..N {
+                    let a = acts[j];
+                    let mut total = _mm512_reduce_add_ps(acc[j]);
+                    if b < blocks {
+                        // An odd last block, in scalars.
+                        // SAFETY: block `b` lies in the row: its `block_bytes` code bytes.
+                        let bytes = unsafe { std::slice::from_raw_parts(row_codes.add(b * block_bytes), block_bytes) };
+                        let qb = &a.q[b * ACTIVATION_BLOCK..(b + 1) * ACTIVATION_BLOCK];
+                        let isum: i32 = if BITS == 4 {
+                            let half = ACTIVATION_BLOCK / 2;
+                            bytes.iter().enumerate().map(|(i, &c)| i32::from(c & 0x0f) * i32::from(qb[i]) + i32::from(c >> 4) * i32::from(qb[half + i])).sum()
+                        } else {
+                            bytes.iter().zip(qb).map(|(&c, &v)| i32::from(c) * i32::from(v)).sum()
+                        };
+                        total += isum as f32 * (row_scales[b / blocks_per_group] * a.scales[b]);
+                    }
+                    ys[j] = total + crate::dot(row_mins, sums[j]);
                 }
-                *y = total + crate::dot(row_mins, sums);
             }
         }
     }
@@ -980,13 +987,22 @@ mod simd {
         let n = acts.len();
         assert!((1..=4).contains(&n) && sums.len() == n && out.len().is_multiple_of(n), "rows_dot_i8: 1 to 4 activation rows, each with its sums");
         #[cfg(target_arch = "x86_64")]
-        if let (&[a], &[s]) = (acts, sums)
-            && has_vnni()
-        {
-            // SAFETY: the CPU has AVX-512 F, BW and VNNI (detected at run time).
-            unsafe {
-                if m.bits == 4 { vnni::rows_i8::<4>(m, first, a, s, out) } else { vnni::rows_i8::<8>(m, first, a, s, out) }
+        if has_vnni() {
+            macro_rules! pass {
+                ($bits:literal) => {
+                    // SAFETY: the CPU has AVX-512 F, BW and VNNI (detected at run time).
+                    unsafe {
+                        match (acts, sums) {
+                            (&[a], &[s]) => vnni::rows_i8::<$bits, 1>(m, first, [a], [s], out),
+                            (&[a, b], &[s, t]) => vnni::rows_i8::<$bits, 2>(m, first, [a, b], [s, t], out),
+                            (&[a, b, c], &[s, t, u]) => vnni::rows_i8::<$bits, 3>(m, first, [a, b, c], [s, t, u], out),
+                            (&[a, b, c, d], &[s, t, u, v]) => vnni::rows_i8::<$bits, 4>(m, first, [a, b, c, d], [s, t, u, v], out),
+                            _ => unreachable!("asserted above"),
+                        }
+                    }
+                };
             }
+            if m.bits == 4 { pass!(4) } else { pass!(8) }
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -1876,7 +1892,7 @@ mod simd {
         super::AVX512_ALLOWED.load(Ordering::Relaxed) && *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
     }
 
-    /// Whether the one-row 8-bit-activation loop takes its VNNI version: the CPU has AVX-512
+    /// Whether the 8-bit-activation loops take their VNNI version: the CPU has AVX-512
     /// F, BW and VNNI and [`super::use_avx512`] has not turned AVX-512 off.
     #[cfg(target_arch = "x86_64")]
     pub(super) fn has_vnni() -> bool {
