@@ -348,13 +348,7 @@ impl QuantizedMatrix {
             }
         });
         // `out_t` is `[rows, n]`; the product is `[n, rows]`.
-        let mut out = vec![0f32; n * self.rows];
-        for (r, ys) in out_t.chunks_exact(n).enumerate() {
-            for (j, &y) in ys.iter().enumerate() {
-                out[j * self.rows + r] = y;
-            }
-        }
-        out
+        transpose(&out_t, n)
     }
 }
 
@@ -382,34 +376,55 @@ impl QuantizedMatrix {
     /// dequantized weight, in another order of additions.
     fn matmul_tiled(&self, x: &[f32], n: usize) -> Vec<f32> {
         let cols = self.cols;
+        let n4 = n.div_ceil(4) * 4;
         let mut xs = if self.bits == 4 { split_nibble_order(x) } else { x.to_vec() };
-        xs.resize(n.div_ceil(4) * 4 * cols, 0.0);
+        xs.resize(n4 * cols, 0.0);
         // Enough tasks for every thread to take several; whole fours of rows each.
         let threads = rayon::current_num_threads().max(1);
         let task = self.rows.div_ceil(4 * threads).div_ceil(4).clamp(1, CPU_TILE_ROWS / 4) * 4;
         let mut out_t = vec![0f32; self.rows * n];
         let wide = uses_avx512();
-        out_t.par_chunks_mut(task * n).enumerate().for_each(|(c, block)| {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `takes_tiles` (the caller's check) found AVX2 and FMA, and `wide` AVX-512F.
-            unsafe {
-                if wide {
-                    simd::avx512::rows_tiled(self, &xs, n, c * task, block)
-                } else {
-                    simd::avx2_tiles::rows_tiled(self, &xs, n, c * task, block)
-                }
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (c, block);
-        });
-        let mut out = vec![0f32; n * self.rows];
-        for (r, ys) in out_t.chunks_exact(n).enumerate() {
-            for (j, &y) in ys.iter().enumerate() {
-                out[j * self.rows + r] = y;
-            }
+        // Each thread's tile is kept between calls: a fresh one of a few hundred KB is a fresh
+        // map of the allocator's and a page fault per 4 KB, which cost more than the products
+        // (3x on SmolLM2's gate/up at 32 rows). Rows past a task's count hold whatever they
+        // held: their dots are dropped.
+        thread_local! {
+            static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        out
+        out_t.par_chunks_mut(task * n).enumerate().for_each(|(c, block)| {
+            let count4 = (block.len() / n).div_ceil(4) * 4;
+            TILE.with_borrow_mut(|tile| {
+                if tile.len() < count4 * cols {
+                    tile.resize(count4 * cols, 0.0);
+                }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `takes_tiles` (the caller's check) found AVX2 and FMA, and `wide`
+                // AVX-512F; the loops check the shapes.
+                unsafe {
+                    if wide {
+                        simd::avx512::rows_tiled(self, &xs, n, c * task, block, tile)
+                    } else {
+                        simd::avx2_tiles::rows_tiled(self, &xs, n, c * task, block, tile)
+                    }
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (c, block, tile);
+            });
+        });
+        transpose(&out_t, n)
     }
+}
+
+/// `[rows, n]` as `[n, rows]`.
+fn transpose(out_t: &[f32], n: usize) -> Vec<f32> {
+    let rows = out_t.len() / n.max(1);
+    let mut out = vec![0f32; out_t.len()];
+    for (r, ys) in out_t.chunks_exact(n.max(1)).enumerate() {
+        for (j, &y) in ys.iter().enumerate() {
+            out[j * rows + r] = y;
+        }
+    }
+    out
 }
 
 /// The most weight rows one task of [`QuantizedMatrix::matmul_tiled`] dequantizes into its
@@ -626,16 +641,24 @@ mod simd {
         let words_per_block = ACTIVATION_BLOCK * m.bits as usize / 32;
         let mut total = 0f32;
         for (b, (block_words, q)) in words.chunks_exact(words_per_block).zip(a.q.chunks_exact(ACTIVATION_BLOCK)).enumerate() {
-            let byte = |i: usize| ((block_words[i / 4] >> (8 * (i % 4))) & 0xff) as i32;
-            let isum: i32 = if m.bits == 4 {
-                let half = ACTIVATION_BLOCK / 2;
-                (0..half).map(|i| (byte(i) & 0xf) * i32::from(q[i]) + (byte(i) >> 4) * i32::from(q[half + i])).sum()
-            } else {
-                (0..ACTIVATION_BLOCK).map(|i| (byte(i) - 128) * i32::from(q[i])).sum::<i32>() + 128 * a.sums[b]
-            };
+            let isum = block_isum(m.bits, |i| ((block_words[i / 4] >> (8 * (i % 4))) & 0xff) as i32, q);
             total += isum as f32 * (scales[b / blocks_per_group] * a.scales[b]);
         }
         total + mins.iter().zip(sums).map(|(m, s)| m * s).sum::<f32>()
+    }
+
+    /// `Σ code · q` of one block of [`ACTIVATION_BLOCK`] codes, exact in integers: `byte(i)` is
+    /// the block's `i`th stored byte (4-bit codes: the low nibble meets `q[i]`, the high one
+    /// `q[16 + i]`, the activations' even-then-odd order; 8-bit codes: one a byte, offset by
+    /// 128 as stored, which the group's offset accounts for).
+    #[inline(always)]
+    pub(super) fn block_isum(bits: u32, byte: impl Fn(usize) -> i32, q: &[i8]) -> i32 {
+        if bits == 4 {
+            let half = ACTIVATION_BLOCK / 2;
+            (0..half).map(|i| (byte(i) & 0xf) * i32::from(q[i]) + (byte(i) >> 4) * i32::from(q[half + i])).sum()
+        } else {
+            (0..ACTIVATION_BLOCK).map(|i| byte(i) * i32::from(q[i])).sum()
+        }
     }
 
     /// One block of 32 codes at `bytes`, ready for [`block_i8`]: 4-bit codes as 32 bytes,
@@ -741,6 +764,52 @@ mod simd {
         }
     }
 
+    /// The shapes the tiled loops (`avx512::rows_tiled`, `avx2_tiles::rows_tiled`) rely on,
+    /// checked: `(cols, count, count4, n4)`, `count` the output rows of `out` (`[count, n]`)
+    /// and `count4`, `n4` it and `n` rounded up to fours (the tile's and `x`'s rows).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn tiled_shape(m: &QuantizedMatrix, x: &[f32], n: usize, out: &[f32], tile: &[f32]) -> (usize, usize, usize, usize) {
+        let cols = m.cols;
+        let count = out.len() / n.max(1);
+        let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
+        assert!(
+            n > 0 && out.len() == count * n && cols.is_multiple_of(16) && x.len() == n4 * cols && tile.len() >= count4 * cols,
+            "a tiled product of another shape"
+        );
+        (cols, count, count4, n4)
+    }
+
+    /// The shapes the tiles' dequantization relies on, checked: rows `first .. first +
+    /// count` of `m` (4-bit codes in groups of whole 32s, 8-bit ones in groups of whole 16s)
+    /// and a tile of as many rows; `(cols, groups, row_bytes)`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn tile_rows_shape(m: &QuantizedMatrix, first: usize, count: usize, tile: &[f32]) -> (usize, usize, usize) {
+        let (cols, groups) = (m.cols, m.groups_per_row());
+        let row_bytes = cols * m.bits as usize / 8;
+        assert!(
+            ((m.bits == 4 && m.group.is_multiple_of(32)) || (m.bits == 8 && m.group.is_multiple_of(16)))
+                && tile.len() >= count * cols
+                && (first + count) * row_bytes <= m.codes.len() * 4
+                && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+            "a tile of another width"
+        );
+        (cols, groups, row_bytes)
+    }
+
+    /// Writes a block of dots `d` (`[tile row][activation row]`, tile rows from `i`,
+    /// activation rows from `j`) into `out` (`[count, n]`), dropping the padding rows'.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn store_dots<const W: usize>(out: &mut [f32], n: usize, count: usize, i: usize, j: usize, d: &[[f32; 4]; W]) {
+        for (a, row) in d.iter().enumerate().take(count - i.min(count)) {
+            for (b, &v) in row.iter().enumerate().take(n - j) {
+                out[(i + a) * n + j + b] = v;
+            }
+        }
+    }
+
     /// The dequantized tiles of [`avx512`]'s `rows_tiled` for CPUs with AVX2 + FMA only: eight
     /// lanes, and dots of four activation rows by two weight rows at a time (eight
     /// accumulators: sixteen vector registers hold them with their operands).
@@ -755,15 +824,7 @@ mod simd {
         /// The CPU has AVX2 and FMA (the shapes are checked here).
         #[target_feature(enable = "avx2,fma")]
         unsafe fn dequantize_tile(m: &QuantizedMatrix, first: usize, count: usize, tile: &mut [f32]) {
-            let (cols, groups) = (m.cols, m.groups_per_row());
-            let row_bytes = cols * m.bits as usize / 8;
-            assert!(
-                ((m.bits == 4 && m.group.is_multiple_of(32)) || (m.bits == 8 && m.group.is_multiple_of(16)))
-                    && tile.len() >= count * cols
-                    && (first + count) * row_bytes <= m.codes.len() * 4
-                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
-                "a tile of another width"
-            );
+            let (cols, groups, row_bytes) = super::tile_rows_shape(m, first, count, tile);
             let codes = m.codes.as_ptr() as *const u8;
             for r in 0..count {
                 let row = first + r;
@@ -825,50 +886,21 @@ mod simd {
             acc.map(|row| row.map(|a| super::hsum(a)))
         }
 
-        /// `avx512::rows_tiled` with eight lanes.
+        /// `avx512::rows_tiled` with eight lanes, two weight rows by four activation rows.
         ///
         /// # Safety
         /// The CPU has AVX2 and FMA (the shapes are checked here).
         #[target_feature(enable = "avx2,fma")]
-        pub(in super::super) unsafe fn rows_tiled(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32]) {
-            let cols = m.cols;
-            let count = out.len() / n.max(1);
-            let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
-            assert!(n > 0 && out.len() == count * n && cols.is_multiple_of(16) && x.len() == n4 * cols, "a tiled product of another shape");
-            thread_local! {
-                static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-            }
-            TILE.with_borrow_mut(|tile| {
-                if tile.len() < count4 * cols {
-                    tile.resize(count4 * cols, 0.0);
-                }
-                // SAFETY: AVX2 and FMA, as this function requires.
-                unsafe { tiled_rows(m, x, n, first, out, tile) }
-            });
-        }
-
-        /// [`rows_tiled`] with a tile of at least `count4 * cols` f32.
-        ///
-        /// # Safety
-        /// The CPU has AVX2 and FMA (the shapes are checked by the caller and here).
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn tiled_rows(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32], tile: &mut [f32]) {
-            let cols = m.cols;
-            let count = out.len() / n;
-            let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
-            assert!(tile.len() >= count4 * cols && x.len() == n4 * cols, "a tile of another size");
+        pub(in super::super) unsafe fn rows_tiled(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32], tile: &mut [f32]) {
+            let (cols, count, count4, n4) = super::tiled_shape(m, x, n, out, tile);
             // SAFETY: AVX2 and FMA, as this function requires; `dequantize_tile` checks the rest.
             unsafe { dequantize_tile(m, first, count, tile) };
             for i in (0..count4).step_by(2) {
                 for j in (0..n4).step_by(4) {
                     // SAFETY: rows `i .. i + 2` of the tile (`count4` rows, `i` even) and `j ..
-                    // j + 4` of `x` (`n4` rows), each `cols` long, a multiple of 16.
+                    // j + 4` of `x` (`n4` rows), each `cols` long, a multiple of 16 (checked).
                     let d = unsafe { dots_2x4(tile.as_ptr().add(i * cols), x.as_ptr().add(j * cols), cols) };
-                    for (a, row) in d.iter().enumerate().take(count - i.min(count)) {
-                        for (b, &v) in row.iter().enumerate().take(n - j) {
-                            out[(i + a) * n + j + b] = v;
-                        }
-                    }
+                    super::store_dots(out, n, count, i, j, &d);
                 }
             }
         }
@@ -965,13 +997,7 @@ mod simd {
                         // An odd last block, in scalars.
                         // SAFETY: block `b` lies in the row: its `block_bytes` code bytes.
                         let bytes = unsafe { std::slice::from_raw_parts(row_codes.add(b * block_bytes), block_bytes) };
-                        let qb = &a.q[b * ACTIVATION_BLOCK..(b + 1) * ACTIVATION_BLOCK];
-                        let isum: i32 = if BITS == 4 {
-                            let half = ACTIVATION_BLOCK / 2;
-                            bytes.iter().enumerate().map(|(i, &c)| i32::from(c & 0x0f) * i32::from(qb[i]) + i32::from(c >> 4) * i32::from(qb[half + i])).sum()
-                        } else {
-                            bytes.iter().zip(qb).map(|(&c, &v)| i32::from(c) * i32::from(v)).sum()
-                        };
+                        let isum = super::block_isum(BITS, |i| i32::from(bytes[i]), &a.q[b * ACTIVATION_BLOCK..(b + 1) * ACTIVATION_BLOCK]);
                         total += isum as f32 * (row_scales[b / blocks_per_group] * a.scales[b]);
                     }
                     ys[j] = total + crate::dot(row_mins, sums[j]);
@@ -1704,15 +1730,7 @@ mod simd {
         /// The CPU has AVX-512F (the shapes are checked here).
         #[target_feature(enable = "avx512f")]
         unsafe fn dequantize_tile(m: &QuantizedMatrix, first: usize, count: usize, tile: &mut [f32]) {
-            let (cols, groups) = (m.cols, m.groups_per_row());
-            let row_bytes = cols * m.bits as usize / 8;
-            assert!(
-                ((m.bits == 4 && m.group.is_multiple_of(32)) || (m.bits == 8 && m.group.is_multiple_of(16)))
-                    && tile.len() >= count * cols
-                    && (first + count) * row_bytes <= m.codes.len() * 4
-                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
-                "a tile of another width"
-            );
+            let (cols, groups, row_bytes) = super::tile_rows_shape(m, first, count, tile);
             let codes = m.codes.as_ptr() as *const u8;
             for r in 0..count {
                 let row = first + r;
@@ -1776,56 +1794,23 @@ mod simd {
         /// Output rows `first .. first + out.len() / n` of `m` (`out` being `[rows, n]`)
         /// against `n` activation rows `x` (reordered per 32 for 4-bit codes, as
         /// [`dequantize_tile`]; zero rows appended up to a multiple of four): the rows'
-        /// weights are dequantized once into a tile, and every four of them meet every four
+        /// weights are dequantized once into `tile`, and every four of them meet every four
         /// activation rows in sixteen vector accumulators. Prompt rows: the codes' conversion
         /// is paid once for all of them, not once per pass of four rows.
         ///
         /// # Safety
         /// The CPU has AVX-512F (the shapes are checked here).
         #[target_feature(enable = "avx512f")]
-        pub(in super::super) unsafe fn rows_tiled(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32]) {
-            let cols = m.cols;
-            let count = out.len() / n.max(1);
-            let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
-            assert!(n > 0 && out.len() == count * n && cols.is_multiple_of(16) && x.len() == n4 * cols, "a tiled product of another shape");
-            // Each thread's tile is kept between calls: a fresh one of a few hundred KB is
-            // a fresh map of the allocator's and a page fault per 4 KB, which cost more than
-            // the products (3x on SmolLM2's gate/up at 32 rows). Rows past `count` hold
-            // whatever they held: their dots are dropped.
-            thread_local! {
-                static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-            }
-            TILE.with_borrow_mut(|tile| {
-                if tile.len() < count4 * cols {
-                    tile.resize(count4 * cols, 0.0);
-                }
-                // SAFETY: AVX-512F, as this function requires.
-                unsafe { tiled_rows(m, x, n, first, out, tile) }
-            });
-        }
-
-        /// [`rows_tiled`] with a tile of at least `count4 * cols` f32.
-        ///
-        /// # Safety
-        /// The CPU has AVX-512F (the shapes are checked by the caller and here).
-        #[target_feature(enable = "avx512f")]
-        unsafe fn tiled_rows(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32], tile: &mut [f32]) {
-            let cols = m.cols;
-            let count = out.len() / n;
-            let (count4, n4) = (count.div_ceil(4) * 4, n.div_ceil(4) * 4);
-            assert!(tile.len() >= count4 * cols && x.len() == n4 * cols, "a tile of another size");
+        pub(in super::super) unsafe fn rows_tiled(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32], tile: &mut [f32]) {
+            let (cols, count, count4, n4) = super::tiled_shape(m, x, n, out, tile);
             // SAFETY: AVX-512F, as this function requires; `dequantize_tile` checks the rest.
             unsafe { dequantize_tile(m, first, count, tile) };
             for i in (0..count4).step_by(4) {
                 for j in (0..n4).step_by(4) {
                     // SAFETY: rows `i .. i + 4` of the tile (`count4` rows) and `j .. j + 4`
-                    // of `x` (`n4` rows), each `cols` long, a multiple of 16 (asserted).
+                    // of `x` (`n4` rows), each `cols` long, a multiple of 16 (checked).
                     let d = unsafe { dots_4x4(tile.as_ptr().add(i * cols), x.as_ptr().add(j * cols), cols) };
-                    for (a, row) in d.iter().enumerate().take(count - i.min(count)) {
-                        for (b, &v) in row.iter().enumerate().take(n - j) {
-                            out[(i + a) * n + j + b] = v;
-                        }
-                    }
+                    super::store_dots(out, n, count, i, j, &d);
                 }
             }
         }
