@@ -282,6 +282,8 @@ impl QuantizedMatrix {
         let blocks: Option<Vec<ActivationBlocks>> = (activations != Activations::F32 && blocks8.is_none() && self.takes_activation_blocks())
             .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
         let blocks8_rows: Vec<&ActivationBlocks8> = blocks8.iter().flatten().collect();
+        // One row of 8-bit activations, in units of blocks for the VNNI loop.
+        let units: Option<ActivationUnits> = blocks8.as_ref().filter(|_| n == 1 && simd::takes_units(self)).map(|b| ActivationUnits::new(&b[0], self.bits));
         // f32 activations of 4-bit codes: reordered once for every row's split-nibble loop.
         let split: Option<Vec<f32>> = (blocks.is_none() && blocks8.is_none() && self.bits == 4 && self.group.is_multiple_of(32)).then(|| split_nibble_order(x));
         // Per input row, for the several-row passes of reordered activations (a single decode
@@ -289,6 +291,10 @@ impl QuantizedMatrix {
         let split_rows: Vec<&[f32]> = split.iter().filter(|_| n > 1).flat_map(|s| s.chunks_exact(self.cols)).collect();
         let sum_rows: Vec<&[f32]> = if split_rows.is_empty() && blocks8_rows.is_empty() { Vec::new() } else { sums.chunks_exact(groups).collect() };
         out_t.par_chunks_mut(chunk * n.max(1)).enumerate().for_each(|(c, block)| {
+            if let Some(units) = &units {
+                simd::rows_dot_units(self, c * chunk, units, &sums, block);
+                return;
+            }
             if !blocks8_rows.is_empty() {
                 // The chunk's output rows against passes of up to four activation rows.
                 let first = c * chunk;
@@ -596,6 +602,50 @@ impl ActivationBlocks8 {
     }
 }
 
+/// One row of activations rounded as [`ActivationBlocks8`] (the same values), laid out for
+/// the VNNI loop that reads a row's codes 64 bytes at a time (`simd::vnni::rows_i8_units`):
+/// a unit of four blocks of 4-bit codes or two of 8-bit codes. For 4-bit codes, per unit the
+/// four blocks' even elements (`even`, 64 bytes) and odd elements (`odd`), the order a unit's
+/// code bytes give as low and high nibbles; for 8-bit codes the elements in order (`even`;
+/// `odd` empty). `scales`: each block's scale repeated over the 32-bit lanes its sums land in
+/// (16 a unit). A last unit of fewer blocks is padded with zeros.
+#[derive(Clone, Debug)]
+pub struct ActivationUnits {
+    pub bits: u32,
+    pub even: Vec<i8>,
+    pub odd: Vec<i8>,
+    pub scales: Vec<f32>,
+}
+
+impl ActivationUnits {
+    /// Blocks of codes of `bits` bits in a unit of 64 code bytes.
+    pub const fn blocks_per_unit(bits: u32) -> usize {
+        if bits == 4 { 4 } else { 2 }
+    }
+
+    /// `a`, rounded for codes of `bits` bits (4: each block's even elements, then its odd
+    /// ones; 8: in order), in units.
+    pub fn new(a: &ActivationBlocks8, bits: u32) -> Self {
+        let per_unit = Self::blocks_per_unit(bits);
+        let units = a.scales.len().div_ceil(per_unit);
+        let lanes = 16 / per_unit;
+        let half = ACTIVATION_BLOCK / 2;
+        let (mut even, mut odd) = (vec![0i8; units * 64], vec![0i8; if bits == 4 { units * 64 } else { 0 }]);
+        let mut scales = vec![0f32; units * 16];
+        for (b, (qb, &scale)) in a.q.chunks_exact(ACTIVATION_BLOCK).zip(&a.scales).enumerate() {
+            if bits == 4 {
+                let at = (b / per_unit) * 64 + (b % per_unit) * half;
+                even[at..at + half].copy_from_slice(&qb[..half]);
+                odd[at..at + half].copy_from_slice(&qb[half..]);
+            } else {
+                even[b * ACTIVATION_BLOCK..(b + 1) * ACTIVATION_BLOCK].copy_from_slice(qb);
+            }
+            scales[b * lanes..(b + 1) * lanes].fill(scale);
+        }
+        Self { bits, even, odd, scales }
+    }
+}
+
 /// Whether the CPU's f32-activation loops may take their AVX-512 versions (where the CPU has
 /// AVX-512F; on by default). [`use_avx512`] sets it.
 static AVX512_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -625,7 +675,7 @@ pub fn uses_avx512() -> bool {
 /// The CPU loops, written so that the compiler vectorises them, and compiled twice on x86-64:
 /// for the baseline target and for AVX2 + FMA, picked at run time.
 mod simd {
-    use super::{ACTIVATION_BLOCK, ActivationBlocks, ActivationBlocks8, QuantizedMatrix};
+    use super::{ACTIVATION_BLOCK, ActivationBlocks, ActivationBlocks8, ActivationUnits, QuantizedMatrix};
 
     /// Row `row` of `m` (4- or 8-bit codes in groups of whole 32s: checked by the caller,
     /// `m.takes_activation_blocks8()`) times one row of [`ActivationBlocks8`], `sums` the f32
@@ -915,7 +965,7 @@ mod simd {
     /// has AVX-512 F, BW and VNNI ([`super::use_avx512`]).
     #[cfg(target_arch = "x86_64")]
     pub(super) mod vnni {
-        use super::{ACTIVATION_BLOCK, ActivationBlocks8, QuantizedMatrix};
+        use super::{ACTIVATION_BLOCK, ActivationBlocks8, ActivationUnits, QuantizedMatrix};
         use std::arch::x86_64::*;
 
         /// Two consecutive blocks' codes at `bytes` as 64 unsigned bytes, each block's in
@@ -938,6 +988,119 @@ mod simd {
             } else {
                 // SAFETY: the caller guarantees 64 readable bytes (an unaligned load).
                 unsafe { _mm512_loadu_epi8(bytes as *const i8) }
+            }
+        }
+
+        /// Whether [`rows_i8_units`] takes `m`: 4- or 8-bit codes in groups of whole blocks
+        /// that either divide a unit of 64 code bytes or are whole units, so that a unit's
+        /// blocks take their scales from consecutive groups.
+        pub(in super::super) fn takes_units(m: &QuantizedMatrix) -> bool {
+            let per_group = m.group / ACTIVATION_BLOCK;
+            let per_unit = ActivationUnits::blocks_per_unit(m.bits);
+            (m.bits == 4 || m.bits == 8) && per_group * ACTIVATION_BLOCK == m.group && m.cols.is_multiple_of(ACTIVATION_BLOCK) && (per_unit.is_multiple_of(per_group) || per_group.is_multiple_of(per_unit))
+        }
+
+        /// Output rows `first .. first + out.len()` of `m` ([`takes_units`]) against one row
+        /// of activations in units: per unit of 64 code bytes (four blocks of 4-bit codes,
+        /// whose low and high nibbles meet the blocks' even and odd activations, or two of
+        /// 8-bit codes) VNNI multiply-adds leave each block's sums in its own lanes (`16 /
+        /// blocks` of them), then one conversion and one multiply-add by the lanes' code and
+        /// activation scales. `sums` are the f32 sums of the activations per group (for the
+        /// offsets).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 F, BW and VNNI (the shapes are checked here).
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        pub(in super::super) unsafe fn rows_i8_units<const BITS: u32>(m: &QuantizedMatrix, first: usize, a: &ActivationUnits, sums: &[f32], out: &mut [f32]) {
+            let groups = m.groups_per_row();
+            let blocks = m.cols / ACTIVATION_BLOCK;
+            let per_group = m.group / ACTIVATION_BLOCK;
+            let per_unit = ActivationUnits::blocks_per_unit(BITS);
+            let block_bytes = ACTIVATION_BLOCK * BITS as usize / 8;
+            let units = blocks.div_ceil(per_unit);
+            let row_bytes = m.cols * BITS as usize / 8;
+            let count = out.len();
+            assert!(
+                m.bits == BITS
+                    && a.bits == BITS
+                    && takes_units(m)
+                    && a.even.len() == units * 64
+                    && a.odd.len() == if BITS == 4 { units * 64 } else { 0 }
+                    && a.scales.len() == units * 16
+                    && sums.len() == groups
+                    && (first + count) * row_bytes <= m.codes.len() * 4
+                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                "rows of another width"
+            );
+            let codes = m.codes.as_ptr() as *const u8;
+            let low = _mm512_set1_epi8(0x0f);
+            // Lane `i` holds block `i / lanes`'s sums; its scale is that of group `(i / lanes)
+            // / per_group` counted from the unit's first group (the unit's one group where
+            // groups are whole units).
+            let lanes = 16 / per_unit;
+            let index: [i32; 16] = std::array::from_fn(|i| if per_group >= per_unit { 0 } else { ((i / lanes) / per_group) as i32 });
+            // SAFETY: 16 readable i32s.
+            let index = unsafe { _mm512_loadu_si512(index.as_ptr() as *const _) };
+            // A whole unit's groups: `groups_per_unit` of them where groups divide units, else
+            // one of every `units_per_group` units.
+            let groups_per_unit = (per_unit / per_group).max(1);
+            let units_per_group = (per_group / per_unit).max(1);
+            let full_scales: u16 = if per_group >= per_unit { 1 } else { (1u16 << groups_per_unit) - 1 };
+            let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+            for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+                // SAFETY: row `first + r` lies in the matrix (asserted above): its
+                // `row_bytes` code bytes start here.
+                let row_codes = unsafe { codes.add((first + r) * row_bytes) };
+                // Unit `u` into `acc`; `present` of its blocks in the row. (A macro: as a
+                // closure it was not inlined.)
+                macro_rules! unit {
+                    ($u:expr, $present:expr, $acc:expr) => {{
+                        let (u, present, acc): (usize, usize, __m512) = ($u, $present, $acc);
+                        // (No division where groups divide units: it was the loop's bottleneck.)
+                        let first_group = if per_group <= per_unit { u * groups_per_unit } else { u / units_per_group };
+                        let scale_mask = if present == per_unit { full_scales } else if per_group >= per_unit { 1 } else { (1u16 << present.div_ceil(per_group)) - 1 };
+                        // SAFETY: the unit's `present` blocks' code bytes lie in the row (masked
+                        // loads read nothing past them), its groups' scales (`scale_mask`) in the
+                        // row's scales, and its 64 (+ 64) activations and 16 lane scales in `a`
+                        // (asserted above); unaligned loads.
+                        unsafe {
+                            let c = if present == per_unit {
+                                _mm512_loadu_si512(row_codes.add(u * 64) as *const _)
+                            } else {
+                                _mm512_maskz_loadu_epi8((1u64 << (block_bytes * present)) - 1, row_codes.add(u * 64) as *const i8)
+                            };
+                            let even = _mm512_loadu_si512(a.even.as_ptr().add(u * 64) as *const _);
+                            let isum = if BITS == 4 {
+                                let lo = _mm512_and_si512(c, low);
+                                let hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+                                let odd = _mm512_loadu_si512(a.odd.as_ptr().add(u * 64) as *const _);
+                                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even), hi, odd)
+                            } else {
+                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, even)
+                            };
+                            let w = _mm512_permutexvar_ps(index, _mm512_maskz_loadu_ps(scale_mask, row_scales.as_ptr().add(first_group)));
+                            let scale = _mm512_mul_ps(w, _mm512_loadu_ps(a.scales.as_ptr().add(u * 16)));
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc)
+                        }
+                    }};
+                }
+                // Whole units in pairs (two chains of multiply-adds), then the rest.
+                let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let whole = blocks / per_unit;
+                let mut u = 0;
+                while u + 2 <= whole {
+                    acc0 = unit!(u, per_unit, acc0);
+                    acc1 = unit!(u + 1, per_unit, acc1);
+                    u += 2;
+                }
+                if u < whole {
+                    acc0 = unit!(u, per_unit, acc0);
+                    u += 1;
+                }
+                if u < units {
+                    acc1 = unit!(u, blocks - per_unit * u, acc1);
+                }
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + crate::dot(row_mins, sums);
             }
         }
 
@@ -1004,6 +1167,36 @@ mod simd {
                 }
             }
         }
+    }
+
+    /// Whether one row of 8-bit activations of `m` takes the unit loop
+    /// (`vnni::rows_i8_units`): 4- or 8-bit codes in suitable groups on a CPU with AVX-512
+    /// VNNI.
+    pub(super) fn takes_units(m: &QuantizedMatrix) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return has_vnni() && vnni::takes_units(m);
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = m;
+            false
+        }
+    }
+
+    /// Output rows `first .. first + out.len()` of `m` against one row of activations in
+    /// units ([`takes_units`] must hold).
+    pub(super) fn rows_dot_units(m: &QuantizedMatrix, first: usize, a: &ActivationUnits, sums: &[f32], out: &mut [f32]) {
+        assert!(takes_units(m), "rows_dot_units: the CPU or the matrix does not take the unit loop");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 F, BW and VNNI (asserted above, detected at run time).
+        unsafe {
+            if m.bits == 4 {
+                vnni::rows_i8_units::<4>(m, first, a, sums, out)
+            } else {
+                vnni::rows_i8_units::<8>(m, first, a, sums, out)
+            }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (first, a, sums, out);
     }
 
     /// Output rows `first .. first + out.len() / acts.len()` of `m` times 1 to 4 rows of
@@ -2820,6 +3013,53 @@ mod tests {
         let m = QuantizedMatrix::from_codes(1, 48, 8, 16, &[1; 48], vec![1.0; 3], vec![0.0; 3]).expect("packs");
         assert!(!m.takes_activation_blocks8());
         assert_eq!(m.matmul(&[1.0; 48], 1, Activations::Blocks8), vec![48.0]);
+    }
+
+    #[test]
+    fn the_unit_loop_is_the_product_of_the_rounded_activations() {
+        // AVX-512 VNNI only: on other CPUs there is no unit loop to check.
+        if !simd::takes_units(&QuantizedMatrix::from_codes(1, 32, 4, 32, &[0; 32], vec![1.0], vec![0.0]).expect("packs")) {
+            eprintln!("no AVX-512 VNNI here: the unit loop is not checked");
+            return;
+        }
+        // Whole units and last units of one to three blocks; groups of one, two, three, four
+        // and eight blocks (groups that straddle units take the pair loop).
+        for bits in [4u32, 8] {
+            for cols in [32, 64, 96, 128, 288, 320, 352, 512] {
+                let x = random(cols, 61 + cols as u64);
+                for group in [32, 64, 96, 128, 256] {
+                    if !cols.is_multiple_of(group) {
+                        continue;
+                    }
+                    let top = (1u32 << bits) - 1;
+                    let mut codes: Vec<u8> = random(5 * cols, 62 + group as u64).iter().map(|v| (((v + 1.0) * 0.5 * (top as f32 + 0.99)) as u32).min(top) as u8).collect();
+                    codes[..4].copy_from_slice(&[0, top as u8, 0, top as u8]);
+                    let groups = 5 * cols / group;
+                    let m = QuantizedMatrix::from_codes(5, cols, bits, group, &codes, random(groups, 63), random(groups, 64)).expect("packs");
+                    let per_unit = ActivationUnits::blocks_per_unit(bits);
+                    let fits = per_unit.is_multiple_of(group / 32) || (group / 32).is_multiple_of(per_unit);
+                    assert_eq!(simd::takes_units(&m), fits, "bits {bits} group {group}");
+                    let a = ActivationBlocks8::new(&x, bits);
+                    let sums: Vec<f32> = x.chunks(group).map(|g| g.iter().sum()).collect();
+                    let want: Vec<f32> = (0..5).map(|row| simd::row_dot_i8_any(&m, row, &a, &sums)).collect();
+                    let size: f32 = m.dequantize().chunks(cols).map(|w| w.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum::<f32>()).fold(0.0, f32::max);
+                    if fits {
+                        let units = ActivationUnits::new(&a, bits);
+                        // Rows 1..5 (not from the first), as a rayon chunk takes them.
+                        let mut got = vec![0f32; 4];
+                        simd::rows_dot_units(&m, 1, &units, &sums, &mut got);
+                        for (r, (g, w)) in got.iter().zip(&want[1..]).enumerate() {
+                            assert!((g - w).abs() <= 1e-5 * size, "bits {bits} cols {cols} group {group} row {}: {g} vs {w}", r + 1);
+                        }
+                    }
+                    // Through the product, which takes the unit loop for one row.
+                    let got = m.matmul(&x, 1, Activations::Blocks8);
+                    for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - w).abs() <= 1e-5 * size, "matmul: bits {bits} cols {cols} group {group} row {r}: {g} vs {w}");
+                    }
+                }
+            }
+        }
     }
 
     fn eight_bit_loops_match(cols: usize) {
