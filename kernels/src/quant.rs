@@ -354,7 +354,7 @@ impl QuantizedMatrix {
             }
         });
         // `out_t` is `[rows, n]`; the product is `[n, rows]`.
-        transpose(&out_t, n)
+        transpose(out_t, n)
     }
 }
 
@@ -417,12 +417,15 @@ impl QuantizedMatrix {
                 let _ = (c, block, tile);
             });
         });
-        transpose(&out_t, n)
+        transpose(out_t, n)
     }
 }
 
-/// `[rows, n]` as `[n, rows]`.
-fn transpose(out_t: &[f32], n: usize) -> Vec<f32> {
+/// `[rows, n]` as `[n, rows]` (for one row, the same vector).
+fn transpose(out_t: Vec<f32>, n: usize) -> Vec<f32> {
+    if n <= 1 {
+        return out_t;
+    }
     let rows = out_t.len() / n.max(1);
     let mut out = vec![0f32; out_t.len()];
     for (r, ys) in out_t.chunks_exact(n.max(1)).enumerate() {
