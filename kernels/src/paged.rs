@@ -15,12 +15,10 @@
 //! run of consecutive chunks of one shape (query tokens and context) as one batch.
 //! The flat batch must list decode rows first, so the outputs concatenate in order.
 //!
-//! On the CPU, decode rows of f32 pools run through [`cpu_decode_attention`]: each (row, key
-//! head, range of keys) scores its keys straight from the pools' memory through the row's
-//! block table for all the query heads that share them and takes their softmax-weighted
-//! values, over rayon's threads, the ranges then combined as in flash-decoding (no gathered
-//! copy, mask or matrix products: through burn's operations those cost more than the
-//! arithmetic at decode sizes).
+//! On the CPU, decode rows of f32 pools run through [`cpu_decode_attention`]: each (row, query
+//! head) scores its keys straight from the pools' memory through the row's block table and
+//! takes their softmax-weighted values, over rayon's threads (no gathered copy, mask or matrix
+//! products: through burn's operations those cost more than the arithmetic at decode sizes).
 //!
 //! On CubeCL devices decode rows run through our kernel instead ([`paged_decode_attention`]),
 //! after flash-decoding (Dao et al. 2023) and vLLM's paged attention v2: one cube per (row,
@@ -805,87 +803,39 @@ fn cpu_decode_over(q: &Tensor<3>, keys: &[f32], values: &[f32], rows: &DecodeRow
         return None;
     }
     let queries = q.clone().into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
-    let widest = lens.iter().map(|&len| window.map_or(len, |w| len.min(w))).max().unwrap_or(0);
-    let splits = decode_key_splits(n * kv_heads, rayon::current_num_threads(), widest);
-    let out = attend_rows(&queries, keys, values, table, lens, max_blocks, [n, heads, kv_heads, d], block_tokens, window, scale as f32, splits);
-    Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
-}
-
-/// Keys a split of [`attend_rows`] takes at least.
-const MIN_SPLIT_KEYS: usize = 32;
-
-/// Into how many ranges of keys [`attend_rows`] splits each (row, key head): one where there
-/// are at least two of them per thread, else enough for two tasks per thread, each of at
-/// least [`MIN_SPLIT_KEYS`] keys of the widest row's `widest`.
-fn decode_key_splits(units: usize, threads: usize, widest: usize) -> usize {
-    if units >= 2 * threads {
-        return 1;
-    }
-    (2 * threads).div_ceil(units.max(1)).min(widest.div_ceil(MIN_SPLIT_KEYS)).max(1)
-}
-
-/// The attention of `n` decode rows (`queries [n, heads, d]`) over f32 pools read through
-/// their block tables, flash-decoding style (Dao et al. 2023): one task per (row, key head,
-/// range of keys) over rayon's threads, each reading its keys and values once for the whole
-/// group of query heads that share them and leaving, per query head, the scores' maximum,
-/// the sum of their exponentials and the unnormalized weighted values; the ranges' parts are
-/// then combined, rescaled to the common maximum. Output `[n, heads, d]`.
-#[allow(clippy::too_many_arguments)]
-fn attend_rows(queries: &[f32], keys: &[f32], values: &[f32], table: &[usize], lens: &[usize], max_blocks: usize, [n, heads, kv_heads, d]: [usize; 4], block_tokens: usize, window: Option<usize>, scale: f32, splits: usize) -> Vec<f32> {
-    use rayon::prelude::*;
     let group = heads / kv_heads;
-    // Per task: `group` maxima, `group` sums, `group * d` weighted values.
-    let part = group * (d + 2);
-    let mut parts = vec![0f32; n * kv_heads * splits * part];
-    parts.par_chunks_mut(part).enumerate().for_each(|(i, p)| {
-        let (unit, split) = (i / splits, i % splits);
-        let (r, kvh) = (unit / kv_heads, unit % kv_heads);
+    let mut out = vec![0f32; n * heads * d];
+    use rayon::prelude::*;
+    // One task per (row, key head): the group's query heads are side by side in `queries` and
+    // `out`, and each key and value is read once for all of them. With too few such tasks to
+    // keep every thread busy (one decode row of a model with 3 key heads on 2 threads), one
+    // task per query head instead.
+    let per_task = if n * kv_heads >= 2 * rayon::current_num_threads() { group } else { 1 };
+    let tasks_per_row = heads / per_task;
+    out.par_chunks_mut(per_task * d).enumerate().for_each(|(i, o)| {
+        let r = i / tasks_per_row;
+        let kvh = (i % tasks_per_row) * per_task / group;
         let len = lens[r];
-        let first = window.map_or(0, |w| len.saturating_sub(w));
-        let per_split = (len - first).div_ceil(splits);
-        let lo = (first + split * per_split).min(len);
         let task = GroupTask {
             keys,
             values,
-            queries: &queries[(r * heads + kvh * group) * d..(r * heads + (kvh + 1) * group) * d],
+            queries: &queries[i * per_task * d..(i + 1) * per_task * d],
             table: &table[r * max_blocks..(r + 1) * max_blocks],
-            first: lo,
-            len: (lo + per_split).min(len),
+            first: window.map_or(0, |w| len.saturating_sub(w)),
+            len,
             block_tokens,
             kv_heads,
             kvh,
             d,
-            scale,
+            scale: scale as f32,
         };
-        attend_group(&task, p);
+        attend_group(&task, o);
     });
-    let mut out = vec![0f32; n * heads * d];
-    for (o, ps) in out.chunks_exact_mut(group * d).zip(parts.chunks_exact(splits * part)) {
-        for g in 0..group {
-            let top = ps.chunks_exact(part).map(|p| p[g]).fold(f32::NEG_INFINITY, f32::max);
-            if top == f32::NEG_INFINITY {
-                // No key at all: zeros, as a softmax over nothing weighs nothing.
-                continue;
-            }
-            let o = &mut o[g * d..(g + 1) * d];
-            let mut total = 0.0;
-            for p in ps.chunks_exact(part) {
-                let w = (p[g] - top).exp();
-                total += w * p[group + g];
-                for (o, v) in o.iter_mut().zip(&p[2 * group + g * d..2 * group + (g + 1) * d]) {
-                    *o += w * v;
-                }
-            }
-            for o in o.iter_mut() {
-                *o /= total;
-            }
-        }
-    }
-    out
+    Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
 }
 
-/// One (row, key head, range of keys) of [`attend_rows`]: the keys `first .. len` it reads
-/// through the row's block table and the `queries.len() / d` query heads that share them.
+/// One (row, key head) of [`cpu_decode_over`]: the keys and values it reads through the row's
+/// block table and the `queries.len() / d` query heads that share them.
 struct GroupTask<'a> {
     keys: &'a [f32],
     values: &'a [f32],
@@ -900,34 +850,35 @@ struct GroupTask<'a> {
     scale: f32,
 }
 
-/// [`GroupTask`]'s part into `part` (per query head its scores' maximum, then per query head
-/// the sum of their exponentials, then per query head the weighted values, unnormalized),
-/// compiled for AVX2 + FMA where the CPU has them (the loops vectorise to the target) and for
-/// the baseline otherwise. The scores live in a per-thread buffer kept between calls; it is
-/// taken out of its thread-local here, outside the AVX2 function, because a closure run by
+/// [`GroupTask`]'s attention into `out` (its query heads' outputs side by side), compiled
+/// for AVX2 + FMA where the CPU has them (the loops vectorise to the target) and for the
+/// baseline otherwise. The scores live in a per-thread buffer kept between calls; it is taken
+/// out of its thread-local here, outside the AVX2 function, because a closure run by
 /// `LocalKey::with_borrow_mut` is compiled for the baseline (SSE2) even when called from an
-/// AVX2 function (it was 22 % of a CPU decode at 600 tokens of context).
-fn attend_group(task: &GroupTask<'_>, part: &mut [f32]) {
+/// AVX2 function (it was 22 % of a CPU decode at 600 tokens of context). A query head's
+/// arithmetic does not depend on how heads are grouped into tasks, nor on the other rows of
+/// the step (batched == one by one, to the bit).
+fn attend_group(task: &GroupTask<'_>, out: &mut [f32]) {
     thread_local! {
         static SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
     let mut scores = SCORES.take();
-    attend_group_dispatch(task, part, &mut scores);
+    attend_group_dispatch(task, out, &mut scores);
     SCORES.set(scores);
 }
 
-fn attend_group_dispatch(task: &GroupTask<'_>, part: &mut [f32], scores: &mut Vec<f32>) {
+fn attend_group_dispatch(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
     if crate::quant::cpu_has_avx2() {
         #[target_feature(enable = "avx2,fma")]
-        fn avx2(task: &GroupTask<'_>, part: &mut [f32], scores: &mut Vec<f32>) {
-            attend_group_body(task, part, scores)
+        fn avx2(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
+            attend_group_body(task, out, scores)
         }
         // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-        unsafe { avx2(task, part, scores) };
+        unsafe { avx2(task, out, scores) };
         return;
     }
-    attend_group_body(task, part, scores)
+    attend_group_body(task, out, scores)
 }
 
 /// How many keys ahead [`attend_group_body`] asks for the next key's and value's cache lines:
@@ -948,16 +899,13 @@ fn prefetch(row: &[f32]) {
     let _ = row;
 }
 
-/// The scores of every key of the range against each query head (in `scores`), their
-/// maximum, exponentials and sum, and the values weighted by them: a piece of transformers'
-/// eager attention for one row, in f32.
+/// The scores of every key against each query head (in `scores`), their softmax, and the
+/// weighted values: transformers' eager attention for one row, in f32.
 #[inline(always)]
-fn attend_group_body(task: &GroupTask<'_>, part: &mut [f32], scores: &mut Vec<f32>) {
+fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
     let GroupTask { keys, values, queries, table, first, len, block_tokens, kv_heads, kvh, d, scale } = *task;
     let group = queries.len() / d;
     let width = len - first.min(len);
-    let (tops, rest) = part.split_at_mut(group);
-    let (totals, out) = rest.split_at_mut(group);
     // Where key `j`'s head `kvh` starts in a pool.
     let at = |j: usize| (table[j / block_tokens] * block_tokens + j % block_tokens) * kv_heads * d + kvh * d;
     scores.clear();
@@ -971,19 +919,16 @@ fn attend_group_body(task: &GroupTask<'_>, part: &mut [f32], scores: &mut Vec<f3
             scores[g * width + k] = crate::dot(key, q) * scale;
         }
     }
-    for (g, w) in scores.chunks_exact_mut(width.max(1)).enumerate().take(if width == 0 { 0 } else { group }) {
+    for w in scores.chunks_exact_mut(width.max(1)) {
         let top = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0.0;
         for v in w.iter_mut() {
             *v = (*v - top).exp();
             total += *v;
         }
-        tops[g] = top;
-        totals[g] = total;
-    }
-    if width == 0 {
-        tops.fill(f32::NEG_INFINITY);
-        totals.fill(0.0);
+        for v in w.iter_mut() {
+            *v /= total;
+        }
     }
     out.fill(0.0);
     for (k, j) in (first..len).enumerate() {
@@ -1139,35 +1084,6 @@ mod tests {
         assert_eq!(decode_passes(8, 4), 1);
         assert_eq!(decode_passes(12, 4), 1);
         assert_eq!(decode_passes(2, 2), 2);
-    }
-
-    #[test]
-    fn decode_attention_split_over_key_ranges_is_the_attention_of_all_keys() {
-        // One row of 150 keys in scattered blocks of 16, 3 key heads of 3 query heads each:
-        // every split count (ranges of 150, 75, 50 ... keys, some empty at 7 splits of a
-        // 5-key window) gives the dense attention.
-        let (heads, kv_heads, d, bt) = (9, 3, 64, 16);
-        let len: usize = 150;
-        let blocks: Vec<usize> = (0..len.div_ceil(bt)).map(|b| (b * 7 + 3) % 11).collect();
-        let slots = 11 * bt;
-        let kv: Vec<f32> = (0..slots * kv_heads * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-        let vv: Vec<f32> = (0..slots * kv_heads * d).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
-        let q: Vec<f32> = (0..heads * d).map(|i| ((i * 29 % 89) as f32 - 44.0) / 30.0).collect();
-        for window in [None, Some(5)] {
-            let span = |pool: &[f32]| -> Vec<f32> { (0..len).flat_map(|j| pool[(blocks[j / bt] * bt + j % bt) * kv_heads * d..][..kv_heads * d].to_vec()).collect() };
-            let want = dense(&q, &span(&kv), &span(&vv), 1, len, heads, kv_heads, d, window);
-            for splits in [1, 2, 3, 5, 7] {
-                let got = attend_rows(&q, &kv, &vv, &blocks, &[len], blocks.len(), [1, heads, kv_heads, d], bt, window, 0.25, splits);
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() < 1e-5, "window {window:?}, {splits} splits, element {i}: {a} vs {b}");
-                }
-            }
-        }
-        // Two rows over 2 threads: split; eight rows: not; short rows: at least 32 keys a range.
-        assert_eq!(decode_key_splits(3, 2, 150), 2);
-        assert_eq!(decode_key_splits(8, 2, 150), 1);
-        assert_eq!(decode_key_splits(1, 4, 40), 2);
-        assert_eq!(decode_key_splits(1, 4, 0), 1);
     }
 
     #[test]
