@@ -603,8 +603,16 @@ impl Bench<'_> {
                 ids
             };
             let run = |i: usize| self.plugin.infer(h, &request(with_tail(i), new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
-            let single = run(0)?.timings;
             let n = self.plan.concurrency.first().copied().unwrap_or(4);
+            // The concurrent path warmed up too (its batched prefill and decode shapes: on a GPU
+            // their kernels' first compilation and autotuning, and CUDA graphs, cost the first
+            // variant a third of its concurrent throughput in the 2026-12-06 H100 run), on
+            // prompts of their own so that nothing they leave in the prefix cache is measured.
+            together(n, |i| {
+                let ids = prompt_ids(prompt, vocab, 77_000 + i as u64);
+                self.plugin.infer(h, &request(ids, 4.min(new)), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"))
+            })?;
+            let single = run(0)?.timings;
             let (wall, results) = together(n, |i| run(i + 1))?;
             let generated: usize = results.iter().map(|r| r.token_ids.len()).sum();
             let ttft: Vec<f64> = results.iter().map(|r| r.timings.time_to_first_token_s + r.timings.queued_s).collect();
