@@ -608,10 +608,7 @@ impl Bench<'_> {
             // their kernels' first compilation and autotuning, and CUDA graphs, cost the first
             // variant a third of its concurrent throughput in the 2026-12-06 H100 run), on
             // prompts of their own so that nothing they leave in the prefix cache is measured.
-            together(n, |i| {
-                let ids = prompt_ids(prompt, vocab, 77_000 + i as u64);
-                self.plugin.infer(h, &request(ids, 4.min(new)), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"))
-            })?;
+            together(n, |i| infer_on(self.plugin, h, vocab, prompt, 4.min(new), 77_000 + i as u64))?;
             let single = run(0)?.timings;
             let (wall, results) = together(n, |i| run(i + 1))?;
             let generated: usize = results.iter().map(|r| r.token_ids.len()).sum();

@@ -426,9 +426,9 @@ fn transpose(out_t: Vec<f32>, n: usize) -> Vec<f32> {
     if n <= 1 {
         return out_t;
     }
-    let rows = out_t.len() / n.max(1);
+    let rows = out_t.len() / n;
     let mut out = vec![0f32; out_t.len()];
-    for (r, ys) in out_t.chunks_exact(n.max(1)).enumerate() {
+    for (r, ys) in out_t.chunks_exact(n).enumerate() {
         for (j, &y) in ys.iter().enumerate() {
             out[j * rows + r] = y;
         }
