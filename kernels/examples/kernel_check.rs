@@ -5,8 +5,11 @@
 //!   before the kernel);
 //! - the paged decode-attention kernel (`inference_pio_kernels::paged::paged_decode_attention`)
 //!   against the gathered keys and values through `gqa_attention`, over a pool in shuffled
-//!   blocks, with padding, a partly seen context and a sliding window; prefill's
-//!   scaled, masked softmax (`inference_pio_kernels::softmax`) against burn's operations;
+//!   blocks, with padding, a partly seen context and a sliding window; the same kernel on a
+//!   step's prefill chunks in one launch (`paged_attention`) against the gathered, masked
+//!   reference (`paged_attention_reference`), chunks of mixed lengths over cached prefixes;
+//!   prefill's scaled, masked softmax (`inference_pio_kernels::softmax`) against burn's
+//!   operations;
 //! - the fused RMSNorm, residual add + RMSNorm (`inference_pio_kernels::norm`) and SwiGLU
 //!   (`inference_pio_kernels::activation`) kernels against the burn operations they replace,
 //!   on Qwen3-4B's hidden, QK-norm (a strided view of the fused q|k|v output, one weight per
@@ -39,7 +42,7 @@ mod common;
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
-use inference_pio_kernels::paged::{mask_values, paged_decode_attention, paged_decode_attention_in_passes};
+use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention, paged_attention_reference, paged_decode_attention, paged_decode_attention_in_passes};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
@@ -174,6 +177,7 @@ fn main() {
     }
     if runs("attention") {
         failed += check_attention(&device);
+        failed += check_prefill_attention(&device);
         failed += check_kv_write(&device);
     }
     if runs("elementwise") {
@@ -294,6 +298,64 @@ fn check_attention(device: &Device) -> usize {
         let reference = || flat(scaled_masked_softmax_reference(scores.clone(), None, 0.125, patches));
         let bytes = Work::Bytes((2 * 16 * patches * patches * 2) as f64);
         failed += usize::from(check(device, &format!("unmasked softmax 16 x {patches:5}² BF16"), 1e-2, bytes, &kernel, &reference, &reference));
+    }
+    failed
+}
+
+/// The prefill attention kernel (`paged_attention` on CUDA: every chunk of the step in one
+/// launch) against the reference (`paged_attention_reference`: each run of chunks of one shape
+/// gathered, masked and through `gqa_attention`, the engine's path before the kernel), over a
+/// pool whose blocks are handed out in shuffled order: chunks of different lengths, over
+/// cached prefixes, with and without a window. Flops: the causal products' multiply-adds.
+fn check_prefill_attention(device: &Device) -> usize {
+    let mut failed = 0;
+    let bt = 16usize;
+    // (name, heads, kv heads, head dim, chunks as (queries, context), window)
+    type PrefillCase = (&'static str, usize, usize, usize, Vec<(usize, usize)>, Option<usize>);
+    let cases: [PrefillCase; 7] = [
+        ("4B prefill, 16 x 512 (the offline workload's step)", 32, 8, 128, vec![(512, 512); 16], None),
+        ("4B prefill, one 2048-token prompt", 32, 8, 128, vec![(2048, 2048)], None),
+        ("4B prefill, mixed lengths over cached prefixes", 32, 8, 128, vec![(512, 512), (64, 2112), (7, 7), (100, 300), (33, 33), (2, 40)], None),
+        ("4B prefill, 20-token prompt", 32, 8, 128, vec![(20, 20)], None),
+        ("30B prefill, window 64", 32, 4, 128, vec![(200, 1000), (33, 33), (130, 130)], Some(64)),
+        ("GLM prefill, 12 per key head", 96, 8, 128, vec![(100, 500), (37, 37)], None),
+        ("VL-2B prefill, 2 per key head", 16, 8, 128, vec![(300, 300), (5, 900)], None),
+    ];
+    for (name, heads, kv, dim, chunks, window) in cases {
+        // Blocks in shuffled order: chunk c's blocks from a reversed, rotated list.
+        let need: Vec<usize> = chunks.iter().map(|&(_, c)| c.div_ceil(bt)).collect();
+        let blocks = need.iter().sum::<usize>() + 3;
+        let mut order: Vec<u32> = (0..blocks as u32).collect();
+        order.reverse();
+        order.rotate_left(blocks / 3);
+        let mut next = 0;
+        let spans: Vec<Span> = chunks
+            .iter()
+            .zip(&need)
+            .map(|(&(queries, context), &n)| {
+                let span = Span { queries, context, blocks: order[next..next + n].to_vec() };
+                next += n;
+                span
+            })
+            .collect();
+        let tokens: usize = chunks.iter().map(|&(q, _)| q).sum();
+        let layout = PagedLayout::new(&spans, bt, &[window], device);
+        for dtype in [DType::F32, DType::BF16] {
+            let q = Tensor::<3>::random([tokens, heads, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let k = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let v = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let scale = (dim as f64).powf(-0.5);
+            let kernel = || paged_attention(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
+            let reference = || paged_attention_reference(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
+            let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };
+            let pairs: usize = chunks
+                .iter()
+                .map(|&(queries, context)| (context - queries + 1..=context).map(|l| l.min(window.unwrap_or(usize::MAX))).sum::<usize>())
+                .sum();
+            let flops = Work::Flops((4 * pairs * heads * dim) as f64);
+            let label = format!("{name:52} {:5}", format!("{dtype:?}"));
+            failed += usize::from(check(device, &label, tol, flops, &kernel, &reference, &reference));
+        }
     }
     failed
 }

@@ -7,8 +7,9 @@
 //! within a sliding window (transformers' `sliding_window_causal_mask`: query `p` sees keys
 //! `p - window < k <= p`).
 //!
-//! [`PagedLayout`] is built once per step from the spans (the slot indices each sequence
-//! reads, and its masks) and used by every layer; [`paged_attention`] is the operation. Its
+//! [`PagedLayout`] is built once per step from the spans (what the kernels read, or the
+//! reference's slot indices and masks, made by the first layer that needs them) and used by
+//! every layer; [`paged_attention`] is the operation. Its
 //! reference, on every backend, gathers each sequence's slots and runs
 //! [`crate::attention::gqa_attention`] (transformers' `eager_attention_forward`): all decode
 //! rows together as one batch padded to the longest of them, then the prefill chunks, each
@@ -32,9 +33,16 @@
 //! arXiv:1805.02867; f32 inside) once, and all lanes then add the tile's values, several keys
 //! side by side; planes merge through shared memory. When a step has too few rows to fill the
 //! device, the context is split over several cubes whose partial results a second kernel
-//! merges. Checked
-//! on the device against the reference by `kernels/examples/kernel_check.rs` (group
-//! `attention`) and end to end by the engine's parity runs (`benches/gpu/run_serving_4b.sh`).
+//! merges.
+//!
+//! The step's prefill chunks, of any lengths, run through the same kernel in one launch
+//! ([`paged_prefill_attention`]): each query token is a row that sees its chunk's keys up to its
+//! own position (causal, and its window) through its chunk's row of one block table, so no
+//! keys are gathered, no mask is built and no score is materialised. A plane takes a row
+//! (consecutive tokens of a chunk share a cube, so the keys one plane loads are in cache for
+//! the next) and walks its keys itself. Both kernels are checked on the device against the
+//! reference by `kernels/examples/kernel_check.rs` (group `attention`) and end to end by the
+//! engine's parity runs (`benches/gpu/run_serving_4b.sh`).
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -46,7 +54,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use crate::launch::{PLANE, is_cubecl, last_axis_contiguous};
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 
 /// Planes per cube of the decode kernel, taking tiles of the cube's keys in turn.
 const PLANES: usize = 4;
@@ -119,6 +127,25 @@ pub trait PagedDecodeOps: Backend {
         window: usize,
         passes: usize,
     ) -> FloatTensor<Self>;
+
+    /// Prefill chunks' attention in one launch: `q [tokens, heads, head_dim]` (every chunk's
+    /// query tokens, in order), pools `k`/`v`, `table [sequences, max_blocks]` (each chunk's
+    /// blocks, padded), `seqs [tokens]` (each token's row of the table), `lens [tokens]` (keys
+    /// each token sees: its position + 1, causal), `window` (0: none): `[tokens, heads,
+    /// head_dim]`.
+    #[fusion(dtype = q, shape = q)]
+    #[allow(clippy::too_many_arguments)]
+    fn paged_prefill_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        table: IntTensor<Self>,
+        seqs: IntTensor<Self>,
+        lens: IntTensor<Self>,
+        scale: f32,
+        block_tokens: usize,
+        window: usize,
+    ) -> FloatTensor<Self>;
 }
 
 impl PagedDecodeOps for CubeBackend {
@@ -133,7 +160,21 @@ impl PagedDecodeOps for CubeBackend {
         window: usize,
         passes: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, table, lens, scale, block_tokens, window, passes)
+        launch(q, k, v, table, None, lens, scale, block_tokens, window, passes)
+    }
+
+    fn paged_prefill_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        table: IntTensor<Self>,
+        seqs: IntTensor<Self>,
+        lens: IntTensor<Self>,
+        scale: f32,
+        block_tokens: usize,
+        window: usize,
+    ) -> FloatTensor<Self> {
+        launch(q, k, v, table, Some(seqs), lens, scale, block_tokens, window, 0)
     }
 }
 
@@ -158,6 +199,12 @@ mod device {
     /// Keys past the range are clamped to the last one (a valid slot) with probability 0, so
     /// no lane branches. `split`: write the unnormalised partial (`part_acc`, and `part_ml`:
     /// running max and sum) for [`merge_splits_kernel`], else the normalised output.
+    ///
+    /// `plane_rows` (prefill): each plane takes a row of its own, `planes * CUBE_POS_Y + plane`
+    /// (a query token of a chunk: consecutive tokens of one sequence share a cube, so the keys
+    /// one plane loads are in cache for the others), its table row `seqs[row]`, and walks all
+    /// the keys of its split itself: no merge across planes. Planes past the last row compute
+    /// the last row again and write nothing.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_kernel<E: Float, I: Int, N: Size>(
@@ -165,6 +212,7 @@ mod device {
         k: &Tensor<Vector<E, N>>,
         v: &Tensor<Vector<E, N>>,
         table: &[I],
+        seqs: &[I],
         lens: &[I],
         out: &mut Tensor<Vector<E, N>>,
         part_acc: &mut [Vector<f32, N>],
@@ -180,6 +228,7 @@ mod device {
         #[comptime] lpk: usize,
         #[comptime] passes: usize,
         #[comptime] split: bool,
+        #[comptime] plane_rows: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
         // Keys scored per pass, vectors each scoring lane reads, keys side by side in a value
@@ -191,11 +240,22 @@ mod device {
         let tile = comptime!(passes * kps);
         let vpasses = comptime!(tile / kpp);
         let kvh = CUBE_POS_X as usize;
-        let row = CUBE_POS_Y as usize;
         let part = CUBE_POS_Z as usize;
         let lane = UNIT_POS_X as usize;
         let plane = UNIT_POS_Y as usize;
         let rows = q.shape(0);
+        // The cube's row, or (`plane_rows`) the plane's; `r` a row that exists, `trow` its
+        // row of the table.
+        let mut row = CUBE_POS_Y as usize;
+        if plane_rows {
+            row = row * planes + plane;
+        }
+        let live_row = row < rows;
+        let r = min(row, rows - 1);
+        let mut trow = r;
+        if plane_rows {
+            trow = usize::cast_from(seqs[r]);
+        }
         let heads = q.shape(1);
         let vs = k.vector_size();
         let k_slot = k.stride(0) / vs;
@@ -203,7 +263,7 @@ mod device {
         let v_slot = v.stride(0) / vs;
         let v_head = kvh * (v.stride(1) / vs);
 
-        let len = usize::cast_from(lens[row]);
+        let len = usize::cast_from(lens[r]);
         let mut first = 0usize;
         if window > 0 && len > window {
             first = len - window;
@@ -215,12 +275,17 @@ mod device {
         let start = first + part * chunk;
         let end = min(len, start + chunk);
 
-        let mut qs = Shared::<[Vector<f32, N>]>::new_slice(group * per_head);
-        let mut i = UNIT_POS as usize;
+        // The queries, scaled: the cube's row's, or each plane's own (at `qbase`).
+        let qrows = comptime!(if plane_rows { planes } else { 1 });
+        let mut qs = Shared::<[Vector<f32, N>]>::new_slice(qrows * group * per_head);
+        let qbase = plane * comptime!(if plane_rows { group * per_head } else { 0usize });
+        let plane_offset = comptime!(if plane_rows { 0usize } else { 32usize });
+        let stride = comptime!(if plane_rows { 32usize } else { 32usize * planes });
+        let mut i = lane + plane * plane_offset;
         while i < group * per_head {
             let g = i / per_head;
-            qs[i] = Vector::<f32, N>::cast_from(q[(row * heads + kvh * group + g) * per_head + i % per_head]) * Vector::new(scale);
-            i += 32usize * planes;
+            qs[qbase + i] = Vector::<f32, N>::cast_from(q[(r * heads + kvh * group + g) * per_head + i % per_head]) * Vector::new(scale);
+            i += stride;
         }
         sync_cube();
 
@@ -240,7 +305,9 @@ mod device {
         // The tile's probabilities, `[pass][head]`, and the slot of each pass's key.
         let mut probs = Array::<f32>::new(passes * group);
         let mut slots = Array::<u32>::new(passes);
-        let mut base = start + plane * tile;
+        // Key-split mode: the planes take the cube's tiles in turn; `plane_rows`: each all of its own.
+        let mut base = start + plane * comptime!(if plane_rows { 0usize } else { tile });
+        let step = comptime!(if plane_rows { tile } else { planes * tile });
         while base < end {
             // Every load of a pass is issued before any is used: the tile's table entries, then
             // all its keys (`passes * cpl` vectors a lane), then, after the scores, all its values
@@ -249,7 +316,7 @@ mod device {
             #[unroll]
             for s in 0..passes {
                 let at = min(base + s * kps + kin, end - 1);
-                slots[s] = u32::cast_from(table[row * max_blocks + at / block_tokens]) * u32::cast_from(block_tokens) + u32::cast_from(at % block_tokens);
+                slots[s] = u32::cast_from(table[trow * max_blocks + at / block_tokens]) * u32::cast_from(block_tokens) + u32::cast_from(at % block_tokens);
             }
             let mut keys = Array::<Vector<E, N>>::new(passes * cpl);
             #[unroll]
@@ -276,7 +343,7 @@ mod device {
                     let kv = Vector::<f32, N>::cast_from(keys[s * cpl + j]);
                     #[unroll]
                     for g in 0..group {
-                        dots[g] += Vector::vector_sum(qs[g * per_head + j * lpk + sub] * kv);
+                        dots[g] += Vector::vector_sum(qs[qbase + g * per_head + j * lpk + sub] * kv);
                     }
                 }
                 let live = base + s * kps + kin < end;
@@ -333,71 +400,101 @@ mod device {
                     acc[g] += value * Vector::new(p);
                 }
             }
-            base += planes * tile;
+            base += step;
         }
 
-        let mut bests = Shared::<[f32]>::new_slice(planes * group);
-        let mut totals = Shared::<[f32]>::new_slice(planes * group);
-        let mut accs = Shared::<[Vector<f32, N>]>::new_slice(planes * group * per_head);
-        #[unroll]
-        for g in 0..group {
-            // The keys side by side in the value passes: fold them onto the first `per_head`
-            // lanes.
-            let mut a = acc[g];
-            if comptime!(per_head <= 16) {
-                a += plane_shuffle_xor(a, 16u32);
-            }
-            if comptime!(per_head <= 8) {
-                a += plane_shuffle_xor(a, 8u32);
-            }
-            if comptime!(per_head <= 4) {
-                a += plane_shuffle_xor(a, 4u32);
-            }
-            if comptime!(per_head <= 2) {
-                a += plane_shuffle_xor(a, 2u32);
-            }
-            if comptime!(per_head <= 1) {
-                a += plane_shuffle_xor(a, 1u32);
-            }
-            let total = plane_sum(sums[g]);
-            if lane == 0 {
-                bests[plane * group + g] = best[g];
-                totals[plane * group + g] = total;
-            }
-            if lane < per_head {
-                accs[(plane * group + g) * per_head + lane] = a;
-            }
-        }
-        sync_cube();
-        // Plane p merges heads p, p + planes, ...
-        let mut g = plane;
-        while g < group {
-            let mut top = bests[g];
-            for p in 1usize..planes {
-                top = max(top, bests[p * group + g]);
-            }
-            let mut sum = f32::new(0.0);
-            let mut merged = Vector::<f32, N>::zero();
-            for p in 0usize..planes {
-                let w = (bests[p * group + g] - top).exp();
-                sum += totals[p * group + g] * w;
-                merged += accs[(p * group + g) * per_head + chan] * Vector::new(w);
-            }
-            let h = kvh * group + g;
-            if split {
-                let at_part = (part * rows + row) * heads + h;
-                if lane < per_head {
-                    part_acc[at_part * per_head + lane] = merged;
+        if plane_rows {
+            #[unroll]
+            for g in 0..group {
+                let a = fold_keys(acc[g], per_head);
+                let total = plane_sum(sums[g]);
+                let h = kvh * group + g;
+                if split {
+                    let at_part = (part * rows + row) * heads + h;
+                    if live_row && lane < per_head {
+                        part_acc[at_part * per_head + lane] = a;
+                    }
+                    if live_row && lane == 0 {
+                        part_ml[2 * at_part] = best[g];
+                        part_ml[2 * at_part + 1] = total;
+                    }
+                } else if live_row && lane < per_head {
+                    out[(row * heads + h) * per_head + lane] = Vector::cast_from(a / Vector::new(max(total, f32::new(1.0e-30))));
                 }
+            }
+        } else {
+            // Key-split mode: the planes' running maxima, sums and accumulators merged through
+            // shared memory, each plane finishing heads `plane, plane + planes, ...`.
+            let mut bests = Shared::<[f32]>::new_slice(planes * group);
+            let mut totals = Shared::<[f32]>::new_slice(planes * group);
+            let mut accs = Shared::<[Vector<f32, N>]>::new_slice(planes * group * per_head);
+            #[unroll]
+            for g in 0..group {
+                // The keys side by side in the value passes: onto the first `per_head` lanes.
+                let a = fold_keys(acc[g], per_head);
+                let total = plane_sum(sums[g]);
                 if lane == 0 {
-                    part_ml[2 * at_part] = top;
-                    part_ml[2 * at_part + 1] = sum;
+                    bests[plane * group + g] = best[g];
+                    totals[plane * group + g] = total;
                 }
-            } else if lane < per_head {
-                out[(row * heads + h) * per_head + lane] = Vector::cast_from(merged / Vector::new(max(sum, f32::new(1.0e-30))));
+                if lane < per_head {
+                    accs[(plane * group + g) * per_head + lane] = a;
+                }
             }
-            g += planes;
+            sync_cube();
+            // Plane p merges heads p, p + planes, ...
+            let mut g = plane;
+            while g < group {
+                let mut top = bests[g];
+                for p in 1usize..planes {
+                    top = max(top, bests[p * group + g]);
+                }
+                let mut sum = f32::new(0.0);
+                let mut merged = Vector::<f32, N>::zero();
+                for p in 0usize..planes {
+                    let w = (bests[p * group + g] - top).exp();
+                    sum += totals[p * group + g] * w;
+                    merged += accs[(p * group + g) * per_head + chan] * Vector::new(w);
+                }
+                let h = kvh * group + g;
+                if split {
+                    let at_part = (part * rows + row) * heads + h;
+                    if lane < per_head {
+                        part_acc[at_part * per_head + lane] = merged;
+                    }
+                    if lane == 0 {
+                        part_ml[2 * at_part] = top;
+                        part_ml[2 * at_part + 1] = sum;
+                    }
+                } else if lane < per_head {
+                    out[(row * heads + h) * per_head + lane] = Vector::cast_from(merged / Vector::new(max(sum, f32::new(1.0e-30))));
+                }
+                g += planes;
+            }
         }
+    }
+
+    /// The sum of `a` over the lanes whose value passes held other keys of the same channels
+    /// (`32 / per_head` keys side by side): onto the first `per_head` lanes.
+    #[cube]
+    fn fold_keys<N: Size>(a: Vector<f32, N>, #[comptime] per_head: usize) -> Vector<f32, N> {
+        let mut a = a;
+        if comptime!(per_head <= 16) {
+            a += plane_shuffle_xor(a, 16u32);
+        }
+        if comptime!(per_head <= 8) {
+            a += plane_shuffle_xor(a, 8u32);
+        }
+        if comptime!(per_head <= 4) {
+            a += plane_shuffle_xor(a, 4u32);
+        }
+        if comptime!(per_head <= 2) {
+            a += plane_shuffle_xor(a, 2u32);
+        }
+        if comptime!(per_head <= 1) {
+            a += plane_shuffle_xor(a, 1u32);
+        }
+        a
     }
 
     /// One cube per (query head, row): the `splits` partial results of
@@ -435,10 +532,14 @@ mod device {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize) -> CubeTensor {
+fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize) -> CubeTensor {
     let q = into_contiguous(q);
     let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
     let (table, lens) = (into_contiguous(table), into_contiguous(lens));
+    // Prefill (`seqs`, each row's row of the table): a plane a row; decode: a cube a row, its
+    // planes splitting the keys (the kernel reads no `seqs` then: the table stands in).
+    let plane_rows = seqs.is_some();
+    let seqs = seqs.map_or_else(|| table.clone(), into_contiguous);
     let shape = q.meta.shape().clone();
     let (rows, heads, head_dim) = (shape[0], shape[1], shape[2]);
     let kv_heads = k.meta.shape()[1];
@@ -452,28 +553,32 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
     let lpk = LANES_PER_KEY.min(per_head);
     // A power of two from 1 to `lpk` (`lpk` is one), so the tile splits into whole passes.
     let passes = if passes == 0 { decode_passes(group, lpk) } else { 1 << passes.min(lpk).ilog2() };
-    let splits = decode_splits(rows, kv_heads, width);
+    let row_cubes = if plane_rows { rows.div_ceil(PLANES) } else { rows };
+    let splits = decode_splits(row_cubes, kv_heads, width);
     let out = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), shape.clone(), dtype);
     let split = splits > 1;
     let part_len = if split { splits * rows * heads } else { 1 };
     let part_acc = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [part_len * if split { head_dim } else { vector }].into(), DType::F32);
     let part_ml = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [2 * part_len].into(), DType::F32);
     let client = out.client.clone();
-    // SAFETY: the grid is `kv_heads x rows x splits`; heads `kvh * group + g < heads`; lanes
-    // read at most the head's last vector; a row reads keys below its `len`, which the engine
-    // keeps within the blocks its table names (`len <= max_blocks * block_tokens`, the table
-    // padded with the pool's scratch block), and every table entry is a block of the pool;
-    // partial results are indexed below `splits * rows * heads` (times the head's vectors).
+    // SAFETY: the grid is `kv_heads x row_cubes x splits`; a plane past the last row (prefill)
+    // reads the last row and writes nothing; heads `kvh * group + g < heads`; lanes read at
+    // most the head's last vector; a row reads keys below its `len`, which the engine keeps
+    // within the blocks its table row names (`len <= max_blocks * block_tokens`, the table
+    // padded with the pool's scratch block; `seqs` entries are rows of the table), and every
+    // table entry is a block of the pool; partial results are indexed below `splits * rows *
+    // heads` (times the head's vectors).
     unsafe {
         device::paged_decode_kernel::launch_unchecked(
             &client,
-            CubeCount::Static(kv_heads as u32, rows as u32, splits as u32),
+            CubeCount::Static(kv_heads as u32, row_cubes as u32, splits as u32),
             CubeDim::new_2d(PLANE as u32, PLANES as u32),
             vector,
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
             table.into_buffer_arg(),
+            seqs.into_buffer_arg(),
             lens.into_buffer_arg(),
             out.clone().into_tensor_arg(),
             part_acc.clone().into_buffer_arg(),
@@ -489,6 +594,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, lens: 
             lpk,
             passes,
             split,
+            plane_rows,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
@@ -551,6 +657,32 @@ pub fn paged_decode_attention_in_passes(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<
     Some(Tensor::<3>::from_dispatch(out))
 }
 
+/// Prefill chunks' attention by the kernel, all chunks in one launch: `q [tokens, heads, d]`
+/// (the chunks' query tokens in order) over the pools through `table [chunks, max_blocks]`,
+/// `seqs [tokens]` (each token's chunk) and `lens [tokens]` (the keys each token sees,
+/// causally: see [`prefill_rows`]); `None` where the kernel does not apply
+/// ([`decode_kernel_applies`]).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_prefill_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table: &Tensor<2, Int>, seqs: &Tensor<1, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+    let [tokens, heads, d] = q.dims();
+    let kv_heads = k.dims()[1];
+    if !decode_kernel_applies(heads, kv_heads, d, q.dtype(), &q.device()) || k.dims() != v.dims() || seqs.dims()[0] != tokens || lens.dims()[0] != tokens {
+        return None;
+    }
+    let out = Dispatch::paged_prefill_attention(
+        q.into_dispatch(),
+        k.clone().into_dispatch(),
+        v.clone().into_dispatch(),
+        table.clone().into_dispatch(),
+        seqs.clone().into_dispatch(),
+        lens.clone().into_dispatch(),
+        scale as f32,
+        block_tokens,
+        window.unwrap_or(0),
+    );
+    Some(Tensor::<3>::from_dispatch(out))
+}
+
 /// The additive mask of a key a query may not see.
 const MASKED: f32 = -1.0e9;
 
@@ -570,8 +702,37 @@ pub struct PagedLayout {
     block_tokens: usize,
     /// The decode rows (`queries == 1`), if any.
     decode: Option<DecodeRows>,
-    /// Prefill chunks, consecutive ones of one shape (queries and context) together.
-    chunks: Vec<Chunk>,
+    /// The prefill chunks' spans, in the step's order.
+    prefill: Vec<Span>,
+    windows: Vec<Option<usize>>,
+    device: Device,
+    /// The prefill kernel's inputs, made by the first layer that runs it.
+    prefill_rows: OnceCell<PrefillRows>,
+    /// The reference's inputs for the prefill chunks (consecutive ones of one shape together),
+    /// made by the first layer that runs it.
+    chunks: OnceCell<Vec<Chunk>>,
+}
+
+/// The prefill kernel's view of a step's chunks (see [`prefill_rows`]).
+struct PrefillRows {
+    table: Tensor<2, Int>,
+    seqs: Tensor<1, Int>,
+    lens: Tensor<1, Int>,
+}
+
+/// The prefill kernel's inputs for `spans` (prefill chunks, in order): the block table
+/// `[spans * max_blocks]` (each chunk's blocks, padded with block 0) and `max_blocks`, and per
+/// query token its row of the table and the keys it sees (its position + 1: the chunk's
+/// queries are its last `queries` tokens of `context`).
+pub fn prefill_rows(spans: &[Span], block_tokens: usize) -> (Vec<i64>, usize, Vec<i64>, Vec<i64>) {
+    let max_blocks = spans.iter().map(|s| s.context.div_ceil(block_tokens)).max().unwrap_or(1).max(1);
+    let table = spans
+        .iter()
+        .flat_map(|s| (0..max_blocks).map(|b| s.blocks.get(b).map_or(0, |&id| i64::from(id))))
+        .collect();
+    let seqs = spans.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i as i64, s.queries)).collect();
+    let lens = spans.iter().flat_map(|s| (s.context - s.queries + 1..=s.context).map(|l| l as i64)).collect();
+    (table, max_blocks, seqs, lens)
 }
 
 /// The decode rows of a step: each row's blocks, `table [rows, max_blocks]` (padded), and the
@@ -645,43 +806,80 @@ impl PagedLayout {
                 ints(decode.iter().map(|s| s.context as i64).collect(), device),
             )
         });
-        let gather = |s: &Span, width: usize| -> Vec<i64> {
-            (0..width).map(|i| if i < s.context { slot_of(&s.blocks, block_tokens, i) as i64 } else { 0 }).collect()
-        };
-        let f32_tensor = |values: Vec<f32>, dims: [usize; 5]| Tensor::<5>::from_data(TensorData::new(values, dims), (device, DType::F32));
-        // Consecutive chunks of one shape run as one batch (one attention per group, not per
-        // chunk: a step admitting many cache hits has many short chunks of one shape).
-        let mut chunks: Vec<Chunk> = Vec::new();
-        let rest = &spans[decode_rows..];
-        let mut i = 0;
-        while i < rest.len() {
-            let (queries, context) = (rest[i].queries, rest[i].context);
-            let count = rest[i..].iter().take_while(|s| s.queries == queries && s.context == context).count();
-            let group = &rest[i..i + count];
-            chunks.push(Chunk {
-                count,
-                queries,
-                context,
-                slots: ints(group.iter().flat_map(|s| gather(s, context)).collect(), device),
-                masks: windows
-                    .iter()
-                    .map(|&w| {
-                        // One sequence's mask, built and uploaded once and repeated on the device
-                        // (sixteen 512-token prompts: 1 MB from the host instead of 16 MB).
-                        let one = f32_tensor(mask_values(queries, context, context, w), [1, 1, 1, queries, context]);
-                        (w, if count == 1 { one } else { one.repeat_dim(0, count) })
-                    })
-                    .collect(),
-            });
-            i += count;
+        Self {
+            block_tokens,
+            decode,
+            prefill: spans[decode_rows..].to_vec(),
+            windows: windows.to_vec(),
+            device: device.clone(),
+            prefill_rows: OnceCell::new(),
+            chunks: OnceCell::new(),
         }
-        Self { block_tokens, decode, chunks }
     }
 
     /// Decode rows only, from tensors already on the device (what a recorded decode step
     /// reads, refreshed in place between replays).
     pub fn decode(block_tokens: usize, rows: DecodeRows) -> Self {
-        Self { block_tokens, decode: Some(rows), chunks: Vec::new() }
+        let device = rows.table.device();
+        Self {
+            block_tokens,
+            decode: Some(rows),
+            prefill: Vec::new(),
+            windows: Vec::new(),
+            device,
+            prefill_rows: OnceCell::new(),
+            chunks: OnceCell::new(),
+        }
+    }
+
+    fn prefill_rows(&self) -> &PrefillRows {
+        self.prefill_rows.get_or_init(|| {
+            let (table, max_blocks, seqs, lens) = prefill_rows(&self.prefill, self.block_tokens);
+            let n = self.prefill.len();
+            PrefillRows {
+                table: Tensor::<2, Int>::from_data(TensorData::new(table, [n, max_blocks]), &self.device),
+                seqs: ints(seqs, &self.device),
+                lens: ints(lens, &self.device),
+            }
+        })
+    }
+
+    fn chunks(&self) -> &[Chunk] {
+        self.chunks.get_or_init(|| {
+            let (block_tokens, windows, device) = (self.block_tokens, &self.windows, &self.device);
+            let spans = &self.prefill;
+            let gather = |s: &Span, width: usize| -> Vec<i64> {
+                (0..width).map(|i| if i < s.context { slot_of(&s.blocks, block_tokens, i) as i64 } else { 0 }).collect()
+            };
+            let f32_tensor = |values: Vec<f32>, dims: [usize; 5]| Tensor::<5>::from_data(TensorData::new(values, dims), (device, DType::F32));
+            // Consecutive chunks of one shape run as one batch (one attention per group, not per
+            // chunk: a step admitting many cache hits has many short chunks of one shape).
+            let mut chunks: Vec<Chunk> = Vec::new();
+            let rest = spans;
+            let mut i = 0;
+            while i < rest.len() {
+                let (queries, context) = (rest[i].queries, rest[i].context);
+                let count = rest[i..].iter().take_while(|s| s.queries == queries && s.context == context).count();
+                let group = &rest[i..i + count];
+                chunks.push(Chunk {
+                    count,
+                    queries,
+                    context,
+                    slots: ints(group.iter().flat_map(|s| gather(s, context)).collect(), device),
+                    masks: windows
+                        .iter()
+                        .map(|&w| {
+                            // One sequence's mask, built and uploaded once and repeated on the device
+                            // (sixteen 512-token prompts: 1 MB from the host instead of 16 MB).
+                            let one = f32_tensor(mask_values(queries, context, context, w), [1, 1, 1, queries, context]);
+                            (w, if count == 1 { one } else { one.repeat_dim(0, count) })
+                        })
+                        .collect(),
+                });
+                i += count;
+            }
+            chunks
+        })
     }
 }
 
@@ -955,13 +1153,22 @@ fn gather(pool: &Tensor<3>, slots: &Tensor<1, Int>, batch: usize, width: usize) 
 /// each prefill chunk, as [`PagedLayout`] was built) over the pools `k`/`v [slots, kv_heads,
 /// head_dim]` (this step's keys already written): `[tokens, heads, head_dim]`.
 pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
-    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES)
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, true)
 }
 
-/// [`paged_attention`] with at most `max_scores` scores materialised a launch.
-fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize) -> Tensor<3> {
+/// [`paged_attention`] with the prefill chunks through the reference (gathered keys and
+/// values, masks and `gqa_attention`) on every device: what `kernel_check` compares the
+/// prefill kernel with.
+pub fn paged_attention_reference(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, false)
+}
+
+/// [`paged_attention`] with at most `max_scores` scores materialised a launch by the
+/// reference, and the prefill kernel used where it applies if `prefill_kernel`.
+#[allow(clippy::too_many_arguments)]
+fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize, prefill_kernel: bool) -> Tensor<3> {
     let [tokens, heads, d] = q.dims();
-    let mut parts = Vec::with_capacity(1 + layout.chunks.len());
+    let mut parts = Vec::with_capacity(2);
     let mut at = 0;
     if let Some(decode) = &layout.decode {
         let rows = decode.lens.dims()[0];
@@ -980,7 +1187,20 @@ fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &P
         parts.push(out);
         at = rows;
     }
-    for chunk in &layout.chunks {
+    let prefill_tokens: usize = layout.prefill.iter().map(|s| s.queries).sum();
+    let on_device = (prefill_kernel && prefill_tokens > 0 && decode_kernel_applies(heads, k.dims()[1], d, q.dtype(), &q.device()))
+        .then(|| {
+            let rows = layout.prefill_rows();
+            let queries = q.clone().narrow(0, at, prefill_tokens);
+            paged_prefill_attention(queries, k, v, &rows.table, &rows.seqs, &rows.lens, layout.block_tokens, window, scale)
+        })
+        .flatten();
+    if let Some(out) = on_device {
+        parts.push(out);
+        at += prefill_tokens;
+    }
+    let chunks: &[Chunk] = if at == tokens { &[] } else { layout.chunks() };
+    for chunk in chunks {
         let (n, qn, context) = (chunk.count, chunk.queries, chunk.context);
         let keys = gather(k, &chunk.slots, n, context);
         let values = gather(v, &chunk.slots, n, context);
@@ -1116,7 +1336,7 @@ mod tests {
             let fast = cpu_decode_attention(&q.clone().narrow(0, 0, 2).cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), decode, bt, window, 0.25);
             assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 pools only");
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
-            let got = values(paged_attention_within(q.clone().cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), &layout, window, 0.25, cap).cast(DType::F32));
+            let got = values(paged_attention_within(q.clone().cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), &layout, window, 0.25, cap, true).cast(DType::F32));
             let mut at = 0;
             for s in &spans {
                 // The sequence's keys and values, contiguous.
@@ -1131,6 +1351,55 @@ mod tests {
                 let have = &got[at * heads * d..(at + s.queries) * heads * d];
                 for (a, b) in have.iter().zip(&want) {
                     assert!((a - b).abs() < tolerance, "window {window:?}, cap {cap}, {dtype:?}, span {s:?}: {a} vs {b}");
+                }
+                at += s.queries;
+            }
+        }
+    }
+
+    /// The prefill kernel's rows (each query token a row of its chunk's table, seeing up to its
+    /// own position) are the chunks' causal attention: run as decode rows by the CPU's decode
+    /// path (the kernel's arithmetic, one row at a time), they give the dense attention of
+    /// each chunk, with and without a window.
+    #[test]
+    fn prefill_rows_are_each_tokens_causal_view_of_its_chunk() {
+        let device = Device::flex();
+        let (heads, kv_heads, d, bt) = (4, 2, 16, 4);
+        let spans = vec![
+            Span { queries: 5, context: 11, blocks: vec![3, 8, 1] },
+            Span { queries: 3, context: 3, blocks: vec![12] },
+            Span { queries: 2, context: 9, blocks: vec![0, 5, 9] },
+        ];
+        let (table, max_blocks, seqs, lens) = prefill_rows(&spans, bt);
+        assert_eq!(max_blocks, 3);
+        assert_eq!(seqs, [0, 0, 0, 0, 0, 1, 1, 1, 2, 2]);
+        assert_eq!(lens, [7, 8, 9, 10, 11, 1, 2, 3, 8, 9]);
+        assert_eq!(&table[3..6], [12, 0, 0], "a short chunk's row is padded with block 0");
+        let pool_slots = 13 * bt;
+        let kp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let vp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let tokens = seqs.len();
+        let q: Tensor<3> = Tensor::random([tokens, heads, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let (kv, vv, qv) = (values(kp.clone()), values(vp.clone()), values(q.clone()));
+        // Each token's table row, as a decode row's.
+        let per_token: Vec<i64> = seqs.iter().flat_map(|&s| table[s as usize * max_blocks..(s as usize + 1) * max_blocks].to_vec()).collect();
+        let rows = DecodeRows::new(
+            Tensor::<2, Int>::from_data(TensorData::new(per_token, [tokens, max_blocks]), &device),
+            ints(lens.clone(), &device),
+        );
+        for window in [None, Some(3)] {
+            let got = values(cpu_decode_attention(&q, &kp, &vp, &rows, bt, window, 0.25).expect("f32 pools on the CPU"));
+            let mut at = 0;
+            for s in &spans {
+                let row = |pool: &[f32], j: usize| {
+                    let slot = slot_of(&s.blocks, bt, j);
+                    pool[slot * kv_heads * d..(slot + 1) * kv_heads * d].to_vec()
+                };
+                let ks: Vec<f32> = (0..s.context).flat_map(|j| row(&kv, j)).collect();
+                let vs: Vec<f32> = (0..s.context).flat_map(|j| row(&vv, j)).collect();
+                let want = dense(&qv[at * heads * d..(at + s.queries) * heads * d], &ks, &vs, s.queries, s.context, heads, kv_heads, d, window);
+                for (a, b) in got[at * heads * d..(at + s.queries) * heads * d].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "window {window:?}, span {s:?}: {a} vs {b}");
                 }
                 at += s.queries;
             }
