@@ -6,7 +6,7 @@
 //! - the paged decode-attention kernel (`inference_pio_kernels::paged::paged_decode_attention`)
 //!   against the gathered keys and values through `gqa_attention`, over a pool in shuffled
 //!   blocks, with padding, a partly seen context and a sliding window; the same kernel on a
-//!   step's prefill chunks in one launch (`paged_attention`) against the gathered, masked
+//!   step's prefill chunks in one launch (`paged_attention_prefill_kernel`) against the gathered, masked
 //!   reference (`paged_attention_reference`), chunks of mixed lengths over cached prefixes;
 //!   prefill's scaled, masked softmax (`inference_pio_kernels::softmax`) against burn's
 //!   operations;
@@ -42,7 +42,7 @@ mod common;
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
-use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention, paged_attention_reference, paged_decode_attention, paged_decode_attention_in_passes};
+use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, paged_decode_attention, paged_decode_attention_in_passes};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
@@ -302,8 +302,8 @@ fn check_attention(device: &Device) -> usize {
     failed
 }
 
-/// The prefill attention kernel (`paged_attention` on CUDA: every chunk of the step in one
-/// launch) against the reference (`paged_attention_reference`: each run of chunks of one shape
+/// The prefill attention kernel (`paged_attention_prefill_kernel`: every chunk of the step in
+/// one launch, as `paged_attention` runs it where its cost model favours it) against the reference (`paged_attention_reference`: each run of chunks of one shape
 /// gathered, masked and through `gqa_attention`, the engine's path before the kernel), over a
 /// pool whose blocks are handed out in shuffled order: chunks of different lengths, over
 /// cached prefixes, with and without a window. Flops: the causal products' multiply-adds.
@@ -345,7 +345,7 @@ fn check_prefill_attention(device: &Device) -> usize {
             let k = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let v = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let scale = (dim as f64).powf(-0.5);
-            let kernel = || paged_attention(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
+            let kernel = || paged_attention_prefill_kernel(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
             let reference = || paged_attention_reference(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
             let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };
             let pairs: usize = chunks

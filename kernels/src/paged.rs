@@ -40,7 +40,10 @@
 //! own position (causal, and its window) through its chunk's row of one block table, so no
 //! keys are gathered, no mask is built and no score is materialised. A plane takes a row
 //! (consecutive tokens of a chunk share a cube, so the keys one plane loads are in cache for
-//! the next) and walks its keys itself. Both kernels are checked on the device against the
+//! the next) and walks its keys itself. It walks them with f32 multiply-adds, so long chunks
+//! (where the gathered reference's products run on cuBLAS's tensor cores) stay on the
+//! reference: [`prefill_kernel_pays`] picks the cheaper way for each step and layer window from
+//! a cost model measured on an H100. Both kernels are checked on the device against the
 //! reference by `kernels/examples/kernel_check.rs` (group `attention`) and end to end by the
 //! engine's parity runs (`benches/gpu/run_serving_4b.sh`).
 
@@ -657,6 +660,45 @@ pub fn paged_decode_attention_in_passes(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<
     Some(Tensor::<3>::from_dispatch(out))
 }
 
+/// The prefill kernel's time a (query, key) pair and query head, in picoseconds: ~60-80 on an
+/// H100 in bf16 (`kernel_check attention`, 2026-12-06: 16 x 512 tokens 5.4 ms, one 2,048-token
+/// prompt 3.9 ms a layer). It walks keys with f32 multiply-adds, no tensor cores.
+const PREFILL_KERNEL_PS: usize = 70;
+/// The reference's time a pair of its rectangular products (every chunk query against every key
+/// of its context, a window hiding nothing) and query head: ~8-20 ps (cuBLAS; the same runs:
+/// 2.7 ms and 1.1 ms).
+const PREFILL_REFERENCE_PS: usize = 15;
+/// The reference's host-side cost a layer and run of chunks of one shape (gathers, masks, two
+/// products and a softmax, each a launch): the time to first token of a 20-token prompt fell
+/// from 37.5 to 24.9 ms with the kernel (36 layers, H100, 2026-12-06), ~350 µs a layer.
+const PREFILL_REFERENCE_HOST_PS: usize = 300_000_000;
+
+/// Keys seen in all by the query tokens of `span` (the last `queries` of `context`, causal),
+/// each at most `window` of them.
+fn causal_pairs(span: &Span, window: Option<usize>) -> usize {
+    // Σ min(l, w) for l in a..=c: the part below the window, then w per length past it.
+    let (a, c) = (span.context + 1 - span.queries, span.context);
+    let w = window.unwrap_or(usize::MAX);
+    let below = if a > w { 0 } else { (a + c.min(w)) * (c.min(w) + 1 - a) / 2 };
+    let past = c.saturating_sub(w.max(a - 1));
+    below + past * w.min(c)
+}
+
+/// Whether the prefill kernel beats the reference on a step's chunks for `heads` query heads
+/// (a cost model from the H100 measurements above): the kernel wins on few or short chunks
+/// (its one launch against the reference's launches per run of chunks of one shape) and
+/// under a window (it walks only the keys the window leaves; the reference's products take
+/// them all); the reference, on long chunks, where cuBLAS's tensor cores outrun the
+/// kernel's multiply-adds.
+pub fn prefill_kernel_pays(spans: &[Span], heads: usize, window: Option<usize>) -> bool {
+    let causal: usize = spans.iter().map(|s| causal_pairs(s, window)).sum();
+    let dense: usize = spans.iter().map(|s| s.queries * s.context).sum();
+    let runs = spans.chunk_by(|a, b| a.queries == b.queries && a.context == b.context).count();
+    let kernel = causal.saturating_mul(heads).saturating_mul(PREFILL_KERNEL_PS);
+    let reference = dense.saturating_mul(heads).saturating_mul(PREFILL_REFERENCE_PS).saturating_add(runs.saturating_mul(PREFILL_REFERENCE_HOST_PS));
+    kernel < reference
+}
+
 /// Prefill chunks' attention by the kernel, all chunks in one launch: `q [tokens, heads, d]`
 /// (the chunks' query tokens in order) over the pools through `table [chunks, max_blocks]`,
 /// `seqs [tokens]` (each token's chunk) and `lens [tokens]` (the keys each token sees,
@@ -1153,20 +1195,37 @@ fn gather(pool: &Tensor<3>, slots: &Tensor<1, Int>, batch: usize, width: usize) 
 /// each prefill chunk, as [`PagedLayout`] was built) over the pools `k`/`v [slots, kv_heads,
 /// head_dim]` (this step's keys already written): `[tokens, heads, head_dim]`.
 pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
-    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, true)
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Cheaper)
+}
+
+/// Which way a step's prefill chunks go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PrefillPath {
+    /// The kernel where it applies and [`prefill_kernel_pays`], else the reference.
+    Cheaper,
+    /// The kernel where it applies.
+    Kernel,
+    /// The reference.
+    Reference,
+}
+
+/// [`paged_attention`] with the prefill chunks through the kernel wherever it applies, whatever
+/// it costs: what `kernel_check` checks and times.
+pub fn paged_attention_prefill_kernel(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Kernel)
 }
 
 /// [`paged_attention`] with the prefill chunks through the reference (gathered keys and
 /// values, masks and `gqa_attention`) on every device: what `kernel_check` compares the
 /// prefill kernel with.
 pub fn paged_attention_reference(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
-    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, false)
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Reference)
 }
 
 /// [`paged_attention`] with at most `max_scores` scores materialised a launch by the
-/// reference, and the prefill kernel used where it applies if `prefill_kernel`.
+/// reference, the prefill chunks going the `path` way.
 #[allow(clippy::too_many_arguments)]
-fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize, prefill_kernel: bool) -> Tensor<3> {
+fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize, path: PrefillPath) -> Tensor<3> {
     let [tokens, heads, d] = q.dims();
     let mut parts = Vec::with_capacity(2);
     let mut at = 0;
@@ -1188,7 +1247,10 @@ fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &P
         at = rows;
     }
     let prefill_tokens: usize = layout.prefill.iter().map(|s| s.queries).sum();
-    let on_device = (prefill_kernel && prefill_tokens > 0 && decode_kernel_applies(heads, k.dims()[1], d, q.dtype(), &q.device()))
+    let on_device = (path != PrefillPath::Reference
+        && prefill_tokens > 0
+        && decode_kernel_applies(heads, k.dims()[1], d, q.dtype(), &q.device())
+        && (path == PrefillPath::Kernel || prefill_kernel_pays(&layout.prefill, heads, window)))
         .then(|| {
             let rows = layout.prefill_rows();
             let queries = q.clone().narrow(0, at, prefill_tokens);
@@ -1336,7 +1398,7 @@ mod tests {
             let fast = cpu_decode_attention(&q.clone().narrow(0, 0, 2).cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), decode, bt, window, 0.25);
             assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 pools only");
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
-            let got = values(paged_attention_within(q.clone().cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), &layout, window, 0.25, cap, true).cast(DType::F32));
+            let got = values(paged_attention_within(q.clone().cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), &layout, window, 0.25, cap, PrefillPath::Cheaper).cast(DType::F32));
             let mut at = 0;
             for s in &spans {
                 // The sequence's keys and values, contiguous.
@@ -1404,6 +1466,34 @@ mod tests {
                 at += s.queries;
             }
         }
+    }
+
+    #[test]
+    fn causal_pairs_count_each_tokens_visible_keys() {
+        let span = |queries, context| Span { queries, context, blocks: Vec::new() };
+        for (queries, context) in [(1, 1), (5, 11), (512, 512), (64, 2112), (3, 3)] {
+            for window in [None, Some(1), Some(3), Some(64), Some(600), Some(5000)] {
+                let want: usize = (context + 1 - queries..=context).map(|l| l.min(window.unwrap_or(usize::MAX))).sum();
+                assert_eq!(causal_pairs(&span(queries, context), window), want, "{queries} over {context}, window {window:?}");
+            }
+        }
+    }
+
+    /// The measured cases (H100, bf16, Qwen3-4B's 32 heads) land on the faster side.
+    #[test]
+    fn the_prefill_kernel_runs_where_it_was_measured_faster() {
+        let span = |queries, context| Span { queries, context, blocks: Vec::new() };
+        // Short prompts: the kernel (time to first token 37.5 -> 24.9 ms at 20 tokens, 40 ->
+        // 28 ms at 512).
+        assert!(prefill_kernel_pays(&[span(20, 20)], 32, None));
+        assert!(prefill_kernel_pays(&[span(512, 512)], 32, None));
+        // Long chunks: the reference (2,048 tokens: 1.1 against 3.9 ms a layer; sixteen of 512:
+        // 2.7 against 5.4 ms; the offline workload fell from 6,645 to 5,212 tokens/s on the
+        // kernel alone).
+        assert!(!prefill_kernel_pays(&[span(2048, 2048)], 32, None));
+        assert!(!prefill_kernel_pays(&vec![span(512, 512); 16], 32, None));
+        // A window hides most of a long context from the kernel, not from the reference.
+        assert!(prefill_kernel_pays(&[span(200, 1000), span(33, 33), span(130, 130)], 32, Some(64)));
     }
 
     #[test]
