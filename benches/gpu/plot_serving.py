@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plot of the serving calls (benches/gpu/run_serving_4b.sh results): offline output
 throughput of ours per call beside transformers' continuous batching and llama.cpp's
-batched-bench (same checkpoint, same H200 lease), and the shared-prefix workload's mean time
+batched-bench (same checkpoint, same lease), and the shared-prefix workload's mean time
 to first token with prefix caching on and off.
 
     python3 plot_serving.py RESULTS_DIR OUT.png [LABEL=FILE ...]
@@ -39,7 +39,7 @@ fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
 bars = a.barh(labels, values, color=["#4a7"] * len(runs) + ["#999", "#c74"])
 a.bar_label(bars, fmt="%.0f")
 a.set_xlabel("output tokens/s (256 requests x 512 prompt, 128 new)")
-a.set_title("Offline throughput, Qwen3-4B bf16, H200")
+a.set_title(f"Offline throughput, Qwen3-4B bf16, {os.environ.get('PLOT_DEVICE', 'H200')}")
 names = [n for n, _ in runs]
 # A call without the shared-prefix runs shows no bars there.
 on = [r.get("prefix_on", {}).get("mean_ttft_s", 0) for _, r in runs]
