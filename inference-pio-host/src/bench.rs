@@ -498,13 +498,20 @@ impl Bench<'_> {
         let wall = start.elapsed().as_secs_f64();
         let sequential = json!({"requests": p.sequential_requests, "prompt_tokens": prompt, "new_tokens": new, "wall_s": wall,
             "output_tokens_per_s": generated as f64 / wall, "requests_per_s": p.sequential_requests as f64 / wall});
-        // Batches through `infer_batch`.
+        // Batches through `infer_batch`, each size run once untimed first on prompts of its own:
+        // on a GPU a size's first batch records its decode steps (CUDA graphs) and compiles
+        // its shapes inside the run (the 2026-12-06 H100 run: 32 rows at 3,976 tok/s steady,
+        // against 6,140 in a warm serving run).
+        let batch = |rows: usize, seed: u64| {
+            let requests = (0..rows).map(|i| request(prompt_ids(prompt, self.info.vocab_size, seed + i as u64), new)).collect();
+            self.plugin.infer_batch(self.handle, &BatchInferRequest { requests }).map_err(|e| anyhow::anyhow!("{e}"))
+        };
         let mut batches = Vec::new();
         for &rows in &p.batch_sizes {
             self.step(format!("throughput: batch of {rows}"));
-            let requests = (0..rows).map(|i| request(prompt_ids(prompt, self.info.vocab_size, 6000 + i as u64), new)).collect();
+            batch(rows, 66_000)?;
             let start = Instant::now();
-            let out = self.plugin.infer_batch(self.handle, &BatchInferRequest { requests }).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let out = batch(rows, 6000)?;
             let wall = start.elapsed().as_secs_f64();
             let generated: usize = out.responses.iter().map(|r| r.token_ids.len()).sum();
             batches.push(json!({"rows": rows, "wall_s": wall, "output_tokens_per_s": generated as f64 / wall,
@@ -604,11 +611,14 @@ impl Bench<'_> {
             };
             let run = |i: usize| self.plugin.infer(h, &request(with_tail(i), new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
             let n = self.plan.concurrency.first().copied().unwrap_or(4);
-            // The concurrent path warmed up too (its batched prefill and decode shapes: on a GPU
-            // their kernels' first compilation and autotuning, and CUDA graphs, cost the first
-            // variant a third of its concurrent throughput in the 2026-12-06 H100 run), on
-            // prompts of their own so that nothing they leave in the prefix cache is measured.
-            together(n, |i| infer_on(self.plugin, h, vocab, prompt, 4.min(new), 77_000 + i as u64))?;
+            // The concurrent path warmed up too, with the timed run's shape (n requests, `new`
+            // tokens each: its batched prefill, each decode width and MoE routing's expert
+            // batches; on a GPU their kernels' first compilation and autotuning, and CUDA
+            // graphs, cost the first variant a third of its concurrent throughput in the
+            // 2026-12-06 H100 run, and four warm-up tokens left the 30B's variants measuring
+            // compilation), on prompts of their own so that nothing they leave in the prefix
+            // cache is measured.
+            together(n, |i| infer_on(self.plugin, h, vocab, prompt, new, 77_000 + i as u64))?;
             let single = run(0)?.timings;
             let (wall, results) = together(n, |i| run(i + 1))?;
             let generated: usize = results.iter().map(|r| r.token_ids.len()).sum();
