@@ -105,14 +105,16 @@ pub fn fused_swiglu_halves<const D: usize>(gate_up: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(Dispatch::fused_swiglu_halves(gate_up.into_dispatch()))
 }
 
-/// `silu(gate) * up` of one `[gate | up]` projection: the kernel on CubeCL devices, the
-/// reference elsewhere.
+/// `silu(gate) * up` of one `[gate | up]` projection: the kernel on CubeCL devices, one loop
+/// over each row for f32 on the CPU (`crate::cpu_rows`), the reference elsewhere.
 pub fn swiglu_halves<const D: usize>(gate_up: Tensor<D>) -> Tensor<D> {
     if is_cubecl(&gate_up.device()) {
-        fused_swiglu_halves(gate_up)
-    } else {
-        crate::reference::swiglu_halves(gate_up)
+        return fused_swiglu_halves(gate_up);
     }
+    if let Some(out) = crate::cpu_rows::swiglu_halves(&gate_up) {
+        return out;
+    }
+    crate::reference::swiglu_halves(gate_up)
 }
 
 #[cfg(test)]

@@ -1,0 +1,230 @@
+//! Row-wise loops on the CPU for the f32 operations between a decoder's products: RMSNorm
+//! (transformers `LlamaRMSNorm` / `Qwen3RMSNorm`), the residual add before it, and SwiGLU
+//! (`silu(gate) * up`, `LlamaMLP`). Through burn's operations each is five to seven launches
+//! with an allocation each, about 900 a token of the default model and a tenth of a
+//! one-thread decode; here each is one pass over each row.
+//!
+//! A row is the last axis. The inputs may be views (a product's output transposed back from
+//! `[n, rows]`, whose rows are strided; a narrowed slice): rows are read through the tensor's
+//! strides (gathered first where their elements are not adjacent), so one row gives the same
+//! result, bit for bit, whether it comes alone or in a batch, contiguous or not (a batched
+//! request must match the same request alone where sampling depends on it). Other dtypes and
+//! backends return `None` and the caller takes burn's operations.
+
+use burn::backend::{BackendTensor, DispatchTensorKind};
+use burn::tensor::{DType, Tensor, TensorData};
+
+/// A tensor's rows in its CPU storage: each row's first element, the row length and the step
+/// between a row's elements.
+struct Rows<'a> {
+    data: &'a [f32],
+    starts: Vec<usize>,
+    n: usize,
+    step: usize,
+}
+
+impl Rows<'_> {
+    /// Row `r`: the storage itself where its elements are adjacent, else gathered into `buf`
+    /// (the same values either way, so the arithmetic after does not depend on the layout).
+    fn row<'b>(&'b self, r: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        let s = self.starts[r];
+        if self.step == 1 {
+            &self.data[s..s + self.n]
+        } else {
+            buf.clear();
+            buf.extend((0..self.n).map(|j| self.data[s + j * self.step]));
+            buf
+        }
+    }
+}
+
+/// `f` of a tensor's rows on the CPU; `None` (without calling `f`) unless `t` is f32 on the
+/// CPU with no negative stride.
+fn with_rows<const D: usize, R>(t: &Tensor<D>, f: impl FnOnce(&Rows<'_>) -> R) -> Option<R> {
+    let DispatchTensorKind::Flex(BackendTensor::Float(tensor)) = t.clone().into_dispatch().kind else {
+        return None;
+    };
+    if tensor.dtype() != DType::F32 {
+        return None;
+    }
+    let layout = tensor.layout();
+    let dims = layout.shape().to_vec();
+    let strides = layout.strides().to_vec();
+    let n = *dims.last()?;
+    if dims.len() != D || strides.iter().any(|&s| s < 0) {
+        return None;
+    }
+    let step = if n > 1 { strides[D - 1] as usize } else { 1 };
+    let rows: usize = dims[..D - 1].iter().product();
+    let mut starts = Vec::with_capacity(rows);
+    let mut index = vec![0usize; D - 1];
+    for _ in 0..rows {
+        starts.push(layout.start_offset() + index.iter().zip(&strides).map(|(&i, &s)| i * s as usize).sum::<usize>());
+        // The next multi-index over the leading axes, last fastest.
+        for axis in (0..D - 1).rev() {
+            index[axis] += 1;
+            if index[axis] < dims[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    let storage = tensor.storage::<f32>();
+    if starts.iter().any(|&s| s + n.saturating_sub(1) * step >= storage.len().max(1) && n > 0) {
+        return None;
+    }
+    Some(f(&Rows { data: storage, starts, n, step }))
+}
+
+/// A weight `[n]` as an f32 vector from the CPU, else `None`.
+fn weight_of(w: &Tensor<1>) -> Option<Vec<f32>> {
+    with_rows(w, |rows| rows.row(0, &mut Vec::new()).to_vec())
+}
+
+fn tensor_of<const D: usize>(values: Vec<f32>, dims: [usize; D], like: &Tensor<D>) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, dims), (&like.device(), DType::F32))
+}
+
+/// `out = x / sqrt(mean(x²) + eps) * w`, in the reference's order: the mean of the squares,
+/// its reciprocal square root, then `x` times it, then times the weight.
+fn norm_row(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let sum: f32 = acc.iter().sum::<f32>() + tail;
+    let inv = 1.0 / ((sum / x.len() as f32) + eps as f32).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+        *o = (v * inv) * w;
+    }
+}
+
+/// RMS normalisation of each row of `x` by the weight `[n]` (see
+/// [`crate::reference::rms_norm`]); `None` off the CPU's f32 path.
+pub fn rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<D>> {
+    let w = weight_of(weight)?;
+    let out = with_rows(x, |rows| {
+        let n = rows.n;
+        (w.len() == n).then(|| {
+            let (mut out, mut buf) = (vec![0f32; rows.starts.len() * n], Vec::new());
+            for (r, o) in out.chunks_exact_mut(n.max(1)).enumerate() {
+                norm_row(rows.row(r, &mut buf), &w, eps, o);
+            }
+            out
+        })
+    })??;
+    Some(tensor_of(out, x.dims(), x))
+}
+
+/// `(residual + y, rms_norm(residual + y))` row by row; `None` off the CPU's f32 path or for
+/// shapes that differ.
+pub fn add_rms_norm<const D: usize>(residual: &Tensor<D>, y: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> Option<(Tensor<D>, Tensor<D>)> {
+    if residual.dims() != y.dims() {
+        return None;
+    }
+    let w = weight_of(weight)?;
+    let (sum, normed) = with_rows(residual, |a| {
+        with_rows(y, |b| {
+            let n = a.n;
+            (w.len() == n).then(|| {
+                let mut sum = vec![0f32; a.starts.len() * n];
+                let mut normed = vec![0f32; a.starts.len() * n];
+                let (mut buf_a, mut buf_b) = (Vec::new(), Vec::new());
+                let rows = sum.chunks_exact_mut(n.max(1)).zip(normed.chunks_exact_mut(n.max(1)));
+                for (r, (s, o)) in rows.enumerate() {
+                    for ((s, x), v) in s.iter_mut().zip(a.row(r, &mut buf_a)).zip(b.row(r, &mut buf_b)) {
+                        *s = x + v;
+                    }
+                    norm_row(s, &w, eps, o);
+                }
+                (sum, normed)
+            })
+        })
+    })???;
+    Some((tensor_of(sum, residual.dims(), residual), tensor_of(normed, residual.dims(), residual)))
+}
+
+/// `silu(gate) * up` of `[.., gate | up]` rows (see [`crate::reference::swiglu_halves`]);
+/// `None` off the CPU's f32 path.
+pub fn swiglu_halves<const D: usize>(gate_up: &Tensor<D>) -> Option<Tensor<D>> {
+    let out = with_rows(gate_up, |rows| {
+        let (n, inner) = (rows.n, rows.n / 2);
+        (n == 2 * inner).then(|| {
+            let (mut out, mut buf) = (vec![0f32; rows.starts.len() * inner], Vec::new());
+            for (r, o) in out.chunks_exact_mut(inner.max(1)).enumerate() {
+                let (gate, up) = rows.row(r, &mut buf).split_at(inner);
+                for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            out
+        })
+    })??;
+    let inner = gate_up.dims()[D - 1] / 2;
+    let mut dims = gate_up.dims();
+    dims[D - 1] = inner;
+    Some(tensor_of(out, dims, gate_up))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+        x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}: element {i}: {x} vs {y}");
+        }
+    }
+
+    /// Contiguous rows, a transposed product output (rows strided), a narrowed view (rows
+    /// offset) and a single row: each against burn's operations, and a row alone equals the
+    /// same row in a batch, bit for bit.
+    #[test]
+    fn the_loops_are_the_reference_on_views_and_a_row_is_the_same_alone() {
+        let d = Device::flex();
+        let n = 37;
+        let w: Tensor<1> = Tensor::random([n], Distribution::Uniform(0.5, 1.5), &d);
+        let base: Tensor<2> = Tensor::random([n, 5], Distribution::Uniform(-2.0, 2.0), &d);
+        let wide: Tensor<2> = Tensor::random([5, 2 * n + 6], Distribution::Uniform(-2.0, 2.0), &d);
+        let views: [(&str, Tensor<2>); 4] = [
+            ("contiguous", Tensor::from_data(base.clone().transpose().into_data(), &d)),
+            ("transposed", base.clone().transpose()),
+            ("narrowed", wide.clone().narrow(1, 3, n)),
+            ("one row", wide.clone().narrow(0, 2, 1).narrow(1, 1, n)),
+        ];
+        for (what, x) in views {
+            let want = values(crate::reference::rms_norm(x.clone(), &w, 1e-6));
+            close(&values(rms_norm(&x, &w, 1e-6).unwrap_or_else(|| panic!("{what}: f32 on the CPU"))), &want, what);
+            let y: Tensor<2> = Tensor::random(x.dims(), Distribution::Uniform(-2.0, 2.0), &d);
+            let (s, o) = add_rms_norm(&x, &y, &w, 1e-6).expect("f32 on the CPU");
+            close(&values(s), &values(x.clone().add(y.clone())), what);
+            close(&values(o), &values(crate::reference::rms_norm(x.clone().add(y), &w, 1e-6)), what);
+        }
+        // A row alone is the same row in the batch, bit for bit.
+        for (what, x) in [("transposed", base.clone().transpose()), ("narrowed", wide.clone().narrow(1, 3, n))] {
+            let all = values(rms_norm(&x, &w, 1e-6).expect("views"));
+            let alone = values(rms_norm(&x.clone().narrow(0, 3, 1), &w, 1e-6).expect("one row"));
+            assert_eq!(&all[3 * n..4 * n], &alone[..], "{what}: row 3 alone and in the batch");
+        }
+        // SwiGLU of the halves, on a strided view (a product's transposed output).
+        let gate_up: Tensor<2> = Tensor::random([2 * n, 4], Distribution::Uniform(-3.0, 3.0), &d);
+        let gate_up = gate_up.transpose();
+        let want = values(crate::reference::swiglu_halves(gate_up.clone()));
+        let got = values(swiglu_halves(&gate_up).expect("f32 on the CPU"));
+        close(&got, &want, "swiglu");
+        let alone = values(swiglu_halves(&gate_up.clone().narrow(0, 1, 1)).expect("one row"));
+        assert_eq!(&got[n..2 * n], &alone[..], "swiglu: row 1 alone and in the batch");
+        // Other dtypes are not taken.
+        assert!(rms_norm(&base.clone().cast(DType::BF16), &w, 1e-6).is_none());
+    }
+}
