@@ -13,6 +13,25 @@
 
 use burn::backend::{BackendTensor, DispatchTensorKind};
 use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// Elements from which a loop splits its rows over rayon's threads (a prefill's rows; a
+/// decode step's few stay on the calling thread). Each row is computed the same way either way.
+const PARALLEL_FROM: usize = 1 << 16;
+
+/// `f(row index, output row, scratch)` for each `n`-wide row of `out`, over rayon's threads
+/// where `out` is large.
+fn each_row(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync) {
+    let n = n.max(1);
+    if out.len() >= PARALLEL_FROM {
+        out.par_chunks_mut(n).enumerate().for_each_init(Vec::new, |buf, (r, o)| f(r, o, buf));
+    } else {
+        let mut buf = Vec::new();
+        for (r, o) in out.chunks_exact_mut(n).enumerate() {
+            f(r, o, &mut buf);
+        }
+    }
+}
 
 /// A tensor's rows in its CPU storage: each row's first element, the row length and the step
 /// between a row's elements.
@@ -110,10 +129,8 @@ pub fn rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> 
     let out = with_rows(x, |rows| {
         let n = rows.n;
         (w.len() == n).then(|| {
-            let (mut out, mut buf) = (vec![0f32; rows.starts.len() * n], Vec::new());
-            for (r, o) in out.chunks_exact_mut(n.max(1)).enumerate() {
-                norm_row(rows.row(r, &mut buf), &w, eps, o);
-            }
+            let mut out = vec![0f32; rows.starts.len() * n];
+            each_row(&mut out, n, |r, o, buf| norm_row(rows.row(r, buf), &w, eps, o));
             out
         })
     })??;
@@ -131,16 +148,18 @@ pub fn add_rms_norm<const D: usize>(residual: &Tensor<D>, y: &Tensor<D>, weight:
         with_rows(y, |b| {
             let n = a.n;
             (w.len() == n).then(|| {
-                let mut sum = vec![0f32; a.starts.len() * n];
-                let mut normed = vec![0f32; a.starts.len() * n];
-                let (mut buf_a, mut buf_b) = (Vec::new(), Vec::new());
-                let rows = sum.chunks_exact_mut(n.max(1)).zip(normed.chunks_exact_mut(n.max(1)));
-                for (r, (s, o)) in rows.enumerate() {
-                    for ((s, x), v) in s.iter_mut().zip(a.row(r, &mut buf_a)).zip(b.row(r, &mut buf_b)) {
-                        *s = x + v;
+                // Each row's sum and its normalisation side by side (`[sum | normed]`), split after.
+                let mut both = vec![0f32; a.starts.len() * 2 * n];
+                each_row(&mut both, 2 * n, |r, row, buf| {
+                    let (s, o) = row.split_at_mut(n);
+                    s.copy_from_slice(a.row(r, buf));
+                    for (s, v) in s.iter_mut().zip(b.row(r, buf)) {
+                        *s += v;
                     }
                     norm_row(s, &w, eps, o);
-                }
+                });
+                let sum: Vec<f32> = both.chunks_exact(2 * n.max(1)).flat_map(|r| r[..n].iter().copied()).collect();
+                let normed: Vec<f32> = both.chunks_exact(2 * n.max(1)).flat_map(|r| r[n..].iter().copied()).collect();
                 (sum, normed)
             })
         })
@@ -154,13 +173,13 @@ pub fn swiglu_halves<const D: usize>(gate_up: &Tensor<D>) -> Option<Tensor<D>> {
     let out = with_rows(gate_up, |rows| {
         let (n, inner) = (rows.n, rows.n / 2);
         (n == 2 * inner).then(|| {
-            let (mut out, mut buf) = (vec![0f32; rows.starts.len() * inner], Vec::new());
-            for (r, o) in out.chunks_exact_mut(inner.max(1)).enumerate() {
-                let (gate, up) = rows.row(r, &mut buf).split_at(inner);
+            let mut out = vec![0f32; rows.starts.len() * inner];
+            each_row(&mut out, inner, |r, o, buf| {
+                let (gate, up) = rows.row(r, buf).split_at(inner);
                 for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
                     *o = g / (1.0 + (-g).exp()) * u;
                 }
-            }
+            });
             out
         })
     })??;
@@ -224,6 +243,22 @@ mod tests {
         close(&got, &want, "swiglu");
         let alone = values(swiglu_halves(&gate_up.clone().narrow(0, 1, 1)).expect("one row"));
         assert_eq!(&got[n..2 * n], &alone[..], "swiglu: row 1 alone and in the batch");
+        // Enough rows for rayon's threads (past `PARALLEL_FROM`): the same rows as alone.
+        let rows = PARALLEL_FROM / n + 7;
+        let big: Tensor<2> = Tensor::random([2 * n, rows], Distribution::Uniform(-2.0, 2.0), &d);
+        let big = big.transpose();
+        let y: Tensor<2> = Tensor::random([rows, 2 * n], Distribution::Uniform(-2.0, 2.0), &d);
+        let half = |t: &Tensor<2>| t.clone().narrow(1, 0, n);
+        let (s, o) = add_rms_norm(&half(&big), &half(&y), &w, 1e-6).expect("f32 on the CPU");
+        close(&values(s), &values(half(&big).add(half(&y))), "parallel sum");
+        let (o, want) = (values(o), values(crate::reference::rms_norm(half(&big).add(half(&y)), &w, 1e-6)));
+        close(&o, &want, "parallel add + norm");
+        let (_, alone) = add_rms_norm(&half(&big).narrow(0, rows - 2, 1), &half(&y).narrow(0, rows - 2, 1), &w, 1e-6).expect("one row");
+        assert_eq!(&o[(rows - 2) * n..(rows - 1) * n], &values(alone)[..], "a row alone and among many");
+        let act = values(swiglu_halves(&big).expect("f32 on the CPU"));
+        close(&act, &values(crate::reference::swiglu_halves(big.clone())), "parallel swiglu");
+        let normed = values(rms_norm(&half(&big), &w, 1e-6).expect("f32 on the CPU"));
+        close(&normed, &values(crate::reference::rms_norm(half(&big), &w, 1e-6)), "parallel norm");
         // Other dtypes are not taken.
         assert!(rms_norm(&base.clone().cast(DType::BF16), &w, 1e-6).is_none());
     }
