@@ -1146,18 +1146,26 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
     let GroupTask { keys, values, queries, table, first, len, block_tokens, kv_heads, kvh, d, scale } = *task;
     let group = queries.len() / d;
     let width = len - first.min(len);
-    // Where key `j`'s head `kvh` starts in a pool.
-    let at = |j: usize| (table[j / block_tokens] * block_tokens + j % block_tokens) * kv_heads * d + kvh * d;
+    // Where key `j`'s head `kvh` starts in a pool, for keys `first..len` in turn: a cursor
+    // over (block, offset) per key and one for the key prefetched ahead (a closure dividing
+    // by the block size four times a key was 7 % of an `int8` decode at 400 tokens).
+    let start = |j: usize| KeyCursor { block: j / block_tokens, offset: j % block_tokens };
+    let at = |c: &KeyCursor| (table[c.block] * block_tokens + c.offset) * kv_heads * d + kvh * d;
     scores.clear();
     scores.resize(group * width, 0.0);
+    let (mut cur, mut ahead) = (start(first), start(first + PREFETCH_KEYS));
     for (k, j) in (first..len).enumerate() {
         if j + PREFETCH_KEYS < len {
-            prefetch(&keys[at(j + PREFETCH_KEYS)..at(j + PREFETCH_KEYS) + d]);
+            let a = at(&ahead);
+            prefetch(&keys[a..a + d]);
         }
-        let key = &keys[at(j)..at(j) + d];
+        let a = at(&cur);
+        let key = &keys[a..a + d];
         for (g, q) in queries.chunks_exact(d).enumerate() {
             scores[g * width + k] = crate::dot(key, q) * scale;
         }
+        cur.advance(block_tokens);
+        ahead.advance(block_tokens);
     }
     for w in scores.chunks_exact_mut(width.max(1)) {
         let top = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -1171,16 +1179,39 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
         }
     }
     out.fill(0.0);
+    let (mut cur, mut ahead) = (start(first), start(first + PREFETCH_KEYS));
     for (k, j) in (first..len).enumerate() {
         if j + PREFETCH_KEYS < len {
-            prefetch(&values[at(j + PREFETCH_KEYS)..at(j + PREFETCH_KEYS) + d]);
+            let a = at(&ahead);
+            prefetch(&values[a..a + d]);
         }
-        let value = &values[at(j)..at(j) + d];
+        let a = at(&cur);
+        let value = &values[a..a + d];
         for (g, o) in out.chunks_exact_mut(d).enumerate() {
             let w = scores[g * width + k];
             for (o, x) in o.iter_mut().zip(value) {
                 *o += w * x;
             }
+        }
+        cur.advance(block_tokens);
+        ahead.advance(block_tokens);
+    }
+}
+
+/// A key's block (index into a row's block table) and offset in it.
+struct KeyCursor {
+    block: usize,
+    offset: usize,
+}
+
+impl KeyCursor {
+    /// The next key.
+    #[inline(always)]
+    fn advance(&mut self, block_tokens: usize) {
+        self.offset += 1;
+        if self.offset == block_tokens {
+            self.offset = 0;
+            self.block += 1;
         }
     }
 }
