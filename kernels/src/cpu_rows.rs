@@ -1,6 +1,6 @@
 //! Row-wise loops on the CPU for the f32 operations between a decoder's products: RMSNorm
-//! (transformers `LlamaRMSNorm` / `Qwen3RMSNorm`), the residual add before it, and SwiGLU
-//! (`silu(gate) * up`, `LlamaMLP`). Through burn's operations each is five to seven launches
+//! (transformers `LlamaRMSNorm` / `Qwen3RMSNorm`), the residual add before it, SwiGLU
+//! (`silu(gate) * up`, `LlamaMLP`) and the rotary embedding (`apply_rotary_pos_emb`). Through burn's operations each is five to seven launches
 //! with an allocation each, about 900 a token of the default model and a tenth of a
 //! one-thread decode; here each is one pass over each row.
 //!
@@ -189,6 +189,40 @@ pub fn swiglu_halves<const D: usize>(gate_up: &Tensor<D>) -> Option<Tensor<D>> {
     Some(tensor_of(out, dims, gate_up))
 }
 
+/// Rotary position embedding of `x [batch, heads, tokens, head_dim]` by `cos`/`sin [batch, 1,
+/// tokens, rotary_dim]` (see [`crate::reference::apply_rotary`]: `x·cos + rotate_half(x)·sin`
+/// on the first `rotary_dim` channels, the rest passed through), each row in the reference's
+/// order of operations; `None` off the CPU's f32 path.
+pub fn rotary(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4>> {
+    let [batch, heads, tokens, head_dim] = x.dims();
+    let [cb, one, ct, rotary_dim] = cos.dims();
+    if (cb, one, ct) != (batch, 1, tokens) || sin.dims() != cos.dims() || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
+        return None;
+    }
+    let half = rotary_dim / 2;
+    let out = with_rows(x, |xs| {
+        with_rows(cos, |cs| {
+            with_rows(sin, |ss| {
+                let mut out = vec![0f32; xs.starts.len() * head_dim];
+                each_row(&mut out, head_dim, |r, o, buf| {
+                    // Row r is (b, h, t); its angles are row (b, t) of cos and sin.
+                    let (b, t) = (r / (heads * tokens), r % tokens);
+                    let x = xs.row(r, buf).to_vec();
+                    let (mut cbuf, mut sbuf) = (Vec::new(), Vec::new());
+                    let (c, s) = (cs.row(b * tokens + t, &mut cbuf), ss.row(b * tokens + t, &mut sbuf));
+                    for i in 0..half {
+                        o[i] = x[i] * c[i] + -x[i + half] * s[i];
+                        o[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+                    }
+                    o[rotary_dim..].copy_from_slice(&x[rotary_dim..]);
+                });
+                out
+            })
+        })
+    })???;
+    Some(tensor_of(out, [batch, heads, tokens, head_dim], x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +293,16 @@ mod tests {
         close(&act, &values(crate::reference::swiglu_halves(big.clone())), "parallel swiglu");
         let normed = values(rms_norm(&half(&big), &w, 1e-6).expect("f32 on the CPU"));
         close(&normed, &values(crate::reference::rms_norm(half(&big), &w, 1e-6)), "parallel norm");
+        // Rotary: full and partial, on a view with heads before tokens (as the decoder passes
+        // it), exactly the reference's values.
+        for rotary_dim in [8usize, 4] {
+            let qk: Tensor<4> = Tensor::random([1, 5, 3, 8], Distribution::Uniform(-2.0, 2.0), &d);
+            let x = qk.swap_dims(1, 2);
+            let cos: Tensor<4> = Tensor::random([1, 1, 5, rotary_dim], Distribution::Uniform(-1.0, 1.0), &d);
+            let sin: Tensor<4> = Tensor::random([1, 1, 5, rotary_dim], Distribution::Uniform(-1.0, 1.0), &d);
+            let want = values(crate::reference::apply_rotary(x.clone(), &cos, &sin));
+            assert_eq!(values(rotary(&x, &cos, &sin).expect("f32 on the CPU")), want, "rotary over {rotary_dim} of 8 channels");
+        }
         // Other dtypes are not taken.
         assert!(rms_norm(&base.clone().cast(DType::BF16), &w, 1e-6).is_none());
     }

@@ -28,7 +28,7 @@ pub use kv_write::{write_kv_slots, zeroed_kv_buffer};
 pub use linear::{batched_linear, batched_matmul, concat_outputs, linear, split_parts, split_stacked, split_weight, with_cpu_split};
 pub use norm::{add_rms_norm, rms_norm};
 pub use reference::{apply_rotary, rotate_half, swiglu};
-pub use rotary::qk_norm_rotary;
+pub use rotary::{qk_norm_rotary, rotary};
 
 /// `Σ a · b` in sixteen independent lanes, which the compiler vectorises (a single running
 /// sum chains every add on the last: as the attention scores' dot product it was 7 % of a CPU

@@ -204,6 +204,17 @@ pub fn qk_norm_rotary_reference(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<
     crate::reference::apply_rotary(crate::reference::rms_norm(qk, weight, eps).swap_dims(1, 2), cos, sin)
 }
 
+/// Rotary position embedding (see [`crate::reference::apply_rotary`]): one loop over each
+/// row for f32 on the CPU (`crate::cpu_rows`), the reference elsewhere.
+pub fn rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    if !is_cubecl(&x.device())
+        && let Some(out) = crate::cpu_rows::rotary(&x, cos, sin)
+    {
+        return out;
+    }
+    crate::reference::apply_rotary(x, cos, sin)
+}
+
 /// QK-norm and rotary embedding of queries and keys together: the kernel on CubeCL devices,
 /// the reference elsewhere.
 pub fn qk_norm_rotary(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64) -> Tensor<4> {

@@ -22,7 +22,7 @@ use inference_pio_core::config::Quantization;
 use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
 use inference_pio_kernels::memory::outside_pools;
-use inference_pio_kernels::{add_rms_norm, apply_rotary, concat_outputs, linear, qk_norm_rotary, rms_norm, split_parts, split_weight, write_kv_slots, zeroed_kv_buffer};
+use inference_pio_kernels::{add_rms_norm, concat_outputs, linear, qk_norm_rotary, rms_norm, rotary, split_parts, split_weight, write_kv_slots, zeroed_kv_buffer};
 
 /// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -611,7 +611,7 @@ impl Decoder {
             let qk = qkv.clone().narrow(2, 0, nh + nkv);
             let qk = match &block.qk_norm {
                 Some(w) => qk_norm_rotary(qk, w, cos, sin, c.rms_norm_eps),
-                None => apply_rotary(qk.swap_dims(1, 2), cos, sin),
+                None => rotary(qk.swap_dims(1, 2), cos, sin),
             };
             let q = qk.clone().narrow(1, 0, nh).swap_dims(1, 2).reshape([t, nh, d]);
             let k = qk.narrow(1, nh, nkv).swap_dims(1, 2).reshape([t, nkv, d]);
