@@ -5,9 +5,10 @@
 # batch-1 and batch-32 decode, the offline throughput workload (256 requests x 512 random
 # prompt tokens, 128 new tokens, submitted at once) and the shared-prefix workload (64 requests
 # sharing a 2,048-token system prompt + 64 distinct tokens, 32 new) with prefix caching on and
-# off — beside transformers' continuous batching (`generate_batch`) and, when its build
-# (started at the beginning, in the background) is done in time, llama.cpp's batched-bench on
-# the same checkpoint as GGUF BF16.
+# off — beside transformers' continuous batching (`generate_batch`, run first among the peers,
+# while the build goes on) and, when its build (started at the beginning, in the background) is
+# done in time, llama.cpp's batched-bench on the same checkpoint as GGUF BF16: all three fit one
+# 585 s call on an H100 if the peers stage follows `OURS="b1 offline prefix_off prefix_on"`.
 # Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz, .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/{log.txt,results.json,sw/*} (sw: the qwen3-tiny-sw fixture to commit).
 # Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers"), OURS (which of
@@ -104,7 +105,17 @@ PY
   ours prefix_on /tmp/serve.toml --prompts-file /tmp/prefix.jsonl --max-new-tokens 32 --repeat 2
 fi
 if has peers; then
-  if [ -f /tmp/llama.cpp.started ]; then
+  wants() { [[ " ${PEERS:-transformers llama} " == *" $1 "* ]]; }
+  # transformers first, on our cores, while llama.cpp's build finishes on the others: after the
+  # build, in one 585 s call, no time was left for transformers (2026-12-06, H100). It leaves
+  # llama.cpp 150 s (conversion and both benchmarks took about 60).
+  if wants transformers; then
+    t=$(( $(left) - 40 ))
+    [ -f /tmp/llama.cpp.started ] && wants llama && t=$(( $(left) - 150 ))
+    [ $t -gt 60 ] && timeout $t taskset -c $OURS_CPUS python3 benches/gpu/peer_transformers_cb.py $CK /tmp/offline.jsonl 128 /tmp/peer_transformers.json 2>&1 | tail -3
+    echo "transformers done at $SECONDS s"
+  fi
+  if wants llama && [ -f /tmp/llama.cpp.started ]; then
     while [ ! -f /tmp/llama.cpp.done ] && [ $(left) -gt 120 ]; do sleep 5; done
     if [ "$(cat /tmp/llama.cpp.done 2>/dev/null)" = 0 ]; then
       [ -f /tmp/q4b.gguf ] || PYTHONPATH=/tmp/llama.cpp/gguf-py timeout $(( $(left) - 90 )) python3 /tmp/llama.cpp/convert_hf_to_gguf.py $CK --outtype bf16 --outfile /tmp/q4b.gguf 2>&1 | tail -2
@@ -116,10 +127,7 @@ if has peers; then
       echo "llama.cpp build not done (status $(cat /tmp/llama.cpp.done 2>/dev/null || echo running)) at $SECONDS s"
     fi
   fi
-  # transformers after llama.cpp: the slower peer gets what time is left.
-  t=$(( $(left) - 40 ))
-  [ $t -gt 60 ] && [[ " ${PEERS:-transformers llama} " == *" transformers "* ]] && timeout $t python3 benches/gpu/peer_transformers_cb.py $CK /tmp/offline.jsonl 128 /tmp/peer_transformers.json 2>&1 | tail -3
-  echo "transformers done at $SECONDS s"
+  echo "llama.cpp done at $SECONDS s"
 fi
 python3 - "$(cat .gpu/COMMIT 2>/dev/null || echo unknown)" <<'PY'
 import glob, json, os, re, sys
