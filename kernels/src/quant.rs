@@ -1644,7 +1644,53 @@ mod simd {
         );
         let codes = m.codes.as_ptr() as *const u8;
         let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
-        for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
+        // Two output rows a pass, as `avx512::rows_split4` (each row in its one-row order of
+        // operations): each unit's activations loaded once for both rows.
+        let pairs = count / 2;
+        for pair in 0..pairs {
+            let r = 2 * pair;
+            let (sa, sb) = (&scales[r * groups..(r + 1) * groups], &scales[(r + 1) * groups..(r + 2) * groups]);
+            // SAFETY: rows `first + r` and `first + r + 1` lie in the matrix (asserted above).
+            let (mut ba, mut bb) = unsafe { (codes.add((first + r) * row_bytes), codes.add((first + r + 1) * row_bytes)) };
+            let mut xp = split.as_ptr();
+            let (mut a0, mut a1, mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            for g in 0..groups {
+                let (mut p, mut q, mut u, mut v) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+                for _ in 0..units_per_group {
+                    // SAFETY: as in the one-row loop below, for both rows.
+                    unsafe {
+                        let x = [_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))];
+                        let [c0, c1, c2, c3] = unit_codes4(ba);
+                        p = _mm256_fmadd_ps(c0, x[0], p);
+                        q = _mm256_fmadd_ps(c1, x[1], q);
+                        p = _mm256_fmadd_ps(c2, x[2], p);
+                        q = _mm256_fmadd_ps(c3, x[3], q);
+                        let [d0, d1, d2, d3] = unit_codes4(bb);
+                        u = _mm256_fmadd_ps(d0, x[0], u);
+                        v = _mm256_fmadd_ps(d1, x[1], v);
+                        u = _mm256_fmadd_ps(d2, x[2], u);
+                        v = _mm256_fmadd_ps(d3, x[3], v);
+                        ba = ba.add(16);
+                        bb = bb.add(16);
+                        xp = xp.add(32);
+                    }
+                }
+                let (scale_a, scale_b) = (_mm256_set1_ps(sa[g]), _mm256_set1_ps(sb[g]));
+                if g % 2 == 0 {
+                    a0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale_a, a0);
+                    b0 = _mm256_fmadd_ps(_mm256_add_ps(u, v), scale_b, b0);
+                } else {
+                    a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale_a, a1);
+                    b1 = _mm256_fmadd_ps(_mm256_add_ps(u, v), scale_b, b1);
+                }
+            }
+            out[r] = hsum(_mm256_add_ps(a0, a1)) + crate::dot(&mins[r * groups..(r + 1) * groups], sums);
+            out[r + 1] = hsum(_mm256_add_ps(b0, b1)) + crate::dot(&mins[(r + 1) * groups..(r + 2) * groups], sums);
+        }
+        let rest = 2 * pairs;
+        let tail = out[rest..].iter_mut().zip(scales[rest * groups..].chunks_exact(groups)).zip(mins[rest * groups..].chunks_exact(groups));
+        for (i, ((y, row_scales), row_mins)) in tail.enumerate() {
+            let r = rest + i;
             // SAFETY: row `first + r` lies in the matrix (asserted above): its `row_bytes`
             // code bytes start here.
             let mut bytes = unsafe { codes.add((first + r) * row_bytes) };
@@ -2941,11 +2987,14 @@ mod tests {
                     if let Some(split) = simd::row_dot_split4(&m, row, &split_nibble_order(&x), &sums) {
                         assert!((split - want).abs() <= 1e-4 * want.abs().max(1.0), "split, group {group}: {split} vs {want}");
                     }
-                    // Rows `row..3` in one call, this row's first.
+                    // Rows `row..3` in one call (pairs of rows and a last one alone), each checked.
                     let mut rows_out = vec![0f32; 3 - row];
                     if simd::rows_dot_split4(&m, row, &split_nibble_order(&x), &sums, &mut rows_out) {
-                        let got = rows_out[0];
-                        assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "rows from {row}, group {group}: {got} vs {want}");
+                        for (k, &got) in rows_out.iter().enumerate() {
+                            let r = row + k;
+                            let want: f32 = dense[r * cols..(r + 1) * cols].iter().zip(&x).map(|(w, x)| w * x).sum();
+                            assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "row {r} of rows from {row}, group {group}: {got} vs {want}");
+                        }
                     }
                     // 2 to 4 activation rows at once: `x` and scaled copies of it.
                     for count in 2..=4 {
