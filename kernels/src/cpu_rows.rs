@@ -148,18 +148,15 @@ pub fn add_rms_norm<const D: usize>(residual: &Tensor<D>, y: &Tensor<D>, weight:
         with_rows(y, |b| {
             let n = a.n;
             (w.len() == n).then(|| {
-                // Each row's sum and its normalisation side by side (`[sum | normed]`), split after.
-                let mut both = vec![0f32; a.starts.len() * 2 * n];
-                each_row(&mut both, 2 * n, |r, row, buf| {
-                    let (s, o) = row.split_at_mut(n);
+                let mut sum = vec![0f32; a.starts.len() * n];
+                each_row(&mut sum, n, |r, s, buf| {
                     s.copy_from_slice(a.row(r, buf));
                     for (s, v) in s.iter_mut().zip(b.row(r, buf)) {
                         *s += v;
                     }
-                    norm_row(s, &w, eps, o);
                 });
-                let sum: Vec<f32> = both.chunks_exact(2 * n.max(1)).flat_map(|r| r[..n].iter().copied()).collect();
-                let normed: Vec<f32> = both.chunks_exact(2 * n.max(1)).flat_map(|r| r[n..].iter().copied()).collect();
+                let mut normed = vec![0f32; sum.len()];
+                each_row(&mut normed, n, |r, o, _| norm_row(&sum[r * n..(r + 1) * n], &w, eps, o));
                 (sum, normed)
             })
         })
@@ -207,7 +204,8 @@ pub fn rotary(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<
                 each_row(&mut out, head_dim, |r, o, buf| {
                     // Row r is (b, h, t); its angles are row (b, t) of cos and sin.
                     let (b, t) = (r / (heads * tokens), r % tokens);
-                    let x = xs.row(r, buf).to_vec();
+                    let x = xs.row(r, buf);
+                    // Empty unless cos and sin are views with strided rows.
                     let (mut cbuf, mut sbuf) = (Vec::new(), Vec::new());
                     let (c, s) = (cs.row(b * tokens + t, &mut cbuf), ss.row(b * tokens + t, &mut sbuf));
                     for i in 0..half {

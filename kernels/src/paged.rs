@@ -673,6 +673,12 @@ const PREFILL_REFERENCE_PS: usize = 15;
 /// from 37.5 to 24.9 ms with the kernel (36 layers, H100, 2026-12-06), ~350 µs a layer.
 const PREFILL_REFERENCE_HOST_PS: usize = 300_000_000;
 
+/// Runs of consecutive spans of one shape (queries and context): what the reference takes as
+/// one batch.
+fn same_shape_runs(spans: &[Span]) -> std::slice::ChunkBy<'_, Span, impl FnMut(&Span, &Span) -> bool> {
+    spans.chunk_by(|a, b| a.queries == b.queries && a.context == b.context)
+}
+
 /// Keys seen in all by the query tokens of `span` (the last `queries` of `context`, causal),
 /// each at most `window` of them.
 fn causal_pairs(span: &Span, window: Option<usize>) -> usize {
@@ -693,7 +699,7 @@ fn causal_pairs(span: &Span, window: Option<usize>) -> usize {
 pub fn prefill_kernel_pays(spans: &[Span], heads: usize, window: Option<usize>) -> bool {
     let causal: usize = spans.iter().map(|s| causal_pairs(s, window)).sum();
     let dense: usize = spans.iter().map(|s| s.queries * s.context).sum();
-    let runs = spans.chunk_by(|a, b| a.queries == b.queries && a.context == b.context).count();
+    let runs = same_shape_runs(spans).count();
     let kernel = causal.saturating_mul(heads).saturating_mul(PREFILL_KERNEL_PS);
     let reference = dense.saturating_mul(heads).saturating_mul(PREFILL_REFERENCE_PS).saturating_add(runs.saturating_mul(PREFILL_REFERENCE_HOST_PS));
     kernel < reference
@@ -767,14 +773,21 @@ struct PrefillRows {
 /// query token its row of the table and the keys it sees (its position + 1: the chunk's
 /// queries are its last `queries` tokens of `context`).
 pub fn prefill_rows(spans: &[Span], block_tokens: usize) -> (Vec<i64>, usize, Vec<i64>, Vec<i64>) {
+    let (table, max_blocks) = padded_table(spans, block_tokens);
+    let seqs = spans.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i as i64, s.queries)).collect();
+    let lens = spans.iter().flat_map(|s| (s.context - s.queries + 1..=s.context).map(|l| l as i64)).collect();
+    (table, max_blocks, seqs, lens)
+}
+
+/// The block table of `spans`, `[spans * max_blocks]` (each span's blocks for its context,
+/// padded with block 0), and `max_blocks`.
+fn padded_table(spans: &[Span], block_tokens: usize) -> (Vec<i64>, usize) {
     let max_blocks = spans.iter().map(|s| s.context.div_ceil(block_tokens)).max().unwrap_or(1).max(1);
     let table = spans
         .iter()
         .flat_map(|s| (0..max_blocks).map(|b| s.blocks.get(b).map_or(0, |&id| i64::from(id))))
         .collect();
-    let seqs = spans.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i as i64, s.queries)).collect();
-    let lens = spans.iter().flat_map(|s| (s.context - s.queries + 1..=s.context).map(|l| l as i64)).collect();
-    (table, max_blocks, seqs, lens)
+    (table, max_blocks)
 }
 
 /// The decode rows of a step: each row's blocks, `table [rows, max_blocks]` (padded), and the
@@ -838,11 +851,7 @@ impl PagedLayout {
         let decode_rows = spans.iter().take_while(|s| s.queries == 1).count();
         let decode = &spans[..decode_rows];
         let decode = (decode_rows > 0).then(|| {
-            let max_blocks = decode.iter().map(|s| s.context.div_ceil(block_tokens)).max().unwrap_or(1).max(1);
-            let table: Vec<i64> = decode
-                .iter()
-                .flat_map(|s| (0..max_blocks).map(|b| s.blocks.get(b).map_or(0, |&id| i64::from(id))))
-                .collect();
+            let (table, max_blocks) = padded_table(decode, block_tokens);
             DecodeRows::new(
                 Tensor::<2, Int>::from_data(TensorData::new(table, [decode_rows, max_blocks]), device),
                 ints(decode.iter().map(|s| s.context as i64).collect(), device),
@@ -896,31 +905,26 @@ impl PagedLayout {
             let f32_tensor = |values: Vec<f32>, dims: [usize; 5]| Tensor::<5>::from_data(TensorData::new(values, dims), (device, DType::F32));
             // Consecutive chunks of one shape run as one batch (one attention per group, not per
             // chunk: a step admitting many cache hits has many short chunks of one shape).
-            let mut chunks: Vec<Chunk> = Vec::new();
-            let rest = spans;
-            let mut i = 0;
-            while i < rest.len() {
-                let (queries, context) = (rest[i].queries, rest[i].context);
-                let count = rest[i..].iter().take_while(|s| s.queries == queries && s.context == context).count();
-                let group = &rest[i..i + count];
-                chunks.push(Chunk {
-                    count,
-                    queries,
-                    context,
-                    slots: ints(group.iter().flat_map(|s| gather(s, context)).collect(), device),
-                    masks: windows
-                        .iter()
-                        .map(|&w| {
-                            // One sequence's mask, built and uploaded once and repeated on the device
-                            // (sixteen 512-token prompts: 1 MB from the host instead of 16 MB).
-                            let one = f32_tensor(mask_values(queries, context, context, w), [1, 1, 1, queries, context]);
-                            (w, if count == 1 { one } else { one.repeat_dim(0, count) })
-                        })
-                        .collect(),
-                });
-                i += count;
-            }
-            chunks
+            same_shape_runs(spans)
+                .map(|group| {
+                    let (count, queries, context) = (group.len(), group[0].queries, group[0].context);
+                    Chunk {
+                        count,
+                        queries,
+                        context,
+                        slots: ints(group.iter().flat_map(|s| gather(s, context)).collect(), device),
+                        masks: windows
+                            .iter()
+                            .map(|&w| {
+                                // One sequence's mask, built and uploaded once and repeated on the
+                                // device (sixteen 512-token prompts: 1 MB from the host instead of 16 MB).
+                                let one = f32_tensor(mask_values(queries, context, context, w), [1, 1, 1, queries, context]);
+                                (w, if count == 1 { one } else { one.repeat_dim(0, count) })
+                            })
+                            .collect(),
+                    }
+                })
+                .collect()
         })
     }
 }
