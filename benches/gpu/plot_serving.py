@@ -8,7 +8,8 @@ to first token with prefix caching on and off.
 
 Without LABEL=FILE pairs it plots the calls of 2026-12-02 (`gpu-h200-2026-12-02-serving/`).
 The peers come from the first file that has them, or from PEERS_FROM=FILE (not plotted as a
-call of ours); TRANSFORMERS_LABEL and LLAMA_LABEL name their bars.
+call of ours); TRANSFORMERS_LABEL and LLAMA_LABEL name their bars; PLOT_DATE and PLOT_DEVICE
+the title's date and device (default 2026-12-02, H200).
 """
 import json
 import os
