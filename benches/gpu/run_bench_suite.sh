@@ -35,7 +35,7 @@ export INFERENCE_PIO_COMMIT=$(cat .gpu/COMMIT 2>/dev/null || echo unknown)
 # on in the background on cores 6 and up while the suites run on 0-5.
 if has prepare; then
   prepare_peers $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $SAVED
-  while [ ! -f /tmp/ckpt.done ] && [ ! -f $SAVED/model.safetensors.index.json ] && [ $(left) -gt 120 ]; do sleep 2; done
+  while [ ! -f /tmp/ckpt.done ] && [ ! -f $SAVED/model.safetensors.index.json ] && [ ! -f $SAVED/model.safetensors ] && [ $(left) -gt 120 ]; do sleep 2; done
   echo "checkpoint: status $(cat /tmp/ckpt.done 2>/dev/null || echo unfinished) at $SECONDS s"
 fi
 
@@ -57,7 +57,7 @@ has 30b && suite 30b "$(qwen3_coder_30b_dir)" ${ARGS_30B:---quick} --memory-mode
 
 if has peers; then
   while [ ! -f /tmp/llama.cpp.done ] && [ $(left) -gt 200 ]; do sleep 5; done
-  while [ ! -f /tmp/ckpt.done ] && [ ! -f $SAVED/model.safetensors.index.json ] && [ $(left) -gt 200 ]; do sleep 5; done
+  while [ ! -f /tmp/ckpt.done ] && [ ! -f $SAVED/model.safetensors.index.json ] && [ ! -f $SAVED/model.safetensors ] && [ $(left) -gt 200 ]; do sleep 5; done
   if [ "$(cat /tmp/llama.cpp.done 2>/dev/null)" = 0 ]; then
     [ -f /tmp/q4b.gguf ] || PYTHONPATH=/tmp/llama.cpp/gguf-py timeout $(( $(left) - 60 )) python3 /tmp/llama.cpp/convert_hf_to_gguf.py $SAVED --outtype bf16 --outfile /tmp/q4b.gguf 2>&1 | tail -1
     # The speed suite's counterparts: prompt processing at its prompt lengths, generation at

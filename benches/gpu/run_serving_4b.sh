@@ -24,11 +24,13 @@ export XDG_CACHE_HOME=/tmp/xdg
 exec > >(tee -a $OUT/log.txt) 2>&1
 ensure_cublas
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-# llama.cpp's build gets the cores from 6 up and our runs cores 0-5: a build on every core
-# halved our host-bound batch-1 decode in the 2026-12-03 peers call (serving-peers.md).
+# llama.cpp's build gets the cores from 4 up and our runs (and transformers) cores 0-3: a build
+# on every core halved our host-bound batch-1 decode in the 2026-12-03 peers call
+# (serving-peers.md), and on cores 6-15 beside transformers it took about 470 s (2026-12-06).
 CORES=$(nproc)
-OURS_CPUS=0-5
-[ -f .gpu/peers/build_llamacpp.sh ] && [[ " $STAGES " == *" peers "* ]] && taskset -c 6-$(( CORES - 1 )) bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
+OURS_CPUS=${OURS_CPUS:-0-3}
+BUILD_CPUS=4-$(( CORES - 1 ))
+[ -f .gpu/peers/build_llamacpp.sh ] && [[ " $STAGES " == *" peers "* ]] && taskset -c $BUILD_CPUS bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
 P=plugins/qwen3-4b-instruct-2507
 ID=qwen3-4b-instruct-2507
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -68,6 +70,13 @@ PY
   printf '[plugins.%s]\nmax_num_batched_tokens = 8192\nprefix_caching = false\nasync_scheduling = false\n' $ID > /tmp/nocache_sync.toml
   printf '[plugins.%s]\nmax_num_batched_tokens = 16384\nprefix_caching = false\n' $ID > /tmp/nocache16k.toml
   echo "checkpoint and prompts ready at $SECONDS s"
+  # The GGUF needs only the unpacked source tree (its converter), not the build: converted now, in
+  # the background on the build's cores, it is ready when the build is (a conversion started
+  # after the build was cut short by the call's end on 2026-12-06).
+  if has peers && [ -f /tmp/llama.cpp/convert_hf_to_gguf.py ] && [ ! -f /tmp/q4b.gguf.done ]; then
+    ( PYTHONPATH=/tmp/llama.cpp/gguf-py taskset -c $BUILD_CPUS python3 /tmp/llama.cpp/convert_hf_to_gguf.py $CK --outtype bf16 \
+        --outfile /tmp/q4b.gguf > /tmp/q4b.gguf.log 2>&1; echo $? > /tmp/q4b.gguf.done ) &
+  fi
 fi
 ours() { # name config args...
   local name=$1 config=$2; shift 2
@@ -108,21 +117,22 @@ if has peers; then
   wants() { [[ " ${PEERS:-transformers llama} " == *" $1 "* ]]; }
   # transformers first, on our cores, while llama.cpp's build finishes on the others: after the
   # build, in one 585 s call, no time was left for transformers (2026-12-06, H100). It leaves
-  # llama.cpp 150 s (conversion and both benchmarks took about 60).
+  # llama.cpp 110 s (both benchmarks took about 50; the GGUF is converted during our runs).
   if wants transformers; then
     t=$(( $(left) - 40 ))
-    [ -f /tmp/llama.cpp.started ] && wants llama && t=$(( $(left) - 150 ))
+    [ -f /tmp/llama.cpp.started ] && wants llama && t=$(( $(left) - 110 ))
     [ $t -gt 60 ] && timeout $t taskset -c $OURS_CPUS python3 benches/gpu/peer_transformers_cb.py $CK /tmp/offline.jsonl 128 /tmp/peer_transformers.json 2>&1 | tail -3
     echo "transformers done at $SECONDS s"
   fi
   if wants llama && [ -f /tmp/llama.cpp.started ]; then
-    while [ ! -f /tmp/llama.cpp.done ] && [ $(left) -gt 120 ]; do sleep 5; done
-    if [ "$(cat /tmp/llama.cpp.done 2>/dev/null)" = 0 ]; then
-      [ -f /tmp/q4b.gguf ] || PYTHONPATH=/tmp/llama.cpp/gguf-py timeout $(( $(left) - 90 )) python3 /tmp/llama.cpp/convert_hf_to_gguf.py $CK --outtype bf16 --outfile /tmp/q4b.gguf 2>&1 | tail -2
+    while [ ! -f /tmp/llama.cpp.done ] && [ $(left) -gt 60 ]; do sleep 2; done
+    while [ ! -f /tmp/q4b.gguf.done ] && [ $(left) -gt 60 ]; do sleep 2; done
+    echo "llama.cpp build: $(cat /tmp/llama.cpp.done 2>/dev/null || echo running), GGUF: $(cat /tmp/q4b.gguf.done 2>/dev/null || echo running) at $SECONDS s"
+    if [ "$(cat /tmp/llama.cpp.done 2>/dev/null)" = 0 ] && [ "$(cat /tmp/q4b.gguf.done 2>/dev/null)" = 0 ]; then
       B=/tmp/llama.cpp/build/bin
-      [ -f /tmp/q4b.gguf ] && timeout $(( $(left) - 30 )) $B/llama-batched-bench -m /tmp/q4b.gguf -ngl 99 -fa on -c 170000 -b 8192 -ub 2048 \
+      timeout $(( $(left) - 15 )) $B/llama-batched-bench -m /tmp/q4b.gguf -ngl 99 -fa on -c 170000 -b 8192 -ub 2048 \
         -npp 512 -ntg 128 -npl 256 > /tmp/llama_batched.txt 2>&1; tail -6 /tmp/llama_batched.txt
-      [ -f /tmp/q4b.gguf ] && [ $(left) -gt 60 ] && timeout $(( $(left) - 20 )) $B/llama-bench -m /tmp/q4b.gguf -ngl 99 -fa 1 -p 0 -n 128 > /tmp/llama_bench.txt 2>&1; tail -4 /tmp/llama_bench.txt
+      [ $(left) -gt 45 ] && timeout $(( $(left) - 15 )) $B/llama-bench -m /tmp/q4b.gguf -ngl 99 -fa 1 -p 0 -n 128 > /tmp/llama_bench.txt 2>&1; tail -4 /tmp/llama_bench.txt
     else
       echo "llama.cpp build not done (status $(cat /tmp/llama.cpp.done 2>/dev/null || echo running)) at $SECONDS s"
     fi

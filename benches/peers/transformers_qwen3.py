@@ -45,7 +45,8 @@ def bench(model_dir, prompt_tokens, new_tokens, batch, device, dtype, gguf=None)
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=dtype)
         model = model.to(device).eval()
     else:
-        model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        # The class from the checkpoint's `architectures` (dense Qwen3 or Qwen3-MoE).
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     ids = torch.tensor([prompt_ids(prompt_tokens)] * batch, device=device)
     res = {}
 

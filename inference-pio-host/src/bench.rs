@@ -603,22 +603,30 @@ impl Bench<'_> {
             infer_on(self.plugin, h, vocab, 16.min(prompt), 4.min(new), 424_242)?;
             // Prompts sharing their first half: the single request primes it, the concurrent
             // ones can take it from the prefix cache.
-            let prefix = prompt_ids(prompt / 2, vocab, 31_337);
-            let with_tail = |i: usize| {
-                let mut ids = prefix.clone();
-                ids.extend(prompt_ids(prompt - prompt / 2, vocab, 40_000 + i as u64));
-                ids
+            let shared = |prefix_seed: u64, tail_seed: u64| {
+                let prefix = prompt_ids(prompt / 2, vocab, prefix_seed);
+                move |i: usize| {
+                    let mut ids = prefix.clone();
+                    ids.extend(prompt_ids(prompt - prompt / 2, vocab, tail_seed + i as u64));
+                    ids
+                }
             };
-            let run = |i: usize| self.plugin.infer(h, &request(with_tail(i), new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
             let n = self.plan.concurrency.first().copied().unwrap_or(4);
-            // The concurrent path warmed up too, with the timed run's shape (n requests, `new`
-            // tokens each: its batched prefill, each decode width and MoE routing's expert
-            // batches; on a GPU their kernels' first compilation and autotuning, and CUDA
-            // graphs, cost the first variant a third of its concurrent throughput in the
-            // 2026-12-06 H100 run, and four warm-up tokens left the 30B's variants measuring
-            // compilation), on prompts of their own so that nothing they leave in the prefix
-            // cache is measured.
-            together(n, |i| infer_on(self.plugin, h, vocab, prompt, new, 77_000 + i as u64))?;
+            // The whole measured sequence runs once untimed first, on prompts of its own (another
+            // shared half, other tails: nothing it leaves in the prefix cache is measured), so
+            // that every shape the timed runs meet is met before them: the full prefill, the
+            // chunks after a prefix-cache hit, each decode width and MoE routing's expert
+            // batches; on a GPU their kernels' first compilation and autotuning, and CUDA graph
+            // captures. The first variant lost a third of its concurrent throughput to them in
+            // the 2026-12-06 H100 run; a warm-up of fresh 100-token prompts, which never hit
+            // the prefix cache, still left the 30B's baseline at 28 concurrent tokens/s against
+            // 43 with graphs off (2026-12-06, the 30B peers call).
+            let warm = shared(31_338, 78_000);
+            let warm_run = |i: usize| self.plugin.infer(h, &request(warm(i), new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
+            warm_run(0)?;
+            together(n, |i| warm_run(i + 1))?;
+            let timed = shared(31_337, 40_000);
+            let run = |i: usize| self.plugin.infer(h, &request(timed(i), new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
             let single = run(0)?.timings;
             let (wall, results) = together(n, |i| run(i + 1))?;
             let generated: usize = results.iter().map(|r| r.token_ids.len()).sum();
