@@ -8,10 +8,14 @@
 # off — beside transformers' continuous batching (`generate_batch`, run first among the peers,
 # while the build goes on) and, when its build (started at the beginning, in the background) is
 # done in time, llama.cpp's batched-bench on the same checkpoint as GGUF BF16: all three fit one
-# 585 s call on an H100 if the peers stage follows `OURS="b1 offline prefix_off prefix_on"`.
+# 585 s call on an H100 if the peers stage follows `OURS="b1 offline prefix_off prefix_on"`, but
+# then our runs share the machine with the build (2026-12-06: 1.15x llama.cpp there against
+# 1.28-1.34x on a quiet machine); for equal terms run STAGES=prepare first, then "ours peers".
 # Carried: .gpu/{inference-pio,libqwen3_4b_instruct_2507.so}.xz, .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/{log.txt,results.json,sw/*} (sw: the qwen3-tiny-sw fixture to commit).
-# Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers"), OURS (which of
+# Env: BUDGET (s, default 570), STAGES (default "fixture parity ours peers"; "prepare" alone builds
+# llama.cpp, saves the checkpoint and its GGUF and waits for them, for a quiet "ours peers" call
+# next on the same held machine), OURS (which of
 # our runs, default "b1 b32 offline offline_sync prefix_off prefix_on"), PEERS (default "transformers
 # llama"; llama.cpp runs only if its build was started, i.e. with the peers stage), PIO_LOG (default 1, or "steps":
 # phase log).
@@ -30,7 +34,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 CORES=$(nproc)
 OURS_CPUS=${OURS_CPUS:-0-3}
 BUILD_CPUS=4-$(( CORES - 1 ))
-[ -f .gpu/peers/build_llamacpp.sh ] && [[ " $STAGES " == *" peers "* ]] && taskset -c $BUILD_CPUS bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
+# STAGES="prepare" (a call of its own, before "ours peers" on the same held machine): the build
+# on every core, the checkpoint and its GGUF, nothing timed; it waits for all three, so the
+# next call measures the three engines on a quiet machine.
+[[ " $STAGES " == *" prepare "* ]] && BUILD_CPUS=0-$(( CORES - 1 ))
+[ -f .gpu/peers/build_llamacpp.sh ] && [[ " $STAGES " == *" peers "* || " $STAGES " == *" prepare "* ]] && taskset -c $BUILD_CPUS bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
 P=plugins/qwen3-4b-instruct-2507
 ID=qwen3-4b-instruct-2507
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -49,7 +57,7 @@ if has parity; then
 fi
 
 CK=/tmp/q4b
-if has ours || has peers; then
+if has ours || has peers || has prepare; then
   [ -f $CK/model.safetensors.index.json ] || [ -f $CK/model.safetensors ] || \
     python3 benches/gpu/make_random_checkpoint.py $P/primary/config.json $P/tests/fixtures/qwen3-tokenizer $CK 2>&1 | tail -1
   python3 - <<'PY'
@@ -73,10 +81,15 @@ PY
   # The GGUF needs only the unpacked source tree (its converter), not the build: converted now, in
   # the background on the build's cores, it is ready when the build is (a conversion started
   # after the build was cut short by the call's end on 2026-12-06).
-  if has peers && [ -f /tmp/llama.cpp/convert_hf_to_gguf.py ] && [ ! -f /tmp/q4b.gguf.done ]; then
+  if { has peers || has prepare; } && [ -f /tmp/llama.cpp/convert_hf_to_gguf.py ] && [ ! -f /tmp/q4b.gguf.done ] && [ ! -f /tmp/q4b.gguf.started ]; then
+    touch /tmp/q4b.gguf.started
     ( PYTHONPATH=/tmp/llama.cpp/gguf-py taskset -c $BUILD_CPUS python3 /tmp/llama.cpp/convert_hf_to_gguf.py $CK --outtype bf16 \
         --outfile /tmp/q4b.gguf > /tmp/q4b.gguf.log 2>&1; echo $? > /tmp/q4b.gguf.done ) &
   fi
+fi
+if has prepare; then
+  while { [ ! -f /tmp/llama.cpp.done ] || [ ! -f /tmp/q4b.gguf.done ]; } && [ $(left) -gt 10 ]; do sleep 2; done
+  echo "prepared: llama.cpp build $(cat /tmp/llama.cpp.done 2>/dev/null || echo running), GGUF $(cat /tmp/q4b.gguf.done 2>/dev/null || echo running) at $SECONDS s"
 fi
 ours() { # name config args...
   local name=$1 config=$2; shift 2

@@ -3,12 +3,14 @@
 //! - routing ([`Router`]): softmax top-k (transformers `Qwen3MoeTopKRouter`, Mixtral), and
 //!   sigmoid scoring with a score-correction bias and group-limited top-k (DeepSeek-V3,
 //!   transformers `Glm4MoeTopkRouter`);
-//! - the experts ([`MoeBlock`]): each expert runs only on the tokens routed to it
-//!   (transformers `Qwen3MoeExperts` / `Glm4MoeExperts`), plus optional always-on shared
-//!   experts (`Glm4MoeMoE.shared_experts`). Every layer's experts are stacked into one tensor
-//!   per projection, so the experts run as one batched matmul per projection: with few tokens
-//!   (decode) over the chosen experts' gathered weights, with many (prefill) over each
-//!   expert's gathered rows (gather, grouped matmul, gather back, weighted sum).
+//! - the experts ([`MoeBlock`]): each token's output is the weighted sum of its chosen
+//!   experts' (transformers `Qwen3MoeExperts` / `Glm4MoeExperts`), plus optional always-on
+//!   shared experts (`Glm4MoeMoE.shared_experts`). Every layer's experts are stacked into one
+//!   tensor per projection, so the experts run as one batched matmul per projection, in one of
+//!   three ways ([`ExpertPath`]): with few tokens over the chosen experts' weights, pair by
+//!   pair; with decode-sized batches on a GPU, every expert over every row; with many
+//!   (prefill) over each expert's gathered rows (gather, grouped matmul, gather back, weighted
+//!   sum).
 //!
 //! Routing is decided on the device from the router's f32 scores, so decode takes no host
 //! round trip per layer; only the many-token path reads the decisions back to place rows.
@@ -165,6 +167,22 @@ impl Mlp {
     }
 }
 
+/// The most rows a step runs every expert over on a CubeCL device ([`ExpertPath::AllExperts`]):
+/// at 64 rows of Qwen3-Coder-30B the extra arithmetic (128 experts x 64 rows against 512 pairs)
+/// is about 77 GFLOP a layer, below the time its 1.2 GB of experts take to read.
+pub const ALL_EXPERTS_MAX_ROWS: usize = 64;
+
+/// How a step's tokens meet their experts ([`MoeBlock`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExpertPath {
+    /// Each (token, expert) pair as its own product with that expert's weights.
+    Pairs,
+    /// Every expert over every row, the pairs picked from the outputs on the device.
+    AllExperts,
+    /// Every expert over the rows routed to it, placed by the host from the routing read back.
+    HostPlaced,
+}
+
 /// One layer's mixture of experts. The experts' weights are stacked per layer, HF `[out,
 /// in]` layout inside, split into column blocks ([`split_stacked`]): `gate_up [experts, parts,
 /// 2 * inner, hidden / parts]` (each expert's gate rows, then its up rows) and `down [experts,
@@ -222,24 +240,36 @@ impl MoeBlock {
         Ok(Self { router: spec.router.clone(), top_k: spec.top_k, gate, bias, gate_up, down, shared })
     }
 
-    /// Whether `rows` tokens take the gathered-weights path, which never reads routing
-    /// decisions back to the host (few tokens: each (token, expert) pair reads its expert's
-    /// weights); more tokens are batched per expert, placed by the host, which reads every
-    /// expert once but costs a round trip per layer and keeps the step out of CUDA graphs.
+    /// How `rows` tokens meet their experts ([`ExpertPath`]).
     ///
-    /// Where our kernel reads the chosen experts in place ([`matvec::gathered_kernel_applies`])
-    /// the pairs read at most every expert's bytes while they are no more than the experts, so
-    /// they stay on the device up to that count (Qwen3-Coder-30B: 8 rows of 8 experts out of
-    /// 128). With a third of it (the earlier bound, 5 rows) batch 8 decoded slower than batch 1
-    /// (261 against 326 tok/s, 12-layer 30B, H100, 2026-12-06). Elsewhere the gathered weights
-    /// are copied (read, written, read again), so a third of the experts is the bound.
-    pub fn routes_on_device(&self, rows: usize) -> bool {
+    /// - Where our kernel reads the chosen experts in place ([`matvec::gathered_kernel_applies`]),
+    ///   the (token, expert) pairs read at most every expert's bytes while they are no more
+    ///   than the experts, so they take [`ExpertPath::Pairs`] up to that count (Qwen3-Coder-30B:
+    ///   8 rows of 8 experts out of 128). With a third of it (the earlier bound, 5 rows) batch 8
+    ///   decoded slower than batch 1, on host-placed batches (261 against 326 tok/s, 12-layer
+    ///   30B, H100, 2026-12-06). Elsewhere the pairs' weights are copied (read, written, read
+    ///   again), so a third of the experts is the bound.
+    /// - Past it, decode-sized batches on a CubeCL device run every expert over every row
+    ///   ([`ExpertPath::AllExperts`], up to [`ALL_EXPERTS_MAX_ROWS`] rows): each expert is
+    ///   read once, as on the host-placed path, without its round trip per layer.
+    /// - The rest (prefill chunks, and anything on the CPU) is placed by the host.
+    fn expert_path(&self, rows: usize) -> ExpertPath {
         let pairs = rows * self.top_k;
-        if matvec::gathered_kernel_applies(pairs, &self.gate_up.device()) {
-            pairs <= self.num_experts()
+        let device = self.gate_up.device();
+        let pairs_fit = if matvec::gathered_kernel_applies(pairs, &device) { pairs <= self.num_experts() } else { 3 * pairs <= self.num_experts() };
+        if pairs_fit {
+            ExpertPath::Pairs
+        } else if device != Device::flex() && rows <= ALL_EXPERTS_MAX_ROWS {
+            ExpertPath::AllExperts
         } else {
-            3 * pairs <= self.num_experts()
+            ExpertPath::HostPlaced
         }
+    }
+
+    /// Whether `rows` tokens run without reading their routing decisions back to the host
+    /// (which recording a decode step as a CUDA graph requires).
+    pub fn routes_on_device(&self, rows: usize) -> bool {
+        self.expert_path(rows) != ExpertPath::HostPlaced
     }
 
     fn num_experts(&self) -> usize {
@@ -256,12 +286,10 @@ impl MoeBlock {
             x.clone().matmul(self.gate.clone().transpose()).cast(BurnDType::F32)
         };
         let (experts, weights) = route(&self.router, k, logits, self.bias.as_ref());
-        // Few rows: copy the chosen experts' weights (3 x rows x top_k expert matrices moved);
-        // many: run every expert once over a batch of its rows (all experts read once).
-        let per_slot = if self.routes_on_device(rows) {
-            self.by_gathered_weights(x.clone(), experts)
-        } else {
-            self.by_expert_batches(x.clone(), experts)?
+        let per_slot = match self.expert_path(rows) {
+            ExpertPath::Pairs => self.by_gathered_weights(x.clone(), experts),
+            ExpertPath::AllExperts => self.by_all_experts(x.clone(), experts),
+            ExpertPath::HostPlaced => self.by_expert_batches(x.clone(), experts)?,
         };
         let weights = weights.cast(x.dtype()).reshape([rows, k, 1]);
         let out = per_slot.reshape([rows, k, hidden]).mul(weights).sum_dim(1).reshape([rows, hidden]);
@@ -288,6 +316,22 @@ impl MoeBlock {
         let act = swiglu_halves(batched_linear(x, gate_up));
         let down = self.down.clone().select(0, experts);
         batched_linear(act, down).reshape([slots, hidden])
+    }
+
+    /// Every expert over every row, one batched product per projection (`[experts, rows,
+    /// hidden]`), then each (token, expert) pair's row taken from its expert's output on the
+    /// device: `[rows * top_k, hidden]`, token-major. It computes `experts / top_k` times the
+    /// pairs' arithmetic, which decode-sized batches can spare: their products are bound by
+    /// reading the weights, and every expert is read once, as on the host-placed path.
+    fn by_all_experts(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Tensor<2> {
+        let [rows, hidden] = x.dims();
+        let (n, k) = (self.num_experts(), self.top_k);
+        let xs = x.reshape([1, rows, hidden]).repeat_dim(0, n);
+        let act = swiglu_halves(batched_linear(xs, self.gate_up.clone()));
+        let out = batched_linear(act, self.down.clone());
+        // Pair (r, j) is `out[experts[r, j], r]`: gathered along the expert axis.
+        let index = experts.swap_dims(0, 1).reshape([k, rows, 1]).repeat_dim(2, hidden);
+        out.gather(0, index).swap_dims(0, 1).reshape([rows * k, hidden])
     }
 
     /// Every expert over its routed rows at once: rows are gathered into `[experts, capacity,
@@ -419,6 +463,63 @@ mod tests {
             let same = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.0 == w.0 && (g.1 - w.1).abs() < 1e-6);
             assert!(same, "row {row}: device {got:?}, reference {want:?}");
         }
+    }
+
+    /// A block of `n` random experts (top `k`) over `hidden` inputs on the CPU.
+    fn random_block(n: usize, k: usize, hidden: usize, inner: usize, seed: u64) -> MoeBlock {
+        let device = Device::flex();
+        let mut state = seed;
+        let mut next = move || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let mut t = |shape: Vec<usize>| {
+            let len = shape.iter().product();
+            TensorData::new((0..len).map(|_| next()).collect::<Vec<f32>>(), shape)
+        };
+        let gate = Tensor::<2>::from_data(t(vec![n, hidden]), &device);
+        let gate_up = split_stacked(Tensor::<3>::from_data(t(vec![n, 2 * inner, hidden]), &device), split_parts(hidden, &device));
+        let down = split_stacked(Tensor::<3>::from_data(t(vec![n, hidden, inner]), &device), split_parts(inner, &device));
+        MoeBlock { router: Router::SoftmaxTopK { norm_topk_prob: true }, top_k: k, gate, bias: None, gate_up, down, shared: None }
+    }
+
+    #[test]
+    fn every_expert_path_gives_each_pair_its_experts_output() {
+        // 6 rows x top 3 of 8 experts: more pairs than experts, so every path has work to do.
+        let (n, k, hidden, inner, rows) = (8, 3, 16, 12, 6);
+        let block = random_block(n, k, hidden, inner, 7);
+        let device = Device::flex();
+        let x: Vec<f32> = (0..rows * hidden).map(|i| ((i * 37 % 23) as f32 - 11.0) / 13.0).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [rows, hidden]), &device);
+        let chosen: Vec<i64> = (0..rows * k).map(|p| ((p / k) * 5 + (p % k) * 3) as i64 % n as i64).collect();
+        let experts = Tensor::<2, Int>::from_data(TensorData::new(chosen.clone(), [rows, k]), &device);
+        let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let pairs = values(block.by_gathered_weights(x.clone(), experts.clone()));
+        let all = values(block.by_all_experts(x.clone(), experts.clone()));
+        let placed = values(block.by_expert_batches(x.clone(), experts).unwrap());
+        // Each pair against its expert's MLP on its row alone.
+        let xs = values(x);
+        for (p, &e) in chosen.iter().enumerate() {
+            let (r, e) = (p / k, e as usize);
+            let row = Tensor::<2>::from_data(TensorData::new(xs[r * hidden..(r + 1) * hidden].to_vec(), [1, hidden]), &device);
+            let gu = block.gate_up.clone().slice([e..e + 1]).reshape([1, 2 * inner, hidden]).squeeze_dim::<2>(0);
+            let dn = block.down.clone().slice([e..e + 1]).reshape([1, hidden, inner]).squeeze_dim::<2>(0);
+            let want = values(swiglu_halves(row.matmul(gu.transpose())).matmul(dn.transpose()));
+            for (name, got) in [("pairs", &pairs), ("all experts", &all), ("host-placed", &placed)] {
+                for (i, (g, w)) in got[p * hidden..(p + 1) * hidden].iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name}: pair {p} (row {r}, expert {e}) element {i}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_cpu_places_decode_batches_on_the_host_past_a_third_of_the_experts() {
+        let block = random_block(8, 2, 16, 12, 3);
+        assert_eq!(block.expert_path(1), ExpertPath::Pairs);
+        // 2 rows x 2 = 4 pairs: more than a third of 8 experts, and no kernel on the CPU.
+        assert_eq!(block.expert_path(2), ExpertPath::HostPlaced);
+        assert!(!block.routes_on_device(2));
     }
 
     #[test]
