@@ -493,17 +493,17 @@ mod tests {
         let x = Tensor::<2>::from_data(TensorData::new(x, [rows, hidden]), &device);
         let chosen: Vec<i64> = (0..rows * k).map(|p| ((p / k) * 5 + (p % k) * 3) as i64 % n as i64).collect();
         let experts = Tensor::<2, Int>::from_data(TensorData::new(chosen.clone(), [rows, k]), &device);
-        let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
         let pairs = values(block.by_gathered_weights(x.clone(), experts.clone()));
         let all = values(block.by_all_experts(x.clone(), experts.clone()));
-        let placed = values(block.by_expert_batches(x.clone(), experts).unwrap());
+        let placed = values(block.by_expert_batches(x.clone(), experts).expect("host-placed experts"));
         // Each pair against its expert's MLP on its row alone.
         let xs = values(x);
         for (p, &e) in chosen.iter().enumerate() {
             let (r, e) = (p / k, e as usize);
             let row = Tensor::<2>::from_data(TensorData::new(xs[r * hidden..(r + 1) * hidden].to_vec(), [1, hidden]), &device);
-            let gu = block.gate_up.clone().slice([e..e + 1]).reshape([1, 2 * inner, hidden]).squeeze_dim::<2>(0);
-            let dn = block.down.clone().slice([e..e + 1]).reshape([1, hidden, inner]).squeeze_dim::<2>(0);
+            let gu = block.gate_up.clone().narrow(0, e, 1).reshape([1, 2 * inner, hidden]).squeeze_dim::<2>(0);
+            let dn = block.down.clone().narrow(0, e, 1).reshape([1, hidden, inner]).squeeze_dim::<2>(0);
             let want = values(swiglu_halves(row.matmul(gu.transpose())).matmul(dn.transpose()));
             for (name, got) in [("pairs", &pairs), ("all experts", &all), ("host-placed", &placed)] {
                 for (i, (g, w)) in got[p * hidden..(p + 1) * hidden].iter().zip(&want).enumerate() {
