@@ -412,6 +412,44 @@ pub fn texts_divergence(reference: &[ScoreResponse], got: &[ScoreResponse]) -> R
     Ok(inference_pio_core::metrics::divergence(&a, &b))
 }
 
+/// The optimization table's divergences, variant by variant in order: each row gets its
+/// divergence over the evaluation texts (`divergence_from_most_exact`, and
+/// `divergence_reference`: whose) from the first variant's scores. Where the first scored
+/// nothing (a model too large for f32 on its device: Qwen3-Coder-30B needs 122 GB), the first
+/// variant that did is the reference of the ones after it, and its own row says so. Only the
+/// reference's scores are kept (a variant's logits over the texts can be hundreds of MB).
+#[derive(Default)]
+struct Divergences {
+    reference: Option<(Vec<ScoreResponse>, String)>,
+    most_exact_missing: Option<String>,
+    seen: usize,
+}
+
+impl Divergences {
+    fn add(&mut self, name: &str, mut row: Value, scores: Vec<ScoreResponse>) -> Value {
+        let first = self.seen == 0;
+        self.seen += 1;
+        if scores.is_empty() {
+            if first {
+                let why = ["load_error", "refused", "score_error"].iter().find_map(|k| (!row[*k].is_null()).then(|| row[*k].to_string()));
+                self.most_exact_missing = Some(why.unwrap_or_else(|| "it scored nothing".into()));
+            }
+        } else if let Some((r, reference_name)) = &self.reference {
+            row["divergence_from_most_exact"] = match texts_divergence(r, &scores) {
+                Ok(d) => json!(d),
+                Err(e) => json!({"error": e}),
+            };
+            row["divergence_reference"] = json!(reference_name);
+        } else {
+            if let Some(why) = &self.most_exact_missing {
+                row["divergence_from_most_exact"] = json!({"error": format!("the most exact variant did not run ({why}): this variant is the reference of those after it")});
+            }
+            self.reference = Some((scores, name.to_string()));
+        }
+        row
+    }
+}
+
 /// Everything a run needs: the plugin, the model's handle and shape, the plan.
 struct Bench<'a> {
     plugin: &'a PluginHandle,
@@ -671,24 +709,17 @@ impl Bench<'_> {
     }
 
     /// Runs `variants` in order (the first is the reference the others' divergence is taken
-    /// from), then puts the settings in force back.
+    /// from), then puts the settings in force back. Where the first does not run (a model too
+    /// large for f32 on its device: Qwen3-Coder-30B needs 122 GB), the first variant that does
+    /// is the reference for the ones after it, and each compared row names its reference
+    /// (`divergence_reference`).
     fn variants(&self, variants: &[Variant], baseline: &OptimizationSettings) -> anyhow::Result<Vec<Value>> {
         let texts = eval_texts();
-        let mut reference: Option<Vec<ScoreResponse>> = None;
+        let mut divergences = Divergences::default();
         let mut rows = Vec::new();
-        for (i, v) in variants.iter().enumerate() {
-            let (mut row, scores) = self.variant(v, &texts)?;
-            if i == 0 {
-                // The reference itself (what it is compared with is itself).
-                reference = (!scores.is_empty()).then_some(scores);
-            } else if !scores.is_empty() {
-                row["divergence_from_most_exact"] = match reference.as_deref().map(|r| texts_divergence(r, &scores)) {
-                    Some(Ok(d)) => json!(d),
-                    Some(Err(e)) => json!({"error": e}),
-                    None => json!({"error": "the most exact variant did not run"}),
-                };
-            }
-            rows.push(row);
+        for v in variants {
+            let (row, scores) = self.variant(v, &texts)?;
+            rows.push(divergences.add(&v.name, row, scores));
         }
         self.plugin
             .update_config(&ConfigUpdate { optimization: Some(baseline.clone()), ..Default::default() })
@@ -1151,6 +1182,32 @@ pub const LEAK_FLOOR_BYTES: u64 = 64 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn divergences_are_taken_from_the_first_variant_that_scored() {
+        let scored = |logits: Vec<Vec<f32>>| vec![ScoreResponse { token_ids: vec![1, 2], perplexity: None, mean_nll: None, logits: Some(logits) }];
+        let exact = scored(vec![vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0]]);
+        let near = scored(vec![vec![1.0, 0.1, 0.0], vec![0.0, 1.0, 0.1]]);
+        // The most exact variant ran: everyone after it is compared with it.
+        let mut d = Divergences::default();
+        assert!(d.add("exact", json!({}), exact.clone())["divergence_from_most_exact"].is_null());
+        let row = d.add("baseline", json!({}), near.clone());
+        assert_eq!(row["divergence_reference"], "exact");
+        assert!(row["divergence_from_most_exact"]["mean_kl"].as_f64().is_some_and(|kl| kl > 0.0));
+        let same = d.add("same", json!({}), exact.clone());
+        assert_eq!(same["divergence_from_most_exact"]["mean_kl"].as_f64(), Some(0.0));
+        // It did not load: the baseline is the reference, and both rows say so.
+        let mut d = Divergences::default();
+        let failed = d.add("exact", json!({"load_error": "the weights need 122 GB in f32"}), Vec::new());
+        assert!(failed["divergence_from_most_exact"].is_null());
+        let base = d.add("baseline", json!({}), near.clone());
+        let why = base["divergence_from_most_exact"]["error"].as_str().unwrap_or_default();
+        assert!(why.contains("did not run") && why.contains("122 GB"), "{why}");
+        let int8 = d.add("int8", json!({}), exact);
+        assert_eq!(int8["divergence_reference"], "baseline");
+        assert!(int8["divergence_from_most_exact"]["mean_kl"].as_f64().is_some_and(|kl| kl > 0.0));
+        assert_eq!(d.add("refused", json!({"refused": ["x"]}), Vec::new())["divergence_reference"], Value::Null);
+    }
 
     #[test]
     fn suites_parse_and_unknown_ones_are_refused_by_name() {

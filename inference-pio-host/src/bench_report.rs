@@ -250,18 +250,23 @@ pub fn html(report: &Value) -> String {
         body.push_str("<h2>Optimization impact</h2><p>Each variant loads the model its own way and is measured the same way: \
             a single request, concurrent requests sharing half their prompt, peak memory, and the evaluation texts teacher-forced \
             against the first (most exact) variant.</p>");
-        let rows: Vec<Value> = array(o, "variants")
+        let variants = array(o, "variants");
+        let first = variants.first().map(|r| r["variant"].clone()).unwrap_or(Value::Null);
+        let rows: Vec<Value> = variants
             .iter()
             .map(|r| {
                 let mut flat = r.clone();
                 let d = &r["divergence_from_most_exact"];
                 flat["mean_kl"] = d["mean_kl"].clone();
                 flat["top1_agreement"] = d["top1_agreement"].clone();
+                // Divergence from another variant than the first (which did not run).
+                let against = r["divergence_reference"].as_str().filter(|name| first.as_str() != Some(*name));
                 let notes: Vec<String> = ["refused", "load_error", "score_error"]
                     .iter()
                     .filter(|k| !r[**k].is_null())
                     .map(|k| format!("{k}: {}", r[*k].as_str().map_or_else(|| r[*k].to_string(), String::from)))
                     .chain(d["error"].as_str().map(|e| format!("divergence: {e}")))
+                    .chain(against.map(|name| format!("KL and top-1 against {name}")))
                     .collect();
                 flat["notes"] = Value::String(notes.join("; "));
                 flat
