@@ -109,6 +109,32 @@ impl QuantizedMatrix {
         Ok(Self { rows, cols, bits, group, codes: packed, scales, mins })
     }
 
+    /// Takes codes already packed in this layout (4-bit: element `8w + k` in bits `4k..4k + 4`
+    /// of word `w`; 8-bit: element `4w + k` in byte `k`; `rows * cols * bits / 32` words,
+    /// row-major), with per-group scales and offsets, as GGUF's `Q8_0` / `Q4_0` / `Q4_1`
+    /// blocks give them (`inference_pio_formats::gguf::packed_groups`). Every word is a valid
+    /// set of codes, so only the shapes are checked.
+    pub fn from_packed(rows: usize, cols: usize, bits: u32, group: usize, words: Vec<u32>, scales: Vec<f32>, mins: Vec<f32>) -> Result<Self, QuantError> {
+        if bits != 4 && bits != 8 {
+            return Err(QuantError(format!("{bits}-bit codes are not supported (4 or 8)")));
+        }
+        let per_word = 32 / bits as usize;
+        if group == 0 || !group.is_multiple_of(per_word) || !cols.is_multiple_of(group) {
+            return Err(QuantError(format!("groups of {group} do not tile rows of {cols} in whole {bits}-bit words")));
+        }
+        let groups = rows * (cols / group);
+        if words.len() * per_word != rows * cols || scales.len() != groups || mins.len() != groups {
+            return Err(QuantError(format!(
+                "a [{rows}, {cols}] matrix in groups of {group} needs {} words of {bits}-bit codes and {groups} scales and offsets, got {}, {} and {}",
+                rows * cols / per_word,
+                words.len(),
+                scales.len(),
+                mins.len()
+            )));
+        }
+        Ok(Self { rows, cols, bits, group, codes: words, scales, mins })
+    }
+
     /// Symmetric int8 per output channel: `scale = max|w| / 127`, codes `round(w / scale) +
     /// 128` (offset `-128 · scale`).
     pub fn quantize_int8(values: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
@@ -2861,6 +2887,13 @@ mod tests {
         let m = QuantizedMatrix::from_codes(2, 4, 8, 4, &[1, 2, 3, 4, 250, 6, 7, 8], vec![0.5, 2.0], vec![-1.0, 1.0]).expect("packs");
         assert_eq!(m.codes, vec![0x0403_0201, 0x0807_06fa]);
         assert_eq!(m.dequantize(), vec![-0.5, 0.0, 0.5, 1.0, 501.0, 13.0, 15.0, 17.0]);
+        // Words packed elsewhere (GGUF blocks) are taken as they are: the same matrix.
+        let again = QuantizedMatrix::from_packed(2, 4, 8, 4, m.codes.clone(), m.scales.clone(), m.mins.clone()).expect("packed");
+        assert_eq!(again, m);
+        let e = QuantizedMatrix::from_packed(2, 4, 8, 4, vec![0; 3], vec![0.5, 2.0], vec![-1.0, 1.0]).expect_err("short");
+        assert!(e.0.contains("needs 2 words") && e.0.contains("got 3"), "{e}");
+        let e = QuantizedMatrix::from_packed(1, 12, 4, 12, vec![0; 2], vec![1.0], vec![0.0]).expect_err("group not in words");
+        assert!(e.0.contains("groups of 12"), "{e}");
     }
 
     #[test]

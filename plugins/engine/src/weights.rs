@@ -501,11 +501,17 @@ impl Checkpoint {
         for (k, slice) in data.chunks(rows_per_slice * row_bytes).enumerate() {
             let rows = slice.len() / row_bytes;
             let part_info = gguf::TensorInfo { dims: vec![inp as u64, rows as u64], n_elements: (rows * inp) as u64, n_bytes: slice.len() as u64, ..info.clone() };
-            let Some(a) = gguf::affine_groups(&part_info, slice).map_err(wrap)? else {
-                return Ok(None);
+            // Q8_0 / Q4_0 / Q4_1 blocks straight into packed words; the other types through one
+            // code byte per element.
+            let part = if let Some(p) = gguf::packed_groups(&part_info, slice).map_err(wrap)? {
+                QuantizedMatrix::from_packed(rows, inp, p.bits, p.group, p.words, p.scales, p.mins).map_err(bad)?
+            } else {
+                let Some(a) = gguf::affine_groups(&part_info, slice).map_err(wrap)? else {
+                    return Ok(None);
+                };
+                QuantizedMatrix::from_codes(rows, inp, a.bits, a.group, &a.codes, a.scales, a.mins).map_err(bad)?
             };
             release_pages(&g.mmap, slice);
-            let part = QuantizedMatrix::from_codes(rows, inp, a.bits, a.group, &a.codes, a.scales, a.mins).map_err(bad)?;
             match &mut m {
                 None => {
                     let slices = out.div_ceil(rows_per_slice);

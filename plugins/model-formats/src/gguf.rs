@@ -546,6 +546,64 @@ impl AffineGroups {
     }
 }
 
+/// A quantized tensor's codes already packed into 32-bit words, with its groups' scales and
+/// offsets: the [`AffineGroups`] of the tensor (same `bits`, `group`, `scales` and `mins`)
+/// with `codes` packed along the elements — 4-bit: element `8w + k` in bits `4k..4k + 4` of
+/// word `w`; 8-bit: element `4w + k` in byte `k` — the layout the engine's quantized matrices
+/// keep (`inference_pio_kernels::quant::QuantizedMatrix`), so a load takes it as it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedGroups {
+    pub bits: u32,
+    pub group: usize,
+    pub words: Vec<u32>,
+    pub scales: Vec<f32>,
+    pub mins: Vec<f32>,
+}
+
+/// [`PackedGroups`] straight from the blocks of a `Q8_0`, `Q4_0` or `Q4_1` tensor, without a
+/// byte per element on the way (the built-in model's load spent most of its time on those
+/// and on packing them); `None` for every other type (use [`affine_groups`]). Errors as
+/// [`affine_groups`].
+pub fn packed_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<PackedGroups>, FormatError> {
+    let t = info.ggml_type;
+    if !matches!(t.id, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+        return Ok(None);
+    }
+    let n_blocks = check_data(info, data)?;
+    let bits = if t.id == GgmlType::Q8_0 { 8 } else { 4 };
+    let mut words = Vec::with_capacity(n_blocks * 32 * bits as usize / 32);
+    let (mut scales, mut mins) = (Vec::with_capacity(n_blocks), Vec::with_capacity(n_blocks));
+    // Eight bytes' low nibbles into one word, the first byte's lowest.
+    let nibbles = |x: u64| -> u32 {
+        let x = x & 0x0f0f_0f0f_0f0f_0f0f;
+        let x = (x | (x >> 4)) & 0x00ff_00ff_00ff_00ff;
+        let x = (x | (x >> 8)) & 0x0000_ffff_0000_ffff;
+        ((x | (x >> 16)) & 0xffff_ffff) as u32
+    };
+    let le64 = |b: &[u8]| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    for block in data.chunks_exact(t.type_size as usize) {
+        match t.id {
+            GgmlType::Q8_0 => {
+                // block_q8_0 { f16 d; i8 qs[32]; }: codes q + 128 (see affine_groups).
+                let d = f16_at(&block[0..2]);
+                words.extend(block[2..34].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) ^ 0x8080_8080));
+                scales.push(d);
+                mins.push(-128.0 * d);
+            }
+            _ => {
+                // block_q4_0 { f16 d; u8 qs[16]; } / block_q4_1 { f16 d; f16 m; u8 qs[16]; }:
+                // elements 0..16 are the low nibbles of qs, 16..32 the high ones.
+                let (qs, d) = if t.id == GgmlType::Q4_1 { (&block[4..20], f16_at(&block[0..2])) } else { (&block[2..18], f16_at(&block[0..2])) };
+                let (a, b) = (le64(&qs[0..8]), le64(&qs[8..16]));
+                words.extend([nibbles(a), nibbles(b), nibbles(a >> 4), nibbles(b >> 4)]);
+                scales.push(d);
+                mins.push(if t.id == GgmlType::Q4_1 { f16_at(&block[2..4]) } else { -8.0 * d });
+            }
+        }
+    }
+    Ok(Some(PackedGroups { bits, group: 32, words, scales, mins }))
+}
+
 /// Checks that `info`'s type is one [`dequantize`] reads and that `data` holds exactly its
 /// blocks; returns the number of blocks.
 fn check_data(info: &TensorInfo, data: &[u8]) -> Result<usize, FormatError> {
@@ -1026,6 +1084,20 @@ mod tests {
             for (i, (&ours, &theirs)) in values.iter().zip(&reference).enumerate() {
                 // Exact, up to the sign of a zero (`d * (8 - 8)` is -0 for a negative d).
                 assert!(ours == theirs, "{} element {i}: {ours} vs gguf-py {theirs}", t.name);
+            }
+
+            // The packed words hold the same codes, element by element, in the documented
+            // layout; the scales and offsets are the same.
+            match packed_groups(&info, data).expect("packed_groups") {
+                Some(p) => {
+                    assert!(matches!(t.name, "Q8_0" | "Q4_0" | "Q4_1"), "{}", t.name);
+                    assert_eq!((p.bits, p.group, &p.scales, &p.mins), (g.bits, g.group, &g.scales, &g.mins), "{}", t.name);
+                    let per_word = (32 / p.bits) as usize;
+                    let unpacked: Vec<u8> = (0..g.codes.len()).map(|i| ((p.words[i / per_word] >> ((i % per_word) as u32 * p.bits)) & ((1 << p.bits) - 1)) as u8).collect();
+                    assert_eq!(unpacked, g.codes, "{}: packed codes", t.name);
+                    assert!(packed_groups(&info, &data[1..]).is_err(), "{}", t.name);
+                }
+                None => assert!(matches!(t.name, "Q4_K" | "Q5_K" | "Q6_K"), "{}", t.name),
             }
 
             // A byte count off by one is an error naming the tensor.
