@@ -497,21 +497,30 @@ impl Checkpoint {
         // converted weights.
         let row_bytes = (data.len() / out.max(1)).max(1);
         let rows_per_slice = ((4 << 20) / row_bytes).clamp(1, out.max(1));
+        let part_info = |slice: &[u8]| {
+            let rows = slice.len() / row_bytes;
+            gguf::TensorInfo { dims: vec![inp as u64, rows as u64], n_elements: (rows * inp) as u64, n_bytes: slice.len() as u64, ..info.clone() }
+        };
+        // Q8_0 / Q4_0 / Q4_1 blocks are packed straight into the matrix's words, slice after
+        // slice into one buffer.
+        let mut packed = gguf::PackedGroups { bits: 0, group: 0, words: Vec::new(), scales: Vec::new(), mins: Vec::new() };
+        if let Some((words, groups)) = gguf::packed_len(info) {
+            packed.words.reserve_exact(words);
+            packed.scales.reserve_exact(groups);
+            packed.mins.reserve_exact(groups);
+        }
         let mut m: Option<QuantizedMatrix> = None;
         for (k, slice) in data.chunks(rows_per_slice * row_bytes).enumerate() {
             let rows = slice.len() / row_bytes;
-            let part_info = gguf::TensorInfo { dims: vec![inp as u64, rows as u64], n_elements: (rows * inp) as u64, n_bytes: slice.len() as u64, ..info.clone() };
-            // Q8_0 / Q4_0 / Q4_1 blocks straight into packed words; the other types through one
-            // code byte per element.
-            let part = if let Some(p) = gguf::packed_groups(&part_info, slice).map_err(wrap)? {
-                QuantizedMatrix::from_packed(rows, inp, p.bits, p.group, p.words, p.scales, p.mins).map_err(bad)?
-            } else {
-                let Some(a) = gguf::affine_groups(&part_info, slice).map_err(wrap)? else {
-                    return Ok(None);
-                };
-                QuantizedMatrix::from_codes(rows, inp, a.bits, a.group, &a.codes, a.scales, a.mins).map_err(bad)?
+            if m.is_none() && gguf::append_packed_groups(&part_info(slice), slice, &mut packed).map_err(wrap)? {
+                release_pages(&g.mmap, slice);
+                continue;
+            }
+            let Some(a) = gguf::affine_groups(&part_info(slice), slice).map_err(wrap)? else {
+                return Ok(None);
             };
             release_pages(&g.mmap, slice);
+            let part = QuantizedMatrix::from_codes(rows, inp, a.bits, a.group, &a.codes, a.scales, a.mins).map_err(bad)?;
             match &mut m {
                 None => {
                     let slices = out.div_ceil(rows_per_slice);
@@ -530,6 +539,9 @@ impl Checkpoint {
                     whole.mins.extend_from_slice(&part.mins);
                 }
             }
+        }
+        if !packed.words.is_empty() {
+            m = Some(QuantizedMatrix::from_packed(out, inp, packed.bits, packed.group, packed.words, packed.scales, packed.mins).map_err(bad)?);
         }
         let Some(m) = m.filter(|m| m.rows == out) else {
             return Err(EngineError::Weights(format!("tensor `{}` (`{name}`) in {}: its data does not split into {out} rows", info.name, g.path.display())));

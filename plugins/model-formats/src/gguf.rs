@@ -565,14 +565,40 @@ pub struct PackedGroups {
 /// and on packing them); `None` for every other type (use [`affine_groups`]). Errors as
 /// [`affine_groups`].
 pub fn packed_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<PackedGroups>, FormatError> {
+    let mut p = PackedGroups { bits: 0, group: 32, words: Vec::new(), scales: Vec::new(), mins: Vec::new() };
+    Ok(append_packed_groups(info, data, &mut p)?.then_some(p))
+}
+
+/// The words and groups [`packed_groups`] makes of `info`'s tensor; `None` for a type it does
+/// not pack.
+pub fn packed_len(info: &TensorInfo) -> Option<(usize, usize)> {
+    let bits = match info.ggml_type.id {
+        GgmlType::Q8_0 => 8,
+        GgmlType::Q4_0 | GgmlType::Q4_1 => 4,
+        _ => return None,
+    };
+    let groups = usize::try_from(info.n_elements / 32).ok()?;
+    Some((groups * bits, groups))
+}
+
+/// [`packed_groups`] appended to `out` (its words, scales and offsets; `bits` and `group` set),
+/// so that a tensor read in slices of whole rows is packed into one buffer without a copy per
+/// slice; `false` (and `out` untouched) for a type it does not pack.
+pub fn append_packed_groups(info: &TensorInfo, data: &[u8], out: &mut PackedGroups) -> Result<bool, FormatError> {
     let t = info.ggml_type;
     if !matches!(t.id, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
-        return Ok(None);
+        return Ok(false);
     }
     let n_blocks = check_data(info, data)?;
     let bits = if t.id == GgmlType::Q8_0 { 8 } else { 4 };
-    let mut words = Vec::with_capacity(n_blocks * 32 * bits as usize / 32);
-    let (mut scales, mut mins) = (Vec::with_capacity(n_blocks), Vec::with_capacity(n_blocks));
+    if !out.words.is_empty() && (out.bits, out.group) != (bits, 32) {
+        return Err(FormatError(format!("tensor `{}`: {}-bit groups appended to {}-bit ones", info.name, bits, out.bits)));
+    }
+    (out.bits, out.group) = (bits, 32);
+    let PackedGroups { words, scales, mins, .. } = out;
+    words.reserve(n_blocks * bits as usize);
+    scales.reserve(n_blocks);
+    mins.reserve(n_blocks);
     // Eight bytes' low nibbles into one word, the first byte's lowest.
     let nibbles = |x: u64| -> u32 {
         let x = x & 0x0f0f_0f0f_0f0f_0f0f;
@@ -601,7 +627,7 @@ pub fn packed_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<PackedGrou
             }
         }
     }
-    Ok(Some(PackedGroups { bits, group: 32, words, scales, mins }))
+    Ok(true)
 }
 
 /// Checks that `info`'s type is one [`dequantize`] reads and that `data` holds exactly its
@@ -1096,8 +1122,16 @@ mod tests {
                     let unpacked: Vec<u8> = (0..g.codes.len()).map(|i| ((p.words[i / per_word] >> ((i % per_word) as u32 * p.bits)) & ((1 << p.bits) - 1)) as u8).collect();
                     assert_eq!(unpacked, g.codes, "{}: packed codes", t.name);
                     assert!(packed_groups(&info, &data[1..]).is_err(), "{}", t.name);
+                    assert_eq!(packed_len(&info), Some((p.words.len(), p.scales.len())), "{}", t.name);
+                    // Appended in two slices of one block each: the same as at once.
+                    let mut two = PackedGroups { bits: 0, group: 0, words: Vec::new(), scales: Vec::new(), mins: Vec::new() };
+                    let half = TensorInfo { n_elements: n / 2, n_bytes: n_bytes / 2, ..info.clone() };
+                    for part in data.chunks(data.len() / 2) {
+                        assert!(append_packed_groups(&half, part, &mut two).expect("append"), "{}", t.name);
+                    }
+                    assert_eq!(two, p, "{}", t.name);
                 }
-                None => assert!(matches!(t.name, "Q4_K" | "Q5_K" | "Q6_K"), "{}", t.name),
+                None => assert!(matches!(t.name, "Q4_K" | "Q5_K" | "Q6_K") && packed_len(&info).is_none(), "{}", t.name),
             }
 
             // A byte count off by one is an error naming the tensor.
