@@ -607,25 +607,55 @@ pub fn append_packed_groups(info: &TensorInfo, data: &[u8], out: &mut PackedGrou
         ((x | (x >> 16)) & 0xffff_ffff) as u32
     };
     let le64 = |b: &[u8]| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-    for block in data.chunks_exact(t.type_size as usize) {
-        match t.id {
-            GgmlType::Q8_0 => {
-                // block_q8_0 { f16 d; i8 qs[32]; }: codes q + 128 (see affine_groups).
-                let d = f16_at(&block[0..2]);
-                words.extend(block[2..34].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) ^ 0x8080_8080));
-                scales.push(d);
-                mins.push(-128.0 * d);
-            }
-            _ => {
-                // block_q4_0 { f16 d; u8 qs[16]; } / block_q4_1 { f16 d; f16 m; u8 qs[16]; }:
-                // elements 0..16 are the low nibbles of qs, 16..32 the high ones.
-                let (qs, d) = if t.id == GgmlType::Q4_1 { (&block[4..20], f16_at(&block[0..2])) } else { (&block[2..18], f16_at(&block[0..2])) };
-                let (a, b) = (le64(&qs[0..8]), le64(&qs[8..16]));
-                words.extend([nibbles(a), nibbles(b), nibbles(a >> 4), nibbles(b >> 4)]);
-                scales.push(d);
-                mins.push(if t.id == GgmlType::Q4_1 { f16_at(&block[2..4]) } else { -8.0 * d });
+    let u16_at = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+    // The blocks' f16 scales (and Q4_1's offsets) are collected as bits and converted a slice
+    // at a time (F16C where the CPU has it): one by one they were a tenth of the load.
+    let (mut d_bits, mut m_bits) = (Vec::with_capacity(n_blocks), Vec::new());
+    let blocks = data.chunks_exact(t.type_size as usize);
+    match t.id {
+        GgmlType::Q8_0 => {
+            // block_q8_0 { f16 d; i8 qs[32]; }: codes q + 128 (see affine_groups).
+            for block in blocks {
+                d_bits.push(u16_at(&block[0..2]));
+                for b in block[2..34].chunks_exact(4) {
+                    words.push(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) ^ 0x8080_8080);
+                }
             }
         }
+        _ => {
+            // block_q4_0 { f16 d; u8 qs[16]; } / block_q4_1 { f16 d; f16 m; u8 qs[16]; }:
+            // elements 0..16 are the low nibbles of qs, 16..32 the high ones.
+            let q4_1 = t.id == GgmlType::Q4_1;
+            if q4_1 {
+                m_bits.reserve(n_blocks);
+            }
+            for block in blocks {
+                d_bits.push(u16_at(&block[0..2]));
+                let qs = if q4_1 {
+                    m_bits.push(u16_at(&block[2..4]));
+                    &block[4..20]
+                } else {
+                    &block[2..18]
+                };
+                let (a, b) = (le64(&qs[0..8]), le64(&qs[8..16]));
+                words.push(nibbles(a));
+                words.push(nibbles(b));
+                words.push(nibbles(a >> 4));
+                words.push(nibbles(b >> 4));
+            }
+        }
+    }
+    let f32s = |bits: &[u16], out: &mut Vec<f32>| {
+        let start = out.len();
+        out.resize(start + bits.len(), 0.0);
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(half::slice::HalfBitsSliceExt::reinterpret_cast::<half::f16>(bits), &mut out[start..]);
+    };
+    let s0 = scales.len();
+    f32s(&d_bits, scales);
+    match t.id {
+        GgmlType::Q4_1 => f32s(&m_bits, mins),
+        GgmlType::Q8_0 => mins.extend(scales[s0..].iter().map(|d| -128.0 * d)),
+        _ => mins.extend(scales[s0..].iter().map(|d| -8.0 * d)),
     }
     Ok(true)
 }
