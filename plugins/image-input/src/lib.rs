@@ -8,6 +8,8 @@
 //! the image's `grid_thw`; and image files (PNG, JPEG, WebP) into those RGB8 pixels, within
 //! limits ([`decode`]).
 
+use rayon::prelude::*;
+
 pub mod decode;
 pub mod resample;
 
@@ -140,31 +142,41 @@ impl ImageProcessor {
         }
         let (new_h, new_w) = self.smart_resize(height, width)?;
         let resized = resample::resize_bicubic(rgb, width, height, 3, new_w, new_h);
-        // Rescale by 1/255, then normalise, in f32 as the processors do.
-        let value = |y: usize, x: usize, c: usize| (resized[(y * new_w + x) * 3 + c] as f32 * (1.0 / 255.0) - self.mean[c]) / self.std[c];
+        // Rescale by 1/255, then normalise, in f32 as the processors do: once per pixel, into
+        // one plane per channel, so that a patch's rows are contiguous runs to copy.
+        let planes: Vec<Vec<f32>> = (0..3)
+            .map(|c| resized.iter().skip(c).step_by(3).map(|&v| (v as f32 * (1.0 / 255.0) - self.mean[c]) / self.std[c]).collect())
+            .collect();
         let (p, m, tp) = (self.patch_size, self.merge_size, self.temporal_patch_size);
         let (grid_h, grid_w) = (new_h / p, new_w / p);
         let width_per_patch = 3 * tp * p * p;
-        let mut values = Vec::with_capacity(grid_h * grid_w * width_per_patch);
         // Patches in merge-block order (block row, block column, row within, column within);
-        // each patch's values in (channel, frame, row, column) order: the Conv3d's.
-        for bh in 0..grid_h / m {
-            for bw in 0..grid_w / m {
-                for mh in 0..m {
-                    for mw in 0..m {
-                        let (py, px) = ((bh * m + mh) * p, (bw * m + mw) * p);
-                        for c in 0..3 {
-                            for _frame in 0..tp {
-                                for y in 0..p {
-                                    for x in 0..p {
-                                        values.push(value(py + y, px + x, c));
+        // each patch's values in (channel, frame, row, column) order: the Conv3d's. Rows of
+        // merge blocks are filled in parallel (a 1344x1344 image's 21 M values took 30-36 ms
+        // on one core of the 2-core VM, in its time to first token).
+        let mut values = vec![0f32; grid_h * grid_w * width_per_patch];
+        let block_row = grid_w * m * width_per_patch;
+        if block_row > 0 {
+            values.par_chunks_mut(block_row).enumerate().for_each(|(bh, out)| {
+                let mut out = out.chunks_exact_mut(p);
+                for bw in 0..grid_w / m {
+                    for mh in 0..m {
+                        for mw in 0..m {
+                            let (py, px) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                            for plane in &planes {
+                                for _frame in 0..tp {
+                                    for y in 0..p {
+                                        let start = (py + y) * new_w + px;
+                                        if let Some(run) = out.next() {
+                                            run.copy_from_slice(&plane[start..start + p]);
+                                        }
                                     }
                                 }
                             }
                         }
                     }
                 }
-            }
+            });
         }
         Ok(Patches { values, grid_thw: [1, grid_h, grid_w], patch_width: width_per_patch })
     }
