@@ -397,6 +397,7 @@ impl QuantizedMatrix {
     }
 
     /// Whether the matrix's shape suits [`Self::matmul_tiled`] (whatever the CPU).
+    #[cfg(target_arch = "x86_64")]
     fn takes_tiles_shape(&self) -> bool {
         self.cols.is_multiple_of(16) && ((self.bits == 4 && self.group.is_multiple_of(32)) || (self.bits == 8 && self.group.is_multiple_of(16)))
     }
@@ -415,6 +416,7 @@ impl QuantizedMatrix {
         let threads = rayon::current_num_threads().max(1);
         let task = self.rows.div_ceil(4 * threads).div_ceil(4).clamp(1, CPU_TILE_ROWS / 4) * 4;
         let mut out_t = vec![0f32; self.rows * n];
+        #[cfg(target_arch = "x86_64")]
         let wide = uses_avx512();
         // Each thread's tile is kept between calls: a fresh one of a few hundred KB is a fresh
         // map of the allocator's and a page fault per 4 KB, which cost more than the products
