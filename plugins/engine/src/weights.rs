@@ -491,58 +491,33 @@ impl Checkpoint {
         let wrap = |e: inference_pio_formats::FormatError| EngineError::Weights(format!("{}: {e}", g.path.display()));
         let data = g.file.tensor_bytes(&g.mmap, info).map_err(wrap)?;
         let bad = |e: inference_pio_kernels::quant::QuantError| EngineError::Weights(format!("tensor `{}` (`{name}`) in {}: {e}", info.name, g.path.display()));
-        // Converted in slices of whole rows of about 4 MB of blocks, each slice's pages
-        // dropped once read: the one-byte-per-element codes of a whole tensor (the LM head's
-        // 28 MB on the built-in model) never exist at once, so the load's peak stays near the
-        // converted weights.
+        // Read in slices of whole rows of about 4 MB of blocks, each slice's mapped pages
+        // dropped once packed, so that the file's pages do not pile up beside the packed
+        // weights and the load's peak stays near the weights.
         let row_bytes = (data.len() / out.max(1)).max(1);
         let rows_per_slice = ((4 << 20) / row_bytes).clamp(1, out.max(1));
         let part_info = |slice: &[u8]| {
             let rows = slice.len() / row_bytes;
             gguf::TensorInfo { dims: vec![inp as u64, rows as u64], n_elements: (rows * inp) as u64, n_bytes: slice.len() as u64, ..info.clone() }
         };
-        // Q8_0 / Q4_0 / Q4_1 blocks are packed straight into the matrix's words, slice after
-        // slice into one buffer.
+        // The blocks are packed straight into the matrix's words, slice after slice into one
+        // buffer (a float tensor: `None`).
         let mut packed = gguf::PackedGroups { bits: 0, group: 0, words: Vec::new(), scales: Vec::new(), mins: Vec::new() };
         if let Some((words, groups)) = gguf::packed_len(info) {
             packed.words.reserve_exact(words);
             packed.scales.reserve_exact(groups);
             packed.mins.reserve_exact(groups);
         }
-        let mut m: Option<QuantizedMatrix> = None;
-        for (k, slice) in data.chunks(rows_per_slice * row_bytes).enumerate() {
-            let rows = slice.len() / row_bytes;
-            if m.is_none() && gguf::append_packed_groups(&part_info(slice), slice, &mut packed).map_err(wrap)? {
-                release_pages(&g.mmap, slice);
-                continue;
-            }
-            let Some(a) = gguf::affine_groups(&part_info(slice), slice).map_err(wrap)? else {
+        for slice in data.chunks(rows_per_slice * row_bytes) {
+            if !gguf::append_packed_groups(&part_info(slice), slice, &mut packed).map_err(wrap)? {
                 return Ok(None);
-            };
-            release_pages(&g.mmap, slice);
-            let part = QuantizedMatrix::from_codes(rows, inp, a.bits, a.group, &a.codes, a.scales, a.mins).map_err(bad)?;
-            match &mut m {
-                None => {
-                    let slices = out.div_ceil(rows_per_slice);
-                    let mut first = part;
-                    first.codes.reserve_exact(first.codes.len() * (slices - 1));
-                    first.scales.reserve_exact(first.scales.len() * (slices - 1));
-                    first.mins.reserve_exact(first.mins.len() * (slices - 1));
-                    m = Some(first);
-                }
-                Some(whole) => {
-                    // Words never span rows, so the slices' words follow each other.
-                    debug_assert!(k > 0 && whole.bits == part.bits && whole.group == part.group);
-                    whole.rows += part.rows;
-                    whole.codes.extend_from_slice(&part.codes);
-                    whole.scales.extend_from_slice(&part.scales);
-                    whole.mins.extend_from_slice(&part.mins);
-                }
             }
+            release_pages(&g.mmap, slice);
         }
-        if !packed.words.is_empty() {
-            m = Some(QuantizedMatrix::from_packed(out, inp, packed.bits, packed.group, packed.words, packed.scales, packed.mins).map_err(bad)?);
-        }
+        let m = (!packed.words.is_empty())
+            .then(|| QuantizedMatrix::from_packed(out, inp, packed.bits, packed.group, packed.words, packed.scales, packed.mins))
+            .transpose()
+            .map_err(bad)?;
         let Some(m) = m.filter(|m| m.rows == out) else {
             return Err(EngineError::Weights(format!("tensor `{}` (`{name}`) in {}: its data does not split into {out} rows", info.name, g.path.display())));
         };

@@ -560,10 +560,10 @@ pub struct PackedGroups {
     pub mins: Vec<f32>,
 }
 
-/// [`PackedGroups`] straight from the blocks of a `Q8_0`, `Q4_0` or `Q4_1` tensor, without a
-/// byte per element on the way (the built-in model's load spent most of its time on those
-/// and on packing them); `None` for every other type (use [`affine_groups`]). Errors as
-/// [`affine_groups`].
+/// [`PackedGroups`] straight from the blocks of a quantized tensor (`Q8_0`, `Q4_0`, `Q4_1`,
+/// `Q4_K`, `Q5_K`, `Q6_K`), without a byte per element on the way (the built-in model's load
+/// spent most of its time on those and on packing them); `None` for the float types. Errors
+/// as [`affine_groups`].
 pub fn packed_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<PackedGroups>, FormatError> {
     let mut p = PackedGroups { bits: 0, group: 32, words: Vec::new(), scales: Vec::new(), mins: Vec::new() };
     Ok(append_packed_groups(info, data, &mut p)?.then_some(p))
@@ -572,33 +572,40 @@ pub fn packed_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<PackedGrou
 /// The words and groups [`packed_groups`] makes of `info`'s tensor; `None` for a type it does
 /// not pack.
 pub fn packed_len(info: &TensorInfo) -> Option<(usize, usize)> {
-    let bits = match info.ggml_type.id {
-        GgmlType::Q8_0 => 8,
-        GgmlType::Q4_0 | GgmlType::Q4_1 => 4,
-        _ => return None,
-    };
-    let groups = usize::try_from(info.n_elements / 32).ok()?;
-    Some((groups * bits, groups))
+    let (bits, group) = packed_layout(info.ggml_type.id)?;
+    let elements = usize::try_from(info.n_elements).ok()?;
+    Some((elements * bits as usize / 32, elements / group))
+}
+
+/// Bits per code and elements per group of the types [`packed_groups`] packs.
+fn packed_layout(id: u32) -> Option<(u32, usize)> {
+    match id {
+        GgmlType::Q8_0 | GgmlType::Q5_K => Some((8, 32)),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => Some((4, 32)),
+        GgmlType::Q6_K => Some((8, 16)),
+        _ => None,
+    }
 }
 
 /// [`packed_groups`] appended to `out` (its words, scales and offsets; `bits` and `group` set),
 /// so that a tensor read in slices of whole rows is packed into one buffer without a copy per
-/// slice; `false` (and `out` untouched) for a type it does not pack.
+/// slice; `false` (and `out` untouched) for a float type. An unsupported type or a wrong byte
+/// count is an error naming the tensor.
 pub fn append_packed_groups(info: &TensorInfo, data: &[u8], out: &mut PackedGroups) -> Result<bool, FormatError> {
     let t = info.ggml_type;
-    if !matches!(t.id, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
-        return Ok(false);
-    }
     let n_blocks = check_data(info, data)?;
-    let bits = if t.id == GgmlType::Q8_0 { 8 } else { 4 };
-    if !out.words.is_empty() && (out.bits, out.group) != (bits, 32) {
-        return Err(FormatError(format!("tensor `{}`: {}-bit groups appended to {}-bit ones", info.name, bits, out.bits)));
+    let Some((bits, group)) = packed_layout(t.id) else {
+        return Ok(false);
+    };
+    if !out.words.is_empty() && (out.bits, out.group) != (bits, group) {
+        return Err(FormatError(format!("tensor `{}`: {bits}-bit groups of {group} appended to {}-bit groups of {}", info.name, out.bits, out.group)));
     }
-    (out.bits, out.group) = (bits, 32);
+    (out.bits, out.group) = (bits, group);
     let PackedGroups { words, scales, mins, .. } = out;
-    words.reserve(n_blocks * bits as usize);
-    scales.reserve(n_blocks);
-    mins.reserve(n_blocks);
+    let elements = n_blocks * t.block_size as usize;
+    words.reserve(elements * bits as usize / 32);
+    scales.reserve(elements / group);
+    mins.reserve(elements / group);
     // Eight bytes' low nibbles into one word, the first byte's lowest.
     let nibbles = |x: u64| -> u32 {
         let x = x & 0x0f0f_0f0f_0f0f_0f0f;
@@ -608,6 +615,57 @@ pub fn append_packed_groups(info: &TensorInfo, data: &[u8], out: &mut PackedGrou
     };
     let le64 = |b: &[u8]| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
     let u16_at = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if matches!(t.id, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
+        // The K-quants, in affine_groups' element order (see there), four codes or eight
+        // nibbles a word; one f16 scale (and min) per 256 elements, so converted one by one.
+        for block in data.chunks_exact(t.type_size as usize) {
+            if t.id == GgmlType::Q6_K {
+                let (ql, rest) = block.split_at(128);
+                let (qh, rest) = rest.split_at(64);
+                let (sc, d) = rest.split_at(16);
+                let d = f16_at(d);
+                for n in 0..2 {
+                    for k in 0..4 {
+                        let low = &ql[64 * n + 32 * (k % 2)..][..32];
+                        let high = &qh[32 * n..32 * n + 32];
+                        let shift = if k < 2 { 0 } else { 4 };
+                        for i in 0..8 {
+                            let lo = (le32(&low[4 * i..]) >> shift) & 0x0f0f_0f0f;
+                            let hi = (le32(&high[4 * i..]) >> (2 * k)) & 0x0303_0303;
+                            words.push(lo | (hi << 4));
+                        }
+                    }
+                }
+                for &s in sc {
+                    let scale = d * f32::from(s as i8);
+                    scales.push(scale);
+                    mins.push(-32.0 * scale);
+                }
+                continue;
+            }
+            let d = f16_at(&block[0..2]);
+            let dmin = f16_at(&block[2..4]);
+            let packed = &block[4..16];
+            let (qh, qs) = if t.id == GgmlType::Q5_K { (Some(&block[16..48]), &block[48..]) } else { (None, &block[16..]) };
+            for j in 0..4 {
+                let ql = &qs[32 * j..32 * j + 32];
+                for (half, shift) in [(0, 0), (1, 4)] {
+                    let (sc, m) = scale_min_k4(2 * j + half, packed);
+                    scales.push(d * f32::from(sc));
+                    mins.push(-(dmin * f32::from(m)));
+                    match qh {
+                        None => words.extend((0..4).map(|i| nibbles(le64(&ql[8 * i..]) >> shift))),
+                        Some(qh) => {
+                            let bit = 2 * j + half;
+                            words.extend((0..8).map(|i| ((le32(&ql[4 * i..]) >> shift) & 0x0f0f_0f0f) | (((le32(&qh[4 * i..]) >> bit) & 0x0101_0101) << 4)));
+                        }
+                    }
+                }
+            }
+        }
+        return Ok(true);
+    }
     // The blocks' f16 scales (and Q4_1's offsets) are collected as bits and converted a slice
     // at a time (F16C where the CPU has it): one by one they were a tenth of the load.
     let (mut d_bits, mut m_bits) = (Vec::with_capacity(n_blocks), Vec::new());
@@ -1146,7 +1204,6 @@ mod tests {
             // layout; the scales and offsets are the same.
             match packed_groups(&info, data).expect("packed_groups") {
                 Some(p) => {
-                    assert!(matches!(t.name, "Q8_0" | "Q4_0" | "Q4_1"), "{}", t.name);
                     assert_eq!((p.bits, p.group, &p.scales, &p.mins), (g.bits, g.group, &g.scales, &g.mins), "{}", t.name);
                     let per_word = (32 / p.bits) as usize;
                     let unpacked: Vec<u8> = (0..g.codes.len()).map(|i| ((p.words[i / per_word] >> ((i % per_word) as u32 * p.bits)) & ((1 << p.bits) - 1)) as u8).collect();
@@ -1161,7 +1218,7 @@ mod tests {
                     }
                     assert_eq!(two, p, "{}", t.name);
                 }
-                None => assert!(matches!(t.name, "Q4_K" | "Q5_K" | "Q6_K") && packed_len(&info).is_none(), "{}", t.name),
+                None => panic!("{}: a quantized type not packed", t.name),
             }
 
             // A byte count off by one is an error naming the tensor.
