@@ -421,14 +421,14 @@ pub fn texts_divergence(reference: &[ScoreResponse], got: &[ScoreResponse]) -> R
 #[derive(Default)]
 struct Divergences {
     reference: Option<(Vec<ScoreResponse>, String)>,
+    /// Why the first variant scored nothing.
     most_exact_missing: Option<String>,
-    seen: usize,
 }
 
 impl Divergences {
     fn add(&mut self, name: &str, mut row: Value, scores: Vec<ScoreResponse>) -> Value {
-        let first = self.seen == 0;
-        self.seen += 1;
+        // Every variant before this one either became the reference or, as the first, left why not.
+        let first = self.reference.is_none() && self.most_exact_missing.is_none();
         if scores.is_empty() {
             if first {
                 let why = ["load_error", "refused", "score_error"].iter().find_map(|k| (!row[*k].is_null()).then(|| row[*k].to_string()));
@@ -666,12 +666,12 @@ impl Bench<'_> {
             // the 2026-12-06 H100 run; a warm-up of fresh 100-token prompts, which never hit
             // the prefix cache, still left the 30B's baseline at 28 concurrent tokens/s against
             // 43 with graphs off (2026-12-06, the 30B peers call).
+            let infer_ids = |ids: Vec<u32>| self.plugin.infer(h, &request(ids, new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
             let warm = shared(31_338, 78_000);
-            let warm_run = |i: usize| self.plugin.infer(h, &request(warm(i), new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
-            warm_run(0)?;
-            together(n, |i| warm_run(i + 1))?;
+            infer_ids(warm(0))?;
+            together(n, |i| infer_ids(warm(i + 1)))?;
             let timed = shared(31_337, 40_000);
-            let run = |i: usize| self.plugin.infer(h, &request(timed(i), new), &mut |_, _, _| true).map_err(|e| anyhow::anyhow!("{e}"));
+            let run = |i: usize| infer_ids(timed(i));
             let single = run(0)?.timings;
             let (wall, results) = together(n, |i| run(i + 1))?;
             let generated: usize = results.iter().map(|r| r.token_ids.len()).sum();

@@ -81,13 +81,7 @@ impl QuantizedMatrix {
     /// Packs one code per element (row-major, each below `2^bits`) with per-group scales and
     /// offsets (`[rows, cols / group]`).
     pub fn from_codes(rows: usize, cols: usize, bits: u32, group: usize, codes: &[u8], scales: Vec<f32>, mins: Vec<f32>) -> Result<Self, QuantError> {
-        if bits != 4 && bits != 8 {
-            return Err(QuantError(format!("{bits}-bit codes are not supported (4 or 8)")));
-        }
-        let per_word = 32 / bits as usize;
-        if group == 0 || !group.is_multiple_of(per_word) || !cols.is_multiple_of(group) {
-            return Err(QuantError(format!("groups of {group} do not tile rows of {cols} in whole {bits}-bit words")));
-        }
+        let per_word = Self::codes_per_word(cols, bits, group)?;
         let groups = rows * (cols / group);
         if codes.len() != rows * cols || scales.len() != groups || mins.len() != groups {
             return Err(QuantError(format!(
@@ -111,17 +105,11 @@ impl QuantizedMatrix {
 
     /// Takes codes already packed in this layout (4-bit: element `8w + k` in bits `4k..4k + 4`
     /// of word `w`; 8-bit: element `4w + k` in byte `k`; `rows * cols * bits / 32` words,
-    /// row-major), with per-group scales and offsets, as GGUF's `Q8_0` / `Q4_0` / `Q4_1`
-    /// blocks give them (`inference_pio_formats::gguf::packed_groups`). Every word is a valid
-    /// set of codes, so only the shapes are checked.
+    /// row-major), with per-group scales and offsets, as GGUF's quantized blocks give them
+    /// (`inference_pio_formats::gguf::packed_groups`). Every word is a valid set of codes, so
+    /// only the shapes are checked.
     pub fn from_packed(rows: usize, cols: usize, bits: u32, group: usize, words: Vec<u32>, scales: Vec<f32>, mins: Vec<f32>) -> Result<Self, QuantError> {
-        if bits != 4 && bits != 8 {
-            return Err(QuantError(format!("{bits}-bit codes are not supported (4 or 8)")));
-        }
-        let per_word = 32 / bits as usize;
-        if group == 0 || !group.is_multiple_of(per_word) || !cols.is_multiple_of(group) {
-            return Err(QuantError(format!("groups of {group} do not tile rows of {cols} in whole {bits}-bit words")));
-        }
+        let per_word = Self::codes_per_word(cols, bits, group)?;
         let groups = rows * (cols / group);
         if words.len() * per_word != rows * cols || scales.len() != groups || mins.len() != groups {
             return Err(QuantError(format!(
@@ -133,6 +121,19 @@ impl QuantizedMatrix {
             )));
         }
         Ok(Self { rows, cols, bits, group, codes: words, scales, mins })
+    }
+
+    /// Codes per word of `bits`-bit codes in groups of `group` along rows of `cols`, or why
+    /// they cannot be laid out (4 or 8 bits; groups of whole words that tile the rows).
+    fn codes_per_word(cols: usize, bits: u32, group: usize) -> Result<usize, QuantError> {
+        if bits != 4 && bits != 8 {
+            return Err(QuantError(format!("{bits}-bit codes are not supported (4 or 8)")));
+        }
+        let per_word = 32 / bits as usize;
+        if group == 0 || !group.is_multiple_of(per_word) || !cols.is_multiple_of(group) {
+            return Err(QuantError(format!("groups of {group} do not tile rows of {cols} in whole {bits}-bit words")));
+        }
+        Ok(per_word)
     }
 
     /// Symmetric int8 per output channel: `scale = max|w| / 127`, codes `round(w / scale) +

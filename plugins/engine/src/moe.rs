@@ -466,13 +466,19 @@ mod tests {
     }
 
     /// A block of `n` random experts (top `k`) over `hidden` inputs on the CPU.
+    /// A fixed LCG's values in `[0, 1)`, from `seed`.
+    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+
     fn random_block(n: usize, k: usize, hidden: usize, inner: usize, seed: u64) -> MoeBlock {
         let device = Device::flex();
-        let mut state = seed;
-        let mut next = move || {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut uniform = uniform(seed);
+        let mut next = move || uniform() - 0.5;
         let mut t = |shape: Vec<usize>| {
             let len = shape.iter().product();
             TensorData::new((0..len).map(|_| next()).collect::<Vec<f32>>(), shape)
@@ -561,11 +567,8 @@ mod tests {
     #[test]
     fn device_routing_matches_the_reference_on_random_scores() {
         // A fixed LCG: 64 tokens x 32 experts, 8 groups of which 3 are kept, top 6.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
-        };
+        let mut uniform = uniform(0x2545_f491_4f6c_dd1d);
+        let mut next = || uniform() * 6.0 - 3.0;
         let logits: Vec<f32> = (0..64 * 32).map(|_| next()).collect();
         let bias: Vec<f32> = (0..32).map(|_| next() * 0.3).collect();
         let grouped = Router::SigmoidGrouped { n_group: 8, topk_group: 3, norm_topk_prob: true, routed_scaling_factor: 2.5 };

@@ -502,7 +502,7 @@ impl Checkpoint {
         };
         // The blocks are packed straight into the matrix's words, slice after slice into one
         // buffer (a float tensor: `None`).
-        let mut packed = gguf::PackedGroups { bits: 0, group: 0, words: Vec::new(), scales: Vec::new(), mins: Vec::new() };
+        let mut packed = gguf::PackedGroups::default();
         if let Some((words, groups)) = gguf::packed_len(info) {
             packed.words.reserve_exact(words);
             packed.scales.reserve_exact(groups);

@@ -153,7 +153,7 @@ impl ImageProcessor {
         // Patches in merge-block order (block row, block column, row within, column within);
         // each patch's values in (channel, frame, row, column) order: the Conv3d's. Rows of
         // merge blocks are filled in parallel (a 1344x1344 image's 21 M values took 30-36 ms
-        // on one core of the 2-core VM, in its time to first token).
+        // on one core of the 2-core VM, before its request reaches the scheduler).
         let mut values = vec![0f32; grid_h * grid_w * width_per_patch];
         let block_row = grid_w * m * width_per_patch;
         if block_row > 0 {

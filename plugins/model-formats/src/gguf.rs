@@ -12,7 +12,8 @@
 //! into `f32` (ggml's `dequantize_row_*`); other types are named in the error. The quantized
 //! ones all reduce to [`AffineGroups`] ([`affine_groups`]): runs of 16 or 32 consecutive
 //! elements sharing a scale and an offset over small unsigned codes, which a consumer can keep
-//! quantized instead of expanding.
+//! quantized instead of expanding; [`packed_groups`], which decodes every block type once,
+//! gives them with the codes already packed into 32-bit words.
 //!
 //! [`hf`] maps GGUF metadata and tensor names to the Hugging Face equivalents, as
 //! `transformers.integrations.gguf` does when it loads a GGUF file.
@@ -551,7 +552,7 @@ impl AffineGroups {
 /// with `codes` packed along the elements — 4-bit: element `8w + k` in bits `4k..4k + 4` of
 /// word `w`; 8-bit: element `4w + k` in byte `k` — the layout the engine's quantized matrices
 /// keep (`inference_pio_kernels::quant::QuantizedMatrix`), so a load takes it as it is.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PackedGroups {
     pub bits: u32,
     pub group: usize,
@@ -565,7 +566,7 @@ pub struct PackedGroups {
 /// spent most of its time on those and on packing them); `None` for the float types. Errors
 /// as [`affine_groups`].
 pub fn packed_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<PackedGroups>, FormatError> {
-    let mut p = PackedGroups { bits: 0, group: 32, words: Vec::new(), scales: Vec::new(), mins: Vec::new() };
+    let mut p = PackedGroups::default();
     Ok(append_packed_groups(info, data, &mut p)?.then_some(p))
 }
 
@@ -617,10 +618,14 @@ pub fn append_packed_groups(info: &TensorInfo, data: &[u8], out: &mut PackedGrou
     let u16_at = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
     let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     if matches!(t.id, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
-        // The K-quants, in affine_groups' element order (see there), four codes or eight
-        // nibbles a word; one f16 scale (and min) per 256 elements, so converted one by one.
+        // The K-quants, four codes or eight nibbles a word; one f16 scale (and min) per 256
+        // elements, so converted one by one.
         for block in data.chunks_exact(t.type_size as usize) {
             if t.id == GgmlType::Q6_K {
+                // block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; }: per 128 elements
+                // n, element 32k + l (k < 4, l < 32) takes the low (k < 2) or high nibble of
+                // ql[64n + 32(k % 2) + l] and bits 2k, 2k + 1 of qh[32n + l] as bits 4, 5;
+                // x = d * scales[i / 16] * (q - 32).
                 let (ql, rest) = block.split_at(128);
                 let (qh, rest) = rest.split_at(64);
                 let (sc, d) = rest.split_at(16);
@@ -644,6 +649,11 @@ pub fn append_packed_groups(info: &TensorInfo, data: &[u8], out: &mut PackedGrou
                 }
                 continue;
             }
+            // block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }
+            // block_q5_K { f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }
+            // Per 64 elements j: 32 low nibbles of qs[32j..] (sub-block 2j), then 32 high
+            // nibbles (2j + 1); x = d * sc * q - dmin * m. Q5_K adds 16 to q where bit 2j
+            // (low) or 2j + 1 (high) of qh[l] is set.
             let d = f16_at(&block[0..2]);
             let dmin = f16_at(&block[2..4]);
             let packed = &block[4..16];
@@ -672,17 +682,16 @@ pub fn append_packed_groups(info: &TensorInfo, data: &[u8], out: &mut PackedGrou
     let blocks = data.chunks_exact(t.type_size as usize);
     match t.id {
         GgmlType::Q8_0 => {
-            // block_q8_0 { f16 d; i8 qs[32]; }: codes q + 128 (see affine_groups).
+            // block_q8_0 { f16 d; i8 qs[32]; }: x = d * q = d * (q + 128) - 128 d, so the codes
+            // are q + 128 (the sign bit flipped).
             for block in blocks {
                 d_bits.push(u16_at(&block[0..2]));
-                for b in block[2..34].chunks_exact(4) {
-                    words.push(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) ^ 0x8080_8080);
-                }
+                words.extend(block[2..34].chunks_exact(4).map(|b| le32(b) ^ 0x8080_8080));
             }
         }
         _ => {
-            // block_q4_0 { f16 d; u8 qs[16]; } / block_q4_1 { f16 d; f16 m; u8 qs[16]; }:
-            // elements 0..16 are the low nibbles of qs, 16..32 the high ones.
+            // block_q4_0 { f16 d; u8 qs[16]; }: x[j] = d * (lo(qs[j]) - 8), x[j+16] = d * (hi(qs[j]) - 8)
+            // block_q4_1 { f16 d; f16 m; u8 qs[16]; }: x[j] = d * lo(qs[j]) + m, x[j+16] = d * hi(qs[j]) + m
             let q4_1 = t.id == GgmlType::Q4_1;
             if q4_1 {
                 m_bits.reserve(n_blocks);
@@ -752,105 +761,18 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// A quantized tensor's data as [`AffineGroups`] (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, after
-/// ggml-common.h and ggml-quants.c); `None` for F32, F16 and BF16, which have no groups.
-/// Errors name the tensor for an unsupported type or a wrong byte count.
+/// ggml-common.h and ggml-quants.c): [`packed_groups`] with its words unpacked to one code per
+/// element; `None` for F32, F16 and BF16, which have no groups. Errors name the tensor for an
+/// unsupported type or a wrong byte count.
 pub fn affine_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<AffineGroups>, FormatError> {
-    let n_blocks = check_data(info, data)?;
-    let t = info.ggml_type;
-    let (bits, group) = match t.id {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return Ok(None),
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K => (4, 32),
-        GgmlType::Q8_0 | GgmlType::Q5_K => (8, 32),
-        GgmlType::Q6_K => (8, 16),
-        _ => unreachable!("checked by is_supported"),
+    let Some(PackedGroups { bits, group, words, scales, mins }) = packed_groups(info, data)? else {
+        return Ok(None);
     };
-    let n = n_blocks * t.block_size as usize;
-    let mut codes = Vec::with_capacity(n);
-    let mut scales = Vec::with_capacity(n / group);
-    let mut mins = Vec::with_capacity(n / group);
-    for block in data.chunks_exact(t.type_size as usize) {
-        match t.id {
-            GgmlType::Q8_0 => {
-                // block_q8_0 { f16 d; i8 qs[32]; }: x = d * q = d * (q + 128) - 128 d
-                let d = f16_at(&block[0..2]);
-                codes.extend(block[2..].iter().map(|&q| q ^ 0x80));
-                scales.push(d);
-                mins.push(-128.0 * d);
-            }
-            GgmlType::Q4_0 => {
-                // block_q4_0 { f16 d; u8 qs[16]; }: x[j] = d * (lo(qs[j]) - 8), x[j+16] = d * (hi(qs[j]) - 8)
-                let d = f16_at(&block[0..2]);
-                let qs = &block[2..];
-                codes.extend(qs.iter().map(|&q| q & 0x0f));
-                codes.extend(qs.iter().map(|&q| q >> 4));
-                scales.push(d);
-                mins.push(-8.0 * d);
-            }
-            GgmlType::Q4_1 => {
-                // block_q4_1 { f16 d; f16 m; u8 qs[16]; }: x[j] = d * lo(qs[j]) + m, x[j+16] = d * hi(qs[j]) + m
-                let qs = &block[4..];
-                codes.extend(qs.iter().map(|&q| q & 0x0f));
-                codes.extend(qs.iter().map(|&q| q >> 4));
-                scales.push(f16_at(&block[0..2]));
-                mins.push(f16_at(&block[2..4]));
-            }
-            GgmlType::Q4_K | GgmlType::Q5_K => {
-                // block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }
-                // block_q5_K { f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }
-                // Per 64 elements j: 32 low nibbles of qs[32j..] (sub-block 2j), then 32 high
-                // nibbles (2j + 1); x = d * sc * q - dmin * m. Q5_K adds 16 to q where bit 2j
-                // (low) or 2j + 1 (high) of qh[l] is set.
-                let d = f16_at(&block[0..2]);
-                let dmin = f16_at(&block[2..4]);
-                let packed = &block[4..16];
-                let (qh, qs) = if t.id == GgmlType::Q5_K { (Some(&block[16..48]), &block[48..]) } else { (None, &block[16..]) };
-                for j in 0..4 {
-                    let ql = &qs[32 * j..32 * j + 32];
-                    for (half, shift) in [(0, 0), (1, 4)] {
-                        let (sc, m) = scale_min_k4(2 * j + half, packed);
-                        scales.push(d * f32::from(sc));
-                        mins.push(-(dmin * f32::from(m)));
-                        let high_bit = 1u8 << (2 * j + half);
-                        codes.extend(ql.iter().enumerate().map(|(l, &q)| {
-                            let high = qh.is_some_and(|qh| qh[l] & high_bit != 0);
-                            ((q >> shift) & 0x0f) + if high { 16 } else { 0 }
-                        }));
-                    }
-                }
-            }
-            GgmlType::Q6_K => {
-                // block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; }: per 128 elements n,
-                // element 32k + l (k < 4, l < 32) takes the low (k < 2) or high nibble of
-                // ql[64n + 32(k % 2) + l] and bits 2k, 2k + 1 of qh[32n + l] as bits 4, 5;
-                // x = d * scales[i / 16] * (q - 32).
-                let (ql, rest) = block.split_at(128);
-                let (qh, rest) = rest.split_at(64);
-                let (sc, d) = rest.split_at(16);
-                let d = f16_at(d);
-                for n in 0..2 {
-                    for k in 0..4 {
-                        let low = &ql[64 * n + 32 * (k % 2)..][..32];
-                        let nibble_shift = if k < 2 { 0 } else { 4 };
-                        codes.extend(
-                            low.iter()
-                                .zip(&qh[32 * n..32 * n + 32])
-                                .map(|(&lo, &hi)| ((lo >> nibble_shift) & 0x0f) | (((hi >> (2 * k)) & 3) << 4)),
-                        );
-                    }
-                }
-                for &s in sc {
-                    let scale = d * f32::from(s as i8);
-                    scales.push(scale);
-                    mins.push(-32.0 * scale);
-                }
-            }
-            _ => unreachable!("checked by is_supported"),
-        }
-    }
+    let (per_word, mask) = (32 / bits, (1u32 << bits) - 1);
+    let codes = words.iter().flat_map(|&w| (0..per_word).map(move |k| ((w >> (k * bits)) & mask) as u8)).collect();
     Ok(Some(AffineGroups { bits, group, codes, scales, mins }))
 }
 
-/// Dequantizes a tensor's data to `f32` in GGML element order (ggml `dequantize_row_*`):
 /// F32, F16 and BF16 directly, the quantized types through [`affine_groups`].
 pub fn dequantize(info: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, FormatError> {
     if let Some(groups) = affine_groups(info, data)? {
@@ -1211,7 +1133,7 @@ mod tests {
                     assert!(packed_groups(&info, &data[1..]).is_err(), "{}", t.name);
                     assert_eq!(packed_len(&info), Some((p.words.len(), p.scales.len())), "{}", t.name);
                     // Appended in two slices of one block each: the same as at once.
-                    let mut two = PackedGroups { bits: 0, group: 0, words: Vec::new(), scales: Vec::new(), mins: Vec::new() };
+                    let mut two = PackedGroups::default();
                     let half = TensorInfo { n_elements: n / 2, n_bytes: n_bytes / 2, ..info.clone() };
                     for part in data.chunks(data.len() / 2) {
                         assert!(append_packed_groups(&half, part, &mut two).expect("append"), "{}", t.name);
