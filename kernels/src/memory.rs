@@ -51,6 +51,18 @@ pub fn release_free_memory(device: &Device) {
     let _ = CudaRuntime::client(cuda).memory_cleanup();
 }
 
+/// Bytes CubeCL's memory on `device` holds in live allocations and reserves from the driver
+/// (every stream, every pool, the dedicated allocations included), for the log: what a
+/// recorded CUDA graph keeps shows as bytes in use that no tensor of the next step frees.
+/// `None` on other devices (the CPU).
+pub fn pool_usage(device: &Device) -> Option<(u64, u64)> {
+    let DispatchDevice::Cube(CubeDevice::Cuda(cuda)) = device.as_dispatch() else {
+        return None;
+    };
+    let usage = CudaRuntime::client(cuda).memory_report(cubecl_runtime::memory_management::MemoryScope::Device).usage();
+    Some((usage.bytes_in_use, usage.bytes_reserved))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +73,7 @@ mod tests {
         let device = Device::flex();
         let t: Tensor<1> = outside_pools(&device, || Tensor::ones([4], &device));
         release_free_memory(&device);
+        assert_eq!(pool_usage(&device), None);
         assert_eq!(t.into_data().try_to_vec::<f32>().expect("f32"), vec![1.0; 4]);
     }
 }

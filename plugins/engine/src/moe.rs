@@ -334,10 +334,11 @@ impl MoeBlock {
         out.gather(0, index).swap_dims(0, 1).reshape([rows * k, hidden])
     }
 
-    /// Every expert over its routed rows at once: rows are gathered into `[experts, capacity,
-    /// hidden]` (capacity = the busiest expert's count rounded up to a power of two, so a
-    /// prefill meets few matmul shapes), run as one batched matmul per projection, and read
-    /// back per (token, expert) pair: `[rows * top_k, hidden]`, token-major. The placement is
+    /// Every expert over its routed rows: rows are gathered into `[experts, capacity, hidden]`
+    /// per run of neighbouring experts ([`expert_runs`]: capacity = the run's busiest count
+    /// rounded up to a power of two, so a prefill meets few matmul shapes, and no run pads
+    /// past twice the step's pairs), run as one batched matmul per projection, and read back
+    /// per (token, expert) pair: `[rows * top_k, hidden]`, token-major. The placement is
     /// computed on the host from the routing decisions (one small read).
     fn by_expert_batches(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<Tensor<2>, EngineError> {
         let [rows, hidden] = x.dims();
@@ -345,7 +346,8 @@ impl MoeBlock {
         let device = x.device();
         let chosen = experts
             .reshape([rows * k])
-            .into_data()
+            .try_into_data()
+            .map_err(|e| EngineError::Device(format!("routing decisions: {e:?}")))?
             .convert::<i64>()
             .try_into_vec::<i64>()
             .map_err(|e| EngineError::Device(format!("routing decisions: {e:?}")))?;
@@ -354,24 +356,96 @@ impl MoeBlock {
             let slot = usize::try_from(e).ok().filter(|&e| e < n).ok_or_else(|| EngineError::Device(format!("router chose expert {e} of {n}")))?;
             counts[slot] += 1;
         }
-        let capacity = counts.iter().copied().max().unwrap_or(1).max(1).next_power_of_two();
-        let mut gather = vec![0i64; n * capacity];
+        let runs = expert_runs(&counts, padding_budget(rows * k));
+        // Where each expert's rows start in the runs' outputs, laid end to end.
+        let mut first_row = vec![0usize; n];
+        let mut gathers = Vec::with_capacity(runs.len());
+        let mut offset = 0;
+        for run in &runs {
+            for (i, e) in (run.first..run.first + run.experts).enumerate() {
+                first_row[e] = offset + i * run.capacity;
+            }
+            gathers.push(vec![0i64; run.experts * run.capacity]);
+            offset += run.experts * run.capacity;
+        }
         let mut combine = Vec::with_capacity(rows * k);
         let mut filled = vec![0usize; n];
+        let run_of: Vec<usize> = runs.iter().enumerate().flat_map(|(r, run)| std::iter::repeat_n(r, run.experts)).collect();
         for (slot, &e) in chosen.iter().enumerate() {
             let e = e as usize;
-            let at = e * capacity + filled[e];
+            let (run, at) = (&runs[run_of[e]], first_row[e] + filled[e]);
+            gathers[run_of[e]][(e - run.first) * run.capacity + filled[e]] = (slot / k) as i64;
             filled[e] += 1;
-            gather[at] = (slot / k) as i64;
             combine.push(at as i64);
         }
-        let gather = Tensor::<1, Int>::from_data(TensorData::new(gather, [n * capacity]), &device);
+        let outs: Vec<Tensor<2>> = runs
+            .iter()
+            .zip(gathers)
+            .map(|(run, gather)| {
+                let len = gather.len();
+                let gather = Tensor::<1, Int>::from_data(TensorData::new(gather, [len]), &device);
+                let xs = x.clone().select(0, gather).reshape([run.experts, run.capacity, hidden]);
+                let act = swiglu_halves(batched_linear(xs, self.gate_up.clone().narrow(0, run.first, run.experts)));
+                batched_linear(act, self.down.clone().narrow(0, run.first, run.experts)).reshape([len, hidden])
+            })
+            .collect();
+        let out = if outs.len() == 1 { outs.into_iter().next().expect("one run") } else { Tensor::cat(outs, 0) };
         let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
-        let xs = x.select(0, gather).reshape([n, capacity, hidden]);
-        let act = swiglu_halves(batched_linear(xs, self.gate_up.clone()));
-        let out = batched_linear(act, self.down.clone()).reshape([n * capacity, hidden]);
         Ok(out.select(0, combine))
     }
+}
+
+/// Bytes a step of `tokens` tokens holds at most for its host-placed expert runs (dtype of
+/// `dtype_bytes` a value): one run's gathered inputs, gate/up products, SwiGLU and outputs
+/// (`hidden + 2 * inner + inner + hidden` a padded row, [`padding_budget`] rows), and every
+/// run's outputs twice (kept, then concatenated) at the same bound.
+pub fn expert_batch_bytes(spec: &MoeSpec, hidden: usize, tokens: usize, dtype_bytes: u64) -> u64 {
+    let budget = padding_budget(tokens * spec.top_k) as u64;
+    let (h, i) = (hidden as u64, spec.expert_intermediate as u64);
+    budget * (2 * h + 3 * i) * dtype_bytes + 2 * budget * h * dtype_bytes
+}
+
+/// Bytes one layer's [`ExpertPath::AllExperts`] products of `rows` rows hold: every expert's
+/// copy of the rows, gate/up products, SwiGLU and outputs.
+pub fn all_experts_bytes(spec: &MoeSpec, hidden: usize, rows: usize, dtype_bytes: u64) -> u64 {
+    let (h, i) = (hidden as u64, spec.expert_intermediate as u64);
+    (spec.num_experts * rows) as u64 * (2 * h + 3 * i) * dtype_bytes
+}
+
+/// Experts `first .. first + experts` batched together, each padded to `capacity` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ExpertRun {
+    first: usize,
+    experts: usize,
+    capacity: usize,
+}
+
+/// The most padded rows one run of host-placed experts holds for `pairs` (token, expert)
+/// pairs: twice the pairs (rounded up to a power of two), which evenly routed tokens fill in
+/// one run. A router that sends most tokens to one expert would otherwise pad every expert
+/// to that one's count: on the 12-layer Qwen3-Coder-30B with random weights, a 2,048-token
+/// chunk padded 128 experts to 2,048 rows (1 GB of inputs alone, and as much again per
+/// projection), which ran the H100 out of memory beside a KV cache of 0.9 of it (2026-12-06).
+fn padding_budget(pairs: usize) -> usize {
+    (2 * pairs).max(1).next_power_of_two()
+}
+
+/// Neighbouring experts grouped into runs (the stacked weights of a run are a view), each
+/// padded to its busiest member's count rounded up to a power of two, a run growing while
+/// its padded rows stay within `budget` (an expert whose own count is past it runs alone).
+fn expert_runs(counts: &[usize], budget: usize) -> Vec<ExpertRun> {
+    let mut runs: Vec<ExpertRun> = Vec::new();
+    for (e, &count) in counts.iter().enumerate() {
+        let own = count.max(1).next_power_of_two();
+        match runs.last_mut() {
+            Some(run) if (run.experts + 1) * run.capacity.max(own) <= budget => {
+                run.experts += 1;
+                run.capacity = run.capacity.max(own);
+            }
+            _ => runs.push(ExpertRun { first: e, experts: 1, capacity: own }),
+        }
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -489,21 +563,18 @@ mod tests {
         MoeBlock { router: Router::SoftmaxTopK { norm_topk_prob: true }, top_k: k, gate, bias: None, gate_up, down, shared: None }
     }
 
-    #[test]
-    fn every_expert_path_gives_each_pair_its_experts_output() {
-        // 6 rows x top 3 of 8 experts: more pairs than experts, so every path has work to do.
-        let (n, k, hidden, inner, rows) = (8, 3, 16, 12, 6);
+    /// Every path's output for each (token, expert) pair of `chosen` (`rows x k`, token-major)
+    /// against that expert's MLP on the token's row alone.
+    fn check_every_path(n: usize, k: usize, hidden: usize, inner: usize, rows: usize, chosen: Vec<i64>) {
         let block = random_block(n, k, hidden, inner, 7);
         let device = Device::flex();
         let x: Vec<f32> = (0..rows * hidden).map(|i| ((i * 37 % 23) as f32 - 11.0) / 13.0).collect();
         let x = Tensor::<2>::from_data(TensorData::new(x, [rows, hidden]), &device);
-        let chosen: Vec<i64> = (0..rows * k).map(|p| ((p / k) * 5 + (p % k) * 3) as i64 % n as i64).collect();
         let experts = Tensor::<2, Int>::from_data(TensorData::new(chosen.clone(), [rows, k]), &device);
         let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
         let pairs = values(block.by_gathered_weights(x.clone(), experts.clone()));
         let all = values(block.by_all_experts(x.clone(), experts.clone()));
         let placed = values(block.by_expert_batches(x.clone(), experts).expect("host-placed experts"));
-        // Each pair against its expert's MLP on its row alone.
         let xs = values(x);
         for (p, &e) in chosen.iter().enumerate() {
             let (r, e) = (p / k, e as usize);
@@ -517,6 +588,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_expert_path_gives_each_pair_its_experts_output() {
+        // 6 rows x top 3 of 8 experts: more pairs than experts, so every path has work to do;
+        // the host places them in one run.
+        let (n, k, rows) = (8, 3, 6);
+        let chosen: Vec<i64> = (0..rows * k).map(|p| ((p / k) * 5 + (p % k) * 3) as i64 % n as i64).collect();
+        check_every_path(n, k, 16, 12, rows, chosen);
+    }
+
+    #[test]
+    fn a_busy_expert_splits_the_host_placed_experts_into_runs() {
+        // 8 rows x top 2 of 16 experts, every row choosing expert 3: one run would pad all 16
+        // experts to 8 rows (128 rows for 16 pairs).
+        let (n, k, rows) = (16usize, 2, 8);
+        let chosen: Vec<i64> = (0..rows).flat_map(|r| [3, ((r * 5 + 7) % n) as i64]).collect();
+        let mut counts = vec![0; n];
+        chosen.iter().for_each(|&e| counts[e as usize] += 1);
+        let runs = expert_runs(&counts, padding_budget(rows * k));
+        assert!(runs.len() > 1, "{runs:?}");
+        assert_eq!(runs.iter().map(|r| r.experts).sum::<usize>(), n);
+        assert!(runs.iter().all(|r| r.experts * r.capacity <= 32), "{runs:?}");
+        assert!(runs.windows(2).all(|w| w[0].first + w[0].experts == w[1].first), "{runs:?}");
+        check_every_path(n, k, 16, 12, rows, chosen);
+    }
+
+    #[test]
+    fn expert_runs_pad_within_the_budget_unless_one_expert_needs_more() {
+        // Evenly routed: one run, as before runs existed.
+        assert_eq!(expert_runs(&[3, 4, 2, 4], 16), vec![ExpertRun { first: 0, experts: 4, capacity: 4 }]);
+        // A busy expert alone past the budget runs by itself; its neighbours group around it.
+        assert_eq!(
+            expert_runs(&[1, 1, 20, 1, 0], 8),
+            vec![
+                ExpertRun { first: 0, experts: 2, capacity: 1 },
+                ExpertRun { first: 2, experts: 1, capacity: 32 },
+                ExpertRun { first: 3, experts: 2, capacity: 1 },
+            ]
+        );
+        assert_eq!(padding_budget(16), 32);
+        assert_eq!(padding_budget(17), 64);
     }
 
     #[test]

@@ -243,7 +243,7 @@ pub fn load_engine(
         // as free.
         inference_pio_kernels::memory::release_free_memory(&device);
         let device_free = gpu_memory().map(|(free, _)| free);
-        let reserve = crate::serve::step_reserve_bytes(c, dtype.size_bytes(), &optimization);
+        let reserve = crate::serve::step_reserve_bytes(c, decoder.spec.moe.as_ref(), dtype.size_bytes(), &optimization);
         let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, reserve, max_context)?;
         crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
         let pool = decoder.new_kv_pool(blocks, block_tokens);

@@ -275,6 +275,10 @@ impl DecodeGraphs {
             crate::progress::log(|| format!("recording the decode step: {padded} rows over {width} slots"));
             let graph = capture(device, step);
             self.counts.captures += 1;
+            crate::progress::log(|| match inference_pio_kernels::memory::pool_usage(device) {
+                Some((in_use, reserved)) => format!("recorded: {:.3} GB in use, {:.3} GB reserved on the device", in_use as f64 / 1e9, reserved as f64 / 1e9),
+                None => "recorded".to_string(),
+            });
             if !graph.is_hardware() {
                 // burn would re-run the closure on replay; run the steps ourselves from now on.
                 self.given_up = true;

@@ -119,17 +119,22 @@ pub struct StepLoop {
 /// [`inference_pio_kernels::paged::MAX_SCORES`] a launch, scores and probabilities), the
 /// logits of `max_num_seqs` rows (f32 and the dtype), and the recorded decode steps kept on
 /// CUDA (`graph::KEPT_SHAPES` + 1 of them, each retaining every layer's intermediates for up
-/// to 256 rows).
-pub fn step_reserve_bytes(c: &crate::hf_config::DecoderConfig, dtype_bytes: u64, settings: &OptimizationSettings) -> u64 {
+/// to 256 rows). A mixture of experts ([`MoeSpec`](crate::moe::MoeSpec)) adds its padded
+/// expert batches: a step's host-placed runs ([`crate::moe::expert_batch_bytes`]) and, per
+/// kept graph, one layer's every-expert products of up to
+/// [`crate::moe::ALL_EXPERTS_MAX_ROWS`] rows.
+pub fn step_reserve_bytes(c: &crate::hf_config::DecoderConfig, moe: Option<&crate::moe::MoeSpec>, dtype_bytes: u64, settings: &OptimizationSettings) -> u64 {
     let (h, d) = (c.hidden_size as u64, c.head_dim as u64);
     let heads = (c.num_attention_heads + 2 * c.num_key_value_heads) as u64;
     let per_token = dtype_bytes * (4 * h + 2 * heads * d + 3 * c.intermediate_size as u64);
     let rows = u64::from(settings.max_num_seqs);
     let logits = rows * c.vocab_size as u64 * (4 + dtype_bytes);
-    let step = u64::from(settings.max_num_batched_tokens) * per_token + 2 * inference_pio_kernels::paged::MAX_SCORES as u64 * dtype_bytes + logits;
+    let experts_step = moe.map_or(0, |m| crate::moe::expert_batch_bytes(m, c.hidden_size, settings.max_num_batched_tokens as usize, dtype_bytes));
+    let step = u64::from(settings.max_num_batched_tokens) * per_token + 2 * inference_pio_kernels::paged::MAX_SCORES as u64 * dtype_bytes + logits + experts_step;
     let graphs = if settings.cuda_graphs {
         let graph_rows = rows.min(256);
-        (graph::KEPT_SHAPES as u64 + 1) * (c.num_hidden_layers as u64 * graph_rows * per_token + graph_rows * c.vocab_size as u64 * (4 + dtype_bytes))
+        let experts_graph = moe.map_or(0, |m| crate::moe::all_experts_bytes(m, c.hidden_size, (graph_rows as usize).min(crate::moe::ALL_EXPERTS_MAX_ROWS), dtype_bytes));
+        (graph::KEPT_SHAPES as u64 + 1) * (c.num_hidden_layers as u64 * graph_rows * per_token + graph_rows * c.vocab_size as u64 * (4 + dtype_bytes) + experts_graph)
     } else {
         0
     };
@@ -979,9 +984,30 @@ mod tests {
         let logits = 256 * 151_936 * 6;
         let step = 8192 * per_token + 2 * (1 << 26) * 2 + logits;
         let graphs = 8 * (36 * 256 * per_token + logits);
-        assert_eq!(step_reserve_bytes(&c, 2, &settings), step + graphs);
+        assert_eq!(step_reserve_bytes(&c, None, 2, &settings), step + graphs);
         let eager = OptimizationSettings { cuda_graphs: false, ..settings.clone() };
-        assert_eq!(step_reserve_bytes(&c, 2, &eager), step);
+        assert_eq!(step_reserve_bytes(&c, None, 2, &eager), step);
+    }
+
+    #[test]
+    fn a_mixture_of_experts_reserves_its_padded_expert_batches() {
+        let settings = OptimizationSettings { max_num_batched_tokens: 8192, max_num_seqs: 256, cuda_graphs: true, ..Default::default() };
+        let c = qwen3_4b();
+        let moe = crate::moe::MoeSpec {
+            num_experts: 128,
+            top_k: 8,
+            expert_intermediate: 768,
+            shared_intermediate: None,
+            router: crate::moe::Router::SoftmaxTopK { norm_topk_prob: true },
+            sparse_layers: vec![true; 36],
+        };
+        // 8,192 tokens x 8 pairs, padded to at most 131,072 rows of 2 x 2,560 + 3 x 768 values
+        // (bf16), and the runs' outputs twice; eight kept graphs each with 128 experts x 64 rows.
+        let step = 131_072 * (2 * 2560 + 3 * 768) * 2 + 2 * 131_072 * 2560 * 2;
+        let graphs = 8 * 128 * 64 * (2 * 2560 + 3 * 768) * 2;
+        assert_eq!(step_reserve_bytes(&c, Some(&moe), 2, &settings) - step_reserve_bytes(&c, None, 2, &settings), step + graphs);
+        let eager = OptimizationSettings { cuda_graphs: false, ..settings.clone() };
+        assert_eq!(step_reserve_bytes(&c, Some(&moe), 2, &eager) - step_reserve_bytes(&c, None, 2, &eager), step);
     }
 
     #[test]
