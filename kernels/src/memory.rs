@@ -51,6 +51,14 @@ pub fn release_free_memory(device: &Device) {
     let _ = CudaRuntime::client(cuda).memory_cleanup();
 }
 
+/// The driver's free bytes on a CUDA `device`; `None` on other devices (the CPU).
+pub fn device_free(device: &Device) -> Option<u64> {
+    let DispatchDevice::Cube(CubeDevice::Cuda(cuda)) = device.as_dispatch() else {
+        return None;
+    };
+    crate::cublas::device_memory(cuda.index).map(|(free, _)| free)
+}
+
 /// Bytes CubeCL's memory on `device` holds in live allocations and reserves from the driver
 /// (every stream, every pool, the dedicated allocations included), for the log: what a
 /// recorded CUDA graph keeps shows as bytes in use that no tensor of the next step frees.
@@ -74,6 +82,7 @@ mod tests {
         let t: Tensor<1> = outside_pools(&device, || Tensor::ones([4], &device));
         release_free_memory(&device);
         assert_eq!(pool_usage(&device), None);
+        assert_eq!(device_free(&device), None);
         assert_eq!(t.into_data().try_to_vec::<f32>().expect("f32"), vec![1.0; 4]);
     }
 }

@@ -152,6 +152,17 @@ impl DecodeGraphs {
         bucket(rows, 1, 1).is_some_and(|(padded, _)| self.model.decoder.step_stays_on_device(padded))
     }
 
+    /// Drops every recording, the one in use included (each graph before its buffers), so
+    /// that the pool pages they hold can go back to the driver; the next decode step records
+    /// its shape anew. Returns how many were dropped.
+    pub fn drop_recordings(&mut self) -> usize {
+        let n = self.kept.len() + usize::from(self.graph.is_some());
+        self.graph = None;
+        self.shared = None;
+        self.kept.clear();
+        n
+    }
+
     /// Runs one decode step for `rows` (a bucket must exist: [`Self::applies`]); f32 logits
     /// `[padded rows, vocab]`, the first `rows.len()` rows being the real ones. Rows are all
     /// [`RowToken::Host`], or all [`RowToken::Previous`] with `previous` the ids the step before

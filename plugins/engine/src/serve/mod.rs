@@ -37,7 +37,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -141,6 +141,19 @@ pub fn step_reserve_bytes(c: &crate::hf_config::DecoderConfig, moe: Option<&crat
     step + graphs
 }
 
+/// Twice what the largest step needs beside the weights and KV cache ([`step_reserve_bytes`]
+/// without recorded steps): an idle loop with less device memory free than this drops its
+/// recorded decode steps, whose pool pages would otherwise stay out of the next steps' reach.
+fn idle_free_floor(model: &Model, limits: &scheduler::Limits) -> u64 {
+    let settings = OptimizationSettings {
+        max_num_batched_tokens: limits.max_num_batched_tokens.try_into().unwrap_or(u32::MAX),
+        max_num_seqs: limits.max_num_seqs.try_into().unwrap_or(u32::MAX),
+        cuda_graphs: false,
+        ..Default::default()
+    };
+    2 * step_reserve_bytes(&model.decoder.config, model.decoder.spec.moe.as_ref(), model.decoder.dtype.size_bytes(), &settings)
+}
+
 /// Blocks the KV cache gets: `kv_cache_gb`, else (CUDA) `gpu_memory_utilization` (default
 /// 0.9) of the device memory free after the weights, less what the steps need beside it
 /// (`reserve`, [`step_reserve_bytes`]), else (CPU) 0.5 GB; never above the plugin's memory
@@ -232,6 +245,7 @@ impl StepLoop {
                 let state = LoopState {
                     scheduler: Scheduler::new(BlockPool::new(blocks, block_tokens, step.prefix_caching), step.limits),
                     graphs: graph::DecodeGraphs::new(Arc::clone(&model)),
+                    idle_free_floor: idle_free_floor(&model, &step.limits),
                     model: Arc::clone(&model),
                     pool: Rc::new(RefCell::new(pool)),
                     live: HashMap::new(),
@@ -443,6 +457,9 @@ struct LoopState {
     model: Arc<Model>,
     pool: Rc<RefCell<KvPool>>,
     graphs: graph::DecodeGraphs,
+    /// Free device memory below which the idle loop drops its recorded decode steps
+    /// ([`idle_free_floor`]).
+    idle_free_floor: u64,
     cuda_graphs: bool,
     async_scheduling: bool,
     /// A decode step queued on the device and not read back yet.
@@ -458,13 +475,45 @@ struct LoopState {
 
 impl LoopState {
     fn run(mut self, rx: Receiver<Submission>) {
+        // Whether steps ran since the loop was last idle.
+        let mut stepped = false;
         loop {
             if self.scheduler.is_idle() && self.in_flight.is_none() {
-                match rx.recv() {
+                let next = match rx.try_recv() {
+                    Err(TryRecvError::Empty) => {
+                        // Idle and short of device memory: the recorded decode steps are
+                        // dropped and CubeCL's pools hand their free pages back to the driver.
+                        // Each recording holds pool pages of its own (the 12-layer
+                        // Qwen3-Coder-30B's pools grew 0.3-2 GB a recording), and steps of many
+                        // shapes leave pages of many sizes that no later shape fits: on an
+                        // H100 beside a KV cache of 0.9 of its memory, the pools held 5.8 GB more
+                        // than their live tensors after eight batch sizes, and the next batch's
+                        // 853 MiB page found no memory (2026-12-06). Not otherwise: the next
+                        // request's first steps would ask the driver for their pages again
+                        // (+44 ms to the time to first token of a 100-token prompt there).
+                        if std::mem::take(&mut stepped) {
+                            let device = &self.model.decoder.device;
+                            if inference_pio_kernels::memory::device_free(device).is_some_and(|free| free < self.idle_free_floor) {
+                                let dropped = self.graphs.drop_recordings();
+                                inference_pio_kernels::memory::release_free_memory(device);
+                                crate::progress::log(|| {
+                                    let usage = inference_pio_kernels::memory::pool_usage(device).map_or(String::new(), |(in_use, reserved)| {
+                                        format!("; {:.3} GB in use, {:.3} GB reserved on the device", in_use as f64 / 1e9, reserved as f64 / 1e9)
+                                    });
+                                    format!("idle with less than {:.2} GB free: {dropped} recorded decode steps dropped, free pool pages released{usage}", self.idle_free_floor as f64 / 1e9)
+                                });
+                            }
+                        }
+                        rx.recv().map_err(|_| ())
+                    }
+                    other => other.map_err(|_| ()),
+                };
+                match next {
                     Ok(s) => self.admit(s),
-                    Err(_) => return,
+                    Err(()) => return,
                 }
             }
+            stepped = true;
             while let Ok(s) = rx.try_recv() {
                 self.admit(s);
             }
