@@ -11,6 +11,8 @@
 //! attention reads each sequence's blocks ([`inference_pio_kernels::paged`]).
 
 use crate::error::EngineError;
+use crate::tensor_parallel::{Collective, RankShard, TpRank};
+use std::sync::Arc;
 use crate::hf_config::DecoderConfig;
 use crate::moe::{Mlp, MoeBlock, MoeSpec, moe_tensors};
 use crate::rope;
@@ -306,6 +308,9 @@ pub struct Decoder {
     inv_freq: Vec<f32>,
     /// The vision tower of a vision-language model.
     pub vision: Option<VisionTower>,
+    /// A tensor-parallel rank's place in its group (`config` then holds its heads and inner
+    /// rows; [`crate::tensor_parallel`]).
+    tp: Option<TpRank>,
 }
 
 /// Names and shapes of every tensor a decoder with this config needs.
@@ -389,12 +394,43 @@ pub fn stored_weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType, 
 impl Decoder {
     /// Checks every tensor's presence, dtype and shape, then loads them.
     pub fn load(config: DecoderConfig, spec: DecoderSpec, ckpt: &Checkpoint, device: &Device, dtype: DType) -> Result<Self, EngineError> {
+        Self::check_tensors(&config, &spec, ckpt)?;
+        Self::load_checked(config, spec, ckpt, device, dtype, None)
+    }
+
+    fn check_tensors(config: &DecoderConfig, spec: &DecoderSpec, ckpt: &Checkpoint) -> Result<(), EngineError> {
         if config.hidden_act != "silu" {
             return Err(EngineError::Unsupported(format!("hidden_act `{}` is not supported (only silu)", config.hidden_act)));
         }
-        for (name, shape) in expected_tensors(&config, &spec) {
+        for (name, shape) in expected_tensors(config, spec) {
             ckpt.check(&name, &shape)?;
         }
+        Ok(())
+    }
+
+    /// One tensor-parallel rank of the model (`shard`, from
+    /// [`crate::tensor_parallel::plan`]): the whole checkpoint is checked, then only this
+    /// rank's slices are read; its forward pass meets the other ranks' in `group`.
+    pub fn load_rank(
+        config: DecoderConfig,
+        spec: DecoderSpec,
+        ckpt: &mut Checkpoint,
+        device: &Device,
+        dtype: DType,
+        shard: &RankShard,
+        group: Arc<dyn Collective>,
+    ) -> Result<Self, EngineError> {
+        Self::check_tensors(&config, &spec, ckpt)?;
+        ckpt.set_shard(shard.rules(&config, &spec));
+        let tp = TpRank { rank: shard.rank, ranks: shard.ranks, vocab: shard.vocab.clone(), group };
+        Self::load_checked(shard.local_config(&config), shard.local_spec(&spec), ckpt, device, dtype, Some((tp, shard.experts.clone())))
+    }
+
+    fn load_checked(config: DecoderConfig, spec: DecoderSpec, ckpt: &Checkpoint, device: &Device, dtype: DType, rank: Option<(TpRank, Option<std::ops::Range<usize>>)>) -> Result<Self, EngineError> {
+        let (tp, held_experts) = match rank {
+            Some((tp, experts)) => (Some(tp), experts),
+            None => (None, None),
+        };
         if let Some(section) = spec.mrope_section
             && 2 * section.iter().sum::<usize>() != config.rotary_dim()
         {
@@ -412,7 +448,15 @@ impl Decoder {
         for l in 0..c.num_hidden_layers {
             let p = format!("{m}.layers.{l}");
             let mlp = match &spec.moe {
-                Some(moe) if spec.is_sparse(l) => FeedForward::Moe(Box::new(MoeBlock::load(moe, ckpt, &format!("{p}.mlp"), h, device, dtype)?)),
+                Some(moe) if spec.is_sparse(l) => FeedForward::Moe(Box::new(MoeBlock::load_experts(
+                    moe,
+                    ckpt,
+                    &format!("{p}.mlp"),
+                    h,
+                    device,
+                    dtype,
+                    held_experts.clone().unwrap_or(0..moe.num_experts),
+                )?)),
                 _ => FeedForward::Dense(Box::new(Mlp::load(ckpt, &format!("{p}.mlp"), h, i, device, dtype)?)),
             };
             blocks.push(Block {
@@ -445,7 +489,9 @@ impl Decoder {
             crate::weights::return_free_heap_pages();
         }
         let embed_name = format!("{m}.embed_tokens.weight");
-        let (embed, lm_head) = match ckpt.load_stored_quantized(&embed_name, [c.vocab_size, h], device)? {
+        // The rows of the vocabulary held: all, or a tensor-parallel rank's.
+        let vocab = tp.as_ref().map_or(c.vocab_size, |tp| tp.vocab.len());
+        let (embed, lm_head) = match ckpt.load_stored_quantized(&embed_name, [vocab, h], device)? {
             // The file's quantized table, kept: on the CPU looked up row by row, and (tied)
             // the LM head.
             Some(table) if *device == Device::flex() => {
@@ -463,14 +509,14 @@ impl Decoder {
                 } else {
                     None
                 };
-                (Embedding::Dense(ckpt.load(&embed_name, [c.vocab_size, h], device, dtype)?), head)
+                (Embedding::Dense(ckpt.load(&embed_name, [vocab, h], device, dtype)?), head)
             }
             None => {
-                let table = ckpt.load(&embed_name, [c.vocab_size, h], device, dtype)?;
+                let table = ckpt.load(&embed_name, [vocab, h], device, dtype)?;
                 let head = match (c.tie_word_embeddings, ckpt.quantizes_lm_head()) {
                     (false, _) => None,
                     // `quantize_lm_head`: quantized from the table's values, the lookup dense.
-                    (true, true) => Some(Linear::load(ckpt, &format!("{m}.embed_tokens"), c.vocab_size, h, false, device, dtype)?),
+                    (true, true) => Some(Linear::load(ckpt, &format!("{m}.embed_tokens"), vocab, h, false, device, dtype)?),
                     (true, false) => Some(Linear::from_parts(table.clone(), None, device)),
                 };
                 (Embedding::Dense(table), head)
@@ -479,14 +525,14 @@ impl Decoder {
         let lm_head = match lm_head {
             Some(head) => head,
             // `quantize_lm_head`: quantized as the other linear weights are.
-            None if ckpt.quantizes_lm_head() => Linear::load(ckpt, "lm_head", c.vocab_size, h, false, device, dtype)?,
+            None if ckpt.quantizes_lm_head() => Linear::load(ckpt, "lm_head", vocab, h, false, device, dtype)?,
             // Untied: the file's quantized blocks when kept as stored, else dense.
-            None => match ckpt.load_stored_quantized("lm_head.weight", [c.vocab_size, h], device)? {
+            None => match ckpt.load_stored_quantized("lm_head.weight", [vocab, h], device)? {
                 Some(q) => {
                     ckpt.count_quantized(&q, dtype);
                     Linear { weights: vec![Weight::Quantized(ckpt.place_quantized(q, device))], bias: None }
                 }
-                None => Linear::from_parts(ckpt.load("lm_head.weight", [c.vocab_size, h], device, dtype)?, None, device),
+                None => Linear::from_parts(ckpt.load("lm_head.weight", [vocab, h], device, dtype)?, None, device),
             },
         };
         let norm = ckpt.load(&format!("{m}.norm.weight"), [h], device, dtype)?;
@@ -503,7 +549,7 @@ impl Decoder {
             }
             None => None,
         };
-        Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq, vision })
+        Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq, vision, tp })
     }
 
     /// A KV pool of `blocks` blocks of `block_tokens` tokens, zeroed.
@@ -591,7 +637,10 @@ impl Decoder {
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let scale = (d as f64).powf(-0.5);
         let (cos, sin, slots, layout) = (&inputs.cos, &inputs.sin, &inputs.slots, &inputs.layout);
-        let mut x = self.embed.lookup(&inputs.tokens, burn_dtype(self.dtype));
+        let mut x = match &self.tp {
+            Some(tp) => self.rank_lookup(tp, &inputs.tokens)?,
+            None => self.embed.lookup(&inputs.tokens, burn_dtype(self.dtype)),
+        };
         if let Some(v) = &inputs.vision {
             x = x.select_assign(0, v.rows.clone(), v.embeds.clone(), IndexingUpdateOp::Assign);
         }
@@ -624,12 +673,14 @@ impl Decoder {
             let attn = paged_attention(q, &k_pool, &v_pool, layout, c.layer_windows[l], scale);
             kv.layers[l] = Some((k_pool, v_pool));
             let attn = attn.reshape([t, nh * d]);
-            let (residual, normed) = add_rms_norm(residual, block.o.forward(attn).reshape([1, t, h]), &block.post_norm, c.rms_norm_eps);
+            let attn = self.all_reduce(block.o.forward(attn))?;
+            let (residual, normed) = add_rms_norm(residual, attn.reshape([1, t, h]), &block.post_norm, c.rms_norm_eps);
             let normed = normed.reshape([t, h]);
             let mlp = match &block.mlp {
                 FeedForward::Dense(mlp) => mlp.forward(normed),
                 FeedForward::Moe(moe) => moe.forward(normed)?,
             };
+            let mlp = self.all_reduce(mlp)?;
             x = residual;
             pending = Some(mlp.reshape([1, t, h]));
             // DeepStack: this layer's image features join the image rows' hidden states.
@@ -654,16 +705,41 @@ impl Decoder {
                 x.reshape([t, h]).select(0, rows.clone()).reshape([1, n, h])
             }
         };
-        Ok(self.logits(x))
+        self.logits(x)
     }
 
     /// Final norm and LM head over `x [1, rows, hidden]`: f32 logits `[rows, vocab]`.
-    fn logits(&self, x: Tensor<3>) -> Tensor<2> {
+    fn logits(&self, x: Tensor<3>) -> Result<Tensor<2>, EngineError> {
         let c = &self.config;
         let [_, rows, h] = x.dims();
         let x = rms_norm(x, &self.norm, c.rms_norm_eps).reshape([rows, h]);
         let out = self.lm_head.forward(x);
-        if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) }
+        let out = if self.dtype == DType::F32 { out } else { out.cast(BurnDType::F32) };
+        match &self.tp {
+            // Each rank's vocabulary rows, side by side.
+            Some(tp) => tp.all_gather_columns(out),
+            None => Ok(out),
+        }
+    }
+
+    /// A row-parallel product's partial sums completed across the ranks (as it is alone).
+    fn all_reduce(&self, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
+        match &self.tp {
+            Some(tp) => tp.all_reduce(x),
+            None => Ok(x),
+        }
+    }
+
+    /// A tensor-parallel rank's embedding rows of `tokens`: its own vocabulary rows, zeros
+    /// for the others' tokens, summed across the ranks.
+    fn rank_lookup(&self, tp: &TpRank, tokens: &Tensor<1, Int>) -> Result<Tensor<2>, EngineError> {
+        let [t] = tokens.dims();
+        let local = tokens.clone().sub_scalar(tp.vocab.start as i64);
+        let held = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(tp.vocab.len() as i64));
+        let dtype = burn_dtype(self.dtype);
+        let rows = self.embed.lookup(&local.mask_fill(held.clone().bool_not(), 0), dtype);
+        let rows = rows.mul(held.float().cast(dtype).reshape([t, 1]));
+        tp.all_reduce(rows)
     }
 
     /// Whether a one-token step of `rows` rows runs without reading anything back to the

@@ -23,6 +23,7 @@ pub mod plugin;
 pub mod rope;
 pub mod sampling;
 pub mod serve;
+pub mod tensor_parallel;
 pub mod testing;
 pub mod tokenizer;
 pub mod vision;

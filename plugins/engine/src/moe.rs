@@ -190,6 +190,10 @@ enum ExpertPath {
 pub struct MoeBlock {
     router: Router,
     top_k: usize,
+    /// The routed experts held (`gate_up`, `down`): all of them, or a tensor-parallel rank's
+    /// range of the `router_experts` the router chooses among.
+    experts: std::ops::Range<usize>,
+    router_experts: usize,
     /// `[experts, hidden]`, f32 or the model's dtype ([`Router::logits_in_f32`]); routing
     /// itself is decided in f32.
     gate: Tensor<2>,
@@ -217,7 +221,17 @@ pub fn moe_tensors(spec: &MoeSpec, prefix: &str, hidden: usize) -> Vec<(String, 
 
 impl MoeBlock {
     pub fn load(spec: &MoeSpec, ckpt: &Checkpoint, prefix: &str, hidden: usize, device: &Device, dtype: DType) -> Result<Self, EngineError> {
+        Self::load_experts(spec, ckpt, prefix, hidden, device, dtype, 0..spec.num_experts)
+    }
+
+    /// [`Self::load`] holding only the routed experts `experts` (a tensor-parallel rank's);
+    /// the router still chooses among all of them, and pairs whose expert is elsewhere weigh
+    /// zero here.
+    pub fn load_experts(spec: &MoeSpec, ckpt: &Checkpoint, prefix: &str, hidden: usize, device: &Device, dtype: DType, experts: std::ops::Range<usize>) -> Result<Self, EngineError> {
         let (n, inner) = (spec.num_experts, spec.expert_intermediate);
+        if experts.is_empty() || experts.end > n {
+            return Err(EngineError::Config(format!("experts {experts:?} of {n}")));
+        }
         let gate_dtype = if spec.router.logits_in_f32() { DType::F32 } else { dtype };
         let gate = ckpt.load(&format!("{prefix}.gate.weight"), [n, hidden], device, gate_dtype)?;
         let bias = match spec.router {
@@ -229,15 +243,18 @@ impl MoeBlock {
         };
         let expert = |e: usize, proj: &str| format!("{prefix}.experts.{e}.{proj}.weight");
         let gate_up_names: Vec<String> = (0..n).flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")]).collect();
-        let gate_up = ckpt.load_stacked(&gate_up_names, [inner, hidden], device, dtype)?.reshape([n, 2 * inner, hidden]);
+        let held = experts.len();
+        let gate_up = ckpt
+            .load_stacked_part(&gate_up_names, 2 * experts.start..2 * experts.end, [inner, hidden], device, dtype)?
+            .reshape([held, 2 * inner, hidden]);
         let gate_up = split_stacked(gate_up, split_parts(hidden, device));
         let down_names: Vec<String> = (0..n).map(|e| expert(e, "down_proj")).collect();
-        let down = split_stacked(ckpt.load_stacked(&down_names, [hidden, inner], device, dtype)?, split_parts(inner, device));
+        let down = split_stacked(ckpt.load_stacked_part(&down_names, experts.clone(), [hidden, inner], device, dtype)?, split_parts(inner, device));
         let shared = spec
             .shared_intermediate
             .map(|inner| Mlp::load(ckpt, &format!("{prefix}.shared_experts"), hidden, inner, device, dtype))
             .transpose()?;
-        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, gate, bias, gate_up, down, shared })
+        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, experts, router_experts: n, gate, bias, gate_up, down, shared })
     }
 
     /// How `rows` tokens meet their experts ([`ExpertPath`]).
@@ -286,6 +303,15 @@ impl MoeBlock {
             x.clone().matmul(self.gate.clone().transpose()).cast(BurnDType::F32)
         };
         let (experts, weights) = route(&self.router, k, logits, self.bias.as_ref());
+        // A rank holding some of the experts: the others' pairs go to its first expert with
+        // weight zero.
+        let (experts, weights) = if self.experts.len() == self.router_experts {
+            (experts, weights)
+        } else {
+            let local = experts.sub_scalar(self.experts.start as i64);
+            let held = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(self.experts.len() as i64));
+            (local.mask_fill(held.clone().bool_not(), 0), weights.mul(held.float()))
+        };
         let per_slot = match self.expert_path(rows) {
             ExpertPath::Pairs => self.by_gathered_weights(x.clone(), experts),
             ExpertPath::AllExperts => self.by_all_experts(x.clone(), experts),
@@ -560,7 +586,7 @@ mod tests {
         let gate = Tensor::<2>::from_data(t(vec![n, hidden]), &device);
         let gate_up = split_stacked(Tensor::<3>::from_data(t(vec![n, 2 * inner, hidden]), &device), split_parts(hidden, &device));
         let down = split_stacked(Tensor::<3>::from_data(t(vec![n, hidden, inner]), &device), split_parts(inner, &device));
-        MoeBlock { router: Router::SoftmaxTopK { norm_topk_prob: true }, top_k: k, gate, bias: None, gate_up, down, shared: None }
+        MoeBlock { router: Router::SoftmaxTopK { norm_topk_prob: true }, top_k: k, experts: 0..n, router_experts: n, gate, bias: None, gate_up, down, shared: None }
     }
 
     /// Every path's output for each (token, expert) pair of `chosen` (`rows x k`, token-major)

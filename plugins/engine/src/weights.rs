@@ -54,6 +54,9 @@ pub struct Checkpoint {
     /// GPTQ / AWQ packing or FP8 blocks of the safetensors' linear weights
     /// (`quantization_config`).
     packed: Option<packed::Layout>,
+    /// A tensor-parallel rank's slices ([`crate::tensor_parallel`]): a tensor named here is read
+    /// as its slice, at the slice's shape.
+    shard: Option<crate::tensor_parallel::ShardRules>,
 }
 
 /// What [`Checkpoint::load_linear_stored`] has loaded.
@@ -277,7 +280,7 @@ impl Checkpoint {
     }
 
     fn from_source(source: Source) -> Self {
-        Self { source, quantization: None, tally: Default::default(), quantize_lm_head: false, activations: None, packed: None }
+        Self { source, quantization: None, tally: Default::default(), quantize_lm_head: false, activations: None, packed: None, shard: None }
     }
 
     /// Reads `X.weight` of a safetensors checkpoint from GPTQ's or AWQ's `X.qweight`,
@@ -286,6 +289,19 @@ impl Checkpoint {
     /// `X.weight_scale_inv` blocks (dequantized to the model's dtype at load).
     pub fn set_packed_layout(&mut self, layout: Option<packed::Layout>) {
         self.packed = layout;
+    }
+
+    /// Reads the tensors `rules` names as one tensor-parallel rank's slices of them: `load`
+    /// and the linear loads take the slice's shape, read the whole tensor's stored bytes and
+    /// keep the slice (random weights: the whole tensor drawn, then sliced, so that every
+    /// rank count draws the same model). Quantized blocks kept as stored are not sliced: such
+    /// a tensor is an error.
+    pub fn set_shard(&mut self, rules: crate::tensor_parallel::ShardRules) {
+        self.shard = Some(rules);
+    }
+
+    fn slice_of(&self, name: &str) -> Option<&crate::tensor_parallel::Slice> {
+        self.shard.as_ref().and_then(|r| r.get(name))
     }
 
     /// `X` when `name` is `X.weight` stored packed as `X.qweight` etc.
@@ -452,6 +468,17 @@ impl Checkpoint {
     /// consecutive inputs, on any device. `None` for a float tensor, or when the blocks are not
     /// kept. Not counted in [`Self::linear_tally`].
     pub fn load_stored_quantized(&self, name: &str, [out, inp]: [usize; 2], _device: &Device) -> Result<Option<QuantizedMatrix>, EngineError> {
+        let Some(slice) = self.slice_of(name) else {
+            return self.load_stored_quantized_whole(name, [out, inp]);
+        };
+        let full = slice.full_shape(&[out, inp]);
+        match self.load_stored_quantized_whole(name, [full[0], full[1]])? {
+            Some(_) => Err(EngineError::Unsupported(format!("tensor `{name}`: tensor parallelism over quantized blocks kept as stored is not supported yet"))),
+            None => Ok(None),
+        }
+    }
+
+    fn load_stored_quantized_whole(&self, name: &str, [out, inp]: [usize; 2]) -> Result<Option<QuantizedMatrix>, EngineError> {
         match &self.source {
             Source::Gguf(g) if self.quantization.is_none() => Self::gguf_quantized(g, name, [out, inp]),
             Source::Safetensors { .. } if self.quantization.is_none() && let Some(prefix) = self.packed_prefix(name) => match self.unpack(prefix, [out, inp])? {
@@ -469,7 +496,7 @@ impl Checkpoint {
     fn f32_values(&self, name: &str, shape: [usize; 2], device: &Device) -> Result<Vec<f32>, EngineError> {
         let bytes = match &self.source {
             Source::Random(seed) => {
-                let t: Tensor<2> = Self::random_tensor(*seed, name, shape, device, DType::F32);
+                let t: Tensor<2> = self.random_slice(*seed, name, shape, device, DType::F32);
                 // A device failure (out of memory) is an error of this load, not a panic.
                 return t
                     .try_into_data()
@@ -664,7 +691,7 @@ impl Checkpoint {
     /// Loads `name`, checking it has `shape`, converted to `dtype` on `device`.
     pub fn load<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device, dtype: DType) -> Result<Tensor<D>, EngineError> {
         if let Source::Random(seed) = &self.source {
-            return Ok(Self::random_tensor(*seed, name, shape, device, dtype));
+            return Ok(self.random_slice(*seed, name, shape, device, dtype));
         }
         let data = TensorData::from_bytes_vec(self.host_bytes(name, &shape, dtype)?.into_owned(), shape, burn_dtype(dtype));
         Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
@@ -694,6 +721,31 @@ impl Checkpoint {
         Ok(Tensor::from_data(data, (device, burn_dtype(dtype))))
     }
 
+    /// [`Self::random_tensor`] of `name`, or, for a tensor-parallel rank's slice of it, the
+    /// whole tensor drawn and the slice kept.
+    fn random_slice<const D: usize>(&self, seed: u64, name: &str, shape: [usize; D], device: &Device, dtype: DType) -> Tensor<D> {
+        match self.slice_of(name) {
+            Some(slice) => {
+                let full: [usize; D] = slice.full_shape(&shape).try_into().unwrap_or(shape);
+                slice.narrow(Self::random_tensor(seed, name, full, device, dtype))
+            }
+            None => Self::random_tensor(seed, name, shape, device, dtype),
+        }
+    }
+
+    /// [`Self::load_stacked`] of `names[part]` only (a tensor-parallel rank's experts); random
+    /// weights draw the whole stack of `names` and keep `part`, as every rank count does.
+    pub fn load_stacked_part(&self, names: &[String], part: std::ops::Range<usize>, shape: [usize; 2], device: &Device, dtype: DType) -> Result<Tensor<3>, EngineError> {
+        if part == (0..names.len()) {
+            return self.load_stacked(names, shape, device, dtype);
+        }
+        let chosen = names.get(part.clone()).ok_or_else(|| EngineError::Config(format!("experts {part:?} of {}", names.len())))?;
+        match &self.source {
+            Source::Random(_) => Ok(self.load_stacked(names, shape, device, dtype)?.narrow(0, part.start, part.len())),
+            _ => self.load_stacked(chosen, shape, device, dtype),
+        }
+    }
+
     /// Deterministic values for `name`: normal(0, 0.02), norms normal(1, 0.02). Drawn in f32
     /// and then cast, so that every dtype and quantization mode gets the same model: quantized
     /// weights are drawn in f32 before they are quantized, and on the H100 (2026-12-05) int8
@@ -711,6 +763,17 @@ impl Checkpoint {
     /// `name`'s values as little-endian `dtype` bytes, after checking its shape: borrowed
     /// from the mapped file when it already holds them in `dtype`, converted otherwise.
     fn host_bytes(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Cow<'_, [u8]>, EngineError> {
+        match self.slice_of(name) {
+            Some(slice) => {
+                let full = slice.full_shape(shape);
+                let whole = self.whole_host_bytes(name, &full, dtype)?;
+                Ok(Cow::Owned(slice.cut(&whole, &full, dtype.size_bytes() as usize)))
+            }
+            None => self.whole_host_bytes(name, shape, dtype),
+        }
+    }
+
+    fn whole_host_bytes(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Cow<'_, [u8]>, EngineError> {
         match &self.source {
             Source::Random(_) => Err(EngineError::Weights(format!("tensor `{name}`: a random checkpoint has no stored bytes"))),
             Source::Gguf(g) => Self::load_gguf(g, name, shape, dtype).map(Cow::Owned),

@@ -81,3 +81,15 @@ fn the_gpu_weight_layout_matches_transformers_too() {
         check_fixture(&FAMILY, &fixtures(), "glm4moe-tiny-b", false);
     });
 }
+
+#[test]
+fn tensor_parallel_ranks_on_the_cpu_equal_the_whole_model() {
+    use inference_pio_engine::testing::check_tensor_parallel;
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 380 + 3).collect();
+    // tiny-a: 16 routed experts behind the grouped sigmoid router, a shared expert split by
+    // rows, a first dense layer; tiny-b: two shared experts, 6 heads over 2 KV heads.
+    for ranks in [2, 4] {
+        check_tensor_parallel(&FAMILY, &fixtures().join("glm4moe-tiny-a"), ranks, &prompt, 4);
+    }
+    check_tensor_parallel(&FAMILY, &fixtures().join("glm4moe-tiny-b"), 2, &prompt, 4);
+}

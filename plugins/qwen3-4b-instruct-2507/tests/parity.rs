@@ -237,3 +237,15 @@ fn sliding_window_attention_matches_transformers() {
     }
     check_rows_equal_alone(&engine, &[prompt, vec![7, 8, 9]], 12);
 }
+
+#[test]
+fn tensor_parallel_ranks_on_the_cpu_equal_the_whole_model() {
+    use inference_pio_engine::testing::check_tensor_parallel;
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    // tiny-a: 4 heads over 2 KV heads, tied embeddings; at 4 ranks each KV head is replicated.
+    for ranks in [2, 4] {
+        check_tensor_parallel(&FAMILY, &fixtures().join("qwen3-tiny-a"), ranks, &prompt, 4);
+    }
+    // tiny-b: biases on q/k/v/o (o's added once, by rank 0), an untied head.
+    check_tensor_parallel(&FAMILY, &fixtures().join("qwen3-tiny-b"), 2, &prompt, 4);
+}

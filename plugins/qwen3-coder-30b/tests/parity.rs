@@ -56,3 +56,13 @@ fn the_gpu_weight_layout_matches_transformers_too() {
         check_fixture(&FAMILY, &fixtures(), "qwen3moe-tiny-b", false);
     });
 }
+
+#[test]
+fn tensor_parallel_ranks_on_the_cpu_equal_the_whole_model() {
+    use inference_pio_engine::testing::check_tensor_parallel;
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    // 8 routed experts split 4 or 2 a rank, a dense layer split by rows.
+    for ranks in [2, 4] {
+        check_tensor_parallel(&FAMILY, &fixtures().join("qwen3moe-tiny-a"), ranks, &prompt, 4);
+    }
+}
