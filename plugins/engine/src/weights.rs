@@ -207,6 +207,15 @@ fn read_index(index_path: &Path) -> Result<(Vec<String>, serde_json::Map<String,
 }
 
 /// The burn dtype for ours.
+/// Our dtype of a safetensors float dtype ([`Checkpoint::check`] admits F32, BF16 and F16).
+fn stored_dtype(stored: Dtype) -> DType {
+    match stored {
+        Dtype::F32 => DType::F32,
+        Dtype::BF16 => DType::Bf16,
+        _ => DType::F16,
+    }
+}
+
 pub fn burn_dtype(dtype: DType) -> BurnDType {
     match dtype {
         DType::F32 => BurnDType::F32,
@@ -766,11 +775,41 @@ impl Checkpoint {
         match self.slice_of(name) {
             Some(slice) => {
                 let full = slice.full_shape(shape);
+                // A plain safetensors tensor is cut in its stored dtype and only the slice
+                // converted: of the whole tensor, only the slice's rows' pages are read.
+                if let Some((bytes, stored)) = self.stored_bytes(name, &full)? {
+                    let element = match stored {
+                        Dtype::F32 => 4,
+                        _ => 2,
+                    };
+                    let cut = slice.cut(bytes, &full, element);
+                    return Ok(Cow::Owned(match stored_dtype(stored) {
+                        native if native == dtype => cut,
+                        _ => convert(&cut, stored, dtype),
+                    }));
+                }
                 let whole = self.whole_host_bytes(name, &full, dtype)?;
                 Ok(Cow::Owned(slice.cut(&whole, &full, dtype.size_bytes() as usize)))
             }
             None => self.whole_host_bytes(name, shape, dtype),
         }
+    }
+
+    /// A plain (not packed, not FP8) safetensors tensor's bytes as the file stores them, and
+    /// their dtype, after checking its shape; `None` for other tensors and sources.
+    fn stored_bytes(&self, name: &str, shape: &[usize]) -> Result<Option<(&[u8], Dtype)>, EngineError> {
+        let Source::Safetensors { shards, names } = &self.source else { return Ok(None) };
+        if self.packed_prefix(name).is_some() || self.fp8_scales(name).is_some() {
+            return Ok(None);
+        }
+        Self::check_safetensors(shards, names, name, shape)?;
+        let (shard, info) = Self::entry(shards, names, name)?;
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .mmap
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` lies outside {}", shard.path.display())))?;
+        Ok(Some((bytes, info.dtype)))
     }
 
     fn whole_host_bytes(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Cow<'_, [u8]>, EngineError> {
@@ -783,20 +822,9 @@ impl Checkpoint {
             Source::Safetensors { .. } if let (Some((scales, layout)), &[out, inp]) = (self.fp8_scales(name), shape) => {
                 Ok(Cow::Owned(encode(self.fp8_values(name, &scales, layout, [out, inp], false)?.into_iter(), dtype)))
             }
-            Source::Safetensors { shards, names } => {
-                Self::check_safetensors(shards, names, name, shape)?;
-                let (shard, info) = Self::entry(shards, names, name)?;
-                let (start, end) = info.data_offsets;
-                let bytes = shard
-                    .mmap
-                    .get(shard.data_start + start..shard.data_start + end)
-                    .ok_or_else(|| EngineError::Weights(format!("tensor `{name}` lies outside {}", shard.path.display())))?;
-                let native = match info.dtype {
-                    Dtype::F32 => DType::F32,
-                    Dtype::BF16 => DType::Bf16,
-                    _ => DType::F16,
-                };
-                Ok(if native == dtype { Cow::Borrowed(bytes) } else { Cow::Owned(convert(bytes, info.dtype, dtype)) })
+            Source::Safetensors { .. } => {
+                let (bytes, stored) = self.stored_bytes(name, shape)?.ok_or_else(|| EngineError::Weights(format!("tensor `{name}`: no stored bytes")))?;
+                Ok(if stored_dtype(stored) == dtype { Cow::Borrowed(bytes) } else { Cow::Owned(convert(bytes, stored, dtype)) })
             }
         }
     }
@@ -854,6 +882,34 @@ mod tests {
         huge.extend_from_slice(b"{}");
         write(&dir.path().join("model.safetensors"), &huge);
         assert!(Checkpoint::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_rank_reads_its_slice_of_a_stored_tensor_in_any_dtype() {
+        use crate::tensor_parallel::{ShardRules, Slice};
+        // A [3, 4] bf16 tensor of the values 0..12 (exact in bf16).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = header(r#"{"w":{"dtype":"BF16","shape":[3,4],"data_offsets":[0,24]},"b":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]}}"#);
+        for v in 0..16u16 {
+            bytes.extend_from_slice(&half::bf16::from_f32(f32::from(v % 12)).to_le_bytes());
+        }
+        write(&dir.path().join("model.safetensors"), &bytes);
+        let values = |ckpt: &Checkpoint, name: &str, shape: [usize; 2], dtype: DType| -> Vec<f32> {
+            let t: Tensor<2> = ckpt.load(name, shape, &Device::flex(), dtype).expect("load");
+            t.into_data().convert::<f32>().try_to_vec::<f32>().expect("values")
+        };
+        for dtype in [DType::F32, DType::Bf16] {
+            let mut ckpt = Checkpoint::open(dir.path()).expect("open");
+            let rules = [("w".to_string(), Slice::Columns { range: 1..3, of: 4 }), ("b".to_string(), Slice::Zero)];
+            ckpt.set_shard(ShardRules(rules.into_iter().collect()));
+            assert_eq!(values(&ckpt, "w", [3, 2], dtype), vec![1.0, 2.0, 5.0, 6.0, 9.0, 10.0], "{dtype:?}");
+            let b: Tensor<1> = ckpt.load("b", [4], &Device::flex(), dtype).expect("bias");
+            assert_eq!(b.into_data().convert::<f32>().try_to_vec::<f32>().expect("values"), vec![0.0; 4]);
+            ckpt.set_shard(ShardRules([("w".to_string(), Slice::Rows { range: 2..3, of: 3 })].into_iter().collect()));
+            assert_eq!(values(&ckpt, "w", [1, 4], dtype), vec![8.0, 9.0, 10.0, 11.0], "{dtype:?}");
+            // The slice's shape is checked against the whole tensor's.
+            assert!(ckpt.load::<2>("w", [1, 3], &Device::flex(), dtype).is_err());
+        }
     }
 
     #[test]
