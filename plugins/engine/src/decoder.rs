@@ -378,7 +378,7 @@ pub fn stored_weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType, 
     let layers = format!("{}.layers.", spec.prefix);
     let linear: u64 = expected_tensors(c, spec)
         .iter()
-        .filter(|(name, shape)| name.starts_with(&layers) && name.ends_with("_proj.weight") && shape.len() == 2 && !name.contains(".experts."))
+        .filter(|(name, shape)| name.starts_with(&layers) && name.ends_with("_proj.weight") && shape.len() == 2)
         .map(|(_, shape)| (shape[0] * shape[1]) as u64)
         .sum();
     let head = (c.vocab_size * c.hidden_size) as u64;

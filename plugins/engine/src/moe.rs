@@ -181,6 +181,8 @@ enum ExpertPath {
     AllExperts,
     /// Every expert over the rows routed to it, placed by the host from the routing read back.
     HostPlaced,
+    /// Each quantized expert's own products over the rows routed to it, placed by the host.
+    Quantized,
 }
 
 /// One layer's mixture of experts. The experts' weights are stacked per layer, HF `[out,
@@ -201,6 +203,9 @@ pub struct MoeBlock {
     bias: Option<Tensor<2>>,
     gate_up: Tensor<4>,
     down: Tensor<4>,
+    /// The routed experts quantized at load (`quantization = "int8" | "int4"`), one MLP each
+    /// (the held ones, in order); `gate_up` and `down` then hold a one-value placeholder.
+    quantized: Vec<Mlp>,
     shared: Option<Mlp>,
 }
 
@@ -241,20 +246,29 @@ impl MoeBlock {
             }
             Router::SoftmaxTopK { .. } => None,
         };
-        let expert = |e: usize, proj: &str| format!("{prefix}.experts.{e}.{proj}.weight");
-        let gate_up_names: Vec<String> = (0..n).flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")]).collect();
-        let held = experts.len();
-        let gate_up = ckpt
-            .load_stacked_part(&gate_up_names, 2 * experts.start..2 * experts.end, [inner, hidden], device, dtype)?
-            .reshape([held, 2 * inner, hidden]);
-        let gate_up = split_stacked(gate_up, split_parts(hidden, device));
-        let down_names: Vec<String> = (0..n).map(|e| expert(e, "down_proj")).collect();
-        let down = split_stacked(ckpt.load_stacked_part(&down_names, experts.clone(), [hidden, inner], device, dtype)?, split_parts(inner, device));
         let shared = spec
             .shared_intermediate
             .map(|inner| Mlp::load(ckpt, &format!("{prefix}.shared_experts"), hidden, inner, device, dtype))
             .transpose()?;
-        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, experts, router_experts: n, gate, bias, gate_up, down, shared })
+        let (gate_up, down, quantized) = if ckpt.quantizes_at_load() {
+            // Each expert's products quantized like the other linear weights, and run by the
+            // quantized kernels expert by expert; the stacks are a one-value placeholder.
+            let quantized = experts.clone().map(|e| Mlp::load(ckpt, &format!("{prefix}.experts.{e}"), hidden, inner, device, dtype)).collect::<Result<Vec<_>, _>>()?;
+            let placeholder = || Tensor::<4>::zeros([1, 1, 1, 1], (device, crate::weights::burn_dtype(dtype)));
+            (placeholder(), placeholder(), quantized)
+        } else {
+            let expert = |e: usize, proj: &str| format!("{prefix}.experts.{e}.{proj}.weight");
+            let gate_up_names: Vec<String> = (0..n).flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")]).collect();
+            let held = experts.len();
+            let gate_up = ckpt
+                .load_stacked_part(&gate_up_names, 2 * experts.start..2 * experts.end, [inner, hidden], device, dtype)?
+                .reshape([held, 2 * inner, hidden]);
+            let gate_up = split_stacked(gate_up, split_parts(hidden, device));
+            let down_names: Vec<String> = (0..n).map(|e| expert(e, "down_proj")).collect();
+            let down = split_stacked(ckpt.load_stacked_part(&down_names, experts.clone(), [hidden, inner], device, dtype)?, split_parts(inner, device));
+            (gate_up, down, Vec::new())
+        };
+        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, experts, router_experts: n, gate, bias, gate_up, down, quantized, shared })
     }
 
     /// How `rows` tokens meet their experts ([`ExpertPath`]).
@@ -271,6 +285,9 @@ impl MoeBlock {
     ///   read once, as on the host-placed path, without its round trip per layer.
     /// - The rest (prefill chunks, and anything on the CPU) is placed by the host.
     fn expert_path(&self, rows: usize) -> ExpertPath {
+        if !self.quantized.is_empty() {
+            return ExpertPath::Quantized;
+        }
         let pairs = rows * self.top_k;
         let device = self.gate_up.device();
         let pairs_fit = if matvec::gathered_kernel_applies(pairs, &device) { pairs <= self.num_experts() } else { 3 * pairs <= self.num_experts() };
@@ -286,11 +303,11 @@ impl MoeBlock {
     /// Whether `rows` tokens run without reading their routing decisions back to the host
     /// (which recording a decode step as a CUDA graph requires).
     pub fn routes_on_device(&self, rows: usize) -> bool {
-        self.expert_path(rows) != ExpertPath::HostPlaced
+        !matches!(self.expert_path(rows), ExpertPath::HostPlaced | ExpertPath::Quantized)
     }
 
     fn num_experts(&self) -> usize {
-        self.gate_up.dims()[0]
+        self.experts.len()
     }
 
     /// `x [rows, hidden] -> [rows, hidden]`.
@@ -316,6 +333,7 @@ impl MoeBlock {
             ExpertPath::Pairs => self.by_gathered_weights(x.clone(), experts),
             ExpertPath::AllExperts => self.by_all_experts(x.clone(), experts),
             ExpertPath::HostPlaced => self.by_expert_batches(x.clone(), experts)?,
+            ExpertPath::Quantized => self.by_quantized_experts(x.clone(), experts)?,
         };
         let weights = weights.cast(x.dtype()).reshape([rows, k, 1]);
         let out = per_slot.reshape([rows, k, hidden]).mul(weights).sum_dim(1).reshape([rows, hidden]);
@@ -370,18 +388,7 @@ impl MoeBlock {
         let [rows, hidden] = x.dims();
         let (n, k) = (self.num_experts(), self.top_k);
         let device = x.device();
-        let chosen = experts
-            .reshape([rows * k])
-            .try_into_data()
-            .map_err(|e| EngineError::Device(format!("routing decisions: {e:?}")))?
-            .convert::<i64>()
-            .try_into_vec::<i64>()
-            .map_err(|e| EngineError::Device(format!("routing decisions: {e:?}")))?;
-        let mut counts = vec![0usize; n];
-        for &e in &chosen {
-            let slot = usize::try_from(e).ok().filter(|&e| e < n).ok_or_else(|| EngineError::Device(format!("router chose expert {e} of {n}")))?;
-            counts[slot] += 1;
-        }
+        let (chosen, counts) = read_routing(experts, rows * k, n)?;
         let runs = expert_runs(&counts, padding_budget(rows * k));
         // Where each expert's rows start in the runs' outputs, laid end to end.
         let mut first_row = vec![0usize; n];
@@ -398,7 +405,6 @@ impl MoeBlock {
         let mut filled = vec![0usize; n];
         let run_of: Vec<usize> = runs.iter().enumerate().flat_map(|(r, run)| std::iter::repeat_n(r, run.experts)).collect();
         for (slot, &e) in chosen.iter().enumerate() {
-            let e = e as usize;
             let (run, at) = (&runs[run_of[e]], first_row[e] + filled[e]);
             gathers[run_of[e]][(e - run.first) * run.capacity + filled[e]] = (slot / k) as i64;
             filled[e] += 1;
@@ -419,6 +425,44 @@ impl MoeBlock {
         let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
         Ok(out.select(0, combine))
     }
+
+    /// Each held quantized expert over the rows routed to it (its own products, reading its
+    /// codes), the rows gathered and the outputs read back per (token, expert) pair:
+    /// `[rows * top_k, hidden]`, token-major. The placement is computed on the host.
+    fn by_quantized_experts(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<Tensor<2>, EngineError> {
+        let [rows, hidden] = x.dims();
+        let (n, k) = (self.quantized.len(), self.top_k);
+        let device = x.device();
+        let (chosen, counts) = read_routing(experts, rows * k, n)?;
+        // Each expert's rows, laid end to end in expert order.
+        let mut first = vec![0usize; n];
+        for e in 1..n {
+            first[e] = first[e - 1] + counts[e - 1];
+        }
+        let mut tokens = vec![0i64; rows * k];
+        let mut filled = vec![0usize; n];
+        let combine: Vec<i64> = chosen
+            .iter()
+            .enumerate()
+            .map(|(slot, &e)| {
+                let at = first[e] + filled[e];
+                filled[e] += 1;
+                tokens[at] = (slot / k) as i64;
+                at as i64
+            })
+            .collect();
+        let outs: Vec<Tensor<2>> = (0..n)
+            .filter(|&e| counts[e] > 0)
+            .map(|e| {
+                let ids = Tensor::<1, Int>::from_data(TensorData::new(tokens[first[e]..first[e] + counts[e]].to_vec(), [counts[e]]), &device);
+                self.quantized[e].forward(x.clone().select(0, ids))
+            })
+            .collect();
+        let out = if outs.len() == 1 { outs.into_iter().next().expect("one expert") } else { Tensor::cat(outs, 0) };
+        debug_assert_eq!(out.dims(), [rows * k, hidden]);
+        let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
+        Ok(out.select(0, combine))
+    }
 }
 
 /// Bytes a step of `tokens` tokens holds at most for its host-placed expert runs (dtype of
@@ -436,6 +480,28 @@ pub fn expert_batch_bytes(spec: &MoeSpec, hidden: usize, tokens: usize, dtype_by
 pub fn all_experts_bytes(spec: &MoeSpec, hidden: usize, rows: usize, dtype_bytes: u64) -> u64 {
     let (h, i) = (hidden as u64, spec.expert_intermediate as u64);
     (spec.num_experts * rows) as u64 * (2 * h + 3 * i) * dtype_bytes
+}
+
+/// The routing decisions `[rows, top_k]` read back to the host (`pairs` of them, each below
+/// `n`), and how many pairs each expert got.
+fn read_routing(experts: Tensor<2, Int>, pairs: usize, n: usize) -> Result<(Vec<usize>, Vec<usize>), EngineError> {
+    let chosen = experts
+        .reshape([pairs])
+        .try_into_data()
+        .map_err(|e| EngineError::Device(format!("routing decisions: {e:?}")))?
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .map_err(|e| EngineError::Device(format!("routing decisions: {e:?}")))?;
+    let mut counts = vec![0usize; n];
+    let chosen = chosen
+        .into_iter()
+        .map(|e| {
+            let slot = usize::try_from(e).ok().filter(|&e| e < n).ok_or_else(|| EngineError::Device(format!("router chose expert {e} of {n}")))?;
+            counts[slot] += 1;
+            Ok(slot)
+        })
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    Ok((chosen, counts))
 }
 
 /// Experts `first .. first + experts` batched together, each padded to `capacity` rows.
@@ -586,7 +652,7 @@ mod tests {
         let gate = Tensor::<2>::from_data(t(vec![n, hidden]), &device);
         let gate_up = split_stacked(Tensor::<3>::from_data(t(vec![n, 2 * inner, hidden]), &device), split_parts(hidden, &device));
         let down = split_stacked(Tensor::<3>::from_data(t(vec![n, hidden, inner]), &device), split_parts(inner, &device));
-        MoeBlock { router: Router::SoftmaxTopK { norm_topk_prob: true }, top_k: k, experts: 0..n, router_experts: n, gate, bias: None, gate_up, down, shared: None }
+        MoeBlock { router: Router::SoftmaxTopK { norm_topk_prob: true }, top_k: k, experts: 0..n, router_experts: n, gate, bias: None, gate_up, down, quantized: Vec::new(), shared: None }
     }
 
     /// Every path's output for each (token, expert) pair of `chosen` (`rows x k`, token-major)
@@ -600,7 +666,17 @@ mod tests {
         let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
         let pairs = values(block.by_gathered_weights(x.clone(), experts.clone()));
         let all = values(block.by_all_experts(x.clone(), experts.clone()));
-        let placed = values(block.by_expert_batches(x.clone(), experts).expect("host-placed experts"));
+        let placed = values(block.by_expert_batches(x.clone(), experts.clone()).expect("host-placed experts"));
+        // The quantized experts' path, here with each expert as a dense MLP of the same weights.
+        let mut per_expert = random_block(n, k, hidden, inner, 7);
+        per_expert.quantized = (0..n)
+            .map(|e| Mlp {
+                gate_up: Linear::from_parts(block.gate_up.clone().narrow(0, e, 1).reshape([2 * inner, hidden]), None, &device),
+                down: Linear::from_parts(block.down.clone().narrow(0, e, 1).reshape([hidden, inner]), None, &device),
+            })
+            .collect();
+        assert_eq!(per_expert.expert_path(1), ExpertPath::Quantized);
+        let per_expert = values(per_expert.by_quantized_experts(x.clone(), experts).expect("per-expert products"));
         let xs = values(x);
         for (p, &e) in chosen.iter().enumerate() {
             let (r, e) = (p / k, e as usize);
@@ -608,7 +684,7 @@ mod tests {
             let gu = block.gate_up.clone().narrow(0, e, 1).reshape([1, 2 * inner, hidden]).squeeze_dim::<2>(0);
             let dn = block.down.clone().narrow(0, e, 1).reshape([1, hidden, inner]).squeeze_dim::<2>(0);
             let want = values(swiglu_halves(row.matmul(gu.transpose())).matmul(dn.transpose()));
-            for (name, got) in [("pairs", &pairs), ("all experts", &all), ("host-placed", &placed)] {
+            for (name, got) in [("pairs", &pairs), ("all experts", &all), ("host-placed", &placed), ("per expert", &per_expert)] {
                 for (i, (g, w)) in got[p * hidden..(p + 1) * hidden].iter().zip(&want).enumerate() {
                     assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name}: pair {p} (row {r}, expert {e}) element {i}: {g} vs {w}");
                 }

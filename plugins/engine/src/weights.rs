@@ -413,6 +413,11 @@ impl Checkpoint {
         }
     }
 
+    /// Whether linear weights are quantized at load (`quantization = "int8" | "int4"`).
+    pub fn quantizes_at_load(&self) -> bool {
+        matches!(self.quantization, Some(Quantization::Int8 | Quantization::Int4))
+    }
+
     /// See [`Self::set_quantize_lm_head`].
     pub fn quantizes_lm_head(&self) -> bool {
         self.quantize_lm_head
