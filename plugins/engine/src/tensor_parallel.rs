@@ -30,7 +30,8 @@ use crate::hf_config::DecoderConfig;
 use burn::tensor::{DType as BurnDType, Tensor, TensorData};
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// What one rank of `ranks` holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,13 +237,47 @@ type HostPart = (Vec<f32>, [usize; 2]);
 /// others, and combines all of them in rank order (so every rank gets the same bits).
 pub struct InProcessGroup {
     ranks: usize,
-    barrier: Barrier,
+    /// Ranks arrived at the current meeting, and how many meetings have completed.
+    meeting: Mutex<(usize, u64)>,
+    arrived: Condvar,
     slots: Mutex<Vec<HostPart>>,
+    timeout: Duration,
 }
+
+/// How long a rank waits for the others at a collective before it gives up (one failed or
+/// stuck rank must not hang the rest).
+pub const MEETING_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl InProcessGroup {
     pub fn new(ranks: usize) -> Arc<Self> {
-        Arc::new(Self { ranks, barrier: Barrier::new(ranks), slots: Mutex::new(vec![(Vec::new(), [0, 0]); ranks]) })
+        Self::with_timeout(ranks, MEETING_TIMEOUT)
+    }
+
+    /// A group whose ranks give up waiting for each other after `timeout`.
+    pub fn with_timeout(ranks: usize, timeout: Duration) -> Arc<Self> {
+        Arc::new(Self { ranks, meeting: Mutex::new((0, 0)), arrived: Condvar::new(), slots: Mutex::new(vec![(Vec::new(), [0, 0]); ranks]), timeout })
+    }
+
+    /// Waits until every rank has arrived (a barrier that gives up after its timeout).
+    fn meet(&self, rank: usize) -> Result<(), EngineError> {
+        let failed = || EngineError::Device("a rank failed during a collective".into());
+        let mut meeting = self.meeting.lock().map_err(|_| failed())?;
+        meeting.0 += 1;
+        if meeting.0 == self.ranks {
+            *meeting = (0, meeting.1 + 1);
+            self.arrived.notify_all();
+            return Ok(());
+        }
+        let generation = meeting.1;
+        let deadline = Instant::now() + self.timeout;
+        while meeting.1 == generation {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(EngineError::Device(format!("rank {rank} waited {:?} for the other ranks at a collective", self.timeout)));
+            }
+            meeting = self.arrived.wait_timeout(meeting, left).map_err(|_| failed())?.0;
+        }
+        Ok(())
     }
 
     /// Every rank's values and shape, once all have put theirs.
@@ -256,10 +291,10 @@ impl InProcessGroup {
             .try_into_vec::<f32>()
             .map_err(|e| EngineError::Device(format!("rank {rank}: a collective's input: {e:?}")))?;
         self.slots.lock().map_err(|_| EngineError::Device("a rank failed during a collective".into()))?[rank] = (values, dims);
-        self.barrier.wait();
+        self.meet(rank)?;
         let all = self.slots.lock().map_err(|_| EngineError::Device("a rank failed during a collective".into()))?.clone();
         // Nobody writes its slot again before everyone has read this round's.
-        self.barrier.wait();
+        self.meet(rank)?;
         Ok(all)
     }
 }
@@ -374,6 +409,14 @@ mod tests {
         // Two-byte values: columns 0..1 of a [2, 2] tensor.
         assert_eq!(Slice::Columns { range: 0..1, of: 2 }.cut(&[1, 2, 3, 4, 5, 6, 7, 8], &[2, 2], 2), vec![1, 2, 5, 6]);
         assert_eq!(Slice::Zero.cut(&[1, 2, 3], &[3], 1), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn a_rank_left_alone_at_a_collective_gives_up_with_an_error() {
+        let group = InProcessGroup::with_timeout(2, Duration::from_millis(50));
+        let x = Tensor::<2>::from_data(TensorData::new(vec![1.0f32], [1, 1]), &Device::flex());
+        let e = group.all_reduce_sum(0, x).expect_err("rank 1 never comes").to_string();
+        assert!(e.contains("rank 0 waited"), "{e}");
     }
 
     #[test]
