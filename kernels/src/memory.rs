@@ -71,6 +71,11 @@ pub fn pool_usage(device: &Device) -> Option<(u64, u64)> {
     Some((usage.bytes_in_use, usage.bytes_reserved))
 }
 
+/// [`pool_usage`] in words for the log (`X GB in use, Y GB reserved on the device`).
+pub fn pool_usage_text(device: &Device) -> Option<String> {
+    pool_usage(device).map(|(in_use, reserved)| format!("{:.3} GB in use, {:.3} GB reserved on the device", in_use as f64 / 1e9, reserved as f64 / 1e9))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +87,7 @@ mod tests {
         let t: Tensor<1> = outside_pools(&device, || Tensor::ones([4], &device));
         release_free_memory(&device);
         assert_eq!(pool_usage(&device), None);
+        assert_eq!(pool_usage_text(&device), None);
         assert_eq!(device_free(&device), None);
         assert_eq!(t.into_data().try_to_vec::<f32>().expect("f32"), vec![1.0; 4]);
     }

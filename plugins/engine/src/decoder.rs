@@ -11,11 +11,10 @@
 //! attention reads each sequence's blocks ([`inference_pio_kernels::paged`]).
 
 use crate::error::EngineError;
-use crate::tensor_parallel::{Collective, RankShard, TpRank};
-use std::sync::Arc;
 use crate::hf_config::DecoderConfig;
 use crate::moe::{Mlp, MoeBlock, MoeSpec, moe_tensors};
 use crate::rope;
+use crate::tensor_parallel::{Collective, RankShard, TpRank};
 use crate::vision::{VisionSpec, VisionTower, vision_tensors};
 use crate::weights::{Checkpoint, StoredLinear, burn_dtype};
 use inference_pio_kernels::quant::{QuantizedLinear, QuantizedMatrix};
@@ -25,6 +24,7 @@ use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
 use inference_pio_kernels::memory::outside_pools;
 use inference_pio_kernels::{add_rms_norm, concat_outputs, linear, qk_norm_rotary, rms_norm, rotary, split_parts, split_weight, write_kv_slots, zeroed_kv_buffer};
+use std::sync::Arc;
 
 /// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -422,15 +422,11 @@ impl Decoder {
     ) -> Result<Self, EngineError> {
         Self::check_tensors(&config, &spec, ckpt)?;
         ckpt.set_shard(shard.rules(&config, &spec));
-        let tp = TpRank { rank: shard.rank, ranks: shard.ranks, vocab: shard.vocab.clone(), group };
-        Self::load_checked(shard.local_config(&config), shard.local_spec(&spec), ckpt, device, dtype, Some((tp, shard.experts.clone())))
+        let tp = TpRank { shard: shard.clone(), group };
+        Self::load_checked(shard.local_config(&config), shard.local_spec(&spec), ckpt, device, dtype, Some(tp))
     }
 
-    fn load_checked(config: DecoderConfig, spec: DecoderSpec, ckpt: &Checkpoint, device: &Device, dtype: DType, rank: Option<(TpRank, Option<std::ops::Range<usize>>)>) -> Result<Self, EngineError> {
-        let (tp, held_experts) = match rank {
-            Some((tp, experts)) => (Some(tp), experts),
-            None => (None, None),
-        };
+    fn load_checked(config: DecoderConfig, spec: DecoderSpec, ckpt: &Checkpoint, device: &Device, dtype: DType, tp: Option<TpRank>) -> Result<Self, EngineError> {
         if let Some(section) = spec.mrope_section
             && 2 * section.iter().sum::<usize>() != config.rotary_dim()
         {
@@ -455,7 +451,7 @@ impl Decoder {
                     h,
                     device,
                     dtype,
-                    held_experts.clone().unwrap_or(0..moe.num_experts),
+                    tp.as_ref().and_then(|tp| tp.shard.experts.clone()).unwrap_or(0..moe.num_experts),
                 )?)),
                 _ => FeedForward::Dense(Box::new(Mlp::load(ckpt, &format!("{p}.mlp"), h, i, device, dtype)?)),
             };
@@ -490,7 +486,7 @@ impl Decoder {
         }
         let embed_name = format!("{m}.embed_tokens.weight");
         // The rows of the vocabulary held: all, or a tensor-parallel rank's.
-        let vocab = tp.as_ref().map_or(c.vocab_size, |tp| tp.vocab.len());
+        let vocab = tp.as_ref().map_or(c.vocab_size, |tp| tp.shard.vocab.len());
         let (embed, lm_head) = match ckpt.load_stored_quantized(&embed_name, [vocab, h], device)? {
             // The file's quantized table, kept: on the CPU looked up row by row, and (tied)
             // the LM head.
@@ -734,8 +730,9 @@ impl Decoder {
     /// for the others' tokens, summed across the ranks.
     fn rank_lookup(&self, tp: &TpRank, tokens: &Tensor<1, Int>) -> Result<Tensor<2>, EngineError> {
         let [t] = tokens.dims();
-        let local = tokens.clone().sub_scalar(tp.vocab.start as i64);
-        let held = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(tp.vocab.len() as i64));
+        let vocab = &tp.shard.vocab;
+        let local = tokens.clone().sub_scalar(vocab.start as i64);
+        let held = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(vocab.len() as i64));
         let dtype = burn_dtype(self.dtype);
         let rows = self.embed.lookup(&local.mask_fill(held.clone().bool_not(), 0), dtype);
         let rows = rows.mul(held.float().cast(dtype).reshape([t, 1]));

@@ -299,6 +299,12 @@ impl InProcessGroup {
     }
 }
 
+/// f32 host values as a tensor of `dtype` on `device` (a collective's result, in its input's dtype).
+fn host_tensor(values: Vec<f32>, dims: [usize; 2], device: &burn::tensor::Device, dtype: BurnDType) -> Tensor<2> {
+    let t = Tensor::<2>::from_data(TensorData::new(values, dims), (device, BurnDType::F32));
+    if dtype == BurnDType::F32 { t } else { t.cast(dtype) }
+}
+
 impl Collective for InProcessGroup {
     fn all_reduce_sum(&self, rank: usize, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
         let (device, dtype) = (x.device(), x.dtype());
@@ -311,8 +317,7 @@ impl Collective for InProcessGroup {
         for (values, _) in &all {
             sum.iter_mut().zip(values).for_each(|(s, v)| *s += v);
         }
-        let t = Tensor::<2>::from_data(TensorData::new(sum, dims), (&device, BurnDType::F32));
-        Ok(if dtype == BurnDType::F32 { t } else { t.cast(dtype) })
+        Ok(host_tensor(sum, dims, &device, dtype))
     }
 
     fn all_gather_columns(&self, rank: usize, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
@@ -329,28 +334,25 @@ impl Collective for InProcessGroup {
                 out.extend_from_slice(&values[r * d[1]..(r + 1) * d[1]]);
             }
         }
-        let t = Tensor::<2>::from_data(TensorData::new(out, [rows, cols]), (&device, BurnDType::F32));
-        Ok(if dtype == BurnDType::F32 { t } else { t.cast(dtype) })
+        Ok(host_tensor(out, [rows, cols], &device, dtype))
     }
 }
 
-/// A rank's place in its group, as its decoder uses it.
+/// A rank's place in its group, as its decoder uses it: what it holds, and the group its
+/// reductions meet in.
 #[derive(Clone)]
 pub struct TpRank {
-    pub rank: usize,
-    pub ranks: usize,
-    /// The rows of the embedding table and LM head it holds.
-    pub vocab: Range<usize>,
+    pub shard: RankShard,
     pub group: Arc<dyn Collective>,
 }
 
 impl TpRank {
     pub fn all_reduce(&self, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
-        self.group.all_reduce_sum(self.rank, x)
+        self.group.all_reduce_sum(self.shard.rank, x)
     }
 
     pub fn all_gather_columns(&self, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
-        self.group.all_gather_columns(self.rank, x)
+        self.group.all_gather_columns(self.shard.rank, x)
     }
 }
 

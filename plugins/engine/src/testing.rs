@@ -100,30 +100,48 @@ pub fn all_logits(engine: &Engine, prompt: &[u32]) -> Vec<Vec<f32>> {
 /// decoder over a private paged cache (blocks of `block_tokens`, laid out in reverse order):
 /// the first `prefill` tokens in one pass, then one token per step.
 pub fn incremental_logits(engine: &Engine, prompt: &[u32], prefill: usize, block_tokens: usize) -> Vec<Vec<f32>> {
-    let decoder = &engine.decoder;
-    let blocks = prompt.len().div_ceil(block_tokens);
-    let mut pool = decoder.new_kv_pool(blocks, block_tokens);
-    let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let vocab = decoder.config.vocab_size;
+    let mut sequence = Sequence::new(&engine.decoder, prompt.len(), block_tokens);
     let mut rows = Vec::new();
     let mut start = 0;
     while start < prompt.len() {
         let end = if start == 0 { prefill.max(1) } else { start + 1 }.min(prompt.len());
-        let n = end - start;
-        let batch = StepBatch {
-            tokens: prompt[start..end].to_vec(),
-            positions: (start..end).collect(),
-            slots: (start..end).map(|p| slot_of(&table, block_tokens, p)).collect(),
-            spans: vec![Span { queries: n, context: end, blocks: table.clone() }],
-            logit_rows: (0..n).collect(),
-            mrope: Vec::new(),
-        };
-        let logits = decoder.forward(&batch, &mut pool).unwrap_or_else(|e| panic!("step at {start}: {e}"));
-        let values = logits.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_else(|e| panic!("logits: {e:?}"));
-        rows.extend(values.chunks(vocab).map(<[f32]>::to_vec));
+        rows.extend(sequence.step(prompt, start, end).unwrap_or_else(|e| panic!("step at {start}: {e}")));
         start = end;
     }
     rows
+}
+
+/// One sequence stepped straight through a decoder over a private paged cache, its blocks
+/// laid out in reverse order.
+struct Sequence<'a> {
+    decoder: &'a Decoder,
+    pool: crate::decoder::KvPool,
+    table: Vec<u32>,
+    block_tokens: usize,
+}
+
+impl<'a> Sequence<'a> {
+    /// Room for `tokens` tokens in blocks of `block_tokens`.
+    fn new(decoder: &'a Decoder, tokens: usize, block_tokens: usize) -> Self {
+        let blocks = tokens.div_ceil(block_tokens);
+        Self { decoder, pool: decoder.new_kv_pool(blocks, block_tokens), table: (0..blocks as u32).rev().collect(), block_tokens }
+    }
+
+    /// `tokens[start..end]` as one step (the earlier ones already cached): f32 logits of each.
+    fn step(&mut self, tokens: &[u32], start: usize, end: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+        let n = end - start;
+        let batch = StepBatch {
+            tokens: tokens[start..end].to_vec(),
+            positions: (start..end).collect(),
+            slots: (start..end).map(|p| slot_of(&self.table, self.block_tokens, p)).collect(),
+            spans: vec![Span { queries: n, context: end, blocks: self.table.clone() }],
+            logit_rows: (0..n).collect(),
+            mrope: Vec::new(),
+        };
+        let logits = self.decoder.forward(&batch, &mut self.pool)?;
+        let values = logits.into_data().convert::<f32>().try_to_vec::<f32>().map_err(|e| EngineError::Device(format!("logits: {e:?}")))?;
+        Ok(values.chunks(self.decoder.config.vocab_size).map(<[f32]>::to_vec).collect())
+    }
 }
 
 /// Submits greedy requests for `prompts` (each `max_new` tokens, EOS ignored) together and
@@ -233,35 +251,17 @@ pub use inference_pio_core::metrics::{Divergence, divergence};
 /// greedy tokens, straight through `decoder` over a private paged cache (blocks of 4 tokens,
 /// laid out in reverse order): the prompt in one step, then one token a step.
 pub fn prefill_and_greedy(decoder: &Decoder, prompt: &[u32], new: usize) -> Result<(Vec<Vec<f32>>, Vec<u32>), EngineError> {
-    let block_tokens = 4;
-    let blocks = (prompt.len() + new).div_ceil(block_tokens);
-    let mut pool = decoder.new_kv_pool(blocks, block_tokens);
-    let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let vocab = decoder.config.vocab_size;
+    let mut sequence = Sequence::new(decoder, prompt.len() + new, 4);
     let mut tokens = prompt.to_vec();
-    let (mut rows, mut generated) = (Vec::new(), Vec::new());
+    let mut rows = Vec::new();
     let mut start = 0;
-    while generated.len() < new {
+    while tokens.len() < prompt.len() + new {
         let end = tokens.len();
-        let n = end - start;
-        let batch = StepBatch {
-            tokens: tokens[start..end].to_vec(),
-            positions: (start..end).collect(),
-            slots: (start..end).map(|p| slot_of(&table, block_tokens, p)).collect(),
-            spans: vec![Span { queries: n, context: end, blocks: table.clone() }],
-            logit_rows: (0..n).collect(),
-            mrope: Vec::new(),
-        };
-        let logits = decoder.forward(&batch, &mut pool)?;
-        let values = logits.into_data().convert::<f32>().try_to_vec::<f32>().map_err(|e| EngineError::Device(format!("logits: {e:?}")))?;
-        rows.extend(values.chunks(vocab).map(<[f32]>::to_vec));
-        let last = rows.last().map(Vec::as_slice).unwrap_or_default();
-        let next = last.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32;
-        generated.push(next);
-        tokens.push(next);
+        rows.extend(sequence.step(&tokens, start, end)?);
+        tokens.push(crate::sampling::argmax(rows.last().map(Vec::as_slice).unwrap_or_default()));
         start = end;
     }
-    Ok((rows, generated))
+    Ok((rows, tokens.split_off(prompt.len())))
 }
 
 /// Tensor parallelism on the CPU ([`crate::tensor_parallel`]): `ranks` threads, each loading

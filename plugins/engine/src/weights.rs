@@ -206,7 +206,6 @@ fn read_index(index_path: &Path) -> Result<(Vec<String>, serde_json::Map<String,
     Ok((files, map))
 }
 
-/// The burn dtype for ours.
 /// Our dtype of a safetensors float dtype ([`Checkpoint::check`] admits F32, BF16 and F16).
 fn stored_dtype(stored: Dtype) -> DType {
     match stored {
@@ -216,6 +215,7 @@ fn stored_dtype(stored: Dtype) -> DType {
     }
 }
 
+/// The burn dtype for ours.
 pub fn burn_dtype(dtype: DType) -> BurnDType {
     match dtype {
         DType::F32 => BurnDType::F32,
@@ -783,15 +783,9 @@ impl Checkpoint {
                 // A plain safetensors tensor is cut in its stored dtype and only the slice
                 // converted: of the whole tensor, only the slice's rows' pages are read.
                 if let Some((bytes, stored)) = self.stored_bytes(name, &full)? {
-                    let element = match stored {
-                        Dtype::F32 => 4,
-                        _ => 2,
-                    };
-                    let cut = slice.cut(bytes, &full, element);
-                    return Ok(Cow::Owned(match stored_dtype(stored) {
-                        native if native == dtype => cut,
-                        _ => convert(&cut, stored, dtype),
-                    }));
+                    let native = stored_dtype(stored);
+                    let cut = slice.cut(bytes, &full, native.size_bytes() as usize);
+                    return Ok(Cow::Owned(if native == dtype { cut } else { convert(&cut, stored, dtype) }));
                 }
                 let whole = self.whole_host_bytes(name, &full, dtype)?;
                 Ok(Cow::Owned(slice.cut(&whole, &full, dtype.size_bytes() as usize)))

@@ -773,6 +773,7 @@ pub fn affine_groups(info: &TensorInfo, data: &[u8]) -> Result<Option<AffineGrou
     Ok(Some(AffineGroups { bits, group, codes, scales, mins }))
 }
 
+/// Dequantizes a tensor's data to `f32` in GGML element order (ggml `dequantize_row_*`):
 /// F32, F16 and BF16 directly, the quantized types through [`affine_groups`].
 pub fn dequantize(info: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, FormatError> {
     if let Some(groups) = affine_groups(info, data)? {

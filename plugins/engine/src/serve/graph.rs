@@ -286,8 +286,8 @@ impl DecodeGraphs {
             crate::progress::log(|| format!("recording the decode step: {padded} rows over {width} slots"));
             let graph = capture(device, step);
             self.counts.captures += 1;
-            crate::progress::log(|| match inference_pio_kernels::memory::pool_usage(device) {
-                Some((in_use, reserved)) => format!("recorded: {:.3} GB in use, {:.3} GB reserved on the device", in_use as f64 / 1e9, reserved as f64 / 1e9),
+            crate::progress::log(|| match inference_pio_kernels::memory::pool_usage_text(device) {
+                Some(usage) => format!("recorded: {usage}"),
                 None => "recorded".to_string(),
             });
             if !graph.is_hardware() {

@@ -497,9 +497,7 @@ impl LoopState {
                                 let dropped = self.graphs.drop_recordings();
                                 inference_pio_kernels::memory::release_free_memory(device);
                                 crate::progress::log(|| {
-                                    let usage = inference_pio_kernels::memory::pool_usage(device).map_or(String::new(), |(in_use, reserved)| {
-                                        format!("; {:.3} GB in use, {:.3} GB reserved on the device", in_use as f64 / 1e9, reserved as f64 / 1e9)
-                                    });
+                                    let usage = inference_pio_kernels::memory::pool_usage_text(device).map_or(String::new(), |u| format!("; {u}"));
                                     format!("idle with less than {:.2} GB free: {dropped} recorded decode steps dropped, free pool pages released{usage}", self.idle_free_floor as f64 / 1e9)
                                 });
                             }
