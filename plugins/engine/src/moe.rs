@@ -172,7 +172,7 @@ impl Mlp {
 /// is about 77 GFLOP a layer, below the time its 1.2 GB of experts take to read.
 pub const ALL_EXPERTS_MAX_ROWS: usize = 64;
 
-/// How a step's tokens meet their experts ([`MoeBlock`]).
+/// How a step's tokens meet stacked experts ([`StackedExperts`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ExpertPath {
     /// Each (token, expert) pair as its own product with that expert's weights.
@@ -181,19 +181,15 @@ enum ExpertPath {
     AllExperts,
     /// Every expert over the rows routed to it, placed by the host from the routing read back.
     HostPlaced,
-    /// Each quantized expert's own products over the rows routed to it, placed by the host.
-    Quantized,
 }
 
-/// One layer's mixture of experts. The experts' weights are stacked per layer, HF `[out,
-/// in]` layout inside, split into column blocks ([`split_stacked`]): `gate_up [experts, parts,
-/// 2 * inner, hidden / parts]` (each expert's gate rows, then its up rows) and `down [experts,
-/// parts, hidden, inner / parts]`.
+/// One layer's mixture of experts: its router, its routed experts ([`RoutedExperts`]) and
+/// its shared experts.
 pub struct MoeBlock {
     router: Router,
     top_k: usize,
-    /// The routed experts held (`gate_up`, `down`): all of them, or a tensor-parallel rank's
-    /// range of the `router_experts` the router chooses among.
+    /// The routed experts held (`routed`): all of them, or a tensor-parallel rank's range of
+    /// the `router_experts` the router chooses among.
     experts: std::ops::Range<usize>,
     router_experts: usize,
     /// `[experts, hidden]`, f32 or the model's dtype ([`Router::logits_in_f32`]); routing
@@ -201,12 +197,27 @@ pub struct MoeBlock {
     gate: Tensor<2>,
     /// `[1, experts]`, f32.
     bias: Option<Tensor<2>>,
+    routed: RoutedExperts,
+    shared: Option<Mlp>,
+}
+
+/// How a block holds its routed experts (the held ones, in order; one per layer: the
+/// variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+enum RoutedExperts {
+    Stacked(StackedExperts),
+    /// Quantized at load (`quantization = "int8" | "int4"`), one MLP each, run expert by
+    /// expert over the rows routed to it ([`by_quantized_experts`]).
+    Quantized(Vec<Mlp>),
+}
+
+/// Experts' weights stacked per layer, HF `[out, in]` layout inside, split into column
+/// blocks ([`split_stacked`]): `gate_up [experts, parts, 2 * inner, hidden / parts]` (each
+/// expert's gate rows, then its up rows) and `down [experts, parts, hidden, inner / parts]`;
+/// they run as one batched product per projection, along an [`ExpertPath`].
+struct StackedExperts {
     gate_up: Tensor<4>,
     down: Tensor<4>,
-    /// The routed experts quantized at load (`quantization = "int8" | "int4"`), one MLP each
-    /// (the held ones, in order); `gate_up` and `down` then hold a one-value placeholder.
-    quantized: Vec<Mlp>,
-    shared: Option<Mlp>,
 }
 
 /// Names and shapes of one MoE layer's tensors (`prefix` = `model.layers.N.mlp`).
@@ -250,12 +261,10 @@ impl MoeBlock {
             .shared_intermediate
             .map(|inner| Mlp::load(ckpt, &format!("{prefix}.shared_experts"), hidden, inner, device, dtype))
             .transpose()?;
-        let (gate_up, down, quantized) = if ckpt.quantizes_at_load() {
-            // Each expert's products quantized like the other linear weights, and run by the
-            // quantized kernels expert by expert; the stacks are a one-value placeholder.
-            let quantized = experts.clone().map(|e| Mlp::load(ckpt, &format!("{prefix}.experts.{e}"), hidden, inner, device, dtype)).collect::<Result<Vec<_>, _>>()?;
-            let placeholder = || Tensor::<4>::zeros([1, 1, 1, 1], (device, crate::weights::burn_dtype(dtype)));
-            (placeholder(), placeholder(), quantized)
+        let routed = if ckpt.quantizes_at_load() {
+            // Each expert's products quantized like the other linear weights.
+            let mlps = experts.clone().map(|e| Mlp::load(ckpt, &format!("{prefix}.experts.{e}"), hidden, inner, device, dtype)).collect::<Result<Vec<_>, _>>()?;
+            RoutedExperts::Quantized(mlps)
         } else {
             let expert = |e: usize, proj: &str| format!("{prefix}.experts.{e}.{proj}.weight");
             let gate_up_names: Vec<String> = (0..n).flat_map(|e| [expert(e, "gate_proj"), expert(e, "up_proj")]).collect();
@@ -266,48 +275,18 @@ impl MoeBlock {
             let gate_up = split_stacked(gate_up, split_parts(hidden, device));
             let down_names: Vec<String> = (0..n).map(|e| expert(e, "down_proj")).collect();
             let down = split_stacked(ckpt.load_stacked_part(&down_names, experts.clone(), [hidden, inner], device, dtype)?, split_parts(inner, device));
-            (gate_up, down, Vec::new())
+            RoutedExperts::Stacked(StackedExperts { gate_up, down })
         };
-        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, experts, router_experts: n, gate, bias, gate_up, down, quantized, shared })
-    }
-
-    /// How `rows` tokens meet their experts ([`ExpertPath`]).
-    ///
-    /// - Where our kernel reads the chosen experts in place ([`matvec::gathered_kernel_applies`]),
-    ///   the (token, expert) pairs read at most every expert's bytes while they are no more
-    ///   than the experts, so they take [`ExpertPath::Pairs`] up to that count (Qwen3-Coder-30B:
-    ///   8 rows of 8 experts out of 128). With a third of it (the earlier bound, 5 rows) batch 8
-    ///   decoded slower than batch 1, on host-placed batches (261 against 326 tok/s, 12-layer
-    ///   30B, H100, 2026-12-06). Elsewhere the pairs' weights are copied (read, written, read
-    ///   again), so a third of the experts is the bound.
-    /// - Past it, decode-sized batches on a CubeCL device run every expert over every row
-    ///   ([`ExpertPath::AllExperts`], up to [`ALL_EXPERTS_MAX_ROWS`] rows): each expert is
-    ///   read once, as on the host-placed path, without its round trip per layer.
-    /// - The rest (prefill chunks, and anything on the CPU) is placed by the host.
-    fn expert_path(&self, rows: usize) -> ExpertPath {
-        if !self.quantized.is_empty() {
-            return ExpertPath::Quantized;
-        }
-        let pairs = rows * self.top_k;
-        let device = self.gate_up.device();
-        let pairs_fit = if matvec::gathered_kernel_applies(pairs, &device) { pairs <= self.num_experts() } else { 3 * pairs <= self.num_experts() };
-        if pairs_fit {
-            ExpertPath::Pairs
-        } else if device != Device::flex() && rows <= ALL_EXPERTS_MAX_ROWS {
-            ExpertPath::AllExperts
-        } else {
-            ExpertPath::HostPlaced
-        }
+        Ok(Self { router: spec.router.clone(), top_k: spec.top_k, experts, router_experts: n, gate, bias, routed, shared })
     }
 
     /// Whether `rows` tokens run without reading their routing decisions back to the host
     /// (which recording a decode step as a CUDA graph requires).
     pub fn routes_on_device(&self, rows: usize) -> bool {
-        !matches!(self.expert_path(rows), ExpertPath::HostPlaced | ExpertPath::Quantized)
-    }
-
-    fn num_experts(&self) -> usize {
-        self.experts.len()
+        match &self.routed {
+            RoutedExperts::Stacked(s) => s.path(rows, self.top_k) != ExpertPath::HostPlaced,
+            RoutedExperts::Quantized(_) => false,
+        }
     }
 
     /// `x [rows, hidden] -> [rows, hidden]`.
@@ -329,11 +308,13 @@ impl MoeBlock {
             let held = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(self.experts.len() as i64));
             (local.mask_fill(held.clone().bool_not(), 0), weights.mul(held.float()))
         };
-        let per_slot = match self.expert_path(rows) {
-            ExpertPath::Pairs => self.by_gathered_weights(x.clone(), experts),
-            ExpertPath::AllExperts => self.by_all_experts(x.clone(), experts),
-            ExpertPath::HostPlaced => self.by_expert_batches(x.clone(), experts)?,
-            ExpertPath::Quantized => self.by_quantized_experts(x.clone(), experts)?,
+        let per_slot = match &self.routed {
+            RoutedExperts::Stacked(s) => match s.path(rows, k) {
+                ExpertPath::Pairs => s.by_gathered_weights(x.clone(), experts, k),
+                ExpertPath::AllExperts => s.by_all_experts(x.clone(), experts, k),
+                ExpertPath::HostPlaced => s.by_expert_batches(x.clone(), experts, k)?,
+            },
+            RoutedExperts::Quantized(mlps) => by_quantized_experts(mlps, x.clone(), experts, k)?,
         };
         let weights = weights.cast(x.dtype()).reshape([rows, k, 1]);
         let out = per_slot.reshape([rows, k, hidden]).mul(weights).sum_dim(1).reshape([rows, hidden]);
@@ -342,12 +323,44 @@ impl MoeBlock {
             None => out,
         })
     }
+}
+
+impl StackedExperts {
+    fn num_experts(&self) -> usize {
+        self.gate_up.dims()[0]
+    }
+
+    /// How `rows` tokens of `top_k` experts each meet the experts ([`ExpertPath`]).
+    ///
+    /// - Where our kernel reads the chosen experts in place ([`matvec::gathered_kernel_applies`]),
+    ///   the (token, expert) pairs read at most every expert's bytes while they are no more
+    ///   than the experts, so they take [`ExpertPath::Pairs`] up to that count (Qwen3-Coder-30B:
+    ///   8 rows of 8 experts out of 128). With a third of it (the earlier bound, 5 rows) batch 8
+    ///   decoded slower than batch 1, on host-placed batches (261 against 326 tok/s, 12-layer
+    ///   30B, H100, 2026-12-06). Elsewhere the pairs' weights are copied (read, written, read
+    ///   again), so a third of the experts is the bound.
+    /// - Past it, decode-sized batches on a CubeCL device run every expert over every row
+    ///   ([`ExpertPath::AllExperts`], up to [`ALL_EXPERTS_MAX_ROWS`] rows): each expert is
+    ///   read once, as on the host-placed path, without its round trip per layer.
+    /// - The rest (prefill chunks, and anything on the CPU) is placed by the host.
+    fn path(&self, rows: usize, top_k: usize) -> ExpertPath {
+        let pairs = rows * top_k;
+        let device = self.gate_up.device();
+        let pairs_fit = if matvec::gathered_kernel_applies(pairs, &device) { pairs <= self.num_experts() } else { 3 * pairs <= self.num_experts() };
+        if pairs_fit {
+            ExpertPath::Pairs
+        } else if device != Device::flex() && rows <= ALL_EXPERTS_MAX_ROWS {
+            ExpertPath::AllExperts
+        } else {
+            ExpertPath::HostPlaced
+        }
+    }
 
     /// Each (token, expert) pair as one batch entry with that expert's weights gathered:
     /// `[rows * top_k, hidden]`, token-major. No host round trip.
-    fn by_gathered_weights(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Tensor<2> {
+    fn by_gathered_weights(&self, x: Tensor<2>, experts: Tensor<2, Int>, top_k: usize) -> Tensor<2> {
         let [rows, hidden] = x.dims();
-        let slots = rows * self.top_k;
+        let slots = rows * top_k;
         let experts = experts.reshape([slots]);
         if x.dtype() == self.gate_up.dtype() && matvec::gathered_kernel_applies(slots, &x.device()) {
             // Our kernel reads the chosen experts' weights in place (no gathered copy).
@@ -355,7 +368,7 @@ impl MoeBlock {
             let act = swiglu_halves(gate_up);
             return matvec::gathered_split_matvec(act, &self.down, experts);
         }
-        let x = x.reshape([rows, 1, hidden]).repeat_dim(1, self.top_k).reshape([slots, 1, hidden]);
+        let x = x.reshape([rows, 1, hidden]).repeat_dim(1, top_k).reshape([slots, 1, hidden]);
         let gate_up = self.gate_up.clone().select(0, experts.clone());
         let act = swiglu_halves(batched_linear(x, gate_up));
         let down = self.down.clone().select(0, experts);
@@ -367,9 +380,9 @@ impl MoeBlock {
     /// device: `[rows * top_k, hidden]`, token-major. It computes `experts / top_k` times the
     /// pairs' arithmetic, which decode-sized batches can spare: their products are bound by
     /// reading the weights, and every expert is read once, as on the host-placed path.
-    fn by_all_experts(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Tensor<2> {
+    fn by_all_experts(&self, x: Tensor<2>, experts: Tensor<2, Int>, k: usize) -> Tensor<2> {
         let [rows, hidden] = x.dims();
-        let (n, k) = (self.num_experts(), self.top_k);
+        let n = self.num_experts();
         let xs = x.reshape([1, rows, hidden]).repeat_dim(0, n);
         let act = swiglu_halves(batched_linear(xs, self.gate_up.clone()));
         let out = batched_linear(act, self.down.clone());
@@ -384,9 +397,9 @@ impl MoeBlock {
     /// past twice the step's pairs), run as one batched matmul per projection, and read back
     /// per (token, expert) pair: `[rows * top_k, hidden]`, token-major. The placement is
     /// computed on the host from the routing decisions (one small read).
-    fn by_expert_batches(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<Tensor<2>, EngineError> {
+    fn by_expert_batches(&self, x: Tensor<2>, experts: Tensor<2, Int>, k: usize) -> Result<Tensor<2>, EngineError> {
         let [rows, hidden] = x.dims();
-        let (n, k) = (self.num_experts(), self.top_k);
+        let n = self.num_experts();
         let device = x.device();
         let (chosen, counts) = read_routing(experts, rows * k, n)?;
         let runs = expert_runs(&counts, padding_budget(rows * k));
@@ -421,48 +434,53 @@ impl MoeBlock {
                 batched_linear(act, self.down.clone().narrow(0, run.first, run.experts)).reshape([len, hidden])
             })
             .collect();
-        let out = if outs.len() == 1 { outs.into_iter().next().expect("one run") } else { Tensor::cat(outs, 0) };
+        let out = cat_rows(outs);
         let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
         Ok(out.select(0, combine))
     }
+}
 
-    /// Each held quantized expert over the rows routed to it (its own products, reading its
-    /// codes), the rows gathered and the outputs read back per (token, expert) pair:
-    /// `[rows * top_k, hidden]`, token-major. The placement is computed on the host.
-    fn by_quantized_experts(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Result<Tensor<2>, EngineError> {
-        let [rows, hidden] = x.dims();
-        let (n, k) = (self.quantized.len(), self.top_k);
-        let device = x.device();
-        let (chosen, counts) = read_routing(experts, rows * k, n)?;
-        // Each expert's rows, laid end to end in expert order.
-        let mut first = vec![0usize; n];
-        for e in 1..n {
-            first[e] = first[e - 1] + counts[e - 1];
-        }
-        let mut tokens = vec![0i64; rows * k];
-        let mut filled = vec![0usize; n];
-        let combine: Vec<i64> = chosen
-            .iter()
-            .enumerate()
-            .map(|(slot, &e)| {
-                let at = first[e] + filled[e];
-                filled[e] += 1;
-                tokens[at] = (slot / k) as i64;
-                at as i64
-            })
-            .collect();
-        let outs: Vec<Tensor<2>> = (0..n)
-            .filter(|&e| counts[e] > 0)
-            .map(|e| {
-                let ids = Tensor::<1, Int>::from_data(TensorData::new(tokens[first[e]..first[e] + counts[e]].to_vec(), [counts[e]]), &device);
-                self.quantized[e].forward(x.clone().select(0, ids))
-            })
-            .collect();
-        let out = if outs.len() == 1 { outs.into_iter().next().expect("one expert") } else { Tensor::cat(outs, 0) };
-        debug_assert_eq!(out.dims(), [rows * k, hidden]);
-        let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
-        Ok(out.select(0, combine))
+/// Each quantized expert of `mlps` over the rows routed to it (its own products, reading its
+/// codes), the rows gathered and the outputs read back per (token, expert) pair:
+/// `[rows * top_k, hidden]`, token-major. The placement is computed on the host.
+fn by_quantized_experts(mlps: &[Mlp], x: Tensor<2>, experts: Tensor<2, Int>, k: usize) -> Result<Tensor<2>, EngineError> {
+    let [rows, hidden] = x.dims();
+    let n = mlps.len();
+    let device = x.device();
+    let (chosen, counts) = read_routing(experts, rows * k, n)?;
+    // Each expert's rows, laid end to end in expert order.
+    let mut first = vec![0usize; n];
+    for e in 1..n {
+        first[e] = first[e - 1] + counts[e - 1];
     }
+    let mut tokens = vec![0i64; rows * k];
+    let mut filled = vec![0usize; n];
+    let combine: Vec<i64> = chosen
+        .iter()
+        .enumerate()
+        .map(|(slot, &e)| {
+            let at = first[e] + filled[e];
+            filled[e] += 1;
+            tokens[at] = (slot / k) as i64;
+            at as i64
+        })
+        .collect();
+    let outs: Vec<Tensor<2>> = (0..n)
+        .filter(|&e| counts[e] > 0)
+        .map(|e| {
+            let ids = Tensor::<1, Int>::from_data(TensorData::new(tokens[first[e]..first[e] + counts[e]].to_vec(), [counts[e]]), &device);
+            mlps[e].forward(x.clone().select(0, ids))
+        })
+        .collect();
+    let out = cat_rows(outs);
+    debug_assert_eq!(out.dims(), [rows * k, hidden]);
+    let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
+    Ok(out.select(0, combine))
+}
+
+/// `parts` one after another along rows (the one part itself, uncopied, when there is one).
+fn cat_rows(mut parts: Vec<Tensor<2>>) -> Tensor<2> {
+    if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(parts, 0) }
 }
 
 /// Bytes a step of `tokens` tokens holds at most for its host-placed expert runs (dtype of
@@ -652,7 +670,15 @@ mod tests {
         let gate = Tensor::<2>::from_data(t(vec![n, hidden]), &device);
         let gate_up = split_stacked(Tensor::<3>::from_data(t(vec![n, 2 * inner, hidden]), &device), split_parts(hidden, &device));
         let down = split_stacked(Tensor::<3>::from_data(t(vec![n, hidden, inner]), &device), split_parts(inner, &device));
-        MoeBlock { router: Router::SoftmaxTopK { norm_topk_prob: true }, top_k: k, experts: 0..n, router_experts: n, gate, bias: None, gate_up, down, quantized: Vec::new(), shared: None }
+        let routed = RoutedExperts::Stacked(StackedExperts { gate_up, down });
+        MoeBlock { router: Router::SoftmaxTopK { norm_topk_prob: true }, top_k: k, experts: 0..n, router_experts: n, gate, bias: None, routed, shared: None }
+    }
+
+    fn stacked(block: &MoeBlock) -> &StackedExperts {
+        match &block.routed {
+            RoutedExperts::Stacked(s) => s,
+            RoutedExperts::Quantized(_) => panic!("a block of quantized experts"),
+        }
     }
 
     /// Every path's output for each (token, expert) pair of `chosen` (`rows x k`, token-major)
@@ -664,25 +690,29 @@ mod tests {
         let x = Tensor::<2>::from_data(TensorData::new(x, [rows, hidden]), &device);
         let experts = Tensor::<2, Int>::from_data(TensorData::new(chosen.clone(), [rows, k]), &device);
         let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
-        let pairs = values(block.by_gathered_weights(x.clone(), experts.clone()));
-        let all = values(block.by_all_experts(x.clone(), experts.clone()));
-        let placed = values(block.by_expert_batches(x.clone(), experts.clone()).expect("host-placed experts"));
+        let s = stacked(&block);
+        let pairs = values(s.by_gathered_weights(x.clone(), experts.clone(), k));
+        let all = values(s.by_all_experts(x.clone(), experts.clone(), k));
+        let placed = values(s.by_expert_batches(x.clone(), experts.clone(), k).expect("host-placed experts"));
         // The quantized experts' path, here with each expert as a dense MLP of the same weights.
         let mut per_expert = random_block(n, k, hidden, inner, 7);
-        per_expert.quantized = (0..n)
-            .map(|e| Mlp {
-                gate_up: Linear::from_parts(block.gate_up.clone().narrow(0, e, 1).reshape([2 * inner, hidden]), None, &device),
-                down: Linear::from_parts(block.down.clone().narrow(0, e, 1).reshape([hidden, inner]), None, &device),
-            })
-            .collect();
-        assert_eq!(per_expert.expert_path(1), ExpertPath::Quantized);
-        let per_expert = values(per_expert.by_quantized_experts(x.clone(), experts).expect("per-expert products"));
+        per_expert.routed = RoutedExperts::Quantized(
+            (0..n)
+                .map(|e| Mlp {
+                    gate_up: Linear::from_parts(s.gate_up.clone().narrow(0, e, 1).reshape([2 * inner, hidden]), None, &device),
+                    down: Linear::from_parts(s.down.clone().narrow(0, e, 1).reshape([hidden, inner]), None, &device),
+                })
+                .collect(),
+        );
+        assert!(!per_expert.routes_on_device(1));
+        let RoutedExperts::Quantized(mlps) = &per_expert.routed else { unreachable!("set above") };
+        let per_expert = values(by_quantized_experts(mlps, x.clone(), experts, k).expect("per-expert products"));
         let xs = values(x);
         for (p, &e) in chosen.iter().enumerate() {
             let (r, e) = (p / k, e as usize);
             let row = Tensor::<2>::from_data(TensorData::new(xs[r * hidden..(r + 1) * hidden].to_vec(), [1, hidden]), &device);
-            let gu = block.gate_up.clone().narrow(0, e, 1).reshape([1, 2 * inner, hidden]).squeeze_dim::<2>(0);
-            let dn = block.down.clone().narrow(0, e, 1).reshape([1, hidden, inner]).squeeze_dim::<2>(0);
+            let gu = s.gate_up.clone().narrow(0, e, 1).reshape([1, 2 * inner, hidden]).squeeze_dim::<2>(0);
+            let dn = s.down.clone().narrow(0, e, 1).reshape([1, hidden, inner]).squeeze_dim::<2>(0);
             let want = values(swiglu_halves(row.matmul(gu.transpose())).matmul(dn.transpose()));
             for (name, got) in [("pairs", &pairs), ("all experts", &all), ("host-placed", &placed), ("per expert", &per_expert)] {
                 for (i, (g, w)) in got[p * hidden..(p + 1) * hidden].iter().zip(&want).enumerate() {
@@ -737,9 +767,9 @@ mod tests {
     #[test]
     fn the_cpu_places_decode_batches_on_the_host_past_a_third_of_the_experts() {
         let block = random_block(8, 2, 16, 12, 3);
-        assert_eq!(block.expert_path(1), ExpertPath::Pairs);
+        assert_eq!(stacked(&block).path(1, 2), ExpertPath::Pairs);
         // 2 rows x 2 = 4 pairs: more than a third of 8 experts, and no kernel on the CPU.
-        assert_eq!(block.expert_path(2), ExpertPath::HostPlaced);
+        assert_eq!(stacked(&block).path(2, 2), ExpertPath::HostPlaced);
         assert!(!block.routes_on_device(2));
     }
 
