@@ -20,7 +20,8 @@
 #            once its build is done.
 # Carried: .gpu/{inference-pio,libqwen3_coder_30b.so}.xz, .gpu/COMMIT, .gpu/peers/.
 # Writes $OUT/bench-30b-peers/{report.json,report.html} (the cut checkpoint), $OUT/bench-30b/
-# (the suite stage), $OUT/peers-30b.json, $OUT/log-30b-peers.txt.
+# (the suite stage), $OUT/peers-30b.json, $OUT/log-30b-peers.txt, and a failed bench's log as
+# $OUT/{bench-30b,bench-30b-peers}.err.
 # Env: BUDGET (s, default 570), LAYERS, ARGS (extra `bench` arguments, default "--runs 1
 # --duration 10").
 set -uo pipefail
@@ -44,6 +45,22 @@ ensure_cublas
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 export INFERENCE_PIO_COMMIT=$(cat .gpu/COMMIT 2>/dev/null || echo unknown)
 
+# run_bench NAME LABEL SECONDS ARGS...: `bench` on CUDA in bf16 into $OUT/NAME, its log lines
+# kept in /tmp/NAME.err and the errors printed with the lines after them (an out-of-memory
+# error's "Caused by" chain); on failure the log (less the per-step lines) goes to $OUT/NAME.err.
+run_bench() {
+  local name=$1 label=$2 t=$3 start=$SECONDS rc
+  shift 3
+  mkdir -p $OUT/$name
+  INFERENCE_PIO_LOG=1 timeout $t taskset -c 0-3 $PIO bench $PD --device cuda --dtype bf16 --out $OUT/$name "$@" > /tmp/$name.out 2> /tmp/$name.err
+  rc=$?
+  echo "bench 30b ($label): exit $rc after $(( SECONDS - start )) s"
+  grep -a "KV cache" /tmp/$name.err | tail -6
+  grep -a -A4 "panicked\|rror" /tmp/$name.err | grep -av "bench step" | tail -16
+  [ $rc = 0 ] || grep -av "bench step" /tmp/$name.err | tail -200 > $OUT/$name.err
+  tail -3 /tmp/$name.out
+}
+
 if has prepare; then
   if [ ! -f /tmp/llama.cpp.started ] && [ -f .gpu/peers/build_llamacpp.sh ]; then
     taskset -c $BUILD_CPUS bash .gpu/peers/build_llamacpp.sh /tmp/llama.cpp
@@ -62,25 +79,13 @@ fi
 
 if has suite; then
   t=$(( $(left) - 300 ))
-  mkdir -p $OUT/bench-30b
-  start=$SECONDS
-  INFERENCE_PIO_LOG=1 timeout $t taskset -c 0-3 $PIO bench $PD --model "$(qwen3_coder_30b_dir)" --random-weights --device cuda --dtype bf16 \
-    --suite all --out $OUT/bench-30b ${ARGS_SUITE:---quick} > /tmp/bench_30b.out 2> /tmp/bench_30b.err
-  echo "bench 30b (all suites, 48 layers): exit $? after $(( SECONDS - start )) s"
-  grep -a "KV cache\|panicked\|rror" /tmp/bench_30b.err | tail -6
-  tail -3 /tmp/bench_30b.out
+  run_bench bench-30b "all suites, 48 layers" $t --model "$(qwen3_coder_30b_dir)" --random-weights --suite all ${ARGS_SUITE:---quick}
 fi
 
 if has run; then
   if [ -f $CK/model.safetensors.index.json ]; then
     t=$(( $(left) - 150 ))
-    mkdir -p $OUT/bench-30b-peers
-    start=$SECONDS
-    INFERENCE_PIO_LOG=1 timeout $t taskset -c 0-3 $PIO bench $PD --model $CK --device cuda --dtype bf16 --suite speed,throughput \
-      --out $OUT/bench-30b-peers ${ARGS:---runs 1 --duration 10} > /tmp/bench_30bp.out 2> /tmp/bench_30bp.err
-    echo "bench 30b ($LAYERS layers): exit $? after $(( SECONDS - start )) s"
-    grep -a "KV cache\|panicked\|rror" /tmp/bench_30bp.err | tail -8
-    tail -5 /tmp/bench_30bp.out
+    run_bench bench-30b-peers "$LAYERS layers" $t --model $CK --suite speed,throughput ${ARGS:---runs 1 --duration 10}
   fi
   t=$(( $(left) - 130 ))
   [ $t -gt 30 ] && [ -f $CK/model.safetensors.index.json ] && timeout $t taskset -c 0-3 python3 benches/peers/transformers_qwen3.py --model $CK \

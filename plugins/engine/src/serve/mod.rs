@@ -474,6 +474,27 @@ struct LoopState {
 }
 
 impl LoopState {
+    /// Called as the loop goes idle: short of device memory, the recorded decode steps are
+    /// dropped and CubeCL's pools hand their free pages back to the driver. Each recording
+    /// holds pool pages of its own (the 12-layer Qwen3-Coder-30B's pools grew 0.3-2 GB a
+    /// recording), and steps of many shapes leave pages of many sizes that no later shape
+    /// fits: on an H100 beside a KV cache of 0.9 of its memory, the pools held 5.8 GB more than
+    /// their live tensors after eight batch sizes, and the next batch's 853 MiB page found no
+    /// memory (2026-12-06). Not otherwise: the next request's first steps would ask the driver
+    /// for their pages again (+44 ms to the time to first token of a 100-token prompt there).
+    fn release_memory_if_short(&mut self) {
+        let device = &self.model.decoder.device;
+        if inference_pio_kernels::memory::device_free(device).is_none_or(|free| free >= self.idle_free_floor) {
+            return;
+        }
+        let dropped = self.graphs.drop_recordings();
+        inference_pio_kernels::memory::release_free_memory(device);
+        crate::progress::log(|| {
+            let usage = inference_pio_kernels::memory::pool_usage_text(device).map_or(String::new(), |u| format!("; {u}"));
+            format!("idle with less than {:.2} GB free: {dropped} recorded decode steps dropped, free pool pages released{usage}", self.idle_free_floor as f64 / 1e9)
+        });
+    }
+
     fn run(mut self, rx: Receiver<Submission>) {
         // Whether steps ran since the loop was last idle.
         let mut stepped = false;
@@ -481,26 +502,8 @@ impl LoopState {
             if self.scheduler.is_idle() && self.in_flight.is_none() {
                 let next = match rx.try_recv() {
                     Err(TryRecvError::Empty) => {
-                        // Idle and short of device memory: the recorded decode steps are
-                        // dropped and CubeCL's pools hand their free pages back to the driver.
-                        // Each recording holds pool pages of its own (the 12-layer
-                        // Qwen3-Coder-30B's pools grew 0.3-2 GB a recording), and steps of many
-                        // shapes leave pages of many sizes that no later shape fits: on an
-                        // H100 beside a KV cache of 0.9 of its memory, the pools held 5.8 GB more
-                        // than their live tensors after eight batch sizes, and the next batch's
-                        // 853 MiB page found no memory (2026-12-06). Not otherwise: the next
-                        // request's first steps would ask the driver for their pages again
-                        // (+44 ms to the time to first token of a 100-token prompt there).
                         if std::mem::take(&mut stepped) {
-                            let device = &self.model.decoder.device;
-                            if inference_pio_kernels::memory::device_free(device).is_some_and(|free| free < self.idle_free_floor) {
-                                let dropped = self.graphs.drop_recordings();
-                                inference_pio_kernels::memory::release_free_memory(device);
-                                crate::progress::log(|| {
-                                    let usage = inference_pio_kernels::memory::pool_usage_text(device).map_or(String::new(), |u| format!("; {u}"));
-                                    format!("idle with less than {:.2} GB free: {dropped} recorded decode steps dropped, free pool pages released{usage}", self.idle_free_floor as f64 / 1e9)
-                                });
-                            }
+                            self.release_memory_if_short();
                         }
                         rx.recv().map_err(|_| ())
                     }
