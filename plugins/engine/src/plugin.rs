@@ -287,13 +287,22 @@ struct Loaded {
 }
 
 /// What [`ModelInfo::quantization`] says of the linear weights loaded: empty when none is
-/// quantized, else the layout (`int4 in groups of 128`, or `mixed` for a GGUF file's several
-/// block types) and how many of the linear weights.
+/// quantized, else the layout (`int8 per output channel`, `int4 in groups of 128`, or `mixed 4-
+/// and 8-bit groups` for a GGUF file's several block types) and how many of the linear weights.
 fn quantization_summary(t: &crate::weights::LinearTally) -> String {
-    let Some((bits, group)) = t.layout else {
+    if t.bits_seen == 0 {
         return String::new();
+    }
+    let bits = t.bits_seen.trailing_zeros();
+    let layout = if t.bits_seen.count_ones() > 1 {
+        "mixed 4- and 8-bit groups".to_string()
+    } else if t.per_channel {
+        format!("int{bits} per output channel")
+    } else if let Some(group) = t.group {
+        format!("int{bits} in groups of {group}")
+    } else {
+        format!("int{bits} in groups of several sizes")
     };
-    let layout = if t.mixed { "mixed 4- and 8-bit groups".to_string() } else { format!("int{bits} in groups of {group}") };
     format!(
         "{layout}: {} of {} linear weights, {:.3} GB (from {:.3} GB)",
         t.quantized,

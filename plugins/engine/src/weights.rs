@@ -67,9 +67,13 @@ pub struct LinearTally {
     /// Bytes the quantized weights take, and what they would take in the model's dtype.
     pub quantized_bytes: u64,
     pub quantized_dense_bytes: u64,
-    /// Bits and group of the last quantized weight, and whether all agreed.
-    pub layout: Option<(u32, usize)>,
-    pub mixed: bool,
+    /// Code widths seen (bit `b` set for `b`-bit codes).
+    pub bits_seen: u32,
+    /// The group size while every quantized weight had the same one, else `None`.
+    pub group: Option<usize>,
+    pub groups_differ: bool,
+    /// Whether every quantized weight has one group per row (per output channel).
+    pub per_channel: bool,
 }
 
 /// A linear weight as loaded, before it is placed: dense on the device, or quantized in host
@@ -472,8 +476,11 @@ impl Checkpoint {
         tally.quantized += 1;
         tally.quantized_bytes += m.bytes();
         tally.quantized_dense_bytes += (m.rows * m.cols) as u64 * dtype.size_bytes();
-        tally.mixed |= tally.layout.is_some_and(|l| l != (m.bits, m.group));
-        tally.layout = Some((m.bits, m.group));
+        let first = tally.bits_seen == 0;
+        tally.bits_seen |= 1 << m.bits;
+        tally.per_channel = (first || tally.per_channel) && m.group == m.cols;
+        tally.groups_differ |= !first && tally.group != Some(m.group);
+        tally.group = if tally.groups_differ { None } else { Some(m.group) };
         self.tally.set(tally);
     }
 
