@@ -263,19 +263,31 @@ impl<'a> Reader<'a> {
     }
 
     /// A count of items each at least `min_item_bytes` long: refused when the rest of the
-    /// file could not hold that many.
-    fn count(&mut self, what: &str, min_item_bytes: usize) -> Result<usize, FormatError> {
-        let n = self.u64(what)?;
+    /// file could not hold that many. `what` is `(prefix, name)`, joined only for an error:
+    /// a tokenizer's hundred thousand strings each have a count, and formatting a name for
+    /// every one took most of a 2 MB metadata parse.
+    fn count(&mut self, (prefix, name): (&str, &str), min_item_bytes: usize) -> Result<usize, FormatError> {
+        let what = || format!("{prefix}{name}");
+        if self.remaining() < 8 {
+            return Err(FormatError(format!(
+                "truncated: {} needs 8 bytes at offset {} but the file has {} left",
+                what(),
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let n = self.u64(name)?;
         let left_in_file = self.file_len.saturating_sub(self.pos as u64);
         let fits = left_in_file / min_item_bytes.max(1) as u64;
         if n > fits {
-            return Err(FormatError(format!("{what} is {n}, but the {left_in_file} bytes left in the file can hold at most {fits}")));
+            return Err(FormatError(format!("{} is {n}, but the {left_in_file} bytes left in the file can hold at most {fits}", what())));
         }
         let fits_here = (self.remaining() / min_item_bytes.max(1)) as u64;
         if n > fits_here {
             // Plausible for the file, but past the head we were given: the caller reads more.
             return Err(FormatError(format!(
-                "truncated: {what} is {n}, more than the {} bytes read so far can hold",
+                "truncated: {} is {n}, more than the {} bytes read so far can hold",
+                what(),
                 self.remaining()
             )));
         }
@@ -283,7 +295,7 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self, what: &str) -> Result<String, FormatError> {
-        let len = self.count(&format!("length of {what}"), 1)?;
+        let len = self.count(("length of ", what), 1)?;
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| FormatError(format!("{what} is not valid UTF-8")))
     }
@@ -316,7 +328,7 @@ impl<'a> Reader<'a> {
                     9 => 12,
                     other => return Err(FormatError(format!("{what}: unknown metadata value type {other} in array"))),
                 };
-                let n = self.count(&format!("element count of {what}"), min)?;
+                let n = self.count(("element count of ", what), min)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(item_type, what, depth + 1)?);
@@ -351,8 +363,8 @@ impl Gguf {
         }
         // A tensor entry takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset)
         // bytes; a metadata entry at least 8 (key length) + 4 (type) + 1 (value).
-        let tensor_count = r.count("tensor count", 24)?;
-        let kv_count = r.count("metadata count", 13)?;
+        let tensor_count = r.count(("", "tensor count"), 24)?;
+        let kv_count = r.count(("", "metadata count"), 13)?;
         let mut metadata = BTreeMap::new();
         for i in 0..kv_count {
             let key = r.string(&format!("metadata key #{i}"))?;
