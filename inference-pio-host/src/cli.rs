@@ -379,7 +379,8 @@ impl Host {
         let dirs = plugin_dirs(&cli.plugin_dirs, &config.host.plugin_dirs, Some(&exe));
         let timeout = Duration::from_secs_f64(config.host.probe_timeout_s.unwrap_or(60.0));
         let pins = config.plugins.iter().filter_map(|(id, section)| Some((id.clone(), section.sha256.clone()?))).collect();
-        let discovery = Discovery::run(dirs, &exe, timeout, &pins);
+        let cache = cache_dir(&config).map(|d| d.join(PROBE_CACHE_FILE));
+        let discovery = Discovery::run_cached(dirs, &exe, timeout, &pins, cache.as_deref());
         Ok(Self { config, discovery, exe, threads: cli.threads })
     }
 
@@ -505,13 +506,21 @@ impl Host {
     }
 
     pub fn cache_dir(&self) -> Option<PathBuf> {
-        self.config.host.cache_dir.clone().or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .map(|base| base.join("inference-pio"))
-        })
+        cache_dir(&self.config)
     }
+}
+
+/// The probe answers kept between runs, in the cache directory (`crate::discovery`).
+pub const PROBE_CACHE_FILE: &str = "plugin-probes.json";
+
+/// `[host] cache_dir`, else `$XDG_CACHE_HOME/inference-pio`, else `~/.cache/inference-pio`.
+fn cache_dir(config: &HostConfig) -> Option<PathBuf> {
+    config.host.cache_dir.clone().or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|base| base.join("inference-pio"))
+    })
 }
 
 fn load_config(explicit: Option<&Path>) -> anyhow::Result<HostConfig> {

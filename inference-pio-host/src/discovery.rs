@@ -19,6 +19,14 @@
 //! id whose sha256 the config pins is hashed first and, when it does not match, refused
 //! before any of its code runs, in the probe or anywhere. A file's probe must then answer the
 //! id it declares. Files without a declaration are probed as before.
+//!
+//! A probe's answer is remembered in the cache directory (`plugin-probes.json`), keyed by the
+//! file's identity (device, inode, size, modification and status-change times) and this
+//! executable's, as GStreamer's plugin registry cache does: a later run reuses it for a file
+//! that has not changed instead of starting a process per file (40-60 ms of the README main
+//! job's start on two cores). Any change to the file or to the host probes again; answers
+//! that may not repeat (a probe that timed out or could not start) are not kept, and a file
+//! whose id the config pins a sha256 for is always hashed and probed.
 
 use crate::plugin::LoadedPlugin;
 use inference_pio_core::abi::ABI_MAJOR;
@@ -113,23 +121,60 @@ impl Discovery {
     /// Probes every candidate in `dirs` (in parallel) with `probe_exe __probe FILE`. `pins`:
     /// plugin id -> the sha256 the config pins for it.
     pub fn run(dirs: Vec<PathBuf>, probe_exe: &Path, timeout: Duration, pins: &BTreeMap<String, String>) -> Self {
+        Self::run_cached(dirs, probe_exe, timeout, pins, None)
+    }
+
+    /// [`Self::run`], reusing and updating the answers kept in `cache` (a JSON file, see the
+    /// module header) for files that have not changed since they were probed.
+    pub fn run_cached(dirs: Vec<PathBuf>, probe_exe: &Path, timeout: Duration, pins: &BTreeMap<String, String>, cache: Option<&Path>) -> Self {
         let files = candidate_files(&dirs);
-        let records = std::thread::scope(|scope| {
+        let host = FileStamp::of(probe_exe);
+        let mut kept = match (cache, &host) {
+            (Some(path), Some(host)) => ProbeCache::read(path, host),
+            _ => ProbeCache::default(),
+        };
+        let results = std::thread::scope(|scope| {
             let handles: Vec<_> = files
                 .iter()
-                .map(|file| scope.spawn(move || probe_file(probe_exe, file, timeout, pins)))
+                .map(|file| {
+                    let stamp = FileStamp::of(file);
+                    let cached = stamp.as_ref().and_then(|s| kept.get(file, s, pins));
+                    scope.spawn(move || match cached {
+                        Some(outcome) => (outcome, None),
+                        None => {
+                            let (outcome, repeatable) = probe_file_once(probe_exe, file, timeout, pins);
+                            let keep = repeatable.then_some(stamp).flatten();
+                            (outcome, keep)
+                        }
+                    })
+                })
                 .collect();
             files
                 .iter()
                 .zip(handles)
-                .map(|(file, handle)| PluginRecord {
-                    path: file.clone(),
-                    outcome: handle
+                .map(|(file, handle)| {
+                    let (outcome, keep) = handle
                         .join()
-                        .unwrap_or_else(|_| ProbeOutcome::Rejected("probe thread panicked".into())),
+                        .unwrap_or_else(|_| (ProbeOutcome::Rejected("probe thread panicked".into()), None));
+                    (PluginRecord { path: file.clone(), outcome }, keep)
                 })
                 .collect::<Vec<_>>()
         });
+        let mut changed = false;
+        let records = results
+            .into_iter()
+            .map(|(record, keep)| {
+                if let Some(stamp) = keep {
+                    kept.entries.insert(record.path.clone(), CachedProbe { stamp, outcome: record.outcome.clone() });
+                    changed = true;
+                }
+                record
+            })
+            .collect();
+        if let (Some(path), Some(host), true) = (cache, host, changed) {
+            kept.host = Some(host);
+            kept.write(path);
+        }
         let mut discovery = Self { dirs, records };
         discovery.reject_duplicate_ids();
         discovery
@@ -159,6 +204,88 @@ impl Discovery {
 
     pub fn find(&self, id: &str) -> Option<&PluginRecord> {
         self.records.iter().find(|r| r.metadata().is_some_and(|m| m.id == id))
+    }
+}
+
+/// What identifies one version of a file: a rewrite, a replacement (rename over it), a copy
+/// or a `touch` changes at least one of these. The status-change time cannot be set back by
+/// the file's owner, so a file swapped for another of the same size and modification time
+/// still differs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of `path` (following links); `None` where it cannot be read.
+    pub fn of(path: &Path) -> Option<Self> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(path).ok()?;
+            let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+            Some(Self { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: ns(m.mtime(), m.mtime_nsec()), ctime_ns: ns(m.ctime(), m.ctime_nsec()) })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            None
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CachedProbe {
+    stamp: FileStamp,
+    outcome: ProbeOutcome,
+}
+
+/// The probe answers kept between runs (the module header says when they are used).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ProbeCache {
+    /// The executable that probed; answers of another one are not used.
+    host: Option<FileStamp>,
+    entries: BTreeMap<PathBuf, CachedProbe>,
+}
+
+impl ProbeCache {
+    /// The answers kept at `path` by `host`; none when the file is missing, unreadable, or
+    /// written by another executable.
+    fn read(path: &Path, host: &FileStamp) -> Self {
+        let kept: Option<Self> = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        kept.filter(|k| k.host.as_ref() == Some(host)).unwrap_or_default()
+    }
+
+    /// The kept answer for `file` at `stamp`, unless its declared id has a pinned hash (those
+    /// are checked at every run).
+    fn get(&self, file: &Path, stamp: &FileStamp, pins: &BTreeMap<String, String>) -> Option<ProbeOutcome> {
+        let entry = self.entries.get(file).filter(|e| e.stamp == *stamp)?;
+        let pinned = |id: &str| pins.contains_key(id);
+        match &entry.outcome {
+            ProbeOutcome::Accepted(m) if pinned(&m.id) => None,
+            _ if !pins.is_empty() && declared_id(file).ok().flatten().is_some_and(|id| pinned(&id)) => None,
+            outcome => Some(outcome.clone()),
+        }
+    }
+
+    /// Writes the answers for files that still exist, through a temporary file renamed into
+    /// place (concurrent hosts each leave a whole file; the last one wins). Best effort: a
+    /// cache that cannot be written only means the next run probes again.
+    fn write(mut self, path: &Path) {
+        self.entries.retain(|file, _| file.exists());
+        let Ok(text) = serde_json::to_vec(&self) else { return };
+        let Some(dir) = path.parent() else { return };
+        if std::fs::create_dir_all(dir).is_err() {
+            return;
+        }
+        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
 }
 
@@ -193,29 +320,39 @@ pub fn declared_id(path: &Path) -> Result<Option<String>, String> {
 /// Probes one file in a child process (after its declaration and pinned hash, see the module
 /// header); never fails, never panics.
 pub fn probe_file(probe_exe: &Path, path: &Path, timeout: Duration, pins: &BTreeMap<String, String>) -> ProbeOutcome {
+    probe_file_once(probe_exe, path, timeout, pins).0
+}
+
+/// [`probe_file`], and whether the answer would be the same on a second try of the same file
+/// (not for a probe that timed out or could not be started or waited for).
+fn probe_file_once(probe_exe: &Path, path: &Path, timeout: Duration, pins: &BTreeMap<String, String>) -> (ProbeOutcome, bool) {
     if let Err(reason) = check_header(path) {
-        return ProbeOutcome::Rejected(reason);
+        return (ProbeOutcome::Rejected(reason), true);
     }
     let declared = match declared_id(path) {
         Ok(declared) => declared,
-        Err(reason) => return ProbeOutcome::Rejected(reason),
+        Err(reason) => return (ProbeOutcome::Rejected(reason), true),
     };
     if let Some(expected) = declared.as_ref().and_then(|id| pins.get(id))
         && let Err(reason) = crate::digest::check_sha256(path, expected)
     {
-        return ProbeOutcome::Rejected(format!("{reason} (checked before any of its code ran)"));
+        return (ProbeOutcome::Rejected(format!("{reason} (checked before any of its code ran)")), false);
     }
-    match run_probe(probe_exe, path, timeout) {
+    let (outcome, repeatable) = run_probe(probe_exe, path, timeout);
+    let outcome = match outcome {
         ProbeOutcome::Accepted(meta) if declared.as_ref().is_some_and(|d| *d != meta.id) => ProbeOutcome::Rejected(format!(
             "declares plugin id `{}` in its {NOTE_SECTION} section but its metadata answers `{}`",
             declared.unwrap_or_default(),
             meta.id
         )),
         outcome => outcome,
-    }
+    };
+    (outcome, repeatable)
 }
 
-fn run_probe(probe_exe: &Path, path: &Path, timeout: Duration) -> ProbeOutcome {
+/// The probe's answer, and whether it came from the probe process itself (its JSON line or
+/// its exit): a timeout or a failure to start or wait for it may not repeat.
+fn run_probe(probe_exe: &Path, path: &Path, timeout: Duration) -> (ProbeOutcome, bool) {
     let child = Command::new(probe_exe)
         .arg("__probe")
         .arg(path)
@@ -225,7 +362,7 @@ fn run_probe(probe_exe: &Path, path: &Path, timeout: Duration) -> ProbeOutcome {
         .spawn();
     let mut child = match child {
         Ok(c) => c,
-        Err(e) => return ProbeOutcome::Rejected(format!("cannot start probe process: {e}")),
+        Err(e) => return (ProbeOutcome::Rejected(format!("cannot start probe process: {e}")), false),
     };
     // Drain stdout while waiting, so a chatty library cannot stall the probe on a full pipe.
     let reader = child.stdout.take().map(|mut out| {
@@ -242,22 +379,30 @@ fn run_probe(probe_exe: &Path, path: &Path, timeout: Duration) -> ProbeOutcome {
             Ok(None) if start.elapsed() > timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return ProbeOutcome::Rejected(format!(
-                    "did not answer the metadata probe within {:.0} s (hung while loading?)",
-                    timeout.as_secs_f64()
-                ));
+                return (
+                    ProbeOutcome::Rejected(format!(
+                        "did not answer the metadata probe within {:.0} s (hung while loading?)",
+                        timeout.as_secs_f64()
+                    )),
+                    false,
+                );
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return ProbeOutcome::Rejected(format!("probe process failed: {e}")),
+            Err(e) => return (ProbeOutcome::Rejected(format!("probe process failed: {e}")), false),
         }
     };
     let stdout = reader.and_then(|r| r.join().ok()).unwrap_or_default();
     if let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{'))
         && let Ok(outcome) = serde_json::from_str::<ProbeOutcome>(line)
     {
-        return outcome;
+        return (outcome, true);
     }
-    ProbeOutcome::Rejected(describe_exit(status))
+    // A SIGKILL may have come from outside (the out-of-memory killer), not from the file.
+    #[cfg(unix)]
+    let repeatable = std::os::unix::process::ExitStatusExt::signal(&status) != Some(libc::SIGKILL);
+    #[cfg(not(unix))]
+    let repeatable = true;
+    (ProbeOutcome::Rejected(describe_exit(status)), repeatable)
 }
 
 fn describe_exit(status: std::process::ExitStatus) -> String {

@@ -74,3 +74,46 @@ fn a_file_must_answer_the_id_it_declares() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The probe cache (`plugin-probes.json`): an unchanged file's answer is reused, a touched
+/// file is probed again, another executable's answers are not used, and a pinned id is
+/// checked at every run whatever the cache says.
+#[test]
+fn probe_answers_are_kept_for_unchanged_files_only() {
+    let hostile = built("pio_test_plugin_hostile");
+    let dir = dir_with(&hostile, "cache", |_| {});
+    let file = dir.join(hostile.file_name().expect("name"));
+    let cache = dir.join("cache").join("plugin-probes.json");
+    let run = |pins: &BTreeMap<String, String>| {
+        let d = Discovery::run_cached(vec![dir.clone()], Path::new(BIN), Duration::from_secs(30), pins, Some(&cache));
+        assert_eq!(d.records.len(), 1, "{:?}", d.records);
+        d.records[0].outcome.clone()
+    };
+    let none = BTreeMap::new();
+    assert!(matches!(run(&none), ProbeOutcome::Accepted(m) if m.id == "test-hostile"));
+    // Mark the kept answer, so that a run which uses it says so.
+    let mark = |text: &str| {
+        let mut kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&cache).expect("cache written")).expect("json");
+        let entry = &mut kept["entries"][file.to_str().expect("utf-8 path")];
+        assert!(entry.is_object(), "no entry for {}: {kept}", file.display());
+        entry["outcome"] = serde_json::json!({ "rejected": text });
+        std::fs::write(&cache, serde_json::to_vec(&kept).expect("json")).expect("write cache");
+    };
+    mark("kept answer");
+    assert!(matches!(run(&none), ProbeOutcome::Rejected(r) if r == "kept answer"));
+    // A pinned id: hashed and probed, not taken from the cache.
+    let right: BTreeMap<String, String> = [("test-hostile".to_string(), sha256_file(&hostile).expect("hash"))].into();
+    assert!(matches!(run(&right), ProbeOutcome::Accepted(_)));
+    // Another executable's answers are not used.
+    mark("kept answer");
+    let mut kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&cache).expect("cache")).expect("json");
+    kept["host"]["len"] = serde_json::json!(1);
+    std::fs::write(&cache, serde_json::to_vec(&kept).expect("json")).expect("write cache");
+    assert!(matches!(run(&none), ProbeOutcome::Accepted(_)));
+    // The same bytes written again (new times): probed again.
+    mark("kept answer");
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&file, std::fs::read(&hostile).expect("read")).expect("rewrite");
+    assert!(matches!(run(&none), ProbeOutcome::Accepted(_)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
