@@ -329,6 +329,14 @@ pub struct OptimizationSettings {
     /// Tokens per KV-cache block (a power of two, 1 to 256).
     #[serde(default = "default_kv_block_tokens")]
     pub kv_block_tokens: u32,
+    /// Tensor parallelism (Megatron-LM sharding): the model split over this many ranks, one
+    /// thread each, rank `r` on CUDA device `base + r` (the model's device `cuda:base`), its
+    /// collectives through NCCL; on the CPU the ranks share the cores and meet in memory.
+    /// Each rank loads only its own slices of the checkpoint. `None`: one unsplit model; `1`:
+    /// the sharded path with one rank (checks NCCL on one GPU). Decode steps are not recorded
+    /// as CUDA graphs while it is set.
+    #[serde(default)]
+    pub tensor_parallel: Option<u32>,
 }
 
 /// The serving (scheduler and KV cache) part of [`OptimizationSettings`], as the profiles set it.
@@ -364,6 +372,7 @@ impl ServingSettings {
             gpu_memory_utilization: None,
             prefix_caching: self.prefix_caching,
             kv_block_tokens: self.kv_block_tokens,
+            tensor_parallel: None,
         }
     }
 }
@@ -391,7 +400,7 @@ impl Default for OptimizationSettings {
 }
 
 impl OptimizationSettings {
-    pub const KEYS: [&'static str; 15] = [
+    pub const KEYS: [&'static str; 16] = [
         "dtype",
         "quantization",
         "quantize_lm_head",
@@ -407,6 +416,7 @@ impl OptimizationSettings {
         "gpu_memory_utilization",
         "prefix_caching",
         "kv_block_tokens",
+        "tensor_parallel",
     ];
 
     /// Values that cannot work; returns (key, reason).
@@ -438,6 +448,11 @@ impl OptimizationSettings {
         }
         if !(self.kv_block_tokens.is_power_of_two() && self.kv_block_tokens <= 256) {
             return bad("kv_block_tokens", format!("must be a power of two from 1 to 256, got {}", self.kv_block_tokens));
+        }
+        if let Some(n) = self.tensor_parallel
+            && !(1..=64).contains(&n)
+        {
+            return bad("tensor_parallel", format!("must be 1 to 64 ranks, got {n}"));
         }
         if let Some(gb) = self.kv_cache_gb
             && !(gb.is_finite() && gb > 0.0)
@@ -484,6 +499,9 @@ impl OptimizationSettings {
         }
         if self.kv_block_tokens != other.kv_block_tokens {
             changed.push("kv_block_tokens");
+        }
+        if self.tensor_parallel != other.tensor_parallel {
+            changed.push("tensor_parallel");
         }
         changed
     }
@@ -859,6 +877,15 @@ mod tests {
         .expect("valid");
         let s = serving.plugin("qwen").optimization();
         assert_eq!((s.max_num_seqs, s.max_num_batched_tokens, s.kv_cache_gb, s.prefix_caching, s.kv_block_tokens), (8, 64, Some(2.5), false, 32));
+        assert_eq!(settings.tensor_parallel, None, "one unsplit model unless asked");
+        let split = parse("[plugins.qwen]
+tensor_parallel = 2
+").expect("valid");
+        assert_eq!(split.plugin("qwen").optimization().tensor_parallel, Some(2));
+        for bad in [0, 65] {
+            let s = OptimizationSettings { tensor_parallel: Some(bad), ..Default::default() };
+            assert_eq!(s.validate().expect_err("refused").0, "tensor_parallel");
+        }
     }
 
     #[test]

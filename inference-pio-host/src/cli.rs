@@ -34,6 +34,11 @@ pub struct Cli {
     /// setting; `limits.cpu_percent` still caps it). Default: one per core.
     #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub threads: Option<u32>,
+    /// Tensor parallelism: split the model over N ranks, on GPUs `cuda:base` to
+    /// `cuda:base+N-1` (every plugin's `tensor_parallel` setting; the CPU: N threads sharing
+    /// the cores). Each rank loads only its share of the weights.
+    #[arg(long = "tensor-parallel", global = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub tensor_parallel: Option<u32>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -370,6 +375,8 @@ pub struct Host {
     pub exe: PathBuf,
     /// `--threads`: every plugin's `threads` setting.
     pub threads: Option<u32>,
+    /// `--tensor-parallel`: every plugin's `tensor_parallel` setting.
+    pub tensor_parallel: Option<u32>,
 }
 
 impl Host {
@@ -381,7 +388,7 @@ impl Host {
         let pins = config.plugins.iter().filter_map(|(id, section)| Some((id.clone(), section.sha256.clone()?))).collect();
         let cache = cache_dir(&config).map(|d| d.join(PROBE_CACHE_FILE));
         let discovery = Discovery::run_cached(dirs, &exe, timeout, &pins, cache.as_deref());
-        Ok(Self { config, discovery, exe, threads: cli.threads })
+        Ok(Self { config, discovery, exe, threads: cli.threads, tensor_parallel: cli.tensor_parallel })
     }
 
     /// Opens plugin `id` from `path` at its configured security level: in this process at
@@ -491,6 +498,9 @@ impl Host {
                 let mut o = section.optimization();
                 if let Some(threads) = self.threads {
                     o.threads = Some(threads);
+                }
+                if let Some(n) = self.tensor_parallel {
+                    o.tensor_parallel = Some(n);
                 }
                 o
             },
@@ -721,7 +731,7 @@ async fn shutdown_signal() {
 fn models_command(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
     let config = load_config(cli.config.as_deref())?;
     let exe = std::env::current_exe().context("cannot locate the inference-pio executable")?;
-    let host = Host { config, discovery: Discovery::default(), exe, threads: cli.threads };
+    let host = Host { config, discovery: Discovery::default(), exe, threads: cli.threads, tensor_parallel: cli.tensor_parallel };
     let cache = host.models_cache()?;
     match command {
         ModelsCommand::List => {

@@ -15,6 +15,7 @@ mod launch;
 pub mod linear;
 pub mod matvec;
 pub mod memory;
+pub mod nccl;
 pub mod norm;
 pub mod paged;
 pub mod quant;

@@ -95,6 +95,19 @@ pub fn choose_device(request: DeviceRequest) -> Result<(Device, String), EngineE
     }
 }
 
+/// The CUDA ordinal a device request names (0 for the CPU and `auto`).
+fn gpu_ordinal_of(request: DeviceRequest) -> usize {
+    match request {
+        DeviceRequest::Cuda(i) => i as usize,
+        _ => 0,
+    }
+}
+
+/// The ranks `tensor_parallel` splits a model over (1 when unset).
+fn ranks_of(settings: &PluginSettings) -> u64 {
+    u64::from(settings.optimization.tensor_parallel.unwrap_or(1).max(1))
+}
+
 /// Loads a model — a Hugging Face directory, or one GGUF file — with a family's spec. Checks
 /// the memory budget before reading any weight data.
 pub fn load_engine(
@@ -167,26 +180,36 @@ pub fn load_engine(
         )));
     }
     // The CUDA device's memory (free, total) as the thread that asks sees it; `None` on the CPU.
-    let gpu_ordinal = match options.device {
-        DeviceRequest::Cuda(i) => i as usize,
-        _ => 0,
-    };
+    let gpu_ordinal = gpu_ordinal_of(options.device);
     let gpu_memory = move || if on_gpu { inference_pio_kernels::cublas::device_memory(gpu_ordinal) } else { None };
     // Weights larger than the whole card fail at once, by name, instead of part-way through
     // the load with an allocation error (the total, not the free memory: memory an earlier
     // model of this process left in the allocator's pools is reused, not lost).
     if let Some((_, total)) = gpu_memory()
-        && bytes > total
+        && bytes / ranks_of(settings) > total
     {
         return Err(EngineError::ResourceLimit(format!(
-            "the weights need {:.3} GB in {dtype} on {device_name}, more than the device's {:.3} GB",
-            bytes as f64 / 1e9,
+            "the weights need {:.3} GB in {dtype} on {device_name}{}, more than the device's {:.3} GB",
+            (bytes / ranks_of(settings)) as f64 / 1e9,
+            if ranks_of(settings) > 1 { format!(" (a rank's share of {})", ranks_of(settings)) } else { String::new() },
             total as f64 / 1e9
         )));
     }
     if gguf.is_some() && options.random_weights.is_some() {
         return Err(EngineError::InvalidRequest("--random-weights takes a model directory (config.json), not a GGUF file".into()));
     }
+    // Tensor parallelism: each rank's share, refused here (with the numbers) when the heads,
+    // widths, experts or vocabulary do not divide.
+    let tensor_parallel = match settings.optimization.tensor_parallel {
+        None => None,
+        Some(_) if gguf.is_some() => {
+            return Err(EngineError::Unsupported("tensor_parallel takes a model directory (safetensors), not a GGUF file".into()));
+        }
+        Some(n) => Some(crate::tensor_parallel::plan(&config, &spec, n as usize)?),
+    };
+    let ranks = tensor_parallel.as_ref().map_or(1, Vec::len);
+    let base_ordinal = gpu_ordinal_of(options.device);
+    let device_ordinal = move |rank: usize| base_ordinal + rank;
     let from_gguf = gguf.is_some();
     let (tokenizer, template, generation, mut ckpt) = match gguf {
         Some(g) => (
@@ -205,10 +228,27 @@ pub fn load_engine(
             },
         ),
     };
+    let mut packed_layout = None;
     if options.random_weights.is_none() && !from_gguf {
         let layout = inference_pio_formats::packed::layout(&raw).map_err(|e| EngineError::Config(format!("{}: {e}", dir.join("config.json").display())))?;
+        packed_layout = layout;
         ckpt.set_packed_layout(layout);
     }
+    // Each rank reads the checkpoint through a handle of its own (it reads only its slices).
+    let reopen = {
+        let (dir, random) = (dir.to_path_buf(), options.random_weights);
+        move || -> Result<Checkpoint, EngineError> {
+            let mut c = match random {
+                Some(seed) => Checkpoint::random(seed),
+                None => Checkpoint::open(&dir)?,
+            };
+            c.set_packed_layout(packed_layout);
+            c.set_quantization(quantization);
+            c.set_quantize_lm_head(quantize_lm_head);
+            c.set_activations(activations);
+            Ok(c)
+        }
+    };
     crate::progress::log(|| format!("loading {} weights ({:.2} GB in {dtype}) on {device_name}", if options.random_weights.is_some() { "random" } else { "checkpoint" }, bytes as f64 / 1e9));
     let optimization = settings.optimization.clone();
     let max_context_setting = settings.optimization.max_context_tokens;
@@ -222,16 +262,40 @@ pub fn load_engine(
         // The weights (and the KV pool, `Decoder::new_kv_pool`) get device allocations of
         // their own, outside the pools the steps' activations use
         // (`inference_pio_kernels::memory`).
-        let on = device.clone();
-        let (decoder, ckpt) = inference_pio_kernels::memory::outside_pools(&device, move || (Decoder::load(config, spec, &ckpt, &on, dtype), ckpt));
-        let decoder = decoder?;
+        let (decoder, ckpt, others) = match tensor_parallel {
+            None => {
+                let on = device.clone();
+                let (decoder, ckpt) = inference_pio_kernels::memory::outside_pools(&device, move || (Decoder::load(config, spec, &ckpt, &on, dtype), ckpt));
+                (decoder?, ckpt, None)
+            }
+            Some(shards) => {
+                // Ranks 1..N load on threads of their own while this thread loads rank 0.
+                let group = crate::tensor_parallel::group_for(on_gpu, &(0..shards.len()).map(device_ordinal).collect::<Vec<_>>())?;
+                let rank_device = move |rank: usize| if on_gpu { Device::cuda(device_ordinal(rank)) } else { device.clone() };
+                let load = std::sync::Arc::new(move |rank: usize| -> Result<(Decoder, Checkpoint), EngineError> {
+                    let mut ckpt = reopen()?;
+                    let on = rank_device(rank);
+                    let (config, spec, shard, group) = (config.clone(), spec.clone(), shards[rank].clone(), group.clone());
+                    let at = on.clone();
+                    inference_pio_kernels::memory::outside_pools(&on, move || Decoder::load_rank(config, spec, &mut ckpt, &at, dtype, &shard, group).map(|d| (d, ckpt)))
+                });
+                let others_load = std::sync::Arc::clone(&load);
+                let others = crate::serve::ranks::RankWorkers::start(1..ranks, move |rank| others_load(rank).map(|(d, _)| d))?;
+                let rank0 = load(0);
+                others.loaded()?;
+                let (decoder, ckpt) = rank0?;
+                (decoder, ckpt, Some(others))
+            }
+        };
+        let device = decoder.device.clone();
         // The load's temporaries (each tensor's values before conversion) are freed by now,
         // but the allocator keeps their pages.
         crate::weights::return_free_heap_pages();
         let tally = ckpt.linear_tally();
-        let bytes = dense_bytes - tally.quantized_dense_bytes + tally.quantized_bytes;
+        // A split model: the ranks' weights together (each rank tallies its own share).
+        let bytes = dense_bytes.saturating_sub((tally.quantized_dense_bytes.saturating_sub(tally.quantized_bytes)) * ranks as u64);
         let stored = quantization_summary(&tally);
-        crate::progress::log(|| format!("weights loaded ({:.2} GB{})", bytes as f64 / 1e9, if stored.is_empty() { String::new() } else { format!("; {stored}") }));
+        crate::progress::log(|| format!("weights loaded ({:.2} GB{}{})", bytes as f64 / 1e9, if ranks > 1 { format!(", split over {ranks} ranks") } else { String::new() }, if stored.is_empty() { String::new() } else { format!("; {stored}") }));
         let c = &decoder.config;
         let eos_token_ids = if generation.eos_token_ids.is_empty() { c.eos_token_ids.clone() } else { generation.eos_token_ids.clone() };
         let max_context = max_context_setting.map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));
@@ -244,12 +308,18 @@ pub fn load_engine(
         inference_pio_kernels::memory::release_free_memory(&device);
         let device_free = gpu_memory().map(|(free, _)| free);
         let reserve = crate::serve::step_reserve_bytes(c, decoder.spec.moe.as_ref(), dtype.size_bytes(), &optimization);
-        let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, block_bytes, bytes, limit, device_free, reserve, max_context)?;
-        crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", (blocks as u64 * block_bytes) as f64 / 1e9));
+        // A split model's block is a block on every rank: on GPUs each rank's device holds its
+        // share of the weights and of each block; on the CPU one memory holds all of them.
+        let (sizing_block, sizing_weights) = if on_gpu { (block_bytes, bytes / ranks as u64) } else { (block_bytes * ranks as u64, bytes) };
+        let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, sizing_block, sizing_weights, limit, device_free, reserve, max_context)?;
+        let kv_bytes = blocks as u64 * block_bytes * ranks as u64;
+        crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", kv_bytes as f64 / 1e9));
+        if let Some(others) = &others {
+            others.new_kv_pools(blocks, block_tokens)?;
+        }
         let pool = decoder.new_kv_pool(blocks, block_tokens);
         let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default(), image_processor };
-        let kv_bytes = blocks as u64 * block_bytes;
-        Ok((model, pool, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }))
+        Ok((model, pool, others, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }))
     };
     let (engine, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }) = Engine::start(build, &settings.optimization, !on_gpu)?;
     let c = &engine.decoder.config;

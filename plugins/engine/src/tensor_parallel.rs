@@ -19,10 +19,10 @@
 //!
 //! A rank's decoder is the ordinary [`Decoder`](crate::decoder::Decoder) built from a config
 //! with its share of heads and inner rows ([`RankShard::local_config`]), its checkpoint reading
-//! only its slices ([`ShardRules`]), and a [`Collective`] for the reductions. The ranks here
-//! run as threads of one process with an in-process all-reduce ([`InProcessGroup`]), which is
-//! what the CPU tests check against the unsharded model; NCCL across GPUs is the device side
-//! of the same interface, not built yet.
+//! only its slices ([`ShardRules`]), and a [`Collective`] for the reductions. The ranks run as
+//! threads of one process (`crate::serve::ranks`: the step loop's thread is rank 0): on the
+//! CPU they meet in memory ([`InProcessGroup`], which the CPU tests check against the
+//! unsharded model), on GPUs through NCCL ([`NcclGroup`], one GPU per rank).
 
 use crate::decoder::DecoderSpec;
 use crate::error::EngineError;
@@ -336,6 +336,41 @@ impl Collective for InProcessGroup {
         }
         Ok(host_tensor(out, [rows, cols], &device, dtype))
     }
+}
+
+/// Ranks on GPUs, one each, meeting through NCCL on the devices
+/// ([`inference_pio_kernels::nccl`]): the collectives are queued on each rank's CUDA stream
+/// with its kernels, and nothing goes through the host.
+pub struct NcclGroup {
+    comms: inference_pio_kernels::nccl::Comms,
+}
+
+impl NcclGroup {
+    /// A communicator for each CUDA device in `ordinals` (rank `r` on `ordinals[r]`).
+    pub fn new(ordinals: &[usize]) -> Result<Arc<Self>, EngineError> {
+        let comms = inference_pio_kernels::nccl::Comms::init_all(ordinals).map_err(|e| EngineError::Device(format!("tensor parallelism over CUDA devices {ordinals:?}: {e}")))?;
+        Ok(Arc::new(Self { comms }))
+    }
+}
+
+impl Collective for NcclGroup {
+    fn all_reduce_sum(&self, rank: usize, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
+        Ok(inference_pio_kernels::nccl::all_reduce_sum(&self.comms, rank, x))
+    }
+
+    fn all_gather_columns(&self, rank: usize, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
+        let [rows, cols] = x.dims();
+        let ranks = self.comms.ranks();
+        // Stacked by rank, `[ranks, rows, cols]`, then each row's parts side by side.
+        let stacked = inference_pio_kernels::nccl::all_gather_rows(&self.comms, rank, x);
+        Ok(stacked.reshape([ranks, rows, cols]).swap_dims(0, 1).reshape([rows, ranks * cols]))
+    }
+}
+
+/// The group `ranks.len()` ranks meet in: NCCL over the CUDA devices `ordinals` on GPUs, in
+/// memory on the CPU.
+pub fn group_for(on_gpu: bool, ordinals: &[usize]) -> Result<Arc<dyn Collective>, EngineError> {
+    Ok(if on_gpu { NcclGroup::new(ordinals)? } else { InProcessGroup::new(ordinals.len()) })
 }
 
 /// A rank's place in its group, as its decoder uses it: what it holds, and the group its

@@ -268,7 +268,23 @@ pub fn prefill_and_greedy(decoder: &Decoder, prompt: &[u32], new: usize) -> Resu
 /// its shard of the model at `dir` in f32 and meeting the others in an in-process all-reduce,
 /// run `prompt` and `new` greedy steps together. Every rank's logits equal the unsharded
 /// model's within 1e-5 relative L2 at every position, and its greedy tokens are the same.
+/// Then the same through the serving loop (`tensor_parallel = ranks`, rank 0 on the loop's
+/// thread and the others on theirs, each with its KV pool): the prompt's logits, greedy
+/// generation, and a batch of three prompts equal to each alone.
 pub fn check_tensor_parallel(family: &ModelFamily, dir: &Path, ranks: usize, prompt: &[u32], new: usize) {
+    check_tensor_parallel_ranks(family, dir, ranks, prompt, new);
+    let whole = load_cpu(family, dir, DType::F32);
+    let split = load_cpu_with(family, dir, DType::F32, |s| s.optimization.tensor_parallel = Some(ranks as u32));
+    for (pos, (g, w)) in all_logits(&split, prompt).iter().zip(&all_logits(&whole, prompt)).enumerate() {
+        let err = rel_l2(g, w);
+        assert!(err <= 1e-5, "served over {ranks} ranks, position {pos}: relative L2 {err}");
+    }
+    assert_eq!(greedy_ignoring_eos(&split, prompt, new), greedy_ignoring_eos(&whole, prompt, new), "served over {ranks} ranks: greedy tokens");
+    let prompts: Vec<Vec<u32>> = (0..3).map(|k| prompt.iter().skip(k).map(|&t| t + k as u32).collect()).collect();
+    check_rows_equal_alone(&split, &prompts, new);
+}
+
+fn check_tensor_parallel_ranks(family: &ModelFamily, dir: &Path, ranks: usize, prompt: &[u32], new: usize) {
     let load = || -> (DecoderConfig, DecoderSpec, Checkpoint) {
         let raw = DecoderConfig::read_json(&dir.join("config.json")).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let config = family.config(&raw).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));

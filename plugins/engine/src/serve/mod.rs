@@ -19,6 +19,7 @@
 pub mod block_pool;
 pub mod graph;
 pub mod output;
+pub mod ranks;
 pub mod runner;
 pub mod scheduler;
 
@@ -201,7 +202,9 @@ pub fn kv_cache_blocks(
 }
 
 /// What a step loop's builder makes on the loop's thread: the model and its KV pool.
-pub type Built<T> = (Model, KvPool, T);
+/// What a model's `build` makes on the loop's thread: the model (rank 0's decoder when it is
+/// split), its KV pool, the other tensor-parallel ranks when it is split, and anything else.
+pub type Built<T> = (Model, KvPool, Option<ranks::RankWorkers>, T);
 
 impl StepLoop {
     /// Starts the loop thread, which first runs `build` (loading the weights and allocating
@@ -228,7 +231,7 @@ impl StepLoop {
         let graph_counts = Arc::new(Mutex::new(graph::StepCounts::default()));
         let loop_counts = Arc::clone(&graph_counts);
         let run = move || {
-                let (model, pool, extra) = match build() {
+                let (model, pool, ranks, extra) = match build() {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = built_tx.send(Err(e));
@@ -252,9 +255,11 @@ impl StepLoop {
                     stats: loop_stats,
                     settings: loop_settings,
                     next_id: 1,
-                    cuda_graphs: step.cuda_graphs,
+                    // A split model's steps are not recorded (each rank would record its own).
+                    cuda_graphs: step.cuda_graphs && ranks.is_none(),
                     async_scheduling: step.async_scheduling,
                     in_flight: None,
+                    ranks,
                     clock: StepClock::default(),
                     graph_counts: loop_counts,
                 };
@@ -462,6 +467,8 @@ struct LoopState {
     idle_free_floor: u64,
     cuda_graphs: bool,
     async_scheduling: bool,
+    /// The other ranks of a tensor-parallel model (this thread is rank 0).
+    ranks: Option<ranks::RankWorkers>,
     /// A decode step queued on the device and not read back yet.
     in_flight: Option<InFlight>,
     clock: StepClock,
@@ -569,7 +576,7 @@ impl LoopState {
         if let Ok(s) = self.settings.lock() {
             self.scheduler.limits = s.limits;
             self.scheduler.pool.set_prefix_caching(s.prefix_caching);
-            self.cuda_graphs = s.cuda_graphs;
+            self.cuda_graphs = s.cuda_graphs && self.ranks.is_none();
             self.async_scheduling = s.async_scheduling;
         }
     }
@@ -711,7 +718,15 @@ impl LoopState {
         } else {
             let batch = runner::step_batch(&self.scheduler, work, block_tokens, scores);
             let vision = self.step_vision(work)?;
-            (self.model.decoder.forward_with(&batch.batch, vision, &mut self.pool.borrow_mut())?, batch.logit_ranges)
+            if let Some(r) = &self.ranks {
+                r.begin(&batch.batch)?;
+            }
+            let logits = self.model.decoder.forward_with(&batch.batch, vision, &mut self.pool.borrow_mut());
+            // The other ranks' passes are waited for even when this one failed.
+            let others = self.ranks.as_ref().map_or(Ok(()), |r| r.finish());
+            let logits = logits?;
+            others?;
+            (logits, batch.logit_ranges)
         };
         let vocab = self.model.decoder.config.vocab_size;
         // When every row that wants logits is greedy without a repetition penalty, the next
