@@ -581,6 +581,7 @@ pub struct PluginSection {
     pub gpu_memory_utilization: Option<f64>,
     pub prefix_caching: Option<bool>,
     pub kv_block_tokens: Option<u32>,
+    pub tensor_parallel: Option<u32>,
     #[serde(default)]
     pub limits: ResourceLimits,
     /// `high`/`maximum`: run anyway (with a warning naming them) when the kernel lacks some of
@@ -655,6 +656,9 @@ impl PluginSection {
         }
         if let Some(n) = self.kv_block_tokens {
             settings.kv_block_tokens = n;
+        }
+        if self.tensor_parallel.is_some() {
+            settings.tensor_parallel = self.tensor_parallel;
         }
         settings
     }
