@@ -31,6 +31,17 @@ pub fn available() -> bool {
     unsafe { nccl::is_culib_present() }
 }
 
+/// CUDA devices on this machine (`cuDeviceGetCount`); `None` without a driver.
+pub fn device_count() -> Option<usize> {
+    // cudarc panics when the driver library cannot be loaded; that is an answer here.
+    std::panic::catch_unwind(|| {
+        cudarc::driver::result::init().ok()?;
+        cudarc::driver::result::device::get_count().ok().and_then(|n| usize::try_from(n).ok())
+    })
+    .ok()
+    .flatten()
+}
+
 /// The process's communicators, as addresses (a `ncclComm_t` is a pointer NCCL owns); a slot
 /// is `None` once its communicator is destroyed.
 static COMMS: Mutex<Vec<Option<usize>>> = Mutex::new(Vec::new());
@@ -45,6 +56,11 @@ pub struct Comms {
 impl Comms {
     /// A communicator for each CUDA device in `ordinals` (rank `r` on `ordinals[r]`).
     pub fn init_all(ordinals: &[usize]) -> Result<Self, String> {
+        if let (Some(count), Some(&last)) = (device_count(), ordinals.iter().max())
+            && last >= count
+        {
+            return Err(format!("{} ranks need CUDA devices {ordinals:?}, and this machine has {count} (cuda:0 to cuda:{})", ordinals.len(), count.saturating_sub(1)));
+        }
         if !available() {
             return Err("NCCL is not on the library path (libnccl.so; NVIDIA's nccl package or PyTorch's nvidia-nccl wheel has it)".into());
         }
