@@ -86,8 +86,15 @@ impl TextTokenizer {
             .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.merges` is missing".into()))?;
         let types = file.get_ints("tokenizer.ggml.token_type").map_err(err)?.unwrap_or_default();
         let spelling = bytes_to_unicode();
-        let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
-        let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+        // The byte alphabet's 256 characters all lie below U+0144: a table, not a hash set
+        // (49,152 tokens' characters are looked up).
+        let mut alphabet = [false; 0x144];
+        for c in spelling {
+            if let Some(slot) = alphabet.get_mut(c as usize) {
+                *slot = true;
+            }
+        }
+        let in_alphabet = |t: &str| t.chars().all(|c| alphabet.get(c as usize).copied().unwrap_or(false));
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
