@@ -31,7 +31,7 @@ tag=${TAG:+_$TAG}
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $NCU"
 rows=${ROWS:-256}
-printf '[plugins.%s]\ncuda_graphs = false\nmax_num_batched_tokens = %d\nkv_cache_gb = 40\n' $section $(( rows * ${PROMPT_TOKENS:-512} )) > /tmp/eager.toml
+printf '[plugins.%s]\ncuda_graphs = false\nmax_num_seqs = %d\nmax_num_batched_tokens = %d\nkv_cache_gb = 40\n' $section $rows $(( rows * ${PROMPT_TOKENS:-512} )) > /tmp/eager.toml
 random_prompts $rows ${PROMPT_TOKENS:-512} > /tmp/p.jsonl
 start=$SECONDS
 XDG_CACHE_HOME=/tmp/xdg timeout ${NCU_TIMEOUT:-300} $NCU --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --clock-control none --cache-control none \
