@@ -187,39 +187,43 @@ fn csv(ids: &serde_json::Value) -> String {
     ids.as_array().expect("ids").iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
 }
 
+/// Unsplit, and split over two ranks on the CPU (`--tensor-parallel 2`: six heads, an 80-wide
+/// MLP and 384 tokens divide by two); four ranks are refused with the numbers.
 #[test]
 fn run_and_score_reproduce_transformers() {
     let cwd = tempfile::tempdir().expect("cwd");
     let model = fixture("qwen3-tiny-c");
     let model = model.to_str().expect("utf8");
-    for prompt in reference("qwen3-tiny-c")["prompts"].as_array().expect("prompts") {
-        let ids = csv(&prompt["ids"]);
-        let out = inference_pio(
-            &["run", "--model", model, "--prompt-ids", &ids, "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"],
-            cwd.path(),
-        );
-        assert!(out.status.success(), "{}", stderr(&out));
-        let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
-        assert_eq!(result["token_ids"], prompt["greedy"]);
-        let expected_finish = if prompt["greedy"].as_array().expect("ids").len() < 16 { "eos" } else { "length" };
-        assert_eq!(result["finish_reason"], expected_finish);
-        assert!(result["timings"]["decode_tokens_per_s"].as_f64().expect("timing") > 0.0);
+    let four = inference_pio(&["--tensor-parallel", "4", "run", "--model", model, "--prompt-ids", "1,2", "--device", "cpu"], cwd.path());
+    assert!(!four.status.success() && stderr(&four).contains("tensor_parallel = 4: num_attention_heads (6) does not divide by 4"), "{}", stderr(&four));
+    for split in [&[][..], &["--tensor-parallel", "2"]] {
+        for prompt in reference("qwen3-tiny-c")["prompts"].as_array().expect("prompts") {
+            let ids = csv(&prompt["ids"]);
+            let args = [&["run", "--model", model, "--prompt-ids", &ids, "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32"][..], split].concat();
+            let out = inference_pio(&args, cwd.path());
+            assert!(out.status.success(), "{}", stderr(&out));
+            let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+            assert_eq!(result["token_ids"], prompt["greedy"]);
+            let expected_finish = if prompt["greedy"].as_array().expect("ids").len() < 16 { "eos" } else { "length" };
+            assert_eq!(result["finish_reason"], expected_finish);
+            assert!(result["timings"]["decode_tokens_per_s"].as_f64().expect("timing") > 0.0);
 
-        let out = inference_pio(&["score", "--model", model, "--prompt-ids", &ids, "--json", "--dtype", "f32"], cwd.path());
-        assert!(out.status.success(), "{}", stderr(&out));
-        let score: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
-        let got = score["logits"].as_array().expect("logits");
-        let want = prompt["logits"].as_array().expect("logits");
-        assert_eq!(got.len(), want.len());
-        let (mut num, mut den) = (0.0f64, 0.0f64);
-        for (g, w) in got.iter().zip(want) {
-            for (a, b) in g.as_array().expect("row").iter().zip(w.as_array().expect("row")) {
-                let (a, b) = (a.as_f64().expect("f"), b.as_f64().expect("f"));
-                num += (a - b).powi(2);
-                den += b * b;
+            let out = inference_pio(&[&["score", "--model", model, "--prompt-ids", &ids, "--json", "--dtype", "f32"][..], split].concat(), cwd.path());
+            assert!(out.status.success(), "{}", stderr(&out));
+            let score: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+            let got = score["logits"].as_array().expect("logits");
+            let want = prompt["logits"].as_array().expect("logits");
+            assert_eq!(got.len(), want.len());
+            let (mut num, mut den) = (0.0f64, 0.0f64);
+            for (g, w) in got.iter().zip(want) {
+                for (a, b) in g.as_array().expect("row").iter().zip(w.as_array().expect("row")) {
+                    let (a, b) = (a.as_f64().expect("f"), b.as_f64().expect("f"));
+                    num += (a - b).powi(2);
+                    den += b * b;
+                }
             }
+            assert!((num / den).sqrt() <= 1e-4, "{split:?}");
         }
-        assert!((num / den).sqrt() <= 1e-4);
     }
 }
 
