@@ -2,7 +2,7 @@
 //! where `W` is a linear weight in the split `[parts, out, in / parts]` layout of
 //! [`crate::linear`] (or a stack of them, one per expert, `[experts, parts, out, in /
 //! parts]`, with `e(s)` the expert routed to row `s`). One plane (warp) computes one output
-//! channel of one row: its lanes stride over `in` in 16-byte vectors, eight (or four) loads in
+//! channel of one row: its lanes stride over `in` in 16-byte vectors, four (or eight) loads in
 //! flight per lane, accumulate in f32 and sum across the plane. The weight is read once, in place:
 //! no gathered copy of the chosen experts, no partial products to sum, no casts (what
 //! `batched_linear` queues as four kernels, `benches/results/gpu-h200-2026-12-01-graphs.md`). The form is the classic
@@ -36,14 +36,16 @@ pub const DENSE_MAX_ROWS: usize = 2;
 /// count it is used for (5 tokens x 8 experts: 63.9 µs against 599.4 µs gathered).
 pub const GATHERED_MAX_ROWS: usize = 64;
 
-/// Set to `4` for the kernel's earlier form, four loads in flight per lane (side-by-side
-/// measurements); the default is eight while a whole eight fit in the row.
+/// Set to `8` for eight loads in flight per lane while a whole eight fit in the row, instead of
+/// four (side-by-side measurements). On an H100 with four, batch-1 Qwen3-4B read o at 1.75
+/// TB/s, down at 2.16 and q/k/v at 1.96 against the LM head's 2.90 (ncu, 2026-12-06); the
+/// eight-load form is not measured on a device yet, so four stays the default.
 pub const LOADS_ENV: &str = "INFERENCE_PIO_MATVEC_LOADS";
 
-/// Loads in flight per lane: 8, or 4 where [`LOADS_ENV`] says so.
+/// Loads in flight per lane: 4, or 8 where [`LOADS_ENV`] says so.
 fn loads_in_flight() -> u32 {
     static LOADS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *LOADS.get_or_init(|| if std::env::var(LOADS_ENV).is_ok_and(|v| v == "4") { 4 } else { 8 })
+    *LOADS.get_or_init(|| if std::env::var(LOADS_ENV).is_ok_and(|v| v == "8") { 8 } else { 4 })
 }
 
 /// Output shape of a product with a split weight `[.., parts, out, in / parts]`: `[rows,
