@@ -444,7 +444,7 @@ impl Host {
     /// Selects, initializes and loads; returns the plugin and the model info.
     pub fn load(&self, args: &ModelArgs, progress: bool) -> anyhow::Result<(Selected, ModelInfo)> {
         let model_path = self.resolve_model(args.model.as_deref(), progress)?;
-        let model_config = read_model_config(&model_path)?;
+        let model_config = crate::selection::read_model_config_cached(&model_path, self.cache_dir().as_deref())?;
         let open = |id: &str, path: &Path| self.open_plugin(id, path, Some(&model_path));
         let load = &args.load;
         let selected = select(&self.discovery, &model_config, load.plugin.as_deref(), &open)?;

@@ -2,7 +2,7 @@
 //! candidate's own `supports_config`). A GGUF file has no `config.json`: its metadata is
 //! turned into the equivalent one (`inference_pio_formats::gguf::hf::config`).
 
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, FileStamp};
 use crate::handle::PluginHandle;
 use std::path::{Path, PathBuf};
 
@@ -44,11 +44,63 @@ fn read_gguf_config(path: &Path) -> anyhow::Result<ModelConfig> {
         }
     };
     let value = inference_pio_formats::gguf::hf::config(&gguf).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let architectures = value["architectures"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+    Ok(ModelConfig { text: value.to_string(), architectures: architectures_of(&value) })
+}
+
+/// The GGUF configs kept between runs, in the cache directory: the metadata of a multi-MB
+/// head is parsed once per file version (keyed as the plugin probes are, by the file's and
+/// this executable's [`FileStamp`]), not at every start (27-36 ms of the README main job's
+/// start on two cores).
+pub const GGUF_CONFIG_CACHE_FILE: &str = "gguf-configs.json";
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct GgufConfigCache {
+    host: Option<FileStamp>,
+    entries: std::collections::BTreeMap<PathBuf, (FileStamp, String)>,
+}
+
+/// [`read_model_config`], with a GGUF file's config taken from `cache_dir`'s
+/// [`GGUF_CONFIG_CACHE_FILE`] when the file and this executable have not changed since it was
+/// derived, and stored there otherwise (best effort: a cache that cannot be read or written
+/// only means the metadata is parsed).
+pub fn read_model_config_cached(dir: &Path, cache_dir: Option<&Path>) -> anyhow::Result<ModelConfig> {
+    let (Some(cache_dir), true) = (cache_dir, dir.is_file() && inference_pio_formats::gguf::is_gguf_file(dir)) else {
+        return read_model_config(dir);
+    };
+    let cache = cache_dir.join(GGUF_CONFIG_CACHE_FILE);
+    let host = std::env::current_exe().ok().and_then(|e| FileStamp::of(&e));
+    let (Some(host), Some(stamp)) = (host, FileStamp::of(dir)) else {
+        return read_model_config(dir);
+    };
+    let key = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mut kept: GgufConfigCache = std::fs::read(&cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|k: &GgufConfigCache| k.host.as_ref() == Some(&host))
         .unwrap_or_default();
-    Ok(ModelConfig { text: value.to_string(), architectures })
+    if let Some((s, text)) = kept.entries.get(&key)
+        && *s == stamp
+        && let Ok(value) = serde_json::from_str::<serde_json::Value>(text)
+    {
+        return Ok(ModelConfig { text: text.clone(), architectures: architectures_of(&value) });
+    }
+    let config = read_gguf_config(dir)?;
+    kept.host = Some(host);
+    kept.entries.retain(|p, _| p.exists());
+    kept.entries.insert(key, (stamp, config.text.clone()));
+    if let Ok(bytes) = serde_json::to_vec(&kept)
+        && std::fs::create_dir_all(cache_dir).is_ok()
+    {
+        let tmp = cache.with_extension(format!("json.{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, &cache).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(config)
+}
+
+fn architectures_of(value: &serde_json::Value) -> Vec<String> {
+    value["architectures"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default()
 }
 
 /// Reads `DIR/config.json` (or a GGUF file's metadata), with errors that say what is wrong.
@@ -150,4 +202,36 @@ pub fn select(discovery: &Discovery, model: &ModelConfig, plugin_id: Option<&str
 
 fn list_or_none(items: &[String]) -> String {
     if items.is_empty() { "none".to_string() } else { items.join(", ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF file's config is derived once per file version: a second read takes it from the
+    /// cache (shown by marking the kept text), a rewritten file is parsed again.
+    #[test]
+    fn a_gguf_config_is_kept_for_an_unchanged_file_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/llama/tests/fixtures/llama-tiny-tied.gguf");
+        let file = dir.path().join("model.gguf");
+        std::fs::copy(&fixture, &file).expect("copy");
+        let cache = dir.path().join("cache");
+        let first = read_model_config_cached(&file, Some(&cache)).expect("parsed");
+        assert_eq!(first.architectures, ["LlamaForCausalLM"]);
+        assert_eq!(first.text, read_model_config(&file).expect("parsed").text);
+        // Mark the kept config: a read that uses it says so.
+        let path = cache.join(GGUF_CONFIG_CACHE_FILE);
+        let mut kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("cache written")).expect("json");
+        let key = file.canonicalize().expect("path");
+        let entry = &mut kept["entries"][key.to_str().expect("utf-8")];
+        assert!(entry.is_array(), "{kept}");
+        entry[1] = serde_json::json!(r#"{"architectures": ["Marked"]}"#);
+        std::fs::write(&path, serde_json::to_vec(&kept).expect("json")).expect("write");
+        assert_eq!(read_model_config_cached(&file, Some(&cache)).expect("kept").architectures, ["Marked"]);
+        // The same bytes written again: new times, parsed again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, std::fs::read(&fixture).expect("read")).expect("rewrite");
+        assert_eq!(read_model_config_cached(&file, Some(&cache)).expect("parsed").architectures, ["LlamaForCausalLM"]);
+    }
 }
