@@ -203,13 +203,15 @@ pub fn load_engine(
     // Weights larger than the whole card fail at once, by name, instead of part-way through
     // the load with an allocation error (the total, not the free memory: memory an earlier
     // model of this process left in the allocator's pools is reused, not lost).
+    // A split model's device holds one rank's share.
+    let shares = ranks_of(settings);
     if let Some((_, total)) = gpu_memory()
-        && bytes / ranks_of(settings) > total
+        && bytes / shares > total
     {
         return Err(EngineError::ResourceLimit(format!(
             "the weights need {:.3} GB in {dtype} on {device_name}{}, more than the device's {:.3} GB",
-            (bytes / ranks_of(settings)) as f64 / 1e9,
-            if ranks_of(settings) > 1 { format!(" (a rank's share of {})", ranks_of(settings)) } else { String::new() },
+            (bytes / shares) as f64 / 1e9,
+            if shares > 1 { format!(" (a rank's share of {shares})") } else { String::new() },
             total as f64 / 1e9
         )));
     }
@@ -226,8 +228,7 @@ pub fn load_engine(
         Some(n) => Some(crate::tensor_parallel::plan(&config, &spec, n as usize)?),
     };
     let ranks = tensor_parallel.as_ref().map_or(1, Vec::len);
-    let base_ordinal = gpu_ordinal_of(options.device);
-    let device_ordinal = move |rank: usize| base_ordinal + rank;
+    let device_ordinal = move |rank: usize| gpu_ordinal + rank;
     let from_gguf = gguf.is_some();
     let (text, generation, mut ckpt) = match gguf {
         Some(mut g) => {

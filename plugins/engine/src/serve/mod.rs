@@ -201,7 +201,6 @@ pub fn kv_cache_blocks(
     Ok((blocks, why))
 }
 
-/// What a step loop's builder makes on the loop's thread: the model and its KV pool.
 /// What a model's `build` makes on the loop's thread: the model (rank 0's decoder when it is
 /// split), its KV pool, the other tensor-parallel ranks when it is split, and anything else.
 pub type Built<T> = (Model, KvPool, Option<ranks::RankWorkers>, T);
