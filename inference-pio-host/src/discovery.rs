@@ -20,15 +20,17 @@
 //! before any of its code runs, in the probe or anywhere. A file's probe must then answer the
 //! id it declares. Files without a declaration are probed as before.
 //!
-//! A probe's answer is remembered in the cache directory (`plugin-probes.json`), keyed by the
-//! file's identity (device, inode, size, modification and status-change times) and this
-//! executable's, as GStreamer's plugin registry cache does: a later run reuses it for a file
+//! A probe's answer is remembered in the cache directory (`plugin-probes.json`,
+//! [`crate::stamped_cache`]), keyed by the file's identity (device, inode, size, modification
+//! and status-change times) and this executable's, as GStreamer's plugin registry cache does: a later run reuses it for a file
 //! that has not changed instead of starting a process per file (40-60 ms of the README main
 //! job's start on two cores). Any change to the file or to the host probes again; answers
 //! that may not repeat (a probe that timed out or could not start) are not kept, and a file
 //! whose id the config pins a sha256 for is always hashed and probed.
 
 use crate::plugin::LoadedPlugin;
+pub use crate::stamped_cache::FileStamp;
+use crate::stamped_cache::StampedCache;
 use inference_pio_core::abi::ABI_MAJOR;
 use inference_pio_core::export::{NOTE_SECTION, parse_plugin_note};
 use inference_pio_core::types::PluginMetadata;
@@ -130,15 +132,15 @@ impl Discovery {
         let files = candidate_files(&dirs);
         let host = FileStamp::of(probe_exe);
         let mut kept = match (cache, &host) {
-            (Some(path), Some(host)) => ProbeCache::read(path, host),
-            _ => ProbeCache::default(),
+            (Some(path), Some(host)) => StampedCache::read(path, host),
+            _ => StampedCache::default(),
         };
         let results = std::thread::scope(|scope| {
             let handles: Vec<_> = files
                 .iter()
                 .map(|file| {
                     let stamp = FileStamp::of(file);
-                    let cached = stamp.as_ref().and_then(|s| kept.get(file, s, pins));
+                    let cached = stamp.as_ref().and_then(|s| kept_answer(&kept, file, s, pins));
                     scope.spawn(move || match cached {
                         Some(outcome) => (outcome, None),
                         None => {
@@ -165,15 +167,14 @@ impl Discovery {
             .into_iter()
             .map(|(record, keep)| {
                 if let Some(stamp) = keep {
-                    kept.entries.insert(record.path.clone(), CachedProbe { stamp, outcome: record.outcome.clone() });
+                    kept.insert(record.path.clone(), stamp, record.outcome.clone());
                     changed = true;
                 }
                 record
             })
             .collect();
         if let (Some(path), Some(host), true) = (cache, host, changed) {
-            kept.host = Some(host);
-            kept.write(path);
+            kept.write(path, host);
         }
         let mut discovery = Self { dirs, records };
         discovery.reject_duplicate_ids();
@@ -207,85 +208,15 @@ impl Discovery {
     }
 }
 
-/// What identifies one version of a file: a rewrite, a replacement (rename over it), a copy
-/// or a `touch` changes at least one of these. The status-change time cannot be set back by
-/// the file's owner, so a file swapped for another of the same size and modification time
-/// still differs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-}
-
-impl FileStamp {
-    /// The stamp of `path` (following links); `None` where it cannot be read.
-    pub fn of(path: &Path) -> Option<Self> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            let m = std::fs::metadata(path).ok()?;
-            let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-            Some(Self { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: ns(m.mtime(), m.mtime_nsec()), ctime_ns: ns(m.ctime(), m.ctime_nsec()) })
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = path;
-            None
-        }
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct CachedProbe {
-    stamp: FileStamp,
-    outcome: ProbeOutcome,
-}
-
-/// The probe answers kept between runs (the module header says when they are used).
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct ProbeCache {
-    /// The executable that probed; answers of another one are not used.
-    host: Option<FileStamp>,
-    entries: BTreeMap<PathBuf, CachedProbe>,
-}
-
-impl ProbeCache {
-    /// The answers kept at `path` by `host`; none when the file is missing, unreadable, or
-    /// written by another executable.
-    fn read(path: &Path, host: &FileStamp) -> Self {
-        let kept: Option<Self> = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        kept.filter(|k| k.host.as_ref() == Some(host)).unwrap_or_default()
-    }
-
-    /// The kept answer for `file` at `stamp`, unless its declared id has a pinned hash (those
-    /// are checked at every run).
-    fn get(&self, file: &Path, stamp: &FileStamp, pins: &BTreeMap<String, String>) -> Option<ProbeOutcome> {
-        let entry = self.entries.get(file).filter(|e| e.stamp == *stamp)?;
-        let pinned = |id: &str| pins.contains_key(id);
-        match &entry.outcome {
-            ProbeOutcome::Accepted(m) if pinned(&m.id) => None,
-            _ if !pins.is_empty() && declared_id(file).ok().flatten().is_some_and(|id| pinned(&id)) => None,
-            outcome => Some(outcome.clone()),
-        }
-    }
-
-    /// Writes the answers for files that still exist, through a temporary file renamed into
-    /// place (concurrent hosts each leave a whole file; the last one wins). Best effort: a
-    /// cache that cannot be written only means the next run probes again.
-    fn write(mut self, path: &Path) {
-        self.entries.retain(|file, _| file.exists());
-        let Ok(text) = serde_json::to_vec(&self) else { return };
-        let Some(dir) = path.parent() else { return };
-        if std::fs::create_dir_all(dir).is_err() {
-            return;
-        }
-        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-        if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+/// The kept answer for `file` at `stamp`, unless its declared id has a pinned hash (those are
+/// checked at every run).
+fn kept_answer(kept: &StampedCache<ProbeOutcome>, file: &Path, stamp: &FileStamp, pins: &BTreeMap<String, String>) -> Option<ProbeOutcome> {
+    let outcome = kept.get(file, stamp)?;
+    let pinned = |id: &str| pins.contains_key(id);
+    match outcome {
+        ProbeOutcome::Accepted(m) if pinned(&m.id) => None,
+        _ if !pins.is_empty() && declared_id(file).ok().flatten().is_some_and(|id| pinned(&id)) => None,
+        outcome => Some(outcome.clone()),
     }
 }
 

@@ -16,4 +16,5 @@ pub mod plugin;
 pub mod sandbox;
 pub mod selection;
 pub mod server;
+pub mod stamped_cache;
 pub mod worker;

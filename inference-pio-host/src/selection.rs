@@ -2,7 +2,8 @@
 //! candidate's own `supports_config`). A GGUF file has no `config.json`: its metadata is
 //! turned into the equivalent one (`inference_pio_formats::gguf::hf::config`).
 
-use crate::discovery::{Discovery, FileStamp};
+use crate::discovery::Discovery;
+use crate::stamped_cache::{FileStamp, StampedCache};
 use crate::handle::PluginHandle;
 use std::path::{Path, PathBuf};
 
@@ -53,12 +54,6 @@ fn read_gguf_config(path: &Path) -> anyhow::Result<ModelConfig> {
 /// start on two cores).
 pub const GGUF_CONFIG_CACHE_FILE: &str = "gguf-configs.json";
 
-#[derive(Default, serde::Serialize, serde::Deserialize)]
-struct GgufConfigCache {
-    host: Option<FileStamp>,
-    entries: std::collections::BTreeMap<PathBuf, (FileStamp, String)>,
-}
-
 /// [`read_model_config`], with a GGUF file's config taken from `cache_dir`'s
 /// [`GGUF_CONFIG_CACHE_FILE`] when the file and this executable have not changed since it was
 /// derived, and stored there otherwise (best effort: a cache that cannot be read or written
@@ -68,34 +63,20 @@ pub fn read_model_config_cached(dir: &Path, cache_dir: Option<&Path>) -> anyhow:
         return read_model_config(dir);
     };
     let cache = cache_dir.join(GGUF_CONFIG_CACHE_FILE);
-    let host = std::env::current_exe().ok().and_then(|e| FileStamp::of(&e));
+    let host = FileStamp::of_this_executable();
     let (Some(host), Some(stamp)) = (host, FileStamp::of(dir)) else {
         return read_model_config(dir);
     };
     let key = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let mut kept: GgufConfigCache = std::fs::read(&cache)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|k: &GgufConfigCache| k.host.as_ref() == Some(&host))
-        .unwrap_or_default();
-    if let Some((s, text)) = kept.entries.get(&key)
-        && *s == stamp
+    let mut kept: StampedCache<String> = StampedCache::read(&cache, &host);
+    if let Some(text) = kept.get(&key, &stamp)
         && let Ok(value) = serde_json::from_str::<serde_json::Value>(text)
     {
         return Ok(ModelConfig { text: text.clone(), architectures: architectures_of(&value) });
     }
     let config = read_gguf_config(dir)?;
-    kept.host = Some(host);
-    kept.entries.retain(|p, _| p.exists());
-    kept.entries.insert(key, (stamp, config.text.clone()));
-    if let Ok(bytes) = serde_json::to_vec(&kept)
-        && std::fs::create_dir_all(cache_dir).is_ok()
-    {
-        let tmp = cache.with_extension(format!("json.{}.tmp", std::process::id()));
-        if std::fs::write(&tmp, bytes).is_ok() && std::fs::rename(&tmp, &cache).is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-    }
+    kept.insert(key, stamp, config.text.clone());
+    kept.write(&cache, host);
     Ok(config)
 }
 

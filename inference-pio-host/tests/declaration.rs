@@ -95,8 +95,8 @@ fn probe_answers_are_kept_for_unchanged_files_only() {
     let mark = |text: &str| {
         let mut kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&cache).expect("cache written")).expect("json");
         let entry = &mut kept["entries"][file.to_str().expect("utf-8 path")];
-        assert!(entry.is_object(), "no entry for {}: {kept}", file.display());
-        entry["outcome"] = serde_json::json!({ "rejected": text });
+        assert!(entry.is_array(), "no entry for {}: {kept}", file.display());
+        entry[1] = serde_json::json!({ "rejected": text });
         std::fs::write(&cache, serde_json::to_vec(&kept).expect("json")).expect("write cache");
     };
     mark("kept answer");
