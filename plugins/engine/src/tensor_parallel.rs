@@ -353,12 +353,24 @@ impl NcclGroup {
     }
 }
 
+impl NcclGroup {
+    /// NCCL's reductions here take bf16, f16 or f32 (anything else is refused, not queued).
+    fn check(rank: usize, x: &Tensor<2>) -> Result<(), EngineError> {
+        match x.dtype() {
+            BurnDType::BF16 | BurnDType::F16 | BurnDType::F32 => Ok(()),
+            other => Err(EngineError::Device(format!("rank {rank}: a collective of {other:?} values (NCCL here takes bf16, f16 or f32)"))),
+        }
+    }
+}
+
 impl Collective for NcclGroup {
     fn all_reduce_sum(&self, rank: usize, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
+        Self::check(rank, &x)?;
         Ok(inference_pio_kernels::nccl::all_reduce_sum(&self.comms, rank, x))
     }
 
     fn all_gather_columns(&self, rank: usize, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
+        Self::check(rank, &x)?;
         let [rows, cols] = x.dims();
         let ranks = self.comms.ranks();
         // Stacked by rank, `[ranks, rows, cols]`, then each row's parts side by side.
