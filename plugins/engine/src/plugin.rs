@@ -121,11 +121,6 @@ fn gpu_ordinal_of(request: DeviceRequest) -> usize {
     }
 }
 
-/// The ranks `tensor_parallel` splits a model over (1 when unset).
-fn ranks_of(settings: &PluginSettings) -> u64 {
-    u64::from(settings.optimization.tensor_parallel.unwrap_or(1).max(1))
-}
-
 /// Loads a model — a Hugging Face directory, or one GGUF file — with a family's spec. Checks
 /// the memory budget before reading any weight data.
 pub fn load_engine(
@@ -197,6 +192,16 @@ pub fn load_engine(
             bytes as f64 / 1e9
         )));
     }
+    // Tensor parallelism: each rank's share, refused here (with the numbers) when the heads,
+    // widths, experts or vocabulary do not divide.
+    let tensor_parallel = match settings.optimization.tensor_parallel {
+        None => None,
+        Some(_) if gguf.is_some() => {
+            return Err(EngineError::Unsupported("tensor_parallel takes a model directory (safetensors), not a GGUF file".into()));
+        }
+        Some(n) => Some(crate::tensor_parallel::plan(&config, &spec, n as usize)?),
+    };
+    let ranks = tensor_parallel.as_ref().map_or(1, Vec::len);
     // The CUDA device's memory (free, total) as the thread that asks sees it; `None` on the CPU.
     let gpu_ordinal = gpu_ordinal_of(options.device);
     let gpu_memory = move || if on_gpu { inference_pio_kernels::cublas::device_memory(gpu_ordinal) } else { None };
@@ -204,7 +209,7 @@ pub fn load_engine(
     // the load with an allocation error (the total, not the free memory: memory an earlier
     // model of this process left in the allocator's pools is reused, not lost).
     // A split model's device holds one rank's share.
-    let shares = ranks_of(settings);
+    let shares = ranks as u64;
     if let Some((_, total)) = gpu_memory()
         && bytes / shares > total
     {
@@ -218,16 +223,6 @@ pub fn load_engine(
     if gguf.is_some() && options.random_weights.is_some() {
         return Err(EngineError::InvalidRequest("--random-weights takes a model directory (config.json), not a GGUF file".into()));
     }
-    // Tensor parallelism: each rank's share, refused here (with the numbers) when the heads,
-    // widths, experts or vocabulary do not divide.
-    let tensor_parallel = match settings.optimization.tensor_parallel {
-        None => None,
-        Some(_) if gguf.is_some() => {
-            return Err(EngineError::Unsupported("tensor_parallel takes a model directory (safetensors), not a GGUF file".into()));
-        }
-        Some(n) => Some(crate::tensor_parallel::plan(&config, &spec, n as usize)?),
-    };
-    let ranks = tensor_parallel.as_ref().map_or(1, Vec::len);
     let device_ordinal = move |rank: usize| gpu_ordinal + rank;
     let from_gguf = gguf.is_some();
     let (text, generation, mut ckpt) = match gguf {
@@ -257,13 +252,20 @@ pub fn load_engine(
             },
         ),
     };
-    let mut packed_layout = None;
-    if options.random_weights.is_none() && !from_gguf {
-        let layout = inference_pio_formats::packed::layout(&raw).map_err(|e| EngineError::Config(format!("{}: {e}", dir.join("config.json").display())))?;
-        packed_layout = layout;
-        ckpt.set_packed_layout(layout);
-    }
-    // Each rank reads the checkpoint through a handle of its own (it reads only its slices).
+    let packed_layout = if options.random_weights.is_none() && !from_gguf {
+        inference_pio_formats::packed::layout(&raw).map_err(|e| EngineError::Config(format!("{}: {e}", dir.join("config.json").display())))?
+    } else {
+        None
+    };
+    // How every handle on the checkpoint reads it: this one, and each further rank's own.
+    let configure = move |c: &mut Checkpoint| {
+        c.set_packed_layout(packed_layout);
+        c.set_quantization(quantization);
+        c.set_quantize_lm_head(quantize_lm_head);
+        c.set_activations(activations);
+    };
+    configure(&mut ckpt);
+    // Ranks 1..N read the checkpoint through handles of their own (each reads only its slices).
     let reopen = {
         let (dir, random) = (dir.to_path_buf(), options.random_weights);
         move || -> Result<Checkpoint, EngineError> {
@@ -271,10 +273,7 @@ pub fn load_engine(
                 Some(seed) => Checkpoint::random(seed),
                 None => Checkpoint::open(&dir)?,
             };
-            c.set_packed_layout(packed_layout);
-            c.set_quantization(quantization);
-            c.set_quantize_lm_head(quantize_lm_head);
-            c.set_activations(activations);
+            configure(&mut c);
             Ok(c)
         }
     };
@@ -285,9 +284,6 @@ pub fn load_engine(
     // The weights and the KV pool are made on the model's step-loop thread, which does all
     // of its device work from then on.
     let build = move || -> Result<crate::serve::Built<Loaded>, EngineError> {
-        ckpt.set_quantization(quantization);
-        ckpt.set_quantize_lm_head(quantize_lm_head);
-        ckpt.set_activations(activations);
         // The weights (and the KV pool, `Decoder::new_kv_pool`) get device allocations of
         // their own, outside the pools the steps' activations use
         // (`inference_pio_kernels::memory`).
@@ -301,16 +297,16 @@ pub fn load_engine(
                 // Ranks 1..N load on threads of their own while this thread loads rank 0.
                 let group = crate::tensor_parallel::group_for(on_gpu, &(0..shards.len()).map(device_ordinal).collect::<Vec<_>>())?;
                 let rank_device = move |rank: usize| if on_gpu { Device::cuda(device_ordinal(rank)) } else { device.clone() };
-                let load = std::sync::Arc::new(move |rank: usize| -> Result<(Decoder, Checkpoint), EngineError> {
-                    let mut ckpt = reopen()?;
+                let load = std::sync::Arc::new(move |rank: usize, mut ckpt: Checkpoint| -> Result<(Decoder, Checkpoint), EngineError> {
                     let on = rank_device(rank);
                     let (config, spec, shard, group) = (config.clone(), spec.clone(), shards[rank].clone(), group.clone());
                     let at = on.clone();
                     inference_pio_kernels::memory::outside_pools(&on, move || Decoder::load_rank(config, spec, &mut ckpt, &at, dtype, &shard, group).map(|d| (d, ckpt)))
                 });
                 let others_load = std::sync::Arc::clone(&load);
-                let others = crate::serve::ranks::RankWorkers::start(1..ranks, move |rank| others_load(rank).map(|(d, _)| d))?;
-                let rank0 = load(0);
+                let others = crate::serve::ranks::RankWorkers::start(1..ranks, move |rank| others_load(rank, reopen()?).map(|(d, _)| d))?;
+                // Rank 0 reads through the handle opened above.
+                let rank0 = load(0, ckpt);
                 others.loaded()?;
                 let (decoder, ckpt) = rank0?;
                 (decoder, ckpt, Some(others))
