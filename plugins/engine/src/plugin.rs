@@ -341,7 +341,7 @@ pub fn load_engine(
         let kv_bytes = blocks as u64 * block_bytes * ranks as u64;
         crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", kv_bytes as f64 / 1e9));
         if let Some(others) = &others {
-            others.new_kv_pools(blocks, block_tokens)?;
+            others.new_kv_pools(blocks, block_tokens, max_context)?;
         }
         let pool = decoder.new_kv_pool(blocks, block_tokens);
         let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default(), image_processor };

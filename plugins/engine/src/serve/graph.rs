@@ -14,8 +14,13 @@
 //! write and read the pool's scratch block. A new shape records a new graph; the last eight
 //! shapes' graphs are kept, each with its own input buffers. On the CPU the same
 //! device-resident step runs directly, so CPU tests check it against the host-built step.
+//!
+//! A tensor-parallel model's ranks each record their own step of the same shape, on their own
+//! thread and GPU, with the NCCL collectives inside (NCCL User Guide, "Using NCCL with CUDA
+//! Graphs"): every rank records and replays the same steps in the same order, since rank 0
+//! hands each of its steps to the others.
 
-use crate::decoder::{KvPool, StepTensors};
+use crate::decoder::{Decoder, KvPool, StepTensors};
 use crate::error::EngineError;
 use crate::generate::Model;
 use burn::tensor::{Device, Graph, Int, Tensor, TensorData, capture, s};
@@ -94,8 +99,28 @@ struct Shared {
     inputs: Inputs,
 }
 
+/// What a recorded step runs: a model's decoder (rank 0's when it is split), or another
+/// tensor-parallel rank's.
+pub trait StepDecoder {
+    fn decoder(&self) -> &Decoder;
+}
+
+impl StepDecoder for Model {
+    fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+}
+
+impl StepDecoder for Decoder {
+    fn decoder(&self) -> &Decoder {
+        self
+    }
+}
+
 pub struct DecodeGraphs {
-    model: Arc<Model>,
+    model: Arc<dyn StepDecoder>,
+    /// The model's context cap (the widths' ceiling and the rotary tables' length).
+    max_context: usize,
     /// Rotary tables over every position, `[max_context, rotary_dim]`.
     cos_table: Tensor<2>,
     sin_table: Tensor<2>,
@@ -130,12 +155,20 @@ pub fn bucket(rows: usize, context: usize, max_context: usize) -> Option<(usize,
 
 impl DecodeGraphs {
     pub fn new(model: Arc<Model>) -> Self {
-        let device = model.decoder.device.clone();
-        let (cos_table, sin_table) = model.decoder.rope_table(model.max_context.max(1));
+        let max_context = model.max_context;
+        Self::for_decoder(model, max_context)
+    }
+
+    /// The recorded steps of `model`'s decoder, for contexts of at most `max_context` tokens
+    /// (a tensor-parallel rank's own, beside rank 0's of the same shapes).
+    pub fn for_decoder(model: Arc<dyn StepDecoder>, max_context: usize) -> Self {
+        let device = model.decoder().device.clone();
+        let (cos_table, sin_table) = model.decoder().rope_table(max_context.max(1));
         Self {
             records: device != Device::flex(),
             given_up: false,
             model,
+            max_context,
             cos_table,
             sin_table,
             graph: None,
@@ -149,7 +182,7 @@ impl DecodeGraphs {
     /// Whether a decode step of `rows` rows can run here (a bucket exists, and the model
     /// routes that many rows without reading back to the host).
     pub fn applies(&self, rows: usize) -> bool {
-        bucket(rows, 1, 1).is_some_and(|(padded, _)| self.model.decoder.step_stays_on_device(padded))
+        bucket(rows, 1, 1).is_some_and(|(padded, _)| self.model.decoder().step_stays_on_device(padded))
     }
 
     /// Drops every recording, the one in use included (each graph before its buffers), so
@@ -169,8 +202,8 @@ impl DecodeGraphs {
     /// picked (gathered on the device).
     pub fn step(&mut self, rows: &[DecodeRow<'_>], pool: &Rc<RefCell<KvPool>>, previous: Option<&Tensor<1, Int>>) -> Result<Tensor<2>, EngineError> {
         let context = rows.iter().map(|r| r.position + 1).max().unwrap_or(1);
-        let (padded, width) = bucket(rows.len(), context, self.model.max_context).ok_or_else(|| EngineError::InvalidRequest(format!("no decode bucket for {} rows", rows.len())))?;
-        let device = self.model.decoder.device.clone();
+        let (padded, width) = bucket(rows.len(), context, self.max_context).ok_or_else(|| EngineError::InvalidRequest(format!("no decode bucket for {} rows", rows.len())))?;
+        let device = self.model.decoder().device.clone();
         let (block_tokens, scratch) = {
             let p = pool.borrow();
             (p.block_tokens(), p.scratch_slot())
@@ -282,7 +315,7 @@ impl DecodeGraphs {
             let model = Arc::clone(&self.model);
             let (cos_table, sin_table) = (self.cos_table.clone(), self.sin_table.clone());
             let captured = Rc::clone(shared);
-            let step: StepFn = Box::new(move || run_step(&model, &captured, &cos_table, &sin_table));
+            let step: StepFn = Box::new(move || run_step(model.as_ref(), &captured, &cos_table, &sin_table));
             crate::progress::log(|| format!("recording the decode step: {padded} rows over {width} slots"));
             let graph = capture(device, step);
             self.counts.captures += 1;
@@ -306,20 +339,21 @@ impl DecodeGraphs {
         };
         // SAFETY: `Graph::replay` requires every buffer the recorded step touched to be alive,
         // unused by anything else during the replay, and refreshed on the recording stream.
-        // The step reads the model's weights (held by the closure's `Arc<Model>`), the pool and
+        // The step reads the model's weights (held by the closure's `Arc` of the decoder), the pool and
         // the inputs (held by the closure's `Rc<Shared>`, the pool uniquely owned when it was
         // recorded and written in place since) and the rotary tables (owned by the closure);
         // intermediates are retained by the graph. A graph is kept or dropped together with
         // its own inputs, the graph first (`Kept`, and `graph` declared before `shared`). This
         // type is not `Send`: the refreshes, the replay and the logits' read all happen on the
-        // step loop's thread, the stream it recorded on.
+        // thread that drives this decoder (the step loop's, or a rank's), the stream it
+        // recorded on.
         let out = unsafe { graph.replay() };
         self.counts.replays += 1;
         out.clone()
     }
 
     fn run_direct(&self, shared: &Rc<RefCell<Shared>>) -> Result<Tensor<2>, EngineError> {
-        run_step(&self.model, shared, &self.cos_table, &self.sin_table)
+        run_step(self.model.as_ref(), shared, &self.cos_table, &self.sin_table)
     }
 
     fn new_inputs(rows: usize, width: usize, block_tokens: usize, device: &Device) -> Inputs {
@@ -358,11 +392,11 @@ impl Shared {
 }
 
 /// The device-resident step itself: what is recorded, and what runs directly.
-fn run_step(model: &Model, shared: &RefCell<Shared>, cos_table: &Tensor<2>, sin_table: &Tensor<2>) -> Result<Tensor<2>, EngineError> {
+fn run_step(model: &dyn StepDecoder, shared: &RefCell<Shared>, cos_table: &Tensor<2>, sin_table: &Tensor<2>) -> Result<Tensor<2>, EngineError> {
     let s = shared.borrow();
     let inputs = step_tensors(&s.inputs, cos_table, sin_table);
     let mut pool = s.pool.borrow_mut();
-    model.decoder.forward_tensors(&inputs, &mut pool)
+    model.decoder().forward_tensors(&inputs, &mut pool)
 }
 
 /// The decoder's inputs from the device tensors (views and selects only: recordable).

@@ -254,8 +254,7 @@ impl StepLoop {
                     stats: loop_stats,
                     settings: loop_settings,
                     next_id: 1,
-                    // A split model's steps are not recorded (each rank would record its own).
-                    cuda_graphs: step.cuda_graphs && ranks.is_none(),
+                    cuda_graphs: step.cuda_graphs,
                     async_scheduling: step.async_scheduling,
                     in_flight: None,
                     ranks,
@@ -494,6 +493,11 @@ impl LoopState {
             return;
         }
         let dropped = self.graphs.drop_recordings();
+        if let Some(r) = &self.ranks
+            && let Err(e) = r.drop_recordings()
+        {
+            crate::progress::log(|| format!("the other ranks' recorded steps: {e}"));
+        }
         inference_pio_kernels::memory::release_free_memory(device);
         crate::progress::log(|| {
             let usage = inference_pio_kernels::memory::pool_usage_text(device).map_or(String::new(), |u| format!("; {u}"));
@@ -575,7 +579,7 @@ impl LoopState {
         if let Ok(s) = self.settings.lock() {
             self.scheduler.limits = s.limits;
             self.scheduler.pool.set_prefix_caching(s.prefix_caching);
-            self.cuda_graphs = s.cuda_graphs && self.ranks.is_none();
+            self.cuda_graphs = s.cuda_graphs;
             self.async_scheduling = s.async_scheduling;
         }
     }
@@ -650,9 +654,11 @@ impl LoopState {
 
     /// Whether `work` can be queued behind the step in flight: decode rows only, each
     /// continuing a row of that step (its token is that step's pick, on the device), all
-    /// greedy, as one recorded decode step.
+    /// greedy, as one recorded decode step. Not for a split model: its other ranks are handed
+    /// their tokens from the host.
     fn follows(&self, work: &[Scheduled], flight: &InFlight) -> bool {
         self.cuda_graphs
+            && self.ranks.is_none()
             && self.async_scheduling
             && self.graphs.applies(work.len())
             && work.iter().all(|w| {
@@ -707,11 +713,24 @@ impl LoopState {
             if rows.len() != work.len() {
                 return Err(EngineError::Device("a scheduled sequence is missing".into()));
             }
+            if let Some(r) = &self.ranks {
+                let host_rows = rows
+                    .iter()
+                    .map(|row| match row.token {
+                        graph::RowToken::Host(token) => Ok(ranks::RankRow { token, position: row.position, rope_position: row.rope_position, blocks: row.blocks.to_vec() }),
+                        graph::RowToken::Previous(_) => Err(EngineError::Device("a split model's decode step was chained on the device".into())),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                r.begin_decode(host_rows)?;
+            }
             let logits = self.graphs.step(&rows, &self.pool, flight.map(|f| &f.picked));
+            // The other ranks' steps are waited for even when this one failed.
+            let others = self.ranks.as_ref().map_or(Ok(()), |r| r.finish());
             if let Ok(mut c) = self.graph_counts.lock() {
                 *c = self.graphs.counts.clone();
             }
             let logits = logits?;
+            others?;
             let ranges = (0..work.len()).map(|i| Some(i..i + 1)).collect::<Vec<_>>();
             (logits.narrow(0, 0, work.len()), ranges)
         } else {

@@ -6,17 +6,38 @@
 //! pass on its shards, and they meet in the collectives of its all-reduces and the logits'
 //! gather. Rank 0's logits (the whole vocabulary) are the step's.
 //!
-//! A rank's device work all happens on its own thread, as rank 0's does on the loop's.
+//! A rank's device work all happens on its own thread, as rank 0's does on the loop's. A
+//! decode step rank 0 runs as a recorded step ([`super::graph`]) each rank runs as its own
+//! recorded step of the same shape, so the collectives are recorded on every rank's GPU.
 
+use super::graph::{DecodeGraphs, DecodeRow, RowToken};
 use crate::decoder::{Decoder, KvPool, StepBatch};
 use crate::error::EngineError;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
+/// One decode row of a recorded step, as the ranks are handed it (the token known on the
+/// host: a split model's steps are not chained on the device).
+#[derive(Clone, Debug)]
+pub struct RankRow {
+    pub token: u32,
+    pub position: usize,
+    pub rope_position: usize,
+    pub blocks: Vec<u32>,
+}
+
 enum Job {
-    /// Allocate the KV pool: blocks, tokens per block.
-    Pool(usize, usize),
+    /// Allocate the KV pool: blocks, tokens per block, and the model's context cap (the
+    /// recorded steps' widths).
+    Pool { blocks: usize, block_tokens: usize, max_context: usize },
     Forward(StepBatch),
+    /// A decode step through the rank's recorded steps.
+    Decode(Arc<Vec<RankRow>>),
+    /// Drop the recorded steps (the loop is short of device memory).
+    DropRecordings,
 }
 
 struct Worker {
@@ -55,9 +76,10 @@ impl RankWorkers {
     }
 
     /// Every rank allocates its KV pool of `blocks` blocks of `block_tokens` tokens (the same
-    /// blocks as rank 0's, each holding the rank's share of the KV heads).
-    pub fn new_kv_pools(&self, blocks: usize, block_tokens: usize) -> Result<(), EngineError> {
-        self.send_all(|| Job::Pool(blocks, block_tokens))?;
+    /// blocks as rank 0's, each holding the rank's share of the KV heads), for a model of
+    /// `max_context` tokens.
+    pub fn new_kv_pools(&self, blocks: usize, block_tokens: usize, max_context: usize) -> Result<(), EngineError> {
+        self.send_all(|| Job::Pool { blocks, block_tokens, max_context })?;
         self.wait_all("allocating the KV cache")
     }
 
@@ -65,6 +87,19 @@ impl RankWorkers {
     /// caller then waits for them with [`Self::finish`].
     pub fn begin(&self, batch: &StepBatch) -> Result<(), EngineError> {
         self.send_all(|| Job::Forward(batch.clone()))
+    }
+
+    /// Hands a decode step of `rows` to every rank, each to run as its recorded step of the
+    /// shape rank 0 runs ([`DecodeGraphs::step`]); waited for with [`Self::finish`].
+    pub fn begin_decode(&self, rows: Vec<RankRow>) -> Result<(), EngineError> {
+        let rows = Arc::new(rows);
+        self.send_all(|| Job::Decode(Arc::clone(&rows)))
+    }
+
+    /// Every rank drops its recorded steps (as rank 0 does when short of device memory).
+    pub fn drop_recordings(&self) -> Result<(), EngineError> {
+        self.send_all(|| Job::DropRecordings)?;
+        self.wait_all("dropping the recorded steps")
     }
 
     /// Waits for every rank's pass of the step begun last.
@@ -108,24 +143,44 @@ fn serve_rank(rank: usize, load: impl Fn(usize) -> Result<Decoder, EngineError>,
     let decoder = match load(rank) {
         Ok(d) => {
             let _ = done.send(Ok(()));
-            d
+            Arc::new(d)
         }
         Err(e) => {
             let _ = done.send(Err(e));
             return;
         }
     };
-    let mut pool: Option<KvPool> = None;
+    // The pool, and the recorded steps over it, once allocated.
+    let mut cache: Option<(Rc<RefCell<KvPool>>, DecodeGraphs)> = None;
+    let missing = || EngineError::Device("a step before the KV cache was allocated".into());
     while let Ok(job) = jobs.recv() {
         let answer = match job {
-            Job::Pool(blocks, block_tokens) => {
-                pool = Some(decoder.new_kv_pool(blocks, block_tokens));
+            Job::Pool { blocks, block_tokens, max_context } => {
+                let pool = Rc::new(RefCell::new(decoder.new_kv_pool(blocks, block_tokens)));
+                cache = Some((pool, DecodeGraphs::for_decoder(Arc::clone(&decoder) as Arc<dyn super::graph::StepDecoder>, max_context)));
                 Ok(())
             }
-            Job::Forward(batch) => match pool.as_mut() {
-                None => Err(EngineError::Device("a step before the KV cache was allocated".into())),
-                Some(pool) => decoder.forward_with(&batch, None, pool).map(drop),
+            Job::Forward(batch) => match &cache {
+                None => Err(missing()),
+                Some((pool, _)) => decoder.forward_with(&batch, None, &mut pool.borrow_mut()).map(drop),
             },
+            Job::Decode(rows) => match cache.as_mut() {
+                None => Err(missing()),
+                Some((pool, graphs)) => {
+                    let rows: Vec<DecodeRow<'_>> = rows
+                        .iter()
+                        .map(|r| DecodeRow { token: RowToken::Host(r.token), position: r.position, rope_position: r.rope_position, blocks: &r.blocks })
+                        .collect();
+                    graphs.step(&rows, pool, None).map(drop)
+                }
+            },
+            Job::DropRecordings => {
+                if let Some((_, graphs)) = cache.as_mut() {
+                    graphs.drop_recordings();
+                }
+                inference_pio_kernels::memory::release_free_memory(&decoder.device);
+                Ok(())
+            }
         };
         if done.send(answer).is_err() {
             return;
