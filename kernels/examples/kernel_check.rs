@@ -46,6 +46,7 @@ use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attenti
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
+use inference_pio_kernels::router::{fused_softmax_top_k, softmax_top_k_reference};
 use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_rms_norm};
 use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
@@ -412,6 +413,26 @@ fn check_elementwise(device: &Device) -> usize {
             let burn = time(&|| logits.clone().argmax(1).float());
             println!("argmax {rows:3} rows x {vocab} {dtype:?}: {} | kernel {kernel} | burn {burn}", if bad == 0 { "ok" } else { "FAIL" });
             failed += usize::from(bad > 0);
+        }
+    }
+    // A mixture-of-experts router's softmax and top-k (`inference_pio_kernels::router`):
+    // Qwen3-MoE's 128 experts choosing 8, and 60 choosing 4 (Qwen2-MoE: lanes past the end),
+    // the ids equal and the weights within 1e-5, timed against burn's operations.
+    for (experts, k) in [(128usize, 8usize), (60, 4)] {
+        for rows in [1usize, 8, 256] {
+            for normalize in [true, false] {
+                let logits = Tensor::<2>::random([rows, experts], Distribution::Uniform(-4.0, 4.0), device);
+                let tag = format!("router top-{k} of {experts:3} {rows:3} rows{}", if normalize { " normalised" } else { "" });
+                let ids = |(i, _): (Tensor<2, Int>, Tensor<2>)| i.float();
+                let weights = |(_, w): (Tensor<2, Int>, Tensor<2>)| w;
+                let bytes = Work::Bytes((rows * (experts + 2 * k) * 4) as f64);
+                let kernel = || ids(fused_softmax_top_k(logits.clone(), k, normalize));
+                let reference = || ids(softmax_top_k_reference(logits.clone(), k, normalize));
+                failed += usize::from(check(device, &format!("{tag} ids"), 0.0, Work::Bytes(0.0), &kernel, &reference, &reference));
+                let kernel = || weights(fused_softmax_top_k(logits.clone(), k, normalize));
+                let reference = || weights(softmax_top_k_reference(logits.clone(), k, normalize));
+                failed += usize::from(check(device, &format!("{tag} weights"), 1e-5, bytes, &kernel, &reference, &reference));
+            }
         }
     }
     let eps = 1e-6;

@@ -22,6 +22,7 @@ pub mod quant;
 pub mod readback;
 pub mod reference;
 pub mod rotary;
+pub mod router;
 pub mod softmax;
 
 pub use activation::swiglu_halves;

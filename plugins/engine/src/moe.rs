@@ -103,11 +103,8 @@ impl MoeSpec {
 /// with the last one kept is kept too).
 pub fn route(router: &Router, top_k: usize, logits: Tensor<2>, bias: Option<&Tensor<2>>) -> (Tensor<2, Int>, Tensor<2>) {
     match *router {
-        Router::SoftmaxTopK { norm_topk_prob } => {
-            let (weights, experts) = softmax(logits, 1).topk_with_indices(top_k, 1);
-            let weights = if norm_topk_prob { weights.clone().div(weights.sum_dim(1)) } else { weights };
-            (experts, weights)
-        }
+        // One kernel on CUDA (burn's softmax, sort-based top-k and division elsewhere).
+        Router::SoftmaxTopK { norm_topk_prob } => inference_pio_kernels::router::softmax_top_k(logits, top_k, norm_topk_prob),
         Router::SigmoidGrouped { n_group, topk_group, norm_topk_prob, routed_scaling_factor } => {
             let [tokens, n_experts] = logits.dims();
             let per_group = n_experts / n_group;
