@@ -18,7 +18,7 @@
 use crate::error::EngineError;
 use crate::decoder::Linear;
 use crate::weights::Checkpoint;
-use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
 use inference_pio_kernels::{batched_linear, matvec, split_parts, split_stacked, swiglu_halves};
