@@ -2,8 +2,9 @@
 //! where `W` is a linear weight in the split `[parts, out, in / parts]` layout of
 //! [`crate::linear`] (or a stack of them, one per expert, `[experts, parts, out, in /
 //! parts]`, with `e(s)` the expert routed to row `s`). One plane (warp) computes one output
-//! channel of one row: its lanes stride over `in` in 16-byte vectors, four (or eight) loads in
-//! flight per lane, accumulate in f32 and sum across the plane. The weight is read once, in place:
+//! channel of one row: its lanes stride over `in` in 16-byte vectors, four loads in
+//! flight per lane (eight measured slower: Qwen3-4B batch 1 at 146 against 199 tok/s on an H100,
+//! 2026-12-06), accumulate in f32 and sum across the plane. The weight is read once, in place:
 //! no gathered copy of the chosen experts, no partial products to sum, no casts (what
 //! `batched_linear` queues as four kernels, `benches/results/gpu-h200-2026-12-01-graphs.md`). The form is the classic
 //! "one warp per row" GEMV (e.g. llama.cpp's `mul_mat_vec`, vLLM's fused-MoE decode path).
@@ -35,18 +36,6 @@ pub const DENSE_MAX_ROWS: usize = 2;
 /// kernel: each row reads its own expert, so rows share no weights and the kernel wins at any
 /// count it is used for (5 tokens x 8 experts: 63.9 µs against 599.4 µs gathered).
 pub const GATHERED_MAX_ROWS: usize = 64;
-
-/// Set to `8` for eight loads in flight per lane while a whole eight fit in the row, instead of
-/// four (side-by-side measurements). On an H100 with four, batch-1 Qwen3-4B read o at 1.75
-/// TB/s, down at 2.16 and q/k/v at 1.96 against the LM head's 2.90 (ncu, 2026-12-06); the
-/// eight-load form is not measured on a device yet, so four stays the default.
-pub const LOADS_ENV: &str = "INFERENCE_PIO_MATVEC_LOADS";
-
-/// Loads in flight per lane: 4, or 8 where [`LOADS_ENV`] says so.
-fn loads_in_flight() -> u32 {
-    static LOADS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *LOADS.get_or_init(|| if std::env::var(LOADS_ENV).is_ok_and(|v| v == "8") { 8 } else { 4 })
-}
 
 /// Output shape of a product with a split weight `[.., parts, out, in / parts]`: `[rows,
 /// out]`, `rows` the first dimension of `rows` (the input, or the experts chosen per row).
@@ -109,7 +98,6 @@ mod device {
         out: &mut Tensor<E>,
         parts: usize,
         x_share: usize,
-        #[comptime] eight: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
         // Rows vary fastest across cubes, so the rows of one weight block run side by side
@@ -137,28 +125,6 @@ mod device {
         let mut acc2 = Vector::<f32, N>::zero();
         let mut acc3 = Vector::<f32, N>::zero();
         let mut u = UNIT_POS_X as usize;
-        if eight {
-            // Eight loads in flight per lane while a whole eight fit.
-            let mut acc4 = Vector::<f32, N>::zero();
-            let mut acc5 = Vector::<f32, N>::zero();
-            let mut acc6 = Vector::<f32, N>::zero();
-            let mut acc7 = Vector::<f32, N>::zero();
-            while u + 7 * step < total {
-                acc0 += term(x, w, x_base, w_base, part_stride, block, u);
-                acc1 += term(x, w, x_base, w_base, part_stride, block, u + step);
-                acc2 += term(x, w, x_base, w_base, part_stride, block, u + 2 * step);
-                acc3 += term(x, w, x_base, w_base, part_stride, block, u + 3 * step);
-                acc4 += term(x, w, x_base, w_base, part_stride, block, u + 4 * step);
-                acc5 += term(x, w, x_base, w_base, part_stride, block, u + 5 * step);
-                acc6 += term(x, w, x_base, w_base, part_stride, block, u + 6 * step);
-                acc7 += term(x, w, x_base, w_base, part_stride, block, u + 7 * step);
-                u += 8 * step;
-            }
-            acc0 += acc4;
-            acc1 += acc5;
-            acc2 += acc6;
-            acc3 += acc7;
-        }
         while u + 3 * step < total {
             acc0 += term(x, w, x_base, w_base, part_stride, block, u);
             acc1 += term(x, w, x_base, w_base, part_stride, block, u + step);
@@ -211,7 +177,6 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
             out.clone().into_tensor_arg(),
             parts,
             x_share,
-            loads_in_flight() == 8,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
