@@ -488,14 +488,29 @@ impl Checkpoint {
     /// (`quantization` unset): a GGUF file's, or a GPTQ/AWQ weight's whose groups are runs of
     /// consecutive inputs, on any device. `None` for a float tensor, or when the blocks are not
     /// kept. Not counted in [`Self::linear_tally`].
+    ///
+    /// A tensor-parallel rank's slice of a GPTQ/AWQ weight keeps its groups: rows of output
+    /// channels, or runs of whole groups of inputs (a column slice that cuts a group is read
+    /// dense instead, the slice of the dequantized values).
     pub fn load_stored_quantized(&self, name: &str, [out, inp]: [usize; 2], _device: &Device) -> Result<Option<QuantizedMatrix>, EngineError> {
         let Some(slice) = self.slice_of(name) else {
             return self.load_stored_quantized_whole(name, [out, inp]);
         };
         let full = slice.full_shape(&[out, inp]);
-        match self.load_stored_quantized_whole(name, [full[0], full[1]])? {
-            Some(_) => Err(EngineError::Unsupported(format!("tensor `{name}`: tensor parallelism over quantized blocks kept as stored is not supported yet"))),
-            None => Ok(None),
+        match &self.source {
+            Source::Safetensors { .. } if self.quantization.is_none() && let Some(prefix) = self.packed_prefix(name) => match self.unpack(prefix, [full[0], full[1]])? {
+                packed::Unpacked::Groups(a) => match slice_groups(&a, slice, [full[0], full[1]]) {
+                    Some(part) => QuantizedMatrix::from_codes(out, inp, part.bits, part.group, &part.codes, part.scales, part.mins)
+                        .map(Some)
+                        .map_err(|e| EngineError::Weights(format!("packed weight `{prefix}`, this rank's slice: {e}"))),
+                    None => Ok(None),
+                },
+                packed::Unpacked::Dense(_) => Ok(None),
+            },
+            _ => match self.load_stored_quantized_whole(name, [full[0], full[1]])? {
+                Some(_) => Err(EngineError::Unsupported(format!("tensor `{name}`: tensor parallelism over a GGUF file's quantized blocks is not supported"))),
+                None => Ok(None),
+            },
         }
     }
 
@@ -834,6 +849,36 @@ impl Checkpoint {
             }
         }
     }
+}
+
+/// Rank `slice`'s part of affine groups `a` of a `[out, inp]` weight, its groups whole: rows
+/// of output channels, or a run of whole groups of every row's inputs. `None` when a column
+/// slice cuts a group (or for a zero slice).
+fn slice_groups(a: &gguf::AffineGroups, slice: &crate::tensor_parallel::Slice, [out, inp]: [usize; 2]) -> Option<gguf::AffineGroups> {
+    use crate::tensor_parallel::Slice;
+    let group = a.group.max(1);
+    let per_row = inp / group;
+    if inp % group != 0 || a.codes.len() != out * inp || a.scales.len() != out * per_row || a.mins.len() != out * per_row {
+        return None;
+    }
+    let (codes, scales, mins) = match slice {
+        Slice::Rows { range, .. } if range.end <= out => (
+            a.codes[range.start * inp..range.end * inp].to_vec(),
+            a.scales[range.start * per_row..range.end * per_row].to_vec(),
+            a.mins[range.start * per_row..range.end * per_row].to_vec(),
+        ),
+        Slice::Columns { range, .. } if range.start.is_multiple_of(group) && range.len().is_multiple_of(group) && range.end <= inp => {
+            let (g0, g1) = (range.start / group, range.end / group);
+            let rows = 0..out;
+            (
+                rows.clone().flat_map(|r| a.codes[r * inp + range.start..r * inp + range.end].iter().copied()).collect(),
+                rows.clone().flat_map(|r| a.scales[r * per_row + g0..r * per_row + g1].iter().copied()).collect(),
+                rows.flat_map(|r| a.mins[r * per_row + g0..r * per_row + g1].iter().copied()).collect(),
+            )
+        }
+        _ => return None,
+    };
+    Some(gguf::AffineGroups { bits: a.bits, group: a.group, codes, scales, mins })
 }
 
 #[cfg(test)]

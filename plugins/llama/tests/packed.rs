@@ -92,3 +92,31 @@ fn packed_weights_follow_the_quantization_setting() {
     assert_eq!(said, "", "`none` stores every weight dense");
     check_close("GPTQ dequantized", &all_logits(&none, &ids), &want, 1e-6);
 }
+
+/// Tensor parallelism over packed and FP8 checkpoints: two ranks (CPU threads), each reading
+/// its slices of the GPTQ / AWQ groups or the FP8 blocks, give the dense twin's logits and
+/// greedy tokens, the packed ones still stored as codes. (A rank's row-parallel slice of a
+/// packed weight takes whole groups: this model's o and down split at 32 and 64 inputs, its
+/// groups are 32.)
+#[test]
+fn packed_and_fp8_weights_split_over_two_ranks_match_their_dense_twin() {
+    for (name, stored) in [("llama-tiny-gptq4", "int4 in groups of 32: 14 of 14 linear weights"), ("llama-tiny-awq", "int4 in groups of 32: 14 of 14 linear weights"), ("llama-tiny-fp8", "")] {
+        let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
+        let mut settings = PluginSettings::default();
+        settings.optimization.prefill_chunk_tokens = 0;
+        settings.optimization.tensor_parallel = Some(2);
+        let split = match load_engine(&FAMILY, &fixture(name), &options, &settings) {
+            Ok((engine, info)) => {
+                // The ranks keep the groups as codes (rank 0's tally).
+                assert!(info.quantization.starts_with(stored), "{name} over two ranks: stored as `{}`, expected `{stored}…`", info.quantization);
+                engine
+            }
+            Err(e) => panic!("cannot load {name} over two ranks: {e}"),
+        };
+        let (twin, _) = load(&format!("{name}-dense"), None);
+        for ids in prompts() {
+            check_close(&format!("{name} over two ranks, prompt of {}", ids.len()), &all_logits(&split, &ids), &all_logits(&twin, &ids), 1e-5);
+            assert_eq!(greedy_ignoring_eos(&split, &ids, 8), greedy_ignoring_eos(&twin, &ids, 8), "{name} over two ranks: greedy tokens after {ids:?}");
+        }
+    }
+}
