@@ -46,7 +46,7 @@ use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attenti
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
-use inference_pio_kernels::router::{fused_softmax_top_k, softmax_top_k_reference};
+use inference_pio_kernels::router::{combine_reference, fused_combine, fused_softmax_top_k, softmax_top_k_reference};
 use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_rms_norm};
 use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
@@ -418,11 +418,11 @@ fn check_elementwise(device: &Device) -> usize {
     // A mixture-of-experts router's softmax and top-k (`inference_pio_kernels::router`):
     // Qwen3-MoE's 128 experts choosing 8, and 60 choosing 4 (Qwen2-MoE: lanes past the end),
     // the ids equal and the weights within 1e-5, timed against burn's operations.
-    for (experts, k) in [(128usize, 8usize), (60, 4)] {
+    for (experts, k, dtype) in [(128usize, 8usize, DType::F32), (128, 8, DType::BF16), (60, 4, DType::F32)] {
         for rows in [1usize, 8, 256] {
             for normalize in [true, false] {
-                let logits = Tensor::<2>::random([rows, experts], Distribution::Uniform(-4.0, 4.0), device);
-                let tag = format!("router top-{k} of {experts:3} {rows:3} rows{}", if normalize { " normalised" } else { "" });
+                let logits = Tensor::<2>::random([rows, experts], Distribution::Uniform(-4.0, 4.0), device).cast(dtype);
+                let tag = format!("router top-{k} of {experts:3} {dtype:?} {rows:3} rows{}", if normalize { " normalised" } else { "" });
                 let ids = |(i, _): (Tensor<2, Int>, Tensor<2>)| i.float();
                 let weights = |(_, w): (Tensor<2, Int>, Tensor<2>)| w;
                 let bytes = Work::Bytes((rows * (experts + 2 * k) * 4) as f64);
@@ -433,6 +433,22 @@ fn check_elementwise(device: &Device) -> usize {
                 let reference = || weights(softmax_top_k_reference(logits.clone(), k, normalize));
                 failed += usize::from(check(device, &format!("{tag} weights"), 1e-5, bytes, &kernel, &reference, &reference));
             }
+        }
+    }
+    // The experts' outputs weighted and summed (`inference_pio_kernels::router::combine`):
+    // Qwen3-Coder-30B-A3B's 2,048 wide, 8 experts a token, the weights a strided view (the
+    // second half of the router kernel's `[rows, 2k]` picks).
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 5e-3 };
+        for rows in [1usize, 8, 64] {
+            let (k, width) = (8, 2048);
+            let slots = Tensor::<2>::random([rows * k, width], Distribution::Uniform(-2.0, 2.0), device).cast(dtype);
+            let picks = Tensor::<2>::random([rows, 2 * k], Distribution::Uniform(0.0, 1.0), device);
+            let weights = picks.narrow(1, k, k);
+            let kernel = || fused_combine(slots.clone(), weights.clone());
+            let reference = || combine_reference(slots.clone(), weights.clone());
+            let bytes = Work::Bytes(((rows * k + rows) * width * dtype.size()) as f64);
+            failed += usize::from(check(device, &format!("moe combine {k} x {width} {dtype:?} {rows:3} rows"), tol, bytes, &kernel, &reference, &reference));
         }
     }
     let eps = 1e-6;

@@ -11,10 +11,17 @@
 //! (each lane's best untaken value, the plane's largest, the lowest index holding it, as
 //! `torch.topk` orders equal values in practice) and writes their indices and weights.
 //!
-//! The reference on every backend is [`softmax_top_k_reference`] (burn's operations, what the
-//! engine ran before); the kernel is checked against it on the device
-//! (`kernels/examples/kernel_check.rs`, group `elementwise`).
+//! The layer's output is the chosen experts' outputs weighted and summed (transformers:
+//! `final_hidden_states += expert_layer(...) * routing_weights[...]`, the weights cast to the
+//! hidden states' dtype): [`combine`] does it in one kernel where burn queued a cast of the
+//! weights, a product and a sum over the `k` rows (about 13 µs a layer of the batch-1 step
+//! above), rounding as those operations do (each product to the dtype, the sum in f32).
+//!
+//! The references on every backend are [`softmax_top_k_reference`] and [`combine_reference`]
+//! (burn's operations, what the engine ran before); the kernels are checked against them on
+//! the device (`kernels/examples/kernel_check.rs`, group `elementwise`).
 
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::activation::softmax;
@@ -39,14 +46,29 @@ pub fn picks_shape(logits: &Shape, k: usize) -> Shape {
 /// The router as a backend operation (CubeCL runtimes only).
 #[backend_extension(Cube, Fusion)]
 pub trait RouterOps: Backend {
-    /// `logits [rows, experts]` (f32): `[rows, 2k]` f32, each row's expert indices then weights.
+    /// `logits [rows, experts]` (any float dtype, read as f32): `[rows, 2k]` f32, each row's
+    /// expert indices then weights.
     #[fusion(dtype = burn::tensor::DType::F32, shape = picks_shape(logits, *k))]
     fn fused_softmax_top_k(logits: FloatTensor<Self>, k: usize, normalize: bool) -> FloatTensor<Self>;
+
+    /// `slots [rows * k, width]` (row `r`'s `k` outputs, token-major) weighted by `weights
+    /// [rows, k]` (f32, any strides) and summed: `[rows, width]` in the slots' dtype.
+    #[fusion(dtype = slots, shape = combined_shape(slots, weights))]
+    fn fused_combine(slots: FloatTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// The combined output's shape: `[rows, width]`.
+pub fn combined_shape(slots: &Shape, weights: &Shape) -> Shape {
+    Shape::new([weights[0], slots[1]])
 }
 
 impl RouterOps for CubeBackend {
     fn fused_softmax_top_k(logits: FloatTensor<Self>, k: usize, normalize: bool) -> FloatTensor<Self> {
         launch(logits, k, normalize)
+    }
+
+    fn fused_combine(slots: FloatTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
+        launch_combine(slots, weights)
     }
 }
 
@@ -56,13 +78,14 @@ mod device {
     use burn_cubecl::cubecl::prelude::*;
 
     #[cube(launch_unchecked)]
-    pub fn softmax_top_k_kernel(
-        logits: &Tensor<f32>,
+    pub fn softmax_top_k_kernel<E: Float>(
+        logits: &Tensor<E>,
         out: &mut Tensor<f32>,
         rows: usize,
         #[comptime] experts: usize,
         #[comptime] k: usize,
         #[comptime] normalize: bool,
+        #[define(E)] _dtype: ElemType,
     ) {
         // The whole plane leaves together (one plane per row).
         let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
@@ -82,7 +105,7 @@ mod device {
             values[j] = f32::new(-3.0e38);
             open[j] = u32::new(0);
             if e < experts {
-                values[j] = logits[start + e];
+                values[j] = f32::cast_from(logits[start + e]);
                 open[j] = u32::new(1);
                 top = f32::max(top, values[j]);
             }
@@ -142,14 +165,41 @@ mod device {
             }
         }
     }
+
+    /// One unit per vector of the output: row `r`'s `k` slot rows, each times its weight
+    /// rounded to the dtype, the product rounded to the dtype, summed in f32.
+    #[cube(launch_unchecked)]
+    pub fn combine_kernel<E: Float, N: Size>(
+        slots: &Tensor<Vector<E, N>>,
+        weights: &Tensor<f32>,
+        out: &mut Tensor<Vector<E, N>>,
+        #[comptime] k: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let index = ABSOLUTE_POS;
+        if index >= out.len() {
+            terminate!();
+        }
+        // Shapes count elements, indices count vectors.
+        let width = out.shape(1) / out.vector_size();
+        let (row, v) = (index / width, index % width);
+        let mut sum = Vector::<f32, N>::new(0.0);
+        #[unroll]
+        for j in 0..k {
+            let w = f32::cast_from(E::cast_from(weights[row * weights.stride(0) + j * weights.stride(1)]));
+            let term = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(slots[(row * k + j) * width + v]) * Vector::new(w));
+            sum += Vector::<f32, N>::cast_from(term);
+        }
+        out[index] = Vector::cast_from(sum);
+    }
 }
 
 fn launch(logits: CubeTensor, k: usize, normalize: bool) -> CubeTensor {
     let shape = logits.meta.shape().clone();
     let (rows, experts) = (shape[0], shape[1]);
-    assert_eq!(logits.dtype, DType::F32, "router top-k: the logits are f32");
     assert!(k >= 1 && k <= experts && experts <= MOST_EXPERTS, "router top-k: {k} of {experts} experts");
     let logits = into_contiguous(logits);
+    let dtype = logits.dtype;
     let client = logits.client.clone();
     let out = empty_device_contiguous_dtype(client.clone(), logits.device.clone(), picks_shape(&shape, k), DType::F32);
     // SAFETY: row `row < rows` (checked in the kernel) starts at `row * stride(0)` of the
@@ -166,22 +216,23 @@ fn launch(logits: CubeTensor, k: usize, normalize: bool) -> CubeTensor {
             experts,
             k,
             normalize,
+            dtype_to_storage_type(dtype),
         )
     };
     out
 }
 
-/// The `k` largest softmax probabilities of each row of `logits [rows, experts]` (f32) and
+/// The `k` largest softmax probabilities (in f32) of each row of `logits [rows, experts]` and
 /// their expert indices, `([rows, k] ids, [rows, k] f32 weights)`, largest first; the weights
 /// divided by their sum when `normalize`. burn's operations.
 pub fn softmax_top_k_reference(logits: Tensor<2>, k: usize, normalize: bool) -> (Tensor<2, Int>, Tensor<2>) {
-    let (weights, experts) = softmax(logits, 1).topk_with_indices(k, 1);
+    let (weights, experts) = softmax(logits.cast(DType::F32), 1).topk_with_indices(k, 1);
     let weights = if normalize { weights.clone().div(weights.sum_dim(1)) } else { weights };
     (experts, weights)
 }
 
-/// [`softmax_top_k_reference`] by the kernel (CubeCL devices, f32 logits, at most
-/// [`MOST_EXPERTS`] experts).
+/// [`softmax_top_k_reference`] by the kernel (CubeCL devices, f32, bf16 or f16 logits, at
+/// most [`MOST_EXPERTS`] experts).
 pub fn fused_softmax_top_k(logits: Tensor<2>, k: usize, normalize: bool) -> (Tensor<2, Int>, Tensor<2>) {
     let picks = Tensor::<2>::from_dispatch(Dispatch::fused_softmax_top_k(logits.into_dispatch(), k, normalize));
     (picks.clone().narrow(1, 0, k).int(), picks.narrow(1, k, k))
@@ -190,10 +241,69 @@ pub fn fused_softmax_top_k(logits: Tensor<2>, k: usize, normalize: bool) -> (Ten
 /// The router's softmax and top-k: the kernel on CubeCL devices, the reference elsewhere.
 pub fn softmax_top_k(logits: Tensor<2>, k: usize, normalize: bool) -> (Tensor<2, Int>, Tensor<2>) {
     let experts = logits.dims()[1];
-    if is_cubecl(&logits.device()) && logits.dtype() == DType::F32 && k >= 1 && k <= experts && experts <= MOST_EXPERTS {
+    if is_cubecl(&logits.device()) && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) && k >= 1 && k <= experts && experts <= MOST_EXPERTS {
         fused_softmax_top_k(logits, k, normalize)
     } else {
         softmax_top_k_reference(logits, k, normalize)
+    }
+}
+
+/// Units per cube of the combine kernel.
+const COMBINE_UNITS: u32 = 256;
+
+fn launch_combine(slots: CubeTensor, weights: CubeTensor) -> CubeTensor {
+    let (rows, k) = (weights.meta.shape()[0], weights.meta.shape()[1]);
+    let shape = slots.meta.shape().clone();
+    let width = shape[1];
+    assert_eq!(weights.dtype, DType::F32, "combine: the weights are f32");
+    assert_eq!(shape[0], rows * k, "combine: {} slot rows for {rows} rows of {k}", shape[0]);
+    let slots = into_contiguous(slots);
+    let dtype = slots.dtype;
+    let vector = crate::launch::vector_width(width, dtype);
+    let out = empty_device_contiguous_dtype(slots.client.clone(), slots.device.clone(), Shape::new([rows, width]), dtype);
+    let units = rows * width / vector;
+    let client = out.client.clone();
+    // SAFETY: unit `index < out.len()` (checked, in vectors) reads row `r = index / (width /
+    // vector)` of the output's `k` contiguous slot rows `r * k + j < rows * k` (asserted) and
+    // weights `[r, j]` through their strides (`r < rows`, `j < k`: the weights' shape), and
+    // writes the contiguous `out`.
+    unsafe {
+        device::combine_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static((units as u32).div_ceil(COMBINE_UNITS), 1, 1),
+            CubeDim::new_1d(COMBINE_UNITS),
+            vector,
+            slots.into_tensor_arg(),
+            weights.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            k,
+            dtype_to_storage_type(dtype),
+        )
+    };
+    out
+}
+
+/// Row `r` of `slots [rows * k, width]` (token-major) summed over its `k` rows, each times
+/// `weights [rows, k]` (f32) cast to the slots' dtype: `[rows, width]`. burn's operations.
+pub fn combine_reference(slots: Tensor<2>, weights: Tensor<2>) -> Tensor<2> {
+    let [rows, k] = weights.dims();
+    let width = slots.dims()[1];
+    let weights = weights.cast(slots.dtype()).reshape([rows, k, 1]);
+    slots.reshape([rows, k, width]).mul(weights).sum_dim(1).reshape([rows, width])
+}
+
+/// [`combine_reference`] by the kernel (CubeCL devices only; f32 weights).
+pub fn fused_combine(slots: Tensor<2>, weights: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::fused_combine(slots.into_dispatch(), weights.into_dispatch()))
+}
+
+/// The chosen experts' outputs weighted and summed: the kernel on CubeCL devices, the
+/// reference elsewhere.
+pub fn combine(slots: Tensor<2>, weights: Tensor<2>) -> Tensor<2> {
+    if is_cubecl(&slots.device()) && weights.dtype() == DType::F32 && matches!(slots.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        fused_combine(slots, weights)
+    } else {
+        combine_reference(slots, weights)
     }
 }
 

@@ -96,7 +96,8 @@ impl MoeSpec {
     }
 }
 
-/// One routing decision per token from the router's f32 logits `[tokens, experts]`, taken on
+/// One routing decision per token from the router's logits `[tokens, experts]` (f32 for a
+/// grouped sigmoid router; any float dtype for a softmax one, taken in f32), taken on
 /// the device (no host round trip): the chosen experts `[tokens, top_k]` and their f32
 /// weights `[tokens, top_k]`. `bias` is the sigmoid router's score-correction bias `[1,
 /// experts]`. Exactly tied scores may be broken differently from `torch.topk` (a group tied
@@ -295,10 +296,12 @@ impl MoeBlock {
         // `matmul` against the transposed gate took 105 µs a layer for one row on an H100,
         // a third of the 12-layer Qwen3-Coder-30B-A3B's batch-1 step (ncu, 2026-12-06).
         let gate = self.gate.clone().unsqueeze_dim::<3>(0);
+        // In the model's dtype for a softmax router (its kernel reads them as f32; transformers
+        // takes the softmax in f32 of the bf16 logits), in f32 throughout for GLM's.
         let logits = if self.router.logits_in_f32() {
             inference_pio_kernels::linear(x.clone().cast(BurnDType::F32), &gate)
         } else {
-            inference_pio_kernels::linear(x.clone(), &gate).cast(BurnDType::F32)
+            inference_pio_kernels::linear(x.clone(), &gate)
         };
         let (experts, weights) = route(&self.router, k, logits, self.bias.as_ref());
         // A rank holding some of the experts: the others' pairs go to its first expert with
@@ -318,8 +321,8 @@ impl MoeBlock {
             },
             RoutedExperts::Quantized(mlps) => by_quantized_experts(mlps, x.clone(), experts, k)?,
         };
-        let weights = weights.cast(x.dtype()).reshape([rows, k, 1]);
-        let out = per_slot.reshape([rows, k, hidden]).mul(weights).sum_dim(1).reshape([rows, hidden]);
+        // Weighted and summed in one kernel on CUDA.
+        let out = inference_pio_kernels::router::combine(per_slot.reshape([rows * k, hidden]), weights);
         Ok(match &self.shared {
             Some(shared) => out.add(shared.forward(x)),
             None => out,
