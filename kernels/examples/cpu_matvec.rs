@@ -114,6 +114,22 @@ fn vector_widths() {
     );
 }
 
+/// `--prefill N`: a prompt of `N` rows of f32 activations through the layer products (the
+/// dequantized tiles, `QuantizedMatrix::matmul_tiled`), µs and GFLOP/s per product and the
+/// 30 layers' sum (the README main job's prompt is 37 tokens).
+fn prefill(n: usize) {
+    let shapes = [("q/k/v 576->960", 960, 576), ("o 576->576", 576, 576), ("gate/up 576->3072", 3072, 576), ("down 1536->576", 576, 1536)];
+    let mut layer = 0.0;
+    for (what, rows, cols) in shapes {
+        let m = matrix(rows, cols);
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let us = time(200, || m.matmul(&x, n, Activations::F32)[0]);
+        layer += us;
+        println!("prefill {n} rows, {what:18}: {us:8.1} µs {:6.1} GFLOP/s", 2.0 * (n * rows * cols) as f64 / us / 1e3);
+    }
+    println!("prefill {n} rows, 30 layers' products: {:.1} ms", 30.0 * layer / 1e3);
+}
+
 fn main() {
     println!("threads: {}", rayon::current_num_threads());
     vector_widths();
@@ -123,6 +139,10 @@ fn main() {
         println!("AVX-512 off from here");
     }
     if std::env::args().any(|a| a == "--widths-only") {
+        return;
+    }
+    if let Some(n) = std::env::args().skip_while(|a| a != "--prefill").nth(1).and_then(|n| n.parse::<usize>().ok()) {
+        prefill(n);
         return;
     }
     // (what, rows, cols): q/k/v fused, o, gate/up fused, down, LM head (SmolLM2-135M).

@@ -965,7 +965,23 @@ mod simd {
                 }
                 k += 8;
             }
-            acc.map(|row| row.map(|a| super::hsum(a)))
+            // The eight vectors halved into each other three times (21 shuffles and adds
+            // instead of eight horizontal sums), as `avx512::reduce_16`: element `4l + e` of
+            // `z` is the sum of `v[2e + l]`, `v[i]` being `acc[i / 4][i % 4]`.
+            let v: [__m256; 8] = std::array::from_fn(|i| acc[i / 4][i % 4]);
+            let s: [__m256; 4] = std::array::from_fn(|p| {
+                let (a, b) = (v[2 * p], v[2 * p + 1]);
+                _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(a, b), _mm256_permute2f128_ps::<0x31>(a, b))
+            });
+            let g: [__m256; 2] = std::array::from_fn(|q| {
+                let (c, d) = (s[2 * q], s[2 * q + 1]);
+                _mm256_add_ps(_mm256_shuffle_ps::<0x44>(c, d), _mm256_shuffle_ps::<0xEE>(c, d))
+            });
+            let z = _mm256_add_ps(_mm256_shuffle_ps::<0x88>(g[0], g[1]), _mm256_shuffle_ps::<0xDD>(g[0], g[1]));
+            let mut sums = [0f32; 8];
+            // SAFETY: `sums` holds eight f32; an unaligned store.
+            unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), z) };
+            std::array::from_fn(|a| std::array::from_fn(|b| sums[4 * (b % 2) + 2 * a + b / 2]))
         }
 
         /// `avx512::rows_tiled` with eight lanes, two weight rows by four activation rows.
@@ -2103,7 +2119,46 @@ mod simd {
                 }
                 k += 16;
             }
-            acc.map(|row| row.map(|a| _mm512_reduce_add_ps(a)))
+            // SAFETY: AVX-512F, as this function requires.
+            let sums = unsafe { reduce_16(acc) };
+            std::array::from_fn(|a| std::array::from_fn(|b| sums[4 * b + a]))
+        }
+
+        /// The sixteen sums of `acc[a][b]`'s lanes, as `[4 * b + a]`: the sixteen vectors
+        /// halved into each other four times (45 shuffles and adds, where sixteen horizontal
+        /// reductions take about 130; at SmolLM2's 576 inputs they cost as much as a third of
+        /// the products' multiply-adds).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn reduce_16(acc: [[__m512; 4]; 4]) -> [f32; 16] {
+            let v: [__m512; 16] = std::array::from_fn(|i| acc[i / 4][i % 4]);
+            // 16 -> 8: vector `p` holds `v[2p]`'s partial sums in its low 256 bits, `v[2p + 1]`'s
+            // in its high ones.
+            let s: [__m512; 8] = std::array::from_fn(|p| {
+                let (a, b) = (v[2 * p], v[2 * p + 1]);
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+            });
+            // 8 -> 4: 128-bit lane `l` of vector `q` holds `v[4q + l]`'s partial sums.
+            let t: [__m512; 4] = std::array::from_fn(|q| {
+                let (c, d) = (s[2 * q], s[2 * q + 1]);
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c, d), _mm512_shuffle_f32x4::<0xDD>(c, d))
+            });
+            // 4 -> 2: in lane `l` of vector `r`, elements 0-1 sum to `v[8r + l]`, 2-3 to `v[8r + 4 + l]`.
+            let g: [__m512; 2] = std::array::from_fn(|r| {
+                let (e, f) = (t[2 * r], t[2 * r + 1]);
+                _mm512_add_ps(_mm512_shuffle_ps::<0x44>(e, f), _mm512_shuffle_ps::<0xEE>(e, f))
+            });
+            // 2 -> 1: element `e` of lane `l` is the sum of `v[4e + l]`.
+            let z = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(g[0], g[1]), _mm512_shuffle_ps::<0xDD>(g[0], g[1]));
+            let mut out = [0f32; 16];
+            // SAFETY: `out` holds sixteen f32; an unaligned store.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), z) };
+            // Element `4l + e` is `v[4e + l]`'s sum: `v[i]` is `acc[i / 4][i % 4]`, so element
+            // `4b + a` is the sum of `acc[a][b]`.
+            out
         }
 
         /// Output rows `first .. first + out.len() / n` of `m` (`out` being `[rows, n]`)
