@@ -493,37 +493,33 @@ impl Checkpoint {
     /// channels, or runs of whole groups of inputs (a column slice that cuts a group is read
     /// dense instead, the slice of the dequantized values).
     pub fn load_stored_quantized(&self, name: &str, [out, inp]: [usize; 2], _device: &Device) -> Result<Option<QuantizedMatrix>, EngineError> {
-        let Some(slice) = self.slice_of(name) else {
-            return self.load_stored_quantized_whole(name, [out, inp]);
-        };
-        let full = slice.full_shape(&[out, inp]);
-        match &self.source {
-            Source::Safetensors { .. } if self.quantization.is_none() && let Some(prefix) = self.packed_prefix(name) => match self.unpack(prefix, [full[0], full[1]])? {
-                packed::Unpacked::Groups(a) => match slice_groups(&a, slice, [full[0], full[1]]) {
-                    Some(part) => QuantizedMatrix::from_codes(out, inp, part.bits, part.group, &part.codes, part.scales, part.mins)
-                        .map(Some)
-                        .map_err(|e| EngineError::Weights(format!("packed weight `{prefix}`, this rank's slice: {e}"))),
-                    None => Ok(None),
-                },
-                packed::Unpacked::Dense(_) => Ok(None),
-            },
-            _ => match self.load_stored_quantized_whole(name, [full[0], full[1]])? {
-                Some(_) => Err(EngineError::Unsupported(format!("tensor `{name}`: tensor parallelism over a GGUF file's quantized blocks is not supported"))),
-                None => Ok(None),
-            },
+        if self.quantization.is_some() {
+            return Ok(None);
         }
-    }
-
-    fn load_stored_quantized_whole(&self, name: &str, [out, inp]: [usize; 2]) -> Result<Option<QuantizedMatrix>, EngineError> {
+        let slice = self.slice_of(name);
+        let full = slice.map_or([out, inp], |s| {
+            let f = s.full_shape(&[out, inp]);
+            [f[0], f[1]]
+        });
         match &self.source {
-            Source::Gguf(g) if self.quantization.is_none() => Self::gguf_quantized(g, name, [out, inp]),
-            Source::Safetensors { .. } if self.quantization.is_none() && let Some(prefix) = self.packed_prefix(name) => match self.unpack(prefix, [out, inp])? {
-                packed::Unpacked::Groups(a) => QuantizedMatrix::from_codes(out, inp, a.bits, a.group, &a.codes, a.scales, a.mins)
-                    .map(Some)
-                    .map_err(|e| EngineError::Weights(format!("packed weight `{prefix}`: {e}"))),
-                // Act-order groups: dense in the model's dtype.
-                packed::Unpacked::Dense(_) => Ok(None),
+            Source::Gguf(g) => match (Self::gguf_quantized(g, name, full)?, slice) {
+                (Some(_), Some(_)) => Err(EngineError::Unsupported(format!("tensor `{name}`: tensor parallelism over a GGUF file's quantized blocks is not supported"))),
+                (whole, _) => Ok(whole),
             },
+            Source::Safetensors { .. } if let Some(prefix) = self.packed_prefix(name) => {
+                // Act-order groups: dense in the model's dtype.
+                let packed::Unpacked::Groups(a) = self.unpack(prefix, full)? else { return Ok(None) };
+                let (part, whose) = match slice {
+                    None => (a, ""),
+                    Some(s) => match slice_groups(&a, s, full) {
+                        Some(part) => (part, ", this rank's slice"),
+                        None => return Ok(None),
+                    },
+                };
+                QuantizedMatrix::from_codes(out, inp, part.bits, part.group, &part.codes, part.scales, part.mins)
+                    .map(Some)
+                    .map_err(|e| EngineError::Weights(format!("packed weight `{prefix}`{whose}: {e}")))
+            }
             _ => Ok(None),
         }
     }
