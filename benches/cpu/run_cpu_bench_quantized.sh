@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CPU benchmark of the built-in default model from its GGUF (SmolLM2-135M-Instruct Q4_1), side
 # by side with the pinned llama.cpp peer on the same cores in one run: inference-pio with the
-# 4-bit blocks kept (the default), kept with 8-bit activations in the products
-# (`quant_activations = "int8"`, llama.cpp's own), and dequantized to f32 (`quantization = "none"`), and
+# 4-bit blocks kept (the default, whose products take 8-bit activation blocks as llama.cpp's
+# do), kept with exact f32 activations (`quant_activations = "exact"`), and dequantized to f32
+# (`quantization = "none"`), and
 # `llama-bench -t THREADS` on the same file. Prompt and generation lengths match llama-bench's
 # (`-p PROMPT -n NEW`): our prefill figure is the prompt of a run, our decode figure the new
 # tokens after it (llama-bench's tg starts from an empty context). Writes
@@ -24,13 +25,13 @@ BASE=${BASE:-benches/results/cpu-$DATE-quantized-smollm2}
 MACHINE="$(nproc)-core $(uname -m) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 printf '[plugins.llama]\nquantization = "none"\n' > /tmp/q_none.toml
 : > /tmp/q_stored.toml
-printf '[plugins.llama]\nquant_activations = "int8"\n' > /tmp/q_int8.toml
+printf '[plugins.llama]\nquant_activations = "exact"\n' > /tmp/q_exact.toml
 # Rounds alternate every mode and the peer (one process / one llama-bench repetition each), so
 # a shared VM whose speed drifts over minutes (2x between phases on the 2026-12-06 Xeon VM)
 # moves all of them alike; the table takes each one's median over the rounds.
 ROUNDS=${ROUNDS:-3}
 for r in $(seq "$ROUNDS"); do
-  for mode in stored int8 none; do
+  for mode in stored exact none; do
     target/debug/pio-bench --host target/debug/inference-pio --config /tmp/q_$mode.toml --model "$GGUF" \
       --prompt-tokens "$PROMPT" --new-tokens "$NEW" --device cpu --dtype f32 --processes 1 \
       --machine "$MACHINE" --out /tmp/pio_${mode}_$r.json
@@ -45,7 +46,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 base, command, machine, threads, rounds = sys.argv[1:6]
 rounds = range(1, int(rounds) + 1)
-runs = {m: [json.load(open(f"/tmp/pio_{m}_{r}.json")) for r in rounds] for m in ("stored", "int8", "none")}
+runs = {m: [json.load(open(f"/tmp/pio_{m}_{r}.json")) for r in rounds] for m in ("stored", "exact", "none")}
 peers = [json.load(open(f"/tmp/llama_bench_{r}.json")) for r in rounds]
 pps = [next(x for x in p if x["n_prompt"] > 0 and x["n_gen"] == 0) for p in peers]
 tgs = [next(x for x in p if x["n_gen"] > 0 and x["n_prompt"] == 0) for p in peers]
@@ -54,7 +55,7 @@ llama_rss = int(open("/tmp/llama_rss.txt").read().split()[-1]) / 1024
 med = statistics.median
 pio = {m: {**runs[m][0], "rounds": runs[m], **{k: med(x[k] for x in runs[m]) for k in ("median_prefill_tokens_per_s", "median_decode_tokens_per_s", "peak_rss_mib")}} for m in runs}
 rows = [
-    (metric, [pio[m][key] for m in ("stored", "int8", "none")] + [peer_value])
+    (metric, [pio[m][key] for m in ("stored", "exact", "none")] + [peer_value])
     for metric, key, peer_value in [
         ("prefill tok/s", "median_prefill_tokens_per_s", med(x["avg_ts"] for x in pps)),
         ("decode tok/s", "median_decode_tokens_per_s", med(x["avg_ts"] for x in tgs)),
@@ -64,7 +65,7 @@ rows = [
 # Per round, ours over the peer's (the same minutes of the machine).
 ratios = {m: {"prefill": [x["median_prefill_tokens_per_s"] / p["avg_ts"] for x, p in zip(runs[m], pps)],
               "decode": [x["median_decode_tokens_per_s"] / t["avg_ts"] for x, t in zip(runs[m], tgs)]} for m in runs}
-names = ["inference-pio Q4_1 kept", "inference-pio Q4_1 kept, int8 activations", "inference-pio dequantized f32", f"llama.cpp -t {threads}"]
+names = ["inference-pio Q4_1 kept (int8 activations, default)", "inference-pio Q4_1 kept, exact activations", "inference-pio dequantized f32", f"llama.cpp -t {threads}"]
 result = {
     "benchmark": "SmolLM2-135M-Instruct Q4_1 GGUF on the CPU, batch 1",
     "date": pio["stored"]["date"], "commit": pio["stored"]["commit"], "command": command, "machine": machine,
@@ -77,7 +78,7 @@ json.dump(result, open(base + ".json", "w"), indent=1)
 fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.8))
 for ax, (metric, values) in zip(axes, rows):
     ax.bar(range(4), values, color=["#1f77b4", "#6baed6", "#c6dbef", "#ff7f0e"])
-    ax.set_xticks(range(4), ["ours Q4_1", "ours Q4_1\nint8 acts", "ours f32", "llama.cpp"])
+    ax.set_xticks(range(4), ["ours Q4_1\n(default)", "ours Q4_1\nexact acts", "ours f32", "llama.cpp"])
     ax.set_title(metric)
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")

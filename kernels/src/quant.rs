@@ -10,10 +10,11 @@
 //! Codes are packed little-endian into `u32` words along each row (4-bit: element `8w + k` in
 //! bits `4k..4k + 4` of word `w`; 8-bit: element `4w + k` in byte `k`), so a word never spans
 //! two groups. On the CPU the weight stays in host memory and [`QuantizedMatrix::matmul`]
-//! multiplies it over rayon's threads: decode rows of f32 activations against codes converted
-//! in registers; of bf16/f16 activations as 16-bit activation blocks against the codes in
-//! integer multiply-adds (llama.cpp's `ggml_vec_dot_q4_1_q8_1` structure with 16-bit instead
-//! of 8-bit activations, see [`ActivationBlocks`]). Prompt rows of f32 activations are
+//! multiplies it over rayon's threads: by default decode rows of f32 activations rounded to
+//! 8-bit blocks against the codes in integer multiply-adds (llama.cpp's
+//! `ggml_vec_dot_q4_1_q8_1`, [`ActivationBlocks8`]), or exact against codes converted in
+//! registers; of bf16/f16 activations as 16-bit activation blocks (the same structure with
+//! 16-bit activations, see [`ActivationBlocks`]). Prompt rows of f32 activations are
 //! multiplied in dequantized tiles on x86-64 CPUs with AVX2 ([`QuantizedMatrix::matmul`]'s
 //! tiled path: a block of weight rows dequantized once per task, then register-blocked dot
 //! products with every activation row, as a GEMM micro-kernel); elsewhere
@@ -298,13 +299,32 @@ impl QuantizedMatrix {
         if activations == Activations::F32 && (n > CPU_FUSED_ROWS || (n > 1 && self.bits == 8)) && self.takes_tiles() {
             return self.matmul_tiled(x, n);
         }
+        // Prompt rows of 8-bit activations: the same product (the dequantized weight times the
+        // rounded activations) in the f32 tiles, which take many rows faster than passes of
+        // four rows of integer multiply-adds (the codes' conversion is paid once for all rows).
+        if activations == Activations::Blocks8 && n > CPU_FUSED_ROWS && self.takes_activation_blocks8() && self.takes_tiles() {
+            return self.matmul_tiled(&ActivationBlocks8::rounded(x), n);
+        }
         let mut out_t = vec![0f32; self.rows * n];
         let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1)).clamp(1, 256);
         // Σ x per group of each input row: `[n, groups]`.
         let groups = self.groups_per_row();
-        let sums: Vec<f32> = x.chunks_exact(self.group).map(|g| g.iter().sum()).collect();
         let blocks8: Option<Vec<ActivationBlocks8>> = (activations == Activations::Blocks8 && self.takes_activation_blocks8())
             .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks8::new(row, self.bits)).collect());
+        // Of the activations as the codes meet them: with 8-bit blocks the rounded values'
+        // (`Σ scale · Σ q` per block, llama.cpp's `Q8_1` `s`), so that a group's offset meets
+        // the same activations as its codes. With the exact sums the rounding errors were
+        // weighed by the codes (0..15, or 1..255 for 8-bit codes stored offset by 128) instead
+        // of by the weights: on SmolLM2 a mean KL of 0.0145 against llama.cpp's 0.0024.
+        let sums: Vec<f32> = match &blocks8 {
+            Some(rows) => {
+                let per_group = self.group / ACTIVATION_BLOCK;
+                rows.iter()
+                    .flat_map(|a| a.scales.chunks_exact(per_group).zip(a.sums.chunks_exact(per_group)).map(|(s, q)| s.iter().zip(q).map(|(&s, &q)| s * q as f32).sum::<f32>()))
+                    .collect()
+            }
+            None => x.chunks_exact(self.group).map(|g| g.iter().sum()).collect(),
+        };
         // 8-bit blocks where the groups allow them, else 16-bit ones.
         let blocks: Option<Vec<ActivationBlocks>> = (activations != Activations::F32 && blocks8.is_none() && self.takes_activation_blocks())
             .then(|| x.chunks_exact(self.cols).map(|row| ActivationBlocks::new(row, self.bits)).collect());
@@ -495,7 +515,7 @@ impl QuantizedMatrix {
     /// The most input rows [`Self::matmul`] takes with these activations (more go through the
     /// linear's matrix product of dequantized slices).
     pub fn fused_row_limit(&self, activations: Activations) -> usize {
-        if activations == Activations::F32 && self.takes_tiles() {
+        if (activations == Activations::F32 || (activations == Activations::Blocks8 && self.takes_activation_blocks8())) && self.takes_tiles() {
             return usize::MAX;
         }
         let many = simd::has_avx2()
@@ -523,12 +543,13 @@ pub enum Activations {
     Blocks16,
     /// Rounded to [`ActivationBlocks8`] (llama.cpp's `Q8_1` activations, what its CPU
     /// products of quantized weights always take): a relative error near 2^-8 of each
-    /// block's largest value, and 8-bit integer multiply-adds (`pmaddubsw`, 32 products an
-    /// instruction): the fastest CPU product of 4- and 8-bit codes in groups of whole 32s
-    /// (others take [`Self::Blocks16`]), at a cost in accuracy: on SmolLM2-135M a mean KL of
-    /// 0.0145 from the exact product, four times that of int8 weights
-    /// (`plugins/llama/tests/quantization.rs`). CPU only (on CubeCL devices the kernel takes
-    /// [`Self::Blocks16`]).
+    /// block's largest value, and 8-bit integer multiply-adds (`pmaddubsw`/`vpdpbusd`, 32 or
+    /// 64 products an instruction): the fastest CPU product of 4- and 8-bit codes in groups
+    /// of whole 32s (others take [`Self::Blocks16`]; prompt rows the f32 tiles over the
+    /// rounded activations, the same product), at a cost in accuracy: on SmolLM2-135M a mean
+    /// KL of 0.0021-0.0027 from the exact product, as llama.cpp's own products (0.0024;
+    /// int8 weights: 0.0034; `plugins/llama/tests/quantization.rs`). The CPU's default for
+    /// f32 activations; CPU only (on CubeCL devices the kernel takes [`Self::Blocks16`]).
     Blocks8,
 }
 
@@ -591,8 +612,9 @@ impl ActivationBlocks {
 
 /// One row of activations as 8-bit integers with one f32 scale per block of
 /// [`ACTIVATION_BLOCK`] (`x ≈ scale · q`, `q` in ±127, rounded to nearest, `scale = max|x| /
-/// 127`), llama.cpp's `block_q8_1` (`quantize_row_q8_1`), and each block's `Σ q` for 8-bit
-/// codes stored with an offset of 128. For 4-bit codes each block is stored as its even
+/// 127`), llama.cpp's `block_q8_1` (`quantize_row_q8_1`), and each block's `Σ q` (for 8-bit
+/// codes stored with an offset of 128, and `scale · Σ q` for the groups' offsets, as
+/// `block_q8_1`'s `s`). For 4-bit codes each block is stored as its even
 /// elements then its odd ones (as [`ActivationBlocks`]).
 #[derive(Clone, Debug)]
 pub struct ActivationBlocks8 {
@@ -631,6 +653,13 @@ impl ActivationBlocks8 {
             sums.push(qb.iter().map(|&v| i32::from(v)).sum());
         }
         Self { q, scales, sums }
+    }
+
+    /// `x` (a multiple of [`ACTIVATION_BLOCK`] long) rounded as these blocks round it, `scale
+    /// · q`, in order: what a product of 8-bit activations multiplies.
+    pub fn rounded(x: &[f32]) -> Vec<f32> {
+        let a = Self::new(x, 8);
+        a.q.chunks_exact(ACTIVATION_BLOCK).zip(&a.scales).flat_map(|(qb, &s)| qb.iter().map(move |&q| s * f32::from(q))).collect()
     }
 }
 
@@ -2275,8 +2304,8 @@ pub struct QuantizedLinear {
     pub group: usize,
     bytes: u64,
     storage: Storage,
-    /// `None`: the default, [`Activations::F32`] for f32 activations on the CPU, else
-    /// [`Activations::Blocks16`].
+    /// `None`: the default, [`Activations::Blocks8`] for f32 activations on the CPU (groups
+    /// that do not hold whole blocks take 16-bit ones), else [`Activations::Blocks16`].
     activations: Option<Activations>,
 }
 
@@ -2332,8 +2361,8 @@ impl QuantizedLinear {
     }
 
     /// The weight with its products taking `activations`. Placed weights start with the
-    /// default: on the CPU f32 activations exact ([`Activations::F32`]) and others as 16-bit
-    /// blocks; on CubeCL devices the kernel's 16-bit blocks, which also stand for
+    /// default: on the CPU f32 activations as 8-bit blocks ([`Activations::Blocks8`], as
+    /// llama.cpp's CPU products take them) and others as 16-bit blocks; on CubeCL devices the kernel's 16-bit blocks, which also stand for
     /// [`Activations::Blocks8`] there.
     pub fn with_activations(self, activations: Activations) -> Self {
         Self { activations: Some(activations), ..self }
@@ -2343,7 +2372,7 @@ impl QuantizedLinear {
     pub fn activations(&self, dtype: DType) -> Activations {
         match (self.activations, &self.storage) {
             (Some(a), _) => a,
-            (None, Storage::Host(_)) if dtype == DType::F32 => Activations::F32,
+            (None, Storage::Host(_)) if dtype == DType::F32 => Activations::Blocks8,
             (None, _) => Activations::Blocks16,
         }
     }
@@ -2364,7 +2393,16 @@ impl QuantizedLinear {
                 // Prompt rows: slices of about 8 MB of weight rows dequantized (f32) and
                 // multiplied by the backend's matrix product, as a dense weight would be.
                 let device = x.device();
-                let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) }.reshape([1, n, cols]);
+                let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
+                // 8-bit activations: the dense product of the rounded ones, as the fused loops
+                // and the tiles compute it.
+                let x = if activations == Activations::Blocks8 && m.takes_activation_blocks8() {
+                    let xs = x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 activations");
+                    Tensor::<2>::from_data(TensorData::new(ActivationBlocks8::rounded(&xs), [n, cols]), (&device, DType::F32))
+                } else {
+                    x
+                }
+                .reshape([1, n, cols]);
                 let slice = ((2 << 20) / cols.max(1)).clamp(1, self.rows.max(1));
                 let parts: Vec<Tensor<2>> = (0..self.rows)
                     .step_by(slice)
@@ -3227,7 +3265,7 @@ mod tests {
                     let fits = per_unit.is_multiple_of(group / 32) || (group / 32).is_multiple_of(per_unit);
                     assert_eq!(simd::takes_units(&m), fits, "bits {bits} group {group}");
                     let a = ActivationBlocks8::new(&x, bits);
-                    let sums: Vec<f32> = x.chunks(group).map(|g| g.iter().sum()).collect();
+                    let sums = rounded_sums(&a, group);
                     let want: Vec<f32> = (0..5).map(|row| simd::row_dot_i8_any(&m, row, &a, &sums)).collect();
                     let size: f32 = m.dequantize().chunks(cols).map(|w| w.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum::<f32>()).fold(0.0, f32::max);
                     if fits {
@@ -3247,6 +3285,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `a`'s values as the products take them, in order.
+    fn rounded_values(a: &ActivationBlocks8, bits: u32) -> Vec<f32> {
+        (0..a.q.len())
+            .map(|i| {
+                let (b, k) = (i / 32, i % 32);
+                let slot = if bits == 4 { b * 32 + k / 2 + (k % 2) * 16 } else { i };
+                a.scales[b] * f32::from(a.q[slot])
+            })
+            .collect()
+    }
+
+    /// The sums of `a`'s rounded values per group of `group`, as [`QuantizedMatrix::matmul`]
+    /// gives its 8-bit loops.
+    fn rounded_sums(a: &ActivationBlocks8, group: usize) -> Vec<f32> {
+        let per = group / 32;
+        a.scales.chunks(per).zip(a.sums.chunks(per)).map(|(s, q)| s.iter().zip(q).map(|(&s, &q)| s * q as f32).sum()).collect()
+    }
+
+    #[test]
+    fn eight_bit_activation_products_are_the_weight_times_the_rounded_activations() {
+        // The offsets meet the rounded activations as the codes do, so the product is that of
+        // the dequantized weight and the rounded activations (llama.cpp's `Q8_1` product):
+        // with the exact sums the offsets' share kept the exact activations and the error
+        // grew with the codes' distance from zero (8-bit codes are stored offset by 128).
+        for wide in [true, false] {
+            use_avx512(wide);
+            for (bits, group, cols) in [(4, 32, 288), (4, 128, 256), (8, 32, 288), (8, 256, 256)] {
+                let top = (1u32 << bits) - 1;
+                let rows = 6;
+                let codes: Vec<u8> = random(rows * cols, 71 + group as u64).iter().map(|v| (((v + 1.0) * 0.5 * (top as f32 + 0.99)) as u32).min(top) as u8).collect();
+                let groups = rows * cols / group;
+                let scales: Vec<f32> = random(groups, 72).iter().map(|v| 0.01 + 0.005 * v).collect();
+                let mins: Vec<f32> = scales.iter().map(|s| -(top as f32 / 2.0) * s).collect();
+                let m = QuantizedMatrix::from_codes(rows, cols, bits, group, &codes, scales, mins).expect("packs");
+                let dense = m.dequantize();
+                for n in [1, 2, 3, 4, 5] {
+                    let x = random(n * cols, 73 + n as u64);
+                    let got = m.matmul(&x, n, Activations::Blocks8);
+                    for j in 0..n {
+                        let xr = &x[j * cols..(j + 1) * cols];
+                        let rounded = rounded_values(&ActivationBlocks8::new(xr, bits), bits);
+                        for r in 0..rows {
+                            let w = &dense[r * cols..(r + 1) * cols];
+                            let want: f32 = w.iter().zip(&rounded).map(|(w, x)| w * x).sum();
+                            let size: f32 = w.iter().zip(xr).map(|(w, x)| (w * x).abs()).sum();
+                            let g = got[j * rows + r];
+                            assert!((g - want).abs() <= 1e-5 * size, "wide {wide} bits {bits} group {group} n {n} row {r}: {g} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+        use_avx512(true);
     }
 
     fn eight_bit_loops_match(cols: usize) {
@@ -3331,13 +3424,26 @@ mod tests {
         let m = QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4");
         let dense = m.dequantize();
         let d = Device::flex();
-        // The CPU's default: f32 activations exact, others in 16-bit blocks.
+        // The CPU's default: f32 activations in 8-bit blocks (llama.cpp's), others in 16-bit
+        // blocks; exact f32 activations when asked for.
         let lin = QuantizedLinear::new(m, &d);
-        assert_eq!((lin.activations(DType::F32), lin.activations(DType::BF16)), (Activations::F32, Activations::Blocks16));
+        assert_eq!((lin.activations(DType::F32), lin.activations(DType::BF16)), (Activations::Blocks8, Activations::Blocks16));
+        let exact = lin.clone().with_activations(Activations::F32);
         let xs = random(2 * cols, 6);
         let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [2, cols]), &d);
-        let got = lin.forward(x.clone()).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        let got = exact.forward(x.clone()).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
         assert!(rel_l2(&got, &dense_matmul(&xs, 2, &dense, rows, cols)) < 1e-6);
+        // The default: the weight times the activations rounded to 8-bit blocks, for decode
+        // rows and (in the tiles where the CPU has AVX2) for prompt rows alike.
+        for n in [2, 7] {
+            let xn = random(n * cols, 16 + n as u64);
+            let rounded = ActivationBlocks8::rounded(&xn);
+            let got = lin.forward(Tensor::<2>::from_data(TensorData::new(xn.clone(), [n, cols]), &d));
+            let got = got.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+            let want = dense_matmul(&rounded, n, &dense, rows, cols);
+            assert!(rel_l2(&got, &want) < 1e-6, "{n} rows: {}", rel_l2(&got, &want));
+            assert!(rel_l2(&got, &dense_matmul(&xn, n, &dense, rows, cols)) > 1e-5, "{n} rows: the activations were not rounded");
+        }
         let y = lin.forward(x.clone().cast(DType::BF16));
         assert_eq!(y.dtype(), DType::BF16);
         assert_eq!(y.dims(), [2, rows]);
@@ -3350,14 +3456,14 @@ mod tests {
         // Prompt rows: the dense product of the dequantized weight, in slices of rows when the
         // weight is larger than one slice (4,100 rows of 1,024).
         let x7 = random(7 * cols, 7);
-        let got = lin.forward(Tensor::<2>::from_data(TensorData::new(x7.clone(), [7, cols]), &d));
+        let got = exact.forward(Tensor::<2>::from_data(TensorData::new(x7.clone(), [7, cols]), &d));
         let got = got.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
         assert!(rel_l2(&got, &dense_matmul(&x7, 7, &dense, rows, cols)) < 1e-6);
         let (big_rows, big_cols) = (4100, 1024);
         let big = QuantizedMatrix::quantize_int4(&random(big_rows * big_cols, 8), big_rows, big_cols, 128).expect("int4");
         let big_dense = big.dequantize();
         let xb = random(5 * big_cols, 9);
-        let got = QuantizedLinear::new(big, &d).forward(Tensor::<2>::from_data(TensorData::new(xb.clone(), [5, big_cols]), &d));
+        let got = QuantizedLinear::new(big, &d).with_activations(Activations::F32).forward(Tensor::<2>::from_data(TensorData::new(xb.clone(), [5, big_cols]), &d));
         assert_eq!(got.dims(), [5, big_rows]);
         let got = got.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
         assert!(rel_l2(&got, &dense_matmul(&xb, 5, &big_dense, big_rows, big_cols)) < 1e-5);

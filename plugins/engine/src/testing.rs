@@ -15,11 +15,13 @@ use std::sync::Arc;
 use crate::generate::{Engine, RowRequest};
 use inference_pio_kernels::paged::{Span, slot_of};
 use crate::plugin::{ModelFamily, load_engine};
+use inference_pio_core::config::QuantActivations;
 use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, PluginSettings, PromptInput, SamplingParams};
 use serde_json::Value;
 use std::path::Path;
 
-/// Loads `path` with `family` on the CPU in `dtype`, prompts in one pass.
+/// Loads `path` with `family` on the CPU in `dtype`, prompts in one pass, quantized weights'
+/// products with exact activations.
 pub fn load_cpu(family: &ModelFamily, path: &Path, dtype: DType) -> Engine {
     load_cpu_with(family, path, dtype, |_| {})
 }
@@ -29,6 +31,9 @@ pub fn load_cpu_with(family: &ModelFamily, path: &Path, dtype: DType, change: im
     let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype), random_weights: None };
     let mut settings = PluginSettings::default();
     settings.optimization.prefill_chunk_tokens = 0;
+    // Quantized weights' products take the activations exact, the math the parity fixtures
+    // hold (the CPU's default rounds them to 8-bit blocks, `plugins/llama/tests/quantization.rs`).
+    settings.optimization.quant_activations = Some(QuantActivations::Exact);
     change(&mut settings);
     match load_engine(family, path, &options, &settings) {
         Ok((engine, _)) => engine,

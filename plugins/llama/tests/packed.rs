@@ -5,7 +5,7 @@
 //! and greedy tokens; act-order GPTQ, whose groups are not runs of inputs, and FP8 E4M3
 //! weights with block scales (Qwen's FP8 checkpoints' layout) load dense.
 
-use inference_pio_core::config::Quantization;
+use inference_pio_core::config::{QuantActivations, Quantization};
 use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, PluginSettings};
 use inference_pio_engine::generate::Engine;
 use inference_pio_engine::plugin::load_engine;
@@ -23,6 +23,8 @@ fn load(name: &str, quantization: Option<Quantization>) -> (Engine, String) {
     let mut settings = PluginSettings::default();
     settings.optimization.prefill_chunk_tokens = 0;
     settings.optimization.quantization = quantization;
+    // Exact activations: the weights' values are what these tests compare.
+    settings.optimization.quant_activations = Some(QuantActivations::Exact);
     match load_engine(&FAMILY, &fixture(name), &options, &settings) {
         Ok((engine, info)) => (engine, info.quantization),
         Err(e) => panic!("cannot load {name}: {e}"),
@@ -105,6 +107,7 @@ fn packed_and_fp8_weights_split_over_two_ranks_match_their_dense_twin() {
         let mut settings = PluginSettings::default();
         settings.optimization.prefill_chunk_tokens = 0;
         settings.optimization.tensor_parallel = Some(2);
+        settings.optimization.quant_activations = Some(QuantActivations::Exact);
         let split = match load_engine(&FAMILY, &fixture(name), &options, &settings) {
             Ok((engine, info)) => {
                 // The ranks keep the groups as codes (rank 0's tally).

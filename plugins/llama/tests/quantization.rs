@@ -57,19 +57,21 @@ fn each_weight_storage_stays_within_its_measured_divergence_of_the_dequantized_m
     let want = logits(&reference, &texts);
     drop(reference);
     // ((quantization, quant_activations), path, largest mean KL, largest single KL, least top-1 agreement)
-    let int8_acts = Some(QuantActivations::Int8);
+    let exact = Some(QuantActivations::Exact);
     let cases: [(Storage, &str, f64, f64, f64); 7] = [
-        // The file's own Q4_1 blocks, kept: the same values (prompt rows of up to 64 tokens and
+        // The file's own Q4_1 blocks, kept, exact activations: the same values (prompt rows and
         // decode rows read the codes in place, summed in another order).
-        ((None, None), "prefill", 1e-9, 1e-8, 1.0),
-        ((None, None), "decode", 1e-9, 1e-8, 1.0),
-        // The products' activations rounded to 8-bit blocks (llama.cpp's): measured 0.0145
-        // mean KL, 0.16 largest, 0.91 top-1 (decode; prefill of up to 64 rows the same way).
-        ((None, int8_acts), "prefill", 0.03, 0.35, 0.85),
-        ((None, int8_acts), "decode", 0.03, 0.35, 0.85),
-        ((Some(Quantization::Int8), None), "prefill", 7e-3, 0.12, 0.93),
-        ((Some(Quantization::Int8), None), "decode", 7e-3, 0.12, 0.93),
-        ((Some(Quantization::Int4), None), "prefill", 0.36, 3.0, 0.72),
+        ((None, exact), "prefill", 1e-9, 1e-8, 1.0),
+        ((None, exact), "decode", 1e-9, 1e-8, 1.0),
+        // The CPU's default: the products' activations rounded to 8-bit blocks (llama.cpp's
+        // `Q8_1`): measured 0.0021 mean KL, 0.011 largest, 0.967 top-1 (prefill) and 0.0027,
+        // 0.025, 0.967 (decode). llama.cpp's own on these texts (`llama-perplexity
+        // --kl-divergence` against its F32 conversion of the same file, chunks of 64): 0.0024.
+        ((None, None), "prefill", 6e-3, 0.06, 0.93),
+        ((None, None), "decode", 6e-3, 0.06, 0.93),
+        ((Some(Quantization::Int8), exact), "prefill", 7e-3, 0.12, 0.93),
+        ((Some(Quantization::Int8), exact), "decode", 7e-3, 0.12, 0.93),
+        ((Some(Quantization::Int4), exact), "prefill", 0.36, 3.0, 0.72),
     ];
     let mut engine: Option<(Storage, Engine)> = None;
     for (setting, path, mean_bound, max_bound, agree_bound) in cases {
