@@ -8,7 +8,7 @@
 //! (`--widths-only`: just that; `--avx2`: the rest with AVX-512 off).
 //! `cargo run --example cpu_matvec [--release]`; results in `benches/results/`.
 
-use inference_pio_kernels::quant::{Activations, QuantizedMatrix};
+use inference_pio_kernels::quant::{Activations, GroupScales, QuantizedMatrix};
 use std::time::Instant;
 
 /// A deterministic 4-bit matrix of `rows x cols` in groups of 32.
@@ -30,8 +30,11 @@ fn matrix_bits(rows: usize, cols: usize, bits: u32) -> QuantizedMatrix {
         bits,
         group: 32,
         codes: (0..rows * cols * bits as usize / 32).map(|_| next()).collect(),
-        scales: (0..rows * groups).map(|i| 0.01 + (i % 7) as f32 * 1e-3).collect(),
-        mins: (0..rows * groups).map(|i| -0.08 + (i % 5) as f32 * 1e-3).collect(),
+        // f16 values, as a GGUF's Q4_0/Q4_1/Q8_0 blocks store them (kept in f16).
+        groups: GroupScales::new(
+            (0..rows * groups).map(|i| half::f16::from_f32(0.01 + (i % 7) as f32 * 1e-3).to_f32()).collect(),
+            (0..rows * groups).map(|i| half::f16::from_f32(-0.08 + (i % 5) as f32 * 1e-3).to_f32()).collect(),
+        ),
     }
 }
 

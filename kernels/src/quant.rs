@@ -39,6 +39,7 @@ use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use half::f16;
 use rayon::prelude::*;
 use std::sync::Arc;
 use crate::launch::{PLANE, is_cubecl};
@@ -72,10 +73,227 @@ pub struct QuantizedMatrix {
     pub group: usize,
     /// `rows * cols * bits / 32` packed words, row-major.
     pub codes: Vec<u32>,
-    /// `[rows, cols / group]`.
-    pub scales: Vec<f32>,
-    /// `[rows, cols / group]`.
-    pub mins: Vec<f32>,
+    /// Scales and offsets, `[rows, cols / group]` each.
+    pub groups: GroupScales,
+}
+
+/// A matrix's group scales and offsets as stored: f16 where every one of them is an f16
+/// exactly (GGUF's `Q4_0`, `Q4_1` and `Q8_0` blocks store theirs in f16: a fifth of a 4-bit
+/// weight's bytes in f32), else f32 (K-quants' products of a super-block scale and a 6-bit
+/// one, GPTQ's zero points times scales, the engine's own int8/int4 scales). The CPU loops
+/// read either, converting f16 in registers (F16C), with the same results.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GroupScales {
+    F32 { scales: Vec<f32>, mins: Vec<f32> },
+    F16 { scales: Vec<f16>, mins: Vec<f16> },
+}
+
+impl GroupScales {
+    /// f16 where every value converts exactly, else f32.
+    pub fn new(scales: Vec<f32>, mins: Vec<f32>) -> Self {
+        let exact = |v: &f32| f16::from_f32(*v).to_f32().to_bits() == v.to_bits();
+        if scales.par_iter().all(exact) && mins.par_iter().all(exact) {
+            let half = |v: Vec<f32>| v.par_iter().map(|&x| f16::from_f32(x)).collect();
+            Self::F16 { scales: half(scales), mins: half(mins) }
+        } else {
+            Self::F32 { scales, mins }
+        }
+    }
+
+    /// Groups (scales; as many offsets).
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32 { scales, .. } => scales.len(),
+            Self::F16 { scales, .. } => scales.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether they are kept in f16.
+    pub fn is_f16(&self) -> bool {
+        matches!(self, Self::F16 { .. })
+    }
+
+    /// Scale `i`.
+    pub fn scale(&self, i: usize) -> f32 {
+        match self {
+            Self::F32 { scales, .. } => scales[i],
+            Self::F16 { scales, .. } => scales[i].to_f32(),
+        }
+    }
+
+    /// Offset `i`.
+    pub fn min(&self, i: usize) -> f32 {
+        match self {
+            Self::F32 { mins, .. } => mins[i],
+            Self::F16 { mins, .. } => mins[i].to_f32(),
+        }
+    }
+
+    /// Every scale, f32.
+    pub fn scales_f32(&self) -> Vec<f32> {
+        match self {
+            Self::F32 { scales, .. } => scales.clone(),
+            Self::F16 { scales, .. } => scales.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+
+    /// Every offset, f32.
+    pub fn mins_f32(&self) -> Vec<f32> {
+        match self {
+            Self::F32 { mins, .. } => mins.clone(),
+            Self::F16 { mins, .. } => mins.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+
+    /// Bytes they take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::F32 { scales, mins } => (scales.len() + mins.len()) * 4,
+            Self::F16 { scales, mins } => (scales.len() + mins.len()) * 2,
+        }
+    }
+
+    /// Groups `ranges` one after another, kept in the same type.
+    fn select(&self, ranges: impl Iterator<Item = std::ops::Range<usize>> + Clone) -> Self {
+        fn pick<T: Copy>(v: &[T], ranges: impl Iterator<Item = std::ops::Range<usize>>) -> Vec<T> {
+            ranges.flat_map(|r| v[r].iter().copied()).collect()
+        }
+        match self {
+            Self::F32 { scales, mins } => Self::F32 { scales: pick(scales, ranges.clone()), mins: pick(mins, ranges) },
+            Self::F16 { scales, mins } => Self::F16 { scales: pick(scales, ranges.clone()), mins: pick(mins, ranges) },
+        }
+    }
+}
+
+/// A group scale or offset as stored (f32 or f16), for the CPU loops.
+pub(crate) trait GroupValue: Copy + Send + Sync + 'static {
+    /// The stored values, when `g` keeps this type.
+    fn slices(g: &GroupScales) -> Option<(&[Self], &[Self])>;
+    /// The value (portable code).
+    fn get(self) -> f32;
+    /// The value, converted in registers.
+    ///
+    /// # Safety
+    /// The CPU has F16C (every x86-64 CPU with AVX2 does; the loops' checks include it).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn get_f16c(self) -> f32;
+    /// `Σ values · sums`, in [`crate::dot`]'s order of additions (so either type gives the
+    /// same sum).
+    ///
+    /// # Safety
+    /// As [`Self::get_f16c`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_f16c(values: &[Self], sums: &[f32]) -> f32;
+    /// Sixteen values from `p` where `mask` has bits (zeros elsewhere).
+    ///
+    /// # Safety
+    /// The masked values are readable at `p`, and the CPU has AVX-512 F and BW.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_masked(mask: u16, p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl GroupValue for f32 {
+    fn slices(g: &GroupScales) -> Option<(&[f32], &[f32])> {
+        match g {
+            GroupScales::F32 { scales, mins } => Some((scales, mins)),
+            GroupScales::F16 { .. } => None,
+        }
+    }
+
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn get_f16c(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_f16c(values: &[f32], sums: &[f32]) -> f32 {
+        crate::dot(values, sums)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(mask: u16, p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's guarantees.
+        unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p) }
+    }
+}
+
+impl GroupValue for f16 {
+    fn slices(g: &GroupScales) -> Option<(&[f16], &[f16])> {
+        match g {
+            GroupScales::F16 { scales, mins } => Some((scales, mins)),
+            GroupScales::F32 { .. } => None,
+        }
+    }
+
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn get_f16c(self) -> f32 {
+        // SAFETY: the caller's guarantee (F16C).
+        unsafe { f16c_to_f32(self.to_bits()) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_f16c(values: &[f16], sums: &[f32]) -> f32 {
+        // Plain loops, no closures: a closure is not compiled with its caller's F16C, and
+        // each conversion would be a call.
+        let mut acc = [0f32; 16];
+        let (ca, cb) = (values.chunks_exact(16), sums.chunks_exact(16));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        let mut products = [0f32; 16];
+        let rest = ra.len().min(rb.len());
+        for k in 0..rest {
+            // SAFETY: the caller's guarantee (F16C).
+            products[k] = unsafe { f16c_to_f32(ra[k].to_bits()) } * rb[k];
+        }
+        let tail: f32 = products[..rest].iter().sum();
+        for (x, y) in ca.zip(cb) {
+            let mut xf = [0f32; 16];
+            for k in 0..16 {
+                // SAFETY: as above.
+                xf[k] = unsafe { f16c_to_f32(x[k].to_bits()) };
+            }
+            for k in 0..16 {
+                acc[k] += xf[k] * y[k];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(mask: u16, p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's guarantees: the masked halves are readable (a masked load of
+        // 32 halves reads only those), AVX-512 F and BW.
+        unsafe { _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(u32::from(mask), p as *const i16))) }
+    }
+}
+
+/// An f16's bits as f32, in one conversion instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c")]
+#[inline]
+fn f16c_to_f32(bits: u16) -> f32 {
+    use std::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
 
 impl QuantizedMatrix {
@@ -101,7 +319,7 @@ impl QuantizedMatrix {
             .par_chunks_exact(per_word)
             .map(|word| word.iter().enumerate().fold(0u32, |acc, (k, &c)| acc | (u32::from(c) << (k as u32 * bits))))
             .collect();
-        Ok(Self { rows, cols, bits, group, codes: packed, scales, mins })
+        Ok(Self { rows, cols, bits, group, codes: packed, groups: GroupScales::new(scales, mins) })
     }
 
     /// Takes codes already packed in this layout (4-bit: element `8w + k` in bits `4k..4k + 4`
@@ -121,7 +339,7 @@ impl QuantizedMatrix {
                 mins.len()
             )));
         }
-        Ok(Self { rows, cols, bits, group, codes: words, scales, mins })
+        Ok(Self { rows, cols, bits, group, codes: words, groups: GroupScales::new(scales, mins) })
     }
 
     /// Codes per word of `bits`-bit codes in groups of `group` along rows of `cols`, or why
@@ -211,7 +429,7 @@ impl QuantizedMatrix {
         let words = &self.codes[row * self.words_per_row()..(row + 1) * self.words_per_row()];
         let groups = self.groups_per_row();
         for (g, chunk) in out.chunks_exact_mut(self.group).enumerate() {
-            let (scale, min) = (self.scales[row * groups + g], self.mins[row * groups + g]);
+            let (scale, min) = (self.groups.scale(row * groups + g), self.groups.min(row * groups + g));
             let first = g * self.group / per_word;
             for (w, vals) in chunk.chunks_exact_mut(per_word).enumerate() {
                 let word = words[first + w];
@@ -253,8 +471,7 @@ impl QuantizedMatrix {
         let (w, g) = (self.words_per_row(), self.groups_per_row());
         Ok(Self {
             codes: order.iter().flat_map(|&r| self.codes[r * w..(r + 1) * w].iter().copied()).collect(),
-            scales: order.iter().flat_map(|&r| self.scales[r * g..(r + 1) * g].iter().copied()).collect(),
-            mins: order.iter().flat_map(|&r| self.mins[r * g..(r + 1) * g].iter().copied()).collect(),
+            groups: self.groups.select(order.iter().map(|&r| r * g..(r + 1) * g)),
             ..self.clone()
         })
     }
@@ -269,15 +486,31 @@ impl QuantizedMatrix {
         Some(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             codes: parts.iter().flat_map(|p| p.codes.iter().copied()).collect(),
-            scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
-            mins: parts.iter().flat_map(|p| p.mins.iter().copied()).collect(),
+            groups: match parts.iter().all(|p| p.groups.is_f16() == first.groups.is_f16()) {
+                // One type: kept.
+                true => {
+                    let mut all = first.groups.select(std::iter::once(0..first.groups.len()));
+                    for p in &parts[1..] {
+                        match (&mut all, &p.groups) {
+                            (GroupScales::F32 { scales, mins }, GroupScales::F32 { scales: s, mins: m }) => (scales.extend_from_slice(s), mins.extend_from_slice(m)),
+                            (GroupScales::F16 { scales, mins }, GroupScales::F16 { scales: s, mins: m }) => (scales.extend_from_slice(s), mins.extend_from_slice(m)),
+                            _ => unreachable!("one type, checked above"),
+                        };
+                    }
+                    all
+                }
+                false => GroupScales::F32 {
+                    scales: parts.iter().flat_map(|p| p.groups.scales_f32()).collect(),
+                    mins: parts.iter().flat_map(|p| p.groups.mins_f32()).collect(),
+                },
+            },
             ..first.clone()
         })
     }
 
     /// Bytes the codes, scales and offsets take.
     pub fn bytes(&self) -> u64 {
-        (self.codes.len() * 4 + (self.scales.len() + self.mins.len()) * 4) as u64
+        (self.codes.len() * 4 + self.groups.bytes()) as u64
     }
 
     /// `x [n, cols] · Wᵀ -> [n, rows]` for `n` up to [`Self::fused_row_limit`] (decode rows and,
@@ -736,26 +969,71 @@ pub fn uses_avx512() -> bool {
 /// The CPU loops, written so that the compiler vectorises them, and compiled twice on x86-64:
 /// for the baseline target and for AVX2 + FMA, picked at run time.
 mod simd {
-    use super::{ACTIVATION_BLOCK, ActivationBlocks, ActivationBlocks8, ActivationUnits, QuantizedMatrix};
+    use super::{ACTIVATION_BLOCK, ActivationBlocks, ActivationBlocks8, ActivationUnits, GroupValue, QuantizedMatrix};
+
+    /// A group value (scale or offset) as f32, inside a loop compiled with F16C.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! v {
+        ($x:expr) => {
+            // SAFETY: used only in functions compiled for F16C (the AVX2 loops enable it,
+            // AVX-512F implies it), which run only where the CPU has it (`has_avx2` checks it).
+            unsafe { $crate::quant::GroupValue::get_f16c($x) }
+        };
+    }
+
+    /// `$call` with `$S` the type `$m` keeps its group values in (f16 or f32).
+    macro_rules! by_groups {
+        ($m:expr, $S:ident => $call:expr) => {
+            if $m.groups.is_f16() {
+                type $S = half::f16;
+                $call
+            } else {
+                type $S = f32;
+                $call
+            }
+        };
+    }
+
+    /// [`row_dot_i8_any_by`] for `m`'s group values.
+    pub(super) fn row_dot_i8_any(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks8, sums: &[f32]) -> f32 {
+        by_groups!(m, S => row_dot_i8_any_by::<S>(m, row, a, sums))
+    }
+
+    /// `Σ offsets · sums` ([`GroupValue::dot_f16c`]) inside a loop compiled with F16C.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! offsets_dot {
+        ($mins:expr, $sums:expr) => {
+            // SAFETY: as `v!`.
+            unsafe { $crate::quant::GroupValue::dot_f16c($mins, $sums) }
+        };
+    }
+
+    /// [`GroupValue::dot_f16c`] compiled for AVX2, FMA and F16C, for callers that are not.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn offsets_dot_avx2<S: GroupValue>(mins: &[S], sums: &[f32]) -> f32 {
+        offsets_dot!(mins, sums)
+    }
 
     /// Row `row` of `m` (4- or 8-bit codes in groups of whole 32s: checked by the caller,
     /// `m.takes_activation_blocks8()`) times one row of [`ActivationBlocks8`], `sums` the f32
     /// sums of the activations per group: per block an exact integer `Σ code · q` (8-bit codes
     /// as `Σ (code - 128) · q + 128 · Σ q`), scaled by the group's and the block's scales,
     /// plus `Σ min · sums`.
-    pub(super) fn row_dot_i8_any(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks8, sums: &[f32]) -> f32 {
+    fn row_dot_i8_any_by<S: GroupValue>(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks8, sums: &[f32]) -> f32 {
+        let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         let wpr = m.words_per_row();
         let words = &m.codes[row * wpr..(row + 1) * wpr];
         let groups = m.groups_per_row();
-        let (scales, mins) = (&m.scales[row * groups..(row + 1) * groups], &m.mins[row * groups..(row + 1) * groups]);
+        let (scales, mins) = (&sc[row * groups..(row + 1) * groups], &mn[row * groups..(row + 1) * groups]);
         let blocks_per_group = m.group / ACTIVATION_BLOCK;
         let words_per_block = ACTIVATION_BLOCK * m.bits as usize / 32;
         let mut total = 0f32;
         for (b, (block_words, q)) in words.chunks_exact(words_per_block).zip(a.q.chunks_exact(ACTIVATION_BLOCK)).enumerate() {
             let isum = block_isum(m.bits, |i| ((block_words[i / 4] >> (8 * (i % 4))) & 0xff) as i32, q);
-            total += isum as f32 * (scales[b / blocks_per_group] * a.scales[b]);
+            total += isum as f32 * (scales[b / blocks_per_group].get() * a.scales[b]);
         }
-        total + mins.iter().zip(sums).map(|(m, s)| m * s).sum::<f32>()
+        total + mins.iter().zip(sums).map(|(m, s)| m.get() * s).sum::<f32>()
     }
 
     /// `Σ code · q` of one block of [`ACTIVATION_BLOCK`] codes, exact in integers: `byte(i)` is
@@ -780,7 +1058,7 @@ mod simd {
     /// # Safety
     /// `BITS * 4` bytes are readable at `bytes`, and the CPU has AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn block_codes<const BITS: u32>(bytes: *const u8) -> [std::arch::x86_64::__m256i; 2] {
         use std::arch::x86_64::*;
@@ -800,7 +1078,7 @@ mod simd {
     /// even then odd), as eight 32-bit lanes; for 8-bit codes the block's `128 · Σ q` is the
     /// caller's.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn block_i8<const BITS: u32>(codes: [std::arch::x86_64::__m256i; 2], q: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
@@ -815,8 +1093,9 @@ mod simd {
     /// matrix's shape is read once per call, not per row (two integer divisions a row cost
     /// as much as a short row's products).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn rows_i8_avx2<const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_i8_avx2<S: GroupValue, const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
+        let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let groups = m.groups_per_row();
         let blocks = m.cols / ACTIVATION_BLOCK;
@@ -830,14 +1109,14 @@ mod simd {
                 && blocks_per_group * ACTIVATION_BLOCK == m.group
                 && blocks * ACTIVATION_BLOCK == m.cols
                 && (first + count) * row_bytes <= m.codes.len() * 4
-                && (first + count) * groups <= m.scales.len().min(m.mins.len())
+                && (first + count) * groups <= sc.len().min(mn.len())
                 && acts.iter().all(|a| a.q.len() == m.cols && a.scales.len() == blocks && a.sums.len() == blocks)
                 && sums.iter().all(|s| s.len() == groups),
             "rows of another width"
         );
         let codes = m.codes.as_ptr() as *const u8;
         let qp: [*const i8; N] = acts.map(|a| a.q.as_ptr());
-        let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+        let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
         for (r, ((ys, row_scales), row_mins)) in out.chunks_exact_mut(N).zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
             // SAFETY: row `first + r` lies in the matrix (asserted above): its `row_bytes` code bytes start here.
             let row_codes = unsafe { codes.add((first + r) * row_bytes) };
@@ -849,6 +1128,7 @@ mod simd {
             let (mut acc, mut other) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
             let mut b = 0;
             for &scale in row_scales {
+                let scale = v!(scale);
                 for _ in 0..blocks_per_group {
                     // SAFETY: `b < blocks`: the block's `block_bytes` code bytes lie in the row
                     // and its 32 activations in each `q` (`cols` long); unaligned loads;
@@ -870,7 +1150,7 @@ mod simd {
                 }
             }
             for j in 0..N {
-                ys[j] = hsum(_mm256_add_ps(acc[j], other[j])) + crate::dot(row_mins, sums[j]);
+                ys[j] = hsum(_mm256_add_ps(acc[j], other[j])) + offsets_dot!(row_mins, sums[j]);
             }
         }
     }
@@ -903,7 +1183,7 @@ mod simd {
             ((m.bits == 4 && m.group.is_multiple_of(32)) || (m.bits == 8 && m.group.is_multiple_of(16)))
                 && tile.len() >= count * cols
                 && (first + count) * row_bytes <= m.codes.len() * 4
-                && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                && (first + count) * groups <= m.groups.len(),
             "a tile of another width"
         );
         (cols, groups, row_bytes)
@@ -933,8 +1213,9 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX2 and FMA (the shapes are checked here).
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn dequantize_tile(m: &QuantizedMatrix, first: usize, count: usize, tile: &mut [f32]) {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn dequantize_tile<S: super::super::GroupValue>(m: &QuantizedMatrix, first: usize, count: usize, tile: &mut [f32]) {
+            let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let (cols, groups, row_bytes) = super::tile_rows_shape(m, first, count, tile);
             let codes = m.codes.as_ptr() as *const u8;
             for r in 0..count {
@@ -943,7 +1224,7 @@ mod simd {
                 let mut bytes = unsafe { codes.add(row * row_bytes) };
                 let mut out = tile[r * cols..(r + 1) * cols].as_mut_ptr();
                 for g in 0..groups {
-                    let (scale, min) = (_mm256_set1_ps(m.scales[row * groups + g]), _mm256_set1_ps(m.mins[row * groups + g]));
+                    let (scale, min) = (_mm256_set1_ps(v!(sc[row * groups + g])), _mm256_set1_ps(v!(mn[row * groups + g])));
                     // SAFETY: each step reads the group's next code bytes (in the row) and
                     // writes as many values (in the tile's row); unaligned loads and stores.
                     unsafe {
@@ -976,7 +1257,7 @@ mod simd {
         ///
         /// # Safety
         /// Two rows of `cols` f32 are readable at `w`, four at `x`, and the CPU has AVX2 + FMA.
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
         unsafe fn dots_2x4(w: *const f32, x: *const f32, cols: usize) -> [[f32; 4]; 2] {
             let mut acc = [[_mm256_setzero_ps(); 4]; 2];
@@ -1017,11 +1298,11 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX2 and FMA (the shapes are checked here).
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         pub(in super::super) unsafe fn rows_tiled(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32], tile: &mut [f32]) {
             let (cols, count, count4, n4) = super::tiled_shape(m, x, n, out, tile);
             // SAFETY: AVX2 and FMA, as this function requires; `dequantize_tile` checks the rest.
-            unsafe { dequantize_tile(m, first, count, tile) };
+            by_groups!(m, S => unsafe { dequantize_tile::<S>(m, first, count, tile) });
             for i in (0..count4).step_by(2) {
                 for j in (0..n4).step_by(4) {
                     // SAFETY: rows `i .. i + 2` of the tile (`count4` rows, `i` even) and `j ..
@@ -1050,7 +1331,7 @@ mod simd {
         ///
         /// # Safety
         /// `BITS * 8` bytes are readable at `bytes`, and the CPU has AVX-512 F and BW.
-        #[target_feature(enable = "avx512f,avx512bw")]
+        #[target_feature(enable = "avx512f,avx512bw,f16c")]
         #[inline]
         unsafe fn pair_codes<const BITS: u32>(bytes: *const u8) -> __m512i {
             if BITS == 4 {
@@ -1087,8 +1368,9 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX-512 F, BW and VNNI (the shapes are checked here).
-        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-        pub(in super::super) unsafe fn rows_i8_units<const BITS: u32>(m: &QuantizedMatrix, first: usize, a: &ActivationUnits, sums: &[f32], out: &mut [f32]) {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+        pub(in super::super) unsafe fn rows_i8_units<S: super::super::GroupValue, const BITS: u32>(m: &QuantizedMatrix, first: usize, a: &ActivationUnits, sums: &[f32], out: &mut [f32]) {
+            let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let groups = m.groups_per_row();
             let blocks = m.cols / ACTIVATION_BLOCK;
             let per_group = m.group / ACTIVATION_BLOCK;
@@ -1106,7 +1388,7 @@ mod simd {
                     && a.scales.len() == units * 16
                     && sums.len() == groups
                     && (first + count) * row_bytes <= m.codes.len() * 4
-                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                    && (first + count) * groups <= sc.len().min(mn.len()),
                 "rows of another width"
             );
             let codes = m.codes.as_ptr() as *const u8;
@@ -1123,7 +1405,7 @@ mod simd {
             let groups_per_unit = (per_unit / per_group).max(1);
             let units_per_group = (per_group / per_unit).max(1);
             let full_scales: u16 = if per_group >= per_unit { 1 } else { (1u16 << groups_per_unit) - 1 };
-            let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+            let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
             for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
                 // SAFETY: row `first + r` lies in the matrix (asserted above): its
                 // `row_bytes` code bytes start here.
@@ -1155,7 +1437,7 @@ mod simd {
                             } else {
                                 _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, even)
                             };
-                            let w = _mm512_permutexvar_ps(index, _mm512_maskz_loadu_ps(scale_mask, row_scales.as_ptr().add(first_group)));
+                            let w = _mm512_permutexvar_ps(index, S::load16_masked(scale_mask, row_scales.as_ptr().add(first_group)));
                             let scale = _mm512_mul_ps(w, _mm512_loadu_ps(a.scales.as_ptr().add(u * 16)));
                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc)
                         }
@@ -1177,7 +1459,7 @@ mod simd {
                 if u < units {
                     acc1 = unit!(u, blocks - per_unit * u, acc1);
                 }
-                *y = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + crate::dot(row_mins, sums);
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + offsets_dot!(row_mins, sums);
             }
         }
 
@@ -1187,8 +1469,9 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX-512 F, BW and VNNI (the shapes are checked here).
-        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-        pub(in super::super) unsafe fn rows_i8<const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+        pub(in super::super) unsafe fn rows_i8<S: super::super::GroupValue, const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
+            let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let groups = m.groups_per_row();
             let blocks = m.cols / ACTIVATION_BLOCK;
             let blocks_per_group = m.group / ACTIVATION_BLOCK;
@@ -1201,14 +1484,14 @@ mod simd {
                     && blocks_per_group * ACTIVATION_BLOCK == m.group
                     && blocks * ACTIVATION_BLOCK == m.cols
                     && (first + count) * row_bytes <= m.codes.len() * 4
-                    && (first + count) * groups <= m.scales.len().min(m.mins.len())
+                    && (first + count) * groups <= sc.len().min(mn.len())
                     && acts.iter().all(|a| a.q.len() == m.cols && a.scales.len() == blocks)
                     && sums.iter().all(|s| s.len() == groups),
                 "rows of another width"
             );
             let codes = m.codes.as_ptr() as *const u8;
             let qp: [*const i8; N] = acts.map(|a| a.q.as_ptr());
-            let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+            let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
             for (r, ((ys, row_scales), row_mins)) in out.chunks_exact_mut(N).zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
                 // SAFETY: row `first + r` lies in the matrix (asserted above): its `row_bytes`
                 // code bytes start here.
@@ -1220,7 +1503,7 @@ mod simd {
                     // `2 * block_bytes` code bytes, and their 64 activations in each `q`
                     // (`cols` long); unaligned loads.
                     let c = unsafe { pair_codes::<BITS>(row_codes.add(b * block_bytes)) };
-                    let (w0, w1) = (row_scales[b / blocks_per_group], row_scales[(b + 1) / blocks_per_group]);
+                    let (w0, w1) = (v!(row_scales[b / blocks_per_group]), v!(row_scales[(b + 1) / blocks_per_group]));
                     for j in 0..N {
                         // SAFETY: as above.
                         let qv = unsafe { _mm512_loadu_epi8(qp[j].add(b * ACTIVATION_BLOCK)) };
@@ -1238,9 +1521,9 @@ mod simd {
                         // SAFETY: block `b` lies in the row: its `block_bytes` code bytes.
                         let bytes = unsafe { std::slice::from_raw_parts(row_codes.add(b * block_bytes), block_bytes) };
                         let isum = super::block_isum(BITS, |i| i32::from(bytes[i]), &a.q[b * ACTIVATION_BLOCK..(b + 1) * ACTIVATION_BLOCK]);
-                        total += isum as f32 * (row_scales[b / blocks_per_group] * a.scales[b]);
+                        total += isum as f32 * (v!(row_scales[b / blocks_per_group]) * a.scales[b]);
                     }
-                    ys[j] = total + crate::dot(row_mins, sums[j]);
+                    ys[j] = total + offsets_dot!(row_mins, sums[j]);
                 }
             }
         }
@@ -1265,13 +1548,13 @@ mod simd {
         assert!(takes_units(m), "rows_dot_units: the CPU or the matrix does not take the unit loop");
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512 F, BW and VNNI (asserted above, detected at run time).
-        unsafe {
+        by_groups!(m, S => unsafe {
             if m.bits == 4 {
-                vnni::rows_i8_units::<4>(m, first, a, sums, out)
+                vnni::rows_i8_units::<S, 4>(m, first, a, sums, out)
             } else {
-                vnni::rows_i8_units::<8>(m, first, a, sums, out)
+                vnni::rows_i8_units::<S, 8>(m, first, a, sums, out)
             }
-        };
+        });
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (first, a, sums, out);
     }
@@ -1289,16 +1572,16 @@ mod simd {
                     // SAFETY: the CPU has AVX-512 F, BW and VNNI (detected at run time).
                     unsafe {
                         match (acts, sums) {
-                            (&[a], &[s]) => vnni::rows_i8::<$bits, 1>(m, first, [a], [s], out),
-                            (&[a, b], &[s, t]) => vnni::rows_i8::<$bits, 2>(m, first, [a, b], [s, t], out),
-                            (&[a, b, c], &[s, t, u]) => vnni::rows_i8::<$bits, 3>(m, first, [a, b, c], [s, t, u], out),
-                            (&[a, b, c, d], &[s, t, u, v]) => vnni::rows_i8::<$bits, 4>(m, first, [a, b, c, d], [s, t, u, v], out),
+                            (&[a], &[s]) => vnni::rows_i8::<S, $bits, 1>(m, first, [a], [s], out),
+                            (&[a, b], &[s, t]) => vnni::rows_i8::<S, $bits, 2>(m, first, [a, b], [s, t], out),
+                            (&[a, b, c], &[s, t, u]) => vnni::rows_i8::<S, $bits, 3>(m, first, [a, b, c], [s, t, u], out),
+                            (&[a, b, c, d], &[s, t, u, v]) => vnni::rows_i8::<S, $bits, 4>(m, first, [a, b, c, d], [s, t, u, v], out),
                             _ => unreachable!("asserted above"),
                         }
                     }
                 };
             }
-            if m.bits == 4 { pass!(4) } else { pass!(8) }
+            by_groups!(m, S => if m.bits == 4 { pass!(4) } else { pass!(8) });
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -1308,16 +1591,16 @@ mod simd {
                     // SAFETY: the CPU has AVX2 and FMA (detected at run time).
                     unsafe {
                         match (acts, sums) {
-                            (&[a], &[s]) => rows_i8_avx2::<$bits, 1>(m, first, [a], [s], out),
-                            (&[a, b], &[s, t]) => rows_i8_avx2::<$bits, 2>(m, first, [a, b], [s, t], out),
-                            (&[a, b, c], &[s, t, u]) => rows_i8_avx2::<$bits, 3>(m, first, [a, b, c], [s, t, u], out),
-                            (&[a, b, c, d], &[s, t, u, v]) => rows_i8_avx2::<$bits, 4>(m, first, [a, b, c, d], [s, t, u, v], out),
+                            (&[a], &[s]) => rows_i8_avx2::<S, $bits, 1>(m, first, [a], [s], out),
+                            (&[a, b], &[s, t]) => rows_i8_avx2::<S, $bits, 2>(m, first, [a, b], [s, t], out),
+                            (&[a, b, c], &[s, t, u]) => rows_i8_avx2::<S, $bits, 3>(m, first, [a, b, c], [s, t, u], out),
+                            (&[a, b, c, d], &[s, t, u, v]) => rows_i8_avx2::<S, $bits, 4>(m, first, [a, b, c, d], [s, t, u, v], out),
                             _ => unreachable!("asserted above"),
                         }
                     }
                 };
             }
-            if m.bits == 4 { pass!(4) } else { pass!(8) }
+            by_groups!(m, S => if m.bits == 4 { pass!(4) } else { pass!(8) });
             return;
         }
         for (r, ys) in out.chunks_exact_mut(n).enumerate() {
@@ -1329,7 +1612,7 @@ mod simd {
 
     /// The sum of a vector's eight lanes.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn hsum(v: std::arch::x86_64::__m256) -> f32 {
         let mut lanes = [0f32; 8];
@@ -1353,11 +1636,12 @@ mod simd {
     /// Row `row` of `m` times `x` (`cols`), with `sums` the sums of `x` per group. The sums
     /// stay in `PER` lanes (one vector) until the row ends.
     #[inline(always)]
-    fn row_dot_body<const BITS: u32, const PER: usize>(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
+    fn row_dot_body<S: GroupValue, const BITS: u32, const PER: usize>(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
+        let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         let wpr = m.words_per_row();
         let words = &m.codes[row * wpr..(row + 1) * wpr];
         let groups = m.groups_per_row();
-        let (scales, mins) = (&m.scales[row * groups..(row + 1) * groups], &m.mins[row * groups..(row + 1) * groups]);
+        let (scales, mins) = (&sc[row * groups..(row + 1) * groups], &mn[row * groups..(row + 1) * groups]);
         let per_group = m.group / PER;
         let mut total = [0f32; PER];
         let mut offsets = 0f32;
@@ -1374,11 +1658,11 @@ mod simd {
             for (w, xs) in group_words[tail..].iter().zip(xg[tail * PER..].chunks_exact(PER)) {
                 word_fma::<BITS, PER>(&mut acc[0], *w, xs);
             }
-            let scale = scales[g];
+            let scale = scales[g].get();
             for k in 0..PER {
                 total[k] += scale * ((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]));
             }
-            offsets += mins[g] * sums[g];
+            offsets += mins[g].get() * sums[g];
         }
         total.iter().sum::<f32>() + offsets
     }
@@ -1386,7 +1670,7 @@ mod simd {
     /// [`row_dot_body`] for `m`'s code width, compiled for the baseline target.
     #[inline(always)]
     pub(super) fn row_dot_any(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
-        if m.bits == 4 { row_dot_body::<4, 8>(m, row, x, sums) } else { row_dot_body::<8, 4>(m, row, x, sums) }
+        by_groups!(m, S => if m.bits == 4 { row_dot_body::<S, 4, 8>(m, row, x, sums) } else { row_dot_body::<S, 8, 4>(m, row, x, sums) })
     }
 
     /// Row `row` of `m` times one row of [`ActivationBlocks`] (checked by the caller:
@@ -1394,11 +1678,12 @@ mod simd {
     /// per unit of `UNIT` codes an exact integer `Σ code · q`, scaled by the unit's group
     /// scale and block scale, plus `Σ min · sums`.
     #[inline(always)]
-    fn row_dot_i16_body<const BITS: u32, const UNIT: usize>(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
+    fn row_dot_i16_body<S: GroupValue, const BITS: u32, const UNIT: usize>(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
+        let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         let wpr = m.words_per_row();
         let words = &m.codes[row * wpr..(row + 1) * wpr];
         let groups = m.groups_per_row();
-        let (scales, mins) = (&m.scales[row * groups..(row + 1) * groups], &m.mins[row * groups..(row + 1) * groups]);
+        let (scales, mins) = (&sc[row * groups..(row + 1) * groups], &mn[row * groups..(row + 1) * groups]);
         let units_per_group = m.group / UNIT;
         let words_per_unit = UNIT * BITS as usize / 32;
         let mut total = 0f32;
@@ -1417,31 +1702,32 @@ mod simd {
                     isum += ((unit_words[k / 4] >> (8 * (k % 4))) & 0xff) as i32 * qk as i32;
                 }
             }
-            total += isum as f32 * (scales[u / units_per_group] * a.scales[u * UNIT / super::ACTIVATION_BLOCK]);
+            total += isum as f32 * (scales[u / units_per_group].get() * a.scales[u * UNIT / super::ACTIVATION_BLOCK]);
         }
-        total + mins.iter().zip(sums).map(|(m, s)| m * s).sum::<f32>()
+        total + mins.iter().zip(sums).map(|(m, s)| m.get() * s).sum::<f32>()
     }
 
     /// [`row_dot_i16_body`] for `m`'s code width and group, for the baseline target.
     pub(super) fn row_dot_i16_any(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
-        match (m.bits, m.group.is_multiple_of(32)) {
-            (4, _) => row_dot_i16_body::<4, 32>(m, row, a, sums),
-            (_, true) => row_dot_i16_body::<8, 32>(m, row, a, sums),
-            _ => row_dot_i16_body::<8, 16>(m, row, a, sums),
-        }
+        by_groups!(m, S => match (m.bits, m.group.is_multiple_of(32)) {
+            (4, _) => row_dot_i16_body::<S, 4, 32>(m, row, a, sums),
+            (_, true) => row_dot_i16_body::<S, 8, 32>(m, row, a, sums),
+            _ => row_dot_i16_body::<S, 8, 16>(m, row, a, sums),
+        })
     }
 
     /// [`row_dot_i16_body`] with AVX2: a unit's codes widened to 16 bits (4-bit ones split
     /// into low and high nibbles), `pmaddwd` against the activations into eight 32-bit sums,
     /// converted and scaled into one of four f32 accumulators.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn row_dot_i16_avx2<const BITS: u32, const UNIT: usize>(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_dot_i16_avx2<S: GroupValue, const BITS: u32, const UNIT: usize>(m: &QuantizedMatrix, row: usize, a: &ActivationBlocks, sums: &[f32]) -> f32 {
+        let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let wpr = m.words_per_row();
         let groups = m.groups_per_row();
         let words = &m.codes[row * wpr..(row + 1) * wpr];
-        let scales = &m.scales[row * groups..(row + 1) * groups];
+        let scales = &sc[row * groups..(row + 1) * groups];
         let units = m.cols / UNIT;
         let units_per_group = m.group / UNIT;
         assert!(
@@ -1454,6 +1740,7 @@ mod simd {
         let (mut a0, mut a1, mut a2, mut a3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
         let mut u = 0;
         for &scale in scales {
+            let scale = v!(scale);
             for _ in 0..units_per_group {
                 // SAFETY: `u < units`: the unit's `UNIT * BITS / 8` code bytes lie in the row's
                 // words and its `UNIT` activations in `q` (lengths asserted above); unaligned
@@ -1483,7 +1770,7 @@ mod simd {
                 u += 1;
             }
         }
-        hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + crate::dot(&m.mins[row * groups..(row + 1) * groups], sums)
+        hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + offsets_dot!(&mn[row * groups..(row + 1) * groups], sums)
     }
 
     /// Row `row` of `m` times `x`, `sums` the sums of `x` per group of `m`.
@@ -1492,7 +1779,7 @@ mod simd {
         if has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA (detected at run time), the only requirement
             // of calling a function compiled for them.
-            return unsafe { row_dot_avx2(m, row, x, sums) };
+            return by_groups!(m, S => unsafe { row_dot_avx2::<S>(m, row, x, sums) });
         }
         row_dot_any(m, row, x, sums)
     }
@@ -1502,13 +1789,13 @@ mod simd {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-            return unsafe {
+            return by_groups!(m, S => unsafe {
                 match (m.bits, m.group.is_multiple_of(32)) {
-                    (4, _) => row_dot_i16_avx2::<4, 32>(m, row, a, sums),
-                    (_, true) => row_dot_i16_avx2::<8, 32>(m, row, a, sums),
-                    _ => row_dot_i16_avx2::<8, 16>(m, row, a, sums),
+                    (4, _) => row_dot_i16_avx2::<S, 4, 32>(m, row, a, sums),
+                    (_, true) => row_dot_i16_avx2::<S, 8, 32>(m, row, a, sums),
+                    _ => row_dot_i16_avx2::<S, 8, 16>(m, row, a, sums),
                 }
-            };
+            });
         }
         row_dot_i16_any(m, row, a, sums)
     }
@@ -1518,26 +1805,28 @@ mod simd {
     /// two 8-bit words widened), `code · x` scaled by its group's scale into four
     /// accumulators that live across groups.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn row_dot_avx2(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_dot_avx2<S: GroupValue>(m: &QuantizedMatrix, row: usize, x: &[f32], sums: &[f32]) -> f32 {
+        let (_, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         let groups = m.groups_per_row();
         if x.len() != m.cols || sums.len() != groups || !m.group.is_multiple_of(8) {
             return row_dot_any(m, row, x, sums);
         }
-        let codes = if m.bits == 4 { row_codes_avx2::<4>(m, row, x) } else { row_codes_avx2::<8>(m, row, x) };
-        codes + crate::dot(&m.mins[row * groups..(row + 1) * groups], sums)
+        let codes = if m.bits == 4 { row_codes_avx2::<S, 4>(m, row, x) } else { row_codes_avx2::<S, 8>(m, row, x) };
+        codes + offsets_dot!(&mn[row * groups..(row + 1) * groups], sums)
     }
 
     /// `Σ_g scale_g · Σ_{k in g} code_k · x_k` over row `row` (`x` of `cols`, groups of a
     /// multiple of 8: checked by the caller).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn row_codes_avx2<const BITS: u32>(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_codes_avx2<S: GroupValue, const BITS: u32>(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+        let (sc, _) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let wpr = m.words_per_row();
         let groups = m.groups_per_row();
         let words = &m.codes[row * wpr..(row + 1) * wpr];
-        let scales = &m.scales[row * groups..(row + 1) * groups];
+        let scales = &sc[row * groups..(row + 1) * groups];
         let vectors_per_group = m.group / 8;
         assert!(words.len() * 32 / BITS as usize == x.len() && x.len() == groups * m.group, "a row of another width");
         let (wp, xp) = (words.as_ptr(), x.as_ptr());
@@ -1578,7 +1867,7 @@ mod simd {
             if v < end {
                 step!(v, p);
             }
-            let scale = _mm256_set1_ps(scales[g]);
+            let scale = _mm256_set1_ps(v!(scales[g]));
             if g % 2 == 0 {
                 a0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a0);
             } else {
@@ -1596,7 +1885,7 @@ mod simd {
     /// # Safety
     /// 16 bytes are readable at `bytes`, and the CPU has AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn unit_codes4(bytes: *const u8) -> [std::arch::x86_64::__m256; 4] {
         use std::arch::x86_64::*;
@@ -1617,13 +1906,14 @@ mod simd {
     /// unit's codes are widened and converted once and multiplied into every row's sum
     /// (batched decode rows, short prompts).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn row_codes4_split_avx2_rows<const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_codes4_split_avx2_rows<S: GroupValue, const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
+        let (sc, _) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let wpr = m.words_per_row();
         let groups = m.groups_per_row();
         let words = &m.codes[row * wpr..(row + 1) * wpr];
-        let scales = &m.scales[row * groups..(row + 1) * groups];
+        let scales = &sc[row * groups..(row + 1) * groups];
         let units_per_group = m.group / 32;
         assert!(
             splits.iter().all(|s| words.len() * 8 == s.len()) && words.len() * 8 == groups * m.group && m.group.is_multiple_of(32),
@@ -1633,6 +1923,7 @@ mod simd {
         let mut xp: [*const f32; N] = splits.map(<[f32]>::as_ptr);
         let mut totals = [_mm256_setzero_ps(); N];
         for &scale in scales {
+            let scale = v!(scale);
             let mut acc = [_mm256_setzero_ps(); N];
             for _ in 0..units_per_group {
                 // SAFETY: one unit of 32 codes per iteration, `cols / 32` in all: its 16 code
@@ -1670,21 +1961,24 @@ mod simd {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() && splits.len() == out.len() && sums.len() == out.len() {
             let groups = m.groups_per_row();
-            let mins = &m.mins[row * groups..(row + 1) * groups];
             let wide = has_avx512();
+            by_groups!(m, S => {
+            let mins = &S::slices(&m.groups).expect("the type `by_groups` chose").1[row * groups..(row + 1) * groups];
             // SAFETY: the CPU has AVX2 and FMA, and AVX-512F where `wide` (detected at run time).
             let codes: &[f32] = &match *splits {
-                [a, b] if wide => unsafe { avx512::row_codes4_split_rows::<2>(m, row, [a, b]) }.to_vec(),
-                [a, b, c] if wide => unsafe { avx512::row_codes4_split_rows::<3>(m, row, [a, b, c]) }.to_vec(),
-                [a, b, c, d] if wide => unsafe { avx512::row_codes4_split_rows::<4>(m, row, [a, b, c, d]) }.to_vec(),
-                [a, b] => unsafe { row_codes4_split_avx2_rows::<2>(m, row, [a, b]) }.to_vec(),
-                [a, b, c] => unsafe { row_codes4_split_avx2_rows::<3>(m, row, [a, b, c]) }.to_vec(),
-                [a, b, c, d] => unsafe { row_codes4_split_avx2_rows::<4>(m, row, [a, b, c, d]) }.to_vec(),
+                [a, b] if wide => unsafe { avx512::row_codes4_split_rows::<S, 2>(m, row, [a, b]) }.to_vec(),
+                [a, b, c] if wide => unsafe { avx512::row_codes4_split_rows::<S, 3>(m, row, [a, b, c]) }.to_vec(),
+                [a, b, c, d] if wide => unsafe { avx512::row_codes4_split_rows::<S, 4>(m, row, [a, b, c, d]) }.to_vec(),
+                [a, b] => unsafe { row_codes4_split_avx2_rows::<S, 2>(m, row, [a, b]) }.to_vec(),
+                [a, b, c] => unsafe { row_codes4_split_avx2_rows::<S, 3>(m, row, [a, b, c]) }.to_vec(),
+                [a, b, c, d] => unsafe { row_codes4_split_avx2_rows::<S, 4>(m, row, [a, b, c, d]) }.to_vec(),
                 _ => return false,
             };
             for ((o, c), s) in out.iter_mut().zip(codes).zip(sums) {
-                *o = c + crate::dot(mins, s);
+                // SAFETY: the CPU has AVX2, FMA and F16C (detected at run time).
+                *o = c + unsafe { offsets_dot_avx2(mins, s) };
             }
+            });
             return true;
         }
         let _ = (m, row, splits, sums, out);
@@ -1700,8 +1994,9 @@ mod simd {
     /// on). The matrix's shape is read once per call (per row, its integer divisions cost as
     /// much as a short row's products).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn rows_split4_avx2(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_split4_avx2<S: GroupValue>(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
+        let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let groups = m.groups_per_row();
         let units_per_group = m.group / 32;
@@ -1713,11 +2008,11 @@ mod simd {
                 && split.len() == m.cols
                 && sums.len() == groups
                 && (first + count) * row_bytes <= m.codes.len() * 4
-                && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                && (first + count) * groups <= sc.len().min(mn.len()),
             "rows of another width"
         );
         let codes = m.codes.as_ptr() as *const u8;
-        let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+        let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
         // Two output rows a pass, as `avx512::rows_split4` (each row in its one-row order of
         // operations): each unit's activations loaded once for both rows.
         let pairs = count / 2;
@@ -1749,7 +2044,7 @@ mod simd {
                         xp = xp.add(32);
                     }
                 }
-                let (scale_a, scale_b) = (_mm256_set1_ps(sa[g]), _mm256_set1_ps(sb[g]));
+                let (scale_a, scale_b) = (_mm256_set1_ps(v!(sa[g])), _mm256_set1_ps(v!(sb[g])));
                 if g % 2 == 0 {
                     a0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale_a, a0);
                     b0 = _mm256_fmadd_ps(_mm256_add_ps(u, v), scale_b, b0);
@@ -1758,8 +2053,8 @@ mod simd {
                     b1 = _mm256_fmadd_ps(_mm256_add_ps(u, v), scale_b, b1);
                 }
             }
-            out[r] = hsum(_mm256_add_ps(a0, a1)) + crate::dot(&mins[r * groups..(r + 1) * groups], sums);
-            out[r + 1] = hsum(_mm256_add_ps(b0, b1)) + crate::dot(&mins[(r + 1) * groups..(r + 2) * groups], sums);
+            out[r] = hsum(_mm256_add_ps(a0, a1)) + offsets_dot!(&mins[r * groups..(r + 1) * groups], sums);
+            out[r + 1] = hsum(_mm256_add_ps(b0, b1)) + offsets_dot!(&mins[(r + 1) * groups..(r + 2) * groups], sums);
         }
         let rest = 2 * pairs;
         let tail = out[rest..].iter_mut().zip(scales[rest * groups..].chunks_exact(groups)).zip(mins[rest * groups..].chunks_exact(groups));
@@ -1771,6 +2066,7 @@ mod simd {
             let mut xp = split.as_ptr();
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             for (g, &scale) in row_scales.iter().enumerate() {
+                let scale = v!(scale);
                 let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 for _ in 0..units_per_group {
                     // SAFETY: one unit of 32 codes per iteration, `cols / 32` in the row: its
@@ -1793,7 +2089,7 @@ mod simd {
                     a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a1);
                 }
             }
-            *y = hsum(_mm256_add_ps(a0, a1)) + crate::dot(row_mins, sums);
+            *y = hsum(_mm256_add_ps(a0, a1)) + offsets_dot!(row_mins, sums);
         }
     }
 
@@ -1801,8 +2097,9 @@ mod simd {
     /// first + out.len()` of an 8-bit `m` (groups of whole 16s) against one row `x`, sixteen
     /// codes a step widened to f32 in registers, the matrix's shape read once per call.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn rows_codes8_avx2(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_codes8_avx2<S: GroupValue>(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+        let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let groups = m.groups_per_row();
         let steps_per_group = m.group / 16;
@@ -1814,11 +2111,11 @@ mod simd {
                 && x.len() == m.cols
                 && sums.len() == groups
                 && (first + count) * row_bytes <= m.codes.len() * 4
-                && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                && (first + count) * groups <= sc.len().min(mn.len()),
             "rows of another width"
         );
         let codes = m.codes.as_ptr() as *const u8;
-        let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+        let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
         for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
             // SAFETY: row `first + r` lies in the matrix (asserted above): its `cols` code
             // bytes start here.
@@ -1826,6 +2123,7 @@ mod simd {
             let mut xp = x.as_ptr();
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             for (g, &scale) in row_scales.iter().enumerate() {
+                let scale = v!(scale);
                 let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 for _ in 0..steps_per_group {
                     // SAFETY: sixteen codes per iteration, `cols / 16` in the row: their bytes
@@ -1848,7 +2146,7 @@ mod simd {
                     a1 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale, a1);
                 }
             }
-            *y = hsum(_mm256_add_ps(a0, a1)) + crate::dot(row_mins, sums);
+            *y = hsum(_mm256_add_ps(a0, a1)) + offsets_dot!(row_mins, sums);
         }
     }
 
@@ -1867,7 +2165,7 @@ mod simd {
         ///
         /// # Safety
         /// 16 bytes are readable at `bytes`, and the CPU has AVX-512F.
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,f16c")]
         #[inline]
         unsafe fn unit_codes4(bytes: *const u8) -> [__m512; 2] {
             let low = _mm_set1_epi8(0x0f);
@@ -1882,8 +2180,9 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX-512F (the shapes are checked here).
-        #[target_feature(enable = "avx512f")]
-        pub(in super::super) unsafe fn rows_split4(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
+        #[target_feature(enable = "avx512f,f16c")]
+        pub(in super::super) unsafe fn rows_split4<S: super::super::GroupValue>(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
+            let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let groups = m.groups_per_row();
             let units_per_group = m.group / 32;
             let row_bytes = m.cols / 2;
@@ -1894,11 +2193,11 @@ mod simd {
                     && split.len() == m.cols
                     && sums.len() == groups
                     && (first + count) * row_bytes <= m.codes.len() * 4
-                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                    && (first + count) * groups <= sc.len().min(mn.len()),
                 "rows of another width"
             );
             let codes = m.codes.as_ptr() as *const u8;
-            let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+            let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
             // Two output rows a pass (each with its own sums, in the one-row order of operations,
             // so a row's result does not depend on its neighbour): each unit's activations are
             // loaded once for both, and the two rows' chains run side by side (one row at a time
@@ -1928,7 +2227,7 @@ mod simd {
                             xp = xp.add(32);
                         }
                     }
-                    let (scale_a, scale_b) = (_mm512_set1_ps(sa[g]), _mm512_set1_ps(sb[g]));
+                    let (scale_a, scale_b) = (_mm512_set1_ps(v!(sa[g])), _mm512_set1_ps(v!(sb[g])));
                     if g % 2 == 0 {
                         a0 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale_a, a0);
                         b0 = _mm512_fmadd_ps(_mm512_add_ps(u, v), scale_b, b0);
@@ -1937,8 +2236,8 @@ mod simd {
                         b1 = _mm512_fmadd_ps(_mm512_add_ps(u, v), scale_b, b1);
                     }
                 }
-                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + crate::dot(&mins[r * groups..(r + 1) * groups], sums);
-                out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1)) + crate::dot(&mins[(r + 1) * groups..(r + 2) * groups], sums);
+                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + offsets_dot!(&mins[r * groups..(r + 1) * groups], sums);
+                out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1)) + offsets_dot!(&mins[(r + 1) * groups..(r + 2) * groups], sums);
             }
             let rest = 2 * pairs;
             let tail = out[rest..].iter_mut().zip(scales[rest * groups..].chunks_exact(groups)).zip(mins[rest * groups..].chunks_exact(groups));
@@ -1950,6 +2249,7 @@ mod simd {
                 let mut xp = split.as_ptr();
                 let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 for (g, &scale) in row_scales.iter().enumerate() {
+                    let scale = v!(scale);
                     let (mut p, mut q) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                     for _ in 0..units_per_group {
                         // SAFETY: one unit of 32 codes per iteration, `cols / 32` in the row:
@@ -1970,7 +2270,7 @@ mod simd {
                         a1 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a1);
                     }
                 }
-                *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + crate::dot(row_mins, sums);
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + offsets_dot!(row_mins, sums);
             }
         }
 
@@ -1978,12 +2278,13 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX-512F (the shapes are checked here).
-        #[target_feature(enable = "avx512f")]
-        pub(in super::super) unsafe fn row_codes4_split_rows<const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
+        #[target_feature(enable = "avx512f,f16c")]
+        pub(in super::super) unsafe fn row_codes4_split_rows<S: super::super::GroupValue, const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
+            let (sc, _) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let wpr = m.words_per_row();
             let groups = m.groups_per_row();
             let words = &m.codes[row * wpr..(row + 1) * wpr];
-            let scales = &m.scales[row * groups..(row + 1) * groups];
+            let scales = &sc[row * groups..(row + 1) * groups];
             let units_per_group = m.group / 32;
             assert!(
                 splits.iter().all(|s| words.len() * 8 == s.len()) && words.len() * 8 == groups * m.group && m.group.is_multiple_of(32),
@@ -1993,6 +2294,7 @@ mod simd {
             let mut xp: [*const f32; N] = splits.map(<[f32]>::as_ptr);
             let mut totals = [_mm512_setzero_ps(); N];
             for &scale in scales {
+                let scale = v!(scale);
                 let mut acc = [_mm512_setzero_ps(); N];
                 for _ in 0..units_per_group {
                     // SAFETY: one unit of 32 codes per iteration, `cols / 32` in all: its 16
@@ -2021,8 +2323,9 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX-512F (the shapes are checked here).
-        #[target_feature(enable = "avx512f")]
-        pub(in super::super) unsafe fn rows_codes8(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+        #[target_feature(enable = "avx512f,f16c")]
+        pub(in super::super) unsafe fn rows_codes8<S: super::super::GroupValue>(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+            let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let groups = m.groups_per_row();
             let steps_per_group = m.group / 16;
             let row_bytes = m.cols;
@@ -2033,11 +2336,11 @@ mod simd {
                     && x.len() == m.cols
                     && sums.len() == groups
                     && (first + count) * row_bytes <= m.codes.len() * 4
-                    && (first + count) * groups <= m.scales.len().min(m.mins.len()),
+                    && (first + count) * groups <= sc.len().min(mn.len()),
                 "rows of another width"
             );
             let codes = m.codes.as_ptr() as *const u8;
-            let (scales, mins) = (&m.scales[first * groups..(first + count) * groups], &m.mins[first * groups..(first + count) * groups]);
+            let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
             for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
                 // SAFETY: row `first + r` lies in the matrix (asserted above): its `cols`
                 // code bytes start here.
@@ -2045,6 +2348,7 @@ mod simd {
                 let mut xp = x.as_ptr();
                 let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 for (g, &scale) in row_scales.iter().enumerate() {
+                    let scale = v!(scale);
                     let (mut p, mut q) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                     let mut step = 0;
                     while step + 2 <= steps_per_group {
@@ -2077,7 +2381,7 @@ mod simd {
                         a1 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a1);
                     }
                 }
-                *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + crate::dot(row_mins, sums);
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + offsets_dot!(row_mins, sums);
             }
         }
 
@@ -2088,8 +2392,9 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX-512F (the shapes are checked here).
-        #[target_feature(enable = "avx512f")]
-        unsafe fn dequantize_tile(m: &QuantizedMatrix, first: usize, count: usize, tile: &mut [f32]) {
+        #[target_feature(enable = "avx512f,f16c")]
+        unsafe fn dequantize_tile<S: super::super::GroupValue>(m: &QuantizedMatrix, first: usize, count: usize, tile: &mut [f32]) {
+            let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let (cols, groups, row_bytes) = super::tile_rows_shape(m, first, count, tile);
             let codes = m.codes.as_ptr() as *const u8;
             for r in 0..count {
@@ -2098,7 +2403,7 @@ mod simd {
                 let mut bytes = unsafe { codes.add(row * row_bytes) };
                 let mut out = tile[r * cols..(r + 1) * cols].as_mut_ptr();
                 for g in 0..groups {
-                    let (scale, min) = (_mm512_set1_ps(m.scales[row * groups + g]), _mm512_set1_ps(m.mins[row * groups + g]));
+                    let (scale, min) = (_mm512_set1_ps(v!(sc[row * groups + g])), _mm512_set1_ps(v!(mn[row * groups + g])));
                     // SAFETY: each step reads the group's next code bytes (in the row) and
                     // writes as many values (in the tile's row, `cols` long): `group` of
                     // each per group; unaligned loads and stores.
@@ -2129,7 +2434,7 @@ mod simd {
         ///
         /// # Safety
         /// Four rows of `cols` f32 are readable at `w` and at `x`, and the CPU has AVX-512F.
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,f16c")]
         #[inline]
         unsafe fn dots_4x4(w: *const f32, x: *const f32, cols: usize) -> [[f32; 4]; 4] {
             let mut acc = [[_mm512_setzero_ps(); 4]; 4];
@@ -2160,7 +2465,7 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX-512F.
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,f16c")]
         #[inline]
         unsafe fn reduce_16(acc: [[__m512; 4]; 4]) -> [f32; 16] {
             let v: [__m512; 16] = std::array::from_fn(|i| acc[i / 4][i % 4]);
@@ -2199,11 +2504,11 @@ mod simd {
         ///
         /// # Safety
         /// The CPU has AVX-512F (the shapes are checked here).
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,f16c")]
         pub(in super::super) unsafe fn rows_tiled(m: &QuantizedMatrix, x: &[f32], n: usize, first: usize, out: &mut [f32], tile: &mut [f32]) {
             let (cols, count, count4, n4) = super::tiled_shape(m, x, n, out, tile);
             // SAFETY: AVX-512F, as this function requires; `dequantize_tile` checks the rest.
-            unsafe { dequantize_tile(m, first, count, tile) };
+            by_groups!(m, S => unsafe { dequantize_tile::<S>(m, first, count, tile) });
             for i in (0..count4).step_by(4) {
                 for j in (0..n4).step_by(4) {
                     // SAFETY: rows `i .. i + 4` of the tile (`count4` rows) and `j .. j + 4`
@@ -2223,11 +2528,11 @@ mod simd {
         if has_avx2() && m.bits == 8 && m.group.is_multiple_of(16) {
             if has_avx512() {
                 // SAFETY: the CPU has AVX-512F (detected at run time).
-                unsafe { avx512::rows_codes8(m, first, x, sums, out) };
+                by_groups!(m, S => unsafe { avx512::rows_codes8::<S>(m, first, x, sums, out) });
                 return true;
             }
             // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-            unsafe { rows_codes8_avx2(m, first, x, sums, out) };
+            by_groups!(m, S => unsafe { rows_codes8_avx2::<S>(m, first, x, sums, out) });
             return true;
         }
         let _ = (m, first, x, sums, out);
@@ -2242,11 +2547,11 @@ mod simd {
         if has_avx2() {
             if has_avx512() {
                 // SAFETY: the CPU has AVX-512F (detected at run time).
-                unsafe { avx512::rows_split4(m, first, split, sums, out) };
+                by_groups!(m, S => unsafe { avx512::rows_split4::<S>(m, first, split, sums, out) });
                 return true;
             }
             // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-            unsafe { rows_split4_avx2(m, first, split, sums, out) };
+            by_groups!(m, S => unsafe { rows_split4_avx2::<S>(m, first, split, sums, out) });
             return true;
         }
         let _ = (m, first, split, sums, out);
@@ -2291,7 +2596,7 @@ mod simd {
     pub(super) fn has_avx2() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c"))
     }
 }
 
@@ -2351,7 +2656,7 @@ impl QuantizedLinear {
             let (codes, mins) = device_codes(&matrix);
             Storage::Device(Box::new(DeviceCodes {
                 codes: Tensor::<1, Int>::from_data(TensorData::new(codes, [rows * words]), (device, DType::U32)).reshape([rows, words]),
-                scales: f32s(matrix.scales),
+                scales: f32s(matrix.groups.scales_f32()),
                 mins: f32s(mins),
             }))
         } else {
@@ -2792,10 +3097,10 @@ pub fn device_codes(m: &QuantizedMatrix) -> (Vec<u32>, Vec<f32>) {
             .par_iter()
             .map(|&w| (0..4u32).fold(0u32, |acc, j| acc | (((w >> (4 * j)) & 15) << (8 * j)) | (((w >> (4 * (j + 4))) & 15) << (8 * j + 4))))
             .collect();
-        (codes, m.mins.clone())
+        (codes, m.groups.mins_f32())
     } else {
         let codes = m.codes.par_iter().map(|&w| w ^ 0x8080_8080).collect();
-        (codes, m.mins.iter().zip(&m.scales).map(|(m, s)| m + 128.0 * s).collect())
+        (codes, m.groups.mins_f32().iter().zip(m.groups.scales_f32()).map(|(m, s)| m + 128.0 * s).collect())
     }
 }
 
@@ -2833,6 +3138,14 @@ fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Held by the tests that switch AVX-512 off for the process ([`use_avx512`]) or rely
+    /// on which loops run, so that they do not run into each other.
+    static LOOPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn loops_lock() -> std::sync::MutexGuard<'static, ()> {
+        LOOPS.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -2918,7 +3231,7 @@ mod tests {
                         }
                         let xsum = if m.bits == 4 { sums[start / 16] + sums[start / 16 + 1] } else { sums[start / 16] };
                         let g = ch * groups + start / m.group;
-                        acc += m.scales[g] * xs[start / 32] * (ih * 256 + il) as f32 + mins[g] * xsum;
+                        acc += m.groups.scale(g) * xs[start / 32] * (ih * 256 + il) as f32 + mins[g] * xsum;
                     }
                     acc
                 })
@@ -2935,7 +3248,7 @@ mod tests {
                 let g = row * groups + w / (m.group / per_word);
                 for k in 0..per_word {
                     let code = if m.bits == 4 { ((word >> ((k % 4) * 8 + (k / 4) * 4)) & 15) as f32 } else { (((word as i32) << (24 - 8 * k)) >> 24) as f32 };
-                    out[row * m.cols + w * per_word + k] = code * m.scales[g] + mins[g];
+                    out[row * m.cols + w * per_word + k] = code * m.groups.scale(g) + mins[g];
                 }
             }
             out
@@ -2984,7 +3297,7 @@ mod tests {
         assert_eq!(m.codes, vec![0x0403_0201, 0x0807_06fa]);
         assert_eq!(m.dequantize(), vec![-0.5, 0.0, 0.5, 1.0, 501.0, 13.0, 15.0, 17.0]);
         // Words packed elsewhere (GGUF blocks) are taken as they are: the same matrix.
-        let again = QuantizedMatrix::from_packed(2, 4, 8, 4, m.codes.clone(), m.scales.clone(), m.mins.clone()).expect("packed");
+        let again = QuantizedMatrix::from_packed(2, 4, 8, 4, m.codes.clone(), m.groups.scales_f32(), m.groups.mins_f32()).expect("packed");
         assert_eq!(again, m);
         let e = QuantizedMatrix::from_packed(2, 4, 8, 4, vec![0; 3], vec![0.5, 2.0], vec![-1.0, 1.0]).expect_err("short");
         assert!(e.0.contains("needs 2 words") && e.0.contains("got 3"), "{e}");
@@ -3010,13 +3323,13 @@ mod tests {
         let w = random(rows * cols, 1);
         let q8 = QuantizedMatrix::quantize_int8(&w, rows, cols).expect("int8");
         for (r, (row, back)) in w.chunks(cols).zip(q8.dequantize().chunks(cols)).enumerate() {
-            let step = q8.scales[r];
+            let step = q8.groups.scale(r);
             assert!(row.iter().zip(back).all(|(a, b)| (a - b).abs() <= 0.5 * step + 1e-6), "int8 row {r}");
         }
         let q4 = QuantizedMatrix::quantize_int4(&w, rows, cols, 128).expect("int4");
         let back = q4.dequantize();
         for (i, (a, b)) in w.iter().zip(&back).enumerate() {
-            let step = q4.scales[i / 128];
+            let step = q4.groups.scale(i / 128);
             assert!((a - b).abs() <= 0.5 * step + 1e-6, "int4 element {i}: {a} vs {b}");
         }
         // A group's extremes come back exactly (the offset is its minimum, the top code its maximum).
@@ -3028,6 +3341,7 @@ mod tests {
 
     #[test]
     fn the_cpu_product_is_the_product_with_the_dequantized_weight() {
+        let _loops = loops_lock();
         let (rows, cols) = (37, 96);
         let w = random(rows * cols, 2);
         for m in [QuantizedMatrix::quantize_int8(&w, rows, cols).expect("int8"), QuantizedMatrix::quantize_int4(&w, rows, cols, 32).expect("int4")] {
@@ -3076,6 +3390,7 @@ mod tests {
 
     #[test]
     fn the_vector_loops_give_the_portable_loops_sums() {
+        let _loops = loops_lock();
         // Each loop's AVX-512 version (where the CPU has it) and its AVX2 version; the switch
         // is process-wide, and both versions are correct, so tests beside this one are not
         // disturbed. The widths cover groups of one, several and an odd count of steps.
@@ -3226,6 +3541,7 @@ mod tests {
 
     #[test]
     fn the_eight_bit_activation_loops_are_the_product_of_the_rounded_activations() {
+        let _loops = loops_lock();
         // The AVX-512 VNNI loop (one activation row, where the CPU has it) and the AVX2 ones;
         // 288 columns are an odd count of blocks (the VNNI loop takes blocks in pairs).
         for wide in [true, false] {
@@ -3242,6 +3558,7 @@ mod tests {
 
     #[test]
     fn the_unit_loop_is_the_product_of_the_rounded_activations() {
+        let _loops = loops_lock();
         // AVX-512 VNNI only: on other CPUs there is no unit loop to check.
         if !simd::takes_units(&QuantizedMatrix::from_codes(1, 32, 4, 32, &[0; 32], vec![1.0], vec![0.0]).expect("packs")) {
             eprintln!("no AVX-512 VNNI here: the unit loop is not checked");
@@ -3307,6 +3624,7 @@ mod tests {
 
     #[test]
     fn eight_bit_activation_products_are_the_weight_times_the_rounded_activations() {
+        let _loops = loops_lock();
         // The offsets meet the rounded activations as the codes do, so the product is that of
         // the dequantized weight and the rounded activations (llama.cpp's `Q8_1` product):
         // with the exact sums the offsets' share kept the exact activations and the error
@@ -3381,8 +3699,8 @@ mod tests {
                             })
                             .collect();
                         let g = m.groups_per_row();
-                        let codes_part: f32 = (0..cols).map(|i| (w[i] - m.mins[row * g + i / group]) * rounded[i]).sum();
-                        let offsets: f32 = (0..g).map(|k| m.mins[row * g + k] * sums[j][k]).sum();
+                        let codes_part: f32 = (0..cols).map(|i| (w[i] - m.groups.min(row * g + i / group)) * rounded[i]).sum();
+                        let offsets: f32 = (0..g).map(|k| m.groups.min(row * g + k) * sums[j][k]).sum();
                         let want = codes_part + offsets;
                         let size: f32 = w.iter().zip(rows[j]).map(|(w, x)| (w * x).abs()).sum();
                         let portable = simd::row_dot_i8_any(&m, row, a, &sums[j]);
@@ -3396,6 +3714,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn group_values_stay_f16_only_where_exact_and_give_the_f32_products_bit_for_bit() {
+        let _loops = loops_lock();
+        let exact = GroupScales::new(vec![0.5, 1.0 / 1024.0, -3.0], vec![-8.0, 0.0, 65504.0]);
+        assert!(exact.is_f16() && exact.bytes() == 12 && exact.scale(1) == 1.0 / 1024.0 && exact.min(2) == 65504.0);
+        for inexact in [vec![0.1f32, 1.0, 2.0], vec![1e-9, 1.0, 2.0], vec![1e6, 1.0, 2.0]] {
+            assert!(!GroupScales::new(inexact, vec![0.0; 3]).is_f16());
+        }
+        assert!(!GroupScales::new(vec![1.0; 3], vec![0.0, 0.0, 0.3]).is_f16(), "offsets are checked too");
+        // The same matrix with f16 and with f32 group values: every CPU path gives the same
+        // bits (the loops convert in registers and add in the same order).
+        for wide in [true, false] {
+            use_avx512(wide);
+            for (bits, group, cols) in [(4u32, 32, 576), (4, 128, 256), (8, 32, 288), (8, 16, 96)] {
+                let rows = 40;
+                let top = (1u32 << bits) - 1;
+                let codes: Vec<u8> = random(rows * cols, 81 + group as u64).iter().map(|v| (((v + 1.0) * 0.5 * (top as f32 + 0.99)) as u32).min(top) as u8).collect();
+                let groups = rows * cols / group;
+                let to_f16 = |v: Vec<f32>| v.iter().map(|&x| f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+                let scales = to_f16(random(groups, 82).iter().map(|v| 0.01 + 0.005 * v).collect());
+                let mins = to_f16(random(groups, 83).iter().map(|v| -0.08 * v).collect());
+                let half = QuantizedMatrix::from_codes(rows, cols, bits, group, &codes, scales.clone(), mins.clone()).expect("packs");
+                assert!(half.groups.is_f16(), "bits {bits} group {group}");
+                let full = QuantizedMatrix { groups: GroupScales::F32 { scales, mins }, ..half.clone() };
+                assert!(half.bytes() < full.bytes());
+                assert_eq!(half.dequantize(), full.dequantize());
+                for activations in [Activations::F32, Activations::Blocks16, Activations::Blocks8] {
+                    for n in [1, 2, 3, 4, 5, 8, 37] {
+                        if n > full.fused_row_limit(activations) {
+                            continue;
+                        }
+                        let x = random(n * cols, 84 + n as u64);
+                        let (h, f) = (half.matmul(&x, n, activations), full.matmul(&x, n, activations));
+                        assert!(h.iter().zip(&f).all(|(a, b)| a.to_bits() == b.to_bits()), "wide {wide} bits {bits} group {group} {activations:?} rows {n}");
+                    }
+                }
+                // Kept through row orders and stacks; a stack with f32 values turns f32.
+                let order: Vec<usize> = (0..rows).rev().collect();
+                assert!(half.permute_rows(&order).expect("order").groups.is_f16());
+                assert!(QuantizedMatrix::concat_rows(&[half.clone(), half.clone()]).expect("stack").groups.is_f16());
+                let mixed = QuantizedMatrix::concat_rows(&[half.clone(), full.clone()]).expect("stack");
+                assert!(!mixed.groups.is_f16());
+                assert_eq!(mixed.dequantize_range(rows..2 * rows), full.dequantize());
+            }
+        }
+        use_avx512(true);
     }
 
     #[test]
