@@ -153,6 +153,9 @@ impl GgufFile {
         let mmap = map_file(path)?;
         let file = Gguf::parse(&mmap)
             .map_err(|e| EngineError::Weights(format!("{} is not a valid GGUF file: {e}", path.display())))?;
+        // The header (metadata: a vocabulary's strings run to megabytes) is parsed: its pages
+        // need not stay resident beside the weights while they load.
+        release_pages(&mmap, &mmap[..usize::try_from(file.data_offset).unwrap_or(usize::MAX).min(mmap.len())]);
         Ok(Self { path: path.to_path_buf(), mmap, file })
     }
 }
@@ -550,11 +553,11 @@ impl Checkpoint {
         let wrap = |e: inference_pio_formats::FormatError| EngineError::Weights(format!("{}: {e}", g.path.display()));
         let data = g.file.tensor_bytes(&g.mmap, info).map_err(wrap)?;
         let bad = |e: inference_pio_kernels::quant::QuantError| EngineError::Weights(format!("tensor `{}` (`{name}`) in {}: {e}", info.name, g.path.display()));
-        // Read in slices of whole rows of about 4 MB of blocks, each slice's mapped pages
+        // Read in slices of whole rows of about 1 MB of blocks, each slice's mapped pages
         // dropped once packed, so that the file's pages do not pile up beside the packed
         // weights and the load's peak stays near the weights.
         let row_bytes = (data.len() / out.max(1)).max(1);
-        let rows_per_slice = ((4 << 20) / row_bytes).clamp(1, out.max(1));
+        let rows_per_slice = ((1 << 20) / row_bytes).clamp(1, out.max(1));
         let part_info = |slice: &[u8]| {
             let rows = slice.len() / row_bytes;
             gguf::TensorInfo { dims: vec![inp as u64, rows as u64], n_elements: (rows * inp) as u64, n_bytes: slice.len() as u64, ..info.clone() }
