@@ -247,8 +247,8 @@ pub enum Quantization {
 #[serde(rename_all = "lowercase")]
 pub enum QuantActivations {
     /// Unrounded: on the CPU f32 activations against codes converted in registers (the
-    /// product of the dequantized weight; the accuracy profile's); on CUDA the weight
-    /// dequantized for every product and multiplied by cuBLAS.
+    /// product of the dequantized weight; the CPU's default for f32 activations); on CUDA
+    /// the weight dequantized for every product and multiplied by cuBLAS.
     Exact,
     /// 16-bit integers per block of 32 (a relative error near 2^-16 of each block's largest
     /// value; SmolLM2-135M: mean KL 5e-7 from exact): CUDA's default (its `dp4a` kernel up to
@@ -257,8 +257,8 @@ pub enum QuantActivations {
     /// 8-bit integers per block of 32 (llama.cpp's `Q8_1` activations, which its CPU
     /// products of quantized weights always take): 32 products an instruction, the fastest
     /// CPU products, at near 2^-8 of each block's largest value (SmolLM2-135M: mean KL
-    /// 0.0021-0.0027 from exact, top-1 agreement 0.97, as llama.cpp's own 0.0024; int8
-    /// weights cost 0.0034). The CPU's default for f32 activations; refused on CUDA.
+    /// 0.0021-0.0028 from exact, top-1 agreement 0.97-0.98, as llama.cpp's own 0.0024; int8
+    /// weights cost 0.0034). CPU only.
     Int8,
 }
 
@@ -283,9 +283,9 @@ pub struct OptimizationSettings {
     /// its own quantized copy; the embedding lookup stays in `dtype`). Refused otherwise.
     #[serde(default)]
     pub quantize_lm_head: bool,
-    /// How products of quantized weights take their activations. `None`: `int8` for f32
-    /// activations on the CPU (`int16` where a weight's groups do not hold whole blocks of
-    /// 32), else `int16` (the accuracy profile: `exact`). `int8` is refused on CUDA.
+    /// How products of quantized weights take their activations. `None`: `exact` for f32
+    /// activations on the CPU, else `int16` (the accuracy profile: `exact`). `int8` is
+    /// refused on CUDA.
     #[serde(default)]
     pub quant_activations: Option<QuantActivations>,
     /// Prompts longer than this are prefilled in chunks of this many tokens (0: one pass).

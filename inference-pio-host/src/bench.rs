@@ -316,8 +316,8 @@ const BUILT_IN: [(&str, &str); 3] = [
 /// The variants measured, in order: the most exact mode (f32, every weight dequantized where
 /// the plugin reports `quantization`), which the others are compared with; the baseline (the
 /// settings in force); each optimization the plugin reports and the baseline has on, switched
-/// off alone; each other quantization mode; on the CPU the quantized products' other
-/// activations (exact against the default 8-bit blocks); and all the switches off together.
+/// off alone; each other quantization mode; on the CPU the quantized products' 8-bit
+/// activations; and all the switches off together.
 pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported: &[String], quantized_checkpoint: bool, cpu: bool) -> Vec<Variant> {
     let has = |key: &str| reported.iter().any(|r| r == key);
     let mut exact = baseline.clone();
@@ -365,21 +365,11 @@ pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported:
             }
         }
     }
-    // Quantized weights in use on the CPU: their products with the other activations, exact
-    // where the baseline takes the CPU's default 8-bit blocks, else 8-bit blocks.
-    if has("quant_activations") && cpu && quantized_checkpoint {
+    // Quantized weights in use on the CPU: their products with 8-bit activations.
+    if has("quant_activations") && cpu && quantized_checkpoint && baseline.quant_activations != Some(QuantActivations::Int8) {
         let mut v = baseline.clone();
-        let name = match baseline.quant_activations {
-            None | Some(QuantActivations::Int8) => {
-                v.quant_activations = Some(QuantActivations::Exact);
-                "exact activations in quantized products"
-            }
-            Some(_) => {
-                v.quant_activations = Some(QuantActivations::Int8);
-                "8-bit activations in quantized products"
-            }
-        };
-        out.push(Variant { name: name.into(), settings: v, dtype });
+        v.quant_activations = Some(QuantActivations::Int8);
+        out.push(Variant { name: "8-bit activations in quantized products".into(), settings: v, dtype });
     }
     if switched > 1 {
         out.push(Variant { name: "all switches off".into(), settings: all_off, dtype });
@@ -1262,13 +1252,8 @@ mod tests {
         let v = variants(&baseline, None, &keys, true, false);
         assert!(v.iter().any(|v| v.settings.quantization == Some(Quantization::None) && v.name.contains("dequantized") && v.dtype.is_none()));
         assert_eq!(v[0].settings.quant_activations, Some(QuantActivations::Exact));
-        // On the CPU the quantized products' other activations are a variant too (CUDA refuses
-        // 8-bit ones): exact against the default's 8-bit blocks, 8-bit blocks against exact.
+        // On the CPU the quantized products' 8-bit activations are a variant too (CUDA refuses them).
         let v = variants(&baseline, None, &keys, true, true);
-        let exact = v.iter().find(|v| v.name.starts_with("exact activations")).expect("an exact activations variant");
-        assert_eq!(exact.settings, OptimizationSettings { quant_activations: Some(QuantActivations::Exact), ..baseline.clone() });
-        let exact_baseline = OptimizationSettings { quant_activations: Some(QuantActivations::Exact), ..baseline.clone() };
-        let v = variants(&exact_baseline, None, &keys, true, true);
         let int8 = v.iter().find(|v| v.name.starts_with("8-bit activations")).expect("an 8-bit activations variant");
         assert_eq!(int8.settings, OptimizationSettings { quant_activations: Some(QuantActivations::Int8), ..baseline.clone() });
     }

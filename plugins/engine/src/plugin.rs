@@ -163,8 +163,8 @@ pub fn load_engine(
         .or(settings.optimization.dtype)
         .unwrap_or(if on_gpu { DType::Bf16 } else { DType::F32 });
     let quantization = settings.optimization.quantization;
-    // Products of quantized weights: unless set, f32 activations on the CPU in 8-bit blocks
-    // (llama.cpp's), 16-bit blocks for others and in the CUDA kernel.
+    // Products of quantized weights: unless set, exact f32 activations on the CPU, 16-bit
+    // blocks for others and in the CUDA kernel.
     let activations = match settings.optimization.quant_activations {
         None => None,
         Some(QuantActivations::Int8) if on_gpu => {

@@ -57,18 +57,18 @@ fn each_weight_storage_stays_within_its_measured_divergence_of_the_dequantized_m
     let want = logits(&reference, &texts);
     drop(reference);
     // ((quantization, quant_activations), path, largest mean KL, largest single KL, least top-1 agreement)
-    let exact = Some(QuantActivations::Exact);
+    let (exact, int8) = (Some(QuantActivations::Exact), Some(QuantActivations::Int8));
     let cases: [(Storage, &str, f64, f64, f64); 7] = [
-        // The file's own Q4_1 blocks, kept, exact activations: the same values (prompt rows and
-        // decode rows read the codes in place, summed in another order).
-        ((None, exact), "prefill", 1e-9, 1e-8, 1.0),
-        ((None, exact), "decode", 1e-9, 1e-8, 1.0),
-        // The CPU's default: the products' activations rounded to 8-bit blocks (llama.cpp's
-        // `Q8_1`): measured 0.0021 mean KL, 0.011 largest, 0.967 top-1 (prefill) and 0.0027,
-        // 0.025, 0.967 (decode). llama.cpp's own on these texts (`llama-perplexity
-        // --kl-divergence` against its F32 conversion of the same file, chunks of 64): 0.0024.
-        ((None, None), "prefill", 6e-3, 0.06, 0.93),
-        ((None, None), "decode", 6e-3, 0.06, 0.93),
+        // The file's own Q4_1 blocks, kept, the CPU's default exact activations: the same
+        // values (prompt rows and decode rows read the codes in place, summed in another order).
+        ((None, None), "prefill", 1e-9, 1e-8, 1.0),
+        ((None, None), "decode", 1e-9, 1e-8, 1.0),
+        // The products' activations rounded to 8-bit blocks (llama.cpp's `Q8_1`): measured
+        // 0.0028 mean KL, 0.031 largest, 0.980 top-1 (prefill) and 0.0027, 0.025, 0.967
+        // (decode). llama.cpp's own on these texts (`llama-perplexity --kl-divergence` against
+        // its F32 conversion of the same file, chunks of 64): 0.0024.
+        ((None, int8), "prefill", 6e-3, 0.07, 0.93),
+        ((None, int8), "decode", 6e-3, 0.07, 0.93),
         ((Some(Quantization::Int8), exact), "prefill", 7e-3, 0.12, 0.93),
         ((Some(Quantization::Int8), exact), "decode", 7e-3, 0.12, 0.93),
         ((Some(Quantization::Int4), exact), "prefill", 0.36, 3.0, 0.72),
