@@ -912,13 +912,6 @@ impl ActivationBlocks8 {
         }
         Self { q, scales, sums }
     }
-
-    /// `x` (a multiple of [`ACTIVATION_BLOCK`] long) rounded as these blocks round it, `scale
-    /// · q`, in order: what a product of 8-bit activations multiplies.
-    pub fn rounded(x: &[f32]) -> Vec<f32> {
-        let a = Self::new(x, 8);
-        a.q.chunks_exact(ACTIVATION_BLOCK).zip(&a.scales).flat_map(|(qb, &s)| qb.iter().map(move |&q| s * f32::from(q))).collect()
-    }
 }
 
 /// One row of activations rounded as [`ActivationBlocks8`] (the same values), laid out for
@@ -1111,6 +1104,45 @@ mod simd {
         _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 
+    /// The shapes the 8-bit-activation pass loops (`rows_i8_avx2`, `vnni::rows_i8`,
+    /// `neon::rows_i8`) rely on.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    struct I8Rows {
+        groups: usize,
+        blocks: usize,
+        blocks_per_group: usize,
+        block_bytes: usize,
+        row_bytes: usize,
+        /// Output rows (`out` is `[count, N]`).
+        count: usize,
+    }
+
+    /// [`I8Rows`] of `bits`-bit `m` (group values `values` long) for output rows from `first`
+    /// into `out_len` outputs against `acts` and their per-group `sums`, checked: groups of
+    /// whole blocks, rows in the matrix, activations of its width.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[inline(always)]
+    fn i8_rows_shape<const N: usize>(m: &QuantizedMatrix, bits: u32, values: usize, first: usize, out_len: usize, acts: &[&ActivationBlocks8; N], sums: &[&[f32]; N]) -> I8Rows {
+        let groups = m.groups_per_row();
+        let blocks = m.cols / ACTIVATION_BLOCK;
+        let blocks_per_group = m.group / ACTIVATION_BLOCK;
+        let block_bytes = ACTIVATION_BLOCK * bits as usize / 8;
+        let row_bytes = blocks * block_bytes;
+        let count = out_len / N;
+        assert!(
+            m.bits == bits
+                && out_len == count * N
+                && blocks_per_group * ACTIVATION_BLOCK == m.group
+                && blocks * ACTIVATION_BLOCK == m.cols
+                && (first + count) * row_bytes <= m.codes.len() * 4
+                && (first + count) * groups <= values
+                && acts.iter().all(|a| a.q.len() == m.cols && a.scales.len() == blocks && a.sums.len() == blocks)
+                && sums.iter().all(|s| s.len() == groups),
+            "rows of another width"
+        );
+        I8Rows { groups, blocks, blocks_per_group, block_bytes, row_bytes, count }
+    }
+
     /// [`row_dot_i8_any`] with AVX2 for output rows `first .. first + out.len() / N` against
     /// `N` rows of activation blocks at once (each block's codes loaded once for every
     /// activation row), into `out` (`[rows, N]`): `Σ code · q` per block in `pmaddubsw` +
@@ -1122,23 +1154,7 @@ mod simd {
     fn rows_i8_avx2<S: GroupValue, const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
         let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
-        let groups = m.groups_per_row();
-        let blocks = m.cols / ACTIVATION_BLOCK;
-        let blocks_per_group = m.group / ACTIVATION_BLOCK;
-        let block_bytes = ACTIVATION_BLOCK * BITS as usize / 8;
-        let row_bytes = blocks * block_bytes;
-        let count = out.len() / N;
-        assert!(
-            m.bits == BITS
-                && out.len() == count * N
-                && blocks_per_group * ACTIVATION_BLOCK == m.group
-                && blocks * ACTIVATION_BLOCK == m.cols
-                && (first + count) * row_bytes <= m.codes.len() * 4
-                && (first + count) * groups <= sc.len().min(mn.len())
-                && acts.iter().all(|a| a.q.len() == m.cols && a.scales.len() == blocks && a.sums.len() == blocks)
-                && sums.iter().all(|s| s.len() == groups),
-            "rows of another width"
-        );
+        let I8Rows { groups, blocks_per_group, block_bytes, row_bytes, count, .. } = i8_rows_shape(m, BITS, sc.len().min(mn.len()), first, out.len(), &acts, &sums);
         let codes = m.codes.as_ptr() as *const u8;
         let qp: [*const i8; N] = acts.map(|a| a.q.as_ptr());
         let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
@@ -1498,23 +1514,7 @@ mod simd {
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
         pub(in super::super) unsafe fn rows_i8<S: super::super::GroupValue, const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
             let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
-            let groups = m.groups_per_row();
-            let blocks = m.cols / ACTIVATION_BLOCK;
-            let blocks_per_group = m.group / ACTIVATION_BLOCK;
-            let block_bytes = ACTIVATION_BLOCK * BITS as usize / 8;
-            let row_bytes = blocks * block_bytes;
-            let count = out.len() / N;
-            assert!(
-                m.bits == BITS
-                    && out.len() == count * N
-                    && blocks_per_group * ACTIVATION_BLOCK == m.group
-                    && blocks * ACTIVATION_BLOCK == m.cols
-                    && (first + count) * row_bytes <= m.codes.len() * 4
-                    && (first + count) * groups <= sc.len().min(mn.len())
-                    && acts.iter().all(|a| a.q.len() == m.cols && a.scales.len() == blocks)
-                    && sums.iter().all(|s| s.len() == groups),
-                "rows of another width"
-            );
+            let super::I8Rows { groups, blocks, blocks_per_group, block_bytes, row_bytes, count } = super::i8_rows_shape(m, BITS, sc.len().min(mn.len()), first, out.len(), &acts, &sums);
             let codes = m.codes.as_ptr() as *const u8;
             let qp: [*const i8; N] = acts.map(|a| a.q.as_ptr());
             let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
@@ -1696,23 +1696,7 @@ mod simd {
         #[target_feature(enable = "neon")]
         pub(super) fn rows_i8<S: GroupValue, const BITS: u32, const N: usize>(m: &QuantizedMatrix, first: usize, acts: [&ActivationBlocks8; N], sums: [&[f32]; N], out: &mut [f32]) {
             let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
-            let groups = m.groups_per_row();
-            let blocks = m.cols / ACTIVATION_BLOCK;
-            let blocks_per_group = m.group / ACTIVATION_BLOCK;
-            let block_bytes = ACTIVATION_BLOCK * BITS as usize / 8;
-            let row_bytes = blocks * block_bytes;
-            let count = out.len() / N;
-            assert!(
-                m.bits == BITS
-                    && out.len() == count * N
-                    && blocks_per_group * ACTIVATION_BLOCK == m.group
-                    && blocks * ACTIVATION_BLOCK == m.cols
-                    && (first + count) * row_bytes <= m.codes.len() * 4
-                    && (first + count) * groups <= sc.len().min(mn.len())
-                    && acts.iter().all(|a| a.q.len() == m.cols && a.scales.len() == blocks && a.sums.len() == blocks)
-                    && sums.iter().all(|s| s.len() == groups),
-                "rows of another width"
-            );
+            let super::I8Rows { groups, blocks_per_group, block_bytes, row_bytes, count, .. } = super::i8_rows_shape(m, BITS, sc.len().min(mn.len()), first, out.len(), &acts, &sums);
             let codes = m.codes.as_ptr() as *const u8;
             let qp: [*const i8; N] = acts.map(|a| a.q.as_ptr());
             let (low, offset) = (vdupq_n_u8(0x0f), vdupq_n_u8(0x80));
@@ -2861,16 +2845,7 @@ impl QuantizedLinear {
                 // Prompt rows: slices of about 8 MB of weight rows dequantized (f32) and
                 // multiplied by the backend's matrix product, as a dense weight would be.
                 let device = x.device();
-                let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
-                // 8-bit activations: the dense product of the rounded ones, as the fused loops
-                // and the tiles compute it.
-                let x = if activations == Activations::Blocks8 && m.takes_activation_blocks8() {
-                    let xs = x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 activations");
-                    Tensor::<2>::from_data(TensorData::new(ActivationBlocks8::rounded(&xs), [n, cols]), (&device, DType::F32))
-                } else {
-                    x
-                }
-                .reshape([1, n, cols]);
+                let x = if dtype == DType::F32 { x } else { x.cast(DType::F32) }.reshape([1, n, cols]);
                 let slice = ((2 << 20) / cols.max(1)).clamp(1, self.rows.max(1));
                 let parts: Vec<Tensor<2>> = (0..self.rows)
                     .step_by(slice)
@@ -3541,7 +3516,7 @@ mod tests {
                 // activations.
                 let limit = m.fused_row_limit(Activations::Blocks8);
                 let coarse = if n <= limit { m.matmul(&x, n, Activations::Blocks8) } else { prompt(&x, Activations::Blocks8) };
-                let want8 = dense_matmul(&ActivationBlocks8::rounded(&x), n, &dense, rows, cols);
+                let want8 = dense_matmul(&rounded8(&x), n, &dense, rows, cols);
                 assert!(rel_l2(&coarse, &want8) < 1e-5, "8-bit blocks, bits {} rows {n}: {}", m.bits, rel_l2(&coarse, &want8));
                 assert!(rel_l2(&coarse, &want) < 2e-2, "8-bit blocks, bits {} rows {n}: {}", m.bits, rel_l2(&coarse, &want));
                 // Up to CPU_FUSED_ROWS rows, 16-bit activation blocks round the activations.
@@ -3770,15 +3745,11 @@ mod tests {
         }
     }
 
-    /// `a`'s values as the products take them, in order.
-    fn rounded_values(a: &ActivationBlocks8, bits: u32) -> Vec<f32> {
-        (0..a.q.len())
-            .map(|i| {
-                let (b, k) = (i / 32, i % 32);
-                let slot = if bits == 4 { b * 32 + k / 2 + (k % 2) * 16 } else { i };
-                a.scales[b] * f32::from(a.q[slot])
-            })
-            .collect()
+    /// `x` (a multiple of [`ACTIVATION_BLOCK`] long) rounded as [`ActivationBlocks8`] rounds
+    /// it, `scale · q`, in order: what a product of 8-bit activations multiplies.
+    fn rounded8(x: &[f32]) -> Vec<f32> {
+        let a = ActivationBlocks8::new(x, 8);
+        a.q.chunks_exact(ACTIVATION_BLOCK).zip(&a.scales).flat_map(|(qb, &s)| qb.iter().map(move |&q| s * f32::from(q))).collect()
     }
 
     /// The sums of `a`'s rounded values per group of `group`, as [`QuantizedMatrix::matmul`]
@@ -3819,7 +3790,7 @@ mod tests {
                     };
                     for j in 0..n {
                         let xr = &x[j * cols..(j + 1) * cols];
-                        let rounded = rounded_values(&ActivationBlocks8::new(xr, bits), bits);
+                        let rounded = rounded8(xr);
                         for r in 0..rows {
                             let w = &dense[r * cols..(r + 1) * cols];
                             let want: f32 = w.iter().zip(&rounded).map(|(w, x)| w * x).sum();
@@ -4021,7 +3992,7 @@ mod tests {
         // rows and prompt rows alike.
         for n in [2, 7] {
             let xn = random(n * cols, 16 + n as u64);
-            let rounded = ActivationBlocks8::rounded(&xn);
+            let rounded = rounded8(&xn);
             let got = int8.forward(Tensor::<2>::from_data(TensorData::new(xn.clone(), [n, cols]), &d));
             let got = got.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
             let want = dense_matmul(&rounded, n, &dense, rows, cols);
