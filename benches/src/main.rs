@@ -157,6 +157,10 @@ fn main() -> anyhow::Result<()> {
         processes.push(serde_json::json!({
             "wall_s": started.elapsed().as_secs_f64(),
             "load_seconds": result["model"]["load_seconds"],
+            "kv_cache_blocks": result["model"]["kv_cache_blocks"],
+            "kv_block_tokens": result["model"]["kv_block_tokens"],
+            "kv_cache_bytes": result["model"]["kv_cache_bytes"],
+            "kv_cache_dtype": result["model"]["kv_cache_dtype"],
             "peak_gpu_mib": peak_gpu.map(|b| b as f64 / 1048576.0),
             "runs": runs,
             "generated_first_row": result["token_ids"].as_array().map_or(0, Vec::len),

@@ -192,6 +192,10 @@ pub struct ModelInfo {
     pub kv_cache_bytes: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kv_cache_sized_by: String,
+    /// How the KV cache stores keys and values (`bf16`, `f32`, `int8`); empty from plugins
+    /// built before `kv_cache_dtype`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kv_cache_dtype: String,
     /// How the linear weights are stored when any is quantized (`int4 (groups of 128): 252
     /// of 253 linear weights`); empty when none is.
     #[serde(default, skip_serializing_if = "String::is_empty")]

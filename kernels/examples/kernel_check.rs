@@ -8,6 +8,8 @@
 //!   blocks, with padding, a partly seen context and a sliding window; the same kernel on a
 //!   step's prefill chunks in one launch (`paged_attention_prefill_kernel`) against the gathered, masked
 //!   reference (`paged_attention_reference`), chunks of mixed lengths over cached prefixes;
+//!   both over int8 pages too (`kv_cache_dtype = "int8"`, against the reference over the
+//!   dequantized values), and the KV write into int8 pages;
 //!   prefill's scaled, masked softmax (`inference_pio_kernels::softmax`) against burn's
 //!   operations;
 //! - the fused RMSNorm, residual add + RMSNorm (`inference_pio_kernels::norm`) and SwiGLU
@@ -39,7 +41,7 @@
 
 mod common;
 
-use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, FloatDType, Int, Tensor, TensorData};
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
 use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, paged_decode_attention, paged_decode_attention_in_passes};
@@ -52,6 +54,7 @@ use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_slots};
+use inference_pio_kernels::kv_pages::{KvPages, KvStorage, quantize_heads};
 use burn::tensor::IndexingUpdateOp;
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -239,11 +242,12 @@ fn check_attention(device: &Device) -> usize {
             let k = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let v = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let scale = (dim as f64).powf(-0.5);
+            let (k, v) = (KvPages::Dense(k), KvPages::Dense(v));
             let kernel = || match paged_decode_attention(q.clone(), &k, &v, &table, &lens, bt, window, scale) {
                 Some(out) => out.reshape([rows * heads, dim]),
                 None => panic!("{name}: the paged decode-attention kernel does not apply"),
             };
-            let gathered = |pool: &Tensor<3>| pool.clone().select(0, slots.clone()).reshape([rows, width, kv, dim]).swap_dims(1, 2);
+            let gathered = |pool: &KvPages| pool.select(slots.clone(), dtype).reshape([rows, width, kv, dim]).swap_dims(1, 2);
             let reference = || {
                 let q4 = q.clone().reshape([rows, heads, 1, dim]);
                 gqa_attention(q4, &gathered(&k), &gathered(&v), Some(&mask), scale).reshape([rows * heads, dim])
@@ -265,6 +269,23 @@ fn check_attention(device: &Device) -> usize {
                     let label = format!("{name:46} BF16  {passes} passes");
                     failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &tiled, &reference, &kernel));
                 }
+                // An int8 cache (`kv_cache_dtype = "int8"`): the same keys and values
+                // quantized, the kernel against the reference over the dequantized ones; timed
+                // against the bf16 kernel. Bytes: a head's codes and its scale.
+                let everything = Tensor::<1, Int>::arange(0..(blocks * bt) as i64, device);
+                let int8 = |pool: &KvPages| KvPages::zeroed(KvStorage::Int8, [blocks * bt, kv, dim], device).write(everything.clone(), pool.values(DType::F32));
+                let (k8, v8) = (int8(&k), int8(&v));
+                let kernel8 = || match paged_decode_attention(q.clone(), &k8, &v8, &table, &lens, bt, window, scale) {
+                    Some(out) => out.reshape([rows * heads, dim]),
+                    None => panic!("{name}: the paged decode-attention kernel does not take int8 pages"),
+                };
+                let reference8 = || {
+                    let q4 = q.clone().reshape([rows, heads, 1, dim]);
+                    gqa_attention(q4, &gathered(&k8), &gathered(&v8), Some(&mask), scale).reshape([rows * heads, dim])
+                };
+                let bytes8 = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * (dim + 4) * 2) as f64;
+                let label = format!("{name:46} INT8 KV");
+                failed += usize::from(check(device, &label, tol, Work::Bytes(bytes8), &kernel8, &reference8, &kernel));
             }
         }
     }
@@ -346,6 +367,14 @@ fn check_prefill_attention(device: &Device) -> usize {
             let k = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let v = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let scale = (dim as f64).powf(-0.5);
+            let (k, v) = if dtype == DType::F32 && name.contains("mixed") {
+                // An int8 cache (`kv_cache_dtype = "int8"`), f32 queries.
+                let everything = Tensor::<1, Int>::arange(0..(blocks * bt) as i64, device);
+                let int8 = |pool: Tensor<3>| KvPages::zeroed(KvStorage::Int8, [blocks * bt, kv, dim], device).write(everything.clone(), pool);
+                (int8(k), int8(v))
+            } else {
+                (KvPages::Dense(k), KvPages::Dense(v))
+            };
             let kernel = || paged_attention_prefill_kernel(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
             let reference = || paged_attention_reference(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
             let tol = if dtype == DType::F32 { 1e-3 } else { 2e-2 };
@@ -354,7 +383,8 @@ fn check_prefill_attention(device: &Device) -> usize {
                 .map(|&(queries, context)| (context - queries + 1..=context).map(|l| l.min(window.unwrap_or(usize::MAX))).sum::<usize>())
                 .sum();
             let flops = Work::Flops((4 * pairs * heads * dim) as f64);
-            let label = format!("{name:52} {:5}", format!("{dtype:?}"));
+            let stored = if matches!(k, KvPages::Int8 { .. }) { " INT8 KV" } else { "" };
+            let label = format!("{name:52} {:5}{stored}", format!("{dtype:?}"));
             failed += usize::from(check(device, &label, tol, flops, &kernel, &reference, &reference));
         }
     }
@@ -381,6 +411,31 @@ fn check_kv_write(device: &Device) -> usize {
         let label = format!("kv write {tokens:5} tokens x {kv} x {dim} {:5} into {slots}", format!("{dtype:?}"));
         let bytes = (2 * tokens * kv * dim * dtype.size()) as f64;
         failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &kernel, &reference, &reference));
+        // Into int8 pages: the codes through the integer write kernel against `select_assign`
+        // of the same codes, exactly; the values read back against the written ones, to the
+        // rounding (a step is 1/127 of a head's largest value).
+        if dtype == DType::BF16 {
+            let pages = KvPages::zeroed(KvStorage::Int8, [slots, kv, dim], device);
+            let written = || pages.clone().write(idx.clone(), k.clone());
+            let codes_of = |p: KvPages| match p {
+                KvPages::Int8 { codes, .. } => codes.cast(FloatDType::F32).reshape([slots * kv, dim]),
+                KvPages::Dense(_) => unreachable!("int8 pages"),
+            };
+            let kernel = || codes_of(written());
+            let reference = || {
+                let (q, _) = quantize_heads(k.clone());
+                match pages.clone() {
+                    KvPages::Int8 { codes, .. } => codes.select_assign(0, idx.clone(), q, IndexingUpdateOp::Assign).cast(FloatDType::F32).reshape([slots * kv, dim]),
+                    KvPages::Dense(_) => unreachable!("int8 pages"),
+                }
+            };
+            let label = format!("kv write {tokens:5} tokens x {kv} x {dim} INT8  into {slots}");
+            let bytes8 = (tokens * kv * (dim * 2 + dim + 4)) as f64;
+            failed += usize::from(check(device, &format!("{label} codes"), 0.0, Work::Bytes(bytes8), &kernel, &reference, &reference));
+            let back = || flat(written().values(DType::F32));
+            let dense = || flat(pool.clone().select_assign(0, idx.clone(), k.clone(), IndexingUpdateOp::Assign).cast(DType::F32));
+            failed += usize::from(check(device, &format!("{label} values"), 1e-2, Work::Bytes(bytes8), &back, &dense, &dense));
+        }
     }
     failed
 }

@@ -31,10 +31,18 @@ pub trait KvWriteOps: Backend {
     /// of `values [tokens, heads, head_dim]`.
     #[fusion(dtype = pool, shape = pool)]
     fn write_kv_slots(pool: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The same for integer pools (an int8 cache's codes).
+    #[fusion(dtype = pool, shape = pool)]
+    fn write_kv_slots_int(pool: IntTensor<Self>, slots: IntTensor<Self>, values: IntTensor<Self>) -> IntTensor<Self>;
 }
 
 impl KvWriteOps for CubeBackend {
     fn write_kv_slots(pool: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> FloatTensor<Self> {
+        launch(pool, slots, values)
+    }
+
+    fn write_kv_slots_int(pool: IntTensor<Self>, slots: IntTensor<Self>, values: IntTensor<Self>) -> IntTensor<Self> {
         launch(pool, slots, values)
     }
 }
@@ -47,7 +55,7 @@ mod device {
     /// Unit `ABSOLUTE_POS` copies vector `c` of head `h` of token `i` into the pool row the
     /// token's slot names; a slot outside the pool is skipped.
     #[cube(launch_unchecked)]
-    pub fn write_kv_slots_kernel<E: Float, I: Int, N: Size>(
+    pub fn write_kv_slots_kernel<E: Numeric, I: Int, N: Size>(
         pool: &mut Tensor<Vector<E, N>>,
         slots: &[I],
         values: &Tensor<Vector<E, N>>,
@@ -109,6 +117,20 @@ fn launch(pool: CubeTensor, slots: CubeTensor, values: CubeTensor) -> CubeTensor
     pool
 }
 
+/// [`write_kv_slots_int`] by the kernel (CubeCL devices only).
+pub fn fused_write_kv_slots_int(pool: Tensor<3, Int>, slots: Tensor<1, Int>, values: Tensor<3, Int>) -> Tensor<3, Int> {
+    Tensor::from_dispatch(Dispatch::write_kv_slots_int(pool.into_dispatch(), slots.into_dispatch(), values.into_dispatch()))
+}
+
+/// [`write_kv_slots`] for integer pools and values of one dtype (an int8 cache's codes).
+pub fn write_kv_slots_int(pool: Tensor<3, Int>, slots: Tensor<1, Int>, values: Tensor<3, Int>) -> Tensor<3, Int> {
+    if is_cubecl(&pool.device()) {
+        fused_write_kv_slots_int(pool, slots, values)
+    } else {
+        pool.select_assign(0, slots, values, IndexingUpdateOp::Assign)
+    }
+}
+
 /// [`write_kv_slots`] by the kernel (CubeCL devices only).
 pub fn fused_write_kv_slots(pool: Tensor<3>, slots: Tensor<1, Int>, values: Tensor<3>) -> Tensor<3> {
     Tensor::from_dispatch(Dispatch::write_kv_slots(pool.into_dispatch(), slots.into_dispatch(), values.into_dispatch()))
@@ -159,15 +181,30 @@ impl burn_std::AllocationController for ZeroPages {
 /// 0.5 GB pool was 0.44 GB of the built-in model's resident memory), and it is returned to the
 /// system when the pool is dropped. On GPUs, and if the mapping fails, `zeros`.
 pub fn zeroed_kv_buffer(shape: [usize; 3], dtype: DType, device: &Device) -> Tensor<3> {
-    if !is_cubecl(device) {
-        let len = shape.iter().product::<usize>() * dtype.size();
-        if let Ok(map) = memmap2::MmapMut::map_anon(len.max(1)) {
-            // SAFETY: the mapping holds `len.max(1)` initialized (zero) bytes, at least `len`.
-            let bytes = unsafe { burn_std::Bytes::from_controller(Box::new(ZeroPages(map)), len) };
-            return Tensor::from_data(TensorData::from_bytes(bytes, shape, dtype), (device, dtype));
-        }
+    match zero_pages(shape, dtype, device) {
+        Some(data) => Tensor::from_data(data, (device, dtype)),
+        None => Tensor::zeros(shape, (device, dtype)),
     }
-    Tensor::zeros(shape, (device, dtype))
+}
+
+/// [`zeroed_kv_buffer`] of an integer dtype (an int8 cache's codes).
+pub fn zeroed_kv_int_buffer(shape: [usize; 3], dtype: DType, device: &Device) -> Tensor<3, Int> {
+    match zero_pages(shape, dtype, device) {
+        Some(data) => Tensor::from_data(data, (device, dtype)),
+        None => Tensor::zeros(shape, (device, dtype)),
+    }
+}
+
+/// Zeroed tensor data in anonymous memory on the CPU; `None` on GPUs or if the mapping fails.
+fn zero_pages(shape: [usize; 3], dtype: DType, device: &Device) -> Option<TensorData> {
+    if is_cubecl(device) {
+        return None;
+    }
+    let len = shape.iter().product::<usize>() * dtype.size();
+    let map = memmap2::MmapMut::map_anon(len.max(1)).ok()?;
+    // SAFETY: the mapping holds `len.max(1)` initialized (zero) bytes, at least `len`.
+    let bytes = unsafe { burn_std::Bytes::from_controller(Box::new(ZeroPages(map)), len) };
+    Some(TensorData::from_bytes(bytes, shape, dtype))
 }
 
 #[cfg(test)]

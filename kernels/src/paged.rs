@@ -57,6 +57,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use crate::launch::{PLANE, is_cubecl, last_axis_contiguous};
+use crate::kv_pages::KvPages;
 use std::cell::{OnceCell, RefCell};
 
 /// Planes per cube of the decode kernel, taking tiles of the cube's keys in turn.
@@ -149,6 +150,41 @@ pub trait PagedDecodeOps: Backend {
         block_tokens: usize,
         window: usize,
     ) -> FloatTensor<Self>;
+
+    /// [`Self::paged_decode_attention`] over int8 pools: codes `k`/`v [slots, kv_heads,
+    /// head_dim]` (i8) and their scales `k_scales`/`v_scales [slots, kv_heads, 1]` (f32).
+    #[fusion(dtype = q, shape = q)]
+    #[allow(clippy::too_many_arguments)]
+    fn paged_decode_attention_int8(
+        q: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        v: IntTensor<Self>,
+        k_scales: FloatTensor<Self>,
+        v_scales: FloatTensor<Self>,
+        table: IntTensor<Self>,
+        lens: IntTensor<Self>,
+        scale: f32,
+        block_tokens: usize,
+        window: usize,
+        passes: usize,
+    ) -> FloatTensor<Self>;
+
+    /// [`Self::paged_prefill_attention`] over int8 pools (as [`Self::paged_decode_attention_int8`]).
+    #[fusion(dtype = q, shape = q)]
+    #[allow(clippy::too_many_arguments)]
+    fn paged_prefill_attention_int8(
+        q: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        v: IntTensor<Self>,
+        k_scales: FloatTensor<Self>,
+        v_scales: FloatTensor<Self>,
+        table: IntTensor<Self>,
+        seqs: IntTensor<Self>,
+        lens: IntTensor<Self>,
+        scale: f32,
+        block_tokens: usize,
+        window: usize,
+    ) -> FloatTensor<Self>;
 }
 
 impl PagedDecodeOps for CubeBackend {
@@ -163,7 +199,7 @@ impl PagedDecodeOps for CubeBackend {
         window: usize,
         passes: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, table, None, lens, scale, block_tokens, window, passes)
+        launch(q, k, v, None, table, None, lens, scale, block_tokens, window, passes)
     }
 
     fn paged_prefill_attention(
@@ -177,7 +213,39 @@ impl PagedDecodeOps for CubeBackend {
         block_tokens: usize,
         window: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, table, Some(seqs), lens, scale, block_tokens, window, 0)
+        launch(q, k, v, None, table, Some(seqs), lens, scale, block_tokens, window, 0)
+    }
+
+    fn paged_decode_attention_int8(
+        q: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        v: IntTensor<Self>,
+        k_scales: FloatTensor<Self>,
+        v_scales: FloatTensor<Self>,
+        table: IntTensor<Self>,
+        lens: IntTensor<Self>,
+        scale: f32,
+        block_tokens: usize,
+        window: usize,
+        passes: usize,
+    ) -> FloatTensor<Self> {
+        launch(q, k, v, Some((k_scales, v_scales)), table, None, lens, scale, block_tokens, window, passes)
+    }
+
+    fn paged_prefill_attention_int8(
+        q: FloatTensor<Self>,
+        k: IntTensor<Self>,
+        v: IntTensor<Self>,
+        k_scales: FloatTensor<Self>,
+        v_scales: FloatTensor<Self>,
+        table: IntTensor<Self>,
+        seqs: IntTensor<Self>,
+        lens: IntTensor<Self>,
+        scale: f32,
+        block_tokens: usize,
+        window: usize,
+    ) -> FloatTensor<Self> {
+        launch(q, k, v, Some((k_scales, v_scales)), table, Some(seqs), lens, scale, block_tokens, window, 0)
     }
 }
 
@@ -210,10 +278,12 @@ mod device {
     /// the last row again and write nothing.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_decode_kernel<E: Float, I: Int, N: Size>(
+    pub fn paged_decode_kernel<E: Float, K: Numeric, I: Int, N: Size>(
         q: &Tensor<Vector<E, N>>,
-        k: &Tensor<Vector<E, N>>,
-        v: &Tensor<Vector<E, N>>,
+        k: &Tensor<Vector<K, N>>,
+        v: &Tensor<Vector<K, N>>,
+        k_scales: &[f32],
+        v_scales: &[f32],
         table: &[I],
         seqs: &[I],
         lens: &[I],
@@ -232,7 +302,8 @@ mod device {
         #[comptime] passes: usize,
         #[comptime] split: bool,
         #[comptime] plane_rows: bool,
-        #[define(E, I)] _dtypes: [ElemType; 2],
+        #[comptime] scaled: bool,
+        #[define(E, K, I)] _dtypes: [ElemType; 3],
     ) {
         // Keys scored per pass, vectors each scoring lane reads, keys side by side in a value
         // pass.
@@ -265,6 +336,8 @@ mod device {
         let k_head = kvh * (k.stride(1) / vs);
         let v_slot = v.stride(0) / vs;
         let v_head = kvh * (v.stride(1) / vs);
+        // Int8 pools (`scaled`): the scale of slot `s`'s head sits at `s * kv_heads + kvh`.
+        let kv_heads = k.shape(1);
 
         let len = usize::cast_from(lens[r]);
         let mut first = 0usize;
@@ -321,12 +394,16 @@ mod device {
                 let at = min(base + s * kps + kin, end - 1);
                 slots[s] = u32::cast_from(table[trow * max_blocks + at / block_tokens]) * u32::cast_from(block_tokens) + u32::cast_from(at % block_tokens);
             }
-            let mut keys = Array::<Vector<E, N>>::new(passes * cpl);
+            let mut keys = Array::<Vector<K, N>>::new(passes * cpl);
+            let mut key_scales = Array::<f32>::new(passes);
             #[unroll]
             for s in 0..passes {
                 #[unroll]
                 for j in 0..cpl {
                     keys[s * cpl + j] = k[usize::cast_from(slots[s]) * k_slot + k_head + j * lpk + sub];
+                }
+                if scaled {
+                    key_scales[s] = k_scales[usize::cast_from(slots[s]) * kv_heads + kvh];
                 }
             }
             let mut top = Array::<f32>::new(group);
@@ -359,6 +436,9 @@ mod device {
                     if comptime!(lpk > 2) {
                         d += plane_shuffle_xor(d, 2u32);
                     }
+                    if scaled {
+                        d *= key_scales[s];
+                    }
                     if !live {
                         d = f32::new(-1.0e30);
                     }
@@ -367,12 +447,16 @@ mod device {
                 }
             }
             // Key `i * kpp + half` of the tile, scored in pass `i * kpp / kps` by lane `src`.
-            let mut values = Array::<Vector<E, N>>::new(vpasses);
+            let mut values = Array::<Vector<K, N>>::new(vpasses);
+            let mut value_scales = Array::<f32>::new(vpasses);
             #[unroll]
             for i in 0..vpasses {
                 let src = u32::cast_from(((i * kpp + half) % kps) * lpk);
                 let slot = usize::cast_from(plane_shuffle(slots[i * kpp / kps], src));
                 values[i] = v[slot * v_slot + v_head + chan];
+                if scaled {
+                    value_scales[i] = v_scales[slot * kv_heads + kvh];
+                }
             }
             #[unroll]
             for g in 0..group {
@@ -396,7 +480,10 @@ mod device {
             #[unroll]
             for i in 0..vpasses {
                 let src = u32::cast_from(((i * kpp + half) % kps) * lpk);
-                let value = Vector::<f32, N>::cast_from(values[i]);
+                let mut value = Vector::<f32, N>::cast_from(values[i]);
+                if scaled {
+                    value *= Vector::new(value_scales[i]);
+                }
                 #[unroll]
                 for g in 0..group {
                     let p = plane_shuffle(probs[i * kpp / kps * group + g], src);
@@ -535,9 +622,21 @@ mod device {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize) -> CubeTensor {
+fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTensor, CubeTensor)>, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize) -> CubeTensor {
     let q = into_contiguous(q);
     let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
+    // Int8 pools' scales `[slots, kv_heads, 1]`, read at `slot * kv_heads + head`; dense pools
+    // read none (a one-value buffer stands in).
+    let scaled = scales.is_some();
+    let (k_scales, v_scales) = match scales {
+        Some((ks, vs)) => (into_contiguous(ks), into_contiguous(vs)),
+        None => {
+            let none = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [1].into(), DType::F32);
+            (none.clone(), none)
+        }
+    };
+    assert_eq!(k.dtype, v.dtype, "paged attention: keys and values differ in dtype");
+    let kv_dtype = k.dtype;
     let (table, lens) = (into_contiguous(table), into_contiguous(lens));
     // Prefill (`seqs`, each row's row of the table): a plane a row; decode: a cube a row, its
     // planes splitting the keys (the kernel reads no `seqs` then: the table stands in).
@@ -564,7 +663,9 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, seqs: 
     let part_acc = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [part_len * if split { head_dim } else { vector }].into(), DType::F32);
     let part_ml = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [2 * part_len].into(), DType::F32);
     let client = out.client.clone();
-    // SAFETY: the grid is `kv_heads x row_cubes x splits`; a plane past the last row (prefill)
+    // SAFETY: the grid is `kv_heads x row_cubes x splits`; int8 scales are read at `slot *
+    // kv_heads + kvh` of a slot the keys are read at (`[slots, kv_heads, 1]`, contiguous),
+    // dense pools read none; a plane past the last row (prefill)
     // reads the last row and writes nothing; heads `kvh * group + g < heads`; lanes read at
     // most the head's last vector; a row reads keys below its `len`, which the engine keeps
     // within the blocks its table row names (`len <= max_blocks * block_tokens`, the table
@@ -580,6 +681,8 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, seqs: 
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
+            k_scales.into_buffer_arg(),
+            v_scales.into_buffer_arg(),
             table.into_buffer_arg(),
             seqs.into_buffer_arg(),
             lens.into_buffer_arg(),
@@ -598,7 +701,8 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, table: CubeTensor, seqs: 
             passes,
             split,
             plane_rows,
-            [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
+            scaled,
+            [dtype_to_storage_type(dtype), dtype_to_storage_type(kv_dtype), dtype_to_storage_type(int_dtype)],
         )
     };
     if split {
@@ -632,7 +736,7 @@ pub fn decode_kernel_applies(heads: usize, kv_heads: usize, head_dim: usize, dty
 /// [rows, max_blocks]` and `lens [rows]` (see [`PagedDecodeOps::paged_decode_attention`]);
 /// `None` where the kernel does not apply ([`decode_kernel_applies`]).
 #[allow(clippy::too_many_arguments)]
-pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+pub fn paged_decode_attention(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
     paged_decode_attention_in_passes(q, k, v, table, lens, block_tokens, window, scale, None)
 }
 
@@ -640,24 +744,46 @@ pub fn paged_decode_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table:
 /// else rounded down to a power of two of at most the lanes a key): for measuring the tile
 /// size (`kernels/examples/kernel_check.rs`).
 #[allow(clippy::too_many_arguments)]
-pub fn paged_decode_attention_in_passes(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64, passes: Option<usize>) -> Option<Tensor<3>> {
-    let [rows, heads, d] = q.dims();
-    let kv_heads = k.dims()[1];
-    if !decode_kernel_applies(heads, kv_heads, d, q.dtype(), &q.device()) || k.dims() != v.dims() || table.dims()[0] != rows || lens.dims()[0] != rows {
+pub fn paged_decode_attention_in_passes(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64, passes: Option<usize>) -> Option<Tensor<3>> {
+    let rows = q.dims()[0];
+    if !kernel_takes(&q, k, v) || table.dims()[0] != rows || lens.dims()[0] != rows {
         return None;
     }
-    let out = Dispatch::paged_decode_attention(
-        q.into_dispatch(),
-        k.clone().into_dispatch(),
-        v.clone().into_dispatch(),
-        table.clone().into_dispatch(),
-        lens.clone().into_dispatch(),
-        scale as f32,
-        block_tokens,
-        window.unwrap_or(0),
-        passes.map_or(0, |p| p.max(1)),
-    );
+    let (scale, window, passes) = (scale as f32, window.unwrap_or(0), passes.map_or(0, |p| p.max(1)));
+    let (table, lens) = (table.clone().into_dispatch(), lens.clone().into_dispatch());
+    let out = match (k, v) {
+        (KvPages::Dense(k), KvPages::Dense(v)) => {
+            Dispatch::paged_decode_attention(q.into_dispatch(), k.clone().into_dispatch(), v.clone().into_dispatch(), table, lens, scale, block_tokens, window, passes)
+        }
+        (KvPages::Int8 { codes: k, scales: ks }, KvPages::Int8 { codes: v, scales: vs }) => Dispatch::paged_decode_attention_int8(
+            q.into_dispatch(),
+            k.clone().into_dispatch(),
+            v.clone().into_dispatch(),
+            ks.clone().into_dispatch(),
+            vs.clone().into_dispatch(),
+            table,
+            lens,
+            scale,
+            block_tokens,
+            window,
+            passes,
+        ),
+        _ => return None,
+    };
     Some(Tensor::<3>::from_dispatch(out))
+}
+
+/// Whether the decode/prefill kernel reads these pools for `q [rows, heads, d]`: the kernel
+/// applies ([`decode_kernel_applies`]), keys and values are stored alike, and dense pools
+/// hold `q`'s dtype.
+fn kernel_takes(q: &Tensor<3>, k: &KvPages, v: &KvPages) -> bool {
+    let [_, heads, d] = q.dims();
+    let stored_alike = match (k, v) {
+        (KvPages::Dense(k), KvPages::Dense(v)) => k.dtype() == q.dtype() && v.dtype() == q.dtype(),
+        (KvPages::Int8 { .. }, KvPages::Int8 { .. }) => true,
+        _ => false,
+    };
+    stored_alike && k.dims() == v.dims() && k.dims()[2] == d && decode_kernel_applies(heads, k.dims()[1], d, q.dtype(), &q.device())
 }
 
 /// The prefill kernel's time a (query, key) pair and query head, in picoseconds: ~60-80 on an
@@ -711,23 +837,32 @@ pub fn prefill_kernel_pays(spans: &[Span], heads: usize, window: Option<usize>) 
 /// causally: see [`prefill_rows`]); `None` where the kernel does not apply
 /// ([`decode_kernel_applies`]).
 #[allow(clippy::too_many_arguments)]
-pub fn paged_prefill_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, table: &Tensor<2, Int>, seqs: &Tensor<1, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
-    let [tokens, heads, d] = q.dims();
-    let kv_heads = k.dims()[1];
-    if !decode_kernel_applies(heads, kv_heads, d, q.dtype(), &q.device()) || k.dims() != v.dims() || seqs.dims()[0] != tokens || lens.dims()[0] != tokens {
+pub fn paged_prefill_attention(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &Tensor<2, Int>, seqs: &Tensor<1, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+    let tokens = q.dims()[0];
+    if !kernel_takes(&q, k, v) || seqs.dims()[0] != tokens || lens.dims()[0] != tokens {
         return None;
     }
-    let out = Dispatch::paged_prefill_attention(
-        q.into_dispatch(),
-        k.clone().into_dispatch(),
-        v.clone().into_dispatch(),
-        table.clone().into_dispatch(),
-        seqs.clone().into_dispatch(),
-        lens.clone().into_dispatch(),
-        scale as f32,
-        block_tokens,
-        window.unwrap_or(0),
-    );
+    let (scale, window) = (scale as f32, window.unwrap_or(0));
+    let (table, seqs, lens) = (table.clone().into_dispatch(), seqs.clone().into_dispatch(), lens.clone().into_dispatch());
+    let out = match (k, v) {
+        (KvPages::Dense(k), KvPages::Dense(v)) => {
+            Dispatch::paged_prefill_attention(q.into_dispatch(), k.clone().into_dispatch(), v.clone().into_dispatch(), table, seqs, lens, scale, block_tokens, window)
+        }
+        (KvPages::Int8 { codes: k, scales: ks }, KvPages::Int8 { codes: v, scales: vs }) => Dispatch::paged_prefill_attention_int8(
+            q.into_dispatch(),
+            k.clone().into_dispatch(),
+            v.clone().into_dispatch(),
+            ks.clone().into_dispatch(),
+            vs.clone().into_dispatch(),
+            table,
+            seqs,
+            lens,
+            scale,
+            block_tokens,
+            window,
+        ),
+        _ => return None,
+    };
     Some(Tensor::<3>::from_dispatch(out))
 }
 
@@ -1003,30 +1138,96 @@ fn with_flex_f32<R>(t: &Tensor<3>, f: impl FnOnce(&[f32]) -> Option<R>) -> Optio
     }
 }
 
+/// `f` of an i8 tensor's memory on the CPU (contiguous), without a copy; `None` for other
+/// tensors.
+fn with_flex_i8<R>(t: &Tensor<3, Int>, f: impl FnOnce(&[i8]) -> Option<R>) -> Option<R> {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    match t.clone().into_dispatch().kind {
+        DispatchTensorKind::Flex(BackendTensor::Int(tensor)) => f(tensor.as_slice::<i8>()?),
+        _ => None,
+    }
+}
+
+/// `f` of a pool's memory on the CPU, without a copy: f32 pages, or int8 codes and their
+/// scales; `None` for pages elsewhere or of other dtypes.
+fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>) -> Option<R> {
+    match pages {
+        KvPages::Dense(t) => with_flex_f32(t, |rows| f(PoolRows::F32(rows))),
+        KvPages::Int8 { codes, scales } => with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Int8 { codes, scales }))),
+    }
+}
+
+/// A pool's memory on the CPU, `[slots, kv_heads, d]`.
+#[derive(Clone, Copy)]
+enum PoolRows<'a> {
+    F32(&'a [f32]),
+    /// Codes, and one scale per (slot, head).
+    Int8 { codes: &'a [i8], scales: &'a [f32] },
+}
+
+impl<'a> PoolRows<'a> {
+    /// Values in all (slots × heads × d), and scales (one per slot and head).
+    fn lens(&self) -> (usize, Option<usize>) {
+        match self {
+            Self::F32(rows) => (rows.len(), None),
+            Self::Int8 { codes, scales } => (codes.len(), Some(scales.len())),
+        }
+    }
+
+    /// The head row at element `at` (a multiple of `buf.len()`) as f32 values, and its scale:
+    /// f32 rows as they are (scale 1), int8 codes converted into `buf`.
+    #[inline(always)]
+    fn row<'b>(&'b self, at: usize, buf: &'b mut [f32]) -> (&'b [f32], f32) {
+        let d = buf.len();
+        match self {
+            Self::F32(rows) => (&rows[at..at + d], 1.0),
+            Self::Int8 { codes, scales } => {
+                for (o, &c) in buf.iter_mut().zip(&codes[at..at + d]) {
+                    *o = f32::from(c);
+                }
+                (buf, scales[at / d])
+            }
+        }
+    }
+
+    /// Asks for the head row at `at` towards L1.
+    #[inline(always)]
+    fn prefetch(&self, at: usize, d: usize) {
+        match self {
+            Self::F32(rows) => prefetch(&rows[at..at + d]),
+            Self::Int8 { codes, .. } => prefetch_bytes(&codes[at..at + d]),
+        }
+    }
+}
+
 /// Decode rows' attention on the CPU, read straight from f32 pools `k`/`v [slots, kv_heads,
 /// d]` through the rows' block tables: per (row, query head) the scores of the keys the row
 /// sees (below its length, within `window`), their softmax in f32, and the weighted sum of
 /// the values, over rayon's threads. `None` (the caller takes the gathered reference) off the
 /// CPU, for other dtypes, or where a block lies outside the pool.
-fn cpu_decode_attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, rows: &DecodeRows, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+fn cpu_decode_attention(q: &Tensor<3>, k: &KvPages, v: &KvPages, rows: &DecodeRows, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
     let device = q.device();
     if is_cubecl(&device) || q.dtype() != DType::F32 {
         return None;
     }
     let [_, heads, d] = q.dims();
     let [slots, kv_heads, dk] = k.dims();
-    if dk != d || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || block_tokens == 0 {
+    if dk != d || d > MAX_CPU_HEAD_DIM || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || block_tokens == 0 {
         return None;
     }
-    with_flex_f32(k, |keys| with_flex_f32(v, |values| cpu_decode_over(q, keys, values, rows, [slots, kv_heads, d], block_tokens, window, scale)))
+    with_pool_rows(k, |keys| with_pool_rows(v, |values| cpu_decode_over(q, keys, values, rows, [slots, kv_heads, d], block_tokens, window, scale)))
 }
 
 /// [`cpu_decode_attention`] over the pools' memory.
 #[allow(clippy::too_many_arguments)]
-fn cpu_decode_over(q: &Tensor<3>, keys: &[f32], values: &[f32], rows: &DecodeRows, [slots, kv_heads, d]: [usize; 3], block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
+fn cpu_decode_over(q: &Tensor<3>, keys: PoolRows<'_>, values: PoolRows<'_>, rows: &DecodeRows, [slots, kv_heads, d]: [usize; 3], block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
     let device = q.device();
     let [n, heads, _] = q.dims();
-    if keys.len() != slots * kv_heads * d || values.len() != keys.len() {
+    let whole = |p: &PoolRows<'_>| {
+        let (len, scales) = p.lens();
+        len == slots * kv_heads * d && scales.is_none_or(|s| s == slots * kv_heads)
+    };
+    if !whole(&keys) || !whole(&values) {
         return None;
     }
     let mut host = rows.host.borrow_mut();
@@ -1081,8 +1282,8 @@ fn cpu_decode_over(q: &Tensor<3>, keys: &[f32], values: &[f32], rows: &DecodeRow
 /// One (row, key head) of [`cpu_decode_over`]: the keys and values it reads through the row's
 /// block table and the `queries.len() / d` query heads that share them.
 struct GroupTask<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: PoolRows<'a>,
+    values: PoolRows<'a>,
     queries: &'a [f32],
     table: &'a [usize],
     first: usize,
@@ -1143,6 +1344,21 @@ fn prefetch(row: &[f32]) {
     let _ = row;
 }
 
+/// [`prefetch`] of a row of bytes.
+#[inline(always)]
+fn prefetch_bytes(row: &[i8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(64) {
+        // SAFETY: as in `prefetch`.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// The widest head the CPU decode loop takes (wider ones go through the gathered reference).
+const MAX_CPU_HEAD_DIM: usize = 512;
+
 /// The scores of every key against each query head (in `scores`), their softmax, and the
 /// weighted values: transformers' eager attention for one row, in f32.
 #[inline(always)]
@@ -1157,14 +1373,17 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
     let at = |c: &KeyCursor| (table[c.block] * block_tokens + c.offset) * kv_heads * d + kvh * d;
     scores.clear();
     scores.resize(group * width, 0.0);
+    // An int8 row converted to f32 (f32 rows are read in place).
+    let mut buf = [0f32; MAX_CPU_HEAD_DIM];
+    let buf = &mut buf[..d];
     let (mut cur, mut ahead) = (start(first), start(first + PREFETCH_KEYS));
     for (k, j) in (first..len).enumerate() {
         if j + PREFETCH_KEYS < len {
-            let a = at(&ahead);
-            prefetch(&keys[a..a + d]);
+            keys.prefetch(at(&ahead), d);
         }
-        let a = at(&cur);
-        let key = &keys[a..a + d];
+        // f32 rows: a scale of 1, so the score is `dot · scale` to the bit.
+        let (key, row_scale) = keys.row(at(&cur), buf);
+        let scale = row_scale * scale;
         for (g, q) in queries.chunks_exact(d).enumerate() {
             scores[g * width + k] = crate::dot(key, q) * scale;
         }
@@ -1186,13 +1405,11 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
     let (mut cur, mut ahead) = (start(first), start(first + PREFETCH_KEYS));
     for (k, j) in (first..len).enumerate() {
         if j + PREFETCH_KEYS < len {
-            let a = at(&ahead);
-            prefetch(&values[a..a + d]);
+            values.prefetch(at(&ahead), d);
         }
-        let a = at(&cur);
-        let value = &values[a..a + d];
+        let (value, row_scale) = values.row(at(&cur), buf);
         for (g, o) in out.chunks_exact_mut(d).enumerate() {
-            let w = scores[g * width + k];
+            let w = scores[g * width + k] * row_scale;
             for (o, x) in o.iter_mut().zip(value) {
                 *o += w * x;
             }
@@ -1220,16 +1437,17 @@ impl KeyCursor {
     }
 }
 
-/// Gathers `slots` from a pool `[pool_slots, kv_heads, d]` as `[batch, kv_heads, width, d]`.
-fn gather(pool: &Tensor<3>, slots: &Tensor<1, Int>, batch: usize, width: usize) -> Tensor<4> {
+/// Gathers `slots` from a pool `[pool_slots, kv_heads, d]` as `[batch, kv_heads, width, d]`
+/// values in `dtype` (int8 pages dequantized).
+fn gather(pool: &KvPages, slots: &Tensor<1, Int>, batch: usize, width: usize, dtype: DType) -> Tensor<4> {
     let [_, kv_heads, d] = pool.dims();
-    pool.clone().select(0, slots.clone()).reshape([batch, width, kv_heads, d]).swap_dims(1, 2)
+    pool.select(slots.clone(), dtype).reshape([batch, width, kv_heads, d]).swap_dims(1, 2)
 }
 
 /// Attention of the step's queries `q [tokens, heads, head_dim]` (decode rows first, then
 /// each prefill chunk, as [`PagedLayout`] was built) over the pools `k`/`v [slots, kv_heads,
 /// head_dim]` (this step's keys already written): `[tokens, heads, head_dim]`.
-pub fn paged_attention(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
+pub fn paged_attention(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
     paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Cheaper)
 }
 
@@ -1246,21 +1464,21 @@ enum PrefillPath {
 
 /// [`paged_attention`] with the prefill chunks through the kernel wherever it applies, whatever
 /// it costs: what `kernel_check` checks and times.
-pub fn paged_attention_prefill_kernel(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
+pub fn paged_attention_prefill_kernel(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
     paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Kernel)
 }
 
 /// [`paged_attention`] with the prefill chunks through the reference (gathered keys and
 /// values, masks and `gqa_attention`) on every device: what `kernel_check` compares the
 /// prefill kernel with.
-pub fn paged_attention_reference(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
+pub fn paged_attention_reference(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
     paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Reference)
 }
 
 /// [`paged_attention`] with at most `max_scores` scores materialised a launch by the
 /// reference, the prefill chunks going the `path` way.
 #[allow(clippy::too_many_arguments)]
-fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize, path: PrefillPath) -> Tensor<3> {
+fn paged_attention_within(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize, path: PrefillPath) -> Tensor<3> {
     let [tokens, heads, d] = q.dims();
     let mut parts = Vec::with_capacity(2);
     let mut at = 0;
@@ -1272,8 +1490,8 @@ fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &P
             Some(out) => out,
             None => {
                 let (slots, mask, width) = decode.gathered(layout.block_tokens, window);
-                let keys = gather(k, &slots, rows, width);
-                let values = gather(v, &slots, rows, width);
+                let keys = gather(k, &slots, rows, width, q.dtype());
+                let values = gather(v, &slots, rows, width, q.dtype());
                 let out = crate::attention::gqa_attention(queries.reshape([rows, heads, 1, d]), &keys, &values, Some(&mask), scale);
                 out.reshape([rows, heads, d])
             }
@@ -1284,7 +1502,7 @@ fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &P
     let prefill_tokens: usize = layout.prefill.iter().map(|s| s.queries).sum();
     let on_device = (path != PrefillPath::Reference
         && prefill_tokens > 0
-        && decode_kernel_applies(heads, k.dims()[1], d, q.dtype(), &q.device())
+        && kernel_takes(&q, k, v)
         && (path == PrefillPath::Kernel || prefill_kernel_pays(&layout.prefill, heads, window)))
         .then(|| {
             let rows = layout.prefill_rows();
@@ -1299,8 +1517,8 @@ fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &P
     let chunks: &[Chunk] = if at == tokens { &[] } else { layout.chunks() };
     for chunk in chunks {
         let (n, qn, context) = (chunk.count, chunk.queries, chunk.context);
-        let keys = gather(k, &chunk.slots, n, context);
-        let values = gather(v, &chunk.slots, n, context);
+        let keys = gather(k, &chunk.slots, n, context, q.dtype());
+        let values = gather(v, &chunk.slots, n, context, q.dtype());
         let queries = q.clone().narrow(0, at, n * qn).reshape([n, qn, heads, d]).swap_dims(1, 2);
         let mask = pick(&chunk.masks, window);
         // The scores are materialised: pieces of whole sequences, or of one sequence's query
@@ -1338,6 +1556,7 @@ fn paged_attention_within(q: Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, layout: &P
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_pages::KvStorage;
     use burn::tensor::Distribution;
 
     fn values<const D: usize>(x: Tensor<D>) -> Vec<f32> {
@@ -1422,18 +1641,35 @@ mod tests {
         let vp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
         let tokens: usize = spans.iter().map(|s| s.queries).sum();
         let q: Tensor<3> = Tensor::random([tokens, heads, d], Distribution::Uniform(-1.0, 1.0), &device);
-        let (kv, vv, qv) = (values(kp.clone()), values(vp.clone()), values(q.clone()));
+        let qv = values(q.clone());
+        // The same pools as int8 pages: every slot written (quantized) once.
+        let all_slots = Tensor::<1, Int>::arange(0..pool_slots as i64, &device);
+        let int8 = |pool: &Tensor<3>| KvPages::zeroed(KvStorage::Int8, [pool_slots, kv_heads, d], &device).write(all_slots.clone(), pool.clone());
+        let (k8, v8) = (int8(&kp), int8(&vp));
         // Unlimited, and capped so that chunks run in pieces of sequences (the two 3 x 7
         // chunks: 84 scores each over 4 heads) and of query rows (5 x 11 x 4 = 220 > 100).
         // f32 pools: decode rows read the pools in place (`cpu_decode_attention`); bf16 ones
-        // take the gathered reference, to bf16's rounding.
-        for (window, cap, dtype) in [(None, MAX_SCORES, DType::F32), (Some(3), MAX_SCORES, DType::F32), (None, 100, DType::F32), (Some(3), 100, DType::F32), (Some(3), MAX_SCORES, DType::BF16)] {
+        // take the gathered reference, to bf16's rounding. Int8 pages: decode rows read the
+        // codes in place, prefill chunks gather them dequantized; both give the attention of
+        // the dequantized values.
+        for (window, cap, dtype, quantized) in [
+            (None, MAX_SCORES, DType::F32, false),
+            (Some(3), MAX_SCORES, DType::F32, false),
+            (None, 100, DType::F32, false),
+            (Some(3), 100, DType::F32, false),
+            (Some(3), MAX_SCORES, DType::BF16, false),
+            (None, MAX_SCORES, DType::F32, true),
+            (Some(3), 100, DType::F32, true),
+        ] {
+            let (k, v) = if quantized { (k8.clone(), v8.clone()) } else { (KvPages::Dense(kp.clone().cast(dtype)), KvPages::Dense(vp.clone().cast(dtype))) };
+            // What attention should see: the pages' values (int8: dequantized).
+            let (kv, vv) = (values(k.values(DType::F32)), values(v.values(DType::F32)));
             let layout = PagedLayout::new(&spans, bt, &[None, Some(3)], &device);
             let decode = layout.decode.as_ref().expect("decode rows");
-            let fast = cpu_decode_attention(&q.clone().narrow(0, 0, 2).cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), decode, bt, window, 0.25);
-            assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 pools only");
+            let fast = cpu_decode_attention(&q.clone().narrow(0, 0, 2).cast(dtype), &k, &v, decode, bt, window, 0.25);
+            assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 queries over f32 or int8 pools");
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
-            let got = values(paged_attention_within(q.clone().cast(dtype), &kp.clone().cast(dtype), &vp.clone().cast(dtype), &layout, window, 0.25, cap, PrefillPath::Cheaper).cast(DType::F32));
+            let got = values(paged_attention_within(q.clone().cast(dtype), &k, &v, &layout, window, 0.25, cap, PrefillPath::Cheaper).cast(DType::F32));
             let mut at = 0;
             for s in &spans {
                 // The sequence's keys and values, contiguous.
@@ -1485,7 +1721,7 @@ mod tests {
             ints(lens.clone(), &device),
         );
         for window in [None, Some(3)] {
-            let got = values(cpu_decode_attention(&q, &kp, &vp, &rows, bt, window, 0.25).expect("f32 pools on the CPU"));
+            let got = values(cpu_decode_attention(&q, &KvPages::Dense(kp.clone()), &KvPages::Dense(vp.clone()), &rows, bt, window, 0.25).expect("f32 pools on the CPU"));
             let mut at = 0;
             for s in &spans {
                 let row = |pool: &[f32], j: usize| {

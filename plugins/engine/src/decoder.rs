@@ -23,7 +23,7 @@ use inference_pio_core::config::Quantization;
 use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
 use inference_pio_kernels::memory::outside_pools;
-use inference_pio_kernels::{add_rms_norm, concat_outputs, linear, qk_norm_rotary, rms_norm, rotary, split_parts, split_weight, write_kv_slots, zeroed_kv_buffer};
+use inference_pio_kernels::{KvPages, KvStorage, add_rms_norm, concat_outputs, linear, qk_norm_rotary, rms_norm, rotary, split_parts, split_weight};
 use std::sync::Arc;
 
 /// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
@@ -57,19 +57,25 @@ pub struct StepVision {
 }
 
 /// The paged KV cache's tensors: per layer, keys and values `[(blocks + 1) * block_tokens,
-/// kv_heads, head_dim]` in the model's dtype, preallocated at load. The extra last block is
-/// scratch, never handed to a sequence: the padding rows of a fixed-shape (CUDA-graph) decode
-/// step write and read there.
+/// kv_heads, head_dim]` in the model's dtype or as int8 with their scales ([`KvPages`]),
+/// preallocated at load. The extra last block is scratch, never handed to a sequence: the
+/// padding rows of a fixed-shape (CUDA-graph) decode step write and read there.
 pub struct KvPool {
-    layers: Vec<Option<(Tensor<3>, Tensor<3>)>>,
+    layers: Vec<Option<(KvPages, KvPages)>>,
     block_tokens: usize,
     blocks: usize,
+    storage: KvStorage,
 }
 
 impl KvPool {
     /// Bytes one block takes over all layers.
-    pub fn block_bytes(config: &DecoderConfig, dtype: DType, block_tokens: usize) -> u64 {
-        (config.num_hidden_layers * 2 * block_tokens * config.num_key_value_heads * config.head_dim) as u64 * dtype.size_bytes()
+    pub fn block_bytes(config: &DecoderConfig, storage: KvStorage, block_tokens: usize) -> u64 {
+        (config.num_hidden_layers * 2 * block_tokens * config.num_key_value_heads) as u64 * storage.head_bytes(config.head_dim)
+    }
+
+    /// How keys and values are stored.
+    pub fn storage(&self) -> KvStorage {
+        self.storage
     }
 
     /// Blocks sequences may use (the scratch block not counted).
@@ -311,6 +317,9 @@ pub struct Decoder {
     /// A tensor-parallel rank's place in its group (`config` then holds its heads and inner
     /// rows; [`crate::tensor_parallel`]).
     tp: Option<TpRank>,
+    /// How its KV pools store keys and values (`kv_cache_dtype`): the model's dtype unless
+    /// [`Self::store_kv_as`] changed it.
+    kv_storage: KvStorage,
 }
 
 /// Names and shapes of every tensor a decoder with this config needs.
@@ -545,20 +554,37 @@ impl Decoder {
             }
             None => None,
         };
-        Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq, vision, tp })
+        let kv_storage = KvStorage::Dense(burn_dtype(dtype));
+        Ok(Self { config, spec, dtype, device: device.clone(), embed, blocks, norm, lm_head, inv_freq, vision, tp, kv_storage })
     }
 
-    /// A KV pool of `blocks` blocks of `block_tokens` tokens, zeroed.
+    /// A KV pool of `blocks` blocks of `block_tokens` tokens, zeroed, stored as
+    /// [`Self::kv_storage`] says.
     pub fn new_kv_pool(&self, blocks: usize, block_tokens: usize) -> KvPool {
+        self.new_kv_pool_of(blocks, block_tokens, self.kv_storage)
+    }
+
+    /// How this decoder's KV pools store keys and values.
+    pub fn kv_storage(&self) -> KvStorage {
+        self.kv_storage
+    }
+
+    /// Stores its KV pools as `storage` from now on.
+    pub fn store_kv_as(&mut self, storage: KvStorage) {
+        self.kv_storage = storage;
+    }
+
+    /// A KV pool of `blocks` blocks of `block_tokens` tokens stored as `storage`, zeroed.
+    pub fn new_kv_pool_of(&self, blocks: usize, block_tokens: usize, storage: KvStorage) -> KvPool {
         let c = &self.config;
         let shape = [(blocks + 1) * block_tokens, c.num_key_value_heads, c.head_dim];
-        let (dtype, device, count) = (burn_dtype(self.dtype), self.device.clone(), self.blocks.len());
+        let (device, count) = (self.device.clone(), self.blocks.len());
         // Device allocations of their own, outside the activations' pools (`memory`).
         let layers = outside_pools(&self.device, move || {
-            let zeros = || zeroed_kv_buffer(shape, dtype, &device);
+            let zeros = || KvPages::zeroed(storage, shape, &device);
             (0..count).map(|_| Some((zeros(), zeros()))).collect()
         });
-        KvPool { layers, block_tokens, blocks }
+        KvPool { layers, block_tokens, blocks, storage }
     }
 
     /// Computes one step: writes its keys and values to `kv` and returns the f32 logits of
@@ -664,8 +690,8 @@ impl Decoder {
             let (k_pool, v_pool) = kv.layers[l]
                 .take()
                 .ok_or_else(|| EngineError::Device(format!("KV pool layer {l} was lost by an earlier failed step")))?;
-            let k_pool = write_kv_slots(k_pool, slots.clone(), k);
-            let v_pool = write_kv_slots(v_pool, slots.clone(), v);
+            let k_pool = k_pool.write(slots.clone(), k);
+            let v_pool = v_pool.write(slots.clone(), v);
             let attn = paged_attention(q, &k_pool, &v_pool, layout, c.layer_windows[l], scale);
             kv.layers[l] = Some((k_pool, v_pool));
             let attn = attn.reshape([t, nh * d]);

@@ -9,13 +9,14 @@ use crate::generate::{Engine, GenerationDefaults, Model};
 use crate::hf_config::DecoderConfig;
 use crate::chat_template::ChatTemplate;
 use crate::tokenizer::TextTokenizer;
-use crate::weights::{Checkpoint, GgufFile};
+use crate::weights::{Checkpoint, GgufFile, burn_dtype};
 use inference_pio_chat_output::OutputFormat;
 use inference_pio_formats::gguf;
 use inference_pio_image_input::ImageProcessor;
 use burn::tensor::Device;
 use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError};
-use inference_pio_core::config::{OptimizationSettings, QuantActivations};
+use inference_pio_core::config::{KvCacheDtype, OptimizationSettings, QuantActivations};
+use inference_pio_kernels::KvStorage;
 use inference_pio_kernels::quant::Activations;
 use inference_pio_core::export::{Plugin, TokenCallback};
 use inference_pio_core::types::*;
@@ -176,6 +177,7 @@ pub fn load_engine(
         Some(QuantActivations::Int16) => Some(Activations::Blocks16),
         Some(QuantActivations::Int8) => Some(Activations::Blocks8),
     };
+    let kv_storage = kv_storage(settings.optimization.kv_cache_dtype, dtype)?;
     let dense_bytes = weight_bytes(&config, &spec, dtype);
     let quantize_lm_head = settings.optimization.quantize_lm_head;
     let bytes = stored_weight_bytes(&config, &spec, dtype, quantization, quantize_lm_head);
@@ -327,7 +329,7 @@ pub fn load_engine(
         let max_context = max_context_setting.map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));
         // The paged KV cache, preallocated now from its budget.
         let block_tokens = optimization.kv_block_tokens as usize;
-        let block_bytes = KvPool::block_bytes(c, dtype, block_tokens);
+        let block_bytes = KvPool::block_bytes(c, kv_storage, block_tokens);
         // Memory an earlier model of this process left reserved in CubeCL's allocator (its
         // KV pool, its activation pages) is returned to the driver first, so that it counts
         // as free.
@@ -339,10 +341,12 @@ pub fn load_engine(
         let (sizing_block, sizing_weights) = if on_gpu { (block_bytes, bytes / ranks as u64) } else { (block_bytes * ranks as u64, bytes) };
         let (blocks, sized_by) = crate::serve::kv_cache_blocks(&optimization, sizing_block, sizing_weights, limit, device_free, reserve, max_context)?;
         let kv_bytes = blocks as u64 * block_bytes * ranks as u64;
-        crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens ({:.3} GB; {sized_by})", kv_bytes as f64 / 1e9));
+        crate::progress::log(|| format!("KV cache: {blocks} blocks of {block_tokens} tokens in {} ({:.3} GB; {sized_by})", kv_storage.name(), kv_bytes as f64 / 1e9));
         if let Some(others) = &others {
-            others.new_kv_pools(blocks, block_tokens, max_context)?;
+            others.new_kv_pools(blocks, block_tokens, max_context, kv_storage)?;
         }
+        let mut decoder = decoder;
+        decoder.store_kv_as(kv_storage);
         let pool = decoder.new_kv_pool(blocks, block_tokens);
         let model = Model { decoder, tokenizer, template, generation, eos_token_ids, max_context, output_format, grammar: Default::default(), image_processor };
         Ok((model, pool, others, Loaded { blocks, block_tokens, kv_bytes, sized_by, bytes, stored }))
@@ -364,6 +368,7 @@ pub fn load_engine(
         load_seconds: started.elapsed().as_secs_f64(),
         kv_cache_blocks: blocks as u64,
         kv_block_tokens: block_tokens as u64,
+        kv_cache_dtype: kv_storage.name(),
         kv_cache_bytes: kv_bytes,
         kv_cache_sized_by: sized_by,
         quantization: stored,
@@ -714,4 +719,25 @@ macro_rules! export_model {
             $crate::plugin::EnginePlugin::new(&$family)
         });
     };
+}
+
+/// How the KV cache stores keys and values for `kv_cache_dtype` and the model's `dtype`: in
+/// the model's dtype (`auto`, or that dtype named), or as int8.
+pub fn kv_storage(choice: KvCacheDtype, dtype: DType) -> Result<KvStorage, EngineError> {
+    let named = match choice {
+        KvCacheDtype::Auto => dtype,
+        KvCacheDtype::Int8 => return Ok(KvStorage::Int8),
+        KvCacheDtype::Fp8 => return Err(EngineError::Config("kv_cache_dtype = \"fp8\" is not implemented yet; \"int8\" takes the same memory".into())),
+        KvCacheDtype::Bf16 => DType::Bf16,
+        KvCacheDtype::F16 => DType::F16,
+        KvCacheDtype::F32 => DType::F32,
+    };
+    if named != dtype {
+        return Err(EngineError::Config(format!(
+            "kv_cache_dtype = \"{}\" differs from the model's dtype ({}): the KV cache is stored in the attention's dtype (\"auto\") or as \"int8\"",
+            choice.name(),
+            dtype
+        )));
+    }
+    Ok(KvStorage::Dense(burn_dtype(dtype)))
 }

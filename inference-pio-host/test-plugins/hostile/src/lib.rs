@@ -311,6 +311,7 @@ impl Plugin for Hostile {
             kv_block_tokens: 0,
             kv_cache_bytes: 0,
             kv_cache_sized_by: String::new(),
+            kv_cache_dtype: String::new(),
             quantization: String::new(),
         })
     }

@@ -77,6 +77,7 @@ impl Plugin for Panicking {
             kv_block_tokens: 0,
             kv_cache_bytes: 0,
             kv_cache_sized_by: String::new(),
+            kv_cache_dtype: String::new(),
             quantization: String::new(),
         })
     }

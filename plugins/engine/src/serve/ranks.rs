@@ -16,6 +16,7 @@ use crate::error::EngineError;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
+use inference_pio_kernels::KvStorage;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
@@ -32,7 +33,7 @@ pub struct RankRow {
 enum Job {
     /// Allocate the KV pool: blocks, tokens per block, and the model's context cap (the
     /// recorded steps' widths).
-    Pool { blocks: usize, block_tokens: usize, max_context: usize },
+    Pool { blocks: usize, block_tokens: usize, max_context: usize, storage: KvStorage },
     Forward(StepBatch),
     /// A decode step through the rank's recorded steps.
     Decode(Arc<Vec<RankRow>>),
@@ -78,8 +79,8 @@ impl RankWorkers {
     /// Every rank allocates its KV pool of `blocks` blocks of `block_tokens` tokens (the same
     /// blocks as rank 0's, each holding the rank's share of the KV heads), for a model of
     /// `max_context` tokens.
-    pub fn new_kv_pools(&self, blocks: usize, block_tokens: usize, max_context: usize) -> Result<(), EngineError> {
-        self.send_all(|| Job::Pool { blocks, block_tokens, max_context })?;
+    pub fn new_kv_pools(&self, blocks: usize, block_tokens: usize, max_context: usize, storage: KvStorage) -> Result<(), EngineError> {
+        self.send_all(|| Job::Pool { blocks, block_tokens, max_context, storage })?;
         self.wait_all("allocating the KV cache")
     }
 
@@ -155,8 +156,8 @@ fn serve_rank(rank: usize, load: impl Fn(usize) -> Result<Decoder, EngineError>,
     let missing = || EngineError::Device("a step before the KV cache was allocated".into());
     while let Ok(job) = jobs.recv() {
         let answer = match job {
-            Job::Pool { blocks, block_tokens, max_context } => {
-                let pool = Rc::new(RefCell::new(decoder.new_kv_pool(blocks, block_tokens)));
+            Job::Pool { blocks, block_tokens, max_context, storage } => {
+                let pool = Rc::new(RefCell::new(decoder.new_kv_pool_of(blocks, block_tokens, storage)));
                 cache = Some((pool, DecodeGraphs::for_decoder(Arc::clone(&decoder) as Arc<dyn super::graph::StepDecoder>, max_context)));
                 Ok(())
             }
