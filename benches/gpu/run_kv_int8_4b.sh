@@ -6,7 +6,7 @@
 # that fit), batch-1 decode after short and 8,192-token prompts, batch-32 decode, and the
 # divergence of int8 from bf16 on one teacher-forced prompt (`score --json`).
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so,kernel_check}.xz,
-# .gpu/COMMIT. Writes $OUT/{log.txt,device.txt,kernel_check.txt,results.json,runs.tgz}.
+# .gpu/COMMIT. Writes $OUT/{log.txt,device.txt,kernel_check.txt,results.json,runs.tgz,kv_int8.png}.
 # Env: BUDGET (s, default 570), STAGES (default "kernels ours"), CASES (default "b1 b32 l8k").
 set -uo pipefail
 BUDGET=${BUDGET:-570}
@@ -85,5 +85,6 @@ if os.path.exists(o + "/score_kl.json"):
         pass
 json.dump(out, open(o + "/results.json", "w"), indent=1)
 PY
+timeout 60 python3 benches/gpu/plot_kv_int8.py $OUT/results.json $OUT/kv_int8.png || echo "no plot"
 echo "done at $SECONDS s"
 (cd $OUT && ls pio_*.json >/dev/null 2>&1 && tar czf runs.tgz pio_*.json pio_*_stderr.txt 2>/dev/null && rm -f pio_*.json pio_*_stderr.txt)

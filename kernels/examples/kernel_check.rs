@@ -411,9 +411,11 @@ fn check_kv_write(device: &Device) -> usize {
         let label = format!("kv write {tokens:5} tokens x {kv} x {dim} {:5} into {slots}", format!("{dtype:?}"));
         let bytes = (2 * tokens * kv * dim * dtype.size()) as f64;
         failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &kernel, &reference, &reference));
-        // Into int8 pages: the codes through the integer write kernel against `select_assign`
-        // of the same codes, exactly; the values read back against the written ones, to the
-        // rounding (a step is 1/127 of a head's largest value).
+        // Into int8 pages: the codes and scales by the fused quantize-and-write kernel against
+        // the reference's operations (`quantize_heads`, then `select_assign`), to a rounding tie
+        // (`f32::round` there rounds half away from zero); the values read back against the
+        // written ones, to the rounding (a step is 1/127 of a head's largest value). Timed
+        // against the reference's operations.
         if dtype == DType::BF16 {
             let pages = KvPages::zeroed(KvStorage::Int8, [slots, kv, dim], device);
             let written = || pages.clone().write(idx.clone(), k.clone());
@@ -431,9 +433,20 @@ fn check_kv_write(device: &Device) -> usize {
             };
             let label = format!("kv write {tokens:5} tokens x {kv} x {dim} INT8  into {slots}");
             let bytes8 = (tokens * kv * (dim * 2 + dim + 4)) as f64;
-            failed += usize::from(check(device, &format!("{label} codes"), 0.0, Work::Bytes(bytes8), &kernel, &reference, &reference));
+            failed += usize::from(check(device, &format!("{label} codes"), 1e-4, Work::Bytes(bytes8), &kernel, &reference, &reference));
+            let scales_of = |p: KvPages| match p {
+                KvPages::Int8 { scales, .. } => scales.reshape([slots, kv]),
+                KvPages::Dense(_) => unreachable!("int8 pages"),
+            };
+            let kernel_scales = || scales_of(written());
+            let reference_scales = || {
+                let (_, s) = quantize_heads(k.clone());
+                scales_of(pages.clone()).reshape([slots, kv, 1]).select_assign(0, idx.clone(), s, IndexingUpdateOp::Assign).reshape([slots, kv])
+            };
+            failed += usize::from(check(device, &format!("{label} scales"), 1e-6, Work::Bytes(bytes8), &kernel_scales, &reference_scales, &reference_scales));
             let back = || flat(written().values(DType::F32));
-            let dense = || flat(pool.clone().select_assign(0, idx.clone(), k.clone(), IndexingUpdateOp::Assign).cast(DType::F32));
+            let zeros = Tensor::<3>::zeros([slots, kv, dim], (device, dtype));
+            let dense = || flat(zeros.clone().select_assign(0, idx.clone(), k.clone(), IndexingUpdateOp::Assign).cast(DType::F32));
             failed += usize::from(check(device, &format!("{label} values"), 1e-2, Work::Bytes(bytes8), &back, &dense, &dense));
         }
     }

@@ -35,6 +35,12 @@ pub trait KvWriteOps: Backend {
     /// The same for integer pools (an int8 cache's codes).
     #[fusion(dtype = pool, shape = pool)]
     fn write_kv_slots_int(pool: IntTensor<Self>, slots: IntTensor<Self>, values: IntTensor<Self>) -> IntTensor<Self>;
+
+    /// `values [tokens, heads, head_dim]` quantized per (token, head) and written into int8
+    /// pages: `codes [slots, heads, head_dim]` (i8) and `scales [slots, heads, 1]` (f32) at
+    /// row `slots[i]`, as [`crate::kv_pages::quantize_heads`] computes them, in one launch.
+    #[fusion(meta = |codes, scales, _slots, _values| (codes.clone(), scales.clone()))]
+    fn write_kv_int8(codes: IntTensor<Self>, scales: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> (IntTensor<Self>, FloatTensor<Self>);
 }
 
 impl KvWriteOps for CubeBackend {
@@ -44,6 +50,10 @@ impl KvWriteOps for CubeBackend {
 
     fn write_kv_slots_int(pool: IntTensor<Self>, slots: IntTensor<Self>, values: IntTensor<Self>) -> IntTensor<Self> {
         launch(pool, slots, values)
+    }
+
+    fn write_kv_int8(codes: IntTensor<Self>, scales: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> (IntTensor<Self>, FloatTensor<Self>) {
+        launch_int8(codes, scales, slots, values)
     }
 }
 
@@ -76,6 +86,53 @@ mod device {
             let from = (token * values.stride(0) + h * values.stride(1)) / vector + c;
             let to = (slot * pool.stride(0) + h * pool.stride(1)) / vector + c;
             pool[to] = values[from];
+        }
+    }
+
+    /// Plane `UNIT_POS_Y` of cube `CUBE_POS` quantizes (token, head) `CUBE_POS * planes +
+    /// UNIT_POS_Y` of `values` (its lanes over the head's values: the largest magnitude by a
+    /// plane maximum, then each code `round(x · 127 / max)` in ±127) into the codes' and
+    /// scales' row of the token's slot; a slot outside the pool is skipped.
+    #[cube(launch_unchecked)]
+    pub fn write_kv_int8_kernel<E: Float, C: Int, I: Int>(
+        codes: &mut Tensor<C>,
+        scales: &mut Tensor<f32>,
+        slots: &[I],
+        values: &Tensor<E>,
+        #[comptime] planes: usize,
+        #[define(E, C, I)] _dtypes: [ElemType; 3],
+    ) {
+        let lane = UNIT_POS_X as usize;
+        let heads = values.shape(1);
+        let d = values.shape(2);
+        let pair = CUBE_POS as usize * planes + UNIT_POS_Y as usize;
+        if pair >= values.shape(0) * heads {
+            terminate!();
+        }
+        let (token, h) = (pair / heads, pair % heads);
+        let from = token * values.stride(0) + h * values.stride(1);
+        let step = values.stride(2);
+        let mut top = f32::new(0.0);
+        let mut i = lane;
+        while i < d {
+            top = max(top, f32::abs(f32::cast_from(values[from + i * step])));
+            i += 32;
+        }
+        top = plane_max(top);
+        let inv = f32::new(127.0) / max(top, f32::new(1.0e-37));
+        let slot = usize::cast_from(slots[token]);
+        if slot < codes.shape(0) {
+            let to = slot * codes.stride(0) + h * codes.stride(1);
+            let mut j = lane;
+            while j < d {
+                let q = clamp(f32::round(f32::cast_from(values[from + j * step]) * inv), f32::new(-127.0), f32::new(127.0));
+                codes[to + j] = C::cast_from(q);
+                j += 32;
+            }
+            if lane == 0 {
+                let at = slot * scales.stride(0) + h * scales.stride(1);
+                scales[at] = top / f32::new(127.0);
+            }
         }
     }
 }
@@ -115,6 +172,53 @@ fn launch(pool: CubeTensor, slots: CubeTensor, values: CubeTensor) -> CubeTensor
         )
     };
     pool
+}
+
+/// Planes (one per (token, head)) per cube of the int8 write.
+const INT8_PLANES: usize = 8;
+
+fn launch_int8(codes: CubeTensor, scales: CubeTensor, slots: CubeTensor, values: CubeTensor) -> (CubeTensor, CubeTensor) {
+    let unique = |t: CubeTensor| if t.can_mut() && t.is_nonoverlapping() { t } else { into_contiguous(t.copy()) };
+    let codes = last_axis_contiguous(unique(codes));
+    let scales = unique(scales);
+    let slots = into_contiguous(slots);
+    let shape = values.meta.shape().clone();
+    assert_eq!(shape.num_dims(), 3, "write_kv_int8: values must be [tokens, heads, head_dim]");
+    assert_eq!(codes.meta.shape()[1..], shape[1..], "write_kv_int8: pool rows and values differ in shape");
+    assert_eq!((scales.meta.shape()[0], scales.meta.shape()[1]), (codes.meta.shape()[0], shape[1]), "write_kv_int8: one scale per slot and head");
+    assert_eq!(slots.meta.shape()[0], shape[0], "write_kv_int8: one slot per token");
+    assert_eq!(scales.dtype, DType::F32, "write_kv_int8: f32 scales");
+    let pairs = shape[0] * shape[1];
+    if pairs == 0 {
+        return (codes, scales);
+    }
+    let client = codes.client.clone();
+    let dtypes = [dtype_to_storage_type(values.dtype), dtype_to_storage_type(codes.dtype), dtype_to_storage_type(slots.dtype)];
+    // SAFETY: plane `pair < tokens * heads` (checked) reads token `pair / heads`'s slot (one
+    // per token, asserted) and head `pair % heads < heads` of `values` through its strides,
+    // `head_dim` values; it writes that head's `head_dim` codes and one scale of pool row
+    // `slot`, skipped unless `slot < slots` (codes and scales have as many rows, asserted).
+    unsafe {
+        device::write_kv_int8_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static((pairs.div_ceil(INT8_PLANES)) as u32, 1, 1),
+            CubeDim::new_2d(32, INT8_PLANES as u32),
+            codes.clone().into_tensor_arg(),
+            scales.clone().into_tensor_arg(),
+            slots.into_buffer_arg(),
+            values.into_tensor_arg(),
+            INT8_PLANES,
+            dtypes,
+        )
+    };
+    (codes, scales)
+}
+
+/// Quantizes `values` into int8 pages by the kernel (CubeCL devices only): see
+/// [`KvWriteOps::write_kv_int8`].
+pub fn fused_write_kv_int8(codes: Tensor<3, Int>, scales: Tensor<3>, slots: Tensor<1, Int>, values: Tensor<3>) -> (Tensor<3, Int>, Tensor<3>) {
+    let (codes, scales) = Dispatch::write_kv_int8(codes.into_dispatch(), scales.into_dispatch(), slots.into_dispatch(), values.into_dispatch());
+    (Tensor::from_dispatch(codes), Tensor::from_dispatch(scales))
 }
 
 /// [`write_kv_slots_int`] by the kernel (CubeCL devices only).
