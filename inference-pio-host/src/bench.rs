@@ -30,7 +30,7 @@ use crate::cli::Host;
 use crate::handle::PluginHandle;
 use crate::selection::{read_model_config, select};
 use anyhow::{Context, bail};
-use inference_pio_core::config::{OptimizationSettings, QuantActivations, Quantization};
+use inference_pio_core::config::{KvCacheDtype, OptimizationSettings, QuantActivations, Quantization};
 use inference_pio_core::types::{
     BatchInferRequest, ConfigUpdate, DType, DeviceRequest, InferRequest, InferResponse, LoadOptions, ModelInfo, PromptInput, SamplingOverrides, SamplingParams, ScoreRequest, ScoreResponse,
 };
@@ -307,10 +307,9 @@ pub struct Variant {
 
 /// Optimizations of the product's plan that are no setting of a plugin unless it reports
 /// them: each variant measures them as they are built in.
-const BUILT_IN: [(&str, &str); 3] = [
+const BUILT_IN: [(&str, &str); 2] = [
     ("fused kernels", "always on: no setting switches them off"),
     ("cuBLAS", "always used on CUDA for the dense products: no setting"),
-    ("KV-cache dtype", "the cache is kept in the model's dtype: no setting yet"),
 ];
 
 /// The variants measured, in order: the most exact mode (f32, every weight dequantized where
@@ -328,6 +327,9 @@ pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported:
     }
     if has("quant_activations") {
         exact.quant_activations = Some(QuantActivations::Exact);
+    }
+    if has("kv_cache_dtype") {
+        exact.kv_cache_dtype = KvCacheDtype::Auto;
     }
     let mut out = vec![
         Variant { name: "most exact (f32, weights dequantized)".into(), settings: exact, dtype: Some(DType::F32) },
@@ -364,6 +366,12 @@ pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported:
                 out.push(Variant { name: name.into(), settings: v, dtype });
             }
         }
+    }
+    // The KV cache in int8 (half of bf16's bytes).
+    if has("kv_cache_dtype") && baseline.kv_cache_dtype != KvCacheDtype::Int8 {
+        let mut v = baseline.clone();
+        v.kv_cache_dtype = KvCacheDtype::Int8;
+        out.push(Variant { name: "int8 KV cache".into(), settings: v, dtype });
     }
     // Quantized weights in use on the CPU: their products with 8-bit activations.
     if has("quant_activations") && cpu && quantized_checkpoint && baseline.quant_activations != Some(QuantActivations::Int8) {
@@ -1234,14 +1242,16 @@ mod tests {
                 "chunked prefill off",
                 "int8 weights",
                 "int4 weights",
+                "int8 KV cache",
                 "all switches off"
             ]
         );
+        assert_eq!(v[8].settings, OptimizationSettings { kv_cache_dtype: KvCacheDtype::Int8, ..baseline.clone() });
         assert_eq!((v[0].dtype, v[0].settings.quantization), (Some(DType::F32), Some(Quantization::None)));
         assert_eq!(v[1].settings, baseline);
         // Each switch changes exactly its own key.
         assert_eq!(v[4].settings, OptimizationSettings { prefix_caching: false, ..baseline.clone() });
-        let all = &v[8].settings;
+        let all = &v[9].settings;
         assert!(!all.cuda_graphs && !all.async_scheduling && !all.prefix_caching && all.prefill_chunk_tokens == 0);
         // A plugin reporting only prefix caching gets that switch alone, no "all off", and a
         // quantized checkpoint adds its dequantized variant.
