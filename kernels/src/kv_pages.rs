@@ -11,7 +11,7 @@
 //! gathered reference dequantizes the rows it gathers ([`KvPages::select`]). A head of
 //! `d` values then takes `d + 4` bytes instead of `2d` in bf16 (`4d` in f32).
 
-use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor};
+use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData};
 use crate::kv_write::{fused_write_kv_int8, write_kv_slots, write_kv_slots_int, zeroed_kv_buffer, zeroed_kv_int_buffer};
 use crate::launch::is_cubecl;
 
@@ -102,7 +102,7 @@ impl KvPages {
                 Self::Int8 { codes, scales }
             }
             Self::Int8 { codes, scales } => {
-                let (q, s) = quantize_heads(values);
+                let (q, s) = quantize_heads_on_host(values.clone()).unwrap_or_else(|| quantize_heads(values));
                 Self::Int8 { codes: write_kv_slots_int(codes, slots.clone(), q), scales: write_kv_slots(scales, slots, s) }
             }
         }
@@ -138,6 +138,32 @@ pub fn quantize_heads(values: Tensor<3>) -> (Tensor<3, Int>, Tensor<3>) {
     let inv = amax.clone().clamp_min(f32::MIN_POSITIVE).recip().mul_scalar(127.0);
     let codes = x.mul(inv).round().clamp(-127.0, 127.0).cast(IntDType::I8);
     (codes, amax.div_scalar(127.0))
+}
+
+/// [`quantize_heads`] in a loop over the values on the host (the same arithmetic, the same
+/// codes and scales), for CPU tensors: one read of the step's values and two tensors made,
+/// where the operations were nine (5 % of a SmolLM2 decode step on 2 cores). `None` for
+/// tensors on other devices.
+fn quantize_heads_on_host(values: Tensor<3>) -> Option<(Tensor<3, Int>, Tensor<3>)> {
+    let device = values.device();
+    if is_cubecl(&device) {
+        return None;
+    }
+    let [t, h, d] = values.dims();
+    let x = values.into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
+    let mut codes = vec![0i8; x.len()];
+    let mut scales = Vec::with_capacity(t * h);
+    for (xs, qs) in x.chunks_exact(d.max(1)).zip(codes.chunks_exact_mut(d.max(1))) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let inv = 127.0 / amax.max(f32::MIN_POSITIVE);
+        for (q, &v) in qs.iter_mut().zip(xs) {
+            *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+        scales.push(amax / 127.0);
+    }
+    let codes = Tensor::<3, Int>::from_data(TensorData::new(codes, [t, h, d]), (&device, DType::I8));
+    let scales = Tensor::<3>::from_data(TensorData::new(scales, [t, h, 1]), (&device, DType::F32));
+    Some((codes, scales))
 }
 
 #[cfg(test)]
@@ -181,6 +207,21 @@ mod tests {
         let (codes, scales) = quantize_heads(Tensor::<3>::from_data(TensorData::new(vec![127.0f32, 0.5, 1.5, -2.5], [1, 1, 4]), &device));
         assert_eq!(codes.into_data().convert::<i64>().try_to_vec::<i64>().expect("i64"), vec![127, 0, 2, -2]);
         assert_eq!(floats(scales), vec![1.0]);
+    }
+
+    #[test]
+    fn the_host_loop_quantizes_as_the_operations_do() {
+        let device = Device::flex();
+        let x: Tensor<3> = Tensor::random([37, 3, 64], burn::tensor::Distribution::Normal(0.0, 2.0), &device);
+        // Heads of zeros, and ties at half a step.
+        let ties = Tensor::<3>::from_data(TensorData::new(vec![127.0f32, 0.5, 1.5, -2.5, 0.0, 0.0, 0.0, 0.0], [2, 1, 4]), &device);
+        for x in [x, ties] {
+            let (q, s) = quantize_heads(x.clone());
+            let (hq, hs) = quantize_heads_on_host(x).expect("a CPU tensor");
+            let ints = |t: Tensor<3, Int>| t.into_data().convert::<i64>().try_into_vec::<i64>().expect("ints");
+            assert_eq!(ints(hq), ints(q));
+            assert_eq!(floats(hs), floats(s));
+        }
     }
 
     #[test]
