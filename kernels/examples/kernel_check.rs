@@ -55,6 +55,7 @@ use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_referen
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_slots};
 use inference_pio_kernels::kv_pages::{KvPages, KvStorage, quantize_heads};
+use inference_pio_kernels::kv_write::fused_write_kv_int8;
 use burn::tensor::IndexingUpdateOp;
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -418,7 +419,14 @@ fn check_kv_write(device: &Device) -> usize {
         // against the reference's operations.
         if dtype == DType::BF16 {
             let pages = KvPages::zeroed(KvStorage::Int8, [slots, kv, dim], device);
-            let written = || pages.clone().write(idx.clone(), k.clone());
+            // The fused kernel (the engine still writes through the reference operations).
+            let written = || match pages.clone() {
+                KvPages::Int8 { codes, scales } => {
+                    let (codes, scales) = fused_write_kv_int8(codes, scales, idx.clone(), k.clone());
+                    KvPages::Int8 { codes, scales }
+                }
+                KvPages::Dense(_) => unreachable!("int8 pages"),
+            };
             let codes_of = |p: KvPages| match p {
                 KvPages::Int8 { codes, .. } => codes.cast(FloatDType::F32).reshape([slots * kv, dim]),
                 KvPages::Dense(_) => unreachable!("int8 pages"),

@@ -105,7 +105,7 @@ mod device {
         let lane = UNIT_POS_X as usize;
         let heads = values.shape(1);
         let d = values.shape(2);
-        let pair = CUBE_POS as usize * planes + UNIT_POS_Y as usize;
+        let pair = CUBE_POS * planes + UNIT_POS_Y as usize;
         if pair >= values.shape(0) * heads {
             terminate!();
         }

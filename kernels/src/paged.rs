@@ -420,7 +420,7 @@ mod device {
                 }
                 #[unroll]
                 for j in 0..cpl {
-                    let kv = to_f32(keys[s * cpl + j], scaled);
+                    let kv = Vector::<f32, N>::cast_from(keys[s * cpl + j]);
                     #[unroll]
                     for g in 0..group {
                         dots[g] += Vector::vector_sum(qs[qbase + g * per_head + j * lpk + sub] * kv);
@@ -480,7 +480,7 @@ mod device {
             #[unroll]
             for i in 0..vpasses {
                 let src = u32::cast_from(((i * kpp + half) % kps) * lpk);
-                let mut value = to_f32(values[i], scaled);
+                let mut value = Vector::<f32, N>::cast_from(values[i]);
                 if scaled {
                     value *= Vector::new(value_scales[i]);
                 }
@@ -561,20 +561,6 @@ mod device {
                 }
                 g += planes;
             }
-        }
-    }
-
-    /// A vector of keys or values as f32: int8 codes (`codes`) through their bits, `float(c) =
-    /// bits(0x4B40_0000 + c) - 1.5 · 2^23` (exact for |c| < 2^22: 1.5 · 2^23's unit in the last
-    /// place is 1), integer and float adds at full rate where a conversion instruction runs at
-    /// an eighth (the int8 kernel ran 1.8x the bf16 one's time at 256 rows); others converted.
-    #[cube]
-    fn to_f32<K: Numeric, N: Size>(v: Vector<K, N>, #[comptime] codes: bool) -> Vector<f32, N> {
-        if comptime!(codes) {
-            let bits = Vector::<i32, N>::cast_from(v) + Vector::new(0x4B40_0000i32);
-            Vector::<f32, N>::reinterpret(bits) - Vector::new(f32::new(12_582_912.0))
-        } else {
-            Vector::<f32, N>::cast_from(v)
         }
     }
 
