@@ -137,8 +137,14 @@ mod device {
     }
 }
 
+/// `pool` itself when burn holds it uniquely (the write lands in place), else a contiguous
+/// copy (as `select_assign` copies).
+fn writable(pool: CubeTensor) -> CubeTensor {
+    if pool.can_mut() && pool.is_nonoverlapping() { pool } else { into_contiguous(pool.copy()) }
+}
+
 fn launch(pool: CubeTensor, slots: CubeTensor, values: CubeTensor) -> CubeTensor {
-    let pool = if pool.can_mut() && pool.is_nonoverlapping() { pool } else { into_contiguous(pool.copy()) };
+    let pool = writable(pool);
     let pool = last_axis_contiguous(pool);
     let values = last_axis_contiguous(values);
     let slots = into_contiguous(slots);
@@ -178,9 +184,8 @@ fn launch(pool: CubeTensor, slots: CubeTensor, values: CubeTensor) -> CubeTensor
 const INT8_PLANES: usize = 8;
 
 fn launch_int8(codes: CubeTensor, scales: CubeTensor, slots: CubeTensor, values: CubeTensor) -> (CubeTensor, CubeTensor) {
-    let unique = |t: CubeTensor| if t.can_mut() && t.is_nonoverlapping() { t } else { into_contiguous(t.copy()) };
-    let codes = last_axis_contiguous(unique(codes));
-    let scales = unique(scales);
+    let codes = last_axis_contiguous(writable(codes));
+    let scales = writable(scales);
     let slots = into_contiguous(slots);
     let shape = values.meta.shape().clone();
     assert_eq!(shape.num_dims(), 3, "write_kv_int8: values must be [tokens, heads, head_dim]");

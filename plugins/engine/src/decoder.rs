@@ -64,18 +64,12 @@ pub struct KvPool {
     layers: Vec<Option<(KvPages, KvPages)>>,
     block_tokens: usize,
     blocks: usize,
-    storage: KvStorage,
 }
 
 impl KvPool {
     /// Bytes one block takes over all layers.
     pub fn block_bytes(config: &DecoderConfig, storage: KvStorage, block_tokens: usize) -> u64 {
         (config.num_hidden_layers * 2 * block_tokens * config.num_key_value_heads) as u64 * storage.head_bytes(config.head_dim)
-    }
-
-    /// How keys and values are stored.
-    pub fn storage(&self) -> KvStorage {
-        self.storage
     }
 
     /// Blocks sequences may use (the scratch block not counted).
@@ -559,14 +553,9 @@ impl Decoder {
     }
 
     /// A KV pool of `blocks` blocks of `block_tokens` tokens, zeroed, stored as
-    /// [`Self::kv_storage`] says.
+    /// [`Self::store_kv_as`] last set (the model's dtype by default).
     pub fn new_kv_pool(&self, blocks: usize, block_tokens: usize) -> KvPool {
         self.new_kv_pool_of(blocks, block_tokens, self.kv_storage)
-    }
-
-    /// How this decoder's KV pools store keys and values.
-    pub fn kv_storage(&self) -> KvStorage {
-        self.kv_storage
     }
 
     /// Stores its KV pools as `storage` from now on.
@@ -584,7 +573,7 @@ impl Decoder {
             let zeros = || KvPages::zeroed(storage, shape, &device);
             (0..count).map(|_| Some((zeros(), zeros()))).collect()
         });
-        KvPool { layers, block_tokens, blocks, storage }
+        KvPool { layers, block_tokens, blocks }
     }
 
     /// Computes one step: writes its keys and values to `kv` and returns the f32 logits of

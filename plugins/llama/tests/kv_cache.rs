@@ -11,10 +11,9 @@ use inference_pio_core::config::KvCacheDtype;
 use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, ModelInfo, PluginSettings};
 use inference_pio_engine::generate::Engine;
 use inference_pio_engine::plugin::load_engine;
-use inference_pio_engine::testing::{Divergence, all_logits, divergence, incremental_logits};
+use inference_pio_engine::testing::{Divergence, divergence};
+use common::{decode_logits, eval_texts, prompt_logits};
 use llama::FAMILY;
-use serde_json::Value;
-use std::path::Path;
 
 fn load(kv: KvCacheDtype) -> Result<(Engine, ModelInfo), String> {
     let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
@@ -24,31 +23,12 @@ fn load(kv: KvCacheDtype) -> Result<(Engine, ModelInfo), String> {
     load_engine(&FAMILY, &common::smollm2_path(), &options, &settings).map_err(|e| e.to_string())
 }
 
-fn texts(engine: &Engine) -> Vec<Vec<u32>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../inference-pio-host/src/eval-texts.json");
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("eval-texts.json")).expect("json");
-    json["texts"]
-        .as_array()
-        .expect("texts")
-        .iter()
-        .map(|t| engine.tokenizer.encode(t.as_str().expect("text"), false).expect("tokenizes"))
-        .collect()
-}
-
-/// Every position's logits: all in one pass (`prefill`), or one token a step.
-fn logits(engine: &Engine, texts: &[Vec<u32>], prefill: bool) -> Vec<Vec<f32>> {
-    texts
-        .iter()
-        .flat_map(|ids| if prefill { all_logits(engine, ids) } else { incremental_logits(engine, ids, 1, 16) })
-        .collect()
-}
-
 #[test]
 fn an_int8_kv_cache_stays_within_its_measured_divergence_and_holds_nearly_four_times_the_tokens() {
     let (reference, dense) = load(KvCacheDtype::Auto).expect("loads");
     assert_eq!(dense.kv_cache_dtype, "f32");
-    let texts = texts(&reference);
-    let want = [logits(&reference, &texts, true), logits(&reference, &texts, false)];
+    let texts = eval_texts(&reference);
+    let want = [prompt_logits(&reference, &texts), decode_logits(&reference, &texts)];
     drop(reference);
     let (engine, int8) = load(KvCacheDtype::Int8).expect("loads with an int8 KV cache");
     assert_eq!(int8.kv_cache_dtype, "int8");
@@ -61,7 +41,7 @@ fn an_int8_kv_cache_stays_within_its_measured_divergence_and_holds_nearly_four_t
     // paths (245 positions). Bounds about twice that; a lost scale or a wrong code moves
     // them by orders of magnitude.
     for (path, want) in ["prefill", "decode"].into_iter().zip(&want) {
-        let got = logits(&engine, &texts, path == "prefill");
+        let got = if path == "prefill" { prompt_logits(&engine, &texts) } else { decode_logits(&engine, &texts) };
         let d: Divergence = divergence(want, &got);
         eprintln!("int8 KV cache, {path}: {d:?}");
         assert!(d.positions > 150, "{} positions", d.positions);

@@ -14,10 +14,9 @@ mod common;
 use inference_pio_core::config::{QuantActivations, Quantization};
 use inference_pio_core::types::DType;
 use inference_pio_engine::generate::Engine;
-use inference_pio_engine::testing::{all_logits, divergence, incremental_logits, load_cpu_with, Divergence};
+use inference_pio_engine::testing::{divergence, load_cpu_with, Divergence};
+use common::{decode_logits, eval_texts, prompt_logits};
 use llama::FAMILY;
-use serde_json::Value;
-use std::path::Path;
 
 /// How the linear weights are stored and how their products take activations.
 type Storage = (Option<Quantization>, Option<QuantActivations>);
@@ -29,32 +28,11 @@ fn load(quantization: Option<Quantization>, activations: Option<QuantActivations
     })
 }
 
-fn texts(engine: &Engine) -> Vec<Vec<u32>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../inference-pio-host/src/eval-texts.json");
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("eval-texts.json")).expect("json");
-    json["texts"]
-        .as_array()
-        .expect("texts")
-        .iter()
-        .map(|t| engine.tokenizer.encode(t.as_str().expect("text"), false).expect("tokenizes"))
-        .collect()
-}
-
-fn logits(engine: &Engine, texts: &[Vec<u32>]) -> Vec<Vec<f32>> {
-    texts.iter().flat_map(|ids| all_logits(engine, ids)).collect()
-}
-
-/// The same positions one token per step, as decode computes them (one row at a time through
-/// the products that read the codes in place).
-fn decode_logits(engine: &Engine, texts: &[Vec<u32>]) -> Vec<Vec<f32>> {
-    texts.iter().flat_map(|ids| incremental_logits(engine, ids, 1, 16)).collect()
-}
-
 #[test]
 fn each_weight_storage_stays_within_its_measured_divergence_of_the_dequantized_model() {
     let reference = load(Some(Quantization::None), None);
-    let texts = texts(&reference);
-    let want = logits(&reference, &texts);
+    let texts = eval_texts(&reference);
+    let want = prompt_logits(&reference, &texts);
     drop(reference);
     // ((quantization, quant_activations), path, largest mean KL, largest single KL, least top-1 agreement)
     let (exact, int8) = (Some(QuantActivations::Exact), Some(QuantActivations::Int8));
@@ -80,7 +58,7 @@ fn each_weight_storage_stays_within_its_measured_divergence_of_the_dequantized_m
             engine = Some((setting, load(setting.0, setting.1)));
         }
         let Some((_, e)) = &engine else { unreachable!() };
-        let got = if path == "decode" { decode_logits(e, &texts) } else { logits(e, &texts) };
+        let got = if path == "decode" { decode_logits(e, &texts) } else { prompt_logits(e, &texts) };
         let d: Divergence = divergence(&want, &got);
         eprintln!("{setting:?} {path}: {d:?}");
         assert!(d.positions > 150, "{} positions", d.positions);

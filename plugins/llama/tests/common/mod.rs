@@ -20,3 +20,31 @@ pub fn smollm2_path() -> PathBuf {
     );
     path
 }
+
+/// The committed evaluation texts (`inference-pio-host/src/eval-texts.json`, which
+/// `inference-pio bench` scores too), tokenized by `engine`: what the divergence tests
+/// (`quantization.rs`, `kv_cache.rs`) teacher-force.
+#[allow(dead_code)] // not every test file that shares this module measures divergence
+pub fn eval_texts(engine: &inference_pio_engine::generate::Engine) -> Vec<Vec<u32>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../inference-pio-host/src/eval-texts.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("eval-texts.json")).expect("json");
+    json["texts"]
+        .as_array()
+        .expect("texts")
+        .iter()
+        .map(|t| engine.tokenizer.encode(t.as_str().expect("text"), false).expect("tokenizes"))
+        .collect()
+}
+
+/// Every position's logits of `texts`, each text in one pass (the prompt path).
+#[allow(dead_code)] // as `eval_texts`
+pub fn prompt_logits(engine: &inference_pio_engine::generate::Engine, texts: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    texts.iter().flat_map(|ids| inference_pio_engine::testing::all_logits(engine, ids)).collect()
+}
+
+/// The same positions one token per step, as decode computes them (one row at a time through
+/// the products that read the codes in place, over blocks of 16 tokens).
+#[allow(dead_code)] // as `eval_texts`
+pub fn decode_logits(engine: &inference_pio_engine::generate::Engine, texts: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    texts.iter().flat_map(|ids| inference_pio_engine::testing::incremental_logits(engine, ids, 1, 16)).collect()
+}
