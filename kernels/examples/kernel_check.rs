@@ -44,7 +44,7 @@ mod common;
 use burn::tensor::{DType, Device, Distribution, FloatDType, Int, Tensor, TensorData};
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
-use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, paged_decode_attention, paged_decode_attention_in_passes};
+use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, DecodeTuning, paged_decode_attention, paged_decode_attention_tuned};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
@@ -55,7 +55,6 @@ use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_referen
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_slots};
 use inference_pio_kernels::kv_pages::{KvPages, KvStorage, quantize_heads};
-use inference_pio_kernels::kv_write::fused_write_kv_int8;
 use burn::tensor::IndexingUpdateOp;
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -263,7 +262,8 @@ fn check_attention(device: &Device) -> usize {
             // default above; bf16 only.
             if dtype == DType::BF16 {
                 for passes in [4usize, 2, 1] {
-                    let tiled = || match paged_decode_attention_in_passes(q.clone(), &k, &v, &table, &lens, bt, window, scale, Some(passes)) {
+                    let tuning = DecodeTuning { passes: Some(passes), ..DecodeTuning::default() };
+                    let tiled = || match paged_decode_attention_tuned(q.clone(), &k, &v, &table, &lens, bt, window, scale, tuning) {
                         Some(out) => out.reshape([rows * heads, dim]),
                         None => panic!("{name}: the paged decode-attention kernel does not apply"),
                     };
@@ -287,6 +287,16 @@ fn check_attention(device: &Device) -> usize {
                 let bytes8 = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * (dim + 4) * 2) as f64;
                 let label = format!("{name:46} INT8 KV");
                 failed += usize::from(check(device, &label, tol, Work::Bytes(bytes8), &kernel8, &reference8, &kernel));
+                // The codes' other conversion to f32 (bits or instruction: the same values),
+                // timed against the engine's.
+                let other = DecodeTuning { codes_via_bits: !DecodeTuning::default().codes_via_bits, ..DecodeTuning::default() };
+                let kernel8_other = || match paged_decode_attention_tuned(q.clone(), &k8, &v8, &table, &lens, bt, window, scale, other) {
+                    Some(out) => out.reshape([rows * heads, dim]),
+                    None => panic!("{name}: the paged decode-attention kernel does not take int8 pages"),
+                };
+                let how = if other.codes_via_bits { "bits" } else { "cast" };
+                let label = format!("{name:46} INT8 KV, codes by {how}");
+                failed += usize::from(check(device, &label, tol, Work::Bytes(bytes8), &kernel8_other, &reference8, &kernel8));
             }
         }
     }
@@ -412,21 +422,14 @@ fn check_kv_write(device: &Device) -> usize {
         let label = format!("kv write {tokens:5} tokens x {kv} x {dim} {:5} into {slots}", format!("{dtype:?}"));
         let bytes = (2 * tokens * kv * dim * dtype.size()) as f64;
         failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &kernel, &reference, &reference));
-        // Into int8 pages: the codes and scales by the fused quantize-and-write kernel against
-        // the reference's operations (`quantize_heads`, then `select_assign`), to a rounding tie
-        // (`f32::round` there rounds half away from zero); the values read back against the
-        // written ones, to the rounding (a step is 1/127 of a head's largest value). Timed
-        // against the reference's operations.
+        // Into int8 pages: the codes and scales as the engine writes them (`KvPages::write`:
+        // the fused quantize-and-write kernel on CubeCL devices) against the reference's
+        // operations (`quantize_heads`, then `select_assign`; both round half to even), and
+        // the values read back against the written ones, to the rounding (a step is 1/127 of
+        // a head's largest value). Timed against the reference's operations.
         if dtype == DType::BF16 {
             let pages = KvPages::zeroed(KvStorage::Int8, [slots, kv, dim], device);
-            // The fused kernel (the engine still writes through the reference operations).
-            let written = || match pages.clone() {
-                KvPages::Int8 { codes, scales } => {
-                    let (codes, scales) = fused_write_kv_int8(codes, scales, idx.clone(), k.clone());
-                    KvPages::Int8 { codes, scales }
-                }
-                KvPages::Dense(_) => unreachable!("int8 pages"),
-            };
+            let written = || pages.clone().write(idx.clone(), k.clone());
             let codes_of = |p: KvPages| match p {
                 KvPages::Int8 { codes, .. } => codes.cast(FloatDType::F32).reshape([slots * kv, dim]),
                 KvPages::Dense(_) => unreachable!("int8 pages"),

@@ -12,7 +12,7 @@
 //! `d` values then takes `d + 4` bytes instead of `2d` in bf16 (`4d` in f32).
 
 use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData};
-use crate::kv_write::{write_kv_slots, write_kv_slots_int, zeroed_kv_buffer, zeroed_kv_int_buffer};
+use crate::kv_write::{fused_write_kv_int8, write_kv_slots, write_kv_slots_int, zeroed_kv_buffer, zeroed_kv_int_buffer};
 use crate::launch::is_cubecl;
 
 /// How a KV cache stores keys and values.
@@ -95,11 +95,13 @@ impl KvPages {
     pub fn write(self, slots: Tensor<1, Int>, values: Tensor<3>) -> Self {
         match self {
             Self::Dense(pool) => Self::Dense(write_kv_slots(pool, slots, values)),
-            // On CubeCL devices these operations are about nine launches a layer (~1 ms of a
-            // 4.4 ms Qwen3-4B decode step on an H100, 2026-12-06). One kernel doing the same,
-            // `crate::kv_write::fused_write_kv_int8`, is written and compared with them by
-            // `kernel_check attention`, but has not run on a device yet: it replaces them once
-            // that check passes.
+            // On CubeCL devices one kernel quantizes and writes (burn's operations were about
+            // nine launches a layer there, ~1 ms of a 4.4 ms Qwen3-4B decode step on an H100);
+            // on the CPU one loop quantizes on the host.
+            Self::Int8 { codes, scales } if is_cubecl(&codes.device()) => {
+                let (codes, scales) = fused_write_kv_int8(codes, scales, slots, values);
+                Self::Int8 { codes, scales }
+            }
             Self::Int8 { codes, scales } => {
                 let (q, s) = quantize_heads_on_host(values.clone()).unwrap_or_else(|| quantize_heads(values));
                 Self::Int8 { codes: write_kv_slots_int(codes, slots.clone(), q), scales: write_kv_slots(scales, slots, s) }

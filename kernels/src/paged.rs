@@ -152,7 +152,8 @@ pub trait PagedDecodeOps: Backend {
     ) -> FloatTensor<Self>;
 
     /// [`Self::paged_decode_attention`] over int8 pools: codes `k`/`v [slots, kv_heads,
-    /// head_dim]` (i8) and their scales `k_scales`/`v_scales [slots, kv_heads, 1]` (f32).
+    /// head_dim]` (i8) and their scales `k_scales`/`v_scales [slots, kv_heads, 1]` (f32);
+    /// `codes_via_bits`: how codes become f32 (see [`DecodeTuning`]).
     #[fusion(dtype = q, shape = q)]
     #[allow(clippy::too_many_arguments)]
     fn paged_decode_attention_int8(
@@ -167,6 +168,7 @@ pub trait PagedDecodeOps: Backend {
         block_tokens: usize,
         window: usize,
         passes: usize,
+        codes_via_bits: bool,
     ) -> FloatTensor<Self>;
 
     /// [`Self::paged_prefill_attention`] over int8 pools (as [`Self::paged_decode_attention_int8`]).
@@ -184,6 +186,7 @@ pub trait PagedDecodeOps: Backend {
         scale: f32,
         block_tokens: usize,
         window: usize,
+        codes_via_bits: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -199,7 +202,7 @@ impl PagedDecodeOps for CubeBackend {
         window: usize,
         passes: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, None, table, None, lens, scale, block_tokens, window, passes)
+        launch(q, k, v, None, table, None, lens, scale, block_tokens, window, passes, false)
     }
 
     fn paged_prefill_attention(
@@ -213,7 +216,7 @@ impl PagedDecodeOps for CubeBackend {
         block_tokens: usize,
         window: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, None, table, Some(seqs), lens, scale, block_tokens, window, 0)
+        launch(q, k, v, None, table, Some(seqs), lens, scale, block_tokens, window, 0, false)
     }
 
     fn paged_decode_attention_int8(
@@ -228,8 +231,9 @@ impl PagedDecodeOps for CubeBackend {
         block_tokens: usize,
         window: usize,
         passes: usize,
+        codes_via_bits: bool,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, Some((k_scales, v_scales)), table, None, lens, scale, block_tokens, window, passes)
+        launch(q, k, v, Some((k_scales, v_scales)), table, None, lens, scale, block_tokens, window, passes, codes_via_bits)
     }
 
     fn paged_prefill_attention_int8(
@@ -244,8 +248,9 @@ impl PagedDecodeOps for CubeBackend {
         scale: f32,
         block_tokens: usize,
         window: usize,
+        codes_via_bits: bool,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, Some((k_scales, v_scales)), table, Some(seqs), lens, scale, block_tokens, window, 0)
+        launch(q, k, v, Some((k_scales, v_scales)), table, Some(seqs), lens, scale, block_tokens, window, 0, codes_via_bits)
     }
 }
 
@@ -303,6 +308,7 @@ mod device {
         #[comptime] split: bool,
         #[comptime] plane_rows: bool,
         #[comptime] scaled: bool,
+        #[comptime] bits: bool,
         #[define(E, K, I)] _dtypes: [ElemType; 3],
     ) {
         // Keys scored per pass, vectors each scoring lane reads, keys side by side in a value
@@ -420,7 +426,7 @@ mod device {
                 }
                 #[unroll]
                 for j in 0..cpl {
-                    let kv = Vector::<f32, N>::cast_from(keys[s * cpl + j]);
+                    let kv = to_f32(keys[s * cpl + j], bits);
                     #[unroll]
                     for g in 0..group {
                         dots[g] += Vector::vector_sum(qs[qbase + g * per_head + j * lpk + sub] * kv);
@@ -480,7 +486,7 @@ mod device {
             #[unroll]
             for i in 0..vpasses {
                 let src = u32::cast_from(((i * kpp + half) % kps) * lpk);
-                let mut value = Vector::<f32, N>::cast_from(values[i]);
+                let mut value = to_f32(values[i], bits);
                 if scaled {
                     value *= Vector::new(value_scales[i]);
                 }
@@ -564,6 +570,20 @@ mod device {
         }
     }
 
+    /// A vector of keys or values as f32: int8 codes (`codes`) through their bits, `float(c) =
+    /// bits(0x4B40_0000 + c) - 1.5 · 2^23` (exact for |c| < 2^22: 1.5 · 2^23's unit in the last
+    /// place is 1), an integer and a float add where a conversion instruction runs at an eighth
+    /// of the FMA rate; others (and codes, unless `codes`) converted.
+    #[cube]
+    fn to_f32<K: Numeric, N: Size>(v: Vector<K, N>, #[comptime] codes: bool) -> Vector<f32, N> {
+        if comptime!(codes) {
+            let bits = Vector::<i32, N>::cast_from(v) + Vector::new(0x4B40_0000i32);
+            Vector::<f32, N>::reinterpret(bits) - Vector::new(f32::new(12_582_912.0))
+        } else {
+            Vector::<f32, N>::cast_from(v)
+        }
+    }
+
     /// The sum of `a` over the lanes whose value passes held other keys of the same channels
     /// (`32 / per_head` keys side by side): onto the first `per_head` lanes.
     #[cube]
@@ -622,7 +642,7 @@ mod device {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTensor, CubeTensor)>, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize) -> CubeTensor {
+fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTensor, CubeTensor)>, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize, codes_via_bits: bool) -> CubeTensor {
     let q = into_contiguous(q);
     let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
     // Int8 pools' scales `[slots, kv_heads, 1]`, read at `slot * kv_heads + head`; dense pools
@@ -702,6 +722,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
             split,
             plane_rows,
             scaled,
+            scaled && codes_via_bits,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(kv_dtype), dtype_to_storage_type(int_dtype)],
         )
     };
@@ -732,24 +753,44 @@ pub fn decode_kernel_applies(heads: usize, kv_heads: usize, head_dim: usize, dty
     is_cubecl(device) && kv_heads > 0 && heads.is_multiple_of(kv_heads) && decode_vector(head_dim, heads / kv_heads.max(1), dtype).is_some()
 }
 
+/// How int8 codes become f32 in the attention kernel: through their bits (`true`) or by a
+/// conversion instruction (`false`, the way measured on a device so far; both exact, see
+/// `kernel_check attention`).
+pub const INT8_CODES_VIA_BITS: bool = false;
+
+/// The decode kernel's choices that do not change its result, for measuring them
+/// (`kernels/examples/kernel_check.rs`); the default is what the engine runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeTuning {
+    /// Score passes a plane makes over its tile (`None`: [`decode_passes`]; else rounded down
+    /// to a power of two of at most the lanes a key).
+    pub passes: Option<usize>,
+    /// How int8 codes become f32 (see [`INT8_CODES_VIA_BITS`]).
+    pub codes_via_bits: bool,
+}
+
+impl Default for DecodeTuning {
+    fn default() -> Self {
+        Self { passes: None, codes_via_bits: INT8_CODES_VIA_BITS }
+    }
+}
+
 /// Decode rows' attention by the kernel: `q [rows, heads, d]` over the pools through `table
 /// [rows, max_blocks]` and `lens [rows]` (see [`PagedDecodeOps::paged_decode_attention`]);
 /// `None` where the kernel does not apply ([`decode_kernel_applies`]).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode_attention(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64) -> Option<Tensor<3>> {
-    paged_decode_attention_in_passes(q, k, v, table, lens, block_tokens, window, scale, None)
+    paged_decode_attention_tuned(q, k, v, table, lens, block_tokens, window, scale, DecodeTuning::default())
 }
 
-/// [`paged_decode_attention`] with the score passes per tile chosen (`None`: [`decode_passes`];
-/// else rounded down to a power of two of at most the lanes a key): for measuring the tile
-/// size (`kernels/examples/kernel_check.rs`).
+/// [`paged_decode_attention`] with the kernel's choices made by `tuning`.
 #[allow(clippy::too_many_arguments)]
-pub fn paged_decode_attention_in_passes(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64, passes: Option<usize>) -> Option<Tensor<3>> {
+pub fn paged_decode_attention_tuned(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &Tensor<2, Int>, lens: &Tensor<1, Int>, block_tokens: usize, window: Option<usize>, scale: f64, tuning: DecodeTuning) -> Option<Tensor<3>> {
     let rows = q.dims()[0];
     if !kernel_takes(&q, k, v) || table.dims()[0] != rows || lens.dims()[0] != rows {
         return None;
     }
-    let (scale, window, passes) = (scale as f32, window.unwrap_or(0), passes.map_or(0, |p| p.max(1)));
+    let (scale, window, passes) = (scale as f32, window.unwrap_or(0), tuning.passes.map_or(0, |p| p.max(1)));
     let (table, lens) = (table.clone().into_dispatch(), lens.clone().into_dispatch());
     let out = match (k, v) {
         (KvPages::Dense(k), KvPages::Dense(v)) => {
@@ -767,6 +808,7 @@ pub fn paged_decode_attention_in_passes(q: Tensor<3>, k: &KvPages, v: &KvPages, 
             block_tokens,
             window,
             passes,
+            tuning.codes_via_bits,
         ),
         _ => return None,
     };
@@ -860,6 +902,7 @@ pub fn paged_prefill_attention(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &T
             scale,
             block_tokens,
             window,
+            INT8_CODES_VIA_BITS,
         ),
         _ => return None,
     };
