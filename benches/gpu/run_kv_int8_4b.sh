@@ -7,7 +7,8 @@
 # divergence of int8 from bf16 on one teacher-forced prompt (`score --json`).
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so,kernel_check}.xz,
 # .gpu/COMMIT. Writes $OUT/{log.txt,device.txt,kernel_check.txt,results.json,runs.tgz,kv_int8.png}.
-# Env: BUDGET (s, default 570), STAGES (default "kernels ours"), CASES (default "b1 b32 l8k").
+# Env: BUDGET (s, default 570), STAGES (default "kernels ours"), CASES (default "b1 b32 l8k"),
+# KVS (the caches measured, default "bf16 int8"; "fp8" too).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-kernels ours}
@@ -29,7 +30,8 @@ if has kernels && [ -f .gpu/kernel_check.xz ]; then
 fi
 
 CK=$(qwen3_4b_dir)
-for kv in bf16 int8; do printf '[plugins.%s]\nkv_cache_dtype = "%s"\n' $ID $kv > /tmp/kv_$kv.toml; done
+KVS=${KVS:-bf16 int8}
+for kv in $KVS; do printf '[plugins.%s]\nkv_cache_dtype = "%s"\n' $ID $kv > /tmp/kv_$kv.toml; done
 bench() { # kv case prompt_tokens new_tokens batch runs
   local t=$(( $(left) - 30 )); [ $t -lt 30 ] && { echo "no time for $1 $2"; return; }
   local start=$SECONDS
@@ -52,7 +54,7 @@ PY
 if has ours; then
   [ -f /tmp/kl_ids.txt ] || python3 -c "import random; r=random.Random(7); print(','.join(str(r.randrange(100, 151000)) for _ in range(512)))" > /tmp/kl_ids.txt
   for c in ${CASES:-b1 b32 l8k}; do
-    for kv in bf16 int8; do
+    for kv in $KVS; do
       case $c in
         b1) bench $kv b1 128 256 1 2 ;;
         b32) bench $kv b32 128 128 32 2 ;;
@@ -60,12 +62,14 @@ if has ours; then
       esac
     done
   done
-  for kv in bf16 int8; do
+  for kv in $KVS; do
     t=$(( $(left) - 30 ))
     [ $t -gt 30 ] && timeout $t $PIO score $PD --config /tmp/kv_$kv.toml --model $CK --random-weights --device cuda --dtype bf16 \
       --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_$kv.json 2> /tmp/score_$kv.err || tail -2 /tmp/score_$kv.err
   done
-  [ -s /tmp/score_int8.json ] && timeout 120 python3 benches/gpu/kl_from_scores.py /tmp/score_bf16.json /tmp/score_int8.json | tee $OUT/score_kl.json
+  for kv in $KVS; do
+    [ $kv != bf16 ] && [ -s /tmp/score_$kv.json ] && timeout 120 python3 benches/gpu/kl_from_scores.py /tmp/score_bf16.json /tmp/score_$kv.json | tee $OUT/score_kl_$kv.json
+  done
   echo "ours done at $SECONDS s"
 fi
 
@@ -78,11 +82,12 @@ for path in sorted(glob.glob(o + "/pio_*.json")):
         out[os.path.basename(path)[4:-5]] = json.load(open(path))
     except Exception as e:
         out[os.path.basename(path)[4:-5]] = {"error": str(e)}
-if os.path.exists(o + "/score_kl.json"):
-    try:
-        out["divergence_int8_kv_from_bf16"] = json.load(open(o + "/score_kl.json"))
-    except Exception:
-        pass
+for kv in ("int8", "fp8"):
+    if os.path.exists(o + f"/score_kl_{kv}.json"):
+        try:
+            out[f"divergence_{kv}_kv_from_bf16"] = json.load(open(o + f"/score_kl_{kv}.json"))
+        except Exception:
+            pass
 json.dump(out, open(o + "/results.json", "w"), indent=1)
 PY
 timeout 60 python3 benches/gpu/plot_kv_int8.py $OUT/results.json $OUT/kv_int8.png || echo "no plot"

@@ -54,7 +54,7 @@ use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_slots};
-use inference_pio_kernels::kv_pages::{KvPages, KvStorage, quantize_heads};
+use inference_pio_kernels::kv_pages::{KvCodes, KvPages, KvStorage, quantize_heads, quantize_heads_on_host};
 use burn::tensor::IndexingUpdateOp;
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -270,12 +270,23 @@ fn check_attention(device: &Device) -> usize {
                     let label = format!("{name:46} BF16  {passes} passes");
                     failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &tiled, &reference, &kernel));
                 }
-                // An int8 cache (`kv_cache_dtype = "int8"`): the same keys and values
-                // quantized, the kernel against the reference over the dequantized ones; timed
-                // against the bf16 kernel. Bytes: a head's codes and its scale.
+                // An int8 cache (`kv_cache_dtype = "int8"`), then an fp8 one: the same keys and
+                // values quantized, the kernel against the reference over the decoded ones;
+                // timed against the bf16 kernel. Bytes: a head's codes and its scale.
                 let everything = Tensor::<1, Int>::arange(0..(blocks * bt) as i64, device);
-                let int8 = |pool: &KvPages| KvPages::zeroed(KvStorage::Int8, [blocks * bt, kv, dim], device).write(everything.clone(), pool.values(DType::F32));
-                let (k8, v8) = (int8(&k), int8(&v));
+                let coded = |format: KvCodes, pool: &KvPages| KvPages::zeroed(KvStorage::Coded(format), [blocks * bt, kv, dim], device).write(everything.clone(), pool.values(DType::F32));
+                let bytes8 = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * (dim + 4) * 2) as f64;
+                let (kf, vf) = (coded(KvCodes::Fp8, &k), coded(KvCodes::Fp8, &v));
+                let kernel_fp8 = || match paged_decode_attention(q.clone(), &kf, &vf, &table, &lens, bt, window, scale) {
+                    Some(out) => out.reshape([rows * heads, dim]),
+                    None => panic!("{name}: the paged decode-attention kernel does not take fp8 pages"),
+                };
+                let reference_fp8 = || {
+                    let q4 = q.clone().reshape([rows, heads, 1, dim]);
+                    gqa_attention(q4, &gathered(&kf), &gathered(&vf), Some(&mask), scale).reshape([rows * heads, dim])
+                };
+                failed += usize::from(check(device, &format!("{name:46} FP8 KV"), tol, Work::Bytes(bytes8), &kernel_fp8, &reference_fp8, &kernel));
+                let (k8, v8) = (coded(KvCodes::Int8, &k), coded(KvCodes::Int8, &v));
                 let kernel8 = || match paged_decode_attention(q.clone(), &k8, &v8, &table, &lens, bt, window, scale) {
                     Some(out) => out.reshape([rows * heads, dim]),
                     None => panic!("{name}: the paged decode-attention kernel does not take int8 pages"),
@@ -284,7 +295,6 @@ fn check_attention(device: &Device) -> usize {
                     let q4 = q.clone().reshape([rows, heads, 1, dim]);
                     gqa_attention(q4, &gathered(&k8), &gathered(&v8), Some(&mask), scale).reshape([rows * heads, dim])
                 };
-                let bytes8 = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * (dim + 4) * 2) as f64;
                 let label = format!("{name:46} INT8 KV");
                 failed += usize::from(check(device, &label, tol, Work::Bytes(bytes8), &kernel8, &reference8, &kernel));
                 // The codes' other conversion to f32 (bits or instruction: the same values),
@@ -373,18 +383,26 @@ fn check_prefill_attention(device: &Device) -> usize {
             .collect();
         let tokens: usize = chunks.iter().map(|&(q, _)| q).sum();
         let layout = PagedLayout::new(&spans, bt, &[window], device);
-        for dtype in [DType::F32, DType::BF16] {
+        // Dense pools, but for the mixed case: int8 pages under f32 queries, and besides the
+        // dense bf16 pools fp8 pages under bf16 queries.
+        let mixed = name.contains("mixed");
+        let runs: Vec<(DType, Option<KvCodes>)> = if mixed {
+            vec![(DType::F32, Some(KvCodes::Int8)), (DType::BF16, None), (DType::BF16, Some(KvCodes::Fp8))]
+        } else {
+            vec![(DType::F32, None), (DType::BF16, None)]
+        };
+        for (dtype, codes) in runs {
             let q = Tensor::<3>::random([tokens, heads, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let k = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let v = Tensor::<3>::random([blocks * bt, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let scale = (dim as f64).powf(-0.5);
-            let (k, v) = if dtype == DType::F32 && name.contains("mixed") {
-                // An int8 cache (`kv_cache_dtype = "int8"`), f32 queries.
-                let everything = Tensor::<1, Int>::arange(0..(blocks * bt) as i64, device);
-                let int8 = |pool: Tensor<3>| KvPages::zeroed(KvStorage::Int8, [blocks * bt, kv, dim], device).write(everything.clone(), pool);
-                (int8(k), int8(v))
-            } else {
-                (KvPages::Dense(k), KvPages::Dense(v))
+            let (k, v) = match codes {
+                Some(format) => {
+                    let everything = Tensor::<1, Int>::arange(0..(blocks * bt) as i64, device);
+                    let coded = |pool: Tensor<3>| KvPages::zeroed(KvStorage::Coded(format), [blocks * bt, kv, dim], device).write(everything.clone(), pool);
+                    (coded(k), coded(v))
+                }
+                None => (KvPages::Dense(k), KvPages::Dense(v)),
             };
             let kernel = || paged_attention_prefill_kernel(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
             let reference = || paged_attention_reference(q.clone(), &k, &v, &layout, window, scale).reshape([tokens * heads, dim]);
@@ -394,7 +412,7 @@ fn check_prefill_attention(device: &Device) -> usize {
                 .map(|&(queries, context)| (context - queries + 1..=context).map(|l| l.min(window.unwrap_or(usize::MAX))).sum::<usize>())
                 .sum();
             let flops = Work::Flops((4 * pairs * heads * dim) as f64);
-            let stored = if matches!(k, KvPages::Int8 { .. }) { " INT8 KV" } else { "" };
+            let stored = codes.map_or(String::new(), |c| format!(" {} KV", c.name().to_uppercase()));
             let label = format!("{name:52} {:5}{stored}", format!("{dtype:?}"));
             failed += usize::from(check(device, &label, tol, flops, &kernel, &reference, &reference));
         }
@@ -422,43 +440,45 @@ fn check_kv_write(device: &Device) -> usize {
         let label = format!("kv write {tokens:5} tokens x {kv} x {dim} {:5} into {slots}", format!("{dtype:?}"));
         let bytes = (2 * tokens * kv * dim * dtype.size()) as f64;
         failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &kernel, &reference, &reference));
-        // Into int8 pages: the codes and scales as the engine writes them (`KvPages::write`:
-        // the fused quantize-and-write kernel on CubeCL devices) against the reference's
-        // operations (`quantize_heads`, then `select_assign`; both round half to even), and
-        // the values read back against the written ones, to the rounding (a step is 1/127 of
-        // a head's largest value). Timed against the reference's operations.
+        // Into int8 and fp8 pages: the codes and scales as the engine writes them
+        // (`KvPages::write`: the fused quantize-and-write kernel on CubeCL devices) against the
+        // reference (int8: burn's operations, `quantize_heads` then `select_assign`; fp8: the
+        // host loop, `quantize_heads_on_host`; both round half to even), and the values read
+        // back against the written ones, to the rounding (int8: a step is 1/127 of a head's
+        // largest value; fp8: 1/16 of each value at most). Timed against the reference.
         if dtype == DType::BF16 {
-            let pages = KvPages::zeroed(KvStorage::Int8, [slots, kv, dim], device);
-            let written = || pages.clone().write(idx.clone(), k.clone());
-            let codes_of = |p: KvPages| match p {
-                KvPages::Int8 { codes, .. } => codes.cast(FloatDType::F32).reshape([slots * kv, dim]),
-                KvPages::Dense(_) => unreachable!("int8 pages"),
-            };
-            let kernel = || codes_of(written());
-            let reference = || {
-                let (q, _) = quantize_heads(k.clone());
-                match pages.clone() {
-                    KvPages::Int8 { codes, .. } => codes.select_assign(0, idx.clone(), q, IndexingUpdateOp::Assign).cast(FloatDType::F32).reshape([slots * kv, dim]),
-                    KvPages::Dense(_) => unreachable!("int8 pages"),
-                }
-            };
-            let label = format!("kv write {tokens:5} tokens x {kv} x {dim} INT8  into {slots}");
-            let bytes8 = (tokens * kv * (dim * 2 + dim + 4)) as f64;
-            failed += usize::from(check(device, &format!("{label} codes"), 1e-4, Work::Bytes(bytes8), &kernel, &reference, &reference));
-            let scales_of = |p: KvPages| match p {
-                KvPages::Int8 { scales, .. } => scales.reshape([slots, kv]),
-                KvPages::Dense(_) => unreachable!("int8 pages"),
-            };
-            let kernel_scales = || scales_of(written());
-            let reference_scales = || {
-                let (_, s) = quantize_heads(k.clone());
-                scales_of(pages.clone()).reshape([slots, kv, 1]).select_assign(0, idx.clone(), s, IndexingUpdateOp::Assign).reshape([slots, kv])
-            };
-            failed += usize::from(check(device, &format!("{label} scales"), 1e-6, Work::Bytes(bytes8), &kernel_scales, &reference_scales, &reference_scales));
-            let back = || flat(written().values(DType::F32));
-            let zeros = Tensor::<3>::zeros([slots, kv, dim], (device, dtype));
-            let dense = || flat(zeros.clone().select_assign(0, idx.clone(), k.clone(), IndexingUpdateOp::Assign).cast(DType::F32));
-            failed += usize::from(check(device, &format!("{label} values"), 1e-2, Work::Bytes(bytes8), &back, &dense, &dense));
+            for format in [KvCodes::Int8, KvCodes::Fp8] {
+                let pages = KvPages::zeroed(KvStorage::Coded(format), [slots, kv, dim], device);
+                let written = || pages.clone().write(idx.clone(), k.clone());
+                let reference_codes = || match format {
+                    KvCodes::Int8 => quantize_heads(k.clone()),
+                    KvCodes::Fp8 => quantize_heads_on_host(format, k.clone()),
+                };
+                let parts = |p: KvPages| match p {
+                    KvPages::Coded { codes, scales, .. } => (codes, scales),
+                    KvPages::Dense(_) => unreachable!("coded pages"),
+                };
+                let bytes_of = |codes: Tensor<3, Int>| codes.cast(FloatDType::F32).reshape([slots * kv, dim]);
+                let kernel = || bytes_of(parts(written()).0);
+                let reference = || {
+                    let (q, _) = reference_codes();
+                    bytes_of(parts(pages.clone()).0.select_assign(0, idx.clone(), q, IndexingUpdateOp::Assign))
+                };
+                let label = format!("kv write {tokens:5} tokens x {kv} x {dim} {:5} into {slots}", format.name().to_uppercase());
+                let bytes8 = (tokens * kv * (dim * 2 + dim + 4)) as f64;
+                failed += usize::from(check(device, &format!("{label} codes"), 1e-4, Work::Bytes(bytes8), &kernel, &reference, &reference));
+                let kernel_scales = || parts(written()).1.reshape([slots, kv]);
+                let reference_scales = || {
+                    let (_, s) = reference_codes();
+                    parts(pages.clone()).1.select_assign(0, idx.clone(), s, IndexingUpdateOp::Assign).reshape([slots, kv])
+                };
+                failed += usize::from(check(device, &format!("{label} scales"), 1e-6, Work::Bytes(bytes8), &kernel_scales, &reference_scales, &reference_scales));
+                let back = || flat(written().values(DType::F32));
+                let zeros = Tensor::<3>::zeros([slots, kv, dim], (device, dtype));
+                let dense = || flat(zeros.clone().select_assign(0, idx.clone(), k.clone(), IndexingUpdateOp::Assign).cast(DType::F32));
+                let tol = if format == KvCodes::Int8 { 1e-2 } else { 5e-2 };
+                failed += usize::from(check(device, &format!("{label} values"), tol, Work::Bytes(bytes8), &back, &dense, &dense));
+            }
         }
     }
     failed

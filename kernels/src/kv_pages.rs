@@ -1,8 +1,12 @@
 //! One layer's keys or values in the paged KV cache ([`KvPages`]): in the attention's dtype,
-//! or as 8-bit integers with one scale per token and key head.
+//! or as 8-bit codes with one scale per token and key head ([`KvCodes`]: integers or FP8).
 //!
 //! The int8 form is symmetric per (slot, key head): `scale = max|x| / 127`, `code =
-//! round(x / scale)` (half to even) in ±127, `x ≈ scale · code` (the per-token, per-head
+//! round(x / scale)` (half to even) in ±127, `x ≈ scale · code`. The FP8 form is the same with
+//! `scale = max|x| / 448` and the code the nearest OCP FP8 E4M3 number (half to even; 448 is
+//! E4M3's largest finite value, so no code is NaN): relative steps of 1/16 instead of one
+//! absolute step, vLLM's `fp8_e4m3` cache with a scale per token and head instead of per layer.
+//! Both follow the per-token, per-head
 //! granularity of LMDeploy's online int8 KV cache, `lmdeploy/turbomind`'s `kv_cache_int8`,
 //! and of KIVI's keys-per-token variant: Liu et al. 2024, arXiv:2402.02750, without the
 //! zero point). Values are quantized when written ([`KvPages::write`]) and dequantized
@@ -12,16 +16,99 @@
 //! `d` values then takes `d + 4` bytes instead of `2d` in bf16 (`4d` in f32).
 
 use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData};
-use crate::kv_write::{fused_write_kv_int8, write_kv_slots, write_kv_slots_int, zeroed_kv_buffer, zeroed_kv_int_buffer};
+use crate::kv_write::{fused_write_kv_codes, write_kv_slots, write_kv_slots_int, zeroed_kv_buffer, zeroed_kv_int_buffer};
 use crate::launch::is_cubecl;
+
+/// The 8-bit codes of a quantized KV cache, each head's scaled by `max|x| / largest`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCodes {
+    /// Integers in ±127.
+    Int8,
+    /// OCP FP8 E4M3 numbers in ±448.
+    Fp8,
+}
+
+impl KvCodes {
+    /// The largest code's value: a head's largest magnitude becomes it.
+    pub fn largest(self) -> f32 {
+        match self {
+            Self::Int8 => 127.0,
+            Self::Fp8 => 448.0,
+        }
+    }
+
+    /// `int8`, `fp8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int8 => "int8",
+            Self::Fp8 => "fp8",
+        }
+    }
+
+    /// The code of `x` (within ±[`Self::largest`]) as its byte: the nearest code, ties to
+    /// even.
+    pub fn encode(self, x: f32) -> u8 {
+        match self {
+            Self::Int8 => x.round_ties_even().clamp(-127.0, 127.0) as i8 as u8,
+            Self::Fp8 => e4m3_from_f32(x),
+        }
+    }
+
+    /// The value of code byte `b`.
+    pub fn decode(self, b: u8) -> f32 {
+        match self {
+            Self::Int8 => f32::from(b as i8),
+            Self::Fp8 => e4m3_to_f32(b),
+        }
+    }
+
+    /// Every code byte's value, by byte.
+    pub fn table(self) -> [f32; 256] {
+        std::array::from_fn(|b| self.decode(b as u8))
+    }
+}
+
+/// The value of OCP FP8 E4M3 byte `b` (sign, 4 exponent bits of bias 7, 3 mantissa bits; no
+/// infinities; `0x7F`/`0xFF` are NaN): `2^(e-7) · (1 + m/8)`, or `2^-6 · m/8` where `e` is 0.
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let (e, m) = (i32::from((b >> 3) & 0xF), f32::from(b & 7));
+    let magnitude = if b & 0x7F == 0x7F {
+        f32::NAN
+    } else if e == 0 {
+        m / 8.0 * 2f32.powi(-6)
+    } else {
+        (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    };
+    if b & 0x80 != 0 { -magnitude } else { magnitude }
+}
+
+/// The E4M3 byte nearest `x` (ties to the even mantissa), `x` clamped to ±448 (E4M3's largest
+/// finite value), -0 read as 0 and NaN as 0: the CUDA write kernel's arithmetic
+/// (`kv_write.rs`).
+pub fn e4m3_from_f32(x: f32) -> u8 {
+    let sign = if x < 0.0 { 0x80 } else { 0 };
+    let a = if x.is_nan() { 0.0 } else { x.abs().min(448.0) };
+    let code = if a < 2f32.powi(-6) {
+        // Subnormal: steps of 2^-9 (the value 8 · 2^-9 is the smallest normal, code 0x08).
+        (a * 512.0).round_ties_even() as u8
+    } else {
+        // Normal: the f32 mantissa rounded to 3 bits, half to even (a carry moves the
+        // exponent up, which the bit layout does by itself).
+        let bits = a.to_bits();
+        let rounded = (bits + 0x7_FFFF + ((bits >> 20) & 1)) & !0xF_FFFF;
+        let e = (rounded >> 23) as i32 - 127 + 7;
+        ((e as u32) << 3 | ((rounded >> 20) & 7)) as u8
+    };
+    sign | code
+}
 
 /// How a KV cache stores keys and values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvStorage {
     /// As attention computes them, in this dtype.
     Dense(DType),
-    /// Symmetric int8 codes and an f32 scale per (slot, key head).
-    Int8,
+    /// 8-bit codes and an f32 scale per (slot, key head).
+    Coded(KvCodes),
 }
 
 impl KvStorage {
@@ -29,38 +116,39 @@ impl KvStorage {
     pub fn head_bytes(self, head_dim: usize) -> u64 {
         match self {
             Self::Dense(dtype) => (head_dim * dtype.size()) as u64,
-            Self::Int8 => head_dim as u64 + 4,
+            Self::Coded(_) => head_dim as u64 + 4,
         }
     }
 
-    /// `bf16`, `f32`, `int8`, …
+    /// `bf16`, `f32`, `int8`, `fp8`, …
     pub fn name(self) -> String {
         match self {
             Self::Dense(dtype) => format!("{dtype:?}").to_lowercase(),
-            Self::Int8 => "int8".into(),
+            Self::Coded(codes) => codes.name().into(),
         }
     }
 }
 
 /// One layer's keys (or values), `[slots, kv_heads, head_dim]`. (Two per layer live for the
-/// model's life, moved once a step: the int8 variant's second handle is not worth a box.)
+/// model's life, moved once a step: the coded variant's second handle is not worth a box.)
 #[derive(Clone, Debug)]
 #[allow(clippy::large_enum_variant)]
 pub enum KvPages {
     /// In the attention's dtype.
     Dense(Tensor<3>),
-    /// `codes [slots, kv_heads, head_dim]` (i8) and `scales [slots, kv_heads, 1]` (f32): a
-    /// value is `scale · code`.
-    Int8 { codes: Tensor<3, Int>, scales: Tensor<3> },
+    /// `codes [slots, kv_heads, head_dim]` (i8: each code's byte, whatever the format) and
+    /// `scales [slots, kv_heads, 1]` (f32): a value is `scale · format.decode(code)`.
+    Coded { format: KvCodes, codes: Tensor<3, Int>, scales: Tensor<3> },
 }
 
 impl KvPages {
     /// Zeroed pages of `shape` (on the CPU in anonymous memory, resident once written:
-    /// [`zeroed_kv_buffer`]).
+    /// [`zeroed_kv_buffer`]). A zero byte is the value 0 in both code formats.
     pub fn zeroed(storage: KvStorage, shape: [usize; 3], device: &Device) -> Self {
         match storage {
             KvStorage::Dense(dtype) => Self::Dense(zeroed_kv_buffer(shape, dtype, device)),
-            KvStorage::Int8 => Self::Int8 {
+            KvStorage::Coded(format) => Self::Coded {
+                format,
                 codes: zeroed_kv_int_buffer(shape, DType::I8, device),
                 scales: zeroed_kv_buffer([shape[0], shape[1], 1], DType::F32, device),
             },
@@ -71,14 +159,14 @@ impl KvPages {
     pub fn dims(&self) -> [usize; 3] {
         match self {
             Self::Dense(t) => t.dims(),
-            Self::Int8 { codes, .. } => codes.dims(),
+            Self::Coded { codes, .. } => codes.dims(),
         }
     }
 
     pub fn storage(&self) -> KvStorage {
         match self {
             Self::Dense(t) => KvStorage::Dense(t.dtype()),
-            Self::Int8 { .. } => KvStorage::Int8,
+            Self::Coded { format, .. } => KvStorage::Coded(*format),
         }
     }
 
@@ -86,38 +174,35 @@ impl KvPages {
     pub fn can_mut(&self) -> bool {
         match self {
             Self::Dense(t) => t.can_mut(),
-            Self::Int8 { codes, scales } => codes.can_mut() && scales.can_mut(),
+            Self::Coded { codes, scales, .. } => codes.can_mut() && scales.can_mut(),
         }
     }
 
     /// The pages with row `slots[i]` holding `values[i]` (`values [tokens, kv_heads,
-    /// head_dim]`, quantized first for int8 pages: [`quantize_heads`]).
+    /// head_dim]`, quantized first for coded pages: [`quantize_heads_on_host`]'s arithmetic).
     pub fn write(self, slots: Tensor<1, Int>, values: Tensor<3>) -> Self {
         match self {
             Self::Dense(pool) => Self::Dense(write_kv_slots(pool, slots, values)),
             // On CubeCL devices one kernel quantizes and writes (burn's operations were about
             // nine launches a layer there, ~1 ms of a 4.4 ms Qwen3-4B decode step on an H100);
             // on the CPU one loop quantizes on the host.
-            Self::Int8 { codes, scales } if is_cubecl(&codes.device()) => {
-                let (codes, scales) = fused_write_kv_int8(codes, scales, slots, values);
-                Self::Int8 { codes, scales }
+            Self::Coded { format, codes, scales } if is_cubecl(&codes.device()) => {
+                let (codes, scales) = fused_write_kv_codes(format, codes, scales, slots, values);
+                Self::Coded { format, codes, scales }
             }
-            Self::Int8 { codes, scales } => {
-                let (q, s) = quantize_heads_on_host(values.clone()).unwrap_or_else(|| quantize_heads(values));
-                Self::Int8 { codes: write_kv_slots_int(codes, slots.clone(), q), scales: write_kv_slots(scales, slots, s) }
+            Self::Coded { format, codes, scales } => {
+                let (q, s) = quantize_heads_on_host(format, values);
+                Self::Coded { format, codes: write_kv_slots_int(codes, slots.clone(), q), scales: write_kv_slots(scales, slots, s) }
             }
         }
     }
 
-    /// Rows `slots` as `[slots.len(), kv_heads, head_dim]` values in `dtype` (int8 pages
-    /// dequantized in f32, then rounded to `dtype`).
+    /// Rows `slots` as `[slots.len(), kv_heads, head_dim]` values in `dtype` (coded pages
+    /// decoded in f32, then rounded to `dtype`).
     pub fn select(&self, slots: Tensor<1, Int>, dtype: DType) -> Tensor<3> {
         match self {
             Self::Dense(t) => t.clone().select(0, slots).cast(dtype),
-            Self::Int8 { codes, scales } => {
-                let codes: Tensor<3> = codes.clone().select(0, slots.clone()).cast(FloatDType::F32);
-                codes.mul(scales.clone().select(0, slots)).cast(dtype)
-            }
+            Self::Coded { format, codes, scales } => decode_codes(*format, codes.clone().select(0, slots.clone())).mul(scales.clone().select(0, slots)).cast(dtype),
         }
     }
 
@@ -125,14 +210,31 @@ impl KvPages {
     pub fn values(&self, dtype: DType) -> Tensor<3> {
         match self {
             Self::Dense(t) => t.clone().cast(dtype),
-            Self::Int8 { codes, scales } => codes.clone().cast(FloatDType::F32).mul(scales.clone()).cast(dtype),
+            Self::Coded { format, codes, scales } => decode_codes(*format, codes.clone()).mul(scales.clone()).cast(dtype),
+        }
+    }
+}
+
+/// Code tensor `codes` (i8) as the f32 values of its codes: int8 converted, FP8 bytes looked
+/// up in [`KvCodes::table`].
+fn decode_codes(format: KvCodes, codes: Tensor<3, Int>) -> Tensor<3> {
+    match format {
+        KvCodes::Int8 => codes.cast(FloatDType::F32),
+        KvCodes::Fp8 => {
+            let dims = codes.dims();
+            let device = codes.device();
+            let table = Tensor::<1>::from_data(TensorData::new(format.table().to_vec(), [256]), (&device, DType::F32));
+            // The byte `b` of a code read as i8 is `b - 256` above 127: index `(b + 256) % 256`.
+            let index = codes.reshape([dims.iter().product::<usize>()]).cast(IntDType::I32).add_scalar(256).remainder_scalar(256);
+            table.select(0, index).reshape(dims)
         }
     }
 }
 
 /// `values [tokens, kv_heads, head_dim]` as int8 codes `[tokens, kv_heads, head_dim]` and
 /// f32 scales `[tokens, kv_heads, 1]`: per (token, head) `scale = max|x| / 127` and `code =
-/// round(x · 127 / max|x|)` (half to even; 0 for a head of zeros), in f32.
+/// round(x · 127 / max|x|)` (half to even; 0 for a head of zeros), in f32, by burn's
+/// operations (the reference the CUDA write kernel is checked against).
 pub fn quantize_heads(values: Tensor<3>) -> (Tensor<3, Int>, Tensor<3>) {
     let x = values.cast(DType::F32);
     let amax = x.clone().abs().max_dim(2);
@@ -141,30 +243,32 @@ pub fn quantize_heads(values: Tensor<3>) -> (Tensor<3, Int>, Tensor<3>) {
     (codes, amax.div_scalar(127.0))
 }
 
-/// [`quantize_heads`] in a loop over the values on the host (the same arithmetic, the same
-/// codes and scales), for CPU tensors: one read of the step's values and two tensors made,
-/// where the operations were nine (5 % of a SmolLM2 decode step on 2 cores). `None` for
-/// tensors on other devices.
-fn quantize_heads_on_host(values: Tensor<3>) -> Option<(Tensor<3, Int>, Tensor<3>)> {
+/// `values [tokens, kv_heads, head_dim]` as `format`'s codes (their bytes, i8) and f32 scales
+/// `[tokens, kv_heads, 1]`, in a loop over the values on the host: per (token, head) `scale =
+/// max|x| / largest`, `code = encode(x · largest / max|x|)` (for int8 the arithmetic of
+/// [`quantize_heads`], the same codes and scales). For CPU tensors: one read of the step's
+/// values and two tensors made, where burn's operations were nine (5 % of a SmolLM2 decode
+/// step on 2 cores); also the reference `kernel_check` compares the CUDA kernel's FP8 codes
+/// with. The tensors are made on the values' device.
+pub fn quantize_heads_on_host(format: KvCodes, values: Tensor<3>) -> (Tensor<3, Int>, Tensor<3>) {
     let device = values.device();
-    if is_cubecl(&device) {
-        return None;
-    }
     let [t, h, d] = values.dims();
-    let x = values.into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
-    let mut codes = vec![0i8; x.len()];
+    let x: Vec<f32> = values.into_data().iter::<f32>().collect();
+    let mut codes = vec![0u8; x.len()];
     let mut scales = Vec::with_capacity(t * h);
+    let largest = format.largest();
     for (xs, qs) in x.chunks_exact(d.max(1)).zip(codes.chunks_exact_mut(d.max(1))) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let inv = 127.0 / amax.max(f32::MIN_POSITIVE);
+        let inv = largest / amax.max(f32::MIN_POSITIVE);
         for (q, &v) in qs.iter_mut().zip(xs) {
-            *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+            *q = format.encode(v * inv);
         }
-        scales.push(amax / 127.0);
+        scales.push(amax / largest);
     }
-    let codes = Tensor::<3, Int>::from_data(TensorData::new(codes, [t, h, d]), (&device, DType::I8));
+    let codes = TensorData::new(codes.into_iter().map(|b| b as i8).collect::<Vec<i8>>(), [t, h, d]);
+    let codes = Tensor::<3, Int>::from_data(codes, (&device, DType::I8));
     let scales = Tensor::<3>::from_data(TensorData::new(scales, [t, h, 1]), (&device, DType::F32));
-    Some((codes, scales))
+    (codes, scales)
 }
 
 #[cfg(test)]
@@ -186,8 +290,9 @@ mod tests {
             1e-3, -2e-3, 5e-4, 0.0, /**/ 100.0, -50.0, 25.0, -12.5,
         ];
         let x = Tensor::<3>::from_data(TensorData::new(values.clone(), [3, 2, 4]), &device);
-        let pages = KvPages::zeroed(KvStorage::Int8, [5, 2, 4], &device);
-        assert_eq!((pages.dims(), pages.storage()), ([5, 2, 4], KvStorage::Int8));
+        let int8 = KvStorage::Coded(KvCodes::Int8);
+        let pages = KvPages::zeroed(int8, [5, 2, 4], &device);
+        assert_eq!((pages.dims(), pages.storage()), ([5, 2, 4], int8));
         let slots = Tensor::<1, Int>::from_data(TensorData::new(vec![4i64, 0, 2], [3]), &device);
         let pages = pages.write(slots.clone(), x);
         let back = floats(pages.select(slots, DType::F32));
@@ -218,7 +323,7 @@ mod tests {
         let ties = Tensor::<3>::from_data(TensorData::new(vec![127.0f32, 0.5, 1.5, -2.5, 0.0, 0.0, 0.0, 0.0], [2, 1, 4]), &device);
         for x in [x, ties] {
             let (q, s) = quantize_heads(x.clone());
-            let (hq, hs) = quantize_heads_on_host(x).expect("a CPU tensor");
+            let (hq, hs) = quantize_heads_on_host(KvCodes::Int8, x);
             let ints = |t: Tensor<3, Int>| t.into_data().convert::<i64>().try_into_vec::<i64>().expect("ints");
             assert_eq!(ints(hq), ints(q));
             assert_eq!(floats(hs), floats(s));
@@ -227,9 +332,65 @@ mod tests {
 
     #[test]
     fn a_head_of_int8_takes_its_values_and_one_scale() {
-        assert_eq!(KvStorage::Int8.head_bytes(128), 132);
+        let (int8, fp8) = (KvStorage::Coded(KvCodes::Int8), KvStorage::Coded(KvCodes::Fp8));
+        assert_eq!((int8.head_bytes(128), fp8.head_bytes(128)), (132, 132));
         assert_eq!(KvStorage::Dense(DType::BF16).head_bytes(128), 256);
         assert_eq!(KvStorage::Dense(DType::F32).head_bytes(64), 256);
-        assert_eq!((KvStorage::Int8.name(), KvStorage::Dense(DType::BF16).name()), ("int8".to_string(), "bf16".to_string()));
+        assert_eq!((int8.name(), fp8.name(), KvStorage::Dense(DType::BF16).name()), ("int8".to_string(), "fp8".to_string(), "bf16".to_string()));
+    }
+
+    #[test]
+    fn e4m3_codes_are_the_ocp_values_and_each_value_takes_the_nearest() {
+        // Known codes: 1, the largest (448), the smallest normal and subnormal, a negative.
+        for (b, v) in [(0x38u8, 1.0f32), (0x7E, 448.0), (0x08, 2f32.powi(-6)), (0x01, 2f32.powi(-9)), (0xC0, -2.0), (0x00, 0.0)] {
+            assert_eq!(e4m3_to_f32(b), v, "code {b:#04x}");
+            assert_eq!(e4m3_from_f32(v), b, "value {v}");
+        }
+        assert!(e4m3_to_f32(0x7F).is_nan() && e4m3_to_f32(0xFF).is_nan());
+        // Every finite code reads back as itself (but -0, which is 0).
+        assert_eq!(e4m3_from_f32(e4m3_to_f32(0x80)), 0x00);
+        for b in (0..=255u8).filter(|b| b & 0x7F != 0x7F && *b != 0x80) {
+            assert_eq!(e4m3_from_f32(e4m3_to_f32(b)), b, "code {b:#04x}");
+        }
+        // Ties go to the even mantissa; beyond 448 (and infinities) clamp; NaN reads as 0.
+        assert_eq!(e4m3_from_f32(1.0625), 0x38);
+        assert_eq!(e4m3_from_f32(1.1875), 0x3A);
+        assert_eq!(e4m3_from_f32(2f32.powi(-10)), 0x00);
+        assert_eq!(e4m3_from_f32(3.0 * 2f32.powi(-10)), 0x02);
+        assert_eq!((e4m3_from_f32(1e6), e4m3_from_f32(f32::NEG_INFINITY), e4m3_from_f32(f32::NAN)), (0x7E, 0xFE, 0x00));
+        // Any value within ±448 takes a nearest finite code.
+        let finite: Vec<f32> = (0..=255u8).map(e4m3_to_f32).filter(|v| v.is_finite()).collect();
+        let mut x = 0.37f32;
+        for i in 0..20_000 {
+            x = (x * 1.618_034 + 0.1).fract();
+            let v = (x * 2.0 - 1.0) * 448.0 * if i % 3 == 0 { 1e-3 } else { 1.0 };
+            let got = e4m3_to_f32(e4m3_from_f32(v));
+            let best = finite.iter().map(|c| (c - v).abs()).fold(f32::INFINITY, f32::min);
+            assert!((got - v).abs() <= best, "{v} took {got}, {best} away is nearer");
+        }
+    }
+
+    #[test]
+    fn fp8_pages_hold_each_value_within_half_a_relative_step() {
+        let device = Device::flex();
+        let x: Tensor<3> = Tensor::random([9, 2, 64], burn::tensor::Distribution::Normal(0.0, 3.0), &device);
+        let values = floats(x.clone());
+        let fp8 = KvStorage::Coded(KvCodes::Fp8);
+        let pages = KvPages::zeroed(fp8, [12, 2, 64], &device);
+        let slots = Tensor::<1, Int>::from_data(TensorData::new((0..9i64).map(|i| (i * 5) % 12).collect::<Vec<_>>(), [9]), &device);
+        let pages = pages.write(slots.clone(), x);
+        assert_eq!(pages.storage(), fp8);
+        let back = floats(pages.select(slots, DType::F32));
+        for (head, (want, got)) in values.chunks(64).zip(back.chunks(64)).enumerate() {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 448.0;
+            for (w, g) in want.iter().zip(got) {
+                // Half of E4M3's relative step (2^-3) above the subnormals, half a subnormal
+                // step (2^-9 of the scale) below them; the largest magnitude is exact.
+                let bound = (w.abs() / 16.0).max(scale * 2f32.powi(-10)) * (1.0 + 1e-5);
+                assert!((w - g).abs() <= bound, "head {head}: {w} read back as {g} (scale {scale})");
+            }
+            let top = want.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            assert!(got.iter().any(|g| (g - top).abs() <= top.abs() * 1e-6), "head {head}: {top} in {got:?}");
+        }
     }
 }

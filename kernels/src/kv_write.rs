@@ -19,6 +19,7 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
+use crate::kv_pages::KvCodes;
 use crate::launch::{is_cubecl, last_axis_contiguous, row_vector_width, vector_width};
 
 /// Units per cube.
@@ -32,15 +33,16 @@ pub trait KvWriteOps: Backend {
     #[fusion(dtype = pool, shape = pool)]
     fn write_kv_slots(pool: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// The same for integer pools (an int8 cache's codes).
+    /// The same for integer pools (a coded cache's codes).
     #[fusion(dtype = pool, shape = pool)]
     fn write_kv_slots_int(pool: IntTensor<Self>, slots: IntTensor<Self>, values: IntTensor<Self>) -> IntTensor<Self>;
 
-    /// `values [tokens, heads, head_dim]` quantized per (token, head) and written into int8
-    /// pages: `codes [slots, heads, head_dim]` (i8) and `scales [slots, heads, 1]` (f32) at
-    /// row `slots[i]`, as [`crate::kv_pages::quantize_heads`] computes them, in one launch.
-    #[fusion(meta = |codes, scales, _slots, _values| (codes.clone(), scales.clone()))]
-    fn write_kv_int8(codes: IntTensor<Self>, scales: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> (IntTensor<Self>, FloatTensor<Self>);
+    /// `values [tokens, heads, head_dim]` quantized per (token, head) and written into coded
+    /// pages: `codes [slots, heads, head_dim]` (i8: integers, or with `fp8` E4M3 bytes) and `scales
+    /// [slots, heads, 1]` (f32) at row `slots[i]`, as
+    /// [`crate::kv_pages::quantize_heads_on_host`] computes them, in one launch.
+    #[fusion(meta = |codes, scales, _slots, _values, _fp8| (codes.clone(), scales.clone()))]
+    fn write_kv_codes(codes: IntTensor<Self>, scales: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>, fp8: bool) -> (IntTensor<Self>, FloatTensor<Self>);
 }
 
 impl KvWriteOps for CubeBackend {
@@ -52,8 +54,8 @@ impl KvWriteOps for CubeBackend {
         launch(pool, slots, values)
     }
 
-    fn write_kv_int8(codes: IntTensor<Self>, scales: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> (IntTensor<Self>, FloatTensor<Self>) {
-        launch_int8(codes, scales, slots, values)
+    fn write_kv_codes(codes: IntTensor<Self>, scales: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>, fp8: bool) -> (IntTensor<Self>, FloatTensor<Self>) {
+        launch_codes(codes, scales, slots, values, fp8)
     }
 }
 
@@ -91,15 +93,18 @@ mod device {
 
     /// Plane `UNIT_POS_Y` of cube `CUBE_POS` quantizes (token, head) `CUBE_POS * planes +
     /// UNIT_POS_Y` of `values` (its lanes over the head's values: the largest magnitude by a
-    /// plane maximum, then each code `round(x · 127 / max)` in ±127) into the codes' and
-    /// scales' row of the token's slot; a slot outside the pool is skipped.
+    /// plane maximum, then each value times `largest / max` to its code) into the codes' and
+    /// scales' row of the token's slot; a slot outside the pool is skipped. Codes (see
+    /// `crate::kv_pages::KvCodes`): `round(y)` in ±127 (half to even: `rint`), or with `fp8`
+    /// the E4M3 byte nearest `y` (`crate::kv_pages::e4m3_from_f32`'s arithmetic).
     #[cube(launch_unchecked)]
-    pub fn write_kv_int8_kernel<E: Float, C: Int, I: Int>(
+    pub fn write_kv_codes_kernel<E: Float, C: Int, I: Int>(
         codes: &mut Tensor<C>,
         scales: &mut Tensor<f32>,
         slots: &[I],
         values: &Tensor<E>,
         #[comptime] planes: usize,
+        #[comptime] fp8: bool,
         #[define(E, C, I)] _dtypes: [ElemType; 3],
     ) {
         let lane = UNIT_POS_X as usize;
@@ -109,6 +114,7 @@ mod device {
         if pair >= values.shape(0) * heads {
             terminate!();
         }
+        let largest = comptime!(if fp8 { 448.0f32 } else { 127.0f32 });
         let (token, h) = (pair / heads, pair % heads);
         let from = token * values.stride(0) + h * values.stride(1);
         let step = values.stride(2);
@@ -119,19 +125,35 @@ mod device {
             i += 32;
         }
         top = plane_max(top);
-        let inv = f32::new(127.0) / max(top, f32::new(1.0e-37));
+        let inv = f32::new(largest) / max(top, f32::new(1.175_494_4e-38));
         let slot = usize::cast_from(slots[token]);
         if slot < codes.shape(0) {
             let to = slot * codes.stride(0) + h * codes.stride(1);
             let mut j = lane;
             while j < d {
-                let q = clamp(f32::round(f32::cast_from(values[from + j * step]) * inv), f32::new(-127.0), f32::new(127.0));
-                codes[to + j] = C::cast_from(q);
+                let y = clamp(f32::cast_from(values[from + j * step]) * inv, f32::new(-largest), f32::new(largest));
+                if comptime!(fp8) {
+                    let a = f32::abs(y);
+                    let mut code = u32::cast_from(f32::round(a * f32::new(512.0)));
+                    if a >= f32::new(0.015_625) {
+                        // The mantissa rounded to 3 bits, half to even; the exponent rebiased
+                        // from 127 to 7: `(bits >> 20) - (120 << 3)`.
+                        let bits = u32::reinterpret(a);
+                        let rounded = (bits + 0x7_FFFFu32 + ((bits >> 20) & 1u32)) & 0xFFF0_0000u32;
+                        code = (rounded >> 20) - 960u32;
+                    }
+                    if y < f32::new(0.0) {
+                        code |= 0x80u32;
+                    }
+                    codes[to + j] = C::cast_from(code);
+                } else {
+                    codes[to + j] = C::cast_from(f32::round(y));
+                }
                 j += 32;
             }
             if lane == 0 {
                 let at = slot * scales.stride(0) + h * scales.stride(1);
-                scales[at] = top / f32::new(127.0);
+                scales[at] = top / f32::new(largest);
             }
         }
     }
@@ -180,19 +202,20 @@ fn launch(pool: CubeTensor, slots: CubeTensor, values: CubeTensor) -> CubeTensor
     pool
 }
 
-/// Planes (one per (token, head)) per cube of the int8 write.
-const INT8_PLANES: usize = 8;
+/// Planes (one per (token, head)) per cube of the coded write.
+const CODE_PLANES: usize = 8;
 
-fn launch_int8(codes: CubeTensor, scales: CubeTensor, slots: CubeTensor, values: CubeTensor) -> (CubeTensor, CubeTensor) {
+fn launch_codes(codes: CubeTensor, scales: CubeTensor, slots: CubeTensor, values: CubeTensor, fp8: bool) -> (CubeTensor, CubeTensor) {
     let codes = last_axis_contiguous(writable(codes));
     let scales = writable(scales);
     let slots = into_contiguous(slots);
     let shape = values.meta.shape().clone();
-    assert_eq!(shape.num_dims(), 3, "write_kv_int8: values must be [tokens, heads, head_dim]");
-    assert_eq!(codes.meta.shape()[1..], shape[1..], "write_kv_int8: pool rows and values differ in shape");
-    assert_eq!((scales.meta.shape()[0], scales.meta.shape()[1]), (codes.meta.shape()[0], shape[1]), "write_kv_int8: one scale per slot and head");
-    assert_eq!(slots.meta.shape()[0], shape[0], "write_kv_int8: one slot per token");
-    assert_eq!(scales.dtype, DType::F32, "write_kv_int8: f32 scales");
+    assert_eq!(shape.num_dims(), 3, "write_kv_codes: values must be [tokens, heads, head_dim]");
+    assert_eq!(codes.meta.shape()[1..], shape[1..], "write_kv_codes: pool rows and values differ in shape");
+    assert_eq!((scales.meta.shape()[0], scales.meta.shape()[1]), (codes.meta.shape()[0], shape[1]), "write_kv_codes: one scale per slot and head");
+    assert_eq!(slots.meta.shape()[0], shape[0], "write_kv_codes: one slot per token");
+    assert_eq!(scales.dtype, DType::F32, "write_kv_codes: f32 scales");
+    assert_eq!(codes.dtype, DType::I8, "write_kv_codes: i8 codes (int8, or fp8 bytes)");
     let pairs = shape[0] * shape[1];
     if pairs == 0 {
         return (codes, scales);
@@ -204,25 +227,27 @@ fn launch_int8(codes: CubeTensor, scales: CubeTensor, slots: CubeTensor, values:
     // `head_dim` values; it writes that head's `head_dim` codes and one scale of pool row
     // `slot`, skipped unless `slot < slots` (codes and scales have as many rows, asserted).
     unsafe {
-        device::write_kv_int8_kernel::launch_unchecked(
+        device::write_kv_codes_kernel::launch_unchecked(
             &client,
-            CubeCount::Static((pairs.div_ceil(INT8_PLANES)) as u32, 1, 1),
-            CubeDim::new_2d(32, INT8_PLANES as u32),
+            CubeCount::Static((pairs.div_ceil(CODE_PLANES)) as u32, 1, 1),
+            CubeDim::new_2d(32, CODE_PLANES as u32),
             codes.clone().into_tensor_arg(),
             scales.clone().into_tensor_arg(),
             slots.into_buffer_arg(),
             values.into_tensor_arg(),
-            INT8_PLANES,
+            CODE_PLANES,
+            fp8,
             dtypes,
         )
     };
     (codes, scales)
 }
 
-/// Quantizes `values` into int8 pages by the kernel (CubeCL devices only): see
-/// [`KvWriteOps::write_kv_int8`].
-pub fn fused_write_kv_int8(codes: Tensor<3, Int>, scales: Tensor<3>, slots: Tensor<1, Int>, values: Tensor<3>) -> (Tensor<3, Int>, Tensor<3>) {
-    let (codes, scales) = Dispatch::write_kv_int8(codes.into_dispatch(), scales.into_dispatch(), slots.into_dispatch(), values.into_dispatch());
+/// Quantizes `values` into `format`'s pages by the kernel (CubeCL devices only): see
+/// [`KvWriteOps::write_kv_codes`].
+pub fn fused_write_kv_codes(format: KvCodes, codes: Tensor<3, Int>, scales: Tensor<3>, slots: Tensor<1, Int>, values: Tensor<3>) -> (Tensor<3, Int>, Tensor<3>) {
+    let fp8 = format == KvCodes::Fp8;
+    let (codes, scales) = Dispatch::write_kv_codes(codes.into_dispatch(), scales.into_dispatch(), slots.into_dispatch(), values.into_dispatch(), fp8);
     (Tensor::from_dispatch(codes), Tensor::from_dispatch(scales))
 }
 
@@ -231,7 +256,7 @@ pub fn fused_write_kv_slots_int(pool: Tensor<3, Int>, slots: Tensor<1, Int>, val
     Tensor::from_dispatch(Dispatch::write_kv_slots_int(pool.into_dispatch(), slots.into_dispatch(), values.into_dispatch()))
 }
 
-/// [`write_kv_slots`] for integer pools and values of one dtype (an int8 cache's codes).
+/// [`write_kv_slots`] for integer pools and values of one dtype (a coded cache's codes).
 pub fn write_kv_slots_int(pool: Tensor<3, Int>, slots: Tensor<1, Int>, values: Tensor<3, Int>) -> Tensor<3, Int> {
     if is_cubecl(&pool.device()) {
         fused_write_kv_slots_int(pool, slots, values)
@@ -296,7 +321,7 @@ pub fn zeroed_kv_buffer(shape: [usize; 3], dtype: DType, device: &Device) -> Ten
     }
 }
 
-/// [`zeroed_kv_buffer`] of an integer dtype (an int8 cache's codes).
+/// [`zeroed_kv_buffer`] of an integer dtype (a coded cache's codes).
 pub fn zeroed_kv_int_buffer(shape: [usize; 3], dtype: DType, device: &Device) -> Tensor<3, Int> {
     match zero_pages(shape, dtype, device) {
         Some(data) => Tensor::from_data(data, (device, dtype)),

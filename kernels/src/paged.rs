@@ -57,7 +57,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use crate::launch::{PLANE, is_cubecl, last_axis_contiguous};
-use crate::kv_pages::KvPages;
+use crate::kv_pages::{KvCodes, KvPages};
 use std::cell::{OnceCell, RefCell};
 
 /// Planes per cube of the decode kernel, taking tiles of the cube's keys in turn.
@@ -151,12 +151,13 @@ pub trait PagedDecodeOps: Backend {
         window: usize,
     ) -> FloatTensor<Self>;
 
-    /// [`Self::paged_decode_attention`] over int8 pools: codes `k`/`v [slots, kv_heads,
-    /// head_dim]` (i8) and their scales `k_scales`/`v_scales [slots, kv_heads, 1]` (f32);
-    /// `codes_via_bits`: how codes become f32 (see [`DecodeTuning`]).
+    /// [`Self::paged_decode_attention`] over coded pools: codes `k`/`v [slots, kv_heads,
+    /// head_dim]` (i8: integers, or with `fp8` E4M3 bytes) and their scales `k_scales`/`v_scales
+    /// [slots, kv_heads, 1]` (f32); `codes_via_bits`: how int8 codes become f32 (see
+    /// [`DecodeTuning`]).
     #[fusion(dtype = q, shape = q)]
     #[allow(clippy::too_many_arguments)]
-    fn paged_decode_attention_int8(
+    fn paged_decode_attention_coded(
         q: FloatTensor<Self>,
         k: IntTensor<Self>,
         v: IntTensor<Self>,
@@ -168,13 +169,14 @@ pub trait PagedDecodeOps: Backend {
         block_tokens: usize,
         window: usize,
         passes: usize,
+        fp8: bool,
         codes_via_bits: bool,
     ) -> FloatTensor<Self>;
 
-    /// [`Self::paged_prefill_attention`] over int8 pools (as [`Self::paged_decode_attention_int8`]).
+    /// [`Self::paged_prefill_attention`] over coded pools (as [`Self::paged_decode_attention_coded`]).
     #[fusion(dtype = q, shape = q)]
     #[allow(clippy::too_many_arguments)]
-    fn paged_prefill_attention_int8(
+    fn paged_prefill_attention_coded(
         q: FloatTensor<Self>,
         k: IntTensor<Self>,
         v: IntTensor<Self>,
@@ -186,6 +188,7 @@ pub trait PagedDecodeOps: Backend {
         scale: f32,
         block_tokens: usize,
         window: usize,
+        fp8: bool,
         codes_via_bits: bool,
     ) -> FloatTensor<Self>;
 }
@@ -202,7 +205,7 @@ impl PagedDecodeOps for CubeBackend {
         window: usize,
         passes: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, None, table, None, lens, scale, block_tokens, window, passes, false)
+        launch(q, k, v, None, table, None, lens, scale, block_tokens, window, passes, Conversion::Cast)
     }
 
     fn paged_prefill_attention(
@@ -216,10 +219,10 @@ impl PagedDecodeOps for CubeBackend {
         block_tokens: usize,
         window: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, None, table, Some(seqs), lens, scale, block_tokens, window, 0, false)
+        launch(q, k, v, None, table, Some(seqs), lens, scale, block_tokens, window, 0, Conversion::Cast)
     }
 
-    fn paged_decode_attention_int8(
+    fn paged_decode_attention_coded(
         q: FloatTensor<Self>,
         k: IntTensor<Self>,
         v: IntTensor<Self>,
@@ -231,12 +234,13 @@ impl PagedDecodeOps for CubeBackend {
         block_tokens: usize,
         window: usize,
         passes: usize,
+        fp8: bool,
         codes_via_bits: bool,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, Some((k_scales, v_scales)), table, None, lens, scale, block_tokens, window, passes, codes_via_bits)
+        launch(q, k, v, Some((k_scales, v_scales)), table, None, lens, scale, block_tokens, window, passes, conversion(fp8, codes_via_bits))
     }
 
-    fn paged_prefill_attention_int8(
+    fn paged_prefill_attention_coded(
         q: FloatTensor<Self>,
         k: IntTensor<Self>,
         v: IntTensor<Self>,
@@ -248,9 +252,10 @@ impl PagedDecodeOps for CubeBackend {
         scale: f32,
         block_tokens: usize,
         window: usize,
+        fp8: bool,
         codes_via_bits: bool,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, Some((k_scales, v_scales)), table, Some(seqs), lens, scale, block_tokens, window, 0, codes_via_bits)
+        launch(q, k, v, Some((k_scales, v_scales)), table, Some(seqs), lens, scale, block_tokens, window, 0, conversion(fp8, codes_via_bits))
     }
 }
 
@@ -308,7 +313,7 @@ mod device {
         #[comptime] split: bool,
         #[comptime] plane_rows: bool,
         #[comptime] scaled: bool,
-        #[comptime] bits: bool,
+        #[comptime] conversion: u32,
         #[define(E, K, I)] _dtypes: [ElemType; 3],
     ) {
         // Keys scored per pass, vectors each scoring lane reads, keys side by side in a value
@@ -342,7 +347,7 @@ mod device {
         let k_head = kvh * (k.stride(1) / vs);
         let v_slot = v.stride(0) / vs;
         let v_head = kvh * (v.stride(1) / vs);
-        // Int8 pools (`scaled`): the scale of slot `s`'s head sits at `s * kv_heads + kvh`.
+        // Coded pools (`scaled`): the scale of slot `s`'s head sits at `s * kv_heads + kvh`.
         let kv_heads = k.shape(1);
 
         let len = usize::cast_from(lens[r]);
@@ -426,7 +431,7 @@ mod device {
                 }
                 #[unroll]
                 for j in 0..cpl {
-                    let kv = to_f32(keys[s * cpl + j], bits);
+                    let kv = to_f32(keys[s * cpl + j], conversion);
                     #[unroll]
                     for g in 0..group {
                         dots[g] += Vector::vector_sum(qs[qbase + g * per_head + j * lpk + sub] * kv);
@@ -486,7 +491,7 @@ mod device {
             #[unroll]
             for i in 0..vpasses {
                 let src = u32::cast_from(((i * kpp + half) % kps) * lpk);
-                let mut value = to_f32(values[i], bits);
+                let mut value = to_f32(values[i], conversion);
                 if scaled {
                     value *= Vector::new(value_scales[i]);
                 }
@@ -570,15 +575,25 @@ mod device {
         }
     }
 
-    /// A vector of keys or values as f32: int8 codes (`codes`) through their bits, `float(c) =
-    /// bits(0x4B40_0000 + c) - 1.5 · 2^23` (exact for |c| < 2^22: 1.5 · 2^23's unit in the last
-    /// place is 1), an integer and a float add where a conversion instruction runs at an eighth
-    /// of the FMA rate; others (and codes, unless `codes`) converted.
+    /// A vector of keys or values as f32, by [`super::Conversion`] (as a number): `0` converted
+    /// (dense values, int8 codes); `1` int8 codes through their bits, `float(c) = bits(0x4B40_0000
+    /// + c) - 1.5 · 2^23` (exact for |c| < 2^22: 1.5 · 2^23's unit in the last place is 1), an
+    /// integer and a float add where a conversion instruction runs at an eighth of the FMA
+    /// rate; `2` E4M3 bytes: sign, exponent and mantissa moved into an f32's places (`(b & 0x7F)
+    /// << 20`, `(b & 0x80) << 24`) and scaled by `2^(127 - 7)`, exact (E4M3's subnormals are
+    /// then f32 subnormals: flushed to zero where the compiler flushes them, a change of at most
+    /// 2^-6 of a code unit, 448 being the largest).
     #[cube]
-    fn to_f32<K: Numeric, N: Size>(v: Vector<K, N>, #[comptime] codes: bool) -> Vector<f32, N> {
-        if comptime!(codes) {
+    fn to_f32<K: Numeric, N: Size>(v: Vector<K, N>, #[comptime] conversion: u32) -> Vector<f32, N> {
+        if comptime!(conversion == 1) {
             let bits = Vector::<i32, N>::cast_from(v) + Vector::new(0x4B40_0000i32);
             Vector::<f32, N>::reinterpret(bits) - Vector::new(f32::new(12_582_912.0))
+        } else if comptime!(conversion == 2) {
+            // The byte sign-extended (codes sit in i8s): the masks take its 8 bits.
+            let b = Vector::<u32, N>::cast_from(v);
+            let bits = ((b & Vector::new(0x7Fu32)) << Vector::new(20u32)) | ((b & Vector::new(0x80u32)) << Vector::new(24u32));
+            let two_120 = comptime!(f32::from_bits(0x7B80_0000));
+            Vector::<f32, N>::reinterpret(bits) * Vector::new(f32::new(two_120))
         } else {
             Vector::<f32, N>::cast_from(v)
         }
@@ -642,10 +657,10 @@ mod device {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTensor, CubeTensor)>, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize, codes_via_bits: bool) -> CubeTensor {
+fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTensor, CubeTensor)>, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize, conversion: Conversion) -> CubeTensor {
     let q = into_contiguous(q);
     let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
-    // Int8 pools' scales `[slots, kv_heads, 1]`, read at `slot * kv_heads + head`; dense pools
+    // Coded pools' scales `[slots, kv_heads, 1]`, read at `slot * kv_heads + head`; dense pools
     // read none (a one-value buffer stands in).
     let scaled = scales.is_some();
     let (k_scales, v_scales) = match scales {
@@ -683,7 +698,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
     let part_acc = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [part_len * if split { head_dim } else { vector }].into(), DType::F32);
     let part_ml = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [2 * part_len].into(), DType::F32);
     let client = out.client.clone();
-    // SAFETY: the grid is `kv_heads x row_cubes x splits`; int8 scales are read at `slot *
+    // SAFETY: the grid is `kv_heads x row_cubes x splits`; coded pools' scales are read at `slot *
     // kv_heads + kvh` of a slot the keys are read at (`[slots, kv_heads, 1]`, contiguous),
     // dense pools read none; a plane past the last row (prefill)
     // reads the last row and writes nothing; heads `kvh * group + g < heads`; lanes read at
@@ -722,7 +737,7 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
             split,
             plane_rows,
             scaled,
-            scaled && codes_via_bits,
+            conversion as u32,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(kv_dtype), dtype_to_storage_type(int_dtype)],
         )
     };
@@ -757,6 +772,25 @@ pub fn decode_kernel_applies(heads: usize, kv_heads: usize, head_dim: usize, dty
 /// conversion instruction (`false`, the way measured on a device so far; both exact, see
 /// `kernel_check attention`).
 pub const INT8_CODES_VIA_BITS: bool = false;
+
+/// How the attention kernel turns what the pools hold into f32 (the kernel's `to_f32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Conversion {
+    /// A conversion instruction: dense values, int8 codes.
+    Cast = 0,
+    /// Int8 codes through their bits.
+    Int8Bits = 1,
+    /// E4M3 bytes through their bits.
+    Fp8Bits = 2,
+}
+
+fn conversion(fp8: bool, codes_via_bits: bool) -> Conversion {
+    match (fp8, codes_via_bits) {
+        (true, _) => Conversion::Fp8Bits,
+        (false, true) => Conversion::Int8Bits,
+        (false, false) => Conversion::Cast,
+    }
+}
 
 /// The decode kernel's choices that do not change its result, for measuring them
 /// (`kernels/examples/kernel_check.rs`); the default is what the engine runs.
@@ -796,7 +830,7 @@ pub fn paged_decode_attention_tuned(q: Tensor<3>, k: &KvPages, v: &KvPages, tabl
         (KvPages::Dense(k), KvPages::Dense(v)) => {
             Dispatch::paged_decode_attention(q.into_dispatch(), k.clone().into_dispatch(), v.clone().into_dispatch(), table, lens, scale, block_tokens, window, passes)
         }
-        (KvPages::Int8 { codes: k, scales: ks }, KvPages::Int8 { codes: v, scales: vs }) => Dispatch::paged_decode_attention_int8(
+        (KvPages::Coded { format, codes: k, scales: ks }, KvPages::Coded { codes: v, scales: vs, .. }) => Dispatch::paged_decode_attention_coded(
             q.into_dispatch(),
             k.clone().into_dispatch(),
             v.clone().into_dispatch(),
@@ -808,6 +842,7 @@ pub fn paged_decode_attention_tuned(q: Tensor<3>, k: &KvPages, v: &KvPages, tabl
             block_tokens,
             window,
             passes,
+            *format == KvCodes::Fp8,
             tuning.codes_via_bits,
         ),
         _ => return None,
@@ -822,7 +857,7 @@ fn kernel_takes(q: &Tensor<3>, k: &KvPages, v: &KvPages) -> bool {
     let [_, heads, d] = q.dims();
     let stored_alike = match (k, v) {
         (KvPages::Dense(k), KvPages::Dense(v)) => k.dtype() == q.dtype() && v.dtype() == q.dtype(),
-        (KvPages::Int8 { .. }, KvPages::Int8 { .. }) => true,
+        (KvPages::Coded { format: fk, .. }, KvPages::Coded { format: fv, .. }) => fk == fv,
         _ => false,
     };
     stored_alike && k.dims() == v.dims() && k.dims()[2] == d && decode_kernel_applies(heads, k.dims()[1], d, q.dtype(), &q.device())
@@ -890,7 +925,7 @@ pub fn paged_prefill_attention(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &T
         (KvPages::Dense(k), KvPages::Dense(v)) => {
             Dispatch::paged_prefill_attention(q.into_dispatch(), k.clone().into_dispatch(), v.clone().into_dispatch(), table, seqs, lens, scale, block_tokens, window)
         }
-        (KvPages::Int8 { codes: k, scales: ks }, KvPages::Int8 { codes: v, scales: vs }) => Dispatch::paged_prefill_attention_int8(
+        (KvPages::Coded { format, codes: k, scales: ks }, KvPages::Coded { codes: v, scales: vs, .. }) => Dispatch::paged_prefill_attention_coded(
             q.into_dispatch(),
             k.clone().into_dispatch(),
             v.clone().into_dispatch(),
@@ -902,6 +937,7 @@ pub fn paged_prefill_attention(q: Tensor<3>, k: &KvPages, v: &KvPages, table: &T
             scale,
             block_tokens,
             window,
+            *format == KvCodes::Fp8,
             INT8_CODES_VIA_BITS,
         ),
         _ => return None,
@@ -1191,12 +1227,18 @@ fn with_flex_i8<R>(t: &Tensor<3, Int>, f: impl FnOnce(&[i8]) -> Option<R>) -> Op
     }
 }
 
-/// `f` of a pool's memory on the CPU, without a copy: f32 pages, or int8 codes and their
-/// scales; `None` for pages elsewhere or of other dtypes.
+/// Every E4M3 byte's value (see [`KvCodes::table`]).
+static E4M3_VALUES: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| KvCodes::Fp8.table());
+
+/// `f` of a pool's memory on the CPU, without a copy: f32 pages, or codes and their scales;
+/// `None` for pages elsewhere or of other dtypes.
 fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>) -> Option<R> {
     match pages {
         KvPages::Dense(t) => with_flex_f32(t, |rows| f(PoolRows::F32(rows))),
-        KvPages::Int8 { codes, scales } => with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Int8 { codes, scales }))),
+        KvPages::Coded { format: KvCodes::Int8, codes, scales } => with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Int8 { codes, scales }))),
+        KvPages::Coded { format: KvCodes::Fp8, codes, scales } => {
+            with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Fp8 { codes, scales, table: &E4M3_VALUES })))
+        }
     }
 }
 
@@ -1204,8 +1246,10 @@ fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>)
 #[derive(Clone, Copy)]
 enum PoolRows<'a> {
     F32(&'a [f32]),
-    /// Codes, and one scale per (slot, head).
+    /// Int8 codes, and one scale per (slot, head).
     Int8 { codes: &'a [i8], scales: &'a [f32] },
+    /// E4M3 bytes (in i8s), one scale per (slot, head), and every byte's value.
+    Fp8 { codes: &'a [i8], scales: &'a [f32], table: &'a [f32; 256] },
 }
 
 impl<'a> PoolRows<'a> {
@@ -1214,6 +1258,7 @@ impl<'a> PoolRows<'a> {
         match self {
             Self::F32(rows) => (rows.len(), None),
             Self::Int8 { codes, scales } => (codes.len(), Some(scales.len())),
+            Self::Fp8 { codes, scales, .. } => (codes.len(), Some(scales.len())),
         }
     }
 
@@ -1230,6 +1275,12 @@ impl<'a> PoolRows<'a> {
                 }
                 (buf, scales[at / d])
             }
+            Self::Fp8 { codes, scales, table } => {
+                for (o, &c) in buf.iter_mut().zip(&codes[at..at + d]) {
+                    *o = table[usize::from(c as u8)];
+                }
+                (buf, scales[at / d])
+            }
         }
     }
 
@@ -1239,6 +1290,7 @@ impl<'a> PoolRows<'a> {
         match self {
             Self::F32(rows) => prefetch(&rows[at..at + d]),
             Self::Int8 { codes, .. } => prefetch_bytes(&codes[at..at + d]),
+            Self::Fp8 { codes, .. } => prefetch_bytes(&codes[at..at + d]),
         }
     }
 }
@@ -1389,11 +1441,11 @@ fn prefetch(row: &[f32]) {
 
 /// [`prefetch`] of a row of bytes.
 #[inline(always)]
-fn prefetch_bytes(row: &[i8]) {
+fn prefetch_bytes<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(64) {
+    for line in row.chunks(64 / std::mem::size_of::<T>().max(1)) {
         // SAFETY: as in `prefetch`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr()) };
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr() as *const i8) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = row;
@@ -1685,32 +1737,39 @@ mod tests {
         let tokens: usize = spans.iter().map(|s| s.queries).sum();
         let q: Tensor<3> = Tensor::random([tokens, heads, d], Distribution::Uniform(-1.0, 1.0), &device);
         let qv = values(q.clone());
-        // The same pools as int8 pages: every slot written (quantized) once.
+        // The same pools as int8 and fp8 pages: every slot written (quantized) once.
         let all_slots = Tensor::<1, Int>::arange(0..pool_slots as i64, &device);
-        let int8 = |pool: &Tensor<3>| KvPages::zeroed(KvStorage::Int8, [pool_slots, kv_heads, d], &device).write(all_slots.clone(), pool.clone());
-        let (k8, v8) = (int8(&kp), int8(&vp));
+        let coded = |format: KvCodes, pool: &Tensor<3>| KvPages::zeroed(KvStorage::Coded(format), [pool_slots, kv_heads, d], &device).write(all_slots.clone(), pool.clone());
+        let (k8, v8) = (coded(KvCodes::Int8, &kp), coded(KvCodes::Int8, &vp));
+        let (kf, vf) = (coded(KvCodes::Fp8, &kp), coded(KvCodes::Fp8, &vp));
         // Unlimited, and capped so that chunks run in pieces of sequences (the two 3 x 7
         // chunks: 84 scores each over 4 heads) and of query rows (5 x 11 x 4 = 220 > 100).
         // f32 pools: decode rows read the pools in place (`cpu_decode_attention`); bf16 ones
-        // take the gathered reference, to bf16's rounding. Int8 pages: decode rows read the
-        // codes in place, prefill chunks gather them dequantized; both give the attention of
-        // the dequantized values.
-        for (window, cap, dtype, quantized) in [
-            (None, MAX_SCORES, DType::F32, false),
-            (Some(3), MAX_SCORES, DType::F32, false),
-            (None, 100, DType::F32, false),
-            (Some(3), 100, DType::F32, false),
-            (Some(3), MAX_SCORES, DType::BF16, false),
-            (None, MAX_SCORES, DType::F32, true),
-            (Some(3), 100, DType::F32, true),
+        // take the gathered reference, to bf16's rounding. Coded pages: decode rows read the
+        // codes in place, prefill chunks gather them decoded; both give the attention of the
+        // decoded values.
+        for (window, cap, dtype, codes) in [
+            (None, MAX_SCORES, DType::F32, None),
+            (Some(3), MAX_SCORES, DType::F32, None),
+            (None, 100, DType::F32, None),
+            (Some(3), 100, DType::F32, None),
+            (Some(3), MAX_SCORES, DType::BF16, None),
+            (None, MAX_SCORES, DType::F32, Some(KvCodes::Int8)),
+            (Some(3), 100, DType::F32, Some(KvCodes::Int8)),
+            (None, MAX_SCORES, DType::F32, Some(KvCodes::Fp8)),
+            (Some(3), 100, DType::F32, Some(KvCodes::Fp8)),
         ] {
-            let (k, v) = if quantized { (k8.clone(), v8.clone()) } else { (KvPages::Dense(kp.clone().cast(dtype)), KvPages::Dense(vp.clone().cast(dtype))) };
-            // What attention should see: the pages' values (int8: dequantized).
+            let (k, v) = match codes {
+                Some(KvCodes::Int8) => (k8.clone(), v8.clone()),
+                Some(KvCodes::Fp8) => (kf.clone(), vf.clone()),
+                None => (KvPages::Dense(kp.clone().cast(dtype)), KvPages::Dense(vp.clone().cast(dtype))),
+            };
+            // What attention should see: the pages' values (coded: decoded).
             let (kv, vv) = (values(k.values(DType::F32)), values(v.values(DType::F32)));
             let layout = PagedLayout::new(&spans, bt, &[None, Some(3)], &device);
             let decode = layout.decode.as_ref().expect("decode rows");
             let fast = cpu_decode_attention(&q.clone().narrow(0, 0, 2).cast(dtype), &k, &v, decode, bt, window, 0.25);
-            assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 queries over f32 or int8 pools");
+            assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 queries over f32 or coded pools");
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
             let got = values(paged_attention_within(q.clone().cast(dtype), &k, &v, &layout, window, 0.25, cap, PrefillPath::Cheaper).cast(DType::F32));
             let mut at = 0;

@@ -16,7 +16,7 @@ use inference_pio_image_input::ImageProcessor;
 use burn::tensor::Device;
 use inference_pio_core::abi::{ABI_MAJOR, ABI_MINOR, ErrorKind, PluginError};
 use inference_pio_core::config::{KvCacheDtype, OptimizationSettings, QuantActivations};
-use inference_pio_kernels::KvStorage;
+use inference_pio_kernels::{KvCodes, KvStorage};
 use inference_pio_kernels::quant::Activations;
 use inference_pio_core::export::{Plugin, TokenCallback};
 use inference_pio_core::types::*;
@@ -722,19 +722,19 @@ macro_rules! export_model {
 }
 
 /// How the KV cache stores keys and values for `kv_cache_dtype` and the model's `dtype`: in
-/// the model's dtype (`auto`, or that dtype named), or as int8.
+/// the model's dtype (`auto`, or that dtype named), or as int8 or FP8 codes.
 pub fn kv_storage(choice: KvCacheDtype, dtype: DType) -> Result<KvStorage, EngineError> {
     let named = match choice {
         KvCacheDtype::Auto => dtype,
-        KvCacheDtype::Int8 => return Ok(KvStorage::Int8),
-        KvCacheDtype::Fp8 => return Err(EngineError::Config("kv_cache_dtype = \"fp8\" is not implemented yet; \"int8\" takes the same memory".into())),
+        KvCacheDtype::Int8 => return Ok(KvStorage::Coded(KvCodes::Int8)),
+        KvCacheDtype::Fp8 => return Ok(KvStorage::Coded(KvCodes::Fp8)),
         KvCacheDtype::Bf16 => DType::Bf16,
         KvCacheDtype::F16 => DType::F16,
         KvCacheDtype::F32 => DType::F32,
     };
     if named != dtype {
         return Err(EngineError::Config(format!(
-            "kv_cache_dtype = \"{}\" differs from the model's dtype ({}): the KV cache is stored in the attention's dtype (\"auto\") or as \"int8\"",
+            "kv_cache_dtype = \"{}\" differs from the model's dtype ({}): the KV cache is stored in the attention's dtype (\"auto\") or as \"int8\" or \"fp8\"",
             choice.name(),
             dtype
         )));
