@@ -4,15 +4,14 @@
 //! The int8 form is symmetric per (slot, key head): `scale = max|x| / 127`, `code =
 //! round(x / scale)` (half to even) in ±127, `x ≈ scale · code`. The FP8 form is the same with
 //! `scale = max|x| / 448` and the code the nearest OCP FP8 E4M3 number (half to even; 448 is
-//! E4M3's largest finite value, so no code is NaN): relative steps of 1/16 instead of one
-//! absolute step, vLLM's `fp8_e4m3` cache with a scale per token and head instead of per layer.
-//! Both follow the per-token, per-head
-//! granularity of LMDeploy's online int8 KV cache, `lmdeploy/turbomind`'s `kv_cache_int8`,
-//! and of KIVI's keys-per-token variant: Liu et al. 2024, arXiv:2402.02750, without the
-//! zero point). Values are quantized when written ([`KvPages::write`]) and dequantized
-//! where attention reads them: the CUDA kernels scale each key's score and each value's
-//! weight by its slot's scale, the CPU decode loop converts a row at a time, and the
-//! gathered reference dequantizes the rows it gathers ([`KvPages::select`]). A head of
+//! E4M3's largest finite value, so no code is NaN): steps of at most 1/8 of each value instead
+//! of one absolute step (vLLM's `fp8_e4m3` cache, with a scale per token and head instead of
+//! per layer). Both take the per-token, per-head granularity of LMDeploy's online int8 KV
+//! cache (`lmdeploy/turbomind`'s `kv_cache_int8`) and of KIVI's keys-per-token variant (Liu et
+//! al. 2024, arXiv:2402.02750), without the zero point. Values are quantized when written ([`KvPages::write`]) and dequantized
+//! where attention reads them: the CUDA kernels convert each code and scale each key's score
+//! and each value's weight by its slot's scale, the CPU decode loop converts a row at a time,
+//! and the gathered reference dequantizes the rows it gathers ([`KvPages::select`]). A head of
 //! `d` values then takes `d + 4` bytes instead of `2d` in bf16 (`4d` in f32).
 
 use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData};
