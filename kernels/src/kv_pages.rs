@@ -215,10 +215,17 @@ impl KvPages {
 }
 
 /// Code tensor `codes` (i8) as the f32 values of its codes: int8 converted, FP8 bytes looked
-/// up in [`KvCodes::table`].
+/// up in [`KvCodes::table`] (on the CPU in one loop on the host, where burn's operations took
+/// 1.8x the prefill time of int8's conversion at 2,048 tokens of SmolLM2).
 fn decode_codes(format: KvCodes, codes: Tensor<3, Int>) -> Tensor<3> {
     match format {
         KvCodes::Int8 => codes.cast(FloatDType::F32),
+        KvCodes::Fp8 if !is_cubecl(&codes.device()) => {
+            let (dims, device) = (codes.dims(), codes.device());
+            let table = format.table();
+            let values: Vec<f32> = codes.into_data().iter::<i64>().map(|c| table[usize::from(c as u8)]).collect();
+            Tensor::from_data(TensorData::new(values, dims), (&device, DType::F32))
+        }
         KvCodes::Fp8 => {
             let dims = codes.dims();
             let device = codes.device();
