@@ -8,7 +8,8 @@
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so,kernel_check}.xz,
 # .gpu/COMMIT. Writes $OUT/{log.txt,device.txt,kernel_check.txt,results.json,runs.tgz,kv_int8.png}.
 # Env: BUDGET (s, default 570), STAGES (default "kernels ours"), CASES (default "b1 b32 l8k"),
-# KVS (the caches measured, default "bf16 int8"; "fp8" too).
+# KVS (the caches measured, default "bf16 int8"; "fp8" too), KC_GROUPS (kernel_check's groups,
+# default "attention"; "kv-write" for the write alone).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-kernels ours}
@@ -25,8 +26,8 @@ ID=qwen3-4b-instruct-2507
 
 if has kernels && [ -f .gpu/kernel_check.xz ]; then
   unpack_gpu_binaries kernel_check
-  timeout 200 .gpu/bin/kernel_check attention > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $? at $SECONDS s"
-  grep -E "FAIL|checks|failed to run|INT8|panicked" $OUT/kernel_check.txt | head -40
+  timeout 200 .gpu/bin/kernel_check ${KC_GROUPS:-attention} > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $? at $SECONDS s"
+  grep -E "FAIL|checks|failed to run|INT8|FP8|panicked" $OUT/kernel_check.txt | head -60
 fi
 
 CK=$(qwen3_4b_dir)

@@ -228,13 +228,26 @@ fn decode_codes(format: KvCodes, codes: Tensor<3, Int>) -> Tensor<3> {
         }
         KvCodes::Fp8 => {
             let dims = codes.dims();
-            let device = codes.device();
-            let table = Tensor::<1>::from_data(TensorData::new(format.table().to_vec(), [256]), (&device, DType::F32));
-            // The byte `b` of a code read as i8 is `b - 256` above 127: index `(b + 256) % 256`.
-            let index = codes.reshape([dims.iter().product::<usize>()]).cast(IntDType::I32).add_scalar(256).remainder_scalar(256);
+            let table = e4m3_table_on(&codes.device());
+            let index = codes.reshape([dims.iter().product::<usize>()]).cast(IntDType::I32).add_scalar(128);
             table.select(0, index).reshape(dims)
         }
     }
+}
+
+/// Every E4M3 byte's value on `device`, code `c` (the byte read as i8) at `c + 128`: made and
+/// uploaded once per device (the gathered reference decodes every layer's pages of a chunk
+/// through it, where an upload per call would wait on the host).
+fn e4m3_table_on(device: &Device) -> Tensor<1> {
+    static TABLES: std::sync::Mutex<Vec<(Device, Tensor<1>)>> = std::sync::Mutex::new(Vec::new());
+    let mut tables = TABLES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, table)) = tables.iter().find(|(d, _)| d == device) {
+        return table.clone();
+    }
+    let values: Vec<f32> = (-128i32..128).map(|c| KvCodes::Fp8.decode(c as u8)).collect();
+    let table = Tensor::<1>::from_data(TensorData::new(values, [256]), (device, DType::F32));
+    tables.push((device.clone(), table.clone()));
+    table
 }
 
 /// `values [tokens, kv_heads, head_dim]` as int8 codes `[tokens, kv_heads, head_dim]` and
