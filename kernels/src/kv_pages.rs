@@ -226,13 +226,17 @@ fn decode_codes(format: KvCodes, codes: Tensor<3, Int>) -> Tensor<3> {
             let values: Vec<f32> = codes.into_data().iter::<i64>().map(|c| table[usize::from(c as u8)]).collect();
             Tensor::from_data(TensorData::new(values, dims), (&device, DType::F32))
         }
-        KvCodes::Fp8 => {
-            let dims = codes.dims();
-            let table = e4m3_table_on(&codes.device());
-            let index = codes.reshape([dims.iter().product::<usize>()]).cast(IntDType::I32).add_scalar(128);
-            table.select(0, index).reshape(dims)
-        }
+        KvCodes::Fp8 => fp8_by_table(codes),
     }
+}
+
+/// E4M3 codes (i8) as their values by a gather from [`e4m3_table_on`] (any device; on CubeCL
+/// devices the gathered reference's way).
+fn fp8_by_table(codes: Tensor<3, Int>) -> Tensor<3> {
+    let dims = codes.dims();
+    let table = e4m3_table_on(&codes.device());
+    let index = codes.reshape([dims.iter().product::<usize>()]).cast(IntDType::I32).add_scalar(128);
+    table.select(0, index).reshape(dims)
 }
 
 /// Every E4M3 byte's value on `device`, code `c` (the byte read as i8) at `c + 128`: made and
@@ -387,6 +391,17 @@ mod tests {
             let best = finite.iter().map(|c| (c - v).abs()).fold(f32::INFINITY, f32::min);
             assert!((got - v).abs() <= best, "{v} took {got}, {best} away is nearer");
         }
+    }
+
+    #[test]
+    fn the_device_table_and_the_host_loop_decode_every_fp8_byte_alike() {
+        let device = Device::flex();
+        let bytes: Vec<i8> = (0..=255u8).filter(|b| b & 0x7F != 0x7F).map(|b| b as i8).collect();
+        let n = bytes.len();
+        let codes = Tensor::<3, Int>::from_data(TensorData::new(bytes, [n, 1, 1]), (&device, DType::I8));
+        let (by_table, on_host) = (floats(fp8_by_table(codes.clone())), floats(decode_codes(KvCodes::Fp8, codes)));
+        assert_eq!(by_table.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), on_host.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert!(on_host.contains(&448.0) && on_host.contains(&-448.0) && on_host.contains(&2f32.powi(-9)));
     }
 
     #[test]
