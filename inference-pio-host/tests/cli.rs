@@ -153,6 +153,34 @@ fn profiles_and_limits_from_the_config_file_are_honoured() {
 }
 
 #[test]
+fn the_kv_cache_dtype_from_the_config_file_reaches_the_model() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let model = fixture("qwen3-tiny-a");
+    let model = model.to_str().expect("utf8");
+    let config = cwd.path().join("inference-pio.toml");
+    let run = |kv: &str| {
+        std::fs::write(&config, format!("[plugins.qwen3-4b-instruct-2507]\nkv_cache_dtype = \"{kv}\"\n")).expect("config");
+        inference_pio(&["run", "--model", model, "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--greedy", "--json", "--device", "cpu", "--dtype", "f32"], cwd.path())
+    };
+    let mut blocks = Vec::new();
+    for kv in ["auto", "int8", "fp8"] {
+        let out = run(kv);
+        assert!(out.status.success(), "{kv}: {}", stderr(&out));
+        let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        assert_eq!(result["model"]["kv_cache_dtype"], if kv == "auto" { "f32" } else { kv }, "{result}");
+        assert_eq!(result["token_ids"].as_array().expect("ids").len(), 5);
+        blocks.push(result["model"]["kv_cache_blocks"].as_u64().expect("blocks"));
+    }
+    // One byte a value and a scale per head: at least as many blocks as f32 (this tiny model's
+    // pool hits the block cap either way), and the same for both 8-bit formats.
+    assert!(blocks[1] >= blocks[0] && blocks[2] == blocks[1], "{blocks:?}");
+    let out = run("bf16");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("kv_cache_dtype") && err.contains("differs from the model's dtype"), "{err}");
+}
+
+#[test]
 fn run_errors_name_the_problem() {
     let cwd = tempfile::tempdir().expect("cwd");
     let out = inference_pio(&["run", "--model", "/definitely/not/here", "--prompt", "hi"], cwd.path());
