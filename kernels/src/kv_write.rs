@@ -10,6 +10,11 @@
 //! takes each layer's pool out of the cache for the step, so it always does); otherwise it is
 //! copied first, as `select_assign` does. Checked on the device against `select_assign`
 //! (`kernels/examples/kernel_check.rs`).
+//!
+//! Into an 8-bit cache (`kv_cache_dtype = "int8"` or `"fp8"`) a second kernel quantizes as it
+//! writes: a plane per (token, key head) finds the head's largest magnitude, writes its scale
+//! and each value's code (`crate::kv_pages` has the formats and the host reference), one launch
+//! where burn's operations took about nine.
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::{FloatTensor, IntTensor};

@@ -46,6 +46,12 @@
 //! a cost model measured on an H100. Both kernels are checked on the device against the
 //! reference by `kernels/examples/kernel_check.rs` (group `attention`) and end to end by the
 //! engine's parity runs (`benches/gpu/run_serving_4b.sh`).
+//!
+//! Pools of 8-bit codes ([`crate::kv_pages::KvPages::Coded`], `kv_cache_dtype = "int8"` or
+//! `"fp8"`) are read in place by all three: the kernel turns each code into f32 through its bits
+//! (int8 and E4M3 alike, as fast as bf16 values) and scales each key's score and each value's
+//! weight by its slot's scale; the CPU loop converts a row of codes at a time; the reference
+//! decodes the rows it gathers.
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -1270,7 +1276,7 @@ impl<'a> PoolRows<'a> {
     }
 
     /// The head row at element `at` (a multiple of `buf.len()`) as f32 values, and its scale:
-    /// f32 rows as they are (scale 1), int8 codes converted into `buf`.
+    /// f32 rows as they are (scale 1), codes converted into `buf`.
     #[inline(always)]
     fn row<'b>(&'b self, at: usize, buf: &'b mut [f32]) -> (&'b [f32], f32) {
         let d = buf.len();
@@ -1475,7 +1481,7 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
     let at = |c: &KeyCursor| (table[c.block] * block_tokens + c.offset) * kv_heads * d + kvh * d;
     scores.clear();
     scores.resize(group * width, 0.0);
-    // An int8 row converted to f32 (f32 rows are read in place).
+    // A row of codes converted to f32 (f32 rows are read in place).
     let mut buf = [0f32; MAX_CPU_HEAD_DIM];
     let buf = &mut buf[..d];
     let (mut cur, mut ahead) = (start(first), start(first + PREFETCH_KEYS));
@@ -1540,7 +1546,7 @@ impl KeyCursor {
 }
 
 /// Gathers `slots` from a pool `[pool_slots, kv_heads, d]` as `[batch, kv_heads, width, d]`
-/// values in `dtype` (int8 pages dequantized).
+/// values in `dtype` (coded pages decoded).
 fn gather(pool: &KvPages, slots: &Tensor<1, Int>, batch: usize, width: usize, dtype: DType) -> Tensor<4> {
     let [_, kv_heads, d] = pool.dims();
     pool.select(slots.clone(), dtype).reshape([batch, width, kv_heads, d]).swap_dims(1, 2)
