@@ -14,8 +14,8 @@
 //! and the gathered reference dequantizes the rows it gathers ([`KvPages::select`]). A head of
 //! `d` values then takes `d + 4` bytes instead of `2d` in bf16 (`4d` in f32).
 
-use burn::tensor::{DType, Device, FloatDType, Int, IntDType, Tensor, TensorData};
-use crate::kv_write::{fused_write_kv_codes, write_kv_slots, write_kv_slots_int, zeroed_kv_buffer, zeroed_kv_int_buffer};
+use burn::tensor::{DType, Device, FloatDType, IndexingUpdateOp, Int, IntDType, Tensor, TensorData};
+use crate::kv_write::{fused_write_kv_codes, write_kv_slots, zeroed_kv_buffer, zeroed_kv_int_buffer};
 use crate::launch::is_cubecl;
 
 /// The 8-bit codes of a quantized KV cache, each head's scaled by `max|x| / largest`.
@@ -184,14 +184,15 @@ impl KvPages {
             Self::Dense(pool) => Self::Dense(write_kv_slots(pool, slots, values)),
             // On CubeCL devices one kernel quantizes and writes (burn's operations were about
             // nine launches a layer there, ~1 ms of a 4.4 ms Qwen3-4B decode step on an H100);
-            // on the CPU one loop quantizes on the host.
+            // on the CPU one loop quantizes on the host and burn's `select_assign` writes.
             Self::Coded { format, codes, scales } if is_cubecl(&codes.device()) => {
                 let (codes, scales) = fused_write_kv_codes(format, codes, scales, slots, values);
                 Self::Coded { format, codes, scales }
             }
             Self::Coded { format, codes, scales } => {
                 let (q, s) = quantize_heads_on_host(format, values);
-                Self::Coded { format, codes: write_kv_slots_int(codes, slots.clone(), q), scales: write_kv_slots(scales, slots, s) }
+                let codes = codes.select_assign(0, slots.clone(), q, IndexingUpdateOp::Assign);
+                Self::Coded { format, codes, scales: write_kv_slots(scales, slots, s) }
             }
         }
     }

@@ -38,10 +38,6 @@ pub trait KvWriteOps: Backend {
     #[fusion(dtype = pool, shape = pool)]
     fn write_kv_slots(pool: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// The same for integer pools (a coded cache's codes).
-    #[fusion(dtype = pool, shape = pool)]
-    fn write_kv_slots_int(pool: IntTensor<Self>, slots: IntTensor<Self>, values: IntTensor<Self>) -> IntTensor<Self>;
-
     /// `values [tokens, heads, head_dim]` quantized per (token, head) and written into coded
     /// pages: `codes [slots, heads, head_dim]` (i8: integers, or with `fp8` E4M3 bytes) and `scales
     /// [slots, heads, 1]` (f32) at row `slots[i]`, as
@@ -52,10 +48,6 @@ pub trait KvWriteOps: Backend {
 
 impl KvWriteOps for CubeBackend {
     fn write_kv_slots(pool: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> FloatTensor<Self> {
-        launch(pool, slots, values)
-    }
-
-    fn write_kv_slots_int(pool: IntTensor<Self>, slots: IntTensor<Self>, values: IntTensor<Self>) -> IntTensor<Self> {
         launch(pool, slots, values)
     }
 
@@ -72,7 +64,7 @@ mod device {
     /// Unit `ABSOLUTE_POS` copies vector `c` of head `h` of token `i` into the pool row the
     /// token's slot names; a slot outside the pool is skipped.
     #[cube(launch_unchecked)]
-    pub fn write_kv_slots_kernel<E: Numeric, I: Int, N: Size>(
+    pub fn write_kv_slots_kernel<E: Float, I: Int, N: Size>(
         pool: &mut Tensor<Vector<E, N>>,
         slots: &[I],
         values: &Tensor<Vector<E, N>>,
@@ -254,20 +246,6 @@ pub fn fused_write_kv_codes(format: KvCodes, codes: Tensor<3, Int>, scales: Tens
     let fp8 = format == KvCodes::Fp8;
     let (codes, scales) = Dispatch::write_kv_codes(codes.into_dispatch(), scales.into_dispatch(), slots.into_dispatch(), values.into_dispatch(), fp8);
     (Tensor::from_dispatch(codes), Tensor::from_dispatch(scales))
-}
-
-/// [`write_kv_slots_int`] by the kernel (CubeCL devices only).
-pub fn fused_write_kv_slots_int(pool: Tensor<3, Int>, slots: Tensor<1, Int>, values: Tensor<3, Int>) -> Tensor<3, Int> {
-    Tensor::from_dispatch(Dispatch::write_kv_slots_int(pool.into_dispatch(), slots.into_dispatch(), values.into_dispatch()))
-}
-
-/// [`write_kv_slots`] for integer pools and values of one dtype (a coded cache's codes).
-pub fn write_kv_slots_int(pool: Tensor<3, Int>, slots: Tensor<1, Int>, values: Tensor<3, Int>) -> Tensor<3, Int> {
-    if is_cubecl(&pool.device()) {
-        fused_write_kv_slots_int(pool, slots, values)
-    } else {
-        pool.select_assign(0, slots, values, IndexingUpdateOp::Assign)
-    }
 }
 
 /// [`write_kv_slots`] by the kernel (CubeCL devices only).
