@@ -1239,10 +1239,7 @@ fn with_flex_i8<R>(t: &Tensor<3, Int>, f: impl FnOnce(&[i8]) -> Option<R>) -> Op
 fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>) -> Option<R> {
     match pages {
         KvPages::Dense(t) => with_flex_f32(t, |rows| f(PoolRows::F32(rows))),
-        KvPages::Coded { format: KvCodes::Int8, codes, scales } => with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Int8 { codes, scales }))),
-        KvPages::Coded { format: KvCodes::Fp8, codes, scales } => {
-            with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Fp8 { codes, scales })))
-        }
+        KvPages::Coded { format, codes, scales } => with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Coded { format: *format, codes, scales }))),
     }
 }
 
@@ -1259,10 +1256,8 @@ fn e4m3_bits_to_f32(c: i8) -> f32 {
 #[derive(Clone, Copy)]
 enum PoolRows<'a> {
     F32(&'a [f32]),
-    /// Int8 codes, and one scale per (slot, head).
-    Int8 { codes: &'a [i8], scales: &'a [f32] },
-    /// E4M3 bytes (in i8s), and one scale per (slot, head).
-    Fp8 { codes: &'a [i8], scales: &'a [f32] },
+    /// Codes (their bytes, in i8s) of `format`, and one scale per (slot, head).
+    Coded { format: KvCodes, codes: &'a [i8], scales: &'a [f32] },
 }
 
 impl<'a> PoolRows<'a> {
@@ -1270,8 +1265,7 @@ impl<'a> PoolRows<'a> {
     fn lens(&self) -> (usize, Option<usize>) {
         match self {
             Self::F32(rows) => (rows.len(), None),
-            Self::Int8 { codes, scales } => (codes.len(), Some(scales.len())),
-            Self::Fp8 { codes, scales, .. } => (codes.len(), Some(scales.len())),
+            Self::Coded { codes, scales, .. } => (codes.len(), Some(scales.len())),
         }
     }
 
@@ -1282,15 +1276,12 @@ impl<'a> PoolRows<'a> {
         let d = buf.len();
         match self {
             Self::F32(rows) => (&rows[at..at + d], 1.0),
-            Self::Int8 { codes, scales } => {
-                for (o, &c) in buf.iter_mut().zip(&codes[at..at + d]) {
-                    *o = f32::from(c);
-                }
-                (buf, scales[at / d])
-            }
-            Self::Fp8 { codes, scales } => {
-                for (o, &c) in buf.iter_mut().zip(&codes[at..at + d]) {
-                    *o = e4m3_bits_to_f32(c);
+            Self::Coded { format, codes, scales } => {
+                let (out, codes) = (buf.iter_mut(), &codes[at..at + d]);
+                // One loop per format, each vectorised.
+                match format {
+                    KvCodes::Int8 => out.zip(codes).for_each(|(o, &c)| *o = f32::from(c)),
+                    KvCodes::Fp8 => out.zip(codes).for_each(|(o, &c)| *o = e4m3_bits_to_f32(c)),
                 }
                 (buf, scales[at / d])
             }
@@ -1302,8 +1293,7 @@ impl<'a> PoolRows<'a> {
     fn prefetch(&self, at: usize, d: usize) {
         match self {
             Self::F32(rows) => prefetch(&rows[at..at + d]),
-            Self::Int8 { codes, .. } => prefetch_bytes(&codes[at..at + d]),
-            Self::Fp8 { codes, .. } => prefetch_bytes(&codes[at..at + d]),
+            Self::Coded { codes, .. } => prefetch_bytes(&codes[at..at + d]),
         }
     }
 }
@@ -1454,11 +1444,11 @@ fn prefetch(row: &[f32]) {
 
 /// [`prefetch`] of a row of bytes.
 #[inline(always)]
-fn prefetch_bytes<T>(row: &[T]) {
+fn prefetch_bytes(row: &[i8]) {
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(64 / std::mem::size_of::<T>().max(1)) {
+    for line in row.chunks(64) {
         // SAFETY: as in `prefetch`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr() as *const i8) };
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = row;
