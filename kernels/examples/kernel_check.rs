@@ -278,37 +278,29 @@ fn check_attention(device: &Device) -> usize {
                 let everything = Tensor::<1, Int>::arange(0..(blocks * bt) as i64, device);
                 let coded = |format: KvCodes, pool: &KvPages| KvPages::zeroed(KvStorage::Coded(format), [blocks * bt, kv, dim], device).write(everything.clone(), pool.values(DType::F32));
                 let bytes8 = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * (dim + 4) * 2) as f64;
-                let (kf, vf) = (coded(KvCodes::Fp8, &k), coded(KvCodes::Fp8, &v));
-                let kernel_fp8 = || match paged_decode_attention(q.clone(), &kf, &vf, &table, &lens, bt, window, scale) {
-                    Some(out) => out.reshape([rows * heads, dim]),
-                    None => panic!("{name}: the paged decode-attention kernel does not take fp8 pages"),
-                };
-                let reference_fp8 = || {
-                    let q4 = q.clone().reshape([rows, heads, 1, dim]);
-                    gqa_attention(q4, &gathered(&kf), &gathered(&vf), Some(&mask), scale).reshape([rows * heads, dim])
-                };
-                failed += usize::from(check(device, &format!("{name:46} FP8 KV"), tol, Work::Bytes(bytes8), &kernel_fp8, &reference_fp8, &kernel));
-                let (k8, v8) = (coded(KvCodes::Int8, &k), coded(KvCodes::Int8, &v));
-                let kernel8 = || match paged_decode_attention(q.clone(), &k8, &v8, &table, &lens, bt, window, scale) {
-                    Some(out) => out.reshape([rows * heads, dim]),
-                    None => panic!("{name}: the paged decode-attention kernel does not take int8 pages"),
-                };
-                let reference8 = || {
-                    let q4 = q.clone().reshape([rows, heads, 1, dim]);
-                    gqa_attention(q4, &gathered(&k8), &gathered(&v8), Some(&mask), scale).reshape([rows * heads, dim])
-                };
-                let label = format!("{name:46} INT8 KV");
-                failed += usize::from(check(device, &label, tol, Work::Bytes(bytes8), &kernel8, &reference8, &kernel));
-                // The codes' other conversion to f32 (bits or instruction: the same values),
-                // timed against the engine's.
-                let other = DecodeTuning { codes_via_bits: !DecodeTuning::default().codes_via_bits, ..DecodeTuning::default() };
-                let kernel8_other = || match paged_decode_attention_tuned(q.clone(), &k8, &v8, &table, &lens, bt, window, scale, other) {
-                    Some(out) => out.reshape([rows * heads, dim]),
-                    None => panic!("{name}: the paged decode-attention kernel does not take int8 pages"),
-                };
-                let how = if other.codes_via_bits { "bits" } else { "cast" };
-                let label = format!("{name:46} INT8 KV, codes by {how}");
-                failed += usize::from(check(device, &label, tol, Work::Bytes(bytes8), &kernel8_other, &reference8, &kernel8));
+                for format in [KvCodes::Fp8, KvCodes::Int8] {
+                    let (kc, vc) = (coded(format, &k), coded(format, &v));
+                    let tuned = |tuning: DecodeTuning| match paged_decode_attention_tuned(q.clone(), &kc, &vc, &table, &lens, bt, window, scale, tuning) {
+                        Some(out) => out.reshape([rows * heads, dim]),
+                        None => panic!("{name}: the paged decode-attention kernel does not take {} pages", format.name()),
+                    };
+                    let kernel_coded = || tuned(DecodeTuning::default());
+                    let reference_coded = || {
+                        let q4 = q.clone().reshape([rows, heads, 1, dim]);
+                        gqa_attention(q4, &gathered(&kc), &gathered(&vc), Some(&mask), scale).reshape([rows * heads, dim])
+                    };
+                    let label = format!("{name:46} {} KV", format.name().to_uppercase());
+                    failed += usize::from(check(device, &label, tol, Work::Bytes(bytes8), &kernel_coded, &reference_coded, &kernel));
+                    // Int8 codes' other conversion to f32 (bits or instruction: the same
+                    // values), timed against the engine's.
+                    if format == KvCodes::Int8 {
+                        let other = DecodeTuning { codes_via_bits: !DecodeTuning::default().codes_via_bits, ..DecodeTuning::default() };
+                        let kernel_other = || tuned(other);
+                        let how = if other.codes_via_bits { "bits" } else { "cast" };
+                        let label = format!("{label}, codes by {how}");
+                        failed += usize::from(check(device, &label, tol, Work::Bytes(bytes8), &kernel_other, &reference_coded, &kernel_coded));
+                    }
+                }
             }
         }
     }
