@@ -217,7 +217,8 @@ impl KvPages {
 
 /// Code tensor `codes` (i8) as the f32 values of its codes: int8 converted, FP8 bytes looked
 /// up in [`KvCodes::table`] (on the CPU in one loop on the host, where burn's operations took
-/// 1.8x the prefill time of int8's conversion at 2,048 tokens of SmolLM2).
+/// 1.8x the prefill time of int8's conversion at 2,048 tokens of SmolLM2:
+/// benches/results/cpu-2026-12-07-kv-codes.md).
 fn decode_codes(format: KvCodes, codes: Tensor<3, Int>) -> Tensor<3> {
     match format {
         KvCodes::Int8 => codes.cast(FloatDType::F32),

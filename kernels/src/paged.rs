@@ -1245,7 +1245,8 @@ fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>)
 
 /// E4M3 byte `c` (in an i8) as f32 through its bits, as the CUDA kernel converts it: sign,
 /// exponent and mantissa in an f32's places, times `2^(127 - 7)` (exact; the compiler
-/// vectorises it, where a table lookup per value ran the fp8 decode at 0.77x int8's).
+/// vectorises it, where a table lookup per value ran the fp8 decode after 2,048 tokens at 0.76x
+/// int8's: benches/results/cpu-2026-12-07-kv-codes.md).
 #[inline(always)]
 fn e4m3_bits_to_f32(c: i8) -> f32 {
     let b = u32::from(c as u8);
