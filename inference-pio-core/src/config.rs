@@ -238,6 +238,9 @@ pub enum Quantization {
     /// Asymmetric int4 in groups of 128 input channels (32 where 128 does not divide a row),
     /// made at load from the checkpoint's values.
     Int4,
+    /// FP8 E4M3 with one scale per block of 128 x 128 (`max|w| / 448`), made at load from the
+    /// checkpoint's values: the form of Qwen's FP8 checkpoints, which load as FP8 unasked.
+    Fp8,
 }
 
 /// How products of quantized weights take their activations (`quant_activations`): the
@@ -320,13 +323,14 @@ pub struct OptimizationSettings {
     /// `limits.cpu_percent` caps it further). `None`: one per core.
     #[serde(default)]
     pub threads: Option<u32>,
-    /// With `quantization` `int8` or `int4`: the LM head is quantized as well (a tied head gets
+    /// With `quantization` `int8`, `int4` or `fp8`: the LM head is quantized as well (a tied head gets
     /// its own quantized copy; the embedding lookup stays in `dtype`). Refused otherwise.
     #[serde(default)]
     pub quantize_lm_head: bool,
     /// How products of quantized weights take their activations. `None`: `exact` for f32
     /// activations on the CPU, else `int16` (the accuracy profile: `exact`). `int8` is
-    /// refused on CUDA.
+    /// refused on CUDA. FP8 weights take their activations as they are (`exact` dequantizes
+    /// them for the matrix product on CUDA); `int8`/`int16` are refused with them.
     #[serde(default)]
     pub quant_activations: Option<QuantActivations>,
     /// Prompts longer than this are prefilled in chunks of this many tokens (0: one pass).
@@ -480,8 +484,14 @@ impl OptimizationSettings {
         {
             return bad("threads", format!("must be 1 to 4096, got {t}"));
         }
-        if self.quantize_lm_head && !matches!(self.quantization, Some(Quantization::Int8 | Quantization::Int4)) {
-            return bad("quantize_lm_head", "needs quantization = \"int8\" or \"int4\" (the head is quantized as the other linear weights are)".into());
+        if self.quantize_lm_head && !matches!(self.quantization, Some(Quantization::Int8 | Quantization::Int4 | Quantization::Fp8)) {
+            return bad("quantize_lm_head", "needs quantization = \"int8\", \"int4\" or \"fp8\" (the head is quantized as the other linear weights are)".into());
+        }
+        if self.quantization == Some(Quantization::Fp8) && matches!(self.quant_activations, Some(QuantActivations::Int8 | QuantActivations::Int16)) {
+            return bad(
+                "quant_activations",
+                "rounds activations to integers for weights of integer codes; FP8 weights (quantization = \"fp8\") take their activations as they are: leave it unset or \"exact\"".into(),
+            );
         }
         if self.max_num_seqs == 0 || self.max_num_seqs > 4096 {
             return bad("max_num_seqs", format!("must be 1 to 4096, got {}", self.max_num_seqs));
@@ -935,6 +945,8 @@ mod tests {
             "[plugins.qwen]\nmax_num_seqs = 8\nmax_num_batched_tokens = 64\nkv_cache_gb = 2.5\nprefix_caching = false\nkv_block_tokens = 32\n",
         )
         .expect("valid");
+        let fp8 = parse("[plugins.qwen]\nquantization = \"fp8\"\nquantize_lm_head = true\nquant_activations = \"exact\"\n").expect("valid");
+        assert_eq!(fp8.plugin("qwen").optimization().quantization, Some(Quantization::Fp8));
         let s = serving.plugin("qwen").optimization();
         assert_eq!((s.max_num_seqs, s.max_num_batched_tokens, s.kv_cache_gb, s.prefix_caching, s.kv_block_tokens), (8, 64, Some(2.5), false, 32));
         assert_eq!(settings.tensor_parallel, None, "one unsplit model unless asked");
@@ -958,6 +970,9 @@ tensor_parallel = 2
             ("gpu_memory_utilization = 1.5", "gpu_memory_utilization"),
             ("kv_cache_gb = 1\ngpu_memory_utilization = 0.5", "gpu_memory_utilization"),
             ("max_context_tokens = 0", "max_context_tokens"),
+            ("quantize_lm_head = true", "quantize_lm_head"),
+            ("quantization = \"fp8\"\nquant_activations = \"int16\"", "quant_activations"),
+            ("quantization = \"fp8\"\nquant_activations = \"int8\"", "quant_activations"),
         ] {
             let err = parse(&format!("[plugins.qwen]\n{text}\n")).expect_err(text);
             assert!(err.to_string().contains(&format!("plugins.qwen.{key}")), "{text}: {err}");

@@ -35,6 +35,7 @@ fn matrix_bits(rows: usize, cols: usize, bits: u32) -> QuantizedMatrix {
             (0..rows * groups).map(|i| half::f16::from_f32(0.01 + (i % 7) as f32 * 1e-3).to_f32()).collect(),
             (0..rows * groups).map(|i| half::f16::from_f32(-0.08 + (i % 5) as f32 * 1e-3).to_f32()).collect(),
         ),
+        format: Default::default(),
     }
 }
 

@@ -692,6 +692,8 @@ fn check_quant(device: &Device) -> usize {
             ("int8/channel", QuantizedMatrix::quantize_int8(&values, out, inp)),
             ("int4/128", QuantizedMatrix::quantize_int4(&values, out, inp, 128)),
             ("int4/32", QuantizedMatrix::quantize_int4(&values, out, inp, 32)),
+            // FP8 E4M3 in blocks of 128x128 (`quantization = "fp8"`, Qwen's FP8 checkpoints).
+            ("fp8/128", QuantizedMatrix::quantize_fp8(&values, out, inp)),
             // The layouts GGUF blocks keep: Q8_0 (8 bits in 32s), Q6_K (8-bit codes in 16s),
             // Q4_K (4 bits in 32s), with scales and offsets of both signs.
             ("gguf 8/32", gguf_like(&mut random, out, inp, 8, 32)),

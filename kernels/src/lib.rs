@@ -20,6 +20,7 @@ pub mod nccl;
 pub mod norm;
 pub mod paged;
 pub mod quant;
+pub mod quant_e4m3;
 pub mod readback;
 pub mod reference;
 pub mod rotary;

@@ -1243,16 +1243,6 @@ fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>)
     }
 }
 
-/// E4M3 byte `c` (in an i8) as f32 through its bits, as the CUDA kernel converts it: sign,
-/// exponent and mantissa in an f32's places, times `2^(127 - 7)` (exact; the compiler
-/// vectorises it, where a table lookup per value ran the fp8 decode after 2,048 tokens at 0.76x
-/// int8's: benches/results/cpu-2026-12-07-kv-codes.md).
-#[inline(always)]
-fn e4m3_bits_to_f32(c: i8) -> f32 {
-    let b = u32::from(c as u8);
-    f32::from_bits(((b & 0x7F) << 20) | ((b & 0x80) << 24)) * f32::from_bits(0x7B80_0000)
-}
-
 /// A pool's memory on the CPU, `[slots, kv_heads, d]`.
 #[derive(Clone, Copy)]
 enum PoolRows<'a> {
@@ -1282,7 +1272,7 @@ impl<'a> PoolRows<'a> {
                 // One loop per format, each vectorised.
                 match format {
                     KvCodes::Int8 => out.zip(codes).for_each(|(o, &c)| *o = f32::from(c)),
-                    KvCodes::Fp8 => out.zip(codes).for_each(|(o, &c)| *o = e4m3_bits_to_f32(c)),
+                    KvCodes::Fp8 => out.zip(codes).for_each(|(o, &c)| *o = crate::kv_pages::e4m3_bits_to_f32(c as u8)),
                 }
                 (buf, scales[at / d])
             }
@@ -1684,13 +1674,6 @@ mod tests {
             }
         }
         out
-    }
-
-    #[test]
-    fn e4m3_bytes_convert_through_their_bits_as_the_table_reads_them() {
-        for b in (0..=255u8).filter(|b| b & 0x7F != 0x7F) {
-            assert_eq!(e4m3_bits_to_f32(b as i8).to_bits(), KvCodes::Fp8.decode(b).to_bits(), "byte {b:#04x}");
-        }
     }
 
     #[test]

@@ -50,7 +50,7 @@ use crate::launch::{PLANE, is_cubecl};
 /// the weight for cuBLAS.
 pub const QUANT_MAX_ROWS: usize = 8;
 /// Output channels per cube (one plane each).
-const CHANNELS_PER_CUBE: u32 = 8;
+pub(crate) const CHANNELS_PER_CUBE: u32 = 8;
 
 /// Why a quantized matrix cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +77,20 @@ pub struct QuantizedMatrix {
     pub codes: Vec<u32>,
     /// Scales and offsets, `[rows, cols / group]` each.
     pub groups: GroupScales,
+    /// What a code stands for.
+    pub format: CodeFormat,
+}
+
+/// How a [`QuantizedMatrix`]'s codes stand for values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CodeFormat {
+    /// Integers: `w = scale · code + min` (GGUF's blocks, GPTQ/AWQ codes, the int8 and int4
+    /// weights made at load).
+    #[default]
+    Affine,
+    /// 8-bit OCP FP8 E4M3 numbers: `w = scale · e4m3(code)`, the offsets zero (Qwen's and
+    /// DeepSeek's FP8 checkpoints, `quantization = "fp8"`; `crate::quant_e4m3`).
+    E4m3,
 }
 
 /// A matrix's group scales and offsets as stored: f16 where every one of them is an f16
@@ -321,7 +335,7 @@ impl QuantizedMatrix {
             .par_chunks_exact(per_word)
             .map(|word| word.iter().enumerate().fold(0u32, |acc, (k, &c)| acc | (u32::from(c) << (k as u32 * bits))))
             .collect();
-        Ok(Self { rows, cols, bits, group, codes: packed, groups: GroupScales::new(scales, mins) })
+        Ok(Self { rows, cols, bits, group, codes: packed, groups: GroupScales::new(scales, mins), format: CodeFormat::Affine })
     }
 
     /// Takes codes already packed in this layout (4-bit: element `8w + k` in bits `4k..4k + 4`
@@ -341,7 +355,7 @@ impl QuantizedMatrix {
                 mins.len()
             )));
         }
-        Ok(Self { rows, cols, bits, group, codes: words, groups: GroupScales::new(scales, mins) })
+        Ok(Self { rows, cols, bits, group, codes: words, groups: GroupScales::new(scales, mins), format: CodeFormat::Affine })
     }
 
     /// Codes per word of `bits`-bit codes in groups of `group` along rows of `cols`, or why
@@ -430,6 +444,16 @@ impl QuantizedMatrix {
         let (per_word, bits, mask) = (self.per_word(), self.bits, (1u32 << self.bits) - 1);
         let words = &self.codes[row * self.words_per_row()..(row + 1) * self.words_per_row()];
         let groups = self.groups_per_row();
+        if self.format == CodeFormat::E4m3 {
+            for (g, chunk) in out.chunks_exact_mut(self.group).enumerate() {
+                let scale = self.groups.scale(row * groups + g);
+                let bytes = words[g * self.group / 4..(g + 1) * self.group / 4].iter().flat_map(|w| w.to_le_bytes());
+                for (v, b) in chunk.iter_mut().zip(bytes) {
+                    *v = scale * crate::kv_pages::e4m3_bits_to_f32(b);
+                }
+            }
+            return;
+        }
         for (g, chunk) in out.chunks_exact_mut(self.group).enumerate() {
             let (scale, min) = (self.groups.scale(row * groups + g), self.groups.min(row * groups + g));
             let first = g * self.group / per_word;
@@ -482,7 +506,7 @@ impl QuantizedMatrix {
     /// q/k/v or gate/up projection); `None` when they differ.
     pub fn concat_rows(parts: &[Self]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.cols != first.cols || p.bits != first.bits || p.group != first.group) {
+        if parts.iter().any(|p| p.cols != first.cols || p.bits != first.bits || p.group != first.group || p.format != first.format) {
             return None;
         }
         Some(Self {
@@ -529,6 +553,9 @@ impl QuantizedMatrix {
         assert_eq!(x.len(), n * self.cols, "matmul: {} inputs for {n} rows of {}", x.len(), self.cols);
         let limit = self.fused_row_limit(activations);
         assert!(n <= limit, "matmul: {n} rows, more than the {limit} it reads the codes for");
+        if self.format == CodeFormat::E4m3 {
+            return self.matmul_e4m3(x, n);
+        }
         // Prompt rows.
         if activations == Activations::F32 && n > CPU_FUSED_ROWS && self.takes_tiles() {
             return self.matmul_tiled(x, n);
@@ -724,7 +751,7 @@ impl QuantizedMatrix {
 }
 
 /// `[rows, n]` as `[n, rows]` (for one row, the same vector).
-fn transpose(out_t: Vec<f32>, n: usize) -> Vec<f32> {
+pub(crate) fn transpose(out_t: Vec<f32>, n: usize) -> Vec<f32> {
     if n <= 1 {
         return out_t;
     }
@@ -768,6 +795,9 @@ impl QuantizedMatrix {
     /// The most input rows [`Self::matmul`] takes with these activations (more go through the
     /// linear's matrix product of dequantized slices).
     pub fn fused_row_limit(&self, activations: Activations) -> usize {
+        if self.format == CodeFormat::E4m3 {
+            return CPU_FUSED_ROWS;
+        }
         if activations == Activations::F32 && self.takes_tiles() {
             return usize::MAX;
         }
@@ -2754,6 +2784,7 @@ pub struct QuantizedLinear {
     pub cols: usize,
     pub bits: u32,
     pub group: usize,
+    pub format: CodeFormat,
     bytes: u64,
     storage: Storage,
     /// `None`: the default, [`Activations::F32`] for f32 activations on the CPU, else
@@ -2785,13 +2816,13 @@ impl QuantizedLinear {
         if is_cubecl(device) {
             return Self::new(Arc::unwrap_or_clone(matrix), device);
         }
-        let (rows, cols, bits, group, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.bytes());
-        Self { rows, cols, bits, group, bytes, storage: Storage::Host(matrix), activations: None }
+        let (rows, cols, bits, group, format, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.format, matrix.bytes());
+        Self { rows, cols, bits, group, format, bytes, storage: Storage::Host(matrix), activations: None }
     }
 
     /// `matrix` on `device`.
     pub fn new(matrix: QuantizedMatrix, device: &Device) -> Self {
-        let (rows, cols, bits, group, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.bytes());
+        let (rows, cols, bits, group, format, bytes) = (matrix.rows, matrix.cols, matrix.bits, matrix.group, matrix.format, matrix.bytes());
         let storage = if is_cubecl(device) {
             let (words, groups) = (matrix.words_per_row(), matrix.groups_per_row());
             // Uploaded flat, then viewed as rows. A 2-D upload gets pitched rows where a row's
@@ -2809,7 +2840,7 @@ impl QuantizedLinear {
         } else {
             Storage::Host(Arc::new(matrix))
         };
-        Self { rows, cols, bits, group, bytes, storage, activations: None }
+        Self { rows, cols, bits, group, format, bytes, storage, activations: None }
     }
 
     /// The weight with its products taking `activations`. Placed weights start with the
@@ -2867,7 +2898,12 @@ impl QuantizedLinear {
             }
             Storage::Device(d) => {
                 let DeviceCodes { codes, scales, mins } = d.as_ref();
-                if activations != Activations::F32 && device_kernel_applies(n, cols, self.bits, self.group) && kernel_supports(dtype) {
+                if self.format == CodeFormat::E4m3 {
+                    if activations != Activations::F32 && crate::quant_e4m3::e4m3_kernel_applies(n, cols, self.group) && kernel_supports(dtype) {
+                        let out = Dispatch::quant_matvec_e4m3(x.into_dispatch(), codes.clone().into_dispatch(), scales.clone().into_dispatch(), self.group);
+                        return Tensor::from_dispatch(out);
+                    }
+                } else if activations != Activations::F32 && device_kernel_applies(n, cols, self.bits, self.group) && kernel_supports(dtype) {
                     let out = Dispatch::quant_matvec(
                         x.into_dispatch(),
                         codes.clone().into_dispatch(),
@@ -2898,6 +2934,7 @@ impl QuantizedLinear {
                 d.mins.clone().into_dispatch(),
                 self.bits,
                 self.group,
+                self.format == CodeFormat::E4m3,
                 dtype,
             )),
         }
@@ -2922,9 +2959,15 @@ pub trait QuantOps: Backend {
     #[fusion(dtype = x, shape = Shape::new([x[0], codes[0]]))]
     fn quant_matvec(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self>;
 
-    /// `W` as a dense `[rows, cols]` tensor of `dtype`.
+    /// `W` as a dense `[rows, cols]` tensor of `dtype` (8-bit codes that are E4M3 numbers
+    /// where `e4m3`).
     #[fusion(dtype = *dtype, shape = dequantized_shape(codes, *bits))]
-    fn quant_dequantize(codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize, dtype: DType) -> FloatTensor<Self>;
+    fn quant_dequantize(codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize, e4m3: bool, dtype: DType) -> FloatTensor<Self>;
+
+    /// `x [n, cols] · Wᵀ -> [n, rows]` for `W` of E4M3 `codes [rows, cols / 4]` (u32) with
+    /// `scales [rows, cols / group]` (f32) ([`crate::quant_e4m3`]).
+    #[fusion(dtype = x, shape = Shape::new([x[0], codes[0]]))]
+    fn quant_matvec_e4m3(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, group: usize) -> FloatTensor<Self>;
 }
 
 impl QuantOps for CubeBackend {
@@ -2932,8 +2975,12 @@ impl QuantOps for CubeBackend {
         launch_matvec(x, codes, scales, mins, bits, group)
     }
 
-    fn quant_dequantize(codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize, dtype: DType) -> FloatTensor<Self> {
-        launch_dequantize(codes, scales, mins, bits, group, dtype)
+    fn quant_dequantize(codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize, e4m3: bool, dtype: DType) -> FloatTensor<Self> {
+        launch_dequantize(codes, scales, mins, bits, group, e4m3, dtype)
+    }
+
+    fn quant_matvec_e4m3(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, group: usize) -> FloatTensor<Self> {
+        crate::quant_e4m3::launch_e4m3_matvec(x, codes, scales, group)
     }
 }
 
@@ -3107,6 +3154,7 @@ mod device {
         groups: usize,
         #[comptime] bits: u32,
         #[comptime] group: usize,
+        #[comptime] e4m3: bool,
         #[define(E)] _dtype: ElemType,
     ) {
         let at = ABSOLUTE_POS;
@@ -3125,6 +3173,11 @@ mod device {
             let code = if comptime!(bits == 4) {
                 // Byte j: code j in its low nibble, code j + 4 in its high one.
                 f32::cast_from((word >> comptime!(((k % 4) * 8 + (k / 4) * 4) as u32)) & 15)
+            } else if comptime!(e4m3) {
+                // E4M3 through its bits (`crate::kv_pages::e4m3_bits_to_f32`); the offsets are 0.
+                let b = (word >> comptime!((8 * k) as u32)) & 0xFF;
+                let two_120 = comptime!(f32::from_bits(0x7B80_0000));
+                f32::reinterpret(((b & 0x7F) << 20) | ((b & 0x80) << 24)) * f32::new(two_120)
             } else {
                 // Signed bytes (code - 128).
                 f32::cast_from((i32::reinterpret(word) << comptime!((24 - 8 * k) as i32)) >> 24)
@@ -3229,6 +3282,10 @@ pub fn device_kernel_applies(n: usize, cols: usize, bits: u32, group: usize) -> 
 /// or high nibbles gives four codes in consecutive bytes for `dp4a`), 8-bit codes as signed
 /// bytes `code - 128` with the offsets raised by `128 · scale`.
 pub fn device_codes(m: &QuantizedMatrix) -> (Vec<u32>, Vec<f32>) {
+    if m.format == CodeFormat::E4m3 {
+        // As stored (the kernels read the bytes as E4M3 numbers); no offsets.
+        return (m.codes.clone(), m.groups.mins_f32());
+    }
     if m.bits == 4 {
         let codes = m
             .codes
@@ -3242,7 +3299,7 @@ pub fn device_codes(m: &QuantizedMatrix) -> (Vec<u32>, Vec<f32>) {
     }
 }
 
-fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize, dtype: DType) -> CubeTensor {
+fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize, e4m3: bool, dtype: DType) -> CubeTensor {
     let (codes, scales, mins) = (into_contiguous(codes), into_contiguous(scales), into_contiguous(mins));
     let (rows, words) = (codes.meta.shape()[0], codes.meta.shape()[1]);
     let groups = scales.meta.shape()[1];
@@ -3267,6 +3324,7 @@ fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bi
             groups,
             bits,
             group,
+            e4m3,
             dtype_to_storage_type(dtype),
         )
     };

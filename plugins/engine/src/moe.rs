@@ -204,8 +204,9 @@ pub struct MoeBlock {
 #[allow(clippy::large_enum_variant)]
 enum RoutedExperts {
     Stacked(StackedExperts),
-    /// Quantized at load (`quantization = "int8" | "int4"`), one MLP each, run expert by
-    /// expert over the rows routed to it ([`by_quantized_experts`]).
+    /// Quantized (at load, `quantization = "int8" | "int4" | "fp8"`, or as the checkpoint's FP8
+    /// or GPTQ/AWQ codes), one MLP each, run expert by expert over the rows routed to it
+    /// ([`by_quantized_experts`]).
     Quantized(Vec<Mlp>),
 }
 
@@ -259,8 +260,10 @@ impl MoeBlock {
             .shared_intermediate
             .map(|inner| Mlp::load(ckpt, &format!("{prefix}.shared_experts"), hidden, inner, device, dtype))
             .transpose()?;
-        let routed = if ckpt.quantizes_at_load() {
-            // Each expert's products quantized like the other linear weights.
+        let first_expert = format!("{prefix}.experts.{}.gate_proj.weight", experts.start);
+        let routed = if ckpt.quantizes_at_load() || ckpt.keeps_stored_codes(&first_expert) {
+            // Each expert's products quantized like the other linear weights (made at load, or
+            // the checkpoint's FP8 or GPTQ/AWQ codes kept).
             let mlps = experts.clone().map(|e| Mlp::load(ckpt, &format!("{prefix}.experts.{e}"), hidden, inner, device, dtype)).collect::<Result<Vec<_>, _>>()?;
             RoutedExperts::Quantized(mlps)
         } else {

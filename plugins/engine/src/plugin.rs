@@ -319,6 +319,11 @@ pub fn load_engine(
         // but the allocator keeps their pages.
         crate::weights::return_free_heap_pages();
         let tally = ckpt.linear_tally();
+        if tally.e4m3 && matches!(activations, Some(Activations::Blocks16 | Activations::Blocks8)) {
+            return Err(EngineError::Config(
+                "quant_activations rounds activations to integers for weights of integer codes; this checkpoint's quantized weights are FP8, which take their activations as they are: leave it unset or \"exact\"".into(),
+            ));
+        }
         // A split model: the ranks' weights together (each rank tallies its own share).
         let bytes = dense_bytes.saturating_sub((tally.quantized_dense_bytes.saturating_sub(tally.quantized_bytes)) * ranks as u64);
         let stored = quantization_summary(&tally);
@@ -388,14 +393,22 @@ struct Loaded {
 }
 
 /// What [`ModelInfo::quantization`] says of the linear weights loaded: empty when none is
-/// quantized, else the layout (`int8 per output channel`, `int4 in groups of 128`, or `mixed 4-
-/// and 8-bit groups` for a GGUF file's several block types) and how many of the linear weights.
+/// quantized, else the layout (`int8 per output channel`, `int4 in groups of 128`, `fp8 (E4M3)
+/// with a scale per 128 inputs`, or `mixed 4- and 8-bit groups` for a GGUF file's several
+/// block types) and how many of the linear weights.
 fn quantization_summary(t: &crate::weights::LinearTally) -> String {
-    if t.bits_seen == 0 {
+    if t.bits_seen == 0 && !t.e4m3 {
         return String::new();
     }
     let bits = t.bits_seen.trailing_zeros();
-    let layout = if t.bits_seen.count_ones() > 1 {
+    let layout = if t.e4m3 && t.bits_seen != 0 {
+        "mixed FP8 and integer groups".to_string()
+    } else if t.e4m3 {
+        match t.group {
+            Some(group) => format!("fp8 (E4M3) with a scale per {group} inputs"),
+            None => "fp8 (E4M3) in groups of several sizes".to_string(),
+        }
+    } else if t.bits_seen.count_ones() > 1 {
         "mixed 4- and 8-bit groups".to_string()
     } else if t.per_channel {
         format!("int{bits} per output channel")

@@ -11,7 +11,7 @@ use burn::tensor::{DType as BurnDType, Device, Distribution, Tensor, TensorData}
 use std::borrow::Cow;
 use inference_pio_core::types::DType;
 use inference_pio_core::config::Quantization;
-use inference_pio_kernels::quant::{Activations, QuantizedLinear, QuantizedMatrix};
+use inference_pio_kernels::quant::{Activations, CodeFormat, QuantizedLinear, QuantizedMatrix};
 use inference_pio_kernels::{split_parts, split_weight};
 use memmap2::Mmap;
 use inference_pio_formats::gguf::{self, Gguf};
@@ -59,6 +59,9 @@ pub struct Checkpoint {
     shard: Option<crate::tensor_parallel::ShardRules>,
 }
 
+/// An FP8 weight's E4M3 bytes as stored and its block scales as f32.
+type Fp8Parts<'a> = (&'a [u8], Vec<f32>);
+
 /// What [`Checkpoint::load_linear_stored`] has loaded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinearTally {
@@ -67,8 +70,10 @@ pub struct LinearTally {
     /// Bytes the quantized weights take, and what they would take in the model's dtype.
     pub quantized_bytes: u64,
     pub quantized_dense_bytes: u64,
-    /// Code widths seen (bit `b` set for `b`-bit codes).
+    /// Integer code widths seen (bit `b` set for `b`-bit codes).
     pub bits_seen: u32,
+    /// Whether FP8 E4M3 codes were seen.
+    pub e4m3: bool,
     /// The group size while every quantized weight had the same one, else `None`.
     pub group: Option<usize>,
     pub groups_differ: bool,
@@ -349,7 +354,14 @@ impl Checkpoint {
 
     /// The FP8 weight `name` (`[out, in]`) times its block scales, checked against its shape.
     fn fp8_values(&self, name: &str, scales: &str, layout: packed::Layout, [out, inp]: [usize; 2], check_only: bool) -> Result<Vec<f32>, EngineError> {
-        let Source::Safetensors { shards, names } = &self.source else { return Ok(Vec::new()) };
+        let Some((weight, scale_values)) = self.fp8_parts(name, scales, layout, [out, inp], check_only)? else { return Ok(Vec::new()) };
+        layout.dequantize_fp8(weight, &scale_values, [out, inp]).map_err(|e| EngineError::Weights(format!("FP8 weight `{name}`: {e}")))
+    }
+
+    /// The FP8 weight `name`'s E4M3 bytes (`[out, in]`) and its block scales as f32, checked
+    /// against its shape (`None` for `check_only`, or a checkpoint of another kind).
+    fn fp8_parts(&self, name: &str, scales: &str, layout: packed::Layout, [out, inp]: [usize; 2], check_only: bool) -> Result<Option<Fp8Parts<'_>>, EngineError> {
+        let Source::Safetensors { shards, names } = &self.source else { return Ok(None) };
         let (weight, wi) = Self::raw(shards, names, name, &[Dtype::F8_E4M3])?;
         let (scale_bytes, si) = Self::raw(shards, names, scales, &[Dtype::F32, Dtype::BF16, Dtype::F16])?;
         let want = layout.fp8_scale_shape([out, inp]).map(Vec::from).unwrap_or_default();
@@ -360,10 +372,10 @@ impl Checkpoint {
             )));
         }
         if check_only {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let scale_values: Vec<f32> = convert(scale_bytes, si.dtype, DType::F32).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        layout.dequantize_fp8(weight, &scale_values, [out, inp]).map_err(|e| EngineError::Weights(format!("FP8 weight `{name}`: {e}")))
+        Ok(Some((weight, scale_values)))
     }
 
     /// A stored tensor's bytes and header entry, its dtype one of `dtypes`.
@@ -430,9 +442,17 @@ impl Checkpoint {
         }
     }
 
-    /// Whether linear weights are quantized at load (`quantization = "int8" | "int4"`).
+    /// Whether linear weights are quantized at load (`quantization = "int8" | "int4" | "fp8"`).
     pub fn quantizes_at_load(&self) -> bool {
-        matches!(self.quantization, Some(Quantization::Int8 | Quantization::Int4))
+        matches!(self.quantization, Some(Quantization::Int8 | Quantization::Int4 | Quantization::Fp8))
+    }
+
+    /// Whether the linear weight `name` (`X.weight`) loads quantized from the checkpoint's own
+    /// codes ([`Self::load_stored_quantized`]): an FP8 weight, or a GPTQ/AWQ one (whose act-order
+    /// groups still load dense), with `quantization` unset. GGUF files: not asked (their MoE
+    /// blocks do not load).
+    pub fn keeps_stored_codes(&self, name: &str) -> bool {
+        self.quantization.is_none() && (self.fp8_scales(name).is_some() || self.packed_prefix(name).is_some())
     }
 
     /// See [`Self::set_quantize_lm_head`].
@@ -454,16 +474,16 @@ impl Checkpoint {
         let mut quantized = self.load_stored_quantized(name, [out, inp], device)?;
         if quantized.is_none() {
             let group = match self.quantization {
-                Some(Quantization::Int8) if inp.is_multiple_of(4) => Some(inp),
+                Some(Quantization::Int8 | Quantization::Fp8) if inp.is_multiple_of(4) => Some(inp),
                 Some(Quantization::Int4) => [128, 32].into_iter().find(|g| inp.is_multiple_of(*g)),
                 _ => None,
             };
             if let Some(group) = group {
                 let values = self.f32_values(name, [out, inp], device)?;
-                let made = if group == inp && self.quantization == Some(Quantization::Int8) {
-                    QuantizedMatrix::quantize_int8(&values, out, inp)
-                } else {
-                    QuantizedMatrix::quantize_int4(&values, out, inp, group)
+                let made = match self.quantization {
+                    Some(Quantization::Fp8) => QuantizedMatrix::quantize_fp8(&values, out, inp),
+                    Some(Quantization::Int8) => QuantizedMatrix::quantize_int8(&values, out, inp),
+                    _ => QuantizedMatrix::quantize_int4(&values, out, inp, group),
                 };
                 quantized = Some(made.map_err(|e| EngineError::Weights(format!("tensor `{name}`: {e}")))?);
             }
@@ -489,8 +509,11 @@ impl Checkpoint {
         tally.quantized += 1;
         tally.quantized_bytes += m.bytes();
         tally.quantized_dense_bytes += (m.rows * m.cols) as u64 * dtype.size_bytes();
-        let first = tally.bits_seen == 0;
-        tally.bits_seen |= 1 << m.bits;
+        let first = tally.bits_seen == 0 && !tally.e4m3;
+        match m.format {
+            CodeFormat::E4m3 => tally.e4m3 = true,
+            CodeFormat::Affine => tally.bits_seen |= 1 << m.bits,
+        }
         tally.per_channel = (first || tally.per_channel) && m.group == m.cols;
         tally.groups_differ |= !first && tally.group != Some(m.group);
         tally.group = if tally.groups_differ { None } else { Some(m.group) };
@@ -532,6 +555,15 @@ impl Checkpoint {
                 QuantizedMatrix::from_codes(out, inp, part.bits, part.group, &part.codes, part.scales, part.mins)
                     .map(Some)
                     .map_err(|e| EngineError::Weights(format!("packed weight `{prefix}`{whose}: {e}")))
+            }
+            // FP8 blocks kept as FP8 (a tensor-parallel slice: dense, the slice of the
+            // dequantized values).
+            Source::Safetensors { .. } if slice.is_none() && let Some((scales, layout)) = self.fp8_scales(name) => {
+                let packed::Method::Fp8 { block } = layout.method else { return Ok(None) };
+                let Some((bytes, scale_values)) = self.fp8_parts(name, &scales, layout, [out, inp], false)? else { return Ok(None) };
+                // The shapes are checked above; rows whose blocks do not make whole 4-byte
+                // groups load dense.
+                Ok(QuantizedMatrix::from_e4m3_blocks(out, inp, bytes, &scale_values, block).ok())
             }
             _ => Ok(None),
         }

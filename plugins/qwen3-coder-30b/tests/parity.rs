@@ -76,12 +76,12 @@ fn routed_experts_quantized_at_load_stay_close_to_the_f32_model() {
     let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 500 + 3).collect();
     let want = all_logits(&load_cpu(&FAMILY, &path, DType::F32), &prompt);
     // (mode, bound on the mean relative L2 over the positions: about twice what was measured,
-    // 0.054 and 0.54). A position whose top-k experts change under quantization moves far
+    // 0.054, 0.54 and 0.22 for FP8's 3 mantissa bits). A position whose top-k experts change under quantization moves far
     // (int8: one of 16 at 0.41, the others 0.016-0.053), so the mean is bounded, not the
     // largest; int4 in groups of 32 of this 64-wide model moves every position far. That the
     // per-expert products place each pair's output exactly is checked in the engine's MoE
     // tests, with dense experts.
-    for (mode, bound, layout) in [(Quantization::Int8, 0.12, "int8 per output channel"), (Quantization::Int4, 1.1, "int4 in groups of 32")] {
+    for (mode, bound, layout) in [(Quantization::Int8, 0.12, "int8 per output channel"), (Quantization::Int4, 1.1, "int4 in groups of 32"), (Quantization::Fp8, 0.45, "fp8 (E4M3)")] {
         let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
         let mut settings = PluginSettings::default();
         settings.optimization.prefill_chunk_tokens = 0;
@@ -89,7 +89,7 @@ fn routed_experts_quantized_at_load_stay_close_to_the_f32_model() {
         let (engine, info) = load_engine(&FAMILY, &path, &options, &settings).expect("loads quantized");
         // Attention (q, k, v, o) of 3 layers, the dense layer's MLP, and 2 sparse layers x 8
         // experts x (gate, up, down): every linear weight, the experts included.
-        assert!(info.quantization.starts_with(&format!("{layout}: 63 of 63 linear weights")), "{mode:?}: {}", info.quantization);
+        assert!(info.quantization.starts_with(layout) && info.quantization.contains(": 63 of 63 linear weights"), "{mode:?}: {}", info.quantization);
         let got = all_logits(&engine, &prompt);
         let errors: Vec<f64> = got.iter().zip(&want).map(|(g, w)| rel_l2(g, w)).collect();
         let mean = errors.iter().sum::<f64>() / errors.len() as f64;
@@ -101,4 +101,100 @@ fn routed_experts_quantized_at_load_stay_close_to_the_f32_model() {
             assert!(rel_l2(a, b) <= 1e-5, "{mode:?}: position {i}");
         }
     }
+}
+
+/// E4M3 byte nearest `x` (|x| ≤ 448), by search over the OCP values: the test's own encoder.
+fn e4m3_nearest(x: f32) -> u8 {
+    let value = |b: u8| {
+        let (e, m) = (i32::from((b >> 3) & 0xF), f32::from(b & 7));
+        let v = if e == 0 { m / 8.0 * 2f32.powi(-6) } else { (1.0 + m / 8.0) * 2f32.powi(e - 7) };
+        if b & 0x80 != 0 { -v } else { v }
+    };
+    (0..=255u8).filter(|b| b & 0x7F != 0x7F).min_by(|&a, &b| (value(a) - x).abs().total_cmp(&(value(b) - x).abs())).expect("a code")
+}
+
+/// `qwen3moe-tiny-a` with every linear weight (attention, the dense MLP, each expert) as an
+/// FP8 checkpoint stores it: E4M3 bytes and an f32 `weight_scale_inv` per block of 32x32
+/// (`quantization_config` `fp8`, as Qwen's FP8 checkpoints), written to a fresh directory.
+fn fp8_checkpoint() -> PathBuf {
+    let from = fixtures().join("qwen3moe-tiny-a");
+    let dir = std::env::temp_dir().join(format!("pio-qwen3moe-fp8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bytes = std::fs::read(from.join("model.safetensors")).expect("fixture");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("header length")) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let data = &bytes[8 + n..];
+    let (mut out_header, mut out_data) = (serde_json::Map::new(), Vec::new());
+    let mut put = |name: &str, dtype: &str, shape: &[usize], raw: &[u8]| {
+        out_header.insert(name.into(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [out_data.len(), out_data.len() + raw.len()]}));
+        out_data.extend_from_slice(raw);
+    };
+    const B: usize = 32;
+    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let shape: Vec<usize> = info["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
+        let [start, end] = [0, 1].map(|i| info["data_offsets"][i].as_u64().expect("offset") as usize);
+        let raw = &data[start..end];
+        assert_eq!(info["dtype"], "BF16");
+        if !(name.ends_with("_proj.weight") && shape.len() == 2) {
+            put(name, "BF16", &shape, raw);
+            continue;
+        }
+        let values: Vec<f32> = raw.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect();
+        let [rows, cols] = [shape[0], shape[1]];
+        let (br, bc) = (rows.div_ceil(B), cols.div_ceil(B));
+        let scales: Vec<f32> = (0..br * bc)
+            .map(|i| {
+                let (r0, c0) = ((i / bc) * B, (i % bc) * B);
+                let amax = (r0..(r0 + B).min(rows)).flat_map(|r| &values[r * cols + c0..r * cols + (c0 + B).min(cols)]).fold(0f32, |m, v| m.max(v.abs()));
+                if amax > 0.0 { amax / 448.0 } else { 1.0 }
+            })
+            .collect();
+        let codes: Vec<u8> = values.iter().enumerate().map(|(i, &v)| e4m3_nearest(v / scales[(i / cols / B) * bc + (i % cols) / B])).collect();
+        put(name, "F8_E4M3", &shape, &codes);
+        let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        put(&format!("{}.weight_scale_inv", name.strip_suffix(".weight").expect("weight")), "F32", &[br, bc], &scale_bytes);
+    }
+    let header = serde_json::to_vec(&out_header).expect("header");
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&header);
+    file.extend_from_slice(&out_data);
+    std::fs::write(dir.join("model.safetensors"), file).expect("write");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(from.join("config.json")).expect("config")).expect("json");
+    config["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [B, B]});
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("json")).expect("write");
+    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(from.join(f), dir.join(f)).expect("copy");
+    }
+    dir
+}
+
+#[test]
+fn fp8_checkpoint_experts_stay_fp8_and_match_their_dequantized_values() {
+    use inference_pio_core::config::Quantization;
+    use inference_pio_core::types::{DeviceRequest, LoadOptions, PluginSettings};
+    use inference_pio_engine::plugin::load_engine;
+    let dir = fp8_checkpoint();
+    let load = |quantization: Option<Quantization>| {
+        let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
+        let mut settings = PluginSettings::default();
+        settings.optimization.prefill_chunk_tokens = 0;
+        settings.optimization.quantization = quantization;
+        load_engine(&FAMILY, &dir, &options, &settings).expect("loads the FP8 checkpoint")
+    };
+    let (kept, info) = load(None);
+    // Attention of 3 layers, the dense layer's MLP, 2 sparse layers x 8 experts x 3.
+    assert_eq!(info.quantization.split(',').next(), Some("fp8 (E4M3) with a scale per 32 inputs: 63 of 63 linear weights"), "{}", info.quantization);
+    let (dense, info) = load(Some(Quantization::None));
+    assert_eq!(info.quantization, "");
+    let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    let want = all_logits(&dense, &prompt);
+    let got = all_logits(&kept, &prompt);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(rel_l2(g, w) <= 1e-5, "prompt position {i}: {}", rel_l2(g, w));
+    }
+    // Decode rows read the FP8 bytes in place (the row loop), per expert.
+    for (i, (a, b)) in incremental_logits(&kept, &prompt, 5, 4).iter().zip(&want).enumerate() {
+        assert!(rel_l2(a, b) <= 1e-5, "decode position {i}: {}", rel_l2(a, b));
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

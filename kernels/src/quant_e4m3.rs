@@ -1,0 +1,382 @@
+//! FP8 weights kept as FP8: [`QuantizedMatrix`]es of OCP FP8 E4M3 codes
+//! ([`CodeFormat::E4m3`], OCP "8-bit Floating Point Specification (OFP8)" rev. 1.0), one byte a
+//! weight with a scale per group of inputs, `w = scale · e4m3(code)`.
+//!
+//! - Qwen's and DeepSeek's FP8 checkpoints store each linear weight as E4M3 bytes and a
+//!   `weight_scale_inv` per block of `[128, 128]` that multiplies (transformers
+//!   `integrations/finegrained_fp8.py`, `FP8Linear`): [`QuantizedMatrix::from_e4m3_blocks`]
+//!   keeps the bytes and gives each row's groups their block's scale.
+//! - `quantization = "fp8"` makes the same form at load from a bf16/f32 checkpoint
+//!   ([`QuantizedMatrix::quantize_fp8`]: blocks of 128 x 128, `scale = max|w| / 448`, each
+//!   weight the nearest E4M3 value), as vLLM's and transformers' block-wise FP8 quantization.
+//!
+//! Products read the bytes and convert them in registers through their bits (sign, exponent and
+//! mantissa moved into an f32's places, times `2^120`: exact, [`crate::kv_pages::e4m3_bits_to_f32`]),
+//! against the activations as they are: on the CPU a row loop for up to
+//! [`crate::quant::CPU_FUSED_ROWS`] rows (more rows: dequantized slices through the matrix
+//! product, as for integer codes); on CubeCL devices [`launch_e4m3_matvec`] for up to
+//! [`crate::quant::QUANT_MAX_ROWS`] rows (one plane per output channel, as the integer kernel),
+//! more rows dequantized to the activations' dtype for cuBLAS. (Hopper's FP8 tensor-core GEMM
+//! would need the activations in FP8 too: not done.)
+
+use crate::kv_pages::{e4m3_bits_to_f32, e4m3_from_f32};
+use crate::quant::{CodeFormat, GroupScales, QuantError, QuantizedMatrix};
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::tensor::Shape;
+use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use rayon::prelude::*;
+
+/// The block [`QuantizedMatrix::quantize_fp8`] takes a scale over: 128 x 128 (Qwen's FP8
+/// checkpoints' `weight_block_size`).
+pub const FP8_BLOCK: usize = 128;
+
+/// E4M3's largest finite value.
+const E4M3_MAX: f32 = 448.0;
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+impl QuantizedMatrix {
+    /// E4M3 bytes `[rows, cols]` (row-major) with a scale per block of `[bo, bi]` (`scales`
+    /// `[⌈rows / bo⌉, ⌈cols / bi⌉]`, row-major: the scale that multiplies, a checkpoint's
+    /// `weight_scale_inv`), kept as they are. Each row's groups of `gcd(bi, cols)` inputs take
+    /// their block's scale; the groups must be whole words (a multiple of 4).
+    pub fn from_e4m3_blocks(rows: usize, cols: usize, bytes: &[u8], scales: &[f32], [bo, bi]: [usize; 2]) -> Result<Self, QuantError> {
+        if bo == 0 || bi == 0 {
+            return Err(QuantError(format!("FP8 blocks of [{bo}, {bi}]")));
+        }
+        let (block_rows, block_cols) = (rows.div_ceil(bo), cols.div_ceil(bi));
+        if bytes.len() != rows * cols || scales.len() != block_rows * block_cols {
+            return Err(QuantError(format!(
+                "an FP8 [{rows}, {cols}] matrix in blocks of [{bo}, {bi}] needs {} bytes and {} scales, got {} and {}",
+                rows * cols,
+                block_rows * block_cols,
+                bytes.len(),
+                scales.len()
+            )));
+        }
+        let group = gcd(bi, cols);
+        if cols == 0 || !group.is_multiple_of(4) {
+            return Err(QuantError(format!("FP8 blocks of {bi} inputs in rows of {cols}: groups of {group} are not whole 4-byte words")));
+        }
+        let groups = cols / group;
+        let row_scales: Vec<f32> = (0..rows * groups).map(|i| scales[(i / groups / bo) * block_cols + (i % groups) * group / bi]).collect();
+        Ok(Self::e4m3(rows, cols, group, bytes, row_scales))
+    }
+
+    /// FP8 E4M3 made from `values` (`[rows, cols]`, row-major): per block of [`FP8_BLOCK`] x
+    /// [`FP8_BLOCK`] `scale = max|w| / 448`, each weight the E4M3 value nearest `w / scale`
+    /// (ties to even). Rows of a width that is not a multiple of 4 cannot be laid out.
+    pub fn quantize_fp8(values: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        if values.len() != rows * cols {
+            return Err(QuantError(format!("{} values for a [{rows}, {cols}] matrix", values.len())));
+        }
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(QuantError("a weight that is not finite cannot be quantized".into()));
+        }
+        let (b, block_cols) = (FP8_BLOCK, cols.div_ceil(FP8_BLOCK));
+        let scales: Vec<f32> = (0..rows.div_ceil(b) * block_cols)
+            .into_par_iter()
+            .map(|i| {
+                let (r0, c0) = ((i / block_cols) * b, (i % block_cols) * b);
+                let amax = (r0..(r0 + b).min(rows)).flat_map(|r| &values[r * cols + c0..r * cols + (c0 + b).min(cols)]).fold(0f32, |m, v| m.max(v.abs()));
+                if amax > 0.0 { amax / E4M3_MAX } else { 1.0 }
+            })
+            .collect();
+        let bytes: Vec<u8> = values
+            .par_iter()
+            .enumerate()
+            .map(|(i, &v)| e4m3_from_f32(v / scales[(i / cols / b) * block_cols + (i % cols) / b]))
+            .collect();
+        Self::from_e4m3_blocks(rows, cols, &bytes, &scales, [b, b])
+    }
+
+    /// E4M3 `bytes` with per-row group scales `[rows, cols / group]`.
+    fn e4m3(rows: usize, cols: usize, group: usize, bytes: &[u8], scales: Vec<f32>) -> Self {
+        let codes = bytes.par_chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+        let mins = vec![0f32; scales.len()];
+        Self { rows, cols, bits: 8, group, codes, groups: GroupScales::new(scales, mins), format: CodeFormat::E4m3 }
+    }
+
+    /// [`QuantizedMatrix::matmul`] of E4M3 codes: `n` rows of f32 activations, each through
+    /// the same one-row loop (a batch's rows equal each row alone), output channels split
+    /// over rayon's threads.
+    pub(crate) fn matmul_e4m3(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut out_t = vec![0f32; self.rows * n];
+        let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1)).clamp(1, 256);
+        out_t.par_chunks_mut(chunk * n.max(1)).enumerate().for_each(|(c, block)| {
+            for (i, ys) in block.chunks_exact_mut(n.max(1)).enumerate() {
+                for (j, y) in ys.iter_mut().enumerate() {
+                    *y = e4m3_row_dot(self, c * chunk + i, &x[j * self.cols..(j + 1) * self.cols]);
+                }
+            }
+        });
+        crate::quant::transpose(out_t, n)
+    }
+}
+
+/// Values converted per pass of the row loop (a multiple of 4 that divides every FP8 group,
+/// or the group's own width where it is less).
+const PASS: usize = 64;
+
+/// Row `row` of E4M3 matrix `m` times `x`: per group `scale · Σ e4m3(code) · x`, the codes
+/// converted a pass at a time into a buffer and multiplied in [`crate::dot`]'s order.
+fn e4m3_row_dot(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu_has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (detected at run time), the only requirement of
+        // calling a function compiled for them.
+        return unsafe { e4m3_row_dot_avx2(m, row, x) };
+    }
+    e4m3_row_dot_body(m, row, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn e4m3_row_dot_avx2(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+    e4m3_row_dot_body(m, row, x)
+}
+
+#[inline(always)]
+fn e4m3_row_dot_body(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+    let words = m.words_per_row();
+    let codes = &m.codes[row * words..(row + 1) * words];
+    let groups = m.groups_per_row();
+    let pass = gcd(m.group, PASS);
+    let mut buf = [0f32; PASS];
+    let mut total = 0f32;
+    for (g, (gx, gw)) in x.chunks_exact(m.group).zip(codes.chunks_exact(m.group / 4)).enumerate() {
+        let mut sum = 0f32;
+        for (px, pw) in gx.chunks_exact(pass).zip(gw.chunks_exact(pass / 4)) {
+            for (out, w) in buf.chunks_exact_mut(4).zip(pw) {
+                for (o, b) in out.iter_mut().zip(w.to_le_bytes()) {
+                    *o = e4m3_bits_to_f32(b);
+                }
+            }
+            sum += crate::dot(&buf[..pass], px);
+        }
+        total += m.groups.scale(row * groups + g) * sum;
+    }
+    total
+}
+
+/// Whether [`launch_e4m3_matvec`] takes `n` rows of `cols` against groups of `group`: up to
+/// [`crate::quant::QUANT_MAX_ROWS`] rows, whole 16-byte chunks in each group.
+pub fn e4m3_kernel_applies(n: usize, cols: usize, group: usize) -> bool {
+    (1..=crate::quant::QUANT_MAX_ROWS).contains(&n) && cols.is_multiple_of(16) && group.is_multiple_of(16)
+}
+
+/// The kernel, apart from burn's names.
+mod device {
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::prelude::*;
+
+    /// One plane per output channel, all of the activation rows (`nrows`) at once: each lane
+    /// takes 16-byte chunks of the channel's codes (16 weights within one group), converts
+    /// them to f32 through their bits and multiplies them by the rows' activations, the
+    /// chunk's sum times its group's scale.
+    #[cube(launch_unchecked)]
+    pub fn e4m3_matvec_kernel<E: Float, N: Size>(
+        x: &Tensor<E>,
+        codes: &[Vector<u32, N>],
+        scales: &[f32],
+        out: &mut Tensor<E>,
+        cols: usize,
+        groups: usize,
+        #[comptime] group: usize,
+        #[comptime] nrows: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let channel = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        let channels = out.shape(1);
+        if channel >= channels {
+            terminate!();
+        }
+        let chunks = cols / 16;
+        let mut acc = Array::<f32>::new(nrows);
+        #[unroll]
+        for r in 0..nrows {
+            acc[r] = 0.0;
+        }
+        let two_120 = comptime!(f32::from_bits(0x7B80_0000));
+        let mut w = Array::<f32>::new(16usize);
+        let step = PLANE_DIM as usize;
+        let mut c = UNIT_POS_X as usize;
+        while c < chunks {
+            let wv = codes[channel * chunks + c];
+            let start = c * 16;
+            let gs = scales[channel * groups + start / group];
+            #[unroll]
+            for k in 0..4usize {
+                let word = wv.extract(k);
+                #[unroll]
+                for j in 0..4usize {
+                    let b = (word >> comptime!(8 * j as u32)) & 0xFF;
+                    let bits = ((b & 0x7F) << 20) | ((b & 0x80) << 24);
+                    w[k * 4 + j] = f32::reinterpret(bits) * f32::new(two_120);
+                }
+            }
+            #[unroll]
+            for r in 0..nrows {
+                let at = r * cols + start;
+                let mut s = 0f32;
+                #[unroll]
+                for i in 0..16usize {
+                    s += w[i] * f32::cast_from(x[at + i]);
+                }
+                acc[r] += gs * s;
+            }
+            c += step;
+        }
+        #[unroll]
+        for r in 0..nrows {
+            let total = plane_sum(acc[r]);
+            if UNIT_POS_X == 0 {
+                out[r * channels + channel] = E::cast_from(total);
+            }
+        }
+    }
+}
+
+/// `x [n, cols] · Wᵀ -> [n, rows]` in `x`'s dtype, for `W` E4M3 `codes [rows, cols / 4]` (u32
+/// words, byte `k` of word `w` the code of input `4w + k`) with `scales [rows, cols / group]`
+/// (f32), `n` and the shapes as [`e4m3_kernel_applies`] says.
+pub(crate) fn launch_e4m3_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, group: usize) -> CubeTensor {
+    let (x, codes, scales) = (into_contiguous(x), into_contiguous(codes), into_contiguous(scales));
+    let (rows, words) = (codes.meta.shape()[0], codes.meta.shape()[1]);
+    let groups = scales.meta.shape()[1];
+    let (n, cols) = (x.meta.shape()[0], x.meta.shape()[1]);
+    assert_eq!(cols, words * 4, "E4M3 matvec: activations and weight disagree");
+    assert!(e4m3_kernel_applies(n, cols, group) && groups * group == cols, "E4M3 matvec: {n} rows of {cols} in groups of {group}");
+    let dtype = x.dtype;
+    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
+    let client = out.client.clone();
+    let per_cube = crate::quant::CHANNELS_PER_CUBE;
+    let cube_dim = CubeDim::new_2d(crate::launch::PLANE as u32, per_cube);
+    let cube_count = CubeCount::Static((rows as u32).div_ceil(per_cube), 1, 1);
+    // SAFETY: `channel < rows` (checked in the kernel); chunk `c < cols / 16` of its row's
+    // `cols / 16` 16-byte vectors; its group `16c / group < groups`; activations `r * cols +
+    // 16c + i < n * cols` for `r < n`, `i < 16`; outputs `r * rows + channel < n * rows`.
+    unsafe {
+        device::e4m3_matvec_kernel::launch_unchecked(
+            &client,
+            cube_count,
+            cube_dim,
+            4,
+            x.into_tensor_arg(),
+            codes.into_buffer_arg(),
+            scales.into_buffer_arg(),
+            out.clone().into_tensor_arg(),
+            cols,
+            groups,
+            group,
+            n,
+            dtype_to_storage_type(dtype),
+        )
+    };
+    out
+}
+
+/// The dense form of `m`'s weights in the reference arithmetic (`e4m3_to_f32`, the table of
+/// the OCP values), for tests.
+#[cfg(test)]
+fn reference_values(m: &QuantizedMatrix) -> Vec<f32> {
+    (0..m.rows)
+        .flat_map(|r| (0..m.cols).map(move |c| (r, c)))
+        .map(|(r, c)| m.groups.scale(r * m.groups_per_row() + c / m.group) * crate::kv_pages::e4m3_to_f32(m.code(r, c) as u8))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::Activations;
+
+    fn values(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
+        // Spread over several binades, with a few exact zeros and tiny values (E4M3 subnormals).
+        (0..rows * cols)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 8;
+                let u = (h % 20_001) as f32 / 10_000.0 - 1.0;
+                if i % 97 == 0 { 0.0 } else if i % 89 == 0 { u * 1e-5 } else { u * u * u * 3.0 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn checkpoint_blocks_keep_their_bytes_and_each_group_takes_its_blocks_scale() {
+        // [3, 8] in blocks of [2, 4]: scales [2, 2].
+        let bytes: Vec<u8> = (0..24u8).map(|i| i.wrapping_mul(37) & 0x7E).collect();
+        let scales = [1.0f32, 2.0, 0.5, 0.25];
+        let m = QuantizedMatrix::from_e4m3_blocks(3, 8, &bytes, &scales, [2, 4]).expect("blocks");
+        assert_eq!((m.group, m.format, m.bits), (4, CodeFormat::E4m3, 8));
+        let want: Vec<f32> = (0..24).map(|i| crate::kv_pages::e4m3_to_f32(bytes[i]) * scales[(i / 8 / 2) * 2 + (i % 8) / 4]).collect();
+        assert_eq!(m.dequantize(), want);
+        for (i, &b) in bytes.iter().enumerate() {
+            assert_eq!(m.code(i / 8, i % 8), u32::from(b));
+        }
+        // A block wider than the row (one group of the whole row), and a row of 6: groups of 2.
+        assert_eq!(QuantizedMatrix::from_e4m3_blocks(3, 8, &bytes, &[1.0, 2.0], [2, 128]).expect("wide").group, 8);
+        assert!(QuantizedMatrix::from_e4m3_blocks(4, 6, &bytes, &[1.0; 4], [2, 4]).is_err());
+        assert!(QuantizedMatrix::from_e4m3_blocks(3, 8, &bytes, &scales[..3], [2, 4]).is_err());
+    }
+
+    #[test]
+    fn quantized_fp8_is_within_half_a_step_of_each_weight() {
+        let (rows, cols) = (130, 264);
+        let v = values(rows, cols, 1);
+        let m = QuantizedMatrix::quantize_fp8(&v, rows, cols).expect("fp8");
+        assert_eq!((m.group, m.format), (8, CodeFormat::E4m3));
+        let d = m.dequantize();
+        assert_eq!(d, reference_values(&m));
+        for (i, (&w, &q)) in v.iter().zip(&d).enumerate() {
+            let (r, c) = (i / cols, i % cols);
+            let block_max = (r / 128 * 128..(r / 128 * 128 + 128).min(rows))
+                .flat_map(|rr| &v[rr * cols + c / 128 * 128..rr * cols + (c / 128 * 128 + 128).min(cols)])
+                .fold(0f32, |a, x| a.max(x.abs()));
+            let scale = block_max / 448.0;
+            // Half a step: 1/16 of the value's binade (3 mantissa bits), at least half the
+            // subnormal step 2^-9 of the scale.
+            let bound = (w.abs() / 16.0).max(scale * 2f32.powi(-10)) * 1.0001;
+            assert!((w - q).abs() <= bound, "w[{r}, {c}] = {w} became {q} (bound {bound})");
+        }
+        // The largest weight of the first block is exact (448 · scale).
+        let (at, amax) = (0..128 * cols).filter(|i| i % cols < 128).map(|i| (i, v[i].abs())).fold((0, 0f32), |a, b| if b.1 > a.1 { b } else { a });
+        assert!((d[at].abs() - amax).abs() <= amax * 1e-6, "{} against {amax}", d[at]);
+    }
+
+    #[test]
+    fn the_row_loop_equals_the_dequantized_product_and_each_row_alone() {
+        for (rows, cols) in [(37, 256), (9, 136), (5, 24)] {
+            let m = QuantizedMatrix::quantize_fp8(&values(rows, cols, 2), rows, cols).expect("fp8");
+            let w = reference_values(&m);
+            let x: Vec<f32> = values(4, cols, 3).iter().map(|v| v * 2.0 - 0.1).collect();
+            let y = m.matmul(&x, 4, Activations::F32);
+            for j in 0..4 {
+                for r in 0..rows {
+                    let want: f64 = (0..cols).map(|c| f64::from(w[r * cols + c]) * f64::from(x[j * cols + c])).sum();
+                    let norm: f64 = (0..cols).map(|c| (f64::from(w[r * cols + c]) * f64::from(x[j * cols + c])).abs()).sum();
+                    let got = f64::from(y[j * rows + r]);
+                    assert!((got - want).abs() <= 1e-6 * norm.max(1e-30), "[{rows}, {cols}] row {j} channel {r}: {got} against {want}");
+                }
+                let alone = m.matmul(&x[j * cols..(j + 1) * cols], 1, Activations::F32);
+                assert_eq!(alone, y[j * rows..(j + 1) * rows], "row {j} of a batch of 4 against alone");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_projections_of_fp8_join_and_do_not_mix_with_integer_codes() {
+        let a = QuantizedMatrix::quantize_fp8(&values(4, 128, 4), 4, 128).expect("a");
+        let b = QuantizedMatrix::quantize_fp8(&values(3, 128, 5), 3, 128).expect("b");
+        let ab = QuantizedMatrix::concat_rows(&[a.clone(), b.clone()]).expect("joined");
+        assert_eq!(ab.format, CodeFormat::E4m3);
+        assert_eq!(ab.dequantize(), [a.dequantize(), b.dequantize()].concat());
+        let int8 = QuantizedMatrix::quantize_int8(&values(3, 128, 5), 3, 128).expect("int8");
+        assert!(QuantizedMatrix::concat_rows(&[a, int8]).is_none());
+    }
+}
