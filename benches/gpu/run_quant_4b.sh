@@ -16,8 +16,8 @@
 # Env: BUDGET (s, default 570), STAGES (default "prepare kernels ours peers"; "convert": the
 # GGUF conversions without measuring llama.cpp; "gguf": our engine on the converted Q4_K_M
 # file, its blocks kept and dequantized, after a call that converted it), MODES (default
-# "bf16 int8 int4"; also "int4exact": int4 weights with `quant_activations = "exact"`, i.e.
-# dequantized and multiplied by cuBLAS), CASES (default "b1 b32 p2048"; "none": only the KL).
+# "bf16 int8 int4"; also "fp8": E4M3 in 128x128 blocks; "int4exact": int4 weights with
+# `quant_activations = "exact"`, i.e. dequantized and multiplied by cuBLAS), CASES (default "b1 b32 p2048"; "none": only the KL).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-prepare kernels ours peers}
@@ -40,8 +40,8 @@ has prepare && prepare_peers $P/primary/config.json $P/tests/fixtures/qwen3-toke
 
 if has kernels && [ -f .gpu/kernel_check.xz ]; then
   unpack_gpu_binaries kernel_check
-  timeout 240 taskset -c 0-5 .gpu/bin/kernel_check quant > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $? at $SECONDS s"
-  grep -E "FAIL|checks|failed to run| (1|32|512) rows BF16" $OUT/kernel_check.txt | head -40
+  timeout 240 taskset -c 0-5 .gpu/bin/kernel_check ${KC_GROUPS:-quant} > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $? at $SECONDS s"
+  grep -E "FAIL|checks|failed to run|panicked| (1|32|512) rows BF16" $OUT/kernel_check.txt | head -60
 fi
 
 CK=$(qwen3_4b_dir)
@@ -90,7 +90,7 @@ measure() {
 if has ours; then
   for mode in ${MODES:-bf16 int8 int4}; do measure $mode; done
   # KL of each quantized mode from bf16 (numpy; a pure-Python loop over the logits outran a call).
-  { echo "{"; sep=""; for mode in int8 int4 int4exact; do
+  { echo "{"; sep=""; for mode in int8 int4 int4exact fp8; do
       [ -s /tmp/score_$mode.json ] && { printf '%s"%s": %s\n' "$sep" $mode "$(timeout 120 python3 benches/gpu/kl_from_scores.py /tmp/score_bf16.json /tmp/score_$mode.json)"; sep=","; }
     done; echo "}"; } | tee $OUT/score_kl.json
   echo "ours done at $SECONDS s"

@@ -2846,7 +2846,10 @@ impl QuantizedLinear {
     /// The weight with its products taking `activations`. Placed weights start with the
     /// default: on the CPU f32 activations exact ([`Activations::F32`]) and others as 16-bit
     /// blocks; on CubeCL devices the kernel's 16-bit blocks, which also stand for
-    /// [`Activations::Blocks8`] there.
+    /// [`Activations::Blocks8`] there. E4M3 codes always take their activations unrounded:
+    /// on the CPU every setting runs their row loop; on CubeCL devices [`Activations::F32`]
+    /// dequantizes them for cuBLAS and the others run their matrix-vector kernel (the engine
+    /// refuses the integer settings with FP8 weights).
     pub fn with_activations(self, activations: Activations) -> Self {
         Self { activations: Some(activations), ..self }
     }
