@@ -298,7 +298,7 @@ impl Checkpoint {
     /// (query heads, key/value heads), used to undo llama.cpp's Q/K row permutation where the
     /// architecture had it applied.
     pub fn open_gguf(opened: GgufFile, heads: (usize, usize)) -> Result<Self, EngineError> {
-        let GgufFile { path, mmap, file } = opened;
+        let GgufFile { path, mmap, mut file } = opened;
         let arch = file.architecture().map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))?;
         let unpermute = gguf::hf::permutes_qk(arch).then_some(heads);
         let mut names = HashMap::new();
@@ -306,6 +306,11 @@ impl Checkpoint {
             if let Some(hf) = gguf::hf::tensor_name(&t.name) {
                 names.insert(hf, i);
             }
+        }
+        // Stacked experts: each expert's rows as a tensor entry of its own, read as any other.
+        for (hf, view) in gguf::hf::expert_views(&file).map_err(|e| EngineError::Weights(format!("{}: {e}", path.display())))? {
+            names.insert(hf, file.tensors.len());
+            file.tensors.push(view);
         }
         Ok(Self::from_source(Source::Gguf(GgufWeights { path, mmap, file, names, unpermute })))
     }
@@ -448,11 +453,14 @@ impl Checkpoint {
     }
 
     /// Whether the linear weight `name` (`X.weight`) loads quantized from the checkpoint's own
-    /// codes ([`Self::load_stored_quantized`]): an FP8 weight, or a GPTQ/AWQ one (whose act-order
-    /// groups still load dense), with `quantization` unset. GGUF files: not asked (their MoE
-    /// blocks do not load).
+    /// codes ([`Self::load_stored_quantized`]): a GGUF file's quantized blocks, an FP8 weight,
+    /// or a GPTQ/AWQ one (whose act-order groups still load dense), with `quantization` unset.
     pub fn keeps_stored_codes(&self, name: &str) -> bool {
-        self.quantization.is_none() && (self.fp8_scales(name).is_some() || self.packed_prefix(name).is_some())
+        self.quantization.is_none()
+            && match &self.source {
+                Source::Gguf(g) => Self::gguf_entry(g, name).is_ok_and(|info| gguf::packed_len(info).is_some()),
+                _ => self.fp8_scales(name).is_some() || self.packed_prefix(name).is_some(),
+            }
     }
 
     /// See [`Self::set_quantize_lm_head`].

@@ -811,6 +811,7 @@ pub mod hf {
             "llama" => "LlamaForCausalLM",
             "qwen2" => "Qwen2ForCausalLM",
             "qwen3" => "Qwen3ForCausalLM",
+            "qwen3moe" => "Qwen3MoeForCausalLM",
             _ => return None,
         })
     }
@@ -852,9 +853,50 @@ pub mod hf {
             "ffn_gate" => "mlp.gate_proj",
             "ffn_up" => "mlp.up_proj",
             "ffn_down" => "mlp.down_proj",
+            // A mixture of experts' router (its experts: [`expert_views`]).
+            "ffn_gate_inp" => "mlp.gate",
             _ => return None,
         };
         Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+    }
+
+    /// llama.cpp's stacked expert weights (`blk.N.ffn_gate_exps.weight`, `ffn_up_exps`,
+    /// `ffn_down_exps`: GGML dims `[in, out, experts]`, one expert's `[out, in]` matrix after
+    /// another) as one tensor per expert, each named as HF's per-expert weight
+    /// (`model.layers.N.mlp.experts.E.gate_proj.weight`): expert `E`'s rows of the stacked
+    /// tensor, their blocks as stored (whole rows, so whole blocks).
+    pub fn expert_views(file: &Gguf) -> Result<Vec<(String, super::TensorInfo)>, FormatError> {
+        let mut out = Vec::new();
+        for t in &file.tensors {
+            let Some(rest) = t.name.strip_prefix("blk.") else { continue };
+            let Some((layer, module)) = rest.split_once('.') else { continue };
+            let proj = match module {
+                "ffn_gate_exps.weight" => "gate_proj",
+                "ffn_up_exps.weight" => "up_proj",
+                "ffn_down_exps.weight" => "down_proj",
+                _ => continue,
+            };
+            let layer: usize = layer.parse().map_err(|_| FormatError(format!("tensor `{}`: layer `{layer}` is not a number", t.name)))?;
+            let &[cols, rows, experts] = t.dims.as_slice() else {
+                return Err(FormatError(format!("tensor `{}` has dims {:?}; stacked experts have three", t.name, t.dims)));
+            };
+            if experts == 0 || !t.n_bytes.is_multiple_of(experts) || t.n_elements != cols * rows * experts {
+                return Err(FormatError(format!("tensor `{}` ({} bytes) does not split into {experts} experts of [{rows}, {cols}]", t.name, t.n_bytes)));
+            }
+            let bytes = t.n_bytes / experts;
+            for e in 0..experts {
+                let view = super::TensorInfo {
+                    name: format!("{}[{e}]", t.name),
+                    dims: vec![cols, rows],
+                    ggml_type: t.ggml_type,
+                    offset: t.offset + e * bytes,
+                    n_elements: cols * rows,
+                    n_bytes: bytes,
+                };
+                out.push((format!("model.layers.{layer}.mlp.experts.{e}.{proj}.weight"), view));
+            }
+        }
+        Ok(out)
     }
 
     /// Undoes llama.cpp's Q/K row permutation (`LlamaModel.permute` in
@@ -891,7 +933,7 @@ pub mod hf {
     pub fn config(file: &Gguf) -> Result<Json, FormatError> {
         let arch = file.architecture()?;
         let class = architecture_class(arch).ok_or_else(|| {
-            FormatError(format!("GGUF architecture `{arch}` is not supported (supported: llama, qwen2, qwen3)"))
+            FormatError(format!("GGUF architecture `{arch}` is not supported (supported: llama, qwen2, qwen3, qwen3moe)"))
         })?;
         let key = |name: &str| format!("{arch}.{name}");
         let need = |name: &str| -> Result<u64, FormatError> {
@@ -942,6 +984,27 @@ pub mod hf {
                 let factor = file.get_f64(&key("rope.scaling.factor"))?;
                 c.insert("rope_scaling".into(), json!({ "rope_type": kind, "factor": factor }));
             }
+        }
+        // A mixture of experts (llama.cpp's `qwen3moe`): its graph renormalises the chosen
+        // experts' weights (`build_moe_ffn(..., norm_w = true, ...)`), every layer with a
+        // router is sparse, and a layer without one holds a dense MLP (HF's `mlp_only_layers`).
+        if let Some(experts) = file.get_u64(&key("expert_count"))?
+            && experts > 0
+        {
+            if let Some(scale) = file.get_f64(&key("expert_weights_scale"))?
+                && scale != 0.0
+                && scale != 1.0
+            {
+                return Err(FormatError(format!("metadata `{}` = {scale}: scaled expert weights are not supported", key("expert_weights_scale"))));
+            }
+            c.insert("num_experts".into(), json!(experts));
+            c.insert("num_experts_per_tok".into(), json!(need("expert_used_count")?));
+            c.insert("moe_intermediate_size".into(), json!(need("expert_feed_forward_length")?));
+            c.insert("norm_topk_prob".into(), json!(true));
+            c.insert("decoder_sparse_step".into(), json!(1));
+            let layers = need("block_count")?;
+            let dense: Vec<u64> = (0..layers).filter(|l| file.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_none()).collect();
+            c.insert("mlp_only_layers".into(), json!(dense));
         }
         let tied = file.tensor("output.weight").is_none();
         c.insert("tie_word_embeddings".into(), json!(tied));
