@@ -1049,6 +1049,11 @@ mod tests {
             self.kv.extend(v.to_le_bytes());
             self
         }
+        pub fn f32(mut self, k: &str, v: f32) -> Self {
+            self.key(k, 6);
+            self.kv.extend(v.to_le_bytes());
+            self
+        }
         pub fn string(mut self, k: &str, v: &str) -> Self {
             self.key(k, 8);
             self.kv.extend((v.len() as u64).to_le_bytes());
@@ -1113,6 +1118,56 @@ mod tests {
         let b = g.tensor("b").expect("b").clone();
         assert_eq!(dequantize(&b, g.tensor_bytes(&bytes, &b).expect("bytes")).expect("b"), vec![9., 10.]);
         assert!(g.get_str("llama.block_count").is_err());
+    }
+
+    #[test]
+    fn qwen3moe_files_give_a_moe_config_and_one_tensor_per_expert() {
+        // Two layers: 0 with a router and 3 stacked experts of [2, 32] (Q8_0: 34 bytes a row),
+        // 1 dense.
+        let expert_rows: Vec<u8> = (0..3 * 2).flat_map(|r| [r as u8, 0].into_iter().chain(std::iter::repeat_n(r as u8, 32))).collect();
+        let base = Writer::new()
+            .string("general.architecture", "qwen3moe")
+            .u32("qwen3moe.embedding_length", 32)
+            .u32("qwen3moe.attention.head_count", 2)
+            .u32("qwen3moe.feed_forward_length", 64)
+            .u32("qwen3moe.block_count", 2)
+            .u32("qwen3moe.vocab_size", 10)
+            .u32("qwen3moe.expert_count", 3)
+            .u32("qwen3moe.expert_used_count", 2)
+            .u32("qwen3moe.expert_feed_forward_length", 2)
+            .tensor("blk.0.ffn_gate_inp.weight", &[32, 3], GgmlType::F32, f32_bytes(&[0.0; 96]))
+            .tensor("blk.0.ffn_up_exps.weight", &[32, 2, 3], GgmlType::Q8_0, expert_rows);
+        let bytes = base.build();
+        let g = Gguf::parse(&bytes).expect("parse");
+        let c = hf::config(&g).expect("config");
+        assert_eq!(c["architectures"][0], "Qwen3MoeForCausalLM");
+        assert_eq!((c["num_experts"].as_u64(), c["num_experts_per_tok"].as_u64(), c["moe_intermediate_size"].as_u64()), (Some(3), Some(2), Some(2)));
+        assert_eq!((c["norm_topk_prob"].as_bool(), c["mlp_only_layers"].clone()), (Some(true), serde_json::json!([1])));
+        assert_eq!(hf::tensor_name("blk.0.ffn_gate_inp.weight").as_deref(), Some("model.layers.0.mlp.gate.weight"));
+        let views = hf::expert_views(&g).expect("views");
+        assert_eq!(views.len(), 3);
+        for (e, (name, view)) in views.iter().enumerate() {
+            assert_eq!(name, &format!("model.layers.0.mlp.experts.{e}.up_proj.weight"));
+            assert_eq!((view.shape(), view.n_bytes), (vec![2, 32], 68));
+            // Expert e's rows: 2e and 2e + 1 (each row's first scale byte is its number).
+            let data = g.tensor_bytes(&bytes, view).expect("bytes");
+            assert_eq!((data[0], data[34]), (2 * e as u8, 2 * e as u8 + 1));
+        }
+        // Scaled expert weights are refused by name; a stack that does not split is an error.
+        let scaled = Writer::new()
+            .string("general.architecture", "qwen3moe")
+            .u32("qwen3moe.embedding_length", 32)
+            .u32("qwen3moe.attention.head_count", 2)
+            .u32("qwen3moe.feed_forward_length", 64)
+            .u32("qwen3moe.block_count", 1)
+            .u32("qwen3moe.vocab_size", 10)
+            .u32("qwen3moe.expert_count", 3)
+            .f32("qwen3moe.expert_weights_scale", 2.5)
+            .build();
+        let err = hf::config(&Gguf::parse(&scaled).expect("parse")).expect_err("scaled");
+        assert!(err.to_string().contains("expert_weights_scale"), "{err}");
+        let flat = Writer::new().tensor("blk.0.ffn_down_exps.weight", &[32, 2], GgmlType::F32, f32_bytes(&[0.0; 64])).build();
+        assert!(hf::expert_views(&Gguf::parse(&flat).expect("parse")).is_err());
     }
 
     #[test]
