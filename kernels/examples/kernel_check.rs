@@ -715,7 +715,7 @@ fn check_quant(device: &Device) -> usize {
             for dtype in [DType::F32, DType::BF16] {
                 let w = deq.clone().cast(dtype);
                 let plain = dense_w.clone().cast(dtype).reshape([1, out, inp]);
-                for rows in [1usize, 2, 4, 8, 32, 512] {
+                for rows in [1usize, 2, 4, 8, 16, 32, 512] {
                     let x = Tensor::<2>::random([rows, inp], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
                     let kernel = || q.forward(x.clone());
                     let reference = || batched_linear(x.clone().unsqueeze_dim(0), w.clone().reshape([1, 1, out, inp])).squeeze_dim(0);
@@ -724,6 +724,13 @@ fn check_quant(device: &Device) -> usize {
                     let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
                     let label = format!("quant {name:28} {tag:12} {rows:4} rows {:5}", format!("{dtype:?}"));
                     failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &before));
+                    if (16..=32).contains(&rows) {
+                        // The path these rows took before the kernel took them: the weight
+                        // dequantized to `dtype` and multiplied by cuBLAS.
+                        let dequantized = || batched_linear(x.clone().unsqueeze_dim(0), q.dequantize(dtype).reshape([1, 1, out, inp])).squeeze_dim(0);
+                        let label = format!("quant {name:28} {tag:12} {rows:4} rows {:5} dequantized+cuBLAS", format!("{dtype:?}"));
+                        failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &dequantized, &reference, &before));
+                    }
                 }
             }
         }
