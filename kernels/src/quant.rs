@@ -47,11 +47,11 @@ use std::sync::Arc;
 use crate::launch::{PLANE, is_cubecl};
 
 /// Up to this many rows of a product run through the matrix-vector kernel (the codes read once
-/// for all rows, each row's sums in registers); more dequantize the weight for cuBLAS. It was
-/// 8, and batch-32 decode of kept blocks, dequantizing every weight at every step, ran at 0.22x
-/// bf16's (H200, 2026-12-05): 32 covers the batched decode sizes the CUDA graphs record up to
-/// 32 rows.
-pub const QUANT_MAX_ROWS: usize = 32;
+/// for all rows, each row's sums in registers); more dequantize the weight for cuBLAS. The
+/// kernel's time grows with the rows (Qwen3-4B's q/k/v in int8 on an H100: 9.0 µs at 1 row,
+/// 28.9 at 8, 57.4 at 16, 151.5 at 32, where dequantizing for cuBLAS took 38.5-40.8 µs at 16
+/// and 32; int4 at 16 rows 66.9 against 89.8; `kernel_check quant`, 2026-12-07).
+pub const QUANT_MAX_ROWS: usize = 8;
 /// Output channels per cube (one plane each).
 pub(crate) const CHANNELS_PER_CUBE: u32 = 8;
 
