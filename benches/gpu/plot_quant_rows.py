@@ -7,13 +7,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 d = json.load(open(sys.argv[1]))
-modes = [m for m in ("bf16", "int8", "int4") if f"{m}_b1" in d]
+modes = [m for m in ("bf16", "int8", "int4", "fp8") if f"{m}_b1" in d]
 cases = [c for c in ("b1", "b8", "b32") if any(f"{m}_{c}" in d for m in modes)]
 fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 4))
 axes = axes if len(cases) > 1 else [axes]
 for ax, c in zip(axes, cases):
     vals = [d.get(f"{m}_{c}", {}).get("median_steady_decode_tokens_per_s") or 0 for m in modes]
-    ax.bar(modes, vals, color=["#1f77b4", "#2ca02c", "#d62728"][: len(modes)])
+    ax.bar(modes, vals, color=["#1f77b4", "#2ca02c", "#d62728", "#9467bd"][: len(modes)])
     for x, v in enumerate(vals):
         ax.text(x, v * 1.01, f"{v:.0f}", ha="center", fontsize=9)
     if c == "b1" and len(sys.argv) > 4:
