@@ -175,20 +175,24 @@ mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
 
-    /// Element `i` of `x` as f32.
+    /// Element `i` of `x` as f32, times `2^60` (exact: half of the `2^120` that turns an E4M3
+    /// byte's bits into its value, so that the matrix-vector kernel multiplies the bits by the
+    /// activations directly and the other half joins the group scale).
     #[cube(launch_unchecked)]
     pub fn activations_f32_kernel<E: Float>(x: &Tensor<E>, out: &mut [f32], total: usize, #[define(E)] _dtype: ElemType) {
         let i = ABSOLUTE_POS;
         if i >= total {
             terminate!();
         }
-        out[i] = f32::cast_from(x[i]);
+        let two_60 = comptime!(f32::from_bits((127 + 60) << 23));
+        out[i] = f32::cast_from(x[i]) * f32::new(two_60);
     }
 
-    /// One plane per output channel, all of the activation rows (`nrows`) at once: each lane
-    /// takes 16-byte chunks of the channel's codes (16 weights within one group), converts
-    /// them to f32 through their bits and multiplies them by the rows' activations, the
-    /// chunk's sum times its group's scale.
+    /// One plane per output channel, all of the activation rows (`nrows`, f32 times `2^60`) at
+    /// once: each lane takes 16-byte chunks of the channel's codes (16 weights within one
+    /// group), moves each byte's sign, exponent and mantissa into an f32's places and
+    /// multiplies them by the rows' activations, the chunk's sum times its group's scale and
+    /// `2^60`.
     #[cube(launch_unchecked)]
     pub fn e4m3_matvec_kernel<E: Float, N: Size>(
         x: &[Vector<f32, N>],
@@ -212,22 +216,25 @@ mod device {
         for r in 0..nrows {
             acc[r] = 0.0;
         }
-        let two_120 = comptime!(f32::from_bits(0x7B80_0000));
+        let two_60 = comptime!(f32::from_bits((127 + 60) << 23));
         let mut w = Array::<f32>::new(16usize);
         let step = PLANE_DIM as usize;
         let mut c = UNIT_POS_X as usize;
         while c < chunks {
             let wv = codes[channel * chunks + c];
             let start = c * 16;
-            let gs = scales[channel * groups + start / group];
+            // The bytes' bits in an f32's places are their values times 2^-120: the activations
+            // carry 2^60 of it, the group scale the rest. (A product is then at least 2^-69
+            // times its activation: normal, and exact as a product of values, unless the
+            // activation is below 2^-57.)
+            let gs = scales[channel * groups + start / group] * f32::new(two_60);
             #[unroll]
             for k in 0..4usize {
                 let word = wv.extract(k);
                 #[unroll]
                 for j in 0..4usize {
                     let b = (word >> comptime!(8 * j as u32)) & 0xFF;
-                    let bits = ((b & 0x7F) << 20) | ((b & 0x80) << 24);
-                    w[k * 4 + j] = f32::reinterpret(bits) * f32::new(two_120);
+                    w[k * 4 + j] = f32::reinterpret(((b & 0x7F) << 20) | ((b & 0x80) << 24));
                 }
             }
             #[unroll]
@@ -257,8 +264,8 @@ mod device {
     }
 }
 
-/// `x` (contiguous, any float dtype) as f32 in a buffer of its own (aligned for the matrix-vector
-/// kernel's 16-byte loads: it read each bf16 activation with a load of its own, and took 20 µs
+/// `x` (contiguous, any float dtype) as f32 times `2^60` in a buffer of its own (aligned for the
+/// matrix-vector kernel's 16-byte loads: it read each bf16 activation with a load of its own, and took 20 µs
 /// for Qwen3-4B's q/k/v at one row, 16 µs more per row, on an H100, 2026-12-07).
 fn activations_f32(x: CubeTensor) -> CubeTensor {
     let (n, cols) = (x.meta.shape()[0], x.meta.shape()[1]);
