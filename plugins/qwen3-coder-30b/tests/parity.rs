@@ -113,12 +113,15 @@ fn e4m3_nearest(x: f32) -> u8 {
     (0..=255u8).filter(|b| b & 0x7F != 0x7F).min_by(|&a, &b| (value(a) - x).abs().total_cmp(&(value(b) - x).abs())).expect("a code")
 }
 
-/// `qwen3moe-tiny-a` with every linear weight (attention, the dense MLP, each expert) as an
-/// FP8 checkpoint stores it: E4M3 bytes and an f32 `weight_scale_inv` per block of 32x32
-/// (`quantization_config` `fp8`, as Qwen's FP8 checkpoints), written to a fresh directory.
-fn fp8_checkpoint() -> PathBuf {
+/// A tensor as a safetensors file stores it: name, dtype, shape, bytes.
+type Stored = (String, &'static str, Vec<usize>, Vec<u8>);
+
+/// `qwen3moe-tiny-a` written to a fresh directory (`tag`) with every linear weight (attention,
+/// the dense MLP, each expert: `[rows, cols]` values) replaced by the tensors `store` makes of
+/// it, and `quantization_config` in its config.
+fn rewritten_checkpoint(tag: &str, quantization_config: serde_json::Value, store: impl Fn(&str, [usize; 2], &[f32]) -> Vec<Stored>) -> PathBuf {
     let from = fixtures().join("qwen3moe-tiny-a");
-    let dir = std::env::temp_dir().join(format!("pio-qwen3moe-fp8-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("pio-qwen3moe-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let bytes = std::fs::read(from.join("model.safetensors")).expect("fixture");
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("header length")) as usize;
@@ -129,7 +132,6 @@ fn fp8_checkpoint() -> PathBuf {
         out_header.insert(name.into(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [out_data.len(), out_data.len() + raw.len()]}));
         out_data.extend_from_slice(raw);
     };
-    const B: usize = 32;
     for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
         let shape: Vec<usize> = info["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
         let [start, end] = [0, 1].map(|i| info["data_offsets"][i].as_u64().expect("offset") as usize);
@@ -140,7 +142,30 @@ fn fp8_checkpoint() -> PathBuf {
             continue;
         }
         let values: Vec<f32> = raw.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect();
-        let [rows, cols] = [shape[0], shape[1]];
+        for (tensor, dtype, shape, raw) in store(name, [shape[0], shape[1]], &values) {
+            put(&tensor, dtype, &shape, &raw);
+        }
+    }
+    let header = serde_json::to_vec(&out_header).expect("header");
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&header);
+    file.extend_from_slice(&out_data);
+    std::fs::write(dir.join("model.safetensors"), file).expect("write");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(from.join("config.json")).expect("config")).expect("json");
+    config["quantization_config"] = quantization_config;
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("json")).expect("write");
+    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(from.join(f), dir.join(f)).expect("copy");
+    }
+    dir
+}
+
+/// Every linear weight as an FP8 checkpoint stores it: E4M3 bytes and an f32
+/// `weight_scale_inv` per block of 32x32 (`quant_method` `fp8`, as Qwen's FP8 checkpoints).
+fn fp8_checkpoint() -> PathBuf {
+    const B: usize = 32;
+    let config = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [B, B]});
+    rewritten_checkpoint("fp8", config, |name, [rows, cols], values| {
         let (br, bc) = (rows.div_ceil(B), cols.div_ceil(B));
         let scales: Vec<f32> = (0..br * bc)
             .map(|i| {
@@ -150,53 +175,79 @@ fn fp8_checkpoint() -> PathBuf {
             })
             .collect();
         let codes: Vec<u8> = values.iter().enumerate().map(|(i, &v)| e4m3_nearest(v / scales[(i / cols / B) * bc + (i % cols) / B])).collect();
-        put(name, "F8_E4M3", &shape, &codes);
-        let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-        put(&format!("{}.weight_scale_inv", name.strip_suffix(".weight").expect("weight")), "F32", &[br, bc], &scale_bytes);
-    }
-    let header = serde_json::to_vec(&out_header).expect("header");
-    let mut file = (header.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&header);
-    file.extend_from_slice(&out_data);
-    std::fs::write(dir.join("model.safetensors"), file).expect("write");
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(from.join("config.json")).expect("config")).expect("json");
-    config["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [B, B]});
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("json")).expect("write");
-    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(from.join(f), dir.join(f)).expect("copy");
-    }
-    dir
+        let scale_name = format!("{}.weight_scale_inv", name.strip_suffix(".weight").expect("weight"));
+        vec![(name.to_string(), "F8_E4M3", vec![rows, cols], codes), (scale_name, "F32", vec![br, bc], scales.iter().flat_map(|s| s.to_le_bytes()).collect())]
+    })
 }
 
+/// Every linear weight as GPTQ (`checkpoint_format` `gptq_v2`) stores it: 4-bit codes with a
+/// zero point and an f16 scale per group of 32 inputs, round-to-nearest, `qweight` `[in / 8,
+/// out]` and `qzeros` `[groups, out / 8]` packed eight codes a word, low nibble first,
+/// `g_idx` the inputs' groups in order.
+fn gptq_checkpoint() -> PathBuf {
+    const G: usize = 32;
+    let config = serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": false, "sym": false, "checkpoint_format": "gptq_v2"});
+    rewritten_checkpoint("gptq", config, |name, [rows, cols], values| {
+        let groups = cols / G;
+        let (mut codes, mut zeros, mut scales) = (vec![0u32; rows * cols], vec![0u32; groups * rows], vec![half::f16::ZERO; groups * rows]);
+        for g in 0..groups {
+            for o in 0..rows {
+                let part = &values[o * cols + g * G..o * cols + (g + 1) * G];
+                let (lo, hi) = part.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let s = half::f16::from_f32((hi - lo) / 15.0);
+                let s = if s.to_f32() == 0.0 { half::f16::ONE } else { s };
+                let z = (-lo / s.to_f32()).round().clamp(0.0, 15.0);
+                (scales[g * rows + o], zeros[g * rows + o]) = (s, z as u32);
+                for (i, &v) in part.iter().enumerate() {
+                    codes[o * cols + g * G + i] = ((v / s.to_f32()).round() + z).clamp(0.0, 15.0) as u32;
+                }
+            }
+        }
+        let word = |eight: &mut dyn Iterator<Item = u32>| eight.enumerate().fold(0u32, |w, (p, c)| w | (c << (4 * p)));
+        let qweight: Vec<u8> = (0..cols / 8).flat_map(|iw| (0..rows).map(move |o| (iw, o))).flat_map(|(iw, o)| word(&mut (0..8).map(|p| codes[o * cols + 8 * iw + p])).to_le_bytes()).collect();
+        let qzeros: Vec<u8> = (0..groups).flat_map(|g| (0..rows / 8).map(move |ow| (g, ow))).flat_map(|(g, ow)| word(&mut (0..8).map(|p| zeros[g * rows + 8 * ow + p])).to_le_bytes()).collect();
+        let prefix = name.strip_suffix(".weight").expect("weight");
+        vec![
+            (format!("{prefix}.qweight"), "I32", vec![cols / 8, rows], qweight),
+            (format!("{prefix}.qzeros"), "I32", vec![groups, rows / 8], qzeros),
+            (format!("{prefix}.scales"), "F16", vec![groups, rows], scales.iter().flat_map(|s| s.to_le_bytes()).collect()),
+            (format!("{prefix}.g_idx"), "I32", vec![cols], (0..cols).flat_map(|i| ((i / G) as i32).to_le_bytes()).collect()),
+        ]
+    })
+}
+
+/// An FP8 and a GPTQ checkpoint of the tiny MoE: their linear weights, the experts' included,
+/// stay as codes (one quantized MLP per expert) and give what the same checkpoint dequantized
+/// at load (`quantization = "none"`) gives, on the prompt path and one row a step.
 #[test]
-fn fp8_checkpoint_experts_stay_fp8_and_match_their_dequantized_values() {
+fn quantized_checkpoint_experts_keep_their_codes_and_match_their_dequantized_values() {
     use inference_pio_core::config::Quantization;
     use inference_pio_core::types::{DeviceRequest, LoadOptions, PluginSettings};
     use inference_pio_engine::plugin::load_engine;
-    let dir = fp8_checkpoint();
-    let load = |quantization: Option<Quantization>| {
-        let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
-        let mut settings = PluginSettings::default();
-        settings.optimization.prefill_chunk_tokens = 0;
-        settings.optimization.quantization = quantization;
-        load_engine(&FAMILY, &dir, &options, &settings).expect("loads the FP8 checkpoint")
-    };
-    let (kept, info) = load(None);
     // Attention of 3 layers, the dense layer's MLP, 2 sparse layers x 8 experts x 3.
-    assert_eq!(info.quantization.split(',').next(), Some("fp8 (E4M3) with a scale per 32 inputs: 63 of 63 linear weights"), "{}", info.quantization);
-    let (dense, info) = load(Some(Quantization::None));
-    assert_eq!(info.quantization, "");
-    let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 500 + 3).collect();
-    let want = all_logits(&dense, &prompt);
-    let got = all_logits(&kept, &prompt);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(rel_l2(g, w) <= 1e-5, "prompt position {i}: {}", rel_l2(g, w));
+    for (dir, stored) in [(fp8_checkpoint(), "fp8 (E4M3) with a scale per 32 inputs: 63 of 63 linear weights"), (gptq_checkpoint(), "int4 in groups of 32: 63 of 63 linear weights")] {
+        let load = |quantization: Option<Quantization>| {
+            let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
+            let mut settings = PluginSettings::default();
+            settings.optimization.prefill_chunk_tokens = 0;
+            settings.optimization.quantization = quantization;
+            load_engine(&FAMILY, &dir, &options, &settings).expect("loads the quantized checkpoint")
+        };
+        let (kept, info) = load(None);
+        assert_eq!(info.quantization.split(',').next(), Some(stored), "{}", info.quantization);
+        let (dense, info) = load(Some(Quantization::None));
+        assert_eq!(info.quantization, "");
+        let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 500 + 3).collect();
+        let want = all_logits(&dense, &prompt);
+        for (i, (g, w)) in all_logits(&kept, &prompt).iter().zip(&want).enumerate() {
+            assert!(rel_l2(g, w) <= 1e-5, "{stored}: prompt position {i}: {}", rel_l2(g, w));
+        }
+        // Decode rows read the codes in place (the row loops), per expert.
+        for (i, (a, b)) in incremental_logits(&kept, &prompt, 5, 4).iter().zip(&want).enumerate() {
+            assert!(rel_l2(a, b) <= 1e-5, "{stored}: decode position {i}: {}", rel_l2(a, b));
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
-    // Decode rows read the FP8 bytes in place (the row loop), per expert.
-    for (i, (a, b)) in incremental_logits(&kept, &prompt, 5, 4).iter().zip(&want).enumerate() {
-        assert!(rel_l2(a, b) <= 1e-5, "decode position {i}: {}", rel_l2(a, b));
-    }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// llama.cpp's `qwen3moe` GGUF layout (`tests/fixtures/make_gguf_fixtures.py`): routers and
