@@ -369,8 +369,9 @@ pub fn weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType) -> u64 
 
 /// About the bytes the weights take with their decoder's linear weights quantized at load as
 /// `quantization` asks (int8: a byte per weight plus a scale and offset per row; int4: half a
-/// byte plus both per 128; fp8: a byte plus both per 128): what the memory limits are checked against before loading. A
-/// GGUF file's own quantization is not counted (its dense size is an upper bound).
+/// byte plus both per 128; fp8: a byte plus both per 128): what the memory limits are checked
+/// against before loading. A GGUF file's own quantization is not counted (its dense size is an
+/// upper bound).
 pub fn stored_weight_bytes(c: &DecoderConfig, spec: &DecoderSpec, dtype: DType, quantization: Option<Quantization>, quantize_lm_head: bool) -> u64 {
     let dense = weight_bytes(c, spec, dtype);
     let per_weight = match quantization {
