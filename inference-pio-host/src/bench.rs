@@ -354,7 +354,7 @@ pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported:
         }
     }
     if has("quantization") {
-        let mut modes = vec![(Quantization::Int8, "int8 weights"), (Quantization::Int4, "int4 weights")];
+        let mut modes = vec![(Quantization::Int8, "int8 weights"), (Quantization::Int4, "int4 weights"), (Quantization::Fp8, "fp8 weights")];
         if quantized_checkpoint {
             modes.push((Quantization::None, "checkpoint's quantized weights dequantized"));
         }
@@ -363,6 +363,10 @@ pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported:
                 let mut v = baseline.clone();
                 v.quantization = Some(q);
                 v.quantize_lm_head = false;
+                // FP8 products take their activations as they are (integer roundings are refused).
+                if q == Quantization::Fp8 && matches!(v.quant_activations, Some(QuantActivations::Int8 | QuantActivations::Int16)) {
+                    v.quant_activations = None;
+                }
                 out.push(Variant { name: name.into(), settings: v, dtype });
             }
         }
@@ -1242,16 +1246,18 @@ mod tests {
                 "chunked prefill off",
                 "int8 weights",
                 "int4 weights",
+                "fp8 weights",
                 "int8 KV cache",
                 "all switches off"
             ]
         );
-        assert_eq!(v[8].settings, OptimizationSettings { kv_cache_dtype: KvCacheDtype::Int8, ..baseline.clone() });
+        assert_eq!(v[8].settings, OptimizationSettings { quantization: Some(Quantization::Fp8), ..baseline.clone() });
+        assert_eq!(v[9].settings, OptimizationSettings { kv_cache_dtype: KvCacheDtype::Int8, ..baseline.clone() });
         assert_eq!((v[0].dtype, v[0].settings.quantization), (Some(DType::F32), Some(Quantization::None)));
         assert_eq!(v[1].settings, baseline);
         // Each switch changes exactly its own key.
         assert_eq!(v[4].settings, OptimizationSettings { prefix_caching: false, ..baseline.clone() });
-        let all = &v[9].settings;
+        let all = &v[10].settings;
         assert!(!all.cuda_graphs && !all.async_scheduling && !all.prefix_caching && all.prefill_chunk_tokens == 0);
         // A plugin reporting only prefix caching gets that switch alone, no "all off", and a
         // quantized checkpoint adds its dequantized variant.

@@ -827,11 +827,11 @@ fn bench_writes_a_complete_report_in_process_and_through_the_worker() {
     assert!(stages[3]["resident_bytes"].as_u64() >= stages[2]["resident_bytes"].as_u64());
     assert_eq!(m["leak_check"]["passed"], true);
     // Optimization impact: every variant measured; switches leave the tokens' distributions
-    // alone, int8 moves them a little and int4 more (this tiny model's texts tokenize past its
+    // alone, int8 and fp8 move them a little and int4 more (this tiny model's texts tokenize past its
     // 320-token vocabulary, so it is evaluated on fixed random ids, and the report says so).
     let rows = suites["optimization"]["variants"].as_array().expect("variants");
     let row = |name: &str| rows.iter().find(|r| r["variant"] == name).unwrap_or_else(|| panic!("no variant {name}: {rows:?}"));
-    assert_eq!(rows.len(), 10, "{rows:?}");
+    assert_eq!(rows.len(), 11, "{rows:?}");
     for r in rows {
         assert!(r["decode_tokens_per_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
         assert!(r["evaluated_on"].as_str().is_some_and(|e| e.starts_with("fixed random token ids")), "{r}");
@@ -842,6 +842,8 @@ fn bench_writes_a_complete_report_in_process_and_through_the_worker() {
     assert!(kl("int8 weights") > 0.0 && kl("int8 weights") < 0.05, "{}", kl("int8 weights"));
     assert!(kl("int4 weights") > kl("int8 weights"));
     assert!(row("int8 weights")["weight_bytes"].as_u64() < row("baseline")["weight_bytes"].as_u64());
+    assert!(kl("fp8 weights") > 0.0 && kl("fp8 weights") < kl("int4 weights"), "{}", kl("fp8 weights"));
+    assert!(row("fp8 weights")["weight_bytes"].as_u64() < row("baseline")["weight_bytes"].as_u64());
     assert!(kl("int8 KV cache") > 0.0 && kl("int8 KV cache") < 0.05, "{}", kl("int8 KV cache"));
     // Accuracy: the chosen settings against the most exact ones.
     assert_eq!(suites["accuracy"]["chosen"], "baseline");
