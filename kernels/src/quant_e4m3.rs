@@ -15,8 +15,8 @@
 //! against the activations as they are: on the CPU a row loop for up to
 //! [`crate::quant::CPU_FUSED_ROWS`] rows (more rows: dequantized slices through the matrix
 //! product, as for integer codes); on CubeCL devices [`launch_e4m3_matvec`] for up to
-//! [`crate::quant::QUANT_MAX_ROWS`] rows (one plane per output channel, as the integer kernel),
-//! more rows dequantized to the activations' dtype for cuBLAS. (Hopper's FP8 tensor-core GEMM
+//! [`E4M3_KERNEL_MAX_ROWS`] rows (one plane per output channel, as the integer kernel), more
+//! rows dequantized to the activations' dtype for cuBLAS. (Hopper's FP8 tensor-core GEMM
 //! would need the activations in FP8 too: not done.)
 
 use crate::kv_pages::{e4m3_bits_to_f32, e4m3_from_f32};
@@ -164,10 +164,17 @@ fn e4m3_row_dot_body(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
     total
 }
 
+/// Up to this many rows an FP8 product runs through [`launch_e4m3_matvec`]; more dequantize the
+/// weight for cuBLAS. Each row costs the kernel about 11 µs more on Qwen3-4B's q/k/v (every
+/// channel's plane reads the row's f32 activations from L2): 13.2 µs at 1 row, 21.6 at 2, 44.5
+/// at 4, 91.7 at 8, where dequantizing for cuBLAS takes about 40 (H100, `kernel_check quant`,
+/// 2026-12-07, `gpu-h100-2026-12-07b-fp8-kernel.md`).
+pub const E4M3_KERNEL_MAX_ROWS: usize = 4;
+
 /// Whether [`launch_e4m3_matvec`] takes `n` rows of `cols` against groups of `group`: up to
-/// [`crate::quant::QUANT_MAX_ROWS`] rows, whole 16-byte chunks in each group.
+/// [`E4M3_KERNEL_MAX_ROWS`] rows, whole 16-byte chunks in each group.
 pub fn e4m3_kernel_applies(n: usize, cols: usize, group: usize) -> bool {
-    (1..=crate::quant::QUANT_MAX_ROWS).contains(&n) && cols.is_multiple_of(16) && group.is_multiple_of(16)
+    (1..=E4M3_KERNEL_MAX_ROWS).contains(&n) && cols.is_multiple_of(16) && group.is_multiple_of(16)
 }
 
 /// The kernel, apart from burn's names.
