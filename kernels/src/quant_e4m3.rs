@@ -19,7 +19,7 @@
 //! rows dequantized to the activations' dtype for cuBLAS. (Hopper's FP8 tensor-core GEMM
 //! would need the activations in FP8 too: not done.)
 
-use crate::kv_pages::{e4m3_bits_to_f32, e4m3_from_f32};
+use crate::kv_pages::e4m3_from_f32;
 use crate::quant::{CodeFormat, GroupScales, QuantError, QuantizedMatrix};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
@@ -104,14 +104,18 @@ impl QuantizedMatrix {
 
     /// [`QuantizedMatrix::matmul`] of E4M3 codes: `n` rows of f32 activations, each through
     /// the same one-row loop (a batch's rows equal each row alone), output channels split
-    /// over rayon's threads.
+    /// over rayon's threads. The activations are taken times `2^60` (exact) and the group
+    /// scales times the other `2^60` of the `2^120` that turns a byte's bits into its value, so
+    /// that no product of bits and activation is a subnormal (slow on x86 CPUs) unless the
+    /// activation is below `2^-57`.
     pub(crate) fn matmul_e4m3(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let xs: Vec<f32> = x.iter().map(|v| v * TWO_60).collect();
         let mut out_t = vec![0f32; self.rows * n];
         let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1)).clamp(1, 256);
         out_t.par_chunks_mut(chunk * n.max(1)).enumerate().for_each(|(c, block)| {
             for (i, ys) in block.chunks_exact_mut(n.max(1)).enumerate() {
                 for (j, y) in ys.iter_mut().enumerate() {
-                    *y = e4m3_row_dot(self, c * chunk + i, &x[j * self.cols..(j + 1) * self.cols]);
+                    *y = e4m3_row_dot(self, c * chunk + i, &xs[j * self.cols..(j + 1) * self.cols]);
                 }
             }
         });
@@ -119,47 +123,76 @@ impl QuantizedMatrix {
     }
 }
 
-/// Values converted per pass of the row loop (a multiple of 4 that divides every FP8 group,
-/// or the group's own width where it is less).
-const PASS: usize = 64;
+/// `2^60`, half of the `2^(127 - 7)` between an E4M3 byte's bits moved into an f32's places and
+/// its value.
+const TWO_60: f32 = f32::from_bits((127 + 60) << 23);
 
-/// Row `row` of E4M3 matrix `m` times `x`: per group `scale · Σ e4m3(code) · x`, the codes
-/// converted a pass at a time into a buffer and multiplied in [`crate::dot`]'s order.
-fn e4m3_row_dot(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::cpu_has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (detected at run time), the only requirement of
-        // calling a function compiled for them.
-        return unsafe { e4m3_row_dot_avx2(m, row, x) };
-    }
-    e4m3_row_dot_body(m, row, x)
+/// An E4M3 byte's sign, exponent and mantissa in an f32's places: its value times `2^-120`.
+#[inline(always)]
+fn e4m3_bits(b: u8) -> f32 {
+    let b = u32::from(b);
+    f32::from_bits(((b & 0x7F) << 20) | ((b & 0x80) << 24))
 }
 
+/// Row `row` of E4M3 matrix `m` times `x` (activations times `2^60`): per group `scale · 2^60 ·
+/// Σ bits(code) · x`.
+fn e4m3_row_dot(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::cpu_has_avx2() && m.group.is_multiple_of(16) {
+        // SAFETY: the CPU has AVX2 and FMA (detected at run time), the only requirement of
+        // calling a function compiled for them; the shapes are the matrix's own.
+        return unsafe { e4m3_row_dot_avx2(m, row, x) };
+    }
+    e4m3_row_dot_portable(m, row, x)
+}
+
+/// [`e4m3_row_dot`] in AVX2 and FMA: sixteen bytes a step, widened to two vectors of eight
+/// 32-bit lanes, moved into f32 places and multiplied into two accumulators per group.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn e4m3_row_dot_avx2(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
-    e4m3_row_dot_body(m, row, x)
+    use std::arch::x86_64::*;
+    let words = m.words_per_row();
+    let codes = &m.codes[row * words..(row + 1) * words];
+    assert!(x.len() == m.cols && m.group.is_multiple_of(16), "an E4M3 row of {} in groups of {} against {} activations", m.cols, m.group, x.len());
+    let groups = m.groups_per_row();
+    let (seven_f, eighty) = (_mm256_set1_epi32(0x7F), _mm256_set1_epi32(0x80));
+    let mut total = 0f32;
+    for (g, (gx, gw)) in x.chunks_exact(m.group).zip(codes.chunks_exact(m.group / 4)).enumerate() {
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (xs, ws) in gx.chunks_exact(16).zip(gw.chunks_exact(4)) {
+            // SAFETY: `ws` is 4 words (16 bytes) and `xs` 16 f32s, both in bounds (chunks of
+            // exactly those lengths); unaligned loads.
+            let (v, x0, x1) = unsafe { (_mm_loadu_si128(ws.as_ptr().cast()), _mm256_loadu_ps(xs.as_ptr()), _mm256_loadu_ps(xs.as_ptr().add(8))) };
+            let lo = _mm256_cvtepu8_epi32(v);
+            let hi = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(v));
+            let bits = |b: __m256i| _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32::<20>(_mm256_and_si256(b, seven_f)), _mm256_slli_epi32::<24>(_mm256_and_si256(b, eighty))));
+            a0 = _mm256_fmadd_ps(bits(lo), x0, a0);
+            a1 = _mm256_fmadd_ps(bits(hi), x1, a1);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds 8 f32s.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1)) };
+        let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+        total += m.groups.scale(row * groups + g) * TWO_60 * sum;
+    }
+    total
 }
 
-#[inline(always)]
-fn e4m3_row_dot_body(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+/// [`e4m3_row_dot`] in portable code.
+fn e4m3_row_dot_portable(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
     let words = m.words_per_row();
     let codes = &m.codes[row * words..(row + 1) * words];
     let groups = m.groups_per_row();
-    let pass = gcd(m.group, PASS);
-    let mut buf = [0f32; PASS];
     let mut total = 0f32;
     for (g, (gx, gw)) in x.chunks_exact(m.group).zip(codes.chunks_exact(m.group / 4)).enumerate() {
-        let mut sum = 0f32;
-        for (px, pw) in gx.chunks_exact(pass).zip(gw.chunks_exact(pass / 4)) {
-            for (out, w) in buf.chunks_exact_mut(4).zip(pw) {
-                for (o, b) in out.iter_mut().zip(w.to_le_bytes()) {
-                    *o = e4m3_bits_to_f32(b);
-                }
+        let mut lanes = [0f32; 4];
+        for (xs, w) in gx.chunks_exact(4).zip(gw) {
+            for ((lane, &xv), b) in lanes.iter_mut().zip(xs).zip(w.to_le_bytes()) {
+                *lane += e4m3_bits(b) * xv;
             }
-            sum += crate::dot(&buf[..pass], px);
         }
-        total += m.groups.scale(row * groups + g) * sum;
+        total += m.groups.scale(row * groups + g) * TWO_60 * ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]));
     }
     total
 }
