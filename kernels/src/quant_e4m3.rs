@@ -10,9 +10,11 @@
 //!   ([`QuantizedMatrix::quantize_fp8`]: blocks of 128 x 128, `scale = max|w| / 448`, each
 //!   weight the nearest E4M3 value), as vLLM's and transformers' block-wise FP8 quantization.
 //!
-//! Products read the bytes and convert them in registers through their bits (sign, exponent and
-//! mantissa moved into an f32's places, times `2^120`: exact, [`crate::kv_pages::e4m3_bits_to_f32`]),
-//! against the activations as they are: on the CPU a row loop for up to
+//! Products read the bytes and convert them in registers through their bits: sign, exponent and
+//! mantissa moved into an f32's places are the value times `2^-120`
+//! ([`crate::kv_pages::e4m3_bits_to_f32`]). The activations are taken times `2^60` and the
+//! group scale carries the other `2^60`, both exact, so that no product is subnormal unless its
+//! activation is below `2^-57`. The activations are otherwise as they are: on the CPU a row loop for up to
 //! [`crate::quant::CPU_FUSED_ROWS`] rows (more rows: dequantized slices through the matrix
 //! product, as for integer codes); on CubeCL devices [`launch_e4m3_matvec`] for up to
 //! [`E4M3_KERNEL_MAX_ROWS`] rows (one plane per output channel, as the integer kernel), more
