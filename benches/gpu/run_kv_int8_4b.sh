@@ -58,10 +58,10 @@ if has ours; then
   for kv in $KVS; do
     t=$(( $(left) - 30 ))
     [ $t -gt 30 ] && timeout $t $PIO score $PD --config /tmp/kv_$kv.toml --model $CK --random-weights --device cuda --dtype bf16 \
-      --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_$kv.json 2> /tmp/score_$kv.err || tail -2 /tmp/score_$kv.err
+      --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_kv_$kv.json 2> /tmp/score_kv_$kv.err || tail -2 /tmp/score_kv_$kv.err
   done
   for kv in $KVS; do
-    [ $kv != bf16 ] && [ -s /tmp/score_$kv.json ] && timeout 120 python3 benches/gpu/kl_from_scores.py /tmp/score_bf16.json /tmp/score_$kv.json | tee $OUT/score_kl_$kv.json
+    [ $kv != bf16 ] && [ -s /tmp/score_kv_$kv.json ] && timeout 120 python3 benches/gpu/kl_from_scores.py /tmp/score_kv_bf16.json /tmp/score_kv_$kv.json | tee $OUT/score_kl_$kv.json
   done
   for c in ${CASES:-b1 b32 l8k}; do
     for kv in $KVS; do
