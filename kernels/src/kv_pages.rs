@@ -88,8 +88,15 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 /// int8's (benches/results/cpu-2026-12-07-kv-codes.md).
 #[inline(always)]
 pub fn e4m3_bits_to_f32(b: u8) -> f32 {
+    e4m3_bits(b) * f32::from_bits(0x7B80_0000)
+}
+
+/// An E4M3 byte's sign, exponent and mantissa in an f32's places: its value times `2^-120`
+/// (what [`e4m3_bits_to_f32`] scales; the FP8 weights' loops take the `2^120` elsewhere).
+#[inline(always)]
+pub fn e4m3_bits(b: u8) -> f32 {
     let b = u32::from(b);
-    f32::from_bits(((b & 0x7F) << 20) | ((b & 0x80) << 24)) * f32::from_bits(0x7B80_0000)
+    f32::from_bits(((b & 0x7F) << 20) | ((b & 0x80) << 24))
 }
 
 /// The E4M3 byte nearest `x` (ties to the even mantissa), `x` clamped to ±448 (E4M3's largest

@@ -53,7 +53,7 @@ use crate::launch::{PLANE, is_cubecl};
 /// and 32; int4 at 16 rows 66.9 against 89.8; `kernel_check quant`, 2026-12-07).
 pub const QUANT_MAX_ROWS: usize = 8;
 /// Output channels per cube (one plane each).
-pub(crate) const CHANNELS_PER_CUBE: u32 = 8;
+const CHANNELS_PER_CUBE: u32 = 8;
 
 /// Why a quantized matrix cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -3244,8 +3244,7 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
     let acts = quantize_activations(x);
     let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
     let client = out.client.clone();
-    let cube_dim = CubeDim::new_2d(PLANE as u32, CHANNELS_PER_CUBE);
-    let cube_count = CubeCount::Static((rows as u32).div_ceil(CHANNELS_PER_CUBE), 1, 1);
+    let (cube_count, cube_dim) = channel_planes(rows);
     // SAFETY: `channel < rows` (checked in the kernel); chunk `c < cols / per_chunk` of its
     // row's codes (`words` a multiple of 4: `cols` of 32); a chunk's group `start / group <
     // groups` and block `start / 32 < cols / 32`; activation vectors `r * cols / 16 + start /
@@ -3274,6 +3273,12 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
         )
     };
     out
+}
+
+/// The launch of a matrix-vector kernel with one plane per output channel of `rows`,
+/// [`CHANNELS_PER_CUBE`] planes a cube.
+pub(crate) fn channel_planes(rows: usize) -> (CubeCount, CubeDim) {
+    (CubeCount::Static((rows as u32).div_ceil(CHANNELS_PER_CUBE), 1, 1), CubeDim::new_2d(PLANE as u32, CHANNELS_PER_CUBE))
 }
 
 /// Whether the matrix-vector kernel takes `n` rows of `cols` against `bits`-bit codes in

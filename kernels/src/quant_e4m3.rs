@@ -21,7 +21,7 @@
 //! rows dequantized to the activations' dtype for cuBLAS. (Hopper's FP8 tensor-core GEMM
 //! would need the activations in FP8 too: not done.)
 
-use crate::kv_pages::e4m3_from_f32;
+use crate::kv_pages::{e4m3_bits, e4m3_from_f32};
 use crate::quant::{CodeFormat, GroupScales, QuantError, QuantizedMatrix};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
@@ -128,13 +128,6 @@ impl QuantizedMatrix {
 /// `2^60`, half of the `2^(127 - 7)` between an E4M3 byte's bits moved into an f32's places and
 /// its value.
 const TWO_60: f32 = f32::from_bits((127 + 60) << 23);
-
-/// An E4M3 byte's sign, exponent and mantissa in an f32's places: its value times `2^-120`.
-#[inline(always)]
-fn e4m3_bits(b: u8) -> f32 {
-    let b = u32::from(b);
-    f32::from_bits(((b & 0x7F) << 20) | ((b & 0x80) << 24))
-}
 
 /// Row `row` of E4M3 matrix `m` times `x` (activations times `2^60`): per group `scale · 2^60 ·
 /// Σ bits(code) · x`.
@@ -344,9 +337,7 @@ pub(crate) fn launch_e4m3_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeT
     let x = activations_f32(x);
     let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
     let client = out.client.clone();
-    let per_cube = crate::quant::CHANNELS_PER_CUBE;
-    let cube_dim = CubeDim::new_2d(crate::launch::PLANE as u32, per_cube);
-    let cube_count = CubeCount::Static((rows as u32).div_ceil(per_cube), 1, 1);
+    let (cube_count, cube_dim) = crate::quant::channel_planes(rows);
     // SAFETY: `channel < rows` (checked in the kernel); chunk `c < cols / 16` of its row's
     // `cols / 16` 16-byte vectors; its group `16c / group < groups`; activation vectors `(r *
     // cols + 16c) / 4 + k < n * cols / 4` for `r < n`, `k < 4` (a fresh f32 buffer, `cols` a
