@@ -2,7 +2,8 @@
 # FP8 weights on the CPU (issue 21): the built-in SmolLM2 GGUF with its linear weights made FP8
 # at load (`quantization = "fp8"`) beside int8 per channel (`"int8"`) and the file's own Q4_1
 # blocks (unset), through pio-bench, ROUNDS interleaved rounds (default 3), 32 prompt tokens and
-# 128 new. Writes BASE.json (default benches/results/cpu-DATE-fp8-weights) and prints medians.
+# 128 new. Writes BASE.json and BASE.png (default benches/results/cpu-DATE-fp8-weights) and prints
+# medians.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 GGUF=$(./target/debug/inference-pio models fetch)
@@ -29,4 +30,19 @@ out = {"command": "bash benches/cpu/run_fp8_weights.sh", "machine": runs["stored
 json.dump(out, open(base + ".json", "w"), indent=1)
 for m, v in out["medians"].items():
     print(m, {k: round(x, 1) for k, x in v.items()})
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+modes, labels = ["stored", "int8", "fp8"], ["Q4_1 kept\n(default)", "int8\nper channel", "fp8\n128x128"]
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+for ax, (k, t) in zip(axes, [("median_decode_tokens_per_s", "decode tok/s"), ("median_prefill_tokens_per_s", "prefill tok/s")]):
+    v = [out["medians"][m][k] for m in modes]
+    ax.bar(range(3), v, color=["#1f77b4", "#2ca02c", "#9467bd"])
+    ax.set_xticks(range(3), labels)
+    ax.set_title(t)
+    for i, x in enumerate(v):
+        ax.text(i, x, f"{x:.1f}", ha="center", va="bottom")
+fig.suptitle(f"SmolLM2-135M on the CPU by weight storage - {out['machine']} - {out['date']} @ {out['commit']}", fontsize=8)
+fig.tight_layout()
+fig.savefig(base + ".png", dpi=100)
 PY
