@@ -54,6 +54,32 @@ use crate::launch::{PLANE, is_cubecl};
 pub const QUANT_MAX_ROWS: usize = 8;
 /// Output channels per cube (one plane each).
 const CHANNELS_PER_CUBE: u32 = 8;
+/// Chunks of codes each lane of the matrix-vector kernel reads before using them (1, 2 or 4);
+/// 0 until first asked, then `INFERENCE_PIO_QUANT_LOADS` or [`DEFAULT_QUANT_LOADS`].
+static QUANT_LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Chunks in flight per lane by default.
+pub const DEFAULT_QUANT_LOADS: usize = 2;
+
+/// Chunks of codes in flight per lane in the integer matrix-vector kernel.
+pub fn quant_loads() -> usize {
+    use std::sync::atomic::Ordering;
+    match QUANT_LOADS.load(Ordering::Relaxed) {
+        0 => {
+            let n = std::env::var("INFERENCE_PIO_QUANT_LOADS").ok().and_then(|v| v.parse().ok()).filter(|n| [1, 2, 4].contains(n)).unwrap_or(DEFAULT_QUANT_LOADS);
+            QUANT_LOADS.store(n, Ordering::Relaxed);
+            n
+        }
+        n => n,
+    }
+}
+
+/// Sets the chunks in flight per lane (1, 2 or 4; others are ignored), for side-by-side
+/// measurements (`kernel_check quant`).
+pub fn set_quant_loads(n: usize) {
+    if [1, 2, 4].contains(&n) {
+        QUANT_LOADS.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Why a quantized matrix cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -2920,9 +2946,38 @@ impl QuantizedLinear {
                     );
                     return Tensor::from_dispatch(out);
                 }
-                let w = self.dequantize(dtype);
-                crate::linear::batched_linear(x.reshape([1, n, cols]), w.reshape([1, 1, self.rows, cols])).reshape([n, self.rows])
+                // Slices of rows dequantized one at a time, each multiplied while it is still in
+                // L2 (and the dense copy never larger than a slice).
+                let slice = dequantize_slice_rows(self.rows, cols, dtype);
+                let x = x.reshape([1, n, cols]);
+                let product = |start: usize, end: usize| {
+                    let w = if start == 0 && end == self.rows { self.dequantize(dtype) } else { self.dequantize_rows(start..end, dtype) };
+                    crate::linear::batched_linear(x.clone(), w.reshape([1, 1, end - start, cols])).reshape([n, end - start])
+                };
+                if slice >= self.rows {
+                    return product(0, self.rows);
+                }
+                Tensor::cat((0..self.rows).step_by(slice).map(|start| product(start, (start + slice).min(self.rows))).collect(), 1)
             }
+        }
+    }
+
+    /// Rows `range` of the weight as a dense tensor of `dtype` on its (CubeCL) device.
+    fn dequantize_rows(&self, range: std::ops::Range<usize>, dtype: DType) -> Tensor<2> {
+        match &self.storage {
+            Storage::Host(m) => {
+                let w = Tensor::<2>::from_data(TensorData::new(m.dequantize_range(range.clone()), [range.len(), self.cols]), (&Device::flex(), DType::F32));
+                if dtype == DType::F32 { w } else { w.cast(dtype) }
+            }
+            Storage::Device(d) => Tensor::from_dispatch(Dispatch::quant_dequantize(
+                d.codes.clone().slice(range.clone()).into_dispatch(),
+                d.scales.clone().slice(range.clone()).into_dispatch(),
+                d.mins.clone().slice(range).into_dispatch(),
+                self.bits,
+                self.group,
+                self.format == CodeFormat::E4m3,
+                dtype,
+            )),
         }
     }
 
@@ -2945,6 +3000,40 @@ impl QuantizedLinear {
             )),
         }
     }
+}
+
+/// Bytes of dense weight a many-row product dequantizes at a time by default (a slice that
+/// stays in the GPU's L2 cache, 50 MB on an H100, until cuBLAS reads it).
+pub const DEFAULT_DEQUANTIZE_SLICE_BYTES: usize = 16 << 20;
+/// The slice's bytes; 0 until first asked, then `INFERENCE_PIO_DEQUANTIZE_SLICE_MB` (0: the
+/// whole weight at once) or [`DEFAULT_DEQUANTIZE_SLICE_BYTES`].
+static DEQUANTIZE_SLICE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the bytes of dense weight a many-row product dequantizes at a time (`usize::MAX`: the
+/// whole weight), for side-by-side measurements (`kernel_check quant`).
+pub fn set_dequantize_slice_bytes(bytes: usize) {
+    DEQUANTIZE_SLICE_BYTES.store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Rows of a `[rows, cols]` weight dequantized to `dtype` at a time by a many-row product: a
+/// multiple of 128 (whole FP8 blocks; cuBLAS's tiles) of about the slice's bytes.
+pub fn dequantize_slice_rows(rows: usize, cols: usize, dtype: DType) -> usize {
+    use std::sync::atomic::Ordering;
+    let bytes = match DEQUANTIZE_SLICE_BYTES.load(Ordering::Relaxed) {
+        0 => {
+            let b = match std::env::var("INFERENCE_PIO_DEQUANTIZE_SLICE_MB").ok().and_then(|v| v.parse::<usize>().ok()) {
+                Some(0) => usize::MAX,
+                Some(mb) => mb << 20,
+                None => DEFAULT_DEQUANTIZE_SLICE_BYTES,
+            };
+            DEQUANTIZE_SLICE_BYTES.store(b, Ordering::Relaxed);
+            b
+        }
+        b => b,
+    };
+    let per_row = (cols * dtype.size()).max(1);
+    let slice = (bytes / per_row) / 128 * 128;
+    slice.max(128).min(rows.max(1))
 }
 
 /// Activations the kernel reads: bf16, f16 and f32.
@@ -3048,12 +3137,79 @@ mod device {
         sums[b * 2 + 1] = s1;
     }
 
+    /// The terms of one 16-byte chunk of a channel's codes (`wv`, codes `start ..`) for every
+    /// activation row: the codes times the rows' activation bytes in `dp4a`s (high and low
+    /// halves of the 16-bit activations), the exact integer sum scaled by the group's and the
+    /// block's scales, plus the group's offset times the chunk's activation sum.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn chunk_terms<N: Size>(
+        wv: Vector<u32, N>,
+        start: usize,
+        gs: f32,
+        gm: f32,
+        hi: &[Vector<i32, N>],
+        lo: &[Vector<i32, N>],
+        xscales: &[f32],
+        xsums: &[f32],
+        cols: usize,
+        acc: &mut Array<f32>,
+        #[comptime] bits: u32,
+        #[comptime] nrows: usize,
+    ) {
+        let per_chunk = comptime!(128 / bits as usize);
+        let xwords = comptime!(per_chunk / 4);
+        let row_vectors = cols / 16;
+        let row_blocks = cols / 32;
+        let sixteens = cols / 16;
+        // Vectors of activation words: 4 words each.
+        let xv = start / 16;
+        #[unroll]
+        for r in 0..nrows {
+            let mut ih = 0i32;
+            let mut il = 0i32;
+            let at = r * row_vectors + xv;
+            #[unroll]
+            for v in 0..comptime!(xwords / 4) {
+                let h = hi[at + v];
+                let l = lo[at + v];
+                if comptime!(bits == 4) {
+                    // Chunk word k holds codes 8k..8k+3 in its low nibbles and 8k+4..8k+7
+                    // in its high ones; activation vector v covers codes 16v..16v+15.
+                    #[unroll]
+                    for j in 0..2usize {
+                        let word = i32::reinterpret(wv.extract(comptime!(v * 2 + j)));
+                        let low = word & 0x0F0F0F0F;
+                        let high = (word >> 4) & 0x0F0F0F0F;
+                        ih = dp4a(low, h.extract(comptime!(j * 2)), ih);
+                        ih = dp4a(high, h.extract(comptime!(j * 2 + 1)), ih);
+                        il = dp4a(low, l.extract(comptime!(j * 2)), il);
+                        il = dp4a(high, l.extract(comptime!(j * 2 + 1)), il);
+                    }
+                } else {
+                    #[unroll]
+                    for k in 0..4usize {
+                        let word = i32::reinterpret(wv.extract(k));
+                        ih = dp4a(word, h.extract(k), ih);
+                        il = dp4a(word, l.extract(k), il);
+                    }
+                }
+            }
+            let dot = f32::cast_from(ih * 256 + il);
+            // The chunk's offset times its activations' sum (a chunk lies in one group).
+            let mut xsum = xsums[r * sixteens + start / 16];
+            if comptime!(bits == 4) {
+                xsum += xsums[r * sixteens + start / 16 + 1];
+            }
+            acc[r] += gs * xscales[r * row_blocks + start / 32] * dot + gm * xsum;
+        }
+    }
+
     /// One plane per output channel, all of the activation rows (`nrows`) at once: each lane
     /// takes 16-byte chunks of the channel's codes (32 4-bit or 16 8-bit codes, within one
-    /// group and one activation block), multiplies them by the rows' activation bytes in
-    /// `dp4a`s (high and low halves of the 16-bit activations), scales the exact integer sum
-    /// by the group's and the block's scales and adds the group's offset times the chunk's
-    /// activation sum.
+    /// group and one activation block), `loads` chunks a plane apart read before any is used
+    /// (a channel's row is only a few chunks per lane, too few to hide the memory's latency
+    /// one at a time), and adds their terms ([`chunk_terms`]).
     #[cube(launch_unchecked)]
     pub fn quant_matvec_kernel<E: Float, N: Size>(
         hi: &[Vector<i32, N>],
@@ -3069,6 +3225,7 @@ mod device {
         #[comptime] bits: u32,
         #[comptime] group: usize,
         #[comptime] nrows: usize,
+        #[comptime] loads: usize,
         #[define(E)] _dtype: ElemType,
     ) {
         let channel = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
@@ -3076,66 +3233,39 @@ mod device {
         if channel >= channels {
             terminate!();
         }
-        // Codes per 16-byte chunk; activation words (4 values) per chunk.
         let per_chunk = comptime!(128 / bits as usize);
-        let xwords = comptime!(per_chunk / 4);
         let chunks = cols / per_chunk;
-        let row_words = cols / 4;
-        let row_blocks = cols / 32;
-        let sixteens = cols / 16;
         let mut acc = Array::<f32>::new(nrows);
         #[unroll]
         for r in 0..nrows {
             acc[r] = 0.0;
         }
         let step = PLANE_DIM as usize;
+        let first = channel * chunks;
+        let gbase = channel * groups;
         let mut c = UNIT_POS_X as usize;
-        while c < chunks {
-            let wv = codes[channel * chunks + c];
-            let start = c * per_chunk;
-            let gs = scales[channel * groups + start / group];
-            let gm = mins[channel * groups + start / group];
-            // Vectors of activation words: 4 words each.
-            let xv = start / 16;
-            #[unroll]
-            for r in 0..nrows {
-                let mut ih = 0i32;
-                let mut il = 0i32;
-                let at = r * (row_words / 4) + xv;
+        if comptime!(loads > 1) {
+            let mut wvs = Array::<Vector<u32, N>>::new(loads);
+            let mut gss = Array::<f32>::new(loads);
+            let mut gms = Array::<f32>::new(loads);
+            while c + comptime!(loads - 1) * step < chunks {
                 #[unroll]
-                for v in 0..comptime!(xwords / 4) {
-                    let h = hi[at + v];
-                    let l = lo[at + v];
-                    if comptime!(bits == 4) {
-                        // Chunk word k holds codes 8k..8k+3 in its low nibbles and 8k+4..8k+7
-                        // in its high ones; activation vector v covers codes 16v..16v+15.
-                        #[unroll]
-                        for j in 0..2usize {
-                            let word = i32::reinterpret(wv.extract(comptime!(v * 2 + j)));
-                            let low = word & 0x0F0F0F0F;
-                            let high = (word >> 4) & 0x0F0F0F0F;
-                            ih = dp4a(low, h.extract(comptime!(j * 2)), ih);
-                            ih = dp4a(high, h.extract(comptime!(j * 2 + 1)), ih);
-                            il = dp4a(low, l.extract(comptime!(j * 2)), il);
-                            il = dp4a(high, l.extract(comptime!(j * 2 + 1)), il);
-                        }
-                    } else {
-                        #[unroll]
-                        for k in 0..4usize {
-                            let word = i32::reinterpret(wv.extract(k));
-                            ih = dp4a(word, h.extract(k), ih);
-                            il = dp4a(word, l.extract(k), il);
-                        }
-                    }
+                for a in 0..loads {
+                    let at = c + a * step;
+                    wvs[a] = codes[first + at];
+                    gss[a] = scales[gbase + at * per_chunk / group];
+                    gms[a] = mins[gbase + at * per_chunk / group];
                 }
-                let dot = f32::cast_from(ih * 256 + il);
-                // The chunk's offset times its activations' sum (a chunk lies in one group).
-                let mut xsum = xsums[r * sixteens + start / 16];
-                if comptime!(bits == 4) {
-                    xsum += xsums[r * sixteens + start / 16 + 1];
+                #[unroll]
+                for a in 0..loads {
+                    chunk_terms(wvs[a], (c + a * step) * per_chunk, gss[a], gms[a], hi, lo, xscales, xsums, cols, &mut acc, bits, nrows);
                 }
-                acc[r] += gs * xscales[r * row_blocks + start / 32] * dot + gm * xsum;
+                c += comptime!(loads) * step;
             }
+        }
+        while c < chunks {
+            let start = c * per_chunk;
+            chunk_terms(codes[first + c], start, scales[gbase + start / group], mins[gbase + start / group], hi, lo, xscales, xsums, cols, &mut acc, bits, nrows);
             c += step;
         }
         #[unroll]
@@ -3147,49 +3277,74 @@ mod device {
         }
     }
 
-    /// One unit per packed word (the device order, [`super::device_codes`]): its `32 / bits`
-    /// values written to the dense `[rows, cols]` output.
+    /// Code `p` of a packed word (the device order, [`super::device_codes`]) as the number it
+    /// stands for before its group's scale and offset: a 4-bit code (byte `j` holds code `j` in
+    /// its low nibble and code `j + 4` in its high one), a signed byte (`code - 128`), or an
+    /// E4M3 byte through its bits (`crate::kv_pages::e4m3_bits_to_f32`; its offsets are 0).
+    #[cube]
+    fn code_value(word: u32, p: u32, #[comptime] bits: u32, #[comptime] e4m3: bool) -> f32 {
+        if comptime!(bits == 4) {
+            f32::cast_from((word >> ((p % 4) * 8 + (p / 4) * 4)) & 15)
+        } else if comptime!(e4m3) {
+            let b = (word >> (8 * p)) & 0xFF;
+            let two_120 = comptime!(f32::from_bits(0x7B80_0000));
+            f32::reinterpret(((b & 0x7F) << 20) | ((b & 0x80) << 24)) * f32::new(two_120)
+        } else {
+            f32::cast_from((i32::reinterpret(word) << i32::cast_from(24 - 8 * p)) >> 24)
+        }
+    }
+
+    /// One unit per output vector of `width` values (16 bytes of bf16/f16, so that a plane's
+    /// stores are one contiguous 512-byte run; `width` divides the columns and the group, so a
+    /// vector lies in one row and one group): the words holding its codes read, each code
+    /// scaled and offset.
     #[cube(launch_unchecked)]
-    pub fn quant_dequantize_kernel<E: Float>(
+    pub fn quant_dequantize_kernel<E: Float, N: Size>(
         codes: &[u32],
         scales: &[f32],
         mins: &[f32],
-        out: &mut Tensor<E>,
-        words_total: usize,
+        out: &mut Tensor<Vector<E, N>>,
+        vectors_total: usize,
         words: usize,
         groups: usize,
         #[comptime] bits: u32,
         #[comptime] group: usize,
         #[comptime] e4m3: bool,
+        #[comptime] width: usize,
         #[define(E)] _dtype: ElemType,
     ) {
         let at = ABSOLUTE_POS;
-        if at >= words_total {
+        if at >= vectors_total {
             terminate!();
         }
         let per_word = comptime!(32 / bits as usize);
-        let row = at / words;
-        let w = at % words;
-        let g = row * groups + w / comptime!(group / per_word);
-        let (scale, min) = (scales[g], mins[g]);
-        let word = codes[at];
         let cols = out.shape(1);
-        #[unroll]
-        for k in 0..per_word {
-            let code = if comptime!(bits == 4) {
-                // Byte j: code j in its low nibble, code j + 4 in its high one.
-                f32::cast_from((word >> comptime!(((k % 4) * 8 + (k / 4) * 4) as u32)) & 15)
-            } else if comptime!(e4m3) {
-                // E4M3 through its bits (`crate::kv_pages::e4m3_bits_to_f32`); the offsets are 0.
-                let b = (word >> comptime!((8 * k) as u32)) & 0xFF;
-                let two_120 = comptime!(f32::from_bits(0x7B80_0000));
-                f32::reinterpret(((b & 0x7F) << 20) | ((b & 0x80) << 24)) * f32::new(two_120)
-            } else {
-                // Signed bytes (code - 128).
-                f32::cast_from((i32::reinterpret(word) << comptime!((24 - 8 * k) as i32)) >> 24)
-            };
-            out[row * cols + w * per_word + k] = E::cast_from(code * scale + min);
+        let first = at * width;
+        let (row, col) = (first / cols, first % cols);
+        let g = row * groups + col / group;
+        let (scale, min) = (scales[g], mins[g]);
+        let base = row * words + col / per_word;
+        let mut v = Vector::<E, N>::empty();
+        if comptime!(width >= per_word) {
+            // Whole words: `col` is a multiple of the word's codes.
+            #[unroll]
+            for w in 0..comptime!(width / per_word) {
+                let word = codes[base + w];
+                #[unroll]
+                for j in 0..per_word {
+                    v.insert(comptime!(w * per_word + j), E::cast_from(code_value(word, comptime!(j as u32), bits, e4m3) * scale + min));
+                }
+            }
+        } else {
+            // Part of one word, from code `col % per_word`.
+            let word = codes[base];
+            let p0 = (col % per_word) as u32;
+            #[unroll]
+            for k in 0..width {
+                v.insert(k, E::cast_from(code_value(word, p0 + comptime!(k as u32), bits, e4m3) * scale + min));
+            }
         }
+        out[at] = v;
     }
 }
 
@@ -3269,6 +3424,7 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
             bits,
             group,
             n,
+            quant_loads(),
             dtype_to_storage_type(dtype),
         )
     };
@@ -3317,15 +3473,19 @@ fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bi
     let cols = words * (32 / bits as usize);
     let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([rows, cols]), dtype);
     let client = out.client.clone();
-    let total = rows * words;
+    let width = dequantize_width(cols, group, dtype);
+    let total = rows * cols / width;
     let units = 256u32;
-    // SAFETY: one unit per word, `at < rows * words` checked; its row's group index is below
-    // `groups` and its `32 / bits` outputs lie in its row.
+    // SAFETY: one unit per output vector, `at < rows * cols / width` checked; `width` divides
+    // `cols` and `group` (`dequantize_width`), so the vector's values lie in row `first / cols`
+    // and in its group `col / group < groups`; the words it reads, `base ..= base + (width - 1)
+    // / per_word`, lie in that row's `words`.
     unsafe {
         device::quant_dequantize_kernel::launch_unchecked(
             &client,
             CubeCount::Static((total as u32).div_ceil(units), 1, 1),
             CubeDim::new_1d(units),
+            width,
             codes.into_buffer_arg(),
             scales.into_buffer_arg(),
             mins.into_buffer_arg(),
@@ -3336,10 +3496,18 @@ fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bi
             bits,
             group,
             e4m3,
+            width,
             dtype_to_storage_type(dtype),
         )
     };
     out
+}
+
+/// Values per unit of the dequantize kernel: the widest of 8, 4, 2 and 1 that fits 16 bytes of
+/// `dtype` and divides both `cols` and `group`.
+pub fn dequantize_width(cols: usize, group: usize, dtype: DType) -> usize {
+    let most = (16 / dtype.size()).max(1);
+    [8usize, 4, 2, 1].into_iter().find(|&v| v <= most && cols.is_multiple_of(v) && group.is_multiple_of(v)).unwrap_or(1)
 }
 
 #[cfg(test)]
