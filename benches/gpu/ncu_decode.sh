@@ -10,7 +10,8 @@
 # summarises, per kernel, the last step with every row decoding, and the last prefill step.
 # Carried: .gpu/inference-pio.xz and the model's plugin (.gpu/libqwen3_4b_instruct_2507.so.xz or
 # .gpu/libqwen3_coder_30b.so.xz). Writes $OUT/ncu_steps[_TAG].txt and $OUT/ncu[_TAG].csv.xz.
-# Env: MODEL, LAYERS, ROWS (256), PROMPT_TOKENS (512), NEW_TOKENS (4), TAG (file name suffix).
+# Env: MODEL, LAYERS, ROWS (256), PROMPT_TOKENS (512), NEW_TOKENS (4), TAG (file name suffix),
+# QUANT (the plugin's `quantization`: int8, int4, fp8; unset: the checkpoint's bf16).
 set -u
 source benches/gpu/lib.sh
 case ${MODEL:-qwen3-4b} in
@@ -32,6 +33,7 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/
 echo "ncu: $NCU"
 rows=${ROWS:-256}
 printf '[plugins.%s]\ncuda_graphs = false\nmax_num_seqs = %d\nmax_num_batched_tokens = %d\nkv_cache_gb = 40\n' $section $rows $(( rows * ${PROMPT_TOKENS:-512} )) > /tmp/eager.toml
+[ -n "${QUANT:-}" ] && printf 'quantization = "%s"\n' "$QUANT" >> /tmp/eager.toml
 random_prompts $rows ${PROMPT_TOKENS:-512} > /tmp/p.jsonl
 start=$SECONDS
 XDG_CACHE_HOME=/tmp/xdg timeout ${NCU_TIMEOUT:-300} $NCU --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --clock-control none --cache-control none \

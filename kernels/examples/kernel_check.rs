@@ -55,7 +55,7 @@ use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fu
 use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
 use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
-use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_slots};
+use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_pair, write_kv_slots};
 use inference_pio_kernels::kv_pages::{KvCodes, KvPages, KvStorage, quantize_heads, quantize_heads_on_host};
 use burn::tensor::IndexingUpdateOp;
 
@@ -426,7 +426,7 @@ fn check_kv_write(device: &Device) -> usize {
     for (tokens, dtype) in [(1usize, DType::BF16), (256, DType::BF16), (8192, DType::BF16), (37, DType::F32)] {
         let pool = Tensor::<3>::random([slots, kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
         let qkv = Tensor::<3>::random([tokens, heads + 2 * kv, dim], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
-        let k = qkv.narrow(1, heads, kv);
+        let k = qkv.clone().narrow(1, heads, kv);
         // Distinct slots spread over the pool (7,919 is odd, so i -> 7,919 i mod 2^14 is one-to-one).
         let idx: Vec<i64> = (0..tokens).map(|i| ((i * 7919 + 13) % slots) as i64).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [tokens]), device);
@@ -436,6 +436,20 @@ fn check_kv_write(device: &Device) -> usize {
         let label = format!("kv write {tokens:5} tokens x {kv} x {dim} {:5} into {slots}", format!("{dtype:?}"));
         let bytes = (2 * tokens * kv * dim * dtype.size()) as f64;
         failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &kernel, &reference, &reference));
+        // Keys and values in one launch (`write_kv_pair`), against two `select_assign`s; timed
+        // against the two single writes it replaces.
+        let v = qkv.narrow(1, heads + kv, kv);
+        let v_pool = pool.clone().mul_scalar(0.5);
+        let both = |(a, b): (Tensor<3>, Tensor<3>)| Tensor::cat(vec![flat(a), flat(b)], 0);
+        let kernel = || both(write_kv_pair(pool.clone(), v_pool.clone(), idx.clone(), k.clone(), v.clone()));
+        let reference = || {
+            both((
+                pool.clone().select_assign(0, idx.clone(), k.clone(), IndexingUpdateOp::Assign),
+                v_pool.clone().select_assign(0, idx.clone(), v.clone(), IndexingUpdateOp::Assign),
+            ))
+        };
+        let singles = || both((write_kv_slots(pool.clone(), idx.clone(), k.clone()), write_kv_slots(v_pool.clone(), idx.clone(), v.clone())));
+        failed += usize::from(check(device, &format!("{label} keys+values"), 0.0, Work::Bytes(2.0 * bytes), &kernel, &reference, &singles));
         // Into int8 and fp8 pages: the codes and scales as the engine writes them
         // (`KvPages::write`: the fused quantize-and-write kernel on CubeCL devices) against the
         // reference (int8: burn's operations, `quantize_heads` then `select_assign`; fp8: the

@@ -15,7 +15,7 @@
 //! `d` values then takes `d + 4` bytes instead of `2d` in bf16 (`4d` in f32).
 
 use burn::tensor::{DType, Device, FloatDType, IndexingUpdateOp, Int, IntDType, Tensor, TensorData};
-use crate::kv_write::{fused_write_kv_codes, write_kv_slots, zeroed_kv_buffer, zeroed_kv_int_buffer};
+use crate::kv_write::{fused_write_kv_codes, write_kv_pair, write_kv_slots, zeroed_kv_buffer, zeroed_kv_int_buffer};
 use crate::launch::is_cubecl;
 
 /// The 8-bit codes of a quantized KV cache, each head's scaled by `max|x| / largest`.
@@ -212,6 +212,18 @@ impl KvPages {
                 let codes = codes.select_assign(0, slots.clone(), q, IndexingUpdateOp::Assign);
                 Self::Coded { format, codes, scales: write_kv_slots(scales, slots, s) }
             }
+        }
+    }
+
+    /// A layer's key and value pages written together ([`KvPages::write`] of each): dense
+    /// pages on CubeCL devices in one launch ([`crate::kv_write::write_kv_pair`]).
+    pub fn write_pair(keys: Self, values: Self, slots: Tensor<1, Int>, k: Tensor<3>, v: Tensor<3>) -> (Self, Self) {
+        match (keys, values) {
+            (Self::Dense(kp), Self::Dense(vp)) if kp.dtype() == vp.dtype() && kp.dims() == vp.dims() => {
+                let (kp, vp) = write_kv_pair(kp, vp, slots, k, v);
+                (Self::Dense(kp), Self::Dense(vp))
+            }
+            (keys, values) => (keys.write(slots.clone(), k), values.write(slots, v)),
         }
     }
 

@@ -38,6 +38,12 @@ pub trait KvWriteOps: Backend {
     #[fusion(dtype = pool, shape = pool)]
     fn write_kv_slots(pool: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// [`write_kv_slots`](KvWriteOps::write_kv_slots) of a layer's keys and values, in one
+    /// launch: `(k_pool, v_pool)` with row `slots[i]` replaced by `k[i]` and `v[i]` (`k`, `v`
+    /// of one shape and dtype; the pools too).
+    #[fusion(meta = |k_pool, v_pool, _slots, _k, _v| (k_pool.clone(), v_pool.clone()))]
+    fn write_kv_pair(k_pool: FloatTensor<Self>, v_pool: FloatTensor<Self>, slots: IntTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>);
+
     /// `values [tokens, heads, head_dim]` quantized per (token, head) and written into coded
     /// pages: `codes [slots, heads, head_dim]` (i8: integers, or with `fp8` E4M3 bytes) and `scales
     /// [slots, heads, 1]` (f32) at row `slots[i]`, as
@@ -49,6 +55,10 @@ pub trait KvWriteOps: Backend {
 impl KvWriteOps for CubeBackend {
     fn write_kv_slots(pool: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>) -> FloatTensor<Self> {
         launch(pool, slots, values)
+    }
+
+    fn write_kv_pair(k_pool: FloatTensor<Self>, v_pool: FloatTensor<Self>, slots: IntTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        launch_pair(k_pool, v_pool, slots, k, v)
     }
 
     fn write_kv_codes(codes: IntTensor<Self>, scales: FloatTensor<Self>, slots: IntTensor<Self>, values: FloatTensor<Self>, fp8: bool) -> (IntTensor<Self>, FloatTensor<Self>) {
@@ -85,6 +95,44 @@ mod device {
             let from = (token * values.stride(0) + h * values.stride(1)) / vector + c;
             let to = (slot * pool.stride(0) + h * pool.stride(1)) / vector + c;
             pool[to] = values[from];
+        }
+    }
+
+    /// [`write_kv_slots_kernel`] for keys (units below `tokens * heads * head_dim / vector`)
+    /// and values (the units after them) in one launch.
+    #[cube(launch_unchecked)]
+    pub fn write_kv_pair_kernel<E: Float, I: Int, N: Size>(
+        k_pool: &mut Tensor<Vector<E, N>>,
+        v_pool: &mut Tensor<Vector<E, N>>,
+        slots: &[I],
+        k: &Tensor<Vector<E, N>>,
+        v: &Tensor<Vector<E, N>>,
+        #[define(E, I)] _dtypes: [ElemType; 2],
+    ) {
+        let vector = k.vector_size();
+        let per_head = k.shape(2) / vector;
+        let per_token = k.shape(1) * per_head;
+        let half = k.shape(0) * per_token;
+        let at = ABSOLUTE_POS;
+        if at >= 2 * half {
+            terminate!();
+        }
+        let values_of_v = at >= half;
+        let index = if values_of_v { at - half } else { at };
+        let (token, rest) = (index / per_token, index % per_token);
+        let (h, c) = (rest / per_head, rest % per_head);
+        let slot = usize::cast_from(slots[token]);
+        // Strides count elements, indices count vectors.
+        if values_of_v {
+            if slot < v_pool.shape(0) {
+                let from = (token * v.stride(0) + h * v.stride(1)) / vector + c;
+                let to = (slot * v_pool.stride(0) + h * v_pool.stride(1)) / vector + c;
+                v_pool[to] = v[from];
+            }
+        } else if slot < k_pool.shape(0) {
+            let from = (token * k.stride(0) + h * k.stride(1)) / vector + c;
+            let to = (slot * k_pool.stride(0) + h * k_pool.stride(1)) / vector + c;
+            k_pool[to] = k[from];
         }
     }
 
@@ -197,6 +245,56 @@ fn launch(pool: CubeTensor, slots: CubeTensor, values: CubeTensor) -> CubeTensor
         )
     };
     pool
+}
+
+fn launch_pair(k_pool: CubeTensor, v_pool: CubeTensor, slots: CubeTensor, k: CubeTensor, v: CubeTensor) -> (CubeTensor, CubeTensor) {
+    let (k_pool, v_pool) = (last_axis_contiguous(writable(k_pool)), last_axis_contiguous(writable(v_pool)));
+    let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
+    let slots = into_contiguous(slots);
+    let shape = k.meta.shape().clone();
+    assert_eq!(shape.num_dims(), 3, "write_kv_pair: keys must be [tokens, heads, head_dim]");
+    assert_eq!(v.meta.shape(), &shape, "write_kv_pair: keys and values differ in shape");
+    assert_eq!(k_pool.meta.shape(), v_pool.meta.shape(), "write_kv_pair: the pools differ in shape");
+    assert_eq!(k_pool.meta.shape()[1..], shape[1..], "write_kv_pair: pool rows and values differ in shape");
+    assert_eq!(slots.meta.shape()[0], shape[0], "write_kv_pair: one slot per token");
+    let dtype = k.dtype;
+    assert!([k_pool.dtype, v_pool.dtype, v.dtype].iter().all(|&d| d == dtype), "write_kv_pair: pools, keys and values differ in dtype");
+    let vector = row_vector_width(vector_width(shape[2], dtype), &[&k_pool, &v_pool, &k, &v]);
+    let units = 2 * shape.num_elements() / vector;
+    if units == 0 {
+        return (k_pool, v_pool);
+    }
+    let client = k_pool.client.clone();
+    let int_dtype = slots.dtype;
+    // SAFETY: as `launch`'s, for keys (unit `at < tokens * heads * head_dim / vector`) and
+    // values (`at - that`, below it again: checked), each into its own pool of the same shape
+    // (asserted); every row start of the four tensors is a whole vector (`row_vector_width`).
+    unsafe {
+        device::write_kv_pair_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static((units as u32).div_ceil(UNITS_PER_CUBE), 1, 1),
+            CubeDim::new_1d(UNITS_PER_CUBE),
+            vector,
+            k_pool.clone().into_tensor_arg(),
+            v_pool.clone().into_tensor_arg(),
+            slots.into_buffer_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
+        )
+    };
+    (k_pool, v_pool)
+}
+
+/// Keys and values written into their pools by one kernel on CubeCL devices (see
+/// [`KvWriteOps::write_kv_pair`]), by [`write_kv_slots`] twice elsewhere.
+pub fn write_kv_pair(k_pool: Tensor<3>, v_pool: Tensor<3>, slots: Tensor<1, Int>, k: Tensor<3>, v: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+    if is_cubecl(&k_pool.device()) {
+        let (k_pool, v_pool) = Dispatch::write_kv_pair(k_pool.into_dispatch(), v_pool.into_dispatch(), slots.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+        (Tensor::from_dispatch(k_pool), Tensor::from_dispatch(v_pool))
+    } else {
+        (write_kv_slots(k_pool, slots.clone(), k), write_kv_slots(v_pool, slots, v))
+    }
 }
 
 /// Planes (one per (token, head)) per cube of the coded write.
@@ -348,5 +446,18 @@ mod tests {
         for r in [1, 3, 5] {
             assert_eq!(row(r), vec![0.0; 8]);
         }
+    }
+
+    #[test]
+    fn keys_and_values_land_in_their_own_pools() {
+        let device = Device::flex();
+        let (kp, vp) = (zeroed_kv_buffer([4, 1, 2], DType::F32, &device), zeroed_kv_buffer([4, 1, 2], DType::F32, &device));
+        let k = Tensor::<3>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 1, 2]), &device);
+        let v = k.clone().neg();
+        let slots = Tensor::<1, Int>::from_data(TensorData::new(vec![3i64, 1], [2]), &device);
+        let (kp, vp) = write_kv_pair(kp, vp, slots, k, v);
+        let got = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().expect("f32");
+        assert_eq!(got(kp), [0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 1.0, 2.0]);
+        assert_eq!(got(vp), [0.0, 0.0, -3.0, -4.0, 0.0, 0.0, -1.0, -2.0]);
     }
 }

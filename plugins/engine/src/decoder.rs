@@ -682,8 +682,7 @@ impl Decoder {
             let (k_pool, v_pool) = kv.layers[l]
                 .take()
                 .ok_or_else(|| EngineError::Device(format!("KV pool layer {l} was lost by an earlier failed step")))?;
-            let k_pool = k_pool.write(slots.clone(), k);
-            let v_pool = v_pool.write(slots.clone(), v);
+            let (k_pool, v_pool) = KvPages::write_pair(k_pool, v_pool, slots.clone(), k, v);
             let attn = paged_attention(q, &k_pool, &v_pool, layout, c.layer_windows[l], scale);
             kv.layers[l] = Some((k_pool, v_pool));
             let attn = attn.reshape([t, nh * d]);
