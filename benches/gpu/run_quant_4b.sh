@@ -17,7 +17,8 @@
 # GGUF conversions without measuring llama.cpp; "gguf": our engine on the converted Q4_K_M
 # file, its blocks kept and dequantized, after a call that converted it), MODES (default
 # "bf16 int8 int4"; also "fp8": E4M3 in 128x128 blocks; "int4exact": int4 weights with
-# `quant_activations = "exact"`, i.e. dequantized and multiplied by cuBLAS), CASES (default "b1 b32 p2048"; "none": only the KL).
+# `quant_activations = "exact"`, i.e. dequantized and multiplied by cuBLAS), CASES (default "b1 b32 p2048"; "none": only the KL),
+# SCORE (default 1; 0: no divergence runs, the score_kl.json of an earlier call on the machine stands).
 set -uo pipefail
 BUDGET=${BUDGET:-570}
 STAGES=${STAGES:-prepare kernels ours peers}
@@ -83,9 +84,9 @@ measure() {
   # the same weights from it), else on the random draw.
   local kl_args=$MODEL_ARGS
   [[ "$MODEL_ARGS" == *--random-weights* ]] && { [ -f $SAVED/model.safetensors.index.json ] || [ -f $SAVED/model.safetensors ]; } && kl_args="--model $SAVED"
-  [ $t -gt 30 ] && timeout $t taskset -c 0-5 $PIO score $PD --config /tmp/q_$mode.toml $kl_args --device cuda --dtype bf16 \
+  [ "${SCORE:-1}" = 1 ] && [ $t -gt 30 ] && timeout $t taskset -c 0-5 $PIO score $PD --config /tmp/q_$mode.toml $kl_args --device cuda --dtype bf16 \
     --prompt-ids "$(cat /tmp/kl_ids.txt)" --json > /tmp/score_$mode.json 2> /tmp/score_$mode.err || tail -2 /tmp/score_$mode.err
-  grep -a -m2 "quantiz" /tmp/score_$mode.err
+  [ "${SCORE:-1}" = 1 ] && grep -a -m2 "quantiz" /tmp/score_$mode.err
 }
 if has ours; then
   for mode in ${MODES:-bf16 int8 int4}; do measure $mode; done

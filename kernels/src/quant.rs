@@ -3631,6 +3631,25 @@ mod tests {
     }
 
     #[test]
+    fn dequantize_widths_and_slices_fit_their_shapes() {
+        // 16 bytes of the dtype, dividing the columns and the group.
+        assert_eq!(dequantize_width(2560, 128, DType::BF16), 8);
+        assert_eq!(dequantize_width(2560, 128, DType::F32), 4);
+        assert_eq!(dequantize_width(2560, 16, DType::BF16), 8);
+        assert_eq!(dequantize_width(36, 4, DType::BF16), 4);
+        assert_eq!(dequantize_width(6, 2, DType::F32), 2);
+        // Whole multiples of 128 rows of about the slice's bytes, never more than the rows.
+        set_dequantize_slice_bytes(16 << 20);
+        assert_eq!(dequantize_slice_rows(19456, 2560, DType::BF16), 3200);
+        assert_eq!(dequantize_slice_rows(2560, 9728, DType::BF16), 768);
+        assert_eq!(dequantize_slice_rows(100, 2560, DType::BF16), 100);
+        assert_eq!(dequantize_slice_rows(4096, 1 << 20, DType::F32), 128);
+        set_dequantize_slice_bytes(usize::MAX);
+        assert_eq!(dequantize_slice_rows(19456, 2560, DType::BF16), 19456);
+        set_dequantize_slice_bytes(DEFAULT_DEQUANTIZE_SLICE_BYTES);
+    }
+
+    #[test]
     fn the_device_arithmetic_is_the_dequantized_product_to_activation_rounding() {
         let (rows, cols) = (24, 256);
         let w = random(rows * cols, 11);

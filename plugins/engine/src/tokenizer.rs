@@ -38,7 +38,9 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// the entries for the families the engine serves); `None`: GPT-2's own byte-level split.
 fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
     match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => Some(LLAMA3_SPLIT),
+        // GLM-4's (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_CHATGLM4`) is the same expression with
+        // the contractions' cases spelled out.
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" | "chatglm-bpe" | "glm4" | "glm5" => Some(LLAMA3_SPLIT),
         "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_SPLIT),
         _ => None,
     }
@@ -111,14 +113,16 @@ impl TextTokenizer {
                     .ok_or_else(|| EngineError::Tokenizer(format!("GGUF merge `{m}` is not two tokens separated by a space")))
             })
             .collect::<Result<_, _>>()?;
+        let pre = file.get_str("tokenizer.ggml.pre").map_err(err)?.unwrap_or("default");
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix(String::new())
+            // llama.cpp looks a GLM-4 piece up whole before merging (`ignore_merges`).
+            .ignore_merges(matches!(pre, "glm4" | "glm5"))
             .build()
             .map_err(|e| EngineError::Tokenizer(format!("cannot build the GGUF BPE model: {e}")))?;
         let mut inner = Tokenizer::new(bpe);
-        let pre = file.get_str("tokenizer.ggml.pre").map_err(err)?.unwrap_or("default");
         match pre_tokenizer_split(pre) {
             Some(regex) => {
                 let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)

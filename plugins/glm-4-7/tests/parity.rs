@@ -93,3 +93,46 @@ fn tensor_parallel_ranks_on_the_cpu_equal_the_whole_model() {
     }
     check_tensor_parallel(&FAMILY, &fixtures().join("glm4moe-tiny-b"), 2, &prompt, 4);
 }
+
+/// llama.cpp's `glm4moe` GGUF layout (`tests/fixtures/make_gguf_fixtures.py`): routers with their
+/// score bias (`exp_probs_b`), stacked experts, shared experts (`ffn_*_shexp`), the first layer
+/// dense, the MTP layer counted in `block_count` and left unread. The BF16 file holds the
+/// safetensors checkpoint's values, so it must give that checkpoint's logits (which match
+/// transformers'); the quantized one keeps its blocks (experts too) and must give what the same
+/// file dequantized gives.
+#[test]
+fn glm4moe_gguf_files_load_with_their_experts_and_routing() {
+    use inference_pio_core::config::Quantization;
+    use inference_pio_core::types::{DType, DeviceRequest, LoadOptions, PluginSettings};
+    use inference_pio_engine::plugin::load_engine;
+    use inference_pio_engine::testing::{all_logits, incremental_logits, load_cpu, rel_l2};
+    let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    let safetensors = load_cpu(&FAMILY, &fixtures().join("glm4moe-tiny-a"), DType::F32);
+    let bf16 = load_cpu(&FAMILY, &fixtures().join("glm4moe-tiny-a.bf16.gguf"), DType::F32);
+    let want = all_logits(&safetensors, &prompt);
+    for (i, (g, w)) in all_logits(&bf16, &prompt).iter().zip(&want).enumerate() {
+        assert!(rel_l2(g, w) <= 1e-6, "BF16 GGUF, position {i}: {}", rel_l2(g, w));
+    }
+    let greedy = |e: &inference_pio_engine::generate::Engine| inference_pio_engine::testing::greedy_ignoring_eos(e, &prompt, 8);
+    assert_eq!(greedy(&bf16), greedy(&safetensors));
+    drop((safetensors, bf16));
+
+    let load = |quantization: Option<Quantization>| {
+        let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
+        let mut settings = PluginSettings::default();
+        settings.optimization.prefill_chunk_tokens = 0;
+        settings.optimization.quantization = quantization;
+        load_engine(&FAMILY, &fixtures().join("glm4moe-tiny-a.q.gguf"), &options, &settings).expect("loads the quantized GGUF")
+    };
+    let (kept, info) = load(None);
+    assert!(info.quantization.starts_with("mixed 4- and 8-bit groups: "), "{}", info.quantization);
+    let (dense, info) = load(Some(Quantization::None));
+    assert_eq!(info.quantization, "");
+    let want = all_logits(&dense, &prompt);
+    for (i, (g, w)) in all_logits(&kept, &prompt).iter().zip(&want).enumerate() {
+        assert!(rel_l2(g, w) <= 1e-5, "quantized GGUF, prompt position {i}: {}", rel_l2(g, w));
+    }
+    for (i, (g, w)) in incremental_logits(&kept, &prompt, 5, 4).iter().zip(&want).enumerate() {
+        assert!(rel_l2(g, w) <= 1e-5, "quantized GGUF, decode position {i}: {}", rel_l2(g, w));
+    }
+}

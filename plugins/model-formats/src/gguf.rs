@@ -812,8 +812,18 @@ pub mod hf {
             "qwen2" => "Qwen2ForCausalLM",
             "qwen3" => "Qwen3ForCausalLM",
             "qwen3moe" => "Qwen3MoeForCausalLM",
+            "glm4moe" => "Glm4MoeForCausalLM",
             _ => return None,
         })
+    }
+
+    /// The HF `model_type` for a GGUF `general.architecture`.
+    fn model_type(arch: &str) -> &str {
+        match arch {
+            "qwen3moe" => "qwen3_moe",
+            "glm4moe" => "glm4_moe",
+            other => other,
+        }
     }
 
     /// Architectures whose Q and K projection rows llama.cpp's converter permuted (from
@@ -841,6 +851,11 @@ pub mod hf {
         if suffix != "weight" && suffix != "bias" {
             return None;
         }
+        // GLM-4.x's router score bias (llama.cpp's `exp_probs_b`), a parameter of the router
+        // without a `.bias` of its own in HF.
+        if module == "exp_probs_b" && suffix == "bias" {
+            return Some(format!("model.layers.{layer}.mlp.gate.e_score_correction_bias"));
+        }
         let hf = match module {
             "attn_norm" => "input_layernorm",
             "attn_q" => "self_attn.q_proj",
@@ -850,11 +865,16 @@ pub mod hf {
             "attn_q_norm" => "self_attn.q_norm",
             "attn_k_norm" => "self_attn.k_norm",
             "ffn_norm" => "post_attention_layernorm",
+            // `glm4moe`'s name for the same norm.
+            "post_attention_norm" => "post_attention_layernorm",
             "ffn_gate" => "mlp.gate_proj",
             "ffn_up" => "mlp.up_proj",
             "ffn_down" => "mlp.down_proj",
-            // A mixture of experts' router (its experts: [`expert_views`]).
+            // A mixture of experts' router (its experts: [`expert_views`]) and shared experts.
             "ffn_gate_inp" => "mlp.gate",
+            "ffn_gate_shexp" => "mlp.shared_experts.gate_proj",
+            "ffn_up_shexp" => "mlp.shared_experts.up_proj",
+            "ffn_down_shexp" => "mlp.shared_experts.down_proj",
             _ => return None,
         };
         Some(format!("model.layers.{layer}.{hf}.{suffix}"))
@@ -929,11 +949,45 @@ pub mod hf {
         Ok(order)
     }
 
+    /// `Glm4MoeConfig`'s routing keys from llama.cpp's `glm4moe` metadata (written by
+    /// `convert_hf_to_gguf.py`'s `Glm4MoeModel`; read by `src/models/glm4-moe.cpp`): sigmoid
+    /// scores with the `exp_probs_b` bias, the chosen weights renormalised when
+    /// `expert_weights_norm` says so and scaled by `expert_weights_scale`; the first
+    /// `leading_dense_block_count` layers dense; group-limited choice where
+    /// `expert_group_count` is given (llama.cpp's converter writes none for GLM: the released
+    /// models have one group); QK-norm where the file has its weights.
+    fn glm4moe_config(file: &Gguf, c: &mut Map<String, Json>, layers: u64) -> Result<(), FormatError> {
+        let key = |name: &str| format!("glm4moe.{name}");
+        let need = |name: &str| -> Result<u64, FormatError> { file.get_u64(&key(name))?.ok_or_else(|| FormatError(format!("metadata `{}` is missing", key(name)))) };
+        // llama.cpp's gating function numbers: 1 softmax, 2 sigmoid (its default for glm4moe).
+        if let Some(gating) = file.get_u64(&key("expert_gating_func"))?
+            && gating != 2
+        {
+            return Err(FormatError(format!("metadata `{}` = {gating}: GLM-4 routing scores are sigmoids (2)", key("expert_gating_func"))));
+        }
+        c.insert("n_routed_experts".into(), json!(need("expert_count")?));
+        c.insert("num_experts_per_tok".into(), json!(need("expert_used_count")?));
+        c.insert("moe_intermediate_size".into(), json!(need("expert_feed_forward_length")?));
+        c.insert("n_shared_experts".into(), json!(file.get_u64(&key("expert_shared_count"))?.unwrap_or(0)));
+        c.insert("first_k_dense_replace".into(), json!(file.get_u64(&key("leading_dense_block_count"))?.unwrap_or(0).min(layers)));
+        c.insert("routed_scaling_factor".into(), json!(file.get_f64(&key("expert_weights_scale"))?.filter(|&s| s != 0.0).unwrap_or(1.0)));
+        c.insert("norm_topk_prob".into(), json!(file.get_bool(&key("expert_weights_norm"))?.unwrap_or(false)));
+        c.insert("n_group".into(), json!(file.get_u64(&key("expert_group_count"))?.unwrap_or(1).max(1)));
+        c.insert("topk_group".into(), json!(file.get_u64(&key("expert_group_used_count"))?.unwrap_or(1).max(1)));
+        c.insert("use_qk_norm".into(), json!(file.tensor("blk.0.attn_q_norm.weight").is_some()));
+        // GLM's default is half the head rotated; the file says how much in its rope
+        // dimension (set above where it is not the whole head).
+        if !c.contains_key("partial_rotary_factor") {
+            c.insert("partial_rotary_factor".into(), json!(1.0));
+        }
+        Ok(())
+    }
+
     /// A transformers-style `config.json` for the model a GGUF file holds.
     pub fn config(file: &Gguf) -> Result<Json, FormatError> {
         let arch = file.architecture()?;
         let class = architecture_class(arch).ok_or_else(|| {
-            FormatError(format!("GGUF architecture `{arch}` is not supported (supported: llama, qwen2, qwen3, qwen3moe)"))
+            FormatError(format!("GGUF architecture `{arch}` is not supported (supported: llama, qwen2, qwen3, qwen3moe, glm4moe)"))
         })?;
         let key = |name: &str| format!("{arch}.{name}");
         let need = |name: &str| -> Result<u64, FormatError> {
@@ -950,11 +1004,18 @@ pub mod hf {
         };
         let mut c = Map::new();
         c.insert("architectures".into(), json!([class]));
-        c.insert("model_type".into(), json!(arch));
+        c.insert("model_type".into(), json!(model_type(arch)));
         c.insert("vocab_size".into(), json!(vocab));
         c.insert("hidden_size".into(), json!(hidden));
         c.insert("intermediate_size".into(), json!(need("feed_forward_length")?));
-        c.insert("num_hidden_layers".into(), json!(need("block_count")?));
+        // `glm4moe` counts its multi-token-prediction layers among the blocks (after the
+        // decoder's, as HF stores them); the decoder does not run them.
+        let nextn = file.get_u64(&key("nextn_predict_layers"))?.unwrap_or(0);
+        let layers = need("block_count")?.checked_sub(nextn).ok_or_else(|| FormatError(format!("metadata `{}` exceeds `{}`", key("nextn_predict_layers"), key("block_count"))))?;
+        c.insert("num_hidden_layers".into(), json!(layers));
+        if nextn > 0 {
+            c.insert("num_nextn_predict_layers".into(), json!(nextn));
+        }
         c.insert("num_attention_heads".into(), json!(heads));
         c.insert("num_key_value_heads".into(), json!(file.get_u64(&key("attention.head_count_kv"))?.unwrap_or(heads)));
         let head_dim = match file.get_u64(&key("attention.key_length"))? {
@@ -985,10 +1046,14 @@ pub mod hf {
                 c.insert("rope_scaling".into(), json!({ "rope_type": kind, "factor": factor }));
             }
         }
+        if arch == "glm4moe" {
+            glm4moe_config(file, &mut c, layers)?;
+        }
         // A mixture of experts (llama.cpp's `qwen3moe`): its graph renormalises the chosen
         // experts' weights (`build_moe_ffn(..., norm_w = true, ...)`), every layer with a
         // router is sparse, and a layer without one holds a dense MLP (HF's `mlp_only_layers`).
-        if let Some(experts) = file.get_u64(&key("expert_count"))?
+        if arch == "qwen3moe"
+            && let Some(experts) = file.get_u64(&key("expert_count"))?
             && experts > 0
         {
             if let Some(scale) = file.get_f64(&key("expert_weights_scale"))?
@@ -1002,14 +1067,13 @@ pub mod hf {
             c.insert("moe_intermediate_size".into(), json!(need("expert_feed_forward_length")?));
             c.insert("norm_topk_prob".into(), json!(true));
             c.insert("decoder_sparse_step".into(), json!(1));
-            let layers = need("block_count")?;
             let dense: Vec<u64> = (0..layers).filter(|l| file.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_none()).collect();
             c.insert("mlp_only_layers".into(), json!(dense));
         }
         let tied = file.tensor("output.weight").is_none();
         c.insert("tie_word_embeddings".into(), json!(tied));
         let bias = file.tensor("blk.0.attn_q.bias").is_some();
-        if arch == "llama" {
+        if arch == "llama" || arch == "glm4moe" {
             c.insert("attention_bias".into(), json!(bias));
         }
         c.insert("hidden_act".into(), json!("silu"));
