@@ -485,6 +485,28 @@ fn a_qwen3moe_gguf_file_selects_the_moe_plugin_and_matches_transformers() {
     assert_eq!(result["token_ids"], prompt["greedy"]);
 }
 
+/// llama.cpp's GLM-4.x MoE layout (`glm4moe`: shared experts, the router's score bias, the
+/// multi-token-prediction layer among the blocks): the host picks the GLM plugin, and the BF16
+/// twin of the tiny fixture gives transformers' greedy tokens for the safetensors model.
+#[test]
+fn a_glm4moe_gguf_file_selects_the_glm_plugin_and_matches_transformers() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/glm-4-7/tests/fixtures");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("glm4moe-tiny-a.reference.json")).expect("ref")).expect("json");
+    let prompt = &reference["prompts"][1];
+    let ids: Vec<String> = prompt["ids"].as_array().expect("ids").iter().map(|v| v.to_string()).collect();
+    let model = fixtures.join("glm4moe-tiny-a.bf16.gguf");
+    let out = inference_pio(
+        &["run", "--model", model.to_str().expect("utf8"), "--prompt-ids", &ids.join(","), "--greedy", "--ignore-eos", "--max-new-tokens", "16", "--json", "--device", "cpu"],
+        cwd.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!((&result["plugin"], &result["model"]["architecture"]), (&serde_json::json!("glm-4-7"), &serde_json::json!("Glm4MoeForCausalLM")), "{result}");
+    assert_eq!(result["token_ids"], prompt["greedy"]);
+}
+
 #[test]
 fn malformed_model_files_are_named() {
     let cwd = tempfile::tempdir().expect("cwd");
