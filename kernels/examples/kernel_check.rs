@@ -27,9 +27,7 @@
 //!   and 4 rows) and the dequantize-then-cuBLAS path (32 and 512 rows) for int8 per channel,
 //!   int4 in groups of 128 and GGUF-like groups (4-bit in 32, 8-bit in 16) on Qwen3-4B's
 //!   shapes, against the dequantized weight's dense product, timed beside the bf16 weight's
-//!   product; the rate is the quantized bytes read per second. The integer kernel is also
-//!   timed with 1 and 4 chunks of codes in flight per lane (`loads=`; the default is
-//!   `DEFAULT_QUANT_LOADS`) at 1, 4 and 8 bf16 rows.
+//!   product; the rate is the quantized bytes read per second.
 //!
 //! f32 and bf16; timings are CUDA-graph replays of ten calls. Exits non-zero when a result is
 //! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
@@ -689,7 +687,7 @@ fn gguf_like(
 
 /// The quantized products against the dense product of their dequantized weights.
 fn check_quant(device: &Device) -> usize {
-    use inference_pio_kernels::quant::{DEFAULT_DEQUANTIZE_SLICE_BYTES, DEFAULT_QUANT_LOADS, QuantizedLinear, QuantizedMatrix, set_dequantize_slice_bytes, set_quant_loads};
+    use inference_pio_kernels::quant::{QuantizedLinear, QuantizedMatrix};
     let mut failed = 0;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut random = |n: usize| -> Vec<f32> {
@@ -740,24 +738,6 @@ fn check_quant(device: &Device) -> usize {
                     let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
                     let label = format!("quant {name:28} {tag:12} {rows:4} rows {:5}", format!("{dtype:?}"));
                     failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &before));
-                    if dtype == DType::BF16 && !tag.starts_with("fp8") && [1, 4, 8].contains(&rows) {
-                        // The integer kernel with other numbers of code chunks in flight per lane.
-                        for loads in [1, 4] {
-                            set_quant_loads(loads);
-                            let label = format!("quant {name:28} {tag:12} {rows:4} rows {:5} loads={loads}", format!("{dtype:?}"));
-                            failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &before));
-                        }
-                        set_quant_loads(DEFAULT_QUANT_LOADS);
-                    }
-                    if dtype == DType::BF16 && rows == 32 {
-                        // Many rows with other slices of the weight dequantized at a time.
-                        for (mb, slice) in [("8MB", 8usize << 20), ("32MB", 32 << 20), ("whole", usize::MAX)] {
-                            set_dequantize_slice_bytes(slice);
-                            let label = format!("quant {name:28} {tag:12} {rows:4} rows {:5} slices={mb}", format!("{dtype:?}"));
-                            failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &before));
-                        }
-                        set_dequantize_slice_bytes(DEFAULT_DEQUANTIZE_SLICE_BYTES);
-                    }
                     if (16..=32).contains(&rows) {
                         // The path these rows took before the kernel took them: the weight
                         // dequantized to `dtype` and multiplied by cuBLAS.

@@ -50,37 +50,13 @@ use crate::launch::{PLANE, is_cubecl};
 /// for all rows, each row's sums in registers); more dequantize the weight for cuBLAS. The
 /// kernel's time grows with the rows (Qwen3-4B's q/k/v in int8 on an H100: 9.0 µs at 1 row,
 /// 28.9 at 8, 57.4 at 16, 151.5 at 32, where dequantizing for cuBLAS took 38.5-40.8 µs at 16
-/// and 32; int4 at 16 rows 66.9 against 89.8; `kernel_check quant`, 2026-12-07).
+/// and 32; int4 at 16 rows 66.9 against 89.8; `kernel_check quant`, 2026-12-07). With the
+/// dequantize kernel writing 16-byte vectors the crossing stays at about 8 rows (H200: int4
+/// gate/up 74.9 µs by the kernel at 8 rows, 73.5 dequantized at 16; int8 57.4 against 77.4;
+/// `benches/results/gpu-h200-2026-12-07c-dequantize-vectors.md`).
 pub const QUANT_MAX_ROWS: usize = 8;
 /// Output channels per cube (one plane each).
 const CHANNELS_PER_CUBE: u32 = 8;
-/// Chunks of codes each lane of the matrix-vector kernel reads before using them (1, 2 or 4);
-/// 0 until first asked, then `INFERENCE_PIO_QUANT_LOADS` or [`DEFAULT_QUANT_LOADS`].
-static QUANT_LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-/// Chunks in flight per lane by default.
-pub const DEFAULT_QUANT_LOADS: usize = 2;
-
-/// Chunks of codes in flight per lane in the integer matrix-vector kernel.
-pub fn quant_loads() -> usize {
-    use std::sync::atomic::Ordering;
-    match QUANT_LOADS.load(Ordering::Relaxed) {
-        0 => {
-            let n = std::env::var("INFERENCE_PIO_QUANT_LOADS").ok().and_then(|v| v.parse().ok()).filter(|n| [1, 2, 4].contains(n)).unwrap_or(DEFAULT_QUANT_LOADS);
-            QUANT_LOADS.store(n, Ordering::Relaxed);
-            n
-        }
-        n => n,
-    }
-}
-
-/// Sets the chunks in flight per lane (1, 2 or 4; others are ignored), for side-by-side
-/// measurements (`kernel_check quant`).
-pub fn set_quant_loads(n: usize) {
-    if [1, 2, 4].contains(&n) {
-        QUANT_LOADS.store(n, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Why a quantized matrix cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuantError(pub String);
@@ -2946,38 +2922,9 @@ impl QuantizedLinear {
                     );
                     return Tensor::from_dispatch(out);
                 }
-                // Slices of rows dequantized one at a time, each multiplied while it is still in
-                // L2 (and the dense copy never larger than a slice).
-                let slice = dequantize_slice_rows(self.rows, cols, dtype);
-                let x = x.reshape([1, n, cols]);
-                let product = |start: usize, end: usize| {
-                    let w = if start == 0 && end == self.rows { self.dequantize(dtype) } else { self.dequantize_rows(start..end, dtype) };
-                    crate::linear::batched_linear(x.clone(), w.reshape([1, 1, end - start, cols])).reshape([n, end - start])
-                };
-                if slice >= self.rows {
-                    return product(0, self.rows);
-                }
-                Tensor::cat((0..self.rows).step_by(slice).map(|start| product(start, (start + slice).min(self.rows))).collect(), 1)
+                let w = self.dequantize(dtype);
+                crate::linear::batched_linear(x.reshape([1, n, cols]), w.reshape([1, 1, self.rows, cols])).reshape([n, self.rows])
             }
-        }
-    }
-
-    /// Rows `range` of the weight as a dense tensor of `dtype` on its (CubeCL) device.
-    fn dequantize_rows(&self, range: std::ops::Range<usize>, dtype: DType) -> Tensor<2> {
-        match &self.storage {
-            Storage::Host(m) => {
-                let w = Tensor::<2>::from_data(TensorData::new(m.dequantize_range(range.clone()), [range.len(), self.cols]), (&Device::flex(), DType::F32));
-                if dtype == DType::F32 { w } else { w.cast(dtype) }
-            }
-            Storage::Device(d) => Tensor::from_dispatch(Dispatch::quant_dequantize(
-                d.codes.clone().slice(range.clone()).into_dispatch(),
-                d.scales.clone().slice(range.clone()).into_dispatch(),
-                d.mins.clone().slice(range).into_dispatch(),
-                self.bits,
-                self.group,
-                self.format == CodeFormat::E4m3,
-                dtype,
-            )),
         }
     }
 
@@ -3000,40 +2947,6 @@ impl QuantizedLinear {
             )),
         }
     }
-}
-
-/// Bytes of dense weight a many-row product dequantizes at a time by default (a slice that
-/// stays in the GPU's L2 cache, 50 MB on an H100, until cuBLAS reads it).
-pub const DEFAULT_DEQUANTIZE_SLICE_BYTES: usize = 16 << 20;
-/// The slice's bytes; 0 until first asked, then `INFERENCE_PIO_DEQUANTIZE_SLICE_MB` (0: the
-/// whole weight at once) or [`DEFAULT_DEQUANTIZE_SLICE_BYTES`].
-static DEQUANTIZE_SLICE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Sets the bytes of dense weight a many-row product dequantizes at a time (`usize::MAX`: the
-/// whole weight), for side-by-side measurements (`kernel_check quant`).
-pub fn set_dequantize_slice_bytes(bytes: usize) {
-    DEQUANTIZE_SLICE_BYTES.store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Rows of a `[rows, cols]` weight dequantized to `dtype` at a time by a many-row product: a
-/// multiple of 128 (whole FP8 blocks; cuBLAS's tiles) of about the slice's bytes.
-pub fn dequantize_slice_rows(rows: usize, cols: usize, dtype: DType) -> usize {
-    use std::sync::atomic::Ordering;
-    let bytes = match DEQUANTIZE_SLICE_BYTES.load(Ordering::Relaxed) {
-        0 => {
-            let b = match std::env::var("INFERENCE_PIO_DEQUANTIZE_SLICE_MB").ok().and_then(|v| v.parse::<usize>().ok()) {
-                Some(0) => usize::MAX,
-                Some(mb) => mb << 20,
-                None => DEFAULT_DEQUANTIZE_SLICE_BYTES,
-            };
-            DEQUANTIZE_SLICE_BYTES.store(b, Ordering::Relaxed);
-            b
-        }
-        b => b,
-    };
-    let per_row = (cols * dtype.size()).max(1);
-    let slice = (bytes / per_row) / 128 * 128;
-    slice.max(128).min(rows.max(1))
 }
 
 /// Activations the kernel reads: bf16, f16 and f32.
@@ -3207,9 +3120,10 @@ mod device {
 
     /// One plane per output channel, all of the activation rows (`nrows`) at once: each lane
     /// takes 16-byte chunks of the channel's codes (32 4-bit or 16 8-bit codes, within one
-    /// group and one activation block), `loads` chunks a plane apart read before any is used
-    /// (a channel's row is only a few chunks per lane, too few to hide the memory's latency
-    /// one at a time), and adds their terms ([`chunk_terms`]).
+    /// group and one activation block) a plane apart and adds their terms ([`chunk_terms`]).
+    /// Two chunks read before either is used measured 7-10 % faster in `kernel_check quant`
+    /// alone but 2 % slower in the engine's int8 decode (311 against 305 tok/s, H200,
+    /// 2026-12-07), so one.
     #[cube(launch_unchecked)]
     pub fn quant_matvec_kernel<E: Float, N: Size>(
         hi: &[Vector<i32, N>],
@@ -3225,7 +3139,6 @@ mod device {
         #[comptime] bits: u32,
         #[comptime] group: usize,
         #[comptime] nrows: usize,
-        #[comptime] loads: usize,
         #[define(E)] _dtype: ElemType,
     ) {
         let channel = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
@@ -3244,25 +3157,6 @@ mod device {
         let first = channel * chunks;
         let gbase = channel * groups;
         let mut c = UNIT_POS_X as usize;
-        if comptime!(loads > 1) {
-            let mut wvs = Array::<Vector<u32, N>>::new(loads);
-            let mut gss = Array::<f32>::new(loads);
-            let mut gms = Array::<f32>::new(loads);
-            while c + comptime!(loads - 1) * step < chunks {
-                #[unroll]
-                for a in 0..loads {
-                    let at = c + a * step;
-                    wvs[a] = codes[first + at];
-                    gss[a] = scales[gbase + at * per_chunk / group];
-                    gms[a] = mins[gbase + at * per_chunk / group];
-                }
-                #[unroll]
-                for a in 0..loads {
-                    chunk_terms(wvs[a], (c + a * step) * per_chunk, gss[a], gms[a], hi, lo, xscales, xsums, cols, &mut acc, bits, nrows);
-                }
-                c += comptime!(loads) * step;
-            }
-        }
         while c < chunks {
             let start = c * per_chunk;
             chunk_terms(codes[first + c], start, scales[gbase + start / group], mins[gbase + start / group], hi, lo, xscales, xsums, cols, &mut acc, bits, nrows);
@@ -3424,7 +3318,6 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
             bits,
             group,
             n,
-            quant_loads(),
             dtype_to_storage_type(dtype),
         )
     };
@@ -3631,22 +3524,13 @@ mod tests {
     }
 
     #[test]
-    fn dequantize_widths_and_slices_fit_their_shapes() {
+    fn dequantize_widths_fit_their_shapes() {
         // 16 bytes of the dtype, dividing the columns and the group.
         assert_eq!(dequantize_width(2560, 128, DType::BF16), 8);
         assert_eq!(dequantize_width(2560, 128, DType::F32), 4);
         assert_eq!(dequantize_width(2560, 16, DType::BF16), 8);
         assert_eq!(dequantize_width(36, 4, DType::BF16), 4);
         assert_eq!(dequantize_width(6, 2, DType::F32), 2);
-        // Whole multiples of 128 rows of about the slice's bytes, never more than the rows.
-        set_dequantize_slice_bytes(16 << 20);
-        assert_eq!(dequantize_slice_rows(19456, 2560, DType::BF16), 3200);
-        assert_eq!(dequantize_slice_rows(2560, 9728, DType::BF16), 768);
-        assert_eq!(dequantize_slice_rows(100, 2560, DType::BF16), 100);
-        assert_eq!(dequantize_slice_rows(4096, 1 << 20, DType::F32), 128);
-        set_dequantize_slice_bytes(usize::MAX);
-        assert_eq!(dequantize_slice_rows(19456, 2560, DType::BF16), 19456);
-        set_dequantize_slice_bytes(DEFAULT_DEQUANTIZE_SLICE_BYTES);
     }
 
     #[test]
