@@ -2873,6 +2873,15 @@ impl QuantizedLinear {
         self.bytes
     }
 
+    /// The matrix in host memory where the weight lives there (the CPU), for callers that
+    /// multiply host rows themselves ([`QuantizedMatrix::matmul`] with [`Self::activations`]).
+    pub fn host_matrix(&self) -> Option<&QuantizedMatrix> {
+        match &self.storage {
+            Storage::Host(m) => Some(m),
+            Storage::Device(_) => None,
+        }
+    }
+
     /// `x [n, cols] · Wᵀ -> [n, rows]` in `x`'s dtype.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let [n, cols] = x.dims();

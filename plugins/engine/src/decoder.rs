@@ -224,6 +224,33 @@ impl Linear {
         Self { weights: vec![Weight::Dense(split_weight(weight, split_parts(inp, device)))], bias }
     }
 
+    /// `y = x · wᵀ` of one f32 row on the host, where every weight is quantized in host
+    /// memory and there is no bias (the products [`Self::forward`] runs for one row on the
+    /// CPU, without its tensors); `None` otherwise.
+    pub(crate) fn host_row(&self, x: &[f32]) -> Option<Vec<f32>> {
+        if self.bias.is_some() {
+            return None;
+        }
+        let mut y = Vec::new();
+        for w in &self.weights {
+            let Weight::Quantized(q) = w else { return None };
+            let m = q.host_matrix()?;
+            y.extend(m.matmul(x, 1, q.activations(burn::tensor::DType::F32)));
+        }
+        Some(y)
+    }
+
+    /// Whether [`Self::host_row`] applies.
+    pub(crate) fn is_host_quantized(&self) -> bool {
+        self.bias.is_none() && self.weights.iter().all(|w| matches!(w, Weight::Quantized(q) if q.host_matrix().is_some()))
+    }
+
+    /// One quantized weight, no bias.
+    #[cfg(test)]
+    pub(crate) fn from_quantized(weight: QuantizedLinear) -> Self {
+        Self { weights: vec![Weight::Quantized(weight)], bias: None }
+    }
+
     /// `x [rows, in] -> [rows, out]`.
     pub(crate) fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let y = match self.weights.as_slice() {

@@ -155,6 +155,21 @@ impl Mlp {
         self.down.forward(swiglu_halves(self.gate_up.forward(x)))
     }
 
+    /// [`Self::forward`] of one f32 row on the host (weights quantized in host memory: see
+    /// [`Linear::host_row`]): the same products of one row, and SwiGLU as the CPU's row loop
+    /// computes it (`inference_pio_kernels::cpu_rows`).
+    fn host_row(&self, x: &[f32]) -> Option<Vec<f32>> {
+        let gate_up = self.gate_up.host_row(x)?;
+        let inner = gate_up.len() / 2;
+        let (gate, up) = gate_up.split_at(inner);
+        let h: Vec<f32> = gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        self.down.host_row(&h)
+    }
+
+    fn is_host_quantized(&self) -> bool {
+        self.gate_up.is_host_quantized() && self.down.is_host_quantized()
+    }
+
     /// Names and shapes of an MLP's tensors.
     pub fn tensors(prefix: &str, hidden: usize, inner: usize) -> [(String, Vec<usize>); 3] {
         [
@@ -316,6 +331,17 @@ impl MoeBlock {
             let held = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(self.experts.len() as i64));
             (local.mask_fill(held.clone().bool_not(), 0), weights.mul(held.float()))
         };
+        if let RoutedExperts::Quantized(mlps) = &self.routed
+            && rows <= HOST_DECODE_MAX_ROWS
+            && x.dtype() == BurnDType::F32
+            && mlps.iter().all(Mlp::is_host_quantized)
+        {
+            let out = by_quantized_experts_on_host(mlps, &x, experts, weights, k)?;
+            return Ok(match &self.shared {
+                Some(shared) => out.add(shared.forward(x)),
+                None => out,
+            });
+        }
         let per_slot = match &self.routed {
             RoutedExperts::Stacked(s) => match s.path(rows, k) {
                 ExpertPath::Pairs => s.by_gathered_weights(x.clone(), experts, k),
@@ -484,6 +510,42 @@ fn by_quantized_experts(mlps: &[Mlp], x: Tensor<2>, experts: Tensor<2, Int>, k: 
     debug_assert_eq!(out.dims(), [rows * k, hidden]);
     let combine = Tensor::<1, Int>::from_data(TensorData::new(combine, [rows * k]), &device);
     Ok(out.select(0, combine))
+}
+
+/// Up to this many rows (a decode step's) of quantized experts in host memory run on host
+/// vectors ([`by_quantized_experts_on_host`]); more (prompts) batch each expert's rows.
+const HOST_DECODE_MAX_ROWS: usize = 4;
+
+/// Decode rows through quantized experts kept in host memory (the CPU), on host vectors:
+/// each (row, chosen expert) pair's MLP on its row ([`Mlp::host_row`]: the products of one row,
+/// as the batched path runs an expert with one row), weighted and summed in slot order as
+/// [`inference_pio_kernels::router::combine`] does. Through tensors each expert took a gather,
+/// two conversions to and from host rows per product, a SwiGLU and a concatenation: about
+/// 30 operations a layer, most of a decode step's time outside the products on a small
+/// Qwen3-MoE (`benches/results/cpu-2026-12-07-qwen3moe-small-q4_0.md`).
+fn by_quantized_experts_on_host(mlps: &[Mlp], x: &Tensor<2>, experts: Tensor<2, Int>, weights: Tensor<2>, k: usize) -> Result<Tensor<2>, EngineError> {
+    let [rows, hidden] = x.dims();
+    let n = mlps.len();
+    let (chosen, _) = read_routing(experts, rows * k, n)?;
+    let read = |t: Tensor<2>, what: &str| -> Result<Vec<f32>, EngineError> {
+        t.cast(BurnDType::F32).into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| EngineError::Device(format!("{what}: {e:?}")))
+    };
+    let xs = read(x.clone(), "expert inputs")?;
+    let ws = read(weights, "routing weights")?;
+    let mut out = vec![0f32; rows * hidden];
+    for r in 0..rows {
+        let row = &xs[r * hidden..(r + 1) * hidden];
+        let acc = &mut out[r * hidden..(r + 1) * hidden];
+        for j in 0..k {
+            let slot = r * k + j;
+            let y = mlps[chosen[slot]].host_row(row).ok_or_else(|| EngineError::Device("a quantized expert left host memory".into()))?;
+            let w = ws[slot];
+            for (a, v) in acc.iter_mut().zip(&y) {
+                *a += v * w;
+            }
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(out, [rows, hidden]), &x.device()))
 }
 
 /// `parts` one after another along rows (the one part itself, uncopied, when there is one).
@@ -726,6 +788,36 @@ mod tests {
                 for (i, (g, w)) in got[p * hidden..(p + 1) * hidden].iter().zip(&want).enumerate() {
                     assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name}: pair {p} (row {r}, expert {e}) element {i}: {g} vs {w}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_rows_of_host_quantized_experts_equal_the_batched_path() {
+        use inference_pio_kernels::quant::{QuantizedLinear, QuantizedMatrix};
+        let (n, k, hidden, inner) = (6, 2, 64, 32);
+        let device = Device::flex();
+        let mut next = uniform(3);
+        let mut matrix = |rows: usize, cols: usize| -> Linear {
+            let values: Vec<f32> = (0..rows * cols).map(|_| (next() - 0.5) * 0.2).collect();
+            let m = QuantizedMatrix::quantize_int4(&values, rows, cols, 32).expect("int4");
+            Linear::from_quantized(QuantizedLinear::new(m, &device))
+        };
+        let mlps: Vec<Mlp> = (0..n).map(|_| Mlp { gate_up: matrix(2 * inner, hidden), down: matrix(hidden, inner) }).collect();
+        assert!(mlps.iter().all(Mlp::is_host_quantized));
+        for rows in 1..=HOST_DECODE_MAX_ROWS {
+            let x: Vec<f32> = (0..rows * hidden).map(|i| ((i * 37 % 23) as f32 - 11.0) / 13.0).collect();
+            let x = Tensor::<2>::from_data(TensorData::new(x, [rows, hidden]), &device);
+            // Rows sharing an expert and rows alone on theirs.
+            let chosen: Vec<i64> = (0..rows * k).map(|p| ((p / k) * 2 + (p % k) * 3) as i64 % n as i64).collect();
+            let experts = Tensor::<2, Int>::from_data(TensorData::new(chosen, [rows, k]), &device);
+            let weights: Vec<f32> = (0..rows * k).map(|p| 0.25 + p as f32 * 0.1).collect();
+            let weights = Tensor::<2>::from_data(TensorData::new(weights, [rows, k]), &device);
+            let batched = by_quantized_experts(&mlps, x.clone(), experts.clone(), k).expect("batched");
+            let want = inference_pio_kernels::router::combine(batched, weights.clone()).into_data().try_to_vec::<f32>().expect("f32");
+            let got = by_quantized_experts_on_host(&mlps, &x, experts, weights, k).expect("host").into_data().try_to_vec::<f32>().expect("f32");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{rows} rows, element {i}: {g} vs {w}");
             }
         }
     }
