@@ -336,10 +336,13 @@ impl MoeBlock {
             && x.dtype() == BurnDType::F32
             && mlps.iter().all(Mlp::is_host_quantized)
         {
-            let out = by_quantized_experts_on_host(mlps, &x, experts, weights, k)?;
+            // A shared expert quantized in host memory joins on the host too (added after the
+            // routed experts' sum, as below).
+            let shared = self.shared.as_ref().filter(|m| m.is_host_quantized());
+            let out = by_quantized_experts_on_host(mlps, shared, &x, experts, weights, k)?;
             return Ok(match &self.shared {
-                Some(shared) => out.add(shared.forward(x)),
-                None => out,
+                Some(other) if shared.is_none() => out.add(other.forward(x)),
+                _ => out,
             });
         }
         let per_slot = match &self.routed {
@@ -519,11 +522,11 @@ const HOST_DECODE_MAX_ROWS: usize = 4;
 /// Decode rows through quantized experts kept in host memory (the CPU), on host vectors:
 /// each (row, chosen expert) pair's MLP on its row ([`Mlp::host_row`]: the products of one row,
 /// as the batched path runs an expert with one row), weighted and summed in slot order as
-/// [`inference_pio_kernels::router::combine`] does. Through tensors each expert took a gather,
+/// [`inference_pio_kernels::router::combine`] does, then the `shared` expert's output added. Through tensors each expert took a gather,
 /// two conversions to and from host rows per product, a SwiGLU and a concatenation: about
 /// 30 operations a layer, most of a decode step's time outside the products on a small
 /// Qwen3-MoE (`benches/results/cpu-2026-12-07-qwen3moe-small-q4_0.md`).
-fn by_quantized_experts_on_host(mlps: &[Mlp], x: &Tensor<2>, experts: Tensor<2, Int>, weights: Tensor<2>, k: usize) -> Result<Tensor<2>, EngineError> {
+fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2>, experts: Tensor<2, Int>, weights: Tensor<2>, k: usize) -> Result<Tensor<2>, EngineError> {
     let [rows, hidden] = x.dims();
     let n = mlps.len();
     let (chosen, _) = read_routing(experts, rows * k, n)?;
@@ -542,6 +545,12 @@ fn by_quantized_experts_on_host(mlps: &[Mlp], x: &Tensor<2>, experts: Tensor<2, 
             let w = ws[slot];
             for (a, v) in acc.iter_mut().zip(&y) {
                 *a += v * w;
+            }
+        }
+        if let Some(shared) = shared {
+            let y = shared.host_row(row).ok_or_else(|| EngineError::Device("a quantized shared expert left host memory".into()))?;
+            for (a, v) in acc.iter_mut().zip(&y) {
+                *a += v;
             }
         }
     }
@@ -815,9 +824,17 @@ mod tests {
             let weights = Tensor::<2>::from_data(TensorData::new(weights, [rows, k]), &device);
             let batched = by_quantized_experts(&mlps, x.clone(), experts.clone(), k).expect("batched");
             let want = inference_pio_kernels::router::combine(batched, weights.clone()).into_data().try_to_vec::<f32>().expect("f32");
-            let got = by_quantized_experts_on_host(&mlps, &x, experts, weights, k).expect("host").into_data().try_to_vec::<f32>().expect("f32");
+            let got = by_quantized_experts_on_host(&mlps, None, &x, experts.clone(), weights.clone(), k).expect("host").into_data().try_to_vec::<f32>().expect("f32");
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{rows} rows, element {i}: {g} vs {w}");
+            }
+            // With a shared expert (the first), added after the routed sum.
+            let shared = &mlps[0];
+            let with_shared = inference_pio_kernels::router::combine(by_quantized_experts(&mlps, x.clone(), experts.clone(), k).expect("batched"), weights.clone()).add(shared.forward(x.clone()));
+            let want = with_shared.into_data().try_to_vec::<f32>().expect("f32");
+            let got = by_quantized_experts_on_host(&mlps, Some(shared), &x, experts, weights, k).expect("host").into_data().try_to_vec::<f32>().expect("f32");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{rows} rows with a shared expert, element {i}: {g} vs {w}");
             }
         }
     }
