@@ -22,6 +22,7 @@ use burn::tensor::activation::sigmoid;
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
 use inference_pio_kernels::{batched_linear, matvec, split_parts, split_stacked, swiglu_halves};
+use rayon::prelude::*;
 
 /// How a token's experts and their weights are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -536,21 +537,33 @@ fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2
     let xs = read(x.clone(), "expert inputs")?;
     let ws = read(weights, "routing weights")?;
     let mut out = vec![0f32; rows * hidden];
-    for r in 0..rows {
-        let row = &xs[r * hidden..(r + 1) * hidden];
-        let acc = &mut out[r * hidden..(r + 1) * hidden];
-        for j in 0..k {
-            let slot = r * k + j;
-            let y = mlps[chosen[slot]].host_row(row).ok_or_else(|| EngineError::Device("a quantized expert left host memory".into()))?;
-            let w = ws[slot];
-            for (a, v) in acc.iter_mut().zip(&y) {
-                *a += v * w;
+    // Every (row, expert) MLP of the step at once over rayon's threads (one parallel region a
+    // layer instead of two per expert), then summed in slot order on this thread.
+    let tasks: Vec<(usize, Option<usize>)> = (0..rows).flat_map(|r| (0..k).map(move |j| (r, Some(r * k + j))).chain(shared.map(|_| (r, None)))).collect();
+    let outs: Vec<Option<Vec<f32>>> = tasks
+        .par_iter()
+        .map(|&(r, slot)| {
+            let row = &xs[r * hidden..(r + 1) * hidden];
+            match slot {
+                Some(slot) => mlps[chosen[slot]].host_row(row),
+                None => shared.and_then(|m| m.host_row(row)),
             }
-        }
-        if let Some(shared) = shared {
-            let y = shared.host_row(row).ok_or_else(|| EngineError::Device("a quantized shared expert left host memory".into()))?;
-            for (a, v) in acc.iter_mut().zip(&y) {
-                *a += v;
+        })
+        .collect();
+    for (&(r, slot), y) in tasks.iter().zip(outs) {
+        let y = y.ok_or_else(|| EngineError::Device("a quantized expert left host memory".into()))?;
+        let acc = &mut out[r * hidden..(r + 1) * hidden];
+        match slot {
+            Some(slot) => {
+                let w = ws[slot];
+                for (a, v) in acc.iter_mut().zip(&y) {
+                    *a += v * w;
+                }
+            }
+            None => {
+                for (a, v) in acc.iter_mut().zip(&y) {
+                    *a += v;
+                }
             }
         }
     }
