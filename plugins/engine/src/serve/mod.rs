@@ -113,6 +113,57 @@ pub struct StepLoop {
     blocks: usize,
 }
 
+/// The CPU pool's other threads kept awake through a step (llama.cpp's compute threads spin
+/// between operations): each runs a job that executes the pool's pending work as soon as there
+/// is any (`rayon::yield_now`) until the step ends. Asleep, a thread was woken through the
+/// kernel for each of a token's ~120 small parallel products (about 15 % of a decode on 2
+/// cores in `perf`). Only inside the CPU step loop's pool (`rayon::current_thread_index`); the
+/// spinning stops when this is dropped.
+struct KeepAwake(Arc<AtomicBool>);
+
+impl KeepAwake {
+    fn start() -> Option<Self> {
+        let step_thread = rayon::current_thread_index()?;
+        let others = rayon::current_num_threads().saturating_sub(1);
+        if others == 0 {
+            return None;
+        }
+        let running = Arc::new(AtomicBool::new(true));
+        for _ in 0..others {
+            let running = Arc::clone(&running);
+            rayon::spawn(move || {
+                // The step's own thread may take this job while it waits for stolen work; it
+                // must not spin there (the step that ends the spinning is below it).
+                if rayon::current_thread_index() == Some(step_thread) {
+                    return;
+                }
+                // Idle, it gives its core to the scheduler now and then, in case the process
+                // has fewer cores than threads.
+                let mut idle = 0u32;
+                while running.load(Ordering::Relaxed) {
+                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                        idle = 0;
+                    } else {
+                        idle = idle.wrapping_add(1);
+                        if idle.is_multiple_of(64) {
+                            std::thread::yield_now();
+                        } else {
+                            std::hint::spin_loop();
+                        }
+                    }
+                }
+            });
+        }
+        Some(Self(running))
+    }
+}
+
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Device memory a model needs beside its weights and KV cache, estimated from its shapes
 /// (vLLM measures the same with a profiling step before sizing its cache): the largest
 /// step's activations (`max_num_batched_tokens` tokens, each with its residual, normalised,
@@ -675,6 +726,7 @@ impl LoopState {
     /// `async_scheduling` is on, queues it and leaves it in flight (its tokens are handed out
     /// after the next step is queued). Sequences that end meanwhile leave `work`.
     fn step(&mut self, work: &mut Vec<Scheduled>) -> Result<(), EngineError> {
+        let _awake = KeepAwake::start();
         let chained = self.in_flight.as_ref().is_some_and(|f| self.follows(work, f));
         if !chained {
             // This step needs the tokens of the one in flight on the host.
