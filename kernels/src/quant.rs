@@ -3405,11 +3405,10 @@ fn launch_dequantize(codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bi
     out
 }
 
-/// Values per unit of the dequantize kernel: the widest of 8, 4, 2 and 1 that fits 16 bytes of
-/// `dtype` and divides both `cols` and `group`.
+/// Values per unit of the dequantize kernel: the widest vector of `dtype` (at most 16 bytes,
+/// [`crate::launch::vector_width`]) that divides both `cols` and `group`, i.e. their gcd.
 pub fn dequantize_width(cols: usize, group: usize, dtype: DType) -> usize {
-    let most = (16 / dtype.size()).max(1);
-    [8usize, 4, 2, 1].into_iter().find(|&v| v <= most && cols.is_multiple_of(v) && group.is_multiple_of(v)).unwrap_or(1)
+    crate::launch::vector_width(crate::quant_e4m3::gcd(cols, group), dtype)
 }
 
 #[cfg(test)]

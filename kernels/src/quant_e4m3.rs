@@ -38,7 +38,7 @@ pub const FP8_BLOCK: usize = 128;
 /// E4M3's largest finite value.
 const E4M3_MAX: f32 = 448.0;
 
-fn gcd(a: usize, b: usize) -> usize {
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
