@@ -25,10 +25,9 @@ import sys
 import numpy as np
 from gguf import ExpertGatingFuncType, GGMLQuantizationType as Q
 from gguf import GGUFWriter
-from gguf.quants import quantize
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../plugins/qwen3-coder-30b/tests/fixtures"))
-from make_gguf_fixtures import tiny_tokenizer  # noqa: E402
+from make_gguf_fixtures import add_tensor, finish, tiny_tokenizer  # noqa: E402
 
 SHAPE = dict(hidden=768, layers=8, dense_layers=1, heads=12, kv_heads=4, head_dim=64, experts=32, top_k=4, shared=1,
              moe_inner=256, dense_inner=1536, vocab=32768, context=4096)
@@ -107,19 +106,10 @@ def main():
         w.add_expert_weights_scale(2.5)
         w.add_expert_weights_norm(True)
         w.add_file_type(0 if t == "F32" else (7 if t == "Q8_0" else 2))
-        tiny_tokenizer(w, s["vocab"])
-        w.add_tokenizer_pre("glm4")
+        tiny_tokenizer(w, s["vocab"], pre="glm4")
         for name, v in tensors.items():
-            v = v.astype(np.float32)
-            kind = Q.F32 if (v.ndim == 1 or "ffn_gate_inp" in name) else qtype
-            if kind == Q.F32:
-                w.add_tensor(name, v)
-            else:
-                w.add_tensor(name, quantize(v, kind), raw_dtype=kind)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+            add_tensor(w, name, v, Q.F32 if (v.ndim == 1 or "ffn_gate_inp" in name) else qtype)
+        finish(w)
         print("wrote", path, os.path.getsize(path) // (1 << 20), "MiB")
 
 
