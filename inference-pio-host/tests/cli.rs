@@ -463,48 +463,38 @@ fn a_gguf_file_selects_the_llama_plugin_and_matches_transformers() {
     assert_eq!(result["token_ids"], prompt["greedy"]);
 }
 
-/// llama.cpp's Qwen3-MoE layout (`qwen3moe`: routers, stacked experts): the host turns its
-/// metadata into a `Qwen3MoeForCausalLM` config, picks the Qwen3-MoE plugin, and the BF16 twin
-/// of the tiny fixture gives transformers' greedy tokens for the safetensors model.
-#[test]
-fn a_qwen3moe_gguf_file_selects_the_moe_plugin_and_matches_transformers() {
+/// `plugin_dir/tests/fixtures/NAME.bf16.gguf` run by the binary on a fixture prompt (`extra`
+/// arguments added): the host turns the GGUF metadata into a config of `architecture`, picks
+/// `plugin`, and the twin gives transformers' greedy tokens for the safetensors model.
+fn gguf_twin_gives_transformers_tokens(plugin_dir: &str, name: &str, plugin: &str, architecture: &str, extra: &[&str]) {
     let cwd = tempfile::tempdir().expect("cwd");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/qwen3-coder-30b/tests/fixtures");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins").join(plugin_dir).join("tests/fixtures");
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("qwen3moe-tiny-a.reference.json")).expect("ref")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join(format!("{name}.reference.json"))).expect("ref")).expect("json");
     let prompt = &reference["prompts"][1];
     let ids: Vec<String> = prompt["ids"].as_array().expect("ids").iter().map(|v| v.to_string()).collect();
-    let model = fixtures.join("qwen3moe-tiny-a.bf16.gguf");
-    let out = inference_pio(
-        &["run", "--model", model.to_str().expect("utf8"), "--prompt-ids", &ids.join(","), "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu"],
-        cwd.path(),
-    );
+    let model = fixtures.join(format!("{name}.bf16.gguf"));
+    let ids = ids.join(",");
+    let mut args = vec!["run", "--model", model.to_str().expect("utf8"), "--prompt-ids", &ids, "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu"];
+    args.extend_from_slice(extra);
+    let out = inference_pio(&args, cwd.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
-    assert_eq!((&result["plugin"], &result["model"]["architecture"]), (&serde_json::json!("qwen3-coder-30b"), &serde_json::json!("Qwen3MoeForCausalLM")), "{result}");
+    assert_eq!((&result["plugin"], &result["model"]["architecture"]), (&serde_json::json!(plugin), &serde_json::json!(architecture)), "{result}");
     assert_eq!(result["token_ids"], prompt["greedy"]);
 }
 
+/// llama.cpp's Qwen3-MoE layout (`qwen3moe`: routers, stacked experts).
+#[test]
+fn a_qwen3moe_gguf_file_selects_the_moe_plugin_and_matches_transformers() {
+    gguf_twin_gives_transformers_tokens("qwen3-coder-30b", "qwen3moe-tiny-a", "qwen3-coder-30b", "Qwen3MoeForCausalLM", &[]);
+}
+
 /// llama.cpp's GLM-4.x MoE layout (`glm4moe`: shared experts, the router's score bias, the
-/// multi-token-prediction layer among the blocks): the host picks the GLM plugin, and the BF16
-/// twin of the tiny fixture gives transformers' greedy tokens for the safetensors model.
+/// multi-token-prediction layer among the blocks); its reference generated without an end token.
 #[test]
 fn a_glm4moe_gguf_file_selects_the_glm_plugin_and_matches_transformers() {
-    let cwd = tempfile::tempdir().expect("cwd");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/glm-4-7/tests/fixtures");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("glm4moe-tiny-a.reference.json")).expect("ref")).expect("json");
-    let prompt = &reference["prompts"][1];
-    let ids: Vec<String> = prompt["ids"].as_array().expect("ids").iter().map(|v| v.to_string()).collect();
-    let model = fixtures.join("glm4moe-tiny-a.bf16.gguf");
-    let out = inference_pio(
-        &["run", "--model", model.to_str().expect("utf8"), "--prompt-ids", &ids.join(","), "--greedy", "--ignore-eos", "--max-new-tokens", "16", "--json", "--device", "cpu"],
-        cwd.path(),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
-    assert_eq!((&result["plugin"], &result["model"]["architecture"]), (&serde_json::json!("glm-4-7"), &serde_json::json!("Glm4MoeForCausalLM")), "{result}");
-    assert_eq!(result["token_ids"], prompt["greedy"]);
+    gguf_twin_gives_transformers_tokens("glm-4-7", "glm4moe-tiny-a", "glm-4-7", "Glm4MoeForCausalLM", &["--ignore-eos"]);
 }
 
 #[test]

@@ -180,6 +180,43 @@ pub fn check_fixture(family: &ModelFamily, dir: &Path, name: &str, bf16: bool) {
     check_model(family, &dir.join(name), &reference(dir, name), name, bf16);
 }
 
+/// GGUF twins of the safetensors fixture `dir/name` (`name.bf16.gguf`, `name.q.gguf`, as the
+/// plugins' `make_gguf_fixtures.py` write them): the BF16 file holds the checkpoint's values, so
+/// it must give that checkpoint's logits (1e-6 relative L2) and greedy tokens; the quantized
+/// file, its blocks kept (its `plugins info` quantization starting `quantization`), must give
+/// what the same file dequantized gives, prompt and decode (1e-5).
+pub fn check_gguf_twins(family: &ModelFamily, dir: &Path, name: &str, quantization: &str) {
+    use inference_pio_core::config::Quantization;
+    let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 500 + 3).collect();
+    let safetensors = load_cpu(family, &dir.join(name), DType::F32);
+    let bf16 = load_cpu(family, &dir.join(format!("{name}.bf16.gguf")), DType::F32);
+    let want = all_logits(&safetensors, &prompt);
+    for (i, (g, w)) in all_logits(&bf16, &prompt).iter().zip(&want).enumerate() {
+        assert!(rel_l2(g, w) <= 1e-6, "BF16 GGUF, position {i}: {}", rel_l2(g, w));
+    }
+    assert_eq!(greedy_ignoring_eos(&bf16, &prompt, 8), greedy_ignoring_eos(&safetensors, &prompt, 8));
+    drop((safetensors, bf16));
+
+    let load = |stored: Option<Quantization>| {
+        let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
+        let mut settings = PluginSettings::default();
+        settings.optimization.prefill_chunk_tokens = 0;
+        settings.optimization.quantization = stored;
+        load_engine(family, &dir.join(format!("{name}.q.gguf")), &options, &settings).expect("loads the quantized GGUF")
+    };
+    let (kept, info) = load(None);
+    assert!(info.quantization.starts_with(quantization), "{}", info.quantization);
+    let (dense, info) = load(Some(Quantization::None));
+    assert_eq!(info.quantization, "");
+    let want = all_logits(&dense, &prompt);
+    for (i, (g, w)) in all_logits(&kept, &prompt).iter().zip(&want).enumerate() {
+        assert!(rel_l2(g, w) <= 1e-5, "quantized GGUF, prompt position {i}: {}", rel_l2(g, w));
+    }
+    for (i, (g, w)) in incremental_logits(&kept, &prompt, 5, 4).iter().zip(&want).enumerate() {
+        assert!(rel_l2(g, w) <= 1e-5, "quantized GGUF, decode position {i}: {}", rel_l2(g, w));
+    }
+}
+
 /// [`check_fixture`] for a model at `model` (a directory or a GGUF file) and its reference.
 pub fn check_model(family: &ModelFamily, model: &Path, reference: &Value, name: &str, bf16: bool) {
     let prompts = reference["prompts"].as_array().cloned().unwrap_or_default();

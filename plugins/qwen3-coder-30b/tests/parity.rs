@@ -256,38 +256,7 @@ fn quantized_checkpoint_experts_keep_their_codes_and_match_their_dequantized_val
 /// experts' Q4_1 and Q8_0 rows included) and must give what the same file dequantized gives.
 #[test]
 fn qwen3moe_gguf_files_load_with_their_stacked_experts() {
-    use inference_pio_core::config::Quantization;
-    use inference_pio_core::types::{DeviceRequest, LoadOptions, PluginSettings};
-    use inference_pio_engine::plugin::load_engine;
-    let prompt: Vec<u32> = (0..16).map(|i| (i * 37 + 11) % 500 + 3).collect();
-    let safetensors = load_cpu(&FAMILY, &fixtures().join("qwen3moe-tiny-a"), DType::F32);
-    let bf16 = load_cpu(&FAMILY, &fixtures().join("qwen3moe-tiny-a.bf16.gguf"), DType::F32);
-    let want = all_logits(&safetensors, &prompt);
-    for (i, (g, w)) in all_logits(&bf16, &prompt).iter().zip(&want).enumerate() {
-        assert!(rel_l2(g, w) <= 1e-6, "BF16 GGUF, position {i}: {}", rel_l2(g, w));
-    }
-    let greedy = |e: &inference_pio_engine::generate::Engine| inference_pio_engine::testing::greedy_ignoring_eos(e, &prompt, 8);
-    assert_eq!(greedy(&bf16), greedy(&safetensors));
-    drop((safetensors, bf16));
-
-    let load = |quantization: Option<Quantization>| {
-        let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
-        let mut settings = PluginSettings::default();
-        settings.optimization.prefill_chunk_tokens = 0;
-        settings.optimization.quantization = quantization;
-        load_engine(&FAMILY, &fixtures().join("qwen3moe-tiny-a.q.gguf"), &options, &settings).expect("loads the quantized GGUF")
-    };
-    let (kept, info) = load(None);
     // The 63 of the safetensors model (attention, the dense MLP, 16 experts x 3), the LM head
     // and the embedding table, which the file stores in Q8_0 too.
-    assert!(info.quantization.starts_with("mixed 4- and 8-bit groups: 65 of 65 linear weights"), "{}", info.quantization);
-    let (dense, info) = load(Some(Quantization::None));
-    assert_eq!(info.quantization, "");
-    let want = all_logits(&dense, &prompt);
-    for (i, (g, w)) in all_logits(&kept, &prompt).iter().zip(&want).enumerate() {
-        assert!(rel_l2(g, w) <= 1e-5, "quantized GGUF, prompt position {i}: {}", rel_l2(g, w));
-    }
-    for (i, (g, w)) in incremental_logits(&kept, &prompt, 5, 4).iter().zip(&want).enumerate() {
-        assert!(rel_l2(g, w) <= 1e-5, "quantized GGUF, decode position {i}: {}", rel_l2(g, w));
-    }
+    inference_pio_engine::testing::check_gguf_twins(&FAMILY, &fixtures(), "qwen3moe-tiny-a", "mixed 4- and 8-bit groups: 65 of 65 linear weights");
 }
