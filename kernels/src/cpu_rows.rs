@@ -164,6 +164,14 @@ pub fn add_rms_norm<const D: usize>(residual: &Tensor<D>, y: &Tensor<D>, weight:
     Some((tensor_of(sum, residual.dims(), residual), tensor_of(normed, residual.dims(), residual)))
 }
 
+/// `out = silu(gate) * up` of one row, in [`swiglu_halves`]'s arithmetic (for callers that hold
+/// rows on the host).
+pub fn swiglu_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
 /// `silu(gate) * up` of `[.., gate | up]` rows (see [`crate::reference::swiglu_halves`]);
 /// `None` off the CPU's f32 path.
 pub fn swiglu_halves<const D: usize>(gate_up: &Tensor<D>) -> Option<Tensor<D>> {
@@ -173,9 +181,7 @@ pub fn swiglu_halves<const D: usize>(gate_up: &Tensor<D>) -> Option<Tensor<D>> {
             let mut out = vec![0f32; rows.starts.len() * inner];
             each_row(&mut out, inner, |r, o, buf| {
                 let (gate, up) = rows.row(r, buf).split_at(inner);
-                for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                swiglu_row(gate, up, o);
             });
             out
         })

@@ -29,6 +29,7 @@ pub mod softmax;
 
 pub use activation::swiglu_halves;
 pub use kv_pages::{KvCodes, KvPages, KvStorage};
+pub use cpu_rows::swiglu_row;
 pub use kv_write::{write_kv_pair, write_kv_slots, zeroed_kv_buffer};
 pub use linear::{batched_linear, batched_matmul, concat_outputs, linear, split_parts, split_stacked, split_weight, with_cpu_split};
 pub use norm::{add_rms_norm, rms_norm};

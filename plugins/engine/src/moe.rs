@@ -157,13 +157,14 @@ impl Mlp {
     }
 
     /// [`Self::forward`] of one f32 row on the host (weights quantized in host memory: see
-    /// [`Linear::host_row`]): the same products of one row, and SwiGLU as the CPU's row loop
-    /// computes it (`inference_pio_kernels::cpu_rows`).
+    /// [`Linear::host_row`]): the same products of one row, and the CPU's SwiGLU row
+    /// ([`inference_pio_kernels::swiglu_row`]).
     fn host_row(&self, x: &[f32]) -> Option<Vec<f32>> {
         let gate_up = self.gate_up.host_row(x)?;
         let inner = gate_up.len() / 2;
         let (gate, up) = gate_up.split_at(inner);
-        let h: Vec<f32> = gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        let mut h = vec![0f32; inner];
+        inference_pio_kernels::swiglu_row(gate, up, &mut h);
         self.down.host_row(&h)
     }
 
@@ -523,10 +524,9 @@ const HOST_DECODE_MAX_ROWS: usize = 4;
 /// Decode rows through quantized experts kept in host memory (the CPU), on host vectors:
 /// each (row, chosen expert) pair's MLP on its row ([`Mlp::host_row`]: the products of one row,
 /// as the batched path runs an expert with one row), weighted and summed in slot order as
-/// [`inference_pio_kernels::router::combine`] does, then the `shared` expert's output added. Through tensors each expert took a gather,
-/// two conversions to and from host rows per product, a SwiGLU and a concatenation: about
-/// 30 operations a layer, most of a decode step's time outside the products on a small
-/// Qwen3-MoE (`benches/results/cpu-2026-12-07-qwen3moe-small-q4_0.md`).
+/// [`inference_pio_kernels::router::combine`] does, then the `shared` expert's output added
+/// (weight 1). Through tensors each expert took a gather, two conversions to and from host rows
+/// per product, a SwiGLU and a concatenation: about 30 operations a layer.
 fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2>, experts: Tensor<2, Int>, weights: Tensor<2>, k: usize) -> Result<Tensor<2>, EngineError> {
     let [rows, hidden] = x.dims();
     let n = mlps.len();
@@ -552,19 +552,10 @@ fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2
         .collect();
     for (&(r, slot), y) in tasks.iter().zip(outs) {
         let y = y.ok_or_else(|| EngineError::Device("a quantized expert left host memory".into()))?;
-        let acc = &mut out[r * hidden..(r + 1) * hidden];
-        match slot {
-            Some(slot) => {
-                let w = ws[slot];
-                for (a, v) in acc.iter_mut().zip(&y) {
-                    *a += v * w;
-                }
-            }
-            None => {
-                for (a, v) in acc.iter_mut().zip(&y) {
-                    *a += v;
-                }
-            }
+        // The shared expert's weight 1 multiplies exactly.
+        let w = slot.map_or(1.0, |s| ws[s]);
+        for (a, v) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(&y) {
+            *a += v * w;
         }
     }
     Ok(Tensor::from_data(TensorData::new(out, [rows, hidden]), &x.device()))
