@@ -228,21 +228,27 @@ impl Linear {
     /// memory and there is no bias (the products [`Self::forward`] runs for one row on the
     /// CPU, without its tensors); `None` otherwise.
     pub(crate) fn host_row(&self, x: &[f32]) -> Option<Vec<f32>> {
-        if self.bias.is_some() {
-            return None;
-        }
-        let mut y = Vec::new();
-        for w in &self.weights {
-            let Weight::Quantized(q) = w else { return None };
-            let m = q.host_matrix()?;
-            y.extend(m.matmul(x, 1, q.activations(burn::tensor::DType::F32)));
-        }
-        Some(y)
+        Some(self.host_matrices()?.into_iter().flat_map(|(m, activations)| m.matmul(x, 1, activations)).collect())
     }
 
     /// Whether [`Self::host_row`] applies.
     pub(crate) fn is_host_quantized(&self) -> bool {
-        self.bias.is_none() && self.weights.iter().all(|w| matches!(w, Weight::Quantized(q) if q.host_matrix().is_some()))
+        self.host_matrices().is_some()
+    }
+
+    /// Each weight's matrix in host memory and the activations its products take, where every
+    /// weight has one and there is no bias.
+    fn host_matrices(&self) -> Option<Vec<(&QuantizedMatrix, inference_pio_kernels::quant::Activations)>> {
+        if self.bias.is_some() {
+            return None;
+        }
+        self.weights
+            .iter()
+            .map(|w| match w {
+                Weight::Quantized(q) => q.host_matrix().map(|m| (m, q.activations(burn::tensor::DType::F32))),
+                Weight::Dense(_) => None,
+            })
+            .collect()
     }
 
     /// One quantized weight, no bias.
