@@ -949,40 +949,6 @@ pub mod hf {
         Ok(order)
     }
 
-    /// `Glm4MoeConfig`'s routing keys from llama.cpp's `glm4moe` metadata (written by
-    /// `convert_hf_to_gguf.py`'s `Glm4MoeModel`; read by `src/models/glm4-moe.cpp`): sigmoid
-    /// scores with the `exp_probs_b` bias, the chosen weights renormalised when
-    /// `expert_weights_norm` says so and scaled by `expert_weights_scale`; the first
-    /// `leading_dense_block_count` layers dense; group-limited choice where
-    /// `expert_group_count` is given (llama.cpp's converter writes none for GLM: the released
-    /// models have one group); QK-norm where the file has its weights.
-    fn glm4moe_config(file: &Gguf, c: &mut Map<String, Json>, layers: u64) -> Result<(), FormatError> {
-        let key = |name: &str| format!("glm4moe.{name}");
-        let need = |name: &str| -> Result<u64, FormatError> { file.get_u64(&key(name))?.ok_or_else(|| FormatError(format!("metadata `{}` is missing", key(name)))) };
-        // llama.cpp's gating function numbers: 1 softmax, 2 sigmoid (its default for glm4moe).
-        if let Some(gating) = file.get_u64(&key("expert_gating_func"))?
-            && gating != 2
-        {
-            return Err(FormatError(format!("metadata `{}` = {gating}: GLM-4 routing scores are sigmoids (2)", key("expert_gating_func"))));
-        }
-        c.insert("n_routed_experts".into(), json!(need("expert_count")?));
-        c.insert("num_experts_per_tok".into(), json!(need("expert_used_count")?));
-        c.insert("moe_intermediate_size".into(), json!(need("expert_feed_forward_length")?));
-        c.insert("n_shared_experts".into(), json!(file.get_u64(&key("expert_shared_count"))?.unwrap_or(0)));
-        c.insert("first_k_dense_replace".into(), json!(file.get_u64(&key("leading_dense_block_count"))?.unwrap_or(0).min(layers)));
-        c.insert("routed_scaling_factor".into(), json!(file.get_f64(&key("expert_weights_scale"))?.filter(|&s| s != 0.0).unwrap_or(1.0)));
-        c.insert("norm_topk_prob".into(), json!(file.get_bool(&key("expert_weights_norm"))?.unwrap_or(false)));
-        c.insert("n_group".into(), json!(file.get_u64(&key("expert_group_count"))?.unwrap_or(1).max(1)));
-        c.insert("topk_group".into(), json!(file.get_u64(&key("expert_group_used_count"))?.unwrap_or(1).max(1)));
-        c.insert("use_qk_norm".into(), json!(file.tensor("blk.0.attn_q_norm.weight").is_some()));
-        // GLM's default is half the head rotated; the file says how much in its rope
-        // dimension (set above where it is not the whole head).
-        if !c.contains_key("partial_rotary_factor") {
-            c.insert("partial_rotary_factor".into(), json!(1.0));
-        }
-        Ok(())
-    }
-
     /// A transformers-style `config.json` for the model a GGUF file holds.
     pub fn config(file: &Gguf) -> Result<Json, FormatError> {
         let arch = file.architecture()?;
@@ -1046,8 +1012,35 @@ pub mod hf {
                 c.insert("rope_scaling".into(), json!({ "rope_type": kind, "factor": factor }));
             }
         }
+        // GLM-4.x (llama.cpp's `glm4moe`, written by `convert_hf_to_gguf.py`'s `Glm4MoeModel`,
+        // read by `src/models/glm4-moe.cpp`): `Glm4MoeConfig`'s routing keys. Sigmoid scores with
+        // the `exp_probs_b` bias, the chosen weights renormalised when `expert_weights_norm`
+        // says so and scaled by `expert_weights_scale`; the first `leading_dense_block_count`
+        // layers dense; group-limited choice where `expert_group_count` is given (llama.cpp's
+        // converter writes none for GLM: the released models have one group); QK-norm where the
+        // file has its weights.
         if arch == "glm4moe" {
-            glm4moe_config(file, &mut c, layers)?;
+            // llama.cpp's gating function numbers: 1 softmax, 2 sigmoid (its default for glm4moe).
+            if let Some(gating) = file.get_u64(&key("expert_gating_func"))?
+                && gating != 2
+            {
+                return Err(FormatError(format!("metadata `{}` = {gating}: GLM-4 routing scores are sigmoids (2)", key("expert_gating_func"))));
+            }
+            c.insert("n_routed_experts".into(), json!(need("expert_count")?));
+            c.insert("num_experts_per_tok".into(), json!(need("expert_used_count")?));
+            c.insert("moe_intermediate_size".into(), json!(need("expert_feed_forward_length")?));
+            c.insert("n_shared_experts".into(), json!(file.get_u64(&key("expert_shared_count"))?.unwrap_or(0)));
+            c.insert("first_k_dense_replace".into(), json!(file.get_u64(&key("leading_dense_block_count"))?.unwrap_or(0).min(layers)));
+            c.insert("routed_scaling_factor".into(), json!(file.get_f64(&key("expert_weights_scale"))?.filter(|&s| s != 0.0).unwrap_or(1.0)));
+            c.insert("norm_topk_prob".into(), json!(file.get_bool(&key("expert_weights_norm"))?.unwrap_or(false)));
+            c.insert("n_group".into(), json!(file.get_u64(&key("expert_group_count"))?.unwrap_or(1).max(1)));
+            c.insert("topk_group".into(), json!(file.get_u64(&key("expert_group_used_count"))?.unwrap_or(1).max(1)));
+            c.insert("use_qk_norm".into(), json!(file.tensor("blk.0.attn_q_norm.weight").is_some()));
+            // GLM's default is half the head rotated; the file says how much in its rope
+            // dimension (set above where it is not the whole head).
+            if !c.contains_key("partial_rotary_factor") {
+                c.insert("partial_rotary_factor".into(), json!(1.0));
+            }
         }
         // A mixture of experts (llama.cpp's `qwen3moe`): its graph renormalises the chosen
         // experts' weights (`build_moe_ffn(..., norm_w = true, ...)`), every layer with a
