@@ -215,6 +215,12 @@ pub(crate) trait GroupValue: Copy + Send + Sync + 'static {
     /// The masked values are readable at `p`, and the CPU has AVX-512 F and BW.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16_masked(mask: u16, p: *const Self) -> std::arch::x86_64::__m512;
+    /// Sixteen values from `p`, as f32.
+    ///
+    /// # Safety
+    /// Sixteen values are readable at `p`, and the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl GroupValue for f32 {
@@ -247,6 +253,13 @@ impl GroupValue for f32 {
     unsafe fn load16_masked(mask: u16, p: *const f32) -> std::arch::x86_64::__m512 {
         // SAFETY: the caller's guarantees.
         unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's guarantees (16 readable values, AVX-512F).
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -305,6 +318,14 @@ impl GroupValue for f16 {
         // SAFETY: the caller's guarantees: the masked halves are readable (a masked load of
         // 32 halves reads only those), AVX-512 F and BW.
         unsafe { _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(u32::from(mask), p as *const i16))) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's guarantees (16 readable halves, AVX-512F); an unaligned load.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
 }
 
@@ -2139,10 +2160,18 @@ mod simd {
             by_groups!(m, S => {
             let mins = &S::slices(&m.groups).expect("the type `by_groups` chose").1[row * groups..(row + 1) * groups];
             // SAFETY: the CPU has AVX2 and FMA, and AVX-512F where `wide` (detected at run time).
+            if wide {
+                // SAFETY: the CPU has AVX-512F (detected at run time).
+                let whole: &[f32] = &match (splits, sums) {
+                    (&[a, b], &[sa, sb]) => unsafe { avx512::row_split4_rows::<S, 2>(m, row, [a, b], [sa, sb]) }.to_vec(),
+                    (&[a, b, c], &[sa, sb, sc]) => unsafe { avx512::row_split4_rows::<S, 3>(m, row, [a, b, c], [sa, sb, sc]) }.to_vec(),
+                    (&[a, b, c, d], &[sa, sb, sc, sd]) => unsafe { avx512::row_split4_rows::<S, 4>(m, row, [a, b, c, d], [sa, sb, sc, sd]) }.to_vec(),
+                    _ => return false,
+                };
+                out.copy_from_slice(whole);
+                return true;
+            }
             let codes: &[f32] = &match *splits {
-                [a, b] if wide => unsafe { avx512::row_codes4_split_rows::<S, 2>(m, row, [a, b]) }.to_vec(),
-                [a, b, c] if wide => unsafe { avx512::row_codes4_split_rows::<S, 3>(m, row, [a, b, c]) }.to_vec(),
-                [a, b, c, d] if wide => unsafe { avx512::row_codes4_split_rows::<S, 4>(m, row, [a, b, c, d]) }.to_vec(),
                 [a, b] => unsafe { row_codes4_split_avx2_rows::<S, 2>(m, row, [a, b]) }.to_vec(),
                 [a, b, c] => unsafe { row_codes4_split_avx2_rows::<S, 3>(m, row, [a, b, c]) }.to_vec(),
                 [a, b, c, d] => unsafe { row_codes4_split_avx2_rows::<S, 4>(m, row, [a, b, c, d]) }.to_vec(),
@@ -2342,12 +2371,76 @@ mod simd {
         #[target_feature(enable = "avx512f,f16c")]
         #[inline]
         unsafe fn unit_codes4(bytes: *const u8) -> [__m512; 2] {
-            let low = _mm_set1_epi8(0x0f);
+            // Each byte widened to a 32-bit lane (one instruction, the load folded in); a
+            // lane's low nibble, then its high one, picks its value from a table of 0.0 ..
+            // 15.0 (`vpermps` reads only an index's low four bits), so no mask and no
+            // integer conversion: the same values, in fewer instructions on the two ports
+            // that also run the multiply-adds.
+            let table = _mm512_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0);
             // SAFETY: the caller guarantees 16 readable bytes (an unaligned load).
-            let b = unsafe { _mm_loadu_si128(bytes as *const __m128i) };
-            let even = _mm_and_si128(b, low);
-            let odd = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-            [_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(even)), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(odd))]
+            let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(bytes as *const __m128i) });
+            [_mm512_permutexvar_ps(b, table), _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))]
+        }
+
+        /// A group's sum of codes times activations after unit `k` of it: `c[1]·x[1] +
+        /// c[0]·x[0]` for its first unit, added to `acc` for the next (one multiply and one
+        /// multiply-add a unit, no zeroed accumulators and no add of two).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn unit_terms(k: usize, acc: __m512, c: [__m512; 2], x: [__m512; 2]) -> __m512 {
+            let even = if k == 0 { _mm512_mul_ps(c[0], x[0]) } else { _mm512_fmadd_ps(c[0], x[0], acc) };
+            _mm512_fmadd_ps(c[1], x[1], even)
+        }
+
+        /// A row's offsets `Σ_g min_g · sums_g`: the whole sixteens as a vector, to be added
+        /// to the row's accumulators before their lanes are summed (one sum of lanes a row
+        /// instead of two; a row's offsets summed one value after another took an eighth of
+        /// the decode loop's time), and the rest of the groups as a scalar.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f,f16c")]
+        #[inline]
+        unsafe fn offsets16<S: super::super::GroupValue>(mins: &[S], sums: &[f32]) -> (__m512, f32) {
+            let mut acc = _mm512_setzero_ps();
+            let whole = mins.len().min(sums.len()) / 16 * 16;
+            for (m, s) in mins[..whole].chunks_exact(16).zip(sums[..whole].chunks_exact(16)) {
+                // SAFETY: sixteen values at `m` and at `s`; the caller guarantees AVX-512F.
+                acc = unsafe { _mm512_fmadd_ps(S::load16(m.as_ptr()), _mm512_loadu_ps(s.as_ptr()), acc) };
+            }
+            let mut rest = 0f32;
+            for (m, s) in mins[whole..].iter().zip(&sums[whole..]) {
+                // SAFETY: AVX-512F implies F16C.
+                rest += unsafe { m.get_f16c() } * s;
+            }
+            (acc, rest)
+        }
+
+        /// Group values as f32, in a buffer the loops broadcast from (a broadcast from memory
+        /// takes no arithmetic port; one value converted at a time took four instructions a
+        /// group, and sixteen converted into a buffer on the stack just before their
+        /// broadcasts cost more than that).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F.
+        #[target_feature(enable = "avx512f,f16c")]
+        unsafe fn values_f32<S: super::super::GroupValue>(values: &[S]) -> Vec<f32> {
+            let mut out = vec![0f32; values.len()];
+            let mut chunks = out.chunks_exact_mut(16);
+            for (o, v) in (&mut chunks).zip(values.chunks_exact(16)) {
+                // SAFETY: sixteen values at `v` and sixteen places at `o`; the caller
+                // guarantees AVX-512F.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), S::load16(v.as_ptr())) };
+            }
+            let tail = values.len() / 16 * 16;
+            for (o, v) in chunks.into_remainder().iter_mut().zip(&values[tail..]) {
+                // SAFETY: AVX-512F implies F16C.
+                *o = unsafe { v.get_f16c() };
+            }
+            out
         }
 
         /// [`super::rows_split4_avx2`] with sixteen lanes.
@@ -2356,14 +2449,34 @@ mod simd {
         /// The CPU has AVX-512F (the shapes are checked here).
         #[target_feature(enable = "avx512f,f16c")]
         pub(in super::super) unsafe fn rows_split4<S: super::super::GroupValue>(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
+            // Groups of one unit (GGUF's Q4_0 and Q4_1) get a loop compiled for them: no
+            // loop over a group's units and no test of their count in each group.
+            // SAFETY: this function's requirements.
+            unsafe {
+                if m.group == 32 {
+                    rows_split4_units::<S, 1>(m, first, split, sums, out)
+                } else {
+                    rows_split4_units::<S, 0>(m, first, split, sums, out)
+                }
+            }
+        }
+
+        /// [`rows_split4`] for groups of `UNITS` units of 32 codes (0: `m.group / 32`, read at
+        /// run time).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked here).
+        #[target_feature(enable = "avx512f,f16c")]
+        unsafe fn rows_split4_units<S: super::super::GroupValue, const UNITS: usize>(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
             let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let groups = m.groups_per_row();
-            let units_per_group = m.group / 32;
+            let units_per_group = if UNITS == 0 { m.group / 32 } else { UNITS };
             let row_bytes = m.cols / 2;
             let count = out.len();
             assert!(
                 m.bits == 4
                     && m.group.is_multiple_of(32)
+                    && units_per_group * 32 == m.group
                     && split.len() == m.cols
                     && sums.len() == groups
                     && (first + count) * row_bytes <= m.codes.len() * 4
@@ -2371,7 +2484,9 @@ mod simd {
                 "rows of another width"
             );
             let codes = m.codes.as_ptr() as *const u8;
-            let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
+            let mins = &mn[first * groups..(first + count) * groups];
+            // SAFETY: the CPU has AVX-512F (this function's requirement).
+            let scales = unsafe { values_f32(&sc[first * groups..(first + count) * groups]) };
             // Two output rows a pass (each with its own sums, in the one-row order of operations,
             // so a row's result does not depend on its neighbour): each unit's activations are
             // loaded once for both, and the two rows' chains run side by side (one row at a time
@@ -2384,34 +2499,42 @@ mod simd {
                 let (mut ba, mut bb) = unsafe { (codes.add((first + r) * row_bytes), codes.add((first + r + 1) * row_bytes)) };
                 let mut xp = split.as_ptr();
                 let (mut a0, mut a1, mut b0, mut b1) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
-                for g in 0..groups {
-                    let (mut p, mut q, mut u, mut v) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
-                    for _ in 0..units_per_group {
-                        // SAFETY: as in the one-row loop below, for both rows.
-                        unsafe {
-                            let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
-                            let [c0, c1] = unit_codes4(ba);
-                            let [d0, d1] = unit_codes4(bb);
-                            p = _mm512_fmadd_ps(c0, x0, p);
-                            q = _mm512_fmadd_ps(c1, x1, q);
-                            u = _mm512_fmadd_ps(d0, x0, u);
-                            v = _mm512_fmadd_ps(d1, x1, v);
-                            ba = ba.add(16);
-                            bb = bb.add(16);
-                            xp = xp.add(32);
+                // One group of both rows: the two sums of its codes times its activations.
+                macro_rules! group {
+                    () => {{
+                        let (mut p, mut u) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                        for k in 0..units_per_group {
+                            // SAFETY: as in the one-row loop below, for both rows.
+                            unsafe {
+                                let x = [_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))];
+                                p = unit_terms(k, p, unit_codes4(ba), x);
+                                u = unit_terms(k, u, unit_codes4(bb), x);
+                                ba = ba.add(16);
+                                bb = bb.add(16);
+                                xp = xp.add(32);
+                            }
                         }
-                    }
-                    let (scale_a, scale_b) = (_mm512_set1_ps(v!(sa[g])), _mm512_set1_ps(v!(sb[g])));
-                    if g % 2 == 0 {
-                        a0 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale_a, a0);
-                        b0 = _mm512_fmadd_ps(_mm512_add_ps(u, v), scale_b, b0);
-                    } else {
-                        a1 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale_a, a1);
-                        b1 = _mm512_fmadd_ps(_mm512_add_ps(u, v), scale_b, b1);
-                    }
+                        (p, u)
+                    }};
                 }
-                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + offsets_dot!(&mins[r * groups..(r + 1) * groups], sums);
-                out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1)) + offsets_dot!(&mins[(r + 1) * groups..(r + 2) * groups], sums);
+                // Groups two at a time, the even one into `a0`/`b0`, the odd one into `a1`/`b1`
+                // (no branch on the parity).
+                let mut g = 0;
+                while g < groups {
+                    let (p, u) = group!();
+                    a0 = _mm512_fmadd_ps(p, _mm512_set1_ps(sa[g]), a0);
+                    b0 = _mm512_fmadd_ps(u, _mm512_set1_ps(sb[g]), b0);
+                    if g + 1 < groups {
+                        let (p, u) = group!();
+                        a1 = _mm512_fmadd_ps(p, _mm512_set1_ps(sa[g + 1]), a1);
+                        b1 = _mm512_fmadd_ps(u, _mm512_set1_ps(sb[g + 1]), b1);
+                    }
+                    g += 2;
+                }
+                // SAFETY: the CPU has AVX-512F (this function's requirement).
+                let ((oa, ra), (ob, rb)) = unsafe { (offsets16(&mins[r * groups..(r + 1) * groups], sums), offsets16(&mins[(r + 1) * groups..(r + 2) * groups], sums)) };
+                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), oa)) + ra;
+                out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0, b1), ob)) + rb;
             }
             let rest = 2 * pairs;
             let tail = out[rest..].iter_mut().zip(scales[rest * groups..].chunks_exact(groups)).zip(mins[rest * groups..].chunks_exact(groups));
@@ -2423,66 +2546,83 @@ mod simd {
                 let mut xp = split.as_ptr();
                 let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 for (g, &scale) in row_scales.iter().enumerate() {
-                    let scale = v!(scale);
-                    let (mut p, mut q) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                    for _ in 0..units_per_group {
+                    let mut p = _mm512_setzero_ps();
+                    for k in 0..units_per_group {
                         // SAFETY: one unit of 32 codes per iteration, `cols / 32` in the row:
                         // its 16 code bytes lie in the row and its 32 activations in `split`
                         // (`cols` long); unaligned loads; x86-64 is little-endian.
                         unsafe {
-                            let [c0, c1] = unit_codes4(bytes);
-                            p = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xp), p);
-                            q = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xp.add(16)), q);
+                            p = unit_terms(k, p, unit_codes4(bytes), [_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))]);
                             bytes = bytes.add(16);
                             xp = xp.add(32);
                         }
                     }
                     let scale = _mm512_set1_ps(scale);
                     if g % 2 == 0 {
-                        a0 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a0);
+                        a0 = _mm512_fmadd_ps(p, scale, a0);
                     } else {
-                        a1 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a1);
+                        a1 = _mm512_fmadd_ps(p, scale, a1);
                     }
                 }
-                *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + offsets_dot!(row_mins, sums);
+                // SAFETY: the CPU has AVX-512F (this function's requirement).
+                let (offsets, rest) = unsafe { offsets16(row_mins, sums) };
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), offsets)) + rest;
             }
         }
 
-        /// [`super::row_codes4_split_avx2_rows`] with sixteen lanes.
+        /// [`super::row_codes4_split_avx2_rows`] with sixteen lanes, the offsets included (each
+        /// input row's `sums`): the whole product of row `row` with each of the `N` rows.
         ///
         /// # Safety
         /// The CPU has AVX-512F (the shapes are checked here).
         #[target_feature(enable = "avx512f,f16c")]
-        pub(in super::super) unsafe fn row_codes4_split_rows<S: super::super::GroupValue, const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
-            let (sc, _) = S::slices(&m.groups).expect("group values of the type the caller chose");
+        pub(in super::super) unsafe fn row_split4_rows<S: super::super::GroupValue, const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N], sums: [&[f32]; N]) -> [f32; N] {
+            // SAFETY: this function's requirements.
+            unsafe {
+                if m.group == 32 {
+                    row_split4_rows_units::<S, N, 1>(m, row, splits, sums)
+                } else {
+                    row_split4_rows_units::<S, N, 0>(m, row, splits, sums)
+                }
+            }
+        }
+
+        /// [`row_split4_rows`] for groups of `UNITS` units of 32 codes (0: `m.group / 32`,
+        /// read at run time), as [`rows_split4_units`].
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked here).
+        #[target_feature(enable = "avx512f,f16c")]
+        unsafe fn row_split4_rows_units<S: super::super::GroupValue, const N: usize, const UNITS: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N], sums: [&[f32]; N]) -> [f32; N] {
+            let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let wpr = m.words_per_row();
             let groups = m.groups_per_row();
             let words = &m.codes[row * wpr..(row + 1) * wpr];
             let scales = &sc[row * groups..(row + 1) * groups];
-            let units_per_group = m.group / 32;
+            let units_per_group = if UNITS == 0 { m.group / 32 } else { UNITS };
             assert!(
-                splits.iter().all(|s| words.len() * 8 == s.len()) && words.len() * 8 == groups * m.group && m.group.is_multiple_of(32),
+                splits.iter().all(|s| words.len() * 8 == s.len()) && words.len() * 8 == groups * m.group && units_per_group * 32 == m.group,
                 "a row of another width"
             );
             let mut bytes = words.as_ptr() as *const u8;
             let mut xp: [*const f32; N] = splits.map(<[f32]>::as_ptr);
-            // Each row in [`rows_split4`]'s one-row order of operations (two partial sums per
-            // group, the groups alternating between two totals), so that a batch's rows equal
-            // each row alone.
+            // Each row in [`rows_split4`]'s one-row order of operations (per group one sum of
+            // codes times activations, the groups alternating between two totals, the offsets
+            // added to both before their lanes are summed), so that a batch's rows equal each
+            // row alone.
             let (mut a0, mut a1) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
             for (g, &scale) in scales.iter().enumerate() {
                 let scale = v!(scale);
-                let (mut p, mut q) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
-                for _ in 0..units_per_group {
+                let mut p = [_mm512_setzero_ps(); N];
+                for k in 0..units_per_group {
                     // SAFETY: one unit of 32 codes per iteration, `cols / 32` in all: its 16
                     // code bytes lie in the row and its 32 activations in each of the `N`
                     // reordered rows (each `cols` long), all asserted above; unaligned loads.
                     unsafe {
-                        let [c0, c1] = unit_codes4(bytes);
+                        let c = unit_codes4(bytes);
                         for j in 0..N {
                             let x = xp[j];
-                            p[j] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(x), p[j]);
-                            q[j] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x.add(16)), q[j]);
+                            p[j] = unit_terms(k, p[j], c, [_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16))]);
                             xp[j] = x.add(32);
                         }
                         bytes = bytes.add(16);
@@ -2491,13 +2631,18 @@ mod simd {
                 let scale = _mm512_set1_ps(scale);
                 for j in 0..N {
                     if g % 2 == 0 {
-                        a0[j] = _mm512_fmadd_ps(_mm512_add_ps(p[j], q[j]), scale, a0[j]);
+                        a0[j] = _mm512_fmadd_ps(p[j], scale, a0[j]);
                     } else {
-                        a1[j] = _mm512_fmadd_ps(_mm512_add_ps(p[j], q[j]), scale, a1[j]);
+                        a1[j] = _mm512_fmadd_ps(p[j], scale, a1[j]);
                     }
                 }
             }
-            std::array::from_fn(|j| _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j])))
+            let mins = &mn[row * groups..(row + 1) * groups];
+            std::array::from_fn(|j| {
+                // SAFETY: the CPU has AVX-512F (this function's requirement).
+                let (offsets, rest) = unsafe { offsets16(mins, sums[j]) };
+                _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[j], a1[j]), offsets)) + rest
+            })
         }
 
         /// [`super::rows_codes8_avx2`] with sixteen lanes: sixteen codes a step, one
@@ -2507,14 +2652,33 @@ mod simd {
         /// The CPU has AVX-512F (the shapes are checked here).
         #[target_feature(enable = "avx512f,f16c")]
         pub(in super::super) unsafe fn rows_codes8<S: super::super::GroupValue>(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+            // Groups of 32 (GGUF's Q8_0) get a loop compiled for their two steps.
+            // SAFETY: this function's requirements.
+            unsafe {
+                if m.group == 32 {
+                    rows_codes8_steps::<S, 2>(m, first, x, sums, out)
+                } else {
+                    rows_codes8_steps::<S, 0>(m, first, x, sums, out)
+                }
+            }
+        }
+
+        /// [`rows_codes8`] for groups of `STEPS` steps of sixteen codes (0: `m.group / 16`,
+        /// read at run time).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F (the shapes are checked here).
+        #[target_feature(enable = "avx512f,f16c")]
+        unsafe fn rows_codes8_steps<S: super::super::GroupValue, const STEPS: usize>(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
             let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
             let groups = m.groups_per_row();
-            let steps_per_group = m.group / 16;
+            let steps_per_group = if STEPS == 0 { m.group / 16 } else { STEPS };
             let row_bytes = m.cols;
             let count = out.len();
             assert!(
                 m.bits == 8
                     && m.group.is_multiple_of(16)
+                    && steps_per_group * 16 == m.group
                     && x.len() == m.cols
                     && sums.len() == groups
                     && (first + count) * row_bytes <= m.codes.len() * 4
@@ -2522,7 +2686,9 @@ mod simd {
                 "rows of another width"
             );
             let codes = m.codes.as_ptr() as *const u8;
-            let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
+            let mins = &mn[first * groups..(first + count) * groups];
+            // SAFETY: the CPU has AVX-512F (this function's requirement).
+            let scales = unsafe { values_f32(&sc[first * groups..(first + count) * groups]) };
             for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
                 // SAFETY: row `first + r` lies in the matrix (asserted above): its `cols`
                 // code bytes start here.
@@ -2530,40 +2696,31 @@ mod simd {
                 let mut xp = x.as_ptr();
                 let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 for (g, &scale) in row_scales.iter().enumerate() {
-                    let scale = v!(scale);
-                    let (mut p, mut q) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                    let mut step = 0;
-                    while step + 2 <= steps_per_group {
-                        // SAFETY: two steps of sixteen codes, within the group's
+                    // The group's codes times activations, sixteen a step: the first step a
+                    // product, the others multiply-adds onto it.
+                    let mut p = _mm512_setzero_ps();
+                    for step in 0..steps_per_group {
+                        // SAFETY: one step of sixteen codes, within the group's
                         // `steps_per_group`: their bytes lie in the row and their activations
                         // in `x` (`cols` long); unaligned loads.
                         unsafe {
-                            let b0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes as *const __m128i)));
-                            let b1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.add(16) as *const __m128i)));
-                            p = _mm512_fmadd_ps(b0, _mm512_loadu_ps(xp), p);
-                            q = _mm512_fmadd_ps(b1, _mm512_loadu_ps(xp.add(16)), q);
-                            bytes = bytes.add(32);
-                            xp = xp.add(32);
-                        }
-                        step += 2;
-                    }
-                    if step < steps_per_group {
-                        // SAFETY: the group's last step of sixteen codes, as above.
-                        unsafe {
-                            let b0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes as *const __m128i)));
-                            p = _mm512_fmadd_ps(b0, _mm512_loadu_ps(xp), p);
+                            let b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(bytes as *const __m128i)));
+                            let x = _mm512_loadu_ps(xp);
+                            p = if step == 0 { _mm512_mul_ps(b, x) } else { _mm512_fmadd_ps(b, x, p) };
                             bytes = bytes.add(16);
                             xp = xp.add(16);
                         }
                     }
                     let scale = _mm512_set1_ps(scale);
                     if g % 2 == 0 {
-                        a0 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a0);
+                        a0 = _mm512_fmadd_ps(p, scale, a0);
                     } else {
-                        a1 = _mm512_fmadd_ps(_mm512_add_ps(p, q), scale, a1);
+                        a1 = _mm512_fmadd_ps(p, scale, a1);
                     }
                 }
-                *y = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + offsets_dot!(row_mins, sums);
+                // SAFETY: the CPU has AVX-512F (this function's requirement).
+                let (offsets, rest) = unsafe { offsets16(row_mins, sums) };
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), offsets)) + rest;
             }
         }
 
