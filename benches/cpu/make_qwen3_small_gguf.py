@@ -32,8 +32,14 @@ Needs: numpy; for the converter also transformers (tokenizer only),
 sentencepiece and torch.  llama.cpp built for the CPU in --llama
 (build/bin/llama-quantize).
 
+Without torch, --direct replaces (b): the same random checkpoint is written
+straight to OUT/qwen3-small-<outtype>.gguf with gguf-py (pip install gguf), in
+the converter's layout (`qwen3` tensor names and keys, the tokenizer as a
+`gpt2` vocabulary with pre-tokenizer `qwen2`, padded to vocab_size), and (c)
+quantizes it as before.
+
 Usage:
-    python3 benches/cpu/make_qwen3_small_gguf.py [--out DIR] [--llama DIR]
+    python3 benches/cpu/make_qwen3_small_gguf.py [--direct] [--out DIR] [--llama DIR]
         [--config FILE] [--tokenizer DIR] [--seed N] [--outtype bf16|f32]
         [--types Q4_1,Q4_1-pure,Q4_0,Q8_0,Q4_K_M] [--threads N] [--torch-path DIR]
 """
@@ -121,6 +127,15 @@ def f32_to_bf16_bytes(x: np.ndarray) -> bytes:
     return rounded.astype("<u2").tobytes()
 
 
+def draw(rng, shape, init: str) -> np.ndarray:
+    """One parameter's values: N(0, 0.02), ones or zeros, f32."""
+    if init == "normal":
+        t = rng.standard_normal(shape, dtype=np.float32)
+        t *= np.float32(0.02)
+        return t
+    return (np.ones if init == "ones" else np.zeros)(shape, dtype=np.float32)
+
+
 def write_safetensors(path: Path, params, dtype: str, seed: int) -> int:
     """Stream the tensors into a safetensors file (no torch needed); returns the count."""
     if dtype not in ("F32", "BF16"):
@@ -140,21 +155,110 @@ def write_safetensors(path: Path, params, dtype: str, seed: int) -> int:
         f.write(struct.pack("<Q", len(hjson)))
         f.write(hjson)
         for name, shape, init in params:
-            if init == "normal":
-                t = rng.standard_normal(shape, dtype=np.float32)
-                t *= np.float32(0.02)
-            elif init == "ones":
-                t = np.ones(shape, dtype=np.float32)
-            else:
-                t = np.zeros(shape, dtype=np.float32)
+            t = draw(rng, shape, init)
             f.write(t.astype("<f4").tobytes() if dtype == "F32" else f32_to_bf16_bytes(t))
             del t
     return len(params)
 
 
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_name(name: str) -> str:
+    """The GGUF tensor name llama.cpp's converter gives a Qwen3 parameter."""
+    if name in GGUF_NAMES:
+        return GGUF_NAMES[name]
+    layer, rest = name.removeprefix("model.layers.").split(".", 1)
+    stem, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{GGUF_NAMES[stem]}.{kind}"
+
+
+def write_gguf_direct(path: Path, cfg: dict, hf: Path, params, outtype: str, seed: int) -> None:
+    """The checkpoint of `write_safetensors` (same seed, same values) as a GGUF file of
+    `outtype`, in convert_hf_to_gguf.py's layout for Qwen3, the tokenizer from `hf`."""
+    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    vocab = cfg["vocab_size"]
+    tokens = [f"[PAD{i}]" for i in range(vocab)]
+    types = [TokenType.UNUSED] * vocab
+    for text, i in tok["model"]["vocab"].items():
+        tokens[i], types[i] = text, TokenType.NORMAL
+    for added in tok.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    ids = {t: i for i, t in enumerate(tokens)}
+    h = cfg["hidden_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    w = GGUFWriter(str(path), "qwen3")
+    w.add_name("qwen3-small")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(h)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_file_type(0 if outtype == "f32" else 32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(ids["<|im_end|>"])
+    w.add_pad_token_id(ids["<|endoftext|>"])
+    w.add_bos_token_id(ids["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    rng = np.random.default_rng(seed)
+    qtype = GGMLQuantizationType.F32 if outtype == "f32" else GGMLQuantizationType.BF16
+    for name, shape, init in params:
+        values = draw(rng, shape, init)
+        if qtype == GGMLQuantizationType.F32 or values.ndim == 1:
+            w.add_tensor(gguf_name(name), values)
+        else:
+            raw = np.frombuffer(f32_to_bf16_bytes(values), dtype=np.uint8).reshape(*shape[:-1], shape[-1] * 2)
+            w.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
     print("+ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)
+
+
+def convert(args, hf: Path, base: Path, outtype: str) -> None:
+    """llama.cpp's convert_hf_to_gguf.py on the checkpoint in `hf`, into `base`."""
+    env = dict(os.environ)
+    pp = [str(args.llama / "gguf-py")]
+    if args.torch_path:
+        pp.append(args.torch_path)
+    if env.get("PYTHONPATH"):
+        pp.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(pp)
+    run([sys.executable, str(args.llama / "convert_hf_to_gguf.py"), str(hf),
+         "--outtype", outtype, "--outfile", str(base)], env=env)
 
 
 def main() -> None:
@@ -169,6 +273,8 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(DEFAULT_TYPES),
                     help="llama-quantize types, comma-separated")
     ap.add_argument("--threads", type=int, default=1, help="llama-quantize threads")
+    ap.add_argument("--direct", action="store_true",
+                    help="write the GGUF with gguf-py instead of the converter (no torch)")
     ap.add_argument("--torch-path", default=None,
                     help="extra PYTHONPATH entry holding torch, for the converter")
     args = ap.parse_args()
@@ -207,17 +313,12 @@ def main() -> None:
           f"tokenizer files {copied}", flush=True)
     write_safetensors(hf / "model.safetensors", params, st_dtype, args.seed)
 
-    # (b) llama.cpp's converter
+    # (b) llama.cpp's converter, or the same layout written here
     base = out / f"qwen3-small-{outtype}.gguf"
-    env = dict(os.environ)
-    pp = [str(args.llama / "gguf-py")]
-    if args.torch_path:
-        pp.append(args.torch_path)
-    if env.get("PYTHONPATH"):
-        pp.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(pp)
-    run([sys.executable, str(args.llama / "convert_hf_to_gguf.py"), str(hf),
-         "--outtype", outtype, "--outfile", str(base)], env=env)
+    if args.direct:
+        write_gguf_direct(base, cfg, hf, params, outtype, args.seed)
+    else:
+        convert(args, hf, base, outtype)
 
     # (c) llama.cpp's quantizer
     quantize = args.llama / "build" / "bin" / "llama-quantize"
