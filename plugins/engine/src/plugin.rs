@@ -315,9 +315,6 @@ pub fn load_engine(
             }
         };
         let device = decoder.device.clone();
-        // The load's temporaries (each tensor's values before conversion) are freed by now,
-        // but the allocator keeps their pages.
-        crate::weights::return_free_heap_pages();
         let tally = ckpt.linear_tally();
         if tally.e4m3 && matches!(activations, Some(Activations::Blocks16 | Activations::Blocks8)) {
             return Err(EngineError::Config(
@@ -329,6 +326,10 @@ pub fn load_engine(
         let stored = quantization_summary(&tally);
         crate::progress::log(|| format!("weights loaded ({:.2} GB{}{})", bytes as f64 / 1e9, if ranks > 1 { format!(", split over {ranks} ranks") } else { String::new() }, if stored.is_empty() { String::new() } else { format!("; {stored}") }));
         let (tokenizer, template) = text.get()?;
+        // The load's temporaries (each tensor's values before conversion) and the tokenizer's
+        // (a GGUF's vocabulary and merges as strings, built on a thread of its own that may end
+        // after the weights) are freed by now, but the allocator keeps their pages.
+        crate::weights::return_free_heap_pages();
         let c = &decoder.config;
         let eos_token_ids = if generation.eos_token_ids.is_empty() { c.eos_token_ids.clone() } else { generation.eos_token_ids.clone() };
         let max_context = max_context_setting.map_or(c.max_position_embeddings, |m| (m as usize).min(c.max_position_embeddings));

@@ -367,3 +367,47 @@ fn check_tensor_parallel_ranks(family: &ModelFamily, dir: &Path, ranks: usize, p
         assert_eq!(tokens, &want_tokens, "rank {rank} of {ranks}: greedy tokens");
     }
 }
+
+/// The decode step's rotary tables ([`crate::serve::graph::DecodeGraphs`]) start at
+/// [`crate::serve::graph::ROPE_TABLE_START`] positions and grow when a step reaches past
+/// them: the model at `dir`, its context cap raised to four times that, runs a prompt one
+/// position past two growths in one pass, then decode steps at positions before, just past
+/// the first table and past the second; each step's logits equal the prompt pass's at its
+/// position (1e-5 relative L2), and the tables end at the cap.
+pub fn check_rope_tables_grow(family: &ModelFamily, dir: &Path) {
+    use crate::serve::graph::{DecodeGraphs, DecodeRow, ROPE_TABLE_START, RowToken};
+    use std::{cell::RefCell, rc::Rc};
+    let raw = DecoderConfig::read_json(&dir.join("config.json")).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut config = family.config(&raw).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let cap = 4 * ROPE_TABLE_START;
+    config.max_position_embeddings = cap;
+    let spec = (family.spec)(&config).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let ckpt = Checkpoint::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let decoder = Arc::new(Decoder::load(config, spec, &ckpt, &Device::flex(), DType::F32).unwrap_or_else(|e| panic!("load: {e}")));
+    let block_tokens = 16;
+    let len = 2 * ROPE_TABLE_START + 4;
+    let blocks: Vec<u32> = (0..len.div_ceil(block_tokens) as u32).rev().collect();
+    let vocab = decoder.config.vocab_size;
+    let tokens: Vec<u32> = (0..len).map(|i| (i * 7 % vocab) as u32).collect();
+    let probes = [ROPE_TABLE_START - 1, ROPE_TABLE_START + 5, len - 1];
+    let pool = Rc::new(RefCell::new(decoder.new_kv_pool(blocks.len(), block_tokens)));
+    let prompt = StepBatch {
+        tokens: tokens.clone(),
+        positions: (0..len).collect(),
+        slots: (0..len).map(|p| slot_of(&blocks, block_tokens, p)).collect(),
+        spans: vec![Span { queries: len, context: len, blocks: blocks.clone() }],
+        logit_rows: probes.to_vec(),
+        mrope: Vec::new(),
+    };
+    let logits = |t: burn::tensor::Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_else(|e| panic!("logits: {e:?}"));
+    let want = logits(decoder.forward(&prompt, &mut pool.borrow_mut()).unwrap_or_else(|e| panic!("prompt: {e}")));
+    let mut graphs = DecodeGraphs::for_decoder(Arc::clone(&decoder) as Arc<dyn crate::serve::graph::StepDecoder>, cap);
+    assert_eq!(graphs.rope_table_positions(), ROPE_TABLE_START);
+    for (i, &p) in probes.iter().enumerate() {
+        let row = DecodeRow { token: RowToken::Host(tokens[p]), position: p, rope_position: p, blocks: &blocks };
+        let got = logits(graphs.step(&[row], &pool, None).unwrap_or_else(|e| panic!("step at {p}: {e}")));
+        let err = rel_l2(&got[..vocab], &want[i * vocab..(i + 1) * vocab]);
+        assert!(err < 1e-5, "decode step at position {p} (tables of {} positions): rel L2 {err:.2e}", graphs.rope_table_positions());
+    }
+    assert_eq!(graphs.rope_table_positions(), cap, "the tables grew by doubling to the cap");
+}

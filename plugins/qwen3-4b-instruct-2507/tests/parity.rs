@@ -249,3 +249,8 @@ fn tensor_parallel_ranks_on_the_cpu_equal_the_whole_model() {
     // tiny-b: biases on q/k/v/o (o's added once, by rank 0), an untied head.
     check_tensor_parallel(&FAMILY, &fixtures().join("qwen3-tiny-b"), 2, &prompt, 4);
 }
+
+#[test]
+fn decode_steps_past_the_first_rotary_table_equal_the_prompt_pass() {
+    inference_pio_engine::testing::check_rope_tables_grow(&FAMILY, &fixtures().join("qwen3-tiny-a"));
+}
