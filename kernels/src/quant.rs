@@ -221,6 +221,12 @@ pub(crate) trait GroupValue: Copy + Send + Sync + 'static {
     /// Sixteen values are readable at `p`, and the CPU has AVX-512F.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Eight values from `p`, as f32.
+    ///
+    /// # Safety
+    /// Eight values are readable at `p`, and the CPU has AVX and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl GroupValue for f32 {
@@ -260,6 +266,13 @@ impl GroupValue for f32 {
     unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
         // SAFETY: the caller's guarantees (16 readable values, AVX-512F).
         unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's guarantees (8 readable values, AVX).
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
     }
 }
 
@@ -326,6 +339,14 @@ impl GroupValue for f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's guarantees (16 readable halves, AVX-512F); an unaligned load.
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's guarantees (8 readable halves, AVX and F16C); an unaligned load.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
 }
 
@@ -2077,17 +2098,40 @@ mod simd {
     #[inline]
     unsafe fn unit_codes4(bytes: *const u8) -> [std::arch::x86_64::__m256; 4] {
         use std::arch::x86_64::*;
-        let low = _mm_set1_epi8(0x0f);
-        // SAFETY: the caller guarantees 16 readable bytes (an unaligned load).
-        let b = unsafe { _mm_loadu_si128(bytes as *const __m128i) };
-        let even = _mm_and_si128(b, low);
-        let odd = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        // Each half of the 16 bytes widened to 32-bit lanes straight from memory (the load
+        // folded in), then a lane's low nibble masked and its high one shifted down: the same
+        // four vectors as unpacking the nibbles first, in fewer shuffles (which share one
+        // port).
+        let low = _mm256_set1_epi32(0x0f);
+        // SAFETY: the caller guarantees 16 readable bytes (two unaligned 8-byte loads).
+        let (h0, h1) = unsafe { (_mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes as *const __m128i)), _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.add(8) as *const __m128i))) };
         [
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(even)),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(even, even))),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(odd)),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(odd, odd))),
+            _mm256_cvtepi32_ps(_mm256_and_si256(h0, low)),
+            _mm256_cvtepi32_ps(_mm256_and_si256(h1, low)),
+            _mm256_cvtepi32_ps(_mm256_srli_epi32(h0, 4)),
+            _mm256_cvtepi32_ps(_mm256_srli_epi32(h1, 4)),
         ]
+    }
+
+    /// Group values as f32, in a buffer the loops broadcast from (a broadcast from memory
+    /// takes no arithmetic port; one value converted in the loop took three instructions a
+    /// group and row): eight converted at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn values_f32_avx2<S: GroupValue>(values: &[S]) -> Vec<f32> {
+        use std::arch::x86_64::*;
+        let mut out = vec![0f32; values.len()];
+        let mut chunks = out.chunks_exact_mut(8);
+        for (o, v) in (&mut chunks).zip(values.chunks_exact(8)) {
+            // SAFETY: eight values at `v` and eight places at `o`; this function runs only
+            // where the CPU has AVX2 and F16C.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), S::load8(v.as_ptr())) };
+        }
+        let tail = values.len() / 8 * 8;
+        for (o, v) in chunks.into_remainder().iter_mut().zip(&values[tail..]) {
+            *o = v!(*v);
+        }
+        out
     }
 
     /// [`rows_split4_avx2`]'s product against `N` rows of reordered activations at once: each
@@ -2096,15 +2140,27 @@ mod simd {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn row_codes4_split_avx2_rows<S: GroupValue, const N: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
+        if m.group == 32 {
+            row_codes4_split_avx2_rows_units::<S, N, 1>(m, row, splits)
+        } else {
+            row_codes4_split_avx2_rows_units::<S, N, 0>(m, row, splits)
+        }
+    }
+
+    /// [`row_codes4_split_avx2_rows`] for groups of `UNITS` units of 32 codes (0: `m.group /
+    /// 32`, read at run time).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_codes4_split_avx2_rows_units<S: GroupValue, const N: usize, const UNITS: usize>(m: &QuantizedMatrix, row: usize, splits: [&[f32]; N]) -> [f32; N] {
         let (sc, _) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let wpr = m.words_per_row();
         let groups = m.groups_per_row();
         let words = &m.codes[row * wpr..(row + 1) * wpr];
         let scales = &sc[row * groups..(row + 1) * groups];
-        let units_per_group = m.group / 32;
+        let units_per_group = if UNITS == 0 { m.group / 32 } else { UNITS };
         assert!(
-            splits.iter().all(|s| words.len() * 8 == s.len()) && words.len() * 8 == groups * m.group && m.group.is_multiple_of(32),
+            splits.iter().all(|s| words.len() * 8 == s.len()) && words.len() * 8 == groups * m.group && units_per_group * 32 == m.group,
             "a row of another width"
         );
         let mut bytes = words.as_ptr() as *const u8;
@@ -2199,15 +2255,29 @@ mod simd {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn rows_split4_avx2<S: GroupValue>(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
+        // Groups of one unit (GGUF's Q4_0 and Q4_1) get a loop compiled for them.
+        if m.group == 32 {
+            rows_split4_avx2_units::<S, 1>(m, first, split, sums, out)
+        } else {
+            rows_split4_avx2_units::<S, 0>(m, first, split, sums, out)
+        }
+    }
+
+    /// [`rows_split4_avx2`] for groups of `UNITS` units of 32 codes (0: `m.group / 32`, read
+    /// at run time).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_split4_avx2_units<S: GroupValue, const UNITS: usize>(m: &QuantizedMatrix, first: usize, split: &[f32], sums: &[f32], out: &mut [f32]) {
         let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let groups = m.groups_per_row();
-        let units_per_group = m.group / 32;
+        let units_per_group = if UNITS == 0 { m.group / 32 } else { UNITS };
         let row_bytes = m.cols / 2;
         let count = out.len();
         assert!(
             m.bits == 4
                 && m.group.is_multiple_of(32)
+                && units_per_group * 32 == m.group
                 && split.len() == m.cols
                 && sums.len() == groups
                 && (first + count) * row_bytes <= m.codes.len() * 4
@@ -2215,7 +2285,8 @@ mod simd {
             "rows of another width"
         );
         let codes = m.codes.as_ptr() as *const u8;
-        let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
+        let mins = &mn[first * groups..(first + count) * groups];
+        let scales = values_f32_avx2(&sc[first * groups..(first + count) * groups]);
         // Two output rows a pass, as `avx512::rows_split4` (each row in its one-row order of
         // operations): each unit's activations loaded once for both rows.
         let pairs = count / 2;
@@ -2247,7 +2318,7 @@ mod simd {
                         xp = xp.add(32);
                     }
                 }
-                let (scale_a, scale_b) = (_mm256_set1_ps(v!(sa[g])), _mm256_set1_ps(v!(sb[g])));
+                let (scale_a, scale_b) = (_mm256_set1_ps(sa[g]), _mm256_set1_ps(sb[g]));
                 if g % 2 == 0 {
                     a0 = _mm256_fmadd_ps(_mm256_add_ps(p, q), scale_a, a0);
                     b0 = _mm256_fmadd_ps(_mm256_add_ps(u, v), scale_b, b0);
@@ -2269,7 +2340,6 @@ mod simd {
             let mut xp = split.as_ptr();
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             for (g, &scale) in row_scales.iter().enumerate() {
-                let scale = v!(scale);
                 let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 for _ in 0..units_per_group {
                     // SAFETY: one unit of 32 codes per iteration, `cols / 32` in the row: its
@@ -2302,15 +2372,29 @@ mod simd {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn rows_codes8_avx2<S: GroupValue>(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
+        // Groups of 32 (GGUF's Q8_0) get a loop compiled for their two steps.
+        if m.group == 32 {
+            rows_codes8_avx2_steps::<S, 2>(m, first, x, sums, out)
+        } else {
+            rows_codes8_avx2_steps::<S, 0>(m, first, x, sums, out)
+        }
+    }
+
+    /// [`rows_codes8_avx2`] for groups of `STEPS` steps of sixteen codes (0: `m.group / 16`,
+    /// read at run time).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_codes8_avx2_steps<S: GroupValue, const STEPS: usize>(m: &QuantizedMatrix, first: usize, x: &[f32], sums: &[f32], out: &mut [f32]) {
         let (sc, mn) = S::slices(&m.groups).expect("group values of the type the caller chose");
         use std::arch::x86_64::*;
         let groups = m.groups_per_row();
-        let steps_per_group = m.group / 16;
+        let steps_per_group = if STEPS == 0 { m.group / 16 } else { STEPS };
         let row_bytes = m.cols;
         let count = out.len();
         assert!(
             m.bits == 8
                 && m.group.is_multiple_of(16)
+                && steps_per_group * 16 == m.group
                 && x.len() == m.cols
                 && sums.len() == groups
                 && (first + count) * row_bytes <= m.codes.len() * 4
@@ -2318,7 +2402,8 @@ mod simd {
             "rows of another width"
         );
         let codes = m.codes.as_ptr() as *const u8;
-        let (scales, mins) = (&sc[first * groups..(first + count) * groups], &mn[first * groups..(first + count) * groups]);
+        let mins = &mn[first * groups..(first + count) * groups];
+        let scales = values_f32_avx2(&sc[first * groups..(first + count) * groups]);
         for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
             // SAFETY: row `first + r` lies in the matrix (asserted above): its `cols` code
             // bytes start here.
@@ -2326,16 +2411,14 @@ mod simd {
             let mut xp = x.as_ptr();
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             for (g, &scale) in row_scales.iter().enumerate() {
-                let scale = v!(scale);
                 let (mut p, mut q) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 for _ in 0..steps_per_group {
                     // SAFETY: sixteen codes per iteration, `cols / 16` in the row: their bytes
                     // lie in the row and their activations in `x` (`cols` long); unaligned
                     // loads; x86-64 is little-endian, so the words' bytes are the packed order.
                     unsafe {
-                        let b = _mm_loadu_si128(bytes as *const __m128i);
-                        let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-                        let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b)));
+                        let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes as *const __m128i)));
+                        let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.add(8) as *const __m128i)));
                         p = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp), p);
                         q = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp.add(8)), q);
                         bytes = bytes.add(16);
