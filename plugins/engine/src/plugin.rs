@@ -238,7 +238,11 @@ pub fn load_engine(
             let meta = gguf::Gguf { version: f.version, metadata, tensors: Vec::new(), alignment: f.alignment, data_offset: f.data_offset };
             let building = std::thread::Builder::new()
                 .name("inference-pio-tokenizer".into())
-                .spawn(move || -> Result<TextParts, EngineError> { Ok((TextTokenizer::from_gguf(&meta)?, ChatTemplate::from_gguf(&meta)?)) })
+                .spawn(move || -> Result<TextParts, EngineError> {
+                    // The template first: the tokenizer takes the vocabulary out of `meta`.
+                    let template = ChatTemplate::from_gguf(&meta)?;
+                    Ok((TextTokenizer::from_gguf(meta)?, template))
+                })
                 .map_err(|e| EngineError::Device(format!("cannot start the tokenizer's thread: {e}")))?;
             (TextSource::Building(building), GenerationDefaults::default(), Checkpoint::open_gguf(g, (config.num_attention_heads, config.num_key_value_heads))?)
         }

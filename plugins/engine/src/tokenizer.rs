@@ -67,8 +67,11 @@ impl TextTokenizer {
     /// "gpt2"`) as transformers' `byte_level_tokenizer` + `add_gguf_special_tokens` +
     /// `set_split_regex` build it: vocabulary respelled into GPT-2's byte alphabet where needed,
     /// the file's merges, control tokens as special tokens, user-defined ones as added tokens,
-    /// BOS/EOS added when `tokenizer.ggml.add_bos_token` / `add_eos_token` say so.
-    pub fn from_gguf(file: &Gguf) -> Result<Self, EngineError> {
+    /// BOS/EOS added when `tokenizer.ggml.add_bos_token` / `add_eos_token` say so. The
+    /// vocabulary and merges are moved out of `file` as they are used, not copied (a
+    /// 151,936-token vocabulary's strings were held three times at once while the weights
+    /// loaded beside them).
+    pub fn from_gguf(mut file: Gguf) -> Result<Self, EngineError> {
         let err = |e: inference_pio_formats::FormatError| EngineError::Tokenizer(format!("GGUF metadata: {e}"));
         let model = file.get_str("tokenizer.ggml.model").map_err(err)?.ok_or_else(|| {
             EngineError::Tokenizer("the GGUF file has no `tokenizer.ggml.model`, so it carries no tokenizer".into())
@@ -78,14 +81,6 @@ impl TextTokenizer {
                 "GGUF tokenizer model `{model}` is not supported (supported: gpt2, byte-level BPE)"
             )));
         }
-        let tokens = file
-            .get_strings("tokenizer.ggml.tokens")
-            .map_err(err)?
-            .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.tokens` is missing".into()))?;
-        let merges = file
-            .get_strings("tokenizer.ggml.merges")
-            .map_err(err)?
-            .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.merges` is missing".into()))?;
         let types = file.get_ints("tokenizer.ggml.token_type").map_err(err)?.unwrap_or_default();
         let spelling = bytes_to_unicode();
         // The byte alphabet's 256 characters all lie below U+0144: a table, not a hash set
@@ -97,56 +92,24 @@ impl TextTokenizer {
             }
         }
         let in_alphabet = |t: &str| t.chars().all(|c| alphabet.get(c as usize).copied().unwrap_or(false));
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let spelled = if in_alphabet(t) { t.to_string() } else { t.bytes().map(|b| spelling[b as usize]).collect() };
-                (spelled, i as u32)
-            })
-            .collect();
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| EngineError::Tokenizer(format!("GGUF merge `{m}` is not two tokens separated by a space")))
-            })
-            .collect::<Result<_, _>>()?;
-        let pre = file.get_str("tokenizer.ggml.pre").map_err(err)?.unwrap_or("default");
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .continuing_subword_prefix(String::new())
-            .end_of_word_suffix(String::new())
-            // llama.cpp looks a GLM-4 piece up whole before merging (`ignore_merges`).
-            .ignore_merges(matches!(pre, "glm4" | "glm5"))
-            .build()
-            .map_err(|e| EngineError::Tokenizer(format!("cannot build the GGUF BPE model: {e}")))?;
-        let mut inner = Tokenizer::new(bpe);
-        match pre_tokenizer_split(pre) {
-            Some(regex) => {
-                let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
-                    .map_err(|e| EngineError::Tokenizer(format!("split regex: {e}")))?;
-                inner.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
-            }
-            None => {
-                let prefix = file.get_bool("tokenizer.ggml.add_space_prefix").map_err(err)?.unwrap_or(false);
-                inner.with_pre_tokenizer(Some(ByteLevel::new(prefix, true, true)));
-            }
-        }
-        inner.with_decoder(Some(ByteLevel::default()));
-        // Control tokens become special tokens, user-defined ones plain added tokens; both
-        // only when spelled in the byte alphabet (anything else is a llama.cpp mislabel).
-        let added = |token_type: i64, special: bool| -> Vec<AddedToken> {
-            tokens
-                .iter()
-                .zip(types.iter())
-                .filter(|(t, ty)| **ty == token_type && in_alphabet(t))
-                .map(|(t, _)| AddedToken::from(t.to_string(), special).normalized(false))
-                .collect()
+        // What needs the token strings besides the vocabulary, before they are moved out:
+        // control tokens become special tokens, user-defined ones plain added tokens (both only
+        // when spelled in the byte alphabet: anything else is a llama.cpp mislabel), and BOS/EOS.
+        let (specials, user_defined) = {
+            let tokens = file
+                .get_strings("tokenizer.ggml.tokens")
+                .map_err(err)?
+                .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.tokens` is missing".into()))?;
+            let added = |token_type: i64, special: bool| -> Vec<AddedToken> {
+                tokens
+                    .iter()
+                    .zip(types.iter())
+                    .filter(|(t, ty)| **ty == token_type && in_alphabet(t))
+                    .map(|(t, _)| AddedToken::from(t.to_string(), special).normalized(false))
+                    .collect()
+            };
+            (added(TOKEN_TYPE_CONTROL, true), added(TOKEN_TYPE_USER_DEFINED, false))
         };
-        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
-        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
         let token_of = |key: &str| -> Result<Option<(String, u32)>, EngineError> {
             Ok(file.special_token(key).map_err(err)?.map(|(t, id)| (t.to_string(), id)))
         };
@@ -154,6 +117,50 @@ impl TextTokenizer {
         let add_eos = file.get_bool("tokenizer.ggml.add_eos_token").map_err(err)?.unwrap_or(false);
         let bos = token_of("tokenizer.ggml.bos_token_id")?.filter(|_| add_bos);
         let eos = token_of("tokenizer.ggml.eos_token_id")?.filter(|_| add_eos);
+        let pre = file.get_str("tokenizer.ggml.pre").map_err(err)?.unwrap_or("default").to_string();
+        let space_prefix = file.get_bool("tokenizer.ggml.add_space_prefix").map_err(err)?.unwrap_or(false);
+        let tokens = file.take_strings("tokenizer.ggml.tokens").map_err(err)?.unwrap_or_default();
+        let vocab: Vocab = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let spelled = if in_alphabet(&t) { t } else { t.bytes().map(|b| spelling[b as usize]).collect() };
+                (spelled, i as u32)
+            })
+            .collect();
+        let merges: Vec<(String, String)> = file
+            .take_strings("tokenizer.ggml.merges")
+            .map_err(err)?
+            .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.merges` is missing".into()))?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| EngineError::Tokenizer(format!("GGUF merge `{m}` is not two tokens separated by a space")))
+            })
+            .collect::<Result<_, _>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix(String::new())
+            // llama.cpp looks a GLM-4 piece up whole before merging (`ignore_merges`).
+            .ignore_merges(matches!(pre.as_str(), "glm4" | "glm5"))
+            .build()
+            .map_err(|e| EngineError::Tokenizer(format!("cannot build the GGUF BPE model: {e}")))?;
+        let mut inner = Tokenizer::new(bpe);
+        match pre_tokenizer_split(&pre) {
+            Some(regex) => {
+                let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| EngineError::Tokenizer(format!("split regex: {e}")))?;
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+            }
+            None => {
+                inner.with_pre_tokenizer(Some(ByteLevel::new(space_prefix, true, true)));
+            }
+        }
+        inner.with_decoder(Some(ByteLevel::default()));
+        inner.add_special_tokens(&specials);
+        inner.add_tokens(&user_defined);
         if bos.is_some() || eos.is_some() {
             let b = bos.as_ref().map(|(t, _)| format!("{t}:0 ")).unwrap_or_default();
             let e = eos.as_ref().map(|(t, _)| format!(" {t}:0")).unwrap_or_default();

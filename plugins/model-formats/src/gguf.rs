@@ -476,6 +476,25 @@ impl Gguf {
         self.typed(key, "an array of strings", |v| v.as_array()?.iter().map(Value::as_str).collect())
     }
 
+    /// An array of strings moved out of the metadata (the key removed), not copied: a large
+    /// vocabulary's strings are then held once while they are turned into a tokenizer.
+    pub fn take_strings(&mut self, key: &str) -> Result<Option<Vec<String>>, FormatError> {
+        let Some(value) = self.metadata.remove(key) else { return Ok(None) };
+        let kind = value.type_name();
+        let bad = || FormatError(format!("metadata `{key}` is a {kind}, expected an array of strings"));
+        match value {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(bad()),
+                })
+                .collect::<Result<Vec<String>, _>>()
+                .map(Some),
+            _ => Err(bad()),
+        }
+    }
+
     /// An array of integers (`tokenizer.ggml.token_type`).
     pub fn get_ints(&self, key: &str) -> Result<Option<Vec<i64>>, FormatError> {
         self.typed(key, "an array of integers", |v| {
@@ -1175,6 +1194,21 @@ mod tests {
         let b = g.tensor("b").expect("b").clone();
         assert_eq!(dequantize(&b, g.tensor_bytes(&bytes, &b).expect("bytes")).expect("b"), vec![9., 10.]);
         assert!(g.get_str("llama.block_count").is_err());
+    }
+
+    #[test]
+    fn taken_strings_leave_the_metadata_and_other_types_are_named_errors() {
+        let mut g = Gguf::parse(&Writer::new().string("general.architecture", "llama").u32("llama.block_count", 2).build()).expect("parse");
+        let words = vec![Value::String("a b".into()), Value::String("Ġthe".into())];
+        g.metadata.insert("tokenizer.ggml.merges".into(), Value::Array(words));
+        g.metadata.insert("tokenizer.ggml.mixed".into(), Value::Array(vec![Value::String("a".into()), Value::U32(1)]));
+        assert_eq!(g.take_strings("tokenizer.ggml.merges").expect("strings"), Some(vec!["a b".to_string(), "Ġthe".to_string()]));
+        assert!(!g.metadata.contains_key("tokenizer.ggml.merges"));
+        assert_eq!(g.take_strings("tokenizer.ggml.merges").expect("gone"), None);
+        for key in ["tokenizer.ggml.mixed", "llama.block_count"] {
+            let e = g.take_strings(key).expect_err("not strings");
+            assert!(e.0.contains(key) && e.0.contains("expected an array of strings"), "{e}");
+        }
     }
 
     #[test]
