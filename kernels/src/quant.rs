@@ -1572,6 +1572,11 @@ mod simd {
                 let whole = blocks / per_unit;
                 let mut u = 0;
                 while u + 2 <= whole {
+                    // A prefetch reads nothing and faults on no address (the two units' lines,
+                    // `PREFETCH_ROWS` rows ahead).
+                    let ahead = row_codes.wrapping_add(super::PREFETCH_ROWS * row_bytes + u * 64);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
                     unit!(u, per_unit, acc0);
                     unit!(u + 1, per_unit, acc1);
                     u += 2;
