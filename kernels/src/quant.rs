@@ -1254,6 +1254,9 @@ mod simd {
             let mut b = 0;
             for &scale in row_scales {
                 let scale = v!(scale);
+                // A prefetch reads nothing and faults on no address (the group's first code
+                // line, `PREFETCH_ROWS` rows ahead).
+                _mm_prefetch::<_MM_HINT_T0>(row_codes.wrapping_add(PREFETCH_ROWS * row_bytes + b * block_bytes) as *const i8);
                 for _ in 0..blocks_per_group {
                     // SAFETY: `b < blocks`: the block's `block_bytes` code bytes lie in the row
                     // and its 32 activations in each `q` (`cols` long); unaligned loads;
