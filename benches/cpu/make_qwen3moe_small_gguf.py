@@ -11,7 +11,7 @@ matrix; norms and routers F32).
 The weights are random: the files are for speed only.
 
     pip install gguf numpy
-    python3 benches/cpu/make_qwen3moe_small_gguf.py [--out DIR] [--seed N] [--types F32,Q8_0,Q4_0]
+    python3 benches/cpu/make_qwen3moe_small_gguf.py [--out DIR] [--seed N] [--types F32,Q8_0,Q4_0] [--size small|medium]
 """
 
 import argparse
@@ -25,7 +25,37 @@ from gguf import GGUFWriter
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../plugins/qwen3-coder-30b/tests/fixtures"))
 from make_gguf_fixtures import add_tensor, finish, tiny_tokenizer  # noqa: E402
 
-SHAPE = dict(hidden=768, layers=8, heads=12, kv_heads=4, head_dim=64, experts=32, top_k=4, moe_inner=256, vocab=32768, context=4096)
+SHAPES = {
+    "small": dict(hidden=768, layers=8, heads=12, kv_heads=4, head_dim=64, experts=32, top_k=4, moe_inner=256, vocab=32768, context=4096),
+    # Qwen3-Coder-30B-A3B's layer shapes (hidden 2,048, 32 query and 4 key/value heads of 128,
+    # experts of 768, top-8) with 12 of its 48 layers and 64 of its 128 experts: about 3.6 B
+    # parameters, 2 GB in Q4_0, so a token's experts are read from memory as a real model's are.
+    "medium": dict(hidden=2048, layers=12, heads=32, kv_heads=4, head_dim=128, experts=64, top_k=8, moe_inner=768, vocab=32768, context=4096),
+}
+
+
+def tensors(s, seed):
+    """(name, values) of every tensor, drawn one after another (a medium file's f64 values
+    would not fit in memory at once)."""
+    rng = np.random.default_rng(seed)
+    h, d = s["hidden"], s["head_dim"]
+    yield "token_embd.weight", rng.normal(0, 0.02, (s["vocab"], h))
+    yield "output_norm.weight", np.ones(h)
+    yield "output.weight", rng.normal(0, 0.02, (s["vocab"], h))
+    for l in range(s["layers"]):
+        b = f"blk.{l}."
+        yield b + "attn_norm.weight", np.ones(h)
+        yield b + "ffn_norm.weight", np.ones(h)
+        yield b + "attn_q.weight", rng.normal(0, 0.02, (s["heads"] * d, h))
+        yield b + "attn_k.weight", rng.normal(0, 0.02, (s["kv_heads"] * d, h))
+        yield b + "attn_v.weight", rng.normal(0, 0.02, (s["kv_heads"] * d, h))
+        yield b + "attn_output.weight", rng.normal(0, 0.02, (h, s["heads"] * d))
+        yield b + "attn_q_norm.weight", np.ones(d)
+        yield b + "attn_k_norm.weight", np.ones(d)
+        yield b + "ffn_gate_inp.weight", rng.normal(0, 0.02, (s["experts"], h))
+        yield b + "ffn_gate_exps.weight", rng.normal(0, 0.02, (s["experts"], s["moe_inner"], h))
+        yield b + "ffn_up_exps.weight", rng.normal(0, 0.02, (s["experts"], s["moe_inner"], h))
+        yield b + "ffn_down_exps.weight", rng.normal(0, 0.02, (s["experts"], h, s["moe_inner"]))
 
 
 def main():
@@ -33,37 +63,16 @@ def main():
     ap.add_argument("--out", default="/tmp/qwen3moe-small")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--types", default="F32,Q8_0,Q4_0")
+    ap.add_argument("--size", choices=sorted(SHAPES), default="small")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    s = SHAPE
-    rng = np.random.default_rng(a.seed)
+    s = SHAPES[a.size]
     h, d = s["hidden"], s["head_dim"]
-    tensors = {
-        "token_embd.weight": rng.normal(0, 0.02, (s["vocab"], h)),
-        "output_norm.weight": np.ones(h),
-        "output.weight": rng.normal(0, 0.02, (s["vocab"], h)),
-    }
-    for l in range(s["layers"]):
-        b = f"blk.{l}."
-        tensors.update({
-            b + "attn_norm.weight": np.ones(h),
-            b + "ffn_norm.weight": np.ones(h),
-            b + "attn_q.weight": rng.normal(0, 0.02, (s["heads"] * d, h)),
-            b + "attn_k.weight": rng.normal(0, 0.02, (s["kv_heads"] * d, h)),
-            b + "attn_v.weight": rng.normal(0, 0.02, (s["kv_heads"] * d, h)),
-            b + "attn_output.weight": rng.normal(0, 0.02, (h, s["heads"] * d)),
-            b + "attn_q_norm.weight": np.ones(d),
-            b + "attn_k_norm.weight": np.ones(d),
-            b + "ffn_gate_inp.weight": rng.normal(0, 0.02, (s["experts"], h)),
-            b + "ffn_gate_exps.weight": rng.normal(0, 0.02, (s["experts"], s["moe_inner"], h)),
-            b + "ffn_up_exps.weight": rng.normal(0, 0.02, (s["experts"], s["moe_inner"], h)),
-            b + "ffn_down_exps.weight": rng.normal(0, 0.02, (s["experts"], h, s["moe_inner"])),
-        })
     for t in a.types.split(","):
         qtype = getattr(Q, t)
-        path = os.path.join(a.out, f"qwen3moe-small-{t}.gguf")
+        path = os.path.join(a.out, f"qwen3moe-{a.size}-{t}.gguf")
         w = GGUFWriter(path, "qwen3moe")
-        w.add_name("qwen3moe-small")
+        w.add_name(f"qwen3moe-{a.size}")
         w.add_context_length(s["context"])
         w.add_embedding_length(h)
         w.add_block_count(s["layers"])
@@ -80,7 +89,7 @@ def main():
         w.add_expert_feed_forward_length(s["moe_inner"])
         w.add_file_type(0 if t == "F32" else (7 if t == "Q8_0" else 2))
         tiny_tokenizer(w, s["vocab"])
-        for name, v in tensors.items():
+        for name, v in tensors(s, a.seed):
             add_tensor(w, name, v, Q.F32 if (v.ndim == 1 or "ffn_gate_inp" in name) else qtype)
         finish(w)
         print("wrote", path, os.path.getsize(path) // (1 << 20), "MiB")
