@@ -183,16 +183,32 @@ pub enum Profile {
     Accuracy,
 }
 
+/// Prompt chunk on GPUs where no setting names one: a 2,048-token prefill in 512-token chunks
+/// queued four times the kernels, and on the H200 the host's queuing, not the GPU, set its time
+/// (benches/results/gpu-h200-2026-12-02-cublas.md).
+pub const GPU_PREFILL_CHUNK_TOKENS: u32 = 2048;
+
+/// Prompt chunk on the CPU where no setting names one: a step's activations then stay in the
+/// caches. SmolLM2-135M's 1,500-token prompt on two cores took 12.9 s in one pass and 5.7 s in
+/// 128-token chunks (6.0 at 256, 9.3 at 1,024); 512 tokens 1.69 s and 1.23 s
+/// (benches/results/cpu-2026-12-07e-exact-loops.md).
+pub const CPU_PREFILL_CHUNK_TOKENS: u32 = 128;
+
+impl OptimizationSettings {
+    /// The prompt chunk in tokens on the CPU (`cpu`) or a GPU (0: the whole prompt in one pass).
+    pub fn prefill_chunk_on(&self, cpu: bool) -> u32 {
+        self.prefill_chunk_tokens.unwrap_or(if cpu { CPU_PREFILL_CHUNK_TOKENS } else { GPU_PREFILL_CHUNK_TOKENS })
+    }
+}
+
 impl Profile {
     /// The concrete settings a profile stands for.
     pub fn settings(self) -> OptimizationSettings {
         match self {
-            // bf16 on GPU, f32 on CPU; prompts over 2,048 tokens prefilled in 2,048-token chunks
-            // (a 2,048-token prefill in 512-token chunks queued four times the kernels; on the
-            // H200 the host's queuing, not the GPU, set its time: benches/results/gpu-h200-2026-12-02-cublas.md).
+            // bf16 on GPU, f32 on CPU; prompt chunks by device (`prefill_chunk_on`).
             Profile::Balanced => OptimizationSettings {
                 dtype: None,
-                prefill_chunk_tokens: 2048,
+                prefill_chunk_tokens: None,
                 max_context_tokens: None,
                 cuda_graphs: true,
                 ..ServingSettings::DEFAULT.into_settings()
@@ -200,7 +216,7 @@ impl Profile {
             // Whole prompt in one pass: fastest prefill, highest peak activation memory.
             Profile::Performance => OptimizationSettings {
                 dtype: None,
-                prefill_chunk_tokens: 0,
+                prefill_chunk_tokens: Some(0),
                 max_context_tokens: None,
                 cuda_graphs: true,
                 ..ServingSettings::DEFAULT.into_settings()
@@ -208,7 +224,7 @@ impl Profile {
             // bf16 everywhere, small prefill chunks, KV cache capped at 8,192 tokens.
             Profile::MemoryEfficient => OptimizationSettings {
                 dtype: Some(DType::Bf16),
-                prefill_chunk_tokens: 128,
+                prefill_chunk_tokens: Some(128),
                 max_context_tokens: Some(8192),
                 cuda_graphs: true,
                 ..ServingSettings { max_num_seqs: 32, ..ServingSettings::DEFAULT }.into_settings()
@@ -217,7 +233,7 @@ impl Profile {
             Profile::Accuracy => OptimizationSettings {
                 dtype: Some(DType::F32),
                 quant_activations: Some(QuantActivations::Exact),
-                prefill_chunk_tokens: 0,
+                prefill_chunk_tokens: Some(0),
                 max_context_tokens: None,
                 cuda_graphs: true,
                 ..ServingSettings::DEFAULT.into_settings()
@@ -334,7 +350,10 @@ pub struct OptimizationSettings {
     #[serde(default)]
     pub quant_activations: Option<QuantActivations>,
     /// Prompts longer than this are prefilled in chunks of this many tokens (0: one pass).
-    pub prefill_chunk_tokens: u32,
+    /// `None`: by device, [`GPU_PREFILL_CHUNK_TOKENS`] on GPUs and [`CPU_PREFILL_CHUNK_TOKENS`]
+    /// on the CPU ([`Self::prefill_chunk_on`]).
+    #[serde(default)]
+    pub prefill_chunk_tokens: Option<u32>,
     /// Caps the KV cache (and so prompt + generation) below the model's own context.
     pub max_context_tokens: Option<u32>,
     /// Steps of decode rows only read their inputs from device buffers refreshed in place;
@@ -413,7 +432,7 @@ impl ServingSettings {
             quantize_lm_head: false,
             quant_activations: None,
             threads: None,
-            prefill_chunk_tokens: 2048,
+            prefill_chunk_tokens: None,
             max_context_tokens: None,
             cuda_graphs: true,
             async_scheduling: true,
@@ -691,7 +710,7 @@ impl PluginSection {
             settings.threads = Some(t);
         }
         if let Some(chunk) = self.prefill_chunk_tokens {
-            settings.prefill_chunk_tokens = chunk;
+            settings.prefill_chunk_tokens = Some(chunk);
         }
         if let Some(max) = self.max_context_tokens {
             settings.max_context_tokens = Some(max);
@@ -931,7 +950,7 @@ mod tests {
         .expect("valid");
         let settings = config.plugin("qwen").optimization();
         assert_eq!(settings.dtype, Some(DType::Bf16));
-        assert_eq!(settings.prefill_chunk_tokens, 64);
+        assert_eq!(settings.prefill_chunk_tokens, Some(64));
         assert_eq!(settings.max_context_tokens, Some(8192));
         assert_eq!(settings.max_num_seqs, 32);
         assert!(settings.cuda_graphs, "profiles record decode steps");

@@ -340,7 +340,7 @@ pub fn variants(baseline: &OptimizationSettings, dtype: Option<DType>, reported:
         ("cuda_graphs", "CUDA graphs off", |s| s.cuda_graphs, |s| s.cuda_graphs = false),
         ("async_scheduling", "async scheduling off", |s| s.async_scheduling, |s| s.async_scheduling = false),
         ("prefix_caching", "prefix caching off", |s| s.prefix_caching, |s| s.prefix_caching = false),
-        ("prefill_chunk_tokens", "chunked prefill off", |s| s.prefill_chunk_tokens > 0, |s| s.prefill_chunk_tokens = 0),
+        ("prefill_chunk_tokens", "chunked prefill off", |s| s.prefill_chunk_tokens != Some(0), |s| s.prefill_chunk_tokens = Some(0)),
     ];
     let mut all_off = baseline.clone();
     let mut switched = 0;
@@ -1258,7 +1258,7 @@ mod tests {
         // Each switch changes exactly its own key.
         assert_eq!(v[4].settings, OptimizationSettings { prefix_caching: false, ..baseline.clone() });
         let all = &v[10].settings;
-        assert!(!all.cuda_graphs && !all.async_scheduling && !all.prefix_caching && all.prefill_chunk_tokens == 0);
+        assert!(!all.cuda_graphs && !all.async_scheduling && !all.prefix_caching && all.prefill_chunk_tokens == Some(0));
         // A plugin reporting only prefix caching gets that switch alone, no "all off", and a
         // quantized checkpoint adds its dequantized variant.
         let v = variants(&baseline, Some(DType::Bf16), &["prefix_caching".to_string()], true, true);

@@ -343,9 +343,7 @@ fn response(prompt: Vec<u32>, result: RowResult, timings: Timings) -> InferRespo
     }
 }
 
-fn chunk_of(optimization: &OptimizationSettings) -> usize {
-    optimization.prefill_chunk_tokens as usize
-}
+
 
 impl Engine {
     /// Starts the model's step loop, whose thread first runs `build` (loads the weights and
@@ -422,7 +420,8 @@ impl Engine {
             return Err(EngineError::InvalidRequest("nothing to generate from".into()));
         }
         let rows = requests.len();
-        let pending = self.submit(requests.into_iter().map(Work::Generate).collect(), chunk_of(optimization))?;
+        let chunk = optimization.prefill_chunk_on(self.model.decoder.device == burn::tensor::Device::flex()) as usize;
+        let pending = self.submit(requests.into_iter().map(Work::Generate).collect(), chunk)?;
         // What each row's consumer took: after a cancel, the row's result is what was
         // delivered (the loop may have run ahead by a step).
         let mut delivered: Vec<(Vec<u32>, String, bool)> = vec![(Vec::new(), String::new(), false); rows];

@@ -30,7 +30,7 @@ pub fn load_cpu(family: &ModelFamily, path: &Path, dtype: DType) -> Engine {
 pub fn load_cpu_with(family: &ModelFamily, path: &Path, dtype: DType, change: impl FnOnce(&mut PluginSettings)) -> Engine {
     let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(dtype), random_weights: None };
     let mut settings = PluginSettings::default();
-    settings.optimization.prefill_chunk_tokens = 0;
+    settings.optimization.prefill_chunk_tokens = Some(0);
     // Quantized weights' products take the activations exact, the math the parity fixtures
     // hold (the CPU's default rounds them to 8-bit blocks, `plugins/llama/tests/quantization.rs`).
     settings.optimization.quant_activations = Some(QuantActivations::Exact);
@@ -200,7 +200,7 @@ pub fn check_gguf_twins(family: &ModelFamily, dir: &Path, name: &str, quantizati
     let load = |stored: Option<Quantization>| {
         let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
         let mut settings = PluginSettings::default();
-        settings.optimization.prefill_chunk_tokens = 0;
+        settings.optimization.prefill_chunk_tokens = Some(0);
         settings.optimization.quantization = stored;
         load_engine(family, &dir.join(format!("{name}.q.gguf")), &options, &settings).expect("loads the quantized GGUF")
     };

@@ -18,7 +18,7 @@ use llama::FAMILY;
 fn load(kv: KvCacheDtype) -> Result<(Engine, ModelInfo), String> {
     let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
     let mut settings = PluginSettings::default();
-    settings.optimization.prefill_chunk_tokens = 0;
+    settings.optimization.prefill_chunk_tokens = Some(0);
     settings.optimization.kv_cache_dtype = kv;
     load_engine(&FAMILY, &common::smollm2_path(), &options, &settings).map_err(|e| e.to_string())
 }

@@ -17,7 +17,7 @@ fn fixture(name: &str) -> PathBuf {
 fn load(name: &str, quantization: Option<Quantization>, head: bool) -> Result<(Engine, String), String> {
     let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
     let mut settings = PluginSettings::default();
-    settings.optimization.prefill_chunk_tokens = 0;
+    settings.optimization.prefill_chunk_tokens = Some(0);
     settings.optimization.quantization = quantization;
     settings.optimization.quantize_lm_head = head;
     load_engine(&FAMILY, &fixture(name), &options, &settings).map(|(e, info)| (e, info.quantization)).map_err(|e| e.to_string())

@@ -22,7 +22,7 @@ fn fixture(name: &str) -> PathBuf {
 fn load(name: &str, quantization: Option<Quantization>) -> (Engine, String) {
     let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
     let mut settings = PluginSettings::default();
-    settings.optimization.prefill_chunk_tokens = 0;
+    settings.optimization.prefill_chunk_tokens = Some(0);
     settings.optimization.quantization = quantization;
     // Exact activations: the weights' values are what these tests compare.
     settings.optimization.quant_activations = Some(QuantActivations::Exact);
@@ -129,7 +129,7 @@ fn packed_and_fp8_weights_split_over_two_ranks_match_their_dense_twin() {
     for (name, stored) in [("llama-tiny-gptq4", "int4 in groups of 32: 14 of 14 linear weights"), ("llama-tiny-awq", "int4 in groups of 32: 14 of 14 linear weights"), ("llama-tiny-fp8", "")] {
         let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
         let mut settings = PluginSettings::default();
-        settings.optimization.prefill_chunk_tokens = 0;
+        settings.optimization.prefill_chunk_tokens = Some(0);
         settings.optimization.tensor_parallel = Some(2);
         settings.optimization.quant_activations = Some(QuantActivations::Exact);
         let split = match load_engine(&FAMILY, &fixture(name), &options, &settings) {

@@ -22,7 +22,7 @@ fn load_with(name: &str, settings: impl FnOnce(&mut inference_pio_core::types::P
 }
 
 fn chunking(tokens: u32) -> inference_pio_core::config::OptimizationSettings {
-    inference_pio_core::config::OptimizationSettings { prefill_chunk_tokens: tokens, ..Default::default() }
+    inference_pio_core::config::OptimizationSettings { prefill_chunk_tokens: Some(tokens), ..Default::default() }
 }
 
 fn reference(name: &str) -> Value {
@@ -101,7 +101,7 @@ fn incremental_decode_equals_the_full_forward_pass() {
 fn chunked_prefill_equals_one_pass() {
     let prompt: Vec<u32> = (0..30).map(|i| (i * 13 + 5) % 380 + 3).collect();
     let one_pass = greedy(&load("qwen3-tiny-c", DType::F32), &prompt, 12);
-    let engine = load_with("qwen3-tiny-c", |s| s.optimization.prefill_chunk_tokens = 7);
+    let engine = load_with("qwen3-tiny-c", |s| s.optimization.prefill_chunk_tokens = Some(7));
     let mut timings = Default::default();
     let chunked = engine
         .generate_rows(vec![RowRequest::greedy(prompt.clone(), 12)], &chunking(7), &mut |_, _, _| true, &mut timings)

@@ -51,7 +51,7 @@ fn requests_joining_mid_decode_get_the_tokens_they_get_alone() {
     let engine = load(|s| {
         s.optimization.max_num_batched_tokens = 16;
         s.optimization.max_num_seqs = 8;
-        s.optimization.prefill_chunk_tokens = 8;
+        s.optimization.prefill_chunk_tokens = Some(8);
     });
     let first = RowRequest::greedy(prompt(21, 0), 30).ignoring_eos();
     let joiners = [
@@ -309,7 +309,7 @@ fn a_mixed_load_under_preemption_gives_the_same_results_with_async_scheduling_on
             s.optimization.async_scheduling = on;
             s.optimization.max_num_batched_tokens = 24;
             s.optimization.max_num_seqs = 5;
-            s.optimization.prefill_chunk_tokens = 8;
+            s.optimization.prefill_chunk_tokens = Some(8);
             s.optimization.kv_cache_gb = Some(20.0 * BLOCK_BYTES / 1e9);
         })
     };

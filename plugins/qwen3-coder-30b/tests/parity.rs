@@ -84,7 +84,7 @@ fn routed_experts_quantized_at_load_stay_close_to_the_f32_model() {
     for (mode, bound, layout) in [(Quantization::Int8, 0.12, "int8 per output channel"), (Quantization::Int4, 1.1, "int4 in groups of 32"), (Quantization::Fp8, 0.45, "fp8 (E4M3)")] {
         let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
         let mut settings = PluginSettings::default();
-        settings.optimization.prefill_chunk_tokens = 0;
+        settings.optimization.prefill_chunk_tokens = Some(0);
         settings.optimization.quantization = Some(mode);
         let (engine, info) = load_engine(&FAMILY, &path, &options, &settings).expect("loads quantized");
         // Attention (q, k, v, o) of 3 layers, the dense layer's MLP, and 2 sparse layers x 8
@@ -229,7 +229,7 @@ fn quantized_checkpoint_experts_keep_their_codes_and_match_their_dequantized_val
         let load = |quantization: Option<Quantization>| {
             let options = LoadOptions { device: DeviceRequest::Cpu, dtype: Some(DType::F32), random_weights: None };
             let mut settings = PluginSettings::default();
-            settings.optimization.prefill_chunk_tokens = 0;
+            settings.optimization.prefill_chunk_tokens = Some(0);
             settings.optimization.quantization = quantization;
             load_engine(&FAMILY, &dir, &options, &settings).expect("loads the quantized checkpoint")
         };

@@ -176,7 +176,7 @@ fn chunked_prefill_splitting_images_equals_one_pass() {
     let name = "vl-tiny-b";
     let one_pass = load_cpu(&FAMILY, &fixtures().join(name), DType::F32);
     let chunked = load_cpu_with(&FAMILY, &fixtures().join(name), DType::F32, |s| {
-        s.optimization.prefill_chunk_tokens = 5;
+        s.optimization.prefill_chunk_tokens = Some(5);
         s.optimization.prefix_caching = false;
     });
     for which in ["two-images", "second-turn"] {
