@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# One device call: long decodes on CUDA, recorded steps against host-queued ones and the CPU
-# (whose rotary tables start at 1,024 positions and double; CUDA's cover the whole context
-# until growing them under recorded, asynchronously queued steps has been checked here).
+# One device call: decode steps past the first rotary tables on CUDA (the tables start at
+# 1,024 positions and double; recordings are dropped when they grow).
 # 1. A tiny Qwen3 (.gpu/long-fixture: qwen3-tiny-a, its config allowing 4,096 positions),
 #    a 1,000-token prompt and 1,100 greedy tokens (positions to 2,099: two growths), f32:
 #    CUDA with recorded steps, CUDA with every step from the host (`cuda_graphs = false`,

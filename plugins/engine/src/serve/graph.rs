@@ -117,18 +117,18 @@ impl StepDecoder for Decoder {
     }
 }
 
-/// The positions the CPU's rotary tables cover at first. Over a model's whole context they
-/// cost memory no short conversation uses: Qwen3-4B's 262,144 positions of 128 rotary values
-/// take 268 MB in f32, SmolLM2's 8,192 took 4 MB of the README main job's resident memory.
+/// The positions the rotary tables cover at first. Over a model's whole context they cost
+/// memory no short conversation uses: Qwen3-4B's 262,144 positions of 128 rotary values take
+/// 268 MB in f32 (the CPU) or 134 MB of GPU memory in bf16, SmolLM2's 8,192 took 4 MB of the
+/// README main job's resident memory.
 pub const ROPE_TABLE_START: usize = 1024;
 
 pub struct DecodeGraphs {
     model: Arc<dyn StepDecoder>,
     /// The model's context cap (the widths' ceiling and the rotary tables' longest length).
     max_context: usize,
-    /// Rotary tables, `[positions, rotary_dim]`: on the CPU [`ROPE_TABLE_START`] positions (at
-    /// most the context cap) at first, doubled when a step reaches past them
-    /// ([`Self::cover`]); where steps are recorded, the whole context.
+    /// Rotary tables, `[positions, rotary_dim]`: [`ROPE_TABLE_START`] positions (at most the
+    /// context cap) at first, doubled when a step reaches past them ([`Self::cover`]).
     cos_table: Tensor<2>,
     sin_table: Tensor<2>,
     records: bool,
@@ -171,12 +171,12 @@ impl DecodeGraphs {
     pub fn for_decoder(model: Arc<dyn StepDecoder>, max_context: usize) -> Self {
         let device = model.decoder().device.clone();
         let records = device != Device::flex();
-        // Recorded steps (CUDA) keep tables over the whole context: growing them drops the
-        // recordings, and a step that grows them may be queued while the one before is still
-        // running from its recording (async scheduling); until that has been checked on a
-        // device, only the CPU's tables grow.
-        let positions = if records { max_context.max(1) } else { max_context.clamp(1, ROPE_TABLE_START) };
-        let (cos_table, sin_table) = model.decoder().rope_table(positions);
+        // Recorded steps (CUDA) read the tables they were recorded with, so growing the tables
+        // drops the recordings ([`Self::cover`]), also while the step before is still running
+        // from one (async scheduling): checked on an H100, 1,100 greedy tokens from position
+        // 1,000 (two growths) equal to host-queued steps and to the CPU
+        // (benches/gpu/run_long_context.sh, 2026-12-07).
+        let (cos_table, sin_table) = model.decoder().rope_table(max_context.clamp(1, ROPE_TABLE_START));
         Self {
             records,
             given_up: false,
