@@ -2129,11 +2129,12 @@ mod simd {
     }
 
     /// Group values as f32, in a buffer the loops broadcast from (a broadcast from memory
-    /// takes no arithmetic port; one value converted in the loop took three instructions a
-    /// group and row): eight converted at a time.
+    /// takes no arithmetic port; one value converted in the loop took three to four
+    /// instructions a group and row): eight converted at a time. For the AVX2 and the AVX-512
+    /// loops (AVX-512F implies AVX2 and F16C).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn values_f32_avx2<S: GroupValue>(values: &[S]) -> Vec<f32> {
+    fn values_f32<S: GroupValue>(values: &[S]) -> Vec<f32> {
         use std::arch::x86_64::*;
         let mut out = vec![0f32; values.len()];
         let mut chunks = out.chunks_exact_mut(8);
@@ -2301,7 +2302,7 @@ mod simd {
         );
         let codes = m.codes.as_ptr() as *const u8;
         let mins = &mn[first * groups..(first + count) * groups];
-        let scales = values_f32_avx2(&sc[first * groups..(first + count) * groups]);
+        let scales = values_f32(&sc[first * groups..(first + count) * groups]);
         // Two output rows a pass, as `avx512::rows_split4` (each row in its one-row order of
         // operations): each unit's activations loaded once for both rows.
         let pairs = count / 2;
@@ -2421,7 +2422,7 @@ mod simd {
         );
         let codes = m.codes.as_ptr() as *const u8;
         let mins = &mn[first * groups..(first + count) * groups];
-        let scales = values_f32_avx2(&sc[first * groups..(first + count) * groups]);
+        let scales = values_f32(&sc[first * groups..(first + count) * groups]);
         for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
             // SAFETY: row `first + r` lies in the matrix (asserted above): its `cols` code
             // bytes start here.
@@ -2523,30 +2524,6 @@ mod simd {
             (acc, rest)
         }
 
-        /// Group values as f32, in a buffer the loops broadcast from (a broadcast from memory
-        /// takes no arithmetic port; one value converted at a time took four instructions a
-        /// group, and sixteen converted into a buffer on the stack just before their
-        /// broadcasts cost more than that).
-        ///
-        /// # Safety
-        /// The CPU has AVX-512F.
-        #[target_feature(enable = "avx512f,f16c")]
-        unsafe fn values_f32<S: super::super::GroupValue>(values: &[S]) -> Vec<f32> {
-            let mut out = vec![0f32; values.len()];
-            let mut chunks = out.chunks_exact_mut(16);
-            for (o, v) in (&mut chunks).zip(values.chunks_exact(16)) {
-                // SAFETY: sixteen values at `v` and sixteen places at `o`; the caller
-                // guarantees AVX-512F.
-                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), S::load16(v.as_ptr())) };
-            }
-            let tail = values.len() / 16 * 16;
-            for (o, v) in chunks.into_remainder().iter_mut().zip(&values[tail..]) {
-                // SAFETY: AVX-512F implies F16C.
-                *o = unsafe { v.get_f16c() };
-            }
-            out
-        }
-
         /// [`super::rows_split4_avx2`] with sixteen lanes.
         ///
         /// # Safety
@@ -2589,8 +2566,7 @@ mod simd {
             );
             let codes = m.codes.as_ptr() as *const u8;
             let mins = &mn[first * groups..(first + count) * groups];
-            // SAFETY: the CPU has AVX-512F (this function's requirement).
-            let scales = unsafe { values_f32(&sc[first * groups..(first + count) * groups]) };
+            let scales = super::values_f32(&sc[first * groups..(first + count) * groups]);
             // Two output rows a pass (each with its own sums, in the one-row order of operations,
             // so a row's result does not depend on its neighbour): each unit's activations are
             // loaded once for both, and the two rows' chains run side by side (one row at a time
@@ -2794,8 +2770,7 @@ mod simd {
             );
             let codes = m.codes.as_ptr() as *const u8;
             let mins = &mn[first * groups..(first + count) * groups];
-            // SAFETY: the CPU has AVX-512F (this function's requirement).
-            let scales = unsafe { values_f32(&sc[first * groups..(first + count) * groups]) };
+            let scales = super::values_f32(&sc[first * groups..(first + count) * groups]);
             for (r, ((y, row_scales), row_mins)) in out.iter_mut().zip(scales.chunks_exact(groups)).zip(mins.chunks_exact(groups)).enumerate() {
                 // SAFETY: row `first + r` lies in the matrix (asserted above): its `cols`
                 // code bytes start here.
