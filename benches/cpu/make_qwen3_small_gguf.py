@@ -161,37 +161,30 @@ def write_safetensors(path: Path, params, dtype: str, seed: int) -> int:
     return len(params)
 
 
+# The model-level tensors' GGUF names; a layer's come from the Qwen3-MoE fixture writer's
+# `LAYER_NAMES` (imported where the direct writer runs: it needs gguf-py, the converter path not).
 GGUF_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
 }
 
 
-def gguf_name(name: str) -> str:
+def gguf_name(name: str, layer_names: dict) -> str:
     """The GGUF tensor name llama.cpp's converter gives a Qwen3 parameter."""
     if name in GGUF_NAMES:
         return GGUF_NAMES[name]
     layer, rest = name.removeprefix("model.layers.").split(".", 1)
     stem, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{GGUF_NAMES[stem]}.{kind}"
+    return f"blk.{layer}.{layer_names[stem]}.{kind}"
 
 
 def write_gguf_direct(path: Path, cfg: dict, hf: Path, params, outtype: str, seed: int) -> None:
     """The checkpoint of `write_safetensors` (same seed, same values) as a GGUF file of
     `outtype`, in convert_hf_to_gguf.py's layout for Qwen3, the tokenizer from `hf`."""
     from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+    sys.path.insert(0, str(REPO / "plugins" / "qwen3-coder-30b" / "tests" / "fixtures"))
+    from make_gguf_fixtures import LAYER_NAMES
 
     tok = json.loads((hf / "tokenizer.json").read_text())
     vocab = cfg["vocab_size"]
@@ -233,10 +226,10 @@ def write_gguf_direct(path: Path, cfg: dict, hf: Path, params, outtype: str, see
     for name, shape, init in params:
         values = draw(rng, shape, init)
         if qtype == GGMLQuantizationType.F32 or values.ndim == 1:
-            w.add_tensor(gguf_name(name), values)
+            w.add_tensor(gguf_name(name, LAYER_NAMES), values)
         else:
             raw = np.frombuffer(f32_to_bf16_bytes(values), dtype=np.uint8).reshape(*shape[:-1], shape[-1] * 2)
-            w.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+            w.add_tensor(gguf_name(name, LAYER_NAMES), raw, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
