@@ -343,8 +343,6 @@ fn response(prompt: Vec<u32>, result: RowResult, timings: Timings) -> InferRespo
     }
 }
 
-
-
 impl Engine {
     /// Starts the model's step loop, whose thread first runs `build` (loads the weights and
     /// allocates the KV pool: all of the model's device work happens on that thread); `cpu`:

@@ -170,7 +170,6 @@ impl DecodeGraphs {
     /// (a tensor-parallel rank's own, beside rank 0's of the same shapes).
     pub fn for_decoder(model: Arc<dyn StepDecoder>, max_context: usize) -> Self {
         let device = model.decoder().device.clone();
-        let records = device != Device::flex();
         // Recorded steps (CUDA) read the tables they were recorded with, so growing the tables
         // drops the recordings ([`Self::cover`]), also while the step before is still running
         // from one (async scheduling): checked on an H100, 1,100 greedy tokens from position
@@ -178,7 +177,7 @@ impl DecodeGraphs {
         // (benches/gpu/run_long_context.sh, 2026-12-07).
         let (cos_table, sin_table) = model.decoder().rope_table(max_context.clamp(1, ROPE_TABLE_START));
         Self {
-            records,
+            records: device != Device::flex(),
             given_up: false,
             model,
             max_context,
