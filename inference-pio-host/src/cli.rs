@@ -336,8 +336,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=inference_pio_core::types::MAX_BATCH_REQUESTS as i64))]
     pub batch: u32,
     /// Run the request N times in this process, one after another (benchmarking: the first
-    /// run builds and tunes the kernels, later ones are warm); the JSON gains `runs`, every
-    /// run's timings, and reports the last run.
+    /// run builds and tunes the kernels, later ones are warm; no run reuses another's prompt
+    /// from the prefix cache); the JSON gains `runs`, every run's timings, and reports the
+    /// last run.
     #[arg(long, default_value_t = 1, requires = "json", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub repeat: u32,
 }
@@ -1091,14 +1092,21 @@ fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     // Every run's rows (one row unless --batch) and batch timings.
     let mut runs: Vec<(Vec<InferResponse>, Timings)> = Vec::new();
     let mut failure = None;
-    for _ in 0..args.repeat {
+    // Each repeated run gets a prefix-cache partition of its own (a salt, ABI 1.3), so that a
+    // warm run computes its prompt as the first run did instead of finding it cached.
+    let salted = args.repeat > 1 && selected.plugin.metadata().is_ok_and(|m| m.build.abi_minor >= 3);
+    let salt = |run: u32, request: &InferRequest| match salted {
+        true => InferRequest { cache_salt: format!("inference-pio run --repeat, run {run}"), ..request.clone() },
+        false => request.clone(),
+    };
+    for run in 0..args.repeat {
         let result = if requests.len() == 1 {
-            selected.plugin.infer(info.handle, &request, &mut on_token).map(|r| {
+            selected.plugin.infer(info.handle, &salt(run, &request), &mut on_token).map(|r| {
                 let timings = r.timings.clone();
                 (vec![r], timings)
             })
         } else {
-            let batch = BatchInferRequest { requests: requests.clone() };
+            let batch = BatchInferRequest { requests: requests.iter().map(|r| salt(run, r)).collect() };
             selected.plugin.infer_batch(info.handle, &batch).map(|r| (r.responses, r.timings))
         };
         match result {

@@ -284,6 +284,16 @@ fn a_batch_run_equals_single_runs_and_repeats_report_every_run() {
     let runs = result["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2);
     assert!(runs.iter().all(|t| t["generated_tokens"] == generated && t["time_to_first_token_s"].as_f64().expect("ttft") > 0.0));
+    // A warm run computes its whole prompt, as the first did: a 40-token prompt (two full
+    // cache blocks) is not taken from the first run's prefix cache.
+    let long = &reference["prompts"][3];
+    let long_ids = csv(&long["ids"]);
+    let out = inference_pio(&["run", "--model", model, "--prompt-ids", &long_ids, "--greedy", "--max-new-tokens", "16", "--json", "--device", "cpu", "--dtype", "f32", "--repeat", "2"], cwd.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(result["token_ids"], long["greedy"]);
+    let prompt_tokens = long["ids"].as_array().expect("ids").len() as u64;
+    assert_eq!((&result["stats"]["prefix_cache_hit_tokens"], &result["stats"]["prompt_tokens_computed"]), (&0.into(), &(2 * prompt_tokens).into()), "{}", result["stats"]);
 
     // Out of range is refused by the command line, before any plugin loads.
     let out = inference_pio(&[&base[..], &["--batch", "0"]].concat(), cwd.path());
