@@ -17,6 +17,9 @@
 //!   on Qwen3-4B's hidden, QK-norm (a strided view of the fused q|k|v output, one weight per
 //!   head) and MLP shapes at 1, 32 and 2,048 rows; the fused QK-norm + rotary embedding
 //!   (`inference_pio_kernels::rotary`) against the normalisation, transpose and rotation;
+//! - the vision tower's LayerNorm (`inference_pio_kernels::norm::fused_layer_norm`) and f32
+//!   rotation of queries and keys (`inference_pio_kernels::rotary::fused_rotary_f32`) at
+//!   Qwen3-VL-2B's shapes for 448x448 and 1344x1344 images, against the burn operations;
 //! - the many-row products through cuBLAS (`inference_pio_kernels::cublas`; linear layers on
 //!   the `[out, in]` weight read in place, prefill attention's batched products over a cache
 //!   view) against burn's (CubeCL's) matmul. (The weight-layout comparison of 2026-12-02,
@@ -35,7 +38,7 @@
 //! the elementwise kernels 1e-4 in f32 and 1e-2 in bf16.
 //!
 //! `kernel_check` on a machine with CUDA runs every group; `kernel_check matvec attention
-//! elementwise cublas quant` (any of them) runs those only. With cuBLAS loadable the engine keeps
+//! kv-write elementwise vision cublas quant` (any of them) runs those only. With cuBLAS loadable the engine keeps
 //! weights unsplit (`split_parts` is 1), so the matvec group then checks the kernel on the
 //! plain layout and times it against the cuBLAS product.
 
@@ -49,9 +52,9 @@ use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, spl
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
 use inference_pio_kernels::router::{combine_reference, fused_combine, fused_softmax_top_k, softmax_top_k_reference};
-use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_rms_norm};
-use inference_pio_kernels::reference::{rms_norm, swiglu_halves};
-use inference_pio_kernels::rotary::{fused_qk_norm_rotary, qk_norm_rotary_reference};
+use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_layer_norm, fused_rms_norm};
+use inference_pio_kernels::reference::{layer_norm, rms_norm, swiglu_halves};
+use inference_pio_kernels::rotary::{fused_qk_norm_rotary, fused_rotary_f32, qk_norm_rotary_reference, rotary_f32_reference};
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_pair, write_kv_slots};
 use inference_pio_kernels::kv_pages::{KvCodes, KvPages, KvStorage, quantize_heads, quantize_heads_on_host};
@@ -135,10 +138,10 @@ fn main() {
         Case { name: "30B head 2048->151936", experts: 1, out: 151936, inp: 2048, rows: 1, x_rows: 1 },
     ];
     let mut failed = 0;
-    // `kernel_check [matvec] [attention] [kv-write] [elementwise] [cublas] [quant]`: those
+    // `kernel_check [matvec] [attention] [kv-write] [elementwise] [vision] [cublas] [quant]`: those
     // groups only (all without arguments; `attention` includes `kv-write`).
     let chosen: Vec<String> = std::env::args().skip(1).collect();
-    const GROUPS: [&str; 6] = ["matvec", "attention", "kv-write", "elementwise", "cublas", "quant"];
+    const GROUPS: [&str; 7] = ["matvec", "attention", "kv-write", "elementwise", "vision", "cublas", "quant"];
     if let Some(unknown) = chosen.iter().find(|a| !GROUPS.contains(&a.as_str())) {
         eprintln!("kernel_check: unknown group `{unknown}`; the groups are {}", GROUPS.join(", "));
         std::process::exit(2);
@@ -188,6 +191,9 @@ fn main() {
     }
     if runs("elementwise") {
         failed += check_elementwise(&device);
+    }
+    if runs("vision") {
+        failed += check_vision(&device);
     }
     if runs("cublas") {
         failed += check_cublas(&device);
@@ -610,6 +616,42 @@ fn check_elementwise(device: &Device) -> usize {
             let kernel = || fused_swiglu_halves(gate_up.clone());
             let reference = || swiglu_halves(gate_up.clone());
             failed += usize::from(check(device, &format!("swiglu {:20} {tag}", 2 * inner), tol, bytes(3 * rows * inner), &kernel, &reference, &reference));
+        }
+    }
+    failed
+}
+
+/// The vision tower's kernels at Qwen3-VL-2B's shapes (width 1,024, 16 heads of 64) for a
+/// 448x448 image (784 patches) and a 1344x1344 one (7,056): the LayerNorm (blocks, and the
+/// merger's 4,096-wide rows, an odd row count too) and the f32 rotation of queries and keys
+/// read from the fused q|k|v projection, against the burn operations they replace.
+fn check_vision(device: &Device) -> usize {
+    let mut failed = 0;
+    let (width, heads, dim) = (1024, 16, 64);
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
+        let random = |shape: [usize; 2], low: f64, high: f64| Tensor::<2>::random(shape, Distribution::Uniform(low, high), device).cast(dtype);
+        let bytes = |elements: usize| Work::Bytes((elements * dtype.size()) as f64);
+        for (rows, n) in [(784, width), (7056, width), (196, 4 * width), (37, 4 * width)] {
+            // An offset mean, as hidden states have, tests the centring.
+            let x = random([rows, n], -2.0, 6.0);
+            let (weight, bias) = (random([1, n], 0.5, 1.5).reshape([n]), random([1, n], -0.5, 0.5).reshape([n]));
+            let kernel = || fused_layer_norm(x.clone(), &weight, &bias, 1e-6);
+            let reference = || layer_norm(x.clone(), &weight, &bias, 1e-6);
+            let tag = format!("vision layer_norm {n:5} x {rows:5} {dtype:?}");
+            failed += usize::from(check(device, &tag, tol, bytes(2 * rows * n), &kernel, &reference, &reference));
+        }
+        for patches in [784, 7056] {
+            let qkv = random([patches, 3 * heads * dim], -2.0, 2.0).reshape([1, patches, 3 * heads, dim]);
+            let qk = qkv.narrow(2, 0, 2 * heads);
+            let angles = Tensor::<4>::random([1, 1, patches, dim / 2], Distribution::Uniform(0.0, 40.0), device);
+            let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+            let (cos, sin) = (angles.clone().cos(), angles.sin());
+            let flat = |t: Tensor<4>| t.reshape([2 * heads * patches, dim]);
+            let kernel = || flat(fused_rotary_f32(qk.clone(), &cos, &sin));
+            let reference = || flat(rotary_f32_reference(qk.clone(), &cos, &sin));
+            let tag = format!("vision rope f32 {:3} heads x {patches:5} {dtype:?}", 2 * heads);
+            failed += usize::from(check(device, &tag, tol, bytes(4 * heads * patches * dim), &kernel, &reference, &reference));
         }
     }
     failed

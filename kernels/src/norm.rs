@@ -6,7 +6,11 @@
 //!   per-head QK-norm weights);
 //! - `add_rms_norm(residual, y, weight)`: the sum `residual + y` (rounded to the dtype, as
 //!   transformers adds in bf16) written out as the new residual stream, and its normalisation,
-//!   from one read of each input.
+//!   from one read of each input;
+//! - `layer_norm(x, weight, bias)` (`nn.LayerNorm`; Ba et al. 2016, arXiv:1607.06450, as the
+//!   Qwen3-VL vision tower and its mergers use it): one cube per row takes the mean, then the
+//!   variance of the centred values, both in f32, and writes `dtype((x - mean) * inv * weight +
+//!   bias)`, rounded once, as [`crate::reference::layer_norm`] computes in f32.
 //!
 //! burn's operations take about eight kernels for a normalisation (cast, square, mean, add,
 //! square root, reciprocal, two products, cast back) and one more for the add. The rounding
@@ -45,6 +49,11 @@ pub trait NormOps: Backend {
         weight: FloatTensor<Self>,
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `x [.., n]` layer-normalised over its last axis, then scaled by `weight [1, n]` and
+    /// shifted by `bias [1, n]`.
+    #[fusion(dtype = x, shape = x)]
+    fn fused_layer_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
 }
 
 impl NormOps for CubeBackend {
@@ -60,6 +69,10 @@ impl NormOps for CubeBackend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (sum, normed) = launch(residual, Some(y), weight, eps);
         (sum.expect("the add variant writes the sum"), normed)
+    }
+
+    fn fused_layer_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        launch_layer_norm(x, weight, bias, eps)
     }
 }
 
@@ -177,6 +190,85 @@ pub(crate) mod device {
             v += CUBE_DIM as usize;
         }
     }
+
+    #[cube(launch_unchecked)]
+    pub fn layer_norm_kernel<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        weight: &Tensor<Vector<E, N>>,
+        bias: &Tensor<Vector<E, N>>,
+        out: &mut Tensor<Vector<E, N>>,
+        rows: usize,
+        eps: f32,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        // The whole cube leaves together (one cube per row).
+        let row = CUBE_POS_X as usize;
+        if row >= rows {
+            terminate!();
+        }
+        let n = x.shape(x.rank() - 1);
+        let vectors = n / x.vector_size();
+        let start = row_start(x, row);
+        let mut total = Vector::<f32, N>::zero();
+        let mut v = UNIT_POS as usize;
+        while v < vectors {
+            total += Vector::<f32, N>::cast_from(x[start + v]);
+            v += CUBE_DIM as usize;
+        }
+        let mean = cube_reduce(Vector::vector_sum(total), crate::norm::PLANES_PER_ROW as usize, false) / f32::cast_from(n);
+        // The variance from the centred values (a second read of the row, in cache), as
+        // the reference takes it, not from the mean square.
+        let mut squares = Vector::<f32, N>::zero();
+        let mut u = UNIT_POS as usize;
+        while u < vectors {
+            let centred = Vector::<f32, N>::cast_from(x[start + u]) - Vector::new(mean);
+            squares += centred * centred;
+            u += CUBE_DIM as usize;
+        }
+        let variance = cube_reduce(Vector::vector_sum(squares), crate::norm::PLANES_PER_ROW as usize, false) / f32::cast_from(n);
+        let inv = f32::new(1.0) / (variance + eps).sqrt();
+        let out_start = row * vectors;
+        let mut w = UNIT_POS as usize;
+        while w < vectors {
+            let centred = Vector::<f32, N>::cast_from(x[start + w]) - Vector::new(mean);
+            let scaled = centred * Vector::new(inv) * Vector::<f32, N>::cast_from(weight[w]);
+            out[out_start + w] = Vector::cast_from(scaled + Vector::<f32, N>::cast_from(bias[w]));
+            w += CUBE_DIM as usize;
+        }
+    }
+}
+
+fn launch_layer_norm(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, eps: f64) -> CubeTensor {
+    let shape = x.meta.shape().clone();
+    let n = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / n.max(1);
+    let dtype = x.dtype;
+    assert!(weight.dtype == dtype && bias.dtype == dtype, "layer_norm: the weight's or bias's dtype differs from the input's");
+    assert!(weight.meta.shape()[1] == n && bias.meta.shape()[1] == n, "layer_norm: the weight's or bias's width differs from the input's");
+    let x = last_axis_contiguous(x);
+    let (weight, bias) = (into_contiguous(weight), into_contiguous(bias));
+    let vector = row_vector_width(vector_width(n, dtype), &[&x]);
+    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, dtype);
+    let client = out.client.clone();
+    // SAFETY: a row `row < rows` (checked) starts at its strided offset and spans `n`
+    // contiguous elements of `x` and of the contiguous `out`; the weight and bias are
+    // contiguous `[1, n]` rows (asserted widths).
+    unsafe {
+        device::layer_norm_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_2d(PLANE as u32, PLANES_PER_ROW),
+            vector,
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rows,
+            eps as f32,
+            dtype_to_storage_type(dtype),
+        )
+    };
+    out
 }
 
 fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, eps: f64) -> (Option<CubeTensor>, CubeTensor) {
@@ -269,6 +361,24 @@ pub fn fused_add_rms_norm<const D: usize>(residual: Tensor<D>, y: Tensor<D>, wei
     let w = weight_rows(weight);
     let (sum, normed) = Dispatch::fused_add_rms_norm(residual.into_dispatch(), y.into_dispatch(), w.into_dispatch(), eps);
     (Tensor::from_dispatch(sum), Tensor::from_dispatch(normed))
+}
+
+/// [`crate::reference::layer_norm`] by the kernel (CubeCL devices only); `weight` and `bias`
+/// `[n]` in `x`'s dtype.
+pub fn fused_layer_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Tensor<D> {
+    let (w, b) = (weight_rows(weight), weight_rows(bias));
+    Tensor::from_dispatch(Dispatch::fused_layer_norm(x.into_dispatch(), w.into_dispatch(), b.into_dispatch(), eps))
+}
+
+/// Layer normalisation over the last axis with a weight and a bias (see
+/// [`crate::reference::layer_norm`]): the kernel on CubeCL devices where the weight and bias
+/// have `x`'s dtype, the reference elsewhere.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, bias: &Tensor<1>, eps: f64) -> Tensor<D> {
+    let n = x.dims()[D - 1];
+    if is_cubecl(&x.device()) && weight.dtype() == x.dtype() && bias.dtype() == x.dtype() && weight.dims()[0] == n && bias.dims()[0] == n {
+        return fused_layer_norm(x, weight, bias, eps);
+    }
+    crate::reference::layer_norm(x, weight, bias, eps)
 }
 
 /// RMS normalisation over the last axis (see [`crate::reference::rms_norm`]): the kernel on

@@ -7,6 +7,10 @@
 //! where transformers rounds in bf16: the normalised value, the weight's product, `x * cos`,
 //! `rotate_half(x) * sin` and their sum.
 //!
+//! The vision towers' rotary embedding (`apply_rotary_pos_emb_vision` of Qwen2-VL to
+//! Qwen3-VL) is the same rotation without the normalisation, taken in f32 with f32 angles
+//! and rounded once: `rotary_f32`, one plane per (row, token, head) likewise.
+//!
 //! burn's operations take about twenty kernels for this (the normalisation's eight, the
 //! rotation's halves, negation, concatenation, two products and the sum). The reference on
 //! every backend is [`qk_norm_rotary_reference`], which the kernel is checked against on the
@@ -15,7 +19,7 @@
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
@@ -44,6 +48,12 @@ pub trait RotaryOps: Backend {
         sin: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
+
+    /// `qk [batch, tokens, heads, head_dim]` rotated in f32 by f32 `cos`/`sin`
+    /// `[batch, 1, tokens, rotary_dim]`, rounded to `qk`'s dtype once:
+    /// `[batch, heads, tokens, head_dim]`.
+    #[fusion(dtype = qk, shape = heads_first(qk))]
+    fn fused_rotary_f32(qk: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 impl RotaryOps for CubeBackend {
@@ -55,6 +65,10 @@ impl RotaryOps for CubeBackend {
         eps: f64,
     ) -> FloatTensor<Self> {
         launch(qk, weight, cos, sin, eps)
+    }
+
+    fn fused_rotary_f32(qk: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        launch_f32(qk, cos, sin)
     }
 }
 
@@ -137,6 +151,92 @@ mod device {
             v += PLANE_DIM as usize;
         }
     }
+
+    #[cube(launch_unchecked)]
+    pub fn rotary_f32_kernel<E: Float, F: Float, N: Size>(
+        qk: &Tensor<Vector<E, N>>,
+        cos: &Tensor<Vector<F, N>>,
+        sin: &Tensor<Vector<F, N>>,
+        out: &mut Tensor<Vector<E, N>>,
+        rows: usize,
+        #[define(E, F)] _dtypes: [ElemType; 2],
+    ) {
+        // The whole plane leaves together (the row depends on the plane only).
+        let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        if row >= rows {
+            terminate!();
+        }
+        let (tokens, heads) = (qk.shape(1), qk.shape(2));
+        let head = row % heads;
+        let token = (row / heads) % tokens;
+        let batch = row / (heads * tokens);
+        let vectors = qk.shape(3) / qk.vector_size();
+        let rotary = cos.shape(3) / cos.vector_size();
+        let half = rotary / 2;
+        let start = row_start(qk, row);
+        let angle_start = (batch * tokens + token) * rotary;
+        let out_start = ((batch * heads + head) * tokens + token) * vectors;
+        let mut v = UNIT_POS_X as usize;
+        while v < vectors {
+            let x = Vector::<f32, N>::cast_from(qk[start + v]);
+            if v < rotary {
+                // rotate_half, as in the kernel above.
+                let first = v < half;
+                let partner = Vector::<f32, N>::cast_from(qk[start + (v + half) % rotary]);
+                let c = Vector::<f32, N>::cast_from(cos[angle_start + v]);
+                let s = Vector::<f32, N>::cast_from(sin[angle_start + v]);
+                let sign = Vector::<f32, N>::new(select(first, f32::new(-1.0), f32::new(1.0)));
+                out[out_start + v] = Vector::cast_from(x * c + sign * partner * s);
+            } else {
+                out[out_start + v] = Vector::cast_from(x);
+            }
+            v += PLANE_DIM as usize;
+        }
+    }
+}
+
+fn launch_f32(qk: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
+    let shape = qk.meta.shape().clone();
+    assert_eq!(shape.num_dims(), 4, "rotary_f32: queries and keys are [batch, tokens, heads, head_dim]");
+    let (batch, tokens, heads, dim) = (shape[0], shape[1], shape[2], shape[3]);
+    let dtype = qk.dtype;
+    let cos_shape = cos.meta.shape().clone();
+    let rotary = cos_shape[3];
+    assert!(
+        cos_shape[0] == batch && cos_shape[2] == tokens && rotary <= dim && rotary.is_multiple_of(2),
+        "rotary_f32: angles {cos_shape:?} for queries and keys {shape:?}"
+    );
+    assert_eq!(sin.meta.shape(), &cos_shape, "rotary_f32: sin and cos differ in shape");
+    assert!(cos.dtype == DType::F32 && sin.dtype == DType::F32, "rotary_f32: the angles' cos and sin are f32");
+    let qk = last_axis_contiguous(qk);
+    let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
+    // Vectors may not straddle the halves of the rotated part, nor a row's start, and span
+    // at most 16 bytes of the f32 angles.
+    let widest = vector_width(rotary / 2, DType::F32).min(vector_width(rotary / 2, dtype)).min(vector_width(dim, dtype));
+    let vector = row_vector_width(widest, &[&qk]);
+    let rows = batch * tokens * heads;
+    let out = empty_device_contiguous_dtype(qk.client.clone(), qk.device.clone(), heads_first(&shape), dtype);
+    let client = out.client.clone();
+    // SAFETY: a row `row < rows` (checked) reads its head's `dim` contiguous elements from its
+    // strided start and the angles of its (batch, token) within the contiguous `cos`/`sin`
+    // (asserted shapes), and writes its slot of the contiguous `[batch, heads, tokens, dim]`
+    // output; a partner vector stays within the rotated part (`rotary` even, vectors
+    // dividing its half).
+    unsafe {
+        device::rotary_f32_kernel::launch_unchecked(
+            &client,
+            CubeCount::Static((rows as u32).div_ceil(HEADS_PER_CUBE), 1, 1),
+            CubeDim::new_2d(PLANE as u32, HEADS_PER_CUBE),
+            vector,
+            qk.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rows,
+            [dtype_to_storage_type(dtype), dtype_to_storage_type(DType::F32)],
+        )
+    };
+    out
 }
 
 fn launch(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, eps: f64) -> CubeTensor {
@@ -213,6 +313,32 @@ pub fn rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
         return out;
     }
     crate::reference::apply_rotary(x, cos, sin)
+}
+
+/// The kernel (CubeCL devices only): `qk [batch, tokens, heads, head_dim]` (a view is fine)
+/// rotated in f32 by f32 `cos`/`sin` `[batch, 1, tokens, rotary_dim]`, rounded once:
+/// `[batch, heads, tokens, head_dim]`.
+pub fn fused_rotary_f32(qk: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(Dispatch::fused_rotary_f32(qk.into_dispatch(), cos.clone().into_dispatch(), sin.clone().into_dispatch()))
+}
+
+/// What [`rotary_f32`] computes, with burn operations (every backend): the heads moved first,
+/// the rotation in f32, the result in `qk`'s dtype.
+pub fn rotary_f32_reference(qk: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let dtype = qk.dtype();
+    crate::reference::apply_rotary(qk.swap_dims(1, 2).cast(DType::F32), cos, sin).cast(dtype)
+}
+
+/// Rotary embedding in f32 (transformers' `apply_rotary_pos_emb_vision`): `qk [batch, tokens,
+/// heads, head_dim]`, `cos`/`sin` f32 `[batch, 1, tokens, rotary_dim]` ->
+/// `[batch, heads, tokens, head_dim]` in `qk`'s dtype; the kernel on CubeCL devices, the
+/// reference elsewhere.
+pub fn rotary_f32(qk: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    if is_cubecl(&qk.device()) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 {
+        fused_rotary_f32(qk, cos, sin)
+    } else {
+        rotary_f32_reference(qk, cos, sin)
+    }
 }
 
 /// QK-norm and rotary embedding of queries and keys together: the kernel on CubeCL devices,

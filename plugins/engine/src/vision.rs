@@ -26,7 +26,9 @@ use crate::weights::Checkpoint;
 use burn::tensor::{DType as BurnDType, Device, Int, Tensor, TensorData};
 use inference_pio_core::types::DType;
 use inference_pio_kernels::attention::gqa_attention;
-use inference_pio_kernels::reference::{apply_rotary, gelu_erf, gelu_tanh, layer_norm};
+use inference_pio_kernels::norm::layer_norm;
+use inference_pio_kernels::reference::{gelu_erf, gelu_tanh};
+use inference_pio_kernels::rotary::rotary_f32;
 use serde_json::Value;
 
 /// LayerNorm epsilon of every vision norm (hard-coded in transformers).
@@ -444,12 +446,12 @@ impl VisionTower {
         let c = &self.config;
         let [n, h] = x.dims();
         let (heads, d) = (c.num_heads, c.head_dim());
-        let dtype = x.dtype();
-        let qkv = block.qkv.forward(block.norm1.forward(x.clone())).reshape([n, 3, heads, d]);
-        // `[1, heads, n, d]` each; the rotation in f32, rounded back.
-        let part = |i: usize| qkv.clone().narrow(1, i, 1).reshape([n, heads, d]).swap_dims(0, 1).reshape([1, heads, n, d]);
-        let rotate = |t: Tensor<4>| apply_rotary(t.cast(BurnDType::F32), cos, sin).cast(dtype);
-        let (q, k, v) = (rotate(part(0)), rotate(part(1)), part(2));
+        let qkv = block.qkv.forward(block.norm1.forward(x.clone())).reshape([1, n, 3 * heads, d]);
+        // Queries and keys rotated together (in f32, rounded back) into `[1, 2 * heads, n, d]`;
+        // `[1, heads, n, d]` views each, the values a view of the projection.
+        let qk = rotary_f32(qkv.clone().narrow(2, 0, 2 * heads), cos, sin);
+        let (q, k) = (qk.clone().narrow(1, 0, heads), qk.narrow(1, heads, heads));
+        let v = qkv.narrow(2, 2 * heads, heads).swap_dims(1, 2);
         let attn = gqa_attention(q, &k, &v, None, (d as f64).powf(-0.5));
         let attn = attn.reshape([heads, n, d]).swap_dims(0, 1).reshape([n, h]);
         let x = x.add(block.proj.forward(attn));
