@@ -18,8 +18,10 @@ pub fn gqa_attention(q: Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: Option<&T
     let [batch, heads, t, d] = q.dims();
     let kv_heads = k.dims()[1];
     let group = heads / kv_heads;
-    // The `group` query heads that share a key head, stacked along the token axis.
-    let q = q.reshape([batch, kv_heads, group * t, d]);
+    // The `group` query heads that share a key head, stacked along the token axis (without
+    // a group, `q` as it is: a reshape of a view, such as heads narrowed from a larger
+    // tensor, would copy it).
+    let q = if group == 1 { q } else { q.reshape([batch, kv_heads, group * t, d]) };
     let scores = crate::batched_matmul(q, k.clone().transpose());
     let probs = crate::softmax::scaled_masked_softmax(scores, mask, scale, t);
     crate::batched_matmul(probs, v.clone()).reshape([batch, heads, t, d])

@@ -18,7 +18,8 @@ use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Device, Tensor};
+use std::sync::Mutex;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
@@ -187,10 +188,33 @@ pub fn fused_scaled_masked_softmax(scores: Tensor<4>, mask: &Tensor<5>, scale: f
 pub fn fused_scaled_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
     let [batch, kv_heads, rows, slots] = scores.dims();
     let total = batch * kv_heads * rows;
-    let zeros = Tensor::<2>::zeros([1, slots], (&scores.device(), DType::F32));
+    let zeros = zero_row(&scores.device(), slots);
     let out = Dispatch::fused_scaled_masked_softmax(scores.reshape([total, slots]).into_dispatch(), zeros.into_dispatch(), scale, 1, total);
     Tensor::<2>::from_dispatch(out).reshape([batch, kv_heads, rows, slots])
 }
+
+/// A zero f32 row `[1, slots]` on `device`, kept for the next calls of that width (a vision
+/// tower asks for the same one in each of its blocks; making it was a launch each). The last
+/// [`ZERO_ROWS_KEPT`] widths are kept.
+fn zero_row(device: &Device, slots: usize) -> Tensor<2> {
+    static ROWS: Mutex<Vec<(Device, usize, Tensor<2>)>> = Mutex::new(Vec::new());
+    let mut rows = ROWS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(i) = rows.iter().position(|(d, n, _)| d == device && *n == slots) {
+        let kept = rows.remove(i);
+        let row = kept.2.clone();
+        rows.push(kept);
+        return row;
+    }
+    let row = Tensor::<2>::zeros([1, slots], (device, DType::F32));
+    if rows.len() == ZERO_ROWS_KEPT {
+        rows.remove(0);
+    }
+    rows.push((device.clone(), slots, row.clone()));
+    row
+}
+
+/// Zero rows kept by [`zero_row`]: a few image sizes in turn.
+const ZERO_ROWS_KEPT: usize = 4;
 
 /// The scaled, masked softmax: the kernel on CubeCL devices, the reference elsewhere.
 pub fn scaled_masked_softmax(scores: Tensor<4>, mask: Option<&Tensor<5>>, scale: f64, t: usize) -> Tensor<4> {
