@@ -231,18 +231,8 @@ fn launch(a: CubeTensor, b: CubeTensor) -> Result<CubeTensor, String> {
         return Err("an empty inner dimension".into());
     }
     let (a, b) = (Operand::new(a), Operand::new(b));
-    // The buffers' resources and the call in one trip to CubeCL's device thread: each
-    // `get_resource` from this thread is a blocking round trip of its own (three a product),
-    // while calls made on the device thread run at once.
-    let client = out.client.clone();
-    client.exclusive(|| queue_product(&a, &b, &out, ty, [batch, m, k, n])).map_err(|e| format!("the device thread: {e:?}"))??;
-    Ok(out)
-}
-
-/// `out = a · b` queued through cuBLAS on the buffers' stream (on CubeCL's device thread).
-fn queue_product(a: &Operand, b: &Operand, out: &CubeTensor, ty: cublas::cudaDataType, [batch, m, k, n]: [usize; 4]) -> Result<(), String> {
     let server = |t: &CubeTensor| t.client.get_resource::<<CudaRuntime as cubecl_runtime::runtime::Runtime>::Server>(t.handle.clone());
-    let out_res = server(out).map_err(|e| format!("output buffer: {e:?}"))?;
+    let out_res = server(&out).map_err(|e| format!("output buffer: {e:?}"))?;
     let a_res = server(&a.tensor).map_err(|e| format!("left operand: {e:?}"))?;
     let b_res = server(&b.tensor).map_err(|e| format!("right operand: {e:?}"))?;
     let (stream, c_ptr) = (out_res.resource().stream, out_res.resource().ptr);
@@ -307,7 +297,7 @@ fn queue_product(a: &Operand, b: &Operand, out: &CubeTensor, ty: cublas::cudaDat
         )?;
     }
     drop((a_res, b_res, out_res));
-    Ok(())
+    Ok(out)
 }
 
 /// A handle and workspace in `device`'s primary context, the one CubeCL works in
