@@ -2,8 +2,7 @@
 //! where `W` is a linear weight in the split `[parts, out, in / parts]` layout of
 //! [`crate::linear`] (or a stack of them, one per expert, `[experts, parts, out, in /
 //! parts]`, with `e(s)` the expert routed to row `s`). One plane (warp) computes one output
-//! channel of one row (or, for products with few channels, 2 to 8 planes of a cube share a
-//! channel and sum their parts through shared memory, the classic split-K): its lanes stride over `in` in 16-byte vectors, four loads in
+//! channel of one row: its lanes stride over `in` in 16-byte vectors, four loads in
 //! flight per lane (eight measured slower: Qwen3-4B batch 1 at 146 against 199 tok/s on an H100,
 //! 2026-12-06), accumulate in f32 and sum across the plane. The weight is read once, in place:
 //! no gathered copy of the chosen experts, no partial products to sum, no casts (what
@@ -25,8 +24,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use crate::launch::{PLANE, is_cubecl, vector_width};
 
-/// Planes per cube: output channels per cube, one plane each, or fewer channels that split
-/// their rows between several planes ([`splits_for`]).
+/// Output channels per cube (one plane each).
 const ROWS_PER_CUBE: u32 = 8;
 /// Up to this many rows of a dense product run through the kernel; more go to the batched
 /// split-K matmul, which reuses each weight block across rows: on the H200, 2560 -> 9728 in
@@ -100,21 +98,15 @@ mod device {
         out: &mut Tensor<E>,
         parts: usize,
         x_share: usize,
-        #[comptime] splits: usize,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
         // Rows vary fastest across cubes, so the rows of one weight block run side by side
         // and read it through L2 once.
         let row = CUBE_POS_X as usize;
-        // `splits` planes share a channel, each taking every `splits`-th stretch of 32
-        // vectors of its row (adjacent planes read adjacent stretches).
-        let channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize / splits;
-        let split = UNIT_POS_Y as usize % splits;
+        let channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
         let channels = out.shape(1);
-        // One plane per channel: the whole plane leaves together (the channel depends on the
-        // plane only). Split channels sum through shared memory, so every plane of the cube
-        // stays to its barrier (the launch gives split products whole cubes of channels).
-        if splits == 1 && channel >= channels {
+        // The whole plane leaves together (the channel depends on the plane only).
+        if channel >= channels {
             terminate!();
         }
         let expert: ComptimeOption<usize> = experts.as_ref().map(|e| usize::cast_from(e[row]));
@@ -125,14 +117,14 @@ mod device {
         let x_base = row / x_share * total;
         let part_stride = channels * block;
         let w_base = (stack * parts * channels + channel) * block;
-        let step = PLANE_DIM as usize * splits;
+        let step = PLANE_DIM as usize;
         // Four independent loads per lane in flight: a plane's one row of the weight is only
         // `total / 32` vectors per lane, too few to hide memory latency one at a time.
         let mut acc0 = Vector::<f32, N>::zero();
         let mut acc1 = Vector::<f32, N>::zero();
         let mut acc2 = Vector::<f32, N>::zero();
         let mut acc3 = Vector::<f32, N>::zero();
-        let mut u = split * PLANE_DIM as usize + UNIT_POS_X as usize;
+        let mut u = UNIT_POS_X as usize;
         while u + 3 * step < total {
             acc0 += term(x, w, x_base, w_base, part_stride, block, u);
             acc1 += term(x, w, x_base, w_base, part_stride, block, u + step);
@@ -145,23 +137,8 @@ mod device {
             u += step;
         }
         let total_sum = plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)));
-        if splits == 1 {
-            if UNIT_POS_X == 0 {
-                out[row * channels + channel] = E::cast_from(total_sum);
-            }
-        } else {
-            let mut partial = Shared::<[f32]>::new_slice(crate::matvec::ROWS_PER_CUBE as usize);
-            if UNIT_POS_X == 0 {
-                partial[UNIT_POS_Y as usize] = total_sum;
-            }
-            sync_cube();
-            if UNIT_POS_X == 0 && split == 0 {
-                let mut sum = partial[UNIT_POS_Y as usize];
-                for s in 1..splits {
-                    sum += partial[UNIT_POS_Y as usize + s];
-                }
-                out[row * channels + channel] = E::cast_from(sum);
-            }
+        if UNIT_POS_X == 0 {
+            out[row * channels + channel] = E::cast_from(total_sum);
         }
     }
 }
@@ -181,17 +158,13 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
     // tensor it allocates, which a first one-row test cannot see).
     let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, channels]), dtype);
     let vector = vector_width(block, dtype);
-    // Gathered experts: each token's `x_share` rows are planes of their own already.
-    let splits = splits_for(channels * x_share, parts * block / vector);
     let cube_dim = CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE);
-    let cube_count = CubeCount::Static(rows as u32, (channels * splits) as u32 / ROWS_PER_CUBE + u32::from(splits == 1 && !channels.is_multiple_of(ROWS_PER_CUBE as usize)), 1);
+    let cube_count = CubeCount::Static(rows as u32, (channels as u32).div_ceil(ROWS_PER_CUBE), 1);
     let int_dtype = experts.as_ref().map_or(DType::I32, |e| e.dtype);
     let client = out.client.clone();
     // SAFETY: every index the kernel reads is in bounds: `row < rows` (the grid's y),
-    // `channel < channels` (checked with one plane a channel; with split channels the grid
-    // holds exactly `channels * splits` planes, `splits_for` requiring whole cubes),
-    // `v < block`, `part < parts`, and an expert index comes from the router, which picks
-    // among the `experts` stacked in `w`.
+    // `channel < channels` (checked), `v < block`, `part < parts`, and an expert index comes
+    // from the router, which picks among the `experts` stacked in `w`.
     unsafe {
         device::split_matvec_kernel::launch_unchecked(
             &client,
@@ -204,37 +177,10 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
             out.clone().into_tensor_arg(),
             parts,
             x_share,
-            splits,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
     out
-}
-
-/// Planes (warps) a product keeps in flight before its channels are split: about what the
-/// H100's 132 SMs hold at once. Qwen3-4B's products with few channels (o and down: 2,560; q|k|v:
-/// 6,144) ran one plane a channel at 52-64 % of the bandwidth against 74-87 % for gate|up and
-/// the head (`benches/results/gpu-h100-2026-12-06l-tp-ncu.md`).
-const PLANES_IN_FLIGHT: usize = 8192;
-
-/// Set to a power of two up to 8 to split every product's channels that many ways (`1`: never),
-/// instead of [`splits_for`]'s choice (for side-by-side measurements).
-pub const SPLITS_ENV: &str = "INFERENCE_PIO_MATVEC_SPLITS";
-
-/// How many planes share each output channel of a product with `channels` channels a token
-/// (a mixture of experts' chosen experts counted together) whose rows are `vectors` vectors long: enough for about [`PLANES_IN_FLIGHT`] planes of one row, at most
-/// 8 (a cube), each plane left at least 64 vectors (two per lane), and only where the channels
-/// fill whole cubes of split planes. The row count does not enter, so a row's sums are taken in
-/// the same order whatever else is in its batch.
-pub fn splits_for(channels: usize, vectors: usize) -> usize {
-    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *FORCED.get_or_init(|| std::env::var(SPLITS_ENV).ok().and_then(|v| v.parse().ok()).filter(|s: &usize| s.is_power_of_two() && *s <= ROWS_PER_CUBE as usize));
-    let planes = channels.max(1);
-    let mut splits = forced.unwrap_or_else(|| PLANES_IN_FLIGHT.div_ceil(planes).next_power_of_two().min(ROWS_PER_CUBE as usize));
-    while splits > 1 && (vectors < 64 * splits || !(channels * splits).is_multiple_of(ROWS_PER_CUBE as usize)) {
-        splits /= 2;
-    }
-    splits
 }
 
 /// Whether [`split_matvec`] runs for a dense product of `rows` rows on `device`: CubeCL
@@ -307,24 +253,6 @@ mod tests {
             }
         }
         assert_eq!(matvec_shape(&Shape::new([4]), &Shape::new([experts, 2, out, inp / 2])), Shape::new([4, out]));
-    }
-
-    #[test]
-    fn few_channels_split_their_rows_between_planes() {
-        // Qwen3-4B at one row: o and down (2,560 channels) four ways, q|k|v (6,144) two, gate|up
-        // (19,456) and the head not at all; in bf16 vectors of 8 values.
-        assert_eq!(splits_for(2560, 4096 / 8), 4);
-        assert_eq!(splits_for(2560, 9728 / 8), 4);
-        assert_eq!(splits_for(6144, 2560 / 8), 2);
-        assert_eq!(splits_for(19456, 2560 / 8), 1);
-        assert_eq!(splits_for(151_936, 2560 / 8), 1);
-        // A router's 128 channels of 2,048 values: at most a cube, each plane two vectors a lane.
-        assert_eq!(splits_for(128, 2048 / 8), 4);
-        // Short rows are not split; nor are channels that would leave a cube part-filled (5,001
-        // channels two or four ways); a cube a channel always fills.
-        assert_eq!(splits_for(64, 96 / 8), 1);
-        assert_eq!(splits_for(5001, 4096 / 8), 1);
-        assert_eq!(splits_for(1001, 4096 / 8), 8);
     }
 
     #[test]
