@@ -2,8 +2,7 @@
 //! - the split matrix-vector kernel (`inference_pio_kernels::matvec`) on the decode shapes of
 //!   Qwen3-4B and Qwen3-Coder-30B-A3B (dense rows and gathered experts), against
 //!   `matvec_reference` (the gathered weights through `batched_linear`, the engine's path
-//!   before the kernel); the residual add and RMSNorm fused into it (`norm_matvec`) against
-//!   the two kernels, bit for bit;
+//!   before the kernel);
 //! - the paged decode-attention kernel (`inference_pio_kernels::paged::paged_decode_attention`)
 //!   against the gathered keys and values through `gqa_attention`, over a pool in shuffled
 //!   blocks, with padding, a partly seen context and a sliding window; the same kernel on a
@@ -49,7 +48,7 @@ use burn::tensor::{DType, Device, Distribution, FloatDType, Int, Tensor, TensorD
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
 use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, DecodeTuning, paged_decode_attention, paged_decode_attention_tuned};
-use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, norm_matvec, split_matvec};
+use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
 use inference_pio_kernels::router::{combine_reference, fused_combine, fused_softmax_top_k, softmax_top_k_reference};
@@ -182,9 +181,6 @@ fn main() {
             let before: &dyn Fn() -> Tensor<2> = if case.experts == 1 { &dense } else { &reference };
             failed += usize::from(check(&device, &label, tol, Work::Bytes(bytes), &kernel, &reference, before));
         }
-    }
-    if runs("matvec") {
-        failed += check_norm_matvec(&device);
     }
     if runs("attention") {
         failed += check_attention(&device);
@@ -620,38 +616,6 @@ fn check_elementwise(device: &Device) -> usize {
             let kernel = || fused_swiglu_halves(gate_up.clone());
             let reference = || swiglu_halves(gate_up.clone());
             failed += usize::from(check(device, &format!("swiglu {:20} {tag}", 2 * inner), tol, bytes(3 * rows * inner), &kernel, &reference, &reference));
-        }
-    }
-    failed
-}
-
-/// The residual add and RMSNorm fused into the product after them
-/// (`inference_pio_kernels::matvec::norm_matvec`) against the two kernels it replaces
-/// (`add_rms_norm` or `rms_norm`, then `split_matvec`) at Qwen3-4B's decode shapes (q|k|v,
-/// gate|up, the head after the final norm) and 1 and 2 rows: the same values, bit for bit
-/// (tolerance 0), the product's output and the sum.
-fn check_norm_matvec(device: &Device) -> usize {
-    let mut failed = 0;
-    let (hidden, eps) = (2560, 1e-6);
-    for dtype in [DType::F32, DType::BF16] {
-        let random = |shape: [usize; 2], low: f64, high: f64| Tensor::<2>::random(shape, Distribution::Uniform(low, high), device).cast(dtype);
-        let norm = random([1, hidden], 0.5, 1.5).reshape([hidden]);
-        for (name, out, add) in [("q|k|v", 6144, true), ("gate|up", 19456, true), ("head", 151_936, false)] {
-            let w = random([out, hidden], -0.05, 0.05).reshape([1, out, hidden]);
-            for rows in [1, 2] {
-                let (x, y) = (random([rows, hidden], -2.0, 2.0), random([rows, hidden], -2.0, 2.0));
-                let fused = || norm_matvec(&x, add.then_some(&y), &norm, eps, &w).expect("the fused kernel applies");
-                let apart = || {
-                    let (sum, normed) = if add { fused_add_rms_norm(x.clone(), y.clone(), &norm, eps) } else { (x.clone(), fused_rms_norm(x.clone(), &norm, eps)) };
-                    (sum, split_matvec(normed, &w))
-                };
-                let bytes = Work::Bytes((out * hidden * dtype.size()) as f64);
-                let tag = format!("norm + {name:7} {hidden} -> {out:6} {dtype:?} {rows} rows");
-                failed += usize::from(check(device, &format!("{tag} product"), 0.0, bytes, &|| fused().1, &|| apart().1, &|| apart().1));
-                if add {
-                    failed += usize::from(check(device, &format!("{tag} sum"), 0.0, Work::Bytes(0.0), &|| fused().0, &|| apart().0, &|| apart().0));
-                }
-            }
         }
     }
     failed

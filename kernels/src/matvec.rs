@@ -55,19 +55,6 @@ pub trait MatvecOps: Backend {
     /// times expert `experts[s]` of `w [experts, parts, out, in / parts]` (`experts [slots]`).
     #[fusion(dtype = x, shape = matvec_shape(experts, w))]
     fn gathered_split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>, experts: IntTensor<Self>) -> FloatTensor<Self>;
-
-    /// `(s, rms_norm(s) · wᵀ)` for `s = residual + y` (`residual [rows, n]`, `y` the same
-    /// shape, `norm [1, n]`, `w [1, out, n]`): the decoder's residual add and RMSNorm with the
-    /// product that follows them, as one kernel. `add` false: `s = residual`, `y` unread.
-    #[fusion(meta = |residual, _y, _norm, w, _eps, _add| (residual.clone(), burn::backend::fusion::custom::TensorSpec::new(matvec_shape(&residual.shape, &w.shape), residual.dtype)))]
-    fn norm_matvec(
-        residual: FloatTensor<Self>,
-        y: FloatTensor<Self>,
-        norm: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        eps: f64,
-        add: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 impl MatvecOps for CubeBackend {
@@ -79,17 +66,6 @@ impl MatvecOps for CubeBackend {
         // The kernel reads the indices as a plain buffer, so in their memory order.
         launch(x, w, Some(into_contiguous(experts)))
     }
-
-    fn norm_matvec(
-        residual: FloatTensor<Self>,
-        y: FloatTensor<Self>,
-        norm: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        eps: f64,
-        add: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        launch_norm(residual, y, norm, w, eps, add)
-    }
 }
 
 /// The kernel, apart from burn's names (`Tensor`, `Int` are CubeCL's here).
@@ -97,8 +73,6 @@ mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
-    use crate::launch::device::{cube_reduce, row_start};
-    use crate::norm::device::normalised;
 
     /// One product term: `x`'s vector `u` of the row times the weight's vector `u` of the
     /// channel, `u` counting over the whole `parts * block` row (part `u / block`).
@@ -167,84 +141,6 @@ mod device {
             out[row * channels + channel] = E::cast_from(total_sum);
         }
     }
-
-    #[cube(launch_unchecked)]
-    pub fn norm_matvec_kernel<E: Float, N: Size>(
-        residual: &Tensor<Vector<E, N>>,
-        y: &Tensor<Vector<E, N>>,
-        norm: &Tensor<Vector<E, N>>,
-        w: &Tensor<Vector<E, N>>,
-        out: &mut Tensor<E>,
-        sum: &mut Tensor<Vector<E, N>>,
-        eps: f32,
-        #[comptime] vectors: usize,
-        #[comptime] per_plane: usize,
-        #[comptime] add: bool,
-        #[define(E)] _dtype: ElemType,
-    ) {
-        let row = CUBE_POS_X as usize;
-        let n = residual.shape(residual.rank() - 1);
-        // The row's sum and its normalisation, computed by every cube into shared memory,
-        // with `add_rms_norm_kernel`'s arithmetic and order (the same cube of 256 units), so
-        // the values are those the two kernels gave.
-        let mut xs = Shared::<[Vector<E, N>]>::new_slice(vectors);
-        let (r_start, y_start) = (row_start(residual, row), row_start(y, row));
-        let mut acc = Vector::<f32, N>::zero();
-        let mut v = UNIT_POS as usize;
-        while v < vectors {
-            let mut total = residual[r_start + v];
-            if add {
-                // Rounded to the dtype first: the residual stream is stored in it.
-                total = Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(residual[r_start + v]) + Vector::<f32, N>::cast_from(y[y_start + v]));
-            }
-            xs[v] = total;
-            let value = Vector::<f32, N>::cast_from(total);
-            acc += value * value;
-            v += CUBE_DIM as usize;
-        }
-        let squares = cube_reduce(Vector::vector_sum(acc), crate::matvec::ROWS_PER_CUBE as usize, false);
-        let inv = f32::new(1.0) / (squares / f32::cast_from(n) + eps).sqrt();
-        let mut v2 = UNIT_POS as usize;
-        while v2 < vectors {
-            let total = xs[v2];
-            if add && CUBE_POS_Y == 0 {
-                sum[row * vectors + v2] = total;
-            }
-            xs[v2] = normalised(Vector::cast_from(total), inv, norm[v2]);
-            v2 += CUBE_DIM as usize;
-        }
-        sync_cube();
-        // Then the product, a plane a channel as `split_matvec_kernel` takes it (its terms,
-        // accumulators and order), each plane taking `per_plane` channels in turn.
-        let channels = out.shape(1);
-        let step = PLANE_DIM as usize;
-        for c in 0..per_plane {
-            let channel = (CUBE_POS_Y as usize * per_plane + c) * CUBE_DIM_Y as usize + UNIT_POS_Y as usize;
-            if channel < channels {
-                let w_base = channel * vectors;
-                let mut acc0 = Vector::<f32, N>::zero();
-                let mut acc1 = Vector::<f32, N>::zero();
-                let mut acc2 = Vector::<f32, N>::zero();
-                let mut acc3 = Vector::<f32, N>::zero();
-                let mut u = UNIT_POS_X as usize;
-                while u + 3 * step < vectors {
-                    acc0 += Vector::<f32, N>::cast_from(xs[u]) * Vector::<f32, N>::cast_from(w[w_base + u]);
-                    acc1 += Vector::<f32, N>::cast_from(xs[u + step]) * Vector::<f32, N>::cast_from(w[w_base + u + step]);
-                    acc2 += Vector::<f32, N>::cast_from(xs[u + 2 * step]) * Vector::<f32, N>::cast_from(w[w_base + u + 2 * step]);
-                    acc3 += Vector::<f32, N>::cast_from(xs[u + 3 * step]) * Vector::<f32, N>::cast_from(w[w_base + u + 3 * step]);
-                    u += 4 * step;
-                }
-                while u < vectors {
-                    acc0 += Vector::<f32, N>::cast_from(xs[u]) * Vector::<f32, N>::cast_from(w[w_base + u]);
-                    u += step;
-                }
-                let total_sum = plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)));
-                if UNIT_POS_X == 0 {
-                    out[row * channels + channel] = E::cast_from(total_sum);
-                }
-            }
-        }
-    }
 }
 
 fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTensor {
@@ -285,86 +181,6 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
         )
     };
     out
-}
-
-/// Cubes of planes the fused norm and product aims for at least (each cube normalises the row
-/// again; twice an H100's multiprocessors at four cubes each): past it a plane takes up to four
-/// channels in turn.
-const NORM_MATVEC_CUBES: usize = 1056;
-
-fn launch_norm(residual: CubeTensor, y: CubeTensor, norm: CubeTensor, w: CubeTensor, eps: f64, add: bool) -> (CubeTensor, CubeTensor) {
-    let (residual, y, norm, w) = (into_contiguous(residual), into_contiguous(y), into_contiguous(norm), into_contiguous(w));
-    let shape = residual.meta.shape().clone();
-    let (rows, n) = (shape[0], shape[1]);
-    let wshape = w.meta.shape().clone();
-    let channels = wshape[1];
-    let dtype = residual.dtype;
-    assert!(wshape[0] == 1 && wshape[2] == n && norm.meta.shape()[1] == n, "norm_matvec: a weight {wshape:?} and norm for rows of {n}");
-    let vector = vector_width(n, dtype);
-    let client = residual.client.clone();
-    let sum = empty_device_contiguous_dtype(client.clone(), residual.device.clone(), shape, dtype);
-    let out = empty_device_contiguous_dtype(client.clone(), residual.device.clone(), Shape::new([rows, channels]), dtype);
-    let groups = channels.div_ceil(ROWS_PER_CUBE as usize);
-    let per_plane = (groups / NORM_MATVEC_CUBES).clamp(1, 4);
-    // SAFETY: a cube's row `row < rows` (the grid's x) reads `n` contiguous elements of the
-    // contiguous residual, addend and norm weight (asserted widths) and writes its row of the
-    // contiguous sum; channels are checked against `channels` before the weight's row
-    // `channel` (`n` wide, contiguous, one part) is read and the output written; the shared
-    // buffer holds the row's `n / vector` vectors.
-    unsafe {
-        device::norm_matvec_kernel::launch_unchecked(
-            &client,
-            CubeCount::Static(rows as u32, groups.div_ceil(per_plane) as u32, 1),
-            CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE),
-            vector,
-            residual.into_tensor_arg(),
-            y.into_tensor_arg(),
-            norm.into_tensor_arg(),
-            w.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            sum.clone().into_tensor_arg(),
-            eps as f32,
-            n / vector,
-            per_plane,
-            add,
-            dtype_to_storage_type(dtype),
-        )
-    };
-    (sum, out)
-}
-
-/// The residual add and RMSNorm (`crate::add_rms_norm`, or `crate::rms_norm` without `y`)
-/// with the product after them (`crate::linear`) as one kernel, where the product runs
-/// through [`split_matvec`] (a CubeCL device, at most [`DENSE_MAX_ROWS`] rows) on a weight
-/// kept whole (`w [1, out, n]`), and the row fits shared memory (at most 16,384 values): `(s,
-/// rms_norm(s) · wᵀ)` for `s = residual + y` (`s = residual` without `y`), the same values as
-/// the separate kernels. `None` where it does not apply.
-pub fn norm_matvec(residual: &Tensor<2>, y: Option<&Tensor<2>>, norm: &Tensor<1>, eps: f64, w: &Tensor<3>) -> Option<(Tensor<2>, Tensor<2>)> {
-    let [rows, n] = residual.dims();
-    let [parts, _, inp] = w.dims();
-    let dtype = residual.dtype();
-    let applies = dense_kernel_applies(rows, &residual.device())
-        && parts == 1
-        && inp == n
-        && n <= 16_384
-        && w.dtype() == dtype
-        && norm.dtype() == dtype
-        && norm.dims()[0] == n
-        && y.is_none_or(|y| y.dims() == [rows, n] && y.dtype() == dtype);
-    if !applies {
-        return None;
-    }
-    let (sum, out) = Dispatch::norm_matvec(
-        residual.clone().into_dispatch(),
-        y.unwrap_or(residual).clone().into_dispatch(),
-        norm.clone().reshape([1, n]).into_dispatch(),
-        w.clone().into_dispatch(),
-        eps,
-        y.is_some(),
-    );
-    // Without an addend the kernel writes no sum: the residual is it.
-    let sum = if y.is_some() { Tensor::from_dispatch(sum) } else { residual.clone() };
-    Some((sum, Tensor::from_dispatch(out)))
 }
 
 /// Whether [`split_matvec`] runs for a dense product of `rows` rows on `device`: CubeCL
@@ -447,9 +263,5 @@ mod tests {
         let gpu = Device::cuda(0usize);
         assert!(dense_kernel_applies(DENSE_MAX_ROWS, &gpu) && !dense_kernel_applies(DENSE_MAX_ROWS + 1, &gpu));
         assert!(gathered_kernel_applies(GATHERED_MAX_ROWS, &gpu) && !gathered_kernel_applies(GATHERED_MAX_ROWS + 1, &gpu));
-        // The fused norm and product likewise: on the CPU the caller takes the two steps.
-        let d = Device::flex();
-        let (x, norm, w) = (Tensor::<2>::zeros([1, 8], &d), Tensor::<1>::ones([8], &d), Tensor::<3>::zeros([1, 4, 8], &d));
-        assert!(norm_matvec(&x, Some(&x), &norm, 1e-6, &w).is_none());
     }
 }

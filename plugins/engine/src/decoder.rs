@@ -257,18 +257,6 @@ impl Linear {
         Self { weights: vec![Weight::Quantized(weight)], bias: None }
     }
 
-    /// `(s, rms_norm(s) · wᵀ + b)` for `s = residual + y` (`s = residual` without `y`), the
-    /// add and norm in the product's kernel ([`inference_pio_kernels::matvec::norm_matvec`]),
-    /// where that applies: one dense weight, decode's one or two rows on a CubeCL device.
-    pub(crate) fn norm_forward(&self, residual: &Tensor<2>, y: Option<&Tensor<2>>, norm: &Tensor<1>, eps: f64) -> Option<(Tensor<2>, Tensor<2>)> {
-        let [Weight::Dense(w)] = self.weights.as_slice() else { return None };
-        let (sum, out) = inference_pio_kernels::matvec::norm_matvec(residual, y, norm, eps, w)?;
-        Some(match &self.bias {
-            Some(b) => (sum, out.add(b.clone().unsqueeze())),
-            None => (sum, out),
-        })
-    }
-
     /// `x [rows, in] -> [rows, out]`.
     pub(crate) fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let y = match self.weights.as_slice() {
@@ -280,23 +268,6 @@ impl Linear {
             None => y,
         }
     }
-}
-
-/// The residual add (where `y`, the last block output, is pending) and RMSNorm before `linear`,
-/// and its product: `(x + y, linear(rms_norm(x + y)))` for `x [1, t, h]`, by one kernel where
-/// [`Linear::norm_forward`] applies (a decode step's one or two rows), else the add + norm
-/// kernel and the product.
-fn norm_then(linear: &Linear, x: Tensor<3>, y: Option<Tensor<3>>, norm: &Tensor<1>, eps: f64) -> (Tensor<3>, Tensor<2>) {
-    let [_, t, h] = x.dims();
-    let flat = |z: &Tensor<3>| z.clone().reshape([t, h]);
-    if let Some((sum, out)) = linear.norm_forward(&flat(&x), y.as_ref().map(flat).as_ref(), norm, eps) {
-        return (sum.reshape([1, t, h]), out);
-    }
-    let (residual, normed) = match y {
-        Some(y) => add_rms_norm(x, y, norm, eps),
-        None => (x.clone(), rms_norm(x, norm, eps)),
-    };
-    (residual, linear.forward(normed.reshape([t, h])))
 }
 
 /// Places loaded weights, joining neighbours stored alike: dense ones into one split weight,
@@ -725,10 +696,14 @@ impl Decoder {
         // with the normalisation after it (one kernel on the GPU).
         let mut pending: Option<Tensor<3>> = None;
         for (l, block) in self.blocks.iter().enumerate() {
-            let (residual, qkv) = norm_then(&block.qkv, x, pending.take(), &block.input_norm, c.rms_norm_eps);
+            let (residual, normed) = match pending.take() {
+                Some(y) => add_rms_norm(x, y, &block.input_norm, c.rms_norm_eps),
+                None => (x.clone(), rms_norm(x, &block.input_norm, c.rms_norm_eps)),
+            };
+            let normed = normed.reshape([t, h]);
             // Heads `[q.., k.., v..]`. Queries and keys get their QK-norm and rotary
             // embedding together (one normalisation, one rotation), then split as views.
-            let qkv = qkv.reshape([1, t, nh + 2 * nkv, d]);
+            let qkv = block.qkv.forward(normed).reshape([1, t, nh + 2 * nkv, d]);
             let qk = qkv.clone().narrow(2, 0, nh + nkv);
             let qk = match &block.qk_norm {
                 Some(w) => qk_norm_rotary(qk, w, cos, sin, c.rms_norm_eps),
@@ -745,16 +720,11 @@ impl Decoder {
             kv.layers[l] = Some((k_pool, v_pool));
             let attn = attn.reshape([t, nh * d]);
             let attn = self.all_reduce(block.o.forward(attn))?;
-            let attn = attn.reshape([1, t, h]);
-            let (residual, mlp) = match &block.mlp {
-                FeedForward::Dense(mlp) => {
-                    let (residual, gate_up) = norm_then(mlp.gate_up(), residual, Some(attn), &block.post_norm, c.rms_norm_eps);
-                    (residual, mlp.after_gate_up(gate_up))
-                }
-                FeedForward::Moe(moe) => {
-                    let (residual, normed) = add_rms_norm(residual, attn, &block.post_norm, c.rms_norm_eps);
-                    (residual, moe.forward(normed.reshape([t, h]))?)
-                }
+            let (residual, normed) = add_rms_norm(residual, attn.reshape([1, t, h]), &block.post_norm, c.rms_norm_eps);
+            let normed = normed.reshape([t, h]);
+            let mlp = match &block.mlp {
+                FeedForward::Dense(mlp) => mlp.forward(normed),
+                FeedForward::Moe(moe) => moe.forward(normed)?,
             };
             let mlp = self.all_reduce(mlp)?;
             x = residual;

@@ -153,17 +153,7 @@ impl Mlp {
 
     /// `x [rows, hidden] -> [rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.after_gate_up(self.gate_up.forward(x))
-    }
-
-    /// The `gate_proj|up_proj` product (for the decoder to fuse with the norm before it).
-    pub(crate) fn gate_up(&self) -> &Linear {
-        &self.gate_up
-    }
-
-    /// The rest of [`Self::forward`] from the `gate|up` product's output.
-    pub(crate) fn after_gate_up(&self, gate_up: Tensor<2>) -> Tensor<2> {
-        self.down.forward(swiglu_halves(gate_up))
+        self.down.forward(swiglu_halves(self.gate_up.forward(x)))
     }
 
     /// [`Self::forward`] of one f32 row on the host (weights quantized in host memory: see
