@@ -317,6 +317,13 @@ pub struct Engine {
     steps: StepLoop,
 }
 
+impl Engine {
+    /// The loaded model, shared (what the serving loop's recordings hold).
+    pub fn shared_model(&self) -> Arc<Model> {
+        Arc::clone(&self.model)
+    }
+}
+
 impl Deref for Engine {
     type Target = Model;
     fn deref(&self) -> &Model {

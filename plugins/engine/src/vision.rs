@@ -198,6 +198,37 @@ impl ImageFeatures {
     pub fn tokens(&self) -> usize {
         self.embeds.dims()[0]
     }
+
+    /// The merger's rows, then each DeepStack set's, as one `[(1 + sets) * tokens,
+    /// text_hidden]` tensor.
+    pub fn stacked(self) -> Tensor<2> {
+        Tensor::cat(std::iter::once(self.embeds).chain(self.deepstack).collect(), 0)
+    }
+
+    /// The merger's values, then each DeepStack set's, in f32 (for tests and checks).
+    pub fn values(&self) -> Vec<Vec<f32>> {
+        std::iter::once(&self.embeds)
+            .chain(&self.deepstack)
+            .map(|t| t.clone().cast(BurnDType::F32).into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default())
+            .collect()
+    }
+
+    /// [`Self::stacked`] undone: `sets` DeepStack sets after the merger's rows.
+    pub fn from_stacked(t: Tensor<2>, sets: usize) -> Self {
+        let tokens = t.dims()[0] / (1 + sets);
+        let part = |i: usize| t.clone().narrow(0, i * tokens, tokens);
+        Self { embeds: part(0), deepstack: (1..=sets).map(part).collect() }
+    }
+}
+
+/// An image grid's inputs to the vision tower besides the patches
+/// ([`VisionTower::grid_inputs`]).
+pub struct GridInputs {
+    /// The resampled position embeddings, `[patches, hidden]` in the tower's dtype.
+    pos: Tensor<2>,
+    /// The 2D rotary `cos`/`sin`, `[1, 1, patches, head_dim]` f32.
+    cos: Tensor<4>,
+    sin: Tensor<4>,
 }
 
 struct Norm {
@@ -396,6 +427,13 @@ impl VisionTower {
     /// One image's features from its flattened patches (`pixels`: `patches x patch_values`
     /// f32, in merge-block order, as the image processor makes them).
     pub fn encode(&self, pixels: &[f32], grid: PatchGrid) -> Result<ImageFeatures, EngineError> {
+        let x = self.patches(pixels, grid)?;
+        Ok(self.encode_patches(x, &self.grid_inputs(grid)))
+    }
+
+    /// An image's flattened patches checked against its grid and placed on the device in the
+    /// tower's dtype: `[patches, patch_values]`.
+    pub fn patches(&self, pixels: &[f32], grid: PatchGrid) -> Result<Tensor<2>, EngineError> {
         let c = &self.config;
         let n = grid.patches();
         let merge = c.spatial_merge_size;
@@ -409,26 +447,44 @@ impl VisionTower {
                 pixels.len()
             )));
         }
-        let device = &self.device;
         let dtype = crate::weights::burn_dtype(self.dtype);
-        let x = Tensor::<2>::from_data(TensorData::new(pixels.to_vec(), [n, c.patch_values()]), (device, BurnDType::F32)).cast(dtype);
-        let x = self.patch.forward(x);
-        // The position table resampled to the grid, weighted in f32.
-        let (taps, weights) = position_taps(grid, c.side(), merge);
+        Ok(Tensor::<2>::from_data(TensorData::new(pixels.to_vec(), [n, c.patch_values()]), (&self.device, BurnDType::F32)).cast(dtype))
+    }
+
+    /// What an image's encoding takes besides its patches, fixed by its grid: the position
+    /// table resampled to the grid (weighted in f32, then in the tower's dtype) and the 2D
+    /// rotary angles.
+    pub fn grid_inputs(&self, grid: PatchGrid) -> GridInputs {
+        let c = &self.config;
+        let n = grid.patches();
+        let device = &self.device;
+        let (taps, weights) = position_taps(grid, c.side(), c.spatial_merge_size);
         let taps = Tensor::<1, Int>::from_data(TensorData::new(taps, [n * 4]), device);
         let weights = Tensor::<3>::from_data(TensorData::new(weights, [n, 4, 1]), (device, BurnDType::F32));
         let pos = self.pos_embed.clone().select(0, taps).cast(BurnDType::F32).reshape([n, 4, c.hidden_size]).mul(weights).sum_dim(1);
-        let mut x = x.add(pos.reshape([n, c.hidden_size]).cast(dtype));
         let (cos, sin) = self.rotary(grid);
+        GridInputs { pos: pos.reshape([n, c.hidden_size]).cast(crate::weights::burn_dtype(self.dtype)), cos, sin }
+    }
+
+    /// The features of an image from its patches ([`Self::patches`]) and its grid's inputs
+    /// ([`Self::grid_inputs`]): device operations only, so a recording can replay them.
+    pub fn encode_patches(&self, x: Tensor<2>, grid: &GridInputs) -> ImageFeatures {
+        let c = &self.config;
+        let mut x = self.patch.forward(x).add(grid.pos.clone());
         let mut deepstack = Vec::with_capacity(self.deepstack.len());
         for (b, block) in self.blocks.iter().enumerate() {
-            x = self.block(block, x, &cos, &sin);
+            x = self.block(block, x, &grid.cos, &grid.sin);
             if let Some(j) = c.deepstack_visual_indexes.iter().position(|&i| i == b) {
                 deepstack.push((j, self.deepstack[j].forward(x.clone(), c.merge_unit())));
             }
         }
         deepstack.sort_by_key(|(j, _)| *j);
-        Ok(ImageFeatures { embeds: self.merger.forward(x, c.merge_unit()), deepstack: deepstack.into_iter().map(|(_, f)| f).collect() })
+        ImageFeatures { embeds: self.merger.forward(x, c.merge_unit()), deepstack: deepstack.into_iter().map(|(_, f)| f).collect() }
+    }
+
+    /// The DeepStack feature sets an image's features carry besides the merger's.
+    pub fn deepstack_layers(&self) -> usize {
+        self.deepstack.len()
     }
 
     /// The 2D rotary `cos`/`sin` `[1, 1, n, head_dim]` (f32) of the grid's patches: angles of

@@ -12,6 +12,7 @@ use inference_pio_core::types::DType;
 use inference_pio_engine::generate::{Engine, RowRequest};
 use inference_pio_engine::multimodal::PromptMedia;
 use inference_pio_engine::testing::{load_cpu, load_cpu_with, reference, rel_l2};
+use inference_pio_engine::serve::vision_graph::{VisionCounts, VisionGraphs};
 use inference_pio_engine::vision::PatchGrid;
 use inference_pio_image_input::{DecodeLimits, Patches, decode_image};
 use qwen3_vl_2b::FAMILY;
@@ -111,6 +112,26 @@ fn the_vision_tower_matches_transformers() {
             offset += n;
         }
     }
+}
+
+/// The serving loop's cache of recorded encodings, on the CPU (where burn cannot record a
+/// graph): the first image of a grid tries once and every image gets the tower's features,
+/// bit for bit, encoded directly.
+#[test]
+fn images_through_the_recordings_cache_equal_the_tower_when_nothing_records() {
+    let engine = load_cpu(&FAMILY, &fixtures().join(MODELS[0]), DType::F32);
+    let image = reference_patches("image-40x56");
+    let [t, h, w] = image.grid_thw;
+    let grid = PatchGrid { t, h, w };
+    let tower = engine.decoder.vision.as_ref().expect("a vision tower");
+    let want = tower.encode(&image.values, grid).expect("encode");
+    assert!(want.values().iter().all(|v| !v.is_empty()));
+    let mut graphs = VisionGraphs::new(engine.shared_model(), true);
+    for _ in 0..2 {
+        let got = graphs.encode(&image.values, grid).expect("encode");
+        assert_eq!(got.values(), want.values());
+    }
+    assert_eq!(graphs.counts, VisionCounts { recorded: 1, replayed: 0, direct: 2 });
 }
 
 #[test]

@@ -22,6 +22,7 @@ pub mod output;
 pub mod ranks;
 pub mod runner;
 pub mod scheduler;
+pub mod vision_graph;
 
 use crate::decoder::{KvPool, StepVision};
 use crate::error::EngineError;
@@ -298,6 +299,7 @@ impl StepLoop {
                 let state = LoopState {
                     scheduler: Scheduler::new(BlockPool::new(blocks, block_tokens, step.prefix_caching), step.limits),
                     graphs: graph::DecodeGraphs::new(Arc::clone(&model)),
+                    vision_graphs: vision_graph::VisionGraphs::new(Arc::clone(&model), step.cuda_graphs && model.decoder.device != burn::tensor::Device::flex()),
                     idle_free_floor: idle_free_floor(&model, &step.limits),
                     model: Arc::clone(&model),
                     pool: Rc::new(RefCell::new(pool)),
@@ -511,6 +513,8 @@ struct LoopState {
     model: Arc<Model>,
     pool: Rc<RefCell<KvPool>>,
     graphs: graph::DecodeGraphs,
+    /// The vision tower's recorded encodings of small images (vision-language models).
+    vision_graphs: vision_graph::VisionGraphs,
     /// Free device memory below which the idle loop drops its recorded decode steps
     /// ([`idle_free_floor`]).
     idle_free_floor: u64,
@@ -543,7 +547,7 @@ impl LoopState {
         if inference_pio_kernels::memory::device_free(device).is_none_or(|free| free >= self.idle_free_floor) {
             return;
         }
-        let dropped = self.graphs.drop_recordings();
+        let dropped = self.graphs.drop_recordings() + self.vision_graphs.drop_recordings();
         if let Some(r) = &self.ranks
             && let Err(e) = r.drop_recordings()
         {
@@ -552,7 +556,7 @@ impl LoopState {
         inference_pio_kernels::memory::release_free_memory(device);
         crate::progress::log(|| {
             let usage = inference_pio_kernels::memory::pool_usage_text(device).map_or(String::new(), |u| format!("; {u}"));
-            format!("idle with less than {:.2} GB free: {dropped} recorded decode steps dropped, free pool pages released{usage}", self.idle_free_floor as f64 / 1e9)
+            format!("idle with less than {:.2} GB free: {dropped} recorded decode steps and image encodings dropped, free pool pages released{usage}", self.idle_free_floor as f64 / 1e9)
         });
     }
 
@@ -631,6 +635,7 @@ impl LoopState {
             self.scheduler.limits = s.limits;
             self.scheduler.pool.set_prefix_caching(s.prefix_caching);
             self.cuda_graphs = s.cuda_graphs;
+            self.vision_graphs.set_records(s.cuda_graphs && self.model.decoder.device != burn::tensor::Device::flex());
             self.async_scheduling = s.async_scheduling;
         }
     }
@@ -977,7 +982,9 @@ impl LoopState {
     /// step reaches it), in the rows [`runner::step_batch`] gives them; `None` when the step
     /// has none.
     fn step_vision(&mut self, work: &[Scheduled]) -> Result<Option<StepVision>, EngineError> {
-        let Some(tower) = &self.model.decoder.vision else { return Ok(None) };
+        if self.model.decoder.vision.is_none() {
+            return Ok(None);
+        }
         let (mut rows, mut embeds) = (Vec::new(), Vec::new());
         let mut deepstack: Vec<Vec<Tensor<2>>> = Vec::new();
         let mut first_row = 0;
@@ -995,7 +1002,7 @@ impl LoopState {
                 let slot = live.features.get_mut(i).ok_or_else(|| EngineError::Device("an image's feature slot is missing".into()))?;
                 let features = match slot {
                     Some(f) => f,
-                    empty => empty.insert(tower.encode(&image.pixels, image.grid)?),
+                    empty => empty.insert(self.vision_graphs.encode(&image.pixels, image.grid)?),
                 };
                 rows.extend((from..to).map(|p| (base + p - w.start) as i64));
                 let (offset, n) = (from - image.start, to - from);
