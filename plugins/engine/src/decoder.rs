@@ -709,21 +709,9 @@ impl Decoder {
                 Some(w) => qk_norm_rotary(qk, w, cos, sin, c.rms_norm_eps),
                 None => rotary(qk.swap_dims(1, 2), cos, sin),
             };
-            let (q, k, v) = if t == 1 {
-                // One token (decode): these reshapes queue no copies.
-                let q = qk.clone().narrow(1, 0, nh).swap_dims(1, 2).reshape([t, nh, d]);
-                let k = qk.narrow(1, nh, nkv).swap_dims(1, 2).reshape([t, nkv, d]);
-                (q, k, qkv.narrow(2, nh + nkv, nkv).reshape([t, nkv, d]))
-            } else {
-                // `[t, heads, d]` views: the heads-first rotated rows narrowed, then tokens
-                // first; the values narrowed from the projection's rows. Reshaping the 4-D
-                // views as above copied the keys and the values of every prefill chunk (two
-                // launches a layer); the KV write reads strided rows.
-                let qk = qk.reshape([nh + nkv, t, d]);
-                let q = qk.clone().narrow(0, 0, nh).swap_dims(0, 1);
-                let k = qk.narrow(0, nh, nkv).swap_dims(0, 1);
-                (q, k, qkv.reshape([t, nh + 2 * nkv, d]).narrow(1, nh + nkv, nkv))
-            };
+            let q = qk.clone().narrow(1, 0, nh).swap_dims(1, 2).reshape([t, nh, d]);
+            let k = qk.narrow(1, nh, nkv).swap_dims(1, 2).reshape([t, nkv, d]);
+            let v = qkv.narrow(2, nh + nkv, nkv).reshape([t, nkv, d]);
             let (k_pool, v_pool) = kv.layers[l]
                 .take()
                 .ok_or_else(|| EngineError::Device(format!("KV pool layer {l} was lost by an earlier failed step")))?;
