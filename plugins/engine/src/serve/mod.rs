@@ -299,7 +299,7 @@ impl StepLoop {
                 let state = LoopState {
                     scheduler: Scheduler::new(BlockPool::new(blocks, block_tokens, step.prefix_caching), step.limits),
                     graphs: graph::DecodeGraphs::new(Arc::clone(&model)),
-                    vision_graphs: vision_graph::VisionGraphs::new(Arc::clone(&model), step.cuda_graphs && model.decoder.device != burn::tensor::Device::flex()),
+                    vision_graphs: vision_graph::VisionGraphs::new(Arc::clone(&model), step.cuda_graphs),
                     idle_free_floor: idle_free_floor(&model, &step.limits),
                     model: Arc::clone(&model),
                     pool: Rc::new(RefCell::new(pool)),
@@ -635,7 +635,7 @@ impl LoopState {
             self.scheduler.limits = s.limits;
             self.scheduler.pool.set_prefix_caching(s.prefix_caching);
             self.cuda_graphs = s.cuda_graphs;
-            self.vision_graphs.set_records(s.cuda_graphs && self.model.decoder.device != burn::tensor::Device::flex());
+            self.vision_graphs.set_cuda_graphs(s.cuda_graphs);
             self.async_scheduling = s.async_scheduling;
         }
     }

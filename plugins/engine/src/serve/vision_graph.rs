@@ -60,17 +60,19 @@ pub struct VisionGraphs {
 }
 
 impl VisionGraphs {
-    pub fn new(model: Arc<Model>, records: bool) -> Self {
+    /// Records where `cuda_graphs` is on and the model is on a device that can (not the CPU).
+    pub fn new(model: Arc<Model>, cuda_graphs: bool) -> Self {
+        let records = cuda_graphs && model.decoder.device != burn::tensor::Device::flex();
         Self { model, records, failed: false, kept: Vec::new(), counts: VisionCounts::default() }
     }
 
-    /// Records from now on or not (the `cuda_graphs` setting changed); not recording drops
-    /// the recordings. A failed capture's stop stays until the loop restarts.
-    pub fn set_records(&mut self, records: bool) {
-        if !records {
+    /// Follows the `cuda_graphs` setting (changed at run time); off drops the recordings. A
+    /// failed capture's stop stays until the loop restarts.
+    pub fn set_cuda_graphs(&mut self, cuda_graphs: bool) {
+        if !cuda_graphs {
             self.kept.clear();
         }
-        self.records = records && !self.failed;
+        self.records = cuda_graphs && !self.failed && self.model.decoder.device != burn::tensor::Device::flex();
     }
 
     /// Drops every recording (and the device memory it holds); returns how many there were.
