@@ -38,7 +38,8 @@
 //! the elementwise kernels 1e-4 in f32 and 1e-2 in bf16.
 //!
 //! `kernel_check` on a machine with CUDA runs every group; `kernel_check matvec attention
-//! kv-write elementwise vision cublas quant` (any of them) runs those only. With cuBLAS loadable the engine keeps
+//! kv-write elementwise vision cublas quant launch` (any of them) runs those only (`launch`:
+//! the cost of a kernel in a recorded chain, timings only). With cuBLAS loadable the engine keeps
 //! weights unsplit (`split_parts` is 1), so the matvec group then checks the kernel on the
 //! plain layout and times it against the cuBLAS product.
 
@@ -141,7 +142,7 @@ fn main() {
     // `kernel_check [matvec] [attention] [kv-write] [elementwise] [vision] [cublas] [quant]`: those
     // groups only (all without arguments; `attention` includes `kv-write`).
     let chosen: Vec<String> = std::env::args().skip(1).collect();
-    const GROUPS: [&str; 7] = ["matvec", "attention", "kv-write", "elementwise", "vision", "cublas", "quant"];
+    const GROUPS: [&str; 8] = ["matvec", "attention", "kv-write", "elementwise", "vision", "cublas", "quant", "launch"];
     if let Some(unknown) = chosen.iter().find(|a| !GROUPS.contains(&a.as_str())) {
         eprintln!("kernel_check: unknown group `{unknown}`; the groups are {}", GROUPS.join(", "));
         std::process::exit(2);
@@ -194,6 +195,9 @@ fn main() {
     }
     if runs("vision") {
         failed += check_vision(&device);
+    }
+    if runs("launch") {
+        time_kernel_chains(&device);
     }
     if runs("cublas") {
         failed += check_cublas(&device);
@@ -619,6 +623,25 @@ fn check_elementwise(device: &Device) -> usize {
         }
     }
     failed
+}
+
+/// What a recorded step's kernels cost apart from their work: chains of `n` dependent
+/// launches of one kernel replayed from a CUDA graph, per launch. One-row RMSNorms of 2,560
+/// values (almost no work: the floor of a launch in a graph, ramp and tail included), and
+/// one-row products of 2,560 x 2,560 bf16 weights (13 MB, 3.9 µs at 3.35 TB/s). No check;
+/// timings only.
+fn time_kernel_chains(device: &Device) {
+    let dtype = DType::BF16;
+    let hidden = 2560;
+    let x = Tensor::<2>::random([1, hidden], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+    let norm = Tensor::<1>::random([hidden], Distribution::Uniform(0.5, 1.5), device).cast(dtype);
+    let w = Tensor::<2>::random([hidden, hidden], Distribution::Uniform(-0.02, 0.02), device).cast(dtype).reshape([1, hidden, hidden]);
+    for n in [1usize, 16, 128] {
+        let norms = || (0..n).fold(x.clone(), |y, _| fused_rms_norm(y, &norm, 1e-6));
+        let products = || (0..n).fold(x.clone(), |y, _| fused_rms_norm(split_matvec(y, &w), &norm, 1e-6));
+        let per = |op: &dyn Fn() -> Tensor<2>, kernels: usize| time_graph(device, op).map_or_else(|e| format!("({e})"), |s| format!("{:6.2} µs", s * 1e6 / kernels as f64));
+        println!("launch chain {n:3}: rms_norm {} a kernel | matvec 2560x2560 + rms_norm {} a pair", per(&norms, n), per(&products, n));
+    }
 }
 
 /// The vision tower's kernels at Qwen3-VL-2B's shapes (width 1,024, 16 heads of 64) for a
