@@ -9,8 +9,9 @@
 //! the grid's resampled position embeddings and rotary angles are computed once and held by
 //! the recording, and each image's patches are written in place into the buffer the graph
 //! was recorded against. The recording runs the encoding four times (burn's three warm-up
-//! runs and the capture), so the first image of a grid costs about four encodings; the last
-//! [`KEPT_GRIDS`] grids' recordings are kept. Grids of more than [`MAX_PATCHES`] patches are
+//! runs and the capture), so a grid is recorded at its second image, not its first: an image
+//! size seen once (common where sizes vary) costs one encoding, not four, and a size seen
+//! again costs its recording once. The last [`KEPT_GRIDS`] grids' recordings are kept. Grids of more than [`MAX_PATCHES`] patches are
 //! encoded directly: their kernels are long enough that the host keeps ahead, and a
 //! recording would hold their large attention scores.
 
@@ -26,6 +27,30 @@ use std::sync::Arc;
 pub const MAX_PATCHES: usize = 1024;
 /// Recorded grids kept, the least recently used dropped first.
 pub const KEPT_GRIDS: usize = 4;
+/// Grids remembered as seen once (not recorded yet), the oldest forgotten first.
+pub const SEEN_GRIDS: usize = 32;
+
+/// The grids seen once: a grid is recorded when it comes again ([`Sightings::again`]).
+#[derive(Debug, Default)]
+pub struct Sightings {
+    seen: Vec<PatchGrid>,
+}
+
+impl Sightings {
+    /// Whether `grid` was seen before (and is forgotten now, as it is about to be recorded);
+    /// else it is remembered and `false`.
+    pub fn again(&mut self, grid: PatchGrid) -> bool {
+        if let Some(i) = self.seen.iter().position(|g| *g == grid) {
+            self.seen.remove(i);
+            return true;
+        }
+        if self.seen.len() == SEEN_GRIDS {
+            self.seen.remove(0);
+        }
+        self.seen.push(grid);
+        false
+    }
+}
 
 type EncodeFn = Box<dyn FnMut() -> Tensor<2>>;
 
@@ -56,6 +81,7 @@ pub struct VisionGraphs {
     /// A capture failed: nothing is recorded again.
     failed: bool,
     kept: Vec<Recorded>,
+    sightings: Sightings,
     pub counts: VisionCounts,
 }
 
@@ -63,7 +89,7 @@ impl VisionGraphs {
     /// Records where `cuda_graphs` is on and the model is on a device that can (not the CPU).
     pub fn new(model: Arc<Model>, cuda_graphs: bool) -> Self {
         let records = cuda_graphs && model.decoder.device != burn::tensor::Device::flex();
-        Self { model, records, failed: false, kept: Vec::new(), counts: VisionCounts::default() }
+        Self { model, records, failed: false, kept: Vec::new(), sightings: Sightings::default(), counts: VisionCounts::default() }
     }
 
     /// Follows the `cuda_graphs` setting (changed at run time); off drops the recordings. A
@@ -83,7 +109,8 @@ impl VisionGraphs {
     }
 
     /// One image's features ([`crate::vision::VisionTower::encode`]): replayed from its grid's
-    /// recording where there is one, recorded first where there is none, directly otherwise.
+    /// recording where there is one, recorded first where its grid was seen before, directly
+    /// otherwise.
     pub fn encode(&mut self, pixels: &[f32], grid: PatchGrid) -> Result<ImageFeatures, EngineError> {
         let model = Arc::clone(&self.model);
         let Some(tower) = model.decoder.vision.as_ref() else {
@@ -108,7 +135,11 @@ impl VisionGraphs {
                     self.kept.len() - 1
                 }
             }
-            None => self.record(x.clone(), grid)?,
+            None if self.sightings.again(grid) => self.record(x.clone(), grid)?,
+            None => {
+                self.counts.direct += 1;
+                return Ok(tower.encode_patches(x, &tower.grid_inputs(grid)));
+            }
         };
         let Some(recorded) = self.kept.get_mut(index) else {
             // The capture failed: this image and the ones after run directly.
@@ -162,3 +193,26 @@ impl VisionGraphs {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grid_is_recorded_when_it_comes_again() {
+        let grid = |h: usize| PatchGrid { t: 1, h, w: 4 };
+        let mut s = Sightings::default();
+        assert!(!s.again(grid(2)));
+        assert!(!s.again(grid(4)));
+        assert!(s.again(grid(2)));
+        // Recorded (and forgotten): a third image of it is the recording's business.
+        assert!(!s.again(grid(2)));
+        // The oldest of more than SEEN_GRIDS sizes seen once is forgotten.
+        let mut s = Sightings::default();
+        for h in 0..=SEEN_GRIDS {
+            assert!(!s.again(grid(h)));
+        }
+        assert!(!s.again(grid(0)));
+        assert!(s.again(grid(SEEN_GRIDS)));
+    }
+}
