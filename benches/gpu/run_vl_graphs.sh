@@ -2,8 +2,9 @@
 # One device call for the vision tower's recorded encodings (issue 19, serve::vision_graph):
 # 1. the tiny Qwen3-VL fixtures' one-image prompt on CUDA (f32, bf16; greedy tokens against
 #    transformers'), 2. a server on CUDA (vl-tiny-a, f32) asked about image A, then image B (A
-#    flipped: the same grid, so B replays A's recording with its own patches), then A again,
-#    each answer against `run` with `cuda_graphs = false` for that image, 3. run_vl_2b.sh (the
+#    flipped: the same grid), then A again and B again: A is encoded directly (a grid seen
+#    once), B records the grid with its patches, the later two replay it with theirs; each
+#    answer against `run` with `cuda_graphs = false` for that image, 3. run_vl_2b.sh (the
 #    2B config's time to first token beside transformers eager, same call), 4. the 2B prompts
 #    with the plugin before (.gpu/before) and after, alternating, on run_vl_2b.sh's checkpoint.
 # Carried: .gpu/{inference-pio,libqwen3_vl_2b.so,qwen3-tokenizer.json}.xz,
@@ -44,7 +45,7 @@ def ask(img):
     return json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["message"]["content"]
 want = {sys.argv[1]: json.load(open("/tmp/direct.image-40x56.png.json"))["text"], sys.argv[2]: json.load(open("/tmp/direct.imgB.png.json"))["text"]}
 print("A and B answers differ (direct):", want[sys.argv[1]] != want[sys.argv[2]])
-for name, img in (("A", sys.argv[1]), ("B", sys.argv[2]), ("A again", sys.argv[1])):
+for name, img in (("A", sys.argv[1]), ("B", sys.argv[2]), ("A again", sys.argv[1]), ("B again", sys.argv[2])):
     got = ask(img)
     print(f"server {name}: equal to the direct run: {got == want[img]}")
 PY
