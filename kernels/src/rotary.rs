@@ -355,6 +355,26 @@ pub fn qk_norm_rotary(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &
 mod tests {
     use super::*;
 
+    /// The vision towers' rotation of queries and keys together from a fused q|k|v view is each
+    /// part's rotation on its own (the way it was written before: heads moved first, cast to
+    /// f32, rotated, rounded back).
+    #[test]
+    fn the_f32_rotation_of_a_qkv_view_is_each_part_rotated_alone() {
+        use burn::tensor::{Device, Distribution};
+        let d = Device::flex();
+        let (tokens, heads, dim) = (5, 3, 8);
+        let qkv = Tensor::<4>::random([1, tokens, 3 * heads, dim], Distribution::Uniform(-2.0, 2.0), &d);
+        let angles = Tensor::<4>::random([1, 1, tokens, dim / 2], Distribution::Uniform(0.0, 10.0), &d);
+        let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let both = rotary_f32(qkv.clone().narrow(2, 0, 2 * heads), &cos, &sin);
+        assert_eq!(both.dims(), [1, 2 * heads, tokens, dim]);
+        let alone = |i: usize| crate::reference::apply_rotary(qkv.clone().narrow(2, i * heads, heads).swap_dims(1, 2), &cos, &sin);
+        let values = |t: Tensor<4>| t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        assert_eq!(values(both.clone().narrow(1, 0, heads)), values(alone(0)));
+        assert_eq!(values(both.narrow(1, heads, heads)), values(alone(1)));
+    }
+
     #[test]
     fn heads_move_before_tokens() {
         assert_eq!(heads_first(&Shape::new([2, 5, 40, 128])), Shape::new([2, 40, 5, 128]));

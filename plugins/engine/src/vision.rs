@@ -522,6 +522,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stacked_features_come_apart_as_they_were() {
+        let d = Device::flex();
+        let part = |v: f32| Tensor::<2>::from_data(TensorData::new((0..12).map(|i| v + i as f32).collect::<Vec<f32>>(), [3, 4]), &d);
+        let features = ImageFeatures { embeds: part(0.0), deepstack: vec![part(100.0), part(200.0)] };
+        let want = features.values();
+        let stacked = features.stacked();
+        assert_eq!(stacked.dims(), [9, 4]);
+        let back = ImageFeatures::from_stacked(stacked, 2);
+        assert_eq!(back.values(), want);
+        assert_eq!(back.tokens(), 3);
+    }
+
+    #[test]
     fn merge_blocks_come_row_by_row_with_their_patches_row_by_row() {
         let order: Vec<_> = merge_block_order(2, 4, 2).collect();
         assert_eq!(order, vec![(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]);
