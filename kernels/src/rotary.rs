@@ -195,18 +195,25 @@ mod device {
     }
 }
 
+/// `[batch, tokens, heads, head_dim, rotary_dim]` of queries and keys `qk [batch, tokens,
+/// heads, head_dim]` rotated by `cos`/`sin` `[batch, 1, tokens, rotary_dim]`, checked (`what`
+/// names the operation in a failed check): both rotation kernels' launches.
+fn rotation_shapes(what: &str, qk: &Shape, cos: &Shape, sin: &Shape) -> [usize; 5] {
+    assert_eq!(qk.num_dims(), 4, "{what}: queries and keys are [batch, tokens, heads, head_dim]");
+    let (batch, tokens, heads, dim) = (qk[0], qk[1], qk[2], qk[3]);
+    let rotary = cos[3];
+    assert!(
+        cos[0] == batch && cos[2] == tokens && rotary <= dim && rotary.is_multiple_of(2),
+        "{what}: angles {cos:?} for queries and keys {qk:?}"
+    );
+    assert_eq!(sin, cos, "{what}: sin and cos differ in shape");
+    [batch, tokens, heads, dim, rotary]
+}
+
 fn launch_f32(qk: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
     let shape = qk.meta.shape().clone();
-    assert_eq!(shape.num_dims(), 4, "rotary_f32: queries and keys are [batch, tokens, heads, head_dim]");
-    let (batch, tokens, heads, dim) = (shape[0], shape[1], shape[2], shape[3]);
+    let [batch, tokens, heads, dim, rotary] = rotation_shapes("rotary_f32", &shape, cos.meta.shape(), sin.meta.shape());
     let dtype = qk.dtype;
-    let cos_shape = cos.meta.shape().clone();
-    let rotary = cos_shape[3];
-    assert!(
-        cos_shape[0] == batch && cos_shape[2] == tokens && rotary <= dim && rotary.is_multiple_of(2),
-        "rotary_f32: angles {cos_shape:?} for queries and keys {shape:?}"
-    );
-    assert_eq!(sin.meta.shape(), &cos_shape, "rotary_f32: sin and cos differ in shape");
     assert!(cos.dtype == DType::F32 && sin.dtype == DType::F32, "rotary_f32: the angles' cos and sin are f32");
     let qk = last_axis_contiguous(qk);
     let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
@@ -241,16 +248,8 @@ fn launch_f32(qk: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
 
 fn launch(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, eps: f64) -> CubeTensor {
     let shape = qk.meta.shape().clone();
-    assert_eq!(shape.num_dims(), 4, "qk_norm_rotary: queries and keys are [batch, tokens, heads, head_dim]");
-    let (batch, tokens, heads, dim) = (shape[0], shape[1], shape[2], shape[3]);
+    let [batch, tokens, heads, dim, rotary] = rotation_shapes("qk_norm_rotary", &shape, cos.meta.shape(), sin.meta.shape());
     let dtype = qk.dtype;
-    let cos_shape = cos.meta.shape().clone();
-    let rotary = cos_shape[3];
-    assert!(
-        cos_shape[0] == batch && cos_shape[2] == tokens && rotary <= dim && rotary.is_multiple_of(2),
-        "qk_norm_rotary: angles {cos_shape:?} for queries and keys {shape:?}"
-    );
-    assert_eq!(sin.meta.shape(), &cos_shape, "qk_norm_rotary: sin and cos differ in shape");
     assert_eq!(weight.meta.shape(), &Shape::new([heads, dim]), "qk_norm_rotary: one weight row per head");
     assert!(weight.dtype == dtype && cos.dtype == dtype && sin.dtype == dtype, "qk_norm_rotary: mixed dtypes");
     let qk = last_axis_contiguous(qk);
