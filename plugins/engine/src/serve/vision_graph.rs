@@ -17,7 +17,7 @@
 
 use crate::error::EngineError;
 use crate::generate::Model;
-use crate::vision::{ImageFeatures, PatchGrid};
+use crate::vision::{ImageFeatures, PatchGrid, VisionTower};
 use burn::tensor::{Graph, Tensor, capture, s};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -118,31 +118,29 @@ impl VisionGraphs {
         };
         let x = tower.patches(pixels, grid)?;
         let sets = tower.deepstack_layers();
-        if !self.records || grid.patches() > MAX_PATCHES {
-            self.counts.direct += 1;
-            return Ok(tower.encode_patches(x, &tower.grid_inputs(grid)));
-        }
-        let index = match self.kept.iter().position(|r| r.grid == grid) {
-            Some(i) => {
-                let recorded = self.kept.remove(i);
-                if !recorded.patches.borrow().can_mut() {
-                    // A refresh would land in a copy the graph never reads: record anew.
-                    drop(recorded);
-                    self.record(x.clone(), grid)?
-                } else {
-                    recorded.patches.borrow_mut().inplace(|t| t.slice_assign(s![0..grid.patches()], x.clone()));
-                    self.kept.push(recorded);
-                    self.kept.len() - 1
+        let index = if !self.records || grid.patches() > MAX_PATCHES {
+            None
+        } else {
+            match self.kept.iter().position(|r| r.grid == grid) {
+                Some(i) => {
+                    let recorded = self.kept.remove(i);
+                    if recorded.patches.borrow().can_mut() {
+                        recorded.patches.borrow_mut().inplace(|t| t.slice_assign(s![0..grid.patches()], x.clone()));
+                        self.kept.push(recorded);
+                        Some(self.kept.len() - 1)
+                    } else {
+                        // A refresh would land in a copy the graph never reads: record anew.
+                        drop(recorded);
+                        self.record(tower, x.clone(), grid)
+                    }
                 }
-            }
-            None if self.sightings.again(grid) => self.record(x.clone(), grid)?,
-            None => {
-                self.counts.direct += 1;
-                return Ok(tower.encode_patches(x, &tower.grid_inputs(grid)));
+                None if self.sightings.again(grid) => self.record(tower, x.clone(), grid),
+                None => None,
             }
         };
-        let Some(recorded) = self.kept.get_mut(index) else {
-            // The capture failed: this image and the ones after run directly.
+        // Not recorded (no recording here, a grid past the size or seen once, a failed
+        // capture): encoded directly.
+        let Some(recorded) = index.and_then(|i| self.kept.get_mut(i)) else {
             self.counts.direct += 1;
             return Ok(tower.encode_patches(x, &tower.grid_inputs(grid)));
         };
@@ -161,14 +159,11 @@ impl VisionGraphs {
         Ok(ImageFeatures::from_stacked(out.add_scalar(0.0), sets))
     }
 
-    /// Records the encoding of `grid` with `x` as its patches buffer, keeps it and returns its
-    /// index; after a failed capture (recording stops) `usize::MAX`, which indexes nothing.
-    fn record(&mut self, x: Tensor<2>, grid: PatchGrid) -> Result<usize, EngineError> {
-        let Some(tower) = self.model.decoder.vision.as_ref() else {
-            return Err(EngineError::InvalidRequest("this model has no vision tower".into()));
-        };
+    /// Records `tower`'s encoding of `grid` with `x` as its patches buffer, keeps it and
+    /// returns its index; `None` after a failed capture (recording stops).
+    fn record(&mut self, tower: &VisionTower, x: Tensor<2>, grid: PatchGrid) -> Option<usize> {
         let inputs = tower.grid_inputs(grid);
-        // The closure cannot return an error: it finds the tower checked just above.
+        // The closure cannot return an error: it finds the tower its caller found.
         let patches = Rc::new(RefCell::new(x));
         let (model, buffer) = (Arc::clone(&self.model), Rc::clone(&patches));
         let encode: EncodeFn = Box::new(move || match model.decoder.vision.as_ref() {
@@ -183,13 +178,13 @@ impl VisionGraphs {
             self.failed = true;
             self.kept.clear();
             eprintln!("inference-pio: recording the vision tower as a CUDA graph failed; images are encoded uncaptured");
-            return Ok(usize::MAX);
+            return None;
         }
         self.kept.push(Recorded { grid, graph, patches });
         if self.kept.len() > KEPT_GRIDS {
             self.kept.remove(0);
         }
-        Ok(self.kept.len() - 1)
+        Some(self.kept.len() - 1)
     }
 }
 
