@@ -100,3 +100,24 @@ mod tests {
         assert_eq!(vector_width(7, DType::F32), 1);
     }
 }
+
+#[cfg(test)]
+mod dependent_launch_tests {
+    use cubecl_cuda::dependent_launch::wait_then_release;
+
+    // The waits the patched cubecl-cuda puts in every CubeCL kernel before launching it as a
+    // programmatic dependent (kernels/cubecl-cuda-stream/PATCH.md): the wait must come
+    // before anything the kernel reads or writes, in the entry point, not in a helper.
+    #[test]
+    fn the_wait_is_the_entry_points_first_statement() {
+        let src = "__device__ float f(float x) { return x; }\nextern \"C\" __global__ void __launch_bounds__(32) k(float* a) {\nint i = 0;\n}\n";
+        let out = wait_then_release(src).expect("an entry point");
+        let (head, body) = out.split_once("k(float* a) {").expect("the signature kept");
+        assert_eq!(head, "__device__ float f(float x) { return x; }\nextern \"C\" __global__ void __launch_bounds__(32) ");
+        let body = body.trim_start();
+        assert!(body.starts_with("asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");"), "{body}");
+        let release = body.find("griddepcontrol.launch_dependents").expect("the release");
+        assert!(release < body.find("int i = 0;").expect("the body kept"));
+        assert!(wait_then_release("__device__ void g() {}").is_none());
+    }
+}

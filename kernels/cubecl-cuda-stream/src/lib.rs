@@ -3,6 +3,7 @@ extern crate derive_new;
 extern crate alloc;
 
 pub mod compiler;
+pub mod dependent_launch;
 mod compute;
 mod device;
 mod runtime;

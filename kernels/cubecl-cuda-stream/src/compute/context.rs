@@ -11,6 +11,7 @@ use cubecl_server::{
 use crate::compiler::{CudaBackend, CudaCompilationOptions, CudaCompiler, CudaRepresentation};
 use crate::compute::events::{EventProfiler, driver_error, poisons_device};
 use crate::compute::stream::Stream;
+use crate::dependent_launch;
 use crate::install::{cccl_include_path, include_path};
 use cubecl_core::{
     hash::{StableHash, StableHasher},
@@ -74,6 +75,10 @@ pub struct CudaCompiledKernel {
     /// the answer existed, which the launch path reads as every buffer both
     /// read and written.
     io: Option<Arc<[BufferIOAttr]>>,
+    /// Whether the kernel waits for the grid before it (`griddepcontrol.wait`) before it
+    /// touches memory, so it may be launched as a programmatic dependent launch. Read from the
+    /// PTX, so an entry of the PTX cache says it as a fresh compilation does.
+    dependent_launch: bool,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq, Clone)]
@@ -332,6 +337,12 @@ impl CudaContext {
             }
         }
 
+        if self.arch.version >= 90
+            && let Some(source) = dependent_launch::wait_then_release(&jitc_kernel.source)
+        {
+            jitc_kernel.source = source;
+        }
+
         let cpp_hash = if let Some(cache) = self.ptx_cache.as_mut() {
             let key = key.unwrap();
             let second_line_cache = self.second_line_ptx_cache.as_mut().unwrap();
@@ -472,6 +483,7 @@ impl CudaContext {
         io: Option<Arc<[BufferIOAttr]>>,
     ) -> Result<(), CompilationError> {
         dump_ptx(&kernel_id, &ptx);
+        let dependent_launch = ptx_waits_for_previous_grid(&ptx);
 
         let func_name = CString::new(entrypoint_name).unwrap();
         // SAFETY: `ptx` is a valid null-terminated PTX binary from NVRTC. `func_name` is a
@@ -501,6 +513,7 @@ impl CudaContext {
                 shared_mem_bytes,
                 func,
                 io,
+                dependent_launch,
             },
         );
 
@@ -537,17 +550,49 @@ impl CudaContext {
                 kernel.shared_mem_bytes as i32,
             )
             .map_err(|err| launch_failed("cuFuncSetAttribute", err))?;
-            cudarc::driver::result::launch_kernel(
-                kernel.func,
-                dispatch_count,
-                (cube_dim.x, cube_dim.y, cube_dim.z),
-                // Shared memory is collected into a single buffer, with each shared memory being
-                // an offset pointer
-                kernel.shared_mem_bytes as u32,
-                stream.sys,
-                resources,
-            )
-            .map_err(|err| launch_failed("cuLaunchKernel", err))?;
+            if kernel.dependent_launch && dependent_launch::enabled() {
+                // Programmatic dependent launch (Hopper and later): the kernel's blocks may be
+                // scheduled while the grid before it finishes; its first instruction waits
+                // for that grid's completion and memory, so only the launch overlaps.
+                let mut attribute = cudarc::driver::sys::CUlaunchAttribute {
+                    id: cudarc::driver::sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                    pad: [0; 4],
+                    value: std::mem::zeroed(),
+                };
+                attribute.value.programmaticStreamSerializationAllowed = 1;
+                let config = cudarc::driver::sys::CUlaunchConfig {
+                    gridDimX: dispatch_count.0,
+                    gridDimY: dispatch_count.1,
+                    gridDimZ: dispatch_count.2,
+                    blockDimX: cube_dim.x,
+                    blockDimY: cube_dim.y,
+                    blockDimZ: cube_dim.z,
+                    sharedMemBytes: kernel.shared_mem_bytes as u32,
+                    hStream: stream.sys,
+                    attrs: &mut attribute,
+                    numAttrs: 1,
+                };
+                cudarc::driver::sys::cuLaunchKernelEx(
+                    &config,
+                    kernel.func,
+                    resources.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+                .result()
+                .map_err(|err| launch_failed("cuLaunchKernelEx", err))?;
+            } else {
+                cudarc::driver::result::launch_kernel(
+                    kernel.func,
+                    dispatch_count,
+                    (cube_dim.x, cube_dim.y, cube_dim.z),
+                    // Shared memory is collected into a single buffer, with each shared memory being
+                    // an offset pointer
+                    kernel.shared_mem_bytes as u32,
+                    stream.sys,
+                    resources,
+                )
+                .map_err(|err| launch_failed("cuLaunchKernel", err))?;
+            }
         };
 
         Ok(())
@@ -635,4 +680,10 @@ mod tests {
             cache_namespace("ptx_sm86", CudaBackend::Llvm, PtxVersion::for_driver(12090)),
         );
     }
+}
+
+/// Whether compiled PTX waits on the grid before it ([`dependent_launch::wait_then_release`]).
+fn ptx_waits_for_previous_grid(ptx: &[c_char]) -> bool {
+    let bytes: Vec<u8> = ptx.iter().map(|&c| c as u8).collect();
+    bytes.windows(dependent_launch::WAIT_PTX.len()).any(|w| w == dependent_launch::WAIT_PTX)
 }

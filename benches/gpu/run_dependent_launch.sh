@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call for programmatic dependent launch (issue 20; kernels/cubecl-cuda-stream/
+# src/dependent_launch.rs): every CubeCL kernel waits for the grid before it as its first
+# statement and is launched as a dependent, so its launch overlaps the previous kernel's tail.
+# 1. kernel_check, every group, dependent launches on (the default): every kernel's result;
+#    the `launch` group (a recorded chain's cost per kernel) also with INFERENCE_PIO_PDL=0.
+# 2. The tiny Qwen3 fixtures on CUDA (f32, bf16) against transformers' references.
+# 3. Qwen3-4B's real config, random bf16 weights: batch-1 and batch-8 decode (pio-bench, 128-token
+#    prompt, 256 new), dependent launches off and on alternating over ROUNDS rounds.
+# Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so,kernel_check,qwen3-tokenizer.json}.xz,
+# .gpu/COMMIT; the tree holds plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-{b,c}.
+set -uo pipefail
+source benches/gpu/lib.sh
+T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
+mkdir -p $T && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $T/tokenizer.json
+unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so kernel_check
+ensure_cublas
+export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+timeout ${KERNEL_TIMEOUT:-240} .gpu/bin/kernel_check 2>&1 | grep -v "^\[" > $OUT/kernel_check_pdl.txt; echo "kernel_check (dependent) exit $?"
+grep -cE " ok( |$)" $OUT/kernel_check_pdl.txt | sed 's/^/checks ok: /'
+grep -E "FAIL|passed|failed|panicked" $OUT/kernel_check_pdl.txt | head -20
+INFERENCE_PIO_PDL=0 timeout 60 .gpu/bin/kernel_check launch 2>&1 | grep -v "^\[" > $OUT/kernel_check_launch_plain.txt
+echo "launch chains, plain | dependent:"
+paste -d'|' <(grep -i "chain" $OUT/kernel_check_launch_plain.txt) <(grep -i "chain" $OUT/kernel_check_pdl.txt | grep -v "^$") | head -12
+echo "kernels done at $SECONDS s"
+F=plugins/qwen3-4b-instruct-2507/tests/fixtures
+for m in qwen3-tiny-b qwen3-tiny-c; do gpu_parity $F $m f32 bf16 2>&1 | tail -4; done
+echo "parity done at $SECONDS s"
+CK=$(qwen3_4b_dir)
+: > /tmp/empty.toml
+for r in $(seq ${ROUNDS:-2}); do
+  for p in 0 1; do
+    for b in 1 8; do
+      INFERENCE_PIO_PDL=$p timeout 150 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
+          --batch $b --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
+          --commit "$(cat .gpu/COMMIT)" --out $OUT/pio_pdl${p}_b${b}_r$r.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+      python3 -c "import json; d=json.load(open('$OUT/pio_pdl${p}_b${b}_r$r.json')); print('round $r dependent launch $p batch $b: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1
+    done
+  done
+done
+echo "all done at $SECONDS s"

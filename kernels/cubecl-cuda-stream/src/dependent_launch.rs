@@ -1,0 +1,35 @@
+//! Programmatic dependent launch for CubeCL's kernels (CUDA programming guide, "Programmatic
+//! Dependent Launch and Synchronization"; sm_90 and later).
+//!
+//! Each transpiled kernel's body starts by waiting for the grid launched before it
+//! (`griddepcontrol.wait`: that grid has completed and its writes are visible), then lets
+//! the grid after it be scheduled (`griddepcontrol.launch_dependents`). Launched with
+//! `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, a kernel's launch and block
+//! scheduling then overlap the tail of the kernel before it, in a stream and in a CUDA graph
+//! recorded from one, while nothing it reads or writes is touched before the wait.
+//! `INFERENCE_PIO_PDL=0` launches every kernel plainly (the waits then return at once).
+
+use std::sync::OnceLock;
+
+/// The PTX instruction the injected wait compiles to.
+pub const WAIT_PTX: &[u8] = b"griddepcontrol.wait";
+
+const PROLOGUE: &str = "\nasm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\nasm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");\n";
+
+/// `source` with the wait and the release as its kernel's first statements, or `None`
+/// where it holds no `__global__` entry point.
+pub fn wait_then_release(source: &str) -> Option<String> {
+    let entry = source.find("extern \"C\" __global__")?;
+    let open = entry + source[entry..].find('{')?;
+    let mut out = String::with_capacity(source.len() + PROLOGUE.len());
+    out.push_str(&source[..=open]);
+    out.push_str(PROLOGUE);
+    out.push_str(&source[open + 1..]);
+    Some(out)
+}
+
+/// Whether kernels that wait are launched as dependents (`INFERENCE_PIO_PDL`, default on).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("INFERENCE_PIO_PDL").map_or(true, |v| v != "0"))
+}
