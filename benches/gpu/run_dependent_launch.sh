@@ -6,9 +6,10 @@
 #    the `launch` group (a recorded chain's cost per kernel) also with INFERENCE_PIO_PDL=0.
 # 2. The tiny Qwen3 fixtures on CUDA (f32, bf16) against transformers' references.
 # 3. Qwen3-4B's real config, random bf16 weights: batch-1 and batch-8 decode (pio-bench, 128-token
-#    prompt, 256 new), dependent launches off and on alternating over ROUNDS rounds.
+#    prompt, 256 new): the plugin before the fused keys-and-values write, and after it with
+#    dependent launches off and on, alternating over ROUNDS rounds.
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so,kernel_check,qwen3-tokenizer.json}.xz,
-# .gpu/COMMIT; the tree holds plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-{b,c}.
+# .gpu/before/libqwen3_4b_instruct_2507.so.xz, .gpu/COMMIT; the tree holds plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-{b,c}.
 set -uo pipefail
 source benches/gpu/lib.sh
 T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
@@ -29,13 +30,17 @@ for m in qwen3-tiny-b qwen3-tiny-c; do gpu_parity $F $m f32 bf16 2>&1 | tail -4;
 echo "parity done at $SECONDS s"
 CK=$(qwen3_4b_dir)
 : > /tmp/empty.toml
+# Variants: PLUGIN_DIR:INFERENCE_PIO_PDL. .gpu/before holds the 4B plugin without the fused
+# keys-and-values write (qk_norm_rotary_into_pages), dependent launches on.
+mkdir -p .gpu/before && xz -dc .gpu/before/libqwen3_4b_instruct_2507.so.xz > .gpu/before/libqwen3_4b_instruct_2507.so
 for r in $(seq ${ROUNDS:-2}); do
-  for p in 0 1; do
+  for variant in before:1 bin:0 bin:1; do
+    dir=${variant%:*} p=${variant#*:}
     for b in 1 8; do
-      INFERENCE_PIO_PDL=$p timeout 150 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
+      INFERENCE_PIO_PDL=$p INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/$dir timeout 150 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
           --batch $b --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
-          --commit "$(cat .gpu/COMMIT)" --out $OUT/pio_pdl${p}_b${b}_r$r.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
-      python3 -c "import json; d=json.load(open('$OUT/pio_pdl${p}_b${b}_r$r.json')); print('round $r dependent launch $p batch $b: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1
+          --commit "$(cat .gpu/COMMIT)" --out $OUT/pio_${dir}_pdl${p}_b${b}_r$r.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+      python3 -c "import json; d=json.load(open('$OUT/pio_${dir}_pdl${p}_b${b}_r$r.json')); print('round $r plugin $dir dependent launch $p batch $b: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1
     done
   done
 done

@@ -9,12 +9,15 @@
 #    with the plugin before (.gpu/before) and after, alternating, on run_vl_2b.sh's checkpoint.
 # Carried: .gpu/{inference-pio,libqwen3_vl_2b.so,qwen3-tokenizer.json}.xz,
 # .gpu/before/libqwen3_vl_2b.so.xz, .gpu/COMMIT; the tree holds plugins/qwen3-vl-2b/tests.
+# ONLY_CORRECTNESS=1: step 2 only (nothing from .gpu/before needed).
 set -uo pipefail
 source benches/gpu/lib.sh
 T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
 mkdir -p $T && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $T/tokenizer.json
 unpack_gpu_binaries inference-pio libqwen3_vl_2b.so
-mkdir -p .gpu/before && xz -dc .gpu/before/libqwen3_vl_2b.so.xz > .gpu/before/libqwen3_vl_2b.so && cp .gpu/bin/inference-pio .gpu/before/
+if [ "${ONLY_CORRECTNESS:-0}" != 1 ]; then
+  mkdir -p .gpu/before && xz -dc .gpu/before/libqwen3_vl_2b.so.xz > .gpu/before/libqwen3_vl_2b.so && cp .gpu/bin/inference-pio .gpu/before/
+fi
 ensure_cublas
 export XDG_CACHE_HOME=/tmp/xdg
 F=plugins/qwen3-vl-2b/tests/fixtures
@@ -52,6 +55,7 @@ PY
 kill %1 2>/dev/null; wait 2>/dev/null
 grep -iE "recording the vision|vision tower" /tmp/serve.err | head -5 | tee -a $OUT/server_ab.txt
 echo "server done at $SECONDS s"
+[ "${ONLY_CORRECTNESS:-0}" = 1 ] && exit 0
 BUDGET=$(( ${BUDGET:-560} - SECONDS - 90 )) bash benches/gpu/run_vl_2b.sh
 printf '[plugins.qwen3-vl-2b]\nkv_cache_gb = 8\nprefix_caching = false\n' > /tmp/vl.toml
 for round in 1 2; do

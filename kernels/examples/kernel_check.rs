@@ -55,7 +55,7 @@ use inference_pio_kernels::argmax::fused_row_argmax;
 use inference_pio_kernels::router::{combine_reference, fused_combine, fused_softmax_top_k, softmax_top_k_reference};
 use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_layer_norm, fused_rms_norm};
 use inference_pio_kernels::reference::{layer_norm, rms_norm, swiglu_halves};
-use inference_pio_kernels::rotary::{fused_qk_norm_rotary, fused_rotary_f32, qk_norm_rotary_reference, rotary_f32_reference};
+use inference_pio_kernels::rotary::{fused_qk_norm_rotary, fused_rotary_f32, qk_norm_rotary_into_pages, qk_norm_rotary_reference, rotary_f32_reference};
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_pair, write_kv_slots};
 use inference_pio_kernels::kv_pages::{KvCodes, KvPages, KvStorage, quantize_heads, quantize_heads_on_host};
@@ -614,6 +614,47 @@ fn check_elementwise(device: &Device) -> usize {
                 let reference = || flat(qk_norm_rotary_reference(qk.clone(), &head_weights, &cos, &sin, eps));
                 let label = format!("qk-norm + rope {batch:4} x {tokens:4} rot {rotary:3} {tag}");
                 failed += usize::from(check(device, &label, tol, bytes(2 * rows * (heads + kv) * dim), &kernel, &reference, &reference));
+            }
+            // The same with the keys and values written into their pages in the same kernel
+            // (`qk_norm_rotary_into_pages`, what the decoder runs), against the reference
+            // rotation and two `select_assign`s (the queries and the rows written compared);
+            // timed against the two kernels it replaces.
+            {
+                let tokens = rows;
+                let qkv = random([tokens, (heads + 2 * kv) * dim], -2.0, 2.0).reshape([1, tokens, heads + 2 * kv, dim]);
+                let angles = Tensor::<4>::random([1, 1, tokens, dim / 2], Distribution::Uniform(0.0, 100.0), device);
+                let angles = Tensor::cat(vec![angles.clone(), angles], 3);
+                let (cos, sin) = (angles.clone().cos().cast(dtype), angles.sin().cast(dtype));
+                let pool_slots = 4096usize;
+                let k_pool = random([pool_slots, kv * dim], -1.0, 1.0).reshape([pool_slots, kv, dim]);
+                let v_pool = random([pool_slots, kv * dim], -1.0, 1.0).reshape([pool_slots, kv, dim]);
+                // Distinct slots (1,031 is odd, the pool a power of two).
+                let idx: Vec<i64> = (0..tokens).map(|i| ((i * 1031 + 7) % pool_slots) as i64).collect();
+                let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [tokens]), device);
+                let all = |(q, kp, vp): (Tensor<3>, KvPages, KvPages)| {
+                    let written = |p: &KvPages| p.select(idx.clone(), dtype).reshape([tokens * kv, dim]);
+                    Tensor::cat(vec![q.reshape([tokens * heads, dim]), written(&kp), written(&vp)], 0)
+                };
+                let kernel = || all(qk_norm_rotary_into_pages(qkv.clone(), &head_weights, &cos, &sin, eps, KvPages::Dense(k_pool.clone()), KvPages::Dense(v_pool.clone()), idx.clone()));
+                let reference = || {
+                    let qk = qk_norm_rotary_reference(qkv.clone().narrow(2, 0, heads + kv), &head_weights, &cos, &sin, eps);
+                    let k = qk.clone().narrow(1, heads, kv).swap_dims(1, 2).reshape([tokens, kv, dim]);
+                    let v = qkv.clone().narrow(2, heads + kv, kv).reshape([tokens, kv, dim]);
+                    let q = qk.narrow(1, 0, heads).swap_dims(1, 2).reshape([tokens, heads, dim]);
+                    let kp = k_pool.clone().select_assign(0, idx.clone(), k, IndexingUpdateOp::Assign);
+                    let vp = v_pool.clone().select_assign(0, idx.clone(), v, IndexingUpdateOp::Assign);
+                    all((q, KvPages::Dense(kp), KvPages::Dense(vp)))
+                };
+                let two = || {
+                    let qk = fused_qk_norm_rotary(qkv.clone().narrow(2, 0, heads + kv), &head_weights, &cos, &sin, eps);
+                    let k = qk.clone().narrow(1, heads, kv).swap_dims(1, 2).reshape([tokens, kv, dim]);
+                    let v = qkv.clone().narrow(2, heads + kv, kv).reshape([tokens, kv, dim]);
+                    let q = qk.narrow(1, 0, heads).swap_dims(1, 2).reshape([tokens, heads, dim]);
+                    let (kp, vp) = write_kv_pair(k_pool.clone(), v_pool.clone(), idx.clone(), k, v);
+                    all((q, KvPages::Dense(kp), KvPages::Dense(vp)))
+                };
+                let label = format!("qk-norm + rope into pages {tokens:4} tokens {tag}");
+                failed += usize::from(check(device, &label, tol, bytes(2 * tokens * (heads + 2 * kv) * dim), &kernel, &reference, &two));
             }
             // SwiGLU over the fused gate|up output: 2 * inner read, inner written.
             let gate_up = random([rows, 2 * inner], -4.0, 4.0);

@@ -206,7 +206,7 @@ mod device {
 
 /// `pool` itself when burn holds it uniquely (the write lands in place), else a contiguous
 /// copy (as `select_assign` copies).
-fn writable(pool: CubeTensor) -> CubeTensor {
+pub(crate) fn writable(pool: CubeTensor) -> CubeTensor {
     if pool.can_mut() && pool.is_nonoverlapping() { pool } else { into_contiguous(pool.copy()) }
 }
 

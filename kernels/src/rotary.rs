@@ -7,6 +7,10 @@
 //! where transformers rounds in bf16: the normalised value, the weight's product, `x * cos`,
 //! `rotate_half(x) * sin` and their sum.
 //!
+//! In a decode or prefill step the same kernel also writes the keys and the values into their
+//! KV pages ([`qk_norm_rotary_into_pages`]: vLLM's `reshape_and_cache` folded into the rotation,
+//! as llama.cpp fuses its rope with `set_rows`): one launch a layer instead of two.
+//!
 //! The vision towers' rotary embedding (`apply_rotary_pos_emb_vision` of Qwen2-VL to
 //! Qwen3-VL) is the same rotation without the normalisation, taken in f32 with f32 angles
 //! and rounded once: `rotary_f32`, one plane per (row, token, head) likewise.
@@ -17,14 +21,17 @@
 //! device (`kernels/examples/kernel_check.rs`).
 
 use burn::backend::cubecl::dtype_to_storage_type;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
+use crate::kv_pages::KvPages;
+use crate::kv_write::writable;
 use crate::launch::{PLANE, is_cubecl, last_axis_contiguous, row_vector_width, vector_width};
 
 /// Heads per cube (one plane each).
@@ -49,6 +56,23 @@ pub trait RotaryOps: Backend {
         eps: f64,
     ) -> FloatTensor<Self>;
 
+    /// [`Self::fused_qk_norm_rotary`] of the normalised heads (one `weight` row each) of `qkv
+    /// [1, tokens, heads, head_dim]`, whose last `kv` normalised heads (the keys) also go to
+    /// `k_pool [slots, kv, head_dim]` and whose remaining heads (the values) are copied to
+    /// `v_pool`, at row `slots[token]`: `([1, weight rows, tokens, head_dim], k_pool, v_pool)`.
+    #[fusion(meta = |qkv, weight, _cos, _sin, k_pool, v_pool, _slots, _eps| (normed_heads_first(qkv, weight), k_pool.clone(), v_pool.clone()))]
+    #[allow(clippy::too_many_arguments)]
+    fn fused_qk_norm_rotary_into_pages(
+        qkv: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        k_pool: FloatTensor<Self>,
+        v_pool: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
     /// `qk [batch, tokens, heads, head_dim]` rotated in f32 by f32 `cos`/`sin`
     /// `[batch, 1, tokens, rotary_dim]`, rounded to `qk`'s dtype once:
     /// `[batch, heads, tokens, head_dim]`.
@@ -67,9 +91,32 @@ impl RotaryOps for CubeBackend {
         launch(qk, weight, cos, sin, eps)
     }
 
+    fn fused_qk_norm_rotary_into_pages(
+        qkv: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        k_pool: FloatTensor<Self>,
+        v_pool: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        match launch_with_pages(qkv, weight, cos, sin, eps, Some((k_pool, v_pool, slots))) {
+            (out, Some((k_pool, v_pool))) => (out, k_pool, v_pool),
+            (_, None) => unreachable!("a launch with pages returns them"),
+        }
+    }
+
     fn fused_rotary_f32(qk: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
         launch_f32(qk, cos, sin)
     }
+}
+
+/// The output of [`RotaryOps::fused_qk_norm_rotary_into_pages`]: `qkv`'s normalised heads (one
+/// per `weight` row) moved before the tokens.
+fn normed_heads_first(qkv: &TensorSpec, weight: &TensorSpec) -> TensorSpec {
+    let s = &qkv.shape;
+    TensorSpec::new(Shape::new([s[0], weight.shape[0], s[1], s[3]]), qkv.dtype)
 }
 
 /// The kernel, apart from burn's names (`Tensor` is CubeCL's here).
@@ -94,15 +141,25 @@ mod device {
     }
 
     #[cube(launch_unchecked)]
-    pub fn qk_norm_rotary_kernel<E: Float, N: Size>(
+    /// One plane per (batch, token, head) of `qk`. The heads with a `weight` row are
+    /// normalised and rotated into `out [batch, weight rows, tokens, head_dim]`. With `pages`
+    /// (one batch), the last `kv` of those (the keys) also go to `k_pool [slots, kv,
+    /// head_dim]` and the heads after them (the values, unnormalised) to `v_pool`, both at row
+    /// `slots[token]` (a slot outside the pool is skipped), as `write_kv_pair` writes them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_norm_rotary_kernel<E: Float, I: Int, N: Size>(
         qk: &Tensor<Vector<E, N>>,
         weight: &Tensor<Vector<E, N>>,
         cos: &Tensor<Vector<E, N>>,
         sin: &Tensor<Vector<E, N>>,
         out: &mut Tensor<Vector<E, N>>,
+        k_pool: &mut Tensor<Vector<E, N>>,
+        v_pool: &mut Tensor<Vector<E, N>>,
+        slots: &[I],
         rows: usize,
         eps: f32,
-        #[define(E)] _dtype: ElemType,
+        #[comptime] pages: bool,
+        #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
         // The whole plane leaves together (the row depends on the plane only).
         let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
@@ -115,12 +172,35 @@ mod device {
         let batch = row / (heads * tokens);
         let dim = qk.shape(3);
         let vectors = dim / qk.vector_size();
+        let start = row_start(qk, row);
+        let normed_heads = weight.shape(0);
+        // Strides count elements, indices count vectors.
+        let mut pool_row = 0usize;
+        if comptime!(pages) {
+            let slot = usize::cast_from(slots[token]);
+            let kv = k_pool.shape(1);
+            if head >= normed_heads {
+                // A value head: copied into its page row.
+                if slot < v_pool.shape(0) {
+                    let to = (slot * v_pool.stride(0) + (head - normed_heads) * v_pool.stride(1)) / v_pool.vector_size();
+                    let mut v = UNIT_POS_X as usize;
+                    while v < vectors {
+                        v_pool[to + v] = qk[start + v];
+                        v += PLANE_DIM as usize;
+                    }
+                }
+                terminate!();
+            }
+            if head + kv >= normed_heads && slot < k_pool.shape(0) {
+                // A key head: its page row (1 + its offset; 0 writes none).
+                pool_row = 1 + (slot * k_pool.stride(0) + (head + kv - normed_heads) * k_pool.stride(1)) / k_pool.vector_size();
+            }
+        }
         let rotary = cos.shape(3) / cos.vector_size();
         let half = rotary / 2;
-        let start = row_start(qk, row);
         let w_start = head * weight.stride(0) / weight.vector_size();
         let angle_start = (batch * tokens + token) * rotary;
-        let out_start = ((batch * heads + head) * tokens + token) * vectors;
+        let out_start = ((batch * normed_heads + head) * tokens + token) * vectors;
         let mut acc = Vector::<f32, N>::zero();
         let mut v = UNIT_POS_X as usize;
         while v < vectors {
@@ -144,9 +224,17 @@ mod device {
                 let xc = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(x * c));
                 let ps = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(p * s));
                 let sign = Vector::<f32, N>::new(select(first, f32::new(-1.0), f32::new(1.0)));
-                out[out_start + v] = Vector::cast_from(xc + sign * ps);
+                let y = Vector::<E, N>::cast_from(xc + sign * ps);
+                out[out_start + v] = y;
+                if comptime!(pages) && pool_row > 0 {
+                    k_pool[pool_row - 1 + v] = y;
+                }
             } else {
-                out[out_start + v] = Vector::cast_from(x);
+                let y = Vector::<E, N>::cast_from(x);
+                out[out_start + v] = y;
+                if comptime!(pages) && pool_row > 0 {
+                    k_pool[pool_row - 1 + v] = y;
+                }
             }
             v += PLANE_DIM as usize;
         }
@@ -247,24 +335,61 @@ fn launch_f32(qk: CubeTensor, cos: CubeTensor, sin: CubeTensor) -> CubeTensor {
 }
 
 fn launch(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, eps: f64) -> CubeTensor {
+    launch_with_pages(qk, weight, cos, sin, eps, None).0
+}
+
+/// The pools and slots a launch writes keys and values into (`pages`), or none.
+type Pages = (CubeTensor, CubeTensor, CubeTensor);
+
+/// The kernel's launch: `out [batch, weight rows, tokens, head_dim]`, and with `pages` the
+/// pools written (in place where burn holds them uniquely, else copied first).
+fn launch_with_pages(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, eps: f64, pages: Option<Pages>) -> (CubeTensor, Option<(CubeTensor, CubeTensor)>) {
     let shape = qk.meta.shape().clone();
     let [batch, tokens, heads, dim, rotary] = rotation_shapes("qk_norm_rotary", &shape, cos.meta.shape(), sin.meta.shape());
     let dtype = qk.dtype;
-    assert_eq!(weight.meta.shape(), &Shape::new([heads, dim]), "qk_norm_rotary: one weight row per head");
+    let normed_heads = weight.meta.shape()[0];
+    assert_eq!(weight.meta.shape(), &Shape::new([normed_heads, dim]), "qk_norm_rotary: one weight row of head_dim per head");
     assert!(weight.dtype == dtype && cos.dtype == dtype && sin.dtype == dtype, "qk_norm_rotary: mixed dtypes");
     let qk = last_axis_contiguous(qk);
     let (weight, cos, sin) = (into_contiguous(weight), into_contiguous(cos), into_contiguous(sin));
+    let write_pages = pages.is_some();
+    let (k_pool, v_pool, slots) = match pages {
+        Some((k_pool, v_pool, slots)) => {
+            let kv = k_pool.meta.shape()[1];
+            assert_eq!(batch, 1, "qk_norm_rotary into pages: one batch row (slots are per token)");
+            assert_eq!(heads, normed_heads + kv, "qk_norm_rotary into pages: q|k|v heads {heads} for {normed_heads} normalised and {kv} value heads");
+            assert!(
+                k_pool.meta.shape() == v_pool.meta.shape() && k_pool.meta.shape()[2] == dim && k_pool.dtype == dtype && v_pool.dtype == dtype && kv <= normed_heads,
+                "qk_norm_rotary into pages: pools {:?} / {:?} for heads of {dim}",
+                k_pool.meta.shape(),
+                v_pool.meta.shape()
+            );
+            assert_eq!(slots.meta.shape()[0], tokens, "qk_norm_rotary into pages: one slot per token");
+            (last_axis_contiguous(writable(k_pool)), last_axis_contiguous(writable(v_pool)), into_contiguous(slots))
+        }
+        None => {
+            assert_eq!(heads, normed_heads, "qk_norm_rotary: one weight row per head");
+            // Never read (`pages` off): one-vector stand-ins.
+            let none = empty_device_contiguous_dtype(qk.client.clone(), qk.device.clone(), Shape::new([1, 1, dim]), dtype);
+            let slots = empty_device_contiguous_dtype(qk.client.clone(), qk.device.clone(), Shape::new([1]), DType::I32);
+            (none.clone(), none, slots)
+        }
+    };
     // Vectors may not straddle the halves of the rotated part, nor a row's start.
-    let vector = row_vector_width(vector_width(rotary / 2, dtype).min(vector_width(dim, dtype)), &[&qk]);
+    let vector = row_vector_width(vector_width(rotary / 2, dtype).min(vector_width(dim, dtype)), &[&qk, &k_pool, &v_pool]);
     let rows = batch * tokens * heads;
-    let out = empty_device_contiguous_dtype(qk.client.clone(), qk.device.clone(), heads_first(&shape), dtype);
+    let out = empty_device_contiguous_dtype(qk.client.clone(), qk.device.clone(), Shape::new([batch, normed_heads, tokens, dim]), dtype);
     let client = out.client.clone();
+    let int_dtype = slots.dtype;
     let cube_count = CubeCount::Static((rows as u32).div_ceil(HEADS_PER_CUBE), 1, 1);
     // SAFETY: a row `row < rows` (checked) reads its head's `dim` contiguous elements from its
-    // strided start, weight row `head < heads` (asserted `[heads, dim]`), angles of its
-    // (batch, token) within `cos`/`sin` (asserted shapes), and writes its slot of the
-    // contiguous `[batch, heads, tokens, dim]` output; a partner vector stays within the
-    // rotated part (`rotary` even, vectors dividing its half).
+    // strided start, weight row `head < normed_heads` (`[normed_heads, dim]` asserted; heads
+    // past them are value heads, only with `pages`), angles of its (batch, token) within
+    // `cos`/`sin` (asserted shapes), and writes its slot of the contiguous `[batch,
+    // normed_heads, tokens, dim]` output; a partner vector stays within the rotated part
+    // (`rotary` even, vectors dividing its half). With `pages`: token `< tokens` reads
+    // `slots[token]` (one per token, asserted), and a pool row is written only below the
+    // pool's slots, at a head below its `kv` heads (asserted pool shapes), `dim` elements.
     unsafe {
         device::qk_norm_rotary_kernel::launch_unchecked(
             &client,
@@ -276,12 +401,16 @@ fn launch(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, 
             cos.into_tensor_arg(),
             sin.into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            k_pool.clone().into_tensor_arg(),
+            v_pool.clone().into_tensor_arg(),
+            slots.into_buffer_arg(),
             rows,
             eps as f32,
-            dtype_to_storage_type(dtype),
+            write_pages,
+            [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
-    out
+    (out, write_pages.then_some((k_pool, v_pool)))
 }
 
 /// The kernel (CubeCL devices only): `qk [batch, tokens, heads, head_dim]` (a view is
@@ -337,6 +466,42 @@ pub fn rotary_f32(qk: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> 
         fused_rotary_f32(qk, cos, sin)
     } else {
         rotary_f32_reference(qk, cos, sin)
+    }
+}
+
+/// QK-norm and rotary embedding of a step's queries and keys with the keys and values written
+/// into their pages: `qkv [1, tokens, q + 2 * kv, head_dim]` (the fused projection, a view is
+/// fine), `weight [q + kv, head_dim]` (the query heads' norm, then the key heads'), `cos`/`sin`
+/// `[1, 1, tokens, rotary_dim]`, each token's keys and values to pool row `slots[token]`:
+/// the queries `[tokens, q, head_dim]` and the pools. One kernel on CubeCL devices with
+/// dense pools of the step's dtype; elsewhere [`qk_norm_rotary`] then [`KvPages::write_pair`].
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rotary_into_pages(qkv: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64, k_pool: KvPages, v_pool: KvPages, slots: Tensor<1, Int>) -> (Tensor<3>, KvPages, KvPages) {
+    let [_, tokens, heads, dim] = qkv.dims();
+    let normed = weight.dims()[0];
+    let (q, kv) = (2 * normed - heads, heads - normed);
+    let queries = |qk: Tensor<4>| qk.narrow(1, 0, q).swap_dims(1, 2).reshape([tokens, q, dim]);
+    match (k_pool, v_pool) {
+        (KvPages::Dense(kp), KvPages::Dense(vp)) if is_cubecl(&qkv.device()) && kp.dtype() == qkv.dtype() && vp.dtype() == qkv.dtype() && kp.dims() == vp.dims() => {
+            let (qk, kp, vp) = Dispatch::fused_qk_norm_rotary_into_pages(
+                qkv.into_dispatch(),
+                weight.clone().into_dispatch(),
+                cos.clone().into_dispatch(),
+                sin.clone().into_dispatch(),
+                kp.into_dispatch(),
+                vp.into_dispatch(),
+                slots.into_dispatch(),
+                eps,
+            );
+            (queries(Tensor::from_dispatch(qk)), KvPages::Dense(Tensor::from_dispatch(kp)), KvPages::Dense(Tensor::from_dispatch(vp)))
+        }
+        (k_pool, v_pool) => {
+            let qk = qk_norm_rotary(qkv.clone().narrow(2, 0, normed), weight, cos, sin, eps);
+            let k = qk.clone().narrow(1, q, kv).swap_dims(1, 2).reshape([tokens, kv, dim]);
+            let v = qkv.narrow(2, normed, kv).reshape([tokens, kv, dim]);
+            let (k_pool, v_pool) = KvPages::write_pair(k_pool, v_pool, slots, k, v);
+            (queries(qk), k_pool, v_pool)
+        }
     }
 }
 
