@@ -2,12 +2,15 @@
 # One device call for programmatic dependent launch (issue 20; kernels/cubecl-cuda-stream/
 # src/dependent_launch.rs): every CubeCL kernel waits for the grid before it as its first
 # statement and is launched as a dependent, so its launch overlaps the previous kernel's tail.
-# 1. kernel_check, every group, dependent launches on (the default): every kernel's result;
-#    the `launch` group (a recorded chain's cost per kernel) also with INFERENCE_PIO_PDL=0.
+# 1. kernel_check's groups of the decode step, dependent launches and the matrix-vector
+#    kernel's L2 prefetch on (the defaults): every kernel's result; matvec and launch (a
+#    recorded chain's cost per kernel) also without the prefetch (INFERENCE_PIO_MATVEC_PREFETCH=0),
+#    launch also with plain launches (INFERENCE_PIO_PDL=0).
 # 2. The tiny Qwen3 fixtures on CUDA (f32, bf16) against transformers' references.
 # 3. Qwen3-4B's real config, random bf16 weights: batch-1 and batch-8 decode (pio-bench, 128-token
-#    prompt, 256 new): the plugin before the fused keys-and-values write, and after it with
-#    dependent launches off and on, alternating over ROUNDS rounds.
+#    prompt, 256 new), alternating over ROUNDS rounds: the plugin before the fused
+#    keys-and-values write (dependent launches on; no prefetch), and after it with dependent
+#    launches off, on, and on with the prefetch.
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so,kernel_check,qwen3-tokenizer.json}.xz,
 # .gpu/before/libqwen3_4b_instruct_2507.so.xz, .gpu/COMMIT; the tree holds plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-{b,c}.
 set -uo pipefail
@@ -18,12 +21,16 @@ unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so kernel_
 ensure_cublas
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-timeout ${KERNEL_TIMEOUT:-240} .gpu/bin/kernel_check 2>&1 | grep -v "^\[" > $OUT/kernel_check_pdl.txt; echo "kernel_check (dependent) exit $?"
+timeout ${KERNEL_TIMEOUT:-240} .gpu/bin/kernel_check matvec attention kv-write elementwise vision launch 2>&1 | grep -v "^\[" > $OUT/kernel_check_pdl.txt; echo "kernel_check (dependent, prefetch) exit $?"
 grep -cE " ok( |$)" $OUT/kernel_check_pdl.txt | sed 's/^/checks ok: /'
-grep -E "FAIL|passed|failed|panicked" $OUT/kernel_check_pdl.txt | head -20
-INFERENCE_PIO_PDL=0 timeout 60 .gpu/bin/kernel_check launch 2>&1 | grep -v "^\[" > $OUT/kernel_check_launch_plain.txt
-echo "launch chains, plain | dependent:"
-paste -d'|' <(grep -i "chain" $OUT/kernel_check_launch_plain.txt) <(grep -i "chain" $OUT/kernel_check_pdl.txt | grep -v "^$") | head -12
+grep -E "FAIL|passed|failed|panicked|rror" $OUT/kernel_check_pdl.txt | head -20
+INFERENCE_PIO_MATVEC_PREFETCH=0 timeout 90 .gpu/bin/kernel_check matvec launch 2>&1 | grep -v "^\[" > $OUT/kernel_check_noprefetch.txt
+INFERENCE_PIO_PDL=0 INFERENCE_PIO_MATVEC_PREFETCH=0 timeout 60 .gpu/bin/kernel_check launch 2>&1 | grep -v "^\[" > $OUT/kernel_check_launch_plain.txt
+echo "matvec, prefetch | none:"
+paste -d'|' <(grep -o "^[^:]*: rel L2 [^|]*| kernel *[0-9.]* µs *[0-9]* GB/s" $OUT/kernel_check_pdl.txt) \
+  <(grep -o "kernel *[0-9.]* µs *[0-9]* GB/s" $OUT/kernel_check_noprefetch.txt) | head -24
+echo "launch chains: plain | dependent, no prefetch | dependent, prefetch:"
+grep -h "chain" $OUT/kernel_check_launch_plain.txt $OUT/kernel_check_noprefetch.txt $OUT/kernel_check_pdl.txt
 echo "kernels done at $SECONDS s"
 F=plugins/qwen3-4b-instruct-2507/tests/fixtures
 for m in qwen3-tiny-b qwen3-tiny-c; do gpu_parity $F $m f32 bf16 2>&1 | tail -4; done
@@ -34,13 +41,13 @@ CK=$(qwen3_4b_dir)
 # keys-and-values write (qk_norm_rotary_into_pages), dependent launches on.
 mkdir -p .gpu/before && xz -dc .gpu/before/libqwen3_4b_instruct_2507.so.xz > .gpu/before/libqwen3_4b_instruct_2507.so
 for r in $(seq ${ROUNDS:-2}); do
-  for variant in before:1 bin:0 bin:1; do
-    dir=${variant%:*} p=${variant#*:}
+  for variant in before:1:0 bin:0:0 bin:1:0 bin:1:1; do
+    IFS=: read dir p f <<< "$variant"
     for b in 1 8; do
-      INFERENCE_PIO_PDL=$p INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/$dir timeout 150 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
+      INFERENCE_PIO_PDL=$p INFERENCE_PIO_MATVEC_PREFETCH=$f INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/$dir timeout 150 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
           --batch $b --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
-          --commit "$(cat .gpu/COMMIT)" --out $OUT/pio_${dir}_pdl${p}_b${b}_r$r.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
-      python3 -c "import json; d=json.load(open('$OUT/pio_${dir}_pdl${p}_b${b}_r$r.json')); print('round $r plugin $dir dependent launch $p batch $b: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1
+          --commit "$(cat .gpu/COMMIT)" --out $OUT/pio_${dir}_pdl${p}_pf${f}_b${b}_r$r.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+      python3 -c "import json; d=json.load(open('$OUT/pio_${dir}_pdl${p}_pf${f}_b${b}_r$r.json')); print('round $r plugin $dir dependent $p prefetch $f batch $b: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1
     done
   done
 done

@@ -337,9 +337,9 @@ impl CudaContext {
             }
         }
 
-        if self.arch.version >= 90
-            && let Some(source) = dependent_launch::wait_then_release(&jitc_kernel.source)
-        {
+        if self.arch.version < 90 {
+            jitc_kernel.source = dependent_launch::without_dependent_launch(&jitc_kernel.source);
+        } else if let Some(source) = dependent_launch::wait_then_release(&jitc_kernel.source) {
             jitc_kernel.source = source;
         }
 
