@@ -12,7 +12,8 @@
 #    keys-and-values write (dependent launches on; no prefetch), and after it with dependent
 #    launches off, on, and on with the prefetch.
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so,kernel_check,qwen3-tokenizer.json}.xz,
-# .gpu/before/libqwen3_4b_instruct_2507.so.xz, .gpu/COMMIT; the tree holds plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-{b,c}.
+# .gpu/COMMIT (optional: .gpu/before/libqwen3_4b_instruct_2507.so.xz, a 4B plugin to compare,
+# and .gpu/libqwen3_vl_2b.so.xz, then run_vl_dependent.sh runs after); the tree holds plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-{b,c}.
 set -uo pipefail
 source benches/gpu/lib.sh
 T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
@@ -21,7 +22,38 @@ unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so kernel_
 ensure_cublas
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-timeout ${KERNEL_TIMEOUT:-240} .gpu/bin/kernel_check matvec attention kv-write elementwise vision launch 2>&1 | grep -v "^\[" > $OUT/kernel_check_pdl.txt; echo "kernel_check (dependent, prefetch) exit $?"
+# Order: what matters most first (a short device lease may end the call early).
+F=plugins/qwen3-4b-instruct-2507/tests/fixtures
+for m in qwen3-tiny-b qwen3-tiny-c; do gpu_parity $F $m f32 2>&1 | tail -4; done
+echo "parity done at $SECONDS s"
+CK=$(qwen3_4b_dir)
+: > /tmp/empty.toml
+# Variants: PLUGIN_DIR:INFERENCE_PIO_PDL:INFERENCE_PIO_MATVEC_PREFETCH. .gpu/before holds the 4B plugin without the fused
+# keys-and-values write (qk_norm_rotary_into_pages), dependent launches on.
+variants="bin:0:0 bin:1:0 bin:1:1"
+if [ -f .gpu/before/libqwen3_4b_instruct_2507.so.xz ]; then
+  xz -dc .gpu/before/libqwen3_4b_instruct_2507.so.xz > .gpu/before/libqwen3_4b_instruct_2507.so
+  variants="before:1:0 $variants"
+fi
+decode_round() { local r=$1
+
+  for variant in $variants; do
+    IFS=: read dir p f <<< "$variant"
+    for b in 1 8; do
+      INFERENCE_PIO_PDL=$p INFERENCE_PIO_MATVEC_PREFETCH=$f INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/$dir timeout 150 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
+          --batch $b --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
+          --commit "$(cat .gpu/COMMIT)" --out $OUT/pio_${dir}_pdl${p}_pf${f}_b${b}_r$r.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+      python3 -c "import json; d=json.load(open('$OUT/pio_${dir}_pdl${p}_pf${f}_b${b}_r$r.json')); print('round $r plugin $dir dependent $p prefetch $f batch $b: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1
+    done
+  done
+}
+decode_round 1
+echo "4B round 1 done at $SECONDS s"
+# With the VL plugin carried: run_vl_dependent.sh's Qwen3-VL checks and 2B decode (its 4B runs
+# skipped: done here).
+[ -f .gpu/libqwen3_vl_2b.so.xz ] && NO_4B=1 ROUNDS=${ROUNDS:-2} bash benches/gpu/run_vl_dependent.sh
+( export INFERENCE_PIO_PDL=1 INFERENCE_PIO_MATVEC_PREFETCH=1
+timeout ${KERNEL_TIMEOUT:-120} .gpu/bin/kernel_check matvec kv-write elementwise launch 2>&1 | grep -v "^\[" > $OUT/kernel_check_pdl.txt; echo "kernel_check (dependent, prefetch) exit $?"
 grep -cE " ok( |$)" $OUT/kernel_check_pdl.txt | sed 's/^/checks ok: /'
 grep -E "FAIL|passed|failed|panicked|rror" $OUT/kernel_check_pdl.txt | head -20
 INFERENCE_PIO_MATVEC_PREFETCH=0 timeout 90 .gpu/bin/kernel_check matvec launch 2>&1 | grep -v "^\[" > $OUT/kernel_check_noprefetch.txt
@@ -31,24 +63,7 @@ paste -d'|' <(grep -o "^[^:]*: rel L2 [^|]*| kernel *[0-9.]* µs *[0-9]* GB/s" $
   <(grep -o "kernel *[0-9.]* µs *[0-9]* GB/s" $OUT/kernel_check_noprefetch.txt) | head -24
 echo "launch chains: plain | dependent, no prefetch | dependent, prefetch:"
 grep -h "chain" $OUT/kernel_check_launch_plain.txt $OUT/kernel_check_noprefetch.txt $OUT/kernel_check_pdl.txt
+)
 echo "kernels done at $SECONDS s"
-F=plugins/qwen3-4b-instruct-2507/tests/fixtures
-for m in qwen3-tiny-b qwen3-tiny-c; do gpu_parity $F $m f32 bf16 2>&1 | tail -4; done
-echo "parity done at $SECONDS s"
-CK=$(qwen3_4b_dir)
-: > /tmp/empty.toml
-# Variants: PLUGIN_DIR:INFERENCE_PIO_PDL. .gpu/before holds the 4B plugin without the fused
-# keys-and-values write (qk_norm_rotary_into_pages), dependent launches on.
-mkdir -p .gpu/before && xz -dc .gpu/before/libqwen3_4b_instruct_2507.so.xz > .gpu/before/libqwen3_4b_instruct_2507.so
-for r in $(seq ${ROUNDS:-2}); do
-  for variant in before:1:0 bin:0:0 bin:1:0 bin:1:1; do
-    IFS=: read dir p f <<< "$variant"
-    for b in 1 8; do
-      INFERENCE_PIO_PDL=$p INFERENCE_PIO_MATVEC_PREFETCH=$f INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/$dir timeout 150 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
-          --batch $b --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
-          --commit "$(cat .gpu/COMMIT)" --out $OUT/pio_${dir}_pdl${p}_pf${f}_b${b}_r$r.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
-      python3 -c "import json; d=json.load(open('$OUT/pio_${dir}_pdl${p}_pf${f}_b${b}_r$r.json')); print('round $r plugin $dir dependent $p prefetch $f batch $b: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1
-    done
-  done
-done
+for r in $(seq 2 ${ROUNDS:-2}); do decode_round $r; done
 echo "all done at $SECONDS s"

@@ -5,11 +5,12 @@
 #    transformers' tokens; run_vl_graphs.sh's server check (image A, B of the same grid, A, B:
 #    a grid is recorded at its second image; each answer equals an unrecorded run).
 # 2. Qwen3-VL-2B's real config, random bf16 weights: a 448x448 image prompt, 256 new tokens,
-#    decode tok/s with dependent launches off and on, alternating over ROUNDS rounds; then
+#    decode tok/s with dependent launches and the matvec's L2 prefetch off and on, alternating
+#    over ROUNDS rounds; then
 #    Qwen3-4B the same way (text, 128-token prompt) for the 4B path's fraction in this call.
 # Carried: .gpu/{inference-pio,libqwen3_vl_2b.so,qwen3-tokenizer.json}.xz, .gpu/COMMIT
 # (.gpu/bin/libqwen3_4b_instruct_2507.so and pio-bench from an earlier call on this machine,
-# else .gpu/{...}.xz); the tree holds plugins/qwen3-vl-2b/tests.
+# else .gpu/{...}.xz; NO_4B=1 skips them); the tree holds plugins/qwen3-vl-2b/tests.
 set -uo pipefail
 source benches/gpu/lib.sh
 T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
@@ -51,7 +52,9 @@ C4=$(qwen3_4b_dir)
 : > /tmp/empty.toml
 for r in $(seq ${ROUNDS:-2}); do
   for p in 0 1; do
-    INFERENCE_PIO_PDL=$p timeout 90 $PIO run $PD --config /tmp/vl.toml --model $CK --random-weights --image /tmp/img448.png --prompt "Describe this image." \
+    # 0: plain launches, no prefetch; 1: dependent launches and the matvec's L2 prefetch.
+    export INFERENCE_PIO_PDL=$p INFERENCE_PIO_MATVEC_PREFETCH=$p
+    timeout 90 $PIO run $PD --config /tmp/vl.toml --model $CK --random-weights --image /tmp/img448.png --prompt "Describe this image." \
       --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 256 --json --repeat 3 > /tmp/vl.$p.$r.json 2> /tmp/vl.err || tail -2 /tmp/vl.err
     python3 - /tmp/vl.$p.$r.json "round $r dependent launch $p: 2B after a 448 image" <<'PY' | tee -a $OUT/decode.txt
 import json, sys
@@ -62,10 +65,10 @@ try:
 except Exception as e:
     print(sys.argv[2], "error", e)
 PY
-    [ -x .gpu/bin/pio-bench ] && INFERENCE_PIO_PDL=$p INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin timeout 120 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $C4 --random-weights --prompt-tokens 128 --new-tokens 256 \
+    [ -x .gpu/bin/pio-bench ] && [ "${NO_4B:-0}" != 1 ] && INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin timeout 120 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $C4 --random-weights --prompt-tokens 128 --new-tokens 256 \
         --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
         --commit "$(cat .gpu/COMMIT)" --out $OUT/pio4b_pdl${p}_r$r.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
-    python3 -c "import json; d=json.load(open('$OUT/pio4b_pdl${p}_r$r.json')); print('round $r dependent launch $p: 4B batch 1 steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
+    [ "${NO_4B:-0}" != 1 ] && python3 -c "import json; d=json.load(open('$OUT/pio4b_pdl${p}_r$r.json')); print('round $r dependent launch $p: 4B batch 1 steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
   done
 done
 echo "all done at $SECONDS s"

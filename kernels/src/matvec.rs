@@ -120,7 +120,8 @@ mod device {
         let part_stride = channels * block;
         let w_base = (stack * parts * channels + channel) * block;
         let step = PLANE_DIM as usize;
-        // With `prefetch`: the weight row, which no kernel before this one writes, is asked
+        // With `prefetch` (never with `experts`, which the router writes): the weight row,
+        // which no kernel before this one writes, is asked
         // into L2 line by line (`line` vectors a 128-byte line) before the kernel waits for
         // those kernels to finish (a dependent launch,
         // `kernels/cubecl-cuda-stream/src/dependent_launch.rs`), so it streams in while they
@@ -181,7 +182,9 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
     let cube_dim = CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE);
     let cube_count = CubeCount::Static(rows as u32, (channels as u32).div_ceil(ROWS_PER_CUBE), 1);
     let int_dtype = experts.as_ref().map_or(DType::I32, |e| e.dtype);
-    let line = prefetch_line(vector, dtype);
+    // Not for routed experts: which expert a row reads comes from the router, a kernel before
+    // this one, so nothing may be read before the wait.
+    let line = if experts.is_some() { 0 } else { prefetch_line(vector, dtype) };
     let client = out.client.clone();
     // SAFETY: every index the kernel reads is in bounds: `row < rows` (the grid's y),
     // `channel < channels` (checked), `v < block`, `part < parts`, and an expert index comes
