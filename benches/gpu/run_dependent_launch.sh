@@ -3,7 +3,7 @@
 # src/dependent_launch.rs): every CubeCL kernel waits for the grid before it as its first
 # statement and is launched as a dependent, so its launch overlaps the previous kernel's tail.
 # 1. kernel_check's groups of the decode step, dependent launches and the matrix-vector
-#    kernel's L2 prefetch on (the defaults): every kernel's result; matvec and launch (a
+#    kernel's L2 prefetch switched on: every kernel's result; matvec and launch (a
 #    recorded chain's cost per kernel) also without the prefetch (INFERENCE_PIO_MATVEC_PREFETCH=0),
 #    launch also with plain launches (INFERENCE_PIO_PDL=0).
 # 2. The tiny Qwen3 fixtures on CUDA (f32, bf16) against transformers' references.
@@ -20,6 +20,8 @@ T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
 mkdir -p $T && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $T/tokenizer.json
 unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so kernel_check
 ensure_cublas
+# Both are off unless switched on; the checks below run with both on (a variant sets its own).
+export INFERENCE_PIO_PDL=1 INFERENCE_PIO_MATVEC_PREFETCH=1
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 # Order: what matters most first (a short device lease may end the call early).

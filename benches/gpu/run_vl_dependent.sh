@@ -18,6 +18,8 @@ mkdir -p $T && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenize
 unpack_gpu_binaries inference-pio libqwen3_vl_2b.so
 for f in pio-bench libqwen3_4b_instruct_2507.so; do [ -f .gpu/$f.xz ] && unpack_gpu_binaries $f; done
 ensure_cublas
+# Both are off unless switched on; the checks below run with both on (a variant sets its own).
+export INFERENCE_PIO_PDL=1 INFERENCE_PIO_MATVEC_PREFETCH=1
 export XDG_CACHE_HOME=/tmp/xdg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 F=plugins/qwen3-vl-2b/tests/fixtures

@@ -210,11 +210,11 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
 }
 
 /// Vectors of `vector` elements of `dtype` in a 128-byte line: the stride of the kernel's L2
-/// prefetch of its weight row; 0 (no prefetch, the kernel as before it) with
-/// `INFERENCE_PIO_MATVEC_PREFETCH=0`.
+/// prefetch of its weight row, with `INFERENCE_PIO_MATVEC_PREFETCH=1`; else 0, no prefetch
+/// (the default until it is run on a device: the kernel is then the one before it).
 fn prefetch_line(vector: usize, dtype: DType) -> usize {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *OFF.get_or_init(|| std::env::var("INFERENCE_PIO_MATVEC_PREFETCH").is_ok_and(|v| v == "0")) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var("INFERENCE_PIO_MATVEC_PREFETCH").is_ok_and(|v| v == "1")) {
         return 0;
     }
     (128 / (vector * dtype.size())).max(1)

@@ -140,12 +140,12 @@ mod device {
         Vector::cast_from(normalised(Vector::cast_from(x[start + v]), inv, weight[w_start + v]))
     }
 
-    #[cube(launch_unchecked)]
     /// One plane per (batch, token, head) of `qk`. The heads with a `weight` row are
     /// normalised and rotated into `out [batch, weight rows, tokens, head_dim]`. With `pages`
     /// (one batch), the last `kv` of those (the keys) also go to `k_pool [slots, kv,
     /// head_dim]` and the heads after them (the values, unnormalised) to `v_pool`, both at row
     /// `slots[token]` (a slot outside the pool is skipped), as `write_kv_pair` writes them.
+    #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn qk_norm_rotary_kernel<E: Float, I: Int, N: Size>(
         qk: &Tensor<Vector<E, N>>,

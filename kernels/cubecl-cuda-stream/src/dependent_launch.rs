@@ -7,7 +7,8 @@
 //! `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, a kernel's launch and block
 //! scheduling then overlap the tail of the kernel before it, in a stream and in a CUDA graph
 //! recorded from one, while nothing it reads or writes is touched before the wait.
-//! `INFERENCE_PIO_PDL=0` launches every kernel plainly (the waits then return at once).
+//! Off unless `INFERENCE_PIO_PDL=1`: not yet run on a device (2026-12-07), so by default every
+//! kernel is compiled and launched as before. The switch is read once, at the first kernel.
 
 use std::sync::OnceLock;
 
@@ -33,10 +34,11 @@ pub fn wait_then_release(source: &str) -> Option<String> {
     Some(out)
 }
 
-/// Whether kernels that wait are launched as dependents (`INFERENCE_PIO_PDL`, default on).
+/// Whether kernels get the wait and are launched as dependents (`INFERENCE_PIO_PDL=1`; off
+/// by default).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("INFERENCE_PIO_PDL").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("INFERENCE_PIO_PDL").is_ok_and(|v| v == "1"))
 }
 
 /// `source` without the dependent-launch instructions a kernel placed itself, for devices
