@@ -19,6 +19,11 @@ export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | tail -3
 echo "parity done at $SECONDS s"
+# CubeCL's compilation log of the launch group's kernels with both on (the injected wait, the
+# matvec's prefetch and its own wait), for a kernel NVRTC would refuse.
+CUBECL_DEBUG_LOG=/tmp/cubecl.log timeout 40 .gpu/bin/kernel_check launch > /dev/null 2>&1
+grep -c "griddepcontrol" /tmp/cubecl.log | sed 's/^/lines with griddepcontrol in the compiled sources: /'
+xz -c /tmp/cubecl.log > $OUT/cubecl_sources.log.xz
 for m in 0 1; do
   INFERENCE_PIO_PDL=$m INFERENCE_PIO_MATVEC_PREFETCH=$m timeout 40 .gpu/bin/kernel_check launch 2>&1 | grep -i chain | sed "s/^/both $m: /" | tee -a $OUT/launch.txt
 done
