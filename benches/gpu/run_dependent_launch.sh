@@ -16,8 +16,7 @@
 # and .gpu/libqwen3_vl_2b.so.xz, then run_vl_dependent.sh runs after); the tree holds plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-{b,c}.
 set -uo pipefail
 source benches/gpu/lib.sh
-T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
-mkdir -p $T && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $T/tokenizer.json
+restore_qwen3_tokenizer
 unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so kernel_check
 ensure_cublas
 # Both are off unless switched on; the checks below run with both on (a variant sets its own).
@@ -31,7 +30,7 @@ echo "parity done at $SECONDS s"
 CK=$(qwen3_4b_dir)
 : > /tmp/empty.toml
 # Variants: PLUGIN_DIR:INFERENCE_PIO_PDL:INFERENCE_PIO_MATVEC_PREFETCH. .gpu/before holds the 4B plugin without the fused
-# keys-and-values write (qk_norm_rotary_into_pages), dependent launches on.
+# keys-and-values write (rotate_into_pages), dependent launches on.
 variants="bin:0:0 bin:1:0 bin:1:1"
 if [ -f .gpu/before/libqwen3_4b_instruct_2507.so.xz ]; then
   xz -dc .gpu/before/libqwen3_4b_instruct_2507.so.xz > .gpu/before/libqwen3_4b_instruct_2507.so

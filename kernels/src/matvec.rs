@@ -121,11 +121,10 @@ mod device {
         let w_base = (stack * parts * channels + channel) * block;
         let step = PLANE_DIM as usize;
         // With `prefetch` (never with `experts`, which the router writes): the weight row,
-        // which no kernel before this one writes, is asked
-        // into L2 line by line (`line` vectors a 128-byte line) before the kernel waits for
-        // those kernels to finish (a dependent launch,
-        // `kernels/cubecl-cuda-stream/src/dependent_launch.rs`), so it streams in while they
-        // run. Without, the wait is the kernel's first statement.
+        // which no kernel before this one writes, is asked into L2 line by line (`line`
+        // vectors a 128-byte line) before the kernel waits for those kernels to finish (a
+        // dependent launch, `kernels/cubecl-cuda-stream/src/dependent_launch.rs`), so it
+        // streams in while they run. Without, the wait is the kernel's first statement.
         if comptime!(prefetch) {
             let mut at = UNIT_POS_X as usize * line;
             while at < total {

@@ -8,7 +8,7 @@
 //! `rotate_half(x) * sin` and their sum.
 //!
 //! In a decode or prefill step the same kernel also writes the keys and the values into their
-//! KV pages ([`qk_norm_rotary_into_pages`]: vLLM's `reshape_and_cache` folded into the rotation,
+//! KV pages ([`rotate_into_pages`]: vLLM's `reshape_and_cache` folded into the rotation,
 //! as llama.cpp fuses its rope with `set_rows`): one launch a layer instead of two.
 //!
 //! The vision towers' rotary embedding (`apply_rotary_pos_emb_vision` of Qwen2-VL to
@@ -101,10 +101,7 @@ impl RotaryOps for CubeBackend {
         slots: IntTensor<Self>,
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        match launch_with_pages(qkv, weight, cos, sin, eps, Some((k_pool, v_pool, slots))) {
-            (out, Some((k_pool, v_pool))) => (out, k_pool, v_pool),
-            (_, None) => unreachable!("a launch with pages returns them"),
-        }
+        launch_with_pages(qkv, weight, cos, sin, eps, Some((k_pool, v_pool, slots)))
     }
 
     fn fused_rotary_f32(qk: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -213,6 +210,8 @@ mod device {
         let mut v = UNIT_POS_X as usize;
         while v < vectors {
             let x = normed(qk, start, weight, w_start, v, inv);
+            // The rotated value, or past the rotated part the normalised one.
+            let mut y = x;
             if v < rotary {
                 // rotate_half: the first half pairs with -(second half), the second with the
                 // first.
@@ -224,17 +223,12 @@ mod device {
                 let xc = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(x * c));
                 let ps = Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(p * s));
                 let sign = Vector::<f32, N>::new(select(first, f32::new(-1.0), f32::new(1.0)));
-                let y = Vector::<E, N>::cast_from(xc + sign * ps);
-                out[out_start + v] = y;
-                if comptime!(pages) && pool_row > 0 {
-                    k_pool[pool_row - 1 + v] = y;
-                }
-            } else {
-                let y = Vector::<E, N>::cast_from(x);
-                out[out_start + v] = y;
-                if comptime!(pages) && pool_row > 0 {
-                    k_pool[pool_row - 1 + v] = y;
-                }
+                y = xc + sign * ps;
+            }
+            let y = Vector::<E, N>::cast_from(y);
+            out[out_start + v] = y;
+            if comptime!(pages) && pool_row > 0 {
+                k_pool[pool_row - 1 + v] = y;
             }
             v += PLANE_DIM as usize;
         }
@@ -338,12 +332,14 @@ fn launch(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, 
     launch_with_pages(qk, weight, cos, sin, eps, None).0
 }
 
-/// The pools and slots a launch writes keys and values into (`pages`), or none.
+/// Three tensors: the pools and slots a launch writes keys and values into, and what it
+/// returns (the output and the pools).
 type Pages = (CubeTensor, CubeTensor, CubeTensor);
 
-/// The kernel's launch: `out [batch, weight rows, tokens, head_dim]`, and with `pages` the
-/// pools written (in place where burn holds them uniquely, else copied first).
-fn launch_with_pages(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, eps: f64, pages: Option<Pages>) -> (CubeTensor, Option<(CubeTensor, CubeTensor)>) {
+/// The kernel's launch: `(out [batch, weight rows, tokens, head_dim], k_pool, v_pool)`, the
+/// pools written with `pages` (in place where burn holds them uniquely, else copied first),
+/// else unused stand-ins.
+fn launch_with_pages(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: CubeTensor, eps: f64, pages: Option<Pages>) -> Pages {
     let shape = qk.meta.shape().clone();
     let [batch, tokens, heads, dim, rotary] = rotation_shapes("qk_norm_rotary", &shape, cos.meta.shape(), sin.meta.shape());
     let dtype = qk.dtype;
@@ -410,7 +406,7 @@ fn launch_with_pages(qk: CubeTensor, weight: CubeTensor, cos: CubeTensor, sin: C
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
-    (out, write_pages.then_some((k_pool, v_pool)))
+    (out, k_pool, v_pool)
 }
 
 /// The kernel (CubeCL devices only): `qk [batch, tokens, heads, head_dim]` (a view is
@@ -469,20 +465,21 @@ pub fn rotary_f32(qk: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> 
     }
 }
 
-/// QK-norm and rotary embedding of a step's queries and keys with the keys and values written
-/// into their pages: `qkv [1, tokens, q + 2 * kv, head_dim]` (the fused projection, a view is
-/// fine), `weight [q + kv, head_dim]` (the query heads' norm, then the key heads'), `cos`/`sin`
-/// `[1, 1, tokens, rotary_dim]`, each token's keys and values to pool row `slots[token]`:
-/// the queries `[tokens, q, head_dim]` and the pools. One kernel on CubeCL devices with
-/// dense pools of the step's dtype; elsewhere [`qk_norm_rotary`] then [`KvPages::write_pair`].
+/// Rotary embedding of a step's queries and keys, after their QK-norm where the model has one
+/// (`norm [q + kv, head_dim]`: the query heads' weights, then the key heads'), with the keys
+/// and values written into their pages: `qkv [1, tokens, q + 2 * kv, head_dim]` (the fused
+/// projection, `kv_heads` key/value heads; a view is fine), `cos`/`sin` `[1, 1, tokens,
+/// rotary_dim]`, each token's keys and values to pool row `slots[token]`: the queries
+/// `[tokens, q, head_dim]` and the pools. One kernel on CubeCL devices with a QK-norm and dense
+/// pools of the step's dtype; elsewhere [`qk_norm_rotary`] or [`rotary`], then
+/// [`KvPages::write_pair`].
 #[allow(clippy::too_many_arguments)]
-pub fn qk_norm_rotary_into_pages(qkv: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64, k_pool: KvPages, v_pool: KvPages, slots: Tensor<1, Int>) -> (Tensor<3>, KvPages, KvPages) {
+pub fn rotate_into_pages(qkv: Tensor<4>, norm: Option<&Tensor<2>>, kv_heads: usize, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64, k_pool: KvPages, v_pool: KvPages, slots: Tensor<1, Int>) -> (Tensor<3>, KvPages, KvPages) {
     let [_, tokens, heads, dim] = qkv.dims();
-    let normed = weight.dims()[0];
-    let (q, kv) = (2 * normed - heads, heads - normed);
+    let (q, kv) = (heads - 2 * kv_heads, kv_heads);
     let queries = |qk: Tensor<4>| qk.narrow(1, 0, q).swap_dims(1, 2).reshape([tokens, q, dim]);
-    match (k_pool, v_pool) {
-        (KvPages::Dense(kp), KvPages::Dense(vp)) if is_cubecl(&qkv.device()) && kp.dtype() == qkv.dtype() && vp.dtype() == qkv.dtype() && kp.dims() == vp.dims() => {
+    match (norm, k_pool, v_pool) {
+        (Some(weight), KvPages::Dense(kp), KvPages::Dense(vp)) if is_cubecl(&qkv.device()) && kp.dtype() == qkv.dtype() && vp.dtype() == qkv.dtype() && kp.dims() == vp.dims() => {
             let (qk, kp, vp) = Dispatch::fused_qk_norm_rotary_into_pages(
                 qkv.into_dispatch(),
                 weight.clone().into_dispatch(),
@@ -495,10 +492,14 @@ pub fn qk_norm_rotary_into_pages(qkv: Tensor<4>, weight: &Tensor<2>, cos: &Tenso
             );
             (queries(Tensor::from_dispatch(qk)), KvPages::Dense(Tensor::from_dispatch(kp)), KvPages::Dense(Tensor::from_dispatch(vp)))
         }
-        (k_pool, v_pool) => {
-            let qk = qk_norm_rotary(qkv.clone().narrow(2, 0, normed), weight, cos, sin, eps);
+        (norm, k_pool, v_pool) => {
+            let qk = qkv.clone().narrow(2, 0, q + kv);
+            let qk = match norm {
+                Some(weight) => qk_norm_rotary(qk, weight, cos, sin, eps),
+                None => rotary(qk.swap_dims(1, 2), cos, sin),
+            };
             let k = qk.clone().narrow(1, q, kv).swap_dims(1, 2).reshape([tokens, kv, dim]);
-            let v = qkv.narrow(2, normed, kv).reshape([tokens, kv, dim]);
+            let v = qkv.narrow(2, q + kv, kv).reshape([tokens, kv, dim]);
             let (k_pool, v_pool) = KvPages::write_pair(k_pool, v_pool, slots, k, v);
             (queries(qk), k_pool, v_pool)
         }

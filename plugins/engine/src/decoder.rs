@@ -23,8 +23,8 @@ use inference_pio_core::config::Quantization;
 use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
 use inference_pio_kernels::memory::outside_pools;
-use inference_pio_kernels::rotary::qk_norm_rotary_into_pages;
-use inference_pio_kernels::{KvPages, KvStorage, add_rms_norm, concat_outputs, linear, rms_norm, rotary, split_parts, split_weight};
+use inference_pio_kernels::rotary::rotate_into_pages;
+use inference_pio_kernels::{KvPages, KvStorage, add_rms_norm, concat_outputs, linear, rms_norm, split_parts, split_weight};
 use std::sync::Arc;
 
 /// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
@@ -710,17 +710,7 @@ impl Decoder {
                 .ok_or_else(|| EngineError::Device(format!("KV pool layer {l} was lost by an earlier failed step")))?;
             // The keys and values go into their pages with the queries' and keys' QK-norm and
             // rotation (one kernel on the GPU).
-            let (q, k_pool, v_pool) = match &block.qk_norm {
-                Some(w) => qk_norm_rotary_into_pages(qkv, w, cos, sin, c.rms_norm_eps, k_pool, v_pool, slots.clone()),
-                None => {
-                    let qk = rotary(qkv.clone().narrow(2, 0, nh + nkv).swap_dims(1, 2), cos, sin);
-                    let q = qk.clone().narrow(1, 0, nh).swap_dims(1, 2).reshape([t, nh, d]);
-                    let k = qk.narrow(1, nh, nkv).swap_dims(1, 2).reshape([t, nkv, d]);
-                    let v = qkv.narrow(2, nh + nkv, nkv).reshape([t, nkv, d]);
-                    let (k_pool, v_pool) = KvPages::write_pair(k_pool, v_pool, slots.clone(), k, v);
-                    (q, k_pool, v_pool)
-                }
-            };
+            let (q, k_pool, v_pool) = rotate_into_pages(qkv, block.qk_norm.as_ref(), nkv, cos, sin, c.rms_norm_eps, k_pool, v_pool, slots.clone());
             let attn = paged_attention(q, &k_pool, &v_pool, layout, c.layer_windows[l], scale);
             kv.layers[l] = Some((k_pool, v_pool));
             let attn = attn.reshape([t, nh * d]);

@@ -686,6 +686,6 @@ mod tests {
 
 /// Whether compiled PTX waits on the grid before it ([`dependent_launch::wait_then_release`]).
 fn ptx_waits_for_previous_grid(ptx: &[c_char]) -> bool {
-    let bytes: Vec<u8> = ptx.iter().map(|&c| c as u8).collect();
-    bytes.windows(dependent_launch::WAIT_PTX.len()).any(|w| w == dependent_launch::WAIT_PTX)
+    let wait = dependent_launch::WAIT_PTX;
+    ptx.windows(wait.len()).any(|w| w.iter().zip(wait).all(|(&c, &b)| c as u8 == b))
 }
