@@ -22,6 +22,28 @@ ensure_cublas() {
   echo "cuBLAS: $(ldconfig -p 2>/dev/null | grep -m1 'libcublas\.so\.13 ' | sed 's/.*=> //')${LD_LIBRARY_PATH:+ LD_LIBRARY_PATH=$LD_LIBRARY_PATH}"
 }
 
+# restore_qwen3_tokenizer: Qwen3's 11 MB tokenizer.json, left out of the tree a call carries,
+# back in its fixture folder from .gpu/qwen3-tokenizer.json.xz (when carried).
+restore_qwen3_tokenizer() {
+  local t=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
+  mkdir -p $t && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $t/tokenizer.json
+}
+
+# vl_tiny_one_image MODEL DTYPE: the tiny Qwen3-VL fixture MODEL's one-image prompt through `run`
+# on CUDA in DTYPE, its prompt ids and 16 greedy tokens against transformers' (a line on stdout).
+vl_tiny_one_image() {
+  local f=plugins/qwen3-vl-2b/tests/fixtures m=$1 dt=$2
+  timeout 120 $PIO run $PD --model $f/$m --image $f/image-40x56.png --prompt "What is this?" --greedy --ignore-eos \
+    --max-new-tokens 16 --json --device cuda --dtype $dt > /tmp/tiny.$m.$dt.json 2> /tmp/tiny.err || tail -3 /tmp/tiny.err
+  python3 - $f/$m.reference.json /tmp/tiny.$m.$dt.json $dt <<'PY'
+import json, sys
+ref = next(c for c in json.load(open(sys.argv[1]))["cases"] if c["case"] == "one-image")
+got = json.load(open(sys.argv[2]))
+print(f'{sys.argv[1].split("/")[-1][:-15]} {sys.argv[3]}: prompt ids equal {got["prompt_token_ids"] == ref["ids"]}, '
+      f'greedy identical {got["token_ids"] == ref["greedy"]} ({sum(a == b for a, b in zip(got["token_ids"], ref["greedy"]))}/16)')
+PY
+}
+
 # gpu_parity FIXTURE_DIR MODEL DTYPE...: each prompt of MODEL's committed transformers
 # reference through `score` and `run` on CUDA, compared by parity_check.py (logits at every
 # position, greedy tokens); the lines go to stdout and $OUT/parity.txt.

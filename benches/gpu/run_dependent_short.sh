@@ -9,8 +9,7 @@
 # plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-b and plugins/qwen3-vl-2b/tests.
 set -uo pipefail
 source benches/gpu/lib.sh
-T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
-mkdir -p $T && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $T/tokenizer.json
+restore_qwen3_tokenizer
 unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so libqwen3_vl_2b.so kernel_check
 ensure_cublas
 # Both are off unless switched on; the checks below run with both on (a variant sets its own).
@@ -36,15 +35,7 @@ for m in 0 1 0 1; do
   python3 -c "import json; d=json.load(open('/tmp/pio.json')); print('4B batch 1, both $m: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
 done
 echo "4B done at $SECONDS s"
-F=plugins/qwen3-vl-2b/tests/fixtures
-timeout 60 $PIO run $PD --model $F/vl-tiny-a --image $F/image-40x56.png --prompt "What is this?" --greedy --ignore-eos \
-  --max-new-tokens 16 --json --device cuda --dtype f32 > /tmp/tiny.json 2> /tmp/tiny.err || tail -3 /tmp/tiny.err
-python3 - $F/vl-tiny-a.reference.json /tmp/tiny.json <<'PY' | tee -a $OUT/decode.txt
-import json, sys
-ref = next(c for c in json.load(open(sys.argv[1]))["cases"] if c["case"] == "one-image")
-got = json.load(open(sys.argv[2]))
-print(f'vl-tiny-a f32 one image: greedy identical {got["token_ids"] == ref["greedy"]} ({sum(a == b for a, b in zip(got["token_ids"], ref["greedy"]))}/16)')
-PY
+vl_tiny_one_image vl-tiny-a f32 | tee -a $OUT/decode.txt
 qwen3_vl_2b_dir /tmp/vl2b
 python3 -c "
 import numpy as np

@@ -13,8 +13,7 @@
 # else .gpu/{...}.xz; NO_4B=1 skips them); the tree holds plugins/qwen3-vl-2b/tests.
 set -uo pipefail
 source benches/gpu/lib.sh
-T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
-mkdir -p $T && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $T/tokenizer.json
+restore_qwen3_tokenizer
 unpack_gpu_binaries inference-pio libqwen3_vl_2b.so
 for f in pio-bench libqwen3_4b_instruct_2507.so; do [ -f .gpu/$f.xz ] && unpack_gpu_binaries $f; done
 ensure_cublas
@@ -22,19 +21,8 @@ ensure_cublas
 export INFERENCE_PIO_PDL=1 INFERENCE_PIO_MATVEC_PREFETCH=1
 export XDG_CACHE_HOME=/tmp/xdg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-F=plugins/qwen3-vl-2b/tests/fixtures
 for m in vl-tiny-a vl-tiny-b; do
-  for dt in f32 bf16; do
-    timeout 120 $PIO run $PD --model $F/$m --image $F/image-40x56.png --prompt "What is this?" --greedy --ignore-eos \
-      --max-new-tokens 16 --json --device cuda --dtype $dt > /tmp/tiny.$m.$dt.json 2> /tmp/tiny.err || tail -3 /tmp/tiny.err
-    python3 - $F/$m.reference.json /tmp/tiny.$m.$dt.json $dt <<'PY' | tee -a $OUT/tiny.txt
-import json, sys
-ref = next(c for c in json.load(open(sys.argv[1]))["cases"] if c["case"] == "one-image")
-got = json.load(open(sys.argv[2]))
-print(f'{sys.argv[1].split("/")[-1][:-15]} {sys.argv[3]}: prompt ids equal {got["prompt_token_ids"] == ref["ids"]}, '
-      f'greedy identical {got["token_ids"] == ref["greedy"]} ({sum(a == b for a, b in zip(got["token_ids"], ref["greedy"]))}/16)')
-PY
-  done
+  for dt in f32 bf16; do vl_tiny_one_image $m $dt | tee -a $OUT/tiny.txt; done
 done
 ONLY_CORRECTNESS=1 bash benches/gpu/run_vl_graphs.sh
 echo "correctness done at $SECONDS s"

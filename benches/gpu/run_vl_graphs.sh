@@ -12,8 +12,7 @@
 # ONLY_CORRECTNESS=1: step 2 only (nothing from .gpu/before needed).
 set -uo pipefail
 source benches/gpu/lib.sh
-T=plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer
-mkdir -p $T && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $T/tokenizer.json
+restore_qwen3_tokenizer
 unpack_gpu_binaries inference-pio libqwen3_vl_2b.so
 if [ "${ONLY_CORRECTNESS:-0}" != 1 ]; then
   mkdir -p .gpu/before && xz -dc .gpu/before/libqwen3_vl_2b.so.xz > .gpu/before/libqwen3_vl_2b.so && cp .gpu/bin/inference-pio .gpu/before/
