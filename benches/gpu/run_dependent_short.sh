@@ -16,6 +16,7 @@ ensure_cublas
 export INFERENCE_PIO_PDL=1 INFERENCE_PIO_MATVEC_PREFETCH=1
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+INFERENCE_PIO_PDL=0 INFERENCE_PIO_MATVEC_PREFETCH=0 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | tail -3
 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | tail -3
 echo "parity done at $SECONDS s"
 # CubeCL's compilation log of the launch group's kernels with both on (the injected wait, the

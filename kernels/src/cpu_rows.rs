@@ -227,6 +227,45 @@ pub fn rotary(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<
     Some(tensor_of(out, [batch, heads, tokens, head_dim], x))
 }
 
+/// QK-norm and rotary embedding together (see [`crate::rotary::qk_norm_rotary_reference`]):
+/// each row of `qk [batch, tokens, heads, head_dim]` (a view is fine) normalised by its head's
+/// weight row of `weight [heads, head_dim]` as [`rms_norm`] does, then rotated as [`rotary`]
+/// does, one pass a row instead of the reference's dozen operations: `[batch, heads, tokens,
+/// head_dim]`; `None` off the CPU's f32 path.
+pub fn qk_norm_rotary(qk: &Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64) -> Option<Tensor<4>> {
+    let [batch, tokens, heads, head_dim] = qk.dims();
+    let [cb, one, ct, rotary_dim] = cos.dims();
+    if (cb, one, ct) != (batch, 1, tokens) || sin.dims() != cos.dims() || weight.dims() != [heads, head_dim] || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
+        return None;
+    }
+    let half = rotary_dim / 2;
+    let out = with_rows(qk, |xs| {
+        with_rows(weight, |ws| {
+            with_rows(cos, |cs| {
+                with_rows(sin, |ss| {
+                    let mut out = vec![0f32; xs.starts.len() * head_dim];
+                    // Output row r is (b, h, t); its input row is (b, t, h), its weight row h,
+                    // its angles row (b, t) of cos and sin.
+                    each_row(&mut out, head_dim, |r, o, buf| {
+                        let (b, h, t) = (r / (heads * tokens), r / tokens % heads, r % tokens);
+                        let (mut wbuf, mut cbuf, mut sbuf, mut normed) = (Vec::new(), Vec::new(), Vec::new(), vec![0f32; head_dim]);
+                        norm_row(xs.row((b * tokens + t) * heads + h, buf), ws.row(h, &mut wbuf), eps, &mut normed);
+                        let (c, s) = (cs.row(b * tokens + t, &mut cbuf), ss.row(b * tokens + t, &mut sbuf));
+                        let x = &normed;
+                        for i in 0..half {
+                            o[i] = x[i] * c[i] + -x[i + half] * s[i];
+                            o[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+                        }
+                        o[rotary_dim..].copy_from_slice(&x[rotary_dim..]);
+                    });
+                    out
+                })
+            })
+        })
+    })????;
+    Some(tensor_of(out, [batch, heads, tokens, head_dim], qk))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +345,22 @@ mod tests {
             let sin: Tensor<4> = Tensor::random([1, 1, 5, rotary_dim], Distribution::Uniform(-1.0, 1.0), &d);
             let want = values(crate::reference::apply_rotary(x.clone(), &cos, &sin));
             assert_eq!(values(rotary(&x, &cos, &sin).expect("f32 on the CPU")), want, "rotary over {rotary_dim} of 8 channels");
+        }
+        // QK-norm + rotary of a q|k view of a wider projection (as the decoder passes it),
+        // full and partial rotation: the reference's values, and one token alone is the same.
+        for rotary_dim in [8usize, 4] {
+            let qkv: Tensor<4> = Tensor::random([1, 5, 4, 8], Distribution::Uniform(-2.0, 2.0), &d);
+            let qk = qkv.narrow(2, 0, 3);
+            let weight: Tensor<2> = Tensor::random([3, 8], Distribution::Uniform(0.5, 1.5), &d);
+            let cos: Tensor<4> = Tensor::random([1, 1, 5, rotary_dim], Distribution::Uniform(-1.0, 1.0), &d);
+            let sin: Tensor<4> = Tensor::random([1, 1, 5, rotary_dim], Distribution::Uniform(-1.0, 1.0), &d);
+            let got = values(qk_norm_rotary(&qk, &weight, &cos, &sin, 1e-6).expect("f32 on the CPU"));
+            close(&got, &values(crate::rotary::qk_norm_rotary_reference(qk.clone(), &weight, &cos, &sin, 1e-6)), "qk-norm + rotary");
+            let one = |t: &Tensor<4>| t.clone().narrow(2, 3, 1);
+            let alone = values(qk_norm_rotary(&qk.clone().narrow(1, 3, 1), &weight, &one(&cos), &one(&sin), 1e-6).expect("one token"));
+            for h in 0..3 {
+                assert_eq!(&got[(h * 5 + 3) * 8..(h * 5 + 4) * 8], &alone[h * 8..(h + 1) * 8], "qk-norm + rotary: token 3 of head {h} alone");
+            }
         }
         // Other dtypes are not taken.
         assert!(rms_norm(&base.clone().cast(DType::BF16), &w, 1e-6).is_none());

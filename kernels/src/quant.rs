@@ -192,6 +192,8 @@ impl GroupScales {
 
 /// A group scale or offset as stored (f32 or f16), for the CPU loops.
 pub(crate) trait GroupValue: Copy + Send + Sync + 'static {
+    /// Zero of this type.
+    const ZERO: Self;
     /// The stored values, when `g` keeps this type.
     fn slices(g: &GroupScales) -> Option<(&[Self], &[Self])>;
     /// The value (portable code).
@@ -230,6 +232,8 @@ pub(crate) trait GroupValue: Copy + Send + Sync + 'static {
 }
 
 impl GroupValue for f32 {
+    const ZERO: f32 = 0.0;
+
     fn slices(g: &GroupScales) -> Option<(&[f32], &[f32])> {
         match g {
             GroupScales::F32 { scales, mins } => Some((scales, mins)),
@@ -277,6 +281,8 @@ impl GroupValue for f32 {
 }
 
 impl GroupValue for f16 {
+    const ZERO: f16 = f16::ZERO;
+
     fn slices(g: &GroupScales) -> Option<(&[f16], &[f16])> {
         match g {
             GroupScales::F16 { scales, mins } => Some((scales, mins)),
@@ -2500,28 +2506,35 @@ mod simd {
             _mm512_fmadd_ps(c[1], x[1], even)
         }
 
-        /// A row's offsets `Σ_g min_g · sums_g`: the whole sixteens as a vector, to be added
-        /// to the row's accumulators before their lanes are summed (one sum of lanes a row
-        /// instead of two; a row's offsets summed one value after another took an eighth of
-        /// the decode loop's time), and the rest of the groups as a scalar.
+        /// A row's offsets `Σ_g min_g · sums_g` as a vector, to be added to the row's
+        /// accumulators before their lanes are summed (one sum of lanes a row; a row's offsets
+        /// summed one value after another took an eighth of the decode loop's time). The last
+        /// groups short of sixteen are copied into a zeroed block and met by a masked load of
+        /// their sums (zeros past them): one multiply-add where each took a conversion and a
+        /// scalar multiply-add (the whole row's offsets of a 256-wide product, 8 groups, went
+        /// that way).
         ///
         /// # Safety
         /// The CPU has AVX-512F.
         #[target_feature(enable = "avx512f,f16c")]
         #[inline]
-        unsafe fn offsets16<S: super::super::GroupValue>(mins: &[S], sums: &[f32]) -> (__m512, f32) {
+        unsafe fn offsets16<S: super::super::GroupValue>(mins: &[S], sums: &[f32]) -> __m512 {
             let mut acc = _mm512_setzero_ps();
-            let whole = mins.len().min(sums.len()) / 16 * 16;
+            let n = mins.len().min(sums.len());
+            let whole = n / 16 * 16;
             for (m, s) in mins[..whole].chunks_exact(16).zip(sums[..whole].chunks_exact(16)) {
                 // SAFETY: sixteen values at `m` and at `s`; the caller guarantees AVX-512F.
                 acc = unsafe { _mm512_fmadd_ps(S::load16(m.as_ptr()), _mm512_loadu_ps(s.as_ptr()), acc) };
             }
-            let mut rest = 0f32;
-            for (m, s) in mins[whole..].iter().zip(&sums[whole..]) {
-                // SAFETY: AVX-512F implies F16C.
-                rest += unsafe { m.get_f16c() } * s;
+            if whole < n {
+                let mut tail = [S::ZERO; 16];
+                tail[..n - whole].copy_from_slice(&mins[whole..n]);
+                let mask = (1u16 << (n - whole)) - 1;
+                // SAFETY: sixteen values in `tail`; the masked load reads only the `n - whole`
+                // sums from `whole` (in `sums`); AVX-512F.
+                acc = unsafe { _mm512_fmadd_ps(S::load16(tail.as_ptr()), _mm512_maskz_loadu_ps(mask, sums.as_ptr().add(whole)), acc) };
             }
-            (acc, rest)
+            acc
         }
 
         /// [`super::rows_split4_avx2`] with sixteen lanes.
@@ -2615,9 +2628,9 @@ mod simd {
                     g += 2;
                 }
                 // SAFETY: the CPU has AVX-512F (this function's requirement).
-                let ((oa, ra), (ob, rb)) = unsafe { (offsets16(&mins[r * groups..(r + 1) * groups], sums), offsets16(&mins[(r + 1) * groups..(r + 2) * groups], sums)) };
-                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), oa)) + ra;
-                out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0, b1), ob)) + rb;
+                let (oa, ob) = unsafe { (offsets16(&mins[r * groups..(r + 1) * groups], sums), offsets16(&mins[(r + 1) * groups..(r + 2) * groups], sums)) };
+                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), oa));
+                out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0, b1), ob));
             }
             let rest = 2 * pairs;
             let tail = out[rest..].iter_mut().zip(scales[rest * groups..].chunks_exact(groups)).zip(mins[rest * groups..].chunks_exact(groups));
@@ -2648,8 +2661,8 @@ mod simd {
                     }
                 }
                 // SAFETY: the CPU has AVX-512F (this function's requirement).
-                let (offsets, rest) = unsafe { offsets16(row_mins, sums) };
-                *y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), offsets)) + rest;
+                let offsets = unsafe { offsets16(row_mins, sums) };
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), offsets));
             }
         }
 
@@ -2723,8 +2736,8 @@ mod simd {
             let mins = &mn[row * groups..(row + 1) * groups];
             std::array::from_fn(|j| {
                 // SAFETY: the CPU has AVX-512F (this function's requirement).
-                let (offsets, rest) = unsafe { offsets16(mins, sums[j]) };
-                _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[j], a1[j]), offsets)) + rest
+                let offsets = unsafe { offsets16(mins, sums[j]) };
+                _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0[j], a1[j]), offsets))
             })
         }
 
@@ -2803,8 +2816,8 @@ mod simd {
                     }
                 }
                 // SAFETY: the CPU has AVX-512F (this function's requirement).
-                let (offsets, rest) = unsafe { offsets16(row_mins, sums) };
-                *y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), offsets)) + rest;
+                let offsets = unsafe { offsets16(row_mins, sums) };
+                *y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), offsets));
             }
         }
 

@@ -507,10 +507,12 @@ pub fn rotate_into_pages(qkv: Tensor<4>, norm: Option<&Tensor<2>>, kv_heads: usi
 }
 
 /// QK-norm and rotary embedding of queries and keys together: the kernel on CubeCL devices,
-/// the reference elsewhere.
+/// one loop over each row for f32 on the CPU (`crate::cpu_rows`), the reference elsewhere.
 pub fn qk_norm_rotary(qk: Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64) -> Tensor<4> {
     if is_cubecl(&qk.device()) {
         fused_qk_norm_rotary(qk, weight, cos, sin, eps)
+    } else if let Some(out) = crate::cpu_rows::qk_norm_rotary(&qk, weight, cos, sin, eps) {
+        out
     } else {
         qk_norm_rotary_reference(qk, weight, cos, sin, eps)
     }

@@ -25,7 +25,7 @@ use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Int, Shape, Tensor};
+use burn::tensor::{DType, Int, Shape, Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
@@ -238,14 +238,67 @@ pub fn fused_softmax_top_k(logits: Tensor<2>, k: usize, normalize: bool) -> (Ten
     (picks.clone().narrow(1, 0, k).int(), picks.narrow(1, k, k))
 }
 
-/// The router's softmax and top-k: the kernel on CubeCL devices, the reference elsewhere.
+/// The router's softmax and top-k: the kernel on CubeCL devices, one loop over each row of f32
+/// logits on the CPU ([`softmax_top_k_rows`]: the reference's softmax, six burn operations and
+/// a sort, took a fortieth of a small Qwen3-MoE's one-thread decode), the reference elsewhere.
 pub fn softmax_top_k(logits: Tensor<2>, k: usize, normalize: bool) -> (Tensor<2, Int>, Tensor<2>) {
-    let experts = logits.dims()[1];
-    if is_cubecl(&logits.device()) && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) && k >= 1 && k <= experts && experts <= MOST_EXPERTS {
+    let [rows, experts] = logits.dims();
+    let device = logits.device();
+    if is_cubecl(&device) && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) && k >= 1 && k <= experts && experts <= MOST_EXPERTS {
         fused_softmax_top_k(logits, k, normalize)
+    } else if logits.dtype() == DType::F32
+        && k >= 1
+        && k <= experts
+        && let Ok(values) = logits.clone().into_data().try_into_vec::<f32>()
+    {
+        let (ids, weights) = softmax_top_k_rows(&values, experts, k, normalize);
+        (Tensor::from_data(TensorData::new(ids, [rows, k]), &device), Tensor::from_data(TensorData::new(weights, [rows, k]), (&device, DType::F32)))
     } else {
         softmax_top_k_reference(logits, k, normalize)
     }
+}
+
+/// [`softmax_top_k_reference`] of host rows `logits` (`experts` values a row): each row's
+/// softmax in f32 (`exp(x - max) / Σ exp(x - max)`), its `k` largest probabilities, largest
+/// first and the lowest index first among equal ones (as the kernel and `torch.topk` order
+/// them), divided by their sum when `normalize`: `(ids, weights)`, `k` a row.
+pub fn softmax_top_k_rows(logits: &[f32], experts: usize, k: usize, normalize: bool) -> (Vec<i64>, Vec<f32>) {
+    let rows = logits.len() / experts.max(1);
+    let (mut ids, mut weights) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
+    let mut probs = vec![0f32; experts];
+    let mut taken = vec![false; experts];
+    for row in logits.chunks_exact(experts) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (p, &x) in probs.iter_mut().zip(row) {
+            *p = (x - max).exp();
+        }
+        let sum: f32 = probs.iter().sum();
+        for p in probs.iter_mut() {
+            *p /= sum;
+        }
+        taken.fill(false);
+        let first = weights.len();
+        for _ in 0..k {
+            let mut best = None::<usize>;
+            for (e, &p) in probs.iter().enumerate() {
+                // `>` keeps the lowest index among equal values; NaN is never chosen over a number.
+                if !taken[e] && best.is_none_or(|b| p > probs[b] || probs[b].is_nan() && !p.is_nan()) {
+                    best = Some(e);
+                }
+            }
+            let e = best.unwrap_or(0);
+            taken[e] = true;
+            ids.push(e as i64);
+            weights.push(probs[e]);
+        }
+        if normalize {
+            let total: f32 = weights[first..].iter().sum();
+            for w in &mut weights[first..] {
+                *w /= total;
+            }
+        }
+    }
+    (ids, weights)
 }
 
 /// Units per cube of the combine kernel.
@@ -320,5 +373,27 @@ mod tests {
         let w = weights.into_data().try_to_vec::<f32>().expect("weights");
         let e = 1.0f32.exp();
         assert!((w[0] - e / (e + 1.0)).abs() < 1e-6 && (w[1] - 1.0 / (e + 1.0)).abs() < 1e-6, "{w:?}");
+    }
+
+    /// The CPU's row loop against burn's operations over random rows, with and without the
+    /// renormalisation, and equal logits taken lowest index first.
+    #[test]
+    fn the_cpu_rows_are_the_reference() {
+        use burn::tensor::Distribution;
+        let d = Device::flex();
+        let (rows, experts) = (7, 32);
+        let logits = Tensor::<2>::random([rows, experts], Distribution::Normal(0.0, 2.0), &d);
+        let values = logits.clone().into_data().try_into_vec::<f32>().expect("f32");
+        for (k, normalize) in [(4, true), (8, false), (1, true)] {
+            let (ids, weights) = softmax_top_k_rows(&values, experts, k, normalize);
+            let (want_ids, want_weights) = softmax_top_k_reference(logits.clone(), k, normalize);
+            assert_eq!(ids, want_ids.into_data().convert::<i64>().try_to_vec::<i64>().expect("ids"), "top {k}");
+            let want = want_weights.into_data().try_to_vec::<f32>().expect("weights");
+            for (a, b) in weights.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "top {k}: {a} vs {b}");
+            }
+        }
+        let (ids, _) = softmax_top_k_rows(&[1.0, 3.0, 3.0, 0.0, 3.0], 5, 3, true);
+        assert_eq!(ids, vec![1, 2, 4], "equal values, lowest index first");
     }
 }
