@@ -810,9 +810,17 @@ pub(crate) fn transpose(out_t: Vec<f32>, n: usize) -> Vec<f32> {
     }
     let rows = out_t.len() / n;
     let mut out = vec![0f32; out_t.len()];
-    for (r, ys) in out_t.chunks_exact(n).enumerate() {
-        for (j, &y) in ys.iter().enumerate() {
-            out[j * rows + r] = y;
+    // Sixteen rows at a time: each output row gets sixteen adjacent values per pass, read from
+    // sixteen input rows that stay in L1 (one value at a time to a column, each write touched
+    // a line of its own: a twelfth of a Qwen3-MoE prompt's time).
+    const BLOCK: usize = 16;
+    for r0 in (0..rows).step_by(BLOCK) {
+        let block = BLOCK.min(rows - r0);
+        for j in 0..n {
+            let to = &mut out[j * rows + r0..j * rows + r0 + block];
+            for (i, y) in to.iter_mut().enumerate() {
+                *y = out_t[(r0 + i) * n + j];
+            }
         }
     }
     out
@@ -3877,6 +3885,21 @@ mod tests {
         assert_eq!(back[..128].iter().copied().fold(f32::INFINITY, f32::min), lo);
         assert_eq!(q8.bytes(), (rows * cols + 8 * rows) as u64);
         assert_eq!(q4.bytes(), (rows * cols / 2 + 8 * rows * 2) as u64);
+    }
+
+    /// The blocked transpose is the element-by-element one, for shapes short of a block and
+    /// not a multiple of it.
+    #[test]
+    fn the_transpose_moves_every_element() {
+        for (rows, n) in [(37usize, 5usize), (3, 40), (16, 2), (33, 17), (5, 1)] {
+            let v: Vec<f32> = (0..rows * n).map(|i| i as f32).collect();
+            let t = transpose(v.clone(), n);
+            for r in 0..rows {
+                for j in 0..n {
+                    assert_eq!(t[j * rows + r], v[r * n + j], "{rows}x{n}: ({r}, {j})");
+                }
+            }
+        }
     }
 
     #[test]
