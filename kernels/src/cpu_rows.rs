@@ -248,15 +248,17 @@ pub fn qk_norm_rotary(qk: &Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: 
                     // its angles row (b, t) of cos and sin.
                     each_row(&mut out, head_dim, |r, o, buf| {
                         let (b, h, t) = (r / (heads * tokens), r / tokens % heads, r % tokens);
-                        let (mut wbuf, mut cbuf, mut sbuf, mut normed) = (Vec::new(), Vec::new(), Vec::new(), vec![0f32; head_dim]);
-                        norm_row(xs.row((b * tokens + t) * heads + h, buf), ws.row(h, &mut wbuf), eps, &mut normed);
+                        // Empty unless the weight, cos or sin are views with strided rows.
+                        let (mut wbuf, mut cbuf, mut sbuf) = (Vec::new(), Vec::new(), Vec::new());
+                        // Normalised into `o`, then rotated there (the channels past
+                        // `rotary_dim` stay as normalised).
+                        norm_row(xs.row((b * tokens + t) * heads + h, buf), ws.row(h, &mut wbuf), eps, o);
                         let (c, s) = (cs.row(b * tokens + t, &mut cbuf), ss.row(b * tokens + t, &mut sbuf));
-                        let x = &normed;
                         for i in 0..half {
-                            o[i] = x[i] * c[i] + -x[i + half] * s[i];
-                            o[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+                            let (x1, x2) = (o[i], o[i + half]);
+                            o[i] = x1 * c[i] + -x2 * s[i];
+                            o[i + half] = x2 * c[i + half] + x1 * s[i + half];
                         }
-                        o[rotary_dim..].copy_from_slice(&x[rotary_dim..]);
                     });
                     out
                 })
