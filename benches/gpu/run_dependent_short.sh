@@ -12,11 +12,11 @@ source benches/gpu/lib.sh
 restore_qwen3_tokenizer
 unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so libqwen3_vl_2b.so kernel_check
 ensure_cublas
-# Both are off unless switched on; the checks below run with both on (a variant sets its own).
-export INFERENCE_PIO_PDL=1 INFERENCE_PIO_MATVEC_PREFETCH=1
+# All three are off unless switched on; the checks below run with them on (a variant sets its own).
+export INFERENCE_PIO_PDL=1 INFERENCE_PIO_MATVEC_PREFETCH=1 INFERENCE_PIO_KV_IN_ROTATION=1
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-INFERENCE_PIO_PDL=0 INFERENCE_PIO_MATVEC_PREFETCH=0 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | tail -3
+INFERENCE_PIO_PDL=0 INFERENCE_PIO_MATVEC_PREFETCH=0 INFERENCE_PIO_KV_IN_ROTATION=0 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | tail -3
 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | tail -3
 echo "parity done at $SECONDS s"
 # CubeCL's compilation log of the launch group's kernels with both on (the injected wait, the
@@ -25,15 +25,15 @@ CUBECL_DEBUG_LOG=/tmp/cubecl.log timeout 40 .gpu/bin/kernel_check launch > /dev/
 grep -c "griddepcontrol" /tmp/cubecl.log | sed 's/^/lines with griddepcontrol in the compiled sources: /'
 xz -c /tmp/cubecl.log > $OUT/cubecl_sources.log.xz
 for m in 0 1; do
-  INFERENCE_PIO_PDL=$m INFERENCE_PIO_MATVEC_PREFETCH=$m timeout 40 .gpu/bin/kernel_check launch 2>&1 | grep -i chain | sed "s/^/both $m: /" | tee -a $OUT/launch.txt
+  INFERENCE_PIO_PDL=$m INFERENCE_PIO_MATVEC_PREFETCH=$m INFERENCE_PIO_KV_IN_ROTATION=$m timeout 40 .gpu/bin/kernel_check launch 2>&1 | grep -i chain | sed "s/^/all three $m: /" | tee -a $OUT/launch.txt
 done
 CK=$(qwen3_4b_dir)
 : > /tmp/empty.toml
 for m in 0 1 0 1; do
-  INFERENCE_PIO_PDL=$m INFERENCE_PIO_MATVEC_PREFETCH=$m timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
+  INFERENCE_PIO_PDL=$m INFERENCE_PIO_MATVEC_PREFETCH=$m INFERENCE_PIO_KV_IN_ROTATION=$m timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
     --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
     --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
-  python3 -c "import json; d=json.load(open('/tmp/pio.json')); print('4B batch 1, both $m: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
+  python3 -c "import json; d=json.load(open('/tmp/pio.json')); print('4B batch 1, all three $m: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
 done
 echo "4B done at $SECONDS s"
 vl_tiny_one_image vl-tiny-a f32 | tee -a $OUT/decode.txt
@@ -47,10 +47,10 @@ img = np.stack([(x * 255 // side), (y * 255 // side), ((x + y) * 127 // side) % 
 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save('/tmp/img448.png')"
 printf '[plugins.qwen3-vl-2b]\nkv_cache_gb = 8\nprefix_caching = false\n' > /tmp/vl.toml
 for m in 0 1; do
-  INFERENCE_PIO_PDL=$m INFERENCE_PIO_MATVEC_PREFETCH=$m timeout 60 $PIO run $PD --config /tmp/vl.toml --model /tmp/vl2b --random-weights --image /tmp/img448.png \
+  INFERENCE_PIO_PDL=$m INFERENCE_PIO_MATVEC_PREFETCH=$m INFERENCE_PIO_KV_IN_ROTATION=$m timeout 60 $PIO run $PD --config /tmp/vl.toml --model /tmp/vl2b --random-weights --image /tmp/img448.png \
     --prompt "Describe this image." --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 256 --json --repeat 2 > /tmp/vl.json 2> /tmp/vl.err || tail -2 /tmp/vl.err
   python3 -c "
 import json; d = json.load(open('/tmp/vl.json')); t = d['timings']
-print('2B after a 448 image, both $m: decode', round(t['decode_tokens_per_s'], 1), 'steady', round(t.get('steady_decode_tokens_per_s') or 0, 1), 'tok/s; first8', d['token_ids'][:8])" 2>&1 | tail -1 | tee -a $OUT/decode.txt
+print('2B after a 448 image, all three $m: decode', round(t['decode_tokens_per_s'], 1), 'steady', round(t.get('steady_decode_tokens_per_s') or 0, 1), 'tok/s; first8', d['token_ids'][:8])" 2>&1 | tail -1 | tee -a $OUT/decode.txt
 done
 echo "all done at $SECONDS s"

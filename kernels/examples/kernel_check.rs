@@ -55,7 +55,7 @@ use inference_pio_kernels::argmax::fused_row_argmax;
 use inference_pio_kernels::router::{combine_reference, fused_combine, fused_softmax_top_k, softmax_top_k_reference};
 use inference_pio_kernels::norm::{add_rms_norm_reference, fused_add_rms_norm, fused_layer_norm, fused_rms_norm};
 use inference_pio_kernels::reference::{layer_norm, rms_norm, swiglu_halves};
-use inference_pio_kernels::rotary::{fused_qk_norm_rotary, fused_rotary_f32, qk_norm_rotary_reference, rotary_f32_reference, rotate_into_pages};
+use inference_pio_kernels::rotary::{fused_qk_norm_rotary, fused_rotary_f32, fused_rotate_into_pages, qk_norm_rotary_reference, rotary_f32_reference};
 use inference_pio_kernels::softmax::{fused_scaled_masked_softmax, fused_scaled_softmax, scaled_masked_softmax_reference};
 use inference_pio_kernels::{batched_linear, split_parts, split_stacked, write_kv_pair, write_kv_slots};
 use inference_pio_kernels::kv_pages::{KvCodes, KvPages, KvStorage, quantize_heads, quantize_heads_on_host};
@@ -616,7 +616,8 @@ fn check_elementwise(device: &Device) -> usize {
                 failed += usize::from(check(device, &label, tol, bytes(2 * rows * (heads + kv) * dim), &kernel, &reference, &reference));
             }
             // The same with the keys and values written into their pages in the same kernel
-            // (`rotate_into_pages`, what the decoder runs), against the reference
+            // (`fused_rotate_into_pages`, what the decoder runs with
+            // `INFERENCE_PIO_KV_IN_ROTATION=1`), against the reference
             // rotation and two `select_assign`s (the queries and the rows written compared);
             // timed against the two kernels it replaces.
             {
@@ -635,7 +636,10 @@ fn check_elementwise(device: &Device) -> usize {
                     let written = |p: &KvPages| p.select(idx.clone(), dtype).reshape([tokens * kv, dim]);
                     Tensor::cat(vec![q.reshape([tokens * heads, dim]), written(&kp), written(&vp)], 0)
                 };
-                let kernel = || all(rotate_into_pages(qkv.clone(), Some(&head_weights), kv, &cos, &sin, eps, KvPages::Dense(k_pool.clone()), KvPages::Dense(v_pool.clone()), idx.clone()));
+                let kernel = || {
+                    let (q, kp, vp) = fused_rotate_into_pages(qkv.clone(), &head_weights, kv, &cos, &sin, eps, k_pool.clone(), v_pool.clone(), idx.clone());
+                    all((q, KvPages::Dense(kp), KvPages::Dense(vp)))
+                };
                 // Queries, keys and values of the rotated heads `qk` (and `qkv`'s values).
                 let split = |qk: Tensor<4>| {
                     let q = qk.clone().narrow(1, 0, heads).swap_dims(1, 2).reshape([tokens, heads, dim]);
