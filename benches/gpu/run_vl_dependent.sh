@@ -5,7 +5,7 @@
 #    transformers' tokens; run_vl_graphs.sh's server check (image A, B of the same grid, A, B:
 #    a grid is recorded at its second image; each answer equals an unrecorded run).
 # 2. Qwen3-VL-2B's real config, random bf16 weights: a 448x448 image prompt, 256 new tokens,
-#    decode tok/s with dependent launches and the matvec's L2 prefetch off and on, alternating
+#    decode tok/s with dependent launches off and on, alternating
 #    over ROUNDS rounds; then
 #    Qwen3-4B the same way (text, 128-token prompt) for the 4B path's fraction in this call.
 # Carried: .gpu/{inference-pio,libqwen3_vl_2b.so,qwen3-tokenizer.json}.xz, .gpu/COMMIT
@@ -17,8 +17,8 @@ restore_qwen3_tokenizer
 unpack_gpu_binaries inference-pio libqwen3_vl_2b.so
 for f in pio-bench libqwen3_4b_instruct_2507.so; do [ -f .gpu/$f.xz ] && unpack_gpu_binaries $f; done
 ensure_cublas
-# All three are off unless switched on; the checks below run with them on (a variant sets its own).
-export INFERENCE_PIO_PDL=1 INFERENCE_PIO_MATVEC_PREFETCH=1 INFERENCE_PIO_KV_IN_ROTATION=1
+# Dependent launches are on unless INFERENCE_PIO_PDL=0; the checks below run with them on (a variant sets its own).
+export INFERENCE_PIO_PDL=1
 export XDG_CACHE_HOME=/tmp/xdg
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 for m in vl-tiny-a vl-tiny-b; do
@@ -42,9 +42,8 @@ C4=$(qwen3_4b_dir)
 : > /tmp/empty.toml
 for r in $(seq ${ROUNDS:-2}); do
   for p in 0 1; do
-    # 0: plain launches, no prefetch, keys and values written by their own kernel; 1: dependent
-    # launches, the matvec's L2 prefetch and the keys and values written in the rotation's kernel.
-    export INFERENCE_PIO_PDL=$p INFERENCE_PIO_MATVEC_PREFETCH=$p INFERENCE_PIO_KV_IN_ROTATION=$p
+    # 0: plain launches; 1: dependent launches.
+    export INFERENCE_PIO_PDL=$p
     timeout 90 $PIO run $PD --config /tmp/vl.toml --model $CK --random-weights --image /tmp/img448.png --prompt "Describe this image." \
       --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 256 --json --repeat 3 > /tmp/vl.$p.$r.json 2> /tmp/vl.err || tail -2 /tmp/vl.err
     python3 - /tmp/vl.$p.$r.json "round $r dependent launch $p: 2B after a 448 image" <<'PY' | tee -a $OUT/decode.txt

@@ -616,8 +616,7 @@ fn check_elementwise(device: &Device) -> usize {
                 failed += usize::from(check(device, &label, tol, bytes(2 * rows * (heads + kv) * dim), &kernel, &reference, &reference));
             }
             // The same with the keys and values written into their pages in the same kernel
-            // (`fused_rotate_into_pages`, what the decoder runs with
-            // `INFERENCE_PIO_KV_IN_ROTATION=1`), against the reference
+            // (`fused_rotate_into_pages`, what the decoder runs), against the reference
             // rotation and two `select_assign`s (the queries and the rows written compared);
             // timed against the two kernels it replaces.
             {

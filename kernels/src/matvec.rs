@@ -98,8 +98,6 @@ mod device {
         out: &mut Tensor<E>,
         parts: usize,
         x_share: usize,
-        line: usize,
-        #[comptime] prefetch: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
         // Rows vary fastest across cubes, so the rows of one weight block run side by side
@@ -120,24 +118,6 @@ mod device {
         let part_stride = channels * block;
         let w_base = (stack * parts * channels + channel) * block;
         let step = PLANE_DIM as usize;
-        // With `prefetch` (never with `experts`, which the router writes): the weight row,
-        // which no kernel before this one writes, is asked into L2 line by line (`line`
-        // vectors a 128-byte line) before the kernel waits for those kernels to finish (a
-        // dependent launch, `kernels/cubecl-cuda-stream/src/dependent_launch.rs`), so it
-        // streams in while they run. Without, the wait is the kernel's first statement.
-        if comptime!(prefetch) {
-            let mut at = UNIT_POS_X as usize * line;
-            while at < total {
-                // SAFETY: `at < total`, so the element is within this channel's row of `w`
-                // (the part `at / block < parts`, the offset within it below `block`); the
-                // address is only prefetched, never dereferenced here.
-                let p = unsafe { w.slice(w_base + (at / block) * part_stride + at % block, w_base + total).as_ptr_unchecked() };
-                gpu_asm!("prefetch.global.L2 [{}];", in(_) p);
-                at += step * line;
-            }
-            gpu_asm!("griddepcontrol.wait;");
-            gpu_asm!("griddepcontrol.launch_dependents;");
-        }
         // Four independent loads per lane in flight: a plane's one row of the weight is only
         // `total / 32` vectors per lane, too few to hide memory latency one at a time.
         let mut acc0 = Vector::<f32, N>::zero();
@@ -181,9 +161,6 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
     let cube_dim = CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE);
     let cube_count = CubeCount::Static(rows as u32, (channels as u32).div_ceil(ROWS_PER_CUBE), 1);
     let int_dtype = experts.as_ref().map_or(DType::I32, |e| e.dtype);
-    // Not for routed experts: which expert a row reads comes from the router, a kernel before
-    // this one, so nothing may be read before the wait.
-    let line = if experts.is_some() { 0 } else { prefetch_line(vector, dtype) };
     let client = out.client.clone();
     // SAFETY: every index the kernel reads is in bounds: `row < rows` (the grid's y),
     // `channel < channels` (checked), `v < block`, `part < parts`, and an expert index comes
@@ -200,23 +177,10 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
             out.clone().into_tensor_arg(),
             parts,
             x_share,
-            line,
-            line > 0,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
     out
-}
-
-/// Vectors of `vector` elements of `dtype` in a 128-byte line: the stride of the kernel's L2
-/// prefetch of its weight row, with `INFERENCE_PIO_MATVEC_PREFETCH=1`; else 0, no prefetch
-/// (the default until it is run on a device: the kernel is then the one before it).
-fn prefetch_line(vector: usize, dtype: DType) -> usize {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var("INFERENCE_PIO_MATVEC_PREFETCH").is_ok_and(|v| v == "1")) {
-        return 0;
-    }
-    (128 / (vector * dtype.size())).max(1)
 }
 
 /// Whether [`split_matvec`] runs for a dense product of `rows` rows on `device`: CubeCL

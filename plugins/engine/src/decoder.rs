@@ -716,7 +716,7 @@ impl Decoder {
                 .take()
                 .ok_or_else(|| EngineError::Device(format!("KV pool layer {l} was lost by an earlier failed step")))?;
             // The keys and values go into their pages with the queries' and keys' QK-norm and
-            // rotation (one kernel on the GPU with `INFERENCE_PIO_KV_IN_ROTATION=1`).
+            // rotation (one kernel on the GPU).
             let (q, k_pool, v_pool) = rotate_into_pages(qkv, block.qk_norm.as_ref(), nkv, cos, sin, c.rms_norm_eps, k_pool, v_pool, slots.clone());
             let attn = paged_attention(q, &k_pool, &v_pool, layout, c.layer_windows[l], scale);
             kv.layers[l] = Some((k_pool, v_pool));
