@@ -5,8 +5,7 @@
 #    transformers' tokens; run_vl_graphs.sh's server check (image A, B of the same grid, A, B:
 #    a grid is recorded at its second image; each answer equals an unrecorded run).
 # 2. Qwen3-VL-2B's real config, random bf16 weights: a 448x448 image prompt, 256 new tokens,
-#    decode tok/s with dependent launches off and on, alternating
-#    over ROUNDS rounds; then
+#    decode tok/s with dependent launches off and on, alternating over ROUNDS rounds; then
 #    Qwen3-4B the same way (text, 128-token prompt) for the 4B path's fraction in this call.
 # Carried: .gpu/{inference-pio,libqwen3_vl_2b.so,qwen3-tokenizer.json}.xz, .gpu/COMMIT
 # (.gpu/bin/libqwen3_4b_instruct_2507.so and pio-bench from an earlier call on this machine,

@@ -192,17 +192,30 @@ pub fn swiglu_halves<const D: usize>(gate_up: &Tensor<D>) -> Option<Tensor<D>> {
     Some(tensor_of(out, dims, gate_up))
 }
 
+/// Half the rotated width of `cos`/`sin [batch, 1, tokens, rotary_dim]` for rows of
+/// `head_dim` (the angles' shapes checked), else `None`.
+fn rotary_half(cos: &Tensor<4>, sin: &Tensor<4>, batch: usize, tokens: usize, head_dim: usize) -> Option<usize> {
+    let [cb, one, ct, rotary_dim] = cos.dims();
+    ((cb, one, ct) == (batch, 1, tokens) && sin.dims() == cos.dims() && rotary_dim <= head_dim && rotary_dim.is_multiple_of(2)).then_some(rotary_dim / 2)
+}
+
+/// Rotates the first `2 * half` channels of the row `o` in place by its angles' `c`/`s`, in the
+/// reference's order of operations (`x·cos + rotate_half(x)·sin`); the rest stay.
+fn rotate_row(o: &mut [f32], c: &[f32], s: &[f32], half: usize) {
+    for i in 0..half {
+        let (x1, x2) = (o[i], o[i + half]);
+        o[i] = x1 * c[i] + -x2 * s[i];
+        o[i + half] = x2 * c[i + half] + x1 * s[i + half];
+    }
+}
+
 /// Rotary position embedding of `x [batch, heads, tokens, head_dim]` by `cos`/`sin [batch, 1,
 /// tokens, rotary_dim]` (see [`crate::reference::apply_rotary`]: `x·cos + rotate_half(x)·sin`
 /// on the first `rotary_dim` channels, the rest passed through), each row in the reference's
 /// order of operations; `None` off the CPU's f32 path.
 pub fn rotary(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4>> {
     let [batch, heads, tokens, head_dim] = x.dims();
-    let [cb, one, ct, rotary_dim] = cos.dims();
-    if (cb, one, ct) != (batch, 1, tokens) || sin.dims() != cos.dims() || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
-        return None;
-    }
-    let half = rotary_dim / 2;
+    let half = rotary_half(cos, sin, batch, tokens, head_dim)?;
     let out = with_rows(x, |xs| {
         with_rows(cos, |cs| {
             with_rows(sin, |ss| {
@@ -210,15 +223,10 @@ pub fn rotary(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<
                 each_row(&mut out, head_dim, |r, o, buf| {
                     // Row r is (b, h, t); its angles are row (b, t) of cos and sin.
                     let (b, t) = (r / (heads * tokens), r % tokens);
-                    let x = xs.row(r, buf);
+                    o.copy_from_slice(xs.row(r, buf));
                     // Empty unless cos and sin are views with strided rows.
                     let (mut cbuf, mut sbuf) = (Vec::new(), Vec::new());
-                    let (c, s) = (cs.row(b * tokens + t, &mut cbuf), ss.row(b * tokens + t, &mut sbuf));
-                    for i in 0..half {
-                        o[i] = x[i] * c[i] + -x[i + half] * s[i];
-                        o[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
-                    }
-                    o[rotary_dim..].copy_from_slice(&x[rotary_dim..]);
+                    rotate_row(o, cs.row(b * tokens + t, &mut cbuf), ss.row(b * tokens + t, &mut sbuf), half);
                 });
                 out
             })
@@ -234,11 +242,10 @@ pub fn rotary(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<
 /// head_dim]`; `None` off the CPU's f32 path.
 pub fn qk_norm_rotary(qk: &Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64) -> Option<Tensor<4>> {
     let [batch, tokens, heads, head_dim] = qk.dims();
-    let [cb, one, ct, rotary_dim] = cos.dims();
-    if (cb, one, ct) != (batch, 1, tokens) || sin.dims() != cos.dims() || weight.dims() != [heads, head_dim] || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
+    if weight.dims() != [heads, head_dim] {
         return None;
     }
-    let half = rotary_dim / 2;
+    let half = rotary_half(cos, sin, batch, tokens, head_dim)?;
     let out = with_rows(qk, |xs| {
         with_rows(weight, |ws| {
             with_rows(cos, |cs| {
@@ -253,12 +260,7 @@ pub fn qk_norm_rotary(qk: &Tensor<4>, weight: &Tensor<2>, cos: &Tensor<4>, sin: 
                         // Normalised into `o`, then rotated there (the channels past
                         // `rotary_dim` stay as normalised).
                         norm_row(xs.row((b * tokens + t) * heads + h, buf), ws.row(h, &mut wbuf), eps, o);
-                        let (c, s) = (cs.row(b * tokens + t, &mut cbuf), ss.row(b * tokens + t, &mut sbuf));
-                        for i in 0..half {
-                            let (x1, x2) = (o[i], o[i + half]);
-                            o[i] = x1 * c[i] + -x2 * s[i];
-                            o[i + half] = x2 * c[i + half] + x1 * s[i + half];
-                        }
+                        rotate_row(o, cs.row(b * tokens + t, &mut cbuf), ss.row(b * tokens + t, &mut sbuf), half);
                     });
                     out
                 })

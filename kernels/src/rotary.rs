@@ -478,7 +478,6 @@ pub fn rotary_f32(qk: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> 
 pub fn rotate_into_pages(qkv: Tensor<4>, norm: Option<&Tensor<2>>, kv_heads: usize, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64, k_pool: KvPages, v_pool: KvPages, slots: Tensor<1, Int>) -> (Tensor<3>, KvPages, KvPages) {
     let [_, tokens, heads, dim] = qkv.dims();
     let (q, kv) = (heads - 2 * kv_heads, kv_heads);
-    let queries = |qk: Tensor<4>| qk.narrow(1, 0, q).swap_dims(1, 2).reshape([tokens, q, dim]);
     match (norm, k_pool, v_pool) {
         (Some(weight), KvPages::Dense(kp), KvPages::Dense(vp)) if is_cubecl(&qkv.device()) && kp.dtype() == qkv.dtype() && vp.dtype() == qkv.dtype() && kp.dims() == vp.dims() => {
             let (q, kp, vp) = fused_rotate_into_pages(qkv, weight, kv_heads, cos, sin, eps, kp, vp, slots);
@@ -493,7 +492,7 @@ pub fn rotate_into_pages(qkv: Tensor<4>, norm: Option<&Tensor<2>>, kv_heads: usi
             let k = qk.clone().narrow(1, q, kv).swap_dims(1, 2).reshape([tokens, kv, dim]);
             let v = qkv.narrow(2, q + kv, kv).reshape([tokens, kv, dim]);
             let (k_pool, v_pool) = KvPages::write_pair(k_pool, v_pool, slots, k, v);
-            (queries(qk), k_pool, v_pool)
+            (queries(qk, q), k_pool, v_pool)
         }
     }
 }
@@ -503,8 +502,7 @@ pub fn rotate_into_pages(qkv: Tensor<4>, norm: Option<&Tensor<2>>, kv_heads: usi
 /// with the step's rows written.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_rotate_into_pages(qkv: Tensor<4>, norm: &Tensor<2>, kv_heads: usize, cos: &Tensor<4>, sin: &Tensor<4>, eps: f64, k_pool: Tensor<3>, v_pool: Tensor<3>, slots: Tensor<1, Int>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
-    let [_, tokens, heads, dim] = qkv.dims();
-    let q = heads - 2 * kv_heads;
+    let q = qkv.dims()[2] - 2 * kv_heads;
     let (qk, kp, vp) = Dispatch::fused_qk_norm_rotary_into_pages(
         qkv.into_dispatch(),
         norm.clone().into_dispatch(),
@@ -515,8 +513,14 @@ pub fn fused_rotate_into_pages(qkv: Tensor<4>, norm: &Tensor<2>, kv_heads: usize
         slots.into_dispatch(),
         eps,
     );
-    let queries = Tensor::<4>::from_dispatch(qk).narrow(1, 0, q).swap_dims(1, 2).reshape([tokens, q, dim]);
-    (queries, Tensor::from_dispatch(kp), Tensor::from_dispatch(vp))
+    (queries(Tensor::from_dispatch(qk), q), Tensor::from_dispatch(kp), Tensor::from_dispatch(vp))
+}
+
+/// The first `q` heads of rotated `qk [1, heads, tokens, head_dim]` as queries `[tokens, q,
+/// head_dim]`.
+fn queries(qk: Tensor<4>, q: usize) -> Tensor<3> {
+    let [_, _, tokens, dim] = qk.dims();
+    qk.narrow(1, 0, q).swap_dims(1, 2).reshape([tokens, q, dim])
 }
 
 /// QK-norm and rotary embedding of queries and keys together: the kernel on CubeCL devices,
