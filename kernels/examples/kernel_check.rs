@@ -49,7 +49,7 @@ use burn::tensor::{DType, Device, Distribution, FloatDType, Int, Tensor, TensorD
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
 use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, DecodeTuning, paged_decode_attention, paged_decode_attention_tuned};
-use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec};
+use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec, split_matvec_swiglu};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
 use inference_pio_kernels::router::{combine_reference, fused_combine, fused_softmax_top_k, softmax_top_k_reference};
@@ -130,6 +130,8 @@ fn main() {
         Case { name: "4B head 2560->151936", experts: 1, out: 151936, inp: 2560, rows: 1, x_rows: 1 },
         Case { name: "4B gate/up, 8 rows", experts: 1, out: 9728, inp: 2560, rows: 8, x_rows: 8 },
         Case { name: "4B gate/up, 2 rows", experts: 1, out: 9728, inp: 2560, rows: 2, x_rows: 2 },
+        Case { name: "4B fused gate/up, 2 rows", experts: 1, out: 19456, inp: 2560, rows: 2, x_rows: 2 },
+        Case { name: "tiny fused gate/up 64->2x37, 2 rows", experts: 1, out: 74, inp: 64, rows: 2, x_rows: 2 },
         Case { name: "tiny dense 64->96, 5 rows", experts: 1, out: 96, inp: 64, rows: 5, x_rows: 5 },
         Case { name: "30B expert gate_up 2048->1536, 8 of 128", experts: 128, out: 1536, inp: 2048, rows: 8, x_rows: 1 },
         Case { name: "30B expert gate_up, 2 tokens", experts: 128, out: 1536, inp: 2048, rows: 16, x_rows: 2 },
@@ -181,6 +183,15 @@ fn main() {
             let label = format!("{:42} {:5} parts {:2}", case.name, format!("{dtype:?}"), parts);
             let before: &dyn Fn() -> Tensor<2> = if case.experts == 1 { &dense } else { &reference };
             failed += usize::from(check(&device, &label, tol, Work::Bytes(bytes), &kernel, &reference, before));
+            // A `[gate | up]` product with the SwiGLU gate in its kernel: the bits of the
+            // product and the gate's own kernel, timed against the two.
+            if case.experts == 1 && case.name.contains("gate/up") && case.rows <= 2 {
+                let w = w.clone().reshape([parts, case.out, case.inp / parts]);
+                let fused = || split_matvec_swiglu(x.clone(), &w);
+                let two = || fused_swiglu_halves(split_matvec(x.clone(), &w));
+                let label = format!("{:42} {:5} SwiGLU in the product", case.name, format!("{dtype:?}"));
+                failed += usize::from(check(&device, &label, 0.0, Work::Bytes(bytes), &fused, &two, &two));
+            }
         }
     }
     if runs("attention") {
@@ -270,6 +281,26 @@ fn check_attention(device: &Device) -> usize {
             let label = format!("{name:46} {:5}", format!("{dtype:?}"));
             let bytes = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * dim * 2 * dtype.size()) as f64;
             failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &reference));
+            // A split context merged by the kernel's last cube against the merge kernel: the
+            // same bits, at the first call and at the third (the arrival counters set back).
+            for merge_in_kernel in [true, false] {
+                let tuning = DecodeTuning { merge_in_kernel, ..DecodeTuning::default() };
+                let run = || match paged_decode_attention_tuned(q.clone(), &k, &v, &table, &lens, bt, window, scale, tuning) {
+                    Some(out) => out.reshape([rows * heads, dim]),
+                    None => panic!("{name}: the paged decode-attention kernel does not apply"),
+                };
+                let other = DecodeTuning { merge_in_kernel: !merge_in_kernel, ..tuning };
+                let second = || match paged_decode_attention_tuned(q.clone(), &k, &v, &table, &lens, bt, window, scale, other) {
+                    Some(out) => out.reshape([rows * heads, dim]),
+                    None => panic!("{name}: the paged decode-attention kernel does not apply"),
+                };
+                let thrice = || Tensor::cat(vec![run(), run(), run()], 0);
+                let second_thrice = || Tensor::cat(vec![second(), second(), second()], 0);
+                let how = if merge_in_kernel { "in the kernel" } else { "by a second kernel" };
+                let label = format!("{name:46} {:5} merged {how}", format!("{dtype:?}"));
+                failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &run, &second, &second));
+                failed += usize::from(check(device, &format!("{label}, 3 calls"), 0.0, Work::Bytes(3.0 * bytes), &thrice, &second_thrice, &second_thrice));
+            }
             // The tile sizes the kernel can take (score passes of `32 / 4` keys each), the
             // default above; bf16 only.
             if dtype == DType::BF16 {

@@ -22,6 +22,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
+use crate::activation::halves_shape;
 use crate::launch::{PLANE, is_cubecl, vector_width};
 
 /// Output channels per cube (one plane each).
@@ -51,6 +52,11 @@ pub trait MatvecOps: Backend {
     #[fusion(dtype = x, shape = matvec_shape(x, w))]
     fn split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `silu(gate) * up` of [`Self::split_matvec`]'s `[gate | up]` output, in the same kernel:
+    /// `x [rows, in]`, `w [parts, 2 * inner, in / parts]` -> `[rows, inner]`.
+    #[fusion(dtype = x, shape = halves_shape(&matvec_shape(x, w)))]
+    fn split_matvec_swiglu(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Row `s` of the output, `[slots, out]`, is row `s / (slots / rows)` of `x [rows, in]`
     /// times expert `experts[s]` of `w [experts, parts, out, in / parts]` (`experts [slots]`).
     #[fusion(dtype = x, shape = matvec_shape(experts, w))]
@@ -59,12 +65,16 @@ pub trait MatvecOps: Backend {
 
 impl MatvecOps for CubeBackend {
     fn split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        launch(x, w, None)
+        launch(x, w, None, false)
+    }
+
+    fn split_matvec_swiglu(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        launch(x, w, None, true)
     }
 
     fn gathered_split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>, experts: IntTensor<Self>) -> FloatTensor<Self> {
         // The kernel reads the indices as a plain buffer, so in their memory order.
-        launch(x, w, Some(into_contiguous(experts)))
+        launch(x, w, Some(into_contiguous(experts)), false)
     }
 }
 
@@ -98,15 +108,26 @@ mod device {
         out: &mut Tensor<E>,
         parts: usize,
         x_share: usize,
+        #[comptime] swiglu: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
         // Rows vary fastest across cubes, so the rows of one weight block run side by side
         // and read it through L2 once.
         let row = CUBE_POS_X as usize;
-        let channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-        let channels = out.shape(1);
-        // The whole plane leaves together (the channel depends on the plane only).
-        if channel >= channels {
+        let mut channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        let mut channels = out.shape(1);
+        // `swiglu`: the weight holds `[gate | up]`, `2 * out` channels; the cube's first half
+        // of planes takes gate channels, the second half the matching up channels.
+        let half_planes = CUBE_DIM_Y / 2;
+        let inner = out.shape(1);
+        let out_channel = (CUBE_POS_Y * half_planes + UNIT_POS_Y % half_planes) as usize;
+        if swiglu {
+            channels = 2 * inner;
+            // Planes past the last channel compute the last one again (every plane reaches
+            // the cube barrier below) and write nothing.
+            channel = min(out_channel, inner - 1) + (UNIT_POS_Y / half_planes) as usize * inner;
+        } else if channel >= channels {
+            // The whole plane leaves together (the channel depends on the plane only).
             terminate!();
         }
         let expert: ComptimeOption<usize> = experts.as_ref().map(|e| usize::cast_from(e[row]));
@@ -137,13 +158,27 @@ mod device {
             u += step;
         }
         let total_sum = plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)));
-        if UNIT_POS_X == 0 {
+        if swiglu {
+            // `dtype(dtype(silu(gate)) * up)` from the products rounded to the dtype, as
+            // `activation::swiglu_halves_kernel` computes it from a stored `[gate | up]`.
+            let mut sums = Shared::<[f32]>::new_slice(comptime!(crate::matvec::ROWS_PER_CUBE as usize));
+            if UNIT_POS_X == 0 {
+                sums[UNIT_POS_Y as usize] = f32::cast_from(E::cast_from(total_sum));
+            }
+            sync_cube();
+            if UNIT_POS_X == 0 && UNIT_POS_Y < half_planes && out_channel < inner {
+                let gate = sums[UNIT_POS_Y as usize];
+                let up = sums[(UNIT_POS_Y + half_planes) as usize];
+                let silu = E::cast_from(gate / (f32::new(1.0) + (f32::new(0.0) - gate).exp()));
+                out[row * inner + out_channel] = E::cast_from(f32::cast_from(silu) * up);
+            }
+        } else if UNIT_POS_X == 0 {
             out[row * channels + channel] = E::cast_from(total_sum);
         }
     }
 }
 
-fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTensor {
+fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: bool) -> CubeTensor {
     let x = into_contiguous(x);
     let w = into_contiguous(w);
     let wshape = w.meta.shape().clone();
@@ -154,17 +189,22 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
     assert!(x_rows > 0 && rows.is_multiple_of(x_rows), "matvec: {rows} output rows for {x_rows} input rows");
     let x_share = rows / x_rows;
     let dtype = x.dtype;
-    // Contiguous: the kernel writes rows `channels` apart (CubeCL may pitch the rows of a
+    assert!(!swiglu || channels.is_multiple_of(2), "matvec: an odd width {channels} has no [gate | up] halves");
+    let out_channels = if swiglu { channels / 2 } else { channels };
+    // Contiguous: the kernel writes rows `out_channels` apart (CubeCL may pitch the rows of a
     // tensor it allocates, which a first one-row test cannot see).
-    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, channels]), dtype);
+    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, out_channels]), dtype);
     let vector = vector_width(block, dtype);
     let cube_dim = CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE);
-    let cube_count = CubeCount::Static(rows as u32, (channels as u32).div_ceil(ROWS_PER_CUBE), 1);
+    // With `swiglu` a cube's planes take half as many output channels, each twice.
+    let per_cube = if swiglu { ROWS_PER_CUBE / 2 } else { ROWS_PER_CUBE };
+    let cube_count = CubeCount::Static(rows as u32, (out_channels as u32).div_ceil(per_cube), 1);
     let int_dtype = experts.as_ref().map_or(DType::I32, |e| e.dtype);
     let client = out.client.clone();
     // SAFETY: every index the kernel reads is in bounds: `row < rows` (the grid's y),
-    // `channel < channels` (checked), `v < block`, `part < parts`, and an expert index comes
-    // from the router, which picks among the `experts` stacked in `w`.
+    // `channel < channels` (checked; with `swiglu` clamped below `channels / 2` in each half,
+    // and written only below it), `v < block`, `part < parts`, and an expert index comes from
+    // the router, which picks among the `experts` stacked in `w`.
     unsafe {
         device::split_matvec_kernel::launch_unchecked(
             &client,
@@ -177,6 +217,7 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>) -> CubeTens
             out.clone().into_tensor_arg(),
             parts,
             x_share,
+            swiglu,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
@@ -198,6 +239,22 @@ pub fn gathered_kernel_applies(rows: usize, device: &Device) -> bool {
 /// `x [rows, in] · wᵀ -> [rows, out]` for `w [parts, out, in / parts]` by the kernel.
 pub fn split_matvec(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
     Tensor::from_dispatch(Dispatch::split_matvec(x.into_dispatch(), w.clone().into_dispatch()))
+}
+
+/// `silu(gate) * up` of `x [rows, in] · wᵀ` for `w [parts, 2 * inner, in / parts]` holding
+/// `[gate | up]`, by the kernel: `[rows, inner]`, the bits of
+/// [`crate::activation::swiglu_halves`] over [`split_matvec`]'s output, with one launch and no
+/// `[gate | up]` written out.
+pub fn split_matvec_swiglu(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::split_matvec_swiglu(x.into_dispatch(), w.clone().into_dispatch()))
+}
+
+/// Whether a SwiGLU MLP's `[gate | up]` product of `rows` rows on `device` takes the gate in
+/// the product's kernel ([`split_matvec_swiglu`]): where [`dense_kernel_applies`], unless
+/// `INFERENCE_PIO_SWIGLU_IN_MATVEC=0`.
+pub fn swiglu_kernel_applies(rows: usize, device: &Device) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    dense_kernel_applies(rows, device) && *ON.get_or_init(|| std::env::var("INFERENCE_PIO_SWIGLU_IN_MATVEC").map_or(true, |v| v != "0"))
 }
 
 /// Row `s` of `x [rows, in]`, repeated `slots / rows` times, times expert `experts[s]` of

@@ -24,7 +24,7 @@ use inference_pio_core::types::DType;
 use inference_pio_kernels::paged::{PagedLayout, Span, paged_attention};
 use inference_pio_kernels::memory::outside_pools;
 use inference_pio_kernels::rotary::rotate_into_pages;
-use inference_pio_kernels::{KvPages, KvStorage, add_rms_norm, concat_outputs, linear, rms_norm, split_parts, split_weight};
+use inference_pio_kernels::{KvPages, KvStorage, add_rms_norm, concat_outputs, linear, matvec, rms_norm, split_parts, split_weight};
 use std::sync::Arc;
 
 /// One scheduler step as the decoder computes it: the tokens of many sequences, flat.
@@ -275,6 +275,20 @@ impl Linear {
             Some(b) => y.add(b.clone().unsqueeze()),
             None => y,
         }
+    }
+
+    /// `silu(gate) * up` of this `[gate | up]` projection, `x [rows, in] -> [rows, out / 2]`:
+    /// in the product's kernel where it runs for these rows (one dense weight, no bias:
+    /// [`matvec::swiglu_kernel_applies`]), else the product, then
+    /// [`inference_pio_kernels::swiglu_halves`]. The same bits either way.
+    pub(crate) fn forward_swiglu(&self, x: Tensor<2>) -> Tensor<2> {
+        if let ([Weight::Dense(w)], None) = (self.weights.as_slice(), &self.bias)
+            && x.dtype() == w.dtype()
+            && matvec::swiglu_kernel_applies(x.dims()[0], &x.device())
+        {
+            return matvec::split_matvec_swiglu(x, w);
+        }
+        inference_pio_kernels::swiglu_halves(self.forward(x))
     }
 }
 

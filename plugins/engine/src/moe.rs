@@ -153,7 +153,7 @@ impl Mlp {
 
     /// `x [rows, hidden] -> [rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.down.forward(swiglu_halves(self.gate_up.forward(x)))
+        self.down.forward(self.gate_up.forward_swiglu(x))
     }
 
     /// [`Self::forward`] of one f32 row on the host (weights quantized in host memory: see
