@@ -60,9 +60,9 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use crate::launch::{PLANE, is_cubecl, last_axis_contiguous};
+use crate::launch::{ARRIVAL_COUNTERS, Arrivals, PLANE, arrival_counters, is_cubecl, last_axis_contiguous};
 use crate::kv_pages::{KvCodes, KvPages};
 use std::cell::{OnceCell, RefCell};
 
@@ -274,6 +274,7 @@ mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
+    use crate::launch::device::last_to_arrive;
 
     /// One cube per (key head, row, split): the `group` query heads of key head `CUBE_POS_X`
     /// of row `CUBE_POS_Y` over split `CUBE_POS_Z`'s share (`1 / splits`, rounded up) of the
@@ -608,26 +609,6 @@ mod device {
         }
     }
 
-    /// Whether this cube is the last of `splits` to publish its partial results for counter
-    /// `at` (every unit of the cube must call it, and gets the same answer). The partials it
-    /// wrote before are visible to the last cube, and the other cubes' to it, after the call
-    /// (`sync_storage`: a device-scope release before the count, an acquire after); the last
-    /// cube sets the counter back to zero for the next launch.
-    #[cube]
-    fn last_to_arrive(arrivals: &mut [Atomic<u32>], at: usize, splits: usize) -> bool {
-        let mut arrived = Shared::<u32>::new();
-        sync_storage();
-        if UNIT_POS == 0 {
-            *arrived = arrivals[at].fetch_add(1u32);
-        }
-        sync_storage();
-        let last = *arrived == u32::cast_from(splits - 1);
-        if last && UNIT_POS == 0 {
-            arrivals[at].store(0u32);
-        }
-        last
-    }
-
     /// Head `h` of row `row`: its `splits` partial results rescaled to their common maximum,
     /// summed and normalised, lane `lane`'s vector (`lane < per_head`).
     #[cube]
@@ -770,8 +751,9 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
     // A split context splits only below `TARGET_CUBES` (row cubes x key heads), so the
     // arrival counters always cover the grid's (row cube, key head) pairs.
     let merge_in_kernel = split && merge_in_kernel;
+    const _: () = assert!(TARGET_CUBES <= ARRIVAL_COUNTERS);
     debug_assert!(!split || row_cubes * kv_heads < TARGET_CUBES);
-    let arrivals = arrival_counters(&q);
+    let arrivals = arrival_counters(&q, Arrivals::SplitAttention);
     let client = out.client.clone();
     // SAFETY: the grid is `kv_heads x row_cubes x splits`; coded pools' scales are read at `slot *
     // kv_heads + kvh` of a slot the keys are read at (`[slots, kv_heads, 1]`, contiguous),
@@ -837,28 +819,6 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
         };
     }
     out
-}
-
-thread_local! {
-    /// Per device, on this thread (CubeCL gives each thread its own stream): the split
-    /// attention's arrival counters, one per (row cube, key head) of a launch, `TARGET_CUBES`
-    /// of them. Zero between launches: each launch's last cube of a pair sets its counter back.
-    /// Kept for the thread's life, so a recorded step's graph reads the same buffer at every
-    /// replay (made inside a recording, the zero fill is recorded too and replays harmlessly).
-    static ARRIVALS: RefCell<Vec<CubeTensor>> = const { RefCell::new(Vec::new()) };
-}
-
-/// This thread's arrival counters on `like`'s device ([`ARRIVALS`]).
-fn arrival_counters(like: &CubeTensor) -> CubeTensor {
-    ARRIVALS.with(|all| {
-        let mut all = all.borrow_mut();
-        if let Some(found) = all.iter().find(|c| c.device == like.device) {
-            return found.clone();
-        }
-        let made = zeros_client(like.client.clone(), like.device.clone(), [TARGET_CUBES].into(), DType::U32);
-        all.push(made.clone());
-        made
-    })
 }
 
 /// Whether the split decode merges its partial results in the attention kernel itself (its
