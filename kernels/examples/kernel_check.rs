@@ -49,7 +49,7 @@ use burn::tensor::{DType, Device, Distribution, FloatDType, Int, Tensor, TensorD
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
 use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, DecodeTuning, paged_decode_attention, paged_decode_attention_tuned};
-use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec, split_matvec_add_norm, split_matvec_swiglu};
+use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec, split_matvec_swiglu};
 use inference_pio_kernels::activation::fused_swiglu_halves;
 use inference_pio_kernels::argmax::fused_row_argmax;
 use inference_pio_kernels::router::{combine_reference, fused_combine, fused_softmax_top_k, softmax_top_k_reference};
@@ -194,9 +194,6 @@ fn main() {
             }
         }
     }
-    if runs("matvec") {
-        failed += check_matvec_add_norm(&device);
-    }
     if runs("attention") {
         failed += check_attention(&device);
         failed += check_prefill_attention(&device);
@@ -224,46 +221,6 @@ fn main() {
         std::process::exit(1);
     }
     println!("all checks passed");
-}
-
-/// A product with the decoder's residual add + RMSNorm after it in its kernel (the last cube
-/// of each row normalises it) against the product and the add + norm kernel: the same bits for
-/// the sum and the normalised row, over three calls in a row (the arrival counters set back),
-/// timed against the two kernels.
-fn check_matvec_add_norm(device: &Device) -> usize {
-    let mut failed = 0;
-    // (name, out, in, rows)
-    let cases = [
-        ("4B o 4096->2560 + add + norm", 2560, 4096, 1),
-        ("4B down 9728->2560 + add + norm", 2560, 9728, 1),
-        ("4B down 9728->2560 + add + norm, 2 rows", 2560, 9728, 2),
-        ("VL-2B o 2048->2048 + add + norm", 2048, 2048, 1),
-        ("tiny 48->40 + add + norm, 2 rows", 40, 48, 2),
-    ];
-    for (name, out, inp, rows) in cases {
-        for dtype in [DType::F32, DType::BF16] {
-            let parts = split_parts(inp, device);
-            let w = Tensor::<3>::random([parts, out, inp / parts], Distribution::Uniform(-0.05, 0.05), device).cast(dtype);
-            let x = Tensor::<2>::random([rows, inp], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
-            let residual = Tensor::<2>::random([rows, out], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
-            let weight = Tensor::<1>::random([out], Distribution::Uniform(0.5, 1.5), device).cast(dtype);
-            let fused = || {
-                let (sum, normed) = split_matvec_add_norm(x.clone(), &w, residual.clone(), &weight, 1e-6);
-                Tensor::cat(vec![sum, normed], 1)
-            };
-            let two = || {
-                let (sum, normed) = fused_add_rms_norm(residual.clone(), split_matvec(x.clone(), &w), &weight, 1e-6);
-                Tensor::cat(vec![sum, normed], 1)
-            };
-            let fused3 = || Tensor::cat(vec![fused(), fused(), fused()], 0);
-            let two3 = || Tensor::cat(vec![two(), two(), two()], 0);
-            let bytes = (out * inp * dtype.size()) as f64;
-            let label = format!("{name:46} {:5}", format!("{dtype:?}"));
-            failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &fused, &two, &two));
-            failed += usize::from(check(device, &format!("{label}, 3 calls"), 0.0, Work::Bytes(3.0 * bytes), &fused3, &two3, &two3));
-        }
-    }
-    failed
 }
 
 /// The paged decode-attention kernel against `gqa_attention` over the gathered keys and
@@ -324,26 +281,6 @@ fn check_attention(device: &Device) -> usize {
             let label = format!("{name:46} {:5}", format!("{dtype:?}"));
             let bytes = (rows * seen.min(window.unwrap_or(usize::MAX)) * kv * dim * 2 * dtype.size()) as f64;
             failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &reference));
-            // A split context merged by the kernel's last cube against the merge kernel: the
-            // same bits, at the first call and at the third (the arrival counters set back).
-            for merge_in_kernel in [true, false] {
-                let tuning = DecodeTuning { merge_in_kernel, ..DecodeTuning::default() };
-                let run = || match paged_decode_attention_tuned(q.clone(), &k, &v, &table, &lens, bt, window, scale, tuning) {
-                    Some(out) => out.reshape([rows * heads, dim]),
-                    None => panic!("{name}: the paged decode-attention kernel does not apply"),
-                };
-                let other = DecodeTuning { merge_in_kernel: !merge_in_kernel, ..tuning };
-                let second = || match paged_decode_attention_tuned(q.clone(), &k, &v, &table, &lens, bt, window, scale, other) {
-                    Some(out) => out.reshape([rows * heads, dim]),
-                    None => panic!("{name}: the paged decode-attention kernel does not apply"),
-                };
-                let thrice = || Tensor::cat(vec![run(), run(), run()], 0);
-                let second_thrice = || Tensor::cat(vec![second(), second(), second()], 0);
-                let how = if merge_in_kernel { "in the kernel" } else { "by a second kernel" };
-                let label = format!("{name:46} {:5} merged {how}", format!("{dtype:?}"));
-                failed += usize::from(check(device, &label, 0.0, Work::Bytes(bytes), &run, &second, &second));
-                failed += usize::from(check(device, &format!("{label}, 3 calls"), 0.0, Work::Bytes(3.0 * bytes), &thrice, &second_thrice, &second_thrice));
-            }
             // The tile sizes the kernel can take (score passes of `32 / 4` keys each), the
             // default above; bf16 only.
             if dtype == DType::BF16 {

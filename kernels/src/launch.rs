@@ -41,65 +41,10 @@ pub(crate) fn row_vector_width(widest: usize, tensors: &[&CubeTensor]) -> usize 
     vector
 }
 
-/// Kernels whose last cube of a group finishes the group's work read and set back their own
-/// set of arrival counters ([`arrival_counters`]).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Arrivals {
-    /// The split decode attention: one per (row cube, key head) of a launch.
-    SplitAttention,
-    /// The products that normalise their output row: one per row.
-    ProductRows,
-}
-
-/// Counters per [`Arrivals`] set.
-pub(crate) const ARRIVAL_COUNTERS: usize = 512;
-
-thread_local! {
-    /// Per device and [`Arrivals`] set, on this thread (CubeCL gives each thread its own
-    /// stream): [`ARRIVAL_COUNTERS`] counters, zero between launches (each launch's last cube of
-    /// a group sets its counter back). Kept for the thread's life, so a recorded step's graph
-    /// reads the same buffer at every replay (made inside a recording, the zero fill is
-    /// recorded too and replays harmlessly).
-    static ARRIVALS: std::cell::RefCell<Vec<(Arrivals, CubeTensor)>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// This thread's arrival counters of `set` on `like`'s device ([`ARRIVALS`]).
-pub(crate) fn arrival_counters(like: &CubeTensor, set: Arrivals) -> CubeTensor {
-    ARRIVALS.with(|all| {
-        let mut all = all.borrow_mut();
-        if let Some((_, found)) = all.iter().find(|(s, c)| *s == set && c.device == like.device) {
-            return found.clone();
-        }
-        let made = burn_cubecl::ops::numeric::zeros_client(like.client.clone(), like.device.clone(), [ARRIVAL_COUNTERS].into(), DType::U32);
-        all.push((set, made.clone()));
-        made
-    })
-}
-
 /// Device-side helpers the kernels share.
 pub(crate) mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
-
-    /// Whether this cube is the last of `cubes` to arrive at counter `at` (every unit of the
-    /// cube must call it, and gets the same answer). What the cube wrote to storage before is
-    /// visible to the last cube, and the other cubes' writes to it, after the call
-    /// (`sync_storage`: a device-scope release before the count, an acquire after); the last
-    /// cube sets the counter back to zero for the next launch.
-    #[cube]
-    pub fn last_to_arrive(arrivals: &mut [Atomic<u32>], at: usize, cubes: usize) -> bool {
-        let mut arrived = Shared::<u32>::new();
-        sync_storage();
-        if UNIT_POS == 0 {
-            *arrived = arrivals[at].fetch_add(1u32);
-        }
-        sync_storage();
-        let last = *arrived == u32::cast_from(cubes - 1);
-        if last && UNIT_POS == 0 {
-            arrivals[at].store(0u32);
-        }
-        last
-    }
 
     /// `value` combined over the cube of `planes` planes (`max`: the maximum, else the sum):
     /// over each plane, then over the planes through shared memory. Every unit of the cube

@@ -9,6 +9,15 @@
 //! `batched_linear` queues as four kernels, `benches/results/gpu-h200-2026-12-01-graphs.md`). The form is the classic
 //! "one warp per row" GEMV (e.g. llama.cpp's `mul_mat_vec`, vLLM's fused-MoE decode path).
 //!
+//! A SwiGLU MLP's `[gate | up]` product can end in the gate itself ([`split_matvec_swiglu`]):
+//! half of a cube's planes take gate channels, the other half the matching up channels, and
+//! `silu(gate) * up` is formed through shared memory, with the rounding of the gate's own kernel
+//! (the same bits). On an H100 in bf16 the product with the gate took 40.8 µs for Qwen3-4B's
+//! 2560 -> 2 x 9728 against 42.2 µs for the product and the gate's kernel (one row; 52.9 against
+//! 53.9 µs for two), end to end within the spread of batch-1 decode
+//! (`benches/results/gpu-h100-2026-12-07j-fusions.md`, which also records two other last-kernel
+//! fusions measured slower and not kept).
+//!
 //! The reference version on every backend is [`crate::linear::batched_linear`] over the
 //! selected weights ([`matvec_reference`]); the kernel runs on CubeCL devices only and is
 //! checked against it on the device (`kernels/examples/kernel_check.rs`).
@@ -23,10 +32,23 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use crate::activation::halves_shape;
-use crate::launch::{ARRIVAL_COUNTERS, Arrivals, PLANE, arrival_counters, is_cubecl, last_axis_contiguous, row_vector_width, vector_width};
+use crate::launch::{PLANE, is_cubecl, vector_width};
 
-/// Output channels per cube (one plane each).
+/// Output channels per cube (one plane each), unless `INFERENCE_PIO_MATVEC_PLANES` (1 to 32, a
+/// power of two) says otherwise.
 const ROWS_PER_CUBE: u32 = 8;
+
+/// [`ROWS_PER_CUBE`] or the switch's value.
+fn planes_per_cube() -> u32 {
+    static PLANES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PLANES.get_or_init(|| {
+        std::env::var("INFERENCE_PIO_MATVEC_PLANES")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|p| (1..=32).contains(p) && p.is_power_of_two())
+            .unwrap_or(ROWS_PER_CUBE)
+    })
+}
 /// Up to this many rows of a dense product run through the kernel; more go to the batched
 /// split-K matmul, which reuses each weight block across rows: on the H200, 2560 -> 9728 in
 /// bf16 took 19.0 µs by the kernel (four loads in flight per lane; 26 µs with one) and 40.7 µs
@@ -57,18 +79,6 @@ pub trait MatvecOps: Backend {
     #[fusion(dtype = x, shape = halves_shape(&matvec_shape(x, w)))]
     fn split_matvec_swiglu(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// `(residual + y, rms_norm(residual + y) * weight)` for `y = x · wᵀ`: `x [rows, in]`, `w
-    /// [parts, n, in / parts]`, `residual [rows, n]`, `weight [1, n]`; the bits of
-    /// [`Self::split_matvec`] and then [`crate::norm::NormOps::fused_add_rms_norm`].
-    #[fusion(meta = |_x, _w, residual, _weight, _eps| (residual.clone(), residual.clone()))]
-    fn split_matvec_add_norm(
-        x: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        residual: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        eps: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-
     /// Row `s` of the output, `[slots, out]`, is row `s / (slots / rows)` of `x [rows, in]`
     /// times expert `experts[s]` of `w [experts, parts, out, in / parts]` (`experts [slots]`).
     #[fusion(dtype = x, shape = matvec_shape(experts, w))]
@@ -84,16 +94,6 @@ impl MatvecOps for CubeBackend {
         launch(x, w, None, true)
     }
 
-    fn split_matvec_add_norm(
-        x: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        residual: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        eps: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        launch_add_norm(x, w, residual, weight, eps)
-    }
-
     fn gathered_split_matvec(x: FloatTensor<Self>, w: FloatTensor<Self>, experts: IntTensor<Self>) -> FloatTensor<Self> {
         // The kernel reads the indices as a plain buffer, so in their memory order.
         launch(x, w, Some(into_contiguous(experts)), false)
@@ -105,8 +105,6 @@ mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
-    use crate::launch::device::{last_to_arrive, row_start};
-    use crate::norm::device::{inverse_rms, normalised};
 
     /// One product term: `x`'s vector `u` of the row times the weight's vector `u` of the
     /// channel, `u` counting over the whole `parts * block` row (part `u / block`).
@@ -124,107 +122,6 @@ mod device {
         Vector::cast_from(x[x_base + u]) * Vector::cast_from(w[w_at])
     }
 
-    /// The plane's dot product of the row at `x_base` with the weight channel at `w_base`
-    /// (`total` vectors; every lane gets the sum). Four independent loads per lane in flight:
-    /// a plane's one row of the weight is only `total / 32` vectors per lane, too few to hide
-    /// memory latency one at a time.
-    #[cube]
-    fn channel_dot<E: Float, N: Size>(
-        x: &Tensor<Vector<E, N>>,
-        w: &Tensor<Vector<E, N>>,
-        x_base: usize,
-        w_base: usize,
-        part_stride: usize,
-        block: usize,
-        total: usize,
-    ) -> f32 {
-        let step = PLANE_DIM as usize;
-        let mut acc0 = Vector::<f32, N>::zero();
-        let mut acc1 = Vector::<f32, N>::zero();
-        let mut acc2 = Vector::<f32, N>::zero();
-        let mut acc3 = Vector::<f32, N>::zero();
-        let mut u = UNIT_POS_X as usize;
-        while u + 3 * step < total {
-            acc0 += term(x, w, x_base, w_base, part_stride, block, u);
-            acc1 += term(x, w, x_base, w_base, part_stride, block, u + step);
-            acc2 += term(x, w, x_base, w_base, part_stride, block, u + 2 * step);
-            acc3 += term(x, w, x_base, w_base, part_stride, block, u + 3 * step);
-            u += 4 * step;
-        }
-        while u < total {
-            acc0 += term(x, w, x_base, w_base, part_stride, block, u);
-            u += step;
-        }
-        plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)))
-    }
-
-    /// `y = x · wᵀ` for `x [rows, in]`, `w [parts, n, in / parts]` (a plane a channel, as
-    /// [`split_matvec_kernel`]), then, by the last cube of each row to finish, the decoder's
-    /// residual add and RMSNorm of that row with `add_rms_norm_kernel`'s arithmetic, order and
-    /// 256 units: `sum = dtype(residual + y)`, `normed = rms_norm(sum) * weight`. `y` is the
-    /// products rounded to the dtype, read back as vectors of the norm's width `N`.
-    #[cube(launch_unchecked)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn split_matvec_add_norm_kernel<E: Float, N: Size>(
-        x: &Tensor<Vector<E, N>>,
-        w: &Tensor<Vector<E, N>>,
-        y: &mut Tensor<E>,
-        residual: &Tensor<Vector<E, N>>,
-        weight: &Tensor<Vector<E, N>>,
-        sum: &mut Tensor<Vector<E, N>>,
-        normed: &mut Tensor<Vector<E, N>>,
-        arrivals: &mut [Atomic<u32>],
-        parts: usize,
-        eps: f32,
-        #[define(E)] _dtype: ElemType,
-    ) {
-        let row = CUBE_POS_X as usize;
-        let channels = y.shape(1);
-        let channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-        // Planes past the last channel compute the last one again (every unit reaches the
-        // arrival below) and write nothing.
-        let c = min(channel, channels - 1);
-        let block = w.shape(w.rank() - 1) / w.vector_size();
-        let total = parts * block;
-        let dot = channel_dot(x, w, row * total, c * block, channels * block, block, total);
-        if UNIT_POS_X == 0 && channel < channels {
-            y[row * channels + channel] = E::cast_from(dot);
-        }
-        if last_to_arrive(arrivals, row, CUBE_COUNT_Y as usize) {
-            let vectors = channels / N::value();
-            let r_start = row_start(residual, row);
-            let s_start = row * vectors;
-            let mut acc = Vector::<f32, N>::zero();
-            let mut v = UNIT_POS as usize;
-            while v < vectors {
-                let total = row_sum(residual, y, r_start, row * channels, v);
-                sum[s_start + v] = total;
-                let value = Vector::<f32, N>::cast_from(total);
-                acc += value * value;
-                v += CUBE_DIM as usize;
-            }
-            let inv = inverse_rms(Vector::vector_sum(acc), channels, eps);
-            let mut v = UNIT_POS as usize;
-            while v < vectors {
-                let total = row_sum(residual, y, r_start, row * channels, v);
-                normed[s_start + v] = normalised(Vector::cast_from(total), inv, weight[v]);
-                v += CUBE_DIM as usize;
-            }
-        }
-    }
-
-    /// Vector `v` of `dtype(residual + y)` for a row starting at `r_start` (vectors) of the
-    /// residual and `y_start` (elements) of `y`.
-    #[cube]
-    fn row_sum<E: Float, N: Size>(residual: &Tensor<Vector<E, N>>, y: &mut Tensor<E>, r_start: usize, y_start: usize, v: usize) -> Vector<E, N> {
-        let mut ys = Vector::<E, N>::empty();
-        #[unroll]
-        for j in 0..N::value() {
-            ys.insert(j, y[y_start + v * N::value() + j]);
-        }
-        Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(residual[r_start + v]) + Vector::<f32, N>::cast_from(ys))
-    }
-
     #[cube(launch_unchecked)]
     pub fn split_matvec_kernel<E: Float, I: Int, N: Size>(
         x: &Tensor<Vector<E, N>>,
@@ -234,6 +131,7 @@ mod device {
         parts: usize,
         x_share: usize,
         #[comptime] swiglu: bool,
+        #[comptime] planes: usize,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
         // Rows vary fastest across cubes, so the rows of one weight block run side by side
@@ -263,11 +161,30 @@ mod device {
         let x_base = row / x_share * total;
         let part_stride = channels * block;
         let w_base = (stack * parts * channels + channel) * block;
-        let total_sum = channel_dot(x, w, x_base, w_base, part_stride, block, total);
+        let step = PLANE_DIM as usize;
+        // Four independent loads per lane in flight: a plane's one row of the weight is only
+        // `total / 32` vectors per lane, too few to hide memory latency one at a time.
+        let mut acc0 = Vector::<f32, N>::zero();
+        let mut acc1 = Vector::<f32, N>::zero();
+        let mut acc2 = Vector::<f32, N>::zero();
+        let mut acc3 = Vector::<f32, N>::zero();
+        let mut u = UNIT_POS_X as usize;
+        while u + 3 * step < total {
+            acc0 += term(x, w, x_base, w_base, part_stride, block, u);
+            acc1 += term(x, w, x_base, w_base, part_stride, block, u + step);
+            acc2 += term(x, w, x_base, w_base, part_stride, block, u + 2 * step);
+            acc3 += term(x, w, x_base, w_base, part_stride, block, u + 3 * step);
+            u += 4 * step;
+        }
+        while u < total {
+            acc0 += term(x, w, x_base, w_base, part_stride, block, u);
+            u += step;
+        }
+        let total_sum = plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)));
         if swiglu {
             // `dtype(dtype(silu(gate)) * up)` from the products rounded to the dtype, as
             // `activation::swiglu_halves_kernel` computes it from a stored `[gate | up]`.
-            let mut sums = Shared::<[f32]>::new_slice(comptime!(crate::matvec::ROWS_PER_CUBE as usize));
+            let mut sums = Shared::<[f32]>::new_slice(planes);
             if UNIT_POS_X == 0 {
                 sums[UNIT_POS_Y as usize] = f32::cast_from(E::cast_from(total_sum));
             }
@@ -301,9 +218,11 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: boo
     // tensor it allocates, which a first one-row test cannot see).
     let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, out_channels]), dtype);
     let vector = vector_width(block, dtype);
-    let cube_dim = CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE);
-    // With `swiglu` a cube's planes take half as many output channels, each twice.
-    let per_cube = if swiglu { ROWS_PER_CUBE / 2 } else { ROWS_PER_CUBE };
+    // With `swiglu` a cube's planes take half as many output channels, each twice (so two
+    // planes at least).
+    let planes = if swiglu { planes_per_cube().max(2) } else { planes_per_cube() };
+    let cube_dim = CubeDim::new_2d(PLANE as u32, planes);
+    let per_cube = if swiglu { planes / 2 } else { planes };
     let cube_count = CubeCount::Static(rows as u32, (out_channels as u32).div_ceil(per_cube), 1);
     let int_dtype = experts.as_ref().map_or(DType::I32, |e| e.dtype);
     let client = out.client.clone();
@@ -324,65 +243,11 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: boo
             parts,
             x_share,
             swiglu,
+            planes as usize,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };
     out
-}
-
-/// [`MatvecOps::split_matvec_add_norm`]: the product and the row's add + RMSNorm in one launch
-/// where the norm reads the row at the product's vector width (else the two launches).
-fn launch_add_norm(x: CubeTensor, w: CubeTensor, residual: CubeTensor, weight: CubeTensor, eps: f64) -> (CubeTensor, CubeTensor) {
-    let x = into_contiguous(x);
-    let w = into_contiguous(w);
-    let residual = last_axis_contiguous(residual);
-    let weight = into_contiguous(weight);
-    let wshape = w.meta.shape().clone();
-    let rank = wshape.num_dims();
-    let (parts, channels, block) = (wshape[rank - 3], wshape[rank - 2], wshape[rank - 1]);
-    let rows = x.meta.shape()[0];
-    let dtype = x.dtype;
-    assert_eq!(residual.meta.shape(), &Shape::new([rows, channels]), "matvec + norm: the residual's shape differs from the product's");
-    assert!(weight.dtype == dtype && residual.dtype == dtype, "matvec + norm: the residual's or the weight's dtype differs from the input's");
-    let vector = vector_width(block, dtype);
-    // The norm kernel's own width for these rows: the epilogue matches its arithmetic only
-    // at the same width.
-    let norm_vector = row_vector_width(vector_width(channels, dtype), &[&residual]);
-    if norm_vector != vector || rows > ARRIVAL_COUNTERS {
-        let y = launch(x, w, None, false);
-        let (sum, normed) = crate::norm::launch(residual, Some(y), weight, eps);
-        return (sum.expect("the add variant writes the sum"), normed);
-    }
-    let alloc = || empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, channels]), dtype);
-    let (y, sum, normed) = (alloc(), alloc(), alloc());
-    let arrivals = arrival_counters(&x, Arrivals::ProductRows);
-    let client = x.client.clone();
-    // SAFETY: `row < rows` (the grid's x) and channels clamped below `channels` index `x`
-    // (contiguous `[rows, parts * block]` vectors) and `w` (contiguous `[parts, channels,
-    // block]`); `y`, `sum` and `normed` are contiguous `[rows, channels]`, written below
-    // `channels` a row; the residual's row starts at its strided offset and spans `channels`
-    // contiguous elements (asserted shape, last axis contiguous); the weight is `[1, channels]`;
-    // counters `row < rows <= ARRIVAL_COUNTERS`.
-    unsafe {
-        device::split_matvec_add_norm_kernel::launch_unchecked(
-            &client,
-            CubeCount::Static(rows as u32, (channels as u32).div_ceil(ROWS_PER_CUBE), 1),
-            CubeDim::new_2d(PLANE as u32, ROWS_PER_CUBE),
-            vector,
-            x.into_tensor_arg(),
-            w.into_tensor_arg(),
-            y.into_tensor_arg(),
-            residual.into_tensor_arg(),
-            weight.into_tensor_arg(),
-            sum.clone().into_tensor_arg(),
-            normed.clone().into_tensor_arg(),
-            arrivals.into_buffer_arg(),
-            parts,
-            eps as f32,
-            dtype_to_storage_type(dtype),
-        )
-    };
-    (sum, normed)
 }
 
 /// Whether [`split_matvec`] runs for a dense product of `rows` rows on `device`: CubeCL
@@ -416,23 +281,6 @@ pub fn split_matvec_swiglu(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
 pub fn swiglu_kernel_applies(rows: usize, device: &Device) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     dense_kernel_applies(rows, device) && *ON.get_or_init(|| std::env::var("INFERENCE_PIO_SWIGLU_IN_MATVEC").map_or(true, |v| v != "0"))
-}
-
-/// `(residual + x · wᵀ, rms_norm(residual + x · wᵀ) * weight)` for `x [rows, in]`, `w [parts,
-/// n, in / parts]`, `residual [rows, n]`, `weight [n]`, by the kernel: the bits of
-/// [`split_matvec`] and then [`crate::add_rms_norm`], in one launch.
-pub fn split_matvec_add_norm(x: Tensor<2>, w: &Tensor<3>, residual: Tensor<2>, weight: &Tensor<1>, eps: f64) -> (Tensor<2>, Tensor<2>) {
-    let weight = crate::norm::weight_rows(weight);
-    let (sum, normed) = Dispatch::split_matvec_add_norm(x.into_dispatch(), w.clone().into_dispatch(), residual.into_dispatch(), weight.into_dispatch(), eps);
-    (Tensor::from_dispatch(sum), Tensor::from_dispatch(normed))
-}
-
-/// Whether a product of `rows` rows on `device` that a residual add + RMSNorm follows takes
-/// them in its kernel ([`split_matvec_add_norm`]): where [`dense_kernel_applies`], unless
-/// `INFERENCE_PIO_NORM_IN_MATVEC=0`.
-pub fn add_norm_kernel_applies(rows: usize, device: &Device) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    dense_kernel_applies(rows, device) && *ON.get_or_init(|| std::env::var("INFERENCE_PIO_NORM_IN_MATVEC").map_or(true, |v| v != "0"))
 }
 
 /// Row `s` of `x [rows, in]`, repeated `slots / rows` times, times expert `experts[s]` of

@@ -114,7 +114,7 @@ pub(crate) mod device {
     /// `1 / sqrt(mean + eps)` from one unit's partial sum of squares, summed over its plane
     /// and then over the cube's planes (every unit of the cube gets the result).
     #[cube]
-    pub fn inverse_rms(partial: f32, n: usize, eps: f32) -> f32 {
+    fn inverse_rms(partial: f32, n: usize, eps: f32) -> f32 {
         let total = cube_reduce(partial, crate::norm::PLANES_PER_ROW as usize, false);
         f32::new(1.0) / (total / f32::cast_from(n) + eps).sqrt()
     }
@@ -271,7 +271,7 @@ fn launch_layer_norm(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, eps: f
     out
 }
 
-pub(crate) fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, eps: f64) -> (Option<CubeTensor>, CubeTensor) {
+fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, eps: f64) -> (Option<CubeTensor>, CubeTensor) {
     let shape = x.meta.shape().clone();
     let rank = shape.num_dims();
     let n = shape[rank - 1];
@@ -342,7 +342,7 @@ pub(crate) fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, e
 }
 
 /// `weight` as the kernels' `[groups, n]`: a `[n]` weight is one group.
-pub(crate) fn weight_rows<const W: usize>(weight: &Tensor<W>) -> Tensor<2> {
+fn weight_rows<const W: usize>(weight: &Tensor<W>) -> Tensor<2> {
     let dims = weight.dims();
     let n = dims[W - 1];
     weight.clone().reshape([dims.iter().product::<usize>() / n.max(1), n])

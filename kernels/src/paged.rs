@@ -62,7 +62,7 @@ use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use crate::launch::{ARRIVAL_COUNTERS, Arrivals, PLANE, arrival_counters, is_cubecl, last_axis_contiguous};
+use crate::launch::{PLANE, is_cubecl, last_axis_contiguous};
 use crate::kv_pages::{KvCodes, KvPages};
 use std::cell::{OnceCell, RefCell};
 
@@ -136,7 +136,6 @@ pub trait PagedDecodeOps: Backend {
         block_tokens: usize,
         window: usize,
         passes: usize,
-        merge_in_kernel: bool,
     ) -> FloatTensor<Self>;
 
     /// Prefill chunks' attention in one launch: `q [tokens, heads, head_dim]` (every chunk's
@@ -178,7 +177,6 @@ pub trait PagedDecodeOps: Backend {
         passes: usize,
         fp8: bool,
         codes_via_bits: bool,
-        merge_in_kernel: bool,
     ) -> FloatTensor<Self>;
 
     /// [`Self::paged_prefill_attention`] over coded pools (as [`Self::paged_decode_attention_coded`]).
@@ -212,9 +210,8 @@ impl PagedDecodeOps for CubeBackend {
         block_tokens: usize,
         window: usize,
         passes: usize,
-        merge_in_kernel: bool,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, None, table, None, lens, scale, block_tokens, window, passes, Conversion::Cast, merge_in_kernel)
+        launch(q, k, v, None, table, None, lens, scale, block_tokens, window, passes, Conversion::Cast)
     }
 
     fn paged_prefill_attention(
@@ -228,7 +225,7 @@ impl PagedDecodeOps for CubeBackend {
         block_tokens: usize,
         window: usize,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, None, table, Some(seqs), lens, scale, block_tokens, window, 0, Conversion::Cast, merge_in_kernel_default())
+        launch(q, k, v, None, table, Some(seqs), lens, scale, block_tokens, window, 0, Conversion::Cast)
     }
 
     fn paged_decode_attention_coded(
@@ -245,9 +242,8 @@ impl PagedDecodeOps for CubeBackend {
         passes: usize,
         fp8: bool,
         codes_via_bits: bool,
-        merge_in_kernel: bool,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, Some((k_scales, v_scales)), table, None, lens, scale, block_tokens, window, passes, conversion(fp8, codes_via_bits), merge_in_kernel)
+        launch(q, k, v, Some((k_scales, v_scales)), table, None, lens, scale, block_tokens, window, passes, conversion(fp8, codes_via_bits))
     }
 
     fn paged_prefill_attention_coded(
@@ -265,7 +261,7 @@ impl PagedDecodeOps for CubeBackend {
         fp8: bool,
         codes_via_bits: bool,
     ) -> FloatTensor<Self> {
-        launch(q, k, v, Some((k_scales, v_scales)), table, Some(seqs), lens, scale, block_tokens, window, 0, conversion(fp8, codes_via_bits), merge_in_kernel_default())
+        launch(q, k, v, Some((k_scales, v_scales)), table, Some(seqs), lens, scale, block_tokens, window, 0, conversion(fp8, codes_via_bits))
     }
 }
 
@@ -274,7 +270,6 @@ mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::num_traits::Zero;
     use burn_cubecl::cubecl::prelude::*;
-    use crate::launch::device::last_to_arrive;
 
     /// One cube per (key head, row, split): the `group` query heads of key head `CUBE_POS_X`
     /// of row `CUBE_POS_Y` over split `CUBE_POS_Z`'s share (`1 / splits`, rounded up) of the
@@ -311,7 +306,6 @@ mod device {
         out: &mut Tensor<Vector<E, N>>,
         part_acc: &mut [Vector<f32, N>],
         part_ml: &mut [f32],
-        arrivals: &mut [Atomic<u32>],
         scale: f32,
         max_blocks: usize,
         block_tokens: usize,
@@ -323,7 +317,6 @@ mod device {
         #[comptime] lpk: usize,
         #[comptime] passes: usize,
         #[comptime] split: bool,
-        #[comptime] merge_in_kernel: bool,
         #[comptime] plane_rows: bool,
         #[comptime] scaled: bool,
         #[comptime] conversion: u32,
@@ -536,16 +529,6 @@ mod device {
                     out[(row * heads + h) * per_head + lane] = Vector::cast_from(a / Vector::new(max(total, f32::new(1.0e-30))));
                 }
             }
-            if comptime!(split && merge_in_kernel) {
-                // The cube that finishes its (row cube, key head) last merges every split of
-                // its planes' rows.
-                if last_to_arrive(arrivals, CUBE_POS_Y as usize * kv_heads + kvh, splits) && live_row && lane < per_head {
-                    #[unroll]
-                    for g in 0..group {
-                        merge_head(part_acc, part_ml, out, splits, rows, heads, row, kvh * group + g, lane, per_head);
-                    }
-                }
-            }
         } else {
             // Key-split mode: the planes' running maxima, sums and accumulators merged through
             // shared memory, each plane finishing heads `plane, plane + planes, ...`.
@@ -595,49 +578,7 @@ mod device {
                 }
                 g += planes;
             }
-            if comptime!(split && merge_in_kernel) {
-                // The cube that finishes its (row, key head) last merges every split of its
-                // heads, plane p heads p, p + planes, ...
-                if last_to_arrive(arrivals, row * kv_heads + kvh, splits) && lane < per_head {
-                    let mut g = plane;
-                    while g < group {
-                        merge_head(part_acc, part_ml, out, splits, rows, heads, row, kvh * group + g, lane, per_head);
-                        g += planes;
-                    }
-                }
-            }
         }
-    }
-
-    /// Head `h` of row `row`: its `splits` partial results rescaled to their common maximum,
-    /// summed and normalised, lane `lane`'s vector (`lane < per_head`).
-    #[cube]
-    #[allow(clippy::too_many_arguments)]
-    fn merge_head<E: Float, N: Size>(
-        part_acc: &mut [Vector<f32, N>],
-        part_ml: &mut [f32],
-        out: &mut Tensor<Vector<E, N>>,
-        splits: usize,
-        rows: usize,
-        heads: usize,
-        row: usize,
-        h: usize,
-        lane: usize,
-        #[comptime] per_head: usize,
-    ) {
-        let mut top = f32::new(-1.0e30);
-        for s in 0..splits {
-            top = max(top, part_ml[2 * ((s * rows + row) * heads + h)]);
-        }
-        let mut sum = f32::new(0.0);
-        let mut merged = Vector::<f32, N>::zero();
-        for s in 0..splits {
-            let i = (s * rows + row) * heads + h;
-            let w = (part_ml[2 * i] - top).exp();
-            sum += part_ml[2 * i + 1] * w;
-            merged += part_acc[i * per_head + lane] * Vector::new(w);
-        }
-        out[(row * heads + h) * per_head + lane] = Vector::cast_from(merged / Vector::new(max(sum, f32::new(1.0e-30))));
     }
 
     /// A vector of keys or values as f32, by [`super::Conversion`] (as a number): `0` converted
@@ -691,24 +632,38 @@ mod device {
     /// [`paged_decode_kernel`] rescaled to their common maximum and normalised.
     #[cube(launch_unchecked)]
     pub fn merge_splits_kernel<E: Float, N: Size>(
-        part_acc: &mut [Vector<f32, N>],
-        part_ml: &mut [f32],
+        part_acc: &[Vector<f32, N>],
+        part_ml: &[f32],
         out: &mut Tensor<Vector<E, N>>,
         splits: usize,
-        #[comptime] per_head: usize,
         #[define(E)] _dtype: ElemType,
     ) {
+        let h = CUBE_POS_X as usize;
+        let row = CUBE_POS_Y as usize;
         let lane = UNIT_POS_X as usize;
+        let rows = out.shape(0);
+        let heads = out.shape(1);
+        let per_head = out.shape(2) / out.vector_size();
         if lane < per_head {
-            let rows = out.shape(0);
-            let heads = out.shape(1);
-            merge_head(part_acc, part_ml, out, splits, rows, heads, CUBE_POS_Y as usize, CUBE_POS_X as usize, lane, per_head);
+            let mut top = f32::new(-1.0e30);
+            for s in 0..splits {
+                top = max(top, part_ml[2 * ((s * rows + row) * heads + h)]);
+            }
+            let mut sum = f32::new(0.0);
+            let mut merged = Vector::<f32, N>::zero();
+            for s in 0..splits {
+                let i = (s * rows + row) * heads + h;
+                let w = (part_ml[2 * i] - top).exp();
+                sum += part_ml[2 * i + 1] * w;
+                merged += part_acc[i * per_head + lane] * Vector::new(w);
+            }
+            out[(row * heads + h) * per_head + lane] = Vector::cast_from(merged / Vector::new(max(sum, f32::new(1.0e-30))));
         }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTensor, CubeTensor)>, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize, conversion: Conversion, merge_in_kernel: bool) -> CubeTensor {
+fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTensor, CubeTensor)>, table: CubeTensor, seqs: Option<CubeTensor>, lens: CubeTensor, scale: f32, block_tokens: usize, window: usize, passes: usize, conversion: Conversion) -> CubeTensor {
     let q = into_contiguous(q);
     let (k, v) = (last_axis_contiguous(k), last_axis_contiguous(v));
     // Coded pools' scales `[slots, kv_heads, 1]`, read at `slot * kv_heads + head`; dense pools
@@ -748,12 +703,6 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
     let part_len = if split { splits * rows * heads } else { 1 };
     let part_acc = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [part_len * if split { head_dim } else { vector }].into(), DType::F32);
     let part_ml = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), [2 * part_len].into(), DType::F32);
-    // A split context splits only below `TARGET_CUBES` (row cubes x key heads), so the
-    // arrival counters always cover the grid's (row cube, key head) pairs.
-    let merge_in_kernel = split && merge_in_kernel;
-    const _: () = assert!(TARGET_CUBES <= ARRIVAL_COUNTERS);
-    debug_assert!(!split || row_cubes * kv_heads < TARGET_CUBES);
-    let arrivals = arrival_counters(&q, Arrivals::SplitAttention);
     let client = out.client.clone();
     // SAFETY: the grid is `kv_heads x row_cubes x splits`; coded pools' scales are read at `slot *
     // kv_heads + kvh` of a slot the keys are read at (`[slots, kv_heads, 1]`, contiguous),
@@ -781,7 +730,6 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
             out.clone().into_tensor_arg(),
             part_acc.clone().into_buffer_arg(),
             part_ml.clone().into_buffer_arg(),
-            arrivals.into_buffer_arg(),
             scale,
             max_blocks,
             block_tokens,
@@ -793,14 +741,13 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
             lpk,
             passes,
             split,
-            merge_in_kernel,
             plane_rows,
             scaled,
             conversion as u32,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(kv_dtype), dtype_to_storage_type(int_dtype)],
         )
     };
-    if split && !merge_in_kernel {
+    if split {
         // SAFETY: the grid is `heads x rows`; the partials were written for every (split, row,
         // head) by the launch above, on the same stream.
         unsafe {
@@ -813,20 +760,11 @@ fn launch(q: CubeTensor, k: CubeTensor, v: CubeTensor, scales: Option<(CubeTenso
                 part_ml.into_buffer_arg(),
                 out.clone().into_tensor_arg(),
                 splits,
-                per_head,
                 dtype_to_storage_type(dtype),
             )
         };
     }
     out
-}
-
-/// Whether the split decode merges its partial results in the attention kernel itself (its
-/// last cube per row and key head) rather than in a second kernel: on unless
-/// `INFERENCE_PIO_MERGE_IN_ATTENTION=0`.
-pub fn merge_in_kernel_default() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("INFERENCE_PIO_MERGE_IN_ATTENTION").map_or(true, |v| v != "0"))
 }
 
 /// Whether the decode kernel can run for heads of `head_dim` channels in `dtype` on `device`
@@ -870,14 +808,11 @@ pub struct DecodeTuning {
     pub passes: Option<usize>,
     /// How int8 codes become f32 (see [`INT8_CODES_VIA_BITS`]).
     pub codes_via_bits: bool,
-    /// A split context's partial results merged by the kernel's last cube instead of a second
-    /// kernel ([`merge_in_kernel_default`]).
-    pub merge_in_kernel: bool,
 }
 
 impl Default for DecodeTuning {
     fn default() -> Self {
-        Self { passes: None, codes_via_bits: INT8_CODES_VIA_BITS, merge_in_kernel: merge_in_kernel_default() }
+        Self { passes: None, codes_via_bits: INT8_CODES_VIA_BITS }
     }
 }
 
@@ -900,7 +835,7 @@ pub fn paged_decode_attention_tuned(q: Tensor<3>, k: &KvPages, v: &KvPages, tabl
     let (table, lens) = (table.clone().into_dispatch(), lens.clone().into_dispatch());
     let out = match (k, v) {
         (KvPages::Dense(k), KvPages::Dense(v)) => {
-            Dispatch::paged_decode_attention(q.into_dispatch(), k.clone().into_dispatch(), v.clone().into_dispatch(), table, lens, scale, block_tokens, window, passes, tuning.merge_in_kernel)
+            Dispatch::paged_decode_attention(q.into_dispatch(), k.clone().into_dispatch(), v.clone().into_dispatch(), table, lens, scale, block_tokens, window, passes)
         }
         (KvPages::Coded { format, codes: k, scales: ks }, KvPages::Coded { codes: v, scales: vs, .. }) => Dispatch::paged_decode_attention_coded(
             q.into_dispatch(),
@@ -916,7 +851,6 @@ pub fn paged_decode_attention_tuned(q: Tensor<3>, k: &KvPages, v: &KvPages, tabl
             passes,
             *format == KvCodes::Fp8,
             tuning.codes_via_bits,
-            tuning.merge_in_kernel,
         ),
         _ => return None,
     };

@@ -290,20 +290,6 @@ impl Linear {
         }
         inference_pio_kernels::swiglu_halves(self.forward(x))
     }
-
-    /// `(residual + y, rms_norm(residual + y) * weight)` for `y = self.forward(x)`, `residual
-    /// [rows, out]`: in the product's kernel where it runs for these rows (one dense weight, no
-    /// bias: [`matvec::add_norm_kernel_applies`]), else the product, then [`add_rms_norm`]. The
-    /// same bits either way.
-    pub(crate) fn forward_add_norm(&self, x: Tensor<2>, residual: Tensor<2>, weight: &Tensor<1>, eps: f64) -> (Tensor<2>, Tensor<2>) {
-        if let ([Weight::Dense(w)], None) = (self.weights.as_slice(), &self.bias)
-            && x.dtype() == w.dtype()
-            && matvec::add_norm_kernel_applies(x.dims()[0], &x.device())
-        {
-            return matvec::split_matvec_add_norm(x, w, residual, weight, eps);
-        }
-        add_rms_norm(residual, self.forward(x), weight, eps)
-    }
 }
 
 /// Places loaded weights, joining neighbours stored alike: dense ones into one split weight,
@@ -729,16 +715,12 @@ impl Decoder {
         }
         let mut x = x.reshape([1, t, h]);
         // The last block output not yet added to the residual stream: each add runs together
-        // with the normalisation after it (one kernel on the GPU)...
+        // with the normalisation after it (one kernel on the GPU).
         let mut pending: Option<Tensor<3>> = None;
-        // ...or, where the block's last product took them in its own kernel, `x` is the sum and
-        // this its normalisation for the next block.
-        let mut prenormed: Option<Tensor<2>> = None;
         for (l, block) in self.blocks.iter().enumerate() {
-            let (residual, normed) = match (prenormed.take(), pending.take()) {
-                (Some(normed), _) => (x.clone(), normed.reshape([1, t, h])),
-                (None, Some(y)) => add_rms_norm(x, y, &block.input_norm, c.rms_norm_eps),
-                (None, None) => (x.clone(), rms_norm(x, &block.input_norm, c.rms_norm_eps)),
+            let (residual, normed) = match pending.take() {
+                Some(y) => add_rms_norm(x, y, &block.input_norm, c.rms_norm_eps),
+                None => (x.clone(), rms_norm(x, &block.input_norm, c.rms_norm_eps)),
             };
             let normed = normed.reshape([t, h]);
             // Heads `[q.., k.., v..]`. Queries and keys get their QK-norm and rotary
@@ -753,34 +735,16 @@ impl Decoder {
             let attn = paged_attention(q, &k_pool, &v_pool, layout, c.layer_windows[l], scale);
             kv.layers[l] = Some((k_pool, v_pool));
             let attn = attn.reshape([t, nh * d]);
-            // Unsplit, the output projection takes the residual add and the norm after it.
-            let (residual, normed) = if self.tp.is_none() {
-                let (sum, normed) = block.o.forward_add_norm(attn, residual.reshape([t, h]), &block.post_norm, c.rms_norm_eps);
-                (sum.reshape([1, t, h]), normed)
-            } else {
-                let attn = self.all_reduce(block.o.forward(attn))?;
-                let (residual, normed) = add_rms_norm(residual, attn.reshape([1, t, h]), &block.post_norm, c.rms_norm_eps);
-                (residual, normed.reshape([t, h]))
+            let attn = self.all_reduce(block.o.forward(attn))?;
+            let (residual, normed) = add_rms_norm(residual, attn.reshape([1, t, h]), &block.post_norm, c.rms_norm_eps);
+            let normed = normed.reshape([t, h]);
+            let mlp = match &block.mlp {
+                FeedForward::Dense(mlp) => mlp.forward(normed),
+                FeedForward::Moe(moe) => moe.forward(normed)?,
             };
-            let deepstack = inputs.vision.as_ref().and_then(|v| v.deepstack.get(l));
-            // Likewise a dense MLP's down projection, the next block's add and input norm.
-            let next_norm = self.blocks.get(l + 1).map(|b| &b.input_norm).filter(|_| self.tp.is_none() && deepstack.is_none());
-            match (&block.mlp, next_norm) {
-                (FeedForward::Dense(mlp), Some(norm)) => {
-                    let (sum, normed) = mlp.forward_add_norm(normed, residual.reshape([t, h]), norm, c.rms_norm_eps);
-                    x = sum.reshape([1, t, h]);
-                    prenormed = Some(normed);
-                }
-                _ => {
-                    let mlp = match &block.mlp {
-                        FeedForward::Dense(mlp) => mlp.forward(normed),
-                        FeedForward::Moe(moe) => moe.forward(normed)?,
-                    };
-                    let mlp = self.all_reduce(mlp)?;
-                    x = residual;
-                    pending = Some(mlp.reshape([1, t, h]));
-                }
-            }
+            let mlp = self.all_reduce(mlp)?;
+            x = residual;
+            pending = Some(mlp.reshape([1, t, h]));
             // DeepStack: this layer's image features join the image rows' hidden states.
             if let Some(v) = &inputs.vision
                 && let Some(features) = v.deepstack.get(l)

@@ -156,12 +156,6 @@ impl Mlp {
         self.down.forward(self.gate_up.forward_swiglu(x))
     }
 
-    /// `(residual + y, rms_norm(residual + y) * weight)` for `y = self.forward(x)` (the down
-    /// projection takes the add and the norm: [`Linear::forward_add_norm`]).
-    pub fn forward_add_norm(&self, x: Tensor<2>, residual: Tensor<2>, weight: &Tensor<1>, eps: f64) -> (Tensor<2>, Tensor<2>) {
-        self.down.forward_add_norm(self.gate_up.forward_swiglu(x), residual, weight, eps)
-    }
-
     /// [`Self::forward`] of one f32 row on the host (weights quantized in host memory: see
     /// [`Linear::host_row`]): the same products of one row, and the CPU's SwiGLU row
     /// ([`inference_pio_kernels::swiglu_row`]).
