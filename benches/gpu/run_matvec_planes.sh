@@ -24,6 +24,7 @@ echo "kernel_check done at $SECONDS s"
 CK=$(qwen3_4b_dir)
 : > /tmp/empty.toml
 bench() { # PLANES ROWS
+  rm -f /tmp/pio.json
   INFERENCE_PIO_MATVEC_PLANES=$1 timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
     --batch $2 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
     --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err

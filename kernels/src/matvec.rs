@@ -35,19 +35,29 @@ use crate::activation::halves_shape;
 use crate::launch::{PLANE, is_cubecl, vector_width};
 
 /// Output channels per cube (one plane each), unless `INFERENCE_PIO_MATVEC_PLANES` (1 to 32, a
-/// power of two) says otherwise.
-const ROWS_PER_CUBE: u32 = 8;
+/// power of two) says otherwise. Four, not eight: Qwen3-4B's o and down products have 2,560
+/// channels, 320 cubes of eight over an H100's 132 multiprocessors (two or three each, so a
+/// third of them idle for the last third of the product) or 640 of four. On an H100 four gave
+/// batch-1 decode 242.8-243.2 tok/s against 240.2-240.8 with eight (batch 2 391.4 against
+/// 382.1, Qwen3-VL-2B after an image 486.0 against 481.9; sixteen 235.8;
+/// `benches/results/gpu-h100-2026-12-07k-matvec-planes.md`).
+const ROWS_PER_CUBE: u32 = 4;
+/// The most cubes a grid's second dimension takes (CUDA's limit).
+const MAX_GRID_Y: usize = 65_535;
 
-/// [`ROWS_PER_CUBE`] or the switch's value.
-fn planes_per_cube() -> u32 {
+/// [`ROWS_PER_CUBE`] or the switch's value, raised (a power of two, at most 32) until
+/// `channels` fit the grid's second dimension.
+fn planes_per_cube(channels: usize) -> u32 {
     static PLANES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *PLANES.get_or_init(|| {
+    let chosen = *PLANES.get_or_init(|| {
         std::env::var("INFERENCE_PIO_MATVEC_PLANES")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
             .filter(|p| (1..=32).contains(p) && p.is_power_of_two())
             .unwrap_or(ROWS_PER_CUBE)
-    })
+    });
+    let needed = channels.div_ceil(MAX_GRID_Y).next_power_of_two() as u32;
+    chosen.max(needed).min(32)
 }
 /// Up to this many rows of a dense product run through the kernel; more go to the batched
 /// split-K matmul, which reuses each weight block across rows: on the H200, 2560 -> 9728 in
@@ -218,9 +228,10 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: boo
     // tensor it allocates, which a first one-row test cannot see).
     let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, out_channels]), dtype);
     let vector = vector_width(block, dtype);
-    // With `swiglu` a cube's planes take half as many output channels, each twice (so two
-    // planes at least).
-    let planes = if swiglu { planes_per_cube().max(2) } else { planes_per_cube() };
+    // With `swiglu` a cube's planes take half as many output channels, each twice: two planes
+    // at least, and as `channels` is twice the outputs, half the planes still keep the grid
+    // within its limit.
+    let planes = if swiglu { planes_per_cube(channels).max(2) } else { planes_per_cube(channels) };
     let cube_dim = CubeDim::new_2d(PLANE as u32, planes);
     let per_cube = if swiglu { planes / 2 } else { planes };
     let cube_count = CubeCount::Static(rows as u32, (out_channels as u32).div_ceil(per_cube), 1);

@@ -75,8 +75,17 @@ const TILE: usize = PLANE;
 /// Cubes a decode launch aims for (twice the 132 multiprocessors of an H100/H200): a step with
 /// fewer (rows x key heads) than this splits each row's context over several cubes.
 const TARGET_CUBES: usize = 264;
-/// The fewest keys one split covers: two planes' tiles.
+/// The fewest keys one split covers: two planes' tiles, unless
+/// `INFERENCE_PIO_SPLIT_MIN_KEYS` (8 to 1024) says otherwise.
 const SPLIT_MIN_KEYS: usize = 2 * TILE;
+
+/// [`SPLIT_MIN_KEYS`] or the switch's value.
+fn split_min_keys() -> usize {
+    static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEYS.get_or_init(|| {
+        std::env::var("INFERENCE_PIO_SPLIT_MIN_KEYS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|k| (8..=1024).contains(k)).unwrap_or(SPLIT_MIN_KEYS)
+    })
+}
 /// The most f32 registers a lane spends on its heads' output accumulators (query heads per
 /// key head x vector width): past it the vector narrows, so a wide GQA group (GLM's 12) keeps
 /// its accumulators in registers.
@@ -101,7 +110,7 @@ pub fn decode_passes(group: usize, lpk: usize) -> usize {
 /// How many cubes share one row's context, for `rows x kv_heads` cubes and a table of `width`
 /// slots (each split takes an equal share of the row's own visible keys).
 pub fn decode_splits(rows: usize, kv_heads: usize, width: usize) -> usize {
-    TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(SPLIT_MIN_KEYS)).max(1)
+    TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(split_min_keys())).max(1)
 }
 
 /// Elements per vector the decode kernel reads a head in, for `group` query heads per key
