@@ -32,6 +32,21 @@ use crate::launch::{PLANE, is_cubecl, last_axis_contiguous, row_vector_width, ve
 /// 2,560 values, which one plane took about 10 µs to read twice (ten dependent 16-byte loads
 /// per lane and pass); eight planes share it.
 const PLANES_PER_ROW: u32 = 8;
+/// The most planes a row's cube may have (the cube reductions' shared buffers hold this many).
+const MAX_PLANES: usize = 32;
+
+/// [`PLANES_PER_ROW`], unless `INFERENCE_PIO_NORM_PLANES` (1 to 32, a power of two) says
+/// otherwise.
+fn planes_per_row() -> u32 {
+    static PLANES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PLANES.get_or_init(|| {
+        std::env::var("INFERENCE_PIO_NORM_PLANES")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|p| (1..=MAX_PLANES as u32).contains(p) && p.is_power_of_two())
+            .unwrap_or(PLANES_PER_ROW)
+    })
+}
 
 /// The normalisations as backend operations (CubeCL runtimes only).
 #[backend_extension(Cube, Fusion)]
@@ -115,7 +130,7 @@ pub(crate) mod device {
     /// and then over the cube's planes (every unit of the cube gets the result).
     #[cube]
     fn inverse_rms(partial: f32, n: usize, eps: f32) -> f32 {
-        let total = cube_reduce(partial, crate::norm::PLANES_PER_ROW as usize, false);
+        let total = cube_reduce(partial, crate::norm::MAX_PLANES, false);
         f32::new(1.0) / (total / f32::cast_from(n) + eps).sqrt()
     }
 
@@ -215,7 +230,7 @@ pub(crate) mod device {
             total += Vector::<f32, N>::cast_from(x[start + v]);
             v += CUBE_DIM as usize;
         }
-        let mean = cube_reduce(Vector::vector_sum(total), crate::norm::PLANES_PER_ROW as usize, false) / f32::cast_from(n);
+        let mean = cube_reduce(Vector::vector_sum(total), crate::norm::MAX_PLANES, false) / f32::cast_from(n);
         // The variance from the centred values (a second read of the row, in cache), as
         // the reference takes it, not from the mean square.
         let mut squares = Vector::<f32, N>::zero();
@@ -225,7 +240,7 @@ pub(crate) mod device {
             squares += centred * centred;
             u += CUBE_DIM as usize;
         }
-        let variance = cube_reduce(Vector::vector_sum(squares), crate::norm::PLANES_PER_ROW as usize, false) / f32::cast_from(n);
+        let variance = cube_reduce(Vector::vector_sum(squares), crate::norm::MAX_PLANES, false) / f32::cast_from(n);
         let inv = f32::new(1.0) / (variance + eps).sqrt();
         let out_start = row * vectors;
         let mut w = UNIT_POS as usize;
@@ -257,7 +272,7 @@ fn launch_layer_norm(x: CubeTensor, weight: CubeTensor, bias: CubeTensor, eps: f
         device::layer_norm_kernel::launch_unchecked(
             &client,
             CubeCount::Static(rows as u32, 1, 1),
-            CubeDim::new_2d(PLANE as u32, PLANES_PER_ROW),
+            CubeDim::new_2d(PLANE as u32, planes_per_row()),
             vector,
             x.into_tensor_arg(),
             weight.into_tensor_arg(),
@@ -291,7 +306,7 @@ fn launch(x: CubeTensor, y: Option<CubeTensor>, weight: CubeTensor, eps: f64) ->
     let client = x.client.clone();
     let alloc = || empty_device_contiguous_dtype(client.clone(), x.device.clone(), shape.clone(), dtype);
     let out = alloc();
-    let cube_dim = CubeDim::new_2d(PLANE as u32, PLANES_PER_ROW);
+    let cube_dim = CubeDim::new_2d(PLANE as u32, planes_per_row());
     let cube_count = CubeCount::Static(rows as u32, 1, 1);
     let storage = dtype_to_storage_type(dtype);
     match y {
