@@ -1411,6 +1411,19 @@ fn attend_group(task: &GroupTask<'_>, out: &mut [f32]) {
 }
 
 fn attend_group_dispatch(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
+    // The same loops compiled for AVX-512 where the products use it: sixteen lanes a vector
+    // for the scores' sixteen-lane dot products and the values' sums, the same arithmetic (no
+    // sum is reordered, no multiply-add fused), so the same bits.
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::uses_avx512() {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn avx512(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
+            attend_group_body(task, out, scores)
+        }
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (detected at run time).
+        unsafe { avx512(task, out, scores) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::quant::cpu_has_avx2() {
         #[target_feature(enable = "avx2,fma")]
