@@ -76,7 +76,9 @@ const TILE: usize = PLANE;
 /// fewer (rows x key heads) than this splits each row's context over several cubes.
 const TARGET_CUBES: usize = 264;
 /// The fewest keys one split covers: two planes' tiles, unless
-/// `INFERENCE_PIO_SPLIT_MIN_KEYS` (8 to 1024) says otherwise.
+/// `INFERENCE_PIO_SPLIT_MIN_KEYS` (8 to 1024) says otherwise. Fewer keys a split (more cubes with
+/// shorter chains) were slower on an H100: Qwen3-4B batch 1 at 243.2-243.3 tok/s with 64,
+/// 239.0-239.2 with 32, 232.1 with 16 (`benches/results/gpu-h100-2026-12-07l-small-kernel-shapes.md`).
 const SPLIT_MIN_KEYS: usize = 2 * TILE;
 
 /// [`SPLIT_MIN_KEYS`] or the switch's value.
