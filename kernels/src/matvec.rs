@@ -56,7 +56,7 @@ fn planes_per_cube(channels: usize) -> u32 {
             .filter(|p| (1..=32).contains(p) && p.is_power_of_two())
             .unwrap_or(ROWS_PER_CUBE)
     });
-    let needed = channels.div_ceil(MAX_GRID_Y).next_power_of_two() as u32;
+    let needed = channels.div_ceil(MAX_GRID_Y).min(32).next_power_of_two() as u32;
     chosen.max(needed).min(32)
 }
 /// Up to this many rows of a dense product run through the kernel; more go to the batched
@@ -347,6 +347,28 @@ mod tests {
             }
         }
         assert_eq!(matvec_shape(&Shape::new([4]), &Shape::new([experts, 2, out, inp / 2])), Shape::new([4, out]));
+    }
+
+    #[test]
+    fn the_grid_fits_every_product_width() {
+        // Without the switch (CI): four planes, raised where the channels would pass the
+        // 65,535 cubes of the grid's second dimension.
+        if std::env::var_os("INFERENCE_PIO_MATVEC_PLANES").is_some() {
+            return;
+        }
+        assert_eq!(planes_per_cube(2560), ROWS_PER_CUBE);
+        assert_eq!(planes_per_cube(151_936), 4);
+        assert_eq!(planes_per_cube(4 * MAX_GRID_Y), 4);
+        // A 262,144-token head (4 x 65,536) takes cubes of 8.
+        assert_eq!(planes_per_cube(262_144), 8);
+        assert_eq!(planes_per_cube(usize::MAX / 2), 32);
+        for channels in [1, 2560, 151_936, 262_141, 262_144 * 2, 1_000_000, 2_000_000] {
+            let planes = planes_per_cube(channels) as usize;
+            assert!(channels.div_ceil(planes) <= MAX_GRID_Y, "{channels} channels in cubes of {planes}");
+            // The SwiGLU form: half the planes a cube take outputs of `channels / 2`.
+            let half = planes.max(2) / 2;
+            assert!((channels / 2).div_ceil(half) <= MAX_GRID_Y, "{channels} channels, SwiGLU, cubes of {half}");
+        }
     }
 
     #[test]
