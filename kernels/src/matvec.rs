@@ -42,20 +42,21 @@ use crate::launch::{PLANE, is_cubecl, vector_width};
 /// 382.1, Qwen3-VL-2B after an image 486.0 against 481.9; sixteen 235.8;
 /// `benches/results/gpu-h100-2026-12-07k-matvec-planes.md`).
 const ROWS_PER_CUBE: u32 = 4;
+/// [`ROWS_PER_CUBE`] for the routed experts' products ([`gathered_split_matvec`]): eight, as
+/// before, since four measured slower there with several tokens in the same call (30B gate_up
+/// of 2 tokens x 8 experts 36.2 against 34.9 µs, of 5 tokens 76.8 against 75.4; one token equal).
+const EXPERT_ROWS_PER_CUBE: u32 = 8;
 /// The most cubes a grid's second dimension takes (CUDA's limit).
 const MAX_GRID_Y: usize = 65_535;
 
-/// [`ROWS_PER_CUBE`] or the switch's value, raised (a power of two, at most 32) until
-/// `channels` fit the grid's second dimension.
-fn planes_per_cube(channels: usize) -> u32 {
-    static PLANES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let chosen = *PLANES.get_or_init(|| {
-        std::env::var("INFERENCE_PIO_MATVEC_PLANES")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|p| (1..=32).contains(p) && p.is_power_of_two())
-            .unwrap_or(ROWS_PER_CUBE)
+/// [`ROWS_PER_CUBE`] ([`EXPERT_ROWS_PER_CUBE`] for `experts`) or the switch's value, raised (a
+/// power of two, at most 32) until `channels` fit the grid's second dimension.
+fn planes_per_cube(channels: usize, experts: bool) -> u32 {
+    static PLANES: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let set = *PLANES.get_or_init(|| {
+        std::env::var("INFERENCE_PIO_MATVEC_PLANES").ok().and_then(|v| v.parse::<u32>().ok()).filter(|p| (1..=32).contains(p) && p.is_power_of_two())
     });
+    let chosen = set.unwrap_or(if experts { EXPERT_ROWS_PER_CUBE } else { ROWS_PER_CUBE });
     let needed = channels.div_ceil(MAX_GRID_Y).min(32).next_power_of_two() as u32;
     chosen.max(needed).min(32)
 }
@@ -231,7 +232,8 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: boo
     // With `swiglu` a cube's planes take half as many output channels, each twice: two planes
     // at least, and as `channels` is twice the outputs, half the planes still keep the grid
     // within its limit.
-    let planes = if swiglu { planes_per_cube(channels).max(2) } else { planes_per_cube(channels) };
+    let planes = planes_per_cube(channels, experts.is_some());
+    let planes = if swiglu { planes.max(2) } else { planes };
     let cube_dim = CubeDim::new_2d(PLANE as u32, planes);
     let per_cube = if swiglu { planes / 2 } else { planes };
     let cube_count = CubeCount::Static(rows as u32, (out_channels as u32).div_ceil(per_cube), 1);
@@ -356,14 +358,15 @@ mod tests {
         if std::env::var_os("INFERENCE_PIO_MATVEC_PLANES").is_some() {
             return;
         }
-        assert_eq!(planes_per_cube(2560), ROWS_PER_CUBE);
-        assert_eq!(planes_per_cube(151_936), 4);
-        assert_eq!(planes_per_cube(4 * MAX_GRID_Y), 4);
+        assert_eq!(planes_per_cube(2560, false), ROWS_PER_CUBE);
+        assert_eq!(planes_per_cube(2560, true), EXPERT_ROWS_PER_CUBE);
+        assert_eq!(planes_per_cube(151_936, false), 4);
+        assert_eq!(planes_per_cube(4 * MAX_GRID_Y, false), 4);
         // A 262,144-token head (4 x 65,536) takes cubes of 8.
-        assert_eq!(planes_per_cube(262_144), 8);
-        assert_eq!(planes_per_cube(usize::MAX / 2), 32);
+        assert_eq!(planes_per_cube(262_144, false), 8);
+        assert_eq!(planes_per_cube(usize::MAX / 2, false), 32);
         for channels in [1, 2560, 151_936, 262_141, 262_144 * 2, 1_000_000, 2_000_000] {
-            let planes = planes_per_cube(channels) as usize;
+            let planes = planes_per_cube(channels, false) as usize;
             assert!(channels.div_ceil(planes) <= MAX_GRID_Y, "{channels} channels in cubes of {planes}");
             // The SwiGLU form: half the planes a cube take outputs of `channels / 2`.
             let half = planes.max(2) / 2;
