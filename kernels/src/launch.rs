@@ -20,6 +20,22 @@ pub(crate) fn is_cubecl(device: &Device) -> bool {
     *device != Device::flex()
 }
 
+/// The number in environment variable `name`, where set and `valid`; a value that is set but
+/// not a valid number is named on stderr (`expected` says what is) and ignored.
+pub(crate) fn env_number(name: &str, valid: impl Fn(usize) -> bool, expected: &str) -> Option<usize> {
+    let raw = std::env::var(name).ok()?;
+    let parsed = valid_number(&raw, valid);
+    if parsed.is_none() {
+        eprintln!("inference-pio: ignoring {name}={raw:?}: expected {expected}");
+    }
+    parsed
+}
+
+/// `raw` as a number where it is one and `valid`.
+fn valid_number(raw: &str, valid: impl Fn(usize) -> bool) -> Option<usize> {
+    raw.trim().parse::<usize>().ok().filter(|&n| valid(n))
+}
+
 /// `t` itself when its last axis is contiguous (the kernels read any other strides), else a
 /// contiguous copy.
 pub(crate) fn last_axis_contiguous(t: CubeTensor) -> CubeTensor {
@@ -91,6 +107,18 @@ pub(crate) mod device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switch_takes_only_valid_numbers() {
+        let power = |p: usize| (1..=32).contains(&p) && p.is_power_of_two();
+        assert_eq!(valid_number("4", power), Some(4));
+        assert_eq!(valid_number(" 16 ", power), Some(16));
+        assert_eq!(valid_number("6", power), None);
+        assert_eq!(valid_number("64", power), None);
+        assert_eq!(valid_number("0", power), None);
+        assert_eq!(valid_number("four", power), None);
+        assert_eq!(valid_number("-2", power), None);
+    }
 
     #[test]
     fn vectors_span_sixteen_bytes_where_the_row_allows() {

@@ -54,7 +54,7 @@ const MAX_GRID_Y: usize = 65_535;
 fn planes_per_cube(channels: usize, experts: bool) -> u32 {
     static PLANES: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     let set = *PLANES.get_or_init(|| {
-        std::env::var("INFERENCE_PIO_MATVEC_PLANES").ok().and_then(|v| v.parse::<u32>().ok()).filter(|p| (1..=32).contains(p) && p.is_power_of_two())
+        crate::launch::env_number("INFERENCE_PIO_MATVEC_PLANES", |p| (1..=32).contains(&p) && p.is_power_of_two(), "a power of two from 1 to 32").map(|p| p as u32)
     });
     let chosen = set.unwrap_or(if experts { EXPERT_ROWS_PER_CUBE } else { ROWS_PER_CUBE });
     let needed = channels.div_ceil(MAX_GRID_Y).min(32).next_power_of_two() as u32;

@@ -42,11 +42,8 @@ const MAX_PLANES: usize = 32;
 fn planes_per_row() -> u32 {
     static PLANES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *PLANES.get_or_init(|| {
-        std::env::var("INFERENCE_PIO_NORM_PLANES")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|p| (1..=MAX_PLANES as u32).contains(p) && p.is_power_of_two())
-            .unwrap_or(PLANES_PER_ROW)
+        crate::launch::env_number("INFERENCE_PIO_NORM_PLANES", |p| (1..=MAX_PLANES).contains(&p) && p.is_power_of_two(), "a power of two from 1 to 32")
+            .map_or(PLANES_PER_ROW, |p| p as u32)
     })
 }
 

@@ -85,7 +85,7 @@ const SPLIT_MIN_KEYS: usize = 2 * TILE;
 fn split_min_keys() -> usize {
     static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *KEYS.get_or_init(|| {
-        std::env::var("INFERENCE_PIO_SPLIT_MIN_KEYS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|k| (8..=1024).contains(k)).unwrap_or(SPLIT_MIN_KEYS)
+        crate::launch::env_number("INFERENCE_PIO_SPLIT_MIN_KEYS", |k| (8..=1024).contains(&k), "a number of keys from 8 to 1024").unwrap_or(SPLIT_MIN_KEYS)
     })
 }
 /// The most f32 registers a lane spends on its heads' output accumulators (query heads per
