@@ -598,6 +598,7 @@ impl Plugin for EnginePlugin {
     }
 
     fn initialize(&self, settings: PluginSettings) -> Result<(), PluginError> {
+        crate::weights::keep_freed_heap_blocks();
         settings.security.check_supported().map_err(PluginError::invalid)?;
         settings.limits.validate().map_err(|(k, r)| PluginError::invalid(format!("limits.{k}: {r}")))?;
         settings
@@ -716,6 +717,8 @@ impl Plugin for EnginePlugin {
         drop(engine);
         if dropped {
             inference_pio_kernels::memory::release_free_memory(&device);
+            // The model's host memory, freed into the allocator, back to the kernel.
+            crate::weights::return_free_heap_pages();
         }
         Ok(())
     }

@@ -156,6 +156,31 @@ pub fn return_free_heap_pages() {
     }
 }
 
+/// Keeps blocks of up to 32 MB that a step frees in the allocator for the next step, instead of
+/// handing them back to the kernel and faulting fresh zeroed pages in again: glibc's defaults
+/// map every block above a threshold that starts at 128 KB anew and return the top of a heap
+/// above 128 KB free. A CPU prompt's chunks allocate and free tens of megabytes each (scores,
+/// activations), so page faults and zeroing were about a tenth of the step thread's time; with
+/// both thresholds raised a 2,048-token prompt of the small Qwen3-MoE file prefilled at 745-760
+/// tok/s instead of 604-669 on two threads, and SmolLM2's 1,500-token one at 257-268 instead of
+/// 226-241; peak resident memory 240 MB instead of 251-257, and 231 instead of 228
+/// (`benches/results/cpu-2026-12-07h-allocator-thresholds.md`). Raising either alone was slower
+/// (it fixes the other at its default). The loads' and `cleanup`'s explicit
+/// [`return_free_heap_pages`] still return what is free. Process-wide and set once; elsewhere
+/// than on glibc this does nothing.
+pub fn keep_freed_heap_blocks() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: `mallopt` takes two integers and only changes the allocator's thresholds for
+        // later calls; every live allocation stays valid.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        });
+    }
+}
+
 /// A mapped, parsed GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
