@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A short device call on a session's final binaries: the tiny Qwen3 fixture on CUDA in f32 and
+# bf16 against transformers, the tiny Qwen3-VL fixture's one-image prompt in f32, and Qwen3-4B
+# (real config, random bf16 weights, pio-bench, 128-token prompt, 256 new) batch-1 decode twice.
+# Carried: .gpu/{inference-pio,pio-bench,libqwen3_4b_instruct_2507.so,libqwen3_vl_2b.so,
+# qwen3-tokenizer.json}.xz and .gpu/COMMIT; the tree holds
+# plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-b and plugins/qwen3-vl-2b/tests.
+set -uo pipefail
+source benches/gpu/lib.sh
+restore_qwen3_tokenizer
+unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so libqwen3_vl_2b.so
+ensure_cublas > /dev/null
+export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 bf16 2>&1 | grep -E "worst|identical: False"
+vl_tiny_one_image vl-tiny-a f32 | tee -a $OUT/decode.txt
+CK=$(qwen3_4b_dir)
+: > /tmp/empty.toml
+for r in 1 2; do
+  rm -f /tmp/pio.json
+  timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
+    --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
+    --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+  python3 -c "import json; d=json.load(open('/tmp/pio.json')); print('4B batch 1: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
+done
+echo "all done at $SECONDS s"
