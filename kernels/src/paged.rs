@@ -88,6 +88,7 @@ fn split_min_keys() -> usize {
         crate::launch::env_number("INFERENCE_PIO_SPLIT_MIN_KEYS", |k| (8..=1024).contains(&k), "a number of keys from 8 to 1024").unwrap_or(SPLIT_MIN_KEYS)
     })
 }
+
 /// The most f32 registers a lane spends on its heads' output accumulators (query heads per
 /// key head x vector width): past it the vector narrows, so a wide GQA group (GLM's 12) keeps
 /// its accumulators in registers.
