@@ -104,6 +104,21 @@ fn tensor_of<const D: usize>(values: Vec<f32>, dims: [usize; D], like: &Tensor<D
     Tensor::from_data(TensorData::new(values, dims), (&like.device(), DType::F32))
 }
 
+/// The softmax of `row` in place, in f32: `exp(x - max)`, then each divided by their sum (summed
+/// in order). Inlined, so a caller compiled for wider vectors gets it compiled so too.
+#[inline(always)]
+pub(crate) fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        total += *v;
+    }
+    for v in row.iter_mut() {
+        *v /= total;
+    }
+}
+
 /// `out = x / sqrt(mean(x²) + eps) * w`, in the reference's order: the mean of the squares,
 /// its reciprocal square root, then `x` times it, then times the weight.
 fn norm_row(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {

@@ -45,7 +45,7 @@ pub fn available(device: &Device) -> bool {
         return false;
     }
     *LOADABLE.get_or_init(|| {
-        if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
+        if crate::launch::switched_off(DISABLE_ENV) {
             return false;
         }
         // SAFETY: only tries to open the library by its candidate names.

@@ -31,6 +31,12 @@ pub(crate) fn env_number(name: &str, valid: impl Fn(usize) -> bool, expected: &s
     parsed
 }
 
+/// Whether environment variable `name` is `0`: the switches of measured defaults that are on
+/// unless turned off.
+pub(crate) fn switched_off(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "0")
+}
+
 /// `raw` as a number where it is one and `valid`.
 fn valid_number(raw: &str, valid: impl Fn(usize) -> bool) -> Option<usize> {
     raw.trim().parse::<usize>().ok().filter(|&n| valid(n))

@@ -149,11 +149,11 @@ mod device {
         // and read it through L2 once.
         let row = CUBE_POS_X as usize;
         let mut channel = (CUBE_POS_Y * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-        let mut channels = out.shape(1);
+        let inner = out.shape(1);
+        let mut channels = inner;
         // `swiglu`: the weight holds `[gate | up]`, `2 * out` channels; the cube's first half
         // of planes takes gate channels, the second half the matching up channels.
         let half_planes = CUBE_DIM_Y / 2;
-        let inner = out.shape(1);
         let out_channel = (CUBE_POS_Y * half_planes + UNIT_POS_Y % half_planes) as usize;
         if swiglu {
             channels = 2 * inner;
@@ -293,7 +293,7 @@ pub fn split_matvec_swiglu(x: Tensor<2>, w: &Tensor<3>) -> Tensor<2> {
 /// `INFERENCE_PIO_SWIGLU_IN_MATVEC=0`.
 pub fn swiglu_kernel_applies(rows: usize, device: &Device) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    dense_kernel_applies(rows, device) && *ON.get_or_init(|| std::env::var("INFERENCE_PIO_SWIGLU_IN_MATVEC").map_or(true, |v| v != "0"))
+    dense_kernel_applies(rows, device) && *ON.get_or_init(|| !crate::launch::switched_off("INFERENCE_PIO_SWIGLU_IN_MATVEC"))
 }
 
 /// Row `s` of `x [rows, in]`, repeated `slots / rows` times, times expert `experts[s]` of

@@ -1505,15 +1505,7 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
         ahead.advance(block_tokens);
     }
     for w in scores.chunks_exact_mut(width.max(1)) {
-        let top = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0;
-        for v in w.iter_mut() {
-            *v = (*v - top).exp();
-            total += *v;
-        }
-        for v in w.iter_mut() {
-            *v /= total;
-        }
+        crate::cpu_rows::softmax_in_place(w);
     }
     out.fill(0.0);
     let (mut cur, mut ahead) = (start(first), start(first + PREFETCH_KEYS));

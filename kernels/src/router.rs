@@ -268,14 +268,8 @@ pub fn softmax_top_k_rows(logits: &[f32], experts: usize, k: usize, normalize: b
     let mut probs = vec![0f32; experts];
     let mut taken = vec![false; experts];
     for row in logits.chunks_exact(experts) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for (p, &x) in probs.iter_mut().zip(row) {
-            *p = (x - max).exp();
-        }
-        let sum: f32 = probs.iter().sum();
-        for p in probs.iter_mut() {
-            *p /= sum;
-        }
+        probs.copy_from_slice(row);
+        crate::cpu_rows::softmax_in_place(&mut probs);
         taken.fill(false);
         let first = weights.len();
         for _ in 0..k {
