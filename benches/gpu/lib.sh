@@ -124,3 +124,44 @@ prepare_peers() {
       taskset -c 6-$(( cores - 1 )) python3 benches/gpu/make_random_checkpoint.py $1 $2 $3 > /tmp/ckpt.log 2>&1; echo $? > /tmp/ckpt.done ) &
   fi
 }
+
+# bench_4b_decode ROWS LABEL: Qwen3-4B (real config, random bf16 weights) through pio-bench with
+# the caller's environment (its switches), a 128-token prompt and 256 new tokens at ROWS rows,
+# two runs: "4B batch ROWS, LABEL: steady decode X tok/s" (their median) on stdout and in
+# $OUT/decode.txt. Needs .gpu/bin/pio-bench and $OUT/device.txt.
+bench_4b_decode() {
+  local ck
+  ck=$(qwen3_4b_dir)
+  : > /tmp/empty.toml
+  rm -f /tmp/pio.json
+  timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $ck --random-weights --prompt-tokens 128 --new-tokens 256 \
+    --batch $1 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
+    --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+  python3 -c "import json, sys; d = json.load(open('/tmp/pio.json')); print(f'4B batch {sys.argv[1]}, {sys.argv[2]}: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" \
+    "$1" "$2" 2>&1 | tail -1 | tee -a $OUT/decode.txt
+}
+
+# vl_2b_decode_after_image LABEL: Qwen3-VL-2B (real config, random bf16 weights, an 8 GB KV
+# cache, no prefix caching) on a 448x448 test image, "Describe this image.", 256 greedy tokens,
+# twice, with the caller's environment: "2B after a 448 image, LABEL: decode X steady Y tok/s;
+# first8 [...]" on stdout and in $OUT/decode.txt. Makes the model directory and image once.
+vl_2b_decode_after_image() {
+  if [ ! -f /tmp/img448.png ] || [ ! -f /tmp/vl.toml ] || [ ! -f /tmp/vl2b/config.json ]; then
+    qwen3_vl_2b_dir /tmp/vl2b
+    python3 -c "
+import numpy as np
+from PIL import Image
+rng = np.random.RandomState(0); side = 448
+y, x = np.mgrid[0:side, 0:side]
+img = np.stack([(x * 255 // side), (y * 255 // side), ((x + y) * 127 // side) % 256], -1) + rng.randint(0, 16, (side, side, 3))
+Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save('/tmp/img448.png')"
+    printf '[plugins.qwen3-vl-2b]\nkv_cache_gb = 8\nprefix_caching = false\n' > /tmp/vl.toml
+  fi
+  rm -f /tmp/vl.json
+  timeout 60 $PIO run $PD --config /tmp/vl.toml --model /tmp/vl2b --random-weights --image /tmp/img448.png \
+    --prompt "Describe this image." --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 256 --json --repeat 2 > /tmp/vl.json 2> /tmp/vl.err || tail -2 /tmp/vl.err
+  python3 -c "
+import json, sys; d = json.load(open('/tmp/vl.json')); t = d['timings']
+print(f'2B after a 448 image, {sys.argv[1]}: decode', round(t['decode_tokens_per_s'], 1), 'steady', round(t.get('steady_decode_tokens_per_s') or 0, 1), 'tok/s; first8', d['token_ids'][:8])" \
+    "$1" 2>&1 | tail -1 | tee -a $OUT/decode.txt
+}

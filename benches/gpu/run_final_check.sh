@@ -14,13 +14,5 @@ export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 bf16 2>&1 | grep -E "worst|identical: False"
 vl_tiny_one_image vl-tiny-a f32 | tee -a $OUT/decode.txt
-CK=$(qwen3_4b_dir)
-: > /tmp/empty.toml
-for r in 1 2; do
-  rm -f /tmp/pio.json
-  timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
-    --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
-    --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
-  python3 -c "import json; d=json.load(open('/tmp/pio.json')); print('4B batch 1: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
-done
+for r in 1 2; do bench_4b_decode 1 "round $r"; done
 echo "all done at $SECONDS s"

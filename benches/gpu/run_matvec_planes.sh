@@ -21,15 +21,7 @@ for p in 8 4 2 16; do
   echo "planes $p: exit $?"; grep -E "^4B (q/k/v-like|down|fused q/k/v|fused gate/up 2560|head).*BF16|SwiGLU.*BF16|checks" $OUT/kernel_check_$p.txt | sed "s/^/planes $p: /" | cut -c1-150
 done
 echo "kernel_check done at $SECONDS s"
-CK=$(qwen3_4b_dir)
-: > /tmp/empty.toml
-bench() { # PLANES ROWS
-  rm -f /tmp/pio.json
-  INFERENCE_PIO_MATVEC_PLANES=$1 timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
-    --batch $2 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
-    --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
-  python3 -c "import json; d=json.load(open('/tmp/pio.json')); print('4B batch $2, planes $1: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
-}
+bench() { INFERENCE_PIO_MATVEC_PLANES=$1 bench_4b_decode $2 "planes $1"; } # PLANES ROWS
 for p in 8 4 2 16 8 4 2; do bench $p 1; done
 for p in 8 4 2; do bench $p 2; done
 echo "4B done at $SECONDS s"
@@ -42,20 +34,5 @@ for l in open('$OUT/decode.txt'):
 print(max(r, key=lambda p: sum(r[p]) / len(r[p])))")
 echo "best at batch 1: $best planes"
 INFERENCE_PIO_MATVEC_PLANES=$best gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | tail -2
-qwen3_vl_2b_dir /tmp/vl2b
-python3 -c "
-import numpy as np
-from PIL import Image
-rng = np.random.RandomState(0); side = 448
-y, x = np.mgrid[0:side, 0:side]
-img = np.stack([(x * 255 // side), (y * 255 // side), ((x + y) * 127 // side) % 256], -1) + rng.randint(0, 16, (side, side, 3))
-Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save('/tmp/img448.png')"
-printf '[plugins.qwen3-vl-2b]\nkv_cache_gb = 8\nprefix_caching = false\n' > /tmp/vl.toml
-for p in 8 $best 8 $best; do
-  INFERENCE_PIO_MATVEC_PLANES=$p timeout 60 $PIO run $PD --config /tmp/vl.toml --model /tmp/vl2b --random-weights --image /tmp/img448.png \
-    --prompt "Describe this image." --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 256 --json --repeat 2 > /tmp/vl.json 2> /tmp/vl.err || tail -2 /tmp/vl.err
-  python3 -c "
-import json; d = json.load(open('/tmp/vl.json')); t = d['timings']
-print('2B after a 448 image, planes $p: decode', round(t['decode_tokens_per_s'], 1), 'steady', round(t.get('steady_decode_tokens_per_s') or 0, 1), 'tok/s; first8', d['token_ids'][:8])" 2>&1 | tail -1 | tee -a $OUT/decode.txt
-done
+for p in 8 $best 8 $best; do INFERENCE_PIO_MATVEC_PLANES=$p vl_2b_decode_after_image "planes $p"; done
 echo "all done at $SECONDS s"

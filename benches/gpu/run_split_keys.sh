@@ -18,34 +18,12 @@ unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so libqwen
 ensure_cublas
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-CK=$(qwen3_4b_dir)
-: > /tmp/empty.toml
 bench() { # KEYS ROWS [NORM_PLANES]
-  rm -f /tmp/pio.json
-  INFERENCE_PIO_NORM_PLANES=${3:-8} INFERENCE_PIO_SPLIT_MIN_KEYS=$1 timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $CK --random-weights --prompt-tokens 128 --new-tokens 256 \
-    --batch $2 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
-    --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
-  python3 -c "import json; d=json.load(open('/tmp/pio.json')); print('4B batch $2, split min keys $1, norm planes ${3:-8}: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
+  INFERENCE_PIO_NORM_PLANES=${3:-8} INFERENCE_PIO_SPLIT_MIN_KEYS=$1 bench_4b_decode $2 "split min keys $1, norm planes ${3:-8}"
 }
 for v in "64 1" "32 1" "16 1" "64 1 16" "64 1 32" "64 1" "32 1" "64 1 16"; do bench $v; done
 for k in 64 32; do bench $k 8; done
 echo "4B done at $SECONDS s"
 INFERENCE_PIO_NORM_PLANES=32 INFERENCE_PIO_SPLIT_MIN_KEYS=16 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | tail -2
-qwen3_vl_2b_dir /tmp/vl2b
-python3 -c "
-import numpy as np
-from PIL import Image
-rng = np.random.RandomState(0); side = 448
-y, x = np.mgrid[0:side, 0:side]
-img = np.stack([(x * 255 // side), (y * 255 // side), ((x + y) * 127 // side) % 256], -1) + rng.randint(0, 16, (side, side, 3))
-Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save('/tmp/img448.png')"
-printf '[plugins.qwen3-vl-2b]\nkv_cache_gb = 8\nprefix_caching = false\n' > /tmp/vl.toml
-for k in 64 32; do
-  rm -f /tmp/vl.json
-  INFERENCE_PIO_SPLIT_MIN_KEYS=$k timeout 60 $PIO run $PD --config /tmp/vl.toml --model /tmp/vl2b --random-weights --image /tmp/img448.png \
-    --prompt "Describe this image." --device cuda --dtype bf16 --greedy --ignore-eos --max-new-tokens 256 --json --repeat 2 > /tmp/vl.json 2> /tmp/vl.err || tail -2 /tmp/vl.err
-  python3 -c "
-import json; d = json.load(open('/tmp/vl.json')); t = d['timings']
-print('2B after a 448 image, split min keys $k: decode', round(t['decode_tokens_per_s'], 1), 'steady', round(t.get('steady_decode_tokens_per_s') or 0, 1), 'tok/s; first8', d['token_ids'][:8])" 2>&1 | tail -1 | tee -a $OUT/decode.txt
-done
+for k in 64 32; do INFERENCE_PIO_SPLIT_MIN_KEYS=$k vl_2b_decode_after_image "split min keys $k"; done
 echo "all done at $SECONDS s"
