@@ -31,6 +31,19 @@ pub(crate) fn env_number(name: &str, valid: impl Fn(usize) -> bool, expected: &s
     parsed
 }
 
+/// Whether the one- and few-row product kernels (dense weights, int4/int8 codes) load their
+/// first weights before they wait for the kernels before them (a programmatic dependent launch
+/// on sm_90 and later; the patched cubecl-cuda strips the wait on older devices, where every
+/// launch waits for the one before it anyway): on unless `INFERENCE_PIO_MATVEC_EARLY=0`. On an
+/// H100 it took Qwen3-4B batch-1 decode from 244.3-245.1 to 254.2-254.4 tok/s, int8 codes from
+/// 301.1-302.5 to 304.3-305.6, int4 from 344.5-346.6 to 349.0-349.1; the E4M3 kernel was
+/// measured with it and kept without (254.7 against 256.0-256.1)
+/// (`benches/results/gpu-h100-2026-12-07m-matvec-early-loads.md`).
+pub(crate) fn early_loads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !switched_off("INFERENCE_PIO_MATVEC_EARLY"))
+}
+
 /// Whether environment variable `name` is `0`: the switches of measured defaults that are on
 /// unless turned off.
 pub(crate) fn switched_off(name: &str) -> bool {
@@ -137,7 +150,7 @@ mod tests {
 
 #[cfg(test)]
 mod dependent_launch_tests {
-    use cubecl_cuda::dependent_launch::wait_then_release;
+    use cubecl_cuda::dependent_launch::{wait_then_release, without_dependent_launch};
 
     // The waits the patched cubecl-cuda puts in every CubeCL kernel before launching it as a
     // programmatic dependent (kernels/cubecl-cuda-stream/PATCH.md): the wait must come
@@ -153,5 +166,10 @@ mod dependent_launch_tests {
         let release = body.find("griddepcontrol.launch_dependents").expect("the release");
         assert!(release < body.find("int i = 0;").expect("the body kept"));
         assert!(wait_then_release("__device__ void g() {}").is_none());
+        // A kernel that placed its own wait keeps it where it is (the matrix-vector kernel's
+        // early weight loads), and devices before sm_90 get neither instruction.
+        let own = "extern \"C\" __global__ void k(float* a) {\nfloat w = a[1];\nasm volatile(\"griddepcontrol.wait;\" :  :  : \"memory\");\n}\n";
+        assert!(wait_then_release(own).is_none());
+        assert!(!without_dependent_launch(own).contains("griddepcontrol"));
     }
 }

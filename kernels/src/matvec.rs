@@ -4,10 +4,24 @@
 //! parts]`, with `e(s)` the expert routed to row `s`). One plane (warp) computes one output
 //! channel of one row: its lanes stride over `in` in 16-byte vectors, four loads in
 //! flight per lane (eight measured slower: Qwen3-4B batch 1 at 146 against 199 tok/s on an H100,
-//! 2026-12-06), accumulate in f32 and sum across the plane. The weight is read once, in place:
+//! 2026-12-06; again 214 against 254 on 2026-12-07), accumulate in f32 and sum across the
+//! plane. The weight is read once, in place:
 //! no gathered copy of the chosen experts, no partial products to sum, no casts (what
 //! `batched_linear` queues as four kernels, `benches/results/gpu-h200-2026-12-01-graphs.md`). The form is the classic
 //! "one warp per row" GEMV (e.g. llama.cpp's `mul_mat_vec`, vLLM's fused-MoE decode path).
+//!
+//! Three things keep a plane's short row from waiting on memory more often than it must
+//! (`benches/results/gpu-h100-2026-12-07m-matvec-early-loads.md`, H100, Qwen3-4B batch 1):
+//! - the first round of weight loads is issued before the kernel waits for the kernels before it
+//!   (programmatic dependent launch: the weights are no kernel's output), so it overlaps their
+//!   tail: 244.3-245.1 -> 254.2-254.4 tok/s (`INFERENCE_PIO_MATVEC_EARLY=0` turns it off; not for
+//!   routed experts, whose weights follow the router's choice);
+//! - the last vectors of a lane (fewer than four) are one round of masked loads instead of one
+//!   load after another;
+//! - with the weight unsplit (cuBLAS present, one part) a vector's index is its offset, with no
+//!   division by the part's width.
+//! The last two together with the first: 242.5-243.1 -> 254.2-254.4 tok/s at batch 1, 389.9 ->
+//! 430.5 at batch 2, Qwen3-VL-2B after an image 484.2 -> 497.4.
 //!
 //! A SwiGLU MLP's `[gate | up]` product can end in the gate itself ([`split_matvec_swiglu`]):
 //! half of a cube's planes take gate channels, the other half the matching up channels, and
@@ -119,6 +133,8 @@ mod device {
 
     /// One product term: `x`'s vector `u` of the row times the weight's vector `u` of the
     /// channel, `u` counting over the whole `parts * block` row (part `u / block`).
+    /// `split`: the weight has more than one part (no cuBLAS); with one, `u` is the offset
+    /// itself and no division by the block is computed.
     #[cube]
     fn term<E: Float, N: Size>(
         x: &Tensor<Vector<E, N>>,
@@ -128,9 +144,45 @@ mod device {
         part_stride: usize,
         block: usize,
         u: usize,
+        #[comptime] split: bool,
     ) -> Vector<f32, N> {
-        let w_at = w_base + (u / block) * part_stride + u % block;
-        Vector::cast_from(x[x_base + u]) * Vector::cast_from(w[w_at])
+        Vector::cast_from(x[x_base + u]) * Vector::cast_from(w[weight_at(w_base, part_stride, block, u, split)])
+    }
+
+    /// [`term`] for a `u` that may be past the row (`u < total` or not): the load is of the
+    /// row's last vector then, issued like the others, and the term is zero.
+    #[cube]
+    fn masked_term<E: Float, N: Size>(
+        x: &Tensor<Vector<E, N>>,
+        w: &Tensor<Vector<E, N>>,
+        x_base: usize,
+        w_base: usize,
+        part_stride: usize,
+        block: usize,
+        u: usize,
+        total: usize,
+        #[comptime] split: bool,
+    ) -> Vector<f32, N> {
+        let t = term(x, w, x_base, w_base, part_stride, block, min(u, total - 1), split);
+        select(u < total, t, Vector::<f32, N>::zero())
+    }
+
+    /// Index of the weight's vector `u` of the channel starting at `w_base` (see [`term`]).
+    #[cube]
+    fn weight_at(w_base: usize, part_stride: usize, block: usize, u: usize, #[comptime] split: bool) -> usize {
+        let mut at = w_base + u;
+        if split {
+            at = w_base + (u / block) * part_stride + u % block;
+        }
+        at
+    }
+
+    /// `x`'s vector `u` of the row times a weight vector already loaded (the one [`weight_at`]
+    /// `min(u, total - 1)`), zero where `u` is past the row.
+    #[cube]
+    fn masked_loaded<E: Float, N: Size>(x: &Tensor<Vector<E, N>>, x_base: usize, w: Vector<E, N>, u: usize, total: usize) -> Vector<f32, N> {
+        let t = Vector::cast_from(x[x_base + min(u, total - 1)]) * Vector::cast_from(w);
+        select(u < total, t, Vector::<f32, N>::zero())
     }
 
     #[cube(launch_unchecked)]
@@ -143,6 +195,8 @@ mod device {
         x_share: usize,
         #[comptime] swiglu: bool,
         #[comptime] planes: usize,
+        #[comptime] split: bool,
+        #[comptime] early: bool,
         #[define(E, I)] _dtypes: [ElemType; 2],
     ) {
         // Rows vary fastest across cubes, so the rows of one weight block run side by side
@@ -174,22 +228,45 @@ mod device {
         let w_base = (stack * parts * channels + channel) * block;
         let step = PLANE_DIM as usize;
         // Four independent loads per lane in flight: a plane's one row of the weight is only
-        // `total / 32` vectors per lane, too few to hide memory latency one at a time.
+        // `total / 32` vectors per lane, too few to hide memory latency one at a time. The
+        // rounds where every load is in the row, then the rest (fewer than four a lane) as one
+        // more round of masked loads, issued together: one memory latency for the tail, not one
+        // for each of its vectors.
         let mut acc0 = Vector::<f32, N>::zero();
         let mut acc1 = Vector::<f32, N>::zero();
         let mut acc2 = Vector::<f32, N>::zero();
         let mut acc3 = Vector::<f32, N>::zero();
         let mut u = UNIT_POS_X as usize;
-        while u + 3 * step < total {
-            acc0 += term(x, w, x_base, w_base, part_stride, block, u);
-            acc1 += term(x, w, x_base, w_base, part_stride, block, u + step);
-            acc2 += term(x, w, x_base, w_base, part_stride, block, u + 2 * step);
-            acc3 += term(x, w, x_base, w_base, part_stride, block, u + 3 * step);
+        if early {
+            // The first round's weights, which no kernel before this one writes, are loaded
+            // before the kernel waits for those kernels (it is launched as their programmatic
+            // dependent, `kernels/cubecl-cuda-stream/src/dependent_launch.rs`): their latency
+            // overlaps the kernel before's tail instead of following it. Loads past the row
+            // read its last vector and count zero.
+            let last = total - 1;
+            let w0 = w[weight_at(w_base, part_stride, block, min(u, last), split)];
+            let w1 = w[weight_at(w_base, part_stride, block, min(u + step, last), split)];
+            let w2 = w[weight_at(w_base, part_stride, block, min(u + 2 * step, last), split)];
+            let w3 = w[weight_at(w_base, part_stride, block, min(u + 3 * step, last), split)];
+            gpu_asm!("griddepcontrol.wait;");
+            gpu_asm!("griddepcontrol.launch_dependents;");
+            acc0 += masked_loaded(x, x_base, w0, u, total);
+            acc1 += masked_loaded(x, x_base, w1, u + step, total);
+            acc2 += masked_loaded(x, x_base, w2, u + 2 * step, total);
+            acc3 += masked_loaded(x, x_base, w3, u + 3 * step, total);
             u += 4 * step;
         }
-        while u < total {
-            acc0 += term(x, w, x_base, w_base, part_stride, block, u);
-            u += step;
+        while u + 3 * step < total {
+            acc0 += term(x, w, x_base, w_base, part_stride, block, u, split);
+            acc1 += term(x, w, x_base, w_base, part_stride, block, u + step, split);
+            acc2 += term(x, w, x_base, w_base, part_stride, block, u + 2 * step, split);
+            acc3 += term(x, w, x_base, w_base, part_stride, block, u + 3 * step, split);
+            u += 4 * step;
+        }
+        if u < total {
+            acc0 += term(x, w, x_base, w_base, part_stride, block, u, split);
+            acc1 += masked_term(x, w, x_base, w_base, part_stride, block, u + step, total, split);
+            acc2 += masked_term(x, w, x_base, w_base, part_stride, block, u + 2 * step, total, split);
         }
         let total_sum = plane_sum(Vector::vector_sum((acc0 + acc1) + (acc2 + acc3)));
         if swiglu {
@@ -238,6 +315,7 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: boo
     let per_cube = if swiglu { planes / 2 } else { planes };
     let cube_count = CubeCount::Static(rows as u32, (out_channels as u32).div_ceil(per_cube), 1);
     let int_dtype = experts.as_ref().map_or(DType::I32, |e| e.dtype);
+    let gathered = experts.is_some();
     let client = out.client.clone();
     // SAFETY: every index the kernel reads is in bounds: `row < rows` (the grid's y),
     // `channel < channels` (checked; with `swiglu` clamped below `channels / 2` in each half,
@@ -257,6 +335,10 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: boo
             x_share,
             swiglu,
             planes as usize,
+            parts > 1,
+            // A routed expert's weights are known only once the router before has written
+            // its choice, so those products wait first.
+            crate::launch::early_loads() && !gathered,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };

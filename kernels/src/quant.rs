@@ -3394,7 +3394,10 @@ mod device {
     /// group and one activation block) a plane apart and adds their terms ([`chunk_terms`]).
     /// Two chunks read before either is used measured 7-10 % faster in `kernel_check quant`
     /// alone but 2 % slower in the engine's int8 decode (311 against 305 tok/s, H200,
-    /// 2026-12-07), so one.
+    /// 2026-12-07), so one. With `early` ([`crate::launch::early_loads`]) a lane's first chunk
+    /// is read before the kernel waits for the activations' quantization: Qwen3-4B batch 1 on an
+    /// H100, int8 301.1-302.5 -> 304.3-305.6 tok/s, int4 344.5-346.6 -> 349.0-349.1
+    /// (`benches/results/gpu-h100-2026-12-07m-matvec-early-loads.md`).
     #[cube(launch_unchecked)]
     pub fn quant_matvec_kernel<E: Float, N: Size>(
         hi: &[Vector<i32, N>],
@@ -3410,6 +3413,7 @@ mod device {
         #[comptime] bits: u32,
         #[comptime] group: usize,
         #[comptime] nrows: usize,
+        #[comptime] early: bool,
         #[define(E)] _dtype: ElemType,
     ) {
         let channel = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
@@ -3428,6 +3432,22 @@ mod device {
         let first = channel * chunks;
         let gbase = channel * groups;
         let mut c = UNIT_POS_X as usize;
+        if early {
+            // The lane's first chunk of codes and its group's scale and offset, which no kernel
+            // before this one writes, are loaded before the kernel waits for those kernels (the
+            // activations' quantization among them; see `crate::launch::early_loads`).
+            let first_chunk = min(c, chunks - 1);
+            let start = first_chunk * per_chunk;
+            let wv = codes[first + first_chunk];
+            let gs = scales[gbase + start / group];
+            let gm = mins[gbase + start / group];
+            gpu_asm!("griddepcontrol.wait;");
+            gpu_asm!("griddepcontrol.launch_dependents;");
+            if c < chunks {
+                chunk_terms(wv, start, gs, gm, hi, lo, xscales, xsums, cols, &mut acc, bits, nrows);
+            }
+            c += step;
+        }
         while c < chunks {
             let start = c * per_chunk;
             chunk_terms(codes[first + c], start, scales[gbase + start / group], mins[gbase + start / group], hi, lo, xscales, xsums, cols, &mut acc, bits, nrows);
@@ -3589,6 +3609,7 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
             bits,
             group,
             n,
+            crate::launch::early_loads(),
             dtype_to_storage_type(dtype),
         )
     };

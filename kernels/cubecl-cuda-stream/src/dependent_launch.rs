@@ -21,8 +21,13 @@ pub const WAIT_PTX: &[u8] = b"griddepcontrol.wait";
 const PROLOGUE: &str = "\nasm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\nasm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");\n";
 
 /// `source` with the wait and the release as its kernel's first statements, or `None`
-/// where it holds no `__global__` entry point.
+/// where it holds no `__global__` entry point, or waits already: a kernel may place the wait
+/// itself (`gpu_asm!("griddepcontrol.wait;")`) after work that reads nothing the kernels before
+/// it write, such as loading its first weights.
 pub fn wait_then_release(source: &str) -> Option<String> {
+    if source.contains("griddepcontrol.wait") {
+        return None;
+    }
     let entry = source.find("extern \"C\" __global__")?;
     let open = entry + source[entry..].find('{')?;
     let mut out = String::with_capacity(source.len() + PROLOGUE.len());
@@ -37,4 +42,10 @@ pub fn wait_then_release(source: &str) -> Option<String> {
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("INFERENCE_PIO_PDL").map_or(true, |v| v != "0"))
+}
+
+/// `source` without the dependent-launch instructions a kernel placed itself, for devices
+/// before sm_90, which have none (every launch there waits for the one before it anyway).
+pub fn without_dependent_launch(source: &str) -> String {
+    source.replace("griddepcontrol.wait;", "").replace("griddepcontrol.launch_dependents;", "")
 }

@@ -337,8 +337,9 @@ impl CudaContext {
             }
         }
 
-        if self.arch.version >= 90
-            && dependent_launch::enabled()
+        if self.arch.version < 90 {
+            jitc_kernel.source = dependent_launch::without_dependent_launch(&jitc_kernel.source);
+        } else if dependent_launch::enabled()
             && let Some(source) = dependent_launch::wait_then_release(&jitc_kernel.source)
         {
             jitc_kernel.source = source;
