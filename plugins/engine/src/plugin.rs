@@ -105,6 +105,27 @@ enum TextSource {
     Building(std::thread::JoinHandle<Result<TextParts, EngineError>>),
 }
 
+/// About how many bytes of temporaries building a GGUF file's tokenizer holds per vocabulary
+/// entry and per merge (the strings as read, the vocabulary's maps, the merges as pairs): a
+/// 151,936-token Qwen3 vocabulary with its 151,387 merges added 26-32 MB to a load's peak when
+/// built beside the weights (`benches/results/cpu-2026-12-07j-tokenizer-first.md`).
+const TOKENIZER_BYTES_PER_ENTRY: u64 = 96;
+
+/// Whether a GGUF file's tokenizer is built before its weights load instead of beside them:
+/// where its build's temporaries ([`TOKENIZER_BYTES_PER_ENTRY`]) would pass a quarter of the
+/// weights, which they meet at the load's peak. A small-vocabulary model (the built-in
+/// SmolLM2's 49,152 tokens against 94 MB of weights: no difference in peak memory) keeps the
+/// build on its own thread, which is about 35 ms of its start on two cores.
+fn tokenizer_first(file: &gguf::Gguf) -> bool {
+    let entries = |key: &str| match file.metadata.get(key) {
+        Some(gguf::Value::Array(items)) => items.len() as u64,
+        _ => 0,
+    };
+    let temporaries = (entries("tokenizer.ggml.tokens") + entries("tokenizer.ggml.merges")) * TOKENIZER_BYTES_PER_ENTRY;
+    let weights: u64 = file.tensors.iter().map(|t| t.n_bytes).sum();
+    temporaries > weights / 4
+}
+
 impl TextSource {
     fn get(self) -> Result<TextParts, EngineError> {
         match self {
@@ -231,7 +252,9 @@ pub fn load_engine(
         Some(mut g) => {
             // A GGUF file's tokenizer and chat template are rebuilt from its `tokenizer.*`
             // keys, moved to a metadata-only copy and built on a thread of their own while the
-            // weights load (35 ms of the built-in model's start on two cores).
+            // weights load (35 ms of the built-in model's start on two cores), or, where the
+            // build's temporaries would weigh on the load's peak, before ([`tokenizer_first`]).
+            let first = tokenizer_first(&g.file);
             let keys: Vec<String> = g.file.metadata.keys().filter(|k| k.starts_with("tokenizer.")).cloned().collect();
             let metadata = keys.iter().filter_map(|k| g.file.metadata.remove_entry(k)).collect();
             let f = &g.file;
@@ -241,10 +264,16 @@ pub fn load_engine(
                 .spawn(move || -> Result<TextParts, EngineError> {
                     // The template first: the tokenizer takes the vocabulary out of `meta`.
                     let template = ChatTemplate::from_gguf(&meta)?;
-                    Ok((TextTokenizer::from_gguf(meta)?, template))
+                    let tokenizer = TextTokenizer::from_gguf(meta)?;
+                    // The build's strings (the vocabulary and merges as read, their copies)
+                    // are freed now, while the weights still load: their pages go back at
+                    // once instead of adding to the load's peak until it ends.
+                    crate::weights::return_free_heap_pages();
+                    Ok((tokenizer, template))
                 })
                 .map_err(|e| EngineError::Device(format!("cannot start the tokenizer's thread: {e}")))?;
-            (TextSource::Building(building), GenerationDefaults::default(), Checkpoint::open_gguf(g, (config.num_attention_heads, config.num_key_value_heads))?)
+            let text = if first { TextSource::Ready(Box::new(TextSource::Building(building).get()?)) } else { TextSource::Building(building) };
+            (text, GenerationDefaults::default(), Checkpoint::open_gguf(g, (config.num_attention_heads, config.num_key_value_heads))?)
         }
         None => (
             TextSource::Ready(Box::new((
@@ -761,4 +790,32 @@ pub fn kv_storage(choice: KvCacheDtype, dtype: DType) -> Result<KvStorage, Engin
         )));
     }
     Ok(KvStorage::Dense(burn_dtype(dtype)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tokenizer_first;
+    use inference_pio_formats::gguf::{Gguf, GgmlType, TensorInfo, Value};
+
+    fn file(tokens: usize, merges: usize, weight_bytes: u64) -> Gguf {
+        let strings = |n: usize| Value::Array(vec![Value::String(String::new()); n]);
+        let mut metadata = std::collections::BTreeMap::new();
+        if tokens > 0 {
+            metadata.insert("tokenizer.ggml.tokens".to_string(), strings(tokens));
+            metadata.insert("tokenizer.ggml.merges".to_string(), strings(merges));
+        }
+        let tensor = TensorInfo { name: "w".into(), dims: vec![weight_bytes], ggml_type: GgmlType::from_id(GgmlType::F32).expect("F32 is a GGML type"), offset: 0, n_elements: weight_bytes, n_bytes: weight_bytes };
+        Gguf { version: 3, metadata, tensors: vec![tensor], alignment: 32, data_offset: 0 }
+    }
+
+    #[test]
+    fn a_vocabulary_large_beside_the_weights_is_built_before_them() {
+        // The Qwen3-small benchmark file: 151,936 tokens and 151,387 merges, 64.4 MB of weights.
+        assert!(tokenizer_first(&file(151_936, 151_387, 64_387_072)));
+        // The built-in SmolLM2-135M Q4_1: 49,152 tokens and 48,900 merges, 93.8 MB.
+        assert!(!tokenizer_first(&file(49_152, 48_900, 93_800_000)));
+        // Qwen3-4B in 4 bits: the same vocabulary beside 2.5 GB.
+        assert!(!tokenizer_first(&file(151_936, 151_387, 2_500_000_000)));
+        assert!(!tokenizer_first(&file(0, 0, 1_000)));
+    }
 }

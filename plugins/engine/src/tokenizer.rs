@@ -128,17 +128,19 @@ impl TextTokenizer {
                 (spelled, i as u32)
             })
             .collect();
-        let merges: Vec<(String, String)> = file
+        let merge_strings = file
             .take_strings("tokenizer.ggml.merges")
             .map_err(err)?
-            .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.merges` is missing".into()))?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| EngineError::Tokenizer(format!("GGUF merge `{m}` is not two tokens separated by a space")))
-            })
-            .collect::<Result<_, _>>()?;
+            .ok_or_else(|| EngineError::Tokenizer("GGUF metadata `tokenizer.ggml.merges` is missing".into()))?;
+        // Sized once: collected through a fallible iterator the vector would grow by doubling
+        // (151,387 Qwen3 merges: a 12.6 MB buffer instead of 7.3 MB, at the load's peak).
+        let mut merges: Vec<(String, String)> = Vec::with_capacity(merge_strings.len());
+        for m in merge_strings {
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| EngineError::Tokenizer(format!("GGUF merge `{m}` is not two tokens separated by a space")))?;
+            merges.push((a.to_string(), b.to_string()));
+        }
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .continuing_subword_prefix(String::new())
