@@ -6,7 +6,10 @@
 //! the grid after it be scheduled (`griddepcontrol.launch_dependents`). Launched with
 //! `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, a kernel's launch and block
 //! scheduling then overlap the tail of the kernel before it, in a stream and in a CUDA graph
-//! recorded from one, while nothing it reads or writes is touched before the wait.
+//! recorded from one, while nothing it reads or writes is touched before the wait. A kernel may
+//! place the wait itself instead, after loads of what no kernel writes (the matrix-vector
+//! kernels' first weights, `inference-pio-kernels`' `launch::early_loads`): it gets no second
+//! one, and below sm_90 both instructions are taken out ([`without_dependent_launch`]).
 //! On by default; `INFERENCE_PIO_PDL=0` compiles and launches every kernel as before (read
 //! once, at the first kernel). Measured on an H100 (2026-12-07,
 //! `benches/results/gpu-h100-2026-12-07i-dependent-launch.md`): Qwen3-4B batch-1 decode 227.7
