@@ -292,6 +292,10 @@ mod device {
 
 fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: bool) -> CubeTensor {
     let x = into_contiguous(x);
+    // Early loads read the weight before waiting for the kernel before this one, so not where
+    // that kernel is the weight's own copy into a contiguous layout (a weight as loaded is
+    // contiguous; a view of one might not be).
+    let w_in_place = !w.meta.is_tiled() && w.is_contiguous();
     let w = into_contiguous(w);
     let wshape = w.meta.shape().clone();
     let rank = wshape.num_dims();
@@ -339,7 +343,7 @@ fn launch(x: CubeTensor, w: CubeTensor, experts: Option<CubeTensor>, swiglu: boo
             parts > 1,
             // A routed expert's weights are known only once the router before has written
             // its choice, so those products wait first.
-            crate::launch::early_loads() && !gathered,
+            crate::launch::early_loads() && !gathered && w_in_place,
             [dtype_to_storage_type(dtype), dtype_to_storage_type(int_dtype)],
         )
     };

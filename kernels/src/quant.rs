@@ -3581,6 +3581,10 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
     assert_eq!(cols, words * (32 / bits as usize), "quantized matvec: activations and weight disagree");
     assert!(device_kernel_applies(n, cols, bits, group), "quantized matvec: {n} rows of {cols} in {bits}-bit groups of {group}");
     let dtype = x.dtype;
+    // The kernel reads its first codes, scales and offsets before waiting for the kernel before
+    // it (`crate::launch::early_loads`), which is this quantization of the activations: any
+    // copy of the codes into a contiguous layout above comes before it, and it waits for that
+    // copy before it lets this kernel start.
     let acts = quantize_activations(x);
     let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
     let client = out.client.clone();
