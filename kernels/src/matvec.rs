@@ -164,8 +164,7 @@ mod device {
         total: usize,
         #[comptime] split: bool,
     ) -> Vector<f32, N> {
-        let t = term(x, w, x_base, w_base, part_stride, block, min(u, total - 1), split);
-        select(u < total, t, Vector::<f32, N>::zero())
+        masked_loaded(x, x_base, w[weight_at(w_base, part_stride, block, min(u, total - 1), split)], u, total)
     }
 
     /// Index of the weight's vector `u` of the channel starting at `w_base` (see [`term`]).

@@ -259,20 +259,26 @@ pub fn load_engine(
             let metadata = keys.iter().filter_map(|k| g.file.metadata.remove_entry(k)).collect();
             let f = &g.file;
             let meta = gguf::Gguf { version: f.version, metadata, tensors: Vec::new(), alignment: f.alignment, data_offset: f.data_offset };
-            let building = std::thread::Builder::new()
-                .name("inference-pio-tokenizer".into())
-                .spawn(move || -> Result<TextParts, EngineError> {
-                    // The template first: the tokenizer takes the vocabulary out of `meta`.
-                    let template = ChatTemplate::from_gguf(&meta)?;
-                    let tokenizer = TextTokenizer::from_gguf(meta)?;
-                    // The build's strings (the vocabulary and merges as read, their copies)
-                    // are freed now, while the weights still load: their pages go back at
-                    // once instead of adding to the load's peak until it ends.
-                    crate::weights::return_free_heap_pages();
-                    Ok((tokenizer, template))
-                })
-                .map_err(|e| EngineError::Device(format!("cannot start the tokenizer's thread: {e}")))?;
-            let text = if first { TextSource::Ready(Box::new(TextSource::Building(building).get()?)) } else { TextSource::Building(building) };
+            let build = move || -> Result<TextParts, EngineError> {
+                // The template first: the tokenizer takes the vocabulary out of `meta`.
+                let template = ChatTemplate::from_gguf(&meta)?;
+                let tokenizer = TextTokenizer::from_gguf(meta)?;
+                // The build's strings (the vocabulary and merges as read, their copies) are
+                // freed now: their pages go back at once instead of adding to the load's peak
+                // until it ends.
+                crate::weights::return_free_heap_pages();
+                Ok((tokenizer, template))
+            };
+            let text = if first {
+                TextSource::Ready(Box::new(build()?))
+            } else {
+                TextSource::Building(
+                    std::thread::Builder::new()
+                        .name("inference-pio-tokenizer".into())
+                        .spawn(build)
+                        .map_err(|e| EngineError::Device(format!("cannot start the tokenizer's thread: {e}")))?,
+                )
+            };
             (text, GenerationDefaults::default(), Checkpoint::open_gguf(g, (config.num_attention_heads, config.num_key_value_heads))?)
         }
         None => (
