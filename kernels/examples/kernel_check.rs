@@ -30,7 +30,8 @@
 //!   and 4 rows) and the dequantize-then-cuBLAS path (32 and 512 rows) for int8 per channel,
 //!   int4 in groups of 128 and GGUF-like groups (4-bit in 32, 8-bit in 16) on Qwen3-4B's
 //!   shapes, against the dequantized weight's dense product, timed beside the bf16 weight's
-//!   product; the rate is the quantized bytes read per second.
+//!   product; the rate is the quantized bytes read per second (`KERNEL_CHECK_QUANT_ROWS=1,2`
+//!   checks those row counts only).
 //!
 //! f32 and bf16; timings are CUDA-graph replays of ten calls. Exits non-zero when a result is
 //! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
@@ -818,6 +819,8 @@ fn check_quant(device: &Device) -> usize {
             })
             .collect()
     };
+    // `KERNEL_CHECK_QUANT_ROWS=1,2`: only those row counts (all of them unset).
+    let only_rows: Option<Vec<usize>> = std::env::var("KERNEL_CHECK_QUANT_ROWS").ok().map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect());
     let shapes = [("4B fused q/k/v 2560->6144", 6144usize, 2560usize), ("4B fused gate/up 2560->19456", 19456, 2560), ("4B down 9728->2560", 2560, 9728)];
     for (name, out, inp) in shapes {
         let values = random(out * inp);
@@ -850,6 +853,9 @@ fn check_quant(device: &Device) -> usize {
                 let w = deq.clone().cast(dtype);
                 let plain = dense_w.clone().cast(dtype).reshape([1, out, inp]);
                 for rows in [1usize, 2, 4, 8, 16, 32, 512] {
+                    if only_rows.as_ref().is_some_and(|only| !only.contains(&rows)) {
+                        continue;
+                    }
                     let x = Tensor::<2>::random([rows, inp], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
                     let kernel = || q.forward(x.clone());
                     let reference = || batched_linear(x.clone().unsqueeze_dim(0), w.clone().reshape([1, 1, out, inp])).squeeze_dim(0);

@@ -55,8 +55,26 @@ use crate::launch::{PLANE, is_cubecl};
 /// gate/up 74.9 µs by the kernel at 8 rows, 73.5 dequantized at 16; int8 57.4 against 77.4;
 /// `benches/results/gpu-h200-2026-12-07c-dequantize-vectors.md`).
 pub const QUANT_MAX_ROWS: usize = 8;
-/// Output channels per cube (one plane each).
+/// Output channels per cube (one plane each), unless `INFERENCE_PIO_QUANT_PLANES` (1 to 32, a
+/// power of two) says otherwise.
 const CHANNELS_PER_CUBE: u32 = 8;
+/// 16-byte chunks of codes each lane of the matrix-vector kernel loads together before it
+/// adds their terms, unless `INFERENCE_PIO_QUANT_LOADS` (1, 2, 4 or 8) says otherwise.
+const QUANT_LOADS: usize = 4;
+
+/// [`QUANT_LOADS`] or the switch's value.
+pub(crate) fn quant_loads() -> usize {
+    static LOADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LOADS.get_or_init(|| crate::launch::env_number("INFERENCE_PIO_QUANT_LOADS", |n| [1, 2, 4, 8].contains(&n), "1, 2, 4 or 8").unwrap_or(QUANT_LOADS))
+}
+
+/// [`CHANNELS_PER_CUBE`] or the switch's value.
+fn quant_planes() -> u32 {
+    static PLANES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PLANES.get_or_init(|| {
+        crate::launch::env_number("INFERENCE_PIO_QUANT_PLANES", |p| (1..=32).contains(&p) && p.is_power_of_two(), "a power of two from 1 to 32").map_or(CHANNELS_PER_CUBE, |p| p as u32)
+    })
+}
 /// Why a quantized matrix cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuantError(pub String);
@@ -3389,14 +3407,73 @@ mod device {
         }
     }
 
+    /// One round of a lane's chunks: `loads` 16-byte chunks of codes a plane apart from chunk
+    /// `c` (with their groups' scales and offsets) loaded together, then their terms added in
+    /// chunk order, so that the lane waits on memory once for them all. Chunks past the row
+    /// load the row's last chunk again and add nothing. With `wait` the kernel waits for the
+    /// kernels before it (the activations' quantization) between the loads and the terms
+    /// ([`crate::launch::early_loads`]).
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn round_terms<N: Size>(
+        codes: &[Vector<u32, N>],
+        scales: &[f32],
+        mins: &[f32],
+        hi: &[Vector<i32, N>],
+        lo: &[Vector<i32, N>],
+        xscales: &[f32],
+        xsums: &[f32],
+        first: usize,
+        gbase: usize,
+        c: usize,
+        chunks: usize,
+        cols: usize,
+        acc: &mut Array<f32>,
+        #[comptime] bits: u32,
+        #[comptime] group: usize,
+        #[comptime] nrows: usize,
+        #[comptime] loads: usize,
+        #[comptime] wait: bool,
+    ) {
+        let per_chunk = comptime!(128 / bits as usize);
+        let step = PLANE_DIM as usize;
+        let last = chunks - 1;
+        let mut wv = Array::<Vector<u32, N>>::new(loads);
+        let mut gs = Array::<f32>::new(loads);
+        let mut gm = Array::<f32>::new(loads);
+        #[unroll]
+        for k in 0..loads {
+            let ck = min(c + k * step, last);
+            let g = gbase + ck * per_chunk / group;
+            wv[k] = codes[first + ck];
+            gs[k] = scales[g];
+            gm[k] = mins[g];
+        }
+        if wait {
+            gpu_asm!("griddepcontrol.wait;");
+            gpu_asm!("griddepcontrol.launch_dependents;");
+        }
+        #[unroll]
+        for k in 0..loads {
+            let ck = c + k * step;
+            if ck < chunks {
+                chunk_terms(wv[k], ck * per_chunk, gs[k], gm[k], hi, lo, xscales, xsums, cols, acc, bits, nrows);
+            }
+        }
+    }
+
     /// One plane per output channel, all of the activation rows (`nrows`) at once: each lane
     /// takes 16-byte chunks of the channel's codes (32 4-bit or 16 8-bit codes, within one
-    /// group and one activation block) a plane apart and adds their terms ([`chunk_terms`]).
-    /// Two chunks read before either is used measured 7-10 % faster in `kernel_check quant`
-    /// alone but 2 % slower in the engine's int8 decode (311 against 305 tok/s, H200,
-    /// 2026-12-07), so one. With `early` ([`crate::launch::early_loads`]) a lane's first chunk
-    /// is read before the kernel waits for the activations' quantization: Qwen3-4B batch 1 on an
-    /// H100, int8 301.1-302.5 -> 304.3-305.6 tok/s, int4 344.5-346.6 -> 349.0-349.1
+    /// group and one activation block) a plane apart and adds their terms ([`chunk_terms`]),
+    /// `loads` chunks a round ([`round_terms`], [`super::quant_loads`]): a 2,560-wide row of
+    /// 4-bit codes is 80 chunks, two and a half a lane, so four loads a round read the whole
+    /// row at once instead of one chunk after another. The terms are added in the same order
+    /// whatever `loads` is, so the result is the same bits. (Before, two chunks read before
+    /// either was used measured 7-10 % faster in `kernel_check quant` alone but 2 % slower in
+    /// the engine's int8 decode, 311 against 305 tok/s, H200, 2026-12-07.) With `early`
+    /// ([`crate::launch::early_loads`]) the first round is loaded before the kernel waits for
+    /// the activations' quantization: Qwen3-4B batch 1 on an H100 with one load a round, int8
+    /// 301.1-302.5 -> 304.3-305.6 tok/s, int4 344.5-346.6 -> 349.0-349.1
     /// (`benches/results/gpu-h100-2026-12-07m-matvec-early-loads.md`).
     #[cube(launch_unchecked)]
     pub fn quant_matvec_kernel<E: Float, N: Size>(
@@ -3413,6 +3490,7 @@ mod device {
         #[comptime] bits: u32,
         #[comptime] group: usize,
         #[comptime] nrows: usize,
+        #[comptime] loads: usize,
         #[comptime] early: bool,
         #[define(E)] _dtype: ElemType,
     ) {
@@ -3428,30 +3506,20 @@ mod device {
         for r in 0..nrows {
             acc[r] = 0.0;
         }
-        let step = PLANE_DIM as usize;
+        let round = loads * PLANE_DIM as usize;
         let first = channel * chunks;
         let gbase = channel * groups;
         let mut c = UNIT_POS_X as usize;
         if early {
-            // The lane's first chunk of codes and its group's scale and offset, which no kernel
-            // before this one writes, are loaded before the kernel waits for those kernels (the
-            // activations' quantization among them; see `crate::launch::early_loads`).
-            let first_chunk = min(c, chunks - 1);
-            let start = first_chunk * per_chunk;
-            let wv = codes[first + first_chunk];
-            let gs = scales[gbase + start / group];
-            let gm = mins[gbase + start / group];
-            gpu_asm!("griddepcontrol.wait;");
-            gpu_asm!("griddepcontrol.launch_dependents;");
-            if c < chunks {
-                chunk_terms(wv, start, gs, gm, hi, lo, xscales, xsums, cols, &mut acc, bits, nrows);
-            }
-            c += step;
+            // The lane's first round of codes and their groups' scales and offsets, which no
+            // kernel before this one writes, are loaded before the kernel waits for those
+            // kernels (see `crate::launch::early_loads`).
+            round_terms(codes, scales, mins, hi, lo, xscales, xsums, first, gbase, c, chunks, cols, &mut acc, bits, group, nrows, loads, true);
+            c += round;
         }
         while c < chunks {
-            let start = c * per_chunk;
-            chunk_terms(codes[first + c], start, scales[gbase + start / group], mins[gbase + start / group], hi, lo, xscales, xsums, cols, &mut acc, bits, nrows);
-            c += step;
+            round_terms(codes, scales, mins, hi, lo, xscales, xsums, first, gbase, c, chunks, cols, &mut acc, bits, group, nrows, loads, false);
+            c += round;
         }
         #[unroll]
         for r in 0..nrows {
@@ -3590,7 +3658,7 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
     let client = out.client.clone();
     let (cube_count, cube_dim) = channel_planes(rows);
     // SAFETY: `channel < rows` (checked in the kernel); chunk `c < cols / per_chunk` of its
-    // row's codes (`words` a multiple of 4: `cols` of 32); a chunk's group `start / group <
+    // row's codes (a round's loads past the row clamped to its last chunk) (`words` a multiple of 4: `cols` of 32); a chunk's group `start / group <
     // groups` and block `start / 32 < cols / 32`; activation vectors `r * cols / 16 + start /
     // 16 + v < n * cols / 16`; sums `r * cols / 16 + start / 16 (+ 1 for a 32-code chunk) <
     // n * cols / 16`; `r < n`.
@@ -3613,6 +3681,7 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
             bits,
             group,
             n,
+            quant_loads(),
             crate::launch::early_loads(),
             dtype_to_storage_type(dtype),
         )
@@ -3621,9 +3690,10 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
 }
 
 /// The launch of a matrix-vector kernel with one plane per output channel of `rows`,
-/// [`CHANNELS_PER_CUBE`] planes a cube.
+/// [`quant_planes`] planes a cube.
 pub(crate) fn channel_planes(rows: usize) -> (CubeCount, CubeDim) {
-    (CubeCount::Static((rows as u32).div_ceil(CHANNELS_PER_CUBE), 1, 1), CubeDim::new_2d(PLANE as u32, CHANNELS_PER_CUBE))
+    let planes = quant_planes();
+    (CubeCount::Static((rows as u32).div_ceil(planes), 1, 1), CubeDim::new_2d(PLANE as u32, planes))
 }
 
 /// Whether the matrix-vector kernel takes `n` rows of `cols` against `bits`-bit codes in
