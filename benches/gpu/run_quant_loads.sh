@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Chunks loaded together per lane in the int4/int8 matrix-vector kernel (issue 21; issue 20's
-# kernels): kernel_check quant at 1 and 2 rows (BF16 and F32, every layout) with
-# INFERENCE_PIO_QUANT_LOADS=1 (one chunk at a time, as before) and the other settings, then
-# Qwen3-4B (real config, random weights) batch-1 decode in int4 and int8 for each setting in
-# LOADS (default "1 4"), alternating (ROUNDS, default "1 2"); PLANES (default "8") adds
-# INFERENCE_PIO_QUANT_PLANES settings for the kernel check and decode with the last LOADS.
-# Carried: .gpu/{inference-pio,pio-bench,kernel_check,libqwen3_4b_instruct_2507.so,
-# qwen3-tokenizer.json}.xz and .gpu/COMMIT.
+# kernels). SETTINGS (default "l1p8 l4p8"): each `lLpP` is INFERENCE_PIO_QUANT_LOADS=L (l1: one
+# chunk at a time, as before) and INFERENCE_PIO_QUANT_PLANES=P. For each, kernel_check quant at
+# 1 and 2 rows (BF16 and F32, every layout; KC=0 skips it), then Qwen3-4B (real config, random
+# weights) batch-1 decode in int4 and int8 for each setting, alternating, for each of ROUNDS
+# (default "1 2"; empty: no decode). Carried: .gpu/{inference-pio,pio-bench,kernel_check,
+# libqwen3_4b_instruct_2507.so,qwen3-tokenizer.json}.xz and .gpu/COMMIT.
 set -uo pipefail
 source benches/gpu/lib.sh
 restore_qwen3_tokenizer
@@ -14,13 +13,9 @@ unpack_gpu_binaries inference-pio pio-bench kernel_check libqwen3_4b_instruct_25
 ensure_cublas > /dev/null
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-LOADS=${LOADS:-1 4}
-PLANES=${PLANES:-8}
-last_loads=${LOADS##* }
-settings=""
-for l in $LOADS; do settings="$settings l${l}p8"; done
-for p in $PLANES; do [ "$p" = 8 ] || settings="$settings l${last_loads}p$p"; done
+settings=${SETTINGS:-l1p8 l4p8}
 for s in $settings; do
+  [ "${KC:-1}" = 0 ] && break
   l=${s#l}; l=${l%p*}; p=${s#*p}
   KERNEL_CHECK_QUANT_ROWS=1,2 INFERENCE_PIO_QUANT_LOADS=$l INFERENCE_PIO_QUANT_PLANES=$p timeout 150 .gpu/bin/kernel_check quant > $OUT/kernel_check_$s.txt 2>&1
   echo "kernel_check $s exit $? at $SECONDS s: ok $(grep -c ' ok ' $OUT/kernel_check_$s.txt), FAIL $(grep -c FAIL $OUT/kernel_check_$s.txt)"
@@ -30,7 +25,7 @@ CK=$(qwen3_4b_dir)
 for mode in int8 int4; do
   printf '[plugins.qwen3-4b-instruct-2507]\nquantization = "%s"\n' $mode > /tmp/q_$mode.toml
 done
-for r in ${ROUNDS:-1 2}; do
+for r in ${ROUNDS-1 2}; do
   for mode in int4 int8; do
     for s in $settings; do
       l=${s#l}; l=${l%p*}; p=${s#*p}
