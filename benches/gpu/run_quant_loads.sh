@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Chunks loaded together per lane in the int4/int8 matrix-vector kernel (issue 21; issue 20's
-# kernels). SETTINGS (default "l1p8 l4p8"): each `lLpP` is INFERENCE_PIO_QUANT_LOADS=L (l1: one
-# chunk at a time, as before) and INFERENCE_PIO_QUANT_PLANES=P. For each, kernel_check quant at
+# kernels). SETTINGS (default "l1p8f0 l4p8f0 l4p8f1"): each `lLpPfF` is
+# INFERENCE_PIO_QUANT_LOADS=L (l1: one chunk at a time, as before),
+# INFERENCE_PIO_QUANT_PLANES=P and INFERENCE_PIO_QUANT_FUSED=F (f0: the activations quantized by
+# a kernel of their own, as before; f1: inside the product's kernel). For each, kernel_check quant at
 # 1 and 2 rows (BF16 and F32, every layout; KC=0 skips it), then Qwen3-4B (real config, random
 # weights) batch-1 decode in int4 and int8 for each setting, alternating, for each of ROUNDS
 # (default "1 2"; empty: no decode). Carried: .gpu/{inference-pio,pio-bench,kernel_check,
@@ -13,11 +15,12 @@ unpack_gpu_binaries inference-pio pio-bench kernel_check libqwen3_4b_instruct_25
 ensure_cublas > /dev/null
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-settings=${SETTINGS:-l1p8 l4p8}
+settings=${SETTINGS:-l1p8f0 l4p8f0 l4p8f1}
+# switches SETTING: the environment assignments of one setting.
+switches() { local l=${1#l} p=${1#*p} f=${1#*f}; echo "INFERENCE_PIO_QUANT_LOADS=${l%%p*} INFERENCE_PIO_QUANT_PLANES=${p%%f*} INFERENCE_PIO_QUANT_FUSED=$f"; }
 for s in $settings; do
   [ "${KC:-1}" = 0 ] && break
-  l=${s#l}; l=${l%p*}; p=${s#*p}
-  KERNEL_CHECK_QUANT_ROWS=1,2 INFERENCE_PIO_QUANT_LOADS=$l INFERENCE_PIO_QUANT_PLANES=$p timeout 150 .gpu/bin/kernel_check quant > $OUT/kernel_check_$s.txt 2>&1
+  env KERNEL_CHECK_QUANT_ROWS=1,2 $(switches $s) timeout 150 .gpu/bin/kernel_check quant > $OUT/kernel_check_$s.txt 2>&1
   echo "kernel_check $s exit $? at $SECONDS s: ok $(grep -c ' ok ' $OUT/kernel_check_$s.txt), FAIL $(grep -c FAIL $OUT/kernel_check_$s.txt)"
   grep FAIL $OUT/kernel_check_$s.txt | head -3
 done
@@ -28,9 +31,8 @@ done
 for r in ${ROUNDS-1 2}; do
   for mode in int4 int8; do
     for s in $settings; do
-      l=${s#l}; l=${l%p*}; p=${s#*p}
       rm -f /tmp/pio.json
-      INFERENCE_PIO_QUANT_LOADS=$l INFERENCE_PIO_QUANT_PLANES=$p timeout 90 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$mode.toml --model $CK --random-weights \
+      env $(switches $s) timeout 90 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$mode.toml --model $CK --random-weights \
         --prompt-tokens 128 --new-tokens 256 --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 \
         --machine "$(cat $OUT/device.txt)" --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
       cp /tmp/pio.json $OUT/pio_${mode}_${s}_r$r.json 2>/dev/null

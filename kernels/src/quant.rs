@@ -3286,21 +3286,19 @@ mod device {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
 
-    /// Activation rows as [`super::DeviceActivations`]: one unit per block of 32 values.
-    #[cube(launch_unchecked)]
-    pub fn quantize_activations_kernel<E: Float>(
+    /// Block `b` (32 values) of the activation rows `x` quantized as
+    /// [`super::DeviceActivations`] holds them: its eight high-byte and eight low-byte words as
+    /// vectors `2b, 2b + 1` of `hi` and `lo` (`N` is 4), its scale at `b` and its two sums of 16
+    /// at `2b, 2b + 1`. The same arithmetic wherever it runs, so the same bits.
+    #[cube]
+    fn quantize_block<E: Float, N: Size>(
         x: &Tensor<E>,
-        hi: &mut [i32],
-        lo: &mut [i32],
+        b: usize,
+        hi: &mut [Vector<i32, N>],
+        lo: &mut [Vector<i32, N>],
         scales: &mut [f32],
         sums: &mut [f32],
-        blocks_total: usize,
-        #[define(E)] _dtype: ElemType,
     ) {
-        let b = ABSOLUTE_POS;
-        if b >= blocks_total {
-            terminate!();
-        }
         let base = b * 32;
         let mut amax = 0f32;
         let mut s0 = 0f32;
@@ -3320,23 +3318,49 @@ mod device {
         let scale = amax / 32639.0;
         let inv = select(amax > 0.0, 32639.0 / amax, 0.0);
         #[unroll]
-        for w in 0..8usize {
-            let mut h = 0i32;
-            let mut l = 0i32;
+        for half in 0..2usize {
+            let mut hv = Vector::<i32, N>::empty();
+            let mut lv = Vector::<i32, N>::empty();
             #[unroll]
-            for k in 0..4usize {
-                let q = i32::cast_from(f32::round(f32::cast_from(x[base + w * 4 + k]) * inv));
-                let qh = (q + 128) >> 8;
-                let ql = q - qh * 256;
-                h |= (qh & 255) << comptime!(8 * k as i32);
-                l |= (ql & 255) << comptime!(8 * k as i32);
+            for j in 0..4usize {
+                let mut h = 0i32;
+                let mut l = 0i32;
+                #[unroll]
+                for k in 0..4usize {
+                    let q = i32::cast_from(f32::round(f32::cast_from(x[base + comptime!((half * 4 + j) * 4 + k)]) * inv));
+                    let qh = (q + 128) >> 8;
+                    let ql = q - qh * 256;
+                    h |= (qh & 255) << comptime!(8 * k as i32);
+                    l |= (ql & 255) << comptime!(8 * k as i32);
+                }
+                hv.insert(j, h);
+                lv.insert(j, l);
             }
-            hi[b * 8 + w] = h;
-            lo[b * 8 + w] = l;
+            hi[b * 2 + half] = hv;
+            lo[b * 2 + half] = lv;
         }
         scales[b] = scale;
         sums[b * 2] = s0;
         sums[b * 2 + 1] = s1;
+    }
+
+    /// Activation rows as [`super::DeviceActivations`]: one unit per block of 32 values
+    /// ([`quantize_block`]).
+    #[cube(launch_unchecked)]
+    pub fn quantize_activations_kernel<E: Float, N: Size>(
+        x: &Tensor<E>,
+        hi: &mut [Vector<i32, N>],
+        lo: &mut [Vector<i32, N>],
+        scales: &mut [f32],
+        sums: &mut [f32],
+        blocks_total: usize,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let b = ABSOLUTE_POS;
+        if b >= blocks_total {
+            terminate!();
+        }
+        quantize_block(x, b, hi, lo, scales, sums);
     }
 
     /// The terms of one 16-byte chunk of a channel's codes (`wv`, codes `start ..`) for every
@@ -3407,40 +3431,30 @@ mod device {
         }
     }
 
-    /// One round of a lane's chunks: `loads` 16-byte chunks of codes a plane apart from chunk
-    /// `c` (with their groups' scales and offsets) loaded together, then their terms added in
-    /// chunk order, so that the lane waits on memory once for them all. Chunks past the row
-    /// load the row's last chunk again and add nothing. With `wait` the kernel waits for the
-    /// kernels before it (the activations' quantization) between the loads and the terms
-    /// ([`crate::launch::early_loads`]).
+    /// A lane's round of chunks loaded: `loads` 16-byte chunks of codes a plane apart from
+    /// chunk `c`, with their groups' scales and offsets, issued together so that the lane waits
+    /// on memory once for them all. Chunks past the row load the row's last chunk again
+    /// ([`add_round`] adds nothing for them).
     #[cube]
     #[allow(clippy::too_many_arguments)]
-    fn round_terms<N: Size>(
+    fn load_round<N: Size>(
         codes: &[Vector<u32, N>],
         scales: &[f32],
         mins: &[f32],
-        hi: &[Vector<i32, N>],
-        lo: &[Vector<i32, N>],
-        xscales: &[f32],
-        xsums: &[f32],
         first: usize,
         gbase: usize,
         c: usize,
         chunks: usize,
-        cols: usize,
-        acc: &mut Array<f32>,
+        wv: &mut Array<Vector<u32, N>>,
+        gs: &mut Array<f32>,
+        gm: &mut Array<f32>,
         #[comptime] bits: u32,
         #[comptime] group: usize,
-        #[comptime] nrows: usize,
         #[comptime] loads: usize,
-        #[comptime] wait: bool,
     ) {
         let per_chunk = comptime!(128 / bits as usize);
         let step = PLANE_DIM as usize;
         let last = chunks - 1;
-        let mut wv = Array::<Vector<u32, N>>::new(loads);
-        let mut gs = Array::<f32>::new(loads);
-        let mut gm = Array::<f32>::new(loads);
         #[unroll]
         for k in 0..loads {
             let ck = min(c + k * step, last);
@@ -3449,10 +3463,29 @@ mod device {
             gs[k] = scales[g];
             gm[k] = mins[g];
         }
-        if wait {
-            gpu_asm!("griddepcontrol.wait;");
-            gpu_asm!("griddepcontrol.launch_dependents;");
-        }
+    }
+
+    /// The terms of a round [`load_round`] loaded from chunk `c`, in chunk order.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn add_round<N: Size>(
+        wv: &Array<Vector<u32, N>>,
+        gs: &Array<f32>,
+        gm: &Array<f32>,
+        hi: &[Vector<i32, N>],
+        lo: &[Vector<i32, N>],
+        xscales: &[f32],
+        xsums: &[f32],
+        c: usize,
+        chunks: usize,
+        cols: usize,
+        acc: &mut Array<f32>,
+        #[comptime] bits: u32,
+        #[comptime] nrows: usize,
+        #[comptime] loads: usize,
+    ) {
+        let per_chunk = comptime!(128 / bits as usize);
+        let step = PLANE_DIM as usize;
         #[unroll]
         for k in 0..loads {
             let ck = c + k * step;
@@ -3462,10 +3495,23 @@ mod device {
         }
     }
 
+    /// The plane's sums of `acc` (one per activation row) written to `channel` of each row by
+    /// its first lane.
+    #[cube]
+    fn write_channel<E: Float>(acc: &Array<f32>, out: &mut Tensor<E>, channel: usize, channels: usize, #[comptime] nrows: usize) {
+        #[unroll]
+        for r in 0..nrows {
+            let total = plane_sum(acc[r]);
+            if UNIT_POS_X == 0 {
+                out[r * channels + channel] = E::cast_from(total);
+            }
+        }
+    }
+
     /// One plane per output channel, all of the activation rows (`nrows`) at once: each lane
     /// takes 16-byte chunks of the channel's codes (32 4-bit or 16 8-bit codes, within one
     /// group and one activation block) a plane apart and adds their terms ([`chunk_terms`]),
-    /// `loads` chunks a round ([`round_terms`], [`super::quant_loads`]): a 2,560-wide row of
+    /// `loads` chunks a round ([`load_round`], [`super::quant_loads`]): a 2,560-wide row of
     /// 4-bit codes is 80 chunks, two and a half a lane, so four loads a round read the whole
     /// row at once instead of one chunk after another. The terms are added in the same order
     /// whatever `loads` is, so the result is the same bits. (Before, two chunks read before
@@ -3509,25 +3555,98 @@ mod device {
         let round = loads * PLANE_DIM as usize;
         let first = channel * chunks;
         let gbase = channel * groups;
+        let mut wv = Array::<Vector<u32, N>>::new(loads);
+        let mut gs = Array::<f32>::new(loads);
+        let mut gm = Array::<f32>::new(loads);
         let mut c = UNIT_POS_X as usize;
         if early {
             // The lane's first round of codes and their groups' scales and offsets, which no
             // kernel before this one writes, are loaded before the kernel waits for those
             // kernels (see `crate::launch::early_loads`).
-            round_terms(codes, scales, mins, hi, lo, xscales, xsums, first, gbase, c, chunks, cols, &mut acc, bits, group, nrows, loads, true);
+            load_round(codes, scales, mins, first, gbase, c, chunks, &mut wv, &mut gs, &mut gm, bits, group, loads);
+            gpu_asm!("griddepcontrol.wait;");
+            gpu_asm!("griddepcontrol.launch_dependents;");
+            add_round(&wv, &gs, &gm, hi, lo, xscales, xsums, c, chunks, cols, &mut acc, bits, nrows, loads);
             c += round;
         }
         while c < chunks {
-            round_terms(codes, scales, mins, hi, lo, xscales, xsums, first, gbase, c, chunks, cols, &mut acc, bits, group, nrows, loads, false);
+            load_round(codes, scales, mins, first, gbase, c, chunks, &mut wv, &mut gs, &mut gm, bits, group, loads);
+            add_round(&wv, &gs, &gm, hi, lo, xscales, xsums, c, chunks, cols, &mut acc, bits, nrows, loads);
             c += round;
         }
+        write_channel(&acc, out, channel, channels, nrows);
+    }
+
+    /// [`quant_matvec_kernel`] with the activations' quantization in it: each cube quantizes
+    /// all of `x` (`nrows` rows of `cols`, comptime: `shared_cols`) into shared memory
+    /// ([`quantize_block`], the same bits as the kernel of its own), then its planes read them
+    /// from there. One launch a product instead of two; `early` loads the first round of codes
+    /// before the wait, so their latency overlaps the quantization too.
+    #[cube(launch_unchecked)]
+    pub fn quant_matvec_fused_kernel<E: Float, N: Size>(
+        x: &Tensor<E>,
+        codes: &[Vector<u32, N>],
+        scales: &[f32],
+        mins: &[f32],
+        out: &mut Tensor<E>,
+        cols: usize,
+        groups: usize,
+        #[comptime] shared_cols: usize,
+        #[comptime] bits: u32,
+        #[comptime] group: usize,
+        #[comptime] nrows: usize,
+        #[comptime] loads: usize,
+        #[comptime] early: bool,
+        #[define(E)] _dtype: ElemType,
+    ) {
+        let mut hi = Shared::<[Vector<i32, N>]>::new_slice(comptime!(nrows * shared_cols / 16));
+        let mut lo = Shared::<[Vector<i32, N>]>::new_slice(comptime!(nrows * shared_cols / 16));
+        let mut xscales = Shared::<[f32]>::new_slice(comptime!(nrows * shared_cols / 32));
+        let mut xsums = Shared::<[f32]>::new_slice(comptime!(nrows * shared_cols / 16));
+        let channels = out.shape(1);
+        let plane_channel = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+        // Planes past the last channel quantize with the others and leave after the barrier.
+        let channel = min(plane_channel, channels - 1);
+        let per_chunk = comptime!(128 / bits as usize);
+        let chunks = cols / per_chunk;
+        let mut acc = Array::<f32>::new(nrows);
         #[unroll]
         for r in 0..nrows {
-            let total = plane_sum(acc[r]);
-            if UNIT_POS_X == 0 {
-                out[r * channels + channel] = E::cast_from(total);
-            }
+            acc[r] = 0.0;
         }
+        let round = loads * PLANE_DIM as usize;
+        let first = channel * chunks;
+        let gbase = channel * groups;
+        let mut wv = Array::<Vector<u32, N>>::new(loads);
+        let mut gs = Array::<f32>::new(loads);
+        let mut gm = Array::<f32>::new(loads);
+        let mut c = UNIT_POS_X as usize;
+        if early {
+            load_round(codes, scales, mins, first, gbase, c, chunks, &mut wv, &mut gs, &mut gm, bits, group, loads);
+            gpu_asm!("griddepcontrol.wait;");
+            gpu_asm!("griddepcontrol.launch_dependents;");
+        }
+        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+        let blocks = comptime!(nrows * shared_cols / 32);
+        let mut b = UNIT_POS as usize;
+        while b < blocks {
+            quantize_block(x, b, hi.as_mut_slice(), lo.as_mut_slice(), xscales.as_mut_slice(), xsums.as_mut_slice());
+            b += threads;
+        }
+        sync_cube();
+        if plane_channel >= channels {
+            terminate!();
+        }
+        if early {
+            add_round(&wv, &gs, &gm, hi.as_slice(), lo.as_slice(), xscales.as_slice(), xsums.as_slice(), c, chunks, cols, &mut acc, bits, nrows, loads);
+            c += round;
+        }
+        while c < chunks {
+            load_round(codes, scales, mins, first, gbase, c, chunks, &mut wv, &mut gs, &mut gm, bits, group, loads);
+            add_round(&wv, &gs, &gm, hi.as_slice(), lo.as_slice(), xscales.as_slice(), xsums.as_slice(), c, chunks, cols, &mut acc, bits, nrows, loads);
+            c += round;
+        }
+        write_channel(&acc, out, channel, channels, nrows);
     }
 
     /// Code `p` of a packed word (the device order, [`super::device_codes`]) as the number it
@@ -3622,13 +3741,15 @@ fn quantize_activations(x: CubeTensor) -> DeviceActivations {
     let client = x.client.clone();
     let dtype = x.dtype;
     // SAFETY: one unit per 32-value block, `b < n * cols / 32` checked: it reads `x[32b ..
-    // 32b + 32]` and writes words `8b .. 8b + 8`, scale `b` and sums `2b, 2b + 1`, all within
+    // 32b + 32]` and writes words `8b .. 8b + 8` (vectors `2b, 2b + 1` of four), scale `b` and
+    // sums `2b, 2b + 1`, all within
     // the buffers allocated above for `cols` a multiple of 32 (checked by the caller).
     unsafe {
         device::quantize_activations_kernel::launch_unchecked(
             &client,
             CubeCount::Static((blocks as u32).div_ceil(units), 1, 1),
             CubeDim::new_1d(units),
+            4,
             x.into_tensor_arg(),
             acts.hi.clone().into_buffer_arg(),
             acts.lo.clone().into_buffer_arg(),
@@ -3642,6 +3763,9 @@ fn quantize_activations(x: CubeTensor) -> DeviceActivations {
 }
 
 fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize) -> CubeTensor {
+    // Codes, scales and offsets as loaded are contiguous; a view of them might not be, and its
+    // copy could be the kernel just before this one.
+    let codes_in_place = [&codes, &scales, &mins].iter().all(|t| !t.meta.is_tiled() && t.is_contiguous());
     let (codes, scales, mins) = (into_contiguous(codes), into_contiguous(scales), into_contiguous(mins));
     let (rows, words) = (codes.meta.shape()[0], codes.meta.shape()[1]);
     let groups = scales.meta.shape()[1];
@@ -3649,19 +3773,55 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
     assert_eq!(cols, words * (32 / bits as usize), "quantized matvec: activations and weight disagree");
     assert!(device_kernel_applies(n, cols, bits, group), "quantized matvec: {n} rows of {cols} in {bits}-bit groups of {group}");
     let dtype = x.dtype;
+    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
+    let client = out.client.clone();
+    let (cube_count, cube_dim) = channel_planes(rows);
+    let (loads, early) = (quant_loads(), crate::launch::early_loads());
+    if fused_quantization_applies(n, cols) {
+        let x = into_contiguous(x);
+        // The kernel reads its first codes, scales and offsets before waiting for the kernel
+        // before it (`crate::launch::early_loads`): any copy of the codes into a contiguous
+        // layout above would be that kernel, so not then.
+        let early = early && codes_in_place;
+        // SAFETY: as for the kernel of its own below, with the activations in shared memory:
+        // block `b < n * cols / 32` of `x` (`n * cols` values, contiguous) quantized into
+        // shared arrays of `n * cols / 16` vectors (hi, lo), `n * cols / 32` scales and `n *
+        // cols / 16` sums, the sizes the comptime `cols` gives; a plane past the last channel
+        // reads the last channel's codes and writes nothing.
+        unsafe {
+            device::quant_matvec_fused_kernel::launch_unchecked(
+                &client,
+                cube_count,
+                cube_dim,
+                4,
+                x.into_tensor_arg(),
+                codes.into_buffer_arg(),
+                scales.into_buffer_arg(),
+                mins.into_buffer_arg(),
+                out.clone().into_tensor_arg(),
+                cols,
+                groups,
+                cols,
+                bits,
+                group,
+                n,
+                loads,
+                early,
+                dtype_to_storage_type(dtype),
+            )
+        };
+        return out;
+    }
     // The kernel reads its first codes, scales and offsets before waiting for the kernel before
     // it (`crate::launch::early_loads`), which is this quantization of the activations: any
     // copy of the codes into a contiguous layout above comes before it, and it waits for that
     // copy before it lets this kernel start.
     let acts = quantize_activations(x);
-    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
-    let client = out.client.clone();
-    let (cube_count, cube_dim) = channel_planes(rows);
     // SAFETY: `channel < rows` (checked in the kernel); chunk `c < cols / per_chunk` of its
-    // row's codes (a round's loads past the row clamped to its last chunk) (`words` a multiple of 4: `cols` of 32); a chunk's group `start / group <
-    // groups` and block `start / 32 < cols / 32`; activation vectors `r * cols / 16 + start /
-    // 16 + v < n * cols / 16`; sums `r * cols / 16 + start / 16 (+ 1 for a 32-code chunk) <
-    // n * cols / 16`; `r < n`.
+    // row's codes (a round's loads past the row clamped to its last chunk; `words` a multiple
+    // of 4: `cols` of 32); a chunk's group `start / group < groups` and block `start / 32 <
+    // cols / 32`; activation vectors `r * cols / 16 + start / 16 + v < n * cols / 16`; sums
+    // `r * cols / 16 + start / 16 (+ 1 for a 32-code chunk) < n * cols / 16`; `r < n`.
     unsafe {
         device::quant_matvec_kernel::launch_unchecked(
             &client,
@@ -3681,12 +3841,31 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
             bits,
             group,
             n,
-            quant_loads(),
-            crate::launch::early_loads(),
+            loads,
+            early,
             dtype_to_storage_type(dtype),
         )
     };
     out
+}
+
+/// The most shared memory the fused kernel's quantized activations may take: 48 KiB, what a
+/// cube gets without asking for more.
+const FUSED_SHARED_BYTES: usize = 48 * 1024;
+
+/// Shared memory of `n` rows of `cols` activations quantized: 16-bit values (2 bytes each),
+/// a 4-byte scale per 32 and a 4-byte sum per 16.
+fn quantized_activation_bytes(n: usize, cols: usize) -> usize {
+    n * cols * 2 + n * cols / 8 + n * cols / 4
+}
+
+/// Whether a product of `n` rows of `cols` quantizes its activations inside the matrix-vector
+/// kernel ([`device::quant_matvec_fused_kernel`]): where they fit [`FUSED_SHARED_BYTES`]
+/// (Qwen3-4B's widest input, 9,728, at up to two rows), unless
+/// `INFERENCE_PIO_QUANT_FUSED=0`.
+fn fused_quantization_applies(n: usize, cols: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    quantized_activation_bytes(n, cols) <= FUSED_SHARED_BYTES && *ON.get_or_init(|| !crate::launch::switched_off("INFERENCE_PIO_QUANT_FUSED"))
 }
 
 /// The launch of a matrix-vector kernel with one plane per output channel of `rows`,
