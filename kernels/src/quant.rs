@@ -3217,6 +3217,32 @@ impl QuantizedLinear {
         }
     }
 
+    /// `silu(gate) * up` of `x [n, cols] · Wᵀ` for `W` holding a SwiGLU MLP's `[gate | up]`,
+    /// `[n, rows / 2]`, where the matrix-vector kernel forms it itself (the activations
+    /// quantized in the same kernel, integer codes, up to two rows of Qwen3-4B's width), one
+    /// launch instead of the product and `crate::swiglu_halves`, with the same bits; `None`
+    /// elsewhere, and where `INFERENCE_PIO_SWIGLU_IN_MATVEC=0`.
+    pub fn forward_swiglu(&self, x: &Tensor<2>) -> Option<Tensor<2>> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let [n, cols] = x.dims();
+        let dtype = x.dtype();
+        let Storage::Device(d) = &self.storage else { return None };
+        let applies = cols == self.cols
+            && self.format != CodeFormat::E4m3
+            && self.rows.is_multiple_of(2)
+            && self.activations(dtype) != Activations::F32
+            && device_kernel_applies(n, cols, self.bits, self.group)
+            && kernel_supports(dtype)
+            && fused_quantization_applies(n, cols)
+            && *ON.get_or_init(|| !crate::launch::switched_off("INFERENCE_PIO_SWIGLU_IN_MATVEC"));
+        if !applies {
+            return None;
+        }
+        let DeviceCodes { codes, scales, mins } = d.as_ref();
+        let out = Dispatch::quant_matvec_swiglu(x.clone().into_dispatch(), codes.clone().into_dispatch(), scales.clone().into_dispatch(), mins.clone().into_dispatch(), self.bits, self.group);
+        Some(Tensor::from_dispatch(out))
+    }
+
     /// The weight as a dense `[rows, cols]` tensor of `dtype` on its device.
     pub fn dequantize(&self, dtype: DType) -> Tensor<2> {
         match &self.storage {
@@ -3256,6 +3282,11 @@ pub trait QuantOps: Backend {
     #[fusion(dtype = x, shape = Shape::new([x[0], codes[0]]))]
     fn quant_matvec(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self>;
 
+    /// `silu(gate) * up` of [`Self::quant_matvec`] for `W` holding a SwiGLU MLP's `[gate |
+    /// up]`: `[n, rows / 2]`.
+    #[fusion(dtype = x, shape = Shape::new([x[0], codes[0] / 2]))]
+    fn quant_matvec_swiglu(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self>;
+
     /// `W` as a dense `[rows, cols]` tensor of `dtype` (8-bit codes that are E4M3 numbers
     /// where `e4m3`).
     #[fusion(dtype = *dtype, shape = dequantized_shape(codes, *bits))]
@@ -3269,7 +3300,11 @@ pub trait QuantOps: Backend {
 
 impl QuantOps for CubeBackend {
     fn quant_matvec(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self> {
-        launch_matvec(x, codes, scales, mins, bits, group)
+        launch_matvec(x, codes, scales, mins, bits, group, false)
+    }
+
+    fn quant_matvec_swiglu(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self> {
+        launch_matvec(x, codes, scales, mins, bits, group, true)
     }
 
     fn quant_dequantize(codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize, e4m3: bool, dtype: DType) -> FloatTensor<Self> {
@@ -3582,6 +3617,12 @@ mod device {
     /// ([`quantize_block`], the same bits as the kernel of its own), then its planes read them
     /// from there. One launch a product instead of two; `early` loads the first round of codes
     /// before the wait, so their latency overlaps the quantization too.
+    ///
+    /// With `swiglu` the weight holds a SwiGLU MLP's `[gate | up]` and `out` is `silu(gate) *
+    /// up` (`out.shape(1)` = half the weight's rows): the cube's first half of planes take gate
+    /// channels, the second half the matching up channels, and they meet in shared memory, with
+    /// the rounding of `crate::activation::swiglu_halves_kernel` over a stored `[gate | up]`
+    /// (as `crate::matvec::split_matvec_swiglu` does for dense weights).
     #[cube(launch_unchecked)]
     pub fn quant_matvec_fused_kernel<E: Float, N: Size>(
         x: &Tensor<E>,
@@ -3597,16 +3638,23 @@ mod device {
         #[comptime] nrows: usize,
         #[comptime] loads: usize,
         #[comptime] early: bool,
+        #[comptime] swiglu: bool,
         #[define(E)] _dtype: ElemType,
     ) {
         let mut hi = Shared::<[Vector<i32, N>]>::new_slice(comptime!(nrows * shared_cols / 16));
         let mut lo = Shared::<[Vector<i32, N>]>::new_slice(comptime!(nrows * shared_cols / 16));
         let mut xscales = Shared::<[f32]>::new_slice(comptime!(nrows * shared_cols / 32));
         let mut xsums = Shared::<[f32]>::new_slice(comptime!(nrows * shared_cols / 16));
-        let channels = out.shape(1);
+        let outputs = out.shape(1);
         let plane_channel = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-        // Planes past the last channel quantize with the others and leave after the barrier.
-        let channel = min(plane_channel, channels - 1);
+        // Planes past the last channel quantize with the others and leave after the barrier
+        // (with `swiglu`, after the second one, writing nothing).
+        let mut channel = min(plane_channel, outputs - 1);
+        let half_planes = CUBE_DIM_Y / 2;
+        let out_channel = (CUBE_POS_X * half_planes + UNIT_POS_Y % half_planes) as usize;
+        if swiglu {
+            channel = min(out_channel, outputs - 1) + (UNIT_POS_Y / half_planes) as usize * outputs;
+        }
         let per_chunk = comptime!(128 / bits as usize);
         let chunks = cols / per_chunk;
         let mut acc = Array::<f32>::new(nrows);
@@ -3634,7 +3682,7 @@ mod device {
             b += threads;
         }
         sync_cube();
-        if plane_channel >= channels {
+        if !swiglu && plane_channel >= outputs {
             terminate!();
         }
         if early {
@@ -3646,7 +3694,30 @@ mod device {
             add_round(&wv, &gs, &gm, hi.as_slice(), lo.as_slice(), xscales.as_slice(), xsums.as_slice(), c, chunks, cols, &mut acc, bits, nrows, loads);
             c += round;
         }
-        write_channel(&acc, out, channel, channels, nrows);
+        if swiglu {
+            // Each plane's sums rounded to the dtype (as stored), `[row][plane]` for up to 32
+            // planes.
+            let mut sums = Shared::<[f32]>::new_slice(comptime!(nrows * 32));
+            #[unroll]
+            for r in 0..nrows {
+                let total = plane_sum(acc[r]);
+                if UNIT_POS_X == 0 {
+                    sums[r * 32 + UNIT_POS_Y as usize] = f32::cast_from(E::cast_from(total));
+                }
+            }
+            sync_cube();
+            if UNIT_POS_X == 0 && UNIT_POS_Y < half_planes && out_channel < outputs {
+                #[unroll]
+                for r in 0..nrows {
+                    let gate = sums[r * 32 + UNIT_POS_Y as usize];
+                    let up = sums[r * 32 + (UNIT_POS_Y + half_planes) as usize];
+                    let silu = E::cast_from(gate / (f32::new(1.0) + (f32::new(0.0) - gate).exp()));
+                    out[r * outputs + out_channel] = E::cast_from(f32::cast_from(silu) * up);
+                }
+            }
+        } else {
+            write_channel(&acc, out, channel, outputs, nrows);
+        }
     }
 
     /// Code `p` of a packed word (the device order, [`super::device_codes`]) as the number it
@@ -3762,7 +3833,9 @@ fn quantize_activations(x: CubeTensor) -> DeviceActivations {
     acts
 }
 
-fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize) -> CubeTensor {
+/// `x · Wᵀ` by the matrix-vector kernel; with `swiglu` (only where
+/// [`fused_quantization_applies`]) `silu(gate) * up` of the `[gate | up]` product.
+fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize, swiglu: bool) -> CubeTensor {
     // Codes, scales and offsets as loaded are contiguous; a view of them might not be, and its
     // copy could be the kernel just before this one.
     let codes_in_place = [&codes, &scales, &mins].iter().all(|t| !t.meta.is_tiled() && t.is_contiguous());
@@ -3773,9 +3846,17 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
     assert_eq!(cols, words * (32 / bits as usize), "quantized matvec: activations and weight disagree");
     assert!(device_kernel_applies(n, cols, bits, group), "quantized matvec: {n} rows of {cols} in {bits}-bit groups of {group}");
     let dtype = x.dtype;
-    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
+    assert!(!swiglu || (rows.is_multiple_of(2) && fused_quantization_applies(n, cols)), "quantized matvec: no SwiGLU form for {rows} channels of {n} rows of {cols}");
+    let outputs = if swiglu { rows / 2 } else { rows };
+    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, outputs]), dtype);
     let client = out.client.clone();
-    let (cube_count, cube_dim) = channel_planes(rows);
+    let (mut cube_count, mut cube_dim) = channel_planes(rows);
+    if swiglu {
+        // Half of a cube's planes take gate channels, the other half the matching up ones.
+        let planes = quant_planes().max(2);
+        cube_count = CubeCount::Static((outputs as u32).div_ceil(planes / 2), 1, 1);
+        cube_dim = CubeDim::new_2d(PLANE as u32, planes);
+    }
     let (loads, early) = (quant_loads(), crate::launch::early_loads());
     if fused_quantization_applies(n, cols) {
         let x = into_contiguous(x);
@@ -3787,7 +3868,9 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
         // block `b < n * cols / 32` of `x` (`n * cols` values, contiguous) quantized into
         // shared arrays of `n * cols / 16` vectors (hi, lo), `n * cols / 32` scales and `n *
         // cols / 16` sums, the sizes the comptime `cols` gives; a plane past the last channel
-        // reads the last channel's codes and writes nothing.
+        // reads the last channel's codes and writes nothing; with `swiglu` a plane's channel
+        // is `min(out_channel, outputs - 1)` in its half of the `rows = 2 * outputs` channels,
+        // and the shared sums hold `n * 32` values for at most 32 planes.
         unsafe {
             device::quant_matvec_fused_kernel::launch_unchecked(
                 &client,
@@ -3807,6 +3890,7 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
                 n,
                 loads,
                 early,
+                swiglu,
                 dtype_to_storage_type(dtype),
             )
         };
