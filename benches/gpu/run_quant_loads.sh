@@ -8,7 +8,7 @@
 # each, kernel_check quant at 1 and 2 rows (BF16 and F32, every layout; KC=0 skips it), then
 # Qwen3-4B (real config, random weights) batch-1 decode in int4 and int8 for each setting,
 # alternating, for each of ROUNDS (default "1 2"; empty: no decode); BF16=1 adds bf16 weights
-# to each round; GREEDY (below) compares greedy texts. Carried: .gpu/{inference-pio,pio-bench,kernel_check,
+# to each round; GREEDY (below) compares greedy texts; no decode run starts after BUDGET seconds. Carried: .gpu/{inference-pio,pio-bench,kernel_check,
 # libqwen3_4b_instruct_2507.so,qwen3-tokenizer.json}.xz and .gpu/COMMIT.
 set -uo pipefail
 source benches/gpu/lib.sh
@@ -47,6 +47,7 @@ done
 for r in ${ROUNDS-1 2}; do
   for mode in int4 int8 $([ "${BF16:-0}" = 1 ] && echo bf16); do
     for s in $([ $mode = bf16 ] && echo l4p8f1s1 || echo $settings); do
+      [ $SECONDS -lt ${BUDGET:-100000} ] || { echo "budget: $mode $s round $r not run"; continue; }
       rm -f /tmp/pio.json
       env $(switches $s) timeout 90 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$mode.toml --model $CK --random-weights \
         --prompt-tokens 128 --new-tokens 256 --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 \
