@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Chunks loaded together per lane in the int4/int8 matrix-vector kernel (issue 21; issue 20's
-# kernels). SETTINGS (default "l1p8f0s0 l4p8f0s0 l4p8f1s0 l4p8f1s1"): each `lLpPfFsS` is
-# INFERENCE_PIO_QUANT_LOADS=L (l1: one chunk at a time, as before),
-# INFERENCE_PIO_QUANT_PLANES=P, INFERENCE_PIO_QUANT_FUSED=F (f0: the activations quantized by a
-# kernel of their own, as before; f1: inside the product's kernel) and
-# INFERENCE_PIO_SWIGLU_IN_MATVEC=S (s1: the gate/up product ends in SwiGLU, with f1 only). For
-# each, kernel_check quant at 1 and 2 rows (BF16 and F32, every layout; KC=0 skips it), then
-# Qwen3-4B (real config, random weights) batch-1 decode in int4 and int8 for each setting,
-# alternating, for each of ROUNDS (default "1 2"; empty: no decode); BF16=1 adds bf16 weights
-# to each round; GREEDY (below) compares greedy texts; no decode run starts after BUDGET seconds. Carried: .gpu/{inference-pio,pio-bench,kernel_check,
-# libqwen3_4b_instruct_2507.so,qwen3-tokenizer.json}.xz and .gpu/COMMIT.
+# kernels). SETTINGS (default "l1p8 l4p8"): each `lLpP` is INFERENCE_PIO_QUANT_LOADS=L (chunks
+# of codes a lane loads together; l1 is the default) and INFERENCE_PIO_QUANT_PLANES=P. For each,
+# kernel_check quant at 1 and 2 rows (BF16 and F32, every layout; KC=0 skips it), then Qwen3-4B
+# (real config, random weights) batch-1 decode in int4 and int8 for each setting, alternating,
+# for each of ROUNDS (default "1 2"; empty: no decode); BF16=1 adds bf16 weights to each round;
+# GREEDY (below) compares greedy texts; no decode run starts after BUDGET seconds. Carried:
+# .gpu/{inference-pio,pio-bench,kernel_check,libqwen3_4b_instruct_2507.so,
+# qwen3-tokenizer.json}.xz and .gpu/COMMIT. (As it ran on 2026-12-07, with the fused
+# quantization's settings since removed: benches/results/gpu-h100-2026-12-07n-quant-loads/.)
 set -uo pipefail
 source benches/gpu/lib.sh
 restore_qwen3_tokenizer
@@ -17,11 +16,11 @@ unpack_gpu_binaries inference-pio pio-bench kernel_check libqwen3_4b_instruct_25
 ensure_cublas > /dev/null
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-settings=${SETTINGS:-l1p8f0s0 l4p8f0s0 l4p8f1s0 l4p8f1s1}
+settings=${SETTINGS:-l1p8 l4p8}
 # switches SETTING: the environment assignments of one setting.
 switches() {
-  [[ $1 =~ ^l([0-9]+)p([0-9]+)f([01])s([01])$ ]] || { echo "bad setting $1" >&2; return 1; }
-  echo "INFERENCE_PIO_QUANT_LOADS=${BASH_REMATCH[1]} INFERENCE_PIO_QUANT_PLANES=${BASH_REMATCH[2]} INFERENCE_PIO_QUANT_FUSED=${BASH_REMATCH[3]} INFERENCE_PIO_SWIGLU_IN_MATVEC=${BASH_REMATCH[4]}"
+  [[ $1 =~ ^l([0-9]+)p([0-9]+)$ ]] || { echo "bad setting $1" >&2; return 1; }
+  echo "INFERENCE_PIO_QUANT_LOADS=${BASH_REMATCH[1]} INFERENCE_PIO_QUANT_PLANES=${BASH_REMATCH[2]}"
 }
 for s in $settings; do
   [ "${KC:-1}" = 0 ] && break
@@ -46,7 +45,7 @@ for mode in int4 int8; do
 done
 for r in ${ROUNDS-1 2}; do
   for mode in int4 int8 $([ "${BF16:-0}" = 1 ] && echo bf16); do
-    for s in $([ $mode = bf16 ] && echo l4p8f1s1 || echo $settings); do
+    for s in $([ $mode = bf16 ] && echo l1p8 || echo $settings); do
       [ $SECONDS -lt ${BUDGET:-100000} ] || { echo "budget: $mode $s round $r not run"; continue; }
       rm -f /tmp/pio.json
       env $(switches $s) timeout 90 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$mode.toml --model $CK --random-weights \

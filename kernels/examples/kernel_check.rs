@@ -31,9 +31,7 @@
 //!   int4 in groups of 128 and GGUF-like groups (4-bit in 32, 8-bit in 16) on Qwen3-4B's
 //!   shapes, against the dequantized weight's dense product, timed beside the bf16 weight's
 //!   product; the rate is the quantized bytes read per second (`KERNEL_CHECK_QUANT_ROWS=1,2`
-//!   checks those row counts only); the gate/up shape's SwiGLU form
-//!   (`QuantizedLinear::forward_swiglu`) against the reference and, bit for bit, against the
-//!   product followed by the SwiGLU kernel.
+//!   checks those row counts only).
 //!
 //! f32 and bf16; timings are CUDA-graph replays of ten calls. Exits non-zero when a result is
 //! outside its tolerance: f32 1e-3 relative L2 (the reference runs in TF32), bf16 1e-2 for the
@@ -866,19 +864,6 @@ fn check_quant(device: &Device) -> usize {
                     let tol = if dtype == DType::F32 { 1e-3 } else { 1e-2 };
                     let label = format!("quant {name:28} {tag:12} {rows:4} rows {:5}", format!("{dtype:?}"));
                     failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &kernel, &reference, &before));
-                    if name.contains("gate/up") && q.forward_swiglu(&x).is_some() {
-                        // The SwiGLU form: against the reference's product through the
-                        // reference SwiGLU, timed beside the product and the SwiGLU kernel,
-                        // whose bits it must give.
-                        let fused = || q.forward_swiglu(&x).expect("the SwiGLU form applies");
-                        let unfused = || inference_pio_kernels::swiglu_halves(q.forward(x.clone()));
-                        let reference = || swiglu_halves(reference());
-                        let label = format!("quant {name:28} {tag:12} {rows:4} rows {:5} SwiGLU", format!("{dtype:?}"));
-                        failed += usize::from(check(device, &label, tol, Work::Bytes(bytes), &fused, &reference, &unfused));
-                        let same = matches!((common::values(fused()), common::values(unfused())), (Ok(a), Ok(b)) if a == b);
-                        println!("{label}: the same bits as the product + SwiGLU kernel: {}", if same { "yes" } else { "no FAIL" });
-                        failed += usize::from(!same);
-                    }
                     if (16..=32).contains(&rows) {
                         // The path these rows took before the kernel took them: the weight
                         // dequantized to `dtype` and multiplied by cuBLAS.

@@ -56,11 +56,18 @@ use crate::launch::{PLANE, is_cubecl};
 /// `benches/results/gpu-h200-2026-12-07c-dequantize-vectors.md`).
 pub const QUANT_MAX_ROWS: usize = 8;
 /// Output channels per cube (one plane each), unless `INFERENCE_PIO_QUANT_PLANES` (1 to 32, a
-/// power of two) says otherwise.
+/// power of two) says otherwise. Eight: four and sixteen were within 0.6 µs of it on every
+/// Qwen3-4B shape at one row but 4-bit down (10.9 and 12.5 against 11.2 µs; H100,
+/// `benches/results/gpu-h100-2026-12-07n-quant-loads.md`).
 const CHANNELS_PER_CUBE: u32 = 8;
 /// 16-byte chunks of codes each lane of the matrix-vector kernel loads together before it
-/// adds their terms, unless `INFERENCE_PIO_QUANT_LOADS` (1, 2, 4 or 8) says otherwise.
-const QUANT_LOADS: usize = 4;
+/// adds their terms, unless `INFERENCE_PIO_QUANT_LOADS` (1, 2, 4 or 8) says otherwise. One: on
+/// an H100, Qwen3-4B batch-1 decode with four was slower (int4 346.5 against 355.8 tok/s, int8
+/// 304.8 against 314.7); in `kernel_check quant` four were slower on every 4-bit shape (q/k/v
+/// 9.9 against 8.4 µs, down 14.1 against 11.2) and faster only on the longest 8-bit row (down,
+/// 19 chunks a lane: 11.6 against 14.9), two within 5 % but for an 8-bit q/k/v outlier
+/// (`benches/results/gpu-h100-2026-12-07n-quant-loads.md`).
+const QUANT_LOADS: usize = 1;
 
 /// [`QUANT_LOADS`] or the switch's value.
 pub(crate) fn quant_loads() -> usize {
@@ -3217,32 +3224,6 @@ impl QuantizedLinear {
         }
     }
 
-    /// `silu(gate) * up` of `x [n, cols] · Wᵀ` for `W` holding a SwiGLU MLP's `[gate | up]`,
-    /// `[n, rows / 2]`, where the matrix-vector kernel forms it itself (the activations
-    /// quantized in the same kernel, integer codes, up to two rows of Qwen3-4B's width), one
-    /// launch instead of the product and `crate::swiglu_halves`, with the same bits; `None`
-    /// elsewhere, and where `INFERENCE_PIO_SWIGLU_IN_MATVEC=0`.
-    pub fn forward_swiglu(&self, x: &Tensor<2>) -> Option<Tensor<2>> {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let [n, cols] = x.dims();
-        let dtype = x.dtype();
-        let Storage::Device(d) = &self.storage else { return None };
-        let applies = cols == self.cols
-            && self.format != CodeFormat::E4m3
-            && self.rows.is_multiple_of(2)
-            && self.activations(dtype) != Activations::F32
-            && device_kernel_applies(n, cols, self.bits, self.group)
-            && kernel_supports(dtype)
-            && fused_quantization_applies(n, cols)
-            && *ON.get_or_init(|| !crate::launch::switched_off("INFERENCE_PIO_SWIGLU_IN_MATVEC"));
-        if !applies {
-            return None;
-        }
-        let DeviceCodes { codes, scales, mins } = d.as_ref();
-        let out = Dispatch::quant_matvec_swiglu(x.clone().into_dispatch(), codes.clone().into_dispatch(), scales.clone().into_dispatch(), mins.clone().into_dispatch(), self.bits, self.group);
-        Some(Tensor::from_dispatch(out))
-    }
-
     /// The weight as a dense `[rows, cols]` tensor of `dtype` on its device.
     pub fn dequantize(&self, dtype: DType) -> Tensor<2> {
         match &self.storage {
@@ -3282,11 +3263,6 @@ pub trait QuantOps: Backend {
     #[fusion(dtype = x, shape = Shape::new([x[0], codes[0]]))]
     fn quant_matvec(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self>;
 
-    /// `silu(gate) * up` of [`Self::quant_matvec`] for `W` holding a SwiGLU MLP's `[gate |
-    /// up]`: `[n, rows / 2]`.
-    #[fusion(dtype = x, shape = Shape::new([x[0], codes[0] / 2]))]
-    fn quant_matvec_swiglu(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self>;
-
     /// `W` as a dense `[rows, cols]` tensor of `dtype` (8-bit codes that are E4M3 numbers
     /// where `e4m3`).
     #[fusion(dtype = *dtype, shape = dequantized_shape(codes, *bits))]
@@ -3300,11 +3276,7 @@ pub trait QuantOps: Backend {
 
 impl QuantOps for CubeBackend {
     fn quant_matvec(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self> {
-        launch_matvec(x, codes, scales, mins, bits, group, false)
-    }
-
-    fn quant_matvec_swiglu(x: FloatTensor<Self>, codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize) -> FloatTensor<Self> {
-        launch_matvec(x, codes, scales, mins, bits, group, true)
+        launch_matvec(x, codes, scales, mins, bits, group)
     }
 
     fn quant_dequantize(codes: IntTensor<Self>, scales: FloatTensor<Self>, mins: FloatTensor<Self>, bits: u32, group: usize, e4m3: bool, dtype: DType) -> FloatTensor<Self> {
@@ -3324,7 +3296,7 @@ mod device {
     /// Block `b` (32 values) of the activation rows `x` quantized as
     /// [`super::DeviceActivations`] holds them: its eight high-byte and eight low-byte words as
     /// vectors `2b, 2b + 1` of `hi` and `lo` (`N` is 4), its scale at `b` and its two sums of 16
-    /// at `2b, 2b + 1`. The same arithmetic wherever it runs, so the same bits.
+    /// at `2b, 2b + 1`.
     #[cube]
     fn quantize_block<E: Float, N: Size>(
         x: &Tensor<E>,
@@ -3546,12 +3518,12 @@ mod device {
     /// One plane per output channel, all of the activation rows (`nrows`) at once: each lane
     /// takes 16-byte chunks of the channel's codes (32 4-bit or 16 8-bit codes, within one
     /// group and one activation block) a plane apart and adds their terms ([`chunk_terms`]),
-    /// `loads` chunks a round ([`load_round`], [`super::quant_loads`]): a 2,560-wide row of
-    /// 4-bit codes is 80 chunks, two and a half a lane, so four loads a round read the whole
-    /// row at once instead of one chunk after another. The terms are added in the same order
-    /// whatever `loads` is, so the result is the same bits. (Before, two chunks read before
-    /// either was used measured 7-10 % faster in `kernel_check quant` alone but 2 % slower in
-    /// the engine's int8 decode, 311 against 305 tok/s, H200, 2026-12-07.) With `early`
+    /// `loads` chunks a round ([`load_round`], [`super::quant_loads`]; one by default: four,
+    /// which read a 2,560-wide row of 4-bit codes, 2.5 chunks a lane, in one wait on memory,
+    /// measured slower in the engine). The terms are added in the same order whatever `loads`
+    /// is, so the result is the same bits. (Before, two chunks read before either was used
+    /// measured 7-10 % faster in `kernel_check quant` alone but 2 % slower in the engine's int8
+    /// decode, 311 against 305 tok/s, H200, 2026-12-07.) With `early`
     /// ([`crate::launch::early_loads`]) the first round is loaded before the kernel waits for
     /// the activations' quantization: Qwen3-4B batch 1 on an H100 with one load a round, int8
     /// 301.1-302.5 -> 304.3-305.6 tok/s, int4 344.5-346.6 -> 349.0-349.1
@@ -3610,114 +3582,6 @@ mod device {
             c += round;
         }
         write_channel(&acc, out, channel, channels, nrows);
-    }
-
-    /// [`quant_matvec_kernel`] with the activations' quantization in it: each cube quantizes
-    /// all of `x` (`nrows` rows of `cols`, comptime: `shared_cols`) into shared memory
-    /// ([`quantize_block`], the same bits as the kernel of its own), then its planes read them
-    /// from there. One launch a product instead of two; `early` loads the first round of codes
-    /// before the wait, so their latency overlaps the quantization too.
-    ///
-    /// With `swiglu` the weight holds a SwiGLU MLP's `[gate | up]` and `out` is `silu(gate) *
-    /// up` (`out.shape(1)` = half the weight's rows): the cube's first half of planes take gate
-    /// channels, the second half the matching up channels, and they meet in shared memory, with
-    /// the rounding of `crate::activation::swiglu_halves_kernel` over a stored `[gate | up]`
-    /// (as `crate::matvec::split_matvec_swiglu` does for dense weights).
-    #[cube(launch_unchecked)]
-    pub fn quant_matvec_fused_kernel<E: Float, N: Size>(
-        x: &Tensor<E>,
-        codes: &[Vector<u32, N>],
-        scales: &[f32],
-        mins: &[f32],
-        out: &mut Tensor<E>,
-        cols: usize,
-        groups: usize,
-        #[comptime] shared_cols: usize,
-        #[comptime] bits: u32,
-        #[comptime] group: usize,
-        #[comptime] nrows: usize,
-        #[comptime] loads: usize,
-        #[comptime] early: bool,
-        #[comptime] swiglu: bool,
-        #[define(E)] _dtype: ElemType,
-    ) {
-        let mut hi = Shared::<[Vector<i32, N>]>::new_slice(comptime!(nrows * shared_cols / 16));
-        let mut lo = Shared::<[Vector<i32, N>]>::new_slice(comptime!(nrows * shared_cols / 16));
-        let mut xscales = Shared::<[f32]>::new_slice(comptime!(nrows * shared_cols / 32));
-        let mut xsums = Shared::<[f32]>::new_slice(comptime!(nrows * shared_cols / 16));
-        let outputs = out.shape(1);
-        let plane_channel = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-        // Planes past the last channel quantize with the others and leave after the barrier
-        // (with `swiglu`, after the second one, writing nothing).
-        let mut channel = min(plane_channel, outputs - 1);
-        let half_planes = CUBE_DIM_Y / 2;
-        let out_channel = (CUBE_POS_X * half_planes + UNIT_POS_Y % half_planes) as usize;
-        if swiglu {
-            channel = min(out_channel, outputs - 1) + (UNIT_POS_Y / half_planes) as usize * outputs;
-        }
-        let per_chunk = comptime!(128 / bits as usize);
-        let chunks = cols / per_chunk;
-        let mut acc = Array::<f32>::new(nrows);
-        #[unroll]
-        for r in 0..nrows {
-            acc[r] = 0.0;
-        }
-        let round = loads * PLANE_DIM as usize;
-        let first = channel * chunks;
-        let gbase = channel * groups;
-        let mut wv = Array::<Vector<u32, N>>::new(loads);
-        let mut gs = Array::<f32>::new(loads);
-        let mut gm = Array::<f32>::new(loads);
-        let mut c = UNIT_POS_X as usize;
-        if early {
-            load_round(codes, scales, mins, first, gbase, c, chunks, &mut wv, &mut gs, &mut gm, bits, group, loads);
-            gpu_asm!("griddepcontrol.wait;");
-            gpu_asm!("griddepcontrol.launch_dependents;");
-        }
-        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
-        let blocks = comptime!(nrows * shared_cols / 32);
-        let mut b = UNIT_POS as usize;
-        while b < blocks {
-            quantize_block(x, b, hi.as_mut_slice(), lo.as_mut_slice(), xscales.as_mut_slice(), xsums.as_mut_slice());
-            b += threads;
-        }
-        sync_cube();
-        if !swiglu && plane_channel >= outputs {
-            terminate!();
-        }
-        if early {
-            add_round(&wv, &gs, &gm, hi.as_slice(), lo.as_slice(), xscales.as_slice(), xsums.as_slice(), c, chunks, cols, &mut acc, bits, nrows, loads);
-            c += round;
-        }
-        while c < chunks {
-            load_round(codes, scales, mins, first, gbase, c, chunks, &mut wv, &mut gs, &mut gm, bits, group, loads);
-            add_round(&wv, &gs, &gm, hi.as_slice(), lo.as_slice(), xscales.as_slice(), xsums.as_slice(), c, chunks, cols, &mut acc, bits, nrows, loads);
-            c += round;
-        }
-        if swiglu {
-            // Each plane's sums rounded to the dtype (as stored), `[row][plane]` for up to 32
-            // planes.
-            let mut sums = Shared::<[f32]>::new_slice(comptime!(nrows * 32));
-            #[unroll]
-            for r in 0..nrows {
-                let total = plane_sum(acc[r]);
-                if UNIT_POS_X == 0 {
-                    sums[r * 32 + UNIT_POS_Y as usize] = f32::cast_from(E::cast_from(total));
-                }
-            }
-            sync_cube();
-            if UNIT_POS_X == 0 && UNIT_POS_Y < half_planes && out_channel < outputs {
-                #[unroll]
-                for r in 0..nrows {
-                    let gate = sums[r * 32 + UNIT_POS_Y as usize];
-                    let up = sums[r * 32 + (UNIT_POS_Y + half_planes) as usize];
-                    let silu = E::cast_from(gate / (f32::new(1.0) + (f32::new(0.0) - gate).exp()));
-                    out[r * outputs + out_channel] = E::cast_from(f32::cast_from(silu) * up);
-                }
-            }
-        } else {
-            write_channel(&acc, out, channel, outputs, nrows);
-        }
     }
 
     /// Code `p` of a packed word (the device order, [`super::device_codes`]) as the number it
@@ -3833,12 +3697,7 @@ fn quantize_activations(x: CubeTensor) -> DeviceActivations {
     acts
 }
 
-/// `x · Wᵀ` by the matrix-vector kernel; with `swiglu` (only where
-/// [`fused_quantization_applies`]) `silu(gate) * up` of the `[gate | up]` product.
-fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize, swiglu: bool) -> CubeTensor {
-    // Codes, scales and offsets as loaded are contiguous; a view of them might not be, and its
-    // copy could be the kernel just before this one.
-    let codes_in_place = [&codes, &scales, &mins].iter().all(|t| !t.meta.is_tiled() && t.is_contiguous());
+fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: CubeTensor, bits: u32, group: usize) -> CubeTensor {
     let (codes, scales, mins) = (into_contiguous(codes), into_contiguous(scales), into_contiguous(mins));
     let (rows, words) = (codes.meta.shape()[0], codes.meta.shape()[1]);
     let groups = scales.meta.shape()[1];
@@ -3846,61 +3705,14 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
     assert_eq!(cols, words * (32 / bits as usize), "quantized matvec: activations and weight disagree");
     assert!(device_kernel_applies(n, cols, bits, group), "quantized matvec: {n} rows of {cols} in {bits}-bit groups of {group}");
     let dtype = x.dtype;
-    assert!(!swiglu || (rows.is_multiple_of(2) && fused_quantization_applies(n, cols)), "quantized matvec: no SwiGLU form for {rows} channels of {n} rows of {cols}");
-    let outputs = if swiglu { rows / 2 } else { rows };
-    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, outputs]), dtype);
-    let client = out.client.clone();
-    let (mut cube_count, mut cube_dim) = channel_planes(rows);
-    if swiglu {
-        // Half of a cube's planes take gate channels, the other half the matching up ones.
-        let planes = quant_planes().max(2);
-        cube_count = CubeCount::Static((outputs as u32).div_ceil(planes / 2), 1, 1);
-        cube_dim = CubeDim::new_2d(PLANE as u32, planes);
-    }
-    let (loads, early) = (quant_loads(), crate::launch::early_loads());
-    if fused_quantization_applies(n, cols) {
-        let x = into_contiguous(x);
-        // The kernel reads its first codes, scales and offsets before waiting for the kernel
-        // before it (`crate::launch::early_loads`): any copy of the codes into a contiguous
-        // layout above would be that kernel, so not then.
-        let early = early && codes_in_place;
-        // SAFETY: as for the kernel of its own below, with the activations in shared memory:
-        // block `b < n * cols / 32` of `x` (`n * cols` values, contiguous) quantized into
-        // shared arrays of `n * cols / 16` vectors (hi, lo), `n * cols / 32` scales and `n *
-        // cols / 16` sums, the sizes the comptime `cols` gives; a plane past the last channel
-        // reads the last channel's codes and writes nothing; with `swiglu` a plane's channel
-        // is `min(out_channel, outputs - 1)` in its half of the `rows = 2 * outputs` channels,
-        // and the shared sums hold `n * 32` values for at most 32 planes.
-        unsafe {
-            device::quant_matvec_fused_kernel::launch_unchecked(
-                &client,
-                cube_count,
-                cube_dim,
-                4,
-                x.into_tensor_arg(),
-                codes.into_buffer_arg(),
-                scales.into_buffer_arg(),
-                mins.into_buffer_arg(),
-                out.clone().into_tensor_arg(),
-                cols,
-                groups,
-                cols,
-                bits,
-                group,
-                n,
-                loads,
-                early,
-                swiglu,
-                dtype_to_storage_type(dtype),
-            )
-        };
-        return out;
-    }
     // The kernel reads its first codes, scales and offsets before waiting for the kernel before
     // it (`crate::launch::early_loads`), which is this quantization of the activations: any
     // copy of the codes into a contiguous layout above comes before it, and it waits for that
     // copy before it lets this kernel start.
     let acts = quantize_activations(x);
+    let out = empty_device_contiguous_dtype(codes.client.clone(), codes.device.clone(), Shape::new([n, rows]), dtype);
+    let client = out.client.clone();
+    let (cube_count, cube_dim) = channel_planes(rows);
     // SAFETY: `channel < rows` (checked in the kernel); chunk `c < cols / per_chunk` of its
     // row's codes (a round's loads past the row clamped to its last chunk; `words` a multiple
     // of 4: `cols` of 32); a chunk's group `start / group < groups` and block `start / 32 <
@@ -3925,31 +3737,12 @@ fn launch_matvec(x: CubeTensor, codes: CubeTensor, scales: CubeTensor, mins: Cub
             bits,
             group,
             n,
-            loads,
-            early,
+            quant_loads(),
+            crate::launch::early_loads(),
             dtype_to_storage_type(dtype),
         )
     };
     out
-}
-
-/// The most shared memory the fused kernel's quantized activations may take: 48 KiB, what a
-/// cube gets without asking for more.
-const FUSED_SHARED_BYTES: usize = 48 * 1024;
-
-/// Shared memory of `n` rows of `cols` activations quantized: 16-bit values (2 bytes each),
-/// a 4-byte scale per 32 and a 4-byte sum per 16.
-fn quantized_activation_bytes(n: usize, cols: usize) -> usize {
-    n * cols * 2 + n * cols / 8 + n * cols / 4
-}
-
-/// Whether a product of `n` rows of `cols` quantizes its activations inside the matrix-vector
-/// kernel ([`device::quant_matvec_fused_kernel`]): where they fit [`FUSED_SHARED_BYTES`]
-/// (Qwen3-4B's widest input, 9,728, at up to two rows), unless
-/// `INFERENCE_PIO_QUANT_FUSED=0`.
-fn fused_quantization_applies(n: usize, cols: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    quantized_activation_bytes(n, cols) <= FUSED_SHARED_BYTES && *ON.get_or_init(|| !crate::launch::switched_off("INFERENCE_PIO_QUANT_FUSED"))
 }
 
 /// The launch of a matrix-vector kernel with one plane per output channel of `rows`,

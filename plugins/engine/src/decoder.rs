@@ -279,8 +279,7 @@ impl Linear {
 
     /// `silu(gate) * up` of this `[gate | up]` projection, `x [rows, in] -> [rows, out / 2]`:
     /// in the product's kernel where it runs for these rows (one dense weight, no bias:
-    /// [`matvec::swiglu_kernel_applies`]; one quantized weight, no bias:
-    /// `QuantizedLinear::forward_swiglu`), else the product, then
+    /// [`matvec::swiglu_kernel_applies`]), else the product, then
     /// [`inference_pio_kernels::swiglu_halves`]. The same bits either way.
     pub(crate) fn forward_swiglu(&self, x: Tensor<2>) -> Tensor<2> {
         if let ([Weight::Dense(w)], None) = (self.weights.as_slice(), &self.bias)
@@ -288,11 +287,6 @@ impl Linear {
             && matvec::swiglu_kernel_applies(x.dims()[0], &x.device())
         {
             return matvec::split_matvec_swiglu(x, w);
-        }
-        if let ([Weight::Quantized(q)], None) = (self.weights.as_slice(), &self.bias)
-            && let Some(y) = q.forward_swiglu(&x)
-        {
-            return y;
         }
         inference_pio_kernels::swiglu_halves(self.forward(x))
     }

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Chunks loaded together per lane in the int4/int8 matrix-vector kernel (issue 21; issue 20's
+# kernels). SETTINGS (default "l1p8f0s0 l4p8f0s0 l4p8f1s0 l4p8f1s1"): each `lLpPfFsS` is
+# INFERENCE_PIO_QUANT_LOADS=L (l1: one chunk at a time, as before),
+# INFERENCE_PIO_QUANT_PLANES=P, INFERENCE_PIO_QUANT_FUSED=F (f0: the activations quantized by a
+# kernel of their own, as before; f1: inside the product's kernel) and
+# INFERENCE_PIO_SWIGLU_IN_MATVEC=S (s1: the gate/up product ends in SwiGLU, with f1 only). For
+# each, kernel_check quant at 1 and 2 rows (BF16 and F32, every layout; KC=0 skips it), then
+# Qwen3-4B (real config, random weights) batch-1 decode in int4 and int8 for each setting,
+# alternating, for each of ROUNDS (default "1 2"; empty: no decode); BF16=1 adds bf16 weights
+# to each round; GREEDY (below) compares greedy texts; no decode run starts after BUDGET seconds. Carried: .gpu/{inference-pio,pio-bench,kernel_check,
+# libqwen3_4b_instruct_2507.so,qwen3-tokenizer.json}.xz and .gpu/COMMIT.
+set -uo pipefail
+source benches/gpu/lib.sh
+restore_qwen3_tokenizer
+unpack_gpu_binaries inference-pio pio-bench kernel_check libqwen3_4b_instruct_2507.so
+ensure_cublas > /dev/null
+export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+settings=${SETTINGS:-l1p8f0s0 l4p8f0s0 l4p8f1s0 l4p8f1s1}
+# switches SETTING: the environment assignments of one setting.
+switches() {
+  [[ $1 =~ ^l([0-9]+)p([0-9]+)f([01])s([01])$ ]] || { echo "bad setting $1" >&2; return 1; }
+  echo "INFERENCE_PIO_QUANT_LOADS=${BASH_REMATCH[1]} INFERENCE_PIO_QUANT_PLANES=${BASH_REMATCH[2]} INFERENCE_PIO_QUANT_FUSED=${BASH_REMATCH[3]} INFERENCE_PIO_SWIGLU_IN_MATVEC=${BASH_REMATCH[4]}"
+}
+for s in $settings; do
+  [ "${KC:-1}" = 0 ] && break
+  env KERNEL_CHECK_QUANT_ROWS=1,2 $(switches $s) timeout 150 .gpu/bin/kernel_check quant > $OUT/kernel_check_$s.txt 2>&1
+  echo "kernel_check $s exit $? at $SECONDS s: ok $(grep -c ' ok ' $OUT/kernel_check_$s.txt), FAIL $(grep -c FAIL $OUT/kernel_check_$s.txt)"
+  grep FAIL $OUT/kernel_check_$s.txt | head -3
+done
+CK=$(qwen3_4b_dir)
+for mode in int8 int4; do
+  printf '[plugins.qwen3-4b-instruct-2507]\nquantization = "%s"\n' $mode > /tmp/q_$mode.toml
+done
+printf '[plugins.qwen3-4b-instruct-2507]\n' > /tmp/q_bf16.toml
+# GREEDY="SETTING..." (default: the first and last of SETTINGS): 48 greedy tokens of int4 and
+# int8 weights through `run` for each, whose texts must be equal (the kernels give the same bits).
+greedy_settings=${GREEDY-${settings%% *} ${settings##* }}
+for mode in int4 int8; do
+  for s in $greedy_settings; do
+    env $(switches $s) timeout 90 $PIO run $PD --config /tmp/q_$mode.toml --model $CK --random-weights --device cuda --dtype bf16 \
+      --prompt-ids 785,6722,315,9625,374 --greedy --max-new-tokens 48 > $OUT/greedy_${mode}_$s.txt 2> /tmp/run.err || tail -3 /tmp/run.err
+    echo "greedy $mode $s: $(md5sum < $OUT/greedy_${mode}_$s.txt | cut -c1-12) ($(wc -c < $OUT/greedy_${mode}_$s.txt) bytes)" | tee -a $OUT/greedy.txt
+  done
+done
+for r in ${ROUNDS-1 2}; do
+  for mode in int4 int8 $([ "${BF16:-0}" = 1 ] && echo bf16); do
+    for s in $([ $mode = bf16 ] && echo l4p8f1s1 || echo $settings); do
+      [ $SECONDS -lt ${BUDGET:-100000} ] || { echo "budget: $mode $s round $r not run"; continue; }
+      rm -f /tmp/pio.json
+      env $(switches $s) timeout 90 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$mode.toml --model $CK --random-weights \
+        --prompt-tokens 128 --new-tokens 256 --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 \
+        --machine "$(cat $OUT/device.txt)" --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+      cp /tmp/pio.json $OUT/pio_${mode}_${s}_r$r.json 2>/dev/null
+      python3 -c "import json; d = json.load(open('/tmp/pio.json')); print('$mode $s round $r: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
+    done
+  done
+  echo "round $r done at $SECONDS s"
+done
