@@ -3677,8 +3677,8 @@ fn quantize_activations(x: CubeTensor) -> DeviceActivations {
     let dtype = x.dtype;
     // SAFETY: one unit per 32-value block, `b < n * cols / 32` checked: it reads `x[32b ..
     // 32b + 32]` and writes words `8b .. 8b + 8` (vectors `2b, 2b + 1` of four), scale `b` and
-    // sums `2b, 2b + 1`, all within
-    // the buffers allocated above for `cols` a multiple of 32 (checked by the caller).
+    // sums `2b, 2b + 1`, all within the buffers allocated above for `cols` a multiple of 32
+    // (checked by the caller).
     unsafe {
         device::quantize_activations_kernel::launch_unchecked(
             &client,
