@@ -125,16 +125,17 @@ prepare_peers() {
   fi
 }
 
-# bench_4b_decode ROWS LABEL: Qwen3-4B (real config, random bf16 weights) through pio-bench with
-# the caller's environment (its switches), a 128-token prompt and 256 new tokens at ROWS rows,
-# two runs: "4B batch ROWS, LABEL: steady decode X tok/s" (their median) on stdout and in
-# $OUT/decode.txt. Needs .gpu/bin/pio-bench and $OUT/device.txt.
+# bench_4b_decode ROWS LABEL [CONFIG]: Qwen3-4B (real config, random bf16 weights) through
+# pio-bench with the caller's environment (its switches) and CONFIG (a config file, e.g. a
+# `quantization`; default none), a 128-token prompt and 256 new tokens at ROWS rows, two runs:
+# "4B batch ROWS, LABEL: steady decode X tok/s" (their median) on stdout and in $OUT/decode.txt;
+# the run's JSON stays in /tmp/pio.json. Needs .gpu/bin/pio-bench and $OUT/device.txt.
 bench_4b_decode() {
-  local ck
+  local ck config=${3:-/tmp/empty.toml}
   ck=$(qwen3_4b_dir)
-  : > /tmp/empty.toml
+  [ -n "${3:-}" ] || : > /tmp/empty.toml
   rm -f /tmp/pio.json
-  timeout 60 .gpu/bin/pio-bench --host $PIO --config /tmp/empty.toml --model $ck --random-weights --prompt-tokens 128 --new-tokens 256 \
+  timeout 90 .gpu/bin/pio-bench --host $PIO --config $config --model $ck --random-weights --prompt-tokens 128 --new-tokens 256 \
     --batch $1 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
     --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
   python3 -c "import json, sys; d = json.load(open('/tmp/pio.json')); print(f'4B batch {sys.argv[1]}, {sys.argv[2]}: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" \

@@ -14,19 +14,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 timeout 200 .gpu/bin/kernel_check quant matvec > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $? at $SECONDS s"
 echo "checks ok: $(grep -c ' ok ' $OUT/kernel_check.txt), FAIL: $(grep -c FAIL $OUT/kernel_check.txt)"; grep FAIL $OUT/kernel_check.txt | head
 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | grep -E "worst|identical: False"
-CK=$(qwen3_4b_dir)
 for mode in bf16 int8 int4 fp8; do
   if [ $mode = bf16 ]; then printf '[plugins.qwen3-4b-instruct-2507]\n'; else printf '[plugins.qwen3-4b-instruct-2507]\nquantization = "%s"\n' $mode; fi > /tmp/q_$mode.toml
 done
 for r in ${ROUNDS:-1}; do
   for mode in bf16 int8 int4 fp8; do
     for early in 1 0; do
-      rm -f /tmp/pio.json
-      INFERENCE_PIO_MATVEC_EARLY=$early timeout 90 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$mode.toml --model $CK --random-weights \
-        --prompt-tokens 128 --new-tokens 256 --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 \
-        --machine "$(cat $OUT/device.txt)" --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+      INFERENCE_PIO_MATVEC_EARLY=$early bench_4b_decode 1 "$mode early $early round $r" /tmp/q_$mode.toml
       cp /tmp/pio.json $OUT/pio_${mode}_early${early}_r$r.json 2>/dev/null
-      python3 -c "import json; d = json.load(open('/tmp/pio.json')); print('$mode early $early round $r: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
     done
   done
   echo "round $r done at $SECONDS s"

@@ -47,12 +47,8 @@ for r in ${ROUNDS-1 2}; do
   for mode in int4 int8 $([ "${BF16:-0}" = 1 ] && echo bf16); do
     for s in $([ $mode = bf16 ] && echo l1p8 || echo $settings); do
       [ $SECONDS -lt ${BUDGET:-100000} ] || { echo "budget: $mode $s round $r not run"; continue; }
-      rm -f /tmp/pio.json
-      env $(switches $s) timeout 90 .gpu/bin/pio-bench --host $PIO --config /tmp/q_$mode.toml --model $CK --random-weights \
-        --prompt-tokens 128 --new-tokens 256 --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 \
-        --machine "$(cat $OUT/device.txt)" --commit "$(cat .gpu/COMMIT)" --out /tmp/pio.json 2> /tmp/pio.err || tail -3 /tmp/pio.err
+      (export $(switches $s); bench_4b_decode 1 "$mode $s round $r" /tmp/q_$mode.toml)
       cp /tmp/pio.json $OUT/pio_${mode}_${s}_r$r.json 2>/dev/null
-      python3 -c "import json; d = json.load(open('/tmp/pio.json')); print('$mode $s round $r: steady decode', round(d['median_steady_decode_tokens_per_s'], 1), 'tok/s')" 2>&1 | tail -1 | tee -a $OUT/decode.txt
     done
   done
   echo "round $r done at $SECONDS s"

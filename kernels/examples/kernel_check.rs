@@ -820,7 +820,12 @@ fn check_quant(device: &Device) -> usize {
             .collect()
     };
     // `KERNEL_CHECK_QUANT_ROWS=1,2`: only those row counts (all of them unset).
-    let only_rows: Option<Vec<usize>> = std::env::var("KERNEL_CHECK_QUANT_ROWS").ok().map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect());
+    let only_rows: Option<Vec<usize>> = std::env::var("KERNEL_CHECK_QUANT_ROWS").ok().map(|v| {
+        v.split(',').map(|r| r.trim().parse().ok()).collect::<Option<Vec<usize>>>().unwrap_or_else(|| {
+            eprintln!("kernel_check: KERNEL_CHECK_QUANT_ROWS={v:?}: expected row counts separated by commas");
+            std::process::exit(2);
+        })
+    });
     let shapes = [("4B fused q/k/v 2560->6144", 6144usize, 2560usize), ("4B fused gate/up 2560->19456", 19456, 2560), ("4B down 9728->2560", 2560, 9728)];
     for (name, out, inp) in shapes {
         let values = random(out * inp);

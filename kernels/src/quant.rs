@@ -70,7 +70,7 @@ const CHANNELS_PER_CUBE: u32 = 8;
 const QUANT_LOADS: usize = 1;
 
 /// [`QUANT_LOADS`] or the switch's value.
-pub(crate) fn quant_loads() -> usize {
+fn quant_loads() -> usize {
     static LOADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *LOADS.get_or_init(|| crate::launch::env_number("INFERENCE_PIO_QUANT_LOADS", |n| [1, 2, 4, 8].contains(&n), "1, 2, 4 or 8").unwrap_or(QUANT_LOADS))
 }
