@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod argmax;
 pub mod attention;
+mod cpu_attention;
 mod cpu_rows;
 pub mod cublas;
 pub mod kv_pages;

@@ -1248,7 +1248,7 @@ fn with_flex_i8<R>(t: &Tensor<3, Int>, f: impl FnOnce(&[i8]) -> Option<R>) -> Op
 
 /// `f` of a pool's memory on the CPU, without a copy: f32 pages, or codes and their scales;
 /// `None` for pages elsewhere or of other dtypes.
-fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>) -> Option<R> {
+pub(crate) fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>) -> Option<R> {
     match pages {
         KvPages::Dense(t) => with_flex_f32(t, |rows| f(PoolRows::F32(rows))),
         KvPages::Coded { format, codes, scales } => with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Coded { format: *format, codes, scales }))),
@@ -1257,7 +1257,7 @@ fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>)
 
 /// A pool's memory on the CPU, `[slots, kv_heads, d]`.
 #[derive(Clone, Copy)]
-enum PoolRows<'a> {
+pub(crate) enum PoolRows<'a> {
     F32(&'a [f32]),
     /// Codes (their bytes, in i8s) of `format`, and one scale per (slot, head).
     Coded { format: KvCodes, codes: &'a [i8], scales: &'a [f32] },
@@ -1275,7 +1275,7 @@ impl<'a> PoolRows<'a> {
     /// The head row at element `at` (a multiple of `buf.len()`) as f32 values, and its scale:
     /// f32 rows as they are (scale 1), codes converted into `buf`.
     #[inline(always)]
-    fn row<'b>(&'b self, at: usize, buf: &'b mut [f32]) -> (&'b [f32], f32) {
+    pub(crate) fn row<'b>(&'b self, at: usize, buf: &'b mut [f32]) -> (&'b [f32], f32) {
         let d = buf.len();
         match self {
             Self::F32(rows) => (&rows[at..at + d], 1.0),
@@ -1619,6 +1619,14 @@ fn paged_attention_within(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &Paged
     if let Some(out) = on_device {
         parts.push(out);
         at += prefill_tokens;
+    }
+    // On the CPU, in tiles read from the pools (f32 queries).
+    if at < tokens && path != PrefillPath::Reference {
+        let queries = q.clone().narrow(0, at, prefill_tokens);
+        if let Some(out) = crate::cpu_attention::prefill_attention(&queries, k, v, &layout.prefill, layout.block_tokens, window, scale) {
+            parts.push(out);
+            at += prefill_tokens;
+        }
     }
     let chunks: &[Chunk] = if at == tokens { &[] } else { layout.chunks() };
     for chunk in chunks {
