@@ -501,7 +501,7 @@ fn exp_below_zero(x: f32) -> f32 {
     let t = (x * LOG2E + 127.0) + ROUND;
     let n = (t - ROUND) - 127.0;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n: n + 127 shifted into the exponent field (the bits above it shift out).
     y * f32::from_bits(t.to_bits() << 23)
