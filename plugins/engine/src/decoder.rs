@@ -239,6 +239,38 @@ impl Linear {
         Some(out)
     }
 
+    /// [`Self::host_row`] of `n` rows `x [n, in]`: `[n, out]`, each weight's products of the
+    /// `n` rows at once (what [`Self::forward`] runs for them on the CPU, without its tensors),
+    /// its outputs side by side in each row.
+    pub(crate) fn host_rows(&self, x: &[f32], n: usize) -> Option<Vec<f32>> {
+        if n == 1 {
+            return self.host_row(x);
+        }
+        if n > self.host_rows_limit() {
+            return None;
+        }
+        let parts: Vec<Vec<f32>> = self.host_matrices()?.into_iter().map(|(m, activations)| m.matmul(x, n, activations)).collect();
+        if parts.len() == 1 {
+            return parts.into_iter().next();
+        }
+        let width: usize = parts.iter().map(|p| p.len() / n).sum();
+        let mut out = Vec::with_capacity(n * width);
+        for r in 0..n {
+            for p in &parts {
+                let w = p.len() / n;
+                out.extend_from_slice(&p[r * w..(r + 1) * w]);
+            }
+        }
+        Some(out)
+    }
+
+    /// The most rows [`Self::host_rows`] takes (each weight's products read its codes for up
+    /// to that many; more go through [`Self::forward`]'s dequantized slices); 0 where
+    /// [`Self::host_row`] does not apply.
+    pub(crate) fn host_rows_limit(&self) -> usize {
+        self.host_matrices().map_or(0, |ms| ms.iter().map(|(m, activations)| m.fused_row_limit(*activations)).min().unwrap_or(0))
+    }
+
     /// Whether [`Self::host_row`] applies.
     pub(crate) fn is_host_quantized(&self) -> bool {
         self.host_matrices().is_some()

@@ -168,8 +168,26 @@ impl Mlp {
         self.down.host_row(&h)
     }
 
+    /// [`Self::forward`] of `n` f32 rows `x [n, hidden]` on the host: the products of `n` rows
+    /// (the same as through tensors), the CPU's SwiGLU row by row.
+    fn host_rows(&self, x: &[f32], n: usize) -> Option<Vec<f32>> {
+        let gate_up = self.gate_up.host_rows(x, n)?;
+        let inner = gate_up.len() / (2 * n.max(1));
+        let mut h = vec![0f32; n * inner];
+        for (o, row) in h.chunks_exact_mut(inner).zip(gate_up.chunks_exact(2 * inner)) {
+            let (gate, up) = row.split_at(inner);
+            inference_pio_kernels::swiglu_row(gate, up, o);
+        }
+        self.down.host_rows(&h, n)
+    }
+
     fn is_host_quantized(&self) -> bool {
         self.gate_up.is_host_quantized() && self.down.is_host_quantized()
+    }
+
+    /// Whether [`Self::host_rows`] takes `n` rows.
+    fn host_takes(&self, n: usize) -> bool {
+        (n <= HOST_DECODE_MAX_ROWS && self.is_host_quantized()) || n <= self.gate_up.host_rows_limit().min(self.down.host_rows_limit())
     }
 
     /// Names and shapes of an MLP's tensors.
@@ -334,13 +352,12 @@ impl MoeBlock {
             (local.mask_fill(held.clone().bool_not(), 0), weights.mul(held.float()))
         };
         if let RoutedExperts::Quantized(mlps) = &self.routed
-            && rows <= HOST_DECODE_MAX_ROWS
             && x.dtype() == BurnDType::F32
-            && mlps.iter().all(Mlp::is_host_quantized)
+            && mlps.iter().all(|m| m.host_takes(rows))
         {
             // A shared expert quantized in host memory joins on the host too (added after the
             // routed experts' sum, as below).
-            let shared = self.shared.as_ref().filter(|m| m.is_host_quantized());
+            let shared = self.shared.as_ref().filter(|m| m.host_takes(rows));
             let out = by_quantized_experts_on_host(mlps, shared, &x, experts, weights, k)?;
             return Ok(match &self.shared {
                 Some(other) if shared.is_none() => out.add(other.forward(x)),
@@ -517,16 +534,24 @@ fn by_quantized_experts(mlps: &[Mlp], x: Tensor<2>, experts: Tensor<2, Int>, k: 
     Ok(out.select(0, combine))
 }
 
-/// Up to this many rows (a decode step's) of quantized experts in host memory run on host
-/// vectors ([`by_quantized_experts_on_host`]); more (prompts) batch each expert's rows.
+/// Up to this many rows (a decode step's) of quantized experts in host memory run as one task
+/// per (row, expert) pair ([`by_quantized_experts_on_host`]); more (prompts) as one task per
+/// expert over all its rows.
 const HOST_DECODE_MAX_ROWS: usize = 4;
 
-/// Decode rows through quantized experts kept in host memory (the CPU), on host vectors:
-/// each (row, chosen expert) pair's MLP on its row ([`Mlp::host_row`]: the products of one row,
-/// as the batched path runs an expert with one row), weighted and summed in slot order as
+/// Rows through quantized experts kept in host memory (the CPU), on host vectors: each (row,
+/// chosen expert) pair's MLP output, weighted and summed in slot order as
 /// [`inference_pio_kernels::router::combine`] does, then the `shared` expert's output added
-/// (weight 1). Through tensors each expert took a gather, two conversions to and from host rows
-/// per product, a SwiGLU and a concatenation: about 30 operations a layer.
+/// (weight 1).
+/// - A decode step's few rows ([`HOST_DECODE_MAX_ROWS`]): one task per pair ([`Mlp::host_row`]:
+///   the products of one row, as an expert with one routed row takes them). Through tensors each
+///   expert took a gather, two conversions to and from host rows per product, a SwiGLU and a
+///   concatenation: about 30 operations a layer.
+/// - Prompts: one task per expert over the rows routed to it, gathered in slot order
+///   ([`Mlp::host_rows`]: the same products as through tensors). Through tensors a 128-token
+///   chunk of a 32-expert layer took about 200 operations (gathers, conversions, a
+///   concatenation, the combination's product and sum) and a parallel region per product
+///   (`benches/results/cpu-2026-12-07p-moe-host-prompts.md`).
 fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2>, experts: Tensor<2, Int>, weights: Tensor<2>, k: usize) -> Result<Tensor<2>, EngineError> {
     let [rows, hidden] = x.dims();
     let n = mlps.len();
@@ -536,26 +561,84 @@ fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2
     };
     let xs = read(x.clone(), "expert inputs")?;
     let ws = read(weights, "routing weights")?;
-    let mut out = vec![0f32; rows * hidden];
-    // Every (row, expert) MLP of the step at once over rayon's threads (one parallel region a
-    // layer instead of two per expert), then summed in slot order on this thread.
-    let tasks: Vec<(usize, Option<usize>)> = (0..rows).flat_map(|r| (0..k).map(move |j| (r, Some(r * k + j))).chain(shared.map(|_| (r, None)))).collect();
-    let outs: Vec<Option<Vec<f32>>> = tasks
-        .par_iter()
-        .map(|&(r, slot)| {
-            let row = &xs[r * hidden..(r + 1) * hidden];
-            match slot {
-                Some(slot) => mlps[chosen[slot]].host_row(row),
-                None => shared.and_then(|m| m.host_row(row)),
+    let left = || EngineError::Device("a quantized expert left host memory".into());
+    // Each slot's output row (`rows * k` of them, token-major), and the shared expert's per row.
+    let (slot_out, shared_out): (Vec<Vec<f32>>, Option<Vec<f32>>) = if rows <= HOST_DECODE_MAX_ROWS {
+        // Every (row, expert) MLP of the step at once over rayon's threads (one parallel region a
+        // layer instead of two per expert).
+        let tasks: Vec<(usize, Option<usize>)> = (0..rows).flat_map(|r| (0..k).map(move |j| (r, Some(r * k + j))).chain(shared.map(|_| (r, None)))).collect();
+        let outs: Vec<Option<Vec<f32>>> = tasks
+            .par_iter()
+            .map(|&(r, slot)| {
+                let row = &xs[r * hidden..(r + 1) * hidden];
+                match slot {
+                    Some(slot) => mlps[chosen[slot]].host_row(row),
+                    None => shared.and_then(|m| m.host_row(row)),
+                }
+            })
+            .collect();
+        let mut slot_out = vec![Vec::new(); rows * k];
+        let mut shared_out = shared.map(|_| vec![0f32; rows * hidden]);
+        for (&(r, slot), y) in tasks.iter().zip(outs) {
+            let y = y.ok_or_else(left)?;
+            match (slot, shared_out.as_mut()) {
+                (Some(slot), _) => slot_out[slot] = y,
+                (None, Some(all)) => all[r * hidden..(r + 1) * hidden].copy_from_slice(&y),
+                (None, None) => {}
             }
-        })
-        .collect();
-    for (&(r, slot), y) in tasks.iter().zip(outs) {
-        let y = y.ok_or_else(|| EngineError::Device("a quantized expert left host memory".into()))?;
+        }
+        (slot_out, shared_out)
+    } else {
+        // Each expert's slots in slot order; one task per expert with any (and the shared one).
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (slot, &e) in chosen.iter().enumerate() {
+            members[e].push(slot);
+        }
+        let busy: Vec<usize> = (0..n).filter(|&e| !members[e].is_empty()).collect();
+        let tasks: Vec<Option<usize>> = busy.iter().map(|&e| Some(e)).chain(shared.map(|_| None)).collect();
+        let outs: Vec<Option<Vec<f32>>> = tasks
+            .par_iter()
+            .map(|&task| match task {
+                Some(e) => {
+                    let slots = &members[e];
+                    let mut gathered = Vec::with_capacity(slots.len() * hidden);
+                    for &slot in slots {
+                        let r = slot / k;
+                        gathered.extend_from_slice(&xs[r * hidden..(r + 1) * hidden]);
+                    }
+                    mlps[e].host_rows(&gathered, slots.len())
+                }
+                None => shared.and_then(|m| m.host_rows(&xs, rows)),
+            })
+            .collect();
+        let mut slot_out = vec![Vec::new(); rows * k];
+        let mut shared_out = None;
+        for (task, y) in tasks.iter().zip(outs) {
+            let y = y.ok_or_else(left)?;
+            match task {
+                Some(e) => {
+                    for (&slot, row) in members[*e].iter().zip(y.chunks_exact(hidden)) {
+                        slot_out[slot] = row.to_vec();
+                    }
+                }
+                None => shared_out = Some(y),
+            }
+        }
+        (slot_out, shared_out)
+    };
+    let mut out = vec![0f32; rows * hidden];
+    for (r, o) in out.chunks_exact_mut(hidden).enumerate() {
+        for slot in r * k..(r + 1) * k {
+            let w = ws[slot];
+            for (a, v) in o.iter_mut().zip(&slot_out[slot]) {
+                *a += v * w;
+            }
+        }
         // The shared expert's weight 1 multiplies exactly.
-        let w = slot.map_or(1.0, |s| ws[s]);
-        for (a, v) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(&y) {
-            *a += v * w;
+        if let Some(all) = &shared_out {
+            for (a, v) in o.iter_mut().zip(&all[r * hidden..(r + 1) * hidden]) {
+                *a += v;
+            }
         }
     }
     Ok(Tensor::from_data(TensorData::new(out, [rows, hidden]), &x.device()))
@@ -806,7 +889,7 @@ mod tests {
     }
 
     #[test]
-    fn decode_rows_of_host_quantized_experts_equal_the_batched_path() {
+    fn rows_of_host_quantized_experts_equal_the_batched_path() {
         use inference_pio_kernels::quant::{QuantizedLinear, QuantizedMatrix};
         let (n, k, hidden, inner) = (6, 2, 64, 32);
         let device = Device::flex();
@@ -818,7 +901,8 @@ mod tests {
         };
         let mlps: Vec<Mlp> = (0..n).map(|_| Mlp { gate_up: matrix(2 * inner, hidden), down: matrix(hidden, inner) }).collect();
         assert!(mlps.iter().all(Mlp::is_host_quantized));
-        for rows in 1..=HOST_DECODE_MAX_ROWS {
+        // Decode rows (a task per pair) and prompt rows (a task per expert; 17 take the tiles).
+        for rows in (1..=HOST_DECODE_MAX_ROWS).chain([5, 9, 17]) {
             let x: Vec<f32> = (0..rows * hidden).map(|i| ((i * 37 % 23) as f32 - 11.0) / 13.0).collect();
             let x = Tensor::<2>::from_data(TensorData::new(x, [rows, hidden]), &device);
             // Rows sharing an expert and rows alone on theirs.
