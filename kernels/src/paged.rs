@@ -1421,7 +1421,7 @@ fn attend_group_dispatch(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec
     if crate::quant::uses_avx512() {
         #[target_feature(enable = "avx512f,avx2,fma")]
         fn avx512(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
-            attend_group_body(task, out, scores, true)
+            attend_group_body(task, out, scores)
         }
         // SAFETY: the CPU has AVX-512F, AVX2 and FMA (detected at run time).
         unsafe { avx512(task, out, scores) };
@@ -1431,13 +1431,13 @@ fn attend_group_dispatch(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec
     if crate::quant::cpu_has_avx2() {
         #[target_feature(enable = "avx2,fma")]
         fn avx2(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
-            attend_group_body(task, out, scores, false)
+            attend_group_body(task, out, scores)
         }
         // SAFETY: the CPU has AVX2 and FMA (detected at run time).
         unsafe { avx2(task, out, scores) };
         return;
     }
-    attend_group_body(task, out, scores, false)
+    attend_group_body(task, out, scores)
 }
 
 /// How many keys ahead [`attend_group_body`] asks for the next key's and value's cache lines:
@@ -1475,13 +1475,8 @@ const MAX_CPU_HEAD_DIM: usize = 512;
 
 /// The scores of every key against each query head (in `scores`), their softmax, and the
 /// weighted values: transformers' eager attention for one row, in f32.
-///
-/// `wide` (AVX-512F present): the weighted values of f32 pools for up to four query heads a key
-/// head and heads of a multiple of 64 channels are summed in registers
-/// ([`weigh_f32_values`]; the loop below kept its sums in `out`, a load and a store per vector
-/// per key: the decode attention's hot spot), the same arithmetic in the same order.
 #[inline(always)]
-fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>, wide: bool) {
+fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32>) {
     let GroupTask { keys, values, queries, table, first, len, block_tokens, kv_heads, kvh, d, scale } = *task;
     let group = queries.len() / d;
     let width = len - first.min(len);
@@ -1513,36 +1508,6 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
         crate::cpu_rows::softmax_in_place(w);
     }
     out.fill(0.0);
-    #[cfg(target_arch = "x86_64")]
-    if let PoolRows::F32(rows) = values
-        && wide
-        && group <= 4
-        && d.is_multiple_of(64)
-    {
-        let mut cur = start(first);
-        let ats: Vec<usize> = (first..len)
-            .map(|_| {
-                let a = at(&cur);
-                cur.advance(block_tokens);
-                a
-            })
-            .collect();
-        assert!(ats.iter().all(|&a| a + d <= rows.len()) && scores.len() >= group * width && out.len() >= group * d);
-        for c0 in (0..d).step_by(64) {
-            // SAFETY: `wide`: the caller compiled this body for AVX-512F, which the CPU has; every
-            // row read (`ats[k] + c0 + 64 <= ats[k] + d`) and each score and output written is in
-            // bounds (asserted above).
-            unsafe {
-                match group {
-                    1 => weigh_f32_values::<1>(rows, &ats, scores, width, d, c0, out),
-                    2 => weigh_f32_values::<2>(rows, &ats, scores, width, d, c0, out),
-                    3 => weigh_f32_values::<3>(rows, &ats, scores, width, d, c0, out),
-                    _ => weigh_f32_values::<4>(rows, &ats, scores, width, d, c0, out),
-                }
-            }
-        }
-        return;
-    }
     let (mut cur, mut ahead) = (start(first), start(first + PREFETCH_KEYS));
     for (k, j) in (first..len).enumerate() {
         if j + PREFETCH_KEYS < len {
@@ -1557,41 +1522,6 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
         }
         cur.advance(block_tokens);
         ahead.advance(block_tokens);
-    }
-}
-
-/// Channels `c0..c0 + 64` of `G` query heads' weighted values over f32 pool rows starting at
-/// `ats` (one per key, in order): `out[g * d + c] = Σ_k scores[g * width + k] · rows[ats[k] +
-/// c]`, each product rounded then added in key order from zero (the portable loop's
-/// arithmetic: the same bits), with the sixteen sums of a head kept in registers.
-///
-/// # Safety
-/// The CPU has AVX-512F; `ats[k] + c0 + 64 <= rows.len()` for every key, `scores` holds `G`
-/// rows of `width >= ats.len()`, `out` `G` rows of `d >= c0 + 64`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn weigh_f32_values<const G: usize>(rows: &[f32], ats: &[usize], scores: &[f32], width: usize, d: usize, c0: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 4]; G];
-    for (k, &at) in ats.iter().enumerate() {
-        if let Some(&next) = ats.get(k + PREFETCH_KEYS) {
-            // SAFETY: a prefetch hint reads nothing; the address is inside `rows` (the caller's bounds).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(rows.as_ptr().add(next + c0) as *const i8) };
-        }
-        // SAFETY: `at + c0 + 64 <= rows.len()` (the caller's bounds); unaligned loads.
-        let v: [__m512; 4] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(rows.as_ptr().add(at + c0 + 16 * i)) });
-        for (g, acc) in acc.iter_mut().enumerate() {
-            let w = _mm512_set1_ps(scores[g * width + k]);
-            for (a, &x) in acc.iter_mut().zip(&v) {
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(w, x));
-            }
-        }
-    }
-    for (g, acc) in acc.iter().enumerate() {
-        for (i, &a) in acc.iter().enumerate() {
-            // SAFETY: `g * d + c0 + 16 * i + 16 <= G * d <= out.len()` (the caller's bounds).
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(g * d + c0 + 16 * i), a) };
-        }
     }
 }
 
@@ -1926,31 +1856,6 @@ mod tests {
                     assert!((a - b).abs() < 1e-5, "window {window:?}, span {s:?}: {a} vs {b}");
                 }
                 at += s.queries;
-            }
-        }
-    }
-
-    /// The AVX-512 value sums in registers give the portable loop's bits (three and four query
-    /// heads a key head, 64 and 128 channels, a window); the switch is process-wide and both are
-    /// correct, so tests beside this one are not disturbed.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn decode_values_summed_in_registers_give_the_loops_bits() {
-        let device = Device::flex();
-        let bt = 8;
-        for (heads, kv_heads, d) in [(12, 4, 64), (8, 2, 128), (3, 3, 64)] {
-            let pool_slots = 12 * bt;
-            let kp = KvPages::Dense(Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device));
-            let vp = KvPages::Dense(Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device));
-            let q: Tensor<3> = Tensor::random([2, heads, d], Distribution::Uniform(-1.0, 1.0), &device);
-            let rows = DecodeRows::new(Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, 9, 1, 0, 5, 11, 2, 7, 4, 6], [2, 5]), &device), ints(vec![37, 29], &device));
-            for window in [None, Some(10)] {
-                let run = |wide: bool| {
-                    crate::quant::use_avx512(wide);
-                    values(cpu_decode_attention(&q, &kp, &vp, &rows, bt, window, 0.125).expect("f32 pools on the CPU"))
-                };
-                let (narrow, wide) = (run(false), run(true));
-                assert_eq!(narrow, wide, "{heads}/{kv_heads} heads of {d}, window {window:?}");
             }
         }
     }
