@@ -4,7 +4,7 @@
 # "64 16 32 64 16": the default first and again, alternating), through pio-bench (128-token
 # prompt, 256 new, two runs a process); no run starts after BUDGET seconds. Issue 20: the model
 # has 4 key heads, so at 128-384 keys the default split (64) gives the attention 8-24 cubes
-# (Qwen3-4B's 8 key heads measured best at 64, benches/results/gpu-h100-2026-12-07l-...).
+# (Qwen3-4B's 8 key heads measured best at 64, benches/results/gpu-h100-2026-12-07l-small-kernel-shapes.md).
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_coder_30b.so,qwen3-tokenizer.json}.xz, .gpu/COMMIT.
 set -uo pipefail
 source benches/gpu/lib.sh
