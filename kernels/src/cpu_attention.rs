@@ -570,6 +570,9 @@ mod tests {
     /// block and a part of one), and 3 query heads a key head.
     #[test]
     fn tiles_give_each_chunks_causal_attention() {
+        if !vector_loops() {
+            return; // an x86-64 CPU without AVX2 and FMA: the reference runs
+        }
         let device = Device::flex();
         let bt = 8;
         let pool_slots = 30 * bt;
@@ -615,6 +618,9 @@ mod tests {
     /// step of several sequences those of each alone.
     #[test]
     fn chunks_and_batches_give_the_bits_of_one_pass() {
+        if !vector_loops() {
+            return; // an x86-64 CPU without AVX2 and FMA: the reference runs
+        }
         let device = Device::flex();
         let (heads, kv_heads, d, bt) = (6, 2, 32, 8);
         let pool_slots = 16 * bt;
@@ -641,6 +647,9 @@ mod tests {
     /// process-wide; tests beside this one are correct either way).
     #[test]
     fn the_avx512_loops_give_the_avx2_loops_bits() {
+        if !vector_loops() {
+            return; // an x86-64 CPU without AVX2 and FMA: the reference runs
+        }
         let device = Device::flex();
         let (heads, kv_heads, d, bt) = (6, 2, 80, 8);
         let pool_slots = 30 * bt;
@@ -659,6 +668,9 @@ mod tests {
 
     #[test]
     fn other_shapes_and_bad_blocks_take_the_reference() {
+        if !vector_loops() {
+            return; // an x86-64 CPU without AVX2 and FMA: the reference runs
+        }
         let device = Device::flex();
         let pool = |d: usize| KvPages::Dense(Tensor::zeros([32, 2, d], &device));
         let q = |d: usize| Tensor::<3>::zeros([4, 4, d], &device);
