@@ -75,18 +75,25 @@ const TILE: usize = PLANE;
 /// Cubes a decode launch aims for (twice the 132 multiprocessors of an H100/H200): a step with
 /// fewer (rows x key heads) than this splits each row's context over several cubes.
 const TARGET_CUBES: usize = 264;
-/// The fewest keys one split covers: two planes' tiles, unless
-/// `INFERENCE_PIO_SPLIT_MIN_KEYS` (8 to 1024) says otherwise. Fewer keys a split (more cubes with
-/// shorter chains) were slower on an H100: Qwen3-4B batch 1 at 243.2-243.3 tok/s with 64,
-/// 239.0-239.2 with 32, 232.1 with 16 (`benches/results/gpu-h100-2026-12-07l-small-kernel-shapes.md`).
+/// The fewest keys one split covers with 8 or more key heads: two planes' tiles. Fewer keys a
+/// split (more cubes with shorter chains) were slower on an H100 there: Qwen3-4B (8 key heads)
+/// batch 1 at 243.2-243.3 tok/s with 64, 239.0-239.2 with 32, 232.1 with 16
+/// (`benches/results/gpu-h100-2026-12-07l-small-kernel-shapes.md`).
 const SPLIT_MIN_KEYS: usize = 2 * TILE;
 
-/// [`SPLIT_MIN_KEYS`] or the switch's value.
-fn split_min_keys() -> usize {
-    static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *KEYS.get_or_init(|| {
-        crate::launch::env_number("INFERENCE_PIO_SPLIT_MIN_KEYS", |k| (8..=1024).contains(&k), "a number of keys from 8 to 1024").unwrap_or(SPLIT_MIN_KEYS)
-    })
+/// The fewest keys one split covers with fewer than 8 key heads: one tile. A row then has half
+/// the cubes at a split, and shorter splits paid: Qwen3-Coder-30B-A3B (4 key heads, 48 layers)
+/// batch 1 on an H100 at 214.0-215.8 tok/s with 32 against 201.2-203.2 with 64, 211.2-211.9 with
+/// 16 and 203.8-204.9 with 8 (`benches/results/gpu-h100-2026-12-08-30b-split-keys.md`).
+const FEW_HEADS_SPLIT_MIN_KEYS: usize = TILE;
+
+/// The fewest keys a split covers for `kv_heads` key heads ([`SPLIT_MIN_KEYS`],
+/// [`FEW_HEADS_SPLIT_MIN_KEYS`]), unless `INFERENCE_PIO_SPLIT_MIN_KEYS` (8 to 1024) says
+/// otherwise.
+fn split_min_keys(kv_heads: usize) -> usize {
+    static KEYS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let switch = *KEYS.get_or_init(|| crate::launch::env_number("INFERENCE_PIO_SPLIT_MIN_KEYS", |k| (8..=1024).contains(&k), "a number of keys from 8 to 1024"));
+    switch.unwrap_or(if kv_heads < 8 { FEW_HEADS_SPLIT_MIN_KEYS } else { SPLIT_MIN_KEYS })
 }
 
 /// The most f32 registers a lane spends on its heads' output accumulators (query heads per
@@ -113,7 +120,7 @@ pub fn decode_passes(group: usize, lpk: usize) -> usize {
 /// How many cubes share one row's context, for `rows x kv_heads` cubes and a table of `width`
 /// slots (each split takes an equal share of the row's own visible keys).
 pub fn decode_splits(rows: usize, kv_heads: usize, width: usize) -> usize {
-    TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(split_min_keys())).max(1)
+    TARGET_CUBES.div_ceil((rows * kv_heads).max(1)).min(width.div_ceil(split_min_keys(kv_heads))).max(1)
 }
 
 /// Elements per vector the decode kernel reads a head in, for `group` query heads per key
@@ -1727,6 +1734,10 @@ mod tests {
         assert_eq!(decode_splits(256, 8, 768), 1);
         assert_eq!(decode_splits(1, 8, 48), 1);
         assert_eq!(decode_splits(1, 8, 3072), 33);
+        // Four key heads (Qwen3-Coder-30B-A3B): splits of 32 keys, so a 384-key row takes 12
+        // cubes a head instead of 6.
+        assert_eq!(decode_splits(1, 4, 384), 12);
+        assert_eq!(decode_splits(1, 4, 20), 1);
         // Tiles of 32 keys (four passes of 8, four lanes a key) up to 4 heads a key head, of
         // 8 keys above; a head of 2 vectors scores each key with 2 lanes.
         assert_eq!(decode_passes(4, 4), 4);
