@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Qwen3-Coder-30B-A3B (real config, all 48 layers, random bf16 weights) batch-1 decode with the
 # decode attention's fewest keys a split (INFERENCE_PIO_SPLIT_MIN_KEYS) at each of KEYS (default
-# "64 16 32 64 16": the default first and again, alternating), through pio-bench (128-token
+# "64 16 32 64 16"; `default`: the switch unset), through pio-bench (128-token
 # prompt, 256 new, two runs a process); no run starts after BUDGET seconds. Issue 20: the model
 # has 4 key heads, so at 128-384 keys the default split (64) gives the attention 8-24 cubes
 # (Qwen3-4B's 8 key heads measured best at 64, benches/results/gpu-h100-2026-12-07l-small-kernel-shapes.md).
@@ -17,7 +17,7 @@ CK=$(qwen3_coder_30b_dir)
 for keys in ${KEYS:-64 16 32 64 16}; do
   [ $SECONDS -lt ${BUDGET:-100000} ] || { echo "budget: keys $keys not run"; continue; }
   rm -f /tmp/p30.json
-  INFERENCE_PIO_SPLIT_MIN_KEYS=$keys timeout 240 .gpu/bin/pio-bench --host $PIO --model $CK --random-weights --prompt-tokens 128 \
+  env $([ "$keys" = default ] || echo INFERENCE_PIO_SPLIT_MIN_KEYS=$keys) timeout 240 .gpu/bin/pio-bench --host $PIO --model $CK --random-weights --prompt-tokens 128 \
     --new-tokens 256 --batch 1 --runs 2 --processes 1 --device cuda --dtype bf16 --machine "$(cat $OUT/device.txt)" \
     --commit "$(cat .gpu/COMMIT)" --out /tmp/p30.json 2> /tmp/p30.err || tail -3 /tmp/p30.err
   cp /tmp/p30.json $OUT/keys$keys-at$SECONDS.json 2>/dev/null
