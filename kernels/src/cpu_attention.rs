@@ -9,7 +9,7 @@
 //! keys) a chunk gathered its keys and values into new tensors, materialised every (query,
 //! key) score including the causally hidden half, and took the masked softmax as three passes
 //! with a tensor each: a fifth of a 256-token prefill of a small Qwen3-MoE model on two cores
-//! and most of a 2,048-token one. Here:
+//! and more of a 2,048-token one. Here:
 //!
 //! - the keys a sequence's chunk sees are gathered once per key head, keys transposed
 //!   (`[d, keys]`, so a block of 32 keys is two 16-lane vectors per channel), coded pages
