@@ -8,7 +8,7 @@
 //! Through burn's operations (the reference, [`crate::attention::gqa_attention`] over gathered
 //! keys) a chunk gathered its keys and values into new tensors, materialised every (query,
 //! key) score including the causally hidden half, and took the masked softmax as three passes
-//! with a tensor each: a fifth of a 256-token prefill of a small Qwen3-MoE model on two cores
+//! with a tensor each: a fifth of a small Qwen3-MoE model's 256-token prompt steps (one thread)
 //! and more of a 2,048-token one. Here:
 //!
 //! - the keys a sequence's chunk sees are gathered once per key head, keys transposed
