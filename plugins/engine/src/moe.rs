@@ -561,11 +561,11 @@ fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2
     };
     let xs = read(x.clone(), "expert inputs")?;
     let ws = read(weights, "routing weights")?;
-    let left = || EngineError::Device("a quantized expert left host memory".into());
-    // Each slot's output row (`rows * k` of them, token-major), and the shared expert's per row.
-    let (slot_out, shared_out): (Vec<Vec<f32>>, Option<Vec<f32>>) = if rows <= HOST_DECODE_MAX_ROWS {
+    // Each task's output rows, and where each slot's output row lies, and each row's shared
+    // expert output where there is one: (task, row of that task's output).
+    let (outs, slot_at, shared_at) = if rows <= HOST_DECODE_MAX_ROWS {
         // Every (row, expert) MLP of the step at once over rayon's threads (one parallel region a
-        // layer instead of two per expert).
+        // layer instead of two per expert); tasks row by row, so the shared ones come in row order.
         let tasks: Vec<(usize, Option<usize>)> = (0..rows).flat_map(|r| (0..k).map(move |j| (r, Some(r * k + j))).chain(shared.map(|_| (r, None)))).collect();
         let outs: Vec<Option<Vec<f32>>> = tasks
             .par_iter()
@@ -577,25 +577,23 @@ fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2
                 }
             })
             .collect();
-        let mut slot_out = vec![Vec::new(); rows * k];
-        let mut shared_out = shared.map(|_| vec![0f32; rows * hidden]);
-        for (&(r, slot), y) in tasks.iter().zip(outs) {
-            let y = y.ok_or_else(left)?;
-            match (slot, shared_out.as_mut()) {
-                (Some(slot), _) => slot_out[slot] = y,
-                (None, Some(all)) => all[r * hidden..(r + 1) * hidden].copy_from_slice(&y),
-                (None, None) => {}
+        let mut slot_at = vec![(0, 0); rows * k];
+        let mut shared_at: Vec<(usize, usize)> = Vec::new();
+        for (t, &(_, slot)) in tasks.iter().enumerate() {
+            match slot {
+                Some(slot) => slot_at[slot] = (t, 0),
+                None => shared_at.push((t, 0)),
             }
         }
-        (slot_out, shared_out)
+        (outs, slot_at, shared_at)
     } else {
-        // Each expert's slots in slot order; one task per expert with any (and the shared one).
+        // Each expert's slots in slot order; one task per expert with any (and the shared one,
+        // last).
         let mut members: Vec<Vec<usize>> = vec![Vec::new(); n];
         for (slot, &e) in chosen.iter().enumerate() {
             members[e].push(slot);
         }
-        let busy: Vec<usize> = (0..n).filter(|&e| !members[e].is_empty()).collect();
-        let tasks: Vec<Option<usize>> = busy.iter().map(|&e| Some(e)).chain(shared.map(|_| None)).collect();
+        let tasks: Vec<Option<usize>> = (0..n).filter(|&e| !members[e].is_empty()).map(Some).chain(shared.map(|_| None)).collect();
         let outs: Vec<Option<Vec<f32>>> = tasks
             .par_iter()
             .map(|&task| match task {
@@ -611,32 +609,30 @@ fn by_quantized_experts_on_host(mlps: &[Mlp], shared: Option<&Mlp>, x: &Tensor<2
                 None => shared.and_then(|m| m.host_rows(&xs, rows)),
             })
             .collect();
-        let mut slot_out = vec![Vec::new(); rows * k];
-        let mut shared_out = None;
-        for (task, y) in tasks.iter().zip(outs) {
-            let y = y.ok_or_else(left)?;
-            match task {
-                Some(e) => {
-                    for (&slot, row) in members[*e].iter().zip(y.chunks_exact(hidden)) {
-                        slot_out[slot] = row.to_vec();
-                    }
+        let mut slot_at = vec![(0, 0); rows * k];
+        for (t, &task) in tasks.iter().enumerate() {
+            if let Some(e) = task {
+                for (i, &slot) in members[e].iter().enumerate() {
+                    slot_at[slot] = (t, i);
                 }
-                None => shared_out = Some(y),
             }
         }
-        (slot_out, shared_out)
+        let shared_at = if shared.is_some() { (0..rows).map(|r| (tasks.len() - 1, r)).collect() } else { Vec::new() };
+        (outs, slot_at, shared_at)
     };
+    let outs: Vec<Vec<f32>> = outs.into_iter().collect::<Option<_>>().ok_or_else(|| EngineError::Device("a quantized expert left host memory".into()))?;
+    let row_at = |(t, i): (usize, usize)| &outs[t][i * hidden..(i + 1) * hidden];
     let mut out = vec![0f32; rows * hidden];
     for (r, o) in out.chunks_exact_mut(hidden).enumerate() {
         for slot in r * k..(r + 1) * k {
             let w = ws[slot];
-            for (a, v) in o.iter_mut().zip(&slot_out[slot]) {
+            for (a, v) in o.iter_mut().zip(row_at(slot_at[slot])) {
                 *a += v * w;
             }
         }
         // The shared expert's weight 1 multiplies exactly.
-        if let Some(all) = &shared_out {
-            for (a, v) in o.iter_mut().zip(&all[r * hidden..(r + 1) * hidden]) {
+        if let Some(&at) = shared_at.get(r) {
+            for (a, v) in o.iter_mut().zip(row_at(at)) {
                 *a += v;
             }
         }
