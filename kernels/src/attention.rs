@@ -27,6 +27,30 @@ pub fn gqa_attention(q: Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: Option<&T
     crate::batched_matmul(probs, v.clone()).reshape([batch, heads, t, d])
 }
 
+/// Tests' reference: causal attention of one sequence's `queries` (the last of `context`
+/// tokens; `q [queries, heads, d]`) over its own contiguous keys and values (`[context,
+/// kv_heads, d]`), with an optional window, summed in f64.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_reference(q: &[f32], k: &[f32], v: &[f32], queries: usize, context: usize, heads: usize, kv_heads: usize, d: usize, window: Option<usize>, scale: f64) -> Vec<f32> {
+    let mut out = vec![0.0; queries * heads * d];
+    for i in 0..queries {
+        let p = context - queries + i;
+        for h in 0..heads {
+            let kvh = h / (heads / kv_heads);
+            let seen: Vec<usize> = (0..=p).filter(|&j| window.is_none_or(|w| j + w > p)).collect();
+            let scores: Vec<f64> = seen.iter().map(|&j| (0..d).map(|c| f64::from(q[(i * heads + h) * d + c]) * f64::from(k[(j * kv_heads + kvh) * d + c])).sum::<f64>() * scale).collect();
+            let top = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for c in 0..d {
+                out[(i * heads + h) * d + c] = seen.iter().zip(&w).map(|(&j, wj)| wj / sum * f64::from(v[(j * kv_heads + kvh) * d + c])).sum::<f64>() as f32;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

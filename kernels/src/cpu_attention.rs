@@ -533,27 +533,6 @@ mod tests {
         assert_eq!(exp_below_zero(0.0), 1.0);
     }
 
-    /// Plain attention of one sequence's queries over its own contiguous keys (f64 sums).
-    #[allow(clippy::too_many_arguments)]
-    fn dense(q: &[f32], k: &[f32], v: &[f32], queries: usize, context: usize, heads: usize, kv_heads: usize, d: usize, window: Option<usize>, scale: f64) -> Vec<f32> {
-        let mut out = vec![0.0; queries * heads * d];
-        for i in 0..queries {
-            let p = context - queries + i;
-            for h in 0..heads {
-                let kvh = h / (heads / kv_heads);
-                let seen: Vec<usize> = (0..=p).filter(|&j| window.is_none_or(|w| j + w > p)).collect();
-                let scores: Vec<f64> = seen.iter().map(|&j| (0..d).map(|c| f64::from(q[(i * heads + h) * d + c]) * f64::from(k[(j * kv_heads + kvh) * d + c])).sum::<f64>() * scale).collect();
-                let top = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let w: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
-                let sum: f64 = w.iter().sum();
-                for c in 0..d {
-                    out[(i * heads + h) * d + c] = seen.iter().zip(&w).map(|(&j, wj)| wj / sum * f64::from(v[(j * kv_heads + kvh) * d + c])).sum::<f64>() as f32;
-                }
-            }
-        }
-        out
-    }
-
     fn spans() -> Vec<Span> {
         // A 40-query chunk over 75 tokens (three tiles, the last short), a whole 37-token
         // prompt, a 1-query chunk, and one of 17 over 17; blocks of 8 shuffled over 30.
@@ -603,7 +582,7 @@ mod tests {
                         };
                         let ks: Vec<f32> = (0..s.context).flat_map(|j| row(&kv, j)).collect();
                         let vs: Vec<f32> = (0..s.context).flat_map(|j| row(&vv, j)).collect();
-                        let want = dense(&qv[at * heads * d..(at + s.queries) * heads * d], &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.3);
+                        let want = crate::attention::dense_reference(&qv[at * heads * d..(at + s.queries) * heads * d], &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.3);
                         for (i, (a, b)) in got[at * heads * d..(at + s.queries) * heads * d].iter().zip(&want).enumerate() {
                             assert!((a - b).abs() < 2e-6, "{heads}/{kv_heads} heads of {d}, {codes:?}, window {window:?}, span {s:?}, value {i}: {a} vs {b}");
                         }

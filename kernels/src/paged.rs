@@ -1684,30 +1684,6 @@ mod tests {
         x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
     }
 
-    /// Plain attention of one sequence's queries over its own contiguous keys.
-    #[allow(clippy::too_many_arguments)]
-    fn dense(q: &[f32], k: &[f32], v: &[f32], queries: usize, context: usize, heads: usize, kv_heads: usize, d: usize, window: Option<usize>) -> Vec<f32> {
-        let mut out = vec![0.0; queries * heads * d];
-        for i in 0..queries {
-            let p = context - queries + i;
-            for h in 0..heads {
-                let kvh = h / (heads / kv_heads);
-                let seen: Vec<usize> = (0..=p).filter(|&j| window.is_none_or(|w| j + w > p)).collect();
-                let scores: Vec<f32> = seen
-                    .iter()
-                    .map(|&j| (0..d).map(|c| q[(i * heads + h) * d + c] * k[(j * kv_heads + kvh) * d + c]).sum::<f32>() * 0.25)
-                    .collect();
-                let top = scores.iter().cloned().fold(f32::MIN, f32::max);
-                let w: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
-                let sum: f32 = w.iter().sum();
-                for c in 0..d {
-                    out[(i * heads + h) * d + c] = seen.iter().zip(&w).map(|(&j, wj)| wj / sum * v[(j * kv_heads + kvh) * d + c]).sum();
-                }
-            }
-        }
-        out
-    }
-
     #[test]
     fn the_decode_kernel_fits_a_head_in_one_plane_and_splits_short_batches() {
         let gpu = Device::cuda(0usize);
@@ -1812,7 +1788,7 @@ mod tests {
                 let ks: Vec<f32> = (0..s.context).flat_map(|j| row(&kv, j)).collect();
                 let vs: Vec<f32> = (0..s.context).flat_map(|j| row(&vv, j)).collect();
                 let qs = &qv[at * heads * d..(at + s.queries) * heads * d];
-                let want = dense(qs, &ks, &vs, s.queries, s.context, heads, kv_heads, d, window);
+                let want = crate::attention::dense_reference(qs, &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.25);
                 let have = &got[at * heads * d..(at + s.queries) * heads * d];
                 for (a, b) in have.iter().zip(&want) {
                     assert!((a - b).abs() < tolerance, "window {window:?}, cap {cap}, {dtype:?}, span {s:?}: {a} vs {b}");
@@ -1862,7 +1838,7 @@ mod tests {
                 };
                 let ks: Vec<f32> = (0..s.context).flat_map(|j| row(&kv, j)).collect();
                 let vs: Vec<f32> = (0..s.context).flat_map(|j| row(&vv, j)).collect();
-                let want = dense(&qv[at * heads * d..(at + s.queries) * heads * d], &ks, &vs, s.queries, s.context, heads, kv_heads, d, window);
+                let want = crate::attention::dense_reference(&qv[at * heads * d..(at + s.queries) * heads * d], &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.25);
                 for (a, b) in got[at * heads * d..(at + s.queries) * heads * d].iter().zip(&want) {
                     assert!((a - b).abs() < 1e-5, "window {window:?}, span {s:?}: {a} vs {b}");
                 }
