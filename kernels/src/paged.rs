@@ -893,8 +893,8 @@ fn kernel_takes(q: &Tensor<3>, k: &KvPages, v: &KvPages) -> bool {
 /// H100 in bf16 (`kernel_check attention`, 2026-12-06: 16 x 512 tokens 5.4 ms, one 2,048-token
 /// prompt 3.9 ms a layer). It walks keys with f32 multiply-adds, no tensor cores.
 const PREFILL_KERNEL_PS: usize = 70;
-/// The reference's time a pair of its rectangular products (every chunk query against every key
-/// of its context, a window hiding nothing) and query head: ~8-20 ps (cuBLAS; the same runs:
+/// The reference's time a pair of its rectangular products ([`reference_pairs`]) and query
+/// head: ~8-20 ps (cuBLAS; the same runs, measured when every piece took its whole context:
 /// 2.7 ms and 1.1 ms).
 const PREFILL_REFERENCE_PS: usize = 15;
 /// The reference's host-side cost a layer and run of chunks of one shape (gathers, masks, two
@@ -906,6 +906,21 @@ const PREFILL_REFERENCE_HOST_PS: usize = 300_000_000;
 /// one batch.
 fn same_shape_runs(spans: &[Span]) -> std::slice::ChunkBy<'_, Span, impl FnMut(&Span, &Span) -> bool> {
     spans.chunk_by(|a, b| a.queries == b.queries && a.context == b.context)
+}
+
+/// The (query, key) pairs the reference's rectangular products take for `span`'s chunk: each
+/// piece of its query rows ([`reference_pieces`]) against the keys of [`piece_keys`].
+fn reference_pairs(span: &Span, heads: usize, window: Option<usize>) -> usize {
+    let (queries, context, cut) = (span.queries, span.context, causal_piece_rows());
+    let (_, rows) = reference_pieces(1, queries, context, heads, MAX_SCORES, cut);
+    (0..queries)
+        .step_by(rows.max(1))
+        .map(|r| {
+            let n = rows.min(queries - r);
+            let keys = piece_keys(queries, context, r, n, window, cut);
+            n * keys.len()
+        })
+        .sum()
 }
 
 /// Keys seen in all by the query tokens of `span` (the last `queries` of `context`, causal),
@@ -927,7 +942,7 @@ fn causal_pairs(span: &Span, window: Option<usize>) -> usize {
 /// kernel's multiply-adds.
 pub fn prefill_kernel_pays(spans: &[Span], heads: usize, window: Option<usize>) -> bool {
     let causal: usize = spans.iter().map(|s| causal_pairs(s, window)).sum();
-    let dense: usize = spans.iter().map(|s| s.queries * s.context).sum();
+    let dense: usize = spans.iter().map(|s| reference_pairs(s, heads, window)).sum();
     let runs = same_shape_runs(spans).count();
     let kernel = causal.saturating_mul(heads).saturating_mul(PREFILL_KERNEL_PS);
     let reference = dense.saturating_mul(heads).saturating_mul(PREFILL_REFERENCE_PS).saturating_add(runs.saturating_mul(PREFILL_REFERENCE_HOST_PS));
@@ -1231,6 +1246,50 @@ pub fn score_pieces(count: usize, queries: usize, context: usize, heads: usize, 
         let pieces = queries.div_ceil(rows);
         (1, queries.div_ceil(pieces))
     }
+}
+
+/// The most query rows a piece of a long prefill chunk takes in the reference
+/// ([`reference_pieces`]): each piece multiplies only the keys its rows can see
+/// ([`piece_keys`]), so a chunk's causal triangle is computed in steps instead of as its whole
+/// square. A 2,048-token prompt in four pieces takes 62.5 % of the square's scores (in two,
+/// as [`MAX_SCORES`] alone cut it, 75 %).
+pub const CAUSAL_PIECE_ROWS: usize = 512;
+
+/// [`CAUSAL_PIECE_ROWS`], unless `INFERENCE_PIO_CAUSAL_PIECE_ROWS` says otherwise (16 to
+/// 65,536 rows; 0: no such cut, every piece over its whole context, as before).
+fn causal_piece_rows() -> Option<usize> {
+    static ROWS: std::sync::OnceLock<Option<Option<usize>>> = std::sync::OnceLock::new();
+    let switch = *ROWS.get_or_init(|| {
+        crate::launch::env_number("INFERENCE_PIO_CAUSAL_PIECE_ROWS", |r| r == 0 || (16..=65_536).contains(&r), "0, or a number of rows from 16 to 65536")
+            .map(|r| (r > 0).then_some(r))
+    });
+    switch.unwrap_or(Some(CAUSAL_PIECE_ROWS))
+}
+
+/// [`score_pieces`], with a chunk of more query rows than `cut` (in use:
+/// [`causal_piece_rows`]) cut into even pieces of at most that many: (sequences a piece, query
+/// rows a piece).
+fn reference_pieces(count: usize, queries: usize, context: usize, heads: usize, max_scores: usize, cut: Option<usize>) -> (usize, usize) {
+    let (seqs, rows) = score_pieces(count, queries, context, heads, max_scores);
+    match cut {
+        Some(most) if rows > most => (seqs, rows.div_ceil(rows.div_ceil(most))),
+        _ => (seqs, rows),
+    }
+}
+
+/// The keys query rows `first..first + rows` of a chunk (the last `queries` of `context`
+/// tokens) can see between them: up to the last row's position (causal) and, with a window,
+/// from the first row's oldest key in it. The keys past them are hidden from every row of the
+/// piece, so leaving them out of its products changes no row's softmax (their weights are 0).
+/// Without the causal cut (`cut` off: see [`causal_piece_rows`]) every piece takes the whole
+/// context.
+fn piece_keys(queries: usize, context: usize, first: usize, rows: usize, window: Option<usize>, cut: Option<usize>) -> std::ops::Range<usize> {
+    if cut.is_none() {
+        return 0..context;
+    }
+    let position = context - queries + first;
+    let start = window.map_or(0, |w| (position + 1).saturating_sub(w));
+    start..position + rows
 }
 
 /// `f` of an f32 tensor's memory on the CPU (contiguous), without a copy; `None` for other
@@ -1561,7 +1620,7 @@ fn gather(pool: &KvPages, slots: &Tensor<1, Int>, batch: usize, width: usize, dt
 /// each prefill chunk, as [`PagedLayout`] was built) over the pools `k`/`v [slots, kv_heads,
 /// head_dim]` (this step's keys already written): `[tokens, heads, head_dim]`.
 pub fn paged_attention(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
-    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Cheaper)
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, causal_piece_rows(), PrefillPath::Cheaper)
 }
 
 /// Which way a step's prefill chunks go.
@@ -1578,20 +1637,21 @@ enum PrefillPath {
 /// [`paged_attention`] with the prefill chunks through the kernel wherever it applies, whatever
 /// it costs: what `kernel_check` checks and times.
 pub fn paged_attention_prefill_kernel(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
-    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Kernel)
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, causal_piece_rows(), PrefillPath::Kernel)
 }
 
 /// [`paged_attention`] with the prefill chunks through the reference (gathered keys and
 /// values, masks and `gqa_attention`) on every device: what `kernel_check` compares the
 /// prefill kernel with.
 pub fn paged_attention_reference(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64) -> Tensor<3> {
-    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, PrefillPath::Reference)
+    paged_attention_within(q, k, v, layout, window, scale, MAX_SCORES, causal_piece_rows(), PrefillPath::Reference)
 }
 
 /// [`paged_attention`] with at most `max_scores` scores materialised a launch by the
-/// reference, the prefill chunks going the `path` way.
+/// reference and its chunks' rows in pieces of at most `cut` ([`reference_pieces`]), the
+/// prefill chunks going the `path` way.
 #[allow(clippy::too_many_arguments)]
-fn paged_attention_within(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize, path: PrefillPath) -> Tensor<3> {
+fn paged_attention_within(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &PagedLayout, window: Option<usize>, scale: f64, max_scores: usize, cut: Option<usize>, path: PrefillPath) -> Tensor<3> {
     let [tokens, heads, d] = q.dims();
     let mut parts = Vec::with_capacity(2);
     let mut at = 0;
@@ -1645,15 +1705,23 @@ fn paged_attention_within(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &Paged
         // The scores are materialised: pieces of whole sequences, or of one sequence's query
         // rows, keep each launch's within `MAX_SCORES` (rows are independent, so the result is
         // the same as one launch).
-        let (seqs, rows) = score_pieces(n, qn, context, heads, max_scores);
+        // Long chunks' rows also in pieces of at most `causal_piece_rows`, each over only the
+        // keys its rows see (`piece_keys`): the causal triangle in steps, not the whole square.
+        let (seqs, rows) = reference_pieces(n, qn, context, heads, max_scores, cut);
         let mut out = Vec::new();
         for s in (0..n).step_by(seqs) {
             let ns = seqs.min(n - s);
             let (keys, values) = (keys.clone().narrow(0, s, ns), values.clone().narrow(0, s, ns));
             for r in (0..qn).step_by(rows) {
                 let nr = rows.min(qn - r);
+                let seen = piece_keys(qn, context, r, nr, window, cut);
                 let piece = queries.clone().narrow(0, s, ns).narrow(2, r, nr);
-                let piece_mask = mask.clone().narrow(0, s, ns).narrow(3, r, nr);
+                let piece_mask = mask.clone().narrow(0, s, ns).narrow(3, r, nr).narrow(4, seen.start, seen.len());
+                let (keys, values) = if seen.len() == context {
+                    (keys.clone(), values.clone())
+                } else {
+                    (keys.clone().narrow(2, seen.start, seen.len()), values.clone().narrow(2, seen.start, seen.len()))
+                };
                 out.push(crate::attention::gqa_attention(piece, &keys, &values, Some(&piece_mask), scale));
             }
         }
@@ -1777,7 +1845,10 @@ mod tests {
             let fast = cpu_decode_attention(&q.clone().narrow(0, 0, 2).cast(dtype), &k, &v, decode, bt, window, 0.25);
             assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 queries over f32 or coded pools");
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
-            let got = values(paged_attention_within(q.clone().cast(dtype), &k, &v, &layout, window, 0.25, cap, PrefillPath::Cheaper).cast(DType::F32));
+            // The default way, and the reference (gathered chunks) with and without its causal
+            // cut (pieces of at most 2 rows here, each over only the keys its rows see).
+            for (path, cut) in [(PrefillPath::Cheaper, Some(CAUSAL_PIECE_ROWS)), (PrefillPath::Reference, None), (PrefillPath::Reference, Some(2))] {
+            let got = values(paged_attention_within(q.clone().cast(dtype), &k, &v, &layout, window, 0.25, cap, cut, path).cast(DType::F32));
             let mut at = 0;
             for s in &spans {
                 // The sequence's keys and values, contiguous.
@@ -1791,9 +1862,10 @@ mod tests {
                 let want = crate::attention::dense_reference(qs, &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.25);
                 let have = &got[at * heads * d..(at + s.queries) * heads * d];
                 for (a, b) in have.iter().zip(&want) {
-                    assert!((a - b).abs() < tolerance, "window {window:?}, cap {cap}, {dtype:?}, span {s:?}: {a} vs {b}");
+                    assert!((a - b).abs() < tolerance, "window {window:?}, cap {cap}, cut {cut:?}, {dtype:?}, span {s:?}: {a} vs {b}");
                 }
                 at += s.queries;
+            }
             }
         }
     }
@@ -1888,5 +1960,30 @@ mod tests {
         assert_eq!(score_pieces(1, 5, 11, 4, 100), (1, 2));
         // Never a piece of nothing, even when one row is over the cap.
         assert_eq!(score_pieces(1, 3, 1000, 32, 100), (1, 1));
+    }
+
+    #[test]
+    fn long_chunks_run_in_causal_pieces_over_the_keys_their_rows_see() {
+        let cut = Some(CAUSAL_PIECE_ROWS);
+        // One 2,048-token prompt of Qwen3-4B: four even pieces of 512 rows (the cap alone: two
+        // of 1,024), over 512, 1,024, 1,536 and 2,048 keys: 62.5 % of the square.
+        assert_eq!(reference_pieces(1, 2048, 2048, 32, MAX_SCORES, cut), (1, 512));
+        assert_eq!(reference_pieces(1, 2048, 2048, 32, MAX_SCORES, None), (1, 1024));
+        assert_eq!(piece_keys(2048, 2048, 1536, 512, None, cut), 0..2048);
+        assert_eq!(piece_keys(2048, 2048, 0, 512, None, cut), 0..512);
+        let span = |queries, context| Span { queries, context, blocks: Vec::new() };
+        assert_eq!(reference_pairs(&span(2048, 2048), 32, None), 2048 * 2048 * 5 / 8);
+        // A chunk over a cached prefix: its rows see the prefix and the chunk up to themselves.
+        assert_eq!(piece_keys(2048, 8192, 512, 512, None, cut), 0..7168);
+        // 600 rows: two even pieces of 300, not 512 and 88; sixteen 512-token prompts stay
+        // whole, eight a piece.
+        assert_eq!(reference_pieces(4, 600, 600, 32, MAX_SCORES, cut), (4, 300));
+        assert_eq!(reference_pieces(16, 512, 512, 32, MAX_SCORES, cut), (8, 512));
+        // A window also drops the keys before the first row's oldest: row 300 of 600 sees
+        // keys 237..=300 with a window of 64.
+        assert_eq!(piece_keys(600, 600, 300, 300, Some(64), cut), 237..600);
+        assert_eq!(piece_keys(600, 600, 0, 300, Some(64), cut), 0..300);
+        // Off: every piece over the whole context.
+        assert_eq!(piece_keys(600, 600, 0, 300, Some(64), None), 0..600);
     }
 }
