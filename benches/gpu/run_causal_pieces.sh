@@ -3,8 +3,9 @@
 # run in pieces of at most INFERENCE_PIO_CAUSAL_PIECE_ROWS (default 512; 0: the old way, pieces
 # only by the scores cap, each over its whole context), each piece over only the keys its rows
 # see (kernels/src/paged.rs, `reference_pieces`, `piece_keys`).
-# 1. `kernel_check attention` with KC_ROWS's settings (default "0 default": the prefill cases'
-#    reference timings, and every attention check against the reference).
+# 1. `kernel_check flash` (cubek's flash attention beside the reference's products), then
+#    `kernel_check prefill` with KC_ROWS's settings (default "0 default": the prefill cases'
+#    reference timings, and the prefill kernel checked against the reference).
 # 2. Qwen3-4B's real config, random bf16 weights, prefix caching off, `pio-bench` (3 runs a
 #    process: the median is a warm one): prefill of TOKENS_LIST prompts (1 new token) at each of
 #    ROWS_LIST, ROUNDS rounds alternating; no run starts after BUDGET seconds.
@@ -23,9 +24,11 @@ with_rows() { # ROWS COMMAND...: COMMAND with INFERENCE_PIO_CAUSAL_PIECE_ROWS=RO
   local rows=$1; shift
   env $([ "$rows" = default ] || echo INFERENCE_PIO_CAUSAL_PIECE_ROWS=$rows) "$@"
 }
+timeout ${FLASH_S:-150} .gpu/bin/kernel_check flash > $OUT/kernel_check_flash.txt 2>&1
+echo "kernel_check flash: exit $? at $SECONDS s"; grep -v "^\[" $OUT/kernel_check_flash.txt | tail -8
 for rows in ${KC_ROWS:-0 default}; do
-  with_rows $rows timeout 150 .gpu/bin/kernel_check attention > $OUT/kernel_check_rows$rows.txt 2>&1
-  echo "kernel_check attention, rows $rows: exit $?, $(grep -c FAIL $OUT/kernel_check_rows$rows.txt) FAIL lines"
+  with_rows $rows timeout 150 .gpu/bin/kernel_check prefill > $OUT/kernel_check_rows$rows.txt 2>&1
+  echo "kernel_check prefill, rows $rows: exit $? at $SECONDS s, $(grep -c FAIL $OUT/kernel_check_rows$rows.txt) FAIL lines"
   grep -E "prefill" $OUT/kernel_check_rows$rows.txt | sed "s/^/  rows $rows: /" | head -20
 done
 CK=$(qwen3_4b_dir)

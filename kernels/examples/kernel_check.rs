@@ -40,7 +40,9 @@
 //!
 //! `kernel_check` on a machine with CUDA runs every group; `kernel_check matvec attention
 //! kv-write elementwise vision cublas quant launch` (any of them) runs those only (`launch`:
-//! the cost of a kernel in a recorded chain, timings only). With cuBLAS loadable the engine keeps
+//! the cost of a kernel in a recorded chain, timings only; `prefill`: the prefill attention
+//! checks of `attention` alone). `kernel_check flash` (only when
+//! named) times cubek's flash attention beside the prefill reference's products. With cuBLAS loadable the engine keeps
 //! weights unsplit (`split_parts` is 1), so the matvec group then checks the kernel on the
 //! plain layout and times it against the cuBLAS product.
 
@@ -49,6 +51,7 @@ mod common;
 use burn::tensor::{DType, Device, Distribution, FloatDType, Int, Tensor, TensorData};
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
+use inference_pio_kernels::flash::cubek_flash_attention;
 use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, DecodeTuning, paged_decode_attention, paged_decode_attention_tuned};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec, split_matvec_swiglu};
 use inference_pio_kernels::activation::fused_swiglu_halves;
@@ -145,7 +148,7 @@ fn main() {
     // `kernel_check [matvec] [attention] [kv-write] [elementwise] [vision] [cublas] [quant]`: those
     // groups only (all without arguments; `attention` includes `kv-write`).
     let chosen: Vec<String> = std::env::args().skip(1).collect();
-    const GROUPS: [&str; 8] = ["matvec", "attention", "kv-write", "elementwise", "vision", "cublas", "quant", "launch"];
+    const GROUPS: [&str; 10] = ["matvec", "attention", "prefill", "kv-write", "elementwise", "vision", "cublas", "quant", "launch", "flash"];
     if let Some(unknown) = chosen.iter().find(|a| !GROUPS.contains(&a.as_str())) {
         eprintln!("kernel_check: unknown group `{unknown}`; the groups are {}", GROUPS.join(", "));
         std::process::exit(2);
@@ -197,6 +200,8 @@ fn main() {
     }
     if runs("attention") {
         failed += check_attention(&device);
+    }
+    if runs("attention") || runs("prefill") {
         failed += check_prefill_attention(&device);
     }
     if runs("attention") || runs("kv-write") {
@@ -216,6 +221,10 @@ fn main() {
     }
     if runs("quant") {
         failed += check_quant(&device);
+    }
+    // Only when named: a measurement of a kernel the engine does not run.
+    if chosen.iter().any(|a| a == "flash") {
+        failed += check_flash(&device);
     }
     if failed > 0 {
         println!("{failed} checks failed");
@@ -431,6 +440,41 @@ fn check_prefill_attention(device: &Device) -> usize {
             let stored = codes.map_or(String::new(), |c| format!(" {} KV", c.name().to_uppercase()));
             let label = format!("{name:52} {:5}{stored}", format!("{dtype:?}"));
             failed += usize::from(check(device, &label, tol, flops, &kernel, &reference, &reference));
+        }
+    }
+    failed
+}
+
+/// cubek's flash attention (`inference_pio_kernels::flash`) against the prefill reference's
+/// products (`gqa_attention` over the whole causal square, the mask added), timed: one prompt
+/// of Qwen3-4B's heads (32 query heads, 8 key heads of 128) of 2,048 and of 512 tokens, bf16,
+/// 2, 4 and 8 planes a cube (what burn's autotune tries). cubek takes as many key
+/// heads as query heads, so its keys and values are repeated to 32 heads, inside its timing.
+/// A configuration the routine refuses is reported and counted as failed; the others still run.
+fn check_flash(device: &Device) -> usize {
+    let mut failed = 0;
+    for tokens in [2048usize, 512] {
+        let (heads, kv, d) = (32usize, 8usize, 128usize);
+        for dtype in [DType::BF16] {
+            let random = |heads: usize| Tensor::<4>::random([1, heads, tokens, d], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
+            let (q, k, v) = (random(heads), random(kv), random(kv));
+            let repeat = |t: &Tensor<4>| t.clone().unsqueeze_dim::<5>(2).expand([1, kv, heads / kv, tokens, d]).reshape([1, heads, tokens, d]);
+            let mask = Tensor::<5>::from_data(TensorData::new(mask_values(tokens, tokens, tokens, None), [1, 1, 1, tokens, tokens]), (device, DType::F32));
+            let scale = (d as f64).powf(-0.5);
+            let reference = || gqa_attention(q.clone(), &k, &v, Some(&mask), scale).reshape([heads * tokens, d]);
+            // The causal pairs' multiply-adds, as the prefill checks count them.
+            let flops = Work::Flops((4 * heads * d * tokens * (tokens + 1) / 2) as f64);
+            for planes in [2usize, 4, 8] {
+                let kernel = || cubek_flash_attention(q.clone(), repeat(&k), repeat(&v), true, planes).expect("a CUDA device").reshape([heads * tokens, d]);
+                let label = format!("flash (cubek, {planes} planes), {tokens} tokens, {heads} heads over {kv} of {d} {:5}", format!("{dtype:?}"));
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(device, &label, 2e-2, flops, &kernel, &reference, &reference))) {
+                    Ok(bad) => failed += usize::from(bad),
+                    Err(_) => {
+                        println!("{label}: did not run (the panic above)");
+                        failed += 1;
+                    }
+                }
+            }
         }
     }
     failed

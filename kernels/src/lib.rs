@@ -10,6 +10,7 @@ pub mod argmax;
 pub mod attention;
 mod cpu_attention;
 mod cpu_rows;
+pub mod flash;
 pub mod cublas;
 pub mod kv_pages;
 pub mod kv_write;
