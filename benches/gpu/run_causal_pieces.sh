@@ -8,7 +8,11 @@
 #    reference timings, and the prefill kernel checked against the reference).
 # 2. Qwen3-4B's real config, random bf16 weights, prefix caching off, `pio-bench` (3 runs a
 #    process: the median is a warm one): prefill of TOKENS_LIST prompts (1 new token) at each of
-#    ROWS_LIST, ROUNDS rounds alternating; no run starts after BUDGET seconds.
+#    ROWS_LIST (default "0 default 256 flash"; `flash`: the default cut with
+#    INFERENCE_PIO_PREFILL_FLASH=1, cubek's flash attention for prompt chunks), ROUNDS rounds
+#    alternating; no run starts after BUDGET seconds. Before them, 8 greedy tokens of a
+#    2,048-token prompt with each setting (ids compared: the same prompt must give the same
+#    tokens, up to random weights' near-ties).
 # 3. With KEYS30 set (e.g. "default 64"): the 30B decode check of run_30b_split_keys.sh after it.
 # Carried: .gpu/{inference-pio,pio-bench,kernel_check,libqwen3_4b_instruct_2507.so,qwen3-tokenizer.json}.xz,
 # .gpu/COMMIT (and libqwen3_coder_30b.so.xz for KEYS30).
@@ -19,10 +23,14 @@ unpack_gpu_binaries inference-pio pio-bench kernel_check libqwen3_4b_instruct_25
 ensure_cublas > /dev/null
 export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
-ROWS_LIST=${ROWS_LIST:-"0 default 256"}
-with_rows() { # ROWS COMMAND...: COMMAND with INFERENCE_PIO_CAUSAL_PIECE_ROWS=ROWS (`default`: unset)
+ROWS_LIST=${ROWS_LIST:-"0 default 256 flash"}
+with_rows() { # ROWS COMMAND...: COMMAND with INFERENCE_PIO_CAUSAL_PIECE_ROWS=ROWS (`default`: unset; `flash`: unset and INFERENCE_PIO_PREFILL_FLASH=1)
   local rows=$1; shift
-  env $([ "$rows" = default ] || echo INFERENCE_PIO_CAUSAL_PIECE_ROWS=$rows) "$@"
+  case $rows in
+    default) env "$@" ;;
+    flash) env INFERENCE_PIO_PREFILL_FLASH=1 "$@" ;;
+    *) env INFERENCE_PIO_CAUSAL_PIECE_ROWS=$rows "$@" ;;
+  esac
 }
 timeout ${FLASH_S:-150} .gpu/bin/kernel_check flash > $OUT/kernel_check_flash.txt 2>&1
 echo "kernel_check flash: exit $? at $SECONDS s"; grep -v "^\[" $OUT/kernel_check_flash.txt | tail -8
@@ -33,6 +41,12 @@ for rows in ${KC_ROWS:-0 default}; do
 done
 CK=$(qwen3_4b_dir)
 printf '[plugins.qwen3-4b-instruct-2507]\nprefix_caching = false\nmax_context_tokens = 16384\n' > /tmp/nocache.toml
+IDS=$(python3 -c "print(','.join(str(1000 + (i * 7919) % 20000) for i in range(2048)))")
+for rows in $ROWS_LIST; do
+  with_rows $rows timeout 120 $PIO --config /tmp/nocache.toml run --model $CK --random-weights --prompt-ids "$IDS" --greedy --ignore-eos \
+    --max-new-tokens 8 --json --device cuda --dtype bf16 > $OUT/greedy-rows$rows.json 2> /tmp/g.err || tail -3 /tmp/g.err
+  python3 -c "import json, sys; print('greedy, rows', sys.argv[1], json.load(open(sys.argv[2]))['token_ids'])" $rows $OUT/greedy-rows$rows.json 2>&1 | tail -1 | tee -a $OUT/greedy.txt
+done
 for round in $(seq ${ROUNDS:-2}); do
   for tokens in ${TOKENS_LIST:-2048 8192}; do
     for rows in $ROWS_LIST; do

@@ -1701,6 +1701,12 @@ fn paged_attention_within(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &Paged
         let keys = gather(k, &chunk.slots, n, context, q.dtype());
         let values = gather(v, &chunk.slots, n, context, q.dtype());
         let queries = q.clone().narrow(0, at, n * qn).reshape([n, qn, heads, d]).swap_dims(1, 2);
+        // With `INFERENCE_PIO_PREFILL_FLASH=1` on CUDA: cubek's flash attention, where it applies.
+        if let Some(out) = crate::flash::chunk_attention(&queries, &keys, &values, window, scale) {
+            parts.push(out.swap_dims(1, 2).reshape([n * qn, heads, d]));
+            at += n * qn;
+            continue;
+        }
         let mask = pick(&chunk.masks, window);
         // The scores are materialised: pieces of whole sequences, or of one sequence's query
         // rows, keep each launch's within `MAX_SCORES` (rows are independent, so the result is
