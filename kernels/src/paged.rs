@@ -1701,8 +1701,10 @@ fn paged_attention_within(q: Tensor<3>, k: &KvPages, v: &KvPages, layout: &Paged
         let keys = gather(k, &chunk.slots, n, context, q.dtype());
         let values = gather(v, &chunk.slots, n, context, q.dtype());
         let queries = q.clone().narrow(0, at, n * qn).reshape([n, qn, heads, d]).swap_dims(1, 2);
-        // With `INFERENCE_PIO_PREFILL_FLASH=1` on CUDA: cubek's flash attention, where it applies.
-        if let Some(out) = crate::flash::chunk_attention(&queries, &keys, &values, window, scale) {
+        // With `INFERENCE_PIO_PREFILL_FLASH=1` on CUDA: cubek's flash attention, where it applies
+        // (never for the reference itself).
+        let flash = (path != PrefillPath::Reference).then(|| crate::flash::chunk_attention(&queries, &keys, &values, window, scale)).flatten();
+        if let Some(out) = flash {
             parts.push(out.swap_dims(1, 2).reshape([n * qn, heads, d]));
             at += n * qn;
             continue;
