@@ -1416,6 +1416,15 @@ fn cpu_decode_over(q: &Tensor<3>, keys: PoolRows<'_>, values: PoolRows<'_>, rows
     }
     let queries = q.clone().into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
     let group = heads / kv_heads;
+    // Few (row, key head) tasks for the threads, over long rows: in three phases, each key and
+    // value read once and every thread busy (`attend_phased`).
+    let threads = rayon::current_num_threads();
+    let longest = lens.iter().map(|&len| len - window.map_or(0, |w| len.saturating_sub(w))).max().unwrap_or(0);
+    if threads > 1 && n * kv_heads < 2 * threads && longest >= PHASED_MIN_KEYS && phases_on() {
+        let step = PhasedStep { keys, values, queries: &queries, table, lens, max_blocks, heads, kv_heads, d, block_tokens, window, scale: scale as f32 };
+        let out = attend_phased(&step, threads);
+        return Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)));
+    }
     let mut out = vec![0f32; n * heads * d];
     use rayon::prelude::*;
     // One task per (row, key head): the group's query heads are side by side in `queries` and
@@ -1445,6 +1454,226 @@ fn cpu_decode_over(q: &Tensor<3>, keys: PoolRows<'_>, values: PoolRows<'_>, rows
     });
     Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
 }
+
+/// The shortest row (keys a decode row sees) for which a step of few (row, key head) tasks
+/// takes [`attend_phased`]: below it the one-region tasks cost less than two more parallel
+/// regions a layer.
+const PHASED_MIN_KEYS: usize = 256;
+
+/// Whether few-task steps take [`attend_phased`] (unless `INFERENCE_PIO_CPU_DECODE_PHASES=0`:
+/// the one-region tasks, for side-by-side measurements).
+fn phases_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !crate::launch::switched_off("INFERENCE_PIO_CPU_DECODE_PHASES"))
+}
+
+/// Keys a scores task of [`attend_phased`] takes.
+const PHASED_TASK_KEYS: usize = 256;
+
+/// A decode step's rows for [`attend_phased`]: what [`cpu_decode_over`] read (queries `[rows,
+/// heads, d]`, the block table `[rows, max_blocks]`, the rows' lengths).
+struct PhasedStep<'a> {
+    keys: PoolRows<'a>,
+    values: PoolRows<'a>,
+    queries: &'a [f32],
+    table: &'a [usize],
+    lens: &'a [usize],
+    max_blocks: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    block_tokens: usize,
+    window: Option<usize>,
+    scale: f32,
+}
+
+impl PhasedStep<'_> {
+    /// Row `r`'s first key it sees and how many.
+    fn span(&self, r: usize) -> (usize, usize) {
+        let len = self.lens[r];
+        let first = self.window.map_or(0, |w| len.saturating_sub(w));
+        (first, len - first.min(len))
+    }
+
+    /// Where key `j` of row `r`'s head `kvh` starts in a pool.
+    fn at(&self, r: usize, kvh: usize, j: usize) -> usize {
+        let block = self.table[r * self.max_blocks + j / self.block_tokens];
+        (block * self.block_tokens + j % self.block_tokens) * self.kv_heads * self.d + kvh * self.d
+    }
+}
+
+/// [`cpu_decode_over`] for a step of few (row, key head) tasks over long rows: with one task
+/// per (row, key head), a model of 3 key heads on 2 threads left a thread idle for a third of
+/// the attention; with one per query head, every key and value was read once per query head.
+/// Here each phase splits its work so that every thread has some, and each key and value is
+/// read once:
+/// 1. scores: tasks of (row, key head, [`PHASED_TASK_KEYS`] keys), each key against the group's
+///    query heads;
+/// 2. softmax: one task per (row, query head);
+/// 3. values: tasks of (row, key head, a share of the channels), each channel summed over the
+///    keys in order.
+///
+/// Every score, softmax and sum is the one-region path's own arithmetic in the same order (the
+/// scores are independent, the softmax takes the same row, a channel's sum is over the same
+/// keys in the same order), so the output has the same bits.
+fn attend_phased(step: &PhasedStep<'_>, threads: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (n, heads, kv_heads, d) = (step.lens.len(), step.heads, step.kv_heads, step.d);
+    let group = heads / kv_heads;
+    let spans: Vec<(usize, usize)> = (0..n).map(|r| step.span(r)).collect();
+    // Row `r`'s scores start at `bases[r]`: `heads * width` of them, per key head a block of
+    // `width * group` key-major (phase 1) and per query head a row of `width` (phase 2).
+    let bases: Vec<usize> = spans.iter().scan(0, |at, &(_, width)| {
+        let base = *at;
+        *at += heads * width;
+        Some(base)
+    }).collect();
+    let total = spans.iter().map(|&(_, width)| heads * width).sum();
+    // 1. Scores, key-major in each (row, key head) block.
+    let mut by_key = vec![0f32; total];
+    let mut tasks = Vec::new();
+    let mut rest = by_key.as_mut_slice();
+    for (r, &(_, width)) in spans.iter().enumerate() {
+        for kvh in 0..kv_heads {
+            for k0 in (0..width).step_by(PHASED_TASK_KEYS) {
+                let keys = PHASED_TASK_KEYS.min(width - k0);
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(keys * group);
+                rest = tail;
+                tasks.push((r, kvh, k0, mine));
+            }
+        }
+    }
+    tasks.into_par_iter().for_each(|(r, kvh, k0, mine)| phased_scores_simd(step, r, kvh, spans[r].0 + k0, mine));
+    // 2. Each query head's row, gathered from its key head's block, and its softmax.
+    let mut probs = vec![0f32; total];
+    let mut rows = Vec::with_capacity(n * heads);
+    let mut rest = probs.as_mut_slice();
+    for (r, &(_, width)) in spans.iter().enumerate() {
+        for h in 0..heads {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(width);
+            rest = tail;
+            rows.push((r, h, mine));
+        }
+    }
+    rows.into_par_iter().for_each(|(r, h, row)| {
+        let width = row.len();
+        let block = &by_key[bases[r] + (h / group) * width * group..][..width * group];
+        for (p, scores) in row.iter_mut().zip(block.chunks_exact(group)) {
+            *p = scores[h % group];
+        }
+        softmax_simd(row);
+    });
+    // 3. The weighted values, by shares of the channels: enough tasks for the threads, each a
+    // whole number of 16-channel runs where `d` allows.
+    let per_row = n * kv_heads;
+    let shares = (2 * threads).div_ceil(per_row.max(1)).clamp(1, (d / 16).max(1));
+    let share = d.div_ceil(shares);
+    let tasks: Vec<(usize, usize, usize)> = (0..n).flat_map(|r| (0..kv_heads).flat_map(move |kvh| (0..d).step_by(share).map(move |c0| (r, kvh, c0)))).collect();
+    let sums: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(r, kvh, c0)| {
+            let channels = c0..(c0 + share).min(d);
+            let mut acc = vec![0f32; group * channels.len()];
+            phased_values_simd(step, &probs[bases[r]..bases[r] + heads * spans[r].1], r, kvh, channels.clone(), &mut acc);
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; n * heads * d];
+    for (&(r, kvh, c0), acc) in tasks.iter().zip(&sums) {
+        let width = acc.len() / group;
+        for (g, part) in acc.chunks_exact(width).enumerate() {
+            let at = (r * heads + kvh * group + g) * d + c0;
+            out[at..at + width].copy_from_slice(part);
+        }
+    }
+    out
+}
+
+/// Phase 1 of [`attend_phased`]: keys `from..from + mine.len() / group` of row `r`'s head
+/// `kvh` against the group's query heads, into `mine` key-major (the one-region path's
+/// `dot · scale`).
+#[inline(always)]
+fn phased_scores(step: &PhasedStep<'_>, r: usize, kvh: usize, from: usize, mine: &mut [f32]) {
+    let d = step.d;
+    let group = step.heads / step.kv_heads;
+    let queries = &step.queries[(r * step.heads + kvh * group) * d..][..group * d];
+    let mut buf = [0f32; MAX_CPU_HEAD_DIM];
+    let buf = &mut buf[..d];
+    let count = mine.len() / group;
+    for (k, scores) in mine.chunks_exact_mut(group).enumerate() {
+        let j = from + k;
+        if k + PREFETCH_KEYS < count {
+            step.keys.prefetch(step.at(r, kvh, j + PREFETCH_KEYS), d);
+        }
+        let (key, row_scale) = step.keys.row(step.at(r, kvh, j), buf);
+        let scale = row_scale * step.scale;
+        for (s, q) in scores.iter_mut().zip(queries.chunks_exact(d)) {
+            *s = crate::dot(key, q) * scale;
+        }
+    }
+}
+
+/// Phase 3 of [`attend_phased`]: the `channels` of row `r`'s head `kvh`'s values weighted by
+/// the group's probabilities (`probs`: the row's `heads` rows of weights), summed over the keys
+/// in order into `acc` (`[group, channels]`), as the one-region path sums each channel.
+#[inline(always)]
+fn phased_values(step: &PhasedStep<'_>, probs: &[f32], r: usize, kvh: usize, channels: std::ops::Range<usize>, acc: &mut [f32]) {
+    let d = step.d;
+    let group = step.heads / step.kv_heads;
+    let (first, width) = step.span(r);
+    let mut buf = [0f32; MAX_CPU_HEAD_DIM];
+    let buf = &mut buf[..d];
+    let cw = channels.len();
+    for k in 0..width {
+        let j = first + k;
+        if k + PREFETCH_KEYS < width {
+            step.values.prefetch(step.at(r, kvh, j + PREFETCH_KEYS), d);
+        }
+        let (value, row_scale) = step.values.row(step.at(r, kvh, j), buf);
+        let value = &value[channels.clone()];
+        for (g, o) in acc.chunks_exact_mut(cw).enumerate() {
+            let w = probs[(kvh * group + g) * width + k] * row_scale;
+            for (o, x) in o.iter_mut().zip(value) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
+/// `$name($args)`: `$body($args)` compiled for AVX-512 or AVX2 + FMA where the CPU has them (as
+/// [`attend_group_dispatch`]), else for the baseline. A named function, not a closure: a
+/// closure called from a `target_feature` function is compiled for the baseline.
+macro_rules! simd_dispatch {
+    ($name:ident, $body:path, ($($arg:ident: $ty:ty),*)) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if crate::quant::uses_avx512() {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX-512F, AVX2 and FMA (detected at run time).
+                unsafe { avx512($($arg),*) };
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::quant::cpu_has_avx2() {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+                unsafe { avx2($($arg),*) };
+                return;
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+simd_dispatch!(phased_scores_simd, phased_scores, (step: &PhasedStep<'_>, r: usize, kvh: usize, from: usize, mine: &mut [f32]));
+simd_dispatch!(phased_values_simd, phased_values, (step: &PhasedStep<'_>, probs: &[f32], r: usize, kvh: usize, channels: std::ops::Range<usize>, acc: &mut [f32]));
+simd_dispatch!(softmax_simd, crate::cpu_rows::softmax_in_place, (row: &mut [f32]));
 
 /// One (row, key head) of [`cpu_decode_over`]: the keys and values it reads through the row's
 /// block table and the `queries.len() / d` query heads that share them.
@@ -1797,6 +2026,88 @@ mod tests {
         assert_eq!(decode_passes(8, 4), 1);
         assert_eq!(decode_passes(12, 4), 1);
         assert_eq!(decode_passes(2, 2), 2);
+    }
+
+    /// The three-phase decode attention gives the one-region tasks' bits (one task per (row,
+    /// key head), and one per query head), and the dense attention: f32, int8 and fp8 pages,
+    /// with and without a window, one and two rows of unequal lengths over shuffled blocks,
+    /// 2 and 3 threads' shares (a head of 48 channels: shares of 16 and 24).
+    #[test]
+    fn phased_decode_attention_has_the_one_region_bits() {
+        let device = Device::flex();
+        let (heads, kv_heads, d, bt) = (6, 2, 48, 4);
+        let group = heads / kv_heads;
+        let pool_slots = 160 * bt;
+        let kp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let vp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let all_slots = Tensor::<1, Int>::arange(0..pool_slots as i64, &device);
+        let coded = |format: KvCodes, pool: &Tensor<3>| KvPages::zeroed(KvStorage::Coded(format), [pool_slots, kv_heads, d], &device).write(all_slots.clone(), pool.clone());
+        // Row 0 sees 601 keys (blocks reversed), row 1 333 (blocks from the middle, rotated).
+        let lens = [601usize, 333];
+        let max_blocks = 151;
+        let mut table = vec![0usize; 2 * max_blocks];
+        for b in 0..max_blocks {
+            table[b] = 159 - b;
+            table[max_blocks + b] = (b * 7 + 3) % 160;
+        }
+        let queries: Vec<f32> = values(Tensor::<3>::random([2, heads, d], Distribution::Uniform(-1.0, 1.0), &device));
+        for (pages, name) in [((KvPages::Dense(kp.clone()), KvPages::Dense(vp.clone())), "f32"), ((coded(KvCodes::Int8, &kp), coded(KvCodes::Int8, &vp)), "int8"), ((coded(KvCodes::Fp8, &kp), coded(KvCodes::Fp8, &vp)), "fp8")] {
+            let (kv, vv) = (values(pages.0.values(DType::F32)), values(pages.1.values(DType::F32)));
+            for window in [None, Some(100)] {
+                for n in [1usize, 2] {
+                    let got: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = with_pool_rows(&pages.0, |keys| {
+                        with_pool_rows(&pages.1, |vals| {
+                            let step = PhasedStep { keys, values: vals, queries: &queries[..n * heads * d], table: &table[..n * max_blocks], lens: &lens[..n], max_blocks, heads, kv_heads, d, block_tokens: bt, window, scale: 0.3 };
+                            let (two, three) = (attend_phased(&step, 2), attend_phased(&step, 3));
+                            // The one-region tasks: per (row, key head), and per query head.
+                            let mut by_group = vec![0f32; n * heads * d];
+                            let mut by_head = vec![0f32; n * heads * d];
+                            for r in 0..n {
+                                for h in 0..heads {
+                                    for (per, out) in [(group, &mut by_group), (1, &mut by_head)] {
+                                        if h % per != 0 {
+                                            continue;
+                                        }
+                                        let task = GroupTask {
+                                            keys,
+                                            values: vals,
+                                            queries: &queries[(r * heads + h) * d..(r * heads + h + per) * d],
+                                            table: &table[r * max_blocks..(r + 1) * max_blocks],
+                                            first: window.map_or(0, |w| lens[r].saturating_sub(w)),
+                                            len: lens[r],
+                                            block_tokens: bt,
+                                            kv_heads,
+                                            kvh: h / group,
+                                            d,
+                                            scale: 0.3,
+                                        };
+                                        attend_group(&task, &mut out[(r * heads + h) * d..(r * heads + h + per) * d]);
+                                    }
+                                }
+                            }
+                            assert_eq!(by_group, by_head, "{name}: the one-region tasks differ by grouping");
+                            assert_eq!(three, two, "{name}, window {window:?}, {n} rows: 3 threads' shares against 2's");
+                            Some((two, by_group, by_head))
+                        })
+                    });
+                    let (phased, one_region, _) = got.expect("CPU pools");
+                    assert_eq!(phased, one_region, "{name}, window {window:?}, {n} rows: phased against one region");
+                    // And the attention itself.
+                    for r in 0..n {
+                        let row = |pool: &[f32], j: usize| {
+                            let slot = table[r * max_blocks + j / bt] * bt + j % bt;
+                            pool[slot * kv_heads * d..(slot + 1) * kv_heads * d].to_vec()
+                        };
+                        let ks: Vec<f32> = (0..lens[r]).flat_map(|j| row(&kv, j)).collect();
+                        let vs: Vec<f32> = (0..lens[r]).flat_map(|j| row(&vv, j)).collect();
+                        let want = crate::attention::dense_reference(&queries[r * heads * d..(r + 1) * heads * d], &ks, &vs, 1, lens[r], heads, kv_heads, d, window, 0.3);
+                        for (a, b) in phased[r * heads * d..(r + 1) * heads * d].iter().zip(&want) {
+                            assert!((a - b).abs() < 1e-5, "{name}, window {window:?}, row {r}: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
