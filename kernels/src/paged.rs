@@ -1416,11 +1416,11 @@ fn cpu_decode_over(q: &Tensor<3>, keys: PoolRows<'_>, values: PoolRows<'_>, rows
     }
     let queries = q.clone().into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
     let group = heads / kv_heads;
-    // Few (row, key head) tasks for the threads, over long rows: in three phases, each key and
-    // value read once and every thread busy (`attend_phased`).
+    // Long rows: in three phases, each key and value read once, its loads asked for well ahead,
+    // and every thread busy however few (row, key head) tasks there are (`attend_phased`).
     let threads = rayon::current_num_threads();
     let longest = lens.iter().map(|&len| len - window.map_or(0, |w| len.saturating_sub(w))).max().unwrap_or(0);
-    if threads > 1 && n * kv_heads < 2 * threads && longest >= PHASED_MIN_KEYS && phases_on() {
+    if threads > 1 && longest >= PHASED_MIN_KEYS && phases_on() {
         let step = PhasedStep { keys, values, queries: &queries, table, lens, max_blocks, heads, kv_heads, d, block_tokens, window, scale: scale as f32 };
         let out = attend_phased(&step, threads);
         return Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)));
@@ -1455,9 +1455,9 @@ fn cpu_decode_over(q: &Tensor<3>, keys: PoolRows<'_>, values: PoolRows<'_>, rows
     Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
 }
 
-/// The shortest row (keys a decode row sees) for which a step of few (row, key head) tasks
-/// takes [`attend_phased`]: below it the one-region tasks cost less than two more parallel
-/// regions a layer.
+/// The shortest row (keys a decode row sees) for which a step takes [`attend_phased`]: below
+/// it the one-region tasks cost no more than two more parallel regions a layer (SmolLM2 after
+/// 260 prompt tokens and the small Qwen3 after 300: the same speed both ways).
 const PHASED_MIN_KEYS: usize = 256;
 
 /// Whether few-task steps take [`attend_phased`] (unless `INFERENCE_PIO_CPU_DECODE_PHASES=0`:
@@ -1511,11 +1511,11 @@ impl PhasedStep<'_> {
     }
 }
 
-/// [`cpu_decode_over`] for a step of few (row, key head) tasks over long rows: with one task
-/// per (row, key head), a model of 3 key heads on 2 threads left a thread idle for a third of
-/// the attention; with one per query head, every key and value was read once per query head.
-/// Here each phase splits its work so that every thread has some, and each key and value is
-/// read once:
+/// [`cpu_decode_over`] for a step over long rows. With one task per (row, key head), a model
+/// of 3 key heads on 2 threads left a thread idle for a third of the attention; with one per
+/// query head, every key and value was read once per query head; and each task asked for its
+/// rows only two keys ahead. Here each phase splits its work so that every thread has some,
+/// each key and value is read once, and the rows are asked for further ahead:
 /// 1. scores: tasks of (row, key head, [`PHASED_TASK_KEYS`] keys), each key against the group's
 ///    query heads;
 /// 2. softmax: one task per (row, query head);
