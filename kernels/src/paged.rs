@@ -20,6 +20,9 @@
 //! head) scores its keys straight from the pools' memory through the row's block table and
 //! takes their softmax-weighted values, over rayon's threads (no gathered copy, mask or matrix
 //! products: through burn's operations those cost more than the arithmetic at decode sizes).
+//! Steps over rows of 256 keys or more do it in three phases (scores, softmax, values), so that
+//! each key and value is read once and every thread has work however few key heads there are;
+//! the arithmetic and its order are the same, so are the bits.
 //!
 //! On CubeCL devices decode rows run through our kernel instead ([`paged_decode_attention`]),
 //! after flash-decoding (Dao et al. 2023) and vLLM's paged attention v2: one cube per (row,
