@@ -27,6 +27,13 @@ pub fn gqa_attention(q: Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: Option<&T
     crate::batched_matmul(probs, v.clone()).reshape([batch, heads, t, d])
 }
 
+/// Tests' gather: the `width`-value rows of `pool` (`[slots, width]`) at `slots`, one after
+/// another (a sequence's keys or values made contiguous for [`dense_reference`]).
+#[cfg(test)]
+pub(crate) fn rows_at(pool: &[f32], slots: impl Iterator<Item = usize>, width: usize) -> Vec<f32> {
+    slots.flat_map(|slot| pool[slot * width..(slot + 1) * width].iter().copied()).collect()
+}
+
 /// Tests' reference: causal attention of one sequence's `queries` (the last of `context`
 /// tokens; `q [queries, heads, d]`) over its own contiguous keys and values (`[context,
 /// kv_heads, d]`), with an optional window, summed in f64.

@@ -576,12 +576,8 @@ mod tests {
                     let got = values(prefill_attention(&q, &k, &v, &spans, bt, window, 0.3).expect("f32 queries on the CPU"));
                     let mut at = 0;
                     for s in &spans {
-                        let row = |pool: &[f32], j: usize| {
-                            let slot = slot_of(&s.blocks, bt, j);
-                            pool[slot * kv_heads * d..(slot + 1) * kv_heads * d].to_vec()
-                        };
-                        let ks: Vec<f32> = (0..s.context).flat_map(|j| row(&kv, j)).collect();
-                        let vs: Vec<f32> = (0..s.context).flat_map(|j| row(&vv, j)).collect();
+                        let slots = || (0..s.context).map(|j| slot_of(&s.blocks, bt, j));
+                        let (ks, vs) = (crate::attention::rows_at(&kv, slots(), kv_heads * d), crate::attention::rows_at(&vv, slots(), kv_heads * d));
                         let want = crate::attention::dense_reference(&qv[at * heads * d..(at + s.queries) * heads * d], &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.3);
                         for (i, (a, b)) in got[at * heads * d..(at + s.queries) * heads * d].iter().zip(&want).enumerate() {
                             assert!((a - b).abs() < 2e-6, "{heads}/{kv_heads} heads of {d}, {codes:?}, window {window:?}, span {s:?}, value {i}: {a} vs {b}");

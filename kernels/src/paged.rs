@@ -2108,12 +2108,8 @@ mod tests {
                     assert_eq!(phased, one_region, "{name}, window {window:?}, {n} rows: phased against one region");
                     // And the attention itself.
                     for r in 0..n {
-                        let row = |pool: &[f32], j: usize| {
-                            let slot = table[r * max_blocks + j / bt] * bt + j % bt;
-                            pool[slot * kv_heads * d..(slot + 1) * kv_heads * d].to_vec()
-                        };
-                        let ks: Vec<f32> = (0..lens[r]).flat_map(|j| row(&kv, j)).collect();
-                        let vs: Vec<f32> = (0..lens[r]).flat_map(|j| row(&vv, j)).collect();
+                        let slots = || (0..lens[r]).map(|j| table[r * max_blocks + j / bt] * bt + j % bt);
+                        let (ks, vs) = (crate::attention::rows_at(&kv, slots(), kv_heads * d), crate::attention::rows_at(&vv, slots(), kv_heads * d));
                         let want = crate::attention::dense_reference(&queries[r * heads * d..(r + 1) * heads * d], &ks, &vs, 1, lens[r], heads, kv_heads, d, window, 0.3);
                         for (a, b) in phased[r * heads * d..(r + 1) * heads * d].iter().zip(&want) {
                             assert!((a - b).abs() < 1e-5, "{name}, window {window:?}, row {r}: {a} vs {b}");
@@ -2185,12 +2181,8 @@ mod tests {
             let mut at = 0;
             for s in &spans {
                 // The sequence's keys and values, contiguous.
-                let row = |pool: &[f32], j: usize| {
-                    let slot = slot_of(&s.blocks, bt, j);
-                    pool[slot * kv_heads * d..(slot + 1) * kv_heads * d].to_vec()
-                };
-                let ks: Vec<f32> = (0..s.context).flat_map(|j| row(&kv, j)).collect();
-                let vs: Vec<f32> = (0..s.context).flat_map(|j| row(&vv, j)).collect();
+                let slots = || (0..s.context).map(|j| slot_of(&s.blocks, bt, j));
+                let (ks, vs) = (crate::attention::rows_at(&kv, slots(), kv_heads * d), crate::attention::rows_at(&vv, slots(), kv_heads * d));
                 let qs = &qv[at * heads * d..(at + s.queries) * heads * d];
                 let want = crate::attention::dense_reference(qs, &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.25);
                 let have = &got[at * heads * d..(at + s.queries) * heads * d];
@@ -2237,12 +2229,8 @@ mod tests {
             let got = values(cpu_decode_attention(&q, &KvPages::Dense(kp.clone()), &KvPages::Dense(vp.clone()), &rows, bt, window, 0.25).expect("f32 pools on the CPU"));
             let mut at = 0;
             for s in &spans {
-                let row = |pool: &[f32], j: usize| {
-                    let slot = slot_of(&s.blocks, bt, j);
-                    pool[slot * kv_heads * d..(slot + 1) * kv_heads * d].to_vec()
-                };
-                let ks: Vec<f32> = (0..s.context).flat_map(|j| row(&kv, j)).collect();
-                let vs: Vec<f32> = (0..s.context).flat_map(|j| row(&vv, j)).collect();
+                let slots = || (0..s.context).map(|j| slot_of(&s.blocks, bt, j));
+                let (ks, vs) = (crate::attention::rows_at(&kv, slots(), kv_heads * d), crate::attention::rows_at(&vv, slots(), kv_heads * d));
                 let want = crate::attention::dense_reference(&qv[at * heads * d..(at + s.queries) * heads * d], &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.25);
                 for (a, b) in got[at * heads * d..(at + s.queries) * heads * d].iter().zip(&want) {
                     assert!((a - b).abs() < 1e-5, "window {window:?}, span {s:?}: {a} vs {b}");
