@@ -29,6 +29,17 @@ restore_qwen3_tokenizer() {
   mkdir -p $t && [ -f .gpu/qwen3-tokenizer.json.xz ] && xz -dc .gpu/qwen3-tokenizer.json.xz > $t/tokenizer.json
 }
 
+# device_setup NAME...: a call's usual start: Qwen3's tokenizer restored, the carried binaries
+# NAME... unpacked, cuBLAS found, the kernel cache and the plugin directory set, and the card
+# named on stdout and in $OUT/device.txt.
+device_setup() {
+  restore_qwen3_tokenizer
+  unpack_gpu_binaries "$@"
+  ensure_cublas > /dev/null
+  export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+}
+
 # vl_tiny_one_image MODEL DTYPE: the tiny Qwen3-VL fixture MODEL's one-image prompt through `run`
 # on CUDA in DTYPE, its prompt ids and 16 greedy tokens against transformers' (a line on stdout).
 vl_tiny_one_image() {

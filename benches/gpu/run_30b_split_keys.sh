@@ -8,11 +8,7 @@
 # Carried: .gpu/{inference-pio,pio-bench,libqwen3_coder_30b.so,qwen3-tokenizer.json}.xz, .gpu/COMMIT.
 set -uo pipefail
 source benches/gpu/lib.sh
-restore_qwen3_tokenizer
-unpack_gpu_binaries inference-pio pio-bench libqwen3_coder_30b.so
-ensure_cublas > /dev/null
-export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+device_setup inference-pio pio-bench libqwen3_coder_30b.so
 CK=$(qwen3_coder_30b_dir)
 for keys in ${KEYS:-64 16 32 64 16}; do
   [ $SECONDS -lt ${BUDGET:-100000} ] || { echo "budget: keys $keys not run"; continue; }

@@ -18,11 +18,7 @@
 # .gpu/COMMIT (and libqwen3_coder_30b.so.xz for KEYS30).
 set -uo pipefail
 source benches/gpu/lib.sh
-restore_qwen3_tokenizer
-unpack_gpu_binaries inference-pio pio-bench kernel_check libqwen3_4b_instruct_2507.so
-ensure_cublas > /dev/null
-export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+device_setup inference-pio pio-bench kernel_check libqwen3_4b_instruct_2507.so
 ROWS_LIST=${ROWS_LIST:-"0 default 256 flash"}
 with_rows() { # ROWS COMMAND...: COMMAND with INFERENCE_PIO_CAUSAL_PIECE_ROWS=ROWS (`default`: unset; `flash`: unset and INFERENCE_PIO_PREFILL_FLASH=1)
   local rows=$1; shift

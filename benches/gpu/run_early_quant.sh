@@ -6,11 +6,7 @@
 # kernel_check,libqwen3_4b_instruct_2507.so,qwen3-tokenizer.json}.xz and .gpu/COMMIT.
 set -uo pipefail
 source benches/gpu/lib.sh
-restore_qwen3_tokenizer
-unpack_gpu_binaries inference-pio pio-bench kernel_check libqwen3_4b_instruct_2507.so
-ensure_cublas > /dev/null
-export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+device_setup inference-pio pio-bench kernel_check libqwen3_4b_instruct_2507.so
 timeout 200 .gpu/bin/kernel_check quant matvec > $OUT/kernel_check.txt 2>&1; echo "kernel_check exit $? at $SECONDS s"
 echo "checks ok: $(grep -c ' ok ' $OUT/kernel_check.txt), FAIL: $(grep -c FAIL $OUT/kernel_check.txt)"; grep FAIL $OUT/kernel_check.txt | head
 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 2>&1 | grep -E "worst|identical: False"

@@ -7,11 +7,7 @@
 # plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tiny-b and plugins/qwen3-vl-2b/tests.
 set -uo pipefail
 source benches/gpu/lib.sh
-restore_qwen3_tokenizer
-unpack_gpu_binaries inference-pio pio-bench libqwen3_4b_instruct_2507.so libqwen3_vl_2b.so
-ensure_cublas > /dev/null
-export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+device_setup inference-pio pio-bench libqwen3_4b_instruct_2507.so libqwen3_vl_2b.so
 gpu_parity plugins/qwen3-4b-instruct-2507/tests/fixtures qwen3-tiny-b f32 bf16 2>&1 | grep -E "worst|identical: False"
 vl_tiny_one_image vl-tiny-a f32 | tee -a $OUT/decode.txt
 for r in 1 2; do bench_4b_decode 1 "round $r"; done

@@ -11,11 +11,7 @@
 # quantization's settings since removed: benches/results/gpu-h100-2026-12-07n-quant-loads/.)
 set -uo pipefail
 source benches/gpu/lib.sh
-restore_qwen3_tokenizer
-unpack_gpu_binaries inference-pio pio-bench kernel_check libqwen3_4b_instruct_2507.so
-ensure_cublas > /dev/null
-export XDG_CACHE_HOME=/tmp/xdg INFERENCE_PIO_PLUGIN_DIR=$PWD/.gpu/bin
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/device.txt
+device_setup inference-pio pio-bench kernel_check libqwen3_4b_instruct_2507.so
 settings=${SETTINGS:-l1p8 l4p8}
 # switches SETTING: the environment assignments of one setting.
 switches() {
