@@ -1422,7 +1422,7 @@ fn cpu_decode_over(q: &Tensor<3>, keys: PoolRows<'_>, values: PoolRows<'_>, rows
     // Long rows: in three phases, each key and value read once, its loads asked for well ahead,
     // and every thread busy however few (row, key head) tasks there are (`attend_phased`).
     let threads = rayon::current_num_threads();
-    let longest = lens.iter().map(|&len| len - window.map_or(0, |w| len.saturating_sub(w))).max().unwrap_or(0);
+    let longest = lens.iter().map(|&len| len - first_key(len, window)).max().unwrap_or(0);
     if threads > 1 && longest >= PHASED_MIN_KEYS && phases_on() {
         let step = PhasedStep { keys, values, queries: &queries, table, lens, max_blocks, heads, kv_heads, d, block_tokens, window, scale: scale as f32 };
         let out = attend_phased(&step, threads);
@@ -1445,7 +1445,7 @@ fn cpu_decode_over(q: &Tensor<3>, keys: PoolRows<'_>, values: PoolRows<'_>, rows
             values,
             queries: &queries[i * per_task * d..(i + 1) * per_task * d],
             table: &table[r * max_blocks..(r + 1) * max_blocks],
-            first: window.map_or(0, |w| len.saturating_sub(w)),
+            first: first_key(len, window),
             len,
             block_tokens,
             kv_heads,
@@ -1456,6 +1456,11 @@ fn cpu_decode_over(q: &Tensor<3>, keys: PoolRows<'_>, values: PoolRows<'_>, rows
         attend_group(&task, o);
     });
     Some(Tensor::<3>::from_data(TensorData::new(out, [n, heads, d]), (&device, DType::F32)))
+}
+
+/// The first key a decode row of `len` keys sees within `window`.
+fn first_key(len: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| len.saturating_sub(w))
 }
 
 /// The shortest row (keys a decode row sees) for which a step takes [`attend_phased`]: below
@@ -1503,8 +1508,8 @@ impl PhasedStep<'_> {
     /// Row `r`'s first key it sees and how many.
     fn span(&self, r: usize) -> (usize, usize) {
         let len = self.lens[r];
-        let first = self.window.map_or(0, |w| len.saturating_sub(w));
-        (first, len - first.min(len))
+        let first = first_key(len, self.window);
+        (first, len - first)
     }
 
     /// Where key `j` of row `r`'s head `kvh` starts in a pool.
