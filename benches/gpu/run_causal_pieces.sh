@@ -61,6 +61,6 @@ if [ -n "${KEYS30:-}" ]; then
   unpack_gpu_binaries libqwen3_coder_30b.so
   f=plugins/qwen3-coder-30b/tests/fixtures/qwen3-coder-tokenizer
   mkdir -p $f && cp plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer/tokenizer.json plugins/qwen3-4b-instruct-2507/tests/fixtures/qwen3-tokenizer/tokenizer_config.json $f/
-  KEYS="$KEYS30" BUDGET=$(( ${BUDGET30:-100000} )) bash benches/gpu/run_30b_split_keys.sh 2>&1 | grep -v "^cuBLAS" | tail -8
+  KEYS="$KEYS30" BUDGET=${BUDGET30:-100000} bash benches/gpu/run_30b_split_keys.sh 2>&1 | grep -v "^cuBLAS" | tail -8
 fi
 echo "script used $SECONDS s"

@@ -51,7 +51,7 @@ mod common;
 use burn::tensor::{DType, Device, Distribution, FloatDType, Int, Tensor, TensorData};
 use common::{time_graph, values};
 use inference_pio_kernels::attention::gqa_attention;
-use inference_pio_kernels::flash::cubek_flash_attention;
+use inference_pio_kernels::flash::{cubek_flash_attention, repeat_kv_heads};
 use inference_pio_kernels::paged::{PagedLayout, Span, mask_values, paged_attention_prefill_kernel, paged_attention_reference, DecodeTuning, paged_decode_attention, paged_decode_attention_tuned};
 use inference_pio_kernels::matvec::{gathered_split_matvec, matvec_reference, split_matvec, split_matvec_swiglu};
 use inference_pio_kernels::activation::fused_swiglu_halves;
@@ -458,14 +458,13 @@ fn check_flash(device: &Device) -> usize {
         for dtype in [DType::BF16] {
             let random = |heads: usize| Tensor::<4>::random([1, heads, tokens, d], Distribution::Uniform(-1.0, 1.0), device).cast(dtype);
             let (q, k, v) = (random(heads), random(kv), random(kv));
-            let repeat = |t: &Tensor<4>| t.clone().unsqueeze_dim::<5>(2).expand([1, kv, heads / kv, tokens, d]).reshape([1, heads, tokens, d]);
             let mask = Tensor::<5>::from_data(TensorData::new(mask_values(tokens, tokens, tokens, None), [1, 1, 1, tokens, tokens]), (device, DType::F32));
             let scale = (d as f64).powf(-0.5);
             let reference = || gqa_attention(q.clone(), &k, &v, Some(&mask), scale).reshape([heads * tokens, d]);
             // The causal pairs' multiply-adds, as the prefill checks count them.
             let flops = Work::Flops((4 * heads * d * tokens * (tokens + 1) / 2) as f64);
             for planes in [2usize, 4, 8] {
-                let kernel = || cubek_flash_attention(q.clone(), repeat(&k), repeat(&v), true, planes).expect("a CUDA device").reshape([heads * tokens, d]);
+                let kernel = || cubek_flash_attention(q.clone(), repeat_kv_heads(&k, heads), repeat_kv_heads(&v, heads), true, planes).expect("a CUDA device").reshape([heads * tokens, d]);
                 let label = format!("flash (cubek, {planes} planes), {tokens} tokens, {heads} heads over {kv} of {d} {:5}", format!("{dtype:?}"));
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(device, &label, 2e-2, flops, &kernel, &reference, &reference))) {
                     Ok(bad) => failed += usize::from(bad),

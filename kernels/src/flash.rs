@@ -54,6 +54,14 @@ pub fn cubek_flash_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: b
     is_cubecl(&q.device()).then(|| Tensor::from_dispatch(Dispatch::cubek_flash_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), causal, planes, true)))
 }
 
+/// `t [batch, kv_heads, keys, d]` with each key head repeated for the `heads / kv_heads` query
+/// heads that share it (`heads` a multiple of `kv_heads`): `[batch, heads, keys, d]`, what
+/// cubek takes (one key head per query head).
+pub fn repeat_kv_heads(t: &Tensor<4>, heads: usize) -> Tensor<4> {
+    let [n, kv_heads, keys, d] = t.dims();
+    t.clone().unsqueeze_dim::<5>(2).expand([n, kv_heads, heads / kv_heads, keys, d]).reshape([n, heads, keys, d])
+}
+
 /// Planes a cube for the engine's chunks (the middle of what burn's autotune tries).
 const CHUNK_PLANES: usize = 4;
 
@@ -70,8 +78,8 @@ fn chunks_take_flash() -> bool {
 /// the switch on ([`chunks_take_flash`]): `[chunks, heads, rows, d]`; `None` otherwise (the
 /// caller runs the reference).
 pub fn chunk_attention(queries: &Tensor<4>, keys: &Tensor<4>, values: &Tensor<4>, window: Option<usize>, scale: f64) -> Option<Tensor<4>> {
-    let [n, heads, _, d] = queries.dims();
-    let [_, kv_heads, context, _] = keys.dims();
+    let [_, heads, _, d] = queries.dims();
+    let kv_heads = keys.dims()[1];
     let applies = chunks_take_flash()
         && window.is_none()
         && (scale * (d as f64).sqrt() - 1.0).abs() < 1e-9
@@ -84,7 +92,25 @@ pub fn chunk_attention(queries: &Tensor<4>, keys: &Tensor<4>, values: &Tensor<4>
     if !applies {
         return None;
     }
-    let repeat = |t: &Tensor<4>| t.clone().unsqueeze_dim::<5>(2).expand([n, kv_heads, heads / kv_heads, context, d]).reshape([n, heads, context, d]);
-    let out = Dispatch::cubek_flash_attention(queries.clone().into_dispatch(), repeat(keys).into_dispatch(), repeat(values).into_dispatch(), true, CHUNK_PLANES, false);
+    let (keys, values) = (repeat_kv_heads(keys, heads), repeat_kv_heads(values, heads));
+    let out = Dispatch::cubek_flash_attention(queries.clone().into_dispatch(), keys.into_dispatch(), values.into_dispatch(), true, CHUNK_PLANES, false);
     Some(Tensor::from_dispatch(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    #[test]
+    fn each_query_head_gets_its_key_heads_rows() {
+        let device = Device::flex();
+        // 2 key heads of 3 keys of 2 channels, for 6 query heads (3 a key head).
+        let values: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let t = Tensor::<4>::from_data(TensorData::new(values.clone(), [1, 2, 3, 2]), &device);
+        let got = repeat_kv_heads(&t, 6).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32");
+        for h in 0..6 {
+            assert_eq!(&got[h * 6..(h + 1) * 6], &values[(h / 3) * 6..(h / 3 + 1) * 6], "query head {h}");
+        }
+    }
 }
