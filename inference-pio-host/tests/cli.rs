@@ -158,12 +158,14 @@ fn the_kv_cache_dtype_from_the_config_file_reaches_the_model() {
     let model = fixture("qwen3-tiny-a");
     let model = model.to_str().expect("utf8");
     let config = cwd.path().join("inference-pio.toml");
-    let run = |kv: &str| {
+    let run_as = |kv: &str, dtype: &str| {
         std::fs::write(&config, format!("[plugins.qwen3-4b-instruct-2507]\nkv_cache_dtype = \"{kv}\"\n")).expect("config");
-        inference_pio(&["run", "--model", model, "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--greedy", "--json", "--device", "cpu", "--dtype", "f32"], cwd.path())
+        inference_pio(&["run", "--model", model, "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--greedy", "--json", "--device", "cpu", "--dtype", dtype], cwd.path())
     };
+    let run = |kv: &str| run_as(kv, "f32");
     let mut blocks = Vec::new();
-    for kv in ["auto", "int8", "fp8"] {
+    // The f32 model on the CPU also keeps 16-bit pages.
+    for kv in ["auto", "int8", "fp8", "f16", "bf16"] {
         let out = run(kv);
         assert!(out.status.success(), "{kv}: {}", stderr(&out));
         let result: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
@@ -173,8 +175,8 @@ fn the_kv_cache_dtype_from_the_config_file_reaches_the_model() {
     }
     // One byte a value and a scale per head: at least as many blocks as f32 (this tiny model's
     // pool hits the block cap either way), and the same for both 8-bit formats.
-    assert!(blocks[1] >= blocks[0] && blocks[2] == blocks[1], "{blocks:?}");
-    let out = run("bf16");
+    assert!(blocks[1] >= blocks[0] && blocks[2] == blocks[1] && blocks[3] >= blocks[0] && blocks[4] == blocks[3], "{blocks:?}");
+    let out = run_as("f32", "bf16");
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("kv_cache_dtype") && err.contains("differs from the model's dtype"), "{err}");

@@ -119,10 +119,30 @@ pub fn e4m3_from_f32(x: f32) -> u8 {
     sign | code
 }
 
+/// The value of IEEE half-precision bits `h` as f32, exactly (infinities and NaNs kept): the
+/// exponent and mantissa moved into an f32's places and scaled by `2^(127 - 15)` (subnormal
+/// halves become f32 subnormals, which the product makes normal), an all-ones exponent set
+/// to f32's. Bit moves, a product and a select, so a row's loop vectorises (the CPU decode
+/// loop widens `kv_cache_dtype = "f16"` pages a row at a time).
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let finite = f32::from_bits((h & 0x7FFF) << 13) * f32::from_bits(0x7780_0000);
+    let magnitude = if h & 0x7C00 == 0x7C00 { f32::from_bits(0x7F80_0000 | ((h & 0x3FF) << 13)) } else { finite };
+    f32::from_bits(magnitude.to_bits() | ((h & 0x8000) << 16))
+}
+
+/// The value of bfloat16 bits `h` as f32: the upper half of the f32's bits.
+#[inline(always)]
+pub fn bf16_bits_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
 /// How a KV cache stores keys and values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvStorage {
-    /// As attention computes them, in this dtype.
+    /// As attention computes them, in this dtype; on the CPU also f16 or bf16 for an f32
+    /// attention (rounded when written, widened where attention reads them).
     Dense(DType),
     /// 8-bit codes and an f32 scale per (slot, key head).
     Coded(KvCodes),
@@ -151,7 +171,7 @@ impl KvStorage {
 #[derive(Clone, Debug)]
 #[allow(clippy::large_enum_variant)]
 pub enum KvPages {
-    /// In the attention's dtype.
+    /// In the attention's dtype, or (on the CPU) f16/bf16 for an f32 attention.
     Dense(Tensor<3>),
     /// `codes [slots, kv_heads, head_dim]` (i8: each code's byte, whatever the format) and
     /// `scales [slots, kv_heads, 1]` (f32): a value is `scale · format.decode(code)`.
@@ -343,6 +363,33 @@ mod tests {
         for b in (0..=255u8).filter(|b| b & 0x7F != 0x7F) {
             assert_eq!(e4m3_bits_to_f32(b).to_bits(), e4m3_to_f32(b).to_bits(), "byte {b:#04x}");
         }
+    }
+
+    /// Every half-precision bit pattern widens as the `half` crate widens it (NaNs stay
+    /// NaNs), and every bfloat16 pattern likewise.
+    #[test]
+    fn sixteen_bit_pages_widen_every_pattern_exactly() {
+        for h in 0..=u16::MAX {
+            let (got, want) = (f16_bits_to_f32(h), half::f16::from_bits(h).to_f32());
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "f16 {h:#06x}: {got} vs {want}");
+            let (got, want) = (bf16_bits_to_f32(h), half::bf16::from_bits(h).to_f32());
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "bf16 {h:#06x}: {got} vs {want}");
+        }
+    }
+
+    /// f16 pages store each written value rounded to the nearest half (ties to even), and
+    /// read back as exactly that.
+    #[test]
+    fn f16_pages_hold_each_value_rounded_to_the_nearest_half() {
+        let device = Device::flex();
+        let x: Tensor<3> = Tensor::random([5, 2, 16], burn::tensor::Distribution::Uniform(-70_000.0, 70_000.0), &device).mul(Tensor::random([5, 2, 16], burn::tensor::Distribution::Uniform(0.0, 1.0), &device).powf_scalar(6.0));
+        let pages = KvPages::zeroed(KvStorage::Dense(DType::F16), [8, 2, 16], &device);
+        let slots = Tensor::<1, Int>::from_data(TensorData::new(vec![6i64, 0, 3, 7, 1], [5]), &device);
+        let pages = pages.write(slots.clone(), x.clone());
+        assert_eq!((pages.storage(), pages.storage().head_bytes(16)), (KvStorage::Dense(DType::F16), 32));
+        let got: Vec<f32> = pages.select(slots, DType::F32).into_data().iter::<f32>().collect();
+        let want: Vec<f32> = x.into_data().iter::<f32>().map(|v| half::f16::from_f32(v).to_f32()).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

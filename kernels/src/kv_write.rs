@@ -362,6 +362,9 @@ pub fn write_kv_slots(pool: Tensor<3>, slots: Tensor<1, Int>, values: Tensor<3>)
     } else {
         let [rows, heads, d] = pool.dims();
         let tokens = values.dims()[0];
+        // 16-bit pages of an f32 attention: the values rounded to the pages' dtype (to
+        // nearest, ties to even).
+        let values = if values.dtype() == pool.dtype() { values } else { values.cast(pool.dtype()) };
         pool.reshape([rows, heads * d]).select_assign(0, slots, values.reshape([tokens, heads * d]), IndexingUpdateOp::Assign).reshape([rows, heads, d])
     }
 }

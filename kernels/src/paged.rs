@@ -1305,6 +1305,26 @@ fn with_flex_f32<R>(t: &Tensor<3>, f: impl FnOnce(&[f32]) -> Option<R>) -> Optio
     }
 }
 
+/// `f` of an f16 tensor's memory on the CPU (contiguous), without a copy; `None` for other
+/// tensors.
+fn with_flex_f16<R>(t: &Tensor<3>, f: impl FnOnce(&[half::f16]) -> Option<R>) -> Option<R> {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    match t.clone().into_dispatch().kind {
+        DispatchTensorKind::Flex(BackendTensor::Float(tensor)) => f(tensor.as_slice::<half::f16>()?),
+        _ => None,
+    }
+}
+
+/// `f` of a bf16 tensor's memory on the CPU (contiguous), without a copy; `None` for other
+/// tensors.
+fn with_flex_bf16<R>(t: &Tensor<3>, f: impl FnOnce(&[half::bf16]) -> Option<R>) -> Option<R> {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    match t.clone().into_dispatch().kind {
+        DispatchTensorKind::Flex(BackendTensor::Float(tensor)) => f(tensor.as_slice::<half::bf16>()?),
+        _ => None,
+    }
+}
+
 /// `f` of an i8 tensor's memory on the CPU (contiguous), without a copy; `None` for other
 /// tensors.
 fn with_flex_i8<R>(t: &Tensor<3, Int>, f: impl FnOnce(&[i8]) -> Option<R>) -> Option<R> {
@@ -1315,11 +1335,15 @@ fn with_flex_i8<R>(t: &Tensor<3, Int>, f: impl FnOnce(&[i8]) -> Option<R>) -> Op
     }
 }
 
-/// `f` of a pool's memory on the CPU, without a copy: f32 pages, or codes and their scales;
-/// `None` for pages elsewhere or of other dtypes.
+/// `f` of a pool's memory on the CPU, without a copy: f32, f16 or bf16 pages, or codes and
+/// their scales; `None` for pages elsewhere or of other dtypes.
 pub(crate) fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) -> Option<R>) -> Option<R> {
     match pages {
-        KvPages::Dense(t) => with_flex_f32(t, |rows| f(PoolRows::F32(rows))),
+        KvPages::Dense(t) => match t.dtype() {
+            DType::F16 => with_flex_f16(t, |rows| f(PoolRows::F16(rows))),
+            DType::BF16 => with_flex_bf16(t, |rows| f(PoolRows::Bf16(rows))),
+            _ => with_flex_f32(t, |rows| f(PoolRows::F32(rows))),
+        },
         KvPages::Coded { format, codes, scales } => with_flex_i8(codes, |codes| with_flex_f32(scales, |scales| f(PoolRows::Coded { format: *format, codes, scales }))),
     }
 }
@@ -1328,6 +1352,11 @@ pub(crate) fn with_pool_rows<R>(pages: &KvPages, f: impl FnOnce(PoolRows<'_>) ->
 #[derive(Clone, Copy)]
 pub(crate) enum PoolRows<'a> {
     F32(&'a [f32]),
+    /// 16-bit pages of an f32 attention (`kv_cache_dtype = "f16"` on the CPU), widened a row
+    /// at a time.
+    F16(&'a [half::f16]),
+    /// As [`Self::F16`], for `kv_cache_dtype = "bf16"`.
+    Bf16(&'a [half::bf16]),
     /// Codes (their bytes, in i8s) of `format`, and one scale per (slot, head).
     Coded { format: KvCodes, codes: &'a [i8], scales: &'a [f32] },
 }
@@ -1337,6 +1366,8 @@ impl<'a> PoolRows<'a> {
     fn lens(&self) -> (usize, Option<usize>) {
         match self {
             Self::F32(rows) => (rows.len(), None),
+            Self::F16(rows) => (rows.len(), None),
+            Self::Bf16(rows) => (rows.len(), None),
             Self::Coded { codes, scales, .. } => (codes.len(), Some(scales.len())),
         }
     }
@@ -1348,6 +1379,15 @@ impl<'a> PoolRows<'a> {
         let d = buf.len();
         match self {
             Self::F32(rows) => (&rows[at..at + d], 1.0),
+            // One loop each, vectorised (bit moves and a product: no table, no branch).
+            Self::F16(rows) => {
+                buf.iter_mut().zip(&rows[at..at + d]).for_each(|(o, h)| *o = crate::kv_pages::f16_bits_to_f32(h.to_bits()));
+                (buf, 1.0)
+            }
+            Self::Bf16(rows) => {
+                buf.iter_mut().zip(&rows[at..at + d]).for_each(|(o, h)| *o = crate::kv_pages::bf16_bits_to_f32(h.to_bits()));
+                (buf, 1.0)
+            }
             Self::Coded { format, codes, scales } => {
                 let (out, codes) = (buf.iter_mut(), &codes[at..at + d]);
                 // One loop per format, each vectorised.
@@ -1360,12 +1400,55 @@ impl<'a> PoolRows<'a> {
         }
     }
 
+    /// Channels `channels` of the `n` (at most [`KEY_RUN`]) head rows of `d` values from element
+    /// `at` (a multiple of `d`), `stride` apart, as f32: f32 pages in place (the rows `stride`
+    /// apart from the returned slice's start), other pages converted into `buf` (`channels.len()`
+    /// apart); and each row's scale into `scales` (1 but for codes).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run<'b>(&'b self, at: usize, stride: usize, n: usize, d: usize, channels: std::ops::Range<usize>, buf: &'b mut [f32], scales: &mut [f32; KEY_RUN]) -> (&'b [f32], usize) {
+        let w = channels.len();
+        let rows_of = |i: usize| at + i * stride + channels.start..at + i * stride + channels.end;
+        match self {
+            Self::F32(rows) => {
+                scales[..n].fill(1.0);
+                let end = at + (n - 1) * stride + channels.end;
+                return (&rows[at + channels.start..end], stride);
+            }
+            Self::F16(rows) => {
+                scales[..n].fill(1.0);
+                for (i, out) in buf.chunks_exact_mut(w).take(n).enumerate() {
+                    out.iter_mut().zip(&rows[rows_of(i)]).for_each(|(o, h)| *o = crate::kv_pages::f16_bits_to_f32(h.to_bits()));
+                }
+            }
+            Self::Bf16(rows) => {
+                scales[..n].fill(1.0);
+                for (i, out) in buf.chunks_exact_mut(w).take(n).enumerate() {
+                    out.iter_mut().zip(&rows[rows_of(i)]).for_each(|(o, h)| *o = crate::kv_pages::bf16_bits_to_f32(h.to_bits()));
+                }
+            }
+            Self::Coded { format, codes, scales: row_scales } => {
+                for (i, out) in buf.chunks_exact_mut(w).take(n).enumerate() {
+                    let codes = &codes[rows_of(i)];
+                    match format {
+                        KvCodes::Int8 => out.iter_mut().zip(codes).for_each(|(o, &c)| *o = f32::from(c)),
+                        KvCodes::Fp8 => out.iter_mut().zip(codes).for_each(|(o, &c)| *o = crate::kv_pages::e4m3_bits_to_f32(c as u8)),
+                    }
+                    scales[i] = row_scales[(at + i * stride) / d];
+                }
+            }
+        }
+        (&buf[..n * w], w)
+    }
+
     /// Asks for the head row at `at` towards L1.
     #[inline(always)]
     fn prefetch(&self, at: usize, d: usize) {
         match self {
             Self::F32(rows) => prefetch(&rows[at..at + d]),
-            Self::Coded { codes, .. } => prefetch_bytes(&codes[at..at + d]),
+            Self::F16(rows) => prefetch(&rows[at..at + d]),
+            Self::Bf16(rows) => prefetch(&rows[at..at + d]),
+            Self::Coded { codes, .. } => prefetch(&codes[at..at + d]),
         }
     }
 }
@@ -1512,12 +1595,33 @@ impl PhasedStep<'_> {
         (first, len - first)
     }
 
-    /// Where key `j` of row `r`'s head `kvh` starts in a pool.
-    fn at(&self, r: usize, kvh: usize, j: usize) -> usize {
-        let block = self.table[r * self.max_blocks + j / self.block_tokens];
-        (block * self.block_tokens + j % self.block_tokens) * self.kv_heads * self.d + kvh * self.d
+    /// Where key `j` of row `r`'s head `kvh` starts in a pool, and how many of the next `left`
+    /// keys (at most [`KEY_RUN`]) follow it in its block, `kv_heads * d` apart.
+    #[inline(always)]
+    fn run(&self, r: usize, kvh: usize, j: usize, left: usize) -> (usize, usize) {
+        let (block, offset) = (j / self.block_tokens, j % self.block_tokens);
+        let slot = self.table[r * self.max_blocks + block] * self.block_tokens + offset;
+        (slot * self.kv_heads * self.d + kvh * self.d, (self.block_tokens - offset).min(left).min(KEY_RUN))
+    }
+
+    /// Asks for `n` rows of `pool` from key `j` of row `r`'s head `kvh` towards L1.
+    #[inline(always)]
+    fn prefetch_run(&self, pool: &PoolRows<'_>, r: usize, kvh: usize, j: usize, n: usize) {
+        let mut done = 0;
+        while done < n {
+            let (at, run) = self.run(r, kvh, j + done, n - done);
+            for i in 0..run {
+                pool.prefetch(at + i * self.kv_heads * self.d, self.d);
+            }
+            done += run;
+        }
     }
 }
+
+/// Keys [`PoolRows::run`] reads at a time: consecutive slots of a block, so one block-table
+/// lookup and one division for all of them (a lookup and two divisions a key were a sixth of
+/// the phases' time), and their rows converted in one loop.
+const KEY_RUN: usize = 16;
 
 /// [`cpu_decode_over`] for a step over long rows. With one task per (row, key head), a model
 /// of 3 key heads on 2 threads left a thread idle for a third of the attention; with one per
@@ -1608,52 +1712,280 @@ fn attend_phased(step: &PhasedStep<'_>, threads: usize) -> Vec<f32> {
 
 /// Phase 1 of [`attend_phased`]: keys `from..from + mine.len() / group` of row `r`'s head
 /// `kvh` against the group's query heads, into `mine` key-major (the one-region path's
-/// `dot · scale`).
+/// scores, [`group_scores`]), a run of keys within a block at a time ([`PoolRows::run`]).
 #[inline(always)]
 fn phased_scores(step: &PhasedStep<'_>, r: usize, kvh: usize, from: usize, mine: &mut [f32]) {
-    let ahead = PHASED_KEYS_AHEAD;
     let d = step.d;
     let group = step.heads / step.kv_heads;
     let queries = &step.queries[(r * step.heads + kvh * group) * d..][..group * d];
-    let mut buf = [0f32; MAX_CPU_HEAD_DIM];
-    let buf = &mut buf[..d];
+    let mut buf = vec![0f32; KEY_RUN * d];
+    let mut scales = [1f32; KEY_RUN];
     let count = mine.len() / group;
-    for (k, scores) in mine.chunks_exact_mut(group).enumerate() {
-        let j = from + k;
-        if k + ahead < count {
-            step.keys.prefetch(step.at(r, kvh, j + ahead), d);
+    let mut k = 0;
+    while k < count {
+        let (at, n) = step.run(r, kvh, from + k, count - k);
+        step.prefetch_run(&step.keys, r, kvh, from + k + PHASED_KEYS_AHEAD, n.min(count.saturating_sub(k + PHASED_KEYS_AHEAD)));
+        let (rows, apart) = step.keys.run(at, step.kv_heads * d, n, d, 0..d, &mut buf, &mut scales);
+        for i in 0..n {
+            group_scores(&rows[i * apart..][..d], queries, d, scales[i] * step.scale, &mut mine[(k + i) * group..][..group]);
         }
-        let (key, row_scale) = step.keys.row(step.at(r, kvh, j), buf);
-        let scale = row_scale * step.scale;
-        for (s, q) in scores.iter_mut().zip(queries.chunks_exact(d)) {
-            *s = crate::dot(key, q) * scale;
+        k += n;
+    }
+}
+
+/// `scores[g] = key · queries[g] · scale` for the group's query heads (`queries [group, d]`):
+/// the scores of both decode paths, so that they agree to the bit. Each dot product is summed
+/// in sixteen lanes (lane `k` takes channels `k, k + 16, ...`, a product then an add), the
+/// lanes then pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1), then the channels past the last 16 in
+/// order. On x86-64 with AVX-512 or AVX2 (heads a multiple of 16 wide) by explicit vectors:
+/// the compiler's own vectorisation of the portable form, inlined into the phases, ran the
+/// lanes two at a time.
+#[inline(always)]
+fn group_scores(key: &[f32], queries: &[f32], d: usize, scale: f32, scores: &mut [f32]) {
+    let group = scores.len();
+    assert!(key.len() >= d && queries.len() >= group * d, "group_scores: a key of {d} and {group} query heads");
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(16) {
+        if crate::quant::uses_avx512() {
+            // SAFETY: the CPU has AVX-512F (detected at run time); the lengths are checked.
+            unsafe { score_lanes::avx512(key, queries, d, scale, scores) };
+            return;
+        }
+        if crate::quant::cpu_has_avx2() {
+            // SAFETY: the CPU has AVX2 (detected at run time); the lengths are checked.
+            unsafe { score_lanes::avx2(key, queries, d, scale, scores) };
+            return;
+        }
+    }
+    let runs = d / 16;
+    for (g, s) in scores.iter_mut().enumerate() {
+        let q = &queries[g * d..(g + 1) * d];
+        let mut acc = [0f32; 16];
+        for c in 0..runs {
+            for k in 0..16 {
+                acc[k] += key[c * 16 + k] * q[c * 16 + k];
+            }
+        }
+        let eight: [f32; 8] = std::array::from_fn(|k| acc[k] + acc[k + 8]);
+        let four: [f32; 4] = std::array::from_fn(|k| eight[k] + eight[k + 4]);
+        let tail: f32 = key[runs * 16..d].iter().zip(&q[runs * 16..]).map(|(x, y)| x * y).sum();
+        *s = ((four[0] + four[2]) + (four[1] + four[3]) + tail) * scale;
+    }
+}
+
+/// [`group_scores`] in explicit x86-64 vectors (heads a multiple of 16 wide; the caller checks
+/// the lengths).
+#[cfg(target_arch = "x86_64")]
+mod score_lanes {
+    use std::arch::x86_64::*;
+
+    /// Four lanes `[a, b, c, d]` as `(a + c) + (b + d)`.
+    #[inline(always)]
+    unsafe fn pairs(four: __m128) -> f32 {
+        // SAFETY: SSE is x86-64's baseline.
+        unsafe {
+            let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+            _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
+        }
+    }
+
+    /// One 16-lane vector per query head, 4 heads at a time over the key.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn avx512(key: &[f32], queries: &[f32], d: usize, scale: f32, scores: &mut [f32]) {
+        for (g0, out) in (0..scores.len()).step_by(4).zip(scores.chunks_mut(4)) {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for c in (0..d).step_by(16) {
+                // SAFETY: a slice of 16 values (bounds-checked).
+                let x = unsafe { _mm512_loadu_ps(key[c..c + 16].as_ptr()) };
+                for (g, acc) in acc.iter_mut().enumerate().take(out.len()) {
+                    let at = (g0 + g) * d + c;
+                    // SAFETY: as above.
+                    let y = unsafe { _mm512_loadu_ps(queries[at..at + 16].as_ptr()) };
+                    *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, y));
+                }
+            }
+            for (s, a) in out.iter_mut().zip(acc) {
+                let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                let eight = _mm256_add_ps(_mm512_castps512_ps256(a), high);
+                let four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps::<1>(eight));
+                // SAFETY: SSE3 and below (baseline with AVX-512F).
+                *s = unsafe { pairs(four) } * scale;
+            }
+        }
+    }
+
+    /// Two 8-lane vectors (lanes 0-7, 8-15) per query head, 4 heads at a time over the key.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn avx2(key: &[f32], queries: &[f32], d: usize, scale: f32, scores: &mut [f32]) {
+        for (g0, out) in (0..scores.len()).step_by(4).zip(scores.chunks_mut(4)) {
+            let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); 4];
+            for c in (0..d).step_by(16) {
+                // SAFETY: slices of 8 values (bounds-checked).
+                let (xl, xh) = unsafe { (_mm256_loadu_ps(key[c..c + 8].as_ptr()), _mm256_loadu_ps(key[c + 8..c + 16].as_ptr())) };
+                for (g, (lo, hi)) in acc.iter_mut().enumerate().take(out.len()) {
+                    let at = (g0 + g) * d + c;
+                    // SAFETY: as above.
+                    let (yl, yh) = unsafe { (_mm256_loadu_ps(queries[at..at + 8].as_ptr()), _mm256_loadu_ps(queries[at + 8..at + 16].as_ptr())) };
+                    *lo = _mm256_add_ps(*lo, _mm256_mul_ps(xl, yl));
+                    *hi = _mm256_add_ps(*hi, _mm256_mul_ps(xh, yh));
+                }
+            }
+            for (s, (lo, hi)) in out.iter_mut().zip(acc) {
+                let eight = _mm256_add_ps(lo, hi);
+                let four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps::<1>(eight));
+                // SAFETY: SSE3 and below (baseline with AVX2).
+                *s = unsafe { pairs(four) } * scale;
+            }
         }
     }
 }
 
 /// Phase 3 of [`attend_phased`]: the `channels` of row `r`'s head `kvh`'s values weighted by
 /// the group's probabilities (`probs`: the row's `heads` rows of weights), summed over the keys
-/// in order into `acc` (`[group, channels]`), as the one-region path sums each channel.
+/// in order into `acc` (`[group, channels]`), as the one-region path sums each channel: by runs
+/// of 16 channels and up to 4 query heads, whose sums stay in registers over all the keys
+/// (summed into `acc` in memory, each key's add waited on the last key's store).
 #[inline(always)]
 fn phased_values(step: &PhasedStep<'_>, probs: &[f32], r: usize, kvh: usize, channels: std::ops::Range<usize>, acc: &mut [f32]) {
-    let ahead = PHASED_VALUES_AHEAD;
+    let group = step.heads / step.kv_heads;
+    let cw = channels.len();
+    for (run, c0) in channels.clone().step_by(VALUE_RUN).enumerate() {
+        let lanes = VALUE_RUN.min(channels.end - c0);
+        for g0 in (0..group).step_by(VALUE_HEADS) {
+            let fetch = run == 0 && g0 == 0;
+            let mut put = |g: usize, sum: &[f32; VALUE_RUN]| {
+                let at = (g0 + g) * cw + (c0 - channels.start);
+                acc[at..at + lanes].copy_from_slice(&sum[..lanes]);
+            };
+            match group - g0 {
+                1 => phased_value_run::<1>(step, probs, r, kvh, c0, lanes, g0, fetch).iter().enumerate().for_each(|(g, s)| put(g, s)),
+                2 => phased_value_run::<2>(step, probs, r, kvh, c0, lanes, g0, fetch).iter().enumerate().for_each(|(g, s)| put(g, s)),
+                3 => phased_value_run::<3>(step, probs, r, kvh, c0, lanes, g0, fetch).iter().enumerate().for_each(|(g, s)| put(g, s)),
+                _ => phased_value_run::<VALUE_HEADS>(step, probs, r, kvh, c0, lanes, g0, fetch).iter().enumerate().for_each(|(g, s)| put(g, s)),
+            }
+        }
+    }
+}
+
+/// Channels a run of [`phased_values`] sums in registers (one AVX-512 register, two AVX2 ones).
+const VALUE_RUN: usize = 16;
+/// Query heads a run of [`phased_values`] sums at once.
+const VALUE_HEADS: usize = 4;
+
+/// One run of [`phased_values`]: channels `c0..c0 + lanes` (at most [`VALUE_RUN`]) of query
+/// heads `g0..g0 + G` of the group, summed over the row's keys in order, a run of keys within a
+/// block at a time ([`PoolRows::run`]); with `fetch`, the value rows asked for
+/// [`PHASED_VALUES_AHEAD`] keys ahead (the first run; later runs find them in the caches).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn phased_value_run<const G: usize>(step: &PhasedStep<'_>, probs: &[f32], r: usize, kvh: usize, c0: usize, lanes: usize, g0: usize, fetch: bool) -> [[f32; VALUE_RUN]; G] {
     let d = step.d;
     let group = step.heads / step.kv_heads;
     let (first, width) = step.span(r);
-    let mut buf = [0f32; MAX_CPU_HEAD_DIM];
-    let buf = &mut buf[..d];
-    let cw = channels.len();
-    for k in 0..width {
-        let j = first + k;
-        if k + ahead < width {
-            step.values.prefetch(step.at(r, kvh, j + ahead), d);
+    let weights: [&[f32]; G] = std::array::from_fn(|g| &probs[(kvh * group + g0 + g) * width..][..width]);
+    let mut sums = [[0f32; VALUE_RUN]; G];
+    let mut buf = [0f32; KEY_RUN * VALUE_RUN];
+    let mut scales = [1f32; KEY_RUN];
+    let mut k = 0;
+    while k < width {
+        let (at, n) = step.run(r, kvh, first + k, width - k);
+        if fetch {
+            step.prefetch_run(&step.values, r, kvh, first + k + PHASED_VALUES_AHEAD, n.min(width.saturating_sub(k + PHASED_VALUES_AHEAD)));
         }
-        let (value, row_scale) = step.values.row(step.at(r, kvh, j), buf);
-        let value = &value[channels.clone()];
-        for (g, o) in acc.chunks_exact_mut(cw).enumerate() {
-            let w = probs[(kvh * group + g) * width + k] * row_scale;
-            for (o, x) in o.iter_mut().zip(value) {
-                *o += w * x;
+        let (rows, apart) = step.values.run(at, step.kv_heads * d, n, d, c0..c0 + lanes, &mut buf, &mut scales);
+        if lanes == VALUE_RUN && value_lanes::run(rows, apart, n, &weights, k, &scales, &mut sums) {
+        } else {
+            for i in 0..n {
+                let x = &rows[i * apart..][..lanes];
+                for (sum, w) in sums.iter_mut().zip(&weights) {
+                    let w = w[k + i] * scales[i];
+                    for (o, v) in sum.iter_mut().zip(x) {
+                        *o += w * v;
+                    }
+                }
+            }
+        }
+        k += n;
+    }
+    sums
+}
+
+/// The sums of [`phased_value_run`] over a run of 16-channel rows in explicit x86-64 vectors
+/// (the compiler's own vectorisation of the loop, inlined into the phases, kept the sums in
+/// memory): each sum a product then an add, as the portable loop.
+mod value_lanes {
+    use super::{KEY_RUN, VALUE_RUN};
+
+    /// `sums[g] += weights[g][k + i] · scales[i] · rows[i]` for the run's `n` rows (`apart`
+    /// values apart, 16 read from each) in order; `false` (nothing done) without AVX2.
+    #[inline(always)]
+    pub(super) fn run<const G: usize>(rows: &[f32], apart: usize, n: usize, weights: &[&[f32]; G], k: usize, scales: &[f32; KEY_RUN], sums: &mut [[f32; VALUE_RUN]; G]) -> bool {
+        assert!(n <= KEY_RUN && (n == 0 || rows.len() >= (n - 1) * apart + VALUE_RUN) && weights.iter().all(|w| w.len() >= k + n), "value_lanes: a run of {n} rows");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::quant::uses_avx512() {
+                // SAFETY: the CPU has AVX-512F (detected at run time); the lengths are checked.
+                unsafe { x86::avx512(rows, apart, n, weights, k, scales, sums) };
+                return true;
+            }
+            if crate::quant::cpu_has_avx2() {
+                // SAFETY: the CPU has AVX2 (detected at run time); the lengths are checked.
+                unsafe { x86::avx2(rows, apart, n, weights, k, scales, sums) };
+                return true;
+            }
+        }
+        let _ = (rows, apart, n, weights, k, scales, sums);
+        false
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use super::{KEY_RUN, VALUE_RUN};
+        use std::arch::x86_64::*;
+
+        /// One 16-lane vector per query head.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        pub(super) unsafe fn avx512<const G: usize>(rows: &[f32], apart: usize, n: usize, weights: &[&[f32]; G], k: usize, scales: &[f32; KEY_RUN], sums: &mut [[f32; VALUE_RUN]; G]) {
+            // SAFETY: each sum is 16 values.
+            let mut acc: [__m512; G] = std::array::from_fn(|g| unsafe { _mm512_loadu_ps(sums[g].as_ptr()) });
+            for i in 0..n {
+                // SAFETY: 16 values of the slice (bounds-checked).
+                let x = unsafe { _mm512_loadu_ps(rows[i * apart..i * apart + VALUE_RUN].as_ptr()) };
+                for (acc, w) in acc.iter_mut().zip(weights) {
+                    *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_set1_ps(w[k + i] * scales[i]), x));
+                }
+            }
+            for (sum, acc) in sums.iter_mut().zip(acc) {
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps(sum.as_mut_ptr(), acc) };
+            }
+        }
+
+        /// Two 8-lane vectors per query head.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        pub(super) unsafe fn avx2<const G: usize>(rows: &[f32], apart: usize, n: usize, weights: &[&[f32]; G], k: usize, scales: &[f32; KEY_RUN], sums: &mut [[f32; VALUE_RUN]; G]) {
+            // SAFETY: each sum is 16 values.
+            let mut acc: [(__m256, __m256); G] = std::array::from_fn(|g| unsafe { (_mm256_loadu_ps(sums[g].as_ptr()), _mm256_loadu_ps(sums[g][8..].as_ptr())) });
+            for i in 0..n {
+                let row = &rows[i * apart..i * apart + VALUE_RUN];
+                // SAFETY: 8 + 8 values of the slice (bounds-checked).
+                let (xl, xh) = unsafe { (_mm256_loadu_ps(row.as_ptr()), _mm256_loadu_ps(row[8..].as_ptr())) };
+                for ((lo, hi), w) in acc.iter_mut().zip(weights) {
+                    let w = _mm256_set1_ps(w[k + i] * scales[i]);
+                    *lo = _mm256_add_ps(*lo, _mm256_mul_ps(w, xl));
+                    *hi = _mm256_add_ps(*hi, _mm256_mul_ps(w, xh));
+                }
+            }
+            for (sum, (lo, hi)) in sums.iter_mut().zip(acc) {
+                // SAFETY: as above.
+                unsafe {
+                    _mm256_storeu_ps(sum.as_mut_ptr(), lo);
+                    _mm256_storeu_ps(sum[8..].as_mut_ptr(), hi);
+                }
             }
         }
     }
@@ -1761,24 +2093,12 @@ const PREFETCH_KEYS: usize = 2;
 
 /// Asks the CPU to bring `row`'s cache lines towards L1 (a hint: nothing on other targets).
 #[inline(always)]
-fn prefetch(row: &[f32]) {
+fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
+    for line in row.chunks((64 / std::mem::size_of::<T>().max(1)).max(1)) {
         // SAFETY: a prefetch hint reads nothing (it cannot fault) and `line` is a valid
         // pointer into `row`.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr() as *const i8) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = row;
-}
-
-/// [`prefetch`] of a row of bytes.
-#[inline(always)]
-fn prefetch_bytes(row: &[i8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(64) {
-        // SAFETY: as in `prefetch`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = row;
@@ -1811,9 +2131,13 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
         }
         // f32 rows: a scale of 1, so the score is `dot · scale` to the bit.
         let (key, row_scale) = keys.row(at(&cur), buf);
-        let scale = row_scale * scale;
-        for (g, q) in queries.chunks_exact(d).enumerate() {
-            scores[g * width + k] = crate::dot(key, q) * scale;
+        for g0 in (0..group).step_by(16) {
+            let heads = 16.min(group - g0);
+            let mut mine = [0f32; 16];
+            group_scores(key, &queries[g0 * d..], d, row_scale * scale, &mut mine[..heads]);
+            for (g, s) in mine[..heads].iter().enumerate() {
+                scores[(g0 + g) * width + k] = *s;
+            }
         }
         cur.advance(block_tokens);
         ahead.advance(block_tokens);
@@ -2048,8 +2372,8 @@ mod tests {
     }
 
     /// The three-phase decode attention gives the one-region tasks' bits (one task per (row,
-    /// key head), and one per query head), and the dense attention: f32, int8 and fp8 pages,
-    /// with and without a window, one and two rows of unequal lengths over shuffled blocks,
+    /// key head), and one per query head), and the dense attention: f32, int8, fp8, f16 and
+    /// bf16 pages (each written through [`KvPages::write`]), with and without a window, one and two rows of unequal lengths over shuffled blocks,
     /// 2 and 3 threads' shares (a head of 48 channels: shares of 16 and 24).
     #[test]
     fn phased_decode_attention_has_the_one_region_bits() {
@@ -2060,7 +2384,7 @@ mod tests {
         let kp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
         let vp: Tensor<3> = Tensor::random([pool_slots, kv_heads, d], Distribution::Uniform(-1.0, 1.0), &device);
         let all_slots = Tensor::<1, Int>::arange(0..pool_slots as i64, &device);
-        let coded = |format: KvCodes, pool: &Tensor<3>| KvPages::zeroed(KvStorage::Coded(format), [pool_slots, kv_heads, d], &device).write(all_slots.clone(), pool.clone());
+        let stored = |storage: KvStorage, pool: &Tensor<3>| (KvPages::zeroed(storage, [pool_slots, kv_heads, d], &device).write(all_slots.clone(), pool.clone()), storage.name());
         // Row 0 sees 601 keys (blocks reversed), row 1 333 (blocks from the middle, rotated).
         let lens = [601usize, 333];
         let max_blocks = 151;
@@ -2070,7 +2394,9 @@ mod tests {
             table[max_blocks + b] = (b * 7 + 3) % 160;
         }
         let queries: Vec<f32> = values(Tensor::<3>::random([2, heads, d], Distribution::Uniform(-1.0, 1.0), &device));
-        for (pages, name) in [((KvPages::Dense(kp.clone()), KvPages::Dense(vp.clone())), "f32"), ((coded(KvCodes::Int8, &kp), coded(KvCodes::Int8, &vp)), "int8"), ((coded(KvCodes::Fp8, &kp), coded(KvCodes::Fp8, &vp)), "fp8")] {
+        let storages = [KvStorage::Dense(DType::F32), KvStorage::Coded(KvCodes::Int8), KvStorage::Coded(KvCodes::Fp8), KvStorage::Dense(DType::F16), KvStorage::Dense(DType::BF16)];
+        for ((k_pages, name), (v_pages, _)) in storages.map(|s| (stored(s, &kp), stored(s, &vp))) {
+            let pages = (k_pages, v_pages);
             let (kv, vv) = (values(pages.0.values(DType::F32)), values(pages.1.values(DType::F32)));
             for window in [None, Some(100)] {
                 for n in [1usize, 2] {
@@ -2145,39 +2471,39 @@ mod tests {
         let tokens: usize = spans.iter().map(|s| s.queries).sum();
         let q: Tensor<3> = Tensor::random([tokens, heads, d], Distribution::Uniform(-1.0, 1.0), &device);
         let qv = values(q.clone());
-        // The same pools as int8 and fp8 pages: every slot written (quantized) once.
+        // The pools as every storage writes them: every slot written (rounded or quantized)
+        // once.
         let all_slots = Tensor::<1, Int>::arange(0..pool_slots as i64, &device);
-        let coded = |format: KvCodes, pool: &Tensor<3>| KvPages::zeroed(KvStorage::Coded(format), [pool_slots, kv_heads, d], &device).write(all_slots.clone(), pool.clone());
-        let (k8, v8) = (coded(KvCodes::Int8, &kp), coded(KvCodes::Int8, &vp));
-        let (kf, vf) = (coded(KvCodes::Fp8, &kp), coded(KvCodes::Fp8, &vp));
+        let stored = |storage: KvStorage, pool: &Tensor<3>| KvPages::zeroed(storage, [pool_slots, kv_heads, d], &device).write(all_slots.clone(), pool.clone());
+        let (dense, int8, fp8) = (KvStorage::Dense, KvStorage::Coded(KvCodes::Int8), KvStorage::Coded(KvCodes::Fp8));
         // Unlimited, and capped so that chunks run in pieces of sequences (the two 3 x 7
         // chunks: 84 scores each over 4 heads) and of query rows (5 x 11 x 4 = 220 > 100).
         // f32 pools: decode rows read the pools in place (`cpu_decode_attention`); bf16 ones
-        // take the gathered reference, to bf16's rounding. Coded pages: decode rows read the
-        // codes in place, prefill chunks gather them decoded; both give the attention of the
-        // decoded values.
-        for (window, cap, dtype, codes) in [
-            (None, MAX_SCORES, DType::F32, None),
-            (Some(3), MAX_SCORES, DType::F32, None),
-            (None, 100, DType::F32, None),
-            (Some(3), 100, DType::F32, None),
-            (Some(3), MAX_SCORES, DType::BF16, None),
-            (None, MAX_SCORES, DType::F32, Some(KvCodes::Int8)),
-            (Some(3), 100, DType::F32, Some(KvCodes::Int8)),
-            (None, MAX_SCORES, DType::F32, Some(KvCodes::Fp8)),
-            (Some(3), 100, DType::F32, Some(KvCodes::Fp8)),
+        // of a bf16 attention take the gathered reference, to bf16's rounding. Coded pages and
+        // 16-bit pages of an f32 attention: decode rows and prefill tiles read them in place,
+        // the reference gathers them widened; all give the attention of the stored values.
+        for (window, cap, dtype, storage) in [
+            (None, MAX_SCORES, DType::F32, dense(DType::F32)),
+            (Some(3), MAX_SCORES, DType::F32, dense(DType::F32)),
+            (None, 100, DType::F32, dense(DType::F32)),
+            (Some(3), 100, DType::F32, dense(DType::F32)),
+            (Some(3), MAX_SCORES, DType::BF16, dense(DType::BF16)),
+            (None, MAX_SCORES, DType::F32, int8),
+            (Some(3), 100, DType::F32, int8),
+            (None, MAX_SCORES, DType::F32, fp8),
+            (Some(3), 100, DType::F32, fp8),
+            (None, MAX_SCORES, DType::F32, dense(DType::F16)),
+            (Some(3), 100, DType::F32, dense(DType::F16)),
+            (Some(3), MAX_SCORES, DType::F32, dense(DType::BF16)),
         ] {
-            let (k, v) = match codes {
-                Some(KvCodes::Int8) => (k8.clone(), v8.clone()),
-                Some(KvCodes::Fp8) => (kf.clone(), vf.clone()),
-                None => (KvPages::Dense(kp.clone().cast(dtype)), KvPages::Dense(vp.clone().cast(dtype))),
-            };
+            let (k, v) = (stored(storage, &kp), stored(storage, &vp));
+            assert_eq!(k.storage(), storage);
             // What attention should see: the pages' values (coded: decoded).
             let (kv, vv) = (values(k.values(DType::F32)), values(v.values(DType::F32)));
             let layout = PagedLayout::new(&spans, bt, &[None, Some(3)], &device);
             let decode = layout.decode.as_ref().expect("decode rows");
             let fast = cpu_decode_attention(&q.clone().narrow(0, 0, 2).cast(dtype), &k, &v, decode, bt, window, 0.25);
-            assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 queries over f32 or coded pools");
+            assert_eq!(fast.is_some(), dtype == DType::F32, "the in-place path takes f32 queries over f32, 16-bit or coded pools");
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
             // The default way, and the reference (gathered chunks) with and without its causal
             // cut (pieces of at most 2 rows here, each over only the keys its rows see).
@@ -2192,7 +2518,7 @@ mod tests {
                 let want = crate::attention::dense_reference(qs, &ks, &vs, s.queries, s.context, heads, kv_heads, d, window, 0.25);
                 let have = &got[at * heads * d..(at + s.queries) * heads * d];
                 for (a, b) in have.iter().zip(&want) {
-                    assert!((a - b).abs() < tolerance, "window {window:?}, cap {cap}, cut {cut:?}, {dtype:?}, span {s:?}: {a} vs {b}");
+                    assert!((a - b).abs() < tolerance, "window {window:?}, cap {cap}, cut {cut:?}, {dtype:?} over {storage:?}, span {s:?}: {a} vs {b}");
                 }
                 at += s.queries;
             }

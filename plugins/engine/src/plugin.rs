@@ -198,7 +198,7 @@ pub fn load_engine(
         Some(QuantActivations::Int16) => Some(Activations::Blocks16),
         Some(QuantActivations::Int8) => Some(Activations::Blocks8),
     };
-    let kv_storage = kv_storage(settings.optimization.kv_cache_dtype, dtype)?;
+    let kv_storage = kv_storage(settings.optimization.kv_cache_dtype, dtype, on_gpu)?;
     let dense_bytes = weight_bytes(&config, &spec, dtype);
     let quantize_lm_head = settings.optimization.quantize_lm_head;
     let bytes = stored_weight_bytes(&config, &spec, dtype, quantization, quantize_lm_head);
@@ -778,8 +778,11 @@ macro_rules! export_model {
 }
 
 /// How the KV cache stores keys and values for `kv_cache_dtype` and the model's `dtype`: in
-/// the model's dtype (`auto`, or that dtype named), or as int8 or FP8 codes.
-pub fn kv_storage(choice: KvCacheDtype, dtype: DType) -> Result<KvStorage, EngineError> {
+/// the model's dtype (`auto`, or that dtype named), as int8 or FP8 codes, or on the CPU, for
+/// an f32 model, as f16 or bf16 (half the bytes attention reads, as llama.cpp's default f16
+/// cache; CUDA runs its kernels in the cache's dtype, so there the 16-bit caches are bf16 or
+/// f16 models').
+pub fn kv_storage(choice: KvCacheDtype, dtype: DType, on_gpu: bool) -> Result<KvStorage, EngineError> {
     let named = match choice {
         KvCacheDtype::Auto => dtype,
         KvCacheDtype::Int8 => return Ok(KvStorage::Coded(KvCodes::Int8)),
@@ -788,9 +791,14 @@ pub fn kv_storage(choice: KvCacheDtype, dtype: DType) -> Result<KvStorage, Engin
         KvCacheDtype::F16 => DType::F16,
         KvCacheDtype::F32 => DType::F32,
     };
+    let half_of_f32 = dtype == DType::F32 && matches!(named, DType::Bf16 | DType::F16);
+    if half_of_f32 && !on_gpu {
+        return Ok(KvStorage::Dense(burn_dtype(named)));
+    }
     if named != dtype {
+        let f32_model_on_cpu = if on_gpu && half_of_f32 { "; 16-bit caches of an f32 model are the CPU's" } else { "" };
         return Err(EngineError::Config(format!(
-            "kv_cache_dtype = \"{}\" differs from the model's dtype ({}): the KV cache is stored in the attention's dtype (\"auto\") or as \"int8\" or \"fp8\"",
+            "kv_cache_dtype = \"{}\" differs from the model's dtype ({}): the KV cache is stored in the attention's dtype (\"auto\") or as \"int8\" or \"fp8\"{f32_model_on_cpu}",
             choice.name(),
             dtype
         )));
@@ -823,5 +831,24 @@ mod tests {
         // Qwen3-4B in 4 bits: the same vocabulary beside 2.5 GB.
         assert!(!tokenizer_first(&file(151_936, 151_387, 2_500_000_000)));
         assert!(!tokenizer_first(&file(0, 0, 1_000)));
+    }
+
+    /// 16-bit caches of an f32 model are the CPU's; on CUDA the cache is the model's dtype or
+    /// codes, and the refusal says so.
+    #[test]
+    fn sixteen_bit_caches_of_an_f32_model_are_taken_on_the_cpu_only() {
+        use super::kv_storage;
+        use inference_pio_core::config::KvCacheDtype;
+        use inference_pio_core::types::DType;
+        use inference_pio_kernels::KvStorage;
+        use burn::tensor::DType as Burn;
+        assert_eq!(kv_storage(KvCacheDtype::F16, DType::F32, false).ok(), Some(KvStorage::Dense(Burn::F16)));
+        assert_eq!(kv_storage(KvCacheDtype::Bf16, DType::F32, false).ok(), Some(KvStorage::Dense(Burn::BF16)));
+        assert_eq!(kv_storage(KvCacheDtype::Auto, DType::F32, false).ok(), Some(KvStorage::Dense(Burn::F32)));
+        assert_eq!(kv_storage(KvCacheDtype::Bf16, DType::Bf16, true).ok(), Some(KvStorage::Dense(Burn::BF16)));
+        let err = kv_storage(KvCacheDtype::F16, DType::F32, true).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("kv_cache_dtype = \"f16\" differs from the model's dtype (f32)") && err.contains("the CPU's"), "{err}");
+        let err = kv_storage(KvCacheDtype::F32, DType::Bf16, false).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("differs from the model's dtype (bf16)") && !err.contains("the CPU's"), "{err}");
     }
 }
