@@ -1844,27 +1844,47 @@ mod score_lanes {
 
 /// Phase 3 of [`attend_phased`]: the `channels` of row `r`'s head `kvh`'s values weighted by
 /// the group's probabilities (`probs`: the row's `heads` rows of weights), summed over the keys
-/// in order into `acc` (`[group, channels]`), as the one-region path sums each channel: by runs
-/// of 16 channels and up to 4 query heads, whose sums stay in registers over all the keys
-/// (summed into `acc` in memory, each key's add waited on the last key's store).
+/// in order into `acc` (`[group, channels]`), as the one-region path sums each channel. A run
+/// of keys within a block at a time ([`PoolRows::run`]), and for each, every 16 channels and up
+/// to 4 query heads in registers ([`value_lanes`]): the run's rows stay in L1 across the
+/// channels (channels outermost re-read a 128-wide head's rows from memory for every 16).
 #[inline(always)]
 fn phased_values(step: &PhasedStep<'_>, probs: &[f32], r: usize, kvh: usize, channels: std::ops::Range<usize>, acc: &mut [f32]) {
-    let group = step.heads / step.kv_heads;
-    let cw = channels.len();
-    for (run, c0) in channels.clone().step_by(VALUE_RUN).enumerate() {
-        let lanes = VALUE_RUN.min(channels.end - c0);
-        for g0 in (0..group).step_by(VALUE_HEADS) {
-            let fetch = run == 0 && g0 == 0;
-            let mut put = |g: usize, sum: &[f32; VALUE_RUN]| {
-                let at = (g0 + g) * cw + (c0 - channels.start);
-                acc[at..at + lanes].copy_from_slice(&sum[..lanes]);
-            };
-            match group - g0 {
-                1 => phased_value_run::<1>(step, probs, r, kvh, c0, lanes, g0, fetch).iter().enumerate().for_each(|(g, s)| put(g, s)),
-                2 => phased_value_run::<2>(step, probs, r, kvh, c0, lanes, g0, fetch).iter().enumerate().for_each(|(g, s)| put(g, s)),
-                3 => phased_value_run::<3>(step, probs, r, kvh, c0, lanes, g0, fetch).iter().enumerate().for_each(|(g, s)| put(g, s)),
-                _ => phased_value_run::<VALUE_HEADS>(step, probs, r, kvh, c0, lanes, g0, fetch).iter().enumerate().for_each(|(g, s)| put(g, s)),
+    let (d, group, cw) = (step.d, step.heads / step.kv_heads, channels.len());
+    let (first, width) = step.span(r);
+    let runs = cw.div_ceil(VALUE_RUN);
+    // Per channel run, the group's sums side by side.
+    let mut sums = vec![[0f32; VALUE_RUN]; runs * group];
+    let mut buf = vec![0f32; KEY_RUN * cw];
+    let mut scales = [1f32; KEY_RUN];
+    let weights = |g: usize| &probs[(kvh * group + g) * width..][..width];
+    let mut k = 0;
+    while k < width {
+        let (at, n) = step.run(r, kvh, first + k, width - k);
+        step.prefetch_run(&step.values, r, kvh, first + k + PHASED_VALUES_AHEAD, n.min(width.saturating_sub(k + PHASED_VALUES_AHEAD)));
+        let (rows, apart) = step.values.run(at, step.kv_heads * d, n, d, channels.clone(), &mut buf, &mut scales);
+        for run in 0..runs {
+            let c = run * VALUE_RUN;
+            let lanes = VALUE_RUN.min(cw - c);
+            let part = &rows[c..];
+            for g0 in (0..group).step_by(VALUE_HEADS) {
+                let heads = VALUE_HEADS.min(group - g0);
+                let mine = &mut sums[run * group + g0..run * group + g0 + heads];
+                match heads {
+                    1 => add_value_run::<1>(part, apart, n, lanes, std::array::from_fn(|g| weights(g0 + g)), k, &scales, mine),
+                    2 => add_value_run::<2>(part, apart, n, lanes, std::array::from_fn(|g| weights(g0 + g)), k, &scales, mine),
+                    3 => add_value_run::<3>(part, apart, n, lanes, std::array::from_fn(|g| weights(g0 + g)), k, &scales, mine),
+                    _ => add_value_run::<VALUE_HEADS>(part, apart, n, lanes, std::array::from_fn(|g| weights(g0 + g)), k, &scales, mine),
+                }
             }
+        }
+        k += n;
+    }
+    for run in 0..runs {
+        let c = run * VALUE_RUN;
+        let lanes = VALUE_RUN.min(cw - c);
+        for g in 0..group {
+            acc[g * cw + c..g * cw + c + lanes].copy_from_slice(&sums[run * group + g][..lanes]);
         }
     }
 }
@@ -1874,45 +1894,28 @@ const VALUE_RUN: usize = 16;
 /// Query heads a run of [`phased_values`] sums at once.
 const VALUE_HEADS: usize = 4;
 
-/// One run of [`phased_values`]: channels `c0..c0 + lanes` (at most [`VALUE_RUN`]) of query
-/// heads `g0..g0 + G` of the group, summed over the row's keys in order, a run of keys within a
-/// block at a time ([`PoolRows::run`]); with `fetch`, the value rows asked for
-/// [`PHASED_VALUES_AHEAD`] keys ahead (the first run; later runs find them in the caches).
+/// `sums[g][l] += weights[g][k + i] · scales[i] · part[i · apart + l]` for the run's `n` rows and
+/// `lanes` channels (at most [`VALUE_RUN`]), in order: [`value_lanes`] for whole runs of 16, a
+/// portable loop otherwise (a product then an add either way).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn phased_value_run<const G: usize>(step: &PhasedStep<'_>, probs: &[f32], r: usize, kvh: usize, c0: usize, lanes: usize, g0: usize, fetch: bool) -> [[f32; VALUE_RUN]; G] {
-    let d = step.d;
-    let group = step.heads / step.kv_heads;
-    let (first, width) = step.span(r);
-    let weights: [&[f32]; G] = std::array::from_fn(|g| &probs[(kvh * group + g0 + g) * width..][..width]);
-    let mut sums = [[0f32; VALUE_RUN]; G];
-    let mut buf = [0f32; KEY_RUN * VALUE_RUN];
-    let mut scales = [1f32; KEY_RUN];
-    let mut k = 0;
-    while k < width {
-        let (at, n) = step.run(r, kvh, first + k, width - k);
-        if fetch {
-            step.prefetch_run(&step.values, r, kvh, first + k + PHASED_VALUES_AHEAD, n.min(width.saturating_sub(k + PHASED_VALUES_AHEAD)));
-        }
-        let (rows, apart) = step.values.run(at, step.kv_heads * d, n, d, c0..c0 + lanes, &mut buf, &mut scales);
-        if lanes == VALUE_RUN && value_lanes::run(rows, apart, n, &weights, k, &scales, &mut sums) {
-        } else {
-            for i in 0..n {
-                let x = &rows[i * apart..][..lanes];
-                for (sum, w) in sums.iter_mut().zip(&weights) {
-                    let w = w[k + i] * scales[i];
-                    for (o, v) in sum.iter_mut().zip(x) {
-                        *o += w * v;
-                    }
-                }
+fn add_value_run<const G: usize>(part: &[f32], apart: usize, n: usize, lanes: usize, weights: [&[f32]; G], k: usize, scales: &[f32; KEY_RUN], sums: &mut [[f32; VALUE_RUN]]) {
+    let sums: &mut [[f32; VALUE_RUN]; G] = sums.try_into().expect("G heads' sums");
+    if lanes == VALUE_RUN && value_lanes::run(part, apart, n, &weights, k, scales, sums) {
+        return;
+    }
+    for i in 0..n {
+        let x = &part[i * apart..][..lanes];
+        for (sum, w) in sums.iter_mut().zip(&weights) {
+            let w = w[k + i] * scales[i];
+            for (o, v) in sum.iter_mut().zip(x) {
+                *o += w * v;
             }
         }
-        k += n;
     }
-    sums
 }
 
-/// The sums of [`phased_value_run`] over a run of 16-channel rows in explicit x86-64 vectors
+/// The sums of [`add_value_run`] over a run of 16-channel rows in explicit x86-64 vectors
 /// (the compiler's own vectorisation of the loop, inlined into the phases, kept the sums in
 /// memory): each sum a product then an add, as the portable loop.
 mod value_lanes {
