@@ -1295,35 +1295,23 @@ fn piece_keys(queries: usize, context: usize, first: usize, rows: usize, window:
     start..position + rows
 }
 
-/// `f` of an f32 tensor's memory on the CPU (contiguous), without a copy; `None` for other
-/// tensors.
-fn with_flex_f32<R>(t: &Tensor<3>, f: impl FnOnce(&[f32]) -> Option<R>) -> Option<R> {
-    use burn::backend::{BackendTensor, DispatchTensorKind};
-    match t.clone().into_dispatch().kind {
-        DispatchTensorKind::Flex(BackendTensor::Float(tensor)) => f(tensor.as_slice::<f32>()?),
-        _ => None,
-    }
+/// `$name(t, f)`: `f` of float tensor `t`'s memory on the CPU as `$elem` values (contiguous),
+/// without a copy; `None` for tensors elsewhere or of another dtype.
+macro_rules! with_flex_floats {
+    ($name:ident, $elem:ty) => {
+        fn $name<R>(t: &Tensor<3>, f: impl FnOnce(&[$elem]) -> Option<R>) -> Option<R> {
+            use burn::backend::{BackendTensor, DispatchTensorKind};
+            match t.clone().into_dispatch().kind {
+                DispatchTensorKind::Flex(BackendTensor::Float(tensor)) => f(tensor.as_slice::<$elem>()?),
+                _ => None,
+            }
+        }
+    };
 }
 
-/// `f` of an f16 tensor's memory on the CPU (contiguous), without a copy; `None` for other
-/// tensors.
-fn with_flex_f16<R>(t: &Tensor<3>, f: impl FnOnce(&[half::f16]) -> Option<R>) -> Option<R> {
-    use burn::backend::{BackendTensor, DispatchTensorKind};
-    match t.clone().into_dispatch().kind {
-        DispatchTensorKind::Flex(BackendTensor::Float(tensor)) => f(tensor.as_slice::<half::f16>()?),
-        _ => None,
-    }
-}
-
-/// `f` of a bf16 tensor's memory on the CPU (contiguous), without a copy; `None` for other
-/// tensors.
-fn with_flex_bf16<R>(t: &Tensor<3>, f: impl FnOnce(&[half::bf16]) -> Option<R>) -> Option<R> {
-    use burn::backend::{BackendTensor, DispatchTensorKind};
-    match t.clone().into_dispatch().kind {
-        DispatchTensorKind::Flex(BackendTensor::Float(tensor)) => f(tensor.as_slice::<half::bf16>()?),
-        _ => None,
-    }
-}
+with_flex_floats!(with_flex_f32, f32);
+with_flex_floats!(with_flex_f16, half::f16);
+with_flex_floats!(with_flex_bf16, half::bf16);
 
 /// `f` of an i8 tensor's memory on the CPU (contiguous), without a copy; `None` for other
 /// tensors.
@@ -1373,31 +1361,15 @@ impl<'a> PoolRows<'a> {
     }
 
     /// The head row at element `at` (a multiple of `buf.len()`) as f32 values, and its scale:
-    /// f32 rows as they are (scale 1), codes converted into `buf`.
+    /// f32 rows as they are (scale 1), others converted into `buf` ([`Self::widen`]).
     #[inline(always)]
     pub(crate) fn row<'b>(&'b self, at: usize, buf: &'b mut [f32]) -> (&'b [f32], f32) {
         let d = buf.len();
-        match self {
-            Self::F32(rows) => (&rows[at..at + d], 1.0),
-            // One loop each, vectorised (bit moves and a product: no table, no branch).
-            Self::F16(rows) => {
-                buf.iter_mut().zip(&rows[at..at + d]).for_each(|(o, h)| *o = crate::kv_pages::f16_bits_to_f32(h.to_bits()));
-                (buf, 1.0)
-            }
-            Self::Bf16(rows) => {
-                buf.iter_mut().zip(&rows[at..at + d]).for_each(|(o, h)| *o = crate::kv_pages::bf16_bits_to_f32(h.to_bits()));
-                (buf, 1.0)
-            }
-            Self::Coded { format, codes, scales } => {
-                let (out, codes) = (buf.iter_mut(), &codes[at..at + d]);
-                // One loop per format, each vectorised.
-                match format {
-                    KvCodes::Int8 => out.zip(codes).for_each(|(o, &c)| *o = f32::from(c)),
-                    KvCodes::Fp8 => out.zip(codes).for_each(|(o, &c)| *o = crate::kv_pages::e4m3_bits_to_f32(c as u8)),
-                }
-                (buf, scales[at / d])
-            }
+        if let Self::F32(rows) = self {
+            return (&rows[at..at + d], 1.0);
         }
+        self.widen(at, buf);
+        (buf, self.scale_at(at, d))
     }
 
     /// Channels `channels` of the `n` (at most [`KEY_RUN`]) head rows of `d` values from element
@@ -1407,38 +1379,47 @@ impl<'a> PoolRows<'a> {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run<'b>(&'b self, at: usize, stride: usize, n: usize, d: usize, channels: std::ops::Range<usize>, buf: &'b mut [f32], scales: &mut [f32; KEY_RUN]) -> (&'b [f32], usize) {
+        if let Self::F32(rows) = self {
+            scales[..n].fill(1.0);
+            let end = at + (n - 1) * stride + channels.end;
+            return (&rows[at + channels.start..end], stride);
+        }
         let w = channels.len();
-        let rows_of = |i: usize| at + i * stride + channels.start..at + i * stride + channels.end;
+        for (i, out) in buf.chunks_exact_mut(w).take(n).enumerate() {
+            let row = at + i * stride;
+            self.widen(row + channels.start, out);
+            scales[i] = self.scale_at(row, d);
+        }
+        (&buf[..n * w], w)
+    }
+
+    /// Values `from..from + out.len()` as f32 into `out`, unscaled: f32 copied, halves widened,
+    /// codes decoded. One loop per format, each vectorised (bit moves and a product: no table,
+    /// no branch).
+    #[inline(always)]
+    fn widen(&self, from: usize, out: &mut [f32]) {
+        let to = from + out.len();
         match self {
-            Self::F32(rows) => {
-                scales[..n].fill(1.0);
-                let end = at + (n - 1) * stride + channels.end;
-                return (&rows[at + channels.start..end], stride);
-            }
-            Self::F16(rows) => {
-                scales[..n].fill(1.0);
-                for (i, out) in buf.chunks_exact_mut(w).take(n).enumerate() {
-                    out.iter_mut().zip(&rows[rows_of(i)]).for_each(|(o, h)| *o = crate::kv_pages::f16_bits_to_f32(h.to_bits()));
-                }
-            }
-            Self::Bf16(rows) => {
-                scales[..n].fill(1.0);
-                for (i, out) in buf.chunks_exact_mut(w).take(n).enumerate() {
-                    out.iter_mut().zip(&rows[rows_of(i)]).for_each(|(o, h)| *o = crate::kv_pages::bf16_bits_to_f32(h.to_bits()));
-                }
-            }
-            Self::Coded { format, codes, scales: row_scales } => {
-                for (i, out) in buf.chunks_exact_mut(w).take(n).enumerate() {
-                    let codes = &codes[rows_of(i)];
-                    match format {
-                        KvCodes::Int8 => out.iter_mut().zip(codes).for_each(|(o, &c)| *o = f32::from(c)),
-                        KvCodes::Fp8 => out.iter_mut().zip(codes).for_each(|(o, &c)| *o = crate::kv_pages::e4m3_bits_to_f32(c as u8)),
-                    }
-                    scales[i] = row_scales[(at + i * stride) / d];
+            Self::F32(rows) => out.copy_from_slice(&rows[from..to]),
+            Self::F16(rows) => out.iter_mut().zip(&rows[from..to]).for_each(|(o, h)| *o = crate::kv_pages::f16_bits_to_f32(h.to_bits())),
+            Self::Bf16(rows) => out.iter_mut().zip(&rows[from..to]).for_each(|(o, h)| *o = crate::kv_pages::bf16_bits_to_f32(h.to_bits())),
+            Self::Coded { format, codes, .. } => {
+                let (out, codes) = (out.iter_mut(), &codes[from..to]);
+                match format {
+                    KvCodes::Int8 => out.zip(codes).for_each(|(o, &c)| *o = f32::from(c)),
+                    KvCodes::Fp8 => out.zip(codes).for_each(|(o, &c)| *o = crate::kv_pages::e4m3_bits_to_f32(c as u8)),
                 }
             }
         }
-        (&buf[..n * w], w)
+    }
+
+    /// The scale of the head row of `d` values at element `at` (1 but for codes).
+    #[inline(always)]
+    fn scale_at(&self, at: usize, d: usize) -> f32 {
+        match self {
+            Self::Coded { scales, .. } => scales[at / d],
+            _ => 1.0,
+        }
     }
 
     /// Asks for the head row at `at` towards L1.
@@ -2376,8 +2357,9 @@ mod tests {
 
     /// The three-phase decode attention gives the one-region tasks' bits (one task per (row,
     /// key head), and one per query head), and the dense attention: f32, int8, fp8, f16 and
-    /// bf16 pages (each written through [`KvPages::write`]), with and without a window, one and two rows of unequal lengths over shuffled blocks,
-    /// 2 and 3 threads' shares (a head of 48 channels: shares of 16 and 24).
+    /// bf16 pages (each written through [`KvPages::write`]), with and without a window, one and
+    /// two rows of unequal lengths over shuffled blocks, 2 and 3 threads' shares (a head of 48
+    /// channels: shares of 16 and 24).
     #[test]
     fn phased_decode_attention_has_the_one_region_bits() {
         let device = Device::flex();
