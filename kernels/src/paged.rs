@@ -1422,14 +1422,24 @@ impl<'a> PoolRows<'a> {
         }
     }
 
+    /// The head row of `d` values at `at`: its first byte and the cache lines it spans.
+    #[inline(always)]
+    fn row_lines(&self, at: usize, d: usize) -> (*const i8, usize) {
+        let (start, bytes): (*const i8, usize) = match self {
+            Self::F32(rows) => (rows[at..at + d].as_ptr().cast(), 4 * d),
+            Self::F16(rows) => (rows[at..at + d].as_ptr().cast(), 2 * d),
+            Self::Bf16(rows) => (rows[at..at + d].as_ptr().cast(), 2 * d),
+            Self::Coded { codes, .. } => (codes[at..at + d].as_ptr(), d),
+        };
+        (start, bytes.div_ceil(64))
+    }
+
     /// Asks for the head row at `at` towards L1.
     #[inline(always)]
     fn prefetch(&self, at: usize, d: usize) {
-        match self {
-            Self::F32(rows) => prefetch(&rows[at..at + d]),
-            Self::F16(rows) => prefetch(&rows[at..at + d]),
-            Self::Bf16(rows) => prefetch(&rows[at..at + d]),
-            Self::Coded { codes, .. } => prefetch(&codes[at..at + d]),
+        let (start, lines) = self.row_lines(at, d);
+        for line in 0..lines {
+            prefetch_address(start.wrapping_add(64 * line));
         }
     }
 }
@@ -1585,16 +1595,46 @@ impl PhasedStep<'_> {
         (slot * self.kv_heads * self.d + kvh * self.d, (self.block_tokens - offset).min(left).min(KEY_RUN))
     }
 
-    /// Asks for `n` rows of `pool` from key `j` of row `r`'s head `kvh` towards L1.
+    /// The rows of `pool` of keys `j..j + n` (`n` at most [`KEY_RUN`]) of row `r`'s head `kvh`,
+    /// to ask for one a key while a run is read ([`Ahead`]).
     #[inline(always)]
-    fn prefetch_run(&self, pool: &PoolRows<'_>, r: usize, kvh: usize, j: usize, n: usize) {
-        let mut done = 0;
-        while done < n {
-            let (at, run) = self.run(r, kvh, j + done, n - done);
+    fn ahead(&self, pool: &PoolRows<'_>, r: usize, kvh: usize, j: usize, n: usize) -> Ahead {
+        let mut ahead = Ahead { rows: [std::ptr::null(); KEY_RUN], n: 0, lines: 0 };
+        while ahead.n < n {
+            let (at, run) = self.run(r, kvh, j + ahead.n, n - ahead.n);
             for i in 0..run {
-                pool.prefetch(at + i * self.kv_heads * self.d, self.d);
+                let (row, lines) = pool.row_lines(at + i * self.kv_heads * self.d, self.d);
+                ahead.rows[ahead.n + i] = row;
+                ahead.lines = lines;
             }
-            done += run;
+            ahead.n += run;
+        }
+        ahead
+    }
+}
+
+/// Rows asked for towards L1 while a run of keys is read, the `i`-th as the run's `i`-th key
+/// is read: spread over the run, where asking for a run's rows at once stalled on the full
+/// fill buffers. Addresses only (a prefetch cannot fault).
+struct Ahead {
+    /// Each row's first byte.
+    rows: [*const i8; KEY_RUN],
+    n: usize,
+    /// Cache lines a row spans.
+    lines: usize,
+}
+
+impl Ahead {
+    /// No rows.
+    const NONE: Ahead = Ahead { rows: [std::ptr::null(); KEY_RUN], n: 0, lines: 0 };
+
+    /// Asks for row `i`, if there is one.
+    #[inline(always)]
+    fn fetch(&self, i: usize) {
+        if i < self.n {
+            for line in 0..self.lines {
+                prefetch_address(self.rows[i].wrapping_add(64 * line));
+            }
         }
     }
 }
@@ -1693,7 +1733,7 @@ fn attend_phased(step: &PhasedStep<'_>, threads: usize) -> Vec<f32> {
 
 /// Phase 1 of [`attend_phased`]: keys `from..from + mine.len() / group` of row `r`'s head
 /// `kvh` against the group's query heads, into `mine` key-major (the one-region path's
-/// scores, [`group_scores`]), a run of keys within a block at a time ([`PoolRows::run`]).
+/// scores, [`key_scores`]), a run of keys within a block at a time ([`PoolRows::run`]).
 #[inline(always)]
 fn phased_scores(step: &PhasedStep<'_>, r: usize, kvh: usize, from: usize, mine: &mut [f32]) {
     let d = step.d;
@@ -1705,59 +1745,66 @@ fn phased_scores(step: &PhasedStep<'_>, r: usize, kvh: usize, from: usize, mine:
     let mut k = 0;
     while k < count {
         let (at, n) = step.run(r, kvh, from + k, count - k);
-        step.prefetch_run(&step.keys, r, kvh, from + k + PHASED_KEYS_AHEAD, n.min(count.saturating_sub(k + PHASED_KEYS_AHEAD)));
+        let ahead = step.ahead(&step.keys, r, kvh, from + k + PHASED_KEYS_AHEAD, n.min(count.saturating_sub(k + PHASED_KEYS_AHEAD)));
         let (rows, apart) = step.keys.run(at, step.kv_heads * d, n, d, 0..d, &mut buf, &mut scales);
-        for i in 0..n {
-            group_scores(&rows[i * apart..][..d], queries, d, scales[i] * step.scale, &mut mine[(k + i) * group..][..group]);
-        }
+        key_scores(rows, apart, n, d, queries, &scales, step.scale, &ahead, &mut mine[k * group..(k + n) * group]);
         k += n;
     }
 }
 
-/// `scores[g] = key · queries[g] · scale` for the group's query heads (`queries [group, d]`):
-/// the scores of both decode paths, so that they agree to the bit. Each dot product is summed
-/// in sixteen lanes (lane `k` takes channels `k, k + 16, ...`, a product then an add), the
-/// lanes then pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1), then the channels past the last 16 in
-/// order. On x86-64 with AVX-512 or AVX2 (heads a multiple of 16 wide) by explicit vectors:
-/// the compiler's own vectorisation of the portable form, inlined into the phases, ran the
-/// lanes two at a time.
+/// `out[i · group + g] = key_i · queries[g] · scales[i] · scale` for the `n` keys of a run
+/// (`rows`, `apart` values apart, `d` read from each) and the group's query heads (`queries
+/// [group, d]`, `group = out.len() / n`): the scores of both decode paths, so that they agree to
+/// the bit. Each dot product is summed in sixteen lanes (lane `k` takes channels `k, k + 16,
+/// ...`, a product then an add), the lanes then pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1), then the
+/// channels past the last 16 in order. On x86-64 with AVX-512 or AVX2 (heads a multiple of 16
+/// wide) by explicit vectors, the run's keys in one call: the compiler's own vectorisation of
+/// the portable form, inlined into the phases, ran the lanes two at a time, and a call a key
+/// cost a model of 2 query heads a key more than its arithmetic.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn group_scores(key: &[f32], queries: &[f32], d: usize, scale: f32, scores: &mut [f32]) {
-    let group = scores.len();
-    assert!(key.len() >= d && queries.len() >= group * d, "group_scores: a key of {d} and {group} query heads");
+fn key_scores(rows: &[f32], apart: usize, n: usize, d: usize, queries: &[f32], scales: &[f32], scale: f32, ahead: &Ahead, out: &mut [f32]) {
+    let group = out.len() / n.max(1);
+    let fits = out.len() == n * group && scales.len() >= n && queries.len() >= group * d && (n == 0 || rows.len() >= (n - 1) * apart + d);
+    assert!(fits, "key_scores: {n} keys of {d}, {group} query heads");
     #[cfg(target_arch = "x86_64")]
     if d.is_multiple_of(16) {
         if crate::quant::uses_avx512() {
             // SAFETY: the CPU has AVX-512F (detected at run time); the lengths are checked.
-            unsafe { score_lanes::avx512(key, queries, d, scale, scores) };
+            unsafe { score_lanes::avx512(rows, apart, n, d, queries, scales, scale, ahead, out) };
             return;
         }
         if crate::quant::cpu_has_avx2() {
             // SAFETY: the CPU has AVX2 (detected at run time); the lengths are checked.
-            unsafe { score_lanes::avx2(key, queries, d, scale, scores) };
+            unsafe { score_lanes::avx2(rows, apart, n, d, queries, scales, scale, ahead, out) };
             return;
         }
     }
     let runs = d / 16;
-    for (g, s) in scores.iter_mut().enumerate() {
-        let q = &queries[g * d..(g + 1) * d];
-        let mut acc = [0f32; 16];
-        for c in 0..runs {
-            for k in 0..16 {
-                acc[k] += key[c * 16 + k] * q[c * 16 + k];
+    for (i, scores) in out.chunks_exact_mut(group.max(1)).enumerate() {
+        ahead.fetch(i);
+        let key = &rows[i * apart..i * apart + d];
+        for (g, s) in scores.iter_mut().enumerate() {
+            let q = &queries[g * d..(g + 1) * d];
+            let mut acc = [0f32; 16];
+            for c in 0..runs {
+                for k in 0..16 {
+                    acc[k] += key[c * 16 + k] * q[c * 16 + k];
+                }
             }
+            let eight: [f32; 8] = std::array::from_fn(|k| acc[k] + acc[k + 8]);
+            let four: [f32; 4] = std::array::from_fn(|k| eight[k] + eight[k + 4]);
+            let tail: f32 = key[runs * 16..d].iter().zip(&q[runs * 16..]).map(|(x, y)| x * y).sum();
+            *s = ((four[0] + four[2]) + (four[1] + four[3]) + tail) * (scales[i] * scale);
         }
-        let eight: [f32; 8] = std::array::from_fn(|k| acc[k] + acc[k + 8]);
-        let four: [f32; 4] = std::array::from_fn(|k| eight[k] + eight[k + 4]);
-        let tail: f32 = key[runs * 16..d].iter().zip(&q[runs * 16..]).map(|(x, y)| x * y).sum();
-        *s = ((four[0] + four[2]) + (four[1] + four[3]) + tail) * scale;
     }
 }
 
-/// [`group_scores`] in explicit x86-64 vectors (heads a multiple of 16 wide; the caller checks
+/// [`key_scores`] in explicit x86-64 vectors (heads a multiple of 16 wide; the caller checks
 /// the lengths).
 #[cfg(target_arch = "x86_64")]
 mod score_lanes {
+    use super::Ahead;
     use std::arch::x86_64::*;
 
     /// Four lanes `[a, b, c, d]` as `(a + c) + (b + d)`.
@@ -1770,54 +1817,66 @@ mod score_lanes {
         }
     }
 
-    /// One 16-lane vector per query head, 4 heads at a time over the key.
+    /// One 16-lane vector per query head, 4 heads at a time over each key.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    #[inline]
-    pub(super) unsafe fn avx512(key: &[f32], queries: &[f32], d: usize, scale: f32, scores: &mut [f32]) {
-        for (g0, out) in (0..scores.len()).step_by(4).zip(scores.chunks_mut(4)) {
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for c in (0..d).step_by(16) {
-                // SAFETY: a slice of 16 values (bounds-checked).
-                let x = unsafe { _mm512_loadu_ps(key[c..c + 16].as_ptr()) };
-                for (g, acc) in acc.iter_mut().enumerate().take(out.len()) {
-                    let at = (g0 + g) * d + c;
-                    // SAFETY: as above.
-                    let y = unsafe { _mm512_loadu_ps(queries[at..at + 16].as_ptr()) };
-                    *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, y));
+    pub(super) unsafe fn avx512(rows: &[f32], apart: usize, n: usize, d: usize, queries: &[f32], scales: &[f32], scale: f32, ahead: &Ahead, out: &mut [f32]) {
+        let group = out.len() / n.max(1);
+        for (i, scores) in out.chunks_exact_mut(group.max(1)).enumerate() {
+            ahead.fetch(i);
+            let key = &rows[i * apart..i * apart + d];
+            let scale = scales[i] * scale;
+            for (g0, out) in (0..group).step_by(4).zip(scores.chunks_mut(4)) {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for c in (0..d).step_by(16) {
+                    // SAFETY: a slice of 16 values (bounds-checked).
+                    let x = unsafe { _mm512_loadu_ps(key[c..c + 16].as_ptr()) };
+                    for (g, acc) in acc.iter_mut().enumerate().take(out.len()) {
+                        let at = (g0 + g) * d + c;
+                        // SAFETY: as above.
+                        let y = unsafe { _mm512_loadu_ps(queries[at..at + 16].as_ptr()) };
+                        *acc = _mm512_add_ps(*acc, _mm512_mul_ps(x, y));
+                    }
                 }
-            }
-            for (s, a) in out.iter_mut().zip(acc) {
-                let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
-                let eight = _mm256_add_ps(_mm512_castps512_ps256(a), high);
-                let four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps::<1>(eight));
-                // SAFETY: SSE3 and below (baseline with AVX-512F).
-                *s = unsafe { pairs(four) } * scale;
+                for (s, a) in out.iter_mut().zip(acc) {
+                    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                    let eight = _mm256_add_ps(_mm512_castps512_ps256(a), high);
+                    let four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps::<1>(eight));
+                    // SAFETY: SSE3 and below (baseline with AVX-512F).
+                    *s = unsafe { pairs(four) } * scale;
+                }
             }
         }
     }
 
-    /// Two 8-lane vectors (lanes 0-7, 8-15) per query head, 4 heads at a time over the key.
+    /// Two 8-lane vectors (lanes 0-7, 8-15) per query head, 4 heads at a time over each key.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
-    #[inline]
-    pub(super) unsafe fn avx2(key: &[f32], queries: &[f32], d: usize, scale: f32, scores: &mut [f32]) {
-        for (g0, out) in (0..scores.len()).step_by(4).zip(scores.chunks_mut(4)) {
-            let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); 4];
-            for c in (0..d).step_by(16) {
-                // SAFETY: slices of 8 values (bounds-checked).
-                let (xl, xh) = unsafe { (_mm256_loadu_ps(key[c..c + 8].as_ptr()), _mm256_loadu_ps(key[c + 8..c + 16].as_ptr())) };
-                for (g, (lo, hi)) in acc.iter_mut().enumerate().take(out.len()) {
-                    let at = (g0 + g) * d + c;
-                    // SAFETY: as above.
-                    let (yl, yh) = unsafe { (_mm256_loadu_ps(queries[at..at + 8].as_ptr()), _mm256_loadu_ps(queries[at + 8..at + 16].as_ptr())) };
-                    *lo = _mm256_add_ps(*lo, _mm256_mul_ps(xl, yl));
-                    *hi = _mm256_add_ps(*hi, _mm256_mul_ps(xh, yh));
+    pub(super) unsafe fn avx2(rows: &[f32], apart: usize, n: usize, d: usize, queries: &[f32], scales: &[f32], scale: f32, ahead: &Ahead, out: &mut [f32]) {
+        let group = out.len() / n.max(1);
+        for (i, scores) in out.chunks_exact_mut(group.max(1)).enumerate() {
+            ahead.fetch(i);
+            let key = &rows[i * apart..i * apart + d];
+            let scale = scales[i] * scale;
+            for (g0, out) in (0..group).step_by(4).zip(scores.chunks_mut(4)) {
+                let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); 4];
+                for c in (0..d).step_by(16) {
+                    // SAFETY: slices of 8 values (bounds-checked).
+                    let (xl, xh) = unsafe { (_mm256_loadu_ps(key[c..c + 8].as_ptr()), _mm256_loadu_ps(key[c + 8..c + 16].as_ptr())) };
+                    for (g, (lo, hi)) in acc.iter_mut().enumerate().take(out.len()) {
+                        let at = (g0 + g) * d + c;
+                        // SAFETY: as above.
+                        let (yl, yh) = unsafe { (_mm256_loadu_ps(queries[at..at + 8].as_ptr()), _mm256_loadu_ps(queries[at + 8..at + 16].as_ptr())) };
+                        *lo = _mm256_add_ps(*lo, _mm256_mul_ps(xl, yl));
+                        *hi = _mm256_add_ps(*hi, _mm256_mul_ps(xh, yh));
+                    }
                 }
-            }
-            for (s, (lo, hi)) in out.iter_mut().zip(acc) {
-                let eight = _mm256_add_ps(lo, hi);
-                let four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps::<1>(eight));
-                // SAFETY: SSE3 and below (baseline with AVX2).
-                *s = unsafe { pairs(four) } * scale;
+                for (s, (lo, hi)) in out.iter_mut().zip(acc) {
+                    let eight = _mm256_add_ps(lo, hi);
+                    let four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps::<1>(eight));
+                    // SAFETY: SSE3 and below (baseline with AVX2).
+                    *s = unsafe { pairs(four) } * scale;
+                }
             }
         }
     }
@@ -1826,9 +1885,9 @@ mod score_lanes {
 /// Phase 3 of [`attend_phased`]: the `channels` of row `r`'s head `kvh`'s values weighted by
 /// the group's probabilities (`probs`: the row's `heads` rows of weights), summed over the keys
 /// in order into `acc` (`[group, channels]`), as the one-region path sums each channel. A run
-/// of keys within a block at a time ([`PoolRows::run`]), and for each, every 16 channels and up
-/// to 4 query heads in registers ([`value_lanes`]): the run's rows stay in L1 across the
-/// channels (channels outermost re-read a 128-wide head's rows from memory for every 16).
+/// of keys within a block at a time ([`PoolRows::run`]), all its channels and heads in one call
+/// ([`add_values`]): the run's rows stay in L1 across the channels (channels outermost re-read
+/// the rows from memory for every 16).
 #[inline(always)]
 fn phased_values(step: &PhasedStep<'_>, probs: &[f32], r: usize, kvh: usize, channels: std::ops::Range<usize>, acc: &mut [f32]) {
     let (d, group, cw) = (step.d, step.heads / step.kv_heads, channels.len());
@@ -1838,27 +1897,13 @@ fn phased_values(step: &PhasedStep<'_>, probs: &[f32], r: usize, kvh: usize, cha
     let mut sums = vec![[0f32; VALUE_RUN]; runs * group];
     let mut buf = vec![0f32; KEY_RUN * cw];
     let mut scales = [1f32; KEY_RUN];
-    let weights = |g: usize| &probs[(kvh * group + g) * width..][..width];
+    let weights: Vec<&[f32]> = (0..group).map(|g| &probs[(kvh * group + g) * width..][..width]).collect();
     let mut k = 0;
     while k < width {
         let (at, n) = step.run(r, kvh, first + k, width - k);
-        step.prefetch_run(&step.values, r, kvh, first + k + PHASED_VALUES_AHEAD, n.min(width.saturating_sub(k + PHASED_VALUES_AHEAD)));
+        let ahead = step.ahead(&step.values, r, kvh, first + k + PHASED_VALUES_AHEAD, n.min(width.saturating_sub(k + PHASED_VALUES_AHEAD)));
         let (rows, apart) = step.values.run(at, step.kv_heads * d, n, d, channels.clone(), &mut buf, &mut scales);
-        for run in 0..runs {
-            let c = run * VALUE_RUN;
-            let lanes = VALUE_RUN.min(cw - c);
-            let part = &rows[c..];
-            for g0 in (0..group).step_by(VALUE_HEADS) {
-                let heads = VALUE_HEADS.min(group - g0);
-                let mine = &mut sums[run * group + g0..run * group + g0 + heads];
-                match heads {
-                    1 => add_value_run::<1>(part, apart, n, lanes, std::array::from_fn(|g| weights(g0 + g)), k, &scales, mine),
-                    2 => add_value_run::<2>(part, apart, n, lanes, std::array::from_fn(|g| weights(g0 + g)), k, &scales, mine),
-                    3 => add_value_run::<3>(part, apart, n, lanes, std::array::from_fn(|g| weights(g0 + g)), k, &scales, mine),
-                    _ => add_value_run::<VALUE_HEADS>(part, apart, n, lanes, std::array::from_fn(|g| weights(g0 + g)), k, &scales, mine),
-                }
-            }
-        }
+        add_values(rows, apart, n, cw, &weights, k, &scales, &ahead, &mut sums);
         k += n;
     }
     for run in 0..runs {
@@ -1875,69 +1920,105 @@ const VALUE_RUN: usize = 16;
 /// Query heads a run of [`phased_values`] sums at once.
 const VALUE_HEADS: usize = 4;
 
-/// `sums[g][l] += weights[g][k + i] · scales[i] · part[i · apart + l]` for the run's `n` rows and
-/// `lanes` channels (at most [`VALUE_RUN`]), in order: [`value_lanes`] for whole runs of 16, a
-/// portable loop otherwise (a product then an add either way).
+/// `sums[run · group + g][l] += weights[g][k + i] · scales[i] · rows[i · apart + run · 16 + l]`
+/// for the run's `n` rows, its `cw` channels and the group's heads, each sum over the rows in
+/// order (a product then an add): whole runs of 16 channels by [`value_lanes`] where the CPU
+/// has the vectors, the rest by a portable loop.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn add_value_run<const G: usize>(part: &[f32], apart: usize, n: usize, lanes: usize, weights: [&[f32]; G], k: usize, scales: &[f32; KEY_RUN], sums: &mut [[f32; VALUE_RUN]]) {
-    let sums: &mut [[f32; VALUE_RUN]; G] = sums.try_into().expect("G heads' sums");
-    if lanes == VALUE_RUN && value_lanes::run(part, apart, n, &weights, k, scales, sums) {
-        return;
+fn add_values(rows: &[f32], apart: usize, n: usize, cw: usize, weights: &[&[f32]], k: usize, scales: &[f32; KEY_RUN], ahead: &Ahead, sums: &mut [[f32; VALUE_RUN]]) {
+    let group = weights.len();
+    let done = if value_lanes::run(rows, apart, n, cw / VALUE_RUN, weights, k, scales, ahead, sums) { cw / VALUE_RUN } else { 0 };
+    if done == 0 {
+        (0..ahead.n).for_each(|i| ahead.fetch(i));
     }
-    for i in 0..n {
-        let x = &part[i * apart..][..lanes];
-        for (sum, w) in sums.iter_mut().zip(&weights) {
-            let w = w[k + i] * scales[i];
-            for (o, v) in sum.iter_mut().zip(x) {
-                *o += w * v;
+    for run in done..cw.div_ceil(VALUE_RUN) {
+        let c = run * VALUE_RUN;
+        let lanes = VALUE_RUN.min(cw - c);
+        for i in 0..n {
+            let x = &rows[i * apart + c..][..lanes];
+            for (sum, w) in sums[run * group..(run + 1) * group].iter_mut().zip(weights) {
+                let w = w[k + i] * scales[i];
+                for (o, v) in sum.iter_mut().zip(x) {
+                    *o += w * v;
+                }
             }
         }
     }
 }
 
-/// The sums of [`add_value_run`] over a run of 16-channel rows in explicit x86-64 vectors
-/// (the compiler's own vectorisation of the loop, inlined into the phases, kept the sums in
-/// memory): each sum a product then an add, as the portable loop.
+/// The sums of [`add_values`] over whole runs of 16 channels in explicit x86-64 vectors, all of
+/// a run of keys in one call (the compiler's own vectorisation of the loop, inlined into the
+/// phases, kept the sums in memory; a call per 16 channels and 4 heads cost more than their
+/// arithmetic): each sum a product then an add, as the portable loop.
 mod value_lanes {
-    use super::{KEY_RUN, VALUE_RUN};
+    use super::{Ahead, KEY_RUN, VALUE_RUN};
 
-    /// `sums[g] += weights[g][k + i] · scales[i] · rows[i]` for the run's `n` rows (`apart`
-    /// values apart, 16 read from each) in order; `false` (nothing done) without AVX2.
+    /// [`super::add_values`] for channel runs `0..runs` (`rows` holds 16 values at each row's
+    /// `run · 16`); `false` (nothing done) without AVX2.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub(super) fn run<const G: usize>(rows: &[f32], apart: usize, n: usize, weights: &[&[f32]; G], k: usize, scales: &[f32; KEY_RUN], sums: &mut [[f32; VALUE_RUN]; G]) -> bool {
-        assert!(n <= KEY_RUN && (n == 0 || rows.len() >= (n - 1) * apart + VALUE_RUN) && weights.iter().all(|w| w.len() >= k + n), "value_lanes: a run of {n} rows");
+    pub(super) fn run(rows: &[f32], apart: usize, n: usize, runs: usize, weights: &[&[f32]], k: usize, scales: &[f32; KEY_RUN], ahead: &Ahead, sums: &mut [[f32; VALUE_RUN]]) -> bool {
+        let fits = n <= KEY_RUN && sums.len() >= runs * weights.len() && (n == 0 || runs == 0 || rows.len() >= (n - 1) * apart + runs * VALUE_RUN) && weights.iter().all(|w| w.len() >= k + n);
+        assert!(fits, "value_lanes: a run of {n} rows, {runs} runs of channels");
         #[cfg(target_arch = "x86_64")]
         {
             if crate::quant::uses_avx512() {
                 // SAFETY: the CPU has AVX-512F (detected at run time); the lengths are checked.
-                unsafe { x86::avx512(rows, apart, n, weights, k, scales, sums) };
+                unsafe { x86::avx512(rows, apart, n, runs, weights, k, scales, ahead, sums) };
                 return true;
             }
             if crate::quant::cpu_has_avx2() {
                 // SAFETY: the CPU has AVX2 (detected at run time); the lengths are checked.
-                unsafe { x86::avx2(rows, apart, n, weights, k, scales, sums) };
+                unsafe { x86::avx2(rows, apart, n, runs, weights, k, scales, ahead, sums) };
                 return true;
             }
         }
-        let _ = (rows, apart, n, weights, k, scales, sums);
+        let _ = (rows, apart, n, runs, weights, k, scales, ahead, sums);
         false
     }
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
-        use super::{KEY_RUN, VALUE_RUN};
+        use super::super::VALUE_HEADS;
+        use super::{Ahead, KEY_RUN, VALUE_RUN};
         use std::arch::x86_64::*;
 
-        /// One 16-lane vector per query head.
+        /// Every channel run, up to [`VALUE_HEADS`] heads at a time.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn avx512(rows: &[f32], apart: usize, n: usize, runs: usize, weights: &[&[f32]], k: usize, scales: &[f32; KEY_RUN], ahead: &Ahead, sums: &mut [[f32; VALUE_RUN]]) {
+            let group = weights.len();
+            for run in 0..runs {
+                for g0 in (0..group).step_by(VALUE_HEADS) {
+                    let (w, s) = (&weights[g0..group.min(g0 + VALUE_HEADS)], &mut sums[run * group + g0..run * group + group.min(g0 + VALUE_HEADS)]);
+                    let c = run * VALUE_RUN;
+                    // The next run's rows are asked for on the first pass over the keys.
+                    let first = if run == 0 && g0 == 0 { ahead } else { &Ahead::NONE };
+                    // SAFETY: as this function's (AVX-512F).
+                    unsafe {
+                        match w.len() {
+                            1 => heads512::<1>(rows, apart, n, c, w, k, scales, first, s),
+                            2 => heads512::<2>(rows, apart, n, c, w, k, scales, first, s),
+                            3 => heads512::<3>(rows, apart, n, c, w, k, scales, first, s),
+                            _ => heads512::<VALUE_HEADS>(rows, apart, n, c, w, k, scales, first, s),
+                        }
+                    }
+                }
+            }
+        }
+
+        /// `G` heads' sums of channels `c..c + 16`, one 16-lane vector each.
+        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f")]
         #[inline]
-        pub(super) unsafe fn avx512<const G: usize>(rows: &[f32], apart: usize, n: usize, weights: &[&[f32]; G], k: usize, scales: &[f32; KEY_RUN], sums: &mut [[f32; VALUE_RUN]; G]) {
-            // SAFETY: each sum is 16 values.
+        unsafe fn heads512<const G: usize>(rows: &[f32], apart: usize, n: usize, c: usize, weights: &[&[f32]], k: usize, scales: &[f32; KEY_RUN], ahead: &Ahead, sums: &mut [[f32; VALUE_RUN]]) {
+            // SAFETY: each sum is 16 values (G of them: the caller's slices).
             let mut acc: [__m512; G] = std::array::from_fn(|g| unsafe { _mm512_loadu_ps(sums[g].as_ptr()) });
             for i in 0..n {
+                ahead.fetch(i);
                 // SAFETY: 16 values of the slice (bounds-checked).
-                let x = unsafe { _mm512_loadu_ps(rows[i * apart..i * apart + VALUE_RUN].as_ptr()) };
+                let x = unsafe { _mm512_loadu_ps(rows[i * apart + c..i * apart + c + VALUE_RUN].as_ptr()) };
                 for (acc, w) in acc.iter_mut().zip(weights) {
                     *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_set1_ps(w[k + i] * scales[i]), x));
                 }
@@ -1948,14 +2029,40 @@ mod value_lanes {
             }
         }
 
-        /// Two 8-lane vectors per query head.
+        /// As [`avx512`], two 8-lane vectors a head.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2")]
+        pub(super) unsafe fn avx2(rows: &[f32], apart: usize, n: usize, runs: usize, weights: &[&[f32]], k: usize, scales: &[f32; KEY_RUN], ahead: &Ahead, sums: &mut [[f32; VALUE_RUN]]) {
+            let group = weights.len();
+            for run in 0..runs {
+                for g0 in (0..group).step_by(VALUE_HEADS) {
+                    let (w, s) = (&weights[g0..group.min(g0 + VALUE_HEADS)], &mut sums[run * group + g0..run * group + group.min(g0 + VALUE_HEADS)]);
+                    let c = run * VALUE_RUN;
+                    // The next run's rows are asked for on the first pass over the keys.
+                    let first = if run == 0 && g0 == 0 { ahead } else { &Ahead::NONE };
+                    // SAFETY: as this function's (AVX2).
+                    unsafe {
+                        match w.len() {
+                            1 => heads256::<1>(rows, apart, n, c, w, k, scales, first, s),
+                            2 => heads256::<2>(rows, apart, n, c, w, k, scales, first, s),
+                            3 => heads256::<3>(rows, apart, n, c, w, k, scales, first, s),
+                            _ => heads256::<VALUE_HEADS>(rows, apart, n, c, w, k, scales, first, s),
+                        }
+                    }
+                }
+            }
+        }
+
+        /// `G` heads' sums of channels `c..c + 16`, two 8-lane vectors each.
+        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx2")]
         #[inline]
-        pub(super) unsafe fn avx2<const G: usize>(rows: &[f32], apart: usize, n: usize, weights: &[&[f32]; G], k: usize, scales: &[f32; KEY_RUN], sums: &mut [[f32; VALUE_RUN]; G]) {
-            // SAFETY: each sum is 16 values.
+        unsafe fn heads256<const G: usize>(rows: &[f32], apart: usize, n: usize, c: usize, weights: &[&[f32]], k: usize, scales: &[f32; KEY_RUN], ahead: &Ahead, sums: &mut [[f32; VALUE_RUN]]) {
+            // SAFETY: each sum is 16 values (G of them: the caller's slices).
             let mut acc: [(__m256, __m256); G] = std::array::from_fn(|g| unsafe { (_mm256_loadu_ps(sums[g].as_ptr()), _mm256_loadu_ps(sums[g][8..].as_ptr())) });
             for i in 0..n {
-                let row = &rows[i * apart..i * apart + VALUE_RUN];
+                ahead.fetch(i);
+                let row = &rows[i * apart + c..i * apart + c + VALUE_RUN];
                 // SAFETY: 8 + 8 values of the slice (bounds-checked).
                 let (xl, xh) = unsafe { (_mm256_loadu_ps(row.as_ptr()), _mm256_loadu_ps(row[8..].as_ptr())) };
                 for ((lo, hi), w) in acc.iter_mut().zip(weights) {
@@ -2075,17 +2182,17 @@ fn attend_group_dispatch(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec
 /// (their loads were the attention's hot spots).
 const PREFETCH_KEYS: usize = 2;
 
-/// Asks the CPU to bring `row`'s cache lines towards L1 (a hint: nothing on other targets).
+/// Asks the CPU to bring the cache line of `address` towards L1 (a hint: nothing on other
+/// targets; any address, a prefetch cannot fault).
 #[inline(always)]
-fn prefetch<T>(row: &[T]) {
+fn prefetch_address(address: *const i8) {
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks((64 / std::mem::size_of::<T>().max(1)).max(1)) {
-        // SAFETY: a prefetch hint reads nothing (it cannot fault) and `line` is a valid
-        // pointer into `row`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr() as *const i8) };
-    }
+    // SAFETY: a prefetch hint reads nothing and cannot fault, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address)
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = row;
+    let _ = address;
 }
 
 /// The widest head the CPU decode loop takes (wider ones go through the gathered reference).
@@ -2118,7 +2225,7 @@ fn attend_group_body(task: &GroupTask<'_>, out: &mut [f32], scores: &mut Vec<f32
         for g0 in (0..group).step_by(16) {
             let heads = 16.min(group - g0);
             let mut mine = [0f32; 16];
-            group_scores(key, &queries[g0 * d..], d, row_scale * scale, &mut mine[..heads]);
+            key_scores(key, d, 1, d, &queries[g0 * d..], &[row_scale], scale, &Ahead::NONE, &mut mine[..heads]);
             for (g, s) in mine[..heads].iter().enumerate() {
                 scores[(g0 + g) * width + k] = *s;
             }
